@@ -1,0 +1,98 @@
+"""Architecture knowledge as data: one small spec per family, one registry.
+
+A spec says where the decoder blocks are and, inside a block, which linears
+share an input (and so share one AWQ scale), which op produces that input
+(the scale is folded into it), and which module's output the scale search
+compares.  Everything else is generic code in :mod:`awqlib.awq`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    prev: str                       # op whose output feeds `linears` (a norm or a linear), relative to the block
+    linears: tuple[str, ...]        # linears that read it: they get W * s and are quantized
+    inspect: str | None = None      # module whose output scores a candidate; None = the linears themselves
+    prev_rows: tuple[int, int] | None = None  # (chunk, n_chunks): only this slice of a fused prev's rows feeds us
+    scale_only: tuple[str, ...] = ()  # read the same input but stay unquantized (MoE router): W * s only
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """Mixture-of-experts: transformers 5 fuses experts into 3-D parameters; we unfuse them
+    into per-expert linears named as in the published checkpoints."""
+    path: str                       # the fused experts module, relative to the block
+    gate: str
+    up: str
+    down: str
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    groups: tuple[ScaleGroup, ...]
+    blocks: str = "model.layers"
+    norm_offset: float = 0.0        # gemma: the norm multiplies by (offset + w)
+    no_clip: tuple[str, ...] = ("q_proj", "k_proj", "qkv_proj")  # error seen through softmax: skip clipping
+    experts: ExpertSpec | None = None
+    # module-path prefix -> checkpoint-name prefix, for names transformers 5 renames at load
+    checkpoint_renames: tuple[tuple[str, str], ...] = field(default=())
+
+
+_ATTN = ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn")
+_VO = ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",))  # skipped automatically under GQA (shapes differ)
+_MLP_IN = ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp")
+_MLP_OUT = ScaleGroup("mlp.up_proj", ("mlp.down_proj",))
+
+LLAMA = ArchSpec("llama", (_ATTN, _VO, _MLP_IN, _MLP_OUT))
+
+GEMMA = ArchSpec("gemma", (
+    _ATTN, _VO,
+    ScaleGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+    _MLP_OUT,
+), norm_offset=1.0)
+
+PHI3 = ArchSpec("phi3", (
+    ScaleGroup("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
+    ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),
+    ScaleGroup("mlp.gate_up_proj", ("mlp.down_proj",), prev_rows=(1, 2)),  # down reads act(gate) * up
+))
+
+OPT = ArchSpec("opt", (
+    ScaleGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+    ScaleGroup("self_attn.v_proj", ("self_attn.out_proj",)),
+    ScaleGroup("final_layer_norm", ("fc1",)),
+    ScaleGroup("fc1", ("fc2",)),  # ReLU is positively homogeneous: relu(x / s) = relu(x) / s
+), blocks="model.decoder.layers")
+
+
+def _moe(name: str, e: ExpertSpec, renames=()) -> ArchSpec:
+    x = f"{e.path}.{{e}}."
+    return ArchSpec(name, (
+        _ATTN, _VO,
+        ScaleGroup("post_attention_layernorm", (x + e.gate, x + e.up), "mlp", scale_only=("mlp.gate",)),
+        ScaleGroup(x + e.up, (x + e.down,)),
+    ), experts=e, checkpoint_renames=renames)
+
+
+MIXTRAL = _moe("mixtral", ExpertSpec("mlp.experts", "w1", "w3", "w2"), renames=((".mlp.", ".block_sparse_moe."),))
+QWEN3_MOE = _moe("qwen3_moe", ExpertSpec("mlp.experts", "gate_proj", "up_proj", "down_proj"))
+
+REGISTRY: dict[str, ArchSpec] = {
+    "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA,
+    "gemma2": GEMMA, "gemma3_text": GEMMA, "gemma3": GEMMA,
+    "phi3": PHI3,
+    "mixtral": MIXTRAL, "qwen3_moe": QWEN3_MOE,
+    "opt": OPT,
+}
+
+
+def get_spec(model_type: str) -> ArchSpec:
+    try:
+        return REGISTRY[model_type]
+    except KeyError:
+        raise ValueError(f"model_type {model_type!r} is not supported by awqlib; supported: "
+                         f"{', '.join(sorted(REGISTRY))}. Adding one is a spec in awqlib/arch/__init__.py.") from None

@@ -1,0 +1,540 @@
+"""The AWQ procedure (arXiv 2306.00978), one decoder block at a time.
+
+    for each block:
+        capture   run the fp block on the calibration activations; record, per input
+                  site, mean |x| and the Gram matrix X^T X, plus the inputs/outputs of
+                  the modules the search inspects (a token-budgeted subset)
+        search    per scaling group, grid-search s = x^a / w^(1-a) and keep the a whose
+                  fake-quantized output is closest to the fp output
+        apply     fold 1/s into the previous op, s into the linears
+        clip      per output group, shrink the clipping range where it lowers the
+                  output error (q/k excluded: their error is seen through softmax)
+        quantize  round-to-nearest into the packed int4 GEMM layout
+
+Two things make the search cheap without approximating it:
+
+* Where the inspected module is the scaled linears themselves (v->o, up->down),
+  a candidate's loss ||X (W - Q(W s)/s)^T||^2 = tr(E G E^T) with G = X^T X.  G is
+  accumulated once over *all* calibration tokens; a candidate then costs
+  out*in^2 instead of tokens*out*in.
+* Clipping works per (row, group), so its loss only needs G's diagonal blocks:
+  every calibration token is used, at a cost independent of the token count.
+
+Weights are never modified in place during the search: candidates are evaluated
+on fresh tensors and the originals are restored by reference (AutoAWQ 0.2.9's
+CPU restore bug, where ``.cpu()`` aliased the weights, cannot happen here).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import ArchSpec, ScaleGroup
+from .config import QuantConfig
+from .modules import WQLinear
+from .moe import UnfusedExperts, unfuse_experts
+from .quant import compute_qparams, fake_quantize
+
+log = logging.getLogger("awqlib")
+
+
+@dataclass
+class AWQOptions:
+    duo_scaling: bool = True
+    n_grid: int = 20
+    grid_includes_one: bool = True      # also try a = 1.0 (AutoAWQ stops at 0.95)
+    apply_clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    max_search_tokens: int = 8192       # tokens whose inspected-module outputs score a candidate
+    chunk_size: int = 8                 # sequences per block forward (bounds activation memory)
+    propagate_quantized: bool = True    # next block sees the quantized block's output
+    offload_device: str | torch.device = "cpu"
+
+
+@dataclass
+class _Site:
+    """Statistics of one input site (the tensor a set of linears read)."""
+    absum: torch.Tensor
+    gram: torch.Tensor
+    count: int = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.absum += x.abs().sum(0)
+        self.gram.addmm_(x.t(), x)
+        self.count += x.shape[0]
+
+    def rescale(self, s: torch.Tensor) -> None:
+        """The site's activations became x / s."""
+        self.absum /= s
+        self.gram /= s[:, None] * s[None, :]
+
+
+@dataclass
+class BlockReport:
+    scales: dict[str, dict[str, Any]] = field(default_factory=dict)
+    clipped: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------
+# small helpers
+
+def get_blocks(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
+    for path in (spec.blocks, "model.language_model.layers"):
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            continue
+    raise ValueError(f"cannot find the decoder blocks of this {spec.name} model at {spec.blocks!r}")
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _first_tensor(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def expand_groups(spec: ArchSpec, block: nn.Module) -> list[ScaleGroup]:
+    """Expand ``{e}`` (per expert) placeholders against the block's actual experts."""
+    n_exp = 0
+    if spec.experts is not None:
+        n_exp = len(block.get_submodule(spec.experts.path))
+    out = []
+    for g in spec.groups:
+        if "{e}" in g.prev:
+            out += [ScaleGroup(g.prev.format(e=e), tuple(l.format(e=e) for l in g.linears), g.inspect,
+                               g.prev_rows, g.scale_only) for e in range(n_exp)]
+        elif any("{e}" in l for l in g.linears):
+            lin = tuple(l.format(e=e) for e in range(n_exp) for l in g.linears)
+            out.append(ScaleGroup(g.prev, lin, g.inspect, g.prev_rows, g.scale_only))
+        else:
+            out.append(g)
+    return out
+
+
+def quantizable_linears(block: nn.Module, qcfg: QuantConfig, prefix: str = "") -> dict[str, nn.Linear]:
+    return {n: m for n, m in block.named_modules()
+            if isinstance(m, nn.Linear) and not qcfg.skips(f"{prefix}{n}")}
+
+
+# ----------------------------------------------------------------------------------------------
+# input capture: the first block's hidden states and every block's kwargs
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, spec: ArchSpec, tokens: torch.Tensor, chunk_size: int,
+                   device: torch.device, offload: torch.device):
+    """Run the model's embedding part on ``tokens`` and stop before block 0's compute.
+
+    Every block's forward is swapped for an identity that records its kwargs (masks,
+    positions, rotary embeddings differ per block in e.g. Gemma's sliding layers), so
+    nothing but the embeddings and the mask/rotary setup is computed.
+    Returns (list of hidden-state chunks on ``offload``, [per-block {batch: kwargs}]).
+    """
+    blocks = get_blocks(model, spec)
+    kwargs_per_block: list[dict[int, dict]] = [dict() for _ in blocks]
+    hidden: list[torch.Tensor] = []
+
+    def make_identity(i):
+        def fwd(hidden_states, *args, **kwargs):
+            b = hidden_states.shape[0]
+            if b not in kwargs_per_block[i]:
+                kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "cache")}
+                kw["use_cache"] = False
+                kwargs_per_block[i][b] = _to(kw, offload)
+            if i == 0:
+                hidden.append(hidden_states.to(offload))
+            if i == len(blocks) - 1:
+                raise _Stop
+            return hidden_states
+        return fwd
+
+    for i, blk in enumerate(blocks):
+        blk.forward = make_identity(i)
+    try:
+        for start in range(0, tokens.shape[0], chunk_size):
+            ids = tokens[start:start + chunk_size].to(device)
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for blk in blocks:
+            del blk.forward
+    return hidden, kwargs_per_block
+
+
+# ----------------------------------------------------------------------------------------------
+# scale search
+
+def _w_mean(linears: list[nn.Linear], group_size: int) -> torch.Tensor:
+    w = torch.cat([l.weight.detach().float() for l in linears], dim=0)
+    g = w.shape[1] if group_size in (-1, 0) else group_size
+    wg = w.view(w.shape[0], -1, g).abs()
+    wg = wg / (wg.amax(dim=-1, keepdim=True) + 1e-6)
+    return wg.view(w.shape).mean(0)
+
+
+def candidate_ratios(opts: AWQOptions) -> list[float]:
+    r = [i / opts.n_grid for i in range(opts.n_grid)]
+    return r + [1.0] if opts.grid_includes_one else r
+
+
+def candidate_scales(ratio: float, x_mean: torch.Tensor, w_mean: torch.Tensor, duo: bool) -> torch.Tensor:
+    if duo:
+        s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+    else:
+        s = x_mean.pow(ratio).clamp(min=1e-4)
+    s = s / (s.max() * s.min()).sqrt()
+    s[~torch.isfinite(s)] = 1.0
+    return s
+
+
+def _scaled_fake_quant(w: torch.Tensor, s: torch.Tensor, qcfg: QuantConfig) -> torch.Tensor:
+    """Q(W diag(s)) diag(s)^-1, in fp32: the weight the block effectively computes with."""
+    return fake_quantize(w.float() * s, qcfg.bits, qcfg.group_size, qcfg.zero_point) / s
+
+
+class _Inspected:
+    """Recorded calls of one module: inputs (args, kwargs) and fp outputs."""
+
+    def __init__(self):
+        self.calls: list[tuple[tuple, dict, torch.Tensor]] = []
+
+    def hidden_index(self, args, kwargs):
+        return ("arg", 0) if args else ("kw", "hidden_states")
+
+    def rescale(self, s: torch.Tensor) -> None:
+        new = []
+        for args, kwargs, out in self.calls:
+            if args:
+                args = (args[0] / s.to(args[0].dtype),) + tuple(args[1:])
+            else:
+                kwargs = dict(kwargs, hidden_states=kwargs["hidden_states"] / s.to(kwargs["hidden_states"].dtype))
+            new.append((args, kwargs, out))
+        self.calls = new
+
+    @torch.no_grad()
+    def loss(self, module: nn.Module) -> float:
+        total, n = 0.0, 0
+        for args, kwargs, ref in self.calls:
+            out = _first_tensor(module(*args, **kwargs)).float()
+            total += (out - ref.float()).pow(2).sum().item()
+            n += ref.numel()
+        return total / max(n, 1)
+
+
+@torch.no_grad()
+def search_scale(group: ScaleGroup, linears: list[nn.Linear], site: _Site, inspected: _Inspected | None,
+                 inspect_module: nn.Module | None, qcfg: QuantConfig, opts: AWQOptions):
+    """Return (best_ratio, best_scales, losses) for one scaling group; weights untouched on return."""
+    x_mean = site.absum / max(site.count, 1)
+    w_mean = _w_mean(linears, qcfg.group_size)
+    originals = [l.weight.data for l in linears]
+    best = (math.inf, None, None)
+    losses = []
+    try:
+        for ratio in candidate_ratios(opts):
+            s = candidate_scales(ratio, x_mean, w_mean, opts.duo_scaling)
+            if inspected is None:  # the linears themselves: tr(E G E^T), every calibration token
+                loss = 0.0
+                for w in originals:
+                    e = w.float() - _scaled_fake_quant(w, s, qcfg)
+                    loss += ((e @ site.gram) * e).sum().item()
+                loss /= max(site.count, 1)
+            else:
+                for l, w in zip(linears, originals):
+                    l.weight.data = _scaled_fake_quant(w, s, qcfg).to(w.dtype)  # a new tensor
+                loss = inspected.loss(inspect_module)
+                for l, w in zip(linears, originals):
+                    l.weight.data = w
+            losses.append(loss)
+            if loss < best[0]:
+                best = (loss, ratio, s)
+    finally:
+        for l, w in zip(linears, originals):
+            l.weight.data = w
+    if best[1] is None:
+        raise FloatingPointError("every scale candidate gave a non-finite loss: the calibration activations "
+                                 "contain NaN/inf (check the model dtype; fp16 overflows in some models: use bf16 "
+                                 "or fp32)")
+    return best[1], best[2], losses
+
+
+@torch.no_grad()
+def apply_scale(block: nn.Module, group: ScaleGroup, s: torch.Tensor, spec: ArchSpec,
+                extra_scaled: tuple[str, ...] = ()) -> None:
+    """Fold 1/s into ``group.prev`` and s into the linears (and scale-only readers)."""
+    prev = block.get_submodule(group.prev)
+    if isinstance(prev, nn.Linear):
+        rows = _prev_rows(prev, group)
+        sw = s.to(prev.weight.dtype)
+        prev.weight.data[rows] = prev.weight.data[rows] / sw[:, None]
+        if prev.bias is not None:
+            prev.bias.data[rows] = prev.bias.data[rows] / sw
+    else:  # a norm: y = (offset + w) * xhat + b
+        w = prev.weight.data
+        prev.weight.data = ((spec.norm_offset + w.float()) / s - spec.norm_offset).to(w.dtype)
+        if getattr(prev, "bias", None) is not None:
+            prev.bias.data = (prev.bias.data.float() / s).to(prev.bias.dtype)
+    for name in group.linears + group.scale_only + extra_scaled:
+        m = block.get_submodule(name)
+        m.weight.data = (m.weight.data.float() * s).to(m.weight.dtype)
+
+
+def _prev_rows(prev: nn.Linear, group: ScaleGroup) -> slice:
+    if group.prev_rows is None:
+        return slice(0, prev.out_features)
+    i, n = group.prev_rows
+    step = prev.out_features // n
+    return slice(i * step, (i + 1) * step)
+
+
+def group_applies(block: nn.Module, group: ScaleGroup) -> bool:
+    """A linear->linear fold needs the prev's (sliced) rows to match the readers' columns (not under GQA)."""
+    prev = block.get_submodule(group.prev)
+    if not isinstance(prev, nn.Linear):
+        return True
+    rows = _prev_rows(prev, group)
+    n = rows.stop - rows.start
+    return all(block.get_submodule(l).in_features == n for l in group.linears)
+
+
+# ----------------------------------------------------------------------------------------------
+# clipping
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, site: _Site, qcfg: QuantConfig, opts: AWQOptions) -> torch.Tensor:
+    """Per (row, group) clipping threshold [out, n_groups, 1] minimising the group's output error.
+
+    err(row, group) = e G_gg e^T with e = Q(clamp(w)) - w and G_gg the group's diagonal
+    block of the Gram matrix: exact over all calibration tokens.
+    """
+    out_f, in_f = w.shape
+    g = in_f if qcfg.group_size in (-1, 0) else qcfg.group_size
+    ng = in_f // g
+    G = site.gram.view(ng, g, ng, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [ng, g, g]
+    wg = w.float().view(out_f, ng, g)
+    absmax = wg.abs().amax(dim=-1, keepdim=True)
+    best_max = absmax.clone()
+    best_err = torch.full((out_f, ng), math.inf, device=w.device)
+    for i in range(int(opts.max_shrink * opts.clip_grid)):
+        mv = absmax * (1 - i / opts.clip_grid)
+        cw = torch.maximum(torch.minimum(wg, mv), -mv)
+        e = fake_quantize(cw.view(out_f, in_f), qcfg.bits, qcfg.group_size, qcfg.zero_point).view(out_f, ng, g) - wg
+        err = torch.einsum("rng,ngh,rnh->rn", e, G, e)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_max = torch.where(better[..., None], mv, best_max)
+    return best_max
+
+
+def apply_clip(linear: nn.Linear, max_val: torch.Tensor) -> None:
+    w = linear.weight.data
+    out_f, in_f = w.shape
+    wg = w.float().view(out_f, max_val.shape[1], -1)
+    linear.weight.data = torch.maximum(torch.minimum(wg, max_val), -max_val).view(out_f, in_f).to(w.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# one block
+
+def _site_owner(groups: list[ScaleGroup], linears: dict[str, nn.Linear]) -> dict[str, str]:
+    """Linears in one group read the same tensor: the first one owns the statistics."""
+    owner = {n: n for n in linears}
+    for g in groups:
+        members = [l for l in g.linears if l in linears]
+        for l in members:
+            owner[l] = members[0]
+    return owner
+
+
+@torch.no_grad()
+def capture_block(block: nn.Module, groups: list[ScaleGroup], linears: dict[str, nn.Linear], owner: dict[str, str],
+                  inps: list[torch.Tensor], kwargs_by_batch: dict[int, dict], device: torch.device,
+                  opts: AWQOptions, prefix: str = ""):
+    """Run the fp block over all calibration chunks.
+
+    Returns (input-site statistics keyed by owner linear, recorded calls of the inspected
+    modules for the first ``max_search_tokens`` tokens, the fp block outputs)."""
+    offload = torch.device(opts.offload_device)
+    sites: dict[str, _Site] = {}
+    inspected: dict[str, _Inspected] = {g.inspect: _Inspected() for g in groups if g.inspect}
+    recording = {"on": False}
+
+    def site_hook(name):
+        def hook(mod, args):
+            if owner[name] != name:
+                return
+            x = args[0]
+            if name not in sites:
+                n = x.shape[-1]
+                sites[name] = _Site(torch.zeros(n, device=x.device), torch.zeros(n, n, device=x.device))
+            sites[name].add(x)
+        return hook
+
+    def insp_pre(path):
+        def hook(mod, args, kwargs):
+            if recording["on"]:
+                inspected[path].calls.append([tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+                                              dict(kwargs), None])
+        return hook
+
+    def insp_post(path):
+        def hook(mod, args, kwargs, out):
+            if recording["on"]:
+                inspected[path].calls[-1][2] = _first_tensor(out).detach()
+        return hook
+
+    handles = [m.register_forward_pre_hook(site_hook(n)) for n, m in linears.items()]
+    for path in inspected:
+        m = block.get_submodule(path)
+        handles.append(m.register_forward_pre_hook(insp_pre(path), with_kwargs=True))
+        handles.append(m.register_forward_hook(insp_post(path), with_kwargs=True))
+
+    # 1. capture (fp block), keeping the fp outputs
+    fp_outs, seen = [], 0
+    try:
+        for x in inps:
+            recording["on"] = seen < opts.max_search_tokens
+            kw = _to(kwargs_by_batch[x.shape[0]], device)
+            y = run_block(block, x.to(device), kw)
+            if not torch.isfinite(y).all():
+                raise FloatingPointError(
+                    f"block {prefix or ''} produced NaN/inf activations on the calibration data; the model is "
+                    "unstable in this dtype (try torch_dtype=torch.bfloat16 or float32)")
+            seen += x.shape[0] * x.shape[1]
+            fp_outs.append(y.to(offload))
+    finally:
+        for h in handles:
+            h.remove()
+    for path, rec in inspected.items():
+        rec.calls = [tuple(c) for c in rec.calls]
+
+    return sites, inspected, fp_outs
+
+
+@torch.no_grad()
+def quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, opts: AWQOptions,
+                   inps: list[torch.Tensor], kwargs_by_batch: dict[int, dict], device: torch.device,
+                   prefix: str = "") -> tuple[list[torch.Tensor], BlockReport]:
+    """AWQ-quantize one decoder block in place; return the next block's inputs and a report."""
+    offload = torch.device(opts.offload_device)
+    if spec.experts is not None:
+        unfuse_experts(block, spec.experts)
+    block.to(device)
+    linears = quantizable_linears(block, qcfg, prefix)
+    groups = [g for g in expand_groups(spec, block) if g.prev and group_applies(block, g)]
+    owner = _site_owner(groups, linears)
+    sites, inspected, fp_outs = capture_block(block, groups, linears, owner, inps, kwargs_by_batch, device, opts,
+                                              prefix)
+
+    report = BlockReport()
+    # 2-3. search and apply scales, group by group
+    for g in groups:
+        members = [l for l in g.linears if l in linears]
+        skipped = tuple(l for l in g.linears if l not in linears)  # not converted: still read x/s
+        if not members:
+            continue
+        site = sites.get(members[0])
+        if site is None or site.count == 0:  # e.g. an expert that no calibration token reached
+            report.scales[g.prev] = {"ratio": None, "reason": "no calibration tokens"}
+            continue
+        insp = inspected.get(g.inspect) if g.inspect else None
+        insp_mod = block.get_submodule(g.inspect) if g.inspect else None
+        ratio, s, losses = search_scale(g, [linears[l] for l in members], site, insp, insp_mod, qcfg, opts)
+        apply_scale(block, g, s, spec, extra_scaled=skipped)
+        site.rescale(s)
+        if insp is not None:
+            insp.rescale(s)
+        report.scales[g.prev] = {"ratio": ratio, "scales": s.cpu(), "linears": members, "losses": losses}
+
+    # 4. clip
+    if opts.apply_clip:
+        for name, lin in linears.items():
+            if any(name.split(".")[-1] == c for c in spec.no_clip):
+                continue
+            site = sites.get(owner[name])
+            if site is None or site.count == 0:
+                continue
+            apply_clip(lin, search_clip(lin.weight.data, site, qcfg, opts))
+            report.clipped.append(name)
+    del sites, inspected
+
+    # 5. quantize
+    for name, lin in linears.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
+        setattr(parent, child, WQLinear.from_linear(lin, qcfg.bits, qcfg.group_size, qcfg.zero_point))
+
+    # next block's inputs
+    if opts.propagate_quantized:
+        nxt = [run_block(block, x.to(device), _to(kwargs_by_batch[x.shape[0]], device)).to(offload) for x in inps]
+    else:
+        nxt = fp_outs
+    return nxt, report
+
+
+@torch.no_grad()
+def rtn_quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, prefix: str = "") -> None:
+    """Plain round-to-nearest (the baseline AWQ must beat)."""
+    if spec.experts is not None:
+        unfuse_experts(block, spec.experts)
+    for name, lin in quantizable_linears(block, qcfg, prefix).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
+        setattr(parent, child, WQLinear.from_linear(lin, qcfg.bits, qcfg.group_size, qcfg.zero_point))
+
+
+def check_quantizable(model: nn.Module, spec: ArchSpec, qcfg: QuantConfig) -> None:
+    """Fail before any work if a linear cannot be stored in the AWQ format with this group size."""
+    bad, in_sizes = [], set()
+    blocks = get_blocks(model, spec)
+    for i, blk in enumerate(blocks):
+        if spec.experts is not None and hasattr(blk.get_submodule(spec.experts.path), "gate_up_proj"):
+            fused = blk.get_submodule(spec.experts.path)
+            dims = {"experts.gate/up": fused.gate_up_proj.shape[-1], "experts.down": fused.down_proj.shape[-1]}
+            outs = {"experts.gate/up": fused.gate_up_proj.shape[-2] // 2, "experts.down": fused.down_proj.shape[-2]}
+            entries = [(k, dims[k], outs[k]) for k in dims]
+        else:
+            entries = [(n, l.in_features, l.out_features)
+                       for n, l in quantizable_linears(blk, qcfg, f"{spec.blocks}.{i}.").items()]
+        for n, k, o in entries:
+            in_sizes.add(k)
+            g = k if qcfg.group_size == -1 else qcfg.group_size
+            if k % g or o % (32 // qcfg.bits):
+                bad.append((f"{spec.blocks}.{i}.{n}", k, o))
+    if bad:
+        ok = [g for g in (32, 64, 128) if all(k % g == 0 for k in in_sizes)] + [-1]
+        name, k, o = bad[0]
+        raise ValueError(
+            f"{len(bad)} linear(s) cannot be stored in the AWQ GEMM format with group_size={qcfg.group_size}: "
+            f"e.g. {name} has in_features={k} (must be a multiple of the group size) and out_features={o} "
+            f"(must be a multiple of {32 // qcfg.bits}). Group sizes that work for this model: {ok}. "
+            f"Or keep those layers in fp16 with quant_config['modules_to_not_convert'] = [...] "
+            f"(substrings of module names, e.g. {name.split('.')[-1]!r}).")

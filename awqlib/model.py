@@ -1,0 +1,269 @@
+"""The user-facing API: ``AutoAWQ.from_pretrained / quantize / save_quantized / from_quantized``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import awq
+from .arch import ArchSpec, get_spec
+from .calib import get_calib_tokens
+from .checkpoint import (AtomicDir, checkpoint_state, load_quantized_state, quantized_config_dict,
+                         resolve_folder, safetensors_files, write_shards)
+from .config import QuantConfig
+from .modules import WQLinear
+from .moe import unfuse_experts
+
+log = logging.getLogger("awqlib")
+
+
+def _resolve_dtype(torch_dtype, device: torch.device, config=None) -> torch.dtype:
+    if isinstance(torch_dtype, torch.dtype):
+        return torch_dtype
+    if torch_dtype in (None, "auto"):
+        if device.type == "cpu":
+            return torch.float32  # fp16 matmuls on CPUs are slow and imprecise
+        cfg = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        return torch.bfloat16 if cfg in (torch.bfloat16, "bfloat16") else torch.float16
+    return getattr(torch, str(torch_dtype).replace("torch.", ""))
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _move_except_blocks(model: nn.Module, blocks_prefix: str, device: torch.device) -> None:
+    """Put the embeddings, final norm, rotary buffers (everything but the blocks) on ``device``."""
+    for name, mod in model.named_modules():
+        if name == blocks_prefix or name.startswith(blocks_prefix + "."):
+            continue
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            p.data = p.data.to(device)
+        for bname, b in list(mod.named_buffers(recurse=False)):
+            mod._buffers[bname] = b.to(device)
+
+
+class AWQModel(nn.Module):
+    """A transformers causal LM plus what awqlib knows about it. Unknown attributes
+    fall through to the wrapped model (``.config``, ``.device``, ...)."""
+
+    def __init__(self, model: nn.Module, spec: ArchSpec, quant_config: QuantConfig | None = None,
+                 tokenizer=None, quantized: bool = False, name_or_path: str | None = None):
+        super().__init__()
+        self.model = model
+        self.spec = spec
+        self.quant_config = quant_config
+        self.tokenizer = tokenizer
+        self.quantized = quantized
+        self.name_or_path = name_or_path
+        self.reports: list[awq.BlockReport] = []
+        self.stats: dict[str, Any] = {}
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------ quantize
+    @torch.no_grad()
+    def quantize(self, tokenizer=None, quant_config: dict | QuantConfig | None = None, calib_data: Any = "pileval",
+                 split: str = "validation", text_column: str = "text", n_samples: int = 128, seqlen: int = 512,
+                 duo_scaling: bool = True, apply_clip: bool = True, device: str | torch.device | None = None,
+                 method: str = "awq", **options) -> "AWQModel":
+        """AWQ-quantize every decoder linear in place (``method='rtn'``: plain round-to-nearest).
+
+        ``options`` are :class:`awqlib.awq.AWQOptions` fields (n_grid, max_search_tokens, ...).
+        """
+        if self.quantized:
+            raise RuntimeError("this model is already quantized")
+        if method not in ("awq", "rtn"):
+            raise ValueError(f"method={method!r}: use 'awq' or 'rtn'")
+        qcfg = QuantConfig.from_dict(quant_config or {})
+        if qcfg.version != "gemm":
+            log.warning("awqlib writes the GEMM layout (what vLLM/SGLang/transformers read); version=%r is "
+                        "accepted for AutoAWQ compatibility and stored as 'gemm'", qcfg.version)
+        opts = awq.AWQOptions(duo_scaling=duo_scaling, apply_clip=apply_clip, **options)
+        model, spec = self.model, self.spec
+        awq.check_quantizable(model, spec, qcfg)  # before any work
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        self.tokenizer = tokenizer
+        device = torch.device(device) if device is not None else _default_device()
+        if device.type == "cpu" and next(model.parameters()).dtype != torch.float32:
+            log.info("awqlib: computing in float32 on the CPU")
+            model.float()
+        blocks = awq.get_blocks(model, spec)
+        prefix = next(n for n, m in model.named_modules() if m is blocks)
+        t0 = time.perf_counter()
+        if method == "rtn":
+            for i, blk in enumerate(tqdm(blocks, desc="RTN")):
+                awq.rtn_quantize_block(blk, spec, qcfg, prefix=f"{prefix}.{i}.")
+        else:
+            tokens = get_calib_tokens(calib_data, tokenizer, n_samples, seqlen, split, text_column)
+            log.info("awqlib: calibrating on %d sequences x %d tokens, device %s", tokens.shape[0], seqlen, device)
+            _move_except_blocks(model, prefix, device)
+            inps, kwargs = awq.capture_inputs(model, spec, tokens, opts.chunk_size, device,
+                                              torch.device(opts.offload_device))
+            _move_except_blocks(model, prefix, torch.device("cpu"))
+            self.reports = []
+            for i, blk in enumerate(tqdm(blocks, desc="AWQ blocks")):
+                inps, report = awq.quantize_block(blk, spec, qcfg, opts, inps, kwargs[i], device,
+                                                  prefix=f"{prefix}.{i}.")
+                blk.to("cpu")
+                self.reports.append(report)
+                kwargs[i] = None
+            del inps
+        # The checkpoint stores every unquantized tensor in fp16: round them now, so the in-memory
+        # model computes exactly what save_quantized -> from_quantized will.
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(torch.float16).to(p.dtype)
+        self.stats["quantize_seconds"] = time.perf_counter() - t0
+        self.quant_config, self.quantized = qcfg, True
+        return self
+
+    # ------------------------------------------------------------------------------------------ save
+    def save_quantized(self, save_dir: str | os.PathLike, overwrite: bool = False,
+                       max_shard_size: int | str = "5GB", tokenizer=None) -> Path:
+        """Write safetensors shards (+ index), config.json with quantization_config, the tokenizer,
+        a model card; atomically (temporary folder, then rename)."""
+        if not self.quantized:
+            raise RuntimeError("call quantize() before save_quantized()")
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        state = checkpoint_state(self.model, self.spec)
+        cfg = quantized_config_dict(self.model.config, self.quant_config)
+        with AtomicDir(save_dir, overwrite) as tmp:
+            write_shards(state, tmp, max_shard_size)
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+            gen = getattr(self.model, "generation_config", None)
+            if gen is not None:
+                gen.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            from .hub import write_model_card
+            write_model_card(tmp, self)
+        return Path(save_dir)
+
+    def save_pretrained(self, save_dir, **kwargs):
+        return self.save_quantized(save_dir, **kwargs)
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload AWQ checkpoint (awqlib)", local_dir: str | None = None,
+                    **kwargs) -> str:
+        from .hub import push_to_hub
+        return push_to_hub(self, repo_id, private=private, token=token, commit_message=commit_message,
+                           local_dir=local_dir, **kwargs)
+
+
+class AutoAWQ:
+    """Entry points, named as in AutoAWQ so that scripts port unchanged."""
+
+    @staticmethod
+    def from_pretrained(model_path: str, torch_dtype: Any = "auto", trust_remote_code: bool = False,
+                        tokenizer: Any = None, **kwargs) -> AWQModel:
+        from transformers import AutoConfig, AutoModelForCausalLM
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        if getattr(config, "quantization_config", None) is not None:
+            raise ValueError(f"{model_path} is already quantized ({config.quantization_config}); load it with "
+                             "AutoAWQ.from_quantized, or quantize the original fp16/bf16 model")
+        spec = get_spec(config.model_type)
+        dtype = torch_dtype if torch_dtype != "auto" else "auto"
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     low_cpu_mem_usage=True, **kwargs)
+        model.eval()
+        return AWQModel(model, spec, tokenizer=tokenizer, name_or_path=str(model_path))
+
+    @staticmethod
+    def from_model(model: nn.Module, tokenizer=None) -> AWQModel:
+        """Wrap an already-loaded transformers model (e.g. built from a config in a test)."""
+        return AWQModel(model.eval(), get_spec(model.config.model_type), tokenizer=tokenizer,
+                        name_or_path=getattr(model.config, "_name_or_path", None))
+
+    @staticmethod
+    def from_quantized(quant_path: str, device: str | torch.device = "cpu", torch_dtype: Any = "auto",
+                       fuse_layers: bool = False, trust_remote_code: bool = False, revision: str | None = None,
+                       token: str | None = None, **kwargs) -> AWQModel:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+        folder = resolve_folder(quant_path, revision, token)
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"{folder} has no config.json: not a transformers checkpoint folder")
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        qc = getattr(config, "quantization_config", None)
+        if qc is None:
+            raise ValueError(f"{folder}/config.json has no quantization_config: this is not a quantized "
+                             "checkpoint. Quantize it first with AutoAWQ.from_pretrained(...).quantize(...)")
+        qc = qc if isinstance(qc, dict) else qc.to_dict()
+        qcfg = QuantConfig.from_dict(qc)
+        del config.quantization_config
+        spec = get_spec(config.model_type)
+        device = torch.device(device)
+        dtype = _resolve_dtype(torch_dtype, device, config)
+        files = safetensors_files(folder)
+
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        blocks = awq.get_blocks(model, spec)
+        prefix = next(n for n, m in model.named_modules() if m is blocks)
+        for i, blk in enumerate(blocks):
+            if spec.experts is not None:
+                unfuse_experts(blk, spec.experts)
+            for name, lin in awq.quantizable_linears(blk, qcfg, f"{prefix}.{i}.").items():
+                parent_name, _, child = name.rpartition(".")
+                parent = blk.get_submodule(parent_name) if parent_name else blk
+                setattr(parent, child, WQLinear(lin.in_features, lin.out_features, qcfg.bits, qcfg.group_size,
+                                                lin.bias is not None, device="meta"))
+        state = load_quantized_state(files, spec, qcfg)
+        expected = set(model.state_dict().keys())
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        missing = sorted(k for k in expected - set(state) if not (tied and k == "lm_head.weight"))
+        unexpected = sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(f"{folder} does not match a {config.model_type} model quantized with {qcfg}: "
+                             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        for k, t in state.items():
+            if t.is_floating_point() and not k.endswith(".scales"):
+                state[k] = t.to(dtype)
+        model.load_state_dict(state, strict=False, assign=True)
+        if tied:
+            model.tie_weights()
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if p.device.type == "meta":
+                raise ValueError(f"{folder}: tensor {name} was not found in the checkpoint")
+        if (folder / "generation_config.json").exists():
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+        model.config.quantization_config = qcfg.to_hf_dict()
+        model.to(device).eval()
+        tokenizer = None
+        try:
+            from transformers import AutoTokenizer
+            if (folder / "tokenizer_config.json").exists() or (folder / "tokenizer.json").exists():
+                tokenizer = AutoTokenizer.from_pretrained(folder)
+        except Exception as e:  # a tokenizer is a convenience here, never a reason to fail
+            log.debug("awqlib: no tokenizer loaded from %s (%s)", folder, e)
+        wrapped = AWQModel(model, spec, qcfg, tokenizer=tokenizer, quantized=True, name_or_path=str(quant_path))
+        if fuse_layers:
+            from .fuse import fuse_model
+            fuse_model(wrapped)
+        from .ops import announce
+        announce(device)
+        return wrapped
+
+
+AutoAWQForCausalLM = AutoAWQ  # AutoAWQ's own name

@@ -1,0 +1,64 @@
+"""Quantization primitives: small, stateless functions on plain tensors.
+
+Convention: a weight ``w`` is [out, in] (``nn.Linear.weight``); groups run along
+``in``.  Quantization parameters are [out, in/g].  ``scale`` is rounded to fp16
+*before* the codes are computed, so that what the search evaluates
+(:func:`fake_quantize`) is bit-for-bit what the checkpoint dequantizes to.
+"""
+
+from __future__ import annotations
+
+import torch
+
+STORE_DTYPE = torch.float16  # the scales dtype of the AWQ format
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    out, inp = w.shape[-2], w.shape[-1]
+    g = inp if group_size in (-1, 0) else group_size
+    if inp % g:
+        raise ValueError(f"in_features={inp} is not a multiple of group_size={g}")
+    return w.reshape(*w.shape[:-1], inp // g, g)
+
+
+def compute_qparams(w: torch.Tensor, bits: int = 4, group_size: int = 128,
+                    zero_point: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest parameters for ``w`` [..., out, in] -> (scale, zero) [..., out, in/g].
+
+    Zero point: scale = (max - min) / (2^b - 1), zero = -round(min / scale).
+    Symmetric: scale = absmax / (2^(b-1) - 1), zero = 2^(b-1) (the AWQ format
+    always stores unsigned codes with a zero point; symmetric means z is fixed).
+    """
+    wg = _grouped(w.float(), group_size)
+    maxq = 2**bits - 1
+    if zero_point:
+        wmax = wg.amax(dim=-1)
+        wmin = wg.amin(dim=-1)
+        scale = ((wmax - wmin).clamp(min=1e-5) / maxq)
+        scale = scale.clamp(max=torch.finfo(STORE_DTYPE).max).to(STORE_DTYPE).float()
+        zero = (-torch.round(wmin / scale)).clamp(0, maxq)
+    else:
+        half = 2 ** (bits - 1)
+        scale = (wg.abs().amax(dim=-1).clamp(min=1e-5) / (half - 1))
+        scale = scale.clamp(max=torch.finfo(STORE_DTYPE).max).to(STORE_DTYPE).float()
+        zero = torch.full_like(scale, float(half))
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Integer codes in [0, 2^b - 1], int32, same shape as ``w``."""
+    wg = _grouped(w.float(), w.shape[-1] // scale.shape[-1])
+    q = torch.clamp(torch.round(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, 2**bits - 1)
+    return q.reshape(w.shape).to(torch.int32)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """(q - z) * s in fp32, same shape as ``q``."""
+    qg = _grouped(q.float(), q.shape[-1] // scale.shape[-1])
+    return ((qg - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(q.shape)
+
+
+def fake_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, zero_point: bool = True) -> torch.Tensor:
+    """quantize -> dequantize (round-to-nearest), returned in ``w``'s dtype."""
+    scale, zero = compute_qparams(w, bits, group_size, zero_point)
+    return dequantize(quantize(w, scale, zero, bits), scale, zero).to(w.dtype)

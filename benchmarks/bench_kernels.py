@@ -1,0 +1,218 @@
+#!/usr/bin/env python
+"""Benchmark torch.ops.awqlib.awq_gemm against fp16 torch (cuBLAS) on Llama-shaped linears.
+
+For every (N x K) weight and token count M it reports the AWQ kernel time (µs), its achieved
+memory bandwidth (int4 weights + zeros + scales + activations + output, in GB/s), that bandwidth
+as a percentage of a device-to-device copy measured in the same run, TFLOPS, and the speedup over
+``F.linear`` with an fp16 weight measured in the same run.
+
+Method: enough copies of each weight are rotated that their total size exceeds 3x the L2 cache,
+so every call streams its weight from DRAM (as in a real model, where the next layer evicts this
+one).  Calls are captured in a CUDA graph (launch overhead would otherwise dominate the
+microsecond cases) and timed with CUDA events over several replays.
+
+    python benchmarks/bench_kernels.py --out bench.json --time-budget 180
+    python benchmarks/bench_kernels.py --quick
+
+Runs (and prints a message) on a machine without CUDA, writing a JSON with "skipped".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+SHAPES = [  # (model, N out, K in)
+    ("llama2-7b qkv", 12288, 4096),
+    ("llama2-7b o", 4096, 4096),
+    ("llama2-7b gate_up", 22016, 4096),
+    ("llama2-7b down", 4096, 11008),
+    ("llama3-8b qkv", 6144, 4096),
+    ("llama3-8b gate_up", 28672, 4096),
+    ("llama3-8b down", 4096, 14336),
+    ("llama2-70b qkv", 10240, 8192),
+    ("llama2-70b o", 8192, 8192),
+    ("llama2-70b gate_up", 57344, 8192),
+    ("llama2-70b down", 8192, 28672),
+]
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
+QUICK_SHAPES = SHAPES[:4]
+QUICK_MS = [1, 4, 8, 16, 64, 256, 1024]
+
+# Mirror of the dispatch thresholds in csrc/awq_kernels.h and csrc/awq_ops.cpp (for the table).
+GEMV_MAX_M = 8
+DEQUANT_CUBLAS_MIN_M = 512
+
+TARGET_GRAPH_S = 0.004  # captured work per replay
+REPLAYS = 5
+
+
+def path_for(m: int, n: int, k: int, g: int) -> str:
+    if n % 64 or k % 32 or g % 32:
+        return "dequant+cublas"
+    return "gemv" if m <= GEMV_MAX_M else "gemm" if m < DEQUANT_CUBLAS_MIN_M else "dequant+cublas"
+
+
+def time_graph(calls: list, est_s: float) -> float:
+    """Seconds per call: capture ``calls`` (cycled) into a CUDA graph, replay, time with events."""
+    n_calls = max(len(calls), min(4000, math.ceil(TARGET_GRAPH_S / max(est_s, 1e-7))))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for c in calls:  # warm-up outside capture (lazy init, cuBLAS workspaces)
+            c()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(n_calls):
+            calls[i % len(calls)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(REPLAYS):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    t = start.elapsed_time(end) / 1e3 / (REPLAYS * n_calls)
+    del graph
+    return t
+
+
+def time_eager(fn, reps: int = 3) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in GB/s (bytes read + bytes written)."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t = min(time_eager(lambda: b.copy_(a), reps=10) for _ in range(3))
+    del a, b
+    return 2 * nbytes / t / 1e9
+
+
+def n_copies(nbytes: int, l2: int, cap_bytes: int) -> int:
+    return max(1, min(math.ceil(3 * l2 / nbytes), max(1, cap_bytes // nbytes)))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="write results as JSON here")
+    ap.add_argument("--time-budget", type=float, default=600.0, help="stop starting new cases after this many seconds")
+    ap.add_argument("--quick", action="store_true", help="4 shapes, 7 token counts")
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--no-baseline", action="store_true", help="skip the fp16 torch baseline")
+    args = ap.parse_args(argv)
+
+    report: dict = {"torch": torch.__version__, "cuda": torch.version.cuda, "group_size": args.group_size}
+    if not torch.cuda.is_available():
+        msg = "bench_kernels: no CUDA device; nothing to benchmark"
+        print(msg)
+        report["skipped"] = msg
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
+        return 0
+
+    import awqlib.ops  # noqa: F401
+    from awqlib import kernels
+
+    t0 = time.time()
+    ok = kernels.load()
+    report["backend"] = kernels.backend() if ok else "reference (kernels unavailable)"
+    props = torch.cuda.get_device_properties(0)
+    l2 = getattr(props, "L2_cache_size", 50 << 20)
+    report["device"] = props.name
+    report["sms"] = props.multi_processor_count
+    copy_bw = copy_bandwidth()
+    report["copy_GBps"] = copy_bw
+    print(f"device {props.name}  SMs {props.multi_processor_count}  L2 {l2 >> 20} MB  backend {report['backend']}  "
+          f"(setup {time.time() - t0:.1f}s)")
+    print(f"device-to-device copy: {copy_bw:.0f} GB/s")
+
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    ms = QUICK_MS if args.quick else MS
+    g = args.group_size
+    cap = int(props.total_memory * 0.25)  # memory for rotated weight copies, per kind
+    results = []
+    hdr = (f"{'shape':20s} {'N':>6s} {'K':>6s} {'M':>5s} {'path':>14s} {'awq us':>9s} {'fp16 us':>9s} {'speedup':>7s} "
+           f"{'GB/s':>7s} {'%copy':>6s} {'TFLOPS':>7s}")
+    print(hdr)
+    print("-" * len(hdr))
+    out_of_time = False
+    for name, N, K in shapes:
+        if out_of_time:
+            break
+        wbytes = K * N // 2 + (K // g) * N * (2 + 0.5)
+        nq = n_copies(int(wbytes), l2, cap)
+        qws = [(torch.randint(-2**31, 2**31 - 1, (K, N // 8), dtype=torch.int32, device="cuda"),
+                torch.randint(-2**31, 2**31 - 1, (K // g, N // 8), dtype=torch.int32, device="cuda"),
+                (torch.rand(K // g, N, device="cuda") * 0.01).half()) for _ in range(nq)]
+        w16s = []
+        if not args.no_baseline:
+            nf = n_copies(2 * K * N, l2, cap)
+            w16s = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02 for _ in range(nf)]
+        for M in ms:
+            if time.time() - t0 > args.time_budget:
+                print(f"time budget of {args.time_budget:.0f}s reached; skipping the remaining cases")
+                report["truncated"] = True
+                out_of_time = True
+                break
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            awq_calls = [lambda q=q: torch.ops.awqlib.awq_gemm(x, q[0], q[1], q[2], g) for q in qws]
+            try:
+                est = time_eager(awq_calls[0], reps=2)
+                t_awq = time_graph(awq_calls, est)
+                t_ref = None
+                if w16s:
+                    ref_calls = [lambda w=w: F.linear(x, w) for w in w16s]
+                    t_ref = time_graph(ref_calls, time_eager(ref_calls[0], reps=2))
+            except torch.OutOfMemoryError:
+                print(f"{name:20s} {N:6d} {K:6d} {M:5d}  out of memory, skipped")
+                torch.cuda.empty_cache()
+                continue
+            nbytes = wbytes + 2 * M * K + 2 * M * N
+            gbps = nbytes / t_awq / 1e9
+            tflops = 2 * M * N * K / t_awq / 1e12
+            row = {"shape": name, "N": N, "K": K, "M": M, "path": path_for(M, N, K, g), "awq_us": t_awq * 1e6,
+                   "fp16_us": t_ref * 1e6 if t_ref else None, "speedup": (t_ref / t_awq) if t_ref else None,
+                   "GBps": gbps, "pct_copy_bw": 100 * gbps / copy_bw, "TFLOPS": tflops,
+                   "weight_copies": nq}
+            results.append(row)
+            print(f"{name:20s} {N:6d} {K:6d} {M:5d} {row['path']:>14s} {t_awq * 1e6:9.1f} "
+                  f"{(t_ref * 1e6 if t_ref else float('nan')):9.1f} {(row['speedup'] or float('nan')):7.2f} "
+                  f"{gbps:7.0f} {row['pct_copy_bw']:6.1f} {tflops:7.1f}", flush=True)
+            del x, awq_calls
+        del qws, w16s
+        torch.cuda.empty_cache()
+    report["results"] = results
+    report["elapsed_s"] = time.time() - t0
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

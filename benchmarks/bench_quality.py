@@ -1,0 +1,83 @@
+"""Perplexity and wall time of fp / RTN / AWQ on SmolLM2-135M (offline), printed as a table and
+written as JSON.  Conventions: ../shared/data/README.md (wikitext2 test, windows of 1024 tokens).
+
+    python benchmarks/bench_quality.py --data ../shared/data --windows 32 --out results.json
+    python benchmarks/bench_quality.py --ablate     # each AWQ option on/off
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from awqlib import AutoAWQ
+from awqlib.eval import load_eval_tokens, perplexity
+from awqlib.offline import smollm2_path
+
+
+def calib_lines(path: Path, n: int, min_chars: int = 200) -> list[str]:
+    lines = [l.strip() for l in path.read_text(encoding="utf-8").splitlines()]
+    return [l for l in lines if len(l) > min_chars][:n]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(model_dir, tok, method, calib, qc, windows, eval_tokens, **opts):
+    m = AutoAWQ.from_pretrained(model_dir, torch_dtype=torch.float32)
+    t0 = time.perf_counter()
+    if method != "fp":
+        m.quantize(tok, qc, calib_data=calib, n_samples=len(calib), seqlen=512, method=method, **opts)
+    dt = time.perf_counter() - t0
+    ppl = perplexity(m, eval_tokens, 1024, windows)
+    return m, {"method": method, "ppl": round(ppl, 3), "quantize_s": round(dt, 1), "options": opts}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=os.environ.get("AWQLIB_DATA", "../shared/data"))
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--ablate", action="store_true")
+    ap.add_argument("--only", default="fp,rtn,awq")
+    ap.add_argument("--out", default="bench_quality.json")
+    a = ap.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    data = Path(a.data)
+    model_dir = smollm2_path()
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    eval_tokens = load_eval_tokens(tok, str(data / "wikitext2-raw-test.txt"))
+    calib = calib_lines(data / "wikitext2-tokenized-valid.txt", a.n_samples)
+    qc = {"w_bit": 4, "q_group_size": a.group_size, "zero_point": True, "version": "gemm"}
+    rows = []
+    configs = [(m, {}) for m in a.only.split(",")]
+    if a.ablate:
+        configs = [("awq", {}),
+                   ("awq", {"propagate_quantized": False}),
+                   ("awq", {"grid_includes_one": False}),
+                   ("awq", {"apply_clip": False}),
+                   ("awq", {"duo_scaling": False}),
+                   ("awq", {"propagate_quantized": False, "grid_includes_one": False})]
+    for method, opts in configs:
+        _, r = run(model_dir, tok, method, calib, qc, a.windows, eval_tokens, **opts)
+        r["peak_rss_mb"] = round(peak_rss_mb())
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    print(f"\n| method | options | ppl ({a.windows}x1024) | quantize s |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['options'] or 'defaults'} | {r['ppl']} | {r['quantize_s']} |")
+    Path(a.out).write_text(json.dumps({"model": "SmolLM2-135M-Instruct", "group_size": a.group_size,
+                                       "n_calib_texts": len(calib), "windows": a.windows, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

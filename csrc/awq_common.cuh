@@ -1,0 +1,143 @@
+// Shared device helpers for the AWQ int4 kernels (sm_80+).
+//
+// Layout reminder (awqlib/packing.py): qweight int32 [K, N/8], qzeros int32 [K/g, N/8],
+// scales [K/g, N].  Nibble i of an int32 holds output column 8j + AWQ_ORDER[i] with
+// AWQ_ORDER = {0,2,4,6,1,3,5,7}.  So nibbles (p, p+4) hold the adjacent columns (2p, 2p+1):
+// one lop3 with mask 0x000f000f on (word >> 4p) drops both into the two 16-bit halves of a
+// register, and OR-ing the exponent pattern of 1024.0 (fp16 0x6400) or 128.0 (bf16 0x4300)
+// makes each half equal to magic + code, exactly.  Subtracting (magic + zero) is exact too
+// (small integers), and the single multiply by the scale rounds once -- the same rounding as
+// the PyTorch reference ((q - z).to(dtype) * s), so dequantized weights are bit-identical.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+
+namespace awq {
+
+// ---------------------------------------------------------------- element-type traits
+template <typename T> struct Traits;
+
+template <> struct Traits<__half> {
+  using T2 = __half2;
+  // Two fp16 1024.0 values: 1024 + n (n < 16) is exact since fp16 has 10 mantissa bits.
+  static constexpr uint32_t kMagic = 0x64006400u;
+  __device__ __forceinline__ static float2 to_float2(T2 v) { return __half22float2(v); }
+  __device__ __forceinline__ static __half from_float(float v) { return __float2half_rn(v); }
+  __device__ __forceinline__ static float to_float(__half v) { return __half2float(v); }
+};
+
+template <> struct Traits<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  // Two bf16 128.0 values: 128 + n (n < 16) is exact since bf16 has 7 mantissa bits.
+  static constexpr uint32_t kMagic = 0x43004300u;
+  __device__ __forceinline__ static float2 to_float2(T2 v) { return __bfloat1622float2(v); }
+  __device__ __forceinline__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  __device__ __forceinline__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+};
+
+template <typename T2>
+__device__ __forceinline__ T2 as_t2(uint32_t v) {
+  return *reinterpret_cast<T2*>(&v);
+}
+template <typename T2>
+__device__ __forceinline__ uint32_t as_u32(T2 v) {
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// (a & b) | c in one instruction: immLut 0xEA == (0xF0 & 0xCC) | 0xAA.
+__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+// Pair p (0..3) of a packed word as (magic + code[col 2p], magic + code[col 2p+1]).
+template <typename T>
+__device__ __forceinline__ typename Traits<T>::T2 biased_pair(uint32_t word, int p) {
+  return as_t2<typename Traits<T>::T2>(lop3_and_or(word >> (4 * p), 0x000f000fu, Traits<T>::kMagic));
+}
+
+// Per-group constants for one packed word (8 columns): (magic + zero) and the scale, as 4 pairs
+// in natural column order (pair p = columns 2p, 2p+1).
+template <typename T>
+struct GroupParams {
+  typename Traits<T>::T2 zero[4];
+  typename Traits<T>::T2 scale[4];
+  __device__ __forceinline__ void load(uint32_t zword, uint4 scales8) {
+#pragma unroll
+    for (int p = 0; p < 4; ++p) zero[p] = biased_pair<T>(zword, p);
+    scale[0] = as_t2<typename Traits<T>::T2>(scales8.x);
+    scale[1] = as_t2<typename Traits<T>::T2>(scales8.y);
+    scale[2] = as_t2<typename Traits<T>::T2>(scales8.z);
+    scale[3] = as_t2<typename Traits<T>::T2>(scales8.w);
+  }
+  // Dequantize pair p of `word`: ((magic+q) - (magic+z)) * s -- exact subtract, one rounding.
+  __device__ __forceinline__ typename Traits<T>::T2 dequant(uint32_t word, int p) const {
+    return __hmul2(__hsub2(biased_pair<T>(word, p), zero[p]), scale[p]);
+  }
+};
+
+// ---------------------------------------------------------------- cp.async (sm_80)
+// 16-byte global->shared copy that bypasses L1 (.cg: weights are streamed once).  When
+// `valid` is false the source size is 0, so the 16 destination bytes are zero-filled and
+// nothing is read (the address must still be a legal pointer; callers pass the tensor base).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const int src_size = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_size));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// ---------------------------------------------------------------- tensor-core helpers
+// ldmatrix.x4: lanes 8i..8i+7 give the row addresses of 8x8 matrix i; every lane receives
+// one 32-bit register (two adjacent 16-bit elements) of each of the four matrices.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+
+template <typename T> struct Mma;
+
+template <> struct Mma<__half> {
+  // D[16x8] += A[16x16] (row) * B[16x8] (col), fp16 inputs, fp32 accumulators.
+  __device__ __forceinline__ static void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <> struct Mma<__nv_bfloat16> {
+  __device__ __forceinline__ static void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// Eight floats -> eight T packed in a uint4 (one 16-byte store).
+template <typename T>
+__device__ __forceinline__ uint4 pack8(const float (&v)[8]) {
+  uint4 r;
+  uint32_t* w = reinterpret_cast<uint32_t*>(&r);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    T lo = Traits<T>::from_float(v[2 * i]);
+    T hi = Traits<T>::from_float(v[2 * i + 1]);
+    w[i] = static_cast<uint32_t>(*reinterpret_cast<uint16_t*>(&lo)) |
+           (static_cast<uint32_t>(*reinterpret_cast<uint16_t*>(&hi)) << 16);
+  }
+  return r;
+}
+
+}  // namespace awq

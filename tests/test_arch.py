@@ -1,0 +1,90 @@
+"""One test per architecture on a tiny config: the spec folds scales exactly, and
+quantize -> save -> from_quantized gives the in-memory quantized model's logits."""
+
+import pytest
+import torch
+
+from awqlib import AutoAWQ, WQLinear
+from awqlib import awq
+from awqlib.arch import get_spec
+from awqlib.config import QuantConfig
+from conftest import ARCHS, tiny_model
+
+
+def _block_io(model, ids):
+    spec = get_spec(model.config.model_type)
+    inps, kws = awq.capture_inputs(model, spec, ids, 8, torch.device("cpu"), torch.device("cpu"))
+    return spec, inps, kws
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_scale_folding_is_exact(arch, calib_ids):
+    """Folding any positive s into prev and the readers must not change the block's output."""
+    model = tiny_model(arch)
+    spec, inps, kws = _block_io(model, calib_ids[:4])
+    block = awq.get_blocks(model, spec)[0]
+    if spec.experts is not None:
+        from awqlib.moe import unfuse_experts
+        unfuse_experts(block, spec.experts)
+    kw = kws[0][inps[0].shape[0]]
+    ref = awq.run_block(block, inps[0], kw)
+    n_applied = 0
+    for g in awq.expand_groups(spec, block):
+        if not awq.group_applies(block, g):
+            continue
+        n = block.get_submodule(g.linears[0]).in_features
+        awq.apply_scale(block, g, torch.rand(n) * 3 + 0.2, spec)
+        n_applied += 1
+    out = awq.run_block(block, inps[0], kw)
+    assert n_applied >= 2
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_quantize_save_load_logits(arch, calib_ids, tmp_path):
+    model = tiny_model(arch)
+    ids = calib_ids[:2, :32]
+    with torch.no_grad():
+        fp = model(input_ids=ids).logits
+    w = AutoAWQ.from_model(model)
+    w.quantize(None, {"w_bit": 4, "q_group_size": 64}, calib_data=list(calib_ids), n_samples=16, seqlen=64)
+    n_q = sum(isinstance(m, WQLinear) for m in model.modules())
+    n_lin = sum(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if ".layers." in n)
+    assert n_q > 0 and n_lin == 0, "every decoder linear is quantized"
+    with torch.no_grad():
+        q = model(input_ids=ids).logits
+    assert torch.isfinite(q).all()
+    rel = ((q - fp).norm() / fp.norm()).item()
+    assert rel < 0.5, rel
+    w.save_quantized(tmp_path / "ckpt")
+    loaded = AutoAWQ.from_quantized(str(tmp_path / "ckpt"))
+    with torch.no_grad():
+        out = loaded(input_ids=ids).logits
+    torch.testing.assert_close(out, q, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_model_type():
+    with pytest.raises(ValueError, match="supported: .*llama"):
+        get_spec("not_a_model")
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_expert_without_calibration_tokens_is_still_quantized(arch, calib_ids):
+    model = tiny_model(arch)
+    starved = 3
+
+    def never_route_to_starved(mod, args, out):
+        logits, scores, idx = out
+        return logits, scores, torch.where(idx == starved, (idx + 1) % 4, idx)
+
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(never_route_to_starved)
+    w = AutoAWQ.from_model(model)
+    w.quantize(None, {"w_bit": 4, "q_group_size": 64}, calib_data=list(calib_ids), n_samples=16, seqlen=64)
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        assert len(experts) == 4
+        assert all(isinstance(m, WQLinear) for e in experts for m in e.children() if not callable(getattr(m, "act_fn", None)) and hasattr(m, "qweight"))
+        assert sum(isinstance(m, WQLinear) for m in experts.modules()) == 12
+    starved_reports = [r for rep in w.reports for k, r in rep.scales.items() if f"experts.{starved}." in k]
+    assert starved_reports and all(r["ratio"] is None for r in starved_reports)

@@ -1,0 +1,65 @@
+"""The two invariants AutoAWQ 0.2.9 broke on the CPU (its restore copy aliased the weights)."""
+
+import copy
+
+import torch
+
+from awqlib import AutoAWQ, awq
+from awqlib.arch import get_spec
+from awqlib.config import QuantConfig
+from awqlib.quant import compute_qparams, quantize
+from conftest import tiny_model
+
+
+def test_search_changes_no_weight(calib_ids):
+    model = tiny_model("llama_mha")
+    spec = get_spec("llama")
+    qcfg = QuantConfig(group_size=64)
+    inps, kws = awq.capture_inputs(model, spec, calib_ids, 8, torch.device("cpu"), torch.device("cpu"))
+    block = awq.get_blocks(model, spec)[0]
+    before = copy.deepcopy(block.state_dict())
+    opts = awq.AWQOptions()
+    lin = awq.quantizable_linears(block, qcfg)
+    groups = [g for g in spec.groups if awq.group_applies(block, g)]
+    owner = awq._site_owner(groups, lin)
+    sites, inspected, _ = awq.capture_block(block, groups, lin, owner, inps, kws[0], torch.device("cpu"), opts)
+    assert torch.equal(before["self_attn.q_proj.weight"], block.self_attn.q_proj.weight)
+    for g in groups:
+        members = [block.get_submodule(l) for l in g.linears]
+        ratio, s, losses = awq.search_scale(g, members, sites[g.linears[0]], inspected.get(g.inspect),
+                                            block.get_submodule(g.inspect) if g.inspect else None, qcfg, opts)
+        assert len(losses) == 21 and min(losses) <= losses[0]
+    after = block.state_dict()
+    for k in before:
+        assert torch.equal(before[k], after[k]), f"search modified {k}"
+
+
+def test_stored_weight_is_rtn_of_scaled_original(calib_ids):
+    """Without clipping, each stored linear is exactly RTN(W_original * s) for the s folded into the prev op."""
+    model = tiny_model("llama_mha")
+    orig = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    w = AutoAWQ.from_model(model)
+    w.quantize(None, {"w_bit": 4, "q_group_size": 64}, calib_data=list(calib_ids), n_samples=16, seqlen=64,
+               apply_clip=False)
+    checked = 0
+    for i, rep in enumerate(w.reports):
+        # a linear is scaled as a reader (columns) by one group, and as a prev (rows) by at most one other
+        col_scale, row_scale = {}, {}
+        for prev, r in rep.scales.items():
+            for l in r["linears"]:
+                col_scale[l] = r["scales"]
+            if prev in ("self_attn.v_proj", "mlp.up_proj"):
+                row_scale[prev] = r["scales"]
+        block = model.model.layers[i]
+        for name, s in col_scale.items():
+            wo = orig[f"model.layers.{i}.{name}"].float()
+            if name in row_scale:
+                wo = wo / row_scale[name][:, None]
+            target = wo * s
+            scale, zero = compute_qparams(target, 4, 64, True)
+            q = quantize(target, scale, zero)
+            stored = block.get_submodule(name)
+            from awqlib.packing import unpack_columns
+            assert torch.equal(unpack_columns(stored.qweight), q.t().contiguous()), name
+            checked += 1
+    assert checked == 2 * 7

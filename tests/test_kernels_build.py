@@ -1,0 +1,126 @@
+"""The "a kernel that does not compile never lands" gate: compile csrc/ for sm_80 and sm_90 with
+nvcc on a CPU-only machine (no GPU needed), plus CPU-only checks of the loader's behaviour.
+
+About 1-2 minutes on 2 cores.  Skipped, with the reason, when nvcc or a CUDA build of torch is
+missing; CI has both.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from awqlib import kernels
+
+ARCHS = "8.0;9.0"  # Ampere (A100) and Hopper (H100/H200); sm_89 runs the sm_80 cubin
+
+
+def _skip_reason() -> str | None:
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build (need a CUDA build of torch to compile the kernels)"
+    if kernels.find_cuda_home() is None:
+        return "nvcc / CUDA toolkit not found (install the CUDA toolkit matching torch.version.cuda)"
+    return None
+
+
+@pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+def test_kernels_compile_for_sm80_sm90(tmp_path):
+    lib = kernels.build(ARCHS, build_dir=tmp_path)
+    assert Path(lib).is_file() and Path(lib).stat().st_size > 0
+    # The library registered CUDA kernels for both ops (loading works without a GPU).
+    for op in ("awqlib::awq_gemm", "awqlib::awq_dequantize"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+    # The compiled code really contains both architectures.
+    obj = (tmp_path / "awq_gemm.cuda.o").read_bytes()
+    assert b"sm_80" in obj and b"sm_90" in obj
+
+
+def test_sources_found():
+    srcs = kernels.sources()
+    names = {Path(s).name for s in srcs}
+    assert {"awq_ops.cpp", "awq_gemv.cu", "awq_gemm.cu", "awq_dequant.cu"} <= names
+
+
+def test_cache_dir_respects_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("AWQLIB_CACHE", str(tmp_path))
+    d = kernels.cache_dir("8.0;9.0")
+    assert d.parent == tmp_path and d.name.endswith("sm80-sm90")
+    monkeypatch.delenv("AWQLIB_CACHE")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert kernels.cache_dir("8.0").parent == tmp_path / "awqlib"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only fallback")
+def test_load_without_gpu_is_quiet_and_false():
+    mod = importlib.reload(kernels)  # fresh state
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning, no exception on a CPU-only machine
+        assert mod.load() is False
+        assert mod.load() is False
+    assert mod.backend() == "reference"
+
+
+def test_build_without_gpu_needs_arch_list(monkeypatch):
+    if torch.cuda.is_available() or _skip_reason() is not None:
+        pytest.skip("only meaningful on a CPU-only machine with nvcc")
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    with pytest.raises(RuntimeError, match="arch"):
+        kernels.build()
+
+
+def test_gemm_fragment_mapping_emulation():
+    """CPU emulation of one warp of csrc/awq_gemm.cu (one k16 step, one m16 tile): which activation
+    elements ldmatrix hands each lane, which packed word / rows / nibbles each lane dequantizes for
+    its B fragments, and where its accumulators are stored -- interpreted with the PTX-defined
+    m16n8k16 fragment layouts -- must reproduce x @ W^T exactly."""
+    from awqlib.packing import pack_columns
+
+    K, N, BM = 16, 64, 16
+    x = torch.randn(BM, K, dtype=torch.float64)
+    codes = torch.randint(0, 16, (K, N))
+    zero = 8
+    qw = pack_columns(codes, 4).to(torch.int64) & 0xFFFFFFFF  # [K, 8] words, as unsigned
+
+    def pair(word: int, p: int) -> tuple[int, int]:  # lop3 on (word >> 4p) & 0x000f000f
+        w = word >> (4 * p)
+        return w & 0xF, (w >> 16) & 0xF
+
+    A = torch.full((16, 16), float("nan"), dtype=torch.float64)
+    B = torch.full((8, 16, 8), float("nan"), dtype=torch.float64)  # [n8-tile t][k][slot]
+    for lane in range(32):
+        g, q = lane >> 2, lane & 3
+        # ldmatrix.x4: lane l addresses row l % 16, k offset 8 * (l // 16); register i of every lane
+        # gets row g, elements 2q, 2q+1 of the matrix whose row addresses came from lanes 8i..8i+7.
+        for i in range(4):
+            src = 8 * i + g
+            row, k0 = src % 16, (src // 16) * 8
+            # PTX A fragment: R0 (row g, k 2q..), R1 (row g+8), R2 (row g, k 2q+8..), R3 (row g+8, k+8)
+            prow, pk = [(g, 2 * q), (g + 8, 2 * q), (g, 2 * q + 8), (g + 8, 2 * q + 8)][i]
+            for e in range(2):
+                A[prow, pk + e] = x[row, k0 + 2 * q + e]
+        # B: word g of rows 2q, 2q+1, 2q+8, 2q+9; pair_lo -> tile 2p, pair_hi -> tile 2p+1.
+        rows = (2 * q, 2 * q + 1, 2 * q + 8, 2 * q + 9)
+        for p in range(4):
+            d = {r: [c - zero for c in pair(int(qw[r, g]), p)] for r in rows}
+            for t, h in ((2 * p, 0), (2 * p + 1, 1)):
+                regs = ((d[rows[0]][h], d[rows[1]][h]), (d[rows[2]][h], d[rows[3]][h]))
+                # PTX B fragment: R0 = (k 2q, 2q+1), R1 = (k 2q+8, 2q+9), column = groupID
+                for r_i, kk in ((0, 2 * q), (1, 2 * q + 8)):
+                    for e in range(2):
+                        B[t, kk + e, g] = regs[r_i][e]
+    assert not A.isnan().any() and not B.isnan().any()
+    out = torch.full((BM, N), float("nan"), dtype=torch.float64)
+    for t in range(8):
+        D = A @ B[t]  # [16, 8]
+        for lane in range(32):
+            g, q = lane >> 2, lane & 3
+            c = (D[g, 2 * q], D[g, 2 * q + 1], D[g + 8, 2 * q], D[g + 8, 2 * q + 1])
+            for h in range(2):  # epilogue: c[2h] -> column 16q + t, c[2h+1] -> column 16q + 8 + t
+                out[g + 8 * h, 16 * q + t] = c[2 * h]
+                out[g + 8 * h, 16 * q + 8 + t] = c[2 * h + 1]
+    ref = x @ (codes - zero).to(torch.float64)
+    torch.testing.assert_close(out, ref)

@@ -1,0 +1,218 @@
+"""GPU tests of the CUDA kernels against an fp32 dequantize-then-matmul reference.
+
+Skipped without a CUDA device.  Inputs are fresh random numbers on every run (no fixed seed), so
+repeated runs keep exploring; a failure prints the shape, dtype and seed-free error ratio.
+
+Error bound.  The kernels dequantize w = (q - z) * s with one rounding to the activation dtype
+(relative error <= 2^-11 for fp16, 2^-8 for bf16; uniform, so RMS ~ u / sqrt(3)), accumulate in
+fp32 (negligible) and round the output once more (same u).  With random-sign terms the relative
+error of a dot product equals the per-term relative error, so
+    ||out - ref|| / ||ref|| ~ sqrt(2) * u / sqrt(3) ~ 4e-4 (fp16), 3.2e-3 (bf16)
+plus, for bf16, rounding the fp16 scales to bf16 (another u / sqrt(3) ~ 2.3e-3, systematic per
+group and column but random across them).  The bounds below leave a 5x margin: an index bug (a
+wrong column, row, group or nibble) gives errors of order 1.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from awqlib import kernels
+from awqlib.packing import dequantize_gemm, pack_awq
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+REL_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cuda_kernels():
+    # On a GPU machine the kernels must build and load: a silent fallback would test the reference.
+    assert kernels.load(), "awqlib CUDA kernels failed to build/load (see the warning above)"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("awqlib::awq_gemm", "CUDA")
+
+
+@functools.lru_cache(maxsize=8)
+def weight(K: int, N: int, g: int):
+    """Random AWQ weight (codes, zeros, scales) in the GEMM layout, on the GPU."""
+    gs = K if g == -1 else g
+    codes = torch.randint(0, 16, (K, N), dtype=torch.int32, device="cuda")
+    zeros = torch.randint(0, 16, (K // gs, N), dtype=torch.int32, device="cuda")
+    # Scales of realistic magnitude (|w| ~ 0.01..0.1), some negative to catch sign mix-ups.
+    scales = ((torch.rand(K // gs, N, device="cuda") * 0.01 + 0.001)
+              * torch.where(torch.rand(K // gs, N, device="cuda") < 0.1, -1.0, 1.0)).half()
+    qweight, qzeros = pack_awq(codes, zeros)
+    w32 = dequantize_gemm(qweight, qzeros, scales, g, dtype=torch.float32)  # exact W^T [K, N]
+    return qweight, qzeros, scales, w32
+
+
+def poison_allocator():
+    """Fill the caching allocator's free blocks with NaN so that a kernel which leaves part of its
+    output (or split-K workspace) unwritten produces NaN instead of stale plausible numbers."""
+    big = [torch.full((s,), float("nan"), device="cuda") for s in (64 << 20, 16 << 20)]
+    small = [torch.full((s,), float("nan"), device="cuda") for s in (1 << 18,) * 8]
+    del big, small
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check(x, K, N, g, dtype, *, out=None):
+    qweight, qzeros, scales, w32 = weight(K, N, g)
+    if out is None:
+        poison_allocator()
+        out = torch.ops.awqlib.awq_gemm(x, qweight, qzeros, scales, g)
+    ref = x.float() @ w32
+    if dtype == torch.bfloat16:  # the kernel (like the reference op) uses scales rounded to bf16
+        ref = x.float() @ dequantize_gemm(qweight, qzeros, scales.to(torch.bfloat16), g, dtype=torch.float32)
+    assert out.shape == (*x.shape[:-1], N) and out.dtype == dtype
+    assert torch.isfinite(out).all(), f"non-finite output for M={x.shape[:-1]} N={N} K={K} g={g} {dtype}"
+    err = rel_err(out, ref)
+    assert err < REL_TOL[dtype], f"rel err {err:.2e} for M={tuple(x.shape[:-1])} N={N} K={K} g={g} {dtype}"
+    return out
+
+
+# (N, K, group) combos: tiny, odd tile counts (N = 192 is not a multiple of the 256-column block),
+# Llama-like shapes, K with 43 (2752) and 86 (11008) k-tiles, every group size.
+COMBOS = [
+    (64, 128, 32),
+    (192, 576, 64),
+    (4096, 4096, 128),
+    (11008, 2752, 64),
+    (4096, 11008, 128),
+    (14336, 4096, 32),
+]
+MS = [1, 2, 3, 4, 5, 6, 7, 8, 13, 16, 33, 64, 127, 257, 1024, 4097]
+
+
+@pytest.mark.parametrize("N,K,g", COMBOS, ids=[f"N{n}-K{k}-g{g}" for n, k, g in COMBOS])
+@pytest.mark.parametrize("M", MS)
+def test_gemm_fp16(M, N, K, g):
+    if M * N * K > 4097 * 14336 * 4096 // 2 and M > 1024:
+        pytest.skip("largest M only on the smaller shapes (time)")
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    check(x, K, N, g, torch.float16)
+
+
+@pytest.mark.parametrize("N,K,g", [COMBOS[1], COMBOS[2], COMBOS[4]], ids=["N192", "N4096", "K11008"])
+@pytest.mark.parametrize("M", [1, 5, 8, 13, 16, 33, 64, 257, 1024])
+def test_gemm_bf16(M, N, K, g):
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    check(x, K, N, g, torch.bfloat16)
+
+
+@pytest.mark.parametrize("M", [1, 8, 16, 100])
+def test_deterministic(M):
+    """Split-K reduces in a fixed order: two calls are bitwise identical."""
+    N, K, g = 4096, 4096, 128
+    qweight, qzeros, scales, _ = weight(K, N, g)
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    a = torch.ops.awqlib.awq_gemm(x, qweight, qzeros, scales, g)
+    poison_allocator()
+    b = torch.ops.awqlib.awq_gemm(x, qweight, qzeros, scales, g)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("M", [4, 64, 600])
+def test_non_contiguous_and_batched_input(M):
+    N, K, g = 192, 576, 64
+    xt = torch.randn(K, M, device="cuda", dtype=torch.float16)
+    check(xt.t(), K, N, g, torch.float16)                      # transposed view
+    big = torch.randn(M, 2 * K, device="cuda", dtype=torch.float16)
+    check(big[:, ::2], K, N, g, torch.float16)                 # strided view
+    flat = torch.randn(M * K + 1, device="cuda", dtype=torch.float16)
+    check(flat[1:].view(M, K), K, N, g, torch.float16)         # contiguous but 2-byte aligned
+    check(torch.randn(2, 3, K, device="cuda", dtype=torch.float16), K, N, g, torch.float16)  # [B, T, K]
+
+
+@pytest.mark.parametrize("N,K,g", [(200, 576, 64), (64, 40, -1), (64, 96, -1), (128, 4096, -1), (64, 160, 32)])
+@pytest.mark.parametrize("M", [1, 7, 40])
+def test_fallback_shapes(M, N, K, g):
+    """Shapes outside the fused kernels' tiling (N % 64 != 0, K % 32 != 0) take dequantize + matmul;
+    g = -1 with K % 32 == 0 and K = 5 k-tiles (odd split-K remainders) take the fused kernels."""
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    check(x, K, N, g, torch.float16)
+
+
+def test_empty_input():
+    qweight, qzeros, scales, _ = weight(128, 64, 32)
+    out = torch.ops.awqlib.awq_gemm(torch.empty(0, 128, device="cuda", dtype=torch.float16), qweight, qzeros, scales, 32)
+    assert out.shape == (0, 64)
+
+
+@pytest.mark.parametrize("N,K,g", [(4096, 4096, 128), (24, 64, 32), (192, 576, -1)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dequantize_bit_exact(N, K, g, dtype):
+    """awq_dequantize equals the PyTorch reference bit for bit: (q - z) is exact in fp16/bf16 and the
+    kernel multiplies by the scale with the same single rounding."""
+    gs = K if g == -1 else g
+    codes = torch.randint(0, 16, (K, N), dtype=torch.int32, device="cuda")
+    zeros = torch.randint(0, 16, (K // gs, N), dtype=torch.int32, device="cuda")
+    scales = (torch.randn(K // gs, N, device="cuda") * 0.01).to(dtype)
+    qweight, qzeros = pack_awq(codes, zeros)
+    poison_allocator()
+    out = torch.ops.awqlib.awq_dequantize(qweight, qzeros, scales, g)
+    ref = dequantize_gemm(qweight, qzeros, scales, g)
+    assert out.dtype == dtype and torch.equal(out, ref)
+
+
+def test_bad_arguments():
+    qweight, qzeros, scales, _ = weight(128, 64, 32)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        torch.ops.awqlib.awq_gemm(torch.randn(2, 128, device="cuda"), qweight, qzeros, scales, 32)
+    with pytest.raises(RuntimeError, match="features"):
+        torch.ops.awqlib.awq_gemm(torch.randn(2, 64, device="cuda").half(), qweight, qzeros, scales, 32)
+    with pytest.raises(RuntimeError, match="qzeros"):
+        torch.ops.awqlib.awq_gemm(torch.randn(2, 128, device="cuda").half(), qweight, qzeros, scales, 64)
+
+
+@pytest.mark.parametrize("M", [1, 8, 33])
+def test_non_default_stream(M):
+    N, K, g = 4096, 4096, 128
+    qweight, qzeros, scales, _ = weight(K, N, g)
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        out = torch.ops.awqlib.awq_gemm(x, qweight, qzeros, scales, g)
+        out2 = out * 1  # consumed on the same stream
+    torch.cuda.current_stream().wait_stream(s)
+    check(x, K, N, g, torch.float16, out=out2)
+
+
+@pytest.mark.parametrize("M", [1, 8, 33, 600])  # GEMV, GEMV split-K (memset), GEMM, dequant + cuBLAS
+def test_cuda_graph_capture(M):
+    N, K, g = 4096, 4096, 128
+    qweight, qzeros, scales, _ = weight(K, N, g)
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up outside the capture, as torch recommends
+        torch.ops.awqlib.awq_gemm(x, qweight, qzeros, scales, g)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.awqlib.awq_gemm(x, qweight, qzeros, scales, g)
+    for _ in range(2):  # replay with new data: the graph must read x afresh and reset its counters
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(x, K, N, g, torch.float16, out=out)
+
+
+@pytest.mark.parametrize("M", [1, 33])
+def test_torch_compile_fullgraph(M):
+    N, K, g = 192, 576, 64
+    qweight, qzeros, scales, _ = weight(K, N, g)
+
+    @torch.compile(fullgraph=True)
+    def f(x):
+        return torch.ops.awqlib.awq_gemm(x * 1.0, qweight, qzeros, scales, g) + 0.0
+
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    check(x, K, N, g, torch.float16, out=f(x))
