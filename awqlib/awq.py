@@ -429,7 +429,8 @@ def capture_block(block: nn.Module, groups: list[ScaleGroup], linears: dict[str,
                     f"block {prefix or ''} produced NaN/inf activations on the calibration data; the model is "
                     "unstable in this dtype (try torch_dtype=torch.bfloat16 or float32)")
             seen += x.shape[0] * x.shape[1]
-            fp_outs.append(y.to(offload))
+            if not opts.propagate_quantized:  # otherwise the next inputs come from the quantized block
+                fp_outs.append(y.to(offload))
     finally:
         for h in handles:
             h.remove()
@@ -492,12 +493,22 @@ def quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, opts: AW
         parent = block.get_submodule(parent_name) if parent_name else block
         setattr(parent, child, WQLinear.from_linear(lin, qcfg.bits, qcfg.group_size, qcfg.zero_point))
 
+    round_to_storage(block)
     # next block's inputs
     if opts.propagate_quantized:
         nxt = [run_block(block, x.to(device), _to(kwargs_by_batch[x.shape[0]], device)).to(offload) for x in inps]
     else:
         nxt = fp_outs
     return nxt, report
+
+
+@torch.no_grad()
+def round_to_storage(module: nn.Module) -> None:
+    """Round float parameters through fp16, the checkpoint's dtype, so that what the model computes
+    after quantization is exactly what save -> load computes."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(torch.float16).to(p.dtype)
 
 
 @torch.no_grad()
@@ -509,6 +520,7 @@ def rtn_quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, pref
         parent_name, _, child = name.rpartition(".")
         parent = block.get_submodule(parent_name) if parent_name else block
         setattr(parent, child, WQLinear.from_linear(lin, qcfg.bits, qcfg.group_size, qcfg.zero_point))
+    round_to_storage(block)
 
 
 def check_quantizable(model: nn.Module, spec: ArchSpec, qcfg: QuantConfig) -> None:

@@ -77,12 +77,14 @@ class AtomicDir:
         return False
 
 
-def checkpoint_state(model: torch.nn.Module, spec: ArchSpec) -> dict[str, torch.Tensor]:
+def checkpoint_state(model: torch.nn.Module, spec: ArchSpec, skip_prefix: str | None = None) -> dict[str, torch.Tensor]:
     """The tensors to save, checkpoint-named; floats in fp16, tied lm_head left out."""
+    from .fuse import unfused_state_dict
+
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     state = {}
-    for name, t in model.state_dict().items():
-        if tied and name == "lm_head.weight":
+    for name, t in unfused_state_dict(model).items():
+        if (tied and name == "lm_head.weight") or (skip_prefix and name.startswith(skip_prefix)):
             continue
         if t.is_floating_point():
             t = t.to(torch.float16)

@@ -16,8 +16,10 @@ from tqdm.auto import tqdm
 from . import awq
 from .arch import ArchSpec, get_spec
 from .calib import get_calib_tokens
-from .checkpoint import (AtomicDir, checkpoint_state, load_quantized_state, quantized_config_dict,
-                         resolve_folder, safetensors_files, write_shards)
+from . import lazy as lazy_mod
+from .checkpoint import (AtomicDir, checkpoint_state, from_checkpoint_name, load_quantized_state,
+                         quantized_config_dict, resolve_folder, safetensors_files, to_checkpoint_name,
+                         write_shards)
 from .config import QuantConfig
 from .modules import WQLinear
 from .moe import unfuse_experts
@@ -46,9 +48,20 @@ def _move_except_blocks(model: nn.Module, blocks_prefix: str, device: torch.devi
         if name == blocks_prefix or name.startswith(blocks_prefix + "."):
             continue
         for pname, p in list(mod.named_parameters(recurse=False)):
-            p.data = p.data.to(device)
+            if p.device.type != "meta":  # a lazy model's head stays unloaded
+                p.data = p.data.to(device)
         for bname, b in list(mod.named_buffers(recurse=False)):
-            mod._buffers[bname] = b.to(device)
+            if b.device.type != "meta":
+                mod._buffers[bname] = b.to(device)
+
+
+def _replace_linears(block: nn.Module, qcfg: QuantConfig, prefix: str, device) -> None:
+    """Swap the block's quantizable nn.Linear modules for empty WQLinear modules (to be loaded)."""
+    for name, lin in awq.quantizable_linears(block, qcfg, prefix).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
+        setattr(parent, child, WQLinear(lin.in_features, lin.out_features, qcfg.bits, qcfg.group_size,
+                                        lin.bias is not None, device=device))
 
 
 class AWQModel(nn.Module):
@@ -56,8 +69,10 @@ class AWQModel(nn.Module):
     fall through to the wrapped model (``.config``, ``.device``, ...)."""
 
     def __init__(self, model: nn.Module, spec: ArchSpec, quant_config: QuantConfig | None = None,
-                 tokenizer=None, quantized: bool = False, name_or_path: str | None = None):
+                 tokenizer=None, quantized: bool = False, name_or_path: str | None = None,
+                 reader: "lazy_mod.ShardReader | None" = None):
         super().__init__()
+        self.reader = reader
         self.model = model
         self.spec = spec
         self.quant_config = quant_config
@@ -84,15 +99,23 @@ class AWQModel(nn.Module):
     def quantize(self, tokenizer=None, quant_config: dict | QuantConfig | None = None, calib_data: Any = "pileval",
                  split: str = "validation", text_column: str = "text", n_samples: int = 128, seqlen: int = 512,
                  duo_scaling: bool = True, apply_clip: bool = True, device: str | torch.device | None = None,
-                 method: str = "awq", **options) -> "AWQModel":
-        """AWQ-quantize every decoder linear in place (``method='rtn'``: plain round-to-nearest).
+                 method: str = "awq", save_dir: str | os.PathLike | None = None, overwrite: bool = False,
+                 **options) -> "AWQModel":
+        """AWQ-quantize every decoder linear, one block at a time (``method='rtn'``: round-to-nearest).
 
-        ``options`` are :class:`awqlib.awq.AWQOptions` fields (n_grid, max_search_tokens, ...).
+        ``save_dir``: write each block to disk as it finishes and the final checkpoint at the end; an
+        interrupted run resumes from the last finished block when called again with the same folder
+        and settings. Required for models loaded with ``lazy=True`` (their blocks are freed as they
+        finish). ``options`` are :class:`awqlib.awq.AWQOptions` fields (n_grid, max_search_tokens, ...).
         """
         if self.quantized:
             raise RuntimeError("this model is already quantized")
         if method not in ("awq", "rtn"):
             raise ValueError(f"method={method!r}: use 'awq' or 'rtn'")
+        lazy = self.reader is not None
+        if lazy and save_dir is None:
+            raise ValueError("a model loaded with lazy=True frees each block once it is quantized: pass "
+                             "save_dir=... so that finished blocks are written to disk")
         qcfg = QuantConfig.from_dict(quant_config or {})
         if qcfg.version != "gemm":
             log.warning("awqlib writes the GEMM layout (what vLLM/SGLang/transformers read); version=%r is "
@@ -103,59 +126,146 @@ class AWQModel(nn.Module):
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         self.tokenizer = tokenizer
         device = torch.device(device) if device is not None else _default_device()
-        if device.type == "cpu" and next(model.parameters()).dtype != torch.float32:
-            log.info("awqlib: computing in float32 on the CPU")
-            model.float()
+        cdtype = self._compute_dtype(device)
         blocks = awq.get_blocks(model, spec)
         prefix = next(n for n, m in model.named_modules() if m is blocks)
+        tokens = None if method == "rtn" else get_calib_tokens(calib_data, tokenizer, n_samples, seqlen, split,
+                                                              text_column)
+        store = None
+        if save_dir is not None:
+            fp = lazy_mod.fingerprint(source=self.name_or_path, qcfg=qcfg.to_hf_dict(), opts=opts, method=method,
+                                      tokens=tokens if tokens is not None else torch.zeros(0), dtype=cdtype)
+            store = lazy_mod.BlockStore(save_dir, fp, len(blocks), overwrite)
         t0 = time.perf_counter()
-        if method == "rtn":
-            for i, blk in enumerate(tqdm(blocks, desc="RTN")):
-                awq.rtn_quantize_block(blk, spec, qcfg, prefix=f"{prefix}.{i}.")
-        else:
-            tokens = get_calib_tokens(calib_data, tokenizer, n_samples, seqlen, split, text_column)
+        if lazy:
+            self._materialize_rest(cdtype)
+        elif next(model.parameters()).dtype != cdtype:
+            log.info("awqlib: computing in %s on %s", cdtype, device.type)
+            model.to(cdtype)
+        inps = kwargs = None
+        if method == "awq":
             log.info("awqlib: calibrating on %d sequences x %d tokens, device %s", tokens.shape[0], seqlen, device)
             _move_except_blocks(model, prefix, device)
             inps, kwargs = awq.capture_inputs(model, spec, tokens, opts.chunk_size, device,
                                               torch.device(opts.offload_device))
             _move_except_blocks(model, prefix, torch.device("cpu"))
-            self.reports = []
-            for i, blk in enumerate(tqdm(blocks, desc="AWQ blocks")):
-                inps, report = awq.quantize_block(blk, spec, qcfg, opts, inps, kwargs[i], device,
-                                                  prefix=f"{prefix}.{i}.")
-                blk.to("cpu")
-                self.reports.append(report)
+        if lazy:
+            for _, mod in self._rest_modules(prefix):
+                lazy_mod.free(mod)
+        self.reports = []
+        for i, blk in enumerate(tqdm(blocks, desc=f"{method.upper()} blocks")):
+            bprefix = f"{prefix}.{i}."
+            if store is not None and store.done(i):  # resume: a finished block is loaded, not redone
+                self._load_finished_block(blk, bprefix, store.read(i), qcfg, cdtype)
+                if inps is not None:
+                    inps = self._replay_block(blk, bprefix, inps, kwargs[i], device, opts, qcfg, cdtype)
+                report = awq.BlockReport()
+            else:
+                if lazy:
+                    lazy_mod.materialize(blk, bprefix, self.reader, spec, cdtype)
+                if method == "rtn":
+                    awq.rtn_quantize_block(blk, spec, qcfg, prefix=bprefix)
+                    report = awq.BlockReport()
+                else:
+                    inps, report = awq.quantize_block(blk, spec, qcfg, opts, inps, kwargs[i], device, prefix=bprefix)
+                if store is not None:
+                    store.write(i, {to_checkpoint_name(bprefix + k, spec): v.to(torch.float16)
+                                    if v.is_floating_point() else v for k, v in blk.state_dict().items()})
+            blk.to("cpu")
+            if lazy:
+                lazy_mod.free(blk)
+            self.reports.append(report)
+            if kwargs is not None:
                 kwargs[i] = None
-            del inps
+        del inps
         # The checkpoint stores every unquantized tensor in fp16: round them now, so the in-memory
         # model computes exactly what save_quantized -> from_quantized will.
-        for p in model.parameters():
-            if p.is_floating_point():
-                p.data = p.data.to(torch.float16).to(p.dtype)
+        awq.round_to_storage(model)
         self.stats["quantize_seconds"] = time.perf_counter() - t0
         self.quant_config, self.quantized = qcfg, True
+        if store is not None:
+            rest = self._rest_from_reader(prefix) if lazy else checkpoint_state(model, spec, skip_prefix=prefix + ".")
+            store.finalize(rest, self._write_extras)
+            if lazy:
+                self.saved_to = Path(save_dir)
         return self
 
+    def _compute_dtype(self, device: torch.device) -> torch.dtype:
+        dtype = next(self.model.parameters()).dtype  # meta tensors have a dtype too
+        if device.type == "cpu":
+            return torch.float32  # CPUs without fp16/bf16 matmul units: fp32 is both faster and exact
+        return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+    def _materialize_rest(self, dtype: torch.dtype) -> None:
+        """Lazy model: load everything except the blocks (embeddings, final norm, head)."""
+        blocks = awq.get_blocks(self.model, self.spec)
+        prefix = next(n for n, m in self.model.named_modules() if m is blocks)
+        head = self.model.get_output_embeddings()  # not needed to calibrate: the capture stops before it
+        for name, mod in self._rest_modules(prefix):
+            if mod is not head:
+                lazy_mod.materialize(mod, f"{name}." if name else "", self.reader, self.spec, dtype)
+
+    def _rest_modules(self, prefix: str):
+        for name, mod in self.model.named_modules():
+            if name == prefix or name.startswith(prefix + ".") or any(True for _ in mod.children()):
+                continue
+            yield name, mod
+
+    def _rest_from_reader(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Lazy model: the unquantized non-block tensors, straight from the source shards in fp16."""
+        tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
+        return {k: (self.reader.get(k).to(torch.float16) if self.reader.get(k).is_floating_point()
+                    else self.reader.get(k))
+                for k in self.reader.where
+                if not k.startswith(prefix + ".") and not (tied and k == "lm_head.weight")}
+
+    def _load_finished_block(self, blk, bprefix, tensors, qcfg, dtype) -> None:
+        if self.spec.experts is not None:
+            unfuse_experts(blk, self.spec.experts)
+        _replace_linears(blk, qcfg, bprefix, device="cpu")
+        state = {}
+        for k, v in tensors.items():
+            name = from_checkpoint_name(k, self.spec)[len(bprefix):]
+            state[name] = v.to(dtype) if v.is_floating_point() and not name.endswith(".scales") else v
+        blk.load_state_dict(state, strict=True, assign=True)
+
+    def _replay_block(self, blk, bprefix, inps, kwargs, device, opts, qcfg, dtype):
+        """Next inputs after a finished block: run it (quantized), or the original fp block."""
+        if not opts.propagate_quantized:
+            raise RuntimeError("resuming needs propagate_quantized=True (the default): the fp outputs of "
+                               "finished blocks are not kept")
+        blk.to(device)
+        out = [awq.run_block(blk, x.to(device), awq._to(kwargs[x.shape[0]], device)).to(opts.offload_device)
+               for x in inps]
+        return out
+
     # ------------------------------------------------------------------------------------------ save
+    def _write_extras(self, folder: Path, tokenizer=None) -> None:
+        """config.json (with quantization_config), generation config, tokenizer, model card."""
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        cfg = quantized_config_dict(self.model.config, self.quant_config)
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+        gen = getattr(self.model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        from .hub import write_model_card
+        write_model_card(folder, self)
+
     def save_quantized(self, save_dir: str | os.PathLike, overwrite: bool = False,
                        max_shard_size: int | str = "5GB", tokenizer=None) -> Path:
         """Write safetensors shards (+ index), config.json with quantization_config, the tokenizer,
         a model card; atomically (temporary folder, then rename)."""
         if not self.quantized:
             raise RuntimeError("call quantize() before save_quantized()")
-        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        if self.reader is not None:
+            raise RuntimeError("a lazily loaded model is saved by quantize(save_dir=...) as it goes; its blocks "
+                               f"are no longer in memory (saved to {getattr(self, 'saved_to', None)})")
         state = checkpoint_state(self.model, self.spec)
-        cfg = quantized_config_dict(self.model.config, self.quant_config)
         with AtomicDir(save_dir, overwrite) as tmp:
             write_shards(state, tmp, max_shard_size)
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
-            gen = getattr(self.model, "generation_config", None)
-            if gen is not None:
-                gen.save_pretrained(tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            from .hub import write_model_card
-            write_model_card(tmp, self)
+            self._write_extras(tmp, tokenizer)
         return Path(save_dir)
 
     def save_pretrained(self, save_dir, **kwargs):
@@ -174,13 +284,27 @@ class AutoAWQ:
 
     @staticmethod
     def from_pretrained(model_path: str, torch_dtype: Any = "auto", trust_remote_code: bool = False,
-                        tokenizer: Any = None, **kwargs) -> AWQModel:
+                        tokenizer: Any = None, lazy: bool = False, **kwargs) -> AWQModel:
+        """Load an fp16/bf16/fp32 model to quantize. ``lazy=True`` reads nothing up front: blocks are
+        loaded from the safetensors shards one at a time during ``quantize(save_dir=...)``, so a
+        model larger than memory can be quantized."""
         from transformers import AutoConfig, AutoModelForCausalLM
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         if getattr(config, "quantization_config", None) is not None:
             raise ValueError(f"{model_path} is already quantized ({config.quantization_config}); load it with "
                              "AutoAWQ.from_quantized, or quantize the original fp16/bf16 model")
         spec = get_spec(config.model_type)
+        if lazy:
+            from accelerate import init_empty_weights
+            folder = resolve_folder(model_path)
+            reader = lazy_mod.ShardReader(folder)
+            dtype = _resolve_dtype(torch_dtype, torch.device("cuda"), config)
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+            if spec.experts is not None:
+                for blk in awq.get_blocks(model, spec):
+                    unfuse_experts(blk, spec.experts)
+            return AWQModel(model.eval(), spec, tokenizer=tokenizer, name_or_path=str(model_path), reader=reader)
         dtype = torch_dtype if torch_dtype != "auto" else "auto"
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      low_cpu_mem_usage=True, **kwargs)
@@ -223,11 +347,7 @@ class AutoAWQ:
         for i, blk in enumerate(blocks):
             if spec.experts is not None:
                 unfuse_experts(blk, spec.experts)
-            for name, lin in awq.quantizable_linears(blk, qcfg, f"{prefix}.{i}.").items():
-                parent_name, _, child = name.rpartition(".")
-                parent = blk.get_submodule(parent_name) if parent_name else blk
-                setattr(parent, child, WQLinear(lin.in_features, lin.out_features, qcfg.bits, qcfg.group_size,
-                                                lin.bias is not None, device="meta"))
+            _replace_linears(blk, qcfg, f"{prefix}.{i}.", device="meta")
         state = load_quantized_state(files, spec, qcfg)
         expected = set(model.state_dict().keys())
         tied = bool(getattr(config, "tie_word_embeddings", False))

@@ -54,7 +54,7 @@ step test_kernels 150 "$OUT/pytest_kernels.log" "$PY" -m pytest -x -q -rs tests/
 
 # 3. Other GPU-marked tests, if any.
 if grep -rlq "mark.gpu\|pytest.mark.gpu" tests --include='*.py' --exclude=test_kernels_cuda.py 2>/dev/null; then
-  step test_gpu_other 45 "$OUT/pytest_gpu.log" "$PY" -m pytest -q -rs -m gpu tests --ignore=tests/test_kernels_cuda.py
+  step test_gpu_other 90 "$OUT/pytest_gpu.log" "$PY" -m pytest -q -rs -m gpu tests --ignore=tests/test_kernels_cuda.py
 fi
 
 # 4. Kernel benchmark (writes its own JSON); the time budget leaves headroom under the timeout.
@@ -63,7 +63,7 @@ step bench_kernels 100 "$OUT/bench_kernels.log" "$PY" benchmarks/bench_kernels.p
 
 # 5. End-to-end generation benchmark, if present.
 if [ -f benchmarks/bench_generate.py ]; then
-  step bench_generate 45 "$OUT/bench_generate.log" "$PY" benchmarks/bench_generate.py --out "$OUT/bench_generate.json"
+  step bench_generate 90 "$OUT/bench_generate.log" "$PY" benchmarks/bench_generate.py --out "$OUT/bench_generate.json"
 fi
 
 echo "gpu_check: overall status $status (0 = all steps passed); outputs in $OUT" | tee -a "$LOG"

@@ -1,0 +1,85 @@
+"""Decode throughput (tokens/s) of a randomly initialised Llama-architecture model: fp16 vs
+awqlib int4 (unfused and fuse_layers), batch 1 and 8. No download: the model is built from a
+config on the GPU and quantized with round-to-nearest (speed does not depend on the scales).
+
+    python benchmarks/bench_generate.py --size 8b --out bench_generate.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+SIZES = {  # Llama-architecture shapes
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4),
+    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+               num_key_value_heads=8),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8),
+}
+
+
+@torch.no_grad()
+def decode_tps(model, batch: int, prompt: int, new: int, vocab: int) -> float:
+    ids = torch.randint(0, vocab, (batch, prompt), device="cuda")
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    model.generate(input_ids=ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model.generate(input_ids=ids, **kw)
+    torch.cuda.synchronize()
+    return batch * new / (time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="8b", choices=sorted(SIZES))
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--out", default="bench_generate.json")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_generate: no CUDA device; nothing to measure")
+        return
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from awqlib import AutoAWQ
+    from awqlib.fuse import fuse_model
+
+    cfg = LlamaConfig(**SIZES[a.size], vocab_size=32000, max_position_embeddings=4096)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).eval()
+    batches = [int(b) for b in a.batches.split(",")]
+    rows = []
+
+    def measure(label):
+        for b in batches:
+            tps = decode_tps(model, b, a.prompt, a.new_tokens, cfg.vocab_size)
+            rows.append({"model": label, "batch": b, "tokens_per_s": round(tps, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+
+    measure("fp16")
+    wrapped = AutoAWQ.from_model(model)
+    wrapped.quantize(None, {"w_bit": 4, "q_group_size": 128}, method="rtn", device="cuda")
+    from awqlib import kernels
+    kernels.load()
+    measure("awq-int4")
+    fuse_model(wrapped)
+    measure("awq-int4-fused")
+    base = {r["batch"]: r["tokens_per_s"] for r in rows if r["model"] == "fp16"}
+    print(f"\n{a.size} Llama, {torch.cuda.get_device_name(0)}, prompt {a.prompt}, {a.new_tokens} new tokens")
+    print("| model | batch | tokens/s | vs fp16 |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['batch']} | {r['tokens_per_s']} | {r['tokens_per_s'] / base[r['batch']]:.2f}x |")
+    with open(a.out, "w") as f:
+        json.dump({"size": a.size, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                   "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

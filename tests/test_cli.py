@@ -1,0 +1,29 @@
+"""The command line on a tiny model folder."""
+
+import json
+
+from awqlib.cli import main
+from conftest import tiny_model
+
+
+def test_quantize_and_eval(tmp_path, capsys):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model = tiny_model("llama")
+    src = tmp_path / "fp"
+    model.save_pretrained(src)
+    vocab = {chr(97 + i): i for i in range(26)} | {"[UNK]": 26}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]").save_pretrained(src)
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join("the quick brown fox jumps over the lazy dog " * 3 for _ in range(40)))
+    out = tmp_path / "q"
+    assert main(["quantize", str(src), str(out), "--group-size", "64", "--calib", str(text), "--seqlen", "64",
+                 "--n-samples", "40"]) == 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "awq"
+    capsys.readouterr()
+    assert main(["eval", str(out), "--text", str(text), "--seqlen", "64", "--windows", "2"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["perplexity"] > 1

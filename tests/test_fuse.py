@@ -1,0 +1,39 @@
+"""fuse_layers=True: same outputs, same checkpoint, fewer GEMMs."""
+
+import torch
+from safetensors.torch import load_file
+
+from awqlib import AutoAWQ
+from awqlib.fuse import FusedSlice, FusedWQLinear
+from conftest import tiny_model
+
+
+def test_fused_model_matches_unfused(tmp_path, calib_ids):
+    w = AutoAWQ.from_model(tiny_model("llama"))
+    w.quantize(None, {"q_group_size": 64}, method="rtn")
+    w.save_quantized(tmp_path / "a")
+    plain = AutoAWQ.from_quantized(str(tmp_path / "a"))
+    fused = AutoAWQ.from_quantized(str(tmp_path / "a"), fuse_layers=True)
+    assert sum(isinstance(m, FusedWQLinear) for m in fused.modules()) == 2 * 2  # qkv + gate/up per block
+    assert sum(isinstance(m, FusedSlice) for m in fused.modules()) == 2 * 5
+    ids = calib_ids[:2, :32]
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    g1 = plain.generate(input_ids=ids[:1, :4], max_new_tokens=6, do_sample=False)
+    g2 = fused.generate(input_ids=ids[:1, :4], max_new_tokens=6, do_sample=False)
+    assert torch.equal(g1, g2)
+    fused.save_quantized(tmp_path / "b")
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_slice_called_with_other_input_recomputes():
+    from awqlib import WQLinear
+    parts = [WQLinear.from_linear(torch.nn.Linear(64, 32), 4, 64) for _ in range(2)]
+    f = FusedWQLinear(parts)
+    s0, s1 = FusedSlice(f, 0, 64, 32, False), FusedSlice(f, 1, 64, 32, False)
+    x, y = torch.randn(3, 64), torch.randn(3, 64)
+    torch.testing.assert_close(s0(x), parts[0](x))
+    torch.testing.assert_close(s1(y), parts[1](y))  # not x: must not reuse x's cached result
+    torch.testing.assert_close(s1(x), parts[1](x))

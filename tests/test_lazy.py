@@ -1,0 +1,96 @@
+"""Bigger than memory: lazy per-block loading gives the same checkpoint as the in-memory path,
+and an interrupted run resumes to an identical checkpoint."""
+
+import glob
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from awqlib import AutoAWQ, awq
+from conftest import tiny_model
+
+QC = {"q_group_size": 64}
+
+
+def _tensors(folder):
+    out = {}
+    for f in glob.glob(f"{folder}/*.safetensors"):
+        with safe_open(f, "pt") as fh:
+            for k in fh.keys():
+                out[k] = fh.get_tensor(k)
+    return out
+
+
+def _assert_same(a, b):
+    A, B = _tensors(a), _tensors(b)
+    assert A.keys() == B.keys()
+    for k in A:
+        assert torch.equal(A[k], B[k]), k
+
+
+@pytest.fixture
+def src(tmp_path):
+    def make(arch):
+        path = tmp_path / f"src-{arch}"
+        tiny_model(arch).half().save_pretrained(path)
+        return path
+    return make
+
+
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+def test_lazy_equals_in_memory(src, tmp_path, calib_ids, arch):
+    path = src(arch)
+    a = AutoAWQ.from_pretrained(str(path))
+    a.quantize(None, QC, calib_data=list(calib_ids), n_samples=16, seqlen=64)
+    a.save_quantized(tmp_path / "mem")
+    b = AutoAWQ.from_pretrained(str(path), lazy=True)
+    assert all(p.device.type == "meta" for p in b.model.parameters())
+    b.quantize(None, QC, calib_data=list(calib_ids), n_samples=16, seqlen=64, save_dir=tmp_path / "lazy")
+    _assert_same(tmp_path / "mem", tmp_path / "lazy")
+    q = AutoAWQ.from_quantized(str(tmp_path / "lazy"))
+    assert torch.isfinite(q(input_ids=calib_ids[:1]).logits).all()
+
+
+def test_resume_after_interruption(src, tmp_path, calib_ids, monkeypatch):
+    path = src("llama")
+    full = AutoAWQ.from_pretrained(str(path), lazy=True)
+    full.quantize(None, QC, calib_data=list(calib_ids), n_samples=16, seqlen=64, save_dir=tmp_path / "full")
+
+    real = awq.quantize_block
+    calls = {"n": 0}
+
+    def dies_on_second_block(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real(*a, **k)
+    monkeypatch.setattr(awq, "quantize_block", dies_on_second_block)
+    with pytest.raises(KeyboardInterrupt):
+        AutoAWQ.from_pretrained(str(path), lazy=True).quantize(None, QC, calib_data=list(calib_ids), n_samples=16,
+                                                               seqlen=64, save_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert len(list((tmp_path / "out.awqlib-partial").glob("*.safetensors"))) == 1
+
+    calls["n"] = -100  # the rerun must only quantize block 1
+    again = AutoAWQ.from_pretrained(str(path), lazy=True)
+    again.quantize(None, QC, calib_data=list(calib_ids), n_samples=16, seqlen=64, save_dir=tmp_path / "out")
+    assert calls["n"] == -99
+    assert not (tmp_path / "out.awqlib-partial").exists()
+    _assert_same(tmp_path / "full", tmp_path / "out")
+
+
+def test_resume_with_other_settings_is_refused(src, tmp_path, calib_ids, monkeypatch):
+    path = src("llama")
+    monkeypatch.setattr(awq, "quantize_block", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        AutoAWQ.from_pretrained(str(path), lazy=True).quantize(None, QC, calib_data=list(calib_ids), n_samples=16,
+                                                               seqlen=64, save_dir=tmp_path / "out")
+    with pytest.raises(FileExistsError, match="different settings"):
+        AutoAWQ.from_pretrained(str(path), lazy=True).quantize(None, {"q_group_size": 32}, calib_data=list(calib_ids),
+                                                               n_samples=16, seqlen=64, save_dir=tmp_path / "out")
+
+
+def test_lazy_needs_save_dir(src):
+    with pytest.raises(ValueError, match="save_dir"):
+        AutoAWQ.from_pretrained(str(src("llama")), lazy=True).quantize(None, QC, method="rtn")
