@@ -167,7 +167,8 @@ def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | N
     """Save ``model`` (quantized) and upload it to the Hub model repo ``repo_id``; return the commit URL.
 
     ``local_dir``: where to save first (kept afterwards; pass ``overwrite=True`` to replace an
-    existing folder); by default a temporary folder that is removed after the upload.
+    existing folder); by default a temporary folder that is removed after the upload. A lazily
+    loaded model that ``quantize(save_dir=...)`` already wrote is uploaded from that folder.
     ``max_shard_size`` and ``overwrite`` go to ``save_quantized``; other keyword arguments
     (``revision``, ``create_pr``, ...) to ``HfApi.upload_folder``.
     """
@@ -177,13 +178,17 @@ def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | N
         raise RuntimeError("call quantize() before push_to_hub()")
     save_kw = {k: kwargs.pop(k) for k in ("max_shard_size", "overwrite", "tokenizer") if k in kwargs}
     tmp = None
-    if local_dir is None:
+    saved_to = getattr(model, "saved_to", None) if getattr(model, "reader", None) is not None else None
+    if saved_to is not None:
+        folder = Path(saved_to)  # quantize(save_dir=...) on a lazily loaded model already wrote it
+    elif local_dir is None:
         tmp = Path(tempfile.mkdtemp(prefix="awqlib-push-"))
         folder = tmp / repo_id.replace("/", "--")
     else:
         folder = Path(local_dir)
     try:
-        model.save_quantized(folder, **save_kw)
+        if saved_to is None:
+            model.save_quantized(folder, **save_kw)
         write_model_card(folder, model, repo_id=repo_id)  # now with the real repo id in the examples
         files = staged_files(folder)
         api = HfApi(token=token)

@@ -32,32 +32,40 @@ class ShardReader:
             with safe_open(str(f), framework="pt") as fh:
                 for k in fh.keys():
                     self.where[k] = f
-        self._handles: dict[Path, object] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
     def get(self, name: str) -> torch.Tensor:
-        f = self.where.get(name)
-        if f is None:
-            raise KeyError(f"tensor {name!r} is not in the checkpoint {self.folder}")
-        h = self._handles.get(f)
-        if h is None:
-            h = self._handles[f] = safe_open(str(f), framework="pt")
-        return h.get_tensor(name)
+        return self.get_many([name])[name]
+
+    def get_many(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Read tensors, opening each shard once and closing it after: a shard kept open stays
+        memory-mapped, and every page read from it would count towards the process's memory."""
+        missing = [n for n in names if n not in self.where]
+        if missing:
+            raise KeyError(f"tensors {missing[:3]} are not in the checkpoint {self.folder}")
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.where[n], []).append(n)
+        out = {}
+        for f, keys in by_file.items():
+            with safe_open(str(f), framework="pt") as fh:
+                for k in keys:
+                    out[k] = fh.get_tensor(k).clone()  # detach from the mapping
+        return out
 
 
 def materialize(module: nn.Module, prefix: str, reader: ShardReader, spec: ArchSpec, dtype: torch.dtype) -> None:
     """Load ``module``'s persistent tensors (checkpoint names ``prefix + name``) from ``reader``."""
-    state = {}
+    wanted = {}
     for name, t in module.state_dict(keep_vars=True).items():
-        if t.device.type != "meta":
-            continue
         ckpt = to_checkpoint_name(prefix + name, spec)
-        if ckpt not in reader:
-            continue
-        v = reader.get(ckpt)
-        state[name] = v.to(dtype) if v.is_floating_point() and not name.endswith(".scales") else v
+        if t.device.type == "meta" and ckpt in reader:
+            wanted[ckpt] = name
+    state = {}
+    for ckpt, v in reader.get_many(list(wanted)).items():
+        state[wanted[ckpt]] = v.to(dtype) if v.is_floating_point() else v
     module.load_state_dict(state, strict=False, assign=True)
 
 

@@ -214,10 +214,8 @@ class AWQModel(nn.Module):
     def _rest_from_reader(self, prefix: str) -> dict[str, torch.Tensor]:
         """Lazy model: the unquantized non-block tensors, straight from the source shards in fp16."""
         tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
-        return {k: (self.reader.get(k).to(torch.float16) if self.reader.get(k).is_floating_point()
-                    else self.reader.get(k))
-                for k in self.reader.where
-                if not k.startswith(prefix + ".") and not (tied and k == "lm_head.weight")}
+        names = [k for k in self.reader.where if not k.startswith(prefix + ".") and not (tied and k == "lm_head.weight")]
+        return {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in self.reader.get_many(names).items()}
 
     def _load_finished_block(self, blk, bprefix, tensors, qcfg, dtype) -> None:
         if self.spec.experts is not None:

@@ -1,0 +1,183 @@
+"""awqlib.hub: the model card save_quantized writes, the staged files, push_to_hub (Hub API mocked)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from awqlib import AutoAWQ
+from awqlib.hub import REPO_PLACEHOLDER, looks_like_hub_id, push_to_hub, staged_files
+from conftest import tiny_model
+
+BASE = "HuggingFaceTB/SmolLM2-135M"
+PPL = {"fp": 12.3456, "awq": 12.9012, "dataset": "wikitext-2-raw-v1", "windows": 8}
+
+
+@pytest.fixture(scope="module")
+def qmodel():
+    m = AutoAWQ.from_model(tiny_model("llama")).quantize(None, {"q_group_size": 64}, method="rtn")
+    m.name_or_path = BASE
+    m.stats["perplexity"] = dict(PPL)
+    return m
+
+
+@pytest.fixture(scope="module")
+def saved(qmodel, tmp_path_factory) -> Path:
+    return qmodel.save_quantized(tmp_path_factory.mktemp("hub") / "tiny-awq")
+
+
+def _front_matter(text: str) -> str:
+    assert text.startswith("---\n")
+    return text[4:text.index("\n---\n", 4)]
+
+
+def test_card_front_matter(saved):
+    text = (saved / "README.md").read_text()
+    fm = _front_matter(text)
+    yaml = pytest.importorskip("yaml")
+    meta = yaml.safe_load(fm)
+    assert meta["base_model"] == BASE and meta["base_model_relation"] == "quantized"
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    assert set(meta["tags"]) >= {"awq", "4-bit", "awqlib"}
+
+
+def test_card_body(saved):
+    text = (saved / "README.md").read_text()
+    for row in ("| quant_method | `awq` |", "| bits | `4` |", "| group_size | `64` |", "| zero_point | `True` |",
+                "| version | `gemm` |"):
+        assert row in text
+    assert "quantization time" in text
+    # perplexity as measured
+    assert "wikitext-2-raw-v1 (8 windows)" in text and "| original (fp) | 12.346 |" in text
+    assert "| AWQ 4-bit | 12.901 |" in text
+    # TP degrees from compat.validate_checkpoint (hidden 128 with g64: 1 and 2)
+    assert "**loadable**" in text and "Valid `--tensor-parallel-size`: **1, 2**" in text
+    # loading instructions for each hand-off
+    assert f'AutoAWQ.from_quantized("{REPO_PLACEHOLDER}"' in text
+    assert f"vllm serve {REPO_PLACEHOLDER} --quantization awq --dtype float16" in text
+    assert "--tensor-parallel-size 2" in text and "--tp-size 2" in text and "sglang.launch_server" in text
+    assert "AutoModelForCausalLM.from_pretrained" in text and "gptqmodel" in text
+
+
+def test_card_without_hub_id_or_perplexity(tmp_path):
+    m = AutoAWQ.from_model(tiny_model("llama")).quantize(None, {"q_group_size": 64}, method="rtn")
+    m.name_or_path = str(tmp_path)  # a local folder is not a base_model
+    out = m.save_quantized(tmp_path / "out")
+    text = (out / "README.md").read_text()
+    assert "base_model" not in _front_matter(text)
+    assert "Measured quality" not in text and "library_name: transformers" in text
+
+
+def test_looks_like_hub_id(tmp_path):
+    assert looks_like_hub_id("meta-llama/Llama-3.2-1B") and looks_like_hub_id("Qwen/Qwen2.5-0.5B")
+    for bad in (None, "", "llama", "/abs/path", "./rel/x", "a/b/c", "../x"):
+        assert not looks_like_hub_id(bad)
+    os.makedirs(tmp_path / "org" / "name")
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        assert not looks_like_hub_id("org/name")  # an existing local folder
+    finally:
+        os.chdir(cwd)
+
+
+def test_staged_files_exact(saved, tmp_path):
+    assert staged_files(saved) == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / ".cache" / "huggingface").mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "sub/extra.txt", ".hidden", ".cache/huggingface/x.lock",
+                 "model.safetensors.tmp", "notes.txt~", ".x.tmp-1234", "y.incomplete"):
+        (d / name).write_text("x")
+    (d / "__pycache__").mkdir()
+    (d / "__pycache__" / "m.pyc").write_text("x")
+    assert staged_files(d) == ["config.json", "model.safetensors", "sub/extra.txt"]
+
+
+class _FakeApi:
+    calls: list = []
+
+    def __init__(self, token=None, **kw):
+        self.token = token
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None, **kw):
+        _FakeApi.calls.append(("create_repo", dict(repo_id=repo_id, private=private, exist_ok=exist_ok,
+                                                  repo_type=repo_type, token=self.token)))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, repo_id, folder_path, repo_type=None, commit_message=None, allow_patterns=None,
+                      **kw):
+        folder = Path(folder_path)
+        _FakeApi.calls.append(("upload_folder", dict(
+            repo_id=repo_id, folder=folder, repo_type=repo_type, commit_message=commit_message,
+            allow_patterns=list(allow_patterns), contents=staged_files(folder),
+            all_files=sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()),
+            readme=(folder / "README.md").read_text(), kw=kw)))
+
+        class Info(str):
+            commit_url = f"https://huggingface.co/{repo_id}/commit/abc123"
+        return Info(f"https://huggingface.co/{repo_id}/commit/abc123")
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import huggingface_hub
+    _FakeApi.calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", _FakeApi.create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", _FakeApi.upload_folder)
+    monkeypatch.setattr(huggingface_hub.HfApi, "__init__", _FakeApi.__init__)
+    return _FakeApi.calls
+
+
+def test_push_to_hub_temp_dir(qmodel, fake_hub):
+    url = qmodel.push_to_hub("me/tiny-awq", private=True, token="hf_x", commit_message="first")
+    assert url == "https://huggingface.co/me/tiny-awq/commit/abc123"
+    (c1, a1), (c2, a2) = fake_hub
+    assert c1 == "create_repo" and a1 == dict(repo_id="me/tiny-awq", private=True, exist_ok=True,
+                                              repo_type="model", token="hf_x")
+    assert c2 == "upload_folder" and a2["repo_id"] == "me/tiny-awq" and a2["repo_type"] == "model"
+    assert a2["commit_message"] == "first"
+    expected = ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+    assert a2["contents"] == a2["allow_patterns"] == a2["all_files"] == expected
+    # the card was re-rendered with the repo id
+    assert "vllm serve me/tiny-awq --quantization awq" in a2["readme"] and REPO_PLACEHOLDER not in a2["readme"]
+    assert not a2["folder"].exists()  # the temporary folder is removed after the upload
+
+
+def test_push_to_hub_local_dir_and_shards(qmodel, fake_hub, tmp_path):
+    local = tmp_path / "keep"
+    qmodel.push_to_hub("org/sharded", local_dir=str(local), max_shard_size=200_000, revision="main")
+    (_, a1), (_, a2) = fake_hub
+    assert a1["private"] is None
+    assert a2["folder"] == local and local.is_dir()  # kept
+    files = a2["allow_patterns"]
+    assert files == staged_files(local) == a2["all_files"]
+    shards = [f for f in files if f.startswith("model-") and f.endswith(".safetensors")]
+    assert len(shards) > 1 and "model.safetensors.index.json" in files
+    assert a2["kw"] == {"revision": "main"}
+    with pytest.raises(FileExistsError):  # an existing local_dir needs overwrite=True
+        qmodel.push_to_hub("org/sharded", local_dir=str(local))
+    qmodel.push_to_hub("org/sharded", local_dir=str(local), overwrite=True)
+
+
+def test_push_to_hub_needs_quantized_model(fake_hub):
+    m = AutoAWQ.from_model(tiny_model("llama"))
+    with pytest.raises(RuntimeError, match="quantize"):
+        push_to_hub(m, "me/x")
+    assert fake_hub == []
+
+
+def test_push_to_hub_lazily_saved_model(qmodel, saved, fake_hub, tmp_path, monkeypatch):
+    """A lazily loaded model was written by quantize(save_dir=...): that folder is uploaded as is."""
+    import shutil
+    folder = tmp_path / "lazy-out"
+    shutil.copytree(saved, folder)
+    monkeypatch.setattr(qmodel, "reader", object(), raising=False)
+    monkeypatch.setattr(qmodel, "saved_to", folder, raising=False)
+    qmodel.push_to_hub("me/lazy")
+    (_, _), (_, a2) = fake_hub
+    assert a2["folder"] == folder and folder.is_dir()
+    assert a2["allow_patterns"] == staged_files(saved)
+    assert "vllm serve me/lazy" in (folder / "README.md").read_text()
