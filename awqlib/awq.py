@@ -54,7 +54,7 @@ class AWQOptions:
     apply_clip: bool = True
     clip_grid: int = 20
     max_shrink: float = 0.5
-    max_search_tokens: int = 8192       # tokens whose inspected-module outputs score a candidate
+    max_search_tokens: int = 8192       # tokens whose inspected-module outputs score a candidate (whole chunks)
     chunk_size: int = 8                 # sequences per block forward (bounds activation memory)
     propagate_quantized: bool = True    # next block sees the quantized block's output
     offload_device: str | torch.device = "cpu"
@@ -64,19 +64,21 @@ class AWQOptions:
 class _Site:
     """Statistics of one input site (the tensor a set of linears read)."""
     absum: torch.Tensor
-    gram: torch.Tensor
+    gram: torch.Tensor | None  # X^T X; None where only mean |x| is needed
     count: int = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         self.absum += x.abs().sum(0)
-        self.gram.addmm_(x.t(), x)
+        if self.gram is not None:
+            self.gram.addmm_(x.t(), x)
         self.count += x.shape[0]
 
     def rescale(self, s: torch.Tensor) -> None:
         """The site's activations became x / s."""
         self.absum /= s
-        self.gram /= s[:, None] * s[None, :]
+        if self.gram is not None:
+            self.gram /= s[:, None] * s[None, :]
 
 
 @dataclass
@@ -225,11 +227,11 @@ class _Inspected:
 
     def __init__(self):
         self.calls: list[tuple[tuple, dict, torch.Tensor]] = []
-
-    def hidden_index(self, args, kwargs):
-        return ("arg", 0) if args else ("kw", "hidden_states")
+        self.site: _Site | None = None  # |x| of the module's input over all calibration tokens
 
     def rescale(self, s: torch.Tensor) -> None:
+        if self.site is not None:
+            self.site.rescale(s)
         new = []
         for args, kwargs, out in self.calls:
             if args:
@@ -364,38 +366,49 @@ def apply_clip(linear: nn.Linear, max_val: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------------
 # one block
 
-def _site_owner(groups: list[ScaleGroup], linears: dict[str, nn.Linear]) -> dict[str, str]:
-    """Linears in one group read the same tensor: the first one owns the statistics."""
-    owner = {n: n for n in linears}
-    for g in groups:
-        members = [l for l in g.linears if l in linears]
-        for l in members:
-            owner[l] = members[0]
-    return owner
-
-
 @torch.no_grad()
-def capture_block(block: nn.Module, groups: list[ScaleGroup], linears: dict[str, nn.Linear], owner: dict[str, str],
+def capture_block(block: nn.Module, groups: list[ScaleGroup], linears: dict[str, nn.Linear],
                   inps: list[torch.Tensor], kwargs_by_batch: dict[int, dict], device: torch.device,
                   opts: AWQOptions, prefix: str = ""):
     """Run the fp block over all calibration chunks.
 
-    Returns (input-site statistics keyed by owner linear, recorded calls of the inspected
-    modules for the first ``max_search_tokens`` tokens, the fp block outputs)."""
+    Returns (``site_of``: linear name -> statistics of its input, shared by linears that read the
+    very same tensor, e.g. q/k/v; ``inspected``: recorded calls of the inspected modules for the
+    first ``max_search_tokens`` tokens, and the |x| sums of their inputs over all tokens; the fp
+    block outputs, kept only when ``propagate_quantized`` is off)."""
     offload = torch.device(opts.offload_device)
-    sites: dict[str, _Site] = {}
+    site_of: dict[str, _Site] = {}
+    owns: set[str] = set()
+    this_chunk: dict[tuple, tuple[torch.Tensor, _Site]] = {}  # holds the tensors: ids stay unique
     inspected: dict[str, _Inspected] = {g.inspect: _Inspected() for g in groups if g.inspect}
     recording = {"on": False}
 
+    def new_site(x):
+        n = x.shape[-1]
+        return _Site(torch.zeros(n, device=x.device), torch.zeros(n, n, device=x.device))
+
     def site_hook(name):
         def hook(mod, args):
-            if owner[name] != name:
-                return
             x = args[0]
-            if name not in sites:
-                n = x.shape[-1]
-                sites[name] = _Site(torch.zeros(n, device=x.device), torch.zeros(n, n, device=x.device))
-            sites[name].add(x)
+            key = (id(x), x._version)
+            if name not in site_of:  # first time this linear runs (an expert may wait for tokens)
+                if key in this_chunk:
+                    site_of[name] = this_chunk[key][1]  # reads a tensor another linear already read
+                else:
+                    site_of[name] = new_site(x)
+                    owns.add(name)
+            if name in owns:
+                site_of[name].add(x)
+                this_chunk[key] = (x, site_of[name])
+        return hook
+
+    def insp_input(path):
+        def hook(mod, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            insp = inspected[path]
+            if insp.site is None:
+                insp.site = _Site(torch.zeros(x.shape[-1], device=x.device), None)
+            insp.site.add(x)
         return hook
 
     def insp_pre(path):
@@ -414,6 +427,7 @@ def capture_block(block: nn.Module, groups: list[ScaleGroup], linears: dict[str,
     handles = [m.register_forward_pre_hook(site_hook(n)) for n, m in linears.items()]
     for path in inspected:
         m = block.get_submodule(path)
+        handles.append(m.register_forward_pre_hook(insp_input(path), with_kwargs=True))
         handles.append(m.register_forward_pre_hook(insp_pre(path), with_kwargs=True))
         handles.append(m.register_forward_hook(insp_post(path), with_kwargs=True))
 
@@ -429,6 +443,7 @@ def capture_block(block: nn.Module, groups: list[ScaleGroup], linears: dict[str,
                     f"block {prefix or ''} produced NaN/inf activations on the calibration data; the model is "
                     "unstable in this dtype (try torch_dtype=torch.bfloat16 or float32)")
             seen += x.shape[0] * x.shape[1]
+            this_chunk.clear()
             if not opts.propagate_quantized:  # otherwise the next inputs come from the quantized block
                 fp_outs.append(y.to(offload))
     finally:
@@ -437,7 +452,7 @@ def capture_block(block: nn.Module, groups: list[ScaleGroup], linears: dict[str,
     for path, rec in inspected.items():
         rec.calls = [tuple(c) for c in rec.calls]
 
-    return sites, inspected, fp_outs
+    return site_of, inspected, fp_outs
 
 
 @torch.no_grad()
@@ -451,9 +466,7 @@ def quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, opts: AW
     block.to(device)
     linears = quantizable_linears(block, qcfg, prefix)
     groups = [g for g in expand_groups(spec, block) if g.prev and group_applies(block, g)]
-    owner = _site_owner(groups, linears)
-    sites, inspected, fp_outs = capture_block(block, groups, linears, owner, inps, kwargs_by_batch, device, opts,
-                                              prefix)
+    site_of, inspected, fp_outs = capture_block(block, groups, linears, inps, kwargs_by_batch, device, opts, prefix)
 
     report = BlockReport()
     # 2-3. search and apply scales, group by group
@@ -462,17 +475,22 @@ def quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, opts: AW
         skipped = tuple(l for l in g.linears if l not in linears)  # not converted: still read x/s
         if not members:
             continue
-        site = sites.get(members[0])
+        insp = inspected.get(g.inspect) if g.inspect else None
+        member_sites = list({id(site_of[l]): site_of[l] for l in members if l in site_of}.values())
+        # the group's input: one shared tensor (q/k/v), or, where the linears see different token
+        # subsets of it (MoE experts), the inspected module's input over all tokens
+        shared = len(member_sites) == 1 and all(l in site_of for l in members)
+        site = member_sites[0] if shared else (insp.site if insp is not None else None)
         if site is None or site.count == 0:  # e.g. an expert that no calibration token reached
             report.scales[g.prev] = {"ratio": None, "reason": "no calibration tokens"}
             continue
-        insp = inspected.get(g.inspect) if g.inspect else None
         insp_mod = block.get_submodule(g.inspect) if g.inspect else None
         ratio, s, losses = search_scale(g, [linears[l] for l in members], site, insp, insp_mod, qcfg, opts)
         apply_scale(block, g, s, spec, extra_scaled=skipped)
-        site.rescale(s)
+        for st in member_sites:  # every reader's statistics now see x / s
+            st.rescale(s)
         if insp is not None:
-            insp.rescale(s)
+            insp.rescale(s)  # (its site too, if it is not one of the above)
         report.scales[g.prev] = {"ratio": ratio, "scales": s.cpu(), "linears": members, "losses": losses}
 
     # 4. clip
@@ -480,12 +498,12 @@ def quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, opts: AW
         for name, lin in linears.items():
             if any(name.split(".")[-1] == c for c in spec.no_clip):
                 continue
-            site = sites.get(owner[name])
+            site = site_of.get(name)
             if site is None or site.count == 0:
                 continue
             apply_clip(lin, search_clip(lin.weight.data, site, qcfg, opts))
             report.clipped.append(name)
-    del sites, inspected
+    del site_of, inspected
 
     # 5. quantize
     for name, lin in linears.items():

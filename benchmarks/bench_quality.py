@@ -60,12 +60,13 @@ def main():
     qc = {"w_bit": 4, "q_group_size": a.group_size, "zero_point": True, "version": "gemm"}
     rows = []
     configs = [(m, {}) for m in a.only.split(",")]
-    if a.ablate:
-        configs = [("awq", {}),
+    if a.ablate:  # each change on/off against the defaults, plus AutoAWQ's procedure
+        configs = [("fp", {}), ("rtn", {}), ("awq", {}),
                    ("awq", {"propagate_quantized": False}),
                    ("awq", {"grid_includes_one": False}),
                    ("awq", {"apply_clip": False}),
                    ("awq", {"duo_scaling": False}),
+                   ("awq", {"max_search_tokens": 2048}),
                    ("awq", {"propagate_quantized": False, "grid_includes_one": False})]
     for method, opts in configs:
         _, r = run(model_dir, tok, method, calib, qc, a.windows, eval_tokens, **opts)

@@ -88,3 +88,23 @@ def test_expert_without_calibration_tokens_is_still_quantized(arch, calib_ids):
         assert sum(isinstance(m, WQLinear) for m in experts.modules()) == 12
     starved_reports = [r for rep in w.reports for k, r in rep.scales.items() if f"experts.{starved}." in k]
     assert starved_reports and all(r["ratio"] is None for r in starved_reports)
+
+
+def test_moe_statistics_are_per_expert(calib_ids):
+    """Each expert's linears see only their routed tokens; the shared norm scale sees all tokens."""
+    model = tiny_model("mixtral")
+    spec = get_spec("mixtral")
+    qcfg = QuantConfig(group_size=64)
+    inps, kws = awq.capture_inputs(model, spec, calib_ids, 8, torch.device("cpu"), torch.device("cpu"))
+    block = awq.get_blocks(model, spec)[0]
+    from awqlib.moe import unfuse_experts
+    unfuse_experts(block, spec.experts)
+    lin = awq.quantizable_linears(block, qcfg)
+    groups = awq.expand_groups(spec, block)
+    sites, inspected, _ = awq.capture_block(block, groups, lin, inps, kws[0], torch.device("cpu"), awq.AWQOptions())
+    total = calib_ids.numel()
+    per_expert = [sites[f"mlp.experts.{e}.w1"].count for e in range(4)]
+    assert sites["mlp.experts.0.w1"] is sites["mlp.experts.0.w3"]
+    assert sites["mlp.experts.0.w1"] is not sites["mlp.experts.1.w1"]
+    assert sum(per_expert) == 2 * total  # top-2 routing
+    assert inspected["mlp"].site.count == total

@@ -21,8 +21,9 @@ def test_search_changes_no_weight(calib_ids):
     opts = awq.AWQOptions()
     lin = awq.quantizable_linears(block, qcfg)
     groups = [g for g in spec.groups if awq.group_applies(block, g)]
-    owner = awq._site_owner(groups, lin)
-    sites, inspected, _ = awq.capture_block(block, groups, lin, owner, inps, kws[0], torch.device("cpu"), opts)
+    sites, inspected, _ = awq.capture_block(block, groups, lin, inps, kws[0], torch.device("cpu"), opts)
+    assert sites["self_attn.q_proj"] is sites["self_attn.v_proj"], "q/k/v read one tensor: one site"
+    assert sites["mlp.gate_proj"] is sites["mlp.up_proj"] and sites["mlp.down_proj"] is not sites["mlp.up_proj"]
     assert torch.equal(before["self_attn.q_proj.weight"], block.self_attn.q_proj.weight)
     for g in groups:
         members = [block.get_submodule(l) for l in g.linears]
