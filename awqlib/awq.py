@@ -29,19 +29,17 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .arch import ArchSpec, ScaleGroup
 from .config import QuantConfig
 from .modules import WQLinear
-from .moe import UnfusedExperts, unfuse_experts
-from .quant import compute_qparams, fake_quantize
+from .moe import unfuse_experts
+from .quant import fake_quantize
 
 log = logging.getLogger("awqlib")
 

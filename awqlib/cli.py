@@ -10,7 +10,6 @@ import time
 
 
 def _quantize(a) -> int:
-    import torch
     from transformers import AutoTokenizer
 
     from . import AutoAWQ

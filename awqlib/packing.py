@@ -71,7 +71,7 @@ def pack_columns(codes: torch.Tensor, bits: int = 4, interleave: bool = True) ->
 
 def unpack_columns(packed: torch.Tensor, bits: int = 4, interleave: bool = True) -> torch.Tensor:
     """Inverse of :func:`pack_columns`: int32 [R, P] -> int32 codes [R, P*32/bits]."""
-    pf = _pack_factor(bits)
+    _pack_factor(bits)  # validates bits
     shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)
     codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [R, P, pf], nibble order
     if interleave and bits == 4:

@@ -14,7 +14,7 @@ STORE_DTYPE = torch.float16  # the scales dtype of the AWQ format
 
 
 def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    out, inp = w.shape[-2], w.shape[-1]
+    inp = w.shape[-1]
     g = inp if group_size in (-1, 0) else group_size
     if inp % g:
         raise ValueError(f"in_features={inp} is not a multiple of group_size={g}")

@@ -67,6 +67,20 @@ def tiny_model(arch: str, seed: int = 0):
     return model
 
 
+def first_block(arch: str, ids: torch.Tensor):
+    """(model, spec, block 0 with experts unfused, its input chunks, its kwargs by batch size)."""
+    from awqlib import awq
+    from awqlib.arch import get_spec
+    from awqlib.moe import unfuse_experts
+    model = tiny_model(arch)
+    spec = get_spec(model.config.model_type)
+    inps, kws = awq.capture_inputs(model, spec, ids, 8, torch.device("cpu"), torch.device("cpu"))
+    block = awq.get_blocks(model, spec)[0]
+    if spec.experts is not None:
+        unfuse_experts(block, spec.experts)
+    return model, spec, block, inps, kws[0]
+
+
 @pytest.fixture
 def calib_ids():
     g = torch.Generator().manual_seed(1)

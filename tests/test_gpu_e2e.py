@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from awqlib import AutoAWQ
-from conftest import tiny_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

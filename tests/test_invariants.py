@@ -5,23 +5,19 @@ import copy
 import torch
 
 from awqlib import AutoAWQ, awq
-from awqlib.arch import get_spec
 from awqlib.config import QuantConfig
 from awqlib.quant import compute_qparams, quantize
-from conftest import tiny_model
+from conftest import first_block, tiny_model
 
 
 def test_search_changes_no_weight(calib_ids):
-    model = tiny_model("llama_mha")
-    spec = get_spec("llama")
+    _, spec, block, inps, kws = first_block("llama_mha", calib_ids)
     qcfg = QuantConfig(group_size=64)
-    inps, kws = awq.capture_inputs(model, spec, calib_ids, 8, torch.device("cpu"), torch.device("cpu"))
-    block = awq.get_blocks(model, spec)[0]
     before = copy.deepcopy(block.state_dict())
     opts = awq.AWQOptions()
     lin = awq.quantizable_linears(block, qcfg)
     groups = [g for g in spec.groups if awq.group_applies(block, g)]
-    sites, inspected, _ = awq.capture_block(block, groups, lin, inps, kws[0], torch.device("cpu"), opts)
+    sites, inspected, _ = awq.capture_block(block, groups, lin, inps, kws, torch.device("cpu"), opts)
     assert sites["self_attn.q_proj"] is sites["self_attn.v_proj"], "q/k/v read one tensor: one site"
     assert sites["mlp.gate_proj"] is sites["mlp.up_proj"] and sites["mlp.down_proj"] is not sites["mlp.up_proj"]
     assert torch.equal(before["self_attn.q_proj.weight"], block.self_attn.q_proj.weight)

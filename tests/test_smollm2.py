@@ -4,8 +4,6 @@ AWQ must clearly beat round-to-nearest on wikitext2 perplexity, and the saved ch
 reproduce the in-memory model's perplexity. Takes a few minutes on a 2-core CPU.
 """
 
-from pathlib import Path
-
 import pytest
 import torch
 
