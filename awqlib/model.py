@@ -156,9 +156,14 @@ class AWQModel(nn.Module):
         for i, blk in enumerate(tqdm(blocks, desc=f"{method.upper()} blocks")):
             bprefix = f"{prefix}.{i}."
             if store is not None and store.done(i):  # resume: a finished block is loaded, not redone
+                fp_next = inps is not None and not opts.propagate_quantized
+                if fp_next:  # the next block was calibrated on this block's fp outputs: recompute them
+                    if lazy:
+                        lazy_mod.materialize(blk, bprefix, self.reader, spec, cdtype)
+                    inps = self._run_block(blk, inps, kwargs[i], device, opts)
                 self._load_finished_block(blk, bprefix, store.read(i), qcfg, cdtype)
-                if inps is not None:
-                    inps = self._replay_block(blk, bprefix, inps, kwargs[i], device, opts, qcfg, cdtype)
+                if inps is not None and not fp_next:
+                    inps = self._run_block(blk, inps, kwargs[i], device, opts)
                 report = awq.BlockReport()
             else:
                 if lazy:
@@ -227,11 +232,9 @@ class AWQModel(nn.Module):
             state[name] = v.to(dtype) if v.is_floating_point() and not name.endswith(".scales") else v
         blk.load_state_dict(state, strict=True, assign=True)
 
-    def _replay_block(self, blk, bprefix, inps, kwargs, device, opts, qcfg, dtype):
-        """Next inputs after a finished block: run it (quantized), or the original fp block."""
-        if not opts.propagate_quantized:
-            raise RuntimeError("resuming needs propagate_quantized=True (the default): the fp outputs of "
-                               "finished blocks are not kept")
+    @staticmethod
+    def _run_block(blk, inps, kwargs, device, opts):
+        """The next block's inputs: ``blk`` run over every calibration chunk."""
         blk.to(device)
         out = [awq.run_block(blk, x.to(device), awq._to(kwargs[x.shape[0]], device)).to(opts.offload_device)
                for x in inps]

@@ -52,10 +52,13 @@ def test_lazy_equals_in_memory(src, tmp_path, calib_ids, arch):
     assert torch.isfinite(q(input_ids=calib_ids[:1]).logits).all()
 
 
-def test_resume_after_interruption(src, tmp_path, calib_ids, monkeypatch):
+@pytest.mark.parametrize("lazy", [True, False])
+@pytest.mark.parametrize("propagate", [True, False])
+def test_resume_after_interruption(src, tmp_path, calib_ids, monkeypatch, lazy, propagate):
     path = src("llama")
-    full = AutoAWQ.from_pretrained(str(path), lazy=True)
-    full.quantize(None, QC, calib_data=list(calib_ids), n_samples=16, seqlen=64, save_dir=tmp_path / "full")
+    kw = dict(calib_data=list(calib_ids), n_samples=16, seqlen=64, propagate_quantized=propagate)
+    full = AutoAWQ.from_pretrained(str(path), lazy=lazy)
+    full.quantize(None, QC, save_dir=tmp_path / "full", **kw)
 
     real = awq.quantize_block
     calls = {"n": 0}
@@ -67,14 +70,13 @@ def test_resume_after_interruption(src, tmp_path, calib_ids, monkeypatch):
         return real(*a, **k)
     monkeypatch.setattr(awq, "quantize_block", dies_on_second_block)
     with pytest.raises(KeyboardInterrupt):
-        AutoAWQ.from_pretrained(str(path), lazy=True).quantize(None, QC, calib_data=list(calib_ids), n_samples=16,
-                                                               seqlen=64, save_dir=tmp_path / "out")
+        AutoAWQ.from_pretrained(str(path), lazy=lazy).quantize(None, QC, save_dir=tmp_path / "out", **kw)
     assert not (tmp_path / "out").exists()
     assert len(list((tmp_path / "out.awqlib-partial").glob("*.safetensors"))) == 1
 
     calls["n"] = -100  # the rerun must only quantize block 1
-    again = AutoAWQ.from_pretrained(str(path), lazy=True)
-    again.quantize(None, QC, calib_data=list(calib_ids), n_samples=16, seqlen=64, save_dir=tmp_path / "out")
+    again = AutoAWQ.from_pretrained(str(path), lazy=lazy)
+    again.quantize(None, QC, save_dir=tmp_path / "out", **kw)
     assert calls["n"] == -99
     assert not (tmp_path / "out.awqlib-partial").exists()
     _assert_same(tmp_path / "full", tmp_path / "out")
