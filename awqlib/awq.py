@@ -54,7 +54,8 @@ class AWQOptions:
     max_shrink: float = 0.5
     max_search_tokens: int = 8192       # tokens whose inspected-module outputs score a candidate (whole chunks)
     chunk_size: int = 8                 # sequences per block forward (bounds activation memory)
-    propagate_quantized: bool = True    # next block sees the quantized block's output
+    propagate_quantized: bool = False   # next block sees the quantized (not the fp) block's output;
+                                        # off: measured worse on SmolLM2 (docs/ALGORITHM.md)
     offload_device: str | torch.device = "cpu"
 
 
