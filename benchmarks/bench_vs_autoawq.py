@@ -46,7 +46,7 @@ if blocks:
     m.model.config.num_hidden_layers = blocks
 t0 = time.perf_counter()
 m.quantize(tok, quant_config={"zero_point": True, "q_group_size": g, "w_bit": 4, "version": "GEMM"},
-           calib_data=texts, n_samples=len(texts), max_calib_seq_len=512)
+           calib_data=texts, max_calib_samples=len(texts), max_calib_seq_len=512)
 dt = time.perf_counter() - t0
 if out != "-":
     m.save_quantized(out)
