@@ -46,7 +46,7 @@ def child(src: str, out: str, lazy: bool, n_grid: int) -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--n-grid", type=int, default=10)
+    ap.add_argument("--n-grid", type=int, default=2, help="search grid (memory does not depend on it; time does)")
     ap.add_argument("--out", default="bench_memory.json")
     ap.add_argument("--child", nargs=2)
     ap.add_argument("--eager", action="store_true", help="child: load the whole model (the in-memory path)")
