@@ -39,7 +39,7 @@ from .arch import ArchSpec, ScaleGroup
 from .config import QuantConfig
 from .modules import WQLinear
 from .moe import unfuse_experts
-from .quant import fake_quantize
+from .quant import fake_quantize, row_chunks
 
 log = logging.getLogger("awqlib")
 
@@ -61,23 +61,55 @@ class AWQOptions:
 
 @dataclass
 class _Site:
-    """Statistics of one input site (the tensor a set of linears read)."""
+    """Statistics of one input site (the tensor a set of linears read): the sum of |x| and the
+    second moment of x.  The second moment is kept as the raw rows X while there are no more
+    tokens than features (smaller than the Gram matrix, and cheaper to score with) and as the Gram
+    matrix G = X^T X from then on; either way ``quad(e)`` = sum over tokens of (e x)^2 = tr(E G E^T)."""
     absum: torch.Tensor
-    gram: torch.Tensor | None  # X^T X; None where only mean |x| is needed
+    rows: list[torch.Tensor] | None  # None where only mean |x| is needed
+    gram: torch.Tensor | None = None
     count: int = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.absum += x.abs().sum(0)
-        if self.gram is not None:
-            self.gram.addmm_(x.t(), x)
+        x = x.reshape(-1, x.shape[-1])
+        xf = x.float()
+        self.absum += xf.abs().sum(0)
         self.count += x.shape[0]
+        if self.gram is not None:
+            self.gram.addmm_(xf.t(), xf)
+        elif self.rows is not None:
+            self.rows.append(xf.clone() if xf is x else xf)  # our own copy: rescale() divides in place
+            if self.count > x.shape[-1]:  # from here on the Gram matrix is the smaller one
+                X = torch.cat(self.rows)
+                self.gram, self.rows = X.t() @ X, None
+
+    def _x(self) -> torch.Tensor:
+        if len(self.rows) != 1:
+            self.rows = [torch.cat(self.rows)]
+        return self.rows[0]
 
     def rescale(self, s: torch.Tensor) -> None:
         """The site's activations became x / s."""
         self.absum /= s
         if self.gram is not None:
             self.gram /= s[:, None] * s[None, :]
+        elif self.rows:
+            self._x().div_(s)
+
+    def quad(self, e: torch.Tensor) -> torch.Tensor:
+        """sum over tokens and rows of e: (e x)^2, i.e. tr(e G e^T)."""
+        if self.gram is not None:
+            return ((e @ self.gram) * e).sum()
+        return (e @ self._x().t()).pow(2).sum()
+
+    def diag_blocks(self, g: int) -> torch.Tensor:
+        """The Gram matrix's diagonal g x g blocks, [n / g, g, g]."""
+        if self.gram is not None:
+            ng = self.gram.shape[0] // g
+            return self.gram.view(ng, g, ng, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        X = self._x()
+        xg = X.view(X.shape[0], -1, g).transpose(0, 1)  # [n / g, tokens, g]
+        return xg.transpose(1, 2) @ xg
 
 
 @dataclass
@@ -194,11 +226,16 @@ def capture_inputs(model: nn.Module, spec: ArchSpec, tokens: torch.Tensor, chunk
 # scale search
 
 def _w_mean(linears: list[nn.Linear], group_size: int) -> torch.Tensor:
-    w = torch.cat([l.weight.detach().float() for l in linears], dim=0)
-    g = w.shape[1] if group_size in (-1, 0) else group_size
-    wg = w.view(w.shape[0], -1, g).abs()
-    wg = wg / (wg.amax(dim=-1, keepdim=True) + 1e-6)
-    return wg.view(w.shape).mean(0)
+    """Mean over all output rows of the linears of |w| normalised by its group's max (AWQ's w_mean)."""
+    total, n_rows = 0.0, 0
+    for lin in linears:
+        w = lin.weight.detach()
+        g = w.shape[1] if group_size in (-1, 0) else group_size
+        for r in row_chunks(w):
+            wg = w[r].float().view(-1, w.shape[1] // g, g).abs()
+            total = total + (wg / (wg.amax(dim=-1, keepdim=True) + 1e-6)).view(-1, w.shape[1]).sum(0)
+        n_rows += w.shape[0]
+    return total / n_rows
 
 
 def candidate_ratios(opts: AWQOptions) -> list[float]:
@@ -216,9 +253,16 @@ def candidate_scales(ratio: float, x_mean: torch.Tensor, w_mean: torch.Tensor, d
     return s
 
 
-def _scaled_fake_quant(w: torch.Tensor, s: torch.Tensor, qcfg: QuantConfig) -> torch.Tensor:
-    """Q(W diag(s)) diag(s)^-1, in fp32: the weight the block effectively computes with."""
-    return fake_quantize(w.float() * s, qcfg.bits, qcfg.group_size, qcfg.zero_point) / s
+
+
+def _scaled_fake_quant(w: torch.Tensor, s: torch.Tensor, qcfg: QuantConfig,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """Q(W diag(s)) diag(s)^-1 (computed in fp32): the weight the block effectively computes with.
+    Written into ``out`` (any float dtype; reused across candidates) or a new fp32 tensor."""
+    out = torch.empty(w.shape, dtype=torch.float32, device=w.device) if out is None else out
+    for r in row_chunks(w):
+        out[r] = fake_quantize(w[r].float() * s, qcfg.bits, qcfg.group_size, qcfg.zero_point) / s
+    return out
 
 
 class _Inspected:
@@ -257,6 +301,8 @@ def search_scale(group: ScaleGroup, linears: list[nn.Linear], site: _Site, inspe
     x_mean = site.absum / max(site.count, 1)
     w_mean = _w_mean(linears, qcfg.group_size)
     originals = [l.weight.data for l in linears]
+    # candidates' weights go into buffers allocated once per group (never into the originals)
+    bufs = [torch.empty_like(w) for w in originals] if inspected is not None else []
     best = (math.inf, None, None)
     losses = []
     try:
@@ -265,12 +311,13 @@ def search_scale(group: ScaleGroup, linears: list[nn.Linear], site: _Site, inspe
             if inspected is None:  # the linears themselves: tr(E G E^T), every calibration token
                 loss = 0.0
                 for w in originals:
-                    e = w.float() - _scaled_fake_quant(w, s, qcfg)
-                    loss += ((e @ site.gram) * e).sum().item()
+                    for r in row_chunks(w):
+                        e = w[r].float() - _scaled_fake_quant(w[r], s, qcfg)
+                        loss += site.quad(e).item()
                 loss /= max(site.count, 1)
             else:
-                for l, w in zip(linears, originals):
-                    l.weight.data = _scaled_fake_quant(w, s, qcfg).to(w.dtype)  # a new tensor
+                for l, w, b in zip(linears, originals, bufs):
+                    l.weight.data = _scaled_fake_quant(w, s, qcfg, out=b)
                 loss = inspected.loss(inspect_module)
                 for l, w in zip(linears, originals):
                     l.weight.data = w
@@ -304,8 +351,9 @@ def apply_scale(block: nn.Module, group: ScaleGroup, s: torch.Tensor, spec: Arch
         if getattr(prev, "bias", None) is not None:
             prev.bias.data = (prev.bias.data.float() / s).to(prev.bias.dtype)
     for name in group.linears + group.scale_only + extra_scaled:
-        m = block.get_submodule(name)
-        m.weight.data = (m.weight.data.float() * s).to(m.weight.dtype)
+        w = block.get_submodule(name).weight.data
+        for r in row_chunks(w):  # in place, a chunk at a time
+            w[r] = (w[r].float() * s).to(w.dtype)
 
 
 def _prev_rows(prev: nn.Linear, group: ScaleGroup) -> slice:
@@ -339,27 +387,31 @@ def search_clip(w: torch.Tensor, site: _Site, qcfg: QuantConfig, opts: AWQOption
     out_f, in_f = w.shape
     g = in_f if qcfg.group_size in (-1, 0) else qcfg.group_size
     ng = in_f // g
-    G = site.gram.view(ng, g, ng, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [ng, g, g]
-    wg = w.float().view(out_f, ng, g)
-    absmax = wg.abs().amax(dim=-1, keepdim=True)
-    best_max = absmax.clone()
-    best_err = torch.full((out_f, ng), math.inf, device=w.device)
-    for i in range(int(opts.max_shrink * opts.clip_grid)):
-        mv = absmax * (1 - i / opts.clip_grid)
-        cw = torch.maximum(torch.minimum(wg, mv), -mv)
-        e = fake_quantize(cw.view(out_f, in_f), qcfg.bits, qcfg.group_size, qcfg.zero_point).view(out_f, ng, g) - wg
-        err = torch.einsum("rng,ngh,rnh->rn", e, G, e)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_max = torch.where(better[..., None], mv, best_max)
-    return best_max
+    G = site.diag_blocks(g)  # [ng, g, g]
+    best = []
+    for r in row_chunks(w):  # rows are independent
+        wg = w[r].float().view(-1, ng, g)
+        absmax = wg.abs().amax(dim=-1, keepdim=True)
+        best_max = absmax.clone()
+        best_err = torch.full(wg.shape[:2], math.inf, device=w.device)
+        for i in range(int(opts.max_shrink * opts.clip_grid)):
+            mv = absmax * (1 - i / opts.clip_grid)
+            cw = torch.maximum(torch.minimum(wg, mv), -mv)
+            e = fake_quantize(cw.view(-1, in_f), qcfg.bits, qcfg.group_size, qcfg.zero_point).view(wg.shape) - wg
+            err = torch.einsum("rng,ngh,rnh->rn", e, G, e)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_max = torch.where(better[..., None], mv, best_max)
+        best.append(best_max)
+    return torch.cat(best)
 
 
 def apply_clip(linear: nn.Linear, max_val: torch.Tensor) -> None:
     w = linear.weight.data
     out_f, in_f = w.shape
-    wg = w.float().view(out_f, max_val.shape[1], -1)
-    linear.weight.data = torch.maximum(torch.minimum(wg, max_val), -max_val).view(out_f, in_f).to(w.dtype)
+    for r in row_chunks(w):  # in place, a chunk at a time
+        wg = w[r].float().view(-1, max_val.shape[1], in_f // max_val.shape[1])
+        w[r] = torch.maximum(torch.minimum(wg, max_val[r]), -max_val[r]).view(-1, in_f).to(w.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,8 +435,7 @@ def capture_block(block: nn.Module, groups: list[ScaleGroup], linears: dict[str,
     recording = {"on": False}
 
     def new_site(x):
-        n = x.shape[-1]
-        return _Site(torch.zeros(n, device=x.device), torch.zeros(n, n, device=x.device))
+        return _Site(torch.zeros(x.shape[-1], device=x.device), [])
 
     def site_hook(name):
         def hook(mod, args):
@@ -524,8 +575,9 @@ def round_to_storage(module: nn.Module) -> None:
     """Round float parameters through fp16, the checkpoint's dtype, so that what the model computes
     after quantization is exactly what save -> load computes."""
     for p in module.parameters():
-        if p.is_floating_point():
-            p.data = p.data.to(torch.float16).to(p.dtype)
+        if p.is_floating_point() and p.dtype != torch.float16:
+            for r in (row_chunks(p.data) if p.dim() == 2 else [slice(None)]):  # in place, bounded temporaries
+                p.data[r] = p.data[r].to(torch.float16).to(p.dtype)
 
 
 @torch.no_grad()

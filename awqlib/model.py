@@ -126,6 +126,10 @@ class AWQModel(nn.Module):
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         self.tokenizer = tokenizer
         device = torch.device(device) if device is not None else _default_device()
+        # Where the model lives now; each finished block goes back there (a model handed over on
+        # the GPU stays on the GPU).  Lazy models have no home yet: finished blocks are freed.
+        first = next(model.parameters())
+        home = torch.device("cpu") if lazy or first.device.type == "meta" else first.device
         cdtype = self._compute_dtype(device)
         blocks = awq.get_blocks(model, spec)
         prefix = next(n for n, m in model.named_modules() if m is blocks)
@@ -148,7 +152,7 @@ class AWQModel(nn.Module):
             _move_except_blocks(model, prefix, device)
             inps, kwargs = awq.capture_inputs(model, spec, tokens, opts.chunk_size, device,
                                               torch.device(opts.offload_device))
-            _move_except_blocks(model, prefix, torch.device("cpu"))
+            _move_except_blocks(model, prefix, home)
         if lazy:
             for _, mod in self._rest_modules(prefix):
                 lazy_mod.free(mod)
@@ -176,9 +180,10 @@ class AWQModel(nn.Module):
                 if store is not None:
                     store.write(i, {to_checkpoint_name(bprefix + k, spec): v.to(torch.float16)
                                     if v.is_floating_point() else v for k, v in blk.state_dict().items()})
-            blk.to("cpu")
+            blk.to(home)
             if lazy:
                 lazy_mod.free(blk)
+            lazy_mod.release_memory()  # the block's temporaries (search, Gram matrices) go back to the OS
             self.reports.append(report)
             if kwargs is not None:
                 kwargs[i] = None
@@ -253,6 +258,18 @@ class AWQModel(nn.Module):
             tokenizer.save_pretrained(folder)
         from .hub import write_model_card
         write_model_card(folder, self)
+
+    def tile_for_kernels(self) -> int:
+        """Repack every quantized linear into the warp-tiled layout the CUDA kernels read fastest
+        (done by ``from_quantized`` on CUDA; checkpoints keep the GEMM layout).  Returns how many
+        linears were repacked; does nothing where the CUDA kernels are unavailable."""
+        from . import kernels
+        from .modules import WQLinear
+        if not kernels.load():
+            return 0
+        n = sum(m.tile_for_kernels() for m in self.model.modules() if isinstance(m, WQLinear))
+        log.info("awqlib: %d quantized linears repacked into the warp-tiled layout", n)
+        return n
 
     def save_quantized(self, save_dir: str | os.PathLike, overwrite: bool = False,
                        max_shard_size: int | str = "5GB", tokenizer=None) -> Path:
@@ -384,6 +401,8 @@ class AutoAWQ:
             fuse_model(wrapped)
         from .ops import announce
         announce(device)
+        if torch.device(device).type == "cuda":
+            wrapped.tile_for_kernels()
         return wrapped
 
 

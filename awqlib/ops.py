@@ -1,7 +1,8 @@
 """The quantized-matmul ops, dispatched through ``torch.library``.
 
 ``torch.ops.awqlib.awq_gemm(x, qweight, qzeros, scales, group_size)`` computes
-``x @ W^T`` for a weight stored in the AWQ GEMM layout (see :mod:`awqlib.packing`).
+``x @ W^T`` for a weight stored in the AWQ GEMM layout (``qweight`` 2-D) or in the warp-tiled
+runtime layout the CUDA kernels read fastest (3-D; see :mod:`awqlib.packing`).
 
 * The pure-PyTorch reference (dequantize, then matmul) is registered for
   ``CompositeExplicitAutograd`` and so runs on every device.
@@ -17,17 +18,31 @@ import logging
 
 import torch
 
-from .packing import dequantize_gemm
+from .packing import TILE_K, TILE_N, dequantize_gemm
+
+
+def as_gemm_shape(qweight: torch.Tensor) -> tuple[int, int]:
+    """(K, N/8) of a qweight in the GEMM layout [K, N/8] or the warp-tiled one [N/64, K/32, 256]."""
+    if qweight.dim() == 3:
+        return qweight.shape[1] * TILE_K, qweight.shape[0] * TILE_N // 8
+    return tuple(qweight.shape)
 
 log = logging.getLogger("awqlib")
 
 _lib = torch.library.Library("awqlib", "DEF")
 _lib.define("awq_gemm(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group_size) -> Tensor")
 _lib.define("awq_dequantize(Tensor qweight, Tensor qzeros, Tensor scales, int group_size) -> Tensor")
+# Same function as awq_gemm with the CUDA kernel choice forced, for tuning and tests (other devices
+# ignore both knobs and run the reference).  kernel: 0 auto, 1 CUDA-core GEMV, 2 skinny tensor-core
+# (register prefetch, 4 chunks deep), 3 tiled tensor-core GEMM, 4 dequantize + cuBLAS, 5 skinny
+# (register prefetch, 2 deep).
+# splits: 0 auto, else the split-K factor.
+_lib.define("awq_gemm_variant(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group_size, "
+            "int kernel, int splits) -> Tensor")
 
 
 def _check(x, qweight, qzeros, scales, group_size):
-    k, n8 = qweight.shape
+    k, n8 = as_gemm_shape(qweight)
     if x.shape[-1] != k:
         raise ValueError(f"awq_gemm: input has {x.shape[-1]} features, the weight expects {k}")
     g = k if group_size in (-1, 0) else group_size
@@ -46,7 +61,12 @@ def _reference_dequantize(qweight, qzeros, scales, group_size):
     return dequantize_gemm(qweight, qzeros, scales, group_size)
 
 
+def _reference_gemm_variant(x, qweight, qzeros, scales, group_size, kernel, splits):
+    return _reference_gemm(x, qweight, qzeros, scales, group_size)
+
+
 _lib.impl("awq_gemm", _reference_gemm, "CompositeExplicitAutograd")
+_lib.impl("awq_gemm_variant", _reference_gemm_variant, "CompositeExplicitAutograd")
 _lib.impl("awq_dequantize", _reference_dequantize, "CompositeExplicitAutograd")
 
 
@@ -55,9 +75,14 @@ def _fake_gemm(x, qweight, qzeros, scales, group_size):
     return x.new_empty((*x.shape[:-1], scales.shape[1]))
 
 
+@torch.library.register_fake("awqlib::awq_gemm_variant")
+def _fake_gemm_variant(x, qweight, qzeros, scales, group_size, kernel, splits):
+    return x.new_empty((*x.shape[:-1], scales.shape[1]))
+
+
 @torch.library.register_fake("awqlib::awq_dequantize")
 def _fake_dequantize(qweight, qzeros, scales, group_size):
-    return scales.new_empty((qweight.shape[0], scales.shape[1]))
+    return scales.new_empty((as_gemm_shape(qweight)[0], scales.shape[1]))
 
 
 _announced: set[str] = set()

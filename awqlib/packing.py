@@ -86,15 +86,64 @@ def pack_awq(qweight_t: torch.Tensor, zeros_t: torch.Tensor, bits: int = 4) -> t
 
 def dequantize_gemm(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                     group_size: int, bits: int = 4, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """GEMM layout -> dense W^T [K, N] in ``dtype`` (default: the scales' dtype)."""
+    """GEMM (or warp-tiled) layout -> dense W^T [K, N] in ``dtype`` (default: the scales' dtype)."""
     dtype = dtype or scales.dtype
-    q = unpack_columns(qweight, bits)                 # [K, N]
+    q = unpack_columns(as_gemm_layout(qweight), bits)  # [K, N]
     z = unpack_columns(qzeros, bits)                  # [K/g, N]
     k = q.shape[0]
     g = k if group_size in (-1, 0) else group_size
     s = scales.to(dtype)
     w = (q.view(k // g, g, -1) - z.unsqueeze(1)).to(dtype) * s.unsqueeze(1)
     return w.view(k, -1)
+
+
+# --- The warp-tiled runtime layout (never on disk) ----------------------------------------
+#
+# On CUDA, from_quantized repacks each qweight once into the order the skinny kernel
+# (csrc/awq_skinny.cu) reads it.  In the GEMM layout a warp that owns 64 output columns (8 words)
+# reads 32 bytes from each of 32 rows that lie N/2 bytes apart: short scattered DRAM bursts,
+# measured on an H200 at ~1.4 TB/s of its 4.3.  Tiled, the same 32 rows x 8 words (1 KB) are one
+# contiguous block, each lane's 8 words are 32 contiguous bytes (two 16-byte loads), and the
+# blocks of one column strip follow each other along K: a warp streams its weights sequentially.
+#
+#   qweight_tiled[nb, kc, 8 * lane + j] = qweight[32 kc + TILE_ROWS[q][j], 8 nb + g],  lane = 4 g + q
+#
+# TILE_ROWS[q] = (2q, 2q+1, 2q+8, 2q+9, 16+2q, 17+2q, 24+2q, 25+2q): the k-rows whose word g lane
+# (g, q) needs for the B fragments of the two m16n8k16 k-steps of a 32-row chunk.
+TILE_N, TILE_K = 64, 32
+TILE_ROWS = tuple(tuple(16 * (j // 4) + 8 * ((j % 4) // 2) + 2 * q + (j % 2) for j in range(8)) for q in range(4))
+
+
+def can_tile(in_features: int, out_features: int, group_size: int, bits: int = 4) -> bool:
+    g = in_features if group_size in (-1, 0) else group_size
+    return bits == 4 and out_features % TILE_N == 0 and in_features % TILE_K == 0 and g % TILE_K == 0
+
+
+def tile_for_kernels(qweight: torch.Tensor) -> torch.Tensor:
+    """GEMM-layout qweight [K, N/8] -> warp-tiled [N/64, K/32, 256] (a permutation of the words)."""
+    k, n8 = qweight.shape
+    if k % TILE_K or n8 % (TILE_N // 8):
+        raise ValueError(f"tile_for_kernels: qweight {tuple(qweight.shape)} needs K % {TILE_K} == 0 and "
+                         f"N % {TILE_N} == 0")
+    rows = torch.tensor(TILE_ROWS, device=qweight.device).flatten()          # (q, j) -> row in chunk
+    t = qweight.view(k // TILE_K, TILE_K, n8 // 8, 8).permute(2, 0, 3, 1)     # [nb, kc, g, row]
+    return t[..., rows].reshape(n8 // 8, k // TILE_K, 256).contiguous()      # (g, q, j) = 8 * lane + j
+
+
+def untile_from_kernels(qtiled: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`tile_for_kernels`: warp-tiled [N/64, K/32, 256] -> GEMM layout [K, N/8]."""
+    nb, kc, w = qtiled.shape
+    if w != 256:
+        raise ValueError(f"untile_from_kernels: expected [N/64, K/32, 256], got {tuple(qtiled.shape)}")
+    rows = torch.tensor(TILE_ROWS, device=qtiled.device).flatten()
+    inv = torch.argsort(rows)                                                  # row in chunk -> (q, j)
+    t = qtiled.view(nb, kc, 8, 32)[..., inv]                                  # [nb, kc, g, row]
+    return t.permute(1, 3, 0, 2).reshape(kc * TILE_K, nb * 8).contiguous()
+
+
+def as_gemm_layout(qweight: torch.Tensor) -> torch.Tensor:
+    """qweight in the GEMM layout, whichever layout it is stored in."""
+    return untile_from_kernels(qweight) if qweight.dim() == 3 else qweight
 
 
 # --- AutoAWQ's GEMV layout, read at load time and converted to the GEMM layout ----------

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                   # bench_kernels
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # awqlib
 
 SIZES = {  # Llama-architecture shapes
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -33,6 +38,20 @@ def decode_tps(model, batch: int, prompt: int, new: int, vocab: int) -> float:
     model.generate(input_ids=ids, **kw)
     torch.cuda.synchronize()
     return batch * new / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def graph_step_ms(model, batch: int, vocab: int) -> float | None:
+    """GPU time of one decode-sized forward (batch x 1 token, no KV cache), captured in a CUDA graph
+    so that Python and launch overhead drop out: the part of a decode step int4 weights change.
+    None if this transformers version's forward cannot be captured."""
+    from bench_kernels import time_graph
+    ids = torch.randint(0, vocab, (batch, 1), device="cuda")
+    try:
+        return time_graph([lambda: model(input_ids=ids, use_cache=False)], est_s=1e-3) * 1e3
+    except Exception as e:  # noqa: BLE001 -- report, do not fail the benchmark
+        print(f"graph capture failed: {type(e).__name__}: {e}")
+        return None
 
 
 def main():
@@ -60,22 +79,27 @@ def main():
     def measure(label):
         for b in batches:
             tps = decode_tps(model, b, a.prompt, a.new_tokens, cfg.vocab_size)
-            rows.append({"model": label, "batch": b, "tokens_per_s": round(tps, 1)})
+            step = graph_step_ms(model, b, cfg.vocab_size)
+            rows.append({"model": label, "batch": b, "tokens_per_s": round(tps, 1),
+                         "graph_step_ms": round(step, 3) if step else None})
             print(json.dumps(rows[-1]), flush=True)
 
     measure("fp16")
     wrapped = AutoAWQ.from_model(model)
     wrapped.quantize(None, {"w_bit": 4, "q_group_size": 128}, method="rtn", device="cuda")
-    from awqlib import kernels
-    kernels.load()
+    wrapped.tile_for_kernels()  # what from_quantized does on CUDA
     measure("awq-int4")
     fuse_model(wrapped)
     measure("awq-int4-fused")
     base = {r["batch"]: r["tokens_per_s"] for r in rows if r["model"] == "fp16"}
     print(f"\n{a.size} Llama, {torch.cuda.get_device_name(0)}, prompt {a.prompt}, {a.new_tokens} new tokens")
-    print("| model | batch | tokens/s | vs fp16 |\n|---|---|---|---|")
+    steps = {r["batch"]: r["graph_step_ms"] for r in rows if r["model"] == "fp16"}
+    print("| model | batch | generate tokens/s | vs fp16 | graph-captured step ms | vs fp16 |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['batch']} | {r['tokens_per_s']} | {r['tokens_per_s'] / base[r['batch']]:.2f}x |")
+        st, st0 = r["graph_step_ms"], steps[r["batch"]]
+        vs = f"{st0 / st:.2f}x" if st and st0 else "n/a"
+        print(f"| {r['model']} | {r['batch']} | {r['tokens_per_s']} | {r['tokens_per_s'] / base[r['batch']]:.2f}x | "
+              f"{st if st else 'n/a'} | {vs} |")
     with open(a.out, "w") as f:
         json.dump({"size": a.size, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                    "rows": rows}, f, indent=2)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Benchmark torch.ops.awqlib.awq_gemm against fp16 torch (cuBLAS) on Llama-shaped linears.
+"""Benchmark torch.ops.awqlib.awq_gemm against fp16 torch (cuBLAS) on Llama-shaped linears, with
+the weights in the warp-tiled runtime layout that from_quantized uses on CUDA.
 
 For every (N x K) weight and token count M it reports the AWQ kernel time (µs), its achieved
 memory bandwidth (int4 weights + zeros + scales + activations + output, in GB/s), that bandwidth
@@ -48,18 +49,15 @@ MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
 QUICK_SHAPES = SHAPES[:4]
 QUICK_MS = [1, 4, 8, 16, 64, 256, 1024]
 
-# Mirror of the dispatch thresholds in csrc/awq_kernels.h and csrc/awq_ops.cpp (for the table).
-GEMV_MAX_M = 8
-DEQUANT_CUBLAS_MIN_M = 512
+# Mirror of the dispatch for warp-tiled weights in csrc/awq_ops.cpp (for the table).
+SKINNY_MAX_M_TILED = 32
 
 TARGET_GRAPH_S = 0.004  # captured work per replay
 REPLAYS = 5
 
 
 def path_for(m: int, n: int, k: int, g: int) -> str:
-    if n % 64 or k % 32 or g % 32:
-        return "dequant+cublas"
-    return "gemv" if m <= GEMV_MAX_M else "gemm" if m < DEQUANT_CUBLAS_MIN_M else "dequant+cublas"
+    return "skinny" if m <= SKINNY_MAX_M_TILED else "dequant+cublas"
 
 
 def time_graph(calls: list, est_s: float) -> float:
@@ -114,6 +112,80 @@ def n_copies(nbytes: int, l2: int, cap_bytes: int) -> int:
     return max(1, min(math.ceil(3 * l2 / nbytes), max(1, cap_bytes // nbytes)))
 
 
+def _print_row(row: dict) -> None:
+    nan = float("nan")
+    print(f"{row['shape']:20s} {row['N']:6d} {row['K']:6d} {row['M']:5d} {row['path']:>14s} {row['awq_us']:9.1f} "
+          f"{(row['fp16_us'] if row['fp16_us'] is not None else nan):9.1f} "
+          f"{(row['speedup'] if row['speedup'] is not None else nan):7.2f} "
+          f"{row['GBps']:7.0f} {row['pct_copy_bw']:6.1f} {row['TFLOPS']:7.1f}", flush=True)
+
+
+def _print_targets(results: list) -> None:
+    """The issue's H100 targets next to what this run measured."""
+    def speed(shape_nk, m):
+        r = [x["speedup"] for x in results if (x["N"], x["K"]) == shape_nk and x["M"] == m and x["speedup"]]
+        return r[0] if r else None
+
+    def fmt(v):
+        return "not measured" if v is None else f"{v:.2f}x"
+
+    m16 = [x["speedup"] for x in results if x["M"] == 16 and x["speedup"]]
+    big = [x["speedup"] for x in results if x["M"] >= 1024 and x["speedup"]]
+    print("\ntargets (H100, vs fp16 in the same run):")
+    print(f"  M=1  8192x28672 >= 3.3x : {fmt(speed((8192, 28672), 1))}")
+    print(f"  M=1  4096x4096  >= 2.5x : {fmt(speed((4096, 4096), 1))}")
+    print(f"  M=16 (min over shapes) >= 2.5x : {fmt(min(m16) if m16 else None)}"
+          f"  (median {fmt(sorted(m16)[len(m16) // 2] if m16 else None)})")
+    print(f"  M>=1024 (min over shapes) >= 0.9x : {fmt(min(big) if big else None)}")
+
+
+def _bench_shape(name, N, K, ms, g, l2, cap, copy_bw, args, t0, results, report) -> bool:
+    """Time every M of ``ms`` on one (N, K) weight; returns True once the time budget is spent."""
+    wbytes = K * N // 2 + (K // g) * N * (2 + 0.5)
+    nq = n_copies(int(wbytes), l2, cap)
+    # Weights in the warp-tiled runtime layout, as from_quantized serves them on CUDA (random words:
+    # any permutation of random words is random).
+    qws = [(torch.randint(-2**31, 2**31 - 1, (N // 64, K // 32, 256), dtype=torch.int32, device="cuda"),
+            torch.randint(-2**31, 2**31 - 1, (K // g, N // 8), dtype=torch.int32, device="cuda"),
+            (torch.rand(K // g, N, device="cuda") * 0.01).half()) for _ in range(nq)]
+    w16s = []
+    if not args.no_baseline:
+        nf = n_copies(2 * K * N, l2, cap)
+        w16s = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02 for _ in range(nf)]
+    out_of_time = False
+    for M in ms:
+        if time.time() - t0 > args.time_budget:
+            print(f"time budget of {args.time_budget:.0f}s reached; skipping the remaining cases")
+            report["truncated"] = True
+            out_of_time = True
+            break
+        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        awq_calls = [lambda q=q: torch.ops.awqlib.awq_gemm(x, q[0], q[1], q[2], g) for q in qws]
+        try:
+            est = time_eager(awq_calls[0], reps=2)
+            t_awq = time_graph(awq_calls, est)
+            t_ref = None
+            if w16s:
+                ref_calls = [lambda w=w: F.linear(x, w) for w in w16s]
+                t_ref = time_graph(ref_calls, time_eager(ref_calls[0], reps=2))
+        except torch.OutOfMemoryError:
+            print(f"{name:20s} {N:6d} {K:6d} {M:5d}  out of memory, skipped")
+            torch.cuda.empty_cache()
+            continue
+        nbytes = wbytes + 2 * M * K + 2 * M * N
+        gbps = nbytes / t_awq / 1e9
+        row = {"shape": name, "N": N, "K": K, "M": M, "path": path_for(M, N, K, g), "awq_us": t_awq * 1e6,
+               "fp16_us": t_ref * 1e6 if t_ref else None, "speedup": (t_ref / t_awq) if t_ref else None,
+               "GBps": gbps, "pct_copy_bw": 100 * gbps / copy_bw, "TFLOPS": 2 * M * N * K / t_awq / 1e12,
+               "weight_copies": nq}
+        results.append(row)
+        _print_row(row)
+        del x, awq_calls
+    del qws, w16s
+    torch.cuda.empty_cache()
+    return out_of_time
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="write results as JSON here")
@@ -158,52 +230,23 @@ def main(argv=None) -> int:
            f"{'GB/s':>7s} {'%copy':>6s} {'TFLOPS':>7s}")
     print(hdr)
     print("-" * len(hdr))
+    # Cases run in priority passes so that a time budget drops the least informative ones: first
+    # the token counts the issue sets targets for (1, 16, >= 1024) on every shape, then the rest.
+    first = [m for m in ms if m in (1, 16, 1024)]
+    passes = [first, [m for m in ms if m not in first]]
     out_of_time = False
-    for name, N, K in shapes:
-        if out_of_time:
-            break
-        wbytes = K * N // 2 + (K // g) * N * (2 + 0.5)
-        nq = n_copies(int(wbytes), l2, cap)
-        qws = [(torch.randint(-2**31, 2**31 - 1, (K, N // 8), dtype=torch.int32, device="cuda"),
-                torch.randint(-2**31, 2**31 - 1, (K // g, N // 8), dtype=torch.int32, device="cuda"),
-                (torch.rand(K // g, N, device="cuda") * 0.01).half()) for _ in range(nq)]
-        w16s = []
-        if not args.no_baseline:
-            nf = n_copies(2 * K * N, l2, cap)
-            w16s = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02 for _ in range(nf)]
-        for M in ms:
-            if time.time() - t0 > args.time_budget:
-                print(f"time budget of {args.time_budget:.0f}s reached; skipping the remaining cases")
-                report["truncated"] = True
-                out_of_time = True
+    for pass_ms in passes:
+        for name, N, K in shapes:
+            if out_of_time or not pass_ms:
                 break
-            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-            awq_calls = [lambda q=q: torch.ops.awqlib.awq_gemm(x, q[0], q[1], q[2], g) for q in qws]
-            try:
-                est = time_eager(awq_calls[0], reps=2)
-                t_awq = time_graph(awq_calls, est)
-                t_ref = None
-                if w16s:
-                    ref_calls = [lambda w=w: F.linear(x, w) for w in w16s]
-                    t_ref = time_graph(ref_calls, time_eager(ref_calls[0], reps=2))
-            except torch.OutOfMemoryError:
-                print(f"{name:20s} {N:6d} {K:6d} {M:5d}  out of memory, skipped")
-                torch.cuda.empty_cache()
-                continue
-            nbytes = wbytes + 2 * M * K + 2 * M * N
-            gbps = nbytes / t_awq / 1e9
-            tflops = 2 * M * N * K / t_awq / 1e12
-            row = {"shape": name, "N": N, "K": K, "M": M, "path": path_for(M, N, K, g), "awq_us": t_awq * 1e6,
-                   "fp16_us": t_ref * 1e6 if t_ref else None, "speedup": (t_ref / t_awq) if t_ref else None,
-                   "GBps": gbps, "pct_copy_bw": 100 * gbps / copy_bw, "TFLOPS": tflops,
-                   "weight_copies": nq}
-            results.append(row)
-            print(f"{name:20s} {N:6d} {K:6d} {M:5d} {row['path']:>14s} {t_awq * 1e6:9.1f} "
-                  f"{(t_ref * 1e6 if t_ref else float('nan')):9.1f} {(row['speedup'] or float('nan')):7.2f} "
-                  f"{gbps:7.0f} {row['pct_copy_bw']:6.1f} {tflops:7.1f}", flush=True)
-            del x, awq_calls
-        del qws, w16s
-        torch.cuda.empty_cache()
+            out_of_time = _bench_shape(name, N, K, pass_ms, g, l2, cap, copy_bw, args, t0, results, report)
+    results.sort(key=lambda r: ([s[0] for s in shapes].index(r["shape"]), r["M"]))
+    print("\nsorted:")
+    print(hdr)
+    print("-" * len(hdr))
+    for row in results:
+        _print_row(row)
+    _print_targets(results)
     report["results"] = results
     report["elapsed_s"] = time.time() - t0
     if args.out:

@@ -83,14 +83,17 @@ struct GroupParams {
 // 16-byte global->shared copy that bypasses L1 (.cg: weights are streamed once).  When
 // `valid` is false the source size is 0, so the 16 destination bytes are zero-filled and
 // nothing is read (the address must still be a legal pointer; callers pass the tensor base).
+// The "memory" clobbers keep the compiler from moving shared-memory reads across the copies and
+// waits (kernels that read their own lane's copies need no barrier, only this ordering).
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const int src_size = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_size));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_size) : "memory");
 }
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
 // ---------------------------------------------------------------- tensor-core helpers
 // ldmatrix.x4: lanes 8i..8i+7 give the row addresses of 8x8 matrix i; every lane receives
@@ -124,6 +127,27 @@ template <> struct Mma<__nv_bfloat16> {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 };
+
+// ---------------------------------------------------------------- split-K arrival
+// Called by every thread of a block after it has written its split's fp32 partials: true (in
+// every thread) in the last block to arrive at `counter`, which then sees all other splits'
+// partials (fence, then atomic; read them with __ldcg) and must reset the counter to 0 for the
+// next launch.  Used by every kernel that splits K across blocks.
+__device__ __forceinline__ bool arrive_last(int32_t* counter, int splits) {
+  __shared__ int is_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = (atomicAdd(counter, 1) == splits - 1);
+  __syncthreads();
+  const bool last = is_last;
+  if (last) __threadfence();
+  return last;
+}
+
+// (lo of a, lo of b) and (hi of a, hi of b): turn two column-pairs of rows k, k+1 into two
+// k-pairs of columns 2p, 2p+1 -- the B-fragment order of m16n8k16.  Raw bits: fp16 and bf16 alike.
+__device__ __forceinline__ uint32_t pair_lo(uint32_t a, uint32_t b) { return __byte_perm(a, b, 0x5410); }
+__device__ __forceinline__ uint32_t pair_hi(uint32_t a, uint32_t b) { return __byte_perm(a, b, 0x7632); }
 
 // Eight floats -> eight T packed in a uint4 (one 16-byte store).
 template <typename T>

@@ -67,11 +67,6 @@ struct GemmCfg {
                 "cp.async destinations must stay 16-byte aligned");
 };
 
-// (lo of a, lo of b) and (hi of a, hi of b): turn two column-pairs of rows k, k+1 into two
-// k-pairs of columns 2p, 2p+1.  Works on raw bits, so for fp16 and bf16 alike.
-__device__ __forceinline__ uint32_t pair_lo(uint32_t a, uint32_t b) { return __byte_perm(a, b, 0x5410); }
-__device__ __forceinline__ uint32_t pair_hi(uint32_t a, uint32_t b) { return __byte_perm(a, b, 0x7632); }
-
 template <typename T, int BM, int WARPS_M, int WARPS_N>
 __global__ void __launch_bounds__(GemmCfg<BM, WARPS_M, WARPS_N>::kThreads, 1)
 awq_gemm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, const uint32_t* __restrict__ qzeros,
@@ -85,7 +80,6 @@ awq_gemm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, c
   constexpr int kBStride = Cfg::kBStride;
 
   extern __shared__ __align__(16) uint8_t smem[];
-  __shared__ int is_last;
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -253,13 +247,8 @@ awq_gemm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, c
   if (splits == 1) return;
 
   // Split-K: the last block to finish this output tile sums all partials in split order.
-  __threadfence();
-  __syncthreads();
   const int tile = blockIdx.y * gridDim.x + blockIdx.x;
-  if (tid == 0) is_last = (atomicAdd(&counters[tile], 1) == splits - 1);
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
+  if (!arrive_last(&counters[tile], splits)) return;
   for (int i = tid; i < BM * (kBN / 4); i += Cfg::kThreads) {
     const int r = i / (kBN / 4);
     const int c = n0 + 4 * (i % (kBN / 4));
@@ -326,7 +315,7 @@ constexpr int kCfgBN[4] = {256, 256, 256, 128};
 
 }  // namespace
 
-Plan plan_gemm(int M, int N, int K, int num_sms) {
+Plan plan_gemm(int M, int N, int K, int num_sms, int splits_override) {
   const int config = M <= 16 ? 0 : M <= 32 ? 1 : M <= 64 ? 2 : 3;
   const int tiles = ceil_div(M, kCfgBM[config]) * ceil_div(N, kCfgBN[config]);
   const int ktiles = K / kGemmBK;
@@ -334,6 +323,7 @@ Plan plan_gemm(int M, int N, int K, int num_sms) {
   splits = std::min(splits, std::max(1, ktiles / kGemmMinTilesPerSplit));
   // fp32 partials are written and re-read: keep them below about the weight bytes (K*N/2).
   splits = std::min(splits, std::max(1, K / (8 * M)));
+  if (splits_override > 0) splits = splits_override;
   splits = std::max(1, std::min(splits, ktiles));
   const int tps = ceil_div(ktiles, splits);
   splits = ceil_div(ktiles, tps);

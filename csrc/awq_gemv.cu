@@ -68,7 +68,6 @@ awq_gemv_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, c
                 const T* __restrict__ scales, T* __restrict__ out, float* __restrict__ ws, int32_t* __restrict__ counters,
                 int N, int K, int group_size, int tiles_per_split) {
   __shared__ GemvSmem<M> sm;
-  __shared__ int is_last;
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -180,12 +179,7 @@ awq_gemv_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, c
   if (splits == 1) return;
 
   // Split-K: the last block to finish this column tile reduces all partials.
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) is_last = (atomicAdd(&counters[blockIdx.x], 1) == splits - 1);
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
+  if (!arrive_last(&counters[blockIdx.x], splits)) return;
   if (n < N) {
 #pragma unroll
     for (int m = 0; m < M; ++m) {
@@ -227,13 +221,14 @@ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 static_assert(kGemvMaxM == 8, "launch_gemv_t instantiates M = 1..8");
 
-Plan plan_gemv(int M, int N, int K, int num_sms) {
+Plan plan_gemv(int M, int N, int K, int num_sms, int splits_override) {
   const int tiles = ceil_div(N, kGemvBN);
   const int ktiles = K / kGemvBK;
   int splits = ceil_div(kGemvTargetBlocksPerSm * num_sms, tiles);
   splits = std::min(splits, std::max(1, ktiles / kGemvMinTilesPerSplit));
   // The fp32 partials (written and re-read) should stay well below the weight traffic.
   splits = std::min(splits, std::max(1, K / (64 * M)));
+  if (splits_override > 0) splits = splits_override;
   splits = std::max(1, std::min(splits, ktiles));
   const int tps = ceil_div(ktiles, splits);
   splits = ceil_div(ktiles, tps);  // no empty splits

@@ -18,7 +18,7 @@ struct GemmArgs {
   const void* scales;       // [K/g, N] (T)
   void* out;                // [M, N] (T)
   float* workspace;         // [splits, M, N] fp32 split-K partials (unused when splits == 1)
-  int32_t* counters;        // one zero-initialised arrival counter per output tile (splits > 1)
+  int32_t* counters;        // one arrival counter per output tile, zero on entry and on exit (splits > 1)
   int M, N, K, group_size;
   int splits;
 };
@@ -27,22 +27,37 @@ struct GemmArgs {
 struct Plan {
   int config;   // kernel variant (GEMM only)
   int splits;   // split-K factor (>= 1)
-  int tiles;    // number of output tiles, i.e. counters to zero when splits > 1
+  int tiles;    // number of output tiles, i.e. counters needed when splits > 1
 };
 
 // ---- GEMV / small batch: M in [1, kGemvMaxM], CUDA cores.
 constexpr int kGemvMaxM = 8;
-Plan plan_gemv(int M, int N, int K, int num_sms);
+Plan plan_gemv(int M, int N, int K, int num_sms, int splits_override);
 void launch_gemv(DType dt, const GemmArgs& a, cudaStream_t stream);
 
+// ---- Skinny tensor-core kernel: M in [1, kSkinnyMaxM], weights streamed to registers.
+//      splits_override > 0 forces the split-K factor (tuning); depth is the per-warp prefetch
+//      depth in 32-row chunks held in registers (2 or 4); tiled: qweight is in the warp-tiled
+//      layout.
+constexpr int kSkinnyMaxM = 32;
+Plan plan_skinny(DType dt, int M, int N, int K, int depth, bool tiled, int num_sms, int splits_override);
+void launch_skinny(DType dt, const GemmArgs& a, int depth, bool tiled, cudaStream_t stream);
+
 // ---- Tensor-core GEMM: M > kGemvMaxM.
-Plan plan_gemm(int M, int N, int K, int num_sms);
+Plan plan_gemm(int M, int N, int K, int num_sms, int splits_override);
 void launch_gemm(DType dt, const GemmArgs& a, const Plan& plan, cudaStream_t stream);
 
 // ---- Dequantize to a dense W^T [K, N] (T = scales' dtype).  Any N multiple of 8, any group
 // size dividing K.
 void launch_dequant(DType dt, const int32_t* qweight, const int32_t* qzeros, const void* scales, void* out,
                     int K, int N, int group_size, cudaStream_t stream);
+
+// Same for a warp-tiled qweight [N/64, K/32, kTileWords] (awqlib/packing.py: tile_for_kernels):
+// tile (nb, kc) holds rows 32 kc.. and words 8 nb.., lane l = 4 g + q owning 8 consecutive
+// words: word 8 nb + g of rows 2q, 2q+1, 2q+8, 2q+9, 16+2q, 17+2q, 24+2q, 25+2q.
+constexpr int kTileN = 64, kTileK = 32, kTileWords = 256;
+void launch_dequant_tiled(DType dt, const int32_t* qweight, const int32_t* qzeros, const void* scales, void* out,
+                          int K, int N, int group_size, cudaStream_t stream);
 
 // Requirements of the fused kernels (GEMV and GEMM); other shapes take dequantize + cuBLAS.
 constexpr int kFusedNMultiple = 64;   // one warp of the GEMM covers 64 columns

@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # One-shot check on a lent GPU machine (H100/H200): build the CUDA kernels, run the GPU tests and
 # the kernel benchmark.  Run from the repository root; awqlib is imported via PYTHONPATH=. (no
-# pip install, no network).  Logs and JSON go to $OUT (default ./gpu_check_out), at most 8 files.
-# Every step has its own timeout (sum ~8 min worst case, ~4-5 min typical) so one hang cannot
-# eat the budget.
+# pip install, no network).  Logs and JSON go to $OUT (default ./gpu_check_out): the JSONs, this
+# script's log and a tarball of every step's log (the device tool returns at most 8 files).  Every step
+# has its own timeout so one hang cannot eat the budget; a full run takes ~4-6 min on an H100/H200.
 set -u -o pipefail
 
 OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
+# The device tool returns at most 8 files: per-step logs go to LOGS and come back as one tarball.
+LOGS="$(mktemp -d)"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export AWQLIB_CACHE="${AWQLIB_CACHE:-$PWD/.cache/awqlib-kernels}"   # JIT build dir (ignored by git)
 export PYTHONUNBUFFERED=1
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
 LOG="$OUT/gpu_check.log"
+TUNE="${GPU_CHECK_TUNE:-0}"      # 1: also time every kernel variant (benchmarks/tune_kernels.py)
+BENCH="${GPU_CHECK_BENCH:-1}"    # 0: skip benchmarks/bench_kernels.py
 status=0
 
 step() {  # step NAME TIMEOUT_S LOGFILE CMD...
@@ -22,6 +26,7 @@ step() {  # step NAME TIMEOUT_S LOGFILE CMD...
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log"
   rc=$?
   echo "=== [$name] rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
+  tar czf "$OUT/logs.tgz" -C "$LOGS" .   # refreshed after every step: a killed run still returns its logs
   [ "$rc" -eq 0 ] || status=1
   return 0
 }
@@ -44,28 +49,52 @@ PY
 } 2>&1 | tee "$LOG"
 
 # 1. Build for the GPU at hand (JIT, cached under $AWQLIB_CACHE); verbose so ptxas warnings show.
-step build 150 "$OUT/build.log" "$PY" -c "
+step build 100 "$LOGS/build.log" "$PY" -c "
 import logging; logging.basicConfig(level=logging.INFO)
 import awqlib.ops, awqlib.kernels as k
 print(k.build(verbose=True))"
 
-# 2. Kernel tests (the loader reuses the build above).
-step test_kernels 150 "$OUT/pytest_kernels.log" "$PY" -m pytest -x -q -rs tests/test_kernels_cuda.py
-
-# 3. Other GPU-marked tests, if any.
-if grep -rlq "mark.gpu\|pytest.mark.gpu" tests --include='*.py' --exclude=test_kernels_cuda.py 2>/dev/null; then
-  step test_gpu_other 90 "$OUT/pytest_gpu.log" "$PY" -m pytest -q -rs -m gpu tests --ignore=tests/test_kernels_cuda.py
+# 2. Kernel tests (the loader reuses the build above).  No -x: on a first run every failing shape
+#    is worth seeing; --maxfail bounds the cascade after a sticky CUDA error.  The argument-check
+#    tests run in their own process (a crash in C++ error handling must not hide the rest).
+T=tests/test_kernels_cuda.py
+step test_kernels 120 "$LOGS/pytest_kernels.log" "$PY" -m pytest -q -rs -p no:cacheprovider --maxfail=40 $T \
+  --deselect $T::test_bad_arguments --deselect $T::test_variant_refuses_what_it_cannot_do --deselect $T::test_tiled_refuses_untiled_kernels
+step test_bad_args 40 "$LOGS/pytest_kernels.log" "$PY" -m pytest -q -rs -p no:cacheprovider \
+  $T::test_bad_arguments $T::test_variant_refuses_what_it_cannot_do $T::test_tiled_refuses_untiled_kernels
+if grep -q "Segmentation fault\|Fatal Python error" "$LOGS/pytest_kernels.log"; then
+  step debug_bad_args 60 "$LOGS/debug.log" "$PY" scripts/debug_bad_args.py
+  if command -v cuda-gdb >/dev/null; then
+    step gdb_backtrace 120 "$LOGS/debug.log" cuda-gdb -q -batch -ex "set pagination off" -ex run -ex bt \
+      --args "$PY" scripts/debug_bad_args.py features_twice
+  fi
 fi
 
-# 4. Kernel benchmark (writes its own JSON); the time budget leaves headroom under the timeout.
-step bench_kernels 100 "$OUT/bench_kernels.log" "$PY" benchmarks/bench_kernels.py \
-  --time-budget "${BENCH_BUDGET:-75}" --out "$OUT/bench_kernels.json"
+# 3. End to end on the GPU (logits vs the reference path, fused and not; AWQ on CUDA).
+step test_gpu_e2e 70 "$LOGS/pytest_gpu.log" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_gpu_e2e.py
+
+# 4. Kernel variants (tuning data), then the kernel benchmark (each writes its own JSON).
+if [ "$TUNE" = 1 ]; then
+  step tune_kernels 110 "$LOGS/tune_kernels.log" "$PY" benchmarks/tune_kernels.py \
+    --time-budget "${TUNE_BUDGET:-75}" --out "$OUT/tune_kernels.json"
+fi
+[ "$BENCH" = 1 ] && step bench_kernels 110 "$LOGS/bench_kernels.log" "$PY" benchmarks/bench_kernels.py \
+  --time-budget "${BENCH_BUDGET:-80}" --out "$OUT/bench_kernels.json"
 
 # 5. End-to-end generation benchmark, if present.
 if [ -f benchmarks/bench_generate.py ]; then
-  step bench_generate 90 "$OUT/bench_generate.log" "$PY" benchmarks/bench_generate.py --out "$OUT/bench_generate.json"
+  step bench_generate 100 "$LOGS/bench_generate.log" "$PY" benchmarks/bench_generate.py --new-tokens 64 \
+    --out "$OUT/bench_generate.json"
 fi
 
+# The reply shows only the end of the output: repeat the essentials last.
+echo "----- summary"
+grep -hE "^(FAILED|ERROR)" "$LOGS"/pytest_*.log 2>/dev/null | head -n 30
+grep -hE "passed|failed|error|Segmentation" "$LOGS"/pytest_*.log 2>/dev/null | tail -n 10
+sed -n '/^summary/,$p' "$LOGS/tune_kernels.log" 2>/dev/null
+sed -n '/^targets/,$p' "$LOGS/bench_kernels.log" 2>/dev/null
+grep -E "^\|" "$LOGS/bench_generate.log" 2>/dev/null
+tar czf "$OUT/logs.tgz" -C "$LOGS" .
 echo "gpu_check: overall status $status (0 = all steps passed); outputs in $OUT" | tee -a "$LOG"
 ls -la "$OUT" | tee -a "$LOG"
 exit "$status"

@@ -28,6 +28,8 @@ def test_cuda_logits_match_reference(tmp_path, dtype, fuse):
     ref = AutoAWQ.from_quantized(str(tmp_path / "q"), device="cpu", torch_dtype=torch.float32)
     gpu = AutoAWQ.from_quantized(str(tmp_path / "q"), device="cuda", torch_dtype=dtype, fuse_layers=fuse)
     assert kernels.load(), "CUDA kernels must build on a GPU machine with nvcc"
+    from awqlib.modules import WQLinear
+    assert all(m.tiled for m in gpu.model.modules() if isinstance(m, WQLinear)), "from_quantized must repack on CUDA"
     with torch.no_grad():
         r = ref(input_ids=ids).logits
         for n in (40, 1):  # prefill (GEMM) and decode-sized (GEMV) calls

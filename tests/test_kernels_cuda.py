@@ -216,3 +216,87 @@ def test_torch_compile_fullgraph(M):
 
     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
     check(x, K, N, g, torch.float16, out=f(x))
+
+
+# Every kernel variant (forced through awq_gemm_variant), including forced split-K factors that
+# leave uneven remainders: the automatic dispatch must never be the only thing tested.
+VARIANT_M = {1: [1, 2, 5, 8], 2: [1, 3, 8, 9, 16, 17, 32], 3: [1, 9, 16, 40, 100], 4: [1, 16, 100],
+             5: [1, 8, 16, 24]}
+VARIANT_CASES = [(k, m) for k, ms in VARIANT_M.items() for m in ms]
+
+
+@pytest.mark.parametrize("splits", [0, 1, 3, 7])
+@pytest.mark.parametrize("N,K,g", [COMBOS[1], COMBOS[2], (11008, 2752, 32)], ids=["N192", "N4096", "K2752-g32"])
+@pytest.mark.parametrize("kernel,M", VARIANT_CASES, ids=[f"k{k}-M{m}" for k, m in VARIANT_CASES])
+def test_kernel_variants(kernel, M, N, K, g, splits):
+    qweight, qzeros, scales, _ = weight(K, N, g)
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    poison_allocator()
+    out = torch.ops.awqlib.awq_gemm_variant(x, qweight, qzeros, scales, g, kernel, splits)
+    check(x, K, N, g, torch.float16, out=out)
+
+
+@pytest.mark.parametrize("kernel", [2, 5])
+@pytest.mark.parametrize("M", [1, 8, 16, 32])
+def test_skinny_bf16(kernel, M):
+    N, K, g = 4096, 4096, 128
+    qweight, qzeros, scales, _ = weight(K, N, g)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    out = torch.ops.awqlib.awq_gemm_variant(x, qweight, qzeros, scales, g, kernel, 0)
+    check(x, K, N, g, torch.bfloat16, out=out)
+
+
+def test_variant_refuses_what_it_cannot_do():
+    qweight, qzeros, scales, _ = weight(128, 64, 32)
+    x = torch.randn(9, 128, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="GEMV kernel takes M <= 8"):
+        torch.ops.awqlib.awq_gemm_variant(x, qweight, qzeros, scales, 32, 1, 0)
+    with pytest.raises(RuntimeError, match="unknown kernel"):
+        torch.ops.awqlib.awq_gemm_variant(x, qweight, qzeros, scales, 32, 9, 0)
+
+
+# The warp-tiled runtime layout (what from_quantized serves on CUDA).
+TILED_CASES = [(k, m) for k in (0, 2, 5) for m in (1, 4, 8, 16, 17, 32)] + [(0, 33), (0, 100), (4, 1), (4, 40)]
+
+
+@pytest.mark.parametrize("splits", [0, 3])
+@pytest.mark.parametrize("N,K,g", [COMBOS[1], COMBOS[2], (11008, 2752, 32)], ids=["N192", "N4096", "K2752-g32"])
+@pytest.mark.parametrize("kernel,M", TILED_CASES, ids=[f"k{k}-M{m}" for k, m in TILED_CASES])
+def test_tiled_layout(kernel, M, N, K, g, splits):
+    from awqlib.packing import tile_for_kernels
+    qweight, qzeros, scales, _ = weight(K, N, g)
+    qt = tile_for_kernels(qweight)
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    poison_allocator()
+    out = torch.ops.awqlib.awq_gemm_variant(x, qt, qzeros, scales, g, kernel, splits)
+    check(x, K, N, g, torch.float16, out=out)
+
+
+@pytest.mark.parametrize("M", [1, 16, 17, 32, 64])
+def test_tiled_layout_bf16(M):
+    from awqlib.packing import tile_for_kernels
+    N, K, g = 4096, 4096, 128
+    qweight, qzeros, scales, _ = weight(K, N, g)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    check(x, K, N, g, torch.bfloat16, out=torch.ops.awqlib.awq_gemm(x, tile_for_kernels(qweight), qzeros, scales, g))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dequantize_tiled_bit_exact(dtype):
+    from awqlib.packing import tile_for_kernels
+    K, N, g = 576, 192, 64
+    codes = torch.randint(0, 16, (K, N), dtype=torch.int32, device="cuda")
+    zeros = torch.randint(0, 16, (K // g, N), dtype=torch.int32, device="cuda")
+    scales = (torch.randn(K // g, N, device="cuda") * 0.01).to(dtype)
+    qweight, qzeros = pack_awq(codes, zeros)
+    poison_allocator()
+    out = torch.ops.awqlib.awq_dequantize(tile_for_kernels(qweight), qzeros, scales, g)
+    assert torch.equal(out, dequantize_gemm(qweight, qzeros, scales, g))
+
+
+def test_tiled_refuses_untiled_kernels():
+    from awqlib.packing import tile_for_kernels
+    qweight, qzeros, scales, _ = weight(576, 192, 64)
+    x = torch.randn(4, 576, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="warp-tiled"):
+        torch.ops.awqlib.awq_gemm_variant(x, tile_for_kernels(qweight), qzeros, scales, 64, 1, 0)

@@ -105,3 +105,36 @@ def test_per_channel_group():
     w = torch.randn(8, 96)
     s, z = compute_qparams(w, 4, -1, True)
     assert s.shape == (8, 1)
+
+
+# --- warp-tiled runtime layout ---------------------------------------------------------------
+
+def test_tile_rows_cover_each_chunk_row_once():
+    from awqlib.packing import TILE_ROWS
+    assert sorted(r for q in TILE_ROWS for r in q) == list(range(32))
+
+
+@pytest.mark.parametrize("K,N", [(32, 64), (96, 192), (256, 128)])
+def test_tile_for_kernels_bit_exact(K, N):
+    """Every word lands where the skinny kernel's lane reads it (explicit loops as the spec)."""
+    from awqlib.packing import TILE_ROWS, tile_for_kernels, untile_from_kernels
+    qweight = torch.randint(-2**31, 2**31 - 1, (K, N // 8), dtype=torch.int32)
+    t = tile_for_kernels(qweight)
+    assert t.shape == (N // 64, K // 32, 256) and t.dtype == torch.int32
+    for nb in range(N // 64):
+        for kc in range(K // 32):
+            for lane in range(32):
+                g, q = divmod(lane, 4)
+                for j in range(8):
+                    assert t[nb, kc, 8 * lane + j] == qweight[32 * kc + TILE_ROWS[q][j], 8 * nb + g]
+    assert torch.equal(untile_from_kernels(t), qweight)
+
+
+def test_tile_refuses_bad_shapes():
+    from awqlib.packing import tile_for_kernels, untile_from_kernels
+    with pytest.raises(ValueError, match="K % 32"):
+        tile_for_kernels(torch.zeros(48, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="N % 64"):
+        tile_for_kernels(torch.zeros(64, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="256"):
+        untile_from_kernels(torch.zeros(1, 1, 128, dtype=torch.int32))
