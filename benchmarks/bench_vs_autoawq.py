@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
 AUTOAWQ_CHILD = r'''
 import json, sys, time, torch
 import awq.quantize.quantizer as qz, inspect
