@@ -253,8 +253,6 @@ def candidate_scales(ratio: float, x_mean: torch.Tensor, w_mean: torch.Tensor, d
     return s
 
 
-
-
 def _scaled_fake_quant(w: torch.Tensor, s: torch.Tensor, qcfg: QuantConfig,
                        out: torch.Tensor | None = None) -> torch.Tensor:
     """Q(W diag(s)) diag(s)^-1 (computed in fp32): the weight the block effectively computes with.

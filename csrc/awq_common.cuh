@@ -149,6 +149,36 @@ __device__ __forceinline__ bool arrive_last(int32_t* counter, int splits) {
 __device__ __forceinline__ uint32_t pair_lo(uint32_t a, uint32_t b) { return __byte_perm(a, b, 0x5410); }
 __device__ __forceinline__ uint32_t pair_hi(uint32_t a, uint32_t b) { return __byte_perm(a, b, 0x7632); }
 
+// One m16n8k16 k-step over a warp's 64 output columns (awq_gemm.cu explains the column
+// permutation): lane (g, q) holds word g of k-rows 2q, 2q+1, 2q+8, 2q+9 (w0, w1, w8, w9), which
+// become the B fragments of n8-tiles 2p (column 2p of the word) and 2p+1; a[mt] is the A fragment
+// of m16 tile mt.  Shared by the tiled GEMM and the skinny kernel.
+template <typename T, int MT>
+__device__ __forceinline__ void mma_k16(float (&acc)[MT][8][4], const GroupParams<T>& gp, uint32_t w0, uint32_t w1,
+                                        uint32_t w8, uint32_t w9, const uint32_t (&a)[MT][4]) {
+  using T2 = typename Traits<T>::T2;
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {
+    const uint32_t d0 = as_u32<T2>(gp.dequant(w0, p));  // (W[r][2p], W[r][2p+1])
+    const uint32_t d1 = as_u32<T2>(gp.dequant(w1, p));  // row r+1
+    const uint32_t d8 = as_u32<T2>(gp.dequant(w8, p));  // row r+8
+    const uint32_t d9 = as_u32<T2>(gp.dequant(w9, p));  // row r+9
+    const uint32_t even0 = pair_lo(d0, d1), even1 = pair_lo(d8, d9);  // column 2p
+    const uint32_t odd0 = pair_hi(d0, d1), odd1 = pair_hi(d8, d9);    // column 2p+1
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      Mma<T>::run(acc[mt][2 * p], a[mt], even0, even1);
+      Mma<T>::run(acc[mt][2 * p + 1], a[mt], odd0, odd1);
+    }
+  }
+}
+
+// Row within a 32-row chunk of the j-th word lane (., q) reads: rows 2q, 2q+1, 2q+8, 2q+9 of each
+// of the chunk's two k-steps -- the order of the warp-tiled layout (awqlib/packing.py TILE_ROWS).
+__device__ __forceinline__ constexpr int tile_row(int j, int q) {
+  return 16 * (j / 4) + 8 * ((j % 4) / 2) + 2 * q + (j % 2);
+}
+
 // Eight floats -> eight T packed in a uint4 (one 16-byte store).
 template <typename T>
 __device__ __forceinline__ uint4 pack8(const float (&v)[8]) {

@@ -65,7 +65,7 @@ awq_dequant_tiled_kernel(const uint32_t* __restrict__ qweight, const uint32_t* _
   using T2 = typename Traits<T>::T2;
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
-    const int row = kc * kTileK + 16 * (j / 4) + 8 * ((j % 4) / 2) + 2 * q + (j % 2);
+    const int row = kc * kTileK + tile_row(j, q);
     uint4 o;
     o.x = as_u32<T2>(gp.dequant(w[j], 0));
     o.y = as_u32<T2>(gp.dequant(w[j], 1));

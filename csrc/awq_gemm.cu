@@ -149,13 +149,7 @@ awq_gemm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, c
     }
   };
 
-  float acc[kMT][8][4];
-#pragma unroll
-  for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-    for (int t = 0; t < 8; ++t)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[mt][t][i] = 0.f;
+  float acc[kMT][8][4] = {};  // fp32 accumulators (mt, n8-tile, fragment element)
 
   // Prologue: kGemmStages-1 stages in flight.  One commit per iteration (possibly empty), so
   // wait_group<kGemmStages-2> at iteration t guarantees stage t has landed.
@@ -197,20 +191,7 @@ awq_gemm_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight, c
       const uint32_t wr1 = Bs[(r0 + 1) * kBStride + wcol];
       const uint32_t wr8 = Bs[(r0 + 8) * kBStride + wcol];
       const uint32_t wr9 = Bs[(r0 + 9) * kBStride + wcol];
-#pragma unroll
-      for (int p = 0; p < 4; ++p) {
-        const uint32_t d0 = as_u32<T2>(gp.dequant(wr0, p));  // (W[r0][2p],   W[r0][2p+1])
-        const uint32_t d1 = as_u32<T2>(gp.dequant(wr1, p));  // (W[r0+1][2p], W[r0+1][2p+1])
-        const uint32_t d8 = as_u32<T2>(gp.dequant(wr8, p));
-        const uint32_t d9 = as_u32<T2>(gp.dequant(wr9, p));
-        const uint32_t even0 = pair_lo(d0, d1), even1 = pair_lo(d8, d9);  // column 2p
-        const uint32_t odd0 = pair_hi(d0, d1), odd1 = pair_hi(d8, d9);    // column 2p+1
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
-          Mma<T>::run(acc[mt][2 * p], a[mt], even0, even1);
-          Mma<T>::run(acc[mt][2 * p + 1], a[mt], odd0, odd1);
-        }
-      }
+      mma_k16<T, kMT>(acc, gp, wr0, wr1, wr8, wr9, a);
     }
   }
   cp_async_wait<0>();

@@ -204,9 +204,10 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   const int m = static_cast<int>(M), n = static_cast<int>(s.N), kk = static_cast<int>(s.K);
   const int so = static_cast<int>(splits);
   const int depth = k == kSkinnyShallow ? 2 : 4;  // register-ring depth of the skinny kernel
+  const awq::DType dt = to_dtype(x.scalar_type());
   const awq::Plan plan = k == kGemv ? awq::plan_gemv(m, n, kk, num_sms, so)
                          : k == kTiled ? awq::plan_gemm(m, n, kk, num_sms, so)
-                         : awq::plan_skinny(to_dtype(x.scalar_type()), m, n, kk, depth, s.tiled, num_sms, so);
+                         : awq::plan_skinny(dt, m, n, kk, depth, s.tiled, num_sms, so);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor ws;
   awq::GemmArgs a{};
@@ -225,7 +226,6 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   a.K = kk;
   a.group_size = static_cast<int>(s.group);
   a.splits = plan.splits;
-  const awq::DType dt = to_dtype(x.scalar_type());
   if (k == kGemv) awq::launch_gemv(dt, a, stream);
   else if (k == kTiled) awq::launch_gemm(dt, a, plan, stream);
   else awq::launch_skinny(dt, a, depth, s.tiled, stream);

@@ -58,7 +58,7 @@ static_assert(kSkBN == kTileN && kSkChunk == kTileK && 32 * 8 == kTileWords, "a 
 template <int MT>
 struct Chunk {
   uint32_t w[8];           // rows 2q, 2q+1, 2q+8, 2q+9 of k-step 0, then of k-step 1
-  uint32_t a[MT][2][4];    // A fragments (activations) per m16 tile and k-step
+  uint32_t a[2][MT][4];    // A fragments (activations) per k-step and m16 tile
   uint32_t z;              // packed zero points of the chunk's group
   uint4 s;                 // 8 scales of the chunk's group
 };
@@ -67,7 +67,7 @@ struct Chunk {
 // a2 = (row g, k 2q+8..2q+9), a3 = (row g+8, k 2q+8..); rows past M are zero.  x is tiny and
 // read by every block, so these loads hit L2 (or L1).
 template <typename T, int MT>
-__device__ __forceinline__ void load_x(uint32_t (&a)[MT][2][4], const T* __restrict__ x, int k0, int M, int K,
+__device__ __forceinline__ void load_x(uint32_t (&a)[2][MT][4], const T* __restrict__ x, int k0, int M, int K,
                                        int lane) {
   const int g = lane >> 2, q = lane & 3;
   const uint32_t* xw = reinterpret_cast<const uint32_t*>(x);  // two elements per word (K even)
@@ -77,10 +77,10 @@ __device__ __forceinline__ void load_x(uint32_t (&a)[MT][2][4], const T* __restr
 #pragma unroll
     for (int ks = 0; ks < 2; ++ks) {
       const int k = k0 + 16 * ks + 2 * q;
-      a[mt][ks][0] = row0 < M ? __ldg(xw + ((size_t)row0 * K + k) / 2) : 0u;
-      a[mt][ks][1] = row1 < M ? __ldg(xw + ((size_t)row1 * K + k) / 2) : 0u;
-      a[mt][ks][2] = row0 < M ? __ldg(xw + ((size_t)row0 * K + k + 8) / 2) : 0u;
-      a[mt][ks][3] = row1 < M ? __ldg(xw + ((size_t)row1 * K + k + 8) / 2) : 0u;
+      a[ks][mt][0] = row0 < M ? __ldg(xw + ((size_t)row0 * K + k) / 2) : 0u;
+      a[ks][mt][1] = row1 < M ? __ldg(xw + ((size_t)row1 * K + k) / 2) : 0u;
+      a[ks][mt][2] = row0 < M ? __ldg(xw + ((size_t)row0 * K + k + 8) / 2) : 0u;
+      a[ks][mt][3] = row1 < M ? __ldg(xw + ((size_t)row1 * K + k + 8) / 2) : 0u;
     }
   }
 }
@@ -102,13 +102,7 @@ __device__ __forceinline__ void load_chunk(Chunk<MT>& c, const T* __restrict__ x
   } else {
     // GEMM layout: one 4-byte load per row; a warp-wide load covers 4 rows x 32 bytes.
 #pragma unroll
-    for (int ks = 0; ks < 2; ++ks) {
-      const int r = k0 + 16 * ks + 2 * q;
-      c.w[4 * ks + 0] = __ldcs(qweight + (size_t)r * N8 + word);
-      c.w[4 * ks + 1] = __ldcs(qweight + (size_t)(r + 1) * N8 + word);
-      c.w[4 * ks + 2] = __ldcs(qweight + (size_t)(r + 8) * N8 + word);
-      c.w[4 * ks + 3] = __ldcs(qweight + (size_t)(r + 9) * N8 + word);
-    }
+    for (int j = 0; j < 8; ++j) c.w[j] = __ldcs(qweight + (size_t)(k0 + tile_row(j, q)) * N8 + word);
   }
   load_x<T, MT>(c.a, x, k0, M, K, lane);
   const int grp = k0 / group_size;
@@ -117,28 +111,12 @@ __device__ __forceinline__ void load_chunk(Chunk<MT>& c, const T* __restrict__ x
 }
 
 template <typename T, int MT>
-__device__ __forceinline__ void mma_words(float (&acc)[MT][8][4], const uint32_t (&w)[8], const uint32_t (&a)[MT][2][4],
+__device__ __forceinline__ void mma_words(float (&acc)[MT][8][4], const uint32_t (&w)[8], const uint32_t (&a)[2][MT][4],
                                           uint32_t z, uint4 sc) {
-  using T2 = typename Traits<T>::T2;
   GroupParams<T> gp;
   gp.load(z, sc);
-#pragma unroll
-  for (int ks = 0; ks < 2; ++ks) {
-#pragma unroll
-    for (int p = 0; p < 4; ++p) {
-      const uint32_t d0 = as_u32<T2>(gp.dequant(w[4 * ks + 0], p));  // (W[r][2p], W[r][2p+1])
-      const uint32_t d1 = as_u32<T2>(gp.dequant(w[4 * ks + 1], p));  // row r+1
-      const uint32_t d8 = as_u32<T2>(gp.dequant(w[4 * ks + 2], p));  // row r+8
-      const uint32_t d9 = as_u32<T2>(gp.dequant(w[4 * ks + 3], p));  // row r+9
-      const uint32_t even0 = pair_lo(d0, d1), even1 = pair_lo(d8, d9);  // column 2p of the word
-      const uint32_t odd0 = pair_hi(d0, d1), odd1 = pair_hi(d8, d9);    // column 2p+1
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        Mma<T>::run(acc[mt][2 * p], a[mt][ks], even0, even1);
-        Mma<T>::run(acc[mt][2 * p + 1], a[mt][ks], odd0, odd1);
-      }
-    }
-  }
+  mma_k16<T, MT>(acc, gp, w[0], w[1], w[2], w[3], a[0]);
+  mma_k16<T, MT>(acc, gp, w[4], w[5], w[6], w[7], a[1]);
 }
 
 template <typename T, int MT>
@@ -204,13 +182,7 @@ awq_skinny_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qweight,
   const int my_chunks = span > 0 ? (span + kSkWarps - 1) / kSkWarps : 0;
   auto chunk_k0 = [&](int i) { return (c_begin + warp + kSkWarps * i) * kSkChunk; };
 
-  float acc[MT][8][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int t = 0; t < 8; ++t)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[mt][t][i] = 0.f;
+  float acc[MT][8][4] = {};  // fp32 accumulators (mt, n8-tile, fragment element)
 
   Chunk<MT> ring[kD];
 #pragma unroll
