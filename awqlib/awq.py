@@ -207,6 +207,9 @@ def capture_inputs(model: nn.Module, spec: ArchSpec, tokens: torch.Tensor, chunk
             return hidden_states
         return fwd
 
+    # An instance-level forward may already be there (accelerate's device hooks wrap it): it is put
+    # back afterwards, not deleted, so a dispatched model keeps its hooks.
+    saved = [blk.__dict__.get("forward") for blk in blocks]
     for i, blk in enumerate(blocks):
         blk.forward = make_identity(i)
     try:
@@ -217,8 +220,11 @@ def capture_inputs(model: nn.Module, spec: ArchSpec, tokens: torch.Tensor, chunk
             except _Stop:
                 pass
     finally:
-        for blk in blocks:
-            del blk.forward
+        for blk, fwd in zip(blocks, saved):
+            if fwd is None:
+                del blk.forward
+            else:
+                blk.forward = fwd
     return hidden, kwargs_per_block
 
 

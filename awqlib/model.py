@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,29 @@ def _move_except_blocks(model: nn.Module, blocks_prefix: str, device: torch.devi
         for bname, b in list(mod.named_buffers(recurse=False)):
             if b.device.type != "meta":
                 mod._buffers[bname] = b.to(device)
+
+
+def _dispatched(model: nn.Module) -> bool:
+    """True where accelerate placed the model (``device_map=...``): device hooks on its modules."""
+    return getattr(model, "hf_device_map", None) is not None and any(
+        hasattr(m, "_hf_hook") for m in model.modules())
+
+
+def _placed_block_device(block: nn.Module, name: str) -> torch.device:
+    """The one device a dispatched model's decoder block lives on (it is quantized there)."""
+    devices = {t.device for t in list(block.parameters()) + list(block.buffers())}
+    if any(d.type == "meta" for d in devices):
+        raise ValueError(
+            f"{name} was offloaded to cpu/disk by accelerate (its weights are loaded only during forward), so "
+            "it cannot be quantized in place. Load the model with lazy=True instead "
+            "(AutoAWQ.from_pretrained(path, lazy=True), then quantize(save_dir=...)): it reads one block at a "
+            "time from the safetensors files, with less memory than offloading; or use a device_map that keeps "
+            "every decoder block on a GPU.")
+    if len(devices) > 1:
+        raise ValueError(
+            f"{name} is split across devices {sorted(map(str, devices))}: keep each decoder block on one device "
+            "(accelerate's no_split_module_classes; transformers' device_map='auto' does that).")
+    return devices.pop()
 
 
 def _replace_linears(block: nn.Module, qcfg: QuantConfig, prefix: str, device) -> None:
@@ -125,14 +149,30 @@ class AWQModel(nn.Module):
         awq.check_quantizable(model, spec, qcfg)  # before any work
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         self.tokenizer = tokenizer
-        device = torch.device(device) if device is not None else _default_device()
-        # Where the model lives now; each finished block goes back there (a model handed over on
-        # the GPU stays on the GPU).  Lazy models have no home yet: finished blocks are freed.
-        first = next(model.parameters())
-        home = torch.device("cpu") if lazy or first.device.type == "meta" else first.device
-        cdtype = self._compute_dtype(device)
         blocks = awq.get_blocks(model, spec)
         prefix = next(n for n, m in model.named_modules() if m is blocks)
+        placed = not lazy and _dispatched(model)
+        if placed:
+            # accelerate placed the model (device_map=...): each block is quantized on the device it
+            # lives on and stays there; the calibration activations follow the blocks.
+            devices = [_placed_block_device(b, f"{prefix}.{i}") for i, b in enumerate(blocks)]
+            if device is not None and any(d != torch.device(device) for d in devices):
+                raise ValueError(
+                    f"this model was placed by accelerate (hf_device_map) on {sorted({str(d) for d in devices})}: "
+                    f"each block is quantized on its own device, so device={device!r} cannot be honoured. "
+                    "Leave device unset, or load the model without device_map.")
+            homes = devices
+            device = devices[0]
+            log.info("awqlib: quantizing in place on accelerate's placement: %s",
+                     ", ".join(f"{d}: {devices.count(d)} blocks" for d in dict.fromkeys(devices)))
+        else:
+            device = torch.device(device) if device is not None else _default_device()
+            # Where the model lives now; each finished block goes back there (a model handed over on
+            # the GPU stays on the GPU).  Lazy models have no home yet: finished blocks are freed.
+            first = next(model.parameters())
+            home = torch.device("cpu") if lazy or first.device.type == "meta" else first.device
+            devices, homes = [device] * len(blocks), [home] * len(blocks)
+        cdtype = self._compute_dtype(device)
         tokens = None if method == "rtn" else get_calib_tokens(calib_data, tokenizer, n_samples, seqlen, split,
                                                               text_column)
         store = None
@@ -149,16 +189,19 @@ class AWQModel(nn.Module):
         inps = kwargs = None
         if method == "awq":
             log.info("awqlib: calibrating on %d sequences x %d tokens, device %s", tokens.shape[0], seqlen, device)
-            _move_except_blocks(model, prefix, device)
+            if not placed:  # (a placed model's hooks move the inputs to its embeddings' device)
+                _move_except_blocks(model, prefix, device)
             inps, kwargs = awq.capture_inputs(model, spec, tokens, opts.chunk_size, device,
                                               torch.device(opts.offload_device))
-            _move_except_blocks(model, prefix, home)
+            if not placed:
+                _move_except_blocks(model, prefix, homes[0])
         if lazy:
             for _, mod in self._rest_modules(prefix):
                 lazy_mod.free(mod)
         self.reports = []
         for i, blk in enumerate(tqdm(blocks, desc=f"{method.upper()} blocks")):
             bprefix = f"{prefix}.{i}."
+            device = devices[i]
             if store is not None and store.done(i):  # resume: a finished block is loaded, not redone
                 fp_next = inps is not None and not opts.propagate_quantized
                 if fp_next:  # the next block was calibrated on this block's fp outputs: recompute them
@@ -180,7 +223,7 @@ class AWQModel(nn.Module):
                 if store is not None:
                     store.write(i, {to_checkpoint_name(bprefix + k, spec): v.to(torch.float16)
                                     if v.is_floating_point() else v for k, v in blk.state_dict().items()})
-            blk.to(home)
+            blk.to(homes[i])
             if lazy:
                 lazy_mod.free(blk)
             lazy_mod.release_memory()  # the block's temporaries (search, Gram matrices) go back to the OS
@@ -267,7 +310,10 @@ class AWQModel(nn.Module):
         from .modules import WQLinear
         if not kernels.load():
             return 0
-        n = sum(m.tile_for_kernels() for m in self.model.modules() if isinstance(m, WQLinear))
+        # only where the kernels run: a linear that accelerate keeps on (or offloads to) the CPU or
+        # disk stays in the GEMM layout, which every path reads
+        n = sum(m.tile_for_kernels() for m in self.model.modules()
+                if isinstance(m, WQLinear) and m.qweight.device.type == "cuda")
         log.info("awqlib: %d quantized linears repacked into the warp-tiled layout", n)
         return n
 
@@ -295,6 +341,39 @@ class AWQModel(nn.Module):
         from .hub import push_to_hub
         return push_to_hub(self, repo_id, private=private, token=token, commit_message=commit_message,
                            local_dir=local_dir, **kwargs)
+
+
+_DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def place_with_accelerate(model: nn.Module, device_map: str | dict, max_memory: dict | None,
+                          dtype: torch.dtype, offload_folder: str | os.PathLike | None = None) -> dict:
+    """Spread a loaded model over devices with accelerate (``infer_auto_device_map`` with the model's
+    ``_no_split_modules``, so a decoder block is never cut, then ``dispatch_model``).  Quantized
+    linears hold their tensors as buffers, so offloaded modules offload buffers too.  Returns the map."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = sorted(getattr(model, "_no_split_modules", None) or [])
+    if isinstance(device_map, str):
+        if device_map not in _DEVICE_MAP_STRATEGIES:
+            raise ValueError(f"device_map={device_map!r}: use one of {list(_DEVICE_MAP_STRATEGIES)} or a dict "
+                             "{module name: device}")
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                             dtype=dtype, low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                           dtype=dtype)
+    device_map = dict(device_map)
+    if "disk" in device_map.values() and offload_folder is None:
+        raise ValueError("the device_map offloads modules to disk "
+                         f"({[k for k, v in device_map.items() if v == 'disk'][:3]}...): pass "
+                         "offload_folder=... (a folder for the offloaded tensors), or give max_memory more room")
+    dispatch_model(model, device_map, offload_dir=offload_folder, offload_buffers=True,
+                   skip_keys=getattr(model, "_skip_keys_device_placement", None))
+    log.info("awqlib: placed by accelerate: %s", ", ".join(
+        f"{d}: {n} modules" for d, n in Counter(map(str, device_map.values())).items()))
+    return device_map
 
 
 class AutoAWQ:
@@ -336,9 +415,18 @@ class AutoAWQ:
                         name_or_path=getattr(model.config, "_name_or_path", None))
 
     @staticmethod
-    def from_quantized(quant_path: str, device: str | torch.device = "cpu", torch_dtype: Any = "auto",
+    def from_quantized(quant_path: str, device: str | torch.device | None = None, torch_dtype: Any = "auto",
                        fuse_layers: bool = False, trust_remote_code: bool = False, revision: str | None = None,
-                       token: str | None = None, **kwargs) -> AWQModel:
+                       token: str | None = None, device_map: str | dict | None = None,
+                       max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None,
+                       **kwargs) -> AWQModel:
+        """Load an AWQ checkpoint (ours or any AutoAWQ-format one) for inference.
+
+        ``device``: one device for the whole model (default "cpu").  ``device_map``: let accelerate
+        place it over several GPUs (and the CPU/disk): "auto", "balanced", "balanced_low_0",
+        "sequential" or an explicit {module name: device} dict, with ``max_memory`` per device
+        ({0: "20GiB", 1: "20GiB", "cpu": "64GiB"}) and ``offload_folder`` for "disk" entries;
+        decoder blocks are never split.  Quantized linears on CUDA run the awqlib kernels."""
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -354,7 +442,14 @@ class AutoAWQ:
         qcfg = QuantConfig.from_dict(qc)
         del config.quantization_config
         spec = get_spec(config.model_type)
-        device = torch.device(device)
+        if device_map is not None and device is not None:
+            raise ValueError(f"from_quantized got both device={device!r} and device_map: pass one (device_map "
+                             "places the model over several devices, device puts all of it on one)")
+        if device_map is None and (max_memory is not None or offload_folder is not None):
+            raise ValueError("max_memory / offload_folder only apply with device_map=... (e.g. device_map='auto')")
+        device = torch.device(device if device is not None else "cpu")
+        if device_map is not None:  # the compute dtype follows the fastest device the map can use
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = _resolve_dtype(torch_dtype, device, config)
         files = safetensors_files(folder)
 
@@ -387,7 +482,6 @@ class AutoAWQ:
         if (folder / "generation_config.json").exists():
             model.generation_config = GenerationConfig.from_pretrained(folder)
         model.config.quantization_config = qcfg.to_hf_dict()
-        model.to(device).eval()
         tokenizer = None
         try:
             from transformers import AutoTokenizer
@@ -396,12 +490,19 @@ class AutoAWQ:
         except Exception as e:  # a tokenizer is a convenience here, never a reason to fail
             log.debug("awqlib: no tokenizer loaded from %s (%s)", folder, e)
         wrapped = AWQModel(model, spec, qcfg, tokenizer=tokenizer, quantized=True, name_or_path=str(quant_path))
-        if fuse_layers:
+        if fuse_layers:  # before placement: accelerate then offloads the fused tensors like any other
             from .fuse import fuse_model
             fuse_model(wrapped)
+        if device_map is not None:
+            place_with_accelerate(model, device_map, max_memory, dtype, offload_folder)
+            model.eval()
+        else:
+            model.to(device).eval()
         from .ops import announce
-        announce(device)
-        if torch.device(device).type == "cuda":
+        used = {t.device for t in (*model.parameters(), *model.buffers()) if t.device.type != "meta"}
+        for d in sorted(used, key=str):
+            announce(d)
+        if any(d.type == "cuda" for d in used):
             wrapped.tile_for_kernels()
         return wrapped
 

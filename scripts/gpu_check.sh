@@ -70,8 +70,9 @@ if grep -q "Segmentation fault\|Fatal Python error" "$LOGS/pytest_kernels.log"; 
   fi
 fi
 
-# 3. End to end on the GPU (logits vs the reference path, fused and not; AWQ on CUDA).
-step test_gpu_e2e 70 "$LOGS/pytest_gpu.log" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_gpu_e2e.py
+# 3. End to end on the GPU (logits vs the reference path, fused and not; AWQ on CUDA; accelerate
+#    placement: CPU offload on one GPU, two-GPU cases where there are two).
+step test_gpu_e2e 90 "$LOGS/pytest_gpu.log" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_gpu_e2e.py tests/test_placement.py
 
 # 4. Kernel variants (tuning data), then the kernel benchmark (each writes its own JSON).
 if [ "$TUNE" = 1 ]; then

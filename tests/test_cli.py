@@ -3,7 +3,7 @@
 import json
 
 from awqlib.cli import main
-from conftest import tiny_model
+from conftest import assert_same_checkpoint, tiny_model
 
 
 def test_quantize_and_eval(tmp_path, capsys):
@@ -23,7 +23,14 @@ def test_quantize_and_eval(tmp_path, capsys):
     assert main(["quantize", str(src), str(out), "--group-size", "64", "--calib", str(text), "--seqlen", "64",
                  "--n-samples", "40"]) == 0
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "awq"
+    # --lazy (one block at a time from the safetensors files) writes the same checkpoint
+    assert main(["quantize", str(src), str(tmp_path / "lazy"), "--group-size", "64", "--calib", str(text),
+                 "--seqlen", "64", "--n-samples", "40", "--lazy"]) == 0
+    assert_same_checkpoint(out, tmp_path / "lazy")
     capsys.readouterr()
     assert main(["eval", str(out), "--text", str(text), "--seqlen", "64", "--windows", "2"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["perplexity"] > 1
+    assert main(["eval", str(out), "--text", str(text), "--seqlen", "64", "--windows", "2",
+                 "--device-map", "auto"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"] == res["perplexity"]

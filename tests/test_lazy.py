@@ -1,32 +1,13 @@
 """Bigger than memory: lazy per-block loading gives the same checkpoint as the in-memory path,
 and an interrupted run resumes to an identical checkpoint."""
 
-import glob
-
 import pytest
 import torch
-from safetensors import safe_open
 
 from awqlib import AutoAWQ, awq
-from conftest import tiny_model
+from conftest import assert_same_checkpoint, tiny_model
 
 QC = {"q_group_size": 64}
-
-
-def _tensors(folder):
-    out = {}
-    for f in glob.glob(f"{folder}/*.safetensors"):
-        with safe_open(f, "pt") as fh:
-            for k in fh.keys():
-                out[k] = fh.get_tensor(k)
-    return out
-
-
-def _assert_same(a, b):
-    A, B = _tensors(a), _tensors(b)
-    assert A.keys() == B.keys()
-    for k in A:
-        assert torch.equal(A[k], B[k]), k
 
 
 @pytest.fixture
@@ -47,7 +28,7 @@ def test_lazy_equals_in_memory(src, tmp_path, calib_ids, arch):
     b = AutoAWQ.from_pretrained(str(path), lazy=True)
     assert all(p.device.type == "meta" for p in b.model.parameters())
     b.quantize(None, QC, calib_data=list(calib_ids), n_samples=16, seqlen=64, save_dir=tmp_path / "lazy")
-    _assert_same(tmp_path / "mem", tmp_path / "lazy")
+    assert_same_checkpoint(tmp_path / "mem", tmp_path / "lazy")
     q = AutoAWQ.from_quantized(str(tmp_path / "lazy"))
     assert torch.isfinite(q(input_ids=calib_ids[:1]).logits).all()
 
@@ -79,7 +60,7 @@ def test_resume_after_interruption(src, tmp_path, calib_ids, monkeypatch, lazy, 
     again.quantize(None, QC, save_dir=tmp_path / "out", **kw)
     assert calls["n"] == -99
     assert not (tmp_path / "out.awqlib-partial").exists()
-    _assert_same(tmp_path / "full", tmp_path / "out")
+    assert_same_checkpoint(tmp_path / "full", tmp_path / "out")
 
 
 def test_resume_with_other_settings_is_refused(src, tmp_path, calib_ids, monkeypatch):
