@@ -8,7 +8,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -184,12 +184,38 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                              "re-download or re-save the checkpoint") from None
 
 
-def load_quantized_state(files: list[Path], spec: ArchSpec, qcfg: QuantConfig) -> dict[str, torch.Tensor]:
-    """All tensors, module-named, GEMV layouts converted to GEMM."""
-    state = {from_checkpoint_name(k, spec): t for k, t in iter_tensors(files)}
-    if qcfg.version == "gemv":
-        for k in [k for k in state if k.endswith(".qweight")]:
-            p = k[: -len("qweight")]
-            state[p + "qweight"], state[p + "qzeros"], state[p + "scales"] = gemv_to_gemm(
-                state[p + "qweight"], state[p + "qzeros"], state[p + "scales"], qcfg.group_size, qcfg.bits)
+def load_quantized_state(files: list[Path], spec: ArchSpec, qcfg: QuantConfig, dtype: torch.dtype | None = None,
+                         place: Callable[[str], torch.device] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors, module-named, GEMV layouts converted to GEMM.
+
+    ``dtype``: floating tensors other than ``scales`` (which the format keeps in fp16) are cast to it.
+    ``place(name)``: the device each tensor goes to as soon as it is read, before any cast: safetensors
+    maps the file without copying, so a load onto a GPU makes no host copy of the model (a GEMV
+    module's three tensors are converted on the host first)."""
+    state: dict[str, torch.Tensor] = {}
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # GEMV: a module's tensors until all three are read
+
+    def put(name: str, t: torch.Tensor) -> None:
+        if place is not None:
+            t = t.to(place(name))
+        if dtype is not None and t.is_floating_point() and not name.endswith(".scales"):
+            t = t.to(dtype)
+        state[name] = t
+
+    for k, t in iter_tensors(files):
+        name = from_checkpoint_name(k, spec)
+        prefix, _, leaf = name.rpartition(".")
+        if qcfg.version != "gemv" or leaf not in ("qweight", "qzeros", "scales"):
+            put(name, t)
+            continue
+        parts = pending.setdefault(prefix, {})
+        parts[leaf] = t
+        if len(parts) == 3:
+            del pending[prefix]
+            converted = gemv_to_gemm(parts["qweight"], parts["qzeros"], parts["scales"], qcfg.group_size, qcfg.bits)
+            for leaf, t in zip(("qweight", "qzeros", "scales"), converted):
+                put(f"{prefix}.{leaf}", t)
+    if pending:
+        name = next(iter(pending))
+        raise ValueError(f"GEMV checkpoint: {name} lacks {sorted({'qweight', 'qzeros', 'scales'} - set(pending[name]))}")
     return state

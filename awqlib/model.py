@@ -346,12 +346,11 @@ class AWQModel(nn.Module):
 _DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def place_with_accelerate(model: nn.Module, device_map: str | dict, max_memory: dict | None,
-                          dtype: torch.dtype, offload_folder: str | os.PathLike | None = None) -> dict:
-    """Spread a loaded model over devices with accelerate (``infer_auto_device_map`` with the model's
-    ``_no_split_modules``, so a decoder block is never cut, then ``dispatch_model``).  Quantized
-    linears hold their tensors as buffers, so offloaded modules offload buffers too.  Returns the map."""
-    from accelerate import dispatch_model, infer_auto_device_map
+def plan_device_map(model: nn.Module, device_map: str | dict, max_memory: dict | None, dtype: torch.dtype,
+                    offload_folder: str | os.PathLike | None = None) -> dict:
+    """accelerate's placement of ``model`` (may be on the meta device): ``infer_auto_device_map`` with
+    the model's ``_no_split_modules``, so a decoder block is never cut; a dict is taken as given."""
+    from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory
 
     no_split = sorted(getattr(model, "_no_split_modules", None) or [])
@@ -369,11 +368,37 @@ def place_with_accelerate(model: nn.Module, device_map: str | dict, max_memory: 
         raise ValueError("the device_map offloads modules to disk "
                          f"({[k for k, v in device_map.items() if v == 'disk'][:3]}...): pass "
                          "offload_folder=... (a folder for the offloaded tensors), or give max_memory more room")
-    dispatch_model(model, device_map, offload_dir=offload_folder, offload_buffers=True,
-                   skip_keys=getattr(model, "_skip_keys_device_placement", None))
     log.info("awqlib: placed by accelerate: %s", ", ".join(
         f"{d}: {n} modules" for d, n in Counter(map(str, device_map.values())).items()))
     return device_map
+
+
+def _placer(device_map: dict):
+    """name -> the device its tensor is loaded to: the entry of its longest module prefix in the map
+    (cpu/disk entries load to the CPU; accelerate offloads them when it dispatches)."""
+    def place(name: str) -> torch.device:
+        for prefix in _prefixes(name):
+            if prefix in device_map:
+                d = device_map[prefix]
+                return torch.device("cpu") if d in ("cpu", "disk") else torch.device(
+                    d if not isinstance(d, int) else f"cuda:{d}")
+        raise ValueError(f"the device_map places no module containing {name}; add an entry for it "
+                         "(or '' for a default)")
+    return place
+
+
+def _prefixes(name: str):
+    parts = name.split(".")
+    for i in range(len(parts), -1, -1):
+        yield ".".join(parts[:i])
+
+
+def dispatch_with_accelerate(model: nn.Module, device_map: dict, offload_folder: str | os.PathLike | None) -> None:
+    """accelerate's ``dispatch_model`` on a planned map.  Quantized linears hold their tensors as
+    buffers, so offloaded modules offload buffers too."""
+    from accelerate import dispatch_model
+    dispatch_model(model, device_map, offload_dir=offload_folder, offload_buffers=True,
+                   skip_keys=getattr(model, "_skip_keys_device_placement", None))
 
 
 class AutoAWQ:
@@ -461,7 +486,13 @@ class AutoAWQ:
             if spec.experts is not None:
                 unfuse_experts(blk, spec.experts)
             _replace_linears(blk, qcfg, f"{prefix}.{i}.", device="meta")
-        state = load_quantized_state(files, spec, qcfg)
+        place = None
+        if device_map is not None:  # planned on the empty model; each tensor goes to its device as it is read
+            device_map = plan_device_map(model, device_map, max_memory, dtype, offload_folder)
+            place = _placer(device_map)
+        elif device.type != "cpu":
+            place = lambda name: device  # noqa: E731
+        state = load_quantized_state(files, spec, qcfg, dtype=dtype, place=place)
         expected = set(model.state_dict().keys())
         tied = bool(getattr(config, "tie_word_embeddings", False))
         missing = sorted(k for k in expected - set(state) if not (tied and k == "lm_head.weight"))
@@ -470,10 +501,8 @@ class AutoAWQ:
             raise ValueError(f"{folder} does not match a {config.model_type} model quantized with {qcfg}: "
                              f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-        for k, t in state.items():
-            if t.is_floating_point() and not k.endswith(".scales"):
-                state[k] = t.to(dtype)
         model.load_state_dict(state, strict=False, assign=True)
+        del state
         if tied:
             model.tie_weights()
         for name, p in list(model.named_parameters()) + list(model.named_buffers()):
@@ -494,7 +523,7 @@ class AutoAWQ:
             from .fuse import fuse_model
             fuse_model(wrapped)
         if device_map is not None:
-            place_with_accelerate(model, device_map, max_memory, dtype, offload_folder)
+            dispatch_with_accelerate(model, device_map, offload_folder)
             model.eval()
         else:
             model.to(device).eval()

@@ -88,13 +88,18 @@ if [ -f benchmarks/bench_generate.py ]; then
     --out "$OUT/bench_generate.json"
 fi
 
+# 6. Host memory while loading a checkpoint onto the GPU (tensors go to their device as they are read,
+#    casts happen there), with the CPU as the control.
+step bench_load 100 "$LOGS/bench_load.log" "$PY" benchmarks/bench_load.py --devices cpu cuda auto \
+  --dtype bfloat16 --layers 8 --out "$OUT/bench_load.json"
+
 # The reply shows only the end of the output: repeat the essentials last.
 echo "----- summary"
 grep -hE "^(FAILED|ERROR)" "$LOGS"/pytest_*.log 2>/dev/null | head -n 30
 grep -hE "passed|failed|error|Segmentation" "$LOGS"/pytest_*.log 2>/dev/null | tail -n 10
 sed -n '/^summary/,$p' "$LOGS/tune_kernels.log" 2>/dev/null
 sed -n '/^targets/,$p' "$LOGS/bench_kernels.log" 2>/dev/null
-grep -E "^\|" "$LOGS/bench_generate.log" 2>/dev/null
+grep -hE "^\|" "$LOGS/bench_generate.log" "$LOGS/bench_load.log" 2>/dev/null
 tar czf "$OUT/logs.tgz" -C "$LOGS" .
 echo "gpu_check: overall status $status (0 = all steps passed); outputs in $OUT" | tee -a "$LOG"
 ls -la "$OUT" | tee -a "$LOG"

@@ -4,11 +4,17 @@ checkpoint loads over several devices, the CPU and the disk with the same logits
 
 Hooks on the CPU exercise the whole path here; the multi-GPU cases need two GPUs and skip without."""
 
+import json
+
 import pytest
 import torch
 from accelerate import dispatch_model
 
 from awqlib import AutoAWQ
+from awqlib.arch import get_spec
+from awqlib.checkpoint import load_quantized_state, safetensors_files
+from awqlib.config import QuantConfig
+from awqlib.model import _placer
 from conftest import assert_same_checkpoint, tiny_model
 
 QC = {"q_group_size": 64}
@@ -166,3 +172,31 @@ def test_quantize_on_placed_gpu_model(src, tmp_path, calib_ids):
     assert all(t.is_cuda for t in w.model.model.layers[1].buffers())
     with torch.no_grad():
         assert torch.isfinite(w(input_ids=calib_ids[:2].cuda()).logits).all()
+
+
+def test_loader_places_each_tensor_as_it_is_read(quantized):
+    """from_quantized's loader hands every tensor to ``place`` right after reading it (the host never
+    holds the whole model): sent to the meta device here, nothing stays behind, dtypes are cast."""
+    cfg = json.loads((quantized / "config.json").read_text())
+    seen = []
+
+    def place(name):
+        seen.append(name)
+        return torch.device("meta")
+
+    state = load_quantized_state(safetensors_files(quantized), get_spec(cfg["model_type"]),
+                                 QuantConfig.from_dict(cfg["quantization_config"]), dtype=torch.bfloat16, place=place)
+    assert sorted(seen) == sorted(state) and all(t.device.type == "meta" for t in state.values())
+    assert state["model.norm.weight"].dtype == torch.bfloat16
+    assert state["model.layers.0.mlp.up_proj.scales"].dtype == torch.float16  # the format's dtype, kept
+    assert state["model.layers.0.mlp.up_proj.qweight"].dtype == torch.int32
+
+
+def test_placer_resolves_module_prefixes():
+    place = _placer({"model.embed_tokens": 0, "model.layers.0": "cuda:1", "model.layers.1": "disk", "": "cpu"})
+    assert place("model.embed_tokens.weight") == torch.device("cuda:0")
+    assert place("model.layers.0.mlp.up_proj.qweight") == torch.device("cuda:1")
+    assert place("model.layers.1.self_attn.q_proj.scales") == torch.device("cpu")  # offloaded at dispatch
+    assert place("lm_head.weight") == torch.device("cpu")
+    with pytest.raises(ValueError, match="places no module containing lm_head.weight"):
+        _placer({"model": 0})("lm_head.weight")

@@ -1,0 +1,127 @@
+"""Host memory while loading a quantized checkpoint: ``from_quantized`` reads one tensor at a time and
+sends it to its device at once, so loading onto a GPU (or over several, ``device_map``) should add
+little to the host's resident memory, whatever the checkpoint's size.  On ``--device cpu`` the model
+lives in host memory, so the growth is about the checkpoint's size: the control.
+
+A random Llama (bench_memory's config, ``--layers`` blocks) is quantized round-to-nearest (lazily,
+so building it costs little memory), then each device is loaded in a child process of its own; the
+child samples its anonymous RSS every millisecond during the load (file pages that safetensors maps
+are page cache, not counted).
+
+    python benchmarks/bench_load.py --devices cpu cuda auto --dtype bfloat16 --layers 8 --out bench_load.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_memory import CONFIG, build  # noqa: E402
+
+
+def anon_rss() -> int:
+    """Anonymous resident memory in bytes (Linux): what the process itself holds.  Plain RSS would
+    also count the checkpoint's pages that safetensors maps while reading, which are clean page
+    cache the kernel reclaims at will, not memory the load needs."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakRSS:
+    """Highest anonymous RSS seen by a sampling thread between ``start()`` and ``stop()``."""
+
+    def __init__(self, period_s: float = 0.001):
+        self.period, self.peak, self._run = period_s, 0, False
+
+    def _loop(self):
+        while self._run:
+            self.peak = max(self.peak, anon_rss())
+            time.sleep(self.period)
+
+    def start(self):
+        self._run, self.peak = True, anon_rss()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+
+    def stop(self) -> int:
+        self._run = False
+        self._t.join()
+        return max(self.peak, anon_rss())
+
+
+def child(ckpt: str, device: str, dtype: str) -> None:
+    import torch
+    from awqlib import AutoAWQ
+    if torch.cuda.is_available() and device != "cpu":
+        torch.zeros(1, device=device if device != "auto" else "cuda")  # the CUDA context and the kernels
+        # are not part of loading
+        from awqlib import kernels
+        kernels.load()
+    baseline = anon_rss()
+    peak = PeakRSS()
+    peak.start()
+    t0 = time.perf_counter()
+    kw = {"device_map": "auto"} if device == "auto" else {"device": device}
+    m = AutoAWQ.from_quantized(ckpt, torch_dtype=dtype, **kw)
+    wall = time.perf_counter() - t0
+    top = peak.stop()
+    with torch.no_grad():
+        dev = next(m.model.parameters()).device
+        ok = bool(torch.isfinite(m(input_ids=torch.tensor([[1, 2, 3]], device=dev)).logits).all())
+    print(json.dumps({"device": device, "dtype": str(next(m.model.parameters()).dtype), "load_s": round(wall, 2), "baseline_rss_bytes": baseline,
+                      "peak_rss_growth_bytes": top - baseline, "finite_logits": ok}))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--devices", nargs="+", default=["cpu"], help="cpu, cuda, cuda:1, auto (device_map)")
+    ap.add_argument("--dtype", default="auto", help="torch_dtype of the loaded model (bfloat16: every "
+                    "non-quantized tensor of the fp16 checkpoint is cast while loading)")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--out", default="bench_load.json")
+    ap.add_argument("--child", nargs=3)
+    a = ap.parse_args()
+    if a.child:
+        child(*a.child)
+        return
+    CONFIG["num_hidden_layers"] = a.layers
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="awqlib-load-"))
+    src, q = work / "src", work / "q"
+    if not (src / "config.json").exists():
+        build(src)
+    if not (q / "config.json").exists():
+        from awqlib import AutoAWQ
+        AutoAWQ.from_pretrained(str(src), lazy=True).quantize(None, {"w_bit": 4, "q_group_size": 128},
+                                                              method="rtn", save_dir=q, device="cpu")
+    size = sum(f.stat().st_size for f in q.glob("*.safetensors"))
+    rows = []
+    for dev in a.devices:
+        res = subprocess.run([sys.executable, __file__, "--child", str(q), dev, a.dtype], capture_output=True, text=True)
+        if res.returncode:
+            print(f"{dev}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
+            continue
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        r["ratio"] = round(r["peak_rss_growth_bytes"] / size, 3)
+        rows.append(r)
+    print(f"checkpoint: {size / 1e9:.2f} GB ({a.layers} blocks)\n"
+          "| device | dtype | load | host anonymous RSS growth (peak) | / checkpoint |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['device']} | {r['dtype']} | {r['load_s']} s | {r['peak_rss_growth_bytes'] / 1e9:.3f} GB | {r['ratio']:.1%} |")
+    Path(a.out).write_text(json.dumps({"checkpoint_bytes": size, "layers": a.layers, "dtype": a.dtype, "runs": rows},
+                                      indent=2))
+
+
+if __name__ == "__main__":
+    main()
