@@ -417,6 +417,11 @@ class AutoAWQ:
                              "AutoAWQ.from_quantized, or quantize the original fp16/bf16 model")
         spec = get_spec(config.model_type)
         if lazy:
+            if kwargs:
+                raise ValueError(
+                    f"lazy=True reads blocks straight from the safetensors files; {sorted(kwargs)} do not apply "
+                    "(device_map in particular: a lazy run puts one block at a time on quantize(device=...)). "
+                    "Drop them, or load without lazy=True to use them.")
             from accelerate import init_empty_weights
             folder = resolve_folder(model_path)
             reader = lazy_mod.ShardReader(folder)

@@ -70,6 +70,11 @@ def test_quantize_refuses_device_other_than_placement(src, calib_ids):
         w.quantize(None, QC, calib_data=list(calib_ids), device="cuda", **KW)
 
 
+def test_lazy_refuses_device_map(src):
+    with pytest.raises(ValueError, match=r"lazy=True .*\['device_map'\] do not apply"):
+        AutoAWQ.from_pretrained(str(src), lazy=True, device_map="auto")
+
+
 def test_quantize_refuses_split_block(src, calib_ids):
     w = _placed(src, _device_map(["cpu", "cpu"]))
     w.model.model.layers[1].mlp.to(torch.device("meta"))  # stands in for a block cut in two by a custom map
