@@ -48,17 +48,18 @@ def _eval(a) -> int:
 
     if a.device_map and a.device:
         raise SystemExit("pass --device or --device-map, not both")
-    where = {"device_map": _device_map(a.device_map)} if a.device_map else {"device": a.device or "cpu"}
+    device = a.device or "cpu"
+    where = {"device_map": _device_map(a.device_map)} if a.device_map else {"device": device}
     try:
         model = AutoAWQ.from_quantized(a.ckpt, **where)
     except ValueError as e:
         if "no quantization_config" not in str(e):
             raise
-        on_cpu = where.get("device") == "cpu"
-        model = AutoAWQ.from_pretrained(a.ckpt, torch_dtype="float32" if on_cpu else "auto",
-                                        **({"device_map": where["device_map"]} if a.device_map else {}))
-        if not a.device_map:
-            model.model.to(where["device"])
+        if a.device_map:  # not quantized: transformers places it
+            model = AutoAWQ.from_pretrained(a.ckpt, torch_dtype="auto", **where)
+        else:
+            model = AutoAWQ.from_pretrained(a.ckpt, torch_dtype="float32" if device == "cpu" else "auto")
+            model.model.to(device)
     tok = model.tokenizer or AutoTokenizer.from_pretrained(a.ckpt)
     ppl = perplexity(model, load_eval_tokens(tok, a.text), a.seqlen, a.windows)
     print(json.dumps({"checkpoint": a.ckpt, "perplexity": round(ppl, 4), "seqlen": a.seqlen, "windows": a.windows}))

@@ -25,17 +25,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_memory import CONFIG, build  # noqa: E402
+from bench_memory import CONFIG, build, rss_now  # noqa: E402
 
 
 def anon_rss() -> int:
-    """Anonymous resident memory in bytes (Linux): what the process itself holds.  Plain RSS would
-    also count the checkpoint's pages that safetensors maps while reading, which are clean page
-    cache the kernel reclaims at will, not memory the load needs."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    """Anonymous resident memory in bytes: what the process itself holds.  Plain RSS would also
+    count the checkpoint's pages that safetensors maps while reading, which are clean page cache
+    the kernel reclaims at will, not memory the load needs."""
+    return rss_now("RssAnon")
 
 
 class PeakRSS:

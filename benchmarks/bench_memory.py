@@ -25,10 +25,10 @@ CONFIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=36, nu
               num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
 
 
-def rss_now() -> int:
-    """Current resident set size in bytes (Linux)."""
+def rss_now(field: str = "VmRSS") -> int:
+    """Current resident set size in bytes (Linux); ``field`` "RssAnon": its anonymous part only."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
 

@@ -93,12 +93,9 @@ def smollm2_available() -> bool:
 
 
 def checkpoint_tensors(folder) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint folder's safetensors shards."""
-    from safetensors.torch import load_file
-    out = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
+    """Every tensor of a checkpoint folder's safetensors shards (read as awqlib reads them)."""
+    from awqlib.checkpoint import iter_tensors, safetensors_files
+    return dict(iter_tensors(safetensors_files(Path(folder))))
 
 
 def assert_same_checkpoint(a, b) -> None:
