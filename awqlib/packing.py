@@ -86,9 +86,10 @@ def pack_awq(qweight_t: torch.Tensor, zeros_t: torch.Tensor, bits: int = 4) -> t
 
 def dequantize_gemm(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                     group_size: int, bits: int = 4, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """GEMM (or warp-tiled) layout -> dense W^T [K, N] in ``dtype`` (default: the scales' dtype)."""
+    """Any layout (GEMM, warp-tiled, stream) -> dense W^T [K, N] in ``dtype`` (default: the scales' dtype)."""
     dtype = dtype or scales.dtype
-    q = unpack_columns(as_gemm_layout(qweight), bits)  # [K, N]
+    qweight, qzeros, scales = as_gemm_params(qweight, qzeros, scales)
+    q = unpack_columns(qweight, bits)  # [K, N]
     z = unpack_columns(qzeros, bits)                  # [K/g, N]
     k = q.shape[0]
     g = k if group_size in (-1, 0) else group_size
@@ -141,9 +142,129 @@ def untile_from_kernels(qtiled: torch.Tensor) -> torch.Tensor:
     return t.permute(1, 3, 0, 2).reshape(kc * TILE_K, nb * 8).contiguous()
 
 
+# --- The stream runtime layout (never on disk) ---------------------------------------------
+#
+# What csrc/awq_stream.cu reads: the Marlin/vLLM atom order, with AWQ zero points.  The weight is
+# cut into atoms of 16 k-rows x 64 output columns (512 bytes); atom (nt, kt) is stored at
+# qweight_stream[nt, kt] as 128 words, 4 per lane, lane l = 4 g + q owning words 4 l .. 4 l + 3
+# (one 16-byte shared-memory load).  Word j of lane (g, q) holds the codes of columns
+# c0 = 16 j + g and c1 = c0 + 8 at rows r = (2q, 2q+1, 2q+8, 2q+9) of the atom, nibble i holding
+# (r[STREAM_NIBBLES[i][0]], c0 or c1 per STREAM_NIBBLES[i][1]).  For mma.m16n8k16 that is:
+#
+#   (w & 0x000f000f)  -> rows (2q, 2q+1)  of column c0: b0 of n8-tile 2j, slot g
+#   (w & 0x00f000f0)  -> rows (2q+8, 2q+9) of column c0 (times 16): b1 of n8-tile 2j
+#   the same on (w >> 8)                  -> b0, b1 of n8-tile 2j + 1 (column c1)
+#
+# so the k-pairs the B fragment needs come out of one lop3 each: no byte permute, one shift per
+# 8 weights (the GEMM layout pairs adjacent *columns* and needs a PRMT per pair).  Atoms are
+# stored column-strip major ([N/64][K/16]): a CTA owning 64 a columns streams `a` contiguous
+# runs along K.
+#
+# Scales and zeros are permuted inside every 64-column block so that lane g finds the 8 columns
+# it dequantizes (c0, c1 of words 0..3) in one 16-byte vector of scales and one int32 of zeros:
+#   scales_stream[grp, 64 nt + 8 g + 2 j + h]            = scales[grp, 64 nt + 16 j + 8 h + g]
+#   nibble i of qzeros_stream[grp, 8 nt + g]             = zero of column 64 nt + 16 (i % 4) + 8 (i // 4) + g
+# (nibbles (j, j + 4) = (c0, c1) of word j: one lop3 gives both as an fp16 pair).  Same bytes as
+# the GEMM layout: 4 + 16/g + 4/g bits per weight.
+STREAM_K, STREAM_N = 16, 64
+STREAM_NIBBLES = ((0, 0), (2, 0), (0, 1), (2, 1), (1, 0), (3, 0), (1, 1), (3, 1))  # (row index, c1?)
+
+
+def _stream_weight_index() -> torch.Tensor:
+    """[128, 8]: position (row * 64 + column) inside the 16x64 atom of nibble i of word 4 l + j."""
+    idx = torch.empty(128, 8, dtype=torch.int64)
+    for lane in range(32):
+        g, q = divmod(lane, 4)
+        rows = (2 * q, 2 * q + 1, 2 * q + 8, 2 * q + 9)
+        for j in range(4):
+            for i, (ri, hi) in enumerate(STREAM_NIBBLES):
+                idx[4 * lane + j, i] = rows[ri] * STREAM_N + 16 * j + 8 * hi + g
+    return idx
+
+
+STREAM_WEIGHT_INDEX = _stream_weight_index()
+# Column of a 64-column block held at position p of the permuted scales / zero codes.
+STREAM_SCALE_COLS = tuple(16 * ((p % 8) // 2) + 8 * (p % 2) + p // 8 for p in range(64))
+STREAM_ZERO_COLS = tuple(16 * ((p % 8) % 4) + 8 * ((p % 8) // 4) + p // 8 for p in range(64))
+
+
+def can_stream(in_features: int, out_features: int, group_size: int, bits: int = 4) -> bool:
+    g = in_features if group_size in (-1, 0) else group_size
+    return bits == 4 and out_features % STREAM_N == 0 and in_features % STREAM_K == 0 and g % STREAM_K == 0
+
+
+def _check_stream_shape(k: int, n: int, what: str) -> None:
+    if k % STREAM_K or n % STREAM_N:
+        raise ValueError(f"{what}: the stream layout needs K % {STREAM_K} == 0 and N % {STREAM_N} == 0, "
+                         f"got K={k}, N={n}")
+
+
+def stream_qweight(qweight: torch.Tensor) -> torch.Tensor:
+    """GEMM-layout qweight [K, N/8] -> stream layout [N/64, K/16, 128] (see above)."""
+    k, n8 = qweight.shape
+    _check_stream_shape(k, n8 * 8, "stream_qweight")
+    codes = unpack_columns(qweight).to(torch.int64)                               # [K, N]
+    atoms = codes.view(k // STREAM_K, STREAM_K, n8 // 8, STREAM_N).permute(2, 0, 1, 3)
+    atoms = atoms.reshape(n8 // 8, k // STREAM_K, STREAM_K * STREAM_N)
+    nib = atoms[..., STREAM_WEIGHT_INDEX.to(qweight.device)]                       # [NT, KT, 128, 8]
+    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int64)
+    words = (nib << shifts).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+
+
+def unstream_qweight(qstream: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`stream_qweight`: [N/64, K/16, 128] -> GEMM layout [K, N/8]."""
+    if qstream.dim() != 3 or qstream.shape[2] != 128:
+        raise ValueError(f"unstream_qweight: expected [N/64, K/16, 128], got {tuple(qstream.shape)}")
+    nt, kt, _ = qstream.shape
+    shifts = torch.arange(0, 32, 4, device=qstream.device, dtype=torch.int32)
+    nib = (qstream.unsqueeze(-1) >> shifts) & 0xF                                   # [NT, KT, 128, 8]
+    atoms = torch.empty(nt, kt, STREAM_K * STREAM_N, dtype=torch.int32, device=qstream.device)
+    atoms[..., STREAM_WEIGHT_INDEX.to(qstream.device)] = nib
+    codes = atoms.view(nt, kt, STREAM_K, STREAM_N).permute(1, 2, 0, 3).reshape(kt * STREAM_K, nt * STREAM_N)
+    return pack_columns(codes)
+
+
+def _permute_cols(t: torch.Tensor, cols: tuple[int, ...], inverse: bool) -> torch.Tensor:
+    idx = torch.tensor(cols, device=t.device)
+    if inverse:
+        idx = torch.argsort(idx)
+    r, n = t.shape
+    return t.view(r, n // STREAM_N, STREAM_N)[..., idx].reshape(r, n).contiguous()
+
+
+def stream_scales(scales: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """scales [K/g, N] -> the stream layout's per-lane order (``inverse=True``: back)."""
+    _check_stream_shape(STREAM_K, scales.shape[1], "stream_scales")
+    return _permute_cols(scales, STREAM_SCALE_COLS, inverse)
+
+
+def stream_qzeros(qzeros: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """GEMM-layout qzeros [K/g, N/8] -> the stream layout's (same shape; ``inverse=True``: back)."""
+    _check_stream_shape(STREAM_K, qzeros.shape[1] * 8, "stream_qzeros")
+    if inverse:
+        return pack_columns(_permute_cols(unpack_columns(qzeros, interleave=False), STREAM_ZERO_COLS, True))
+    return pack_columns(_permute_cols(unpack_columns(qzeros), STREAM_ZERO_COLS, False), interleave=False)
+
+
+def is_stream(qweight: torch.Tensor) -> bool:
+    return qweight.dim() == 3 and qweight.shape[2] == 128
+
+
 def as_gemm_layout(qweight: torch.Tensor) -> torch.Tensor:
     """qweight in the GEMM layout, whichever layout it is stored in."""
-    return untile_from_kernels(qweight) if qweight.dim() == 3 else qweight
+    if qweight.dim() != 3:
+        return qweight
+    return unstream_qweight(qweight) if is_stream(qweight) else untile_from_kernels(qweight)
+
+
+def as_gemm_params(qweight: torch.Tensor, qzeros: torch.Tensor,
+                   scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(qweight, qzeros, scales) in the GEMM layout from any layout; the qweight's shape tells
+    which (the stream layout also permutes qzeros and scales, the warp-tiled one does not)."""
+    if is_stream(qweight):
+        return unstream_qweight(qweight), stream_qzeros(qzeros, inverse=True), stream_scales(scales, inverse=True)
+    return as_gemm_layout(qweight), qzeros, scales
 
 
 # --- AutoAWQ's GEMV layout, read at load time and converted to the GEMM layout ----------

@@ -138,3 +138,140 @@ def test_tile_refuses_bad_shapes():
         tile_for_kernels(torch.zeros(64, 4, dtype=torch.int32))
     with pytest.raises(ValueError, match="256"):
         untile_from_kernels(torch.zeros(1, 1, 128, dtype=torch.int32))
+
+
+# --- stream runtime layout (csrc/awq_stream.cu) ------------------------------------------------
+
+STREAM_SHAPES = [(16, 64, 16), (64, 192, 32), (256, 128, 64), (384, 256, 128), (256, 64, -1)]
+
+
+def _random_awq(K, N, g, dtype=torch.float16):
+    gs = K if g == -1 else g
+    codes = torch.randint(0, 16, (K, N), dtype=torch.int32)
+    zeros = torch.randint(0, 16, (K // gs, N), dtype=torch.int32)
+    scales = ((torch.rand(K // gs, N) * 0.01 + 1e-4) * torch.where(torch.rand(K // gs, N) < 0.2, -1.0, 1.0)).to(dtype)
+    qweight, qzeros = pack_columns(codes), pack_columns(zeros)
+    return codes, zeros, qweight, qzeros, scales
+
+
+def test_stream_index_is_a_permutation_of_the_atom():
+    from awqlib.packing import STREAM_SCALE_COLS, STREAM_WEIGHT_INDEX, STREAM_ZERO_COLS
+    assert sorted(STREAM_WEIGHT_INDEX.flatten().tolist()) == list(range(16 * 64))
+    assert sorted(STREAM_SCALE_COLS) == list(range(64)) and sorted(STREAM_ZERO_COLS) == list(range(64))
+
+
+@pytest.mark.parametrize("K,N,g", STREAM_SHAPES)
+def test_stream_layout_spec_and_roundtrip(K, N, g):
+    """Every nibble lands where the kernel's lane reads it (explicit loops as the spec), and
+    unstream(stream(q)) == q for the weights, zeros and scales."""
+    from awqlib.packing import (STREAM_NIBBLES, stream_qweight, stream_qzeros, stream_scales, unstream_qweight)
+    codes, zeros, qweight, qzeros, scales = _random_awq(K, N, g)
+    qs = stream_qweight(qweight)
+    assert qs.shape == (N // 64, K // 16, 128) and qs.dtype == torch.int32
+    words = qs.to(torch.int64) & 0xFFFFFFFF
+    for nt in range(N // 64):
+        for kt in range(K // 16):
+            for lane in (0, 5, 17, 31):
+                g_, q = divmod(lane, 4)
+                rows = (2 * q, 2 * q + 1, 2 * q + 8, 2 * q + 9)
+                for j in range(4):
+                    w = int(words[nt, kt, 4 * lane + j])
+                    for i, (ri, hi) in enumerate(STREAM_NIBBLES):
+                        col = 64 * nt + 16 * j + 8 * hi + g_
+                        assert (w >> (4 * i)) & 0xF == codes[16 * kt + rows[ri], col]
+    zs, ss = stream_qzeros(qzeros), stream_scales(scales)
+    zw = zs.to(torch.int64) & 0xFFFFFFFF
+    for grp in range(zs.shape[0]):
+        for nt in range(N // 64):
+            for g_ in range(8):
+                for j in range(4):
+                    for h in range(2):
+                        col = 64 * nt + 16 * j + 8 * h + g_
+                        assert ss[grp, 64 * nt + 8 * g_ + 2 * j + h] == scales[grp, col]
+                        assert (int(zw[grp, 8 * nt + g_]) >> (4 * (j + 4 * h))) & 0xF == zeros[grp, col]
+    assert torch.equal(unstream_qweight(qs), qweight)
+    assert torch.equal(stream_qzeros(zs, inverse=True), qzeros)
+    assert torch.equal(stream_scales(ss, inverse=True), scales)
+
+
+def _half_pairs(words: torch.Tensor, dtype) -> torch.Tensor:
+    """int32 [...] -> [..., 2] of ``dtype``: the two 16-bit halves (low first), raw bits."""
+    return words.contiguous().view(dtype).view(*words.shape, 2)
+
+
+def emulate_stream_dequant(qs, zs, ss, group_size, dtype):
+    """Dense W^T [K, N] computed exactly the way csrc/awq_stream.cu dequantizes a lane's words:
+    lop3 with the magic exponent, (magic + q) - (magic + z) exact, the fp16 high-nibble path as
+    fma(hi, 1/16, -(64 + z)), one rounding by the scale; and placed by the mma B-fragment map
+    (lane (g, q), word j -> n8-tiles 2j / 2j+1, slot g, k-pairs 2q / 2q+8)."""
+    nt_, kt_, _ = qs.shape
+    K, N = 16 * kt_, 64 * nt_
+    gs = K if group_size == -1 else group_size
+    out = torch.full((K, N), float("nan"), dtype=dtype)
+    u = qs.to(torch.int64) & 0xFFFFFFFF
+    zu = zs.to(torch.int64) & 0xFFFFFFFF
+    fp16 = dtype == torch.float16
+    magic = 0x64006400 if fp16 else 0x43004300
+
+    def lop3(w, mask, c):  # (w & mask) | c -> int32 bits
+        v = (w & mask) | c
+        return torch.where(v >= 2**31, v - 2**32, v).to(torch.int32)
+
+    one16 = torch.tensor(1 / 16, dtype=dtype)
+    for lane in range(32):
+        g, q = divmod(lane, 4)
+        for j in range(4):
+            w = u[:, :, 4 * lane + j]                                            # [NT, KT]
+            kt_idx = torch.arange(kt_)
+            grp = (16 * kt_idx) // gs                                            # [KT]
+            zword = zu[grp][:, g::8].t()                                         # [NT, KT]: lane g's zero word
+            zlo = _half_pairs(lop3(zword >> (4 * j), 0x000F000F, magic), dtype)  # (magic + z_c0, magic + z_c1)
+            s2 = ss[grp].view(kt_, nt_, 64)[:, :, 8 * g + 2 * j: 8 * g + 2 * j + 2].permute(1, 0, 2)  # [NT, KT, 2]
+            if fp16:
+                # 64.0 has ulp 1/16: the zero goes to bits 4..7 -> (64 + z_c0, 64 + z_c1)
+                zhi = _half_pairs(lop3((zword << 4) >> (4 * j), 0x00F000F0, 0x54005400), dtype)
+                parts = [(w, 0x000F000F, False), (w, 0x00F000F0, True), (w >> 8, 0x000F000F, False),
+                         (w >> 8, 0x00F000F0, True)]
+            else:  # bf16 has 7 mantissa bits: a nibble at bits 4..7 would reach the exponent
+                parts = [(w, 0x000F000F, False), (w >> 4, 0x000F000F, False), (w >> 8, 0x000F000F, False),
+                         (w >> 12, 0x000F000F, False)]
+            for pi, (src, mask, high) in enumerate(parts):
+                col_half = pi // 2                                               # 0: c0, 1: c1
+                v = _half_pairs(lop3(src, mask, magic), dtype)                   # [NT, KT, 2]
+                if high:
+                    d = (v.float() * one16.float() - zhi[..., col_half:col_half + 1].float()).to(dtype)
+                else:
+                    d = v - zlo[..., col_half:col_half + 1]
+                d = d * s2[..., col_half:col_half + 1]                           # one rounding
+                rows = (2 * q + 8 * (pi % 2), 2 * q + 8 * (pi % 2) + 1)           # b0: 2q.., b1: 2q+8..
+                col = 16 * j + 8 * col_half + g                                  # n8-tile 2j + col_half, slot g
+                for e in range(2):
+                    kk = (16 * torch.arange(kt_)).view(1, -1) + rows[e]
+                    nn_ = (64 * torch.arange(nt_)).view(-1, 1) + col
+                    out[kk.expand(nt_, -1), nn_.expand(-1, kt_)] = d[..., e]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("K,N,g", STREAM_SHAPES)
+def test_stream_dequant_bit_identical(K, N, g, dtype):
+    """The kernel's arithmetic on the stream layout gives W^T bit for bit equal to dequantizing the
+    GEMM layout (and so does the reference op on stream tensors)."""
+    from awqlib.packing import stream_qweight, stream_qzeros, stream_scales
+    _, _, qweight, qzeros, scales = _random_awq(K, N, g)
+    sc = scales.to(dtype)
+    ref = dequantize_gemm(qweight, qzeros, sc, g)
+    qs, zs, ss = stream_qweight(qweight), stream_qzeros(qzeros), stream_scales(sc)
+    emu = emulate_stream_dequant(qs, zs, ss, g, dtype)
+    assert torch.equal(emu, ref)
+    assert torch.equal(dequantize_gemm(qs, zs, ss, g), ref)
+
+
+def test_stream_refuses_bad_shapes():
+    from awqlib.packing import stream_qweight, unstream_qweight
+    with pytest.raises(ValueError, match="K % 16"):
+        stream_qweight(torch.zeros(24, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="N % 64"):
+        stream_qweight(torch.zeros(32, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="128"):
+        unstream_qweight(torch.zeros(1, 1, 256, dtype=torch.int32))
