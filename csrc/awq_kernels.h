@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cuda_runtime.h>
+#include <cstddef>
 #include <cstdint>
 
 namespace awq {
@@ -58,6 +59,22 @@ void launch_dequant(DType dt, const int32_t* qweight, const int32_t* qzeros, con
 constexpr int kTileN = 64, kTileK = 32, kTileWords = 256;
 void launch_dequant_tiled(DType dt, const int32_t* qweight, const int32_t* qzeros, const void* scales, void* out,
                           int K, int N, int group_size, cudaStream_t stream);
+
+// ---- Streaming tensor-core kernel on the stream layout (awqlib/packing.py): M in [1, kStreamMaxM].
+//      qweight int4 atoms [N/64, K/16, 128 words], scales/qzeros permuted per lane.  Needs a
+//      workspace of workspace_floats fp32 and `counters` int32 zeroed on the launch stream
+//      (per call: concurrent launches never share them).
+constexpr int kStreamMaxM = 64;
+struct StreamPlan {
+  int grid;                 // CTAs (persistent: at most SMs x CTAs per SM)
+  int per;                  // (slice, k-tile) units per CTA
+  int slices;               // 128-column slices
+  size_t workspace_floats;  // fp32 partials of split slices
+  int counters;             // arrival counters (one per slice)
+};
+bool stream_supports(int M, int N, int K, int group_size);
+StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms);
+void launch_stream(DType dt, const GemmArgs& a, const StreamPlan& plan, cudaStream_t stream);
 
 // Requirements of the fused kernels (GEMV and GEMM); other shapes take dequantize + cuBLAS.
 constexpr int kFusedNMultiple = 64;   // one warp of the GEMM covers 64 columns

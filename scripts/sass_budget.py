@@ -19,7 +19,9 @@ Hot loop: every backward branch ``BRA target`` at address a (target <= a) closes
 [target, a]; the hot loop is the one holding the most HMMA, then the most other math instructions
 (HFMA2, HMUL2, HADD2, FFMA, ...; a CUDA-core kernel has no HMMA), the innermost on a tie.  Its static instruction count (NOPs excluded) is the
 cost of one iteration; forward branches inside (conditional prefetch) are counted as taken, so
-this is an upper bound of the issued count.  How many weight bytes one iteration streams is
+this is an upper bound of the issued count, except that code skipped by a forward branch and
+holding global stores (an epilogue such as a slice-end flush, run once per output tile) is
+reported separately as ``cold`` and not counted per iteration.  How many weight bytes one iteration streams is
 kernel knowledge: ``SPECS`` below derives it from the template arguments in the mangled name, and
 cross-checks it against the HMMA count where the kernel uses tensor cores.
 
@@ -112,7 +114,7 @@ def _parse_template_args(s: str, i: int) -> tuple[list, int]:
 
 def kernel_name(mangled: str) -> tuple[str, list]:
     """('awq_skinny_kernel', ['__half', 1, 2, True]) from a mangled entry name."""
-    for m in re.finditer(r"(\d+)(awq_\w+)", mangled):
+    for m in re.finditer(r"(?=(\d+)(awq_\w+))", mangled):  # lookahead: overlapping candidates
         n = int(m.group(1))
         name = m.group(2)[:n]
         rest = m.start(2) + n
@@ -164,7 +166,17 @@ def _gemv_spec(args) -> Spec:
     return Spec(256, 0, 32 * 256 // 2, None)
 
 
+def _stream_spec(args) -> Spec:
+    # awq_stream_kernel<T, MB>: mirror of StreamCfg in csrc/awq_stream.cu (8 warps = 2 n-atoms x
+    # 4 k-slices of 4 atoms; a stage is 256 rows x 128 columns = 16 KB of weights).
+    _, mb = args
+    stages = {1: 3, 2: 5}.get(mb, 3)
+    stage = 16384 + 16 * mb * 512 + 8 * 128 * 2 + 8 * 16 * 4
+    return Spec(256, stages * stage + 16 * mb * 128 * 4, 16384, 4 * 8 * mb)
+
+
 SPECS = {
+    "awq_stream_kernel": _stream_spec,
     "awq_gemm_kernel": _gemm_spec,
     "awq_skinny_kernel": _skinny_spec,
     "awq_gemv_kernel": _gemv_spec,
@@ -227,19 +239,39 @@ class LoopStats:
     math: int
     by_op: dict = field(default_factory=dict)
     nested_loops: int = 0
+    cold_instructions: int = 0
+
+
+def cold_ranges(insns: list[Insn], s: int, e: int) -> list[tuple[int, int]]:
+    """Inside loop [s, e]: address ranges skipped by a forward conditional branch whose skipped
+    code stores to global memory (STG/ATOMG/RED): an epilogue (e.g. a slice-end flush) that runs
+    once per output tile, not once per iteration."""
+    out = []
+    for ins in insns:
+        if s <= ins.addr <= e and ins.op.startswith("BRA") and ins.pred:
+            m = re.search(r"0x([0-9a-f]+)", ins.text)
+            tgt = int(m.group(1), 16) if m else -1
+            if ins.addr < tgt <= e + 16:
+                body = [i for i in insns if ins.addr < i.addr < tgt]
+                if any(opclass(i.op) in ("STG", "ATOMG", "RED") for i in body):
+                    out.append((ins.addr + 1, tgt - 1))
+    return out
 
 
 def hot_loop(insns: list[Insn]) -> LoopStats | None:
     best = None
     all_loops = loops(insns)
     for (s, e) in all_loops:
-        body = [i for i in insns if s <= i.addr <= e and opclass(i.op) not in NOT_COUNTED]
+        cold = cold_ranges(insns, s, e)
+        body = [i for i in insns if s <= i.addr <= e and opclass(i.op) not in NOT_COUNTED
+                and not any(a <= i.addr <= b for a, b in cold)]
         by_op: dict[str, int] = {}
         for i in body:
             by_op[opclass(i.op)] = by_op.get(opclass(i.op), 0) + 1
         math = sum(by_op.get(o, 0) for o in MATH_OPS)
         nested = sum(1 for (s2, e2) in all_loops if (s2, e2) != (s, e) and s <= s2 and e2 <= e)
-        st = LoopStats(s, e, len(body), math, dict(sorted(by_op.items(), key=lambda kv: -kv[1])), nested)
+        n_cold = sum(1 for i in insns if any(a <= i.addr <= b for a, b in cold) and opclass(i.op) not in NOT_COUNTED)
+        st = LoopStats(s, e, len(body), math, dict(sorted(by_op.items(), key=lambda kv: -kv[1])), nested, n_cold)
         key = (st.by_op.get("HMMA", 0), st.math, -st.instructions)
         if best is None or key > (best.by_op.get("HMMA", 0), best.math, -best.instructions):
             best = st
