@@ -40,25 +40,29 @@ constexpr int kStThreads = 256;
 constexpr int kStWarps = kStThreads / 32;
 constexpr int kNA = 2;                          // 64-column n-atoms per CTA (one per n-warp)
 constexpr int kKW = kStWarps / kNA;             // warps along K
-constexpr int kKA = 4;                          // k16 atoms per warp per stage
 constexpr int kSliceN = 64 * kNA;               // output columns of a slice (128)
-constexpr int kStageK = 16 * kKA * kKW;         // k rows per stage (256)
 constexpr int kAtomWords = 128;                 // one 16x64 atom: 32 lanes x 4 words
-constexpr int kMaxGroupsPerStage = kStageK / 32;  // group_size >= 32
 static_assert(kStWarps % kNA == 0, "warps split evenly over n-atoms");
+
+// k16 atoms per warp per stage: 8 (a warp streams 4 KB per stage, which amortises the loader
+// and the ring bookkeeping: sass_budget.py), 4 at M > 32 where the activations take the room.
+constexpr int ka_for(int MB) { return MB == 4 ? 4 : 8; }
 
 template <int MB>
 struct StreamCfg {
-  // MB m16 tiles (M <= 16 MB).  Stages and CTAs per SM chosen so that >= 32-64 KB of weights are
-  // in flight per SM within 228 KB of shared memory (see kernels-v2.md §5.2).
-  static constexpr int kStages = MB == 1 ? 3 : MB == 2 ? 5 : 3;
-  static constexpr int kMinBlocks = MB == 1 ? 2 : 1;
+  // MB m16 tiles (M <= 16 MB).  One CTA of 8 warps per SM (as Marlin), kStages - 1 stages of
+  // 16-32 KB of weights in flight per SM, within 227 KB of shared memory per CTA.
+  static constexpr int kKA = ka_for(MB);
+  static constexpr int kStageK = 16 * kKA * kKW;                    // 512 (256 at MB = 4)
+  static constexpr int kMaxGroups = kStageK / 32;                    // group_size >= 32
+  static constexpr int kStages = 3;
+  static constexpr int kMinBlocks = 1;
   static constexpr int kRows = 16 * MB;
-  static constexpr int kBBytes = kNA * kKA * kKW * kAtomWords * 4;  // 16 KB
-  static constexpr int kARowBytes = kStageK * 2;                     // 512 B, 32 chunks of 16 B
+  static constexpr int kBBytes = kNA * kKA * kKW * kAtomWords * 4;  // 32 KB (16 KB)
+  static constexpr int kARowBytes = kStageK * 2;                     // 1 KB (512 B)
   static constexpr int kABytes = kRows * kARowBytes;
-  static constexpr int kSBytes = kMaxGroupsPerStage * kSliceN * 2;   // scales of up to 8 groups
-  static constexpr int kZBytes = kMaxGroupsPerStage * (kSliceN / 8) * 4;
+  static constexpr int kSBytes = kMaxGroups * kSliceN * 2;
+  static constexpr int kZBytes = kMaxGroups * (kSliceN / 8) * 4;
   static constexpr int kOffA = kBBytes;
   static constexpr int kOffS = kOffA + kABytes;
   static constexpr int kOffZ = kOffS + kSBytes;
@@ -137,21 +141,10 @@ template <> struct StreamDequant<__nv_bfloat16> {
   }
 };
 
-// Where a CTA's unit walk stands: column slice, k-tile in the slice, and the first group of the
-// k-tile (advanced by counters, never by division).
+// Where the loader's unit walk stands: column slice, k-tile in the slice, and the first group
+// of the k-tile with its sub-step counter (advanced by counters, never by division).
 struct Cursor {
   int slice, kt, grp, sub;
-  __device__ __forceinline__ void advance(int KT, int spg, int grp_step) {
-    if (++kt == KT) {
-      kt = 0;
-      ++slice;
-      grp = 0;
-      sub = 0;
-    } else if (++sub == spg) {
-      sub = 0;
-      grp += grp_step;
-    }
-  }
 };
 
 struct StreamParams {
@@ -169,7 +162,43 @@ struct StreamParams {
   int max_parts;  // workspace slots per slice
 };
 
-template <typename T, int MB>
+// Write slice `slice` from the CTA's fp32 sums `red` [rows][kSliceN]: straight to the output
+// when one CTA covered the whole slice, else into this part's workspace slot; the last part to
+// arrive adds the slots in part order (deterministic) and writes the output.  Out of line: it
+// runs once per slice and CTA, and keeps its divisions and stores out of the streaming loop.
+template <typename T>
+__device__ __noinline__ void write_slice(const float* red, T* __restrict__ out, float* __restrict__ ws,
+                                         int32_t* __restrict__ counters, const StreamParams& p, int slice, int rows) {
+  const int tid = threadIdx.x;
+  const int first = (slice * p.KT) / p.per;  // CTA holding the slice's first unit
+  const int last = ((slice + 1) * p.KT - 1) / p.per;
+  const int parts = last - first + 1;
+  const int n0 = slice * kSliceN;
+  if (parts == 1) {
+    for (int i = tid; i < rows * kSliceN; i += kStThreads) {
+      const int r = i / kSliceN, col = i % kSliceN;
+      if (n0 + col < p.N) out[(size_t)r * p.N + n0 + col] = Traits<T>::from_float(red[i]);
+    }
+    return;
+  }
+  const int part = blockIdx.x - first;
+  float* slot = ws + ((size_t)slice * p.max_parts + part) * rows * kSliceN;
+  for (int i = tid; i < rows * kSliceN; i += kStThreads) slot[i] = red[i];
+  if (!arrive_last(&counters[slice], parts)) return;
+  const float* base = ws + (size_t)slice * p.max_parts * rows * kSliceN;
+  for (int i = tid; i < rows * kSliceN; i += kStThreads) {
+    const int r = i / kSliceN, col = i % kSliceN;
+    float v = 0.f;
+    for (int s = 0; s < parts; ++s) v += __ldcg(base + (size_t)s * rows * kSliceN + i);
+    if (n0 + col < p.N) out[(size_t)r * p.N + n0 + col] = Traits<T>::from_float(v);
+  }
+}
+
+// EXACT: K % kStageK == 0 and N % kSliceN == 0, so no load needs a bounds predicate (the
+// instantiation real models run); otherwise tails are zero-filled.  FINE: group_size < 16 kKA, so
+// the group can change inside a warp's k-slice (group_size 32, 64); otherwise a warp loads its
+// scales and zeros once per stage.
+template <typename T, int MB, bool EXACT, bool FINE>
 __global__ void __launch_bounds__(kStThreads, StreamCfg<MB>::kMinBlocks)
 awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, const uint32_t* __restrict__ qzeros,
                   const T* __restrict__ scales, T* __restrict__ out, float* __restrict__ ws,
@@ -177,6 +206,9 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   using Cfg = StreamCfg<MB>;
   using DQ = StreamDequant<T>;
   constexpr int kStages = Cfg::kStages;
+  constexpr int kKA = Cfg::kKA;
+  constexpr int kStageK = Cfg::kStageK;
+  constexpr int kChunksPerRow = kStageK / 8;               // 16-byte activation chunks per row
   extern __shared__ __align__(16) uint8_t smem[];
   float* red = reinterpret_cast<float*>(smem + kStages * Cfg::kStageBytes);
 
@@ -189,73 +221,124 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   const int n_units = u_end - u_begin;
   if (n_units <= 0) return;
 
-  // ---- loader state (one division each, here, not in the loop)
-  auto cursor_at = [&](int u) {
-    Cursor c;
-    c.slice = u / p.KT;
-    c.kt = u - c.slice * p.KT;
-    c.sub = c.kt % p.spg;
-    c.grp = (c.kt / p.spg) * p.grp_step;
-    return c;
-  };
-  Cursor ld = cursor_at(u_begin);
-
-  // The rows of A past M are zero in every stage, written once.
-  for (int i = tid; i < kStages * (Cfg::kRows - min(p.M, Cfg::kRows)) * 32; i += kStThreads) {
-    const int per_stage = (Cfg::kRows - p.M) * 32;
-    const int s = i / per_stage, r = i % per_stage;
-    *reinterpret_cast<uint4*>(smem + s * Cfg::kStageBytes + Cfg::kOffA + (p.M + r / 32) * Cfg::kARowBytes +
-                              (r % 32) * 16) = make_uint4(0, 0, 0, 0);
+  // ---- loader.  Every thread keeps its global sources as pointers advanced by constants per
+  // stage (rebuilt only on a slice change) and its shared-memory destinations as compile-time
+  // offsets from the ring slot.  Weight chunk r of thread tid: n-atom r / kWR, atom
+  // warp + 8 (r % kWR) of the k-tile, lane chunk `lane` (kNA runs of kAtomsPerStage atoms, each
+  // contiguous along K).  Activations: chunk tid % kChunksPerRow of rows tid / kChunksPerRow + kAStep r.
+  // Scales / zeros: index tid + 256 r < 20 gps loads chunk % 20 (16 of scales, 4 of zeros) of
+  // group index / 20 of the k-tile.
+  constexpr int kAtomsPerStage = kKA * kKW;                 // atoms per n-atom and stage
+  constexpr int kWR = kAtomsPerStage / 8;                    // weight chunks per thread and n-atom
+  constexpr int kAStep = kStThreads / kChunksPerRow;         // activation rows per pass
+  constexpr int kSzRounds = (Cfg::kMaxGroups * 20 + kStThreads - 1) / kStThreads;
+  static_assert(kAtomsPerStage % 8 == 0 && kStThreads % kChunksPerRow == 0 && Cfg::kRows % kAStep == 0, "tiling");
+  const size_t nstride = (size_t)p.KT16 * 32;                // uint4s between n-atoms
+  const int a_ch = tid % kChunksPerRow, a_row = tid / kChunksPerRow;
+  const T* x_row = x + (size_t)a_row * p.K + 8 * a_ch;
+  int sz_dst[kSzRounds], sz_gi[kSzRounds], sz_slice_bytes[kSzRounds], sz_col[kSzRounds];
+  bool sz_on[kSzRounds], sz_scale[kSzRounds];
+  size_t sz_row[kSzRounds];
+  const uint8_t* sz_base[kSzRounds];
+#pragma unroll
+  for (int r = 0; r < kSzRounds; ++r) {
+    const int idx = tid + r * kStThreads, ch = idx % 20;
+    sz_gi[r] = idx / 20;
+    sz_on[r] = sz_gi[r] < p.gps;
+    sz_scale[r] = ch < 16;
+    sz_dst[r] = sz_scale[r] ? Cfg::kOffS + sz_gi[r] * kSliceN * 2 + ch * 16
+                            : Cfg::kOffZ + sz_gi[r] * (kSliceN / 8) * 4 + (ch - 16) * 16;
+    sz_row[r] = sz_scale[r] ? (size_t)p.N * sizeof(T) : (size_t)p.N / 2;  // bytes per group
+    sz_base[r] = sz_scale[r] ? reinterpret_cast<const uint8_t*>(scales) + ch * 16
+                             : reinterpret_cast<const uint8_t*>(qzeros) + (ch - 16) * 16;
+    sz_slice_bytes[r] = sz_scale[r] ? kSliceN * sizeof(T) : kSliceN / 2;
+    sz_col[r] = sz_scale[r] ? 8 * ch : 32 * (ch - 16);        // first column of the chunk in the slice
   }
 
-  // Per-thread loader addresses, fixed but for the k-tile and slice terms.  Weight chunk
-  // r = 0..3 of thread tid: n-atom r / 2, atom (tid / 32) + 8 (r % 2) of the k-tile, lane chunk
-  // tid % 32, i.e. two 8 KB runs, each contiguous along K.
-  constexpr int kAtomsPerStage = kKA * kKW;                 // 16 atoms = 8 KB per n-atom
-  const int a_row = tid >> 5, a_ch = tid & 31;              // activations: row a_row + 8 r, chunk a_ch
-  const size_t nstride = (size_t)p.KT16 * 32;                // uint4s between n-atoms
-  // Weight source of the loader's k-tile: advanced by 8 KB per stage, rebuilt on a slice change.
-  auto wsrc_at = [&](const Cursor& c) {
-    return qweight + (size_t)c.slice * kNA * nstride + (size_t)(c.kt * kAtomsPerStage + a_row) * 32 + a_ch;
+  struct Loader {
+    Cursor c;
+    const uint4* w;                // weight chunk 0 of this thread's k-tile
+    const uint8_t* sz[kSzRounds];  // scale / zero chunk of group c.grp + sz_gi
+    int k;                         // first k of the k-tile
   };
-  const uint4* wsrc = wsrc_at(ld);
-  auto load_stage = [&](int slot, const Cursor& c) {
-    uint8_t* st = smem + slot * Cfg::kStageBytes;
-    const int atom0 = c.kt * kAtomsPerStage + a_row;
-    const uint4* src = wsrc;
+  auto loader_at = [&](int slice, int kt, int sub, int grp) {
+    Loader l;
+    l.c.slice = slice;
+    l.c.kt = kt;
+    l.c.sub = sub;
+    l.c.grp = grp;
+    l.w = qweight + (size_t)l.c.slice * kNA * nstride + (size_t)(l.c.kt * kAtomsPerStage + warp) * 32 + lane;
 #pragma unroll
-    for (int r = 0; r < Cfg::kBBytes / 16 / kStThreads; ++r) {
-      const int na = r / 2, half = r % 2;                    // compile-time
-      const bool ok = atom0 + 8 * half < p.KT16 && c.slice * kNA + na < p.NT;
-      cp_async16(st + (tid + r * kStThreads) * 16, ok ? (const void*)(src + na * nstride + half * 256) : (const void*)qweight,
-                 ok);
+    for (int r = 0; r < kSzRounds; ++r)
+      l.sz[r] = sz_base[r] + (size_t)(l.c.grp + sz_gi[r]) * sz_row[r] + (size_t)l.c.slice * sz_slice_bytes[r];
+    l.k = l.c.kt * kStageK;
+    return l;
+  };
+  auto loader_next = [&](Loader& l) {
+    if (l.c.kt + 1 == p.KT) {  // next slice (once per slice): rebuild
+      l = loader_at(l.c.slice + 1, 0, 0, 0);
+      return;
     }
-    // Activations: rows < M, 32 chunks of 8 elements per row, XOR-swizzled by row for ldmatrix.
-    const int k = c.kt * kStageK + 8 * a_ch;
+    ++l.c.kt;
+    l.w += kAtomsPerStage * 32;
+    l.k += kStageK;
+    if (++l.c.sub == p.spg) {
+      l.c.sub = 0;
+      l.c.grp += p.grp_step;
 #pragma unroll
-    for (int r = 0; r < Cfg::kRows / 8; ++r) {
-      const int m = a_row + 8 * r;
-      if (m < p.M) {
-        const bool ok = k < p.K;
-        cp_async16(st + Cfg::kOffA + m * Cfg::kARowBytes + ((a_ch ^ (m & 7)) * 16),
-                   ok ? (const void*)(x + (size_t)m * p.K + k) : (const void*)x, ok);
+      for (int r = 0; r < kSzRounds; ++r) l.sz[r] += sz_row[r] * p.grp_step;
+    }
+  };
+  const int slice0 = u_begin / p.KT, kt0 = u_begin - slice0 * p.KT;  // once, before the loop
+  Loader ld = loader_at(slice0, kt0, kt0 % p.spg, (kt0 / p.spg) * p.grp_step);
+
+  // The rows of A past M are zero in every stage, written once.
+  for (int i = tid; i < kStages * (Cfg::kRows - min(p.M, Cfg::kRows)) * kChunksPerRow; i += kStThreads) {
+    const int per_stage = (Cfg::kRows - p.M) * kChunksPerRow;
+    const int s = i / per_stage, r = i % per_stage;
+    *reinterpret_cast<uint4*>(smem + s * Cfg::kStageBytes + Cfg::kOffA + (p.M + r / kChunksPerRow) * Cfg::kARowBytes +
+                              (r % kChunksPerRow) * 16) = make_uint4(0, 0, 0, 0);
+  }
+
+  auto load_stage = [&](int slot, const Loader& l) {
+    uint8_t* st = smem + slot * Cfg::kStageBytes;
+    const int atom0 = l.c.kt * kAtomsPerStage + warp;
+#pragma unroll
+    for (int r = 0; r < kNA * kWR; ++r) {
+      const int na = r / kWR, sub = r % kWR;  // compile-time
+      const uint4* src = l.w + (na ? na * nstride : 0) + sub * 256;
+      if constexpr (EXACT) {
+        cp_async16(st + (tid + r * kStThreads) * 16, src, true);
+      } else {
+        const bool ok = atom0 + 8 * sub < p.KT16 && l.c.slice * kNA + na < p.NT;
+        cp_async16(st + (tid + r * kStThreads) * 16, ok ? (const void*)src : (const void*)qweight, ok);
       }
     }
-    // Scales (16 chunks per group) and zeros (4 chunks per group) of the k-tile's groups.
-    if (tid < kMaxGroupsPerStage * 20) {
-      const int gi = tid / 20, ch = tid % 20;
-      const int grp = c.grp + gi;
-      const bool ok = gi < p.gps && grp < p.groups;
-      if (ch < 16) {
-        const int col = c.slice * kSliceN + 8 * ch;
-        const bool okc = ok && col < p.N;
-        cp_async16(st + Cfg::kOffS + gi * kSliceN * 2 + ch * 16,
-                   okc ? (const void*)(scales + (size_t)grp * p.N + col) : (const void*)scales, okc);
-      } else {
-        const int word = c.slice * (kSliceN / 8) + 4 * (ch - 16);
-        const bool okw = ok && word < p.N / 8;
-        cp_async16(st + Cfg::kOffZ + gi * (kSliceN / 8) * 4 + (ch - 16) * 16,
-                   okw ? (const void*)(qzeros + (size_t)grp * (p.N / 8) + word) : (const void*)qzeros, okw);
+    // Activations: rows < M (a warp-uniform branch), XOR-swizzled by row for ldmatrix.
+#pragma unroll
+    for (int r = 0; r < Cfg::kRows / kAStep; ++r) {
+      const int m = a_row + kAStep * r;
+      if (m < p.M) {
+        const T* src = x_row + (size_t)r * kAStep * p.K + l.k;
+        uint8_t* dst = st + Cfg::kOffA + m * Cfg::kARowBytes + ((a_ch ^ (m & 7)) * 16);
+        if constexpr (EXACT) {
+          cp_async16(dst, src, true);
+        } else {
+          const bool ok = l.k + 8 * a_ch < p.K;
+          cp_async16(dst, ok ? (const void*)src : (const void*)x, ok);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kSzRounds; ++r) {
+      if (sz_on[r]) {
+        if constexpr (EXACT) {
+          cp_async16(st + sz_dst[r], l.sz[r], true);
+        } else {
+          const bool ok = l.c.grp + sz_gi[r] < p.groups &&
+                          l.c.slice * kSliceN + sz_col[r] < p.N;
+          cp_async16(st + sz_dst[r], ok ? (const void*)l.sz[r] : (const void*)scales, ok);
+        }
       }
     }
   };
@@ -287,16 +370,15 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < n_units) {
       load_stage(s, ld);
-      ld.advance(p.KT, p.spg, p.grp_step);
-      wsrc = ld.kt == 0 ? wsrc_at(ld) : wsrc + kAtomsPerStage * 32;
+      loader_next(ld);
     }
     cp_async_commit();
   }
 
-  Cursor cs = cursor_at(u_begin);  // consumer position (slice and k-tile)
+  int c_slice = slice0, c_kt = kt0;  // consumer position
 
-  // Flush the accumulators of slice cs.slice: add the kKW k-warps in order through `red`, then
-  // write the output, or this part's fp32 partials and let the last part reduce.
+  // Flush the accumulators of slice c_slice: add the kKW k-warps in order through `red`, then
+  // write the slice (write_slice, out of line: it runs once per slice, not per stage).
   auto flush = [&]() {
 #pragma unroll 1
     for (int w = 0; w < kKW; ++w) {
@@ -315,31 +397,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
       }
       __syncthreads();
     }
-    const int slice = cs.slice;
-    const int first = (slice * p.KT) / p.per;                  // CTA holding the slice's first unit
-    const int last = ((slice + 1) * p.KT - 1) / p.per;
-    const int parts = last - first + 1;
-    const int n0 = slice * kSliceN;
-    const int rows = min(p.M, Cfg::kRows);
-    if (parts == 1) {
-      for (int i = tid; i < rows * kSliceN; i += kStThreads) {
-        const int r = i / kSliceN, col = i % kSliceN;
-        if (n0 + col < p.N) out[(size_t)r * p.N + n0 + col] = Traits<T>::from_float(red[i]);
-      }
-    } else {
-      const int part = blockIdx.x - first;
-      float* slot = ws + ((size_t)slice * p.max_parts + part) * rows * kSliceN;
-      for (int i = tid; i < rows * kSliceN; i += kStThreads) slot[i] = red[i];
-      if (arrive_last(&counters[slice], parts)) {
-        const float* base = ws + (size_t)slice * p.max_parts * rows * kSliceN;
-        for (int i = tid; i < rows * kSliceN; i += kStThreads) {
-          const int r = i / kSliceN, col = i % kSliceN;
-          float v = 0.f;
-          for (int s = 0; s < parts; ++s) v += __ldcg(base + (size_t)s * rows * kSliceN + i);
-          if (n0 + col < p.N) out[(size_t)r * p.N + n0 + col] = Traits<T>::from_float(v);
-        }
-      }
-    }
+    write_slice<T>(red, out, ws, counters, p, c_slice, min(p.M, Cfg::kRows));
     __syncthreads();  // `red` is reused by the next flush
   };
 
@@ -353,8 +411,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
     __syncthreads();  // stage t landed for everyone; slot `wr` was consumed at t-1 by everyone
     if (t + kStages - 1 < n_units) {
       load_stage(wr, ld);
-      ld.advance(p.KT, p.spg, p.grp_step);
-      wsrc = ld.kt == 0 ? wsrc_at(ld) : wsrc + kAtomsPerStage * 32;
+      loader_next(ld);
     }
     cp_async_commit();
     wr = wr + 1 == kStages ? 0 : wr + 1;
@@ -365,7 +422,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
 #pragma unroll
     for (int i = 0; i < kKA; ++i) {
       // group_size >= 32: a group change can only come at an even atom
-      if (i == 0 || (i % 2 == 0 && slot_of[i] != slot_of[i - 1])) {
+      if (i == 0 || (FINE && i % 2 == 0 && slot_of[i] != slot_of[i - 1])) {
         const uint4 s8 = *reinterpret_cast<const uint4*>(st + s_off + slot_of[i] * kSliceN * 2);
         const uint32_t zw = *reinterpret_cast<const uint32_t*>(st + z_off + slot_of[i] * (kSliceN / 8) * 4);
         DQ::load_group(gp, zw, s8);
@@ -386,8 +443,11 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
         }
       }
     }
-    if (cs.kt == p.KT - 1 || t == n_units - 1) flush();
-    cs.advance(p.KT, p.spg, p.grp_step);
+    if (c_kt == p.KT - 1 || t == n_units - 1) flush();
+    if (++c_kt == p.KT) {
+      c_kt = 0;
+      ++c_slice;
+    }
   }
   cp_async_wait<0>();
 }
@@ -397,7 +457,10 @@ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 template <typename T, int MB>
 void launch_mb(const GemmArgs& a, const StreamParams& p, int grid, cudaStream_t stream) {
   using Cfg = StreamCfg<MB>;
-  auto kernel = awq_stream_kernel<T, MB>;
+  const bool exact = p.K % Cfg::kStageK == 0 && p.N % kSliceN == 0;
+  const bool fine = p.gshift < 31 && (16 << p.gshift) < 16 * Cfg::kKA;  // group_size < 16 kKA
+  auto kernel = exact ? (fine ? awq_stream_kernel<T, MB, true, true> : awq_stream_kernel<T, MB, true, false>)
+                      : (fine ? awq_stream_kernel<T, MB, false, true> : awq_stream_kernel<T, MB, false, false>);
   // Opt in to > 48 KB of dynamic shared memory (a host-side attribute: fine during graph capture;
   // idempotent, so racing threads are harmless).
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
@@ -408,6 +471,7 @@ void launch_mb(const GemmArgs& a, const StreamParams& p, int grid, cudaStream_t 
 }
 
 int mb_for(int M) { return M <= 16 ? 1 : M <= 32 ? 2 : 4; }
+int stage_k_for(int M) { return 16 * ka_for(mb_for(M)) * kKW; }
 
 int log2_exact(int v) {
   int r = 0;
@@ -416,6 +480,7 @@ int log2_exact(int v) {
 }
 
 StreamParams params_for(int M, int N, int K, int group_size, int per, int grid) {
+  const int kStageK = stage_k_for(M);
   StreamParams p{};
   p.M = M;
   p.N = N;
@@ -446,14 +511,16 @@ StreamParams params_for(int M, int N, int K, int group_size, int per, int grid) 
 
 bool stream_supports(int M, int N, int K, int group_size) {
   if (M < 1 || M > kStreamMaxM || N % 64 || K % 16 || group_size % 32 || K % group_size) return false;
+  const int kStageK = stage_k_for(M);
   if (group_size < kStageK) return kStageK % group_size == 0 && log2_exact(group_size / 16) >= 0;
   return group_size % kStageK == 0 || group_size == K;
 }
 
 StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms) {
-  const int per_sm = mb_for(M) == 1 ? StreamCfg<1>::kMinBlocks : StreamCfg<2>::kMinBlocks;
+  const int mb = mb_for(M);
+  const int per_sm = mb == 1 ? StreamCfg<1>::kMinBlocks : mb == 2 ? StreamCfg<2>::kMinBlocks : StreamCfg<4>::kMinBlocks;
   const int slices = ceil_div(N, kSliceN);
-  const int units = slices * ceil_div(K, kStageK);
+  const int units = slices * ceil_div(K, stage_k_for(M));
   const int grid0 = std::max(1, std::min(units, num_sms * per_sm));
   const int per = ceil_div(units, grid0);
   StreamPlan plan;

@@ -20,7 +20,7 @@ Hot loop: every backward branch ``BRA target`` at address a (target <= a) closes
 (HFMA2, HMUL2, HADD2, FFMA, ...; a CUDA-core kernel has no HMMA), the innermost on a tie.  Its static instruction count (NOPs excluded) is the
 cost of one iteration; forward branches inside (conditional prefetch) are counted as taken, so
 this is an upper bound of the issued count, except that code skipped by a forward branch and
-holding global stores (an epilogue such as a slice-end flush, run once per output tile) is
+holding global stores or a call (an epilogue such as a slice-end flush, run once per output tile) is
 reported separately as ``cold`` and not counted per iteration.  How many weight bytes one iteration streams is
 kernel knowledge: ``SPECS`` below derives it from the template arguments in the mangled name, and
 cross-checks it against the HMMA count where the kernel uses tensor cores.
@@ -167,12 +167,15 @@ def _gemv_spec(args) -> Spec:
 
 
 def _stream_spec(args) -> Spec:
-    # awq_stream_kernel<T, MB>: mirror of StreamCfg in csrc/awq_stream.cu (8 warps = 2 n-atoms x
-    # 4 k-slices of 4 atoms; a stage is 256 rows x 128 columns = 16 KB of weights).
-    _, mb = args
-    stages = {1: 3, 2: 5}.get(mb, 3)
-    stage = 16384 + 16 * mb * 512 + 8 * 128 * 2 + 8 * 16 * 4
-    return Spec(256, stages * stage + 16 * mb * 128 * 4, 16384, 4 * 8 * mb)
+    # awq_stream_kernel<T, MB, EXACT, FINE>: mirror of StreamCfg in csrc/awq_stream.cu (8 warps
+    # = 2 n-atoms x 4 k-slices of KA atoms; a stage is 16 KA x 4 rows x 128 columns).
+    _, mb, _exact, _fine = args
+    ka = 4 if mb == 4 else 8
+    stage_k = 16 * ka * 4
+    b_bytes = stage_k * 128 // 2
+    groups = stage_k // 32
+    stage = b_bytes + 16 * mb * stage_k * 2 + groups * 128 * 2 + groups * 16 * 4
+    return Spec(256, 3 * stage + 16 * mb * 128 * 4, b_bytes, ka * 8 * mb)
 
 
 SPECS = {
@@ -244,8 +247,8 @@ class LoopStats:
 
 def cold_ranges(insns: list[Insn], s: int, e: int) -> list[tuple[int, int]]:
     """Inside loop [s, e]: address ranges skipped by a forward conditional branch whose skipped
-    code stores to global memory (STG/ATOMG/RED): an epilogue (e.g. a slice-end flush) that runs
-    once per output tile, not once per iteration."""
+    code stores to global memory (STG/ATOMG/RED) or calls a function: an epilogue (e.g. a
+    slice-end flush) that runs once per output tile, not once per iteration."""
     out = []
     for ins in insns:
         if s <= ins.addr <= e and ins.op.startswith("BRA") and ins.pred:
@@ -253,7 +256,7 @@ def cold_ranges(insns: list[Insn], s: int, e: int) -> list[tuple[int, int]]:
             tgt = int(m.group(1), 16) if m else -1
             if ins.addr < tgt <= e + 16:
                 body = [i for i in insns if ins.addr < i.addr < tgt]
-                if any(opclass(i.op) in ("STG", "ATOMG", "RED") for i in body):
+                if any(opclass(i.op) in ("STG", "ATOMG", "RED", "CALL") for i in body):
                     out.append((ins.addr + 1, tgt - 1))
     return out
 
