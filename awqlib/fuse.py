@@ -29,11 +29,12 @@ class FusedWQLinear(nn.Module):
         self.sizes = [p.out_features for p in parts]
         self.linear = WQLinear(p0.in_features, sum(self.sizes), p0.bits, p0.group_size,
                                bias=any(p.bias is not None for p in parts), device=p0.qweight.device)
-        self.linear.qweight = torch.cat([p.gemm_qweight() for p in parts], dim=1)
-        self.linear.qzeros = torch.cat([p.qzeros for p in parts], dim=1)
-        self.linear.scales = torch.cat([p.scales for p in parts], dim=1)
+        gemm = [p.gemm_params() for p in parts]
+        self.linear.qweight = torch.cat([g[0] for g in gemm], dim=1)
+        self.linear.qzeros = torch.cat([g[1] for g in gemm], dim=1)
+        self.linear.scales = torch.cat([g[2] for g in gemm], dim=1)
         if any(p.tiled for p in parts):  # keep the runtime layout the parts had
-            self.linear.tile_for_kernels()
+            self.linear.set_layout(next(p.layout for p in parts if p.tiled))
         if self.linear.bias is not None:
             self.linear.bias = torch.cat([p.bias if p.bias is not None else
                                           torch.zeros(p.out_features, dtype=torch.float16, device=p.scales.device)
@@ -100,9 +101,10 @@ def unfused_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         a = sum(sizes[: mod.idx])
         b = a + sizes[mod.idx]
         pf = 32 // lin.bits
-        sd[f"{name}.qweight"] = lin.gemm_qweight()[:, a // pf: b // pf]
-        sd[f"{name}.qzeros"] = lin.qzeros[:, a // pf: b // pf]
-        sd[f"{name}.scales"] = lin.scales[:, a:b]
+        qweight, qzeros, scales = lin.gemm_params()
+        sd[f"{name}.qweight"] = qweight[:, a // pf: b // pf]
+        sd[f"{name}.qzeros"] = qzeros[:, a // pf: b // pf]
+        sd[f"{name}.scales"] = scales[:, a:b]
         if mod.has_bias:
             sd[f"{name}.bias"] = lin.bias[a:b]
     return sd

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from . import ops
-from .packing import as_gemm_layout, can_tile, dequantize_gemm, pack_awq, tile_for_kernels
+from .packing import (as_gemm_params, can_use_layout, dequantize_gemm, layout_of, pack_awq, runtime_layout,
+                      to_layout)
 from .quant import compute_qparams, quantize, row_chunks
 
 
@@ -15,9 +16,10 @@ class WQLinear(nn.Module):
 
     Buffers are exactly the checkpoint tensors: ``qweight`` int32 [in, out/8],
     ``qzeros`` int32 [in/g, out/8], ``scales`` fp16 [in/g, out], ``bias`` fp16 [out].
-    After :meth:`tile_for_kernels` ``qweight`` holds the same words in the warp-tiled runtime
-    layout [out/64, in/32, 256]; ``state_dict()`` still gives (and ``load_state_dict`` still takes)
-    the GEMM layout, so checkpoints never see the runtime layout.
+    :attr:`layout` names how they are stored ("gemm", or a runtime layout the CUDA kernels read
+    faster: "tiled" [out/64, in/32, 256], "stream" [out/64, in/16, 128] with permuted zeros and
+    scales; :mod:`awqlib.packing`); :meth:`set_layout` repacks.  ``state_dict()`` always gives
+    (and ``load_state_dict`` always takes) the GEMM layout, so checkpoints never see a runtime one.
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
@@ -37,26 +39,61 @@ class WQLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, device=device))
         else:
             self.bias = None
+        self._scales_cast: torch.Tensor | None = None  # scales_for's converted copy (not a buffer)
         self._register_state_dict_hook(_state_dict_gemm_layout)
         self._register_load_state_dict_pre_hook(_load_into_layout, with_module=True)
 
     @property
+    def layout(self) -> str:
+        """"gemm", "tiled" or "stream" (:mod:`awqlib.packing`)."""
+        return layout_of(self.qweight)
+
+    @property
     def tiled(self) -> bool:
-        return self.qweight.dim() == 3
+        """True in a runtime layout (any but the checkpoint's GEMM layout)."""
+        return self.layout != "gemm"
+
+    def set_layout(self, layout: str) -> bool:
+        """Repack ``qweight`` (and, for "stream", ``qzeros`` and ``scales``) into ``layout``, exactly;
+        False (and nothing changes) where the shape does not allow it."""
+        if layout == self.layout:
+            return True
+        if not can_use_layout(layout, self.in_features, self.out_features, self.group_size, self.bits):
+            return False
+        self.qweight, self.qzeros, self.scales = to_layout(layout, self.qweight, self.qzeros, self.scales)
+        self._scales_cast = None
+        return True
 
     def tile_for_kernels(self) -> bool:
-        """Repack ``qweight`` into the warp-tiled layout the CUDA kernels stream fastest (once, at
-        load time); False (and nothing changes) where the shape does not allow it."""
+        """Repack into the runtime layout the CUDA kernels serve (:func:`awqlib.packing.runtime_layout`:
+        "tiled", or $AWQLIB_LAYOUT), once, at load time; False where the shape does not allow it."""
         if self.tiled:
             return True
-        if not can_tile(self.in_features, self.out_features, self.group_size, self.bits):
-            return False
-        self.qweight = tile_for_kernels(self.qweight)
-        return True
+        return self.set_layout(runtime_layout())
+
+    def gemm_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(qweight, qzeros, scales) in the GEMM (checkpoint) layout, whichever layout the module holds."""
+        return as_gemm_params(self.qweight, self.qzeros, self.scales)
 
     def gemm_qweight(self) -> torch.Tensor:
         """``qweight`` in the GEMM (checkpoint) layout, whichever layout the module holds."""
-        return as_gemm_layout(self.qweight)
+        return self.gemm_params()[0]
+
+    def scales_for(self, dtype: torch.dtype) -> torch.Tensor:
+        """``scales`` in the activations' dtype.  The fp16 buffer stays the exported one; a bf16 copy
+        is made once, not on every call, and dropped whenever the buffer may change (repack, load,
+        ``.to()``; code that writes into ``scales`` in place must call :meth:`set_layout` or reload)."""
+        s = self.scales
+        if s.dtype == dtype or dtype not in (torch.float16, torch.bfloat16):
+            return s
+        cast = self._scales_cast
+        if cast is None or cast.dtype != dtype or cast.device != s.device:
+            cast = self._scales_cast = s.to(dtype)
+        return cast
+
+    def _apply(self, fn, *args, **kwargs):
+        self._scales_cast = None
+        return super()._apply(fn, *args, **kwargs)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128, zero_point: bool = True,
@@ -86,7 +123,7 @@ class WQLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops.announce(x.device)
-        out = ops.awq_gemm(x, self.qweight, self.qzeros, self.scales, self.group_size)
+        out = ops.awq_gemm(x, self.qweight, self.qzeros, self.scales_for(x.dtype), self.group_size)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out
@@ -97,12 +134,17 @@ class WQLinear(nn.Module):
 
 
 def _state_dict_gemm_layout(module: WQLinear, state_dict: dict, prefix: str, local_metadata) -> None:
-    key = prefix + "qweight"
-    if key in state_dict and state_dict[key].dim() == 3:
-        state_dict[key] = as_gemm_layout(state_dict[key])
+    keys = [prefix + k for k in ("qweight", "qzeros", "scales")]
+    if all(k in state_dict for k in keys) and layout_of(state_dict[keys[0]]) != "gemm":
+        for k, v in zip(keys, as_gemm_params(*(state_dict[k] for k in keys))):
+            state_dict[k] = v
 
 
 def _load_into_layout(module: WQLinear, state_dict: dict, prefix: str, *args) -> None:
-    key = prefix + "qweight"
-    if module.tiled and key in state_dict and state_dict[key].dim() == 2:
-        state_dict[key] = tile_for_kernels(state_dict[key])
+    module._scales_cast = None
+    keys = [prefix + k for k in ("qweight", "qzeros", "scales")]
+    if module.layout == "gemm" or not all(k in state_dict for k in keys):
+        return
+    if layout_of(state_dict[keys[0]]) == "gemm":
+        for k, v in zip(keys, to_layout(module.layout, *(state_dict[k] for k in keys))):
+            state_dict[k] = v

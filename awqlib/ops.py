@@ -1,8 +1,8 @@
 """The quantized-matmul ops, dispatched through ``torch.library``.
 
 ``torch.ops.awqlib.awq_gemm(x, qweight, qzeros, scales, group_size)`` computes
-``x @ W^T`` for a weight stored in the AWQ GEMM layout (``qweight`` 2-D) or in the warp-tiled
-runtime layout the CUDA kernels read fastest (3-D; see :mod:`awqlib.packing`).
+``x @ W^T`` for a weight stored in the AWQ GEMM layout (``qweight`` 2-D) or in a runtime layout
+the CUDA kernels read faster (3-D: warp-tiled or stream; see :mod:`awqlib.packing`).
 
 * The pure-PyTorch reference (dequantize, then matmul) is registered for
   ``CompositeExplicitAutograd`` and so runs on every device.
@@ -18,14 +18,30 @@ import logging
 
 import torch
 
-from .packing import TILE_K, TILE_N, dequantize_gemm
+import enum
+
+from .packing import STREAM_K, TILE_K, TILE_N, dequantize_gemm, layout_of
 
 
 def as_gemm_shape(qweight: torch.Tensor) -> tuple[int, int]:
-    """(K, N/8) of a qweight in the GEMM layout [K, N/8] or the warp-tiled one [N/64, K/32, 256]."""
-    if qweight.dim() == 3:
-        return qweight.shape[1] * TILE_K, qweight.shape[0] * TILE_N // 8
-    return tuple(qweight.shape)
+    """(K, N/8) of a qweight in the GEMM layout [K, N/8], the warp-tiled one [N/64, K/32, 256] or the
+    stream one [N/64, K/16, 128]."""
+    layout = layout_of(qweight)
+    if layout == "gemm":
+        return tuple(qweight.shape)
+    return qweight.shape[1] * (TILE_K if layout == "tiled" else STREAM_K), qweight.shape[0] * TILE_N // 8
+
+
+class Kernel(enum.IntEnum):
+    """Kernel ids of ``awq_gemm_variant`` (mirror of ``enum Kernel`` in csrc/awq_ops.cpp; a test
+    checks that the two agree)."""
+    AUTO = 0             # pick by layout and M (the dispatch awq_gemm uses)
+    GEMV = 1             # CUDA-core GEMV, GEMM layout, M <= 8
+    SKINNY = 2           # skinny tensor-core kernel, register ring 4 chunks deep, M <= 32
+    TILED_GEMM = 3       # tiled mma.sync GEMM, GEMM layout
+    DEQUANT_CUBLAS = 4   # dequantize (in bounded column chunks) + cuBLAS, any layout and M
+    SKINNY_SHALLOW = 5   # skinny tensor-core kernel, register ring 2 chunks deep
+    STREAM = 6           # streaming mma.sync kernel on the stream layout, M <= 64 (not validated on a GPU yet)
 
 log = logging.getLogger("awqlib")
 
@@ -33,10 +49,8 @@ _lib = torch.library.Library("awqlib", "DEF")
 _lib.define("awq_gemm(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group_size) -> Tensor")
 _lib.define("awq_dequantize(Tensor qweight, Tensor qzeros, Tensor scales, int group_size) -> Tensor")
 # Same function as awq_gemm with the CUDA kernel choice forced, for tuning and tests (other devices
-# ignore both knobs and run the reference).  kernel: 0 auto, 1 CUDA-core GEMV, 2 skinny tensor-core
-# (register prefetch, 4 chunks deep), 3 tiled tensor-core GEMM, 4 dequantize + cuBLAS, 5 skinny
-# (register prefetch, 2 deep).
-# splits: 0 auto, else the split-K factor.
+# ignore both knobs and run the reference).  kernel: a Kernel id (above).  splits: 0 auto, else the
+# split-K factor (ignored by Kernel.STREAM, whose persistent partition follows the SM count).
 _lib.define("awq_gemm_variant(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group_size, "
             "int kernel, int splits) -> Tensor")
 

@@ -247,6 +247,64 @@ def stream_qzeros(qzeros: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     return pack_columns(_permute_cols(unpack_columns(qzeros), STREAM_ZERO_COLS, False), interleave=False)
 
 
+# --- Layout names -------------------------------------------------------------------------
+#
+# "gemm"   the checkpoint layout, [K, N/8]
+# "tiled"  the warp-tiled runtime layout of csrc/awq_skinny.cu, [N/64, K/32, 256]
+# "stream" the stream runtime layout of csrc/awq_stream.cu, [N/64, K/16, 128] (+ permuted zeros/scales)
+LAYOUTS = ("gemm", "tiled", "stream")
+# What WQLinear.tile_for_kernels (and so from_quantized on CUDA) repacks to.  "tiled" until the
+# stream kernel has passed its GPU tests and won benchmarks/gpu_sweep.py; AWQLIB_LAYOUT=stream
+# selects the new path (e.g. for the GPU window's end-to-end checks).
+DEFAULT_RUNTIME_LAYOUT = "tiled"
+
+
+def runtime_layout() -> str:
+    """The runtime layout CUDA weights are repacked to: $AWQLIB_LAYOUT if set, else the default."""
+    import os
+    name = os.environ.get("AWQLIB_LAYOUT", "") or DEFAULT_RUNTIME_LAYOUT
+    if name not in LAYOUTS[1:]:
+        raise ValueError(f"AWQLIB_LAYOUT={name!r}: expected one of {LAYOUTS[1:]}")
+    return name
+
+
+def layout_of(qweight: torch.Tensor) -> str:
+    """The layout a qweight is stored in, from its shape (the one thing every holder agrees on)."""
+    if qweight.dim() == 2:
+        return "gemm"
+    if qweight.dim() == 3 and qweight.shape[2] == 256:
+        return "tiled"
+    if qweight.dim() == 3 and qweight.shape[2] == 128:
+        return "stream"
+    raise ValueError(f"qweight of shape {tuple(qweight.shape)} is in no known layout {LAYOUTS}")
+
+
+def can_use_layout(layout: str, in_features: int, out_features: int, group_size: int, bits: int = 4) -> bool:
+    if layout == "gemm":
+        return True
+    if layout == "tiled":
+        return can_tile(in_features, out_features, group_size, bits)
+    if layout == "stream":
+        g = in_features if group_size in (-1, 0) else group_size
+        return can_stream(in_features, out_features, group_size, bits) and g % 32 == 0
+    raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def to_layout(layout: str, qweight: torch.Tensor, qzeros: torch.Tensor,
+              scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(qweight, qzeros, scales) from any layout to ``layout`` (through the GEMM layout; exact)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    if layout_of(qweight) == layout:
+        return qweight, qzeros, scales
+    qw, qz, sc = as_gemm_params(qweight, qzeros, scales)
+    if layout == "tiled":
+        return tile_for_kernels(qw), qz, sc
+    if layout == "stream":
+        return stream_qweight(qw), stream_qzeros(qz), stream_scales(sc)
+    return qw, qz, sc
+
+
 def is_stream(qweight: torch.Tensor) -> bool:
     return qweight.dim() == 3 and qweight.shape[2] == 128
 

@@ -62,9 +62,10 @@ void launch_dequant_tiled(DType dt, const int32_t* qweight, const int32_t* qzero
 
 // ---- Streaming tensor-core kernel on the stream layout (awqlib/packing.py): M in [1, kStreamMaxM].
 //      qweight int4 atoms [N/64, K/16, 128 words], scales/qzeros permuted per lane.  Needs a
-//      workspace of workspace_floats fp32 and `counters` int32 zeroed on the launch stream
-//      (per call: concurrent launches never share them).
+//      workspace of workspace_floats fp32 and `counters` int32 that are zero on entry (and are
+//      zero again on exit, like the other split-K kernels').
 constexpr int kStreamMaxM = 64;
+constexpr int kStreamAtomK = 16, kStreamAtomWords = 128;  // an atom: 16 k-rows x 64 columns, 128 words
 struct StreamPlan {
   int grid;                 // CTAs (persistent: at most SMs x CTAs per SM)
   int per;                  // (slice, k-tile) units per CTA
@@ -72,7 +73,10 @@ struct StreamPlan {
   size_t workspace_floats;  // fp32 partials of split slices
   int counters;             // arrival counters (one per slice)
 };
-bool stream_supports(int M, int N, int K, int group_size);
+bool stream_supports(int M, int N, int K, int group_size);  // shape and group size (not the device)
+int stream_smem_bytes(int M);                                // dynamic shared memory per CTA
+void launch_dequant_stream(DType dt, const int32_t* qweight, const int32_t* qzeros, const void* scales, void* out,
+                           int K, int N, int group_size, cudaStream_t stream);
 StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms);
 void launch_stream(DType dt, const GemmArgs& a, const StreamPlan& plan, cudaStream_t stream);
 

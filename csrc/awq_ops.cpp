@@ -5,6 +5,9 @@
 //   warp-tiled qweight (from_quantized on CUDA repacks to it):
 //     M <= kSkinnyMaxMTiled  -> awq_skinny.cu (tensor cores, weights streamed to registers)
 //     larger                 -> awq_dequant.cu (tiled) + cuBLAS (at::mm)
+//   stream-layout qweight (opt-in, WQLinear.set_layout("stream"); not yet validated on a GPU):
+//     M <= kStreamMaxM       -> awq_stream.cu (cp.async ring, persistent striped partition)
+//     larger                 -> awq_stream.cu's dequantize + cuBLAS
 //   GEMM-layout qweight (the checkpoint layout, e.g. a model quantized in this process):
 //     M <= kGemvMaxMAuto     -> awq_gemv.cu   (CUDA cores, cp.async pipeline)
 //     M <= kSkinnyMaxMAuto   -> awq_skinny.cu
@@ -14,8 +17,10 @@
 //
 // All kernels with split-K reduce in-kernel (the last block of a tile adds the partials in a
 // fixed order).  Everything runs on the current stream with no host synchronisation; the
-// temporaries (split-K workspace, dense weights) come from the caching allocator, so the ops can
-// be captured in CUDA graphs.
+// temporaries (split-K workspace and counters, dense weights) come from the caching allocator, so
+// the ops can be captured in CUDA graphs, and graphs replayed concurrently on different streams
+// never share a counter (counters_for).  The dense temporary of the large-M path is at most
+// kDenseChunkBytes: wider weights are dequantized and multiplied in column chunks.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -69,14 +74,19 @@ std::string shape_of(const at::Tensor& t) {
   return r + "]";
 }
 
-// The weight comes in one of two layouts (awqlib/packing.py):
+// The weight comes in one of three layouts (awqlib/packing.py), told apart by qweight's shape:
 //   GEMM layout (the checkpoint's)  qweight int32 [K, N/8]
 //   warp-tiled (repacked at load)   qweight int32 [N/64, K/32, 256]: each warp-sized tile of
 //                                   32 k-rows x 64 columns stored in the order the skinny kernel's
 //                                   lanes read it, so a warp streams 1 KB contiguous per tile.
+//   stream (repacked at load)       qweight int32 [N/64, K/16, 128]: 16x64 mma atoms, 16 bytes per
+//                                   lane, k-pairs pre-interleaved; qzeros and scales permuted per
+//                                   lane too (same shapes as the GEMM layout's).
+enum class Layout { kGemm, kTiled, kStream };
+
 struct Shape {
   int64_t K, N, group;
-  bool tiled;
+  Layout layout;
 };
 
 Shape check_weight(const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales, int64_t group_size,
@@ -89,25 +99,40 @@ Shape check_weight(const at::Tensor& qweight, const at::Tensor& qzeros, const at
   TORCH_CHECK(scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kBFloat16, op,
               ": scales must be float16 or bfloat16, got ", scales.scalar_type());
   TORCH_CHECK((qweight.dim() == 2 || qweight.dim() == 3) && qzeros.dim() == 2 && scales.dim() == 2, op,
-              ": qweight must be 2-D (GEMM layout) or 3-D (warp-tiled), qzeros and scales 2-D");
-  const bool tiled = qweight.dim() == 3;
-  if (tiled) {
-    TORCH_CHECK(qweight.size(2) == awq::kTileWords, op, ": a warp-tiled qweight is [N/64, K/32, ", num(awq::kTileWords),
-                "], got ", shape_of(qweight));
+              ": qweight must be 2-D (GEMM layout) or 3-D (warp-tiled or stream layout), qzeros and scales 2-D");
+  const Layout layout = qweight.dim() == 2 ? Layout::kGemm
+                        : qweight.size(2) == awq::kTileWords ? Layout::kTiled
+                        : Layout::kStream;
+  const bool tiled = layout == Layout::kTiled;
+  if (qweight.dim() == 3) {
+    TORCH_CHECK(qweight.size(2) == awq::kTileWords || qweight.size(2) == awq::kStreamAtomWords, op,
+                ": a 3-D qweight is warp-tiled [N/64, K/32, ", num(awq::kTileWords), "] or stream [N/64, K/16, ",
+                num(awq::kStreamAtomWords), "], got ", shape_of(qweight));
   }
-  const int64_t K = tiled ? qweight.size(1) * awq::kTileK : qweight.size(0);
-  const int64_t N = tiled ? qweight.size(0) * awq::kTileN : qweight.size(1) * 8;
+  const int64_t K = qweight.dim() == 2 ? qweight.size(0)
+                    : qweight.size(1) * (tiled ? awq::kTileK : awq::kStreamAtomK);
+  const int64_t N = qweight.dim() == 2 ? qweight.size(1) * 8 : qweight.size(0) * awq::kTileN;
   TORCH_CHECK(group_size == -1 || group_size > 0, op, ": group_size must be positive or -1, got ", num(group_size));
   const int64_t g = group_size == -1 ? K : group_size;
   TORCH_CHECK(K > 0 && K % g == 0, op, ": in_features ", num(K), " is not a positive multiple of group_size ", num(g));
-  TORCH_CHECK(!tiled || g % awq::kFusedGroupMultiple == 0, op, ": the warp-tiled layout needs group_size % ",
-              num(awq::kFusedGroupMultiple), " == 0, got ", num(g));
+  TORCH_CHECK(layout == Layout::kGemm || g % awq::kFusedGroupMultiple == 0, op,
+              ": the warp-tiled and stream layouts need group_size % ", num(awq::kFusedGroupMultiple), " == 0, got ",
+              num(g));
   TORCH_CHECK(qzeros.size(0) == K / g && qzeros.size(1) == N / 8, op, ": qzeros has shape ", shape_of(qzeros),
               ", expected [", num(K / g), ", ", num(N / 8), "]");
   TORCH_CHECK(scales.size(0) == K / g && scales.size(1) == N, op, ": scales has shape ", shape_of(scales),
               ", expected [", num(K / g), ", ", num(N), "]");
   TORCH_CHECK(K * (N / 8) < (int64_t(1) << 31) && K < (int64_t(1) << 31), op, ": weight too large for 32-bit indexing");
-  return {K, N, g, tiled};
+  return {K, N, g, layout};
+}
+
+using DequantLaunch = void (*)(awq::DType, const int32_t*, const int32_t*, const void*, void*, int, int, int,
+                               cudaStream_t);
+
+DequantLaunch dequant_launcher(Layout layout) {
+  return layout == Layout::kTiled ? awq::launch_dequant_tiled
+         : layout == Layout::kStream ? awq::launch_dequant_stream
+         : awq::launch_dequant;
 }
 
 at::Tensor dequantize_impl(const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,
@@ -115,10 +140,36 @@ at::Tensor dequantize_impl(const at::Tensor& qweight, const at::Tensor& qzeros, 
   at::Tensor out = at::empty({s.K, s.N}, scales.options());
   if (s.N == 0) return out;
   at::Tensor qw = contiguous_aligned(qweight), qz = contiguous_aligned(qzeros), sc = contiguous_aligned(scales);
-  const auto launch = s.tiled ? awq::launch_dequant_tiled : awq::launch_dequant;
-  launch(to_dtype(sc.scalar_type()), qw.data_ptr<int32_t>(), qz.data_ptr<int32_t>(), sc.data_ptr(), out.data_ptr(),
-         static_cast<int>(s.K), static_cast<int>(s.N), static_cast<int>(s.group), at::cuda::getCurrentCUDAStream());
+  dequant_launcher(s.layout)(to_dtype(sc.scalar_type()), qw.data_ptr<int32_t>(), qz.data_ptr<int32_t>(),
+                             sc.data_ptr(), out.data_ptr(), static_cast<int>(s.K), static_cast<int>(s.N),
+                             static_cast<int>(s.group), at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// The large-M path: x2 [M, K] @ W^T, W^T dequantized in column chunks so that the dense temporary
+// never exceeds kDenseChunkBytes (70b gate_up in one piece would be 0.94 GB per call, held in the
+// graph pool under CUDA graphs).  Every layout slices along N without copying qweight: the GEMM
+// layout by columns of words (a copy of the [K, width/8] slice, 1/4 of the chunk's bytes), the
+// tiled and stream layouts by their leading 64-column dimension.
+constexpr int64_t kDenseChunkBytes = int64_t(256) << 20;
+
+at::Tensor dequant_matmul(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& qzeros,
+                          const at::Tensor& scales, const Shape& s) {
+  const int64_t elem = scales.element_size();
+  int64_t width = (kDenseChunkBytes / (s.K * elem)) / awq::kTileN * awq::kTileN;
+  if (width <= 0 || s.N % awq::kTileN != 0) width = s.N;  // narrow K or odd N: one piece (bounded by K)
+  if (width >= s.N) return at::mm(x2, dequantize_impl(qweight, qzeros, scales, s));
+  at::Tensor out = at::empty({x2.size(0), s.N}, x2.options());
+  for (int64_t n0 = 0; n0 < s.N; n0 += width) {
+    const int64_t w = std::min(width, s.N - n0);
+    const at::Tensor qw = s.layout == Layout::kGemm ? qweight.narrow(1, n0 / 8, w / 8)
+                                                    : qweight.narrow(0, n0 / awq::kTileN, w / awq::kTileN);
+    Shape cs = s;
+    cs.N = w;
+    const at::Tensor dense = dequantize_impl(qw, qzeros.narrow(1, n0 / 8, w / 8), scales.narrow(1, n0, w), cs);
+    out.narrow(1, n0, w).copy_(at::mm(x2, dense));
+  }
   return out;
 }
 
@@ -130,23 +181,39 @@ at::Tensor awq_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& qzer
 }
 
 // Which kernel serves a call.  kAuto picks by shape (below); the others force one, for tuning
-// (torch.ops.awqlib.awq_gemm_variant, benchmarks/tune_kernels.py) and tests.
-enum Kernel : int64_t { kAuto = 0, kGemv = 1, kSkinny = 2, kTiled = 3, kDequantCublas = 4, kSkinnyShallow = 5 };
+// (torch.ops.awqlib.awq_gemm_variant, benchmarks/tune_kernels.py) and tests.  Mirrored by
+// awqlib.ops.Kernel (an IntEnum; tests/test_ops.py checks that the two agree).
+enum Kernel : int64_t {
+  kAuto = 0,
+  kGemv = 1,           // CUDA-core GEMV, GEMM layout, M <= 8
+  kSkinny = 2,         // skinny tensor-core kernel, register ring 4 chunks deep, M <= 32
+  kTiled = 3,          // tiled mma.sync GEMM, GEMM layout
+  kDequantCublas = 4,  // dequantize + cuBLAS, any layout and M
+  kSkinnyShallow = 5,  // skinny tensor-core kernel, register ring 2 chunks deep
+  kStream = 6,         // streaming mma.sync kernel, stream layout, M <= 64
+  kLastKernel = kStream
+};
 
-// Split-K arrival counters.  Every kernel's last block resets its counter to zero, so one
-// zero-initialised buffer per (device, stream) serves every launch on that stream with no memset
-// (a memset is a second graph node, ~1-2 us at decode sizes).  Launches on one stream run in
-// order, so they never share a counter concurrently.  The map is leaked on purpose: tensors
-// destroyed after the CUDA context at process exit would crash.
-int32_t* counters_for(const at::Tensor& like, int64_t n, cudaStream_t stream) {
+// Split-K arrival counters.  Every kernel's last block resets its counter to zero, so outside
+// graph capture one zero-initialised buffer per (device, stream) serves every launch on that
+// stream with no memset: launches on one stream run in order and never share a counter
+// concurrently.  Under CUDA-graph capture each call gets its own counters from the caching
+// allocator (the graph's pool) and a captured memset zeroes them on every replay, so two graphs
+// replayed concurrently on different streams never share a counter, and no persistent buffer is
+// ever allocated (or grown) inside a capture.  The map is leaked on purpose: tensors destroyed
+// after the CUDA context at process exit would crash.
+int32_t* counters_for(const at::Tensor& like, int64_t n, cudaStream_t stream, at::Tensor& per_call) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) {
+    per_call = at::zeros({std::max<int64_t>(n, 1)}, like.options().dtype(at::kInt));
+    return per_call.data_ptr<int32_t>();
+  }
   static std::mutex mu;
   static auto* buffers = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();
   const std::lock_guard<std::mutex> lock(mu);
   at::Tensor& buf = (*buffers)[{like.get_device(), stream}];
-  if (!buf.defined() || buf.numel() < n) {
-    // Zeroed on this stream; under CUDA-graph capture the memset is captured too (harmless).
-    buf = at::zeros({std::max<int64_t>(n, 4096)}, like.options().dtype(at::kInt));
-  }
+  if (!buf.defined() || buf.numel() < n) buf = at::zeros({std::max<int64_t>(n, 4096)}, like.options().dtype(at::kInt));
   return buf.data_ptr<int32_t>();
 }
 
@@ -158,7 +225,7 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
               "awq_gemm: x must be float16 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == s.K, "awq_gemm: x has ", num(x.size(-1)), " features, the weight expects ",
               num(s.K));
-  TORCH_CHECK(kernel >= kAuto && kernel <= kSkinnyShallow, "awq_gemm_variant: unknown kernel ", num(kernel));
+  TORCH_CHECK(kernel >= kAuto && kernel <= kLastKernel, "awq_gemm_variant: unknown kernel ", num(kernel));
   TORCH_CHECK(splits >= 0 && splits < (int64_t(1) << 16), "awq_gemm_variant: splits must be in [0, 65535], got ",
               num(splits));
   const c10::cuda::CUDAGuard guard(x.device());
@@ -177,44 +244,65 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   const bool fused_ok = s.N % awq::kFusedNMultiple == 0 && s.K % awq::kFusedKMultiple == 0 &&
                         s.group % awq::kFusedGroupMultiple == 0 && M < (int64_t(1) << 31) &&
                         M * s.N < (int64_t(1) << 31);
+  const int device = x.get_device();
+  const int num_sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
+  const bool stream_ok = s.layout == Layout::kStream && M <= awq::kStreamMaxM &&
+                         awq::stream_supports(static_cast<int>(M), static_cast<int>(s.N), static_cast<int>(s.K),
+                                              static_cast<int>(s.group)) &&
+                         awq::stream_smem_bytes(static_cast<int>(M)) <=
+                             static_cast<int>(at::cuda::getDeviceProperties(device)->sharedMemPerBlockOptin);
   Kernel k = static_cast<Kernel>(kernel);
   if (k == kAuto) {
-    if (s.tiled) k = M <= kSkinnyMaxMTiled ? kSkinnyShallow : kDequantCublas;
+    if (s.layout == Layout::kStream) k = stream_ok ? kStream : kDequantCublas;
+    else if (s.layout == Layout::kTiled) k = M <= kSkinnyMaxMTiled ? kSkinnyShallow : kDequantCublas;
     else k = !fused_ok ? kDequantCublas
              : M <= kGemvMaxMAuto ? kGemv
              : M <= kSkinnyMaxMAuto ? kSkinnyShallow
              : M < kDequantCublasMinM ? kTiled
              : kDequantCublas;
   }
-  TORCH_CHECK(k == kDequantCublas || fused_ok, "awq_gemm_variant: the fused kernels need N % ",
+  if (k == kDequantCublas) return dequant_matmul(x2, qw, qz, sc, s).view(out_shape);
+  TORCH_CHECK(s.layout != Layout::kStream || k == kStream,
+              "awq_gemm_variant: a stream-layout weight is served by the stream kernel or dequantize + cuBLAS only");
+  TORCH_CHECK(k != kStream || s.layout == Layout::kStream, "awq_gemm_variant: the stream kernel needs the stream layout");
+  TORCH_CHECK(k != kStream || stream_ok, "awq_gemm_variant: the stream kernel takes M <= ", num(awq::kStreamMaxM),
+              ", group_size 32/64/128/256 (or a multiple of its k-tile, or K) and needs ",
+              num(awq::stream_smem_bytes(static_cast<int>(std::min<int64_t>(M, awq::kStreamMaxM)))),
+              " bytes of shared memory per block");
+  TORCH_CHECK(k == kStream || fused_ok, "awq_gemm_variant: the fused kernels need N % ",
               num(awq::kFusedNMultiple), " == 0, K % ", num(awq::kFusedKMultiple), " == 0 and group_size % ",
               num(awq::kFusedGroupMultiple), " == 0");
-  TORCH_CHECK(!s.tiled || k == kSkinny || k == kSkinnyShallow || k == kDequantCublas,
+  TORCH_CHECK(s.layout != Layout::kTiled || k == kSkinny || k == kSkinnyShallow,
               "awq_gemm_variant: a warp-tiled weight is served by the skinny kernels or dequantize + cuBLAS only");
   TORCH_CHECK(k != kGemv || M <= awq::kGemvMaxM, "awq_gemm_variant: the GEMV kernel takes M <= ", num(awq::kGemvMaxM));
   TORCH_CHECK((k != kSkinny && k != kSkinnyShallow) || M <= awq::kSkinnyMaxM,
               "awq_gemm_variant: the skinny kernel takes M <= ", num(awq::kSkinnyMaxM));
-  if (k == kDequantCublas) {
-    const at::Tensor w = dequantize_impl(qw, qz, sc, s);  // [K, N] in x's dtype
-    return at::mm(x2, w).view(out_shape);
-  }
 
   at::Tensor out = at::empty({M, s.N}, x.options());
-  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int m = static_cast<int>(M), n = static_cast<int>(s.N), kk = static_cast<int>(s.K);
   const int so = static_cast<int>(splits);
   const int depth = k == kSkinnyShallow ? 2 : 4;  // register-ring depth of the skinny kernel
   const awq::DType dt = to_dtype(x.scalar_type());
-  const awq::Plan plan = k == kGemv ? awq::plan_gemv(m, n, kk, num_sms, so)
-                         : k == kTiled ? awq::plan_gemm(m, n, kk, num_sms, so)
-                         : awq::plan_skinny(dt, m, n, kk, depth, s.tiled, num_sms, so);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor ws;
+  at::Tensor ws, per_call_counters;
   awq::GemmArgs a{};
-  if (plan.splits > 1) {
-    ws = at::empty({plan.splits, M, s.N}, x.options().dtype(at::kFloat));
+  awq::Plan plan{};
+  awq::StreamPlan splan{};
+  if (k == kStream) {
+    // The stream kernel's partition is fixed by the SM count (persistent grid); `splits` is ignored.
+    splan = awq::plan_stream(m, n, kk, static_cast<int>(s.group), num_sms);
+    ws = at::empty({static_cast<int64_t>(std::max<size_t>(splan.workspace_floats, 1))}, x.options().dtype(at::kFloat));
     a.workspace = ws.data_ptr<float>();
-    a.counters = counters_for(x, plan.tiles, stream);
+    a.counters = counters_for(x, splan.counters, stream, per_call_counters);
+  } else {
+    plan = k == kGemv ? awq::plan_gemv(m, n, kk, num_sms, so)
+           : k == kTiled ? awq::plan_gemm(m, n, kk, num_sms, so)
+           : awq::plan_skinny(dt, m, n, kk, depth, s.layout == Layout::kTiled, num_sms, so);
+    if (plan.splits > 1) {
+      ws = at::empty({plan.splits, M, s.N}, x.options().dtype(at::kFloat));
+      a.workspace = ws.data_ptr<float>();
+      a.counters = counters_for(x, plan.tiles, stream, per_call_counters);
+    }
   }
   a.x = x2.data_ptr();
   a.qweight = qw.data_ptr<int32_t>();
@@ -228,7 +316,8 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   a.splits = plan.splits;
   if (k == kGemv) awq::launch_gemv(dt, a, stream);
   else if (k == kTiled) awq::launch_gemm(dt, a, plan, stream);
-  else awq::launch_skinny(dt, a, depth, s.tiled, stream);
+  else if (k == kStream) awq::launch_stream(dt, a, splan, stream);
+  else awq::launch_skinny(dt, a, depth, s.layout == Layout::kTiled, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out.view(out_shape);
 }

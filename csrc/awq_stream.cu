@@ -22,8 +22,7 @@
 //    contiguous run ("striped" partition), so every SM streams the same number of bytes whatever
 //    the shape.  A slice split over several CTAs is reduced deterministically: each part writes
 //    fp32 partials to its own workspace slot, the last to arrive (arrive_last) adds the slots in
-//    part order and writes the output.  Counters live in the per-call workspace (zeroed by the
-//    caller on the stream), so concurrent launches and graphs never share one.
+//    part order and writes the output, and resets its counter (awq_ops.cpp: counters_for).
 //
 // NOT the automatic choice yet: validated on the CPU only (layout, arithmetic, SASS budget); it
 // becomes the default once tests/test_kernels_cuda.py passes on a GPU and benchmarks/gpu_sweep.py
@@ -168,30 +167,32 @@ struct StreamParams {
 // runs once per slice and CTA, and keeps its divisions and stores out of the streaming loop.
 template <typename T>
 __device__ __noinline__ void write_slice(const float* red, T* __restrict__ out, float* __restrict__ ws,
-                                         int32_t* __restrict__ counters, const StreamParams& p, int slice, int rows) {
+                                         int32_t* __restrict__ counters, int N, int KT, int per, int max_parts,
+                                         int slice, int rows) {
   const int tid = threadIdx.x;
-  const int first = (slice * p.KT) / p.per;  // CTA holding the slice's first unit
-  const int last = ((slice + 1) * p.KT - 1) / p.per;
+  const int first = (slice * KT) / per;  // CTA holding the slice's first unit
+  const int last = ((slice + 1) * KT - 1) / per;
   const int parts = last - first + 1;
   const int n0 = slice * kSliceN;
   if (parts == 1) {
     for (int i = tid; i < rows * kSliceN; i += kStThreads) {
       const int r = i / kSliceN, col = i % kSliceN;
-      if (n0 + col < p.N) out[(size_t)r * p.N + n0 + col] = Traits<T>::from_float(red[i]);
+      if (n0 + col < N) out[(size_t)r * N + n0 + col] = Traits<T>::from_float(red[i]);
     }
     return;
   }
   const int part = blockIdx.x - first;
-  float* slot = ws + ((size_t)slice * p.max_parts + part) * rows * kSliceN;
+  float* slot = ws + ((size_t)slice * max_parts + part) * rows * kSliceN;
   for (int i = tid; i < rows * kSliceN; i += kStThreads) slot[i] = red[i];
   if (!arrive_last(&counters[slice], parts)) return;
-  const float* base = ws + (size_t)slice * p.max_parts * rows * kSliceN;
+  const float* base = ws + (size_t)slice * max_parts * rows * kSliceN;
   for (int i = tid; i < rows * kSliceN; i += kStThreads) {
     const int r = i / kSliceN, col = i % kSliceN;
     float v = 0.f;
     for (int s = 0; s < parts; ++s) v += __ldcg(base + (size_t)s * rows * kSliceN + i);
-    if (n0 + col < p.N) out[(size_t)r * p.N + n0 + col] = Traits<T>::from_float(v);
+    if (n0 + col < N) out[(size_t)r * N + n0 + col] = Traits<T>::from_float(v);
   }
+  if (tid == 0) counters[slice] = 0;  // ready for the next launch (awq_ops.cpp: counters_for)
 }
 
 // EXACT: K % kStageK == 0 and N % kSliceN == 0, so no load needs a bounds predicate (the
@@ -397,7 +398,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
       }
       __syncthreads();
     }
-    write_slice<T>(red, out, ws, counters, p, c_slice, min(p.M, Cfg::kRows));
+    write_slice<T>(red, out, ws, counters, p.N, p.KT, p.per, p.max_parts, c_slice, min(p.M, Cfg::kRows));
     __syncthreads();  // `red` is reused by the next flush
   };
 
@@ -450,6 +451,45 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
     }
   }
   cp_async_wait<0>();
+}
+
+// Dequantize the stream layout to a dense W^T [K, N] with the streaming kernel's own arithmetic
+// (so awq_dequantize on a stream-layout weight checks it bit for bit against the reference).
+// One thread per (atom, lane): its 4 words are 32 weights, 8 per word at rows (2q, 2q+1, 2q+8,
+// 2q+9) x columns (16 j + g, 16 j + 8 + g).  Used by awq_dequantize and the large-M path.
+template <typename T>
+__global__ void __launch_bounds__(256)
+awq_dequant_stream_kernel(const uint4* __restrict__ qweight, const uint32_t* __restrict__ qzeros,
+                          const T* __restrict__ scales, T* __restrict__ out, int K, int N, int group_size) {
+  using DQ = StreamDequant<T>;
+  const int KT16 = K / 16;
+  const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;  // (nt, kt, lane)
+  if (idx >= (size_t)(N / 64) * KT16 * 32) return;
+  const int lane = static_cast<int>(idx % 32);
+  const size_t atom = idx / 32;
+  const int kt = static_cast<int>(atom % KT16), nt = static_cast<int>(atom / KT16);
+  const int g = lane >> 2, q = lane & 3;
+  const int grp = kt * 16 / group_size;
+  const uint4 wv = __ldg(qweight + idx);
+  const uint32_t zw = __ldg(qzeros + (size_t)grp * (N / 8) + nt * 8 + g);
+  const uint4 s8 = __ldg(reinterpret_cast<const uint4*>(scales + (size_t)grp * N + nt * 64 + 8 * g));
+  typename DQ::Group gp;
+  DQ::load_group(gp, zw, s8);
+  const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
+  using T2 = typename Traits<T>::T2;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    uint32_t b[4];
+    DQ::word(b, words[j], gp, j);
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {  // b[h]: column c0 (h < 2) or c1, rows 2q (+8 if h odd), +1
+      const T2 v = as_t2<T2>(b[h]);
+      const int col = nt * 64 + 16 * j + 8 * (h >> 1) + g;
+      const int row = kt * 16 + 2 * q + 8 * (h & 1);
+      out[(size_t)row * N + col] = v.x;
+      out[(size_t)(row + 1) * N + col] = v.y;
+    }
+  }
 }
 
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
@@ -509,6 +549,11 @@ StreamParams params_for(int M, int N, int K, int group_size, int per, int grid) 
 
 }  // namespace
 
+int stream_smem_bytes(int M) {
+  const int mb = mb_for(M);
+  return mb == 1 ? StreamCfg<1>::kSmemBytes : mb == 2 ? StreamCfg<2>::kSmemBytes : StreamCfg<4>::kSmemBytes;
+}
+
 bool stream_supports(int M, int N, int K, int group_size) {
   if (M < 1 || M > kStreamMaxM || N % 64 || K % 16 || group_size % 32 || K % group_size) return false;
   const int kStageK = stage_k_for(M);
@@ -531,6 +576,20 @@ StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms) {
   plan.workspace_floats = (size_t)slices * p.max_parts * std::min(M, 16 * mb_for(M)) * kSliceN;
   plan.counters = slices;
   return plan;
+}
+
+void launch_dequant_stream(DType dt, const int32_t* qweight, const int32_t* qzeros, const void* scales, void* out,
+                           int K, int N, int group_size, cudaStream_t stream) {
+  const size_t threads = (size_t)(N / 64) * (K / 16) * 32;
+  const unsigned blocks = static_cast<unsigned>((threads + 255) / 256);
+  const auto* qw = reinterpret_cast<const uint4*>(qweight);
+  const auto* qz = reinterpret_cast<const uint32_t*>(qzeros);
+  if (dt == DType::kHalf)
+    awq_dequant_stream_kernel<__half><<<blocks, 256, 0, stream>>>(qw, qz, static_cast<const __half*>(scales),
+                                                                  static_cast<__half*>(out), K, N, group_size);
+  else
+    awq_dequant_stream_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(
+        qw, qz, static_cast<const __nv_bfloat16*>(scales), static_cast<__nv_bfloat16*>(out), K, N, group_size);
 }
 
 void launch_stream(DType dt, const GemmArgs& a, const StreamPlan& plan, cudaStream_t stream) {

@@ -42,16 +42,19 @@ def test_fake_tensor_shape():
     assert out.shape == (7, 64)
 
 
+def _quantized(k: int, n: int, g: int):
+    """(linear, its WQLinear, an input, the output, a copy of the state dict) with a fixed seed."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(k, n, bias=True)
+    m = WQLinear.from_linear(lin, group_size=g)
+    x = torch.randn(5, k)
+    return lin, m, x, m(x), {key: v.clone() for key, v in m.state_dict().items()}
+
+
 def test_tiled_layout_same_function_and_module_round_trip():
     """The op computes the same function on a warp-tiled qweight; a tiled WQLinear still saves and
     loads the GEMM layout, and its outputs do not change."""
-    from awqlib.modules import WQLinear
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(128, 192, bias=True)
-    m = WQLinear.from_linear(lin, group_size=32)
-    x = torch.randn(5, 128)
-    before = m(x)
-    sd_before = {k: v.clone() for k, v in m.state_dict().items()}
+    lin, m, x, before, sd_before = _quantized(128, 192, 32)
     assert m.tile_for_kernels() and m.tiled and m.qweight.shape == (3, 4, 256)
     assert torch.equal(m(x), before)
     sd = m.state_dict()
@@ -69,3 +72,67 @@ def test_tile_only_where_the_kernels_can():
     assert not m.tile_for_kernels() and not m.tiled
     m = WQLinear(96, 128, group_size=48)       # group % 32 != 0
     assert not m.tile_for_kernels()
+
+
+# --- the stream runtime layout and the named layouts ----------------------------------------------
+
+def test_stream_layout_same_function_and_module_round_trip(monkeypatch):
+    """On the stream layout (qweight, zeros and scales all repacked) the op computes the same
+    function; state_dict() exports the GEMM layout; loading GEMM tensors into a stream module
+    repacks them; AWQLIB_LAYOUT=stream makes tile_for_kernels choose it."""
+    _, m, x, before, sd_before = _quantized(256, 192, 64)
+    assert m.layout == "gemm" and not m.tiled
+    assert m.set_layout("stream") and m.layout == "stream" and m.tiled and m.qweight.shape == (3, 16, 128)
+    assert not torch.equal(m.scales, sd_before["scales"])  # permuted per lane
+    assert torch.equal(m(x), before)
+    sd = m.state_dict()
+    assert sd.keys() == sd_before.keys() and all(torch.equal(sd[k], sd_before[k]) for k in sd)
+    monkeypatch.setenv("AWQLIB_LAYOUT", "stream")
+    fresh = WQLinear(256, 192, group_size=64, bias=True)
+    assert fresh.tile_for_kernels() and fresh.layout == "stream"
+    fresh.load_state_dict(sd_before)  # GEMM layout in, stream inside
+    assert all(torch.equal(getattr(fresh, k), getattr(m, k)) for k in ("qweight", "qzeros", "scales"))
+    assert torch.equal(fresh(x), before)
+    # stream -> tiled -> gemm, exactly
+    assert m.set_layout("tiled") and m.layout == "tiled" and torch.equal(m.scales, sd_before["scales"])
+    assert m.set_layout("gemm") and all(torch.equal(getattr(m, k), sd_before[k]) for k in ("qweight", "qzeros", "scales"))
+
+
+def test_layout_env_is_strict(monkeypatch):
+    monkeypatch.setenv("AWQLIB_LAYOUT", "fast")
+    with pytest.raises(ValueError, match="tiled.*stream"):
+        WQLinear(128, 64, group_size=64).tile_for_kernels()
+
+
+def test_stream_only_where_the_kernel_can():
+    assert not WQLinear(128, 200, group_size=32).set_layout("stream")   # N % 64 != 0
+    assert not WQLinear(96, 128, group_size=48).set_layout("stream")    # group % 32 != 0
+    with pytest.raises(ValueError, match="unknown layout"):
+        WQLinear(128, 64, group_size=64).set_layout("marlin")
+
+
+def test_bf16_scales_converted_once():
+    """bf16 activations use a bf16 copy of the scales made once (not per call); the exported scales
+    stay fp16; moving the module drops the copy."""
+    m = WQLinear.from_linear(torch.nn.Linear(128, 64, bias=False), group_size=64)
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    a = m.scales_for(torch.bfloat16)
+    assert a.dtype == torch.bfloat16 and m.scales_for(torch.bfloat16) is a
+    assert m.scales_for(torch.float16) is m.scales and m.state_dict()["scales"].dtype == torch.float16
+    # the same function as converting the fp16 scales inside the op (what the reference does)
+    assert torch.equal(m(x), torch.ops.awqlib.awq_gemm(x, m.qweight, m.qzeros, m.scales, 64))
+    m.to(torch.device("cpu"))
+    assert m.scales_for(torch.bfloat16) is not a
+
+
+def test_kernel_enum_mirrors_cpp():
+    """awqlib.ops.Kernel and `enum Kernel` in csrc/awq_ops.cpp name the same ids."""
+    import re
+    from pathlib import Path
+    from awqlib.ops import Kernel
+    src = (Path(__file__).resolve().parent.parent / "csrc" / "awq_ops.cpp").read_text()
+    body = re.search(r"enum Kernel : int64_t \{(.*?)\};", src, re.S).group(1)
+    cpp = {m.group(1): int(m.group(2)) for m in re.finditer(r"\bk(\w+) = (\d+)", body) if m.group(1) != "LastKernel"}
+    snake = {re.sub(r"(?<!^)(?=[A-Z])", "_", k).upper(): v for k, v in cpp.items()}
+    snake["TILED_GEMM"] = snake.pop("TILED")  # the C++ name predates the warp-tiled layout
+    assert snake == {k.name: int(k) for k in Kernel}
