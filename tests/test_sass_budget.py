@@ -1,0 +1,74 @@
+"""The instruction budget of the streaming decode kernel, read from its SASS (no GPU needed).
+
+The M <= 64 kernels are limited by instruction issue (shared/design/kernels-v2.md): a kernel that
+spends I warp-instructions per KB of weights cannot stream faster than 4 x clock / I KB per SM.
+scripts/sass_budget.py compiles csrc/awq_stream.cu for sm_90, finds the hot loop and counts; this
+test fails when the decode instantiation (fp16, M <= 16, shapes a whole number of k-tiles, group
+>= 128: what a real model's decode runs) exceeds 190 warp-instructions per KB (the design's target
+is 175), when bf16 exceeds 200 (it needs 2 more shifts per 8 weights: bf16 has 7 mantissa bits),
+or when any instantiation spills.  About 30 s (one file, one architecture); skipped without nvcc
+or cuobjdump (cuobjdump ships in the triton wheel of CUDA torch).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import sass_budget  # noqa: E402
+
+BUDGET = {"half": 190.0, "bf16": 200.0}
+
+pytestmark = pytest.mark.skipif(sass_budget.find_nvcc() is None or sass_budget.find_cuobjdump() is None,
+                                reason="needs nvcc and cuobjdump (CUDA toolkit; triton wheel)")
+
+
+@pytest.fixture(scope="module")
+def reports():
+    return {r.kernel: r for r in sass_budget.run(["awq_stream.cu"], ["90"])}
+
+
+@pytest.mark.parametrize("dtype", ["half", "bf16"])
+def test_decode_kernel_within_budget(reports, dtype):
+    r = reports[f"awq_stream_kernel<{dtype}, 1, true, false>"]
+    assert r.check == "ok", r.check  # the hot loop found is the one with the expected HMMA count
+    assert r.instr_per_kb is not None and r.instr_per_kb <= BUDGET[dtype], (
+        f"{r.kernel}: {r.instr_per_kb} warp-instructions per KB > {BUDGET[dtype]} "
+        f"(loop {r.loop['instructions']} instructions, {r.loop['by_op']})")
+
+
+def test_no_spills_and_one_resident_cta(reports):
+    stream = [r for r in reports.values() if r.kernel.startswith("awq_stream_kernel<")]
+    assert len(stream) == 24  # {half, bf16} x MB {1, 2, 4} x EXACT x FINE
+    for r in stream:
+        assert r.spill_stores == 0 and r.spill_loads == 0, f"{r.kernel} spills"
+        assert r.ctas_per_sm is not None and r.ctas_per_sm >= 1, f"{r.kernel} does not fit on an SM"
+        assert r.check == "ok", f"{r.kernel}: {r.check}"
+
+
+def test_hot_loop_finder_on_a_synthetic_listing():
+    """The parser and loop finder on a hand-written listing: the loop with the HMMA wins over a
+    larger loop without, and a skipped region holding a global store is not counted."""
+    text = """
+        Function : _ZN3awq17awq_stream_kernelI6__halfLi1ELb1ELb0EEEvv
+        /*0000*/  MOV R1, c[0x0][0x28] ;
+        /*0010*/  FADD R2, R2, R3 ;
+        /*0020*/  FADD R2, R2, R3 ;
+        /*0030*/  @P0 BRA 0x10 ;
+        /*0040*/  LDS.128 R4, [R0] ;
+        /*0050*/  HMMA.16816.F32 R8, R4, R6, R8 ;
+        /*0060*/  @!P1 BRA 0x90 ;
+        /*0070*/  STG.E [R2.64], R8 ;
+        /*0080*/  BAR.SYNC 0x0 ;
+        /*0090*/  @P2 BRA 0x40 ;
+        /*00a0*/  EXIT ;
+    """
+    funcs = sass_budget.parse_sass(text)
+    (name, insns), = funcs.items()
+    assert sass_budget.kernel_name(name) == ("awq_stream_kernel", ["__half", 1, True, False])
+    lp = sass_budget.hot_loop(insns)
+    assert (lp.start, lp.end) == (0x40, 0x90)
+    assert lp.instructions == 4 and lp.cold_instructions == 2 and lp.by_op["HMMA"] == 1
