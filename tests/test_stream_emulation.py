@@ -1,0 +1,217 @@
+"""CPU emulation of csrc/awq_stream.cu's indexing: the persistent striped partition, the loader's
+global -> shared-memory addresses (weights, XOR-swizzled activations, per-group scales and zeros,
+tail predicates), the consumer's shared-memory reads (ldmatrix rows, the 16-byte B fragment, the
+group slot of each atom and the FINE/coarse choice), the k-warp reduction and the deterministic
+last-arriver slice reduction -- all in the kernel's own formulas, thread by thread, interpreted
+with the PTX fragment layouts of ldmatrix and mma.m16n8k16.  It must reproduce x @ W^T.
+
+No GPU: this is what can be checked of the kernel's addressing before a GPU window (the
+arithmetic of the dequantization is checked bit for bit in test_packing.py).  The constants
+mirror csrc/awq_stream.cu (StreamCfg, plan_stream, params_for); keep them in sync.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from awqlib.packing import STREAM_NIBBLES, pack_columns, stream_qweight, stream_qzeros, stream_scales
+
+NA, KW, THREADS, SLICE_N = 2, 4, 256, 128
+LANES = torch.arange(32)
+GQ, Q = LANES // 4, LANES % 4
+
+
+def mb_for(m):
+    return 1 if m <= 16 else 2 if m <= 32 else 4
+
+
+def cfg(m):
+    mb = mb_for(m)
+    ka = 4 if mb == 4 else 8
+    stage_k = 16 * ka * KW
+    return dict(mb=mb, ka=ka, stage_k=stage_k, max_groups=stage_k // 32, rows=16 * mb)
+
+
+def log2_exact(v):
+    r = int(math.log2(v)) if v > 0 else -1
+    return r if r >= 0 and (1 << r) == v else -1
+
+
+def plan(M, N, K, g, num_sms):
+    """plan_stream + params_for."""
+    c = cfg(M)
+    sk = c["stage_k"]
+    assert K % 16 == 0 and N % 64 == 0 and g % 32 == 0 and K % g == 0
+    assert (sk % g == 0 and log2_exact(g // 16) >= 0) if g < sk else (g % sk == 0 or g == K)
+    slices = -(-N // SLICE_N)
+    KT = -(-K // sk)
+    units = slices * KT
+    grid0 = max(1, min(units, num_sms))
+    per = -(-units // grid0)
+    grid = -(-units // per)
+    p = dict(M=M, N=N, K=K, KT=KT, KT16=K // 16, NT=N // 64, groups=K // g, per=per, units=units, grid=grid)
+    if g < sk:
+        p.update(spg=1, grp_step=sk // g, gps=sk // g, gshift=log2_exact(g // 16))
+    else:
+        p.update(spg=KT if g >= K else g // sk, grp_step=1, gps=1, gshift=31)
+    p["max_parts"] = min(grid, -(-KT // per) + 1)
+    return p, c
+
+
+def emulate(x, qs, zs, ss, g, num_sms):
+    """The kernel's output [M, N] (fp64), computed CTA by CTA, thread by thread."""
+    M, K = x.shape
+    N = qs.shape[0] * 64
+    p, c = plan(M, N, K, g, num_sms)
+    ka, sk, rows_pad = c["ka"], c["stage_k"], c["rows"]
+    ap = ka * KW                    # atoms per n-atom and stage
+    wr = ap // 8
+    cpr = sk // 8                   # activation chunks per row
+    a_step = THREADS // cpr
+    sz_rounds = -(-c["max_groups"] * 20 // THREADS)
+    fine = p["gshift"] < 31 and (16 << p["gshift"]) < 16 * ka
+    q4 = qs.view(-1, 4)             # global weight chunks (uint4)
+    out = torch.full((M, N), float("nan"), dtype=torch.float64)
+    ws, counters, written = {}, [0] * -(-N // SLICE_N), set()
+    tid = list(range(THREADS))
+
+    for cta in range(p["grid"]):
+        u0 = cta * p["per"]
+        n_units = min(u0 + p["per"], p["units"]) - u0
+        assert n_units > 0, "no empty CTAs"
+        slice_, kt = divmod(u0, p["KT"])
+        sub, grp = kt % p["spg"], (kt // p["spg"]) * p["grp_step"]
+        c_slice, c_kt = slice_, kt
+        acc = torch.zeros(8, rows_pad, 64, dtype=torch.float64)   # per warp: rows x its 64 columns
+        for t in range(n_units):
+            # ---- load_stage (the loader's cursor: slice_, kt, sub, grp)
+            B = torch.zeros(NA * ap * 32, 4, dtype=torch.int64)
+            A = torch.zeros(rows_pad, cpr, 8, dtype=torch.float64)
+            S = torch.zeros(c["max_groups"], SLICE_N, dtype=torch.float64)
+            Z = torch.zeros(c["max_groups"], SLICE_N // 8, dtype=torch.int64)
+            for th in tid:
+                warp, lane = divmod(th, 32)
+                for r in range(NA * wr):
+                    na, sb = divmod(r, wr)
+                    atom, nt = kt * ap + warp + 8 * sb, slice_ * NA + na
+                    if atom < p["KT16"] and nt < p["NT"]:
+                        B[th + r * THREADS] = q4[(nt * p["KT16"] + atom) * 32 + lane].to(torch.int64) & 0xFFFFFFFF
+                a_ch, a_row = th % cpr, th // cpr
+                for r in range(rows_pad // a_step):
+                    m = a_row + a_step * r
+                    k = kt * sk + 8 * a_ch
+                    if m < M and k < K:
+                        A[m, a_ch ^ (m & 7)] = x[m, k:k + 8]
+                for r in range(sz_rounds):
+                    idx = th + r * THREADS
+                    gi, ch = divmod(idx, 20)
+                    if gi >= p["gps"] or grp + gi >= p["groups"]:
+                        continue
+                    if ch < 16:
+                        col = slice_ * SLICE_N + 8 * ch
+                        if col < N:
+                            S[gi, 8 * ch:8 * ch + 8] = ss[grp + gi, col:col + 8]
+                    else:
+                        w = slice_ * 16 + 4 * (ch - 16)
+                        if w < N // 8:
+                            Z[gi, 4 * (ch - 16):4 * (ch - 16) + 4] = zs[grp + gi, w:w + 4].to(torch.int64) & 0xFFFFFFFF
+            # loader_next
+            if kt + 1 == p["KT"]:
+                slice_, kt, sub, grp = slice_ + 1, 0, 0, 0
+            else:
+                kt += 1
+                sub += 1
+                if sub == p["spg"]:
+                    sub, grp = 0, grp + p["grp_step"]
+
+            # ---- consume: every warp, every atom, the PTX fragment layouts
+            for warp in range(8):
+                wn, wk = warp % NA, warp // NA
+                slot0 = 0 if p["gshift"] == 31 else (wk * ka) >> p["gshift"]
+                for i in range(ka):
+                    a = wk * ka + i
+                    slot = 0 if p["gshift"] == 31 else a >> p["gshift"]
+                    if not fine:
+                        assert slot == slot0, "coarse instantiation but the group changes inside the warp"
+                    Atile = torch.full((rows_pad, 16), float("nan"), dtype=torch.float64)
+                    Bt = torch.full((8, 16, 8), float("nan"), dtype=torch.float64)   # n8-tile, k, column
+                    # all 32 lanes at once: lane = 4 gq + q
+                    for mb in range(c["mb"]):
+                        for mi in range(4):  # ldmatrix.x4: lane 8 mi + gq gave row gq of matrix mi
+                            L = 8 * mi + GQ
+                            row, chk = L & 15, 2 * a + (L >> 4)
+                            v = A[16 * mb + row, chk ^ (row & 7)]                       # [32, 8]
+                            for e in range(2):
+                                Atile[16 * mb + GQ + 8 * (mi % 2), 8 * (mi // 2) + 2 * Q + e] = v[LANES, 2 * Q + e]
+                    words = B[wn * ap * 32 + a * 32 + LANES]                           # [32, 4]
+                    svec = S[slot, wn * 64 + 8 * GQ.unsqueeze(1) + torch.arange(8)]    # [32, 8]
+                    zw = Z[slot, wn * 8 + GQ]                                          # [32]
+                    for j in range(4):
+                        for nib, (ri, hi) in enumerate(STREAM_NIBBLES):
+                            code = (words[:, j] >> (4 * nib)) & 0xF
+                            z = (zw >> (4 * (j + 4 * hi))) & 0xF
+                            d = ((code - z).double() * svec[:, 2 * j + hi]).to(ss.dtype).double()  # one rounding
+                            krow = 2 * Q + (ri % 2) + 8 * (ri // 2)                    # rows 2q, 2q+1, 2q+8, 2q+9
+                            Bt[2 * j + hi, krow, GQ] = d
+                    assert not Bt.isnan().any() and not Atile.isnan().any()
+                    for tt in range(8):
+                        acc[warp, :, 8 * tt:8 * tt + 8] += Atile @ Bt[tt]
+            # ---- flush at the end of a slice or of the CTA's run
+            if c_kt == p["KT"] - 1 or t == n_units - 1:
+                red = torch.zeros(rows_pad, SLICE_N, dtype=torch.float64)
+                for w_k in range(KW):   # k-warps in order
+                    for wn in range(NA):
+                        red[:, wn * 64:(wn + 1) * 64] += acc[w_k * NA + wn]
+                acc.zero_()
+                rows = min(M, rows_pad)
+                first = (c_slice * p["KT"]) // p["per"]
+                last = ((c_slice + 1) * p["KT"] - 1) // p["per"]
+                parts, n0 = last - first + 1, c_slice * SLICE_N
+                ncol = min(SLICE_N, N - n0)
+                if parts == 1:
+                    out[:, n0:n0 + ncol] = red[:rows, :ncol]
+                    written.add(c_slice)
+                else:
+                    part = cta - first
+                    assert 0 <= part < p["max_parts"] and (c_slice, part) not in ws
+                    ws[(c_slice, part)] = red[:rows].clone()
+                    counters[c_slice] += 1
+                    if counters[c_slice] == parts:   # arrive_last
+                        v = sum(ws[(c_slice, s)] for s in range(parts))   # in part order
+                        out[:, n0:n0 + ncol] = v[:, :ncol]
+                        written.add(c_slice)
+                        counters[c_slice] = 0
+            c_kt += 1
+            if c_kt == p["KT"]:
+                c_kt, c_slice = 0, c_slice + 1
+    assert all(v == 0 for v in counters), "every counter is reset for the next launch"
+    assert written == set(range(len(counters)))
+    return out, p
+
+
+CASES = [  # (M, N, K, group, SMs): tails (K % stage, N % 128), every group regime, split slices
+    (1, 192, 576, 64, 3),      # not EXACT, FINE groups, slices split over CTAs
+    (5, 256, 1024, 128, 3),    # EXACT, coarse groups, 4 units on 3 CTAs
+    (2, 128, 1536, 256, 2),    # group 256 < stage 512: two groups per k-tile, coarse per warp
+    (3, 128, 1024, 512, 3),    # group == stage: one group per k-tile
+    (1, 128, 2048, 1024, 3),   # group > stage: a group spans k-tiles (spg = 2)
+    (1, 64, 768, 768, 2),      # group == K, K not a multiple of the stage
+    (17, 128, 1024, 32, 3),    # MB = 2, group 32: four groups per warp slice
+    (40, 128, 512, 64, 2),     # MB = 4 (k-tile 256)
+]
+
+
+@pytest.mark.parametrize("M,N,K,g,sms", CASES, ids=[f"M{m}-N{n}-K{k}-g{g}-sm{s}" for m, n, k, g, s in CASES])
+def test_stream_kernel_indexing_emulated(M, N, K, g, sms):
+    torch.manual_seed(M * 7 + N + K + g)
+    codes = torch.randint(0, 16, (K, N), dtype=torch.int32)
+    zeros = torch.randint(0, 16, (K // g, N), dtype=torch.int32)
+    scales = (torch.rand(K // g, N) * 0.01 + 1e-3).half()
+    x = torch.randn(M, K).half().double()
+    qw, qz = pack_columns(codes), pack_columns(zeros)
+    out, p = emulate(x, stream_qweight(qw), stream_qzeros(qz), stream_scales(scales), g, sms)
+    w = ((codes - zeros.repeat_interleave(g, 0)).double() * scales.double().repeat_interleave(g, 0)).half().double()
+    torch.testing.assert_close(out, x @ w, rtol=1e-9, atol=1e-9)
