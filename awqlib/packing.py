@@ -199,17 +199,24 @@ def _check_stream_shape(k: int, n: int, what: str) -> None:
                          f"got K={k}, N={n}")
 
 
-def stream_qweight(qweight: torch.Tensor) -> torch.Tensor:
-    """GEMM-layout qweight [K, N/8] -> stream layout [N/64, K/16, 128] (see above)."""
+def stream_qweight(qweight: torch.Tensor, block_columns: int = 1024) -> torch.Tensor:
+    """GEMM-layout qweight [K, N/8] -> stream layout [N/64, K/16, 128] (see above).  Works through
+    ``block_columns`` output columns at a time so the int64 temporaries stay ~24 B x K x block
+    (repacking a 70B model's layers at load must not need gigabytes of scratch)."""
     k, n8 = qweight.shape
     _check_stream_shape(k, n8 * 8, "stream_qweight")
-    codes = unpack_columns(qweight).to(torch.int64)                               # [K, N]
-    atoms = codes.view(k // STREAM_K, STREAM_K, n8 // 8, STREAM_N).permute(2, 0, 1, 3)
-    atoms = atoms.reshape(n8 // 8, k // STREAM_K, STREAM_K * STREAM_N)
-    nib = atoms[..., STREAM_WEIGHT_INDEX.to(qweight.device)]                       # [NT, KT, 128, 8]
+    out = torch.empty(n8 // 8, k // STREAM_K, 128, dtype=torch.int32, device=qweight.device)
+    index = STREAM_WEIGHT_INDEX.to(qweight.device)
     shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int64)
-    words = (nib << shifts).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+    step = max(1, block_columns // STREAM_N)
+    for nt0 in range(0, n8 // 8, step):
+        nt1 = min(n8 // 8, nt0 + step)
+        codes = unpack_columns(qweight[:, 8 * nt0: 8 * nt1]).to(torch.int64)        # [K, cols]
+        atoms = codes.view(k // STREAM_K, STREAM_K, nt1 - nt0, STREAM_N).permute(2, 0, 1, 3)
+        atoms = atoms.reshape(nt1 - nt0, k // STREAM_K, STREAM_K * STREAM_N)
+        words = (atoms[..., index] << shifts).sum(-1)                                # [nt, KT, 128]
+        out[nt0:nt1] = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return out
 
 
 def unstream_qweight(qstream: torch.Tensor) -> torch.Tensor:

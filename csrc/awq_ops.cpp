@@ -147,17 +147,18 @@ at::Tensor dequantize_impl(const at::Tensor& qweight, const at::Tensor& qzeros, 
   return out;
 }
 
-// The large-M path: x2 [M, K] @ W^T, W^T dequantized in column chunks so that the dense temporary
-// never exceeds kDenseChunkBytes (70b gate_up in one piece would be 0.94 GB per call, held in the
-// graph pool under CUDA graphs).  Every layout slices along N without copying qweight: the GEMM
-// layout by columns of words (a copy of the [K, width/8] slice, 1/4 of the chunk's bytes), the
-// tiled and stream layouts by their leading 64-column dimension.
+// The large-M path: x2 [M, K] @ W^T, W^T dequantized in column chunks so that the temporaries of a
+// call stay under kDenseChunkBytes (70b gate_up in one piece would be 0.94 GB per call, held in
+// the graph pool under CUDA graphs).  The tiled and stream layouts slice along N for free (their
+// leading dimension is 64-column blocks); the GEMM layout's column slice of qweight is copied
+// ([K, width/8] int32, counted in the budget), as are the chunk's zeros and scales (small).
 constexpr int64_t kDenseChunkBytes = int64_t(256) << 20;
 
 at::Tensor dequant_matmul(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& qzeros,
                           const at::Tensor& scales, const Shape& s) {
   const int64_t elem = scales.element_size();
-  int64_t width = (kDenseChunkBytes / (s.K * elem)) / awq::kTileN * awq::kTileN;
+  const int64_t per_column = s.K * elem + (s.layout == Layout::kGemm ? s.K / 2 : 0) + (s.K / s.group) * (elem + 1);
+  int64_t width = (kDenseChunkBytes / per_column) / awq::kTileN * awq::kTileN;
   if (width <= 0 || s.N % awq::kTileN != 0) width = s.N;  // narrow K or odd N: one piece (bounded by K)
   if (width >= s.N) return at::mm(x2, dequantize_impl(qweight, qzeros, scales, s));
   at::Tensor out = at::empty({x2.size(0), s.N}, x2.options());

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One-shot check on a lent GPU machine (H100/H200): build the CUDA kernels, run the GPU tests and
-# the kernel benchmark.  Run from the repository root; awqlib is imported via PYTHONPATH=. (no
-# pip install, no network).  Logs and JSON go to $OUT (default ./gpu_check_out): the JSONs, this
+# One-shot release check on a lent GPU machine (H100/H200): build the CUDA kernels, run the GPU
+# tests, the development sweep and the kernel benchmark.  For a short development window run
+# benchmarks/gpu_sweep.py alone (README, "Kernels").  Run from the repository root; awqlib is
+# imported via PYTHONPATH=. (no pip install, no network).  Logs and JSON go to $OUT (default ./gpu_check_out): the JSONs, this
 # script's log and a tarball of every step's log (the device tool returns at most 8 files).  Every step
-# has its own timeout so one hang cannot eat the budget; a full run takes ~4-6 min on an H100/H200.
+# has its own timeout so one hang cannot eat the budget; a full run takes ~8-10 min on an H100/H200.
 set -u -o pipefail
 
 OUT="${OUT:-$PWD/gpu_check_out}"
@@ -74,7 +75,11 @@ fi
 #    placement: CPU offload on one GPU, two-GPU cases where there are two).
 step test_gpu_e2e 90 "$LOGS/pytest_gpu.log" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_gpu_e2e.py tests/test_placement.py
 
-# 4. Kernel variants (tuning data), then the kernel benchmark (each writes its own JSON).
+# 4. The development sweep (correctness gate of every kernel variant, rooflines, variants x shapes
+#    x M vs fp16, SASS instructions/KB next to each; benchmarks/gpu_sweep.py), then the tuning data
+#    and the kernel benchmark (each writes its own JSON).
+step gpu_sweep 300 "$LOGS/gpu_sweep.log" "$PY" benchmarks/gpu_sweep.py --budget "${SWEEP_BUDGET:-240}" \
+  --out "$OUT/sweep.json"
 if [ "$TUNE" = 1 ]; then
   step tune_kernels 110 "$LOGS/tune_kernels.log" "$PY" benchmarks/tune_kernels.py \
     --time-budget "${TUNE_BUDGET:-75}" --out "$OUT/tune_kernels.json"
@@ -97,6 +102,7 @@ step bench_load 100 "$LOGS/bench_load.log" "$PY" benchmarks/bench_load.py --devi
 echo "----- summary"
 grep -hE "^(FAILED|ERROR)" "$LOGS"/pytest_*.log 2>/dev/null | head -n 30
 grep -hE "passed|failed|error|Segmentation" "$LOGS"/pytest_*.log 2>/dev/null | tail -n 10
+sed -n '/^shape .* SASS\/KB/,$p' "$LOGS/gpu_sweep.log" 2>/dev/null
 sed -n '/^summary/,$p' "$LOGS/tune_kernels.log" 2>/dev/null
 sed -n '/^targets/,$p' "$LOGS/bench_kernels.log" 2>/dev/null
 grep -hE "^\|" "$LOGS/bench_generate.log" "$LOGS/bench_load.log" 2>/dev/null

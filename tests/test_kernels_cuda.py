@@ -300,3 +300,162 @@ def test_tiled_refuses_untiled_kernels():
     x = torch.randn(4, 576, device="cuda", dtype=torch.float16)
     with pytest.raises(RuntimeError, match="warp-tiled"):
         torch.ops.awqlib.awq_gemm_variant(x, tile_for_kernels(qweight), qzeros, scales, 64, 1, 0)
+
+
+# --- the stream layout and its streaming kernel (Kernel.STREAM), opt-in until validated here ----
+
+STREAM_COMBOS = [  # (N, K, group): tails (K % 512, N % 128), every group regime, Llama-like shapes
+    (64, 128, 32),
+    (192, 576, 64),
+    (4096, 4096, 128),
+    (11008, 2752, 64),
+    (4096, 11008, 128),
+    (14336, 4096, 32),
+    (1024, 3072, 256),
+    (512, 2048, 1024),
+    (256, 768, -1),
+]
+STREAM_MS = [1, 2, 3, 7, 8, 13, 16, 17, 31, 32, 33, 48, 64]
+
+
+def stream_weight(K: int, N: int, g: int, dtype=torch.float16):
+    from awqlib.packing import stream_qweight, stream_qzeros, stream_scales
+    qweight, qzeros, scales, _ = weight(K, N, g)
+    return stream_qweight(qweight), stream_qzeros(qzeros), stream_scales(scales.to(dtype))
+
+
+@pytest.mark.parametrize("N,K,g", STREAM_COMBOS, ids=[f"N{n}-K{k}-g{g}" for n, k, g in STREAM_COMBOS])
+@pytest.mark.parametrize("M", STREAM_MS)
+def test_stream_kernel_fp16(M, N, K, g):
+    from awqlib.ops import Kernel
+    qs, zs, ss = stream_weight(K, N, g)
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    poison_allocator()
+    out = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, Kernel.STREAM, 0)
+    check(x, K, N, g, torch.float16, out=out)
+    # the automatic choice on a stream-layout weight is the same kernel (M <= 64), bit for bit
+    assert torch.equal(torch.ops.awqlib.awq_gemm(x, qs, zs, ss, g), out)
+
+
+@pytest.mark.parametrize("N,K,g", [STREAM_COMBOS[1], STREAM_COMBOS[2], STREAM_COMBOS[4], STREAM_COMBOS[6]],
+                         ids=["N192", "N4096", "K11008", "g256"])
+@pytest.mark.parametrize("M", [1, 5, 16, 17, 32, 64])
+def test_stream_kernel_bf16(M, N, K, g):
+    from awqlib.ops import Kernel
+    qs, zs, ss = stream_weight(K, N, g, torch.bfloat16)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    poison_allocator()
+    check(x, K, N, g, torch.bfloat16, out=torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, Kernel.STREAM, 0))
+
+
+@pytest.mark.parametrize("M", [1, 16, 33, 64])
+def test_stream_kernel_deterministic(M):
+    from awqlib.ops import Kernel
+    qs, zs, ss = stream_weight(28672, 1024, 128)  # long K: every slice split over several CTAs
+    x = torch.randn(M, 28672, device="cuda", dtype=torch.float16)
+    a = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, 128, Kernel.STREAM, 0)
+    poison_allocator()
+    b = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, 128, Kernel.STREAM, 0)
+    assert torch.equal(a, b)
+    check(x, 28672, 1024, 128, torch.float16, out=a)
+
+
+@pytest.mark.parametrize("M", [1, 100])  # the stream kernel; the stream-layout dequantize + cuBLAS
+def test_stream_layout_large_m_and_graph(M):
+    qs, zs, ss = stream_weight(4096, 4096, 128)
+    x = torch.randn(M, 4096, device="cuda", dtype=torch.float16)
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        torch.ops.awqlib.awq_gemm(x, qs, zs, ss, 128)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(graph):
+        out = torch.ops.awqlib.awq_gemm(x, qs, zs, ss, 128)
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(x, 4096, 4096, 128, torch.float16, out=out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N,K,g", [(192, 576, 64), (4096, 4096, 128), (256, 768, -1)])
+def test_dequantize_stream_bit_exact(N, K, g, dtype):
+    """The stream-layout dequantize (the stream kernel's own arithmetic) equals the reference bit for bit."""
+    qs, zs, ss = stream_weight(K, N, g, dtype)
+    poison_allocator()
+    out = torch.ops.awqlib.awq_dequantize(qs, zs, ss, g)
+    qweight, qzeros, scales, _ = weight(K, N, g)
+    assert torch.equal(out, dequantize_gemm(qweight, qzeros, scales.to(dtype), g))
+
+
+def test_stream_refuses_other_layouts_and_kernels():
+    from awqlib.ops import Kernel
+    qs, zs, ss = stream_weight(576, 192, 64)
+    qweight, qzeros, scales, _ = weight(576, 192, 64)
+    x = torch.randn(4, 576, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="stream-layout weight"):
+        torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, 64, Kernel.SKINNY, 0)
+    with pytest.raises(RuntimeError, match="needs the stream layout"):
+        torch.ops.awqlib.awq_gemm_variant(x, qweight, qzeros, scales, 64, Kernel.STREAM, 0)
+    with pytest.raises(RuntimeError, match="M <= 64"):
+        torch.ops.awqlib.awq_gemm_variant(torch.randn(65, 576, device="cuda").half(), qs, zs, ss, 64, Kernel.STREAM, 0)
+
+
+# --- serving: concurrent graphs, bounded temporaries ---------------------------------------------
+
+@pytest.mark.parametrize("layout", ["gemm", "tiled", "stream"])
+def test_two_graphs_replayed_concurrently_on_two_streams(layout):
+    """Two CUDA graphs, each holding split-K launches, replayed at the same time on two streams:
+    their arrival counters must not be shared (each capture gets its own), or the outputs would be
+    wrong or unwritten."""
+    from awqlib.packing import to_layout
+    N, K, g = 4096, 4096, 128
+    qweight, qzeros, scales, _ = weight(K, N, g)
+    qw, qz, sc = to_layout(layout, qweight, qzeros, scales)
+    xs = [torch.randn(M, K, device="cuda", dtype=torch.float16) for M in (1, 8)]
+    graphs, outs = [], []
+    for x in xs:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                torch.ops.awqlib.awq_gemm(x, qw, qz, sc, g)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs.append([torch.ops.awqlib.awq_gemm(x, qw, qz, sc, g) for _ in range(8)])
+        graphs.append(graph)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for _ in range(20):
+        for x in xs:
+            x.copy_(torch.randn_like(x))
+        torch.cuda.synchronize()
+        for graph, stream in zip(graphs, streams):
+            with torch.cuda.stream(stream):
+                graph.replay()
+        torch.cuda.synchronize()
+        for x, out in zip(xs, outs):
+            for o in out:
+                check(x, K, N, g, torch.float16, out=o)
+
+
+@pytest.mark.parametrize("layout", ["gemm", "tiled", "stream"])
+def test_large_m_dequant_is_chunked(layout):
+    """A weight whose dense copy exceeds the 256 MB budget (8192 x 32768 fp16 = 512 MB) is
+    dequantized and multiplied in column chunks: correct, and the call's temporaries stay under
+    the budget (plus the output)."""
+    from awqlib.ops import Kernel
+    from awqlib.packing import to_layout
+    N, K, g, M = 32768, 8192, 128, 100
+    qw, qz, sc = to_layout(layout, *weight(K, N, g)[:3])
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = torch.ops.awqlib.awq_gemm_variant(x, qw, qz, sc, g, Kernel.DEQUANT_CUBLAS, 0)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak <= (256 << 20) + 2 * M * N * 2, f"peak temporary {peak / 2**20:.0f} MB: not chunked"
+    check(x, K, N, g, torch.float16, out=out)

@@ -168,6 +168,7 @@ def test_stream_layout_spec_and_roundtrip(K, N, g):
     codes, zeros, qweight, qzeros, scales = _random_awq(K, N, g)
     qs = stream_qweight(qweight)
     assert qs.shape == (N // 64, K // 16, 128) and qs.dtype == torch.int32
+    assert torch.equal(stream_qweight(qweight, block_columns=64), qs)  # blockwise repack, same words
     words = qs.to(torch.int64) & 0xFFFFFFFF
     for nt in range(N // 64):
         for kt in range(K // 16):

@@ -1,0 +1,369 @@
+#!/usr/bin/env python
+"""The GPU-window tool: one call that builds, checks and measures the int4 kernels in <= 300 s.
+
+Steps, in order (each writes its results into the JSON before the next starts):
+
+1. device info; build (JIT, once, cached under $AWQLIB_CACHE) and load the extension;
+2. correctness gate: every kernel variant on small shapes and token counts, fresh random data,
+   outputs from a NaN-poisoned allocator, relative error against an fp32 reference; any failure
+   aborts the sweep (exit status 2) -- a wrong kernel's timings are worthless;
+3. rooflines: a device-to-device copy (bytes read + written) and a read-only streaming kernel (a
+   sum over 1 GB: what a GEMV's weight stream can hope for);
+4. the sweep: variants x shapes x M against fp16 cuBLAS ``F.linear`` in the same run (CUDA graphs,
+   weights rotated over > 3x L2, events), cheapest cases first so a budget cut drops the big ones;
+5. a short table last: us, speedup vs fp16, weight TB/s, % of copy bandwidth, and the SASS
+   warp-instructions per KB of the kernel that ran (benchmarks/sass_budget.json, written on the
+   CPU machine by scripts/sass_budget.py).
+
+    python benchmarks/gpu_sweep.py --out $OUT/sweep.json             # the development loop
+    python benchmarks/gpu_sweep.py --dry-run                         # the plan; no GPU needed
+    python benchmarks/gpu_sweep.py --out $OUT/sweep.json --ncu       # + one ncu run, 70b-down M=1
+    python benchmarks/gpu_sweep.py --out $OUT/sweep.json --sanitizer # + compute-sanitizer, tiny shape
+
+Why it builds on the device: the extension is tied to torch's C++ ABI, and the lent H200 runs
+torch 2.11 while the CPU machine has 2.14, so a library built here would not load there.  The JIT
+build is one ninja call for the GPU at hand only (sm_90): about a minute on the 16-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from awqlib.ops import Kernel  # noqa: E402
+
+SASS_JSON = ROOT / "benchmarks" / "sass_budget.json"
+
+# (name, N out, K in)
+SHAPES = [("4096x4096", 4096, 4096), ("70b-down 8192x28672", 8192, 28672), ("8b-gate_up 28672x4096", 28672, 4096),
+          ("70b-gate_up 57344x8192", 57344, 8192)]
+MS = [1, 4, 16, 32, 64]
+GROUP = 128
+
+# (label, layout, kernel id): the variants timed.  "tiled:auto" is what models run today.
+VARIANTS = [("tiled:auto", "tiled", Kernel.AUTO), ("stream", "stream", Kernel.STREAM)]
+
+# Correctness gate: every (layout, kernel) with the token counts it takes, on small shapes
+# including tails (N % 128, K % 512) and every group regime.
+GATE_SHAPES = [(192, 576, 64), (4096, 4096, 128), (1024, 2752, 32), (512, 2048, 256)]
+GATE_VARIANTS = [
+    ("gemm", Kernel.AUTO, (1, 5, 16, 33, 100)),
+    ("gemm", Kernel.GEMV, (1, 8)),
+    ("gemm", Kernel.SKINNY, (1, 17, 32)),
+    ("gemm", Kernel.TILED_GEMM, (9, 40)),
+    ("gemm", Kernel.DEQUANT_CUBLAS, (1, 100)),
+    ("tiled", Kernel.AUTO, (1, 16, 32, 33)),
+    ("tiled", Kernel.SKINNY_SHALLOW, (1, 24)),
+    ("stream", Kernel.STREAM, (1, 2, 7, 16, 17, 32, 33, 64)),
+    ("stream", Kernel.AUTO, (1, 100)),
+]
+REL_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
+NCU_METRICS = ("smsp__issue_active.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum,"
+               "dram__bytes_read.sum.per_second,gpu__time_duration.sum,"
+               "smsp__average_warp_latency_issue_stalled_long_scoreboard,"
+               "smsp__average_warp_latency_issue_stalled_wait,smsp__average_warp_latency_issue_stalled_barrier,"
+               "smsp__average_warp_latency_issue_stalled_math_pipe_throttle")
+
+
+class OutOfTime(Exception):
+    pass
+
+
+def plan_text(args) -> str:
+    cases = len(SHAPES) * len(args.ms) * (len(VARIANTS) + 1)
+    gate = sum(len(ms) for _, _, ms in GATE_VARIANTS) * len(GATE_SHAPES)
+    lines = [
+        f"gpu_sweep plan (budget {args.budget:.0f} s, output {args.out}):",
+        "  1. device info; build + load the extension (JIT, cached in $AWQLIB_CACHE)",
+        f"  2. correctness gate: {gate} cases ({len(GATE_VARIANTS)} layout/kernel variants x {len(GATE_SHAPES)} shapes"
+        f" x their M), fp16, + bf16 for the stream kernel; abort on failure",
+        "  3. rooflines: device-to-device copy, read-only streaming sum",
+        f"  4. sweep: {cases} timings = {len(SHAPES)} shapes x M {args.ms} x ({', '.join(v[0] for v in VARIANTS)}, fp16)",
+        "  5. table (+ SASS instr/KB from benchmarks/sass_budget.json)",
+    ]
+    if args.ncu:
+        lines.append(f"  +  ncu on 70b-down M=1, stream and tiled:auto: {' '.join(ncu_command('stream'))}")
+    if args.sanitizer:
+        lines.append(f"  +  compute-sanitizer memcheck on a tiny shape: {' '.join(sanitizer_command())}")
+    return "\n".join(lines)
+
+
+def ncu_command(variant: str) -> list[str]:
+    return ["ncu", "--clock-control", "none", "-k", "regex:awq", "--launch-skip", "3", "-c", "1", "--metrics",
+            NCU_METRICS, sys.executable, str(Path(__file__).resolve()), "--profile-case", f"70b-down,1,{variant}"]
+
+
+def sanitizer_command() -> list[str]:
+    return ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3", sys.executable,
+            str(Path(__file__).resolve()), "--profile-case", "tiny,5,all"]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def make_weight(K: int, N: int, g: int, layout: str, device="cuda"):
+    from awqlib.packing import pack_awq, to_layout
+    codes = torch.randint(0, 16, (K, N), dtype=torch.int32, device=device)
+    zeros = torch.randint(0, 16, (K // g, N), dtype=torch.int32, device=device)
+    scales = ((torch.rand(K // g, N, device=device) * 0.01 + 0.001)
+              * torch.where(torch.rand(K // g, N, device=device) < 0.1, -1.0, 1.0)).half()
+    qweight, qzeros = pack_awq(codes, zeros)
+    return (qweight, qzeros, scales), to_layout(layout, qweight, qzeros, scales)
+
+
+def poison():
+    big = [torch.full((s,), float("nan"), device="cuda") for s in (64 << 20, 16 << 20)]
+    small = [torch.full((s,), float("nan"), device="cuda") for s in (1 << 18,) * 8]
+    del big, small
+
+
+def gate(report: dict, save) -> bool:
+    from awqlib.packing import dequantize_gemm
+    cases = []
+    for N, K, g in GATE_SHAPES:
+        for layout, kernel, ms in GATE_VARIANTS:
+            gemm, (qw, qz, sc) = make_weight(K, N, g, layout)
+            for dtype in (torch.float16, torch.bfloat16) if kernel == Kernel.STREAM else (torch.float16,):
+                w32 = dequantize_gemm(*gemm, g, dtype=torch.float32) if dtype == torch.float16 else \
+                    dequantize_gemm(gemm[0], gemm[1], gemm[2].to(dtype), g, dtype=torch.float32)
+                scd = sc.to(dtype)
+                for M in ms:
+                    x = torch.randn(M, K, device="cuda", dtype=dtype)
+                    poison()
+                    try:
+                        out = torch.ops.awqlib.awq_gemm_variant(x, qw, qz, scd, g, int(kernel), 0)
+                        torch.cuda.synchronize()
+                        ref = x.float() @ w32
+                        err = ((out.float() - ref).norm() / ref.norm()).item()
+                        ok = bool(torch.isfinite(out).all()) and err < REL_TOL[dtype]
+                        msg = f"rel err {err:.2e}"
+                    except RuntimeError as e:  # a refused case is a failure here: the gate lists only valid ones
+                        ok, msg = False, f"{type(e).__name__}: {str(e)[:200]}"
+                    cases.append({"layout": layout, "kernel": kernel.name, "N": N, "K": K, "g": g, "M": M,
+                                  "dtype": str(dtype).split(".")[-1], "ok": ok, "detail": msg})
+                    if not ok:
+                        print(f"GATE FAIL {layout}/{kernel.name} N{N} K{K} g{g} M{M} {dtype}: {msg}", flush=True)
+    report["gate"] = {"cases": len(cases), "failed": [c for c in cases if not c["ok"]]}
+    save()
+    print(f"correctness gate: {len(cases) - len(report['gate']['failed'])}/{len(cases)} passed", flush=True)
+    return not report["gate"]["failed"]
+
+
+def rooflines(report: dict, save):
+    from bench_kernels import copy_bandwidth, time_eager
+    report["copy_GBps"] = copy_bandwidth()
+    buf = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").view(torch.int32)
+    buf.random_(0, 16)
+    t = min(time_eager(lambda: buf.sum(dtype=torch.int64), reps=10) for _ in range(3))
+    report["read_GBps"] = (1 << 30) / t / 1e9
+    del buf
+    save()
+    print(f"rooflines: copy {report['copy_GBps']:.0f} GB/s (read + write), read-only sum {report['read_GBps']:.0f} GB/s",
+          flush=True)
+
+
+def sass_table() -> dict:
+    """kernel instantiation -> instr/KB (sm_90), from the JSON scripts/sass_budget.py wrote."""
+    if not SASS_JSON.is_file():
+        return {}
+    rows = json.loads(SASS_JSON.read_text())
+    return {r["kernel"]: r["instr_per_kb"] for r in rows if r["arch"] == "90" and r["instr_per_kb"]}
+
+
+def kernel_label(variant: str, M: int, N: int, K: int) -> str:
+    """The instantiation a variant runs (for the SASS column), fp16."""
+    if variant == "stream":
+        mb = 1 if M <= 16 else 2 if M <= 32 else 4
+        stage = 256 if mb == 4 else 512
+        exact = K % stage == 0 and N % 128 == 0
+        return f"awq_stream_kernel<half, {mb}, {str(exact).lower()}, false>"
+    if variant == "tiled:auto" and M <= 32:
+        return f"awq_skinny_kernel<half, {1 if M <= 16 else 2}, 2, true>"
+    return "dequant+cuBLAS"
+
+
+def sweep(args, report: dict, save, t0: float):
+    from bench_kernels import n_copies, time_eager, time_graph
+    props = torch.cuda.get_device_properties(0)
+    l2 = getattr(props, "L2_cache_size", 50 << 20)
+    cap = int(props.total_memory * 0.2)
+    sass = sass_table()
+    rows = report.setdefault("sweep", [])
+    order = sorted(((N * K, name, N, K) for name, N, K in SHAPES))
+    for _, name, N, K in order:
+        g = GROUP
+        wbytes = K * N // 2 + (K // g) * N * 2.5
+        nq = n_copies(int(wbytes), l2, cap)
+        weights = {layout: [make_weight(K, N, g, layout)[1] for _ in range(nq)] for _, layout, _ in VARIANTS}
+        w16s = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02 for _ in range(n_copies(2 * K * N, l2, cap))]
+        for M in args.ms:
+            if time.time() - t0 > args.budget:
+                raise OutOfTime
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            ref_calls = [lambda w=w: F.linear(x, w) for w in w16s]
+            t_ref = time_graph(ref_calls, time_eager(ref_calls[0], reps=2))
+            for label, layout, kernel in VARIANTS:
+                if kernel == Kernel.STREAM and M > 64:
+                    continue
+                calls = [lambda q=q: torch.ops.awqlib.awq_gemm_variant(x, q[0], q[1], q[2], g, int(kernel), 0)
+                         for q in weights[layout]]
+                t = time_graph(calls, time_eager(calls[0], reps=2))
+                tbps = (wbytes + 2 * M * (K + N)) / t / 1e12
+                kl = kernel_label(label, M, N, K)
+                rows.append({"shape": name, "N": N, "K": K, "M": M, "variant": label, "us": t * 1e6,
+                             "fp16_us": t_ref * 1e6, "speedup": t_ref / t, "TBps": tbps,
+                             "pct_copy": 100 * tbps * 1e3 / report["copy_GBps"], "kernel": kl,
+                             "sass_instr_per_kb": sass.get(kl)})
+                save()
+                r = rows[-1]
+                print(f"{name:24s} M={M:3d} {label:11s} {r['us']:8.1f} us  fp16 {r['fp16_us']:8.1f} us  "
+                      f"{r['speedup']:5.2f}x  {r['TBps']:5.2f} TB/s ({r['pct_copy']:4.1f}% copy)", flush=True)
+            del x, ref_calls
+        del weights, w16s
+        torch.cuda.empty_cache()
+
+
+def print_table(report: dict):
+    rows = report.get("sweep", [])
+    if not rows:
+        return
+    print("\nshape                     M  variant        us   fp16 us  speedup  TB/s  %copy  SASS/KB")
+    for r in rows:
+        sk = f"{r['sass_instr_per_kb']:.0f}" if r.get("sass_instr_per_kb") else "-"
+        print(f"{r['shape'][:24]:24s} {r['M']:3d}  {r['variant']:11s} {r['us']:7.1f} {r['fp16_us']:8.1f} "
+              f"{r['speedup']:7.2f}x {r['TBps']:5.2f} {r['pct_copy']:5.1f} {sk:>8s}")
+
+
+def profile_case(spec: str) -> int:
+    """Run one case eagerly a few times (the target of --ncu and --sanitizer)."""
+    name, m, variant = spec.split(",")
+    M = int(m)
+    shapes = {"70b-down": (8192, 28672), "tiny": (192, 576)}
+    N, K = shapes[name]
+    g = 64 if name == "tiny" else GROUP
+    from awqlib import kernels
+    assert kernels.load(), "kernels failed to load"
+    chosen = [v for v in VARIANTS if variant in ("all", v[0])]
+    for label, layout, kernel in chosen:
+        q = make_weight(K, N, g, layout)[1]
+        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        for _ in range(5):
+            torch.ops.awqlib.awq_gemm_variant(x, q[0], q[1], q[2], g, int(kernel), 0)
+        torch.cuda.synchronize()
+        print(f"profile-case {label}: ok")
+    return 0
+
+
+def run_tool(cmd: list[str], log: Path, timeout: int) -> dict:
+    if shutil.which(cmd[0]) is None:
+        return {"cmd": " ".join(cmd), "skipped": f"{cmd[0]} not on PATH"}
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        log.write_text(r.stdout + r.stderr)
+        return {"cmd": " ".join(cmd), "rc": r.returncode, "log": str(log), "tail": (r.stdout + r.stderr)[-3000:]}
+    except subprocess.TimeoutExpired:
+        return {"cmd": " ".join(cmd), "rc": "timeout"}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "sweep.json"))
+    ap.add_argument("--budget", type=float, default=280.0, help="hard time budget in seconds (build included)")
+    ap.add_argument("--ms", type=int, nargs="+", default=MS)
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and check imports; no GPU needed")
+    ap.add_argument("--skip-gate", action="store_true", help="time without the correctness gate (never for results)")
+    ap.add_argument("--ncu", action="store_true", help="also profile 70b-down M=1 (stream, tiled:auto) with ncu")
+    ap.add_argument("--sanitizer", action="store_true", help="also run compute-sanitizer memcheck on a tiny shape")
+    ap.add_argument("--profile-case", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.profile_case:
+        return profile_case(args.profile_case)
+
+    print(plan_text(args), flush=True)
+    if args.dry_run:
+        from awqlib import kernels  # noqa: F401 -- the imports the real run needs
+        from bench_kernels import copy_bandwidth, n_copies, time_graph  # noqa: F401
+        print(f"dry run: imports ok; SASS table {'found' if SASS_JSON.is_file() else 'missing'} ({SASS_JSON}); "
+              f"CUDA available: {torch.cuda.is_available()}")
+        return 0
+
+    t0 = time.time()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report: dict = {"argv": sys.argv, "torch": torch.__version__, "budget_s": args.budget}
+
+    def save():
+        report["elapsed_s"] = time.time() - t0
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=1, default=str))
+        tmp.replace(out)
+
+    if not torch.cuda.is_available():
+        report["skipped"] = "no CUDA device"
+        save()
+        print("gpu_sweep: no CUDA device")
+        return 1
+
+    def on_alarm(*_):
+        raise OutOfTime
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(int(math.ceil(args.budget + 20)))  # hard stop even inside a hung case
+    status = 0
+    try:
+        props = torch.cuda.get_device_properties(0)
+        report["device"] = {"name": props.name, "sms": props.multi_processor_count,
+                            "capability": list(torch.cuda.get_device_capability(0)),
+                            "smem_optin": getattr(props, "shared_memory_per_block_optin", None)}
+        from awqlib import kernels
+        tb = time.time()
+        if not kernels.load():
+            report["error"] = "kernels failed to build/load"
+            save()
+            print(report["error"])
+            return 1
+        report["build_s"] = time.time() - tb
+        report["backend"] = kernels.backend()
+        print(f"device {props.name}, {props.multi_processor_count} SMs; kernels {report['backend']} in "
+              f"{report['build_s']:.0f} s", flush=True)
+        save()
+        if not args.skip_gate and not gate(report, save):
+            print("correctness gate FAILED: no timings (see the JSON's gate.failed)")
+            return 2
+        rooflines(report, save)
+        sweep(args, report, save, t0)
+    except OutOfTime:
+        report["truncated"] = f"budget of {args.budget:.0f} s reached"
+        print(f"\n{report['truncated']}: remaining cases skipped", flush=True)
+    finally:
+        signal.alarm(0)
+        save()
+    if args.ncu:
+        report["ncu"] = [run_tool(ncu_command(v), out.parent / f"ncu_{v.replace(':', '_')}.log", 120)
+                         for v in ("stream", "tiled:auto")]
+        save()
+    if args.sanitizer:
+        report["sanitizer"] = run_tool(sanitizer_command(), out.parent / "sanitizer.log", 180)
+        save()
+        status = 3 if report["sanitizer"].get("rc") not in (0, None) else status
+    print_table(report)
+    print(f"\nwrote {out} ({report['elapsed_s']:.0f} s)")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

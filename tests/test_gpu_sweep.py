@@ -1,0 +1,46 @@
+"""benchmarks/gpu_sweep.py on the CPU: the plan prints, the imports the GPU run needs work, and the
+plan is consistent with the library (every gated case is one the kernels accept; every timed
+kernel has a SASS budget row).  The GPU run itself happens in a GPU window."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import gpu_sweep  # noqa: E402
+
+
+def test_dry_run_prints_the_plan(capsys, tmp_path):
+    assert gpu_sweep.main(["--dry-run", "--out", str(tmp_path / "s.json"), "--ncu", "--sanitizer"]) == 0
+    out = capsys.readouterr().out
+    for step in ("correctness gate", "rooflines", "sweep", "ncu --clock-control none", "compute-sanitizer"):
+        assert step in out
+    assert "dry run: imports ok" in out
+    assert not (tmp_path / "s.json").exists()  # a dry run writes nothing
+
+
+def test_gate_cases_are_valid_for_their_layouts():
+    from awqlib.ops import Kernel
+    from awqlib.packing import can_use_layout
+    for N, K, g in gpu_sweep.GATE_SHAPES:
+        for layout, kernel, ms in gpu_sweep.GATE_VARIANTS:
+            assert can_use_layout(layout, K, N, g), (layout, N, K, g)
+            if kernel == Kernel.STREAM:
+                assert max(ms) <= 64
+
+
+def test_timed_kernels_have_sass_rows():
+    table = ROOT / "benchmarks" / "sass_budget.json"
+    if not table.is_file():
+        pytest.skip("benchmarks/sass_budget.json not generated")
+    names = {r["kernel"] for r in json.loads(table.read_text())}
+    for _, N, K in gpu_sweep.SHAPES:
+        for M in gpu_sweep.MS:
+            for label, _, _ in gpu_sweep.VARIANTS:
+                kl = gpu_sweep.kernel_label(label, M, N, K)
+                assert kl == "dequant+cuBLAS" or kl in names, kl
