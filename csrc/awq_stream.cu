@@ -31,6 +31,9 @@
 #include "awq_kernels.h"
 
 #include <algorithm>
+#include <mutex>
+#include <set>
+#include <utility>
 
 namespace awq {
 namespace {
@@ -66,8 +69,13 @@ struct StreamCfg {
   static constexpr int kOffS = kOffA + kABytes;
   static constexpr int kOffZ = kOffS + kSBytes;
   static constexpr int kStageBytes = kOffZ + kZBytes;
+  // The k-warp reduction buffer [kRows][kSliceN] fp32 reuses the ring slot just consumed, from its
+  // start: the weights (and, at MB = 4, activation rows < 32 <= M), which the loader rewrites in
+  // full before that slot is read again.  So 3 stages fit an A100's 163 KB at MB = 1 and 4.
   static constexpr int kRedBytes = kRows * kSliceN * 4;
-  static constexpr int kSmemBytes = kStages * kStageBytes + kRedBytes;
+  static constexpr int kSmemBytes = kStages * kStageBytes;
+  static_assert(kRedBytes <= kBBytes || (MB == 4 && kRedBytes <= kBBytes + 32 * kARowBytes),
+                "the reduction buffer only overlaps bytes every stage rewrites");
   static_assert(kStageBytes % 16 == 0 && kOffA % 16 == 0 && kOffS % 16 == 0 && kOffZ % 16 == 0,
                 "cp.async destinations stay 16-byte aligned");
 };
@@ -211,7 +219,6 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   constexpr int kStageK = Cfg::kStageK;
   constexpr int kChunksPerRow = kStageK / 8;               // 16-byte activation chunks per row
   extern __shared__ __align__(16) uint8_t smem[];
-  float* red = reinterpret_cast<float*>(smem + kStages * Cfg::kStageBytes);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wn = warp % kNA, wk = warp / kNA;
@@ -380,7 +387,9 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
 
   // Flush the accumulators of slice c_slice: add the kKW k-warps in order through `red`, then
   // write the slice (write_slice, out of line: it runs once per slice, not per stage).
-  auto flush = [&]() {
+  auto flush = [&](const uint8_t* consumed) {
+    float* red = reinterpret_cast<float*>(const_cast<uint8_t*>(consumed));  // see StreamCfg::kRedBytes
+    __syncthreads();  // every warp is done reading the slot `red` overwrites
 #pragma unroll 1
     for (int w = 0; w < kKW; ++w) {
       if (wk == w) {
@@ -399,7 +408,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
       __syncthreads();
     }
     write_slice<T>(red, out, ws, counters, p.N, p.KT, p.per, p.max_parts, c_slice, min(p.M, Cfg::kRows));
-    __syncthreads();  // `red` is reused by the next flush
+    __syncthreads();  // `red` (a ring slot) is refilled from the next iteration on
   };
 
   // One stage per iteration.  The ring slot is a counter (no modulo) and every shared-memory
@@ -444,7 +453,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
         }
       }
     }
-    if (c_kt == p.KT - 1 || t == n_units - 1) flush();
+    if (c_kt == p.KT - 1 || t == n_units - 1) flush(st);
     if (++c_kt == p.KT) {
       c_kt = 0;
       ++c_slice;
@@ -501,9 +510,17 @@ void launch_mb(const GemmArgs& a, const StreamParams& p, int grid, cudaStream_t 
   const bool fine = p.gshift < 31 && (16 << p.gshift) < 16 * Cfg::kKA;  // group_size < 16 kKA
   auto kernel = exact ? (fine ? awq_stream_kernel<T, MB, true, true> : awq_stream_kernel<T, MB, true, false>)
                       : (fine ? awq_stream_kernel<T, MB, false, true> : awq_stream_kernel<T, MB, false, false>);
-  // Opt in to > 48 KB of dynamic shared memory (a host-side attribute: fine during graph capture;
-  // idempotent, so racing threads are harmless).
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  // Opt in to > 48 KB of dynamic shared memory, once per (kernel, device): a host-side attribute,
+  // fine during graph capture.
+  {
+    static std::mutex mu;
+    static std::set<std::pair<const void*, int>> done;
+    int dev = 0;
+    cudaGetDevice(&dev);
+    const std::lock_guard<std::mutex> lock(mu);
+    if (done.insert({reinterpret_cast<const void*>(kernel), dev}).second)
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  }
   kernel<<<grid, kStThreads, Cfg::kSmemBytes, stream>>>(
       static_cast<const T*>(a.x), reinterpret_cast<const uint4*>(a.qweight),
       reinterpret_cast<const uint32_t*>(a.qzeros), static_cast<const T*>(a.scales), static_cast<T*>(a.out),

@@ -175,7 +175,7 @@ def _stream_spec(args) -> Spec:
     b_bytes = stage_k * 128 // 2
     groups = stage_k // 32
     stage = b_bytes + 16 * mb * stage_k * 2 + groups * 128 * 2 + groups * 16 * 4
-    return Spec(256, 3 * stage + 16 * mb * 128 * 4, b_bytes, ka * 8 * mb)
+    return Spec(256, 3 * stage, b_bytes, ka * 8 * mb)
 
 
 SPECS = {
