@@ -31,8 +31,10 @@
 #include "awq_kernels.h"
 
 #include <algorithm>
+#include <cstddef>
 #include <mutex>
 #include <set>
+#include <type_traits>
 #include <utility>
 
 namespace awq {
@@ -148,6 +150,15 @@ template <> struct StreamDequant<__nv_bfloat16> {
   }
 };
 
+// f(std::integral_constant<int, I>) for I in [B, E): loop indices usable as template arguments.
+template <int B, int E, typename F>
+__device__ __forceinline__ void static_for(F&& f) {
+  if constexpr (B < E) {
+    f(std::integral_constant<int, B>{});
+    static_for<B + 1, E>(f);
+  }
+}
+
 // Where the loader's unit walk stands: column slice, k-tile in the slice, and the first group
 // of the k-tile with its sub-step counter (advanced by counters, never by division).
 struct Cursor {
@@ -244,6 +255,8 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   const size_t nstride = (size_t)p.KT16 * 32;                // uint4s between n-atoms
   const int a_ch = tid % kChunksPerRow, a_row = tid / kChunksPerRow;
   const T* x_row = x + (size_t)a_row * p.K + 8 * a_ch;
+  const size_t a_src_step = (size_t)kAStep * p.K;
+  const int a_rows_end = min(p.M, Cfg::kRows);
   int sz_dst[kSzRounds], sz_gi[kSzRounds], sz_slice_bytes[kSzRounds], sz_col[kSzRounds];
   bool sz_on[kSzRounds], sz_scale[kSzRounds];
   size_t sz_row[kSzRounds];
@@ -282,9 +295,22 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
     l.k = l.c.kt * kStageK;
     return l;
   };
+  // Moving from the last k-tile of a slice to the first of the next is a constant jump too: the
+  // weights by kNA runs less the KT - 1 k-tiles walked, scales / zeros by one slice less the
+  // groups walked.
+  const int grp_last = ((p.KT - 1) / p.spg) * p.grp_step;
+  const ptrdiff_t w_wrap = (ptrdiff_t)kNA * nstride - (ptrdiff_t)(p.KT - 1) * kAtomsPerStage * 32;
+  ptrdiff_t sz_wrap[kSzRounds];
+#pragma unroll
+  for (int r = 0; r < kSzRounds; ++r) sz_wrap[r] = sz_slice_bytes[r] - (ptrdiff_t)grp_last * sz_row[r];
   auto loader_next = [&](Loader& l) {
-    if (l.c.kt + 1 == p.KT) {  // next slice (once per slice): rebuild
-      l = loader_at(l.c.slice + 1, 0, 0, 0);
+    if (l.c.kt + 1 == p.KT) {  // next slice
+      ++l.c.slice;
+      l.c.kt = l.c.sub = l.c.grp = 0;
+      l.w += w_wrap;
+      l.k = 0;
+#pragma unroll
+      for (int r = 0; r < kSzRounds; ++r) l.sz[r] += sz_wrap[r];
       return;
     }
     ++l.c.kt;
@@ -311,23 +337,30 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   auto load_stage = [&](int slot, const Loader& l) {
     uint8_t* st = smem + slot * Cfg::kStageBytes;
     const int atom0 = l.c.kt * kAtomsPerStage + warp;
+    static_assert(kNA == 2, "two weight runs per stage");
+    const uint4* w1 = l.w + nstride;  // the second n-atom's run
+    if constexpr (EXACT) {
+      // chunk r: run r / kWR, 8 atoms (4 KB) further along K per r % kWR -- an immediate offset
+      static_for<0, kNA * kWR>([&](auto rc) {
+        constexpr int r = decltype(rc)::value;
+        cp_async16_at<(r % kWR) * 256 * 16>(st + (tid + r * kStThreads) * 16, r / kWR ? w1 : l.w);
+      });
+    } else {
 #pragma unroll
-    for (int r = 0; r < kNA * kWR; ++r) {
-      const int na = r / kWR, sub = r % kWR;  // compile-time
-      const uint4* src = l.w + (na ? na * nstride : 0) + sub * 256;
-      if constexpr (EXACT) {
-        cp_async16(st + (tid + r * kStThreads) * 16, src, true);
-      } else {
+      for (int r = 0; r < kNA * kWR; ++r) {
+        const int na = r / kWR, sub = r % kWR;  // compile-time
+        const uint4* src = (na ? w1 : l.w) + sub * 256;
         const bool ok = atom0 + 8 * sub < p.KT16 && l.c.slice * kNA + na < p.NT;
         cp_async16(st + (tid + r * kStThreads) * 16, ok ? (const void*)src : (const void*)qweight, ok);
       }
     }
-    // Activations: rows < M (a warp-uniform branch), XOR-swizzled by row for ldmatrix.
-#pragma unroll
-    for (int r = 0; r < Cfg::kRows / kAStep; ++r) {
-      const int m = a_row + kAStep * r;
-      if (m < p.M) {
-        const T* src = x_row + (size_t)r * kAStep * p.K + l.k;
+    // Activations: rows < M (a warp-uniform loop: at M = 1 one pass for two warps, none for the
+    // rest), XOR-swizzled by row for ldmatrix.
+    const T* xs = x_row + l.k;
+#pragma unroll 1
+    for (int m = a_row; m < a_rows_end; m += kAStep, xs += a_src_step) {
+      {
+        const T* src = xs;
         uint8_t* dst = st + Cfg::kOffA + m * Cfg::kARowBytes + ((a_ch ^ (m & 7)) * 16);
         if constexpr (EXACT) {
           cp_async16(dst, src, true);

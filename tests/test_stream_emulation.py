@@ -84,6 +84,13 @@ def emulate(x, qs, zs, ss, g, num_sms):
         assert n_units > 0, "no empty CTAs"
         slice_, kt = divmod(u0, p["KT"])
         sub, grp = kt % p["spg"], (kt // p["spg"]) * p["grp_step"]
+        # the kernel's incremental loader pointers (chunk 0 of warp 0 lane 0; scale/zero row offsets)
+        nstride = p["KT16"] * 32
+        w_ptr = slice_ * NA * nstride + kt * ap * 32
+        grp_last = ((p["KT"] - 1) // p["spg"]) * p["grp_step"]
+        row_bytes = {"s": N * 2, "z": N // 2}
+        slice_bytes = {"s": SLICE_N * 2, "z": SLICE_N // 2}
+        sz_ptr = {h: grp * row_bytes[h] + slice_ * slice_bytes[h] for h in "sz"}
         c_slice, c_kt = slice_, kt
         acc = torch.zeros(8, rows_pad, 64, dtype=torch.float64)   # per warp: rows x its 64 columns
         for t in range(n_units):
@@ -118,14 +125,22 @@ def emulate(x, qs, zs, ss, g, num_sms):
                         w = slice_ * 16 + 4 * (ch - 16)
                         if w < N // 8:
                             Z[gi, 4 * (ch - 16):4 * (ch - 16) + 4] = zs[grp + gi, w:w + 4].to(torch.int64) & 0xFFFFFFFF
-            # loader_next
+            # loader_next, with the kernel's pointer increments checked against the direct formulas
+            assert w_ptr == (slice_ * NA * p["KT16"] + kt * ap) * 32
+            assert all(sz_ptr[h] == grp * row_bytes[h] + slice_ * slice_bytes[h] for h in "sz")
             if kt + 1 == p["KT"]:
                 slice_, kt, sub, grp = slice_ + 1, 0, 0, 0
+                w_ptr += NA * nstride - (p["KT"] - 1) * ap * 32
+                for h in "sz":
+                    sz_ptr[h] += slice_bytes[h] - grp_last * row_bytes[h]
             else:
                 kt += 1
+                w_ptr += ap * 32
                 sub += 1
                 if sub == p["spg"]:
                     sub, grp = 0, grp + p["grp_step"]
+                    for h in "sz":
+                        sz_ptr[h] += row_bytes[h] * p["grp_step"]
 
             # ---- consume: every warp, every atom, the PTX fragment layouts
             for warp in range(8):
