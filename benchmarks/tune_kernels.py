@@ -27,6 +27,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench_kernels import copy_bandwidth, n_copies, time_eager, time_graph  # noqa: E402
 
+from awqlib.ops import Kernel  # noqa: E402
+
 SHAPES = [("4096x4096", 4096, 4096), ("70b down", 8192, 28672), ("7b gate_up", 22016, 4096),
           ("8b qkv", 6144, 4096), ("8b down", 4096, 14336)]
 MS = [1, 2, 4, 8, 16, 24, 32, 64, 128, 256, 512]
@@ -36,15 +38,18 @@ SPLITS = [1, 2, 4, 8, 16, 32, 64]
 
 def variants(m: int):
     """(label, layout, kernel, splits); layout 'gemm' is the checkpoint layout, 'tiled' the runtime one."""
-    out = [("auto", "tiled", 0, 0), ("gemm:auto", "gemm", 0, 0)]
+    K = Kernel
+    out = [("auto", "tiled", K.AUTO, 0), ("gemm:auto", "gemm", K.AUTO, 0)]
     if m <= 8:
-        out.append(("gemm:gemv", "gemm", 1, 0))
+        out.append(("gemm:gemv", "gemm", K.GEMV, 0))
     if m <= 32:
-        out += [("gemm:skinny-d2", "gemm", 5, 0), ("skinny", "tiled", 2, 0), ("skinny-d2", "tiled", 5, 0)]
+        out += [("gemm:skinny-d2", "gemm", K.SKINNY_SHALLOW, 0), ("skinny", "tiled", K.SKINNY, 0),
+                ("skinny-d2", "tiled", K.SKINNY_SHALLOW, 0)]
         if m in SPLIT_SWEEP_MS:
-            out += [(f"skinny/s{s}", "tiled", 2, s) for s in SPLITS] + [(f"skinny-d2/s{s}", "tiled", 5, s) for s in SPLITS]
-    out += [("gemm:tiled-gemm", "gemm", 3, 0), ("dequant+cublas", "tiled", 4, 0)]
-    return out
+            out += ([(f"skinny/s{s}", "tiled", K.SKINNY, s) for s in SPLITS]
+                    + [(f"skinny-d2/s{s}", "tiled", K.SKINNY_SHALLOW, s) for s in SPLITS])
+    out += [("gemm:tiled-gemm", "gemm", K.TILED_GEMM, 0), ("dequant+cublas", "tiled", K.DEQUANT_CUBLAS, 0)]
+    return [(label, layout, int(k), s) for label, layout, k, s in out]
 
 
 def main(argv=None) -> int:

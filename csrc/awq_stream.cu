@@ -13,20 +13,24 @@
 //    4-byte shared load per group.
 //  * Exactness: (magic + q) - (magic + z) is exact and the single multiply by the scale rounds
 //    once, as in the reference (fp16 high nibbles: fma(16 q + 1024, 1/16, -(64 + z)), also exact).
-//  * Pipeline: a kStages-deep cp.async ring in shared memory; a stage is 256 k-rows x 128 columns
-//    (16 KB of weights) plus the activations, scales and zeros it needs.  Every shared-memory
-//    access is [ring-slot base + compile-time offset] (the slot is a counter), and there is no
-//    integer division in the loop (group and slice positions advance with counters).
-//  * Work split: 8 warps = 2 (64-column n-atoms) x 4 (k-slices of 64 rows).  A persistent grid
-//    (SMs x CTAs per SM) takes the (column slice, k-tile) units in slice-major order, each CTA a
+//  * Pipeline: a 3-stage cp.async ring in shared memory; a stage is 512 k-rows x 128 columns
+//    (32 KB of weights; 256 rows at M > 32) plus the activations, scales and zeros it needs, so
+//    64 KB of weights are in flight per SM.  Every shared-memory access is [ring-slot base +
+//    compile-time offset] (the slot is a counter), and there is no integer division in the loop
+//    (group, slice and pointer positions advance by constants).
+//  * Work split: one CTA of 8 warps per SM = 2 (64-column n-atoms) x 4 (k-slices of 128 rows).
+//    The persistent grid takes the (column slice, k-tile) units in slice-major order, each CTA a
 //    contiguous run ("striped" partition), so every SM streams the same number of bytes whatever
 //    the shape.  A slice split over several CTAs is reduced deterministically: each part writes
 //    fp32 partials to its own workspace slot, the last to arrive (arrive_last) adds the slots in
 //    part order and writes the output, and resets its counter (awq_ops.cpp: counters_for).
 //
-// NOT the automatic choice yet: validated on the CPU only (layout, arithmetic, SASS budget); it
-// becomes the default once tests/test_kernels_cuda.py passes on a GPU and benchmarks/gpu_sweep.py
-// shows it winning (see awq_ops.cpp).
+// Not the default yet: checked on the CPU only (layout arithmetic bit for bit, indexing by
+// tests/test_stream_emulation.py, the SASS budget by tests/test_sass_budget.py).  awq_ops.cpp
+// runs it only for weights explicitly put in the stream layout (AWQLIB_LAYOUT=stream,
+// WQLinear.set_layout) or forced with Kernel.STREAM; packing.DEFAULT_RUNTIME_LAYOUT becomes
+// "stream" once tests/test_kernels_cuda.py passes on a GPU and benchmarks/gpu_sweep.py shows it
+// winning.
 #include "awq_common.cuh"
 #include "awq_kernels.h"
 
@@ -302,7 +306,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   const ptrdiff_t w_wrap = (ptrdiff_t)kNA * nstride - (ptrdiff_t)(p.KT - 1) * kAtomsPerStage * 32;
   ptrdiff_t sz_wrap[kSzRounds];
 #pragma unroll
-  for (int r = 0; r < kSzRounds; ++r) sz_wrap[r] = sz_slice_bytes[r] - (ptrdiff_t)grp_last * sz_row[r];
+  for (int r = 0; r < kSzRounds; ++r) sz_wrap[r] = sz_slice_bytes[r] - (ptrdiff_t)grp_last * (ptrdiff_t)sz_row[r];
   auto loader_next = [&](Loader& l) {
     if (l.c.kt + 1 == p.KT) {  // next slice
       ++l.c.slice;

@@ -59,7 +59,7 @@ print(k.build(verbose=True))"
 #    is worth seeing; --maxfail bounds the cascade after a sticky CUDA error.  The argument-check
 #    tests run in their own process (a crash in C++ error handling must not hide the rest).
 T=tests/test_kernels_cuda.py
-step test_kernels 120 "$LOGS/pytest_kernels.log" "$PY" -m pytest -q -rs -p no:cacheprovider --maxfail=40 $T \
+step test_kernels 240 "$LOGS/pytest_kernels.log" "$PY" -m pytest -q -rs -p no:cacheprovider --maxfail=40 $T \
   --deselect $T::test_bad_arguments --deselect $T::test_variant_refuses_what_it_cannot_do --deselect $T::test_tiled_refuses_untiled_kernels
 step test_bad_args 40 "$LOGS/pytest_kernels.log" "$PY" -m pytest -q -rs -p no:cacheprovider \
   $T::test_bad_arguments $T::test_variant_refuses_what_it_cannot_do $T::test_tiled_refuses_untiled_kernels

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from awqlib import kernels
+from awqlib.ops import Kernel
 from awqlib.packing import dequantize_gemm, pack_awq
 
 pytestmark = [pytest.mark.gpu,
@@ -220,9 +221,10 @@ def test_torch_compile_fullgraph(M):
 
 # Every kernel variant (forced through awq_gemm_variant), including forced split-K factors that
 # leave uneven remainders: the automatic dispatch must never be the only thing tested.
-VARIANT_M = {1: [1, 2, 5, 8], 2: [1, 3, 8, 9, 16, 17, 32], 3: [1, 9, 16, 40, 100], 4: [1, 16, 100],
-             5: [1, 8, 16, 24]}
-VARIANT_CASES = [(k, m) for k, ms in VARIANT_M.items() for m in ms]
+VARIANT_M = {Kernel.GEMV: [1, 2, 5, 8], Kernel.SKINNY: [1, 3, 8, 9, 16, 17, 32],
+             Kernel.TILED_GEMM: [1, 9, 16, 40, 100], Kernel.DEQUANT_CUBLAS: [1, 16, 100],
+             Kernel.SKINNY_SHALLOW: [1, 8, 16, 24]}
+VARIANT_CASES = [(int(k), m) for k, ms in VARIANT_M.items() for m in ms]
 
 
 @pytest.mark.parametrize("splits", [0, 1, 3, 7])
@@ -236,7 +238,7 @@ def test_kernel_variants(kernel, M, N, K, g, splits):
     check(x, K, N, g, torch.float16, out=out)
 
 
-@pytest.mark.parametrize("kernel", [2, 5])
+@pytest.mark.parametrize("kernel", [int(Kernel.SKINNY), int(Kernel.SKINNY_SHALLOW)])
 @pytest.mark.parametrize("M", [1, 8, 16, 32])
 def test_skinny_bf16(kernel, M):
     N, K, g = 4096, 4096, 128
@@ -250,13 +252,15 @@ def test_variant_refuses_what_it_cannot_do():
     qweight, qzeros, scales, _ = weight(128, 64, 32)
     x = torch.randn(9, 128, device="cuda", dtype=torch.float16)
     with pytest.raises(RuntimeError, match="GEMV kernel takes M <= 8"):
-        torch.ops.awqlib.awq_gemm_variant(x, qweight, qzeros, scales, 32, 1, 0)
+        torch.ops.awqlib.awq_gemm_variant(x, qweight, qzeros, scales, 32, int(Kernel.GEMV), 0)
     with pytest.raises(RuntimeError, match="unknown kernel"):
-        torch.ops.awqlib.awq_gemm_variant(x, qweight, qzeros, scales, 32, 9, 0)
+        torch.ops.awqlib.awq_gemm_variant(x, qweight, qzeros, scales, 32, max(Kernel) + 1, 0)
 
 
 # The warp-tiled runtime layout (what from_quantized serves on CUDA).
-TILED_CASES = [(k, m) for k in (0, 2, 5) for m in (1, 4, 8, 16, 17, 32)] + [(0, 33), (0, 100), (4, 1), (4, 40)]
+TILED_CASES = ([(int(k), m) for k in (Kernel.AUTO, Kernel.SKINNY, Kernel.SKINNY_SHALLOW) for m in (1, 4, 8, 16, 17, 32)]
+               + [(int(Kernel.AUTO), 33), (int(Kernel.AUTO), 100), (int(Kernel.DEQUANT_CUBLAS), 1),
+                  (int(Kernel.DEQUANT_CUBLAS), 40)])
 
 
 @pytest.mark.parametrize("splits", [0, 3])
@@ -299,7 +303,7 @@ def test_tiled_refuses_untiled_kernels():
     qweight, qzeros, scales, _ = weight(576, 192, 64)
     x = torch.randn(4, 576, device="cuda", dtype=torch.float16)
     with pytest.raises(RuntimeError, match="warp-tiled"):
-        torch.ops.awqlib.awq_gemm_variant(x, tile_for_kernels(qweight), qzeros, scales, 64, 1, 0)
+        torch.ops.awqlib.awq_gemm_variant(x, tile_for_kernels(qweight), qzeros, scales, 64, int(Kernel.GEMV), 0)
 
 
 # --- the stream layout and its streaming kernel (Kernel.STREAM), opt-in until validated here ----
@@ -327,11 +331,10 @@ def stream_weight(K: int, N: int, g: int, dtype=torch.float16):
 @pytest.mark.parametrize("N,K,g", STREAM_COMBOS, ids=[f"N{n}-K{k}-g{g}" for n, k, g in STREAM_COMBOS])
 @pytest.mark.parametrize("M", STREAM_MS)
 def test_stream_kernel_fp16(M, N, K, g):
-    from awqlib.ops import Kernel
     qs, zs, ss = stream_weight(K, N, g)
     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
     poison_allocator()
-    out = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, Kernel.STREAM, 0)
+    out = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(Kernel.STREAM), 0)
     check(x, K, N, g, torch.float16, out=out)
     # the automatic choice on a stream-layout weight is the same kernel (M <= 64), bit for bit
     assert torch.equal(torch.ops.awqlib.awq_gemm(x, qs, zs, ss, g), out)
@@ -341,21 +344,19 @@ def test_stream_kernel_fp16(M, N, K, g):
                          ids=["N192", "N4096", "K11008", "g256"])
 @pytest.mark.parametrize("M", [1, 5, 16, 17, 32, 64])
 def test_stream_kernel_bf16(M, N, K, g):
-    from awqlib.ops import Kernel
     qs, zs, ss = stream_weight(K, N, g, torch.bfloat16)
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     poison_allocator()
-    check(x, K, N, g, torch.bfloat16, out=torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, Kernel.STREAM, 0))
+    check(x, K, N, g, torch.bfloat16, out=torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(Kernel.STREAM), 0))
 
 
 @pytest.mark.parametrize("M", [1, 16, 33, 64])
 def test_stream_kernel_deterministic(M):
-    from awqlib.ops import Kernel
     qs, zs, ss = stream_weight(28672, 1024, 128)  # long K: every slice split over several CTAs
     x = torch.randn(M, 28672, device="cuda", dtype=torch.float16)
-    a = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, 128, Kernel.STREAM, 0)
+    a = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, 128, int(Kernel.STREAM), 0)
     poison_allocator()
-    b = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, 128, Kernel.STREAM, 0)
+    b = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, 128, int(Kernel.STREAM), 0)
     assert torch.equal(a, b)
     check(x, 28672, 1024, 128, torch.float16, out=a)
 
@@ -391,16 +392,15 @@ def test_dequantize_stream_bit_exact(N, K, g, dtype):
 
 
 def test_stream_refuses_other_layouts_and_kernels():
-    from awqlib.ops import Kernel
     qs, zs, ss = stream_weight(576, 192, 64)
     qweight, qzeros, scales, _ = weight(576, 192, 64)
     x = torch.randn(4, 576, device="cuda", dtype=torch.float16)
     with pytest.raises(RuntimeError, match="stream-layout weight"):
-        torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, 64, Kernel.SKINNY, 0)
+        torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, 64, int(Kernel.SKINNY), 0)
     with pytest.raises(RuntimeError, match="needs the stream layout"):
-        torch.ops.awqlib.awq_gemm_variant(x, qweight, qzeros, scales, 64, Kernel.STREAM, 0)
+        torch.ops.awqlib.awq_gemm_variant(x, qweight, qzeros, scales, 64, int(Kernel.STREAM), 0)
     with pytest.raises(RuntimeError, match="M <= 64"):
-        torch.ops.awqlib.awq_gemm_variant(torch.randn(65, 576, device="cuda").half(), qs, zs, ss, 64, Kernel.STREAM, 0)
+        torch.ops.awqlib.awq_gemm_variant(torch.randn(65, 576, device="cuda").half(), qs, zs, ss, 64, int(Kernel.STREAM), 0)
 
 
 # --- serving: concurrent graphs, bounded temporaries ---------------------------------------------
@@ -446,7 +446,6 @@ def test_large_m_dequant_is_chunked(layout):
     """A weight whose dense copy exceeds the 256 MB budget (8192 x 32768 fp16 = 512 MB) is
     dequantized and multiplied in column chunks: correct, and the call's temporaries stay under
     the budget (plus the output)."""
-    from awqlib.ops import Kernel
     from awqlib.packing import to_layout
     N, K, g, M = 32768, 8192, 128, 100
     qw, qz, sc = to_layout(layout, *weight(K, N, g)[:3])
@@ -454,7 +453,7 @@ def test_large_m_dequant_is_chunked(layout):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    out = torch.ops.awqlib.awq_gemm_variant(x, qw, qz, sc, g, Kernel.DEQUANT_CUBLAS, 0)
+    out = torch.ops.awqlib.awq_gemm_variant(x, qw, qz, sc, g, int(Kernel.DEQUANT_CUBLAS), 0)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     assert peak <= (256 << 20) + 2 * M * N * 2, f"peak temporary {peak / 2**20:.0f} MB: not chunked"
