@@ -17,10 +17,12 @@ def _tiny_llama():
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
 
 
+@pytest.mark.parametrize("layout", ["tiled", "stream"])  # the runtime layout from_quantized repacks to
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fuse", [False, True])
-def test_cuda_logits_match_reference(tmp_path, dtype, fuse):
+def test_cuda_logits_match_reference(tmp_path, monkeypatch, dtype, fuse, layout):
     from awqlib import kernels
+    monkeypatch.setenv("AWQLIB_LAYOUT", layout)
     w = AutoAWQ.from_model(_tiny_llama())
     w.quantize(None, {"q_group_size": 64}, method="rtn", device="cpu")
     w.save_quantized(tmp_path / "q")
@@ -29,7 +31,8 @@ def test_cuda_logits_match_reference(tmp_path, dtype, fuse):
     gpu = AutoAWQ.from_quantized(str(tmp_path / "q"), device="cuda", torch_dtype=dtype, fuse_layers=fuse)
     assert kernels.load(), "CUDA kernels must build on a GPU machine with nvcc"
     from awqlib.modules import WQLinear
-    assert all(m.tiled for m in gpu.model.modules() if isinstance(m, WQLinear)), "from_quantized must repack on CUDA"
+    assert all(m.layout == layout for m in gpu.model.modules() if isinstance(m, WQLinear)), \
+        "from_quantized must repack on CUDA"
     with torch.no_grad():
         r = ref(input_ids=ids).logits
         for n in (40, 1):  # prefill (GEMM) and decode-sized (GEMV) calls
