@@ -91,21 +91,25 @@ struct StreamCfg {
 // magic + z_c1), zhi = (64 + z_c0, 64 + z_c1) (fp16 only), sc = (s_c0, s_c1).
 template <typename T> struct StreamDequant;
 
+constexpr uint32_t kLoNibbles = 0x000f000fu;  // bits 0..3 of both halves: rows 2q, 2q+1
+constexpr uint32_t kHiNibbles = 0x00f000f0u;  // bits 4..7 of both halves: rows 2q+8, 2q+9 (x 16)
+constexpr uint32_t kHalf64 = 0x54005400u;     // two fp16 64.0 (ulp 1/16): OR-ing 16 z reads 64 + z
+
 template <> struct StreamDequant<__half> {
   struct Group {
     __half2 zlo[4], zhi[4], sc[4];
   };
   __device__ __forceinline__ static void load_group(Group& gp, uint32_t zw, uint4 s8) {
     // nibbles (j, j+4) of zw are the zeros of (c0, c1) of word j.
-    gp.zlo[0] = as_t2<__half2>(lop3_and_or(zw, 0x000f000fu, 0x64006400u));
-    gp.zlo[1] = as_t2<__half2>(lop3_and_or(zw >> 4, 0x000f000fu, 0x64006400u));
-    gp.zlo[2] = as_t2<__half2>(lop3_and_or(zw >> 8, 0x000f000fu, 0x64006400u));
-    gp.zlo[3] = as_t2<__half2>(lop3_and_or(zw >> 12, 0x000f000fu, 0x64006400u));
+    gp.zlo[0] = as_t2<__half2>(lop3_and_or(zw, kLoNibbles, Traits<__half>::kMagic));
+    gp.zlo[1] = as_t2<__half2>(lop3_and_or(zw >> 4, kLoNibbles, Traits<__half>::kMagic));
+    gp.zlo[2] = as_t2<__half2>(lop3_and_or(zw >> 8, kLoNibbles, Traits<__half>::kMagic));
+    gp.zlo[3] = as_t2<__half2>(lop3_and_or(zw >> 12, kLoNibbles, Traits<__half>::kMagic));
     // 64.0 has ulp 1/16: the zero goes to bits 4..7 to read as 64 + z.
-    gp.zhi[0] = as_t2<__half2>(lop3_and_or(zw << 4, 0x00f000f0u, 0x54005400u));
-    gp.zhi[1] = as_t2<__half2>(lop3_and_or(zw, 0x00f000f0u, 0x54005400u));
-    gp.zhi[2] = as_t2<__half2>(lop3_and_or(zw >> 4, 0x00f000f0u, 0x54005400u));
-    gp.zhi[3] = as_t2<__half2>(lop3_and_or(zw >> 8, 0x00f000f0u, 0x54005400u));
+    gp.zhi[0] = as_t2<__half2>(lop3_and_or(zw << 4, kHiNibbles, kHalf64));
+    gp.zhi[1] = as_t2<__half2>(lop3_and_or(zw, kHiNibbles, kHalf64));
+    gp.zhi[2] = as_t2<__half2>(lop3_and_or(zw >> 4, kHiNibbles, kHalf64));
+    gp.zhi[3] = as_t2<__half2>(lop3_and_or(zw >> 8, kHiNibbles, kHalf64));
     gp.sc[0] = as_t2<__half2>(s8.x);
     gp.sc[1] = as_t2<__half2>(s8.y);
     gp.sc[2] = as_t2<__half2>(s8.z);
@@ -115,10 +119,10 @@ template <> struct StreamDequant<__half> {
   __device__ __forceinline__ static void word(uint32_t (&b)[4], uint32_t w, const Group& gp, int j) {
     const __half2 sixteenth = __float2half2_rn(0.0625f);
     const uint32_t w8 = w >> 8;
-    const __half2 lo0 = as_t2<__half2>(lop3_and_or(w, 0x000f000fu, 0x64006400u));
-    const __half2 hi0 = as_t2<__half2>(lop3_and_or(w, 0x00f000f0u, 0x64006400u));
-    const __half2 lo1 = as_t2<__half2>(lop3_and_or(w8, 0x000f000fu, 0x64006400u));
-    const __half2 hi1 = as_t2<__half2>(lop3_and_or(w8, 0x00f000f0u, 0x64006400u));
+    const __half2 lo0 = as_t2<__half2>(lop3_and_or(w, kLoNibbles, Traits<__half>::kMagic));
+    const __half2 hi0 = as_t2<__half2>(lop3_and_or(w, kHiNibbles, Traits<__half>::kMagic));
+    const __half2 lo1 = as_t2<__half2>(lop3_and_or(w8, kLoNibbles, Traits<__half>::kMagic));
+    const __half2 hi1 = as_t2<__half2>(lop3_and_or(w8, kHiNibbles, Traits<__half>::kMagic));
     const __half2 s0 = __low2half2(gp.sc[j]), s1 = __high2half2(gp.sc[j]);
     b[0] = as_u32<__half2>(__hmul2(__hsub2(lo0, __low2half2(gp.zlo[j])), s0));
     b[1] = as_u32<__half2>(__hmul2(__hfma2(hi0, sixteenth, __hneg2(__low2half2(gp.zhi[j]))), s0));
@@ -134,10 +138,10 @@ template <> struct StreamDequant<__nv_bfloat16> {
     __nv_bfloat162 zlo[4], sc[4];
   };
   __device__ __forceinline__ static void load_group(Group& gp, uint32_t zw, uint4 s8) {
-    gp.zlo[0] = as_t2<__nv_bfloat162>(lop3_and_or(zw, 0x000f000fu, 0x43004300u));
-    gp.zlo[1] = as_t2<__nv_bfloat162>(lop3_and_or(zw >> 4, 0x000f000fu, 0x43004300u));
-    gp.zlo[2] = as_t2<__nv_bfloat162>(lop3_and_or(zw >> 8, 0x000f000fu, 0x43004300u));
-    gp.zlo[3] = as_t2<__nv_bfloat162>(lop3_and_or(zw >> 12, 0x000f000fu, 0x43004300u));
+    gp.zlo[0] = as_t2<__nv_bfloat162>(lop3_and_or(zw, kLoNibbles, Traits<__nv_bfloat16>::kMagic));
+    gp.zlo[1] = as_t2<__nv_bfloat162>(lop3_and_or(zw >> 4, kLoNibbles, Traits<__nv_bfloat16>::kMagic));
+    gp.zlo[2] = as_t2<__nv_bfloat162>(lop3_and_or(zw >> 8, kLoNibbles, Traits<__nv_bfloat16>::kMagic));
+    gp.zlo[3] = as_t2<__nv_bfloat162>(lop3_and_or(zw >> 12, kLoNibbles, Traits<__nv_bfloat16>::kMagic));
     gp.sc[0] = as_t2<__nv_bfloat162>(s8.x);
     gp.sc[1] = as_t2<__nv_bfloat162>(s8.y);
     gp.sc[2] = as_t2<__nv_bfloat162>(s8.z);
@@ -147,10 +151,10 @@ template <> struct StreamDequant<__nv_bfloat16> {
     using B2 = __nv_bfloat162;
     const B2 s0 = __low2bfloat162(gp.sc[j]), s1 = __high2bfloat162(gp.sc[j]);
     const B2 z0 = __low2bfloat162(gp.zlo[j]), z1 = __high2bfloat162(gp.zlo[j]);
-    b[0] = as_u32<B2>(__hmul2(__hsub2(as_t2<B2>(lop3_and_or(w, 0x000f000fu, 0x43004300u)), z0), s0));
-    b[1] = as_u32<B2>(__hmul2(__hsub2(as_t2<B2>(lop3_and_or(w >> 4, 0x000f000fu, 0x43004300u)), z0), s0));
-    b[2] = as_u32<B2>(__hmul2(__hsub2(as_t2<B2>(lop3_and_or(w >> 8, 0x000f000fu, 0x43004300u)), z1), s1));
-    b[3] = as_u32<B2>(__hmul2(__hsub2(as_t2<B2>(lop3_and_or(w >> 12, 0x000f000fu, 0x43004300u)), z1), s1));
+    b[0] = as_u32<B2>(__hmul2(__hsub2(as_t2<B2>(lop3_and_or(w, kLoNibbles, Traits<__nv_bfloat16>::kMagic)), z0), s0));
+    b[1] = as_u32<B2>(__hmul2(__hsub2(as_t2<B2>(lop3_and_or(w >> 4, kLoNibbles, Traits<__nv_bfloat16>::kMagic)), z0), s0));
+    b[2] = as_u32<B2>(__hmul2(__hsub2(as_t2<B2>(lop3_and_or(w >> 8, kLoNibbles, Traits<__nv_bfloat16>::kMagic)), z1), s1));
+    b[3] = as_u32<B2>(__hmul2(__hsub2(as_t2<B2>(lop3_and_or(w >> 12, kLoNibbles, Traits<__nv_bfloat16>::kMagic)), z1), s1));
   }
 };
 
