@@ -361,7 +361,7 @@ def main(argv=None) -> int:
                          for v in ("stream", "tiled:auto")]
         save()
     if args.sanitizer:
-        report["sanitizer"] = run_tool(sanitizer_command(), out.parent / "sanitizer.log", 180)
+        report["sanitizer"] = run_tool(sanitizer_command(), out.parent / "sanitizer.log", 150)
         save()
         status = 3 if report["sanitizer"].get("rc") not in (0, None) else status
     print_table(report)
