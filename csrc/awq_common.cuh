@@ -91,12 +91,22 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_size) : "memory");
 }
 
-// The same, always valid, from gmem + OFFSET bytes: the offset stays an immediate of the
-// instruction instead of a 64-bit add per copy.
+// An L2 policy for data read exactly once (streamed weights): evict it first, so that it does not
+// push out what is reused (activations, scales, split-K partials).
+__device__ __forceinline__ uint64_t l2_evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+
+// The same copy, always valid, from gmem + OFFSET bytes with an L2 cache policy: the offset stays
+// an immediate of the instruction instead of a 64-bit add per copy.
 template <int OFFSET>
-__device__ __forceinline__ void cp_async16_at(void* smem, const void* gmem) {
+__device__ __forceinline__ void cp_async16_stream(void* smem, const void* gmem, uint64_t policy) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1+%2], 16;\n" ::"r"(s), "l"(gmem), "n"(OFFSET) : "memory");
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1+%2], 16, %3;\n" ::"r"(s), "l"(gmem), "n"(OFFSET),
+               "l"(policy)
+               : "memory");
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
