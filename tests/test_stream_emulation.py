@@ -230,3 +230,47 @@ def test_stream_kernel_indexing_emulated(M, N, K, g, sms):
     out, p = emulate(x, stream_qweight(qw), stream_qzeros(qz), stream_scales(scales), g, sms)
     w = ((codes - zeros.repeat_interleave(g, 0)).double() * scales.double().repeat_interleave(g, 0)).half().double()
     torch.testing.assert_close(out, x @ w, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("stages", [3, 4])
+@pytest.mark.parametrize("n_units", list(range(1, 12)))
+def test_stream_ring_order(stages, n_units):
+    """The cp.async ring of awq_stream.cu as an event simulation: the prologue issues stages - 1
+    units, every iteration waits with wait_group<stages - 2>, barriers, refills slot `wr` and
+    consumes slot `rd` (commit groups possibly empty).  A unit is read only once its copies have
+    completed, a slot is refilled only after its unit was consumed, and the slice-end flush, which
+    reuses the consumed slot as its reduction buffer, never races a copy into that slot."""
+    content, pending, groups = [None] * stages, {}, []   # pending: slot -> group id
+
+    def issue(slot, unit):
+        assert slot not in pending, "refilling a slot whose copies are still in flight"
+        content[slot] = unit
+        pending[slot] = len(groups)
+
+    def commit():
+        groups.append(True)
+
+    def wait_group(n):  # all but the newest n groups complete
+        done = len(groups) - n
+        for slot in [s for s, gid in pending.items() if gid < done]:
+            del pending[slot]
+
+    for s in range(stages - 1):
+        if s < n_units:
+            issue(s, s)
+        commit()
+    rd, wr, consumed = 0, stages - 1, set()
+    for t in range(n_units):
+        wait_group(stages - 2)
+        # barrier: every warp consumed unit t - 1 (slot wr) before it is refilled below
+        assert t == 0 or content[wr] == t - 1 or content[wr] is None
+        if t + stages - 1 < n_units:
+            issue(wr, t + stages - 1)
+        commit()
+        wr = 0 if wr + 1 == stages else wr + 1
+        slot = rd
+        rd = 0 if rd + 1 == stages else rd + 1
+        assert content[slot] == t and slot not in pending, f"unit {t} read before its copies landed"
+        consumed.add(t)
+        assert slot not in pending  # flush(st) may overwrite this slot
+    assert consumed == set(range(n_units))
