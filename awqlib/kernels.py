@@ -245,3 +245,25 @@ def _load() -> bool:
     _backend = "jit"
     log.info("awqlib: using JIT-compiled CUDA kernels %s", path)
     return True
+
+
+# ----------------------------------------------------------------------------- backend selection
+
+_announced: set[str] = set()
+
+
+def backend_for(device: torch.device) -> str:
+    """Which implementation serves tensors on ``device`` (and build/load the kernels if it is CUDA)."""
+    if device.type == "cuda":
+        if load():
+            return "cuda-kernels"
+        return "reference (CUDA kernels unavailable)"
+    return "reference"
+
+
+def announce(device: torch.device) -> None:
+    """Log once per device type which implementation runs."""
+    if device.type in _announced:
+        return
+    _announced.add(device.type)
+    log.info("awqlib: quantized linears on %s use the %s implementation", device.type, backend_for(device))
