@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -115,8 +114,18 @@ class _Site:
 
 
 @dataclass
+class ScaleSearch:
+    """The outcome of one scaling group's search."""
+    linears: list[str]                      # the quantized linears that read the group's input
+    ratio: float | None                     # the chosen exponent a; None where nothing was searched
+    scales: torch.Tensor | None = None      # s (fp32, on the CPU): 1/s folded into prev, s into the linears
+    losses: list[float] = field(default_factory=list)  # one per candidate ratio
+    reason: str | None = None               # why nothing was searched
+
+
+@dataclass
 class BlockReport:
-    scales: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scales: dict[str, ScaleSearch] = field(default_factory=dict)  # by the group's prev op
     clipped: list[str] = field(default_factory=list)
 
 
@@ -488,7 +497,7 @@ def quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, opts: AW
         shared = len(member_sites) == 1 and all(l in site_of for l in members)
         site = member_sites[0] if shared else (insp.site if insp is not None else None)
         if site is None or site.count == 0:  # e.g. an expert that no calibration token reached
-            report.scales[g.prev] = {"ratio": None, "reason": "no calibration tokens"}
+            report.scales[g.prev] = ScaleSearch(members, None, reason="no calibration tokens")
             continue
         insp_mod = block.get_submodule(g.inspect) if g.inspect else None
         ratio, s, losses = search_scale(g, [linears[l] for l in members], site, insp, insp_mod, qcfg, opts)
@@ -497,7 +506,7 @@ def quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, opts: AW
             st.rescale(s)
         if insp is not None:
             insp.rescale(s)  # (its site too, if it is not one of the above)
-        report.scales[g.prev] = {"ratio": ratio, "scales": s.cpu(), "linears": members, "losses": losses}
+        report.scales[g.prev] = ScaleSearch(members, ratio, s.cpu(), losses)
 
     # 4. clip
     if opts.apply_clip:
