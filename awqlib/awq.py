@@ -35,8 +35,7 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec, ScaleGroup
-from .arch.blocks import (check_quantizable, expand_groups, get_blocks, quantizable_linears,  # noqa: F401
-                          replace_module, run_block, to_device)
+from .arch.blocks import expand_groups, get_blocks, quantizable_linears, replace_module, run_block, to_device
 from .config import QuantConfig
 from .modules import WQLinear
 from .moe import unfuse_experts

@@ -114,7 +114,7 @@ class AWQModel(nn.Module):
         return self
 
     # ------------------------------------------------------------------------------------------ save
-    def _write_extras(self, folder: Path, tokenizer=None) -> None:
+    def _write_extras(self, folder: Path, tokenizer=None, perplexity=None) -> None:
         """config.json (with quantization_config), generation config, tokenizer, model card."""
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         cfg = quantized_config_dict(self.model.config, self.quant_config)
@@ -125,7 +125,7 @@ class AWQModel(nn.Module):
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         from .hub import write_model_card
-        write_model_card(folder, self)
+        write_model_card(folder, self, perplexity=perplexity)
 
     def tile_for_kernels(self) -> int:
         """Repack every quantized linear into the warp-tiled layout the CUDA kernels read fastest
@@ -134,9 +134,10 @@ class AWQModel(nn.Module):
         return tile_for_kernels(self.model)
 
     def save_quantized(self, save_dir: str | os.PathLike, overwrite: bool = False,
-                       max_shard_size: int | str = "5GB", tokenizer=None) -> Path:
+                       max_shard_size: int | str = "5GB", tokenizer=None, perplexity=None) -> Path:
         """Write safetensors shards (+ index), config.json with quantization_config, the tokenizer,
-        a model card; atomically (temporary folder, then rename)."""
+        a model card; atomically (temporary folder, then rename).  ``perplexity``: measured quality
+        for the card, an :class:`awqlib.hub.Perplexity` or a dict of its fields."""
         if not self.quantized:
             raise RuntimeError("call quantize() before save_quantized()")
         if self.reader is not None:
@@ -145,7 +146,7 @@ class AWQModel(nn.Module):
         state = checkpoint_state(self.model, self.spec)
         with AtomicDir(save_dir, overwrite) as tmp:
             write_shards(state, tmp, max_shard_size)
-            self._write_extras(tmp, tokenizer)
+            self._write_extras(tmp, tokenizer, perplexity)
         return Path(save_dir)
 
     def save_pretrained(self, save_dir, **kwargs):
