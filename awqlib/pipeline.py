@@ -47,10 +47,11 @@ def default_device() -> torch.device:
 class BlockSource:
     """Where each decoder block of ``model`` computes and goes afterwards, how it is loaded and released."""
 
-    def __init__(self, model: nn.Module, spec: ArchSpec, devices: list[torch.device], homes: list[torch.device]):
+    def __init__(self, model: nn.Module, spec: ArchSpec):
         self.model, self.spec = model, spec
         self.prefix, self.blocks = find_blocks(model, spec)
-        self.devices, self.homes = devices, homes
+        self.devices: list[torch.device] = []  # where block i is quantized
+        self.homes: list[torch.device] = []    # where it goes once finished
 
     def compute_dtype(self) -> torch.dtype:
         """fp32 on CPUs (no fp16/bf16 matmul units: fp32 is both faster and exact); else the model's
@@ -76,7 +77,7 @@ class BlockSource:
         return out
 
     def after_capture(self) -> None:
-        pass
+        """Drop what only the calibration capture needed (nothing, for a loaded model)."""
 
     def load(self, i: int, dtype: torch.dtype) -> None:
         """Bring block ``i``'s fp weights in (a no-op where they are there)."""
@@ -94,10 +95,10 @@ class InMemory(BlockSource):
     model handed over on the GPU stays on the GPU)."""
 
     def __init__(self, model: nn.Module, spec: ArchSpec, device: torch.device):
+        super().__init__(model, spec)
         first = next(model.parameters())
         home = torch.device("cpu") if first.device.type == "meta" else first.device
-        n = len(find_blocks(model, spec)[1])
-        super().__init__(model, spec, [device] * n, [home] * n)
+        self.devices, self.homes = [device] * len(self.blocks), [home] * len(self.blocks)
 
 
 class Lazy(BlockSource):
@@ -105,8 +106,8 @@ class Lazy(BlockSource):
     and freed once it is finished; the non-block tensors of the checkpoint come from the shards."""
 
     def __init__(self, model: nn.Module, spec: ArchSpec, reader: lazy_mod.ShardReader, device: torch.device):
-        n = len(find_blocks(model, spec)[1])
-        super().__init__(model, spec, [device] * n, [torch.device("cpu")] * n)
+        super().__init__(model, spec)
+        self.devices, self.homes = [device] * len(self.blocks), [torch.device("cpu")] * len(self.blocks)
         self.reader = reader
 
     def prepare(self, dtype: torch.dtype) -> None:
@@ -146,8 +147,8 @@ class Placed(BlockSource):
     move the inputs to the embeddings' device)."""
 
     def __init__(self, model: nn.Module, spec: ArchSpec, device: str | torch.device | None):
-        prefix, blocks = find_blocks(model, spec)
-        devices = [placed_block_device(b, f"{prefix}.{i}") for i, b in enumerate(blocks)]
+        super().__init__(model, spec)
+        devices = [placed_block_device(b, f"{self.prefix}.{i}") for i, b in enumerate(self.blocks)]
         if device is not None and any(d != torch.device(device) for d in devices):
             raise ValueError(
                 f"this model was placed by accelerate (hf_device_map) on {sorted({str(d) for d in devices})}: "
@@ -155,7 +156,7 @@ class Placed(BlockSource):
                 "Leave device unset, or load the model without device_map.")
         log.info("awqlib: quantizing in place on accelerate's placement: %s",
                  ", ".join(f"{d}: {devices.count(d)} blocks" for d in dict.fromkeys(devices)))
-        super().__init__(model, spec, devices, devices)
+        self.devices, self.homes = devices, devices
 
     def capture(self, tokens: torch.Tensor, opts: awq.AWQOptions):
         return awq.capture_inputs(self.model, self.spec, tokens, opts.chunk_size, self.devices[0],

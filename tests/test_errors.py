@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from awqlib import AutoAWQ, QuantConfig
+from awqlib import AutoAWQ, NotQuantizedCheckpoint, QuantConfig
 from awqlib.calib import get_calib_tokens
 from conftest import FIXTURES, tiny_model
 
@@ -25,7 +25,7 @@ def test_not_awq_quant_method(tmp_path):
 def test_not_quantized_checkpoint(tmp_path):
     model = tiny_model("llama")
     model.save_pretrained(tmp_path / "fp")
-    with pytest.raises(ValueError, match="not a quantized checkpoint"):
+    with pytest.raises(NotQuantizedCheckpoint, match="not a quantized checkpoint"):  # a ValueError
         AutoAWQ.from_quantized(str(tmp_path / "fp"))
 
 
