@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import copy_bandwidth, n_copies, time_eager, time_graph
+from benchmarks.common import copy_bandwidth, csrc_constant, n_copies, time_eager, time_graph
 
 SHAPES = [  # (model, N out, K in)
     ("llama2-7b qkv", 12288, 4096),
@@ -48,8 +48,9 @@ MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
 QUICK_SHAPES = SHAPES[:4]
 QUICK_MS = [1, 4, 8, 16, 64, 256, 1024]
 
-# Mirror of the dispatch for warp-tiled weights in csrc/awq_ops.cpp (for the table).
-SKINNY_MAX_M_TILED = 32
+# The dispatch for warp-tiled weights in csrc/awq_ops.cpp (for the table), read from the source.
+SKINNY_MAX_M_TILED = csrc_constant("kSkinnyMaxMTiled")
+
 
 def path_for(m: int, n: int, k: int, g: int) -> str:
     return "skinny" if m <= SKINNY_MAX_M_TILED else "dequant+cublas"

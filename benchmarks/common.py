@@ -4,9 +4,21 @@ process's resident memory, and the Llama-shaped model the memory benchmarks buil
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import torch
+
+def csrc_constant(name: str, source: str = "awq_ops.cpp") -> int:
+    """An integer constant of the CUDA sources (``constexpr int64_t name = value;``), so that a
+    table mirroring the kernels' dispatch follows the code instead of a copy of its numbers."""
+    from awqlib.kernels import source_dir
+    text = (source_dir() / source).read_text()
+    m = re.search(rf"constexpr\s+\w+\s+{re.escape(name)}\s*=\s*(\d+)\s*;", text)
+    if m is None:
+        raise KeyError(f"no integer constant {name} in csrc/{source}")
+    return int(m.group(1))
+
 
 TARGET_GRAPH_S = 0.004  # captured work per replay
 REPLAYS = 5
