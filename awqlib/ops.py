@@ -10,6 +10,8 @@ runtime layout the CUDA kernels read fastest (3-D; see :mod:`awqlib.packing`).
   same op; once loaded, CUDA tensors go to them and everything else keeps the
   reference.  One call site, and ``torch.compile`` sees one opaque op with a
   fake (meta) implementation.
+
+This module only declares; building, loading and choosing the backend is :mod:`awqlib.kernels`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def as_gemm_shape(qweight: torch.Tensor) -> tuple[int, int]:
     if qweight.dim() == 3:
         return qweight.shape[1] * TILE_K, qweight.shape[0] * TILE_N // 8
     return tuple(qweight.shape)
+
 
 _lib = torch.library.Library("awqlib", "DEF")
 _lib.define("awq_gemm(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group_size) -> Tensor")
