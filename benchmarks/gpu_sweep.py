@@ -15,10 +15,10 @@ Steps, in order (each writes its results into the JSON before the next starts):
    warp-instructions per KB of the kernel that ran (benchmarks/sass_budget.json, written on the
    CPU machine by scripts/sass_budget.py).
 
-    python benchmarks/gpu_sweep.py --out $OUT/sweep.json             # the development loop
-    python benchmarks/gpu_sweep.py --dry-run                         # the plan; no GPU needed
-    python benchmarks/gpu_sweep.py --out $OUT/sweep.json --ncu       # + one ncu run, 70b-down M=1
-    python benchmarks/gpu_sweep.py --out $OUT/sweep.json --sanitizer # + compute-sanitizer, tiny shape
+    python -m benchmarks.gpu_sweep --out $OUT/sweep.json             # the development loop
+    python -m benchmarks.gpu_sweep --dry-run                         # the plan; no GPU needed
+    python -m benchmarks.gpu_sweep --out $OUT/sweep.json --ncu       # + one ncu run, 70b-down M=1
+    python -m benchmarks.gpu_sweep --out $OUT/sweep.json --sanitizer # + compute-sanitizer, tiny shape
 
 Why it builds on the device: the extension is tied to torch's C++ ABI, and the lent H200 runs
 torch 2.11 while the CPU machine has 2.14, so a library built here would not load there.  The JIT
@@ -38,14 +38,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
+from awqlib.ops import Kernel
+from benchmarks.common import copy_bandwidth, n_copies, time_eager, time_graph
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from awqlib.ops import Kernel  # noqa: E402
 
 SASS_JSON = ROOT / "benchmarks" / "sass_budget.json"
 
@@ -105,12 +104,12 @@ def plan_text(args) -> str:
 
 def ncu_command(variant: str) -> list[str]:
     return ["ncu", "--clock-control", "none", "-k", "regex:awq", "--launch-skip", "3", "-c", "1", "--metrics",
-            NCU_METRICS, sys.executable, str(Path(__file__).resolve()), "--profile-case", f"70b-down,1,{variant}"]
+            NCU_METRICS, sys.executable, "-m", "benchmarks.gpu_sweep", "--profile-case", f"70b-down,1,{variant}"]
 
 
 def sanitizer_command() -> list[str]:
-    return ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3", sys.executable,
-            str(Path(__file__).resolve()), "--profile-case", "tiny,5,all"]
+    return ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-m",
+            "benchmarks.gpu_sweep", "--profile-case", "tiny,5,all"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -168,7 +167,6 @@ def gate(report: dict, save) -> bool:
 
 
 def rooflines(report: dict, save):
-    from bench_kernels import copy_bandwidth, time_eager
     report["copy_GBps"] = copy_bandwidth()
     buf = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").view(torch.int32)
     buf.random_(0, 16)
@@ -201,7 +199,6 @@ def kernel_label(variant: str, M: int, N: int, K: int) -> str:
 
 
 def sweep(args, report: dict, save, t0: float):
-    from bench_kernels import n_copies, time_eager, time_graph
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 50 << 20)
     cap = int(props.total_memory * 0.2)
@@ -300,7 +297,6 @@ def main(argv=None) -> int:
     print(plan_text(args), flush=True)
     if args.dry_run:
         from awqlib import kernels  # noqa: F401 -- the imports the real run needs
-        from bench_kernels import copy_bandwidth, n_copies, time_graph  # noqa: F401
         print(f"dry run: imports ok; SASS table {'found' if SASS_JSON.is_file() else 'missing'} ({SASS_JSON}); "
               f"CUDA available: {torch.cuda.is_available()}")
         return 0

@@ -5,14 +5,13 @@ kernel has a SASS budget row).  The GPU run itself happens in a GPU window."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from benchmarks import gpu_sweep
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import gpu_sweep  # noqa: E402
 
 
 def test_dry_run_prints_the_plan(capsys, tmp_path):
