@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,9 +18,9 @@ from . import awq
 from .arch import ArchSpec, get_spec
 from .calib import get_calib_tokens
 from . import lazy as lazy_mod
-from .checkpoint import (AtomicDir, checkpoint_state, from_checkpoint_name, load_quantized_state,
-                         quantized_config_dict, resolve_folder, safetensors_files, to_checkpoint_name,
-                         write_shards)
+from .checkpoint import (AtomicDir, checkpoint_state, copy_tokenizer_files, from_checkpoint_name,
+                         load_quantized_state, local_source_folder, resolve_folder, safetensors_files,
+                         to_checkpoint_name, write_config, write_shards)
 from .config import QuantConfig
 from .modules import WQLinear
 from .moe import unfuse_experts
@@ -94,8 +94,11 @@ class AWQModel(nn.Module):
 
     def __init__(self, model: nn.Module, spec: ArchSpec, quant_config: QuantConfig | None = None,
                  tokenizer=None, quantized: bool = False, name_or_path: str | None = None,
-                 reader: "lazy_mod.ShardReader | None" = None):
+                 reader: "lazy_mod.ShardReader | None" = None, source_folder: str | os.PathLike | None = None):
         super().__init__()
+        # the local folder the model was read from: its config.json and tokenizer files are copied
+        # into the quantized checkpoint (None: written from memory)
+        self.source_folder = Path(source_folder) if source_folder is not None else None
         self.reader = reader
         self.model = model
         self.spec = spec
@@ -290,15 +293,20 @@ class AWQModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------ save
     def _write_extras(self, folder: Path, tokenizer=None) -> None:
-        """config.json (with quantization_config), generation config, tokenizer, model card."""
-        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
-        cfg = quantized_config_dict(self.model.config, self.quant_config)
-        (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
-        gen = getattr(self.model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(folder)
+        """config.json (the source's keys + quantization_config), generation config, tokenizer, model card.
+
+        The source's tokenizer files are copied verbatim; a tokenizer object is saved only where
+        the source has none, or when it is passed here explicitly (``save_quantized(tokenizer=...)``)."""
+        src = self.source_folder
+        write_config(folder, src, self.model.config, self.quant_config)
+        if src is not None and (src / "generation_config.json").is_file():
+            shutil.copyfile(src / "generation_config.json", folder / "generation_config.json")
+        elif getattr(self.model, "generation_config", None) is not None:
+            self.model.generation_config.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
+        elif not copy_tokenizer_files(src, folder) and self.tokenizer is not None:
+            self.tokenizer.save_pretrained(folder)
         from .hub import write_model_card
         write_model_card(folder, self)
 
@@ -431,12 +439,14 @@ class AutoAWQ:
             if spec.experts is not None:
                 for blk in awq.get_blocks(model, spec):
                     unfuse_experts(blk, spec.experts)
-            return AWQModel(model.eval(), spec, tokenizer=tokenizer, name_or_path=str(model_path), reader=reader)
+            return AWQModel(model.eval(), spec, tokenizer=tokenizer, name_or_path=str(model_path), reader=reader,
+                            source_folder=folder)
         dtype = torch_dtype if torch_dtype != "auto" else "auto"
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      low_cpu_mem_usage=True, **kwargs)
         model.eval()
-        return AWQModel(model, spec, tokenizer=tokenizer, name_or_path=str(model_path))
+        return AWQModel(model, spec, tokenizer=tokenizer, name_or_path=str(model_path),
+                        source_folder=local_source_folder(model_path, kwargs.get("revision")))
 
     @staticmethod
     def from_model(model: nn.Module, tokenizer=None) -> AWQModel:
@@ -523,7 +533,8 @@ class AutoAWQ:
                 tokenizer = AutoTokenizer.from_pretrained(folder)
         except Exception as e:  # a tokenizer is a convenience here, never a reason to fail
             log.debug("awqlib: no tokenizer loaded from %s (%s)", folder, e)
-        wrapped = AWQModel(model, spec, qcfg, tokenizer=tokenizer, quantized=True, name_or_path=str(quant_path))
+        wrapped = AWQModel(model, spec, qcfg, tokenizer=tokenizer, quantized=True, name_or_path=str(quant_path),
+                           source_folder=folder)
         if fuse_layers:  # before placement: accelerate then offloads the fused tensors like any other
             from .fuse import fuse_model
             fuse_model(wrapped)

@@ -1,0 +1,132 @@
+"""What a quantized checkpoint keeps of its source: config.json key for key (transformers 4.x readers
+take rope_theta from it), the tokenizer files byte for byte, on the in-memory and the lazy path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from awqlib import AutoAWQ
+from conftest import tiny_config, tiny_model
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 128}
+
+
+def tiny_tokenizer():
+    """A PreTrainedTokenizerFast over the tiny models' 256-token vocabulary (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"w{i}": i for i in range(253)}
+    vocab.update({"<unk>": 253, "<s>": 254, "</s>": 255})
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+# tokenizer_config.json as transformers 4.x writes it (5.x would write tokenizer_class "TokenizersBackend")
+V4_TOKENIZER_CONFIG = json.dumps({
+    "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "clean_up_tokenization_spaces": False,
+    "model_max_length": 256, "tokenizer_class": "PreTrainedTokenizerFast",
+    "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}, indent=2) + "\n"
+
+
+def make_source(folder: Path, rope: dict, seed: int = 0) -> dict:
+    """A source model folder whose config.json is written as transformers 4.x wrote it (rope_theta,
+    rope_scaling, torch_dtype; an extra custom key), with a 4.x tokenizer. Returns that config."""
+    model = tiny_model("llama", seed)
+    model.save_pretrained(folder)
+    tok = tiny_tokenizer()
+    tok.save_pretrained(folder)
+    (folder / "tokenizer_config.json").write_text(V4_TOKENIZER_CONFIG)
+    cfg = {k: v for k, v in tiny_config("llama").to_dict().items()
+           if k not in ("rope_parameters", "dtype", "transformers_version")}
+    cfg.update({"architectures": ["LlamaForCausalLM"], "torch_dtype": "bfloat16", "transformers_version": "4.51.3",
+                "use_cache": False, "my_custom_key": {"kept": [1, 2]}}, **rope)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return json.loads((folder / "config.json").read_text())
+
+
+ROPES = {"theta5e5": {"rope_theta": 500000.0, "rope_scaling": None},
+         "llama3_scaling": {"rope_theta": 500000.0, "rope_scaling": LLAMA3_SCALING}}
+
+
+@pytest.fixture(scope="module", params=sorted(ROPES))
+def source(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("src") / "llama-src"
+    folder.mkdir()
+    return folder, make_source(folder, ROPES[request.param])
+
+
+def _assert_source_kept(out: Path, src_cfg: dict, src: Path) -> None:
+    cfg = json.loads((out / "config.json").read_text())
+    changed = {k for k in src_cfg if cfg.get(k, "<absent>") != src_cfg[k]}
+    assert changed == {"torch_dtype"}, {k: (src_cfg[k], cfg.get(k)) for k in changed}
+    assert cfg["torch_dtype"] == cfg["dtype"] == "float16"
+    assert cfg["quantization_config"]["quant_method"] == "awq"
+    assert set(cfg) - set(src_cfg) == {"quantization_config", "dtype"}
+    # the tokenizer files are the source's, byte for byte (no TokenizersBackend, no is_local)
+    assert (out / "tokenizer_config.json").read_bytes() == (src / "tokenizer_config.json").read_bytes()
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+
+
+def test_config_and_tokenizer_survive_save_quantized(source, tmp_path):
+    src, src_cfg = source
+    m = AutoAWQ.from_pretrained(str(src), tokenizer=tiny_tokenizer())
+    assert m.model.config.rope_parameters["rope_theta"] == 500000.0
+    m.quantize(None, {"q_group_size": 64}, method="rtn")
+    out = m.save_quantized(tmp_path / "q")
+    _assert_source_kept(out, src_cfg, src)
+    # and again after a load: from_quantized -> save_quantized keeps them too
+    out2 = AutoAWQ.from_quantized(str(out)).save_quantized(tmp_path / "q2")
+    _assert_source_kept(out2, src_cfg, src)
+
+
+def test_config_and_tokenizer_survive_lazy_and_resumed_runs(source, tmp_path):
+    src, src_cfg = source
+    out = tmp_path / "lazy"
+    AutoAWQ.from_pretrained(str(src), lazy=True).quantize(None, {"q_group_size": 64}, method="rtn", save_dir=out)
+    _assert_source_kept(out, src_cfg, src)
+
+
+def test_config_from_memory_carries_legacy_rope_keys(tmp_path):
+    """Without a source folder (from_model), transformers 5's rope_parameters are also written as
+    4.x's rope_theta / rope_scaling."""
+    import transformers as T
+    cfg = T.LlamaConfig(**{**tiny_config("llama").to_dict(), "rope_theta": 500000.0,
+                                                         "rope_scaling": dict(LLAMA3_SCALING)})  # transformers edits it
+    model = T.AutoModelForCausalLM.from_config(cfg)
+    m = AutoAWQ.from_model(model, tokenizer=tiny_tokenizer()).quantize(None, {"q_group_size": 64}, method="rtn")
+    out = m.save_quantized(tmp_path / "q")
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["rope_theta"] == 500000.0 and saved["rope_scaling"] == LLAMA3_SCALING
+    assert saved["torch_dtype"] == saved["dtype"] == "float16"
+    # nothing to copy: the tokenizer object is saved
+    assert (out / "tokenizer.json").exists()
+
+
+def test_legacy_rope_keys():
+    from awqlib.checkpoint import legacy_rope_keys
+    assert legacy_rope_keys({"rope_type": "default", "rope_theta": 1e6}) == {"rope_theta": 1e6, "rope_scaling": None}
+    assert legacy_rope_keys({**LLAMA3_SCALING, "rope_theta": 5e5}) == {"rope_theta": 5e5, "rope_scaling": LLAMA3_SCALING}
+    gemma3 = {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+              "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}
+    assert legacy_rope_keys(gemma3) == {"rope_theta": 1e6, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+                                        "rope_local_base_freq": 1e4}
+    assert legacy_rope_keys({"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}) == {
+        "rope_theta": 1e4, "rope_scaling": None, "partial_rotary_factor": 0.5}
+    assert legacy_rope_keys(None) == {}
+
+
+def test_tokenizer_files(tmp_path):
+    from awqlib.checkpoint import tokenizer_files
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "merges.txt", "vocab.json",
+                 "chat_template.jinja", "qwen.tiktoken", "config.json", "model.safetensors"):
+        (tmp_path / name).write_text("x")
+    assert [p.as_posix() for p in tokenizer_files(tmp_path)] == [
+        "chat_template.jinja", "merges.txt", "qwen.tiktoken", "special_tokens_map.json", "tokenizer.json",
+        "tokenizer_config.json", "vocab.json"]
+    assert tokenizer_files(None) == [] and tokenizer_files(tmp_path / "absent") == []
