@@ -198,7 +198,9 @@ def copy_tokenizer_files(source_folder: Path | None, folder: Path) -> bool:
 
 # ---------------------------------------------------------------------------------------------- reading
 
-def resolve_folder(path_or_id: str | os.PathLike, revision: str | None = None, token: str | None = None) -> Path:
+def resolve_folder(path_or_id: str | os.PathLike, revision: str | None = None, token: str | None = None,
+                   **download: Any) -> Path:
+    """A local folder as is; a Hub id downloaded (``download``: more ``snapshot_download`` arguments)."""
     p = Path(path_or_id)
     if p.is_dir():
         return p
@@ -207,9 +209,9 @@ def resolve_folder(path_or_id: str | os.PathLike, revision: str | None = None, t
     if str(path_or_id).count("/") == 1 and not str(path_or_id).startswith((".", "/")):
         from huggingface_hub import snapshot_download
         try:
-            return Path(snapshot_download(str(path_or_id), revision=revision, token=token,
-                                          allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja",
-                                                          "*.tiktoken", "README.md"]))
+            patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md"]
+            download = {"allow_patterns": patterns, **download}
+            return Path(snapshot_download(str(path_or_id), revision=revision, token=token, **download))
         except Exception as e:
             raise OSError(f"{path_or_id!r} is not a local folder and could not be downloaded from the Hugging Face "
                           f"Hub ({type(e).__name__}: {e})") from None

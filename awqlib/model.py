@@ -24,6 +24,7 @@ from .checkpoint import (AtomicDir, checkpoint_state, copy_tokenizer_files, from
 from .config import QuantConfig
 from .modules import WQLinear
 from .moe import unfuse_experts
+from .userargs import check_kwargs, download_arguments, pick_dtype
 
 log = logging.getLogger("awqlib")
 
@@ -143,10 +144,14 @@ class AWQModel(nn.Module):
         if lazy and save_dir is None:
             raise ValueError("a model loaded with lazy=True frees each block once it is quantized: pass "
                              "save_dir=... so that finished blocks are written to disk")
-        qcfg = QuantConfig.from_dict(quant_config or {})
+        qcfg = QuantConfig.from_user(quant_config)
         if qcfg.version != "gemm":
             log.warning("awqlib writes the GEMM layout (what vLLM/SGLang/transformers read); version=%r is "
                         "accepted for AutoAWQ compatibility and stored as 'gemm'", qcfg.version)
+        unknown = sorted(set(options) - set(awq.AWQOptions.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"quantize() got unknown option(s) {unknown}; besides its own arguments it accepts "
+                            f"the AWQOptions fields {sorted(awq.AWQOptions.__dataclass_fields__)}")
         opts = awq.AWQOptions(duo_scaling=duo_scaling, apply_clip=apply_clip, **options)
         model, spec = self.model, self.spec
         awq.check_quantizable(model, spec, qcfg)  # before any work
@@ -414,10 +419,17 @@ class AutoAWQ:
 
     @staticmethod
     def from_pretrained(model_path: str, torch_dtype: Any = "auto", trust_remote_code: bool = False,
-                        tokenizer: Any = None, lazy: bool = False, **kwargs) -> AWQModel:
+                        tokenizer: Any = None, lazy: bool = False, dtype: Any = None,
+                        low_cpu_mem_usage: bool = True, **kwargs) -> AWQModel:
         """Load an fp16/bf16/fp32 model to quantize. ``lazy=True`` reads nothing up front: blocks are
         loaded from the safetensors shards one at a time during ``quantize(save_dir=...)``, so a
-        model larger than memory can be quantized."""
+        model larger than memory can be quantized.  ``dtype`` is transformers 5's name for
+        ``torch_dtype``; ``low_cpu_mem_usage`` (AutoAWQ's habit) has no effect: the model is always
+        loaded that way.  Other keyword arguments go to transformers' ``from_pretrained``."""
+        torch_dtype = pick_dtype(torch_dtype, dtype)
+        if not low_cpu_mem_usage:
+            log.info("awqlib: from_pretrained(low_cpu_mem_usage=False) has no effect: models are always loaded "
+                     "with low CPU memory usage")
         from transformers import AutoConfig, AutoModelForCausalLM
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         if getattr(config, "quantization_config", None) is not None:
@@ -459,18 +471,24 @@ class AutoAWQ:
                        fuse_layers: bool = False, trust_remote_code: bool = False, revision: str | None = None,
                        token: str | None = None, device_map: str | dict | None = None,
                        max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None,
-                       **kwargs) -> AWQModel:
+                       dtype: Any = None, download_kwargs: dict | None = None, **kwargs) -> AWQModel:
         """Load an AWQ checkpoint (ours or any AutoAWQ-format one) for inference.
 
         ``device``: one device for the whole model (default "cpu").  ``device_map``: let accelerate
         place it over several GPUs (and the CPU/disk): "auto", "balanced", "balanced_low_0",
         "sequential" or an explicit {module name: device} dict, with ``max_memory`` per device
         ({0: "20GiB", 1: "20GiB", "cpu": "64GiB"}) and ``offload_folder`` for "disk" entries;
-        decoder blocks are never split.  Quantized linears on CUDA run the awqlib kernels."""
+        decoder blocks are never split.  Quantized linears on CUDA run the awqlib kernels.
+        ``dtype``: transformers 5's name for ``torch_dtype``.  ``download_kwargs``: more arguments of
+        huggingface_hub's ``snapshot_download`` (AutoAWQ's name).  AutoAWQ's ``use_exllama``,
+        ``use_exllama_v2``, ``use_ipex``, ``max_seq_len``, ``batch_size``, ``low_cpu_mem_usage`` are
+        accepted and have no effect (logged); any other keyword is an error."""
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-        folder = resolve_folder(quant_path, revision, token)
+        check_kwargs(AutoAWQ.from_quantized, kwargs)
+        torch_dtype = pick_dtype(torch_dtype, dtype)
+        folder = resolve_folder(quant_path, **download_arguments(download_kwargs, revision, token))
         if not (folder / "config.json").exists():
             raise FileNotFoundError(f"{folder} has no config.json: not a transformers checkpoint folder")
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -479,7 +497,7 @@ class AutoAWQ:
             raise ValueError(f"{folder}/config.json has no quantization_config: this is not a quantized "
                              "checkpoint. Quantize it first with AutoAWQ.from_pretrained(...).quantize(...)")
         qc = qc if isinstance(qc, dict) else qc.to_dict()
-        qcfg = QuantConfig.from_dict(qc)
+        qcfg = QuantConfig.from_checkpoint(qc)
         del config.quantization_config
         spec = get_spec(config.model_type)
         if device_map is not None and device is not None:
