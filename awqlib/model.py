@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from . import awq
 from .arch import ArchSpec, get_spec
-from .calib import get_calib_tokens
+from .calib import describe as describe_calib, get_calib_tokens
 from . import lazy as lazy_mod
 from .checkpoint import (AtomicDir, checkpoint_state, copy_tokenizer_files, from_checkpoint_name,
                          load_quantized_state, local_source_folder, resolve_folder, safetensors_files,
@@ -107,6 +107,7 @@ class AWQModel(nn.Module):
         self.tokenizer = tokenizer
         self.quantized = quantized
         self.name_or_path = name_or_path
+        self.loaded_quantized = quantized  # read from a quantized checkpoint: its source is not an fp base
         self.reports: list[awq.BlockReport] = []
         self.stats: dict[str, Any] = {}
 
@@ -183,6 +184,9 @@ class AWQModel(nn.Module):
         cdtype = self._compute_dtype(device)
         tokens = None if method == "rtn" else get_calib_tokens(calib_data, tokenizer, n_samples, seqlen, split,
                                                               text_column)
+        self.stats["calibration"] = {"method": method} if tokens is None else {
+            "method": method, "data": describe_calib(calib_data, split), "n_samples": n_samples, "seqlen": seqlen,
+            "sequences": int(tokens.shape[0])}
         store = None
         if save_dir is not None:
             fp = lazy_mod.fingerprint(source=self.name_or_path, qcfg=qcfg.to_hf_dict(), opts=opts, method=method,
@@ -297,7 +301,7 @@ class AWQModel(nn.Module):
         return out
 
     # ------------------------------------------------------------------------------------------ save
-    def _write_extras(self, folder: Path, tokenizer=None) -> None:
+    def _write_extras(self, folder: Path, tokenizer=None, **card) -> None:
         """config.json (the source's keys + quantization_config), generation config, tokenizer, model card.
 
         The source's tokenizer files are copied verbatim; a tokenizer object is saved only where
@@ -313,7 +317,7 @@ class AWQModel(nn.Module):
         elif not copy_tokenizer_files(src, folder) and self.tokenizer is not None:
             self.tokenizer.save_pretrained(folder)
         from .hub import write_model_card
-        write_model_card(folder, self)
+        write_model_card(folder, self, **card)
 
     def tile_for_kernels(self) -> int:
         """Repack every quantized linear into the warp-tiled layout the CUDA kernels read fastest
@@ -331,9 +335,11 @@ class AWQModel(nn.Module):
         return n
 
     def save_quantized(self, save_dir: str | os.PathLike, overwrite: bool = False,
-                       max_shard_size: int | str = "5GB", tokenizer=None) -> Path:
+                       max_shard_size: int | str = "5GB", tokenizer=None, base_model: str | list | None = None,
+                       license: str | None = None) -> Path:
         """Write safetensors shards (+ index), config.json with quantization_config, the tokenizer,
-        a model card; atomically (temporary folder, then rename)."""
+        a model card; atomically (temporary folder, then rename).  ``base_model`` / ``license``: the
+        card's metadata (by default taken from the source: see :func:`awqlib.hub.card_metadata`)."""
         if not self.quantized:
             raise RuntimeError("call quantize() before save_quantized()")
         if self.reader is not None:
@@ -342,7 +348,7 @@ class AWQModel(nn.Module):
         state = checkpoint_state(self.model, self.spec)
         with AtomicDir(save_dir, overwrite) as tmp:
             write_shards(state, tmp, max_shard_size)
-            self._write_extras(tmp, tokenizer)
+            self._write_extras(tmp, tokenizer, base_model=base_model, license=license)
         return Path(save_dir)
 
     def save_pretrained(self, save_dir, **kwargs):
