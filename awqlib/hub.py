@@ -126,7 +126,7 @@ def _validation_section(folder: Path) -> tuple[list[str], list[int]]:
         out.append(f"Checked with `python -m awqlib.compat` against vLLM's AWQ loading rules (tensor names, dtypes, "
                    f"shapes, group/pack alignment per shard): **loadable**. Valid `--tensor-parallel-size`: "
                    f"**{', '.join(map(str, rep.valid_tp)) or 'none of 1, 2, 4, 8'}**"
-                   + (f" (every linear runs the awq_marlin kernel at TP {', '.join(map(str, rep.marlin_tp))})"
+                   + (f" (every linear runs the Marlin kernel on CUDA at TP {', '.join(map(str, rep.marlin_tp))})"
                       if rep.marlin_tp else "") + ".")
     else:
         out.append("Checked with `python -m awqlib.compat`: **vLLM / SGLang cannot load this checkpoint**:")
@@ -196,10 +196,8 @@ def render_model_card(folder: Path, model, repo_id: str | None = None, base_mode
               'ids = model.tokenizer("Hello", return_tensors="pt").input_ids.to(model.device)',
               "print(model.tokenizer.decode(model.generate(ids, max_new_tokens=32)[0]))", "```", ""]
     lines += ["### vLLM", "", "```bash",
-              f"vllm serve {repo} --dtype float16"
-              "                       # sm >= 80: vLLM picks the awq_marlin kernel itself",
-              f"vllm serve {repo} --quantization awq --dtype float16"
-              "  # forces the plain AWQ kernel (sm >= 75, fp16 only)"]
+              f"vllm serve {repo}                   # vLLM picks its AWQ kernel (Marlin on CUDA); fp16 or bf16",
+              f"vllm serve {repo} --dtype float16   # older releases (awq.py / awq_marlin.py): fp16 on every kernel"]
     if tp and tp > 1:
         lines.append(f"vllm serve {repo} --dtype float16 --tensor-parallel-size {tp}"
                      f"  # valid sizes: {', '.join(map(str, valid_tp))}")
@@ -208,7 +206,9 @@ def render_model_card(folder: Path, model, repo_id: str | None = None, base_mode
               f"python -m sglang.launch_server --model-path {repo} --dtype float16"
               + (f" --tp-size {tp}" if tp and tp > 1 else ""), "```", ""]
     lines += ["### transformers", "",
-              "transformers (5.x) reads AWQ checkpoints through the `gptqmodel` package (`pip install gptqmodel`):",
+              "transformers (5.x) reads AWQ checkpoints through the `gptqmodel` package (`pip install gptqmodel`)"
+              + (" (on the CPU, group size -1 may not load: gptqmodel's aten CPU kernel takes group sizes 32..256)"
+                 if qc.get("group_size") == -1 else "") + ":",
               "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               f'model = AutoModelForCausalLM.from_pretrained("{repo}", device_map="auto")',
               f'tok = AutoTokenizer.from_pretrained("{repo}")', "```", ""]

@@ -56,7 +56,8 @@ def test_card_body(saved):
     assert "**loadable**" in text and "Valid `--tensor-parallel-size`: **1, 2**" in text
     # loading instructions for each hand-off
     assert f'AutoAWQ.from_quantized("{REPO_PLACEHOLDER}"' in text
-    assert f"vllm serve {REPO_PLACEHOLDER} --quantization awq --dtype float16" in text
+    assert f"vllm serve {REPO_PLACEHOLDER}   " in text and f"vllm serve {REPO_PLACEHOLDER} --dtype float16" in text
+    assert "Marlin" in text and "--quantization awq" not in text  # current vLLM needs no --quantization
     assert "--tensor-parallel-size 2" in text and "--tp-size 2" in text and "sglang.launch_server" in text
     assert "AutoModelForCausalLM.from_pretrained" in text and "gptqmodel" in text
 
@@ -142,7 +143,7 @@ def test_push_to_hub_temp_dir(qmodel, fake_hub):
     expected = ["README.md", "config.json", "generation_config.json", "model.safetensors"]
     assert a2["contents"] == a2["allow_patterns"] == a2["all_files"] == expected
     # the card was re-rendered with the repo id
-    assert "vllm serve me/tiny-awq --quantization awq" in a2["readme"] and REPO_PLACEHOLDER not in a2["readme"]
+    assert "vllm serve me/tiny-awq --dtype float16" in a2["readme"] and REPO_PLACEHOLDER not in a2["readme"]
     assert not a2["folder"].exists()  # the temporary folder is removed after the upload
 
 
