@@ -92,3 +92,25 @@ def test_tokenizer_files(tmp_path):
         "chat_template.jinja", "merges.txt", "qwen.tiktoken", "special_tokens_map.json", "tokenizer.json",
         "tokenizer_config.json", "vocab.json"]
     assert tokenizer_files(None) == [] and tokenizer_files(tmp_path / "absent") == []
+
+
+def test_hub_id_source_is_read_from_the_cache_only(monkeypatch, tmp_path):
+    """A Hub id resolves to its snapshot folder only when the cache already has it: no download."""
+    import functools
+
+    import huggingface_hub
+
+    from awqlib.checkpoint import local_source_folder
+    calls = []
+
+    @functools.wraps(huggingface_hub.snapshot_download)
+    def cached_only(repo_id, **kw):
+        calls.append(kw)
+        if repo_id != "org/cached":
+            raise FileNotFoundError("not in the cache")
+        return str(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", cached_only)
+    assert local_source_folder("org/cached", revision="main") == tmp_path
+    assert local_source_folder("org/absent") is None
+    assert all(kw["local_files_only"] for kw in calls) and calls[0]["revision"] == "main"
+    assert local_source_folder(str(tmp_path)) == tmp_path and local_source_folder(None) is None
