@@ -186,11 +186,25 @@ def tokenizer_files(folder: Path | None) -> list[Path]:
     return sorted(found)
 
 
+def remote_code_files(folder: Path | None) -> list[Path]:
+    """The ``*.py`` files a trust_remote_code model's ``auto_map`` points at (config or tokenizer)."""
+    if folder is None or not Path(folder).is_dir():
+        return []
+    uses_code = False
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            uses_code = uses_code or "auto_map" in json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+    return sorted(p.relative_to(folder) for p in Path(folder).glob("*.py")) if uses_code else []
+
+
 def copy_tokenizer_files(source_folder: Path | None, folder: Path) -> bool:
     """Copy the source's tokenizer files verbatim (a transformers 5 re-save rewrites
-    ``tokenizer_class``, which transformers 4.x refuses); False where there is nothing to copy."""
+    ``tokenizer_class``, which transformers 4.x refuses), and the code files of a trust_remote_code
+    model (its ``auto_map`` stays in config.json); False where there is no tokenizer to copy."""
     files = tokenizer_files(source_folder)
-    for rel in files:
+    for rel in files + remote_code_files(source_folder):
         (Path(folder) / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(source_folder) / rel, Path(folder) / rel)
     return bool(files)

@@ -94,6 +94,19 @@ def test_tokenizer_files(tmp_path):
     assert tokenizer_files(None) == [] and tokenizer_files(tmp_path / "absent") == []
 
 
+def test_remote_code_files_travel_with_auto_map(tmp_path):
+    from awqlib.checkpoint import copy_tokenizer_files, remote_code_files
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    (src / "modeling_x.py").write_text("# code")
+    (src / "config.json").write_text(json.dumps({"model_type": "x"}))
+    assert remote_code_files(src) == []  # plain model: its stray .py files are not copied
+    (src / "config.json").write_text(json.dumps({"auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}))
+    (src / "tokenizer.json").write_text("{}")
+    assert copy_tokenizer_files(src, out) and (out / "modeling_x.py").read_text() == "# code"
+
+
 def test_hub_id_source_is_read_from_the_cache_only(monkeypatch, tmp_path):
     """A Hub id resolves to its snapshot folder only when the cache already has it: no download."""
     import functools
