@@ -1,6 +1,6 @@
 """Model card and Hugging Face Hub upload for awqlib checkpoints.
 
-``write_model_card(folder, model)`` is called by ``AWQModel.save_quantized`` once the shards,
+``write_model_card(folder, model, perplexity=...)`` is called by ``AWQModel.save_quantized`` once the shards,
 config.json, generation config and tokenizer are in ``folder``; it writes README.md with the
 Hub's YAML metadata, the quantization settings, the tensor-parallel sizes vLLM accepts
 (from :func:`awqlib.compat.validate_checkpoint`) and how to load the checkpoint in awqlib,
@@ -18,6 +18,7 @@ import logging
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,25 @@ REPO_PLACEHOLDER = "<this-repo-or-folder>"
 # index, configs, tokenizer, card).  upload_folder never deletes .gitattributes.
 STALE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.json", "*.model", "*.tiktoken", "*.txt",
                   "*.jinja", "README.md")
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    """Measured quality for the model card (e.g. from :func:`awqlib.eval.perplexity`)."""
+    awq: float                      # the quantized model's perplexity
+    fp: float | None = None         # the original model's, on the same text and windows
+    dataset: str | None = None      # what it was measured on
+    windows: int | None = None      # how many seqlen-token windows
+
+    @classmethod
+    def of(cls, value: "Perplexity | dict | None") -> "Perplexity | None":
+        """A :class:`Perplexity` from itself, None, or a dict of its fields (unknown keys are errors)."""
+        if value is None or isinstance(value, cls):
+            return value
+        unknown = set(value) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"perplexity: unknown keys {sorted(unknown)}; use {list(cls.__dataclass_fields__)}")
+        return cls(**value)
 
 
 def looks_like_hub_id(name: str | None) -> bool:
@@ -138,10 +158,11 @@ def _validation_section(folder: Path) -> tuple[list[str], list[int]]:
     return out, rep.valid_tp if rep.ok else []
 
 
-def render_model_card(folder: Path, model, repo_id: str | None = None, base_model: str | list | None = None,
+def render_model_card(folder: Path, model, repo_id: str | None = None,
+                      perplexity: Perplexity | dict | None = None, base_model: str | list | None = None,
                       license: str | None = None) -> str:
     """The card's text.  It never names a local path: a local source appears by its folder name."""
-    from . import __version__
+    from .version import __version__
     folder = Path(folder)
     qc = model.quant_config.to_hf_dict()
     name_or_path = getattr(model, "name_or_path", None)
@@ -177,14 +198,14 @@ def render_model_card(folder: Path, model, repo_id: str | None = None, base_mode
     lines.append(f"| awqlib version | {__version__} |")
     lines.append("")
 
-    ppl = stats.get("perplexity")
-    if isinstance(ppl, dict) and "awq" in ppl:
+    ppl = Perplexity.of(perplexity)
+    if ppl is not None:
         lines += ["## Measured quality", "",
-                  f"Perplexity on {ppl.get('dataset', '?')}" + (f" ({ppl['windows']} windows)" if "windows" in ppl else "")
+                  f"Perplexity on {ppl.dataset or '?'}" + (f" ({ppl.windows} windows)" if ppl.windows is not None else "")
                   + ", lower is better:", "", "| model | perplexity |", "| --- | --- |"]
-        if ppl.get("fp") is not None:
-            lines.append(f"| original (fp) | {float(ppl['fp']):.3f} |")
-        lines.append(f"| AWQ 4-bit | {float(ppl['awq']):.3f} |")
+        if ppl.fp is not None:
+            lines.append(f"| original (fp) | {float(ppl.fp):.3f} |")
+        lines.append(f"| AWQ 4-bit | {float(ppl.awq):.3f} |")
         lines.append("")
 
     check, valid_tp = _validation_section(folder)
@@ -215,11 +236,13 @@ def render_model_card(folder: Path, model, repo_id: str | None = None, base_mode
     return "\n".join(lines)
 
 
-def write_model_card(folder: Path, model, repo_id: str | None = None, **meta) -> None:
+def write_model_card(folder: Path, model, repo_id: str | None = None,
+                     perplexity: Perplexity | dict | None = None, **meta) -> None:
     """Write ``folder/README.md`` (called by ``AWQModel.save_quantized`` and by :func:`push_to_hub`);
     ``meta``: ``base_model``, ``license``."""
     folder = Path(folder)
-    (folder / "README.md").write_text(render_model_card(folder, model, repo_id, **meta), encoding="utf-8")
+    (folder / "README.md").write_text(render_model_card(folder, model, repo_id, perplexity, **meta),
+                                      encoding="utf-8")
 
 
 def staged_files(folder: str | Path) -> list[str]:
@@ -248,11 +271,12 @@ def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | N
     ``local_dir``: where to save first (kept afterwards; pass ``overwrite=True`` to replace an
     existing folder); by default a temporary folder that is removed after the upload. A lazily
     loaded model that ``quantize(save_dir=...)`` already wrote is uploaded from that folder.
-    ``max_shard_size``, ``overwrite``, ``tokenizer`` go to ``save_quantized``; ``base_model`` and
-    ``license`` to the model card; other keyword arguments (``revision``, ``create_pr``, ...) to
-    ``HfApi.upload_folder``.  Files of the kinds awqlib writes (:data:`STALE_PATTERNS`) that an
-    earlier push left in the repo and this upload does not have (e.g. shards of another sharding)
-    are deleted in the same commit; pass ``delete_patterns=None`` to keep them.
+    ``max_shard_size``, ``overwrite``, ``tokenizer`` go to ``save_quantized``; ``perplexity`` (a
+    :class:`Perplexity` or a dict of its fields), ``base_model`` and ``license`` to the model card;
+    other keyword arguments (``revision``, ``create_pr``, ...) to ``HfApi.upload_folder``.  Files of
+    the kinds awqlib writes (:data:`STALE_PATTERNS`) that an earlier push left in the repo and this
+    upload does not have (e.g. shards of another sharding) are deleted in the same commit; pass
+    ``delete_patterns=None`` to keep them.
     """
     from huggingface_hub import HfApi
 
@@ -261,6 +285,7 @@ def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | N
     card = {k: kwargs.pop(k) for k in ("base_model", "license") if k in kwargs}
     save_kw = {k: kwargs.pop(k) for k in ("max_shard_size", "overwrite", "tokenizer") if k in kwargs}
     kwargs.setdefault("delete_patterns", list(STALE_PATTERNS))
+    perplexity = Perplexity.of(kwargs.pop("perplexity", None))
     tmp = None
     saved_to = getattr(model, "saved_to", None) if getattr(model, "reader", None) is not None else None
     if saved_to is not None:
@@ -273,7 +298,7 @@ def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | N
     try:
         if saved_to is None:
             model.save_quantized(folder, **save_kw, **card)
-        write_model_card(folder, model, repo_id=repo_id, **card)  # now with the real repo id in the examples
+        write_model_card(folder, model, repo_id=repo_id, perplexity=perplexity, **card)  # with the real repo id
         files = staged_files(folder)
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
