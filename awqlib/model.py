@@ -18,10 +18,12 @@ from . import awq
 from .arch import ArchSpec, get_spec
 from .calib import get_calib_tokens
 from . import lazy as lazy_mod
-from .checkpoint import (AtomicDir, checkpoint_state, from_checkpoint_name, load_quantized_state,
-                         quantized_config_dict, resolve_folder, safetensors_files, to_checkpoint_name,
-                         write_shards)
-from .config import QuantConfig
+from . import resume
+from .checkpoint import (checkpoint_state, from_checkpoint_name, load_quantized_state, quantized_config_dict,
+                         resolve_folder, to_checkpoint_name, write_shards)
+from .config import QuantConfig, checkpoint_quant_config
+from .outputs import AtomicDir
+from .safetensors_io import weight_files
 from .modules import WQLinear
 from .moe import unfuse_experts
 
@@ -41,6 +43,21 @@ def _resolve_dtype(torch_dtype, device: torch.device, config=None) -> torch.dtyp
 
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _available_device(device: str | torch.device) -> torch.device:
+    """``device`` if this machine has it: a run never silently falls back to another device."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device ({e}); use e.g. 'cpu', 'cuda' or 'cuda:1'") from None
+    if d.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (d.index is not None and d.index >= n):
+            raise ValueError(f"device={str(device)!r}, but this machine has {n} usable CUDA GPU(s)"
+                             + ("" if n else " (or torch was built without CUDA)") + ": pass device='cpu' or "
+                             "leave it unset (a GPU when there is one)")
+    return d
 
 
 def _move_except_blocks(model: nn.Module, blocks_prefix: str, device: torch.device) -> None:
@@ -123,14 +140,16 @@ class AWQModel(nn.Module):
     def quantize(self, tokenizer=None, quant_config: dict | QuantConfig | None = None, calib_data: Any = "pileval",
                  split: str = "validation", text_column: str = "text", n_samples: int = 128, seqlen: int = 512,
                  duo_scaling: bool = True, apply_clip: bool = True, device: str | torch.device | None = None,
-                 method: str = "awq", save_dir: str | os.PathLike | None = None, overwrite: bool = False,
-                 **options) -> "AWQModel":
+                 method: str = "awq", save_dir: str | os.PathLike | None = None, overwrite: bool | str = False,
+                 max_shard_size: int | str = "5GB", **options) -> "AWQModel":
         """AWQ-quantize every decoder linear, one block at a time (``method='rtn'``: round-to-nearest).
 
         ``save_dir``: write each block to disk as it finishes and the final checkpoint at the end; an
         interrupted run resumes from the last finished block when called again with the same folder
-        and settings. Required for models loaded with ``lazy=True`` (their blocks are freed as they
-        finish). ``options`` are :class:`awqlib.awq.AWQOptions` fields (n_grid, max_search_tokens, ...).
+        and settings (see :mod:`awqlib.resume`); at the end the blocks are consolidated into shards
+        of at most ``max_shard_size``. Required for models loaded with ``lazy=True`` (their blocks
+        are freed as they finish). ``overwrite``: True replaces an existing awqlib checkpoint,
+        "force" any folder (see :mod:`awqlib.outputs`). ``options`` are :class:`awqlib.awq.AWQOptions` fields (n_grid, max_search_tokens, ...).
         """
         if self.quantized:
             raise RuntimeError("this model is already quantized")
@@ -166,7 +185,7 @@ class AWQModel(nn.Module):
             log.info("awqlib: quantizing in place on accelerate's placement: %s",
                      ", ".join(f"{d}: {devices.count(d)} blocks" for d in dict.fromkeys(devices)))
         else:
-            device = torch.device(device) if device is not None else _default_device()
+            device = _available_device(device) if device is not None else _default_device()
             # Where the model lives now; each finished block goes back there (a model handed over on
             # the GPU stays on the GPU).  Lazy models have no home yet: finished blocks are freed.
             first = next(model.parameters())
@@ -177,9 +196,20 @@ class AWQModel(nn.Module):
                                                               text_column)
         store = None
         if save_dir is not None:
-            fp = lazy_mod.fingerprint(source=self.name_or_path, qcfg=qcfg.to_hf_dict(), opts=opts, method=method,
-                                      tokens=tokens if tokens is not None else torch.zeros(0), dtype=cdtype)
-            store = lazy_mod.BlockStore(save_dir, fp, len(blocks), overwrite)
+            src = self.reader.folder if lazy else resume.source_folder(self.name_or_path)
+            fp = resume.fingerprint(source=resume.source_identity(src, model), qcfg=qcfg.to_hf_dict(), opts=opts,
+                                    method=method, tokens=tokens if tokens is not None else torch.zeros(0),
+                                    dtype=cdtype, n_blocks=len(blocks))
+            store = resume.BlockStore(save_dir, fp, len(blocks), overwrite, source=src)
+        try:
+            return self._quantize_blocks(model, spec, qcfg, opts, method, tokens, seqlen, blocks, prefix, lazy,
+                                         placed, device, devices, homes, cdtype, store, save_dir, max_shard_size)
+        finally:
+            if store is not None:
+                store.close()
+
+    def _quantize_blocks(self, model, spec, qcfg, opts, method, tokens, seqlen, blocks, prefix, lazy, placed,
+                         device, devices, homes, cdtype, store, save_dir, max_shard_size) -> "AWQModel":
         t0 = time.perf_counter()
         if lazy:
             self._materialize_rest(cdtype)
@@ -238,7 +268,7 @@ class AWQModel(nn.Module):
         self.quant_config, self.quantized = qcfg, True
         if store is not None:
             rest = self._rest_from_reader(prefix) if lazy else checkpoint_state(model, spec, skip_prefix=prefix + ".")
-            store.finalize(rest, self._write_extras)
+            store.finalize(rest, self._write_extras, max_shard_size)
             if lazy:
                 self.saved_to = Path(save_dir)
         return self
@@ -317,17 +347,18 @@ class AWQModel(nn.Module):
         log.info("awqlib: %d quantized linears repacked into the warp-tiled layout", n)
         return n
 
-    def save_quantized(self, save_dir: str | os.PathLike, overwrite: bool = False,
+    def save_quantized(self, save_dir: str | os.PathLike, overwrite: bool | str = False,
                        max_shard_size: int | str = "5GB", tokenizer=None) -> Path:
         """Write safetensors shards (+ index), config.json with quantization_config, the tokenizer,
-        a model card; atomically (temporary folder, then rename)."""
+        a model card; atomically (temporary folder, then rename). ``overwrite``: True replaces an
+        existing awqlib checkpoint, "force" any folder but the source (see :mod:`awqlib.outputs`)."""
         if not self.quantized:
             raise RuntimeError("call quantize() before save_quantized()")
         if self.reader is not None:
             raise RuntimeError("a lazily loaded model is saved by quantize(save_dir=...) as it goes; its blocks "
                                f"are no longer in memory (saved to {getattr(self, 'saved_to', None)})")
         state = checkpoint_state(self.model, self.spec)
-        with AtomicDir(save_dir, overwrite) as tmp:
+        with AtomicDir(save_dir, overwrite, source=resume.source_folder(self.name_or_path)) as tmp:
             write_shards(state, tmp, max_shard_size)
             self._write_extras(tmp, tokenizer)
         return Path(save_dir)
@@ -468,8 +499,7 @@ class AutoAWQ:
         if qc is None:
             raise ValueError(f"{folder}/config.json has no quantization_config: this is not a quantized "
                              "checkpoint. Quantize it first with AutoAWQ.from_pretrained(...).quantize(...)")
-        qc = qc if isinstance(qc, dict) else qc.to_dict()
-        qcfg = QuantConfig.from_dict(qc)
+        qcfg = checkpoint_quant_config(qc, folder / "config.json")
         del config.quantization_config
         spec = get_spec(config.model_type)
         if device_map is not None and device is not None:
@@ -481,7 +511,7 @@ class AutoAWQ:
         if device_map is not None:  # the compute dtype follows the fastest device the map can use
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = _resolve_dtype(torch_dtype, device, config)
-        files = safetensors_files(folder)
+        files = weight_files(folder)
 
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -497,9 +527,10 @@ class AutoAWQ:
             place = _placer(device_map)
         elif device.type != "cpu":
             place = lambda name: device  # noqa: E731
-        state = load_quantized_state(files, spec, qcfg, dtype=dtype, place=place)
-        expected = set(model.state_dict().keys())
         tied = bool(getattr(config, "tie_word_embeddings", False))
+        expect = {k: t for k, t in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+        state = load_quantized_state(files, spec, qcfg, dtype=dtype, place=place, expect=expect)
+        expected = set(model.state_dict().keys())
         missing = sorted(k for k in expected - set(state) if not (tied and k == "lm_head.weight"))
         unexpected = sorted(set(state) - expected)
         if missing or unexpected:

@@ -81,8 +81,13 @@ def test_output_folder_exists_and_atomic(tmp_path, calib_ids):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         w.save_quantized(out)
     assert (out / "keep.txt").exists()
-    w.save_quantized(out, overwrite=True)
+    # a folder holding files awqlib did not write is replaced only when forced
+    with pytest.raises(FileExistsError, match="does not look like an awqlib checkpoint.*keep.txt.*force"):
+        w.save_quantized(out, overwrite=True)
+    assert (out / "keep.txt").exists()
+    w.save_quantized(out, overwrite="force")
     assert (out / "model.safetensors").exists() and not (out / "keep.txt").exists()
+    w.save_quantized(out, overwrite=True)  # our own checkpoint: replaced without force
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary folder left"
 
 

@@ -65,8 +65,15 @@ def test_resume_after_interruption(src, tmp_path, calib_ids, monkeypatch, lazy, 
 
 def test_resume_with_other_settings_is_refused(src, tmp_path, calib_ids, monkeypatch):
     path = src("llama")
-    monkeypatch.setattr(awq, "quantize_block", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
-    with pytest.raises(KeyboardInterrupt):
+    real, calls = awq.quantize_block, []
+
+    def dies_on_second_block(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real(*a, **k)
+    monkeypatch.setattr(awq, "quantize_block", dies_on_second_block)
+    with pytest.raises(KeyboardInterrupt):  # after block 0 is finished: the settings are committed
         AutoAWQ.from_pretrained(str(path), lazy=True).quantize(None, QC, calib_data=list(calib_ids), n_samples=16,
                                                                seqlen=64, save_dir=tmp_path / "out")
     with pytest.raises(FileExistsError, match="different settings"):
