@@ -332,6 +332,8 @@ def validate_checkpoint(folder: str | Path, tp_sizes: Iterable[int] = (1, 2, 4, 
     folder = Path(folder)
     report = ValidationReport(folder)
     tp_sizes = sorted(set(int(t) for t in tp_sizes))
+    if any(t < 1 for t in tp_sizes):
+        raise ValueError(f"tensor-parallel sizes must be at least 1, got {tp_sizes}")
     if not folder.is_dir():
         report.add("files", f"{folder} is not a folder")
         return report
@@ -527,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8], help="TP degrees to check")
     ap.add_argument("--rules", action="store_true", help="print the rules with their sources and exit")
     a = ap.parse_args(argv)
+    if any(t < 1 for t in a.tp):
+        ap.error(f"--tp: every size must be at least 1, got {a.tp}")
     if a.rules:
         for r in RULES_LIST:
             print(f"{r.id} ({r.severity}): {r.description}\n    source: {r.source}")

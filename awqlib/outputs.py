@@ -50,8 +50,8 @@ def _relation(a: Path, b: Path) -> str | None:
 
 def check_source_overlap(out: str | os.PathLike, source: str | os.PathLike | None) -> None:
     """Refuse an output (or its partial folder) that is, contains or is inside the source folder."""
-    if source is None or not Path(source).is_dir():
-        return
+    if source is None or not (Path(source) / "config.json").is_file():
+        return  # not a model folder (a model built in memory, a name that is no folder)
     src = Path(source).resolve()
     for p in (Path(out), partial_path(out)):
         rel = _relation(p.resolve(), src)

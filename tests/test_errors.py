@@ -8,9 +8,10 @@ import torch
 
 from awqlib import AutoAWQ, QuantConfig
 from awqlib.calib import get_calib_tokens
-from conftest import FIXTURES, tiny_model
+from conftest import FIXTURES, needs_shared, tiny_model
 
 
+@needs_shared("fixtures", "autoawq-llama-gemm-g64")
 def test_not_awq_quant_method(tmp_path):
     src = FIXTURES / "autoawq-llama-gemm-g64"
     dst = tmp_path / "m"
@@ -101,6 +102,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@needs_shared("fixtures", "autoawq-llama-gemm-g64")
 def test_corrupt_and_missing_safetensors(tmp_path):
     dst = tmp_path / "m"
     shutil.copytree(FIXTURES / "autoawq-llama-gemm-g64", dst)
