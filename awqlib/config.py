@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 SUPPORTED_BITS = (4,)
@@ -114,3 +116,16 @@ def checkpoint_quant_config(qc: Any, where: Any) -> QuantConfig:
         return QuantConfig.from_dict(qc)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
+
+
+def check_checkpoint_config_file(path: Path) -> None:
+    """Validate ``config.json``'s ``quantization_config`` as written, before transformers parses the
+    file (it fails with an AttributeError on, e.g., a string there)."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(cfg).__name__}")
+    if cfg.get("quantization_config") is not None:
+        checkpoint_quant_config(cfg["quantization_config"], path)

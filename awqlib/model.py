@@ -21,7 +21,7 @@ from . import lazy as lazy_mod
 from . import resume
 from .checkpoint import (checkpoint_state, from_checkpoint_name, load_quantized_state, quantized_config_dict,
                          resolve_folder, to_checkpoint_name, write_shards)
-from .config import QuantConfig, checkpoint_quant_config
+from .config import QuantConfig, check_checkpoint_config_file, checkpoint_quant_config
 from .outputs import AtomicDir
 from .safetensors_io import weight_files
 from .modules import WQLinear
@@ -494,6 +494,7 @@ class AutoAWQ:
         folder = resolve_folder(quant_path, revision, token)
         if not (folder / "config.json").exists():
             raise FileNotFoundError(f"{folder} has no config.json: not a transformers checkpoint folder")
+        check_checkpoint_config_file(folder / "config.json")
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         qc = getattr(config, "quantization_config", None)
         if qc is None:

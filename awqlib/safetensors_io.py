@@ -328,29 +328,14 @@ def assert_finite(tensors: dict[str, "torch.Tensor"], where: str | os.PathLike) 
                 "fp16 with quant_config['modules_to_not_convert']")
 
 
-def save_tensors(tensors: dict[str, "torch.Tensor"], path: Path) -> None:  # noqa: F821
-    """One safetensors file, atomically, after checking every tensor is finite."""
-    from safetensors.torch import save_file
-    assert_finite(tensors, path)
-    tmp = _tmp(path)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-        _commit(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-COPY_CHUNK = 16 << 20
-
-
-def copy_tensors(entries: list[tuple[str, Path, TensorInfo]], path: Path) -> None:
-    """Write a safetensors file holding ``entries`` (name, source file, header entry), copying each
-    tensor's bytes from its source file in chunks: memory stays one chunk, whatever the file size."""
+def _write_file(path: Path, items: list[tuple[str, str, tuple[int, ...], int, Any]]) -> None:
+    """Write a safetensors file from (name, dtype tag, shape, nbytes, write(out)) items, atomically.
+    Written here rather than by safetensors' writer so that a full disk is a plain OSError (ENOSPC)."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     off = 0
-    for name, _, t in entries:
-        header[name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
-        off += t.nbytes
+    for name, dt, shape, nbytes, _ in items:
+        header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + nbytes]}
+        off += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     tmp = _tmp(path)
@@ -358,27 +343,46 @@ def copy_tensors(entries: list[tuple[str, Path, TensorInfo]], path: Path) -> Non
         with open(tmp, "wb") as out:
             out.write(struct.pack("<Q", len(raw)))
             out.write(raw)
-            src_path, src = None, None
-            try:
-                for _, f, t in entries:
-                    if f != src_path:
-                        if src is not None:
-                            src.close()
-                        src_path, src = f, open(f, "rb")
-                    src.seek(t.begin)
-                    left = t.nbytes
-                    while left:
-                        chunk = src.read(min(COPY_CHUNK, left))
-                        if not chunk:
-                            raise _corrupt(f, "shorter than its header says")
-                        out.write(chunk)
-                        left -= len(chunk)
-            finally:
-                if src is not None:
-                    src.close()
+            for *_, write in items:
+                write(out)
         _commit(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_tensors(tensors: dict[str, "torch.Tensor"], path: Path) -> None:  # noqa: F821
+    """One safetensors file, atomically, after checking every tensor is finite."""
+    import torch
+    assert_finite(tensors, path)
+    items = []
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        items.append((name, TAG_OF[str(t.dtype).replace("torch.", "")], tuple(t.shape), t.numel() * t.element_size(),
+                      lambda out, t=t: out.write(t.reshape(-1).view(torch.uint8).numpy().data)))
+    _write_file(path, items)
+
+
+COPY_CHUNK = 16 << 20
+
+
+def _copier(src: Path, t: TensorInfo):
+    def write(out) -> None:
+        with open(src, "rb") as fh:
+            fh.seek(t.begin)
+            left = t.nbytes
+            while left:
+                chunk = fh.read(min(COPY_CHUNK, left))
+                if not chunk:
+                    raise _corrupt(src, "shorter than its header says")
+                out.write(chunk)
+                left -= len(chunk)
+    return write
+
+
+def copy_tensors(entries: list[tuple[str, Path, TensorInfo]], path: Path) -> None:
+    """Write a safetensors file holding ``entries`` (name, source file, header entry), copying each
+    tensor's bytes from its source file in chunks: memory stays one chunk, whatever the file size."""
+    _write_file(path, [(name, t.dtype, t.shape, t.nbytes, _copier(f, t)) for name, f, t in entries])
 
 
 def parse_size(size: int | str) -> int:
