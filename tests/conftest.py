@@ -114,3 +114,17 @@ def assert_same_checkpoint(a, b) -> None:
     assert A.keys() == B.keys()
     for k in A:
         assert torch.equal(A[k], B[k]), k
+
+
+def die_on_call(monkeypatch, module, name: str, n: int = 2) -> list:
+    """Make ``module.name`` raise KeyboardInterrupt on its ``n``-th call (a run killed mid-way);
+    returns the list of calls so far (one entry per call)."""
+    real, calls = getattr(module, name), []
+
+    def dies(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt("simulated crash")
+        return real(*a, **k)
+    monkeypatch.setattr(module, name, dies)
+    return calls
