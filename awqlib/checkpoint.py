@@ -98,11 +98,12 @@ safetensors_files = weight_files  # the name earlier releases exported
 
 def load_quantized_state(files: list[Path], spec: ArchSpec, qcfg: QuantConfig, dtype: torch.dtype | None = None,
                          place: Callable[[str], torch.device] | None = None,
-                         expect: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                         expect: dict[str, torch.Tensor] | None = None, optional: tuple[str, ...] = ()
+                         ) -> dict[str, torch.Tensor]:
     """All tensors, module-named, GEMV layouts converted to GEMM.
 
     ``expect``: the model's (meta) state dict; every header is checked against it (names, dtypes,
-    GEMM shapes) before any tensor data is read.
+    GEMM shapes) before any tensor data is read; ``optional``: names that may be absent.
 
     ``dtype``: floating tensors other than ``scales`` (which the format keeps in fp16) are cast to it.
     ``place(name)``: the device each tensor goes to as soon as it is read, before any cast: safetensors
@@ -124,7 +125,8 @@ def load_quantized_state(files: list[Path], spec: ArchSpec, qcfg: QuantConfig, d
         check_expected(where, {to_checkpoint_name(k, spec): (
             TAG_OF[str(t.dtype).replace("torch.", "")],
             None if gemv and k.endswith((".qweight", ".qzeros", ".scales")) else tuple(t.shape))
-            for k, t in expect.items()}, files[0].parent if files else "the checkpoint")
+            for k, t in expect.items()}, files[0].parent if files else "the checkpoint",
+            optional=[to_checkpoint_name(k, spec) for k in optional])
     for k, t in iter_tensors(files, where):
         name = from_checkpoint_name(k, spec)
         prefix, _, leaf = name.rpartition(".")

@@ -101,8 +101,10 @@ def _load_unquantized(folder: str, device: str, device_map: str | None):
     missing (transformers would initialise it randomly, and the perplexity would mean nothing)."""
     from transformers import AutoModelForCausalLM
 
+    from .checkpoint import resolve_folder
     from .safetensors_io import weight_files
     try:
+        folder = str(resolve_folder(folder))  # a Hub id: its snapshot (already downloaded by from_quantized)
         weight_files(Path(folder))
     except (OSError, ValueError) as e:
         raise SystemExit(f"awqlib eval: {folder} has no usable weights: {e}") from None

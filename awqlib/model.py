@@ -529,8 +529,8 @@ class AutoAWQ:
         elif device.type != "cpu":
             place = lambda name: device  # noqa: E731
         tied = bool(getattr(config, "tie_word_embeddings", False))
-        expect = {k: t for k, t in model.state_dict().items() if not (tied and k == "lm_head.weight")}
-        state = load_quantized_state(files, spec, qcfg, dtype=dtype, place=place, expect=expect)
+        state = load_quantized_state(files, spec, qcfg, dtype=dtype, place=place, expect=model.state_dict(),
+                                     optional=("lm_head.weight",) if tied else ())
         expected = set(model.state_dict().keys())
         missing = sorted(k for k in expected - set(state) if not (tied and k == "lm_head.weight"))
         unexpected = sorted(set(state) - expected)

@@ -29,7 +29,7 @@ CHECKPOINT_FILES = frozenset({
     "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
     "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
     "chat_template.json", "quant_config.json", "quantize_config.json", "preprocessor_config.json",
-    "processor_config.json", ".gitattributes"})
+    "processor_config.json", ".gitattributes", "LICENSE", "LICENSE.md", "LICENSE.txt", "NOTICE", "USE_POLICY.md"})
 
 
 def _check_overwrite_value(overwrite: Overwrite) -> None:

@@ -202,11 +202,11 @@ def tensor_index(files: Iterable[Path]) -> dict[str, tuple[Path, TensorInfo]]:
 
 
 def check_expected(where: dict[str, tuple[Path, TensorInfo]], expected: dict[str, tuple[str, tuple[int, ...] | None]],
-                   folder: Path | str) -> None:
+                   folder: Path | str, optional: Iterable[str] = ()) -> None:
     """Refuse, before reading any data, a checkpoint whose tensors are not the ones the model expects:
     ``expected`` is {name: (dtype tag, shape or None)}; a floating dtype accepts any floating tag
-    (tensors are cast when loaded), an integer one only itself."""
-    missing = sorted(set(expected) - set(where))
+    (tensors are cast when loaded), an integer one only itself. ``optional`` names may be absent."""
+    missing = sorted(set(expected) - set(where) - set(optional))
     unexpected = sorted(set(where) - set(expected))
     wrong = []
     for name, (dt, shape) in expected.items():
