@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import uuid
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Union
 
@@ -66,20 +67,38 @@ def partial_path(out: str | os.PathLike) -> Path:
     return out.parent / (out.name + ".awqlib-partial")
 
 
+CHECKPOINT_GLOBS = ("model*.safetensors", "*.tiktoken", "tokenizer*.model*")
+CHAT_TEMPLATES = "additional_chat_templates"  # a folder of *.jinja files beside tokenizer_config.json
+
+
+def _json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def foreign_entries(folder: Path) -> list[str]:
-    """Entries of an existing output folder that awqlib would not have written ([] : safe to replace)."""
+    """Entries of an existing output folder that awqlib would not have written ([]: safe to replace)."""
     entries = sorted(os.listdir(folder))
     if not entries:
         return []
-    foreign = [e for e in entries if not ((folder / e).is_file() and not (folder / e).is_symlink()
-                                          and (e in CHECKPOINT_FILES or (e.startswith("model")
-                                                                        and e.endswith(".safetensors"))))]
-    try:
-        qc = json.loads((folder / "config.json").read_text()).get("quantization_config")
-        ours = isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "awq"
-    except (OSError, ValueError, AttributeError):
-        ours = False
-    if not ours:
+    cfg = _json(folder / "config.json")
+    code = "auto_map" in cfg or "auto_map" in _json(folder / "tokenizer_config.json")  # its *.py files travel along
+
+    def ours(name: str) -> bool:
+        p = folder / name
+        if p.is_symlink():
+            return False
+        if p.is_dir():
+            return name == CHAT_TEMPLATES and all(c.suffix == ".jinja" and c.is_file() and not c.is_symlink()
+                                                  for c in p.iterdir())
+        return p.is_file() and (name in CHECKPOINT_FILES or any(fnmatch(name, g) for g in CHECKPOINT_GLOBS)
+                                or (code and name.endswith(".py")))
+    foreign = [e for e in entries if not ours(e)]
+    qc = cfg.get("quantization_config")
+    if not (isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "awq"):
         foreign.insert(0, "(no config.json with an AWQ quantization_config: not an AWQ checkpoint)")
     return foreign
 

@@ -199,6 +199,21 @@ def test_overwrite_replaces_only_awqlib_checkpoints(base, src, tmp_path):
     assert_same_checkpoint(base["clean"], out)
 
 
+def test_what_counts_as_an_awqlib_checkpoint(tmp_path):
+    from awqlib.outputs import foreign_entries
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "awq"},
+                                                      "auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}))
+    for name in ("model-00001-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.model",
+                 "qwen.tiktoken", "README.md", "modeling_x.py"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "additional_chat_templates").mkdir()
+    (tmp_path / "additional_chat_templates" / "tool.jinja").write_text("x")
+    assert foreign_entries(tmp_path) == []
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "data").mkdir()
+    assert foreign_entries(tmp_path) == ["data", "notes.txt"]
+
+
 # ------------------------------------------------------------------------------------------ 4. damaged partial runs
 
 def test_damaged_run_json_gets_a_clear_error_and_overwrite_recovers(base, src, tmp_path, monkeypatch):
