@@ -508,7 +508,7 @@ class AutoAWQ:
                              "places the model over several devices, device puts all of it on one)")
         if device_map is None and (max_memory is not None or offload_folder is not None):
             raise ValueError("max_memory / offload_folder only apply with device_map=... (e.g. device_map='auto')")
-        device = torch.device(device if device is not None else "cpu")
+        device = _available_device(device if device is not None else "cpu")
         if device_map is not None:  # the compute dtype follows the fastest device the map can use
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = _resolve_dtype(torch_dtype, device, config)

@@ -12,6 +12,7 @@ deletes a file it did not write.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -157,6 +158,10 @@ class AtomicDir:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OSError(exc.errno, f"disk full while saving {self.target}: nothing was written"
+                              + (" and the existing folder is untouched" if self.target.exists() else "")
+                              + "; free some space and save again") from None
             return False
         try:
             check_output(self.target, self.source, self.overwrite)  # it may have appeared meanwhile

@@ -271,6 +271,14 @@ def test_disk_full_says_what_is_kept_and_rerun_resumes(base, src, small_tmpfs):
     filler.unlink()
     _quantize(src, out)
     assert_same_checkpoint(base["clean"], out)
+    # an in-memory save on a full disk: nothing written, the existing checkpoint untouched
+    before = _digest(out)
+    filler.write_bytes(b"\0" * (os.statvfs(small_tmpfs).f_bavail * os.statvfs(small_tmpfs).f_frsize - 50_000))
+    mem = AutoAWQ.from_pretrained(str(src)).quantize(None, QC, method="rtn")
+    with pytest.raises(OSError, match="disk full while saving .* nothing was written and the existing folder is "
+                                      "untouched"):
+        mem.save_quantized(out, overwrite=True)
+    assert _digest(out) == before and sorted(p.name for p in small_tmpfs.iterdir()) == ["filler", "out"]
 
 
 # ------------------------------------------------------------------------------------------ 5. confinement
@@ -490,6 +498,8 @@ def test_a_device_that_is_not_there_is_an_error(base):
     with pytest.raises(ValueError, match=rf"device='{missing}', but this machine has \d+ usable CUDA GPU"):
         m.quantize(None, QC, method="rtn", device=missing)
     assert not m.quantized
+    with pytest.raises(ValueError, match=rf"device='{missing}', but this machine has"):
+        AutoAWQ.from_quantized(str(base["ckpt"]), device=missing)
 
 
 # ------------------------------------------------------------------------------------------ issue 11: shards, modes
