@@ -76,7 +76,7 @@ def _quantize(a) -> int:
 def _eval(a) -> int:
     from transformers import AutoTokenizer
 
-    from . import AutoAWQ
+    from . import AutoAWQ, NotQuantizedCheckpoint
     from .eval import load_eval_tokens, perplexity
 
     if a.device_map and a.device:
@@ -86,9 +86,7 @@ def _eval(a) -> int:
     try:
         model = AutoAWQ.from_quantized(a.ckpt, **where)
         tok = model.tokenizer
-    except ValueError as e:
-        if "no quantization_config" not in str(e):
-            raise
+    except NotQuantizedCheckpoint:
         model, tok = _load_unquantized(a.ckpt, device, a.device_map), None
     tok = tok or AutoTokenizer.from_pretrained(a.ckpt)
     ppl = perplexity(model, load_eval_tokens(tok, a.text), a.seqlen, a.windows)

@@ -1,8 +1,8 @@
 """Perplexity and wall time of fp / RTN / AWQ on SmolLM2-135M (offline), printed as a table and
 written as JSON.  Conventions: ../shared/data/README.md (wikitext2 test, windows of 1024 tokens).
 
-    python benchmarks/bench_quality.py --data ../shared/data --windows 32 --out results.json
-    python benchmarks/bench_quality.py --ablate     # each AWQ option on/off
+    python -m benchmarks.bench_quality --data ../shared/data --windows 32 --out results.json
+    python -m benchmarks.bench_quality --ablate     # each AWQ option on/off
 """
 
 from __future__ import annotations
