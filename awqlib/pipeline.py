@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -198,7 +199,7 @@ class QuantizeResult:
 
 def quantize_blocks(source: BlockSource, qcfg: QuantConfig, opts: awq.AWQOptions, method: str,
                     tokens: torch.Tensor | None, save_dir: str | os.PathLike | None = None,
-                    overwrite: bool | str = False, source_name: str | None = None) -> QuantizeResult:
+                    overwrite: bool | str = False, source_folder: Path | None = None) -> QuantizeResult:
     """Quantize every block of ``source.model`` in place (``method`` 'awq' or 'rtn'; ``tokens``: the
     calibration token ids, None for 'rtn').  With ``save_dir``, each finished block is stored as it
     completes and a block already stored by an interrupted run with the same settings is loaded
@@ -207,7 +208,7 @@ def quantize_blocks(source: BlockSource, qcfg: QuantConfig, opts: awq.AWQOptions
     cdtype = source.compute_dtype()
     store = None
     if save_dir is not None:
-        folder = source.reader.folder if isinstance(source, Lazy) else resume.source_folder(source_name)
+        folder = source.reader.folder if isinstance(source, Lazy) else source_folder
         fp = resume.fingerprint(source=resume.source_identity(folder, model), qcfg=qcfg.to_hf_dict(), opts=opts,
                                 method=method, tokens=tokens if tokens is not None else torch.zeros(0),
                                 dtype=cdtype, n_blocks=len(blocks))

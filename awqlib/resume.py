@@ -82,21 +82,6 @@ def model_identity(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def source_folder(name_or_path: str | os.PathLike | None) -> Path | None:
-    """The local folder a model was loaded from: the path itself, or a Hub id's cached snapshot."""
-    if not name_or_path:
-        return None
-    p = Path(name_or_path)
-    if p.is_dir():
-        return p
-    try:
-        from huggingface_hub import try_to_load_from_cache
-        cfg = try_to_load_from_cache(str(name_or_path), "config.json")
-    except Exception:  # not a Hub id
-        return None
-    return Path(cfg).parent if isinstance(cfg, str) else None
-
-
 def source_identity(folder: Path | None, model: torch.nn.Module) -> str:
     try:
         return folder_identity(folder) if folder is not None else model_identity(model)
