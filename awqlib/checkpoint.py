@@ -6,31 +6,19 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .arch import ArchSpec
 from .config import QuantConfig
+from .outputs import AtomicDir  # noqa: F401  (re-exported: its home was here)
 from .packing import gemv_to_gemm
+from .safetensors_io import (SAFE_INDEX, TAG_OF, check_expected, iter_tensors, parse_size, plan_shards,  # noqa: F401
+                             save_tensors, shard_names, tensor_index, weight_files, write_index)
 
 log = logging.getLogger("awqlib")
-
-SAFE_INDEX = "model.safetensors.index.json"
-
-
-def parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    s = size.strip().upper()
-    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
 
 
 def to_checkpoint_name(name: str, spec: ArchSpec) -> str:
@@ -46,36 +34,6 @@ def from_checkpoint_name(name: str, spec: ArchSpec) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- writing
-
-class AtomicDir:
-    """Write into a temporary sibling folder; rename into place only when everything succeeded."""
-
-    def __init__(self, target: str | os.PathLike, overwrite: bool = False):
-        self.target = Path(target)
-        if self.target.exists() and not overwrite:
-            raise FileExistsError(f"{self.target} already exists; pass overwrite=True (CLI: --overwrite) to "
-                                  "replace it, or choose another folder")
-        if self.target.exists() and not self.target.is_dir():
-            raise NotADirectoryError(f"{self.target} exists and is not a folder")
-        self.tmp = self.target.parent / f".{self.target.name}.tmp-{uuid.uuid4().hex[:8]}"
-
-    def __enter__(self) -> Path:
-        self.tmp.mkdir(parents=True)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = None
-        if self.target.exists():
-            old = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.target, old)
-        os.rename(self.tmp, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return False
-
 
 def checkpoint_state(model: torch.nn.Module, spec: ArchSpec, skip_prefix: str | None = None) -> dict[str, torch.Tensor]:
     """The tensors to save, checkpoint-named; floats in fp16, tied lm_head left out, and so are the
@@ -96,28 +54,17 @@ def checkpoint_state(model: torch.nn.Module, spec: ArchSpec, skip_prefix: str | 
 
 
 def write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str = "5GB") -> list[str]:
-    limit = parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(state):
-        n = state[name].numel() * state[name].element_size()
-        if shards[-1] and size + n > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = state[name]
-        size += n
-    if len(shards) == 1:
-        names = ["model.safetensors"]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    """``state`` as transformers lays it out: one ``model.safetensors``, or shards of at most
+    ``max_shard_size`` plus the index."""
+    order = sorted(state)
+    shards = plan_shards([(k, state[k].numel() * state[k].element_size()) for k in order], parse_size(max_shard_size))
+    names = shard_names(len(shards))
     weight_map = {}
     for fname, shard in zip(names, shards):
-        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        save_tensors({k: state[k] for k in shard}, folder / fname)
         weight_map.update({k: fname for k in shard})
     if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        (folder / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                    indent=2, sort_keys=True))
+        write_index(folder, weight_map, sum(t.numel() * t.element_size() for t in state.values()))
     return names
 
 
@@ -235,6 +182,9 @@ def resolve_folder(path_or_id: str | os.PathLike, revision: str | None = None, t
     raise FileNotFoundError(f"checkpoint folder {p} does not exist")
 
 
+safetensors_files = weight_files  # the name earlier releases exported
+
+
 def local_source_folder(name_or_path: str | os.PathLike | None, revision: str | None = None) -> Path | None:
     """The local folder a model was read from: the folder itself, or its Hub snapshot where the Hub
     cache already holds it (never downloads); None for anything else."""
@@ -252,45 +202,16 @@ def local_source_folder(name_or_path: str | os.PathLike | None, revision: str | 
     return None
 
 
-def safetensors_files(folder: Path) -> list[Path]:
-    idx = folder / SAFE_INDEX
-    if idx.exists():
-        try:
-            wm = json.loads(idx.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"{idx} is not a valid safetensors index ({e})") from None
-        files = sorted({folder / f for f in wm.values()})
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise FileNotFoundError(f"{folder} is incomplete: the index lists {missing} which are missing; "
-                                    "re-download or re-save the checkpoint")
-        return files
-    # prefer the transformers naming: other .safetensors files may sit beside the weights
-    files = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
-    if not files:
-        pickles = [f.name for f in folder.glob("*.bin")] + [f.name for f in folder.glob("*.pt")]
-        hint = (f" It holds {pickles}: awqlib never unpickles weights (arbitrary code execution); convert them to "
-                "safetensors first.") if pickles else ""
-        raise FileNotFoundError(f"no .safetensors weights in {folder}.{hint}")
-    return files
-
-
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                for k in fh.keys():
-                    yield k, fh.get_tensor(k)
-        except Exception as e:
-            if isinstance(e, (KeyboardInterrupt, MemoryError)):
-                raise
-            raise ValueError(f"{f} is corrupt or not a safetensors file ({type(e).__name__}: {e}); "
-                             "re-download or re-save the checkpoint") from None
 
 
 def load_quantized_state(files: list[Path], spec: ArchSpec, qcfg: QuantConfig, dtype: torch.dtype | None = None,
-                         place: Callable[[str], torch.device] | None = None) -> dict[str, torch.Tensor]:
+                         place: Callable[[str], torch.device] | None = None,
+                         expect: dict[str, torch.Tensor] | None = None, optional: tuple[str, ...] = ()
+                         ) -> dict[str, torch.Tensor]:
     """All tensors, module-named, GEMV layouts converted to GEMM.
+
+    ``expect``: the model's (meta) state dict; every header is checked against it (names, dtypes,
+    GEMM shapes) before any tensor data is read; ``optional``: names that may be absent.
 
     ``dtype``: floating tensors other than ``scales`` (which the format keeps in fp16) are cast to it.
     ``place(name)``: the device each tensor goes to as soon as it is read, before any cast: safetensors
@@ -306,7 +227,15 @@ def load_quantized_state(files: list[Path], spec: ArchSpec, qcfg: QuantConfig, d
             t = t.to(dtype)
         state[name] = t
 
-    for k, t in iter_tensors(files):
+    where = tensor_index(files)
+    if expect is not None:
+        gemv = qcfg.version == "gemv"
+        check_expected(where, {to_checkpoint_name(k, spec): (
+            TAG_OF[str(t.dtype).replace("torch.", "")],
+            None if gemv and k.endswith((".qweight", ".qzeros", ".scales")) else tuple(t.shape))
+            for k, t in expect.items()}, files[0].parent if files else "the checkpoint",
+            optional=[to_checkpoint_name(k, spec) for k in optional])
+    for k, t in iter_tensors(files, where):
         name = from_checkpoint_name(k, spec)
         prefix, _, leaf = name.rpartition(".")
         if qcfg.version != "gemv" or leaf not in ("qweight", "qzeros", "scales"):

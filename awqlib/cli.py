@@ -7,6 +7,38 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{v} must be at least {lo}")
+        return v
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+_positive_int = _int_at_least(1)
+
+
+def _existing_file(text: str) -> str:
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return text
+
+
+def _size(text: str) -> str:
+    from .safetensors_io import parse_size
+    try:
+        parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _quantize(a) -> int:
@@ -34,7 +66,8 @@ def _quantize(a) -> int:
     # save_dir: finished blocks are kept as they complete, so rerunning an interrupted command
     # continues where it stopped; the checkpoint is written at the end
     model.quantize(tok, qc, calib_data=calib, n_samples=a.n_samples, seqlen=a.seqlen, method=a.method,
-                   device=a.device, save_dir=a.out, overwrite=a.overwrite)
+                   device=a.device, save_dir=a.out, overwrite="force" if a.force_overwrite else a.overwrite,
+                   max_shard_size=a.max_shard_size)
     print(f"quantized in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     print(a.out)
     return 0
@@ -52,16 +85,35 @@ def _eval(a) -> int:
     where = {"device_map": _device_map(a.device_map)} if a.device_map else {"device": device}
     try:
         model = AutoAWQ.from_quantized(a.ckpt, **where)
+        tok = model.tokenizer
     except NotQuantizedCheckpoint:
-        if a.device_map:  # not quantized: transformers places it
-            model = AutoAWQ.from_pretrained(a.ckpt, torch_dtype="auto", **where)
-        else:
-            model = AutoAWQ.from_pretrained(a.ckpt, torch_dtype="float32" if device == "cpu" else "auto")
-            model.model.to(device)
-    tok = model.tokenizer or AutoTokenizer.from_pretrained(a.ckpt)
+        model, tok = _load_unquantized(a.ckpt, device, a.device_map), None
+    tok = tok or AutoTokenizer.from_pretrained(a.ckpt)
     ppl = perplexity(model, load_eval_tokens(tok, a.text), a.seqlen, a.windows)
     print(json.dumps({"checkpoint": a.ckpt, "perplexity": round(ppl, 4), "seqlen": a.seqlen, "windows": a.windows}))
     return 0
+
+
+def _load_unquantized(folder: str, device: str, device_map: str | None):
+    """A checkpoint without quantization_config, loaded by transformers; refused when any weight is
+    missing (transformers would initialise it randomly, and the perplexity would mean nothing)."""
+    from transformers import AutoModelForCausalLM
+
+    from .checkpoint import resolve_folder
+    from .safetensors_io import weight_files
+    try:
+        folder = str(resolve_folder(folder))  # a Hub id: its snapshot (already downloaded by from_quantized)
+        weight_files(Path(folder))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"awqlib eval: {folder} has no usable weights: {e}") from None
+    kw = {"device_map": _device_map(device_map), "dtype": "auto"} if device_map else {
+        "dtype": "float32" if device == "cpu" else "auto"}
+    model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **kw)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise SystemExit(f"awqlib eval: {folder} lacks {len(missing)} weight(s) of its model, e.g. {missing[:3]}; "
+                         "they would be random, so no perplexity is reported")
+    return (model if device_map else model.to(device)).eval()
 
 
 def _device_map(text: str):
@@ -77,7 +129,7 @@ def _smollm2(a) -> int:
 
 def _check(a) -> int:
     from .compat import main as compat_main
-    return compat_main([a.ckpt, "--tp", *[str(t) for t in a.tp]])
+    return compat_main([a.ckpt, "--tp", *[str(t) for t in a.tp]])  # --tp values already checked (>= 1)
 
 
 def _build(a) -> int:
@@ -99,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--symmetric", action="store_true", help="no zero point")
     q.add_argument("--calib", default="bundled",
                    help="'bundled' (public-domain Shakespeare shipped with awqlib), 'pileval' (Hub), or a text file")
-    q.add_argument("--min-chars", type=int, default=0, help="ignore calibration paragraphs this short or shorter")
-    q.add_argument("--n-samples", type=int, default=128)
-    q.add_argument("--seqlen", type=int, default=512)
+    q.add_argument("--min-chars", type=_int_at_least(0), default=0, help="ignore calibration paragraphs this short or shorter")
+    q.add_argument("--n-samples", type=_positive_int, default=128)
+    q.add_argument("--seqlen", type=_positive_int, default=512)
     q.add_argument("--method", default="awq", choices=["awq", "rtn"])
     q.add_argument("--not-convert", default="", help="comma-separated module-name substrings to keep in fp16")
     q.add_argument("--dtype", default="auto")
@@ -111,15 +163,20 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--device-map", default=None,
                    help="place the model with accelerate ('auto', 'balanced', or JSON {module: device}); "
                         "each block is quantized on its device")
-    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it is an awqlib checkpoint (never the source, nor a folder of other files)")
+    q.add_argument("--force-overwrite", action="store_true",
+                   help="replace OUT whatever it holds (still never the source model's folder)")
+    q.add_argument("--max-shard-size", type=_size, default="5GB",
+                   help="largest checkpoint file, e.g. 5GB (default, as transformers), 500MB, 2GiB")
     q.add_argument("--trust-remote-code", action="store_true")
     q.set_defaults(fn=_quantize)
 
     e = sub.add_parser("eval", help="perplexity of a checkpoint (quantized or not) on a text file")
     e.add_argument("ckpt")
-    e.add_argument("--text", required=True)
-    e.add_argument("--windows", type=int, default=None)
-    e.add_argument("--seqlen", type=int, default=1024)
+    e.add_argument("--text", required=True, type=_existing_file)
+    e.add_argument("--windows", type=_positive_int, default=None)
+    e.add_argument("--seqlen", type=_positive_int, default=1024)
     e.add_argument("--device", default=None, help="default: cpu")
     e.add_argument("--device-map", default=None, help="place with accelerate: 'auto', 'balanced', or JSON")
     e.set_defaults(fn=_eval)
@@ -130,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     c = sub.add_parser("check", help="validate a checkpoint against vLLM/SGLang's AWQ loading rules")
     c.add_argument("ckpt")
-    c.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8])
+    c.add_argument("--tp", type=_positive_int, nargs="+", default=[1, 2, 4, 8])
     c.set_defaults(fn=_check)
 
     b = sub.add_parser("build-kernels", help="compile the CUDA kernels ahead of time")

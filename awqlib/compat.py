@@ -18,10 +18,11 @@ and vLLM itself was not run (it needs a CUDA GPU).
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+
+from .safetensors_io import DTYPES, read_safetensors_header, weight_files
 
 VLLM = "vllm-project/vllm"
 SGLANG = "sgl-project/sglang"
@@ -189,9 +190,6 @@ MARLIN_MIN_THREAD_N = 64
 MARLIN_MIN_THREAD_K = 128
 TORCH_ATEN_GROUP_SIZES = (32, 64, 128, 256)  # gptqmodel TorchAtenLinear.SUPPORTS_GROUP_SIZE (rule transformers_cpu)
 
-_HEADER_DTYPES = {"I32": "int32", "F16": "float16", "BF16": "bfloat16", "F32": "float32", "I64": "int64",
-                  "U32": "uint32", "I8": "int8", "U8": "uint8", "I16": "int16", "F64": "float64",
-                  "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
 @dataclass
@@ -238,38 +236,13 @@ class ValidationReport:
 
 # ---------------------------------------------------------------------------------------------- reading
 
-def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
-    """{name: {"dtype": "I32", "shape": [..]}} from a safetensors file's JSON header, without its data."""
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path} is too short to be a safetensors file")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100 * 2**20:
-            raise ValueError(f"{path}: header length {n} is implausible; not a safetensors file")
-        header = json.loads(fh.read(n))
-    header.pop("__metadata__", None)
-    return {k: {"dtype": v["dtype"], "shape": list(v["shape"])} for k, v in header.items()}
-
-
 def _weight_files(folder: Path, report: ValidationReport) -> list[Path]:
-    idx = folder / "model.safetensors.index.json"
-    if idx.exists():
-        try:
-            names = sorted(set(json.loads(idx.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as e:
-            report.add("files", f"{idx.name} is not a valid safetensors index ({e})")
-            return []
-        missing = [n for n in names if not (folder / n).exists()]
-        if missing:
-            report.add("files", f"the index lists shards that are missing: {missing}")
-        return [folder / n for n in names if (folder / n).exists()]
-    # Only model*.safetensors: other .safetensors files (e.g. test data) may sit beside the weights.
-    files = sorted(folder.glob("model*.safetensors"))
-    if not files:
-        others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".safetensors"))
-        report.add("files", f"no model*.safetensors weights in {folder}" + (f" (found {others})" if others else ""))
-    return files
+    """The weight files by the loader's own rule (:func:`awqlib.safetensors_io.weight_files`)."""
+    try:
+        return weight_files(folder)
+    except (OSError, ValueError) as e:
+        report.add("files", str(e))
+        return []
 
 
 def _load_quant_config(folder: Path, report: ValidationReport) -> tuple[dict, dict | None]:
@@ -393,6 +366,8 @@ def validate_checkpoint(folder: str | Path, tp_sizes: Iterable[int] = (1, 2, 4, 
     folder = Path(folder)
     report = ValidationReport(folder)
     tp_sizes = sorted(set(int(t) for t in tp_sizes))
+    if any(t < 1 for t in tp_sizes):
+        raise ValueError(f"tensor-parallel sizes must be at least 1, got {tp_sizes}")
     if not folder.is_dir():
         report.add("files", f"{folder} is not a folder")
         return report
@@ -526,8 +501,8 @@ def _check_tensors(tensors: dict[str, dict[str, Any]], group: int, pack: int, sk
             report.add("router", f"{p} (MoE router) is quantized")
         for s, want in (("qweight", "I32"), ("qzeros", "I32"), ("scales", "F16")):
             if t[s]["dtype"] != want:
-                bad_dtype.append(f"{p}.{s} is {_HEADER_DTYPES.get(t[s]['dtype'], t[s]['dtype'])}, "
-                                 f"expected {_HEADER_DTYPES[want]}")
+                bad_dtype.append(f"{p}.{s} is {DTYPES.get(t[s]['dtype'], (t[s]['dtype'],))[0]}, "
+                                 f"expected {DTYPES[want][0]}")
         qw, qz, sc = (t[s]["shape"] for s in ("qweight", "qzeros", "scales"))
         if len(qw) != 2 or len(qz) != 2 or len(sc) != 2:
             bad_shape.append(f"{p}: expected 2-D tensors, got qweight {qw}, qzeros {qz}, scales {sc}")
@@ -595,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8], help="TP degrees to check")
     ap.add_argument("--rules", action="store_true", help="print the rules with their sources and exit")
     a = ap.parse_args(argv)
+    if any(t < 1 for t in a.tp):
+        ap.error(f"--tp: every size must be at least 1, got {a.tp}")
     if a.rules:
         for r in RULES_LIST:
             print(f"{r.id} ({r.severity}): {r.description}\n    source: {r.source}")

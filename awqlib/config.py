@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 SUPPORTED_BITS = (4,)
@@ -70,6 +72,7 @@ class QuantConfig:
         return cfg
 
     def validate(self) -> None:
+        _check_types(self)
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={self.bits} is not supported; awqlib quantizes to {SUPPORTED_BITS} bits")
         if self.group_size not in SUPPORTED_GROUP_SIZES:
@@ -78,8 +81,6 @@ class QuantConfig:
         if self.version not in SUPPORTED_VERSIONS:
             raise ValueError(f"version={self.version!r} is not supported; use 'gemm' (what vLLM, SGLang and "
                              "transformers read) or 'gemv' (read only, converted to gemm at load)")
-        if self.modules_to_not_convert is not None and not isinstance(self.modules_to_not_convert, (list, tuple)):
-            raise ValueError("modules_to_not_convert must be a list of module-name substrings or None")
 
     def to_hf_dict(self) -> dict[str, Any]:
         """What goes into config.json's ``quantization_config``. We always write gemm."""
@@ -94,6 +95,56 @@ class QuantConfig:
 
     def skips(self, module_name: str) -> bool:
         return any(m in module_name for m in (self.modules_to_not_convert or ()))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_types(cfg: QuantConfig) -> None:
+    """Each value's type, before its value is compared with what is supported (``64.0 in (64,)`` is
+    True in Python, and a string ``"4"`` would print as a supported 4)."""
+    checks = (
+        ("bits", cfg.bits, _is_int(cfg.bits), f"an integer, one of {SUPPORTED_BITS}"),
+        ("group_size", cfg.group_size, _is_int(cfg.group_size), f"an integer, one of {SUPPORTED_GROUP_SIZES}"),
+        ("zero_point", cfg.zero_point, isinstance(cfg.zero_point, bool), "true or false"),
+        ("version", cfg.version, isinstance(cfg.version, str), f"one of {SUPPORTED_VERSIONS}"),
+        ("modules_to_not_convert", cfg.modules_to_not_convert,
+         cfg.modules_to_not_convert is None or (isinstance(cfg.modules_to_not_convert, (list, tuple))
+                                                and all(isinstance(m, str) for m in cfg.modules_to_not_convert)),
+         "a list of module-name substrings, or null"),
+    )
+    for key, value, ok, accepted in checks:
+        if not ok:
+            raise ValueError(f"quantization config: {key}={value!r} ({type(value).__name__}) is not accepted; "
+                             f"{key} must be {accepted}")
+
+
+def checkpoint_quant_config(qc: Any, where: Any) -> QuantConfig:
+    """A checkpoint's ``quantization_config`` (a dict, or transformers' config object), validated in
+    one pass: the messages name the file, the key, the value and what is accepted."""
+    if qc is not None and not isinstance(qc, dict) and callable(getattr(qc, "to_dict", None)):
+        qc = qc.to_dict()
+    if not isinstance(qc, dict):
+        raise ValueError(f"{where}: quantization_config is {qc!r} ({type(qc).__name__}); it must be an object "
+                         "such as {\"quant_method\": \"awq\", \"bits\": 4, \"group_size\": 128, \"zero_point\": true}")
+    try:
+        return QuantConfig.from_checkpoint(qc)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def check_checkpoint_config_file(path: Path) -> None:
+    """Validate ``config.json``'s ``quantization_config`` as written, before transformers parses the
+    file (it fails with an AttributeError on, e.g., a string there)."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(cfg).__name__}")
+    if cfg.get("quantization_config") is not None:
+        checkpoint_quant_config(cfg["quantization_config"], path)
 
 
 _FIELDS = frozenset(f for f in QuantConfig.__dataclass_fields__ if f != "extra")

@@ -20,6 +20,8 @@ def load_eval_tokens(tokenizer, text_or_path: str, ) -> torch.Tensor:
 @torch.no_grad()
 def perplexity(model, tokens: torch.Tensor, seqlen: int = 1024, windows: int | None = None,
                device: str | torch.device | None = None, progress: bool = True) -> float:
+    if seqlen < 2 or (windows is not None and windows < 1):
+        raise ValueError(f"seqlen={seqlen} must be at least 2 and windows={windows} at least 1 (or None: all)")
     n = tokens.numel() // seqlen
     if windows is not None:
         n = min(n, windows)

@@ -21,11 +21,12 @@ from torch import nn
 from . import kernels
 from .arch import ArchSpec, get_spec
 from .arch.blocks import empty_quantized_linears, find_blocks
-from .checkpoint import load_quantized_state, resolve_folder, safetensors_files
-from .config import QuantConfig
+from .checkpoint import load_quantized_state, resolve_folder
+from .config import QuantConfig, check_checkpoint_config_file, checkpoint_quant_config
 from .modules import WQLinear
 from .moe import unfuse_experts
-from .placement import dispatch_with_accelerate, plan_device_map, placer
+from .placement import available_device, dispatch_with_accelerate, plan_device_map, placer
+from .safetensors_io import weight_files
 from .userargs import download_arguments
 
 log = logging.getLogger("awqlib")
@@ -69,13 +70,13 @@ def load_quantized(quant_path: str, device: str | torch.device | None = None, to
     folder = resolve_folder(quant_path, **download_arguments(download_kwargs, revision, token))
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} has no config.json: not a transformers checkpoint folder")
+    check_checkpoint_config_file(folder / "config.json")
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     qc = getattr(config, "quantization_config", None)
     if qc is None:
         raise NotQuantizedCheckpoint(f"{folder}/config.json has no quantization_config: this is not a quantized "
                                      "checkpoint. Quantize it first with AutoAWQ.from_pretrained(...).quantize(...)")
-    qc = qc if isinstance(qc, dict) else qc.to_dict()
-    qcfg = QuantConfig.from_checkpoint(qc)
+    qcfg = checkpoint_quant_config(qc, folder / "config.json")
     del config.quantization_config
     spec = get_spec(config.model_type)
     if device_map is not None and device is not None:
@@ -83,11 +84,11 @@ def load_quantized(quant_path: str, device: str | torch.device | None = None, to
                          "places the model over several devices, device puts all of it on one)")
     if device_map is None and (max_memory is not None or offload_folder is not None):
         raise ValueError("max_memory / offload_folder only apply with device_map=... (e.g. device_map='auto')")
-    device = torch.device(device if device is not None else "cpu")
+    device = available_device(device if device is not None else "cpu")
     if device_map is not None:  # the compute dtype follows the fastest device the map can use
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(torch_dtype, device, config)
-    files = safetensors_files(folder)
+    files = weight_files(folder)
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -102,9 +103,10 @@ def load_quantized(quant_path: str, device: str | torch.device | None = None, to
         place = placer(device_map)
     elif device.type != "cpu":
         place = lambda name: device  # noqa: E731
-    state = load_quantized_state(files, spec, qcfg, dtype=dtype, place=place)
-    expected = set(model.state_dict().keys())
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    state = load_quantized_state(files, spec, qcfg, dtype=dtype, place=place, expect=model.state_dict(),
+                                 optional=("lm_head.weight",) if tied else ())
+    expected = set(model.state_dict().keys())
     missing = sorted(k for k in expected - set(state) if not (tied and k == "lm_head.weight"))
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:

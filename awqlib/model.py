@@ -85,14 +85,16 @@ class AWQModel(nn.Module):
     def quantize(self, tokenizer=None, quant_config: dict | QuantConfig | None = None, calib_data: Any = "pileval",
                  split: str = "validation", text_column: str = "text", n_samples: int = 128, seqlen: int = 512,
                  duo_scaling: bool = True, apply_clip: bool = True, device: str | torch.device | None = None,
-                 method: str = "awq", save_dir: str | os.PathLike | None = None, overwrite: bool = False,
-                 **options) -> "AWQModel":
+                 method: str = "awq", save_dir: str | os.PathLike | None = None, overwrite: bool | str = False,
+                 max_shard_size: int | str = "5GB", **options) -> "AWQModel":
         """AWQ-quantize every decoder linear, one block at a time (``method='rtn'``: round-to-nearest).
 
         ``save_dir``: write each block to disk as it finishes and the final checkpoint at the end; an
         interrupted run resumes from the last finished block when called again with the same folder
-        and settings. Required for models loaded with ``lazy=True`` (their blocks are freed as they
-        finish). ``options`` are :class:`awqlib.awq.AWQOptions` fields (n_grid, max_search_tokens, ...).
+        and settings (see :mod:`awqlib.resume`); at the end the blocks are consolidated into shards
+        of at most ``max_shard_size``. Required for models loaded with ``lazy=True`` (their blocks
+        are freed as they finish). ``overwrite``: True replaces an existing awqlib checkpoint,
+        "force" any folder but the source (see :mod:`awqlib.outputs`). ``options`` are :class:`awqlib.awq.AWQOptions` fields (n_grid, max_search_tokens, ...).
         """
         if self.quantized:
             raise RuntimeError("this model is already quantized")
@@ -118,11 +120,14 @@ class AWQModel(nn.Module):
         self.stats["calibration"] = {"method": method} if tokens is None else {
             "method": method, "data": describe_calib(calib_data, split), "n_samples": n_samples, "seqlen": seqlen,
             "sequences": int(tokens.shape[0])}
-        run = pipeline.quantize_blocks(source, qcfg, opts, method, tokens, save_dir, overwrite, self.name_or_path)
+        run = pipeline.quantize_blocks(source, qcfg, opts, method, tokens, save_dir, overwrite, self.source_folder)
         self.reports, self.stats["quantize_seconds"] = run.reports, run.seconds
         self.quant_config, self.quantized = qcfg, True
         if run.store is not None:
-            run.store.finalize(source.rest_state(), self._write_extras)
+            try:
+                run.store.finalize(source.rest_state(), self._write_extras, max_shard_size)
+            finally:
+                run.store.close()
             self.saved_to = Path(save_dir)
         return self
 
@@ -151,20 +156,22 @@ class AWQModel(nn.Module):
         linears were repacked; does nothing where the CUDA kernels are unavailable."""
         return tile_for_kernels(self.model)
 
-    def save_quantized(self, save_dir: str | os.PathLike, overwrite: bool = False,
+    def save_quantized(self, save_dir: str | os.PathLike, overwrite: bool | str = False,
                        max_shard_size: int | str = "5GB", tokenizer=None, perplexity=None,
                        base_model: str | list | None = None, license: str | None = None) -> Path:
         """Write safetensors shards (+ index), config.json with quantization_config, the tokenizer,
         a model card; atomically (temporary folder, then rename).  ``perplexity``: measured quality
         for the card, an :class:`awqlib.hub.Perplexity` or a dict of its fields.  ``base_model`` /
-        ``license``: the card's metadata (by default from the source: :func:`awqlib.hub.card_metadata`)."""
+        ``license``: the card's metadata (by default from the source: :func:`awqlib.hub.card_metadata`).
+        ``overwrite``: True replaces an existing awqlib checkpoint, "force" any folder but the source
+        (:mod:`awqlib.outputs`)."""
         if not self.quantized:
             raise RuntimeError("call quantize() before save_quantized()")
         if self.reader is not None:
             raise RuntimeError("a lazily loaded model is saved by quantize(save_dir=...) as it goes; its blocks "
                                f"are no longer in memory (saved to {self.saved_to})")
         state = checkpoint_state(self.model, self.spec)
-        with AtomicDir(save_dir, overwrite) as tmp:
+        with AtomicDir(save_dir, overwrite, source=self.source_folder) as tmp:
             write_shards(state, tmp, max_shard_size)
             self._write_extras(tmp, tokenizer, perplexity, base_model=base_model, license=license)
         return Path(save_dir)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -28,12 +29,13 @@ from tqdm.auto import tqdm
 
 from . import awq
 from . import lazy as lazy_mod
+from . import resume
 from .arch import ArchSpec
 from .arch.blocks import empty_quantized_linears, find_blocks, run_block, to_device
 from .checkpoint import checkpoint_state, from_checkpoint_name, to_checkpoint_name
 from .config import QuantConfig
 from .moe import unfuse_experts
-from .placement import dispatched, placed_block_device
+from .placement import available_device, dispatched, placed_block_device
 
 log = logging.getLogger("awqlib")
 
@@ -167,10 +169,10 @@ def block_source(model: nn.Module, spec: ArchSpec, reader: lazy_mod.ShardReader 
                  device: str | torch.device | None) -> BlockSource:
     """The source that fits how ``model`` was loaded (lazily, placed by accelerate, or in memory)."""
     if reader is not None:
-        return Lazy(model, spec, reader, torch.device(device) if device is not None else default_device())
+        return Lazy(model, spec, reader, available_device(device) if device is not None else default_device())
     if dispatched(model):
         return Placed(model, spec, device)
-    return InMemory(model, spec, torch.device(device) if device is not None else default_device())
+    return InMemory(model, spec, available_device(device) if device is not None else default_device())
 
 
 def _move_except_blocks(model: nn.Module, blocks_prefix: str, device: torch.device) -> None:
@@ -192,23 +194,37 @@ def _move_except_blocks(model: nn.Module, blocks_prefix: str, device: torch.devi
 class QuantizeResult:
     reports: list[awq.BlockReport]
     seconds: float                                # wall time of the block loop, capture included
-    store: lazy_mod.BlockStore | None             # finished blocks, to be finalized into save_dir
+    store: resume.BlockStore | None               # finished blocks, to be finalized into save_dir
 
 
 def quantize_blocks(source: BlockSource, qcfg: QuantConfig, opts: awq.AWQOptions, method: str,
-                    tokens: torch.Tensor | None, save_dir: str | os.PathLike | None = None, overwrite: bool = False,
-                    source_name: str | None = None) -> QuantizeResult:
+                    tokens: torch.Tensor | None, save_dir: str | os.PathLike | None = None,
+                    overwrite: bool | str = False, source_folder: Path | None = None) -> QuantizeResult:
     """Quantize every block of ``source.model`` in place (``method`` 'awq' or 'rtn'; ``tokens``: the
     calibration token ids, None for 'rtn').  With ``save_dir``, each finished block is stored as it
     completes and a block already stored by an interrupted run with the same settings is loaded
-    instead of recomputed."""
+    instead of recomputed (see :mod:`awqlib.resume`; the caller finalizes and closes the store)."""
     model, spec, blocks = source.model, source.spec, source.blocks
     cdtype = source.compute_dtype()
     store = None
     if save_dir is not None:
-        fp = lazy_mod.fingerprint(source=source_name, qcfg=qcfg.to_hf_dict(), opts=opts, method=method,
-                                  tokens=tokens if tokens is not None else torch.zeros(0), dtype=cdtype)
-        store = lazy_mod.BlockStore(save_dir, fp, len(blocks), overwrite)
+        folder = source.reader.folder if isinstance(source, Lazy) else source_folder
+        fp = resume.fingerprint(source=resume.source_identity(folder, model), qcfg=qcfg.to_hf_dict(), opts=opts,
+                                method=method, tokens=tokens if tokens is not None else torch.zeros(0),
+                                dtype=cdtype, n_blocks=len(blocks))
+        store = resume.BlockStore(save_dir, fp, len(blocks), overwrite, source=folder)
+    try:
+        return _quantize_blocks(source, qcfg, opts, method, tokens, cdtype, store)
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
+
+
+def _quantize_blocks(source: BlockSource, qcfg: QuantConfig, opts: awq.AWQOptions, method: str,
+                     tokens: torch.Tensor | None, cdtype: torch.dtype, store: resume.BlockStore | None
+                     ) -> QuantizeResult:
+    model, spec, blocks = source.model, source.spec, source.blocks
     t0 = time.perf_counter()
     source.prepare(cdtype)
     inps = kwargs = None

@@ -16,6 +16,21 @@ log = logging.getLogger("awqlib")
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
+def available_device(device: str | torch.device) -> torch.device:
+    """``device`` if this machine has it: a run never silently falls back to another device."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device ({e}); use e.g. 'cpu', 'cuda' or 'cuda:1'") from None
+    if d.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (d.index is not None and d.index >= n):
+            raise ValueError(f"device={str(device)!r}, but this machine has {n} usable CUDA GPU(s)"
+                             + ("" if n else " (or torch was built without CUDA)") + ": pass device='cpu' or "
+                             "leave it unset (a GPU when there is one)")
+    return d
+
+
 def plan_device_map(model: nn.Module, device_map: str | dict, max_memory: dict | None, dtype: torch.dtype,
                     offload_folder: str | os.PathLike | None = None) -> dict:
     """accelerate's placement of ``model`` (may be on the meta device): ``infer_auto_device_map`` with

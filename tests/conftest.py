@@ -10,9 +10,19 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# The one setting for the shared test data (data/, fixtures/): $AWQLIB_SHARED, by default a folder
+# "shared" beside the checkout. Tests that need it are marked with needs_shared(...) and skip,
+# saying where they looked, when it is absent.
 SHARED = Path(os.environ.get("AWQLIB_SHARED", REPO.parent / "shared"))
 DATA = SHARED / "data"
 FIXTURES = SHARED / "fixtures"
+
+
+def needs_shared(*parts: str):
+    """Skip unless ``SHARED/parts...`` exists."""
+    path = SHARED.joinpath(*parts)
+    return pytest.mark.skipif(not path.exists(), reason=f"shared test data {path} not found: set AWQLIB_SHARED to "
+                                                        "the folder holding data/ and fixtures/")
 
 _COMMON = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
@@ -105,6 +115,20 @@ def assert_same_checkpoint(a, b) -> None:
     assert A.keys() == B.keys()
     for k in A:
         assert torch.equal(A[k], B[k]), k
+
+
+def die_on_call(monkeypatch, module, name: str, n: int = 2) -> list:
+    """Make ``module.name`` raise KeyboardInterrupt on its ``n``-th call (a run killed mid-way);
+    returns the list of calls so far (one entry per call)."""
+    real, calls = getattr(module, name), []
+
+    def dies(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt("simulated crash")
+        return real(*a, **k)
+    monkeypatch.setattr(module, name, dies)
+    return calls
 
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

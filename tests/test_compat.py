@@ -12,11 +12,11 @@ from safetensors.torch import load_file, save_file
 
 from awqlib import AutoAWQ
 from awqlib.compat import RULES, RULES_LIST, format_report, read_safetensors_header, validate_checkpoint
-from conftest import FIXTURES, tiny_config, tiny_model
+from conftest import FIXTURES, needs_shared, tiny_config, tiny_model
 
 GEMM = FIXTURES / "autoawq-llama-gemm-g64"
 GEMV = FIXTURES / "autoawq-llama-gemv-g64"
-needs_fixtures = pytest.mark.skipif(not GEMM.exists(), reason="shared AutoAWQ fixtures not present")
+needs_fixtures = needs_shared("fixtures", "autoawq-llama-gemm-g64")
 
 
 def _save_rtn(model, path: Path, group: int = 64) -> Path:

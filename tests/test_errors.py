@@ -8,9 +8,10 @@ import torch
 
 from awqlib import AutoAWQ, NotQuantizedCheckpoint, QuantConfig
 from awqlib.calib import get_calib_tokens
-from conftest import FIXTURES, tiny_model
+from conftest import FIXTURES, needs_shared, tiny_model
 
 
+@needs_shared("fixtures", "autoawq-llama-gemm-g64")
 def test_not_awq_quant_method(tmp_path):
     src = FIXTURES / "autoawq-llama-gemm-g64"
     dst = tmp_path / "m"
@@ -81,8 +82,13 @@ def test_output_folder_exists_and_atomic(tmp_path, calib_ids):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         w.save_quantized(out)
     assert (out / "keep.txt").exists()
-    w.save_quantized(out, overwrite=True)
+    # a folder holding files awqlib did not write is replaced only when forced
+    with pytest.raises(FileExistsError, match="does not look like an awqlib checkpoint.*keep.txt.*force"):
+        w.save_quantized(out, overwrite=True)
+    assert (out / "keep.txt").exists()
+    w.save_quantized(out, overwrite="force")
     assert (out / "model.safetensors").exists() and not (out / "keep.txt").exists()
+    w.save_quantized(out, overwrite=True)  # our own checkpoint: replaced without force
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary folder left"
 
 
@@ -96,6 +102,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@needs_shared("fixtures", "autoawq-llama-gemm-g64")
 def test_corrupt_and_missing_safetensors(tmp_path):
     dst = tmp_path / "m"
     shutil.copytree(FIXTURES / "autoawq-llama-gemm-g64", dst)

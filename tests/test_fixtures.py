@@ -5,7 +5,9 @@ import torch
 from safetensors.torch import load_file
 
 from awqlib import AutoAWQ
-from conftest import FIXTURES
+from conftest import FIXTURES, needs_shared
+
+pytestmark = needs_shared("fixtures", "autoawq-llama-gemm-g64")
 
 
 @pytest.mark.parametrize("version", ["gemm", "gemv"])

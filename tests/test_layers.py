@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("primitives", {"version", "config", "userargs", "arch", "quant", "packing", "toolchain"}),
     ("ops", {"ops", "kernels"}),
     ("modules", {"modules", "moe", "arch.blocks", "fuse"}),
-    ("io", {"checkpoint", "lazy", "safetensors_io", "resume", "calib", "offline", "compat"}),
+    ("io", {"checkpoint", "lazy", "safetensors_io", "resume", "outputs", "calib", "offline", "compat"}),
     ("algorithm", {"awq", "gptq", "eval"}),
     ("driver", {"pipeline", "loading", "placement"}),
     ("api", {"model", "hub"}),

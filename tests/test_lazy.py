@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from awqlib import AutoAWQ, awq
-from conftest import assert_same_checkpoint, tiny_model
+from conftest import assert_same_checkpoint, die_on_call, tiny_model
 
 QC = {"q_group_size": 64}
 
@@ -65,8 +65,8 @@ def test_resume_after_interruption(src, tmp_path, calib_ids, monkeypatch, lazy, 
 
 def test_resume_with_other_settings_is_refused(src, tmp_path, calib_ids, monkeypatch):
     path = src("llama")
-    monkeypatch.setattr(awq, "quantize_block", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
-    with pytest.raises(KeyboardInterrupt):
+    die_on_call(monkeypatch, awq, "quantize_block")
+    with pytest.raises(KeyboardInterrupt):  # after block 0 is finished: the settings are committed
         AutoAWQ.from_pretrained(str(path), lazy=True).quantize(None, QC, calib_data=list(calib_ids), n_samples=16,
                                                                seqlen=64, save_dir=tmp_path / "out")
     with pytest.raises(FileExistsError, match="different settings"):

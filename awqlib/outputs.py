@@ -1,0 +1,172 @@
+"""Where a checkpoint may be written, and how it replaces what was there: no path through awqlib
+deletes a file it did not write.
+
+* An output that is, contains or lies inside the source model's folder is refused (paths resolved,
+  symlinks followed): replacing it would delete the model being read.
+* ``overwrite=True`` replaces only a folder that looks like an awqlib checkpoint (config.json with
+  an AWQ ``quantization_config``, nothing but the files a checkpoint holds) or an empty one;
+  anything else needs ``overwrite="force"`` (CLI: ``--force-overwrite``).
+* The new folder is built beside the target and renamed into place only when complete
+  (:class:`AtomicDir`, :func:`swap_into_place`).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import uuid
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Union
+
+from .safetensors_io import publish_modes
+
+Overwrite = Union[bool, str]  # False, True, or "force"
+
+# what a checkpoint folder holds: weights, index, configs, model card, tokenizer files
+CHECKPOINT_FILES = frozenset({
+    "config.json", "generation_config.json", "model.safetensors.index.json", "README.md", "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+    "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
+    "chat_template.json", "quant_config.json", "quantize_config.json", "preprocessor_config.json",
+    "processor_config.json", ".gitattributes", "LICENSE", "LICENSE.md", "LICENSE.txt", "NOTICE", "USE_POLICY.md"})
+
+
+def _check_overwrite_value(overwrite: Overwrite) -> None:
+    if overwrite not in (False, True, "force"):
+        raise ValueError(f"overwrite={overwrite!r}: use False, True (replace an awqlib checkpoint) or 'force' "
+                         "(replace any folder that is not the source)")
+
+
+def _relation(a: Path, b: Path) -> str | None:
+    if a == b:
+        return "is"
+    if a in b.parents:
+        return "contains"
+    if b in a.parents:
+        return "is inside"
+    return None
+
+
+def check_source_overlap(out: str | os.PathLike, source: str | os.PathLike | None) -> None:
+    """Refuse an output (or its partial folder) that is, contains or is inside the source folder."""
+    if source is None or not (Path(source) / "config.json").is_file():
+        return  # not a model folder (a model built in memory, a name that is no folder)
+    src = Path(source).resolve()
+    for p in (Path(out), partial_path(out)):
+        rel = _relation(p.resolve(), src)
+        if rel:
+            raise ValueError(f"the output {p} {rel} the source model folder {Path(source)} (resolved: {src}): "
+                             "writing there could destroy the model being read. Choose an output folder "
+                             "outside the source.")
+
+
+def partial_path(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out.parent / (out.name + ".awqlib-partial")
+
+
+CHECKPOINT_GLOBS = ("model*.safetensors", "*.tiktoken", "tokenizer*.model*")
+CHAT_TEMPLATES = "additional_chat_templates"  # a folder of *.jinja files beside tokenizer_config.json
+
+
+def _json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """Entries of an existing output folder that awqlib would not have written ([]: safe to replace)."""
+    entries = sorted(os.listdir(folder))
+    if not entries:
+        return []
+    cfg = _json(folder / "config.json")
+    code = "auto_map" in cfg or "auto_map" in _json(folder / "tokenizer_config.json")  # its *.py files travel along
+
+    def ours(name: str) -> bool:
+        p = folder / name
+        if p.is_symlink():
+            return False
+        if p.is_dir():
+            return name == CHAT_TEMPLATES and all(c.suffix == ".jinja" and c.is_file() and not c.is_symlink()
+                                                  for c in p.iterdir())
+        return p.is_file() and (name in CHECKPOINT_FILES or any(fnmatch(name, g) for g in CHECKPOINT_GLOBS)
+                                or (code and name.endswith(".py")))
+    foreign = [e for e in entries if not ours(e)]
+    qc = cfg.get("quantization_config")
+    if not (isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "awq"):
+        foreign.insert(0, "(no config.json with an AWQ quantization_config: not an AWQ checkpoint)")
+    return foreign
+
+
+def check_output(out: str | os.PathLike, source: str | os.PathLike | None, overwrite: Overwrite) -> None:
+    """Everything that must hold before anything is written to ``out`` (see the module docstring)."""
+    _check_overwrite_value(overwrite)
+    out = Path(out)
+    check_source_overlap(out, source)
+    if out.is_symlink():
+        raise ValueError(f"{out} is a symbolic link: write to the folder it points to, or remove the link")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a folder")
+    if not os.listdir(out):
+        return  # an empty folder: nothing to lose
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it, or "
+                              "choose another folder")
+    foreign = foreign_entries(out)
+    if foreign and overwrite != "force":
+        raise FileExistsError(
+            f"{out} does not look like an awqlib checkpoint, so overwrite=True will not delete it: it holds "
+            f"{foreign[:6]}{'...' if len(foreign) > 6 else ''}. Choose another folder, or, to delete it and "
+            "everything in it, pass overwrite='force' (CLI: --force-overwrite).")
+
+
+def swap_into_place(new: Path, target: Path) -> None:
+    """Rename the finished folder ``new`` to ``target``; an old ``target`` (already checked by
+    :func:`check_output`) is moved aside first and deleted only once the new one is in place."""
+    publish_modes(new)
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+    os.rename(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class AtomicDir:
+    """Write into a temporary sibling folder; rename into place only when everything succeeded."""
+
+    def __init__(self, target: str | os.PathLike, overwrite: Overwrite = False,
+                 source: str | os.PathLike | None = None):
+        self.target = Path(target)
+        check_output(self.target, source, overwrite)
+        self.overwrite, self.source = overwrite, source
+        self.tmp = self.target.parent / f".{self.target.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> Path:
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OSError(exc.errno, f"disk full while saving {self.target}: nothing was written"
+                              + (" and the existing folder is untouched" if self.target.exists() else "")
+                              + "; free some space and save again") from None
+            return False
+        try:
+            check_output(self.target, self.source, self.overwrite)  # it may have appeared meanwhile
+            swap_into_place(self.tmp, self.target)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+        return False

@@ -1,0 +1,270 @@
+"""Resumable runs: finished blocks kept on disk in ``<out>.awqlib-partial/``, one file each, so that a
+rerun of an interrupted command continues where it stopped; at the end they are consolidated into
+the checkpoint's shards.
+
+What keeps a resume from mixing data:
+
+* a fingerprint of everything the blocks depend on, the source's *content* included (each weight
+  file's tensor names, shapes, dtypes, size, mtime and a sample of its bytes; the tensors
+  themselves for a model that has no folder), the settings and the calibration tokens; a rerun
+  with another fingerprint is refused, never mixed;
+* an exclusive lock (``flock``) on a file in the partial folder, held for the whole run: a second
+  run into the same output fails at once, naming the holder's pid; the kernel releases the lock
+  when its holder dies, so a killed run never blocks its rerun;
+* ``run.json`` written atomically, just before the first block file (a start that failed earlier
+  leaves nothing that refuses the corrected command); every finished block file's header is
+  checked against its size when resuming, and a damaged one is quantized again;
+* a full disk is reported with what is kept and that a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .outputs import Overwrite, check_output, partial_path, swap_into_place
+from .safetensors_io import (TensorInfo, copy_tensors, parse_size, plan_shards, read_header, read_tensors,
+                             save_tensors, shard_names, weight_files, write_index, write_json_atomic)
+
+log = logging.getLogger("awqlib")
+
+PARTIAL_SUFFIX = ".awqlib-partial"
+LOCK_FILE = ".lock"
+RUN_FILE = "run.json"
+STAGING = "checkpoint.tmp"
+SAMPLE_BYTES = 1 << 20
+
+
+def fingerprint(**parts) -> str:
+    h = hashlib.sha256()
+    for k in sorted(parts):
+        v = parts[k]
+        if isinstance(v, torch.Tensor):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(f"{k}={v!r};".encode())
+    return h.hexdigest()[:16]
+
+
+def folder_identity(folder: Path) -> str:
+    """What a source folder's weights are, without reading them all: per weight file its name, size,
+    mtime, header (tensor names, shapes, dtypes) and its first and last MiB of data."""
+    h = hashlib.sha256()
+    for f in weight_files(folder):
+        st = os.stat(f)
+        header, _ = read_header(f)
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        h.update(json.dumps({k: [t.dtype, t.shape] for k, t in sorted(header.items())}).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(SAMPLE_BYTES))
+            fh.seek(max(0, st.st_size - SAMPLE_BYTES))
+            h.update(fh.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def model_identity(model: torch.nn.Module) -> str:
+    """A model without a source folder: the digest of its tensors (read once; a run reads them anyway)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        if t.device.type != "meta":
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def source_identity(folder: Path | None, model: torch.nn.Module) -> str:
+    try:
+        return folder_identity(folder) if folder is not None else model_identity(model)
+    except (OSError, ValueError):  # a folder without safetensors (the model was built otherwise)
+        return model_identity(model)
+
+
+class OutputLocked(RuntimeError):
+    """Another run holds the output's lock."""
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``path``, for as long as this object is open."""
+
+    def __init__(self, path: Path, what: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise OutputLocked(f"{what} is being written by another awqlib run (pid {holder}); two runs into one "
+                               "output would mix their blocks. Wait for it to finish, stop it, or choose another "
+                               "output folder.") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor releases the flock
+            self.fd = None
+
+
+def _disk_full(e: OSError) -> bool:
+    return e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class BlockStore:
+    """Finished blocks, one safetensors file each, in ``<out>.awqlib-partial/`` (see the module docstring).
+
+    Use as ``store = BlockStore(...)`` then ``store.close()`` in a ``finally``: the lock is held in between.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, fp: str, n_blocks: int, overwrite: Overwrite = False,
+                 source: str | os.PathLike | None = None):
+        self.out = Path(out_dir)
+        self.dir = partial_path(self.out)
+        self.n, self.fp, self.overwrite, self.source = n_blocks, fp, overwrite, source
+        check_output(self.out, source, overwrite)
+        if self.dir.is_symlink() or (self.dir.exists() and not self.dir.is_dir()):
+            raise FileExistsError(f"{self.dir} exists and is not a folder awqlib made: move it away")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(self.dir / LOCK_FILE, self.out)  # before anything in the folder is read or removed
+        try:
+            self._adopt_or_clear()
+        except BaseException:
+            self.close()
+            raise
+        self.committed = (self.dir / RUN_FILE).exists()
+
+    # -------------------------------------------------------------------------------------- state
+    def _finished(self) -> list[Path]:
+        return sorted(self.dir.glob("block-*.safetensors"))
+
+    def _adopt_or_clear(self) -> None:
+        meta, finished = self.dir / RUN_FILE, self._finished()
+        why = None
+        if meta.exists():
+            try:
+                old = json.loads(meta.read_text()).get("fingerprint")
+            except (ValueError, AttributeError):
+                old, why = None, f"its {RUN_FILE} is damaged"
+            if old == self.fp:
+                return
+            why = why or "it was started with different settings (model, quant config, options or calibration data)"
+        elif finished:
+            why = f"its {RUN_FILE} is missing"
+        if finished and not self.overwrite:
+            raise FileExistsError(
+                f"{self.dir} holds an interrupted run whose {len(finished)} finished block(s) cannot be resumed: "
+                f"{why}. Rerun with the original settings to resume it, or pass overwrite=True (CLI: --overwrite) "
+                "to discard it and start over")
+        self._clear()
+
+    def _clear(self) -> None:
+        """Remove what an earlier run left here (ours only; anything else is refused)."""
+        ours = lambda p: (p.name in (RUN_FILE, STAGING, LOCK_FILE) or p.name.endswith(".tmp")  # noqa: E731
+                          or (p.name.startswith(("block-", "model-")) and p.name.endswith(".safetensors")))
+        foreign = [p.name for p in self.dir.iterdir() if not ours(p)]
+        if foreign and self.overwrite != "force":
+            raise FileExistsError(f"{self.dir} holds files awqlib did not write ({foreign[:5]}); move them away, or "
+                                  "pass overwrite='force' (CLI: --force-overwrite)")
+        for p in self.dir.iterdir():
+            if p.name == LOCK_FILE:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+    def name(self, i: int) -> str:
+        return f"block-{i:05d}.safetensors"
+
+    def done(self, i: int) -> bool:
+        """Block ``i`` is finished and its file intact (a damaged file is removed: the block is redone)."""
+        path = self.dir / self.name(i)
+        if not path.exists():
+            return False
+        try:
+            read_header(path)
+            return True
+        except (OSError, ValueError) as e:
+            log.warning("awqlib: %s is damaged (%s); block %d is quantized again", path, e, i)
+            path.unlink()
+            return False
+
+    def write(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+        try:
+            if not self.committed:  # the settings are committed with the first block
+                write_json_atomic(self.dir / RUN_FILE, {"fingerprint": self.fp, "n_blocks": self.n})
+                self.committed = True
+            save_tensors(tensors, self.dir / self.name(i))
+        except OSError as e:
+            if not _disk_full(e):
+                raise
+            kept = [j for j in range(self.n) if (self.dir / self.name(j)).exists()]
+            raise OSError(e.errno, f"disk full while writing block {i} to {self.dir}: the {len(kept)} finished "
+                                   f"block(s) {_ranges(kept)} are kept there. Free some space and rerun the same "
+                                   f"command: it resumes from the first unfinished block") from None
+
+    def read(self, i: int) -> dict[str, torch.Tensor]:
+        return read_tensors(self.dir / self.name(i))
+
+    # -------------------------------------------------------------------------------------- finish
+    def finalize(self, rest: dict[str, torch.Tensor], write_extras: Callable[[Path], None],
+                 max_shard_size: int | str = "5GB") -> None:
+        """Consolidate the block files and ``rest`` (the tensors outside the blocks) into shards of at
+        most ``max_shard_size`` (+ the index), add ``write_extras(folder)`` (config, tokenizer, card),
+        and rename the result into place. Tensors are copied file to file: the model is never in memory."""
+        limit = parse_size(max_shard_size)
+        staging = self.dir / STAGING
+        try:
+            save_tensors(rest, self.dir / "block-rest.safetensors")
+            entries: list[tuple[str, Path, TensorInfo]] = []
+            for f in [self.dir / self.name(i) for i in range(self.n)] + [self.dir / "block-rest.safetensors"]:
+                header, _ = read_header(f)
+                entries += [(k, f, header[k]) for k in sorted(header)]
+            by_name = {e[0]: e for e in entries}
+            shards = plan_shards([(e[0], e[2].nbytes) for e in entries], limit)
+            names = shard_names(len(shards))
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir()
+            weight_map = {}
+            for fname, shard in zip(names, shards):
+                copy_tensors([by_name[k] for k in shard], staging / fname)
+                weight_map.update({k: fname for k in shard})
+            if len(shards) > 1:
+                write_index(staging, weight_map, sum(e[2].nbytes for e in entries))
+            write_extras(staging)
+            check_output(self.out, self.source, self.overwrite)  # the output may have appeared meanwhile
+            swap_into_place(staging, self.out)
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not _disk_full(e):
+                raise
+            raise OSError(e.errno, f"disk full while writing the checkpoint {self.out}: all {self.n} finished "
+                                   f"blocks are kept in {self.dir}. Free some space (about the checkpoint's size) "
+                                   "and rerun the same command: it resumes and only writes the final files") from None
+        shutil.rmtree(self.dir, ignore_errors=True)  # the lock file goes with it; the lock until close()
+        self.close()
+
+    def close(self) -> None:
+        self.lock.release()
+
+
+def _ranges(ids: list[int]) -> str:
+    if not ids:
+        return "(none)"
+    out, start = [], ids[0]
+    for a, b in zip(ids, ids[1:] + [None]):
+        if b != a + 1:
+            out.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return "[" + ", ".join(out) + "]"

@@ -1,0 +1,577 @@
+"""Bad input, faults and misuse (issue 12), each asserting the clear error and that nothing was lost or
+left half-written. Tiny models, in-process calls; subprocesses only where a second process is the
+point (the run killed with SIGKILL, and the lock held by another process)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import resource
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import awqlib
+from awqlib import AutoAWQ, awq
+from awqlib.cli import main
+from awqlib.compat import validate_checkpoint
+from awqlib.lazy import ShardReader
+from conftest import assert_same_checkpoint, die_on_call, tiny_model
+
+QC = {"q_group_size": 64}
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {chr(97 + i): i for i in range(26)} | {"[UNK]": 26}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]")
+
+
+def _save_source(path: Path, seed: int = 0) -> Path:
+    tiny_model("llama", seed).half().save_pretrained(path)
+    _tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny fp16 llama folder (with tokenizer), its quantized checkpoint (RTN, g64) and a reference
+    run of the resumable path, made once."""
+    root = tmp_path_factory.mktemp("adv")
+    src = _save_source(root / "src")
+    ckpt = root / "ckpt"
+    AutoAWQ.from_pretrained(str(src)).quantize(None, QC, method="rtn").save_quantized(ckpt)
+    clean = root / "clean"
+    AutoAWQ.from_pretrained(str(src), lazy=True).quantize(None, QC, method="rtn", save_dir=clean)
+    return {"src": src, "ckpt": ckpt, "clean": clean, "root": root}
+
+
+@pytest.fixture
+def src(base, tmp_path):
+    """A private copy of the source folder (tests replace or damage it)."""
+    return Path(shutil.copytree(base["src"], tmp_path / "src"))
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _quantize(src, out, **kw):
+    return AutoAWQ.from_pretrained(str(src), lazy=True).quantize(None, kw.pop("qc", QC), method="rtn", save_dir=out,
+                                                                 **kw)
+
+
+def _interrupt_after_first_block(src, out, monkeypatch, **kw):
+    """A resumable run that dies while quantizing block 1 (block 0 is finished on disk)."""
+    real = awq.rtn_quantize_block
+    die_on_call(monkeypatch, awq, "rtn_quantize_block")
+    with pytest.raises(KeyboardInterrupt):
+        _quantize(src, out, **kw)
+    monkeypatch.setattr(awq, "rtn_quantize_block", real)
+    partial = out.parent / (out.name + ".awqlib-partial")
+    assert len(list(partial.glob("*.safetensors"))) == 1 and not out.exists()
+    return partial
+
+
+# ------------------------------------------------------------------------------------------ 1. resume content
+
+@pytest.mark.parametrize("keep_mtime", [False, True])
+def test_resume_refuses_a_replaced_source(src, tmp_path, monkeypatch, keep_mtime):
+    out = tmp_path / "out"
+    partial = _interrupt_after_first_block(src, out, monkeypatch)
+    kept = _digest(partial)
+    weights = src / "model.safetensors"
+    st = weights.stat()
+    tiny_model("llama", seed=1).half().save_pretrained(tmp_path / "other")
+    shutil.copyfile(tmp_path / "other" / "model.safetensors", weights)  # same path, same size, other model
+    if keep_mtime:  # even a copy that keeps the old timestamps is seen
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(FileExistsError, match="cannot be resumed.*different settings.*overwrite=True"):
+        _quantize(src, out)
+    assert _digest(partial) == kept and not out.exists()  # nothing lost, nothing mixed
+    _quantize(src, out, overwrite=True)  # the fix the message gives: start over, from the new model only
+    fresh = tmp_path / "fresh"
+    _quantize(tmp_path / "other", fresh)
+    assert_same_checkpoint(fresh, out)
+
+
+# ------------------------------------------------------------------------------------------ 2. lock + SIGKILL
+
+_CHILD = r"""
+import sys, time
+from pathlib import Path
+import awqlib
+from awqlib import AutoAWQ, awq
+real, calls = awq.rtn_quantize_block, []
+def slow(*a, **k):
+    calls.append(1)
+    if len(calls) == 2:  # block 0 is on disk: say so, then hang until killed
+        Path(sys.argv[3]).write_text("ready")
+        time.sleep(600)
+    return real(*a, **k)
+awq.rtn_quantize_block = slow
+AutoAWQ.from_pretrained(sys.argv[1], lazy=True).quantize(None, {"q_group_size": 64}, method="rtn", save_dir=sys.argv[2])
+"""
+
+
+def test_second_run_is_locked_out_and_sigkill_resumes_identically(base, src, tmp_path):
+    out, ready = tmp_path / "out", tmp_path / "ready"
+    here = Path(awqlib.__file__).parents[1]  # the child imports the awqlib under test
+    env = {**os.environ, "PYTHONPATH": f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(src), str(out), str(ready)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while not ready.exists():
+            assert child.poll() is None, child.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "the child run never reached block 1"
+            time.sleep(0.2)
+        # a second run into the same output, even with --overwrite, fails at once and names the holder
+        t0 = time.time()
+        with pytest.raises(RuntimeError, match=rf"another awqlib run \(pid {child.pid}\)"):
+            _quantize(src, out, overwrite=True)
+        assert time.time() - t0 < 60
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    # the kernel released the dead run's lock: the rerun resumes (block 0 is not quantized again)
+    real, calls = awq.rtn_quantize_block, []
+    awq.rtn_quantize_block = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    try:
+        _quantize(src, out)
+    finally:
+        awq.rtn_quantize_block = real
+    assert len(calls) == 1
+    assert_same_checkpoint(base["clean"], out)
+    assert not (tmp_path / "out.awqlib-partial").exists()
+
+
+# ------------------------------------------------------------------------------------------ 3. --overwrite
+
+def test_overwrite_never_touches_the_source(src, tmp_path):
+    (tmp_path / "unrelated.txt").write_text("keep me")
+    before = _digest(src)
+    link = tmp_path / "link"
+    link.symlink_to(src, target_is_directory=True)
+    m = AutoAWQ.from_pretrained(str(src), lazy=True)
+    for out, rel in ((src, "is"), (tmp_path, "contains"), (src / "q", "is inside"), (link, "is")):
+        with pytest.raises(ValueError, match=rf"the output .* {rel} the source model folder"):
+            m.quantize(None, QC, method="rtn", save_dir=out, overwrite="force")
+    mem = AutoAWQ.from_pretrained(str(src)).quantize(None, QC, method="rtn")
+    with pytest.raises(ValueError, match="the source model folder"):
+        mem.save_quantized(src, overwrite="force")
+    with pytest.raises(ValueError, match="source model folder"):
+        main(["quantize", str(src), str(src), "--method", "rtn", "--group-size", "64", "--force-overwrite"])
+    assert _digest(src) == before and (tmp_path / "unrelated.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "src", "unrelated.txt"]
+
+
+def test_overwrite_replaces_only_awqlib_checkpoints(base, src, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "config.json").write_text("{}")
+    for run in (lambda ow: _quantize(src, out, overwrite=ow),
+                lambda ow: AutoAWQ.from_pretrained(str(src)).quantize(None, QC, method="rtn").save_quantized(
+                    out, overwrite=ow)):
+        with pytest.raises(FileExistsError, match=r"does not look like an awqlib checkpoint.*notes\.txt.*force"):
+            run(True)
+        assert (out / "notes.txt").read_text() == "mine"
+    assert main(["quantize", str(src), str(out), "--method", "rtn", "--group-size", "64", "--lazy",
+                 "--force-overwrite"]) == 0
+    assert not (out / "notes.txt").exists()
+    assert_same_checkpoint(base["clean"], out)
+    _quantize(src, out, overwrite=True)  # our own checkpoint: replaced without force
+    assert_same_checkpoint(base["clean"], out)
+
+
+def test_what_counts_as_an_awqlib_checkpoint(tmp_path):
+    from awqlib.outputs import foreign_entries
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "awq"},
+                                                      "auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}))
+    for name in ("model-00001-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.model",
+                 "qwen.tiktoken", "README.md", "modeling_x.py"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "additional_chat_templates").mkdir()
+    (tmp_path / "additional_chat_templates" / "tool.jinja").write_text("x")
+    assert foreign_entries(tmp_path) == []
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "data").mkdir()
+    assert foreign_entries(tmp_path) == ["data", "notes.txt"]
+
+
+# ------------------------------------------------------------------------------------------ 4. damaged partial runs
+
+def test_damaged_run_json_gets_a_clear_error_and_overwrite_recovers(base, src, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    partial = _interrupt_after_first_block(src, out, monkeypatch)
+    (partial / "run.json").write_text('{"fingerpr')  # half-written
+    with pytest.raises(FileExistsError, match="run.json is damaged.*overwrite=True"):
+        _quantize(src, out)
+    _quantize(src, out, overwrite=True)
+    assert_same_checkpoint(base["clean"], out)
+
+
+def test_damaged_block_file_is_quantized_again(base, src, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    partial = _interrupt_after_first_block(src, out, monkeypatch)
+    block = next(partial.glob("*.safetensors"))
+    block.write_bytes(b"")  # e.g. a file system that lost the data of the last write
+    _quantize(src, out)
+    assert_same_checkpoint(base["clean"], out)
+
+
+def test_failed_start_does_not_refuse_the_corrected_command(src, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setattr(awq, "rtn_quantize_block", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        _quantize(src, out)  # fails before any block is finished
+    monkeypatch.undo()
+    _quantize(src, out, qc={"q_group_size": 32})  # other settings: nothing was committed, so this runs
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == 32
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()})")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_says_what_is_kept_and_rerun_resumes(base, src, small_tmpfs):
+    out = small_tmpfs / "out"
+    block = sum(f.stat().st_size for f in base["clean"].glob("*.safetensors")) // 3  # ~ one block file
+    filler = small_tmpfs / "filler"
+    free = os.statvfs(small_tmpfs).f_bavail * os.statvfs(small_tmpfs).f_frsize
+    filler.write_bytes(b"\0" * (free - int(block * 1.5)))  # room for block 0 only
+    with pytest.raises(OSError, match=r"disk full while writing block 1 .* block\(s\) \[0\] are kept .* rerun"):
+        _quantize(src, out)
+    partial = small_tmpfs / "out.awqlib-partial"
+    assert len(list(partial.glob("*.safetensors"))) == 1 and not list(partial.glob("*.tmp")) and not out.exists()
+    filler.unlink()
+    _quantize(src, out)
+    assert_same_checkpoint(base["clean"], out)
+    # an in-memory save on a full disk: nothing written, the existing checkpoint untouched
+    before = _digest(out)
+    filler.write_bytes(b"\0" * (os.statvfs(small_tmpfs).f_bavail * os.statvfs(small_tmpfs).f_frsize - 50_000))
+    mem = AutoAWQ.from_pretrained(str(src)).quantize(None, QC, method="rtn")
+    with pytest.raises(OSError, match="disk full while saving .* nothing was written and the existing folder is "
+                                      "untouched"):
+        mem.save_quantized(out, overwrite=True)
+    assert _digest(out) == before and sorted(p.name for p in small_tmpfs.iterdir()) == ["filler", "out"]
+
+
+# ------------------------------------------------------------------------------------------ 5. confinement
+
+def _sharded(base, tmp_path) -> Path:
+    ck = tmp_path / "sharded"
+    AutoAWQ.from_pretrained(str(base["src"])).quantize(None, QC, method="rtn").save_quantized(ck, max_shard_size="100KB")
+    assert (ck / "model.safetensors.index.json").exists()
+    return ck
+
+
+def _edit_index(ck: Path, fn) -> None:
+    idx = ck / "model.safetensors.index.json"
+    d = json.loads(idx.read_text())
+    fn(d)
+    idx.write_text(json.dumps(d))
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_index_entries_cannot_leave_the_folder(base, tmp_path, where):
+    ck = _sharded(base, tmp_path)
+    shard = sorted(ck.glob("model-*.safetensors"))[-1]
+    outside = tmp_path / "x.safetensors"
+    shard.rename(outside)
+    name = "../x.safetensors" if where == "parent" else str(outside)
+    _edit_index(ck, lambda d: d["weight_map"].update({k: name for k, v in d["weight_map"].items() if v == shard.name}))
+    with pytest.raises(ValueError, match="outside the checkpoint folder"):
+        AutoAWQ.from_quantized(str(ck))
+    rep = validate_checkpoint(ck)
+    assert not rep.ok and any("outside the checkpoint folder" in f.message for f in rep.errors)
+
+
+def _no_hang(fn, fifo: Path, seconds: float = 20):
+    """Call ``fn``; should it block opening the FIFO, a helper process opens its write end every
+    ``seconds`` (a reader stuck in C may hold the GIL, so no thread of ours could) and the test fails."""
+    helper = subprocess.Popen(["sh", "-c", f'while sleep {seconds}; do : > "$0"; done', str(fifo)])
+    t0 = time.time()
+    try:
+        return fn()
+    finally:
+        helper.kill()
+        helper.wait()
+        assert time.time() - t0 < seconds, "reading the checkpoint blocked on a FIFO"
+
+
+def test_shards_must_be_regular_files_inside_the_folder(base, tmp_path):
+    ck = Path(shutil.copytree(base["ckpt"], tmp_path / "ck"))
+    fifo = ck / "model.safetensors"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        _no_hang(lambda: AutoAWQ.from_quantized(str(ck)), fifo)
+    rep = _no_hang(lambda: validate_checkpoint(ck), fifo)
+    assert not rep.ok and any("not a regular file" in f.message for f in rep.errors)
+    fifo.unlink()
+    os.mkfifo(tmp_path / "fifo")  # a link to a FIFO elsewhere
+    (ck / "model.safetensors").symlink_to(tmp_path / "fifo")
+    with pytest.raises(ValueError, match="outside the checkpoint folder|not a regular file"):
+        _no_hang(lambda: AutoAWQ.from_quantized(str(ck)), tmp_path / "fifo")
+    # a symlink to a real file elsewhere is not the checkpoint's either
+    (ck / "model.safetensors").unlink()
+    (ck / "model.safetensors").symlink_to(base["ckpt"] / "model.safetensors")
+    with pytest.raises(ValueError, match="outside the checkpoint folder"):
+        AutoAWQ.from_quantized(str(ck))
+
+
+def test_hub_cache_snapshot_symlinks_are_followed(base, tmp_path):
+    """The Hub cache stores files in blobs/ and links them from snapshots/<rev>/: that must still load."""
+    repo = tmp_path / "models--org--tiny"
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in base["ckpt"].iterdir():
+        blob = blobs / hashlib.sha256(f.name.encode()).hexdigest()
+        shutil.copyfile(f, blob)
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    assert AutoAWQ.from_quantized(str(snap)).quantized
+
+
+# ------------------------------------------------------------------------------------------ 6. headers
+
+def _rewrite(ck: Path, fn) -> None:
+    f = ck / "model.safetensors"
+    state = load_file(str(f))
+    fn(state)
+    save_file(state, str(f), metadata={"format": "pt"})
+
+
+QW = "model.layers.0.self_attn.q_proj.qweight"
+
+
+@pytest.mark.parametrize("change,found", [
+    (lambda s: s.update({QW: s[QW].to(torch.int16)}), "I16"),
+    (lambda s: s.update({QW: s[QW].float()}), "F32"),
+    (lambda s: s.update({QW: torch.cat([s[QW], s[QW]], 1)}), "[128, 32]"),
+])
+def test_tensor_dtype_and_shape_checked_against_the_config(base, tmp_path, change, found):
+    ck = Path(shutil.copytree(base["ckpt"], tmp_path / "ck"))
+    _rewrite(ck, change)
+    with pytest.raises(ValueError, match=rf"model.safetensors: tensor {QW} is .*{re.escape(found)}.*"
+                                         r"expected I32 \[128, 16\]"):
+        AutoAWQ.from_quantized(str(ck))
+
+
+def test_header_claiming_a_huge_tensor_costs_nothing(base, tmp_path):
+    ck = Path(shutil.copytree(base["ckpt"], tmp_path / "ck"))
+    f = ck / "model.safetensors"
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    b, e = header[QW]["data_offsets"]
+    header[QW]["shape"] = [1 << 20, 1 << 20]  # 4 TiB of int32, in a file of a few hundred KB
+    header[QW]["data_offsets"] = [b, b + (1 << 42)]
+    h = json.dumps(header).encode()
+    f.write_bytes(len(h).to_bytes(8, "little") + h + raw[8 + n:])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match=rf"model.safetensors .*tensor '{QW}' \(I32 \[1048576, 1048576\], "
+                                         r"4398046511104 bytes\) ends at data byte .* but the file holds"):
+        AutoAWQ.from_quantized(str(ck))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 200 * 1024  # KiB: no big allocation
+
+
+# ------------------------------------------------------------------------------------------ 7. config values
+
+def _set_qc(key, value):
+    return lambda cfg: cfg["quantization_config"].update({key: value})
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (_set_qc("group_size", 64.0), r"group_size=64.0 \(float\) is not accepted; group_size must be an integer, one of"),
+    (_set_qc("bits", "4"), r"bits='4' \(str\) is not accepted; bits must be an integer, one of \(4,\)"),
+    (_set_qc("zero_point", "yes"), r"zero_point='yes' \(str\) is not accepted; zero_point must be true or false"),
+    (lambda cfg: cfg.update({"quantization_config": "awq"}), r"quantization_config is 'awq' \(str\); it must be an"),
+])
+def test_malformed_config_values(base, tmp_path, edit, msg):
+    ck = Path(shutil.copytree(base["ckpt"], tmp_path / "ck"))
+    cfg = json.loads((ck / "config.json").read_text())
+    edit(cfg)
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config.json: .*" + msg):
+        AutoAWQ.from_quantized(str(ck))
+
+
+def test_malformed_index(base, tmp_path):
+    ck = _sharded(base, tmp_path)
+    _edit_index(ck, lambda d: d.update({"weight_map": sorted(set(d["weight_map"].values()))}))
+    with pytest.raises(ValueError, match=r"weight_map must be an object \{tensor name: shard file name\}, got list"):
+        AutoAWQ.from_quantized(str(ck))
+
+
+# ------------------------------------------------------------------------------------------ 8. CLI arguments
+
+@pytest.mark.parametrize("args,msg", [
+    (["eval", "CK", "--text", "TEXT", "--windows", "-1"], "--windows: -1 must be at least 1"),
+    (["eval", "CK", "--text", "TEXT", "--windows", "0"], "--windows: 0 must be at least 1"),
+    (["eval", "CK", "--text", "TEXT", "--seqlen", "0"], "--seqlen: 0 must be at least 1"),
+    (["eval", "CK", "--text", "no-such-file.txt"], "--text: no-such-file.txt: no such file"),
+    (["check", "CK", "--tp", "0"], "--tp: 0 must be at least 1"),
+    (["check", "CK", "--tp", "2", "-2"], "--tp: -2 must be at least 1"),
+    (["quantize", "CK", "OUT", "--seqlen", "-1"], "--seqlen: -1 must be at least 1"),
+    (["quantize", "CK", "OUT", "--max-shard-size", "lots"], "--max-shard-size: max_shard_size='lots'"),
+])
+def test_cli_arguments_are_validated(base, tmp_path, capsys, args, msg):
+    text = tmp_path / "t.txt"
+    text.write_text("abc " * 500)
+    args = [{"CK": str(base["ckpt"]), "TEXT": str(text), "OUT": str(tmp_path / "o")}.get(a, a) for a in args]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_perplexity_api_refuses_meaningless_windows():
+    from awqlib.eval import perplexity
+    with pytest.raises(ValueError, match="windows=-1 at least 1"):
+        perplexity(torch.nn.Linear(1, 1), torch.arange(100), 10, windows=-1)
+
+
+@pytest.mark.parametrize("damage", ["no weights", "missing tensors"])
+def test_eval_refuses_a_model_with_missing_weights(base, tmp_path, capsys, damage):
+    fp = Path(shutil.copytree(base["src"], tmp_path / "fp"))
+    if damage == "no weights":
+        (fp / "model.safetensors").unlink()
+    else:
+        _rewrite(fp, lambda s: [s.pop(k) for k in [k for k in s if ".layers.1." in k]])
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox " * 200)
+    with pytest.raises(SystemExit, match="no usable weights" if damage == "no weights" else "lacks .* weight"):
+        main(["eval", str(fp), "--text", str(text), "--seqlen", "16", "--windows", "1"])
+    assert "perplexity" not in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ 9. non-finite values
+
+@pytest.mark.parametrize("method", ["rtn", "awq"])
+def test_no_checkpoint_holds_nan(tmp_path, calib_ids, method):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, :64] = float("nan")  # one group, in the last block
+    kw = dict(calib_data=list(calib_ids), n_samples=16, seqlen=64) if method == "awq" else {}
+    # RTN: the finite check before writing names the tensor; AWQ already stops on the block's NaN outputs
+    with pytest.raises(FloatingPointError, match=r"model.layers.1.mlp.down_proj.scales has 1 NaN/inf"
+                       if method == "rtn" else r"block model.layers.1. produced NaN/inf"):
+        AutoAWQ.from_model(model).quantize(None, QC, method=method, save_dir=tmp_path / "resumable", **kw)
+    assert not (tmp_path / "resumable").exists()
+    assert len(list((tmp_path / "resumable.awqlib-partial").glob("*.safetensors"))) == 1  # block 0 only
+    mem = AutoAWQ.from_model(model).quantize(None, QC, method="rtn")
+    with pytest.raises(FloatingPointError, match="model.layers.1.mlp.down_proj"):
+        mem.save_quantized(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+
+
+# ------------------------------------------------------------------------------------------ 10. devices
+
+def test_a_device_that_is_not_there_is_an_error(base):
+    missing = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    m = AutoAWQ.from_pretrained(str(base["src"]))
+    with pytest.raises(ValueError, match=rf"device='{missing}', but this machine has \d+ usable CUDA GPU"):
+        m.quantize(None, QC, method="rtn", device=missing)
+    assert not m.quantized
+    with pytest.raises(ValueError, match=rf"device='{missing}', but this machine has"):
+        AutoAWQ.from_quantized(str(base["ckpt"]), device=missing)
+
+
+# ------------------------------------------------------------------------------------------ issue 11: shards, modes
+
+def test_resumable_run_is_consolidated_into_shards(base, src, tmp_path):
+    out = tmp_path / "out"
+    _quantize(src, out, max_shard_size="100KB")
+    idx = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) >= 3 and sorted(set(idx["weight_map"].values())) == [s.name for s in shards]
+    assert all(s.name == f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i, s in enumerate(shards))
+    assert idx["metadata"]["total_size"] == sum(t.numel() * t.element_size()
+                                                for s in shards for t in load_file(str(s)).values())
+    assert_same_checkpoint(base["clean"], out)
+    assert [p.name for p in base["clean"].glob("*.safetensors")] == ["model.safetensors"]  # default 5GB: one file
+    assert main(["quantize", str(src), str(tmp_path / "cli"), "--method", "rtn", "--group-size", "64", "--lazy",
+                 "--max-shard-size", "100KB"]) == 0
+    assert sorted(p.name for p in (tmp_path / "cli").glob("*.safetensors")) == [s.name for s in shards]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_saved_files_get_ordinary_permissions(base, src, tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        _quantize(src, tmp_path / "resumable")
+        AutoAWQ.from_pretrained(str(src)).quantize(None, QC, method="rtn").save_quantized(tmp_path / "saved")
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "resumable", tmp_path / "saved"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+        assert modes and all(m == 0o666 & ~mask for m in modes.values()), modes
+
+
+# ------------------------------------------------------------------------------------------ one folder rule
+
+def test_loader_and_validator_find_the_same_weights(base, tmp_path):
+    ck = Path(shutil.copytree(base["ckpt"], tmp_path / "ck"))
+    (ck / "model.safetensors").rename(ck / "weights.safetensors")
+    assert AutoAWQ.from_quantized(str(ck)).quantized
+    assert validate_checkpoint(ck).ok
+    (ck / "weights.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no .safetensors weights"):
+        AutoAWQ.from_quantized(str(ck))
+    assert not validate_checkpoint(ck).ok
+
+
+# ------------------------------------------------------------------------------------------ no pickle, no remote code
+
+class _Evil:
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["AWQLIB_PWNED"]),))
+
+
+def test_no_pickle_and_no_remote_code_by_default(base, tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("AWQLIB_PWNED", str(marker))
+    ck = Path(shutil.copytree(base["ckpt"], tmp_path / "ck"))
+    (ck / "model.safetensors").unlink()
+    (ck / "pytorch_model.bin").write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(FileNotFoundError, match="never unpickles"):
+        AutoAWQ.from_quantized(str(ck))
+    with pytest.raises(FileNotFoundError, match="never unpickles"):
+        ShardReader(ck)  # what from_pretrained(lazy=True) reads with
+    assert not marker.exists()
+    remote = Path(shutil.copytree(base["ckpt"], tmp_path / "remote"))
+    (remote / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    cfg = json.loads((remote / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (remote / "config.json").write_text(json.dumps(cfg))
+    try:
+        AutoAWQ.from_quantized(str(remote))
+    except Exception:  # refusing is fine too; running the file is not
+        pass
+    assert not marker.exists()
