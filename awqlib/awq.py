@@ -39,7 +39,8 @@ from .arch import ArchSpec, ScaleGroup
 from .config import QuantConfig
 from .modules import WQLinear
 from .moe import unfuse_experts
-from .quant import fake_quantize, row_chunks
+from . import gptq
+from .quant import ROW_CHUNK_BYTES, fake_quantize, row_chunks
 
 log = logging.getLogger("awqlib")
 
@@ -57,6 +58,34 @@ class AWQOptions:
     propagate_quantized: bool = False   # next block sees the quantized (not the fp) block's output;
                                         # off: measured worse on SmolLM2 (docs/ALGORITHM.md)
     offload_device: str | torch.device = "cpu"
+    gptq: bool = False                  # GPTQ error feedback on the AWQ grid (set by method="awq+gptq")
+    gptq_damp: float = 0.01             # Hessian damping, a fraction of its mean diagonal
+    gptq_block: int = 128               # columns per lazy batch update
+
+
+# ----------------------------------------------------------------------------------------------
+# methods: every name accepted by quantize() and the CLI, and the options each one sets
+
+METHODS = ("awq+gptq", "awq", "rtn")
+DEFAULT_METHOD = "awq"
+
+
+def method_options(method: str) -> dict[str, Any]:
+    """The :class:`AWQOptions` fields that ``method`` fixes (a clear error for an unknown name)."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: use one of {', '.join(repr(m) for m in METHODS)}")
+    return {"gptq": method == "awq+gptq"}
+
+
+def make_options(method: str, **options) -> AWQOptions:
+    fixed = method_options(method)
+    clash = sorted(set(fixed) & set(options))
+    if clash:
+        raise ValueError(f"{clash} is chosen by the method: use method='awq+gptq' or 'awq' instead")
+    unknown = sorted(set(options) - set(AWQOptions.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; accepted: {sorted(AWQOptions.__dataclass_fields__)}")
+    return AWQOptions(**options, **fixed)
 
 
 @dataclass
@@ -101,6 +130,13 @@ class _Site:
         if self.gram is not None:
             return ((e @ self.gram) * e).sum()
         return (e @ self._x().t()).pow(2).sum()
+
+    def hessian(self) -> torch.Tensor:
+        """G = X^T X over every calibration token (GPTQ's Hessian, up to a factor)."""
+        if self.gram is not None:
+            return self.gram
+        X = self._x()
+        return X.t() @ X
 
     def diag_blocks(self, g: int) -> torch.Tensor:
         """The Gram matrix's diagonal g x g blocks, [n / g, g, g]."""
@@ -244,6 +280,9 @@ def _w_mean(linears: list[nn.Linear], group_size: int) -> torch.Tensor:
     return total / n_rows
 
 
+IDENTITY = "identity"  # the scale candidate s = 1 (reported in place of a ratio)
+
+
 def candidate_ratios(opts: AWQOptions) -> list[float]:
     r = [i / opts.n_grid for i in range(opts.n_grid)]
     return r + [1.0] if opts.grid_includes_one else r
@@ -307,11 +346,17 @@ def search_scale(group: ScaleGroup, linears: list[nn.Linear], site: _Site, inspe
     originals = [l.weight.data for l in linears]
     # candidates' weights go into buffers allocated once per group (never into the originals)
     bufs = [torch.empty_like(w) for w in originals] if inspected is not None else []
+    candidates = [(r, candidate_scales(r, x_mean, w_mean, opts.duo_scaling)) for r in candidate_ratios(opts)]
+    if opts.duo_scaling:
+        # duo's a = 0 is s ~ 1 / w_mean, not the identity (without duo, a = 0 is s = 1): weights that
+        # already lie on a 4-bit grid (re-quantized or QAT releases) are best left unscaled, so the
+        # identity is always a candidate and AWQ never loses to round-to-nearest on its objective.
+        # Last, so that it is chosen only where its loss is strictly lower.
+        candidates.append((IDENTITY, torch.ones_like(x_mean)))
     best = (math.inf, None, None)
     losses = []
     try:
-        for ratio in candidate_ratios(opts):
-            s = candidate_scales(ratio, x_mean, w_mean, opts.duo_scaling)
+        for ratio, s in candidates:
             if inspected is None:  # the linears themselves: tr(E G E^T), every calibration token
                 loss = 0.0
                 for w in originals:
@@ -416,6 +461,52 @@ def apply_clip(linear: nn.Linear, max_val: torch.Tensor) -> None:
     for r in row_chunks(w):  # in place, a chunk at a time
         wg = w[r].float().view(-1, max_val.shape[1], in_f // max_val.shape[1])
         w[r] = torch.maximum(torch.minimum(wg, max_val[r]), -max_val[r]).view(-1, in_f).to(w.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPTQ error feedback
+
+# GPTQ's column loop is sequential, so on a GPU its cost is kernel launches per column per row
+# chunk: large chunks there; on the CPU the arithmetic dominates and small chunks bound memory.
+GPTQ_CHUNK_BYTES = {"cuda": 1 << 30}
+
+
+@torch.no_grad()
+def gptq_linears(linears: dict[str, nn.Linear], site_of: dict[str, _Site], clip_max: dict[str, torch.Tensor],
+                 qcfg: QuantConfig, opts: AWQOptions) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Replace each calibrated linear's weight by its GPTQ result (fp32, exactly on the grid) and
+    return its grid {name: (scale, zero)}.  Linears that read one tensor (q/k/v, gate/up) share
+    the site's Hessian factor and are processed as one stacked weight.  Linears no calibration
+    token reached are left to round-to-nearest."""
+    by_site: dict[int, list[str]] = {}
+    for name in linears:
+        site = site_of.get(name)
+        if site is not None and site.count > 0:
+            by_site.setdefault(id(site), []).append(name)
+    out = {}
+    for names in by_site.values():
+        site = site_of[names[0]]
+        U = gptq.inverse_hessian_factor(site.hessian(), opts.gptq_damp)
+        ws = [linears[n].weight.data for n in names]
+        dev = ws[0].device
+        budget = GPTQ_CHUNK_BYTES.get(dev.type, 16 * ROW_CHUNK_BYTES)
+        grids = [gptq.static_qparams(w, qcfg.bits, qcfg.group_size, qcfg.zero_point, clip_max.get(n))
+                 for n, w in zip(names, ws)]
+        W = torch.cat(ws) if len(ws) > 1 else ws[0]
+        scale = torch.cat([g[0] for g in grids])
+        zero = torch.cat([g[1] for g in grids])
+        wq = torch.empty(W.shape, dtype=torch.float32, device=dev)
+        for r in row_chunks(W, chunk_bytes=budget):
+            wq[r] = gptq.gptq_quantize(W[r], U, scale[r], zero[r], qcfg.bits, opts.gptq_block)
+        if not torch.isfinite(wq).all():
+            raise FloatingPointError(f"GPTQ gave non-finite weights for {names}: nothing was written")
+        del W, U
+        r0 = 0
+        for n, w, (sc, z) in zip(names, ws, grids):
+            linears[n].weight.data = wq[r0:r0 + w.shape[0]]  # fp32: the codes are recomputed exactly
+            out[n] = (sc, z)
+            r0 += w.shape[0]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -540,14 +631,17 @@ def quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, opts: AW
             continue
         insp_mod = block.get_submodule(g.inspect) if g.inspect else None
         ratio, s, losses = search_scale(g, [linears[l] for l in members], site, insp, insp_mod, qcfg, opts)
-        apply_scale(block, g, s, spec, extra_scaled=skipped)
-        for st in member_sites:  # every reader's statistics now see x / s
-            st.rescale(s)
-        if insp is not None:
-            insp.rescale(s)  # (its site too, if it is not one of the above)
+        if ratio != IDENTITY:  # (folding s = 1 is not exact for (1 + w) norms: skip it)
+            apply_scale(block, g, s, spec, extra_scaled=skipped)
+            for st in member_sites:  # every reader's statistics now see x / s
+                st.rescale(s)
+            if insp is not None:
+                insp.rescale(s)  # (its site too, if it is not one of the above)
         report.scales[g.prev] = {"ratio": ratio, "scales": s.cpu(), "linears": members, "losses": losses}
 
-    # 4. clip
+    # 4. clip (with GPTQ the clipping range only sets the grid: the weights stay unclipped, so the
+    # clipping error is fed back like any rounding error)
+    clip_max: dict[str, torch.Tensor] = {}
     if opts.apply_clip:
         for name, lin in linears.items():
             if any(name.split(".")[-1] == c for c in spec.no_clip):
@@ -555,15 +649,20 @@ def quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, opts: AW
             site = site_of.get(name)
             if site is None or site.count == 0:
                 continue
-            apply_clip(lin, search_clip(lin.weight.data, site, qcfg, opts))
+            clip_max[name] = search_clip(lin.weight.data, site, qcfg, opts)
+            if not opts.gptq:
+                apply_clip(lin, clip_max.pop(name))
             report.clipped.append(name)
-    del site_of, inspected
+    del inspected
 
-    # 5. quantize
+    # 5. quantize: round to nearest, or GPTQ on the same grid
+    qparams = gptq_linears(linears, site_of, clip_max, qcfg, opts) if opts.gptq else {}
+    del site_of, clip_max
     for name, lin in linears.items():
         parent_name, _, child = name.rpartition(".")
         parent = block.get_submodule(parent_name) if parent_name else block
-        setattr(parent, child, WQLinear.from_linear(lin, qcfg.bits, qcfg.group_size, qcfg.zero_point))
+        setattr(parent, child, WQLinear.from_linear(lin, qcfg.bits, qcfg.group_size, qcfg.zero_point,
+                                                    qparams=qparams.get(name)))
 
     round_to_storage(block)
     # next block's inputs

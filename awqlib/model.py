@@ -123,9 +123,11 @@ class AWQModel(nn.Module):
     def quantize(self, tokenizer=None, quant_config: dict | QuantConfig | None = None, calib_data: Any = "pileval",
                  split: str = "validation", text_column: str = "text", n_samples: int = 128, seqlen: int = 512,
                  duo_scaling: bool = True, apply_clip: bool = True, device: str | torch.device | None = None,
-                 method: str = "awq", save_dir: str | os.PathLike | None = None, overwrite: bool = False,
+                 method: str = awq.DEFAULT_METHOD, save_dir: str | os.PathLike | None = None, overwrite: bool = False,
                  **options) -> "AWQModel":
-        """AWQ-quantize every decoder linear, one block at a time (``method='rtn'``: round-to-nearest).
+        """Quantize every decoder linear, one block at a time. ``method``: 'awq+gptq' (AWQ's scaling and
+        clipping, then GPTQ error feedback on AWQ's grid), 'awq', or 'rtn' (round-to-nearest); all three
+        write the same AWQ GEMM format.
 
         ``save_dir``: write each block to disk as it finishes and the final checkpoint at the end; an
         interrupted run resumes from the last finished block when called again with the same folder
@@ -134,8 +136,6 @@ class AWQModel(nn.Module):
         """
         if self.quantized:
             raise RuntimeError("this model is already quantized")
-        if method not in ("awq", "rtn"):
-            raise ValueError(f"method={method!r}: use 'awq' or 'rtn'")
         lazy = self.reader is not None
         if lazy and save_dir is None:
             raise ValueError("a model loaded with lazy=True frees each block once it is quantized: pass "
@@ -144,7 +144,7 @@ class AWQModel(nn.Module):
         if qcfg.version != "gemm":
             log.warning("awqlib writes the GEMM layout (what vLLM/SGLang/transformers read); version=%r is "
                         "accepted for AutoAWQ compatibility and stored as 'gemm'", qcfg.version)
-        opts = awq.AWQOptions(duo_scaling=duo_scaling, apply_clip=apply_clip, **options)
+        opts = awq.make_options(method, duo_scaling=duo_scaling, apply_clip=apply_clip, **options)
         model, spec = self.model, self.spec
         awq.check_quantizable(model, spec, qcfg)  # before any work
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
@@ -187,7 +187,7 @@ class AWQModel(nn.Module):
             log.info("awqlib: computing in %s on %s", cdtype, device.type)
             model.to(cdtype)
         inps = kwargs = None
-        if method == "awq":
+        if method != "rtn":
             log.info("awqlib: calibrating on %d sequences x %d tokens, device %s", tokens.shape[0], seqlen, device)
             if not placed:  # (a placed model's hooks move the inputs to its embeddings' device)
                 _move_except_blocks(model, prefix, device)

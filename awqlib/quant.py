@@ -72,7 +72,7 @@ def fake_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, zero_po
 ROW_CHUNK_BYTES = 4 << 20
 
 
-def row_chunks(w: torch.Tensor, multiple: int = 1) -> list[slice]:
-    """Slices of ``w``'s rows (dim 0), each ~ROW_CHUNK_BYTES of fp32, a multiple of ``multiple`` rows."""
-    step = max(multiple, ROW_CHUNK_BYTES // (4 * w.shape[-1]) // multiple * multiple)
+def row_chunks(w: torch.Tensor, multiple: int = 1, chunk_bytes: int = ROW_CHUNK_BYTES) -> list[slice]:
+    """Slices of ``w``'s rows (dim 0), each ~``chunk_bytes`` of fp32, a multiple of ``multiple`` rows."""
+    step = max(multiple, chunk_bytes // (4 * w.shape[-1]) // multiple * multiple)
     return [slice(r, r + step) for r in range(0, w.shape[0], step)]
