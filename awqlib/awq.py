@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,6 +153,7 @@ class _Site:
 class BlockReport:
     scales: dict[str, dict[str, Any]] = field(default_factory=dict)
     clipped: list[str] = field(default_factory=list)
+    gptq_seconds: float = 0.0  # wall time of the GPTQ step (the rest costs what AWQ costs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -656,7 +658,9 @@ def quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, opts: AW
     del inspected
 
     # 5. quantize: round to nearest, or GPTQ on the same grid
+    t0 = time.perf_counter()
     qparams = gptq_linears(linears, site_of, clip_max, qcfg, opts) if opts.gptq else {}
+    report.gptq_seconds = time.perf_counter() - t0 if opts.gptq else 0.0
     del site_of, clip_max
     for name, lin in linears.items():
         parent_name, _, child = name.rpartition(".")

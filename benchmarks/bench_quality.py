@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from awqlib import AutoAWQ
+from awqlib import AutoAWQ, awq
 from awqlib.eval import load_eval_tokens, perplexity
 from awqlib.offline import smollm2_path
 
@@ -37,7 +37,14 @@ def run(model_dir, tok, method, calib, qc, windows, eval_tokens, **opts):
         m.quantize(tok, qc, calib_data=calib, n_samples=len(calib), seqlen=512, method=method, **opts)
     dt = time.perf_counter() - t0
     ppl = perplexity(m, eval_tokens, 1024, windows)
-    return m, {"method": method, "ppl": round(ppl, 3), "quantize_s": round(dt, 1), "options": opts}
+    r = {"method": method, "ppl": round(ppl, 3), "quantize_s": round(dt, 1), "options": opts}
+    reports = getattr(m, "reports", None) or []
+    if method not in ("fp", "rtn"):
+        # where the time went, and how often the identity scale won (same search in awq and awq+gptq)
+        r["gptq_s"] = round(sum(rep.gptq_seconds for rep in reports), 1)
+        ratios = [s["ratio"] for rep in reports for s in rep.scales.values()]
+        r["identity_chosen"] = f"{sum(x == awq.IDENTITY for x in ratios)}/{len(ratios)}"
+    return m, r
 
 
 def main():
