@@ -41,7 +41,7 @@ from .config import QuantConfig
 from .modules import WQLinear
 from .moe import unfuse_experts
 from . import gptq
-from .quant import ROW_CHUNK_BYTES, fake_quantize, row_chunks
+from .quant import ROW_CHUNK_BYTES, clamp_groups, fake_quantize, row_chunks
 
 log = logging.getLogger("awqlib")
 
@@ -53,6 +53,7 @@ class AWQOptions:
     grid_includes_one: bool = True      # also try a = 1.0 (AutoAWQ stops at 0.95)
     apply_clip: bool = True
     clip_grid: int = 20
+    clip_asym: bool = False             # after the symmetric search, shrink each end of the range alone
     max_shrink: float = 0.5
     max_search_tokens: int = 8192       # tokens whose inspected-module outputs score a candidate (whole chunks)
     chunk_size: int = 8                 # sequences per block forward (bounds activation memory)
@@ -429,40 +430,62 @@ def group_applies(block: nn.Module, group: ScaleGroup) -> bool:
 # clipping
 
 @torch.no_grad()
-def search_clip(w: torch.Tensor, site: _Site, qcfg: QuantConfig, opts: AWQOptions) -> torch.Tensor:
-    """Per (row, group) clipping threshold [out, n_groups, 1] minimising the group's output error.
+def search_clip(w: torch.Tensor, site: _Site, qcfg: QuantConfig,
+                opts: AWQOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (row, group) clipping range (lo, hi), each [out, n_groups, 1], minimising the group's
+    output error.
 
-    err(row, group) = e G_gg e^T with e = Q(clamp(w)) - w and G_gg the group's diagonal
-    block of the Gram matrix: exact over all calibration tokens.
+    err(row, group) = e G_gg e^T with e = Q(clamp(w, lo, hi)) - w and G_gg the group's diagonal
+    block of the Gram matrix: exact over all calibration tokens.  First AWQ's symmetric search
+    (clamp to +-m, m shrinking from |w|max); with ``clip_asym`` (zero point only) the top and then
+    the bottom of the range are shrunk on their own from there.  Every search starts from the
+    unclipped range, so clipping is only chosen where it lowers the error.
     """
     out_f, in_f = w.shape
     g = in_f if qcfg.group_size in (-1, 0) else qcfg.group_size
     ng = in_f // g
     G = site.diag_blocks(g)  # [ng, g, g]
-    best = []
+    steps = int(opts.max_shrink * opts.clip_grid)
+    los, his = [], []
     for r in row_chunks(w):  # rows are independent
         wg = w[r].float().view(-1, ng, g)
-        absmax = wg.abs().amax(dim=-1, keepdim=True)
-        best_max = absmax.clone()
         best_err = torch.full(wg.shape[:2], math.inf, device=w.device)
-        for i in range(int(opts.max_shrink * opts.clip_grid)):
-            mv = absmax * (1 - i / opts.clip_grid)
-            cw = torch.maximum(torch.minimum(wg, mv), -mv)
+        best = [None, None]
+
+        def consider(lo, hi):
+            nonlocal best_err
+            cw = clamp_groups(wg, lo, hi)
             e = fake_quantize(cw.view(-1, in_f), qcfg.bits, qcfg.group_size, qcfg.zero_point).view(wg.shape) - wg
             err = torch.einsum("rng,ngh,rnh->rn", e, G, e)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_max = torch.where(better[..., None], mv, best_max)
-        best.append(best_max)
-    return torch.cat(best)
+            for k, v in enumerate((lo, hi)):
+                best[k] = v.expand_as(best_err[..., None]) if best[k] is None else \
+                    torch.where(better[..., None], v, best[k])
+
+        absmax = wg.abs().amax(dim=-1, keepdim=True)
+        for i in range(steps):
+            mv = absmax * (1 - i / opts.clip_grid)
+            consider(-mv, mv)
+        if opts.clip_asym and qcfg.zero_point:
+            span = (wg.amax(dim=-1, keepdim=True) - wg.amin(dim=-1, keepdim=True)) / opts.clip_grid
+            for side in (1, 0):  # shrink the top, then the bottom, from the best range so far
+                start = best[side].clone()
+                for i in range(1, steps):
+                    lo, hi = (best[0], start - i * span) if side else (start + i * span, best[1])
+                    consider(lo, hi)
+        los.append(best[0])
+        his.append(best[1])
+    return torch.cat(los), torch.cat(his)
 
 
-def apply_clip(linear: nn.Linear, max_val: torch.Tensor) -> None:
+def apply_clip(linear: nn.Linear, clip: tuple[torch.Tensor, torch.Tensor]) -> None:
     w = linear.weight.data
+    lo, hi = clip
     out_f, in_f = w.shape
     for r in row_chunks(w):  # in place, a chunk at a time
-        wg = w[r].float().view(-1, max_val.shape[1], in_f // max_val.shape[1])
-        w[r] = torch.maximum(torch.minimum(wg, max_val[r]), -max_val[r]).view(-1, in_f).to(w.dtype)
+        wg = w[r].float().view(-1, lo.shape[1], in_f // lo.shape[1])
+        w[r] = clamp_groups(wg, lo[r], hi[r]).view(-1, in_f).to(w.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,8 +497,8 @@ GPTQ_CHUNK_BYTES = {"cuda": 1 << 30}
 
 
 @torch.no_grad()
-def gptq_linears(linears: dict[str, nn.Linear], site_of: dict[str, _Site], clip_max: dict[str, torch.Tensor],
-                 qcfg: QuantConfig, opts: AWQOptions) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def gptq_linears(linears: dict[str, nn.Linear], site_of: dict[str, _Site],
+                 clips: dict[str, tuple[torch.Tensor, torch.Tensor]], qcfg: QuantConfig, opts: AWQOptions) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Replace each calibrated linear's weight by its GPTQ result (fp32, exactly on the grid) and
     return its grid {name: (scale, zero)}.  Linears that read one tensor (q/k/v, gate/up) share
     the site's Hessian factor and are processed as one stacked weight.  Linears no calibration
@@ -492,7 +515,7 @@ def gptq_linears(linears: dict[str, nn.Linear], site_of: dict[str, _Site], clip_
         ws = [linears[n].weight.data for n in names]
         dev = ws[0].device
         budget = GPTQ_CHUNK_BYTES.get(dev.type, 16 * ROW_CHUNK_BYTES)
-        grids = [gptq.static_qparams(w, qcfg.bits, qcfg.group_size, qcfg.zero_point, clip_max.get(n))
+        grids = [gptq.static_qparams(w, qcfg.bits, qcfg.group_size, qcfg.zero_point, clips.get(n))
                  for n, w in zip(names, ws)]
         W = torch.cat(ws) if len(ws) > 1 else ws[0]
         scale = torch.cat([g[0] for g in grids])
@@ -643,7 +666,7 @@ def quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, opts: AW
 
     # 4. clip (with GPTQ the clipping range only sets the grid: the weights stay unclipped, so the
     # clipping error is fed back like any rounding error)
-    clip_max: dict[str, torch.Tensor] = {}
+    clips: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if opts.apply_clip:
         for name, lin in linears.items():
             if any(name.split(".")[-1] == c for c in spec.no_clip):
@@ -651,17 +674,17 @@ def quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, opts: AW
             site = site_of.get(name)
             if site is None or site.count == 0:
                 continue
-            clip_max[name] = search_clip(lin.weight.data, site, qcfg, opts)
+            clips[name] = search_clip(lin.weight.data, site, qcfg, opts)
             if not opts.gptq:
-                apply_clip(lin, clip_max.pop(name))
+                apply_clip(lin, clips.pop(name))
             report.clipped.append(name)
     del inspected
 
     # 5. quantize: round to nearest, or GPTQ on the same grid
     t0 = time.perf_counter()
-    qparams = gptq_linears(linears, site_of, clip_max, qcfg, opts) if opts.gptq else {}
+    qparams = gptq_linears(linears, site_of, clips, qcfg, opts) if opts.gptq else {}
     report.gptq_seconds = time.perf_counter() - t0 if opts.gptq else 0.0
-    del site_of, clip_max
+    del site_of, clips
     for name, lin in linears.items():
         parent_name, _, child = name.rpartition(".")
         parent = block.get_submodule(parent_name) if parent_name else block

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .quant import compute_qparams, dequantize, quantize
+from .quant import clamp_groups, compute_qparams, dequantize, quantize
 
 
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6) -> torch.Tensor:
@@ -52,12 +52,12 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01, max_tries: i
 
 
 def static_qparams(w: torch.Tensor, bits: int, group_size: int, zero_point: bool,
-                   clip_max: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest (scale, zero) [out, in/g] of ``w`` clamped to +-``clip_max`` [out, in/g, 1]."""
-    if clip_max is not None:
-        ng = clip_max.shape[1]
-        wg = w.float().view(w.shape[0], ng, -1)
-        w = torch.maximum(torch.minimum(wg, clip_max), -clip_max).view(w.shape)
+                   clip: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest (scale, zero) [out, in/g] of ``w`` clamped to each group's ``clip`` = (lo, hi),
+    each [out, in/g, 1]."""
+    if clip is not None:
+        lo, hi = clip
+        w = clamp_groups(w.float().view(w.shape[0], lo.shape[1], -1), lo, hi).view(w.shape)
     return compute_qparams(w, bits, group_size, zero_point)
 
 
@@ -94,10 +94,10 @@ def gptq_quantize(w: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero: t
 
 
 def gptq(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, zero_point: bool = True,
-         clip_max: torch.Tensor | None = None, percdamp: float = 0.01,
+         clip: tuple[torch.Tensor, torch.Tensor] | None = None, percdamp: float = 0.01,
          block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One linear: ``w`` [out, in], ``H`` = X^T X [in, in] -> (dequantized weight, scale, zero)."""
-    scale, zero = static_qparams(w, bits, group_size, zero_point, clip_max)
+    scale, zero = static_qparams(w, bits, group_size, zero_point, clip)
     wq = gptq_quantize(w, inverse_hessian_factor(H, percdamp), scale, zero, bits, block_size)
     return wq, scale, zero
 

@@ -58,6 +58,11 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return ((qg - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(q.shape)
 
 
+def clamp_groups(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``wg`` [out, n_groups, g] clamped to each group's range [lo, hi] (each [out, n_groups, 1])."""
+    return torch.minimum(torch.maximum(wg, lo), hi)
+
+
 def fake_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, zero_point: bool = True) -> torch.Tensor:
     """quantize -> dequantize (round-to-nearest), returned in ``w``'s dtype."""
     scale, zero = compute_qparams(w, bits, group_size, zero_point)

@@ -42,7 +42,7 @@ def test_gptq_beats_rtn_on_the_same_grid_and_stays_on_it(zero_point):
 def test_clip_sets_the_grid_not_the_weight():
     w, x = _layer()
     absmax = w.view(64, 4, 64).abs().amax(-1, keepdim=True)
-    wq, scale, zero = gptq.gptq(w, x.t() @ x, 4, 64, True, clip_max=0.8 * absmax)
+    wq, scale, zero = gptq.gptq(w, x.t() @ x, 4, 64, True, clip=(-0.8 * absmax, 0.8 * absmax))
     assert (scale < compute_qparams(w, 4, 64, True)[0]).all()
     gptq.codes_of(wq, scale, zero)
 

@@ -25,7 +25,7 @@ def test_search_changes_no_weight(calib_ids):
         members = [block.get_submodule(l) for l in g.linears]
         ratio, s, losses = awq.search_scale(g, members, sites[g.linears[0]], inspected.get(g.inspect),
                                             block.get_submodule(g.inspect) if g.inspect else None, qcfg, opts)
-        assert len(losses) == 21 and min(losses) <= losses[0]
+        assert len(losses) == 22 and min(losses) <= losses[0]  # 21 ratios and the identity
     after = block.state_dict()
     for k in before:
         assert torch.equal(before[k], after[k]), f"search modified {k}"
