@@ -72,25 +72,25 @@ def gptq_quantize(w: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero: t
     rows, n = w.shape
     g = n // scale.shape[1]
     maxq = 2**bits - 1
-    W = w.float().clone()
-    S = scale.float().repeat_interleave(g, dim=1)
-    Z = zero.float().repeat_interleave(g, dim=1)
+    # Transposed, so that a column is a contiguous row: the per-column steps touch contiguous memory.
+    Wt = w.t().float().contiguous()              # [in, out]
+    St, Zt = scale.t().float().contiguous(), zero.t().float().contiguous()  # [in/g, out]
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
-        W1 = W[:, i1:i2]  # a view: updated in place
+        W1 = Wt[i1:i2]  # a view: updated in place
         Err1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            w_col = W1[:, i]
-            s, z = S[:, i1 + i], Z[:, i1 + i]
+            s, z = St[(i1 + i) // g], Zt[(i1 + i) // g]
+            w_col = W1[i]
             q = (torch.clamp(torch.round(w_col / s) + z, 0, maxq) - z) * s
-            err = (w_col - q) / U1[i, i]
-            W1[:, i + 1:] -= err[:, None] * U1[i, i + 1:][None, :]
-            W1[:, i] = q
-            Err1[:, i] = err
+            err = Err1[i]
+            torch.sub(w_col, q, out=err).div_(U1[i, i])
+            W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
+            w_col.copy_(q)
         if i2 < n:  # the block's errors reach the remaining columns in one matmul
-            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    return W
+            Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
+    return Wt.t()
 
 
 def gptq(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, zero_point: bool = True,

@@ -73,8 +73,10 @@ def main():
     ap.add_argument("--n-held", type=int, default=16, help="held-out lines after them (validation text)")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--out", default="bench_blocks.json")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="torch threads (1 on a shared machine: spinning threads stall under oversubscription)")
     a = ap.parse_args()
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(a.threads)
     cpu = torch.device("cpu")
     model, calib, held = load(a.model, Path(a.data), a.n_calib, a.n_held, a.seqlen)
     spec = get_spec(model.config.model_type)

@@ -56,8 +56,10 @@ def main():
     ap.add_argument("--ablate", action="store_true")
     ap.add_argument("--only", default="fp,rtn,awq")
     ap.add_argument("--out", default="bench_quality.json")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="torch threads (1 on a shared machine: spinning threads stall under oversubscription)")
     a = ap.parse_args()
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(a.threads)
     data = Path(a.data)
     model_dir = smollm2_path()
     from transformers import AutoTokenizer
