@@ -4,12 +4,14 @@
         capture   run the fp block on the calibration activations; record, per input
                   site, mean |x| and the Gram matrix X^T X, plus the inputs/outputs of
                   the modules the search inspects (a token-budgeted subset)
-        search    per scaling group, grid-search s = x^a / w^(1-a) and keep the a whose
-                  fake-quantized output is closest to the fp output
+        search    per scaling group, grid-search s = x^a / w^(1-a), and s = 1, and keep the
+                  candidate whose fake-quantized output is closest to the fp output
         apply     fold 1/s into the previous op, s into the linears
         clip      per output group, shrink the clipping range where it lowers the
                   output error (q/k excluded: their error is seen through softmax)
-        quantize  round-to-nearest into the packed int4 GEMM layout
+        quantize  method "awq": round-to-nearest into the packed int4 GEMM layout;
+                  method "awq+gptq" (the default): GPTQ error feedback on the same grid,
+                  with the site's Gram matrix as the Hessian (awqlib/gptq.py)
 
 Two things make the search cheap without approximating it:
 
@@ -69,7 +71,7 @@ class AWQOptions:
 # methods: every name accepted by quantize() and the CLI, and the options each one sets
 
 METHODS = ("awq+gptq", "awq", "rtn")
-DEFAULT_METHOD = "awq"
+DEFAULT_METHOD = "awq+gptq"  # measured better everywhere we could measure (docs/ALGORITHM.md)
 
 
 def method_options(method: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import torch
 from awqlib import AutoAWQ, awq
 from awqlib.eval import load_eval_tokens, perplexity
 from awqlib.offline import smollm2_path
+from bench_blocks import parse_variant
 
 
 def calib_lines(path: Path, n: int, min_chars: int = 200) -> list[str]:
@@ -54,7 +55,8 @@ def main():
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--ablate", action="store_true")
-    ap.add_argument("--only", default="fp,rtn,awq")
+    ap.add_argument("--only", default="fp,rtn,awq",
+                    help="methods, ','-separated, or ';'-separated METHOD:option=value,... (bench_blocks.py syntax)")
     ap.add_argument("--out", default="bench_quality.json")
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
                     help="torch threads (1 on a shared machine: spinning threads stall under oversubscription)")
@@ -68,7 +70,7 @@ def main():
     calib = calib_lines(data / "wikitext2-tokenized-valid.txt", a.n_samples)
     qc = {"w_bit": 4, "q_group_size": a.group_size, "zero_point": True, "version": "gemm"}
     rows = []
-    configs = [(m, {}) for m in a.only.split(",")]
+    configs = [parse_variant(v) for v in (a.only.split(";") if ";" in a.only else a.only.split(","))]
     if a.ablate:  # each change on/off against the defaults, plus AutoAWQ's procedure
         configs = [("fp", {}), ("rtn", {}), ("awq", {}),
                    ("awq", {"propagate_quantized": False}),

@@ -37,7 +37,7 @@ def test_stored_weight_is_rtn_of_scaled_original(calib_ids):
     orig = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     w = AutoAWQ.from_model(model)
     w.quantize(None, {"w_bit": 4, "q_group_size": 64}, calib_data=list(calib_ids), n_samples=16, seqlen=64,
-               apply_clip=False)
+               apply_clip=False, method="awq")
     checked = 0
     for i, rep in enumerate(w.reports):
         # a linear is scaled as a reader (columns) by one group, and as a prev (rows) by at most one other
