@@ -63,7 +63,9 @@ class AWQOptions:
                                         # off: measured worse on SmolLM2 (docs/ALGORITHM.md)
     offload_device: str | torch.device = "cpu"
     gptq: bool = False                  # GPTQ error feedback on the AWQ grid (set by method="awq+gptq")
-    gptq_damp: float = 0.01             # Hessian damping, a fraction of its mean diagonal
+    gptq_damp: float = 0.1              # Hessian damping, a fraction of its mean diagonal; GPTQ's 0.01
+                                        # fitted the calibration tokens and lost on held-out ones
+                                        # (SmolLM2, docs/ALGORITHM.md)
     gptq_block: int = 128               # columns per lazy batch update
 
 
