@@ -502,7 +502,8 @@ GPTQ_CHUNK_BYTES = {"cuda": 1 << 30}
 
 @torch.no_grad()
 def gptq_linears(linears: dict[str, nn.Linear], site_of: dict[str, _Site],
-                 clips: dict[str, tuple[torch.Tensor, torch.Tensor]], qcfg: QuantConfig, opts: AWQOptions) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                 clips: dict[str, tuple[torch.Tensor, torch.Tensor]], qcfg: QuantConfig,
+                 opts: AWQOptions) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Replace each calibrated linear's weight by its GPTQ result (fp32, exactly on the grid) and
     return its grid {name: (scale, zero)}.  Linears that read one tensor (q/k/v, gate/up) share
     the site's Hessian factor and are processed as one stacked weight.  Linears no calibration
