@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import runpy
 import shutil
 from pathlib import Path
 
@@ -37,32 +38,21 @@ class BuildPyWithCudaSources(build_py):
 
 
 def _cuda_extension():
-    # torch guesses CUDA_HOME as dirname(dirname(which nvcc)), wrong for a wrapper script such as
-    # /usr/local/bin/nvcc; prefer a root that really has the headers.
-    if not os.environ.get("CUDA_HOME"):
-        nvcc = shutil.which("nvcc")
-        for cand in ([Path(nvcc).resolve().parent.parent] if nvcc else []) + [Path("/usr/local/cuda")]:
-            if (cand / "include" / "cuda_runtime.h").is_file():
-                os.environ["CUDA_HOME"] = str(cand)
-                break
+    # the toolchain discovery awqlib.kernels uses for JIT builds, run as a plain file: importing
+    # awqlib here would import torch before setuptools has set up the build
+    tool = runpy.run_path(str(ROOT / "awqlib" / "toolchain.py"))
+    cuda_home = tool["find_cuda_home"]()
+    if cuda_home and not os.environ.get("CUDA_HOME"):
+        # torch guesses CUDA_HOME as dirname(dirname(which nvcc)), wrong for a wrapper script
+        os.environ["CUDA_HOME"] = cuda_home
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    cxx = ["-O3"]
-    try:  # cuBLAS/cuSPARSE headers needed by ATen/cuda/CUDAContext.h, shipped by the nvidia wheels
-        import nvidia
-
-        for base in nvidia.__path__:
-            for inc in sorted(Path(base).glob("*/include")):
-                if any(inc.glob("cublas*.h")) or any(inc.glob("cusparse*.h")):
-                    cxx += ["-idirafter", str(inc)]
-    except ImportError:
-        pass
-    sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp")) + \
-        sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu"))
+    cxx = tool["host_cflags"]()
+    sources = [str(p.relative_to(ROOT)) for p in tool["cuda_sources"](CSRC)]
     ext = CUDAExtension(
         name="awqlib._C",
         sources=sources,
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "-Xptxas=-warn-spills"]},
+        extra_compile_args={"cxx": cxx, "nvcc": tool["NVCC_FLAGS"]},
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -33,12 +33,12 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
 from .arch import ArchSpec, ScaleGroup
+from .arch.blocks import expand_groups, get_blocks, quantizable_linears, replace_module, run_block, to_device
 from .config import QuantConfig
 from .modules import WQLinear
 from .moe import unfuse_experts
@@ -155,64 +155,24 @@ class _Site:
 
 
 @dataclass
+class ScaleSearch:
+    """The outcome of one scaling group's search."""
+    linears: list[str]                      # the quantized linears that read the group's input
+    ratio: float | str | None               # the chosen exponent a, or IDENTITY (s = 1); None: not searched
+    scales: torch.Tensor | None = None      # s (fp32, on the CPU): 1/s folded into prev, s into the linears
+    losses: list[float] = field(default_factory=list)  # one per candidate (the ratios, then the identity)
+    reason: str | None = None               # why nothing was searched
+
+
+@dataclass
 class BlockReport:
-    scales: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scales: dict[str, ScaleSearch] = field(default_factory=dict)  # by the group's prev op
     clipped: list[str] = field(default_factory=list)
     gptq_seconds: float = 0.0  # wall time of the GPTQ step (the rest costs what AWQ costs)
 
 
-# ----------------------------------------------------------------------------------------------
-# small helpers
-
-def get_blocks(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
-    for path in (spec.blocks, "model.language_model.layers"):
-        try:
-            return model.get_submodule(path)
-        except AttributeError:
-            continue
-    raise ValueError(f"cannot find the decoder blocks of this {spec.name} model at {spec.blocks!r}")
-
-
-def _to(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
-def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = block(x, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
 def _first_tensor(out):
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def expand_groups(spec: ArchSpec, block: nn.Module) -> list[ScaleGroup]:
-    """Expand ``{e}`` (per expert) placeholders against the block's actual experts."""
-    n_exp = 0
-    if spec.experts is not None:
-        n_exp = len(block.get_submodule(spec.experts.path))
-    out = []
-    for g in spec.groups:
-        if "{e}" in g.prev:
-            out += [ScaleGroup(g.prev.format(e=e), tuple(l.format(e=e) for l in g.linears), g.inspect,
-                               g.prev_rows, g.scale_only) for e in range(n_exp)]
-        elif any("{e}" in l for l in g.linears):
-            lin = tuple(l.format(e=e) for e in range(n_exp) for l in g.linears)
-            out.append(ScaleGroup(g.prev, lin, g.inspect, g.prev_rows, g.scale_only))
-        else:
-            out.append(g)
-    return out
-
-
-def quantizable_linears(block: nn.Module, qcfg: QuantConfig, prefix: str = "") -> dict[str, nn.Linear]:
-    return {n: m for n, m in block.named_modules()
-            if isinstance(m, nn.Linear) and not qcfg.skips(f"{prefix}{n}")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,7 +202,7 @@ def capture_inputs(model: nn.Module, spec: ArchSpec, tokens: torch.Tensor, chunk
             if b not in kwargs_per_block[i]:
                 kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "cache")}
                 kw["use_cache"] = False
-                kwargs_per_block[i][b] = _to(kw, offload)
+                kwargs_per_block[i][b] = to_device(kw, offload)
             if i == 0:
                 hidden.append(hidden_states.to(offload))
             if i == len(blocks) - 1:
@@ -611,7 +571,7 @@ def capture_block(block: nn.Module, groups: list[ScaleGroup], linears: dict[str,
     try:
         for x in inps:
             recording["on"] = seen < opts.max_search_tokens
-            kw = _to(kwargs_by_batch[x.shape[0]], device)
+            kw = to_device(kwargs_by_batch[x.shape[0]], device)
             y = run_block(block, x.to(device), kw)
             if not torch.isfinite(y).all():
                 raise FloatingPointError(
@@ -657,7 +617,7 @@ def quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, opts: AW
         shared = len(member_sites) == 1 and all(l in site_of for l in members)
         site = member_sites[0] if shared else (insp.site if insp is not None else None)
         if site is None or site.count == 0:  # e.g. an expert that no calibration token reached
-            report.scales[g.prev] = {"ratio": None, "reason": "no calibration tokens"}
+            report.scales[g.prev] = ScaleSearch(members, None, reason="no calibration tokens")
             continue
         insp_mod = block.get_submodule(g.inspect) if g.inspect else None
         ratio, s, losses = search_scale(g, [linears[l] for l in members], site, insp, insp_mod, qcfg, opts)
@@ -667,7 +627,7 @@ def quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, opts: AW
                 st.rescale(s)
             if insp is not None:
                 insp.rescale(s)  # (its site too, if it is not one of the above)
-        report.scales[g.prev] = {"ratio": ratio, "scales": s.cpu(), "linears": members, "losses": losses}
+        report.scales[g.prev] = ScaleSearch(members, ratio, s.cpu(), losses)
 
     # 4. clip (with GPTQ the clipping range only sets the grid: the weights stay unclipped, so the
     # clipping error is fed back like any rounding error)
@@ -691,15 +651,13 @@ def quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, opts: AW
     report.gptq_seconds = time.perf_counter() - t0 if opts.gptq else 0.0
     del site_of, clips
     for name, lin in linears.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = block.get_submodule(parent_name) if parent_name else block
-        setattr(parent, child, WQLinear.from_linear(lin, qcfg.bits, qcfg.group_size, qcfg.zero_point,
-                                                    qparams=qparams.get(name)))
+        replace_module(block, name, WQLinear.from_linear(lin, qcfg.bits, qcfg.group_size, qcfg.zero_point,
+                                                         qparams=qparams.get(name)))
 
     round_to_storage(block)
     # next block's inputs
     if opts.propagate_quantized:
-        nxt = [run_block(block, x.to(device), _to(kwargs_by_batch[x.shape[0]], device)).to(offload) for x in inps]
+        nxt = [run_block(block, x.to(device), to_device(kwargs_by_batch[x.shape[0]], device)).to(offload) for x in inps]
     else:
         nxt = fp_outs
     return nxt, report
@@ -721,36 +679,5 @@ def rtn_quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, pref
     if spec.experts is not None:
         unfuse_experts(block, spec.experts)
     for name, lin in quantizable_linears(block, qcfg, prefix).items():
-        parent_name, _, child = name.rpartition(".")
-        parent = block.get_submodule(parent_name) if parent_name else block
-        setattr(parent, child, WQLinear.from_linear(lin, qcfg.bits, qcfg.group_size, qcfg.zero_point))
+        replace_module(block, name, WQLinear.from_linear(lin, qcfg.bits, qcfg.group_size, qcfg.zero_point))
     round_to_storage(block)
-
-
-def check_quantizable(model: nn.Module, spec: ArchSpec, qcfg: QuantConfig) -> None:
-    """Fail before any work if a linear cannot be stored in the AWQ format with this group size."""
-    bad, in_sizes = [], set()
-    blocks = get_blocks(model, spec)
-    for i, blk in enumerate(blocks):
-        if spec.experts is not None and hasattr(blk.get_submodule(spec.experts.path), "gate_up_proj"):
-            fused = blk.get_submodule(spec.experts.path)
-            dims = {"experts.gate/up": fused.gate_up_proj.shape[-1], "experts.down": fused.down_proj.shape[-1]}
-            outs = {"experts.gate/up": fused.gate_up_proj.shape[-2] // 2, "experts.down": fused.down_proj.shape[-2]}
-            entries = [(k, dims[k], outs[k]) for k in dims]
-        else:
-            entries = [(n, l.in_features, l.out_features)
-                       for n, l in quantizable_linears(blk, qcfg, f"{spec.blocks}.{i}.").items()]
-        for n, k, o in entries:
-            in_sizes.add(k)
-            g = k if qcfg.group_size == -1 else qcfg.group_size
-            if k % g or o % (32 // qcfg.bits):
-                bad.append((f"{spec.blocks}.{i}.{n}", k, o))
-    if bad:
-        ok = [g for g in (32, 64, 128) if all(k % g == 0 for k in in_sizes)] + [-1]
-        name, k, o = bad[0]
-        raise ValueError(
-            f"{len(bad)} linear(s) cannot be stored in the AWQ GEMM format with group_size={qcfg.group_size}: "
-            f"e.g. {name} has in_features={k} (must be a multiple of the group size) and out_features={o} "
-            f"(must be a multiple of {32 // qcfg.bits}). Group sizes that work for this model: {ok}. "
-            f"Or keep those layers in fp16 with quant_config['modules_to_not_convert'] = [...] "
-            f"(substrings of module names, e.g. {name.split('.')[-1]!r}).")

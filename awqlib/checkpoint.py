@@ -78,13 +78,16 @@ class AtomicDir:
 
 
 def checkpoint_state(model: torch.nn.Module, spec: ArchSpec, skip_prefix: str | None = None) -> dict[str, torch.Tensor]:
-    """The tensors to save, checkpoint-named; floats in fp16, tied lm_head left out."""
-    from .fuse import unfused_state_dict
-
+    """The tensors to save, checkpoint-named; floats in fp16, tied lm_head left out, and so are the
+    tensors of modules marked ``runtime_only`` (a runtime rearrangement of tensors that other modules
+    export, e.g. fused linears)."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    runtime = tuple(f"{n}." for n, m in model.named_modules() if getattr(m, "runtime_only", False))
     state = {}
-    for name, t in unfused_state_dict(model).items():
+    for name, t in model.state_dict().items():
         if (tied and name == "lm_head.weight") or (skip_prefix and name.startswith(skip_prefix)):
+            continue
+        if runtime and name.startswith(runtime):
             continue
         if t.is_floating_point():
             t = t.to(torch.float16)

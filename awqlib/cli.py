@@ -45,7 +45,7 @@ def _quantize(a) -> int:
 def _eval(a) -> int:
     from transformers import AutoTokenizer
 
-    from . import AutoAWQ
+    from . import AutoAWQ, NotQuantizedCheckpoint
     from .eval import load_eval_tokens, perplexity
 
     if a.device_map and a.device:
@@ -54,9 +54,7 @@ def _eval(a) -> int:
     where = {"device_map": _device_map(a.device_map)} if a.device_map else {"device": device}
     try:
         model = AutoAWQ.from_quantized(a.ckpt, **where)
-    except ValueError as e:
-        if "no quantization_config" not in str(e):
-            raise
+    except NotQuantizedCheckpoint:
         if a.device_map:  # not quantized: transformers places it
             model = AutoAWQ.from_pretrained(a.ckpt, torch_dtype="auto", **where)
         else:

@@ -7,6 +7,11 @@ attention and MLP code of transformers is left untouched: each original linear i
 to see an input runs the fused GEMM; its siblings, called with the *same* tensor (checked by
 identity and version counter), take their slices of the cached result.  Called with anything
 else, a slice simply recomputes, so the result is always the unfused one.
+
+Checkpoints never see the fusion: each slice's ``state_dict()`` entry is the unfused linear's
+tensors (a state-dict hook, as :class:`~awqlib.modules.WQLinear` does for its runtime layout),
+and the fused module is marked ``runtime_only`` so that the checkpoint writer leaves its tensors
+out.  They stay in ``state_dict()`` because accelerate offloads a placed model from it.
 """
 
 from __future__ import annotations
@@ -16,13 +21,16 @@ import logging
 import torch
 from torch import nn
 
-from .awq import expand_groups, get_blocks
+from .arch.blocks import expand_groups, get_blocks
 from .modules import WQLinear
+from .quant import pack_factor
 
 log = logging.getLogger("awqlib")
 
 
 class FusedWQLinear(nn.Module):
+    runtime_only = True  # its tensors are the slices' tensors rearranged: not for checkpoints
+
     def __init__(self, parts: list[WQLinear]):
         super().__init__()
         p0 = parts[0]
@@ -60,16 +68,45 @@ class FusedSlice(nn.Module):
         self.in_features, self.out_features, self.has_bias = in_features, out_features, has_bias
         self.idx = idx
         self.__dict__["fused"] = fused  # not a submodule: registered once on the parent
+        self._register_state_dict_hook(_export_unfused)
+        self._register_load_state_dict_pre_hook(_drop_unfused, with_module=True)
 
     def forward(self, x):
         return self.fused.part(x, self.idx)
 
+    def unfused_state(self) -> dict[str, torch.Tensor]:
+        """The tensors of the unfused WQLinear this slice stands for (GEMM layout)."""
+        lin, sizes = self.fused.linear, self.fused.sizes
+        a = sum(sizes[: self.idx])
+        b = a + sizes[self.idx]
+        pf = pack_factor(lin.bits)
+        out = {"qweight": lin.gemm_qweight()[:, a // pf: b // pf], "qzeros": lin.qzeros[:, a // pf: b // pf],
+               "scales": lin.scales[:, a:b]}
+        if self.has_bias:
+            out["bias"] = lin.bias[a:b]
+        return out
+
+
+def _export_unfused(module: FusedSlice, state_dict: dict, prefix: str, local_metadata) -> None:
+    for k, v in module.unfused_state().items():
+        state_dict[prefix + k] = v
+
+
+def _drop_unfused(module: FusedSlice, state_dict: dict, prefix: str, *args) -> None:
+    # the fused module loads the data; the exported views are only for checkpoints
+    for k in ("qweight", "qzeros", "scales", "bias"):
+        state_dict.pop(prefix + k, None)
+
 
 def fuse_model(wrapped) -> int:
+    """Fuse the quantized linears of an :class:`~awqlib.AWQModel`; see :func:`fuse_layers`."""
+    return fuse_layers(wrapped.model, wrapped.spec)
+
+
+def fuse_layers(model: nn.Module, spec) -> int:
     """Fuse every scaling group's quantized linears that share a parent. Returns the count."""
-    spec = wrapped.spec
     n = 0
-    for block in get_blocks(wrapped.model, spec):
+    for block in get_blocks(model, spec):
         for g in expand_groups(spec, block):
             by_parent: dict[str, list[str]] = {}
             for name in g.linears:
@@ -88,21 +125,3 @@ def fuse_model(wrapped) -> int:
                 n += 1
     log.info("awqlib: fused %d groups of quantized linears", n)
     return n
-
-
-def unfused_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict the unfused model would have (what checkpoints store)."""
-    sd = {k: v for k, v in model.state_dict().items() if ".fused_" not in k}
-    for name, mod in model.named_modules():
-        if not isinstance(mod, FusedSlice):
-            continue
-        lin, sizes = mod.fused.linear, mod.fused.sizes
-        a = sum(sizes[: mod.idx])
-        b = a + sizes[mod.idx]
-        pf = 32 // lin.bits
-        sd[f"{name}.qweight"] = lin.gemm_qweight()[:, a // pf: b // pf]
-        sd[f"{name}.qzeros"] = lin.qzeros[:, a // pf: b // pf]
-        sd[f"{name}.scales"] = lin.scales[:, a:b]
-        if mod.has_bias:
-            sd[f"{name}.bias"] = lin.bias[a:b]
-    return sd

@@ -1,6 +1,6 @@
 """Model card and Hugging Face Hub upload for awqlib checkpoints.
 
-``write_model_card(folder, model)`` is called by ``AWQModel.save_quantized`` once the shards,
+``write_model_card(folder, model, perplexity=...)`` is called by ``AWQModel.save_quantized`` once the shards,
 config.json, generation config and tokenizer are in ``folder``; it writes README.md with the
 Hub's YAML metadata, the quantization settings, the tensor-parallel sizes vLLM accepts
 (from :func:`awqlib.compat.validate_checkpoint`) and how to load the checkpoint in awqlib,
@@ -18,6 +18,7 @@ import logging
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,25 @@ log = logging.getLogger("awqlib")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _TEMP_SUFFIXES = (".tmp", ".lock", ".part", ".incomplete", "~", ".swp")
 REPO_PLACEHOLDER = "<this-repo-or-folder>"
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    """Measured quality for the model card (e.g. from :func:`awqlib.eval.perplexity`)."""
+    awq: float                      # the quantized model's perplexity
+    fp: float | None = None         # the original model's, on the same text and windows
+    dataset: str | None = None      # what it was measured on
+    windows: int | None = None      # how many seqlen-token windows
+
+    @classmethod
+    def of(cls, value: "Perplexity | dict | None") -> "Perplexity | None":
+        """A :class:`Perplexity` from itself, None, or a dict of its fields (unknown keys are errors)."""
+        if value is None or isinstance(value, cls):
+            return value
+        unknown = set(value) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"perplexity: unknown keys {sorted(unknown)}; use {list(cls.__dataclass_fields__)}")
+        return cls(**value)
 
 
 def looks_like_hub_id(name: str | None) -> bool:
@@ -75,7 +95,8 @@ def _validation_section(folder: Path) -> tuple[list[str], list[int]]:
     return out, rep.valid_tp if rep.ok else []
 
 
-def render_model_card(folder: Path, model, repo_id: str | None = None) -> str:
+def render_model_card(folder: Path, model, repo_id: str | None = None,
+                      perplexity: Perplexity | dict | None = None) -> str:
     folder = Path(folder)
     qc = model.quant_config.to_hf_dict()
     name_or_path = getattr(model, "name_or_path", None)
@@ -99,14 +120,14 @@ def render_model_card(folder: Path, model, repo_id: str | None = None) -> str:
         lines.append(f"| quantization time | {stats['quantize_seconds']:.1f} s |")
     lines.append("")
 
-    ppl = stats.get("perplexity")
-    if isinstance(ppl, dict) and "awq" in ppl:
+    ppl = Perplexity.of(perplexity)
+    if ppl is not None:
         lines += ["## Measured quality", "",
-                  f"Perplexity on {ppl.get('dataset', '?')}" + (f" ({ppl['windows']} windows)" if "windows" in ppl else "")
+                  f"Perplexity on {ppl.dataset or '?'}" + (f" ({ppl.windows} windows)" if ppl.windows is not None else "")
                   + ", lower is better:", "", "| model | perplexity |", "| --- | --- |"]
-        if ppl.get("fp") is not None:
-            lines.append(f"| original (fp) | {float(ppl['fp']):.3f} |")
-        lines.append(f"| AWQ 4-bit | {float(ppl['awq']):.3f} |")
+        if ppl.fp is not None:
+            lines.append(f"| original (fp) | {float(ppl.fp):.3f} |")
+        lines.append(f"| AWQ 4-bit | {float(ppl.awq):.3f} |")
         lines.append("")
 
     check, valid_tp = _validation_section(folder)
@@ -137,10 +158,11 @@ def render_model_card(folder: Path, model, repo_id: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_model_card(folder: Path, model, repo_id: str | None = None) -> None:
+def write_model_card(folder: Path, model, repo_id: str | None = None,
+                     perplexity: Perplexity | dict | None = None) -> None:
     """Write ``folder/README.md`` (called by ``AWQModel.save_quantized`` and by :func:`push_to_hub`)."""
     folder = Path(folder)
-    (folder / "README.md").write_text(render_model_card(folder, model, repo_id), encoding="utf-8")
+    (folder / "README.md").write_text(render_model_card(folder, model, repo_id, perplexity), encoding="utf-8")
 
 
 def staged_files(folder: str | Path) -> list[str]:
@@ -169,7 +191,8 @@ def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | N
     ``local_dir``: where to save first (kept afterwards; pass ``overwrite=True`` to replace an
     existing folder); by default a temporary folder that is removed after the upload. A lazily
     loaded model that ``quantize(save_dir=...)`` already wrote is uploaded from that folder.
-    ``max_shard_size`` and ``overwrite`` go to ``save_quantized``; other keyword arguments
+    ``max_shard_size`` and ``overwrite`` go to ``save_quantized``; ``perplexity`` (a :class:`Perplexity`
+    or a dict of its fields) to the model card; other keyword arguments
     (``revision``, ``create_pr``, ...) to ``HfApi.upload_folder``.
     """
     from huggingface_hub import HfApi
@@ -177,6 +200,7 @@ def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | N
     if not getattr(model, "quantized", False):
         raise RuntimeError("call quantize() before push_to_hub()")
     save_kw = {k: kwargs.pop(k) for k in ("max_shard_size", "overwrite", "tokenizer") if k in kwargs}
+    perplexity = Perplexity.of(kwargs.pop("perplexity", None))
     tmp = None
     saved_to = getattr(model, "saved_to", None) if getattr(model, "reader", None) is not None else None
     if saved_to is not None:
@@ -189,7 +213,7 @@ def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | N
     try:
         if saved_to is None:
             model.save_quantized(folder, **save_kw)
-        write_model_card(folder, model, repo_id=repo_id)  # now with the real repo id in the examples
+        write_model_card(folder, model, repo_id=repo_id, perplexity=perplexity)  # with the real repo id
         files = staged_files(folder)
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

@@ -23,13 +23,13 @@ import importlib.util
 import logging
 import os
 import re
-import shutil
-import subprocess
 import threading
 import warnings
 from pathlib import Path
 
 import torch
+
+from .toolchain import NVCC_FLAGS, cuda_sources, find_cuda_home, host_cflags
 
 log = logging.getLogger("awqlib")
 
@@ -53,64 +53,8 @@ def source_dir() -> Path:
 
 
 def sources() -> list[str]:
-    d = source_dir()
-    return [str(p) for p in sorted(d.glob("*.cpp")) + sorted(d.glob("*.cu"))]
+    return [str(p) for p in cuda_sources(source_dir())]
 
-
-def _has_cuda_headers(root: str | os.PathLike) -> bool:
-    return (Path(root) / "include" / "cuda_runtime.h").is_file() and (Path(root) / "bin" / "nvcc").exists()
-
-
-def find_cuda_home() -> str | None:
-    """A CUDA toolkit root with ``bin/nvcc`` and ``include/cuda_runtime.h``, or None.
-
-    ``nvcc`` on PATH may be a wrapper script (e.g. ``/usr/local/bin/nvcc`` exec'ing the real one),
-    in which case ``dirname(dirname(nvcc))`` -- torch's guess -- has no headers; ask nvcc itself.
-    """
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        root = os.environ.get(var)
-        if root and _has_cuda_headers(root):
-            return root
-    nvcc = shutil.which("nvcc")
-    candidates = []
-    if nvcc:
-        candidates.append(Path(nvcc).resolve().parent.parent)
-    candidates.append(Path("/usr/local/cuda"))
-    for cand in candidates:
-        if _has_cuda_headers(cand):
-            return str(cand)
-    if nvcc:
-        try:  # "#$ TOP=/usr/local/cuda-13.0/bin/.." in nvcc's dry-run output
-            out = subprocess.run([nvcc, "-dryrun", "--version"], capture_output=True, text=True, timeout=30)
-            m = re.search(r"TOP=(\S+)", out.stdout + out.stderr)
-            if m and _has_cuda_headers(Path(m.group(1)).resolve()):
-                return str(Path(m.group(1)).resolve())
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return None
-
-
-def _extra_cflags() -> list[str]:
-    """Host-compiler flags: torch's CUDAContext.h includes cuBLAS/cuSPARSE headers, which CUDA
-    wheels ship under ``nvidia/cu13/include`` (or ``nvidia/<lib>/include`` for CUDA 12).  They go
-    last in the search order (``-idirafter``) so the toolkit's own headers always win."""
-    flags = ["-O3"]  # the C++ standard is torch's choice (C++20 for recent versions)
-    try:
-        import nvidia  # namespace package from the nvidia-* wheels torch depends on
-    except ImportError:
-        return flags
-    for base in getattr(nvidia, "__path__", []):
-        for inc in sorted(Path(base).glob("*/include")):
-            if any(inc.glob("cublas*.h")) or any(inc.glob("cusparse*.h")):
-                flags += ["-idirafter", str(inc)]
-    return flags
-
-
-EXTRA_CUDA_CFLAGS = [
-    "-O3",
-    "-lineinfo",             # source lines in profilers, no runtime cost
-    "-Xptxas=-warn-spills",  # surface register spills of the templated kernels at build time
-]
 
 
 def _arch_tag(arch_list: str | None) -> str:
@@ -164,8 +108,8 @@ def build(arch_list: str | None = None, verbose: bool = False, build_dir: str | 
     try:
         if arch_list is not None:
             os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
-        cpp.load(name=EXTENSION_NAME, sources=sources(), extra_cflags=_extra_cflags(),
-                 extra_cuda_cflags=EXTRA_CUDA_CFLAGS, build_directory=str(out), verbose=verbose,
+        cpp.load(name=EXTENSION_NAME, sources=sources(), extra_cflags=host_cflags(),
+                 extra_cuda_cflags=NVCC_FLAGS, build_directory=str(out), verbose=verbose,
                  is_python_module=False)
     finally:
         if saved is None:
@@ -245,3 +189,25 @@ def _load() -> bool:
     _backend = "jit"
     log.info("awqlib: using JIT-compiled CUDA kernels %s", path)
     return True
+
+
+# ----------------------------------------------------------------------------- backend selection
+
+_announced: set[str] = set()
+
+
+def backend_for(device: torch.device) -> str:
+    """Which implementation serves tensors on ``device`` (and build/load the kernels if it is CUDA)."""
+    if device.type == "cuda":
+        if load():
+            return "cuda-kernels"
+        return "reference (CUDA kernels unavailable)"
+    return "reference"
+
+
+def announce(device: torch.device) -> None:
+    """Log once per device type which implementation runs."""
+    if device.type in _announced:
+        return
+    _announced.add(device.type)
+    log.info("awqlib: quantized linears on %s use the %s implementation", device.type, backend_for(device))

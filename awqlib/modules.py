@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ops
+from . import kernels, ops
 from .packing import as_gemm_layout, can_tile, dequantize_gemm, pack_awq, tile_for_kernels
-from .quant import compute_qparams, quantize, row_chunks
+from .quant import compute_qparams, effective_group_size, pack_factor, quantize, row_chunks
 
 
 class WQLinear(nn.Module):
@@ -23,8 +23,8 @@ class WQLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
                  bias: bool = False, device=None):
         super().__init__()
-        g = in_features if group_size in (-1, 0) else group_size
-        pf = 32 // bits
+        g = effective_group_size(group_size, in_features)
+        pf = pack_factor(bits)
         if in_features % g or out_features % pf:
             raise ValueError(f"WQLinear({in_features} -> {out_features}): in_features must be a multiple of "
                              f"group_size={g} and out_features a multiple of {pf}")
@@ -64,7 +64,7 @@ class WQLinear(nn.Module):
         """Round-to-nearest quantize ``linear.weight`` (or use the given (scale, zero) [out, in/g])."""
         w = linear.weight.detach()
         m = cls(linear.in_features, linear.out_features, bits, group_size, linear.bias is not None, device=w.device)
-        pf = 32 // bits
+        pf = pack_factor(bits)
         # Output rows in chunks (a multiple of the pack factor): the temporaries stay small however
         # large the weight is.  Rows are independent, so this is exact.
         for r in row_chunks(w, multiple=pf):
@@ -85,7 +85,7 @@ class WQLinear(nn.Module):
         return dequantize_gemm(self.qweight, self.qzeros, self.scales, self.group_size, self.bits, dtype).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops.announce(x.device)
+        kernels.announce(x.device)
         out = ops.awq_gemm(x, self.qweight, self.qzeros, self.scales, self.group_size)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)

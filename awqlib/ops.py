@@ -10,15 +10,16 @@ runtime layout the CUDA kernels read fastest (3-D; see :mod:`awqlib.packing`).
   same op; once loaded, CUDA tensors go to them and everything else keeps the
   reference.  One call site, and ``torch.compile`` sees one opaque op with a
   fake (meta) implementation.
+
+This module only declares; building, loading and choosing the backend is :mod:`awqlib.kernels`.
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from .packing import TILE_K, TILE_N, dequantize_gemm
+from .quant import effective_group_size
 
 
 def as_gemm_shape(qweight: torch.Tensor) -> tuple[int, int]:
@@ -27,7 +28,6 @@ def as_gemm_shape(qweight: torch.Tensor) -> tuple[int, int]:
         return qweight.shape[1] * TILE_K, qweight.shape[0] * TILE_N // 8
     return tuple(qweight.shape)
 
-log = logging.getLogger("awqlib")
 
 _lib = torch.library.Library("awqlib", "DEF")
 _lib.define("awq_gemm(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group_size) -> Tensor")
@@ -45,7 +45,7 @@ def _check(x, qweight, qzeros, scales, group_size):
     k, n8 = as_gemm_shape(qweight)
     if x.shape[-1] != k:
         raise ValueError(f"awq_gemm: input has {x.shape[-1]} features, the weight expects {k}")
-    g = k if group_size in (-1, 0) else group_size
+    g = effective_group_size(group_size, k)
     if scales.shape != (k // g, n8 * 8) or qzeros.shape != (k // g, n8):
         raise ValueError(f"awq_gemm: scales {tuple(scales.shape)} / qzeros {tuple(qzeros.shape)} do not fit "
                          f"qweight {tuple(qweight.shape)} with group_size {group_size}")
@@ -83,27 +83,6 @@ def _fake_gemm_variant(x, qweight, qzeros, scales, group_size, kernel, splits):
 @torch.library.register_fake("awqlib::awq_dequantize")
 def _fake_dequantize(qweight, qzeros, scales, group_size):
     return scales.new_empty((as_gemm_shape(qweight)[0], scales.shape[1]))
-
-
-_announced: set[str] = set()
-
-
-def backend_for(device: torch.device) -> str:
-    """Which implementation serves tensors on ``device`` (and build/load the kernels if it is CUDA)."""
-    if device.type == "cuda":
-        from . import kernels
-        if kernels.load():
-            return "cuda-kernels"
-        return "reference (CUDA kernels unavailable)"
-    return "reference"
-
-
-def announce(device: torch.device) -> None:
-    """Log once per device type which implementation runs."""
-    if device.type in _announced:
-        return
-    _announced.add(device.type)
-    log.info("awqlib: quantized linears on %s use the %s implementation", device.type, backend_for(device))
 
 
 def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,

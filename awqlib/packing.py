@@ -34,20 +34,16 @@ from __future__ import annotations
 
 import torch
 
+from .quant import effective_group_size, pack_factor
+
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 # Position of column c (0..7) inside the int32: the inverse permutation.
 AWQ_REVERSE_ORDER = tuple(AWQ_ORDER.index(c) for c in range(8))
 
 
-def _pack_factor(bits: int) -> int:
-    if 32 % bits:
-        raise ValueError(f"bits={bits} does not divide 32; supported widths: 2, 4, 8")
-    return 32 // bits
-
-
 def _order(bits: int) -> tuple[int, ...]:
     # AWQ only defines the interleave for 4 bits; other widths pack in order.
-    return AWQ_ORDER if bits == 4 else tuple(range(_pack_factor(bits)))
+    return AWQ_ORDER if bits == 4 else tuple(range(pack_factor(bits)))
 
 
 def pack_columns(codes: torch.Tensor, bits: int = 4, interleave: bool = True) -> torch.Tensor:
@@ -56,7 +52,7 @@ def pack_columns(codes: torch.Tensor, bits: int = 4, interleave: bool = True) ->
     ``interleave=True`` uses AWQ_ORDER (the GEMM layout); ``False`` packs columns
     in order (AutoAWQ's GEMV layout).
     """
-    pf = _pack_factor(bits)
+    pf = pack_factor(bits)
     rows, cols = codes.shape
     if cols % pf:
         raise ValueError(f"cannot pack {cols} columns: not a multiple of {pf}")
@@ -71,7 +67,7 @@ def pack_columns(codes: torch.Tensor, bits: int = 4, interleave: bool = True) ->
 
 def unpack_columns(packed: torch.Tensor, bits: int = 4, interleave: bool = True) -> torch.Tensor:
     """Inverse of :func:`pack_columns`: int32 [R, P] -> int32 codes [R, P*32/bits]."""
-    _pack_factor(bits)  # validates bits
+    pack_factor(bits)  # validates bits
     shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)
     codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [R, P, pf], nibble order
     if interleave and bits == 4:
@@ -91,7 +87,7 @@ def dequantize_gemm(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
     q = unpack_columns(as_gemm_layout(qweight), bits)  # [K, N]
     z = unpack_columns(qzeros, bits)                  # [K/g, N]
     k = q.shape[0]
-    g = k if group_size in (-1, 0) else group_size
+    g = effective_group_size(group_size, k)
     s = scales.to(dtype)
     w = (q.view(k // g, g, -1) - z.unsqueeze(1)).to(dtype) * s.unsqueeze(1)
     return w.view(k, -1)
@@ -115,7 +111,7 @@ TILE_ROWS = tuple(tuple(16 * (j // 4) + 8 * ((j % 4) // 2) + 2 * q + (j % 2) for
 
 
 def can_tile(in_features: int, out_features: int, group_size: int, bits: int = 4) -> bool:
-    g = in_features if group_size in (-1, 0) else group_size
+    g = effective_group_size(group_size, in_features)
     return bits == 4 and out_features % TILE_N == 0 and in_features % TILE_K == 0 and g % TILE_K == 0
 
 
@@ -150,7 +146,7 @@ def as_gemm_layout(qweight: torch.Tensor) -> torch.Tensor:
 
 def gemv_zeros_width(in_features: int, group_size: int, bits: int = 4) -> int:
     """Number of int32 columns AutoAWQ's GEMV layout uses for qzeros (it pads)."""
-    pf = _pack_factor(bits)
+    pf = pack_factor(bits)
     mult = {32: 4, 64: 2}.get(group_size, 1)
     n_groups = in_features // group_size
     base = -(-n_groups // pf)
@@ -166,7 +162,7 @@ def gemv_to_gemm(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tens
     ``scales`` fp16 [N, padded*8] (first K/g columns used).
     """
     n, kp = qweight.shape
-    pf = _pack_factor(bits)
+    pf = pack_factor(bits)
     k = kp * pf
     if k % group_size:
         raise ValueError(f"GEMV qweight implies in_features={k}, not a multiple of group_size={group_size}")

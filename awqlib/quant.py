@@ -13,9 +13,22 @@ import torch
 STORE_DTYPE = torch.float16  # the scales dtype of the AWQ format
 
 
+def effective_group_size(group_size: int, in_features: int) -> int:
+    """The number of input features sharing one (scale, zero): ``group_size``, or all of them for
+    -1 (AutoAWQ's "one group per output channel"; 0 is read the same way)."""
+    return in_features if group_size in (-1, 0) else group_size
+
+
+def pack_factor(bits: int) -> int:
+    """How many ``bits``-wide codes one int32 holds."""
+    if 32 % bits:
+        raise ValueError(f"bits={bits} does not divide 32; supported widths: 2, 4, 8")
+    return 32 // bits
+
+
 def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     inp = w.shape[-1]
-    g = inp if group_size in (-1, 0) else group_size
+    g = effective_group_size(group_size, inp)
     if inp % g:
         raise ValueError(f"in_features={inp} is not a multiple of group_size={g}")
     return w.reshape(*w.shape[:-1], inp // g, g)

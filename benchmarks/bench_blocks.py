@@ -5,8 +5,8 @@ blocks is quantized (from the same fp inputs) by every variant, and its output o
 is compared with the fp block's output (relative MSE).  Calibration and held-out tokens never
 overlap; neither comes from the perplexity evaluation text.  Prints a table and writes JSON.
 
-    python benchmarks/bench_blocks.py --model smollm2 --blocks 3 --variants 'rtn;awq;awq+gptq'
-    python benchmarks/bench_blocks.py --model tiny:qwen2 --variants 'rtn;awq;awq+gptq' --group-size 128
+    python -m benchmarks.bench_blocks --model smollm2 --blocks 3 --variants 'rtn;awq;awq+gptq'
+    python -m benchmarks.bench_blocks --model tiny:qwen2 --variants 'rtn;awq;awq+gptq' --group-size 128
     a variant: METHOD or METHOD:option=value,option=value (AWQOptions fields), e.g. awq+gptq:clip_asym=true
 """
 
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -42,9 +42,11 @@ def parse_variant(v: str) -> tuple[str, dict]:
 def load(model_arg: str, data: Path, n_calib: int, n_held: int, seqlen: int):
     """(model, calibration token rows, held-out token rows)."""
     if model_arg.startswith("tiny:"):
-        sys.path.insert(0, str(REPO / "tests"))
-        from conftest import tiny_model
-        model = tiny_model(model_arg.split(":", 1)[1])
+        # the test suite's tiny random models, loaded from its conftest (no sys.path edit)
+        spec = importlib.util.spec_from_file_location("awqlib_tests_conftest", REPO / "tests" / "conftest.py")
+        conftest = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(conftest)
+        model = conftest.tiny_model(model_arg.split(":", 1)[1])
         g = torch.Generator().manual_seed(1)
         v = model.config.vocab_size
         return model, torch.randint(0, v, (16, 64), generator=g), torch.randint(0, v, (16, 64), generator=g)

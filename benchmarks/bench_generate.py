@@ -2,21 +2,17 @@
 awqlib int4 (unfused and fuse_layers), batch 1 and 8. No download: the model is built from a
 config on the GPU and quantized with round-to-nearest (speed does not depend on the scales).
 
-    python benchmarks/bench_generate.py --size 8b --out bench_generate.json
+    python -m benchmarks.bench_generate --size 8b --out bench_generate.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                   # bench_kernels
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # awqlib
 
 SIZES = {  # Llama-architecture shapes
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -45,7 +41,7 @@ def graph_step_ms(model, batch: int, vocab: int) -> float | None:
     """GPU time of one decode-sized forward (batch x 1 token, no KV cache), captured in a CUDA graph
     so that Python and launch overhead drop out: the part of a decode step int4 weights change.
     None if this transformers version's forward cannot be captured."""
-    from bench_kernels import time_graph
+    from benchmarks.common import time_graph
     ids = torch.randint(0, vocab, (batch, 1), device="cuda")
     try:
         return time_graph([lambda: model(input_ids=ids, use_cache=False)], est_s=1e-3) * 1e3

@@ -12,8 +12,8 @@ so every call streams its weight from DRAM (as in a real model, where the next l
 one).  Calls are captured in a CUDA graph (launch overhead would otherwise dominate the
 microsecond cases) and timed with CUDA events over several replays.
 
-    python benchmarks/bench_kernels.py --out bench.json --time-budget 180
-    python benchmarks/bench_kernels.py --quick
+    python -m benchmarks.bench_kernels --out bench.json --time-budget 180
+    python -m benchmarks.bench_kernels --quick
 
 Runs (and prints a message) on a machine without CUDA, writing a JSON with "skipped".
 """
@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from benchmarks.common import copy_bandwidth, csrc_constant, n_copies, time_eager, time_graph
 
 SHAPES = [  # (model, N out, K in)
     ("llama2-7b qkv", 12288, 4096),
@@ -49,67 +48,12 @@ MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
 QUICK_SHAPES = SHAPES[:4]
 QUICK_MS = [1, 4, 8, 16, 64, 256, 1024]
 
-# Mirror of the dispatch for warp-tiled weights in csrc/awq_ops.cpp (for the table).
-SKINNY_MAX_M_TILED = 32
-
-TARGET_GRAPH_S = 0.004  # captured work per replay
-REPLAYS = 5
+# The dispatch for warp-tiled weights in csrc/awq_ops.cpp (for the table), read from the source.
+SKINNY_MAX_M_TILED = csrc_constant("kSkinnyMaxMTiled")
 
 
 def path_for(m: int, n: int, k: int, g: int) -> str:
     return "skinny" if m <= SKINNY_MAX_M_TILED else "dequant+cublas"
-
-
-def time_graph(calls: list, est_s: float) -> float:
-    """Seconds per call: capture ``calls`` (cycled) into a CUDA graph, replay, time with events."""
-    n_calls = max(len(calls), min(4000, math.ceil(TARGET_GRAPH_S / max(est_s, 1e-7))))
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for c in calls:  # warm-up outside capture (lazy init, cuBLAS workspaces)
-            c()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(n_calls):
-            calls[i % len(calls)]()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(REPLAYS):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    t = start.elapsed_time(end) / 1e3 / (REPLAYS * n_calls)
-    del graph
-    return t
-
-
-def time_eager(fn, reps: int = 3) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / reps
-
-
-def copy_bandwidth(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth in GB/s (bytes read + bytes written)."""
-    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    t = min(time_eager(lambda: b.copy_(a), reps=10) for _ in range(3))
-    del a, b
-    return 2 * nbytes / t / 1e9
-
-
-def n_copies(nbytes: int, l2: int, cap_bytes: int) -> int:
-    return max(1, min(math.ceil(3 * l2 / nbytes), max(1, cap_bytes // nbytes)))
 
 
 def _print_row(row: dict) -> None:

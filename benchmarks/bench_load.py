@@ -8,7 +8,7 @@ so building it costs little memory), then each device is loaded in a child proce
 child samples its anonymous RSS every millisecond during the load (file pages that safetensors maps
 are page cache, not counted).
 
-    python benchmarks/bench_load.py --devices cpu cuda auto --dtype bfloat16 --layers 8 --out bench_load.json
+    python -m benchmarks.bench_load --devices cpu cuda auto --dtype bfloat16 --layers 8 --out bench_load.json
 """
 
 from __future__ import annotations
@@ -22,10 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_memory import CONFIG, build, rss_now  # noqa: E402
+from benchmarks.common import CONFIG, build, rss_now
 
 
 def anon_rss() -> int:
@@ -105,7 +102,7 @@ def main():
     size = sum(f.stat().st_size for f in q.glob("*.safetensors"))
     rows = []
     for dev in a.devices:
-        res = subprocess.run([sys.executable, __file__, "--child", str(q), dev, a.dtype], capture_output=True, text=True)
+        res = subprocess.run([sys.executable, "-m", "benchmarks.bench_load", "--child", str(q), dev, a.dtype], capture_output=True, text=True)
         if res.returncode:
             print(f"{dev}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
             continue

@@ -4,7 +4,7 @@ download), quantized lazily block by block (``from_pretrained(lazy=True)``). The
 in a child process so its peak RSS is its own; the child runs with ``MALLOC_MMAP_THRESHOLD_=8388608``
 (the setting README recommends for memory-bound runs) unless ``--glibc-default``.
 
-    python benchmarks/bench_memory.py --out bench_memory.json
+    python -m benchmarks.bench_memory --out bench_memory.json
 """
 
 from __future__ import annotations
@@ -19,28 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-CONFIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=36, num_attention_heads=16,
-              num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
-
-
-def rss_now(field: str = "VmRSS") -> int:
-    """Current resident set size in bytes (Linux); ``field`` "RssAnon": its anonymous part only."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def build(folder: Path) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**CONFIG), dtype=torch.float16)
-    model.save_pretrained(folder, max_shard_size="1GB")
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-
+from benchmarks.common import CONFIG, build, rss_now
 
 def child(src: str, out: str, lazy: bool, n_grid: int) -> None:
     import torch
@@ -83,7 +62,7 @@ def main():
     env = dict(os.environ)
     if not a.glibc_default:  # see awqlib.lazy.release_memory: allocations >= 8 MB get their own mapping
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(8 << 20))
-    res = subprocess.run([sys.executable, __file__, "--child", str(src), str(work / "q"), "--n-grid", str(a.n_grid)],
+    res = subprocess.run([sys.executable, "-m", "benchmarks.bench_memory", "--child", str(src), str(work / "q"), "--n-grid", str(a.n_grid)],
                          capture_output=True, text=True, check=True, env=env)
     r = json.loads(res.stdout.strip().splitlines()[-1])
     r.update(model_bytes=size, ratio=round(r["peak_rss_bytes"] / size, 3),

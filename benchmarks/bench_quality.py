@@ -1,8 +1,8 @@
 """Perplexity and wall time of fp / RTN / AWQ on SmolLM2-135M (offline), printed as a table and
 written as JSON.  Conventions: ../shared/data/README.md (wikitext2 test, windows of 1024 tokens).
 
-    python benchmarks/bench_quality.py --data ../shared/data --windows 32 --out results.json
-    python benchmarks/bench_quality.py --ablate     # each AWQ option on/off
+    python -m benchmarks.bench_quality --data ../shared/data --windows 32 --out results.json
+    python -m benchmarks.bench_quality --ablate     # each AWQ option on/off
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from awqlib import AutoAWQ, awq
 from awqlib.eval import load_eval_tokens, perplexity
 from awqlib.offline import smollm2_path
-from bench_blocks import parse_variant
+from benchmarks.bench_blocks import parse_variant
 
 
 def calib_lines(path: Path, n: int, min_chars: int = 200) -> list[str]:
@@ -43,7 +43,7 @@ def run(model_dir, tok, method, calib, qc, windows, eval_tokens, **opts):
     if method not in ("fp", "rtn"):
         # where the time went, and how often the identity scale won (same search in awq and awq+gptq)
         r["gptq_s"] = round(sum(rep.gptq_seconds for rep in reports), 1)
-        ratios = [s["ratio"] for rep in reports for s in rep.scales.values()]
+        ratios = [s.ratio for rep in reports for s in rep.scales.values()]
         r["identity_chosen"] = f"{sum(x == awq.IDENTITY for x in ratios)}/{len(ratios)}"
     return m, r
 

@@ -7,8 +7,8 @@ its default settings (128 x 512 calibration tokens, g128).  Reports seconds per 
 model's extrapolated time (32 blocks) and peak GPU memory against the fp16 model's size.
 Prints a table and writes JSON; no timed assertions.
 
-    python benchmarks/bench_quantize_gpu.py --out bench_quantize_gpu.json      # on a GPU
-    python benchmarks/bench_quantize_gpu.py --tiny --device cpu                 # smoke test (tiny shape)
+    python -m benchmarks.bench_quantize_gpu --out bench_quantize_gpu.json      # on a GPU
+    python -m benchmarks.bench_quantize_gpu --tiny --device cpu                 # smoke test (tiny shape)
 """
 
 from __future__ import annotations

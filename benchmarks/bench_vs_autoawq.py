@@ -11,7 +11,7 @@ AutoAWQ runs in its own virtual environment (it needs transformers 4.51):
     sed -i 's/org_sd = {k: v.cpu() for k/org_sd = {k: v.detach().cpu().clone() for k/' \\
         /work/venv-autoawq/lib/python3.11/site-packages/awq/quantize/quantizer.py
 
-    python benchmarks/bench_vs_autoawq.py --autoawq-python /work/venv-autoawq/bin/python \\
+    python -m benchmarks.bench_vs_autoawq --autoawq-python /work/venv-autoawq/bin/python \\
         --n-texts 128 --blocks 3 --out vs_autoawq.json
 
 ``--blocks N`` quantizes only the first N decoder blocks in both (wall time per block; the full
@@ -30,7 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 AUTOAWQ_CHILD = r'''
 import json, sys, time, torch

@@ -8,24 +8,20 @@ also with forced split-K factors; dequantize + cuBLAS) and on the GEMM (checkpoi
 skinny, tiled tensor-core GEMM), plus the automatic choice and fp16 ``F.linear``, all timed the way bench_kernels.py times (rotated weights, CUDA
 graphs, events).  Prints the table and the winner per case; writes JSON.
 
-    python benchmarks/tune_kernels.py --out tune.json --time-budget 120
+    python -m benchmarks.tune_kernels --out tune.json --time-budget 120
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from bench_kernels import copy_bandwidth, n_copies, time_eager, time_graph  # noqa: E402
+from benchmarks.common import copy_bandwidth, n_copies, time_eager, time_graph
 
 SHAPES = [("4096x4096", 4096, 4096), ("70b down", 8192, 28672), ("7b gate_up", 22016, 4096),
           ("8b qkv", 6144, 4096), ("8b down", 4096, 14336)]

@@ -76,26 +76,26 @@ step test_gpu_e2e 90 "$LOGS/pytest_gpu.log" "$PY" -m pytest -q -rs -p no:cachepr
 
 # 4. Kernel variants (tuning data), then the kernel benchmark (each writes its own JSON).
 if [ "$TUNE" = 1 ]; then
-  step tune_kernels 110 "$LOGS/tune_kernels.log" "$PY" benchmarks/tune_kernels.py \
+  step tune_kernels 110 "$LOGS/tune_kernels.log" "$PY" -m benchmarks.tune_kernels \
     --time-budget "${TUNE_BUDGET:-75}" --out "$OUT/tune_kernels.json"
 fi
-[ "$BENCH" = 1 ] && step bench_kernels 110 "$LOGS/bench_kernels.log" "$PY" benchmarks/bench_kernels.py \
+[ "$BENCH" = 1 ] && step bench_kernels 110 "$LOGS/bench_kernels.log" "$PY" -m benchmarks.bench_kernels \
   --time-budget "${BENCH_BUDGET:-80}" --out "$OUT/bench_kernels.json"
 
 # 5. End-to-end generation benchmark, if present.
 if [ -f benchmarks/bench_generate.py ]; then
-  step bench_generate 100 "$LOGS/bench_generate.log" "$PY" benchmarks/bench_generate.py --new-tokens 64 \
+  step bench_generate 100 "$LOGS/bench_generate.log" "$PY" -m benchmarks.bench_generate --new-tokens 64 \
     --out "$OUT/bench_generate.json"
 fi
 
 # 6. Host memory while loading a checkpoint onto the GPU (tensors go to their device as they are read,
 #    casts happen there), with the CPU as the control.
-step bench_load 100 "$LOGS/bench_load.log" "$PY" benchmarks/bench_load.py --devices cpu cuda auto \
+step bench_load 100 "$LOGS/bench_load.log" "$PY" -m benchmarks.bench_load --devices cpu cuda auto \
   --dtype bfloat16 --layers 8 --out "$OUT/bench_load.json"
 
 # 7. Quantization on the GPU: the first 3 blocks of a random Llama-3-8B-shaped model, lazily (one
 #    block on the GPU), AWQ and the default method: s/block, whole-model extrapolation, peak memory.
-step bench_quantize_gpu 300 "$LOGS/bench_quantize_gpu.log" "$PY" benchmarks/bench_quantize_gpu.py --blocks 3 \
+step bench_quantize_gpu 300 "$LOGS/bench_quantize_gpu.log" "$PY" -m benchmarks.bench_quantize_gpu --blocks 3 \
   --out "$OUT/bench_quantize_gpu.json"
 
 # The reply shows only the end of the output: repeat the essentials last.

@@ -75,7 +75,7 @@ def test_expert_without_calibration_tokens_is_still_quantized(arch, calib_ids):
         assert len(experts) == 4
         assert sum(isinstance(m, WQLinear) for m in experts.modules()) == 12
     starved_reports = [r for rep in w.reports for k, r in rep.scales.items() if f"experts.{starved}." in k]
-    assert starved_reports and all(r["ratio"] is None for r in starved_reports)
+    assert starved_reports and all(r.ratio is None for r in starved_reports)
 
 
 def test_moe_statistics_are_per_expert(calib_ids):

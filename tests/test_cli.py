@@ -34,3 +34,6 @@ def test_quantize_and_eval(tmp_path, capsys):
     assert main(["eval", str(out), "--text", str(text), "--seqlen", "64", "--windows", "2",
                  "--device-map", "auto"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"] == res["perplexity"]
+    # a folder that is not quantized is evaluated as the fp model (from_quantized raises NotQuantizedCheckpoint)
+    assert main(["eval", str(src), "--text", str(text), "--seqlen", "64", "--windows", "2"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"] > 1

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from awqlib import AutoAWQ, QuantConfig
+from awqlib import AutoAWQ, NotQuantizedCheckpoint, QuantConfig
 from awqlib.calib import get_calib_tokens
 from conftest import FIXTURES, tiny_model
 
@@ -25,7 +25,7 @@ def test_not_awq_quant_method(tmp_path):
 def test_not_quantized_checkpoint(tmp_path):
     model = tiny_model("llama")
     model.save_pretrained(tmp_path / "fp")
-    with pytest.raises(ValueError, match="not a quantized checkpoint"):
+    with pytest.raises(NotQuantizedCheckpoint, match="not a quantized checkpoint"):  # a ValueError
         AutoAWQ.from_quantized(str(tmp_path / "fp"))
 
 
@@ -123,3 +123,14 @@ def test_quantize_twice():
     w.quantize(None, {"q_group_size": 64}, method="rtn")
     with pytest.raises(RuntimeError, match="already quantized"):
         w.quantize(None, {"q_group_size": 64}, method="rtn")
+
+
+def test_wrapper_exposes_named_attributes_only():
+    """AWQModel forwards what scripts use (config, device, dtype, generation_config) and nothing else:
+    a typo is an AttributeError, not a silent read of the wrapped model."""
+    w = AutoAWQ.from_model(tiny_model("llama"))
+    assert w.config is w.model.config and w.generation_config is w.model.generation_config
+    assert w.device == torch.device("cpu") and w.dtype == torch.float32 and w.hf_device_map is None
+    assert w.saved_to is None
+    with pytest.raises(AttributeError):
+        w.get_input_embeddings

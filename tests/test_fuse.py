@@ -37,3 +37,16 @@ def test_slice_called_with_other_input_recomputes():
     torch.testing.assert_close(s0(x), parts[0](x))
     torch.testing.assert_close(s1(y), parts[1](y))  # not x: must not reuse x's cached result
     torch.testing.assert_close(s1(x), parts[1](x))
+
+
+def test_fused_state_dict_holds_the_unfused_tensors():
+    """Fused slices export the unfused linears' tensors (what checkpoints store) next to the fused
+    module's own (what accelerate offloads), and a fused model loads its own state dict back."""
+    from awqlib.fuse import fuse_layers
+    w = AutoAWQ.from_model(tiny_model("llama")).quantize(None, {"q_group_size": 64}, method="rtn")
+    before = {k: v.clone() for k, v in w.model.state_dict().items()}
+    assert fuse_layers(w.model, w.spec) == 2 * 2
+    after = w.model.state_dict()
+    assert set(after) - set(before) and all(".fused_" in k for k in set(after) - set(before))
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    w.model.load_state_dict(after, strict=True)

@@ -19,13 +19,12 @@ PPL = {"fp": 12.3456, "awq": 12.9012, "dataset": "wikitext-2-raw-v1", "windows":
 def qmodel():
     m = AutoAWQ.from_model(tiny_model("llama")).quantize(None, {"q_group_size": 64}, method="rtn")
     m.name_or_path = BASE
-    m.stats["perplexity"] = dict(PPL)
     return m
 
 
 @pytest.fixture(scope="module")
 def saved(qmodel, tmp_path_factory) -> Path:
-    return qmodel.save_quantized(tmp_path_factory.mktemp("hub") / "tiny-awq")
+    return qmodel.save_quantized(tmp_path_factory.mktemp("hub") / "tiny-awq", perplexity=PPL)
 
 
 def _front_matter(text: str) -> str:
@@ -181,3 +180,9 @@ def test_push_to_hub_lazily_saved_model(qmodel, saved, fake_hub, tmp_path, monke
     assert a2["folder"] == folder and folder.is_dir()
     assert a2["allow_patterns"] == staged_files(saved)
     assert "vllm serve me/lazy" in (folder / "README.md").read_text()
+
+
+def test_card_perplexity_keys_are_checked(qmodel, tmp_path):
+    with pytest.raises(ValueError, match="unknown keys"):
+        qmodel.save_quantized(tmp_path / "x", perplexity={"awq": 12.9, "ppl_fp": 12.3})
+    assert not (tmp_path / "x").exists()

@@ -43,10 +43,10 @@ def test_stored_weight_is_rtn_of_scaled_original(calib_ids):
         # a linear is scaled as a reader (columns) by one group, and as a prev (rows) by at most one other
         col_scale, row_scale = {}, {}
         for prev, r in rep.scales.items():
-            for l in r["linears"]:
-                col_scale[l] = r["scales"]
+            for l in r.linears:
+                col_scale[l] = r.scales
             if prev in ("self_attn.v_proj", "mlp.up_proj"):
-                row_scale[prev] = r["scales"]
+                row_scale[prev] = r.scales
         block = model.model.layers[i]
         for name, s in col_scale.items():
             wo = orig[f"model.layers.{i}.{name}"].float()

@@ -40,9 +40,13 @@ def test_kernels_compile_for_sm80_sm90(tmp_path):
 
 
 def test_sources_found():
-    srcs = kernels.sources()
-    names = {Path(s).name for s in srcs}
-    assert {"awq_ops.cpp", "awq_gemv.cu", "awq_gemm.cu", "awq_dequant.cu"} <= names
+    """The build compiles every translation unit in csrc/ (a new .cu file cannot be left out),
+    the op registration first."""
+    names = [Path(s).name for s in kernels.sources()]
+    on_disk = {p.name for p in kernels.source_dir().iterdir() if p.suffix in (".cu", ".cpp")}
+    assert set(names) == on_disk and len(names) == len(on_disk)
+    assert {"awq_ops.cpp", "awq_gemv.cu", "awq_gemm.cu", "awq_dequant.cu", "awq_skinny.cu"} <= on_disk
+    assert names[0] == "awq_ops.cpp"
 
 
 def test_cache_dir_respects_env(monkeypatch, tmp_path):

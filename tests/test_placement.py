@@ -14,7 +14,7 @@ from awqlib import AutoAWQ
 from awqlib.arch import get_spec
 from awqlib.checkpoint import load_quantized_state, safetensors_files
 from awqlib.config import QuantConfig
-from awqlib.model import _placer
+from awqlib.placement import placer
 from conftest import assert_same_checkpoint, tiny_model
 
 QC = {"q_group_size": 64}
@@ -198,10 +198,10 @@ def test_loader_places_each_tensor_as_it_is_read(quantized):
 
 
 def test_placer_resolves_module_prefixes():
-    place = _placer({"model.embed_tokens": 0, "model.layers.0": "cuda:1", "model.layers.1": "disk", "": "cpu"})
+    place = placer({"model.embed_tokens": 0, "model.layers.0": "cuda:1", "model.layers.1": "disk", "": "cpu"})
     assert place("model.embed_tokens.weight") == torch.device("cuda:0")
     assert place("model.layers.0.mlp.up_proj.qweight") == torch.device("cuda:1")
     assert place("model.layers.1.self_attn.q_proj.scales") == torch.device("cpu")  # offloaded at dispatch
     assert place("lm_head.weight") == torch.device("cpu")
     with pytest.raises(ValueError, match="places no module containing lm_head.weight"):
-        _placer({"model": 0})("lm_head.weight")
+        placer({"model": 0})("lm_head.weight")

@@ -1,0 +1,118 @@
+"""Model structure: where a model's decoder blocks are, which linears a block quantizes, and the
+generic operations on them (run a block, move its inputs, swap a module).
+
+Generic code over :mod:`awqlib.arch`'s specs; the algorithm (:mod:`awqlib.awq`), the driver, the
+loader and layer fusion all read model structure through here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import QuantConfig
+from ..modules import WQLinear
+from ..quant import effective_group_size, pack_factor
+from . import ArchSpec, ScaleGroup
+
+# transformers' multimodal wrappers (Gemma 3, ...) keep the text decoder's blocks here
+_FALLBACK_BLOCKS = ("model.language_model.layers",)
+
+
+def find_blocks(model: nn.Module, spec: ArchSpec) -> tuple[str, nn.ModuleList]:
+    """(module path, the decoder blocks) of ``model``."""
+    for path in (spec.blocks, *_FALLBACK_BLOCKS):
+        try:
+            return path, model.get_submodule(path)
+        except AttributeError:
+            continue
+    raise ValueError(f"cannot find the decoder blocks of this {spec.name} model at {spec.blocks!r}")
+
+
+def get_blocks(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
+    """The decoder blocks of ``model`` (see :func:`find_blocks` for their path too)."""
+    return find_blocks(model, spec)[1]
+
+
+def to_device(obj, device):
+    """``obj`` with every tensor inside (nested tuples, lists, dicts) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """A decoder block's hidden-state output (blocks return a tuple or a tensor)."""
+    out = block(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def expand_groups(spec: ArchSpec, block: nn.Module) -> list[ScaleGroup]:
+    """Expand ``{e}`` (per expert) placeholders against the block's actual experts."""
+    n_exp = 0
+    if spec.experts is not None:
+        n_exp = len(block.get_submodule(spec.experts.path))
+    out = []
+    for g in spec.groups:
+        if "{e}" in g.prev:
+            out += [ScaleGroup(g.prev.format(e=e), tuple(l.format(e=e) for l in g.linears), g.inspect,
+                               g.prev_rows, g.scale_only) for e in range(n_exp)]
+        elif any("{e}" in l for l in g.linears):
+            lin = tuple(l.format(e=e) for e in range(n_exp) for l in g.linears)
+            out.append(ScaleGroup(g.prev, lin, g.inspect, g.prev_rows, g.scale_only))
+        else:
+            out.append(g)
+    return out
+
+
+def quantizable_linears(block: nn.Module, qcfg: QuantConfig, prefix: str = "") -> dict[str, nn.Linear]:
+    """The block's nn.Linear modules that ``qcfg`` converts (``prefix``: the block's path + '.')."""
+    return {n: m for n, m in block.named_modules()
+            if isinstance(m, nn.Linear) and not qcfg.skips(f"{prefix}{n}")}
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted path ``name`` under ``root``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def check_quantizable(model: nn.Module, spec: ArchSpec, qcfg: QuantConfig) -> None:
+    """Fail before any work if a linear cannot be stored in the AWQ format with this group size."""
+    bad, in_sizes = [], set()
+    blocks = get_blocks(model, spec)
+    pf = pack_factor(qcfg.bits)
+    for i, blk in enumerate(blocks):
+        if spec.experts is not None and hasattr(blk.get_submodule(spec.experts.path), "gate_up_proj"):
+            fused = blk.get_submodule(spec.experts.path)
+            dims = {"experts.gate/up": fused.gate_up_proj.shape[-1], "experts.down": fused.down_proj.shape[-1]}
+            outs = {"experts.gate/up": fused.gate_up_proj.shape[-2] // 2, "experts.down": fused.down_proj.shape[-2]}
+            entries = [(k, dims[k], outs[k]) for k in dims]
+        else:
+            entries = [(n, l.in_features, l.out_features)
+                       for n, l in quantizable_linears(blk, qcfg, f"{spec.blocks}.{i}.").items()]
+        for n, k, o in entries:
+            in_sizes.add(k)
+            if k % effective_group_size(qcfg.group_size, k) or o % pf:
+                bad.append((f"{spec.blocks}.{i}.{n}", k, o))
+    if bad:
+        ok = [g for g in (32, 64, 128) if all(k % g == 0 for k in in_sizes)] + [-1]
+        name, k, o = bad[0]
+        raise ValueError(
+            f"{len(bad)} linear(s) cannot be stored in the AWQ GEMM format with group_size={qcfg.group_size}: "
+            f"e.g. {name} has in_features={k} (must be a multiple of the group size) and out_features={o} "
+            f"(must be a multiple of {pf}). Group sizes that work for this model: {ok}. "
+            f"Or keep those layers in fp16 with quant_config['modules_to_not_convert'] = [...] "
+            f"(substrings of module names, e.g. {name.split('.')[-1]!r}).")
+
+
+def empty_quantized_linears(block: nn.Module, qcfg: QuantConfig, prefix: str, device) -> None:
+    """Swap the block's quantizable nn.Linear modules for empty WQLinear modules (to be loaded)."""
+    for name, lin in quantizable_linears(block, qcfg, prefix).items():
+        replace_module(block, name, WQLinear(lin.in_features, lin.out_features, qcfg.bits, qcfg.group_size,
+                                             lin.bias is not None, device=device))

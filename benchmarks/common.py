@@ -1,0 +1,98 @@
+"""Helpers shared by the benchmarks: CUDA timing (graph replay, events), copy bandwidth, the
+process's resident memory, and the Llama-shaped model the memory benchmarks build."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import torch
+
+def csrc_constant(name: str, source: str = "awq_ops.cpp") -> int:
+    """An integer constant of the CUDA sources (``constexpr int64_t name = value;``), so that a
+    table mirroring the kernels' dispatch follows the code instead of a copy of its numbers."""
+    from awqlib.kernels import source_dir
+    text = (source_dir() / source).read_text()
+    m = re.search(rf"constexpr\s+\w+\s+{re.escape(name)}\s*=\s*(\d+)\s*;", text)
+    if m is None:
+        raise KeyError(f"no integer constant {name} in csrc/{source}")
+    return int(m.group(1))
+
+
+TARGET_GRAPH_S = 0.004  # captured work per replay
+REPLAYS = 5
+
+
+def time_graph(calls: list, est_s: float) -> float:
+    """Seconds per call: capture ``calls`` (cycled) into a CUDA graph, replay, time with events."""
+    n_calls = max(len(calls), min(4000, math.ceil(TARGET_GRAPH_S / max(est_s, 1e-7))))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for c in calls:  # warm-up outside capture (lazy init, cuBLAS workspaces)
+            c()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(n_calls):
+            calls[i % len(calls)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(REPLAYS):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    t = start.elapsed_time(end) / 1e3 / (REPLAYS * n_calls)
+    del graph
+    return t
+
+
+def time_eager(fn, reps: int = 3) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in GB/s (bytes read + bytes written)."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t = min(time_eager(lambda: b.copy_(a), reps=10) for _ in range(3))
+    del a, b
+    return 2 * nbytes / t / 1e9
+
+
+def n_copies(nbytes: int, l2: int, cap_bytes: int) -> int:
+    return max(1, min(math.ceil(3 * l2 / nbytes), max(1, cap_bytes // nbytes)))
+
+
+# a 3.96 GB fp16 Llama-architecture model (36 blocks): the memory benchmarks' subject
+CONFIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=36, num_attention_heads=16,
+              num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+def rss_now(field: str = "VmRSS") -> int:
+    """Current resident set size in bytes (Linux); ``field`` "RssAnon": its anonymous part only."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def build(folder: Path) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**CONFIG), dtype=torch.float16)
+    model.save_pretrained(folder, max_shard_size="1GB")
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
