@@ -7,8 +7,8 @@ from .config import QuantConfig
 from .loading import NotQuantizedCheckpoint
 from .model import AutoAWQ, AutoAWQForCausalLM, AWQModel
 from .modules import WQLinear
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["AutoAWQ", "AutoAWQForCausalLM", "AWQModel", "NotQuantizedCheckpoint", "QuantConfig", "WQLinear", "__version__"]
 
 _logging.getLogger("awqlib").addHandler(_logging.NullHandler())

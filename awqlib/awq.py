@@ -90,7 +90,8 @@ def make_options(method: str, **options) -> AWQOptions:
         raise ValueError(f"{clash} is chosen by the method: use method='awq+gptq' or 'awq' instead")
     unknown = sorted(set(options) - set(AWQOptions.__dataclass_fields__))
     if unknown:
-        raise TypeError(f"unknown option(s) {unknown}; accepted: {sorted(AWQOptions.__dataclass_fields__)}")
+        raise TypeError(f"quantize() got unknown option(s) {unknown}; besides its own arguments it accepts "
+                        f"the AWQOptions fields {sorted(AWQOptions.__dataclass_fields__)}")
     return AWQOptions(**options, **fixed)
 
 

@@ -72,6 +72,26 @@ def _texts_or_ids(calib_data: Any, split: str, text_column: str) -> list[str] | 
                     f"tensors or a datasets.Dataset; got {type(calib_data).__name__}")
 
 
+def describe(calib_data: Any, split: str = "validation") -> str:
+    """What the calibration data was, for the model card: a dataset name, a file's base name, or
+    "custom text, N chars"; never a local path."""
+    if isinstance(calib_data, str) and calib_data == "pileval":
+        return f"{PILEVAL} ({split} split)"
+    if isinstance(calib_data, (str, os.PathLike)):
+        return f"text file {Path(calib_data).name}"
+    if hasattr(calib_data, "column_names"):
+        name = getattr(getattr(calib_data, "info", None), "dataset_name", None)
+        return f"dataset {name} ({len(calib_data)} rows)" if name else f"a datasets.Dataset ({len(calib_data)} rows)"
+    if isinstance(calib_data, torch.Tensor):
+        return f"custom token ids, {calib_data.numel()} tokens"
+    if isinstance(calib_data, Iterable):
+        items = list(calib_data)
+        if all(isinstance(x, str) for x in items):
+            return f"custom text, {sum(len(x) for x in items)} chars"
+        return f"custom token ids, {sum(int(x.numel()) for x in items if isinstance(x, torch.Tensor))} tokens"
+    return type(calib_data).__name__
+
+
 def get_calib_tokens(calib_data: Any, tokenizer=None, n_samples: int = 128, seqlen: int = 512,
                      split: str = "validation", text_column: str = "text") -> torch.Tensor:
     items = _texts_or_ids(calib_data, split, text_column)

@@ -121,20 +121,103 @@ def write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_size: i
     return names
 
 
-def quantized_config_dict(config, qcfg: QuantConfig) -> dict[str, Any]:
-    d = config.to_dict()
+def legacy_rope_keys(rope_parameters: Any) -> dict[str, Any]:
+    """transformers 4.x's ``rope_theta`` / ``rope_scaling`` (and gemma3's ``rope_local_base_freq``,
+    ``partial_rotary_factor``) from transformers 5's ``rope_parameters``.  Readers on transformers < 5
+    (AutoAWQ, TGI-era tools) ignore ``rope_parameters`` and would silently fall back to theta 10000."""
+    if not isinstance(rope_parameters, dict):
+        return {}
+    per_layer_type = "rope_theta" not in rope_parameters and "rope_type" not in rope_parameters
+    main = rope_parameters.get("full_attention", {}) if per_layer_type else rope_parameters
+    out: dict[str, Any] = {}
+    if not isinstance(main, dict) or "rope_theta" not in main:
+        return out
+    out["rope_theta"] = main["rope_theta"]
+    scaling = {k: v for k, v in main.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    out["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
+    if "partial_rotary_factor" in main:
+        out["partial_rotary_factor"] = main["partial_rotary_factor"]
+    local = rope_parameters.get("sliding_attention") if per_layer_type else None
+    if isinstance(local, dict) and "rope_theta" in local:
+        out["rope_local_base_freq"] = local["rope_theta"]
+    return out
+
+
+def quantized_config_dict(source: dict[str, Any], qcfg: QuantConfig) -> dict[str, Any]:
+    """config.json of the quantized checkpoint: every key of ``source`` with its value, plus
+    ``quantization_config`` and the dtype the checkpoint stores (both spellings: ``torch_dtype`` for
+    transformers 4.x readers, ``dtype`` for 5.x)."""
+    d = dict(source)
     d.pop("quantization_config", None)
     d["quantization_config"] = qcfg.to_hf_dict()
-    d["torch_dtype"] = "float16"
-    if "dtype" in d:
-        d["dtype"] = "float16"
-    d["use_cache"] = True
+    d["torch_dtype"] = d["dtype"] = "float16"
     return d
+
+
+def source_config_dict(source_folder: Path | None, model_config) -> dict[str, Any]:
+    """The source's own config.json when there is one (transformers 5's ``to_dict`` drops keys that
+    older readers need, e.g. ``rope_theta``); else the in-memory config plus the legacy RoPE keys."""
+    if source_folder is not None and (Path(source_folder) / "config.json").is_file():
+        return json.loads((Path(source_folder) / "config.json").read_text(encoding="utf-8"))
+    d = model_config.to_dict()
+    d.pop("_name_or_path", None)  # where it was loaded from: a local path is nobody else's business
+    for k, v in legacy_rope_keys(d.get("rope_parameters")).items():
+        d.setdefault(k, v)
+    return d
+
+
+def write_config(folder: Path, source_folder: Path | None, model_config, qcfg: QuantConfig) -> None:
+    cfg = quantized_config_dict(source_config_dict(source_folder, model_config), qcfg)
+    (Path(folder) / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
+
+
+# Tokenizer files as transformers, sentencepiece and tiktoken tokenizers name them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt",
+                   "chat_template.jinja", "chat_template.json")
+TOKENIZER_GLOBS = ("*.tiktoken", "tokenizer*.model*", "additional_chat_templates/*.jinja")
+
+
+def tokenizer_files(folder: Path | None) -> list[Path]:
+    """The tokenizer files in ``folder`` (relative paths), [] where it has none."""
+    if folder is None or not Path(folder).is_dir():
+        return []
+    folder = Path(folder)
+    found = {Path(n) for n in TOKENIZER_FILES if (folder / n).is_file()}
+    for pattern in TOKENIZER_GLOBS:
+        found |= {p.relative_to(folder) for p in folder.glob(pattern) if p.is_file()}
+    return sorted(found)
+
+
+def remote_code_files(folder: Path | None) -> list[Path]:
+    """The ``*.py`` files a trust_remote_code model's ``auto_map`` points at (config or tokenizer)."""
+    if folder is None or not Path(folder).is_dir():
+        return []
+    uses_code = False
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            uses_code = uses_code or "auto_map" in json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+    return sorted(p.relative_to(folder) for p in Path(folder).glob("*.py")) if uses_code else []
+
+
+def copy_tokenizer_files(source_folder: Path | None, folder: Path) -> bool:
+    """Copy the source's tokenizer files verbatim (a transformers 5 re-save rewrites
+    ``tokenizer_class``, which transformers 4.x refuses), and the code files of a trust_remote_code
+    model (its ``auto_map`` stays in config.json); False where there is no tokenizer to copy."""
+    files = tokenizer_files(source_folder)
+    for rel in files + remote_code_files(source_folder):
+        (Path(folder) / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(source_folder) / rel, Path(folder) / rel)
+    return bool(files)
 
 
 # ---------------------------------------------------------------------------------------------- reading
 
-def resolve_folder(path_or_id: str | os.PathLike, revision: str | None = None, token: str | None = None) -> Path:
+def resolve_folder(path_or_id: str | os.PathLike, revision: str | None = None, token: str | None = None,
+                   **download: Any) -> Path:
+    """A local folder as is; a Hub id downloaded (``download``: more ``snapshot_download`` arguments)."""
     p = Path(path_or_id)
     if p.is_dir():
         return p
@@ -143,12 +226,30 @@ def resolve_folder(path_or_id: str | os.PathLike, revision: str | None = None, t
     if str(path_or_id).count("/") == 1 and not str(path_or_id).startswith((".", "/")):
         from huggingface_hub import snapshot_download
         try:
-            return Path(snapshot_download(str(path_or_id), revision=revision, token=token,
-                                          allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+            patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md"]
+            download = {"allow_patterns": patterns, **download}
+            return Path(snapshot_download(str(path_or_id), revision=revision, token=token, **download))
         except Exception as e:
             raise OSError(f"{path_or_id!r} is not a local folder and could not be downloaded from the Hugging Face "
                           f"Hub ({type(e).__name__}: {e})") from None
     raise FileNotFoundError(f"checkpoint folder {p} does not exist")
+
+
+def local_source_folder(name_or_path: str | os.PathLike | None, revision: str | None = None) -> Path | None:
+    """The local folder a model was read from: the folder itself, or its Hub snapshot where the Hub
+    cache already holds it (never downloads); None for anything else."""
+    if not name_or_path:
+        return None
+    p = Path(name_or_path)
+    if p.is_dir():
+        return p
+    if str(name_or_path).count("/") == 1 and not str(name_or_path).startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+        try:
+            return Path(snapshot_download(str(name_or_path), revision=revision, local_files_only=True))
+        except Exception:  # not in the cache: config and tokenizer are then written from memory
+            return None
+    return None
 
 
 def safetensors_files(folder: Path) -> list[Path]:

@@ -1,9 +1,11 @@
 """Will vLLM / SGLang load this AWQ checkpoint, and at which tensor-parallel sizes?
 
 ``validate_checkpoint(folder)`` reads ``config.json`` and the safetensors *headers* only
-(no tensor data) and checks them against the rules that vLLM's AWQ reader applies.
-Every rule lives in :data:`RULES`, once, with the upstream file it comes from; the
-checks below refer to rules by id and never restate them.
+(no tensor data) and checks them against the rules that vLLM's AWQ reader applies: the current
+release's ``AutoAWQConfig`` (``auto_awq.py``), plus the rules of older releases (``awq.py`` /
+``awq_marlin.py``) that still bite, labelled as such.  Every rule lives in :data:`RULES`, once,
+with the upstream file and the releases it comes from; the checks below refer to rules by id and
+never restate them.
 
 Run it from a shell::
 
@@ -24,11 +26,19 @@ from typing import Any, Iterable
 VLLM = "vllm-project/vllm"
 SGLANG = "sgl-project/sglang"
 AUTOAWQ = "casper-hansen/AutoAWQ"
+GPTQMODEL = "ModelCloud/GPTQModel"
 
-_AWQ_PY = "vllm/model_executor/layers/quantization/awq.py"
-_MARLIN_PY = "vllm/model_executor/layers/quantization/awq_marlin.py"
+# vLLM's current AWQ reader: one AutoAWQConfig for --quantization awq / awq_marlin / auto_awq / marlin
+# (read at vllm-project/vllm@0043d6b52fdafbbed46c819125a2d582a148e121).
+_AUTO_AWQ_PY = "vllm/model_executor/layers/quantization/auto_awq.py"
 _MARLIN_UTILS = "vllm/model_executor/layers/quantization/utils/marlin_utils.py"
 _LINEAR_PY = "vllm/model_executor/layers/linear.py"
+# Older releases, still deployed: AWQConfig (plain kernel) and AWQMarlinConfig in two files.
+_AWQ_PY = "vllm/model_executor/layers/quantization/awq.py"
+_MARLIN_PY = "vllm/model_executor/layers/quantization/awq_marlin.py"
+CURRENT = "current vLLM (auto_awq.py)"
+LEGACY = "older vLLM releases (awq.py / awq_marlin.py, before auto_awq.py)"
+EVERY = "every vLLM release"
 
 
 @dataclass(frozen=True)
@@ -39,62 +49,66 @@ class Rule:
     repo: str
     path: str
     where: str             # function / class in that file
+    versions: str = EVERY  # the releases the rule applies to
 
     @property
     def source(self) -> str:
-        return f"{self.repo}: {self.path} ({self.where})"
+        return f"{self.repo}: {self.path} ({self.where}; {self.versions})"
 
 
 RULES_LIST: tuple[Rule, ...] = (
     Rule("config", "error",
          "The quantization settings are read from config.json's `quantization_config` (or, failing that, "
-         "from quant_config.json / quantize_config.json beside it).",
-         VLLM, _AWQ_PY, "AWQConfig.get_config_filenames"),
+         "from quantize_config.json / quant_config.json beside it).",
+         VLLM, _AUTO_AWQ_PY, "AutoAWQConfig.get_config_filenames"),
     Rule("quant_method", "error",
-         "quantization_config.quant_method must be 'awq': vLLM picks the reader (and checks --quantization "
-         "against it) from this key; awq_marlin is only considered when it is 'awq'.",
-         VLLM, _MARLIN_PY, "AWQMarlinConfig.is_awq_marlin_compatible"),
+         "quantization_config.quant_method must be 'awq': vLLM picks the reader from this key; with 'awq', "
+         "--quantization unset, awq, awq_marlin, auto_awq or marlin all select AutoAWQConfig (on CUDA; the "
+         "CPU backend has its own reader).",
+         VLLM, _AUTO_AWQ_PY, "AutoAWQConfig.override_quantization_method"),
     Rule("config_keys", "error",
          "quantization_config must give the bit width ('bits' or AutoAWQ's 'w_bit'), the group size "
          "('group_size' or 'q_group_size') and 'zero_point'; a missing key raises ValueError.",
-         VLLM, _AWQ_PY, "AWQConfig.from_config"),
+         VLLM, _AUTO_AWQ_PY, "AutoAWQConfig.from_config"),
     Rule("bits", "error",
-         "Only 4-bit AWQ is supported (pack factor 32 // 4 = 8 codes per int32).",
-         VLLM, _AWQ_PY, "AWQConfig.__init__"),
+         "Only 4-bit AWQ is supported (TYPE_MAP {4: uint4}; pack factor 32 // 4 = 8 codes per int32).",
+         VLLM, _AUTO_AWQ_PY, "AutoAWQConfig.__init__"),
     Rule("version_gemm", "error",
-         "vLLM reads only AutoAWQ's GEMM layout: AWQConfig.from_config never reads 'version' and "
-         "AWQLinearMethod.create_weights allocates GEMM shapes, so GEMV / GEMV-fast checkpoints fail in the "
-         "weight loader (or load transposed garbage where shapes happen to coincide); the AutoAWQ maintainer "
-         "confirms GEMV is not implemented in vLLM (casper-hansen/AutoAWQ issues #217, #452).",
-         VLLM, _AWQ_PY, "AWQConfig.from_config / AWQLinearMethod.create_weights"),
+         "vLLM reads only AutoAWQ's GEMM layout: from_config never reads 'version' and create_weights "
+         "allocates GEMM shapes, so GEMV / GEMV-fast checkpoints fail in the weight loader (or load "
+         "transposed garbage where shapes happen to coincide); the AutoAWQ maintainer confirms GEMV is not "
+         "implemented in vLLM (casper-hansen/AutoAWQ issues #217, #452).",
+         VLLM, _AUTO_AWQ_PY, "AutoAWQConfig.from_config / BaseAWQLinearMethod.create_weights"),
     Rule("tensors", "error",
          "Every quantized linear has three tensors named <module>.qweight, <module>.qzeros, <module>.scales.",
-         VLLM, _AWQ_PY, "AWQLinearMethod.create_weights (register_parameter)"),
+         VLLM, _AUTO_AWQ_PY, "BaseAWQLinearMethod / AutoAWQMarlinLinearMethod.create_weights (register_parameter)"),
     Rule("dtypes", "error",
-         "qweight and qzeros are int32; scales are float16, the only activation dtype of the AWQ kernel "
-         "(AWQConfig.get_supported_act_dtypes). vLLM copies the stored tensors into parameters of those "
-         "dtypes, so another dtype is not a conforming AWQ checkpoint: it is silently cast (bf16/fp32 "
-         "scales) or reinterpreted, i.e. vLLM would not serve the weights that were validated.",
-         VLLM, _AWQ_PY, "AWQLinearMethod.create_weights / AWQConfig.get_supported_act_dtypes"),
+         "qweight and qzeros are int32; scales are float16 in AutoAWQ's format. vLLM copies the stored "
+         "tensors into parameters it allocates itself (scales in the activation dtype), so another dtype is "
+         "not a conforming AWQ checkpoint: it is silently cast (bf16/fp32 scales) or reinterpreted, i.e. vLLM "
+         "would not serve the weights that were validated.",
+         VLLM, _AUTO_AWQ_PY, "BaseAWQLinearMethod.create_weights"),
     Rule("shapes", "error",
          "For in_features K, out_features N, group g: qweight [K, N/8], qzeros [K/g, N/8], scales [K/g, N] "
          "(g = -1 means g = K). The weight loader asserts these shapes.",
-         VLLM, _AWQ_PY, "AWQLinearMethod.create_weights"),
+         VLLM, _AUTO_AWQ_PY, "BaseAWQLinearMethod.create_weights"),
     Rule("unquantized_head", "error",
-         "The AWQ config only quantizes LinearBase / fused-MoE layers; embeddings and the lm_head are "
-         "loaded as plain `.weight` (awq_marlin quantizes lm_head only when quantization_config has "
-         "'lm_head': true).",
-         VLLM, _MARLIN_PY, "AWQConfig.get_quant_method / AWQMarlinConfig.from_config"),
+         "AutoAWQConfig quantizes LinearBase / fused-MoE layers; embeddings and the lm_head are loaded as "
+         "plain `.weight` (the lm_head is quantized only when quantization_config has 'lm_head': true).",
+         VLLM, _AUTO_AWQ_PY, "AutoAWQConfig.get_quant_method / from_config"),
     Rule("skipped_layers", "warning",
-         "Linears kept in fp16 must be listed in modules_to_not_convert (substring match). Recent vLLM "
-         "infers unlisted ones from the safetensors dtypes (maybe_update_config); older versions fail "
-         "with a missing qweight.",
-         VLLM, _MARLIN_PY, "AWQMarlinConfig.get_quant_method / maybe_update_config"),
+         "Linears kept in fp16 must be listed in modules_to_not_convert (substring match). vLLM infers "
+         "unlisted ones from the safetensors dtypes only when modules_to_not_convert is empty "
+         "(maybe_update_config); a non-empty list that misses one, or an older release, fails with a "
+         "missing qweight.",
+         VLLM, _AUTO_AWQ_PY, "AutoAWQConfig.maybe_update_config"),
     Rule("act_dtype", "warning",
-         "The plain AWQ kernel runs fp16 only: with --quantization awq, a config.json torch_dtype of "
-         "bfloat16/float32 makes vLLM stop with 'torch.bfloat16 is not supported for quantization method "
-         "awq' unless --dtype float16 is given (awq_marlin accepts fp16 and bf16).",
-         VLLM, _AWQ_PY, "AWQConfig.get_supported_act_dtypes; AWQMarlinConfig.get_supported_act_dtypes"),
+         "Older releases: the plain AWQ kernel (awq.py) runs fp16 only, so with --quantization awq a "
+         "config.json torch_dtype of bfloat16/float32 stops with 'torch.bfloat16 is not supported for "
+         "quantization method awq' unless --dtype float16 is given. The current AutoAWQConfig accepts fp16 "
+         "and bf16 on every kernel.",
+         VLLM, _AWQ_PY + "; " + _AUTO_AWQ_PY,
+         "AWQConfig.get_supported_act_dtypes; AutoAWQConfig.get_supported_act_dtypes", LEGACY),
     Rule("parallel_style", "error",
          "Tensor parallelism splits column-parallel linears (q/k/v/qkv, gate/up/gate_up, fc1, w1/w3, ...) "
          "along out_features and row-parallel linears (o_proj, down_proj, out_proj, fc2, w2, "
@@ -104,13 +118,16 @@ RULES_LIST: tuple[Rule, ...] = (
     Rule("tp_group", "error",
          "Per TP shard, input_size_per_partition % group_size == 0 ('The input size is not aligned with the "
          "quantized weight shape. This can be caused by too large tensor parallel size.'); with "
-         "group_size -1 the group is the full input size, so a row-parallel layer cannot be split.",
-         VLLM, _AWQ_PY, "AWQLinearMethod.create_weights"),
+         "group_size -1 the group is the full input size, so a row-parallel layer cannot be split. The "
+         "Marlin path does not help: a group straddling two shards fails check_marlin_supports_layer and "
+         "falls back to the plain kernel, which raises.",
+         VLLM, _AUTO_AWQ_PY + "; " + _MARLIN_UTILS,
+         "BaseAWQLinearMethod.create_weights; check_marlin_supports_layer"),
     Rule("tp_pack", "error",
          "Per TP shard, output_size_per_partition % pack_factor (8) == 0 ('The output size is not aligned "
          "with the quantized weight shape'); fused qkv / gate_up shards are packed part by part, so each "
          "part must be a multiple of 8 too.",
-         VLLM, _AWQ_PY, "AWQLinearMethod.create_weights; PackedvLLMParameter shard offsets"),
+         VLLM, _AUTO_AWQ_PY, "BaseAWQLinearMethod.create_weights; PackedvLLMParameter shard offsets"),
     Rule("tp_heads", "error",
          "num_attention_heads % tensor_parallel_size == 0 ('Total number of attention heads (..) must be "
          "divisible by tensor parallel size (..)'); KV heads are split when num_key_value_heads > tp "
@@ -119,19 +136,35 @@ RULES_LIST: tuple[Rule, ...] = (
          VLLM, "vllm/config/model.py; " + _LINEAR_PY,
          "ModelConfig.verify_with_parallel_config; QKVParallelLinear.__init__"),
     Rule("marlin", "warning",
-         "The fast awq_marlin kernel is chosen automatically on CUDA sm >= 80 when quant_method is 'awq', "
-         "the config spells 'bits', 'group_size', 'zero_point' (HF names), bits is 4, zero_point is true "
-         "and group_size is in [-1, 32, 64, 128]; a layer also needs output_size_per_partition % 64 == 0 "
-         "and input_size_per_partition % 128 == 0, else it falls back to the plain AWQ kernel. "
-         "Passing --quantization awq explicitly forces the plain kernel.",
+         "The fast Marlin kernel is chosen on CUDA when check_marlin_supported(uint4, group_size, zero_point) "
+         "holds: zero_point true and group_size in [-1, 32, 64, 128] (either key spelling; any of "
+         "--quantization awq / awq_marlin / auto_awq / marlin). Tile-misaligned layers (output per shard not "
+         "a multiple of 64, input not a multiple of 128) are zero-padded at weight preparation, not sent to "
+         "the plain kernel. VLLM_BATCH_INVARIANT=1 disables Marlin.",
+         VLLM, _AUTO_AWQ_PY + "; " + _MARLIN_UTILS,
+         "AutoAWQConfig.get_quant_method; check_marlin_supported / check_marlin_supports_layer "
+         "(allow_tile_padding=True), MARLIN_SUPPORTED_GROUP_SIZES", CURRENT),
+    Rule("marlin_legacy", "warning",
+         "Older releases choose awq_marlin only on CUDA sm >= 80 when the config spells 'bits', "
+         "'group_size', 'zero_point' (HF names) and a layer has output_size_per_partition % 64 == 0 and "
+         "input_size_per_partition % 128 == 0 (else that layer runs the plain AWQ kernel); passing "
+         "--quantization awq explicitly forces the plain, fp16-only kernel.",
          VLLM, _MARLIN_PY + "; " + _MARLIN_UTILS,
          "AWQMarlinConfig.is_awq_marlin_compatible / override_quantization_method; "
-         "check_marlin_supported / verify_marlin_supports_shape (MIN_THREAD_N=64, MIN_THREAD_K=128)"),
+         "verify_marlin_supports_shape (MIN_THREAD_N=64, MIN_THREAD_K=128)", LEGACY),
     Rule("group_size", "warning",
          "group_size -1 (per-channel) crashes SGLang's plain AWQ reader (x % -1 == 0, negative group "
-         "count) and, in vLLM, only runs row-parallel layers at TP > 1 through awq_marlin; 32/64/128 are "
+         "count); in vLLM a row-parallel layer cannot be split at TP > 1 (plain kernel: the tp_group error; "
+         "the Marlin path allocates input_size_per_partition // input_size = 0 scale rows). 32/64/128 are "
          "the sizes every AWQ kernel supports.",
          SGLANG, "python/sglang/srt/layers/quantization/awq.py", "AWQLinearMethod.create_weights"),
+    Rule("transformers_cpu", "warning",
+         "group_size -1 can fail in transformers' CPU path: gptqmodel's aten kernel (TorchAtenAwqLinear, "
+         "torch's _weight_int4pack_mm_cpu) accepts group sizes 32..256 only, and where gptqmodel selects it "
+         "the checkpoint does not load (gptqmodel 7.7.0 on an AVX-512 CPU selected TorchFusedAwqLinear "
+         "instead and loaded it).",
+         GPTQMODEL, "gptqmodel/nn_modules/qlinear/torch_aten_kernel.py", "TorchAtenLinear.SUPPORTS_GROUP_SIZE",
+         "transformers 5 + gptqmodel on the CPU"),
     Rule("router", "warning",
          "MoE routers (mlp.gate) are built unquantized (ReplicatedLinear with quant_config=None) in many "
          "vLLM MoE models; a quantized router then has no qweight parameter to load into.",
@@ -154,6 +187,7 @@ KV = frozenset({"k_proj", "v_proj"})
 MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
 MARLIN_MIN_THREAD_N = 64
 MARLIN_MIN_THREAD_K = 128
+TORCH_ATEN_GROUP_SIZES = (32, 64, 128, 256)  # gptqmodel TorchAtenLinear.SUPPORTS_GROUP_SIZE (rule transformers_cpu)
 
 _HEADER_DTYPES = {"I32": "int32", "F16": "float16", "BF16": "bfloat16", "F32": "float32", "I64": "int64",
                   "U32": "uint32", "I8": "int8", "U8": "uint8", "I16": "int16", "F64": "float64",
@@ -184,7 +218,8 @@ class ValidationReport:
     errors: list[Finding] = field(default_factory=list)
     warnings: list[Finding] = field(default_factory=list)
     valid_tp: list[int] = field(default_factory=list)
-    marlin_tp: list[int] = field(default_factory=list)
+    marlin_tp: list[int] = field(default_factory=list)          # current vLLM: Marlin on every linear
+    legacy_marlin_tp: list[int] = field(default_factory=list)   # older releases: awq_marlin on every linear
     tp_problems: dict[int, list[str]] = field(default_factory=dict)
     quant_config: dict[str, Any] = field(default_factory=dict)
     n_quantized: int = 0
@@ -321,10 +356,11 @@ def _kv_local(kv_heads: int, tp: int) -> int | str:
 
 
 def _shard_problems(lin: Linear, tp: int, group: int, pack: int, heads, kv_heads) -> tuple[list[str], bool]:
-    """(problems for the plain AWQ kernel, whether awq_marlin's shape check passes) at this TP."""
+    """(problems for the plain AWQ kernel, whether the shards meet Marlin's thread tiles unpadded) at
+    this TP.  Current vLLM pads misaligned tiles; older releases sent such layers to the plain kernel."""
     problems: list[str] = []
     kinds = ("row", "column") if lin.kind == "unknown" else (lin.kind,)
-    marlin = True
+    tiles = True
     for kind in kinds:
         if kind == "row":
             if lin.in_features % tp:
@@ -345,11 +381,9 @@ def _shard_problems(lin: Linear, tp: int, group: int, pack: int, heads, kv_heads
         if bad or sum(n_parts) % pack:
             problems.append(f"{lin.name} ({kind}-parallel): output per shard {n_parts} not a multiple of the "
                             f"pack factor {pack} [tp_pack]")
-        n_local = sum(n_parts)
-        if (n_local % MARLIN_MIN_THREAD_N or k_local % MARLIN_MIN_THREAD_K
-                or (g < lin.in_features and k_local % g)):
-            marlin = False
-    return problems, marlin and not problems
+        if sum(n_parts) % MARLIN_MIN_THREAD_N or k_local % MARLIN_MIN_THREAD_K:
+            tiles = False
+    return problems, tiles and not problems
 
 
 # ---------------------------------------------------------------------------------------------- validate
@@ -400,6 +434,10 @@ def validate_checkpoint(folder: str | Path, tp_sizes: Iterable[int] = (1, 2, 4, 
     if group not in (32, 64, 128):
         report.add("group_size", f"group_size={group}: not one of 32/64/128" +
                    ("; per-channel scales" if group == -1 else ""))
+    if group not in TORCH_ATEN_GROUP_SIZES:
+        report.add("transformers_cpu", f"group_size={group}: transformers + gptqmodel on the CPU may fail to load "
+                                       "it (gptqmodel's aten CPU kernel takes group sizes 32..256 only); "
+                                       "quantize with group size 32/64/128 for that reader")
 
     # --- tensors
     tensors: dict[str, dict[str, Any]] = {}
@@ -417,22 +455,20 @@ def validate_checkpoint(folder: str | Path, tp_sizes: Iterable[int] = (1, 2, 4, 
     # --- dtype of activations
     dtype = cfg.get("torch_dtype") or cfg.get("dtype")
     if dtype not in (None, "float16"):
-        report.add("act_dtype", f"config.json torch_dtype is {dtype!r}: serve with `--dtype float16` (required "
-                                "with --quantization awq; bf16 only works on the awq_marlin path)")
+        report.add("act_dtype", f"config.json torch_dtype is {dtype!r}: current vLLM serves AWQ in fp16 or bf16; "
+                                "older releases (awq.py) need `--dtype float16` with --quantization awq")
 
     # --- marlin eligibility of the config
-    marlin_cfg = (all(k in qc for k in ("bits", "group_size", "zero_point")) and bool(zero_point)
-                  and group in MARLIN_GROUP_SIZES)
+    marlin_cfg = bool(zero_point) and group in MARLIN_GROUP_SIZES
+    hf_names = all(k in qc for k in ("bits", "group_size", "zero_point"))
     if not marlin_cfg:
-        why = []
-        if not all(k in qc for k in ("bits", "group_size", "zero_point")):
-            why.append("the config does not spell 'bits', 'group_size', 'zero_point' (awq_marlin reads only "
-                       "these names)")
-        if not zero_point:
-            why.append("zero_point is false")
-        if group not in MARLIN_GROUP_SIZES:
-            why.append(f"group_size {group} not in {list(MARLIN_GROUP_SIZES)}")
-        report.add("marlin", "the fast awq_marlin kernel will not be used: " + "; ".join(why))
+        why = ([] if zero_point else ["zero_point is false"]) + (
+            [] if group in MARLIN_GROUP_SIZES else [f"group_size {group} not in {list(MARLIN_GROUP_SIZES)}"])
+        report.add("marlin", "the fast Marlin kernel will not be used: " + "; ".join(why))
+    elif not hf_names:
+        report.add("marlin_legacy", "the config spells AutoAWQ's 'w_bit'/'q_group_size': current vLLM reads "
+                                    "them, but older releases then skip awq_marlin and run the plain, fp16-only "
+                                    "AWQ kernel (write 'bits', 'group_size', 'zero_point')")
 
     # --- tensor parallelism
     heads = cfg.get("num_attention_heads")
@@ -443,24 +479,27 @@ def validate_checkpoint(folder: str | Path, tp_sizes: Iterable[int] = (1, 2, 4, 
             problems.append(f"num_attention_heads {heads} not divisible by TP {tp} [tp_heads]")
         if kv_heads and isinstance(_kv_local(kv_heads, tp), str):
             problems.append(f"{_kv_local(kv_heads, tp)} [tp_heads]")
-        marlin_all = marlin_cfg
+        tiles_all = True
         for lin in linears:
-            p, m = _shard_problems(lin, tp, group, pack, heads, kv_heads)
+            p, tiles = _shard_problems(lin, tp, group, pack, heads, kv_heads)
             problems += p
-            marlin_all = marlin_all and m
+            tiles_all = tiles_all and tiles
         if problems:
             report.tp_problems[tp] = problems
         elif not report.errors:
             report.valid_tp.append(tp)
-            if marlin_all:
+            if marlin_cfg:
                 report.marlin_tp.append(tp)
+                if hf_names and tiles_all:
+                    report.legacy_marlin_tp.append(tp)
     if 1 in report.tp_problems and not report.errors:
         report.add("tp_group", "the checkpoint does not load even without tensor parallelism: "
                    + "; ".join(report.tp_problems[1][:3]))
-        report.valid_tp, report.marlin_tp = [], []
+        report.valid_tp, report.marlin_tp, report.legacy_marlin_tp = [], [], []
     if group == -1 and any(lin.kind in ("row", "unknown") for lin in linears):
-        report.add("group_size", "with group_size -1 a row-parallel layer at TP > 1 loads only through "
-                                 "awq_marlin (CUDA sm >= 80); valid_tp counts the plain AWQ kernel")
+        report.add("group_size", "with group_size -1 a row-parallel layer cannot be split at TP > 1 (current "
+                                 "vLLM's Marlin path would get 0 scale rows per shard; older releases split it "
+                                 "only through awq_marlin): valid_tp counts TP 1 only")
     unknown = sorted({lin.name.rsplit(".", 1)[-1] for lin in linears if lin.kind == "unknown"})
     if unknown:
         report.add("parallel_style", f"linears named {unknown} are not in the row/column tables; they were "
@@ -536,7 +575,9 @@ def format_report(report: ValidationReport) -> str:
     lines.append(f"verdict: {verdict}")
     if report.ok:
         lines.append(f"valid --tensor-parallel-size: {report.valid_tp or 'none of those checked'}")
-        lines.append(f"  of which every linear gets awq_marlin (CUDA sm >= 80): {report.marlin_tp or 'none'}")
+        lines.append(f"  of which every linear runs Marlin (current vLLM, CUDA): {report.marlin_tp or 'none'}")
+        lines.append(f"  and without tile padding (older vLLM's awq_marlin, sm >= 80): "
+                     f"{report.legacy_marlin_tp or 'none'}")
         for tp, probs in sorted(report.tp_problems.items()):
             lines.append(f"  TP {tp} rejected: {probs[0]}" + (f" (+{len(probs) - 1} more)" if len(probs) > 1 else ""))
     for title, items in (("errors", report.errors), ("warnings", report.warnings)):

@@ -31,9 +31,26 @@ class QuantConfig:
         return self.group_size
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | "QuantConfig" | None) -> "QuantConfig":
+    def from_user(cls, d: dict[str, Any] | "QuantConfig" | None) -> "QuantConfig":
+        """A ``quant_config`` a user wrote: an unknown key (a typo such as ``q_group_sise``) is an
+        error naming the accepted ones, never silently ignored."""
         if isinstance(d, QuantConfig):
             return d
+        unknown = sorted(set(d or {}) - USER_KEYS)
+        if unknown:
+            raise ValueError(f"quant_config has unknown key(s) {unknown}; accepted: {sorted(USER_KEYS)}")
+        return cls._parse(d)
+
+    @classmethod
+    def from_checkpoint(cls, d: dict[str, Any] | "QuantConfig" | None) -> "QuantConfig":
+        """A checkpoint's ``quantization_config``: published checkpoints carry keys of their own
+        (AutoAWQ's ``backend``, transformers' ``do_fuse``, ...), kept in ``extra``."""
+        if isinstance(d, QuantConfig):
+            return d
+        return cls._parse(d)
+
+    @classmethod
+    def _parse(cls, d: dict[str, Any] | None) -> "QuantConfig":
         d = dict(d or {})
         method = d.pop("quant_method", "awq")
         if str(method).lower() != "awq":
@@ -46,8 +63,7 @@ class QuantConfig:
             if k in kw and kw[k] != v:
                 raise ValueError(f"quant_config gives {k} twice with different values ({kw[k]} and {v})")
             kw[k] = v
-        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
-        extra = {k: kw.pop(k) for k in list(kw) if k not in known}
+        extra = {k: kw.pop(k) for k in list(kw) if k not in _FIELDS}
         cfg = cls(**kw, extra=extra)
         cfg.version = str(cfg.version).lower()
         cfg.validate()
@@ -78,3 +94,7 @@ class QuantConfig:
 
     def skips(self, module_name: str) -> bool:
         return any(m in module_name for m in (self.modules_to_not_convert or ()))
+
+
+_FIELDS = frozenset(f for f in QuantConfig.__dataclass_fields__ if f != "extra")
+USER_KEYS = frozenset(_FIELDS | set(_ALIASES) | {"quant_method"})

@@ -27,6 +27,10 @@ log = logging.getLogger("awqlib")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _TEMP_SUFFIXES = (".tmp", ".lock", ".part", ".incomplete", "~", ".swp")
 REPO_PLACEHOLDER = "<this-repo-or-folder>"
+# What push_to_hub replaces in the repo: the kinds of files a checkpoint folder holds (weights,
+# index, configs, tokenizer, card).  upload_folder never deletes .gitattributes.
+STALE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.json", "*.model", "*.tiktoken", "*.txt",
+                  "*.jinja", "README.md")
 
 
 @dataclass(frozen=True)
@@ -59,16 +63,75 @@ def _yaml_str(s: str) -> str:
     return json.dumps(str(s))  # a JSON string is a valid YAML scalar
 
 
-def _front_matter(base_model: str | None, quantized_by: str | None = "awqlib") -> str:
+def read_front_matter(folder: Path | None) -> dict[str, Any]:
+    """The YAML metadata of ``folder/README.md`` (a Hub model card), {} where there is none."""
+    card = Path(folder) / "README.md" if folder is not None else None
+    if card is None or not card.is_file():
+        return {}
+    try:
+        from huggingface_hub import metadata_load
+        return metadata_load(card) or {}
+    except Exception as e:  # a malformed card is the source's problem, not a reason to fail the save
+        log.warning("awqlib: could not read the metadata of %s (%s: %s)", card.name, type(e).__name__, e)
+        return {}
+
+
+def snapshot_repo_id(folder: Path | None) -> str | None:
+    """``org/name`` of a Hub cache snapshot folder (``.../models--org--name/snapshots/<sha>``)."""
+    if folder is None:
+        return None
+    parts = Path(folder).resolve().parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        repo = parts[-3][len("models--"):].replace("--", "/", 1)
+        return repo if _HUB_ID.match(repo) else None
+    return None
+
+
+def card_metadata(model, base_model: str | list | None = None, license: str | None = None) -> dict[str, Any]:
+    """``base_model``, ``license`` (+ ``license_name`` / ``license_link``) for the card's front matter.
+
+    Explicit arguments win.  Otherwise: a model quantized here has the Hub id it was loaded from as
+    its base (a local folder only when it is a Hub cache snapshot); a checkpoint that was loaded
+    quantized (``from_quantized``) keeps the base_model of its own card, never itself.  The license
+    is carried over from the source's card."""
+    source = getattr(model, "source_folder", None)
+    meta = read_front_matter(source)
+    if getattr(model, "loaded_quantized", False):
+        base = meta.get("base_model")
+    else:
+        name = getattr(model, "name_or_path", None)
+        base = str(name) if looks_like_hub_id(name) else snapshot_repo_id(source)
+    out: dict[str, Any] = {"base_model": base_model or base}
+    if license:
+        out["license"] = license
+    else:
+        out.update({k: meta[k] for k in ("license", "license_name", "license_link") if meta.get(k)})
+    return out
+
+
+def _yaml_value(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return "".join(f"\n- {_yaml_str(x)}" for x in v)
+    return " " + _yaml_str(v)
+
+
+def _front_matter(meta: dict[str, Any], quantized_by: str | None = "awqlib") -> str:
     lines = ["---"]
-    if base_model:
-        lines += [f"base_model: {_yaml_str(base_model)}", "base_model_relation: quantized"]
+    if meta.get("base_model"):
+        lines += [f"base_model:{_yaml_value(meta['base_model'])}", "base_model_relation: quantized"]
+    for k in ("license", "license_name", "license_link"):
+        if meta.get(k):
+            lines.append(f"{k}:{_yaml_value(meta[k])}")
     lines += ["library_name: transformers", "tags:", "- awq", "- 4-bit", "- awqlib",
               "pipeline_tag: text-generation"]
     if quantized_by:
         lines.append(f"quantized_by: {_yaml_str(quantized_by)}")
     lines.append("---")
     return "\n".join(lines) + "\n"
+
+
+def _no_path(message: str, folder: Path) -> str:
+    return message.replace(str(folder), "this checkpoint")
 
 
 def _validation_section(folder: Path) -> tuple[list[str], list[int]]:
@@ -83,41 +146,56 @@ def _validation_section(folder: Path) -> tuple[list[str], list[int]]:
         out.append(f"Checked with `python -m awqlib.compat` against vLLM's AWQ loading rules (tensor names, dtypes, "
                    f"shapes, group/pack alignment per shard): **loadable**. Valid `--tensor-parallel-size`: "
                    f"**{', '.join(map(str, rep.valid_tp)) or 'none of 1, 2, 4, 8'}**"
-                   + (f" (every linear runs the awq_marlin kernel at TP {', '.join(map(str, rep.marlin_tp))})"
+                   + (f" (every linear runs the Marlin kernel on CUDA at TP {', '.join(map(str, rep.marlin_tp))})"
                       if rep.marlin_tp else "") + ".")
     else:
         out.append("Checked with `python -m awqlib.compat`: **vLLM / SGLang cannot load this checkpoint**:")
         out.append("")
-        out += [f"- {f.message}" for f in rep.errors]
+        out += [f"- {_no_path(f.message, folder)}" for f in rep.errors]
     if rep.warnings:
-        out += ["", "Warnings:", ""] + [f"- {f.message}" for f in rep.warnings]
+        out += ["", "Warnings:", ""] + [f"- {_no_path(f.message, folder)}" for f in rep.warnings]
     out.append("")
     return out, rep.valid_tp if rep.ok else []
 
 
 def render_model_card(folder: Path, model, repo_id: str | None = None,
-                      perplexity: Perplexity | dict | None = None) -> str:
+                      perplexity: Perplexity | dict | None = None, base_model: str | list | None = None,
+                      license: str | None = None) -> str:
+    """The card's text.  It never names a local path: a local source appears by its folder name."""
+    from .version import __version__
     folder = Path(folder)
     qc = model.quant_config.to_hf_dict()
     name_or_path = getattr(model, "name_or_path", None)
-    base = str(name_or_path) if looks_like_hub_id(name_or_path) else None
+    meta = card_metadata(model, base_model, license)
+    base = meta["base_model"]
+    first_base = base[0] if isinstance(base, (list, tuple)) and base else base
     cfg = getattr(getattr(model, "model", None), "config", None)
     arch = ", ".join(getattr(cfg, "architectures", None) or []) or getattr(cfg, "model_type", "?")
     stats: dict[str, Any] = dict(getattr(model, "stats", None) or {})
     repo = repo_id or REPO_PLACEHOLDER
-    title = (base or (Path(str(name_or_path)).name if name_or_path else None) or "model") + " (AWQ 4-bit)"
+    local_name = Path(str(name_or_path)).name if name_or_path else None
+    title = (first_base or local_name or "model") + " (AWQ 4-bit)"
 
-    lines = [_front_matter(base), f"# {title}", ""]
-    src = f"[{base}](https://huggingface.co/{base})" if base else (f"`{name_or_path}`" if name_or_path else "an unnamed model")
+    lines = [_front_matter(meta), f"# {title}", ""]
+    src = (f"[{first_base}](https://huggingface.co/{first_base})" if first_base
+           else f"`{local_name}`" if local_name else "an unnamed model")
     lines += [f"4-bit AWQ quantization of {src} ({arch}), made with "
-              "awqlib and stored in the GEMM layout that AutoAWQ, vLLM, SGLang and "
+              f"awqlib {__version__} and stored in the GEMM layout that AutoAWQ, vLLM, SGLang and "
               "transformers read.", ""]
 
     lines += ["## Quantization", "", "| setting | value |", "| --- | --- |"]
     for k in ("quant_method", "bits", "group_size", "zero_point", "version", "modules_to_not_convert"):
         lines.append(f"| {k} | `{qc.get(k)}` |")
+    calib = stats.get("calibration") or {}
+    if calib.get("method"):
+        lines.append(f"| method | {'AWQ (activation-aware scaling and clipping)' if calib['method'] == 'awq' else 'round-to-nearest (no calibration)'} |")
+    if calib.get("data"):
+        lines.append(f"| calibration data | {calib['data']} |")
+        lines.append(f"| calibration samples | {calib['n_samples']} requested, {calib['sequences']} sequences "
+                     f"of {calib['seqlen']} tokens |")
     if "quantize_seconds" in stats:
         lines.append(f"| quantization time | {stats['quantize_seconds']:.1f} s |")
+    lines.append(f"| awqlib version | {__version__} |")
     lines.append("")
 
     ppl = Perplexity.of(perplexity)
@@ -139,10 +217,8 @@ def render_model_card(folder: Path, model, repo_id: str | None = None,
               'ids = model.tokenizer("Hello", return_tensors="pt").input_ids.to(model.device)',
               "print(model.tokenizer.decode(model.generate(ids, max_new_tokens=32)[0]))", "```", ""]
     lines += ["### vLLM", "", "```bash",
-              f"vllm serve {repo} --dtype float16"
-              "                       # sm >= 80: vLLM picks the awq_marlin kernel itself",
-              f"vllm serve {repo} --quantization awq --dtype float16"
-              "  # forces the plain AWQ kernel (sm >= 75, fp16 only)"]
+              f"vllm serve {repo}                   # vLLM picks its AWQ kernel (Marlin on CUDA); fp16 or bf16",
+              f"vllm serve {repo} --dtype float16   # older releases (awq.py / awq_marlin.py): fp16 on every kernel"]
     if tp and tp > 1:
         lines.append(f"vllm serve {repo} --dtype float16 --tensor-parallel-size {tp}"
                      f"  # valid sizes: {', '.join(map(str, valid_tp))}")
@@ -151,7 +227,9 @@ def render_model_card(folder: Path, model, repo_id: str | None = None,
               f"python -m sglang.launch_server --model-path {repo} --dtype float16"
               + (f" --tp-size {tp}" if tp and tp > 1 else ""), "```", ""]
     lines += ["### transformers", "",
-              "transformers (5.x) reads AWQ checkpoints through the `gptqmodel` package (`pip install gptqmodel`):",
+              "transformers (5.x) reads AWQ checkpoints through the `gptqmodel` package (`pip install gptqmodel`)"
+              + (" (on the CPU, group size -1 may not load: gptqmodel's aten CPU kernel takes group sizes 32..256)"
+                 if qc.get("group_size") == -1 else "") + ":",
               "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               f'model = AutoModelForCausalLM.from_pretrained("{repo}", device_map="auto")',
               f'tok = AutoTokenizer.from_pretrained("{repo}")', "```", ""]
@@ -159,10 +237,12 @@ def render_model_card(folder: Path, model, repo_id: str | None = None,
 
 
 def write_model_card(folder: Path, model, repo_id: str | None = None,
-                     perplexity: Perplexity | dict | None = None) -> None:
-    """Write ``folder/README.md`` (called by ``AWQModel.save_quantized`` and by :func:`push_to_hub`)."""
+                     perplexity: Perplexity | dict | None = None, **meta) -> None:
+    """Write ``folder/README.md`` (called by ``AWQModel.save_quantized`` and by :func:`push_to_hub`);
+    ``meta``: ``base_model``, ``license``."""
     folder = Path(folder)
-    (folder / "README.md").write_text(render_model_card(folder, model, repo_id, perplexity), encoding="utf-8")
+    (folder / "README.md").write_text(render_model_card(folder, model, repo_id, perplexity, **meta),
+                                      encoding="utf-8")
 
 
 def staged_files(folder: str | Path) -> list[str]:
@@ -191,15 +271,20 @@ def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | N
     ``local_dir``: where to save first (kept afterwards; pass ``overwrite=True`` to replace an
     existing folder); by default a temporary folder that is removed after the upload. A lazily
     loaded model that ``quantize(save_dir=...)`` already wrote is uploaded from that folder.
-    ``max_shard_size`` and ``overwrite`` go to ``save_quantized``; ``perplexity`` (a :class:`Perplexity`
-    or a dict of its fields) to the model card; other keyword arguments
-    (``revision``, ``create_pr``, ...) to ``HfApi.upload_folder``.
+    ``max_shard_size``, ``overwrite``, ``tokenizer`` go to ``save_quantized``; ``perplexity`` (a
+    :class:`Perplexity` or a dict of its fields), ``base_model`` and ``license`` to the model card;
+    other keyword arguments (``revision``, ``create_pr``, ...) to ``HfApi.upload_folder``.  Files of
+    the kinds awqlib writes (:data:`STALE_PATTERNS`) that an earlier push left in the repo and this
+    upload does not have (e.g. shards of another sharding) are deleted in the same commit; pass
+    ``delete_patterns=None`` to keep them.
     """
     from huggingface_hub import HfApi
 
     if not getattr(model, "quantized", False):
         raise RuntimeError("call quantize() before push_to_hub()")
+    card = {k: kwargs.pop(k) for k in ("base_model", "license") if k in kwargs}
     save_kw = {k: kwargs.pop(k) for k in ("max_shard_size", "overwrite", "tokenizer") if k in kwargs}
+    kwargs.setdefault("delete_patterns", list(STALE_PATTERNS))
     perplexity = Perplexity.of(kwargs.pop("perplexity", None))
     tmp = None
     saved_to = getattr(model, "saved_to", None) if getattr(model, "reader", None) is not None else None
@@ -212,8 +297,8 @@ def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | N
         folder = Path(local_dir)
     try:
         if saved_to is None:
-            model.save_quantized(folder, **save_kw)
-        write_model_card(folder, model, repo_id=repo_id, perplexity=perplexity)  # with the real repo id
+            model.save_quantized(folder, **save_kw, **card)
+        write_model_card(folder, model, repo_id=repo_id, perplexity=perplexity, **card)  # with the real repo id
         files = staged_files(folder)
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

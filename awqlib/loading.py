@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from .config import QuantConfig
 from .modules import WQLinear
 from .moe import unfuse_experts
 from .placement import dispatch_with_accelerate, plan_device_map, placer
+from .userargs import download_arguments
 
 log = logging.getLogger("awqlib")
 
@@ -52,18 +54,19 @@ class LoadedCheckpoint:
     spec: ArchSpec
     quant_config: QuantConfig
     tokenizer: Any
+    folder: Path  # the local folder it was read from (a Hub id's snapshot)
 
 
 def load_quantized(quant_path: str, device: str | torch.device | None = None, torch_dtype: Any = "auto",
                    fuse_layers: bool = False, trust_remote_code: bool = False, revision: str | None = None,
                    token: str | None = None, device_map: str | dict | None = None,
                    max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None,
-                   **kwargs) -> LoadedCheckpoint:
+                   download_kwargs: dict | None = None) -> LoadedCheckpoint:
     """See :meth:`awqlib.AutoAWQ.from_quantized`."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    folder = resolve_folder(quant_path, revision, token)
+    folder = resolve_folder(quant_path, **download_arguments(download_kwargs, revision, token))
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} has no config.json: not a transformers checkpoint folder")
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -72,7 +75,7 @@ def load_quantized(quant_path: str, device: str | torch.device | None = None, to
         raise NotQuantizedCheckpoint(f"{folder}/config.json has no quantization_config: this is not a quantized "
                                      "checkpoint. Quantize it first with AutoAWQ.from_pretrained(...).quantize(...)")
     qc = qc if isinstance(qc, dict) else qc.to_dict()
-    qcfg = QuantConfig.from_dict(qc)
+    qcfg = QuantConfig.from_checkpoint(qc)
     del config.quantization_config
     spec = get_spec(config.model_type)
     if device_map is not None and device is not None:
@@ -138,7 +141,7 @@ def load_quantized(quant_path: str, device: str | torch.device | None = None, to
         kernels.announce(d)
     if any(d.type == "cuda" for d in used):
         tile_for_kernels(model)
-    return LoadedCheckpoint(model, spec, qcfg, tokenizer)
+    return LoadedCheckpoint(model, spec, qcfg, tokenizer, folder)
 
 
 def tile_for_kernels(model: nn.Module) -> int:

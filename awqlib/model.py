@@ -6,9 +6,9 @@ The work is done below: :mod:`awqlib.pipeline` (the block driver), :mod:`awqlib.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +19,13 @@ from . import awq, pipeline
 from . import lazy as lazy_mod
 from .arch import ArchSpec, get_spec
 from .arch.blocks import check_quantizable, get_blocks
-from .calib import get_calib_tokens
-from .checkpoint import AtomicDir, checkpoint_state, quantized_config_dict, resolve_folder, write_shards
+from .calib import describe as describe_calib, get_calib_tokens
+from .checkpoint import (AtomicDir, checkpoint_state, copy_tokenizer_files, local_source_folder, resolve_folder,
+                         write_config, write_shards)
 from .config import QuantConfig
 from .loading import load_quantized, resolve_dtype, tile_for_kernels
 from .moe import unfuse_experts
+from .userargs import check_kwargs, pick_dtype
 
 log = logging.getLogger("awqlib")
 
@@ -34,8 +36,11 @@ class AWQModel(nn.Module):
 
     def __init__(self, model: nn.Module, spec: ArchSpec, quant_config: QuantConfig | None = None,
                  tokenizer=None, quantized: bool = False, name_or_path: str | None = None,
-                 reader: "lazy_mod.ShardReader | None" = None):
+                 reader: "lazy_mod.ShardReader | None" = None, source_folder: str | os.PathLike | None = None):
         super().__init__()
+        # the local folder the model was read from: its config.json and tokenizer files are copied
+        # into the quantized checkpoint (None: written from memory)
+        self.source_folder = Path(source_folder) if source_folder is not None else None
         self.reader = reader
         self.model = model
         self.spec = spec
@@ -43,6 +48,7 @@ class AWQModel(nn.Module):
         self.tokenizer = tokenizer
         self.quantized = quantized
         self.name_or_path = name_or_path
+        self.loaded_quantized = quantized  # read from a quantized checkpoint: its source is not an fp base
         self.reports: list[awq.BlockReport] = []
         self.stats: dict[str, Any] = {}
         self.saved_to: Path | None = None  # where quantize(save_dir=...) wrote the checkpoint
@@ -95,7 +101,7 @@ class AWQModel(nn.Module):
         if self.reader is not None and save_dir is None:
             raise ValueError("a model loaded with lazy=True frees each block once it is quantized: pass "
                              "save_dir=... so that finished blocks are written to disk")
-        qcfg = QuantConfig.from_dict(quant_config or {})
+        qcfg = QuantConfig.from_user(quant_config)
         if qcfg.version != "gemm":
             log.warning("awqlib writes the GEMM layout (what vLLM/SGLang/transformers read); version=%r is "
                         "accepted for AutoAWQ compatibility and stored as 'gemm'", qcfg.version)
@@ -105,6 +111,9 @@ class AWQModel(nn.Module):
         source = pipeline.block_source(self.model, self.spec, self.reader, device)
         tokens = None if method == "rtn" else get_calib_tokens(calib_data, self.tokenizer, n_samples, seqlen, split,
                                                               text_column)
+        self.stats["calibration"] = {"method": method} if tokens is None else {
+            "method": method, "data": describe_calib(calib_data, split), "n_samples": n_samples, "seqlen": seqlen,
+            "sequences": int(tokens.shape[0])}
         run = pipeline.quantize_blocks(source, qcfg, opts, method, tokens, save_dir, overwrite, self.name_or_path)
         self.reports, self.stats["quantize_seconds"] = run.reports, run.seconds
         self.quant_config, self.quantized = qcfg, True
@@ -114,18 +123,23 @@ class AWQModel(nn.Module):
         return self
 
     # ------------------------------------------------------------------------------------------ save
-    def _write_extras(self, folder: Path, tokenizer=None, perplexity=None) -> None:
-        """config.json (with quantization_config), generation config, tokenizer, model card."""
-        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
-        cfg = quantized_config_dict(self.model.config, self.quant_config)
-        (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
-        gen = getattr(self.model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(folder)
+    def _write_extras(self, folder: Path, tokenizer=None, perplexity=None, **card) -> None:
+        """config.json (the source's keys + quantization_config), generation config, tokenizer, model card.
+
+        The source's tokenizer files are copied verbatim; a tokenizer object is saved only where
+        the source has none, or when it is passed here explicitly (``save_quantized(tokenizer=...)``)."""
+        src = self.source_folder
+        write_config(folder, src, self.model.config, self.quant_config)
+        if src is not None and (src / "generation_config.json").is_file():
+            shutil.copyfile(src / "generation_config.json", folder / "generation_config.json")
+        elif getattr(self.model, "generation_config", None) is not None:
+            self.model.generation_config.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
+        elif not copy_tokenizer_files(src, folder) and self.tokenizer is not None:
+            self.tokenizer.save_pretrained(folder)
         from .hub import write_model_card
-        write_model_card(folder, self, perplexity=perplexity)
+        write_model_card(folder, self, perplexity=perplexity, **card)
 
     def tile_for_kernels(self) -> int:
         """Repack every quantized linear into the warp-tiled layout the CUDA kernels read fastest
@@ -134,10 +148,12 @@ class AWQModel(nn.Module):
         return tile_for_kernels(self.model)
 
     def save_quantized(self, save_dir: str | os.PathLike, overwrite: bool = False,
-                       max_shard_size: int | str = "5GB", tokenizer=None, perplexity=None) -> Path:
+                       max_shard_size: int | str = "5GB", tokenizer=None, perplexity=None,
+                       base_model: str | list | None = None, license: str | None = None) -> Path:
         """Write safetensors shards (+ index), config.json with quantization_config, the tokenizer,
         a model card; atomically (temporary folder, then rename).  ``perplexity``: measured quality
-        for the card, an :class:`awqlib.hub.Perplexity` or a dict of its fields."""
+        for the card, an :class:`awqlib.hub.Perplexity` or a dict of its fields.  ``base_model`` /
+        ``license``: the card's metadata (by default from the source: :func:`awqlib.hub.card_metadata`)."""
         if not self.quantized:
             raise RuntimeError("call quantize() before save_quantized()")
         if self.reader is not None:
@@ -146,7 +162,7 @@ class AWQModel(nn.Module):
         state = checkpoint_state(self.model, self.spec)
         with AtomicDir(save_dir, overwrite) as tmp:
             write_shards(state, tmp, max_shard_size)
-            self._write_extras(tmp, tokenizer, perplexity)
+            self._write_extras(tmp, tokenizer, perplexity, base_model=base_model, license=license)
         return Path(save_dir)
 
     def save_pretrained(self, save_dir, **kwargs):
@@ -165,10 +181,17 @@ class AutoAWQ:
 
     @staticmethod
     def from_pretrained(model_path: str, torch_dtype: Any = "auto", trust_remote_code: bool = False,
-                        tokenizer: Any = None, lazy: bool = False, **kwargs) -> AWQModel:
+                        tokenizer: Any = None, lazy: bool = False, dtype: Any = None,
+                        low_cpu_mem_usage: bool = True, **kwargs) -> AWQModel:
         """Load an fp16/bf16/fp32 model to quantize. ``lazy=True`` reads nothing up front: blocks are
         loaded from the safetensors shards one at a time during ``quantize(save_dir=...)``, so a
-        model larger than memory can be quantized."""
+        model larger than memory can be quantized.  ``dtype`` is transformers 5's name for
+        ``torch_dtype``; ``low_cpu_mem_usage`` (AutoAWQ's habit) has no effect: the model is always
+        loaded that way.  Other keyword arguments go to transformers' ``from_pretrained``."""
+        torch_dtype = pick_dtype(torch_dtype, dtype)
+        if not low_cpu_mem_usage:
+            log.info("awqlib: from_pretrained(low_cpu_mem_usage=False) has no effect: models are always loaded "
+                     "with low CPU memory usage")
         from transformers import AutoConfig, AutoModelForCausalLM
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         if getattr(config, "quantization_config", None) is not None:
@@ -190,12 +213,14 @@ class AutoAWQ:
             if spec.experts is not None:
                 for blk in get_blocks(model, spec):
                     unfuse_experts(blk, spec.experts)
-            return AWQModel(model.eval(), spec, tokenizer=tokenizer, name_or_path=str(model_path), reader=reader)
+            return AWQModel(model.eval(), spec, tokenizer=tokenizer, name_or_path=str(model_path), reader=reader,
+                            source_folder=folder)
         dtype = torch_dtype if torch_dtype != "auto" else "auto"
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      low_cpu_mem_usage=True, **kwargs)
         model.eval()
-        return AWQModel(model, spec, tokenizer=tokenizer, name_or_path=str(model_path))
+        return AWQModel(model, spec, tokenizer=tokenizer, name_or_path=str(model_path),
+                        source_folder=local_source_folder(model_path, kwargs.get("revision")))
 
     @staticmethod
     def from_model(model: nn.Module, tokenizer=None) -> AWQModel:
@@ -208,18 +233,23 @@ class AutoAWQ:
                        fuse_layers: bool = False, trust_remote_code: bool = False, revision: str | None = None,
                        token: str | None = None, device_map: str | dict | None = None,
                        max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None,
-                       **kwargs) -> AWQModel:
+                       dtype: Any = None, download_kwargs: dict | None = None, **kwargs) -> AWQModel:
         """Load an AWQ checkpoint (ours or any AutoAWQ-format one) for inference.
 
         ``device``: one device for the whole model (default "cpu").  ``device_map``: let accelerate
         place it over several GPUs (and the CPU/disk): "auto", "balanced", "balanced_low_0",
         "sequential" or an explicit {module name: device} dict, with ``max_memory`` per device
         ({0: "20GiB", 1: "20GiB", "cpu": "64GiB"}) and ``offload_folder`` for "disk" entries;
-        decoder blocks are never split.  Quantized linears on CUDA run the awqlib kernels."""
-        ckpt = load_quantized(quant_path, device, torch_dtype, fuse_layers, trust_remote_code, revision, token,
-                              device_map, max_memory, offload_folder, **kwargs)
+        decoder blocks are never split.  Quantized linears on CUDA run the awqlib kernels.
+        ``dtype``: transformers 5's name for ``torch_dtype``.  ``download_kwargs``: more arguments of
+        huggingface_hub's ``snapshot_download`` (AutoAWQ's name).  AutoAWQ's ``use_exllama``,
+        ``use_exllama_v2``, ``use_ipex``, ``max_seq_len``, ``batch_size``, ``low_cpu_mem_usage`` are
+        accepted and have no effect (logged); any other keyword is an error."""
+        check_kwargs(AutoAWQ.from_quantized, kwargs)
+        ckpt = load_quantized(quant_path, device, pick_dtype(torch_dtype, dtype), fuse_layers, trust_remote_code,
+                              revision, token, device_map, max_memory, offload_folder, download_kwargs)
         return AWQModel(ckpt.model, ckpt.spec, ckpt.quant_config, tokenizer=ckpt.tokenizer, quantized=True,
-                        name_or_path=str(quant_path))
+                        name_or_path=str(quant_path), source_folder=ckpt.folder)
 
 
 AutoAWQForCausalLM = AutoAWQ  # AutoAWQ's own name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -104,3 +105,41 @@ def assert_same_checkpoint(a, b) -> None:
     assert A.keys() == B.keys()
     for k in A:
         assert torch.equal(A[k], B[k]), k
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 128}
+
+
+def tiny_tokenizer():
+    """A PreTrainedTokenizerFast over the tiny models' 256-token vocabulary (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"w{i}": i for i in range(253)}
+    vocab.update({"<unk>": 253, "<s>": 254, "</s>": 255})
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+# tokenizer_config.json as transformers 4.x writes it (5.x would write tokenizer_class "TokenizersBackend")
+V4_TOKENIZER_CONFIG = json.dumps({
+    "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "clean_up_tokenization_spaces": False,
+    "model_max_length": 256, "tokenizer_class": "PreTrainedTokenizerFast",
+    "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}, indent=2) + "\n"
+
+
+def make_source(folder, rope: dict, seed: int = 0) -> dict:
+    """A source model folder whose config.json is written as transformers 4.x wrote it (rope_theta,
+    rope_scaling, torch_dtype; an extra custom key), with a 4.x tokenizer. Returns that config."""
+    model = tiny_model("llama", seed)
+    model.save_pretrained(folder)
+    tok = tiny_tokenizer()
+    tok.save_pretrained(folder)
+    (folder / "tokenizer_config.json").write_text(V4_TOKENIZER_CONFIG)
+    cfg = {k: v for k, v in tiny_config("llama").to_dict().items()
+           if k not in ("rope_parameters", "dtype", "transformers_version")}
+    cfg.update({"architectures": ["LlamaForCausalLM"], "torch_dtype": "bfloat16", "transformers_version": "4.51.3",
+                "use_cache": False, "my_custom_key": {"kept": [1, 2]}}, **rope)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return json.loads((folder / "config.json").read_text())

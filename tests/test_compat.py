@@ -56,7 +56,12 @@ def test_every_rule_cites_its_source():
     assert len(RULES) == len(RULES_LIST)
     for r in RULES_LIST:
         assert r.severity in ("error", "warning")
-        assert r.repo in ("vllm-project/vllm", "sgl-project/sglang") and r.path and r.where and r.description
+        assert r.repo in ("vllm-project/vllm", "sgl-project/sglang", "ModelCloud/GPTQModel")
+        assert r.path and r.where and r.description and r.versions
+    # current vLLM's reader is auto_awq.py; rules of the older awq.py / awq_marlin.py say so
+    assert "quantization/auto_awq.py" in RULES["config_keys"].path and RULES["marlin"].versions.startswith("current")
+    for rid in ("act_dtype", "marlin_legacy"):
+        assert RULES[rid].versions.startswith("older") and "awq.py" in RULES[rid].path + RULES[rid].versions
 
 
 @needs_fixtures
@@ -68,7 +73,8 @@ def test_autoawq_gemm_fixture_is_valid():
     # split fine up to 4 (o_proj 64 per shard, down_proj 128 per shard).
     assert rep.valid_tp == [1, 2, 4]
     assert any("num_attention_heads 4" in p for p in rep.tp_problems[8])
-    assert rep.marlin_tp == [1, 2]  # o_proj's 64 inputs per shard at TP 4 < marlin's min_thread_k 128
+    # current vLLM pads Marlin's thread tiles; older awq_marlin needed 128 inputs per shard (o_proj: 64 at TP 4)
+    assert rep.marlin_tp == [1, 2, 4] and rep.legacy_marlin_tp == [1, 2]
     assert _rules(rep.warnings) == {"act_dtype"}  # the fixture's config says float32
 
 
@@ -80,7 +86,7 @@ def test_autoawq_gemv_fixture_fails_with_the_fix():
     msg = str(rep.errors[0])
     assert "'gemv'" in msg and "only GEMM" in msg
     assert "AutoAWQ.from_quantized(path).save_quantized(out)" in msg
-    assert "vllm/model_executor/layers/quantization/awq.py" in msg
+    assert "vllm/model_executor/layers/quantization/auto_awq.py" in msg
     assert "NOT loadable" in format_report(rep)
 
 
@@ -101,7 +107,8 @@ def test_awqlib_checkpoint_is_valid(awqlib_ckpt):
     # hidden 128, g64: o_proj has 32 inputs per shard at TP 4 -> not a multiple of 64
     assert rep.valid_tp == [1, 2]
     assert any("o_proj (row-parallel): input per shard 32" in p for p in rep.tp_problems[4])
-    assert rep.marlin_tp == [1]  # at TP 2 o_proj has 64 inputs per shard < 128
+    assert rep.marlin_tp == [1, 2]  # tiles padded by current vLLM
+    assert rep.legacy_marlin_tp == [1]  # at TP 2 o_proj has 64 inputs per shard < 128 (older awq_marlin)
     hdr = read_safetensors_header(awqlib_ckpt / "model.safetensors")
     assert hdr["model.layers.0.self_attn.q_proj.qweight"] == {"dtype": "I32", "shape": [128, 16]}
 
@@ -180,8 +187,9 @@ def test_autoawq_key_spellings_load_but_skip_marlin(awqlib_ckpt, tmp_path):
         q["w_bit"], q["q_group_size"] = q.pop("bits"), q.pop("group_size")
     _edit_config(ck, aliases)
     rep = validate_checkpoint(ck)
-    assert rep.ok and rep.valid_tp == [1, 2] and rep.marlin_tp == []
-    assert _rules(rep.warnings) == {"marlin"}
+    # current vLLM reads both spellings for its Marlin path; older releases' awq_marlin only the HF names
+    assert rep.ok and rep.valid_tp == [1, 2] and rep.marlin_tp == [1, 2] and rep.legacy_marlin_tp == []
+    assert _rules(rep.warnings) == {"marlin_legacy"}
 
 
 def test_unquantized_config_and_missing_weights(tmp_path):
@@ -196,19 +204,21 @@ def test_cli_exit_code(awqlib_ckpt, capsys):
     out = capsys.readouterr().out
     assert "valid --tensor-parallel-size: [1, 2]" in out
     assert main([str(awqlib_ckpt), "--rules"]) == 0
-    assert "vllm/model_executor/layers/quantization/awq.py" in capsys.readouterr().out
+    assert "vllm/model_executor/layers/quantization/auto_awq.py" in capsys.readouterr().out
 
 
-def test_transformers_loads_awqlib_checkpoint(awqlib_ckpt):
-    """transformers' own from_pretrained (through gptqmodel) on an awqlib checkpoint, vs awqlib.
+def test_per_channel_group_warns_for_transformers_cpu(tmp_path):
+    """group_size -1: a warning for SGLang, tensor parallelism and transformers' CPU path (gptqmodel)."""
+    rep = validate_checkpoint(_save_rtn(tiny_model("llama"), tmp_path / "g-1", group=-1))
+    assert rep.ok and rep.valid_tp == [1], format_report(rep)
+    assert _rules(rep.warnings) == {"group_size", "transformers_cpu"}
+    assert "32..256" in str(next(f for f in rep.warnings if f.rule == "transformers_cpu"))
+    assert "group size -1 may not load" in (tmp_path / "g-1" / "README.md").read_text()  # the card says so too
 
-    gptqmodel's CPU kernel (TorchAtenAwqLinear) computes in bfloat16, hence the loose tolerance.
-    """
-    pytest.importorskip("gptqmodel")
-    from transformers import AutoModelForCausalLM
-    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    ref = AutoAWQ.from_quantized(str(awqlib_ckpt))
-    hf = AutoModelForCausalLM.from_pretrained(str(awqlib_ckpt), device_map="cpu")
-    with torch.no_grad():
-        a, b = ref(ids).logits.float(), hf(ids).logits.float()
-    assert ((a - b).norm() / a.norm()).item() < 2e-2
+
+def test_bf16_torch_dtype_is_fine_for_current_vllm(awqlib_ckpt, tmp_path):
+    ck = _copy(awqlib_ckpt, tmp_path / "bf16")
+    _edit_config(ck, lambda c: c.update(torch_dtype="bfloat16", dtype="bfloat16"))
+    rep = validate_checkpoint(ck)
+    assert rep.ok and _rules(rep.warnings) == {"act_dtype"}
+    assert "current vLLM serves AWQ in fp16 or bf16" in rep.warnings[0].message

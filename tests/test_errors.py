@@ -33,12 +33,12 @@ def test_not_quantized_checkpoint(tmp_path):
                                      ({"version": "marlin"}, "version='marlin'")])
 def test_unsupported_config(cfg, msg):
     with pytest.raises(ValueError, match=msg):
-        QuantConfig.from_dict(cfg)
+        QuantConfig.from_user(cfg)
 
 
 def test_aliases():
-    a = QuantConfig.from_dict({"w_bit": 4, "q_group_size": 64, "zero_point": False})
-    b = QuantConfig.from_dict({"bits": 4, "group_size": 64, "zero_point": False})
+    a = QuantConfig.from_user({"w_bit": 4, "q_group_size": 64, "zero_point": False})
+    b = QuantConfig.from_user({"bits": 4, "group_size": 64, "zero_point": False})
     assert a == b and a.to_hf_dict()["group_size"] == 64 and a.w_bit == 4
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from awqlib import AutoAWQ
-from awqlib.hub import REPO_PLACEHOLDER, looks_like_hub_id, push_to_hub, staged_files
-from conftest import tiny_model
+from awqlib.hub import REPO_PLACEHOLDER, STALE_PATTERNS, looks_like_hub_id, push_to_hub, staged_files
+from conftest import make_source, tiny_model, tiny_tokenizer
 
 BASE = "HuggingFaceTB/SmolLM2-135M"
 PPL = {"fp": 12.3456, "awq": 12.9012, "dataset": "wikitext-2-raw-v1", "windows": 8}
@@ -55,7 +55,8 @@ def test_card_body(saved):
     assert "**loadable**" in text and "Valid `--tensor-parallel-size`: **1, 2**" in text
     # loading instructions for each hand-off
     assert f'AutoAWQ.from_quantized("{REPO_PLACEHOLDER}"' in text
-    assert f"vllm serve {REPO_PLACEHOLDER} --quantization awq --dtype float16" in text
+    assert f"vllm serve {REPO_PLACEHOLDER}   " in text and f"vllm serve {REPO_PLACEHOLDER} --dtype float16" in text
+    assert "Marlin" in text and "--quantization awq" not in text  # current vLLM needs no --quantization
     assert "--tensor-parallel-size 2" in text and "--tp-size 2" in text and "sglang.launch_server" in text
     assert "AutoModelForCausalLM.from_pretrained" in text and "gptqmodel" in text
 
@@ -141,7 +142,7 @@ def test_push_to_hub_temp_dir(qmodel, fake_hub):
     expected = ["README.md", "config.json", "generation_config.json", "model.safetensors"]
     assert a2["contents"] == a2["allow_patterns"] == a2["all_files"] == expected
     # the card was re-rendered with the repo id
-    assert "vllm serve me/tiny-awq --quantization awq" in a2["readme"] and REPO_PLACEHOLDER not in a2["readme"]
+    assert "vllm serve me/tiny-awq --dtype float16" in a2["readme"] and REPO_PLACEHOLDER not in a2["readme"]
     assert not a2["folder"].exists()  # the temporary folder is removed after the upload
 
 
@@ -155,7 +156,7 @@ def test_push_to_hub_local_dir_and_shards(qmodel, fake_hub, tmp_path):
     assert files == staged_files(local) == a2["all_files"]
     shards = [f for f in files if f.startswith("model-") and f.endswith(".safetensors")]
     assert len(shards) > 1 and "model.safetensors.index.json" in files
-    assert a2["kw"] == {"revision": "main"}
+    assert a2["kw"] == {"revision": "main", "delete_patterns": list(STALE_PATTERNS)}
     with pytest.raises(FileExistsError):  # an existing local_dir needs overwrite=True
         qmodel.push_to_hub("org/sharded", local_dir=str(local))
     qmodel.push_to_hub("org/sharded", local_dir=str(local), overwrite=True)
@@ -180,6 +181,109 @@ def test_push_to_hub_lazily_saved_model(qmodel, saved, fake_hub, tmp_path, monke
     assert a2["folder"] == folder and folder.is_dir()
     assert a2["allow_patterns"] == staged_files(saved)
     assert "vllm serve me/lazy" in (folder / "README.md").read_text()
+
+
+SOURCE_CARD = """---
+license: llama3.2
+base_model: meta-llama/Parent-Of-Source
+---
+# A source model
+"""
+
+
+@pytest.fixture(scope="module")
+def local_source(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("local") / "my-llama"
+    src.mkdir()
+    make_source(src, {"rope_theta": 500000.0, "rope_scaling": None})
+    (src / "README.md").write_text(SOURCE_CARD)
+    return src
+
+
+CALIB = ["w1 w2 w3 w4 w5 w6 w7 w8 " * 4] * 8  # 32 tokens each
+
+
+def test_card_of_local_source(local_source, tmp_path):
+    """No absolute path anywhere in the card; the license comes from the source's card, not its
+    base_model (that is the source's own parent); calibration settings and awqlib version are recorded."""
+    from awqlib import __version__
+    m = AutoAWQ.from_pretrained(str(local_source))
+    m.quantize(tiny_tokenizer(), {"q_group_size": 64}, calib_data=CALIB, n_samples=2, seqlen=32,
+               n_grid=2, clip_grid=2)
+    out = m.save_quantized(tmp_path / "out")
+    text = (out / "README.md").read_text()
+    for path in (str(local_source), str(tmp_path), str(Path.home())):
+        assert path not in text
+    assert "/tmp/" not in text and "`my-llama`" in text
+    meta = pytest.importorskip("yaml").safe_load(_front_matter(text))
+    assert meta["license"] == "llama3.2" and "base_model" not in meta
+    assert f"custom text, {sum(map(len, CALIB[:8]))} chars" in text
+    assert "| calibration samples | 2 requested, 2 sequences of 32 tokens |" in text
+    assert "| method | AWQ" in text and f"| awqlib version | {__version__} |" in text
+    # explicit metadata wins
+    out2 = m.save_quantized(tmp_path / "out2", base_model="org/my-llama", license="apache-2.0")
+    meta2 = pytest.importorskip("yaml").safe_load(_front_matter((out2 / "README.md").read_text()))
+    assert meta2["base_model"] == "org/my-llama" and meta2["license"] == "apache-2.0"
+
+
+def test_card_calibration_file_by_name(tmp_path):
+    from awqlib.calib import describe
+    f = tmp_path / "secret-dir" / "calib.txt"
+    assert describe(str(f)) == describe(f) == "text file calib.txt"
+    assert describe("pileval") == "mit-han-lab/pile-val-backup (validation split)"
+    assert describe(["ab", "cde"]) == "custom text, 5 chars"
+
+
+def test_card_of_hub_snapshot_source(local_source, tmp_path):
+    import shutil
+    snap = tmp_path / "hub" / "models--org--my-llama" / "snapshots" / "0123abc"
+    shutil.copytree(local_source, snap)
+    m = AutoAWQ.from_pretrained(str(snap)).quantize(None, {"q_group_size": 64}, method="rtn")
+    text = (m.save_quantized(tmp_path / "out") / "README.md").read_text()
+    assert 'base_model: "org/my-llama"' in text and str(tmp_path) not in text
+
+
+def test_requantized_checkpoint_keeps_its_base_model(saved, tmp_path):
+    """A checkpoint loaded with from_quantized (say from the Hub id me/tiny-awq) and saved again: its
+    base_model stays the fp model of its card, never the quantized checkpoint itself."""
+    import shutil
+    loaded = AutoAWQ.from_quantized(str(saved))
+    loaded.name_or_path = "me/tiny-awq"
+    text = (loaded.save_quantized(tmp_path / "again") / "README.md").read_text()
+    assert f'base_model: "{BASE}"' in text and "me/tiny-awq" not in _front_matter(text)
+    bare = tmp_path / "bare"
+    shutil.copytree(saved, bare)
+    (bare / "README.md").unlink()
+    loaded = AutoAWQ.from_quantized(str(bare))
+    loaded.name_or_path = "me/tiny-awq"
+    assert "base_model" not in _front_matter((loaded.save_quantized(tmp_path / "again2") / "README.md").read_text())
+
+
+def test_push_to_hub_removes_stale_files(qmodel, monkeypatch, tmp_path):
+    """A second push with fewer shards leaves no shard of the first one in the repo (upload_folder's
+    delete_patterns, applied here as huggingface_hub documents it)."""
+    import fnmatch
+
+    import huggingface_hub
+    remote: dict[str, str] = {".gitattributes": "lfs", "images/plot.png": "kept: not a checkpoint file"}
+
+    def upload_folder(self, *, repo_id, folder_path, allow_patterns=None, delete_patterns=None, **kw):
+        new = set(allow_patterns)
+        for name in list(remote):
+            if name != ".gitattributes" and name not in new and any(
+                    fnmatch.fnmatch(name, p) for p in ([delete_patterns] if isinstance(delete_patterns, str)
+                                                       else delete_patterns or [])):
+                del remote[name]
+        remote.update({n: "new" for n in new})
+        return "url"
+    monkeypatch.setattr(huggingface_hub.HfApi, "__init__", lambda self, token=None, **kw: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **kw: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    qmodel.push_to_hub("me/stale", max_shard_size=200_000)
+    assert any(n.startswith("model-0000") for n in remote) and "model.safetensors.index.json" in remote
+    qmodel.push_to_hub("me/stale")
+    assert sorted(remote) == [".gitattributes", "README.md", "config.json", "generation_config.json",
+                              "images/plot.png", "model.safetensors"]
 
 
 def test_card_perplexity_keys_are_checked(qmodel, tmp_path):

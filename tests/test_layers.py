@@ -15,7 +15,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "awqlib"
 
 LAYERS: list[tuple[str, set[str]]] = [
-    ("primitives", {"config", "arch", "quant", "packing", "toolchain"}),
+    ("primitives", {"version", "config", "userargs", "arch", "quant", "packing", "toolchain"}),
     ("ops", {"ops", "kernels"}),
     ("modules", {"modules", "moe", "arch.blocks", "fuse"}),
     ("io", {"checkpoint", "lazy", "safetensors_io", "resume", "calib", "offline", "compat"}),

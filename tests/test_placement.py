@@ -190,7 +190,7 @@ def test_loader_places_each_tensor_as_it_is_read(quantized):
         return torch.device("meta")
 
     state = load_quantized_state(safetensors_files(quantized), get_spec(cfg["model_type"]),
-                                 QuantConfig.from_dict(cfg["quantization_config"]), dtype=torch.bfloat16, place=place)
+                                 QuantConfig.from_checkpoint(cfg["quantization_config"]), dtype=torch.bfloat16, place=place)
     assert sorted(seen) == sorted(state) and all(t.device.type == "meta" for t in state.values())
     assert state["model.norm.weight"].dtype == torch.bfloat16
     assert state["model.layers.0.mlp.up_proj.scales"].dtype == torch.float16  # the format's dtype, kept
