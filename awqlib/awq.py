@@ -72,7 +72,11 @@ class AWQOptions:
 # ----------------------------------------------------------------------------------------------
 # methods: every name accepted by quantize() and the CLI, and the options each one sets
 
-METHODS = ("awq+gptq", "awq", "rtn")
+METHODS = {  # name -> what it does (the model card's wording)
+    "awq+gptq": "AWQ (activation-aware scaling and clipping), then GPTQ error feedback on AWQ's grid",
+    "awq": "AWQ (activation-aware scaling and clipping)",
+    "rtn": "round-to-nearest (no calibration)",
+}
 DEFAULT_METHOD = "awq+gptq"  # measured better everywhere we could measure (docs/ALGORITHM.md)
 
 

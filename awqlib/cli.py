@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--min-chars", type=int, default=0, help="ignore calibration paragraphs this short or shorter")
     q.add_argument("--n-samples", type=int, default=128)
     q.add_argument("--seqlen", type=int, default=512)
-    q.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS)
+    q.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS))
     q.add_argument("--not-convert", default="", help="comma-separated module-name substrings to keep in fp16")
     q.add_argument("--dtype", default="auto")
     q.add_argument("--device", default=None, help="where blocks are quantized (default: cuda if available)")

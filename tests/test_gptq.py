@@ -75,7 +75,7 @@ def test_method_names_are_validated_in_one_place():
     assert awq.make_options("awq+gptq").gptq and not awq.make_options("awq").gptq
 
 
-def test_awq_gptq_model_end_to_end_is_finite_and_differs_from_awq(calib_ids):
+def test_awq_gptq_model_end_to_end_is_finite_and_differs_from_awq(calib_ids, tmp_path):
     outs = {}
     for method in ("awq", "awq+gptq"):
         model = tiny_model("llama")
@@ -86,4 +86,7 @@ def test_awq_gptq_model_end_to_end_is_finite_and_differs_from_awq(calib_ids):
         assert isinstance(lin, WQLinear)
         outs[method] = lin.dequantized_weight()
         assert torch.isfinite(outs[method]).all()
+        w.save_quantized(tmp_path / method)
+        card = (tmp_path / method / "README.md").read_text()
+        assert f"| method | {awq.METHODS[method]} |" in card
     assert not torch.equal(outs["awq"], outs["awq+gptq"])
