@@ -4,12 +4,14 @@
         capture   run the fp block on the calibration activations; record, per input
                   site, mean |x| and the Gram matrix X^T X, plus the inputs/outputs of
                   the modules the search inspects (a token-budgeted subset)
-        search    per scaling group, grid-search s = x^a / w^(1-a) and keep the a whose
-                  fake-quantized output is closest to the fp output
+        search    per scaling group, grid-search s = x^a / w^(1-a), and s = 1, and keep the
+                  candidate whose fake-quantized output is closest to the fp output
         apply     fold 1/s into the previous op, s into the linears
         clip      per output group, shrink the clipping range where it lowers the
                   output error (q/k excluded: their error is seen through softmax)
-        quantize  round-to-nearest into the packed int4 GEMM layout
+        quantize  method "awq": round-to-nearest into the packed int4 GEMM layout;
+                  method "awq+gptq" (the default): GPTQ error feedback on the same grid,
+                  with the site's Gram matrix as the Hessian (awqlib/gptq.py)
 
 Two things make the search cheap without approximating it:
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -39,7 +42,8 @@ from .arch.blocks import expand_groups, get_blocks, quantizable_linears, replace
 from .config import QuantConfig
 from .modules import WQLinear
 from .moe import unfuse_experts
-from .quant import fake_quantize, row_chunks
+from . import gptq
+from .quant import ROW_CHUNK_BYTES, clamp_groups, fake_quantize, row_chunks
 
 log = logging.getLogger("awqlib")
 
@@ -51,12 +55,48 @@ class AWQOptions:
     grid_includes_one: bool = True      # also try a = 1.0 (AutoAWQ stops at 0.95)
     apply_clip: bool = True
     clip_grid: int = 20
+    clip_asym: bool = False             # after the symmetric search, shrink each end of the range alone
     max_shrink: float = 0.5
     max_search_tokens: int = 8192       # tokens whose inspected-module outputs score a candidate (whole chunks)
     chunk_size: int = 8                 # sequences per block forward (bounds activation memory)
     propagate_quantized: bool = False   # next block sees the quantized (not the fp) block's output;
                                         # off: measured worse on SmolLM2 (docs/ALGORITHM.md)
     offload_device: str | torch.device = "cpu"
+    gptq: bool = False                  # GPTQ error feedback on the AWQ grid (set by method="awq+gptq")
+    gptq_damp: float = 0.1              # Hessian damping, a fraction of its mean diagonal; GPTQ's 0.01
+                                        # fitted the calibration tokens and lost on held-out ones
+                                        # (SmolLM2, docs/ALGORITHM.md)
+    gptq_block: int = 128               # columns per lazy batch update
+
+
+# ----------------------------------------------------------------------------------------------
+# methods: every name accepted by quantize() and the CLI, and the options each one sets
+
+METHODS = {  # name -> what it does (the model card's wording)
+    "awq+gptq": "AWQ (activation-aware scaling and clipping), then GPTQ error feedback on AWQ's grid",
+    "awq": "AWQ (activation-aware scaling and clipping)",
+    "rtn": "round-to-nearest (no calibration)",
+}
+DEFAULT_METHOD = "awq+gptq"  # measured better everywhere we could measure (docs/ALGORITHM.md)
+
+
+def method_options(method: str) -> dict[str, Any]:
+    """The :class:`AWQOptions` fields that ``method`` fixes (a clear error for an unknown name)."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: use one of {', '.join(repr(m) for m in METHODS)}")
+    return {"gptq": method == "awq+gptq"}
+
+
+def make_options(method: str, **options) -> AWQOptions:
+    fixed = method_options(method)
+    clash = sorted(set(fixed) & set(options))
+    if clash:
+        raise ValueError(f"{clash} is chosen by the method: use method='awq+gptq' or 'awq' instead")
+    unknown = sorted(set(options) - set(AWQOptions.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"quantize() got unknown option(s) {unknown}; besides its own arguments it accepts "
+                        f"the AWQOptions fields {sorted(AWQOptions.__dataclass_fields__)}")
+    return AWQOptions(**options, **fixed)
 
 
 @dataclass
@@ -102,6 +142,13 @@ class _Site:
             return ((e @ self.gram) * e).sum()
         return (e @ self._x().t()).pow(2).sum()
 
+    def hessian(self) -> torch.Tensor:
+        """G = X^T X over every calibration token (GPTQ's Hessian, up to a factor)."""
+        if self.gram is not None:
+            return self.gram
+        X = self._x()
+        return X.t() @ X
+
     def diag_blocks(self, g: int) -> torch.Tensor:
         """The Gram matrix's diagonal g x g blocks, [n / g, g, g]."""
         if self.gram is not None:
@@ -116,9 +163,9 @@ class _Site:
 class ScaleSearch:
     """The outcome of one scaling group's search."""
     linears: list[str]                      # the quantized linears that read the group's input
-    ratio: float | None                     # the chosen exponent a; None where nothing was searched
+    ratio: float | str | None               # the chosen exponent a, or IDENTITY (s = 1); None: not searched
     scales: torch.Tensor | None = None      # s (fp32, on the CPU): 1/s folded into prev, s into the linears
-    losses: list[float] = field(default_factory=list)  # one per candidate ratio
+    losses: list[float] = field(default_factory=list)  # one per candidate (the ratios, then the identity)
     reason: str | None = None               # why nothing was searched
 
 
@@ -126,6 +173,7 @@ class ScaleSearch:
 class BlockReport:
     scales: dict[str, ScaleSearch] = field(default_factory=dict)  # by the group's prev op
     clipped: list[str] = field(default_factory=list)
+    gptq_seconds: float = 0.0  # wall time of the GPTQ step (the rest costs what AWQ costs)
 
 
 def _first_tensor(out):
@@ -204,6 +252,9 @@ def _w_mean(linears: list[nn.Linear], group_size: int) -> torch.Tensor:
     return total / n_rows
 
 
+IDENTITY = "identity"  # the scale candidate s = 1 (reported in place of a ratio)
+
+
 def candidate_ratios(opts: AWQOptions) -> list[float]:
     r = [i / opts.n_grid for i in range(opts.n_grid)]
     return r + [1.0] if opts.grid_includes_one else r
@@ -267,11 +318,17 @@ def search_scale(group: ScaleGroup, linears: list[nn.Linear], site: _Site, inspe
     originals = [l.weight.data for l in linears]
     # candidates' weights go into buffers allocated once per group (never into the originals)
     bufs = [torch.empty_like(w) for w in originals] if inspected is not None else []
+    candidates = [(r, candidate_scales(r, x_mean, w_mean, opts.duo_scaling)) for r in candidate_ratios(opts)]
+    if opts.duo_scaling:
+        # duo's a = 0 is s ~ 1 / w_mean, not the identity (without duo, a = 0 is s = 1): weights that
+        # already lie on a 4-bit grid (re-quantized or QAT releases) are best left unscaled, so the
+        # identity is always a candidate and AWQ never loses to round-to-nearest on its objective.
+        # Last, so that it is chosen only where its loss is strictly lower.
+        candidates.append((IDENTITY, torch.ones_like(x_mean)))
     best = (math.inf, None, None)
     losses = []
     try:
-        for ratio in candidate_ratios(opts):
-            s = candidate_scales(ratio, x_mean, w_mean, opts.duo_scaling)
+        for ratio, s in candidates:
             if inspected is None:  # the linears themselves: tr(E G E^T), every calibration token
                 loss = 0.0
                 for w in originals:
@@ -342,40 +399,109 @@ def group_applies(block: nn.Module, group: ScaleGroup) -> bool:
 # clipping
 
 @torch.no_grad()
-def search_clip(w: torch.Tensor, site: _Site, qcfg: QuantConfig, opts: AWQOptions) -> torch.Tensor:
-    """Per (row, group) clipping threshold [out, n_groups, 1] minimising the group's output error.
+def search_clip(w: torch.Tensor, site: _Site, qcfg: QuantConfig,
+                opts: AWQOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (row, group) clipping range (lo, hi), each [out, n_groups, 1], minimising the group's
+    output error.
 
-    err(row, group) = e G_gg e^T with e = Q(clamp(w)) - w and G_gg the group's diagonal
-    block of the Gram matrix: exact over all calibration tokens.
+    err(row, group) = e G_gg e^T with e = Q(clamp(w, lo, hi)) - w and G_gg the group's diagonal
+    block of the Gram matrix: exact over all calibration tokens.  First AWQ's symmetric search
+    (clamp to +-m, m shrinking from |w|max); with ``clip_asym`` (zero point only) the top and then
+    the bottom of the range are shrunk on their own from there.  Every search starts from the
+    unclipped range, so clipping is only chosen where it lowers the error.
     """
     out_f, in_f = w.shape
     g = in_f if qcfg.group_size in (-1, 0) else qcfg.group_size
     ng = in_f // g
     G = site.diag_blocks(g)  # [ng, g, g]
-    best = []
+    steps = int(opts.max_shrink * opts.clip_grid)
+    los, his = [], []
     for r in row_chunks(w):  # rows are independent
         wg = w[r].float().view(-1, ng, g)
-        absmax = wg.abs().amax(dim=-1, keepdim=True)
-        best_max = absmax.clone()
         best_err = torch.full(wg.shape[:2], math.inf, device=w.device)
-        for i in range(int(opts.max_shrink * opts.clip_grid)):
-            mv = absmax * (1 - i / opts.clip_grid)
-            cw = torch.maximum(torch.minimum(wg, mv), -mv)
+        best = [None, None]
+
+        def consider(lo, hi):
+            nonlocal best_err
+            cw = clamp_groups(wg, lo, hi)
             e = fake_quantize(cw.view(-1, in_f), qcfg.bits, qcfg.group_size, qcfg.zero_point).view(wg.shape) - wg
             err = torch.einsum("rng,ngh,rnh->rn", e, G, e)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_max = torch.where(better[..., None], mv, best_max)
-        best.append(best_max)
-    return torch.cat(best)
+            for k, v in enumerate((lo, hi)):
+                best[k] = v.expand_as(best_err[..., None]) if best[k] is None else \
+                    torch.where(better[..., None], v, best[k])
+
+        absmax = wg.abs().amax(dim=-1, keepdim=True)
+        for i in range(steps):
+            mv = absmax * (1 - i / opts.clip_grid)
+            consider(-mv, mv)
+        if opts.clip_asym and qcfg.zero_point:
+            span = (wg.amax(dim=-1, keepdim=True) - wg.amin(dim=-1, keepdim=True)) / opts.clip_grid
+            for side in (1, 0):  # shrink the top, then the bottom, from the best range so far
+                start = best[side].clone()
+                for i in range(1, steps):
+                    lo, hi = (best[0], start - i * span) if side else (start + i * span, best[1])
+                    consider(lo, hi)
+        los.append(best[0])
+        his.append(best[1])
+    return torch.cat(los), torch.cat(his)
 
 
-def apply_clip(linear: nn.Linear, max_val: torch.Tensor) -> None:
+def apply_clip(linear: nn.Linear, clip: tuple[torch.Tensor, torch.Tensor]) -> None:
     w = linear.weight.data
+    lo, hi = clip
     out_f, in_f = w.shape
     for r in row_chunks(w):  # in place, a chunk at a time
-        wg = w[r].float().view(-1, max_val.shape[1], in_f // max_val.shape[1])
-        w[r] = torch.maximum(torch.minimum(wg, max_val[r]), -max_val[r]).view(-1, in_f).to(w.dtype)
+        wg = w[r].float().view(-1, lo.shape[1], in_f // lo.shape[1])
+        w[r] = clamp_groups(wg, lo[r], hi[r]).view(-1, in_f).to(w.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPTQ error feedback
+
+# GPTQ's column loop is sequential, so on a GPU its cost is kernel launches per column per row
+# chunk: large chunks there; on the CPU the arithmetic dominates and small chunks bound memory.
+GPTQ_CHUNK_BYTES = {"cuda": 1 << 30}
+
+
+@torch.no_grad()
+def gptq_linears(linears: dict[str, nn.Linear], site_of: dict[str, _Site],
+                 clips: dict[str, tuple[torch.Tensor, torch.Tensor]], qcfg: QuantConfig,
+                 opts: AWQOptions) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Replace each calibrated linear's weight by its GPTQ result (fp32, exactly on the grid) and
+    return its grid {name: (scale, zero)}.  Linears that read one tensor (q/k/v, gate/up) share
+    the site's Hessian factor and are processed as one stacked weight.  Linears no calibration
+    token reached are left to round-to-nearest."""
+    by_site: dict[int, list[str]] = {}
+    for name in linears:
+        site = site_of.get(name)
+        if site is not None and site.count > 0:
+            by_site.setdefault(id(site), []).append(name)
+    out = {}
+    for names in by_site.values():
+        site = site_of[names[0]]
+        U = gptq.inverse_hessian_factor(site.hessian(), opts.gptq_damp)
+        ws = [linears[n].weight.data for n in names]
+        dev = ws[0].device
+        budget = GPTQ_CHUNK_BYTES.get(dev.type, 16 * ROW_CHUNK_BYTES)
+        grids = [gptq.static_qparams(w, qcfg.bits, qcfg.group_size, qcfg.zero_point, clips.get(n))
+                 for n, w in zip(names, ws)]
+        W = torch.cat(ws) if len(ws) > 1 else ws[0]
+        scale = torch.cat([g[0] for g in grids])
+        zero = torch.cat([g[1] for g in grids])
+        wq = torch.empty(W.shape, dtype=torch.float32, device=dev)
+        for r in row_chunks(W, chunk_bytes=budget):
+            wq[r] = gptq.gptq_quantize(W[r], U, scale[r], zero[r], qcfg.bits, opts.gptq_block)
+        if not torch.isfinite(wq).all():
+            raise FloatingPointError(f"GPTQ gave non-finite weights for {names}: nothing was written")
+        del W, U
+        r0 = 0
+        for n, w, (sc, z) in zip(names, ws, grids):
+            linears[n].weight.data = wq[r0:r0 + w.shape[0]]  # fp32: the codes are recomputed exactly
+            out[n] = (sc, z)
+            r0 += w.shape[0]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -500,14 +626,17 @@ def quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, opts: AW
             continue
         insp_mod = block.get_submodule(g.inspect) if g.inspect else None
         ratio, s, losses = search_scale(g, [linears[l] for l in members], site, insp, insp_mod, qcfg, opts)
-        apply_scale(block, g, s, spec, extra_scaled=skipped)
-        for st in member_sites:  # every reader's statistics now see x / s
-            st.rescale(s)
-        if insp is not None:
-            insp.rescale(s)  # (its site too, if it is not one of the above)
+        if ratio != IDENTITY:  # (folding s = 1 is not exact for (1 + w) norms: skip it)
+            apply_scale(block, g, s, spec, extra_scaled=skipped)
+            for st in member_sites:  # every reader's statistics now see x / s
+                st.rescale(s)
+            if insp is not None:
+                insp.rescale(s)  # (its site too, if it is not one of the above)
         report.scales[g.prev] = ScaleSearch(members, ratio, s.cpu(), losses)
 
-    # 4. clip
+    # 4. clip (with GPTQ the clipping range only sets the grid: the weights stay unclipped, so the
+    # clipping error is fed back like any rounding error)
+    clips: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if opts.apply_clip:
         for name, lin in linears.items():
             if any(name.split(".")[-1] == c for c in spec.no_clip):
@@ -515,13 +644,20 @@ def quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, opts: AW
             site = site_of.get(name)
             if site is None or site.count == 0:
                 continue
-            apply_clip(lin, search_clip(lin.weight.data, site, qcfg, opts))
+            clips[name] = search_clip(lin.weight.data, site, qcfg, opts)
+            if not opts.gptq:
+                apply_clip(lin, clips.pop(name))
             report.clipped.append(name)
-    del site_of, inspected
+    del inspected
 
-    # 5. quantize
+    # 5. quantize: round to nearest, or GPTQ on the same grid
+    t0 = time.perf_counter()
+    qparams = gptq_linears(linears, site_of, clips, qcfg, opts) if opts.gptq else {}
+    report.gptq_seconds = time.perf_counter() - t0 if opts.gptq else 0.0
+    del site_of, clips
     for name, lin in linears.items():
-        replace_module(block, name, WQLinear.from_linear(lin, qcfg.bits, qcfg.group_size, qcfg.zero_point))
+        replace_module(block, name, WQLinear.from_linear(lin, qcfg.bits, qcfg.group_size, qcfg.zero_point,
+                                                         qparams=qparams.get(name)))
 
     round_to_storage(block)
     # next block's inputs

@@ -40,6 +40,8 @@ def _size(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
+from .awq import DEFAULT_METHOD, METHODS
+
 
 def _quantize(a) -> int:
     from transformers import AutoTokenizer
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--min-chars", type=_int_at_least(0), default=0, help="ignore calibration paragraphs this short or shorter")
     q.add_argument("--n-samples", type=_positive_int, default=128)
     q.add_argument("--seqlen", type=_positive_int, default=512)
-    q.add_argument("--method", default="awq", choices=["awq", "rtn"])
+    q.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS))
     q.add_argument("--not-convert", default="", help="comma-separated module-name substrings to keep in fp16")
     q.add_argument("--dtype", default="auto")
     q.add_argument("--device", default=None, help="where blocks are quantized (default: cuda if available)")

@@ -188,7 +188,8 @@ def render_model_card(folder: Path, model, repo_id: str | None = None,
         lines.append(f"| {k} | `{qc.get(k)}` |")
     calib = stats.get("calibration") or {}
     if calib.get("method"):
-        lines.append(f"| method | {'AWQ (activation-aware scaling and clipping)' if calib['method'] == 'awq' else 'round-to-nearest (no calibration)'} |")
+        from .awq import METHODS
+        lines.append(f"| method | {METHODS.get(calib['method'], calib['method'])} |")
     if calib.get("data"):
         lines.append(f"| calibration data | {calib['data']} |")
         lines.append(f"| calibration samples | {calib['n_samples']} requested, {calib['sequences']} sequences "

@@ -85,9 +85,11 @@ class AWQModel(nn.Module):
     def quantize(self, tokenizer=None, quant_config: dict | QuantConfig | None = None, calib_data: Any = "pileval",
                  split: str = "validation", text_column: str = "text", n_samples: int = 128, seqlen: int = 512,
                  duo_scaling: bool = True, apply_clip: bool = True, device: str | torch.device | None = None,
-                 method: str = "awq", save_dir: str | os.PathLike | None = None, overwrite: bool | str = False,
-                 max_shard_size: int | str = "5GB", **options) -> "AWQModel":
-        """AWQ-quantize every decoder linear, one block at a time (``method='rtn'``: round-to-nearest).
+                 method: str = awq.DEFAULT_METHOD, save_dir: str | os.PathLike | None = None,
+                 overwrite: bool | str = False, max_shard_size: int | str = "5GB", **options) -> "AWQModel":
+        """Quantize every decoder linear, one block at a time. ``method``: 'awq+gptq' (AWQ's scaling and
+        clipping, then GPTQ error feedback on AWQ's grid), 'awq', or 'rtn' (round-to-nearest); all three
+        write the same AWQ GEMM format.
 
         ``save_dir``: write each block to disk as it finishes and the final checkpoint at the end; an
         interrupted run resumes from the last finished block when called again with the same folder
@@ -98,8 +100,6 @@ class AWQModel(nn.Module):
         """
         if self.quantized:
             raise RuntimeError("this model is already quantized")
-        if method not in ("awq", "rtn"):
-            raise ValueError(f"method={method!r}: use 'awq' or 'rtn'")
         if self.reader is not None and save_dir is None:
             raise ValueError("a model loaded with lazy=True frees each block once it is quantized: pass "
                              "save_dir=... so that finished blocks are written to disk")
@@ -107,11 +107,7 @@ class AWQModel(nn.Module):
         if qcfg.version != "gemm":
             log.warning("awqlib writes the GEMM layout (what vLLM/SGLang/transformers read); version=%r is "
                         "accepted for AutoAWQ compatibility and stored as 'gemm'", qcfg.version)
-        unknown = sorted(set(options) - set(awq.AWQOptions.__dataclass_fields__))
-        if unknown:
-            raise TypeError(f"quantize() got unknown option(s) {unknown}; besides its own arguments it accepts "
-                            f"the AWQOptions fields {sorted(awq.AWQOptions.__dataclass_fields__)}")
-        opts = awq.AWQOptions(duo_scaling=duo_scaling, apply_clip=apply_clip, **options)
+        opts = awq.make_options(method, duo_scaling=duo_scaling, apply_clip=apply_clip, **options)
         check_quantizable(self.model, self.spec, qcfg)  # before any work
         self.tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         source = pipeline.block_source(self.model, self.spec, self.reader, device)

@@ -200,8 +200,8 @@ class QuantizeResult:
 def quantize_blocks(source: BlockSource, qcfg: QuantConfig, opts: awq.AWQOptions, method: str,
                     tokens: torch.Tensor | None, save_dir: str | os.PathLike | None = None,
                     overwrite: bool | str = False, source_folder: Path | None = None) -> QuantizeResult:
-    """Quantize every block of ``source.model`` in place (``method`` 'awq' or 'rtn'; ``tokens``: the
-    calibration token ids, None for 'rtn').  With ``save_dir``, each finished block is stored as it
+    """Quantize every block of ``source.model`` in place (``method``: one of :data:`awq.METHODS`;
+    ``tokens``: the calibration token ids, None for 'rtn').  With ``save_dir``, each finished block is stored as it
     completes and a block already stored by an interrupted run with the same settings is loaded
     instead of recomputed (see :mod:`awqlib.resume`; the caller finalizes and closes the store)."""
     model, spec, blocks = source.model, source.spec, source.blocks
@@ -228,7 +228,7 @@ def _quantize_blocks(source: BlockSource, qcfg: QuantConfig, opts: awq.AWQOption
     t0 = time.perf_counter()
     source.prepare(cdtype)
     inps = kwargs = None
-    if method == "awq":
+    if method != "rtn":
         log.info("awqlib: calibrating on %d sequences x %d tokens, device %s", tokens.shape[0], tokens.shape[1],
                  source.devices[0])
         inps, kwargs = source.capture(tokens, opts)

@@ -71,6 +71,11 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return ((qg - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(q.shape)
 
 
+def clamp_groups(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``wg`` [out, n_groups, g] clamped to each group's range [lo, hi] (each [out, n_groups, 1])."""
+    return torch.minimum(torch.maximum(wg, lo), hi)
+
+
 def fake_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, zero_point: bool = True) -> torch.Tensor:
     """quantize -> dequantize (round-to-nearest), returned in ``w``'s dtype."""
     scale, zero = compute_qparams(w, bits, group_size, zero_point)
@@ -85,7 +90,7 @@ def fake_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, zero_po
 ROW_CHUNK_BYTES = 4 << 20
 
 
-def row_chunks(w: torch.Tensor, multiple: int = 1) -> list[slice]:
-    """Slices of ``w``'s rows (dim 0), each ~ROW_CHUNK_BYTES of fp32, a multiple of ``multiple`` rows."""
-    step = max(multiple, ROW_CHUNK_BYTES // (4 * w.shape[-1]) // multiple * multiple)
+def row_chunks(w: torch.Tensor, multiple: int = 1, chunk_bytes: int = ROW_CHUNK_BYTES) -> list[slice]:
+    """Slices of ``w``'s rows (dim 0), each ~``chunk_bytes`` of fp32, a multiple of ``multiple`` rows."""
+    step = max(multiple, chunk_bytes // (4 * w.shape[-1]) // multiple * multiple)
     return [slice(r, r + step) for r in range(0, w.shape[0], step)]

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from awqlib import AutoAWQ
+from awqlib import AutoAWQ, awq
 from awqlib.eval import load_eval_tokens, perplexity
 from awqlib.offline import smollm2_path
+from benchmarks.bench_blocks import parse_variant
 
 
 def calib_lines(path: Path, n: int, min_chars: int = 200) -> list[str]:
@@ -37,7 +38,14 @@ def run(model_dir, tok, method, calib, qc, windows, eval_tokens, **opts):
         m.quantize(tok, qc, calib_data=calib, n_samples=len(calib), seqlen=512, method=method, **opts)
     dt = time.perf_counter() - t0
     ppl = perplexity(m, eval_tokens, 1024, windows)
-    return m, {"method": method, "ppl": round(ppl, 3), "quantize_s": round(dt, 1), "options": opts}
+    r = {"method": method, "ppl": round(ppl, 3), "quantize_s": round(dt, 1), "options": opts}
+    reports = getattr(m, "reports", None) or []
+    if method not in ("fp", "rtn"):
+        # where the time went, and how often the identity scale won (same search in awq and awq+gptq)
+        r["gptq_s"] = round(sum(rep.gptq_seconds for rep in reports), 1)
+        ratios = [s.ratio for rep in reports for s in rep.scales.values()]
+        r["identity_chosen"] = f"{sum(x == awq.IDENTITY for x in ratios)}/{len(ratios)}"
+    return m, r
 
 
 def main():
@@ -47,10 +55,13 @@ def main():
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--ablate", action="store_true")
-    ap.add_argument("--only", default="fp,rtn,awq")
+    ap.add_argument("--only", default="fp,rtn,awq",
+                    help="methods, ','-separated, or ';'-separated METHOD:option=value,... (bench_blocks.py syntax)")
     ap.add_argument("--out", default="bench_quality.json")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="torch threads (1 on a shared machine: spinning threads stall under oversubscription)")
     a = ap.parse_args()
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(a.threads)
     data = Path(a.data)
     model_dir = smollm2_path()
     from transformers import AutoTokenizer
@@ -59,7 +70,7 @@ def main():
     calib = calib_lines(data / "wikitext2-tokenized-valid.txt", a.n_samples)
     qc = {"w_bit": 4, "q_group_size": a.group_size, "zero_point": True, "version": "gemm"}
     rows = []
-    configs = [(m, {}) for m in a.only.split(",")]
+    configs = [parse_variant(v) for v in (a.only.split(";") if ";" in a.only else a.only.split(","))]
     if a.ablate:  # each change on/off against the defaults, plus AutoAWQ's procedure
         configs = [("fp", {}), ("rtn", {}), ("awq", {}),
                    ("awq", {"propagate_quantized": False}),

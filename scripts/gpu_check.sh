@@ -4,7 +4,7 @@
 # benchmarks/gpu_sweep.py alone (README, "Kernels").  Run from the repository root; awqlib is
 # imported via PYTHONPATH=. (no pip install, no network).  Logs and JSON go to $OUT (default ./gpu_check_out): the JSONs, this
 # script's log and a tarball of every step's log (the device tool returns at most 8 files).  Every step
-# has its own timeout so one hang cannot eat the budget; a full run takes ~8-10 min on an H100/H200.
+# has its own timeout so one hang cannot eat the budget; a full run takes ~10-13 min on an H100/H200.
 set -u -o pipefail
 
 OUT="${OUT:-$PWD/gpu_check_out}"
@@ -98,6 +98,11 @@ fi
 step bench_load 100 "$LOGS/bench_load.log" "$PY" -m benchmarks.bench_load --devices cpu cuda auto \
   --dtype bfloat16 --layers 8 --out "$OUT/bench_load.json"
 
+# 7. Quantization on the GPU: the first 3 blocks of a random Llama-3-8B-shaped model, lazily (one
+#    block on the GPU), AWQ and the default method: s/block, whole-model extrapolation, peak memory.
+step bench_quantize_gpu 300 "$LOGS/bench_quantize_gpu.log" "$PY" -m benchmarks.bench_quantize_gpu --blocks 3 \
+  --out "$OUT/bench_quantize_gpu.json"
+
 # The reply shows only the end of the output: repeat the essentials last.
 echo "----- summary"
 grep -hE "^(FAILED|ERROR)" "$LOGS"/pytest_*.log 2>/dev/null | head -n 30
@@ -105,7 +110,7 @@ grep -hE "passed|failed|error|Segmentation" "$LOGS"/pytest_*.log 2>/dev/null | t
 sed -n '/^shape .* SASS\/KB/,$p' "$LOGS/gpu_sweep.log" 2>/dev/null
 sed -n '/^summary/,$p' "$LOGS/tune_kernels.log" 2>/dev/null
 sed -n '/^targets/,$p' "$LOGS/bench_kernels.log" 2>/dev/null
-grep -hE "^\|" "$LOGS/bench_generate.log" "$LOGS/bench_load.log" 2>/dev/null
+grep -hE "^\|" "$LOGS/bench_generate.log" "$LOGS/bench_load.log" "$LOGS/bench_quantize_gpu.log" 2>/dev/null
 tar czf "$OUT/logs.tgz" -C "$LOGS" .
 echo "gpu_check: overall status $status (0 = all steps passed); outputs in $OUT" | tee -a "$LOG"
 ls -la "$OUT" | tee -a "$LOG"

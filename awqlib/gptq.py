@@ -1,0 +1,110 @@
+"""GPTQ error feedback (arXiv 2210.17323) on a fixed group grid: small stateless functions.
+
+Columns are quantized left to right; each column's rounding error is spread over the columns not
+yet quantized through the inverse Hessian, so that the layer's output error on the calibration
+tokens, ``tr(E H E^T)`` with ``H = X^T X``, is what gets minimised instead of the weight error.
+
+The grid is *static*: every group's (scale, zero) is fixed before the first column is quantized,
+from the weights handed in (in awqlib: scaled and clipped by AWQ).  GPTQ then only chooses the
+codes.  So the result is an ordinary (codes, scale, zero) triple in the AWQ GEMM format, read by
+every engine that reads AWQ checkpoints; the dequantized weight it returns lies exactly on that
+grid.  Columns keep their natural order (act-order would need a permuted group index, which the
+format cannot store).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .quant import clamp_groups, compute_qparams, dequantize, quantize
+
+
+def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + damp I)^-1 (so H^-1 = U^T U), fp32.
+
+    Dead input channels (diag 0: no calibration token ever reached them) get a unit diagonal, so
+    their columns are rounded to nearest and feed no error elsewhere.  ``damp = percdamp * mean
+    diag``; where the factorisation still fails (few tokens, ill-conditioned H) the damping grows
+    tenfold, up to ``max_tries`` times, and then a clear error is raised: never NaNs.
+    """
+    H = H.detach().float().clone()
+    n = H.shape[0]
+    diag = H.diagonal()
+    if not torch.isfinite(H).all():
+        raise FloatingPointError("the Hessian (X^T X of the calibration activations) holds NaN/inf")
+    dead = diag == 0
+    H[dead, :] = 0
+    H[:, dead] = 0
+    diag[dead] = 1
+    mean_diag = diag.mean().item()
+    damp = percdamp * mean_diag
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
+    for _ in range(max_tries):
+        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        if info.item() == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info.item() == 0 and torch.isfinite(U).all():
+                return U
+        damp = max(damp * 10, 1e-4 * mean_diag)
+    raise FloatingPointError(
+        f"the {n}x{n} Hessian could not be factorised even with damping {damp:.3g}: the calibration "
+        "activations are degenerate (too few tokens, or overflow); use method='awq' or more calibration data")
+
+
+def static_qparams(w: torch.Tensor, bits: int, group_size: int, zero_point: bool,
+                   clip: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest (scale, zero) [out, in/g] of ``w`` clamped to each group's ``clip`` = (lo, hi),
+    each [out, in/g, 1]."""
+    if clip is not None:
+        lo, hi = clip
+        w = clamp_groups(w.float().view(w.shape[0], lo.shape[1], -1), lo, hi).view(w.shape)
+    return compute_qparams(w, bits, group_size, zero_point)
+
+
+def gptq_quantize(w: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                  bits: int = 4, block_size: int = 128) -> torch.Tensor:
+    """GPTQ with lazy batch updates on the fixed grid (scale, zero) [out, in/g].
+
+    ``w`` [out, in] (not modified), ``U`` from :func:`inverse_hessian_factor`.  Returns the
+    dequantized weight [out, in] fp32, exactly ``dequantize(quantize(result, scale, zero))``.
+    Rows are independent given H: callers may pass any subset of rows (with their qparams).
+    """
+    rows, n = w.shape
+    g = n // scale.shape[1]
+    maxq = 2**bits - 1
+    # Transposed, so that a column is a contiguous row: the per-column steps touch contiguous memory.
+    Wt = w.t().float().contiguous()              # [in, out]
+    St, Zt = scale.t().float().contiguous(), zero.t().float().contiguous()  # [in/g, out]
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1 = Wt[i1:i2]  # a view: updated in place
+        Err1 = torch.empty_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            s, z = St[(i1 + i) // g], Zt[(i1 + i) // g]
+            w_col = W1[i]
+            q = (torch.clamp(torch.round(w_col / s) + z, 0, maxq) - z) * s
+            err = Err1[i]
+            torch.sub(w_col, q, out=err).div_(U1[i, i])
+            W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
+            w_col.copy_(q)
+        if i2 < n:  # the block's errors reach the remaining columns in one matmul
+            Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
+    return Wt.t()
+
+
+def gptq(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, zero_point: bool = True,
+         clip: tuple[torch.Tensor, torch.Tensor] | None = None, percdamp: float = 0.01,
+         block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One linear: ``w`` [out, in], ``H`` = X^T X [in, in] -> (dequantized weight, scale, zero)."""
+    scale, zero = static_qparams(w, bits, group_size, zero_point, clip)
+    wq = gptq_quantize(w, inverse_hessian_factor(H, percdamp), scale, zero, bits, block_size)
+    return wq, scale, zero
+
+
+def codes_of(wq: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """The integer codes of an on-grid weight, checked to reproduce it exactly."""
+    q = quantize(wq, scale, zero, bits)
+    if not torch.equal(dequantize(q, scale, zero), wq):
+        raise AssertionError("GPTQ produced a weight off its quantization grid")
+    return q

@@ -1,0 +1,92 @@
+"""GPTQ error feedback on a static AWQ grid (awqlib/gptq.py) and its wiring as method='awq+gptq'."""
+
+import pytest
+import torch
+from torch import nn
+
+from awqlib import AutoAWQ, awq, gptq
+from awqlib.modules import WQLinear
+from awqlib.quant import compute_qparams, dequantize, quantize
+from conftest import tiny_model
+
+
+def _layer(out_f=64, in_f=256, tokens=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    mix = torch.randn(in_f, in_f, generator=g) / in_f**0.5 + torch.eye(in_f)  # correlated inputs
+    x = torch.randn(tokens, in_f, generator=g) @ mix
+    x[:, :3] *= 10  # outlier channels
+    return w, x
+
+
+def _out_err(w, wq, x):
+    return (x @ (w - wq).t()).pow(2).sum().item()
+
+
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_gptq_beats_rtn_on_the_same_grid_and_stays_on_it(zero_point):
+    w, x = _layer()
+    wq, scale, zero = gptq.gptq(w, x.t() @ x, 4, 64, zero_point)
+    rs, rz = compute_qparams(w, 4, 64, zero_point)
+    assert torch.equal(scale, rs) and torch.equal(zero, rz), "the grid is RTN's (static groups)"
+    rtn = dequantize(quantize(w, rs, rz), rs, rz)
+    assert _out_err(w, wq, x) < 0.8 * _out_err(w, rtn, x)
+    q = gptq.codes_of(wq, scale, zero)  # exactly on the grid
+    lin = nn.Linear(256, 64, bias=False)
+    lin.weight.data = wq
+    m = WQLinear.from_linear(lin, 4, 64, zero_point, qparams=(scale, zero))
+    assert torch.equal(m.dequantized_weight(), wq), "the checkpoint stores exactly GPTQ's weight"
+    assert q.min() >= 0 and q.max() <= 15
+
+
+def test_clip_sets_the_grid_not_the_weight():
+    w, x = _layer()
+    absmax = w.view(64, 4, 64).abs().amax(-1, keepdim=True)
+    wq, scale, zero = gptq.gptq(w, x.t() @ x, 4, 64, True, clip=(-0.8 * absmax, 0.8 * absmax))
+    assert (scale < compute_qparams(w, 4, 64, True)[0]).all()
+    gptq.codes_of(wq, scale, zero)
+
+
+def test_singular_hessian_dead_channels_and_few_tokens_stay_finite():
+    w, x = _layer(tokens=8)  # rank 8 << 256
+    x[:, 10:20] = 0  # dead channels
+    wq, scale, zero = gptq.gptq(w, x.t() @ x, 4, 64, True, percdamp=0.0)
+    assert torch.isfinite(wq).all()
+    gptq.codes_of(wq, scale, zero)
+    # a dead channel feeds no error elsewhere and is rounded to nearest
+    rtn = dequantize(quantize(w, scale, zero), scale, zero)
+    assert torch.equal(wq[:, 10:20], rtn[:, 10:20])
+
+
+def test_nan_hessian_is_a_clear_error():
+    H = torch.eye(8)
+    H[0, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN"):
+        gptq.inverse_hessian_factor(H)
+
+
+def test_method_names_are_validated_in_one_place():
+    with pytest.raises(ValueError, match="awq\\+gptq"):
+        awq.method_options("gptq")
+    with pytest.raises(ValueError, match="chosen by the method"):
+        awq.make_options("awq", gptq=True)
+    with pytest.raises(TypeError, match="unknown option.*n_gird"):
+        awq.make_options("awq", n_gird=3)
+    assert awq.make_options("awq+gptq").gptq and not awq.make_options("awq").gptq
+
+
+def test_awq_gptq_model_end_to_end_is_finite_and_differs_from_awq(calib_ids, tmp_path):
+    outs = {}
+    for method in ("awq", "awq+gptq"):
+        model = tiny_model("llama")
+        w = AutoAWQ.from_model(model)
+        w.quantize(None, {"w_bit": 4, "q_group_size": 64}, calib_data=list(calib_ids), n_samples=16, seqlen=64,
+                   method=method)
+        lin = model.model.layers[1].mlp.down_proj
+        assert isinstance(lin, WQLinear)
+        outs[method] = lin.dequantized_weight()
+        assert torch.isfinite(outs[method]).all()
+        w.save_quantized(tmp_path / method)
+        card = (tmp_path / method / "README.md").read_text()
+        assert f"| method | {awq.METHODS[method]} |" in card
+    assert not torch.equal(outs["awq"], outs["awq+gptq"])
