@@ -43,7 +43,7 @@ from .config import QuantConfig
 from .modules import WQLinear
 from .moe import unfuse_experts
 from . import gptq
-from .quant import ROW_CHUNK_BYTES, clamp_groups, fake_quantize, row_chunks
+from .quant import ROW_CHUNK_BYTES, clamp_groups, effective_group_size, fake_quantize, row_chunks
 
 log = logging.getLogger("awqlib")
 
@@ -244,7 +244,7 @@ def _w_mean(linears: list[nn.Linear], group_size: int) -> torch.Tensor:
     total, n_rows = 0.0, 0
     for lin in linears:
         w = lin.weight.detach()
-        g = w.shape[1] if group_size in (-1, 0) else group_size
+        g = effective_group_size(group_size, w.shape[1])
         for r in row_chunks(w):
             wg = w[r].float().view(-1, w.shape[1] // g, g).abs()
             total = total + (wg / (wg.amax(dim=-1, keepdim=True) + 1e-6)).view(-1, w.shape[1]).sum(0)
@@ -411,7 +411,7 @@ def search_clip(w: torch.Tensor, site: _Site, qcfg: QuantConfig,
     unclipped range, so clipping is only chosen where it lowers the error.
     """
     out_f, in_f = w.shape
-    g = in_f if qcfg.group_size in (-1, 0) else qcfg.group_size
+    g = effective_group_size(qcfg.group_size, in_f)
     ng = in_f // g
     G = site.diag_blocks(g)  # [ng, g, g]
     steps = int(opts.max_shrink * opts.clip_grid)
