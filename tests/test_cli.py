@@ -37,3 +37,21 @@ def test_quantize_and_eval(tmp_path, capsys):
     # a folder that is not quantized is evaluated as the fp model (from_quantized raises NotQuantizedCheckpoint)
     assert main(["eval", str(src), "--text", str(text), "--seqlen", "64", "--windows", "2"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"] > 1
+
+
+
+def test_command_reports_user_errors_in_one_line(tmp_path, capsys):
+    """The console command (awqlib.cli:run) turns a user's mistake into one line and exit code 2;
+    main() keeps raising for programmatic callers, and -v keeps the traceback."""
+    import pytest
+
+    from awqlib.cli import run
+    missing = tmp_path / "nope"
+    argv = ["eval", str(missing), "--text", __file__, "--seqlen", "8", "--windows", "1"]
+    assert run(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("awqlib: error:") and str(missing) in err[0]
+    with pytest.raises(FileNotFoundError):
+        main(argv)
+    with pytest.raises(FileNotFoundError):
+        run(["-v", *argv])
