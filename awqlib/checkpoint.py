@@ -15,7 +15,7 @@ from .arch import ArchSpec
 from .config import QuantConfig
 from .outputs import AtomicDir  # noqa: F401  (re-exported: its home was here)
 from .packing import gemv_to_gemm
-from .safetensors_io import (SAFE_INDEX, TAG_OF, check_expected, iter_tensors, parse_size, plan_shards,  # noqa: F401
+from .safetensors_io import (SAFE_INDEX, confined, TAG_OF, check_expected, iter_tensors, parse_size, plan_shards,  # noqa: F401
                              save_tensors, shard_names, tensor_index, weight_files, write_index)
 
 log = logging.getLogger("awqlib")
@@ -153,11 +153,25 @@ def copy_tokenizer_files(source_folder: Path | None, folder: Path) -> bool:
     """Copy the source's tokenizer files verbatim (a transformers 5 re-save rewrites
     ``tokenizer_class``, which transformers 4.x refuses), and the code files of a trust_remote_code
     model (its ``auto_map`` stays in config.json); False where there is no tokenizer to copy."""
-    files = tokenizer_files(source_folder)
-    for rel in files + remote_code_files(source_folder):
-        (Path(folder) / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(Path(source_folder) / rel, Path(folder) / rel)
+    files = [rel for rel in tokenizer_files(source_folder) if copy_source_file(source_folder, rel, folder)]
+    for rel in remote_code_files(source_folder):
+        copy_source_file(source_folder, rel, folder)
     return bool(files)
+
+
+def copy_source_file(source_folder: Path, rel: str | os.PathLike, folder: Path) -> bool:
+    """Copy ``source_folder/rel`` to ``folder/rel`` if it really lies inside the source folder: a
+    symlink pointing elsewhere (``chat_template.jinja -> ~/.ssh/id_rsa`` in a cloned repo) would
+    otherwise be copied into the checkpoint and uploaded by push_to_hub.  False (and a warning)
+    where it is refused."""
+    try:
+        src = confined(Path(source_folder), Path(rel).as_posix())
+    except (ValueError, FileNotFoundError) as e:
+        log.warning("awqlib: not copying %s from the source folder: %s", rel, e)
+        return False
+    (Path(folder) / rel).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, Path(folder) / rel)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- reading

@@ -214,11 +214,19 @@ def run(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
         return main(args)
-    except USER_ERRORS as e:
-        if "-v" in args or "--verbose" in args:
+    except Exception as e:
+        if not is_user_error(e) or "-v" in args or "--verbose" in args:
             raise
         print(f"awqlib: error: {e}", file=sys.stderr)
         return 2
+
+
+def is_user_error(e: BaseException) -> bool:
+    import errno
+
+    from .resume import OutputLocked
+    return isinstance(e, USER_ERRORS + (OutputLocked,)) or (
+        isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,12 @@ from . import lazy as lazy_mod
 from .arch import ArchSpec, get_spec
 from .arch.blocks import check_quantizable, get_blocks
 from .calib import describe as describe_calib, get_calib_tokens
-from .checkpoint import (AtomicDir, checkpoint_state, copy_tokenizer_files, local_source_folder, resolve_folder,
+from .checkpoint import (AtomicDir, checkpoint_state, copy_source_file, copy_tokenizer_files, local_source_folder, resolve_folder,
                          write_config, write_shards)
 from .config import QuantConfig
 from .loading import load_quantized, resolve_dtype, tile_for_kernels
 from .moe import unfuse_experts
+from .safetensors_io import parse_size
 from .userargs import check_kwargs, pick_dtype
 
 log = logging.getLogger("awqlib")
@@ -52,6 +52,9 @@ class AWQModel(nn.Module):
         self.reports: list[awq.BlockReport] = []
         self.stats: dict[str, Any] = {}
         self.saved_to: Path | None = None  # where quantize(save_dir=...) wrote the checkpoint
+        # set while quantize() changes the model in place: a run that failed half-way leaves some
+        # blocks quantized and maybe a scale half-folded, so the object cannot be quantized again
+        self.interrupted = False
 
     # the wrapped model's attributes that scripts use on the wrapper
     @property
@@ -100,6 +103,12 @@ class AWQModel(nn.Module):
         """
         if self.quantized:
             raise RuntimeError("this model is already quantized")
+        if self.interrupted:
+            raise RuntimeError(
+                "an earlier quantize() on this object stopped half-way and left it partly quantized: load the "
+                "model again (AutoAWQ.from_pretrained) and rerun quantize(save_dir=...) with the same settings; "
+                "it resumes from the blocks already written there")
+        parse_size(max_shard_size)  # a bad size fails now, not after the last block
         if self.reader is not None and save_dir is None:
             raise ValueError("a model loaded with lazy=True frees each block once it is quantized: pass "
                              "save_dir=... so that finished blocks are written to disk")
@@ -116,7 +125,12 @@ class AWQModel(nn.Module):
         self.stats["calibration"] = {"method": method} if tokens is None else {
             "method": method, "data": describe_calib(calib_data, split), "n_samples": n_samples, "seqlen": seqlen,
             "sequences": int(tokens.shape[0])}
-        run = pipeline.quantize_blocks(source, qcfg, opts, method, tokens, save_dir, overwrite, self.source_folder)
+        try:
+            run = pipeline.quantize_blocks(source, qcfg, opts, method, tokens, save_dir, overwrite,
+                                           self.source_folder)
+        except BaseException:
+            self.interrupted = source.touched
+            raise
         self.reports, self.stats["quantize_seconds"] = run.reports, run.seconds
         self.quant_config, self.quantized = qcfg, True
         if run.store is not None:
@@ -135,9 +149,9 @@ class AWQModel(nn.Module):
         the source has none, or when it is passed here explicitly (``save_quantized(tokenizer=...)``)."""
         src = self.source_folder
         write_config(folder, src, self.model.config, self.quant_config)
-        if src is not None and (src / "generation_config.json").is_file():
-            shutil.copyfile(src / "generation_config.json", folder / "generation_config.json")
-        elif getattr(self.model, "generation_config", None) is not None:
+        copied = src is not None and (src / "generation_config.json").is_file() and \
+            copy_source_file(src, "generation_config.json", folder)
+        if not copied and getattr(self.model, "generation_config", None) is not None:
             self.model.generation_config.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)

@@ -136,7 +136,12 @@ def swap_into_place(new: Path, target: Path) -> None:
     if target.exists():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
         os.rename(target, old)
-    os.rename(new, target)
+    try:
+        os.rename(new, target)
+    except OSError:
+        if old is not None:
+            os.rename(old, target)  # the old checkpoint back under its own name
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -54,6 +54,7 @@ class BlockSource:
         self.prefix, self.blocks = find_blocks(model, spec)
         self.devices: list[torch.device] = []  # where block i is quantized
         self.homes: list[torch.device] = []    # where it goes once finished
+        self.touched = False                   # the model has been changed in place (dtype, blocks)
 
     def compute_dtype(self) -> torch.dtype:
         """fp32 on CPUs (no fp16/bf16 matmul units: fp32 is both faster and exact); else the model's
@@ -211,7 +212,7 @@ def quantize_blocks(source: BlockSource, qcfg: QuantConfig, opts: awq.AWQOptions
         folder = source.reader.folder if isinstance(source, Lazy) else source_folder
         fp = resume.fingerprint(source=resume.source_identity(folder, model), qcfg=qcfg.to_hf_dict(), opts=opts,
                                 method=method, tokens=tokens if tokens is not None else torch.zeros(0),
-                                dtype=cdtype, n_blocks=len(blocks))
+                                dtype=cdtype, model_dtype=next(model.parameters()).dtype, n_blocks=len(blocks))
         store = resume.BlockStore(save_dir, fp, len(blocks), overwrite, source=folder)
     try:
         return _quantize_blocks(source, qcfg, opts, method, tokens, cdtype, store)
@@ -226,6 +227,7 @@ def _quantize_blocks(source: BlockSource, qcfg: QuantConfig, opts: awq.AWQOption
                      ) -> QuantizeResult:
     model, spec, blocks = source.model, source.spec, source.blocks
     t0 = time.perf_counter()
+    source.touched = True
     source.prepare(cdtype)
     inps = kwargs = None
     if method != "rtn":

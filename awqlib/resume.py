@@ -211,7 +211,8 @@ class BlockStore:
             kept = [j for j in range(self.n) if (self.dir / self.name(j)).exists()]
             raise OSError(e.errno, f"disk full while writing block {i} to {self.dir}: the {len(kept)} finished "
                                    f"block(s) {_ranges(kept)} are kept there. Free some space and rerun the same "
-                                   f"command: it resumes from the first unfinished block") from None
+                                   f"command (in Python: load the model again, then quantize): it resumes from "
+                                   f"the first unfinished block") from None
 
     def read(self, i: int) -> dict[str, torch.Tensor]:
         return read_tensors(self.dir / self.name(i))

@@ -575,3 +575,92 @@ def test_no_pickle_and_no_remote_code_by_default(base, tmp_path, monkeypatch):
     except Exception:  # refusing is fine too; running the file is not
         pass
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------ review follow-ups
+
+def test_a_half_quantized_object_is_not_quantized_again(src, tmp_path, monkeypatch):
+    """A quantize() that died half-way leaves the in-memory model partly quantized: calling it again
+    on the same object would resume on top of that and silently mix (found in review). It is refused;
+    a freshly loaded model resumes and gives the uninterrupted result.  A failure before the model
+    was touched (an existing output) does not block the corrected call."""
+    out = tmp_path / "out"
+    m = AutoAWQ.from_pretrained(str(src))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        m.quantize(None, QC, method="rtn", save_dir=tmp_path / "taken")
+    real = awq.rtn_quantize_block
+    die_on_call(monkeypatch, awq, "rtn_quantize_block")
+    with pytest.raises(KeyboardInterrupt):
+        m.quantize(None, QC, method="rtn", save_dir=out)
+    monkeypatch.setattr(awq, "rtn_quantize_block", real)
+    with pytest.raises(RuntimeError, match="stopped half-way"):
+        m.quantize(None, QC, method="rtn", save_dir=out)
+    AutoAWQ.from_pretrained(str(src)).quantize(None, QC, method="rtn", save_dir=out)
+    ref = tmp_path / "ref"
+    AutoAWQ.from_pretrained(str(src)).quantize(None, QC, method="rtn", save_dir=ref)
+    assert_same_checkpoint(out, ref)
+
+
+def test_bad_shard_size_fails_before_any_work(src, monkeypatch):
+    monkeypatch.setattr(awq, "rtn_quantize_block", lambda *a, **k: pytest.fail("started quantizing"))
+    with pytest.raises(ValueError):
+        AutoAWQ.from_pretrained(str(src)).quantize(None, QC, method="rtn", max_shard_size="lots")
+
+
+def test_source_files_are_copied_only_from_inside_the_source(src, tmp_path):
+    """A tokenizer/generation file that is a symlink out of the source folder (a cloned repo) is not
+    copied into the checkpoint (push_to_hub would upload it)."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private key")
+    (src / "chat_template.jinja").symlink_to(secret)
+    (src / "generation_config.json").unlink()
+    (src / "generation_config.json").symlink_to(secret)
+    out = tmp_path / "out"
+    AutoAWQ.from_pretrained(str(src)).quantize(None, QC, method="rtn").save_quantized(out)
+    assert not (out / "chat_template.jinja").exists()
+    assert all("private key" not in p.read_text(errors="replace") for p in out.iterdir() if p.is_file())
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_a_failed_swap_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
+    from awqlib import outputs
+    target, new = tmp_path / "ckpt", tmp_path / "new"
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"old")
+    new.mkdir()
+    real, calls = os.rename, []
+
+    def rename(a, b):
+        calls.append(b)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(a, b)
+    monkeypatch.setattr(outputs.os, "rename", rename)
+    with pytest.raises(OSError):
+        outputs.swap_into_place(new, target)
+    assert (target / "model.safetensors").read_bytes() == b"old"
+
+
+def test_command_line_treats_a_locked_output_and_a_full_disk_as_user_errors():
+    import errno
+
+    from awqlib.cli import is_user_error
+    from awqlib.resume import OutputLocked
+    assert is_user_error(OutputLocked("held by pid 1"))
+    assert is_user_error(OSError(errno.ENOSPC, "disk full"))
+    assert not is_user_error(OSError(errno.EIO, "i/o error")) and not is_user_error(RuntimeError("bug"))
+
+
+def test_resume_refuses_a_source_loaded_in_another_dtype(src, tmp_path, monkeypatch):
+    """The same folder loaded as fp16 and as bf16 holds different weights (the CPU computes both
+    in fp32): their blocks must not be mixed."""
+    out = tmp_path / "out"
+    real = awq.rtn_quantize_block
+    die_on_call(monkeypatch, awq, "rtn_quantize_block")
+    with pytest.raises(KeyboardInterrupt):
+        AutoAWQ.from_pretrained(str(src), torch_dtype=torch.float16).quantize(None, QC, method="rtn", save_dir=out)
+    monkeypatch.setattr(awq, "rtn_quantize_block", real)
+    with pytest.raises(FileExistsError, match="different settings"):
+        AutoAWQ.from_pretrained(str(src), torch_dtype=torch.bfloat16).quantize(None, QC, method="rtn", save_dir=out)
