@@ -130,14 +130,20 @@ def test_tile_for_kernels_bit_exact(K, N):
     assert torch.equal(untile_from_kernels(t), qweight)
 
 
-def test_tile_refuses_bad_shapes():
-    from awqlib.packing import tile_for_kernels, untile_from_kernels
-    with pytest.raises(ValueError, match="K % 32"):
-        tile_for_kernels(torch.zeros(48, 8, dtype=torch.int32))
+# (repack, inverse, its K multiple, a K it refuses, a valid K, the inverse's word count, a count it refuses)
+RUNTIME_LAYOUTS = [("tile_for_kernels", "untile_from_kernels", 32, 48, 64, 256, 128),
+                   ("stream_qweight", "unstream_qweight", 16, 24, 32, 128, 256)]
+
+
+@pytest.mark.parametrize("pack, unpack, k_mult, bad_k, good_k, words, bad_words", RUNTIME_LAYOUTS)
+def test_runtime_layouts_refuse_bad_shapes(pack, unpack, k_mult, bad_k, good_k, words, bad_words):
+    from awqlib import packing
+    with pytest.raises(ValueError, match=f"K % {k_mult}"):
+        getattr(packing, pack)(torch.zeros(bad_k, 8, dtype=torch.int32))
     with pytest.raises(ValueError, match="N % 64"):
-        tile_for_kernels(torch.zeros(64, 4, dtype=torch.int32))
-    with pytest.raises(ValueError, match="256"):
-        untile_from_kernels(torch.zeros(1, 1, 128, dtype=torch.int32))
+        getattr(packing, pack)(torch.zeros(good_k, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match=str(words)):
+        getattr(packing, unpack)(torch.zeros(1, 1, bad_words, dtype=torch.int32))
 
 
 # --- stream runtime layout (csrc/awq_stream.cu) ------------------------------------------------
@@ -266,13 +272,3 @@ def test_stream_dequant_bit_identical(K, N, g, dtype):
     emu = emulate_stream_dequant(qs, zs, ss, g, dtype)
     assert torch.equal(emu, ref)
     assert torch.equal(dequantize_gemm(qs, zs, ss, g), ref)
-
-
-def test_stream_refuses_bad_shapes():
-    from awqlib.packing import stream_qweight, unstream_qweight
-    with pytest.raises(ValueError, match="K % 16"):
-        stream_qweight(torch.zeros(24, 8, dtype=torch.int32))
-    with pytest.raises(ValueError, match="N % 64"):
-        stream_qweight(torch.zeros(32, 4, dtype=torch.int32))
-    with pytest.raises(ValueError, match="128"):
-        unstream_qweight(torch.zeros(1, 1, 256, dtype=torch.int32))
