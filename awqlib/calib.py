@@ -22,11 +22,20 @@ def bundled_text_path(name: str = "tinyshakespeare.txt") -> Path:
     return Path(str(resources.files("awqlib") / "data" / name))
 
 
-def read_text_file(path: str | os.PathLike, min_chars: int = 0) -> list[str]:
+class Paragraphs(list):
+    """The paragraphs of one text file (a list of str), remembering the file's base name so that
+    the model card can say where the calibration text came from (never the local path)."""
+
+    def __init__(self, paragraphs, source: str):
+        super().__init__(paragraphs)
+        self.source = source
+
+
+def read_text_file(path: str | os.PathLike, min_chars: int = 0) -> Paragraphs:
     """Paragraphs (blank-line separated) of a text file, longer than ``min_chars``."""
     text = Path(path).read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
     paras = [p.strip() for p in text.split("\n\n")]
-    return [p for p in paras if p and len(p) > min_chars]
+    return Paragraphs([p for p in paras if p and len(p) > min_chars], Path(path).name)
 
 
 def _load_pileval(split: str, text_column: str) -> list[str]:
@@ -82,6 +91,8 @@ def describe(calib_data: Any, split: str = "validation") -> str:
     if hasattr(calib_data, "column_names"):
         name = getattr(getattr(calib_data, "info", None), "dataset_name", None)
         return f"dataset {name} ({len(calib_data)} rows)" if name else f"a datasets.Dataset ({len(calib_data)} rows)"
+    if isinstance(calib_data, Paragraphs):
+        return f"text file {calib_data.source} ({len(calib_data)} paragraphs)"
     if isinstance(calib_data, torch.Tensor):
         return f"custom token ids, {calib_data.numel()} tokens"
     if isinstance(calib_data, Iterable):

@@ -23,6 +23,8 @@ def test_quantize_and_eval(tmp_path, capsys):
     assert main(["quantize", str(src), str(out), "--group-size", "64", "--calib", str(text), "--seqlen", "64",
                  "--n-samples", "40"]) == 0
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "awq"
+    card = (out / "README.md").read_text()
+    assert "text file text.txt (40 paragraphs)" in card and str(tmp_path) not in card  # not "custom text, N chars"
     # --lazy (one block at a time from the safetensors files) writes the same checkpoint
     assert main(["quantize", str(src), str(tmp_path / "lazy"), "--group-size", "64", "--calib", str(text),
                  "--seqlen", "64", "--n-samples", "40", "--lazy"]) == 0
