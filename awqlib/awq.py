@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .arch import ArchSpec, ScaleGroup
-from .arch.blocks import expand_groups, get_blocks, quantizable_linears, replace_module, run_block, to_device
+from .arch import ArchSpec
+from .arch.blocks import (BlockGroup, get_blocks, quantizable_linears, replace_module, resolve_groups, run_block,
+                          to_device)
 from .config import QuantConfig
 from .modules import WQLinear
 from .moe import unfuse_experts
@@ -310,9 +311,11 @@ class _Inspected:
 
 
 @torch.no_grad()
-def search_scale(group: ScaleGroup, linears: list[nn.Linear], site: _Site, inspected: _Inspected | None,
-                 inspect_module: nn.Module | None, qcfg: QuantConfig, opts: AWQOptions):
-    """Return (best_ratio, best_scales, losses) for one scaling group; weights untouched on return."""
+def search_scale(group: BlockGroup, linears: list[nn.Linear], site: _Site, inspected: _Inspected | None,
+                 qcfg: QuantConfig, opts: AWQOptions):
+    """Return (best_ratio, best_scales, losses) for one scaling group's quantized ``linears``, scored
+    on ``inspected`` calls of ``group.inspect`` (or, without one, on the linears' own outputs
+    through ``site``); weights untouched on return."""
     x_mean = site.absum / max(site.count, 1)
     w_mean = _w_mean(linears, qcfg.group_size)
     originals = [l.weight.data for l in linears]
@@ -339,7 +342,7 @@ def search_scale(group: ScaleGroup, linears: list[nn.Linear], site: _Site, inspe
             else:
                 for l, w, b in zip(linears, originals, bufs):
                     l.weight.data = _scaled_fake_quant(w, s, qcfg, out=b)
-                loss = inspected.loss(inspect_module)
+                loss = inspected.loss(group.inspect)
                 for l, w in zip(linears, originals):
                     l.weight.data = w
             losses.append(loss)
@@ -356,43 +359,25 @@ def search_scale(group: ScaleGroup, linears: list[nn.Linear], site: _Site, inspe
 
 
 @torch.no_grad()
-def apply_scale(block: nn.Module, group: ScaleGroup, s: torch.Tensor, spec: ArchSpec,
-                extra_scaled: tuple[str, ...] = ()) -> None:
-    """Fold 1/s into ``group.prev`` and s into the linears (and scale-only readers)."""
-    prev = block.get_submodule(group.prev)
+def apply_scale(group: BlockGroup, s: torch.Tensor, norm_offset: float = 0.0) -> None:
+    """Fold 1/s into the group's prev op and s into every reader of its output (quantized or not)
+    and its scale-only readers: the block computes the same function."""
+    prev = group.prev
     if isinstance(prev, nn.Linear):
-        rows = _prev_rows(prev, group)
+        rows = group.rows
         sw = s.to(prev.weight.dtype)
         prev.weight.data[rows] = prev.weight.data[rows] / sw[:, None]
         if prev.bias is not None:
             prev.bias.data[rows] = prev.bias.data[rows] / sw
     else:  # a norm: y = (offset + w) * xhat + b
         w = prev.weight.data
-        prev.weight.data = ((spec.norm_offset + w.float()) / s - spec.norm_offset).to(w.dtype)
+        prev.weight.data = ((norm_offset + w.float()) / s - norm_offset).to(w.dtype)
         if getattr(prev, "bias", None) is not None:
             prev.bias.data = (prev.bias.data.float() / s).to(prev.bias.dtype)
-    for name in group.linears + group.scale_only + extra_scaled:
-        w = block.get_submodule(name).weight.data
+    for reader in (*group.readers.values(), *group.scale_only):
+        w = reader.weight.data
         for r in row_chunks(w):  # in place, a chunk at a time
             w[r] = (w[r].float() * s).to(w.dtype)
-
-
-def _prev_rows(prev: nn.Linear, group: ScaleGroup) -> slice:
-    if group.prev_rows is None:
-        return slice(0, prev.out_features)
-    i, n = group.prev_rows
-    step = prev.out_features // n
-    return slice(i * step, (i + 1) * step)
-
-
-def group_applies(block: nn.Module, group: ScaleGroup) -> bool:
-    """A linear->linear fold needs the prev's (sliced) rows to match the readers' columns (not under GQA)."""
-    prev = block.get_submodule(group.prev)
-    if not isinstance(prev, nn.Linear):
-        return True
-    rows = _prev_rows(prev, group)
-    n = rows.stop - rows.start
-    return all(block.get_submodule(l).in_features == n for l in group.linears)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -508,7 +493,7 @@ def gptq_linears(linears: dict[str, nn.Linear], site_of: dict[str, _Site],
 # one block
 
 @torch.no_grad()
-def capture_block(block: nn.Module, groups: list[ScaleGroup], linears: dict[str, nn.Linear],
+def capture_block(block: nn.Module, groups: list[BlockGroup], linears: dict[str, nn.Linear],
                   inps: list[torch.Tensor], kwargs_by_batch: dict[int, dict], device: torch.device,
                   opts: AWQOptions, prefix: str = ""):
     """Run the fp block over all calibration chunks.
@@ -521,7 +506,8 @@ def capture_block(block: nn.Module, groups: list[ScaleGroup], linears: dict[str,
     site_of: dict[str, _Site] = {}
     owns: set[str] = set()
     this_chunk: dict[tuple, tuple[torch.Tensor, _Site]] = {}  # holds the tensors: ids stay unique
-    inspected: dict[str, _Inspected] = {g.inspect: _Inspected() for g in groups if g.inspect}
+    inspect_modules = {g.group.inspect: g.inspect for g in groups if g.inspect is not None}
+    inspected: dict[str, _Inspected] = {path: _Inspected() for path in inspect_modules}
     recording = {"on": False}
 
     def new_site(x):
@@ -565,8 +551,7 @@ def capture_block(block: nn.Module, groups: list[ScaleGroup], linears: dict[str,
         return hook
 
     handles = [m.register_forward_pre_hook(site_hook(n)) for n, m in linears.items()]
-    for path in inspected:
-        m = block.get_submodule(path)
+    for path, m in inspect_modules.items():
         handles.append(m.register_forward_pre_hook(insp_input(path), with_kwargs=True))
         handles.append(m.register_forward_pre_hook(insp_pre(path), with_kwargs=True))
         handles.append(m.register_forward_hook(insp_post(path), with_kwargs=True))
@@ -605,34 +590,32 @@ def quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, opts: AW
         unfuse_experts(block, spec.experts)
     block.to(device)
     linears = quantizable_linears(block, qcfg, prefix)
-    groups = [g for g in expand_groups(spec, block) if g.prev and group_applies(block, g)]
+    groups = resolve_groups(spec, block)
     site_of, inspected, fp_outs = capture_block(block, groups, linears, inps, kwargs_by_batch, device, opts, prefix)
 
     report = BlockReport()
     # 2-3. search and apply scales, group by group
     for g in groups:
-        members = [l for l in g.linears if l in linears]
-        skipped = tuple(l for l in g.linears if l not in linears)  # not converted: still read x/s
+        members = [n for n in g.readers if n in linears]  # readers left unconverted are only scaled
         if not members:
             continue
-        insp = inspected.get(g.inspect) if g.inspect else None
+        insp = inspected.get(g.group.inspect) if g.inspect is not None else None
         member_sites = list({id(site_of[l]): site_of[l] for l in members if l in site_of}.values())
         # the group's input: one shared tensor (q/k/v), or, where the linears see different token
         # subsets of it (MoE experts), the inspected module's input over all tokens
         shared = len(member_sites) == 1 and all(l in site_of for l in members)
         site = member_sites[0] if shared else (insp.site if insp is not None else None)
         if site is None or site.count == 0:  # e.g. an expert that no calibration token reached
-            report.scales[g.prev] = ScaleSearch(members, None, reason="no calibration tokens")
+            report.scales[g.name] = ScaleSearch(members, None, reason="no calibration tokens")
             continue
-        insp_mod = block.get_submodule(g.inspect) if g.inspect else None
-        ratio, s, losses = search_scale(g, [linears[l] for l in members], site, insp, insp_mod, qcfg, opts)
+        ratio, s, losses = search_scale(g, [linears[l] for l in members], site, insp, qcfg, opts)
         if ratio != IDENTITY:  # (folding s = 1 is not exact for (1 + w) norms: skip it)
-            apply_scale(block, g, s, spec, extra_scaled=skipped)
+            apply_scale(g, s, spec.norm_offset)
             for st in member_sites:  # every reader's statistics now see x / s
                 st.rescale(s)
             if insp is not None:
                 insp.rescale(s)  # (its site too, if it is not one of the above)
-        report.scales[g.prev] = ScaleSearch(members, ratio, s.cpu(), losses)
+        report.scales[g.name] = ScaleSearch(members, ratio, s.cpu(), losses)
 
     # 4. clip (with GPTQ the clipping range only sets the grid: the weights stay unclipped, so the
     # clipping error is fed back like any rounding error)

@@ -56,6 +56,18 @@ def sources() -> list[str]:
     return [str(p) for p in cuda_sources(source_dir())]
 
 
+def source_constant(name: str) -> int:
+    """The value of the integer constant ``name`` defined in the CUDA sources (``constexpr <type>
+    name = <int>;``), so that tests and tables about the kernels' dispatch follow the code instead
+    of restating its numbers.  Raises KeyError where it is not defined exactly once."""
+    pattern = re.compile(rf"\bconstexpr\s+[\w:]+\s+{re.escape(name)}\s*=\s*(\d+)\s*;")
+    found = [(p.name, int(m.group(1))) for p in sorted(source_dir().iterdir())
+             if p.suffix in (".h", ".cuh", ".cu", ".cpp") for m in pattern.finditer(p.read_text())]
+    if len(found) != 1:
+        raise KeyError(f"integer constant {name} defined {len(found)} times in csrc/ ({found}); expected once")
+    return found[0][1]
+
+
 
 def _arch_tag(arch_list: str | None) -> str:
     if arch_list:

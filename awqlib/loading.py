@@ -23,7 +23,7 @@ from .arch import ArchSpec, get_spec
 from .arch.blocks import empty_quantized_linears, find_blocks
 from .checkpoint import load_quantized_state, resolve_folder
 from .config import QuantConfig, check_checkpoint_config_file, checkpoint_quant_config
-from .modules import WQLinear
+from .modules import WQLinear, repack_for_kernels
 from .moe import unfuse_experts
 from .placement import available_device, dispatch_with_accelerate, plan_device_map, placer
 from .safetensors_io import weight_files
@@ -141,19 +141,5 @@ def load_quantized(quant_path: str, device: str | torch.device | None = None, to
     used = {t.device for t in (*model.parameters(), *model.buffers()) if t.device.type != "meta"}
     for d in sorted(used, key=str):
         kernels.announce(d)
-    if any(d.type == "cuda" for d in used):
-        tile_for_kernels(model)
+    repack_for_kernels(model)
     return LoadedCheckpoint(model, spec, qcfg, tokenizer, folder)
-
-
-def tile_for_kernels(model: nn.Module) -> int:
-    """Repack every quantized linear on CUDA into the warp-tiled runtime layout; see
-    :meth:`awqlib.AWQModel.tile_for_kernels`."""
-    if not kernels.load():
-        return 0
-    # only where the kernels run: a linear that accelerate keeps on (or offloads to) the CPU or
-    # disk stays in the GEMM layout, which every path reads
-    n = sum(m.tile_for_kernels() for m in model.modules()
-            if isinstance(m, WQLinear) and m.qweight.device.type == "cuda")
-    log.info("awqlib: %d quantized linears repacked into the warp-tiled layout", n)
-    return n

@@ -22,7 +22,8 @@ from .calib import describe as describe_calib, get_calib_tokens
 from .checkpoint import (AtomicDir, checkpoint_state, copy_source_file, copy_tokenizer_files, local_source_folder, resolve_folder,
                          write_config, write_shards)
 from .config import QuantConfig
-from .loading import load_quantized, resolve_dtype, tile_for_kernels
+from .loading import load_quantized, resolve_dtype
+from .modules import repack_for_kernels
 from .moe import unfuse_experts
 from .safetensors_io import parse_size
 from .userargs import check_kwargs, pick_dtype
@@ -161,10 +162,11 @@ class AWQModel(nn.Module):
         write_model_card(folder, self, perplexity=perplexity, **card)
 
     def tile_for_kernels(self) -> int:
-        """Repack every quantized linear into the warp-tiled layout the CUDA kernels read fastest
-        (done by ``from_quantized`` on CUDA; checkpoints keep the GEMM layout).  Returns how many
-        linears were repacked; does nothing where the CUDA kernels are unavailable."""
-        return tile_for_kernels(self.model)
+        """Repack every quantized linear on CUDA into the runtime layout the CUDA kernels read
+        fastest (done by ``from_quantized`` and ``quantize`` on CUDA; checkpoints keep the GEMM
+        layout).  Returns how many linears were repacked; does nothing where the CUDA kernels are
+        unavailable."""
+        return repack_for_kernels(self.model)
 
     def save_quantized(self, save_dir: str | os.PathLike, overwrite: bool | str = False,
                        max_shard_size: int | str = "5GB", tokenizer=None, perplexity=None,

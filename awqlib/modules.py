@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -9,6 +11,10 @@ from . import kernels, ops
 from .packing import (as_gemm_params, can_use_layout, dequantize_gemm, layout_of, pack_awq, runtime_layout,
                       to_layout)
 from .quant import compute_qparams, effective_group_size, pack_factor, quantize, row_chunks
+
+log = logging.getLogger("awqlib")
+
+KERNEL_DEVICE_TYPES = ("cuda",)  # where the CUDA extension serves the ops (elsewhere: the reference)
 
 
 class WQLinear(nn.Module):
@@ -148,3 +154,18 @@ def _load_into_layout(module: WQLinear, state_dict: dict, prefix: str, *args) ->
     if layout_of(state_dict[keys[0]]) == "gemm":
         for k, v in zip(keys, to_layout(module.layout, *(state_dict[k] for k in keys))):
             state_dict[k] = v
+
+
+def repack_for_kernels(model: nn.Module) -> int:
+    """Repack every quantized linear whose weights are on CUDA into the runtime layout the kernels
+    serve (:meth:`WQLinear.tile_for_kernels`), so only that layout reaches them after a load and
+    after an in-process quantize alike.  A linear on (or offloaded to) the CPU or disk stays in the
+    GEMM layout, which every path reads.  Returns how many were repacked; 0 without the kernels."""
+    linears = [m for m in model.modules() if isinstance(m, WQLinear) and m.qweight.device.type in KERNEL_DEVICE_TYPES]
+    if not linears or not kernels.load():
+        return 0
+    n = sum(m.tile_for_kernels() for m in linears)
+    layouts = sorted({m.layout for m in linears})
+    log.info("awqlib: %d of %d quantized linears on CUDA repacked for the kernels (layouts now: %s)",
+             n, len(linears), ", ".join(layouts))
+    return n

@@ -34,6 +34,7 @@ from .arch import ArchSpec
 from .arch.blocks import empty_quantized_linears, find_blocks, run_block, to_device
 from .checkpoint import checkpoint_state, from_checkpoint_name, to_checkpoint_name
 from .config import QuantConfig
+from .modules import repack_for_kernels
 from .moe import unfuse_experts
 from .placement import available_device, dispatched, placed_block_device
 
@@ -267,6 +268,9 @@ def _quantize_blocks(source: BlockSource, qcfg: QuantConfig, opts: awq.AWQOption
     # The checkpoint stores every unquantized tensor in fp16: round them now, so the in-memory
     # model computes exactly what save_quantized -> from_quantized will.
     awq.round_to_storage(model)
+    # blocks that stay on a GPU are served from the kernels' runtime layout, as after from_quantized
+    # (state_dict() still exports the GEMM layout, so saving is unaffected)
+    repack_for_kernels(model)
     return QuantizeResult(reports, time.perf_counter() - t0, store)
 
 

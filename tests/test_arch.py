@@ -7,6 +7,7 @@ import torch
 from awqlib import AutoAWQ, WQLinear
 from awqlib import awq
 from awqlib.arch import get_spec
+from awqlib.arch.blocks import resolve_groups
 from awqlib.config import QuantConfig
 from conftest import ARCHS, first_block, tiny_model
 
@@ -18,11 +19,9 @@ def test_scale_folding_is_exact(arch, calib_ids):
     kw = kws[inps[0].shape[0]]
     ref = awq.run_block(block, inps[0], kw)
     n_applied = 0
-    for g in awq.expand_groups(spec, block):
-        if not awq.group_applies(block, g):
-            continue
-        n = block.get_submodule(g.linears[0]).in_features
-        awq.apply_scale(block, g, torch.rand(n) * 3 + 0.2, spec)
+    for g in resolve_groups(spec, block):
+        n = next(iter(g.readers.values())).in_features
+        awq.apply_scale(g, torch.rand(n) * 3 + 0.2, spec.norm_offset)
         n_applied += 1
     out = awq.run_block(block, inps[0], kw)
     assert n_applied >= 2
@@ -82,7 +81,7 @@ def test_moe_statistics_are_per_expert(calib_ids):
     """Each expert's linears see only their routed tokens; the shared norm scale sees all tokens."""
     _, spec, block, inps, kws = first_block("mixtral", calib_ids)
     lin = awq.quantizable_linears(block, QuantConfig(group_size=64))
-    groups = awq.expand_groups(spec, block)
+    groups = resolve_groups(spec, block)
     sites, inspected, _ = awq.capture_block(block, groups, lin, inps, kws, torch.device("cpu"), awq.AWQOptions())
     total = calib_ids.numel()
     per_expert = [sites[f"mlp.experts.{e}.w1"].count for e in range(4)]

@@ -79,3 +79,19 @@ def test_awq_quantize_on_gpu(tmp_path):
     with torch.no_grad():
         g = q(input_ids=ids[:2].cuda()).logits.float().cpu()
     assert ((g - on_gpu).norm() / on_gpu.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("layout", ["tiled", "stream"])
+def test_in_process_quantize_serves_the_runtime_layout(tmp_path, monkeypatch, layout):
+    """A model quantized on the GPU in this process reaches the kernels in the same runtime layout as
+    a loaded checkpoint (one layout for the kernels), and computes what its saved checkpoint does."""
+    from awqlib.modules import WQLinear
+    monkeypatch.setenv("AWQLIB_LAYOUT", layout)
+    w = AutoAWQ.from_model(_tiny_llama().half().cuda())
+    w.quantize(None, {"q_group_size": 64}, method="rtn")
+    assert all(m.layout == layout for m in w.model.modules() if isinstance(m, WQLinear))
+    w.save_quantized(tmp_path / "q")
+    loaded = AutoAWQ.from_quantized(str(tmp_path / "q"), device="cuda", torch_dtype=torch.float16)
+    ids = torch.randint(0, 512, (2, 24), device="cuda")
+    with torch.no_grad():
+        assert torch.equal(w(input_ids=ids).logits, loaded(input_ids=ids).logits)

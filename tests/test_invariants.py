@@ -5,6 +5,7 @@ import copy
 import torch
 
 from awqlib import AutoAWQ, awq
+from awqlib.arch.blocks import resolve_groups
 from awqlib.config import QuantConfig
 from awqlib.quant import compute_qparams, quantize
 from conftest import first_block, tiny_model
@@ -16,15 +17,14 @@ def test_search_changes_no_weight(calib_ids):
     before = copy.deepcopy(block.state_dict())
     opts = awq.AWQOptions()
     lin = awq.quantizable_linears(block, qcfg)
-    groups = [g for g in spec.groups if awq.group_applies(block, g)]
+    groups = resolve_groups(spec, block)
     sites, inspected, _ = awq.capture_block(block, groups, lin, inps, kws, torch.device("cpu"), opts)
     assert sites["self_attn.q_proj"] is sites["self_attn.v_proj"], "q/k/v read one tensor: one site"
     assert sites["mlp.gate_proj"] is sites["mlp.up_proj"] and sites["mlp.down_proj"] is not sites["mlp.up_proj"]
     assert torch.equal(before["self_attn.q_proj.weight"], block.self_attn.q_proj.weight)
     for g in groups:
-        members = [block.get_submodule(l) for l in g.linears]
-        ratio, s, losses = awq.search_scale(g, members, sites[g.linears[0]], inspected.get(g.inspect),
-                                            block.get_submodule(g.inspect) if g.inspect else None, qcfg, opts)
+        ratio, s, losses = awq.search_scale(g, list(g.readers.values()), sites[g.group.linears[0]],
+                                            inspected.get(g.group.inspect), qcfg, opts)
         assert len(losses) == 22 and min(losses) <= losses[0]  # 21 ratios and the identity
     after = block.state_dict()
     for k in before:
@@ -60,3 +60,19 @@ def test_stored_weight_is_rtn_of_scaled_original(calib_ids):
             assert torch.equal(unpack_columns(stored.qweight), q.t().contiguous()), name
             checked += 1
     assert checked == 2 * 7
+
+
+def test_unconverted_reader_is_scaled_once(calib_ids):
+    """A linear left in fp16 by modules_to_not_convert still reads x / s, so it must hold exactly
+    W s (it once got W s^2: scaled as a member of the group and again as an unconverted reader)."""
+    model = tiny_model("llama_mha")
+    k_orig = [l.self_attn.k_proj.weight.detach().clone() for l in model.model.layers]
+    w = AutoAWQ.from_model(model)
+    w.quantize(None, {"w_bit": 4, "q_group_size": 64, "modules_to_not_convert": ["k_proj"]},
+               calib_data=list(calib_ids), n_samples=16, seqlen=64, apply_clip=False, method="awq")
+    for layer, k0, rep in zip(model.model.layers, k_orig, w.reports):
+        r = rep.scales["input_layernorm"]
+        assert r.linears == ["self_attn.q_proj", "self_attn.v_proj"] and r.scales is not None
+        assert isinstance(layer.self_attn.k_proj, torch.nn.Linear)
+        expected = (k0.float() * r.scales).to(torch.float16).to(k0.dtype)
+        torch.testing.assert_close(layer.self_attn.k_proj.weight, expected, rtol=0, atol=0)

@@ -128,3 +128,18 @@ def test_gemm_fragment_mapping_emulation():
                 out[g + 8 * h, 16 * q + 8 + t] = c[2 * h + 1]
     ref = x @ (codes - zero).to(torch.float64)
     torch.testing.assert_close(out, ref)
+
+
+def test_source_constant_reads_the_kernels_limits(tmp_path, monkeypatch):
+    """Tests and tables take the kernels' M limits from csrc/; a missing or twice-defined name is
+    an error, never a guess."""
+    assert kernels.source_constant("kGemvMaxM") >= 1
+    assert kernels.source_constant("kSkinnyMaxMAuto") <= kernels.source_constant("kSkinnyMaxM")
+    (tmp_path / "awq_ops.cpp").write_text("constexpr int64_t kA = 16;\nconstexpr int kB = 3;\n")
+    (tmp_path / "awq_x.cuh").write_text("constexpr int kB = 4;\n")
+    monkeypatch.setattr(kernels, "source_dir", lambda: tmp_path)
+    assert kernels.source_constant("kA") == 16
+    with pytest.raises(KeyError, match="kB defined 2 times"):
+        kernels.source_constant("kB")
+    with pytest.raises(KeyError, match="kMissing defined 0 times"):
+        kernels.source_constant("kMissing")

@@ -16,6 +16,7 @@ wrong column, row, group or nibble) gives errors of order 1.
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 import torch
@@ -88,7 +89,22 @@ COMBOS = [
     (4096, 11008, 128),
     (14336, 4096, 32),
 ]
-MS = [1, 2, 3, 4, 5, 6, 7, 8, 13, 16, 33, 64, 127, 257, 1024, 4097]
+
+# The kernels' M limits, read from csrc/ (so that a changed threshold moves the tested boundaries)
+GEMV_MAX_M = kernels.source_constant("kGemvMaxM")                # what the GEMV kernel accepts
+SKINNY_MAX_M = kernels.source_constant("kSkinnyMaxM")            # what the skinny kernels accept
+STREAM_MAX_M = kernels.source_constant("kStreamMaxM")            # what the stream kernel accepts
+AUTO_LIMITS = [kernels.source_constant(n) for n in ("kGemvMaxMAuto", "kSkinnyMaxMAuto", "kDequantCublasMinM")]
+SKINNY_MAX_M_TILED = kernels.source_constant("kSkinnyMaxMTiled")  # auto choice on warp-tiled weights
+M_TILE = 16  # rows of one mma.sync m16n8k16 tile: the tensor-core kernels change configuration at multiples
+
+
+def edges(*limits: int) -> list[int]:
+    """Each limit and the first M past it."""
+    return [m for limit in limits for m in (limit, limit + 1)]
+
+
+MS = sorted({1, 3, 4, 5, 6, 7, 8, 13, 33, 64, 127, 257, 1024, 4097, *edges(*AUTO_LIMITS)})
 
 
 @pytest.mark.parametrize("N,K,g", COMBOS, ids=[f"N{n}-K{k}-g{g}" for n, k, g in COMBOS])
@@ -221,9 +237,9 @@ def test_torch_compile_fullgraph(M):
 
 # Every kernel variant (forced through awq_gemm_variant), including forced split-K factors that
 # leave uneven remainders: the automatic dispatch must never be the only thing tested.
-VARIANT_M = {Kernel.GEMV: [1, 2, 5, 8], Kernel.SKINNY: [1, 3, 8, 9, 16, 17, 32],
+VARIANT_M = {Kernel.GEMV: [1, 2, 5, GEMV_MAX_M], Kernel.SKINNY: [1, 3, 8, 9, M_TILE, M_TILE + 1, SKINNY_MAX_M],
              Kernel.TILED_GEMM: [1, 9, 16, 40, 100], Kernel.DEQUANT_CUBLAS: [1, 16, 100],
-             Kernel.SKINNY_SHALLOW: [1, 8, 16, 24]}
+             Kernel.SKINNY_SHALLOW: [1, 8, M_TILE, SKINNY_MAX_M - 8]}
 VARIANT_CASES = [(int(k), m) for k, ms in VARIANT_M.items() for m in ms]
 
 
@@ -239,7 +255,7 @@ def test_kernel_variants(kernel, M, N, K, g, splits):
 
 
 @pytest.mark.parametrize("kernel", [int(Kernel.SKINNY), int(Kernel.SKINNY_SHALLOW)])
-@pytest.mark.parametrize("M", [1, 8, 16, 32])
+@pytest.mark.parametrize("M", [1, 8, M_TILE, SKINNY_MAX_M])
 def test_skinny_bf16(kernel, M):
     N, K, g = 4096, 4096, 128
     qweight, qzeros, scales, _ = weight(K, N, g)
@@ -250,16 +266,20 @@ def test_skinny_bf16(kernel, M):
 
 def test_variant_refuses_what_it_cannot_do():
     qweight, qzeros, scales, _ = weight(128, 64, 32)
-    x = torch.randn(9, 128, device="cuda", dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="GEMV kernel takes M <= 8"):
+    x = torch.randn(GEMV_MAX_M + 1, 128, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=f"GEMV kernel takes M <= {GEMV_MAX_M}"):
         torch.ops.awqlib.awq_gemm_variant(x, qweight, qzeros, scales, 32, int(Kernel.GEMV), 0)
+    x = torch.randn(SKINNY_MAX_M + 1, 128, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=f"skinny kernel takes M <= {SKINNY_MAX_M}"):
+        torch.ops.awqlib.awq_gemm_variant(x, qweight, qzeros, scales, 32, int(Kernel.SKINNY), 0)
     with pytest.raises(RuntimeError, match="unknown kernel"):
         torch.ops.awqlib.awq_gemm_variant(x, qweight, qzeros, scales, 32, max(Kernel) + 1, 0)
 
 
 # The warp-tiled runtime layout (what from_quantized serves on CUDA).
-TILED_CASES = ([(int(k), m) for k in (Kernel.AUTO, Kernel.SKINNY, Kernel.SKINNY_SHALLOW) for m in (1, 4, 8, 16, 17, 32)]
-               + [(int(Kernel.AUTO), 33), (int(Kernel.AUTO), 100), (int(Kernel.DEQUANT_CUBLAS), 1),
+TILED_CASES = ([(int(k), m) for k in (Kernel.AUTO, Kernel.SKINNY, Kernel.SKINNY_SHALLOW)
+                for m in (1, 4, 8, M_TILE, M_TILE + 1, SKINNY_MAX_M_TILED)]
+               + [(int(Kernel.AUTO), SKINNY_MAX_M_TILED + 1), (int(Kernel.AUTO), 100), (int(Kernel.DEQUANT_CUBLAS), 1),
                   (int(Kernel.DEQUANT_CUBLAS), 40)])
 
 
@@ -276,7 +296,7 @@ def test_tiled_layout(kernel, M, N, K, g, splits):
     check(x, K, N, g, torch.float16, out=out)
 
 
-@pytest.mark.parametrize("M", [1, 16, 17, 32, 64])
+@pytest.mark.parametrize("M", [1, *edges(M_TILE, SKINNY_MAX_M_TILED), 64])
 def test_tiled_layout_bf16(M):
     from awqlib.packing import tile_for_kernels
     N, K, g = 4096, 4096, 128
@@ -313,19 +333,27 @@ STREAM_COMBOS = COMBOS + [  # (N, K, group): tails (K % 512, N % 128), every gro
     (512, 2048, 1024),
     (256, 768, -1),
 ]
-STREAM_MS = [1, 2, 3, 7, 8, 13, 16, 17, 31, 32, 33, 48, 64]
-
-
-# Dynamic shared memory of the stream kernel's configurations (csrc/awq_stream.cu StreamCfg): the
-# M 17-32 one needs 207 KB, more than an A100 gives a block (163 KB); there it is refused.
-STREAM_SMEM = {1: 162816, 2: 211968, 4: 155136}
+# the configuration changes at one and two m-tiles; M 33..STREAM_MAX_M share the last one
+STREAM_MS = sorted({1, 2, 3, 7, 8, 13, 31, 48, *edges(M_TILE, 2 * M_TILE), STREAM_MAX_M})
 
 
 def skip_if_stream_does_not_fit(M: int):
-    mb = 1 if M <= 16 else 2 if M <= 32 else 4
-    optin = getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", 232448)
-    if STREAM_SMEM[mb] > optin:
-        pytest.skip(f"the stream kernel's M <= {16 * mb} configuration needs {STREAM_SMEM[mb]} B of shared memory")
+    """Skip where this GPU cannot give the stream kernel's configuration for M its shared memory
+    (an A100's 163 KB per block is less than the M 17-32 configuration needs): the kernel says so
+    itself, naming the bytes it needs, and the automatic choice must then fall back, correctly."""
+    qs, zs, ss = stream_weight(512, 128, 128)
+    x = torch.randn(M, 512, device="cuda", dtype=torch.float16)
+    try:
+        torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, 128, int(Kernel.STREAM), 0)
+        return
+    except RuntimeError as e:
+        m = re.search(r"needs (\d+) bytes of shared memory", str(e))
+        optin = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+        if m is None or int(m.group(1)) <= optin:
+            raise  # refused for another reason, or although it fits: a real failure
+    check(x, 512, 128, 128, torch.float16, out=torch.ops.awqlib.awq_gemm(x, qs, zs, ss, 128))
+    pytest.skip(f"the stream kernel's configuration for M={M} needs {m.group(1)} B of shared memory, "
+                f"this GPU gives a block {optin} B")
 
 
 def stream_weight(K: int, N: int, g: int, dtype=torch.float16):
@@ -349,7 +377,7 @@ def test_stream_kernel_fp16(M, N, K, g):
 
 @pytest.mark.parametrize("N,K,g", [STREAM_COMBOS[1], STREAM_COMBOS[2], STREAM_COMBOS[4], STREAM_COMBOS[6]],
                          ids=["N192", "N4096", "K11008", "g256"])
-@pytest.mark.parametrize("M", [1, 5, 16, 17, 32, 64])
+@pytest.mark.parametrize("M", [1, 5, *edges(M_TILE), 2 * M_TILE, STREAM_MAX_M])
 def test_stream_kernel_bf16(M, N, K, g):
     skip_if_stream_does_not_fit(M)
     qs, zs, ss = stream_weight(K, N, g, torch.bfloat16)
@@ -358,7 +386,7 @@ def test_stream_kernel_bf16(M, N, K, g):
     check(x, K, N, g, torch.bfloat16, out=torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(Kernel.STREAM), 0))
 
 
-@pytest.mark.parametrize("M", [1, 16, 33, 64])
+@pytest.mark.parametrize("M", [1, M_TILE, 2 * M_TILE + 1, STREAM_MAX_M])
 def test_stream_kernel_deterministic(M):
     skip_if_stream_does_not_fit(M)
     qs, zs, ss = stream_weight(28672, 1024, 128)  # long K: every slice split over several CTAs

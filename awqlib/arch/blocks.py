@@ -7,6 +7,8 @@ loader and layer fusion all read model structure through here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -66,6 +68,52 @@ def expand_groups(spec: ArchSpec, block: nn.Module) -> list[ScaleGroup]:
             out.append(ScaleGroup(g.prev, lin, g.inspect, g.prev_rows, g.scale_only))
         else:
             out.append(g)
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class BlockGroup:
+    """A scaling group resolved against one block: the modules themselves, so the algorithm
+    never looks a name up again (the names stay in :attr:`group`, for reports)."""
+    group: ScaleGroup                  # the spec's group, with ``{e}`` expanded
+    prev: nn.Module                    # a norm or a linear; 1/s is folded into it
+    rows: slice                        # rows of ``prev`` whose output the readers read
+    readers: dict[str, nn.Linear]      # linears that read that output (name -> module), in spec order
+    scale_only: tuple[nn.Module, ...]  # read it too but stay unquantized (MoE router): W * s only
+    inspect: nn.Module | None          # module whose output scores a candidate; None: the readers
+
+    @property
+    def name(self) -> str:
+        """The group's key in reports: its prev op's path in the block."""
+        return self.group.prev
+
+
+def _prev_rows(prev: nn.Module, group: ScaleGroup) -> slice:
+    if not isinstance(prev, nn.Linear):
+        return slice(None)
+    if group.prev_rows is None:
+        return slice(0, prev.out_features)
+    i, n = group.prev_rows
+    step = prev.out_features // n
+    return slice(i * step, (i + 1) * step)
+
+
+def resolve_groups(spec: ArchSpec, block: nn.Module) -> list[BlockGroup]:
+    """The block's scaling groups whose scale can be folded, with their modules.
+
+    A group is left out where nothing produces its input (``prev`` empty) or where a linear prev's
+    rows do not match the readers' columns (o_proj after v_proj under grouped-query attention)."""
+    out = []
+    for g in expand_groups(spec, block):
+        if not g.prev:
+            continue
+        prev = block.get_submodule(g.prev)
+        rows = _prev_rows(prev, g)
+        readers = {n: block.get_submodule(n) for n in g.linears}
+        if isinstance(prev, nn.Linear) and any(r.in_features != rows.stop - rows.start for r in readers.values()):
+            continue
+        out.append(BlockGroup(g, prev, rows, readers, tuple(block.get_submodule(n) for n in g.scale_only),
+                              block.get_submodule(g.inspect) if g.inspect else None))
     return out
 
 
