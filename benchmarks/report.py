@@ -180,7 +180,7 @@ RENDERERS = {
     "sass_budget": lambda reps, bench_dir: sass_table(
         _one(reps), json.loads((bench_dir / _one(reps)["data"]).read_text())),
 }
-# where --add puts a new run's section, and the prefix of its file name
+# where --add puts a new run's section (the end of the section whose heading starts so), and its file name's prefix
 SECTIONS = {"gpu_sweep": "## CUDA kernels", "bench_kernels": "## CUDA kernels", "bench_generate": "## CUDA kernels",
             "bench_quality": "## Quantization on the CPU"}
 PREFIXES = {"gpu_sweep": "sweep", "bench_kernels": "kernels", "bench_generate": "decode", "bench_quality": "quality"}
@@ -265,11 +265,10 @@ def add(src: Path, bench_dir: Path = BENCH_DIR) -> str:
     md = bench_dir / "RESULTS.md"
     text = md.read_text()
     if not any(name in m.group("names").split() for m in REGION.finditer(text)):
-        heading = SECTIONS[kind]
-        start = text.find("\n" + heading + "\n")
-        if start < 0:
-            raise ReportError(f"RESULTS.md has no section '{heading}' for a {kind} run")
-        nxt = text.find("\n## ", start + 1)
+        heading = re.search("^" + re.escape(SECTIONS[kind]) + r"\b.*$", text, re.M)
+        if heading is None:
+            raise ReportError(f"RESULTS.md has no section '{SECTIONS[kind]}' for a {kind} run")
+        nxt = text.find("\n## ", heading.end())
         at = len(text) if nxt < 0 else nxt + 1
         dev = report.get("device")
         title = f"### {kind}: {dev.get('name') if isinstance(dev, dict) else dev or 'CPU'}, {report['date'][:10]}"
