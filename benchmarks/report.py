@@ -209,7 +209,7 @@ def render_region(bench_dir: Path, names: list[str]) -> str:
 def render(text: str, bench_dir: Path) -> str:
     """RESULTS.md's text with every generated region re-rendered from its JSON."""
     found = len(REGION.findall(text))
-    if found != text.count("<!-- generated:"):
+    if found != len(re.findall(r"^<!-- generated:", text, re.M)):  # a marker opens a line; prose may quote one
         raise ReportError("RESULTS.md has a '<!-- generated: ...' marker without its '<!-- end generated -->'")
 
     def sub(m):
