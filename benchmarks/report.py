@@ -114,7 +114,8 @@ def quality_table(reports: list[dict]) -> str:
             if r.get("options"):
                 run += ", " + ", ".join(f"{k}={v}" for k, v in r["options"].items())
             if r.get("peak_rss_mb") is not None:
-                result += f"; peak RSS of the whole benchmark process {r['peak_rss_mb'] / 1000:.2f} GB"
+                gb = r["peak_rss_mb"] * 2**20 / 1e9  # the script's MB are ru_maxrss / 1024: MiB
+                result += f"; peak RSS of the whole benchmark process {gb:.2f} GB"
             lines.append(f"| {run} | {result} | `{short_command(rep['command'])}` |")
     return "\n".join(lines)
 
