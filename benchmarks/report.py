@@ -164,7 +164,7 @@ def sweep_section(report: dict) -> str:
     for key in ("skipped", "error", "truncated"):
         if report.get(key):
             facts.append(f"{key}: {report[key]}")
-    return "; ".join(facts) + ".\n\n" + sweep_table(report)
+    return "; ".join(facts) + "." + ("\n\n" + sweep_table(report) if report.get("sweep") else " No timings.")
 
 
 def _one(reports: list[dict]) -> dict:
@@ -255,6 +255,8 @@ def add(src: Path, bench_dir: Path = BENCH_DIR) -> str:
     kind = report.get("benchmark")
     if kind not in PREFIXES:
         raise ReportError(f"{src}: 'benchmark' is {kind!r}; --add accepts runs of {', '.join(PREFIXES)}")
+    if report.get("skipped"):
+        raise ReportError(f"{src}: the run was skipped ({report['skipped']}): nothing to record")
     RENDERERS[kind]([report], bench_dir)  # renderable, before anything is written
     base = run_name(report)
     name, i = base, 1
@@ -281,7 +283,7 @@ def add(src: Path, bench_dir: Path = BENCH_DIR) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  epilog="The JSON lives in benchmarks/results/; a run's script writes it with --out.")
     ap.add_argument("--check", action="store_true", help="exit 1 and print a diff when RESULTS.md is out of date")
     ap.add_argument("--add", metavar="JSON", help="record a run (e.g. gpu_sweep's sweep.json), then render")

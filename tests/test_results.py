@@ -140,4 +140,7 @@ def test_add_refuses_a_file_it_cannot_place(tmp_path, capsys):
     src.write_text(json.dumps({"results": []}))
     assert report.main(["--add", str(src), "--dir", str(d)]) == 2
     assert "accepts runs of gpu_sweep" in capsys.readouterr().err
+    src.write_text(json.dumps({"benchmark": "gpu_sweep", "date": "2026-12-01T10:00:00Z", "skipped": "no CUDA device"}))
+    assert report.main(["--add", str(src), "--dir", str(d)]) == 2  # a run on a machine without a GPU
+    assert "nothing to record" in capsys.readouterr().err
     assert sorted(p.name for p in (d / "results").iterdir()) == sorted(p.name for p in (BENCH / "results").iterdir())
