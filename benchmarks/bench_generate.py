@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
 
+from benchmarks.common import run_info, time_graph, write_json
+from benchmarks.report import decode_table
 
 SIZES = {  # Llama-architecture shapes
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -41,7 +44,6 @@ def graph_step_ms(model, batch: int, vocab: int) -> float | None:
     """GPU time of one decode-sized forward (batch x 1 token, no KV cache), captured in a CUDA graph
     so that Python and launch overhead drop out: the part of a decode step int4 weights change.
     None if this transformers version's forward cannot be captured."""
-    from benchmarks.common import time_graph
     ids = torch.randint(0, vocab, (batch, 1), device="cuda")
     try:
         return time_graph([lambda: model(input_ids=ids, use_cache=False)], est_s=1e-3) * 1e3
@@ -87,18 +89,12 @@ def main():
     measure("awq-int4")
     fuse_model(wrapped)
     measure("awq-int4-fused")
-    base = {r["batch"]: r["tokens_per_s"] for r in rows if r["model"] == "fp16"}
-    print(f"\n{a.size} Llama, {torch.cuda.get_device_name(0)}, prompt {a.prompt}, {a.new_tokens} new tokens")
-    steps = {r["batch"]: r["graph_step_ms"] for r in rows if r["model"] == "fp16"}
-    print("| model | batch | generate tokens/s | vs fp16 | graph-captured step ms | vs fp16 |\n|---|---|---|---|---|---|")
-    for r in rows:
-        st, st0 = r["graph_step_ms"], steps[r["batch"]]
-        vs = f"{st0 / st:.2f}x" if st and st0 else "n/a"
-        print(f"| {r['model']} | {r['batch']} | {r['tokens_per_s']} | {r['tokens_per_s'] / base[r['batch']]:.2f}x | "
-              f"{st if st else 'n/a'} | {vs} |")
-    with open(a.out, "w") as f:
-        json.dump({"size": a.size, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                   "rows": rows}, f, indent=2)
+    report = {**run_info("bench_generate", sys.argv[1:]), "size": a.size, "prompt": a.prompt,
+              "new_tokens": a.new_tokens, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+              "rows": rows}
+    print(f"\n{a.size} Llama, {report['device']}, prompt {a.prompt}, {a.new_tokens} new tokens")
+    print(decode_table(report))
+    write_json(a.out, report)
 
 
 if __name__ == "__main__":

@@ -21,15 +21,14 @@ Runs (and prints a message) on a machine without CUDA, writing a JSON with "skip
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import copy_bandwidth, csrc_constant, n_copies, time_eager, time_graph
+from benchmarks.common import copy_bandwidth, csrc_constant, n_copies, run_info, time_eager, time_graph, write_json
+from benchmarks.report import kernels_table
 
 SHAPES = [  # (model, N out, K in)
     ("llama2-7b qkv", 12288, 4096),
@@ -139,14 +138,14 @@ def main(argv=None) -> int:
     ap.add_argument("--no-baseline", action="store_true", help="skip the fp16 torch baseline")
     args = ap.parse_args(argv)
 
-    report: dict = {"torch": torch.__version__, "cuda": torch.version.cuda, "group_size": args.group_size}
+    report: dict = {**run_info("bench_kernels", sys.argv[1:] if argv is None else argv), "torch": torch.__version__,
+                    "cuda": torch.version.cuda, "group_size": args.group_size}
     if not torch.cuda.is_available():
         msg = "bench_kernels: no CUDA device; nothing to benchmark"
         print(msg)
         report["skipped"] = msg
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump(report, f, indent=1)
+            write_json(args.out, report)
         return 0
 
     import awqlib.ops  # noqa: F401
@@ -193,11 +192,10 @@ def main(argv=None) -> int:
     _print_targets(results)
     report["results"] = results
     report["elapsed_s"] = time.time() - t0
+    print("\n" + kernels_table(report))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"wrote {args.out}")
+        write_json(args.out, report)
+        print(f"wrote {args.out} (record it: python -m benchmarks.report --add {args.out})")
     return 0
 
 

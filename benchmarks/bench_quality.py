@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +21,10 @@ from awqlib import AutoAWQ, awq
 from awqlib.eval import load_eval_tokens, perplexity
 from awqlib.offline import smollm2_path
 from benchmarks.bench_blocks import parse_variant
+from benchmarks.common import run_info, write_json
+from benchmarks.report import quality_table
+
+SEQLEN = 512  # calibration sequence length
 
 
 def calib_lines(path: Path, n: int, min_chars: int = 200) -> list[str]:
@@ -35,7 +40,7 @@ def run(model_dir, tok, method, calib, qc, windows, eval_tokens, **opts):
     m = AutoAWQ.from_pretrained(model_dir, torch_dtype=torch.float32)
     t0 = time.perf_counter()
     if method != "fp":
-        m.quantize(tok, qc, calib_data=calib, n_samples=len(calib), seqlen=512, method=method, **opts)
+        m.quantize(tok, qc, calib_data=calib, n_samples=len(calib), seqlen=SEQLEN, method=method, **opts)
     dt = time.perf_counter() - t0
     ppl = perplexity(m, eval_tokens, 1024, windows)
     r = {"method": method, "ppl": round(ppl, 3), "quantize_s": round(dt, 1), "options": opts}
@@ -84,11 +89,12 @@ def main():
         r["peak_rss_mb"] = round(peak_rss_mb())
         rows.append(r)
         print(json.dumps(r), flush=True)
-    print(f"\n| method | options | ppl ({a.windows}x1024) | quantize s |\n|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['method']} | {r['options'] or 'defaults'} | {r['ppl']} | {r['quantize_s']} |")
-    Path(a.out).write_text(json.dumps({"model": "SmolLM2-135M-Instruct", "group_size": a.group_size,
-                                       "n_calib_texts": len(calib), "windows": a.windows, "rows": rows}, indent=2))
+    blocks = json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"]
+    report = {**run_info("bench_quality", sys.argv[1:]), "model": "SmolLM2-135M-Instruct", "group_size": a.group_size,
+              "n_calib_texts": len(calib), "seqlen": SEQLEN, "blocks": blocks, "windows": a.windows,
+              "threads": a.threads, "torch": torch.__version__, "rows": rows}
+    print("\n" + quality_table([report]))
+    write_json(a.out, report)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,50 @@
 """Helpers shared by the benchmarks: CUDA timing (graph replay, events), copy bandwidth, the
-process's resident memory, and the Llama-shaped model the memory benchmarks build."""
+process's resident memory, the Llama-shaped model the memory benchmarks build, and the provenance
+and atomic writes of the JSON every benchmark leaves (benchmarks/report.py renders it).  Importing
+this module does not import torch: the report reads JSON on machines without it."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+import shlex
+import subprocess
+import time
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_info(benchmark: str, argv: list[str]) -> dict:
+    """Provenance a benchmark's JSON starts with: which script (report.py picks the table renderer
+    by it), when (UTC), on which commit (None outside a git checkout; "+dirty" with local edits),
+    and the command line."""
+    commit = None
+    try:
+        git = ["git", "-C", str(ROOT)]
+        commit = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        if subprocess.run(git + ["diff", "--quiet", "HEAD"], capture_output=True).returncode:
+            commit += "+dirty"
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return {"benchmark": benchmark, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit,
+            "command": shlex.join(["python", "-m", f"benchmarks.{benchmark}", *argv])}
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a reader (or a crash) never
+    sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str | Path, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 def csrc_constant(name: str, source: str = "awq_ops.cpp") -> int:
     """An integer constant of the CUDA sources (``constexpr int64_t name = value;``), so that a
@@ -26,6 +63,7 @@ REPLAYS = 5
 
 def time_graph(calls: list, est_s: float) -> float:
     """Seconds per call: capture ``calls`` (cycled) into a CUDA graph, replay, time with events."""
+    import torch
     n_calls = max(len(calls), min(4000, math.ceil(TARGET_GRAPH_S / max(est_s, 1e-7))))
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -52,6 +90,7 @@ def time_graph(calls: list, est_s: float) -> float:
 
 
 def time_eager(fn, reps: int = 3) -> float:
+    import torch
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -65,6 +104,7 @@ def time_eager(fn, reps: int = 3) -> float:
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth in GB/s (bytes read + bytes written)."""
+    import torch
     a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     t = min(time_eager(lambda: b.copy_(a), reps=10) for _ in range(3))

@@ -13,7 +13,8 @@ Steps, in order (each writes its results into the JSON before the next starts):
    weights rotated over > 3x L2, events), cheapest cases first so a budget cut drops the big ones;
 5. a short table last: us, speedup vs fp16, weight TB/s, % of copy bandwidth, and the SASS
    warp-instructions per KB of the kernel that ran (benchmarks/sass_budget.json, written on the
-   CPU machine by scripts/sass_budget.py).
+   CPU machine by scripts/sass_budget.py).  ``python -m benchmarks.report --add sweep.json``
+   records the run in benchmarks/results/ and RESULTS.md (the same table).
 
     python -m benchmarks.gpu_sweep --out $OUT/sweep.json             # the development loop
     python -m benchmarks.gpu_sweep --dry-run                         # the plan; no GPU needed
@@ -42,7 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from awqlib.ops import Kernel
-from benchmarks.common import copy_bandwidth, n_copies, time_eager, time_graph
+from benchmarks.common import copy_bandwidth, n_copies, run_info, time_eager, time_graph, write_json
+from benchmarks.report import sweep_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,10 +162,14 @@ def gate(report: dict, save) -> bool:
                                   "dtype": str(dtype).split(".")[-1], "ok": ok, "detail": msg})
                     if not ok:
                         print(f"GATE FAIL {layout}/{kernel.name} N{N} K{K} g{g} M{M} {dtype}: {msg}", flush=True)
-    report["gate"] = {"cases": len(cases), "failed": [c for c in cases if not c["ok"]]}
+    report["gate"] = gate_summary(cases)
     save()
     print(f"correctness gate: {len(cases) - len(report['gate']['failed'])}/{len(cases)} passed", flush=True)
     return not report["gate"]["failed"]
+
+
+def gate_summary(cases: list[dict]) -> dict:
+    return {"cases": len(cases), "failed": [c for c in cases if not c["ok"]]}
 
 
 def rooflines(report: dict, save):
@@ -198,6 +204,21 @@ def kernel_label(variant: str, M: int, N: int, K: int) -> str:
     return "dequant+cuBLAS"
 
 
+def weight_bytes(N: int, K: int) -> float:
+    """Bytes a call streams for the weight: int4 codes, fp16 scales and int4 zeros per group."""
+    return K * N // 2 + (K // GROUP) * N * 2.5
+
+
+def sweep_row(name: str, N: int, K: int, M: int, variant: str, t: float, t_ref: float, copy_gbps: float,
+              sass: dict) -> dict:
+    """One timed case (seconds per call of the variant and of fp16 F.linear) as the JSON records it."""
+    tbps = (weight_bytes(N, K) + 2 * M * (K + N)) / t / 1e12
+    kl = kernel_label(variant, M, N, K)
+    return {"shape": name, "N": N, "K": K, "M": M, "variant": variant, "us": t * 1e6, "fp16_us": t_ref * 1e6,
+            "speedup": t_ref / t, "TBps": tbps, "pct_copy": 100 * tbps * 1e3 / copy_gbps, "kernel": kl,
+            "sass_instr_per_kb": sass.get(kl)}
+
+
 def sweep(args, report: dict, save, t0: float):
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 50 << 20)
@@ -207,8 +228,7 @@ def sweep(args, report: dict, save, t0: float):
     order = sorted(((N * K, name, N, K) for name, N, K in SHAPES))
     for _, name, N, K in order:
         g = GROUP
-        wbytes = K * N // 2 + (K // g) * N * 2.5
-        nq = n_copies(int(wbytes), l2, cap)
+        nq = n_copies(int(weight_bytes(N, K)), l2, cap)
         weights = {layout: [make_weight(K, N, g, layout)[1] for _ in range(nq)] for _, layout, _ in VARIANTS}
         w16s = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02 for _ in range(n_copies(2 * K * N, l2, cap))]
         for M in args.ms:
@@ -223,12 +243,7 @@ def sweep(args, report: dict, save, t0: float):
                 calls = [lambda q=q: torch.ops.awqlib.awq_gemm_variant(x, q[0], q[1], q[2], g, int(kernel), 0)
                          for q in weights[layout]]
                 t = time_graph(calls, time_eager(calls[0], reps=2))
-                tbps = (wbytes + 2 * M * (K + N)) / t / 1e12
-                kl = kernel_label(label, M, N, K)
-                rows.append({"shape": name, "N": N, "K": K, "M": M, "variant": label, "us": t * 1e6,
-                             "fp16_us": t_ref * 1e6, "speedup": t_ref / t, "TBps": tbps,
-                             "pct_copy": 100 * tbps * 1e3 / report["copy_GBps"], "kernel": kl,
-                             "sass_instr_per_kb": sass.get(kl)})
+                rows.append(sweep_row(name, N, K, M, label, t, t_ref, report["copy_GBps"], sass))
                 save()
                 r = rows[-1]
                 print(f"{name:24s} M={M:3d} {label:11s} {r['us']:8.1f} us  fp16 {r['fp16_us']:8.1f} us  "
@@ -238,15 +253,20 @@ def sweep(args, report: dict, save, t0: float):
         torch.cuda.empty_cache()
 
 
-def print_table(report: dict):
-    rows = report.get("sweep", [])
-    if not rows:
-        return
-    print("\nshape                     M  variant        us   fp16 us  speedup  TB/s  %copy  SASS/KB")
-    for r in rows:
-        sk = f"{r['sass_instr_per_kb']:.0f}" if r.get("sass_instr_per_kb") else "-"
-        print(f"{r['shape'][:24]:24s} {r['M']:3d}  {r['variant']:11s} {r['us']:7.1f} {r['fp16_us']:8.1f} "
-              f"{r['speedup']:7.2f}x {r['TBps']:5.2f} {r['pct_copy']:5.1f} {sk:>8s}")
+def device_info(props, capability) -> dict:
+    """What the JSON records of the card (``props``: torch.cuda.get_device_properties)."""
+    return {"name": props.name, "sms": props.multi_processor_count, "capability": list(capability),
+            "smem_optin": getattr(props, "shared_memory_per_block_optin", None)}
+
+
+def new_report(argv: list[str], budget: float) -> dict:
+    return {**run_info("gpu_sweep", argv), "torch": torch.__version__, "budget_s": budget}
+
+
+def save_report(report: dict, out: Path, t0: float) -> None:
+    """Write the JSON (atomically: the run may be killed at any point and the file must stay whole)."""
+    report["elapsed_s"] = time.time() - t0
+    write_json(out, report)
 
 
 def profile_case(spec: str) -> int:
@@ -304,13 +324,10 @@ def main(argv=None) -> int:
     t0 = time.time()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report: dict = {"argv": sys.argv, "torch": torch.__version__, "budget_s": args.budget}
+    report = new_report(sys.argv[1:] if argv is None else argv, args.budget)
 
     def save():
-        report["elapsed_s"] = time.time() - t0
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=1, default=str))
-        tmp.replace(out)
+        save_report(report, out, t0)
 
     if not torch.cuda.is_available():
         report["skipped"] = "no CUDA device"
@@ -326,9 +343,7 @@ def main(argv=None) -> int:
     status = 0
     try:
         props = torch.cuda.get_device_properties(0)
-        report["device"] = {"name": props.name, "sms": props.multi_processor_count,
-                            "capability": list(torch.cuda.get_device_capability(0)),
-                            "smem_optin": getattr(props, "shared_memory_per_block_optin", None)}
+        report["device"] = device_info(props, torch.cuda.get_device_capability(0))
         from awqlib import kernels
         tb = time.time()
         if not kernels.load():
@@ -360,8 +375,9 @@ def main(argv=None) -> int:
         report["sanitizer"] = run_tool(sanitizer_command(), out.parent / "sanitizer.log", 150)
         save()
         status = 3 if report["sanitizer"].get("rc") not in (0, None) else status
-    print_table(report)
-    print(f"\nwrote {out} ({report['elapsed_s']:.0f} s)")
+    if report.get("sweep"):
+        print("\n" + sweep_table(report))
+    print(f"\nwrote {out} ({report['elapsed_s']:.0f} s); record it: python -m benchmarks.report --add {out}")
     return status
 
 

@@ -107,7 +107,7 @@ step bench_quantize_gpu 300 "$LOGS/bench_quantize_gpu.log" "$PY" -m benchmarks.b
 echo "----- summary"
 grep -hE "^(FAILED|ERROR)" "$LOGS"/pytest_*.log 2>/dev/null | head -n 30
 grep -hE "passed|failed|error|Segmentation" "$LOGS"/pytest_*.log 2>/dev/null | tail -n 10
-sed -n '/^shape .* SASS\/KB/,$p' "$LOGS/gpu_sweep.log" 2>/dev/null
+sed -n '/^| shape | M | variant/,$p' "$LOGS/gpu_sweep.log" 2>/dev/null
 sed -n '/^summary/,$p' "$LOGS/tune_kernels.log" 2>/dev/null
 sed -n '/^targets/,$p' "$LOGS/bench_kernels.log" 2>/dev/null
 grep -hE "^\|" "$LOGS/bench_generate.log" "$LOGS/bench_load.log" "$LOGS/bench_quantize_gpu.log" 2>/dev/null

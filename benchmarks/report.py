@@ -1,0 +1,315 @@
+"""The tables of benchmarks/RESULTS.md, rendered from the JSON the benchmark scripts wrote, so that a
+recorded figure cannot drift from what a script measured.
+
+Each table sits between two markers that name its JSON in benchmarks/results/ (several names: one
+table over several runs of the same script):
+
+    <!-- generated: kernels-h200-2026-11-27 (python -m benchmarks.report; edit the JSON, not this table) -->
+    | ... |
+    <!-- end generated -->
+
+Everything outside the markers is prose and is left alone.  The JSON's "benchmark" field (written
+by benchmarks.common.run_info) picks the renderer; the scripts print their tables with the same
+functions.  Nothing here needs torch.
+
+    python -m benchmarks.report                    # re-render every table in RESULTS.md
+    python -m benchmarks.report --check            # exit 1 and print a diff when RESULTS.md is stale
+    python -m benchmarks.report --add sweep.json   # record a run: copy it into results/, add its section, render
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from pathlib import Path
+
+from benchmarks.common import write_atomic
+
+BENCH_DIR = Path(__file__).resolve().parent
+NOTE = "python -m benchmarks.report; edit the JSON, not this table"
+BEGIN = "<!-- generated: {names} (" + NOTE + ") -->"
+END = "<!-- end generated -->"
+REGION = re.compile(r"^<!-- generated: (?P<names>[^()]+?) \([^)]*\) -->\n(?P<body>.*?)^" + re.escape(END) + "$",
+                    re.M | re.S)
+
+
+class ReportError(Exception):
+    """A results file or RESULTS.md the report cannot render: one line for the user."""
+
+
+# ----------------------------------------------------------------------------- renderers
+
+def _ratio(x: float) -> str:
+    return f"{x:.2f}x"
+
+
+def kernels_table(report: dict) -> str:
+    """bench_kernels: shapes x M, 'awqlib µs / fp16 µs (speedup)' per cell."""
+    rows = report["results"]
+    shapes = list(dict.fromkeys((r["shape"], r["N"], r["K"]) for r in rows))
+    ms = sorted({r["M"] for r in rows})
+    by_case = {(r["shape"], r["M"]): r for r in rows}
+
+    def cell(r):
+        if r is None:
+            return "-"
+        if r["fp16_us"] is None:
+            return f"{r['awq_us']:.1f}"
+        return f"{r['awq_us']:.1f} / {r['fp16_us']:.1f} ({_ratio(r['speedup'])})"
+
+    lines = ["| shape (N x K) | " + " | ".join(f"M={m}" for m in ms) + " |", "|---|" + "---|" * len(ms)]
+    for name, n, k in shapes:
+        lines.append(f"| {name} {n}x{k} | " + " | ".join(cell(by_case.get((name, m))) for m in ms) + " |")
+    return "\n".join(lines)
+
+
+DECODE_MODELS = {"fp16": "fp16", "awq-int4": "awqlib int4", "awq-int4-fused": "awqlib int4, `fuse_layers=True`"}
+
+
+def decode_table(report: dict) -> str:
+    """bench_generate: tokens/s of HF generate and the graph-captured step, vs fp16 at the same batch."""
+    rows = report["rows"]
+    base = {r["batch"]: r["graph_step_ms"] for r in rows if r["model"] == "fp16"}
+    lines = ["| model | batch | HF `generate` tokens/s | one decode-sized forward in a CUDA graph, ms |",
+             "|---|---|---|---|"]
+    for r in rows:
+        step, step0 = r["graph_step_ms"], base.get(r["batch"])
+        if step is None:
+            st = "n/a"
+        elif r["model"] == "fp16" or not step0:
+            st = f"{step:.2f}"
+        else:
+            st = f"{step:.2f} ({_ratio(step0 / step)})"
+        lines.append(f"| {DECODE_MODELS.get(r['model'], r['model'])} | {r['batch']} | {r['tokens_per_s']:.1f} | {st} |")
+    return "\n".join(lines)
+
+
+QUALITY_METHODS = {"fp": "fp", "rtn": "round-to-nearest", "awq": "awqlib AWQ"}
+
+
+def short_command(command: str) -> str:
+    """'python -m benchmarks.bench_quality --only fp' (or 'python benchmarks/bench_quality.py ...')
+    as the table shows it: 'bench_quality.py --only fp'."""
+    cmd = re.sub(r"^\S*python\S*\s+", "", command)
+    cmd = re.sub(r"^-m\s+benchmarks\.(\w+)", r"\1.py", cmd)
+    return re.sub(r"^benchmarks/", "", cmd)
+
+
+def quality_table(reports: list[dict]) -> str:
+    """bench_quality: one row per method and run, with the command that produced it."""
+    lines = ["| run | result | command |", "|---|---|---|"]
+    for rep in reports:
+        for r in rep["rows"]:
+            run = QUALITY_METHODS.get(r["method"], r["method"])
+            result = f"ppl {r['ppl']:.3f}"
+            if r["method"] not in ("fp", "rtn"):
+                run += f", {rep['n_calib_texts']} texts, seqlen {rep['seqlen']}"
+                s = r["quantize_s"]
+                result += f" in {s:.0f} s ({s / rep['blocks']:.1f} s/block incl. capture)"
+            elif r["method"] == "rtn":
+                result += f", {r['quantize_s']:.1f} s"
+            if r.get("options"):
+                run += ", " + ", ".join(f"{k}={v}" for k, v in r["options"].items())
+            if r.get("peak_rss_mb") is not None:
+                gb = r["peak_rss_mb"] * 2**20 / 1e9  # the script's MB are ru_maxrss / 1024: MiB
+                result += f"; peak RSS of the whole benchmark process {gb:.2f} GB"
+            lines.append(f"| {run} | {result} | `{short_command(rep['command'])}` |")
+    return "\n".join(lines)
+
+
+def sass_table(spec: dict, kernels: list[dict]) -> str:
+    """scripts/sass_budget.py's JSON (``kernels``), the rows ``spec`` picks, labelled as it says."""
+    by_name = {(k["arch"], k["kernel"]): k for k in kernels}
+    lines = ["| kernel (what it serves) | regs | spills | smem/CTA | CTAs/SM (limit) | instr/KB | issue ceiling, H200 |",
+             "|---|---|---|---|---|---|---|"]
+    for row in spec["rows"]:
+        k = by_name.get((spec["arch"], row["kernel"]))
+        if k is None:
+            raise ReportError(f"{spec['data']} has no sm_{spec['arch']} kernel {row['kernel']!r}")
+        smem = (k["static_smem"] + (k["dyn_smem"] or 0)) / 1024
+        lines.append(f"| {row['label']} | {k['registers']} | {k['spill_stores'] + k['spill_loads']} | {smem:.0f} KB | "
+                     f"{k['ctas_per_sm']} ({k['ctas_limited_by']}) | {k['instr_per_kb']:.1f} | "
+                     f"{k['issue_tbps_h200']:.2f} TB/s |")
+    return "\n".join(lines)
+
+
+def sweep_table(report: dict) -> str:
+    """gpu_sweep: every timed case, with the SASS instructions per KB of the kernel that ran."""
+    lines = ["| shape | M | variant | µs | fp16 µs | speedup | weight TB/s | % of copy | SASS instr/KB | kernel |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report.get("sweep", []):
+        sk = f"{r['sass_instr_per_kb']:.1f}" if r.get("sass_instr_per_kb") else "-"
+        lines.append(f"| {r['shape']} | {r['M']} | {r['variant']} | {r['us']:.1f} | {r['fp16_us']:.1f} | "
+                     f"{_ratio(r['speedup'])} | {r['TBps']:.2f} | {r['pct_copy']:.1f} | {sk} | `{r['kernel']}` |")
+    return "\n".join(lines)
+
+
+def sweep_section(report: dict) -> str:
+    """gpu_sweep: one line of what ran where (device, torch, commit, gate, rooflines), then the table."""
+    dev = report.get("device") or {}
+    facts = [f"{dev.get('name', 'no device')}" + (f" ({dev['sms']} SMs)" if dev.get("sms") else ""),
+             f"torch {report.get('torch')}", report.get("date", "date not recorded"),
+             f"commit {report.get('commit') or 'not recorded'}", f"`{report.get('command', '')}`"]
+    gate = report.get("gate")
+    if gate:
+        passed = gate["cases"] - len(gate["failed"])
+        facts.append(f"correctness gate {passed}/{gate['cases']} passed")
+    if "copy_GBps" in report:
+        facts.append(f"copy {report['copy_GBps']:.0f} GB/s")
+    if "read_GBps" in report:
+        facts.append(f"read-only {report['read_GBps']:.0f} GB/s")
+    for key in ("skipped", "error", "truncated"):
+        if report.get(key):
+            facts.append(f"{key}: {report[key]}")
+    return "; ".join(facts) + "." + ("\n\n" + sweep_table(report) if report.get("sweep") else " No timings.")
+
+
+def _one(reports: list[dict]) -> dict:
+    if len(reports) != 1:
+        raise ReportError(f"a {reports[0]['benchmark']} table renders one run, not {len(reports)}")
+    return reports[0]
+
+
+RENDERERS = {
+    "bench_kernels": lambda reps, _: kernels_table(_one(reps)),
+    "bench_generate": lambda reps, _: decode_table(_one(reps)),
+    "bench_quality": lambda reps, _: quality_table(reps),
+    "gpu_sweep": lambda reps, _: sweep_section(_one(reps)),
+    "sass_budget": lambda reps, bench_dir: sass_table(
+        _one(reps), json.loads((bench_dir / _one(reps)["data"]).read_text())),
+}
+# where --add puts a new run's section (the end of the section whose heading starts so), and its file name's prefix
+SECTIONS = {"gpu_sweep": "## CUDA kernels", "bench_kernels": "## CUDA kernels", "bench_generate": "## CUDA kernels",
+            "bench_quality": "## Quantization on the CPU"}
+PREFIXES = {"gpu_sweep": "sweep", "bench_kernels": "kernels", "bench_generate": "decode", "bench_quality": "quality"}
+
+
+# ----------------------------------------------------------------------------- RESULTS.md
+
+def load(bench_dir: Path, name: str) -> dict:
+    path = bench_dir / "results" / f"{name}.json"
+    if not path.is_file():
+        raise ReportError(f"RESULTS.md names {name}, but {path} does not exist")
+    data = json.loads(path.read_text())
+    if data.get("benchmark") not in RENDERERS:
+        raise ReportError(f"{path}: 'benchmark' is {data.get('benchmark')!r}; accepted: {', '.join(RENDERERS)}")
+    return data
+
+
+def render_region(bench_dir: Path, names: list[str]) -> str:
+    reports = [load(bench_dir, n) for n in names]
+    kinds = {r["benchmark"] for r in reports}
+    if len(kinds) != 1:
+        raise ReportError(f"one table mixes runs of {', '.join(sorted(kinds))}: {' '.join(names)}")
+    return RENDERERS[kinds.pop()](reports, bench_dir)
+
+
+def render(text: str, bench_dir: Path) -> str:
+    """RESULTS.md's text with every generated region re-rendered from its JSON."""
+    found = len(REGION.findall(text))
+    if found != len(re.findall(r"^<!-- generated:", text, re.M)):  # a marker opens a line; prose may quote one
+        raise ReportError("RESULTS.md has a '<!-- generated: ...' marker without its '<!-- end generated -->'")
+
+    def sub(m):
+        names = m.group("names").split()
+        return BEGIN.format(names=" ".join(names)) + "\n" + render_region(bench_dir, names) + "\n" + END
+    return REGION.sub(sub, text)
+
+
+def stale_diff(bench_dir: Path = BENCH_DIR) -> str:
+    """A unified diff from RESULTS.md as it is to RESULTS.md as the JSON renders it ('' = up to date)."""
+    path = bench_dir / "RESULTS.md"
+    text = path.read_text()
+    return "".join(difflib.unified_diff(text.splitlines(True), render(text, bench_dir).splitlines(True),
+                                        f"{path} (as committed)", f"{path} (rendered from results/)"))
+
+
+def update(bench_dir: Path = BENCH_DIR) -> bool:
+    """Re-render RESULTS.md in place; True when it changed."""
+    path = bench_dir / "RESULTS.md"
+    text = path.read_text()
+    new = render(text, bench_dir)
+    if new != text:
+        write_atomic(path, new)
+    return new != text
+
+
+def run_name(report: dict) -> str:
+    """'sweep-h200-2026-12-01' from a run's benchmark, device and date."""
+    dev = report.get("device")
+    dev = dev.get("name") if isinstance(dev, dict) else dev
+    slug = re.sub(r"[^a-z0-9]+", "-", (dev or "cpu").lower().replace("nvidia", "")).strip("-") or "cpu"
+    if not report.get("date"):
+        raise ReportError("the run has no 'date' (written by benchmarks.common.run_info); cannot name it")
+    return f"{PREFIXES[report['benchmark']]}-{slug}-{report['date'][:10]}"
+
+
+def add(src: Path, bench_dir: Path = BENCH_DIR) -> str:
+    """Record a run: copy ``src`` into results/ (a new name if another run has taken its own), add a
+    section for it to RESULTS.md unless one names it, and re-render.  Returns the run's name."""
+    raw = Path(src).read_text()
+    report = json.loads(raw)
+    kind = report.get("benchmark")
+    if kind not in PREFIXES:
+        raise ReportError(f"{src}: 'benchmark' is {kind!r}; --add accepts runs of {', '.join(PREFIXES)}")
+    if report.get("skipped"):
+        raise ReportError(f"{src}: the run was skipped ({report['skipped']}): nothing to record")
+    RENDERERS[kind]([report], bench_dir)  # renderable, before anything is written
+    base = run_name(report)
+    name, i = base, 1
+    while (bench_dir / "results" / f"{name}.json").is_file() and \
+            (bench_dir / "results" / f"{name}.json").read_text() != raw:
+        i += 1
+        name = f"{base}-{i}"
+    write_atomic(bench_dir / "results" / f"{name}.json", raw)
+    md = bench_dir / "RESULTS.md"
+    text = md.read_text()
+    if not any(name in m.group("names").split() for m in REGION.finditer(text)):
+        heading = re.search("^" + re.escape(SECTIONS[kind]) + r"\b.*$", text, re.M)
+        if heading is None:
+            raise ReportError(f"RESULTS.md has no section '{SECTIONS[kind]}' for a {kind} run")
+        nxt = text.find("\n## ", heading.end())
+        at = len(text) if nxt < 0 else nxt + 1
+        dev = report.get("device")
+        title = f"### {kind}: {dev.get('name') if isinstance(dev, dict) else dev or 'CPU'}, {report['date'][:10]}"
+        section = f"{title}\n\n{BEGIN.format(names=name)}\n{END}\n\n"
+        text = text[:at].rstrip("\n") + "\n\n" + section + text[at:]
+        write_atomic(md, text)
+    update(bench_dir)
+    return name
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="The JSON lives in benchmarks/results/; a run's script writes it with --out.")
+    ap.add_argument("--check", action="store_true", help="exit 1 and print a diff when RESULTS.md is out of date")
+    ap.add_argument("--add", metavar="JSON", help="record a run (e.g. gpu_sweep's sweep.json), then render")
+    ap.add_argument("--dir", type=Path, default=BENCH_DIR, help=argparse.SUPPRESS)  # tests: a copy of benchmarks/
+    args = ap.parse_args(argv)
+    try:
+        if args.check:
+            diff = stale_diff(args.dir)
+            if diff:
+                print(diff, end="")
+                print("RESULTS.md is out of date with benchmarks/results/: run python -m benchmarks.report",
+                      file=sys.stderr)
+                return 1
+            print("RESULTS.md is up to date")
+            return 0
+        if args.add:
+            name = add(Path(args.add), args.dir)
+            print(f"recorded {args.add} as results/{name}.json; RESULTS.md rendered")
+            return 0
+        print("RESULTS.md " + ("re-rendered" if update(args.dir) else "already up to date"))
+        return 0
+    except (ReportError, OSError, json.JSONDecodeError, KeyError) as e:
+        print(f"report: {type(e).__name__}: {e}" if not isinstance(e, ReportError) else f"report: {e}",
+              file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
