@@ -27,7 +27,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import copy_bandwidth, csrc_constant, n_copies, run_info, time_eager, time_graph, write_json
+from awqlib import kernels
+from benchmarks.common import copy_bandwidth, n_copies, run_info, time_eager, time_graph, write_json
 from benchmarks.report import kernels_table
 
 SHAPES = [  # (model, N out, K in)
@@ -48,7 +49,7 @@ QUICK_SHAPES = SHAPES[:4]
 QUICK_MS = [1, 4, 8, 16, 64, 256, 1024]
 
 # The dispatch for warp-tiled weights in csrc/awq_ops.cpp (for the table), read from the source.
-SKINNY_MAX_M_TILED = csrc_constant("kSkinnyMaxMTiled")
+SKINNY_MAX_M_TILED = kernels.source_constant("kSkinnyMaxMTiled")
 
 
 def path_for(m: int, n: int, k: int, g: int) -> str:
@@ -149,7 +150,6 @@ def main(argv=None) -> int:
         return 0
 
     import awqlib.ops  # noqa: F401
-    from awqlib import kernels
 
     t0 = time.time()
     ok = kernels.load()

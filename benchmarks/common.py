@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shlex
 import subprocess
 import time
@@ -45,17 +44,6 @@ def write_atomic(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
-
-def csrc_constant(name: str, source: str = "awq_ops.cpp") -> int:
-    """An integer constant of the CUDA sources (``constexpr int64_t name = value;``), so that a
-    table mirroring the kernels' dispatch follows the code instead of a copy of its numbers."""
-    from awqlib.kernels import source_dir
-    text = (source_dir() / source).read_text()
-    m = re.search(rf"constexpr\s+\w+\s+{re.escape(name)}\s*=\s*(\d+)\s*;", text)
-    if m is None:
-        raise KeyError(f"no integer constant {name} in csrc/{source}")
-    return int(m.group(1))
-
 
 TARGET_GRAPH_S = 0.004  # captured work per replay
 REPLAYS = 5
