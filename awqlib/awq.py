@@ -359,7 +359,7 @@ def search_scale(group: BlockGroup, linears: list[nn.Linear], site: _Site, inspe
 
 
 @torch.no_grad()
-def apply_scale(group: BlockGroup, s: torch.Tensor, norm_offset: float = 0.0) -> None:
+def apply_scale(group: BlockGroup, s: torch.Tensor) -> None:
     """Fold 1/s into the group's prev op and s into every reader of its output (quantized or not)
     and its scale-only readers: the block computes the same function."""
     prev = group.prev
@@ -371,7 +371,7 @@ def apply_scale(group: BlockGroup, s: torch.Tensor, norm_offset: float = 0.0) ->
             prev.bias.data[rows] = prev.bias.data[rows] / sw
     else:  # a norm: y = (offset + w) * xhat + b
         w = prev.weight.data
-        prev.weight.data = ((norm_offset + w.float()) / s - norm_offset).to(w.dtype)
+        prev.weight.data = ((group.norm_offset + w.float()) / s - group.norm_offset).to(w.dtype)
         if getattr(prev, "bias", None) is not None:
             prev.bias.data = (prev.bias.data.float() / s).to(prev.bias.dtype)
     for reader in (*group.readers.values(), *group.scale_only):
@@ -610,7 +610,7 @@ def quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, opts: AW
             continue
         ratio, s, losses = search_scale(g, [linears[l] for l in members], site, insp, qcfg, opts)
         if ratio != IDENTITY:  # (folding s = 1 is not exact for (1 + w) norms: skip it)
-            apply_scale(g, s, spec.norm_offset)
+            apply_scale(g, s)
             for st in member_sites:  # every reader's statistics now see x / s
                 st.rescale(s)
             if insp is not None:

@@ -23,7 +23,7 @@ from .arch import ArchSpec, get_spec
 from .arch.blocks import empty_quantized_linears, find_blocks
 from .checkpoint import load_quantized_state, resolve_folder
 from .config import QuantConfig, check_checkpoint_config_file, checkpoint_quant_config
-from .modules import WQLinear, repack_for_kernels
+from .modules import repack_for_kernels
 from .moe import unfuse_experts
 from .placement import available_device, dispatch_with_accelerate, plan_device_map, placer
 from .safetensors_io import weight_files

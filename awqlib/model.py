@@ -24,6 +24,7 @@ from .checkpoint import (AtomicDir, checkpoint_state, copy_source_file, copy_tok
 from .config import QuantConfig
 from .loading import load_quantized, resolve_dtype
 from .modules import repack_for_kernels
+from .packing import runtime_layout
 from .moe import unfuse_experts
 from .safetensors_io import parse_size
 from .userargs import check_kwargs, pick_dtype
@@ -110,6 +111,7 @@ class AWQModel(nn.Module):
                 "model again (AutoAWQ.from_pretrained) and rerun quantize(save_dir=...) with the same settings; "
                 "it resumes from the blocks already written there")
         parse_size(max_shard_size)  # a bad size fails now, not after the last block
+        runtime_layout()  # so does a bad $AWQLIB_LAYOUT (the layout linears left on a GPU get)
         if self.reader is not None and save_dir is None:
             raise ValueError("a model loaded with lazy=True frees each block once it is quantized: pass "
                              "save_dir=... so that finished blocks are written to disk")

@@ -72,7 +72,8 @@ class WQLinear(nn.Module):
 
     def tile_for_kernels(self) -> bool:
         """Repack into the runtime layout the CUDA kernels serve (:func:`awqlib.packing.runtime_layout`:
-        "tiled", or $AWQLIB_LAYOUT), once, at load time; False where the shape does not allow it."""
+        "tiled", or $AWQLIB_LAYOUT), once, after a load or an in-process quantize; False where the
+        shape does not allow it."""
         if self.tiled:
             return True
         return self.set_layout(runtime_layout())
@@ -160,11 +161,12 @@ def repack_for_kernels(model: nn.Module) -> int:
     """Repack every quantized linear whose weights are on CUDA into the runtime layout the kernels
     serve (:meth:`WQLinear.tile_for_kernels`), so only that layout reaches them after a load and
     after an in-process quantize alike.  A linear on (or offloaded to) the CPU or disk stays in the
-    GEMM layout, which every path reads.  Returns how many were repacked; 0 without the kernels."""
+    GEMM layout, which every path reads.  Returns how many were repacked now (not those already in
+    a runtime layout); 0 without the kernels."""
     linears = [m for m in model.modules() if isinstance(m, WQLinear) and m.qweight.device.type in KERNEL_DEVICE_TYPES]
     if not linears or not kernels.load():
         return 0
-    n = sum(m.tile_for_kernels() for m in linears)
+    n = sum(m.tile_for_kernels() for m in linears if not m.tiled)
     layouts = sorted({m.layout for m in linears})
     log.info("awqlib: %d of %d quantized linears on CUDA repacked for the kernels (layouts now: %s)",
              n, len(linears), ", ".join(layouts))

@@ -256,7 +256,7 @@ def stream_qzeros(qzeros: torch.Tensor, inverse: bool = False) -> torch.Tensor:
 # "tiled"  the warp-tiled runtime layout of csrc/awq_skinny.cu, [N/64, K/32, 256]
 # "stream" the stream runtime layout of csrc/awq_stream.cu, [N/64, K/16, 128] (+ permuted zeros/scales)
 LAYOUTS = ("gemm", "tiled", "stream")
-# What WQLinear.tile_for_kernels (and so from_quantized on CUDA) repacks to.  "tiled" until the
+# What WQLinear.tile_for_kernels (and so from_quantized and quantize on CUDA) repacks to.  "tiled" until the
 # stream kernel has passed its GPU tests and won benchmarks/gpu_sweep.py; AWQLIB_LAYOUT=stream
 # selects the new path (e.g. for the GPU window's end-to-end checks).
 DEFAULT_RUNTIME_LAYOUT = "tiled"

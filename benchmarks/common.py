@@ -5,21 +5,34 @@ this module does not import torch: the report reads JSON on machines without it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shlex
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def code_sha256(root: Path = ROOT) -> str:
+    """sha256 over the library's and the kernels' sources (awqlib/**/*.py, csrc/*), path and bytes:
+    names the code a run measured also where there is no git checkout (a GPU machine gets a copy of
+    the working tree); ``git`` can then find the commit with the same sources."""
+    h = hashlib.sha256()
+    files = sorted([*root.glob("awqlib/**/*.py"), *(p for p in root.glob("csrc/*") if p.is_file())])
+    for p in files:
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def run_info(benchmark: str, argv: list[str]) -> dict:
     """Provenance a benchmark's JSON starts with: which script (report.py picks the table renderer
-    by it), when (UTC), on which commit (None outside a git checkout; "+dirty" with local edits),
-    and the command line."""
+    by it), when (UTC), on which commit (git's, "+dirty" with local edits; else $AWQLIB_COMMIT; else
+    None), a hash of the sources (:func:`code_sha256`), and the command line."""
     commit = None
     try:
         git = ["git", "-C", str(ROOT)]
@@ -27,19 +40,33 @@ def run_info(benchmark: str, argv: list[str]) -> dict:
         if subprocess.run(git + ["diff", "--quiet", "HEAD"], capture_output=True).returncode:
             commit += "+dirty"
     except (OSError, subprocess.CalledProcessError):
-        pass
+        commit = os.environ.get("AWQLIB_COMMIT") or None
     return {"benchmark": benchmark, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit,
-            "command": shlex.join(["python", "-m", f"benchmarks.{benchmark}", *argv])}
+            "code_sha256": code_sha256(), "command": shlex.join(["python", "-m", f"benchmarks.{benchmark}", *argv])}
 
 
 def write_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: a reader (or a crash) never
-    sees half a file."""
+    """Write ``text`` to ``path`` through a temporary file of this process, flushed to disk, and a
+    rename: a reader (or a crash) never sees half a file, and a failed write leaves no litter."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -147,24 +147,40 @@ def sweep_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def provenance(report: dict, extra: list[str] = ()) -> str:
+    """One line under a table: where, when, on which code and with which command the run was made,
+    how it ended (truncated, error) and, for a run transcribed from an older table, that it was."""
+    dev = report.get("device")
+    if isinstance(dev, dict):
+        dev = dev.get("name", "") + (f" ({dev['sms']} SMs)" if dev.get("sms") else "")
+    facts = [dev or "CPU", f"torch {report['torch']}" if report.get("torch") else "",
+             f"backend {report['backend']}" if report.get("backend") else "",
+             str(report.get("date") or "date not recorded"), f"commit {report.get('commit') or 'not recorded'}",
+             f"code {report['code_sha256'][:12]}" if report.get("code_sha256") else "",
+             f"`{report['command']}`" if report.get("command") else "", *extra]
+    for key in ("skipped", "error", "truncated", "source"):
+        if report.get(key):
+            facts.append(f"{key}: {report[key]}")
+    return "Run: " + "; ".join(f for f in facts if f) + "."
+
+
+def provenances(reports: list[dict]) -> str:
+    return "\n".join(dict.fromkeys(provenance(r) for r in reports))
+
+
 def sweep_section(report: dict) -> str:
     """gpu_sweep: one line of what ran where (device, torch, commit, gate, rooflines), then the table."""
-    dev = report.get("device") or {}
-    facts = [f"{dev.get('name', 'no device')}" + (f" ({dev['sms']} SMs)" if dev.get("sms") else ""),
-             f"torch {report.get('torch')}", report.get("date", "date not recorded"),
-             f"commit {report.get('commit') or 'not recorded'}", f"`{report.get('command', '')}`"]
+    extra = []
     gate = report.get("gate")
     if gate:
         passed = gate["cases"] - len(gate["failed"])
-        facts.append(f"correctness gate {passed}/{gate['cases']} passed")
+        extra.append(f"correctness gate {passed}/{gate['cases']} passed")
     if "copy_GBps" in report:
-        facts.append(f"copy {report['copy_GBps']:.0f} GB/s")
+        extra.append(f"copy {report['copy_GBps']:.0f} GB/s")
     if "read_GBps" in report:
-        facts.append(f"read-only {report['read_GBps']:.0f} GB/s")
-    for key in ("skipped", "error", "truncated"):
-        if report.get(key):
-            facts.append(f"{key}: {report[key]}")
-    return "; ".join(facts) + "." + ("\n\n" + sweep_table(report) if report.get("sweep") else " No timings.")
+        extra.append(f"read-only {report['read_GBps']:.0f} GB/s")
+    line = provenance(report, extra)
+    return line + ("\n\n" + sweep_table(report) if report.get("sweep") else " No timings.")
 
 
 def _one(reports: list[dict]) -> dict:
@@ -174,13 +190,15 @@ def _one(reports: list[dict]) -> dict:
 
 
 RENDERERS = {
-    "bench_kernels": lambda reps, _: kernels_table(_one(reps)),
-    "bench_generate": lambda reps, _: decode_table(_one(reps)),
-    "bench_quality": lambda reps, _: quality_table(reps),
+    "bench_kernels": lambda reps, _: kernels_table(_one(reps)) + "\n\n" + provenances(reps),
+    "bench_generate": lambda reps, _: decode_table(_one(reps)) + "\n\n" + provenances(reps),
+    "bench_quality": lambda reps, _: quality_table(reps) + "\n\n" + provenances(reps),
     "gpu_sweep": lambda reps, _: sweep_section(_one(reps)),
     "sass_budget": lambda reps, bench_dir: sass_table(
-        _one(reps), json.loads((bench_dir / _one(reps)["data"]).read_text())),
+        _one(reps), json.loads((bench_dir / _one(reps)["data"]).read_text())) + "\n\n" + provenances(reps),
 }
+# the list of timed cases each kind of run must have to be recorded (a sweep may hold only its gate)
+TIMINGS = {"bench_kernels": "results", "bench_generate": "rows", "bench_quality": "rows", "gpu_sweep": None}
 # where --add puts a new run's section (the end of the section whose heading starts so), and its file name's prefix
 SECTIONS = {"gpu_sweep": "## CUDA kernels", "bench_kernels": "## CUDA kernels", "bench_generate": "## CUDA kernels",
             "bench_quality": "## Quantization on the CPU"}
@@ -189,7 +207,9 @@ PREFIXES = {"gpu_sweep": "sweep", "bench_kernels": "kernels", "bench_generate": 
 
 # ----------------------------------------------------------------------------- RESULTS.md
 
-def load(bench_dir: Path, name: str) -> dict:
+def load(bench_dir: Path, name: str, pending: dict[str, dict] | None = None) -> dict:
+    if pending and name in pending:
+        return pending[name]
     path = bench_dir / "results" / f"{name}.json"
     if not path.is_file():
         raise ReportError(f"RESULTS.md names {name}, but {path} does not exist")
@@ -199,23 +219,24 @@ def load(bench_dir: Path, name: str) -> dict:
     return data
 
 
-def render_region(bench_dir: Path, names: list[str]) -> str:
-    reports = [load(bench_dir, n) for n in names]
+def render_region(bench_dir: Path, names: list[str], pending: dict[str, dict] | None = None) -> str:
+    reports = [load(bench_dir, n, pending) for n in names]
     kinds = {r["benchmark"] for r in reports}
     if len(kinds) != 1:
         raise ReportError(f"one table mixes runs of {', '.join(sorted(kinds))}: {' '.join(names)}")
     return RENDERERS[kinds.pop()](reports, bench_dir)
 
 
-def render(text: str, bench_dir: Path) -> str:
-    """RESULTS.md's text with every generated region re-rendered from its JSON."""
+def render(text: str, bench_dir: Path, pending: dict[str, dict] | None = None) -> str:
+    """RESULTS.md's text with every generated region re-rendered from its JSON (``pending``: runs
+    not written to results/ yet, by name)."""
     found = len(REGION.findall(text))
     if found != len(re.findall(r"^<!-- generated:", text, re.M)):  # a marker opens a line; prose may quote one
         raise ReportError("RESULTS.md has a '<!-- generated: ...' marker without its '<!-- end generated -->'")
 
     def sub(m):
         names = m.group("names").split()
-        return BEGIN.format(names=" ".join(names)) + "\n" + render_region(bench_dir, names) + "\n" + END
+        return BEGIN.format(names=" ".join(names)) + "\n" + render_region(bench_dir, names, pending) + "\n" + END
     return REGION.sub(sub, text)
 
 
@@ -252,19 +273,28 @@ def add(src: Path, bench_dir: Path = BENCH_DIR) -> str:
     section for it to RESULTS.md unless one names it, and re-render.  Returns the run's name."""
     raw = Path(src).read_text()
     report = json.loads(raw)
+    if not isinstance(report, dict):
+        raise ReportError(f"{src}: not a benchmark run (a JSON object written by a benchmark's --out)")
     kind = report.get("benchmark")
     if kind not in PREFIXES:
         raise ReportError(f"{src}: 'benchmark' is {kind!r}; --add accepts runs of {', '.join(PREFIXES)}")
     if report.get("skipped"):
         raise ReportError(f"{src}: the run was skipped ({report['skipped']}): nothing to record")
-    RENDERERS[kind]([report], bench_dir)  # renderable, before anything is written
+    if str(report.get("backend") or "").startswith("reference"):
+        raise ReportError(f"{src}: timed on the PyTorch reference ({report['backend']}), not the CUDA kernels: "
+                          "not a kernel measurement")
+    if TIMINGS[kind] and not report.get(TIMINGS[kind]):
+        raise ReportError(f"{src}: no timings ({TIMINGS[kind]!r} is empty): nothing to record")
+    try:
+        RENDERERS[kind]([report], bench_dir)  # renderable, before anything is written
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ReportError(f"{src}: not a {kind} run as its script writes it ({type(e).__name__}: {e})") from None
     base = run_name(report)
     name, i = base, 1
     while (bench_dir / "results" / f"{name}.json").is_file() and \
             (bench_dir / "results" / f"{name}.json").read_text() != raw:
         i += 1
         name = f"{base}-{i}"
-    write_atomic(bench_dir / "results" / f"{name}.json", raw)
     md = bench_dir / "RESULTS.md"
     text = md.read_text()
     if not any(name in m.group("names").split() for m in REGION.finditer(text)):
@@ -277,8 +307,10 @@ def add(src: Path, bench_dir: Path = BENCH_DIR) -> str:
         title = f"### {kind}: {dev.get('name') if isinstance(dev, dict) else dev or 'CPU'}, {report['date'][:10]}"
         section = f"{title}\n\n{BEGIN.format(names=name)}\n{END}\n\n"
         text = text[:at].rstrip("\n") + "\n\n" + section + text[at:]
-        write_atomic(md, text)
-    update(bench_dir)
+    new = render(text, bench_dir, {name: report})  # the whole new RESULTS.md, before anything is written
+    write_atomic(bench_dir / "results" / f"{name}.json", raw)
+    if new != md.read_text():
+        write_atomic(md, new)
     return name
 
 

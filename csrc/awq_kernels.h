@@ -74,7 +74,7 @@ struct StreamPlan {
   int counters;             // arrival counters (one per slice)
 };
 bool stream_supports(int M, int N, int K, int group_size);  // shape and group size (not the device)
-int stream_smem_bytes(int M);                                // dynamic shared memory per CTA
+int stream_smem_bytes(int M);                                // shared memory per CTA (dynamic + static)
 void launch_dequant_stream(DType dt, const int32_t* qweight, const int32_t* qzeros, const void* scales, void* out,
                            int K, int N, int group_size, cudaStream_t stream);
 StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms);

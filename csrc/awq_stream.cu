@@ -553,15 +553,20 @@ void launch_mb(const GemmArgs& a, const StreamParams& p, int grid, cudaStream_t 
   auto kernel = exact ? (fine ? awq_stream_kernel<T, MB, true, true> : awq_stream_kernel<T, MB, true, false>)
                       : (fine ? awq_stream_kernel<T, MB, false, true> : awq_stream_kernel<T, MB, false, false>);
   // Opt in to > 48 KB of dynamic shared memory, once per (kernel, device): a host-side attribute,
-  // fine during graph capture.
+  // fine during graph capture.  Remembered only once it succeeded; a failure skips the launch and
+  // stays the runtime's last error, which the caller's launch check reports.
   {
     static std::mutex mu;
     static std::set<std::pair<const void*, int>> done;
     int dev = 0;
     cudaGetDevice(&dev);
+    const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel), dev};
     const std::lock_guard<std::mutex> lock(mu);
-    if (done.insert({reinterpret_cast<const void*>(kernel), dev}).second)
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+    if (!done.count(key)) {
+      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes) != cudaSuccess)
+        return;
+      done.insert(key);
+    }
   }
   kernel<<<grid, kStThreads, Cfg::kSmemBytes, stream>>>(
       static_cast<const T*>(a.x), reinterpret_cast<const uint4*>(a.qweight),
@@ -608,9 +613,24 @@ StreamParams params_for(int M, int N, int K, int group_size, int per, int grid) 
 
 }  // namespace
 
+// Static shared memory of the MB configuration (the reduction's last-arriver flag): what the
+// compiler reserved, asked of the runtime rather than restated; the same for every T/EXACT/FINE.
+template <int MB>
+int stream_static_smem_bytes() {
+  static const int bytes = [] {
+    cudaFuncAttributes attr{};
+    return cudaFuncGetAttributes(&attr, awq_stream_kernel<__half, MB, true, false>) == cudaSuccess
+               ? static_cast<int>(attr.sharedSizeBytes)
+               : 0;
+  }();
+  return bytes;
+}
+
 int stream_smem_bytes(int M) {
   const int mb = mb_for(M);
-  return mb == 1 ? StreamCfg<1>::kSmemBytes : mb == 2 ? StreamCfg<2>::kSmemBytes : StreamCfg<4>::kSmemBytes;
+  return mb == 1   ? StreamCfg<1>::kSmemBytes + stream_static_smem_bytes<1>()
+         : mb == 2 ? StreamCfg<2>::kSmemBytes + stream_static_smem_bytes<2>()
+                   : StreamCfg<4>::kSmemBytes + stream_static_smem_bytes<4>();
 }
 
 bool stream_supports(int M, int N, int K, int group_size) {

@@ -21,7 +21,7 @@ def test_scale_folding_is_exact(arch, calib_ids):
     n_applied = 0
     for g in resolve_groups(spec, block):
         n = next(iter(g.readers.values())).in_features
-        awq.apply_scale(g, torch.rand(n) * 3 + 0.2, spec.norm_offset)
+        awq.apply_scale(g, torch.rand(n) * 3 + 0.2)
         n_applied += 1
     out = awq.run_block(block, inps[0], kw)
     assert n_applied >= 2
@@ -49,6 +49,41 @@ def test_quantize_save_load_logits(arch, calib_ids, tmp_path):
     with torch.no_grad():
         out = loaded(input_ids=ids).logits
     torch.testing.assert_close(out, q, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["tiled", "stream"])
+def test_in_process_quantize_repacks_where_the_kernels_serve(monkeypatch, tmp_path, layout):
+    """quantize() leaves linears on the kernels' device in the runtime layout, as from_quantized
+    does (only one layout ever reaches the kernels); the checkpoint stays in the GEMM layout.  The
+    kernels' device is the CPU here, so the walk, the driver's call and the round trip run without
+    a GPU (tests/test_gpu_e2e.py checks the same on CUDA)."""
+    from awqlib import kernels, modules
+    from awqlib.packing import layout_of
+    monkeypatch.setenv("AWQLIB_LAYOUT", layout)
+    monkeypatch.setattr(modules, "KERNEL_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(kernels, "load", lambda: True)
+    w = AutoAWQ.from_model(tiny_model("llama_mha"))
+    w.quantize(None, {"w_bit": 4, "q_group_size": 64}, method="rtn")
+    linears = [m for m in w.model.modules() if isinstance(m, WQLinear)]
+    assert linears and all(m.layout == layout for m in linears)
+    ids = torch.randint(0, w.model.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        before = w(input_ids=ids).logits
+    w.save_quantized(tmp_path / "q")
+    monkeypatch.setattr(modules, "KERNEL_DEVICE_TYPES", ())  # load it as the CPU really is: GEMM layout
+    loaded = AutoAWQ.from_quantized(str(tmp_path / "q"))
+    assert all(m.layout == "gemm" for m in loaded.model.modules() if isinstance(m, WQLinear))
+    from safetensors.torch import load_file
+    saved = load_file(str(tmp_path / "q" / "model.safetensors"))
+    assert all(layout_of(v) == "gemm" for k, v in saved.items() if k.endswith(".qweight"))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, before)
+    # a mistyped layout is refused before any block is touched, not after the last one
+    monkeypatch.setenv("AWQLIB_LAYOUT", "stram")
+    w = AutoAWQ.from_model(tiny_model("llama_mha"))
+    with pytest.raises(ValueError, match="AWQLIB_LAYOUT='stram'"):
+        w.quantize(None, {"w_bit": 4, "q_group_size": 64}, method="rtn")
+    assert not w.interrupted and not any(isinstance(m, WQLinear) for m in w.model.modules())
 
 
 def test_unknown_model_type():

@@ -94,7 +94,8 @@ COMBOS = [
 GEMV_MAX_M = kernels.source_constant("kGemvMaxM")                # what the GEMV kernel accepts
 SKINNY_MAX_M = kernels.source_constant("kSkinnyMaxM")            # what the skinny kernels accept
 STREAM_MAX_M = kernels.source_constant("kStreamMaxM")            # what the stream kernel accepts
-AUTO_LIMITS = [kernels.source_constant(n) for n in ("kGemvMaxMAuto", "kSkinnyMaxMAuto", "kDequantCublasMinM")]
+AUTO_MAX_M = [kernels.source_constant(n) for n in ("kGemvMaxMAuto", "kSkinnyMaxMAuto")]  # inclusive maxima
+DEQUANT_MIN_M = kernels.source_constant("kDequantCublasMinM")   # the first M the auto choice dequantizes
 SKINNY_MAX_M_TILED = kernels.source_constant("kSkinnyMaxMTiled")  # auto choice on warp-tiled weights
 M_TILE = 16  # rows of one mma.sync m16n8k16 tile: the tensor-core kernels change configuration at multiples
 
@@ -104,7 +105,7 @@ def edges(*limits: int) -> list[int]:
     return [m for limit in limits for m in (limit, limit + 1)]
 
 
-MS = sorted({1, 3, 4, 5, 6, 7, 8, 13, 33, 64, 127, 257, 1024, 4097, *edges(*AUTO_LIMITS)})
+MS = sorted({1, 3, 4, 5, 6, 7, 8, 13, 33, 64, 127, 257, 1024, 4097, *edges(*AUTO_MAX_M, DEQUANT_MIN_M - 1)})
 
 
 @pytest.mark.parametrize("N,K,g", COMBOS, ids=[f"N{n}-K{k}-g{g}" for n, k, g in COMBOS])

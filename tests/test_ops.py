@@ -74,36 +74,6 @@ def test_tile_only_where_the_kernels_can():
     assert not m.tile_for_kernels()
 
 
-@pytest.mark.parametrize("layout", ["tiled", "stream"])
-def test_in_process_quantize_repacks_where_the_kernels_serve(monkeypatch, tmp_path, layout):
-    """quantize() leaves linears on the kernels' device in the runtime layout, as from_quantized
-    does (only one layout ever reaches the kernels); the checkpoint stays in the GEMM layout.  The
-    kernels' device is the CPU here, so the walk, the driver's call and the round trip run without
-    a GPU (tests/test_gpu_e2e.py checks the same on CUDA)."""
-    from conftest import tiny_model
-    from awqlib import AutoAWQ, kernels, modules
-    from awqlib.packing import layout_of
-    monkeypatch.setenv("AWQLIB_LAYOUT", layout)
-    monkeypatch.setattr(modules, "KERNEL_DEVICE_TYPES", ("cpu",))
-    monkeypatch.setattr(kernels, "load", lambda: True)
-    w = AutoAWQ.from_model(tiny_model("llama_mha"))
-    w.quantize(None, {"w_bit": 4, "q_group_size": 64}, method="rtn")
-    linears = [m for m in w.model.modules() if isinstance(m, WQLinear)]
-    assert linears and all(m.layout == layout for m in linears)
-    ids = torch.randint(0, w.model.config.vocab_size, (2, 16))
-    with torch.no_grad():
-        before = w(input_ids=ids).logits
-    w.save_quantized(tmp_path / "q")
-    monkeypatch.setattr(modules, "KERNEL_DEVICE_TYPES", ())  # load it as the CPU really is: GEMM layout
-    loaded = AutoAWQ.from_quantized(str(tmp_path / "q"))
-    assert all(m.layout == "gemm" for m in loaded.model.modules() if isinstance(m, WQLinear))
-    from safetensors.torch import load_file
-    saved = load_file(str(tmp_path / "q" / "model.safetensors"))
-    assert all(layout_of(v) == "gemm" for k, v in saved.items() if k.endswith(".qweight"))
-    with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids).logits, before)
-
-
 # --- the stream runtime layout and the named layouts ----------------------------------------------
 
 def test_stream_layout_same_function_and_module_round_trip(monkeypatch):

@@ -13,7 +13,9 @@ from types import SimpleNamespace
 
 import pytest
 
-report = pytest.importorskip("benchmarks.report", reason="benchmarks/ is not shipped in the sdist")
+if not (Path(__file__).resolve().parents[1] / "benchmarks" / "report.py").is_file():
+    pytest.skip("benchmarks/ is not shipped in the sdist", allow_module_level=True)
+from benchmarks import report  # noqa: E402  -- a broken import fails, it does not skip
 
 BENCH = Path(report.__file__).resolve().parent
 KERNELS_CELL = "| llama2-7b qkv 12288x4096 | 20.9 / 27.5 (1.32x) |"
@@ -107,7 +109,7 @@ def synthetic_sweep(gpu_sweep, path: Path, scale: float = 1.0) -> dict:
 
 
 def test_add_records_a_gpu_sweep(tmp_path, capsys):
-    gpu_sweep = pytest.importorskip("benchmarks.gpu_sweep")
+    from benchmarks import gpu_sweep
     d = copy_bench(tmp_path)
     src = tmp_path / "out" / "sweep.json"
     rep = synthetic_sweep(gpu_sweep, src)
@@ -143,4 +145,32 @@ def test_add_refuses_a_file_it_cannot_place(tmp_path, capsys):
     src.write_text(json.dumps({"benchmark": "gpu_sweep", "date": "2026-12-01T10:00:00Z", "skipped": "no CUDA device"}))
     assert report.main(["--add", str(src), "--dir", str(d)]) == 2  # a run on a machine without a GPU
     assert "nothing to record" in capsys.readouterr().err
+    kernels_run = json.loads((BENCH / "results" / "kernels-h200-2026-11-27.json").read_text())
+    refused = {  # what each refusal must say
+        "a JSON list": ([kernels_run], "not a benchmark run"),
+        "timed on the reference": (dict(kernels_run, date="2026-12-01", backend="reference (kernels unavailable)"),
+                                   "not a kernel measurement"),
+        "no timings": (dict(kernels_run, date="2026-12-01", results=[]), "no timings"),
+        "a value of the wrong type": (dict(kernels_run, date="2026-12-01",
+                                           results=[dict(kernels_run["results"][0], awq_us="fast")]),
+                                      "not a bench_kernels run as its script writes it"),
+        "a missing field": (dict(kernels_run, date="2026-12-01", results=[{"M": 1}]),
+                            "not a bench_kernels run as its script writes it"),
+    }
+    before = (d / "RESULTS.md").read_text()
+    for what, (data, message) in refused.items():
+        src.write_text(json.dumps(data))
+        assert report.main(["--add", str(src), "--dir", str(d)]) == 2, what
+        assert message in capsys.readouterr().err, what
+    # nothing was written: no results file, no section, no temporary file left behind
     assert sorted(p.name for p in (d / "results").iterdir()) == sorted(p.name for p in (BENCH / "results").iterdir())
+    assert (d / "RESULTS.md").read_text() == before and not list(d.glob(".*.tmp"))
+
+
+def test_every_table_says_where_its_run_came_from():
+    """Each generated table carries its run's provenance; a transcribed one says it was transcribed."""
+    text = (BENCH / "RESULTS.md").read_text()
+    regions = list(report.REGION.finditer(text))
+    assert regions and all("\nRun: " in m.group("body") or m.group("body").startswith("Run: ") for m in regions)
+    kernels = next(m.group("body") for m in regions if "kernels-h200-2026-11-27" in m.group("names"))
+    assert "source: transcribed from the table recorded in RESULTS.md" in kernels and "commit 9353684" in kernels

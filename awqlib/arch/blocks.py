@@ -81,6 +81,7 @@ class BlockGroup:
     readers: dict[str, nn.Linear]      # linears that read that output (name -> module), in spec order
     scale_only: tuple[nn.Module, ...]  # read it too but stay unquantized (MoE router): W * s only
     inspect: nn.Module | None          # module whose output scores a candidate; None: the readers
+    norm_offset: float                 # a norm prev multiplies by (norm_offset + w): the spec's
 
     @property
     def name(self) -> str:
@@ -113,7 +114,7 @@ def resolve_groups(spec: ArchSpec, block: nn.Module) -> list[BlockGroup]:
         if isinstance(prev, nn.Linear) and any(r.in_features != rows.stop - rows.start for r in readers.values()):
             continue
         out.append(BlockGroup(g, prev, rows, readers, tuple(block.get_submodule(n) for n in g.scale_only),
-                              block.get_submodule(g.inspect) if g.inspect else None))
+                              block.get_submodule(g.inspect) if g.inspect else None, spec.norm_offset))
     return out
 
 
