@@ -17,3 +17,14 @@ TORCH_VERSION="$(.venv/bin/python -c 'import torch; print(torch.__version__.spli
 if ! "${PIP[@]}" gptqmodel "torch==${TORCH_VERSION}"; then
     echo "WARNING: gptqmodel could not be installed: tests/test_readers.py will be skipped" >&2
 fi
+# AutoAWQ 0.2.9 and transformers 4.51 (the last 4.x release AutoAWQ supports) read awqlib checkpoints in
+# tests/test_readers.py. They need transformers 4.x, so they get their own environment (~1 min, CPU torch).
+if ! .venv-autoawq/bin/python -c "import awq, transformers, safetensors" >/dev/null 2>&1; then
+    rm -rf .venv-autoawq
+    if ! { "$PY" -m venv .venv-autoawq && .venv-autoawq/bin/python -m pip install -q --disable-pip-version-check \
+            "${AWQLIB_AUTOAWQ_TORCH:-torch==2.13.0}" transformers==4.51.3 autoawq==0.2.9 accelerate safetensors; }; then
+        rm -rf .venv-autoawq
+        echo "WARNING: the AutoAWQ environment could not be made: its reader tests will be skipped" >&2
+    fi
+fi
+
