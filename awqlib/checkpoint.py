@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -12,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from .arch import ArchSpec
+from .arch.blocks import find_blocks, unconverted_linears
 from .config import QuantConfig
 from .outputs import AtomicDir  # noqa: F401  (re-exported: its home was here)
 from .packing import gemv_to_gemm
@@ -90,6 +92,50 @@ def legacy_rope_keys(rope_parameters: Any) -> dict[str, Any]:
     return out
 
 
+def not_convert_entries(unconverted: list[str], quantized: list[str], blocks: str) -> list[str]:
+    """``modules_to_not_convert`` entries naming the ``unconverted`` modules (checkpoint names) and
+    no quantized one, for every reader's matching rule: each entry is tested as a substring of a
+    linear's name, by transformers 4.x and vLLM on the full path, by AutoAWQ on the path inside the
+    decoder block.  So a module inside the blocks is named by its path in the block where that
+    matches no quantized linear (``block_sparse_moe.gate``, as AutoAWQ writes), else by its full
+    path (matched by transformers and vLLM; AutoAWQ then cannot tell it apart); anything else by
+    its full path (``lm_head``)."""
+    inner = re.compile(rf"^{re.escape(blocks)}\.\d+\.(.+)$")
+    in_block = [m.group(1) for q in quantized if (m := inner.match(q))]
+
+    def matches_quantized(entry: str) -> bool:
+        return any(entry in q for q in quantized) or any(entry in q for q in in_block)
+
+    out: list[str] = []
+    for name in unconverted:
+        m = inner.match(name)
+        entry = m.group(1) if m and not matches_quantized(m.group(1)) else name
+        if entry not in out:
+            out.append(entry)
+    clash = [e for e in out if matches_quantized(e)]
+    if clash:
+        raise ValueError(f"modules_to_not_convert entries {clash} would also match quantized linears")
+    return out
+
+
+def config_naming_unconverted(model: torch.nn.Module, spec: ArchSpec, qcfg: QuantConfig) -> QuantConfig:
+    """``qcfg`` as config.json must state it for ``model``: ``modules_to_not_convert`` names every
+    unquantized linear a reader would otherwise replace by an empty quantized one.  A plain decoder
+    whose only unquantized linear is the output head keeps ``null`` (readers leave the head alone
+    then, and AutoAWQ writes ``null`` too); once there is a list, transformers 4.x takes it instead
+    of its own default, so the head is on it."""
+    unconverted, quantized = unconverted_linears(model)
+    head = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), None) \
+        if hasattr(model, "get_output_embeddings") else None
+    blocks = find_blocks(model, spec)[0]
+    entries = not_convert_entries([to_checkpoint_name(n, spec) for n in unconverted],
+                                  [to_checkpoint_name(n, spec) for n in quantized], to_checkpoint_name(blocks, spec))
+    head_entry = to_checkpoint_name(head, spec) if head else None
+    if not qcfg.modules_to_not_convert and all(e == head_entry for e in entries):
+        return qcfg
+    return qcfg.naming_unconverted(entries)
+
+
 def quantized_config_dict(source: dict[str, Any], qcfg: QuantConfig) -> dict[str, Any]:
     """config.json of the quantized checkpoint: every key of ``source`` with its value, plus
     ``quantization_config`` and the dtype the checkpoint stores (both spellings: ``torch_dtype`` for
@@ -110,6 +156,11 @@ def source_config_dict(source_folder: Path | None, model_config) -> dict[str, An
     d.pop("_name_or_path", None)  # where it was loaded from: a local path is nobody else's business
     for k, v in legacy_rope_keys(d.get("rope_parameters")).items():
         d.setdefault(k, v)
+    # keys transformers 5 renamed keep their old name too (Qwen3-MoE's num_experts is now
+    # num_local_experts: a 4.x reader would build 128 experts by default)
+    for old, new in getattr(type(model_config), "attribute_map", {}).items():
+        if new in d and old not in d:
+            d[old] = d[new]
     return d
 
 

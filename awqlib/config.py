@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,15 @@ class QuantConfig:
             "version": "gemm",
             "modules_to_not_convert": list(self.modules_to_not_convert) if self.modules_to_not_convert else None,
         }
+
+    def naming_unconverted(self, names: list[str]) -> "QuantConfig":
+        """This config with ``modules_to_not_convert`` also naming ``names`` (entries naming modules
+        left unquantized, see :func:`awqlib.checkpoint.not_convert_entries`) that its own entries
+        do not already match."""
+        extra = [n for n in names if not self.skips(n)]
+        if not extra:
+            return self
+        return dataclasses.replace(self, modules_to_not_convert=[*(self.modules_to_not_convert or ()), *extra])
 
     def skips(self, module_name: str) -> bool:
         return any(m in module_name for m in (self.modules_to_not_convert or ()))

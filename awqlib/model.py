@@ -19,8 +19,8 @@ from . import lazy as lazy_mod
 from .arch import ArchSpec, get_spec
 from .arch.blocks import check_quantizable, get_blocks
 from .calib import describe as describe_calib, get_calib_tokens
-from .checkpoint import (AtomicDir, checkpoint_state, copy_source_file, copy_tokenizer_files, local_source_folder, resolve_folder,
-                         write_config, write_shards)
+from .checkpoint import (AtomicDir, checkpoint_state, config_naming_unconverted, copy_source_file, copy_tokenizer_files,
+                         local_source_folder, resolve_folder, write_config, write_shards)
 from .config import QuantConfig
 from .loading import load_quantized, resolve_dtype
 from .modules import repack_for_kernels
@@ -151,7 +151,7 @@ class AWQModel(nn.Module):
         The source's tokenizer files are copied verbatim; a tokenizer object is saved only where
         the source has none, or when it is passed here explicitly (``save_quantized(tokenizer=...)``)."""
         src = self.source_folder
-        write_config(folder, src, self.model.config, self.quant_config)
+        write_config(folder, src, self.model.config, config_naming_unconverted(self.model, self.spec, self.quant_config))
         copied = src is not None and (src / "generation_config.json").is_file() and \
             copy_source_file(src, "generation_config.json", folder)
         if not copied and getattr(self.model, "generation_config", None) is not None:

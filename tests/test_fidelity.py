@@ -127,3 +127,39 @@ def test_hub_id_source_is_read_from_the_cache_only(monkeypatch, tmp_path):
     assert local_source_folder("org/absent") is None
     assert all(kw["local_files_only"] for kw in calls) and calls[0]["revision"] == "main"
     assert local_source_folder(str(tmp_path)) == tmp_path and local_source_folder(None) is None
+
+
+@pytest.mark.parametrize("arch,expected", [
+    ("llama", None),                                   # only the output head: readers skip it themselves
+    ("mixtral", ["block_sparse_moe.gate", "lm_head"]),  # the routers, by their path in the block
+    ("qwen3_moe", ["mlp.gate", "lm_head"]),
+])
+def test_unquantized_linears_are_named_for_readers(arch, expected, tmp_path):
+    """Readers that build the model from config.json (transformers 4.x, AutoAWQ, vLLM) put a quantized
+    linear on every linear modules_to_not_convert does not name, then find no tensors for it: the
+    routers awqlib keeps in fp16 must be named (and, once there is a list, transformers 4.x no longer
+    adds the head by itself).  Renamed keys keep their 4.x name (Qwen3-MoE's num_experts)."""
+    from conftest import tiny_model
+    w = AutoAWQ.from_model(tiny_model(arch))
+    w.quantize(None, {"q_group_size": 64}, method="rtn")
+    cfg = json.loads((w.save_quantized(tmp_path / "q") / "config.json").read_text())
+    assert cfg["quantization_config"]["modules_to_not_convert"] == expected
+    if arch == "qwen3_moe":
+        assert cfg["num_experts"] == cfg["num_local_experts"] == 4
+    # a user's own list keeps its entries and gains the head
+    w = AutoAWQ.from_model(tiny_model(arch))
+    w.quantize(None, {"q_group_size": 64, "modules_to_not_convert": ["down_proj"]}, method="rtn")
+    cfg = json.loads((w.save_quantized(tmp_path / "q2") / "config.json").read_text())
+    assert cfg["quantization_config"]["modules_to_not_convert"] == ["down_proj", *(expected or ["lm_head"])]
+
+
+def test_not_convert_entries_never_match_a_quantized_linear():
+    from awqlib.checkpoint import not_convert_entries
+    blocks = "model.layers"
+    quantized = ["model.layers.0.mlp.experts.0.gate_proj", "model.layers.1.mlp.gate_proj"]  # layer 1 is dense
+    # "mlp.gate" would also match layer 1's gate_proj: the router is named by its full path instead
+    assert not_convert_entries(["model.layers.0.mlp.gate", "lm_head"], quantized, blocks) == \
+        ["model.layers.0.mlp.gate", "lm_head"]
+    assert not_convert_entries(["model.layers.0.mlp.gate", "model.layers.2.mlp.gate"], quantized[:1], blocks) == \
+        ["mlp.gate"]
+    assert not_convert_entries(["model.vision_tower"], quantized, blocks) == ["model.vision_tower"]

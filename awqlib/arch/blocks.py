@@ -124,6 +124,34 @@ def quantizable_linears(block: nn.Module, qcfg: QuantConfig, prefix: str = "") -
             if isinstance(m, nn.Linear) and not qcfg.skips(f"{prefix}{n}")}
 
 
+def unconverted_linears(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(the unquantized linear-like modules, the quantized linears) of ``model``, as module paths.
+
+    Unquantized: every module holding its own 2-D weight (not an embedding) that is not a
+    ``WQLinear``: the output head, MoE routers (transformers 5 makes them their own class), linears
+    kept in fp16 by ``modules_to_not_convert``, a vision tower.  A subtree without any quantized
+    linear is named once, by its root (``model.vision_tower``), not module by module."""
+    quantized = [n for n, m in model.named_modules() if isinstance(m, WQLinear)]
+    holds_quantized = {".".join(q.split(".")[:k]) for q in quantized for k in range(1, q.count(".") + 2)}
+
+    def linear_like(m: nn.Module) -> bool:
+        w = m._parameters.get("weight")
+        return w is not None and w.dim() == 2 and not isinstance(m, (WQLinear, nn.Embedding))
+
+    out: list[str] = []
+
+    def visit(path: str, mod: nn.Module) -> None:
+        if path and path not in holds_quantized:
+            if any(linear_like(m) for m in mod.modules()):
+                out.append(path)
+            return
+        for name, child in mod.named_children():
+            visit(f"{path}.{name}" if path else name, child)
+
+    visit("", model)
+    return out, quantized
+
+
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` at the dotted path ``name`` under ``root``."""
     parent_name, _, child = name.rpartition(".")

@@ -1,9 +1,9 @@
 """Run under transformers 4.x + AutoAWQ 0.2.9 (their own environment, see scripts/setup_env.sh):
-read an awqlib checkpoint with AutoAWQ's ``from_quantized`` and with transformers 4.x's AWQ
-integration, compute the logits of the reference input, and print one JSON line comparing them
-with the logits awqlib computed.
+read awqlib checkpoints with AutoAWQ's ``from_quantized`` and with transformers 4.x's AWQ
+integration, compute the logits of each reference input, and print one JSON line comparing them
+with the logits awqlib computed ({folder: {reader: result}}).
 
-    python autoawq_reader.py CHECKPOINT_FOLDER REFERENCE.safetensors
+    python autoawq_reader.py CHECKPOINT_FOLDER REFERENCE.safetensors [FOLDER REFERENCE ...]
 
 REFERENCE holds ``input_ids`` and ``logits`` (awqlib's, fp32).  Everything is the readers' own code
 path except two environment checks that have nothing to do with the format: both readers send a
@@ -28,7 +28,7 @@ def compare(out: torch.Tensor, ref: torch.Tensor) -> dict:
     return {"rel": ((out - ref).norm() / ref.norm()).item(), "argmax": (out.argmax(-1) == ref.argmax(-1)).float().mean().item()}
 
 
-def main(folder: str, reference: str) -> dict:
+def read(folder: str, reference: str) -> dict:
     ref = load_file(reference)
     ids, logits = ref["input_ids"], ref["logits"]
     import awq.models.base as awq_base
@@ -65,4 +65,5 @@ def main(folder: str, reference: str) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], sys.argv[2])))
+    args = sys.argv[1:]
+    print(json.dumps({folder: read(folder, ref) for folder, ref in zip(args[::2], args[1::2])}))
