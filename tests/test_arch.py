@@ -9,7 +9,7 @@ from awqlib import awq
 from awqlib.arch import get_spec
 from awqlib.arch.blocks import resolve_groups
 from awqlib.config import QuantConfig
-from conftest import ARCHS, first_block, tiny_model
+from conftest import ARCHS, first_block, tiny_config, tiny_model
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -84,6 +84,18 @@ def test_in_process_quantize_repacks_where_the_kernels_serve(monkeypatch, tmp_pa
     with pytest.raises(ValueError, match="AWQLIB_LAYOUT='stram'"):
         w.quantize(None, {"w_bit": 4, "q_group_size": 64}, method="rtn")
     assert not w.interrupted and not any(isinstance(m, WQLinear) for m in w.model.modules())
+
+
+def test_mixed_dense_and_moe_blocks_are_refused_up_front():
+    """A Qwen3-MoE with dense layers (mlp_only_layers) is not supported: said before any work, not
+    as an AttributeError from deep inside."""
+    from transformers import AutoModelForCausalLM
+    cfg = tiny_config("qwen3_moe")
+    cfg.mlp_only_layers = [1]
+    w = AutoAWQ.from_model(AutoModelForCausalLM.from_config(cfg).eval())
+    with pytest.raises(ValueError, match=r"decoder blocks \[1\] .* no experts at 'mlp.experts'.*not supported"):
+        w.quantize(None, {"q_group_size": 64}, method="rtn")
+    assert not w.interrupted
 
 
 def test_unknown_model_type():

@@ -159,11 +159,26 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _has_submodule(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
 def check_quantizable(model: nn.Module, spec: ArchSpec, qcfg: QuantConfig) -> None:
     """Fail before any work if a linear cannot be stored in the AWQ format with this group size."""
     bad, in_sizes = [], set()
     blocks = get_blocks(model, spec)
     pf = pack_factor(qcfg.bits)
+    if spec.experts is not None:
+        dense = [i for i, blk in enumerate(blocks) if not _has_submodule(blk, spec.experts.path)]
+        if dense:
+            raise ValueError(
+                f"decoder blocks {dense} of this {spec.name} model have no experts at {spec.experts.path!r}: models "
+                f"that mix dense and mixture-of-experts blocks (e.g. mlp_only_layers, decoder_sparse_step > 1) are "
+                f"not supported yet")
     for i, blk in enumerate(blocks):
         if spec.experts is not None and hasattr(blk.get_submodule(spec.experts.path), "gate_up_proj"):
             fused = blk.get_submodule(spec.experts.path)
