@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from awqlib.ops import Kernel
 from benchmarks.common import copy_bandwidth, n_copies, run_info, time_eager, time_graph, write_json
-from benchmarks.report import sweep_table
+from benchmarks.report import sweep_table, targets_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -376,7 +376,7 @@ def main(argv=None) -> int:
         save()
         status = 3 if report["sanitizer"].get("rc") not in (0, None) else status
     if report.get("sweep"):
-        print("\n" + sweep_table(report))
+        print("\n" + sweep_table(report) + "\n\n" + targets_table(report))
     print(f"\nwrote {out} ({report['elapsed_s']:.0f} s); record it: python -m benchmarks.report --add {out}")
     return status
 

@@ -147,6 +147,49 @@ def sweep_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+# Issue 10's speed targets (int4 g128 vs fp16 cuBLAS in the same run): (what, M, shape or "median"
+# or "min", the target speedup).  "median"/"min" run over the shapes the sweep timed.
+SPEED_TARGETS = [("70b down 8192x28672", 1, "70b-down 8192x28672", 2.8), ("4096x4096", 1, "4096x4096", 2.0),
+                 ("median over shapes", 16, "median", 2.5), ("median over shapes", 64, "median", 1.5),
+                 ("every cell", None, "min", 0.9)]
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def targets_table(report: dict) -> str:
+    """gpu_sweep: each variant against issue 10's targets, and stream against the layout models use
+    today (what decides whether stream becomes the default runtime layout)."""
+    rows = report.get("sweep", [])
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    lines = ["| target | " + " | ".join(variants) + " | goal |", "|---|" + "---|" * (len(variants) + 1)]
+    for what, m, how, goal in SPEED_TARGETS:
+        cells = []
+        for v in variants:
+            xs = [r["speedup"] for r in rows if r["variant"] == v and (m is None or r["M"] == m)
+                  and (how in ("median", "min") or r["shape"] == how)]
+            if not xs:
+                cells.append("-")
+                continue
+            x = _median(xs) if how == "median" else min(xs)
+            cells.append(f"{_ratio(x)} ({'met' if x >= goal else 'not met'})")
+        lines.append(f"| {what}{f', M={m}' if m else ''} | " + " | ".join(cells) + f" | >= {_ratio(goal)} |")
+    by = {(r["shape"], r["M"], r["variant"]): r["us"] for r in rows}
+    pairs = [(by[(s, m, "tiled:auto")], us) for (s, m, v), us in by.items() if v == "stream" and (s, m, "tiled:auto") in by]
+    if pairs:
+        wins = sum(t > s for t, s in pairs)
+        geo = 1.0
+        for t, s in pairs:
+            geo *= (t / s) ** (1 / len(pairs))
+        lines.append("")
+        lines.append(f"stream vs tiled:auto (the runtime layout models use today): faster in {wins} of {len(pairs)} "
+                     f"cells, geometric mean {_ratio(geo)}.")
+    return "\n".join(lines)
+
+
 def provenance(report: dict, extra: list[str] = ()) -> str:
     """One line under a table: where, when, on which code and with which command the run was made,
     how it ended (truncated, error) and, for a run transcribed from an older table, that it was."""
@@ -180,7 +223,9 @@ def sweep_section(report: dict) -> str:
     if "read_GBps" in report:
         extra.append(f"read-only {report['read_GBps']:.0f} GB/s")
     line = provenance(report, extra)
-    return line + ("\n\n" + sweep_table(report) if report.get("sweep") else " No timings.")
+    if not report.get("sweep"):
+        return line + " No timings."
+    return line + "\n\n" + sweep_table(report) + "\n\n" + targets_table(report)
 
 
 def _one(reports: list[dict]) -> dict:

@@ -123,6 +123,10 @@ def test_add_records_a_gpu_sweep(tmp_path, capsys):
     # M=1: tiled:auto 10 µs, stream 20 µs, fp16 13 µs; the stream row carries its kernel's SASS figure
     assert f"| {gpu_sweep.SHAPES[0][0]} | 1 | tiled:auto | 10.0 | 13.0 | 1.30x |" in text
     assert "| 174.8 | `awq_stream_kernel<half, 1, true, false>` |" in text
+    # issue 10's targets per variant, and the comparison that decides the default runtime layout
+    assert "| 4096x4096, M=1 | 1.30x (not met) | 0.65x (not met) | >= 2.00x |" in text
+    assert "| 70b down 8192x28672, M=1 | - | - | >= 2.80x |" in text  # a shape the run did not time
+    assert "stream vs tiled:auto (the runtime layout models use today): faster in 0 of 2 cells" in text
     assert report.main(["--check", "--dir", str(d)]) == 0
     assert KERNELS_CELL in text  # the other tables untouched
 
