@@ -101,10 +101,9 @@ def not_convert_entries(unconverted: list[str], quantized: list[str], blocks: st
     path (matched by transformers and vLLM; AutoAWQ then cannot tell it apart); anything else by
     its full path (``lm_head``)."""
     inner = re.compile(rf"^{re.escape(blocks)}\.\d+\.(.+)$")
-    in_block = [m.group(1) for q in quantized if (m := inner.match(q))]
 
-    def matches_quantized(entry: str) -> bool:
-        return any(entry in q for q in quantized) or any(entry in q for q in in_block)
+    def matches_quantized(entry: str) -> bool:  # (a path in the block is a tail of the full path)
+        return any(entry in q for q in quantized)
 
     out: list[str] = []
     for name in unconverted:

@@ -11,7 +11,6 @@ import math
 import os
 import shlex
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,27 +45,13 @@ def run_info(benchmark: str, argv: list[str]) -> dict:
 
 
 def write_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file of this process, flushed to disk, and a
-    rename: a reader (or a crash) never sees half a file, and a failed write leaves no litter."""
+    """Write ``text`` to ``path`` with awqlib's atomic writer (a temporary file of this process,
+    fsynced, ordinary permissions, renamed into place): a reader (or a crash) never sees half a
+    file, and a failed write leaves no litter."""
+    from awqlib.safetensors_io import write_bytes_atomic  # (awqlib imports torch: only writers need it)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    write_bytes_atomic(path, text.encode())
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -10,7 +10,7 @@ table over several runs of the same script):
 
 Everything outside the markers is prose and is left alone.  The JSON's "benchmark" field (written
 by benchmarks.common.run_info) picks the renderer; the scripts print their tables with the same
-functions.  Nothing here needs torch.
+functions.  Reading and checking need no torch (writing goes through awqlib's atomic writer).
 
     python -m benchmarks.report                    # re-render every table in RESULTS.md
     python -m benchmarks.report --check            # exit 1 and print a diff when RESULTS.md is stale
@@ -23,6 +23,7 @@ import argparse
 import difflib
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -154,12 +155,6 @@ SPEED_TARGETS = [("70b down 8192x28672", 1, "70b-down 8192x28672", 2.8), ("4096x
                  ("every cell", None, "min", 0.9)]
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
-
-
 def targets_table(report: dict) -> str:
     """gpu_sweep: each variant against issue 10's targets, and stream against the layout models use
     today (what decides whether stream becomes the default runtime layout)."""
@@ -174,7 +169,7 @@ def targets_table(report: dict) -> str:
             if not xs:
                 cells.append("-")
                 continue
-            x = _median(xs) if how == "median" else min(xs)
+            x = statistics.median(xs) if how == "median" else min(xs)
             cells.append(f"{_ratio(x)} ({'met' if x >= goal else 'not met'})")
         lines.append(f"| {what}{f', M={m}' if m else ''} | " + " | ".join(cells) + f" | >= {_ratio(goal)} |")
     by = {(r["shape"], r["M"], r["variant"]): r["us"] for r in rows}
@@ -190,12 +185,17 @@ def targets_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def device_name(report: dict) -> str | None:
+    """The card a run used: gpu_sweep records a dict (name, SMs, ...), the other scripts a name."""
+    dev = report.get("device")
+    return dev.get("name") if isinstance(dev, dict) else dev
+
+
 def provenance(report: dict, extra: list[str] = ()) -> str:
     """One line under a table: where, when, on which code and with which command the run was made,
     how it ended (truncated, error) and, for a run transcribed from an older table, that it was."""
-    dev = report.get("device")
-    if isinstance(dev, dict):
-        dev = dev.get("name", "") + (f" ({dev['sms']} SMs)" if dev.get("sms") else "")
+    sms = report["device"].get("sms") if isinstance(report.get("device"), dict) else None
+    dev = (device_name(report) or "") + (f" ({sms} SMs)" if sms else "")
     facts = [dev or "CPU", f"torch {report['torch']}" if report.get("torch") else "",
              f"backend {report['backend']}" if report.get("backend") else "",
              str(report.get("date") or "date not recorded"), f"commit {report.get('commit') or 'not recorded'}",
@@ -305,9 +305,7 @@ def update(bench_dir: Path = BENCH_DIR) -> bool:
 
 def run_name(report: dict) -> str:
     """'sweep-h200-2026-12-01' from a run's benchmark, device and date."""
-    dev = report.get("device")
-    dev = dev.get("name") if isinstance(dev, dict) else dev
-    slug = re.sub(r"[^a-z0-9]+", "-", (dev or "cpu").lower().replace("nvidia", "")).strip("-") or "cpu"
+    slug = re.sub(r"[^a-z0-9]+", "-", (device_name(report) or "cpu").lower().replace("nvidia", "")).strip("-") or "cpu"
     if not report.get("date"):
         raise ReportError("the run has no 'date' (written by benchmarks.common.run_info); cannot name it")
     return f"{PREFIXES[report['benchmark']]}-{slug}-{report['date'][:10]}"
@@ -348,8 +346,7 @@ def add(src: Path, bench_dir: Path = BENCH_DIR) -> str:
             raise ReportError(f"RESULTS.md has no section '{SECTIONS[kind]}' for a {kind} run")
         nxt = text.find("\n## ", heading.end())
         at = len(text) if nxt < 0 else nxt + 1
-        dev = report.get("device")
-        title = f"### {kind}: {dev.get('name') if isinstance(dev, dict) else dev or 'CPU'}, {report['date'][:10]}"
+        title = f"### {kind}: {device_name(report) or 'CPU'}, {report['date'][:10]}"
         section = f"{title}\n\n{BEGIN.format(names=name)}\n{END}\n\n"
         text = text[:at].rstrip("\n") + "\n\n" + section + text[at:]
     new = render(text, bench_dir, {name: report})  # the whole new RESULTS.md, before anything is written

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -25,7 +26,7 @@ from conftest import make_source, tiny_config
 ROOT = Path(__file__).resolve().parents[1]
 AUTOAWQ_PYTHON = Path(os.environ.get("AWQLIB_AUTOAWQ_PYTHON") or ROOT / ".venv-autoawq" / "bin" / "python")
 needs_gptqmodel = pytest.mark.skipif(
-    __import__("importlib").util.find_spec("gptqmodel") is None,
+    importlib.util.find_spec("gptqmodel") is None,
     reason="gptqmodel is not installed (scripts/setup_env.sh installs it)")
 needs_autoawq = pytest.mark.skipif(
     not AUTOAWQ_PYTHON.is_file(),

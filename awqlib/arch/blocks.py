@@ -134,9 +134,9 @@ def unconverted_linears(model: nn.Module) -> tuple[list[str], list[str]]:
     quantized = [n for n, m in model.named_modules() if isinstance(m, WQLinear)]
     holds_quantized = {".".join(q.split(".")[:k]) for q in quantized for k in range(1, q.count(".") + 2)}
 
-    def linear_like(m: nn.Module) -> bool:
+    def linear_like(m: nn.Module) -> bool:  # (only asked of subtrees without a WQLinear)
         w = m._parameters.get("weight")
-        return w is not None and w.dim() == 2 and not isinstance(m, (WQLinear, nn.Embedding))
+        return w is not None and w.dim() == 2 and not isinstance(m, nn.Embedding)
 
     out: list[str] = []
 
