@@ -43,6 +43,7 @@ class Kernel(enum.IntEnum):
     DEQUANT_CUBLAS = 4   # dequantize (in bounded column chunks) + cuBLAS, any layout and M
     SKINNY_SHALLOW = 5   # skinny tensor-core kernel, register ring 2 chunks deep
     STREAM = 6           # streaming mma.sync kernel on the stream layout, M <= 64 (not validated on a GPU yet)
+    STREAM_GROUP_SUMS = 7  # the same, scaling per-group fp32 sums once per group where that pays (M <= 32, g >= 128)
 
 
 _lib = torch.library.Library("awqlib", "DEF")

@@ -89,10 +89,12 @@ def main():
     measure("awq-int4")
     fuse_model(wrapped)
     measure("awq-int4-fused")
+    from awqlib.packing import runtime_layout
     report = {**run_info("bench_generate", sys.argv[1:]), "size": a.size, "prompt": a.prompt,
               "new_tokens": a.new_tokens, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-              "rows": rows}
-    print(f"\n{a.size} Llama, {report['device']}, prompt {a.prompt}, {a.new_tokens} new tokens")
+              "runtime_layout": runtime_layout(), "rows": rows}
+    print(f"\n{a.size} Llama, {report['device']}, prompt {a.prompt}, {a.new_tokens} new tokens, "
+          f"int4 weights in the {report['runtime_layout']} runtime layout")
     print(decode_table(report))
     write_json(a.out, report)
 

@@ -56,8 +56,11 @@ SHAPES = [("4096x4096", 4096, 4096), ("70b-down 8192x28672", 8192, 28672), ("8b-
 MS = [1, 4, 16, 32, 64]
 GROUP = 128
 
-# (label, layout, kernel id): the variants timed.  "tiled:auto" is what models run today.
-VARIANTS = [("tiled:auto", "tiled", Kernel.AUTO), ("stream", "stream", Kernel.STREAM)]
+# (label, layout, kernel id): the variants timed.  "tiled:auto" is what models run today;
+# "stream:sums" differs from "stream" only at M <= 32 (group sums; timed there only).
+VARIANTS = [("tiled:auto", "tiled", Kernel.AUTO), ("stream", "stream", Kernel.STREAM),
+            ("stream:sums", "stream", Kernel.STREAM_GROUP_SUMS)]
+STREAM_KERNELS = (Kernel.STREAM, Kernel.STREAM_GROUP_SUMS)
 
 # Correctness gate: every (layout, kernel) with the token counts it takes, on small shapes
 # including tails (N % 128, K % 512) and every group regime.
@@ -71,6 +74,7 @@ GATE_VARIANTS = [
     ("tiled", Kernel.AUTO, (1, 16, 32, 33)),
     ("tiled", Kernel.SKINNY_SHALLOW, (1, 24)),
     ("stream", Kernel.STREAM, (1, 2, 7, 16, 17, 32, 33, 64)),
+    ("stream", Kernel.STREAM_GROUP_SUMS, (1, 7, 16, 17, 32, 33)),
     ("stream", Kernel.AUTO, (1, 100)),
 ]
 REL_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -138,7 +142,7 @@ def gate(report: dict, save) -> bool:
     for N, K, g in GATE_SHAPES:
         for layout, kernel, ms in GATE_VARIANTS:
             gemm, (qw, qz, sc) = make_weight(K, N, g, layout)
-            for dtype in (torch.float16, torch.bfloat16) if kernel == Kernel.STREAM else (torch.float16,):
+            for dtype in (torch.float16, torch.bfloat16) if kernel in STREAM_KERNELS else (torch.float16,):
                 w32 = dequantize_gemm(*gemm, g, dtype=torch.float32) if dtype == torch.float16 else \
                     dequantize_gemm(gemm[0], gemm[1], gemm[2].to(dtype), g, dtype=torch.float32)
                 scd = sc.to(dtype)
@@ -154,7 +158,7 @@ def gate(report: dict, save) -> bool:
                         msg = f"rel err {err:.2e}"
                     except RuntimeError as e:  # a refused case is a failure here: the gate lists only valid ones
                         ok, msg = False, f"{type(e).__name__}: {str(e)[:200]}"
-                        if kernel == Kernel.STREAM and M > 16 and M <= 32 and \
+                        if kernel in STREAM_KERNELS and M > 16 and M <= 32 and \
                                 getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin",
                                         1 << 30) < 211968:
                             continue  # M 17-32 needs 207 KB of shared memory: refused on an A100, by design
@@ -194,11 +198,12 @@ def sass_table() -> dict:
 
 def kernel_label(variant: str, M: int, N: int, K: int) -> str:
     """The instantiation a variant runs (for the SASS column), fp16."""
-    if variant == "stream":
+    if variant in ("stream", "stream:sums"):  # the sweep's group size (128) is never FINE
         mb = 1 if M <= 16 else 2 if M <= 32 else 4
         stage = 256 if mb == 4 else 512
         exact = K % stage == 0 and N % 128 == 0
-        return f"awq_stream_kernel<half, {mb}, {str(exact).lower()}, false>"
+        sums = variant == "stream:sums" and mb <= 2
+        return f"awq_stream_kernel<half, {mb}, {str(exact).lower()}, false, {str(sums).lower()}>"
     if variant == "tiled:auto" and M <= 32:
         return f"awq_skinny_kernel<half, {1 if M <= 16 else 2}, 2, true>"
     return "dequant+cuBLAS"
@@ -238,7 +243,7 @@ def sweep(args, report: dict, save, t0: float):
             ref_calls = [lambda w=w: F.linear(x, w) for w in w16s]
             t_ref = time_graph(ref_calls, time_eager(ref_calls[0], reps=2))
             for label, layout, kernel in VARIANTS:
-                if kernel == Kernel.STREAM and M > 64:
+                if (kernel == Kernel.STREAM and M > 64) or (kernel == Kernel.STREAM_GROUP_SUMS and M > 32):
                     continue
                 calls = [lambda q=q: torch.ops.awqlib.awq_gemm_variant(x, q[0], q[1], q[2], g, int(kernel), 0)
                          for q in weights[layout]]

@@ -78,7 +78,10 @@ int stream_smem_bytes(int M);                                // shared memory pe
 void launch_dequant_stream(DType dt, const int32_t* qweight, const int32_t* qzeros, const void* scales, void* out,
                            int K, int N, int group_size, cudaStream_t stream);
 StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms);
-void launch_stream(DType dt, const GemmArgs& a, const StreamPlan& plan, cudaStream_t stream);
+// group_sums: scale per-group fp32 sums once per group (GroupSums in awq_stream.cu) where that
+// saves instructions (M <= 32, group_size >= 128); otherwise, and when false, every dequantized
+// pair is scaled.
+void launch_stream(DType dt, const GemmArgs& a, const StreamPlan& plan, bool group_sums, cudaStream_t stream);
 
 // Requirements of the fused kernels (GEMV and GEMM); other shapes take dequantize + cuBLAS.
 constexpr int kFusedNMultiple = 64;   // one warp of the GEMM covers 64 columns

@@ -192,7 +192,8 @@ enum Kernel : int64_t {
   kDequantCublas = 4,  // dequantize + cuBLAS, any layout and M
   kSkinnyShallow = 5,  // skinny tensor-core kernel, register ring 2 chunks deep
   kStream = 6,         // streaming mma.sync kernel, stream layout, M <= 64
-  kLastKernel = kStream
+  kStreamGroupSums = 7,  // the same, scaling per-group fp32 sums where that saves instructions
+  kLastKernel = kStreamGroupSums
 };
 
 // Split-K arrival counters.  Every kernel's last block resets its counter to zero, so outside
@@ -263,6 +264,8 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
              : kDequantCublas;
   }
   if (k == kDequantCublas) return dequant_matmul(x2, qw, qz, sc, s).view(out_shape);
+  const bool group_sums = k == kStreamGroupSums;
+  if (group_sums) k = kStream;
   TORCH_CHECK(s.layout != Layout::kStream || k == kStream,
               "awq_gemm_variant: a stream-layout weight is served by the stream kernel or dequantize + cuBLAS only");
   TORCH_CHECK(k != kStream || s.layout == Layout::kStream, "awq_gemm_variant: the stream kernel needs the stream layout");
@@ -317,7 +320,7 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   a.splits = plan.splits;
   if (k == kGemv) awq::launch_gemv(dt, a, stream);
   else if (k == kTiled) awq::launch_gemm(dt, a, plan, stream);
-  else if (k == kStream) awq::launch_stream(dt, a, splan, stream);
+  else if (k == kStream) awq::launch_stream(dt, a, splan, group_sums, stream);
   else awq::launch_skinny(dt, a, depth, s.layout == Layout::kTiled, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out.view(out_shape);

@@ -13,6 +13,9 @@
 //    4-byte shared load per group.
 //  * Exactness: (magic + q) - (magic + z) is exact and the single multiply by the scale rounds
 //    once, as in the reference (fp16 high nibbles: fma(16 q + 1024, 1/16, -(64 + z)), also exact).
+//    Group sums (Kernel.STREAM_GROUP_SUMS, M <= 32, groups >= 128 rows) skip that multiply: the
+//    mma sums x (q - z) exactly per group and the scale is applied once per group in fp32
+//    (GroupSums: 151 instead of 175 instructions per KB).
 //  * Pipeline: a 3-stage cp.async ring in shared memory; a stage is 512 k-rows x 128 columns
 //    (32 KB of weights; 256 rows at M > 32) plus the activations, scales and zeros it needs, so
 //    64 KB of weights are in flight per SM.  Every shared-memory access is [ring-slot base +
@@ -95,6 +98,27 @@ constexpr uint32_t kLoNibbles = 0x000f000fu;  // bits 0..3 of both halves: rows 
 constexpr uint32_t kHiNibbles = 0x00f000f0u;  // bits 4..7 of both halves: rows 2q+8, 2q+9 (x 16)
 constexpr uint32_t kHalf64 = 0x54005400u;     // two fp16 64.0 (ulp 1/16): OR-ing 16 z reads 64 + z
 
+// (x.lo, x.lo) and (x.hi, x.hi) of a pair, for either pair type.
+__device__ __forceinline__ __half2 broadcast_lo(__half2 v) { return __low2half2(v); }
+__device__ __forceinline__ __half2 broadcast_hi(__half2 v) { return __high2half2(v); }
+__device__ __forceinline__ __nv_bfloat162 broadcast_lo(__nv_bfloat162 v) { return __low2bfloat162(v); }
+__device__ __forceinline__ __nv_bfloat162 broadcast_hi(__nv_bfloat162 v) { return __high2bfloat162(v); }
+
+// The B fragments of a word from its four (q - z) pairs d (d[0], d[1]: column c0; d[2], d[3]:
+// column c1), times the columns' scales sc = (s_c0, s_c1) if SCALED.
+template <bool SCALED, typename T2>
+__device__ __forceinline__ void finish_word(uint32_t (&b)[4], T2 (&d)[4], T2 sc) {
+  if constexpr (SCALED) {
+    const T2 s0 = broadcast_lo(sc), s1 = broadcast_hi(sc);
+    d[0] = __hmul2(d[0], s0);
+    d[1] = __hmul2(d[1], s0);
+    d[2] = __hmul2(d[2], s1);
+    d[3] = __hmul2(d[3], s1);
+  }
+#pragma unroll
+  for (int h = 0; h < 4; ++h) b[h] = as_u32<T2>(d[h]);
+}
+
 template <> struct StreamDequant<__half> {
   struct Group {
     __half2 zlo[4], zhi[4], sc[4];
@@ -115,7 +139,9 @@ template <> struct StreamDequant<__half> {
     gp.sc[2] = as_t2<__half2>(s8.z);
     gp.sc[3] = as_t2<__half2>(s8.w);
   }
-  // b[0], b[1]: tile 2j; b[2], b[3]: tile 2j+1.
+  // b[0], b[1]: tile 2j; b[2], b[3]: tile 2j+1.  SCALED: (q - z) s, else q - z (exact small
+  // integers: the group-sums kernels multiply by the scale once per group, in fp32).
+  template <bool SCALED = true>
   __device__ __forceinline__ static void word(uint32_t (&b)[4], uint32_t w, const Group& gp, int j) {
     const __half2 sixteenth = __float2half2_rn(0.0625f);
     const uint32_t w8 = w >> 8;
@@ -123,11 +149,9 @@ template <> struct StreamDequant<__half> {
     const __half2 hi0 = as_t2<__half2>(lop3_and_or(w, kHiNibbles, Traits<__half>::kMagic));
     const __half2 lo1 = as_t2<__half2>(lop3_and_or(w8, kLoNibbles, Traits<__half>::kMagic));
     const __half2 hi1 = as_t2<__half2>(lop3_and_or(w8, kHiNibbles, Traits<__half>::kMagic));
-    const __half2 s0 = __low2half2(gp.sc[j]), s1 = __high2half2(gp.sc[j]);
-    b[0] = as_u32<__half2>(__hmul2(__hsub2(lo0, __low2half2(gp.zlo[j])), s0));
-    b[1] = as_u32<__half2>(__hmul2(__hfma2(hi0, sixteenth, __hneg2(__low2half2(gp.zhi[j]))), s0));
-    b[2] = as_u32<__half2>(__hmul2(__hsub2(lo1, __high2half2(gp.zlo[j])), s1));
-    b[3] = as_u32<__half2>(__hmul2(__hfma2(hi1, sixteenth, __hneg2(__high2half2(gp.zhi[j]))), s1));
+    __half2 d[4] = {__hsub2(lo0, __low2half2(gp.zlo[j])), __hfma2(hi0, sixteenth, __hneg2(__low2half2(gp.zhi[j]))),
+                    __hsub2(lo1, __high2half2(gp.zlo[j])), __hfma2(hi1, sixteenth, __hneg2(__high2half2(gp.zhi[j])))};
+    finish_word<SCALED>(b, d, gp.sc[j]);
   }
 };
 
@@ -147,14 +171,64 @@ template <> struct StreamDequant<__nv_bfloat16> {
     gp.sc[2] = as_t2<__nv_bfloat162>(s8.z);
     gp.sc[3] = as_t2<__nv_bfloat162>(s8.w);
   }
+  template <bool SCALED = true>
   __device__ __forceinline__ static void word(uint32_t (&b)[4], uint32_t w, const Group& gp, int j) {
     using B2 = __nv_bfloat162;
-    const B2 s0 = __low2bfloat162(gp.sc[j]), s1 = __high2bfloat162(gp.sc[j]);
+    constexpr uint32_t kMagic = Traits<__nv_bfloat16>::kMagic;
     const B2 z0 = __low2bfloat162(gp.zlo[j]), z1 = __high2bfloat162(gp.zlo[j]);
-    b[0] = as_u32<B2>(__hmul2(__hsub2(as_t2<B2>(lop3_and_or(w, kLoNibbles, Traits<__nv_bfloat16>::kMagic)), z0), s0));
-    b[1] = as_u32<B2>(__hmul2(__hsub2(as_t2<B2>(lop3_and_or(w >> 4, kLoNibbles, Traits<__nv_bfloat16>::kMagic)), z0), s0));
-    b[2] = as_u32<B2>(__hmul2(__hsub2(as_t2<B2>(lop3_and_or(w >> 8, kLoNibbles, Traits<__nv_bfloat16>::kMagic)), z1), s1));
-    b[3] = as_u32<B2>(__hmul2(__hsub2(as_t2<B2>(lop3_and_or(w >> 12, kLoNibbles, Traits<__nv_bfloat16>::kMagic)), z1), s1));
+    B2 d[4] = {__hsub2(as_t2<B2>(lop3_and_or(w, kLoNibbles, kMagic)), z0),
+               __hsub2(as_t2<B2>(lop3_and_or(w >> 4, kLoNibbles, kMagic)), z0),
+               __hsub2(as_t2<B2>(lop3_and_or(w >> 8, kLoNibbles, kMagic)), z1),
+               __hsub2(as_t2<B2>(lop3_and_or(w >> 12, kLoNibbles, kMagic)), z1)};
+    finish_word<SCALED>(b, d, gp.sc[j]);
+  }
+};
+
+// Group sums.  Scaling every dequantized pair costs one HMUL2 per two weights: 128 of a warp's
+// ~700 instructions per stage at M <= 16.  The scale is constant over a group's rows, so
+// sum_k x_k (q_k - z) s = s sum_k x_k (q_k - z): the mma accumulates the group's unscaled sums in
+// `part` (exact: x (q - z) is exact in fp32 for |q - z| <= 15), and the group's end folds them
+// into the accumulators with one FFMA each.  The fold reads the scales of the accumulator's own
+// columns, 8 t + 2 q + e (t the n8-tile, e the column of the pair), which the stream layout's
+// scale permutation puts at positions 16 q + 8 e + t: two 16-byte shared loads per fold, shared
+// by the lanes of equal q.  The sum is also closer to exact than the scaled path: no weight is
+// rounded to T.  A fold (MB * 32 FFMA + 16 conversions; the cleared sums cost nothing, the next
+// mma reads RZ) saves the stage's 16 kKA HMUL2 when it comes once per stage, at MB <= 2 without
+// FINE groups (sm_90 SASS, fp16, MB = 1: 151 instead of 175 instructions per KB).  Where a FINE
+// group change folds inside a branch, the sums are cleared by moves and the kernel got slower
+// (216 against 187 at group 64), so those are not instantiated (group_sums_pay).
+template <typename T, int MB>
+struct GroupSums {
+  float part[MB][8][4];
+  __device__ __forceinline__ void clear() {
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+      for (int t = 0; t < 8; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) part[mb][t][e] = 0.f;
+  }
+  // acc += part * scales (sq: the lane's 16 scales in shared memory), then part = 0.
+  __device__ __forceinline__ void fold(float (&acc)[MB][8][4], const uint8_t* sq) {
+    using T2 = typename Traits<T>::T2;
+    const uint4 u0 = *reinterpret_cast<const uint4*>(sq), u1 = *reinterpret_cast<const uint4*>(sq + 16);
+    const uint32_t w[2][4] = {{u0.x, u0.y, u0.z, u0.w}, {u1.x, u1.y, u1.z, u1.w}};
+    float sc[2][8];  // [e][t]
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = Traits<T>::to_float2(as_t2<T2>(w[e][i]));
+        sc[e][2 * i] = f.x;
+        sc[e][2 * i + 1] = f.y;
+      }
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+      for (int t = 0; t < 8; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[mb][t][e] = fmaf(part[mb][t][e], sc[e & 1][t], acc[mb][t][e]);
+    clear();
   }
 };
 
@@ -225,8 +299,10 @@ __device__ __noinline__ void write_slice(const float* red, T* __restrict__ out, 
 // EXACT: K % kStageK == 0 and N % kSliceN == 0, so no load needs a bounds predicate (the
 // instantiation real models run); otherwise tails are zero-filled.  FINE: group_size < 16 kKA, so
 // the group can change inside a warp's k-slice (group_size 32, 64); otherwise a warp loads its
-// scales and zeros once per stage.
-template <typename T, int MB, bool EXACT, bool FINE>
+// scales and zeros once per stage.  SUMS ("group sums"): the mma accumulates sum_k x (q - z) of
+// each group in fp32 registers of its own, multiplied by the group's scales once when the group
+// ends, instead of one HMUL2 per two weights (GroupSums below).
+template <typename T, int MB, bool EXACT, bool FINE, bool SUMS>
 __global__ void __launch_bounds__(kStThreads, StreamCfg<MB>::kMinBlocks)
 awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, const uint32_t* __restrict__ qzeros,
                   const T* __restrict__ scales, T* __restrict__ out, float* __restrict__ ws,
@@ -414,6 +490,10 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
     for (int t = 0; t < 8; ++t)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mb][t][e] = 0.f;
+  // SUMS: the group's unscaled sums, and where the lane's fold scales sit (see GroupSums).
+  [[maybe_unused]] GroupSums<T, MB> sums;  // never touched (so no registers) unless SUMS
+  if constexpr (SUMS) sums.clear();
+  [[maybe_unused]] const int sq_off = Cfg::kOffS + (wn * 64 + 16 * q) * 2;
 
   // Prologue: kStages - 1 stages in flight, one commit group each (possibly empty).
 #pragma unroll
@@ -475,6 +555,9 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
     for (int i = 0; i < kKA; ++i) {
       // group_size >= 32: a group change can only come at an even atom
       if (i == 0 || (FINE && i % 2 == 0 && slot_of[i] != slot_of[i - 1])) {
+        if constexpr (SUMS) {
+          if (i != 0) sums.fold(acc, st + sq_off + slot_of[i - 1] * kSliceN * 2);
+        }
         const uint4 s8 = *reinterpret_cast<const uint4*>(st + s_off + slot_of[i] * kSliceN * 2);
         const uint32_t zw = *reinterpret_cast<const uint32_t*>(st + z_off + slot_of[i] * (kSliceN / 8) * 4);
         DQ::load_group(gp, zw, s8);
@@ -487,14 +570,16 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         uint32_t b[4];
-        DQ::word(b, words[j], gp, j);
+        DQ::template word<!SUMS>(b, words[j], gp, j);
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb) {
-          Mma<T>::run(acc[mb][2 * j], a[mb], b[0], b[1]);
-          Mma<T>::run(acc[mb][2 * j + 1], a[mb], b[2], b[3]);
+          float(&d)[8][4] = SUMS ? sums.part[mb] : acc[mb];
+          Mma<T>::run(d[2 * j], a[mb], b[0], b[1]);
+          Mma<T>::run(d[2 * j + 1], a[mb], b[2], b[3]);
         }
       }
     }
+    if constexpr (SUMS) sums.fold(acc, st + sq_off + slot_of[kKA - 1] * kSliceN * 2);
     if (c_kt == p.KT - 1 || t == n_units - 1) flush(st);
     if (++c_kt == p.KT) {
       c_kt = 0;
@@ -531,7 +616,7 @@ awq_dequant_stream_kernel(const uint4* __restrict__ qweight, const uint32_t* __r
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     uint32_t b[4];
-    DQ::word(b, words[j], gp, j);
+    DQ::word(b, words[j], gp, j);  // scaled: the reference's (q - z) s rounded to T
 #pragma unroll
     for (int h = 0; h < 4; ++h) {  // b[h]: column c0 (h < 2) or c1, rows 2q (+8 if h odd), +1
       const T2 v = as_t2<T2>(b[h]);
@@ -545,13 +630,24 @@ awq_dequant_stream_kernel(const uint4* __restrict__ qweight, const uint32_t* __r
 
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// Where group sums pay (GroupSums): one fold per stage, MB * 32 FFMA against 16 kKA HMUL2 saved.
+constexpr bool group_sums_pay(int MB, bool fine) { return MB <= 2 && !fine; }
+
 template <typename T, int MB>
-void launch_mb(const GemmArgs& a, const StreamParams& p, int grid, cudaStream_t stream) {
+auto stream_kernel_for(bool exact, bool fine, bool sums) {
+  if constexpr (group_sums_pay(MB, false)) {
+    if (sums && !fine) return exact ? awq_stream_kernel<T, MB, true, false, true> : awq_stream_kernel<T, MB, false, false, true>;
+  }
+  return exact ? (fine ? awq_stream_kernel<T, MB, true, true, false> : awq_stream_kernel<T, MB, true, false, false>)
+               : (fine ? awq_stream_kernel<T, MB, false, true, false> : awq_stream_kernel<T, MB, false, false, false>);
+}
+
+template <typename T, int MB>
+void launch_mb(const GemmArgs& a, const StreamParams& p, int grid, bool group_sums, cudaStream_t stream) {
   using Cfg = StreamCfg<MB>;
   const bool exact = p.K % Cfg::kStageK == 0 && p.N % kSliceN == 0;
   const bool fine = p.gshift < 31 && (16 << p.gshift) < 16 * Cfg::kKA;  // group_size < 16 kKA
-  auto kernel = exact ? (fine ? awq_stream_kernel<T, MB, true, true> : awq_stream_kernel<T, MB, true, false>)
-                      : (fine ? awq_stream_kernel<T, MB, false, true> : awq_stream_kernel<T, MB, false, false>);
+  const auto kernel = stream_kernel_for<T, MB>(exact, fine, group_sums && group_sums_pay(MB, fine));
   // Opt in to > 48 KB of dynamic shared memory, once per (kernel, device): a host-side attribute,
   // fine during graph capture.  Remembered only once it succeeded; a failure skips the launch and
   // stays the runtime's last error, which the caller's launch check reports.
@@ -619,7 +715,7 @@ template <int MB>
 int stream_static_smem_bytes() {
   static const int bytes = [] {
     cudaFuncAttributes attr{};
-    return cudaFuncGetAttributes(&attr, awq_stream_kernel<__half, MB, true, false>) == cudaSuccess
+    return cudaFuncGetAttributes(&attr, awq_stream_kernel<__half, MB, true, false, false>) == cudaSuccess
                ? static_cast<int>(attr.sharedSizeBytes)
                : 0;
   }();
@@ -671,17 +767,17 @@ void launch_dequant_stream(DType dt, const int32_t* qweight, const int32_t* qzer
         qw, qz, static_cast<const __nv_bfloat16*>(scales), static_cast<__nv_bfloat16*>(out), K, N, group_size);
 }
 
-void launch_stream(DType dt, const GemmArgs& a, const StreamPlan& plan, cudaStream_t stream) {
+void launch_stream(DType dt, const GemmArgs& a, const StreamPlan& plan, bool group_sums, cudaStream_t stream) {
   const StreamParams p = params_for(a.M, a.N, a.K, a.group_size, plan.per, plan.grid);
   const int mb = mb_for(a.M);
   if (dt == DType::kHalf) {
-    if (mb == 1) launch_mb<__half, 1>(a, p, plan.grid, stream);
-    else if (mb == 2) launch_mb<__half, 2>(a, p, plan.grid, stream);
-    else launch_mb<__half, 4>(a, p, plan.grid, stream);
+    if (mb == 1) launch_mb<__half, 1>(a, p, plan.grid, group_sums, stream);
+    else if (mb == 2) launch_mb<__half, 2>(a, p, plan.grid, group_sums, stream);
+    else launch_mb<__half, 4>(a, p, plan.grid, group_sums, stream);
   } else {
-    if (mb == 1) launch_mb<__nv_bfloat16, 1>(a, p, plan.grid, stream);
-    else if (mb == 2) launch_mb<__nv_bfloat16, 2>(a, p, plan.grid, stream);
-    else launch_mb<__nv_bfloat16, 4>(a, p, plan.grid, stream);
+    if (mb == 1) launch_mb<__nv_bfloat16, 1>(a, p, plan.grid, group_sums, stream);
+    else if (mb == 2) launch_mb<__nv_bfloat16, 2>(a, p, plan.grid, group_sums, stream);
+    else launch_mb<__nv_bfloat16, 4>(a, p, plan.grid, group_sums, stream);
   }
 }
 

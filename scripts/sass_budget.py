@@ -167,9 +167,9 @@ def _gemv_spec(args) -> Spec:
 
 
 def _stream_spec(args) -> Spec:
-    # awq_stream_kernel<T, MB, EXACT, FINE>: mirror of StreamCfg in csrc/awq_stream.cu (8 warps
-    # = 2 n-atoms x 4 k-slices of KA atoms; a stage is 16 KA x 4 rows x 128 columns).
-    _, mb, _exact, _fine = args
+    # awq_stream_kernel<T, MB, EXACT, FINE, SUMS>: mirror of StreamCfg in csrc/awq_stream.cu (8
+    # warps = 2 n-atoms x 4 k-slices of KA atoms; a stage is 16 KA x 4 rows x 128 columns).
+    _, mb, _exact, _fine, _sums = args
     ka = 4 if mb == 4 else 8
     stage_k = 16 * ka * 4
     b_bytes = stage_k * 128 // 2

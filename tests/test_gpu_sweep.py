@@ -30,7 +30,7 @@ def test_gate_cases_are_valid_for_their_layouts():
     for N, K, g in gpu_sweep.GATE_SHAPES:
         for layout, kernel, ms in gpu_sweep.GATE_VARIANTS:
             assert can_use_layout(layout, K, N, g), (layout, N, K, g)
-            if kernel == Kernel.STREAM:
+            if kernel in gpu_sweep.STREAM_KERNELS:
                 assert max(ms) <= 64
 
 
@@ -44,3 +44,27 @@ def test_timed_kernels_have_sass_rows():
             for label, _, _ in gpu_sweep.VARIANTS:
                 kl = gpu_sweep.kernel_label(label, M, N, K)
                 assert kl == "dequant+cuBLAS" or kl in names, kl
+
+
+def test_gpu_window_script_selects_what_it_claims():
+    """scripts/gpu_window.sh (the one device call of a GPU window) is valid bash, names modules that
+    exist, and its pytest selection collects the stream kernels' GPU tests, both variants and the
+    serving tests: a renamed test would otherwise silently drop out of the next window."""
+    import re
+    import subprocess
+    import sys
+    script = ROOT / "scripts" / "gpu_window.sh"
+    text = script.read_text()
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    for module in re.findall(r"-m (benchmarks\.\w+)", text):
+        assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), module
+    expr = re.search(r'-k "([^"]+)"', text).group(1)
+    files = re.search(r"(tests/test_kernels_cuda\.py tests/test_gpu_e2e\.py)", text).group(1).split()
+    res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-k", expr,
+                          *files], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    names = {line.split("[")[0].split("::")[-1] for line in res.stdout.splitlines() if "::" in line}
+    for test in ("test_stream_kernel_fp16", "test_stream_kernel_bf16", "test_stream_group_sums",
+                 "test_stream_kernel_deterministic", "test_two_graphs_replayed_concurrently_on_two_streams",
+                 "test_dequantize_stream_bit_exact"):
+        assert test in names, (test, sorted(names))

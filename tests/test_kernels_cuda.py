@@ -387,6 +387,34 @@ def test_stream_kernel_bf16(M, N, K, g):
     check(x, K, N, g, torch.bfloat16, out=torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(Kernel.STREAM), 0))
 
 
+def group_sums_apply(M: int, K: int, g: int) -> bool:
+    """Where Kernel.STREAM_GROUP_SUMS runs group sums (awq_stream.cu group_sums_pay): M <= 32 and
+    groups no finer than a warp's 128-row k-slice; elsewhere it is Kernel.STREAM."""
+    return M <= 2 * M_TILE and (g == -1 or g >= 128)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N,K,g", STREAM_COMBOS, ids=[f"N{n}-K{k}-g{g}" for n, k, g in STREAM_COMBOS])
+@pytest.mark.parametrize("M", [1, 7, M_TILE, M_TILE + 1, 2 * M_TILE, 2 * M_TILE + 1])
+def test_stream_group_sums(M, N, K, g, dtype):
+    """Group sums (the scale applied once per group to fp32 sums) are correct against the fp32
+    reference, deterministic, and run exactly where they are meant to: elsewhere the variant is the
+    scaled stream kernel, bit for bit."""
+    skip_if_stream_does_not_fit(M)
+    qs, zs, ss = stream_weight(K, N, g, dtype)
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    poison_allocator()
+    out = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(Kernel.STREAM_GROUP_SUMS), 0)
+    check(x, K, N, g, dtype, out=out)
+    again = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(Kernel.STREAM_GROUP_SUMS), 0)
+    assert torch.equal(out, again)
+    scaled = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(Kernel.STREAM), 0)
+    if group_sums_apply(M, K, g):
+        assert not torch.equal(out, scaled), "no weight is rounded to the activations' dtype: the sums differ"
+    else:
+        assert torch.equal(out, scaled)
+
+
 @pytest.mark.parametrize("M", [1, M_TILE, 2 * M_TILE + 1, STREAM_MAX_M])
 def test_stream_kernel_deterministic(M):
     skip_if_stream_does_not_fit(M)

@@ -70,7 +70,7 @@ def test_an_edited_json_changes_its_table(tmp_path, capsys, edit):
     else:  # the SASS table's figures come from scripts/sass_budget.py's JSON, its labels from results/
         path = d / "sass_budget.json"
         data = json.loads(path.read_text())
-        row = next(r for r in data if r["arch"] == "90" and r["kernel"] == "awq_stream_kernel<half, 1, true, false>")
+        row = next(r for r in data if r["arch"] == "90" and r["kernel"] == "awq_stream_kernel<half, 1, true, false, false>")
         row["instr_per_kb"] = 171.2
     path.write_text(json.dumps(data))
     assert report.main(["--check", "--dir", str(d)]) == 1
@@ -120,13 +120,16 @@ def test_add_records_a_gpu_sweep(tmp_path, capsys):
     assert text.count(f"<!-- generated: {run} (") == 1
     assert text.index("## CUDA kernels") < text.index(run) < text.index("## SASS instruction budget")
     assert "NVIDIA H200 (132 SMs)" in text and "correctness gate 7/7 passed; copy 4260 GB/s" in text
-    # M=1: tiled:auto 10 µs, stream 20 µs, fp16 13 µs; the stream row carries its kernel's SASS figure
+    # M=1: tiled:auto 10 µs, stream 20 µs, stream:sums 30 µs, fp16 13 µs; the stream rows carry their
+    # kernels' SASS figures
     assert f"| {gpu_sweep.SHAPES[0][0]} | 1 | tiled:auto | 10.0 | 13.0 | 1.30x |" in text
-    assert "| 174.8 | `awq_stream_kernel<half, 1, true, false>` |" in text
+    assert "| 174.8 | `awq_stream_kernel<half, 1, true, false, false>` |" in text
+    assert "| 151.2 | `awq_stream_kernel<half, 1, true, false, true>` |" in text
     # issue 10's targets per variant, and the comparison that decides the default runtime layout
-    assert "| 4096x4096, M=1 | 1.30x (not met) | 0.65x (not met) | >= 2.00x |" in text
-    assert "| 70b down 8192x28672, M=1 | - | - | >= 2.80x |" in text  # a shape the run did not time
+    assert "| 4096x4096, M=1 | 1.30x (not met) | 0.65x (not met) | 0.43x (not met) | >= 2.00x |" in text
+    assert "| 70b down 8192x28672, M=1 | - | - | - | >= 2.80x |" in text  # a shape the run did not time
     assert "stream vs tiled:auto (the runtime layout models use today): faster in 0 of 2 cells" in text
+    assert "stream:sums vs stream (group sums against scaled fragments, M <= 32): faster in 0 of 2 cells" in text
     assert report.main(["--check", "--dir", str(d)]) == 0
     assert KERNELS_CELL in text  # the other tables untouched
 

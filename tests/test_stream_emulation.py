@@ -61,8 +61,10 @@ def plan(M, N, K, g, num_sms):
     return p, c
 
 
-def emulate(x, qs, zs, ss, g, num_sms):
-    """The kernel's output [M, N] (fp64), computed CTA by CTA, thread by thread."""
+def emulate(x, qs, zs, ss, g, num_sms, sums=False):
+    """The kernel's output [M, N] (fp64), computed CTA by CTA, thread by thread.  ``sums``: the
+    group-sums instantiation (GroupSums: unscaled sums per group, folded with the scales each
+    lane reads for its accumulator columns)."""
     M, K = x.shape
     N = qs.shape[0] * 64
     p, c = plan(M, N, K, g, num_sms)
@@ -73,6 +75,7 @@ def emulate(x, qs, zs, ss, g, num_sms):
     a_step = THREADS // cpr
     sz_rounds = -(-c["max_groups"] * 20 // THREADS)
     fine = p["gshift"] < 31 and (16 << p["gshift"]) < 16 * ka
+    assert not (sums and fine), "group sums are instantiated for coarse groups only (group_sums_pay)"
     q4 = qs.view(-1, 4)             # global weight chunks (uint4)
     out = torch.full((M, N), float("nan"), dtype=torch.float64)
     ws, counters, written = {}, [0] * -(-N // SLICE_N), set()
@@ -93,6 +96,7 @@ def emulate(x, qs, zs, ss, g, num_sms):
         sz_ptr = {h: grp * row_bytes[h] + slice_ * slice_bytes[h] for h in "sz"}
         c_slice, c_kt = slice_, kt
         acc = torch.zeros(8, rows_pad, 64, dtype=torch.float64)   # per warp: rows x its 64 columns
+        part = torch.zeros_like(acc)                                # GroupSums::part
         for t in range(n_units):
             # ---- load_stage (the loader's cursor: slice_, kt, sub, grp)
             B = torch.zeros(NA * ap * 32, 4, dtype=torch.int64)
@@ -168,12 +172,23 @@ def emulate(x, qs, zs, ss, g, num_sms):
                         for nib, (ri, hi) in enumerate(STREAM_NIBBLES):
                             code = (words[:, j] >> (4 * nib)) & 0xF
                             z = (zw >> (4 * (j + 4 * hi))) & 0xF
-                            d = ((code - z).double() * svec[:, 2 * j + hi]).to(ss.dtype).double()  # one rounding
+                            d = (code - z).double()
+                            if not sums:
+                                d = (d * svec[:, 2 * j + hi]).to(ss.dtype).double()  # one rounding
                             krow = 2 * Q + (ri % 2) + 8 * (ri // 2)                    # rows 2q, 2q+1, 2q+8, 2q+9
                             Bt[2 * j + hi, krow, GQ] = d
                     assert not Bt.isnan().any() and not Atile.isnan().any()
                     for tt in range(8):
-                        acc[warp, :, 8 * tt:8 * tt + 8] += Atile @ Bt[tt]
+                        (part if sums else acc)[warp, :, 8 * tt:8 * tt + 8] += Atile @ Bt[tt]
+                if sums:  # GroupSums::fold at the stage's end: lane (GQ, Q) element (mb, t, e)
+                    for e in range(4):
+                        for tt in range(8):
+                            col = 8 * tt + 2 * Q + (e & 1)
+                            sc = S[slot0, wn * 64 + 16 * Q + 8 * (e & 1) + tt].float().double()
+                            for mb in range(c["mb"]):
+                                row = 16 * mb + GQ + 8 * (e >> 1)
+                                acc[warp, row, col] += part[warp, row, col] * sc
+                    part[warp] = 0
             # ---- flush at the end of a slice or of the CTA's run
             if c_kt == p["KT"] - 1 or t == n_units - 1:
                 red = torch.zeros(rows_pad, SLICE_N, dtype=torch.float64)
@@ -207,6 +222,17 @@ def emulate(x, qs, zs, ss, g, num_sms):
     return out, p
 
 
+def random_case(M, N, K, g, seed):
+    """fp16-exact activations, int4 codes and zeros, fp16 scales, and the stream layout of the weight."""
+    torch.manual_seed(seed)
+    codes = torch.randint(0, 16, (K, N), dtype=torch.int32)
+    zeros = torch.randint(0, 16, (K // g, N), dtype=torch.int32)
+    scales = (torch.rand(K // g, N) * 0.01 + 1e-3).half()
+    x = torch.randn(M, K).half().double()
+    qw, qz = pack_columns(codes), pack_columns(zeros)
+    return x, codes, zeros, scales, (stream_qweight(qw), stream_qzeros(qz), stream_scales(scales))
+
+
 CASES = [  # (M, N, K, group, SMs): tails (K % stage, N % 128), every group regime, split slices
     (1, 192, 576, 64, 3),      # not EXACT, FINE groups, slices split over CTAs
     (5, 256, 1024, 128, 3),    # EXACT, coarse groups, 4 units on 3 CTAs
@@ -221,15 +247,31 @@ CASES = [  # (M, N, K, group, SMs): tails (K % stage, N % 128), every group regi
 
 @pytest.mark.parametrize("M,N,K,g,sms", CASES, ids=[f"M{m}-N{n}-K{k}-g{g}-sm{s}" for m, n, k, g, s in CASES])
 def test_stream_kernel_indexing_emulated(M, N, K, g, sms):
-    torch.manual_seed(M * 7 + N + K + g)
-    codes = torch.randint(0, 16, (K, N), dtype=torch.int32)
-    zeros = torch.randint(0, 16, (K // g, N), dtype=torch.int32)
-    scales = (torch.rand(K // g, N) * 0.01 + 1e-3).half()
-    x = torch.randn(M, K).half().double()
-    qw, qz = pack_columns(codes), pack_columns(zeros)
-    out, p = emulate(x, stream_qweight(qw), stream_qzeros(qz), stream_scales(scales), g, sms)
+    x, codes, zeros, scales, stream = random_case(M, N, K, g, seed=M * 7 + N + K + g)
+    out, p = emulate(x, *stream, g, sms)
     w = ((codes - zeros.repeat_interleave(g, 0)).double() * scales.double().repeat_interleave(g, 0)).half().double()
     torch.testing.assert_close(out, x @ w, rtol=1e-9, atol=1e-9)
+
+
+SUMS_CASES = [  # the group-sums instantiation: coarse groups, MB 1 and 2
+    (5, 256, 1024, 128, 3),    # EXACT, one group per warp slice
+    (2, 128, 1536, 256, 2),    # two groups per k-tile
+    (1, 128, 2048, 1024, 3),   # a group spans k-tiles
+    (1, 64, 768, 768, 2),      # not EXACT, group == K
+    (20, 192, 1024, 128, 3),   # MB = 2, N tail
+]
+
+
+@pytest.mark.parametrize("M,N,K,g,sms", SUMS_CASES, ids=[f"M{m}-N{n}-K{k}-g{g}-sm{s}" for m, n, k, g, s in SUMS_CASES])
+def test_stream_group_sums_emulated(M, N, K, g, sms):
+    """Group sums compute x @ ((q - z) s) with no weight rounded to the activations' dtype: the
+    fold must pick, for every lane's accumulator column, that column's scale."""
+    x, codes, zeros, scales, stream = random_case(M, N, K, g, seed=M * 5 + N + K + g)
+    out, _ = emulate(x, *stream, g, sms, sums=True)
+    w = (codes - zeros.repeat_interleave(g, 0)).double() * scales.double().repeat_interleave(g, 0)
+    torch.testing.assert_close(out, x @ w, rtol=1e-9, atol=1e-9)
+    # and the scaled path's rounding of every weight to fp16 is what it avoids:
+    assert not torch.allclose(out, x @ w.half().double(), rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("stages", [3, 4])
