@@ -6,7 +6,8 @@ Each (shape, M) runs every applicable variant through ``torch.ops.awqlib.awq_gem
 the warp-tiled runtime layout (skinny tensor-core kernel with a deep / shallow register prefetch,
 also with forced split-K factors; dequantize + cuBLAS) and on the GEMM (checkpoint) layout (CUDA-core GEMV,
 skinny, tiled tensor-core GEMM), plus the automatic choice and fp16 ``F.linear``, all timed the way bench_kernels.py times (rotated weights, CUDA
-graphs, events).  Prints the table and the winner per case; writes JSON.
+graphs, events).  Prints the table and the winner per case; writes JSON (without a GPU: a JSON that
+says "skipped", exit status 1).
 
     python -m benchmarks.tune_kernels --out tune.json --time-budget 120
 """
@@ -14,7 +15,6 @@ graphs, events).  Prints the table and the winner per case; writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from awqlib.ops import Kernel
-from benchmarks.common import copy_bandwidth, n_copies, time_eager, time_graph
+from benchmarks.common import copy_bandwidth, n_copies, run_info, skip, time_eager, time_graph, write_json
+from benchmarks.report import tune_table
 
 SHAPES = [("4096x4096", 4096, 4096), ("70b down", 8192, 28672), ("7b gate_up", 22016, 4096),
           ("8b qkv", 6144, 4096), ("8b down", 4096, 14336)]
@@ -53,16 +54,24 @@ def main(argv=None) -> int:
     ap.add_argument("--time-budget", type=float, default=300.0)
     ap.add_argument("--group-size", type=int, default=128)
     args = ap.parse_args(argv)
+    report = {**run_info("tune_kernels", sys.argv[1:] if argv is None else argv), "torch": torch.__version__,
+              "group_size": args.group_size}
     if not torch.cuda.is_available():
-        print("tune_kernels: no CUDA device")
-        return 0
+        return skip(report, args.out, "no CUDA device")
     from awqlib import kernels
     from awqlib.packing import tile_for_kernels
-    assert kernels.load(), "kernels must build"
     props = torch.cuda.get_device_properties(0)
+    report["device"] = props.name
+    if not kernels.load():  # the variants are the CUDA kernels': nothing to time on the reference
+        report["error"] = "kernels failed to build/load"
+        print(f"tune_kernels: {report['error']}", file=sys.stderr)
+        if args.out:
+            write_json(args.out, report)
+        return 1
+    report["backend"] = kernels.backend()
     l2 = getattr(props, "L2_cache_size", 50 << 20)
     cap = int(props.total_memory * 0.25)
-    report = {"device": props.name, "torch": torch.__version__, "copy_GBps": copy_bandwidth(), "rows": []}
+    report.update(copy_GBps=copy_bandwidth(), rows=[])
     print(f"device {props.name}, copy {report['copy_GBps']:.0f} GB/s")
     g = args.group_size
     t0 = time.time()
@@ -110,9 +119,9 @@ def main(argv=None) -> int:
     print("\nsummary (best variant per case):")
     for line in best_rows:
         print(line)
+    print("\n" + tune_table(report))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.out, report)
     return 0
 
 
