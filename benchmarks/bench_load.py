@@ -121,13 +121,15 @@ def main(argv=None) -> int:
     size = sum(f.stat().st_size for f in q.glob("*.safetensors"))
     runs, errors = [], []
     for dev in a.devices:
-        res = subprocess.run([sys.executable, "-m", "benchmarks.bench_load", "--child", str(q), dev, a.dtype], capture_output=True, text=True)
+        res = subprocess.run([sys.executable, "-m", "benchmarks.bench_load", "--child", str(q), dev, a.dtype],
+                             capture_output=True, text=True)
         if res.returncode:
             print(f"{dev}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
             errors.append({"device": dev, "error": res.stderr.strip()[-1000:]})
             continue
         runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
-    report = make_report(argv, size, a.layers, a.dtype, runs, errors, device_label(gpu[0].replace("auto", "cuda") if gpu else "cpu"))
+    card = device_label(gpu[0].replace("auto", "cuda") if gpu else "cpu")
+    report = make_report(argv, size, a.layers, a.dtype, runs, errors, card)
     print(load_table(report))
     write_json(a.out, report)
     return 1 if errors else 0

@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import common
 from benchmarks.common import CONFIG, build, rss_now, run_info, skip, write_json
 from benchmarks.report import memory_table
 
@@ -67,8 +68,8 @@ def main(argv=None) -> int:
     if a.child:
         child(a.child[0], a.child[1], not a.eager, a.n_grid)
         return 0
-    if not Path("/proc/self/status").is_file():
-        return skip(run_info("bench_memory", argv), a.out, "resident memory is read from /proc/self/status (Linux only)")
+    if not common.PROC_STATUS.is_file():
+        return skip(run_info("bench_memory", argv), a.out, f"resident memory is read from {common.PROC_STATUS} (Linux only)")
     work = Path(a.workdir or tempfile.mkdtemp(prefix="awqlib-mem-"))
     src = work / "src"
     if not (src / "config.json").exists():

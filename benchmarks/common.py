@@ -141,9 +141,12 @@ CONFIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=36, nu
               num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
 
 
+PROC_STATUS = Path("/proc/self/status")  # Linux: where the resident set sizes are read
+
+
 def rss_now(field: str = "VmRSS") -> int:
     """Current resident set size in bytes (Linux); ``field`` "RssAnon": its anonymous part only."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in PROC_STATUS.read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0

@@ -48,14 +48,25 @@ def variants(m: int):
     return [(label, layout, int(k), s) for label, layout, k, s in out]
 
 
+def tune_row(name: str, N: int, K: int, M: int, t_ref: float, times: dict[str, float]) -> dict:
+    """One case of the JSON from its timings in seconds (``times``: per variant label, "auto" among
+    them): µs, the fastest variant other than the automatic choice, and how far auto is from it."""
+    best = min((t, lab) for lab, t in times.items() if lab != "auto")
+    return {"shape": name, "N": N, "K": K, "M": M, "fp16_us": t_ref * 1e6, "us": {k: v * 1e6 for k, v in times.items()},
+            "best": best[1], "auto_vs_best": times["auto"] / best[0]}
+
+
+def new_report(argv: list[str], group_size: int) -> dict:
+    return {**run_info("tune_kernels", argv), "torch": torch.__version__, "group_size": group_size}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out")
     ap.add_argument("--time-budget", type=float, default=300.0)
     ap.add_argument("--group-size", type=int, default=128)
     args = ap.parse_args(argv)
-    report = {**run_info("tune_kernels", sys.argv[1:] if argv is None else argv), "torch": torch.__version__,
-              "group_size": args.group_size}
+    report = new_report(sys.argv[1:] if argv is None else argv, args.group_size)
     if not torch.cuda.is_available():
         return skip(report, args.out, "no CUDA device")
     from awqlib import kernels
@@ -101,11 +112,9 @@ def main(argv=None) -> int:
                     times[label] = time_graph(calls, time_eager(calls[0], reps=2))
                 except RuntimeError as e:  # a variant that refuses the shape
                     print(f"  {label}: {str(e).splitlines()[0]}")
-            best = min((t, lab) for lab, t in times.items() if lab != "auto")
-            row = {"shape": name, "N": N, "K": K, "M": M, "fp16_us": t_ref * 1e6,
-                   "us": {k: v * 1e6 for k, v in times.items()}, "best": best[1],
-                   "auto_vs_best": times["auto"] / best[0]}
+            row = tune_row(name, N, K, M, t_ref, times)
             report["rows"].append(row)
+            best = (times[row["best"]], row["best"])
             gbps = (wbytes + 2 * M * (K + N)) / best[0] / 1e9
             line = (f"{name:11s} M={M:4d} fp16 {t_ref * 1e6:8.1f}  auto {times['auto'] * 1e6:8.1f} "
                     f"({t_ref / times['auto']:.2f}x)  best {best[1]:18s} {best[0] * 1e6:8.1f} "
