@@ -69,7 +69,8 @@ def main(argv=None) -> int:
         child(a.child[0], a.child[1], not a.eager, a.n_grid)
         return 0
     if not common.PROC_STATUS.is_file():
-        return skip(run_info("bench_memory", argv), a.out, f"resident memory is read from {common.PROC_STATUS} (Linux only)")
+        why = f"resident memory is read from {common.PROC_STATUS} (Linux only)"
+        return skip(run_info("bench_memory", argv), a.out, why)
     work = Path(a.workdir or tempfile.mkdtemp(prefix="awqlib-mem-"))
     src = work / "src"
     if not (src / "config.json").exists():

@@ -89,7 +89,8 @@ def main(argv=None) -> int:
     best_rows = []
     for name, N, K in SHAPES:
         if time.time() - t0 > args.time_budget:
-            print("time budget reached")
+            report["truncated"] = f"time budget of {args.time_budget:.0f} s reached"
+            print(report["truncated"])
             break
         wbytes = K * N // 2 + (K // g) * N * 2.5
         qws = [(torch.randint(-2**31, 2**31 - 1, (K, N // 8), dtype=torch.int32, device="cuda"),
@@ -100,6 +101,7 @@ def main(argv=None) -> int:
                 for _ in range(n_copies(2 * K * N, l2, cap))]
         for M in MS:
             if time.time() - t0 > args.time_budget:
+                report["truncated"] = f"time budget of {args.time_budget:.0f} s reached"
                 break
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             ref_calls = [lambda w=w: F.linear(x, w) for w in w16s]
