@@ -17,6 +17,7 @@ import copy
 import importlib.util
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from awqlib import awq
 from awqlib.arch import get_spec
 from awqlib.calib import get_calib_tokens
 from awqlib.config import QuantConfig
+from benchmarks.common import run_info, skip, write_json
+from benchmarks.report import blocks_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,8 +66,16 @@ def load(model_arg: str, data: Path, n_calib: int, n_held: int, seqlen: int):
     return model, calib, held
 
 
+def make_report(argv: list[str], model: str, group_size: int, blocks: int, n_calib: int, n_held: int,
+                threads: int, rows: dict) -> dict:
+    """The run's JSON: provenance, the job and, per variant, each block's relative error and seconds."""
+    return {**run_info("bench_blocks", argv), "device": "cpu", "torch": torch.__version__, "threads": threads,
+            "model": model, "group_size": group_size, "blocks": blocks, "n_calib": n_calib, "n_held": n_held,
+            "rows": rows}
+
+
 @torch.no_grad()
-def main():
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2", help="a folder, 'smollm2', or tiny:<arch> (tests' random models)")
     ap.add_argument("--data", default=os.environ.get("AWQLIB_DATA", str(REPO.parent / "shared" / "data")))
@@ -77,7 +88,11 @@ def main():
     ap.add_argument("--out", default="bench_blocks.json")
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
                     help="torch threads (1 on a shared machine: spinning threads stall under oversubscription)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    text = Path(a.data) / "wikitext2-tokenized-valid.txt"
+    if not a.model.startswith("tiny:") and not text.is_file():
+        return skip(run_info("bench_blocks", argv), a.out, f"no calibration text at {text} (--data)")
     torch.set_num_threads(a.threads)
     cpu = torch.device("cpu")
     model, calib, held = load(a.model, Path(a.data), a.n_calib, a.n_held, a.seqlen)
@@ -111,17 +126,11 @@ def main():
             rows[name]["seconds"].append(round(dt, 2))
             print(json.dumps({"block": i, "variant": name, "rel_err": err, "seconds": round(dt, 2)}), flush=True)
         c_in, h_in = ref_c, ref_h  # the next block is calibrated on fp outputs (awqlib's default)
-    print(f"\n{a.model}, g{a.group_size}, first {a.blocks} blocks, held-out relative block-output MSE"
-          f"\n| variant | " + " | ".join(f"block {i}" for i in range(a.blocks)) + " | mean vs rtn | s |"
-          "\n|---|" + "---|" * a.blocks + "---|---|")
-    base = rows[names[0]]["rel_err"]
-    for n in names:
-        e = rows[n]["rel_err"]
-        rel = sum(x / y for x, y in zip(e, base)) / len(e)
-        print(f"| {n} | " + " | ".join(f"{x:.3e}" for x in e) + f" | {rel:.3f} | {sum(rows[n]['seconds']):.1f} |")
-    Path(a.out).write_text(json.dumps({"model": a.model, "group_size": a.group_size, "blocks": a.blocks,
-                                       "n_calib": a.n_calib, "n_held": a.n_held, "rows": rows}, indent=2))
+    report = make_report(argv, a.model, a.group_size, a.blocks, a.n_calib, a.n_held, a.threads, rows)
+    print("\n" + blocks_table(report))
+    write_json(a.out, report)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

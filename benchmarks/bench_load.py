@@ -22,7 +22,8 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.common import CONFIG, build, rss_now
+from benchmarks.common import CONFIG, build, device_label, rss_now, run_info, skip, write_json
+from benchmarks.report import load_table
 
 
 def anon_rss() -> int:
@@ -57,11 +58,12 @@ class PeakRSS:
 def child(ckpt: str, device: str, dtype: str) -> None:
     import torch
     from awqlib import AutoAWQ
+    backend = None
     if torch.cuda.is_available() and device != "cpu":
         torch.zeros(1, device=device if device != "auto" else "cuda")  # the CUDA context and the kernels
         # are not part of loading
         from awqlib import kernels
-        kernels.load()
+        backend = kernels.backend() if kernels.load() else "reference (kernels unavailable)"
     baseline = anon_rss()
     peak = PeakRSS()
     peak.start()
@@ -73,11 +75,23 @@ def child(ckpt: str, device: str, dtype: str) -> None:
     with torch.no_grad():
         dev = next(m.model.parameters()).device
         ok = bool(torch.isfinite(m(input_ids=torch.tensor([[1, 2, 3]], device=dev)).logits).all())
-    print(json.dumps({"device": device, "dtype": str(next(m.model.parameters()).dtype), "load_s": round(wall, 2), "baseline_rss_bytes": baseline,
-                      "peak_rss_growth_bytes": top - baseline, "finite_logits": ok}))
+    print(json.dumps({"device": device, "dtype": str(next(m.model.parameters()).dtype), "load_s": round(wall, 2),
+                      "baseline_rss_bytes": baseline, "peak_rss_growth_bytes": top - baseline, "finite_logits": ok,
+                      "backend": backend}))
 
 
-def main():
+def make_report(argv: list[str], checkpoint_bytes: int, layers: int, dtype: str, runs: list[dict],
+                errors: list[dict], device: str) -> dict:
+    """The run's JSON: provenance, the checkpoint, one row per device loaded (with its growth over the
+    checkpoint's size) and the devices whose load failed.  ``device``: the card the CUDA loads used,
+    or "cpu"."""
+    for r in runs:
+        r["ratio"] = round(r["peak_rss_growth_bytes"] / checkpoint_bytes, 3)
+    return {**run_info("bench_load", argv), "device": device, "checkpoint_bytes": checkpoint_bytes, "layers": layers,
+            "dtype": dtype, "runs": runs, "errors": errors}
+
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--devices", nargs="+", default=["cpu"], help="cpu, cuda, cuda:1, auto (device_map)")
     ap.add_argument("--dtype", default="auto", help="torch_dtype of the loaded model (bfloat16: every "
@@ -86,10 +100,15 @@ def main():
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default="bench_load.json")
     ap.add_argument("--child", nargs=3)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.child:
         child(*a.child)
-        return
+        return 0
+    argv = sys.argv[1:] if argv is None else argv
+    import torch
+    gpu = [d for d in a.devices if d != "cpu"]
+    if gpu and not torch.cuda.is_available():
+        return skip(run_info("bench_load", argv), a.out, f"no CUDA device for {' '.join(gpu)}")
     CONFIG["num_hidden_layers"] = a.layers
     work = Path(a.workdir or tempfile.mkdtemp(prefix="awqlib-load-"))
     src, q = work / "src", work / "q"
@@ -100,22 +119,21 @@ def main():
         AutoAWQ.from_pretrained(str(src), lazy=True).quantize(None, {"w_bit": 4, "q_group_size": 128},
                                                               method="rtn", save_dir=q, device="cpu")
     size = sum(f.stat().st_size for f in q.glob("*.safetensors"))
-    rows = []
+    runs, errors = [], []
     for dev in a.devices:
-        res = subprocess.run([sys.executable, "-m", "benchmarks.bench_load", "--child", str(q), dev, a.dtype], capture_output=True, text=True)
+        res = subprocess.run([sys.executable, "-m", "benchmarks.bench_load", "--child", str(q), dev, a.dtype],
+                             capture_output=True, text=True)
         if res.returncode:
             print(f"{dev}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
+            errors.append({"device": dev, "error": res.stderr.strip()[-1000:]})
             continue
-        r = json.loads(res.stdout.strip().splitlines()[-1])
-        r["ratio"] = round(r["peak_rss_growth_bytes"] / size, 3)
-        rows.append(r)
-    print(f"checkpoint: {size / 1e9:.2f} GB ({a.layers} blocks)\n"
-          "| device | dtype | load | host anonymous RSS growth (peak) | / checkpoint |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['device']} | {r['dtype']} | {r['load_s']} s | {r['peak_rss_growth_bytes'] / 1e9:.3f} GB | {r['ratio']:.1%} |")
-    Path(a.out).write_text(json.dumps({"checkpoint_bytes": size, "layers": a.layers, "dtype": a.dtype, "runs": rows},
-                                      indent=2))
+        runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    card = device_label(gpu[0].replace("auto", "cuda") if gpu else "cpu")
+    report = make_report(argv, size, a.layers, a.dtype, runs, errors, card)
+    print(load_table(report))
+    write_json(a.out, report)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,24 +19,39 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import CONFIG, build, rss_now
+from benchmarks import common
+from benchmarks.common import CONFIG, build, rss_now, run_info, skip, write_json
+from benchmarks.report import memory_table
+
+N_SAMPLES, SEQLEN = 4, 256  # calibration: random tokens (memory does not depend on their values)
+
 
 def child(src: str, out: str, lazy: bool, n_grid: int) -> None:
     import torch
     from awqlib import AutoAWQ
     baseline = rss_now()  # the interpreter with torch, transformers and awqlib imported
     torch.manual_seed(0)
-    ids = torch.randint(0, CONFIG["vocab_size"], (4, 256))
+    ids = torch.randint(0, CONFIG["vocab_size"], (N_SAMPLES, SEQLEN))
     t0 = time.perf_counter()
     m = AutoAWQ.from_pretrained(src, lazy=lazy)
-    m.quantize(None, {"w_bit": 4, "q_group_size": 128}, calib_data=list(ids), n_samples=4, seqlen=256,
+    m.quantize(None, {"w_bit": 4, "q_group_size": 128}, calib_data=list(ids), n_samples=N_SAMPLES, seqlen=SEQLEN,
                save_dir=out, overwrite=True, n_grid=n_grid, device="cpu")
     print(json.dumps({"wall_s": round(time.perf_counter() - t0, 1), "baseline_rss_bytes": baseline,
                       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                      "torch": torch.__version__}))
+                      "torch": torch.__version__, "torch_cuda": torch.version.cuda}))
 
 
-def main():
+def make_report(argv: list[str], measured: dict, model_bytes: int, quantized_bytes: int, threshold: str | None,
+                n_grid: int, lazy: bool) -> dict:
+    """The run's JSON: provenance, the child's measurements (``measured``: wall_s, baseline_rss_bytes,
+    peak_rss_bytes, torch, torch_cuda) and the job they belong to."""
+    return {**run_info("bench_memory", argv), "device": "cpu", **measured, "model_bytes": model_bytes,
+            "ratio": round(measured["peak_rss_bytes"] / model_bytes, 3), "malloc_mmap_threshold": threshold,
+            "quantized_bytes": quantized_bytes, "config": dict(CONFIG), "n_samples": N_SAMPLES, "seqlen": SEQLEN,
+            "n_grid": n_grid, "lazy": lazy}
+
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--n-grid", type=int, default=2, help="search grid (memory does not depend on it; time does)")
@@ -46,12 +61,16 @@ def main():
     ap.add_argument("--glibc-default", action="store_true",
                     help="run the child with glibc's default allocation policy (no MALLOC_MMAP_THRESHOLD_)")
     ap.add_argument("--child", nargs=2)
-    ap.add_argument("--eager", action="store_true", help="child: load the whole model (the in-memory path)")
-    a = ap.parse_args()
+    ap.add_argument("--eager", action="store_true", help="load the whole model (the in-memory path), not lazily")
+    a = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     CONFIG["num_hidden_layers"] = a.layers
     if a.child:
         child(a.child[0], a.child[1], not a.eager, a.n_grid)
-        return
+        return 0
+    if not common.PROC_STATUS.is_file():
+        why = f"resident memory is read from {common.PROC_STATUS} (Linux only)"
+        return skip(run_info("bench_memory", argv), a.out, why)
     work = Path(a.workdir or tempfile.mkdtemp(prefix="awqlib-mem-"))
     src = work / "src"
     if not (src / "config.json").exists():
@@ -62,17 +81,22 @@ def main():
     env = dict(os.environ)
     if not a.glibc_default:  # see awqlib.lazy.release_memory: allocations >= 8 MB get their own mapping
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(8 << 20))
-    res = subprocess.run([sys.executable, "-m", "benchmarks.bench_memory", "--child", str(src), str(work / "q"), "--n-grid", str(a.n_grid)],
-                         capture_output=True, text=True, check=True, env=env)
-    r = json.loads(res.stdout.strip().splitlines()[-1])
-    r.update(model_bytes=size, ratio=round(r["peak_rss_bytes"] / size, 3),
-             malloc_mmap_threshold=env.get("MALLOC_MMAP_THRESHOLD_"),
-             quantized_bytes=sum(f.stat().st_size for f in (work / "q").glob("*.safetensors")), config=CONFIG)
-    print(f"| model size | peak RSS | RSS / size | RSS after imports | wall |\n|---|---|---|---|---|\n"
-          f"| {size / 1e9:.2f} GB | {r['peak_rss_bytes'] / 1e9:.2f} GB | {r['ratio']:.1%} | "
-          f"{r['baseline_rss_bytes'] / 1e9:.2f} GB | {r['wall_s']} s |")
-    Path(a.out).write_text(json.dumps(r, indent=2))
+    cmd = [sys.executable, "-m", "benchmarks.bench_memory", "--child", str(src), str(work / "q"),
+           "--n-grid", str(a.n_grid), "--layers", str(a.layers)] + (["--eager"] if a.eager else [])
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode:
+        print(res.stderr[-3000:], file=sys.stderr)
+        r = {**run_info("bench_memory", argv), "device": "cpu",
+             "error": f"the quantizing child failed (exit {res.returncode}): {res.stderr.strip()[-500:]}"}
+        write_json(a.out, r)
+        return 1
+    r = make_report(argv, json.loads(res.stdout.strip().splitlines()[-1]), size,
+                    sum(f.stat().st_size for f in (work / "q").glob("*.safetensors")),
+                    env.get("MALLOC_MMAP_THRESHOLD_"), a.n_grid, not a.eager)
+    print(memory_table([r]))
+    write_json(a.out, r)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

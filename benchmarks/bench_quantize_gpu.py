@@ -9,6 +9,8 @@ Prints a table and writes JSON; no timed assertions.
 
     python -m benchmarks.bench_quantize_gpu --out bench_quantize_gpu.json      # on a GPU
     python -m benchmarks.bench_quantize_gpu --tiny --device cpu                 # smoke test (tiny shape)
+
+Without a GPU (and without ``--device cpu``) it writes a JSON that says "skipped" and exits 1.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +26,8 @@ from pathlib import Path
 import torch
 
 from awqlib import AutoAWQ, awq
+from benchmarks.common import device_label, run_info, skip, write_json
+from benchmarks.report import quantize_gpu_table
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                  vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
@@ -68,7 +73,16 @@ def timed_blocks(device: torch.device) -> list[float]:
     return times
 
 
-def main():
+def make_report(argv: list[str], name: str, device: torch.device, model_blocks: int, group_size: int,
+                n_samples: int, seqlen: int, rows: list[dict]) -> dict:
+    """The run's JSON: provenance, the job, and one row per method (seconds per block, the whole
+    model's extrapolated time, peak GPU memory).  "device" is torch's ("cuda", "cpu"), "gpu" the card."""
+    return {**run_info("bench_quantize_gpu", argv), "torch": torch.__version__, "model": name, "device": str(device),
+            "gpu": device_label(device) if device.type == "cuda" else None, "model_blocks": model_blocks,
+            "group_size": group_size, "n_samples": n_samples, "seqlen": seqlen, "rows": rows}
+
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--blocks", type=int, default=3)
     ap.add_argument("--methods", default=",".join(dict.fromkeys(["awq", awq.DEFAULT_METHOD])))
@@ -76,10 +90,13 @@ def main():
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--tiny", action="store_true", help="a tiny model of the same layout (smoke test)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu (with --tiny: a smoke test)")
     ap.add_argument("--out", default="bench_quantize_gpu.json")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return skip(run_info("bench_quantize_gpu", argv), a.out, "no CUDA device")
     cfg_kw = TINY if a.tiny else LLAMA3_8B
     n_full = cfg_kw["num_hidden_layers"]
     model_bytes = fp16_model_bytes(cfg_kw)
@@ -113,19 +130,12 @@ def main():
             rows.append(r)
             print(json.dumps(r), flush=True)
             del m
-    name = "tiny Llama-3-shaped" if a.tiny else "Llama-3-8B-shaped"
-    print(f"\n{name}, {a.n_samples}x{a.seqlen} calibration tokens, g{a.group_size}, {device}"
-          f"\n| method | s/block | whole model ({n_full} blocks), extrapolated | peak GPU memory | / fp16 model |"
-          "\n|---|---|---|---|---|")
-    for r in rows:
-        peak = f"{r['peak_gpu_bytes'] / 2**30:.2f} GiB" if r["peak_gpu_bytes"] else "n/a"
-        frac = f"{r['peak_over_model']:.1%}" if r["peak_over_model"] else "n/a"
-        print(f"| {r['method']} | {r['seconds_per_block']} | {r['extrapolated_whole_model_s']} s | {peak} | {frac} |")
-    Path(a.out).write_text(json.dumps({"model": name, "device": str(device),
-                                       "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                                       "group_size": a.group_size, "n_samples": a.n_samples, "seqlen": a.seqlen,
-                                       "rows": rows}, indent=2))
+    report = make_report(argv, "tiny Llama-3-shaped" if a.tiny else "Llama-3-8B-shaped", device, n_full,
+                         a.group_size, a.n_samples, a.seqlen, rows)
+    print("\n" + quantize_gpu_table(report))
+    write_json(a.out, report)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -30,12 +30,20 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import run_info, skip, write_json
+from benchmarks.report import vs_autoawq_table
+
+# Which AutoAWQ the run compares with; refuses an AutoAWQ with the CPU restore bug (see above).
+AUTOAWQ_PROBE = r'''
+import importlib.metadata as md, inspect, json, sys
+import awq.quantize.quantizer as qz
+if "v.cpu() for k" in inspect.getsource(qz):
+    sys.exit("AutoAWQ's quantizer.py is unpatched (org_sd aliasing bug on CPU); see bench_vs_autoawq.py")
+print(json.dumps({p: md.version(p) for p in ("autoawq", "torch", "transformers")}))
+'''
 
 AUTOAWQ_CHILD = r'''
 import json, sys, time, torch
-import awq.quantize.quantizer as qz, inspect
-if "v.cpu() for k" in inspect.getsource(qz):
-    sys.exit("AutoAWQ's quantizer.py is unpatched (org_sd aliasing bug on CPU); see bench_vs_autoawq.py")
 from awq import AutoAWQForCausalLM
 from transformers import AutoTokenizer
 path, texts_file, blocks, g, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
@@ -55,6 +63,17 @@ print(json.dumps({"quantize_s": dt}))
 '''
 
 
+def probe_autoawq(python: str) -> dict | str:
+    """AutoAWQ's, its torch's and its transformers' versions in ``python``'s environment, or why
+    that environment cannot run the comparison."""
+    if not Path(python).is_file():
+        return f"no AutoAWQ interpreter at {python} (--autoawq-python; the module docstring says how to make one)"
+    p = subprocess.run([python, "-c", AUTOAWQ_PROBE], capture_output=True, text=True)
+    if p.returncode:
+        return f"AutoAWQ is not usable in {python}: {(p.stderr.strip().splitlines() or ['?'])[-1]}"
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def autoawq_folder(src: Path, dst: Path) -> Path:
     """transformers 4.51 spellings: rope_theta at the top level, an explicit tokenizer class."""
     import shutil
@@ -72,17 +91,39 @@ def autoawq_folder(src: Path, dst: Path) -> Path:
     return dst
 
 
-def main():
+def make_report(argv: list[str], job: dict, awqlib_res: dict, autoawq_res: dict | None, autoawq_env: dict | None,
+                torch_version: str) -> dict:
+    """The run's JSON: provenance, the job, each tool's quantize_s (and ppl on a whole-model run)
+    and ``speedup``: AutoAWQ's time over awqlib's (how many times faster awqlib was)."""
+    res = {**run_info("bench_vs_autoawq", argv), "device": "cpu", "torch": torch_version,
+           "autoawq_env": autoawq_env, "job": job, "awqlib": awqlib_res}
+    if autoawq_res is not None:
+        res["autoawq"] = autoawq_res
+        res["speedup"] = round(autoawq_res["quantize_s"] / awqlib_res["quantize_s"], 2)
+    return res
+
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--autoawq-python", default="/work/venv-autoawq/bin/python")
     ap.add_argument("--data", default=os.environ.get("AWQLIB_DATA", "../shared/data"))
     ap.add_argument("--n-texts", type=int, default=128)
-    ap.add_argument("--blocks", type=int, default=3)
+    ap.add_argument("--blocks", type=int, default=3, help="quantize the first N blocks only; 0: the whole model")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--windows", type=int, default=32)
-    ap.add_argument("--skip-autoawq", action="store_true")
+    ap.add_argument("--skip-autoawq", action="store_true", help="time awqlib alone (no comparison to record)")
     ap.add_argument("--out", default="vs_autoawq.json")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+
+    env = None
+    if not a.skip_autoawq:  # before awqlib's minutes: a comparison without AutoAWQ is no comparison
+        env = probe_autoawq(a.autoawq_python)
+        if isinstance(env, str):
+            return skip(run_info("bench_vs_autoawq", argv), a.out, env)
+    data = Path(a.data)
+    if not (data / "wikitext2-tokenized-valid.txt").is_file():
+        return skip(run_info("bench_vs_autoawq", argv), a.out, f"no calibration text in {data} (--data)")
 
     import torch
     from transformers import AutoTokenizer
@@ -91,16 +132,18 @@ def main():
     from awqlib.eval import load_eval_tokens, perplexity
     from awqlib.offline import smollm2_path
 
-    data = Path(a.data)
     src = smollm2_path()
     lines = [l.strip() for l in (data / "wikitext2-tokenized-valid.txt").read_text().splitlines()]
     texts = [l for l in lines if len(l) > 200][: a.n_texts]
     work = Path(tempfile.mkdtemp(prefix="awqlib-vs-"))
     (work / "texts.json").write_text(json.dumps(texts))
-    res = {"job": {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "group_size": a.group_size,
-                   "n_texts": len(texts), "seqlen": 512, "blocks": a.blocks or 30, "threads": torch.get_num_threads()}}
-    tok = AutoTokenizer.from_pretrained(src)
     full = a.blocks == 0
+    n_blocks = json.loads((Path(src) / "config.json").read_text())["num_hidden_layers"] if full else a.blocks
+    job = {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "group_size": a.group_size, "n_texts": len(texts),
+           "seqlen": 512, "blocks": n_blocks, "threads": torch.get_num_threads(), "whole_model": full}
+    if full:
+        job["windows"] = a.windows
+    tok = AutoTokenizer.from_pretrained(src)
     eval_tokens = load_eval_tokens(tok, str(data / "wikitext2-raw-test.txt")) if full else None
 
     # awqlib
@@ -110,36 +153,37 @@ def main():
         m.model.config.num_hidden_layers = a.blocks
     t0 = time.perf_counter()
     m.quantize(tok, {"w_bit": 4, "q_group_size": a.group_size}, calib_data=texts, n_samples=len(texts), seqlen=512)
-    res["awqlib"] = {"quantize_s": round(time.perf_counter() - t0, 1)}
+    mine = {"quantize_s": round(time.perf_counter() - t0, 1)}
     if full:
-        res["awqlib"]["ppl"] = round(perplexity(m, eval_tokens, 1024, a.windows), 3)
-    print(json.dumps(res["awqlib"]), flush=True)
+        mine["ppl"] = round(perplexity(m, eval_tokens, 1024, a.windows), 3)
+    print(json.dumps(mine), flush=True)
     del m
 
-    # AutoAWQ 0.2.9 (patched), same job
+    # AutoAWQ (patched), same job
+    theirs = None
     if not a.skip_autoawq:
         folder = autoawq_folder(src, work / "autoawq-src")
         out = str(work / "autoawq-q") if full else "-"
         p = subprocess.run([a.autoawq_python, "-c", AUTOAWQ_CHILD, str(folder), str(work / "texts.json"),
                             str(a.blocks), str(a.group_size), out], capture_output=True, text=True)
         if p.returncode:
-            sys.exit(f"AutoAWQ failed:\n{p.stderr[-3000:]}")
+            print(f"AutoAWQ failed:\n{p.stderr[-3000:]}", file=sys.stderr)
+            rep = make_report(argv, job, mine, None, env, torch.__version__)
+            rep["error"] = f"AutoAWQ failed (exit {p.returncode}): {p.stderr.strip()[-500:]}"
+            write_json(a.out, rep)
+            return 1
         r = json.loads(p.stdout.strip().splitlines()[-1])
-        res["autoawq"] = {"quantize_s": round(r["quantize_s"], 1)}
+        theirs = {"quantize_s": round(r["quantize_s"], 1)}
         if full:  # AutoAWQ's checkpoint is GEMM: awqlib loads it
             q = AutoAWQ.from_quantized(out)
-            res["autoawq"]["ppl"] = round(perplexity(q, eval_tokens, 1024, a.windows), 3)
-        res["speedup"] = round(res["autoawq"]["quantize_s"] / res["awqlib"]["quantize_s"], 2)
-        print(json.dumps(res["autoawq"]), flush=True)
-    print("\n| tool | blocks | quantize s | s / block |" + (" ppl |" if full else "") )
-    print("|---|---|---|---|" + ("---|" if full else ""))
-    nb = res["job"]["blocks"]
-    for k in ("autoawq", "awqlib"):
-        if k in res:
-            r = res[k]
-            print(f"| {k} | {nb} | {r['quantize_s']} | {r['quantize_s'] / nb:.1f} |" + (f" {r['ppl']} |" if full else ""))
-    Path(a.out).write_text(json.dumps(res, indent=2))
+            theirs["ppl"] = round(perplexity(q, eval_tokens, 1024, a.windows), 3)
+        print(json.dumps(theirs), flush=True)
+    rep = make_report(argv, job, mine, theirs, env, torch.__version__)
+    if theirs is not None:
+        print("\n" + vs_autoawq_table([rep]))
+    write_json(a.out, rep)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,6 +11,7 @@ import math
 import os
 import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -56,6 +57,25 @@ def write_atomic(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
+
+
+def skip(report: dict, out: str | Path | None, why: str) -> int:
+    """A run that cannot happen here (no GPU, no AutoAWQ, ...): its JSON says ``"skipped": why``
+    and nothing else is measured, and the exit status is 1, so that neither a caller's status nor
+    ``benchmarks.report --add`` (which refuses skipped runs) can take it for a result."""
+    report["skipped"] = why
+    print(f"{report['benchmark']}: skipped: {why}", file=sys.stderr)
+    if out:
+        write_json(out, report)
+    return 1
+
+
+def device_label(device) -> str:
+    """What a JSON records as the device a run measured on: the card's name, or "cpu"."""
+    import torch
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
 
 TARGET_GRAPH_S = 0.004  # captured work per replay
 REPLAYS = 5
@@ -121,9 +141,12 @@ CONFIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=36, nu
               num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
 
 
+PROC_STATUS = Path("/proc/self/status")  # Linux: where the resident set sizes are read
+
+
 def rss_now(field: str = "VmRSS") -> int:
     """Current resident set size in bytes (Linux); ``field`` "RssAnon": its anonymous part only."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in PROC_STATUS.read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0

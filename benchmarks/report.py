@@ -186,9 +186,129 @@ def targets_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB"
+
+
+def vs_autoawq_table(reports: list[dict]) -> str:
+    """bench_vs_autoawq: one row per run, AutoAWQ's and awqlib's wall time on the same job (and the
+    perplexity of both when the run quantized the whole model)."""
+    lines = ["| run | result | command |", "|---|---|---|"]
+    for rep in reports:
+        job, nb, speed = rep["job"], rep["job"]["blocks"], rep["speedup"]
+        a, w = rep["autoawq"], rep["awqlib"]
+        tools = f"AutoAWQ {rep['autoawq_env']['autoawq']} (CPU bug patched) vs awqlib"
+        if job.get("whole_model"):
+            faster = f"{speed:.1f}x faster" if speed >= 1 else f"{1 / speed:.1f}x slower"
+            ppl = "lower" if w["ppl"] < a["ppl"] else "higher" if w["ppl"] > a["ppl"] else "the same"
+            run = (f"{tools}, whole model, {job['n_texts']} texts, same run, {rep['date'][:10]} "
+                   f"(ppl on the first {job['windows']} windows)")
+            result = (f"AutoAWQ {a['quantize_s']:.1f} s ({a['quantize_s'] / nb:.1f} s/block), ppl {a['ppl']:.3f}; "
+                      f"**awqlib {w['quantize_s']:.1f} s ({w['quantize_s'] / nb:.1f} s/block), ppl {w['ppl']:.3f}: "
+                      f"{faster}, {ppl} perplexity**")
+        else:
+            run = f"{tools}, same job, same run, first {nb} blocks"
+            result = (f"{a['quantize_s']:.1f} s vs {w['quantize_s']:.1f} s ({a['quantize_s'] / nb:.1f} vs "
+                      f"{w['quantize_s'] / nb:.1f} s/block, {speed:.1f}x)")
+        lines.append(f"| {run} | {result} | `{short_command(rep['command'])}` |")
+    return "\n".join(lines)
+
+
+def _torch_build(rep: dict) -> str:
+    """'2.14.1 (CUDA build)' from the torch version and torch.version.cuda a run recorded."""
+    if "torch_cuda" not in rep:
+        return rep["torch"]
+    return f"{rep['torch'].partition('+')[0]} ({'CUDA' if rep['torch_cuda'] else 'CPU'} build)"
+
+
+def memory_table(reports: list[dict]) -> str:
+    """bench_memory: one row per job; a run of the same job as the row above (same command, model,
+    calibration and allocator) is that row's rerun, and a run that differs from it only in glibc's
+    allocation policy is described as such."""
+    rows: list[list[str]] = []  # run, result, command
+    job_keys = ("config", "n_samples", "seqlen", "n_grid", "lazy", "model_bytes")
+    prev = None
+    for rep in reports:
+        short = f"{rep['peak_rss_bytes'] / 1e9:.2f} GB ({rep['ratio']:.1%}), {rep['wall_s']:.1f} s"
+        same_job = prev is not None and all(rep.get(k) == prev.get(k) for k in job_keys)
+        thr = rep["malloc_mmap_threshold"]
+        if same_job and rep["command"] == prev["command"] and thr == prev["malloc_mmap_threshold"]:
+            rows[-1][1] += f"; a rerun {short}"
+            continue
+        if same_job and not thr:
+            run, result = "the same with glibc's default allocation policy", short
+        else:
+            cfg = rep["config"]
+            policy = f"`MALLOC_MMAP_THRESHOLD_={thr}`" if thr else "glibc's default allocation policy"
+            run = (f"{'lazy' if rep['lazy'] else 'in-memory'} quantization of a {_gb(rep['model_bytes'])} fp16 Llama "
+                   f"({cfg['hidden_size']} hidden, {cfg['num_hidden_layers']} layers), {rep['n_samples']}x{rep['seqlen']} "
+                   f"calibration tokens, n_grid {rep['n_grid']}, whole run, {policy}")
+            result = (f"peak RSS **{_gb(rep['peak_rss_bytes'])} = {rep['ratio']:.1%} of the model** "
+                      f"({_gb(rep['baseline_rss_bytes'])} of it is the interpreter with torch {_torch_build(rep)}, "
+                      f"transformers and awqlib imported), {rep['wall_s']:.1f} s")
+        rows.append([run, result, f"`{short_command(rep['command'])}`"])
+        prev = rep
+    return "\n".join(["| run | result | command |", "|---|---|---|"] + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def blocks_table(report: dict) -> str:
+    """bench_blocks: held-out relative block-output MSE per variant and block, and its mean ratio to
+    the first (baseline) variant's."""
+    rows, n = report["rows"], report["blocks"]
+    names = list(rows)
+    base = rows[names[0]]["rel_err"]
+    lines = [f"{report['model']}, g{report['group_size']}, first {n} blocks, held-out relative block-output MSE",
+             "", "| variant | " + " | ".join(f"block {i}" for i in range(n)) + f" | mean vs {names[0]} | s |",
+             "|---|" + "---|" * n + "---|---|"]
+    for name in names:
+        e = rows[name]["rel_err"]
+        rel = sum(x / y for x, y in zip(e, base)) / len(e)
+        lines.append(f"| {name} | " + " | ".join(f"{x:.3e}" for x in e)
+                     + f" | {rel:.3f} | {sum(rows[name]['seconds']):.1f} |")
+    return "\n".join(lines)
+
+
+def load_table(report: dict) -> str:
+    """bench_load: host anonymous memory growth while loading a checkpoint, per device."""
+    size = report["checkpoint_bytes"]
+    lines = [f"checkpoint: {_gb(size)} ({report['layers']} blocks)", "",
+             "| device | dtype | load | host anonymous RSS growth (peak) | / checkpoint |", "|---|---|---|---|---|"]
+    for r in report["runs"]:
+        lines.append(f"| {r['device']} | {r['dtype']} | {r['load_s']} s | {r['peak_rss_growth_bytes'] / 1e9:.3f} GB | "
+                     f"{r['ratio']:.1%} |")
+    for e in report.get("errors", []):
+        lines.append(f"| {e['device']} | failed (the JSON's errors) | - | - | - |")
+    return "\n".join(lines)
+
+
+def quantize_gpu_table(report: dict) -> str:
+    """bench_quantize_gpu: seconds per block, the whole model extrapolated, peak GPU memory."""
+    n_full = report["model_blocks"]
+    lines = [f"{report['model']}, {report['n_samples']}x{report['seqlen']} calibration tokens, "
+             f"g{report['group_size']}, {report['device']}", "",
+             f"| method | s/block | whole model ({n_full} blocks), extrapolated | peak GPU memory | / fp16 model |",
+             "|---|---|---|---|---|"]
+    for r in report["rows"]:
+        peak = f"{r['peak_gpu_bytes'] / 2**30:.2f} GiB" if r["peak_gpu_bytes"] else "n/a"
+        frac = f"{r['peak_over_model']:.1%}" if r["peak_over_model"] else "n/a"
+        lines.append(f"| {r['method']} | {r['seconds_per_block']} | {r['extrapolated_whole_model_s']} s | {peak} | {frac} |")
+    return "\n".join(lines)
+
+
+def tune_table(report: dict) -> str:
+    """tune_kernels: per case, fp16, the automatic choice and the fastest variant (µs, speedup)."""
+    lines = ["| shape | M | fp16 µs | auto µs | best variant | best µs | auto / best |", "|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        auto, best = r["us"]["auto"], r["us"][r["best"]]
+        lines.append(f"| {r['shape']} {r['N']}x{r['K']} | {r['M']} | {r['fp16_us']:.1f} | "
+                     f"{auto:.1f} ({_ratio(r['fp16_us'] / auto)}) | `{r['best']}` | "
+                     f"{best:.1f} ({_ratio(r['fp16_us'] / best)}) | {r['auto_vs_best']:.2f} |")
+    return "\n".join(lines)
+
+
 def device_name(report: dict) -> str | None:
     """The card a run used: gpu_sweep records a dict (name, SMs, ...), the other scripts a name."""
-    dev = report.get("device")
+    dev = report.get("gpu") or report.get("device")  # bench_quantize_gpu: "device" is torch's, "gpu" the card
     return dev.get("name") if isinstance(dev, dict) else dev
 
 
@@ -197,7 +317,7 @@ def provenance(report: dict, extra: list[str] = ()) -> str:
     how it ended (truncated, error) and, for a run transcribed from an older table, that it was."""
     sms = report["device"].get("sms") if isinstance(report.get("device"), dict) else None
     dev = (device_name(report) or "") + (f" ({sms} SMs)" if sms else "")
-    facts = [dev or "CPU", f"torch {report['torch']}" if report.get("torch") else "",
+    facts = [dev if dev and dev != "cpu" else "CPU", f"torch {report['torch']}" if report.get("torch") else "",
              f"backend {report['backend']}" if report.get("backend") else "",
              str(report.get("date") or "date not recorded"), f"commit {report.get('commit') or 'not recorded'}",
              f"code {report['code_sha256'][:12]}" if report.get("code_sha256") else "",
@@ -242,13 +362,25 @@ RENDERERS = {
     "gpu_sweep": lambda reps, _: sweep_section(_one(reps)),
     "sass_budget": lambda reps, bench_dir: sass_table(
         _one(reps), json.loads((bench_dir / _one(reps)["data"]).read_text())) + "\n\n" + provenances(reps),
+    "bench_vs_autoawq": lambda reps, _: vs_autoawq_table(reps) + "\n\n" + provenances(reps),
+    "bench_memory": lambda reps, _: memory_table(reps) + "\n\n" + provenances(reps),
+    "bench_blocks": lambda reps, _: blocks_table(_one(reps)) + "\n\n" + provenances(reps),
+    "bench_load": lambda reps, _: load_table(_one(reps)) + "\n\n" + provenances(reps),
+    "bench_quantize_gpu": lambda reps, _: quantize_gpu_table(_one(reps)) + "\n\n" + provenances(reps),
+    "tune_kernels": lambda reps, _: tune_table(_one(reps)) + "\n\n" + provenances(reps),
 }
 # the list of timed cases each kind of run must have to be recorded (a sweep may hold only its gate)
-TIMINGS = {"bench_kernels": "results", "bench_generate": "rows", "bench_quality": "rows", "gpu_sweep": None}
+TIMINGS = {"bench_kernels": "results", "bench_generate": "rows", "bench_quality": "rows", "gpu_sweep": None,
+           "bench_vs_autoawq": "autoawq", "bench_memory": "peak_rss_bytes", "bench_blocks": "rows", "bench_load": "runs",
+           "bench_quantize_gpu": "rows", "tune_kernels": "rows"}
 # where --add puts a new run's section (the end of the section whose heading starts so), and its file name's prefix
-SECTIONS = {"gpu_sweep": "## CUDA kernels", "bench_kernels": "## CUDA kernels", "bench_generate": "## CUDA kernels",
-            "bench_quality": "## Quantization on the CPU"}
-PREFIXES = {"gpu_sweep": "sweep", "bench_kernels": "kernels", "bench_generate": "decode", "bench_quality": "quality"}
+GPU, CPU = "## CUDA kernels", "## Quantization on the CPU"
+SECTIONS = {"gpu_sweep": GPU, "bench_kernels": GPU, "bench_generate": GPU, "tune_kernels": GPU, "bench_load": GPU,
+            "bench_quantize_gpu": GPU, "bench_quality": CPU, "bench_vs_autoawq": CPU, "bench_memory": CPU,
+            "bench_blocks": CPU}
+PREFIXES = {"gpu_sweep": "sweep", "bench_kernels": "kernels", "bench_generate": "decode", "bench_quality": "quality",
+            "bench_vs_autoawq": "vs-autoawq", "bench_memory": "memory", "bench_blocks": "blocks", "bench_load": "load",
+            "bench_quantize_gpu": "quantize", "tune_kernels": "tune"}
 
 
 # ----------------------------------------------------------------------------- RESULTS.md

@@ -181,3 +181,198 @@ def test_every_table_says_where_its_run_came_from():
     assert regions and all("\nRun: " in m.group("body") or m.group("body").startswith("Run: ") for m in regions)
     kernels = next(m.group("body") for m in regions if "kernels-h200-2026-11-27" in m.group("names"))
     assert "source: transcribed from the table recorded in RESULTS.md" in kernels and "commit 9353684" in kernels
+
+
+# ----------------------------------------------------------------------------- the other scripts' JSON
+
+PROVENANCE = ("benchmark", "date", "commit", "code_sha256", "command")
+# the text RESULTS.md recorded for these runs before their JSON was transcribed: the renderer must
+# reproduce it byte for byte
+RECORDED_ROWS = [
+    "| AutoAWQ 0.2.9 (CPU bug patched) vs awqlib, whole model, 32 texts, same run, 2026-11-27 (ppl on the first 16 "
+    "windows) | AutoAWQ 1426.4 s (47.5 s/block), ppl 26.233; **awqlib 331.8 s (11.1 s/block), ppl 26.149: 4.3x faster, "
+    "lower perplexity** | `bench_vs_autoawq.py --n-texts 32 --blocks 0 --windows 16` |",
+    "| AutoAWQ 0.2.9 (CPU bug patched) vs awqlib, same job, same run, first 3 blocks | 331.2 s vs 51.4 s (110.4 vs "
+    "17.1 s/block, 6.4x) | `bench_vs_autoawq.py --n-texts 128 --blocks 3` |",
+    "| lazy quantization of a 3.96 GB fp16 Llama (2048 hidden, 36 layers), 4x256 calibration tokens, n_grid 2, whole "
+    "run, `MALLOC_MMAP_THRESHOLD_=8388608` | peak RSS **1.31 GB = 33.0% of the model** (0.54 GB of it is the "
+    "interpreter with torch 2.14.1 (CUDA build), transformers and awqlib imported), 510.7 s | `bench_memory.py` |",
+    "| the same with glibc's default allocation policy | 1.66 GB (42.0%), 370.5 s; a rerun 1.68 GB (42.3%), 398.4 s | "
+    "`bench_memory.py --glibc-default` |",
+]
+
+
+def test_transcribed_comparison_and_memory_rows_render_as_recorded():
+    regions = {n: m.group("body") for m in report.REGION.finditer((BENCH / "RESULTS.md").read_text())
+               for n in m.group("names").split()}
+    for row, name in zip(RECORDED_ROWS, ["vs-autoawq-cpu-2026-11-27", "vs-autoawq-cpu-2026-11-26",
+                                         "memory-cpu-2026-11-27", "memory-cpu-2026-11-27-glibc"]):
+        assert row in regions[name].splitlines(), name  # generated, not typed
+        data = json.loads((BENCH / "results" / f"{name}.json").read_text())
+        assert data["transcribed"] is True and data["source"].startswith("transcribed from the table")
+    # the rerun is its own JSON, shown in the row of the run it repeats
+    assert "memory-cpu-2026-11-27-glibc-rerun" in regions
+
+
+def fake_reports() -> dict[str, dict]:
+    """Each script's JSON, built by the script's own function from made-up measurements."""
+    from benchmarks import (bench_blocks, bench_load, bench_memory, bench_quantize_gpu, bench_vs_autoawq,
+                            tune_kernels)
+    import torch
+    argv = ["--out", "x.json"]
+    job = {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "group_size": 64, "n_texts": 8, "seqlen": 512,
+           "blocks": 30, "threads": 2, "whole_model": True, "windows": 4}
+    rows = {"rtn": {"rel_err": [2e-2, 4e-2], "seconds": [0.5, 0.25]}, "awq": {"rel_err": [1e-2, 1e-2], "seconds": [3, 4]}}
+    qrow = {"method": "awq", "blocks": 3, "seconds_per_block": 12.5, "block_seconds": [12.5, 12.4, 12.6],
+            "other_seconds": 3.0, "extrapolated_whole_model_s": 403.0, "peak_gpu_bytes": 3 * 2**30,
+            "fp16_model_bytes": 16 * 10**9, "peak_over_model": 0.201}
+    load_run = {"device": "cuda", "dtype": "torch.bfloat16", "load_s": 1.5, "baseline_rss_bytes": 10**9,
+                "peak_rss_growth_bytes": 5 * 10**7, "finite_logits": True, "backend": "cuda (jit)"}
+    tune = {**tune_kernels.new_report(argv, 128), "device": "NVIDIA H200", "backend": "cuda (jit)", "copy_GBps": 4000.0,
+            "rows": [tune_kernels.tune_row("4096x4096", 4096, 4096, 1, 13e-6, {"auto": 10e-6, "skinny": 10e-6,
+                                                                                 "gemm:gemv": 8e-6})]}
+    return {
+        "bench_vs_autoawq": bench_vs_autoawq.make_report(argv, job, {"quantize_s": 100.0, "ppl": 26.5},
+                                                         {"quantize_s": 450.0, "ppl": 26.0}, {"autoawq": "0.2.9"},
+                                                         "2.14.1"),
+        "bench_memory": bench_memory.make_report(argv, {"wall_s": 61.25, "baseline_rss_bytes": 5.4e8,
+                                                        "peak_rss_bytes": 1.3e9, "torch": "2.14.1+cu130",
+                                                        "torch_cuda": "13.0"}, 4 * 10**9, 10**9, "8388608", 2, True),
+        "bench_blocks": bench_blocks.make_report(argv, "tiny:llama", 32, 2, 16, 16, 1, rows),
+        "bench_load": bench_load.make_report(argv, 2 * 10**9, 8, "bfloat16", [load_run], [], "NVIDIA H200"),
+        "bench_quantize_gpu": bench_quantize_gpu.make_report(argv, "Llama-3-8B-shaped", torch.device("cpu"), 32, 128,
+                                                             128, 512, [qrow]),
+        "tune_kernels": tune,
+    }
+
+
+# what each renderer must show of the made-up measurements above
+EXPECTED_ROWS = {
+    "bench_vs_autoawq": "| AutoAWQ 450.0 s (15.0 s/block), ppl 26.000; **awqlib 100.0 s (3.3 s/block), ppl 26.500: "
+                        "4.5x faster, higher perplexity** | `bench_vs_autoawq.py --out x.json` |",
+    "bench_memory": "| peak RSS **1.30 GB = 32.5% of the model** (0.54 GB of it is the interpreter with torch 2.14.1 "
+                    "(CUDA build), transformers and awqlib imported), 61.2 s | `bench_memory.py --out x.json` |",
+    "bench_blocks": "| awq | 1.000e-02 | 1.000e-02 | 0.375 | 7.0 |",
+    "bench_load": "| cuda | torch.bfloat16 | 1.5 s | 0.050 GB | 2.5% |",
+    "bench_quantize_gpu": "| awq | 12.5 | 403.0 s | 3.00 GiB | 20.1% |",
+    "tune_kernels": "| 4096x4096 4096x4096 | 1 | 13.0 | 10.0 (1.30x) | `gemm:gemv` | 8.0 (1.62x) | 1.25 |",
+}
+NEW_KINDS = sorted(EXPECTED_ROWS)
+
+
+def test_each_script_writes_provenance_and_its_results():
+    reps = fake_reports()
+    assert sorted(reps) == NEW_KINDS
+    results_keys = {"bench_vs_autoawq": {"job", "awqlib", "autoawq", "speedup"},
+                    "bench_memory": {"wall_s", "baseline_rss_bytes", "peak_rss_bytes", "model_bytes", "ratio",
+                                     "malloc_mmap_threshold", "quantized_bytes", "config"},
+                    "bench_blocks": {"model", "group_size", "blocks", "n_calib", "n_held", "rows"},
+                    "bench_load": {"checkpoint_bytes", "layers", "dtype", "runs"},
+                    "bench_quantize_gpu": {"model", "device", "gpu", "group_size", "n_samples", "seqlen", "rows"},
+                    "tune_kernels": {"device", "torch", "copy_GBps", "rows"}}
+    for kind, rep in reps.items():
+        assert all(rep.get(k) for k in PROVENANCE) and rep["benchmark"] == kind, kind
+        assert rep["command"] == f"python -m benchmarks.{kind} --out x.json"
+        assert results_keys[kind] <= set(rep), (kind, results_keys[kind] - set(rep))
+        assert rep["device"], kind  # where it measured: a card's name or "cpu"
+        json.dumps(rep)  # and it is JSON
+    assert reps["bench_vs_autoawq"]["speedup"] == 4.5
+    assert reps["bench_load"]["runs"][0]["ratio"] == 0.025 and reps["bench_memory"]["ratio"] == 0.325
+    assert reps["tune_kernels"]["rows"][0]["best"] == "gemm:gemv"  # the automatic choice is not a candidate
+
+
+@pytest.mark.parametrize("kind", NEW_KINDS)
+def test_renderers_and_add_take_each_new_kind(tmp_path, capsys, kind):
+    rep = fake_reports()[kind]
+    assert EXPECTED_ROWS[kind] in report.RENDERERS[kind]([rep], BENCH)
+    d = copy_bench(tmp_path)
+    src = tmp_path / "run.json"
+    src.write_text(json.dumps(rep))
+    assert report.main(["--add", str(src), "--dir", str(d)]) == 0, capsys.readouterr().err
+    text = (d / "RESULTS.md").read_text()
+    name = report.run_name(rep)
+    assert name.startswith(report.PREFIXES[kind] + "-") and (d / "results" / f"{name}.json").is_file()
+    body = next(m.group("body") for m in report.REGION.finditer(text) if m.group("names") == name)
+    assert EXPECTED_ROWS[kind] in body and "\nRun: " in body and "`python -m benchmarks." in body
+    section = report.SECTIONS[kind]
+    after = text.index(section)
+    assert after < text.index(name) < text.index("\n## ", after + 1)  # in its section
+    assert report.main(["--check", "--dir", str(d)]) == 0
+    # a run of this kind without its measurements is refused, and so is one that was skipped
+    before = text
+    for broken, message in ((dict(rep, **{report.TIMINGS[kind]: None}), "no timings"),
+                            ({k: rep[k] for k in PROVENANCE} | {"skipped": "no CUDA device"}, "was skipped")):
+        src.write_text(json.dumps(broken))
+        assert report.main(["--add", str(src), "--dir", str(d)]) == 2, kind
+        assert message in capsys.readouterr().err
+    assert (d / "RESULTS.md").read_text() == before
+
+
+def test_memory_rows_group_reruns_and_the_allocator():
+    base = fake_reports()["bench_memory"]
+    glibc = dict(base, malloc_mmap_threshold=None, command="python -m benchmarks.bench_memory --glibc-default",
+                 peak_rss_bytes=1.7e9, ratio=0.425, wall_s=300.0)
+    again = dict(glibc, peak_rss_bytes=1.8e9, ratio=0.45, wall_s=310.0)
+    other = dict(base, config=dict(base["config"], num_hidden_layers=2))
+    lines = report.memory_table([base, glibc, again, other]).splitlines()[2:]
+    assert len(lines) == 3
+    assert lines[1] == ("| the same with glibc's default allocation policy | 1.70 GB (42.5%), 300.0 s; a rerun 1.80 GB "
+                        "(45.0%), 310.0 s | `bench_memory.py --glibc-default` |")
+    assert lines[2].startswith("| lazy quantization of a 4.00 GB fp16 Llama (2048 hidden, 2 layers)")
+
+
+def test_vs_autoawq_describes_a_slower_or_partial_run():
+    rep = fake_reports()["bench_vs_autoawq"]
+    slow = dict(rep, awqlib={"quantize_s": 900.0, "ppl": 25.0}, speedup=0.5)
+    assert "0.5x" not in report.vs_autoawq_table([slow]) and "2.0x slower, lower perplexity**" in \
+        report.vs_autoawq_table([slow])
+    part = dict(rep, job=dict(rep["job"], whole_model=False, blocks=3), awqlib={"quantize_s": 30.0},
+                autoawq={"quantize_s": 90.0}, speedup=3.0)
+    assert "| AutoAWQ 0.2.9 (CPU bug patched) vs awqlib, same job, same run, first 3 blocks | 90.0 s vs 30.0 s " \
+           "(30.0 vs 10.0 s/block, 3.0x) |" in report.vs_autoawq_table([part])
+
+
+def skip_cases(tmp_path: Path):
+    """(script, arguments) that cannot run on this machine or with these arguments."""
+    return {"tune_kernels": [], "bench_quantize_gpu": [], "bench_load": ["--devices", "cpu", "cuda"],
+            "bench_vs_autoawq": ["--autoawq-python", str(tmp_path / "no-venv" / "python")],
+            "bench_blocks": ["--model", "smollm2", "--data", str(tmp_path / "no-data")], "bench_memory": []}
+
+
+@pytest.mark.parametrize("kind", NEW_KINDS)
+def test_a_script_that_cannot_run_writes_skipped_and_fails(tmp_path, monkeypatch, capsys, kind):
+    import importlib
+
+    import torch
+
+    from benchmarks import common
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
+    monkeypatch.setattr(common, "PROC_STATUS", tmp_path / "no-proc" / "status")  # bench_memory: not Linux
+    script = importlib.import_module(f"benchmarks.{kind}")
+    out = tmp_path / "out" / "run.json"
+    args = skip_cases(tmp_path)[kind] + ["--out", str(out)]
+    assert script.main(args) == 1
+    rep = json.loads(out.read_text())
+    assert rep["skipped"] and rep["benchmark"] == kind and all(rep.get(k) for k in PROVENANCE)
+    assert rep["command"] == f"python -m benchmarks.{kind} " + " ".join(args)
+    assert "skipped" in capsys.readouterr().err
+    d = copy_bench(tmp_path)
+    assert report.main(["--add", str(out), "--dir", str(d)]) == 2
+    assert f"the run was skipped ({rep['skipped']})" in capsys.readouterr().err
+    assert not (d / "results" / f"{report.run_name(rep)}.json").exists()
+
+
+def test_bench_blocks_runs_and_its_json_records(tmp_path, capsys):
+    """The whole script on a tiny random model (seconds): what it writes is what --add records."""
+    from benchmarks import bench_blocks
+    out = tmp_path / "blocks.json"
+    assert bench_blocks.main(["--model", "tiny:llama", "--blocks", "1", "--variants", "rtn;awq", "--group-size", "32",
+                              "--threads", "1", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["benchmark"] == "bench_blocks" and rep["device"] == "cpu" and list(rep["rows"]) == ["rtn", "awq"]
+    assert len(rep["rows"]["awq"]["rel_err"]) == 1 and 0 < rep["rows"]["awq"]["rel_err"][0] < 1
+    printed = capsys.readouterr().out
+    assert report.blocks_table(rep) in printed  # the script prints the table RESULTS.md would show
+    d = copy_bench(tmp_path)
+    assert report.main(["--add", str(out), "--dir", str(d)]) == 0
+    assert report.blocks_table(rep) in (d / "RESULTS.md").read_text()
