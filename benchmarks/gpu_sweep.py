@@ -5,8 +5,10 @@ Steps, in order (each writes its results into the JSON before the next starts):
 
 1. device info; build (JIT, once, cached under $AWQLIB_CACHE) and load the extension;
 2. correctness gate: every kernel variant on small shapes and token counts, fresh random data,
-   outputs from a NaN-poisoned allocator, relative error against an fp32 reference; any failure
-   aborts the sweep (exit status 2) -- a wrong kernel's timings are worthless;
+   outputs from a NaN-poisoned allocator, relative error against an fp32 reference; a failure is
+   recorded with where the output is wrong (unwritten NaNs, rows, columns mod the slice), the
+   variants it touches are not timed (a wrong kernel's timings are worthless), the others still
+   are, and the exit status is 2;
 3. rooflines: a device-to-device copy (bytes read + written) and a read-only streaming kernel (a
    sum over 1 GB: what a GEMV's weight stream can hope for);
 4. the sweep: variants x shapes x M against fp16 cuBLAS ``F.linear`` in the same run (CUDA graphs,
@@ -96,7 +98,7 @@ def plan_text(args) -> str:
         f"gpu_sweep plan (budget {args.budget:.0f} s, output {args.out}):",
         "  1. device info; build + load the extension (JIT, cached in $AWQLIB_CACHE)",
         f"  2. correctness gate: {gate} cases ({len(GATE_VARIANTS)} layout/kernel variants x {len(GATE_SHAPES)} shapes"
-        f" x their M), fp16, + bf16 for the stream kernel; abort on failure",
+        f" x their M), fp16, + bf16 for the stream kernels; a failing variant is not timed",
         "  3. rooflines: device-to-device copy, read-only streaming sum",
         f"  4. sweep: {cases} timings = {len(SHAPES)} shapes x M {args.ms} x ({', '.join(v[0] for v in VARIANTS)}, fp16)",
         "  5. table (+ SASS instr/KB from benchmarks/sass_budget.json)",
@@ -155,7 +157,7 @@ def gate(report: dict, save) -> bool:
                         ref = x.float() @ w32
                         err = ((out.float() - ref).norm() / ref.norm()).item()
                         ok = bool(torch.isfinite(out).all()) and err < REL_TOL[dtype]
-                        msg = f"rel err {err:.2e}"
+                        msg = f"rel err {err:.2e}" + ("" if ok else "; " + where_wrong(out, ref, REL_TOL[dtype]))
                     except RuntimeError as e:  # a refused case is a failure here: the gate lists only valid ones
                         ok, msg = False, f"{type(e).__name__}: {str(e)[:200]}"
                         if kernel in STREAM_KERNELS and M > 16 and M <= 32 and \
@@ -174,6 +176,35 @@ def gate(report: dict, save) -> bool:
 
 def gate_summary(cases: list[dict]) -> dict:
     return {"cases": len(cases), "failed": [c for c in cases if not c["ok"]]}
+
+
+def where_wrong(out: torch.Tensor, ref: torch.Tensor, tol: float) -> str:
+    """Where a failed output is wrong, for diagnosis after the window: NaN elements (the poisoned
+    allocator's: never written), and the rows / columns (mod 128 = the stream kernel's slice, mod 64
+    = its n-atom) of elements off by more than tol x the output's RMS."""
+    out, ref = out.float().cpu(), ref.float().cpu()
+    nan = torch.isnan(out)
+    bad = nan | ((out - ref).abs() > tol * ref.pow(2).mean().sqrt())
+    if not bad.any():
+        return "no element off by more than tol x RMS (a spread error)"
+    rows = bad.any(1).nonzero().flatten().tolist()
+    cols = bad.any(0).nonzero().flatten()
+    return (f"{int(bad.sum())} of {bad.numel()} elements wrong ({int(nan.sum())} NaN = unwritten); rows "
+            f"{rows[:8]}{'...' if len(rows) > 8 else ''} of {out.shape[0]}; {cols.numel()} of {out.shape[1]} columns, "
+            f"first {cols[:8].tolist()}, mod 128 {sorted(set((cols % 128).tolist()))[:16]}, "
+            f"slices {sorted(set((cols // 128).tolist()))[:16]}")
+
+
+def failed_variants(gate_report: dict) -> set[str]:
+    """Sweep variants (labels) a failed gate case rules out: same layout and kernel, or the
+    automatic choice on that layout (which may have dispatched to the failing kernel)."""
+    labels = set()
+    for c in gate_report.get("failed", []):
+        for label, layout, kernel in VARIANTS:
+            if layout == c["layout"] and (kernel.name == c["kernel"] or kernel == Kernel.AUTO
+                                          or c["kernel"] == Kernel.AUTO.name):
+                labels.add(label)
+    return labels
 
 
 def rooflines(report: dict, save):
@@ -224,7 +255,7 @@ def sweep_row(name: str, N: int, K: int, M: int, variant: str, t: float, t_ref: 
             "sass_instr_per_kb": sass.get(kl)}
 
 
-def sweep(args, report: dict, save, t0: float):
+def sweep(args, report: dict, save, t0: float, excluded: set[str] = frozenset()):
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 50 << 20)
     cap = int(props.total_memory * 0.2)
@@ -234,7 +265,8 @@ def sweep(args, report: dict, save, t0: float):
     for _, name, N, K in order:
         g = GROUP
         nq = n_copies(int(weight_bytes(N, K)), l2, cap)
-        weights = {layout: [make_weight(K, N, g, layout)[1] for _ in range(nq)] for _, layout, _ in VARIANTS}
+        weights = {layout: [make_weight(K, N, g, layout)[1] for _ in range(nq)]
+                   for label, layout, _ in VARIANTS if label not in excluded}
         w16s = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02 for _ in range(n_copies(2 * K * N, l2, cap))]
         for M in args.ms:
             if time.time() - t0 > args.budget:
@@ -243,7 +275,8 @@ def sweep(args, report: dict, save, t0: float):
             ref_calls = [lambda w=w: F.linear(x, w) for w in w16s]
             t_ref = time_graph(ref_calls, time_eager(ref_calls[0], reps=2))
             for label, layout, kernel in VARIANTS:
-                if (kernel == Kernel.STREAM and M > 64) or (kernel == Kernel.STREAM_GROUP_SUMS and M > 32):
+                if label in excluded or (kernel == Kernel.STREAM and M > 64) or \
+                        (kernel == Kernel.STREAM_GROUP_SUMS and M > 32):
                     continue
                 calls = [lambda q=q: torch.ops.awqlib.awq_gemm_variant(x, q[0], q[1], q[2], g, int(kernel), 0)
                          for q in weights[layout]]
@@ -363,11 +396,16 @@ def main(argv=None) -> int:
         print(f"device {props.name}, {props.multi_processor_count} SMs; kernels {report['backend']} in "
               f"{report['build_s']:.0f} s", flush=True)
         save()
+        excluded: set[str] = set()
         if not args.skip_gate and not gate(report, save):
-            print("correctness gate FAILED: no timings (see the JSON's gate.failed)")
-            return 2
+            excluded = failed_variants(report["gate"])
+            report["not_timed"] = sorted(excluded)
+            status = 2
+            print(f"correctness gate FAILED (see the JSON's gate.failed): not timing {sorted(excluded)}", flush=True)
+            if excluded >= {v[0] for v in VARIANTS}:
+                return status
         rooflines(report, save)
-        sweep(args, report, save, t0)
+        sweep(args, report, save, t0, excluded)
     except OutOfTime:
         report["truncated"] = f"budget of {args.budget:.0f} s reached"
         print(f"\n{report['truncated']}: remaining cases skipped", flush=True)

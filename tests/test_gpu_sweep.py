@@ -68,3 +68,24 @@ def test_gpu_window_script_selects_what_it_claims():
                  "test_stream_kernel_deterministic", "test_two_graphs_replayed_concurrently_on_two_streams",
                  "test_dequantize_stream_bit_exact"):
         assert test in names, (test, sorted(names))
+
+
+def test_gate_failure_says_where_and_rules_out_only_its_variants():
+    import torch
+    from awqlib.ops import Kernel
+    ref = torch.randn(3, 384)
+    out = ref.clone()
+    out[1, 130:132] += 5.0          # slice 1, columns 2-3 of it
+    out[2, 300] = float("nan")      # never written
+    msg = gpu_sweep.where_wrong(out, ref, 2e-3)
+    assert "3 of 1152 elements wrong (1 NaN = unwritten)" in msg and "rows [1, 2] of 3" in msg
+    assert "first [130, 131, 300]" in msg and "slices [1, 2]" in msg
+    assert "spread" in gpu_sweep.where_wrong(ref, ref, 2e-3)
+
+    def failed(layout, kernel):
+        return {"failed": [{"layout": layout, "kernel": kernel.name}]}
+    assert gpu_sweep.failed_variants(failed("stream", Kernel.STREAM_GROUP_SUMS)) == {"stream:sums"}
+    assert gpu_sweep.failed_variants(failed("stream", Kernel.AUTO)) == {"stream", "stream:sums"}
+    assert gpu_sweep.failed_variants(failed("tiled", Kernel.SKINNY_SHALLOW)) == {"tiled:auto"}
+    assert gpu_sweep.failed_variants(failed("gemm", Kernel.GEMV)) == set()
+    assert gpu_sweep.failed_variants({"failed": []}) == set()
