@@ -68,6 +68,8 @@ class AWQOptions:
                                         # fitted the calibration tokens and lost on held-out ones
                                         # (SmolLM2, docs/ALGORITHM.md)
     gptq_block: int = 128               # columns per lazy batch update
+    gptq_act_order: bool = False        # quantize columns by decreasing Hessian diagonal (static groups:
+                                        # the format is unchanged)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -466,7 +468,10 @@ def gptq_linears(linears: dict[str, nn.Linear], site_of: dict[str, _Site],
     out = {}
     for names in by_site.values():
         site = site_of[names[0]]
-        U = gptq.inverse_hessian_factor(site.hessian(), opts.gptq_damp)
+        H = site.hessian()
+        perm = gptq.act_order_permutation(H) if opts.gptq_act_order else None
+        U = gptq.inverse_hessian_factor(H if perm is None else gptq.permute_hessian(H, perm), opts.gptq_damp)
+        del H
         ws = [linears[n].weight.data for n in names]
         dev = ws[0].device
         budget = GPTQ_CHUNK_BYTES.get(dev.type, 16 * ROW_CHUNK_BYTES)
@@ -477,7 +482,7 @@ def gptq_linears(linears: dict[str, nn.Linear], site_of: dict[str, _Site],
         zero = torch.cat([g[1] for g in grids])
         wq = torch.empty(W.shape, dtype=torch.float32, device=dev)
         for r in row_chunks(W, chunk_bytes=budget):
-            wq[r] = gptq.gptq_quantize(W[r], U, scale[r], zero[r], qcfg.bits, opts.gptq_block)
+            wq[r] = gptq.gptq_quantize(W[r], U, scale[r], zero[r], qcfg.bits, opts.gptq_block, perm)
         if not torch.isfinite(wq).all():
             raise FloatingPointError(f"GPTQ gave non-finite weights for {names}: nothing was written")
         del W, U

@@ -8,8 +8,10 @@ The grid is *static*: every group's (scale, zero) is fixed before the first colu
 from the weights handed in (in awqlib: scaled and clipped by AWQ).  GPTQ then only chooses the
 codes.  So the result is an ordinary (codes, scale, zero) triple in the AWQ GEMM format, read by
 every engine that reads AWQ checkpoints; the dequantized weight it returns lies exactly on that
-grid.  Columns keep their natural order (act-order would need a permuted group index, which the
-format cannot store).
+grid.  Because the grid is fixed first, the columns may be *processed* in any order without
+changing the format: ``act_order_permutation`` (GPTQ's act-order, "static groups") quantizes the
+columns with the largest Hessian diagonal first, while each column keeps the scale and zero of its
+own group in the natural order -- no permuted group index is stored.
 """
 
 from __future__ import annotations
@@ -61,27 +63,43 @@ def static_qparams(w: torch.Tensor, bits: int, group_size: int, zero_point: bool
     return compute_qparams(w, bits, group_size, zero_point)
 
 
+def act_order_permutation(H: torch.Tensor) -> torch.Tensor:
+    """GPTQ's act-order: input columns by decreasing Hessian diagonal (the channels whose errors
+    cost most are quantized first, while the most columns are left to absorb their error).  A
+    stable sort, so ties (e.g. dead channels) keep their order."""
+    return torch.sort(H.diagonal().float(), descending=True, stable=True).indices
+
+
+def permute_hessian(H: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """H with rows and columns in ``perm``'s order (factor this for :func:`gptq_quantize` with perm)."""
+    return H[perm][:, perm]
+
+
 def gptq_quantize(w: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                  bits: int = 4, block_size: int = 128) -> torch.Tensor:
+                  bits: int = 4, block_size: int = 128, perm: torch.Tensor | None = None) -> torch.Tensor:
     """GPTQ with lazy batch updates on the fixed grid (scale, zero) [out, in/g].
 
     ``w`` [out, in] (not modified), ``U`` from :func:`inverse_hessian_factor`.  Returns the
     dequantized weight [out, in] fp32, exactly ``dequantize(quantize(result, scale, zero))``.
     Rows are independent given H: callers may pass any subset of rows (with their qparams).
+    ``perm``: the order the columns are quantized in (:func:`act_order_permutation`); ``U`` must
+    then factor :func:`permute_hessian`'s H.  Each column keeps its own group's scale and zero, and
+    the result is in the natural column order.
     """
     rows, n = w.shape
     g = n // scale.shape[1]
     maxq = 2**bits - 1
     # Transposed, so that a column is a contiguous row: the per-column steps touch contiguous memory.
-    Wt = w.t().float().contiguous()              # [in, out]
+    Wt = (w if perm is None else w[:, perm]).t().float().contiguous()  # [in, out], in processing order
     St, Zt = scale.t().float().contiguous(), zero.t().float().contiguous()  # [in/g, out]
+    group_of = (torch.arange(n) if perm is None else perm.cpu()).div(g, rounding_mode="floor").tolist()
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         W1 = Wt[i1:i2]  # a view: updated in place
         Err1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            s, z = St[(i1 + i) // g], Zt[(i1 + i) // g]
+            s, z = St[group_of[i1 + i]], Zt[group_of[i1 + i]]
             w_col = W1[i]
             q = (torch.clamp(torch.round(w_col / s) + z, 0, maxq) - z) * s
             err = Err1[i]
@@ -90,15 +108,21 @@ def gptq_quantize(w: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero: t
             w_col.copy_(q)
         if i2 < n:  # the block's errors reach the remaining columns in one matmul
             Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
+    if perm is not None:
+        natural = torch.empty_like(Wt)
+        natural[perm.to(Wt.device)] = Wt
+        Wt = natural
     return Wt.t()
 
 
 def gptq(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, zero_point: bool = True,
          clip: tuple[torch.Tensor, torch.Tensor] | None = None, percdamp: float = 0.01,
-         block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+         block_size: int = 128, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One linear: ``w`` [out, in], ``H`` = X^T X [in, in] -> (dequantized weight, scale, zero)."""
     scale, zero = static_qparams(w, bits, group_size, zero_point, clip)
-    wq = gptq_quantize(w, inverse_hessian_factor(H, percdamp), scale, zero, bits, block_size)
+    perm = act_order_permutation(H) if act_order else None
+    U = inverse_hessian_factor(H if perm is None else permute_hessian(H, perm), percdamp)
+    wq = gptq_quantize(w, U, scale, zero, bits, block_size, perm)
     return wq, scale, zero
 
 

@@ -14,8 +14,8 @@
 //  * Exactness: (magic + q) - (magic + z) is exact and the single multiply by the scale rounds
 //    once, as in the reference (fp16 high nibbles: fma(16 q + 1024, 1/16, -(64 + z)), also exact).
 //    Group sums (Kernel.STREAM_GROUP_SUMS, M <= 32, groups >= 128 rows) skip that multiply: the
-//    mma sums x (q - z) exactly per group and the scale is applied once per group in fp32
-//    (GroupSums: 151 instead of 175 instructions per KB).
+//    mma sums the exact products x (q - z) in fp32 and the scale is applied in fp32 once per
+//    warp k-slice (GroupSums: 151 instead of 175 instructions per KB).
 //  * Pipeline: a 3-stage cp.async ring in shared memory; a stage is 512 k-rows x 128 columns
 //    (32 KB of weights; 256 rows at M > 32) plus the activations, scales and zeros it needs, so
 //    64 KB of weights are in flight per SM.  Every shared-memory access is [ring-slot base +
@@ -140,7 +140,7 @@ template <> struct StreamDequant<__half> {
     gp.sc[3] = as_t2<__half2>(s8.w);
   }
   // b[0], b[1]: tile 2j; b[2], b[3]: tile 2j+1.  SCALED: (q - z) s, else q - z (exact small
-  // integers: the group-sums kernels multiply by the scale once per group, in fp32).
+  // integers: the group-sums kernels apply the scale to fp32 sums, GroupSums).
   template <bool SCALED = true>
   __device__ __forceinline__ static void word(uint32_t (&b)[4], uint32_t w, const Group& gp, int j) {
     const __half2 sixteenth = __float2half2_rn(0.0625f);
@@ -186,13 +186,14 @@ template <> struct StreamDequant<__nv_bfloat16> {
 
 // Group sums.  Scaling every dequantized pair costs one HMUL2 per two weights: 128 of a warp's
 // ~700 instructions per stage at M <= 16.  The scale is constant over a group's rows, so
-// sum_k x_k (q_k - z) s = s sum_k x_k (q_k - z): the mma accumulates the group's unscaled sums in
-// `part` (exact: x (q - z) is exact in fp32 for |q - z| <= 15), and the group's end folds them
-// into the accumulators with one FFMA each.  The fold reads the scales of the accumulator's own
+// sum_k x_k (q_k - z) s = s sum_k x_k (q_k - z): the mma accumulates unscaled sums in `part` (the
+// products x (q - z) are exact, |q - z| <= 15, and summed in fp32 like every mma here), and at
+// the end of each stage -- a warp's 128-row k-slice lies in one group -- they are folded into
+// the accumulators with one FFMA each.  The fold reads the scales of the accumulator's own
 // columns, 8 t + 2 q + e (t the n8-tile, e the column of the pair), which the stream layout's
 // scale permutation puts at positions 16 q + 8 e + t: two 16-byte shared loads per fold, shared
-// by the lanes of equal q.  The sum is also closer to exact than the scaled path: no weight is
-// rounded to T.  A fold (MB * 32 FFMA + 16 conversions; the cleared sums cost nothing, the next
+// by the lanes of equal q.  No weight is rounded to T, so the result is closer to the exact
+// product than the scaled path's.  A fold (MB * 32 FFMA + 16 conversions; the cleared sums cost nothing, the next
 // mma reads RZ) saves the stage's 16 kKA HMUL2 when it comes once per stage, at MB <= 2 without
 // FINE groups (sm_90 SASS, fp16, MB = 1: 151 instead of 175 instructions per KB).  Where a FINE
 // group change folds inside a branch, the sums are cleared by moves and the kernel got slower

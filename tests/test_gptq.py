@@ -90,3 +90,38 @@ def test_awq_gptq_model_end_to_end_is_finite_and_differs_from_awq(calib_ids, tmp
         card = (tmp_path / method / "README.md").read_text()
         assert f"| method | {awq.METHODS[method]} |" in card
     assert not torch.equal(outs["awq"], outs["awq+gptq"])
+
+
+def test_act_order_keeps_the_static_grid_and_the_natural_column_order():
+    """Act-order changes only the order the columns are quantized in: each column keeps its own
+    group's (scale, zero), the result is in the natural column order and on the grid, and with the
+    outlier channels quantized first it is at least as good as the natural order on the layer."""
+    w, x = _layer()
+    x[:, 200:203] *= 10  # outliers at the end too: the natural order quantizes them last
+    H = x.t() @ x
+    perm = gptq.act_order_permutation(H)
+    assert set(perm[:6].tolist()) == {0, 1, 2, 200, 201, 202}
+    wq, scale, zero = gptq.gptq(w, H, 4, 64, True, act_order=True)
+    nat, s2, z2 = gptq.gptq(w, H, 4, 64, True)
+    assert torch.equal(scale, s2) and torch.equal(zero, z2), "same static grid"
+    gptq.codes_of(wq, scale, zero)  # exactly on the natural-order grid
+    assert not torch.equal(wq, nat)
+    assert _out_err(w, wq, x) < _out_err(w, nat, x)
+    # the identity permutation is the natural order, bit for bit
+    U = gptq.inverse_hessian_factor(H)
+    assert torch.equal(gptq.gptq_quantize(w, U, scale, zero, perm=torch.arange(256)),
+                       gptq.gptq_quantize(w, U, scale, zero))
+
+
+def test_act_order_on_a_model_changes_the_codes_not_the_format(calib_ids):
+    weights = {}
+    for act_order in (False, True):
+        model = tiny_model("llama")
+        w = AutoAWQ.from_model(model)
+        w.quantize(None, {"w_bit": 4, "q_group_size": 64}, calib_data=list(calib_ids), n_samples=16, seqlen=64,
+                   gptq_act_order=act_order)
+        lin = model.model.layers[1].mlp.down_proj
+        assert isinstance(lin, WQLinear) and lin.qweight.shape == (lin.in_features, lin.out_features // 8)
+        weights[act_order] = lin.dequantized_weight()
+        assert torch.isfinite(weights[act_order]).all()
+    assert not torch.equal(weights[False], weights[True])

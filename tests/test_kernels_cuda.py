@@ -390,7 +390,7 @@ def test_stream_kernel_bf16(M, N, K, g):
 def group_sums_apply(M: int, K: int, g: int) -> bool:
     """Where Kernel.STREAM_GROUP_SUMS runs group sums (awq_stream.cu group_sums_pay): M <= 32 and
     groups no finer than a warp's 128-row k-slice; elsewhere it is Kernel.STREAM."""
-    return M <= 2 * M_TILE and (g == -1 or g >= 128)
+    return M <= 2 * M_TILE and (K if g == -1 else g) >= 128
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -205,9 +205,9 @@ def emulate(x, qs, zs, ss, g, num_sms, sums=False):
                     out[:, n0:n0 + ncol] = red[:rows, :ncol]
                     written.add(c_slice)
                 else:
-                    part = cta - first
-                    assert 0 <= part < p["max_parts"] and (c_slice, part) not in ws
-                    ws[(c_slice, part)] = red[:rows].clone()
+                    pidx = cta - first
+                    assert 0 <= pidx < p["max_parts"] and (c_slice, pidx) not in ws
+                    ws[(c_slice, pidx)] = red[:rows].clone()
                     counters[c_slice] += 1
                     if counters[c_slice] == parts:   # arrive_last
                         v = sum(ws[(c_slice, s)] for s in range(parts))   # in part order
@@ -259,6 +259,10 @@ SUMS_CASES = [  # the group-sums instantiation: coarse groups, MB 1 and 2
     (1, 128, 2048, 1024, 3),   # a group spans k-tiles
     (1, 64, 768, 768, 2),      # not EXACT, group == K
     (20, 192, 1024, 128, 3),   # MB = 2, N tail
+    (1, 256, 1536, 128, 4),    # a CTA flushes a split slice mid-run, then goes on with cleared sums
+    (3, 128, 1024, 512, 3),    # group == stage
+    (1, 128, 640, 128, 2),     # K tail: zero-filled rows and out-of-range groups
+    (2, 128, 768, 256, 3),     # K tail with two groups per k-tile
 ]
 
 
