@@ -116,22 +116,22 @@ def can_tile(in_features: int, out_features: int, group_size: int, bits: int = 4
     return bits == 4 and out_features % TILE_N == 0 and in_features % TILE_K == 0 and g % TILE_K == 0
 
 
-def tile_for_kernels(qweight: torch.Tensor) -> torch.Tensor:
+def tile_qweight(qweight: torch.Tensor) -> torch.Tensor:
     """GEMM-layout qweight [K, N/8] -> warp-tiled [N/64, K/32, 256] (a permutation of the words)."""
     k, n8 = qweight.shape
     if k % TILE_K or n8 % (TILE_N // 8):
-        raise ValueError(f"tile_for_kernels: qweight {tuple(qweight.shape)} needs K % {TILE_K} == 0 and "
+        raise ValueError(f"tile_qweight: qweight {tuple(qweight.shape)} needs K % {TILE_K} == 0 and "
                          f"N % {TILE_N} == 0")
     rows = torch.tensor(TILE_ROWS, device=qweight.device).flatten()          # (q, j) -> row in chunk
     t = qweight.view(k // TILE_K, TILE_K, n8 // 8, 8).permute(2, 0, 3, 1)     # [nb, kc, g, row]
     return t[..., rows].reshape(n8 // 8, k // TILE_K, 256).contiguous()      # (g, q, j) = 8 * lane + j
 
 
-def untile_from_kernels(qtiled: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`tile_for_kernels`: warp-tiled [N/64, K/32, 256] -> GEMM layout [K, N/8]."""
+def untile_qweight(qtiled: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`tile_qweight`: warp-tiled [N/64, K/32, 256] -> GEMM layout [K, N/8]."""
     nb, kc, w = qtiled.shape
     if w != 256:
-        raise ValueError(f"untile_from_kernels: expected [N/64, K/32, 256], got {tuple(qtiled.shape)}")
+        raise ValueError(f"untile_qweight: expected [N/64, K/32, 256], got {tuple(qtiled.shape)}")
     rows = torch.tensor(TILE_ROWS, device=qtiled.device).flatten()
     inv = torch.argsort(rows)                                                  # row in chunk -> (q, j)
     t = qtiled.view(nb, kc, 8, 32)[..., inv]                                  # [nb, kc, g, row]
@@ -302,7 +302,7 @@ def to_layout(layout: str, qweight: torch.Tensor, qzeros: torch.Tensor,
         return qweight, qzeros, scales
     qw, qz, sc = as_gemm_params(qweight, qzeros, scales)
     if layout == "tiled":
-        return tile_for_kernels(qw), qz, sc
+        return tile_qweight(qw), qz, sc
     if layout == "stream":
         return stream_qweight(qw), stream_qzeros(qz), stream_scales(sc)
     return qw, qz, sc
@@ -316,7 +316,7 @@ def as_gemm_layout(qweight: torch.Tensor) -> torch.Tensor:
     """qweight in the GEMM layout, whichever layout it is stored in."""
     if qweight.dim() != 3:
         return qweight
-    return unstream_qweight(qweight) if is_stream(qweight) else untile_from_kernels(qweight)
+    return unstream_qweight(qweight) if is_stream(qweight) else untile_qweight(qweight)
 
 
 def as_gemm_params(qweight: torch.Tensor, qzeros: torch.Tensor,

@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         return skip(report, args.out, "no CUDA device")
     from awqlib import kernels
-    from awqlib.packing import tile_for_kernels
+    from awqlib.packing import tile_qweight
     props = torch.cuda.get_device_properties(0)
     report["device"] = props.name
     if not kernels.load():  # the variants are the CUDA kernels': nothing to time on the reference
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         qws = [(torch.randint(-2**31, 2**31 - 1, (K, N // 8), dtype=torch.int32, device="cuda"),
                 torch.randint(-2**31, 2**31 - 1, (K // g, N // 8), dtype=torch.int32, device="cuda"),
                 (torch.rand(K // g, N, device="cuda") * 0.01).half()) for _ in range(n_copies(int(wbytes), l2, cap))]
-        qws = [(q, tile_for_kernels(q), z, s) for q, z, s in qws]
+        qws = [(q, tile_qweight(q), z, s) for q, z, s in qws]
         w16s = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02
                 for _ in range(n_copies(2 * K * N, l2, cap))]
         for M in MS:

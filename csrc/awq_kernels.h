@@ -53,7 +53,7 @@ void launch_gemm(DType dt, const GemmArgs& a, const Plan& plan, cudaStream_t str
 void launch_dequant(DType dt, const int32_t* qweight, const int32_t* qzeros, const void* scales, void* out,
                     int K, int N, int group_size, cudaStream_t stream);
 
-// Same for a warp-tiled qweight [N/64, K/32, kTileWords] (awqlib/packing.py: tile_for_kernels):
+// Same for a warp-tiled qweight [N/64, K/32, kTileWords] (awqlib/packing.py: tile_qweight):
 // tile (nb, kc) holds rows 32 kc.. and words 8 nb.., lane l = 4 g + q owning 8 consecutive
 // words: word 8 nb + g of rows 2q, 2q+1, 2q+8, 2q+9, 16+2q, 17+2q, 24+2q, 25+2q.
 constexpr int kTileN = 64, kTileK = 32, kTileWords = 256;

@@ -288,9 +288,9 @@ TILED_CASES = ([(int(k), m) for k in (Kernel.AUTO, Kernel.SKINNY, Kernel.SKINNY_
 @pytest.mark.parametrize("N,K,g", [COMBOS[1], COMBOS[2], (11008, 2752, 32)], ids=["N192", "N4096", "K2752-g32"])
 @pytest.mark.parametrize("kernel,M", TILED_CASES, ids=[f"k{k}-M{m}" for k, m in TILED_CASES])
 def test_tiled_layout(kernel, M, N, K, g, splits):
-    from awqlib.packing import tile_for_kernels
+    from awqlib.packing import tile_qweight
     qweight, qzeros, scales, _ = weight(K, N, g)
-    qt = tile_for_kernels(qweight)
+    qt = tile_qweight(qweight)
     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
     poison_allocator()
     out = torch.ops.awqlib.awq_gemm_variant(x, qt, qzeros, scales, g, kernel, splits)
@@ -299,32 +299,32 @@ def test_tiled_layout(kernel, M, N, K, g, splits):
 
 @pytest.mark.parametrize("M", [1, *edges(M_TILE, SKINNY_MAX_M_TILED), 64])
 def test_tiled_layout_bf16(M):
-    from awqlib.packing import tile_for_kernels
+    from awqlib.packing import tile_qweight
     N, K, g = 4096, 4096, 128
     qweight, qzeros, scales, _ = weight(K, N, g)
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    check(x, K, N, g, torch.bfloat16, out=torch.ops.awqlib.awq_gemm(x, tile_for_kernels(qweight), qzeros, scales, g))
+    check(x, K, N, g, torch.bfloat16, out=torch.ops.awqlib.awq_gemm(x, tile_qweight(qweight), qzeros, scales, g))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_dequantize_tiled_bit_exact(dtype):
-    from awqlib.packing import tile_for_kernels
+    from awqlib.packing import tile_qweight
     K, N, g = 576, 192, 64
     codes = torch.randint(0, 16, (K, N), dtype=torch.int32, device="cuda")
     zeros = torch.randint(0, 16, (K // g, N), dtype=torch.int32, device="cuda")
     scales = (torch.randn(K // g, N, device="cuda") * 0.01).to(dtype)
     qweight, qzeros = pack_awq(codes, zeros)
     poison_allocator()
-    out = torch.ops.awqlib.awq_dequantize(tile_for_kernels(qweight), qzeros, scales, g)
+    out = torch.ops.awqlib.awq_dequantize(tile_qweight(qweight), qzeros, scales, g)
     assert torch.equal(out, dequantize_gemm(qweight, qzeros, scales, g))
 
 
 def test_tiled_refuses_untiled_kernels():
-    from awqlib.packing import tile_for_kernels
+    from awqlib.packing import tile_qweight
     qweight, qzeros, scales, _ = weight(576, 192, 64)
     x = torch.randn(4, 576, device="cuda", dtype=torch.float16)
     with pytest.raises(RuntimeError, match="warp-tiled"):
-        torch.ops.awqlib.awq_gemm_variant(x, tile_for_kernels(qweight), qzeros, scales, 64, int(Kernel.GEMV), 0)
+        torch.ops.awqlib.awq_gemm_variant(x, tile_qweight(qweight), qzeros, scales, 64, int(Kernel.GEMV), 0)
 
 
 # --- the stream layout and its streaming kernel (Kernel.STREAM), opt-in until validated here ----

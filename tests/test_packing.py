@@ -117,9 +117,9 @@ def test_tile_rows_cover_each_chunk_row_once():
 @pytest.mark.parametrize("K,N", [(32, 64), (96, 192), (256, 128)])
 def test_tile_for_kernels_bit_exact(K, N):
     """Every word lands where the skinny kernel's lane reads it (explicit loops as the spec)."""
-    from awqlib.packing import TILE_ROWS, tile_for_kernels, untile_from_kernels
+    from awqlib.packing import TILE_ROWS, tile_qweight, untile_qweight
     qweight = torch.randint(-2**31, 2**31 - 1, (K, N // 8), dtype=torch.int32)
-    t = tile_for_kernels(qweight)
+    t = tile_qweight(qweight)
     assert t.shape == (N // 64, K // 32, 256) and t.dtype == torch.int32
     for nb in range(N // 64):
         for kc in range(K // 32):
@@ -127,11 +127,11 @@ def test_tile_for_kernels_bit_exact(K, N):
                 g, q = divmod(lane, 4)
                 for j in range(8):
                     assert t[nb, kc, 8 * lane + j] == qweight[32 * kc + TILE_ROWS[q][j], 8 * nb + g]
-    assert torch.equal(untile_from_kernels(t), qweight)
+    assert torch.equal(untile_qweight(t), qweight)
 
 
 # (repack, inverse, its K multiple, a K it refuses, a valid K, the inverse's word count, a count it refuses)
-RUNTIME_LAYOUTS = [("tile_for_kernels", "untile_from_kernels", 32, 48, 64, 256, 128),
+RUNTIME_LAYOUTS = [("tile_qweight", "untile_qweight", 32, 48, 64, 256, 128),
                    ("stream_qweight", "unstream_qweight", 16, 24, 32, 128, 256)]
 
 
