@@ -21,13 +21,20 @@ from . import ArchSpec, ScaleGroup
 _FALLBACK_BLOCKS = ("model.language_model.layers",)
 
 
+def find_submodule(module: nn.Module, path: str) -> nn.Module | None:
+    """The submodule at the dotted ``path``, or None where there is none."""
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def find_blocks(model: nn.Module, spec: ArchSpec) -> tuple[str, nn.ModuleList]:
     """(module path, the decoder blocks) of ``model``."""
     for path in (spec.blocks, *_FALLBACK_BLOCKS):
-        try:
-            return path, model.get_submodule(path)
-        except AttributeError:
-            continue
+        blocks = find_submodule(model, path)
+        if blocks is not None:
+            return path, blocks
     raise ValueError(f"cannot find the decoder blocks of this {spec.name} model at {spec.blocks!r}")
 
 
@@ -159,21 +166,13 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _has_submodule(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
-
-
 def check_quantizable(model: nn.Module, spec: ArchSpec, qcfg: QuantConfig) -> None:
     """Fail before any work if a linear cannot be stored in the AWQ format with this group size."""
     bad, in_sizes = [], set()
     blocks = get_blocks(model, spec)
     pf = pack_factor(qcfg.bits)
     if spec.experts is not None:
-        dense = [i for i, blk in enumerate(blocks) if not _has_submodule(blk, spec.experts.path)]
+        dense = [i for i, blk in enumerate(blocks) if find_submodule(blk, spec.experts.path) is None]
         if dense:
             raise ValueError(
                 f"decoder blocks {dense} of this {spec.name} model have no experts at {spec.experts.path!r}: models "
