@@ -75,7 +75,8 @@ def main():
     calib = calib_lines(data / "wikitext2-tokenized-valid.txt", a.n_samples)
     qc = {"w_bit": 4, "q_group_size": a.group_size, "zero_point": True, "version": "gemm"}
     rows = []
-    configs = [parse_variant(v) for v in (a.only.split(";") if ";" in a.only else a.only.split(","))]
+    configs = [parse_variant(v.strip()) for v in (a.only.split(";") if ";" in a.only else a.only.split(","))
+               if v.strip()]  # "METHOD:a=1,b=2;" is one variant with two options
     if a.ablate:  # each change on/off against the defaults, plus AutoAWQ's procedure
         configs = [("fp", {}), ("rtn", {}), ("awq", {}),
                    ("awq", {"propagate_quantized": False}),
