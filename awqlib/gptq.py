@@ -72,7 +72,7 @@ def act_order_permutation(H: torch.Tensor) -> torch.Tensor:
 
 def permute_hessian(H: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """H with rows and columns in ``perm``'s order (factor this for :func:`gptq_quantize` with perm)."""
-    return H[perm][:, perm]
+    return H[perm[:, None], perm]
 
 
 def gptq_quantize(w: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -108,11 +108,11 @@ def gptq_quantize(w: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero: t
             w_col.copy_(q)
         if i2 < n:  # the block's errors reach the remaining columns in one matmul
             Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
-    if perm is not None:
-        natural = torch.empty_like(Wt)
-        natural[perm.to(Wt.device)] = Wt
-        Wt = natural
-    return Wt.t()
+    if perm is None:
+        return Wt.t()
+    out = torch.empty(rows, n, dtype=Wt.dtype, device=Wt.device)
+    out[:, perm.to(Wt.device)] = Wt.t()  # back to the natural column order
+    return out
 
 
 def gptq(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, zero_point: bool = True,

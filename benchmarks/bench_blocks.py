@@ -27,7 +27,7 @@ from awqlib import awq
 from awqlib.arch import get_spec
 from awqlib.calib import get_calib_tokens
 from awqlib.config import QuantConfig
-from benchmarks.common import run_info, skip, write_json
+from benchmarks.common import effective_options, run_info, skip, write_json
 from benchmarks.report import blocks_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     h_in, h_kw = awq.capture_inputs(model, spec, held, 8, cpu, cpu)
     names = [v.strip() for v in a.variants.split(";") if v.strip()]
     variants = [parse_variant(v) for v in names]
-    rows = {n: {"rel_err": [], "seconds": []} for n in names}
+    rows = {n: {"rel_err": [], "seconds": [], "settings": effective_options(*v)} for n, v in zip(names, variants)}
     blocks = awq.get_blocks(model, spec)
     for i in range(a.blocks):
         blk = blocks[i]

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from benchmarks.common import run_info, time_graph, write_json
+from benchmarks.common import run_info, skip, time_graph, write_json
 from benchmarks.report import decode_table
 
 SIZES = {  # Llama-architecture shapes
@@ -52,17 +52,17 @@ def graph_step_ms(model, batch: int, vocab: int) -> float | None:
         return None
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="8b", choices=sorted(SIZES))
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", default="bench_generate.json")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     if not torch.cuda.is_available():
-        print("bench_generate: no CUDA device; nothing to measure")
-        return
+        return skip(run_info("bench_generate", argv), a.out, "no CUDA device")
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from awqlib import AutoAWQ
@@ -90,7 +90,7 @@ def main():
     fuse_model(wrapped)
     measure("awq-int4-fused")
     from awqlib.packing import runtime_layout
-    report = {**run_info("bench_generate", sys.argv[1:]), "size": a.size, "prompt": a.prompt,
+    report = {**run_info("bench_generate", argv), "size": a.size, "prompt": a.prompt,
               "new_tokens": a.new_tokens, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "runtime_layout": runtime_layout(), "rows": rows}
     print(f"\n{a.size} Llama, {report['device']}, prompt {a.prompt}, {a.new_tokens} new tokens, "
@@ -100,4 +100,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

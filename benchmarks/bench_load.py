@@ -106,9 +106,13 @@ def main(argv=None) -> int:
         return 0
     argv = sys.argv[1:] if argv is None else argv
     import torch
-    gpu = [d for d in a.devices if d != "cpu"]
+    gpu = [d for d in a.devices if d.startswith("cuda")]  # "auto" (a device_map) works without a GPU too
     if gpu and not torch.cuda.is_available():
         return skip(run_info("bench_load", argv), a.out, f"no CUDA device for {' '.join(gpu)}")
+    try:  # before any work: a bad device index is an error now, not after the loads
+        card = device_label(gpu[0] if gpu else "cuda" if "auto" in a.devices and torch.cuda.is_available() else "cpu")
+    except (RuntimeError, AssertionError, ValueError) as e:
+        return skip(run_info("bench_load", argv), a.out, f"cannot use {gpu[0] if gpu else 'auto'}: {e}")
     CONFIG["num_hidden_layers"] = a.layers
     work = Path(a.workdir or tempfile.mkdtemp(prefix="awqlib-load-"))
     src, q = work / "src", work / "q"
@@ -128,7 +132,6 @@ def main(argv=None) -> int:
             errors.append({"device": dev, "error": res.stderr.strip()[-1000:]})
             continue
         runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
-    card = device_label(gpu[0].replace("auto", "cuda") if gpu else "cpu")
     report = make_report(argv, size, a.layers, a.dtype, runs, errors, card)
     print(load_table(report))
     write_json(a.out, report)

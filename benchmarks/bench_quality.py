@@ -21,7 +21,7 @@ from awqlib import AutoAWQ, awq
 from awqlib.eval import load_eval_tokens, perplexity
 from awqlib.offline import smollm2_path
 from benchmarks.bench_blocks import parse_variant
-from benchmarks.common import run_info, write_json
+from benchmarks.common import effective_options, run_info, write_json
 from benchmarks.report import quality_table
 
 SEQLEN = 512  # calibration sequence length
@@ -43,7 +43,8 @@ def run(model_dir, tok, method, calib, qc, windows, eval_tokens, **opts):
         m.quantize(tok, qc, calib_data=calib, n_samples=len(calib), seqlen=SEQLEN, method=method, **opts)
     dt = time.perf_counter() - t0
     ppl = perplexity(m, eval_tokens, 1024, windows)
-    r = {"method": method, "ppl": round(ppl, 3), "quantize_s": round(dt, 1), "options": opts}
+    r = {"method": method, "ppl": round(ppl, 3), "quantize_s": round(dt, 1), "options": opts,
+         "settings": effective_options(method, opts)}
     reports = getattr(m, "reports", None) or []
     if method not in ("fp", "rtn"):
         # where the time went, and how often the identity scale won (same search in awq and awq+gptq)

@@ -29,10 +29,13 @@ def code_sha256(root: Path = ROOT) -> str:
     return h.hexdigest()
 
 
-def run_info(benchmark: str, argv: list[str]) -> dict:
-    """Provenance a benchmark's JSON starts with: which script (report.py picks the table renderer
-    by it), when (UTC), on which commit (git's, "+dirty" with local edits; else $AWQLIB_COMMIT; else
-    None), a hash of the sources (:func:`code_sha256`), and the command line."""
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _code_state() -> dict:
+    """The commit (git's, "+dirty" with local edits; else $AWQLIB_COMMIT; else None) and the
+    sources' hash, now."""
     commit = None
     try:
         git = ["git", "-C", str(ROOT)]
@@ -41,8 +44,21 @@ def run_info(benchmark: str, argv: list[str]) -> dict:
             commit += "+dirty"
     except (OSError, subprocess.CalledProcessError):
         commit = os.environ.get("AWQLIB_COMMIT") or None
-    return {"benchmark": benchmark, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit,
-            "code_sha256": code_sha256(), "command": shlex.join(["python", "-m", f"benchmarks.{benchmark}", *argv])}
+    return {"commit": commit, "code_sha256": code_sha256()}
+
+
+# Taken when a benchmark starts (its scripts import this module first): the code a run measures is
+# the code it imported, even if the checkout changes while it runs.
+_STARTED = {"started": time.time(), **_code_state()}
+
+
+def run_info(benchmark: str, argv: list[str]) -> dict:
+    """Provenance a benchmark's JSON starts with: which script (report.py picks the table renderer
+    by it), when (UTC: ``date`` the process started, ``ended`` now), on which commit and sources
+    (:func:`code_sha256`) as they were when it started, and the command line."""
+    return {"benchmark": benchmark, "date": _utc(_STARTED["started"]), "ended": _utc(time.time()),
+            "commit": _STARTED["commit"], "code_sha256": _STARTED["code_sha256"],
+            "command": shlex.join(["python", "-m", f"benchmarks.{benchmark}", *argv])}
 
 
 def write_atomic(path: str | Path, text: str) -> None:
@@ -57,6 +73,18 @@ def write_atomic(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
+
+
+def effective_options(method: str, options: dict) -> dict:
+    """Every AWQOptions field a calibrated ``method`` ran with (the defaults included), so that a
+    row still says what it measured after a default changes; {} for fp and round-to-nearest."""
+    if method in ("fp", "rtn"):
+        return {}
+    from dataclasses import asdict
+
+    from awqlib import awq
+    return {k: (v if isinstance(v, (bool, int, float, str)) else str(v))
+            for k, v in asdict(awq.make_options(method, **options)).items()}
 
 
 def skip(report: dict, out: str | Path | None, why: str) -> int:

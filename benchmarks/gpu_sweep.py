@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from awqlib.ops import Kernel
-from benchmarks.common import copy_bandwidth, n_copies, run_info, time_eager, time_graph, write_json
+from benchmarks.common import copy_bandwidth, n_copies, run_info, skip, time_eager, time_graph, write_json
 from benchmarks.report import sweep_table, targets_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -370,10 +370,7 @@ def main(argv=None) -> int:
         save_report(report, out, t0)
 
     if not torch.cuda.is_available():
-        report["skipped"] = "no CUDA device"
-        save()
-        print("gpu_sweep: no CUDA device")
-        return 1
+        return skip(report, out, "no CUDA device")
 
     def on_alarm(*_):
         raise OutOfTime
@@ -402,10 +399,9 @@ def main(argv=None) -> int:
             report["not_timed"] = sorted(excluded)
             status = 2
             print(f"correctness gate FAILED (see the JSON's gate.failed): not timing {sorted(excluded)}", flush=True)
-            if excluded >= {v[0] for v in VARIANTS}:
-                return status
-        rooflines(report, save)
-        sweep(args, report, save, t0, excluded)
+        if not excluded >= {v[0] for v in VARIANTS}:  # else nothing to time; the sanitizer below still runs
+            rooflines(report, save)
+            sweep(args, report, save, t0, excluded)
     except OutOfTime:
         report["truncated"] = f"budget of {args.budget:.0f} s reached"
         print(f"\n{report['truncated']}: remaining cases skipped", flush=True)
@@ -419,7 +415,8 @@ def main(argv=None) -> int:
     if args.sanitizer:
         report["sanitizer"] = run_tool(sanitizer_command(), out.parent / "sanitizer.log", 150)
         save()
-        status = 3 if report["sanitizer"].get("rc") not in (0, None) else status
+        if report["sanitizer"].get("rc") not in (0, None):
+            status = max(status, 3)  # exit statuses: 2 gate, 3 sanitizer; the JSON has both
     if report.get("sweep"):
         print("\n" + sweep_table(report) + "\n\n" + targets_table(report))
     print(f"\nwrote {out} ({report['elapsed_s']:.0f} s); record it: python -m benchmarks.report --add {out}")

@@ -84,7 +84,10 @@ def decode_table(report: dict) -> str:
             st = f"{step:.2f}"
         else:
             st = f"{step:.2f} ({_ratio(step0 / step)})"
-        lines.append(f"| {DECODE_MODELS.get(r['model'], r['model'])} | {r['batch']} | {r['tokens_per_s']:.1f} | {st} |")
+        name = DECODE_MODELS.get(r["model"], r["model"])
+        if r["model"] != "fp16" and report.get("runtime_layout"):  # which kernels the int4 rows ran
+            name += f", {report['runtime_layout']} layout"
+        lines.append(f"| {name} | {r['batch']} | {r['tokens_per_s']:.1f} | {st} |")
     return "\n".join(lines)
 
 

@@ -115,7 +115,7 @@ def test_tile_rows_cover_each_chunk_row_once():
 
 
 @pytest.mark.parametrize("K,N", [(32, 64), (96, 192), (256, 128)])
-def test_tile_for_kernels_bit_exact(K, N):
+def test_tile_qweight_bit_exact(K, N):
     """Every word lands where the skinny kernel's lane reads it (explicit loops as the spec)."""
     from awqlib.packing import TILE_ROWS, tile_qweight, untile_qweight
     qweight = torch.randint(-2**31, 2**31 - 1, (K, N // 8), dtype=torch.int32)

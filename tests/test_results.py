@@ -376,3 +376,52 @@ def test_bench_blocks_runs_and_its_json_records(tmp_path, capsys):
     d = copy_bench(tmp_path)
     assert report.main(["--add", str(out), "--dir", str(d)]) == 0
     assert report.blocks_table(rep) in (d / "RESULTS.md").read_text()
+
+
+def test_run_info_names_the_code_a_run_started_with(monkeypatch):
+    """A benchmark's provenance is the code it imported: sources edited or committed while it runs
+    (a 15-minute quantization) must not be credited with its numbers."""
+    from benchmarks import common
+    before = common.run_info("bench_quality", ["--only", "awq"])
+    monkeypatch.setattr(common, "code_sha256", lambda root=common.ROOT: "edited-while-running")
+    monkeypatch.setattr(common.time, "time", lambda: common._STARTED["started"] + 900.0)
+    after = common.run_info("bench_quality", ["--only", "awq"])
+    assert after["code_sha256"] == before["code_sha256"] != "edited-while-running"
+    assert after["commit"] == before["commit"] and after["date"] == before["date"]
+    assert after["ended"] > after["date"]
+
+
+def test_decode_table_names_the_runtime_layout_of_the_int4_rows():
+    rows = [{"model": m, "batch": 1, "tokens_per_s": 10.0, "graph_step_ms": ms}
+            for m, ms in (("fp16", 2.0), ("awq-int4", 1.0), ("awq-int4-fused", 0.8))]
+    text = report.decode_table({"rows": rows, "runtime_layout": "stream"})
+    assert "| fp16 | 1 | 10.0 | 2.00 |" in text
+    assert "| awqlib int4, stream layout | 1 | 10.0 | 1.00 (2.00x) |" in text
+    assert "| awqlib int4, `fuse_layers=True`, stream layout | 1 | 10.0 | 0.80 (2.50x) |" in text
+    assert "layout" not in report.decode_table({"rows": rows})  # runs that did not record it
+
+
+def test_bench_generate_without_a_gpu_writes_skipped_and_fails(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from benchmarks import bench_generate
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "decode.json"
+    assert bench_generate.main(["--out", str(out)]) == 1
+    rep = json.loads(out.read_text())
+    assert rep["skipped"] == "no CUDA device" and rep["benchmark"] == "bench_generate"
+    assert all(rep.get(k) for k in PROVENANCE)
+
+
+def test_quality_rows_record_every_setting_they_ran_with():
+    """A row says what it measured even after a default changes (act-order became the default after
+    runs made without it)."""
+    from awqlib import awq
+    from benchmarks.common import effective_options
+    s = effective_options("awq+gptq", {"gptq_damp": 0.2})
+    assert s["gptq_damp"] == 0.2 and s["gptq"] is True
+    assert s["gptq_act_order"] == awq.AWQOptions().gptq_act_order
+    assert set(s) == set(awq.AWQOptions.__dataclass_fields__)
+    assert effective_options("awq", {})["gptq"] is False
+    assert effective_options("rtn", {}) == {} == effective_options("fp", {})
+    json.dumps(s)  # JSON-ready
