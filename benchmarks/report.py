@@ -482,7 +482,8 @@ def add(src: Path, bench_dir: Path = BENCH_DIR) -> str:
             raise ReportError(f"RESULTS.md has no section '{SECTIONS[kind]}' for a {kind} run")
         nxt = text.find("\n## ", heading.end())
         at = len(text) if nxt < 0 else nxt + 1
-        title = f"### {kind}: {device_name(report) or 'CPU'}, {report['date'][:10]}"
+        # the JSON's name keeps headings apart (several runs of a kind on one day)
+        title = f"### {kind}: {device_name(report) or 'CPU'}, {report['date'][:10]} (`results/{name}.json`)"
         section = f"{title}\n\n{BEGIN.format(names=name)}\n{END}\n\n"
         text = text[:at].rstrip("\n") + "\n\n" + section + text[at:]
     new = render(text, bench_dir, {name: report})  # the whole new RESULTS.md, before anything is written

@@ -118,6 +118,7 @@ def test_add_records_a_gpu_sweep(tmp_path, capsys):
     assert (d / "results" / f"{run}.json").read_text() == src.read_text()  # the run's JSON, as written
     text = (d / "RESULTS.md").read_text()
     assert text.count(f"<!-- generated: {run} (") == 1
+    assert f"### gpu_sweep: NVIDIA H200, {rep['date'][:10]} (`results/{run}.json`)\n" in text
     assert text.index("## CUDA kernels") < text.index(run) < text.index("## SASS instruction budget")
     assert "NVIDIA H200 (132 SMs)" in text and "correctness gate 7/7 passed; copy 4260 GB/s" in text
     # M=1: tiled:auto 10 µs, stream 20 µs, stream:sums 30 µs, fp16 13 µs; the stream rows carry their
