@@ -469,10 +469,7 @@ def gptq_linears(linears: dict[str, nn.Linear], site_of: dict[str, _Site],
     out = {}
     for names in by_site.values():
         site = site_of[names[0]]
-        H = site.hessian()
-        perm = gptq.act_order_permutation(H) if opts.gptq_act_order else None
-        U = gptq.inverse_hessian_factor(H if perm is None else gptq.permute_hessian(H, perm), opts.gptq_damp)
-        del H
+        U, perm = gptq.ordered_factor(site.hessian(), opts.gptq_damp, opts.gptq_act_order)
         ws = [linears[n].weight.data for n in names]
         dev = ws[0].device
         budget = GPTQ_CHUNK_BYTES.get(dev.type, 16 * ROW_CHUNK_BYTES)

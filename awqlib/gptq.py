@@ -75,6 +75,13 @@ def permute_hessian(H: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return H[perm[:, None], perm]
 
 
+def ordered_factor(H: torch.Tensor, percdamp: float, act_order: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(U, perm) for :func:`gptq_quantize`: the columns' processing order (act-order, else None
+    for the natural one) and the inverse-Hessian factor of H in that order."""
+    perm = act_order_permutation(H) if act_order else None
+    return inverse_hessian_factor(H if perm is None else permute_hessian(H, perm), percdamp), perm
+
+
 def gptq_quantize(w: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                   bits: int = 4, block_size: int = 128, perm: torch.Tensor | None = None) -> torch.Tensor:
     """GPTQ with lazy batch updates on the fixed grid (scale, zero) [out, in/g].
@@ -120,8 +127,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128,
          block_size: int = 128, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One linear: ``w`` [out, in], ``H`` = X^T X [in, in] -> (dequantized weight, scale, zero)."""
     scale, zero = static_qparams(w, bits, group_size, zero_point, clip)
-    perm = act_order_permutation(H) if act_order else None
-    U = inverse_hessian_factor(H if perm is None else permute_hessian(H, perm), percdamp)
+    U, perm = ordered_factor(H, percdamp, act_order)
     wq = gptq_quantize(w, U, scale, zero, bits, block_size, perm)
     return wq, scale, zero
 
