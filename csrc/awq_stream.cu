@@ -198,17 +198,21 @@ template <> struct StreamDequant<__nv_bfloat16> {
 // FINE groups (sm_90 SASS, fp16, MB = 1: 151 instead of 175 instructions per KB).  Where a FINE
 // group change folds inside a branch, the sums are cleared by moves and the kernel got slower
 // (216 against 187 at group 64), so those are not instantiated (group_sums_pay).
+// A warp's fp32 accumulators: MB m16 tiles x 8 n8-tiles x 4 per lane (mma.m16n8k16's C/D).
+template <int MB>
+__device__ __forceinline__ void zero_accumulators(float (&acc)[MB][8][4]) {
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+    for (int t = 0; t < 8; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mb][t][e] = 0.f;
+}
+
 template <typename T, int MB>
 struct GroupSums {
   float part[MB][8][4];
-  __device__ __forceinline__ void clear() {
-#pragma unroll
-    for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-      for (int t = 0; t < 8; ++t)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) part[mb][t][e] = 0.f;
-  }
+  __device__ __forceinline__ void clear() { zero_accumulators(part); }
   // acc += part * scales (sq: the lane's 16 scales in shared memory), then part = 0.
   __device__ __forceinline__ void fold(float (&acc)[MB][8][4], const uint8_t* sq) {
     using T2 = typename Traits<T>::T2;
@@ -310,6 +314,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
                   int32_t* __restrict__ counters, const StreamParams p) {
   using Cfg = StreamCfg<MB>;
   using DQ = StreamDequant<T>;
+  static_assert(!(SUMS && FINE), "group sums fold once per stage: a warp's k-slice must lie in one group");
   constexpr int kStages = Cfg::kStages;
   constexpr int kKA = Cfg::kKA;
   constexpr int kStageK = Cfg::kStageK;
@@ -485,12 +490,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   const int z_off = Cfg::kOffZ + (wn * 8 + g) * 4;
 
   float acc[MB][8][4];
-#pragma unroll
-  for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-    for (int t = 0; t < 8; ++t)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mb][t][e] = 0.f;
+  zero_accumulators(acc);
   // SUMS: the group's unscaled sums, and where the lane's fold scales sit (see GroupSums).
   [[maybe_unused]] GroupSums<T, MB> sums;  // never touched (so no registers) unless SUMS
   if constexpr (SUMS) sums.clear();
@@ -556,9 +556,6 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
     for (int i = 0; i < kKA; ++i) {
       // group_size >= 32: a group change can only come at an even atom
       if (i == 0 || (FINE && i % 2 == 0 && slot_of[i] != slot_of[i - 1])) {
-        if constexpr (SUMS) {
-          if (i != 0) sums.fold(acc, st + sq_off + slot_of[i - 1] * kSliceN * 2);
-        }
         const uint4 s8 = *reinterpret_cast<const uint4*>(st + s_off + slot_of[i] * kSliceN * 2);
         const uint32_t zw = *reinterpret_cast<const uint32_t*>(st + z_off + slot_of[i] * (kSliceN / 8) * 4);
         DQ::load_group(gp, zw, s8);
@@ -580,7 +577,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
         }
       }
     }
-    if constexpr (SUMS) sums.fold(acc, st + sq_off + slot_of[kKA - 1] * kSliceN * 2);
+    if constexpr (SUMS) sums.fold(acc, st + sq_off + slot_of[kKA - 1] * kSliceN * 2);  // one group per k-slice
     if (c_kt == p.KT - 1 || t == n_units - 1) flush(st);
     if (++c_kt == p.KT) {
       c_kt = 0;
@@ -634,10 +631,11 @@ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 // Where group sums pay (GroupSums): one fold per stage, MB * 32 FFMA against 16 kKA HMUL2 saved.
 constexpr bool group_sums_pay(int MB, bool fine) { return MB <= 2 && !fine; }
 
+// The instantiation for the shape; group sums (if asked for) only where group_sums_pay.
 template <typename T, int MB>
 auto stream_kernel_for(bool exact, bool fine, bool sums) {
   if constexpr (group_sums_pay(MB, false)) {
-    if (sums && !fine) return exact ? awq_stream_kernel<T, MB, true, false, true> : awq_stream_kernel<T, MB, false, false, true>;
+    if (sums && group_sums_pay(MB, fine)) return exact ? awq_stream_kernel<T, MB, true, false, true> : awq_stream_kernel<T, MB, false, false, true>;
   }
   return exact ? (fine ? awq_stream_kernel<T, MB, true, true, false> : awq_stream_kernel<T, MB, true, false, false>)
                : (fine ? awq_stream_kernel<T, MB, false, true, false> : awq_stream_kernel<T, MB, false, false, false>);
@@ -648,7 +646,7 @@ void launch_mb(const GemmArgs& a, const StreamParams& p, int grid, bool group_su
   using Cfg = StreamCfg<MB>;
   const bool exact = p.K % Cfg::kStageK == 0 && p.N % kSliceN == 0;
   const bool fine = p.gshift < 31 && (16 << p.gshift) < 16 * Cfg::kKA;  // group_size < 16 kKA
-  const auto kernel = stream_kernel_for<T, MB>(exact, fine, group_sums && group_sums_pay(MB, fine));
+  const auto kernel = stream_kernel_for<T, MB>(exact, fine, group_sums);
   // Opt in to > 48 KB of dynamic shared memory, once per (kernel, device): a host-side attribute,
   // fine during graph capture.  Remembered only once it succeeded; a failure skips the launch and
   // stays the runtime's last error, which the caller's launch check reports.
