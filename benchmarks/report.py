@@ -358,19 +358,29 @@ def _one(reports: list[dict]) -> dict:
     return reports[0]
 
 
+def _one_run(table):
+    """A renderer of a table of one run, then its provenance line."""
+    return lambda reps, _: table(_one(reps)) + "\n\n" + provenances(reps)
+
+
+def _runs(table):
+    """A renderer of a table of several runs, then their provenance lines."""
+    return lambda reps, _: table(reps) + "\n\n" + provenances(reps)
+
+
 RENDERERS = {
-    "bench_kernels": lambda reps, _: kernels_table(_one(reps)) + "\n\n" + provenances(reps),
-    "bench_generate": lambda reps, _: decode_table(_one(reps)) + "\n\n" + provenances(reps),
-    "bench_quality": lambda reps, _: quality_table(reps) + "\n\n" + provenances(reps),
+    "bench_kernels": _one_run(kernels_table),
+    "bench_generate": _one_run(decode_table),
+    "bench_quality": _runs(quality_table),
     "gpu_sweep": lambda reps, _: sweep_section(_one(reps)),
     "sass_budget": lambda reps, bench_dir: sass_table(
         _one(reps), json.loads((bench_dir / _one(reps)["data"]).read_text())) + "\n\n" + provenances(reps),
-    "bench_vs_autoawq": lambda reps, _: vs_autoawq_table(reps) + "\n\n" + provenances(reps),
-    "bench_memory": lambda reps, _: memory_table(reps) + "\n\n" + provenances(reps),
-    "bench_blocks": lambda reps, _: blocks_table(_one(reps)) + "\n\n" + provenances(reps),
-    "bench_load": lambda reps, _: load_table(_one(reps)) + "\n\n" + provenances(reps),
-    "bench_quantize_gpu": lambda reps, _: quantize_gpu_table(_one(reps)) + "\n\n" + provenances(reps),
-    "tune_kernels": lambda reps, _: tune_table(_one(reps)) + "\n\n" + provenances(reps),
+    "bench_vs_autoawq": _runs(vs_autoawq_table),
+    "bench_memory": _runs(memory_table),
+    "bench_blocks": _one_run(blocks_table),
+    "bench_load": _one_run(load_table),
+    "bench_quantize_gpu": _one_run(quantize_gpu_table),
+    "tune_kernels": _one_run(tune_table),
 }
 # the list of timed cases each kind of run must have to be recorded (a sweep may hold only its gate)
 TIMINGS = {"bench_kernels": "results", "bench_generate": "rows", "bench_quality": "rows", "gpu_sweep": None,
