@@ -65,6 +65,7 @@ void launch_dequant_tiled(DType dt, const int32_t* qweight, const int32_t* qzero
 //      workspace of workspace_floats fp32 and `counters` int32 that are zero on entry (and are
 //      zero again on exit, like the other split-K kernels').
 constexpr int kStreamMaxM = 64;
+constexpr int kStreamCompactMaxM = 32;  // the compact configuration (awq_stream.cu: StreamCfg) takes M <= 32
 constexpr int kStreamAtomK = 16, kStreamAtomWords = 128;  // an atom: 16 k-rows x 64 columns, 128 words
 struct StreamPlan {
   int grid;                 // CTAs (persistent: at most SMs x CTAs per SM)
@@ -72,15 +73,17 @@ struct StreamPlan {
   int slices;               // 128-column slices
   size_t workspace_floats;  // fp32 partials of split slices
   int counters;             // arrival counters (one per slice)
+  bool compact;             // the compact shared-memory configuration
 };
-bool stream_supports(int M, int N, int K, int group_size);  // shape and group size (not the device)
-int stream_smem_bytes(int M);                                // shared memory per CTA (dynamic + static)
+// compact: the configuration for GPUs with ~100-163 KB of shared memory per block (StreamCfg).
+bool stream_supports(int M, int N, int K, int group_size, bool compact);  // shape and group size (not the device)
+int stream_smem_bytes(int M, bool compact);  // shared memory per CTA (dynamic + static); -1: no such configuration
 void launch_dequant_stream(DType dt, const int32_t* qweight, const int32_t* qzeros, const void* scales, void* out,
                            int K, int N, int group_size, cudaStream_t stream);
-StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms);
+StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms, bool compact);
 // group_sums: scale per-group fp32 sums once per group (GroupSums in awq_stream.cu) where that
-// saves instructions (M <= 32, group_size >= 128); otherwise, and when false, every dequantized
-// pair is scaled.
+// saves instructions (M <= 32, or M <= 16 compact; group_size >= 128, or >= 64 compact);
+// otherwise, and when false, every dequantized pair is scaled.
 void launch_stream(DType dt, const GemmArgs& a, const StreamPlan& plan, bool group_sums, cudaStream_t stream);
 
 // Requirements of the fused kernels (GEMV and GEMM); other shapes take dequantize + cuBLAS.

@@ -6,8 +6,10 @@
 //     M <= kSkinnyMaxMTiled  -> awq_skinny.cu (tensor cores, weights streamed to registers)
 //     larger                 -> awq_dequant.cu (tiled) + cuBLAS (at::mm)
 //   stream-layout qweight (opt-in, WQLinear.set_layout("stream"); not yet validated on a GPU):
-//     M <= kStreamMaxM       -> awq_stream.cu (cp.async ring, persistent striped partition)
-//     larger                 -> awq_stream.cu's dequantize + cuBLAS
+//     M <= kStreamMaxM       -> awq_stream.cu (cp.async ring, persistent striped partition), in
+//                               the large shared-memory configuration where it fits, else the
+//                               compact one (M <= kStreamCompactMaxM: A100 at M 17-32, ~100 KB GPUs)
+//     larger, or neither fits -> awq_stream.cu's dequantize + cuBLAS
 //   GEMM-layout qweight (the checkpoint layout, e.g. a model quantized in this process):
 //     M <= kGemvMaxMAuto     -> awq_gemv.cu   (CUDA cores, cp.async pipeline)
 //     M <= kSkinnyMaxMAuto   -> awq_skinny.cu
@@ -193,7 +195,9 @@ enum Kernel : int64_t {
   kSkinnyShallow = 5,  // skinny tensor-core kernel, register ring 2 chunks deep
   kStream = 6,         // streaming mma.sync kernel, stream layout, M <= 64
   kStreamGroupSums = 7,  // the same, scaling per-group fp32 sums where that saves instructions
-  kLastKernel = kStreamGroupSums
+  kStreamCompact = 8,    // kStream in the compact shared-memory configuration, M <= 32
+  kStreamCompactGroupSums = 9,  // kStreamGroupSums in the compact configuration
+  kLastKernel = kStreamCompactGroupSums
 };
 
 // Split-K arrival counters.  Every kernel's last block resets its counter to zero, so outside
@@ -248,14 +252,20 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
                         M * s.N < (int64_t(1) << 31);
   const int device = x.get_device();
   const int num_sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
-  const bool stream_ok = s.layout == Layout::kStream && M <= awq::kStreamMaxM &&
-                         awq::stream_supports(static_cast<int>(M), static_cast<int>(s.N), static_cast<int>(s.K),
-                                              static_cast<int>(s.group)) &&
-                         awq::stream_smem_bytes(static_cast<int>(M)) <=
-                             static_cast<int>(at::cuda::getDeviceProperties(device)->sharedMemPerBlockOptin);
+  // The stream kernel's configurations (awq_stream.cu: StreamCfg): the large one where the device
+  // has the shared memory for it (H100/H200; an A100 at M <= 16 and 33-64), else the compact one.
+  const auto stream_fits = [&](bool compact) {
+    if (s.layout != Layout::kStream || M > awq::kStreamMaxM ||
+        !awq::stream_supports(static_cast<int>(M), static_cast<int>(s.N), static_cast<int>(s.K),
+                              static_cast<int>(s.group), compact))
+      return false;
+    const int bytes = awq::stream_smem_bytes(static_cast<int>(M), compact);
+    return bytes > 0 && bytes <= static_cast<int>(at::cuda::getDeviceProperties(device)->sharedMemPerBlockOptin);
+  };
+  const bool large_ok = stream_fits(false), compact_ok = stream_fits(true);
   Kernel k = static_cast<Kernel>(kernel);
   if (k == kAuto) {
-    if (s.layout == Layout::kStream) k = stream_ok ? kStream : kDequantCublas;
+    if (s.layout == Layout::kStream) k = large_ok ? kStream : compact_ok ? kStreamCompact : kDequantCublas;
     else if (s.layout == Layout::kTiled) k = M <= kSkinnyMaxMTiled ? kSkinnyShallow : kDequantCublas;
     else k = !fused_ok ? kDequantCublas
              : M <= kGemvMaxMAuto ? kGemv
@@ -264,15 +274,20 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
              : kDequantCublas;
   }
   if (k == kDequantCublas) return dequant_matmul(x2, qw, qz, sc, s).view(out_shape);
-  const bool group_sums = k == kStreamGroupSums;
-  if (group_sums) k = kStream;
+  const bool group_sums = k == kStreamGroupSums || k == kStreamCompactGroupSums;
+  const bool compact = k == kStreamCompact || k == kStreamCompactGroupSums;
+  if (group_sums || compact) k = kStream;
+  const bool stream_ok = compact ? compact_ok : large_ok;
   TORCH_CHECK(s.layout != Layout::kStream || k == kStream,
               "awq_gemm_variant: a stream-layout weight is served by the stream kernel or dequantize + cuBLAS only");
   TORCH_CHECK(k != kStream || s.layout == Layout::kStream, "awq_gemm_variant: the stream kernel needs the stream layout");
-  TORCH_CHECK(k != kStream || stream_ok, "awq_gemm_variant: the stream kernel takes M <= ", num(awq::kStreamMaxM),
+  TORCH_CHECK(k != kStream || stream_ok, "awq_gemm_variant: the stream kernel takes M <= ",
+              num(compact ? awq::kStreamCompactMaxM : awq::kStreamMaxM),
               ", group_size 32/64/128/256 (or a multiple of its k-tile, or K) and needs ",
-              num(awq::stream_smem_bytes(static_cast<int>(std::min<int64_t>(M, awq::kStreamMaxM)))),
-              " bytes of shared memory per block");
+              num(awq::stream_smem_bytes(
+                  static_cast<int>(std::min<int64_t>(M, compact ? awq::kStreamCompactMaxM : awq::kStreamMaxM)), compact)),
+              " bytes of shared memory per block (the device has ",
+              num(static_cast<int64_t>(at::cuda::getDeviceProperties(device)->sharedMemPerBlockOptin)), ")");
   TORCH_CHECK(k == kStream || fused_ok, "awq_gemm_variant: the fused kernels need N % ",
               num(awq::kFusedNMultiple), " == 0, K % ", num(awq::kFusedKMultiple), " == 0 and group_size % ",
               num(awq::kFusedGroupMultiple), " == 0");
@@ -294,7 +309,7 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   awq::StreamPlan splan{};
   if (k == kStream) {
     // The stream kernel's partition is fixed by the SM count (persistent grid); `splits` is ignored.
-    splan = awq::plan_stream(m, n, kk, static_cast<int>(s.group), num_sms);
+    splan = awq::plan_stream(m, n, kk, static_cast<int>(s.group), num_sms, compact);
     ws = at::empty({static_cast<int64_t>(std::max<size_t>(splan.workspace_floats, 1))}, x.options().dtype(at::kFloat));
     a.workspace = ws.data_ptr<float>();
     a.counters = counters_for(x, splan.counters, stream, per_call_counters);

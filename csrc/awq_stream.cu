@@ -18,7 +18,8 @@
 //    warp k-slice (GroupSums: 151 instead of 175 instructions per KB).
 //  * Pipeline: a 3-stage cp.async ring in shared memory; a stage is 512 k-rows x 128 columns
 //    (32 KB of weights; 256 rows at M > 32) plus the activations, scales and zeros it needs, so
-//    64 KB of weights are in flight per SM.  Every shared-memory access is [ring-slot base +
+//    64 KB of weights are in flight per SM (GPUs with less shared memory per block run the
+//    compact configuration, StreamCfg: 256-row stages, 2-3 of them).  Every shared-memory access is [ring-slot base +
 //    compile-time offset] (the slot is a counter), and there is no integer division in the loop
 //    (group, slice and pointer positions advance by constants).
 //  * Work split: one CTA of 8 warps per SM = 2 (64-column n-atoms) x 4 (k-slices of 128 rows).
@@ -56,17 +57,27 @@ constexpr int kAtomWords = 128;                 // one 16x64 atom: 32 lanes x 4 
 static_assert(kStWarps % kNA == 0, "warps split evenly over n-atoms");
 
 // k16 atoms per warp per stage: 8 (a warp streams 4 KB per stage, which amortises the loader
-// and the ring bookkeeping: sass_budget.py), 4 at M > 32 where the activations take the room.
-constexpr int ka_for(int MB) { return MB == 4 ? 4 : 8; }
+// and the ring bookkeeping: sass_budget.py), 4 at M > 32 where the activations take the room, and
+// 4 in the compact configuration.
+constexpr int ka_for(int MB, bool compact) { return MB == 4 || compact ? 4 : 8; }
 
-template <int MB>
+// Two shared-memory configurations per m-tile count.  The large one (3 stages of 16-32 KB of
+// weights, 155-212 KB per CTA) is for H100/H200 (227 KB per block), and for an A100 (163 KB) at
+// MB = 1 and 4.  The compact one (k-tile 256; 3 stages at MB = 1, 80 KB; 2 at MB = 2, 69 KB) is
+// what fits the A100 at MB = 2 and the ~100 KB of an sm_86/89/120 GPU (A10, L4, L40S, RTX);
+// there M > 32 takes dequantize + cuBLAS (no MB = 4 stage fits: 2 x 50.5 KB).
+static_assert(kStreamCompactMaxM == 32, "the compact configurations are MB = 1 and 2");
+constexpr int stages_for(int MB, bool compact) { return compact && MB == 2 ? 2 : 3; }
+
+template <int MB, bool COMPACT>
 struct StreamCfg {
   // MB m16 tiles (M <= 16 MB).  One CTA of 8 warps per SM (as Marlin), kStages - 1 stages of
-  // 16-32 KB of weights in flight per SM, within 227 KB of shared memory per CTA.
-  static constexpr int kKA = ka_for(MB);
-  static constexpr int kStageK = 16 * kKA * kKW;                    // 512 (256 at MB = 4)
+  // weights in flight per SM.
+  static_assert(!COMPACT || 16 * MB <= kStreamCompactMaxM, "no compact configuration for M > 32");
+  static constexpr int kKA = ka_for(MB, COMPACT);
+  static constexpr int kStageK = 16 * kKA * kKW;                    // 512 (256 at MB = 4 or compact)
   static constexpr int kMaxGroups = kStageK / 32;                    // group_size >= 32
-  static constexpr int kStages = 3;
+  static constexpr int kStages = stages_for(MB, COMPACT);
   static constexpr int kMinBlocks = 1;
   static constexpr int kRows = 16 * MB;
   static constexpr int kBBytes = kNA * kKA * kKW * kAtomWords * 4;  // 32 KB (16 KB)
@@ -306,13 +317,14 @@ __device__ __noinline__ void write_slice(const float* red, T* __restrict__ out, 
 // the group can change inside a warp's k-slice (group_size 32, 64); otherwise a warp loads its
 // scales and zeros once per stage.  SUMS ("group sums"): the mma accumulates sum_k x (q - z) of
 // each group in fp32 registers of its own, multiplied by the group's scales once when the group
-// ends, instead of one HMUL2 per two weights (GroupSums below).
-template <typename T, int MB, bool EXACT, bool FINE, bool SUMS>
-__global__ void __launch_bounds__(kStThreads, StreamCfg<MB>::kMinBlocks)
+// ends, instead of one HMUL2 per two weights (GroupSums below).  COMPACT: the shared-memory
+// configuration (StreamCfg).
+template <typename T, int MB, bool EXACT, bool FINE, bool SUMS, bool COMPACT>
+__global__ void __launch_bounds__(kStThreads, StreamCfg<MB, COMPACT>::kMinBlocks)
 awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, const uint32_t* __restrict__ qzeros,
                   const T* __restrict__ scales, T* __restrict__ out, float* __restrict__ ws,
                   int32_t* __restrict__ counters, const StreamParams p) {
-  using Cfg = StreamCfg<MB>;
+  using Cfg = StreamCfg<MB, COMPACT>;
   using DQ = StreamDequant<T>;
   static_assert(!(SUMS && FINE), "group sums fold once per stage: a warp's k-slice must lie in one group");
   constexpr int kStages = Cfg::kStages;
@@ -628,25 +640,28 @@ awq_dequant_stream_kernel(const uint4* __restrict__ qweight, const uint32_t* __r
 
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
-// Where group sums pay (GroupSums): one fold per stage, MB * 32 FFMA against 16 kKA HMUL2 saved.
-constexpr bool group_sums_pay(int MB, bool fine) { return MB <= 2 && !fine; }
+// Where group sums pay (GroupSums): one fold per stage, MB * 32 FFMA against the 16 kKA HMUL2
+// it saves (large: MB <= 2; compact: MB = 1), and never with FINE groups.
+constexpr bool group_sums_pay(int MB, int KA, bool fine) { return 32 * MB < 16 * KA && !fine; }
 
 // The instantiation for the shape; group sums (if asked for) only where group_sums_pay.
-template <typename T, int MB>
+template <typename T, int MB, bool COMPACT>
 auto stream_kernel_for(bool exact, bool fine, bool sums) {
-  if constexpr (group_sums_pay(MB, false)) {
-    if (sums && group_sums_pay(MB, fine)) return exact ? awq_stream_kernel<T, MB, true, false, true> : awq_stream_kernel<T, MB, false, false, true>;
+  constexpr int kKA = StreamCfg<MB, COMPACT>::kKA;
+  if constexpr (group_sums_pay(MB, kKA, false)) {
+    if (sums && group_sums_pay(MB, kKA, fine))
+      return exact ? awq_stream_kernel<T, MB, true, false, true, COMPACT> : awq_stream_kernel<T, MB, false, false, true, COMPACT>;
   }
-  return exact ? (fine ? awq_stream_kernel<T, MB, true, true, false> : awq_stream_kernel<T, MB, true, false, false>)
-               : (fine ? awq_stream_kernel<T, MB, false, true, false> : awq_stream_kernel<T, MB, false, false, false>);
+  return exact ? (fine ? awq_stream_kernel<T, MB, true, true, false, COMPACT> : awq_stream_kernel<T, MB, true, false, false, COMPACT>)
+               : (fine ? awq_stream_kernel<T, MB, false, true, false, COMPACT> : awq_stream_kernel<T, MB, false, false, false, COMPACT>);
 }
 
-template <typename T, int MB>
+template <typename T, int MB, bool COMPACT>
 void launch_mb(const GemmArgs& a, const StreamParams& p, int grid, bool group_sums, cudaStream_t stream) {
-  using Cfg = StreamCfg<MB>;
+  using Cfg = StreamCfg<MB, COMPACT>;
   const bool exact = p.K % Cfg::kStageK == 0 && p.N % kSliceN == 0;
   const bool fine = p.gshift < 31 && (16 << p.gshift) < 16 * Cfg::kKA;  // group_size < 16 kKA
-  const auto kernel = stream_kernel_for<T, MB>(exact, fine, group_sums);
+  const auto kernel = stream_kernel_for<T, MB, COMPACT>(exact, fine, group_sums);
   // Opt in to > 48 KB of dynamic shared memory, once per (kernel, device): a host-side attribute,
   // fine during graph capture.  Remembered only once it succeeded; a failure skips the launch and
   // stays the runtime's last error, which the caller's launch check reports.
@@ -669,8 +684,21 @@ void launch_mb(const GemmArgs& a, const StreamParams& p, int grid, bool group_su
       a.workspace, a.counters, p);
 }
 
+template <typename T>
+void launch_config(const GemmArgs& a, const StreamParams& p, int grid, int mb, bool compact, bool group_sums,
+                   cudaStream_t stream) {
+  if (compact) {
+    if (mb == 1) launch_mb<T, 1, true>(a, p, grid, group_sums, stream);
+    else launch_mb<T, 2, true>(a, p, grid, group_sums, stream);
+  } else {
+    if (mb == 1) launch_mb<T, 1, false>(a, p, grid, group_sums, stream);
+    else if (mb == 2) launch_mb<T, 2, false>(a, p, grid, group_sums, stream);
+    else launch_mb<T, 4, false>(a, p, grid, group_sums, stream);
+  }
+}
+
 int mb_for(int M) { return M <= 16 ? 1 : M <= 32 ? 2 : 4; }
-int stage_k_for(int M) { return 16 * ka_for(mb_for(M)) * kKW; }
+int stage_k_for(int M, bool compact) { return 16 * ka_for(mb_for(M), compact) * kKW; }
 
 int log2_exact(int v) {
   int r = 0;
@@ -678,8 +706,8 @@ int log2_exact(int v) {
   return (1 << r) == v ? r : -1;
 }
 
-StreamParams params_for(int M, int N, int K, int group_size, int per, int grid) {
-  const int kStageK = stage_k_for(M);
+StreamParams params_for(int M, int N, int K, int group_size, int per, int grid, bool compact) {
+  const int kStageK = stage_k_for(M, compact);
   StreamParams p{};
   p.M = M;
   p.N = N;
@@ -706,46 +734,62 @@ StreamParams params_for(int M, int N, int K, int group_size, int per, int grid) 
   return p;
 }
 
-}  // namespace
-
-// Static shared memory of the MB configuration (the reduction's last-arriver flag): what the
-// compiler reserved, asked of the runtime rather than restated; the same for every T/EXACT/FINE.
-template <int MB>
+// Static shared memory of a configuration (the reduction's last-arriver flag): what the compiler
+// reserved, asked of the runtime rather than restated; the same for every T/EXACT/FINE/SUMS.
+template <int MB, bool COMPACT>
 int stream_static_smem_bytes() {
   static const int bytes = [] {
     cudaFuncAttributes attr{};
-    return cudaFuncGetAttributes(&attr, awq_stream_kernel<__half, MB, true, false, false>) == cudaSuccess
+    return cudaFuncGetAttributes(&attr, awq_stream_kernel<__half, MB, true, false, false, COMPACT>) == cudaSuccess
                ? static_cast<int>(attr.sharedSizeBytes)
                : 0;
   }();
   return bytes;
 }
 
-int stream_smem_bytes(int M) {
-  const int mb = mb_for(M);
-  return mb == 1   ? StreamCfg<1>::kSmemBytes + stream_static_smem_bytes<1>()
-         : mb == 2 ? StreamCfg<2>::kSmemBytes + stream_static_smem_bytes<2>()
-                   : StreamCfg<4>::kSmemBytes + stream_static_smem_bytes<4>();
+template <bool COMPACT>
+int smem_bytes_of(int mb) {
+  if constexpr (COMPACT) {
+    return mb == 1 ? StreamCfg<1, true>::kSmemBytes + stream_static_smem_bytes<1, true>()
+                   : StreamCfg<2, true>::kSmemBytes + stream_static_smem_bytes<2, true>();
+  } else {
+    return mb == 1   ? StreamCfg<1, false>::kSmemBytes + stream_static_smem_bytes<1, false>()
+           : mb == 2 ? StreamCfg<2, false>::kSmemBytes + stream_static_smem_bytes<2, false>()
+                     : StreamCfg<4, false>::kSmemBytes + stream_static_smem_bytes<4, false>();
+  }
 }
 
-bool stream_supports(int M, int N, int K, int group_size) {
-  if (M < 1 || M > kStreamMaxM || N % 64 || K % 16 || group_size % 32 || K % group_size) return false;
-  const int kStageK = stage_k_for(M);
+}  // namespace
+
+int stream_smem_bytes(int M, bool compact) {
+  if (compact && M > kStreamCompactMaxM) return -1;
+  return compact ? smem_bytes_of<true>(mb_for(M)) : smem_bytes_of<false>(mb_for(M));
+}
+
+bool stream_supports(int M, int N, int K, int group_size, bool compact) {
+  if (M < 1 || M > (compact ? kStreamCompactMaxM : kStreamMaxM) || N % 64 || K % 16 || group_size % 32 ||
+      K % group_size)
+    return false;
+  const int kStageK = stage_k_for(M, compact);
   if (group_size < kStageK) return kStageK % group_size == 0 && log2_exact(group_size / 16) >= 0;
   return group_size % kStageK == 0 || group_size == K;
 }
 
-StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms) {
-  const int mb = mb_for(M);
-  const int per_sm = mb == 1 ? StreamCfg<1>::kMinBlocks : mb == 2 ? StreamCfg<2>::kMinBlocks : StreamCfg<4>::kMinBlocks;
+StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms, bool compact) {
+  const int per_sm = 1;  // StreamCfg::kMinBlocks of every configuration
+  static_assert(StreamCfg<1, false>::kMinBlocks == 1 && StreamCfg<2, false>::kMinBlocks == 1 &&
+                    StreamCfg<4, false>::kMinBlocks == 1 && StreamCfg<1, true>::kMinBlocks == 1 &&
+                    StreamCfg<2, true>::kMinBlocks == 1,
+                "plan_stream's persistent grid assumes one CTA per SM");
   const int slices = ceil_div(N, kSliceN);
-  const int units = slices * ceil_div(K, stage_k_for(M));
+  const int units = slices * ceil_div(K, stage_k_for(M, compact));
   const int grid0 = std::max(1, std::min(units, num_sms * per_sm));
   const int per = ceil_div(units, grid0);
   StreamPlan plan;
   plan.grid = ceil_div(units, per);  // no empty CTAs
   plan.per = per;
-  const StreamParams p = params_for(M, N, K, group_size, per, plan.grid);
+  plan.compact = compact;
+  const StreamParams p = params_for(M, N, K, group_size, per, plan.grid, compact);
   plan.slices = slices;
   plan.workspace_floats = (size_t)slices * p.max_parts * std::min(M, 16 * mb_for(M)) * kSliceN;
   plan.counters = slices;
@@ -767,17 +811,10 @@ void launch_dequant_stream(DType dt, const int32_t* qweight, const int32_t* qzer
 }
 
 void launch_stream(DType dt, const GemmArgs& a, const StreamPlan& plan, bool group_sums, cudaStream_t stream) {
-  const StreamParams p = params_for(a.M, a.N, a.K, a.group_size, plan.per, plan.grid);
+  const StreamParams p = params_for(a.M, a.N, a.K, a.group_size, plan.per, plan.grid, plan.compact);
   const int mb = mb_for(a.M);
-  if (dt == DType::kHalf) {
-    if (mb == 1) launch_mb<__half, 1>(a, p, plan.grid, group_sums, stream);
-    else if (mb == 2) launch_mb<__half, 2>(a, p, plan.grid, group_sums, stream);
-    else launch_mb<__half, 4>(a, p, plan.grid, group_sums, stream);
-  } else {
-    if (mb == 1) launch_mb<__nv_bfloat16, 1>(a, p, plan.grid, group_sums, stream);
-    else if (mb == 2) launch_mb<__nv_bfloat16, 2>(a, p, plan.grid, group_sums, stream);
-    else launch_mb<__nv_bfloat16, 4>(a, p, plan.grid, group_sums, stream);
-  }
+  if (dt == DType::kHalf) launch_config<__half>(a, p, plan.grid, mb, plan.compact, group_sums, stream);
+  else launch_config<__nv_bfloat16>(a, p, plan.grid, mb, plan.compact, group_sums, stream);
 }
 
 }  // namespace awq

@@ -53,6 +53,9 @@ CSRC = ROOT / "csrc"
 ARCH_LIMITS = {
     "80": dict(regs=65536, threads=2048, ctas=32, smem_sm=167936, smem_cta=166912, smem_reserved=1024),
     "90": dict(regs=65536, threads=2048, ctas=32, smem_sm=233472, smem_cta=232448, smem_reserved=1024),
+    # ~100 KB per block: A10/RTX 30 (sm_86), L4/L40S/RTX 40 (sm_89)
+    "86": dict(regs=65536, threads=1536, ctas=16, smem_sm=102400, smem_cta=101376, smem_reserved=1024),
+    "89": dict(regs=65536, threads=1536, ctas=24, smem_sm=102400, smem_cta=101376, smem_reserved=1024),
 }
 H200_ISSUE = 132 * 4 * 1.98e9  # warp-instructions per second, all SMs, at 100 % issue
 
@@ -167,15 +170,17 @@ def _gemv_spec(args) -> Spec:
 
 
 def _stream_spec(args) -> Spec:
-    # awq_stream_kernel<T, MB, EXACT, FINE, SUMS>: mirror of StreamCfg in csrc/awq_stream.cu (8
-    # warps = 2 n-atoms x 4 k-slices of KA atoms; a stage is 16 KA x 4 rows x 128 columns).
-    _, mb, _exact, _fine, _sums = args
-    ka = 4 if mb == 4 else 8
+    # awq_stream_kernel<T, MB, EXACT, FINE, SUMS, COMPACT>: mirror of StreamCfg in
+    # csrc/awq_stream.cu (8 warps = 2 n-atoms x 4 k-slices of KA atoms; a stage is 16 KA x 4 rows
+    # x 128 columns; compact: KA = 4, and 2 stages at MB = 2).
+    _, mb, _exact, _fine, _sums, compact = args
+    ka = 4 if mb == 4 or compact else 8
+    stages = 2 if compact and mb == 2 else 3
     stage_k = 16 * ka * 4
     b_bytes = stage_k * 128 // 2
     groups = stage_k // 32
     stage = b_bytes + 16 * mb * stage_k * 2 + groups * 128 * 2 + groups * 16 * 4
-    return Spec(256, 3 * stage, b_bytes, ka * 8 * mb)
+    return Spec(256, stages * stage, b_bytes, ka * 8 * mb)
 
 
 SPECS = {
@@ -311,7 +316,10 @@ def ctas_per_sm(arch: str, regs: int, threads: int, smem: int) -> tuple[int, str
     per_warp = -(-max(regs, 1) * 32 // 256) * 256            # allocation unit: 256 registers per warp
     by_regs = (lim["regs"] // per_warp) // warps
     by_threads = lim["threads"] // threads
-    by_smem = lim["smem_sm"] // (smem + lim["smem_reserved"]) if smem > 0 else lim["ctas"]
+    if smem > lim["smem_cta"]:  # more than a block may opt in to: it cannot launch at all
+        by_smem = 0
+    else:
+        by_smem = lim["smem_sm"] // (smem + lim["smem_reserved"]) if smem > 0 else lim["ctas"]
     cands = {"registers": by_regs, "threads": by_threads, "smem": by_smem, "ctas": lim["ctas"]}
     which = min(cands, key=lambda k: cands[k])
     return cands[which], which

@@ -64,7 +64,7 @@ def test_gpu_window_script_selects_what_it_claims():
                           *files], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     names = {line.split("[")[0].split("::")[-1] for line in res.stdout.splitlines() if "::" in line}
-    for test in ("test_stream_kernel_fp16", "test_stream_kernel_bf16", "test_stream_group_sums",
+    for test in ("test_stream_kernel_fp16", "test_stream_kernel_bf16", "test_stream_group_sums", "test_stream_kernel_compact",
                  "test_stream_kernel_deterministic", "test_two_graphs_replayed_concurrently_on_two_streams",
                  "test_dequantize_stream_bit_exact"):
         assert test in names, (test, sorted(names))
@@ -88,4 +88,18 @@ def test_gate_failure_says_where_and_rules_out_only_its_variants():
     assert gpu_sweep.failed_variants(failed("stream", Kernel.AUTO)) == {"stream", "stream:sums"}
     assert gpu_sweep.failed_variants(failed("tiled", Kernel.SKINNY_SHALLOW)) == {"tiled:auto"}
     assert gpu_sweep.failed_variants(failed("gemm", Kernel.GEMV)) == set()
+    assert gpu_sweep.failed_variants(failed("stream", Kernel.STREAM_COMPACT)) == set()  # gated, not timed
     assert gpu_sweep.failed_variants({"failed": []}) == set()
+
+
+def test_gate_skips_only_configurations_the_gpu_has_no_room_for():
+    """The gate passes over a stream configuration this GPU cannot give its shared memory (the large
+    M 17-32 one on an A100) and counts every other refusal as a failure.  The message it reads is
+    awq_ops.cpp's."""
+    src = (ROOT / "csrc" / "awq_ops.cpp").read_text()
+    assert '" bytes of shared memory per block (the device has "' in src
+    msg = ("awq_gemm_variant: the stream kernel takes M <= 64, group_size 32/64/128/256 (or a multiple of its "
+           "k-tile, or K) and needs {} bytes of shared memory per block (the device has {})")
+    assert gpu_sweep.lacks_smem(msg.format(213008, 166912))
+    assert not gpu_sweep.lacks_smem(msg.format(163856, 166912))  # refused for the shape: a failure
+    assert not gpu_sweep.lacks_smem("CUDA error: an illegal memory access was encountered")

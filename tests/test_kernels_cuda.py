@@ -94,6 +94,7 @@ COMBOS = [
 GEMV_MAX_M = kernels.source_constant("kGemvMaxM")                # what the GEMV kernel accepts
 SKINNY_MAX_M = kernels.source_constant("kSkinnyMaxM")            # what the skinny kernels accept
 STREAM_MAX_M = kernels.source_constant("kStreamMaxM")            # what the stream kernel accepts
+STREAM_COMPACT_MAX_M = kernels.source_constant("kStreamCompactMaxM")  # ... in its compact configuration
 AUTO_MAX_M = [kernels.source_constant(n) for n in ("kGemvMaxMAuto", "kSkinnyMaxMAuto")]  # inclusive maxima
 DEQUANT_MIN_M = kernels.source_constant("kDequantCublasMinM")   # the first M the auto choice dequantizes
 SKINNY_MAX_M_TILED = kernels.source_constant("kSkinnyMaxMTiled")  # auto choice on warp-tiled weights
@@ -338,22 +339,34 @@ STREAM_COMBOS = COMBOS + [  # (N, K, group): tails (K % 512, N % 128), every gro
 STREAM_MS = sorted({1, 2, 3, 7, 8, 13, 31, 48, *edges(M_TILE, 2 * M_TILE), STREAM_MAX_M})
 
 
-def skip_if_stream_does_not_fit(M: int):
-    """Skip where this GPU cannot give the stream kernel's configuration for M its shared memory
-    (an A100's 163 KB per block is less than the M 17-32 configuration needs): the kernel says so
-    itself, naming the bytes it needs, and the automatic choice must then fall back, correctly."""
+def stream_lacks_smem(M: int, kernel: Kernel = Kernel.STREAM) -> int | None:
+    """The bytes of shared memory the kernel's configuration for M needs where this GPU cannot give
+    them to a block (the kernel refuses, naming them), else None; any other refusal raises."""
     qs, zs, ss = stream_weight(512, 128, 128)
     x = torch.randn(M, 512, device="cuda", dtype=torch.float16)
     try:
-        torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, 128, int(Kernel.STREAM), 0)
-        return
+        torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, 128, int(kernel), 0)
+        return None
     except RuntimeError as e:
         m = re.search(r"needs (\d+) bytes of shared memory", str(e))
-        optin = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
-        if m is None or int(m.group(1)) <= optin:
+        if m is None or int(m.group(1)) <= torch.cuda.get_device_properties(0).shared_memory_per_block_optin:
             raise  # refused for another reason, or although it fits: a real failure
+        return int(m.group(1))
+
+
+def skip_if_stream_does_not_fit(M: int, kernel: Kernel = Kernel.STREAM):
+    """Skip where this GPU cannot give the stream kernel's configuration for M its shared memory
+    (an A100's 163 KB per block is less than the large M 17-32 configuration needs; a ~100 KB GPU
+    has room for the compact ones only), after checking that the automatic choice then falls back,
+    correctly."""
+    needs = stream_lacks_smem(M, kernel)
+    if needs is None:
+        return
+    qs, zs, ss = stream_weight(512, 128, 128)
+    x = torch.randn(M, 512, device="cuda", dtype=torch.float16)
     check(x, 512, 128, 128, torch.float16, out=torch.ops.awqlib.awq_gemm(x, qs, zs, ss, 128))
-    pytest.skip(f"the stream kernel's configuration for M={M} needs {m.group(1)} B of shared memory, "
+    optin = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    pytest.skip(f"the stream kernel's configuration for M={M} needs {needs} B of shared memory, "
                 f"this GPU gives a block {optin} B")
 
 
@@ -415,6 +428,33 @@ def test_stream_group_sums(M, N, K, g, dtype):
         assert torch.equal(out, scaled)
 
 
+COMPACT_COMBOS = [STREAM_COMBOS[i] for i in (0, 1, 2, 4, 6)] + STREAM_COMBOS[-3:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N,K,g", COMPACT_COMBOS, ids=[f"N{n}-K{k}-g{g}" for n, k, g in COMPACT_COMBOS])
+@pytest.mark.parametrize("M", [1, 2, 7, M_TILE, M_TILE + 1, 24, STREAM_COMPACT_MAX_M])
+def test_stream_kernel_compact(M, N, K, g, dtype):
+    """The compact configuration (k-tile 256; two stages at M 17-32), what an A100 runs at M 17-32
+    and a ~100 KB GPU at M <= 32: correct, deterministic, and what the automatic choice runs where
+    the large configuration does not fit.  Its group sums (M <= 16, groups >= 64 rows) likewise."""
+    skip_if_stream_does_not_fit(M, Kernel.STREAM_COMPACT)
+    qs, zs, ss = stream_weight(K, N, g, dtype)
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    poison_allocator()
+    out = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(Kernel.STREAM_COMPACT), 0)
+    check(x, K, N, g, dtype, out=out)
+    assert torch.equal(out, torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(Kernel.STREAM_COMPACT), 0))
+    if stream_lacks_smem(M) is not None:  # the large one does not fit here: AUTO is the compact one
+        assert torch.equal(torch.ops.awqlib.awq_gemm(x, qs, zs, ss, g), out)
+    sums = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(Kernel.STREAM_COMPACT_GROUP_SUMS), 0)
+    check(x, K, N, g, dtype, out=sums)
+    if M <= M_TILE and (K if g == -1 else g) >= 64:
+        assert not torch.equal(sums, out), "group sums round no weight to the activations' dtype"
+    else:
+        assert torch.equal(sums, out)
+
+
 @pytest.mark.parametrize("M", [1, M_TILE, 2 * M_TILE + 1, STREAM_MAX_M])
 def test_stream_kernel_deterministic(M):
     skip_if_stream_does_not_fit(M)
@@ -467,6 +507,9 @@ def test_stream_refuses_other_layouts_and_kernels():
         torch.ops.awqlib.awq_gemm_variant(x, qweight, qzeros, scales, 64, int(Kernel.STREAM), 0)
     with pytest.raises(RuntimeError, match="M <= 64"):
         torch.ops.awqlib.awq_gemm_variant(torch.randn(65, 576, device="cuda").half(), qs, zs, ss, 64, int(Kernel.STREAM), 0)
+    with pytest.raises(RuntimeError, match="M <= 32"):
+        torch.ops.awqlib.awq_gemm_variant(torch.randn(33, 576, device="cuda").half(), qs, zs, ss, 64,
+                                          int(Kernel.STREAM_COMPACT), 0)
 
 
 # --- serving: concurrent graphs, bounded temporaries ---------------------------------------------

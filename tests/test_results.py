@@ -70,7 +70,7 @@ def test_an_edited_json_changes_its_table(tmp_path, capsys, edit):
     else:  # the SASS table's figures come from scripts/sass_budget.py's JSON, its labels from results/
         path = d / "sass_budget.json"
         data = json.loads(path.read_text())
-        row = next(r for r in data if r["arch"] == "90" and r["kernel"] == "awq_stream_kernel<half, 1, true, false, false>")
+        row = next(r for r in data if r["arch"] == "90" and r["kernel"] == "awq_stream_kernel<half, 1, true, false, false, false>")
         row["instr_per_kb"] = 171.2
     path.write_text(json.dumps(data))
     assert report.main(["--check", "--dir", str(d)]) == 1
@@ -124,8 +124,8 @@ def test_add_records_a_gpu_sweep(tmp_path, capsys):
     # M=1: tiled:auto 10 µs, stream 20 µs, stream:sums 30 µs, fp16 13 µs; the stream rows carry their
     # kernels' SASS figures
     assert f"| {gpu_sweep.SHAPES[0][0]} | 1 | tiled:auto | 10.0 | 13.0 | 1.30x |" in text
-    assert "| 174.8 | `awq_stream_kernel<half, 1, true, false, false>` |" in text
-    assert "| 151.2 | `awq_stream_kernel<half, 1, true, false, true>` |" in text
+    assert "| 174.8 | `awq_stream_kernel<half, 1, true, false, false, false>` |" in text
+    assert "| 151.2 | `awq_stream_kernel<half, 1, true, false, true, false>` |" in text
     # issue 10's targets per variant, and the comparison that decides the default runtime layout
     assert "| 4096x4096, M=1 | 1.30x (not met) | 0.65x (not met) | 0.43x (not met) | >= 2.00x |" in text
     assert "| 70b down 8192x28672, M=1 | - | - | - | >= 2.80x |" in text  # a shape the run did not time

@@ -8,7 +8,9 @@ test fails when the decode instantiation (fp16, M <= 16, shapes a whole number o
 is 175), when bf16 exceeds 200 (it needs 2 more shifts per 8 weights: bf16 has 7 mantissa bits),
 or when any instantiation spills.  The group-sums instantiation (Kernel.STREAM_GROUP_SUMS: the
 scale applied once per group to fp32 sums instead of once per two weights) has its own budget, 160
-(fp16) and 175 (bf16): it exists to be cheaper, and the test fails when it stops being.  About 30 s
+(fp16) and 175 (bf16): it exists to be cheaper, and the test fails when it stops being.  The
+compact configuration (A100 at M 17-32, ~100 KB GPUs) has its own, looser budget, and every GPU
+class must keep a configuration that fits its shared memory.  About 30 s
 (one file, one architecture); skipped without nvcc or cuobjdump (cuobjdump ships in the triton
 wheel of CUDA torch).
 """
@@ -28,6 +30,10 @@ import sass_budget  # noqa: E402  -- a broken import fails, it does not skip
 
 BUDGET = {"half": 190.0, "bf16": 200.0}
 SUMS_BUDGET = {"half": 160.0, "bf16": 175.0}
+# The compact configuration (k-tile 256: the per-stage work is spread over half the bytes) runs on
+# GPUs with half an H200's bandwidth per SM or less (A100: 18.5 GB/s per SM, L4: 5), so its issue
+# budget per KB is looser; it is held where it stands so that it does not drift.
+COMPACT_BUDGET = {"half": 210.0, "bf16": 225.0}
 
 pytestmark = pytest.mark.skipif(sass_budget.find_nvcc() is None or sass_budget.find_cuobjdump() is None,
                                 reason="needs nvcc and cuobjdump (CUDA toolkit; triton wheel)")
@@ -41,7 +47,7 @@ def reports():
 @pytest.mark.parametrize("sums", [False, True], ids=["scaled", "group-sums"])
 @pytest.mark.parametrize("dtype", ["half", "bf16"])
 def test_decode_kernel_within_budget(reports, dtype, sums):
-    r = reports[f"awq_stream_kernel<{dtype}, 1, true, false, {str(sums).lower()}>"]
+    r = reports[f"awq_stream_kernel<{dtype}, 1, true, false, {str(sums).lower()}, false>"]
     budget = (SUMS_BUDGET if sums else BUDGET)[dtype]
     assert r.check == "ok", r.check  # the hot loop found is the one with the expected HMMA count
     assert r.instr_per_kb is not None and r.instr_per_kb <= budget, (
@@ -49,29 +55,64 @@ def test_decode_kernel_within_budget(reports, dtype, sums):
         f"(loop {r.loop['instructions']} instructions, {r.loop['by_op']})")
 
 
+@pytest.mark.parametrize("dtype", ["half", "bf16"])
+def test_compact_decode_kernel_within_budget(reports, dtype):
+    r = reports[f"awq_stream_kernel<{dtype}, 1, true, false, false, true>"]
+    assert r.check == "ok", r.check
+    assert r.instr_per_kb is not None and r.instr_per_kb <= COMPACT_BUDGET[dtype], (
+        f"{r.kernel}: {r.instr_per_kb} warp-instructions per KB > {COMPACT_BUDGET[dtype]} ({r.loop['by_op']})")
+
+
 def test_group_sums_replace_the_per_pair_scaling(reports):
     """What group sums change in the loop: no HMUL2 left, one FFMA per accumulator and stage."""
-    scaled = reports["awq_stream_kernel<half, 1, true, false, false>"].loop["by_op"]
-    sums = reports["awq_stream_kernel<half, 1, true, false, true>"].loop["by_op"]
+    scaled = reports["awq_stream_kernel<half, 1, true, false, false, false>"].loop["by_op"]
+    sums = reports["awq_stream_kernel<half, 1, true, false, true, false>"].loop["by_op"]
     assert scaled.get("HMUL2", 0) == 128 and sums.get("HMUL2", 0) == 0
     assert sums.get("FFMA", 0) == 32  # MB x 8 n8-tiles x 4 accumulators
 
 
 def test_no_spills_and_one_resident_cta(reports):
     stream = [r for r in reports.values() if r.kernel.startswith("awq_stream_kernel<")]
-    # {half, bf16} x MB {1, 2, 4} x EXACT x FINE, + group sums: {half, bf16} x MB {1, 2} x EXACT
-    assert len(stream) == 32
+    # large: {half, bf16} x MB {1, 2, 4} x EXACT x FINE, + group sums: {half, bf16} x MB {1, 2} x EXACT;
+    # compact: {half, bf16} x MB {1, 2} x EXACT x FINE, + group sums: {half, bf16} x MB 1 x EXACT
+    assert len(stream) == 32 + 20
     for r in stream:
         assert r.spill_stores == 0 and r.spill_loads == 0, f"{r.kernel} spills"
         assert r.ctas_per_sm is not None and r.ctas_per_sm >= 1, f"{r.kernel} does not fit on an SM"
         assert r.check == "ok", f"{r.kernel}: {r.check}"
 
 
+def _config_for(reports, arch, mb):
+    """What awq_ops.cpp runs at MB m-tiles on a device with `arch`'s shared memory: the large
+    configuration where a block may have its shared memory, else the compact one (MB <= 2), else
+    none (dequantize + cuBLAS).  Shared memory as the sm_90 build reserves it (its static 1 KB is
+    more than sm_80's 16 bytes: conservative for the other architectures)."""
+    for compact in (False, True):
+        name = f"awq_stream_kernel<half, {mb}, true, false, false, {str(compact).lower()}>"
+        r = reports.get(name)
+        if r is not None and r.static_smem + r.dyn_smem <= sass_budget.ARCH_LIMITS[arch]["smem_cta"]:
+            return "compact" if compact else "large"
+    return None
+
+
+@pytest.mark.parametrize("arch,expected", [
+    ("90", ["large", "large", "large"]),          # H100 / H200: 227 KB per block
+    ("80", ["large", "compact", "large"]),        # A100: 163 KB; the large M 17-32 one needs 208 KB
+    ("86", ["compact", "compact", None]),         # A10, RTX 30: 99 KB
+    ("89", ["compact", "compact", None]),         # L4, L40S, RTX 40: 99 KB
+], ids=["H100-H200", "A100", "sm86", "sm89"])
+def test_every_gpu_has_a_stream_configuration(reports, arch, expected):
+    """The stream layout must not leave a GPU with dequantize + cuBLAS for every decode step: each
+    of MB 1, 2, 4 gets the configuration it was sized for.  A stage grown past these budgets
+    moves a whole class of GPUs off the streaming kernel -- this is where that shows."""
+    assert [_config_for(reports, arch, mb) for mb in (1, 2, 4)] == expected
+
+
 def test_hot_loop_finder_on_a_synthetic_listing():
     """The parser and loop finder on a hand-written listing: the loop with the HMMA wins over a
     larger loop without, and a skipped region holding a global store is not counted."""
     text = """
-        Function : _ZN3awq17awq_stream_kernelI6__halfLi1ELb1ELb0ELb1EEEvv
+        Function : _ZN3awq17awq_stream_kernelI6__halfLi1ELb1ELb0ELb1ELb0EEEvv
         /*0000*/  MOV R1, c[0x0][0x28] ;
         /*0010*/  FADD R2, R2, R3 ;
         /*0020*/  FADD R2, R2, R3 ;
@@ -86,7 +127,7 @@ def test_hot_loop_finder_on_a_synthetic_listing():
     """
     funcs = sass_budget.parse_sass(text)
     (name, insns), = funcs.items()
-    assert sass_budget.kernel_name(name) == ("awq_stream_kernel", ["__half", 1, True, False, True])
+    assert sass_budget.kernel_name(name) == ("awq_stream_kernel", ["__half", 1, True, False, True, False])
     lp = sass_budget.hot_loop(insns)
     assert (lp.start, lp.end) == (0x40, 0x90)
     assert lp.instructions == 4 and lp.cold_instructions == 2 and lp.by_op["HMMA"] == 1

@@ -28,11 +28,14 @@ def mb_for(m):
     return 1 if m <= 16 else 2 if m <= 32 else 4
 
 
-def cfg(m):
+def cfg(m, compact=False):
+    """StreamCfg<MB, COMPACT>: the large configuration, or the compact one (M <= 32)."""
     mb = mb_for(m)
-    ka = 4 if mb == 4 else 8
+    assert not compact or mb <= 2, "no compact configuration for M > 32"
+    ka = 4 if mb == 4 or compact else 8
     stage_k = 16 * ka * KW
-    return dict(mb=mb, ka=ka, stage_k=stage_k, max_groups=stage_k // 32, rows=16 * mb)
+    return dict(mb=mb, ka=ka, stage_k=stage_k, max_groups=stage_k // 32, rows=16 * mb,
+                stages=2 if compact and mb == 2 else 3)
 
 
 def log2_exact(v):
@@ -40,9 +43,9 @@ def log2_exact(v):
     return r if r >= 0 and (1 << r) == v else -1
 
 
-def plan(M, N, K, g, num_sms):
+def plan(M, N, K, g, num_sms, compact=False):
     """plan_stream + params_for."""
-    c = cfg(M)
+    c = cfg(M, compact)
     sk = c["stage_k"]
     assert K % 16 == 0 and N % 64 == 0 and g % 32 == 0 and K % g == 0
     assert (sk % g == 0 and log2_exact(g // 16) >= 0) if g < sk else (g % sk == 0 or g == K)
@@ -61,13 +64,13 @@ def plan(M, N, K, g, num_sms):
     return p, c
 
 
-def emulate(x, qs, zs, ss, g, num_sms, sums=False):
+def emulate(x, qs, zs, ss, g, num_sms, sums=False, compact=False):
     """The kernel's output [M, N] (fp64), computed CTA by CTA, thread by thread.  ``sums``: the
     group-sums instantiation (GroupSums: unscaled sums per group, folded with the scales each
-    lane reads for its accumulator columns)."""
+    lane reads for its accumulator columns).  ``compact``: the compact configuration."""
     M, K = x.shape
     N = qs.shape[0] * 64
-    p, c = plan(M, N, K, g, num_sms)
+    p, c = plan(M, N, K, g, num_sms, compact)
     ka, sk, rows_pad = c["ka"], c["stage_k"], c["rows"]
     ap = ka * KW                    # atoms per n-atom and stage
     wr = ap // 8
@@ -75,7 +78,7 @@ def emulate(x, qs, zs, ss, g, num_sms, sums=False):
     a_step = THREADS // cpr
     sz_rounds = -(-c["max_groups"] * 20 // THREADS)
     fine = p["gshift"] < 31 and (16 << p["gshift"]) < 16 * ka
-    assert not (sums and fine), "group sums are instantiated for coarse groups only (group_sums_pay)"
+    assert not sums or (32 * c["mb"] < 16 * ka and not fine), "group sums are instantiated where they pay only"
     q4 = qs.view(-1, 4)             # global weight chunks (uint4)
     out = torch.full((M, N), float("nan"), dtype=torch.float64)
     ws, counters, written = {}, [0] * -(-N // SLICE_N), set()
@@ -243,12 +246,30 @@ CASES = [  # (M, N, K, group, SMs): tails (K % stage, N % 128), every group regi
     (17, 128, 1024, 32, 3),    # MB = 2, group 32: four groups per warp slice
     (40, 128, 512, 64, 2),     # MB = 4 (k-tile 256)
 ]
+COMPACT_CASES = [  # the compact configuration (k-tile 256 at MB 1 and 2)
+    (1, 192, 576, 32, 3),      # not EXACT, FINE (group 32 < 64-row warp slice), N and K tails
+    (3, 256, 1024, 64, 3),     # EXACT, group == warp slice: coarse
+    (1, 128, 1536, 128, 2),    # group 128 < k-tile 256: two groups per k-tile, coarse per warp
+    (2, 128, 1024, 512, 3),    # group > k-tile (spg = 2)
+    (1, 64, 768, 768, 2),      # group == K, K a multiple of the k-tile
+    (24, 128, 1024, 64, 3),    # MB = 2
+    (32, 192, 640, 128, 2),    # MB = 2, N and K tails
+]
 
 
 @pytest.mark.parametrize("M,N,K,g,sms", CASES, ids=[f"M{m}-N{n}-K{k}-g{g}-sm{s}" for m, n, k, g, s in CASES])
 def test_stream_kernel_indexing_emulated(M, N, K, g, sms):
     x, codes, zeros, scales, stream = random_case(M, N, K, g, seed=M * 7 + N + K + g)
     out, p = emulate(x, *stream, g, sms)
+    w = ((codes - zeros.repeat_interleave(g, 0)).double() * scales.double().repeat_interleave(g, 0)).half().double()
+    torch.testing.assert_close(out, x @ w, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("M,N,K,g,sms", COMPACT_CASES, ids=[f"M{m}-N{n}-K{k}-g{g}-sm{s}" for m, n, k, g, s in COMPACT_CASES])
+def test_stream_kernel_compact_emulated(M, N, K, g, sms):
+    x, codes, zeros, scales, stream = random_case(M, N, K, g, seed=M * 3 + N + K + g)
+    out, p = emulate(x, *stream, g, sms, compact=True)
+    assert p["KT"] == -(-K // 256)
     w = ((codes - zeros.repeat_interleave(g, 0)).double() * scales.double().repeat_interleave(g, 0)).half().double()
     torch.testing.assert_close(out, x @ w, rtol=1e-9, atol=1e-9)
 
@@ -264,21 +285,28 @@ SUMS_CASES = [  # the group-sums instantiation: coarse groups, MB 1 and 2
     (1, 128, 640, 128, 2),     # K tail: zero-filled rows and out-of-range groups
     (2, 128, 768, 256, 3),     # K tail with two groups per k-tile
 ]
+COMPACT_SUMS_CASES = [  # compact: sums at MB = 1 only, groups of >= 64 rows
+    (1, 128, 1024, 64, 3),     # group == warp slice
+    (7, 192, 640, 128, 2),     # tails, two groups per k-tile
+    (1, 256, 1536, 512, 4),    # group spans k-tiles, slices split over CTAs
+]
 
 
-@pytest.mark.parametrize("M,N,K,g,sms", SUMS_CASES, ids=[f"M{m}-N{n}-K{k}-g{g}-sm{s}" for m, n, k, g, s in SUMS_CASES])
-def test_stream_group_sums_emulated(M, N, K, g, sms):
+@pytest.mark.parametrize("M,N,K,g,sms,compact", [(*c, False) for c in SUMS_CASES] + [(*c, True) for c in COMPACT_SUMS_CASES],
+                         ids=[f"M{m}-N{n}-K{k}-g{g}-sm{s}" for m, n, k, g, s in SUMS_CASES]
+                         + [f"compact-M{m}-N{n}-K{k}-g{g}-sm{s}" for m, n, k, g, s in COMPACT_SUMS_CASES])
+def test_stream_group_sums_emulated(M, N, K, g, sms, compact):
     """Group sums compute x @ ((q - z) s) with no weight rounded to the activations' dtype: the
     fold must pick, for every lane's accumulator column, that column's scale."""
     x, codes, zeros, scales, stream = random_case(M, N, K, g, seed=M * 5 + N + K + g)
-    out, _ = emulate(x, *stream, g, sms, sums=True)
+    out, _ = emulate(x, *stream, g, sms, sums=True, compact=compact)
     w = (codes - zeros.repeat_interleave(g, 0)).double() * scales.double().repeat_interleave(g, 0)
     torch.testing.assert_close(out, x @ w, rtol=1e-9, atol=1e-9)
     # and the scaled path's rounding of every weight to fp16 is what it avoids:
     assert not torch.allclose(out, x @ w.half().double(), rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("stages", [3, 4])
+@pytest.mark.parametrize("stages", [2, 3, 4])
 @pytest.mark.parametrize("n_units", list(range(1, 12)))
 def test_stream_ring_order(stages, n_units):
     """The cp.async ring of awq_stream.cu as an event simulation: the prologue issues stages - 1
