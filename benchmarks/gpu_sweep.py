@@ -56,7 +56,7 @@ SASS_JSON = ROOT / "benchmarks" / "sass_budget.json"
 # (name, N out, K in)
 SHAPES = [("4096x4096", 4096, 4096), ("70b-down 8192x28672", 8192, 28672), ("8b-gate_up 28672x4096", 28672, 4096),
           ("70b-gate_up 57344x8192", 57344, 8192)]
-MS = [1, 4, 16, 32, 64]
+MS = [1, 4, 16, 32, 64, 128, 256]  # 128, 256: the stream kernel in 2 and 4 passes against dequantize + cuBLAS
 GROUP = 128
 
 # (label, layout, kernel id): the variants timed.  "tiled:auto" is what models run today;
@@ -76,10 +76,10 @@ GATE_VARIANTS = [
     ("gemm", Kernel.DEQUANT_CUBLAS, (1, 100)),
     ("tiled", Kernel.AUTO, (1, 16, 32, 33)),
     ("tiled", Kernel.SKINNY_SHALLOW, (1, 24)),
-    ("stream", Kernel.STREAM, (1, 2, 7, 16, 17, 32, 33, 64)),
+    ("stream", Kernel.STREAM, (1, 2, 7, 16, 17, 32, 33, 64, 100)),  # 100: two passes
     ("stream", Kernel.STREAM_GROUP_SUMS, (1, 7, 16, 17, 32, 33)),
     # the compact configuration (A100 at M 17-32, ~100 KB GPUs): checked here, not timed
-    ("stream", Kernel.STREAM_COMPACT, (1, 7, 16, 17, 32)),
+    ("stream", Kernel.STREAM_COMPACT, (1, 7, 16, 17, 32, 40)),
     ("stream", Kernel.STREAM_COMPACT_GROUP_SUMS, (1, 16, 17)),
     ("stream", Kernel.AUTO, (1, 100)),
 ]
@@ -237,7 +237,7 @@ def sass_table() -> dict:
 
 
 def kernel_label(variant: str, M: int, N: int, K: int) -> str:
-    """The instantiation a variant runs (for the SASS column), fp16."""
+    """The instantiation a variant runs (for the SASS column), fp16; M > 64: its first pass."""
     if variant in ("stream", "stream:sums"):  # the sweep's group size (128) is never FINE
         mb = 1 if M <= 16 else 2 if M <= 32 else 4
         stage = 256 if mb == 4 else 512
@@ -284,9 +284,8 @@ def sweep(args, report: dict, save, t0: float, excluded: set[str] = frozenset())
             ref_calls = [lambda w=w: F.linear(x, w) for w in w16s]
             t_ref = time_graph(ref_calls, time_eager(ref_calls[0], reps=2))
             for label, layout, kernel in VARIANTS:
-                if label in excluded or (kernel == Kernel.STREAM and M > 64) or \
-                        (kernel == Kernel.STREAM_GROUP_SUMS and M > 32):
-                    continue
+                if label in excluded or (kernel == Kernel.STREAM_GROUP_SUMS and M > 32):
+                    continue  # group sums change nothing past M 32 (awq_stream.cu: group_sums_pay)
                 calls = [lambda q=q: torch.ops.awqlib.awq_gemm_variant(x, q[0], q[1], q[2], g, int(kernel), 0)
                          for q in weights[layout]]
                 t = time_graph(calls, time_eager(calls[0], reps=2))

@@ -254,18 +254,29 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   const int num_sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
   // The stream kernel's configurations (awq_stream.cu: StreamCfg): the large one where the device
   // has the shared memory for it (H100/H200; an A100 at M <= 16 and 33-64), else the compact one.
-  const auto stream_fits = [&](bool compact) {
-    if (s.layout != Layout::kStream || M > awq::kStreamMaxM ||
-        !awq::stream_supports(static_cast<int>(M), static_cast<int>(s.N), static_cast<int>(s.K),
+  // It takes M rows in passes of at most kStreamMaxM (compact: kStreamCompactMaxM) rows, one launch
+  // each, in the configuration for the pass's rows.  Every pass streams the weights again, so more
+  // than one pays only while their bytes, not the math, bound the time: kAuto runs one pass
+  // (M <= kStreamMaxM) until benchmarks/gpu_sweep.py has measured more.
+  const int optin = static_cast<int>(at::cuda::getDeviceProperties(device)->sharedMemPerBlockOptin);
+  const auto rows_fit = [&](int64_t rows, bool compact) {
+    if (!awq::stream_supports(static_cast<int>(rows), static_cast<int>(s.N), static_cast<int>(s.K),
                               static_cast<int>(s.group), compact))
       return false;
-    const int bytes = awq::stream_smem_bytes(static_cast<int>(M), compact);
-    return bytes > 0 && bytes <= static_cast<int>(at::cuda::getDeviceProperties(device)->sharedMemPerBlockOptin);
+    const int bytes = awq::stream_smem_bytes(static_cast<int>(rows), compact);
+    return bytes > 0 && bytes <= optin;
   };
-  const bool large_ok = stream_fits(false), compact_ok = stream_fits(true);
+  const auto pass_rows = [](bool compact) -> int64_t { return compact ? awq::kStreamCompactMaxM : awq::kStreamMaxM; };
+  // the pass that cannot run: a full one, else the remainder; 0 when every pass can
+  const auto failing_pass = [&](bool compact) -> int64_t {
+    const int64_t full = std::min(M, pass_rows(compact)), rest = M % pass_rows(compact);
+    return !rows_fit(full, compact) ? full : M > full && rest && !rows_fit(rest, compact) ? rest : 0;
+  };
+  const bool is_stream = s.layout == Layout::kStream && M < (int64_t(1) << 31);
+  const bool large_ok = is_stream && failing_pass(false) == 0, compact_ok = is_stream && failing_pass(true) == 0;
   Kernel k = static_cast<Kernel>(kernel);
   if (k == kAuto) {
-    if (s.layout == Layout::kStream) k = large_ok ? kStream : compact_ok ? kStreamCompact : kDequantCublas;
+    if (is_stream) k = M > awq::kStreamMaxM ? kDequantCublas : large_ok ? kStream : compact_ok ? kStreamCompact : kDequantCublas;
     else if (s.layout == Layout::kTiled) k = M <= kSkinnyMaxMTiled ? kSkinnyShallow : kDequantCublas;
     else k = !fused_ok ? kDequantCublas
              : M <= kGemvMaxMAuto ? kGemv
@@ -277,17 +288,17 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   const bool group_sums = k == kStreamGroupSums || k == kStreamCompactGroupSums;
   const bool compact = k == kStreamCompact || k == kStreamCompactGroupSums;
   if (group_sums || compact) k = kStream;
-  const bool stream_ok = compact ? compact_ok : large_ok;
   TORCH_CHECK(s.layout != Layout::kStream || k == kStream,
               "awq_gemm_variant: a stream-layout weight is served by the stream kernel or dequantize + cuBLAS only");
   TORCH_CHECK(k != kStream || s.layout == Layout::kStream, "awq_gemm_variant: the stream kernel needs the stream layout");
-  TORCH_CHECK(k != kStream || stream_ok, "awq_gemm_variant: the stream kernel takes M <= ",
-              num(compact ? awq::kStreamCompactMaxM : awq::kStreamMaxM),
-              ", group_size 32/64/128/256 (or a multiple of its k-tile, or K) and needs ",
-              num(awq::stream_smem_bytes(
-                  static_cast<int>(std::min<int64_t>(M, compact ? awq::kStreamCompactMaxM : awq::kStreamMaxM)), compact)),
-              " bytes of shared memory per block (the device has ",
-              num(static_cast<int64_t>(at::cuda::getDeviceProperties(device)->sharedMemPerBlockOptin)), ")");
+  if (k == kStream && !(compact ? compact_ok : large_ok)) {
+    const int64_t bad = failing_pass(compact);
+    TORCH_CHECK(false, "awq_gemm_variant: the stream kernel (", compact ? "compact" : "large",
+                " configuration) runs passes of at most ", num(pass_rows(compact)), " rows, needs N % 64 == 0, K % 16 == 0",
+                " and group_size 32/64/128/256 (or a multiple of its k-tile, or K); its pass of ", num(bad),
+                " rows needs ", num(awq::stream_smem_bytes(static_cast<int>(bad), compact)),
+                " bytes of shared memory per block (the device has ", num(optin), ")");
+  }
   TORCH_CHECK(k == kStream || fused_ok, "awq_gemm_variant: the fused kernels need N % ",
               num(awq::kFusedNMultiple), " == 0, K % ", num(awq::kFusedKMultiple), " == 0 and group_size % ",
               num(awq::kFusedGroupMultiple), " == 0");
@@ -305,24 +316,6 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor ws, per_call_counters;
   awq::GemmArgs a{};
-  awq::Plan plan{};
-  awq::StreamPlan splan{};
-  if (k == kStream) {
-    // The stream kernel's partition is fixed by the SM count (persistent grid); `splits` is ignored.
-    splan = awq::plan_stream(m, n, kk, static_cast<int>(s.group), num_sms, compact);
-    ws = at::empty({static_cast<int64_t>(std::max<size_t>(splan.workspace_floats, 1))}, x.options().dtype(at::kFloat));
-    a.workspace = ws.data_ptr<float>();
-    a.counters = counters_for(x, splan.counters, stream, per_call_counters);
-  } else {
-    plan = k == kGemv ? awq::plan_gemv(m, n, kk, num_sms, so)
-           : k == kTiled ? awq::plan_gemm(m, n, kk, num_sms, so)
-           : awq::plan_skinny(dt, m, n, kk, depth, s.layout == Layout::kTiled, num_sms, so);
-    if (plan.splits > 1) {
-      ws = at::empty({plan.splits, M, s.N}, x.options().dtype(at::kFloat));
-      a.workspace = ws.data_ptr<float>();
-      a.counters = counters_for(x, plan.tiles, stream, per_call_counters);
-    }
-  }
   a.x = x2.data_ptr();
   a.qweight = qw.data_ptr<int32_t>();
   a.qzeros = qz.data_ptr<int32_t>();
@@ -332,10 +325,40 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   a.N = n;
   a.K = kk;
   a.group_size = static_cast<int>(s.group);
+  if (k == kStream) {
+    // Passes of `pass` rows (see above), in order on this stream: they share the workspace and the
+    // counters (each pass's last arrivers leave the counters zero for the next).  The partition is
+    // fixed by the SM count (persistent grid); `splits` is ignored.
+    const int pass = static_cast<int>(pass_rows(compact));
+    const awq::StreamPlan full = awq::plan_stream(std::min(m, pass), n, kk, a.group_size, num_sms, compact);
+    const awq::StreamPlan last = awq::plan_stream(m - (m - 1) / pass * pass, n, kk, a.group_size, num_sms, compact);
+    const size_t ws_floats = std::max({full.workspace_floats, last.workspace_floats, size_t(1)});
+    ws = at::empty({static_cast<int64_t>(ws_floats)}, x.options().dtype(at::kFloat));
+    a.workspace = ws.data_ptr<float>();
+    a.counters = counters_for(x, std::max(full.counters, last.counters), stream, per_call_counters);
+    const size_t x_pass_bytes = static_cast<size_t>(pass) * kk * x2.element_size();
+    const size_t out_pass_bytes = static_cast<size_t>(pass) * n * out.element_size();
+    for (int r0 = 0; r0 < m; r0 += pass) {
+      awq::GemmArgs p = a;
+      p.M = std::min(pass, m - r0);
+      p.x = static_cast<const char*>(a.x) + (r0 / pass) * x_pass_bytes;
+      p.out = static_cast<char*>(a.out) + (r0 / pass) * out_pass_bytes;
+      awq::launch_stream(dt, p, p.M == pass ? full : last, group_sums, stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    return out.view(out_shape);
+  }
+  const awq::Plan plan = k == kGemv ? awq::plan_gemv(m, n, kk, num_sms, so)
+                         : k == kTiled ? awq::plan_gemm(m, n, kk, num_sms, so)
+                         : awq::plan_skinny(dt, m, n, kk, depth, s.layout == Layout::kTiled, num_sms, so);
+  if (plan.splits > 1) {
+    ws = at::empty({plan.splits, M, s.N}, x.options().dtype(at::kFloat));
+    a.workspace = ws.data_ptr<float>();
+    a.counters = counters_for(x, plan.tiles, stream, per_call_counters);
+  }
   a.splits = plan.splits;
   if (k == kGemv) awq::launch_gemv(dt, a, stream);
   else if (k == kTiled) awq::launch_gemm(dt, a, plan, stream);
-  else if (k == kStream) awq::launch_stream(dt, a, splan, group_sums, stream);
   else awq::launch_skinny(dt, a, depth, s.layout == Layout::kTiled, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out.view(out_shape);

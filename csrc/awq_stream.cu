@@ -1,4 +1,5 @@
-// Streaming tensor-core kernel for few tokens (M = 1..64) on the stream runtime layout.
+// Streaming tensor-core kernel for few tokens (M = 1..64 per launch; awq_ops.cpp runs more rows in
+// passes) on the stream runtime layout.
 //
 // Why.  At M <= 64 the job is to stream the int4 weights from DRAM once, and the older kernels
 // (awq_skinny.cu, awq_gemv.cu) are limited by *instruction issue*, not by bytes: 370-600

@@ -505,11 +505,34 @@ def test_stream_refuses_other_layouts_and_kernels():
         torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, 64, int(Kernel.SKINNY), 0)
     with pytest.raises(RuntimeError, match="needs the stream layout"):
         torch.ops.awqlib.awq_gemm_variant(x, qweight, qzeros, scales, 64, int(Kernel.STREAM), 0)
-    with pytest.raises(RuntimeError, match="M <= 64"):
-        torch.ops.awqlib.awq_gemm_variant(torch.randn(65, 576, device="cuda").half(), qs, zs, ss, 64, int(Kernel.STREAM), 0)
-    with pytest.raises(RuntimeError, match="M <= 32"):
-        torch.ops.awqlib.awq_gemm_variant(torch.randn(33, 576, device="cuda").half(), qs, zs, ss, 64,
-                                          int(Kernel.STREAM_COMPACT), 0)
+    # group 96 < the 512-row k-tile and not a power of two: no configuration takes it, AUTO falls back
+    qs, zs, ss = stream_weight(576, 192, 96)
+    with pytest.raises(RuntimeError, match="runs passes of at most 64 rows"):
+        torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, 96, int(Kernel.STREAM), 0)
+    check(x, 576, 192, 96, torch.float16, out=torch.ops.awqlib.awq_gemm(x, qs, zs, ss, 96))
+
+
+@pytest.mark.parametrize("kernel,M", [(Kernel.STREAM, 65), (Kernel.STREAM, 100), (Kernel.STREAM, 128),
+                                      (Kernel.STREAM, 200), (Kernel.STREAM_COMPACT, 33), (Kernel.STREAM_COMPACT, 80),
+                                      (Kernel.STREAM_GROUP_SUMS, 90)])
+def test_stream_kernel_in_passes(kernel, M):
+    """Past one pass (64 rows; compact 32) the stream kernel runs passes, one launch each, sharing
+    the workspace and the counters: every pass equals that pass run alone, bit for bit, and the
+    automatic choice stays dequantize + cuBLAS there (one pass until measured)."""
+    pass_rows = STREAM_COMPACT_MAX_M if kernel in (Kernel.STREAM_COMPACT, Kernel.STREAM_COMPACT_GROUP_SUMS) else STREAM_MAX_M
+    for rows in {pass_rows, M % pass_rows or pass_rows}:
+        skip_if_stream_does_not_fit(rows, kernel)
+    K, N, g = 4096, 1024, 128
+    qs, zs, ss = stream_weight(K, N, g)
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    poison_allocator()
+    out = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), 0)
+    check(x, K, N, g, torch.float16, out=out)
+    for r0 in range(0, M, pass_rows):
+        alone = torch.ops.awqlib.awq_gemm_variant(x[r0:r0 + pass_rows].contiguous(), qs, zs, ss, g, int(kernel), 0)
+        assert torch.equal(out[r0:r0 + pass_rows], alone), f"pass at row {r0}"
+    auto = torch.ops.awqlib.awq_gemm(x, qs, zs, ss, g)
+    assert torch.equal(auto, torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(Kernel.DEQUANT_CUBLAS), 0))
 
 
 # --- serving: concurrent graphs, bounded temporaries ---------------------------------------------
