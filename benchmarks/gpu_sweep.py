@@ -31,6 +31,7 @@ build is one ninja call for the GPU at hand only (sm_90): about a minute on the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -62,7 +63,11 @@ GROUP = 128
 # (label, layout, kernel id): the variants timed.  "tiled:auto" is what models run today;
 # "stream:sums" differs from "stream" only at M <= 32 (group sums; timed there only).
 VARIANTS = [("tiled:auto", "tiled", Kernel.AUTO), ("stream", "stream", Kernel.STREAM),
-            ("stream:sums", "stream", Kernel.STREAM_GROUP_SUMS)]
+            ("stream:sums", "stream", Kernel.STREAM_GROUP_SUMS), ("stream:pdl", "stream", Kernel.STREAM)]
+# environment a variant runs under (read by csrc/awq_ops.cpp on every call): "stream:pdl" is the
+# stream kernel with programmatic dependent launch (its weights stream in while the previous
+# kernel -- in the sweep's graphs, the same GEMM -- finishes).
+VARIANT_ENV = {"stream:pdl": {"AWQLIB_STREAM_PDL": "1"}}
 STREAM_KERNELS = (Kernel.STREAM, Kernel.STREAM_GROUP_SUMS, Kernel.STREAM_COMPACT, Kernel.STREAM_COMPACT_GROUP_SUMS)
 
 # Correctness gate: every (layout, kernel) with the token counts it takes, on small shapes
@@ -83,7 +88,26 @@ GATE_VARIANTS = [
     ("stream", Kernel.STREAM_COMPACT_GROUP_SUMS, (1, 16, 17)),
     ("stream", Kernel.AUTO, (1, 100)),
 ]
+# gated again with programmatic dependent launch, back to back in one stream (the case it changes)
+GATE_PDL = [("stream", Kernel.STREAM, (1, 33, 100)), ("stream", Kernel.STREAM_GROUP_SUMS, (1, 17)),
+            ("stream", Kernel.STREAM_COMPACT, (1, 17))]
 REL_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@contextlib.contextmanager
+def variant_env(label: str):
+    """Set the variant's environment (VARIANT_ENV) for the duration, then restore it."""
+    env = VARIANT_ENV.get(label, {})
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 NCU_METRICS = ("smsp__issue_active.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum,"
                "dram__bytes_read.sum.per_second,gpu__time_duration.sum,"
                "smsp__average_warp_latency_issue_stalled_long_scoreboard,"
@@ -170,6 +194,17 @@ def gate(report: dict, save) -> bool:
                                   "dtype": str(dtype).split(".")[-1], "ok": ok, "detail": msg})
                     if not ok:
                         print(f"GATE FAIL {layout}/{kernel.name} N{N} K{K} g{g} M{M} {dtype}: {msg}", flush=True)
+        for layout, kernel, ms in GATE_PDL:
+            gemm, (qw, qz, sc) = make_weight(K, N, g, layout)
+            w32 = dequantize_gemm(*gemm, g, dtype=torch.float32)
+            for M in ms:
+                case = gate_pdl_case(qw, qz, sc, w32, g, kernel, M)
+                if case is None:
+                    continue
+                cases.append({"layout": layout, "kernel": kernel.name, "pdl": True, "N": N, "K": K, "g": g, "M": M,
+                              "dtype": "float16", **case})
+                if not case["ok"]:
+                    print(f"GATE FAIL {layout}/{kernel.name}+PDL N{N} K{K} g{g} M{M}: {case['detail']}", flush=True)
     report["gate"] = gate_summary(cases)
     save()
     print(f"correctness gate: {len(cases) - len(report['gate']['failed'])}/{len(cases)} passed", flush=True)
@@ -181,6 +216,36 @@ def lacks_smem(error: str) -> bool:
     gives a block (the message names both): by design, not a failure."""
     m = re.search(r"needs (\d+) bytes of shared memory per block \(the device has (\d+)\)", error)
     return m is not None and int(m.group(1)) > int(m.group(2))
+
+
+def gate_pdl_case(qw, qz, sc, w32, g: int, kernel: Kernel, M: int) -> dict | None:
+    """Three launches back to back in one stream with programmatic dependent launch, a kernel
+    writing the activations between the first two: each must read what the kernel before it
+    wrote (activations after grid_dependency_wait; counters and workspace shared), so the second
+    is exactly minus the first and the third equals the second.  None: refused for lack of shared
+    memory (by design)."""
+    x = torch.randn(M, w32.shape[0], device="cuda", dtype=torch.float16)
+    poison()
+    try:
+        with variant_env("stream:pdl"):
+            a = torch.ops.awqlib.awq_gemm_variant(x, qw, qz, sc, g, int(kernel), 0)
+            x.neg_()
+            b = torch.ops.awqlib.awq_gemm_variant(x, qw, qz, sc, g, int(kernel), 0)
+            c = torch.ops.awqlib.awq_gemm_variant(x, qw, qz, sc, g, int(kernel), 0)
+        torch.cuda.synchronize()
+    except RuntimeError as e:
+        if lacks_smem(str(e)):
+            return None
+        return {"ok": False, "detail": f"{type(e).__name__}: {str(e)[:200]}"}
+    ref = -(x.float() @ w32)  # x was negated: the first launch's reference
+    err = ((a.float() - ref).norm() / ref.norm()).item()
+    ok = bool(torch.isfinite(a).all()) and err < REL_TOL[torch.float16]
+    detail = f"rel err {err:.2e}" + ("" if ok else "; " + where_wrong(a, ref, REL_TOL[torch.float16]))
+    if not torch.equal(b, -a):
+        ok, detail = False, detail + "; the launch after x.neg_() is not exactly -first (read x before it was written?)"
+    if not torch.equal(c, b):
+        ok, detail = False, detail + "; two identical launches back to back differ"
+    return {"ok": ok, "detail": detail}
 
 
 def gate_summary(cases: list[dict]) -> dict:
@@ -209,6 +274,9 @@ def failed_variants(gate_report: dict) -> set[str]:
     automatic choice on that layout (which may have dispatched to the failing kernel)."""
     labels = set()
     for c in gate_report.get("failed", []):
+        if c.get("pdl"):  # a failure only with programmatic dependent launch
+            labels |= {label for label, layout, _ in VARIANTS if label in VARIANT_ENV and layout == c["layout"]}
+            continue
         for label, layout, kernel in VARIANTS:
             if layout == c["layout"] and (kernel.name == c["kernel"] or kernel == Kernel.AUTO
                                           or c["kernel"] == Kernel.AUTO.name):
@@ -238,7 +306,7 @@ def sass_table() -> dict:
 
 def kernel_label(variant: str, M: int, N: int, K: int) -> str:
     """The instantiation a variant runs (for the SASS column), fp16; M > 64: its first pass."""
-    if variant in ("stream", "stream:sums"):  # the sweep's group size (128) is never FINE
+    if variant in ("stream", "stream:sums", "stream:pdl"):  # the sweep's group size (128) is never FINE
         mb = 1 if M <= 16 else 2 if M <= 32 else 4
         stage = 256 if mb == 4 else 512
         exact = K % stage == 0 and N % 128 == 0
@@ -288,7 +356,8 @@ def sweep(args, report: dict, save, t0: float, excluded: set[str] = frozenset())
                     continue  # group sums change nothing past M 32 (awq_stream.cu: group_sums_pay)
                 calls = [lambda q=q: torch.ops.awqlib.awq_gemm_variant(x, q[0], q[1], q[2], g, int(kernel), 0)
                          for q in weights[layout]]
-                t = time_graph(calls, time_eager(calls[0], reps=2))
+                with variant_env(label):
+                    t = time_graph(calls, time_eager(calls[0], reps=2))
                 rows.append(sweep_row(name, N, K, M, label, t, t_ref, report["copy_GBps"], sass))
                 save()
                 r = rows[-1]
@@ -330,8 +399,9 @@ def profile_case(spec: str) -> int:
         for label, layout, kernel in chosen:
             q = make_weight(K, N, g, layout)[1]
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-            for _ in range(5):
-                torch.ops.awqlib.awq_gemm_variant(x, q[0], q[1], q[2], g, int(kernel), 0)
+            with variant_env(label):
+                for _ in range(5):
+                    torch.ops.awqlib.awq_gemm_variant(x, q[0], q[1], q[2], g, int(kernel), 0)
             torch.cuda.synchronize()
             print(f"profile-case {label} g{g}: ok")
     return 0

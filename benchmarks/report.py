@@ -177,7 +177,8 @@ def targets_table(report: dict) -> str:
         lines.append(f"| {what}{f', M={m}' if m else ''} | " + " | ".join(cells) + f" | >= {_ratio(goal)} |")
     by = {(r["shape"], r["M"], r["variant"]): r["us"] for r in rows}
     for new, old, why in (("stream", "tiled:auto", "the runtime layout models use today"),
-                          ("stream:sums", "stream", "group sums against scaled fragments, M <= 32")):
+                          ("stream:sums", "stream", "group sums against scaled fragments, M <= 32"),
+                          ("stream:pdl", "stream", "programmatic dependent launch against plain launches")):
         pairs = [(by[(s, m, old)], us) for (s, m, v), us in by.items() if v == new and (s, m, old) in by]
         if pairs:
             wins = sum(t > s for t, s in pairs)

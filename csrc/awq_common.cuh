@@ -109,6 +109,21 @@ __device__ __forceinline__ void cp_async16_stream(void* smem, const void* gmem, 
                : "memory");
 }
 
+// Programmatic dependent launch (sm_90+; no-ops below, and when the kernel was launched without
+// the attribute).  grid_dependency_wait: wait until the previous kernel in the stream has
+// completed and its writes are visible -- nothing it writes may be read (or written) before.
+// allow_dependent_launch: the next kernel (if launched with the attribute) may start now.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }

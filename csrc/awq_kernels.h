@@ -83,8 +83,12 @@ void launch_dequant_stream(DType dt, const int32_t* qweight, const int32_t* qzer
 StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms, bool compact);
 // group_sums: scale per-group fp32 sums once per group (GroupSums in awq_stream.cu) where that
 // saves instructions (M <= 32, or M <= 16 compact; group_size >= 128, or >= 64 compact);
-// otherwise, and when false, every dequantized pair is scaled.
-void launch_stream(DType dt, const GemmArgs& a, const StreamPlan& plan, bool group_sums, cudaStream_t stream);
+// otherwise, and when false, every dequantized pair is scaled.  pdl: launch with programmatic
+// stream serialization (sm_90): the kernel streams its first stages' weights while the previous
+// kernel in the stream finishes, and waits for it before reading activations -- so that previous
+// kernel must not be one that writes these weights (awq_ops.cpp: stream_pdl).
+void launch_stream(DType dt, const GemmArgs& a, const StreamPlan& plan, bool group_sums, bool pdl,
+                   cudaStream_t stream);
 
 // Requirements of the fused kernels (GEMV and GEMM); other shapes take dequantize + cuBLAS.
 constexpr int kFusedNMultiple = 64;   // one warp of the GEMM covers 64 columns

@@ -30,8 +30,10 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <mutex>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -223,6 +225,19 @@ int32_t* counters_for(const at::Tensor& like, int64_t n, cudaStream_t stream, at
   return buf.data_ptr<int32_t>();
 }
 
+// Programmatic dependent launch of the stream kernel (awq_stream.cu: grid_dependency_wait): its
+// first stages' int4 weights stream in while the previous kernel in the stream finishes.  Opt-in
+// with AWQLIB_STREAM_PDL=1 until benchmarks/gpu_sweep.py ("stream:pdl") has measured it; read per
+// call, so that one process can time both.  sm_90+ only, and only when this call made no copy of
+// qweight (a copy kernel would be the previous kernel, still writing what is prefetched); the
+// repack that makes the stream layout synchronizes its stream (awqlib/modules.py: set_layout).
+bool stream_pdl(int device, const at::Tensor& qweight_used, const at::Tensor& qweight_given) {
+  const char* v = std::getenv("AWQLIB_STREAM_PDL");
+  if (v == nullptr || std::string(v) == "0") return false;
+  TORCH_CHECK(std::string(v) == "1", "AWQLIB_STREAM_PDL must be 0 or 1, got '", v, "'");
+  return at::cuda::getDeviceProperties(device)->major >= 9 && qweight_used.data_ptr() == qweight_given.data_ptr();
+}
+
 at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros,
                                  const at::Tensor& scales, int64_t group_size, int64_t kernel, int64_t splits) {
   const Shape s = check_weight(qweight, qzeros, scales, group_size, "awq_gemm");
@@ -330,6 +345,7 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
     // counters (each pass's last arrivers leave the counters zero for the next).  The partition is
     // fixed by the SM count (persistent grid); `splits` is ignored.
     const int pass = static_cast<int>(pass_rows(compact));
+    const bool pdl = stream_pdl(device, qw, qweight);
     const awq::StreamPlan full = awq::plan_stream(std::min(m, pass), n, kk, a.group_size, num_sms, compact);
     const awq::StreamPlan last = awq::plan_stream(m - (m - 1) / pass * pass, n, kk, a.group_size, num_sms, compact);
     const size_t ws_floats = std::max({full.workspace_floats, last.workspace_floats, size_t(1)});
@@ -343,7 +359,7 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
       p.M = std::min(pass, m - r0);
       p.x = static_cast<const char*>(a.x) + (r0 / pass) * x_pass_bytes;
       p.out = static_cast<char*>(a.out) + (r0 / pass) * out_pass_bytes;
-      awq::launch_stream(dt, p, p.M == pass ? full : last, group_sums, stream);
+      awq::launch_stream(dt, p, p.M == pass ? full : last, group_sums, pdl, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     return out.view(out_shape);

@@ -438,7 +438,8 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
                               (r % kChunksPerRow) * 16) = make_uint4(0, 0, 0, 0);
   }
 
-  auto load_stage = [&](int slot, const Loader& l) {
+  // A stage's int4 weights (written only when the model is loaded: awq_ops.cpp stream_pdl) ...
+  auto load_weights = [&](int slot, const Loader& l) {
     uint8_t* st = smem + slot * Cfg::kStageBytes;
     const int atom0 = l.c.kt * kAtomsPerStage + warp;
     static_assert(kNA == 2, "two weight runs per stage");
@@ -458,6 +459,23 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
         cp_async16(st + (tid + r * kStThreads) * 16, ok ? (const void*)src : (const void*)qweight, ok);
       }
     }
+  };
+  // ... and its scales, zeros and activations (which the kernel just before may have written: the
+  // activations always, scales and zeros where they were cast or copied for this call).
+  auto load_inputs = [&](int slot, const Loader& l) {
+    uint8_t* st = smem + slot * Cfg::kStageBytes;
+#pragma unroll
+    for (int r = 0; r < kSzRounds; ++r) {
+      if (sz_on[r]) {
+        if constexpr (EXACT) {
+          cp_async16(st + sz_dst[r], l.sz[r], true);
+        } else {
+          const bool ok = l.c.grp + sz_gi[r] < p.groups &&
+                          l.c.slice * kSliceN + sz_col[r] < p.N;
+          cp_async16(st + sz_dst[r], ok ? (const void*)l.sz[r] : (const void*)scales, ok);
+        }
+      }
+    }
     // Activations: rows < M (a warp-uniform loop: at M = 1 one pass for two warps, none for the
     // rest), XOR-swizzled by row for ldmatrix.
     const T* xs = x_row + l.k;
@@ -471,18 +489,6 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
         } else {
           const bool ok = l.k + 8 * a_ch < p.K;
           cp_async16(dst, ok ? (const void*)src : (const void*)x, ok);
-        }
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < kSzRounds; ++r) {
-      if (sz_on[r]) {
-        if constexpr (EXACT) {
-          cp_async16(st + sz_dst[r], l.sz[r], true);
-        } else {
-          const bool ok = l.c.grp + sz_gi[r] < p.groups &&
-                          l.c.slice * kSliceN + sz_col[r] < p.N;
-          cp_async16(st + sz_dst[r], ok ? (const void*)l.sz[r] : (const void*)scales, ok);
         }
       }
     }
@@ -509,13 +515,26 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   if constexpr (SUMS) sums.clear();
   [[maybe_unused]] const int sq_off = Cfg::kOffS + (wn * 64 + 16 * q) * 2;
 
-  // Prologue: kStages - 1 stages in flight, one commit group each (possibly empty).
+  // Prologue: kStages - 1 stages in flight, one commit group each (possibly empty).  Their int4
+  // weights first: the previous kernel in the stream does not write them, so under programmatic
+  // dependent launch they stream in while it finishes; scales, zeros and activations (and every
+  // write: counters, workspace, output) only after grid_dependency_wait.  Group 0 holds every
+  // prologue stage's weights, group s stage s's other inputs: stage s is complete once groups
+  // <= s are, as in the loop.
+  Loader pro[kStages - 1];
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
+    pro[s] = ld;
     if (s < n_units) {
-      load_stage(s, ld);
+      load_weights(s, ld);
       loader_next(ld);
     }
+  }
+  grid_dependency_wait();
+  allow_dependent_launch();  // our CTAs are resident: the next kernel may start its own prologue
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < n_units) load_inputs(s, pro[s]);
     cp_async_commit();
   }
 
@@ -556,7 +575,8 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
     cp_async_wait<kStages - 2>();
     __syncthreads();  // stage t landed for everyone; slot `wr` was consumed at t-1 by everyone
     if (t + kStages - 1 < n_units) {
-      load_stage(wr, ld);
+      load_weights(wr, ld);
+      load_inputs(wr, ld);
       loader_next(ld);
     }
     cp_async_commit();
@@ -658,7 +678,7 @@ auto stream_kernel_for(bool exact, bool fine, bool sums) {
 }
 
 template <typename T, int MB, bool COMPACT>
-void launch_mb(const GemmArgs& a, const StreamParams& p, int grid, bool group_sums, cudaStream_t stream) {
+void launch_mb(const GemmArgs& a, const StreamParams& p, int grid, bool group_sums, bool pdl, cudaStream_t stream) {
   using Cfg = StreamCfg<MB, COMPACT>;
   const bool exact = p.K % Cfg::kStageK == 0 && p.N % kSliceN == 0;
   const bool fine = p.gshift < 31 && (16 << p.gshift) < 16 * Cfg::kKA;  // group_size < 16 kKA
@@ -679,22 +699,32 @@ void launch_mb(const GemmArgs& a, const StreamParams& p, int grid, bool group_su
       done.insert(key);
     }
   }
-  kernel<<<grid, kStThreads, Cfg::kSmemBytes, stream>>>(
-      static_cast<const T*>(a.x), reinterpret_cast<const uint4*>(a.qweight),
-      reinterpret_cast<const uint32_t*>(a.qzeros), static_cast<const T*>(a.scales), static_cast<T*>(a.out),
-      a.workspace, a.counters, p);
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(kStThreads);
+  cfg.dynamicSmemBytes = Cfg::kSmemBytes;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;  // see grid_dependency_wait
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  // A failure stays the runtime's last error, which the caller's launch check reports.
+  (void)cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(a.x), reinterpret_cast<const uint4*>(a.qweight),
+                           reinterpret_cast<const uint32_t*>(a.qzeros), static_cast<const T*>(a.scales),
+                           static_cast<T*>(a.out), a.workspace, a.counters, p);
 }
 
 template <typename T>
 void launch_config(const GemmArgs& a, const StreamParams& p, int grid, int mb, bool compact, bool group_sums,
-                   cudaStream_t stream) {
+                   bool pdl, cudaStream_t stream) {
   if (compact) {
-    if (mb == 1) launch_mb<T, 1, true>(a, p, grid, group_sums, stream);
-    else launch_mb<T, 2, true>(a, p, grid, group_sums, stream);
+    if (mb == 1) launch_mb<T, 1, true>(a, p, grid, group_sums, pdl, stream);
+    else launch_mb<T, 2, true>(a, p, grid, group_sums, pdl, stream);
   } else {
-    if (mb == 1) launch_mb<T, 1, false>(a, p, grid, group_sums, stream);
-    else if (mb == 2) launch_mb<T, 2, false>(a, p, grid, group_sums, stream);
-    else launch_mb<T, 4, false>(a, p, grid, group_sums, stream);
+    if (mb == 1) launch_mb<T, 1, false>(a, p, grid, group_sums, pdl, stream);
+    else if (mb == 2) launch_mb<T, 2, false>(a, p, grid, group_sums, pdl, stream);
+    else launch_mb<T, 4, false>(a, p, grid, group_sums, pdl, stream);
   }
 }
 
@@ -811,11 +841,12 @@ void launch_dequant_stream(DType dt, const int32_t* qweight, const int32_t* qzer
         qw, qz, static_cast<const __nv_bfloat16*>(scales), static_cast<__nv_bfloat16*>(out), K, N, group_size);
 }
 
-void launch_stream(DType dt, const GemmArgs& a, const StreamPlan& plan, bool group_sums, cudaStream_t stream) {
+void launch_stream(DType dt, const GemmArgs& a, const StreamPlan& plan, bool group_sums, bool pdl,
+                   cudaStream_t stream) {
   const StreamParams p = params_for(a.M, a.N, a.K, a.group_size, plan.per, plan.grid, plan.compact);
   const int mb = mb_for(a.M);
-  if (dt == DType::kHalf) launch_config<__half>(a, p, plan.grid, mb, plan.compact, group_sums, stream);
-  else launch_config<__nv_bfloat16>(a, p, plan.grid, mb, plan.compact, group_sums, stream);
+  if (dt == DType::kHalf) launch_config<__half>(a, p, plan.grid, mb, plan.compact, group_sums, pdl, stream);
+  else launch_config<__nv_bfloat16>(a, p, plan.grid, mb, plan.compact, group_sums, pdl, stream);
 }
 
 }  // namespace awq

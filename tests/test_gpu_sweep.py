@@ -86,7 +86,9 @@ def test_gate_failure_says_where_and_rules_out_only_its_variants():
     def failed(layout, kernel):
         return {"failed": [{"layout": layout, "kernel": kernel.name}]}
     assert gpu_sweep.failed_variants(failed("stream", Kernel.STREAM_GROUP_SUMS)) == {"stream:sums"}
-    assert gpu_sweep.failed_variants(failed("stream", Kernel.AUTO)) == {"stream", "stream:sums"}
+    assert gpu_sweep.failed_variants(failed("stream", Kernel.AUTO)) == {"stream", "stream:sums", "stream:pdl"}
+    assert gpu_sweep.failed_variants(failed("stream", Kernel.STREAM)) == {"stream", "stream:pdl"}
+    assert gpu_sweep.failed_variants({"failed": [{"layout": "stream", "kernel": "STREAM", "pdl": True}]}) == {"stream:pdl"}
     assert gpu_sweep.failed_variants(failed("tiled", Kernel.SKINNY_SHALLOW)) == {"tiled:auto"}
     assert gpu_sweep.failed_variants(failed("gemm", Kernel.GEMV)) == set()
     assert gpu_sweep.failed_variants(failed("stream", Kernel.STREAM_COMPACT)) == set()  # gated, not timed
@@ -104,3 +106,17 @@ def test_gate_skips_only_configurations_the_gpu_has_no_room_for():
     assert gpu_sweep.lacks_smem(msg.format(213008, 166912))
     assert not gpu_sweep.lacks_smem(msg.format(163856, 166912))  # refused for the shape: a failure
     assert not gpu_sweep.lacks_smem("CUDA error: an illegal memory access was encountered")
+
+
+def test_variant_env_is_set_for_the_variant_only(monkeypatch):
+    import os
+    monkeypatch.delenv("AWQLIB_STREAM_PDL", raising=False)
+    with gpu_sweep.variant_env("stream:pdl"):
+        assert os.environ["AWQLIB_STREAM_PDL"] == "1"
+    assert "AWQLIB_STREAM_PDL" not in os.environ
+    monkeypatch.setenv("AWQLIB_STREAM_PDL", "0")
+    with gpu_sweep.variant_env("stream"):
+        assert os.environ["AWQLIB_STREAM_PDL"] == "0"
+    with gpu_sweep.variant_env("stream:pdl"):
+        assert os.environ["AWQLIB_STREAM_PDL"] == "1"
+    assert os.environ["AWQLIB_STREAM_PDL"] == "0"

@@ -455,6 +455,58 @@ def test_stream_kernel_compact(M, N, K, g, dtype):
         assert torch.equal(sums, out)
 
 
+@pytest.mark.parametrize("kernel,M", [(Kernel.STREAM, 1), (Kernel.STREAM, 48), (Kernel.STREAM, 100),
+                                      (Kernel.STREAM_GROUP_SUMS, 7), (Kernel.STREAM_COMPACT, 20)])
+def test_stream_pdl_reads_what_the_previous_kernel_wrote(kernel, M, monkeypatch):
+    """With AWQLIB_STREAM_PDL=1 (programmatic dependent launch) the stream kernel streams its first
+    weights in before the previous kernel in the stream has finished.  It must still read the
+    activations that kernel writes (an elementwise kernel, or the stream kernel before it: the
+    chain x -> y -> z), share counters and workspace with the launch before it, and give the
+    plain launches' outputs bit for bit, eagerly and replayed from a CUDA graph."""
+    skip_if_stream_does_not_fit(min(M, STREAM_MAX_M), kernel)
+    K = N = 2048
+    qs, zs, ss = stream_weight(K, N, 128)
+
+    def chain(x):
+        a = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, 128, int(kernel), 0)
+        x.neg_()
+        b = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, 128, int(kernel), 0)
+        c = torch.ops.awqlib.awq_gemm_variant(b, qs, zs, ss, 128, int(kernel), 0)
+        return a, b, c
+
+    x0 = torch.randn(M, K, device="cuda", dtype=torch.float16) * 0.1
+    monkeypatch.delenv("AWQLIB_STREAM_PDL", raising=False)
+    plain = chain(x0.clone())
+    check(x0, K, N, 128, torch.float16, out=plain[0])
+    assert torch.equal(plain[1], -plain[0])
+    monkeypatch.setenv("AWQLIB_STREAM_PDL", "1")
+    poison_allocator()
+    for got, want in zip(chain(x0.clone()), plain):
+        assert torch.equal(got, want)
+    xg = x0.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up outside the capture
+        chain(xg.clone())
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = chain(xg)
+    xg.copy_(x0)
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(outs, plain):
+        assert torch.equal(got, want)
+
+
+def test_stream_pdl_setting_is_strict(monkeypatch):
+    qs, zs, ss = stream_weight(512, 128, 128)
+    x = torch.randn(1, 512, device="cuda", dtype=torch.float16)
+    monkeypatch.setenv("AWQLIB_STREAM_PDL", "yes")
+    with pytest.raises(RuntimeError, match="AWQLIB_STREAM_PDL must be 0 or 1"):
+        torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, 128, int(Kernel.STREAM), 0)
+
+
 @pytest.mark.parametrize("M", [1, M_TILE, 2 * M_TILE + 1, STREAM_MAX_M])
 def test_stream_kernel_deterministic(M):
     skip_if_stream_does_not_fit(M)

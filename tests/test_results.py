@@ -121,16 +121,19 @@ def test_add_records_a_gpu_sweep(tmp_path, capsys):
     assert f"### gpu_sweep: NVIDIA H200, {rep['date'][:10]} (`results/{run}.json`)\n" in text
     assert text.index("## CUDA kernels") < text.index(run) < text.index("## SASS instruction budget")
     assert "NVIDIA H200 (132 SMs)" in text and "correctness gate 7/7 passed; copy 4260 GB/s" in text
-    # M=1: tiled:auto 10 µs, stream 20 µs, stream:sums 30 µs, fp16 13 µs; the stream rows carry their
-    # kernels' SASS figures
+    # M=1: tiled:auto 10 µs, stream 20 µs, stream:sums 30 µs, stream:pdl 40 µs, fp16 13 µs; the
+    # stream rows carry their kernels' SASS figures
     assert f"| {gpu_sweep.SHAPES[0][0]} | 1 | tiled:auto | 10.0 | 13.0 | 1.30x |" in text
-    assert "| 174.8 | `awq_stream_kernel<half, 1, true, false, false, false>` |" in text
-    assert "| 151.2 | `awq_stream_kernel<half, 1, true, false, true, false>` |" in text
-    # issue 10's targets per variant, and the comparison that decides the default runtime layout
-    assert "| 4096x4096, M=1 | 1.30x (not met) | 0.65x (not met) | 0.43x (not met) | >= 2.00x |" in text
-    assert "| 70b down 8192x28672, M=1 | - | - | - | >= 2.80x |" in text  # a shape the run did not time
+    sass = gpu_sweep.sass_table()
+    for kernel in ("awq_stream_kernel<half, 1, true, false, false, false>",
+                   "awq_stream_kernel<half, 1, true, false, true, false>"):
+        assert f"| {sass[kernel]:.1f} | `{kernel}` |" in text
+    # issue 10's targets per variant, and the comparisons that decide the default runtime layout
+    assert "| 4096x4096, M=1 | 1.30x (not met) | 0.65x (not met) | 0.43x (not met) | 0.32x (not met) | >= 2.00x |" in text
+    assert "| 70b down 8192x28672, M=1 | - | - | - | - | >= 2.80x |" in text  # a shape the run did not time
     assert "stream vs tiled:auto (the runtime layout models use today): faster in 0 of 2 cells" in text
     assert "stream:sums vs stream (group sums against scaled fragments, M <= 32): faster in 0 of 2 cells" in text
+    assert "stream:pdl vs stream (programmatic dependent launch against plain launches): faster in 0 of 2" in text
     assert report.main(["--check", "--dir", str(d)]) == 0
     assert KERNELS_CELL in text  # the other tables untouched
 
