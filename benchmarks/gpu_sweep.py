@@ -145,7 +145,7 @@ def ncu_command(variant: str) -> list[str]:
 
 def sanitizer_command() -> list[str]:
     return ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-m",
-            "benchmarks.gpu_sweep", "--profile-case", "tiny,5,all"]
+            "benchmarks.gpu_sweep", "--profile-case", "tiny,5+20+100,all"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -385,9 +385,11 @@ def save_report(report: dict, out: Path, t0: float) -> None:
 
 
 def profile_case(spec: str) -> int:
-    """Run one case eagerly a few times (the target of --ncu and --sanitizer)."""
+    """Run one case eagerly a few times (the target of --ncu and --sanitizer): "shape,M,variant",
+    M a number or several joined by '+', variant a VARIANTS label or "all" (which adds the compact
+    configuration, gated but not timed)."""
     name, m, variant = spec.split(",")
-    M = int(m)
+    ms = [int(v) for v in m.split("+")]
     shapes = {"70b-down": (8192, 28672), "tiny": (192, 768)}  # tiny: tails (K % 512, N % 128)
     N, K = shapes[name]
     # tiny: group 64 (FINE: the group changes inside a warp's k-slice) and 128 (where group sums run)
@@ -395,15 +397,19 @@ def profile_case(spec: str) -> int:
     from awqlib import kernels
     assert kernels.load(), "kernels failed to load"
     chosen = [v for v in VARIANTS if variant in ("all", v[0])]
+    if variant == "all":
+        chosen += [("stream:compact", "stream", Kernel.STREAM_COMPACT),
+                   ("stream:compact:sums", "stream", Kernel.STREAM_COMPACT_GROUP_SUMS)]
     for g in groups:
         for label, layout, kernel in chosen:
             q = make_weight(K, N, g, layout)[1]
-            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-            with variant_env(label):
-                for _ in range(5):
-                    torch.ops.awqlib.awq_gemm_variant(x, q[0], q[1], q[2], g, int(kernel), 0)
-            torch.cuda.synchronize()
-            print(f"profile-case {label} g{g}: ok")
+            for M in ms:
+                x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+                with variant_env(label):
+                    for _ in range(5):
+                        torch.ops.awqlib.awq_gemm_variant(x, q[0], q[1], q[2], g, int(kernel), 0)
+                torch.cuda.synchronize()
+                print(f"profile-case {label} g{g} M{M}: ok")
     return 0
 
 

@@ -29,6 +29,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <map>
@@ -238,6 +239,19 @@ bool stream_pdl(int device, const at::Tensor& qweight_used, const at::Tensor& qw
   return at::cuda::getDeviceProperties(device)->major >= 9 && qweight_used.data_ptr() == qweight_given.data_ptr();
 }
 
+// Shared memory a stream-kernel block may have: the device's opt-in maximum, or less with
+// AWQLIB_STREAM_SMEM_LIMIT=<bytes> -- so that an H100/H200 can run (and test) the choice an A100
+// (166912) or a 99 KB GPU (101376) makes.
+int stream_smem_limit(int device) {
+  const int optin = static_cast<int>(at::cuda::getDeviceProperties(device)->sharedMemPerBlockOptin);
+  const char* v = std::getenv("AWQLIB_STREAM_SMEM_LIMIT");
+  if (v == nullptr || *v == '\0') return optin;
+  char* end = nullptr;
+  const long limit = std::strtol(v, &end, 10);
+  TORCH_CHECK(*end == '\0' && limit > 0, "AWQLIB_STREAM_SMEM_LIMIT must be a positive number of bytes, got '", v, "'");
+  return static_cast<int>(std::min<long>(limit, optin));
+}
+
 at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros,
                                  const at::Tensor& scales, int64_t group_size, int64_t kernel, int64_t splits) {
   const Shape s = check_weight(qweight, qzeros, scales, group_size, "awq_gemm");
@@ -268,12 +282,13 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   const int device = x.get_device();
   const int num_sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
   // The stream kernel's configurations (awq_stream.cu: StreamCfg): the large one where the device
-  // has the shared memory for it (H100/H200; an A100 at M <= 16 and 33-64), else the compact one.
+  // has the shared memory for it (H100/H200; an A100 at M <= 16 and 33-64), else the compact one
+  // (which also takes the few group sizes only its 256-row k-tile divides).
   // It takes M rows in passes of at most kStreamMaxM (compact: kStreamCompactMaxM) rows, one launch
   // each, in the configuration for the pass's rows.  Every pass streams the weights again, so more
   // than one pays only while their bytes, not the math, bound the time: kAuto runs one pass
   // (M <= kStreamMaxM) until benchmarks/gpu_sweep.py has measured more.
-  const int optin = static_cast<int>(at::cuda::getDeviceProperties(device)->sharedMemPerBlockOptin);
+  const int optin = stream_smem_limit(device);
   const auto rows_fit = [&](int64_t rows, bool compact) {
     if (!awq::stream_supports(static_cast<int>(rows), static_cast<int>(s.N), static_cast<int>(s.K),
                               static_cast<int>(s.group), compact))

@@ -63,12 +63,16 @@ static_assert(kStWarps % kNA == 0, "warps split evenly over n-atoms");
 constexpr int ka_for(int MB, bool compact) { return MB == 4 || compact ? 4 : 8; }
 
 // Two shared-memory configurations per m-tile count.  The large one (3 stages of 16-32 KB of
-// weights, 155-212 KB per CTA) is for H100/H200 (227 KB per block), and for an A100 (163 KB) at
+// weights, 152-208 KB per CTA) is for H100/H200 (227 KB per block), and for an A100 (163 KB) at
 // MB = 1 and 4.  The compact one (k-tile 256; 3 stages at MB = 1, 80 KB; 2 at MB = 2, 69 KB) is
-// what fits the A100 at MB = 2 and the ~100 KB of an sm_86/89/120 GPU (A10, L4, L40S, RTX);
-// there M > 32 takes dequantize + cuBLAS (no MB = 4 stage fits: 2 x 50.5 KB).
+// what fits the A100 at MB = 2 and the ~99 KB of an sm_86/89/120 GPU (A10, L4, L40S, RTX);
+// there M > 32 takes dequantize + cuBLAS (no MB = 4 stage fits: 2 x 50.5 KB).  Both must keep
+// fitting those GPUs (static_asserts below), else a whole class of them silently falls back.
 static_assert(kStreamCompactMaxM == 32, "the compact configurations are MB = 1 and 2");
 constexpr int stages_for(int MB, bool compact) { return compact && MB == 2 ? 2 : 3; }
+constexpr int kA100SmemPerBlock = 166912;     // sharedMemPerBlockOptin of an A100 (163 KB)
+constexpr int kSm89SmemPerBlock = 101376;     // ... of an sm_86/89 GPU (99 KB)
+constexpr int kStaticSmemAllowance = 2048;    // the kernel's static shared memory (1040 B on sm_90)
 
 template <int MB, bool COMPACT>
 struct StreamCfg {
@@ -99,6 +103,10 @@ struct StreamCfg {
                 "the reduction buffer only overlaps bytes every stage rewrites");
   static_assert(kStageBytes % 16 == 0 && kOffA % 16 == 0 && kOffS % 16 == 0 && kOffZ % 16 == 0,
                 "cp.async destinations stay 16-byte aligned");
+  static_assert(!COMPACT || kSmemBytes + kStaticSmemAllowance <= kSm89SmemPerBlock,
+                "the compact configurations must fit a 99 KB GPU");
+  static_assert(COMPACT || MB == 2 || kSmemBytes + kStaticSmemAllowance <= kA100SmemPerBlock,
+                "the large M <= 16 and M 33-64 configurations must fit an A100");
 };
 
 // Dequantization of one stream-layout word into the B fragments of n8-tiles 2j (column c0) and

@@ -428,7 +428,7 @@ def test_stream_group_sums(M, N, K, g, dtype):
         assert torch.equal(out, scaled)
 
 
-COMPACT_COMBOS = [STREAM_COMBOS[i] for i in (0, 1, 2, 4, 6)] + STREAM_COMBOS[-3:]
+COMPACT_COMBOS = COMBOS[:3] + COMBOS[4:] + STREAM_COMBOS[-3:]  # (14336, 4096, 32): full tiles, group 32 (FINE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -499,11 +499,39 @@ def test_stream_pdl_reads_what_the_previous_kernel_wrote(kernel, M, monkeypatch)
         assert torch.equal(got, want)
 
 
-def test_stream_pdl_setting_is_strict(monkeypatch):
+A100_SMEM, SM89_SMEM = 166912, 101376  # sharedMemPerBlockOptin of an A100 and of an sm_86/89 GPU
+
+
+@pytest.mark.parametrize("limit,M,expected", [
+    (A100_SMEM, 1, Kernel.STREAM), (A100_SMEM, 20, Kernel.STREAM_COMPACT), (A100_SMEM, 40, Kernel.STREAM),
+    (SM89_SMEM, 1, Kernel.STREAM_COMPACT), (SM89_SMEM, 20, Kernel.STREAM_COMPACT), (SM89_SMEM, 40, Kernel.DEQUANT_CUBLAS),
+], ids=["A100-M1", "A100-M20", "A100-M40", "sm89-M1", "sm89-M20", "sm89-M40"])
+def test_stream_auto_choice_per_gpu_class(limit, M, expected, monkeypatch):
+    """What an A100 and a 99 KB GPU run, checked on whatever GPU this is (AWQLIB_STREAM_SMEM_LIMIT
+    caps the shared memory the kernels may use): the automatic choice is that kernel, bit for bit,
+    and correct; the large configuration is refused where it does not fit, naming its bytes."""
+    if torch.cuda.get_device_properties(0).shared_memory_per_block_optin < limit:
+        pytest.skip("this GPU has less shared memory per block than the class checked")
+    monkeypatch.setenv("AWQLIB_STREAM_SMEM_LIMIT", str(limit))
+    K, N, g = 4096, 1024, 128
+    qs, zs, ss = stream_weight(K, N, g)
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    auto = check(x, K, N, g, torch.float16, out=torch.ops.awqlib.awq_gemm(x, qs, zs, ss, g))
+    assert torch.equal(auto, torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(expected), 0))
+    if expected != Kernel.STREAM:
+        with pytest.raises(RuntimeError, match=rf"bytes of shared memory per block \(the device has {limit}\)"):
+            torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(Kernel.STREAM), 0)
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("AWQLIB_STREAM_SMEM_LIMIT", "160KB", "AWQLIB_STREAM_SMEM_LIMIT must be a positive number of bytes"),
+    ("AWQLIB_STREAM_PDL", "yes", "AWQLIB_STREAM_PDL must be 0 or 1"),
+])
+def test_stream_settings_are_strict(name, value, message, monkeypatch):
     qs, zs, ss = stream_weight(512, 128, 128)
     x = torch.randn(1, 512, device="cuda", dtype=torch.float16)
-    monkeypatch.setenv("AWQLIB_STREAM_PDL", "yes")
-    with pytest.raises(RuntimeError, match="AWQLIB_STREAM_PDL must be 0 or 1"):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(RuntimeError, match=message):
         torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, 128, int(Kernel.STREAM), 0)
 
 

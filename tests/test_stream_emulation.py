@@ -254,6 +254,8 @@ COMPACT_CASES = [  # the compact configuration (k-tile 256 at MB 1 and 2)
     (1, 64, 768, 768, 2),      # group == K, K a multiple of the k-tile
     (24, 128, 1024, 64, 3),    # MB = 2
     (32, 192, 640, 128, 2),    # MB = 2, N and K tails
+    (20, 128, 1024, 32, 3),    # MB = 2, FINE (group 32): the group changes inside a warp slice
+    (17, 256, 768, 32, 2),     # MB = 2, FINE, K a multiple of the k-tile, slices split over CTAs
 ]
 
 
