@@ -49,16 +49,19 @@ def _code_state() -> dict:
 
 # Taken when a benchmark starts (its scripts import this module first): the code a run measures is
 # the code it imported, even if the checkout changes while it runs.
-_STARTED = {"started": time.time(), **_code_state()}
+_STARTED = {"started": time.time(), **_code_state(),
+            # awqlib's own settings (AWQLIB_LAYOUT, AWQLIB_STREAM_PDL, ...): they change what runs
+            "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("AWQLIB_")}}
 
 
 def run_info(benchmark: str, argv: list[str]) -> dict:
     """Provenance a benchmark's JSON starts with: which script (report.py picks the table renderer
     by it), when (UTC: ``date`` the process started, ``ended`` now), on which commit and sources
-    (:func:`code_sha256`) as they were when it started, and the command line."""
+    (:func:`code_sha256`) as they were when it started, the command line and the AWQLIB_*
+    environment it started with."""
     return {"benchmark": benchmark, "date": _utc(_STARTED["started"]), "ended": _utc(time.time()),
             "commit": _STARTED["commit"], "code_sha256": _STARTED["code_sha256"],
-            "command": shlex.join(["python", "-m", f"benchmarks.{benchmark}", *argv])}
+            "command": shlex.join(["python", "-m", f"benchmarks.{benchmark}", *argv]), "env": dict(_STARTED["env"])}
 
 
 def write_atomic(path: str | Path, text: str) -> None:

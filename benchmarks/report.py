@@ -316,16 +316,23 @@ def device_name(report: dict) -> str | None:
     return dev.get("name") if isinstance(dev, dict) else dev
 
 
+# the AWQLIB_* settings (of run_info's "env") that change what a run measures: shown with its command
+RUN_SETTINGS = ("AWQLIB_LAYOUT", "AWQLIB_STREAM_PDL", "AWQLIB_STREAM_SMEM_LIMIT")
+
+
 def provenance(report: dict, extra: list[str] = ()) -> str:
-    """One line under a table: where, when, on which code and with which command the run was made,
-    how it ended (truncated, error) and, for a run transcribed from an older table, that it was."""
+    """One line under a table: where, when, on which code and with which command (and settings)
+    the run was made, how it ended (truncated, error) and, for a run transcribed from an older
+    table, that it was."""
+    env = report.get("env") or {}
+    settings = " ".join(f"{k}={env[k]}" for k in RUN_SETTINGS if k in env)
     sms = report["device"].get("sms") if isinstance(report.get("device"), dict) else None
     dev = (device_name(report) or "") + (f" ({sms} SMs)" if sms else "")
     facts = [dev if dev and dev != "cpu" else "CPU", f"torch {report['torch']}" if report.get("torch") else "",
              f"backend {report['backend']}" if report.get("backend") else "",
              str(report.get("date") or "date not recorded"), f"commit {report.get('commit') or 'not recorded'}",
              f"code {report['code_sha256'][:12]}" if report.get("code_sha256") else "",
-             f"`{report['command']}`" if report.get("command") else "", *extra]
+             f"`{report['command']}`" if report.get("command") else "", f"with `{settings}`" if settings else "", *extra]
     for key in ("skipped", "error", "truncated", "source"):
         if report.get(key):
             facts.append(f"{key}: {report[key]}")

@@ -393,6 +393,17 @@ def test_run_info_names_the_code_a_run_started_with(monkeypatch):
     assert after["code_sha256"] == before["code_sha256"] != "edited-while-running"
     assert after["commit"] == before["commit"] and after["date"] == before["date"]
     assert after["ended"] > after["date"]
+    monkeypatch.setenv("AWQLIB_STREAM_PDL", "1")  # set after the start: not what the run ran with
+    assert common.run_info("bench_quality", [])["env"] == before["env"]
+
+
+def test_provenance_names_the_settings_a_run_ran_with():
+    rep = {"benchmark": "gpu_sweep", "date": "2026-11-30", "command": "python -m benchmarks.gpu_sweep",
+           "env": {"AWQLIB_STREAM_PDL": "1", "AWQLIB_CACHE": "/somewhere", "AWQLIB_LAYOUT": "stream"}}
+    line = report.provenance(rep)
+    assert "`python -m benchmarks.gpu_sweep`; with `AWQLIB_LAYOUT=stream AWQLIB_STREAM_PDL=1`" in line
+    assert "/somewhere" not in line
+    assert "with `" not in report.provenance({**rep, "env": {}})
 
 
 def test_decode_table_names_the_runtime_layout_of_the_int4_rows():
