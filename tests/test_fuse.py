@@ -1,5 +1,6 @@
 """fuse_layers=True: same outputs, same checkpoint, fewer GEMMs."""
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -50,3 +51,26 @@ def test_fused_state_dict_holds_the_unfused_tensors():
     assert set(after) - set(before) and all(".fused_" in k for k in set(after) - set(before))
     assert all(torch.equal(after[k], v) for k, v in before.items())
     w.model.load_state_dict(after, strict=True)
+
+
+@pytest.mark.parametrize("layout", ["tiled", "stream"])
+def test_a_runtime_layout_model_computes_and_saves_what_the_gemm_layout_does(tmp_path, calib_ids, layout):
+    """The layouts the CUDA kernels get (repacked at load), checked on the CPU's reference path: a
+    model whose quantized linears hold a runtime layout -- fused or not -- gives the GEMM layout's
+    logits bit for bit, and saves the same checkpoint, byte for byte."""
+    from awqlib import WQLinear
+    w = AutoAWQ.from_model(tiny_model("llama"))
+    w.quantize(None, {"q_group_size": 64}, method="rtn")
+    w.save_quantized(tmp_path / "a")
+    ids = calib_ids[:2, :24]
+    for fuse in (False, True):
+        gemm = AutoAWQ.from_quantized(str(tmp_path / "a"), fuse_layers=fuse)
+        q = AutoAWQ.from_quantized(str(tmp_path / "a"), fuse_layers=fuse)
+        linears = [m for m in q.modules() if isinstance(m, WQLinear)]
+        assert linears and all(m.set_layout(layout) and m.layout == layout for m in linears)
+        with torch.no_grad():
+            assert torch.equal(q(input_ids=ids).logits, gemm(input_ids=ids).logits)
+        out = tmp_path / f"{layout}-{fuse}"
+        q.save_quantized(out)
+        for f in ("model.safetensors", "config.json"):
+            assert (out / f).read_bytes() == (tmp_path / "a" / f).read_bytes(), (fuse, f)
