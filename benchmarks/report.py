@@ -25,7 +25,9 @@ import json
 import re
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from benchmarks.common import write_atomic
 
@@ -376,32 +378,35 @@ def _runs(table):
     return lambda reps, _: table(reps) + "\n\n" + provenances(reps)
 
 
-RENDERERS = {
-    "bench_kernels": _one_run(kernels_table),
-    "bench_generate": _one_run(decode_table),
-    "bench_quality": _runs(quality_table),
-    "gpu_sweep": lambda reps, _: sweep_section(_one(reps)),
+GPU, CPU = "## CUDA kernels", "## Quantization on the CPU"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What report.py knows of one kind of run (a JSON's "benchmark")."""
+    render: Callable      # (runs, benchmarks dir) -> its RESULTS.md region
+    timings: str | None   # the key of the timed cases a run must have to be recorded (a sweep may hold only its gate)
+    section: str          # --add puts a new run at the end of the section whose heading starts so ...
+    prefix: str           # ... as results/<prefix>-<card>-<date>.json
+
+
+KINDS = {
+    "bench_kernels": Kind(_one_run(kernels_table), "results", GPU, "kernels"),
+    "bench_generate": Kind(_one_run(decode_table), "rows", GPU, "decode"),
+    "bench_quality": Kind(_runs(quality_table), "rows", CPU, "quality"),
+    "gpu_sweep": Kind(lambda reps, _: sweep_section(_one(reps)), None, GPU, "sweep"),
+    "bench_vs_autoawq": Kind(_runs(vs_autoawq_table), "autoawq", CPU, "vs-autoawq"),
+    "bench_memory": Kind(_runs(memory_table), "peak_rss_bytes", CPU, "memory"),
+    "bench_blocks": Kind(_one_run(blocks_table), "rows", CPU, "blocks"),
+    "bench_load": Kind(_one_run(load_table), "runs", GPU, "load"),
+    "bench_quantize_gpu": Kind(_one_run(quantize_gpu_table), "rows", GPU, "quantize"),
+    "tune_kernels": Kind(_one_run(tune_table), "rows", GPU, "tune"),
+}
+# rendered, not added with --add: the SASS table reads scripts/sass_budget.py's JSON through its spec
+RENDERERS = {kind: k.render for kind, k in KINDS.items()} | {
     "sass_budget": lambda reps, bench_dir: sass_table(
         _one(reps), json.loads((bench_dir / _one(reps)["data"]).read_text())) + "\n\n" + provenances(reps),
-    "bench_vs_autoawq": _runs(vs_autoawq_table),
-    "bench_memory": _runs(memory_table),
-    "bench_blocks": _one_run(blocks_table),
-    "bench_load": _one_run(load_table),
-    "bench_quantize_gpu": _one_run(quantize_gpu_table),
-    "tune_kernels": _one_run(tune_table),
 }
-# the list of timed cases each kind of run must have to be recorded (a sweep may hold only its gate)
-TIMINGS = {"bench_kernels": "results", "bench_generate": "rows", "bench_quality": "rows", "gpu_sweep": None,
-           "bench_vs_autoawq": "autoawq", "bench_memory": "peak_rss_bytes", "bench_blocks": "rows", "bench_load": "runs",
-           "bench_quantize_gpu": "rows", "tune_kernels": "rows"}
-# where --add puts a new run's section (the end of the section whose heading starts so), and its file name's prefix
-GPU, CPU = "## CUDA kernels", "## Quantization on the CPU"
-SECTIONS = {"gpu_sweep": GPU, "bench_kernels": GPU, "bench_generate": GPU, "tune_kernels": GPU, "bench_load": GPU,
-            "bench_quantize_gpu": GPU, "bench_quality": CPU, "bench_vs_autoawq": CPU, "bench_memory": CPU,
-            "bench_blocks": CPU}
-PREFIXES = {"gpu_sweep": "sweep", "bench_kernels": "kernels", "bench_generate": "decode", "bench_quality": "quality",
-            "bench_vs_autoawq": "vs-autoawq", "bench_memory": "memory", "bench_blocks": "blocks", "bench_load": "load",
-            "bench_quantize_gpu": "quantize", "tune_kernels": "tune"}
 
 
 # ----------------------------------------------------------------------------- RESULTS.md
@@ -462,7 +467,7 @@ def run_name(report: dict) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", (device_name(report) or "cpu").lower().replace("nvidia", "")).strip("-") or "cpu"
     if not report.get("date"):
         raise ReportError("the run has no 'date' (written by benchmarks.common.run_info); cannot name it")
-    return f"{PREFIXES[report['benchmark']]}-{slug}-{report['date'][:10]}"
+    return f"{KINDS[report['benchmark']].prefix}-{slug}-{report['date'][:10]}"
 
 
 def add(src: Path, bench_dir: Path = BENCH_DIR) -> str:
@@ -473,17 +478,18 @@ def add(src: Path, bench_dir: Path = BENCH_DIR) -> str:
     if not isinstance(report, dict):
         raise ReportError(f"{src}: not a benchmark run (a JSON object written by a benchmark's --out)")
     kind = report.get("benchmark")
-    if kind not in PREFIXES:
-        raise ReportError(f"{src}: 'benchmark' is {kind!r}; --add accepts runs of {', '.join(PREFIXES)}")
+    if kind not in KINDS:
+        raise ReportError(f"{src}: 'benchmark' is {kind!r}; --add accepts runs of {', '.join(KINDS)}")
     if report.get("skipped"):
         raise ReportError(f"{src}: the run was skipped ({report['skipped']}): nothing to record")
     if str(report.get("backend") or "").startswith("reference"):
         raise ReportError(f"{src}: timed on the PyTorch reference ({report['backend']}), not the CUDA kernels: "
                           "not a kernel measurement")
-    if TIMINGS[kind] and not report.get(TIMINGS[kind]):
-        raise ReportError(f"{src}: no timings ({TIMINGS[kind]!r} is empty): nothing to record")
+    timings = KINDS[kind].timings
+    if timings and not report.get(timings):
+        raise ReportError(f"{src}: no timings ({timings!r} is empty): nothing to record")
     try:
-        RENDERERS[kind]([report], bench_dir)  # renderable, before anything is written
+        KINDS[kind].render([report], bench_dir)  # renderable, before anything is written
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ReportError(f"{src}: not a {kind} run as its script writes it ({type(e).__name__}: {e})") from None
     base = run_name(report)
@@ -495,9 +501,9 @@ def add(src: Path, bench_dir: Path = BENCH_DIR) -> str:
     md = bench_dir / "RESULTS.md"
     text = md.read_text()
     if not any(name in m.group("names").split() for m in REGION.finditer(text)):
-        heading = re.search("^" + re.escape(SECTIONS[kind]) + r"\b.*$", text, re.M)
+        heading = re.search("^" + re.escape(KINDS[kind].section) + r"\b.*$", text, re.M)
         if heading is None:
-            raise ReportError(f"RESULTS.md has no section '{SECTIONS[kind]}' for a {kind} run")
+            raise ReportError(f"RESULTS.md has no section '{KINDS[kind].section}' for a {kind} run")
         nxt = text.find("\n## ", heading.end())
         at = len(text) if nxt < 0 else nxt + 1
         # the JSON's name keeps headings apart (several runs of a kind on one day)

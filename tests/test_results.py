@@ -152,7 +152,8 @@ def test_add_refuses_a_file_it_cannot_place(tmp_path, capsys):
     src = tmp_path / "x.json"
     src.write_text(json.dumps({"results": []}))
     assert report.main(["--add", str(src), "--dir", str(d)]) == 2
-    assert "accepts runs of gpu_sweep" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--add accepts runs of " in err and "gpu_sweep" in err.split("accepts runs of ")[1]
     src.write_text(json.dumps({"benchmark": "gpu_sweep", "date": "2026-12-01T10:00:00Z", "skipped": "no CUDA device"}))
     assert report.main(["--add", str(src), "--dir", str(d)]) == 2  # a run on a machine without a GPU
     assert "nothing to record" in capsys.readouterr().err
@@ -295,16 +296,16 @@ def test_renderers_and_add_take_each_new_kind(tmp_path, capsys, kind):
     assert report.main(["--add", str(src), "--dir", str(d)]) == 0, capsys.readouterr().err
     text = (d / "RESULTS.md").read_text()
     name = report.run_name(rep)
-    assert name.startswith(report.PREFIXES[kind] + "-") and (d / "results" / f"{name}.json").is_file()
+    assert name.startswith(report.KINDS[kind].prefix + "-") and (d / "results" / f"{name}.json").is_file()
     body = next(m.group("body") for m in report.REGION.finditer(text) if m.group("names") == name)
     assert EXPECTED_ROWS[kind] in body and "\nRun: " in body and "`python -m benchmarks." in body
-    section = report.SECTIONS[kind]
+    section = report.KINDS[kind].section
     after = text.index(section)
     assert after < text.index(name) < text.index("\n## ", after + 1)  # in its section
     assert report.main(["--check", "--dir", str(d)]) == 0
     # a run of this kind without its measurements is refused, and so is one that was skipped
     before = text
-    for broken, message in ((dict(rep, **{report.TIMINGS[kind]: None}), "no timings"),
+    for broken, message in ((dict(rep, **{report.KINDS[kind].timings: None}), "no timings"),
                             ({k: rep[k] for k in PROVENANCE} | {"skipped": "no CUDA device"}, "was skipped")):
         src.write_text(json.dumps(broken))
         assert report.main(["--add", str(src), "--dir", str(d)]) == 2, kind
