@@ -68,10 +68,6 @@ class WQLinear(nn.Module):
             return False
         self.qweight, self.qzeros, self.scales = to_layout(layout, self.qweight, self.qzeros, self.scales)
         self._scales_cast = None
-        if self.qweight.is_cuda:
-            # The stream kernel may prefetch qweight before the previous kernel in the stream has
-            # finished (AWQLIB_STREAM_PDL, csrc/awq_ops.cpp): that kernel must not be this repack.
-            torch.cuda.current_stream(self.qweight.device).synchronize()
         return True
 
     def tile_for_kernels(self) -> bool:

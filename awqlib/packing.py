@@ -304,7 +304,12 @@ def to_layout(layout: str, qweight: torch.Tensor, qzeros: torch.Tensor,
     if layout == "tiled":
         return tile_qweight(qw), qz, sc
     if layout == "stream":
-        return stream_qweight(qw), stream_qzeros(qz), stream_scales(sc)
+        out = stream_qweight(qw), stream_qzeros(qz), stream_scales(sc)
+        if out[0].is_cuda:
+            # The stream kernel may prefetch qweight before the previous kernel in the stream has
+            # finished (AWQLIB_STREAM_PDL, csrc/awq_ops.cpp): that kernel must not be this repack.
+            torch.cuda.current_stream(out[0].device).synchronize()
+        return out
     return qw, qz, sc
 
 

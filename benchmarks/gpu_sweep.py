@@ -219,32 +219,39 @@ def lacks_smem(error: str) -> bool:
 
 
 def gate_pdl_case(qw, qz, sc, w32, g: int, kernel: Kernel, M: int) -> dict | None:
-    """Three launches back to back in one stream with programmatic dependent launch, a kernel
-    writing the activations between the first two: each must read what the kernel before it
-    wrote (activations after grid_dependency_wait; counters and workspace shared), so the second
-    is exactly minus the first and the third equals the second.  None: refused for lack of shared
+    """A chain of launches in one stream, with programmatic dependent launch and without: a, then
+    x.neg_(), b on it, and c on b -- the stream kernel's own output, which it may start reading
+    before b has finished (b lets dependents launch early; c must wait for b before reading its
+    activations).  Each launch must equal its plain twin bit for bit (the partition and the
+    reduction order do not depend on PDL), and a the reference.  None: refused for lack of shared
     memory (by design)."""
-    x = torch.randn(M, w32.shape[0], device="cuda", dtype=torch.float16)
-    poison()
-    try:
-        with variant_env("stream:pdl"):
+    x0 = torch.randn(M, w32.shape[0], device="cuda", dtype=torch.float16) * 0.1
+
+    def chain(pdl: bool):
+        x = x0.clone()
+        poison()
+        with variant_env("stream:pdl" if pdl else "stream"):
             a = torch.ops.awqlib.awq_gemm_variant(x, qw, qz, sc, g, int(kernel), 0)
             x.neg_()
             b = torch.ops.awqlib.awq_gemm_variant(x, qw, qz, sc, g, int(kernel), 0)
-            c = torch.ops.awqlib.awq_gemm_variant(x, qw, qz, sc, g, int(kernel), 0)
+            # (square shapes only: b must fit the weight's input)
+            c = torch.ops.awqlib.awq_gemm_variant(b, qw, qz, sc, g, int(kernel), 0) if b.shape[-1] == x.shape[-1] else None
         torch.cuda.synchronize()
+        return a, b, c
+
+    try:
+        plain, pdl = chain(False), chain(True)
     except RuntimeError as e:
         if lacks_smem(str(e)):
             return None
         return {"ok": False, "detail": f"{type(e).__name__}: {str(e)[:200]}"}
-    ref = -(x.float() @ w32)  # x was negated: the first launch's reference
-    err = ((a.float() - ref).norm() / ref.norm()).item()
-    ok = bool(torch.isfinite(a).all()) and err < REL_TOL[torch.float16]
-    detail = f"rel err {err:.2e}" + ("" if ok else "; " + where_wrong(a, ref, REL_TOL[torch.float16]))
-    if not torch.equal(b, -a):
-        ok, detail = False, detail + "; the launch after x.neg_() is not exactly -first (read x before it was written?)"
-    if not torch.equal(c, b):
-        ok, detail = False, detail + "; two identical launches back to back differ"
+    ref = x0.float() @ w32
+    err = ((pdl[0].float() - ref).norm() / ref.norm()).item()
+    ok = bool(torch.isfinite(pdl[0]).all()) and err < REL_TOL[torch.float16]
+    detail = f"rel err {err:.2e}" + ("" if ok else "; " + where_wrong(pdl[0], ref, REL_TOL[torch.float16]))
+    for name, p, q in zip("abc", plain, pdl):
+        if p is not None and not torch.equal(p, q):
+            ok, detail = False, detail + f"; launch {name} differs from its plain twin: " + where_wrong(q, p, 1e-6)
     return {"ok": ok, "detail": detail}
 
 

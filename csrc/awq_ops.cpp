@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cerrno>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -231,7 +232,8 @@ int32_t* counters_for(const at::Tensor& like, int64_t n, cudaStream_t stream, at
 // with AWQLIB_STREAM_PDL=1 until benchmarks/gpu_sweep.py ("stream:pdl") has measured it; read per
 // call, so that one process can time both.  sm_90+ only, and only when this call made no copy of
 // qweight (a copy kernel would be the previous kernel, still writing what is prefetched); the
-// repack that makes the stream layout synchronizes its stream (awqlib/modules.py: set_layout).
+// repack that makes the stream layout synchronizes its stream (awqlib/packing.py: to_layout).
+// Code that writes a stream-layout qweight otherwise must synchronize before the next call.
 bool stream_pdl(int device, const at::Tensor& qweight_used, const at::Tensor& qweight_given) {
   const char* v = std::getenv("AWQLIB_STREAM_PDL");
   if (v == nullptr || std::string(v) == "0") return false;
@@ -247,8 +249,10 @@ int stream_smem_limit(int device) {
   const char* v = std::getenv("AWQLIB_STREAM_SMEM_LIMIT");
   if (v == nullptr || *v == '\0') return optin;
   char* end = nullptr;
+  errno = 0;
   const long limit = std::strtol(v, &end, 10);
-  TORCH_CHECK(*end == '\0' && limit > 0, "AWQLIB_STREAM_SMEM_LIMIT must be a positive number of bytes, got '", v, "'");
+  TORCH_CHECK(*end == '\0' && limit > 0 && errno == 0, "AWQLIB_STREAM_SMEM_LIMIT must be a positive number of bytes, got '",
+              v, "'");
   return static_cast<int>(std::min<long>(limit, optin));
 }
 
@@ -323,10 +327,15 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   TORCH_CHECK(k != kStream || s.layout == Layout::kStream, "awq_gemm_variant: the stream kernel needs the stream layout");
   if (k == kStream && !(compact ? compact_ok : large_ok)) {
     const int64_t bad = failing_pass(compact);
-    TORCH_CHECK(false, "awq_gemm_variant: the stream kernel (", compact ? "compact" : "large",
-                " configuration) runs passes of at most ", num(pass_rows(compact)), " rows, needs N % 64 == 0, K % 16 == 0",
-                " and group_size 32/64/128/256 (or a multiple of its k-tile, or K); its pass of ", num(bad),
-                " rows needs ", num(awq::stream_smem_bytes(static_cast<int>(bad), compact)),
+    const std::string what = "awq_gemm_variant: the stream kernel (" + std::string(compact ? "compact" : "large") +
+                             " configuration) runs passes of at most " + num(pass_rows(compact)) + " rows";
+    TORCH_CHECK(bad == 0 || awq::stream_supports(static_cast<int>(bad), static_cast<int>(s.N), static_cast<int>(s.K),
+                                                 static_cast<int>(s.group), compact),
+                what, " and needs N % 64 == 0, K % 16 == 0 and group_size 32/64/128/256 (or a multiple of its k-tile,",
+                " or K); its pass of ", num(bad), " rows does not take N = ", num(s.N), ", K = ", num(s.K),
+                ", group_size ", num(s.group));
+    TORCH_CHECK(false, what, "; its pass of ", num(bad), " rows needs ",
+                num(awq::stream_smem_bytes(static_cast<int>(bad), compact)),
                 " bytes of shared memory per block (the device has ", num(optin), ")");
   }
   TORCH_CHECK(k == kStream || fused_ok, "awq_gemm_variant: the fused kernels need N % ",
@@ -369,9 +378,9 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
     a.counters = counters_for(x, std::max(full.counters, last.counters), stream, per_call_counters);
     const size_t x_pass_bytes = static_cast<size_t>(pass) * kk * x2.element_size();
     const size_t out_pass_bytes = static_cast<size_t>(pass) * n * out.element_size();
-    for (int r0 = 0; r0 < m; r0 += pass) {
+    for (int64_t r0 = 0; r0 < M; r0 += pass) {
       awq::GemmArgs p = a;
-      p.M = std::min(pass, m - r0);
+      p.M = static_cast<int>(std::min<int64_t>(pass, M - r0));
       p.x = static_cast<const char*>(a.x) + (r0 / pass) * x_pass_bytes;
       p.out = static_cast<char*>(a.out) + (r0 / pass) * out_pass_bytes;
       awq::launch_stream(dt, p, p.M == pass ? full : last, group_sums, pdl, stream);

@@ -41,6 +41,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <map>
 #include <mutex>
 #include <set>
 #include <type_traits>
@@ -285,6 +286,7 @@ struct StreamParams {
   int per;        // units per CTA
   int units;      // slices * KT
   int max_parts;  // workspace slots per slice
+  int pdl;        // launched as a programmatic dependent launch: the prologue streams weights first
 };
 
 // Write slice `slice` from the CTA's fp32 sums `red` [rows][kSliceN]: straight to the output
@@ -529,21 +531,35 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   // write: counters, workspace, output) only after grid_dependency_wait.  Group 0 holds every
   // prologue stage's weights, group s stage s's other inputs: stage s is complete once groups
   // <= s are, as in the loop.
-  Loader pro[kStages - 1];
+  // Without PDL the stages go in one by one (stage 0 complete as early as possible: group 0 is
+  // stage 0 alone).  A uniform branch, outside the loop.
+  if (p.pdl) {
+    Loader pro[kStages - 1];
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    pro[s] = ld;
-    if (s < n_units) {
-      load_weights(s, ld);
-      loader_next(ld);
+    for (int s = 0; s < kStages - 1; ++s) {
+      pro[s] = ld;
+      if (s < n_units) {
+        load_weights(s, ld);
+        loader_next(ld);
+      }
     }
-  }
-  grid_dependency_wait();
-  allow_dependent_launch();  // our CTAs are resident: the next kernel may start its own prologue
+    grid_dependency_wait();
+    allow_dependent_launch();  // our CTAs are resident: the next kernel may start its own prologue
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < n_units) load_inputs(s, pro[s]);
-    cp_async_commit();
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < n_units) load_inputs(s, pro[s]);
+      cp_async_commit();
+    }
+  } else {
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < n_units) {
+        load_weights(s, ld);
+        load_inputs(s, ld);
+        loader_next(ld);
+      }
+      cp_async_commit();
+    }
   }
 
   int c_slice = slice0, c_kt = kt0;  // consumer position
@@ -685,12 +701,34 @@ auto stream_kernel_for(bool exact, bool fine, bool sums) {
                : (fine ? awq_stream_kernel<T, MB, false, true, false, COMPACT> : awq_stream_kernel<T, MB, false, false, false, COMPACT>);
 }
 
+// Whether `kernel`, as loaded on the current device, was compiled for sm_90+ (so holds the
+// griddepcontrol instructions: awq_common.cuh grid_dependency_wait).
+bool has_grid_dependency_wait(const void* kernel) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, bool> known;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_pair(kernel, dev);
+  auto it = known.find(key);
+  if (it == known.end()) {
+    cudaFuncAttributes attr{};
+    it = known.emplace(key, cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90 &&
+                                attr.binaryVersion >= 90).first;
+  }
+  return it->second;
+}
+
 template <typename T, int MB, bool COMPACT>
 void launch_mb(const GemmArgs& a, const StreamParams& p, int grid, bool group_sums, bool pdl, cudaStream_t stream) {
   using Cfg = StreamCfg<MB, COMPACT>;
   const bool exact = p.K % Cfg::kStageK == 0 && p.N % kSliceN == 0;
   const bool fine = p.gshift < 31 && (16 << p.gshift) < 16 * Cfg::kKA;  // group_size < 16 kKA
   const auto kernel = stream_kernel_for<T, MB, COMPACT>(exact, fine, group_sums);
+  // PDL only where the kernel that runs holds griddepcontrol.wait: built for sm_90+ (a PTX JIT of
+  // an sm_80 build on an H100 has none), asked of the runtime once per (kernel, device).
+  StreamParams q = p;
+  q.pdl = pdl && has_grid_dependency_wait(reinterpret_cast<const void*>(kernel));
   // Opt in to > 48 KB of dynamic shared memory, once per (kernel, device): a host-side attribute,
   // fine during graph capture.  Remembered only once it succeeded; a failure skips the launch and
   // stays the runtime's last error, which the caller's launch check reports.
@@ -716,11 +754,11 @@ void launch_mb(const GemmArgs& a, const StreamParams& p, int grid, bool group_su
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;  // see grid_dependency_wait
   attr.val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = &attr;
-  cfg.numAttrs = pdl ? 1 : 0;
+  cfg.numAttrs = q.pdl ? 1 : 0;
   // A failure stays the runtime's last error, which the caller's launch check reports.
   (void)cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(a.x), reinterpret_cast<const uint4*>(a.qweight),
                            reinterpret_cast<const uint32_t*>(a.qzeros), static_cast<const T*>(a.scales),
-                           static_cast<T*>(a.out), a.workspace, a.counters, p);
+                           static_cast<T*>(a.out), a.workspace, a.counters, q);
 }
 
 template <typename T>
