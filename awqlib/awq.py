@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -71,6 +72,10 @@ class AWQOptions:
     gptq_act_order: bool = True         # quantize columns by decreasing Hessian diagonal, each on its own
                                         # group's fixed grid: same format; SmolLM2 ppl 26.59 -> 26.32
                                         # (docs/ALGORITHM.md)
+    gptq_sequential: bool = False       # GPTQ the block's linears stage by stage (the spec's scale groups in
+                                        # block order), each stage's Hessian taken with the earlier stages
+                                        # already quantized (GPTQ's "true sequential"): one more block
+                                        # forward per stage; SmolLM2 ppl 26.32 -> 26.44, off (docs/ALGORITHM.md)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,6 +166,41 @@ class _Site:
         X = self._x()
         xg = X.view(X.shape[0], -1, g).transpose(0, 1)  # [n / g, tokens, g]
         return xg.transpose(1, 2) @ xg
+
+
+class _SiteCapture:
+    """Forward pre-hooks gathering each linear's input statistics into a :class:`_Site`, one per
+    input tensor: linears that read the very same tensor in a forward (q/k/v) share it."""
+
+    def __init__(self, linears: dict[str, nn.Linear]):
+        self.site_of: dict[str, _Site] = {}
+        self._owns: set[str] = set()
+        self._this_chunk: dict[tuple, tuple[torch.Tensor, _Site]] = {}  # holds the tensors: ids stay unique
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in linears.items()]
+
+    def _hook(self, name: str):
+        def hook(mod, args):
+            x = args[0]
+            key = (id(x), x._version)
+            if name not in self.site_of:  # first time this linear runs (an expert may wait for tokens)
+                if key in self._this_chunk:
+                    self.site_of[name] = self._this_chunk[key][1]  # reads a tensor another linear already read
+                else:
+                    self.site_of[name] = _Site(torch.zeros(x.shape[-1], device=x.device), [])
+                    self._owns.add(name)
+            if name in self._owns:
+                self.site_of[name].add(x)
+                self._this_chunk[key] = (x, self.site_of[name])
+        return hook
+
+    def next_chunk(self) -> None:
+        """Call between forwards: a tensor of one forward is never another's."""
+        self._this_chunk.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._this_chunk.clear()
 
 
 @dataclass
@@ -492,6 +532,35 @@ def gptq_linears(linears: dict[str, nn.Linear], site_of: dict[str, _Site],
     return out
 
 
+def gptq_stages(spec: ArchSpec, linears: dict[str, nn.Linear], run_order: list[str]) -> list[list[str]]:
+    """The block's quantized linears (by path in the block) in the order true-sequential GPTQ
+    takes them: one stage per scale group of the spec (all experts' gate/up together, all their
+    downs together), a linear in no group a stage of its own; stages in the order their first
+    linear ran (``run_order``: names in first-call order; linears no token reached come last)."""
+    patterns = [[re.compile(re.escape(p).replace(re.escape("{e}"), r"\d+") + "$") for p in g.linears] for g in spec.groups]
+    stages: dict[object, list[str]] = {}
+    for name in linears:
+        key = next((i for i, ps in enumerate(patterns) if any(p.match(name) for p in ps)), name)
+        stages.setdefault(key, []).append(name)
+    pos = {n: i for i, n in enumerate(run_order)}
+    return sorted(stages.values(), key=lambda names: min(pos.get(n, len(pos)) for n in names))
+
+
+@torch.no_grad()
+def recapture_sites(block: nn.Module, linears: dict[str, nn.Linear], inps: list[torch.Tensor],
+                    kwargs_by_batch: dict[int, dict], device: torch.device) -> dict[str, _Site]:
+    """The input statistics of ``linears`` as the block computes them now (with its earlier
+    linears already quantized): one forward over the calibration chunks."""
+    sites = _SiteCapture(linears)
+    try:
+        for x in inps:
+            run_block(block, x.to(device), to_device(kwargs_by_batch[x.shape[0]], device))
+            sites.next_chunk()
+    finally:
+        sites.remove()
+    return sites.site_of
+
+
 # ----------------------------------------------------------------------------------------------
 # one block
 
@@ -506,30 +575,9 @@ def capture_block(block: nn.Module, groups: list[BlockGroup], linears: dict[str,
     first ``max_search_tokens`` tokens, and the |x| sums of their inputs over all tokens; the fp
     block outputs, kept only when ``propagate_quantized`` is off)."""
     offload = torch.device(opts.offload_device)
-    site_of: dict[str, _Site] = {}
-    owns: set[str] = set()
-    this_chunk: dict[tuple, tuple[torch.Tensor, _Site]] = {}  # holds the tensors: ids stay unique
     inspect_modules = {g.group.inspect: g.inspect for g in groups if g.inspect is not None}
     inspected: dict[str, _Inspected] = {path: _Inspected() for path in inspect_modules}
     recording = {"on": False}
-
-    def new_site(x):
-        return _Site(torch.zeros(x.shape[-1], device=x.device), [])
-
-    def site_hook(name):
-        def hook(mod, args):
-            x = args[0]
-            key = (id(x), x._version)
-            if name not in site_of:  # first time this linear runs (an expert may wait for tokens)
-                if key in this_chunk:
-                    site_of[name] = this_chunk[key][1]  # reads a tensor another linear already read
-                else:
-                    site_of[name] = new_site(x)
-                    owns.add(name)
-            if name in owns:
-                site_of[name].add(x)
-                this_chunk[key] = (x, site_of[name])
-        return hook
 
     def insp_input(path):
         def hook(mod, args, kwargs):
@@ -553,7 +601,8 @@ def capture_block(block: nn.Module, groups: list[BlockGroup], linears: dict[str,
                 inspected[path].calls[-1][2] = _first_tensor(out).detach()
         return hook
 
-    handles = [m.register_forward_pre_hook(site_hook(n)) for n, m in linears.items()]
+    sites = _SiteCapture(linears)
+    handles = []
     for path, m in inspect_modules.items():
         handles.append(m.register_forward_pre_hook(insp_input(path), with_kwargs=True))
         handles.append(m.register_forward_pre_hook(insp_pre(path), with_kwargs=True))
@@ -571,16 +620,17 @@ def capture_block(block: nn.Module, groups: list[BlockGroup], linears: dict[str,
                     f"block {prefix or ''} produced NaN/inf activations on the calibration data; the model is "
                     "unstable in this dtype (try torch_dtype=torch.bfloat16 or float32)")
             seen += x.shape[0] * x.shape[1]
-            this_chunk.clear()
+            sites.next_chunk()
             if not opts.propagate_quantized:  # otherwise the next inputs come from the quantized block
                 fp_outs.append(y.to(offload))
     finally:
+        sites.remove()
         for h in handles:
             h.remove()
     for path, rec in inspected.items():
         rec.calls = [tuple(c) for c in rec.calls]
 
-    return site_of, inspected, fp_outs
+    return sites.site_of, inspected, fp_outs
 
 
 @torch.no_grad()
@@ -636,9 +686,17 @@ def quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, opts: AW
             report.clipped.append(name)
     del inspected
 
-    # 5. quantize: round to nearest, or GPTQ on the same grid
+    # 5. quantize: round to nearest, or GPTQ on the same grid (stage by stage with gptq_sequential:
+    # each stage's Hessian taken again with the earlier stages' weights already on the grid)
     t0 = time.perf_counter()
-    qparams = gptq_linears(linears, site_of, clips, qcfg, opts) if opts.gptq else {}
+    qparams = {}
+    if opts.gptq:
+        stages = gptq_stages(spec, linears, list(site_of)) if opts.gptq_sequential else [list(linears)]
+        for i, names in enumerate(stages):
+            stage = {n: linears[n] for n in names}
+            if i > 0:
+                site_of = recapture_sites(block, stage, inps, kwargs_by_batch, device)
+            qparams |= gptq_linears(stage, site_of, clips, qcfg, opts)
     report.gptq_seconds = time.perf_counter() - t0 if opts.gptq else 0.0
     del site_of, clips
     for name, lin in linears.items():

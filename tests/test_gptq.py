@@ -125,3 +125,43 @@ def test_act_order_on_a_model_changes_the_codes_not_the_format(calib_ids):
         weights[act_order] = lin.dequantized_weight()
         assert torch.isfinite(weights[act_order]).all()
     assert not torch.equal(weights[False], weights[True])
+
+
+def test_sequential_stages_follow_the_block_and_merge_experts():
+    """True-sequential GPTQ's stages: one per scale group of the spec, all experts of a group in
+    one stage (one extra forward, not one per expert), linears in no group on their own, in the
+    order the block runs them."""
+    from awqlib.arch import get_spec
+    from awqlib.awq import gptq_stages
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    lin = dict.fromkeys(names)
+    assert gptq_stages(get_spec("llama"), lin, names) == [names[:3], names[3:4], names[4:6], names[6:]]
+    phi = ["self_attn.o_proj", "self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"]  # o_proj: no group
+    run = ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]
+    assert gptq_stages(get_spec("phi3"), dict.fromkeys(phi), run) == [[n] for n in run]
+    moe = names[:4] + [f"mlp.experts.{e}.{p}" for e in range(3) for p in ("gate_proj", "up_proj", "down_proj")]
+    run = moe[:4] + ["mlp.experts.1.gate_proj", "mlp.experts.1.up_proj", "mlp.experts.1.down_proj"]  # 0, 2: no tokens
+    stages = gptq_stages(get_spec("qwen3_moe"), dict.fromkeys(moe), run)
+    assert stages[:2] == [moe[:3], moe[3:4]]
+    assert sorted(stages[2]) == sorted(f"mlp.experts.{e}.{p}" for e in range(3) for p in ("gate_proj", "up_proj"))
+    assert sorted(stages[3]) == [f"mlp.experts.{e}.down_proj" for e in range(3)]
+
+
+def test_sequential_gptq_recaptures_each_later_stage(calib_ids, monkeypatch):
+    """gptq_sequential: every stage after the first takes its Hessian from one more forward of the
+    block, with the earlier stages already on the grid; the first stage is what plain GPTQ does."""
+    from awqlib import awq
+    calls = []
+    real = awq.recapture_sites
+    monkeypatch.setattr(awq, "recapture_sites", lambda block, lin, *a: calls.append(sorted(lin)) or real(block, lin, *a))
+    weights = {}
+    for seq in (False, True):
+        model = tiny_model("llama")
+        AutoAWQ.from_model(model).quantize(None, {"w_bit": 4, "q_group_size": 64}, calib_data=list(calib_ids),
+                                           n_samples=16, seqlen=64, gptq_sequential=seq)
+        blk = model.model.layers[1]
+        weights[seq] = {n: blk.get_submodule(n).dequantized_weight() for n in ("self_attn.q_proj", "mlp.down_proj")}
+    assert calls == [["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]] * 2  # per block
+    assert torch.equal(weights[False]["self_attn.q_proj"], weights[True]["self_attn.q_proj"])
+    assert not torch.equal(weights[False]["mlp.down_proj"], weights[True]["mlp.down_proj"])
