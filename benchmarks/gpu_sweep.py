@@ -345,6 +345,7 @@ def sweep(args, report: dict, save, t0: float, excluded: set[str] = frozenset())
     cap = int(props.total_memory * 0.2)
     sass = sass_table()
     rows = report.setdefault("sweep", [])
+    broken: set[str] = set()  # variants whose timing raised: not tried again (the others go on)
     order = sorted(((N * K, name, N, K) for name, N, K in SHAPES))
     for _, name, N, K in order:
         g = GROUP
@@ -359,12 +360,20 @@ def sweep(args, report: dict, save, t0: float, excluded: set[str] = frozenset())
             ref_calls = [lambda w=w: F.linear(x, w) for w in w16s]
             t_ref = time_graph(ref_calls, time_eager(ref_calls[0], reps=2))
             for label, layout, kernel in VARIANTS:
-                if label in excluded or (kernel == Kernel.STREAM_GROUP_SUMS and M > 32):
+                if label in excluded or label in broken or (kernel == Kernel.STREAM_GROUP_SUMS and M > 32):
                     continue  # group sums change nothing past M 32 (awq_stream.cu: group_sums_pay)
                 calls = [lambda q=q: torch.ops.awqlib.awq_gemm_variant(x, q[0], q[1], q[2], g, int(kernel), 0)
                          for q in weights[layout]]
-                with variant_env(label):
-                    t = time_graph(calls, time_eager(calls[0], reps=2))
+                try:
+                    with variant_env(label):
+                        t = time_graph(calls, time_eager(calls[0], reps=2))
+                except RuntimeError as e:  # e.g. a launch attribute the driver refuses under capture
+                    broken.add(label)
+                    report.setdefault("errors", []).append({"shape": name, "M": M, "variant": label,
+                                                            "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                    save()
+                    print(f"TIMING ERROR {name} M={M} {label}: {e}; {label} is not timed further", flush=True)
+                    continue
                 rows.append(sweep_row(name, N, K, M, label, t, t_ref, report["copy_GBps"], sass))
                 save()
                 r = rows[-1]

@@ -356,6 +356,8 @@ def sweep_section(report: dict) -> str:
         extra.append(f"copy {report['copy_GBps']:.0f} GB/s")
     if "read_GBps" in report:
         extra.append(f"read-only {report['read_GBps']:.0f} GB/s")
+    for err in report.get("errors", []):
+        extra.append(f"{err['variant']} not timed from {err['shape']} M={err['M']} on: {err['error']}")
     line = provenance(report, extra)
     if not report.get("sweep"):
         return line + " No timings."

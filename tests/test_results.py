@@ -398,6 +398,14 @@ def test_run_info_names_the_code_a_run_started_with(monkeypatch):
     assert common.run_info("bench_quality", [])["env"] == before["env"]
 
 
+def test_a_sweep_variant_that_failed_to_time_is_named():
+    from benchmarks import gpu_sweep
+    rep = gpu_sweep.new_report(["--out", "x.json"], 200.0)
+    rep.update(device={"name": "NVIDIA H200", "sms": 132}, sweep=[],
+               errors=[{"shape": "4096x4096", "M": 1, "variant": "stream:pdl", "error": "RuntimeError: capture"}])
+    assert "stream:pdl not timed from 4096x4096 M=1 on: RuntimeError: capture" in report.sweep_section(rep)
+
+
 def test_provenance_names_the_settings_a_run_ran_with():
     rep = {"benchmark": "gpu_sweep", "date": "2026-11-30", "command": "python -m benchmarks.gpu_sweep",
            "env": {"AWQLIB_STREAM_PDL": "1", "AWQLIB_CACHE": "/somewhere", "AWQLIB_LAYOUT": "stream"}}
