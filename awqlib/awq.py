@@ -105,6 +105,9 @@ def make_options(method: str, **options) -> AWQOptions:
     if unknown:
         raise TypeError(f"quantize() got unknown option(s) {unknown}; besides its own arguments it accepts "
                         f"the AWQOptions fields {sorted(AWQOptions.__dataclass_fields__)}")
+    idle = sorted(k for k in options if k.startswith("gptq_")) if not fixed["gptq"] else []
+    if idle:
+        raise ValueError(f"{idle} only apply to method='awq+gptq' (method={method!r} runs no GPTQ)")
     return AWQOptions(**options, **fixed)
 
 
@@ -692,11 +695,21 @@ def quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, opts: AW
     qparams = {}
     if opts.gptq:
         stages = gptq_stages(spec, linears, list(site_of)) if opts.gptq_sequential else [list(linears)]
+        dtypes = {n: lin.weight.dtype for n, lin in linears.items()}
+        on_grid: dict[str, torch.Tensor] = {}  # GPTQ's fp32 results, while the block runs in its own dtype
         for i, names in enumerate(stages):
             stage = {n: linears[n] for n in names}
-            if i > 0:
-                site_of = recapture_sites(block, stage, inps, kwargs_by_batch, device)
-            qparams |= gptq_linears(stage, site_of, clips, qcfg, opts)
+            stage_sites = site_of
+            if i > 0:  # an expert no token reaches any more keeps the statistics of the first capture
+                stage_sites = {**site_of, **recapture_sites(block, stage, inps, kwargs_by_batch, device)}
+            qparams |= gptq_linears(stage, stage_sites, clips, qcfg, opts)
+            if i + 1 < len(stages):
+                for n, lin in stage.items():
+                    if lin.weight.dtype != dtypes[n]:
+                        on_grid[n] = lin.weight.data
+                        lin.weight.data = on_grid[n].to(dtypes[n])
+        for n, w in on_grid.items():
+            linears[n].weight.data = w  # fp32: WQLinear recomputes the codes exactly
     report.gptq_seconds = time.perf_counter() - t0 if opts.gptq else 0.0
     del site_of, clips
     for name, lin in linears.items():

@@ -68,6 +68,7 @@ VARIANTS = [("tiled:auto", "tiled", Kernel.AUTO), ("stream", "stream", Kernel.ST
 # stream kernel with programmatic dependent launch (its weights stream in while the previous
 # kernel -- in the sweep's graphs, the same GEMM -- finishes).
 VARIANT_ENV = {"stream:pdl": {"AWQLIB_STREAM_PDL": "1"}}
+BASE_ENV = {"AWQLIB_STREAM_PDL": "0"}  # every other variant, whatever the environment the sweep started in
 STREAM_KERNELS = (Kernel.STREAM, Kernel.STREAM_GROUP_SUMS, Kernel.STREAM_COMPACT, Kernel.STREAM_COMPACT_GROUP_SUMS)
 
 # Correctness gate: every (layout, kernel) with the token counts it takes, on small shapes
@@ -96,8 +97,9 @@ REL_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 @contextlib.contextmanager
 def variant_env(label: str):
-    """Set the variant's environment (VARIANT_ENV) for the duration, then restore it."""
-    env = VARIANT_ENV.get(label, {})
+    """Set the variant's environment (BASE_ENV with VARIANT_ENV's for ``label``) for the duration,
+    then restore it."""
+    env = {**BASE_ENV, **VARIANT_ENV.get(label, {})}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -108,6 +110,8 @@ def variant_env(label: str):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
 NCU_METRICS = ("smsp__issue_active.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum,"
                "dram__bytes_read.sum.per_second,gpu__time_duration.sum,"
                "smsp__average_warp_latency_issue_stalled_long_scoreboard,"
@@ -120,13 +124,17 @@ class OutOfTime(Exception):
 
 
 def plan_text(args) -> str:
-    cases = len(SHAPES) * len(args.ms) * (len(VARIANTS) + 1)
-    gate = sum(len(ms) for _, _, ms in GATE_VARIANTS) * len(GATE_SHAPES)
+    # (group sums are timed at M <= 32 only)
+    cases = len(SHAPES) * sum(1 + sum(not (k == Kernel.STREAM_GROUP_SUMS and m > 32) for _, _, k in VARIANTS)
+                              for m in args.ms)
+    gate = sum(len(ms) * (2 if k in STREAM_KERNELS else 1) for _, k, ms in GATE_VARIANTS) * len(GATE_SHAPES)
+    gate_pdl = sum(len(ms) for _, _, ms in GATE_PDL) * len(GATE_SHAPES)
     lines = [
         f"gpu_sweep plan (budget {args.budget:.0f} s, output {args.out}):",
         "  1. device info; build + load the extension (JIT, cached in $AWQLIB_CACHE)",
         f"  2. correctness gate: {gate} cases ({len(GATE_VARIANTS)} layout/kernel variants x {len(GATE_SHAPES)} shapes"
-        f" x their M), fp16, + bf16 for the stream kernels; a failing variant is not timed",
+        f" x their M), fp16, + bf16 for the stream kernels; + {gate_pdl} chains with programmatic dependent"
+        " launch against plain ones; a failing variant is not timed",
         "  3. rooflines: device-to-device copy, read-only streaming sum",
         f"  4. sweep: {cases} timings = {len(SHAPES)} shapes x M {args.ms} x ({', '.join(v[0] for v in VARIANTS)}, fp16)",
         "  5. table (+ SASS instr/KB from benchmarks/sass_budget.json)",

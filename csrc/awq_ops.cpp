@@ -197,9 +197,9 @@ enum Kernel : int64_t {
   kTiled = 3,          // tiled mma.sync GEMM, GEMM layout
   kDequantCublas = 4,  // dequantize + cuBLAS, any layout and M
   kSkinnyShallow = 5,  // skinny tensor-core kernel, register ring 2 chunks deep
-  kStream = 6,         // streaming mma.sync kernel, stream layout, M <= 64
+  kStream = 6,         // streaming mma.sync kernel, stream layout, passes of <= 64 rows (AUTO: one pass)
   kStreamGroupSums = 7,  // the same, scaling per-group fp32 sums where that saves instructions
-  kStreamCompact = 8,    // kStream in the compact shared-memory configuration, M <= 32
+  kStreamCompact = 8,    // kStream in the compact shared-memory configuration, passes of <= 32 rows
   kStreamCompactGroupSums = 9,  // kStreamGroupSums in the compact configuration
   kLastKernel = kStreamCompactGroupSums
 };
@@ -236,7 +236,7 @@ int32_t* counters_for(const at::Tensor& like, int64_t n, cudaStream_t stream, at
 // Code that writes a stream-layout qweight otherwise must synchronize before the next call.
 bool stream_pdl(int device, const at::Tensor& qweight_used, const at::Tensor& qweight_given) {
   const char* v = std::getenv("AWQLIB_STREAM_PDL");
-  if (v == nullptr || std::string(v) == "0") return false;
+  if (v == nullptr || *v == '\0' || std::string(v) == "0") return false;  // unset, or empty like unset
   TORCH_CHECK(std::string(v) == "1", "AWQLIB_STREAM_PDL must be 0 or 1, got '", v, "'");
   return at::cuda::getDeviceProperties(device)->major >= 9 && qweight_used.data_ptr() == qweight_given.data_ptr();
 }
@@ -310,7 +310,10 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   const bool large_ok = is_stream && failing_pass(false) == 0, compact_ok = is_stream && failing_pass(true) == 0;
   Kernel k = static_cast<Kernel>(kernel);
   if (k == kAuto) {
-    if (is_stream) k = M > awq::kStreamMaxM ? kDequantCublas : large_ok ? kStream : compact_ok ? kStreamCompact : kDequantCublas;
+    if (is_stream) k = M > awq::kStreamMaxM ? kDequantCublas
+                       : large_ok ? kStream
+                       : M <= awq::kStreamCompactMaxM && compact_ok ? kStreamCompact  // one pass
+                       : kDequantCublas;
     else if (s.layout == Layout::kTiled) k = M <= kSkinnyMaxMTiled ? kSkinnyShallow : kDequantCublas;
     else k = !fused_ok ? kDequantCublas
              : M <= kGemvMaxMAuto ? kGemv

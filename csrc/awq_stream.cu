@@ -65,9 +65,9 @@ constexpr int ka_for(int MB, bool compact) { return MB == 4 || compact ? 4 : 8; 
 
 // Two shared-memory configurations per m-tile count.  The large one (3 stages of 16-32 KB of
 // weights, 152-208 KB per CTA) is for H100/H200 (227 KB per block), and for an A100 (163 KB) at
-// MB = 1 and 4.  The compact one (k-tile 256; 3 stages at MB = 1, 80 KB; 2 at MB = 2, 69 KB) is
-// what fits the A100 at MB = 2 and the ~99 KB of an sm_86/89/120 GPU (A10, L4, L40S, RTX);
-// there M > 32 takes dequantize + cuBLAS (no MB = 4 stage fits: 2 x 50.5 KB).  Both must keep
+// MB = 1 and 4.  The compact one (k-tile 256; 3 stages at MB = 1, 2 at MB = 2: 81 and 70 KB with
+// the static part) is what fits the A100 at MB = 2 and the ~99 KB of an sm_86/89/120 GPU (A10,
+// L4, L40S, RTX); there M > 32 takes dequantize + cuBLAS (no MB = 4 stage fits: 2 x 50.5 KB).  Both must keep
 // fitting those GPUs (static_asserts below), else a whole class of them silently falls back.
 static_assert(kStreamCompactMaxM == 32, "the compact configurations are MB = 1 and 2");
 constexpr int stages_for(int MB, bool compact) { return compact && MB == 2 ? 2 : 3; }

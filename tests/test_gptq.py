@@ -73,6 +73,9 @@ def test_method_names_are_validated_in_one_place():
     with pytest.raises(TypeError, match="unknown option.*n_gird"):
         awq.make_options("awq", n_gird=3)
     assert awq.make_options("awq+gptq").gptq and not awq.make_options("awq").gptq
+    with pytest.raises(ValueError, match=r"\['gptq_sequential'\] only apply to method='awq\+gptq'"):
+        awq.make_options("awq", gptq_sequential=True)  # would be silently ignored
+    assert awq.make_options("awq+gptq", gptq_sequential=True).gptq_sequential
 
 
 def test_awq_gptq_model_end_to_end_is_finite_and_differs_from_awq(calib_ids, tmp_path):
@@ -148,6 +151,24 @@ def test_sequential_stages_follow_the_block_and_merge_experts():
     assert sorted(stages[3]) == [f"mlp.experts.{e}.down_proj" for e in range(3)]
 
 
+def test_sequential_gptq_runs_a_half_precision_block():
+    """The recapture runs the block in its compute dtype (bf16 here; fp16/bf16 whenever quantizing
+    on a GPU): the earlier stages' GPTQ results (fp32, on the grid) take part in it in that dtype,
+    and the codes still come from the fp32 results."""
+    from awqlib.arch import get_spec
+    from awqlib.config import QuantConfig
+    spec = get_spec("llama")
+    ids = torch.randint(0, 256, (16, 64), generator=torch.Generator().manual_seed(1))
+    model = tiny_model("llama").to(torch.bfloat16)
+    inps, kws = awq.capture_inputs(model, spec, ids, 8, torch.device("cpu"), torch.device("cpu"))
+    assert inps[0].dtype == torch.bfloat16
+    block = awq.get_blocks(model, spec)[0]
+    awq.quantize_block(block, spec, QuantConfig(group_size=64), awq.make_options("awq+gptq", gptq_sequential=True),
+                       inps, kws[0], torch.device("cpu"))
+    lin = block.mlp.down_proj
+    assert isinstance(lin, WQLinear) and torch.isfinite(lin.dequantized_weight()).all()
+
+
 def test_sequential_gptq_recaptures_each_later_stage(calib_ids, monkeypatch):
     """gptq_sequential: every stage after the first takes its Hessian from one more forward of the
     block, with the earlier stages already on the grid; the first stage is what plain GPTQ does."""
@@ -165,3 +186,18 @@ def test_sequential_gptq_recaptures_each_later_stage(calib_ids, monkeypatch):
     assert calls == [["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]] * 2  # per block
     assert torch.equal(weights[False]["self_attn.q_proj"], weights[True]["self_attn.q_proj"])
     assert not torch.equal(weights[False]["mlp.down_proj"], weights[True]["mlp.down_proj"])
+
+
+def test_sequential_gptq_keeps_first_capture_statistics_where_a_recapture_has_none(calib_ids, monkeypatch):
+    """A linear the recapture does not reach (an expert the quantized upstream no longer routes
+    tokens to) keeps the statistics of the first capture instead of falling back to round-to-
+    nearest: with every recapture empty, sequential GPTQ is plain GPTQ, bit for bit."""
+    from awqlib import awq
+    monkeypatch.setattr(awq, "recapture_sites", lambda *a: {})
+    weights = {}
+    for seq in (False, True):
+        model = tiny_model("llama")
+        AutoAWQ.from_model(model).quantize(None, {"w_bit": 4, "q_group_size": 64}, calib_data=list(calib_ids),
+                                           n_samples=16, seqlen=64, gptq_sequential=seq)
+        weights[seq] = model.model.layers[1].mlp.down_proj.dequantized_weight()
+    assert torch.equal(weights[False], weights[True])

@@ -25,14 +25,16 @@ def test_dry_run_prints_the_plan(capsys, tmp_path):
 
 
 def test_gate_cases_are_valid_for_their_layouts():
+    from awqlib.kernels import source_constant
     from awqlib.ops import Kernel
     from awqlib.packing import can_use_layout
     for N, K, g in gpu_sweep.GATE_SHAPES:
         for layout, kernel, ms in gpu_sweep.GATE_VARIANTS:
             assert can_use_layout(layout, K, N, g), (layout, N, K, g)
             if kernel in gpu_sweep.STREAM_KERNELS:  # one pass and more than one (64 rows, compact 32)
-                assert any(m <= 32 for m in ms) and (kernel in (Kernel.STREAM_GROUP_SUMS, Kernel.STREAM_COMPACT_GROUP_SUMS)
-                                                     or max(ms) > (32 if "COMPACT" in kernel.name else 64))
+                pass_rows = source_constant("kStreamCompactMaxM" if "COMPACT" in kernel.name else "kStreamMaxM")
+                assert min(ms) <= pass_rows and (kernel in (Kernel.STREAM_GROUP_SUMS, Kernel.STREAM_COMPACT_GROUP_SUMS)
+                                                 or max(ms) > pass_rows)
 
 
 def test_timed_kernels_have_sass_rows():
@@ -100,9 +102,10 @@ def test_gate_skips_only_configurations_the_gpu_has_no_room_for():
     M 17-32 one on an A100) and counts every other refusal as a failure.  The message it reads is
     awq_ops.cpp's."""
     src = (ROOT / "csrc" / "awq_ops.cpp").read_text()
+    assert '" configuration) runs passes of at most "' in src and '" rows needs ",' in src
     assert '" bytes of shared memory per block (the device has "' in src
-    msg = ("awq_gemm_variant: the stream kernel takes M <= 64, group_size 32/64/128/256 (or a multiple of its "
-           "k-tile, or K) and needs {} bytes of shared memory per block (the device has {})")
+    msg = ("awq_gemm_variant: the stream kernel (large configuration) runs passes of at most 64 rows; its pass of "
+           "20 rows needs {} bytes of shared memory per block (the device has {})")
     assert gpu_sweep.lacks_smem(msg.format(213008, 166912))
     assert not gpu_sweep.lacks_smem(msg.format(163856, 166912))  # refused for the shape: a failure
     assert not gpu_sweep.lacks_smem("CUDA error: an illegal memory access was encountered")
@@ -114,9 +117,9 @@ def test_variant_env_is_set_for_the_variant_only(monkeypatch):
     with gpu_sweep.variant_env("stream:pdl"):
         assert os.environ["AWQLIB_STREAM_PDL"] == "1"
     assert "AWQLIB_STREAM_PDL" not in os.environ
-    monkeypatch.setenv("AWQLIB_STREAM_PDL", "0")
+    monkeypatch.setenv("AWQLIB_STREAM_PDL", "1")  # an ambient setting does not leak into the plain variants
     with gpu_sweep.variant_env("stream"):
         assert os.environ["AWQLIB_STREAM_PDL"] == "0"
     with gpu_sweep.variant_env("stream:pdl"):
         assert os.environ["AWQLIB_STREAM_PDL"] == "1"
-    assert os.environ["AWQLIB_STREAM_PDL"] == "0"
+    assert os.environ["AWQLIB_STREAM_PDL"] == "1"

@@ -500,7 +500,8 @@ def test_stream_pdl_reads_what_the_previous_kernel_wrote(kernel, M, monkeypatch)
         assert torch.equal(got, want)
 
 
-A100_SMEM, SM89_SMEM = 166912, 101376  # sharedMemPerBlockOptin of an A100 and of an sm_86/89 GPU
+# sharedMemPerBlockOptin of an A100 and of an sm_86/89 GPU, as awq_stream.cu sizes its configurations for
+A100_SMEM, SM89_SMEM = kernels.source_constant("kA100SmemPerBlock"), kernels.source_constant("kSm89SmemPerBlock")
 
 
 @pytest.mark.parametrize("limit,M,expected", [

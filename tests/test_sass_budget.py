@@ -83,10 +83,11 @@ def test_no_spills_and_one_resident_cta(reports):
 
 
 def _config_for(reports, arch, mb):
-    """What awq_ops.cpp runs at MB m-tiles on a device with `arch`'s shared memory: the large
-    configuration where a block may have its shared memory, else the compact one (MB <= 2), else
-    none (dequantize + cuBLAS).  Shared memory as the sm_90 build reserves it (its static 1 KB is
-    more than sm_80's 16 bytes: conservative for the other architectures)."""
+    """The configuration that fits at MB m-tiles on a device with `arch`'s shared memory: the large
+    one where a block may have its shared memory, else the compact one (MB <= 2), else none.  Only
+    the sizes are checked here; which kernel awq_ops.cpp then runs is checked on a GPU
+    (test_kernels_cuda.py: test_stream_auto_choice_per_gpu_class).  Shared memory as the sm_90
+    build reserves it (its static 1 KB is more than sm_80's 16 bytes: conservative elsewhere)."""
     for compact in (False, True):
         name = f"awq_stream_kernel<half, {mb}, true, false, false, {str(compact).lower()}>"
         r = reports.get(name)
