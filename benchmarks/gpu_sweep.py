@@ -153,7 +153,7 @@ def ncu_command(variant: str) -> list[str]:
 
 def sanitizer_command() -> list[str]:
     return ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-m",
-            "benchmarks.gpu_sweep", "--profile-case", "tiny,5+20+100,all"]
+            "benchmarks.gpu_sweep", "--profile-case", "tiny,5+20+100,all,2"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -409,11 +409,13 @@ def save_report(report: dict, out: Path, t0: float) -> None:
 
 
 def profile_case(spec: str) -> int:
-    """Run one case eagerly a few times (the target of --ncu and --sanitizer): "shape,M,variant",
+    """Run one case eagerly a few times (the target of --ncu and --sanitizer): "shape,M,variant[,reps]",
     M a number or several joined by '+', variant a VARIANTS label or "all" (which adds the compact
-    configuration, gated but not timed)."""
-    name, m, variant = spec.split(",")
+    configuration, gated but not timed), reps the calls per case (default 5: ncu skips the first 3;
+    the sanitizer needs 2, memcheck being slow)."""
+    name, m, variant, *rest = spec.split(",")
     ms = [int(v) for v in m.split("+")]
+    reps = int(rest[0]) if rest else 5
     shapes = {"70b-down": (8192, 28672), "tiny": (192, 768)}  # tiny: tails (K % 512, N % 128)
     N, K = shapes[name]
     # tiny: group 64 (FINE: the group changes inside a warp's k-slice) and 128 (where group sums run)
@@ -430,7 +432,7 @@ def profile_case(spec: str) -> int:
             for M in ms:
                 x = torch.randn(M, K, device="cuda", dtype=torch.float16)
                 with variant_env(label):
-                    for _ in range(5):
+                    for _ in range(reps):
                         torch.ops.awqlib.awq_gemm_variant(x, q[0], q[1], q[2], g, int(kernel), 0)
                 torch.cuda.synchronize()
                 print(f"profile-case {label} g{g} M{M}: ok")
