@@ -565,7 +565,12 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   int c_slice = slice0, c_kt = kt0;  // consumer position
 
   // Flush the accumulators of slice c_slice: add the kKW k-warps in order through `red`, then
-  // write the slice (write_slice, out of line: it runs once per slice, not per stage).
+  // write the slice (write_slice, out of line: it runs once per slice, not per stage).  Only the
+  // rows < M go through `red` (write_slice reads no other): at M = 1 that is 4 lanes of a warp
+  // and 16 of its 256 read-add-writes, which otherwise collide 8-way in the same banks (lanes
+  // g = 0..7 of one column are kSliceN floats apart) -- per slice, a cost on the scale of a
+  // whole stage for the small shapes where each CTA streams only a few stages.
+  const int rows_out = min(p.M, Cfg::kRows);
   auto flush = [&](const uint8_t* consumed) {
     float* red = reinterpret_cast<float*>(const_cast<uint8_t*>(consumed));  // see StreamCfg::kRedBytes
     __syncthreads();  // every warp is done reading the slot `red` overwrites
@@ -579,14 +584,16 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               const int row = 16 * mb + g + 8 * (e >> 1), col = wn * 64 + 8 * t + 2 * q + (e & 1);
-              float& r = red[row * kSliceN + col];
-              r = (w == 0 ? 0.f : r) + acc[mb][t][e];
+              if (row < rows_out) {
+                float& r = red[row * kSliceN + col];
+                r = (w == 0 ? 0.f : r) + acc[mb][t][e];
+              }
               acc[mb][t][e] = 0.f;
             }
       }
       __syncthreads();
     }
-    write_slice<T>(red, out, ws, counters, p.N, p.KT, p.per, p.max_parts, c_slice, min(p.M, Cfg::kRows));
+    write_slice<T>(red, out, ws, counters, p.N, p.KT, p.per, p.max_parts, c_slice, rows_out);
     __syncthreads();  // `red` (a ring slot) is refilled from the next iteration on
   };
 

@@ -194,12 +194,14 @@ def emulate(x, qs, zs, ss, g, num_sms, sums=False, compact=False):
                     part[warp] = 0
             # ---- flush at the end of a slice or of the CTA's run
             if c_kt == p["KT"] - 1 or t == n_units - 1:
-                red = torch.zeros(rows_pad, SLICE_N, dtype=torch.float64)
+                rows = min(M, rows_pad)
+                # only rows < M go through red; the others hold what the ring slot held (NaN here)
+                red = torch.full((rows_pad, SLICE_N), float("nan"), dtype=torch.float64)
+                red[:rows] = 0
                 for w_k in range(KW):   # k-warps in order
                     for wn in range(NA):
-                        red[:, wn * 64:(wn + 1) * 64] += acc[w_k * NA + wn]
+                        red[:rows, wn * 64:(wn + 1) * 64] += acc[w_k * NA + wn, :rows]
                 acc.zero_()
-                rows = min(M, rows_pad)
                 first = (c_slice * p["KT"]) // p["per"]
                 last = ((c_slice + 1) * p["KT"] - 1) // p["per"]
                 parts, n0 = last - first + 1, c_slice * SLICE_N
