@@ -567,9 +567,9 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   // Flush the accumulators of slice c_slice: add the kKW k-warps in order through `red`, then
   // write the slice (write_slice, out of line: it runs once per slice, not per stage).  Only the
   // rows < M go through `red` (write_slice reads no other): at M = 1 that is 4 lanes of a warp
-  // and 16 of its 256 read-add-writes, which otherwise collide 8-way in the same banks (lanes
-  // g = 0..7 of one column are kSliceN floats apart) -- per slice, a cost on the scale of a
-  // whole stage for the small shapes where each CTA streams only a few stages.
+  // in 16 of its 32 accesses per round, about 16 shared-memory wavefronts instead of 256 (lanes
+  // g = 0..7 of one column are kSliceN floats apart: 8-way bank conflicts) -- per slice, a cost
+  // on the scale of a whole stage for the small shapes where each CTA streams only a few stages.
   const int rows_out = min(p.M, Cfg::kRows);
   auto flush = [&](const uint8_t* consumed) {
     float* red = reinterpret_cast<float*>(const_cast<uint8_t*>(consumed));  // see StreamCfg::kRedBytes
