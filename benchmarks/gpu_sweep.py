@@ -139,6 +139,8 @@ def plan_text(args) -> str:
         f"  4. sweep: {cases} timings = {len(SHAPES)} shapes x M {args.ms} x ({', '.join(v[0] for v in VARIANTS)}, fp16)",
         "  5. table (+ SASS instr/KB from benchmarks/sass_budget.json)",
     ]
+    if args.tools_only:
+        lines[2:] = ["  2-5. no gate, no sweep (--tools-only)"]
     if args.ncu:
         lines.append(f"  +  ncu on 70b-down M=1, stream and tiled:auto: {' '.join(ncu_command('stream'))}")
     if args.sanitizer:
@@ -459,6 +461,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-gate", action="store_true", help="time without the correctness gate (never for results)")
     ap.add_argument("--ncu", action="store_true", help="also profile 70b-down M=1 (stream, tiled:auto) with ncu")
     ap.add_argument("--sanitizer", action="store_true", help="also run compute-sanitizer memcheck on a tiny shape")
+    ap.add_argument("--tools-only", action="store_true",
+                    help="no gate and no sweep: build, then only --ncu / --sanitizer (a window's leftover minutes)")
     ap.add_argument("--profile-case", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.profile_case:
@@ -504,12 +508,14 @@ def main(argv=None) -> int:
               f"{report['build_s']:.0f} s", flush=True)
         save()
         excluded: set[str] = set()
-        if not args.skip_gate and not gate(report, save):
+        if args.tools_only:
+            excluded = {v[0] for v in VARIANTS}
+        elif not args.skip_gate and not gate(report, save):
             excluded = failed_variants(report["gate"])
             report["not_timed"] = sorted(excluded)
             status = 2
             print(f"correctness gate FAILED (see the JSON's gate.failed): not timing {sorted(excluded)}", flush=True)
-        if not excluded >= {v[0] for v in VARIANTS}:  # else nothing to time; the sanitizer below still runs
+        if not excluded >= {v[0] for v in VARIANTS}:  # else nothing to time; the tools below still run
             rooflines(report, save)
             sweep(args, report, save, t0, excluded)
     except OutOfTime:

@@ -11,6 +11,9 @@
 # Each part stops inside its deadline ($WINDOW_S, default 330 s: give the call timeout_s 360); a
 # step starts only when its minimum time is left.  Run from the repository root:
 #   AWQLIB_COMMIT=<hash> bash scripts/gpu_window.sh 1      (then: ... 2; no argument: both)
+# Part 3, only where a window still has >= 4 minutes after parts 1 and 2: ncu on the 70b-down M=1
+# case (stream and tiled:auto: is the stream kernel still issue-bound?), then the 8B decode again
+# with programmatic dependent launch (AWQLIB_STREAM_PDL=1).
 # Results land in $OUT (the device tool's folder; default ./gpu_window_out).  Record them here:
 #   python -m benchmarks.report --add <files>/sweep.json   (and <files>/decode_stream.json)
 set -u -o pipefail
@@ -18,7 +21,7 @@ set -u -o pipefail
 OUT="${OUT:-$PWD/gpu_window_out}"
 mkdir -p "$OUT"
 PART="${1:-all}"
-case "$PART" in 1|2|all) ;; *) echo "usage: $0 [1|2]" >&2; exit 2;; esac
+case "$PART" in 1|2|3|all) ;; *) echo "usage: $0 [1|2|3]" >&2; exit 2;; esac
 WINDOW_S="${WINDOW_S:-$([ "$PART" = all ] && echo 560 || echo 330)}"   # this call's deadline
 DEADLINE=$((SECONDS + WINDOW_S))
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -53,16 +56,21 @@ step() {  # step NAME MIN_S LIMIT_S LOGFILE CMD...: run if MIN_S seconds are lef
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" || true
 } 2>&1 | tee -a "$LOG"
 
-if [ "$PART" != 2 ]; then
+if [ "$PART" = 1 ] || [ "$PART" = all ]; then
   # the sweep's own budget (build included; hard stop 20 s later) + the sanitizer's 150 s at most
   step sweep 120 320 "$OUT/sweep.log" "$PY" -m benchmarks.gpu_sweep --out "$OUT/sweep.json" --budget 160 --sanitizer
 fi
-if [ "$PART" != 1 ]; then
+if [ "$PART" = 2 ] || [ "$PART" = all ]; then
   step stream-tests 60 170 "$OUT/pytest.log" "$PY" -m pytest -q -p no:cacheprovider \
     -k "stream or group_sums or concurrently or chunked or dequantize or in_process" \
     tests/test_kernels_cuda.py tests/test_gpu_e2e.py
   step decode 100 200 "$OUT/decode.log" env AWQLIB_LAYOUT=stream "$PY" -m benchmarks.bench_generate --size 8b \
     --batches 1,8 --new-tokens 64 --out "$OUT/decode_stream.json"
+fi
+if [ "$PART" = 3 ]; then
+  step ncu 90 260 "$OUT/ncu-run.log" "$PY" -m benchmarks.gpu_sweep --out "$OUT/ncu.json" --tools-only --ncu
+  step decode-pdl 100 200 "$OUT/decode-pdl.log" env AWQLIB_LAYOUT=stream AWQLIB_STREAM_PDL=1 "$PY" -m benchmarks.bench_generate \
+    --size 8b --batches 1,8 --new-tokens 64 --out "$OUT/decode_stream_pdl.json"
 fi
 echo "window done in ${SECONDS}s, status $status" | tee -a "$LOG"
 exit "$status"

@@ -59,6 +59,7 @@ def test_gpu_window_script_selects_what_it_claims():
     script = ROOT / "scripts" / "gpu_window.sh"
     text = script.read_text()
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert "--tools-only --ncu" in text  # part 3: the issue's ncu run on 70b-down M=1
     for module in re.findall(r"-m (benchmarks\.\w+)", text):
         assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), module
     expr = re.search(r'-k "([^"]+)"', text).group(1)
