@@ -20,9 +20,9 @@
 //  * Pipeline: a 3-stage cp.async ring in shared memory; a stage is 512 k-rows x 128 columns
 //    (32 KB of weights; 256 rows at M > 32) plus the activations, scales and zeros it needs, so
 //    64 KB of weights are in flight per SM (GPUs with less shared memory per block run the
-//    compact configuration, StreamCfg: 256-row stages, 2-3 of them).  Every shared-memory access is [ring-slot base +
-//    compile-time offset] (the slot is a counter), and there is no integer division in the loop
-//    (group, slice and pointer positions advance by constants).
+//    compact configuration, StreamCfg: 256-row stages, 2-3 of them).  Every shared-memory access
+//    is [ring-slot base + compile-time offset] (the slot is a counter), and there is no integer
+//    division in the loop (group, slice and pointer positions advance by constants).
 //  * Work split: one CTA of 8 warps per SM = 2 (64-column n-atoms) x 4 (k-slices of 128 rows).
 //    The persistent grid takes the (column slice, k-tile) units in slice-major order, each CTA a
 //    contiguous run ("striped" partition), so every SM streams the same number of bytes whatever
@@ -43,7 +43,6 @@
 #include <cstddef>
 #include <map>
 #include <mutex>
-#include <set>
 #include <type_traits>
 #include <utility>
 
@@ -67,8 +66,9 @@ constexpr int ka_for(int MB, bool compact) { return MB == 4 || compact ? 4 : 8; 
 // weights, 152-208 KB per CTA) is for H100/H200 (227 KB per block), and for an A100 (163 KB) at
 // MB = 1 and 4.  The compact one (k-tile 256; 3 stages at MB = 1, 2 at MB = 2: 81 and 70 KB with
 // the static part) is what fits the A100 at MB = 2 and the ~99 KB of an sm_86/89/120 GPU (A10,
-// L4, L40S, RTX); there M > 32 takes dequantize + cuBLAS (no MB = 4 stage fits: 2 x 50.5 KB).  Both must keep
-// fitting those GPUs (static_asserts below), else a whole class of them silently falls back.
+// L4, L40S, RTX); there M > 32 takes dequantize + cuBLAS (no MB = 4 stage fits: 2 x 50.5 KB).
+// Both must keep fitting those GPUs (static_asserts below), else a whole class of them silently
+// falls back.
 static_assert(kStreamCompactMaxM == 32, "the compact configurations are MB = 1 and 2");
 constexpr int stages_for(int MB, bool compact) { return compact && MB == 2 ? 2 : 3; }
 constexpr int kA100SmemPerBlock = 166912;     // sharedMemPerBlockOptin of an A100 (163 KB)
@@ -708,20 +708,32 @@ auto stream_kernel_for(bool exact, bool fine, bool sums) {
                : (fine ? awq_stream_kernel<T, MB, false, true, false, COMPACT> : awq_stream_kernel<T, MB, false, false, false, COMPACT>);
 }
 
-// Whether `kernel`, as loaded on the current device, was compiled for sm_90+ (so holds the
-// griddepcontrol instructions: awq_common.cuh grid_dependency_wait).
-bool has_grid_dependency_wait(const void* kernel) {
+// What launch_mb needs of a kernel on the current device, asked of the runtime once per (kernel,
+// device): its opt-in to `smem_bytes` (> 48 KB) of dynamic shared memory -- a host-side attribute,
+// fine during graph capture -- and whether it was compiled for sm_90+, so holds griddepcontrol.wait
+// (awq_common.cuh grid_dependency_wait; a PTX JIT of an sm_80 build on an H100 has none).  Only a
+// successful opt-in is remembered: a failure skips the launch and stays the runtime's last error,
+// which the caller's launch check reports.
+struct KernelReady {
+  bool ok;
+  bool has_grid_dependency_wait;
+};
+
+KernelReady kernel_ready(const void* kernel, int smem_bytes) {
   static std::mutex mu;
-  static std::map<std::pair<const void*, int>, bool> known;
+  static std::map<std::pair<const void*, int>, KernelReady> known;
   int dev = 0;
   cudaGetDevice(&dev);
   const std::lock_guard<std::mutex> lock(mu);
   const auto key = std::make_pair(kernel, dev);
   auto it = known.find(key);
   if (it == known.end()) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes) != cudaSuccess)
+      return {false, false};
     cudaFuncAttributes attr{};
-    it = known.emplace(key, cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90 &&
-                                attr.binaryVersion >= 90).first;
+    const bool wait = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90 &&
+                      attr.binaryVersion >= 90;
+    it = known.emplace(key, KernelReady{true, wait}).first;
   }
   return it->second;
 }
@@ -732,26 +744,10 @@ void launch_mb(const GemmArgs& a, const StreamParams& p, int grid, bool group_su
   const bool exact = p.K % Cfg::kStageK == 0 && p.N % kSliceN == 0;
   const bool fine = p.gshift < 31 && (16 << p.gshift) < 16 * Cfg::kKA;  // group_size < 16 kKA
   const auto kernel = stream_kernel_for<T, MB, COMPACT>(exact, fine, group_sums);
-  // PDL only where the kernel that runs holds griddepcontrol.wait: built for sm_90+ (a PTX JIT of
-  // an sm_80 build on an H100 has none), asked of the runtime once per (kernel, device).
+  const KernelReady ready = kernel_ready(reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
+  if (!ready.ok) return;
   StreamParams q = p;
-  q.pdl = pdl && has_grid_dependency_wait(reinterpret_cast<const void*>(kernel));
-  // Opt in to > 48 KB of dynamic shared memory, once per (kernel, device): a host-side attribute,
-  // fine during graph capture.  Remembered only once it succeeded; a failure skips the launch and
-  // stays the runtime's last error, which the caller's launch check reports.
-  {
-    static std::mutex mu;
-    static std::set<std::pair<const void*, int>> done;
-    int dev = 0;
-    cudaGetDevice(&dev);
-    const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel), dev};
-    const std::lock_guard<std::mutex> lock(mu);
-    if (!done.count(key)) {
-      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes) != cudaSuccess)
-        return;
-      done.insert(key);
-    }
-  }
+  q.pdl = pdl && ready.has_grid_dependency_wait;  // PDL only where the kernel that runs waits
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(grid);
   cfg.blockDim = dim3(kStThreads);
