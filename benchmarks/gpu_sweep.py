@@ -123,10 +123,14 @@ class OutOfTime(Exception):
     pass
 
 
+def is_timed(kernel: Kernel, M: int) -> bool:
+    """Whether the sweep times ``kernel`` at M: group sums change nothing past M 32 (awq_stream.cu:
+    group_sums_pay), so they are timed at M <= 32 only."""
+    return not (kernel == Kernel.STREAM_GROUP_SUMS and M > 32)
+
+
 def plan_text(args) -> str:
-    # (group sums are timed at M <= 32 only)
-    cases = len(SHAPES) * sum(1 + sum(not (k == Kernel.STREAM_GROUP_SUMS and m > 32) for _, _, k in VARIANTS)
-                              for m in args.ms)
+    cases = len(SHAPES) * sum(1 + sum(is_timed(k, m) for _, _, k in VARIANTS) for m in args.ms)
     gate = sum(len(ms) * (2 if k in STREAM_KERNELS else 1) for _, k, ms in GATE_VARIANTS) * len(GATE_SHAPES)
     gate_pdl = sum(len(ms) for _, _, ms in GATE_PDL) * len(GATE_SHAPES)
     lines = [
@@ -370,8 +374,8 @@ def sweep(args, report: dict, save, t0: float, excluded: set[str] = frozenset())
             ref_calls = [lambda w=w: F.linear(x, w) for w in w16s]
             t_ref = time_graph(ref_calls, time_eager(ref_calls[0], reps=2))
             for label, layout, kernel in VARIANTS:
-                if label in excluded or label in broken or (kernel == Kernel.STREAM_GROUP_SUMS and M > 32):
-                    continue  # group sums change nothing past M 32 (awq_stream.cu: group_sums_pay)
+                if label in excluded or label in broken or not is_timed(kernel, M):
+                    continue
                 calls = [lambda q=q: torch.ops.awqlib.awq_gemm_variant(x, q[0], q[1], q[2], g, int(kernel), 0)
                          for q in weights[layout]]
                 try:
