@@ -33,7 +33,7 @@ import logging
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -76,6 +76,42 @@ class AWQOptions:
                                         # block order), each stage's Hessian taken with the earlier stages
                                         # already quantized (GPTQ's "true sequential"): one more block
                                         # forward per stage; SmolLM2 ppl 26.32 -> 26.44, off (docs/ALGORITHM.md)
+    gptq_refit_rounds: int = 0          # after GPTQ, refit each row's group scales to its codes (least squares on
+                                        # the damped Hessian), GPTQ again on that grid, ...: this many refits
+                                        # (gptq.refit_rounds); same format
+
+    def __post_init__(self):
+        # options arrive from users (quantize(**options), JSON): a wrong type or range must be an
+        # error here, not a truthy string that silently switches something on, or a crash deep inside
+        for f in fields(self):
+            v = getattr(self, f.name)
+            ok = {"bool": isinstance(v, bool),
+                  "int": isinstance(v, int) and not isinstance(v, bool),
+                  "float": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                  }.get(f.type, isinstance(v, (str, torch.device)))
+            if not ok:
+                raise TypeError(f"option {f.name}={v!r}: expected {f.type}")
+            if f.type == "float":
+                setattr(self, f.name, float(v))
+        for name, (rule, holds) in _OPTION_RANGES.items():
+            if not holds(getattr(self, name)):
+                raise ValueError(f"option {name}={getattr(self, name)!r}: must be {rule}")
+        try:
+            torch.device(self.offload_device)
+        except RuntimeError as e:
+            raise ValueError(f"option offload_device={self.offload_device!r}: {e}") from None
+
+
+_OPTION_RANGES = {  # name -> (rule, check)
+    "n_grid": (">= 1", lambda v: v >= 1),
+    "clip_grid": (">= 1", lambda v: v >= 1),
+    "max_shrink": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "max_search_tokens": (">= 1", lambda v: v >= 1),
+    "chunk_size": (">= 1", lambda v: v >= 1),
+    "gptq_damp": ("> 0", lambda v: v > 0),
+    "gptq_block": (">= 1", lambda v: v >= 1),
+    "gptq_refit_rounds": (">= 0", lambda v: v >= 0),
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,11 +562,19 @@ def gptq_linears(linears: dict[str, nn.Linear], site_of: dict[str, _Site],
             wq[r] = gptq.gptq_quantize(W[r], U, scale[r], zero[r], qcfg.bits, opts.gptq_block, perm)
         if not torch.isfinite(wq).all():
             raise FloatingPointError(f"GPTQ gave non-finite weights for {names}: nothing was written")
+        if opts.gptq_refit_rounds:
+            Hd = gptq.damped_hessian(site.hessian(), opts.gptq_damp)
+            # the refit's temporaries are (in/g) x in floats per row
+            for r in row_chunks(W, chunk_bytes=max(budget // scale.shape[1], 4 * W.shape[1])):
+                wq[r], scale[r] = gptq.refit_rounds(W[r], wq[r], scale[r], zero[r], Hd, U, opts.gptq_refit_rounds,
+                                                    qcfg.bits, opts.gptq_block, perm)
+            del Hd
         del W, U
         r0 = 0
-        for n, w, (sc, z) in zip(names, ws, grids):
-            linears[n].weight.data = wq[r0:r0 + w.shape[0]]  # fp32: the codes are recomputed exactly
-            out[n] = (sc, z)
+        for n, w in zip(names, ws):
+            rows = slice(r0, r0 + w.shape[0])
+            linears[n].weight.data = wq[rows]  # fp32: the codes are recomputed exactly
+            out[n] = (scale[rows], zero[rows])
             r0 += w.shape[0]
     return out
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .quant import clamp_groups, compute_qparams, dequantize, quantize
+from .quant import STORE_DTYPE, clamp_groups, compute_qparams, dequantize, quantize
 
 
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6) -> torch.Tensor:
@@ -130,6 +130,79 @@ def gptq(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128,
     U, perm = ordered_factor(H, percdamp, act_order)
     wq = gptq_quantize(w, U, scale, zero, bits, block_size, perm)
     return wq, scale, zero
+
+
+def damped_hessian(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """H + damp I in fp32, with :func:`inverse_hessian_factor`'s damping and unit diagonal for dead
+    channels: the objective GPTQ's factor minimises, as a matrix."""
+    H = H.detach().float().clone()
+    diag = H.diagonal()
+    dead = diag == 0
+    H[dead, :] = 0
+    H[:, dead] = 0
+    diag[dead] = 1
+    diag += percdamp * diag.mean()
+    return H
+
+
+def refit_scales(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 Hd: torch.Tensor) -> torch.Tensor:
+    """For fixed codes ``q`` and zeros, the fp16-representable group scales [out, in/g] that minimise
+    each row's output error ``(w - (q - z) s) Hd (w - (q - z) s)^T`` (``Hd``: :func:`damped_hessian`).
+
+    GPTQ chose the codes on a grid whose scales came from round-to-nearest; with the codes fixed the
+    error is quadratic in a row's scales, so the best ones solve a (in/g x in/g) linear system per
+    row: ``A s = c`` with ``A[a, b] = v_a Hd_ab v_b^T`` and ``c[a] = v_a (w Hd)_a^T``, ``v_a`` the
+    row's ``q - z`` on group a.  Every group of a row is solved jointly, because GPTQ spread each
+    group's rounding error over the others.  A row keeps its old scales unless the new ones, rounded
+    to fp16, are finite, positive and lower its error (so the result never loses on the
+    calibration objective).  ``w``, ``q`` [rows, in]; pass row chunks to bound memory (the
+    temporaries hold in/g x in x rows floats).
+    """
+    rows, n = w.shape
+    G = scale.shape[1]
+    g = n // G
+    V = (q.float().view(rows, G, g) - zero.float().unsqueeze(-1))            # [r, G, g]
+    # Y[b, i, r] = sum_{j in group b} Hd[i, j] V[r, b, j]
+    Y = torch.bmm(Hd.view(n, G, g).transpose(0, 1), V.permute(1, 2, 0))      # [G, n, r]
+    A = torch.einsum("raj,bajr->rab", V, Y.view(G, G, g, rows))               # [r, G, G]
+    c = (V * (w.float() @ Hd).view(rows, G, g)).sum(-1)                       # [r, G]
+    old = scale.float()
+    # A group whose codes all equal its zero contributes nothing: pin its scale to the old one.
+    empty = A.diagonal(dim1=1, dim2=2) <= 0
+    if empty.any():
+        A = A.clone()
+        A.diagonal(dim1=1, dim2=2)[empty] = 1.0
+        A = A.masked_fill(empty.unsqueeze(1) & ~torch.eye(G, dtype=torch.bool, device=A.device), 0.0)
+        A = A.masked_fill(empty.unsqueeze(2) & ~torch.eye(G, dtype=torch.bool, device=A.device), 0.0)
+        c = torch.where(empty, old, c)
+    L, info = torch.linalg.cholesky_ex(A.double())
+    new = torch.cholesky_solve(c.double().unsqueeze(-1), L).squeeze(-1)
+    new = new.clamp(min=-65504.0, max=65504.0).to(STORE_DTYPE).float()
+
+    def err(s: torch.Tensor) -> torch.Tensor:  # the row's error, up to the constant w Hd w^T
+        s = s.double()
+        return torch.einsum("ra,rab,rb->r", s, A.double(), s) - 2 * (s * c.double()).sum(-1)
+
+    ok = (info == 0) & torch.isfinite(new).all(-1) & (new > 0).all(-1) & (err(new) < err(old))
+    return torch.where(ok.unsqueeze(-1), new, old)
+
+
+def refit_rounds(w: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, Hd: torch.Tensor,
+                 U: torch.Tensor, rounds: int, bits: int = 4, block_size: int = 128,
+                 perm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rounds`` alternations of :func:`refit_scales` (the scales that fit GPTQ's codes ``wq``
+    best) and, between two refits, :func:`gptq_quantize` again on the refitted grid (the codes that
+    fit those scales best).  Each step lowers the row's error on the calibration objective or
+    keeps it, the refit exactly (it keeps a row whose error would rise), GPTQ up to its greedy
+    order.  Returns (dequantized weight, scale), exactly on the grid (scale, zero)."""
+    for k in range(rounds):
+        if k:
+            wq = gptq_quantize(w, U, scale, zero, bits, block_size, perm)
+        q = codes_of(wq, scale, zero, bits)
+        scale = refit_scales(w, q, scale, zero, Hd)
+        wq = dequantize(q, scale, zero)
+    return wq, scale
 
 
 def codes_of(wq: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int = 4) -> torch.Tensor:

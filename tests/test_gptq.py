@@ -201,3 +201,61 @@ def test_sequential_gptq_keeps_first_capture_statistics_where_a_recapture_has_no
                                            n_samples=16, seqlen=64, gptq_sequential=seq)
         weights[seq] = model.model.layers[1].mlp.down_proj.dequantized_weight()
     assert torch.equal(weights[False], weights[True])
+
+
+def _gptq_codes(w, H, g=64):
+    scale, zero = gptq.static_qparams(w, 4, g, True)
+    U, perm = gptq.ordered_factor(H, 0.1, True)
+    q = gptq.codes_of(gptq.gptq_quantize(w, U, scale, zero, 4, 128, perm), scale, zero)
+    return q, scale, zero
+
+
+def test_refit_scales_is_each_rows_least_squares_and_never_loses():
+    w, x = _layer()
+    H = x.t() @ x
+    q, scale, zero = _gptq_codes(w, H)
+    Hd = gptq.damped_hessian(H, 0.1)
+    new = gptq.refit_scales(w, q, scale, zero, Hd)
+    assert new.dtype == torch.float32 and torch.equal(new, new.half().float()), "fp16-representable"
+
+    def err(s):
+        e = w - dequantize(q, s, zero)
+        return torch.einsum("ri,ij,rj->r", e.double(), Hd.double(), e.double())
+
+    assert (err(new) <= err(scale)).all()
+    assert err(new).sum() < 0.99 * err(scale).sum()
+    # a row's optimum, from its explicit design matrix: column a holds (q - z) on group a, else 0
+    for r in range(0, 64, 9):
+        v = (q[r].float().view(4, 64) - zero[r].view(4, 1))
+        phi = torch.block_diag(*[v[a].view(64, 1) for a in range(4)]).double()
+        best = torch.linalg.solve(phi.t() @ Hd.double() @ phi, phi.t() @ Hd.double() @ w[r].double())
+        if not torch.equal(new[r], scale[r]):
+            assert torch.equal(new[r], best.half().float()), r
+
+
+def test_refit_scales_keeps_a_group_whose_codes_all_sit_on_the_zero():
+    w, x = _layer()
+    q, scale, zero = _gptq_codes(w, x.t() @ x)
+    q[5, 64:128] = zero[5, 1].int()  # (q - z) = 0 on the whole group: its scale is not determined
+    new = gptq.refit_scales(w, q, scale, zero, gptq.damped_hessian(x.t() @ x, 0.1))
+    assert torch.isfinite(new).all() and new[5, 1] == scale[5, 1]
+    assert not torch.equal(new[5], scale[5]), "the row's other groups are still refitted"
+
+
+def test_refit_scales_on_a_model_keeps_gptqs_codes_and_changes_only_scales(calib_ids):
+    mods = {}
+    for refit in (0, 1):
+        model = tiny_model("llama")
+        AutoAWQ.from_model(model).quantize(None, {"w_bit": 4, "q_group_size": 64}, calib_data=list(calib_ids),
+                                           n_samples=16, seqlen=64, gptq_refit_rounds=refit)
+        mods[refit] = model.model.layers[1].mlp.down_proj
+    a, b = mods[0], mods[1]
+    assert torch.equal(a.qweight, b.qweight) and torch.equal(a.qzeros, b.qzeros), "same codes and zeros"
+    assert not torch.equal(a.scales, b.scales)
+    assert torch.isfinite(b.dequantized_weight()).all()
+
+
+def test_refit_scales_needs_gptq():
+    with pytest.raises(ValueError, match="gptq_refit_rounds"):
+        AutoAWQ.from_model(tiny_model("llama")).quantize(None, {"w_bit": 4, "q_group_size": 64}, method="awq",
+                                                         calib_data=[[1, 2, 3]], gptq_refit_rounds=1)

@@ -95,3 +95,26 @@ def test_quantize_unknown_option_names_accepted():
     m = AutoAWQ.from_model(tiny_model("llama"))
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['n_gird'\].*'max_search_tokens'.*'n_grid'"):
         m.quantize(None, {"q_group_size": 64}, method="rtn", n_gird=10)
+
+
+@pytest.mark.parametrize("option, value, error, message", [
+    ("gptq_act_order", "no", TypeError, "gptq_act_order='no': expected bool"),  # a truthy string: it was on
+    ("gptq_damp", "0.1", TypeError, "expected float"),
+    ("gptq_damp", float("nan"), TypeError, "expected float"),
+    ("n_grid", 2.5, TypeError, "expected int"),
+    ("clip_grid", True, TypeError, "expected int"),
+    ("n_grid", 0, ValueError, "n_grid=0: must be >= 1"),
+    ("max_shrink", 1.0, ValueError, r"must be in \[0, 1\)"),
+    ("gptq_refit_rounds", -1, ValueError, ">= 0"),
+    ("offload_device", "gpux", ValueError, "offload_device='gpux'"),
+])
+def test_quantize_option_values_are_checked(option, value, error, message):
+    m = AutoAWQ.from_model(tiny_model("llama"))
+    with pytest.raises(error, match=message):
+        m.quantize(None, {"q_group_size": 64}, method="awq+gptq", calib_data=[[1, 2, 3]], **{option: value})
+
+
+def test_quantize_option_values_accept_ints_for_floats():
+    from awqlib import awq
+    opts = awq.make_options("awq+gptq", gptq_damp=1, max_shrink=0)
+    assert opts.gptq_damp == 1.0 and isinstance(opts.gptq_damp, float) and isinstance(opts.max_shrink, float)
