@@ -18,7 +18,7 @@ from .config import QuantConfig
 from .outputs import AtomicDir  # noqa: F401  (re-exported: its home was here)
 from .packing import gemv_to_gemm
 from .safetensors_io import (SAFE_INDEX, confined, TAG_OF, check_expected, iter_tensors, parse_size, plan_shards,  # noqa: F401
-                             save_tensors, shard_names, tensor_index, weight_files, write_index)
+                             read_json, save_tensors, shard_names, tensor_index, weight_files, write_index)
 
 log = logging.getLogger("awqlib")
 
@@ -150,7 +150,10 @@ def source_config_dict(source_folder: Path | None, model_config) -> dict[str, An
     """The source's own config.json when there is one (transformers 5's ``to_dict`` drops keys that
     older readers need, e.g. ``rope_theta``); else the in-memory config plus the legacy RoPE keys."""
     if source_folder is not None and (Path(source_folder) / "config.json").is_file():
-        return json.loads((Path(source_folder) / "config.json").read_text(encoding="utf-8"))
+        d = read_json(Path(source_folder), "config.json")
+        if not isinstance(d, dict):
+            raise ValueError(f"{source_folder}/config.json must hold a JSON object, not {type(d).__name__}")
+        return d
     d = model_config.to_dict()
     d.pop("_name_or_path", None)  # where it was loaded from: a local path is nobody else's business
     for k, v in legacy_rope_keys(d.get("rope_parameters")).items():
@@ -193,7 +196,8 @@ def remote_code_files(folder: Path | None) -> list[Path]:
     uses_code = False
     for name in ("config.json", "tokenizer_config.json"):
         try:
-            uses_code = uses_code or "auto_map" in json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+            d = read_json(Path(folder), name)
+            uses_code = uses_code or (isinstance(d, dict) and "auto_map" in d)
         except (OSError, ValueError):
             continue
     return sorted(p.relative_to(folder) for p in Path(folder).glob("*.py")) if uses_code else []

@@ -17,12 +17,11 @@ and vLLM itself was not run (it needs a CUDA GPU).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .safetensors_io import DTYPES, read_safetensors_header, weight_files
+from .safetensors_io import DTYPES, read_json, read_safetensors_header, weight_files
 
 VLLM = "vllm-project/vllm"
 SGLANG = "sgl-project/sglang"
@@ -245,27 +244,54 @@ def _weight_files(folder: Path, report: ValidationReport) -> list[Path]:
         return []
 
 
+def _json_object(folder: Path, name: str) -> dict:
+    """``folder / name`` as a JSON object, read by the loader's rules
+    (:func:`awqlib.safetensors_io.read_json`); FileNotFoundError where it is absent."""
+    d = read_json(folder, name)
+    if not isinstance(d, dict):
+        raise ValueError(f"{name} must hold a JSON object, not {type(d).__name__}")
+    return d
+
+
 def _load_quant_config(folder: Path, report: ValidationReport) -> tuple[dict, dict | None]:
-    cfg_path = folder / "config.json"
     cfg: dict = {}
-    if cfg_path.exists():
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except ValueError as e:
-            report.add("config", f"config.json is not valid JSON ({e})")
-            return {}, None
-    else:
+    try:
+        cfg = _json_object(folder, "config.json")
+    except FileNotFoundError:
         report.add("config", f"{folder} has no config.json")
+    except (OSError, ValueError) as e:
+        report.add("config", str(e))
+        return {}, None
     qc = cfg.get("quantization_config")
     if qc is None:
         for name in ("quant_config.json", "quantize_config.json"):
-            if (folder / name).exists():
-                qc = json.loads((folder / name).read_text())
+            try:
+                qc = _json_object(folder, name)
                 break
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as e:
+                report.add("config", str(e))
+                return cfg, None
     if qc is None:
         report.add("config", "no quantization_config in config.json and no quant_config.json / "
                              "quantize_config.json: vLLM would load this as an unquantized model")
+    elif not isinstance(qc, dict):
+        report.add("config", f"config.json: quantization_config is {qc!r} ({type(qc).__name__}); it must be an "
+                             "object such as {\"quant_method\": \"awq\", \"bits\": 4, \"group_size\": 128, ...}")
+        return cfg, None
     return cfg, qc
+
+
+def _head_count(cfg: dict, key: str, report: ValidationReport) -> int | None:
+    """config.json's ``key`` (a head count) as a positive int; anything else a "config" finding."""
+    v = cfg.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        report.add("config", f"config.json: {key}={v!r} ({type(v).__name__}) must be a positive integer")
+        return None
+    return v
 
 
 def _get(qc: dict, *keys: str) -> Any:
@@ -446,8 +472,8 @@ def validate_checkpoint(folder: str | Path, tp_sizes: Iterable[int] = (1, 2, 4, 
                                     "AWQ kernel (write 'bits', 'group_size', 'zero_point')")
 
     # --- tensor parallelism
-    heads = cfg.get("num_attention_heads")
-    kv_heads = cfg.get("num_key_value_heads") or heads
+    heads = _head_count(cfg, "num_attention_heads", report)
+    kv_heads = _head_count(cfg, "num_key_value_heads", report) or heads
     for tp in tp_sizes:
         problems: list[str] = []
         if heads and not _divides(heads, tp):
@@ -511,7 +537,7 @@ def _check_tensors(tensors: dict[str, dict[str, Any]], group: int, pack: int, sk
         g = k if group == -1 else group
         want = {"qweight": [k, n // pack], "qzeros": [k // g if g else 0, n // pack], "scales": [k // g if g else 0, n]}
         got = {"qweight": qw, "qzeros": qz, "scales": sc}
-        if k % g or any(got[s] != want[s] for s in want):
+        if not k or k % g or any(got[s] != want[s] for s in want):
             bad_shape.append(f"{p}: qweight {qw}, qzeros {qz}, scales {sc}; for in_features {k}, "
                              f"out_features {n}, group {g} expected qweight {want['qweight']}, "
                              f"qzeros {want['qzeros']}, scales {want['scales']}")

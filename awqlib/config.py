@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .safetensors_io import read_json
 
 SUPPORTED_BITS = (4,)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
@@ -144,13 +145,12 @@ def checkpoint_quant_config(qc: Any, where: Any) -> QuantConfig:
         raise ValueError(f"{where}: {e}") from None
 
 
-def check_checkpoint_config_file(path: Path) -> None:
-    """Validate ``config.json``'s ``quantization_config`` as written, before transformers parses the
-    file (it fails with an AttributeError on, e.g., a string there)."""
-    try:
-        cfg = json.loads(Path(path).read_text())
-    except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+def check_checkpoint_config_file(folder: Path) -> None:
+    """Validate ``folder``'s ``config.json`` (read by the checkpoint rules, :func:`read_json`) and its
+    ``quantization_config`` as written, before transformers parses the file (it fails with an
+    AttributeError on, e.g., a string there)."""
+    path = Path(folder) / "config.json"
+    cfg = read_json(Path(folder), "config.json")
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} must hold a JSON object, not {type(cfg).__name__}")
     if cfg.get("quantization_config") is not None:

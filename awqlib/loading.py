@@ -68,9 +68,10 @@ def load_quantized(quant_path: str, device: str | torch.device | None = None, to
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     folder = resolve_folder(quant_path, **download_arguments(download_kwargs, revision, token))
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder} has no config.json: not a transformers checkpoint folder")
-    check_checkpoint_config_file(folder / "config.json")
+    try:
+        check_checkpoint_config_file(folder)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder} has no config.json: not a transformers checkpoint folder") from None
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     qc = getattr(config, "quantization_config", None)
     if qc is None:

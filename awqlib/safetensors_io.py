@@ -10,6 +10,9 @@ Checkpoints (Hub downloads especially) are untrusted input, so reading is defens
 * a header is checked against the file before any tensor data is read: every tensor's byte range
   must match its dtype and shape and lie inside the file, so a header claiming a 1 TiB tensor
   costs nothing but the error message;
+* every JSON file read from a checkpoint folder (index, ``config.json``, ``quant_config.json``) goes
+  through :func:`read_json`: the shard rules above, a size bound, UTF-8, and one clear error for
+  anything :mod:`json` refuses (a nesting deep enough to exhaust the stack included);
 * :func:`check_expected` compares every tensor's dtype and shape with what the model built from the
   config expects, again before any data is read.
 
@@ -20,6 +23,7 @@ itself creates files ``0600``, which a serving process running as another user c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -60,6 +64,17 @@ def _corrupt(path: Path, why: str) -> ValueError:
     return ValueError(f"{path} is corrupt or not a safetensors file ({why}); re-download or re-save the checkpoint")
 
 
+def parse_json(raw: bytes) -> Any:
+    """``raw`` decoded as UTF-8 JSON (what safetensors and transformers require: :func:`json.loads`
+    would also accept UTF-16/32); anything it refuses, a nesting deep enough to exhaust the stack
+    (RecursionError) included, is one ValueError("not UTF-8 JSON (why)")."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ValueError(f"not UTF-8 JSON ({why})") from None
+
+
 def regular_file(path: Path) -> os.stat_result:
     """stat ``path`` (following links) and refuse anything but a regular file (opening a FIFO blocks)."""
     st = os.stat(path)
@@ -80,12 +95,18 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
         if n > min(MAX_HEADER_BYTES, size - 8):
             raise _corrupt(path, f"header length {n} exceeds the file's {size} bytes or {MAX_HEADER_BYTES}")
         try:
-            header = json.loads(fh.read(n))
+            header = parse_json(fh.read(n))
         except ValueError as e:
-            raise _corrupt(path, f"header is not JSON: {e}") from None
+            raise _corrupt(path, f"header is {e}") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    # safetensors itself refuses any other __metadata__: a validator passing it would promise a file
+    # that vLLM cannot open
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise _corrupt(path, f"__metadata__ must be an object of strings, got {str(meta)[:80]}")
     data_len, start = size - 8 - n, 8 + n
     out: dict[str, TensorInfo] = {}
     for name, e in header.items():
@@ -140,7 +161,7 @@ def confined(folder: Path, name: Any) -> Path:
     bad = (not isinstance(name, str) or not name or "\\" in name or "\0" in name
            or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts)
     if bad:
-        raise ValueError(f"{folder}: the shard name {name!r} points outside the checkpoint folder: refused "
+        raise ValueError(f"{folder}: the file name {name!r} points outside the checkpoint folder: refused "
                          "(a checkpoint may only name files inside its own folder)")
     p = folder / name
     if not p.exists():
@@ -152,12 +173,28 @@ def confined(folder: Path, name: Any) -> Path:
     return p
 
 
+def read_json(folder: Path, name: str, limit: int = MAX_HEADER_BYTES) -> Any:
+    """The JSON file ``folder / name`` of a checkpoint, read by the shard rules (:func:`confined`: a
+    FIFO would hang the reader, a link to ``/dev/zero`` would need unbounded memory, a link elsewhere
+    is not the checkpoint's), at most ``limit`` bytes (as a safetensors header), as UTF-8; anything
+    malformed is a ValueError naming the file. FileNotFoundError where it does not exist."""
+    path = confined(Path(folder), name)
+    with open(path, "rb") as fh:
+        raw = fh.read(limit + 1)
+    if len(raw) > limit:
+        raise ValueError(f"{path} is over {limit} bytes: not a checkpoint's JSON file, refused")
+    try:
+        return parse_json(raw)
+    except ValueError as e:
+        raise ValueError(f"{path} is {e}; re-download or re-save the checkpoint") from None
+
+
 def read_index(folder: Path) -> dict[str, str]:
     """The ``weight_map`` of ``folder``'s safetensors index, checked: {tensor name: shard file name}."""
     idx = folder / SAFE_INDEX
     try:
-        wm = json.loads(idx.read_text())["weight_map"]
-    except (ValueError, KeyError, TypeError) as e:
+        wm = read_json(folder, SAFE_INDEX)["weight_map"]
+    except (KeyError, TypeError) as e:
         raise ValueError(f"{idx} is not a valid safetensors index ({type(e).__name__}: {e})") from None
     if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
         raise ValueError(f"{idx}: weight_map must be an object {{tensor name: shard file name}}, got "
@@ -233,25 +270,32 @@ def iter_tensors(files: list[Path], where: dict[str, tuple[Path, TensorInfo]] | 
                  ) -> Iterator[tuple[str, "torch.Tensor"]]:  # noqa: F821
     """Every tensor of ``files``, file by file, after all headers were validated (``where``: the
     :func:`tensor_index` already built for them)."""
-    from safetensors import safe_open
     where = where if where is not None else tensor_index(files)
     for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                for k in fh.keys():
-                    yield k, fh.get_tensor(k)
-        except Exception as e:
-            if isinstance(e, (KeyboardInterrupt, MemoryError)):
-                raise
-            raise _corrupt(f, f"{type(e).__name__}: {e}") from None
+        with _opened(f) as fh:
+            for k in fh.keys():
+                yield k, fh.get_tensor(k)
 
 
 def read_tensors(path: Path, names: Iterable[str] | None = None) -> dict[str, "torch.Tensor"]:  # noqa: F821
     """Tensors of one file (all, or ``names``), copied out of the mapping: a shard kept mapped would
     count every page read from it towards the process's memory."""
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as fh:
+    with _opened(path) as fh:
         return {k: fh.get_tensor(k).clone() for k in (fh.keys() if names is None else names)}
+
+
+@contextlib.contextmanager
+def _opened(path: Path):
+    """safetensors' ``safe_open`` of a file whose header was validated here; whatever safetensors
+    still refuses (its own rules are stricter in places) is the one "corrupt" error naming the file."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            yield fh
+    except Exception as e:
+        if isinstance(e, MemoryError):
+            raise
+        raise _corrupt(path, f"{type(e).__name__}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- writing

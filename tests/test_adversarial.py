@@ -345,6 +345,69 @@ def test_shards_must_be_regular_files_inside_the_folder(base, tmp_path):
         AutoAWQ.from_quantized(str(ck))
 
 
+JSON_DAMAGE = {  # how a checkpoint's JSON file is replaced -> what the refusal says
+    "fifo": "not a regular file",  # opening it would block forever
+    "/dev/zero": "outside the checkpoint folder",  # reading it would never end
+    "outside": "outside the checkpoint folder",  # a file the checkpoint does not own
+    "folder": "not a regular file",
+    "deep": r"not UTF-8 JSON \(nested too deeply\)",  # RecursionError in json
+    "utf-16": "not UTF-8 JSON",  # json.loads(bytes) would accept it; transformers would not
+}
+
+
+def _damage_json(path: Path, how: str, tmp_path: Path) -> None:
+    text = path.read_text()
+    path.unlink()
+    if how == "fifo":
+        os.mkfifo(path)
+    elif how == "/dev/zero":
+        path.symlink_to("/dev/zero")
+    elif how == "outside":
+        (tmp_path / "elsewhere.json").write_text(text)
+        path.symlink_to(tmp_path / "elsewhere.json")
+    elif how == "folder":
+        path.mkdir()
+    elif how == "deep":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        path.write_bytes(text.encode("utf-16"))
+
+
+@pytest.mark.parametrize("how", sorted(JSON_DAMAGE))
+@pytest.mark.parametrize("name", ["model.safetensors.index.json", "config.json"])
+def test_checkpoint_json_files_are_read_by_the_shard_rules(base, tmp_path, name, how):
+    """The index and config.json are untrusted like the shards: refused before they are opened
+    where they are not regular files inside the folder, and a clear error naming them when they
+    are not JSON, from the loader and the validator alike."""
+    ck = _sharded(base, tmp_path) if name.startswith("model.") else Path(shutil.copytree(base["ckpt"], tmp_path / "ck"))
+    _damage_json(ck / name, how, tmp_path)
+    msg = JSON_DAMAGE[how]
+    with pytest.raises(ValueError, match=rf"{re.escape(str(ck / name))}.*{msg}"):
+        _no_hang(lambda: AutoAWQ.from_quantized(str(ck)), ck / name) if how == "fifo" else AutoAWQ.from_quantized(str(ck))
+    rep = _no_hang(lambda: validate_checkpoint(ck), ck / name) if how == "fifo" else validate_checkpoint(ck)
+    assert not rep.ok and any(re.search(msg, f.message) for f in rep.errors), rep.errors
+
+
+@pytest.mark.parametrize("how", ["fifo", "deep", "utf-16"])
+def test_quant_config_json_is_read_by_the_same_rules(base, tmp_path, how):
+    ck = Path(shutil.copytree(base["ckpt"], tmp_path / "ck"))
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "quant_config.json").write_text(json.dumps(cfg.pop("quantization_config")))
+    (ck / "config.json").write_text(json.dumps(cfg))
+    assert validate_checkpoint(ck).quant_config  # read from quant_config.json
+    _damage_json(ck / "quant_config.json", how, tmp_path)
+    rep = _no_hang(lambda: validate_checkpoint(ck), ck / "quant_config.json") if how == "fifo" else validate_checkpoint(ck)
+    assert not rep.ok and any(re.search(JSON_DAMAGE[how], f.message) for f in rep.errors), rep.errors
+
+
+def test_checkpoint_json_files_are_size_limited(tmp_path):
+    from awqlib.safetensors_io import read_json
+    (tmp_path / "config.json").write_text(json.dumps({"pad": "x" * 100}))
+    assert read_json(tmp_path, "config.json")["pad"] == "x" * 100
+    with pytest.raises(ValueError, match=r"config.json is over 64 bytes"):
+        read_json(tmp_path, "config.json", limit=64)
+
+
 def test_hub_cache_snapshot_symlinks_are_followed(base, tmp_path):
     """The Hub cache stores files in blobs/ and links them from snapshots/<rev>/: that must still load."""
     repo = tmp_path / "models--org--tiny"
@@ -399,6 +462,41 @@ def test_header_claiming_a_huge_tensor_costs_nothing(base, tmp_path):
                                          r"4398046511104 bytes\) ends at data byte .* but the file holds"):
         AutoAWQ.from_quantized(str(ck))
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 200 * 1024  # KiB: no big allocation
+
+
+def _edit_header(f: Path, fn) -> None:
+    """Replace ``f``'s header by ``fn(header dict)`` (bytes), keeping the data."""
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    h = fn(json.loads(raw[8:8 + n]))
+    f.write_bytes(len(h).to_bytes(8, "little") + h + raw[8 + n:])
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda h: json.dumps(h).encode("utf-16"), r"header is not UTF-8 JSON"),
+    (lambda h: b"[" * 100_000 + b"]" * 100_000, r"header is not UTF-8 JSON \(nested too deeply\)"),
+    (lambda h: json.dumps({**h, "__metadata__": {"format": 1}}).encode(), r"__metadata__ must be an object of strings"),
+    (lambda h: json.dumps({**h, "__metadata__": ["pt"]}).encode(), r"__metadata__ must be an object of strings"),
+])
+def test_headers_safetensors_refuses_are_refused(base, tmp_path, edit, msg):
+    """What safetensors (and so vLLM) cannot open is not passed by the header check: the loader's
+    error names the file, and the validator does not call it OK."""
+    ck = Path(shutil.copytree(base["ckpt"], tmp_path / "ck"))
+    _edit_header(ck / "model.safetensors", edit)
+    with pytest.raises(ValueError, match=r"model.safetensors is corrupt or not a safetensors file \(" + msg):
+        AutoAWQ.from_quantized(str(ck))
+    rep = validate_checkpoint(ck)
+    assert not rep.ok and any(re.search(msg, f.message) for f in rep.errors), rep.errors
+
+
+def test_lazy_reads_are_wrapped_like_the_loader(src):
+    """A shard safetensors refuses after the header check (here: truncated during the run) is the
+    same "corrupt" error naming the file, not a bare SafetensorError."""
+    reader = ShardReader(src)
+    f = src / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-4])
+    with pytest.raises(ValueError, match=r"model.safetensors is corrupt or not a safetensors file \(SafetensorError"):
+        reader.get("model.norm.weight")
 
 
 # ------------------------------------------------------------------------------------------ 7. config values
