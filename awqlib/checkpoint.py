@@ -17,8 +17,8 @@ from .arch.blocks import find_blocks, unconverted_linears
 from .config import QuantConfig
 from .outputs import AtomicDir  # noqa: F401  (re-exported: its home was here)
 from .packing import gemv_to_gemm
-from .safetensors_io import (SAFE_INDEX, confined, TAG_OF, check_expected, iter_tensors, parse_size, plan_shards,  # noqa: F401
-                             read_json, save_tensors, shard_names, tensor_index, weight_files, write_index)
+from .safetensors_io import (SAFE_INDEX, confined, TAG_OF, check_expected, iter_tensors, nonfinite_count, parse_size,  # noqa: F401
+                             plan_shards, read_json, save_tensors, shard_names, tensor_index, weight_files, write_index)
 
 log = logging.getLogger("awqlib")
 
@@ -288,9 +288,15 @@ def load_quantized_state(files: list[Path], spec: ArchSpec, qcfg: QuantConfig, d
     state: dict[str, torch.Tensor] = {}
     pending: dict[str, dict[str, torch.Tensor]] = {}  # GEMV: a module's tensors until all three are read
 
+    folder = files[0].parent if files else "the checkpoint"
+
     def put(name: str, t: torch.Tensor) -> None:
         if place is not None:
             t = t.to(place(name))
+        bad = nonfinite_count(t)
+        if bad:  # it would load, and its NaN could vanish in attention: a model silently wrong
+            raise ValueError(f"{folder}: checkpoint tensor {to_checkpoint_name(name, spec)} has {bad} NaN/inf "
+                             f"value(s) of {t.numel()}: the checkpoint is damaged; re-download or re-quantize it")
         if dtype is not None and t.is_floating_point() and not name.endswith(".scales"):
             t = t.to(dtype)
         state[name] = t
@@ -301,7 +307,7 @@ def load_quantized_state(files: list[Path], spec: ArchSpec, qcfg: QuantConfig, d
         check_expected(where, {to_checkpoint_name(k, spec): (
             TAG_OF[str(t.dtype).replace("torch.", "")],
             None if gemv and k.endswith((".qweight", ".qzeros", ".scales")) else tuple(t.shape))
-            for k, t in expect.items()}, files[0].parent if files else "the checkpoint",
+            for k, t in expect.items()}, folder,
             optional=[to_checkpoint_name(k, spec) for k in optional])
     for k, t in iter_tensors(files, where):
         name = from_checkpoint_name(k, spec)

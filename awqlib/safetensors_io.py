@@ -360,12 +360,21 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_bytes_atomic(path, json.dumps(obj, indent=2, sort_keys=True).encode())
 
 
+def nonfinite_count(t: "torch.Tensor") -> int:  # noqa: F821
+    """How many NaN/inf values ``t`` holds (0 for an integer tensor): one pass when there are none."""
+    import torch
+    if not t.is_floating_point():
+        return 0
+    if t.element_size() == 1:  # torch has no isfinite for float8_e4m3fn; fp16 holds every fp8 value
+        t = t.to(torch.float16)
+    return 0 if bool(torch.isfinite(t).all()) else int((~torch.isfinite(t)).sum())
+
+
 def assert_finite(tensors: dict[str, "torch.Tensor"], where: str | os.PathLike) -> None:  # noqa: F821
     """A checkpoint never stores NaN or inf: refuse, naming the tensor (and so the layer)."""
-    import torch
     for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            n = int((~torch.isfinite(t)).sum())
+        n = nonfinite_count(t)
+        if n:
             raise FloatingPointError(
                 f"{name} has {n} NaN/inf value(s) of {t.numel()}: not written to {where}. The source weights of "
                 "that layer are not finite (or quantizing them overflowed); fix the model, or keep the layer in "

@@ -588,6 +588,27 @@ def test_no_checkpoint_holds_nan(tmp_path, calib_ids, method):
     assert not (tmp_path / "saved").exists()
 
 
+SC = "model.layers.0.self_attn.q_proj.scales"
+
+
+@pytest.mark.parametrize("name,value", [(SC, float("nan")), ("model.norm.weight", float("inf")),
+                                        ("model.embed_tokens.weight", float("-inf"))])
+def test_a_checkpoint_holding_nan_is_refused_at_load(base, tmp_path, name, value):
+    """NaN in a scale loads into a model whose logits stay finite (attention absorbs it) but are
+    wrong: the loader refuses it, naming the tensor."""
+    ck = Path(shutil.copytree(base["ckpt"], tmp_path / "ck"))
+    _rewrite(ck, lambda s: s[name].view(-1).__setitem__(5, value))
+    with pytest.raises(ValueError, match=rf"checkpoint tensor {re.escape(name)} has 1 NaN/inf value\(s\)"):
+        AutoAWQ.from_quantized(str(ck))
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16, torch.float32])
+def test_nonfinite_count_reads_every_floating_dtype(dtype):
+    from awqlib.safetensors_io import nonfinite_count
+    t = torch.tensor([1.0, float("nan"), 2.0, float("nan")]).to(dtype)  # (float8_e4m3fn has no isfinite)
+    assert nonfinite_count(t) == 2 and nonfinite_count(t[::2]) == 0 and nonfinite_count(torch.arange(3)) == 0
+
+
 # ------------------------------------------------------------------------------------------ 10. devices
 
 def test_a_device_that_is_not_there_is_an_error(base):
