@@ -16,7 +16,8 @@ from .arch import ArchSpec
 from .arch.blocks import find_blocks, unconverted_linears
 from .config import QuantConfig
 from .outputs import AtomicDir  # noqa: F401  (re-exported: its home was here)
-from .packing import gemv_to_gemm
+from .packing import gemv_shapes, gemv_to_gemm
+from .quant import pack_factor
 from .safetensors_io import (SAFE_INDEX, confined, TAG_OF, check_expected, iter_tensors, nonfinite_count, parse_size,  # noqa: F401
                              plan_shards, read_json, save_tensors, shard_names, tensor_index, weight_files, write_index)
 
@@ -272,6 +273,18 @@ def local_source_folder(name_or_path: str | os.PathLike | None, revision: str | 
 
 
 
+def _stored_shapes(expect: dict[str, torch.Tensor], qcfg: QuantConfig):
+    """(name, shape on disk, tensor) for the model's (meta) state dict ``expect``: its own shapes,
+    except that a GEMV checkpoint stores each quantized linear in AutoAWQ's GEMV layout."""
+    for k, t in expect.items():
+        prefix, _, leaf = k.rpartition(".")
+        if qcfg.version == "gemv" and leaf in ("qweight", "qzeros", "scales"):
+            kk, npk = expect[f"{prefix}.qweight"].shape  # GEMM: [in, out / pack]
+            yield k, gemv_shapes(kk, npk * pack_factor(qcfg.bits), qcfg.group_size, qcfg.bits)[leaf], t
+        else:
+            yield k, tuple(t.shape), t
+
+
 def load_quantized_state(files: list[Path], spec: ArchSpec, qcfg: QuantConfig, dtype: torch.dtype | None = None,
                          place: Callable[[str], torch.device] | None = None,
                          expect: dict[str, torch.Tensor] | None = None, optional: tuple[str, ...] = ()
@@ -303,12 +316,9 @@ def load_quantized_state(files: list[Path], spec: ArchSpec, qcfg: QuantConfig, d
 
     where = tensor_index(files)
     if expect is not None:
-        gemv = qcfg.version == "gemv"
-        check_expected(where, {to_checkpoint_name(k, spec): (
-            TAG_OF[str(t.dtype).replace("torch.", "")],
-            None if gemv and k.endswith((".qweight", ".qzeros", ".scales")) else tuple(t.shape))
-            for k, t in expect.items()}, folder,
-            optional=[to_checkpoint_name(k, spec) for k in optional])
+        check_expected(where, {to_checkpoint_name(k, spec): (TAG_OF[str(t.dtype).replace("torch.", "")], shape)
+                               for k, shape, t in _stored_shapes(expect, qcfg)}, folder,
+                       optional=[to_checkpoint_name(k, spec) for k in optional])
     for k, t in iter_tensors(files, where):
         name = from_checkpoint_name(k, spec)
         prefix, _, leaf = name.rpartition(".")

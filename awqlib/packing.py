@@ -336,12 +336,21 @@ def as_gemm_params(qweight: torch.Tensor, qzeros: torch.Tensor,
 # --- AutoAWQ's GEMV layout, read at load time and converted to the GEMM layout ----------
 
 def gemv_zeros_width(in_features: int, group_size: int, bits: int = 4) -> int:
-    """Number of int32 columns AutoAWQ's GEMV layout uses for qzeros (it pads)."""
+    """Number of int32 columns AutoAWQ's GEMV layout uses for qzeros (it pads; group_size -1 is one
+    group of ``in_features``, as AutoAWQ's WQLinear_GEMV reads it)."""
     pf = pack_factor(bits)
-    mult = {32: 4, 64: 2}.get(group_size, 1)
-    n_groups = in_features // group_size
+    g = effective_group_size(group_size, in_features)
+    mult = {32: 4, 64: 2}.get(g, 1)
+    n_groups = in_features // g
     base = -(-n_groups // pf)
     return -(-base // mult) * mult
+
+
+def gemv_shapes(in_features: int, out_features: int, group_size: int, bits: int = 4) -> dict[str, tuple[int, int]]:
+    """{"qweight", "qzeros", "scales": shape} of one linear in AutoAWQ's GEMV layout (see :func:`gemv_to_gemm`)."""
+    width = gemv_zeros_width(in_features, group_size, bits)
+    return {"qweight": (out_features, in_features // pack_factor(bits)), "qzeros": (out_features, width),
+            "scales": (out_features, width * pack_factor(bits))}
 
 
 def gemv_to_gemm(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -355,9 +364,10 @@ def gemv_to_gemm(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tens
     n, kp = qweight.shape
     pf = pack_factor(bits)
     k = kp * pf
-    if k % group_size:
-        raise ValueError(f"GEMV qweight implies in_features={k}, not a multiple of group_size={group_size}")
-    n_groups = k // group_size
+    g = effective_group_size(group_size, k)
+    if not k or k % g:
+        raise ValueError(f"GEMV qweight implies in_features={k}, not a positive multiple of group_size={g}")
+    n_groups = k // g
     codes = unpack_columns(qweight, bits, interleave=False)            # [N, K]
     zeros = unpack_columns(qzeros, bits, interleave=False)[:, :n_groups]  # [N, K/g]
     sc = scales[:, :n_groups]                                            # [N, K/g]

@@ -499,6 +499,50 @@ def test_lazy_reads_are_wrapped_like_the_loader(src):
         reader.get("model.norm.weight")
 
 
+def _to_gemv(ck: Path, group_size: int) -> None:
+    """Rewrite a GEMM checkpoint in AutoAWQ's GEMV layout (version "gemv")."""
+    from awqlib.packing import gemv_shapes, pack_columns, unpack_columns
+    s = load_file(str(ck / "model.safetensors"))
+    out = {k: t for k, t in s.items() if not k.endswith((".qweight", ".qzeros", ".scales"))}
+    for p in [k[: -len(".qweight")] for k in s if k.endswith(".qweight")]:
+        codes = unpack_columns(s[p + ".qweight"], 4)  # [K, N]
+        k, n = codes.shape
+        shapes = gemv_shapes(k, n, group_size)
+        zeros = torch.zeros(n, shapes["scales"][1], dtype=torch.int32)
+        scales = torch.zeros(shapes["scales"], dtype=torch.float16)
+        zeros[:, : s[p + ".scales"].shape[0]] = unpack_columns(s[p + ".qzeros"], 4).t()
+        scales[:, : s[p + ".scales"].shape[0]] = s[p + ".scales"].t()
+        out.update({p + ".qweight": pack_columns(codes.t().contiguous(), 4, interleave=False),
+                    p + ".qzeros": pack_columns(zeros, 4, interleave=False), p + ".scales": scales})
+    save_file(out, str(ck / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["quantization_config"]["version"] = "gemv"
+    (ck / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("group_size", [64, -1])
+def test_gemv_checkpoints_load_at_every_group_size(base, tmp_path, group_size):
+    """AutoAWQ's GEMV layout with group_size -1 (one group of in_features, as its WQLinear_GEMV reads it)."""
+    gemm = tmp_path / "gemm"
+    AutoAWQ.from_pretrained(str(base["src"])).quantize(None, {"q_group_size": group_size}, method="rtn"
+                                                        ).save_quantized(gemm)
+    gemv = Path(shutil.copytree(gemm, tmp_path / "gemv"))
+    _to_gemv(gemv, group_size)
+    a, b = AutoAWQ.from_quantized(str(gemm)).model.state_dict(), AutoAWQ.from_quantized(str(gemv)).model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gemv_shapes_are_checked_before_reading(base, tmp_path):
+    """A GEMM checkpoint labelled "gemv": refused naming the tensor and the GEMV shape, before any data is read."""
+    ck = Path(shutil.copytree(base["ckpt"], tmp_path / "ck"))
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["quantization_config"]["version"] = "gemv"
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"tensor model.layers.0.self_attn.q_proj.qzeros is I32 \[2, 16\], "
+                                         r"expected I32 \[128, 2\].*Nothing was read"):
+        AutoAWQ.from_quantized(str(ck))
+
+
 # ------------------------------------------------------------------------------------------ 7. config values
 
 def _set_qc(key, value):

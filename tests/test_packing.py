@@ -3,9 +3,9 @@
 import torch
 import pytest
 
-from awqlib.packing import (AWQ_ORDER, dequantize_gemm, gemv_to_gemm, gemv_zeros_width, pack_columns,
+from awqlib.packing import (AWQ_ORDER, dequantize_gemm, gemv_shapes, gemv_to_gemm, gemv_zeros_width, pack_columns,
                             unpack_columns)
-from awqlib.quant import compute_qparams, dequantize, fake_quantize, quantize
+from awqlib.quant import compute_qparams, dequantize, effective_group_size, fake_quantize, quantize
 
 
 def test_bit_diagram():
@@ -60,17 +60,20 @@ def test_dequantize_formula(g):
     assert torch.equal(w, ref)
 
 
-@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("g", [32, 64, 128, -1])
 def test_gemv_to_gemm(g):
     n, k = 40, 512
+    groups = k // effective_group_size(g, k)
     q = torch.randint(0, 16, (n, k), dtype=torch.int32)               # W codes [out, in]
-    z = torch.randint(0, 16, (n, k // g), dtype=torch.int32)
-    s = torch.rand(n, k // g).half()
+    z = torch.randint(0, 16, (n, groups), dtype=torch.int32)
+    s = torch.rand(n, groups).half()
     width = gemv_zeros_width(k, g)
+    assert width > 0 and gemv_shapes(k, n, g) == {"qweight": (n, k // 8), "qzeros": (n, width),
+                                                  "scales": (n, width * 8)}
     zpad = torch.zeros(n, width * 8, dtype=torch.int32)
-    zpad[:, : k // g] = z
+    zpad[:, :groups] = z
     spad = torch.zeros(n, width * 8, dtype=torch.float16)
-    spad[:, : k // g] = s
+    spad[:, :groups] = s
     qw, qz, sc = gemv_to_gemm(_python_pack(q, range(8)), _python_pack(zpad, range(8)), spad, g)
     assert torch.equal(qw, pack_columns(q.t().contiguous()))
     assert torch.equal(qz, pack_columns(z.t().contiguous()))
