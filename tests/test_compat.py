@@ -222,3 +222,39 @@ def test_bf16_torch_dtype_is_fine_for_current_vllm(awqlib_ckpt, tmp_path):
     rep = validate_checkpoint(ck)
     assert rep.ok and _rules(rep.warnings) == {"act_dtype"}
     assert "current vLLM serves AWQ in fp16 or bf16" in rep.warnings[0].message
+
+
+def _qc_to_file(ck: Path, text: str) -> None:
+    _edit_config(ck, lambda c: c.pop("quantization_config"))
+    (ck / "quant_config.json").write_text(text)
+
+
+def _empty_linear(s) -> None:
+    s.update({"model.layers.0.mlp.extra.qweight": torch.zeros(0, 16, dtype=torch.int32),
+              "model.layers.0.mlp.extra.qzeros": torch.zeros(0, 16, dtype=torch.int32),
+              "model.layers.0.mlp.extra.scales": torch.zeros(0, 128, dtype=torch.float16)})
+
+
+@pytest.mark.parametrize("damage,rule,msg", [
+    (lambda ck: (ck / "config.json").write_text("[]"), "config", "config.json must hold a JSON object, not list"),
+    (lambda ck: _edit_config(ck, lambda c: c.update(quantization_config="awq")), "config",
+     "quantization_config is 'awq' (str); it must be an object"),
+    (lambda ck: _edit_config(ck, lambda c: c.update(quantization_config=["awq"])), "config",
+     "quantization_config is ['awq'] (list); it must be an object"),
+    (lambda ck: _qc_to_file(ck, "{bits: 4"), "config", "quant_config.json is not UTF-8 JSON"),
+    (lambda ck: _qc_to_file(ck, "4"), "config", "quant_config.json must hold a JSON object, not int"),
+    (lambda ck: _edit_config(ck, lambda c: c.update(num_attention_heads="4")), "config",
+     "num_attention_heads='4' (str) must be a positive integer"),
+    (lambda ck: _edit_config(ck, lambda c: c.update(num_key_value_heads=2.0)), "config",
+     "num_key_value_heads=2.0 (float) must be a positive integer"),
+    (lambda ck: (_edit_config(ck, lambda c: c["quantization_config"].update(group_size=-1)),
+                 _rewrite(ck, _empty_linear)), "shapes", "model.layers.0.mlp.extra: qweight [0, 16]"),
+])
+def test_malformed_configs_are_findings_not_crashes(awqlib_ckpt, tmp_path, capsys, damage, rule, msg):
+    """`awqlib check` reports what is wrong with a config as a finding; it never crashes on one."""
+    ck = _copy(awqlib_ckpt, tmp_path / "ck")
+    damage(ck)
+    rep = validate_checkpoint(ck)
+    assert not rep.ok and any(f.rule == rule and msg in f.message for f in rep.errors), format_report(rep)
+    from awqlib.compat import main
+    assert main([str(ck)]) == 1 and msg in capsys.readouterr().out
