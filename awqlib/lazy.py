@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import logging
 import os
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from torch import nn
 
 from .arch import ArchSpec
 from .checkpoint import to_checkpoint_name
-from .safetensors_io import read_tensors, tensor_index, weight_files
+from .safetensors_io import TAG_OF, check_expected, read_tensors, tensor_index, weight_files
+
+log = logging.getLogger("awqlib")
 
 
 class ShardReader:
@@ -27,7 +30,23 @@ class ShardReader:
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
-        self.where: dict[str, Path] = {k: f for k, (f, _) in tensor_index(weight_files(self.folder)).items()}
+        self.index = tensor_index(weight_files(self.folder))  # validated headers: {name: (file, entry)}
+        self.where: dict[str, Path] = {k: f for k, (f, _) in self.index.items()}
+
+    def check_against(self, model: nn.Module, spec: ArchSpec) -> None:
+        """Refuse, before any work, a source whose tensors are not the (meta) ``model``'s: a missing
+        tensor, or one of the wrong dtype or shape, would otherwise fail only when its block is
+        reached, or write a checkpoint that does not load. Tensors the model does not have are left
+        out of the output (transformers ignores them too): logged."""
+        expected = {to_checkpoint_name(k, spec): (TAG_OF[str(t.dtype).replace("torch.", "")], tuple(t.shape))
+                    for k, t in model.state_dict().items()}
+        unused = sorted(set(self.index) - set(expected))
+        if unused:
+            log.warning("awqlib: %s holds %d tensor(s) the model does not use, left out of the output: %s",
+                        self.folder, len(unused), unused[:5])
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        check_expected({k: v for k, v in self.index.items() if k in expected}, expected, self.folder,
+                       optional=[to_checkpoint_name("lm_head.weight", spec)] if tied else [])
 
     def __contains__(self, name: str) -> bool:
         return name in self.where

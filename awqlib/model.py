@@ -238,6 +238,7 @@ class AutoAWQ:
             if spec.experts is not None:
                 for blk in get_blocks(model, spec):
                     unfuse_experts(blk, spec.experts)
+            reader.check_against(model, spec)
             return AWQModel(model.eval(), spec, tokenizer=tokenizer, name_or_path=str(model_path), reader=reader,
                             source_folder=folder)
         dtype = torch_dtype if torch_dtype != "auto" else "auto"

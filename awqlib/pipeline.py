@@ -133,7 +133,7 @@ class Lazy(BlockSource):
 
     def rest_state(self) -> dict[str, torch.Tensor]:
         tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
-        names = [k for k in self.reader.where
+        names = [to_checkpoint_name(k, self.spec) for k in self.model.state_dict()  # the model's own, no others
                  if not k.startswith(self.prefix + ".") and not (tied and k == "lm_head.weight")]
         return {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in self.reader.get_many(names).items()}
 

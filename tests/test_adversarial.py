@@ -543,6 +543,35 @@ def test_gemv_shapes_are_checked_before_reading(base, tmp_path):
         AutoAWQ.from_quantized(str(ck))
 
 
+DW = "model.layers.1.mlp.down_proj.weight"
+
+
+@pytest.mark.parametrize("change,msg", [
+    (lambda s: s.pop(DW), rf"missing \['{DW}'\]"),
+    (lambda s: s.pop("model.norm.weight"), r"missing \['model.norm.weight'\]"),
+    (lambda s: s.pop("lm_head.weight"), r"missing \['lm_head.weight'\]"),  # untied: the output would not load
+    (lambda s: s.update({DW: s[DW].to(torch.int32)}), rf"tensor {DW} is I32 \[128, 256\], expected a floating dtype"),
+    (lambda s: s.update({DW: s[DW][:, :128].contiguous()}), rf"tensor {DW} is F16 \[128, 128\], expected a floating "
+                                                             r"dtype \[128, 256\]"),
+])
+def test_lazy_source_is_checked_before_any_work(src, change, msg):
+    """from_pretrained(lazy=True) reads no weights up front, so it checks the headers against the model
+    at once, as from_quantized does, instead of failing when the block is reached (or after writing a
+    checkpoint that does not load)."""
+    _rewrite(src, change)
+    with pytest.raises(ValueError, match=r"does not match the model its config.json describes: .*" + msg):
+        AutoAWQ.from_pretrained(str(src), lazy=True)
+
+
+def test_lazy_output_holds_only_the_models_tensors(src, tmp_path, caplog):
+    _rewrite(src, lambda s: s.update({"junk.tensor": torch.zeros(4)}))
+    with caplog.at_level("WARNING", logger="awqlib"):
+        _quantize(src, tmp_path / "out")
+    assert "1 tensor(s) the model does not use, left out of the output: ['junk.tensor']" in caplog.text
+    assert "junk.tensor" not in load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert AutoAWQ.from_quantized(str(tmp_path / "out")).quantized
+
+
 # ------------------------------------------------------------------------------------------ 7. config values
 
 def _set_qc(key, value):
