@@ -37,6 +37,7 @@ from .config import QuantConfig
 from .modules import repack_for_kernels
 from .moe import unfuse_experts
 from .placement import available_device, dispatched, placed_block_device
+from .safetensors_io import nonfinite_count
 
 log = logging.getLogger("awqlib")
 
@@ -251,6 +252,7 @@ def _quantize_blocks(source: BlockSource, qcfg: QuantConfig, opts: awq.AWQOption
             report = awq.BlockReport()
         else:
             source.load(i, cdtype)
+            _refuse_nonfinite(blk, bprefix)
             if method == "rtn":
                 awq.rtn_quantize_block(blk, spec, qcfg, prefix=bprefix)
                 report = awq.BlockReport()
@@ -272,6 +274,19 @@ def _quantize_blocks(source: BlockSource, qcfg: QuantConfig, opts: awq.AWQOption
     # (state_dict() still exports the GEMM layout, so saving is unaffected)
     repack_for_kernels(model)
     return QuantizeResult(reports, time.perf_counter() - t0, store)
+
+
+def _refuse_nonfinite(blk: nn.Module, bprefix: str) -> None:
+    """A source weight holding NaN/inf is refused before its block is quantized: quantizing inf
+    saturates the group's scale (a finite, meaningless checkpoint) and NaN fails only later, far
+    from its cause."""
+    for name, p in blk.named_parameters():
+        n = 0 if p.device.type == "meta" else nonfinite_count(p.detach())  # (offloaded: checked by no one here)
+        if n:
+            raise FloatingPointError(
+                f"the source weight {bprefix}{name} has {n} NaN/inf value(s) of {p.numel()}: block "
+                f"{bprefix.rstrip('.')} was not quantized. The model's weights are damaged (a broken download or "
+                "conversion); awqlib does not quantize non-finite weights")
 
 
 def _load_finished_block(blk: nn.Module, spec: ArchSpec, bprefix: str, tensors: dict[str, torch.Tensor],

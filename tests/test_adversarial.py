@@ -643,22 +643,42 @@ def test_eval_refuses_a_model_with_missing_weights(base, tmp_path, capsys, damag
 
 # ------------------------------------------------------------------------------------------ 9. non-finite values
 
+NONFINITE = r"the source weight model.layers.1.mlp.down_proj.weight has 1 NaN/inf value\(s\) of 32768: block " \
+            r"model.layers.1 was not quantized"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("method", ["rtn", "awq"])
-def test_no_checkpoint_holds_nan(tmp_path, calib_ids, method):
+def test_nonfinite_source_weights_are_refused_before_quantizing(tmp_path, calib_ids, method, value):
+    """inf in a weight would quantize to a finite, meaningless group (its scale saturates at the
+    fp16 maximum), NaN would fail far from its cause: both are refused before the block is quantized."""
     model = tiny_model("llama")
     with torch.no_grad():
-        model.model.layers[1].mlp.down_proj.weight[3, :64] = float("nan")  # one group, in the last block
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = value  # in the last block
     kw = dict(calib_data=list(calib_ids), n_samples=16, seqlen=64) if method == "awq" else {}
-    # RTN: the finite check before writing names the tensor; AWQ already stops on the block's NaN outputs
-    with pytest.raises(FloatingPointError, match=r"model.layers.1.mlp.down_proj.scales has 1 NaN/inf"
-                       if method == "rtn" else r"block model.layers.1. produced NaN/inf"):
+    with pytest.raises(FloatingPointError, match=NONFINITE):
         AutoAWQ.from_model(model).quantize(None, QC, method=method, save_dir=tmp_path / "resumable", **kw)
     assert not (tmp_path / "resumable").exists()
     assert len(list((tmp_path / "resumable.awqlib-partial").glob("*.safetensors"))) == 1  # block 0 only
-    mem = AutoAWQ.from_model(model).quantize(None, QC, method="rtn")
-    with pytest.raises(FloatingPointError, match="model.layers.1.mlp.down_proj"):
-        mem.save_quantized(tmp_path / "saved")
-    assert not (tmp_path / "saved").exists()
+    with pytest.raises(FloatingPointError, match=NONFINITE):
+        AutoAWQ.from_model(model).quantize(None, QC, method=method, **kw)
+
+
+def test_nonfinite_lazy_source_is_refused_before_quantizing(src, tmp_path):
+    _rewrite(src, lambda s: s["model.layers.1.mlp.down_proj.weight"].__setitem__((3, 5), float("inf")))
+    with pytest.raises(FloatingPointError, match=NONFINITE):
+        _quantize(src, tmp_path / "out")
+
+
+def test_no_checkpoint_holds_nan(tmp_path):
+    """The last guard, for what quantizing itself could make non-finite: nothing is written."""
+    from awqlib.safetensors_io import save_tensors
+    t = torch.ones(4, 8, dtype=torch.float16)
+    t[1, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"model.layers.1.mlp.down_proj.scales has 1 NaN/inf value\(s\) "
+                                                 r"of 32: not written to"):
+        save_tensors({"model.layers.1.mlp.down_proj.scales": t}, tmp_path / "model.safetensors")
+    assert not list(tmp_path.iterdir())
 
 
 SC = "model.layers.0.self_attn.q_proj.scales"
