@@ -167,8 +167,15 @@ def source_config_dict(source_folder: Path | None, model_config) -> dict[str, An
     return d
 
 
-def write_config(folder: Path, source_folder: Path | None, model_config, qcfg: QuantConfig) -> None:
+def write_config(folder: Path, source_folder: Path | None, model_config, qcfg: QuantConfig,
+                 remote_code: bool = False) -> None:
+    """config.json of the quantized checkpoint. ``remote_code``: the model was loaded with
+    trust_remote_code=True; otherwise its weights were produced by transformers' own class, and an
+    ``auto_map`` kept would have a trusting reader build the model from code that never ran here."""
     cfg = quantized_config_dict(source_config_dict(source_folder, model_config), qcfg)
+    if not remote_code and cfg.pop("auto_map", None) is not None:
+        log.warning("awqlib: the source's config.json has an auto_map (remote code) but the model was loaded "
+                    "without trust_remote_code=True: auto_map left out of the quantized config.json")
     (Path(folder) / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
 
 
@@ -204,12 +211,17 @@ def remote_code_files(folder: Path | None) -> list[Path]:
     return sorted(p.relative_to(folder) for p in Path(folder).glob("*.py")) if uses_code else []
 
 
-def copy_tokenizer_files(source_folder: Path | None, folder: Path) -> bool:
+def copy_tokenizer_files(source_folder: Path | None, folder: Path, remote_code: bool = False) -> bool:
     """Copy the source's tokenizer files verbatim (a transformers 5 re-save rewrites
-    ``tokenizer_class``, which transformers 4.x refuses), and the code files of a trust_remote_code
-    model (its ``auto_map`` stays in config.json); False where there is no tokenizer to copy."""
+    ``tokenizer_class``, which transformers 4.x refuses), and, for a model loaded with
+    trust_remote_code=True (``remote_code``), its code files (its ``auto_map`` stays in config.json:
+    :func:`write_config`); False where there is no tokenizer to copy."""
     files = [rel for rel in tokenizer_files(source_folder) if copy_source_file(source_folder, rel, folder)]
-    for rel in remote_code_files(source_folder):
+    code = remote_code_files(source_folder)
+    if code and not remote_code:
+        log.warning("awqlib: not copying the source's code files %s: the model was loaded without "
+                    "trust_remote_code=True", [str(p) for p in code])
+    for rel in code if remote_code else []:
         copy_source_file(source_folder, rel, folder)
     return bool(files)
 

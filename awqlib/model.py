@@ -38,8 +38,12 @@ class AWQModel(nn.Module):
 
     def __init__(self, model: nn.Module, spec: ArchSpec, quant_config: QuantConfig | None = None,
                  tokenizer=None, quantized: bool = False, name_or_path: str | None = None,
-                 reader: "lazy_mod.ShardReader | None" = None, source_folder: str | os.PathLike | None = None):
+                 reader: "lazy_mod.ShardReader | None" = None, source_folder: str | os.PathLike | None = None,
+                 trust_remote_code: bool = False):
         super().__init__()
+        # loaded with trust_remote_code=True: only then does the output keep the source's code files
+        # and auto_map (otherwise transformers' own class produced the weights)
+        self.trust_remote_code = trust_remote_code
         # the local folder the model was read from: its config.json and tokenizer files are copied
         # into the quantized checkpoint (None: written from memory)
         self.source_folder = Path(source_folder) if source_folder is not None else None
@@ -151,14 +155,15 @@ class AWQModel(nn.Module):
         The source's tokenizer files are copied verbatim; a tokenizer object is saved only where
         the source has none, or when it is passed here explicitly (``save_quantized(tokenizer=...)``)."""
         src = self.source_folder
-        write_config(folder, src, self.model.config, config_naming_unconverted(self.model, self.spec, self.quant_config))
+        write_config(folder, src, self.model.config, config_naming_unconverted(self.model, self.spec, self.quant_config),
+                     remote_code=self.trust_remote_code)
         copied = src is not None and (src / "generation_config.json").is_file() and \
             copy_source_file(src, "generation_config.json", folder)
         if not copied and getattr(self.model, "generation_config", None) is not None:
             self.model.generation_config.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        elif not copy_tokenizer_files(src, folder) and self.tokenizer is not None:
+        elif not copy_tokenizer_files(src, folder, remote_code=self.trust_remote_code) and self.tokenizer is not None:
             self.tokenizer.save_pretrained(folder)
         from .hub import write_model_card
         write_model_card(folder, self, perplexity=perplexity, **card)
@@ -240,13 +245,14 @@ class AutoAWQ:
                     unfuse_experts(blk, spec.experts)
             reader.check_against(model, spec)
             return AWQModel(model.eval(), spec, tokenizer=tokenizer, name_or_path=str(model_path), reader=reader,
-                            source_folder=folder)
+                            source_folder=folder, trust_remote_code=trust_remote_code)
         dtype = torch_dtype if torch_dtype != "auto" else "auto"
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      low_cpu_mem_usage=True, **kwargs)
         model.eval()
         return AWQModel(model, spec, tokenizer=tokenizer, name_or_path=str(model_path),
-                        source_folder=local_source_folder(model_path, kwargs.get("revision")))
+                        source_folder=local_source_folder(model_path, kwargs.get("revision")),
+                        trust_remote_code=trust_remote_code)
 
     @staticmethod
     def from_model(model: nn.Module, tokenizer=None) -> AWQModel:
@@ -275,7 +281,7 @@ class AutoAWQ:
         ckpt = load_quantized(quant_path, device, pick_dtype(torch_dtype, dtype), fuse_layers, trust_remote_code,
                               revision, token, device_map, max_memory, offload_folder, download_kwargs)
         return AWQModel(ckpt.model, ckpt.spec, ckpt.quant_config, tokenizer=ckpt.tokenizer, quantized=True,
-                        name_or_path=str(quant_path), source_folder=ckpt.folder)
+                        name_or_path=str(quant_path), source_folder=ckpt.folder, trust_remote_code=trust_remote_code)
 
 
 AutoAWQForCausalLM = AutoAWQ  # AutoAWQ's own name

@@ -789,6 +789,35 @@ def test_no_pickle_and_no_remote_code_by_default(base, tmp_path, monkeypatch):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("lazy", [False, True])
+def test_untrusted_remote_code_is_not_carried_into_the_output(src, tmp_path, caplog, lazy):
+    """A source with auto_map loaded with trust_remote_code=False was built by transformers' own class:
+    its code files and auto_map are not written (push_to_hub would upload them for trusting readers)."""
+    (src / "evil.py").write_text("raise SystemExit('ran')\n")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "evil.EvilModel"}
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="awqlib"):
+        if lazy:
+            _quantize(src, out)
+        else:
+            AutoAWQ.from_pretrained(str(src)).quantize(None, QC, method="rtn").save_quantized(out)
+    assert not (out / "evil.py").exists() and "auto_map" not in json.loads((out / "config.json").read_text())
+    assert "auto_map left out of the quantized config.json" in caplog.text
+    assert "not copying the source's code files ['evil.py']" in caplog.text
+
+
+def test_trusted_remote_code_keeps_auto_map(tmp_path):
+    from awqlib.checkpoint import write_config
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "llama", "auto_map": {"AutoConfig": "x.C"}}))
+    for trusted in (True, False):
+        write_config(tmp_path, src, None, awqlib.QuantConfig(), remote_code=trusted)
+        assert ("auto_map" in json.loads((tmp_path / "config.json").read_text())) is trusted
+
+
 # ------------------------------------------------------------------------------------------ review follow-ups
 
 def test_a_half_quantized_object_is_not_quantized_again(src, tmp_path, monkeypatch):

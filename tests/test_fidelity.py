@@ -104,7 +104,8 @@ def test_remote_code_files_travel_with_auto_map(tmp_path):
     assert remote_code_files(src) == []  # plain model: its stray .py files are not copied
     (src / "config.json").write_text(json.dumps({"auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}))
     (src / "tokenizer.json").write_text("{}")
-    assert copy_tokenizer_files(src, out) and (out / "modeling_x.py").read_text() == "# code"
+    assert copy_tokenizer_files(src, out) and not (out / "modeling_x.py").exists()  # the code was not trusted
+    assert copy_tokenizer_files(src, out, remote_code=True) and (out / "modeling_x.py").read_text() == "# code"
 
 
 def test_hub_id_source_is_read_from_the_cache_only(monkeypatch, tmp_path):
