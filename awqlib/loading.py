@@ -129,8 +129,9 @@ def load_quantized(quant_path: str, device: str | torch.device | None = None, to
         from transformers import AutoTokenizer
         if (folder / "tokenizer_config.json").exists() or (folder / "tokenizer.json").exists():
             tokenizer = AutoTokenizer.from_pretrained(folder)
-    except Exception as e:  # a tokenizer is a convenience here, never a reason to fail
-        log.debug("awqlib: no tokenizer loaded from %s (%s)", folder, e)
+    except Exception as e:  # a tokenizer is a convenience here, never a reason to fail; but it is there and broken
+        log.warning("awqlib: the tokenizer in %s did not load, model.tokenizer is None (%s: %s)", folder,
+                    type(e).__name__, e)
     if fuse_layers:  # before placement: accelerate then offloads the fused tensors like any other
         from .fuse import fuse_layers as fuse
         fuse(model, spec)

@@ -208,12 +208,16 @@ def weight_files(folder: str | os.PathLike) -> list[Path]:
     names: other ``.safetensors`` files may sit beside the weights); else every ``*.safetensors``."""
     folder = Path(folder)
     if (folder / SAFE_INDEX).exists():
-        files, missing = [], []
+        files, missing, seen = [], [], set()
         for name in sorted(set(read_index(folder).values())):
             try:
-                files.append(confined(folder, name))
+                f = confined(folder, name)
             except FileNotFoundError:
                 missing.append(name)
+                continue
+            if f.resolve() not in seen:  # "./model-00001-..." beside "model-00001-...": one file, read once
+                seen.add(f.resolve())
+                files.append(f)
         if missing:
             raise FileNotFoundError(f"{folder} is incomplete: the index lists {missing} which are missing; "
                                     "re-download or re-save the checkpoint")

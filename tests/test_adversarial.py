@@ -600,6 +600,25 @@ def test_malformed_index(base, tmp_path):
         AutoAWQ.from_quantized(str(ck))
 
 
+def test_one_shard_spelled_two_ways_is_read_once(base, tmp_path):
+    """An index naming "./model-0000x-..." for some tensors and "model-0000x-..." for others names one file."""
+    ck = _sharded(base, tmp_path)
+    wm = json.loads((ck / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = max(set(wm.values()), key=list(wm.values()).count)
+    first = next(k for k, v in wm.items() if v == shard)  # one of several tensors in that shard
+    _edit_index(ck, lambda d: d["weight_map"].update({first: "./" + shard}))
+    assert AutoAWQ.from_quantized(str(ck)).quantized
+    assert validate_checkpoint(ck).ok
+
+
+def test_a_broken_tokenizer_is_reported(base, tmp_path, caplog):
+    ck = Path(shutil.copytree(base["ckpt"], tmp_path / "ck"))
+    (ck / "tokenizer_config.json").write_text("{not json")
+    with caplog.at_level("WARNING", logger="awqlib"):
+        m = AutoAWQ.from_quantized(str(ck))
+    assert m.tokenizer is None and f"the tokenizer in {ck} did not load, model.tokenizer is None" in caplog.text
+
+
 # ------------------------------------------------------------------------------------------ 8. CLI arguments
 
 @pytest.mark.parametrize("args,msg", [
