@@ -151,10 +151,13 @@ def source_config_dict(source_folder: Path | None, model_config) -> dict[str, An
     """The source's own config.json when there is one (transformers 5's ``to_dict`` drops keys that
     older readers need, e.g. ``rope_theta``); else the in-memory config plus the legacy RoPE keys."""
     if source_folder is not None and (Path(source_folder) / "config.json").is_file():
-        d = read_json(Path(source_folder), "config.json")
-        if not isinstance(d, dict):
-            raise ValueError(f"{source_folder}/config.json must hold a JSON object, not {type(d).__name__}")
-        return d
+        try:  # by the checkpoint rules: a config.json linked from outside the folder is not the source's own
+            d = read_json(Path(source_folder), "config.json")
+            if isinstance(d, dict):
+                return d
+            raise ValueError(f"{source_folder}/config.json holds {type(d).__name__}, not an object")
+        except ValueError as e:  # transformers did read it: the loaded config is the next best thing
+            log.warning("awqlib: config.json written from the loaded config, not copied from the source: %s", e)
     d = model_config.to_dict()
     d.pop("_name_or_path", None)  # where it was loaded from: a local path is nobody else's business
     for k, v in legacy_rope_keys(d.get("rope_parameters")).items():

@@ -869,7 +869,7 @@ def test_bad_shard_size_fails_before_any_work(src, monkeypatch):
         AutoAWQ.from_pretrained(str(src)).quantize(None, QC, method="rtn", max_shard_size="lots")
 
 
-def test_source_files_are_copied_only_from_inside_the_source(src, tmp_path):
+def test_source_files_are_copied_only_from_inside_the_source(src, tmp_path, caplog):
     """A tokenizer/generation file that is a symlink out of the source folder (a cloned repo) is not
     copied into the checkpoint (push_to_hub would upload it)."""
     secret = tmp_path / "secret.txt"
@@ -877,9 +877,15 @@ def test_source_files_are_copied_only_from_inside_the_source(src, tmp_path):
     (src / "chat_template.jinja").symlink_to(secret)
     (src / "generation_config.json").unlink()
     (src / "generation_config.json").symlink_to(secret)
+    outside_cfg = tmp_path / "outside-config.json"  # transformers reads it; awqlib writes the loaded config
+    (src / "config.json").rename(outside_cfg)
+    (src / "config.json").symlink_to(outside_cfg)
     out = tmp_path / "out"
-    AutoAWQ.from_pretrained(str(src)).quantize(None, QC, method="rtn").save_quantized(out)
+    with caplog.at_level("WARNING", logger="awqlib"):
+        AutoAWQ.from_pretrained(str(src)).quantize(None, QC, method="rtn").save_quantized(out)
     assert not (out / "chat_template.jinja").exists()
+    assert "config.json written from the loaded config, not copied from the source" in caplog.text
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
     assert all("private key" not in p.read_text(errors="replace") for p in out.iterdir() if p.is_file())
     assert (out / "tokenizer.json").is_file()
 
