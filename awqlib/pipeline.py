@@ -281,7 +281,7 @@ def _refuse_nonfinite(blk: nn.Module, bprefix: str) -> None:
     saturates the group's scale (a finite, meaningless checkpoint) and NaN fails only later, far
     from its cause."""
     for name, p in blk.named_parameters():
-        n = 0 if p.device.type == "meta" else nonfinite_count(p.detach())  # (offloaded: checked by no one here)
+        n = 0 if p.device.type == "meta" else nonfinite_count(p.detach())  # meta: offloaded, not here to check
         if n:
             raise FloatingPointError(
                 f"the source weight {bprefix}{name} has {n} NaN/inf value(s) of {p.numel()}: block "
