@@ -319,12 +319,12 @@ def load_quantized_state(files: list[Path], spec: ArchSpec, qcfg: QuantConfig, d
     folder = files[0].parent if files else "the checkpoint"
 
     def put(name: str, t: torch.Tensor) -> None:
-        if place is not None:
-            t = t.to(place(name))
-        bad = nonfinite_count(t)
+        bad = nonfinite_count(t)  # as read (on the host: ``place`` may be any device, meta included)
         if bad:  # it would load, and its NaN could vanish in attention: a model silently wrong
             raise ValueError(f"{folder}: checkpoint tensor {to_checkpoint_name(name, spec)} has {bad} NaN/inf "
                              f"value(s) of {t.numel()}: the checkpoint is damaged; re-download or re-quantize it")
+        if place is not None:
+            t = t.to(place(name))
         if dtype is not None and t.is_floating_point() and not name.endswith(".scales"):
             t = t.to(dtype)
         state[name] = t
