@@ -5,8 +5,8 @@ the checkpoint's shards.
 What keeps a resume from mixing data:
 
 * a fingerprint of everything the blocks depend on, the source's *content* included (each weight
-  file's tensor names, shapes, dtypes, size, mtime and a sample of its bytes; the tensors
-  themselves for a model that has no folder), the settings and the calibration tokens; a rerun
+  file's tensor names, shapes, dtypes, size, mtime and a sample of its bytes for a lazy run; every
+  tensor's bytes for a model in memory), the settings and the calibration tokens; a rerun
   with another fingerprint is refused, never mixed;
 * an exclusive lock (``flock``) on a file in the partial folder, held for the whole run: a second
   run into the same output fails at once, naming the holder's pid; the kernel releases the lock
@@ -73,20 +73,21 @@ def folder_identity(folder: Path) -> str:
 
 
 def model_identity(model: torch.nn.Module) -> str:
-    """A model without a source folder: the digest of its tensors (read once; a run reads them anyway)."""
+    """The digest of every tensor of an in-memory model, bytes included. A full hash, not a sample:
+    a merged LoRA or an edited layer may change a few values anywhere, and a run reads every tensor
+    anyway (hashing runs at memory speed, a small fraction of any quantization)."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
-        h.update(name.encode())
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         if t.device.type != "meta":
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
     return h.hexdigest()
 
 
-def source_identity(folder: Path | None, model: torch.nn.Module) -> str:
-    try:
-        return folder_identity(folder) if folder is not None else model_identity(model)
-    except (OSError, ValueError):  # a folder without safetensors (the model was built otherwise)
-        return model_identity(model)
+def source_identity(lazy_folder: Path | None, model: torch.nn.Module) -> str:
+    """What the blocks are quantized from: the folder a lazy run reads them from, else the tensors in
+    memory (never their folder: a model may have been changed since it was loaded)."""
+    return folder_identity(lazy_folder) if lazy_folder is not None else model_identity(model)
 
 
 class OutputLocked(RuntimeError):

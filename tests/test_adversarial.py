@@ -664,3 +664,33 @@ def test_resume_refuses_a_source_loaded_in_another_dtype(src, tmp_path, monkeypa
     monkeypatch.setattr(awq, "rtn_quantize_block", real)
     with pytest.raises(FileExistsError, match="different settings"):
         AutoAWQ.from_pretrained(str(src), torch_dtype=torch.bfloat16).quantize(None, QC, method="rtn", save_dir=out)
+
+
+# ------------------------------------------------------------------------------------------ review: writes, resume, faults
+
+def _interrupt_in_memory(src, out, monkeypatch, model=None):
+    """An in-memory resumable run (``model`` or a fresh load of ``src``) that dies in block 1."""
+    real = awq.rtn_quantize_block
+    die_on_call(monkeypatch, awq, "rtn_quantize_block")
+    with pytest.raises(KeyboardInterrupt):
+        (model or AutoAWQ.from_pretrained(str(src))).quantize(None, QC, method="rtn", save_dir=out)
+    monkeypatch.setattr(awq, "rtn_quantize_block", real)
+
+
+def _changed_in_memory(src):
+    """``src`` loaded, then block 0 changed in memory (a merged LoRA): its folder is unchanged."""
+    m = AutoAWQ.from_pretrained(str(src))
+    with torch.no_grad():
+        m.model.model.layers[0].mlp.down_proj.weight.mul_(-3.0)
+    return m
+
+
+def test_resume_of_an_in_memory_model_fingerprints_its_tensors_not_its_folder(src, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _interrupt_in_memory(src, out, monkeypatch)
+    with pytest.raises(FileExistsError, match="cannot be resumed"):
+        _changed_in_memory(src).quantize(None, QC, method="rtn", save_dir=out)
+    _changed_in_memory(src).quantize(None, QC, method="rtn", save_dir=out, overwrite=True)
+    fresh = tmp_path / "fresh"
+    _changed_in_memory(src).quantize(None, QC, method="rtn", save_dir=fresh)
+    assert_same_checkpoint(fresh, out)
