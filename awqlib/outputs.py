@@ -80,13 +80,30 @@ def _json(path: Path) -> dict:
         return {}
 
 
+def is_awq_config(cfg: dict) -> bool:
+    """``cfg`` (a parsed config.json) is an AWQ checkpoint's."""
+    qc = cfg.get("quantization_config")
+    return isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "awq"
+
+
+def checkpoint_file_name(name: str, code: bool) -> bool:
+    """``name`` (a top-level file) is of a kind a checkpoint folder holds; ``code``: the config has an
+    ``auto_map``, so its ``*.py`` files travel along."""
+    return (name in CHECKPOINT_FILES or any(fnmatch(name, g) for g in CHECKPOINT_GLOBS)
+            or (code and name.endswith(".py")))
+
+
+def has_remote_code(cfg: dict, tokenizer_cfg: dict) -> bool:
+    return "auto_map" in cfg or "auto_map" in tokenizer_cfg
+
+
 def foreign_entries(folder: Path) -> list[str]:
     """Entries of an existing output folder that awqlib would not have written ([]: safe to replace)."""
     entries = sorted(os.listdir(folder))
     if not entries:
         return []
     cfg = _json(folder / "config.json")
-    code = "auto_map" in cfg or "auto_map" in _json(folder / "tokenizer_config.json")  # its *.py files travel along
+    code = has_remote_code(cfg, _json(folder / "tokenizer_config.json"))
 
     def ours(name: str) -> bool:
         p = folder / name
@@ -95,11 +112,9 @@ def foreign_entries(folder: Path) -> list[str]:
         if p.is_dir():
             return name == CHAT_TEMPLATES and all(c.suffix == ".jinja" and c.is_file() and not c.is_symlink()
                                                   for c in p.iterdir())
-        return p.is_file() and (name in CHECKPOINT_FILES or any(fnmatch(name, g) for g in CHECKPOINT_GLOBS)
-                                or (code and name.endswith(".py")))
+        return p.is_file() and checkpoint_file_name(name, code)
     foreign = [e for e in entries if not ours(e)]
-    qc = cfg.get("quantization_config")
-    if not (isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "awq"):
+    if not is_awq_config(cfg):
         foreign.insert(0, "(no config.json with an AWQ quantization_config: not an AWQ checkpoint)")
     return foreign
 
