@@ -56,6 +56,33 @@ def fingerprint(**parts) -> str:
     return h.hexdigest()[:16]
 
 
+# What each part of a run's fingerprint is, as a refusal names it.
+PARTS = {"source": "source weights", "config": "model config", "code": "remote code (*.py)",
+         "qcfg": "quant config", "opts": "options", "method": "method", "tokens": "calibration tokens",
+         "dtype": "compute dtype", "model_dtype": "model dtype", "n_blocks": "number of blocks",
+         "awqlib": "awqlib version", "transformers": "transformers version"}
+
+
+def fingerprint_parts(**parts) -> dict[str, str]:
+    """One digest per part, so that a refusal can name the parts that changed."""
+    return {k: fingerprint(**{k: v}) for k, v in parts.items()}
+
+
+def config_identity(config) -> str:
+    """A model config as the blocks see it (in-memory overrides included), without its origin path."""
+    d = config.to_dict()
+    d.pop("_name_or_path", None)
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def code_identity(folder: Path | None) -> str:
+    """The digests of the source folder's ``*.py`` files (the model's remote code, if any)."""
+    if folder is None:
+        return ""
+    return ";".join(f"{p.name}:{hashlib.sha256(p.read_bytes()).hexdigest()}" for p in sorted(folder.glob("*.py"))
+                    if p.is_file())
+
+
 def folder_identity(folder: Path) -> str:
     """What a source folder's weights are, without reading them all: per weight file its name, size,
     mtime, header (tensor names, shapes, dtypes) and its first and last MiB of data."""
@@ -127,11 +154,13 @@ class BlockStore:
     Use as ``store = BlockStore(...)`` then ``store.close()`` in a ``finally``: the lock is held in between.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, fp: str, n_blocks: int, overwrite: Overwrite = False,
-                 source: str | os.PathLike | None = None):
+    def __init__(self, out_dir: str | os.PathLike, parts: dict[str, str], n_blocks: int,
+                 overwrite: Overwrite = False, source: str | os.PathLike | None = None):
+        """``parts``: the run's :func:`fingerprint_parts`."""
         self.out = Path(out_dir)
         self.dir = partial_path(self.out)
-        self.n, self.fp, self.overwrite, self.source = n_blocks, fp, overwrite, source
+        self.parts, self.fp = parts, fingerprint(**parts)
+        self.n, self.overwrite, self.source = n_blocks, overwrite, source
         check_output(self.out, source, overwrite)
         if self.dir.is_symlink() or (self.dir.exists() and not self.dir.is_dir()):
             raise FileExistsError(f"{self.dir} exists and is not a folder awqlib made: move it away")
@@ -152,13 +181,19 @@ class BlockStore:
         meta, finished = self.dir / RUN_FILE, self._finished()
         why = None
         if meta.exists():
+            old_parts = {}
             try:
-                old = json.loads(meta.read_text()).get("fingerprint")
+                run = json.loads(meta.read_text())
+                old, old_parts = run.get("fingerprint"), run.get("parts") or {}
             except (ValueError, AttributeError):
                 old, why = None, f"its {RUN_FILE} is damaged"
             if old == self.fp:
                 return
-            why = why or "it was started with different settings (model, quant config, options or calibration data)"
+            changed = [PARTS.get(k, k) for k in self.parts if isinstance(old_parts, dict)
+                       and old_parts.get(k) != self.parts[k]]
+            why = why or ("it was started with different settings: its " + ", ".join(changed) + " differ"
+                          if changed else "it was started with different settings (model, quant config, options "
+                                          "or calibration data)")
         elif finished:
             why = f"its {RUN_FILE} is missing"
         if finished and not self.overwrite:
@@ -203,7 +238,8 @@ class BlockStore:
     def write(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
         try:
             if not self.committed:  # the settings are committed with the first block
-                write_json_atomic(self.dir / RUN_FILE, {"fingerprint": self.fp, "n_blocks": self.n})
+                write_json_atomic(self.dir / RUN_FILE, {"fingerprint": self.fp, "parts": self.parts,
+                                                        "n_blocks": self.n})
                 self.committed = True
             save_tensors(tensors, self.dir / self.name(i))
         except OSError as e:

@@ -694,3 +694,29 @@ def test_resume_of_an_in_memory_model_fingerprints_its_tensors_not_its_folder(sr
     fresh = tmp_path / "fresh"
     _changed_in_memory(src).quantize(None, QC, method="rtn", save_dir=fresh)
     assert_same_checkpoint(fresh, out)
+
+
+def _edit_config(src, **changes):
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(changes)
+    (src / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("change, named", [
+    ("config", "model config"), ("awqlib", "awqlib version"), ("transformers", "transformers version")])
+def test_resume_refuses_another_config_or_version_and_names_it(src, tmp_path, monkeypatch, change, named):
+    """The blocks were calibrated under the source's config and made by one awqlib/transformers: a
+    rerun after any of them changed starts over (review: only the weight files were fingerprinted)."""
+    out = tmp_path / "out"
+    partial = _interrupt_after_first_block(src, out, monkeypatch)
+    kept = _digest(partial)
+    if change == "config":
+        _edit_config(src, rms_norm_eps=0.5)
+    elif change == "awqlib":
+        monkeypatch.setattr(awqlib.version, "__version__", "99.0")
+    else:
+        import transformers
+        monkeypatch.setattr(transformers, "__version__", "99.0")
+    with pytest.raises(FileExistsError, match=f"cannot be resumed.*different settings.*{named}"):
+        _quantize(src, out)
+    assert _digest(partial) == kept and not out.exists()
