@@ -50,12 +50,18 @@ def _relation(a: Path, b: Path) -> str | None:
     return None
 
 
+def absolute(out: str | os.PathLike) -> Path:
+    """``out`` as an absolute, normalized path: every folder derived from it (partial, temporary, old)
+    is named from its last part, which '.' or '..' do not have."""
+    return Path(os.path.abspath(out))
+
+
 def check_source_overlap(out: str | os.PathLike, source: str | os.PathLike | None) -> None:
     """Refuse an output (or its partial folder) that is, contains or is inside the source folder."""
     if source is None or not (Path(source) / "config.json").is_file():
         return  # not a model folder (a model built in memory, a name that is no folder)
     src = Path(source).resolve()
-    for p in (Path(out), partial_path(out)):
+    for p in (absolute(out), partial_path(out)):
         rel = _relation(p.resolve(), src)
         if rel:
             raise ValueError(f"the output {p} {rel} the source model folder {Path(source)} (resolved: {src}): "
@@ -64,7 +70,7 @@ def check_source_overlap(out: str | os.PathLike, source: str | os.PathLike | Non
 
 
 def partial_path(out: str | os.PathLike) -> Path:
-    out = Path(out)
+    out = absolute(out)
     return out.parent / (out.name + ".awqlib-partial")
 
 
@@ -122,7 +128,7 @@ def foreign_entries(folder: Path) -> list[str]:
 def check_output(out: str | os.PathLike, source: str | os.PathLike | None, overwrite: Overwrite) -> None:
     """Everything that must hold before anything is written to ``out`` (see the module docstring)."""
     _check_overwrite_value(overwrite)
-    out = Path(out)
+    out = absolute(out)
     check_source_overlap(out, source)
     if out.is_symlink():
         raise ValueError(f"{out} is a symbolic link: write to the folder it points to, or remove the link")
@@ -166,7 +172,7 @@ class AtomicDir:
 
     def __init__(self, target: str | os.PathLike, overwrite: Overwrite = False,
                  source: str | os.PathLike | None = None):
-        self.target = Path(target)
+        self.target = absolute(target)
         check_output(self.target, source, overwrite)
         self.overwrite, self.source = overwrite, source
         self.tmp = self.target.parent / f".{self.target.name}.tmp-{uuid.uuid4().hex[:8]}"

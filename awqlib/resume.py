@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from .outputs import Overwrite, check_output, partial_path, swap_into_place
+from .outputs import Overwrite, absolute, check_output, partial_path, swap_into_place
 from .safetensors_io import (TensorInfo, copy_tensors, parse_size, plan_shards, read_header, read_tensors,
                              save_tensors, shard_names, weight_files, write_index, write_json_atomic)
 
@@ -157,7 +157,7 @@ class BlockStore:
     def __init__(self, out_dir: str | os.PathLike, parts: dict[str, str], n_blocks: int,
                  overwrite: Overwrite = False, source: str | os.PathLike | None = None):
         """``parts``: the run's :func:`fingerprint_parts`."""
-        self.out = Path(out_dir)
+        self.out = absolute(out_dir)
         self.dir = partial_path(self.out)
         self.parts, self.fp = parts, fingerprint(**parts)
         self.n, self.overwrite, self.source = n_blocks, overwrite, source

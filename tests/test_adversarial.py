@@ -720,3 +720,22 @@ def test_resume_refuses_another_config_or_version_and_names_it(src, tmp_path, mo
     with pytest.raises(FileExistsError, match=f"cannot be resumed.*different settings.*{named}"):
         _quantize(src, out)
     assert _digest(partial) == kept and not out.exists()
+
+
+@pytest.mark.parametrize("how", ["quantize", "save_quantized"])
+def test_output_given_as_dot_or_a_relative_path(src, tmp_path, monkeypatch, how):
+    """`cd new && awqlib quantize ../model .`: review: the partial/tmp folders landed inside '.', and
+    finalize refused its own output; reruns were refused even with --overwrite."""
+    (tmp_path / "new").mkdir()
+    for out in (".", "../new", "."):  # into the empty folder, a relative path, then over the checkpoint
+        monkeypatch.chdir(tmp_path / "new")
+        kw = {"overwrite": True} if os.listdir(".") else {}
+        if how == "quantize":
+            m = _quantize(src, out, **kw)
+            assert m.saved_to == tmp_path / "new"
+        else:
+            AutoAWQ.from_pretrained(str(src)).quantize(None, QC, method="rtn").save_quantized(out, **kw)
+        monkeypatch.chdir(tmp_path)  # the process's old cwd was replaced by the checkpoint
+        assert validate_checkpoint(tmp_path / "new").ok
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "src"]  # nothing left beside or inside
+        assert not [p for p in (tmp_path / "new").iterdir() if p.name.startswith(".")]
