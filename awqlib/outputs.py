@@ -7,7 +7,8 @@ deletes a file it did not write.
   an AWQ ``quantization_config``, nothing but the files a checkpoint holds) or an empty one;
   anything else needs ``overwrite="force"`` (CLI: ``--force-overwrite``).
 * The new folder is built beside the target and renamed into place only when complete
-  (:class:`AtomicDir`, :func:`swap_into_place`).
+  (:class:`AtomicDir`, :func:`swap_into_place`); so an output that is a mount point (or on another
+  filesystem than its parent) is refused up front.
 """
 
 from __future__ import annotations
@@ -136,6 +137,10 @@ def check_output(out: str | os.PathLike, source: str | os.PathLike | None, overw
         return
     if not out.is_dir():
         raise NotADirectoryError(f"{out} exists and is not a folder")
+    if os.path.ismount(out) or os.stat(out).st_dev != os.stat(out.parent).st_dev:
+        raise ValueError(f"{out} is a mount point (or on another filesystem than {out.parent}): awqlib publishes a "
+                         "checkpoint by renaming a finished folder into place, which a mount point does not allow. "
+                         f"Write to a new folder inside it instead, e.g. {out / 'model'}")
     if not os.listdir(out):
         return  # an empty folder: nothing to lose
     if not overwrite:

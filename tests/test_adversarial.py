@@ -739,3 +739,20 @@ def test_output_given_as_dot_or_a_relative_path(src, tmp_path, monkeypatch, how)
         assert validate_checkpoint(tmp_path / "new").ok
         assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "src"]  # nothing left beside or inside
         assert not [p for p in (tmp_path / "new").iterdir() if p.name.startswith(".")]
+
+
+def test_an_output_that_is_a_mount_point_is_refused_before_any_work(src, tmp_path, monkeypatch):
+    """`docker -v host:/out`: renaming a mount point aside fails (EBUSY), which the review saw only
+    after every block had run. Refused up front, with the way out."""
+    out = tmp_path / "mnt"
+    out.mkdir()
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == out or real_ismount(p))
+    monkeypatch.setattr(awq, "rtn_quantize_block", lambda *a, **k: pytest.fail("started quantizing"))
+    with pytest.raises(ValueError, match=f"mount point.*{out / 'model'}"):
+        _quantize(src, out)
+    m = AutoAWQ.from_pretrained(str(src))
+    m.quantized = True  # the refusal comes before anything is written
+    with pytest.raises(ValueError, match="mount point"):
+        m.save_quantized(out)
+    assert os.listdir(out) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["mnt", "src"]
