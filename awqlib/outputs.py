@@ -6,6 +6,10 @@ deletes a file it did not write.
 * ``overwrite=True`` replaces only a folder that looks like an awqlib checkpoint (config.json with
   an AWQ ``quantization_config``, nothing but the files a checkpoint holds) or an empty one;
   anything else needs ``overwrite="force"`` (CLI: ``--force-overwrite``).
+* A run killed mid-way leaves ``.<name>.tmp-<8 hex>`` (a checkpoint being written) or
+  ``.<name>.old-<8 hex>`` (the checkpoint being replaced) beside the target; the run using such a
+  folder holds its ``flock``, so the next run can tell a leftover from a live run's folder
+  (:func:`recover_leftovers`).
 * The new folder is built beside the target and renamed into place only when complete
   (:class:`AtomicDir`, :func:`swap_into_place`); so an output that is a mount point (or on another
   filesystem than its parent) is refused up front.
@@ -14,8 +18,11 @@ deletes a file it did not write.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
+import logging
 import os
+import re
 import shutil
 import uuid
 from fnmatch import fnmatch
@@ -23,6 +30,8 @@ from pathlib import Path
 from typing import Union
 
 from .safetensors_io import publish_modes
+
+log = logging.getLogger("awqlib")
 
 Overwrite = Union[bool, str]  # False, True, or "force"
 
@@ -154,50 +163,121 @@ def check_output(out: str | os.PathLike, source: str | os.PathLike | None, overw
             "everything in it, pass overwrite='force' (CLI: --force-overwrite).")
 
 
+def _leftover(target: Path, kind: str) -> Path:
+    return target.parent / f".{target.name}.{kind}-{uuid.uuid4().hex[:8]}"
+
+
+def hold(folder: Path) -> int | None:
+    """An exclusive ``flock`` on ``folder`` (its descriptor: close it to release), None where another
+    process holds one or the filesystem cannot lock."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except OSError:
+        os.close(fd)
+        return None
+
+
+def remove_tree(path: Path, what: str) -> None:
+    """Delete ``path`` (a folder awqlib wrote); what cannot be removed is reported, never silently kept."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("awqlib: could not remove %s (%s, %s): delete it by hand", path, what, e)
+
+
+def recover_leftovers(target: str | os.PathLike) -> None:
+    """Before a run writes ``target``: what a killed run left beside it (only the names awqlib makes,
+    and only folders no live run holds). Where ``target`` is missing, the checkpoint a swap had moved
+    aside is put back; the other leftovers are removed; each is reported."""
+    target = absolute(target)
+    if not target.parent.is_dir():
+        return
+    name = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-[0-9a-f]{{8}}")
+    found = [p for p in target.parent.iterdir() if name.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    found.sort(key=lambda p: p.lstat().st_ctime, reverse=True)  # the newest old checkpoint first
+    for p in found:
+        fd = hold(p)
+        if fd is None:
+            log.warning("awqlib: %s is held by another awqlib run (or cannot be locked here): left as it is", p)
+            continue
+        try:
+            if ".old-" in p.name and not os.path.lexists(target):
+                os.rename(p, target)
+                log.warning("awqlib: %s was missing (a run was stopped while replacing it): the checkpoint it "
+                            "had moved aside to %s is back in place", target, p)
+            else:
+                log.warning("awqlib: removing %s, left by an interrupted awqlib run", p)
+                remove_tree(p, "left by an interrupted run")
+        finally:
+            os.close(fd)
+
+
 def swap_into_place(new: Path, target: Path) -> None:
     """Rename the finished folder ``new`` to ``target``; an old ``target`` (already checked by
-    :func:`check_output`) is moved aside first and deleted only once the new one is in place."""
+    :func:`check_output`) is moved aside first (held, so that no other run takes it for a leftover)
+    and deleted only once the new one is in place."""
     publish_modes(new)
-    old = None
+    old = fd = None
     if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(target, old)
+        fd = hold(target)
+        if fd is None:
+            raise FileExistsError(f"{target} is being replaced by another awqlib run: wait for it to finish")
+        old = _leftover(target, "old")
     try:
-        os.rename(new, target)
-    except OSError:
         if old is not None:
-            os.rename(old, target)  # the old checkpoint back under its own name
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+            os.rename(target, old)
+        try:
+            os.rename(new, target)
+        except OSError:
+            if old is not None:
+                os.rename(old, target)  # the old checkpoint back under its own name
+            raise
+        if old is not None:
+            remove_tree(old, "the checkpoint replaced")
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 class AtomicDir:
-    """Write into a temporary sibling folder; rename into place only when everything succeeded."""
+    """Write into a temporary sibling folder (held while in use); rename into place only when
+    everything succeeded."""
 
     def __init__(self, target: str | os.PathLike, overwrite: Overwrite = False,
                  source: str | os.PathLike | None = None):
         self.target = absolute(target)
+        recover_leftovers(self.target)
         check_output(self.target, source, overwrite)
         self.overwrite, self.source = overwrite, source
-        self.tmp = self.target.parent / f".{self.target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp = _leftover(self.target, "tmp")
+        self.fd = None
 
     def __enter__(self) -> Path:
         self.tmp.mkdir(parents=True)
+        self.fd = hold(self.tmp)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise OSError(exc.errno, f"disk full while saving {self.target}: nothing was written"
-                              + (" and the existing folder is untouched" if self.target.exists() else "")
-                              + "; free some space and save again") from None
-            return False
         try:
-            check_output(self.target, self.source, self.overwrite)  # it may have appeared meanwhile
-            swap_into_place(self.tmp, self.target)
-        except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
-        return False
+            if exc_type is not None:
+                remove_tree(self.tmp, "an unfinished save")
+                if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise OSError(exc.errno, f"disk full while saving {self.target}: nothing was written"
+                                  + (" and the existing folder is untouched" if self.target.exists() else "")
+                                  + "; free some space and save again") from None
+                return False
+            try:
+                check_output(self.target, self.source, self.overwrite)  # it may have appeared meanwhile
+                swap_into_place(self.tmp, self.target)
+            except BaseException:
+                remove_tree(self.tmp, "an unfinished save")
+                raise
+            return False
+        finally:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None

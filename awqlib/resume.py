@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from .outputs import Overwrite, absolute, check_output, partial_path, swap_into_place
+from .outputs import Overwrite, absolute, check_output, partial_path, recover_leftovers, remove_tree, swap_into_place
 from .safetensors_io import (TensorInfo, copy_tensors, parse_size, plan_shards, read_header, read_tensors,
                              save_tensors, shard_names, weight_files, write_index, write_json_atomic)
 
@@ -161,6 +161,7 @@ class BlockStore:
         self.dir = partial_path(self.out)
         self.parts, self.fp = parts, fingerprint(**parts)
         self.n, self.overwrite, self.source = n_blocks, overwrite, source
+        recover_leftovers(self.out)
         check_output(self.out, source, overwrite)
         if self.dir.is_symlink() or (self.dir.exists() and not self.dir.is_dir()):
             raise FileExistsError(f"{self.dir} exists and is not a folder awqlib made: move it away")
@@ -284,13 +285,13 @@ class BlockStore:
             check_output(self.out, self.source, self.overwrite)  # the output may have appeared meanwhile
             swap_into_place(staging, self.out)
         except OSError as e:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_tree(staging, "an unfinished checkpoint")
             if not _disk_full(e):
                 raise
             raise OSError(e.errno, f"disk full while writing the checkpoint {self.out}: all {self.n} finished "
                                    f"blocks are kept in {self.dir}. Free some space (about the checkpoint's size) "
                                    "and rerun the same command: it resumes and only writes the final files") from None
-        shutil.rmtree(self.dir, ignore_errors=True)  # the lock file goes with it; the lock until close()
+        remove_tree(self.dir, "the finished run's blocks")  # the lock file goes with it; the lock until close()
         self.close()
 
     def close(self) -> None:

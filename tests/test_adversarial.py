@@ -756,3 +756,69 @@ def test_an_output_that_is_a_mount_point_is_refused_before_any_work(src, tmp_pat
     with pytest.raises(ValueError, match="mount point"):
         m.save_quantized(out)
     assert os.listdir(out) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["mnt", "src"]
+
+
+def test_leftovers_of_a_killed_run_are_restored_or_removed_and_reported(base, tmp_path, caplog):
+    """A kill between swap_into_place's two renames left no `out` (the old checkpoint in `.out.old-*`),
+    a kill while writing left `.out.tmp-*` forever (review). The next run puts the old checkpoint back,
+    removes the leftovers no live run holds, and says so; names awqlib does not make stay."""
+    import fcntl
+    import logging
+    out = tmp_path / "out"
+    shutil.copytree(base["ckpt"], tmp_path / ".out.old-0123abcd")
+    (tmp_path / ".out.tmp-89abcdef").mkdir()
+    (tmp_path / ".out.tmp-89abcdef" / "model.safetensors").write_bytes(b"half")
+    held = tmp_path / ".out.tmp-00000000"  # a live run's folder (it holds the folder's flock)
+    held.mkdir()
+    fd = os.open(held, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    keep = [tmp_path / ".out.tmp-mine", tmp_path / ".out.old-0123abcd0", tmp_path / ".other.tmp-0123abcd"]
+    for p in keep:
+        p.mkdir()
+    m = AutoAWQ.from_pretrained(str(base["src"])).quantize(None, QC, method="rtn")
+    with caplog.at_level(logging.WARNING, logger="awqlib"), pytest.raises(FileExistsError, match="already exists"):
+        m.save_quantized(out)  # the restored checkpoint is not overwritten without overwrite=True
+    os.close(fd)
+    assert _digest(out) == _digest(base["ckpt"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", held.name] + [p.name for p in keep])
+    assert str(tmp_path / ".out.old-0123abcd") in caplog.text and str(tmp_path / ".out.tmp-89abcdef") in caplog.text
+    assert str(held) in caplog.text  # reported, not touched
+
+
+def test_a_kill_between_the_two_renames_loses_no_checkpoint(base, tmp_path, monkeypatch):
+    from awqlib import outputs
+    out = tmp_path / "out"
+    shutil.copytree(base["ckpt"], out)
+    real, calls = os.rename, []
+
+    def rename(a, b):
+        calls.append(b)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(a, b)
+    m = AutoAWQ.from_pretrained(str(base["src"])).quantize(None, QC, method="rtn")
+    monkeypatch.setattr(outputs.os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        m.save_quantized(out, overwrite=True)
+    monkeypatch.setattr(outputs.os, "rename", real)
+    assert not out.exists()
+    m.save_quantized(out, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and validate_checkpoint(out).ok
+
+
+def test_what_cannot_be_removed_is_reported(base, tmp_path, monkeypatch, caplog):
+    import logging
+    out = tmp_path / "out"
+    shutil.copytree(base["ckpt"], out)
+    real = shutil.rmtree
+
+    def rmtree(p, *a, **k):
+        if ".old-" in str(p):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real(p, *a, **k)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    m = AutoAWQ.from_pretrained(str(base["src"])).quantize(None, QC, method="rtn")
+    with caplog.at_level(logging.WARNING, logger="awqlib"):
+        m.save_quantized(out, overwrite=True)
+    old = [p for p in tmp_path.iterdir() if ".old-" in p.name]
+    assert len(old) == 1 and str(old[0]) in caplog.text and validate_checkpoint(out).ok
