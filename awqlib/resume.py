@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Callable
 
@@ -126,7 +127,19 @@ class RunLock:
 
     def __init__(self, path: Path, what: Path):
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: the pid is written into the file
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            st = os.fstat(self.fd)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            if st is not None:
+                os.close(self.fd)
+            self.fd = None
+            raise FileExistsError(f"{path} is not a regular file awqlib made (a link to another file?): remove it, "
+                                  "then rerun")
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -822,3 +822,17 @@ def test_what_cannot_be_removed_is_reported(base, tmp_path, monkeypatch, caplog)
         m.save_quantized(out, overwrite=True)
     old = [p for p in tmp_path.iterdir() if ".old-" in p.name]
     assert len(old) == 1 and str(old[0]) in caplog.text and validate_checkpoint(out).ok
+
+
+@pytest.mark.parametrize("plant", ["symlink", "hardlink"])
+def test_the_lock_file_is_never_opened_through_a_link(src, tmp_path, plant):
+    """A `.lock` planted as a link to another file (e.g. in a shared /tmp): the run truncated the file
+    it pointed to and wrote its pid there (review)."""
+    out, victim = tmp_path / "out", tmp_path / "victim.txt"
+    victim.write_text("precious")
+    partial = tmp_path / "out.awqlib-partial"
+    partial.mkdir()
+    (partial / ".lock").symlink_to(victim) if plant == "symlink" else os.link(victim, partial / ".lock")
+    with pytest.raises(FileExistsError, match="not a regular file"):
+        _quantize(src, out)
+    assert victim.read_text() == "precious"
