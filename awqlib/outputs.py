@@ -29,7 +29,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Union
 
-from .safetensors_io import publish_modes
+from .safetensors_io import _fsync_dir, publish_modes
 
 log = logging.getLogger("awqlib")
 
@@ -236,6 +236,7 @@ def swap_into_place(new: Path, target: Path) -> None:
             if old is not None:
                 os.rename(old, target)  # the old checkpoint back under its own name
             raise
+        _fsync_dir(target.parent)  # the renames on disk before the old checkpoint goes
         if old is not None:
             remove_tree(old, "the checkpoint replaced")
     finally:

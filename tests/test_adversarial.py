@@ -836,3 +836,20 @@ def test_the_lock_file_is_never_opened_through_a_link(src, tmp_path, plant):
     with pytest.raises(FileExistsError, match="not a regular file"):
         _quantize(src, out)
     assert victim.read_text() == "precious"
+
+
+def test_every_file_and_the_parent_are_on_disk_before_the_old_checkpoint_goes(base, tmp_path, monkeypatch):
+    """config.json, tokenizer, generation config and card were never fsynced, nor the parent after the
+    swap, yet the old checkpoint was deleted at once: a power loss could leave a zero-length config.json
+    and no old checkpoint (review)."""
+    out = tmp_path / "out"
+    shutil.copytree(base["ckpt"], out)
+    events, real_fsync, real_rmtree = [], os.fsync, shutil.rmtree
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    monkeypatch.setattr(shutil, "rmtree", lambda p, *a, **k: (events.append(("rmtree", str(p))),
+                                                             real_rmtree(p, *a, **k)))
+    AutoAWQ.from_pretrained(str(base["src"])).quantize(None, QC, method="rtn").save_quantized(out, overwrite=True)
+    gone = next(i for i, e in enumerate(events) if isinstance(e, tuple) and ".old-" in e[1])
+    synced = {Path(e).name for e in events[:gone] if isinstance(e, str)}
+    assert {p.name for p in out.iterdir()} <= synced  # each file (named as it was in the temporary folder)
+    assert str(tmp_path) in events[:gone]  # the parent folder, after the rename
