@@ -306,7 +306,9 @@ def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | N
 
     ``local_dir``: where to save first (kept afterwards; pass ``overwrite=True`` to replace an
     existing folder); by default a temporary folder that is removed after the upload. A lazily
-    loaded model that ``quantize(save_dir=...)`` already wrote is uploaded from that folder.
+    loaded model that ``quantize(save_dir=...)`` already wrote is uploaded from that folder (its
+    checkpoint files only, with the card rendered for the repo beside them: the folder is not
+    changed; the save arguments are errors there).
     ``max_shard_size``, ``overwrite``, ``tokenizer`` go to ``save_quantized``; ``perplexity`` (a
     :class:`Perplexity` or a dict of its fields), ``base_model`` and ``license`` to the model card;
     other keyword arguments (``revision``, ``create_pr``, ...) to ``HfApi.upload_folder``.
@@ -327,20 +329,22 @@ def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | N
     if delete_patterns not in (_DEFAULT, None):
         kwargs["delete_patterns"] = delete_patterns
     perplexity = Perplexity.of(kwargs.pop("perplexity", None))
-    tmp = None
     saved_to = getattr(model, "saved_to", None) if getattr(model, "reader", None) is not None else None
-    if saved_to is not None:
-        folder = Path(saved_to)  # quantize(save_dir=...) on a lazily loaded model already wrote it
-    elif local_dir is None:
-        tmp = Path(tempfile.mkdtemp(prefix="awqlib-push-"))
-        folder = tmp / repo_id.replace("/", "--")
-    else:
-        folder = Path(local_dir)
+    ignored = [k for k in save_kw] + (["local_dir"] if local_dir is not None else [])
+    if saved_to is not None and ignored:
+        raise ValueError(f"push_to_hub: {', '.join(ignored)} cannot apply to a lazily loaded model: "
+                         f"quantize(save_dir=...) already wrote its checkpoint to {saved_to}, which is uploaded; "
+                         "pass them to quantize(save_dir=...) instead")
+    tmp = Path(tempfile.mkdtemp(prefix="awqlib-push-"))
+    folder = Path(local_dir) if local_dir is not None else tmp / repo_id.replace("/", "--")
     try:
         if saved_to is None:
             model.save_quantized(folder, **save_kw, **card)
-        write_model_card(folder, model, repo_id=repo_id, perplexity=perplexity, **card)  # with the real repo id
-        files = staged_files(folder)
+            write_model_card(folder, model, repo_id=repo_id, perplexity=perplexity, **card)  # the real repo id
+            files = staged_files(folder)
+        else:
+            files, folder = _stage_saved(Path(saved_to), folder)
+            write_model_card(folder, model, repo_id=repo_id, perplexity=perplexity, **card)
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         revision = kwargs.get("revision")
@@ -361,5 +365,24 @@ def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | N
             log.info("awqlib: removed %s of the earlier checkpoint from %s", stale, repo_id)
         return str(url)
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stage_saved(saved: Path, stage: Path) -> tuple[list[str], Path]:
+    """The checkpoint files of ``saved`` (a folder quantize(save_dir=...) wrote; files added there since,
+    of other kinds, are not uploaded), linked into ``stage`` so that the card for the repo is written
+    there, not over the folder's README.md."""
+    from .outputs import foreign_entries
+    stage.mkdir(parents=True)
+    foreign = set(foreign_entries(saved))
+    files = [f for f in staged_files(saved) if f.split("/")[0] not in foreign]
+    if foreign:
+        log.warning("awqlib: not uploaded (not checkpoint files): %s", sorted(foreign))
+    for f in files:
+        (stage / f).parent.mkdir(parents=True, exist_ok=True)
+        (stage / f).symlink_to((saved / f).resolve())  # upload_folder reads through links
+    if "README.md" in files:
+        (stage / "README.md").unlink()
+    else:
+        files = sorted(files + ["README.md"])
+    return files, stage

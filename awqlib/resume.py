@@ -210,7 +210,10 @@ class BlockStore:
                                           "or calibration data)")
         elif finished:
             why = f"its {RUN_FILE} is missing"
-        if finished and not self.overwrite:
+        if finished and self.overwrite:
+            log.warning("awqlib: overwrite: discarding the %d finished block(s) of an interrupted run in %s (%s)",
+                        len(finished), self.dir, why)
+        elif finished:
             raise FileExistsError(
                 f"{self.dir} holds an interrupted run whose {len(finished)} finished block(s) cannot be resumed: "
                 f"{why}. Rerun with the original settings to resume it, or pass overwrite=True (CLI: --overwrite) "

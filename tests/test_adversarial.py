@@ -650,7 +650,7 @@ def test_command_line_treats_a_locked_output_and_a_full_disk_as_user_errors():
     from awqlib.resume import OutputLocked
     assert is_user_error(OutputLocked("held by pid 1"))
     assert is_user_error(OSError(errno.ENOSPC, "disk full"))
-    assert not is_user_error(OSError(errno.EIO, "i/o error")) and not is_user_error(RuntimeError("bug"))
+    assert is_user_error(OSError(errno.EIO, "i/o error")) and not is_user_error(RuntimeError("bug"))
 
 
 def test_resume_refuses_a_source_loaded_in_another_dtype(src, tmp_path, monkeypatch):
@@ -853,3 +853,25 @@ def test_every_file_and_the_parent_are_on_disk_before_the_old_checkpoint_goes(ba
     synced = {Path(e).name for e in events[:gone] if isinstance(e, str)}
     assert {p.name for p in out.iterdir()} <= synced  # each file (named as it was in the temporary folder)
     assert str(tmp_path) in events[:gone]  # the parent folder, after the rename
+
+
+def test_overwrite_of_an_incompatible_run_says_what_it_discards(src, tmp_path, monkeypatch, caplog):
+    import logging
+    out = tmp_path / "out"
+    _interrupt_after_first_block(src, out, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="awqlib"):
+        _quantize(src, out, qc={"q_group_size": 32}, overwrite=True)
+    assert re.search(r"discard.*1 finished block.*quant config", caplog.text)
+
+
+def test_command_line_reports_any_os_error_in_one_line(monkeypatch, capsys):
+    import errno
+
+    from awqlib import cli
+
+    def fails(args):
+        raise OSError(errno.EROFS, "Read-only file system", "/ro/out")
+    monkeypatch.setattr(cli, "main", fails)
+    assert cli.run(["quantize", "m", "/ro/out"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Read-only file system" in err and "Traceback" not in err

@@ -115,7 +115,8 @@ class _FakeApi:
         folder = Path(folder_path)
         _FakeApi.calls.append(("upload_folder", dict(
             repo_id=repo_id, folder=folder, repo_type=repo_type, commit_message=commit_message,
-            allow_patterns=list(allow_patterns), contents=staged_files(folder),
+            allow_patterns=list(allow_patterns), contents=staged_files(folder) if not any(
+                p.is_symlink() for p in folder.iterdir()) else None,
             all_files=sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()),
             readme=(folder / "README.md").read_text(), kw=kw)))
 
@@ -174,17 +175,27 @@ def test_push_to_hub_needs_quantized_model(fake_hub):
 
 
 def test_push_to_hub_lazily_saved_model(qmodel, saved, fake_hub, tmp_path, monkeypatch):
-    """A lazily loaded model was written by quantize(save_dir=...): that folder is uploaded as is."""
+    """A lazily loaded model was written by quantize(save_dir=...): the checkpoint files of that folder
+    are uploaded with a card for the repo; the folder itself is not changed (review: the user's README
+    was rewritten in place, notes added since were uploaded, save arguments silently ignored)."""
     import shutil
     folder = tmp_path / "lazy-out"
     shutil.copytree(saved, folder)
+    (folder / "README.md").write_text("my own edits")
+    (folder / "private_eval_notes.txt").write_text("not for the Hub")
     monkeypatch.setattr(qmodel, "reader", object(), raising=False)
     monkeypatch.setattr(qmodel, "saved_to", folder, raising=False)
+    for bad in ({"local_dir": str(tmp_path / "l")}, {"max_shard_size": "1MB"}, {"overwrite": True},
+                {"tokenizer": object()}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}.*quantize\\(save_dir=...\\)"):
+            qmodel.push_to_hub("me/lazy", **bad)
+    assert fake_hub == [] and not (tmp_path / "l").exists()
     qmodel.push_to_hub("me/lazy")
     (_, _), (_, a2) = fake_hub
-    assert a2["folder"] == folder and folder.is_dir()
-    assert a2["allow_patterns"] == staged_files(saved)
-    assert "vllm serve me/lazy" in (folder / "README.md").read_text()
+    assert a2["allow_patterns"] == staged_files(saved) and "private_eval_notes.txt" not in a2["all_files"]
+    assert "vllm serve me/lazy" in a2["readme"]
+    assert (folder / "README.md").read_text() == "my own edits"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lazy-out"] and not a2["folder"].exists()
 
 
 SOURCE_CARD = """---
