@@ -205,7 +205,7 @@ class BlockStore:
                 return
             changed = [PARTS.get(k, k) for k in self.parts if isinstance(old_parts, dict)
                        and old_parts.get(k) != self.parts[k]]
-            why = why or ("it was started with different settings: its " + ", ".join(changed) + " differ"
+            why = why or (f"it was started with different settings (changed: {', '.join(changed)})"
                           if changed else "it was started with different settings (model, quant config, options "
                                           "or calibration data)")
         elif finished:
