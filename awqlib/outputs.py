@@ -167,16 +167,18 @@ def _leftover(target: Path, kind: str) -> Path:
     return target.parent / f".{target.name}.{kind}-{uuid.uuid4().hex[:8]}"
 
 
-def hold(folder: Path) -> int | None:
-    """An exclusive ``flock`` on ``folder`` (its descriptor: close it to release), None where another
-    process holds one or the filesystem cannot lock."""
+def hold(folder: Path) -> tuple[int, bool | None]:
+    """Open ``folder`` and try an exclusive ``flock`` on it: (its descriptor, True) where held until
+    the descriptor is closed, False where another process holds it, None where the filesystem cannot
+    lock. The caller closes the descriptor in every case."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return fd
-    except OSError:
-        os.close(fd)
-        return None
+        return fd, True
+    except BlockingIOError:
+        return fd, False
+    except OSError:  # ENOLCK, or NFS refusing an exclusive lock on a read-only descriptor
+        return fd, None
 
 
 def remove_tree(path: Path, what: str) -> None:
@@ -200,12 +202,16 @@ def recover_leftovers(target: str | os.PathLike) -> None:
     found = [p for p in target.parent.iterdir() if name.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
     found.sort(key=lambda p: p.lstat().st_ctime, reverse=True)  # the newest old checkpoint first
     for p in found:
-        fd = hold(p)
-        if fd is None:
-            log.warning("awqlib: %s is held by another awqlib run (or cannot be locked here): left as it is", p)
+        try:
+            fd, held = hold(p)
+        except OSError as e:
+            log.warning("awqlib: %s (left by an awqlib run?) cannot be opened (%s): left as it is", p, e)
             continue
         try:
-            if ".old-" in p.name and not os.path.lexists(target):
+            if not held:
+                log.warning("awqlib: %s is %s: left as it is", p, "in use by another awqlib run" if held is False
+                            else "a leftover of an awqlib run or in use by one (this filesystem cannot tell)")
+            elif ".old-" in p.name and not os.path.lexists(target):
                 os.rename(p, target)
                 log.warning("awqlib: %s was missing (a run was stopped while replacing it): the checkpoint it "
                             "had moved aside to %s is back in place", target, p)
@@ -223,8 +229,9 @@ def swap_into_place(new: Path, target: Path) -> None:
     publish_modes(new)
     old = fd = None
     if target.exists():
-        fd = hold(target)
-        if fd is None:
+        fd, held = hold(target)
+        if held is False:
+            os.close(fd)
             raise FileExistsError(f"{target} is being replaced by another awqlib run: wait for it to finish")
         old = _leftover(target, "old")
     try:
@@ -259,7 +266,7 @@ class AtomicDir:
 
     def __enter__(self) -> Path:
         self.tmp.mkdir(parents=True)
-        self.fd = hold(self.tmp)
+        self.fd = hold(self.tmp)[0]
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):

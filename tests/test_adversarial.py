@@ -875,3 +875,19 @@ def test_command_line_reports_any_os_error_in_one_line(monkeypatch, capsys):
     assert cli.run(["quantize", "m", "/ro/out"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Read-only file system" in err and "Traceback" not in err
+
+
+def test_a_filesystem_without_locks_still_saves_and_leaves_unknown_folders_alone(base, tmp_path, monkeypatch):
+    """Where flock is not supported (ENOLCK, NFS with read-only descriptors) a save still replaces a
+    checkpoint, and a leftover that cannot be told apart from a live run's folder is not touched."""
+    import errno
+    import fcntl
+    out = tmp_path / "out"
+    shutil.copytree(base["ckpt"], out)
+    (tmp_path / ".out.tmp-0123abcd").mkdir()
+
+    def flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", flock)
+    AutoAWQ.from_pretrained(str(base["src"])).quantize(None, QC, method="rtn").save_quantized(out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-0123abcd", "out"] and validate_checkpoint(out).ok
