@@ -229,7 +229,10 @@ def swap_into_place(new: Path, target: Path) -> None:
     publish_modes(new)
     old = fd = None
     if target.exists():
-        fd, held = hold(target)
+        try:
+            fd, held = hold(target)
+        except OSError:  # a folder this user cannot open for reading can still be renamed
+            fd, held = None, None
         if held is False:
             os.close(fd)
             raise FileExistsError(f"{target} is being replaced by another awqlib run: wait for it to finish")
