@@ -163,7 +163,8 @@ def check_output(out: str | os.PathLike, source: str | os.PathLike | None, overw
             "everything in it, pass overwrite='force' (CLI: --force-overwrite).")
 
 
-def _leftover(target: Path, kind: str) -> Path:
+def leftover_path(target: Path, kind: str) -> Path:
+    """A new hidden name beside ``target`` that :func:`recover_leftovers` knows (``kind``: 'tmp', 'old')."""
     return target.parent / f".{target.name}.{kind}-{uuid.uuid4().hex[:8]}"
 
 
@@ -236,7 +237,7 @@ def swap_into_place(new: Path, target: Path) -> None:
         if held is False:
             os.close(fd)
             raise FileExistsError(f"{target} is being replaced by another awqlib run: wait for it to finish")
-        old = _leftover(target, "old")
+        old = leftover_path(target, "old")
     try:
         if old is not None:
             os.rename(target, old)
@@ -264,7 +265,7 @@ class AtomicDir:
         recover_leftovers(self.target)
         check_output(self.target, source, overwrite)
         self.overwrite, self.source = overwrite, source
-        self.tmp = _leftover(self.target, "tmp")
+        self.tmp = leftover_path(self.target, "tmp")
         self.fd = None
 
     def __enter__(self) -> Path:

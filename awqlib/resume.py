@@ -32,7 +32,8 @@ from typing import Callable
 
 import torch
 
-from .outputs import Overwrite, absolute, check_output, partial_path, recover_leftovers, remove_tree, swap_into_place
+from .outputs import (Overwrite, absolute, check_output, leftover_path, partial_path, recover_leftovers, remove_tree,
+                      swap_into_place)
 from .safetensors_io import (TensorInfo, copy_tensors, parse_size, plan_shards, read_header, read_tensors,
                              save_tensors, shard_names, weight_files, write_index, write_json_atomic)
 
@@ -307,7 +308,11 @@ class BlockStore:
             raise OSError(e.errno, f"disk full while writing the checkpoint {self.out}: all {self.n} finished "
                                    f"blocks are kept in {self.dir}. Free some space (about the checkpoint's size) "
                                    "and rerun the same command: it resumes and only writes the final files") from None
-        remove_tree(self.dir, "the finished run's blocks")  # the lock file goes with it; the lock until close()
+        # renamed first (one step), so that a kill while deleting leaves a leftover the next run removes;
+        # the lock file goes with it, the lock is held until close()
+        done = leftover_path(self.out, "tmp")
+        os.rename(self.dir, done)
+        remove_tree(done, "the finished run's blocks")
         self.close()
 
     def close(self) -> None:

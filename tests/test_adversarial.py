@@ -891,3 +891,18 @@ def test_a_filesystem_without_locks_still_saves_and_leaves_unknown_folders_alone
     monkeypatch.setattr(fcntl, "flock", flock)
     AutoAWQ.from_pretrained(str(base["src"])).quantize(None, QC, method="rtn").save_quantized(out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-0123abcd", "out"] and validate_checkpoint(out).ok
+
+
+def test_a_kill_while_the_finished_blocks_are_removed_leaves_nothing_behind(src, tmp_path, monkeypatch):
+    """After the checkpoint is in place the blocks are deleted; a kill then left the model-sized
+    partial folder for ever, and reruns only said the output exists (review)."""
+    from awqlib import resume
+    out = tmp_path / "out"
+    monkeypatch.setattr(resume, "remove_tree", lambda p, what: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    with pytest.raises(KeyboardInterrupt):
+        _quantize(src, out)
+    monkeypatch.undo()
+    assert validate_checkpoint(out).ok
+    with pytest.raises(FileExistsError, match="already exists"):
+        _quantize(src, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
