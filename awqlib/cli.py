@@ -202,10 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     return a.fn(a)
 
 
-# What a user's mistake raises (a bad path, an output that would overwrite the source, a malformed
-# checkpoint, a missing device): the command line reports it in one line; anything else is a bug
-# and keeps its traceback.
-USER_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError)
+# What a user's mistake or the machine raises (a bad path, an output that would overwrite the source,
+# a malformed checkpoint, a missing device, any OS error: a read-only or full disk, an I/O error):
+# the command line reports it in one line; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, OSError)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -222,11 +222,8 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def is_user_error(e: BaseException) -> bool:
-    import errno
-
     from .resume import OutputLocked
-    return isinstance(e, USER_ERRORS + (OutputLocked,)) or (
-        isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+    return isinstance(e, USER_ERRORS + (OutputLocked,))
 
 
 if __name__ == "__main__":

@@ -27,10 +27,10 @@ log = logging.getLogger("awqlib")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _TEMP_SUFFIXES = (".tmp", ".lock", ".part", ".incomplete", "~", ".swp")
 REPO_PLACEHOLDER = "<this-repo-or-folder>"
-# What push_to_hub replaces in the repo: the kinds of files a checkpoint folder holds (weights,
-# index, configs, tokenizer, card).  upload_folder never deletes .gitattributes.
-STALE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.json", "*.model", "*.tiktoken", "*.txt",
-                  "*.jinja", "README.md")
+# Kinds of checkpoint files (awqlib.outputs.CHECKPOINT_FILES) that a push never deletes: the repo's
+# own licence and git attributes, which an awqlib upload does not carry.
+KEPT_ON_PUSH = frozenset({".gitattributes", "LICENSE", "LICENSE.md", "LICENSE.txt", "NOTICE", "USE_POLICY.md"})
+_DEFAULT = object()
 
 
 @dataclass(frozen=True)
@@ -264,6 +264,41 @@ def staged_files(folder: str | Path) -> list[str]:
     return sorted(out)
 
 
+def stale_remote_files(api, repo_id: str, uploading: list[str], revision: str | None = None) -> list[str]:
+    """Files an earlier awqlib push left in ``repo_id`` that this upload (``uploading``) does not replace
+    (e.g. the shards of another sharding): top-level names of the kinds a checkpoint folder holds
+    (:func:`awqlib.outputs.checkpoint_file_name`, the rule ``overwrite=True`` uses locally), and only
+    where the repo's config.json is already an AWQ checkpoint's.  Nothing in a subfolder, nothing of
+    another kind: a repo may hold the original weights, adapters, eval results beside the checkpoint."""
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    from .outputs import checkpoint_file_name, has_remote_code, is_awq_config
+    try:
+        remote = api.list_repo_files(repo_id, revision=revision, repo_type="model")
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        return []
+
+    def read(name: str) -> dict:
+        if name not in remote:
+            return {}
+        try:
+            path = api.hf_hub_download(repo_id, name, revision=revision, repo_type="model")
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (EntryNotFoundError, OSError, ValueError):
+            return {}
+        return d if isinstance(d, dict) else {}
+    cfg = read("config.json")
+    if not is_awq_config(cfg):
+        if remote and set(remote) - {".gitattributes"}:
+            log.warning("awqlib: %s holds no AWQ checkpoint (its config.json has no AWQ quantization_config): "
+                        "none of its %d files is deleted", repo_id, len(remote))
+        return []
+    code = has_remote_code(cfg, read("tokenizer_config.json"))
+    new = set(uploading)
+    return sorted(n for n in remote if "/" not in n and n not in new and n not in KEPT_ON_PUSH
+                  and checkpoint_file_name(n, code))
+
+
 def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | None = None,
                 commit_message: str = "Upload AWQ checkpoint (awqlib)", local_dir: str | None = None,
                 **kwargs) -> str:
@@ -271,43 +306,83 @@ def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | N
 
     ``local_dir``: where to save first (kept afterwards; pass ``overwrite=True`` to replace an
     existing folder); by default a temporary folder that is removed after the upload. A lazily
-    loaded model that ``quantize(save_dir=...)`` already wrote is uploaded from that folder.
+    loaded model that ``quantize(save_dir=...)`` already wrote is uploaded from that folder (its
+    checkpoint files only, with the card rendered for the repo beside them: the folder is not
+    changed; the save arguments are errors there).
     ``max_shard_size``, ``overwrite``, ``tokenizer`` go to ``save_quantized``; ``perplexity`` (a
     :class:`Perplexity` or a dict of its fields), ``base_model`` and ``license`` to the model card;
-    other keyword arguments (``revision``, ``create_pr``, ...) to ``HfApi.upload_folder``.  Files of
-    the kinds awqlib writes (:data:`STALE_PATTERNS`) that an earlier push left in the repo and this
-    upload does not have (e.g. shards of another sharding) are deleted in the same commit; pass
-    ``delete_patterns=None`` to keep them.
+    other keyword arguments (``revision``, ``create_pr``, ...) to ``HfApi.upload_folder``.
+
+    Files an earlier awqlib push left in the repo that this upload does not replace
+    (:func:`stale_remote_files`) are deleted in a second commit, once the upload succeeded (a failed
+    upload deletes nothing; huggingface_hub may split a large upload into several commits).  Not with
+    ``create_pr=True``; ``delete_patterns=None`` keeps them; explicit ``delete_patterns`` are passed
+    to ``upload_folder`` as they are, instead.
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationDelete, HfApi
 
     if not getattr(model, "quantized", False):
         raise RuntimeError("call quantize() before push_to_hub()")
     card = {k: kwargs.pop(k) for k in ("base_model", "license") if k in kwargs}
     save_kw = {k: kwargs.pop(k) for k in ("max_shard_size", "overwrite", "tokenizer") if k in kwargs}
-    kwargs.setdefault("delete_patterns", list(STALE_PATTERNS))
+    delete_patterns = kwargs.pop("delete_patterns", _DEFAULT)
+    if delete_patterns not in (_DEFAULT, None):
+        kwargs["delete_patterns"] = delete_patterns
     perplexity = Perplexity.of(kwargs.pop("perplexity", None))
-    tmp = None
     saved_to = getattr(model, "saved_to", None) if getattr(model, "reader", None) is not None else None
-    if saved_to is not None:
-        folder = Path(saved_to)  # quantize(save_dir=...) on a lazily loaded model already wrote it
-    elif local_dir is None:
-        tmp = Path(tempfile.mkdtemp(prefix="awqlib-push-"))
-        folder = tmp / repo_id.replace("/", "--")
-    else:
-        folder = Path(local_dir)
+    ignored = [k for k in save_kw] + (["local_dir"] if local_dir is not None else [])
+    if saved_to is not None and ignored:
+        raise ValueError(f"push_to_hub: {', '.join(ignored)} cannot apply to a lazily loaded model: "
+                         f"quantize(save_dir=...) already wrote its checkpoint to {saved_to}, which is uploaded; "
+                         "pass them to quantize(save_dir=...) instead")
+    tmp = Path(tempfile.mkdtemp(prefix="awqlib-push-"))
+    folder = Path(local_dir) if local_dir is not None else tmp / repo_id.replace("/", "--")
     try:
         if saved_to is None:
             model.save_quantized(folder, **save_kw, **card)
-        write_model_card(folder, model, repo_id=repo_id, perplexity=perplexity, **card)  # with the real repo id
-        files = staged_files(folder)
+            write_model_card(folder, model, repo_id=repo_id, perplexity=perplexity, **card)  # the real repo id
+            files = staged_files(folder)
+        else:
+            files, folder = _stage_saved(Path(saved_to), folder)
+            write_model_card(folder, model, repo_id=repo_id, perplexity=perplexity, **card)
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        revision = kwargs.get("revision")
+        stale = []
+        if delete_patterns is _DEFAULT:
+            stale = stale_remote_files(api, repo_id, files, revision)
+            if stale and kwargs.get("create_pr"):
+                log.warning("awqlib: a pull request only adds files: %s keeps %s of an earlier push", repo_id, stale)
+                stale = []
         info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
                                  commit_message=commit_message, allow_patterns=files, **kwargs)
         url = getattr(info, "commit_url", None) or str(info)
         log.info("awqlib: uploaded %d files to %s (%s)", len(files), repo_id, url)
+        if stale:
+            api.create_commit(repo_id, [CommitOperationDelete(path_in_repo=n) for n in stale], repo_type="model",
+                              commit_message=f"Remove {len(stale)} file(s) of the earlier checkpoint (awqlib)",
+                              revision=revision)
+            log.info("awqlib: removed %s of the earlier checkpoint from %s", stale, repo_id)
         return str(url)
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stage_saved(saved: Path, stage: Path) -> tuple[list[str], Path]:
+    """The checkpoint files of ``saved`` (a folder quantize(save_dir=...) wrote; files added there since,
+    of other kinds, are not uploaded), linked into ``stage`` so that the card for the repo is written
+    there, not over the folder's README.md."""
+    from .outputs import foreign_entries
+    stage.mkdir(parents=True)
+    foreign = set(foreign_entries(saved))
+    files = [f for f in staged_files(saved) if f.split("/")[0] not in foreign]
+    if foreign:
+        log.warning("awqlib: not uploaded (not checkpoint files): %s", sorted(foreign))
+    for f in files:
+        (stage / f).parent.mkdir(parents=True, exist_ok=True)
+        (stage / f).symlink_to((saved / f).resolve())  # upload_folder reads through links
+    if "README.md" in files:
+        (stage / "README.md").unlink()
+    else:
+        files = sorted(files + ["README.md"])
+    return files, stage

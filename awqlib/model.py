@@ -145,7 +145,7 @@ class AWQModel(nn.Module):
                 run.store.finalize(source.rest_state(), self._write_extras, max_shard_size)
             finally:
                 run.store.close()
-            self.saved_to = Path(save_dir)
+            self.saved_to = run.store.out
         return self
 
     # ------------------------------------------------------------------------------------------ save
@@ -190,10 +190,11 @@ class AWQModel(nn.Module):
             raise RuntimeError("a lazily loaded model is saved by quantize(save_dir=...) as it goes; its blocks "
                                f"are no longer in memory (saved to {self.saved_to})")
         state = checkpoint_state(self.model, self.spec)
-        with AtomicDir(save_dir, overwrite, source=self.source_folder) as tmp:
+        atomic = AtomicDir(save_dir, overwrite, source=self.source_folder)
+        with atomic as tmp:
             write_shards(state, tmp, max_shard_size)
             self._write_extras(tmp, tokenizer, perplexity, base_model=base_model, license=license)
-        return Path(save_dir)
+        return atomic.target
 
     def save_pretrained(self, save_dir, **kwargs):
         return self.save_quantized(save_dir, **kwargs)

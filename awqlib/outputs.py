@@ -6,22 +6,32 @@ deletes a file it did not write.
 * ``overwrite=True`` replaces only a folder that looks like an awqlib checkpoint (config.json with
   an AWQ ``quantization_config``, nothing but the files a checkpoint holds) or an empty one;
   anything else needs ``overwrite="force"`` (CLI: ``--force-overwrite``).
+* A run killed mid-way leaves ``.<name>.tmp-<8 hex>`` (a checkpoint being written) or
+  ``.<name>.old-<8 hex>`` (the checkpoint being replaced) beside the target; the run using such a
+  folder holds its ``flock``, so the next run can tell a leftover from a live run's folder
+  (:func:`recover_leftovers`).
 * The new folder is built beside the target and renamed into place only when complete
-  (:class:`AtomicDir`, :func:`swap_into_place`).
+  (:class:`AtomicDir`, :func:`swap_into_place`); so an output that is a mount point (or on another
+  filesystem than its parent) is refused up front.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
+import logging
 import os
+import re
 import shutil
 import uuid
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Union
 
-from .safetensors_io import publish_modes
+from .safetensors_io import _fsync_dir, publish_modes
+
+log = logging.getLogger("awqlib")
 
 Overwrite = Union[bool, str]  # False, True, or "force"
 
@@ -50,12 +60,18 @@ def _relation(a: Path, b: Path) -> str | None:
     return None
 
 
+def absolute(out: str | os.PathLike) -> Path:
+    """``out`` as an absolute, normalized path: every folder derived from it (partial, temporary, old)
+    is named from its last part, which '.' or '..' do not have."""
+    return Path(os.path.abspath(out))
+
+
 def check_source_overlap(out: str | os.PathLike, source: str | os.PathLike | None) -> None:
     """Refuse an output (or its partial folder) that is, contains or is inside the source folder."""
     if source is None or not (Path(source) / "config.json").is_file():
         return  # not a model folder (a model built in memory, a name that is no folder)
     src = Path(source).resolve()
-    for p in (Path(out), partial_path(out)):
+    for p in (absolute(out), partial_path(out)):
         rel = _relation(p.resolve(), src)
         if rel:
             raise ValueError(f"the output {p} {rel} the source model folder {Path(source)} (resolved: {src}): "
@@ -64,7 +80,7 @@ def check_source_overlap(out: str | os.PathLike, source: str | os.PathLike | Non
 
 
 def partial_path(out: str | os.PathLike) -> Path:
-    out = Path(out)
+    out = absolute(out)
     return out.parent / (out.name + ".awqlib-partial")
 
 
@@ -80,13 +96,30 @@ def _json(path: Path) -> dict:
         return {}
 
 
+def is_awq_config(cfg: dict) -> bool:
+    """``cfg`` (a parsed config.json) is an AWQ checkpoint's."""
+    qc = cfg.get("quantization_config")
+    return isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "awq"
+
+
+def checkpoint_file_name(name: str, code: bool) -> bool:
+    """``name`` (a top-level file) is of a kind a checkpoint folder holds; ``code``: the config has an
+    ``auto_map``, so its ``*.py`` files travel along."""
+    return (name in CHECKPOINT_FILES or any(fnmatch(name, g) for g in CHECKPOINT_GLOBS)
+            or (code and name.endswith(".py")))
+
+
+def has_remote_code(cfg: dict, tokenizer_cfg: dict) -> bool:
+    return "auto_map" in cfg or "auto_map" in tokenizer_cfg
+
+
 def foreign_entries(folder: Path) -> list[str]:
     """Entries of an existing output folder that awqlib would not have written ([]: safe to replace)."""
     entries = sorted(os.listdir(folder))
     if not entries:
         return []
     cfg = _json(folder / "config.json")
-    code = "auto_map" in cfg or "auto_map" in _json(folder / "tokenizer_config.json")  # its *.py files travel along
+    code = has_remote_code(cfg, _json(folder / "tokenizer_config.json"))
 
     def ours(name: str) -> bool:
         p = folder / name
@@ -95,11 +128,9 @@ def foreign_entries(folder: Path) -> list[str]:
         if p.is_dir():
             return name == CHAT_TEMPLATES and all(c.suffix == ".jinja" and c.is_file() and not c.is_symlink()
                                                   for c in p.iterdir())
-        return p.is_file() and (name in CHECKPOINT_FILES or any(fnmatch(name, g) for g in CHECKPOINT_GLOBS)
-                                or (code and name.endswith(".py")))
+        return p.is_file() and checkpoint_file_name(name, code)
     foreign = [e for e in entries if not ours(e)]
-    qc = cfg.get("quantization_config")
-    if not (isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "awq"):
+    if not is_awq_config(cfg):
         foreign.insert(0, "(no config.json with an AWQ quantization_config: not an AWQ checkpoint)")
     return foreign
 
@@ -107,7 +138,7 @@ def foreign_entries(folder: Path) -> list[str]:
 def check_output(out: str | os.PathLike, source: str | os.PathLike | None, overwrite: Overwrite) -> None:
     """Everything that must hold before anything is written to ``out`` (see the module docstring)."""
     _check_overwrite_value(overwrite)
-    out = Path(out)
+    out = absolute(out)
     check_source_overlap(out, source)
     if out.is_symlink():
         raise ValueError(f"{out} is a symbolic link: write to the folder it points to, or remove the link")
@@ -115,6 +146,10 @@ def check_output(out: str | os.PathLike, source: str | os.PathLike | None, overw
         return
     if not out.is_dir():
         raise NotADirectoryError(f"{out} exists and is not a folder")
+    if os.path.ismount(out) or os.stat(out).st_dev != os.stat(out.parent).st_dev:
+        raise ValueError(f"{out} is a mount point (or on another filesystem than {out.parent}): awqlib publishes a "
+                         "checkpoint by renaming a finished folder into place, which a mount point does not allow. "
+                         f"Write to a new folder inside it instead, e.g. {out / 'model'}")
     if not os.listdir(out):
         return  # an empty folder: nothing to lose
     if not overwrite:
@@ -128,50 +163,133 @@ def check_output(out: str | os.PathLike, source: str | os.PathLike | None, overw
             "everything in it, pass overwrite='force' (CLI: --force-overwrite).")
 
 
+def leftover_path(target: Path, kind: str) -> Path:
+    """A new hidden name beside ``target`` that :func:`recover_leftovers` knows (``kind``: 'tmp', 'old')."""
+    return target.parent / f".{target.name}.{kind}-{uuid.uuid4().hex[:8]}"
+
+
+def hold(folder: Path) -> tuple[int, bool | None]:
+    """Open ``folder`` and try an exclusive ``flock`` on it: (its descriptor, True) where held until
+    the descriptor is closed, False where another process holds it, None where the filesystem cannot
+    lock. The caller closes the descriptor in every case."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd, True
+    except BlockingIOError:
+        return fd, False
+    except OSError:  # ENOLCK, or NFS refusing an exclusive lock on a read-only descriptor
+        return fd, None
+
+
+def remove_tree(path: Path, what: str) -> None:
+    """Delete ``path`` (a folder awqlib wrote); what cannot be removed is reported, never silently kept."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("awqlib: could not remove %s (%s, %s): delete it by hand", path, what, e)
+
+
+def recover_leftovers(target: str | os.PathLike) -> None:
+    """Before a run writes ``target``: what a killed run left beside it (only the names awqlib makes,
+    and only folders no live run holds). Where ``target`` is missing, the checkpoint a swap had moved
+    aside is put back; the other leftovers are removed; each is reported."""
+    target = absolute(target)
+    if not target.parent.is_dir():
+        return
+    name = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-[0-9a-f]{{8}}")
+    found = [p for p in target.parent.iterdir() if name.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    found.sort(key=lambda p: p.lstat().st_ctime, reverse=True)  # the newest old checkpoint first
+    for p in found:
+        try:
+            fd, held = hold(p)
+        except OSError as e:
+            log.warning("awqlib: %s (left by an awqlib run?) cannot be opened (%s): left as it is", p, e)
+            continue
+        try:
+            if not held:
+                log.warning("awqlib: %s is %s: left as it is", p, "in use by another awqlib run" if held is False
+                            else "a leftover of an awqlib run or in use by one (this filesystem cannot tell)")
+            elif ".old-" in p.name and not os.path.lexists(target):
+                os.rename(p, target)
+                log.warning("awqlib: %s was missing (a run was stopped while replacing it): the checkpoint it "
+                            "had moved aside to %s is back in place", target, p)
+            else:
+                log.warning("awqlib: removing %s, left by an interrupted awqlib run", p)
+                remove_tree(p, "left by an interrupted run")
+        finally:
+            os.close(fd)
+
+
 def swap_into_place(new: Path, target: Path) -> None:
     """Rename the finished folder ``new`` to ``target``; an old ``target`` (already checked by
-    :func:`check_output`) is moved aside first and deleted only once the new one is in place."""
+    :func:`check_output`) is moved aside first (held, so that no other run takes it for a leftover)
+    and deleted only once the new one is in place."""
     publish_modes(new)
-    old = None
+    old = fd = None
     if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(target, old)
+        try:
+            fd, held = hold(target)
+        except OSError:  # a folder this user cannot open for reading can still be renamed
+            fd, held = None, None
+        if held is False:
+            os.close(fd)
+            raise FileExistsError(f"{target} is being replaced by another awqlib run: wait for it to finish")
+        old = leftover_path(target, "old")
     try:
-        os.rename(new, target)
-    except OSError:
         if old is not None:
-            os.rename(old, target)  # the old checkpoint back under its own name
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+            os.rename(target, old)
+        try:
+            os.rename(new, target)
+        except OSError:
+            if old is not None:
+                os.rename(old, target)  # the old checkpoint back under its own name
+            raise
+        _fsync_dir(target.parent)  # the renames on disk before the old checkpoint goes
+        if old is not None:
+            remove_tree(old, "the checkpoint replaced")
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 class AtomicDir:
-    """Write into a temporary sibling folder; rename into place only when everything succeeded."""
+    """Write into a temporary sibling folder (held while in use); rename into place only when
+    everything succeeded."""
 
     def __init__(self, target: str | os.PathLike, overwrite: Overwrite = False,
                  source: str | os.PathLike | None = None):
-        self.target = Path(target)
+        self.target = absolute(target)
+        recover_leftovers(self.target)
         check_output(self.target, source, overwrite)
         self.overwrite, self.source = overwrite, source
-        self.tmp = self.target.parent / f".{self.target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp = leftover_path(self.target, "tmp")
+        self.fd = None
 
     def __enter__(self) -> Path:
         self.tmp.mkdir(parents=True)
+        self.fd = hold(self.tmp)[0]
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise OSError(exc.errno, f"disk full while saving {self.target}: nothing was written"
-                              + (" and the existing folder is untouched" if self.target.exists() else "")
-                              + "; free some space and save again") from None
-            return False
         try:
-            check_output(self.target, self.source, self.overwrite)  # it may have appeared meanwhile
-            swap_into_place(self.tmp, self.target)
-        except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
-        return False
+            if exc_type is not None:
+                remove_tree(self.tmp, "an unfinished save")
+                if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise OSError(exc.errno, f"disk full while saving {self.target}: nothing was written"
+                                  + (" and the existing folder is untouched" if self.target.exists() else "")
+                                  + "; free some space and save again") from None
+                return False
+            try:
+                check_output(self.target, self.source, self.overwrite)  # it may have appeared meanwhile
+                swap_into_place(self.tmp, self.target)
+            except BaseException:
+                remove_tree(self.tmp, "an unfinished save")
+                raise
+            return False
+        finally:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None

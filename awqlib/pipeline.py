@@ -211,11 +211,18 @@ def quantize_blocks(source: BlockSource, qcfg: QuantConfig, opts: awq.AWQOptions
     cdtype = source.compute_dtype()
     store = None
     if save_dir is not None:
-        folder = source.reader.folder if isinstance(source, Lazy) else source_folder
-        fp = resume.fingerprint(source=resume.source_identity(folder, model), qcfg=qcfg.to_hf_dict(), opts=opts,
-                                method=method, tokens=tokens if tokens is not None else torch.zeros(0),
-                                dtype=cdtype, model_dtype=next(model.parameters()).dtype, n_blocks=len(blocks))
-        store = resume.BlockStore(save_dir, fp, len(blocks), overwrite, source=folder)
+        import transformers
+
+        from . import version
+        lazy_folder = source.reader.folder if isinstance(source, Lazy) else None
+        folder = lazy_folder or source_folder
+        parts = resume.fingerprint_parts(
+            source=resume.source_identity(lazy_folder, model), config=resume.config_identity(model.config),
+            code=resume.code_identity(folder), qcfg=qcfg.to_hf_dict(), opts=opts, method=method,
+            tokens=tokens if tokens is not None else torch.zeros(0), dtype=cdtype,
+            model_dtype=next(model.parameters()).dtype, n_blocks=len(blocks), awqlib=version.__version__,
+            transformers=transformers.__version__)
+        store = resume.BlockStore(save_dir, parts, len(blocks), overwrite, source=folder)
     try:
         return _quantize_blocks(source, qcfg, opts, method, tokens, cdtype, store)
     except BaseException:

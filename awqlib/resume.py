@@ -5,8 +5,8 @@ the checkpoint's shards.
 What keeps a resume from mixing data:
 
 * a fingerprint of everything the blocks depend on, the source's *content* included (each weight
-  file's tensor names, shapes, dtypes, size, mtime and a sample of its bytes; the tensors
-  themselves for a model that has no folder), the settings and the calibration tokens; a rerun
+  file's tensor names, shapes, dtypes, size, mtime and a sample of its bytes for a lazy run; every
+  tensor's bytes for a model in memory), the settings and the calibration tokens; a rerun
   with another fingerprint is refused, never mixed;
 * an exclusive lock (``flock``) on a file in the partial folder, held for the whole run: a second
   run into the same output fails at once, naming the holder's pid; the kernel releases the lock
@@ -26,12 +26,14 @@ import json
 import logging
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .outputs import Overwrite, check_output, partial_path, swap_into_place
+from .outputs import (Overwrite, absolute, check_output, leftover_path, partial_path, recover_leftovers, remove_tree,
+                      swap_into_place)
 from .safetensors_io import (TensorInfo, copy_tensors, parse_size, plan_shards, read_header, read_tensors,
                              save_tensors, shard_names, weight_files, write_index, write_json_atomic)
 
@@ -56,6 +58,33 @@ def fingerprint(**parts) -> str:
     return h.hexdigest()[:16]
 
 
+# What each part of a run's fingerprint is, as a refusal names it.
+PARTS = {"source": "source weights", "config": "model config", "code": "remote code (*.py)",
+         "qcfg": "quant config", "opts": "options", "method": "method", "tokens": "calibration tokens",
+         "dtype": "compute dtype", "model_dtype": "model dtype", "n_blocks": "number of blocks",
+         "awqlib": "awqlib version", "transformers": "transformers version"}
+
+
+def fingerprint_parts(**parts) -> dict[str, str]:
+    """One digest per part, so that a refusal can name the parts that changed."""
+    return {k: fingerprint(**{k: v}) for k, v in parts.items()}
+
+
+def config_identity(config) -> str:
+    """A model config as the blocks see it (in-memory overrides included), without its origin path."""
+    d = config.to_dict()
+    d.pop("_name_or_path", None)
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def code_identity(folder: Path | None) -> str:
+    """The digests of the source folder's ``*.py`` files (the model's remote code, if any)."""
+    if folder is None:
+        return ""
+    return ";".join(f"{p.name}:{hashlib.sha256(p.read_bytes()).hexdigest()}" for p in sorted(folder.glob("*.py"))
+                    if p.is_file())
+
+
 def folder_identity(folder: Path) -> str:
     """What a source folder's weights are, without reading them all: per weight file its name, size,
     mtime, header (tensor names, shapes, dtypes) and its first and last MiB of data."""
@@ -73,20 +102,21 @@ def folder_identity(folder: Path) -> str:
 
 
 def model_identity(model: torch.nn.Module) -> str:
-    """A model without a source folder: the digest of its tensors (read once; a run reads them anyway)."""
+    """The digest of every tensor of an in-memory model, bytes included. A full hash, not a sample:
+    a merged LoRA or an edited layer may change a few values anywhere, and a run reads every tensor
+    anyway (hashing runs at memory speed, a small fraction of any quantization)."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
-        h.update(name.encode())
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         if t.device.type != "meta":
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
     return h.hexdigest()
 
 
-def source_identity(folder: Path | None, model: torch.nn.Module) -> str:
-    try:
-        return folder_identity(folder) if folder is not None else model_identity(model)
-    except (OSError, ValueError):  # a folder without safetensors (the model was built otherwise)
-        return model_identity(model)
+def source_identity(lazy_folder: Path | None, model: torch.nn.Module) -> str:
+    """What the blocks are quantized from: the folder a lazy run reads them from, else the tensors in
+    memory (never their folder: a model may have been changed since it was loaded)."""
+    return folder_identity(lazy_folder) if lazy_folder is not None else model_identity(model)
 
 
 class OutputLocked(RuntimeError):
@@ -98,7 +128,19 @@ class RunLock:
 
     def __init__(self, path: Path, what: Path):
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: the pid is written into the file
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            st = os.fstat(self.fd)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            if st is not None:
+                os.close(self.fd)
+            self.fd = None
+            raise FileExistsError(f"{path} is not a regular file awqlib made (a link to another file?): remove it, "
+                                  "then rerun")
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -126,11 +168,14 @@ class BlockStore:
     Use as ``store = BlockStore(...)`` then ``store.close()`` in a ``finally``: the lock is held in between.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, fp: str, n_blocks: int, overwrite: Overwrite = False,
-                 source: str | os.PathLike | None = None):
-        self.out = Path(out_dir)
+    def __init__(self, out_dir: str | os.PathLike, parts: dict[str, str], n_blocks: int,
+                 overwrite: Overwrite = False, source: str | os.PathLike | None = None):
+        """``parts``: the run's :func:`fingerprint_parts`."""
+        self.out = absolute(out_dir)
         self.dir = partial_path(self.out)
-        self.n, self.fp, self.overwrite, self.source = n_blocks, fp, overwrite, source
+        self.parts, self.fp = parts, fingerprint(**parts)
+        self.n, self.overwrite, self.source = n_blocks, overwrite, source
+        recover_leftovers(self.out)
         check_output(self.out, source, overwrite)
         if self.dir.is_symlink() or (self.dir.exists() and not self.dir.is_dir()):
             raise FileExistsError(f"{self.dir} exists and is not a folder awqlib made: move it away")
@@ -151,16 +196,25 @@ class BlockStore:
         meta, finished = self.dir / RUN_FILE, self._finished()
         why = None
         if meta.exists():
+            old_parts = {}
             try:
-                old = json.loads(meta.read_text()).get("fingerprint")
+                run = json.loads(meta.read_text())
+                old, old_parts = run.get("fingerprint"), run.get("parts") or {}
             except (ValueError, AttributeError):
                 old, why = None, f"its {RUN_FILE} is damaged"
             if old == self.fp:
                 return
-            why = why or "it was started with different settings (model, quant config, options or calibration data)"
+            changed = [PARTS.get(k, k) for k in self.parts if isinstance(old_parts, dict)
+                       and old_parts.get(k) != self.parts[k]]
+            why = why or (f"it was started with different settings (changed: {', '.join(changed)})"
+                          if changed else "it was started with different settings (model, quant config, options "
+                                          "or calibration data)")
         elif finished:
             why = f"its {RUN_FILE} is missing"
-        if finished and not self.overwrite:
+        if finished and self.overwrite:
+            log.warning("awqlib: overwrite: discarding the %d finished block(s) of an interrupted run in %s (%s)",
+                        len(finished), self.dir, why)
+        elif finished:
             raise FileExistsError(
                 f"{self.dir} holds an interrupted run whose {len(finished)} finished block(s) cannot be resumed: "
                 f"{why}. Rerun with the original settings to resume it, or pass overwrite=True (CLI: --overwrite) "
@@ -202,7 +256,8 @@ class BlockStore:
     def write(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
         try:
             if not self.committed:  # the settings are committed with the first block
-                write_json_atomic(self.dir / RUN_FILE, {"fingerprint": self.fp, "n_blocks": self.n})
+                write_json_atomic(self.dir / RUN_FILE, {"fingerprint": self.fp, "parts": self.parts,
+                                                        "n_blocks": self.n})
                 self.committed = True
             save_tensors(tensors, self.dir / self.name(i))
         except OSError as e:
@@ -247,13 +302,17 @@ class BlockStore:
             check_output(self.out, self.source, self.overwrite)  # the output may have appeared meanwhile
             swap_into_place(staging, self.out)
         except OSError as e:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_tree(staging, "an unfinished checkpoint")
             if not _disk_full(e):
                 raise
             raise OSError(e.errno, f"disk full while writing the checkpoint {self.out}: all {self.n} finished "
                                    f"blocks are kept in {self.dir}. Free some space (about the checkpoint's size) "
                                    "and rerun the same command: it resumes and only writes the final files") from None
-        shutil.rmtree(self.dir, ignore_errors=True)  # the lock file goes with it; the lock until close()
+        # renamed first (one step), so that a kill while deleting leaves a leftover the next run removes;
+        # the lock file goes with it, the lock is held until close()
+        done = leftover_path(self.out, "tmp")
+        os.rename(self.dir, done)
+        remove_tree(done, "the finished run's blocks")
         self.close()
 
     def close(self) -> None:

@@ -320,7 +320,9 @@ def dir_mode() -> int:
 
 
 def publish_modes(folder: Path) -> None:
-    """Give every file and folder under ``folder`` (ours: just written) the ordinary permissions."""
+    """Give every file and folder under ``folder`` (ours: just written) the ordinary permissions, and
+    fsync them all (config, tokenizer and card files are written without): it is about to replace a
+    checkpoint that is deleted at once."""
     fm, dm = file_mode(), dir_mode()
     os.chmod(folder, dm)
     for root, dirs, files in os.walk(folder):
@@ -328,9 +330,12 @@ def publish_modes(folder: Path) -> None:
             os.chmod(os.path.join(root, d), dm)
         for f in files:
             os.chmod(os.path.join(root, f), fm)
+            _fsync_dir(Path(root, f))
+        _fsync_dir(Path(root))
 
 
 def _fsync_dir(folder: Path) -> None:
+    """fsync a folder (or a file: a read-only descriptor is enough on Linux)."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -918,7 +918,7 @@ def test_command_line_treats_a_locked_output_and_a_full_disk_as_user_errors():
     from awqlib.resume import OutputLocked
     assert is_user_error(OutputLocked("held by pid 1"))
     assert is_user_error(OSError(errno.ENOSPC, "disk full"))
-    assert not is_user_error(OSError(errno.EIO, "i/o error")) and not is_user_error(RuntimeError("bug"))
+    assert is_user_error(OSError(errno.EIO, "i/o error")) and not is_user_error(RuntimeError("bug"))
 
 
 def test_resume_refuses_a_source_loaded_in_another_dtype(src, tmp_path, monkeypatch):
@@ -932,3 +932,245 @@ def test_resume_refuses_a_source_loaded_in_another_dtype(src, tmp_path, monkeypa
     monkeypatch.setattr(awq, "rtn_quantize_block", real)
     with pytest.raises(FileExistsError, match="different settings"):
         AutoAWQ.from_pretrained(str(src), torch_dtype=torch.bfloat16).quantize(None, QC, method="rtn", save_dir=out)
+
+
+# ------------------------------------------------------------------------------------------ review: writes, resume, faults
+
+def _interrupt_in_memory(src, out, monkeypatch, model=None):
+    """An in-memory resumable run (``model`` or a fresh load of ``src``) that dies in block 1."""
+    real = awq.rtn_quantize_block
+    die_on_call(monkeypatch, awq, "rtn_quantize_block")
+    with pytest.raises(KeyboardInterrupt):
+        (model or AutoAWQ.from_pretrained(str(src))).quantize(None, QC, method="rtn", save_dir=out)
+    monkeypatch.setattr(awq, "rtn_quantize_block", real)
+
+
+def _changed_in_memory(src):
+    """``src`` loaded, then block 0 changed in memory (a merged LoRA): its folder is unchanged."""
+    m = AutoAWQ.from_pretrained(str(src))
+    with torch.no_grad():
+        m.model.model.layers[0].mlp.down_proj.weight.mul_(-3.0)
+    return m
+
+
+def test_resume_of_an_in_memory_model_fingerprints_its_tensors_not_its_folder(src, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _interrupt_in_memory(src, out, monkeypatch)
+    with pytest.raises(FileExistsError, match="cannot be resumed"):
+        _changed_in_memory(src).quantize(None, QC, method="rtn", save_dir=out)
+    _changed_in_memory(src).quantize(None, QC, method="rtn", save_dir=out, overwrite=True)
+    fresh = tmp_path / "fresh"
+    _changed_in_memory(src).quantize(None, QC, method="rtn", save_dir=fresh)
+    assert_same_checkpoint(fresh, out)
+
+
+def _edit_config(src, **changes):
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(changes)
+    (src / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("change, named", [
+    ("config", "model config"), ("awqlib", "awqlib version"), ("transformers", "transformers version")])
+def test_resume_refuses_another_config_or_version_and_names_it(src, tmp_path, monkeypatch, change, named):
+    """The blocks were calibrated under the source's config and made by one awqlib/transformers: a
+    rerun after any of them changed starts over (review: only the weight files were fingerprinted)."""
+    out = tmp_path / "out"
+    partial = _interrupt_after_first_block(src, out, monkeypatch)
+    kept = _digest(partial)
+    if change == "config":
+        _edit_config(src, rms_norm_eps=0.5)
+    elif change == "awqlib":
+        monkeypatch.setattr(awqlib.version, "__version__", "99.0")
+    else:
+        import transformers
+        monkeypatch.setattr(transformers, "__version__", "99.0")
+    with pytest.raises(FileExistsError, match=f"cannot be resumed.*different settings.*{named}"):
+        _quantize(src, out)
+    assert _digest(partial) == kept and not out.exists()
+
+
+@pytest.mark.parametrize("how", ["quantize", "save_quantized"])
+def test_output_given_as_dot_or_a_relative_path(src, tmp_path, monkeypatch, how):
+    """`cd new && awqlib quantize ../model .`: review: the partial/tmp folders landed inside '.', and
+    finalize refused its own output; reruns were refused even with --overwrite."""
+    (tmp_path / "new").mkdir()
+    for out in (".", "../new", "."):  # into the empty folder, a relative path, then over the checkpoint
+        monkeypatch.chdir(tmp_path / "new")
+        kw = {"overwrite": True} if os.listdir(".") else {}
+        if how == "quantize":
+            m = _quantize(src, out, **kw)
+            assert m.saved_to == tmp_path / "new"
+        else:
+            AutoAWQ.from_pretrained(str(src)).quantize(None, QC, method="rtn").save_quantized(out, **kw)
+        monkeypatch.chdir(tmp_path)  # the process's old cwd was replaced by the checkpoint
+        assert validate_checkpoint(tmp_path / "new").ok
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "src"]  # nothing left beside or inside
+        assert not [p for p in (tmp_path / "new").iterdir() if p.name.startswith(".")]
+
+
+def test_an_output_that_is_a_mount_point_is_refused_before_any_work(src, tmp_path, monkeypatch):
+    """`docker -v host:/out`: renaming a mount point aside fails (EBUSY), which the review saw only
+    after every block had run. Refused up front, with the way out."""
+    out = tmp_path / "mnt"
+    out.mkdir()
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == out or real_ismount(p))
+    monkeypatch.setattr(awq, "rtn_quantize_block", lambda *a, **k: pytest.fail("started quantizing"))
+    with pytest.raises(ValueError, match=f"mount point.*{out / 'model'}"):
+        _quantize(src, out)
+    m = AutoAWQ.from_pretrained(str(src))
+    m.quantized = True  # the refusal comes before anything is written
+    with pytest.raises(ValueError, match="mount point"):
+        m.save_quantized(out)
+    assert os.listdir(out) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["mnt", "src"]
+
+
+def test_leftovers_of_a_killed_run_are_restored_or_removed_and_reported(base, tmp_path, caplog):
+    """A kill between swap_into_place's two renames left no `out` (the old checkpoint in `.out.old-*`),
+    a kill while writing left `.out.tmp-*` forever (review). The next run puts the old checkpoint back,
+    removes the leftovers no live run holds, and says so; names awqlib does not make stay."""
+    import fcntl
+    import logging
+    out = tmp_path / "out"
+    shutil.copytree(base["ckpt"], tmp_path / ".out.old-0123abcd")
+    (tmp_path / ".out.tmp-89abcdef").mkdir()
+    (tmp_path / ".out.tmp-89abcdef" / "model.safetensors").write_bytes(b"half")
+    held = tmp_path / ".out.tmp-00000000"  # a live run's folder (it holds the folder's flock)
+    held.mkdir()
+    fd = os.open(held, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    keep = [tmp_path / ".out.tmp-mine", tmp_path / ".out.old-0123abcd0", tmp_path / ".other.tmp-0123abcd"]
+    for p in keep:
+        p.mkdir()
+    m = AutoAWQ.from_pretrained(str(base["src"])).quantize(None, QC, method="rtn")
+    with caplog.at_level(logging.WARNING, logger="awqlib"), pytest.raises(FileExistsError, match="already exists"):
+        m.save_quantized(out)  # the restored checkpoint is not overwritten without overwrite=True
+    os.close(fd)
+    assert _digest(out) == _digest(base["ckpt"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", held.name] + [p.name for p in keep])
+    assert str(tmp_path / ".out.old-0123abcd") in caplog.text and str(tmp_path / ".out.tmp-89abcdef") in caplog.text
+    assert str(held) in caplog.text  # reported, not touched
+
+
+def test_a_kill_between_the_two_renames_loses_no_checkpoint(base, tmp_path, monkeypatch):
+    from awqlib import outputs
+    out = tmp_path / "out"
+    shutil.copytree(base["ckpt"], out)
+    real, calls = os.rename, []
+
+    def rename(a, b):
+        calls.append(b)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(a, b)
+    m = AutoAWQ.from_pretrained(str(base["src"])).quantize(None, QC, method="rtn")
+    monkeypatch.setattr(outputs.os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        m.save_quantized(out, overwrite=True)
+    monkeypatch.setattr(outputs.os, "rename", real)
+    assert not out.exists()
+    m.save_quantized(out, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and validate_checkpoint(out).ok
+
+
+def test_what_cannot_be_removed_is_reported(base, tmp_path, monkeypatch, caplog):
+    import logging
+    out = tmp_path / "out"
+    shutil.copytree(base["ckpt"], out)
+    real = shutil.rmtree
+
+    def rmtree(p, *a, **k):
+        if ".old-" in str(p):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real(p, *a, **k)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    m = AutoAWQ.from_pretrained(str(base["src"])).quantize(None, QC, method="rtn")
+    with caplog.at_level(logging.WARNING, logger="awqlib"):
+        m.save_quantized(out, overwrite=True)
+    old = [p for p in tmp_path.iterdir() if ".old-" in p.name]
+    assert len(old) == 1 and str(old[0]) in caplog.text and validate_checkpoint(out).ok
+
+
+@pytest.mark.parametrize("plant", ["symlink", "hardlink"])
+def test_the_lock_file_is_never_opened_through_a_link(src, tmp_path, plant):
+    """A `.lock` planted as a link to another file (e.g. in a shared /tmp): the run truncated the file
+    it pointed to and wrote its pid there (review)."""
+    out, victim = tmp_path / "out", tmp_path / "victim.txt"
+    victim.write_text("precious")
+    partial = tmp_path / "out.awqlib-partial"
+    partial.mkdir()
+    (partial / ".lock").symlink_to(victim) if plant == "symlink" else os.link(victim, partial / ".lock")
+    with pytest.raises(FileExistsError, match="not a regular file"):
+        _quantize(src, out)
+    assert victim.read_text() == "precious"
+
+
+def test_every_file_and_the_parent_are_on_disk_before_the_old_checkpoint_goes(base, tmp_path, monkeypatch):
+    """config.json, tokenizer, generation config and card were never fsynced, nor the parent after the
+    swap, yet the old checkpoint was deleted at once: a power loss could leave a zero-length config.json
+    and no old checkpoint (review)."""
+    out = tmp_path / "out"
+    shutil.copytree(base["ckpt"], out)
+    events, real_fsync, real_rmtree = [], os.fsync, shutil.rmtree
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    monkeypatch.setattr(shutil, "rmtree", lambda p, *a, **k: (events.append(("rmtree", str(p))),
+                                                             real_rmtree(p, *a, **k)))
+    AutoAWQ.from_pretrained(str(base["src"])).quantize(None, QC, method="rtn").save_quantized(out, overwrite=True)
+    gone = next(i for i, e in enumerate(events) if isinstance(e, tuple) and ".old-" in e[1])
+    synced = {Path(e).name for e in events[:gone] if isinstance(e, str)}
+    assert {p.name for p in out.iterdir()} <= synced  # each file (named as it was in the temporary folder)
+    assert str(tmp_path) in events[:gone]  # the parent folder, after the rename
+
+
+def test_overwrite_of_an_incompatible_run_says_what_it_discards(src, tmp_path, monkeypatch, caplog):
+    import logging
+    out = tmp_path / "out"
+    _interrupt_after_first_block(src, out, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="awqlib"):
+        _quantize(src, out, qc={"q_group_size": 32}, overwrite=True)
+    assert re.search(r"discard.*1 finished block.*quant config", caplog.text)
+
+
+def test_command_line_reports_any_os_error_in_one_line(monkeypatch, capsys):
+    import errno
+
+    from awqlib import cli
+
+    def fails(args):
+        raise OSError(errno.EROFS, "Read-only file system", "/ro/out")
+    monkeypatch.setattr(cli, "main", fails)
+    assert cli.run(["quantize", "m", "/ro/out"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Read-only file system" in err and "Traceback" not in err
+
+
+def test_a_filesystem_without_locks_still_saves_and_leaves_unknown_folders_alone(base, tmp_path, monkeypatch):
+    """Where flock is not supported (ENOLCK, NFS with read-only descriptors) a save still replaces a
+    checkpoint, and a leftover that cannot be told apart from a live run's folder is not touched."""
+    import errno
+    import fcntl
+    out = tmp_path / "out"
+    shutil.copytree(base["ckpt"], out)
+    (tmp_path / ".out.tmp-0123abcd").mkdir()
+
+    def flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", flock)
+    AutoAWQ.from_pretrained(str(base["src"])).quantize(None, QC, method="rtn").save_quantized(out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-0123abcd", "out"] and validate_checkpoint(out).ok
+
+
+def test_a_kill_while_the_finished_blocks_are_removed_leaves_nothing_behind(src, tmp_path, monkeypatch):
+    """After the checkpoint is in place the blocks are deleted; a kill then left the model-sized
+    partial folder for ever, and reruns only said the output exists (review)."""
+    from awqlib import resume
+    out = tmp_path / "out"
+    monkeypatch.setattr(resume, "remove_tree", lambda p, what: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    with pytest.raises(KeyboardInterrupt):
+        _quantize(src, out)
+    monkeypatch.undo()
+    assert validate_checkpoint(out).ok
+    with pytest.raises(FileExistsError, match="already exists"):
+        _quantize(src, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from awqlib import AutoAWQ
-from awqlib.hub import REPO_PLACEHOLDER, STALE_PATTERNS, looks_like_hub_id, push_to_hub, staged_files
+from awqlib.hub import REPO_PLACEHOLDER, looks_like_hub_id, push_to_hub, staged_files
 from conftest import make_source, tiny_model, tiny_tokenizer
 
 BASE = "HuggingFaceTB/SmolLM2-135M"
@@ -107,12 +107,16 @@ class _FakeApi:
                                                   repo_type=repo_type, token=self.token)))
         return f"https://huggingface.co/{repo_id}"
 
+    def list_repo_files(self, repo_id, revision=None, repo_type=None, **kw):
+        return []  # a new repo
+
     def upload_folder(self, *, repo_id, folder_path, repo_type=None, commit_message=None, allow_patterns=None,
                       **kw):
         folder = Path(folder_path)
         _FakeApi.calls.append(("upload_folder", dict(
             repo_id=repo_id, folder=folder, repo_type=repo_type, commit_message=commit_message,
-            allow_patterns=list(allow_patterns), contents=staged_files(folder),
+            allow_patterns=list(allow_patterns), contents=staged_files(folder) if not any(
+                p.is_symlink() for p in folder.iterdir()) else None,
             all_files=sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()),
             readme=(folder / "README.md").read_text(), kw=kw)))
 
@@ -127,6 +131,7 @@ def fake_hub(monkeypatch):
     _FakeApi.calls = []
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", _FakeApi.create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", _FakeApi.upload_folder)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", _FakeApi.list_repo_files)
     monkeypatch.setattr(huggingface_hub.HfApi, "__init__", _FakeApi.__init__)
     return _FakeApi.calls
 
@@ -156,7 +161,7 @@ def test_push_to_hub_local_dir_and_shards(qmodel, fake_hub, tmp_path):
     assert files == staged_files(local) == a2["all_files"]
     shards = [f for f in files if f.startswith("model-") and f.endswith(".safetensors")]
     assert len(shards) > 1 and "model.safetensors.index.json" in files
-    assert a2["kw"] == {"revision": "main", "delete_patterns": list(STALE_PATTERNS)}
+    assert a2["kw"] == {"revision": "main"}
     with pytest.raises(FileExistsError):  # an existing local_dir needs overwrite=True
         qmodel.push_to_hub("org/sharded", local_dir=str(local))
     qmodel.push_to_hub("org/sharded", local_dir=str(local), overwrite=True)
@@ -170,17 +175,27 @@ def test_push_to_hub_needs_quantized_model(fake_hub):
 
 
 def test_push_to_hub_lazily_saved_model(qmodel, saved, fake_hub, tmp_path, monkeypatch):
-    """A lazily loaded model was written by quantize(save_dir=...): that folder is uploaded as is."""
+    """A lazily loaded model was written by quantize(save_dir=...): the checkpoint files of that folder
+    are uploaded with a card for the repo; the folder itself is not changed (review: the user's README
+    was rewritten in place, notes added since were uploaded, save arguments silently ignored)."""
     import shutil
     folder = tmp_path / "lazy-out"
     shutil.copytree(saved, folder)
+    (folder / "README.md").write_text("my own edits")
+    (folder / "private_eval_notes.txt").write_text("not for the Hub")
     monkeypatch.setattr(qmodel, "reader", object(), raising=False)
     monkeypatch.setattr(qmodel, "saved_to", folder, raising=False)
+    for bad in ({"local_dir": str(tmp_path / "l")}, {"max_shard_size": "1MB"}, {"overwrite": True},
+                {"tokenizer": object()}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}.*quantize\\(save_dir=...\\)"):
+            qmodel.push_to_hub("me/lazy", **bad)
+    assert fake_hub == [] and not (tmp_path / "l").exists()
     qmodel.push_to_hub("me/lazy")
     (_, _), (_, a2) = fake_hub
-    assert a2["folder"] == folder and folder.is_dir()
-    assert a2["allow_patterns"] == staged_files(saved)
-    assert "vllm serve me/lazy" in (folder / "README.md").read_text()
+    assert a2["allow_patterns"] == staged_files(saved) and "private_eval_notes.txt" not in a2["all_files"]
+    assert "vllm serve me/lazy" in a2["readme"]
+    assert (folder / "README.md").read_text() == "my own edits"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lazy-out"] and not a2["folder"].exists()
 
 
 SOURCE_CARD = """---
@@ -259,31 +274,82 @@ def test_requantized_checkpoint_keeps_its_base_model(saved, tmp_path):
     assert "base_model" not in _front_matter((loaded.save_quantized(tmp_path / "again2") / "README.md").read_text())
 
 
-def test_push_to_hub_removes_stale_files(qmodel, monkeypatch, tmp_path):
-    """A second push with fewer shards leaves no shard of the first one in the repo (upload_folder's
-    delete_patterns, applied here as huggingface_hub documents it)."""
-    import fnmatch
+class _FakeRepo:
+    """A Hub repo in memory: upload_folder adds files (one commit), create_commit applies deletions."""
 
-    import huggingface_hub
-    remote: dict[str, str] = {".gitattributes": "lfs", "images/plot.png": "kept: not a checkpoint file"}
+    def __init__(self, monkeypatch, tmp_path, files: dict[str, str], fail_upload: bool = False):
+        import huggingface_hub
+        self.files, self.commits, self.fail_upload, self.dl = dict(files), [], fail_upload, tmp_path / "dl"
+        repo = self
+        monkeypatch.setattr(huggingface_hub.HfApi, "__init__", lambda self, token=None, **kw: None)
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **kw: None)
+        monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, *a, **kw: sorted(repo.files))
+        monkeypatch.setattr(huggingface_hub.HfApi, "hf_hub_download", lambda self, r, name, **kw: repo.download(name))
+        monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: repo.upload(**kw))
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", lambda self, r, ops, **kw: repo.commit(ops))
 
-    def upload_folder(self, *, repo_id, folder_path, allow_patterns=None, delete_patterns=None, **kw):
-        new = set(allow_patterns)
-        for name in list(remote):
-            if name != ".gitattributes" and name not in new and any(
-                    fnmatch.fnmatch(name, p) for p in ([delete_patterns] if isinstance(delete_patterns, str)
-                                                       else delete_patterns or [])):
-                del remote[name]
-        remote.update({n: "new" for n in new})
+    def download(self, name):
+        self.dl.mkdir(exist_ok=True)
+        (self.dl / "f").write_text(self.files[name])
+        return str(self.dl / "f")
+
+    def upload(self, *, folder_path, allow_patterns, delete_patterns=None, **kw):
+        if self.fail_upload:
+            raise OSError("connection reset")
+        assert delete_patterns is None  # deletions never ride the upload (it may be split in several commits)
+        self.files.update({n: (Path(folder_path) / n).read_text(errors="replace") for n in allow_patterns})
+        self.commits.append(("upload", sorted(allow_patterns)))
         return "url"
-    monkeypatch.setattr(huggingface_hub.HfApi, "__init__", lambda self, token=None, **kw: None)
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **kw: None)
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+
+    def commit(self, ops):
+        from huggingface_hub import CommitOperationDelete
+        assert all(isinstance(op, CommitOperationDelete) for op in ops)
+        for op in ops:
+            del self.files[op.path_in_repo]
+        self.commits.append(("delete", sorted(op.path_in_repo for op in ops)))
+
+
+NOT_OURS = {"requirements.txt": "x", "eval_results.json": "{}", "training_args.json": "{}", "LICENSE": "mit",
+            "original/params.json": "{}", "original/consolidated.safetensors": "w",
+            "adapter/adapter_model.safetensors": "w", "images/plot.png": "p", ".gitattributes": "lfs"}
+
+
+def test_push_to_hub_removes_only_stale_files_of_an_earlier_push(qmodel, monkeypatch, tmp_path):
+    """A second push with fewer shards leaves no shard of the first one in the repo, in a commit after
+    the upload; files awqlib never writes (at the top level or in a subfolder) are kept (review:
+    upload_folder's delete_patterns matched *.json, *.txt, *.safetensors at any depth)."""
+    repo = _FakeRepo(monkeypatch, tmp_path, NOT_OURS)
     qmodel.push_to_hub("me/stale", max_shard_size=200_000)
-    assert any(n.startswith("model-0000") for n in remote) and "model.safetensors.index.json" in remote
+    first = sorted(repo.files)
+    assert any(n.startswith("model-0000") for n in first) and "model.safetensors.index.json" in first
+    assert [c[0] for c in repo.commits] == ["upload"]  # nothing of a non-AWQ repo is deleted
     qmodel.push_to_hub("me/stale")
-    assert sorted(remote) == [".gitattributes", "README.md", "config.json", "generation_config.json",
-                              "images/plot.png", "model.safetensors"]
+    assert [c[0] for c in repo.commits] == ["upload", "upload", "delete"]
+    assert repo.commits[2][1] == sorted(n for n in first if n.startswith("model-0000")) + [
+        "model.safetensors.index.json"]
+    assert sorted(repo.files) == sorted(["README.md", "config.json", "generation_config.json", "model.safetensors",
+                                         *NOT_OURS])
+
+
+def test_push_into_a_repo_that_is_not_an_awq_checkpoint_deletes_nothing(qmodel, monkeypatch, tmp_path):
+    """A push by mistake into the fp16 model's repo: its extra shards stay (its config is not AWQ)."""
+    fp16 = {"config.json": '{"model_type": "llama"}', "model-00001-of-00002.safetensors": "w",
+            "model-00002-of-00002.safetensors": "w", "model.safetensors.index.json": "{}", "tokenizer.json": "{}"}
+    repo = _FakeRepo(monkeypatch, tmp_path, fp16)
+    qmodel.push_to_hub("me/fp16")
+    assert [c[0] for c in repo.commits] == ["upload"] and set(fp16) <= set(repo.files)
+
+
+def test_a_failed_upload_deletes_nothing(qmodel, monkeypatch, tmp_path, saved):
+    awq_repo = {n: (saved / n).read_text(errors="replace") for n in staged_files(saved)}
+    awq_repo["model-00001-of-00009.safetensors"] = "old shard"
+    repo = _FakeRepo(monkeypatch, tmp_path, awq_repo, fail_upload=True)
+    with pytest.raises(OSError, match="connection reset"):
+        qmodel.push_to_hub("me/awq")
+    assert repo.files == awq_repo and repo.commits == []
+    repo.fail_upload = False
+    qmodel.push_to_hub("me/awq", delete_patterns=None)  # keep them: nothing deleted
+    assert "model-00001-of-00009.safetensors" in repo.files and [c[0] for c in repo.commits] == ["upload"]
 
 
 def test_card_perplexity_keys_are_checked(qmodel, tmp_path):
