@@ -273,6 +273,7 @@ def stale_remote_files(api, repo_id: str, uploading: list[str], revision: str | 
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     from .outputs import checkpoint_file_name, has_remote_code, is_awq_config
+    from .safetensors_io import read_json
     try:
         remote = api.list_repo_files(repo_id, revision=revision, repo_type="model")
     except (RepositoryNotFoundError, RevisionNotFoundError):
@@ -283,7 +284,7 @@ def stale_remote_files(api, repo_id: str, uploading: list[str], revision: str | 
             return {}
         try:
             path = api.hf_hub_download(repo_id, name, revision=revision, repo_type="model")
-            d = json.loads(Path(path).read_text(encoding="utf-8"))
+            d = read_json(Path(path).parent, Path(path).name)
         except (EntryNotFoundError, OSError, ValueError):
             return {}
         return d if isinstance(d, dict) else {}

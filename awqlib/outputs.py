@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import logging
 import os
 import re
@@ -29,7 +28,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Union
 
-from .safetensors_io import _fsync_dir, publish_modes
+from .safetensors_io import _fsync_dir, publish_modes, read_json
 
 log = logging.getLogger("awqlib")
 
@@ -90,7 +89,7 @@ CHAT_TEMPLATES = "additional_chat_templates"  # a folder of *.jinja files beside
 
 def _json(path: Path) -> dict:
     try:
-        d = json.loads(path.read_text())
+        d = read_json(path.parent, path.name)
         return d if isinstance(d, dict) else {}
     except (OSError, ValueError):
         return {}

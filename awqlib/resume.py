@@ -34,7 +34,7 @@ import torch
 
 from .outputs import (Overwrite, absolute, check_output, leftover_path, partial_path, recover_leftovers, remove_tree,
                       swap_into_place)
-from .safetensors_io import (TensorInfo, copy_tensors, parse_size, plan_shards, read_header, read_tensors,
+from .safetensors_io import (TensorInfo, copy_tensors, read_json, parse_size, plan_shards, read_header, read_tensors,
                              save_tensors, shard_names, weight_files, write_index, write_json_atomic)
 
 log = logging.getLogger("awqlib")
@@ -198,7 +198,7 @@ class BlockStore:
         if meta.exists():
             old_parts = {}
             try:
-                run = json.loads(meta.read_text())
+                run = read_json(self.dir, RUN_FILE)
                 old, old_parts = run.get("fingerprint"), run.get("parts") or {}
             except (ValueError, AttributeError):
                 old, why = None, f"its {RUN_FILE} is damaged"

@@ -226,6 +226,30 @@ def test_damaged_run_json_gets_a_clear_error_and_overwrite_recovers(base, src, t
     assert_same_checkpoint(base["clean"], out)
 
 
+def test_run_json_that_is_a_fifo_is_refused_not_waited_on(base, src, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    partial = _interrupt_after_first_block(src, out, monkeypatch)
+    (partial / "run.json").unlink()
+    os.mkfifo(partial / "run.json")  # reading it would block for ever
+    with pytest.raises(FileExistsError, match="run.json is damaged"):
+        _quantize(src, out)
+
+
+def test_a_fifo_config_json_in_the_output_is_foreign_and_not_read(tmp_path):
+    import signal
+
+    from awqlib.outputs import foreign_entries
+    os.mkfifo(tmp_path / "config.json")  # reading it would block for ever
+    (tmp_path / "model.safetensors").write_text("x")
+    signal.signal(signal.SIGALRM, lambda *a: pytest.fail("foreign_entries blocked reading a FIFO"))
+    signal.alarm(20)
+    try:
+        found = foreign_entries(tmp_path)
+    finally:
+        signal.alarm(0)
+    assert found[0].startswith("(no config.json with an AWQ quantization_config") and found[1:] == ["config.json"]
+
+
 def test_damaged_block_file_is_quantized_again(base, src, tmp_path, monkeypatch):
     out = tmp_path / "out"
     partial = _interrupt_after_first_block(src, out, monkeypatch)
