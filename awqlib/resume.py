@@ -109,7 +109,7 @@ def model_identity(model: torch.nn.Module) -> str:
     for name, t in model.state_dict().items():
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         if t.device.type != "meta":
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # 0-dim too
     return h.hexdigest()
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from safetensors.torch import load_file, save_file
 
 import awqlib
@@ -986,6 +987,17 @@ def test_resume_of_an_in_memory_model_fingerprints_its_tensors_not_its_folder(sr
     fresh = tmp_path / "fresh"
     _changed_in_memory(src).quantize(None, QC, method="rtn", save_dir=fresh)
     assert_same_checkpoint(fresh, out)
+
+
+def test_model_identity_covers_scalar_and_empty_tensors():
+    from awqlib.resume import model_identity
+    m = nn.Module()
+    m.register_buffer("scalar", torch.tensor(1.0))  # 0-dim: viewing it as bytes needs a reshape
+    m.register_buffer("empty", torch.zeros(0, 3))
+    m.register_buffer("bf", torch.tensor(2.0, dtype=torch.bfloat16))
+    first = model_identity(m)
+    m.scalar.fill_(1.5)
+    assert model_identity(m) != first
 
 
 def _edit_config(src, **changes):
