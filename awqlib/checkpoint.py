@@ -218,12 +218,22 @@ def copy_tokenizer_files(source_folder: Path | None, folder: Path, remote_code: 
     """Copy the source's tokenizer files verbatim (a transformers 5 re-save rewrites
     ``tokenizer_class``, which transformers 4.x refuses), and, for a model loaded with
     trust_remote_code=True (``remote_code``), its code files (its ``auto_map`` stays in config.json:
-    :func:`write_config`); False where there is no tokenizer to copy."""
+    :func:`write_config`; otherwise tokenizer_config.json loses its ``auto_map``); False where there
+    is no tokenizer to copy."""
     files = [rel for rel in tokenizer_files(source_folder) if copy_source_file(source_folder, rel, folder)]
     code = remote_code_files(source_folder)
     if code and not remote_code:
         log.warning("awqlib: not copying the source's code files %s: the model was loaded without "
                     "trust_remote_code=True", [str(p) for p in code])
+    tok_cfg = Path(folder) / "tokenizer_config.json"
+    if not remote_code and tok_cfg.is_file():
+        # its auto_map would point a trusting reader at code that is not copied (or never ran here);
+        # only that key is dropped: everything else stays verbatim
+        d = json.loads(tok_cfg.read_text(encoding="utf-8"))
+        if isinstance(d, dict) and d.pop("auto_map", None) is not None:
+            tok_cfg.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            log.warning("awqlib: tokenizer_config.json's auto_map (remote code) left out: the model was loaded "
+                        "without trust_remote_code=True")
     for rel in code if remote_code else []:
         copy_source_file(source_folder, rel, folder)
     return bool(files)

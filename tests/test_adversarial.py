@@ -843,6 +843,8 @@ def test_untrusted_remote_code_is_not_carried_into_the_output(src, tmp_path, cap
     cfg = json.loads((src / "config.json").read_text())
     cfg["auto_map"] = {"AutoModelForCausalLM": "evil.EvilModel"}
     (src / "config.json").write_text(json.dumps(cfg))
+    (src / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["evil.Tok", None]},
+                                                           "model_max_length": 77}))
     out = tmp_path / "out"
     with caplog.at_level("WARNING", logger="awqlib"):
         if lazy:
@@ -852,6 +854,7 @@ def test_untrusted_remote_code_is_not_carried_into_the_output(src, tmp_path, cap
     assert not (out / "evil.py").exists() and "auto_map" not in json.loads((out / "config.json").read_text())
     assert "auto_map left out of the quantized config.json" in caplog.text
     assert "not copying the source's code files ['evil.py']" in caplog.text
+    assert json.loads((out / "tokenizer_config.json").read_text()) == {"model_max_length": 77}
 
 
 def test_trusted_remote_code_keeps_auto_map(tmp_path):
