@@ -259,3 +259,25 @@ def test_refit_scales_needs_gptq():
     with pytest.raises(ValueError, match="gptq_refit_rounds"):
         AutoAWQ.from_model(tiny_model("llama")).quantize(None, {"w_bit": 4, "q_group_size": 64}, method="awq",
                                                          calib_data=[[1, 2, 3]], gptq_refit_rounds=1)
+
+
+def test_gptq_search_rescores_the_best_round_to_nearest_candidates_with_gptq(calib_ids, monkeypatch):
+    """gptq_search=k: each scaling group's k best candidates (by the round-to-nearest loss) are scored
+    again with GPTQ-quantized weights, one Hessian factor each."""
+    calls = []
+    real = awq.search_scale
+
+    def spy(group, linears, site, inspected, qcfg, opts):
+        before = len(factors)
+        out = real(group, linears, site, inspected, qcfg, opts)
+        calls.append(len(factors) - before)
+        return out
+    factors = []
+    real_factor = gptq.ordered_factor
+    monkeypatch.setattr(gptq, "ordered_factor", lambda *a, **k: factors.append(1) or real_factor(*a, **k))
+    monkeypatch.setattr(awq, "search_scale", spy)
+    model = tiny_model("llama")
+    AutoAWQ.from_model(model).quantize(None, {"w_bit": 4, "q_group_size": 64}, calib_data=list(calib_ids),
+                                       n_samples=16, seqlen=64, gptq_search=3)
+    assert calls and all(c == 3 for c in calls), calls
+    assert torch.isfinite(model.model.layers[1].mlp.down_proj.dequantized_weight()).all()
