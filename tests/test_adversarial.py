@@ -734,6 +734,24 @@ def test_nonfinite_source_weights_are_refused_before_quantizing(tmp_path, calib_
         AutoAWQ.from_model(model).quantize(None, QC, method=method, **kw)
 
 
+def test_nonfinite_half_precision_weights_name_the_overflow_too(monkeypatch):
+    from awqlib import pipeline
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = 1e6  # finite in float32, inf in float16
+    # a float32 model is computed in float16 on a GPU (BlockSource.compute_dtype)
+    monkeypatch.setattr(pipeline.BlockSource, "compute_dtype", lambda self: torch.float16)
+    with pytest.raises(FloatingPointError, match=NONFINITE + ".*overflowed float16.*bfloat16 or float32"):
+        AutoAWQ.from_model(model).quantize(None, QC, method="rtn")
+    monkeypatch.undo()
+    with pytest.raises(FloatingPointError) as e:  # float32: no overflow to suggest
+        m = tiny_model("llama")
+        with torch.no_grad():
+            m.model.layers[1].mlp.down_proj.weight[3, 5] = float("inf")
+        AutoAWQ.from_model(m).quantize(None, QC, method="rtn")
+    assert "overflowed" not in str(e.value)
+
+
 def test_nonfinite_lazy_source_is_refused_before_quantizing(src, tmp_path):
     _rewrite(src, lambda s: s["model.layers.1.mlp.down_proj.weight"].__setitem__((3, 5), float("inf")))
     with pytest.raises(FloatingPointError, match=NONFINITE):
