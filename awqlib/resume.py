@@ -189,6 +189,10 @@ class BlockStore:
         if self.dir.is_symlink() or (self.dir.exists() and not self.dir.is_dir()):
             raise FileExistsError(f"{self.dir} exists and is not a folder awqlib made: move it away")
         self.dir.mkdir(parents=True, exist_ok=True)
+        owner = self.dir.stat().st_uid
+        if owner != os.getuid():  # another user's blocks would end up in this user's checkpoint
+            raise FileExistsError(f"{self.dir} belongs to another user (uid {owner}): awqlib only resumes a run "
+                                  "of its own user; move it away or choose another output folder")
         self.lock = RunLock(self.dir / LOCK_FILE, self.out)  # before anything in the folder is read or removed
         try:
             self._adopt_or_clear()

@@ -253,6 +253,16 @@ def test_the_finished_runs_blocks_go_even_where_their_folder_cannot_be_renamed(b
     assert_same_checkpoint(base["clean"], out)
 
 
+def test_a_partial_run_of_another_user_is_refused(src, tmp_path, monkeypatch):
+    from awqlib import resume
+    out = tmp_path / "out"
+    (tmp_path / "out.awqlib-partial").mkdir()
+    monkeypatch.setattr(resume.os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
+    with pytest.raises(FileExistsError, match="belongs to another user"):
+        _quantize(src, out)
+    assert os.listdir(tmp_path / "out.awqlib-partial") == []
+
+
 def test_run_json_that_is_a_fifo_is_refused_not_waited_on(base, src, tmp_path, monkeypatch):
     out = tmp_path / "out"
     partial = _interrupt_after_first_block(src, out, monkeypatch)
