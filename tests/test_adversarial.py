@@ -263,6 +263,23 @@ def test_a_partial_run_of_another_user_is_refused(src, tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "out.awqlib-partial") == []
 
 
+def test_a_generation_config_linked_out_of_the_checkpoint_is_not_read(base, tmp_path, caplog):
+    import logging
+    ck = tmp_path / "ck"
+    shutil.copytree(base["ckpt"], ck)
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps({"max_new_tokens": 4242}))
+    (ck / "generation_config.json").unlink(missing_ok=True)
+    (ck / "generation_config.json").symlink_to(outside)
+    with caplog.at_level(logging.WARNING, logger="awqlib"):
+        m = AutoAWQ.from_quantized(str(ck))
+    assert getattr(m.model.generation_config, "max_new_tokens", None) != 4242
+    assert "outside the checkpoint folder" in caplog.text
+    (ck / "generation_config.json").unlink()
+    (ck / "generation_config.json").write_text(json.dumps({"max_new_tokens": 4242}))
+    assert AutoAWQ.from_quantized(str(ck)).model.generation_config.max_new_tokens == 4242
+
+
 def test_run_json_that_is_a_fifo_is_refused_not_waited_on(base, src, tmp_path, monkeypatch):
     out = tmp_path / "out"
     partial = _interrupt_after_first_block(src, out, monkeypatch)
