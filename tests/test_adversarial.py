@@ -1218,12 +1218,40 @@ def test_a_folder_being_created_is_never_taken_for_a_leftover(tmp_path, monkeypa
     real_hold = outputs.hold
 
     def hold(folder):  # another run cleans up right before this one takes its lock
+        monkeypatch.setattr(outputs, "hold", real_hold)
         outputs.recover_leftovers(target)
         return real_hold(folder)
     monkeypatch.setattr(outputs, "hold", hold)
     with outputs.AtomicDir(target) as d:
         assert d.is_dir() and d.name.startswith(".out.tmp-")
         (d / "config.json").write_text("{}")
+    # a folder in the making that a killed run left (.new, never held) goes once it is old
+    stale = tmp_path / ".out.tmp-0123abcd.new"
+    stale.mkdir()
+    outputs.recover_leftovers(target)
+    assert stale.is_dir()  # young: maybe another run's, about to be held
+    os.utime(stale, (time.time() - 2 * outputs.NEW_FOLDER_GRACE_S,) * 2)
+    outputs.recover_leftovers(target)
+    assert not stale.exists()
+
+
+def test_an_old_checkpoint_is_not_put_back_beside_a_live_runs_tmp(base, tmp_path):
+    """A .tmp a live save holds is no sign of an interrupted swap: the .old beside it (maybe half
+    deleted) is not put back as `out` (review)."""
+    import fcntl
+
+    from awqlib import outputs
+    out = tmp_path / "out"
+    shutil.copytree(base["ckpt"], tmp_path / ".out.old-0123abcd")
+    live = tmp_path / ".out.tmp-89abcdef"
+    live.mkdir()
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        outputs.recover_leftovers(out)
+    finally:
+        os.close(fd)
+    assert not out.exists() and not (tmp_path / ".out.old-0123abcd").exists() and live.is_dir()
 
 
 def test_what_cannot_be_removed_is_reported(base, tmp_path, monkeypatch, caplog):
