@@ -281,6 +281,10 @@ def test_a_generation_config_linked_out_of_the_checkpoint_is_not_read(base, tmp_
     (ck / "generation_config.json").unlink()
     (ck / "generation_config.json").write_text(json.dumps({"max_new_tokens": 4242}))
     assert AutoAWQ.from_quantized(str(ck)).model.generation_config.max_new_tokens == 4242
+    (ck / "generation_config.json").write_text(json.dumps({"max_new_tokens": "many"}))  # a wrong type: loads
+    with caplog.at_level(logging.WARNING, logger="awqlib"):
+        AutoAWQ.from_quantized(str(ck))
+    assert "not a valid generation config" in caplog.text
 
 
 def test_run_json_that_is_a_fifo_is_refused_not_waited_on(base, src, tmp_path, monkeypatch):
@@ -771,7 +775,7 @@ def test_nonfinite_half_precision_weights_name_the_overflow_too(monkeypatch):
         model.model.layers[1].mlp.down_proj.weight[3, 5] = 1e6  # finite in float32, inf in float16
     # a float32 model is computed in float16 on a GPU (BlockSource.compute_dtype)
     monkeypatch.setattr(pipeline.BlockSource, "compute_dtype", lambda self: torch.float16)
-    with pytest.raises(FloatingPointError, match=NONFINITE + ".*overflowed float16.*bfloat16 or float32"):
+    with pytest.raises(FloatingPointError, match=NONFINITE + ".*overflowed float16.*load the model in bfloat16"):
         AutoAWQ.from_model(model).quantize(None, QC, method="rtn")
     monkeypatch.undo()
     with pytest.raises(FloatingPointError) as e:  # float32: no overflow to suggest
