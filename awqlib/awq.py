@@ -77,8 +77,6 @@ class AWQOptions:
                                         # block order), each stage's Hessian taken with the earlier stages
                                         # already quantized (GPTQ's "true sequential"): one more block
                                         # forward per stage; SmolLM2 ppl 26.32 -> 26.44, off (docs/ALGORITHM.md)
-    gptq_search: int = 0                # re-score this many of the scale search's best candidates with the
-                                        # GPTQ-quantized weights instead of round-to-nearest ones
     gptq_refit_rounds: int = 0          # after GPTQ, refit each row's group scales to its codes (least squares on
                                         # the damped Hessian), GPTQ again on that grid, ...: this many refits
                                         # (gptq.refit_rounds); same format; lower layer and block error, yet
@@ -118,7 +116,6 @@ _OPTION_RANGES = {  # name -> (rule, check)
     "gptq_damp": ("> 0", lambda v: v > 0),
     "gptq_block": (">= 1", lambda v: v >= 1),
     "gptq_refit_rounds": (">= 0", lambda v: v >= 0),
-    "gptq_search": (">= 0", lambda v: v >= 0),
 }
 
 
@@ -362,20 +359,12 @@ def candidate_scales(ratio: float, x_mean: torch.Tensor, w_mean: torch.Tensor, d
 
 
 def _scaled_fake_quant(w: torch.Tensor, s: torch.Tensor, qcfg: QuantConfig,
-                       out: torch.Tensor | None = None, factor: tuple | None = None,
-                       block: int = 128) -> torch.Tensor:
+                       out: torch.Tensor | None = None) -> torch.Tensor:
     """Q(W diag(s)) diag(s)^-1 (computed in fp32): the weight the block effectively computes with.
-    Written into ``out`` (any float dtype; reused across candidates) or a new fp32 tensor.  Q rounds
-    to nearest, or, given ``factor`` = (U, perm) of the scaled inputs' Hessian, is GPTQ on the
-    round-to-nearest grid (what ``method="awq+gptq"`` will do with the chosen scales)."""
+    Written into ``out`` (any float dtype; reused across candidates) or a new fp32 tensor."""
     out = torch.empty(w.shape, dtype=torch.float32, device=w.device) if out is None else out
     for r in row_chunks(w):
-        ws = w[r].float() * s
-        if factor is None:
-            out[r] = fake_quantize(ws, qcfg.bits, qcfg.group_size, qcfg.zero_point) / s
-        else:
-            scale, zero = gptq.static_qparams(ws, qcfg.bits, qcfg.group_size, qcfg.zero_point)
-            out[r] = gptq.gptq_quantize(ws, factor[0], scale, zero, qcfg.bits, block, factor[1]) / s
+        out[r] = fake_quantize(w[r].float() * s, qcfg.bits, qcfg.group_size, qcfg.zero_point) / s
     return out
 
 
@@ -426,42 +415,29 @@ def search_scale(group: BlockGroup, linears: list[nn.Linear], site: _Site, inspe
         # identity is always a candidate and AWQ never loses to round-to-nearest on its objective.
         # Last, so that it is chosen only where its loss is strictly lower.
         candidates.append((IDENTITY, torch.ones_like(x_mean)))
-    H = site.hessian().float() if opts.gptq and opts.gptq_search and site.count > 0 else None
-
-    def score(s: torch.Tensor, with_gptq: bool) -> float:
-        # the scaled linears read x / s: their Hessian is diag(1/s) H diag(1/s)
-        factor = (gptq.ordered_factor(H / torch.outer(s, s).to(H), opts.gptq_damp, opts.gptq_act_order)
-                  if with_gptq else None)
-        if inspected is None:  # the linears themselves: tr(E G E^T), every calibration token
-            loss = 0.0
-            for w in originals:
-                for r in row_chunks(w):
-                    e = w[r].float() - _scaled_fake_quant(w[r], s, qcfg, factor=factor, block=opts.gptq_block)
-                    loss += site.quad(e).item()
-            return loss / max(site.count, 1)
-        try:
-            for l, w, b in zip(linears, originals, bufs):
-                l.weight.data = _scaled_fake_quant(w, s, qcfg, out=b, factor=factor, block=opts.gptq_block)
-            return inspected.loss(group.inspect)
-        finally:
-            for l, w in zip(linears, originals):
-                l.weight.data = w
-
-    losses = [score(s, False) for _, s in candidates]
-    pool = list(range(len(candidates)))
-    if H is not None:
-        # GPTQ moves the optimum: the round-to-nearest search's best few are scored again with the
-        # weights GPTQ will actually produce (all of them would cost a GPTQ per candidate)
-        best_k = sorted(pool, key=lambda i: (not math.isfinite(losses[i]), losses[i]))[:opts.gptq_search]
-        # and the identity, so that the never-worse-than-unscaled rule holds for what GPTQ produces too
-        pool = sorted(set(best_k) | ({len(candidates) - 1} if candidates[-1][0] == IDENTITY else set()))
-        final = {i: score(candidates[i][1], True) for i in pool}
-    else:
-        final = {i: losses[i] for i in pool}
     best = (math.inf, None, None)
-    for i in pool:  # in candidate order, strictly lower wins: the identity (last) only where it is better
-        if final[i] < best[0]:
-            best = (final[i], *candidates[i])
+    losses = []
+    try:
+        for ratio, s in candidates:
+            if inspected is None:  # the linears themselves: tr(E G E^T), every calibration token
+                loss = 0.0
+                for w in originals:
+                    for r in row_chunks(w):
+                        e = w[r].float() - _scaled_fake_quant(w[r], s, qcfg)
+                        loss += site.quad(e).item()
+                loss /= max(site.count, 1)
+            else:
+                for l, w, b in zip(linears, originals, bufs):
+                    l.weight.data = _scaled_fake_quant(w, s, qcfg, out=b)
+                loss = inspected.loss(group.inspect)
+                for l, w in zip(linears, originals):
+                    l.weight.data = w
+            losses.append(loss)
+            if loss < best[0]:
+                best = (loss, ratio, s)
+    finally:
+        for l, w in zip(linears, originals):
+            l.weight.data = w
     if best[1] is None:
         raise FloatingPointError("every scale candidate gave a non-finite loss: the calibration activations "
                                  "contain NaN/inf (check the model dtype; fp16 overflows in some models: use bf16 "
