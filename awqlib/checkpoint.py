@@ -229,7 +229,11 @@ def copy_tokenizer_files(source_folder: Path | None, folder: Path, remote_code: 
     if not remote_code and tok_cfg.is_file():
         # its auto_map would point a trusting reader at code that is not copied (or never ran here);
         # only that key is dropped: everything else stays verbatim
-        d = json.loads(tok_cfg.read_text(encoding="utf-8"))
+        try:  # by the one JSON reader: a file it refuses must not fail the save at its very end
+            d = read_json(Path(folder), "tokenizer_config.json")
+        except (OSError, ValueError) as e:  # transformers cannot read it either: its auto_map does nothing
+            log.warning("awqlib: tokenizer_config.json copied as it is: %s", e)
+            d = None
         if isinstance(d, dict) and d.pop("auto_map", None) is not None:
             tok_cfg.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             log.warning("awqlib: tokenizer_config.json's auto_map (remote code) left out: the model was loaded "
