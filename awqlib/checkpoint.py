@@ -19,7 +19,7 @@ from .outputs import AtomicDir  # noqa: F401  (re-exported: its home was here)
 from .packing import gemv_shapes, gemv_to_gemm
 from .quant import pack_factor
 from .safetensors_io import (SAFE_INDEX, confined, TAG_OF, check_expected, iter_tensors, nonfinite_count, parse_size,  # noqa: F401
-                             plan_shards, read_json, save_tensors, shard_names, tensor_index, weight_files, write_index)
+                             plan_shards, read_json_object, save_tensors, shard_names, tensor_index, weight_files, write_index)
 
 log = logging.getLogger("awqlib")
 
@@ -152,10 +152,7 @@ def source_config_dict(source_folder: Path | None, model_config) -> dict[str, An
     older readers need, e.g. ``rope_theta``); else the in-memory config plus the legacy RoPE keys."""
     if source_folder is not None and (Path(source_folder) / "config.json").is_file():
         try:  # by the checkpoint rules: a config.json linked from outside the folder is not the source's own
-            d = read_json(Path(source_folder), "config.json")
-            if isinstance(d, dict):
-                return d
-            raise ValueError(f"{source_folder}/config.json holds {type(d).__name__}, not an object")
+            return read_json_object(Path(source_folder), "config.json")
         except ValueError as e:  # transformers did read it: the loaded config is the next best thing
             log.warning("awqlib: config.json written from the loaded config, not copied from the source: %s", e)
     d = model_config.to_dict()
@@ -207,8 +204,7 @@ def remote_code_files(folder: Path | None) -> list[Path]:
     uses_code = False
     for name in ("config.json", "tokenizer_config.json"):
         try:
-            d = read_json(Path(folder), name)
-            uses_code = uses_code or (isinstance(d, dict) and "auto_map" in d)
+            uses_code = uses_code or "auto_map" in read_json_object(Path(folder), name)
         except (OSError, ValueError):
             continue
     return sorted(p.relative_to(folder) for p in Path(folder).glob("*.py")) if uses_code else []
@@ -230,11 +226,11 @@ def copy_tokenizer_files(source_folder: Path | None, folder: Path, remote_code: 
         # its auto_map would point a trusting reader at code that is not copied (or never ran here);
         # only that key is dropped: everything else stays verbatim
         try:  # by the one JSON reader: a file it refuses must not fail the save at its very end
-            d = read_json(Path(folder), "tokenizer_config.json")
+            d = read_json_object(Path(folder), "tokenizer_config.json")
         except (OSError, ValueError) as e:  # transformers cannot read it either: its auto_map does nothing
             log.warning("awqlib: tokenizer_config.json copied as it is: %s", e)
-            d = None
-        if isinstance(d, dict) and d.pop("auto_map", None) is not None:
+            d = {}
+        if d.pop("auto_map", None) is not None:
             tok_cfg.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             log.warning("awqlib: tokenizer_config.json's auto_map (remote code) left out: the model was loaded "
                         "without trust_remote_code=True")

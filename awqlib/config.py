@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .safetensors_io import read_json
+from .safetensors_io import read_json_object
 
 SUPPORTED_BITS = (4,)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
@@ -146,15 +146,12 @@ def checkpoint_quant_config(qc: Any, where: Any) -> QuantConfig:
 
 
 def check_checkpoint_config_file(folder: Path) -> None:
-    """Validate ``folder``'s ``config.json`` (read by the checkpoint rules, :func:`read_json`) and its
+    """Validate ``folder``'s ``config.json`` (read by the checkpoint rules, :func:`read_json_object`) and its
     ``quantization_config`` as written, before transformers parses the file (it fails with an
     AttributeError on, e.g., a string there)."""
-    path = Path(folder) / "config.json"
-    cfg = read_json(Path(folder), "config.json")
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path} must hold a JSON object, not {type(cfg).__name__}")
+    cfg = read_json_object(Path(folder), "config.json")
     if cfg.get("quantization_config") is not None:
-        checkpoint_quant_config(cfg["quantization_config"], path)
+        checkpoint_quant_config(cfg["quantization_config"], Path(folder) / "config.json")
 
 
 _FIELDS = frozenset(f for f in QuantConfig.__dataclass_fields__ if f != "extra")

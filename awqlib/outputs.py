@@ -28,7 +28,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Union
 
-from .safetensors_io import _fsync_dir, publish_modes, read_json
+from .safetensors_io import _fsync_dir, publish_modes, read_json_object
 
 log = logging.getLogger("awqlib")
 
@@ -89,8 +89,7 @@ CHAT_TEMPLATES = "additional_chat_templates"  # a folder of *.jinja files beside
 
 def _json(path: Path) -> dict:
     try:
-        d = read_json(path.parent, path.name)
-        return d if isinstance(d, dict) else {}
+        return read_json_object(path.parent, path.name)
     except (OSError, ValueError):
         return {}
 

@@ -189,6 +189,15 @@ def read_json(folder: Path, name: str, limit: int = MAX_HEADER_BYTES) -> Any:
         raise ValueError(f"{path} is {e}; re-download or re-save the checkpoint") from None
 
 
+def read_json_object(folder: Path, name: str) -> dict:
+    """:func:`read_json` for the files that must hold a JSON object (config.json,
+    tokenizer_config.json, quant_config.json): anything else is a ValueError naming the file."""
+    d = read_json(folder, name)
+    if not isinstance(d, dict):
+        raise ValueError(f"{Path(folder) / name} must hold a JSON object, not {type(d).__name__}")
+    return d
+
+
 def read_index(folder: Path) -> dict[str, str]:
     """The ``weight_map`` of ``folder``'s safetensors index, checked: {tensor name: shard file name}."""
     idx = folder / SAFE_INDEX

@@ -861,13 +861,13 @@ def test_untrusted_remote_code_is_not_carried_into_the_output(src, tmp_path, cap
 def test_a_malformed_tokenizer_config_is_copied_verbatim(src, tmp_path, caplog, text):
     """The untrusted save's auto_map rewrite must not fail the whole save at its very end (every rerun
     resumed and failed the same way): a tokenizer_config.json that is not a JSON object is kept as it
-    was (transformers cannot read it either), with a warning for the unreadable one."""
+    was (transformers cannot read it either), with a warning."""
     (src / "tokenizer_config.json").write_text(text)
     out = tmp_path / "out"
     with caplog.at_level("WARNING", logger="awqlib"):
         _quantize(src, out)
     assert (out / "tokenizer_config.json").read_text() == text
-    assert ("tokenizer_config.json copied as it is" in caplog.text) is text.startswith("{")
+    assert "tokenizer_config.json copied as it is" in caplog.text
 
 
 def test_trusted_remote_code_keeps_auto_map(tmp_path):
