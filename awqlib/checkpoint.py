@@ -15,7 +15,7 @@ import torch
 from .arch import ArchSpec
 from .arch.blocks import find_blocks, unconverted_linears
 from .config import QuantConfig
-from .outputs import AtomicDir  # noqa: F401  (re-exported: its home was here)
+from .outputs import AtomicDir, has_remote_code, json_object_or_empty  # noqa: F401  (AtomicDir re-exported)
 from .packing import gemv_shapes, gemv_to_gemm
 from .quant import pack_factor
 from .safetensors_io import (SAFE_INDEX, confined, TAG_OF, check_expected, iter_tensors, nonfinite_count, parse_size,  # noqa: F401
@@ -201,13 +201,11 @@ def remote_code_files(folder: Path | None) -> list[Path]:
     """The ``*.py`` files a trust_remote_code model's ``auto_map`` points at (config or tokenizer)."""
     if folder is None or not Path(folder).is_dir():
         return []
-    uses_code = False
-    for name in ("config.json", "tokenizer_config.json"):
-        try:
-            uses_code = uses_code or "auto_map" in read_json_object(Path(folder), name)
-        except (OSError, ValueError):
-            continue
-    return sorted(p.relative_to(folder) for p in Path(folder).glob("*.py")) if uses_code else []
+    folder = Path(folder)
+    if not has_remote_code(json_object_or_empty(folder / "config.json"),
+                           json_object_or_empty(folder / "tokenizer_config.json")):
+        return []
+    return sorted(p.relative_to(folder) for p in folder.glob("*.py"))
 
 
 def copy_tokenizer_files(source_folder: Path | None, folder: Path, remote_code: bool = False) -> bool:

@@ -87,7 +87,9 @@ CHECKPOINT_GLOBS = ("model*.safetensors", "*.tiktoken", "tokenizer*.model*")
 CHAT_TEMPLATES = "additional_chat_templates"  # a folder of *.jinja files beside tokenizer_config.json
 
 
-def _json(path: Path) -> dict:
+def json_object_or_empty(path: Path) -> dict:
+    """``path`` by :func:`read_json_object`, or {} where it is absent or unreadable: for the rules
+    that only look inside a folder's config files (a damaged file is one no reader acts on)."""
     try:
         return read_json_object(path.parent, path.name)
     except (OSError, ValueError):
@@ -108,6 +110,8 @@ def checkpoint_file_name(name: str, code: bool) -> bool:
 
 
 def has_remote_code(cfg: dict, tokenizer_cfg: dict) -> bool:
+    """A folder whose config.json or tokenizer_config.json (parsed) has an ``auto_map`` uses code
+    files of its own: transformers imports its ``*.py`` files for a trusting reader."""
     return "auto_map" in cfg or "auto_map" in tokenizer_cfg
 
 
@@ -116,8 +120,8 @@ def foreign_entries(folder: Path) -> list[str]:
     entries = sorted(os.listdir(folder))
     if not entries:
         return []
-    cfg = _json(folder / "config.json")
-    code = has_remote_code(cfg, _json(folder / "tokenizer_config.json"))
+    cfg = json_object_or_empty(folder / "config.json")
+    code = has_remote_code(cfg, json_object_or_empty(folder / "tokenizer_config.json"))
 
     def ours(name: str) -> bool:
         p = folder / name
