@@ -28,7 +28,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Union
 
-from .safetensors_io import _fsync_dir, publish_modes, read_json_object
+from .safetensors_io import fsync_path, publish_modes, read_json_object
 
 log = logging.getLogger("awqlib")
 
@@ -249,7 +249,7 @@ def swap_into_place(new: Path, target: Path) -> None:
             if old is not None:
                 os.rename(old, target)  # the old checkpoint back under its own name
             raise
-        _fsync_dir(target.parent)  # the renames on disk before the old checkpoint goes
+        fsync_path(target.parent)  # the renames on disk before the old checkpoint goes
         if old is not None:
             remove_tree(old, "the checkpoint replaced")
     finally:

@@ -339,13 +339,14 @@ def publish_modes(folder: Path) -> None:
             os.chmod(os.path.join(root, d), dm)
         for f in files:
             os.chmod(os.path.join(root, f), fm)
-            _fsync_dir(Path(root, f))
-        _fsync_dir(Path(root))
+            fsync_path(Path(root, f))
+        fsync_path(Path(root))
 
 
-def _fsync_dir(folder: Path) -> None:
-    """fsync a folder (or a file: a read-only descriptor is enough on Linux)."""
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a read-only descriptor is enough on Linux): a folder's fsync makes
+    the renames and creations in it durable."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -358,7 +359,7 @@ def _commit(tmp: Path, path: Path) -> None:
         os.fsync(fh.fileno())
     os.chmod(tmp, file_mode())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def _tmp(path: Path) -> Path:
