@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-from .safetensors_io import read_json_object
 
 SUPPORTED_BITS = (4,)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
@@ -143,15 +140,6 @@ def checkpoint_quant_config(qc: Any, where: Any) -> QuantConfig:
         return QuantConfig.from_checkpoint(qc)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
-
-
-def check_checkpoint_config_file(folder: Path) -> None:
-    """Validate ``folder``'s ``config.json`` (read by the checkpoint rules, :func:`read_json_object`) and its
-    ``quantization_config`` as written, before transformers parses the file (it fails with an
-    AttributeError on, e.g., a string there)."""
-    cfg = read_json_object(Path(folder), "config.json")
-    if cfg.get("quantization_config") is not None:
-        checkpoint_quant_config(cfg["quantization_config"], Path(folder) / "config.json")
 
 
 _FIELDS = frozenset(f for f in QuantConfig.__dataclass_fields__ if f != "extra")
