@@ -17,8 +17,8 @@ from .arch.blocks import find_blocks, unconverted_linears
 from .config import QuantConfig
 from .outputs import AtomicDir, has_remote_code, json_object_or_empty  # noqa: F401  (AtomicDir re-exported)
 from .packing import gemv_shapes, gemv_to_gemm
-from .quant import pack_factor
-from .safetensors_io import (SAFE_INDEX, confined, TAG_OF, check_expected, iter_tensors, nonfinite_count, parse_size,  # noqa: F401
+from .quant import nonfinite_count, pack_factor
+from .safetensors_io import (SAFE_INDEX, confined, TAG_OF, check_expected, iter_tensors, parse_size,  # noqa: F401
                              plan_shards, read_json_object, save_tensors, shard_names, tensor_index, weight_files, write_index)
 
 log = logging.getLogger("awqlib")

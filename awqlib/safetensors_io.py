@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator
 
+from .quant import nonfinite_count
+
 SAFE_INDEX = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 2**20
 
@@ -377,26 +379,6 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     write_bytes_atomic(path, json.dumps(obj, indent=2, sort_keys=True).encode())
-
-
-FINITE_CHUNK = 1 << 24  # elements checked at a time: the temporaries stay ~16 MB whatever the tensor
-
-
-def nonfinite_count(t: "torch.Tensor") -> int:  # noqa: F821
-    """How many NaN/inf values ``t`` holds (0 for an integer tensor), in one pass over chunks (a
-    checkpoint's embedding can be GBs; its bool mask should not be)."""
-    import torch
-    if not t.is_floating_point():
-        return 0
-    flat, n = t.reshape(-1), 0
-    for i in range(0, flat.numel(), FINITE_CHUNK):
-        c = flat[i:i + FINITE_CHUNK]
-        if c.element_size() == 1:  # torch has no isfinite for float8_e4m3fn; fp16 holds every fp8 value
-            c = c.to(torch.float16)
-        ok = torch.isfinite(c)
-        if not bool(ok.all()):
-            n += int((~ok).sum())
-    return n
 
 
 def assert_finite(tensors: dict[str, "torch.Tensor"], where: str | os.PathLike) -> None:  # noqa: F821

@@ -741,10 +741,10 @@ def test_a_checkpoint_holding_nan_is_refused_at_load(base, tmp_path, name, value
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16, torch.float32])
 def test_nonfinite_count_reads_every_floating_dtype(dtype, monkeypatch):
-    from awqlib import safetensors_io
-    monkeypatch.setattr(safetensors_io, "FINITE_CHUNK", 3)  # counted over chunks
+    from awqlib import quant
+    monkeypatch.setattr(quant, "FINITE_CHUNK", 3)  # counted over chunks
     t = torch.tensor([1.0, float("nan"), 2.0, float("nan"), 3.0, 4.0, float("nan")]).to(dtype)
-    count = safetensors_io.nonfinite_count  # (float8_e4m3fn has no isfinite)
+    count = quant.nonfinite_count  # (float8_e4m3fn has no isfinite)
     assert count(t) == 3 and count(t[::2]) == 1 and count(t[::4]) == 0 and count(torch.arange(3)) == 0
 
 
