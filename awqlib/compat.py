@@ -438,7 +438,11 @@ def validate_checkpoint(folder: str | Path, tp_sizes: Iterable[int] = (1, 2, 4, 
             tensors.update(read_safetensors_header(f))
         except (OSError, ValueError, KeyError) as e:
             report.add("files", f"{f.name}: unreadable safetensors header ({e})")
-    skip = list(qc.get("modules_to_not_convert") or [])
+    skip = qc.get("modules_to_not_convert") or []
+    if not isinstance(skip, list) or not all(isinstance(m, str) for m in skip):
+        report.add("config", f"quantization_config.modules_to_not_convert must be a list of module names, got "
+                             f"{skip!r} (a bare string would be read character by character)")
+        skip = [skip] if isinstance(skip, str) else []
     linears = _check_tensors(tensors, group, pack, skip, report)
     report.n_quantized = len(linears)
     if not linears and not report.errors:

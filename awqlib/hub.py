@@ -30,6 +30,11 @@ REPO_PLACEHOLDER = "<this-repo-or-folder>"
 # Kinds of checkpoint files (awqlib.outputs.CHECKPOINT_FILES) that a push never deletes: the repo's
 # own licence and git attributes, which an awqlib upload does not carry.
 KEPT_ON_PUSH = frozenset({".gitattributes", "LICENSE", "LICENSE.md", "LICENSE.txt", "NOTICE", "USE_POLICY.md"})
+# the weight files a save writes (safetensors_io.shard_names) and the tokenizer's files
+_SHARD_NAME = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                             "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model",
+                             "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json"})
 _DEFAULT = object()
 
 
@@ -296,8 +301,18 @@ def stale_remote_files(api, repo_id: str, uploading: list[str], revision: str | 
         return []
     code = has_remote_code(cfg, read("tokenizer_config.json"))
     new = set(uploading)
-    return sorted(n for n in remote if "/" not in n and n not in new and n not in KEPT_ON_PUSH
-                  and checkpoint_file_name(n, code))
+    stale = [n for n in remote if "/" not in n and n not in new and n not in KEPT_ON_PUSH
+             and checkpoint_file_name(n, code)]
+    # weights: only the names a save writes (a user's model-fp16.safetensors beside them stays)
+    stale = [n for n in stale if not n.endswith(".safetensors") or _SHARD_NAME.fullmatch(n)]
+    if not any(n in TOKENIZER_FILES for n in new):
+        # an upload without a tokenizer (a model quantized without one) does not replace the repo's
+        kept = [n for n in stale if n in TOKENIZER_FILES or n.endswith((".tiktoken", ".jinja"))
+                or n.startswith("tokenizer")]
+        if kept:
+            log.warning("awqlib: this upload has no tokenizer: %s keeps its %s", repo_id, kept)
+        stale = [n for n in stale if n not in kept]
+    return sorted(stale)
 
 
 def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | None = None,
@@ -314,13 +329,15 @@ def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | N
     :class:`Perplexity` or a dict of its fields), ``base_model`` and ``license`` to the model card;
     other keyword arguments (``revision``, ``create_pr``, ...) to ``HfApi.upload_folder``.
 
-    Files an earlier awqlib push left in the repo that this upload does not replace
-    (:func:`stale_remote_files`) are deleted in a second commit, once the upload succeeded (a failed
-    upload deletes nothing; huggingface_hub may split a large upload into several commits).  Not with
-    ``create_pr=True``; ``delete_patterns=None`` keeps them; explicit ``delete_patterns`` are passed
-    to ``upload_folder`` as they are, instead.
+    The upload is one commit (``HfApi.create_commit``; other keyword arguments such as ``revision``,
+    ``create_pr``, ``commit_description``, ``parent_commit`` go to it) that also deletes the files an
+    earlier awqlib push left and this upload does not replace (:func:`stale_remote_files`): the repo
+    (or the pull request) never holds the new weights beside the old index or shards, which awqlib,
+    vLLM and transformers would resolve differently, and a failed upload changes nothing.
+    ``delete_patterns=None`` deletes nothing; explicit ``delete_patterns`` go to ``upload_folder``
+    as they are, instead.
     """
-    from huggingface_hub import CommitOperationDelete, HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     if not getattr(model, "quantized", False):
         raise RuntimeError("call quantize() before push_to_hub()")
@@ -348,22 +365,18 @@ def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | N
             write_model_card(folder, model, repo_id=repo_id, perplexity=perplexity, **card)
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        revision = kwargs.get("revision")
-        stale = []
-        if delete_patterns is _DEFAULT:
-            stale = stale_remote_files(api, repo_id, files, revision)
-            if stale and kwargs.get("create_pr"):
-                log.warning("awqlib: a pull request only adds files: %s keeps %s of an earlier push", repo_id, stale)
-                stale = []
-        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
-                                 commit_message=commit_message, allow_patterns=files, **kwargs)
-        url = getattr(info, "commit_url", None) or str(info)
-        log.info("awqlib: uploaded %d files to %s (%s)", len(files), repo_id, url)
-        if stale:
-            api.create_commit(repo_id, [CommitOperationDelete(path_in_repo=n) for n in stale], repo_type="model",
-                              commit_message=f"Remove {len(stale)} file(s) of the earlier checkpoint (awqlib)",
-                              revision=revision)
-            log.info("awqlib: removed %s of the earlier checkpoint from %s", stale, repo_id)
+        if "delete_patterns" in kwargs:
+            info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                                     commit_message=commit_message, allow_patterns=files, **kwargs)
+            stale = []
+        else:
+            stale = [] if delete_patterns is None else stale_remote_files(api, repo_id, files, kwargs.get("revision"))
+            ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
+            info = api.create_commit(repo_id, ops + [CommitOperationDelete(path_in_repo=n) for n in stale],
+                                     commit_message=commit_message, repo_type="model", **kwargs)
+        url = getattr(info, "commit_url", None) or getattr(info, "pr_url", None) or str(info)
+        log.info("awqlib: uploaded %d files to %s (%s)%s", len(files), repo_id, url,
+                 f", removing {stale} of the earlier checkpoint" if stale else "")
         return str(url)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

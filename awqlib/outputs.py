@@ -184,6 +184,22 @@ def hold(folder: Path) -> tuple[int, bool | None]:
         return fd, None
 
 
+def make_held(folder: Path) -> int:
+    """Create ``folder`` already held (see :func:`hold`), and return the descriptor: it is made under a
+    name :func:`recover_leftovers` ignores and renamed once held, so another run never takes it for a
+    leftover in between (the lock follows the folder)."""
+    staging = folder.with_name(folder.name + ".new")
+    staging.mkdir(parents=True)
+    fd = hold(staging)[0]
+    try:
+        os.rename(staging, folder)
+    except BaseException:
+        os.close(fd)
+        os.rmdir(staging)
+        raise
+    return fd
+
+
 def remove_tree(path: Path, what: str) -> None:
     """Delete ``path`` (a folder awqlib wrote); what cannot be removed is reported, never silently kept."""
     try:
@@ -204,6 +220,10 @@ def recover_leftovers(target: str | os.PathLike) -> None:
     name = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-[0-9a-f]{{8}}")
     found = [p for p in target.parent.iterdir() if name.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
     found.sort(key=lambda p: p.lstat().st_ctime, reverse=True)  # the newest old checkpoint first
+    # swap_into_place renames target -> .old, then .tmp -> target, and deletes .old only after that:
+    # an .old is whole where a .tmp is still beside it (killed between the renames).  Without one, it
+    # may be half deleted, or the user removed target on purpose: it is not put back.
+    between_renames = any(".tmp-" in p.name for p in found)
     for p in found:
         try:
             fd, held = hold(p)
@@ -214,7 +234,7 @@ def recover_leftovers(target: str | os.PathLike) -> None:
             if not held:
                 log.warning("awqlib: %s is %s: left as it is", p, "in use by another awqlib run" if held is False
                             else "a leftover of an awqlib run or in use by one (this filesystem cannot tell)")
-            elif ".old-" in p.name and not os.path.lexists(target):
+            elif ".old-" in p.name and between_renames and not os.path.lexists(target):
                 os.rename(p, target)
                 log.warning("awqlib: %s was missing (a run was stopped while replacing it): the checkpoint it "
                             "had moved aside to %s is back in place", target, p)
@@ -271,8 +291,7 @@ class AtomicDir:
         self.fd = None
 
     def __enter__(self) -> Path:
-        self.tmp.mkdir(parents=True)
-        self.fd = hold(self.tmp)[0]
+        self.fd = make_held(self.tmp)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):

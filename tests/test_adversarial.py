@@ -4,6 +4,7 @@ point (the run killed with SIGKILL, and the lock held by another process)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -225,6 +226,58 @@ def test_damaged_run_json_gets_a_clear_error_and_overwrite_recovers(base, src, t
         _quantize(src, out)
     _quantize(src, out, overwrite=True)
     assert_same_checkpoint(base["clean"], out)
+
+
+def test_a_run_started_by_an_earlier_version_is_named_so(base, src, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    partial = _interrupt_after_first_block(src, out, monkeypatch)
+    (partial / "run.json").write_text(json.dumps({"fingerprint": "0123456789abcdef"}))  # no "parts" yet
+    with pytest.raises(FileExistsError, match="finished block.*earlier awqlib version.*pass overwrite=True") as e:
+        _quantize(src, out)
+    assert "changed:" not in str(e.value) and "original settings" not in str(e.value)
+
+
+def test_the_finished_runs_blocks_go_even_where_their_folder_cannot_be_renamed(base, src, tmp_path, monkeypatch):
+    from awqlib import resume
+    out = tmp_path / "out"
+    partial = out.parent / (out.name + ".awqlib-partial")
+    real = os.rename
+
+    def rename(a, b, *args, **kw):
+        if Path(a) == partial:
+            raise OSError(errno.EBUSY, "busy")
+        return real(a, b, *args, **kw)
+    monkeypatch.setattr(resume.os, "rename", rename)
+    _quantize(src, out)  # the checkpoint is published: no error, and no model-sized folder left behind
+    assert not partial.exists()
+    assert_same_checkpoint(base["clean"], out)
+
+
+def test_a_partial_run_of_another_user_is_refused(src, tmp_path, monkeypatch):
+    from awqlib import resume
+    out = tmp_path / "out"
+    (tmp_path / "out.awqlib-partial").mkdir()
+    monkeypatch.setattr(resume.os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
+    with pytest.raises(FileExistsError, match="belongs to another user"):
+        _quantize(src, out)
+    assert os.listdir(tmp_path / "out.awqlib-partial") == []
+
+
+def test_a_generation_config_linked_out_of_the_checkpoint_is_not_read(base, tmp_path, caplog):
+    import logging
+    ck = tmp_path / "ck"
+    shutil.copytree(base["ckpt"], ck)
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps({"max_new_tokens": 4242}))
+    (ck / "generation_config.json").unlink(missing_ok=True)
+    (ck / "generation_config.json").symlink_to(outside)
+    with caplog.at_level(logging.WARNING, logger="awqlib"):
+        m = AutoAWQ.from_quantized(str(ck))
+    assert getattr(m.model.generation_config, "max_new_tokens", None) != 4242
+    assert "outside the checkpoint folder" in caplog.text
+    (ck / "generation_config.json").unlink()
+    (ck / "generation_config.json").write_text(json.dumps({"max_new_tokens": 4242}))
+    assert AutoAWQ.from_quantized(str(ck)).model.generation_config.max_new_tokens == 4242
 
 
 def test_run_json_that_is_a_fifo_is_refused_not_waited_on(base, src, tmp_path, monkeypatch):
@@ -708,6 +761,24 @@ def test_nonfinite_source_weights_are_refused_before_quantizing(tmp_path, calib_
         AutoAWQ.from_model(model).quantize(None, QC, method=method, **kw)
 
 
+def test_nonfinite_half_precision_weights_name_the_overflow_too(monkeypatch):
+    from awqlib import pipeline
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = 1e6  # finite in float32, inf in float16
+    # a float32 model is computed in float16 on a GPU (BlockSource.compute_dtype)
+    monkeypatch.setattr(pipeline.BlockSource, "compute_dtype", lambda self: torch.float16)
+    with pytest.raises(FloatingPointError, match=NONFINITE + ".*overflowed float16.*bfloat16 or float32"):
+        AutoAWQ.from_model(model).quantize(None, QC, method="rtn")
+    monkeypatch.undo()
+    with pytest.raises(FloatingPointError) as e:  # float32: no overflow to suggest
+        m = tiny_model("llama")
+        with torch.no_grad():
+            m.model.layers[1].mlp.down_proj.weight[3, 5] = float("inf")
+        AutoAWQ.from_model(m).quantize(None, QC, method="rtn")
+    assert "overflowed" not in str(e.value)
+
+
 def test_nonfinite_lazy_source_is_refused_before_quantizing(src, tmp_path):
     _rewrite(src, lambda s: s["model.layers.1.mlp.down_proj.weight"].__setitem__((3, 5), float("inf")))
     with pytest.raises(FloatingPointError, match=NONFINITE):
@@ -1014,6 +1085,15 @@ def test_model_identity_covers_scalar_and_empty_tensors():
     first = model_identity(m)
     m.scalar.fill_(1.5)
     assert model_identity(m) != first
+    tied = nn.Module()
+    tied.a = nn.Linear(4, 4, bias=False)
+    tied.b = nn.Linear(4, 4, bias=False)
+    untied = model_identity(tied)
+    tied.b.weight = tied.a.weight  # tied: hashed once, and not the same model as before
+    assert model_identity(tied) != untied
+    with torch.no_grad():
+        tied.a.weight.add_(1.0)
+    assert model_identity(tied) != untied
 
 
 def _edit_config(src, **changes):
@@ -1113,7 +1193,7 @@ def test_a_kill_between_the_two_renames_loses_no_checkpoint(base, tmp_path, monk
 
     def rename(a, b):
         calls.append(b)
-        if len(calls) == 2:
+        if Path(b) == out:  # the new checkpoint into place: the old one is already aside
             raise KeyboardInterrupt("killed")
         return real(a, b)
     m = AutoAWQ.from_pretrained(str(base["src"])).quantize(None, QC, method="rtn")
@@ -1124,6 +1204,36 @@ def test_a_kill_between_the_two_renames_loses_no_checkpoint(base, tmp_path, monk
     assert not out.exists()
     m.save_quantized(out, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and validate_checkpoint(out).ok
+
+
+def test_an_old_checkpoint_without_an_interrupted_swap_beside_it_is_not_put_back(base, tmp_path, caplog):
+    """An `.out.old-*` alone (a kill while it was being deleted: maybe half gone; or `out` removed on
+    purpose) is removed, never put back as `out` (review)."""
+    import logging
+    out = tmp_path / "out"
+    shutil.copytree(base["ckpt"], tmp_path / ".out.old-0123abcd")
+    (tmp_path / ".out.old-0123abcd" / "model.safetensors").unlink()  # half deleted
+    m = AutoAWQ.from_pretrained(str(base["src"])).quantize(None, QC, method="rtn")
+    with caplog.at_level(logging.WARNING, logger="awqlib"):
+        m.save_quantized(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and validate_checkpoint(out).ok
+    assert "removing " + str(tmp_path / ".out.old-0123abcd") in caplog.text
+
+
+def test_a_folder_being_created_is_never_taken_for_a_leftover(tmp_path, monkeypatch):
+    """A save's temporary folder is held before it gets its `.tmp-` name: another run's cleanup,
+    between the two, removed it (review)."""
+    from awqlib import outputs
+    target = tmp_path / "out"
+    real_hold = outputs.hold
+
+    def hold(folder):  # another run cleans up right before this one takes its lock
+        outputs.recover_leftovers(target)
+        return real_hold(folder)
+    monkeypatch.setattr(outputs, "hold", hold)
+    with outputs.AtomicDir(target) as d:
+        assert d.is_dir() and d.name.startswith(".out.tmp-")
+        (d / "config.json").write_text("{}")
 
 
 def test_what_cannot_be_removed_is_reported(base, tmp_path, monkeypatch, caplog):

@@ -247,6 +247,8 @@ def _empty_linear(s) -> None:
      "num_attention_heads='4' (str) must be a positive integer"),
     (lambda ck: _edit_config(ck, lambda c: c.update(num_key_value_heads=2.0)), "config",
      "num_key_value_heads=2.0 (float) must be a positive integer"),
+    (lambda ck: _edit_config(ck, lambda c: c["quantization_config"].update(modules_to_not_convert="lm_head")),
+     "config", "modules_to_not_convert must be a list of module names, got 'lm_head'"),
     (lambda ck: (_edit_config(ck, lambda c: c["quantization_config"].update(group_size=-1)),
                  _rewrite(ck, _empty_linear)), "shapes", "model.layers.0.mlp.extra: qweight [0, 16]"),
 ])

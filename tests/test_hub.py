@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -110,12 +111,16 @@ class _FakeApi:
     def list_repo_files(self, repo_id, revision=None, repo_type=None, **kw):
         return []  # a new repo
 
-    def upload_folder(self, *, repo_id, folder_path, repo_type=None, commit_message=None, allow_patterns=None,
-                      **kw):
-        folder = Path(folder_path)
-        _FakeApi.calls.append(("upload_folder", dict(
+    def create_commit(self, repo_id, operations, *, commit_message=None, repo_type=None, **kw):
+        from huggingface_hub import CommitOperationAdd
+        adds = [op for op in operations if isinstance(op, CommitOperationAdd)]
+        assert len(adds) == len(operations), "a push to a new repo deletes nothing"
+        first = Path(adds[0].path_or_fileobj)
+        folder = Path(*first.parts[:len(first.parts) - len(Path(adds[0].path_in_repo).parts)])
+        assert all(Path(op.path_or_fileobj) == folder / op.path_in_repo for op in adds)
+        _FakeApi.calls.append(("create_commit", dict(
             repo_id=repo_id, folder=folder, repo_type=repo_type, commit_message=commit_message,
-            allow_patterns=list(allow_patterns), contents=staged_files(folder) if not any(
+            allow_patterns=[op.path_in_repo for op in adds], contents=staged_files(folder) if not any(
                 p.is_symlink() for p in folder.iterdir()) else None,
             all_files=sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()),
             readme=(folder / "README.md").read_text(), kw=kw)))
@@ -130,7 +135,7 @@ def fake_hub(monkeypatch):
     import huggingface_hub
     _FakeApi.calls = []
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", _FakeApi.create_repo)
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", _FakeApi.upload_folder)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", _FakeApi.create_commit)
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", _FakeApi.list_repo_files)
     monkeypatch.setattr(huggingface_hub.HfApi, "__init__", _FakeApi.__init__)
     return _FakeApi.calls
@@ -142,7 +147,7 @@ def test_push_to_hub_temp_dir(qmodel, fake_hub):
     (c1, a1), (c2, a2) = fake_hub
     assert c1 == "create_repo" and a1 == dict(repo_id="me/tiny-awq", private=True, exist_ok=True,
                                               repo_type="model", token="hf_x")
-    assert c2 == "upload_folder" and a2["repo_id"] == "me/tiny-awq" and a2["repo_type"] == "model"
+    assert c2 == "create_commit" and a2["repo_id"] == "me/tiny-awq" and a2["repo_type"] == "model"
     assert a2["commit_message"] == "first"
     expected = ["README.md", "config.json", "generation_config.json", "model.safetensors"]
     assert a2["contents"] == a2["allow_patterns"] == a2["all_files"] == expected
@@ -275,7 +280,8 @@ def test_requantized_checkpoint_keeps_its_base_model(saved, tmp_path):
 
 
 class _FakeRepo:
-    """A Hub repo in memory: upload_folder adds files (one commit), create_commit applies deletions."""
+    """A Hub repo in memory: create_commit adds and deletes files in one commit (upload_folder: adds
+    and deletes by pattern)."""
 
     def __init__(self, monkeypatch, tmp_path, files: dict[str, str], fail_upload: bool = False):
         import huggingface_hub
@@ -286,7 +292,7 @@ class _FakeRepo:
         monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, *a, **kw: sorted(repo.files))
         monkeypatch.setattr(huggingface_hub.HfApi, "hf_hub_download", lambda self, r, name, **kw: repo.download(name))
         monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: repo.upload(**kw))
-        monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", lambda self, r, ops, **kw: repo.commit(ops))
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", lambda self, r, ops, **kw: repo.commit(ops, **kw))
 
     def download(self, name):
         self.dl.mkdir(exist_ok=True)
@@ -296,17 +302,27 @@ class _FakeRepo:
     def upload(self, *, folder_path, allow_patterns, delete_patterns=None, **kw):
         if self.fail_upload:
             raise OSError("connection reset")
-        assert delete_patterns is None  # deletions never ride the upload (it may be split in several commits)
+        self.files = {n: v for n, v in self.files.items() if not any(fnmatch(n, p) for p in delete_patterns or [])}
         self.files.update({n: (Path(folder_path) / n).read_text(errors="replace") for n in allow_patterns})
-        self.commits.append(("upload", sorted(allow_patterns)))
+        self.commits.append(("upload_folder", sorted(allow_patterns), sorted(delete_patterns or [])))
         return "url"
 
-    def commit(self, ops):
-        from huggingface_hub import CommitOperationDelete
-        assert all(isinstance(op, CommitOperationDelete) for op in ops)
-        for op in ops:
-            del self.files[op.path_in_repo]
-        self.commits.append(("delete", sorted(op.path_in_repo for op in ops)))
+    def commit(self, ops, **kw):
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+        if self.fail_upload:
+            raise OSError("connection reset")
+        adds = {op.path_in_repo: Path(op.path_or_fileobj).read_text(errors="replace")
+                for op in ops if isinstance(op, CommitOperationAdd)}
+        deletes = sorted(op.path_in_repo for op in ops if isinstance(op, CommitOperationDelete))
+        assert len(adds) + len(deletes) == len(ops)
+        if kw.get("create_pr"):  # a pull request: the repo's main branch is unchanged
+            self.commits.append(("pr", sorted(adds), deletes))
+            return "pr-url"
+        for n in deletes:
+            del self.files[n]
+        self.files.update(adds)
+        self.commits.append(("commit", sorted(adds), deletes))
+        return "url"
 
 
 NOT_OURS = {"requirements.txt": "x", "eval_results.json": "{}", "training_args.json": "{}", "LICENSE": "mit",
@@ -315,20 +331,38 @@ NOT_OURS = {"requirements.txt": "x", "eval_results.json": "{}", "training_args.j
 
 
 def test_push_to_hub_removes_only_stale_files_of_an_earlier_push(qmodel, monkeypatch, tmp_path):
-    """A second push with fewer shards leaves no shard of the first one in the repo, in a commit after
-    the upload; files awqlib never writes (at the top level or in a subfolder) are kept (review:
-    upload_folder's delete_patterns matched *.json, *.txt, *.safetensors at any depth)."""
-    repo = _FakeRepo(monkeypatch, tmp_path, NOT_OURS)
+    """A second push with fewer shards leaves no shard of the first one in the repo, in the same commit
+    as the upload (the repo never holds the new model.safetensors beside the old index, which readers
+    resolve differently); files awqlib never writes (at the top level or in a subfolder, or a
+    model-fp16.safetensors beside the shards) are kept (review: upload_folder's delete_patterns
+    matched *.json, *.txt, *.safetensors at any depth)."""
+    repo = _FakeRepo(monkeypatch, tmp_path, dict(NOT_OURS, **{"model-fp16.safetensors": "w"}))
     qmodel.push_to_hub("me/stale", max_shard_size=200_000)
     first = sorted(repo.files)
     assert any(n.startswith("model-0000") for n in first) and "model.safetensors.index.json" in first
-    assert [c[0] for c in repo.commits] == ["upload"]  # nothing of a non-AWQ repo is deleted
+    assert [c[0] for c in repo.commits] == ["commit"] and repo.commits[0][2] == []  # a non-AWQ repo: no deletion
     qmodel.push_to_hub("me/stale")
-    assert [c[0] for c in repo.commits] == ["upload", "upload", "delete"]
-    assert repo.commits[2][1] == sorted(n for n in first if n.startswith("model-0000")) + [
+    assert [c[0] for c in repo.commits] == ["commit", "commit"]
+    assert repo.commits[1][2] == sorted(n for n in first if n.startswith("model-0000")) + [
         "model.safetensors.index.json"]
     assert sorted(repo.files) == sorted(["README.md", "config.json", "generation_config.json", "model.safetensors",
-                                         *NOT_OURS])
+                                         "model-fp16.safetensors", *NOT_OURS])
+
+
+def test_a_pull_request_carries_its_deletions(qmodel, monkeypatch, tmp_path):
+    repo = _FakeRepo(monkeypatch, tmp_path, {})
+    qmodel.push_to_hub("me/pr", max_shard_size=200_000)
+    shards = sorted(n for n in repo.files if n.startswith("model-0000")) + ["model.safetensors.index.json"]
+    qmodel.push_to_hub("me/pr", create_pr=True)
+    assert repo.commits[1][0] == "pr" and repo.commits[1][2] == shards
+
+
+def test_an_upload_without_a_tokenizer_keeps_the_repos(qmodel, monkeypatch, tmp_path, saved):
+    awq_repo = {n: (saved / n).read_text(errors="replace") for n in staged_files(saved)}
+    awq_repo.update({"tokenizer.json": "{}", "tokenizer_config.json": "{}", "special_tokens_map.json": "{}"})
+    repo = _FakeRepo(monkeypatch, tmp_path, awq_repo)
+    qmodel.push_to_hub("me/tok")  # qmodel has no tokenizer
+    assert repo.commits[0][2] == [] and {"tokenizer.json", "tokenizer_config.json"} <= set(repo.files)
 
 
 def test_push_into_a_repo_that_is_not_an_awq_checkpoint_deletes_nothing(qmodel, monkeypatch, tmp_path):
@@ -337,7 +371,7 @@ def test_push_into_a_repo_that_is_not_an_awq_checkpoint_deletes_nothing(qmodel, 
             "model-00002-of-00002.safetensors": "w", "model.safetensors.index.json": "{}", "tokenizer.json": "{}"}
     repo = _FakeRepo(monkeypatch, tmp_path, fp16)
     qmodel.push_to_hub("me/fp16")
-    assert [c[0] for c in repo.commits] == ["upload"] and set(fp16) <= set(repo.files)
+    assert repo.commits[0][2] == [] and set(fp16) <= set(repo.files)
 
 
 def test_a_failed_upload_deletes_nothing(qmodel, monkeypatch, tmp_path, saved):
@@ -349,7 +383,10 @@ def test_a_failed_upload_deletes_nothing(qmodel, monkeypatch, tmp_path, saved):
     assert repo.files == awq_repo and repo.commits == []
     repo.fail_upload = False
     qmodel.push_to_hub("me/awq", delete_patterns=None)  # keep them: nothing deleted
-    assert "model-00001-of-00009.safetensors" in repo.files and [c[0] for c in repo.commits] == ["upload"]
+    assert "model-00001-of-00009.safetensors" in repo.files and len(repo.commits) == 1 and repo.commits[0][2] == []
+    qmodel.push_to_hub("me/awq", delete_patterns=["model-0*.safetensors"])  # the user's own patterns
+    assert repo.commits[1] == ("upload_folder", repo.commits[0][1], ["model-0*.safetensors"])
+    assert "model-00001-of-00009.safetensors" not in repo.files
 
 
 def test_card_perplexity_keys_are_checked(qmodel, tmp_path):
