@@ -26,7 +26,7 @@ from .config import QuantConfig, checkpoint_quant_config
 from .modules import repack_for_kernels
 from .moe import unfuse_experts
 from .placement import available_device, dispatch_with_accelerate, plan_device_map, placer
-from .safetensors_io import read_json, read_json_object, weight_files
+from .safetensors_io import read_json_object, weight_files
 from .userargs import download_arguments
 
 log = logging.getLogger("awqlib")
@@ -131,13 +131,13 @@ def load_quantized(quant_path: str, device: str | torch.device | None = None, to
         if p.device.type == "meta":
             raise ValueError(f"{folder}: tensor {name} was not found in the checkpoint")
     try:  # read by the checkpoint's file rules (a link out of the folder is not the checkpoint's)
-        gen = read_json(folder, "generation_config.json")
+        gen = read_json_object(folder, "generation_config.json")
     except FileNotFoundError:
         gen = None
     except ValueError as e:  # generation defaults are a convenience, never a reason to fail
         log.warning("awqlib: %s; the model keeps transformers' default generation config", e)
         gen = None
-    if isinstance(gen, dict):
+    if gen is not None:
         model.generation_config = GenerationConfig.from_dict(gen)
     model.config.quantization_config = qcfg.to_hf_dict()
     tokenizer = None

@@ -276,6 +276,12 @@ def test_a_generation_config_linked_out_of_the_checkpoint_is_not_read(base, tmp_
     assert getattr(m.model.generation_config, "max_new_tokens", None) != 4242
     assert "outside the checkpoint folder" in caplog.text
     (ck / "generation_config.json").unlink()
+    (ck / "generation_config.json").write_text(json.dumps([{"max_new_tokens": 4242}]))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="awqlib"):  # not an object: said, as for any file it refuses
+        m = AutoAWQ.from_quantized(str(ck))
+    assert getattr(m.model.generation_config, "max_new_tokens", None) != 4242
+    assert "generation_config.json must hold a JSON object, not list" in caplog.text
     (ck / "generation_config.json").write_text(json.dumps({"max_new_tokens": 4242}))
     assert AutoAWQ.from_quantized(str(ck)).model.generation_config.max_new_tokens == 4242
 
