@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import re
 import time
 from dataclasses import dataclass, field, fields
@@ -88,21 +89,24 @@ class AWQOptions:
         # error here, not a truthy string that silently switches something on, or a crash deep inside
         for f in fields(self):
             v = getattr(self, f.name)
-            ok = {"bool": isinstance(v, bool),
-                  "int": isinstance(v, int) and not isinstance(v, bool),
-                  "float": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+            boolish = isinstance(v, bool) or str(getattr(v, "dtype", "")) == "bool" and getattr(v, "ndim", 1) == 0
+            ok = {"bool": boolish,  # numpy scalars (from a config or a sweep) are numbers like any other
+                  "int": isinstance(v, numbers.Integral) and not boolish,
+                  "float": isinstance(v, numbers.Real) and not boolish and math.isfinite(v),
                   }.get(f.type, isinstance(v, (str, torch.device)))
             if not ok:
                 raise TypeError(f"option {f.name}={v!r}: expected {f.type}")
-            if f.type == "float":
-                setattr(self, f.name, float(v))
+            if f.type in ("bool", "int", "float"):
+                setattr(self, f.name, {"bool": bool, "int": int, "float": float}[f.type](v))
         for name, (rule, holds) in _OPTION_RANGES.items():
             if not holds(getattr(self, name)):
                 raise ValueError(f"option {name}={getattr(self, name)!r}: must be {rule}")
         try:
-            torch.device(self.offload_device)
+            meta = torch.device(self.offload_device).type == "meta"
         except RuntimeError as e:
             raise ValueError(f"option offload_device={self.offload_device!r}: {e}") from None
+        if meta:
+            raise ValueError("option offload_device='meta': activations must be kept somewhere (cpu or a GPU)")
 
 
 _OPTION_RANGES = {  # name -> (rule, check)
@@ -448,7 +452,9 @@ def search_scale(group: BlockGroup, linears: list[nn.Linear], site: _Site, inspe
     if H is not None:
         # GPTQ moves the optimum: the round-to-nearest search's best few are scored again with the
         # weights GPTQ will actually produce (all of them would cost a GPTQ per candidate)
-        pool = sorted(sorted(pool, key=lambda i: (not math.isfinite(losses[i]), losses[i]))[:opts.gptq_search])
+        best_k = sorted(pool, key=lambda i: (not math.isfinite(losses[i]), losses[i]))[:opts.gptq_search]
+        # and the identity, so that the never-worse-than-unscaled rule holds for what GPTQ produces too
+        pool = sorted(set(best_k) | ({len(candidates) - 1} if candidates[-1][0] == IDENTITY else set()))
         final = {i: score(candidates[i][1], True) for i in pool}
     else:
         final = {i: losses[i] for i in pool}

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import shutil
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Callable
 
@@ -181,9 +182,14 @@ def write_config(folder: Path, source_folder: Path | None, model_config, qcfg: Q
 
 # Tokenizer files as transformers, sentencepiece and tiktoken tokenizers name them.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt",
-                   "chat_template.jinja", "chat_template.json")
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt",
+                   "merges.txt", "chat_template.jinja", "chat_template.json")
 TOKENIZER_GLOBS = ("*.tiktoken", "tokenizer*.model*", "additional_chat_templates/*.jinja")
+
+
+def is_tokenizer_file(name: str) -> bool:
+    """``name`` (a path relative to a checkpoint folder) is one of the tokenizer's files."""
+    return name in TOKENIZER_FILES or any(fnmatch(name, g) for g in TOKENIZER_GLOBS)
 
 
 def tokenizer_files(folder: Path | None) -> list[Path]:

@@ -147,8 +147,8 @@ def damped_hessian(H: torch.Tensor, percdamp: float) -> torch.Tensor:
 
 def refit_scales(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                  Hd: torch.Tensor) -> torch.Tensor:
-    """For fixed codes ``q`` and zeros, the fp16-representable group scales [out, in/g] that minimise
-    each row's output error ``(w - (q - z) s) Hd (w - (q - z) s)^T`` (``Hd``: :func:`damped_hessian`).
+    """For fixed codes ``q`` and zeros, the group scales [out, in/g] that minimise each row's output
+    error ``(w - (q - z) s) Hd (w - (q - z) s)^T`` (``Hd``: :func:`damped_hessian`), rounded to fp16.
 
     GPTQ chose the codes on a grid whose scales came from round-to-nearest; with the codes fixed the
     error is quadratic in a row's scales, so the best ones solve a (in/g x in/g) linear system per

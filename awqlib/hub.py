@@ -7,8 +7,8 @@ Hub's YAML metadata, the quantization settings, the tensor-parallel sizes vLLM a
 vLLM, SGLang and transformers.
 
 ``push_to_hub(model, repo_id, ...)`` saves into a local folder and uploads exactly
-:func:`staged_files` with huggingface_hub's public API (``HfApi.create_repo`` +
-``HfApi.upload_folder``).
+:func:`staged_files` with huggingface_hub's public API (``HfApi.create_repo`` + one
+``HfApi.create_commit``).
 """
 
 from __future__ import annotations
@@ -30,11 +30,10 @@ REPO_PLACEHOLDER = "<this-repo-or-folder>"
 # Kinds of checkpoint files (awqlib.outputs.CHECKPOINT_FILES) that a push never deletes: the repo's
 # own licence and git attributes, which an awqlib upload does not carry.
 KEPT_ON_PUSH = frozenset({".gitattributes", "LICENSE", "LICENSE.md", "LICENSE.txt", "NOTICE", "USE_POLICY.md"})
-# the weight files a save writes (safetensors_io.shard_names) and the tokenizer's files
+# the weight files a save writes (safetensors_io.shard_names)
 _SHARD_NAME = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
-TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                             "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model",
-                             "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json"})
+# what push_to_hub passes on to HfApi.create_commit
+COMMIT_ARGUMENTS = ("revision", "create_pr", "commit_description", "parent_commit", "num_threads")
 _DEFAULT = object()
 
 
@@ -277,6 +276,7 @@ def stale_remote_files(api, repo_id: str, uploading: list[str], revision: str | 
     another kind: a repo may hold the original weights, adapters, eval results beside the checkpoint."""
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
+    from .checkpoint import is_tokenizer_file
     from .outputs import checkpoint_file_name, has_remote_code, is_awq_config
     from .safetensors_io import read_json
     try:
@@ -305,10 +305,9 @@ def stale_remote_files(api, repo_id: str, uploading: list[str], revision: str | 
              and checkpoint_file_name(n, code)]
     # weights: only the names a save writes (a user's model-fp16.safetensors beside them stays)
     stale = [n for n in stale if not n.endswith(".safetensors") or _SHARD_NAME.fullmatch(n)]
-    if not any(n in TOKENIZER_FILES for n in new):
+    if not any(is_tokenizer_file(n) for n in new):
         # an upload without a tokenizer (a model quantized without one) does not replace the repo's
-        kept = [n for n in stale if n in TOKENIZER_FILES or n.endswith((".tiktoken", ".jinja"))
-                or n.startswith("tokenizer")]
+        kept = [n for n in stale if is_tokenizer_file(n)]
         if kept:
             log.warning("awqlib: this upload has no tokenizer: %s keeps its %s", repo_id, kept)
         stale = [n for n in stale if n not in kept]
@@ -329,8 +328,9 @@ def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | N
     :class:`Perplexity` or a dict of its fields), ``base_model`` and ``license`` to the model card;
     other keyword arguments (``revision``, ``create_pr``, ...) to ``HfApi.upload_folder``.
 
-    The upload is one commit (``HfApi.create_commit``; other keyword arguments such as ``revision``,
-    ``create_pr``, ``commit_description``, ``parent_commit`` go to it) that also deletes the files an
+    The upload is one commit (``HfApi.create_commit``; the keyword arguments ``revision``,
+    ``create_pr``, ``commit_description``, ``parent_commit``, ``num_threads`` go to it; with
+    ``create_pr=True`` the pull request's URL is returned) that also deletes the files an
     earlier awqlib push left and this upload does not replace (:func:`stale_remote_files`): the repo
     (or the pull request) never holds the new weights beside the old index or shards, which awqlib,
     vLLM and transformers would resolve differently, and a failed upload changes nothing.
@@ -347,6 +347,11 @@ def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | N
     if delete_patterns not in (_DEFAULT, None):
         kwargs["delete_patterns"] = delete_patterns
     perplexity = Perplexity.of(kwargs.pop("perplexity", None))
+    unknown = sorted(set(kwargs) - set(COMMIT_ARGUMENTS) - ({"delete_patterns"} if "delete_patterns" in kwargs else set()))
+    if unknown:
+        raise TypeError(f"push_to_hub got unknown argument(s) {unknown}; besides its own it accepts "
+                        f"{sorted(COMMIT_ARGUMENTS)} (for HfApi.create_commit), max_shard_size, overwrite, tokenizer, "
+                        "perplexity, base_model, license, delete_patterns")
     saved_to = getattr(model, "saved_to", None) if getattr(model, "reader", None) is not None else None
     ignored = [k for k in save_kw] + (["local_dir"] if local_dir is not None else [])
     if saved_to is not None and ignored:
@@ -374,7 +379,8 @@ def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | N
             ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
             info = api.create_commit(repo_id, ops + [CommitOperationDelete(path_in_repo=n) for n in stale],
                                      commit_message=commit_message, repo_type="model", **kwargs)
-        url = getattr(info, "commit_url", None) or getattr(info, "pr_url", None) or str(info)
+        url = (getattr(info, "pr_url", None) if kwargs.get("create_pr") else None) or getattr(info, "commit_url", None) \
+            or str(info)
         log.info("awqlib: uploaded %d files to %s (%s)%s", len(files), repo_id, url,
                  f", removing {stale} of the earlier checkpoint" if stale else "")
         return str(url)

@@ -138,7 +138,11 @@ def load_quantized(quant_path: str, device: str | torch.device | None = None, to
         log.warning("awqlib: %s; the model keeps transformers' default generation config", e)
         gen = None
     if gen is not None:
-        model.generation_config = GenerationConfig.from_dict(gen)
+        try:
+            model.generation_config = GenerationConfig.from_dict(gen)
+        except (TypeError, ValueError) as e:
+            log.warning("awqlib: %s/generation_config.json is not a valid generation config (%s); the model keeps "
+                        "transformers' default", folder, e)
     model.config.quantization_config = qcfg.to_hf_dict()
     tokenizer = None
     try:

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from fnmatch import fnmatch
 from pathlib import Path
@@ -184,6 +185,10 @@ def hold(folder: Path) -> tuple[int, bool | None]:
         return fd, None
 
 
+# make_held's folder before it is held: younger than this, it may be another run's in the making
+NEW_FOLDER_GRACE_S = 600
+
+
 def make_held(folder: Path) -> int:
     """Create ``folder`` already held (see :func:`hold`), and return the descriptor: it is made under a
     name :func:`recover_leftovers` ignores and renamed once held, so another run never takes it for a
@@ -217,20 +222,22 @@ def recover_leftovers(target: str | os.PathLike) -> None:
     target = absolute(target)
     if not target.parent.is_dir():
         return
-    name = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-[0-9a-f]{{8}}")
-    found = [p for p in target.parent.iterdir() if name.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    name = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-[0-9a-f]{{8}}(\.new)?")
+    found = [p for p in target.parent.iterdir() if name.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+             and not (p.name.endswith(".new") and time.time() - p.lstat().st_mtime < NEW_FOLDER_GRACE_S)]
     found.sort(key=lambda p: p.lstat().st_ctime, reverse=True)  # the newest old checkpoint first
-    # swap_into_place renames target -> .old, then .tmp -> target, and deletes .old only after that:
-    # an .old is whole where a .tmp is still beside it (killed between the renames).  Without one, it
-    # may be half deleted, or the user removed target on purpose: it is not put back.
-    between_renames = any(".tmp-" in p.name for p in found)
-    for p in found:
-        try:
-            fd, held = hold(p)
-        except OSError as e:
-            log.warning("awqlib: %s (left by an awqlib run?) cannot be opened (%s): left as it is", p, e)
-            continue
-        try:
+    holds: list[tuple[Path, int, bool | None]] = []
+    try:
+        for p in found:
+            try:
+                holds.append((p, *hold(p)))
+            except OSError as e:
+                log.warning("awqlib: %s (left by an awqlib run?) cannot be opened (%s): left as it is", p, e)
+        # swap_into_place renames target -> .old, then .tmp -> target, and deletes .old only after
+        # that: an .old is whole where a .tmp no run holds is still beside it (killed between the
+        # renames).  Without one it may be half deleted, or the user removed target on purpose.
+        between_renames = any(held and ".tmp-" in p.name and not p.name.endswith(".new") for p, _, held in holds)
+        for p, _, held in holds:
             if not held:
                 log.warning("awqlib: %s is %s: left as it is", p, "in use by another awqlib run" if held is False
                             else "a leftover of an awqlib run or in use by one (this filesystem cannot tell)")
@@ -241,7 +248,8 @@ def recover_leftovers(target: str | os.PathLike) -> None:
             else:
                 log.warning("awqlib: removing %s, left by an interrupted awqlib run", p)
                 remove_tree(p, "left by an interrupted run")
-        finally:
+    finally:
+        for _, fd, _ in holds:
             os.close(fd)
 
 

@@ -293,9 +293,10 @@ def _refuse_nonfinite(blk: nn.Module, bprefix: str) -> None:
             raise FloatingPointError(
                 f"the source weight {bprefix}{name} has {n} NaN/inf value(s) of {p.numel()}: block "
                 f"{bprefix.rstrip('.')} was not quantized. The model's weights are damaged (a broken download or "
-                "conversion)" + (", or a value overflowed float16, the dtype they are computed in (load the model "
-                "in bfloat16 or float32)" if p.dtype == torch.float16 else "") + ": awqlib does not quantize "
-                "non-finite weights")
+                "conversion)" + (", or, for a model stored in a wider dtype, a value overflowed float16 when cast "
+                "to it for computing (load the model in bfloat16, which GPUs then compute in, or quantize on the "
+                "CPU, in float32)" if p.dtype == torch.float16 else "") + ": awqlib does not quantize non-finite "
+                "weights")
 
 
 def _load_finished_block(blk: nn.Module, spec: ArchSpec, bprefix: str, tensors: dict[str, torch.Tensor],

@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import stat
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -171,6 +172,26 @@ def _disk_full(e: OSError) -> bool:
     return e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+def _refuse_foreign_owner(folder: Path) -> None:
+    """An existing partial folder another user made: its blocks would end up in this user's
+    checkpoint.  Compared with a file made there now, not with our uid: filesystems that map owners
+    (NFS root_squash, CIFS uid=, FAT, rootless containers) give both the same mapped owner."""
+    mine, owner = _new_file_owner(folder), folder.stat().st_uid
+    if owner != mine:
+        raise FileExistsError(f"{folder} belongs to another user (uid {owner}): awqlib only resumes a run of its "
+                              "own user; move it away or choose another output folder")
+
+
+def _new_file_owner(folder: Path) -> int:
+    """The owner a file made in ``folder`` now gets."""
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".owner-")
+    try:
+        return os.fstat(fd).st_uid
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
 class BlockStore:
     """Finished blocks, one safetensors file each, in ``<out>.awqlib-partial/`` (see the module docstring).
 
@@ -188,11 +209,10 @@ class BlockStore:
         check_output(self.out, source, overwrite)
         if self.dir.is_symlink() or (self.dir.exists() and not self.dir.is_dir()):
             raise FileExistsError(f"{self.dir} exists and is not a folder awqlib made: move it away")
+        existed = self.dir.exists()
         self.dir.mkdir(parents=True, exist_ok=True)
-        owner = self.dir.stat().st_uid
-        if owner != os.getuid():  # another user's blocks would end up in this user's checkpoint
-            raise FileExistsError(f"{self.dir} belongs to another user (uid {owner}): awqlib only resumes a run "
-                                  "of its own user; move it away or choose another output folder")
+        if existed:
+            _refuse_foreign_owner(self.dir)
         self.lock = RunLock(self.dir / LOCK_FILE, self.out)  # before anything in the folder is read or removed
         try:
             self._adopt_or_clear()

@@ -257,10 +257,13 @@ def test_a_partial_run_of_another_user_is_refused(src, tmp_path, monkeypatch):
     from awqlib import resume
     out = tmp_path / "out"
     (tmp_path / "out.awqlib-partial").mkdir()
-    monkeypatch.setattr(resume.os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
+    monkeypatch.setattr(resume, "_new_file_owner", lambda folder: folder.stat().st_uid + 1)  # not ours
     with pytest.raises(FileExistsError, match="belongs to another user"):
         _quantize(src, out)
     assert os.listdir(tmp_path / "out.awqlib-partial") == []
+    monkeypatch.undo()  # a folder this run makes is never refused (mapped owners are compared alike)
+    (tmp_path / "out.awqlib-partial").rmdir()
+    _quantize(src, out)
 
 
 def test_a_generation_config_linked_out_of_the_checkpoint_is_not_read(base, tmp_path, caplog):
@@ -284,6 +287,10 @@ def test_a_generation_config_linked_out_of_the_checkpoint_is_not_read(base, tmp_
     assert "generation_config.json must hold a JSON object, not list" in caplog.text
     (ck / "generation_config.json").write_text(json.dumps({"max_new_tokens": 4242}))
     assert AutoAWQ.from_quantized(str(ck)).model.generation_config.max_new_tokens == 4242
+    (ck / "generation_config.json").write_text(json.dumps({"max_new_tokens": "many"}))  # a wrong type: loads
+    with caplog.at_level(logging.WARNING, logger="awqlib"):
+        AutoAWQ.from_quantized(str(ck))
+    assert "not a valid generation config" in caplog.text
 
 
 def test_run_json_that_is_a_fifo_is_refused_not_waited_on(base, src, tmp_path, monkeypatch):
@@ -774,7 +781,7 @@ def test_nonfinite_half_precision_weights_name_the_overflow_too(monkeypatch):
         model.model.layers[1].mlp.down_proj.weight[3, 5] = 1e6  # finite in float32, inf in float16
     # a float32 model is computed in float16 on a GPU (BlockSource.compute_dtype)
     monkeypatch.setattr(pipeline.BlockSource, "compute_dtype", lambda self: torch.float16)
-    with pytest.raises(FloatingPointError, match=NONFINITE + ".*overflowed float16.*bfloat16 or float32"):
+    with pytest.raises(FloatingPointError, match=NONFINITE + ".*overflowed float16.*load the model in bfloat16"):
         AutoAWQ.from_model(model).quantize(None, QC, method="rtn")
     monkeypatch.undo()
     with pytest.raises(FloatingPointError) as e:  # float32: no overflow to suggest
@@ -1234,12 +1241,40 @@ def test_a_folder_being_created_is_never_taken_for_a_leftover(tmp_path, monkeypa
     real_hold = outputs.hold
 
     def hold(folder):  # another run cleans up right before this one takes its lock
+        monkeypatch.setattr(outputs, "hold", real_hold)
         outputs.recover_leftovers(target)
         return real_hold(folder)
     monkeypatch.setattr(outputs, "hold", hold)
     with outputs.AtomicDir(target) as d:
         assert d.is_dir() and d.name.startswith(".out.tmp-")
         (d / "config.json").write_text("{}")
+    # a folder in the making that a killed run left (.new, never held) goes once it is old
+    stale = tmp_path / ".out.tmp-0123abcd.new"
+    stale.mkdir()
+    outputs.recover_leftovers(target)
+    assert stale.is_dir()  # young: maybe another run's, about to be held
+    os.utime(stale, (time.time() - 2 * outputs.NEW_FOLDER_GRACE_S,) * 2)
+    outputs.recover_leftovers(target)
+    assert not stale.exists()
+
+
+def test_an_old_checkpoint_is_not_put_back_beside_a_live_runs_tmp(base, tmp_path):
+    """A .tmp a live save holds is no sign of an interrupted swap: the .old beside it (maybe half
+    deleted) is not put back as `out` (review)."""
+    import fcntl
+
+    from awqlib import outputs
+    out = tmp_path / "out"
+    shutil.copytree(base["ckpt"], tmp_path / ".out.old-0123abcd")
+    live = tmp_path / ".out.tmp-89abcdef"
+    live.mkdir()
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        outputs.recover_leftovers(out)
+    finally:
+        os.close(fd)
+    assert not out.exists() and not (tmp_path / ".out.old-0123abcd").exists() and live.is_dir()
 
 
 def test_what_cannot_be_removed_is_reported(base, tmp_path, monkeypatch, caplog):

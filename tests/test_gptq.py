@@ -261,23 +261,34 @@ def test_refit_scales_needs_gptq():
                                                          calib_data=[[1, 2, 3]], gptq_refit_rounds=1)
 
 
-def test_gptq_search_rescores_the_best_round_to_nearest_candidates_with_gptq(calib_ids, monkeypatch):
-    """gptq_search=k: each scaling group's k best candidates (by the round-to-nearest loss) are scored
-    again with GPTQ-quantized weights, one Hessian factor each."""
-    calls = []
-    real = awq.search_scale
+def test_gptq_search_rescores_the_best_round_to_nearest_candidates_and_the_identity(calib_ids, monkeypatch):
+    """gptq_search=k: each scaling group's k best candidates by the round-to-nearest loss, and the
+    identity, are scored again with GPTQ-quantized weights (one Hessian factor each)."""
+    seen = []  # per search: [(candidate scales, with GPTQ)] in call order
+    real_q, real_search = awq._scaled_fake_quant, awq.search_scale
 
-    def spy(group, linears, site, inspected, qcfg, opts):
-        before = len(factors)
-        out = real(group, linears, site, inspected, qcfg, opts)
-        calls.append(len(factors) - before)
-        return out
-    factors = []
-    real_factor = gptq.ordered_factor
-    monkeypatch.setattr(gptq, "ordered_factor", lambda *a, **k: factors.append(1) or real_factor(*a, **k))
-    monkeypatch.setattr(awq, "search_scale", spy)
+    def quant(w, s, qcfg, out=None, factor=None, block=128):
+        seen[-1].append((s, factor is not None))
+        return real_q(w, s, qcfg, out=out, factor=factor, block=block)
+
+    def search(*a, **k):
+        seen.append([])
+        ratio, s, losses = real_search(*a, **k)
+        firsts, rescored = [], []
+        for t, g in seen[-1]:
+            lst = rescored if g else firsts
+            if not any(t is u for u in lst):
+                lst.append(t)
+        assert len(firsts) == len(losses) == 22  # 20 ratios, a = 1, the identity
+        best3 = sorted(range(len(losses)), key=lambda i: losses[i])[:3]
+        expect = sorted(set(best3) | {21})
+        assert [next(i for i, u in enumerate(firsts) if u is t) for t in rescored] == expect
+        assert any(s is t for t in rescored)
+        return ratio, s, losses
+    monkeypatch.setattr(awq, "_scaled_fake_quant", quant)
+    monkeypatch.setattr(awq, "search_scale", search)
     model = tiny_model("llama")
     AutoAWQ.from_model(model).quantize(None, {"w_bit": 4, "q_group_size": 64}, calib_data=list(calib_ids),
                                        n_samples=16, seqlen=64, gptq_search=3)
-    assert calls and all(c == 3 for c in calls), calls
+    assert len(seen) >= 4
     assert torch.isfinite(model.model.layers[1].mlp.down_proj.dequantized_weight()).all()

@@ -315,14 +315,19 @@ class _FakeRepo:
                 for op in ops if isinstance(op, CommitOperationAdd)}
         deletes = sorted(op.path_in_repo for op in ops if isinstance(op, CommitOperationDelete))
         assert len(adds) + len(deletes) == len(ops)
+        from huggingface_hub import CommitInfo
+        assert set(kw) <= {"commit_message", "repo_type", "revision", "create_pr", "commit_description",
+                           "parent_commit", "num_threads"}, kw  # create_commit's own keyword arguments
         if kw.get("create_pr"):  # a pull request: the repo's main branch is unchanged
             self.commits.append(("pr", sorted(adds), deletes))
-            return "pr-url"
+            return CommitInfo(commit_url="https://huggingface.co/me/r/commit/c1", commit_message="m",
+                              commit_description="", oid="c1", pr_url="https://huggingface.co/me/r/discussions/7")
         for n in deletes:
             del self.files[n]
         self.files.update(adds)
         self.commits.append(("commit", sorted(adds), deletes))
-        return "url"
+        return CommitInfo(commit_url="https://huggingface.co/me/r/commit/c0", commit_message="m",
+                          commit_description="", oid="c0")
 
 
 NOT_OURS = {"requirements.txt": "x", "eval_results.json": "{}", "training_args.json": "{}", "LICENSE": "mit",
@@ -353,8 +358,17 @@ def test_a_pull_request_carries_its_deletions(qmodel, monkeypatch, tmp_path):
     repo = _FakeRepo(monkeypatch, tmp_path, {})
     qmodel.push_to_hub("me/pr", max_shard_size=200_000)
     shards = sorted(n for n in repo.files if n.startswith("model-0000")) + ["model.safetensors.index.json"]
-    qmodel.push_to_hub("me/pr", create_pr=True)
+    assert qmodel.push_to_hub("me/pr", create_pr=True) == "https://huggingface.co/me/r/discussions/7"
     assert repo.commits[1][0] == "pr" and repo.commits[1][2] == shards
+
+
+def test_push_to_hub_arguments_are_checked(qmodel, monkeypatch, tmp_path):
+    repo = _FakeRepo(monkeypatch, tmp_path, {})
+    for bad in ("path_in_repo", "ignore_patterns", "allow_patterns"):
+        with pytest.raises(TypeError, match=rf"unknown argument\(s\) \['{bad}'\].*'commit_description'"):
+            qmodel.push_to_hub("me/x", **{bad: "x"})
+    assert repo.commits == []
+    qmodel.push_to_hub("me/x", commit_description="why", parent_commit=None, num_threads=2)
 
 
 def test_an_upload_without_a_tokenizer_keeps_the_repos(qmodel, monkeypatch, tmp_path, saved):

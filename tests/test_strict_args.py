@@ -114,7 +114,16 @@ def test_quantize_option_values_are_checked(option, value, error, message):
         m.quantize(None, {"q_group_size": 64}, method="awq+gptq", calib_data=[[1, 2, 3]], **{option: value})
 
 
-def test_quantize_option_values_accept_ints_for_floats():
+def test_quantize_option_values_accept_ints_for_floats_and_numpy_numbers():
+    import numpy as np
+
     from awqlib import awq
     opts = awq.make_options("awq+gptq", gptq_damp=1, max_shrink=0)
     assert opts.gptq_damp == 1.0 and isinstance(opts.gptq_damp, float) and isinstance(opts.max_shrink, float)
+    opts = awq.make_options("awq+gptq", n_grid=np.int64(10), gptq_damp=np.float32(0.25), apply_clip=np.bool_(False))
+    assert (opts.n_grid, opts.gptq_damp, opts.apply_clip) == (10, 0.25, False)
+    assert type(opts.n_grid) is int and type(opts.gptq_damp) is float and type(opts.apply_clip) is bool
+    with pytest.raises(TypeError, match="expected int"):
+        awq.make_options("awq", n_grid=np.bool_(True))
+    with pytest.raises(ValueError, match="offload_device='meta'"):
+        awq.make_options("awq", offload_device="meta")
