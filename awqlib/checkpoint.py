@@ -16,11 +16,11 @@ import torch
 from .arch import ArchSpec
 from .arch.blocks import find_blocks, unconverted_linears
 from .config import QuantConfig
-from .outputs import AtomicDir  # noqa: F401  (re-exported: its home was here)
+from .outputs import AtomicDir, has_remote_code, json_object_or_empty  # noqa: F401  (AtomicDir re-exported)
 from .packing import gemv_shapes, gemv_to_gemm
-from .quant import pack_factor
-from .safetensors_io import (SAFE_INDEX, confined, TAG_OF, check_expected, iter_tensors, nonfinite_count, parse_size,  # noqa: F401
-                             plan_shards, read_json, save_tensors, shard_names, tensor_index, weight_files, write_index)
+from .quant import nonfinite_count, pack_factor
+from .safetensors_io import (SAFE_INDEX, confined, TAG_OF, check_expected, iter_tensors, parse_size,  # noqa: F401
+                             plan_shards, read_json_object, save_tensors, shard_names, tensor_index, weight_files, write_index)
 
 log = logging.getLogger("awqlib")
 
@@ -153,10 +153,7 @@ def source_config_dict(source_folder: Path | None, model_config) -> dict[str, An
     older readers need, e.g. ``rope_theta``); else the in-memory config plus the legacy RoPE keys."""
     if source_folder is not None and (Path(source_folder) / "config.json").is_file():
         try:  # by the checkpoint rules: a config.json linked from outside the folder is not the source's own
-            d = read_json(Path(source_folder), "config.json")
-            if isinstance(d, dict):
-                return d
-            raise ValueError(f"{source_folder}/config.json holds {type(d).__name__}, not an object")
+            return read_json_object(Path(source_folder), "config.json")
         except ValueError as e:  # transformers did read it: the loaded config is the next best thing
             log.warning("awqlib: config.json written from the loaded config, not copied from the source: %s", e)
     d = model_config.to_dict()
@@ -210,14 +207,11 @@ def remote_code_files(folder: Path | None) -> list[Path]:
     """The ``*.py`` files a trust_remote_code model's ``auto_map`` points at (config or tokenizer)."""
     if folder is None or not Path(folder).is_dir():
         return []
-    uses_code = False
-    for name in ("config.json", "tokenizer_config.json"):
-        try:
-            d = read_json(Path(folder), name)
-            uses_code = uses_code or (isinstance(d, dict) and "auto_map" in d)
-        except (OSError, ValueError):
-            continue
-    return sorted(p.relative_to(folder) for p in Path(folder).glob("*.py")) if uses_code else []
+    folder = Path(folder)
+    if not has_remote_code(json_object_or_empty(folder / "config.json"),
+                           json_object_or_empty(folder / "tokenizer_config.json")):
+        return []
+    return sorted(p.relative_to(folder) for p in folder.glob("*.py"))
 
 
 def copy_tokenizer_files(source_folder: Path | None, folder: Path, remote_code: bool = False) -> bool:
@@ -235,8 +229,12 @@ def copy_tokenizer_files(source_folder: Path | None, folder: Path, remote_code: 
     if not remote_code and tok_cfg.is_file():
         # its auto_map would point a trusting reader at code that is not copied (or never ran here);
         # only that key is dropped: everything else stays verbatim
-        d = json.loads(tok_cfg.read_text(encoding="utf-8"))
-        if isinstance(d, dict) and d.pop("auto_map", None) is not None:
+        try:  # by the one JSON reader: a file it refuses must not fail the save at its very end
+            d = read_json_object(Path(folder), "tokenizer_config.json")
+        except (OSError, ValueError) as e:  # transformers cannot read it either: its auto_map does nothing
+            log.warning("awqlib: tokenizer_config.json copied as it is: %s", e)
+            d = {}
+        if d.pop("auto_map", None) is not None:
             tok_cfg.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             log.warning("awqlib: tokenizer_config.json's auto_map (remote code) left out: the model was loaded "
                         "without trust_remote_code=True")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .safetensors_io import DTYPES, read_json, read_safetensors_header, weight_files
+from .safetensors_io import DTYPES, read_json_object, read_safetensors_header, weight_files
 
 VLLM = "vllm-project/vllm"
 SGLANG = "sgl-project/sglang"
@@ -244,19 +244,10 @@ def _weight_files(folder: Path, report: ValidationReport) -> list[Path]:
         return []
 
 
-def _json_object(folder: Path, name: str) -> dict:
-    """``folder / name`` as a JSON object, read by the loader's rules
-    (:func:`awqlib.safetensors_io.read_json`); FileNotFoundError where it is absent."""
-    d = read_json(folder, name)
-    if not isinstance(d, dict):
-        raise ValueError(f"{name} must hold a JSON object, not {type(d).__name__}")
-    return d
-
-
 def _load_quant_config(folder: Path, report: ValidationReport) -> tuple[dict, dict | None]:
     cfg: dict = {}
     try:
-        cfg = _json_object(folder, "config.json")
+        cfg = read_json_object(folder, "config.json")
     except FileNotFoundError:
         report.add("config", f"{folder} has no config.json")
     except (OSError, ValueError) as e:
@@ -266,7 +257,7 @@ def _load_quant_config(folder: Path, report: ValidationReport) -> tuple[dict, di
     if qc is None:
         for name in ("quant_config.json", "quantize_config.json"):
             try:
-                qc = _json_object(folder, name)
+                qc = read_json_object(folder, name)
                 break
             except FileNotFoundError:
                 continue

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-from .safetensors_io import read_json
 
 SUPPORTED_BITS = (4,)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
@@ -143,18 +140,6 @@ def checkpoint_quant_config(qc: Any, where: Any) -> QuantConfig:
         return QuantConfig.from_checkpoint(qc)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
-
-
-def check_checkpoint_config_file(folder: Path) -> None:
-    """Validate ``folder``'s ``config.json`` (read by the checkpoint rules, :func:`read_json`) and its
-    ``quantization_config`` as written, before transformers parses the file (it fails with an
-    AttributeError on, e.g., a string there)."""
-    path = Path(folder) / "config.json"
-    cfg = read_json(Path(folder), "config.json")
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path} must hold a JSON object, not {type(cfg).__name__}")
-    if cfg.get("quantization_config") is not None:
-        checkpoint_quant_config(cfg["quantization_config"], path)
 
 
 _FIELDS = frozenset(f for f in QuantConfig.__dataclass_fields__ if f != "extra")

@@ -22,11 +22,11 @@ from . import kernels
 from .arch import ArchSpec, get_spec
 from .arch.blocks import empty_quantized_linears, find_blocks
 from .checkpoint import load_quantized_state, resolve_folder
-from .config import QuantConfig, check_checkpoint_config_file, checkpoint_quant_config
+from .config import QuantConfig, checkpoint_quant_config
 from .modules import repack_for_kernels
 from .moe import unfuse_experts
 from .placement import available_device, dispatch_with_accelerate, plan_device_map, placer
-from .safetensors_io import read_json, weight_files
+from .safetensors_io import read_json_object, weight_files
 from .userargs import download_arguments
 
 log = logging.getLogger("awqlib")
@@ -56,6 +56,15 @@ class LoadedCheckpoint:
     quant_config: QuantConfig
     tokenizer: Any
     folder: Path  # the local folder it was read from (a Hub id's snapshot)
+
+
+def check_checkpoint_config_file(folder: Path) -> None:
+    """Validate ``folder``'s ``config.json`` (read by the checkpoint rules, :func:`read_json_object`) and its
+    ``quantization_config`` as written, before transformers parses the file (it fails with an
+    AttributeError on, e.g., a string there)."""
+    cfg = read_json_object(Path(folder), "config.json")
+    if cfg.get("quantization_config") is not None:
+        checkpoint_quant_config(cfg["quantization_config"], Path(folder) / "config.json")
 
 
 def load_quantized(quant_path: str, device: str | torch.device | None = None, torch_dtype: Any = "auto",
@@ -122,13 +131,13 @@ def load_quantized(quant_path: str, device: str | torch.device | None = None, to
         if p.device.type == "meta":
             raise ValueError(f"{folder}: tensor {name} was not found in the checkpoint")
     try:  # read by the checkpoint's file rules (a link out of the folder is not the checkpoint's)
-        gen = read_json(folder, "generation_config.json")
+        gen = read_json_object(folder, "generation_config.json")
     except FileNotFoundError:
         gen = None
     except ValueError as e:  # generation defaults are a convenience, never a reason to fail
         log.warning("awqlib: %s; the model keeps transformers' default generation config", e)
         gen = None
-    if isinstance(gen, dict):
+    if gen is not None:
         try:
             model.generation_config = GenerationConfig.from_dict(gen)
         except (TypeError, ValueError) as e:

@@ -29,7 +29,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Union
 
-from .safetensors_io import _fsync_dir, publish_modes, read_json
+from .safetensors_io import fsync_path, publish_modes, read_json_object
 
 log = logging.getLogger("awqlib")
 
@@ -88,10 +88,11 @@ CHECKPOINT_GLOBS = ("model*.safetensors", "*.tiktoken", "tokenizer*.model*")
 CHAT_TEMPLATES = "additional_chat_templates"  # a folder of *.jinja files beside tokenizer_config.json
 
 
-def _json(path: Path) -> dict:
+def json_object_or_empty(path: Path) -> dict:
+    """``path`` by :func:`read_json_object`, or {} where it is absent or unreadable: for the rules
+    that only look inside a folder's config files (a damaged file is one no reader acts on)."""
     try:
-        d = read_json(path.parent, path.name)
-        return d if isinstance(d, dict) else {}
+        return read_json_object(path.parent, path.name)
     except (OSError, ValueError):
         return {}
 
@@ -110,6 +111,8 @@ def checkpoint_file_name(name: str, code: bool) -> bool:
 
 
 def has_remote_code(cfg: dict, tokenizer_cfg: dict) -> bool:
+    """A folder whose config.json or tokenizer_config.json (parsed) has an ``auto_map`` uses code
+    files of its own: transformers imports its ``*.py`` files for a trusting reader."""
     return "auto_map" in cfg or "auto_map" in tokenizer_cfg
 
 
@@ -118,8 +121,8 @@ def foreign_entries(folder: Path) -> list[str]:
     entries = sorted(os.listdir(folder))
     if not entries:
         return []
-    cfg = _json(folder / "config.json")
-    code = has_remote_code(cfg, _json(folder / "tokenizer_config.json"))
+    cfg = json_object_or_empty(folder / "config.json")
+    code = has_remote_code(cfg, json_object_or_empty(folder / "tokenizer_config.json"))
 
     def ours(name: str) -> bool:
         p = folder / name
@@ -274,7 +277,7 @@ def swap_into_place(new: Path, target: Path) -> None:
             if old is not None:
                 os.rename(old, target)  # the old checkpoint back under its own name
             raise
-        _fsync_dir(target.parent)  # the renames on disk before the old checkpoint goes
+        fsync_path(target.parent)  # the renames on disk before the old checkpoint goes
         if old is not None:
             remove_tree(old, "the checkpoint replaced")
     finally:

@@ -37,7 +37,7 @@ from .config import QuantConfig
 from .modules import repack_for_kernels
 from .moe import unfuse_experts
 from .placement import available_device, dispatched, placed_block_device
-from .safetensors_io import nonfinite_count
+from .quant import nonfinite_count
 
 log = logging.getLogger("awqlib")
 

@@ -94,3 +94,22 @@ def row_chunks(w: torch.Tensor, multiple: int = 1, chunk_bytes: int = ROW_CHUNK_
     """Slices of ``w``'s rows (dim 0), each ~``chunk_bytes`` of fp32, a multiple of ``multiple`` rows."""
     step = max(multiple, chunk_bytes // (4 * w.shape[-1]) // multiple * multiple)
     return [slice(r, r + step) for r in range(0, w.shape[0], step)]
+
+
+FINITE_CHUNK = 1 << 24  # elements checked at a time: the temporaries stay ~16 MB whatever the tensor
+
+
+def nonfinite_count(t: torch.Tensor) -> int:
+    """How many NaN/inf values ``t`` holds (0 for an integer tensor), in one pass over chunks (a
+    checkpoint's embedding can be GBs; its bool mask should not be)."""
+    if not t.is_floating_point():
+        return 0
+    flat, n = t.reshape(-1), 0
+    for i in range(0, flat.numel(), FINITE_CHUNK):
+        c = flat[i:i + FINITE_CHUNK]
+        if c.element_size() == 1:  # torch has no isfinite for float8_e4m3fn; fp16 holds every fp8 value
+            c = c.to(torch.float16)
+        ok = torch.isfinite(c)
+        if not bool(ok.all()):
+            n += int((~ok).sum())
+    return n

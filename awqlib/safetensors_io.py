@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator
 
+from .quant import nonfinite_count
+
 SAFE_INDEX = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 2**20
 
@@ -189,6 +191,15 @@ def read_json(folder: Path, name: str, limit: int = MAX_HEADER_BYTES) -> Any:
         raise ValueError(f"{path} is {e}; re-download or re-save the checkpoint") from None
 
 
+def read_json_object(folder: Path, name: str) -> dict:
+    """:func:`read_json` for the files that must hold a JSON object (config.json,
+    tokenizer_config.json, quant_config.json): anything else is a ValueError naming the file."""
+    d = read_json(folder, name)
+    if not isinstance(d, dict):
+        raise ValueError(f"{Path(folder) / name} must hold a JSON object, not {type(d).__name__}")
+    return d
+
+
 def read_index(folder: Path) -> dict[str, str]:
     """The ``weight_map`` of ``folder``'s safetensors index, checked: {tensor name: shard file name}."""
     idx = folder / SAFE_INDEX
@@ -330,13 +341,14 @@ def publish_modes(folder: Path) -> None:
             os.chmod(os.path.join(root, d), dm)
         for f in files:
             os.chmod(os.path.join(root, f), fm)
-            _fsync_dir(Path(root, f))
-        _fsync_dir(Path(root))
+            fsync_path(Path(root, f))
+        fsync_path(Path(root))
 
 
-def _fsync_dir(folder: Path) -> None:
-    """fsync a folder (or a file: a read-only descriptor is enough on Linux)."""
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a read-only descriptor is enough on Linux): a folder's fsync makes
+    the renames and creations in it durable."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -349,7 +361,7 @@ def _commit(tmp: Path, path: Path) -> None:
         os.fsync(fh.fileno())
     os.chmod(tmp, file_mode())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def _tmp(path: Path) -> Path:
@@ -367,26 +379,6 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     write_bytes_atomic(path, json.dumps(obj, indent=2, sort_keys=True).encode())
-
-
-FINITE_CHUNK = 1 << 24  # elements checked at a time: the temporaries stay ~16 MB whatever the tensor
-
-
-def nonfinite_count(t: "torch.Tensor") -> int:  # noqa: F821
-    """How many NaN/inf values ``t`` holds (0 for an integer tensor), in one pass over chunks (a
-    checkpoint's embedding can be GBs; its bool mask should not be)."""
-    import torch
-    if not t.is_floating_point():
-        return 0
-    flat, n = t.reshape(-1), 0
-    for i in range(0, flat.numel(), FINITE_CHUNK):
-        c = flat[i:i + FINITE_CHUNK]
-        if c.element_size() == 1:  # torch has no isfinite for float8_e4m3fn; fp16 holds every fp8 value
-            c = c.to(torch.float16)
-        ok = torch.isfinite(c)
-        if not bool(ok.all()):
-            n += int((~ok).sum())
-    return n
 
 
 def assert_finite(tensors: dict[str, "torch.Tensor"], where: str | os.PathLike) -> None:  # noqa: F821

@@ -279,6 +279,12 @@ def test_a_generation_config_linked_out_of_the_checkpoint_is_not_read(base, tmp_
     assert getattr(m.model.generation_config, "max_new_tokens", None) != 4242
     assert "outside the checkpoint folder" in caplog.text
     (ck / "generation_config.json").unlink()
+    (ck / "generation_config.json").write_text(json.dumps([{"max_new_tokens": 4242}]))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="awqlib"):  # not an object: said, as for any file it refuses
+        m = AutoAWQ.from_quantized(str(ck))
+    assert getattr(m.model.generation_config, "max_new_tokens", None) != 4242
+    assert "generation_config.json must hold a JSON object, not list" in caplog.text
     (ck / "generation_config.json").write_text(json.dumps({"max_new_tokens": 4242}))
     assert AutoAWQ.from_quantized(str(ck)).model.generation_config.max_new_tokens == 4242
     (ck / "generation_config.json").write_text(json.dumps({"max_new_tokens": "many"}))  # a wrong type: loads
@@ -819,10 +825,10 @@ def test_a_checkpoint_holding_nan_is_refused_at_load(base, tmp_path, name, value
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16, torch.float32])
 def test_nonfinite_count_reads_every_floating_dtype(dtype, monkeypatch):
-    from awqlib import safetensors_io
-    monkeypatch.setattr(safetensors_io, "FINITE_CHUNK", 3)  # counted over chunks
+    from awqlib import quant
+    monkeypatch.setattr(quant, "FINITE_CHUNK", 3)  # counted over chunks
     t = torch.tensor([1.0, float("nan"), 2.0, float("nan"), 3.0, 4.0, float("nan")]).to(dtype)
-    count = safetensors_io.nonfinite_count  # (float8_e4m3fn has no isfinite)
+    count = quant.nonfinite_count  # (float8_e4m3fn has no isfinite)
     assert count(t) == 3 and count(t[::2]) == 1 and count(t[::4]) == 0 and count(torch.arange(3)) == 0
 
 
@@ -933,6 +939,19 @@ def test_untrusted_remote_code_is_not_carried_into_the_output(src, tmp_path, cap
     assert "auto_map left out of the quantized config.json" in caplog.text
     assert "not copying the source's code files ['evil.py']" in caplog.text
     assert json.loads((out / "tokenizer_config.json").read_text()) == {"model_max_length": 77}
+
+
+@pytest.mark.parametrize("text", ['{"tokenizer_class": "PreTrainedTokenizerFast",', '["auto_map"]'])
+def test_a_malformed_tokenizer_config_is_copied_verbatim(src, tmp_path, caplog, text):
+    """The untrusted save's auto_map rewrite must not fail the whole save at its very end (every rerun
+    resumed and failed the same way): a tokenizer_config.json that is not a JSON object is kept as it
+    was (transformers cannot read it either), with a warning."""
+    (src / "tokenizer_config.json").write_text(text)
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="awqlib"):
+        _quantize(src, out)
+    assert (out / "tokenizer_config.json").read_text() == text
+    assert "tokenizer_config.json copied as it is" in caplog.text
 
 
 def test_trusted_remote_code_keeps_auto_map(tmp_path):
