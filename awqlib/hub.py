@@ -278,7 +278,7 @@ def stale_remote_files(api, repo_id: str, uploading: list[str], revision: str | 
 
     from .checkpoint import is_tokenizer_file
     from .outputs import checkpoint_file_name, has_remote_code, is_awq_config
-    from .safetensors_io import read_json
+    from .safetensors_io import read_json_object
     try:
         remote = api.list_repo_files(repo_id, revision=revision, repo_type="model")
     except (RepositoryNotFoundError, RevisionNotFoundError):
@@ -289,10 +289,9 @@ def stale_remote_files(api, repo_id: str, uploading: list[str], revision: str | 
             return {}
         try:
             path = api.hf_hub_download(repo_id, name, revision=revision, repo_type="model")
-            d = read_json(Path(path).parent, Path(path).name)
-        except (EntryNotFoundError, OSError, ValueError):
+            return read_json_object(Path(path).parent, Path(path).name)
+        except (EntryNotFoundError, OSError, ValueError):  # unreadable: not an AWQ config, nothing deleted
             return {}
-        return d if isinstance(d, dict) else {}
     cfg = read("config.json")
     if not is_awq_config(cfg):
         if remote and set(remote) - {".gitattributes"}:
