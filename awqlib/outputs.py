@@ -17,6 +17,7 @@ deletes a file it did not write.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import logging
@@ -269,6 +270,12 @@ def swap_into_place(new: Path, target: Path) -> None:
             raise FileExistsError(f"{target} is being replaced by another awqlib run: wait for it to finish")
         old = leftover_path(target, "old")
     try:
+        if old is not None and exchange_paths(new, target):
+            # one step: target never missing; the old checkpoint is now under new's (.tmp) name, which
+            # the next run removes if this one is killed before it does
+            fsync_path(target.parent)
+            remove_tree(new, "the checkpoint replaced")
+            return
         if old is not None:
             os.rename(target, old)
         try:
@@ -283,6 +290,32 @@ def swap_into_place(new: Path, target: Path) -> None:
     finally:
         if fd is not None:
             os.close(fd)
+
+
+_AT_FDCWD = -100        # <fcntl.h>: paths relative to the working directory
+_RENAME_EXCHANGE = 2    # <linux/fs.h>: renameat2 swaps the two entries atomically
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap the two existing paths ``a`` and ``b`` in one atomic step (Linux ``renameat2`` with
+    RENAME_EXCHANGE, glibc >= 2.28); False where the platform or filesystem cannot, and the caller
+    falls back to two renames."""
+    fn = getattr(_libc(), "renameat2", None)
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(str(a)), _AT_FDCWD, os.fsencode(str(b)), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
 
 
 class AtomicDir:

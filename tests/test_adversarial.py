@@ -1031,6 +1031,7 @@ def test_a_failed_swap_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(a, b)
     monkeypatch.setattr(outputs.os, "rename", rename)
+    monkeypatch.setattr(outputs, "exchange_paths", lambda a, b: False)  # the two-rename path
     with pytest.raises(OSError):
         outputs.swap_into_place(new, target)
     assert (target / "model.safetensors").read_bytes() == b"old"
@@ -1198,10 +1199,41 @@ def test_leftovers_of_a_killed_run_are_restored_or_removed_and_reported(base, tm
     assert str(held) in caplog.text  # reported, not touched
 
 
-def test_a_kill_between_the_two_renames_loses_no_checkpoint(base, tmp_path, monkeypatch):
+def test_a_swap_is_one_step_where_the_filesystem_can_exchange(base, tmp_path, monkeypatch):
+    """renameat2(RENAME_EXCHANGE): `out` is never missing; a kill right after the swap leaves the old
+    checkpoint under a .tmp name, which the next run removes."""
     from awqlib import outputs
     out = tmp_path / "out"
     shutil.copytree(base["ckpt"], out)
+    (out / "README.md").write_text("the old one")
+    m = AutoAWQ.from_pretrained(str(base["src"])).quantize(None, QC, method="rtn")
+    real_rename = os.rename
+
+    def rename(a, b):
+        if Path(b) == out or ".out.old-" in str(b):
+            pytest.fail("two renames where one exchange does")
+        return real_rename(a, b)
+    monkeypatch.setattr(outputs.os, "rename", rename)
+
+    def killed(path, what):
+        raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(outputs, "remove_tree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        m.save_quantized(out, overwrite=True)
+    monkeypatch.undo()
+    assert validate_checkpoint(out).ok and (out / "README.md").read_text() != "the old one"
+    left = [p for p in tmp_path.iterdir() if p.name not in ("out", "src")]
+    assert len(left) == 1 and ".out.tmp-" in left[0].name and (left[0] / "README.md").read_text() == "the old one"
+    m.save_quantized(out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "src") == ["out"] and validate_checkpoint(out).ok
+
+
+def test_a_kill_between_the_two_renames_loses_no_checkpoint(base, tmp_path, monkeypatch):
+    """Where the filesystem cannot exchange two folders, the swap is two renames."""
+    from awqlib import outputs
+    out = tmp_path / "out"
+    shutil.copytree(base["ckpt"], out)
+    monkeypatch.setattr(outputs, "exchange_paths", lambda a, b: False)
     real, calls = os.rename, []
 
     def rename(a, b):
@@ -1217,6 +1249,7 @@ def test_a_kill_between_the_two_renames_loses_no_checkpoint(base, tmp_path, monk
     assert not out.exists()
     m.save_quantized(out, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and validate_checkpoint(out).ok
+    assert calls, "the two-rename path ran"
 
 
 def test_an_old_checkpoint_without_an_interrupted_swap_beside_it_is_not_put_back(base, tmp_path, caplog):
@@ -1283,15 +1316,15 @@ def test_what_cannot_be_removed_is_reported(base, tmp_path, monkeypatch, caplog)
     shutil.copytree(base["ckpt"], out)
     real = shutil.rmtree
 
-    def rmtree(p, *a, **k):
-        if ".old-" in str(p):
+    def rmtree(p, *a, **k):  # the replaced checkpoint (.old after two renames, .tmp after an exchange)
+        if ".out.old-" in str(p) or ".out.tmp-" in str(p):
             raise PermissionError(13, "Permission denied", str(p))
         return real(p, *a, **k)
     monkeypatch.setattr(shutil, "rmtree", rmtree)
     m = AutoAWQ.from_pretrained(str(base["src"])).quantize(None, QC, method="rtn")
     with caplog.at_level(logging.WARNING, logger="awqlib"):
         m.save_quantized(out, overwrite=True)
-    old = [p for p in tmp_path.iterdir() if ".old-" in p.name]
+    old = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
     assert len(old) == 1 and str(old[0]) in caplog.text and validate_checkpoint(out).ok
 
 
@@ -1320,7 +1353,8 @@ def test_every_file_and_the_parent_are_on_disk_before_the_old_checkpoint_goes(ba
     monkeypatch.setattr(shutil, "rmtree", lambda p, *a, **k: (events.append(("rmtree", str(p))),
                                                              real_rmtree(p, *a, **k)))
     AutoAWQ.from_pretrained(str(base["src"])).quantize(None, QC, method="rtn").save_quantized(out, overwrite=True)
-    gone = next(i for i, e in enumerate(events) if isinstance(e, tuple) and ".old-" in e[1])
+    # the replaced checkpoint: under .old after two renames, under the .tmp name after an exchange
+    gone = next(i for i, e in enumerate(events) if isinstance(e, tuple) and (".old-" in e[1] or ".tmp-" in e[1]))
     synced = {Path(e).name for e in events[:gone] if isinstance(e, str)}
     assert {p.name for p in out.iterdir()} <= synced  # each file (named as it was in the temporary folder)
     assert str(tmp_path) in events[:gone]  # the parent folder, after the rename
