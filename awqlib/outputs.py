@@ -6,10 +6,10 @@ deletes a file it did not write.
 * ``overwrite=True`` replaces only a folder that looks like an awqlib checkpoint (config.json with
   an AWQ ``quantization_config``, nothing but the files a checkpoint holds) or an empty one;
   anything else needs ``overwrite="force"`` (CLI: ``--force-overwrite``).
-* A run killed mid-way leaves ``.<name>.tmp-<8 hex>`` (a checkpoint being written) or
-  ``.<name>.old-<8 hex>`` (the checkpoint being replaced) beside the target; the run using such a
-  folder holds its ``flock``, so the next run can tell a leftover from a live run's folder
-  (:func:`recover_leftovers`).
+* A run killed mid-way leaves ``.<name>.tmp-<8 hex>`` (a checkpoint being written, or, after an
+  exchange, the one being replaced) or ``.<name>.old-<8 hex>`` (the checkpoint being replaced by two
+  renames) beside the target; the run using such a folder holds its ``flock``, so the next run can
+  tell a leftover from a live run's folder (:func:`recover_leftovers`).
 * The new folder is built beside the target and renamed into place only when complete
   (:class:`AtomicDir`, :func:`swap_into_place`); so an output that is a mount point (or on another
   filesystem than its parent) is refused up front.
@@ -234,9 +234,10 @@ def recover_leftovers(target: str | os.PathLike) -> None:
                 holds.append((p, *hold(p)))
             except OSError as e:
                 log.warning("awqlib: %s (left by an awqlib run?) cannot be opened (%s): left as it is", p, e)
-        # swap_into_place renames target -> .old, then .tmp -> target, and deletes .old only after
-        # that: an .old is whole where a .tmp no run holds is still beside it (killed between the
-        # renames).  Without one it may be half deleted, or the user removed target on purpose.
+        # where it cannot exchange them, swap_into_place renames target -> .old, then .tmp -> target,
+        # and deletes .old only after that: an .old is whole where a .tmp no run holds is still beside
+        # it (killed between the renames).  Without one it may be half deleted, or the user removed
+        # target on purpose.
         between_renames = any(held and ".tmp-" in p.name and not p.name.endswith(".new") for p, _, held in holds)
         for p, _, held in holds:
             if not held:
@@ -255,12 +256,13 @@ def recover_leftovers(target: str | os.PathLike) -> None:
 
 
 def swap_into_place(new: Path, target: Path) -> None:
-    """Rename the finished folder ``new`` to ``target``; an old ``target`` (already checked by
-    :func:`check_output`) is moved aside first (held, so that no other run takes it for a leftover)
-    and deleted only once the new one is in place."""
+    """Rename the finished folder ``new`` to ``target``. An old ``target`` (already checked by
+    :func:`check_output`; held, so that no other run takes it for a leftover) is exchanged with
+    ``new`` in one step where the filesystem can (:func:`exchange_paths`), else moved aside first;
+    either way it is deleted only once the new one is in place."""
     publish_modes(new)
-    old = fd = None
-    if target.exists():
+    fd, replacing, old = None, target.exists(), None
+    if replacing:
         try:
             fd, held = hold(target)
         except OSError:  # a folder this user cannot open for reading can still be renamed
@@ -268,15 +270,15 @@ def swap_into_place(new: Path, target: Path) -> None:
         if held is False:
             os.close(fd)
             raise FileExistsError(f"{target} is being replaced by another awqlib run: wait for it to finish")
-        old = leftover_path(target, "old")
     try:
-        if old is not None and exchange_paths(new, target):
+        if replacing and exchange_paths(new, target):
             # one step: target never missing; the old checkpoint is now under new's (.tmp) name, which
             # the next run removes if this one is killed before it does
             fsync_path(target.parent)
             remove_tree(new, "the checkpoint replaced")
             return
-        if old is not None:
+        if replacing:
+            old = leftover_path(target, "old")
             os.rename(target, old)
         try:
             os.rename(new, target)
