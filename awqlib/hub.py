@@ -324,8 +324,7 @@ def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | N
     checkpoint files only, with the card rendered for the repo beside them: the folder is not
     changed; the save arguments are errors there).
     ``max_shard_size``, ``overwrite``, ``tokenizer`` go to ``save_quantized``; ``perplexity`` (a
-    :class:`Perplexity` or a dict of its fields), ``base_model`` and ``license`` to the model card;
-    other keyword arguments (``revision``, ``create_pr``, ...) to ``HfApi.upload_folder``.
+    :class:`Perplexity` or a dict of its fields), ``base_model`` and ``license`` to the model card.
 
     The upload is one commit (``HfApi.create_commit``; the keyword arguments ``revision``,
     ``create_pr``, ``commit_description``, ``parent_commit``, ``num_threads`` go to it; with
@@ -343,10 +342,8 @@ def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | N
     card = {k: kwargs.pop(k) for k in ("base_model", "license") if k in kwargs}
     save_kw = {k: kwargs.pop(k) for k in ("max_shard_size", "overwrite", "tokenizer") if k in kwargs}
     delete_patterns = kwargs.pop("delete_patterns", _DEFAULT)
-    if delete_patterns not in (_DEFAULT, None):
-        kwargs["delete_patterns"] = delete_patterns
     perplexity = Perplexity.of(kwargs.pop("perplexity", None))
-    unknown = sorted(set(kwargs) - set(COMMIT_ARGUMENTS) - ({"delete_patterns"} if "delete_patterns" in kwargs else set()))
+    unknown = sorted(set(kwargs) - set(COMMIT_ARGUMENTS))
     if unknown:
         raise TypeError(f"push_to_hub got unknown argument(s) {unknown}; besides its own it accepts "
                         f"{sorted(COMMIT_ARGUMENTS)} (for HfApi.create_commit), max_shard_size, overwrite, tokenizer, "
@@ -369,9 +366,10 @@ def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | N
             write_model_card(folder, model, repo_id=repo_id, perplexity=perplexity, **card)
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if "delete_patterns" in kwargs:
+        if delete_patterns not in (_DEFAULT, None):  # the user's own patterns
             info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
-                                     commit_message=commit_message, allow_patterns=files, **kwargs)
+                                     commit_message=commit_message, allow_patterns=files,
+                                     delete_patterns=delete_patterns, **kwargs)
             stale = []
         else:
             stale = [] if delete_patterns is None else stale_remote_files(api, repo_id, files, kwargs.get("revision"))
@@ -399,7 +397,7 @@ def _stage_saved(saved: Path, stage: Path) -> tuple[list[str], Path]:
         log.warning("awqlib: not uploaded (not checkpoint files): %s", sorted(foreign))
     for f in files:
         (stage / f).parent.mkdir(parents=True, exist_ok=True)
-        (stage / f).symlink_to((saved / f).resolve())  # upload_folder reads through links
+        (stage / f).symlink_to((saved / f).resolve())  # CommitOperationAdd reads through links
     if "README.md" in files:
         (stage / "README.md").unlink()
     else:
