@@ -19,8 +19,9 @@ from .config import QuantConfig
 from .outputs import AtomicDir, has_remote_code, json_object_or_empty  # noqa: F401  (AtomicDir re-exported)
 from .packing import gemv_shapes, gemv_to_gemm
 from .quant import nonfinite_count, pack_factor
-from .safetensors_io import (SAFE_INDEX, confined, TAG_OF, check_expected, iter_tensors, parse_size,  # noqa: F401
-                             plan_shards, read_json_object, save_tensors, shard_names, tensor_index, weight_files, write_index)
+from .safetensors_io import (SAFE_INDEX, confined, check_expected, iter_tensors, parse_size,  # noqa: F401
+                             plan_shards, read_json_object, save_tensors, shard_names, tag_of, tensor_index, weight_files,
+                             write_index)
 
 log = logging.getLogger("awqlib")
 
@@ -345,7 +346,7 @@ def load_quantized_state(files: list[Path], spec: ArchSpec, qcfg: QuantConfig, d
 
     where = tensor_index(files)
     if expect is not None:
-        check_expected(where, {to_checkpoint_name(k, spec): (TAG_OF[str(t.dtype).replace("torch.", "")], shape)
+        check_expected(where, {to_checkpoint_name(k, spec): (tag_of(t), shape)
                                for k, shape, t in _stored_shapes(expect, qcfg)}, folder,
                        optional=[to_checkpoint_name(k, spec) for k in optional])
     for k, t in iter_tensors(files, where):

@@ -20,7 +20,7 @@ from torch import nn
 
 from .arch import ArchSpec
 from .checkpoint import to_checkpoint_name
-from .safetensors_io import TAG_OF, check_expected, read_tensors, tensor_index, weight_files
+from .safetensors_io import check_expected, read_tensors, tag_of, tensor_index, weight_files
 
 log = logging.getLogger("awqlib")
 
@@ -38,7 +38,7 @@ class ShardReader:
         tensor, or one of the wrong dtype or shape, would otherwise fail only when its block is
         reached, or write a checkpoint that does not load. Tensors the model does not have are left
         out of the output (transformers ignores them too): logged."""
-        expected = {to_checkpoint_name(k, spec): (TAG_OF[str(t.dtype).replace("torch.", "")], tuple(t.shape))
+        expected = {to_checkpoint_name(k, spec): (tag_of(t), tuple(t.shape))
                     for k, t in model.state_dict().items()}
         unused = sorted(set(self.index) - set(expected))
         if unused:

@@ -49,6 +49,11 @@ FLOAT_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"})
 TAG_OF = {name: tag for tag, (name, _) in DTYPES.items()}  # "float16" -> "F16"
 
 
+def tag_of(t: "torch.Tensor") -> str:  # noqa: F821
+    """The safetensors dtype tag of ``t`` ("F16" for torch.float16)."""
+    return TAG_OF[str(t.dtype).replace("torch.", "")]
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One header entry: ``begin``/``end`` are absolute byte offsets in the file."""
@@ -421,7 +426,7 @@ def save_tensors(tensors: dict[str, "torch.Tensor"], path: Path) -> None:  # noq
     items = []
     for name, t in tensors.items():
         t = t.detach().cpu().contiguous()
-        items.append((name, TAG_OF[str(t.dtype).replace("torch.", "")], tuple(t.shape), t.numel() * t.element_size(),
+        items.append((name, tag_of(t), tuple(t.shape), t.numel() * t.element_size(),
                       lambda out, t=t: out.write(t.reshape(-1).view(torch.uint8).numpy().data)))
     _write_file(path, items)
 
