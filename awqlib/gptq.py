@@ -29,16 +29,11 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01, max_tries: i
     diag``; where the factorisation still fails (few tokens, ill-conditioned H) the damping grows
     tenfold, up to ``max_tries`` times, and then a clear error is raised: never NaNs.
     """
-    H = H.detach().float().clone()
-    n = H.shape[0]
-    diag = H.diagonal()
     if not torch.isfinite(H).all():
         raise FloatingPointError("the Hessian (X^T X of the calibration activations) holds NaN/inf")
-    dead = diag == 0
-    H[dead, :] = 0
-    H[:, dead] = 0
-    diag[dead] = 1
-    mean_diag = diag.mean().item()
+    H = _without_dead_channels(H)
+    n = H.shape[0]
+    mean_diag = H.diagonal().mean().item()
     damp = percdamp * mean_diag
     eye = torch.eye(n, dtype=H.dtype, device=H.device)
     for _ in range(max_tries):
@@ -132,16 +127,23 @@ def gptq(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128,
     return wq, scale, zero
 
 
-def damped_hessian(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """H + damp I in fp32, with :func:`inverse_hessian_factor`'s damping and unit diagonal for dead
-    channels: the objective GPTQ's factor minimises, as a matrix."""
+def _without_dead_channels(H: torch.Tensor) -> torch.Tensor:
+    """An fp32 copy of H in which each dead input channel (diag 0: no calibration token reached it)
+    has a unit diagonal and no coupling."""
     H = H.detach().float().clone()
     diag = H.diagonal()
     dead = diag == 0
     H[dead, :] = 0
     H[:, dead] = 0
     diag[dead] = 1
-    diag += percdamp * diag.mean()
+    return H
+
+
+def damped_hessian(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """H + damp I in fp32, with :func:`inverse_hessian_factor`'s damping and unit diagonal for dead
+    channels: the objective GPTQ's factor minimises, as a matrix."""
+    H = _without_dead_channels(H)
+    H.diagonal().add_(percdamp * H.diagonal().mean())
     return H
 
 
