@@ -227,7 +227,7 @@ class BlockStore:
 
     def _adopt_or_clear(self) -> None:
         meta, finished = self.dir / RUN_FILE, self._finished()
-        why = None
+        why, resumable = None, True  # resumable: the original settings would resume it
         if meta.exists():
             old_parts = {}
             try:
@@ -241,6 +241,7 @@ class BlockStore:
                        and old_parts.get(k) != self.parts[k]]
             if why is None and not old_parts:
                 why = "it was started by an earlier awqlib version, which recorded its settings differently"
+                resumable = False
             why = why or (f"it was started with different settings (changed: {', '.join(changed)})"
                           if changed else "it was started with different settings (model, quant config, options "
                                           "or calibration data)")
@@ -250,7 +251,7 @@ class BlockStore:
             log.warning("awqlib: overwrite: discarding the %d finished block(s) of an interrupted run in %s (%s)",
                         len(finished), self.dir, why)
         elif finished:
-            retry = "" if "earlier awqlib version" in why else " Rerun with the original settings to resume it, or"
+            retry = " Rerun with the original settings to resume it, or" if resumable else ""
             raise FileExistsError(
                 f"{self.dir} holds an interrupted run whose {len(finished)} finished block(s) cannot be resumed: "
                 f"{why}.{retry} pass overwrite=True (CLI: --overwrite) to discard it and start over")
