@@ -262,6 +262,7 @@ def swap_into_place(new: Path, target: Path) -> None:
     either way it is deleted only once the new one is in place."""
     publish_modes(new)
     fd, replacing, old = None, target.exists(), None
+    cwd_inside = replacing and _cwd_inside(target)
     if replacing:
         try:
             fd, held = hold(target)
@@ -292,6 +293,29 @@ def swap_into_place(new: Path, target: Path) -> None:
     finally:
         if fd is not None:
             os.close(fd)
+        if cwd_inside and target.is_dir() and not new.exists():
+            _reenter(target)
+
+
+def _cwd_inside(folder: Path) -> bool:
+    """The process works in ``folder`` or below it (``awqlib quantize model .``, or a notebook's
+    ``save_quantized(".")``)."""
+    try:
+        cwd = Path(os.getcwd())
+    except FileNotFoundError:
+        return False
+    real = Path(os.path.realpath(folder))
+    return cwd == real or real in cwd.parents
+
+
+def _reenter(target: Path) -> None:
+    """After ``target`` was replaced while the process worked inside it: the old folder is deleted,
+    so relative paths (``from_quantized(".")``) would fail; work in the new checkpoint instead, and
+    tell the user that a shell which started the run still sits in the deleted folder."""
+    os.chdir(target)
+    log.warning("the output %s was the current directory and has been replaced by the new checkpoint: "
+                "this process now works in the new one, but a shell that started the run still sits in the "
+                "deleted folder and sees it empty: run `cd %s` there", target, target)
 
 
 _AT_FDCWD = -100        # <fcntl.h>: paths relative to the working directory

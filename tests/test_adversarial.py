@@ -1137,19 +1137,25 @@ def test_resume_refuses_another_config_or_version_and_names_it(src, tmp_path, mo
 
 
 @pytest.mark.parametrize("how", ["quantize", "save_quantized"])
-def test_output_given_as_dot_or_a_relative_path(src, tmp_path, monkeypatch, how):
+def test_output_given_as_dot_or_a_relative_path(src, tmp_path, monkeypatch, caplog, how):
     """`cd new && awqlib quantize ../model .`: review: the partial/tmp folders landed inside '.', and
-    finalize refused its own output; reruns were refused even with --overwrite."""
+    finalize refused its own output; reruns were refused even with --overwrite.  The folder the
+    process worked in is replaced, so the process then works in the new one (before, os.getcwd()
+    failed and a notebook's next `from_quantized(".")` with it) and the user is told about the shell."""
     (tmp_path / "new").mkdir()
     for out in (".", "../new", "."):  # into the empty folder, a relative path, then over the checkpoint
         monkeypatch.chdir(tmp_path / "new")
         kw = {"overwrite": True} if os.listdir(".") else {}
+        caplog.clear()
         if how == "quantize":
             m = _quantize(src, out, **kw)
             assert m.saved_to == tmp_path / "new"
         else:
             AutoAWQ.from_pretrained(str(src)).quantize(None, QC, method="rtn").save_quantized(out, **kw)
-        monkeypatch.chdir(tmp_path)  # the process's old cwd was replaced by the checkpoint
+        assert os.getcwd() == os.path.realpath(tmp_path / "new")
+        assert validate_checkpoint(".").ok
+        assert "was the current directory" in caplog.text and "cd " in caplog.text
+        monkeypatch.chdir(tmp_path)
         assert validate_checkpoint(tmp_path / "new").ok
         assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "src"]  # nothing left beside or inside
         assert not [p for p in (tmp_path / "new").iterdir() if p.name.startswith(".")]
