@@ -124,6 +124,12 @@ __device__ __forceinline__ void allow_dependent_launch() {
 #endif
 }
 
+// An empty asm that "changes" v: from here on v must live in a register, because ptxas can no
+// longer recompute it.  Inside a loop, it keeps per-thread offsets derived from threadIdx out of
+// the loop body (ptxas otherwise rematerialises them from SR_TID every iteration to save
+// registers the kernel does not need saved: scripts/sass_budget.py shows the cost).
+__device__ __forceinline__ void keep_in_register(int& v) { asm volatile("" : "+r"(v)); }
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }

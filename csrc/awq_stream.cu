@@ -5,7 +5,7 @@
 // (awq_skinny.cu, awq_gemv.cu) are limited by *instruction issue*, not by bytes: 370-600
 // warp-instructions per KB of weights (scripts/sass_budget.py), which caps them near 1.8-2.9
 // TB/s on an H200 even at 100 % issue (shared/design/kernels-v2.md).  This kernel is built to
-// spend <= 175-190 per KB:
+// spend <= 175-190 per KB (scripts/sass_budget.py: 162.5 at M <= 16, fp16):
 //
 //  * Layout (awqlib/packing.py, "stream layout", repacked once at load): 16x64 atoms, one 16-byte
 //    fragment per lane, k-pairs pre-interleaved, so a word of 8 weights becomes the mma B
@@ -16,7 +16,7 @@
 //    once, as in the reference (fp16 high nibbles: fma(16 q + 1024, 1/16, -(64 + z)), also exact).
 //    Group sums (Kernel.STREAM_GROUP_SUMS, M <= 32, groups >= 128 rows) skip that multiply: the
 //    mma sums the exact products x (q - z) in fp32 and the scale is applied in fp32 once per
-//    warp k-slice (GroupSums: 151 instead of 175 instructions per KB).
+//    warp k-slice (GroupSums: 142 instead of 162.5 instructions per KB).
 //  * Pipeline: a 3-stage cp.async ring in shared memory; a stage is 512 k-rows x 128 columns
 //    (32 KB of weights; 256 rows at M > 32) plus the activations, scales and zeros it needs, so
 //    64 KB of weights are in flight per SM (GPUs with less shared memory per block run the
@@ -216,7 +216,7 @@ template <> struct StreamDequant<__nv_bfloat16> {
 // by the lanes of equal q.  No weight is rounded to T, so the result is closer to the exact
 // product than the scaled path's.  A fold (MB * 32 FFMA + 16 conversions; the cleared sums cost nothing, the next
 // mma reads RZ) saves the stage's 16 kKA HMUL2 when it comes once per stage, at MB <= 2 without
-// FINE groups (sm_90 SASS, fp16, MB = 1: 151 instead of 175 instructions per KB).  Where a FINE
+// FINE groups (sm_90 SASS, fp16, MB = 1: 142 instead of 162.5 instructions per KB).  Where a FINE
 // group change folds inside a branch, the sums are cleared by moves and the kernel got slower
 // (216 against 187 at group 64), so those are not instantiated (group_sums_pay).
 // A warp's fp32 accumulators: MB m16 tiles x 8 n8-tiles x 4 per lane (mma.m16n8k16's C/D).
@@ -506,9 +506,16 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
 
   // ---- consumer state: per-lane shared-memory offsets, fixed for the whole kernel
   const int b_off = ((wn * kKA * kKW + wk * kKA) * 32 + lane) * 16;          // + 512 i
-  int a_off[kKA];
+  // Atom i reads 16-byte chunk ch = 2 (wk kKA + i) + lane / 16 of its row, swizzled to ch ^ (row % 8).
+  // The swizzle only touches ch's low 3 bits, which for i = i0 + 4 j are 2 i0 + lane / 16: so the
+  // offset of atom i is the offset of atom i % 4 plus 128 bytes per j, an immediate.  Four
+  // registers instead of kKA, and no swizzle arithmetic in the loop (ptxas otherwise
+  // rematerialises each offset, ~4 instructions per ldmatrix).
+  constexpr int kASwizzled = 4;  // atoms whose chunks span one 8-chunk swizzle period
+  static_assert(kKA % kASwizzled == 0, "atoms come in whole swizzle periods");
+  int a_off[kASwizzled];
 #pragma unroll
-  for (int i = 0; i < kKA; ++i) {
+  for (int i = 0; i < kASwizzled; ++i) {
     const int row = lane & 15, ch = 2 * (wk * kKA + i) + (lane >> 4);
     a_off[i] = Cfg::kOffA + row * Cfg::kARowBytes + ((ch ^ (row & 7)) * 16);  // + mb * 16 rows
   }
@@ -603,6 +610,8 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   int rd = 0, wr = kStages - 1;  // ring slots being consumed / refilled
 #pragma unroll 1
   for (int t = 0; t < n_units; ++t) {
+#pragma unroll
+    for (int i = 0; i < kASwizzled; ++i) keep_in_register(a_off[i]);
     cp_async_wait<kStages - 2>();
     __syncthreads();  // stage t landed for everyone; slot `wr` was consumed at t-1 by everyone
     if (t + kStages - 1 < n_units) {
@@ -627,7 +636,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
       const uint4 wv = *reinterpret_cast<const uint4*>(st + b_off + i * 512);
       uint32_t a[MB][4];
 #pragma unroll
-      for (int mb = 0; mb < MB; ++mb) ldmatrix_x4(a[mb], st + a_off[i] + mb * 16 * Cfg::kARowBytes);
+      for (int mb = 0; mb < MB; ++mb) ldmatrix_x4(a[mb], st + a_off[i % kASwizzled] + (i / kASwizzled) * 16 * 2 * kASwizzled + mb * 16 * Cfg::kARowBytes);
       const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {

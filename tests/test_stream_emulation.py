@@ -164,8 +164,9 @@ def emulate(x, qs, zs, ss, g, num_sms, sums=False, compact=False):
                     for mb in range(c["mb"]):
                         for mi in range(4):  # ldmatrix.x4: lane 8 mi + gq gave row gq of matrix mi
                             L = 8 * mi + GQ
-                            row, chk = L & 15, 2 * a + (L >> 4)
-                            v = A[16 * mb + row, chk ^ (row & 7)]                       # [32, 8]
+                            # a_off[i % 4] (the swizzled chunk of atom i % 4) + 128 bytes per 4 atoms
+                            row, chk = L & 15, 2 * (wk * ka + i % 4) + (L >> 4)
+                            v = A[16 * mb + row, (chk ^ (row & 7)) + 8 * (i // 4)]     # [32, 8]
                             for e in range(2):
                                 Atile[16 * mb + GQ + 8 * (mi % 2), 8 * (mi // 2) + 2 * Q + e] = v[LANES, 2 * Q + e]
                     words = B[wn * ap * 32 + a * 32 + LANES]                           # [32, 4]
