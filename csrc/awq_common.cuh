@@ -8,8 +8,15 @@
 // makes each half equal to magic + code, exactly.  Subtracting (magic + zero) is exact too
 // (small integers), and the single multiply by the scale rounds once -- the same rounding as
 // the PyTorch reference ((q - z).to(dtype) * s), so dequantized weights are bit-identical.
+//
+// Every PTX wrapper below has its CPU twin beside it (#ifdef AWQ_HOST_EMULATION): a host compiler
+// then builds the kernels unchanged and csrc/cpu_twin.h runs them, thread by thread
+// (tests/test_cpu_twin.py).
 #pragma once
 
+#ifdef AWQ_HOST_EMULATION
+#include "cpu_twin.h"
+#endif
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
@@ -48,9 +55,13 @@ __device__ __forceinline__ uint32_t as_u32(T2 v) {
 
 // (a & b) | c in one instruction: immLut 0xEA == (0xF0 & 0xCC) | 0xAA.
 __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
+#ifdef AWQ_HOST_EMULATION
+  return (a & b) | c;
+#else
   uint32_t d;
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
   return d;
+#endif
 }
 
 // Pair p (0..3) of a packed word as (magic + code[col 2p], magic + code[col 2p+1]).
@@ -86,27 +97,40 @@ struct GroupParams {
 // The "memory" clobbers keep the compiler from moving shared-memory reads across the copies and
 // waits (kernels that read their own lane's copies need no barrier, only this ordering).
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+#ifdef AWQ_HOST_EMULATION
+  awq_twin::cp_async16(smem, gmem, valid);
+#else
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const int src_size = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_size) : "memory");
+#endif
 }
 
 // An L2 policy for data read exactly once (streamed weights): evict it first, so that it does not
 // push out what is reused (activations, scales, split-K partials).
 __device__ __forceinline__ uint64_t l2_evict_first_policy() {
+#ifdef AWQ_HOST_EMULATION
+  return 0;  // a cache hint: no effect on what is computed
+#else
   uint64_t policy;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
   return policy;
+#endif
 }
 
 // The same copy, always valid, from gmem + OFFSET bytes with an L2 cache policy: the offset stays
 // an immediate of the instruction instead of a 64-bit add per copy.
 template <int OFFSET>
 __device__ __forceinline__ void cp_async16_stream(void* smem, const void* gmem, uint64_t policy) {
+#ifdef AWQ_HOST_EMULATION
+  (void)policy;
+  awq_twin::cp_async16(smem, static_cast<const uint8_t*>(gmem) + OFFSET, true);
+#else
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1+%2], 16, %3;\n" ::"r"(s), "l"(gmem), "n"(OFFSET),
                "l"(policy)
                : "memory");
+#endif
 }
 
 // Programmatic dependent launch (sm_90+; no-ops below, and when the kernel was launched without
@@ -128,20 +152,40 @@ __device__ __forceinline__ void allow_dependent_launch() {
 // longer recompute it.  Inside a loop, it keeps per-thread offsets derived from threadIdx out of
 // the loop body (ptxas otherwise rematerialises them from SR_TID every iteration to save
 // registers the kernel does not need saved: scripts/sass_budget.py shows the cost).
+#ifdef AWQ_HOST_EMULATION
+__device__ __forceinline__ void keep_in_register(int&) {}
+__device__ __forceinline__ void cp_async_commit() { awq_twin::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { awq_twin::cp_async_wait(N); }
+#else
 __device__ __forceinline__ void keep_in_register(int& v) { asm volatile("" : "+r"(v)); }
-
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+#endif
+
+// The kernel's dynamic shared memory (what the launch's dynamicSmemBytes sized).
+__device__ __forceinline__ uint8_t* dynamic_smem() {
+#ifdef AWQ_HOST_EMULATION
+  return awq_twin::cta().smem;
+#else
+  extern __shared__ __align__(16) uint8_t awq_dynamic_smem[];
+  return awq_dynamic_smem;
+#endif
+}
 
 // ---------------------------------------------------------------- tensor-core helpers
 // ldmatrix.x4: lanes 8i..8i+7 give the row addresses of 8x8 matrix i; every lane receives
 // one 32-bit register (two adjacent 16-bit elements) of each of the four matrices.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
+#ifdef AWQ_HOST_EMULATION
+  awq_twin::ldmatrix_x4(r, smem_row);
+#else
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(s));
+#endif
 }
 
 template <typename T> struct Mma;
@@ -149,21 +193,29 @@ template <typename T> struct Mma;
 template <> struct Mma<__half> {
   // D[16x8] += A[16x16] (row) * B[16x8] (col), fp16 inputs, fp32 accumulators.
   __device__ __forceinline__ static void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef AWQ_HOST_EMULATION
+    awq_twin::mma_m16n8k16<__half>(d, a, b0, b1);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
 };
 
 template <> struct Mma<__nv_bfloat16> {
   __device__ __forceinline__ static void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef AWQ_HOST_EMULATION
+    awq_twin::mma_m16n8k16<__nv_bfloat16>(d, a, b0, b1);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
 };
 
@@ -173,6 +225,11 @@ template <> struct Mma<__nv_bfloat16> {
 // partials (fence, then atomic; read them with __ldcg) and must reset the counter to 0 for the
 // next launch.  Used by every kernel that splits K across blocks.
 __device__ __forceinline__ bool arrive_last(int32_t* counter, int splits) {
+#ifdef AWQ_HOST_EMULATION
+  __syncthreads();
+  const bool last = __syncthreads_or(threadIdx.x == 0 && atomicAdd(counter, 1) == splits - 1);
+  return last;
+#else
   __shared__ int is_last;
   __threadfence();
   __syncthreads();
@@ -181,6 +238,7 @@ __device__ __forceinline__ bool arrive_last(int32_t* counter, int splits) {
   const bool last = is_last;
   if (last) __threadfence();
   return last;
+#endif
 }
 
 // (lo of a, lo of b) and (hi of a, hi of b): turn two column-pairs of rows k, k+1 into two

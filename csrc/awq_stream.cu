@@ -31,7 +31,9 @@
 //    part order and writes the output, and resets its counter (awq_ops.cpp: counters_for).
 //
 // Not the default yet: checked on the CPU only (layout arithmetic bit for bit, indexing by
-// tests/test_stream_emulation.py, the SASS budget by tests/test_sass_budget.py).  awq_ops.cpp
+// tests/test_stream_emulation.py, this source itself by its CPU twin, tests/test_cpu_twin.py --
+// which is why the CUDA runtime side below sits in #ifndef AWQ_HOST_EMULATION -- and the SASS
+// budget by tests/test_sass_budget.py).  awq_ops.cpp
 // runs it only for weights explicitly put in the stream layout (AWQLIB_LAYOUT=stream,
 // WQLinear.set_layout) or forced with Kernel.STREAM; packing.DEFAULT_RUNTIME_LAYOUT becomes
 // "stream" once tests/test_kernels_cuda.py passes on a GPU and benchmarks/gpu_sweep.py shows it
@@ -342,7 +344,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   constexpr int kKA = Cfg::kKA;
   constexpr int kStageK = Cfg::kStageK;
   constexpr int kChunksPerRow = kStageK / 8;               // 16-byte activation chunks per row
-  extern __shared__ __align__(16) uint8_t smem[];
+  uint8_t* const smem = dynamic_smem();
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wn = warp % kNA, wk = warp / kNA;
@@ -717,73 +719,14 @@ auto stream_kernel_for(bool exact, bool fine, bool sums) {
                : (fine ? awq_stream_kernel<T, MB, false, true, false, COMPACT> : awq_stream_kernel<T, MB, false, false, false, COMPACT>);
 }
 
-// What launch_mb needs of a kernel on the current device, asked of the runtime once per (kernel,
-// device): its opt-in to `smem_bytes` (> 48 KB) of dynamic shared memory -- a host-side attribute,
-// fine during graph capture -- and whether it was compiled for sm_90+, so holds griddepcontrol.wait
-// (awq_common.cuh grid_dependency_wait; a PTX JIT of an sm_80 build on an H100 has none).  Only a
-// successful opt-in is remembered: a failure skips the launch and stays the runtime's last error,
-// which the caller's launch check reports.
-struct KernelReady {
-  bool ok;
-  bool has_grid_dependency_wait;
-};
-
-KernelReady kernel_ready(const void* kernel, int smem_bytes) {
-  static std::mutex mu;
-  static std::map<std::pair<const void*, int>, KernelReady> known;
-  int dev = 0;
-  cudaGetDevice(&dev);
-  const std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_pair(kernel, dev);
-  auto it = known.find(key);
-  if (it == known.end()) {
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes) != cudaSuccess)
-      return {false, false};
-    cudaFuncAttributes attr{};
-    const bool wait = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90 &&
-                      attr.binaryVersion >= 90;
-    it = known.emplace(key, KernelReady{true, wait}).first;
-  }
-  return it->second;
-}
-
+// The instantiation that runs shape `p` (EXACT where no load needs a bounds predicate, FINE where
+// group_size < 16 kKA).
 template <typename T, int MB, bool COMPACT>
-void launch_mb(const GemmArgs& a, const StreamParams& p, int grid, bool group_sums, bool pdl, cudaStream_t stream) {
+auto stream_kernel_of(const StreamParams& p, bool group_sums) {
   using Cfg = StreamCfg<MB, COMPACT>;
   const bool exact = p.K % Cfg::kStageK == 0 && p.N % kSliceN == 0;
-  const bool fine = p.gshift < 31 && (16 << p.gshift) < 16 * Cfg::kKA;  // group_size < 16 kKA
-  const auto kernel = stream_kernel_for<T, MB, COMPACT>(exact, fine, group_sums);
-  const KernelReady ready = kernel_ready(reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
-  if (!ready.ok) return;
-  StreamParams q = p;
-  q.pdl = pdl && ready.has_grid_dependency_wait;  // PDL only where the kernel that runs waits
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(grid);
-  cfg.blockDim = dim3(kStThreads);
-  cfg.dynamicSmemBytes = Cfg::kSmemBytes;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;  // see grid_dependency_wait
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = q.pdl ? 1 : 0;
-  // A failure stays the runtime's last error, which the caller's launch check reports.
-  (void)cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(a.x), reinterpret_cast<const uint4*>(a.qweight),
-                           reinterpret_cast<const uint32_t*>(a.qzeros), static_cast<const T*>(a.scales),
-                           static_cast<T*>(a.out), a.workspace, a.counters, q);
-}
-
-template <typename T>
-void launch_config(const GemmArgs& a, const StreamParams& p, int grid, int mb, bool compact, bool group_sums,
-                   bool pdl, cudaStream_t stream) {
-  if (compact) {
-    if (mb == 1) launch_mb<T, 1, true>(a, p, grid, group_sums, pdl, stream);
-    else launch_mb<T, 2, true>(a, p, grid, group_sums, pdl, stream);
-  } else {
-    if (mb == 1) launch_mb<T, 1, false>(a, p, grid, group_sums, pdl, stream);
-    else if (mb == 2) launch_mb<T, 2, false>(a, p, grid, group_sums, pdl, stream);
-    else launch_mb<T, 4, false>(a, p, grid, group_sums, pdl, stream);
-  }
+  const bool fine = p.gshift < 31 && (16 << p.gshift) < 16 * Cfg::kKA;
+  return stream_kernel_for<T, MB, COMPACT>(exact, fine, group_sums);
 }
 
 int mb_for(int M) { return M <= 16 ? 1 : M <= 32 ? 2 : 4; }
@@ -823,6 +766,74 @@ StreamParams params_for(int M, int N, int K, int group_size, int per, int grid, 
   return p;
 }
 
+#ifndef AWQ_HOST_EMULATION  // the CUDA runtime side: launches and device queries
+// What launch_mb needs of a kernel on the current device, asked of the runtime once per (kernel,
+// device): its opt-in to `smem_bytes` (> 48 KB) of dynamic shared memory -- a host-side attribute,
+// fine during graph capture -- and whether it was compiled for sm_90+, so holds griddepcontrol.wait
+// (awq_common.cuh grid_dependency_wait; a PTX JIT of an sm_80 build on an H100 has none).  Only a
+// successful opt-in is remembered: a failure skips the launch and stays the runtime's last error,
+// which the caller's launch check reports.
+struct KernelReady {
+  bool ok;
+  bool has_grid_dependency_wait;
+};
+
+KernelReady kernel_ready(const void* kernel, int smem_bytes) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, KernelReady> known;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_pair(kernel, dev);
+  auto it = known.find(key);
+  if (it == known.end()) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes) != cudaSuccess)
+      return {false, false};
+    cudaFuncAttributes attr{};
+    const bool wait = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90 &&
+                      attr.binaryVersion >= 90;
+    it = known.emplace(key, KernelReady{true, wait}).first;
+  }
+  return it->second;
+}
+
+template <typename T, int MB, bool COMPACT>
+void launch_mb(const GemmArgs& a, const StreamParams& p, int grid, bool group_sums, bool pdl, cudaStream_t stream) {
+  using Cfg = StreamCfg<MB, COMPACT>;
+  const auto kernel = stream_kernel_of<T, MB, COMPACT>(p, group_sums);
+  const KernelReady ready = kernel_ready(reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
+  if (!ready.ok) return;
+  StreamParams q = p;
+  q.pdl = pdl && ready.has_grid_dependency_wait;  // PDL only where the kernel that runs waits
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(kStThreads);
+  cfg.dynamicSmemBytes = Cfg::kSmemBytes;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;  // see grid_dependency_wait
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = q.pdl ? 1 : 0;
+  // A failure stays the runtime's last error, which the caller's launch check reports.
+  (void)cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(a.x), reinterpret_cast<const uint4*>(a.qweight),
+                           reinterpret_cast<const uint32_t*>(a.qzeros), static_cast<const T*>(a.scales),
+                           static_cast<T*>(a.out), a.workspace, a.counters, q);
+}
+
+template <typename T>
+void launch_config(const GemmArgs& a, const StreamParams& p, int grid, int mb, bool compact, bool group_sums,
+                   bool pdl, cudaStream_t stream) {
+  if (compact) {
+    if (mb == 1) launch_mb<T, 1, true>(a, p, grid, group_sums, pdl, stream);
+    else launch_mb<T, 2, true>(a, p, grid, group_sums, pdl, stream);
+  } else {
+    if (mb == 1) launch_mb<T, 1, false>(a, p, grid, group_sums, pdl, stream);
+    else if (mb == 2) launch_mb<T, 2, false>(a, p, grid, group_sums, pdl, stream);
+    else launch_mb<T, 4, false>(a, p, grid, group_sums, pdl, stream);
+  }
+}
+
 // Static shared memory of a configuration (the reduction's last-arriver flag): what the compiler
 // reserved, asked of the runtime rather than restated; the same for every T/EXACT/FINE/SUMS.
 template <int MB, bool COMPACT>
@@ -847,13 +858,16 @@ int smem_bytes_of(int mb) {
                      : StreamCfg<4, false>::kSmemBytes + stream_static_smem_bytes<4, false>();
   }
 }
+#endif  // AWQ_HOST_EMULATION
 
 }  // namespace
 
+#ifndef AWQ_HOST_EMULATION
 int stream_smem_bytes(int M, bool compact) {
   if (compact && M > kStreamCompactMaxM) return -1;
   return compact ? smem_bytes_of<true>(mb_for(M)) : smem_bytes_of<false>(mb_for(M));
 }
+#endif
 
 bool stream_supports(int M, int N, int K, int group_size, bool compact) {
   if (M < 1 || M > (compact ? kStreamCompactMaxM : kStreamMaxM) || N % 64 || K % 16 || group_size % 32 ||
@@ -885,6 +899,7 @@ StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms, bool co
   return plan;
 }
 
+#ifndef AWQ_HOST_EMULATION
 void launch_dequant_stream(DType dt, const int32_t* qweight, const int32_t* qzeros, const void* scales, void* out,
                            int K, int N, int group_size, cudaStream_t stream) {
   const size_t threads = (size_t)(N / 64) * (K / 16) * 32;
@@ -906,5 +921,6 @@ void launch_stream(DType dt, const GemmArgs& a, const StreamPlan& plan, bool gro
   if (dt == DType::kHalf) launch_config<__half>(a, p, plan.grid, mb, plan.compact, group_sums, pdl, stream);
   else launch_config<__nv_bfloat16>(a, p, plan.grid, mb, plan.compact, group_sums, pdl, stream);
 }
+#endif  // AWQ_HOST_EMULATION
 
 }  // namespace awq

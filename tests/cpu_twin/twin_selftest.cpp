@@ -1,0 +1,152 @@
+// Checks of csrc/cpu_twin.h itself, each a tiny kernel (tests/test_cpu_twin.py):
+//
+//   twin_selftest mma          ldmatrix.x4 + mma.m16n8k16 give A @ B for a known A, B (fp16 and
+//                              bf16): the two fragment layouts agree with each other and the matmul
+//   twin_selftest lazy         a cp.async lands only at the wait_group that covers it
+//   twin_selftest deadlock     a barrier and a warp collective that can never complete: reported
+//   twin_selftest smem_bounds  a cp.async past the dynamic shared memory: reported
+//   twin_selftest global_bounds  a cp.async from outside every input: reported
+//
+// Prints "ok" (exit 0) or the failure the twin reported (exit 1).
+#include <cmath>
+#include <cstdio>
+#include <string>
+
+#define AWQ_HOST_EMULATION 1
+#include "awq_common.cuh"
+
+namespace {
+
+using awq_twin::Guarded;
+
+template <typename T>
+uint16_t bits_of(float v) {
+  T h = awq::Traits<T>::from_float(v);
+  uint16_t b;
+  std::memcpy(&b, &h, 2);
+  return b;
+}
+
+// One warp: A [16x16] row-major in shared memory through ldmatrix.x4 (matrices: rows 0-7 / 8-15 x
+// k 0-7 / 8-15, in the order a0..a3 of the mma), B [16x8] given as fragments, D = A @ B.
+template <typename T>
+void mma_case() {
+  float A[16][16], B[16][8];
+  for (int r = 0; r < 16; ++r)
+    for (int k = 0; k < 16; ++k) A[r][k] = static_cast<float>((r * 3 + k * 5) % 7 - 3);
+  for (int k = 0; k < 16; ++k)
+    for (int c = 0; c < 8; ++c) B[k][c] = static_cast<float>((k * 2 + c * 7) % 5 - 2) * 0.5f;
+  float D[16][8] = {};
+  Guarded in(16 * 16 * 2);
+  auto* a16 = reinterpret_cast<uint16_t*>(in.data());
+  for (int r = 0; r < 16; ++r)
+    for (int k = 0; k < 16; ++k) a16[r * 16 + k] = bits_of<T>(A[r][k]);
+  awq_twin::Launch L;
+  L.grid = dim3(1);
+  L.block = dim3(32);
+  L.smem_bytes = 16 * 16 * 2;
+  L.timing = awq_twin::CopyTiming::kLazy;
+  L.globals = {{in.data(), in.bytes()}};
+  awq_twin::run_grid(L, [&] {
+    const int lane = threadIdx.x, g = lane / 4, q = lane % 4;
+    uint8_t* smem = awq::dynamic_smem();
+    // 32 chunks of 16 bytes: lane l copies row l / 2, half l % 2
+    awq::cp_async16(smem + 16 * lane, in.data() + 16 * lane, true);
+    awq::cp_async_commit();
+    awq::cp_async_wait<0>();
+    __syncthreads();
+    // matrix i = lane / 8: rows 8 (i % 2).., k 8 (i / 2)..  (a0: rows 0-7 k 0-7, a1: rows 8-15, ...)
+    const int i = lane / 8, row = 8 * (i % 2) + lane % 8, kb = 8 * (i / 2);
+    uint32_t a[4];
+    awq::ldmatrix_x4(a, smem + (row * 16 + kb) * 2);
+    auto pack = [](uint16_t lo, uint16_t hi) { return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16); };
+    const uint32_t b0 = pack(bits_of<T>(B[2 * q][g]), bits_of<T>(B[2 * q + 1][g]));
+    const uint32_t b1 = pack(bits_of<T>(B[2 * q + 8][g]), bits_of<T>(B[2 * q + 9][g]));
+    float d[4] = {0, 0, 0, 0};
+    awq::Mma<T>::run(d, a, b0, b1);
+    for (int e = 0; e < 4; ++e) D[g + 8 * (e / 2)][2 * q + e % 2] = d[e];
+  });
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 8; ++c) {
+      float ref = 0;
+      for (int k = 0; k < 16; ++k) ref += A[r][k] * B[k][c];
+      if (std::fabs(D[r][c] - ref) > 1e-6f)
+        awq_twin::fail("D[" + std::to_string(r) + "][" + std::to_string(c) + "] = " + std::to_string(D[r][c]) +
+                       ", expected " + std::to_string(ref));
+    }
+}
+
+awq_twin::Launch one_cta(int threads, size_t smem, const Guarded& in) {
+  awq_twin::Launch L;
+  L.grid = dim3(1);
+  L.block = dim3(threads);
+  L.smem_bytes = smem;
+  L.timing = awq_twin::CopyTiming::kLazy;
+  L.globals = {{in.data(), in.bytes()}};
+  return L;
+}
+
+void lazy_case() {
+  Guarded in(16);
+  std::memset(in.data(), 7, 16);
+  uint8_t before = 0, after_commit = 0, after_wait = 0;
+  awq_twin::run_grid(one_cta(32, 16, in), [&] {
+    uint8_t* smem = awq::dynamic_smem();
+    if (threadIdx.x == 0) {
+      awq::cp_async16(smem, in.data(), true);
+      before = smem[0];
+      awq::cp_async_commit();
+      after_commit = smem[0];
+      awq::cp_async_wait<0>();
+      after_wait = smem[0];
+    }
+  });
+  if (before == 7 || after_commit == 7 || after_wait != 7)
+    awq_twin::fail("cp.async landed early or never: " + std::to_string(before) + " " + std::to_string(after_commit) +
+                   " " + std::to_string(after_wait));
+}
+
+void deadlock_case() {
+  Guarded in(16);
+  awq_twin::run_grid(one_cta(64, 16, in), [&] {
+    if (threadIdx.x < 32) __syncthreads();            // warp 0 waits for the whole CTA ...
+    else if (threadIdx.x < 48) awq_twin::warp_sync();  // ... half of warp 1 for its other half, which exited
+  });
+}
+
+void smem_bounds_case() {
+  Guarded in(16);
+  awq_twin::run_grid(one_cta(32, 64, in), [&] { awq::cp_async16(awq::dynamic_smem() + 64, in.data(), true); });
+}
+
+void global_bounds_case() {
+  Guarded in(32), other(16);
+  awq_twin::run_grid(one_cta(32, 64, in), [&] { awq::cp_async16(awq::dynamic_smem(), other.data(), false); });
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    const std::string what = argc > 1 ? argv[1] : "";
+    if (what == "mma") {
+      mma_case<__half>();
+      mma_case<__nv_bfloat16>();
+    } else if (what == "lazy") {
+      lazy_case();
+    } else if (what == "deadlock") {
+      deadlock_case();
+    } else if (what == "smem_bounds") {
+      smem_bounds_case();
+    } else if (what == "global_bounds") {
+      global_bounds_case();
+    } else {
+      awq_twin::fail("unknown check " + what);
+    }
+  } catch (const std::exception& e) {
+    std::printf("%s\n", e.what());
+    return 1;
+  }
+  std::printf("ok\n");
+  return 0;
+}
