@@ -30,8 +30,6 @@ REPO_PLACEHOLDER = "<this-repo-or-folder>"
 # Kinds of checkpoint files (awqlib.outputs.CHECKPOINT_FILES) that a push never deletes: the repo's
 # own licence and git attributes, which an awqlib upload does not carry.
 KEPT_ON_PUSH = frozenset({".gitattributes", "LICENSE", "LICENSE.md", "LICENSE.txt", "NOTICE", "USE_POLICY.md"})
-# the weight files a save writes (safetensors_io.shard_names)
-_SHARD_NAME = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 # what push_to_hub passes on to HfApi.create_commit
 COMMIT_ARGUMENTS = ("revision", "create_pr", "commit_description", "parent_commit", "num_threads")
 _DEFAULT = object()
@@ -278,7 +276,7 @@ def stale_remote_files(api, repo_id: str, uploading: list[str], revision: str | 
 
     from .checkpoint import is_tokenizer_file
     from .outputs import checkpoint_file_name, has_remote_code, is_awq_config
-    from .safetensors_io import read_json_object
+    from .safetensors_io import is_shard_name, read_json_object
     try:
         remote = api.list_repo_files(repo_id, revision=revision, repo_type="model")
     except (RepositoryNotFoundError, RevisionNotFoundError):
@@ -303,7 +301,7 @@ def stale_remote_files(api, repo_id: str, uploading: list[str], revision: str | 
     stale = [n for n in remote if "/" not in n and n not in new and n not in KEPT_ON_PUSH
              and checkpoint_file_name(n, code)]
     # weights: only the names a save writes (a user's model-fp16.safetensors beside them stays)
-    stale = [n for n in stale if not n.endswith(".safetensors") or _SHARD_NAME.fullmatch(n)]
+    stale = [n for n in stale if not n.endswith(".safetensors") or is_shard_name(n)]
     if not any(is_tokenizer_file(n) for n in new):
         # an upload without a tokenizer (a model quantized without one) does not replace the repo's
         kept = [n for n in stale if is_tokenizer_file(n)]

@@ -27,6 +27,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import stat
 import struct
 from dataclasses import dataclass
@@ -496,6 +497,18 @@ def plan_shards(sizes: list[tuple[str, int]], limit: int) -> list[list[str]]:
 def shard_names(n: int) -> list[str]:
     """transformers' file names: one file ``model.safetensors``, else ``model-0000i-of-0000n`` + index."""
     return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+_SHARD_OF = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
+
+
+def is_shard_name(name: str) -> bool:
+    """``name`` is one that :func:`shard_names` gives for some number of files."""
+    m = _SHARD_OF.fullmatch(name)
+    if m is None:
+        return name in shard_names(1)
+    n = int(m.group(2))
+    return n >= 2 and 1 <= int(m.group(1)) <= n and name in shard_names(n)
 
 
 def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:

@@ -407,3 +407,15 @@ def test_card_perplexity_keys_are_checked(qmodel, tmp_path):
     with pytest.raises(ValueError, match="unknown keys"):
         qmodel.save_quantized(tmp_path / "x", perplexity={"awq": 12.9, "ppl_fp": 12.3})
     assert not (tmp_path / "x").exists()
+
+
+def test_shard_names_are_recognised_exactly():
+    """What a push deletes as an earlier push's weights: only names safetensors_io.shard_names
+    gives (one rule; hub.py had restated it as a looser pattern that also took
+    model-00003-of-00002 or model-00001-of-00001)."""
+    from awqlib.safetensors_io import is_shard_name, shard_names
+    assert all(is_shard_name(n) for k in (1, 2, 7) for n in shard_names(k))
+    for other in ("model-00003-of-00002.safetensors", "model-00001-of-00001.safetensors",
+                  "model-00000-of-00002.safetensors", "model-fp16.safetensors", "model-1-of-2.safetensors",
+                  "adapter_model.safetensors"):
+        assert not is_shard_name(other), other
