@@ -553,7 +553,7 @@ def gptq_linears(linears: dict[str, nn.Linear], site_of: dict[str, _Site],
     out = {}
     for names in by_site.values():
         site = site_of[names[0]]
-        U, perm = gptq.ordered_factor(site.hessian(), opts.gptq_damp, opts.gptq_act_order)
+        U, perm, damp = gptq.ordered_factor(site.hessian(), opts.gptq_damp, opts.gptq_act_order)
         ws = [linears[n].weight.data for n in names]
         dev = ws[0].device
         budget = GPTQ_CHUNK_BYTES.get(dev.type, 16 * ROW_CHUNK_BYTES)
@@ -568,7 +568,7 @@ def gptq_linears(linears: dict[str, nn.Linear], site_of: dict[str, _Site],
         if not torch.isfinite(wq).all():
             raise FloatingPointError(f"GPTQ gave non-finite weights for {names}: nothing was written")
         if opts.gptq_refit_rounds:
-            Hd = gptq.damped_hessian(site.hessian(), opts.gptq_damp)
+            Hd = gptq.damped_hessian(site.hessian(), damp)  # the damping U was made with
             # the refit's temporaries are (in/g) x in floats per row
             for r in row_chunks(W, chunk_bytes=max(budget // scale.shape[1], 4 * W.shape[1])):
                 wq[r], scale[r] = gptq.refit_rounds(W[r], wq[r], scale[r], zero[r], Hd, U, opts.gptq_refit_rounds,

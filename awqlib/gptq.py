@@ -22,12 +22,19 @@ from .quant import STORE_DTYPE, clamp_groups, compute_qparams, dequantize, quant
 
 
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + damp I)^-1 (so H^-1 = U^T U), fp32.
+    """Upper Cholesky factor U of (H + damp I)^-1 (so H^-1 = U^T U), fp32: :func:`hessian_factor`'s."""
+    return hessian_factor(H, percdamp, max_tries)[0]
+
+
+def hessian_factor(H: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6) -> tuple[torch.Tensor, float]:
+    """(U, the damping used, relative to the mean diagonal): U the upper Cholesky factor of
+    (H + damp I)^-1 (so H^-1 = U^T U), fp32.
 
     Dead input channels (diag 0: no calibration token ever reached them) get a unit diagonal, so
     their columns are rounded to nearest and feed no error elsewhere.  ``damp = percdamp * mean
     diag``; where the factorisation still fails (few tokens, ill-conditioned H) the damping grows
-    tenfold, up to ``max_tries`` times, and then a clear error is raised: never NaNs.
+    tenfold, up to ``max_tries`` times, and then a clear error is raised: never NaNs.  The damping
+    returned is what :func:`damped_hessian` needs to describe the same objective.
     """
     if not torch.isfinite(H).all():
         raise FloatingPointError("the Hessian (X^T X of the calibration activations) holds NaN/inf")
@@ -41,7 +48,7 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01, max_tries: i
         if info.item() == 0:
             U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if info.item() == 0 and torch.isfinite(U).all():
-                return U
+                return U, damp / mean_diag
         damp = max(damp * 10, 1e-4 * mean_diag)
     raise FloatingPointError(
         f"the {n}x{n} Hessian could not be factorised even with damping {damp:.3g}: the calibration "
@@ -70,11 +77,14 @@ def permute_hessian(H: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return H[perm[:, None], perm]
 
 
-def ordered_factor(H: torch.Tensor, percdamp: float, act_order: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(U, perm) for :func:`gptq_quantize`: the columns' processing order (act-order, else None
-    for the natural one) and the inverse-Hessian factor of H in that order."""
+def ordered_factor(H: torch.Tensor, percdamp: float,
+                   act_order: bool) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """(U, perm, damping) for :func:`gptq_quantize`: the inverse-Hessian factor of H in the columns'
+    processing order ``perm`` (act-order, else None for the natural one), and the relative damping
+    the factorisation needed (:func:`hessian_factor`)."""
     perm = act_order_permutation(H) if act_order else None
-    return inverse_hessian_factor(H if perm is None else permute_hessian(H, perm), percdamp), perm
+    U, damp = hessian_factor(H if perm is None else permute_hessian(H, perm), percdamp)
+    return U, perm, damp
 
 
 def gptq_quantize(w: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -122,7 +132,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128,
          block_size: int = 128, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One linear: ``w`` [out, in], ``H`` = X^T X [in, in] -> (dequantized weight, scale, zero)."""
     scale, zero = static_qparams(w, bits, group_size, zero_point, clip)
-    U, perm = ordered_factor(H, percdamp, act_order)
+    U, perm, _ = ordered_factor(H, percdamp, act_order)
     wq = gptq_quantize(w, U, scale, zero, bits, block_size, perm)
     return wq, scale, zero
 
@@ -140,8 +150,9 @@ def _without_dead_channels(H: torch.Tensor) -> torch.Tensor:
 
 
 def damped_hessian(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """H + damp I in fp32, with :func:`inverse_hessian_factor`'s damping and unit diagonal for dead
-    channels: the objective GPTQ's factor minimises, as a matrix."""
+    """H + damp I in fp32 (``damp = percdamp * mean diag``), with unit diagonal for dead channels:
+    the objective GPTQ's factor minimises, as a matrix, when given the damping
+    :func:`hessian_factor` returned with it (more than asked for where the factorisation needed it)."""
     H = _without_dead_channels(H)
     H.diagonal().add_(percdamp * H.diagonal().mean())
     return H

@@ -65,6 +65,17 @@ def test_nan_hessian_is_a_clear_error():
         gptq.inverse_hessian_factor(H)
 
 
+def test_the_refit_objective_uses_the_damping_the_factor_needed():
+    """An indefinite H (rounding in X^T X can make one) fails at the asked damping; the factor
+    retries with more, and damped_hessian, given what hessian_factor returns, is the matrix whose
+    inverse U factors (review: the scale refit used the asked damping, a different objective)."""
+    H = torch.tensor([[1.0, 3.0, 0.0], [3.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # eigenvalues -2, 1, 4
+    U, damp = gptq.hessian_factor(H, 0.01)
+    assert damp == pytest.approx(10.0)  # 0.01, 0.1 and 1.0 leave it indefinite
+    torch.testing.assert_close(U.t() @ U, torch.linalg.inv(gptq.damped_hessian(H, damp)), rtol=1e-4, atol=1e-5)
+    assert torch.equal(gptq.inverse_hessian_factor(H, 0.01), U)
+
+
 def test_method_names_are_validated_in_one_place():
     with pytest.raises(ValueError, match="awq\\+gptq"):
         awq.method_options("gptq")
@@ -205,7 +216,7 @@ def test_sequential_gptq_keeps_first_capture_statistics_where_a_recapture_has_no
 
 def _gptq_codes(w, H, g=64):
     scale, zero = gptq.static_qparams(w, 4, g, True)
-    U, perm = gptq.ordered_factor(H, 0.1, True)
+    U, perm, _ = gptq.ordered_factor(H, 0.1, True)
     q = gptq.codes_of(gptq.gptq_quantize(w, U, scale, zero, 4, 128, perm), scale, zero)
     return q, scale, zero
 
