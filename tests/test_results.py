@@ -75,9 +75,11 @@ def test_an_edited_json_changes_its_table(tmp_path, capsys, edit):
     path.write_text(json.dumps(data))
     assert report.main(["--check", "--dir", str(d)]) == 1
     out = capsys.readouterr().out
-    assert ("+| llama2-7b qkv 12288x4096 | 19.9 / 27.5" if edit == "kernels" else
-            "+| **after**: stream, fp16, M <= 16 (decode; K % 512 = 0, N % 128 = 0, group >= 128) | 128 | 0 | 160 KB"
-            " | 1 (smem) | 171.2 |") in out
+    if edit == "kernels":
+        assert "+| llama2-7b qkv 12288x4096 | 19.9 / 27.5" in out
+    else:  # the edited figure in the row of that kernel (its other columns follow the kernel's build)
+        added = [line for line in out.splitlines() if line.startswith("+| **after**: stream, fp16, M <= 16 (decode;")]
+        assert len(added) == 1 and " | 171.2 | " in added[0], out
 
 
 def test_broken_markers_and_missing_runs_are_errors(tmp_path, capsys):
