@@ -21,6 +21,14 @@
 #include <cuda_fp16.h>
 #include <cstdint>
 
+// A device function kept out of line.  Spelled as a macro because the CPU twin cannot define
+// __noinline__ itself: libstdc++ uses that identifier inside __attribute__(()).
+#ifdef AWQ_HOST_EMULATION
+#define AWQ_NOINLINE __attribute__((noinline))
+#else
+#define AWQ_NOINLINE __noinline__
+#endif
+
 namespace awq {
 
 // ---------------------------------------------------------------- element-type traits
@@ -138,7 +146,9 @@ __device__ __forceinline__ void cp_async16_stream(void* smem, const void* gmem, 
 // completed and its writes are visible -- nothing it writes may be read (or written) before.
 // allow_dependent_launch: the next kernel (if launched with the attribute) may start now.
 __device__ __forceinline__ void grid_dependency_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(AWQ_HOST_EMULATION)
+  awq_twin::grid_dependency_wait();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 }
@@ -225,11 +235,6 @@ template <> struct Mma<__nv_bfloat16> {
 // partials (fence, then atomic; read them with __ldcg) and must reset the counter to 0 for the
 // next launch.  Used by every kernel that splits K across blocks.
 __device__ __forceinline__ bool arrive_last(int32_t* counter, int splits) {
-#ifdef AWQ_HOST_EMULATION
-  __syncthreads();
-  const bool last = __syncthreads_or(threadIdx.x == 0 && atomicAdd(counter, 1) == splits - 1);
-  return last;
-#else
   __shared__ int is_last;
   __threadfence();
   __syncthreads();
@@ -238,7 +243,6 @@ __device__ __forceinline__ bool arrive_last(int32_t* counter, int splits) {
   const bool last = is_last;
   if (last) __threadfence();
   return last;
-#endif
 }
 
 // (lo of a, lo of b) and (hi of a, hi of b): turn two column-pairs of rows k, k+1 into two

@@ -33,11 +33,10 @@
 // Not the default yet: checked on the CPU only (layout arithmetic bit for bit, indexing by
 // tests/test_stream_emulation.py, this source itself by its CPU twin, tests/test_cpu_twin.py --
 // which is why the CUDA runtime side below sits in #ifndef AWQ_HOST_EMULATION -- and the SASS
-// budget by tests/test_sass_budget.py).  awq_ops.cpp
-// runs it only for weights explicitly put in the stream layout (AWQLIB_LAYOUT=stream,
-// WQLinear.set_layout) or forced with Kernel.STREAM; packing.DEFAULT_RUNTIME_LAYOUT becomes
-// "stream" once tests/test_kernels_cuda.py passes on a GPU and benchmarks/gpu_sweep.py shows it
-// winning.
+// budget by tests/test_sass_budget.py).  awq_ops.cpp runs it only for weights explicitly put in
+// the stream layout (AWQLIB_LAYOUT=stream, WQLinear.set_layout) or forced with Kernel.STREAM;
+// packing.DEFAULT_RUNTIME_LAYOUT becomes "stream" once tests/test_kernels_cuda.py passes on a GPU
+// and benchmarks/gpu_sweep.py shows it winning.
 #include "awq_common.cuh"
 #include "awq_kernels.h"
 
@@ -296,7 +295,7 @@ struct StreamParams {
 // arrive adds the slots in part order (deterministic) and writes the output.  Out of line: it
 // runs once per slice and CTA, and keeps its divisions and stores out of the streaming loop.
 template <typename T>
-__device__ __noinline__ void write_slice(const float* red, T* __restrict__ out, float* __restrict__ ws,
+__device__ AWQ_NOINLINE void write_slice(const float* red, T* __restrict__ out, float* __restrict__ ws,
                                          int32_t* __restrict__ counters, int N, int KT, int per, int max_parts,
                                          int slice, int rows) {
   const int tid = threadIdx.x;
@@ -666,8 +665,10 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
 // (so awq_dequantize on a stream-layout weight checks it bit for bit against the reference).
 // One thread per (atom, lane): its 4 words are 32 weights, 8 per word at rows (2q, 2q+1, 2q+8,
 // 2q+9) x columns (16 j + g, 16 j + 8 + g).  Used by awq_dequantize and the large-M path.
+constexpr int kDequantStreamThreads = 256;
+
 template <typename T>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(kDequantStreamThreads)
 awq_dequant_stream_kernel(const uint4* __restrict__ qweight, const uint32_t* __restrict__ qzeros,
                           const T* __restrict__ scales, T* __restrict__ out, int K, int N, int group_size) {
   using DQ = StreamDequant<T>;
@@ -766,8 +767,44 @@ StreamParams params_for(int M, int N, int K, int group_size, int per, int grid, 
   return p;
 }
 
+// One launch of the stream kernel, as launch_stream makes it (and the CPU twin runs it): the
+// instantiation, its geometry and its parameters.  PDL is what the caller asked for; launch_stream
+// drops it where the kernel that runs has no griddepcontrol.wait.
+template <typename T>
+struct StreamLaunch {
+  decltype(&awq_stream_kernel<T, 1, true, false, false, false>) kernel;
+  int grid, block, smem_bytes;
+  StreamParams p;
+};
+
+template <typename T, int MB, bool COMPACT>
+StreamLaunch<T> describe_mb(const StreamParams& p, int grid, bool group_sums, bool pdl) {
+  StreamLaunch<T> d{stream_kernel_of<T, MB, COMPACT>(p, group_sums), grid, kStThreads,
+                    StreamCfg<MB, COMPACT>::kSmemBytes, p};
+  d.p.pdl = pdl;
+  return d;
+}
+
+template <typename T>
+StreamLaunch<T> describe_stream(int M, int N, int K, int group_size, const StreamPlan& plan, bool group_sums,
+                                bool pdl) {
+  const StreamParams p = params_for(M, N, K, group_size, plan.per, plan.grid, plan.compact);
+  const int mb = mb_for(M);
+  if (plan.compact) return mb == 1 ? describe_mb<T, 1, true>(p, plan.grid, group_sums, pdl)
+                                   : describe_mb<T, 2, true>(p, plan.grid, group_sums, pdl);
+  return mb == 1   ? describe_mb<T, 1, false>(p, plan.grid, group_sums, pdl)
+         : mb == 2 ? describe_mb<T, 2, false>(p, plan.grid, group_sums, pdl)
+                   : describe_mb<T, 4, false>(p, plan.grid, group_sums, pdl);
+}
+
+// The dequantize kernel's grid: one thread per (atom, lane).
+unsigned dequant_stream_blocks(int K, int N) {
+  const size_t threads = (size_t)(N / 64) * (K / 16) * 32;
+  return static_cast<unsigned>((threads + kDequantStreamThreads - 1) / kDequantStreamThreads);
+}
+
 #ifndef AWQ_HOST_EMULATION  // the CUDA runtime side: launches and device queries
-// What launch_mb needs of a kernel on the current device, asked of the runtime once per (kernel,
+// What launch_stream needs of a kernel on the current device, asked of the runtime once per (kernel,
 // device): its opt-in to `smem_bytes` (> 48 KB) of dynamic shared memory -- a host-side attribute,
 // fine during graph capture -- and whether it was compiled for sm_90+, so holds griddepcontrol.wait
 // (awq_common.cuh grid_dependency_wait; a PTX JIT of an sm_80 build on an H100 has none).  Only a
@@ -797,41 +834,25 @@ KernelReady kernel_ready(const void* kernel, int smem_bytes) {
   return it->second;
 }
 
-template <typename T, int MB, bool COMPACT>
-void launch_mb(const GemmArgs& a, const StreamParams& p, int grid, bool group_sums, bool pdl, cudaStream_t stream) {
-  using Cfg = StreamCfg<MB, COMPACT>;
-  const auto kernel = stream_kernel_of<T, MB, COMPACT>(p, group_sums);
-  const KernelReady ready = kernel_ready(reinterpret_cast<const void*>(kernel), Cfg::kSmemBytes);
+template <typename T>
+void launch_described(const GemmArgs& a, StreamLaunch<T> d, cudaStream_t stream) {
+  const KernelReady ready = kernel_ready(reinterpret_cast<const void*>(d.kernel), d.smem_bytes);
   if (!ready.ok) return;
-  StreamParams q = p;
-  q.pdl = pdl && ready.has_grid_dependency_wait;  // PDL only where the kernel that runs waits
+  d.p.pdl = d.p.pdl && ready.has_grid_dependency_wait;  // PDL only where the kernel that runs waits
   cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(grid);
-  cfg.blockDim = dim3(kStThreads);
-  cfg.dynamicSmemBytes = Cfg::kSmemBytes;
+  cfg.gridDim = dim3(d.grid);
+  cfg.blockDim = dim3(d.block);
+  cfg.dynamicSmemBytes = d.smem_bytes;
   cfg.stream = stream;
   cudaLaunchAttribute attr{};
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;  // see grid_dependency_wait
   attr.val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = &attr;
-  cfg.numAttrs = q.pdl ? 1 : 0;
+  cfg.numAttrs = d.p.pdl ? 1 : 0;
   // A failure stays the runtime's last error, which the caller's launch check reports.
-  (void)cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(a.x), reinterpret_cast<const uint4*>(a.qweight),
+  (void)cudaLaunchKernelEx(&cfg, d.kernel, static_cast<const T*>(a.x), reinterpret_cast<const uint4*>(a.qweight),
                            reinterpret_cast<const uint32_t*>(a.qzeros), static_cast<const T*>(a.scales),
-                           static_cast<T*>(a.out), a.workspace, a.counters, q);
-}
-
-template <typename T>
-void launch_config(const GemmArgs& a, const StreamParams& p, int grid, int mb, bool compact, bool group_sums,
-                   bool pdl, cudaStream_t stream) {
-  if (compact) {
-    if (mb == 1) launch_mb<T, 1, true>(a, p, grid, group_sums, pdl, stream);
-    else launch_mb<T, 2, true>(a, p, grid, group_sums, pdl, stream);
-  } else {
-    if (mb == 1) launch_mb<T, 1, false>(a, p, grid, group_sums, pdl, stream);
-    else if (mb == 2) launch_mb<T, 2, false>(a, p, grid, group_sums, pdl, stream);
-    else launch_mb<T, 4, false>(a, p, grid, group_sums, pdl, stream);
-  }
+                           static_cast<T*>(a.out), a.workspace, a.counters, d.p);
 }
 
 // Static shared memory of a configuration (the reduction's last-arriver flag): what the compiler
@@ -902,24 +923,23 @@ StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms, bool co
 #ifndef AWQ_HOST_EMULATION
 void launch_dequant_stream(DType dt, const int32_t* qweight, const int32_t* qzeros, const void* scales, void* out,
                            int K, int N, int group_size, cudaStream_t stream) {
-  const size_t threads = (size_t)(N / 64) * (K / 16) * 32;
-  const unsigned blocks = static_cast<unsigned>((threads + 255) / 256);
+  const unsigned blocks = dequant_stream_blocks(K, N);
   const auto* qw = reinterpret_cast<const uint4*>(qweight);
   const auto* qz = reinterpret_cast<const uint32_t*>(qzeros);
   if (dt == DType::kHalf)
-    awq_dequant_stream_kernel<__half><<<blocks, 256, 0, stream>>>(qw, qz, static_cast<const __half*>(scales),
-                                                                  static_cast<__half*>(out), K, N, group_size);
+    awq_dequant_stream_kernel<__half><<<blocks, kDequantStreamThreads, 0, stream>>>(
+        qw, qz, static_cast<const __half*>(scales), static_cast<__half*>(out), K, N, group_size);
   else
-    awq_dequant_stream_kernel<__nv_bfloat16><<<blocks, 256, 0, stream>>>(
+    awq_dequant_stream_kernel<__nv_bfloat16><<<blocks, kDequantStreamThreads, 0, stream>>>(
         qw, qz, static_cast<const __nv_bfloat16*>(scales), static_cast<__nv_bfloat16*>(out), K, N, group_size);
 }
 
 void launch_stream(DType dt, const GemmArgs& a, const StreamPlan& plan, bool group_sums, bool pdl,
                    cudaStream_t stream) {
-  const StreamParams p = params_for(a.M, a.N, a.K, a.group_size, plan.per, plan.grid, plan.compact);
-  const int mb = mb_for(a.M);
-  if (dt == DType::kHalf) launch_config<__half>(a, p, plan.grid, mb, plan.compact, group_sums, pdl, stream);
-  else launch_config<__nv_bfloat16>(a, p, plan.grid, mb, plan.compact, group_sums, pdl, stream);
+  if (dt == DType::kHalf)
+    launch_described(a, describe_stream<__half>(a.M, a.N, a.K, a.group_size, plan, group_sums, pdl), stream);
+  else
+    launch_described(a, describe_stream<__nv_bfloat16>(a.M, a.N, a.K, a.group_size, plan, group_sums, pdl), stream);
 }
 #endif  // AWQ_HOST_EMULATION
 

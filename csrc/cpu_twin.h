@@ -10,23 +10,36 @@
 // tests use.
 //
 // What it checks beyond the result (each a failure with a message, not a wrong number):
-//  * a barrier some threads never reach, a warp collective with missing lanes (deadlock);
+//  * a barrier or warp collective some threads never reach (deadlock), and lanes of a warp at
+//    different collective instructions (.aligned);
 //  * cp.async: 16-byte alignment, destinations inside the CTA's dynamic shared memory, sources
 //    inside the buffers the harness registered (even for zero-filled copies, whose address must
-//    still be legal); the data lands only at the cp.async.wait_group that covers it (LAZY) or at
-//    once (EAGER): a kernel that reads a stage before waiting for it sees stale bytes in one mode;
-//  * ldmatrix rows: 16-byte aligned, inside shared memory.
-// Plain loads and stores are C++ accesses: the harness puts guard pages after every buffer and
-// after the shared memory, so running past one ends the process.
+//    still be legal).  The source is read at issue (the earliest the hardware may) and the data
+//    lands at the cp.async.wait_group that covers it (LAZY: a stage read before its wait is stale)
+//    or at once (EAGER: a slot refilled before every warp is done reading it is overwritten);
+//  * ldmatrix rows: 16-byte aligned, inside shared memory;
+//  * shared-memory races between barriers: warps run one at a time, each until it blocks at a CTA
+//    barrier (index order, or reversed), so a missing barrier between one warp's write and another
+//    warp's read shows in one of the two orders; and a shared byte that two warps change between
+//    the same two barriers is reported (a write-write race, e.g. a non-atomic += by several warps);
+//  * programmatic dependent launch: a cp.async from an input the previous kernel may still write,
+//    issued before the thread's griddepcontrol.wait, and an output written before the CTA's first
+//    wait, are reported;
+//  * plain loads and stores out of bounds: every buffer (shared memory too) touches a guard page at
+//    one end -- its end, or its start -- so running past it faults, and the fault names the buffer,
+//    the CTA and the thread.
 //
-// What it does not model: concurrency between CTAs (they run one after another, in an order the
-// harness chooses), the memory model, timing, and the exact rounding of the tensor cores' fp32
-// sums (this twin sums the 16 exact products in double, then adds them to the accumulator).
+// What it does not model: races between CTAs (they run one after another, in an order the harness
+// chooses), a read racing a write inside one barrier interval (warps never interleave there), the
+// memory model, timing, and the rounding of the tensor cores' fp32 sums (this twin sums the 16
+// exact products in double, then adds them to the accumulator: its results are closer to exact
+// than a GPU's, so its bit-identities say nothing about a GPU's).
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>  // before the built-in macros below: it names parameters gridDim, blockDim
+#include <signal.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -37,17 +50,16 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <functional>
-#include <map>
 #include <memory>
-#include <mutex>
-#include <type_traits>
-#include <utility>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
+// Device code calls these unqualified (CUDA's device library has them in the global namespace).
 using std::fmaf;
 using std::max;
 using std::min;
@@ -55,38 +67,60 @@ using std::min;
 namespace awq_twin {
 
 constexpr int kWarpLanes = 32;
+// A fiber's stack: the kernel's frame (its register arrays live on the stack here) plus what
+// throwing an exception from inside it takes.  An overflow faults in the guard page below.
+constexpr size_t kFiberStackBytes = 128 * 1024;
 
 [[noreturn]] inline void fail(const std::string& what) { throw std::runtime_error(what); }
 
-// `bytes` of memory between two pages no access may touch: running past either end faults.  The
-// block ends where the upper guard page starts (so overruns fault at the first byte); `bytes` is
-// rounded up to 16.
+// Which end of a guarded block touches its guard page.
+enum class Placement { kAtEnd, kAtStart };
+
+class Guarded;
+inline std::vector<const Guarded*>& guarded_blocks() {
+  static std::vector<const Guarded*> all;
+  return all;
+}
+
+// `bytes` of memory with an inaccessible page on each side, the data flush against one of them:
+// an access past that end faults at its first byte (the other end has the slack of page rounding).
 class Guarded {
  public:
-  explicit Guarded(size_t bytes) : bytes_((bytes + 15) / 16 * 16) {
-    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-    const size_t body = (bytes_ + page - 1) / page * page;
-    total_ = body + 2 * page;
+  Guarded(std::string name, size_t bytes, Placement at = Placement::kAtEnd) : name_(std::move(name)), bytes_(bytes) {
+    page_ = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    const size_t body = std::max<size_t>((bytes + page_ - 1) / page_ * page_, page_);
+    total_ = body + 2 * page_;
     void* m = mmap(nullptr, total_, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (m == MAP_FAILED) fail("mmap failed");
+    if (m == MAP_FAILED) fail("mmap failed for " + name_);
     base_ = static_cast<uint8_t*>(m);
-    if (mprotect(base_ + page, body, PROT_READ | PROT_WRITE) != 0) fail("mprotect failed");
-    data_ = base_ + page + body - bytes_;
+    if (mprotect(base_ + page_, body, PROT_READ | PROT_WRITE) != 0) fail("mprotect failed for " + name_);
+    data_ = at == Placement::kAtEnd ? base_ + page_ + body - bytes_ : base_ + page_;
+    guarded_blocks().push_back(this);
   }
   Guarded(const Guarded&) = delete;
   Guarded& operator=(const Guarded&) = delete;
-  ~Guarded() { munmap(base_, total_); }
+  ~Guarded() {
+    auto& all = guarded_blocks();
+    all.erase(std::remove(all.begin(), all.end(), this), all.end());
+    munmap(base_, total_);
+  }
   uint8_t* data() const { return data_; }
   size_t bytes() const { return bytes_; }
+  const std::string& name() const { return name_; }
+  // "after" / "before" where `addr` is in this block's upper / lower guard page, else nullptr
+  const char* guard_hit(uintptr_t addr) const {
+    const auto b = reinterpret_cast<uintptr_t>(base_);
+    if (addr >= b && addr < b + page_) return "before the start of";
+    if (addr >= b + total_ - page_ && addr < b + total_) return "past the end of";
+    return nullptr;
+  }
 
  private:
-  size_t bytes_, total_;
-  uint8_t* base_;
-  uint8_t* data_;
+  std::string name_;
+  size_t bytes_, page_ = 0, total_ = 0;
+  uint8_t* base_ = nullptr;
+  uint8_t* data_ = nullptr;
 };
-
-
-enum class CopyTiming { kLazy, kEager };
 
 // A byte range the kernel may read or write through cp.async (a registered tensor).
 struct Range {
@@ -97,29 +131,41 @@ struct Range {
     return b >= begin && b + n <= begin + bytes;
   }
 };
+inline Range range(const Guarded& g) { return {g.data(), g.bytes()}; }
 
 struct Copy {
   uint8_t* dst;
-  const uint8_t* src;  // nullptr: zero-fill
+  bool zero_fill;
+  uint8_t data[16];  // the source, as read at issue
 };
 
 enum class State { kRunnable, kAtBarrier, kAtWarp, kDone };
+enum class Collective : int { kNone, kLdmatrix, kMmaF16, kMmaBf16 };
 
 struct Thread {
   ucontext_t ctx;
-  std::unique_ptr<Guarded> stack;           // an overflow runs into the guard page below it
+  std::unique_ptr<Guarded> stack;
   int tid = 0;
   State state = State::kRunnable;
-  bool or_vote = false;
+  bool dependency_waited = false;           // passed griddepcontrol.wait (PDL)
   unsigned collectives = 0;                 // warp collectives executed: selects the exchange slot
   std::vector<Copy> pending;                // cp.async not yet committed
   std::vector<std::vector<Copy>> groups;    // committed groups, oldest first
 };
 
-// What lanes post for a warp collective: a row address (ldmatrix) or fragments (mma).
+// What lanes post for a warp collective: which instruction, a row address (ldmatrix) or
+// fragments (mma).
 struct Post {
+  Collective kind;
   const uint8_t* row;
   uint32_t a[4], b[2];
+};
+
+// Programmatic dependent launch: what the previous kernel in the stream may still be writing
+// until griddepcontrol.wait (the inputs), and what this kernel may write only after it.
+struct DependentLaunch {
+  bool on = false;
+  std::vector<Range> inputs, outputs;
 };
 
 struct Cta {
@@ -127,13 +173,17 @@ struct Cta {
   uint8_t* smem = nullptr;
   size_t smem_bytes = 0;
   std::vector<Range> globals;
-  CopyTiming timing = CopyTiming::kLazy;
+  bool eager_copies = false;
+  const DependentLaunch* pdl = nullptr;
+  std::vector<std::vector<uint8_t>> outputs_at_start;  // PDL: the outputs when the CTA began
+  bool dependency_checked = false;
   std::vector<Thread> threads;
   Thread* cur = nullptr;
   ucontext_t scheduler;
   std::function<void()> body;
   std::string error;
   bool barrier_or = false, barrier_result = false;
+  bool epoch_ended = false;  // a CTA barrier completed: the running warp yields
   std::vector<int> warp_arrived;
   std::vector<Post> posts;  // [warp][2 slots][lane]
 
@@ -153,8 +203,13 @@ inline void yield() {
   swapcontext(&t.ctx, &cta().scheduler);
 }
 
+inline std::string where() {
+  return "CTA " + std::to_string(cta().block_idx.x) + " thread " + std::to_string(self().tid);
+}
+
 // ---- barriers
-// Complete when every thread that has not exited waits at a CTA barrier: release them all.
+// Complete when every thread that has not exited waits at a CTA barrier: release them all, and end
+// the running warp's turn (the scheduler closes the barrier interval for the race check).
 inline void release_barrier_if_complete() {
   Cta& c = cta();
   int waiting = 0, live = 0;
@@ -167,6 +222,7 @@ inline void release_barrier_if_complete() {
   for (auto& t : c.threads)
     if (t.state == State::kAtBarrier) t.state = State::kRunnable;
   c.barrier_or = false;
+  c.epoch_ended = true;
 }
 
 // bar.sync 0 (and bar.red.or): every thread of the CTA that has not exited (sm_70+ semantics).
@@ -176,16 +232,17 @@ inline bool syncthreads_or(bool vote) {
   t.state = State::kAtBarrier;
   c.barrier_or = c.barrier_or || vote;
   release_barrier_if_complete();
-  while (t.state == State::kAtBarrier) yield();
+  do yield();
+  while (t.state == State::kAtBarrier);
   return c.barrier_result;
 }
 
 inline int lane() { return self().tid % kWarpLanes; }
 inline int warp() { return self().tid / kWarpLanes; }
 
-// The slot this lane posts to for its next collective; two alternate, so a lane posting for the
-// next collective never overwrites what another lane may still read for this one.
-inline Post& post_slot(int w, int l) { return cta().posts[((size_t)w * 2 + (self().collectives & 1)) * kWarpLanes + l]; }
+// The lane-0 entry of the slot this lane's next collective uses; two alternate, so a lane posting
+// for the next collective never overwrites what another lane may still read for this one.
+inline Post* post_slots(int w) { return &cta().posts[((size_t)w * 2 + (self().collectives & 1)) * kWarpLanes]; }
 
 inline void warp_sync() {
   Cta& c = cta();
@@ -199,40 +256,64 @@ inline void warp_sync() {
   while (t.state == State::kAtWarp) yield();
 }
 
+// Post, wait for the warp, and check that every lane executed the same collective (.aligned).
+inline Post* exchange(const Post& mine) {
+  const int w = warp();
+  Post* slot = post_slots(w);
+  slot[lane()] = mine;
+  warp_sync();
+  for (int l = 0; l < kWarpLanes; ++l)
+    if (slot[l].kind != mine.kind)
+      fail("lanes of warp " + std::to_string(w) + " at different warp-collective instructions at " + where());
+  return slot;
+}
+
 // ---- shared and global memory checks
 inline bool in_smem(const void* p, size_t n) {
   const auto* b = static_cast<const uint8_t*>(p);
   return b >= cta().smem && b + n <= cta().smem + cta().smem_bytes;
 }
 
-inline std::string where() {
-  return "CTA " + std::to_string(cta().block_idx.x) + " thread " + std::to_string(self().tid);
-}
-
 inline void check_aligned16(const void* p, const char* what) {
   if (reinterpret_cast<uintptr_t>(p) % 16) fail(std::string(what) + " not 16-byte aligned at " + where());
 }
 
-inline bool in_globals(const void* p, size_t n) {
-  for (const auto& r : cta().globals)
+inline bool in_any(const std::vector<Range>& ranges, const void* p, size_t n) {
+  for (const auto& r : ranges)
     if (r.contains(p, n)) return true;
   return false;
 }
 
+// ---- programmatic dependent launch (griddepcontrol.wait)
+inline void grid_dependency_wait() {
+  Cta& c = cta();
+  self().dependency_waited = true;
+  if (c.pdl == nullptr || !c.pdl->on || c.dependency_checked) return;
+  c.dependency_checked = true;
+  for (size_t i = 0; i < c.pdl->outputs.size(); ++i)
+    if (std::memcmp(c.pdl->outputs[i].begin, c.outputs_at_start[i].data(), c.outputs_at_start[i].size()) != 0)
+      fail("an output was written before griddepcontrol.wait (the previous kernel may still read it), seen at " +
+           where());
+}
+
 // ---- cp.async
 inline void apply(const Copy& c) {
-  if (c.src) std::memcpy(c.dst, c.src, 16);
-  else std::memset(c.dst, 0, 16);
+  if (c.zero_fill) std::memset(c.dst, 0, 16);
+  else std::memcpy(c.dst, c.data, 16);
 }
 
 inline void cp_async16(void* dst, const void* src, bool valid) {
+  Cta& c = cta();
   check_aligned16(dst, "cp.async destination");
   check_aligned16(src, "cp.async source");
   if (!in_smem(dst, 16)) fail("cp.async destination outside the dynamic shared memory at " + where());
-  if (!in_globals(src, 16)) fail("cp.async source outside every input buffer at " + where());
-  const Copy c{static_cast<uint8_t*>(dst), valid ? static_cast<const uint8_t*>(src) : nullptr};
-  if (cta().timing == CopyTiming::kEager) apply(c);
-  else self().pending.push_back(c);
+  if (!in_any(c.globals, src, 16)) fail("cp.async source outside every input buffer at " + where());
+  if (valid && c.pdl != nullptr && c.pdl->on && !self().dependency_waited && in_any(c.pdl->inputs, src, 16))
+    fail("cp.async from an input the previous kernel may still write, before griddepcontrol.wait, at " + where());
+  Copy copy{static_cast<uint8_t*>(dst), !valid, {}};
+  if (valid) std::memcpy(copy.data, src, 16);
+  if (c.eager_copies) apply(copy);
+  else self().pending.push_back(copy);
 }
 
 inline void cp_async_commit() {
@@ -261,10 +342,11 @@ inline uint32_t load_u32(const uint8_t* p) {
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
   check_aligned16(row, "ldmatrix row");
   if (!in_smem(row, 16)) fail("ldmatrix row outside the dynamic shared memory at " + where());
-  const int w = warp(), l = lane();
-  Post* slot = &post_slot(w, 0);
-  slot[l].row = static_cast<const uint8_t*>(row);
-  warp_sync();
+  Post mine{};
+  mine.kind = Collective::kLdmatrix;
+  mine.row = static_cast<const uint8_t*>(row);
+  const Post* slot = exchange(mine);
+  const int l = lane();
   for (int i = 0; i < 4; ++i) r[i] = load_u32(slot[8 * i + l / 4].row + 4 * (l % 4));
   ++self().collectives;
 }
@@ -288,12 +370,12 @@ template <typename T> float hi(uint32_t v) { return to_float<T>(static_cast<uint
 // 2q+8..) and D (d0, d1: row g, columns 2q, 2q+1; d2, d3: row g+8).
 template <typename T>
 void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  const int w = warp(), l = lane();
-  Post* slot = &post_slot(w, 0);
-  std::memcpy(slot[l].a, a, sizeof(slot[l].a));
-  slot[l].b[0] = b0;
-  slot[l].b[1] = b1;
-  warp_sync();
+  Post mine{};
+  mine.kind = std::is_same_v<T, __half> ? Collective::kMmaF16 : Collective::kMmaBf16;
+  std::memcpy(mine.a, a, sizeof(mine.a));
+  mine.b[0] = b0;
+  mine.b[1] = b1;
+  const Post* slot = exchange(mine);
   auto A = [&](int row, int k) {  // element (row, k) of the 16x16 A
     const Post& p = slot[4 * (row % 8) + (k % 8) / 2];
     const uint32_t v = p.a[(row / 8) + 2 * (k / 8)];
@@ -304,7 +386,7 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
     const uint32_t v = p.b[k / 8];
     return k % 2 ? hi<T>(v) : lo<T>(v);
   };
-  const int g = l / 4, q = l % 4;
+  const int g = lane() / 4, q = lane() % 4;
   for (int e = 0; e < 4; ++e) {
     const int row = g + 8 * (e / 2), col = 2 * q + e % 2;
     double s = 0;
@@ -314,19 +396,51 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
   ++self().collectives;
 }
 
+// ---- faults: name the guard page and the thread
+inline void report_fault(int, siginfo_t* info, void*) {
+  const auto addr = reinterpret_cast<uintptr_t>(info->si_addr);
+  char msg[512];
+  int n = std::snprintf(msg, sizeof msg, "memory fault at %#lx", static_cast<unsigned long>(addr));
+  for (const Guarded* g : guarded_blocks())
+    if (const char* side = g->guard_hit(addr)) {
+      n += std::snprintf(msg + n, sizeof msg - n, ": %s %s", side, g->name().c_str());
+      break;
+    }
+  if (g_cta != nullptr && g_cta->cur != nullptr)
+    n += std::snprintf(msg + n, sizeof msg - n, ", in CTA %u thread %d", g_cta->block_idx.x, g_cta->cur->tid);
+  n += std::snprintf(msg + n, sizeof msg - n, "\n");
+  (void)!write(2, msg, static_cast<size_t>(n));
+  _exit(3);
+}
+
+// The handler runs on a stack of its own: a fault may be a fiber's stack overflow.
+inline void install_fault_report() {
+  static bool done = false;
+  if (done) return;
+  done = true;
+  static std::vector<uint8_t> alt(1 << 16);
+  stack_t ss{};
+  ss.ss_sp = alt.data();
+  ss.ss_size = alt.size();
+  sigaltstack(&ss, nullptr);
+  struct sigaction sa {};
+  sa.sa_sigaction = report_fault;
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+  sigaction(SIGSEGV, &sa, nullptr);
+  sigaction(SIGBUS, &sa, nullptr);
+}
+
 // ---- running a grid
 struct Launch {
   dim3 grid, block;
   size_t smem_bytes;
-  CopyTiming timing;
-  std::vector<Range> globals;
+  bool eager_copies = false;
+  std::vector<Range> globals;   // what cp.async may read
+  DependentLaunch pdl;
   std::vector<unsigned> order;  // CTAs in this order (empty: 0, 1, ...)
-  // Warps run one at a time, each as far as it can (to a CTA barrier or its end) before the next
-  // starts: lowest index first, or highest.  So a kernel missing a barrier between one warp's
-  // write and another's read of shared memory reads stale or overwritten data in one of the two
-  // schedules.
-  bool reverse_threads = false;
-  size_t stack_bytes = 128 * 1024;
+  // Warps run in index order, or reversed; and shared memory (like the harness's buffers) touches
+  // its guard page at its end, or at its start.
+  bool reversed = false;
 };
 
 inline void thread_entry() {
@@ -341,61 +455,87 @@ inline void thread_entry() {
   swapcontext(&self().ctx, &c.scheduler);
 }
 
-// Run `kernel` over the grid; throws with the first failure (deadlock, bad copy, exception).
+// Run one warp until every lane is blocked, has exited, or a CTA barrier completed.  Returns
+// whether any lane ran.
+inline bool run_warp(Cta& c, int w, bool reversed) {
+  bool ran = false;
+  for (bool again = true; again && c.error.empty() && !c.epoch_ended;) {
+    again = false;
+    for (int k = 0; k < kWarpLanes && c.error.empty() && !c.epoch_ended; ++k) {
+      Thread& t = c.threads[(size_t)w * kWarpLanes + (reversed ? kWarpLanes - 1 - k : k)];
+      if (t.state != State::kRunnable) continue;
+      c.cur = &t;
+      swapcontext(&c.scheduler, &t.ctx);
+      ran = again = true;
+    }
+  }
+  return ran;
+}
+
+// Run `kernel` over the grid; throws with the first failure (deadlock, bad copy, race, exception).
 inline void run_grid(const Launch& L, const std::function<void()>& kernel) {
+  install_fault_report();
   const unsigned n_cta = L.grid.x * L.grid.y * L.grid.z;
   std::vector<unsigned> order = L.order;
   if (order.empty())
     for (unsigned i = 0; i < n_cta; ++i) order.push_back(i);
-  Guarded smem_block(std::max<size_t>(L.smem_bytes, 16));
-  uint8_t* smem = smem_block.data();
+  const Placement at = L.reversed ? Placement::kAtStart : Placement::kAtEnd;
+  Guarded smem_block("the dynamic shared memory", std::max<size_t>(L.smem_bytes, 16), at);
+  std::vector<uint8_t> before(smem_block.bytes());
+  std::vector<int> writer(smem_block.bytes());
+  const int n = L.block.x * L.block.y * L.block.z;
+  if (n % kWarpLanes) fail("block size must be a whole number of warps");
+  const int warps = n / kWarpLanes;
   for (unsigned b : order) {
     Cta c;
     c.block_idx = dim3(b % L.grid.x, (b / L.grid.x) % L.grid.y, b / (L.grid.x * L.grid.y));
     c.grid_dim = L.grid;
     c.block_dim = L.block;
-    c.smem = smem;
+    c.smem = smem_block.data();
     c.smem_bytes = L.smem_bytes;
-    std::memset(smem, 0xA5, L.smem_bytes);  // shared memory starts as garbage
+    std::memset(c.smem, 0xA5, L.smem_bytes);  // shared memory starts as garbage
     c.globals = L.globals;
-    c.timing = L.timing;
+    c.eager_copies = L.eager_copies;
+    c.pdl = &L.pdl;
+    for (const Range& r : L.pdl.outputs) c.outputs_at_start.emplace_back(r.begin, r.begin + r.bytes);
     c.body = kernel;
-    const int n = L.block.x * L.block.y * L.block.z;
-    if (n % kWarpLanes) fail("block size must be a whole number of warps");
     c.threads.resize(n);
-    c.warp_arrived.assign(n / kWarpLanes, 0);
-    c.posts.assign((size_t)n / kWarpLanes * 2 * kWarpLanes, Post{});
+    c.warp_arrived.assign(warps, 0);
+    c.posts.assign((size_t)warps * 2 * kWarpLanes, Post{});
     g_cta = &c;
     for (int i = 0; i < n; ++i) {
       Thread& t = c.threads[i];
       t.tid = i;
-      t.stack = std::make_unique<Guarded>(L.stack_bytes);
+      t.stack = std::make_unique<Guarded>("a thread's stack", kFiberStackBytes, Placement::kAtStart);
       getcontext(&t.ctx);
       t.ctx.uc_stack.ss_sp = t.stack->data();
       t.ctx.uc_stack.ss_size = t.stack->bytes();
       t.ctx.uc_link = nullptr;
       makecontext(&t.ctx, thread_entry, 0);
     }
+    std::fill(writer.begin(), writer.end(), -1);
+    auto stop = [&](const std::string& why) {
+      g_cta = nullptr;
+      fail("CTA " + std::to_string(b) + ": " + why);
+    };
     for (;;) {
       bool ran = false;
-      const int warps = n / kWarpLanes;
-      for (int k = 0; k < warps && c.error.empty(); ++k) {
-        const int w = L.reverse_threads ? warps - 1 - k : k;
-        for (bool again = true; again && c.error.empty();) {  // this warp, until it is blocked
-          again = false;
-          for (int l = 0; l < kWarpLanes; ++l) {
-            Thread& t = c.threads[(size_t)w * kWarpLanes + (L.reverse_threads ? kWarpLanes - 1 - l : l)];
-            if (t.state != State::kRunnable) continue;
-            c.cur = &t;
-            swapcontext(&c.scheduler, &t.ctx);
-            ran = again = true;
-            if (!c.error.empty()) break;
-          }
+      for (int k = 0; k < warps; ++k) {
+        const int w = L.reversed ? warps - 1 - k : k;
+        std::memcpy(before.data(), c.smem, c.smem_bytes);
+        ran = run_warp(c, w, L.reversed) || ran;
+        if (!c.error.empty()) stop(c.error);
+        for (size_t i = 0; i < c.smem_bytes; ++i) {  // this warp's shared-memory writes in this interval
+          if (c.smem[i] == before[i]) continue;
+          if (writer[i] >= 0 && writer[i] != w)
+            stop("shared-memory byte " + std::to_string(i) + " written by warps " + std::to_string(writer[i]) +
+                 " and " + std::to_string(w) + " between the same two barriers (a race)");
+          writer[i] = w;
         }
-      }
-      if (!c.error.empty()) {
-        g_cta = nullptr;
-        fail("CTA " + std::to_string(b) + ": " + c.error);
+        if (c.epoch_ended) {
+          c.epoch_ended = false;
+          std::fill(writer.begin(), writer.end(), -1);
+        }
       }
       int done = 0, at_barrier = 0, at_warp = 0;
       for (const auto& t : c.threads) {
@@ -404,12 +544,9 @@ inline void run_grid(const Launch& L, const std::function<void()>& kernel) {
         at_warp += t.state == State::kAtWarp;
       }
       if (done == n) break;
-      if (!ran) {
-        g_cta = nullptr;
-        fail("CTA " + std::to_string(b) + " deadlocked: " + std::to_string(at_barrier) + " threads wait at " +
-             "__syncthreads, " + std::to_string(at_warp) + " at a warp collective, " + std::to_string(done) +
-             " exited");
-      }
+      if (!ran)
+        stop("deadlocked: " + std::to_string(at_barrier) + " threads wait at __syncthreads, " +
+             std::to_string(at_warp) + " at a warp collective, " + std::to_string(done) + " exited");
     }
     g_cta = nullptr;
   }
@@ -417,13 +554,17 @@ inline void run_grid(const Launch& L, const std::function<void()>& kernel) {
 
 }  // namespace awq_twin
 
-// ---- the CUDA built-ins the kernels use (every system header is included above: the
-// attribute spellings below would break one that uses __attribute__((__noinline__)))
+// ---- the CUDA built-ins the kernels use.  Every system header is included above.  __shared__
+// variables are CTA-wide: as statics, one per program, which is one per CTA since CTAs run one at
+// a time.  __global__ and __device__ mark nothing on the host.
+#undef __shared__
+#define __shared__ static
+#undef __global__
+#define __global__
+#undef __device__
+#define __device__
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
-#endif
-#ifndef __noinline__
-#define __noinline__ __attribute__((noinline))
 #endif
 #define threadIdx (::awq_twin::cta().cur_thread_idx())
 #define blockIdx (::awq_twin::cta().block_idx)
@@ -437,7 +578,8 @@ inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_S
 template <typename T> T __ldcg(const T* p) { return *p; }
 template <typename T> T __ldg(const T* p) { return *p; }
 
-// prmt.b32 (no sign replication): byte i of the result is byte s_i of the 8-byte {b, a}.
+// __byte_perm(a, b, s): byte i of the result is byte (s >> 4 i) & 7 of the 8-byte {b, a} (nvcc
+// masks the selector with 0x7777 before its prmt.b32, so no sign replication).
 inline uint32_t __byte_perm(uint32_t a, uint32_t b, uint32_t s) {
   const uint64_t x = (static_cast<uint64_t>(b) << 32) | a;
   uint32_t r = 0;

@@ -6,10 +6,16 @@
 //   twin_selftest deadlock     a barrier and a warp collective that can never complete: reported
 //   twin_selftest smem_bounds  a cp.async past the dynamic shared memory: reported
 //   twin_selftest global_bounds  a cp.async from outside every input: reported
+//   twin_selftest race         two warps change one shared byte between the same two barriers
+//   twin_selftest pdl_read     a cp.async from a dependent input before griddepcontrol.wait
+//   twin_selftest pdl_write    an output written before griddepcontrol.wait
+//   twin_selftest divergent    lanes of a warp at different collective instructions
+//   twin_selftest underrun     a store before the start of a buffer: the fault names it (exit 3)
 //
 // Prints "ok" (exit 0) or the failure the twin reported (exit 1).
 #include <cmath>
 #include <cstdio>
+#include <map>
 #include <string>
 
 #define AWQ_HOST_EMULATION 1
@@ -37,7 +43,7 @@ void mma_case() {
   for (int k = 0; k < 16; ++k)
     for (int c = 0; c < 8; ++c) B[k][c] = static_cast<float>((k * 2 + c * 7) % 5 - 2) * 0.5f;
   float D[16][8] = {};
-  Guarded in(16 * 16 * 2);
+  Guarded in("A", 16 * 16 * 2);
   auto* a16 = reinterpret_cast<uint16_t*>(in.data());
   for (int r = 0; r < 16; ++r)
     for (int k = 0; k < 16; ++k) a16[r * 16 + k] = bits_of<T>(A[r][k]);
@@ -45,8 +51,7 @@ void mma_case() {
   L.grid = dim3(1);
   L.block = dim3(32);
   L.smem_bytes = 16 * 16 * 2;
-  L.timing = awq_twin::CopyTiming::kLazy;
-  L.globals = {{in.data(), in.bytes()}};
+  L.globals = {awq_twin::range(in)};
   awq_twin::run_grid(L, [&] {
     const int lane = threadIdx.x, g = lane / 4, q = lane % 4;
     uint8_t* smem = awq::dynamic_smem();
@@ -81,13 +86,12 @@ awq_twin::Launch one_cta(int threads, size_t smem, const Guarded& in) {
   L.grid = dim3(1);
   L.block = dim3(threads);
   L.smem_bytes = smem;
-  L.timing = awq_twin::CopyTiming::kLazy;
-  L.globals = {{in.data(), in.bytes()}};
+  L.globals = {awq_twin::range(in)};
   return L;
 }
 
 void lazy_case() {
-  Guarded in(16);
+  Guarded in("in", 16);
   std::memset(in.data(), 7, 16);
   uint8_t before = 0, after_commit = 0, after_wait = 0;
   awq_twin::run_grid(one_cta(32, 16, in), [&] {
@@ -107,7 +111,7 @@ void lazy_case() {
 }
 
 void deadlock_case() {
-  Guarded in(16);
+  Guarded in("in", 16);
   awq_twin::run_grid(one_cta(64, 16, in), [&] {
     if (threadIdx.x < 32) __syncthreads();            // warp 0 waits for the whole CTA ...
     else if (threadIdx.x < 48) awq_twin::warp_sync();  // ... half of warp 1 for its other half, which exited
@@ -115,34 +119,100 @@ void deadlock_case() {
 }
 
 void smem_bounds_case() {
-  Guarded in(16);
+  Guarded in("in", 16);
   awq_twin::run_grid(one_cta(32, 64, in), [&] { awq::cp_async16(awq::dynamic_smem() + 64, in.data(), true); });
 }
 
 void global_bounds_case() {
-  Guarded in(32), other(16);
+  Guarded in("in", 32), other("other", 16);
   awq_twin::run_grid(one_cta(32, 64, in), [&] { awq::cp_async16(awq::dynamic_smem(), other.data(), false); });
+}
+
+// Warps 0 and 1 both add to one shared word between the same two barriers: a lost update on a GPU.
+void race_case() {
+  Guarded in("in", 16);
+  awq_twin::run_grid(one_cta(64, 16, in), [&] {
+    auto* word = reinterpret_cast<int*>(awq::dynamic_smem());
+    if (threadIdx.x == 0) *word = 0;
+    __syncthreads();
+    if (threadIdx.x % 32 == 0) *word += 1;
+    __syncthreads();
+  });
+}
+
+awq_twin::Launch dependent(const Guarded& in, const Guarded& out) {
+  awq_twin::Launch L = one_cta(32, 16, in);
+  L.pdl.on = true;
+  L.pdl.inputs = {awq_twin::range(in)};
+  L.pdl.outputs = {awq_twin::range(out)};
+  return L;
+}
+
+void pdl_read_case() {
+  Guarded in("in", 16), out("out", 16);
+  awq_twin::run_grid(dependent(in, out), [&] {
+    awq::cp_async16(awq::dynamic_smem(), in.data(), true);  // before the wait
+    awq::grid_dependency_wait();
+  });
+}
+
+void pdl_write_case() {
+  Guarded in("in", 16), out("out", 16);
+  awq_twin::run_grid(dependent(in, out), [&] {
+    if (threadIdx.x == 0) out.data()[0] = 1;  // before the wait
+    awq::grid_dependency_wait();
+    awq::cp_async16(awq::dynamic_smem(), in.data(), true);
+  });
+}
+
+void pdl_ok_case() {  // the order the stream kernel keeps: inputs and outputs only after the wait
+  Guarded in("in", 16), out("out", 16);
+  awq_twin::run_grid(dependent(in, out), [&] {
+    awq::grid_dependency_wait();
+    awq::cp_async16(awq::dynamic_smem(), in.data(), true);
+    if (threadIdx.x == 0) out.data()[0] = 1;
+  });
+}
+
+void divergent_case() {
+  Guarded in("in", 16 * 16 * 2);
+  awq_twin::Launch L = one_cta(32, 16 * 16 * 2, in);
+  awq_twin::run_grid(L, [&] {
+    uint32_t a[4] = {0, 0, 0, 0};
+    float d[4] = {0, 0, 0, 0};
+    if (threadIdx.x < 16) awq::ldmatrix_x4(a, awq::dynamic_smem() + 16 * (threadIdx.x % 16));
+    else awq::Mma<__half>::run(d, a, 0, 0);
+  });
+}
+
+void underrun_case() {
+  Guarded buf("the test buffer", 64, awq_twin::Placement::kAtStart);
+  awq_twin::run_grid(one_cta(32, 16, buf), [&] {
+    if (threadIdx.x == 5) buf.data()[-1] = 1;
+  });
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  const std::map<std::string, void (*)()> checks = {
+      {"mma", [] { mma_case<__half>(); mma_case<__nv_bfloat16>(); }},
+      {"lazy", lazy_case},
+      {"deadlock", deadlock_case},
+      {"smem_bounds", smem_bounds_case},
+      {"global_bounds", global_bounds_case},
+      {"race", race_case},
+      {"pdl_read", pdl_read_case},
+      {"pdl_write", pdl_write_case},
+      {"pdl_ok", pdl_ok_case},
+      {"divergent", divergent_case},
+      {"underrun", underrun_case},
+  };
   try {
     const std::string what = argc > 1 ? argv[1] : "";
-    if (what == "mma") {
-      mma_case<__half>();
-      mma_case<__nv_bfloat16>();
-    } else if (what == "lazy") {
-      lazy_case();
-    } else if (what == "deadlock") {
-      deadlock_case();
-    } else if (what == "smem_bounds") {
-      smem_bounds_case();
-    } else if (what == "global_bounds") {
-      global_bounds_case();
-    } else {
-      awq_twin::fail("unknown check " + what);
-    }
+    const auto it = checks.find(what);
+    if (it == checks.end()) awq_twin::fail("unknown check " + what);
+    it->second();
   } catch (const std::exception& e) {
     std::printf("%s\n", e.what());
     return 1;
