@@ -23,6 +23,7 @@ import fcntl
 import logging
 import os
 import re
+import shlex
 import shutil
 import time
 import uuid
@@ -259,10 +260,11 @@ def swap_into_place(new: Path, target: Path) -> None:
     """Rename the finished folder ``new`` to ``target``. An old ``target`` (already checked by
     :func:`check_output`; held, so that no other run takes it for a leftover) is exchanged with
     ``new`` in one step where the filesystem can (:func:`exchange_paths`), else moved aside first;
-    either way it is deleted only once the new one is in place."""
+    either way it is deleted only once the new one is in place.  A process working inside the old
+    ``target`` is moved into the new one as soon as it is in place (:func:`_reenter`)."""
     publish_modes(new)
     fd, replacing, old = None, target.exists(), None
-    cwd_inside = replacing and _cwd_inside(target)
+    cwd_below = _cwd_below(target) if replacing else None
     if replacing:
         try:
             fd, held = hold(target)
@@ -276,6 +278,8 @@ def swap_into_place(new: Path, target: Path) -> None:
             # one step: target never missing; the old checkpoint is now under new's (.tmp) name, which
             # the next run removes if this one is killed before it does
             fsync_path(target.parent)
+            if cwd_below is not None:
+                _reenter(target, cwd_below)
             remove_tree(new, "the checkpoint replaced")
             return
         if replacing:
@@ -288,34 +292,43 @@ def swap_into_place(new: Path, target: Path) -> None:
                 os.rename(old, target)  # the old checkpoint back under its own name
             raise
         fsync_path(target.parent)  # the renames on disk before the old checkpoint goes
+        if cwd_below is not None:
+            _reenter(target, cwd_below)
         if old is not None:
             remove_tree(old, "the checkpoint replaced")
     finally:
         if fd is not None:
             os.close(fd)
-        if cwd_inside and target.is_dir() and not new.exists():
-            _reenter(target)
 
 
-def _cwd_inside(folder: Path) -> bool:
-    """The process works in ``folder`` or below it (``awqlib quantize model .``, or a notebook's
-    ``save_quantized(".")``)."""
+def _cwd_below(folder: Path) -> Path | None:
+    """Where the process works relative to ``folder`` (``.`` for ``awqlib quantize model .`` or a
+    notebook's ``save_quantized(".")``), or None where it works outside it."""
     try:
         cwd = Path(os.getcwd())
     except FileNotFoundError:
-        return False
+        return None
     real = Path(os.path.realpath(folder))
-    return cwd == real or real in cwd.parents
+    return cwd.relative_to(real) if cwd == real or real in cwd.parents else None
 
 
-def _reenter(target: Path) -> None:
-    """After ``target`` was replaced while the process worked inside it: the old folder is deleted,
-    so relative paths (``from_quantized(".")``) would fail; work in the new checkpoint instead, and
-    tell the user that a shell which started the run still sits in the deleted folder."""
-    os.chdir(target)
-    log.warning("the output %s was the current directory and has been replaced by the new checkpoint: "
-                "this process now works in the new one, but a shell that started the run still sits in the "
-                "deleted folder and sees it empty: run `cd %s` there", target, target)
+def _reenter(target: Path, below: Path) -> None:
+    """The new checkpoint is in place while the process worked in the old ``target`` (at ``below``
+    inside it), which is about to be deleted: relative paths (``from_quantized(".")``) would fail,
+    or read the old checkpoint.  Work at the same place in the new one (its root where the new one
+    lacks that folder), and say so: a shell or another process still sits in the old folder."""
+    dest = target / below if (target / below).is_dir() else target
+    try:
+        os.chdir(dest)
+    except OSError as e:  # the checkpoint is published: a failed chdir must not undo that
+        log.warning("awqlib: the output %s replaced the folder this process worked in, and entering the new "
+                    "one failed (%s): relative paths now point into the deleted folder", target, e)
+        return
+    where = "was the current directory" if below == Path(".") else f"held the current directory ({below})"
+    moved = "" if dest == target / below else f"; the new checkpoint has no {below}, so it works in {target}"
+    log.warning("awqlib: the output %s %s and has been replaced by the new checkpoint: this process now works "
+                "in the new one%s. A shell or another process working there still sits in the deleted folder "
+                "and sees it empty: run `cd %s` there", target, where, moved, shlex.quote(str(dest)))
 
 
 _AT_FDCWD = -100        # <fcntl.h>: paths relative to the working directory

@@ -1136,12 +1136,17 @@ def test_resume_refuses_another_config_or_version_and_names_it(src, tmp_path, mo
     assert _digest(partial) == kept and not out.exists()
 
 
+@pytest.mark.parametrize("swap", ["exchange", "renames"])
 @pytest.mark.parametrize("how", ["quantize", "save_quantized"])
-def test_output_given_as_dot_or_a_relative_path(src, tmp_path, monkeypatch, caplog, how):
+def test_output_given_as_dot_or_a_relative_path(src, tmp_path, monkeypatch, caplog, how, swap):
     """`cd new && awqlib quantize ../model .`: review: the partial/tmp folders landed inside '.', and
     finalize refused its own output; reruns were refused even with --overwrite.  The folder the
-    process worked in is replaced, so the process then works in the new one (before, os.getcwd()
-    failed and a notebook's next `from_quantized(".")` with it) and the user is told about the shell."""
+    process worked in is replaced, so the process then works in the new one (review: os.getcwd()
+    failed, and a notebook's next `from_quantized(".")` with it) and the user is told about the
+    shell; by one atomic exchange, or by two renames (macOS, filesystems without RENAME_EXCHANGE)."""
+    from awqlib import outputs
+    if swap == "renames":
+        monkeypatch.setattr(outputs, "exchange_paths", lambda a, b: False)
     (tmp_path / "new").mkdir()
     for out in (".", "../new", "."):  # into the empty folder, a relative path, then over the checkpoint
         monkeypatch.chdir(tmp_path / "new")
@@ -1159,6 +1164,42 @@ def test_output_given_as_dot_or_a_relative_path(src, tmp_path, monkeypatch, capl
         assert validate_checkpoint(tmp_path / "new").ok
         assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "src"]  # nothing left beside or inside
         assert not [p for p in (tmp_path / "new").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["subfolder-kept", "subfolder-gone"])
+@pytest.mark.parametrize("swap", ["exchange", "renames"])
+def test_a_process_inside_a_replaced_output_moves_into_the_new_one_even_if_cleanup_fails(
+        src, tmp_path, monkeypatch, caplog, swap, kept):
+    """review: when deleting the replaced checkpoint failed (files held open on NFS), the process
+    stayed in the old one under its hidden leftover name and `from_quantized(".")` read the old
+    weights.  It now moves as soon as the new checkpoint is in place, to the same subfolder where the
+    new one has it, else to its root -- and says which."""
+    from awqlib import outputs
+    out, sub = tmp_path / "out", "additional_chat_templates"
+    AutoAWQ.from_pretrained(str(src)).quantize(None, QC, method="rtn").save_quantized(out)
+    (out / sub).mkdir()
+    (out / sub / "x.jinja").write_text("{{ x }}")
+    monkeypatch.chdir(out / sub)
+    m = AutoAWQ.from_pretrained(str(src)).quantize(None, {**QC, "q_group_size": 32}, method="rtn")
+    real_publish = outputs.publish_modes
+
+    def publish(folder):  # the new checkpoint has the subfolder too, or not
+        if kept:
+            (Path(folder) / sub).mkdir()
+            (Path(folder) / sub / "x.jinja").write_text("{{ y }}")
+        real_publish(folder)
+    with monkeypatch.context() as mp:
+        mp.setattr(outputs, "remove_tree", lambda path, what: None)  # the cleanup fails
+        mp.setattr(outputs, "publish_modes", publish)
+        if swap == "renames":
+            mp.setattr(outputs, "exchange_paths", lambda a, b: False)
+        m.save_quantized(out, overwrite=True)
+    assert os.getcwd() == os.path.realpath(out / sub if kept else out)
+    root = Path(".." if kept else ".")
+    assert json.loads((root / "config.json").read_text())["quantization_config"]["group_size"] == 32
+    assert f"held the current directory ({sub})" in caplog.text
+    assert ("has no" in caplog.text) != kept
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # what the failed cleanup left
 
 
 def test_an_output_that_is_a_mount_point_is_refused_before_any_work(src, tmp_path, monkeypatch):
