@@ -21,11 +21,6 @@ import torch
 from .quant import STORE_DTYPE, clamp_groups, compute_qparams, dequantize, quantize
 
 
-def inverse_hessian_factor(H: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + damp I)^-1 (so H^-1 = U^T U), fp32: :func:`hessian_factor`'s."""
-    return hessian_factor(H, percdamp, max_tries)[0]
-
-
 def hessian_factor(H: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6) -> tuple[torch.Tensor, float]:
     """(U, the damping used, relative to the mean diagonal): U the upper Cholesky factor of
     (H + damp I)^-1 (so H^-1 = U^T U), fp32.
@@ -91,7 +86,7 @@ def gptq_quantize(w: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, zero: t
                   bits: int = 4, block_size: int = 128, perm: torch.Tensor | None = None) -> torch.Tensor:
     """GPTQ with lazy batch updates on the fixed grid (scale, zero) [out, in/g].
 
-    ``w`` [out, in] (not modified), ``U`` from :func:`inverse_hessian_factor`.  Returns the
+    ``w`` [out, in] (not modified), ``U`` from :func:`hessian_factor`.  Returns the
     dequantized weight [out, in] fp32, exactly ``dequantize(quantize(result, scale, zero))``.
     Rows are independent given H: callers may pass any subset of rows (with their qparams).
     ``perm``: the order the columns are quantized in (:func:`act_order_permutation`); ``U`` must

@@ -499,16 +499,13 @@ def shard_names(n: int) -> list[str]:
     return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
-_SHARD_OF = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
+_SHARD_OF = re.compile(r"model-[0-9]{5}-of-([0-9]{5})\.safetensors")
 
 
 def is_shard_name(name: str) -> bool:
     """``name`` is one that :func:`shard_names` gives for some number of files."""
     m = _SHARD_OF.fullmatch(name)
-    if m is None:
-        return name in shard_names(1)
-    n = int(m.group(2))
-    return n >= 2 and 1 <= int(m.group(1)) <= n and name in shard_names(n)
+    return name in shard_names(int(m.group(1)) if m else 1)
 
 
 def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:

@@ -62,7 +62,7 @@ def test_nan_hessian_is_a_clear_error():
     H = torch.eye(8)
     H[0, 1] = float("nan")
     with pytest.raises(FloatingPointError, match="NaN"):
-        gptq.inverse_hessian_factor(H)
+        gptq.hessian_factor(H)
 
 
 def test_the_refit_objective_uses_the_damping_the_factor_needed():
@@ -73,7 +73,23 @@ def test_the_refit_objective_uses_the_damping_the_factor_needed():
     U, damp = gptq.hessian_factor(H, 0.01)
     assert damp == pytest.approx(10.0)  # 0.01, 0.1 and 1.0 leave it indefinite
     torch.testing.assert_close(U.t() @ U, torch.linalg.inv(gptq.damped_hessian(H, damp)), rtol=1e-4, atol=1e-5)
-    assert torch.equal(gptq.inverse_hessian_factor(H, 0.01), U)
+
+
+def test_the_quantizer_refits_with_the_damping_its_factor_used(calib_ids, monkeypatch):
+    """review: awq.py took the scale refit's objective from the asked damping (gptq_damp) although
+    the factor GPTQ used had needed more; the refit must see what hessian_factor returned."""
+    used, seen = [], []
+    real_factor, real_damped = gptq.hessian_factor, gptq.damped_hessian
+
+    def factor(H, percdamp=0.01, max_tries=6):  # as if the first try had failed: ten times the damping
+        U, damp = real_factor(H, percdamp * 10, max_tries)
+        used.append(damp)
+        return U, damp
+    monkeypatch.setattr(gptq, "hessian_factor", factor)
+    monkeypatch.setattr(gptq, "damped_hessian", lambda H, percdamp: seen.append(percdamp) or real_damped(H, percdamp))
+    AutoAWQ.from_model(tiny_model("llama")).quantize(None, {"w_bit": 4, "q_group_size": 64}, calib_data=list(calib_ids),
+                                                     n_samples=16, seqlen=64, gptq_refit_rounds=1)
+    assert seen and seen == used and all(d == pytest.approx(10 * 0.1) for d in seen)
 
 
 def test_method_names_are_validated_in_one_place():
@@ -122,7 +138,7 @@ def test_act_order_keeps_the_static_grid_and_the_natural_column_order():
     assert not torch.equal(wq, nat)
     assert _out_err(w, wq, x) < _out_err(w, nat, x)
     # the identity permutation is the natural order, bit for bit
-    U = gptq.inverse_hessian_factor(H)
+    U, _ = gptq.hessian_factor(H)
     assert torch.equal(gptq.gptq_quantize(w, U, scale, zero, perm=torch.arange(256)),
                        gptq.gptq_quantize(w, U, scale, zero))
 

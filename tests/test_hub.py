@@ -339,19 +339,22 @@ def test_push_to_hub_removes_only_stale_files_of_an_earlier_push(qmodel, monkeyp
     """A second push with fewer shards leaves no shard of the first one in the repo, in the same commit
     as the upload (the repo never holds the new model.safetensors beside the old index, which readers
     resolve differently); files awqlib never writes (at the top level or in a subfolder, or a
-    model-fp16.safetensors beside the shards) are kept (review: upload_folder's delete_patterns
-    matched *.json, *.txt, *.safetensors at any depth)."""
-    repo = _FakeRepo(monkeypatch, tmp_path, dict(NOT_OURS, **{"model-fp16.safetensors": "w"}))
+    model-fp16.safetensors beside the shards, or names only shaped like a shard's, such as
+    model-00001-of-00001.safetensors) are kept (review: upload_folder's delete_patterns matched
+    *.json, *.txt, *.safetensors at any depth; then a pattern looser than shard_names)."""
+    lookalikes = {"model-fp16.safetensors": "w", "model-00001-of-00001.safetensors": "w",
+                  "model-00003-of-00002.safetensors": "w"}
+    repo = _FakeRepo(monkeypatch, tmp_path, dict(NOT_OURS, **lookalikes))
     qmodel.push_to_hub("me/stale", max_shard_size=200_000)
     first = sorted(repo.files)
     assert any(n.startswith("model-0000") for n in first) and "model.safetensors.index.json" in first
     assert [c[0] for c in repo.commits] == ["commit"] and repo.commits[0][2] == []  # a non-AWQ repo: no deletion
     qmodel.push_to_hub("me/stale")
     assert [c[0] for c in repo.commits] == ["commit", "commit"]
-    assert repo.commits[1][2] == sorted(n for n in first if n.startswith("model-0000")) + [
+    assert repo.commits[1][2] == sorted(n for n in first if n.startswith("model-0000") and n not in lookalikes) + [
         "model.safetensors.index.json"]
     assert sorted(repo.files) == sorted(["README.md", "config.json", "generation_config.json", "model.safetensors",
-                                         "model-fp16.safetensors", *NOT_OURS])
+                                         *lookalikes, *NOT_OURS])
 
 
 def test_a_pull_request_carries_its_deletions(qmodel, monkeypatch, tmp_path):
