@@ -9,9 +9,9 @@
 // (small integers), and the single multiply by the scale rounds once -- the same rounding as
 // the PyTorch reference ((q - z).to(dtype) * s), so dequantized weights are bit-identical.
 //
-// Every PTX wrapper below has its CPU twin beside it (#ifdef AWQ_HOST_EMULATION): a host compiler
-// then builds the kernels unchanged and csrc/cpu_twin.h runs them, thread by thread
-// (tests/test_cpu_twin.py).
+// Every PTX wrapper below has its CPU twin beside it (#ifdef AWQ_HOST_EMULATION; a no-op where
+// nothing is to be modelled): a host compiler then builds the kernels unchanged and
+// csrc/cpu_twin.h runs them, thread by thread (tests/test_cpu_twin.py).
 #pragma once
 
 #ifdef AWQ_HOST_EMULATION
@@ -153,7 +153,9 @@ __device__ __forceinline__ void grid_dependency_wait() {
 #endif
 }
 __device__ __forceinline__ void allow_dependent_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(AWQ_HOST_EMULATION)
+  // the twin runs one launch at a time: no kernel depends on this one
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }

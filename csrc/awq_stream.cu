@@ -5,7 +5,7 @@
 // (awq_skinny.cu, awq_gemv.cu) are limited by *instruction issue*, not by bytes: 370-600
 // warp-instructions per KB of weights (scripts/sass_budget.py), which caps them near 1.8-2.9
 // TB/s on an H200 even at 100 % issue (shared/design/kernels-v2.md).  This kernel is built to
-// spend <= 175-190 per KB (scripts/sass_budget.py: 162.5 at M <= 16, fp16):
+// spend <= 175 per KB (scripts/sass_budget.py; the figures: benchmarks/RESULTS.md):
 //
 //  * Layout (awqlib/packing.py, "stream layout", repacked once at load): 16x64 atoms, one 16-byte
 //    fragment per lane, k-pairs pre-interleaved, so a word of 8 weights becomes the mma B
@@ -16,7 +16,7 @@
 //    once, as in the reference (fp16 high nibbles: fma(16 q + 1024, 1/16, -(64 + z)), also exact).
 //    Group sums (Kernel.STREAM_GROUP_SUMS, M <= 32, groups >= 128 rows) skip that multiply: the
 //    mma sums the exact products x (q - z) in fp32 and the scale is applied in fp32 once per
-//    warp k-slice (GroupSums: 142 instead of 162.5 instructions per KB).
+//    warp k-slice (GroupSums: about 13 % fewer instructions per KB).
 //  * Pipeline: a 3-stage cp.async ring in shared memory; a stage is 512 k-rows x 128 columns
 //    (32 KB of weights; 256 rows at M > 32) plus the activations, scales and zeros it needs, so
 //    64 KB of weights are in flight per SM (GPUs with less shared memory per block run the
@@ -217,9 +217,10 @@ template <> struct StreamDequant<__nv_bfloat16> {
 // by the lanes of equal q.  No weight is rounded to T, so the result is closer to the exact
 // product than the scaled path's.  A fold (MB * 32 FFMA + 16 conversions; the cleared sums cost nothing, the next
 // mma reads RZ) saves the stage's 16 kKA HMUL2 when it comes once per stage, at MB <= 2 without
-// FINE groups (sm_90 SASS, fp16, MB = 1: 142 instead of 162.5 instructions per KB).  Where a FINE
-// group change folds inside a branch, the sums are cleared by moves and the kernel got slower
-// (216 against 187 at group 64), so those are not instantiated (group_sums_pay).
+// FINE groups (sm_90 SASS, fp16, MB = 1: about 13 % fewer instructions per KB).  Where a FINE
+// group change folds inside a branch, the sums are cleared by moves and the loop got longer than
+// the scaled one (measured by sass_budget.py at group 64), so those are not instantiated
+// (group_sums_pay).
 // A warp's fp32 accumulators: MB m16 tiles x 8 n8-tiles x 4 per lane (mma.m16n8k16's C/D).
 template <int MB>
 __device__ __forceinline__ void zero_accumulators(float (&acc)[MB][8][4]) {
@@ -512,7 +513,9 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   // offset of atom i is the offset of atom i % 4 plus 128 bytes per j, an immediate.  Four
   // registers instead of kKA, and no swizzle arithmetic in the loop (ptxas otherwise
   // rematerialises each offset, ~4 instructions per ldmatrix).
-  constexpr int kASwizzled = 4;  // atoms whose chunks span one 8-chunk swizzle period
+  constexpr int kChunkBytes = 16, kChunksPerAtom = 2, kSwizzleChunks = 8;  // ldmatrix rows; the XOR's period
+  constexpr int kASwizzled = kSwizzleChunks / kChunksPerAtom;  // atoms per swizzle period
+  constexpr int kASwizzleBytes = kSwizzleChunks * kChunkBytes;  // how far apart their repeats lie
   static_assert(kKA % kASwizzled == 0, "atoms come in whole swizzle periods");
   int a_off[kASwizzled];
 #pragma unroll
@@ -637,7 +640,8 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
       const uint4 wv = *reinterpret_cast<const uint4*>(st + b_off + i * 512);
       uint32_t a[MB][4];
 #pragma unroll
-      for (int mb = 0; mb < MB; ++mb) ldmatrix_x4(a[mb], st + a_off[i % kASwizzled] + (i / kASwizzled) * 16 * 2 * kASwizzled + mb * 16 * Cfg::kARowBytes);
+      for (int mb = 0; mb < MB; ++mb)
+        ldmatrix_x4(a[mb], st + a_off[i % kASwizzled] + (i / kASwizzled) * kASwizzleBytes + mb * 16 * Cfg::kARowBytes);
       const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {

@@ -195,6 +195,10 @@ struct Cta {
 
 inline Cta* g_cta = nullptr;
 
+// Bytes the launch's cp.async copies read from each registered buffer (Launch::globals, in order;
+// zero-filled copies read nothing): what the harness checks against what the kernel must read.
+inline std::vector<size_t> g_bytes_copied_from;
+
 inline Cta& cta() { return *g_cta; }
 inline Thread& self() { return *g_cta->cur; }
 
@@ -311,7 +315,11 @@ inline void cp_async16(void* dst, const void* src, bool valid) {
   if (valid && c.pdl != nullptr && c.pdl->on && !self().dependency_waited && in_any(c.pdl->inputs, src, 16))
     fail("cp.async from an input the previous kernel may still write, before griddepcontrol.wait, at " + where());
   Copy copy{static_cast<uint8_t*>(dst), !valid, {}};
-  if (valid) std::memcpy(copy.data, src, 16);
+  if (valid) {
+    std::memcpy(copy.data, src, 16);
+    for (size_t i = 0; i < c.globals.size(); ++i)
+      if (c.globals[i].contains(src, 16)) g_bytes_copied_from[i] += 16;
+  }
   if (c.eager_copies) apply(copy);
   else self().pending.push_back(copy);
 }
@@ -475,6 +483,7 @@ inline bool run_warp(Cta& c, int w, bool reversed) {
 // Run `kernel` over the grid; throws with the first failure (deadlock, bad copy, race, exception).
 inline void run_grid(const Launch& L, const std::function<void()>& kernel) {
   install_fault_report();
+  g_bytes_copied_from.assign(L.globals.size(), 0);
   const unsigned n_cta = L.grid.x * L.grid.y * L.grid.z;
   std::vector<unsigned> order = L.order;
   if (order.empty())

@@ -10,8 +10,8 @@
 // scales.bin in the stream layout) and receives out.bin ([M, N], or the dense W^T [K, N]).  DTYPE:
 // fp16 | bf16; TIMING: lazy | eager (when cp.async data lands, cpu_twin.h); ORDER: forward |
 // reverse (the CTAs' order, the warps' order, and which end of every buffer touches its guard
-// page).  Prints the launch (grid, units per CTA, in-loop refills); exit status 0, or 1 and the
-// reason on stderr (3 for a memory fault).
+// page).  Prints the launch (grid, units per CTA, the ring refills the plan makes) and the weight
+// bytes the kernel read; exit status 0, or 1 and the reason on stderr (3 for a memory fault).
 #include <cstdio>
 #include <fstream>
 #include <iterator>
@@ -89,12 +89,15 @@ void run_gemm(const std::string& dir, int M, int N, int K, int g, int sms, bool 
   for (int i = 0; i < plan.counters; ++i)
     if (c[i] != 0) awq_twin::fail("counter " + std::to_string(i) + " is " + std::to_string(c[i]) + " after the launch");
   write_file(dir + "/out.bin", out.data(), out.bytes());
-  // in-loop refills: units a CTA streams beyond the stages its prologue loads
+  // What the plan makes the kernel do beyond its prologue (planned_refills: units its CTAs stream
+  // after the stages the prologue loads -- the ring's steady state), and what the kernel did read:
+  // every weight byte exactly once (weight_bytes_read against K N / 2).
   const int stages = awq::stages_for(awq::mb_for(M), compact);
   int refills = 0;
   for (int b = 0; b < d.grid; ++b) refills += std::max(0, std::min(plan.per, d.p.units - b * plan.per) - (stages - 1));
-  std::printf("grid %d per %d units %d slices %d max_parts %d smem %d refills %d\n", d.grid, plan.per, d.p.units,
-              plan.slices, d.p.max_parts, d.smem_bytes, refills);
+  std::printf("grid %d per %d units %d slices %d max_parts %d smem %d planned_refills %d weight_bytes_read %zu\n",
+              d.grid, plan.per, d.p.units, plan.slices, d.p.max_parts, d.smem_bytes, refills,
+              awq_twin::g_bytes_copied_from[1]);
 }
 
 template <typename T>

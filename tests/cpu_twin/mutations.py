@@ -1,0 +1,105 @@
+"""Kernel bugs the CPU twin must catch: each mutation below is a realistic mistake in
+csrc/awq_stream.cu (or awq_common.cuh) that a GPU would show -- a missing barrier or wait, a ring
+slot refilled too early, a non-atomic reduction, a lost barrier in arrive_last, one workspace slot
+too few, inputs read before the PDL wait, a truncating output conversion, a ring that starts on the
+slot it reads.  For each, a copy of the repository gets the mutation and tests/test_cpu_twin.py runs
+on it; every one must fail.  Not part of the suite (about 5 minutes):
+
+    python tests/cpu_twin/mutations.py [NAME ...]
+
+Exit status 1 when a mutation survives (or no longer applies: the kernel changed; update it here).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# name -> [(old text, new text[, file in csrc/ (default awq_stream.cu)])]
+MUTS = {
+ 'no_loop_barrier': [("    __syncthreads();  // stage t landed for everyone", "    // removed")],
+ 'wait_one_too_few': [("cp_async_wait<kStages - 2>();", "cp_async_wait<kStages - 1>();")],
+ 'racy_reduction': [("""    for (int w = 0; w < kKW; ++w) {
+      if (wk == w) {""", """    for (int i = tid; i < rows_out * kSliceN; i += kStThreads) red[i] = 0.f;
+    __syncthreads();
+    for (int w = 0; w < 1; ++w) {
+      if (true) {"""), ("r = (w == 0 ? 0.f : r) + acc[mb][t][e];", "r += acc[mb][t][e];")],
+ 'no_flush_barrier': [("    __syncthreads();  // every warp is done reading the slot `red` overwrites", "")],
+ 'refill_too_early': [("""    cp_async_wait<kStages - 2>();
+    __syncthreads();  // stage t landed for everyone; slot `wr` was consumed at t-1 by everyone
+    if (t + kStages - 1 < n_units) {
+      load_weights(wr, ld);
+      load_inputs(wr, ld);
+      loader_next(ld);
+    }""", """    cp_async_wait<kStages - 2>();
+    if (t + kStages - 1 < n_units) {
+      load_weights(wr, ld);
+      load_inputs(wr, ld);
+      loader_next(ld);
+    }
+    __syncthreads();""")],
+ 'arrive_last_race': [("""  if (threadIdx.x == 0) is_last = (atomicAdd(counter, 1) == splits - 1);
+  __syncthreads();""", """  if (threadIdx.x == 0) is_last = (atomicAdd(counter, 1) == splits - 1);""", 'awq_common.cuh')],
+ 'slot_too_few': [("p.max_parts = std::min(grid, ceil_div(p.KT, p.per) + 1);", "p.max_parts = std::min(grid, ceil_div(p.KT, p.per));")],
+ 'ring_on_read': [("int rd = 0, wr = kStages - 1;", "int rd = 0, wr = 0;")],
+ 'pdl_read_early': [("""      if (s < n_units) {
+        load_weights(s, ld);
+        loader_next(ld);
+      }
+    }
+    grid_dependency_wait();""", """      if (s < n_units) {
+        load_weights(s, ld);
+        load_inputs(s, ld);
+        loader_next(ld);
+      }
+    }
+    grid_dependency_wait();"""), ("""      if (s < n_units) load_inputs(s, pro[s]);
+      cp_async_commit();""", """      cp_async_commit();""")],
+ 'rz_output': [("if (n0 + col < N) out[(size_t)r * N + n0 + col] = Traits<T>::from_float(red[i]);", "if (n0 + col < N) out[(size_t)r * N + n0 + col] = trunc_from_float<T>(red[i]);"),
+               ("if (n0 + col < N) out[(size_t)r * N + n0 + col] = Traits<T>::from_float(v);", "if (n0 + col < N) out[(size_t)r * N + n0 + col] = trunc_from_float<T>(v);"),
+               ("template <typename T>\n__device__ AWQ_NOINLINE void write_slice(", """template <typename T> __device__ __forceinline__ T trunc_from_float(float v) {
+  if constexpr (std::is_same_v<T, __half>) { return __float2half_rz(v); }
+  else { uint32_t u; memcpy(&u, &v, 4); __nv_bfloat16_raw r; r.x = (unsigned short)(u >> 16); return __nv_bfloat16(r); }
+}
+template <typename T>
+__device__ AWQ_NOINLINE void write_slice(""")],
+}
+
+
+def run(name: str, work: Path) -> str:
+    """Apply mutation `name` to a copy of the repository under `work`; the suite's last line."""
+    d = work / name
+    for sub in ("awqlib", "csrc", "tests"):
+        shutil.copytree(ROOT / sub, d / sub, ignore=shutil.ignore_patterns("__pycache__"))
+    for old, new, *where in MUTS[name]:
+        p = d / "csrc" / (where[0] if where else "awq_stream.cu")
+        text = p.read_text()
+        if text.count(old) != 1:
+            return f"does not apply ({p.name} changed)"
+        p.write_text(text.replace(old, new))
+    env = dict(os.environ, PYTHONPATH=str(d))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cpu_twin.py"],
+                       cwd=d, env=env, capture_output=True, text=True)
+    lines = r.stdout.strip().splitlines()
+    return ("caught: " if r.returncode != 0 else "SURVIVED: ") + (lines[-1] if lines else r.stderr[-200:])
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(MUTS)
+    survived = 0
+    with tempfile.TemporaryDirectory(prefix="awqlib-mutations-") as work:
+        for name in names:
+            result = run(name, Path(work))
+            survived += not result.startswith("caught")
+            print(f"{name:17s} {result}", flush=True)
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
