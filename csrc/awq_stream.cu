@@ -724,16 +724,6 @@ auto stream_kernel_for(bool exact, bool fine, bool sums) {
                : (fine ? awq_stream_kernel<T, MB, false, true, false, COMPACT> : awq_stream_kernel<T, MB, false, false, false, COMPACT>);
 }
 
-// The instantiation that runs shape `p` (EXACT where no load needs a bounds predicate, FINE where
-// group_size < 16 kKA).
-template <typename T, int MB, bool COMPACT>
-auto stream_kernel_of(const StreamParams& p, bool group_sums) {
-  using Cfg = StreamCfg<MB, COMPACT>;
-  const bool exact = p.K % Cfg::kStageK == 0 && p.N % kSliceN == 0;
-  const bool fine = p.gshift < 31 && (16 << p.gshift) < 16 * Cfg::kKA;
-  return stream_kernel_for<T, MB, COMPACT>(exact, fine, group_sums);
-}
-
 int mb_for(int M) { return M <= 16 ? 1 : M <= 32 ? 2 : 4; }
 int stage_k_for(int M, bool compact) { return 16 * ka_for(mb_for(M), compact) * kKW; }
 
@@ -781,10 +771,14 @@ struct StreamLaunch {
   StreamParams p;
 };
 
+// The instantiation that runs shape `p`: EXACT where no load needs a bounds predicate, FINE where
+// group_size < 16 kKA.
 template <typename T, int MB, bool COMPACT>
 StreamLaunch<T> describe_mb(const StreamParams& p, int grid, bool group_sums, bool pdl) {
-  StreamLaunch<T> d{stream_kernel_of<T, MB, COMPACT>(p, group_sums), grid, kStThreads,
-                    StreamCfg<MB, COMPACT>::kSmemBytes, p};
+  using Cfg = StreamCfg<MB, COMPACT>;
+  const bool exact = p.K % Cfg::kStageK == 0 && p.N % kSliceN == 0;
+  const bool fine = p.gshift < 31 && (16 << p.gshift) < 16 * Cfg::kKA;
+  StreamLaunch<T> d{stream_kernel_for<T, MB, COMPACT>(exact, fine, group_sums), grid, kStThreads, Cfg::kSmemBytes, p};
   d.p.pdl = pdl;
   return d;
 }

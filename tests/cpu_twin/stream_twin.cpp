@@ -1,6 +1,6 @@
 // csrc/awq_stream.cu, compiled for the CPU (csrc/cpu_twin.h): its kernels run from their own
 // source, launched as launch_stream / launch_dequant_stream describe them (describe_stream:
-// plan_stream's plan, params_for's parameters, the instantiation stream_kernel_of picks, the
+// plan_stream's plan, params_for's parameters, the instantiation describe_mb picks, the
 // geometry).  Driven by tests/test_cpu_twin.py:
 //
 //   stream_twin gemm    DIR DTYPE M N K GROUP SMS SUMS COMPACT PDL TIMING ORDER
@@ -48,6 +48,18 @@ std::unique_ptr<Guarded> load(const std::string& dir, const char* name, size_t b
 
 int to_int(const char* s) { return std::stoi(s); }
 
+// The quantized weight in the stream layout: qweight, qzeros, scales (T) of a K x N weight.
+struct Weight {
+  std::unique_ptr<Guarded> qweight, qzeros, scales;
+};
+
+template <typename T>
+Weight load_weight(const std::string& dir, int K, int N, int g, Placement at) {
+  const size_t groups = static_cast<size_t>(K / g);
+  return {load(dir, "qweight.bin", (size_t)K * N / 2, at), load(dir, "qzeros.bin", groups * N / 2, at),
+          load(dir, "scales.bin", groups * N * sizeof(T), at)};
+}
+
 template <typename T>
 void run_gemm(const std::string& dir, int M, int N, int K, int g, int sms, bool sums, bool compact, bool pdl,
               bool eager, bool reverse) {
@@ -55,11 +67,9 @@ void run_gemm(const std::string& dir, int M, int N, int K, int g, int sms, bool 
   const awq::StreamPlan plan = awq::plan_stream(M, N, K, g, sms, compact);
   const awq::StreamLaunch<T> d = awq::describe_stream<T>(M, N, K, g, plan, sums, pdl);
   const Placement at = reverse ? Placement::kAtStart : Placement::kAtEnd;
-  const size_t groups = static_cast<size_t>(K / g);
   auto x = load(dir, "x.bin", (size_t)M * K * sizeof(T), at);
-  auto qw = load(dir, "qweight.bin", (size_t)K * N / 2, at);
-  auto qz = load(dir, "qzeros.bin", groups * N / 2, at);
-  auto sc = load(dir, "scales.bin", groups * N * sizeof(T), at);
+  const Weight w = load_weight<T>(dir, K, N, g, at);
+  const Guarded &qw = *w.qweight, &qz = *w.qzeros, &sc = *w.scales;
   Guarded out("out", (size_t)M * N * sizeof(T), at);
   std::memset(out.data(), 0xFF, out.bytes());  // NaN everywhere: every element must be written
   Guarded ws("the workspace", std::max<size_t>(plan.workspace_floats, 1) * sizeof(float), at);
@@ -72,16 +82,16 @@ void run_gemm(const std::string& dir, int M, int N, int K, int g, int sms, bool 
   L.block = dim3(d.block);
   L.smem_bytes = d.smem_bytes;
   L.eager_copies = eager;
-  L.globals = {awq_twin::range(*x), awq_twin::range(*qw), awq_twin::range(*qz), awq_twin::range(*sc)};
+  L.globals = {awq_twin::range(*x), awq_twin::range(qw), awq_twin::range(qz), awq_twin::range(sc)};
   L.pdl.on = d.p.pdl != 0;
-  L.pdl.inputs = {awq_twin::range(*x), awq_twin::range(*qz), awq_twin::range(*sc)};  // not the weights
+  L.pdl.inputs = {awq_twin::range(*x), awq_twin::range(qz), awq_twin::range(sc)};  // not the weights
   L.pdl.outputs = {awq_twin::range(out), awq_twin::range(ws), awq_twin::range(counters)};
   L.reversed = reverse;
   if (reverse)
     for (int b = d.grid - 1; b >= 0; --b) L.order.push_back(b);
   awq_twin::run_grid(L, [&] {
-    d.kernel(reinterpret_cast<const T*>(x->data()), reinterpret_cast<const uint4*>(qw->data()),
-             reinterpret_cast<const uint32_t*>(qz->data()), reinterpret_cast<const T*>(sc->data()),
+    d.kernel(reinterpret_cast<const T*>(x->data()), reinterpret_cast<const uint4*>(qw.data()),
+             reinterpret_cast<const uint32_t*>(qz.data()), reinterpret_cast<const T*>(sc.data()),
              reinterpret_cast<T*>(out.data()), reinterpret_cast<float*>(ws.data()),
              reinterpret_cast<int32_t*>(counters.data()), d.p);
   });
@@ -102,19 +112,17 @@ void run_gemm(const std::string& dir, int M, int N, int K, int g, int sms, bool 
 
 template <typename T>
 void run_dequant(const std::string& dir, int K, int N, int g) {
-  const size_t groups = static_cast<size_t>(K / g);
-  auto qw = load(dir, "qweight.bin", (size_t)K * N / 2, Placement::kAtEnd);
-  auto qz = load(dir, "qzeros.bin", groups * N / 2, Placement::kAtEnd);
-  auto sc = load(dir, "scales.bin", groups * N * sizeof(T), Placement::kAtEnd);
+  const Weight w = load_weight<T>(dir, K, N, g, Placement::kAtEnd);
   Guarded out("out", (size_t)K * N * sizeof(T));
   awq_twin::Launch L;
   L.grid = dim3(awq::dequant_stream_blocks(K, N));
   L.block = dim3(awq::kDequantStreamThreads);
   L.smem_bytes = 0;
   awq_twin::run_grid(L, [&] {
-    awq::awq_dequant_stream_kernel<T>(reinterpret_cast<const uint4*>(qw->data()),
-                                      reinterpret_cast<const uint32_t*>(qz->data()),
-                                      reinterpret_cast<const T*>(sc->data()), reinterpret_cast<T*>(out.data()), K, N, g);
+    awq::awq_dequant_stream_kernel<T>(reinterpret_cast<const uint4*>(w.qweight->data()),
+                                      reinterpret_cast<const uint32_t*>(w.qzeros->data()),
+                                      reinterpret_cast<const T*>(w.scales->data()), reinterpret_cast<T*>(out.data()),
+                                      K, N, g);
   });
   write_file(dir + "/out.bin", out.data(), out.bytes());
 }
