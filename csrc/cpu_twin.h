@@ -144,7 +144,6 @@ enum class Collective : int { kNone, kLdmatrix, kMmaF16, kMmaBf16 };
 
 struct Thread {
   ucontext_t ctx;
-  std::unique_ptr<Guarded> stack;
   int tid = 0;
   State state = State::kRunnable;
   bool dependency_waited = false;           // passed griddepcontrol.wait (PDL)
@@ -168,13 +167,24 @@ struct DependentLaunch {
   std::vector<Range> inputs, outputs;
 };
 
+// What to run: the grid, and what the twin checks it against.
+struct Launch {
+  dim3 grid, block;
+  size_t smem_bytes;
+  bool eager_copies = false;
+  std::vector<Range> globals;   // what cp.async may read
+  DependentLaunch pdl;
+  std::vector<unsigned> order;  // CTAs in this order (empty: 0, 1, ...)
+  // Warps run in index order, or reversed; and shared memory (like the harness's buffers) touches
+  // its guard page at its end, or at its start.
+  bool reversed = false;
+};
+
 struct Cta {
   dim3 block_idx, grid_dim, block_dim;
+  const Launch* launch = nullptr;
   uint8_t* smem = nullptr;
   size_t smem_bytes = 0;
-  std::vector<Range> globals;
-  bool eager_copies = false;
-  const DependentLaunch* pdl = nullptr;
   std::vector<std::vector<uint8_t>> outputs_at_start;  // PDL: the outputs when the CTA began
   bool dependency_checked = false;
   std::vector<Thread> threads;
@@ -273,10 +283,7 @@ inline Post* exchange(const Post& mine) {
 }
 
 // ---- shared and global memory checks
-inline bool in_smem(const void* p, size_t n) {
-  const auto* b = static_cast<const uint8_t*>(p);
-  return b >= cta().smem && b + n <= cta().smem + cta().smem_bytes;
-}
+inline bool in_smem(const void* p, size_t n) { return Range{cta().smem, cta().smem_bytes}.contains(p, n); }
 
 inline void check_aligned16(const void* p, const char* what) {
   if (reinterpret_cast<uintptr_t>(p) % 16) fail(std::string(what) + " not 16-byte aligned at " + where());
@@ -292,10 +299,10 @@ inline bool in_any(const std::vector<Range>& ranges, const void* p, size_t n) {
 inline void grid_dependency_wait() {
   Cta& c = cta();
   self().dependency_waited = true;
-  if (c.pdl == nullptr || !c.pdl->on || c.dependency_checked) return;
+  if (!c.launch->pdl.on || c.dependency_checked) return;
   c.dependency_checked = true;
-  for (size_t i = 0; i < c.pdl->outputs.size(); ++i)
-    if (std::memcmp(c.pdl->outputs[i].begin, c.outputs_at_start[i].data(), c.outputs_at_start[i].size()) != 0)
+  for (size_t i = 0; i < c.launch->pdl.outputs.size(); ++i)
+    if (std::memcmp(c.launch->pdl.outputs[i].begin, c.outputs_at_start[i].data(), c.outputs_at_start[i].size()) != 0)
       fail("an output was written before griddepcontrol.wait (the previous kernel may still read it), seen at " +
            where());
 }
@@ -311,16 +318,16 @@ inline void cp_async16(void* dst, const void* src, bool valid) {
   check_aligned16(dst, "cp.async destination");
   check_aligned16(src, "cp.async source");
   if (!in_smem(dst, 16)) fail("cp.async destination outside the dynamic shared memory at " + where());
-  if (!in_any(c.globals, src, 16)) fail("cp.async source outside every input buffer at " + where());
-  if (valid && c.pdl != nullptr && c.pdl->on && !self().dependency_waited && in_any(c.pdl->inputs, src, 16))
+  if (!in_any(c.launch->globals, src, 16)) fail("cp.async source outside every input buffer at " + where());
+  if (valid && c.launch->pdl.on && !self().dependency_waited && in_any(c.launch->pdl.inputs, src, 16))
     fail("cp.async from an input the previous kernel may still write, before griddepcontrol.wait, at " + where());
   Copy copy{static_cast<uint8_t*>(dst), !valid, {}};
   if (valid) {
     std::memcpy(copy.data, src, 16);
-    for (size_t i = 0; i < c.globals.size(); ++i)
-      if (c.globals[i].contains(src, 16)) g_bytes_copied_from[i] += 16;
+    for (size_t i = 0; i < c.launch->globals.size(); ++i)
+      if (c.launch->globals[i].contains(src, 16)) g_bytes_copied_from[i] += 16;
   }
-  if (c.eager_copies) apply(copy);
+  if (c.launch->eager_copies) apply(copy);
   else self().pending.push_back(copy);
 }
 
@@ -438,19 +445,6 @@ inline void install_fault_report() {
   sigaction(SIGBUS, &sa, nullptr);
 }
 
-// ---- running a grid
-struct Launch {
-  dim3 grid, block;
-  size_t smem_bytes;
-  bool eager_copies = false;
-  std::vector<Range> globals;   // what cp.async may read
-  DependentLaunch pdl;
-  std::vector<unsigned> order;  // CTAs in this order (empty: 0, 1, ...)
-  // Warps run in index order, or reversed; and shared memory (like the harness's buffers) touches
-  // its guard page at its end, or at its start.
-  bool reversed = false;
-};
-
 inline void thread_entry() {
   Cta& c = cta();
   try {
@@ -495,6 +489,8 @@ inline void run_grid(const Launch& L, const std::function<void()>& kernel) {
   const int n = L.block.x * L.block.y * L.block.z;
   if (n % kWarpLanes) fail("block size must be a whole number of warps");
   const int warps = n / kWarpLanes;
+  std::vector<std::unique_ptr<Guarded>> stacks(n);  // an overflow runs into the guard page below one
+  for (auto& stack : stacks) stack = std::make_unique<Guarded>("a thread's stack", kFiberStackBytes, Placement::kAtStart);
   for (unsigned b : order) {
     Cta c;
     c.block_idx = dim3(b % L.grid.x, (b / L.grid.x) % L.grid.y, b / (L.grid.x * L.grid.y));
@@ -503,9 +499,7 @@ inline void run_grid(const Launch& L, const std::function<void()>& kernel) {
     c.smem = smem_block.data();
     c.smem_bytes = L.smem_bytes;
     std::memset(c.smem, 0xA5, L.smem_bytes);  // shared memory starts as garbage
-    c.globals = L.globals;
-    c.eager_copies = L.eager_copies;
-    c.pdl = &L.pdl;
+    c.launch = &L;
     for (const Range& r : L.pdl.outputs) c.outputs_at_start.emplace_back(r.begin, r.begin + r.bytes);
     c.body = kernel;
     c.threads.resize(n);
@@ -515,10 +509,9 @@ inline void run_grid(const Launch& L, const std::function<void()>& kernel) {
     for (int i = 0; i < n; ++i) {
       Thread& t = c.threads[i];
       t.tid = i;
-      t.stack = std::make_unique<Guarded>("a thread's stack", kFiberStackBytes, Placement::kAtStart);
       getcontext(&t.ctx);
-      t.ctx.uc_stack.ss_sp = t.stack->data();
-      t.ctx.uc_stack.ss_size = t.stack->bytes();
+      t.ctx.uc_stack.ss_sp = stacks[i]->data();
+      t.ctx.uc_stack.ss_size = stacks[i]->bytes();
       t.ctx.uc_link = nullptr;
       makecontext(&t.ctx, thread_entry, 0);
     }
