@@ -167,3 +167,19 @@ def make_source(folder, rope: dict, seed: int = 0) -> dict:
                 "use_cache": False, "my_custom_key": {"kept": [1, 2]}}, **rope)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     return json.loads((folder / "config.json").read_text())
+
+
+def stream_case(M: int, N: int, K: int, g: int, dtype: torch.dtype = torch.float16, seed: int = 0):
+    """A random int4 weight [K, N] (codes, zeros per g rows, `dtype` scales) and activations x [M, K]
+    in `dtype`: (x, q = (codes - zeros) * scales exactly in fp64, the weight in the stream layout
+    as {"qweight", "qzeros", "scales"})."""
+    from awqlib.packing import pack_columns, stream_qweight, stream_qzeros, stream_scales
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (K, N), dtype=torch.int32, generator=gen)
+    zeros = torch.randint(0, 16, (K // g, N), dtype=torch.int32, generator=gen)
+    scales = (torch.rand(K // g, N, generator=gen) * 0.01 + 1e-3).to(dtype)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    q = (codes - zeros.repeat_interleave(g, 0)).double() * scales.double().repeat_interleave(g, 0)
+    stream = dict(qweight=stream_qweight(pack_columns(codes)), qzeros=stream_qzeros(pack_columns(zeros)),
+                  scales=stream_scales(scales))
+    return x, q, stream

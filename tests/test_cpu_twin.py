@@ -25,8 +25,8 @@ import pytest
 import torch
 
 from awqlib.kernels import source_dir
-from awqlib.packing import pack_columns, stream_qweight, stream_qzeros, stream_scales
 from awqlib.toolchain import find_cuda_home
+from conftest import stream_case
 
 HARNESS = Path(__file__).parent / "cpu_twin" / "stream_twin.cpp"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -99,18 +99,6 @@ def _read(path: Path, dtype: torch.dtype, shape) -> torch.Tensor:
     return torch.from_numpy(np.fromfile(path, dtype=np.uint8)).view(dtype).reshape(shape)
 
 
-def _case(M, N, K, g, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 16, (K, N), dtype=torch.int32, generator=gen)
-    zeros = torch.randint(0, 16, (K // g, N), dtype=torch.int32, generator=gen)
-    scales = (torch.rand(K // g, N, generator=gen) * 0.01 + 1e-3).to(dtype)
-    x = torch.randn(M, K, generator=gen).to(dtype)
-    q = (codes - zeros.repeat_interleave(g, 0)).double() * scales.double().repeat_interleave(g, 0)
-    stream = dict(qweight=stream_qweight(pack_columns(codes)), qzeros=stream_qzeros(pack_columns(zeros)),
-                  scales=stream_scales(scales))
-    return x, q, stream
-
-
 def _run(twin: Path, d: Path, *args) -> str:
     r = subprocess.run([str(twin), *map(str, args)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"CPU twin failed (exit {r.returncode}): {r.stderr.strip()[-3000:]}"
@@ -179,7 +167,7 @@ def _ids(cases):
 @pytest.mark.parametrize("dtype,timing,order", SETTINGS, ids=["-".join(s) for s in SETTINGS])
 @pytest.mark.parametrize("M,N,K,g,sms,compact,refills", CASES, ids=_ids(CASES))
 def test_stream_kernel_source_on_cpu(twin, tmp_path, M, N, K, g, sms, compact, refills, dtype, timing, order):
-    x, q, stream = _case(M, N, K, g, DTYPES[dtype], seed=M + N + K + g)
+    x, q, stream = stream_case(M, N, K, g, DTYPES[dtype], seed=M + N + K + g)
     launch = {}
     out = run_gemm(twin, tmp_path, x, stream, g, N, sms, compact=compact, timing=timing, order=order, launch=launch)
     check(out, x, q, sums=False)
@@ -204,7 +192,7 @@ SUMS_SETTINGS = [("fp16", "lazy", "reverse"), ("bf16", "eager", "forward")]  # b
 @pytest.mark.parametrize("dtype,timing,order", SUMS_SETTINGS, ids=["-".join(s) for s in SUMS_SETTINGS])
 @pytest.mark.parametrize("M,N,K,g,sms,compact,refills", SUMS_CASES, ids=_ids(SUMS_CASES))
 def test_group_sums_source_on_cpu(twin, tmp_path, M, N, K, g, sms, compact, refills, dtype, timing, order):
-    x, q, stream = _case(M, N, K, g, DTYPES[dtype], seed=3 * M + N + K)
+    x, q, stream = stream_case(M, N, K, g, DTYPES[dtype], seed=3 * M + N + K)
     launch = {}
     out = run_gemm(twin, tmp_path, x, stream, g, N, sms, sums=True, compact=compact, timing=timing, order=order,
                    launch=launch)
@@ -222,7 +210,7 @@ def test_copy_timing_launch_mode_and_cta_order_change_nothing(twin, tmp_path, pd
     whatever order the CTAs and warps run in: the same bits (the split-slice reduction adds the
     parts in part order)."""
     M, N, K, g, sms = 3, 256, 4096, 128, 3  # 16 units on 3 CTAs: slices split, rings refilled
-    x, q, stream = _case(M, N, K, g, torch.float16, seed=11)
+    x, q, stream = stream_case(M, N, K, g, torch.float16, seed=11)
     launch = {}
     base = run_gemm(twin, tmp_path, x, stream, g, N, sms, launch=launch)
     check(base, x, q, sums=False)
@@ -235,7 +223,7 @@ def test_copy_timing_launch_mode_and_cta_order_change_nothing(twin, tmp_path, pd
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_dequantize_source_on_cpu_is_bit_exact(twin, tmp_path, dtype):
     K, N, g = 256, 192, 64
-    x, q, stream = _case(1, N, K, g, DTYPES[dtype], seed=5)
+    x, q, stream = stream_case(1, N, K, g, DTYPES[dtype], seed=5)
     _write(tmp_path, **stream)
     _run(twin, tmp_path, "dequant", tmp_path, dtype, K, N, g)
     assert torch.equal(_read(tmp_path / "out.bin", DTYPES[dtype], (K, N)), q.to(DTYPES[dtype]))

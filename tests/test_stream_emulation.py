@@ -17,7 +17,8 @@ import math
 import pytest
 import torch
 
-from awqlib.packing import STREAM_NIBBLES, pack_columns, stream_qweight, stream_qzeros, stream_scales
+from awqlib.packing import STREAM_NIBBLES
+from conftest import stream_case
 
 NA, KW, THREADS, SLICE_N = 2, 4, 256, 128
 LANES = torch.arange(32)
@@ -228,17 +229,6 @@ def emulate(x, qs, zs, ss, g, num_sms, sums=False, compact=False):
     return out, p
 
 
-def random_case(M, N, K, g, seed):
-    """fp16-exact activations, int4 codes and zeros, fp16 scales, and the stream layout of the weight."""
-    torch.manual_seed(seed)
-    codes = torch.randint(0, 16, (K, N), dtype=torch.int32)
-    zeros = torch.randint(0, 16, (K // g, N), dtype=torch.int32)
-    scales = (torch.rand(K // g, N) * 0.01 + 1e-3).half()
-    x = torch.randn(M, K).half().double()
-    qw, qz = pack_columns(codes), pack_columns(zeros)
-    return x, codes, zeros, scales, (stream_qweight(qw), stream_qzeros(qz), stream_scales(scales))
-
-
 CASES = [  # (M, N, K, group, SMs): tails (K % stage, N % 128), every group regime, split slices
     (1, 192, 576, 64, 3),      # not EXACT, FINE groups, slices split over CTAs
     (5, 256, 1024, 128, 3),    # EXACT, coarse groups, 4 units on 3 CTAs
@@ -264,18 +254,18 @@ COMPACT_CASES = [  # the compact configuration (k-tile 256 at MB 1 and 2)
 
 @pytest.mark.parametrize("M,N,K,g,sms", CASES, ids=[f"M{m}-N{n}-K{k}-g{g}-sm{s}" for m, n, k, g, s in CASES])
 def test_stream_kernel_indexing_emulated(M, N, K, g, sms):
-    x, codes, zeros, scales, stream = random_case(M, N, K, g, seed=M * 7 + N + K + g)
-    out, p = emulate(x, *stream, g, sms)
-    w = ((codes - zeros.repeat_interleave(g, 0)).double() * scales.double().repeat_interleave(g, 0)).half().double()
+    x, q, stream = stream_case(M, N, K, g, seed=M * 7 + N + K + g)
+    x, w = x.double(), q.half().double()
+    out, p = emulate(x, *stream.values(), g, sms)
     torch.testing.assert_close(out, x @ w, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("M,N,K,g,sms", COMPACT_CASES, ids=[f"M{m}-N{n}-K{k}-g{g}-sm{s}" for m, n, k, g, s in COMPACT_CASES])
 def test_stream_kernel_compact_emulated(M, N, K, g, sms):
-    x, codes, zeros, scales, stream = random_case(M, N, K, g, seed=M * 3 + N + K + g)
-    out, p = emulate(x, *stream, g, sms, compact=True)
+    x, q, stream = stream_case(M, N, K, g, seed=M * 3 + N + K + g)
+    x, w = x.double(), q.half().double()
+    out, p = emulate(x, *stream.values(), g, sms, compact=True)
     assert p["KT"] == -(-K // 256)
-    w = ((codes - zeros.repeat_interleave(g, 0)).double() * scales.double().repeat_interleave(g, 0)).half().double()
     torch.testing.assert_close(out, x @ w, rtol=1e-9, atol=1e-9)
 
 
@@ -303,9 +293,9 @@ COMPACT_SUMS_CASES = [  # compact: sums at MB = 1 only, groups of >= 64 rows
 def test_stream_group_sums_emulated(M, N, K, g, sms, compact):
     """Group sums compute x @ ((q - z) s) with no weight rounded to the activations' dtype: the
     fold must pick, for every lane's accumulator column, that column's scale."""
-    x, codes, zeros, scales, stream = random_case(M, N, K, g, seed=M * 5 + N + K + g)
-    out, _ = emulate(x, *stream, g, sms, sums=True, compact=compact)
-    w = (codes - zeros.repeat_interleave(g, 0)).double() * scales.double().repeat_interleave(g, 0)
+    x, w, stream = stream_case(M, N, K, g, seed=M * 5 + N + K + g)
+    x = x.double()
+    out, _ = emulate(x, *stream.values(), g, sms, sums=True, compact=compact)
     torch.testing.assert_close(out, x @ w, rtol=1e-9, atol=1e-9)
     # and the scaled path's rounding of every weight to fp16 is what it avoids:
     assert not torch.allclose(out, x @ w.half().double(), rtol=1e-9, atol=1e-9)
