@@ -35,7 +35,7 @@ import torch
 
 from .outputs import (Overwrite, absolute, check_output, leftover_path, partial_path, recover_leftovers, remove_tree,
                       swap_into_place)
-from .safetensors_io import (TensorInfo, copy_tensors, read_json, parse_size, plan_shards, read_header, read_tensors,
+from .safetensors_io import (TensorInfo, copy_tensors, read_json_object, parse_size, plan_shards, read_header, read_tensors,
                              save_tensors, shard_names, weight_files, write_index, write_json_atomic)
 
 log = logging.getLogger("awqlib")
@@ -203,7 +203,7 @@ class BlockStore:
         """``parts``: the run's :func:`fingerprint_parts`."""
         self.out = absolute(out_dir)
         self.dir = partial_path(self.out)
-        self.parts, self.fp = parts, fingerprint(**parts)
+        self.parts = parts
         self.n, self.overwrite, self.source = n_blocks, overwrite, source
         recover_leftovers(self.out)
         check_output(self.out, source, overwrite)
@@ -229,13 +229,11 @@ class BlockStore:
         meta, finished = self.dir / RUN_FILE, self._finished()
         why, resumable = None, True  # resumable: the original settings would resume it
         if meta.exists():
-            old_parts = {}
             try:
-                run = read_json(self.dir, RUN_FILE)
-                old, old_parts = run.get("fingerprint"), run.get("parts") or {}
-            except (ValueError, AttributeError):
-                old, why = None, f"its {RUN_FILE} is damaged"
-            if old == self.fp:
+                old_parts = read_json_object(self.dir, RUN_FILE).get("parts") or {}
+            except ValueError:
+                old_parts, why = {}, f"its {RUN_FILE} is damaged"
+            if old_parts == self.parts:
                 return
             changed = [PARTS.get(k, k) for k in self.parts if isinstance(old_parts, dict)
                        and old_parts.get(k) != self.parts[k]]
@@ -292,8 +290,7 @@ class BlockStore:
     def write(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
         try:
             if not self.committed:  # the settings are committed with the first block
-                write_json_atomic(self.dir / RUN_FILE, {"fingerprint": self.fp, "parts": self.parts,
-                                                        "n_blocks": self.n})
+                write_json_atomic(self.dir / RUN_FILE, {"parts": self.parts, "n_blocks": self.n})
                 self.committed = True
             save_tensors(tensors, self.dir / self.name(i))
         except OSError as e:
