@@ -151,7 +151,7 @@ def check_output(out: str | os.PathLike, source: str | os.PathLike | None, overw
         return
     if not out.is_dir():
         raise NotADirectoryError(f"{out} exists and is not a folder")
-    if os.path.ismount(out) or os.stat(out).st_dev != os.stat(out.parent).st_dev:
+    if os.path.ismount(out):  # true too where it is on another filesystem than its parent
         raise ValueError(f"{out} is a mount point (or on another filesystem than {out.parent}): awqlib publishes a "
                          "checkpoint by renaming a finished folder into place, which a mount point does not allow. "
                          f"Write to a new folder inside it instead, e.g. {out / 'model'}")
@@ -277,21 +277,18 @@ def swap_into_place(new: Path, target: Path) -> None:
         if replacing and exchange_paths(new, target):
             # one step: target never missing; the old checkpoint is now under new's (.tmp) name, which
             # the next run removes if this one is killed before it does
-            fsync_path(target.parent)
-            if cwd_below is not None:
-                _reenter(target, cwd_below)
-            remove_tree(new, "the checkpoint replaced")
-            return
-        if replacing:
-            old = leftover_path(target, "old")
-            os.rename(target, old)
-        try:
-            os.rename(new, target)
-        except OSError:
-            if old is not None:
-                os.rename(old, target)  # the old checkpoint back under its own name
-            raise
-        fsync_path(target.parent)  # the renames on disk before the old checkpoint goes
+            old = new
+        else:
+            if replacing:
+                old = leftover_path(target, "old")
+                os.rename(target, old)
+            try:
+                os.rename(new, target)
+            except OSError:
+                if old is not None:
+                    os.rename(old, target)  # the old checkpoint back under its own name
+                raise
+        fsync_path(target.parent)  # the new name on disk before the old checkpoint goes
         if cwd_below is not None:
             _reenter(target, cwd_below)
         if old is not None:
