@@ -394,10 +394,8 @@ def _stage_saved(saved: Path, stage: Path) -> tuple[list[str], Path]:
     if foreign:
         log.warning("awqlib: not uploaded (not checkpoint files): %s", sorted(foreign))
     for f in files:
+        if f == "README.md":
+            continue  # the card for the repo is written here instead
         (stage / f).parent.mkdir(parents=True, exist_ok=True)
         (stage / f).symlink_to((saved / f).resolve())  # CommitOperationAdd reads through links
-    if "README.md" in files:
-        (stage / "README.md").unlink()
-    else:
-        files = sorted(files + ["README.md"])
-    return files, stage
+    return sorted(set(files) | {"README.md"}), stage
