@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import runpy
 import shutil
@@ -20,7 +21,9 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
 CSRC = ROOT / "csrc"
-SOURCE_SUFFIXES = (".cu", ".cuh", ".h", ".cpp")
+# awqlib/toolchain.py, run as a plain file: importing awqlib here would import torch before
+# setuptools has set up the build
+TOOLCHAIN = runpy.run_path(str(ROOT / "awqlib" / "toolchain.py"))
 
 
 class BuildPyWithCudaSources(build_py):
@@ -33,14 +36,12 @@ class BuildPyWithCudaSources(build_py):
         dst = Path(self.build_lib) / "awqlib" / "csrc"
         dst.mkdir(parents=True, exist_ok=True)
         for f in sorted(CSRC.iterdir()):
-            if f.suffix in SOURCE_SUFFIXES:
+            if f.suffix in TOOLCHAIN["SOURCE_SUFFIXES"]:
                 shutil.copy2(f, dst / f.name)
 
 
 def _cuda_extension():
-    # the toolchain discovery awqlib.kernels uses for JIT builds, run as a plain file: importing
-    # awqlib here would import torch before setuptools has set up the build
-    tool = runpy.run_path(str(ROOT / "awqlib" / "toolchain.py"))
+    tool = TOOLCHAIN  # the toolchain discovery awqlib.kernels uses for JIT builds
     cuda_home = tool["find_cuda_home"]()
     if cuda_home and not os.environ.get("CUDA_HOME"):
         # torch guesses CUDA_HOME as dirname(dirname(which nvcc)), wrong for a wrapper script
@@ -54,7 +55,22 @@ def _cuda_extension():
         sources=sources,
         extra_compile_args={"cxx": cxx, "nvcc": tool["NVCC_FLAGS"]},
     )
-    return [ext], {"build_ext": BuildExtension}
+
+    class BuildExtensionWithRecord(BuildExtension):
+        """Write the library's build record beside it: awqlib.kernels loads a prebuilt library only
+        where the record matches its torch, its GPU and its kernel sources."""
+
+        def run(self):
+            super().run()
+            import torch
+
+            caps = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+            archs = tool["arch_list_for"](os.environ.get("TORCH_CUDA_ARCH_LIST"), caps)
+            lib = Path(self.get_ext_fullpath(ext.name))
+            record = tool["build_record"](lib, torch.__version__, torch.version.cuda or "", archs, CSRC)
+            (lib.parent / tool["BUILD_RECORD"]).write_text(json.dumps(record, indent=2, sort_keys=True))
+
+    return [ext], {"build_ext": BuildExtensionWithRecord}
 
 
 cmdclass = {"build_py": BuildPyWithCudaSources}

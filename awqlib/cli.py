@@ -136,7 +136,10 @@ def _check(a) -> int:
 
 def _build(a) -> int:
     from . import kernels, ops  # noqa: F401
-    print(kernels.build(a.arch, verbose=a.verbose))
+    lib = kernels.build(a.arch, verbose=a.verbose)
+    if a.prebuilt:
+        lib = kernels.install_prebuilt(lib, kernels.resolved_arch_list(a.arch))
+    print(lib)
     return 0
 
 
@@ -194,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
 
     b = sub.add_parser("build-kernels", help="compile the CUDA kernels ahead of time")
     b.add_argument("--arch", default=None, help="TORCH_CUDA_ARCH_LIST, e.g. '8.0;9.0' (default: the GPU at hand)")
+    b.add_argument("--prebuilt", action="store_true",
+                   help="install the library into the package as its prebuilt kernels (awqlib/_C.so), which every "
+                        "later process with this torch loads without compiling (e.g. on a GPU machine with this torch)")
     b.set_defaults(fn=_build)
 
     a = ap.parse_args(argv)

@@ -3,7 +3,10 @@
 :func:`load` is called lazily (never at ``import awqlib``) the first time a CUDA device needs the
 ops.  It tries, in order:
 
-a. a prebuilt extension ``awqlib._C`` (``AWQLIB_BUILD_CUDA=1 pip install --no-build-isolation .``);
+a. a prebuilt library ``awqlib/_C*.so`` (``AWQLIB_BUILD_CUDA=1 pip install --no-build-isolation .``,
+   or ``awqlib build-kernels --arch 9.0 --prebuilt``), when its build record (``_C.json`` beside it)
+   matches this process: the same file, torch and CUDA version, a build for this GPU, and the
+   kernel sources of this installation (:func:`prebuilt_problem`; else it says why and goes on);
 b. a JIT build with :func:`torch.utils.cpp_extension.load` into a cache directory
    (``$AWQLIB_CACHE`` or ``$TORCH_EXTENSIONS_DIR/awqlib`` or ``~/.cache/awqlib/kernels``, then
    ``<torch version>-cu<cuda version>-<archs>``), compiled only for the GPU at hand unless
@@ -29,11 +32,14 @@ from pathlib import Path
 
 import torch
 
-from .toolchain import NVCC_FLAGS, cuda_sources, find_cuda_home, host_cflags
+from .safetensors_io import read_json_object, write_bytes_atomic, write_json_atomic
+from .toolchain import BUILD_RECORD, NVCC_FLAGS, build_record, cuda_sources, file_digest, find_cuda_home, host_cflags
+from .toolchain import arch_list_for, sources_digest
 
 log = logging.getLogger("awqlib")
 
 EXTENSION_NAME = "awqlib_kernels"
+PREBUILT_NAME = "_C.so"  # what install_prebuilt writes into the package (any CPython finds it as awqlib._C)
 MIN_CAPABILITY = (8, 0)  # cp.async, ldmatrix, bf16 mma: Ampere and newer
 
 _state: bool | None = None
@@ -91,6 +97,14 @@ def cache_dir(arch_list: str | None = None) -> Path:
 
 # ----------------------------------------------------------------------------- building
 
+def resolved_arch_list(arch_list: str | None = None) -> str:
+    """The architectures :func:`build` compiles for: ``arch_list``, else ``$TORCH_CUDA_ARCH_LIST``,
+    else the visible GPUs'."""
+    caps = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())] \
+        if torch.cuda.is_available() else []
+    return arch_list_for(arch_list or os.environ.get("TORCH_CUDA_ARCH_LIST") or None, caps)
+
+
 def build(arch_list: str | None = None, verbose: bool = False, build_dir: str | os.PathLike | None = None) -> str:
     """Compile (and load) the extension; return the path of the shared library.
 
@@ -131,6 +145,63 @@ def build(arch_list: str | None = None, verbose: bool = False, build_dir: str | 
     lib = out / f"{EXTENSION_NAME}.so"
     log.info("awqlib: built CUDA kernels for %s in %s", arch_list or _arch_tag(None), lib)
     return str(lib)
+
+
+def install_prebuilt(lib: str | os.PathLike, arch_list: str, package_dir: str | os.PathLike | None = None) -> Path:
+    """Make the library ``lib`` (built by :func:`build` for ``arch_list``, by this torch) the prebuilt
+    kernels of the package (``awqlib/_C.so`` and its build record), which every later process with
+    this torch loads instead of compiling -- e.g. a library built on one machine for a GPU machine
+    that has the same torch.  Returns the installed library's path."""
+    dest = Path(package_dir) if package_dir is not None else Path(__file__).resolve().parent
+    record = dest / BUILD_RECORD
+    record.unlink(missing_ok=True)  # never a record beside a library it does not describe
+    so = dest / PREBUILT_NAME
+    write_bytes_atomic(so, Path(lib).read_bytes())
+    write_json_atomic(record, build_record(so, torch.__version__, torch.version.cuda or "", arch_list, source_dir()))
+    log.info("awqlib: installed prebuilt CUDA kernels for %s as %s", arch_list, so)
+    return so
+
+
+def _covers(arch_list: str, capability: tuple[int, int]) -> bool:
+    """Whether a build for ``arch_list`` (TORCH_CUDA_ARCH_LIST syntax) runs on a GPU of ``capability``:
+    machine code runs on its own major version at the same or a later minor one (arch-specific
+    code such as 9.0a on its own GPU alone), and +PTX code on any later GPU (the driver compiles it)."""
+    for entry in re.split(r"[;\s,]+", arch_list.strip()):
+        m = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", entry)
+        if not m:
+            continue
+        built = (int(m[1]), int(m[2]))
+        if m[4] and built <= capability:
+            return True
+        if built == capability or (not m[3] and built[0] == capability[0] and built[1] <= capability[1]):
+            return True
+    return False
+
+
+def prebuilt_problem(library: Path, capability: tuple[int, int]) -> str | None:
+    """Why the prebuilt ``library`` must not serve this process (None: it may).  Loading a library
+    built against another torch can crash rather than fail, and one built from other kernel
+    sources would silently run other code than this installation's, so each must match its
+    build record."""
+    try:
+        rec = read_json_object(library.parent, BUILD_RECORD)
+    except FileNotFoundError:
+        return f"it has no build record ({BUILD_RECORD} beside it)"
+    except ValueError as e:
+        return f"its build record is unreadable ({e})"
+    keys = ("library", "library_sha256", "torch", "cuda", "archs", "sources")
+    if any(not isinstance(rec.get(k), str) for k in keys):
+        return f"its build record {library.parent / BUILD_RECORD} lacks one of {', '.join(keys)}"
+    if rec["library"] != library.name or rec["library_sha256"] != file_digest(library):
+        return f"its build record describes another file ({rec['library']})"
+    here = (torch.__version__.split("+")[0], torch.version.cuda or "")
+    if (rec["torch"], rec["cuda"]) != here:
+        return f"it was built for torch {rec['torch']} with CUDA {rec['cuda']}, not torch {here[0]} with CUDA {here[1]}"
+    if not _covers(rec["archs"], capability):
+        return f"it was built for {rec['archs']}, not for this GPU ({capability[0]}.{capability[1]})"
+    if rec["sources"] != sources_digest(source_dir()):
+        return f"it was compiled from other kernel sources than {source_dir()}"
+    return None
 
 
 def _nvcc_hint() -> str:
@@ -181,13 +252,17 @@ def _load() -> bool:
 
     spec = importlib.util.find_spec("awqlib._C")
     if spec is not None and spec.origin and os.path.isfile(spec.origin):
-        try:
-            torch.ops.load_library(spec.origin)
-            _backend = "prebuilt"
-            log.info("awqlib: using the prebuilt CUDA kernels %s", spec.origin)
-            return True
-        except Exception as e:  # noqa: BLE001 -- e.g. built against another torch: fall through to JIT
-            log.warning("awqlib: could not load the prebuilt kernels %s (%s); trying a JIT build", spec.origin, e)
+        problem = prebuilt_problem(Path(spec.origin), cap)
+        if problem:
+            log.warning("awqlib: not using the prebuilt kernels %s: %s; trying a JIT build", spec.origin, problem)
+        else:
+            try:
+                torch.ops.load_library(spec.origin)
+                _backend = "prebuilt"
+                log.info("awqlib: using the prebuilt CUDA kernels %s", spec.origin)
+                return True
+            except Exception as e:  # noqa: BLE001 -- e.g. a system library missing: fall through to JIT
+                log.warning("awqlib: could not load the prebuilt kernels %s (%s); trying a JIT build", spec.origin, e)
 
     if find_cuda_home() is None:
         warnings.warn(_nvcc_hint(), stacklevel=3)

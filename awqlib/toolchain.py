@@ -3,6 +3,7 @@ use it (``runpy``) without importing torch or awqlib."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -16,9 +17,52 @@ NVCC_FLAGS = [
 ]
 
 
+SOURCE_SUFFIXES = (".cu", ".cuh", ".h", ".cpp")  # what csrc/ holds of the kernels' code
+
+# Beside a prebuilt library (``awqlib/_C*.so``): what it was compiled from and for (build_record).
+BUILD_RECORD = "_C.json"
+
+
 def cuda_sources(csrc: Path) -> list[Path]:
     """The translation units of the extension: every .cpp, then every .cu file of ``csrc``."""
     return sorted(csrc.glob("*.cpp")) + sorted(csrc.glob("*.cu"))
+
+
+def sources_digest(csrc: Path) -> str:
+    """sha256 of the kernels' code: every source file of ``csrc`` (name and bytes, in name order) and
+    the nvcc flags.  A prebuilt library whose digest differs was compiled from other code."""
+    h = hashlib.sha256(repr(NVCC_FLAGS).encode())
+    for f in sorted(p for p in csrc.iterdir() if p.suffix in SOURCE_SUFFIXES):
+        data = f.read_bytes()
+        h.update(f"\0{f.name}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+def arch_list_for(requested: str | None, capabilities: list[tuple[int, int]]) -> str:
+    """The architectures a build targets: ``requested`` (TORCH_CUDA_ARCH_LIST syntax) if given, else
+    those of the visible GPUs (``capabilities``), as torch's extension builder picks them."""
+    if requested:
+        return requested
+    if not capabilities:
+        raise RuntimeError("no GPU visible: name the architectures, e.g. TORCH_CUDA_ARCH_LIST='8.0;9.0'")
+    return ";".join(sorted({f"{major}.{minor}" for major, minor in capabilities}))
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_record(library: Path, torch_version: str, cuda_version: str, arch_list: str, csrc: Path) -> dict:
+    """What a prebuilt library records about itself (BUILD_RECORD, written beside it): a process
+    loads it only when this very file, its torch, its GPU and the kernel sources all match
+    (awqlib.kernels.prebuilt_problem)."""
+    return {"library": library.name, "library_sha256": file_digest(library), "torch": torch_version.split("+")[0],
+            "cuda": cuda_version, "archs": arch_list, "sources": sources_digest(csrc)}
 
 
 def _has_cuda_headers(root: str | os.PathLike) -> bool:

@@ -3,7 +3,7 @@
 
 Steps, in order (each writes its results into the JSON before the next starts):
 
-1. device info; build (JIT, once, cached under $AWQLIB_CACHE) and load the extension;
+1. device info; load the prebuilt kernels, else build (JIT, once, cached under $AWQLIB_CACHE);
 2. correctness gate: every kernel variant on small shapes and token counts, fresh random data,
    outputs from a NaN-poisoned allocator, relative error against an fp32 reference; a failure is
    recorded with where the output is wrong (unwritten NaNs, rows, columns mod the slice), the
@@ -23,9 +23,11 @@ Steps, in order (each writes its results into the JSON before the next starts):
     python -m benchmarks.gpu_sweep --out $OUT/sweep.json --ncu       # + one ncu run, 70b-down M=1
     python -m benchmarks.gpu_sweep --out $OUT/sweep.json --sanitizer # + compute-sanitizer, tiny shape
 
-Why it builds on the device: the extension is tied to torch's C++ ABI, and the lent H200 runs
-torch 2.11 while the CPU machine has 2.14, so a library built here would not load there.  The JIT
-build is one ninja call for the GPU at hand only (sm_90): about a minute on the 16-core machine.
+Step 1 compiles nothing where the call carries the prebuilt kernels (scripts/prebuild_device.sh
+builds them on the CPU machine against the GPU machine's torch 2.11: the extension is tied to
+torch's C++ ABI); else, or where they do not match (awqlib.kernels.prebuilt_problem says why), it is
+one ninja call for the GPU at hand only (sm_90), awq_stream.cu its longest part.  ``build_s`` and
+``backend`` in the JSON say which happened.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def plan_text(args) -> str:
     gate_pdl = sum(len(ms) for _, _, ms in GATE_PDL) * len(GATE_SHAPES)
     lines = [
         f"gpu_sweep plan (budget {args.budget:.0f} s, output {args.out}):",
-        "  1. device info; build + load the extension (JIT, cached in $AWQLIB_CACHE)",
+        "  1. device info; load the prebuilt kernels, else build them (JIT, cached in $AWQLIB_CACHE)",
         f"  2. correctness gate: {gate} cases ({len(GATE_VARIANTS)} layout/kernel variants x {len(GATE_SHAPES)} shapes"
         f" x their M), fp16, + bf16 for the stream kernels; + {gate_pdl} chains with programmatic dependent"
         " launch against plain ones; a failing variant is not timed",

@@ -14,6 +14,10 @@
 # Part 3, only where a window still has >= 4 minutes after parts 1 and 2: ncu on the 70b-down M=1
 # case (stream and tiled:auto: is the stream kernel still issue-bound?), then the 8B decode again
 # with programmatic dependent launch (AWQLIB_STREAM_PDL=1).
+# Before the window, on the CPU machine: `bash scripts/prebuild_device.sh` (the kernels compiled
+# against the GPU machine's torch), and name "awqlib/_C.so" and "awqlib/_C.json" in the call's
+# carry: no part then compiles anything (the log's first lines say which kernels load; a stale or
+# mismatched prebuilt library is refused with the reason, and the part compiles as before).
 # Results land in $OUT (the device tool's folder; default ./gpu_window_out).  Record them here:
 #   python -m benchmarks.report --add <files>/sweep.json   (and <files>/decode_stream.json)
 set -u -o pipefail
@@ -54,6 +58,13 @@ step() {  # step NAME MIN_S LIMIT_S LOGFILE CMD...: run if MIN_S seconds are lef
   echo "date: $(date -u); commit: ${AWQLIB_COMMIT:-not given}"
   nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader || true
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" || true
+  "$PY" -c "
+import torch
+from pathlib import Path
+from awqlib import kernels
+so = Path(kernels.__file__).with_name(kernels.PREBUILT_NAME)
+print('prebuilt kernels:', 'none carried' if not so.is_file() else
+      kernels.prebuilt_problem(so, torch.cuda.get_device_capability()) or 'match (no build)')" || true
 } 2>&1 | tee -a "$LOG"
 
 if [ "$PART" = 1 ] || [ "$PART" = all ]; then

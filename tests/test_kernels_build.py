@@ -8,6 +8,9 @@ missing; CI has both.
 from __future__ import annotations
 
 import importlib
+import json
+import shutil
+import types
 import warnings
 from pathlib import Path
 
@@ -37,6 +40,14 @@ def test_kernels_compile_for_sm80_sm90(tmp_path):
     # The compiled code really contains both architectures.
     obj = (tmp_path / "awq_gemm.cuda.o").read_bytes()
     assert b"sm_80" in obj and b"sm_90" in obj
+    # Installed as prebuilt kernels, it serves both GPUs (and an sm_89 one by the sm_80 code), not older.
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    so = kernels.install_prebuilt(lib, ARCHS, package_dir=pkg)
+    assert so.read_bytes() == Path(lib).read_bytes()
+    for cap in ((8, 0), (8, 9), (9, 0)):
+        assert kernels.prebuilt_problem(so, cap) is None, cap
+    assert "not for this GPU (7.5)" in kernels.prebuilt_problem(so, (7, 5))
 
 
 def test_sources_found():
@@ -143,3 +154,98 @@ def test_source_constant_reads_the_kernels_limits(tmp_path, monkeypatch):
         kernels.source_constant("kB")
     with pytest.raises(KeyError, match="kMissing defined 0 times"):
         kernels.source_constant("kMissing")
+
+
+# ----------------------------------------------------------------------------- prebuilt kernels
+# A library built on one machine (e.g. this one, for a GPU machine with the same torch) is loaded
+# only where its build record matches: the same file, torch, CUDA, a build for the GPU, the same
+# kernel sources.  Loading a library built against another torch can crash rather than fail, and
+# one built from older sources would run other code than the checkout's, silently.
+
+@pytest.fixture
+def prebuilt(tmp_path):
+    (tmp_path / "built.so").write_bytes(b"\x7fELF not really a library")
+    return kernels.install_prebuilt(tmp_path / "built.so", "8.0;9.0", package_dir=tmp_path)
+
+
+def _edit_record(so: Path, **changes) -> None:
+    rec = json.loads((so.parent / "_C.json").read_text())
+    rec.update(changes)
+    (so.parent / "_C.json").write_text(json.dumps(rec))
+
+
+def test_prebuilt_record_matches_its_build(prebuilt):
+    assert prebuilt.name == "_C.so"
+    rec = json.loads((prebuilt.parent / "_C.json").read_text())
+    assert rec["torch"] == torch.__version__.split("+")[0] and rec["archs"] == "8.0;9.0"
+    assert kernels.prebuilt_problem(prebuilt, (9, 0)) is None
+    assert kernels.prebuilt_problem(prebuilt, (8, 6)) is None  # sm_80 code runs on any 8.x
+
+
+@pytest.mark.parametrize("archs, cap, ok", [
+    ("9.0", (9, 0), True), ("9.0", (10, 0), False), ("9.0", (8, 0), False),
+    ("8.0;9.0a", (9, 0), True), ("9.0a", (9, 0), True), ("8.0 9.0", (9, 0), True),
+    ("8.6", (8, 0), False), ("8.0+PTX", (12, 0), True), ("9.0a+PTX", (10, 0), True), ("Hopper", (9, 0), False),
+])
+def test_prebuilt_arch_coverage(prebuilt, archs, cap, ok):
+    _edit_record(prebuilt, archs=archs)
+    assert (kernels.prebuilt_problem(prebuilt, cap) is None) == ok
+
+
+def test_prebuilt_refused_when_anything_differs(prebuilt, monkeypatch, tmp_path):
+    rec = prebuilt.parent / "_C.json"
+    saved = rec.read_text()
+
+    def problem_after(**changes):
+        rec.write_text(saved)
+        _edit_record(prebuilt, **changes)
+        return kernels.prebuilt_problem(prebuilt, (9, 0))
+
+    assert "built for torch 2.0.0" in problem_after(torch="2.0.0")
+    assert "with CUDA 11.8" in problem_after(cuda="11.8")
+    assert "describes another file" in problem_after(library="_C.cpython-311-x86_64-linux-gnu.so")
+    assert "lacks one of" in problem_after(sources=None)
+    rec.write_text(saved)
+    prebuilt.write_bytes(prebuilt.read_bytes() + b"\0")  # the library replaced, the record not
+    assert "describes another file" in kernels.prebuilt_problem(prebuilt, (9, 0))
+    rec.write_text("[1, 2]")
+    assert "unreadable" in kernels.prebuilt_problem(prebuilt, (9, 0))
+    rec.unlink()
+    assert "no build record" in kernels.prebuilt_problem(prebuilt, (9, 0))
+
+
+def test_prebuilt_refused_after_a_source_change(prebuilt, monkeypatch, tmp_path):
+    """One changed byte of any kernel source (a header too) and the prebuilt library is stale."""
+    assert kernels.prebuilt_problem(prebuilt, (9, 0)) is None
+    csrc = tmp_path / "csrc"
+    shutil.copytree(kernels.source_dir(), csrc)
+    monkeypatch.setattr(kernels, "source_dir", lambda: csrc)
+    assert kernels.prebuilt_problem(prebuilt, (9, 0)) is None  # a copy of the same sources
+    common = csrc / "awq_common.cuh"
+    common.write_text(common.read_text() + "\n")
+    assert "other kernel sources" in kernels.prebuilt_problem(prebuilt, (9, 0))
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_load_uses_a_prebuilt_library_only_when_it_matches(prebuilt, monkeypatch, stale):
+    """kernels.load() on a (simulated) H100: the matching prebuilt library is loaded and nothing is
+    compiled; a stale one is not loaded, and the JIT build serves instead."""
+    monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
+    kernels.install_prebuilt(prebuilt, "9.0", package_dir=prebuilt.parent)  # record under that CUDA
+    if stale:
+        _edit_record(prebuilt, sources="0" * 64)
+    loaded, built = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda *a: False)
+    monkeypatch.setattr(kernels.importlib.util, "find_spec",
+                        lambda name: types.SimpleNamespace(origin=str(prebuilt)) if name == "awqlib._C" else None)
+    monkeypatch.setattr(torch.ops, "load_library", loaded.append)
+    monkeypatch.setattr(kernels, "find_cuda_home", lambda: "/cuda")
+    monkeypatch.setattr(kernels, "build", lambda *a, **k: built.append(1) or "/cache/awqlib_kernels.so")
+    monkeypatch.setattr(kernels, "_backend", "reference")
+    assert kernels._load() is True
+    if stale:
+        assert loaded == [] and built == [1] and kernels.backend() == "jit"
+    else:
+        assert loaded == [str(prebuilt)] and built == [] and kernels.backend() == "prebuilt"

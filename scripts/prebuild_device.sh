@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Compile the CUDA kernels here, on the CPU machine, for the lent GPU machine, so that a GPU window
+# spends none of its minutes compiling (awq_stream.cu alone takes ~23 s of nvcc, the whole build
+# ~32 s on 2 cores) and a second call on a fresh machine needs no build either.
+#
+# The extension is tied to torch's C++ ABI, so it is built against the GPU machine's torch
+# (2.11.0+cu130 on the lent H200s: /work/.library/device/KINDS.md), installed from PyPI into a
+# venv of its own; the library is a plain TORCH_LIBRARY object (no Python in it), so this
+# machine's Python 3.11 builds what the GPU machine's 3.12 loads.  The result is the package's
+# prebuilt kernels, awqlib/_C.so with its build record awqlib/_C.json (both git-ignored): every
+# process there loads them when torch, CUDA, the GPU and csrc/ all match, and else says why and
+# compiles as before (awqlib.kernels.prebuilt_problem).  Carry both with the device call:
+#   carry: ["awqlib/_C.so", "awqlib/_C.json"]
+# Run from the repository root (after the last change to csrc/, which the record checks):
+#   bash scripts/prebuild_device.sh            # DEVICE_TORCH=2.11.0 DEVICE_ARCHS=9.0 by default
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEVICE_TORCH="${DEVICE_TORCH:-2.11.0}"
+DEVICE_ARCHS="${DEVICE_ARCHS:-9.0}"   # H100 and H200
+VENV="${DEVICE_VENV:-$HOME/.cache/awqlib/venv-torch$DEVICE_TORCH}"
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+if ! "$VENV/bin/python" -c "import torch, transformers; assert torch.__version__.startswith('$DEVICE_TORCH')" 2>/dev/null; then
+    python3 -m venv "$VENV"
+    "${PIP[@]}" "torch==$DEVICE_TORCH" ninja
+    # what `import awqlib` needs (pyproject.toml), with torch held at the device's version
+    "${PIP[@]}" transformers accelerate safetensors tqdm huggingface_hub "torch==$DEVICE_TORCH"
+fi
+BUILD_DIR="$(mktemp -d)"
+trap 'rm -rf "$BUILD_DIR"' EXIT
+PYTHONPATH="$PWD" "$VENV/bin/python" - "$DEVICE_ARCHS" "$BUILD_DIR" <<'EOF'
+import sys
+import time
+
+from awqlib import kernels
+
+archs, build_dir = sys.argv[1], sys.argv[2]
+t0 = time.time()
+lib = kernels.build(archs, build_dir=build_dir)
+so = kernels.install_prebuilt(lib, archs)
+print(f"built for {archs} in {time.time() - t0:.0f} s: {so} ({so.stat().st_size / 2**20:.1f} MiB) + {so.parent / '_C.json'}")
+EOF
