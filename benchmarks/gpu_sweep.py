@@ -63,14 +63,19 @@ MS = [1, 4, 16, 32, 64, 128, 256]  # 128, 256: the stream kernel in 2 and 4 pass
 GROUP = 128
 
 # (label, layout, kernel id): the variants timed.  "tiled:auto" is what models run today;
-# "stream:sums" differs from "stream" only at M <= 32 (group sums; timed there only).
+# "stream:sums" differs from "stream" only at M <= 32 (group sums; timed there only), the narrow
+# ones only at M <= 8.
 VARIANTS = [("tiled:auto", "tiled", Kernel.AUTO), ("stream", "stream", Kernel.STREAM),
-            ("stream:sums", "stream", Kernel.STREAM_GROUP_SUMS), ("stream:pdl", "stream", Kernel.STREAM)]
+            ("stream:sums", "stream", Kernel.STREAM_GROUP_SUMS), ("stream:pdl", "stream", Kernel.STREAM),
+            ("stream:narrow", "stream", Kernel.STREAM), ("stream:sums:narrow", "stream", Kernel.STREAM_GROUP_SUMS)]
 # environment a variant runs under (read by csrc/awq_ops.cpp on every call): "stream:pdl" is the
 # stream kernel with programmatic dependent launch (its weights stream in while the previous
-# kernel -- in the sweep's graphs, the same GEMM -- finishes).
-VARIANT_ENV = {"stream:pdl": {"AWQLIB_STREAM_PDL": "1"}}
-BASE_ENV = {"AWQLIB_STREAM_PDL": "0"}  # every other variant, whatever the environment the sweep started in
+# kernel -- in the sweep's graphs, the same GEMM -- finishes); the narrow ones put the tokens on
+# the mma's n8 side at M <= 8 (awq_stream.cu: NARROW).
+NARROW_ENV = {"AWQLIB_STREAM_NARROW": "1"}
+VARIANT_ENV = {"stream:pdl": {"AWQLIB_STREAM_PDL": "1"}, "stream:narrow": NARROW_ENV, "stream:sums:narrow": NARROW_ENV}
+# every other variant, whatever the environment the sweep started in
+BASE_ENV = {"AWQLIB_STREAM_PDL": "0", "AWQLIB_STREAM_NARROW": "0"}
 STREAM_KERNELS = (Kernel.STREAM, Kernel.STREAM_GROUP_SUMS, Kernel.STREAM_COMPACT, Kernel.STREAM_COMPACT_GROUP_SUMS)
 
 # Correctness gate: every (layout, kernel) with the token counts it takes, on small shapes
@@ -91,6 +96,11 @@ GATE_VARIANTS = [
     ("stream", Kernel.STREAM_COMPACT_GROUP_SUMS, (1, 16, 17)),
     ("stream", Kernel.AUTO, (1, 100)),
 ]
+# gated again under a variant's environment: (label, layout, kernel, M)
+GATE_ENV = [("stream:narrow", "stream", Kernel.STREAM, (1, 2, 7, 8, 9)),
+            ("stream:sums:narrow", "stream", Kernel.STREAM_GROUP_SUMS, (1, 8)),
+            ("stream:narrow", "stream", Kernel.STREAM_COMPACT, (1, 8)),
+            ("stream:sums:narrow", "stream", Kernel.STREAM_COMPACT_GROUP_SUMS, (1, 5))]
 # gated again with programmatic dependent launch, back to back in one stream (the case it changes)
 GATE_PDL = [("stream", Kernel.STREAM, (1, 33, 100)), ("stream", Kernel.STREAM_GROUP_SUMS, (1, 17)),
             ("stream", Kernel.STREAM_COMPACT, (1, 17))]
@@ -125,22 +135,28 @@ class OutOfTime(Exception):
     pass
 
 
-def is_timed(kernel: Kernel, M: int) -> bool:
-    """Whether the sweep times ``kernel`` at M: group sums change nothing past M 32 (awq_stream.cu:
-    group_sums_pay), so they are timed at M <= 32 only."""
+NARROW_MAX_M = 8  # csrc/awq_kernels.h kStreamNarrowMaxM (a test checks the two agree)
+
+
+def is_timed(label: str, kernel: Kernel, M: int) -> bool:
+    """Whether the sweep times variant ``label`` at M: group sums change nothing past M 32
+    (awq_stream.cu: group_sums_pay), the narrow kernels nothing past M 8."""
+    if label.endswith(":narrow") and M > NARROW_MAX_M:
+        return False
     return not (kernel == Kernel.STREAM_GROUP_SUMS and M > 32)
 
 
 def plan_text(args) -> str:
-    cases = len(SHAPES) * sum(1 + sum(is_timed(k, m) for _, _, k in VARIANTS) for m in args.ms)
+    cases = len(SHAPES) * sum(1 + sum(is_timed(label, k, m) for label, _, k in VARIANTS) for m in args.ms)
     gate = sum(len(ms) * (2 if k in STREAM_KERNELS else 1) for _, k, ms in GATE_VARIANTS) * len(GATE_SHAPES)
+    gate_env = sum(2 * len(ms) for _, _, _, ms in GATE_ENV) * len(GATE_SHAPES)
     gate_pdl = sum(len(ms) for _, _, ms in GATE_PDL) * len(GATE_SHAPES)
     lines = [
         f"gpu_sweep plan (budget {args.budget:.0f} s, output {args.out}):",
         "  1. device info; load the prebuilt kernels, else build them (JIT, cached in $AWQLIB_CACHE)",
         f"  2. correctness gate: {gate} cases ({len(GATE_VARIANTS)} layout/kernel variants x {len(GATE_SHAPES)} shapes"
-        f" x their M), fp16, + bf16 for the stream kernels; + {gate_pdl} chains with programmatic dependent"
-        " launch against plain ones; a failing variant is not timed",
+        f" x their M), fp16, + bf16 for the stream kernels; + {gate_env} under the narrow variants' environment;"
+        f" + {gate_pdl} chains with programmatic dependent launch against plain ones; a failing variant is not timed",
         "  3. rooflines: device-to-device copy, read-only streaming sum",
         f"  4. sweep: {cases} timings = {len(SHAPES)} shapes x M {args.ms} x ({', '.join(v[0] for v in VARIANTS)}, fp16)",
         "  5. table (+ SASS instr/KB from benchmarks/sass_budget.json)",
@@ -182,34 +198,47 @@ def poison():
     del big, small
 
 
+def gate_cases(N: int, K: int, g: int, layout: str, kernel: Kernel, ms, env: str | None = None) -> list[dict]:
+    """One (layout, kernel) on one shape at each M, fp16 (and bf16 for the stream kernels), under
+    variant ``env``'s environment if given: the gate's cases, failures printed."""
+    from awqlib.packing import dequantize_gemm
+    gemm, (qw, qz, sc) = make_weight(K, N, g, layout)
+    cases = []
+    for dtype in (torch.float16, torch.bfloat16) if kernel in STREAM_KERNELS else (torch.float16,):
+        w32 = dequantize_gemm(*gemm, g, dtype=torch.float32) if dtype == torch.float16 else \
+            dequantize_gemm(gemm[0], gemm[1], gemm[2].to(dtype), g, dtype=torch.float32)
+        scd = sc.to(dtype)
+        for M in ms:
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
+            poison()
+            try:
+                with variant_env(env or ""):
+                    out = torch.ops.awqlib.awq_gemm_variant(x, qw, qz, scd, g, int(kernel), 0)
+                torch.cuda.synchronize()
+                ref = x.float() @ w32
+                err = ((out.float() - ref).norm() / ref.norm()).item()
+                ok = bool(torch.isfinite(out).all()) and err < REL_TOL[dtype]
+                msg = f"rel err {err:.2e}" + ("" if ok else "; " + where_wrong(out, ref, REL_TOL[dtype]))
+            except RuntimeError as e:  # a refused case is a failure here: the gate lists only valid ones
+                if lacks_smem(str(e)):
+                    continue  # a configuration this GPU has no room for (the large M 17-32 one on an A100)
+                ok, msg = False, f"{type(e).__name__}: {str(e)[:200]}"
+            cases.append({"layout": layout, "kernel": kernel.name, **({"env": env} if env else {}), "N": N, "K": K,
+                          "g": g, "M": M, "dtype": str(dtype).split(".")[-1], "ok": ok, "detail": msg})
+            if not ok:
+                print(f"GATE FAIL {layout}/{kernel.name}{' [' + env + ']' if env else ''} N{N} K{K} g{g} M{M} {dtype}: "
+                      f"{msg}", flush=True)
+    return cases
+
+
 def gate(report: dict, save) -> bool:
     from awqlib.packing import dequantize_gemm
     cases = []
     for N, K, g in GATE_SHAPES:
         for layout, kernel, ms in GATE_VARIANTS:
-            gemm, (qw, qz, sc) = make_weight(K, N, g, layout)
-            for dtype in (torch.float16, torch.bfloat16) if kernel in STREAM_KERNELS else (torch.float16,):
-                w32 = dequantize_gemm(*gemm, g, dtype=torch.float32) if dtype == torch.float16 else \
-                    dequantize_gemm(gemm[0], gemm[1], gemm[2].to(dtype), g, dtype=torch.float32)
-                scd = sc.to(dtype)
-                for M in ms:
-                    x = torch.randn(M, K, device="cuda", dtype=dtype)
-                    poison()
-                    try:
-                        out = torch.ops.awqlib.awq_gemm_variant(x, qw, qz, scd, g, int(kernel), 0)
-                        torch.cuda.synchronize()
-                        ref = x.float() @ w32
-                        err = ((out.float() - ref).norm() / ref.norm()).item()
-                        ok = bool(torch.isfinite(out).all()) and err < REL_TOL[dtype]
-                        msg = f"rel err {err:.2e}" + ("" if ok else "; " + where_wrong(out, ref, REL_TOL[dtype]))
-                    except RuntimeError as e:  # a refused case is a failure here: the gate lists only valid ones
-                        if lacks_smem(str(e)):
-                            continue  # a configuration this GPU has no room for (the large M 17-32 one on an A100)
-                        ok, msg = False, f"{type(e).__name__}: {str(e)[:200]}"
-                    cases.append({"layout": layout, "kernel": kernel.name, "N": N, "K": K, "g": g, "M": M,
-                                  "dtype": str(dtype).split(".")[-1], "ok": ok, "detail": msg})
-                    if not ok:
-                        print(f"GATE FAIL {layout}/{kernel.name} N{N} K{K} g{g} M{M} {dtype}: {msg}", flush=True)
+            cases += gate_cases(N, K, g, layout, kernel, ms)
+        for label, layout, kernel, ms in GATE_ENV:
+            cases += gate_cases(N, K, g, layout, kernel, ms, env=label)
         for layout, kernel, ms in GATE_PDL:
             gemm, (qw, qz, sc) = make_weight(K, N, g, layout)
             w32 = dequantize_gemm(*gemm, g, dtype=torch.float32)
@@ -298,9 +327,13 @@ def failed_variants(gate_report: dict) -> set[str]:
     labels = set()
     for c in gate_report.get("failed", []):
         if c.get("pdl"):  # a failure only with programmatic dependent launch
-            labels |= {label for label, layout, _ in VARIANTS if label in VARIANT_ENV and layout == c["layout"]}
+            labels |= {label for label, layout, _ in VARIANTS
+                       if VARIANT_ENV.get(label, {}).get("AWQLIB_STREAM_PDL") == "1" and layout == c["layout"]}
             continue
+        env = VARIANT_ENV.get(c.get("env"), {})  # a failure under a variant's environment: the variants run in it
         for label, layout, kernel in VARIANTS:
+            if env and VARIANT_ENV.get(label, {}) != env:
+                continue
             if layout == c["layout"] and (kernel.name == c["kernel"] or kernel == Kernel.AUTO
                                           or c["kernel"] == Kernel.AUTO.name):
                 labels.add(label)
@@ -329,12 +362,14 @@ def sass_table() -> dict:
 
 def kernel_label(variant: str, M: int, N: int, K: int) -> str:
     """The instantiation a variant runs (for the SASS column), fp16; M > 64: its first pass."""
-    if variant in ("stream", "stream:sums", "stream:pdl"):  # the sweep's group size (128) is never FINE
+    if variant.startswith("stream"):  # the sweep's group size (128) is never FINE
         mb = 1 if M <= 16 else 2 if M <= 32 else 4
         stage = 256 if mb == 4 else 512
         exact = K % stage == 0 and N % 128 == 0
-        sums = variant == "stream:sums" and mb <= 2
-        return f"awq_stream_kernel<half, {mb}, {str(exact).lower()}, false, {str(sums).lower()}, false>"
+        sums = variant.startswith("stream:sums") and mb <= 2
+        narrow = variant.endswith(":narrow") and M <= NARROW_MAX_M
+        flags = ", ".join(str(f).lower() for f in (exact, False, sums, False, narrow))
+        return f"awq_stream_kernel<half, {mb}, {flags}>"
     if variant == "tiled:auto" and M <= 32:
         return f"awq_skinny_kernel<half, {1 if M <= 16 else 2}, 2, true>"
     return "dequant+cuBLAS"
@@ -376,7 +411,7 @@ def sweep(args, report: dict, save, t0: float, excluded: set[str] = frozenset())
             ref_calls = [lambda w=w: F.linear(x, w) for w in w16s]
             t_ref = time_graph(ref_calls, time_eager(ref_calls[0], reps=2))
             for label, layout, kernel in VARIANTS:
-                if label in excluded or label in broken or not is_timed(kernel, M):
+                if label in excluded or label in broken or not is_timed(label, kernel, M):
                     continue
                 calls = [lambda q=q: torch.ops.awqlib.awq_gemm_variant(x, q[0], q[1], q[2], g, int(kernel), 0)
                          for q in weights[layout]]

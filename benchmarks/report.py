@@ -180,7 +180,9 @@ def targets_table(report: dict) -> str:
     by = {(r["shape"], r["M"], r["variant"]): r["us"] for r in rows}
     for new, old, why in (("stream", "tiled:auto", "the runtime layout models use today"),
                           ("stream:sums", "stream", "group sums against scaled fragments, M <= 32"),
-                          ("stream:pdl", "stream", "programmatic dependent launch against plain launches")):
+                          ("stream:pdl", "stream", "programmatic dependent launch against plain launches"),
+                          ("stream:narrow", "stream", "tokens on the mma's n8 side against 16-row tiles, M <= 8"),
+                          ("stream:sums:narrow", "stream:sums", "the same with group sums")):
         pairs = [(by[(s, m, old)], us) for (s, m, v), us in by.items() if v == new and (s, m, old) in by]
         if pairs:
             wins = sum(t > s for t, s in pairs)

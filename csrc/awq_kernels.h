@@ -66,6 +66,7 @@ void launch_dequant_tiled(DType dt, const int32_t* qweight, const int32_t* qzero
 //      zero again on exit, like the other split-K kernels').
 constexpr int kStreamMaxM = 64;
 constexpr int kStreamCompactMaxM = 32;  // the compact configuration (awq_stream.cu: StreamCfg) takes M <= 32
+constexpr int kStreamNarrowMaxM = 8;    // the narrow kernels: the tokens are the mma's n8 operand
 constexpr int kStreamAtomK = 16, kStreamAtomWords = 128;  // an atom: 16 k-rows x 64 columns, 128 words
 struct StreamPlan {
   int grid;                 // CTAs (persistent: at most SMs x CTAs per SM)
@@ -86,8 +87,10 @@ StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms, bool co
 // otherwise, and when false, every dequantized pair is scaled.  pdl: launch with programmatic
 // stream serialization (sm_90): the kernel streams its first stages' weights while the previous
 // kernel in the stream finishes, and waits for it before reading activations -- so that previous
-// kernel must not be one that writes these weights (awq_ops.cpp: stream_pdl).
-void launch_stream(DType dt, const GemmArgs& a, const StreamPlan& plan, bool group_sums, bool pdl,
+// kernel must not be one that writes these weights (awq_ops.cpp: stream_pdl).  narrow: at M <=
+// kStreamNarrowMaxM, the kernels that put the tokens on the mma's n8 side (awq_stream.cu: NARROW;
+// half the mma per weight); ignored at larger M.
+void launch_stream(DType dt, const GemmArgs& a, const StreamPlan& plan, bool group_sums, bool pdl, bool narrow,
                    cudaStream_t stream);
 
 // Requirements of the fused kernels (GEMV and GEMM); other shapes take dequantize + cuBLAS.

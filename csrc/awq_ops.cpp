@@ -241,6 +241,16 @@ bool stream_pdl(int device, const at::Tensor& qweight_used, const at::Tensor& qw
   return at::cuda::getDeviceProperties(device)->major >= 9 && qweight_used.data_ptr() == qweight_given.data_ptr();
 }
 
+// The narrow stream kernels (awq_stream.cu: NARROW) at M <= 8: opt-in with AWQLIB_STREAM_NARROW=1
+// until benchmarks/gpu_sweep.py ("stream:narrow") has measured them on a GPU; read per call, so
+// that one process can time both.
+bool stream_narrow() {
+  const char* v = std::getenv("AWQLIB_STREAM_NARROW");
+  if (v == nullptr || *v == '\0' || std::string(v) == "0") return false;  // unset, or empty like unset
+  TORCH_CHECK(std::string(v) == "1", "AWQLIB_STREAM_NARROW must be 0 or 1, got '", v, "'");
+  return true;
+}
+
 // Shared memory a stream-kernel block may have: the device's opt-in maximum, or less with
 // AWQLIB_STREAM_SMEM_LIMIT=<bytes> -- so that an H100/H200 can run (and test) the choice an A100
 // (166912) or a 99 KB GPU (101376) makes.
@@ -373,6 +383,7 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
     // fixed by the SM count (persistent grid); `splits` is ignored.
     const int pass = static_cast<int>(pass_rows(compact));
     const bool pdl = stream_pdl(device, qw, qweight);
+    const bool narrow = stream_narrow();
     const awq::StreamPlan full = awq::plan_stream(std::min(m, pass), n, kk, a.group_size, num_sms, compact);
     const awq::StreamPlan last = awq::plan_stream(m - (m - 1) / pass * pass, n, kk, a.group_size, num_sms, compact);
     const size_t ws_floats = std::max({full.workspace_floats, last.workspace_floats, size_t(1)});
@@ -386,7 +397,7 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
       p.M = static_cast<int>(std::min<int64_t>(pass, M - r0));
       p.x = static_cast<const char*>(a.x) + (r0 / pass) * x_pass_bytes;
       p.out = static_cast<char*>(a.out) + (r0 / pass) * out_pass_bytes;
-      awq::launch_stream(dt, p, p.M == pass ? full : last, group_sums, pdl, stream);
+      awq::launch_stream(dt, p, p.M == pass ? full : last, group_sums, pdl, narrow, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     return out.view(out_shape);

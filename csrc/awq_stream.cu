@@ -23,6 +23,8 @@
 //    compact configuration, StreamCfg: 256-row stages, 2-3 of them).  Every shared-memory access
 //    is [ring-slot base + compile-time offset] (the slot is a counter), and there is no integer
 //    division in the loop (group, slice and pointer positions advance by constants).
+//  * Few tokens (M <= 8, opt-in: NARROW below): the mma's operands swapped, so that the weights
+//    fill its 16-row side and the tokens its 8-column one -- half the mma of the 16-row tiling.
 //  * Work split: one CTA of 8 warps per SM = 2 (64-column n-atoms) x 4 (k-slices of 128 rows).
 //    The persistent grid takes the (column slice, k-tile) units in slice-major order, each CTA a
 //    contiguous run ("striped" partition), so every SM streams the same number of bytes whatever
@@ -221,23 +223,25 @@ template <> struct StreamDequant<__nv_bfloat16> {
 // group change folds inside a branch, the sums are cleared by moves and the loop got longer than
 // the scaled one (measured by sass_budget.py at group 64), so those are not instantiated
 // (group_sums_pay).
-// A warp's fp32 accumulators: MB m16 tiles x 8 n8-tiles x 4 per lane (mma.m16n8k16's C/D).
-template <int MB>
-__device__ __forceinline__ void zero_accumulators(float (&acc)[MB][8][4]) {
+// A warp's fp32 accumulators: MB m16 tiles x NT tiles x 4 per lane (mma.m16n8k16's C/D): 8 n8
+// column tiles, or in the narrow kernels 4 m16 column tiles (kAccTiles).
+template <int MB, int NT>
+__device__ __forceinline__ void zero_accumulators(float (&acc)[MB][NT][4]) {
 #pragma unroll
   for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-    for (int t = 0; t < 8; ++t)
+    for (int t = 0; t < NT; ++t)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mb][t][e] = 0.f;
 }
 
-template <typename T, int MB>
+template <typename T, int MB, int NT>
 struct GroupSums {
-  float part[MB][8][4];
+  float part[MB][NT][4];
   __device__ __forceinline__ void clear() { zero_accumulators(part); }
   // acc += part * scales (sq: the lane's 16 scales in shared memory), then part = 0.
-  __device__ __forceinline__ void fold(float (&acc)[MB][8][4], const uint8_t* sq) {
+  __device__ __forceinline__ void fold(float (&acc)[MB][NT][4], const uint8_t* sq) {
+    static_assert(NT == 8, "the n8-tile accumulators");
     using T2 = typename Traits<T>::T2;
     const uint4 u0 = *reinterpret_cast<const uint4*>(sq), u1 = *reinterpret_cast<const uint4*>(sq + 16);
     const uint32_t w[2][4] = {{u0.x, u0.y, u0.z, u0.w}, {u1.x, u1.y, u1.z, u1.w}};
@@ -256,6 +260,19 @@ struct GroupSums {
       for (int t = 0; t < 8; ++t)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[mb][t][e] = fmaf(part[mb][t][e], sc[e & 1][t], acc[mb][t][e]);
+    clear();
+  }
+  // The narrow kernels' fold: accumulator (t, e) is column 16 t + g + 8 (e >> 1), whose scale the
+  // lane holds already -- the group's sc[t] = (s of column 16 t + g, s of 16 t + 8 + g) that
+  // dequantized word t -- so no shared-memory load.
+  __device__ __forceinline__ void fold_narrow(float (&acc)[MB][NT][4], const typename Traits<T>::T2 (&sc)[4]) {
+    static_assert(MB == 1 && NT == 4, "the narrow accumulators");
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      const float2 f = Traits<T>::to_float2(sc[t]);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[0][t][e] = fmaf(part[0][t][e], e >> 1 ? f.y : f.x, acc[0][t][e]);
+    }
     clear();
   }
 };
@@ -332,7 +349,14 @@ __device__ AWQ_NOINLINE void write_slice(const float* red, T* __restrict__ out, 
 // each group in fp32 registers of its own, multiplied by the group's scales once when the group
 // ends, instead of one HMUL2 per two weights (GroupSums below).  COMPACT: the shared-memory
 // configuration (StreamCfg).
-template <typename T, int MB, bool EXACT, bool FINE, bool SUMS, bool COMPACT>
+// NARROW (MB = 1, M <= kStreamNarrowMaxM): the mma computes (W^T x^T)^T -- "swap AB".  At M = 1
+// the 16-row m16n8k16 tiling spends 15 of its 16 rows on padding; with the dequantized weights as
+// the A operand (16 output columns x 16 k) and the tokens as the n8 B operand, each mma covers 16
+// columns instead of 8: half the mma per weight, and one ldmatrix.x4 carries the B fragments of
+// two atoms.  It costs no rearranging: the four B fragments a word's dequantization makes (the
+// n8-tiles of columns 16 j + g and 16 j + 8 + g, rows 2q.. and 2q+8..) are, in the order
+// {0, 2, 1, 3}, exactly the A fragment of columns 16 j .. 16 j + 15.
+template <typename T, int MB, bool EXACT, bool FINE, bool SUMS, bool COMPACT, bool NARROW>
 __global__ void __launch_bounds__(kStThreads, StreamCfg<MB, COMPACT>::kMinBlocks)
 awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, const uint32_t* __restrict__ qzeros,
                   const T* __restrict__ scales, T* __restrict__ out, float* __restrict__ ws,
@@ -340,6 +364,9 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   using Cfg = StreamCfg<MB, COMPACT>;
   using DQ = StreamDequant<T>;
   static_assert(!(SUMS && FINE), "group sums fold once per stage: a warp's k-slice must lie in one group");
+  static_assert(!NARROW || (MB == 1 && Cfg::kKA % 2 == 0), "narrow: <= 8 tokens, atoms in pairs");
+  // accumulator tiles per warp over its 64 columns: 4 m16 column tiles (narrow) or 8 n8 ones
+  constexpr int kAccTiles = NARROW ? 4 : 8;
   constexpr int kStages = Cfg::kStages;
   constexpr int kKA = Cfg::kKA;
   constexpr int kStageK = Cfg::kStageK;
@@ -517,10 +544,14 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   constexpr int kASwizzled = kSwizzleChunks / kChunksPerAtom;  // atoms per swizzle period
   constexpr int kASwizzleBytes = kSwizzleChunks * kChunkBytes;  // how far apart their repeats lie
   static_assert(kKA % kASwizzled == 0, "atoms come in whole swizzle periods");
-  int a_off[kASwizzled];
+  // Narrow: one ldmatrix.x4 per atom pair (2 i, 2 i + 1): rows 0..7 (the tokens), lane l giving
+  // row l % 8 of chunk l / 8 of the pair -- so 2 offsets per period.
+  constexpr int kAOffsets = NARROW ? kASwizzled / 2 : kASwizzled;
+  int a_off[kAOffsets];
 #pragma unroll
-  for (int i = 0; i < kASwizzled; ++i) {
-    const int row = lane & 15, ch = 2 * (wk * kKA + i) + (lane >> 4);
+  for (int i = 0; i < kAOffsets; ++i) {
+    const int row = NARROW ? lane & 7 : lane & 15;
+    const int ch = NARROW ? 2 * (wk * kKA + 2 * i) + (lane >> 3) : 2 * (wk * kKA + i) + (lane >> 4);
     a_off[i] = Cfg::kOffA + row * Cfg::kARowBytes + ((ch ^ (row & 7)) * 16);  // + mb * 16 rows
   }
   int slot_of[kKA];  // group slot (within the k-tile) of atom i
@@ -529,10 +560,10 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   const int s_off = Cfg::kOffS + (wn * 64 + 8 * g) * 2;
   const int z_off = Cfg::kOffZ + (wn * 8 + g) * 4;
 
-  float acc[MB][8][4];
+  float acc[MB][kAccTiles][4];
   zero_accumulators(acc);
   // SUMS: the group's unscaled sums, and where the lane's fold scales sit (see GroupSums).
-  [[maybe_unused]] GroupSums<T, MB> sums;  // never touched (so no registers) unless SUMS
+  [[maybe_unused]] GroupSums<T, MB, kAccTiles> sums;  // never touched (so no registers) unless SUMS
   if constexpr (SUMS) sums.clear();
   [[maybe_unused]] const int sq_off = Cfg::kOffS + (wn * 64 + 16 * q) * 2;
 
@@ -591,10 +622,12 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-          for (int t = 0; t < 8; ++t)
+          for (int t = 0; t < kAccTiles; ++t)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              const int row = 16 * mb + g + 8 * (e >> 1), col = wn * 64 + 8 * t + 2 * q + (e & 1);
+              // mma C/D: (row g + 8 (e >> 1), column 2 q + (e & 1)) of the tile; narrow, rows are columns
+              const int row = NARROW ? 2 * q + (e & 1) : 16 * mb + g + 8 * (e >> 1);
+              const int col = NARROW ? wn * 64 + 16 * t + g + 8 * (e >> 1) : wn * 64 + 8 * t + 2 * q + (e & 1);
               if (row < rows_out) {
                 float& r = red[row * kSliceN + col];
                 r = (w == 0 ? 0.f : r) + acc[mb][t][e];
@@ -615,7 +648,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
 #pragma unroll 1
   for (int t = 0; t < n_units; ++t) {
 #pragma unroll
-    for (int i = 0; i < kASwizzled; ++i) keep_in_register(a_off[i]);
+    for (int i = 0; i < kAOffsets; ++i) keep_in_register(a_off[i]);
     cp_async_wait<kStages - 2>();
     __syncthreads();  // stage t landed for everyone; slot `wr` was consumed at t-1 by everyone
     if (t + kStages - 1 < n_units) {
@@ -629,6 +662,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
     const uint8_t* st = smem + rd * Cfg::kStageBytes;
     rd = rd + 1 == kStages ? 0 : rd + 1;
     typename DQ::Group gp;
+    [[maybe_unused]] uint32_t xb[4];  // narrow: the B fragments (tokens) of atoms i, i + 1 (i even)
 #pragma unroll
     for (int i = 0; i < kKA; ++i) {
       // group_size >= 32: a group change can only come at an even atom
@@ -638,24 +672,38 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
         DQ::load_group(gp, zw, s8);
       }
       const uint4 wv = *reinterpret_cast<const uint4*>(st + b_off + i * 512);
-      uint32_t a[MB][4];
-#pragma unroll
-      for (int mb = 0; mb < MB; ++mb)
-        ldmatrix_x4(a[mb], st + a_off[i % kASwizzled] + (i / kASwizzled) * kASwizzleBytes + mb * 16 * Cfg::kARowBytes);
       const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
+      if constexpr (NARROW) {
+        if (i % 2 == 0) ldmatrix_x4(xb, st + a_off[(i / 2) % kAOffsets] + (i / kASwizzled) * kASwizzleBytes);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        uint32_t b[4];
-        DQ::template word<!SUMS>(b, words[j], gp, j);
+        for (int j = 0; j < 4; ++j) {
+          uint32_t b[4];
+          DQ::template word<!SUMS>(b, words[j], gp, j);
+          const uint32_t w16[4] = {b[0], b[2], b[1], b[3]};  // the A fragment of columns 16 j ..
+          Mma<T>::run((SUMS ? sums.part[0] : acc[0])[j], w16, xb[2 * (i % 2)], xb[2 * (i % 2) + 1]);
+        }
+      } else {
+        uint32_t a[MB][4];
 #pragma unroll
-        for (int mb = 0; mb < MB; ++mb) {
-          float(&d)[8][4] = SUMS ? sums.part[mb] : acc[mb];
-          Mma<T>::run(d[2 * j], a[mb], b[0], b[1]);
-          Mma<T>::run(d[2 * j + 1], a[mb], b[2], b[3]);
+        for (int mb = 0; mb < MB; ++mb)
+          ldmatrix_x4(a[mb], st + a_off[i % kASwizzled] + (i / kASwizzled) * kASwizzleBytes + mb * 16 * Cfg::kARowBytes);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          uint32_t b[4];
+          DQ::template word<!SUMS>(b, words[j], gp, j);
+#pragma unroll
+          for (int mb = 0; mb < MB; ++mb) {
+            float(&d)[kAccTiles][4] = SUMS ? sums.part[mb] : acc[mb];
+            Mma<T>::run(d[2 * j], a[mb], b[0], b[1]);
+            Mma<T>::run(d[2 * j + 1], a[mb], b[2], b[3]);
+          }
         }
       }
     }
-    if constexpr (SUMS) sums.fold(acc, st + sq_off + slot_of[kKA - 1] * kSliceN * 2);  // one group per k-slice
+    if constexpr (SUMS) {  // one group per k-slice
+      if constexpr (NARROW) sums.fold_narrow(acc, gp.sc);
+      else sums.fold(acc, st + sq_off + slot_of[kKA - 1] * kSliceN * 2);
+    }
     if (c_kt == p.KT - 1 || t == n_units - 1) flush(st);
     if (++c_kt == p.KT) {
       c_kt = 0;
@@ -712,16 +760,28 @@ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 // it saves (large: MB <= 2; compact: MB = 1), and never with FINE groups.
 constexpr bool group_sums_pay(int MB, int KA, bool fine) { return 32 * MB < 16 * KA && !fine; }
 
-// The instantiation for the shape; group sums (if asked for) only where group_sums_pay.
-template <typename T, int MB, bool COMPACT>
-auto stream_kernel_for(bool exact, bool fine, bool sums) {
+// The instantiation for the shape; group sums (if asked for) only where group_sums_pay, narrow
+// (if asked for) only at MB = 1.
+template <typename T, int MB, bool COMPACT, bool NARROW>
+auto stream_kernel_variant(bool exact, bool fine, bool sums) {
   constexpr int kKA = StreamCfg<MB, COMPACT>::kKA;
   if constexpr (group_sums_pay(MB, kKA, false)) {
     if (sums && group_sums_pay(MB, kKA, fine))
-      return exact ? awq_stream_kernel<T, MB, true, false, true, COMPACT> : awq_stream_kernel<T, MB, false, false, true, COMPACT>;
+      return exact ? awq_stream_kernel<T, MB, true, false, true, COMPACT, NARROW>
+                   : awq_stream_kernel<T, MB, false, false, true, COMPACT, NARROW>;
   }
-  return exact ? (fine ? awq_stream_kernel<T, MB, true, true, false, COMPACT> : awq_stream_kernel<T, MB, true, false, false, COMPACT>)
-               : (fine ? awq_stream_kernel<T, MB, false, true, false, COMPACT> : awq_stream_kernel<T, MB, false, false, false, COMPACT>);
+  return exact ? (fine ? awq_stream_kernel<T, MB, true, true, false, COMPACT, NARROW>
+                       : awq_stream_kernel<T, MB, true, false, false, COMPACT, NARROW>)
+               : (fine ? awq_stream_kernel<T, MB, false, true, false, COMPACT, NARROW>
+                       : awq_stream_kernel<T, MB, false, false, false, COMPACT, NARROW>);
+}
+
+template <typename T, int MB, bool COMPACT>
+auto stream_kernel_for(bool exact, bool fine, bool sums, bool narrow) {
+  if constexpr (MB == 1) {
+    if (narrow) return stream_kernel_variant<T, MB, COMPACT, true>(exact, fine, sums);
+  }
+  return stream_kernel_variant<T, MB, COMPACT, false>(exact, fine, sums);
 }
 
 int mb_for(int M) { return M <= 16 ? 1 : M <= 32 ? 2 : 4; }
@@ -766,33 +826,34 @@ StreamParams params_for(int M, int N, int K, int group_size, int per, int grid, 
 // drops it where the kernel that runs has no griddepcontrol.wait.
 template <typename T>
 struct StreamLaunch {
-  decltype(&awq_stream_kernel<T, 1, true, false, false, false>) kernel;
+  decltype(&awq_stream_kernel<T, 1, true, false, false, false, false>) kernel;
   int grid, block, smem_bytes;
   StreamParams p;
 };
 
 // The instantiation that runs shape `p`: EXACT where no load needs a bounds predicate, FINE where
-// group_size < 16 kKA.
+// group_size < 16 kKA, NARROW where asked for and M <= kStreamNarrowMaxM.
 template <typename T, int MB, bool COMPACT>
-StreamLaunch<T> describe_mb(const StreamParams& p, int grid, bool group_sums, bool pdl) {
+StreamLaunch<T> describe_mb(const StreamParams& p, int grid, bool group_sums, bool pdl, bool narrow) {
   using Cfg = StreamCfg<MB, COMPACT>;
   const bool exact = p.K % Cfg::kStageK == 0 && p.N % kSliceN == 0;
   const bool fine = p.gshift < 31 && (16 << p.gshift) < 16 * Cfg::kKA;
-  StreamLaunch<T> d{stream_kernel_for<T, MB, COMPACT>(exact, fine, group_sums), grid, kStThreads, Cfg::kSmemBytes, p};
+  StreamLaunch<T> d{stream_kernel_for<T, MB, COMPACT>(exact, fine, group_sums, narrow && p.M <= kStreamNarrowMaxM),
+                    grid, kStThreads, Cfg::kSmemBytes, p};
   d.p.pdl = pdl;
   return d;
 }
 
 template <typename T>
 StreamLaunch<T> describe_stream(int M, int N, int K, int group_size, const StreamPlan& plan, bool group_sums,
-                                bool pdl) {
+                                bool pdl, bool narrow) {
   const StreamParams p = params_for(M, N, K, group_size, plan.per, plan.grid, plan.compact);
   const int mb = mb_for(M);
-  if (plan.compact) return mb == 1 ? describe_mb<T, 1, true>(p, plan.grid, group_sums, pdl)
-                                   : describe_mb<T, 2, true>(p, plan.grid, group_sums, pdl);
-  return mb == 1   ? describe_mb<T, 1, false>(p, plan.grid, group_sums, pdl)
-         : mb == 2 ? describe_mb<T, 2, false>(p, plan.grid, group_sums, pdl)
-                   : describe_mb<T, 4, false>(p, plan.grid, group_sums, pdl);
+  if (plan.compact) return mb == 1 ? describe_mb<T, 1, true>(p, plan.grid, group_sums, pdl, narrow)
+                                   : describe_mb<T, 2, true>(p, plan.grid, group_sums, pdl, narrow);
+  return mb == 1   ? describe_mb<T, 1, false>(p, plan.grid, group_sums, pdl, narrow)
+         : mb == 2 ? describe_mb<T, 2, false>(p, plan.grid, group_sums, pdl, narrow)
+                   : describe_mb<T, 4, false>(p, plan.grid, group_sums, pdl, narrow);
 }
 
 // The dequantize kernel's grid: one thread per (atom, lane).
@@ -859,7 +920,7 @@ template <int MB, bool COMPACT>
 int stream_static_smem_bytes() {
   static const int bytes = [] {
     cudaFuncAttributes attr{};
-    return cudaFuncGetAttributes(&attr, awq_stream_kernel<__half, MB, true, false, false, COMPACT>) == cudaSuccess
+    return cudaFuncGetAttributes(&attr, awq_stream_kernel<__half, MB, true, false, false, COMPACT, false>) == cudaSuccess
                ? static_cast<int>(attr.sharedSizeBytes)
                : 0;
   }();
@@ -932,12 +993,13 @@ void launch_dequant_stream(DType dt, const int32_t* qweight, const int32_t* qzer
         qw, qz, static_cast<const __nv_bfloat16*>(scales), static_cast<__nv_bfloat16*>(out), K, N, group_size);
 }
 
-void launch_stream(DType dt, const GemmArgs& a, const StreamPlan& plan, bool group_sums, bool pdl,
+void launch_stream(DType dt, const GemmArgs& a, const StreamPlan& plan, bool group_sums, bool pdl, bool narrow,
                    cudaStream_t stream) {
   if (dt == DType::kHalf)
-    launch_described(a, describe_stream<__half>(a.M, a.N, a.K, a.group_size, plan, group_sums, pdl), stream);
+    launch_described(a, describe_stream<__half>(a.M, a.N, a.K, a.group_size, plan, group_sums, pdl, narrow), stream);
   else
-    launch_described(a, describe_stream<__nv_bfloat16>(a.M, a.N, a.K, a.group_size, plan, group_sums, pdl), stream);
+    launch_described(a, describe_stream<__nv_bfloat16>(a.M, a.N, a.K, a.group_size, plan, group_sums, pdl, narrow),
+                     stream);
 }
 #endif  // AWQ_HOST_EMULATION
 

@@ -208,6 +208,9 @@ inline Cta* g_cta = nullptr;
 // Bytes the launch's cp.async copies read from each registered buffer (Launch::globals, in order;
 // zero-filled copies read nothing): what the harness checks against what the kernel must read.
 inline std::vector<size_t> g_bytes_copied_from;
+// Warp-level mma instructions the launch ran (each counted once, not per lane): the work a
+// tiling does, which the harness reports (the narrow kernels' half of the 16-row tiling's).
+inline size_t g_warp_mmas = 0;
 
 inline Cta& cta() { return *g_cta; }
 inline Thread& self() { return *g_cta->cur; }
@@ -408,6 +411,7 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
     for (int k = 0; k < 16; ++k) s += (double)A(row, k) * (double)B(k, col);
     d[e] = static_cast<float>(d[e] + s);
   }
+  if (lane() == 0) ++g_warp_mmas;
   ++self().collectives;
 }
 
@@ -478,6 +482,7 @@ inline bool run_warp(Cta& c, int w, bool reversed) {
 inline void run_grid(const Launch& L, const std::function<void()>& kernel) {
   install_fault_report();
   g_bytes_copied_from.assign(L.globals.size(), 0);
+  g_warp_mmas = 0;
   const unsigned n_cta = L.grid.x * L.grid.y * L.grid.z;
   std::vector<unsigned> order = L.order;
   if (order.empty())

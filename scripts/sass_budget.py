@@ -170,17 +170,18 @@ def _gemv_spec(args) -> Spec:
 
 
 def _stream_spec(args) -> Spec:
-    # awq_stream_kernel<T, MB, EXACT, FINE, SUMS, COMPACT>: mirror of StreamCfg in
+    # awq_stream_kernel<T, MB, EXACT, FINE, SUMS, COMPACT, NARROW>: mirror of StreamCfg in
     # csrc/awq_stream.cu (8 warps = 2 n-atoms x 4 k-slices of KA atoms; a stage is 16 KA x 4 rows
-    # x 128 columns; compact: KA = 4, and 2 stages at MB = 2).
-    _, mb, _exact, _fine, _sums, compact = args
+    # x 128 columns; compact: KA = 4, and 2 stages at MB = 2).  Per atom a warp runs 8 mma per
+    # m16 tile, or narrow 4 (16 columns each).
+    _, mb, _exact, _fine, _sums, compact, narrow = args
     ka = 4 if mb == 4 or compact else 8
     stages = 2 if compact and mb == 2 else 3
     stage_k = 16 * ka * 4
     b_bytes = stage_k * 128 // 2
     groups = stage_k // 32
     stage = b_bytes + 16 * mb * stage_k * 2 + groups * 128 * 2 + groups * 16 * 4
-    return Spec(256, stages * stage, b_bytes, ka * 8 * mb)
+    return Spec(256, stages * stage, b_bytes, ka * 4 if narrow else ka * 8 * mb)
 
 
 SPECS = {

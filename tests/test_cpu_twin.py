@@ -105,14 +105,15 @@ def _run(twin: Path, d: Path, *args) -> str:
     return r.stdout
 
 
-def run_gemm(twin, d, x, stream, g, N, sms, sums=False, compact=False, pdl=False, timing="lazy", order="forward",
-             launch: dict | None = None):
+def run_gemm(twin, d, x, stream, g, N, sms, sums=False, compact=False, pdl=False, narrow=False, timing="lazy",
+             order="forward", launch: dict | None = None):
     """The kernel's output [M, N]; ``launch`` receives what the harness printed of the launch (grid,
-    per, units, slices, max_parts, smem, planned_refills, weight_bytes_read)."""
+    per, units, slices, max_parts, smem, planned_refills, weight_bytes_read, warp_mmas)."""
     M, K = x.shape
     dt = "fp16" if x.dtype == torch.float16 else "bf16"
     _write(d, x=x, **stream)
-    printed = _run(twin, d, "gemm", d, dt, M, N, K, g, sms, int(sums), int(compact), int(pdl), timing, order)
+    printed = _run(twin, d, "gemm", d, dt, M, N, K, g, sms, int(sums), int(compact), int(pdl), int(narrow), timing,
+                   order)
     if launch is not None:
         words = printed.split()
         launch.update({words[i]: int(words[i + 1]) for i in range(0, len(words) - 1, 2)})
@@ -200,6 +201,49 @@ def test_group_sums_source_on_cpu(twin, tmp_path, M, N, K, g, sms, compact, refi
     assert launch["planned_refills"] >= refills and launch["weight_bytes_read"] == K * N // 2, launch
     scaled = run_gemm(twin, tmp_path, x, stream, g, N, sms, sums=False, compact=compact)
     assert not torch.equal(out, scaled), "group sums ran the scaled instantiation"
+
+
+# The narrow kernels (M <= 8: tokens on the mma's n8 side).  The twin's mma sums each product of a
+# k16 step exactly and rounds once into the fp32 accumulator, as for the 16-row tiling, so the two
+# tilings' outputs are the same bits; a GPU's tensor core may round differently, so there the
+# check is against the reference only.  (M, N, K, group, SMs, compact, group sums, refills)
+NARROW_CASES = [
+    (1, 256, 4096, 128, 2, False, False, 12),  # EXACT, coarse groups
+    (8, 256, 4096, 128, 2, False, True, 12),   # every token a lane pair holds, group sums
+    (5, 192, 4160, 64, 2, False, False, 12),   # N and K tails, FINE
+    (2, 384, 2560, 128, 5, False, False, 0),   # slices in three parts
+    (3, 256, 2048, 32, 2, True, False, 12),    # compact, FINE
+    (1, 256, 2048, 64, 2, True, True, 12),     # compact, group sums
+]
+NARROW_SETTINGS = [("fp16", "lazy", "forward"), ("bf16", "eager", "reverse")]
+
+
+@pytest.mark.parametrize("dtype,timing,order", NARROW_SETTINGS, ids=["-".join(s) for s in NARROW_SETTINGS])
+@pytest.mark.parametrize("M,N,K,g,sms,compact,sums,refills", NARROW_CASES,
+                         ids=[i + ("-sums" if c[6] else "") for i, c in zip(_ids(NARROW_CASES), NARROW_CASES)])
+def test_narrow_kernels_source_on_cpu(twin, tmp_path, M, N, K, g, sms, compact, sums, refills, dtype, timing, order):
+    x, q, stream = stream_case(M, N, K, g, DTYPES[dtype], seed=7 * M + N + K + g)
+    narrow, wide = {}, {}
+    out = run_gemm(twin, tmp_path, x, stream, g, N, sms, sums=sums, compact=compact, narrow=True, timing=timing,
+                   order=order, launch=narrow)
+    check(out, x, q, sums=sums)
+    assert narrow["planned_refills"] >= refills and narrow["weight_bytes_read"] == K * N // 2, narrow
+    ref = run_gemm(twin, tmp_path, x, stream, g, N, sms, sums=sums, compact=compact, launch=wide)
+    assert torch.equal(out, ref), "the narrow and the 16-row tiling differ"
+    # per atom a warp computes: 8 n8-tiles (x 16 rows), or narrow 4 m16 column tiles (x 8 tokens)
+    assert narrow["warp_mmas"] * 2 == wide["warp_mmas"], (narrow, wide)
+    if K % (256 if compact else 512) == 0 and N % 128 == 0:  # EXACT: no zero-filled tail atoms
+        assert narrow["warp_mmas"] == (N // 64) * (K // 16) * 4, narrow
+
+
+def test_narrow_is_ignored_past_eight_tokens(twin, tmp_path):
+    M, N, K, g = 9, 256, 2048, 128
+    x, q, stream = stream_case(M, N, K, g, torch.float16, seed=9)
+    asked, plain = {}, {}
+    out = run_gemm(twin, tmp_path, x, stream, g, N, 2, narrow=True, launch=asked)
+    check(out, x, q, sums=False)
+    run_gemm(twin, tmp_path, x, stream, g, N, 2, launch=plain)
+    assert asked["warp_mmas"] == plain["warp_mmas"] == (N // 64) * (K // 16) * 8
 
 
 @pytest.mark.parametrize("pdl", [False, True])

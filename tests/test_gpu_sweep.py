@@ -28,7 +28,13 @@ def test_gate_cases_are_valid_for_their_layouts():
     from awqlib.kernels import source_constant
     from awqlib.ops import Kernel
     from awqlib.packing import can_use_layout
+    assert gpu_sweep.NARROW_MAX_M == source_constant("kStreamNarrowMaxM")
+    for label, _, _, ms in gpu_sweep.GATE_ENV:  # the narrow kernels, and past them (ignored there)
+        assert label in gpu_sweep.VARIANT_ENV and min(ms) <= gpu_sweep.NARROW_MAX_M
+    assert max(m for *_, ms in gpu_sweep.GATE_ENV for m in ms) > gpu_sweep.NARROW_MAX_M
     for N, K, g in gpu_sweep.GATE_SHAPES:
+        for _, layout, _, _ in gpu_sweep.GATE_ENV:
+            assert can_use_layout(layout, K, N, g), (layout, N, K, g)
         for layout, kernel, ms in gpu_sweep.GATE_VARIANTS:
             assert can_use_layout(layout, K, N, g), (layout, N, K, g)
             if kernel in gpu_sweep.STREAM_KERNELS:  # one pass and more than one (64 rows, compact 32)
@@ -69,6 +75,7 @@ def test_gpu_window_script_selects_what_it_claims():
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     names = {line.split("[")[0].split("::")[-1] for line in res.stdout.splitlines() if "::" in line}
     for test in ("test_stream_kernel_fp16", "test_stream_kernel_bf16", "test_stream_group_sums", "test_stream_kernel_compact",
+                 "test_stream_kernel_narrow",
                  "test_stream_kernel_deterministic", "test_two_graphs_replayed_concurrently_on_two_streams",
                  "test_dequantize_stream_bit_exact"):
         assert test in names, (test, sorted(names))
@@ -88,10 +95,16 @@ def test_gate_failure_says_where_and_rules_out_only_its_variants():
 
     def failed(layout, kernel):
         return {"failed": [{"layout": layout, "kernel": kernel.name}]}
-    assert gpu_sweep.failed_variants(failed("stream", Kernel.STREAM_GROUP_SUMS)) == {"stream:sums"}
-    assert gpu_sweep.failed_variants(failed("stream", Kernel.AUTO)) == {"stream", "stream:sums", "stream:pdl"}
-    assert gpu_sweep.failed_variants(failed("stream", Kernel.STREAM)) == {"stream", "stream:pdl"}
+    every_stream = {label for label, layout, _ in gpu_sweep.VARIANTS if layout == "stream"}
+    assert gpu_sweep.failed_variants(failed("stream", Kernel.STREAM_GROUP_SUMS)) == {"stream:sums", "stream:sums:narrow"}
+    assert gpu_sweep.failed_variants(failed("stream", Kernel.AUTO)) == every_stream
+    assert gpu_sweep.failed_variants(failed("stream", Kernel.STREAM)) == {"stream", "stream:pdl", "stream:narrow"}
     assert gpu_sweep.failed_variants({"failed": [{"layout": "stream", "kernel": "STREAM", "pdl": True}]}) == {"stream:pdl"}
+    # a failure under the narrow variants' environment rules out those only
+    narrow = {"layout": "stream", "env": "stream:narrow"}
+    assert gpu_sweep.failed_variants({"failed": [{**narrow, "kernel": "STREAM"}]}) == {"stream:narrow"}
+    assert gpu_sweep.failed_variants({"failed": [{**narrow, "kernel": "STREAM_GROUP_SUMS"}]}) == {"stream:sums:narrow"}
+    assert gpu_sweep.failed_variants({"failed": [{**narrow, "kernel": "STREAM_COMPACT"}]}) == set()
     assert gpu_sweep.failed_variants(failed("tiled", Kernel.SKINNY_SHALLOW)) == {"tiled:auto"}
     assert gpu_sweep.failed_variants(failed("gemm", Kernel.GEMV)) == set()
     assert gpu_sweep.failed_variants(failed("stream", Kernel.STREAM_COMPACT)) == set()  # gated, not timed

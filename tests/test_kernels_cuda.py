@@ -95,6 +95,7 @@ GEMV_MAX_M = kernels.source_constant("kGemvMaxM")                # what the GEMV
 SKINNY_MAX_M = kernels.source_constant("kSkinnyMaxM")            # what the skinny kernels accept
 STREAM_MAX_M = kernels.source_constant("kStreamMaxM")            # what the stream kernel accepts
 STREAM_COMPACT_MAX_M = kernels.source_constant("kStreamCompactMaxM")  # ... in its compact configuration
+STREAM_NARROW_MAX_M = kernels.source_constant("kStreamNarrowMaxM")  # ... in its narrow kernels
 AUTO_MAX_M = [kernels.source_constant(n) for n in ("kGemvMaxMAuto", "kSkinnyMaxMAuto")]  # inclusive maxima
 DEQUANT_MIN_M = kernels.source_constant("kDequantCublasMinM")   # the first M the auto choice dequantizes
 SKINNY_MAX_M_TILED = kernels.source_constant("kSkinnyMaxMTiled")  # auto choice on warp-tiled weights
@@ -426,6 +427,31 @@ def test_stream_group_sums(M, N, K, g, dtype):
         assert not torch.equal(out, scaled), "no weight is rounded to the activations' dtype: the sums differ"
     else:
         assert torch.equal(out, scaled)
+
+
+@pytest.mark.parametrize("kernel", [Kernel.STREAM, Kernel.STREAM_GROUP_SUMS, Kernel.STREAM_COMPACT,
+                                    Kernel.STREAM_COMPACT_GROUP_SUMS], ids=lambda k: k.name)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N,K,g", [STREAM_COMBOS[1], STREAM_COMBOS[2], STREAM_COMBOS[4], STREAM_COMBOS[6]],
+                         ids=["N192", "N4096", "K11008", "g256"])
+@pytest.mark.parametrize("M", [1, 5, STREAM_NARROW_MAX_M, STREAM_NARROW_MAX_M + 1])
+def test_stream_kernel_narrow(M, N, K, g, dtype, kernel, monkeypatch):
+    """AWQLIB_STREAM_NARROW=1: at M <= 8 the kernels that put the tokens on the mma's n8 side (half
+    the mma) -- correct against the fp32 reference and deterministic; past 8 rows it changes
+    nothing.  (A tensor core may round the two tilings' sums differently, so they are not compared
+    bit for bit below 9 rows.)"""
+    skip_if_stream_does_not_fit(M, kernel)
+    qs, zs, ss = stream_weight(K, N, g, dtype)
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    monkeypatch.setenv("AWQLIB_STREAM_NARROW", "0")
+    wide = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), 0)
+    monkeypatch.setenv("AWQLIB_STREAM_NARROW", "1")
+    poison_allocator()
+    out = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), 0)
+    check(x, K, N, g, dtype, out=out)
+    assert torch.equal(out, torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), 0))
+    if M > STREAM_NARROW_MAX_M:
+        assert torch.equal(out, wide)
 
 
 COMPACT_COMBOS = COMBOS[:3] + COMBOS[4:] + STREAM_COMBOS[-3:]  # (14336, 4096, 32): full tiles, group 32 (FINE)

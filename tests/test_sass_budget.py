@@ -10,8 +10,10 @@ has 7 mantissa bits), or when any instantiation spills.  The group-sums instanti
 (Kernel.STREAM_GROUP_SUMS: the scale applied once per group to fp32 sums instead of once per two
 weights) has its own budget, 150 (fp16) and 165 (bf16): it exists to be cheaper, and the test fails
 when it stops being.  The compact configuration (A100 at M 17-32, ~100 KB GPUs) has its own,
-looser budget, and every GPU class must keep a configuration that fits its shared memory.  The budgets sit a few per cent above the current
-figures (benchmarks/RESULTS.md), so that a change which gives back a cut fails.  About 30 s
+looser budget, and every GPU class must keep a configuration that fits its shared memory.  The
+narrow kernels (M <= 8, the tokens on the mma's n8 side: half the mma) have their own budgets too.
+The budgets sit a few per cent above the current figures (benchmarks/RESULTS.md), so that a
+change which gives back a cut fails.  About 30 s
 (one file, one architecture); skipped without nvcc or cuobjdump (cuobjdump ships in the triton
 wheel of CUDA torch).
 """
@@ -35,6 +37,15 @@ SUMS_BUDGET = {"half": 150.0, "bf16": 165.0}
 # GPUs with half an H200's bandwidth per SM or less (A100: 18.5 GB/s per SM, L4: 5), so its issue
 # budget per KB is looser; it is held near where it stands so that it does not drift.
 COMPACT_BUDGET = {"half": 200.0, "bf16": 215.0}
+# narrow (M <= 8): scaled, group sums
+NARROW_BUDGET = {"half": 160.0, "bf16": 175.0}
+NARROW_SUMS_BUDGET = {"half": 132.0, "bf16": 147.0}
+
+
+def stream_name(dtype="half", mb=1, exact=True, fine=False, sums=False, compact=False, narrow=False) -> str:
+    """The pretty name sass_budget.py gives awq_stream_kernel<T, MB, EXACT, FINE, SUMS, COMPACT, NARROW>."""
+    flags = ", ".join(str(f).lower() for f in (exact, fine, sums, compact, narrow))
+    return f"awq_stream_kernel<{dtype}, {mb}, {flags}>"
 
 pytestmark = pytest.mark.skipif(sass_budget.find_nvcc() is None or sass_budget.find_cuobjdump() is None,
                                 reason="needs nvcc and cuobjdump (CUDA toolkit; triton wheel)")
@@ -45,11 +56,12 @@ def reports():
     return {r.kernel: r for r in sass_budget.run(["awq_stream.cu"], ["90"])}
 
 
+@pytest.mark.parametrize("narrow", [False, True], ids=["m16", "narrow"])
 @pytest.mark.parametrize("sums", [False, True], ids=["scaled", "group-sums"])
 @pytest.mark.parametrize("dtype", ["half", "bf16"])
-def test_decode_kernel_within_budget(reports, dtype, sums):
-    r = reports[f"awq_stream_kernel<{dtype}, 1, true, false, {str(sums).lower()}, false>"]
-    budget = (SUMS_BUDGET if sums else BUDGET)[dtype]
+def test_decode_kernel_within_budget(reports, dtype, sums, narrow):
+    r = reports[stream_name(dtype, sums=sums, narrow=narrow)]
+    budget = ((NARROW_SUMS_BUDGET if sums else NARROW_BUDGET) if narrow else (SUMS_BUDGET if sums else BUDGET))[dtype]
     assert r.check == "ok", r.check  # the hot loop found is the one with the expected HMMA count
     assert r.instr_per_kb is not None and r.instr_per_kb <= budget, (
         f"{r.kernel}: {r.instr_per_kb} warp-instructions per KB > {budget} "
@@ -58,25 +70,35 @@ def test_decode_kernel_within_budget(reports, dtype, sums):
 
 @pytest.mark.parametrize("dtype", ["half", "bf16"])
 def test_compact_decode_kernel_within_budget(reports, dtype):
-    r = reports[f"awq_stream_kernel<{dtype}, 1, true, false, false, true>"]
+    r = reports[stream_name(dtype, compact=True)]
     assert r.check == "ok", r.check
     assert r.instr_per_kb is not None and r.instr_per_kb <= COMPACT_BUDGET[dtype], (
         f"{r.kernel}: {r.instr_per_kb} warp-instructions per KB > {COMPACT_BUDGET[dtype]} ({r.loop['by_op']})")
 
 
-def test_group_sums_replace_the_per_pair_scaling(reports):
+@pytest.mark.parametrize("narrow", [False, True], ids=["m16", "narrow"])
+def test_group_sums_replace_the_per_pair_scaling(reports, narrow):
     """What group sums change in the loop: no HMUL2 left, one FFMA per accumulator and stage."""
-    scaled = reports["awq_stream_kernel<half, 1, true, false, false, false>"].loop["by_op"]
-    sums = reports["awq_stream_kernel<half, 1, true, false, true, false>"].loop["by_op"]
+    scaled = reports[stream_name(narrow=narrow)].loop["by_op"]
+    sums = reports[stream_name(sums=True, narrow=narrow)].loop["by_op"]
     assert scaled.get("HMUL2", 0) == 128 and sums.get("HMUL2", 0) == 0
-    assert sums.get("FFMA", 0) == 32  # MB x 8 n8-tiles x 4 accumulators
+    assert sums.get("FFMA", 0) == (16 if narrow else 32)  # 4 accumulators x (4 m16 column tiles, or 8 n8-tiles)
+
+
+def test_narrow_halves_the_mma(reports):
+    """The narrow kernels' loop: half the HMMA and ldmatrix of the 16-row tiling, the rest alike."""
+    m16 = reports[stream_name()].loop["by_op"]
+    narrow = reports[stream_name(narrow=True)].loop["by_op"]
+    assert m16["HMMA"] == 2 * narrow["HMMA"] == 64  # 8 atoms per warp and stage
+    assert m16["LDSM"] == 2 * narrow["LDSM"] == 8
 
 
 def test_no_spills_and_one_resident_cta(reports):
     stream = [r for r in reports.values() if r.kernel.startswith("awq_stream_kernel<")]
     # large: {half, bf16} x MB {1, 2, 4} x EXACT x FINE, + group sums: {half, bf16} x MB {1, 2} x EXACT;
-    # compact: {half, bf16} x MB {1, 2} x EXACT x FINE, + group sums: {half, bf16} x MB 1 x EXACT
-    assert len(stream) == 32 + 20
+    # compact: {half, bf16} x MB {1, 2} x EXACT x FINE, + group sums: {half, bf16} x MB 1 x EXACT;
+    # narrow: {half, bf16} x {large, compact} x (EXACT x FINE + group sums x EXACT)
+    assert len(stream) == 32 + 20 + 24
     for r in stream:
         assert r.spill_stores == 0 and r.spill_loads == 0, f"{r.kernel} spills"
         assert r.ctas_per_sm is not None and r.ctas_per_sm >= 1, f"{r.kernel} does not fit on an SM"
@@ -90,7 +112,7 @@ def _config_for(reports, arch, mb):
     (test_kernels_cuda.py: test_stream_auto_choice_per_gpu_class).  Shared memory as the sm_90
     build reserves it (its static 1 KB is more than sm_80's 16 bytes: conservative elsewhere)."""
     for compact in (False, True):
-        name = f"awq_stream_kernel<half, {mb}, true, false, false, {str(compact).lower()}>"
+        name = stream_name(mb=mb, compact=compact)
         r = reports.get(name)
         if r is not None and r.static_smem + r.dyn_smem <= sass_budget.ARCH_LIMITS[arch]["smem_cta"]:
             return "compact" if compact else "large"
@@ -114,7 +136,7 @@ def test_hot_loop_finder_on_a_synthetic_listing():
     """The parser and loop finder on a hand-written listing: the loop with the HMMA wins over a
     larger loop without, and a skipped region holding a global store is not counted."""
     text = """
-        Function : _ZN3awq17awq_stream_kernelI6__halfLi1ELb1ELb0ELb1ELb0EEEvv
+        Function : _ZN3awq17awq_stream_kernelI6__halfLi1ELb1ELb0ELb1ELb0ELb1EEEvv
         /*0000*/  MOV R1, c[0x0][0x28] ;
         /*0010*/  FADD R2, R2, R3 ;
         /*0020*/  FADD R2, R2, R3 ;
@@ -129,7 +151,7 @@ def test_hot_loop_finder_on_a_synthetic_listing():
     """
     funcs = sass_budget.parse_sass(text)
     (name, insns), = funcs.items()
-    assert sass_budget.kernel_name(name) == ("awq_stream_kernel", ["__half", 1, True, False, True, False])
+    assert sass_budget.kernel_name(name) == ("awq_stream_kernel", ["__half", 1, True, False, True, False, True])
     lp = sass_budget.hot_loop(insns)
     assert (lp.start, lp.end) == (0x40, 0x90)
     assert lp.instructions == 4 and lp.cold_instructions == 2 and lp.by_op["HMMA"] == 1

@@ -2,7 +2,7 @@
 csrc/awq_stream.cu (or awq_common.cuh) that a GPU would show -- a missing barrier or wait, a ring
 slot refilled too early, a non-atomic reduction, a lost barrier in arrive_last, one workspace slot
 too few, inputs read before the PDL wait, a truncating output conversion, a ring that starts on the
-slot it reads.  For each, a copy of the repository gets the mutation and tests/test_cpu_twin.py runs
+slot it reads, the narrow kernels' operand order, activation rows and fold.  For each, a copy of the repository gets the mutation and tests/test_cpu_twin.py runs
 on it; every one must fail.  Not part of the suite (about 5 minutes):
 
     python tests/cpu_twin/mutations.py [NAME ...]
@@ -48,6 +48,11 @@ MUTS = {
   __syncthreads();""", """  if (threadIdx.x == 0) is_last = (atomicAdd(counter, 1) == splits - 1);""", 'awq_common.cuh')],
  'slot_too_few': [("p.max_parts = std::min(grid, ceil_div(p.KT, p.per) + 1);", "p.max_parts = std::min(grid, ceil_div(p.KT, p.per));")],
  'ring_on_read': [("int rd = 0, wr = kStages - 1;", "int rd = 0, wr = 0;")],
+ # narrow kernels: the B fragments passed as the A fragment unreordered; the pair's ldmatrix rows
+ # from the first atom only; a fold by the other column's scale
+ 'narrow_a_order': [("const uint32_t w16[4] = {b[0], b[2], b[1], b[3]};", "const uint32_t w16[4] = {b[0], b[1], b[2], b[3]};")],
+ 'narrow_one_atom': [("2 * (wk * kKA + 2 * i) + (lane >> 3)", "2 * (wk * kKA + 2 * i) + ((lane >> 3) & 1)")],
+ 'narrow_fold': [("e >> 1 ? f.y : f.x", "e & 1 ? f.y : f.x")],
  'pdl_read_early': [("""      if (s < n_units) {
         load_weights(s, ld);
         loader_next(ld);
