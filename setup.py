@@ -61,14 +61,18 @@ def _cuda_extension():
         where the record matches its torch, its GPU and its kernel sources."""
 
         def run(self):
-            super().run()
             import torch
 
+            # numbered architectures (the record is checked against them), asked for before compiling
             caps = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
             archs = tool["arch_list_for"](os.environ.get("TORCH_CUDA_ARCH_LIST"), caps)
+            super().run()
             lib = Path(self.get_ext_fullpath(ext.name))
-            record = tool["build_record"](lib, torch.__version__, torch.version.cuda or "", archs, CSRC)
-            (lib.parent / tool["BUILD_RECORD"]).write_text(json.dumps(record, indent=2, sort_keys=True))
+            record = tool["build_record"](lib.name, tool["file_digest"](lib), torch.__version__,
+                                          torch.version.cuda or "", archs, CSRC)
+            tmp = lib.parent / (tool["BUILD_RECORD"] + ".tmp")
+            tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+            os.replace(tmp, lib.parent / tool["BUILD_RECORD"])
 
     return [ext], {"build_ext": BuildExtensionWithRecord}
 

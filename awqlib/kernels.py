@@ -4,9 +4,10 @@
 ops.  It tries, in order:
 
 a. a prebuilt library ``awqlib/_C*.so`` (``AWQLIB_BUILD_CUDA=1 pip install --no-build-isolation .``,
-   or ``awqlib build-kernels --arch 9.0 --prebuilt``), when its build record (``_C.json`` beside it)
-   matches this process: the same file, torch and CUDA version, a build for this GPU, and the
-   kernel sources of this installation (:func:`prebuilt_problem`; else it says why and goes on);
+   or ``awqlib build-kernels --arch 9.0 --prebuilt``), the one its build record (``_C.json`` beside
+   it) names, when the record matches this process: the file's digest, torch and CUDA version, a
+   build for every visible GPU, and the kernel sources of this installation (:func:`find_prebuilt`;
+   else it warns why and goes on);
 b. a JIT build with :func:`torch.utils.cpp_extension.load` into a cache directory
    (``$AWQLIB_CACHE`` or ``$TORCH_EXTENSIONS_DIR/awqlib`` or ``~/.cache/awqlib/kernels``, then
    ``<torch version>-cu<cuda version>-<archs>``), compiled only for the GPU at hand unless
@@ -22,7 +23,8 @@ given an architecture list such as ``"8.0;9.0"``.
 
 from __future__ import annotations
 
-import importlib.util
+import hashlib
+import json
 import logging
 import os
 import re
@@ -32,14 +34,15 @@ from pathlib import Path
 
 import torch
 
-from .safetensors_io import read_json_object, write_bytes_atomic, write_json_atomic
-from .toolchain import BUILD_RECORD, NVCC_FLAGS, build_record, cuda_sources, file_digest, find_cuda_home, host_cflags
-from .toolchain import arch_list_for, sources_digest
+from .safetensors_io import write_bytes_atomic, write_json_atomic
+from .toolchain import ARCH_ENTRY, BUILD_RECORD, NVCC_FLAGS, SOURCE_SUFFIXES, arch_list_for, build_record, cuda_sources
+from .toolchain import file_digest, find_cuda_home, host_cflags, sources_digest
 
 log = logging.getLogger("awqlib")
 
 EXTENSION_NAME = "awqlib_kernels"
-PREBUILT_NAME = "_C.so"  # what install_prebuilt writes into the package (any CPython finds it as awqlib._C)
+PREBUILT_NAME = "_C.so"  # what install_prebuilt writes into the package
+PACKAGE_DIR = Path(__file__).resolve().parent  # where prebuilt kernels and their build record live
 MIN_CAPABILITY = (8, 0)  # cp.async, ldmatrix, bf16 mma: Ampere and newer
 
 _state: bool | None = None
@@ -68,7 +71,7 @@ def source_constant(name: str) -> int:
     of restating its numbers.  Raises KeyError where it is not defined exactly once."""
     pattern = re.compile(rf"\bconstexpr\s+[\w:]+\s+{re.escape(name)}\s*=\s*(\d+)\s*;")
     found = [(p.name, int(m.group(1))) for p in sorted(source_dir().iterdir())
-             if p.suffix in (".h", ".cuh", ".cu", ".cpp") for m in pattern.finditer(p.read_text())]
+             if p.suffix in SOURCE_SUFFIXES for m in pattern.finditer(p.read_text())]
     if len(found) != 1:
         raise KeyError(f"integer constant {name} defined {len(found)} times in csrc/ ({found}); expected once")
     return found[0][1]
@@ -152,56 +155,83 @@ def install_prebuilt(lib: str | os.PathLike, arch_list: str, package_dir: str | 
     kernels of the package (``awqlib/_C.so`` and its build record), which every later process with
     this torch loads instead of compiling -- e.g. a library built on one machine for a GPU machine
     that has the same torch.  Returns the installed library's path."""
-    dest = Path(package_dir) if package_dir is not None else Path(__file__).resolve().parent
+    dest = Path(package_dir) if package_dir is not None else PACKAGE_DIR
+    arch_list = arch_list_for(arch_list, [])
+    data = Path(lib).read_bytes()
     record = dest / BUILD_RECORD
     record.unlink(missing_ok=True)  # never a record beside a library it does not describe
     so = dest / PREBUILT_NAME
-    write_bytes_atomic(so, Path(lib).read_bytes())
-    write_json_atomic(record, build_record(so, torch.__version__, torch.version.cuda or "", arch_list, source_dir()))
+    write_bytes_atomic(so, data)
+    write_json_atomic(record, build_record(so.name, hashlib.sha256(data).hexdigest(), torch.__version__,
+                                           torch.version.cuda or "", arch_list, source_dir()))
     log.info("awqlib: installed prebuilt CUDA kernels for %s as %s", arch_list, so)
     return so
 
 
 def _covers(arch_list: str, capability: tuple[int, int]) -> bool:
-    """Whether a build for ``arch_list`` (TORCH_CUDA_ARCH_LIST syntax) runs on a GPU of ``capability``:
-    machine code runs on its own major version at the same or a later minor one (arch-specific
-    code such as 9.0a on its own GPU alone), and +PTX code on any later GPU (the driver compiles it)."""
+    """Whether a build for ``arch_list`` runs on a GPU of ``capability``.  Machine code runs on its
+    own major version at the same or a later minor one, arch-specific code (9.0a) on its own GPU
+    alone; PTX (+PTX) is compiled by the driver for the same or any later GPU, except arch-specific
+    PTX, which only its own GPU accepts."""
     for entry in re.split(r"[;\s,]+", arch_list.strip()):
-        m = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", entry)
+        m = ARCH_ENTRY.fullmatch(entry)
         if not m:
             continue
-        built = (int(m[1]), int(m[2]))
-        if m[4] and built <= capability:
-            return True
-        if built == capability or (not m[3] and built[0] == capability[0] and built[1] <= capability[1]):
+        built, suffix, ptx = (int(m[1]), int(m[2])), m[3], bool(m[4])
+        if suffix == "a":
+            ok = built == capability
+        else:
+            ok = (built[0] == capability[0] and built[1] <= capability[1]) or (ptx and not suffix and built <= capability)
+        if ok:
             return True
     return False
 
 
-def prebuilt_problem(library: Path, capability: tuple[int, int]) -> str | None:
-    """Why the prebuilt ``library`` must not serve this process (None: it may).  Loading a library
-    built against another torch can crash rather than fail, and one built from other kernel
-    sources would silently run other code than this installation's, so each must match its
-    build record."""
+def _read_record(package_dir: Path) -> dict:
     try:
-        rec = read_json_object(library.parent, BUILD_RECORD)
+        rec = json.loads((package_dir / BUILD_RECORD).read_text())
     except FileNotFoundError:
-        return f"it has no build record ({BUILD_RECORD} beside it)"
-    except ValueError as e:
-        return f"its build record is unreadable ({e})"
+        raise
+    except (OSError, ValueError) as e:
+        raise ValueError(f"its build record {package_dir / BUILD_RECORD} is unreadable ({e})") from None
     keys = ("library", "library_sha256", "torch", "cuda", "archs", "sources")
-    if any(not isinstance(rec.get(k), str) for k in keys):
-        return f"its build record {library.parent / BUILD_RECORD} lacks one of {', '.join(keys)}"
-    if rec["library"] != library.name or rec["library_sha256"] != file_digest(library):
-        return f"its build record describes another file ({rec['library']})"
+    if not isinstance(rec, dict) or any(not isinstance(rec.get(k), str) for k in keys):
+        raise ValueError(f"its build record {package_dir / BUILD_RECORD} lacks one of {', '.join(keys)}")
+    return rec
+
+
+def find_prebuilt(capabilities: list[tuple[int, int]],
+                  package_dir: str | os.PathLike | None = None) -> tuple[Path | None, str | None]:
+    """The prebuilt library that may serve this process on GPUs of ``capabilities``: (its path,
+    None); (None, why not) where the package holds one that must not; (None, None) where it holds
+    none.  The build record names the library, and every fact in it must match: loading a library
+    built against another torch can crash rather than fail, one built for other GPUs fails at its
+    first launch, and one compiled from other kernel sources would silently run other code than
+    this installation's."""
+    pkg = Path(package_dir) if package_dir is not None else PACKAGE_DIR
+    found = sorted(p.name for p in pkg.glob("_C*.so"))
+    try:
+        rec = _read_record(pkg)
+    except FileNotFoundError:
+        return None, (f"{', '.join(found)} has no build record ({BUILD_RECORD} beside it)" if found else None)
+    except ValueError as e:
+        return None, str(e)
+    name = rec["library"]
+    if not re.fullmatch(r"_C[\w.-]*\.so", name) or not (pkg / name).is_file():
+        return None, f"its build record names {name!r}, which is not a library in {pkg}"
+    lib = pkg / name
+    if file_digest(lib) != rec["library_sha256"]:
+        return None, f"{name} is not the file its build record describes (replaced after it was written)"
     here = (torch.__version__.split("+")[0], torch.version.cuda or "")
     if (rec["torch"], rec["cuda"]) != here:
-        return f"it was built for torch {rec['torch']} with CUDA {rec['cuda']}, not torch {here[0]} with CUDA {here[1]}"
-    if not _covers(rec["archs"], capability):
-        return f"it was built for {rec['archs']}, not for this GPU ({capability[0]}.{capability[1]})"
+        return None, (f"{name} was built for torch {rec['torch']} with CUDA {rec['cuda']}, not torch {here[0]} with "
+                      f"CUDA {here[1]}")
+    missed = [f"{c[0]}.{c[1]}" for c in capabilities if not _covers(rec["archs"], c)]
+    if missed:
+        return None, f"{name} was built for {rec['archs']}, not for this machine's GPU ({', '.join(missed)})"
     if rec["sources"] != sources_digest(source_dir()):
-        return f"it was compiled from other kernel sources than {source_dir()}"
-    return None
+        return None, f"{name} was compiled from other kernel sources than {source_dir()}"
+    return lib, None
 
 
 def _nvcc_hint() -> str:
@@ -221,7 +251,8 @@ def backend() -> str:
 
 
 def load() -> bool:
-    """Make the CUDA kernels serve the ops; True on success.  Never raises; warns at most once."""
+    """Make the CUDA kernels serve the ops; True on success.  Never raises; warns about what it could
+    not use (a prebuilt library refused, a failed build), once per process."""
     global _state
     if _state is None:
         with _lock:
@@ -250,19 +281,22 @@ def _load() -> bool:
         log.info("awqlib: CUDA kernels already registered in this process")
         return True
 
-    spec = importlib.util.find_spec("awqlib._C")
-    if spec is not None and spec.origin and os.path.isfile(spec.origin):
-        problem = prebuilt_problem(Path(spec.origin), cap)
-        if problem:
-            log.warning("awqlib: not using the prebuilt kernels %s: %s; trying a JIT build", spec.origin, problem)
-        else:
-            try:
-                torch.ops.load_library(spec.origin)
-                _backend = "prebuilt"
-                log.info("awqlib: using the prebuilt CUDA kernels %s", spec.origin)
-                return True
-            except Exception as e:  # noqa: BLE001 -- e.g. a system library missing: fall through to JIT
-                log.warning("awqlib: could not load the prebuilt kernels %s (%s); trying a JIT build", spec.origin, e)
+    try:
+        lib, problem = find_prebuilt([torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())])
+    except Exception as e:  # noqa: BLE001 -- e.g. the kernel sources missing: never break loading
+        lib, problem = None, f"checking it failed ({type(e).__name__}: {e})"
+    if problem:
+        warnings.warn(f"awqlib: not using the prebuilt CUDA kernels: {problem}; compiling them instead (rebuild the "
+                      "prebuilt kernels to skip this)", stacklevel=3)
+    if lib is not None:
+        try:
+            torch.ops.load_library(str(lib))
+            _backend = "prebuilt"
+            log.info("awqlib: using the prebuilt CUDA kernels %s", lib)
+            return True
+        except Exception as e:  # noqa: BLE001 -- e.g. a system library missing: fall through to JIT
+            warnings.warn(f"awqlib: could not load the prebuilt CUDA kernels {lib} ({e}); compiling them instead",
+                          stacklevel=3)
 
     if find_cuda_home() is None:
         warnings.warn(_nvcc_hint(), stacklevel=3)

@@ -39,11 +39,20 @@ def sources_digest(csrc: Path) -> str:
     return h.hexdigest()
 
 
+ARCH_ENTRY = re.compile(r"(\d+)\.(\d+)([af]?)(\+PTX)?")  # "9.0", "8.6+PTX", "9.0a": TORCH_CUDA_ARCH_LIST's entries
+
+
 def arch_list_for(requested: str | None, capabilities: list[tuple[int, int]]) -> str:
-    """The architectures a build targets: ``requested`` (TORCH_CUDA_ARCH_LIST syntax) if given, else
-    those of the visible GPUs (``capabilities``), as torch's extension builder picks them."""
+    """The architectures a build targets, as numbered entries a build record can be checked against:
+    ``requested`` (TORCH_CUDA_ARCH_LIST syntax) if given, else those of the visible GPUs
+    (``capabilities``).  Named entries (``Hopper``, ``native``) are refused: name the numbers."""
     if requested:
-        return requested
+        entries = [e for e in re.split(r"[;\s,]+", requested.strip()) if e]
+        bad = [e for e in entries if not ARCH_ENTRY.fullmatch(e)]
+        if bad or not entries:
+            raise ValueError(f"architecture list {requested!r}: {', '.join(bad) or 'empty'} is not of the form "
+                             "MAJOR.MINOR[a|f][+PTX], e.g. '8.0;9.0' or '9.0a'")
+        return ";".join(entries)
     if not capabilities:
         raise RuntimeError("no GPU visible: name the architectures, e.g. TORCH_CUDA_ARCH_LIST='8.0;9.0'")
     return ";".join(sorted({f"{major}.{minor}" for major, minor in capabilities}))
@@ -57,11 +66,12 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def build_record(library: Path, torch_version: str, cuda_version: str, arch_list: str, csrc: Path) -> dict:
+def build_record(library: str, library_sha256: str, torch_version: str, cuda_version: str, arch_list: str,
+                 csrc: Path) -> dict:
     """What a prebuilt library records about itself (BUILD_RECORD, written beside it): a process
-    loads it only when this very file, its torch, its GPU and the kernel sources all match
-    (awqlib.kernels.prebuilt_problem)."""
-    return {"library": library.name, "library_sha256": file_digest(library), "torch": torch_version.split("+")[0],
+    loads the file it names only when that file's digest, the torch, the GPUs and the kernel
+    sources all match (awqlib.kernels.find_prebuilt)."""
+    return {"library": library, "library_sha256": library_sha256, "torch": torch_version.split("+")[0],
             "cuda": cuda_version, "archs": arch_list, "sources": sources_digest(csrc)}
 
 

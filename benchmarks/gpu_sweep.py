@@ -25,7 +25,7 @@ Steps, in order (each writes its results into the JSON before the next starts):
 
 Step 1 compiles nothing where the call carries the prebuilt kernels (scripts/prebuild_device.sh
 builds them on the CPU machine against the GPU machine's torch 2.11: the extension is tied to
-torch's C++ ABI); else, or where they do not match (awqlib.kernels.prebuilt_problem says why), it is
+torch's C++ ABI); else, or where they do not match (awqlib.kernels.find_prebuilt says why), it is
 one ninja call for the GPU at hand only (sm_90), awq_stream.cu its longest part.  ``build_s`` and
 ``backend`` in the JSON say which happened.
 """

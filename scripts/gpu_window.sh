@@ -60,11 +60,9 @@ step() {  # step NAME MIN_S LIMIT_S LOGFILE CMD...: run if MIN_S seconds are lef
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" || true
   "$PY" -c "
 import torch
-from pathlib import Path
 from awqlib import kernels
-so = Path(kernels.__file__).with_name(kernels.PREBUILT_NAME)
-print('prebuilt kernels:', 'none carried' if not so.is_file() else
-      kernels.prebuilt_problem(so, torch.cuda.get_device_capability()) or 'match (no build)')" || true
+lib, why = kernels.find_prebuilt([torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())])
+print('prebuilt kernels:', f'{lib.name} matches (no build)' if lib else f'refused: {why}' if why else 'none carried')" || true
 } 2>&1 | tee -a "$LOG"
 
 if [ "$PART" = 1 ] || [ "$PART" = all ]; then

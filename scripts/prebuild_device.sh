@@ -8,22 +8,28 @@
 # venv of its own; the library is a plain TORCH_LIBRARY object (no Python in it), so this
 # machine's Python 3.11 builds what the GPU machine's 3.12 loads.  The result is the package's
 # prebuilt kernels, awqlib/_C.so with its build record awqlib/_C.json (both git-ignored): every
-# process there loads them when torch, CUDA, the GPU and csrc/ all match, and else says why and
-# compiles as before (awqlib.kernels.prebuilt_problem).  Carry both with the device call:
+# process there loads them when torch, CUDA, the GPU and csrc/ all match, and else warns why and
+# compiles as before (awqlib.kernels.find_prebuilt).  Carry both with the device call:
 #   carry: ["awqlib/_C.so", "awqlib/_C.json"]
 # Run from the repository root (after the last change to csrc/, which the record checks):
 #   bash scripts/prebuild_device.sh            # DEVICE_TORCH=2.11.0 DEVICE_ARCHS=9.0 by default
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE_TORCH="${DEVICE_TORCH:-2.11.0}"
+DEVICE_CUDA="${DEVICE_CUDA:-13.0}"    # torch.version.cuda there (PyPI's torch 2.11.0 is a CUDA 13.0 build)
 DEVICE_ARCHS="${DEVICE_ARCHS:-9.0}"   # H100 and H200
-VENV="${DEVICE_VENV:-$HOME/.cache/awqlib/venv-torch$DEVICE_TORCH}"
+VENV="${DEVICE_VENV:-$HOME/.cache/awqlib/venv-torch$DEVICE_TORCH}"   # made on first use (~1 min)
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
-if ! "$VENV/bin/python" -c "import torch, transformers; assert torch.__version__.startswith('$DEVICE_TORCH')" 2>/dev/null; then
+have() {
+    "$VENV/bin/python" -c "import torch, transformers
+assert torch.__version__.split('+')[0] == '$DEVICE_TORCH' and torch.version.cuda == '$DEVICE_CUDA'" 2>/dev/null
+}
+if ! have; then
     python3 -m venv "$VENV"
     "${PIP[@]}" "torch==$DEVICE_TORCH" ninja
     # what `import awqlib` needs (pyproject.toml), with torch held at the device's version
     "${PIP[@]}" transformers accelerate safetensors tqdm huggingface_hub "torch==$DEVICE_TORCH"
+    have || { echo "the venv $VENV lacks torch $DEVICE_TORCH with CUDA $DEVICE_CUDA" >&2; exit 1; }
 fi
 BUILD_DIR="$(mktemp -d)"
 trap 'rm -rf "$BUILD_DIR"' EXIT

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from awqlib import kernels
+from awqlib import kernels, toolchain
 
 ARCHS = "8.0;9.0"  # Ampere (A100) and Hopper (H100/H200); sm_89 runs the sm_80 cubin
 
@@ -45,9 +45,8 @@ def test_kernels_compile_for_sm80_sm90(tmp_path):
     pkg.mkdir()
     so = kernels.install_prebuilt(lib, ARCHS, package_dir=pkg)
     assert so.read_bytes() == Path(lib).read_bytes()
-    for cap in ((8, 0), (8, 9), (9, 0)):
-        assert kernels.prebuilt_problem(so, cap) is None, cap
-    assert "not for this GPU (7.5)" in kernels.prebuilt_problem(so, (7, 5))
+    assert kernels.find_prebuilt([(8, 0), (8, 9), (9, 0)], pkg) == (so, None)
+    assert "not for this machine's GPU (7.5)" in kernels.find_prebuilt([(9, 0), (7, 5)], pkg)[1]
 
 
 def test_sources_found():
@@ -158,94 +157,179 @@ def test_source_constant_reads_the_kernels_limits(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- prebuilt kernels
 # A library built on one machine (e.g. this one, for a GPU machine with the same torch) is loaded
-# only where its build record matches: the same file, torch, CUDA, a build for the GPU, the same
+# only where its build record matches: the same file, torch, CUDA, a build for the GPUs, the same
 # kernel sources.  Loading a library built against another torch can crash rather than fail, and
 # one built from older sources would run other code than the checkout's, silently.
 
 @pytest.fixture
-def prebuilt(tmp_path):
+def pkg(tmp_path):
+    """A package folder holding prebuilt 'kernels' (any bytes: nothing here loads them) for 8.0 and 9.0."""
     (tmp_path / "built.so").write_bytes(b"\x7fELF not really a library")
-    return kernels.install_prebuilt(tmp_path / "built.so", "8.0;9.0", package_dir=tmp_path)
+    d = tmp_path / "pkg"
+    d.mkdir()
+    kernels.install_prebuilt(tmp_path / "built.so", "8.0;9.0", package_dir=d)
+    return d
 
 
-def _edit_record(so: Path, **changes) -> None:
-    rec = json.loads((so.parent / "_C.json").read_text())
+def _edit_record(pkg: Path, **changes) -> None:
+    rec = json.loads((pkg / "_C.json").read_text())
     rec.update(changes)
-    (so.parent / "_C.json").write_text(json.dumps(rec))
+    (pkg / "_C.json").write_text(json.dumps(rec))
 
 
-def test_prebuilt_record_matches_its_build(prebuilt):
-    assert prebuilt.name == "_C.so"
-    rec = json.loads((prebuilt.parent / "_C.json").read_text())
-    assert rec["torch"] == torch.__version__.split("+")[0] and rec["archs"] == "8.0;9.0"
-    assert kernels.prebuilt_problem(prebuilt, (9, 0)) is None
-    assert kernels.prebuilt_problem(prebuilt, (8, 6)) is None  # sm_80 code runs on any 8.x
+def test_prebuilt_record_matches_its_build(pkg):
+    rec = json.loads((pkg / "_C.json").read_text())
+    assert rec["library"] == "_C.so" and rec["torch"] == torch.__version__.split("+")[0] and rec["archs"] == "8.0;9.0"
+    assert kernels.find_prebuilt([(9, 0)], pkg) == (pkg / "_C.so", None)
+    assert kernels.find_prebuilt([(8, 6), (9, 0)], pkg) == (pkg / "_C.so", None)  # sm_80 code runs on any 8.x
+    assert kernels.find_prebuilt([(9, 0)], pkg.parent / "nothing") == (None, None)
 
 
 @pytest.mark.parametrize("archs, cap, ok", [
-    ("9.0", (9, 0), True), ("9.0", (10, 0), False), ("9.0", (8, 0), False),
-    ("8.0;9.0a", (9, 0), True), ("9.0a", (9, 0), True), ("8.0 9.0", (9, 0), True),
-    ("8.6", (8, 0), False), ("8.0+PTX", (12, 0), True), ("9.0a+PTX", (10, 0), True), ("Hopper", (9, 0), False),
+    ("9.0", (9, 0), True), ("9.0", (10, 0), False), ("9.0", (8, 0), False), ("8.0 9.0", (9, 0), True),
+    ("8.6", (8, 0), False), ("8.0", (8, 6), True),
+    ("9.0a", (9, 0), True), ("8.0a", (8, 6), False), ("8.0;9.0a", (9, 0), True),  # arch-specific: its GPU alone
+    ("8.0+PTX", (12, 0), True), ("9.0+PTX", (8, 0), False),  # PTX: the driver compiles it for later GPUs only
+    ("9.0a+PTX", (10, 0), False), ("9.0a+PTX", (9, 0), True),  # ... and arch-specific PTX for its own
+    ("10.0f", (10, 3), True), ("10.0f", (9, 0), False),
 ])
-def test_prebuilt_arch_coverage(prebuilt, archs, cap, ok):
-    _edit_record(prebuilt, archs=archs)
-    assert (kernels.prebuilt_problem(prebuilt, cap) is None) == ok
+def test_prebuilt_arch_coverage(pkg, archs, cap, ok):
+    _edit_record(pkg, archs=archs)
+    assert (kernels.find_prebuilt([cap], pkg)[1] is None) == ok
 
 
-def test_prebuilt_refused_when_anything_differs(prebuilt, monkeypatch, tmp_path):
-    rec = prebuilt.parent / "_C.json"
+def test_prebuilt_refused_when_anything_differs(pkg):
+    rec = pkg / "_C.json"
     saved = rec.read_text()
 
     def problem_after(**changes):
         rec.write_text(saved)
-        _edit_record(prebuilt, **changes)
-        return kernels.prebuilt_problem(prebuilt, (9, 0))
+        _edit_record(pkg, **changes)
+        lib, why = kernels.find_prebuilt([(9, 0)], pkg)
+        assert lib is None
+        return why
 
     assert "built for torch 2.0.0" in problem_after(torch="2.0.0")
     assert "with CUDA 11.8" in problem_after(cuda="11.8")
-    assert "describes another file" in problem_after(library="_C.cpython-311-x86_64-linux-gnu.so")
+    assert "not for this machine's GPU (9.0)" in problem_after(archs="8.0")
+    assert "names '../_C.so'" in problem_after(library="../_C.so")
+    assert "names '_C.cpython-311-x86_64-linux-gnu.so'" in problem_after(library="_C.cpython-311-x86_64-linux-gnu.so")
     assert "lacks one of" in problem_after(sources=None)
     rec.write_text(saved)
-    prebuilt.write_bytes(prebuilt.read_bytes() + b"\0")  # the library replaced, the record not
-    assert "describes another file" in kernels.prebuilt_problem(prebuilt, (9, 0))
+    (pkg / "_C.so").write_bytes((pkg / "_C.so").read_bytes() + b"\0")  # the library replaced, the record not
+    assert "not the file its build record describes" in kernels.find_prebuilt([(9, 0)], pkg)[1]
     rec.write_text("[1, 2]")
-    assert "unreadable" in kernels.prebuilt_problem(prebuilt, (9, 0))
+    assert "lacks one of" in kernels.find_prebuilt([(9, 0)], pkg)[1]
+    rec.write_text("{")
+    assert "unreadable" in kernels.find_prebuilt([(9, 0)], pkg)[1]
     rec.unlink()
-    assert "no build record" in kernels.prebuilt_problem(prebuilt, (9, 0))
+    assert "_C.so has no build record" in kernels.find_prebuilt([(9, 0)], pkg)[1]
 
 
-def test_prebuilt_refused_after_a_source_change(prebuilt, monkeypatch, tmp_path):
-    """One changed byte of any kernel source (a header too) and the prebuilt library is stale."""
-    assert kernels.prebuilt_problem(prebuilt, (9, 0)) is None
+def test_the_record_names_which_library_loads(pkg):
+    """Beside another build's library (e.g. a pip-built _C.cpython-*.so), the recorded one is the
+    one checked and loaded, whichever an import would find first."""
+    (pkg / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"another build")
+    assert kernels.find_prebuilt([(9, 0)], pkg) == (pkg / "_C.so", None)
+
+
+def test_prebuilt_refused_after_a_source_change(pkg, monkeypatch, tmp_path):
+    """One changed byte of any kernel source (a header too), a renamed source, or other nvcc flags,
+    and the prebuilt library is stale."""
+    assert kernels.find_prebuilt([(9, 0)], pkg)[1] is None
     csrc = tmp_path / "csrc"
     shutil.copytree(kernels.source_dir(), csrc)
     monkeypatch.setattr(kernels, "source_dir", lambda: csrc)
-    assert kernels.prebuilt_problem(prebuilt, (9, 0)) is None  # a copy of the same sources
+    assert kernels.find_prebuilt([(9, 0)], pkg)[1] is None  # a copy of the same sources
+    digest = kernels.sources_digest(csrc)
+    monkeypatch.setattr(toolchain, "NVCC_FLAGS", toolchain.NVCC_FLAGS + ["-G"])
+    assert kernels.sources_digest(csrc) != digest
+    monkeypatch.undo()
+    monkeypatch.setattr(kernels, "source_dir", lambda: csrc)
+    (csrc / "awq_gemv.cu").rename(csrc / "awq_gemv2.cu")
+    assert kernels.sources_digest(csrc) != digest
+    (csrc / "awq_gemv2.cu").rename(csrc / "awq_gemv.cu")
     common = csrc / "awq_common.cuh"
     common.write_text(common.read_text() + "\n")
-    assert "other kernel sources" in kernels.prebuilt_problem(prebuilt, (9, 0))
+    assert "other kernel sources" in kernels.find_prebuilt([(9, 0)], pkg)[1]
+
+
+def test_failed_install_leaves_no_record_of_the_old_library(pkg, monkeypatch, tmp_path):
+    (tmp_path / "new.so").write_bytes(b"a newer build")
+
+    def disk_full(*a):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(kernels, "write_bytes_atomic", disk_full)
+    with pytest.raises(OSError):
+        kernels.install_prebuilt(tmp_path / "new.so", "9.0", package_dir=pkg)
+    assert not (pkg / "_C.json").exists()
+    assert "no build record" in kernels.find_prebuilt([(9, 0)], pkg)[1]
+
+
+def test_arch_lists_are_numbered():
+    assert toolchain.arch_list_for("8.0 9.0a", []) == "8.0;9.0a"
+    assert toolchain.arch_list_for(None, [(9, 0), (8, 0), (9, 0)]) == "8.0;9.0"
+    for bad in ("Hopper", "native", "9", "sm_90", ";"):
+        with pytest.raises(ValueError, match="MAJOR.MINOR"):
+            toolchain.arch_list_for(bad, [])
+    with pytest.raises(RuntimeError, match="no GPU visible"):
+        toolchain.arch_list_for(None, [])
+
+
+def test_cli_installs_prebuilt_kernels(pkg, monkeypatch, tmp_path, capsys):
+    from awqlib import cli
+    (tmp_path / "jit.so").write_bytes(b"freshly built")
+    monkeypatch.setattr(kernels, "build", lambda arch, verbose=False: str(tmp_path / "jit.so"))
+    monkeypatch.setattr(kernels, "PACKAGE_DIR", pkg)
+    assert cli.main(["build-kernels", "--arch", "9.0", "--prebuilt"]) == 0
+    assert capsys.readouterr().out.strip() == str(pkg / "_C.so")
+    assert (pkg / "_C.so").read_bytes() == b"freshly built"
+    assert json.loads((pkg / "_C.json").read_text())["archs"] == "9.0"
 
 
 @pytest.mark.parametrize("stale", [False, True])
-def test_load_uses_a_prebuilt_library_only_when_it_matches(prebuilt, monkeypatch, stale):
-    """kernels.load() on a (simulated) H100: the matching prebuilt library is loaded and nothing is
-    compiled; a stale one is not loaded, and the JIT build serves instead."""
+def test_load_uses_a_prebuilt_library_only_when_it_matches(pkg, monkeypatch, stale):
+    """kernels.load() on a (simulated) machine with an H100 and an A100: the matching prebuilt library
+    is loaded and nothing is compiled; a stale one is not loaded (with a warning saying why), and
+    the JIT build serves instead."""
     monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
-    kernels.install_prebuilt(prebuilt, "9.0", package_dir=prebuilt.parent)  # record under that CUDA
+    kernels.install_prebuilt(pkg / "_C.so", "8.0;9.0", package_dir=pkg)  # the record under that CUDA
     if stale:
-        _edit_record(prebuilt, sources="0" * 64)
+        _edit_record(pkg, archs="9.0")  # not for the A100
     loaded, built = [], []
+    monkeypatch.setattr(kernels, "PACKAGE_DIR", pkg)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: [(9, 0), (8, 0)][i])
     monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda *a: False)
-    monkeypatch.setattr(kernels.importlib.util, "find_spec",
-                        lambda name: types.SimpleNamespace(origin=str(prebuilt)) if name == "awqlib._C" else None)
     monkeypatch.setattr(torch.ops, "load_library", loaded.append)
     monkeypatch.setattr(kernels, "find_cuda_home", lambda: "/cuda")
     monkeypatch.setattr(kernels, "build", lambda *a, **k: built.append(1) or "/cache/awqlib_kernels.so")
     monkeypatch.setattr(kernels, "_backend", "reference")
-    assert kernels._load() is True
     if stale:
+        with pytest.warns(UserWarning, match=r"not using the prebuilt CUDA kernels: _C.so was built for 9.0, not for "
+                                             r"this machine's GPU \(8.0\)"):
+            assert kernels._load() is True
         assert loaded == [] and built == [1] and kernels.backend() == "jit"
     else:
-        assert loaded == [str(prebuilt)] and built == [] and kernels.backend() == "prebuilt"
+        assert kernels._load() is True
+        assert loaded == [str(pkg / "_C.so")] and built == [] and kernels.backend() == "prebuilt"
+
+
+def test_load_never_raises_on_a_broken_installation(pkg, monkeypatch):
+    monkeypatch.setattr(kernels, "PACKAGE_DIR", pkg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (9, 0))
+    monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda *a: False)
+
+    def gone():
+        raise FileNotFoundError("awqlib CUDA sources not found")
+    monkeypatch.setattr(kernels, "source_dir", gone)
+    monkeypatch.setattr(kernels, "find_cuda_home", lambda: None)
+    monkeypatch.setattr(kernels, "_backend", "reference")
+    with pytest.warns(UserWarning) as caught:
+        assert kernels._load() is False
+    said = [str(w.message) for w in caught]
+    assert len(said) == 2 and "checking it failed (FileNotFoundError" in said[0] and "nvcc" in said[1], said
