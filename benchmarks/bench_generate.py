@@ -1,6 +1,9 @@
 """Decode throughput (tokens/s) of a randomly initialised Llama-architecture model: fp16 vs
 awqlib int4 (unfused and fuse_layers), batch 1 and 8. No download: the model is built from a
 config on the GPU and quantized with round-to-nearest (speed does not depend on the scales).
+``--kernel-options pdl,narrow,pdl+narrow`` times the fused int4 model again under each of the
+stream kernel's opt-in launch options (csrc/awq_ops.cpp reads them on every call, so one model
+serves all): what each gains end to end, beside the sweep's per-layer figures.
 
     python -m benchmarks.bench_generate --size 8b --out bench_generate.json
 """
@@ -8,14 +11,38 @@ config on the GPU and quantized with round-to-nearest (speed does not depend on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 
 import torch
 
-from benchmarks.common import run_info, skip, time_graph, write_json
+from benchmarks.common import run_info, scoped_env, skip, time_graph, write_json
 from benchmarks.report import decode_table
+
+# the stream kernel's opt-in launch options (csrc/awq_ops.cpp: stream_pdl, stream_narrow)
+KERNEL_OPTIONS = {"pdl": "AWQLIB_STREAM_PDL", "narrow": "AWQLIB_STREAM_NARROW"}
+
+
+def parse_kernel_options(text: str) -> list[tuple[str, ...]]:
+    """'pdl,narrow,pdl+narrow' -> [('pdl',), ('narrow',), ('narrow', 'pdl')]; an unknown name is an
+    error naming the accepted ones."""
+    combos = []
+    for item in filter(None, text.split(",")):
+        names = tuple(sorted(item.split("+")))
+        bad = [n for n in names if n not in KERNEL_OPTIONS]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown kernel option {bad[0]!r} in {item!r}; accepted: "
+                                             f"{', '.join(KERNEL_OPTIONS)} (joined with + or ,)")
+        combos.append(names)
+    return combos
+
+
+def kernel_options(names: tuple[str, ...]):
+    """Every option in ``names`` on, the others off, for the duration."""
+    return scoped_env({v: "1" if k in names else "0" for k, v in KERNEL_OPTIONS.items()})
+
 
 SIZES = {  # Llama-architecture shapes
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -59,6 +86,8 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", default="bench_generate.json")
+    ap.add_argument("--kernel-options", type=parse_kernel_options, default=[],
+                    help="also time the fused int4 model with these stream-kernel options, e.g. pdl,narrow,pdl+narrow")
     a = ap.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     if not torch.cuda.is_available():
@@ -86,9 +115,16 @@ def main(argv=None):
     wrapped = AutoAWQ.from_model(model)
     # (quantize leaves the linears on the GPU in the kernels' runtime layout, as from_quantized does)
     wrapped.quantize(None, {"w_bit": 4, "q_group_size": 128}, method="rtn", device="cuda")
-    measure("awq-int4")
+    # with --kernel-options the plain rows run with every option off (else as the environment says)
+    plain = (lambda: kernel_options(())) if a.kernel_options else contextlib.nullcontext
+    with plain():
+        measure("awq-int4")
     fuse_model(wrapped)
-    measure("awq-int4-fused")
+    with plain():
+        measure("awq-int4-fused")
+    for names in a.kernel_options:
+        with kernel_options(names):
+            measure("awq-int4-fused+" + "+".join(names))
     from awqlib.packing import runtime_layout
     report = {**run_info("bench_generate", argv), "size": a.size, "prompt": a.prompt,
               "new_tokens": a.new_tokens, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,

@@ -5,6 +5,7 @@ this module does not import torch: the report reads JSON on machines without it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -62,6 +63,21 @@ def run_info(benchmark: str, argv: list[str]) -> dict:
     return {"benchmark": benchmark, "date": _utc(_STARTED["started"]), "ended": _utc(time.time()),
             "commit": _STARTED["commit"], "code_sha256": _STARTED["code_sha256"],
             "command": shlex.join(["python", "-m", f"benchmarks.{benchmark}", *argv]), "env": dict(_STARTED["env"])}
+
+
+@contextlib.contextmanager
+def scoped_env(values: dict[str, str]):
+    """The environment variables ``values`` set for the duration, then restored (or removed)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def write_atomic(path: str | Path, text: str) -> None:

@@ -33,7 +33,6 @@ one ninja call for the GPU at hand only (sm_90), awq_stream.cu its longest part.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -49,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from awqlib.ops import Kernel
-from benchmarks.common import copy_bandwidth, n_copies, run_info, skip, time_eager, time_graph, write_json
+from benchmarks.common import copy_bandwidth, n_copies, run_info, scoped_env, skip, time_eager, time_graph, write_json
 from benchmarks.report import sweep_table, targets_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,21 +106,9 @@ GATE_PDL = [("stream", Kernel.STREAM, (1, 33, 100)), ("stream", Kernel.STREAM_GR
 REL_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
-@contextlib.contextmanager
 def variant_env(label: str):
-    """Set the variant's environment (BASE_ENV with VARIANT_ENV's for ``label``) for the duration,
-    then restore it."""
-    env = {**BASE_ENV, **VARIANT_ENV.get(label, {})}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    """The variant's environment (BASE_ENV with VARIANT_ENV's for ``label``) for the duration."""
+    return scoped_env({**BASE_ENV, **VARIANT_ENV.get(label, {})})
 
 
 NCU_METRICS = ("smsp__issue_active.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum,"

@@ -86,7 +86,8 @@ def decode_table(report: dict) -> str:
             st = f"{step:.2f}"
         else:
             st = f"{step:.2f} ({_ratio(step0 / step)})"
-        name = DECODE_MODELS.get(r["model"], r["model"])
+        base_model, _, options = r["model"].partition("+")  # "+pdl+narrow": bench_generate --kernel-options
+        name = DECODE_MODELS.get(base_model, base_model) + (f", {options.replace('+', ' + ')}" if options else "")
         if r["model"] != "fp16" and report.get("runtime_layout"):  # which kernels the int4 rows ran
             name += f", {report['runtime_layout']} layout"
         lines.append(f"| {name} | {r['batch']} | {r['tokens_per_s']:.1f} | {st} |")

@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # One short GPU window (a lent H100/H200: 15 minutes of device time, start-up included), as two
 # device calls of ~5.5 minutes each, so that either can be rerun inside the window:
-#   part 1: benchmarks/gpu_sweep.py -- build once (cached in .cache/ for part 2), correctness gate
-#           of every kernel variant (a failing variant is not timed), rooflines, variants x shapes
-#           x M against fp16 cuBLAS (JSON after every case), compute-sanitizer on a tiny shape;
+#   part 1: benchmarks/gpu_sweep.py -- the prebuilt kernels (else one build, cached in .cache/
+#           for part 2), correctness gate of every kernel variant (a failing variant is not timed),
+#           rooflines, variants x shapes x M against fp16 cuBLAS (JSON after every case),
+#           compute-sanitizer on a tiny shape;
 #   part 2: the stream kernels' GPU tests (tests/test_kernels_cuda.py, tests/test_gpu_e2e.py: both
-#           variants, concurrent graphs, chunked large-M, dequantize, in-process repack), then
-#           decode of a random 8B Llama, fp16 vs int4 (unfused / fused), batch 1 and 8, with the
+#           variants, narrow, concurrent graphs, chunked large-M, dequantize, in-process repack),
+#           then decode of a random 8B Llama, fp16 vs int4 (unfused / fused, and fused with each
+#           of the stream kernel's opt-in options: PDL, narrow, both), batch 1 and 8, with the
 #           int4 weights in the stream runtime layout (benchmarks/bench_generate.py).
 # Each part stops inside its deadline ($WINDOW_S, default 330 s: give the call timeout_s 360); a
 # step starts only when its minimum time is left.  Run from the repository root:
 #   AWQLIB_COMMIT=<hash> bash scripts/gpu_window.sh 1      (then: ... 2; no argument: both)
 # Part 3, only where a window still has >= 4 minutes after parts 1 and 2: ncu on the 70b-down M=1
-# case (stream and tiled:auto: is the stream kernel still issue-bound?), then the 8B decode again
-# with programmatic dependent launch (AWQLIB_STREAM_PDL=1).
+# case (stream and tiled:auto: is the stream kernel still issue-bound?).
 # Before the window, on the CPU machine: `bash scripts/prebuild_device.sh` (the kernels compiled
 # against the GPU machine's torch), and name "awqlib/_C.so" and "awqlib/_C.json" in the call's
 # carry: no part then compiles anything (the log's first lines say which kernels load; a stale or
@@ -74,12 +75,10 @@ if [ "$PART" = 2 ] || [ "$PART" = all ]; then
     -k "stream or group_sums or concurrently or chunked or dequantize or in_process" \
     tests/test_kernels_cuda.py tests/test_gpu_e2e.py
   step decode 100 200 "$OUT/decode.log" env AWQLIB_LAYOUT=stream "$PY" -m benchmarks.bench_generate --size 8b \
-    --batches 1,8 --new-tokens 64 --out "$OUT/decode_stream.json"
+    --batches 1,8 --new-tokens 64 --kernel-options pdl,narrow,pdl+narrow --out "$OUT/decode_stream.json"
 fi
 if [ "$PART" = 3 ]; then
   step ncu 90 260 "$OUT/ncu-run.log" "$PY" -m benchmarks.gpu_sweep --out "$OUT/ncu.json" --tools-only --ncu
-  step decode-pdl 100 200 "$OUT/decode-pdl.log" env AWQLIB_LAYOUT=stream AWQLIB_STREAM_PDL=1 "$PY" -m benchmarks.bench_generate \
-    --size 8b --batches 1,8 --new-tokens 64 --out "$OUT/decode_stream_pdl.json"
 fi
 echo "window done in ${SECONDS}s, status $status" | tee -a "$LOG"
 exit "$status"

@@ -430,6 +430,25 @@ def test_decode_table_names_the_runtime_layout_of_the_int4_rows():
     assert "| awqlib int4, stream layout | 1 | 10.0 | 1.00 (2.00x) |" in text
     assert "| awqlib int4, `fuse_layers=True`, stream layout | 1 | 10.0 | 0.80 (2.50x) |" in text
     assert "layout" not in report.decode_table({"rows": rows})  # runs that did not record it
+    # rows timed with the stream kernel's opt-in options (bench_generate --kernel-options)
+    rows.append({"model": "awq-int4-fused+narrow+pdl", "batch": 1, "tokens_per_s": 12.0, "graph_step_ms": 0.5})
+    text = report.decode_table({"rows": rows, "runtime_layout": "stream"})
+    assert "| awqlib int4, `fuse_layers=True`, narrow + pdl, stream layout | 1 | 12.0 | 0.50 (4.00x) |" in text
+
+
+def test_bench_generate_kernel_options_are_strict(monkeypatch):
+    import argparse
+    import os
+
+    from benchmarks import bench_generate
+    assert bench_generate.parse_kernel_options("pdl,narrow,pdl+narrow") == [("pdl",), ("narrow",), ("narrow", "pdl")]
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown kernel option 'sums'.*accepted: pdl, narrow"):
+        bench_generate.parse_kernel_options("pdl,sums")
+    monkeypatch.setenv("AWQLIB_STREAM_PDL", "1")
+    monkeypatch.delenv("AWQLIB_STREAM_NARROW", raising=False)
+    with bench_generate.kernel_options(("narrow",)):
+        assert (os.environ["AWQLIB_STREAM_NARROW"], os.environ["AWQLIB_STREAM_PDL"]) == ("1", "0")
+    assert os.environ["AWQLIB_STREAM_PDL"] == "1" and "AWQLIB_STREAM_NARROW" not in os.environ
 
 
 def test_bench_generate_without_a_gpu_writes_skipped_and_fails(tmp_path, monkeypatch, capsys):
