@@ -58,13 +58,13 @@ class LoadedCheckpoint:
     folder: Path  # the local folder it was read from (a Hub id's snapshot)
 
 
-def check_checkpoint_config_file(folder: Path) -> None:
-    """Validate ``folder``'s ``config.json`` (read by the checkpoint rules, :func:`read_json_object`) and its
-    ``quantization_config`` as written, before transformers parses the file (it fails with an
-    AttributeError on, e.g., a string there)."""
+def checkpoint_config_file_quant(folder: Path) -> QuantConfig | None:
+    """``folder``'s ``config.json`` (read by the checkpoint rules, :func:`read_json_object`): its
+    ``quantization_config`` as written, validated before transformers parses the file (which fails
+    with an AttributeError on, e.g., a string there); None where there is none."""
     cfg = read_json_object(Path(folder), "config.json")
-    if cfg.get("quantization_config") is not None:
-        checkpoint_quant_config(cfg["quantization_config"], Path(folder) / "config.json")
+    qc = cfg.get("quantization_config")
+    return None if qc is None else checkpoint_quant_config(qc, Path(folder) / "config.json")
 
 
 def load_quantized(quant_path: str, device: str | torch.device | None = None, torch_dtype: Any = "auto",
@@ -78,16 +78,15 @@ def load_quantized(quant_path: str, device: str | torch.device | None = None, to
 
     folder = resolve_folder(quant_path, **download_arguments(download_kwargs, revision, token))
     try:
-        check_checkpoint_config_file(folder)
+        qcfg = checkpoint_config_file_quant(folder)
     except FileNotFoundError:
         raise FileNotFoundError(f"{folder} has no config.json: not a transformers checkpoint folder") from None
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    qc = getattr(config, "quantization_config", None)
-    if qc is None:
+    if qcfg is None:
         raise NotQuantizedCheckpoint(f"{folder}/config.json has no quantization_config: this is not a quantized "
                                      "checkpoint. Quantize it first with AutoAWQ.from_pretrained(...).quantize(...)")
-    qcfg = checkpoint_quant_config(qc, folder / "config.json")
-    del config.quantization_config
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # built unquantized; awqlib's WQLinear then replace its linears
     spec = get_spec(config.model_type)
     if device_map is not None and device is not None:
         raise ValueError(f"from_quantized got both device={device!r} and device_map: pass one (device_map "
