@@ -35,6 +35,8 @@ def parse_kernel_options(text: str) -> list[tuple[str, ...]]:
         if bad:
             raise argparse.ArgumentTypeError(f"unknown kernel option {bad[0]!r} in {item!r}; accepted: "
                                              f"{', '.join(KERNEL_OPTIONS)} (joined with + or ,)")
+        if len(set(names)) != len(names) or names in combos:
+            raise argparse.ArgumentTypeError(f"kernel option {item!r} repeats an option or a combination")
         combos.append(names)
     return combos
 
@@ -90,6 +92,10 @@ def main(argv=None):
                     help="also time the fused int4 model with these stream-kernel options, e.g. pdl,narrow,pdl+narrow")
     a = ap.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
+    from awqlib.packing import runtime_layout
+    if a.kernel_options and runtime_layout() != "stream":
+        ap.error(f"--kernel-options are the stream kernel's: set AWQLIB_LAYOUT=stream (the runtime layout is "
+                 f"{runtime_layout()!r}, whose kernels ignore them)")
     if not torch.cuda.is_available():
         return skip(run_info("bench_generate", argv), a.out, "no CUDA device")
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -102,6 +108,9 @@ def main(argv=None):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).eval()
     batches = [int(b) for b in a.batches.split(",")]
     rows = []
+    report = {**run_info("bench_generate", argv), "size": a.size, "prompt": a.prompt,
+              "new_tokens": a.new_tokens, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+              "runtime_layout": runtime_layout(), "rows": rows}
 
     def measure(label):
         for b in batches:
@@ -110,6 +119,7 @@ def main(argv=None):
             rows.append({"model": label, "batch": b, "tokens_per_s": round(tps, 1),
                          "graph_step_ms": round(step, 3) if step else None})
             print(json.dumps(rows[-1]), flush=True)
+            write_json(a.out, report)  # after every row: a run stopped at its time limit keeps what it measured
 
     measure("fp16")
     wrapped = AutoAWQ.from_model(model)
@@ -125,10 +135,6 @@ def main(argv=None):
     for names in a.kernel_options:
         with kernel_options(names):
             measure("awq-int4-fused+" + "+".join(names))
-    from awqlib.packing import runtime_layout
-    report = {**run_info("bench_generate", argv), "size": a.size, "prompt": a.prompt,
-              "new_tokens": a.new_tokens, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-              "runtime_layout": runtime_layout(), "rows": rows}
     print(f"\n{a.size} Llama, {report['device']}, prompt {a.prompt}, {a.new_tokens} new tokens, "
           f"int4 weights in the {report['runtime_layout']} runtime layout")
     print(decode_table(report))

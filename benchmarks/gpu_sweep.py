@@ -100,9 +100,11 @@ GATE_ENV = [("stream:narrow", "stream", Kernel.STREAM, (1, 2, 7, 8, 9)),
             ("stream:sums:narrow", "stream", Kernel.STREAM_GROUP_SUMS, (1, 8)),
             ("stream:narrow", "stream", Kernel.STREAM_COMPACT, (1, 8)),
             ("stream:sums:narrow", "stream", Kernel.STREAM_COMPACT_GROUP_SUMS, (1, 5))]
-# gated again with programmatic dependent launch, back to back in one stream (the case it changes)
-GATE_PDL = [("stream", Kernel.STREAM, (1, 33, 100)), ("stream", Kernel.STREAM_GROUP_SUMS, (1, 17)),
-            ("stream", Kernel.STREAM_COMPACT, (1, 17))]
+# gated again with programmatic dependent launch, back to back in one stream (the case it changes);
+# (layout, kernel, M, narrow): the narrow kernels too (bench_generate times them with PDL)
+GATE_PDL = [("stream", Kernel.STREAM, (1, 33, 100), False), ("stream", Kernel.STREAM_GROUP_SUMS, (1, 17), False),
+            ("stream", Kernel.STREAM_COMPACT, (1, 17), False), ("stream", Kernel.STREAM, (1, 8), True),
+            ("stream", Kernel.STREAM_GROUP_SUMS, (5,), True)]
 REL_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
@@ -137,7 +139,7 @@ def plan_text(args) -> str:
     cases = len(SHAPES) * sum(1 + sum(is_timed(label, k, m) for label, _, k in VARIANTS) for m in args.ms)
     gate = sum(len(ms) * (2 if k in STREAM_KERNELS else 1) for _, k, ms in GATE_VARIANTS) * len(GATE_SHAPES)
     gate_env = sum(2 * len(ms) for _, _, _, ms in GATE_ENV) * len(GATE_SHAPES)
-    gate_pdl = sum(len(ms) for _, _, ms in GATE_PDL) * len(GATE_SHAPES)
+    gate_pdl = sum(len(ms) for _, _, ms, _ in GATE_PDL) * len(GATE_SHAPES)
     lines = [
         f"gpu_sweep plan (budget {args.budget:.0f} s, output {args.out}):",
         "  1. device info; load the prebuilt kernels, else build them (JIT, cached in $AWQLIB_CACHE)",
@@ -226,17 +228,18 @@ def gate(report: dict, save) -> bool:
             cases += gate_cases(N, K, g, layout, kernel, ms)
         for label, layout, kernel, ms in GATE_ENV:
             cases += gate_cases(N, K, g, layout, kernel, ms, env=label)
-        for layout, kernel, ms in GATE_PDL:
+        for layout, kernel, ms, narrow in GATE_PDL:
             gemm, (qw, qz, sc) = make_weight(K, N, g, layout)
             w32 = dequantize_gemm(*gemm, g, dtype=torch.float32)
             for M in ms:
-                case = gate_pdl_case(qw, qz, sc, w32, g, kernel, M)
+                case = gate_pdl_case(qw, qz, sc, w32, g, kernel, M, narrow)
                 if case is None:
                     continue
-                cases.append({"layout": layout, "kernel": kernel.name, "pdl": True, "N": N, "K": K, "g": g, "M": M,
-                              "dtype": "float16", **case})
+                cases.append({"layout": layout, "kernel": kernel.name, "pdl": True, "narrow": narrow, "N": N, "K": K,
+                              "g": g, "M": M, "dtype": "float16", **case})
                 if not case["ok"]:
-                    print(f"GATE FAIL {layout}/{kernel.name}+PDL N{N} K{K} g{g} M{M}: {case['detail']}", flush=True)
+                    print(f"GATE FAIL {layout}/{kernel.name}+PDL{'+narrow' if narrow else ''} N{N} K{K} g{g} M{M}: "
+                          f"{case['detail']}", flush=True)
     report["gate"] = gate_summary(cases)
     save()
     print(f"correctness gate: {len(cases) - len(report['gate']['failed'])}/{len(cases)} passed", flush=True)
@@ -250,19 +253,19 @@ def lacks_smem(error: str) -> bool:
     return m is not None and int(m.group(1)) > int(m.group(2))
 
 
-def gate_pdl_case(qw, qz, sc, w32, g: int, kernel: Kernel, M: int) -> dict | None:
+def gate_pdl_case(qw, qz, sc, w32, g: int, kernel: Kernel, M: int, narrow: bool = False) -> dict | None:
     """A chain of launches in one stream, with programmatic dependent launch and without: a, then
     x.neg_(), b on it, and c on b -- the stream kernel's own output, which it may start reading
     before b has finished (b lets dependents launch early; c must wait for b before reading its
     activations).  Each launch must equal its plain twin bit for bit (the partition and the
     reduction order do not depend on PDL), and a the reference.  None: refused for lack of shared
-    memory (by design)."""
+    memory (by design).  ``narrow``: both chains with the narrow kernels."""
     x0 = torch.randn(M, w32.shape[0], device="cuda", dtype=torch.float16) * 0.1
 
     def chain(pdl: bool):
         x = x0.clone()
         poison()
-        with variant_env("stream:pdl" if pdl else "stream"):
+        with scoped_env({**BASE_ENV, "AWQLIB_STREAM_PDL": str(int(pdl)), "AWQLIB_STREAM_NARROW": str(int(narrow))}):
             a = torch.ops.awqlib.awq_gemm_variant(x, qw, qz, sc, g, int(kernel), 0)
             x.neg_()
             b = torch.ops.awqlib.awq_gemm_variant(x, qw, qz, sc, g, int(kernel), 0)
@@ -313,9 +316,10 @@ def failed_variants(gate_report: dict) -> set[str]:
     automatic choice on that layout (which may have dispatched to the failing kernel)."""
     labels = set()
     for c in gate_report.get("failed", []):
-        if c.get("pdl"):  # a failure only with programmatic dependent launch
+        if c.get("pdl"):  # a failure only with programmatic dependent launch (and, if so, the narrow kernels)
+            want = {"AWQLIB_STREAM_PDL": "1", **(NARROW_ENV if c.get("narrow") else {})}
             labels |= {label for label, layout, _ in VARIANTS
-                       if VARIANT_ENV.get(label, {}).get("AWQLIB_STREAM_PDL") == "1" and layout == c["layout"]}
+                       if want.items() <= VARIANT_ENV.get(label, {}).items() and layout == c["layout"]}
             continue
         env = VARIANT_ENV.get(c.get("env"), {})  # a failure under a variant's environment: the variants run in it
         for label, layout, kernel in VARIANTS:

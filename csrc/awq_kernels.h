@@ -89,7 +89,7 @@ StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms, bool co
 // kernel in the stream finishes, and waits for it before reading activations -- so that previous
 // kernel must not be one that writes these weights (awq_ops.cpp: stream_pdl).  narrow: at M <=
 // kStreamNarrowMaxM, the kernels that put the tokens on the mma's n8 side (awq_stream.cu: NARROW;
-// half the mma per weight); ignored at larger M.
+// half the mma per weight), for each launch (a pass) of at most that many rows.
 void launch_stream(DType dt, const GemmArgs& a, const StreamPlan& plan, bool group_sums, bool pdl, bool narrow,
                    cudaStream_t stream);
 

@@ -214,6 +214,10 @@ NARROW_CASES = [
     (2, 384, 2560, 128, 5, False, False, 0),   # slices in three parts
     (3, 256, 2048, 32, 2, True, False, 12),    # compact, FINE
     (1, 256, 2048, 64, 2, True, True, 12),     # compact, group sums
+    (4, 192, 4608, 256, 2, False, True, 0),    # group sums with tails (not EXACT)
+    (6, 256, 4096, 32, 3, False, False, 0),    # EXACT, FINE
+    (1, 192, 1280, 64, 2, True, False, 0),     # compact with tails
+    (7, 256, 2048, 128, 2, True, False, 0),    # compact, EXACT, scaled
 ]
 NARROW_SETTINGS = [("fp16", "lazy", "forward"), ("bf16", "eager", "reverse")]
 
@@ -234,6 +238,20 @@ def test_narrow_kernels_source_on_cpu(twin, tmp_path, M, N, K, g, sms, compact, 
     assert narrow["warp_mmas"] * 2 == wide["warp_mmas"], (narrow, wide)
     if K % (256 if compact else 512) == 0 and N % 128 == 0:  # EXACT: no zero-filled tail atoms
         assert narrow["warp_mmas"] == (N // 64) * (K // 16) * 4, narrow
+
+
+@pytest.mark.parametrize("sums", [False, True])
+def test_narrow_kernels_with_pdl(twin, tmp_path, sums):
+    """The narrow kernels' PDL prologue (weights before the wait, everything else after): the same
+    bits as their plain launch, in either CTA order."""
+    M, N, K, g, sms = 5, 256, 4096, 128, 3  # slices split over CTAs, rings refilled
+    x, q, stream = stream_case(M, N, K, g, torch.float16, seed=13)
+    base = run_gemm(twin, tmp_path, x, stream, g, N, sms, sums=sums, narrow=True)
+    check(base, x, q, sums=sums)
+    for order in ("forward", "reverse"):
+        out = run_gemm(twin, tmp_path, x, stream, g, N, sms, sums=sums, pdl=True, narrow=True, timing="eager",
+                       order=order)
+        assert torch.equal(out, base), order
 
 
 def test_narrow_is_ignored_past_eight_tokens(twin, tmp_path):

@@ -105,6 +105,9 @@ def test_gate_failure_says_where_and_rules_out_only_its_variants():
     assert gpu_sweep.failed_variants({"failed": [{**narrow, "kernel": "STREAM"}]}) == {"stream:narrow"}
     assert gpu_sweep.failed_variants({"failed": [{**narrow, "kernel": "STREAM_GROUP_SUMS"}]}) == {"stream:sums:narrow"}
     assert gpu_sweep.failed_variants({"failed": [{**narrow, "kernel": "STREAM_COMPACT"}]}) == set()
+    # with PDL and the narrow kernels at once: no timed variant runs both
+    assert gpu_sweep.failed_variants({"failed": [{"layout": "stream", "kernel": "STREAM", "pdl": True,
+                                                  "narrow": True}]}) == set()
     assert gpu_sweep.failed_variants(failed("tiled", Kernel.SKINNY_SHALLOW)) == {"tiled:auto"}
     assert gpu_sweep.failed_variants(failed("gemm", Kernel.GEMV)) == set()
     assert gpu_sweep.failed_variants(failed("stream", Kernel.STREAM_COMPACT)) == set()  # gated, not timed
@@ -137,3 +140,21 @@ def test_variant_env_is_set_for_the_variant_only(monkeypatch):
     with gpu_sweep.variant_env("stream:pdl"):
         assert os.environ["AWQLIB_STREAM_PDL"] == "1"
     assert os.environ["AWQLIB_STREAM_PDL"] == "1"
+
+
+def test_narrow_variants_are_timed_where_they_run():
+    """The narrow kernels run at M <= 8 only (past that a variant would time the plain kernel again
+    under another name), group sums at M <= 32."""
+    from awqlib.ops import Kernel
+    for label, _, kernel in gpu_sweep.VARIANTS:
+        timed = [m for m in gpu_sweep.MS if gpu_sweep.is_timed(label, kernel, m)]
+        if label.endswith(":narrow"):
+            assert timed == [m for m in gpu_sweep.MS if m <= gpu_sweep.NARROW_MAX_M] and timed, label
+        elif kernel == Kernel.STREAM_GROUP_SUMS:
+            assert timed == [m for m in gpu_sweep.MS if m <= 32], label
+        else:
+            assert timed == gpu_sweep.MS, label
+    for M in (1, 4):  # and the SASS column names the narrow instantiation where it runs
+        assert gpu_sweep.kernel_label("stream:narrow", M, 4096, 4096).endswith(", true>")
+    assert gpu_sweep.kernel_label("stream:sums:narrow", 1, 4096, 4096) == \
+        "awq_stream_kernel<half, 1, true, false, true, false, true>"

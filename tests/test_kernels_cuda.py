@@ -439,9 +439,9 @@ def test_stream_group_sums(M, N, K, g, dtype):
 @pytest.mark.parametrize("M", [1, STREAM_NARROW_MAX_M, STREAM_NARROW_MAX_M + 1])
 def test_stream_kernel_narrow(M, N, K, g, dtype, kernel, monkeypatch):
     """AWQLIB_STREAM_NARROW=1: at M <= 8 the kernels that put the tokens on the mma's n8 side (half
-    the mma) -- correct against the fp32 reference and deterministic; past 8 rows it changes
-    nothing.  (A tensor core may round the two tilings' sums differently, so they are not compared
-    bit for bit below 9 rows.)"""
+    the mma) run -- the profiler names the instantiation -- correct against the fp32 reference and
+    deterministic; in a pass of more than 8 rows it changes nothing.  (A tensor core may round the
+    two tilings' sums differently, so they are not compared bit for bit below 9 rows.)"""
     skip_if_stream_does_not_fit(M, kernel)
     qs, zs, ss = stream_weight(K, N, g, dtype)
     x = torch.randn(M, K, device="cuda", dtype=dtype)
@@ -449,9 +449,15 @@ def test_stream_kernel_narrow(M, N, K, g, dtype, kernel, monkeypatch):
     wide = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), 0)
     monkeypatch.setenv("AWQLIB_STREAM_NARROW", "1")
     poison_allocator()
-    out = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), 0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), 0)
+        torch.cuda.synchronize()
     check(x, K, N, g, dtype, out=out)
     assert torch.equal(out, torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), 0))
+    # which instantiation ran: NARROW is awq_stream_kernel's last template argument
+    ran = {m.group(1).split(",")[-1].strip() for e in prof.events()
+           for m in [re.search(r"awq_stream_kernel<([^>]*)>", e.name)] if m}
+    assert ran == ({"true"} if M <= STREAM_NARROW_MAX_M else {"false"}), ran
     if M > STREAM_NARROW_MAX_M:
         assert torch.equal(out, wide)
 

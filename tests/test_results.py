@@ -444,6 +444,13 @@ def test_bench_generate_kernel_options_are_strict(monkeypatch):
     assert bench_generate.parse_kernel_options("pdl,narrow,pdl+narrow") == [("pdl",), ("narrow",), ("narrow", "pdl")]
     with pytest.raises(argparse.ArgumentTypeError, match="unknown kernel option 'sums'.*accepted: pdl, narrow"):
         bench_generate.parse_kernel_options("pdl,sums")
+    for repeated in ("pdl,pdl", "pdl+pdl", "pdl+narrow,narrow+pdl"):
+        with pytest.raises(argparse.ArgumentTypeError, match="repeats"):
+            bench_generate.parse_kernel_options(repeated)
+    monkeypatch.setenv("AWQLIB_LAYOUT", "tiled")  # options that the runtime layout's kernels ignore
+    with pytest.raises(SystemExit):
+        bench_generate.main(["--kernel-options", "narrow"])
+    monkeypatch.delenv("AWQLIB_LAYOUT")
     monkeypatch.setenv("AWQLIB_STREAM_PDL", "1")
     monkeypatch.delenv("AWQLIB_STREAM_NARROW", raising=False)
     with bench_generate.kernel_options(("narrow",)):
