@@ -33,6 +33,7 @@ from typing import Callable
 
 import torch
 
+from .checkpoint import remote_code_files
 from .outputs import (Overwrite, absolute, check_output, leftover_path, partial_path, recover_leftovers, remove_tree,
                       swap_into_place)
 from .safetensors_io import (TensorInfo, copy_tensors, read_json_object, parse_size, plan_shards, read_header, read_tensors,
@@ -79,11 +80,11 @@ def config_identity(config) -> str:
 
 
 def code_identity(folder: Path | None) -> str:
-    """The digests of the source folder's ``*.py`` files (the model's remote code, if any)."""
-    if folder is None:
-        return ""
-    return ";".join(f"{p.name}:{hashlib.sha256(p.read_bytes()).hexdigest()}" for p in sorted(folder.glob("*.py"))
-                    if p.is_file())
+    """The digests of the source folder's remote code (:func:`checkpoint.remote_code_files`: the
+    ``*.py`` files of a model whose ``auto_map`` names code); other scripts beside the weights run
+    nothing and do not count."""
+    return ";".join(f"{rel}:{hashlib.sha256((folder / rel).read_bytes()).hexdigest()}"
+                    for rel in remote_code_files(folder) if (folder / rel).is_file())
 
 
 def folder_identity(folder: Path) -> str:

@@ -1,6 +1,8 @@
 """Bigger than memory: lazy per-block loading gives the same checkpoint as the in-memory path,
 and an interrupted run resumes to an identical checkpoint."""
 
+import json
+
 import pytest
 import torch
 
@@ -77,3 +79,19 @@ def test_resume_with_other_settings_is_refused(src, tmp_path, calib_ids, monkeyp
 def test_lazy_needs_save_dir(src):
     with pytest.raises(ValueError, match="save_dir"):
         AutoAWQ.from_pretrained(str(src("llama")), lazy=True).quantize(None, QC, method="rtn")
+
+
+def test_resume_counts_only_the_models_code(tmp_path):
+    """A resume is refused when the model's remote code changed, not when a script that merely sits
+    beside the weights did (it runs nothing)."""
+    from awqlib import resume
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "convert.py").write_text("# a helper script")
+    assert resume.code_identity(tmp_path) == "" == resume.code_identity(None)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "x", "auto_map": {
+        "AutoModelForCausalLM": "modeling_x.XForCausalLM"}}))
+    (tmp_path / "modeling_x.py").write_text("# v1")
+    before = resume.code_identity(tmp_path)
+    assert "modeling_x.py:" in before
+    (tmp_path / "modeling_x.py").write_text("# v2")
+    assert resume.code_identity(tmp_path) != before
