@@ -5,7 +5,9 @@
   JIT-compile them on first use.
 * ``AWQLIB_BUILD_CUDA=1 pip install --no-build-isolation .`` additionally compiles them ahead of
   time into ``awqlib/_C*.so`` (a plain TORCH_LIBRARY shared object, loaded with
-  ``torch.ops.load_library``) for ``$TORCH_CUDA_ARCH_LIST`` or the visible GPU.
+  ``torch.ops.load_library``) for ``$TORCH_CUDA_ARCH_LIST`` (numbered, e.g. ``"8.0;9.0"``; needed
+  where no GPU is visible) or the visible GPU, with its build record ``awqlib/_C.json``, which
+  ``awqlib.kernels`` checks before it loads the library.
 """
 
 from __future__ import annotations

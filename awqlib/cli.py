@@ -136,9 +136,10 @@ def _check(a) -> int:
 
 def _build(a) -> int:
     from . import kernels, ops  # noqa: F401
-    lib = kernels.build(a.arch, verbose=a.verbose)
+    archs = kernels.resolved_arch_list(a.arch) if a.prebuilt else a.arch  # numbered, checked before compiling
+    lib = kernels.build(archs, verbose=a.verbose)
     if a.prebuilt:
-        lib = kernels.install_prebuilt(lib, kernels.resolved_arch_list(a.arch))
+        lib = kernels.install_prebuilt(lib, archs)
     print(lib)
     return 0
 
@@ -198,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build-kernels", help="compile the CUDA kernels ahead of time")
     b.add_argument("--arch", default=None, help="TORCH_CUDA_ARCH_LIST, e.g. '8.0;9.0' (default: the GPU at hand)")
     b.add_argument("--prebuilt", action="store_true",
-                   help="install the library into the package as its prebuilt kernels (awqlib/_C.so), which every "
-                        "later process with this torch loads without compiling (e.g. on a GPU machine with this torch)")
+                   help="install the library into the installed package as its prebuilt kernels (awqlib/_C.so), which "
+                        "every later process with this torch loads without compiling (e.g. on a GPU machine with this "
+                        "torch); rerun it after upgrading awqlib or torch, or delete the file")
     b.set_defaults(fn=_build)
 
     a = ap.parse_args(argv)

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from .safetensors_io import write_bytes_atomic, write_json_atomic
-from .toolchain import ARCH_ENTRY, BUILD_RECORD, NVCC_FLAGS, SOURCE_SUFFIXES, arch_list_for, build_record, cuda_sources
-from .toolchain import file_digest, find_cuda_home, host_cflags, sources_digest
+from .toolchain import ARCH_ENTRY, BUILD_RECORD, NVCC_FLAGS, RECORD_KEYS, SOURCE_SUFFIXES, arch_entries, arch_list_for
+from .toolchain import build_record, cuda_sources, file_digest, find_cuda_home, host_cflags, sources_digest, torch_release
 
 log = logging.getLogger("awqlib")
 
@@ -80,7 +80,7 @@ def source_constant(name: str) -> int:
 
 def _arch_tag(arch_list: str | None) -> str:
     if arch_list:
-        return "-".join("sm" + a.replace(".", "").replace("+PTX", "ptx") for a in re.split(r"[;\s,]+", arch_list) if a)
+        return "-".join("sm" + a.replace(".", "").replace("+PTX", "ptx") for a in arch_entries(arch_list))
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         return f"sm{major}{minor}"
@@ -94,18 +94,23 @@ def cache_dir(arch_list: str | None = None) -> Path:
         base = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "awqlib"
     else:
         base = Path.home() / ".cache" / "awqlib" / "kernels"
-    tag = f"torch{torch.__version__.split('+')[0]}-cu{torch.version.cuda}-{_arch_tag(arch_list)}"
+    tag = f"torch{torch_release(torch.__version__)}-cu{torch.version.cuda}-{_arch_tag(arch_list)}"
     return base / tag
 
 
 # ----------------------------------------------------------------------------- building
 
+def visible_capabilities() -> list[tuple[int, int]]:
+    """The compute capabilities of the GPUs this process sees (none without CUDA)."""
+    if not torch.cuda.is_available():
+        return []
+    return [tuple(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())]
+
+
 def resolved_arch_list(arch_list: str | None = None) -> str:
-    """The architectures :func:`build` compiles for: ``arch_list``, else ``$TORCH_CUDA_ARCH_LIST``,
-    else the visible GPUs'."""
-    caps = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())] \
-        if torch.cuda.is_available() else []
-    return arch_list_for(arch_list or os.environ.get("TORCH_CUDA_ARCH_LIST") or None, caps)
+    """The architectures :func:`build` compiles for, numbered: ``arch_list``, else
+    ``$TORCH_CUDA_ARCH_LIST``, else the visible GPUs'."""
+    return arch_list_for(arch_list or os.environ.get("TORCH_CUDA_ARCH_LIST") or None, visible_capabilities())
 
 
 def build(arch_list: str | None = None, verbose: bool = False, build_dir: str | os.PathLike | None = None) -> str:
@@ -173,7 +178,7 @@ def _covers(arch_list: str, capability: tuple[int, int]) -> bool:
     own major version at the same or a later minor one, arch-specific code (9.0a) on its own GPU
     alone; PTX (+PTX) is compiled by the driver for the same or any later GPU, except arch-specific
     PTX, which only its own GPU accepts."""
-    for entry in re.split(r"[;\s,]+", arch_list.strip()):
+    for entry in arch_entries(arch_list):
         m = ARCH_ENTRY.fullmatch(entry)
         if not m:
             continue
@@ -194,9 +199,8 @@ def _read_record(package_dir: Path) -> dict:
         raise
     except (OSError, ValueError) as e:
         raise ValueError(f"its build record {package_dir / BUILD_RECORD} is unreadable ({e})") from None
-    keys = ("library", "library_sha256", "torch", "cuda", "archs", "sources")
-    if not isinstance(rec, dict) or any(not isinstance(rec.get(k), str) for k in keys):
-        raise ValueError(f"its build record {package_dir / BUILD_RECORD} lacks one of {', '.join(keys)}")
+    if not isinstance(rec, dict) or any(not isinstance(rec.get(k), str) for k in RECORD_KEYS):
+        raise ValueError(f"its build record {package_dir / BUILD_RECORD} lacks one of {', '.join(RECORD_KEYS)}")
     return rec
 
 
@@ -222,7 +226,7 @@ def find_prebuilt(capabilities: list[tuple[int, int]],
     lib = pkg / name
     if file_digest(lib) != rec["library_sha256"]:
         return None, f"{name} is not the file its build record describes (replaced after it was written)"
-    here = (torch.__version__.split("+")[0], torch.version.cuda or "")
+    here = (torch_release(torch.__version__), torch.version.cuda or "")
     if (rec["torch"], rec["cuda"]) != here:
         return None, (f"{name} was built for torch {rec['torch']} with CUDA {rec['cuda']}, not torch {here[0]} with "
                       f"CUDA {here[1]}")
@@ -282,12 +286,13 @@ def _load() -> bool:
         return True
 
     try:
-        lib, problem = find_prebuilt([torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())])
+        lib, problem = find_prebuilt(visible_capabilities())
     except Exception as e:  # noqa: BLE001 -- e.g. the kernel sources missing: never break loading
         lib, problem = None, f"checking it failed ({type(e).__name__}: {e})"
     if problem:
-        warnings.warn(f"awqlib: not using the prebuilt CUDA kernels: {problem}; compiling them instead (rebuild the "
-                      "prebuilt kernels to skip this)", stacklevel=3)
+        warnings.warn(f"awqlib: not using the prebuilt CUDA kernels in {PACKAGE_DIR}: {problem}; the kernels are "
+                      f"compiled instead where nvcc is found (rebuild the prebuilt ones, or delete them, to skip "
+                      f"this warning)", stacklevel=3)
     if lib is not None:
         try:
             torch.ops.load_library(str(lib))
@@ -295,8 +300,8 @@ def _load() -> bool:
             log.info("awqlib: using the prebuilt CUDA kernels %s", lib)
             return True
         except Exception as e:  # noqa: BLE001 -- e.g. a system library missing: fall through to JIT
-            warnings.warn(f"awqlib: could not load the prebuilt CUDA kernels {lib} ({e}); compiling them instead",
-                          stacklevel=3)
+            warnings.warn(f"awqlib: could not load the prebuilt CUDA kernels {lib} ({e}); the kernels are compiled "
+                          "instead where nvcc is found", stacklevel=3)
 
     if find_cuda_home() is None:
         warnings.warn(_nvcc_hint(), stacklevel=3)

@@ -1,5 +1,6 @@
-"""Locating the CUDA toolchain and the kernel sources: standard library only, so that setup.py can
-use it (``runpy``) without importing torch or awqlib."""
+"""Locating the CUDA toolchain and the kernel sources, and what a prebuilt library records about its
+build (the sources' digest, its numbered architecture list: BUILD_RECORD): standard library only, so
+that setup.py can use it (``runpy``) without importing torch or awqlib."""
 
 from __future__ import annotations
 
@@ -40,6 +41,17 @@ def sources_digest(csrc: Path) -> str:
 
 
 ARCH_ENTRY = re.compile(r"(\d+)\.(\d+)([af]?)(\+PTX)?")  # "9.0", "8.6+PTX", "9.0a": TORCH_CUDA_ARCH_LIST's entries
+RECORD_KEYS = ("library", "library_sha256", "torch", "cuda", "archs", "sources")  # a build record's fields
+
+
+def arch_entries(arch_list: str) -> list[str]:
+    """The entries of a TORCH_CUDA_ARCH_LIST value (separated by ';' or spaces, as torch splits it)."""
+    return [e for e in re.split(r"[;\s]+", arch_list.strip()) if e]
+
+
+def torch_release(version: str) -> str:
+    """'2.11.0' of '2.11.0+cu130': what a C++ extension's ABI follows (the CUDA version is recorded apart)."""
+    return version.split("+")[0]
 
 
 def arch_list_for(requested: str | None, capabilities: list[tuple[int, int]]) -> str:
@@ -47,7 +59,7 @@ def arch_list_for(requested: str | None, capabilities: list[tuple[int, int]]) ->
     ``requested`` (TORCH_CUDA_ARCH_LIST syntax) if given, else those of the visible GPUs
     (``capabilities``).  Named entries (``Hopper``, ``native``) are refused: name the numbers."""
     if requested:
-        entries = [e for e in re.split(r"[;\s,]+", requested.strip()) if e]
+        entries = arch_entries(requested)
         bad = [e for e in entries if not ARCH_ENTRY.fullmatch(e)]
         if bad or not entries:
             raise ValueError(f"architecture list {requested!r}: {', '.join(bad) or 'empty'} is not of the form "
@@ -71,8 +83,9 @@ def build_record(library: str, library_sha256: str, torch_version: str, cuda_ver
     """What a prebuilt library records about itself (BUILD_RECORD, written beside it): a process
     loads the file it names only when that file's digest, the torch, the GPUs and the kernel
     sources all match (awqlib.kernels.find_prebuilt)."""
-    return {"library": library, "library_sha256": library_sha256, "torch": torch_version.split("+")[0],
-            "cuda": cuda_version, "archs": arch_list, "sources": sources_digest(csrc)}
+    record = dict(zip(RECORD_KEYS, (library, library_sha256, torch_release(torch_version), cuda_version, arch_list,
+                                    sources_digest(csrc))))
+    return record
 
 
 def _has_cuda_headers(root: str | os.PathLike) -> bool:

@@ -62,7 +62,7 @@ step() {  # step NAME MIN_S LIMIT_S LOGFILE CMD...: run if MIN_S seconds are lef
   "$PY" -c "
 import torch
 from awqlib import kernels
-lib, why = kernels.find_prebuilt([torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())])
+lib, why = kernels.find_prebuilt(kernels.visible_capabilities())
 print('prebuilt kernels:', f'{lib.name} matches (no build)' if lib else f'refused: {why}' if why else 'none carried')" || true
 } 2>&1 | tee -a "$LOG"
 

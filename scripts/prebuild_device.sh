@@ -43,5 +43,6 @@ archs, build_dir = sys.argv[1], sys.argv[2]
 t0 = time.time()
 lib = kernels.build(archs, build_dir=build_dir)
 so = kernels.install_prebuilt(lib, archs)
-print(f"built for {archs} in {time.time() - t0:.0f} s: {so} ({so.stat().st_size / 2**20:.1f} MiB) + {so.parent / '_C.json'}")
+print(f"built for {archs} in {time.time() - t0:.0f} s: {so} ({so.stat().st_size / 2**20:.1f} MiB) + "
+      f"{so.parent / kernels.BUILD_RECORD}")
 EOF

@@ -212,7 +212,9 @@ def test_prebuilt_refused_when_anything_differs(pkg):
     assert "built for torch 2.0.0" in problem_after(torch="2.0.0")
     assert "with CUDA 11.8" in problem_after(cuda="11.8")
     assert "not for this machine's GPU (9.0)" in problem_after(archs="8.0")
+    (pkg.parent / "_C.so").write_bytes((pkg / "_C.so").read_bytes())  # a library outside the package folder
     assert "names '../_C.so'" in problem_after(library="../_C.so")
+    assert "names 'built.so'" in problem_after(library="built.so")  # not a _C*.so
     assert "names '_C.cpython-311-x86_64-linux-gnu.so'" in problem_after(library="_C.cpython-311-x86_64-linux-gnu.so")
     assert "lacks one of" in problem_after(sources=None)
     rec.write_text(saved)
@@ -254,6 +256,27 @@ def test_prebuilt_refused_after_a_source_change(pkg, monkeypatch, tmp_path):
     assert "other kernel sources" in kernels.find_prebuilt([(9, 0)], pkg)[1]
 
 
+def test_the_record_describes_the_bytes_this_install_wrote(pkg, monkeypatch, tmp_path):
+    """Two installs at once: the library on disk may be the other one's by the time the record is
+    written, and the record must then not vouch for it."""
+    (tmp_path / "mine.so").write_bytes(b"this install's build")
+    write = kernels.write_bytes_atomic
+
+    def then_another_install(path, data):
+        write(path, data)
+        path.write_bytes(b"another install's build, for other GPUs")
+    monkeypatch.setattr(kernels, "write_bytes_atomic", then_another_install)
+    kernels.install_prebuilt(tmp_path / "mine.so", "9.0", package_dir=pkg)
+    assert "not the file its build record describes" in kernels.find_prebuilt([(9, 0)], pkg)[1]
+
+
+def test_install_refuses_arch_names(pkg, tmp_path):
+    (tmp_path / "new.so").write_bytes(b"a build")
+    with pytest.raises(ValueError, match="MAJOR.MINOR"):
+        kernels.install_prebuilt(tmp_path / "new.so", "Hopper", package_dir=pkg)
+    assert kernels.find_prebuilt([(9, 0)], pkg) == (pkg / "_C.so", None)  # the installed one untouched
+
+
 def test_failed_install_leaves_no_record_of_the_old_library(pkg, monkeypatch, tmp_path):
     (tmp_path / "new.so").write_bytes(b"a newer build")
 
@@ -269,7 +292,7 @@ def test_failed_install_leaves_no_record_of_the_old_library(pkg, monkeypatch, tm
 def test_arch_lists_are_numbered():
     assert toolchain.arch_list_for("8.0 9.0a", []) == "8.0;9.0a"
     assert toolchain.arch_list_for(None, [(9, 0), (8, 0), (9, 0)]) == "8.0;9.0"
-    for bad in ("Hopper", "native", "9", "sm_90", ";"):
+    for bad in ("Hopper", "native", "9", "sm_90", ";", "8.0,9.0"):
         with pytest.raises(ValueError, match="MAJOR.MINOR"):
             toolchain.arch_list_for(bad, [])
     with pytest.raises(RuntimeError, match="no GPU visible"):
@@ -279,8 +302,12 @@ def test_arch_lists_are_numbered():
 def test_cli_installs_prebuilt_kernels(pkg, monkeypatch, tmp_path, capsys):
     from awqlib import cli
     (tmp_path / "jit.so").write_bytes(b"freshly built")
-    monkeypatch.setattr(kernels, "build", lambda arch, verbose=False: str(tmp_path / "jit.so"))
+    built = []
+    monkeypatch.setattr(kernels, "build", lambda arch, verbose=False: built.append(arch) or str(tmp_path / "jit.so"))
     monkeypatch.setattr(kernels, "PACKAGE_DIR", pkg)
+    with pytest.raises(ValueError, match="MAJOR.MINOR"):  # before a minute of compiling, not after
+        cli.main(["build-kernels", "--arch", "Hopper", "--prebuilt"])
+    assert built == []
     assert cli.main(["build-kernels", "--arch", "9.0", "--prebuilt"]) == 0
     assert capsys.readouterr().out.strip() == str(pkg / "_C.so")
     assert (pkg / "_C.so").read_bytes() == b"freshly built"
@@ -307,8 +334,8 @@ def test_load_uses_a_prebuilt_library_only_when_it_matches(pkg, monkeypatch, sta
     monkeypatch.setattr(kernels, "build", lambda *a, **k: built.append(1) or "/cache/awqlib_kernels.so")
     monkeypatch.setattr(kernels, "_backend", "reference")
     if stale:
-        with pytest.warns(UserWarning, match=r"not using the prebuilt CUDA kernels: _C.so was built for 9.0, not for "
-                                             r"this machine's GPU \(8.0\)"):
+        with pytest.warns(UserWarning, match=r"not using the prebuilt CUDA kernels in .*: _C.so was built for 9.0, "
+                                             r"not for this machine's GPU \(8.0\)"):
             assert kernels._load() is True
         assert loaded == [] and built == [1] and kernels.backend() == "jit"
     else:
