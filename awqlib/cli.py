@@ -134,12 +134,37 @@ def _check(a) -> int:
     return compat_main([a.ckpt, "--tp", *[str(t) for t in a.tp]])  # --tp values already checked (>= 1)
 
 
+def install_prebuilt(lib: str | Path, arch_list: str, package_dir: str | Path | None = None) -> Path:
+    """Make the library ``lib`` (built by ``kernels.build`` for ``arch_list``, by this torch) the
+    package's prebuilt kernels (``awqlib/_C.so`` and its build record), which every later process
+    with this torch loads instead of compiling (``kernels.find_prebuilt``) -- e.g. a library built on
+    one machine for a GPU machine that has the same torch.  Returns the installed library's path."""
+    import hashlib
+
+    import torch
+
+    from . import kernels
+    from .safetensors_io import write_bytes_atomic, write_json_atomic
+    from .toolchain import arch_list_for, build_record
+    dest = Path(package_dir) if package_dir is not None else kernels.PACKAGE_DIR
+    arch_list = arch_list_for(arch_list, [])
+    data = Path(lib).read_bytes()
+    record = dest / kernels.BUILD_RECORD
+    record.unlink(missing_ok=True)  # never a record beside a library it does not describe
+    so = dest / kernels.PREBUILT_NAME
+    write_bytes_atomic(so, data)
+    write_json_atomic(record, build_record(so.name, hashlib.sha256(data).hexdigest(), torch.__version__,
+                                           torch.version.cuda or "", arch_list, kernels.source_dir()))
+    logging.getLogger("awqlib").info("awqlib: installed prebuilt CUDA kernels for %s as %s", arch_list, so)
+    return so
+
+
 def _build(a) -> int:
     from . import kernels, ops  # noqa: F401
     archs = kernels.resolved_arch_list(a.arch) if a.prebuilt else a.arch  # numbered, checked before compiling
     lib = kernels.build(archs, verbose=a.verbose)
     if a.prebuilt:
-        lib = kernels.install_prebuilt(lib, archs)
+        lib = install_prebuilt(lib, archs)
     print(lib)
     return 0
 

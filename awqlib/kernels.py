@@ -34,14 +34,13 @@ from pathlib import Path
 
 import torch
 
-from .safetensors_io import write_bytes_atomic, write_json_atomic
 from .toolchain import ARCH_ENTRY, BUILD_RECORD, NVCC_FLAGS, RECORD_KEYS, SOURCE_SUFFIXES, arch_entries, arch_list_for
-from .toolchain import build_record, cuda_sources, file_digest, find_cuda_home, host_cflags, sources_digest, torch_release
+from .toolchain import cuda_sources, file_digest, find_cuda_home, host_cflags, sources_digest, torch_release
 
 log = logging.getLogger("awqlib")
 
 EXTENSION_NAME = "awqlib_kernels"
-PREBUILT_NAME = "_C.so"  # what install_prebuilt writes into the package
+PREBUILT_NAME = "_C.so"  # what `awqlib build-kernels --prebuilt` writes into the package (cli.install_prebuilt)
 PACKAGE_DIR = Path(__file__).resolve().parent  # where prebuilt kernels and their build record live
 MIN_CAPABILITY = (8, 0)  # cp.async, ldmatrix, bf16 mma: Ampere and newer
 
@@ -153,24 +152,6 @@ def build(arch_list: str | None = None, verbose: bool = False, build_dir: str | 
     lib = out / f"{EXTENSION_NAME}.so"
     log.info("awqlib: built CUDA kernels for %s in %s", arch_list or _arch_tag(None), lib)
     return str(lib)
-
-
-def install_prebuilt(lib: str | os.PathLike, arch_list: str, package_dir: str | os.PathLike | None = None) -> Path:
-    """Make the library ``lib`` (built by :func:`build` for ``arch_list``, by this torch) the prebuilt
-    kernels of the package (``awqlib/_C.so`` and its build record), which every later process with
-    this torch loads instead of compiling -- e.g. a library built on one machine for a GPU machine
-    that has the same torch.  Returns the installed library's path."""
-    dest = Path(package_dir) if package_dir is not None else PACKAGE_DIR
-    arch_list = arch_list_for(arch_list, [])
-    data = Path(lib).read_bytes()
-    record = dest / BUILD_RECORD
-    record.unlink(missing_ok=True)  # never a record beside a library it does not describe
-    so = dest / PREBUILT_NAME
-    write_bytes_atomic(so, data)
-    write_json_atomic(record, build_record(so.name, hashlib.sha256(data).hexdigest(), torch.__version__,
-                                           torch.version.cuda or "", arch_list, source_dir()))
-    log.info("awqlib: installed prebuilt CUDA kernels for %s as %s", arch_list, so)
-    return so
 
 
 def _covers(arch_list: str, capability: tuple[int, int]) -> bool:

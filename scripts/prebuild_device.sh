@@ -31,18 +31,8 @@ if ! have; then
     "${PIP[@]}" transformers accelerate safetensors tqdm huggingface_hub "torch==$DEVICE_TORCH"
     have || { echo "the venv $VENV lacks torch $DEVICE_TORCH with CUDA $DEVICE_CUDA" >&2; exit 1; }
 fi
-BUILD_DIR="$(mktemp -d)"
-trap 'rm -rf "$BUILD_DIR"' EXIT
-PYTHONPATH="$PWD" "$VENV/bin/python" - "$DEVICE_ARCHS" "$BUILD_DIR" <<'EOF'
-import sys
-import time
-
-from awqlib import kernels
-
-archs, build_dir = sys.argv[1], sys.argv[2]
-t0 = time.time()
-lib = kernels.build(archs, build_dir=build_dir)
-so = kernels.install_prebuilt(lib, archs)
-print(f"built for {archs} in {time.time() - t0:.0f} s: {so} ({so.stat().st_size / 2**20:.1f} MiB) + "
-      f"{so.parent / kernels.BUILD_RECORD}")
-EOF
+# the CLI's build (cached under ~/.cache/awqlib/kernels, so a rerun after a small change is quick),
+# installed as the package's prebuilt kernels
+SECONDS=0
+PYTHONPATH="$PWD" "$VENV/bin/python" -m awqlib.cli build-kernels --arch "$DEVICE_ARCHS" --prebuilt
+echo "built for $DEVICE_ARCHS in ${SECONDS} s; carry awqlib/_C.so and awqlib/_C.json"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from awqlib import kernels, toolchain
+from awqlib import cli, kernels, safetensors_io, toolchain
 
 ARCHS = "8.0;9.0"  # Ampere (A100) and Hopper (H100/H200); sm_89 runs the sm_80 cubin
 
@@ -43,7 +43,7 @@ def test_kernels_compile_for_sm80_sm90(tmp_path):
     # Installed as prebuilt kernels, it serves both GPUs (and an sm_89 one by the sm_80 code), not older.
     pkg = tmp_path / "pkg"
     pkg.mkdir()
-    so = kernels.install_prebuilt(lib, ARCHS, package_dir=pkg)
+    so = cli.install_prebuilt(lib, ARCHS, package_dir=pkg)
     assert so.read_bytes() == Path(lib).read_bytes()
     assert kernels.find_prebuilt([(8, 0), (8, 9), (9, 0)], pkg) == (so, None)
     assert "not for this machine's GPU (7.5)" in kernels.find_prebuilt([(9, 0), (7, 5)], pkg)[1]
@@ -167,7 +167,7 @@ def pkg(tmp_path):
     (tmp_path / "built.so").write_bytes(b"\x7fELF not really a library")
     d = tmp_path / "pkg"
     d.mkdir()
-    kernels.install_prebuilt(tmp_path / "built.so", "8.0;9.0", package_dir=d)
+    cli.install_prebuilt(tmp_path / "built.so", "8.0;9.0", package_dir=d)
     return d
 
 
@@ -260,20 +260,21 @@ def test_the_record_describes_the_bytes_this_install_wrote(pkg, monkeypatch, tmp
     """Two installs at once: the library on disk may be the other one's by the time the record is
     written, and the record must then not vouch for it."""
     (tmp_path / "mine.so").write_bytes(b"this install's build")
-    write = kernels.write_bytes_atomic
+    write = safetensors_io.write_bytes_atomic
 
     def then_another_install(path, data):
         write(path, data)
-        path.write_bytes(b"another install's build, for other GPUs")
-    monkeypatch.setattr(kernels, "write_bytes_atomic", then_another_install)
-    kernels.install_prebuilt(tmp_path / "mine.so", "9.0", package_dir=pkg)
+        if path.suffix == ".so":
+            path.write_bytes(b"another install's build, for other GPUs")
+    monkeypatch.setattr(safetensors_io, "write_bytes_atomic", then_another_install)
+    cli.install_prebuilt(tmp_path / "mine.so", "9.0", package_dir=pkg)
     assert "not the file its build record describes" in kernels.find_prebuilt([(9, 0)], pkg)[1]
 
 
 def test_install_refuses_arch_names(pkg, tmp_path):
     (tmp_path / "new.so").write_bytes(b"a build")
     with pytest.raises(ValueError, match="MAJOR.MINOR"):
-        kernels.install_prebuilt(tmp_path / "new.so", "Hopper", package_dir=pkg)
+        cli.install_prebuilt(tmp_path / "new.so", "Hopper", package_dir=pkg)
     assert kernels.find_prebuilt([(9, 0)], pkg) == (pkg / "_C.so", None)  # the installed one untouched
 
 
@@ -282,9 +283,9 @@ def test_failed_install_leaves_no_record_of_the_old_library(pkg, monkeypatch, tm
 
     def disk_full(*a):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(kernels, "write_bytes_atomic", disk_full)
+    monkeypatch.setattr(safetensors_io, "write_bytes_atomic", disk_full)
     with pytest.raises(OSError):
-        kernels.install_prebuilt(tmp_path / "new.so", "9.0", package_dir=pkg)
+        cli.install_prebuilt(tmp_path / "new.so", "9.0", package_dir=pkg)
     assert not (pkg / "_C.json").exists()
     assert "no build record" in kernels.find_prebuilt([(9, 0)], pkg)[1]
 
@@ -300,7 +301,6 @@ def test_arch_lists_are_numbered():
 
 
 def test_cli_installs_prebuilt_kernels(pkg, monkeypatch, tmp_path, capsys):
-    from awqlib import cli
     (tmp_path / "jit.so").write_bytes(b"freshly built")
     built = []
     monkeypatch.setattr(kernels, "build", lambda arch, verbose=False: built.append(arch) or str(tmp_path / "jit.so"))
@@ -320,7 +320,7 @@ def test_load_uses_a_prebuilt_library_only_when_it_matches(pkg, monkeypatch, sta
     is loaded and nothing is compiled; a stale one is not loaded (with a warning saying why), and
     the JIT build serves instead."""
     monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
-    kernels.install_prebuilt(pkg / "_C.so", "8.0;9.0", package_dir=pkg)  # the record under that CUDA
+    cli.install_prebuilt(pkg / "_C.so", "8.0;9.0", package_dir=pkg)  # the record under that CUDA
     if stale:
         _edit_record(pkg, archs="9.0")  # not for the A100
     loaded, built = [], []
