@@ -227,6 +227,15 @@ int32_t* counters_for(const at::Tensor& like, int64_t n, cudaStream_t stream, at
   return buf.data_ptr<int32_t>();
 }
 
+// An opt-in switch read from the environment on every call: unset, empty or "0" is off, "1" on,
+// anything else an error naming the variable.
+bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0' || std::string(v) == "0") return false;  // unset, or empty like unset
+  TORCH_CHECK(std::string(v) == "1", name, " must be 0 or 1, got '", v, "'");
+  return true;
+}
+
 // Programmatic dependent launch of the stream kernel (awq_stream.cu: grid_dependency_wait): its
 // first stages' int4 weights stream in while the previous kernel in the stream finishes.  Opt-in
 // with AWQLIB_STREAM_PDL=1 until benchmarks/gpu_sweep.py ("stream:pdl") has measured it; read per
@@ -235,21 +244,14 @@ int32_t* counters_for(const at::Tensor& like, int64_t n, cudaStream_t stream, at
 // repack that makes the stream layout synchronizes its stream (awqlib/packing.py: to_layout).
 // Code that writes a stream-layout qweight otherwise must synchronize before the next call.
 bool stream_pdl(int device, const at::Tensor& qweight_used, const at::Tensor& qweight_given) {
-  const char* v = std::getenv("AWQLIB_STREAM_PDL");
-  if (v == nullptr || *v == '\0' || std::string(v) == "0") return false;  // unset, or empty like unset
-  TORCH_CHECK(std::string(v) == "1", "AWQLIB_STREAM_PDL must be 0 or 1, got '", v, "'");
-  return at::cuda::getDeviceProperties(device)->major >= 9 && qweight_used.data_ptr() == qweight_given.data_ptr();
+  return env_flag("AWQLIB_STREAM_PDL") && at::cuda::getDeviceProperties(device)->major >= 9 &&
+         qweight_used.data_ptr() == qweight_given.data_ptr();
 }
 
 // The narrow stream kernels (awq_stream.cu: NARROW) at M <= 8: opt-in with AWQLIB_STREAM_NARROW=1
 // until benchmarks/gpu_sweep.py ("stream:narrow") has measured them on a GPU; read per call, so
 // that one process can time both.
-bool stream_narrow() {
-  const char* v = std::getenv("AWQLIB_STREAM_NARROW");
-  if (v == nullptr || *v == '\0' || std::string(v) == "0") return false;  // unset, or empty like unset
-  TORCH_CHECK(std::string(v) == "1", "AWQLIB_STREAM_NARROW must be 0 or 1, got '", v, "'");
-  return true;
-}
+bool stream_narrow() { return env_flag("AWQLIB_STREAM_NARROW"); }
 
 // Shared memory a stream-kernel block may have: the device's opt-in maximum, or less with
 // AWQLIB_STREAM_SMEM_LIMIT=<bytes> -- so that an H100/H200 can run (and test) the choice an A100
