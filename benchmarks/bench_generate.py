@@ -18,11 +18,8 @@ import time
 
 import torch
 
-from benchmarks.common import run_info, scoped_env, skip, time_graph, write_json
+from benchmarks.common import STREAM_OPTIONS, run_info, scoped_env, skip, stream_options_env, time_graph, write_json
 from benchmarks.report import decode_table
-
-# the stream kernel's opt-in launch options (csrc/awq_ops.cpp: stream_pdl, stream_narrow)
-KERNEL_OPTIONS = {"pdl": "AWQLIB_STREAM_PDL", "narrow": "AWQLIB_STREAM_NARROW"}
 
 
 def parse_kernel_options(text: str) -> list[tuple[str, ...]]:
@@ -31,10 +28,10 @@ def parse_kernel_options(text: str) -> list[tuple[str, ...]]:
     combos = []
     for item in filter(None, text.split(",")):
         names = tuple(sorted(item.split("+")))
-        bad = [n for n in names if n not in KERNEL_OPTIONS]
+        bad = [n for n in names if n not in STREAM_OPTIONS]
         if bad:
             raise argparse.ArgumentTypeError(f"unknown kernel option {bad[0]!r} in {item!r}; accepted: "
-                                             f"{', '.join(KERNEL_OPTIONS)} (joined with + or ,)")
+                                             f"{', '.join(STREAM_OPTIONS)} (joined with + or ,)")
         if len(set(names)) != len(names) or names in combos:
             raise argparse.ArgumentTypeError(f"kernel option {item!r} repeats an option or a combination")
         combos.append(names)
@@ -43,7 +40,7 @@ def parse_kernel_options(text: str) -> list[tuple[str, ...]]:
 
 def kernel_options(names: tuple[str, ...]):
     """Every option in ``names`` on, the others off, for the duration."""
-    return scoped_env({v: "1" if k in names else "0" for k, v in KERNEL_OPTIONS.items()})
+    return scoped_env(stream_options_env(*names))
 
 
 SIZES = {  # Llama-architecture shapes

@@ -65,6 +65,16 @@ def run_info(benchmark: str, argv: list[str]) -> dict:
             "command": shlex.join(["python", "-m", f"benchmarks.{benchmark}", *argv]), "env": dict(_STARTED["env"])}
 
 
+# The stream kernel's opt-in launch options, and the variables csrc/awq_ops.cpp reads them from on
+# every call (stream_pdl, stream_narrow).
+STREAM_OPTIONS = {"pdl": "AWQLIB_STREAM_PDL", "narrow": "AWQLIB_STREAM_NARROW"}
+
+
+def stream_options_env(*names: str) -> dict[str, str]:
+    """The environment that turns the stream kernel's options ``names`` on and the others off."""
+    return {var: "1" if name in names else "0" for name, var in STREAM_OPTIONS.items()}
+
+
 @contextlib.contextmanager
 def scoped_env(values: dict[str, str]):
     """The environment variables ``values`` set for the duration, then restored (or removed)."""

@@ -49,7 +49,8 @@ import torch.nn.functional as F
 
 from awqlib.kernels import source_constant
 from awqlib.ops import Kernel
-from benchmarks.common import copy_bandwidth, n_copies, run_info, scoped_env, skip, time_eager, time_graph, write_json
+from benchmarks.common import (copy_bandwidth, n_copies, run_info, scoped_env, skip, stream_options_env, time_eager,
+                               time_graph, write_json)
 from benchmarks.report import sweep_table, targets_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,10 +73,10 @@ VARIANTS = [("tiled:auto", "tiled", Kernel.AUTO), ("stream", "stream", Kernel.ST
 # stream kernel with programmatic dependent launch (its weights stream in while the previous
 # kernel -- in the sweep's graphs, the same GEMM -- finishes); the narrow ones put the tokens on
 # the mma's n8 side at M <= 8 (awq_stream.cu: NARROW).
-NARROW_ENV = {"AWQLIB_STREAM_NARROW": "1"}
-VARIANT_ENV = {"stream:pdl": {"AWQLIB_STREAM_PDL": "1"}, "stream:narrow": NARROW_ENV, "stream:sums:narrow": NARROW_ENV}
+VARIANT_ENV = {"stream:pdl": stream_options_env("pdl"), "stream:narrow": stream_options_env("narrow"),
+               "stream:sums:narrow": stream_options_env("narrow")}
 # every other variant, whatever the environment the sweep started in
-BASE_ENV = {"AWQLIB_STREAM_PDL": "0", "AWQLIB_STREAM_NARROW": "0"}
+BASE_ENV = stream_options_env()
 STREAM_KERNELS = (Kernel.STREAM, Kernel.STREAM_GROUP_SUMS, Kernel.STREAM_COMPACT, Kernel.STREAM_COMPACT_GROUP_SUMS)
 
 # Correctness gate: every (layout, kernel) with the token counts it takes, on small shapes
@@ -266,7 +267,7 @@ def gate_pdl_case(qw, qz, sc, w32, g: int, kernel: Kernel, M: int, narrow: bool 
     def chain(pdl: bool):
         x = x0.clone()
         poison()
-        with scoped_env({**BASE_ENV, "AWQLIB_STREAM_PDL": str(int(pdl)), "AWQLIB_STREAM_NARROW": str(int(narrow))}):
+        with scoped_env(stream_options_env(*(("pdl",) if pdl else ()), *(("narrow",) if narrow else ()))):
             a = torch.ops.awqlib.awq_gemm_variant(x, qw, qz, sc, g, int(kernel), 0)
             x.neg_()
             b = torch.ops.awqlib.awq_gemm_variant(x, qw, qz, sc, g, int(kernel), 0)
@@ -318,9 +319,9 @@ def failed_variants(gate_report: dict) -> set[str]:
     labels = set()
     for c in gate_report.get("failed", []):
         if c.get("pdl"):  # a failure only with programmatic dependent launch (and, if so, the narrow kernels)
-            want = {"AWQLIB_STREAM_PDL": "1", **(NARROW_ENV if c.get("narrow") else {})}
+            want = stream_options_env("pdl", *(("narrow",) if c.get("narrow") else ()))
             labels |= {label for label, layout, _ in VARIANTS
-                       if want.items() <= VARIANT_ENV.get(label, {}).items() and layout == c["layout"]}
+                       if VARIANT_ENV.get(label) == want and layout == c["layout"]}
             continue
         env = VARIANT_ENV.get(c.get("env"), {})  # a failure under a variant's environment: the variants run in it
         for label, layout, kernel in VARIANTS:
