@@ -119,7 +119,7 @@ def build(arch_list: str | None = None, verbose: bool = False, build_dir: str | 
     required when no GPU is visible; default: ``$TORCH_CUDA_ARCH_LIST`` or the current GPU.
     Raises on failure (unlike :func:`load`).
     """
-    from . import ops  # noqa: F401  -- the schemas must exist before the library registers impls
+    from . import blockops, ops  # noqa: F401  -- the schemas must exist before the library registers impls
 
     if torch.version.cuda is None:
         raise RuntimeError(f"torch {torch.__version__} is a CPU-only build; install a CUDA build of torch")
@@ -259,7 +259,7 @@ def _load() -> bool:
         warnings.warn(f"awqlib: the int4 CUDA kernels need compute capability >= 8.0 (this GPU is "
                       f"{cap[0]}.{cap[1]}); using the PyTorch reference implementation", stacklevel=3)
         return False
-    from . import ops  # noqa: F401  -- define the schemas first
+    from . import blockops, ops  # noqa: F401  -- define the schemas first
 
     if torch._C._dispatch_has_kernel_for_dispatch_key("awqlib::awq_gemm", "CUDA"):
         _backend = "already loaded"  # e.g. by an explicit build() in this process

@@ -1,0 +1,126 @@
+"""The decoder block's small ops, one ``torch.library`` op each: RMSNorm, rotary embedding, gated
+activation.
+
+At decode a block's linears move a few megabytes each, while everything around them (two norms,
+the rotary embedding of q and k, the activation) is a few kilobytes spread over ~35 separate
+kernels in transformers' code: on an H200 a decode-sized forward of an 8B model spends about as
+long in them as in its int4 linears, and HF ``generate`` spends its host time dispatching them.
+Each op here is one kernel on CUDA (``csrc/awq_block_ops.cu``) and one dispatcher call.
+
+The reference implementations (``CompositeExplicitAutograd``: every device) are transformers'
+own expressions, with the same roundings, so on the CPU a block using these ops gives the bits the
+unmodified block gives; the CUDA kernels compute the same function (each rounding where
+transformers rounds), allowed to differ by the last bit of a reduction or a transcendental.
+``awqlib.fuse`` decides where a model may use them.  This module only declares.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("silu", "gelu_tanh")  # gated_act's `act`: transformers' "silu" and "gelu_pytorch_tanh"
+
+_lib = torch.library.Library("awqlib", "FRAGMENT")
+# RMSNorm over the last dim.  scale_in_fp32=False (Llama, Qwen, Mistral, Phi-3):
+#   weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)        -- the normalized x rounded, then scaled
+# scale_in_fp32=True (Gemma: weight_offset 1, the weights store w - 1):
+#   ((x * rsqrt(mean(x^2) + eps)) * (weight_offset + weight)).to(x.dtype)   -- all in fp32, one rounding
+_lib.define("rms_norm(Tensor x, Tensor weight, float eps, float weight_offset, bool scale_in_fp32) -> Tensor")
+# Rotary embedding of q and k in one call, transformers' apply_rotary_pos_emb: x * cos + rotate_half(x) * sin
+# over the first R = cos.shape[-1] features of each head (R <= head_dim, even; the rest pass through),
+# cos/sin of shape [batch or 1, seq, R] unsqueezed at `unsqueeze_dim` (1: q is [batch, heads, seq, dim];
+# 2: [batch, seq, heads, dim]).
+_lib.define("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, int unsqueeze_dim) -> (Tensor, Tensor)")
+# act(gate) * up, elementwise (gate and up: same shape, e.g. the two halves of a fused gate/up GEMM).
+_lib.define("gated_act(Tensor gate, Tensor up, str act) -> Tensor")
+
+
+def _reference_rms_norm(x, weight, eps, weight_offset, scale_in_fp32):
+    xf = x.to(torch.float32)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if scale_in_fp32:
+        return (y * (weight_offset + weight.float())).to(x.dtype)
+    if weight_offset:
+        raise ValueError("rms_norm: weight_offset needs scale_in_fp32=True (no model rounds first and offsets)")
+    return weight * y.to(x.dtype)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _check_rotary(q, k, cos, sin, unsqueeze_dim):
+    if unsqueeze_dim not in (1, 2):
+        raise ValueError(f"rotary: unsqueeze_dim must be 1 ([batch, heads, seq, dim]) or 2 ([batch, seq, heads, "
+                         f"dim]), got {unsqueeze_dim}")
+    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or cos.shape != sin.shape:
+        raise ValueError(f"rotary: q {tuple(q.shape)} and k {tuple(k.shape)} must be 4-D and cos {tuple(cos.shape)} / "
+                         f"sin {tuple(sin.shape)} 3-D of one shape")
+    r, d = cos.shape[-1], q.shape[-1]
+    if r % 2 or r > d or k.shape[-1] != d:
+        raise ValueError(f"rotary: rotary dim {r} must be even and <= the head dim {d} of q and k")
+
+
+def _reference_rotary(q, k, cos, sin, unsqueeze_dim):
+    _check_rotary(q, k, cos, sin, unsqueeze_dim)
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    r = cos.shape[-1]
+
+    def rotate(x):
+        if r == x.shape[-1]:
+            return (x * cos) + (_rotate_half(x) * sin)
+        x_rot, x_pass = x[..., :r], x[..., r:]
+        return torch.cat([(x_rot * cos) + (_rotate_half(x_rot) * sin), x_pass], dim=-1)
+
+    return rotate(q), rotate(k)
+
+
+def _check_gated(gate, up, act):
+    if act not in ACTIVATIONS:
+        raise ValueError(f"gated_act: act {act!r} is not one of {', '.join(ACTIVATIONS)}")
+    if gate.shape != up.shape:
+        raise ValueError(f"gated_act: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape")
+
+
+def _reference_gated_act(gate, up, act):
+    _check_gated(gate, up, act)
+    return (F.silu(gate) if act == "silu" else F.gelu(gate, approximate="tanh")) * up
+
+
+_lib.impl("rms_norm", _reference_rms_norm, "CompositeExplicitAutograd")
+_lib.impl("rotary", _reference_rotary, "CompositeExplicitAutograd")
+_lib.impl("gated_act", _reference_gated_act, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("awqlib::rms_norm")
+def _fake_rms_norm(x, weight, eps, weight_offset, scale_in_fp32):
+    dtype = x.dtype if scale_in_fp32 else torch.promote_types(weight.dtype, x.dtype)
+    return x.new_empty(x.shape, dtype=dtype)
+
+
+@torch.library.register_fake("awqlib::rotary")
+def _fake_rotary(q, k, cos, sin, unsqueeze_dim):
+    _check_rotary(q, k, cos, sin, unsqueeze_dim)
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+@torch.library.register_fake("awqlib::gated_act")
+def _fake_gated_act(gate, up, act):
+    _check_gated(gate, up, act)
+    return torch.empty_like(gate)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0,
+             scale_in_fp32: bool = False) -> torch.Tensor:
+    return torch.ops.awqlib.rms_norm(x, weight, eps, weight_offset, scale_in_fp32)
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.awqlib.rotary(q, k, cos, sin, unsqueeze_dim)
+
+
+def gated_act(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+    return torch.ops.awqlib.gated_act(gate, up, act)
