@@ -1,4 +1,5 @@
-"""``fuse_layers=True``: linears that read the same input become one quantized GEMM.
+"""``fuse_layers=True``: linears that read the same input become one quantized GEMM, and the small
+ops around them one kernel each.
 
 q/k/v and gate/up are concatenated along the output dimension at load time (the GEMM layout
 packs along N, so concatenating ``qweight``/``qzeros``/``scales`` on dim 1 is exact).  The
@@ -12,16 +13,28 @@ Checkpoints never see the fusion: each slice's ``state_dict()`` entry is the unf
 tensors (a state-dict hook, as :class:`~awqlib.modules.WQLinear` does for its runtime layout),
 and the fused module is marked ``runtime_only`` so that the checkpoint writer leaves its tensors
 out.  They stay in ``state_dict()`` because accelerate offloads a placed model from it.
+
+Around the linears a decoder block runs ~35 small kernels in transformers' code (each RMSNorm is 8,
+the rotary embedding of q and k 10, the activation 2): at decode they take about as long as the
+int4 linears and dominate HF ``generate``'s host time.  :func:`fuse_block_ops` gives each of them
+one :mod:`awqlib.blockops` op -- RMSNorm modules become :class:`FusedRMSNorm`, the dense gated MLP
+:class:`FusedGatedMLP`, and the attention's rotary function (looked up in its module's globals) ours,
+for that attention module only.  Every replacement is first checked against the code it replaces,
+bit for bit on a probe input, so a transformers release that changes a formula keeps its own code
+(logged); the state dict keeps its names.
 """
 
 from __future__ import annotations
 
 import logging
+import types
 
 import torch
 from torch import nn
 
-from .arch.blocks import expand_groups, get_blocks
+from . import blockops
+from .arch import GatedMLP
+from .arch.blocks import expand_groups, find_submodule, get_blocks, replace_module
 from .modules import WQLinear
 from .quant import pack_factor
 
@@ -105,6 +118,14 @@ def fuse_model(wrapped) -> int:
 
 
 def fuse_layers(model: nn.Module, spec) -> int:
+    """Fuse every scaling group's quantized linears that share a parent, then the block's small ops
+    (:func:`fuse_block_ops`). Returns the count of fused linear groups."""
+    n = fuse_linears(model, spec)
+    fuse_block_ops(model, spec)
+    return n
+
+
+def fuse_linears(model: nn.Module, spec) -> int:
     """Fuse every scaling group's quantized linears that share a parent. Returns the count."""
     n = 0
     for block in get_blocks(model, spec):
@@ -126,3 +147,174 @@ def fuse_layers(model: nn.Module, spec) -> int:
                 n += 1
     log.info("awqlib: fused %d groups of quantized linears", n)
     return n
+
+
+# -- the small ops around the linears ------------------------------------------------------------------
+
+def _probe(shape: tuple[int, ...], like: torch.Tensor, seed: int) -> torch.Tensor:
+    """A reproducible probe input on ``like``'s device and dtype (not drawn from the global RNG: the
+    user's seeds must not move)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 4).to(device=like.device, dtype=like.dtype)
+
+
+class FusedRMSNorm(nn.Module):
+    """transformers' RMSNorm as one op; holds the replaced module's ``weight`` (same state dict)."""
+
+    def __init__(self, weight: nn.Parameter, eps: float, weight_offset: float, scale_in_fp32: bool):
+        super().__init__()
+        self.weight = weight
+        self.eps, self.weight_offset, self.scale_in_fp32 = eps, weight_offset, scale_in_fp32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return blockops.rms_norm(x, self.weight, self.eps, self.weight_offset, self.scale_in_fp32)
+
+    def extra_repr(self) -> str:
+        return (f"{tuple(self.weight.shape)}, eps={self.eps}, weight_offset={self.weight_offset}, "
+                f"scale_in_fp32={self.scale_in_fp32}")
+
+
+def _rms_norm_replacement(module: nn.Module, spec) -> FusedRMSNorm | None:
+    """A FusedRMSNorm computing exactly what ``module`` does, or None (not an RMSNorm we know)."""
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if (not type(module).__name__.endswith("RMSNorm") or not isinstance(weight, torch.Tensor) or weight.dim() != 1
+            or weight.is_meta or not isinstance(eps, float) or list(module.children())):
+        return None
+    fused = FusedRMSNorm(weight, eps, spec.norm_offset, spec.norm_scale_in_fp32)
+    x = _probe((3, weight.shape[0]), weight, 0)
+    with torch.no_grad():
+        return fused if torch.equal(module(x), blockops._reference_rms_norm(x, weight, eps, spec.norm_offset,
+                                                                            spec.norm_scale_in_fp32)) else None
+
+
+class FusedGatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))`` with act * up as one op; adopts the replaced MLP's children under
+    their names (same state dict; fused gate/up slices still share one GEMM)."""
+
+    def __init__(self, mlp: nn.Module, spec: GatedMLP, act: str):
+        super().__init__()
+        for name, child in mlp.named_children():
+            self.add_module(name, child)
+        self.spec, self.act = spec, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        if s.gate_up:
+            gate, up = getattr(self, s.gate_up)(x).chunk(2, dim=-1)
+        else:
+            gate, up = getattr(self, s.gate)(x), getattr(self, s.up)(x)
+        return getattr(self, s.down)(blockops.gated_act(gate, up, self.act))
+
+    def extra_repr(self) -> str:
+        return f"act={self.act}"
+
+
+def _activation_name(act: nn.Module) -> str | None:
+    """The blockops activation computing exactly what ``act`` does, or None."""
+    gate, up = _probe((4, 256), torch.empty(0), 1), _probe((4, 256), torch.empty(0), 2)
+    with torch.no_grad():
+        try:
+            want = act(gate) * up
+        except Exception:  # noqa: BLE001 -- not an elementwise activation of one tensor
+            return None
+        return next((a for a in blockops.ACTIVATIONS
+                     if torch.equal(want, blockops._reference_gated_act(gate, up, a))), None)
+
+
+def _mlp_replacement(block: nn.Module, spec: GatedMLP) -> FusedGatedMLP | None:
+    mlp = find_submodule(block, spec.path)
+    names = (spec.gate_up, spec.down) if spec.gate_up else (spec.gate, spec.up, spec.down)
+    if mlp is None or not all(isinstance(getattr(mlp, n, None), nn.Module) for n in names):
+        return None
+    act = getattr(mlp, spec.act, None)
+    name = _activation_name(act) if isinstance(act, nn.Module) else None
+    return FusedGatedMLP(mlp, spec, name) if name else None
+
+
+def _fused_rotary(original):
+    """transformers' ``apply_rotary_pos_emb`` as one op; calls it does not know go to ``original``."""
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if args or set(kwargs) - {"unsqueeze_dim"} or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3:
+            return original(q, k, cos, sin, *args, **kwargs)
+        return blockops.rotary(q, k, cos, sin, kwargs.get("unsqueeze_dim", 1))
+    apply_rotary_pos_emb.original = original
+    return apply_rotary_pos_emb
+
+
+def _rotary_matches(original, head_dim: int, rotary_dim: int) -> bool:
+    like = torch.empty(0)
+    q, k = _probe((2, 3, 5, head_dim), like, 3), _probe((2, 1, 5, head_dim), like, 4)
+    cos, sin = _probe((2, 5, rotary_dim), like, 5), _probe((2, 5, rotary_dim), like, 6)
+    try:
+        want = original(q, k, cos, sin)
+    except Exception:  # noqa: BLE001 -- another signature or another rotary (e.g. interleaved pairs)
+        return False
+    got = blockops._reference_rotary(q, k, cos, sin, 1)
+    return all(isinstance(w, torch.Tensor) and torch.equal(w, g) for w, g in zip(want, got))
+
+
+def _with_globals(fn, replace: dict):
+    """``fn`` (and every function it wraps, through functools.wraps) run with ``replace`` in its globals."""
+    inner = getattr(fn, "__wrapped__", None)
+    closure = fn.__closure__
+    if inner is not None and closure:
+        new_inner = _with_globals(inner, replace)
+        closure = tuple(types.CellType(new_inner) if c.cell_contents is inner else c for c in closure)
+    new = types.FunctionType(fn.__code__, {**fn.__globals__, **replace}, fn.__name__, fn.__defaults__, closure)
+    new.__kwdefaults__, new.__dict__ = fn.__kwdefaults__, dict(fn.__dict__)
+    for name in ("__module__", "__qualname__", "__doc__", "__annotations__"):
+        setattr(new, name, getattr(fn, name))
+    if inner is not None:
+        new.__wrapped__ = new_inner if closure else inner
+    return new
+
+
+_ROTARY = "apply_rotary_pos_emb"
+
+
+def _rotary_forward(attn: nn.Module, config, cache: dict):
+    """The attention's own forward with our rotary, or None (its class does not call a rotary we match)."""
+    cls = type(attn)
+    if cls not in cache:
+        cache[cls] = None
+        fn = cls.forward
+        inner = fn
+        while getattr(inner, "__wrapped__", None) is not None:
+            inner = inner.__wrapped__
+        original = inner.__globals__.get(_ROTARY)
+        head_dim = getattr(attn, "head_dim", None)
+        if callable(original) and _ROTARY in inner.__code__.co_names and isinstance(head_dim, int):
+            rotary_dim = int(head_dim * getattr(config, "partial_rotary_factor", 1.0) or head_dim)
+            if rotary_dim % 2 == 0 and _rotary_matches(original, head_dim, rotary_dim):
+                cache[cls] = _with_globals(fn, {_ROTARY: _fused_rotary(original)})
+    return cache[cls]
+
+
+def fuse_block_ops(model: nn.Module, spec) -> dict[str, int]:
+    """Give the model's RMSNorms, dense gated MLPs and attention rotaries one op each (see the module
+    docstring); works on quantized and unquantized models alike.  Returns what it replaced, by kind."""
+    counts = {"rms_norm": 0, "gated_mlp": 0, "rotary": 0}
+    for name, module in list(model.named_modules()):
+        fused = _rms_norm_replacement(module, spec) if name else None
+        if fused is not None:
+            replace_module(model, name, fused)
+            counts["rms_norm"] += 1
+    rotaries: dict[type, object] = {}
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)()
+    for block in get_blocks(model, spec):
+        if spec.mlp is not None:
+            fused = _mlp_replacement(block, spec.mlp)
+            if fused is not None:
+                replace_module(block, spec.mlp.path, fused)
+                counts["gated_mlp"] += 1
+        attn = find_submodule(block, "self_attn")
+        forward = _rotary_forward(attn, config, rotaries) if attn is not None else None
+        if forward is not None:
+            attn.forward = types.MethodType(forward, attn)
+            counts["rotary"] += 1
+    skipped = [k for k, v in counts.items() if not v]
+    log.info("awqlib: one-op block ops: %s%s", ", ".join(f"{v} {k}" for k, v in counts.items()),
+             f" (transformers' own code kept for {', '.join(skipped)})" if skipped else "")
+    return counts

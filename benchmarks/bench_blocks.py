@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import os
 import sys
@@ -27,7 +26,7 @@ from awqlib import awq
 from awqlib.arch import get_spec
 from awqlib.calib import get_calib_tokens
 from awqlib.config import QuantConfig
-from benchmarks.common import effective_options, run_info, skip, write_json
+from benchmarks.common import effective_options, run_info, skip, tiny_model, write_json
 from benchmarks.report import blocks_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,11 +44,7 @@ def parse_variant(v: str) -> tuple[str, dict]:
 def load(model_arg: str, data: Path, n_calib: int, n_held: int, seqlen: int):
     """(model, calibration token rows, held-out token rows)."""
     if model_arg.startswith("tiny:"):
-        # the test suite's tiny random models, loaded from its conftest (no sys.path edit)
-        spec = importlib.util.spec_from_file_location("awqlib_tests_conftest", REPO / "tests" / "conftest.py")
-        conftest = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(conftest)
-        model = conftest.tiny_model(model_arg.split(":", 1)[1])
+        model = tiny_model(model_arg.split(":", 1)[1])
         g = torch.Generator().manual_seed(1)
         v = model.config.vocab_size
         return model, torch.randint(0, v, (16, 64), generator=g), torch.randint(0, v, (16, 64), generator=g)

@@ -1,9 +1,11 @@
 """Decode throughput (tokens/s) of a randomly initialised Llama-architecture model: fp16 vs
-awqlib int4 (unfused and fuse_layers), batch 1 and 8. No download: the model is built from a
-config on the GPU and quantized with round-to-nearest (speed does not depend on the scales).
-``--kernel-options pdl,narrow,pdl+narrow`` times the fused int4 model again under each of the
-stream kernel's opt-in launch options (csrc/awq_ops.cpp reads them on every call, so one model
-serves all): what each gains end to end, beside the sweep's per-layer figures.
+awqlib int4 with ``fuse_layers`` (fused linears and one-op norms, rotary and activation), batch 1
+and 8. No download: the model is built from a config on the GPU and quantized with round-to-nearest
+(speed does not depend on the scales). ``--kernel-options pdl,narrow,pdl+narrow`` times the fused
+int4 model again under each of the stream kernel's opt-in launch options (csrc/awq_ops.cpp reads
+them on every call, so one model serves all). Then the rows that say where the time goes, each on a
+fresh model: int4 unfused, fp16 with the block ops (control: the same small ops, fp16 GEMMs), int4
+with fused linears only. Rows are written to the JSON as they are measured, most important first.
 
     python -m benchmarks.bench_generate --size 8b --out bench_generate.json
 """
@@ -98,7 +100,7 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from awqlib import AutoAWQ
-    from awqlib.fuse import fuse_model
+    from awqlib.fuse import fuse_block_ops, fuse_linears
 
     cfg = LlamaConfig(**SIZES[a.size], vocab_size=32000, max_position_embeddings=4096)
     with torch.device("cuda"):
@@ -124,14 +126,30 @@ def main(argv=None):
     wrapped.quantize(None, {"w_bit": 4, "q_group_size": 128}, method="rtn", device="cuda")
     # with --kernel-options the plain rows run with every option off (else as the environment says)
     plain = (lambda: kernel_options(())) if a.kernel_options else contextlib.nullcontext
+    fuse_linears(wrapped.model, wrapped.spec)
+    fuse_block_ops(wrapped.model, wrapped.spec)  # the two together: what fuse_layers=True gives
     with plain():
-        measure("awq-int4")
-    fuse_model(wrapped)
-    with plain():
-        measure("awq-int4-fused")
+        measure("awq-int4-fuse-layers")
     for names in a.kernel_options:
         with kernel_options(names):
-            measure("awq-int4-fused+" + "+".join(names))
+            measure("awq-int4-fuse-layers+" + "+".join(names))
+    # the rows that say where the time went: int4 without any fusion, int4 with fused linears only
+    # (fuse_layers=True before it fused the block ops), and fp16 with the block ops (same ops, fp16 GEMMs)
+    del wrapped, model
+    for label, block_ops in (("awq-int4", False), ("fp16-block-ops", True), ("awq-int4-fused", False)):
+        torch.cuda.empty_cache()
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).eval()
+        spec = AutoAWQ.from_model(model).spec
+        if label.startswith("awq-"):
+            AutoAWQ.from_model(model).quantize(None, {"w_bit": 4, "q_group_size": 128}, method="rtn", device="cuda")
+            if label == "awq-int4-fused":
+                fuse_linears(model, spec)
+        if block_ops:
+            fuse_block_ops(model, spec)
+        with plain():
+            measure(label)
+        del model
     print(f"\n{a.size} Llama, {report['device']}, prompt {a.prompt}, {a.new_tokens} new tokens, "
           f"int4 weights in the {report['runtime_layout']} runtime layout")
     print(decode_table(report))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -98,6 +99,15 @@ def write_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, text.encode())
+
+
+def tiny_model(arch: str):
+    """The test suite's tiny random model of family ``arch`` (tests/conftest.py's, loaded without a
+    sys.path edit)."""
+    spec = importlib.util.spec_from_file_location("awqlib_tests_conftest", ROOT / "tests" / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    return conftest.tiny_model(arch)
 
 
 def write_json(path: str | Path, obj) -> None:

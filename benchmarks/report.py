@@ -69,7 +69,13 @@ def kernels_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-DECODE_MODELS = {"fp16": "fp16", "awq-int4": "awqlib int4", "awq-int4-fused": "awqlib int4, `fuse_layers=True`"}
+DECODE_MODELS = {  # bench_generate's row labels
+    "fp16": "fp16",
+    "fp16-block-ops": "fp16 with awqlib's one-op norms, rotary and activation (control)",
+    "awq-int4": "awqlib int4",
+    "awq-int4-fused": "awqlib int4, q/k/v and gate/up fused",   # fuse_layers=True until it fused the block ops too
+    "awq-int4-fuse-layers": "awqlib int4, `fuse_layers=True` (fused linears, one-op norms, rotary, activation)",
+}
 
 
 def decode_table(report: dict) -> str:
@@ -88,7 +94,7 @@ def decode_table(report: dict) -> str:
             st = f"{step:.2f} ({_ratio(step0 / step)})"
         base_model, _, options = r["model"].partition("+")  # "+pdl+narrow": bench_generate --kernel-options
         name = DECODE_MODELS.get(base_model, base_model) + (f", {options.replace('+', ' + ')}" if options else "")
-        if r["model"] != "fp16" and report.get("runtime_layout"):  # which kernels the int4 rows ran
+        if r["model"].startswith("awq-") and report.get("runtime_layout"):  # which kernels the int4 rows ran
             name += f", {report['runtime_layout']} layout"
         lines.append(f"| {name} | {r['batch']} | {r['tokens_per_s']:.1f} | {st} |")
     return "\n".join(lines)
@@ -277,6 +283,17 @@ def blocks_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def dispatch_table(report: dict) -> str:
+    """bench_dispatch: ops one decode step dispatches per decoder layer (and in the whole step of the
+    tiny model), per family and variant."""
+    variants = report["variants"]
+    lines = ["ops per decoder layer in one decode step (whole step of the tiny model in brackets)", "",
+             "| family | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    for arch, row in report["rows"].items():
+        lines.append(f"| {arch} | " + " | ".join(f"{row[v]['per_layer']} ({row[v]['step']})" for v in variants) + " |")
+    return "\n".join(lines)
+
+
 def load_table(report: dict) -> str:
     """bench_load: host anonymous memory growth while loading a checkpoint, per device."""
     size = report["checkpoint_bytes"]
@@ -403,6 +420,7 @@ KINDS = {
     "bench_vs_autoawq": Kind(_runs(vs_autoawq_table), "autoawq", CPU, "vs-autoawq"),
     "bench_memory": Kind(_runs(memory_table), "peak_rss_bytes", CPU, "memory"),
     "bench_blocks": Kind(_one_run(blocks_table), "rows", CPU, "blocks"),
+    "bench_dispatch": Kind(_one_run(dispatch_table), "rows", CPU, "dispatch"),
     "bench_load": Kind(_one_run(load_table), "runs", GPU, "load"),
     "bench_quantize_gpu": Kind(_one_run(quantize_gpu_table), "rows", GPU, "quantize"),
     "tune_kernels": Kind(_one_run(tune_table), "rows", GPU, "tune"),

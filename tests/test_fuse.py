@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from awqlib import AutoAWQ
 from awqlib.fuse import FusedSlice, FusedWQLinear
-from conftest import tiny_model
+from conftest import ARCHS, tiny_model
 
 
 def test_fused_model_matches_unfused(tmp_path, calib_ids):
@@ -74,3 +74,119 @@ def test_a_runtime_layout_model_computes_and_saves_what_the_gemm_layout_does(tmp
         q.save_quantized(out)
         for f in ("model.safetensors", "config.json"):
             assert (out / f).read_bytes() == (tmp_path / "a" / f).read_bytes(), (fuse, f)
+
+
+# -- one op per norm, rotary and activation ----------------------------------------------------------
+
+# what fuse_block_ops replaces in the tiny models (2 blocks): families without a dense gated MLP
+# (MoE, OPT) keep theirs; OPT's LayerNorm and learned positions have nothing to replace
+BLOCK_OPS = {"opt": {"rms_norm": 0, "gated_mlp": 0, "rotary": 0},
+             "mixtral": {"rms_norm": 5, "gated_mlp": 0, "rotary": 2},
+             "qwen3_moe": {"rms_norm": 9, "gated_mlp": 0, "rotary": 2},
+             "qwen3": {"rms_norm": 9, "gated_mlp": 2, "rotary": 2},     # + q_norm, k_norm per block
+             "gemma2": {"rms_norm": 9, "gated_mlp": 2, "rotary": 2},    # 4 norms per block + the final one
+             "gemma3": {"rms_norm": 13, "gated_mlp": 2, "rotary": 2}}  # ... + q_norm, k_norm
+
+
+def _generate(model, ids):
+    return model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_block_ops_give_transformers_bits(arch, dtype, calib_ids):
+    """The one-op norms, rotary and activation compute transformers' own expressions: on the CPU the
+    logits and the greedy generation (KV cache and all) are bit for bit those of the unmodified model,
+    in every family, and the state dict keeps its names and tensors."""
+    from awqlib.arch import get_spec
+    from awqlib.fuse import fuse_block_ops
+    model = tiny_model(arch).to(dtype).eval()
+    ids = calib_ids[:2, :16]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        logits, gen = model(input_ids=ids).logits, _generate(model, ids[:1, :5])
+    counts = fuse_block_ops(model, get_spec(model.config.model_type))
+    assert counts == BLOCK_OPS.get(arch, {"rms_norm": 5, "gated_mlp": 2, "rotary": 2})
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, logits)
+        assert torch.equal(_generate(model, ids[:1, :5]), gen)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_fuse_layers_dispatches_13_ops_per_llama_layer():
+    """The point of the block ops: a decode step of a Llama layer dispatches 40 ops in transformers'
+    code (fp16 or int4) and 13 with fuse_layers (4 GEMMs, 2 norms, rotary, 2 KV-cache appends,
+    attention, 2 residual adds, act * up): each is at least one kernel on a GPU."""
+    from benchmarks.bench_dispatch import measure
+    rows = measure("llama")
+    assert rows["fp16"]["per_layer"] == rows["int4"]["per_layer"] == 40, rows["fp16"]["layer_ops"]
+    ops = rows["int4 fuse_layers"]["layer_ops"]
+    assert rows["int4 fuse_layers"]["per_layer"] == 13, ops
+    assert ops["awqlib.awq_gemm"] == 4 and ops["awqlib.rms_norm"] == 2 and ops["awqlib.rotary"] == 1
+    assert ops["awqlib.gated_act"] == 1
+
+
+def test_a_formula_awqlib_does_not_match_keeps_transformers_code(monkeypatch, calib_ids):
+    """Each replacement is checked against the code it replaces: an RMSNorm, activation or rotary
+    whose formula differs (a future transformers, a custom model) is left alone, and the model still
+    computes what it did."""
+    import transformers.models.llama.modeling_llama as ml
+    from awqlib.arch import get_spec
+    from awqlib.fuse import fuse_block_ops
+
+    def norm_in_fp32(self, x):  # scales before rounding (Gemma's order) where Llama rounds first
+        xf = x.float()
+        return (self.weight.float() * xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
+
+    def interleaved(q, k, cos, sin, unsqueeze_dim=1):  # GPT-J's rotary: pairs (0, 1), (2, 3), ...
+        def rot(x):
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+            return x * cos.unsqueeze(unsqueeze_dim) + torch.stack((-x2, x1), -1).flatten(-2) * sin.unsqueeze(unsqueeze_dim)
+        return rot(q), rot(k)
+
+    monkeypatch.setattr(ml.LlamaRMSNorm, "forward", norm_in_fp32)
+    monkeypatch.setattr(ml, "apply_rotary_pos_emb", interleaved)
+    model = tiny_model("llama").half().eval()
+    for layer in model.model.layers:
+        layer.mlp.act_fn = torch.nn.GELU()  # exact GELU: not one of blockops' activations
+    ids = calib_ids[:2, :16]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert fuse_block_ops(model, get_spec("llama")) == {"rms_norm": 0, "gated_mlp": 0, "rotary": 0}
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, logits)
+
+
+def test_probing_leaves_the_global_rng_alone():
+    from awqlib.arch import get_spec
+    from awqlib.fuse import fuse_block_ops
+    model = tiny_model("gemma3").eval()
+    torch.manual_seed(123)
+    fuse_block_ops(model, get_spec(model.config.model_type))
+    after = torch.rand(4)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(4), after)
+
+
+def test_rotary_swap_is_per_module_and_keeps_the_decorators(calib_ids):
+    """Only the fused model's attention modules see the one-op rotary (the class, transformers'
+    module and other models keep theirs), and the forward keeps what its decorators do (e.g.
+    transformers' renamed keyword arguments)."""
+    import inspect
+    import transformers.models.llama.modeling_llama as ml
+    from awqlib.arch import get_spec
+    from awqlib.fuse import fuse_block_ops
+    original_rotary, original_forward = ml.apply_rotary_pos_emb, ml.LlamaAttention.forward
+    fused, plain = tiny_model("llama").eval(), tiny_model("llama").eval()
+    fuse_block_ops(fused, get_spec("llama"))
+    assert ml.apply_rotary_pos_emb is original_rotary and ml.LlamaAttention.forward is original_forward
+    attn, ref = fused.model.layers[0].self_attn, plain.model.layers[0].self_attn
+    assert "forward" in vars(attn) and "forward" not in vars(ref)
+    assert inspect.signature(attn.forward) == inspect.signature(ref.forward)
+    x = torch.randn(1, 5, fused.config.hidden_size)
+    pos = fused.model.rotary_emb(x, torch.arange(5)[None])
+    names = inspect.signature(ref.forward).parameters
+    kw = {"past_key_values": None} if "cache" in names else {}  # a deprecated name the decorator still maps
+    with torch.no_grad():
+        assert torch.equal(attn(x, pos, None, **kw)[0], ref(x, pos, None, **kw)[0])

@@ -428,12 +428,15 @@ def test_decode_table_names_the_runtime_layout_of_the_int4_rows():
     text = report.decode_table({"rows": rows, "runtime_layout": "stream"})
     assert "| fp16 | 1 | 10.0 | 2.00 |" in text
     assert "| awqlib int4, stream layout | 1 | 10.0 | 1.00 (2.00x) |" in text
-    assert "| awqlib int4, `fuse_layers=True`, stream layout | 1 | 10.0 | 0.80 (2.50x) |" in text
+    assert "| awqlib int4, q/k/v and gate/up fused, stream layout | 1 | 10.0 | 0.80 (2.50x) |" in text
     assert "layout" not in report.decode_table({"rows": rows})  # runs that did not record it
     # rows timed with the stream kernel's opt-in options (bench_generate --kernel-options)
-    rows.append({"model": "awq-int4-fused+narrow+pdl", "batch": 1, "tokens_per_s": 12.0, "graph_step_ms": 0.5})
+    rows.append({"model": "awq-int4-fuse-layers+narrow+pdl", "batch": 1, "tokens_per_s": 12.0, "graph_step_ms": 0.5})
+    rows.append({"model": "fp16-block-ops", "batch": 1, "tokens_per_s": 11.0, "graph_step_ms": 1.6})
     text = report.decode_table({"rows": rows, "runtime_layout": "stream"})
-    assert "| awqlib int4, `fuse_layers=True`, narrow + pdl, stream layout | 1 | 12.0 | 0.50 (4.00x) |" in text
+    assert ("| awqlib int4, `fuse_layers=True` (fused linears, one-op norms, rotary, activation), narrow + pdl, "
+            "stream layout | 1 | 12.0 | 0.50 (4.00x) |") in text
+    assert "| fp16 with awqlib's one-op norms, rotary and activation (control) | 1 | 11.0 | 1.60 (1.25x) |" in text
 
 
 def test_bench_generate_kernel_options_are_strict(monkeypatch):

@@ -31,11 +31,25 @@ class ExpertSpec:
 
 
 @dataclass(frozen=True)
+class GatedMLP:
+    """A dense MLP computing ``down(act(gate(x)) * up(x))``, relative to the block; ``gate_up``: gate and
+    up as one linear whose output halves are [gate, up] (Phi-3).  ``fuse_layers`` runs act * up as one op."""
+    path: str = "mlp"
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+    act: str = "act_fn"             # the attribute holding the activation module
+    gate_up: str | None = None
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     name: str
     groups: tuple[ScaleGroup, ...]
     blocks: str = "model.layers"
     norm_offset: float = 0.0        # gemma: the norm multiplies by (offset + w)
+    norm_scale_in_fp32: bool = False  # gemma: the RMSNorm scales in fp32 and rounds once; llama: rounds, then scales
+    mlp: GatedMLP | None = GatedMLP()  # the block's dense gated MLP; None: none (MoE, OPT's fc1/fc2)
     no_clip: tuple[str, ...] = ("q_proj", "k_proj", "qkv_proj")  # error seen through softmax: skip clipping
     experts: ExpertSpec | None = None
     # module-path prefix -> checkpoint-name prefix, for names transformers 5 renames at load
@@ -53,20 +67,20 @@ GEMMA = ArchSpec("gemma", (
     _ATTN, _VO,
     ScaleGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
     _MLP_OUT,
-), norm_offset=1.0)
+), norm_offset=1.0, norm_scale_in_fp32=True)
 
 PHI3 = ArchSpec("phi3", (
     ScaleGroup("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
     ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),
     ScaleGroup("mlp.gate_up_proj", ("mlp.down_proj",), prev_rows=(1, 2)),  # down reads act(gate) * up
-))
+), mlp=GatedMLP(gate_up="gate_up_proj", act="activation_fn"))
 
 OPT = ArchSpec("opt", (
     ScaleGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
     ScaleGroup("self_attn.v_proj", ("self_attn.out_proj",)),
     ScaleGroup("final_layer_norm", ("fc1",)),
     ScaleGroup("fc1", ("fc2",)),  # ReLU is positively homogeneous: relu(x / s) = relu(x) / s
-), blocks="model.decoder.layers")
+), blocks="model.decoder.layers", mlp=None)
 
 
 def _moe(name: str, e: ExpertSpec, renames=()) -> ArchSpec:
@@ -75,7 +89,7 @@ def _moe(name: str, e: ExpertSpec, renames=()) -> ArchSpec:
         _ATTN, _VO,
         ScaleGroup("post_attention_layernorm", (x + e.gate, x + e.up), "mlp", scale_only=("mlp.gate",)),
         ScaleGroup(x + e.up, (x + e.down,)),
-    ), experts=e, checkpoint_renames=renames)
+    ), experts=e, checkpoint_renames=renames, mlp=None)
 
 
 MIXTRAL = _moe("mixtral", ExpertSpec("mlp.experts", "w1", "w3", "w2"), renames=((".mlp.", ".block_sparse_moe."),))
