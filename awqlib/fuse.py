@@ -18,7 +18,7 @@ Around the linears a decoder block runs ~35 small kernels in transformers' code 
 the rotary embedding of q and k 10, the activation 2): at decode they take about as long as the
 int4 linears and dominate HF ``generate``'s host time.  :func:`fuse_block_ops` gives each of them
 one :mod:`awqlib.blockops` op -- RMSNorm modules become :class:`FusedRMSNorm`, the dense gated MLP
-:class:`FusedGatedMLP`, and the attention's rotary function (looked up in its module's globals) ours,
+:class:`FusedGatedMLP`, unfused experts run act * up as one op, and the attention's rotary function (looked up in its module's globals) ours,
 for that attention module only.  Every replacement is first checked against the code it replaces,
 bit for bit on a probe input, so a transformers release that changes a formula keeps its own code
 (logged); the state dict keeps its names.
@@ -36,6 +36,7 @@ from . import blockops
 from .arch import GatedMLP
 from .arch.blocks import expand_groups, find_submodule, get_blocks, replace_module
 from .modules import WQLinear
+from .moe import UnfusedExperts
 from .quant import pack_factor
 
 log = logging.getLogger("awqlib")
@@ -294,7 +295,7 @@ def _rotary_forward(attn: nn.Module, config, cache: dict):
 def fuse_block_ops(model: nn.Module, spec) -> dict[str, int]:
     """Give the model's RMSNorms, dense gated MLPs and attention rotaries one op each (see the module
     docstring); works on quantized and unquantized models alike.  Returns what it replaced, by kind."""
-    counts = {"rms_norm": 0, "gated_mlp": 0, "rotary": 0}
+    counts = {"rms_norm": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 0}
     for name, module in list(model.named_modules()):
         fused = _rms_norm_replacement(module, spec) if name else None
         if fused is not None:
@@ -309,6 +310,12 @@ def fuse_block_ops(model: nn.Module, spec) -> dict[str, int]:
             if fused is not None:
                 replace_module(block, spec.mlp.path, fused)
                 counts["gated_mlp"] += 1
+        experts = find_submodule(block, spec.experts.path) if spec.experts else None
+        if isinstance(experts, UnfusedExperts) and len(experts):
+            act = _activation_name(experts[0].act_fn)
+            for expert in experts if act else ():
+                expert.act_op = act
+                counts["expert_act"] += 1
         attn = find_submodule(block, "self_attn")
         forward = _rotary_forward(attn, config, rotaries) if attn is not None else None
         if forward is not None:

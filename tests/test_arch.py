@@ -136,3 +136,31 @@ def test_moe_statistics_are_per_expert(calib_ids):
     assert sites["mlp.experts.0.w1"] is not sites["mlp.experts.1.w1"]
     assert sum(per_expert) == 2 * total  # top-2 routing
     assert inspected["mlp"].site.count == total
+
+
+def test_experts_run_only_where_tokens_are_routed():
+    """UnfusedExperts groups the (token, slot) pairs by expert with one sort and one host sync and
+    runs only the experts that got tokens, with the bits of a loop asking every expert for its
+    tokens (same row order within an expert, experts added in index order)."""
+    from awqlib.arch import ExpertSpec
+    from awqlib.moe import UnfusedExperts
+
+    def every_expert(experts, x, index, weights):
+        out = torch.zeros_like(x)
+        for i, expert in enumerate(experts):
+            token, slot = torch.where(index == i)
+            if token.numel():
+                out.index_add_(0, token, (expert(x[token]) * weights[token, slot, None]).to(out.dtype))
+        return out
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float16):
+        experts = UnfusedExperts(ExpertSpec("mlp.experts", "gate_proj", "up_proj", "down_proj"), 16, 64, 96,
+                                 torch.nn.SiLU(), dtype=dtype)
+        for p in experts.parameters():
+            p.data = torch.randn(p.shape, generator=g).to(dtype) / 8
+        for tokens, k in ((1, 2), (7, 4), (33, 8), (5, 1)):
+            x = torch.randn(tokens, 64, generator=g).to(dtype)
+            index = torch.stack([torch.randperm(16, generator=g)[:k] for _ in range(tokens)])
+            weights = torch.rand(tokens, k, generator=g).to(dtype)
+            assert torch.equal(experts(x, index, weights), every_expert(experts, x, index, weights)), (dtype, tokens, k)

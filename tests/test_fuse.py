@@ -80,12 +80,12 @@ def test_a_runtime_layout_model_computes_and_saves_what_the_gemm_layout_does(tmp
 
 # what fuse_block_ops replaces in the tiny models (2 blocks): families without a dense gated MLP
 # (MoE, OPT) keep theirs; OPT's LayerNorm and learned positions have nothing to replace
-BLOCK_OPS = {"opt": {"rms_norm": 0, "gated_mlp": 0, "rotary": 0},
-             "mixtral": {"rms_norm": 5, "gated_mlp": 0, "rotary": 2},
-             "qwen3_moe": {"rms_norm": 9, "gated_mlp": 0, "rotary": 2},
-             "qwen3": {"rms_norm": 9, "gated_mlp": 2, "rotary": 2},     # + q_norm, k_norm per block
-             "gemma2": {"rms_norm": 9, "gated_mlp": 2, "rotary": 2},    # 4 norms per block + the final one
-             "gemma3": {"rms_norm": 13, "gated_mlp": 2, "rotary": 2}}  # ... + q_norm, k_norm
+BLOCK_OPS = {"opt": {"rms_norm": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 0},
+             "mixtral": {"rms_norm": 5, "gated_mlp": 0, "expert_act": 0, "rotary": 2},  # experts still fused (3-D)
+             "qwen3_moe": {"rms_norm": 9, "gated_mlp": 0, "expert_act": 0, "rotary": 2},
+             "qwen3": {"rms_norm": 9, "gated_mlp": 2, "expert_act": 0, "rotary": 2},     # + q_norm, k_norm per block
+             "gemma2": {"rms_norm": 9, "gated_mlp": 2, "expert_act": 0, "rotary": 2},    # 4 norms per block + the last
+             "gemma3": {"rms_norm": 13, "gated_mlp": 2, "expert_act": 0, "rotary": 2}}  # ... + q_norm, k_norm
 
 
 def _generate(model, ids):
@@ -106,7 +106,7 @@ def test_block_ops_give_transformers_bits(arch, dtype, calib_ids):
     with torch.no_grad():
         logits, gen = model(input_ids=ids).logits, _generate(model, ids[:1, :5])
     counts = fuse_block_ops(model, get_spec(model.config.model_type))
-    assert counts == BLOCK_OPS.get(arch, {"rms_norm": 5, "gated_mlp": 2, "rotary": 2})
+    assert counts == BLOCK_OPS.get(arch, {"rms_norm": 5, "gated_mlp": 2, "expert_act": 0, "rotary": 2})
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, logits)
         assert torch.equal(_generate(model, ids[:1, :5]), gen)
@@ -153,7 +153,7 @@ def test_a_formula_awqlib_does_not_match_keeps_transformers_code(monkeypatch, ca
     ids = calib_ids[:2, :16]
     with torch.no_grad():
         logits = model(input_ids=ids).logits
-    assert fuse_block_ops(model, get_spec("llama")) == {"rms_norm": 0, "gated_mlp": 0, "rotary": 0}
+    assert fuse_block_ops(model, get_spec("llama")) == {"rms_norm": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 0}
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, logits)
 
@@ -190,3 +190,21 @@ def test_rotary_swap_is_per_module_and_keeps_the_decorators(calib_ids):
     kw = {"past_key_values": None} if "cache" in names else {}  # a deprecated name the decorator still maps
     with torch.no_grad():
         assert torch.equal(attn(x, pos, None, **kw)[0], ref(x, pos, None, **kw)[0])
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_quantized_experts_run_act_times_up_as_one_op(arch, calib_ids):
+    """Quantizing unfuses the experts into per-expert linears; fuse_block_ops then gives each expert
+    the one-op act * up, with the unfused model's bits on the CPU."""
+    from awqlib.arch import get_spec
+    from awqlib.fuse import fuse_block_ops
+    w = AutoAWQ.from_model(tiny_model(arch)).quantize(None, {"q_group_size": 64}, method="rtn")
+    ids = calib_ids[:2, :16]
+    with torch.no_grad():
+        logits, gen = w.model(input_ids=ids).logits, _generate(w.model, ids[:1, :5])
+    counts = fuse_block_ops(w.model, get_spec(w.model.config.model_type))
+    n_experts = w.model.config.num_local_experts if arch == "mixtral" else w.model.config.num_experts
+    assert counts["expert_act"] == 2 * n_experts and counts["gated_mlp"] == 0
+    with torch.no_grad():
+        assert torch.equal(w.model(input_ids=ids).logits, logits)
+        assert torch.equal(_generate(w.model, ids[:1, :5]), gen)
