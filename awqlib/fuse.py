@@ -66,8 +66,13 @@ class FusedWQLinear(nn.Module):
         self._pending = 0
 
     def part(self, x: torch.Tensor, idx: int) -> torch.Tensor:
-        key = (id(x), x._version)
-        if self._pending == 0 or key != self._key:
+        # Eager: keyed by identity and version counter (no reference kept to x).  Traced by
+        # torch.compile: keyed by the traced tensor itself (it has neither), which dynamo compares
+        # while tracing and keeps as a side effect: the graph holds one GEMM per fused group.
+        compiling = torch.compiler.is_compiling()
+        key = x if compiling else (id(x), x._version)
+        stale = self._key is not key if compiling else key != self._key
+        if self._pending == 0 or stale:
             self._outs = self.linear(x).split(self.sizes, dim=-1)
             self._key, self._pending = key, len(self.sizes)
         self._pending -= 1

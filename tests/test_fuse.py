@@ -208,3 +208,27 @@ def test_quantized_experts_run_act_times_up_as_one_op(arch, calib_ids):
     with torch.no_grad():
         assert torch.equal(w.model(input_ids=ids).logits, logits)
         assert torch.equal(_generate(w.model, ids[:1, :5]), gen)
+
+
+def test_fuse_layers_model_compiles_whole_with_one_gemm_per_fused_group(calib_ids):
+    """torch.compile(fullgraph=True) traces a fuse_layers model without a graph break (the ops have
+    fake implementations; the fused slices' cache is keyed by the traced tensor), gives the eager
+    bits, and its graph holds 4 quantized GEMMs and 2 one-op norms per Llama layer (+ the last norm)."""
+    from awqlib.fuse import fuse_layers
+    w = AutoAWQ.from_model(tiny_model("llama")).quantize(None, {"q_group_size": 64}, method="rtn")
+    fuse_layers(w.model, w.spec)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    ids = calib_ids[:1, :8]
+    with torch.no_grad():
+        eager = w.model(input_ids=ids, use_cache=False).logits
+        compiled = torch.compile(w.model, fullgraph=True, backend=backend)(input_ids=ids, use_cache=False).logits
+    assert torch.equal(compiled, eager) and len(graphs) == 1
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert sum("awq_gemm" in t for t in targets) == 2 * 4
+    assert sum("rms_norm" in t for t in targets) == 2 * 2 + 1
+    assert sum("rotary" in t for t in targets) == 2 and sum("gated_act" in t for t in targets) == 2
