@@ -32,7 +32,7 @@ import types
 import torch
 from torch import nn
 
-from . import blockops
+from . import blockops, kernels
 from .arch import GatedMLP
 from .arch.blocks import expand_groups, find_submodule, get_blocks, replace_module
 from .modules import WQLinear
@@ -159,9 +159,45 @@ def fuse_linears(model: nn.Module, spec) -> int:
 
 def _probe(shape: tuple[int, ...], like: torch.Tensor, seed: int) -> torch.Tensor:
     """A reproducible probe input on ``like``'s device and dtype (not drawn from the global RNG: the
-    user's seeds must not move)."""
+    user's seeds must not move).  On CUDA the kernels are loaded first, so that the probe checks
+    the kernel that will serve the model, not the reference it falls back to until then."""
+    if like.device.type == "cuda":
+        kernels.load()
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=g) * 4).to(device=like.device, dtype=like.dtype)
+
+
+def _where(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor of ``dtype`` on the device ``module`` computes on (the CPU for meta tensors)."""
+    t = next((t for t in (*module.parameters(), *module.buffers()) if not t.is_meta), None)
+    return torch.empty(0, dtype=dtype, device=t.device if t is not None else "cpu")
+
+
+# A probe runs the op itself where the model computes.  Where the op is the reference (every device
+# but CUDA) it must give transformers' bits; a CUDA kernel sums and rounds in its own order, so there
+# it may differ by two units in the last place of the output's largest value.
+_TWO_ULPS = {torch.float16: 2.0 ** -9, torch.bfloat16: 2.0 ** -6, torch.float32: 2.0 ** -22}
+
+
+def _agree(got, want: torch.Tensor) -> bool:
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype:
+        return False
+    if want.device.type != "cuda":
+        return torch.equal(got, want)
+    tol = _TWO_ULPS.get(want.dtype, 0.0) * want.abs().max().float()
+    return bool(((got.float() - want.float()).abs() <= tol).all())
+
+
+def _probe_agrees(what: str, op_outputs, want, reference) -> bool:
+    """Whether the op's outputs on a probe agree with transformers' ``want``; a CUDA kernel that
+    disagrees where the reference agrees is a kernel bug, said loudly (transformers' code stays)."""
+    op_outputs, want, reference = (x if isinstance(x, tuple) else (x,) for x in (op_outputs, want, reference))
+    if len(want) == len(op_outputs) and all(_agree(g, w) for g, w in zip(op_outputs, want)):
+        return True
+    if want[0].device.type == "cuda" and all(_agree(r, w) for r, w in zip(reference, want)):
+        log.warning("awqlib: the CUDA kernel of %s disagrees with transformers' code on a probe input; keeping "
+                    "transformers' code (please report this, with the GPU and the torch version)", what)
+    return False
 
 
 class FusedRMSNorm(nn.Module):
@@ -180,18 +216,20 @@ class FusedRMSNorm(nn.Module):
                 f"scale_in_fp32={self.scale_in_fp32}")
 
 
-def _rms_norm_replacement(module: nn.Module, spec) -> FusedRMSNorm | None:
-    """A FusedRMSNorm computing exactly what ``module`` does, or None (not an RMSNorm we know)."""
+def _rms_norm_replacement(module: nn.Module, spec, dtype: torch.dtype) -> FusedRMSNorm | None:
+    """A FusedRMSNorm computing what ``module`` does (on inputs of ``dtype``), or None (not an RMSNorm
+    we know)."""
     weight = getattr(module, "weight", None)
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     if (not type(module).__name__.endswith("RMSNorm") or not isinstance(weight, torch.Tensor) or weight.dim() != 1
             or weight.is_meta or not isinstance(eps, float) or list(module.children())):
         return None
     fused = FusedRMSNorm(weight, eps, spec.norm_offset, spec.norm_scale_in_fp32)
-    x = _probe((3, weight.shape[0]), weight, 0)
+    x = _probe((3, weight.shape[0]), torch.empty(0, dtype=dtype, device=weight.device), 0)
     with torch.no_grad():
-        return fused if torch.equal(module(x), blockops._reference_rms_norm(x, weight, eps, spec.norm_offset,
-                                                                            spec.norm_scale_in_fp32)) else None
+        ok = _probe_agrees("rms_norm", fused(x), module(x), blockops._reference_rms_norm(
+            x, weight, eps, spec.norm_offset, spec.norm_scale_in_fp32))
+    return fused if ok else None
 
 
 class FusedGatedMLP(nn.Module):
@@ -216,25 +254,26 @@ class FusedGatedMLP(nn.Module):
         return f"act={self.act}"
 
 
-def _activation_name(act: nn.Module) -> str | None:
-    """The blockops activation computing exactly what ``act`` does, or None."""
-    gate, up = _probe((4, 256), torch.empty(0), 1), _probe((4, 256), torch.empty(0), 2)
+def _activation_name(act: nn.Module, like: torch.Tensor) -> str | None:
+    """The blockops activation computing what ``act`` does (on ``like``'s device and dtype), or None."""
+    gate, up = _probe((4, 256), like, 1), _probe((4, 256), like, 2)
     with torch.no_grad():
         try:
             want = act(gate) * up
         except Exception:  # noqa: BLE001 -- not an elementwise activation of one tensor
             return None
-        return next((a for a in blockops.ACTIVATIONS
-                     if torch.equal(want, blockops._reference_gated_act(gate, up, a))), None)
+        return next((a for a in blockops.ACTIVATIONS if _probe_agrees(
+            f"gated_act({a})", blockops.gated_act(gate, up, a), want,
+            blockops._reference_gated_act(gate, up, a))), None)
 
 
-def _mlp_replacement(block: nn.Module, spec: GatedMLP) -> FusedGatedMLP | None:
+def _mlp_replacement(block: nn.Module, spec: GatedMLP, dtype: torch.dtype) -> FusedGatedMLP | None:
     mlp = find_submodule(block, spec.path)
     names = (spec.gate_up, spec.down) if spec.gate_up else (spec.gate, spec.up, spec.down)
     if mlp is None or not all(isinstance(getattr(mlp, n, None), nn.Module) for n in names):
         return None
     act = getattr(mlp, spec.act, None)
-    name = _activation_name(act) if isinstance(act, nn.Module) else None
+    name = _activation_name(act, _where(mlp, dtype)) if isinstance(act, nn.Module) else None
     return FusedGatedMLP(mlp, spec, name) if name else None
 
 
@@ -248,16 +287,18 @@ def _fused_rotary(original):
     return apply_rotary_pos_emb
 
 
-def _rotary_matches(original, head_dim: int, rotary_dim: int) -> bool:
-    like = torch.empty(0)
+def _rotary_matches(original, head_dim: int, rotary_dim: int, like: torch.Tensor) -> bool:
     q, k = _probe((2, 3, 5, head_dim), like, 3), _probe((2, 1, 5, head_dim), like, 4)
     cos, sin = _probe((2, 5, rotary_dim), like, 5), _probe((2, 5, rotary_dim), like, 6)
-    try:
-        want = original(q, k, cos, sin)
-    except Exception:  # noqa: BLE001 -- another signature or another rotary (e.g. interleaved pairs)
-        return False
-    got = blockops._reference_rotary(q, k, cos, sin, 1)
-    return all(isinstance(w, torch.Tensor) and torch.equal(w, g) for w, g in zip(want, got))
+    with torch.no_grad():
+        try:
+            want = original(q, k, cos, sin)
+        except Exception:  # noqa: BLE001 -- another signature or another rotary (e.g. interleaved pairs)
+            return False
+        if not isinstance(want, tuple) or len(want) != 2:
+            return False
+        return _probe_agrees("rotary", blockops.rotary(q, k, cos, sin, 1), want,
+                             blockops._reference_rotary(q, k, cos, sin, 1))
 
 
 def _with_globals(fn, replace: dict):
@@ -279,7 +320,7 @@ def _with_globals(fn, replace: dict):
 _ROTARY = "apply_rotary_pos_emb"
 
 
-def _rotary_forward(attn: nn.Module, config, cache: dict):
+def _rotary_forward(attn: nn.Module, config, cache: dict, dtype: torch.dtype):
     """The attention's own forward with our rotary, or None (its class does not call a rotary we match)."""
     cls = type(attn)
     if cls not in cache:
@@ -292,7 +333,7 @@ def _rotary_forward(attn: nn.Module, config, cache: dict):
         head_dim = getattr(attn, "head_dim", None)
         if callable(original) and _ROTARY in inner.__code__.co_names and isinstance(head_dim, int):
             rotary_dim = int(head_dim * getattr(config, "partial_rotary_factor", 1.0) or head_dim)
-            if rotary_dim % 2 == 0 and _rotary_matches(original, head_dim, rotary_dim):
+            if rotary_dim % 2 == 0 and _rotary_matches(original, head_dim, rotary_dim, _where(attn, dtype)):
                 cache[cls] = _with_globals(fn, {_ROTARY: _fused_rotary(original)})
     return cache[cls]
 
@@ -301,8 +342,10 @@ def fuse_block_ops(model: nn.Module, spec) -> dict[str, int]:
     """Give the model's RMSNorms, dense gated MLPs and attention rotaries one op each (see the module
     docstring); works on quantized and unquantized models alike.  Returns what it replaced, by kind."""
     counts = {"rms_norm": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 0}
+    # the dtype the model computes in (its embeddings' and norms'; quantized linears hold no parameters)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     for name, module in list(model.named_modules()):
-        fused = _rms_norm_replacement(module, spec) if name else None
+        fused = _rms_norm_replacement(module, spec, dtype) if name else None
         if fused is not None:
             replace_module(model, name, fused)
             counts["rms_norm"] += 1
@@ -311,18 +354,18 @@ def fuse_block_ops(model: nn.Module, spec) -> dict[str, int]:
     config = getattr(config, "get_text_config", lambda: config)()
     for block in get_blocks(model, spec):
         if spec.mlp is not None:
-            fused = _mlp_replacement(block, spec.mlp)
+            fused = _mlp_replacement(block, spec.mlp, dtype)
             if fused is not None:
                 replace_module(block, spec.mlp.path, fused)
                 counts["gated_mlp"] += 1
         experts = find_submodule(block, spec.experts.path) if spec.experts else None
         if isinstance(experts, UnfusedExperts) and len(experts):
-            act = _activation_name(experts[0].act_fn)
+            act = _activation_name(experts[0].act_fn, _where(experts, dtype))
             for expert in experts if act else ():
                 expert.act_op = act
                 counts["expert_act"] += 1
         attn = find_submodule(block, "self_attn")
-        forward = _rotary_forward(attn, config, rotaries) if attn is not None else None
+        forward = _rotary_forward(attn, config, rotaries, dtype) if attn is not None else None
         if forward is not None:
             attn.forward = types.MethodType(forward, attn)
             counts["rotary"] += 1

@@ -232,3 +232,28 @@ def test_fuse_layers_model_compiles_whole_with_one_gemm_per_fused_group(calib_id
     assert sum("awq_gemm" in t for t in targets) == 2 * 4
     assert sum("rms_norm" in t for t in targets) == 2 * 2 + 1
     assert sum("rotary" in t for t in targets) == 2 and sum("gated_act" in t for t in targets) == 2
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "gated_act", "rotary"])
+def test_an_op_that_disagrees_with_transformers_on_the_probe_is_not_used(monkeypatch, op, calib_ids):
+    """The probes run the op itself (the CUDA kernel on a GPU), not only its reference: an op that
+    computes something else is never swapped in."""
+    from awqlib import blockops
+    from awqlib.arch import get_spec
+    from awqlib.fuse import fuse_block_ops
+    real = getattr(blockops, op)
+
+    def off_by_a_bit(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return tuple(o * 1.001 for o in out) if isinstance(out, tuple) else out * 1.001
+
+    monkeypatch.setattr(blockops, op, off_by_a_bit)
+    model = tiny_model("llama").eval()
+    ids = calib_ids[:2, :16]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    counts = fuse_block_ops(model, get_spec("llama"))
+    assert counts[{"rms_norm": "rms_norm", "gated_act": "gated_mlp", "rotary": "rotary"}[op]] == 0, counts
+    assert sum(counts.values()) > 0  # the others still are
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, logits)

@@ -95,3 +95,40 @@ def test_in_process_quantize_serves_the_runtime_layout(tmp_path, monkeypatch, la
     ids = torch.randint(0, 512, (2, 24), device="cuda")
     with torch.no_grad():
         assert torch.equal(w(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3", "phi3"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_block_op_kernels_pass_the_fuse_probes(arch, dtype):
+    """On a GPU the fuse probes run the CUDA kernels of the block ops against transformers' code:
+    every norm, MLP activation and rotary is replaced (each kernel agreed), and the model computes
+    what transformers' code computes, up to the kernels' own rounding order."""
+    from conftest import tiny_model
+
+    from awqlib import kernels
+    from awqlib.arch import get_spec
+    from awqlib.fuse import fuse_block_ops
+    assert kernels.load(), "CUDA kernels must build on a GPU machine with nvcc"
+    plain, fused = (tiny_model(arch).to("cuda", dtype).eval() for _ in range(2))
+    counts = fuse_block_ops(fused, get_spec(fused.config.model_type))
+    assert counts["rms_norm"] > 0 and counts["gated_mlp"] == 2 and counts["rotary"] == 2, counts
+    ids = torch.randint(0, fused.config.vocab_size, (3, 33), device="cuda")
+    with torch.no_grad():
+        a, b = plain(input_ids=ids).logits.float(), fused(input_ids=ids).logits.float()
+    assert ((a - b).norm() / a.norm()).item() < (2e-3 if dtype == torch.float16 else 2e-2)
+
+
+def test_block_op_kernel_that_disagrees_is_refused_loudly(monkeypatch, caplog):
+    import logging
+    from conftest import tiny_model
+
+    from awqlib import blockops
+    from awqlib.arch import get_spec
+    from awqlib.fuse import fuse_block_ops
+    real = blockops.rms_norm
+    monkeypatch.setattr(blockops, "rms_norm", lambda x, *a: real(x, *a) * (1.01 if x.is_cuda else 1.0))
+    model = tiny_model("llama").to("cuda", torch.float16).eval()
+    with caplog.at_level(logging.WARNING, logger="awqlib"):
+        counts = fuse_block_ops(model, get_spec("llama"))
+    assert counts["rms_norm"] == 0 and counts["rotary"] == 2
+    assert "the CUDA kernel of rms_norm disagrees with transformers' code" in caplog.text
