@@ -136,3 +136,29 @@ def test_kernel_enum_mirrors_cpp():
     snake = {re.sub(r"(?<!^)(?=[A-Z])", "_", k).upper(): v for k, v in cpp.items()}
     snake["TILED_GEMM"] = snake.pop("TILED")  # the C++ name predates the warp-tiled layout
     assert snake == {k.name: int(k) for k in Kernel}
+
+
+@pytest.mark.parametrize("layout", ["gemm", "tiled", "stream"])
+def test_gradients_reach_the_activations(layout):
+    """Trainable modules around frozen int4 linears (LoRA adapters) need d(xW)/dx: awq_gemm's backward
+    gives grad W^T with the weight dequantized as the forward used it, in every layout, and a
+    LoRA-style adapter beside a WQLinear trains."""
+    from awqlib import ops
+    torch.manual_seed(0)
+    q = WQLinear.from_linear(torch.nn.Linear(256, 128, bias=True), 4, 64)
+    if layout != "gemm":
+        assert q.set_layout(layout)
+    x = torch.randn(2, 3, 256, requires_grad=True)
+    q(x).square().sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    ref = ops._reference_gemm(x2, q.qweight, q.qzeros, q.scales_for(x2.dtype), q.group_size) + q.bias.float()
+    ref.square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+
+    adapter = torch.nn.Linear(256, 128, bias=False)
+    before = adapter.weight.detach().clone()
+    opt = torch.optim.SGD(adapter.parameters(), lr=0.1)
+    loss = (q(x.detach()) + adapter(x.detach())).square().mean()
+    loss.backward()
+    opt.step()
+    assert not torch.equal(adapter.weight, before)
