@@ -173,14 +173,23 @@ def _where(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype, device=t.device if t is not None else "cpu")
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Hooks (a user's, accelerate's device hooks) or a forward already replaced on the instance:
+    replacing the module or its forward would drop them, so such modules keep their code."""
+    return (getattr(module, "_hf_hook", None) is not None or "forward" in vars(module)
+            or any(getattr(module, h, None) for h in ("_forward_hooks", "_forward_pre_hooks",
+                                                       "_backward_hooks", "_backward_pre_hooks")))
+
+
 # A probe runs the op itself where the model computes.  Where the op is the reference (every device
 # but CUDA) it must give transformers' bits; a CUDA kernel sums and rounds in its own order, so there
 # it may differ by two units in the last place of the output's largest value.
 _TWO_ULPS = {torch.float16: 2.0 ** -9, torch.bfloat16: 2.0 ** -6, torch.float32: 2.0 ** -22}
 
 
-def _agree(got, want: torch.Tensor) -> bool:
-    if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype:
+def _agree(got, want) -> bool:
+    if not isinstance(got, torch.Tensor) or not isinstance(want, torch.Tensor) or got.shape != want.shape \
+            or got.dtype != want.dtype:
         return False
     if want.device.type != "cuda":
         return torch.equal(got, want)
@@ -188,15 +197,27 @@ def _agree(got, want: torch.Tensor) -> bool:
     return bool(((got.float() - want.float()).abs() <= tol).all())
 
 
-def _probe_agrees(what: str, op_outputs, want, reference) -> bool:
-    """Whether the op's outputs on a probe agree with transformers' ``want``; a CUDA kernel that
-    disagrees where the reference agrees is a kernel bug, said loudly (transformers' code stays)."""
-    op_outputs, want, reference = (x if isinstance(x, tuple) else (x,) for x in (op_outputs, want, reference))
-    if len(want) == len(op_outputs) and all(_agree(g, w) for g, w in zip(op_outputs, want)):
-        return True
-    if want[0].device.type == "cuda" and all(_agree(r, w) for r, w in zip(reference, want)):
-        log.warning("awqlib: the CUDA kernel of %s disagrees with transformers' code on a probe input; keeping "
-                    "transformers' code (please report this, with the GPU and the torch version)", what)
+def _probe_agrees(what: str, run_op, run_transformers, run_reference=None) -> bool:
+    """Whether the op (``run_op()``) agrees with transformers' code (``run_transformers()``) on a probe.
+    A CUDA kernel that disagrees where the op's reference (``run_reference()``) agrees is a kernel
+    bug, said loudly; either way transformers' code stays."""
+    with torch.no_grad():
+        try:
+            want = run_transformers()
+        except Exception:  # noqa: BLE001 -- another signature: not the code the op replaces
+            return False
+        want = want if isinstance(want, tuple) else (want,)
+        got = run_op()
+        got = got if isinstance(got, tuple) else (got,)
+        if len(got) == len(want) and all(_agree(g, w) for g, w in zip(got, want)):
+            return True
+        if run_reference is not None and isinstance(want[0], torch.Tensor) and want[0].device.type == "cuda":
+            ref = run_reference()
+            ref = ref if isinstance(ref, tuple) else (ref,)
+            if len(ref) == len(want) and all(_agree(r, w) for r, w in zip(ref, want)):
+                log.warning("awqlib: the CUDA kernel of %s disagrees with transformers' code on a probe input; "
+                            "keeping transformers' code (please report this, with the GPU and the torch version)",
+                            what)
     return False
 
 
@@ -217,19 +238,18 @@ class FusedRMSNorm(nn.Module):
 
 
 def _rms_norm_replacement(module: nn.Module, spec, dtype: torch.dtype) -> FusedRMSNorm | None:
-    """A FusedRMSNorm computing what ``module`` does (on inputs of ``dtype``), or None (not an RMSNorm
-    we know)."""
-    weight = getattr(module, "weight", None)
+    """A FusedRMSNorm computing what ``module`` does on inputs of ``dtype``, or None (not an RMSNorm
+    we reproduce: other parameters, hooks, another formula)."""
+    weight = module._parameters.get("weight")
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if (not type(module).__name__.endswith("RMSNorm") or not isinstance(weight, torch.Tensor) or weight.dim() != 1
-            or weight.is_meta or not isinstance(eps, float) or list(module.children())):
+    if (isinstance(module, FusedRMSNorm) or not type(module).__name__.endswith("RMSNorm") or weight is None
+            or weight.dim() != 1 or weight.is_meta or not isinstance(eps, float) or set(module._parameters) != {"weight"}
+            or module._buffers or list(module.children()) or _hooked(module)):
         return None
     fused = FusedRMSNorm(weight, eps, spec.norm_offset, spec.norm_scale_in_fp32)
     x = _probe((3, weight.shape[0]), torch.empty(0, dtype=dtype, device=weight.device), 0)
-    with torch.no_grad():
-        ok = _probe_agrees("rms_norm", fused(x), module(x), blockops._reference_rms_norm(
-            x, weight, eps, spec.norm_offset, spec.norm_scale_in_fp32))
-    return fused if ok else None
+    reference = lambda: blockops._reference_rms_norm(x, weight, eps, spec.norm_offset, spec.norm_scale_in_fp32)  # noqa: E731
+    return fused if _probe_agrees("rms_norm", lambda: fused(x), lambda: module.forward(x), reference) else None
 
 
 class FusedGatedMLP(nn.Module):
@@ -257,63 +277,104 @@ class FusedGatedMLP(nn.Module):
 def _activation_name(act: nn.Module, like: torch.Tensor) -> str | None:
     """The blockops activation computing what ``act`` does (on ``like``'s device and dtype), or None."""
     gate, up = _probe((4, 256), like, 1), _probe((4, 256), like, 2)
-    with torch.no_grad():
-        try:
-            want = act(gate) * up
-        except Exception:  # noqa: BLE001 -- not an elementwise activation of one tensor
-            return None
-        return next((a for a in blockops.ACTIVATIONS if _probe_agrees(
-            f"gated_act({a})", blockops.gated_act(gate, up, a), want,
-            blockops._reference_gated_act(gate, up, a))), None)
+    return next((a for a in blockops.ACTIVATIONS if _probe_agrees(
+        f"gated_act({a})", lambda: blockops.gated_act(gate, up, a), lambda: act(gate) * up,
+        lambda: blockops._reference_gated_act(gate, up, a))), None)
 
 
 def _mlp_replacement(block: nn.Module, spec: GatedMLP, dtype: torch.dtype) -> FusedGatedMLP | None:
+    """A FusedGatedMLP computing what the block's MLP does (the whole forward, probed), or None."""
     mlp = find_submodule(block, spec.path)
     names = (spec.gate_up, spec.down) if spec.gate_up else (spec.gate, spec.up, spec.down)
-    if mlp is None or not all(isinstance(getattr(mlp, n, None), nn.Module) for n in names):
+    if (mlp is None or isinstance(mlp, FusedGatedMLP) or mlp._parameters or mlp._buffers or _hooked(mlp)
+            or not all(isinstance(getattr(mlp, n, None), nn.Module) for n in names)):
         return None
-    act = getattr(mlp, spec.act, None)
-    name = _activation_name(act, _where(mlp, dtype)) if isinstance(act, nn.Module) else None
-    return FusedGatedMLP(mlp, spec, name) if name else None
+    act, hidden = getattr(mlp, spec.act, None), getattr(getattr(mlp, names[0]), "in_features", None)
+    like = _where(mlp, dtype)
+    name = _activation_name(act, like) if isinstance(act, nn.Module) and isinstance(hidden, int) else None
+    if name is None:
+        return None
+    fused = FusedGatedMLP(mlp, spec, name)
+    x = _probe((3, hidden), like, 7)
+    return fused if _probe_agrees(f"{spec.path} with gated_act", lambda: fused(x), lambda: mlp.forward(x)) else None
+
+
+def _experts_act(experts: UnfusedExperts, dtype: torch.dtype) -> str | None:
+    """The blockops activation every unfused expert may run act * up with (probed on the first)."""
+    first = experts[0]
+    act = _activation_name(first.act_fn, _where(experts, dtype))
+    if act is None or any(_hooked(e) or e.act_fn is not first.act_fn for e in experts):
+        return None
+    x = _probe((3, getattr(first, first._names[0]).in_features), _where(first, dtype), 8)
+
+    def with_op():
+        first.act_op = act
+        try:
+            return first(x)
+        finally:
+            first.act_op = None
+    return act if _probe_agrees("an expert with gated_act", with_op, lambda: first(x)) else None
 
 
 def _fused_rotary(original):
-    """transformers' ``apply_rotary_pos_emb`` as one op; calls it does not know go to ``original``."""
+    """transformers' ``apply_rotary_pos_emb`` as one op; calls it does not take go to ``original``."""
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        if args or set(kwargs) - {"unsqueeze_dim"} or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3:
+        unsqueeze_dim = kwargs.get("unsqueeze_dim", 1)
+        if args or set(kwargs) - {"unsqueeze_dim"} or not all(isinstance(t, torch.Tensor) for t in (q, k, cos, sin)):
             return original(q, k, cos, sin, *args, **kwargs)
-        return blockops.rotary(q, k, cos, sin, kwargs.get("unsqueeze_dim", 1))
+        try:
+            blockops._check_rotary(q, k, cos, sin, unsqueeze_dim)
+        except ValueError:
+            return original(q, k, cos, sin, *args, **kwargs)
+        return blockops.rotary(q, k, cos, sin, unsqueeze_dim)
     apply_rotary_pos_emb.original = original
     return apply_rotary_pos_emb
+
+
+def _rotary_dims(config, head_dim: int) -> set[int]:
+    """The rotary widths the model's cos/sin can have: head_dim times its partial_rotary_factor, which
+    transformers 5 keeps in rope_parameters (per layer type for some models), 4.x on the config."""
+    rope = getattr(config, "rope_parameters", None)
+    params = [rope] if isinstance(rope, dict) else []
+    params += [v for p in params for v in p.values() if isinstance(v, dict)]
+    factors = {getattr(config, "partial_rotary_factor", None), *(p.get("partial_rotary_factor") for p in params)}
+    return {int(head_dim * f) for f in factors if isinstance(f, (int, float)) and 0 < f <= 1} or {head_dim}
 
 
 def _rotary_matches(original, head_dim: int, rotary_dim: int, like: torch.Tensor) -> bool:
     q, k = _probe((2, 3, 5, head_dim), like, 3), _probe((2, 1, 5, head_dim), like, 4)
     cos, sin = _probe((2, 5, rotary_dim), like, 5), _probe((2, 5, rotary_dim), like, 6)
-    with torch.no_grad():
-        try:
-            want = original(q, k, cos, sin)
-        except Exception:  # noqa: BLE001 -- another signature or another rotary (e.g. interleaved pairs)
-            return False
-        if not isinstance(want, tuple) or len(want) != 2:
-            return False
-        return _probe_agrees("rotary", blockops.rotary(q, k, cos, sin, 1), want,
-                             blockops._reference_rotary(q, k, cos, sin, 1))
+    return _probe_agrees("rotary", lambda: blockops.rotary(q, k, cos, sin, 1), lambda: original(q, k, cos, sin),
+                         lambda: blockops._reference_rotary(q, k, cos, sin, 1))
+
+
+def _cell(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
 
 
 def _with_globals(fn, replace: dict):
-    """``fn`` (and every function it wraps, through functools.wraps) run with ``replace`` in its globals."""
-    inner = getattr(fn, "__wrapped__", None)
-    closure = fn.__closure__
-    if inner is not None and closure:
+    """``fn`` run with ``replace`` over its globals, and so every function it wraps (functools.wraps,
+    each holding the next in a closure cell); None where ``fn`` is not such a chain of functions."""
+    if not isinstance(fn, types.FunctionType):
+        return None
+    inner, closure = getattr(fn, "__wrapped__", None), fn.__closure__
+    if inner is not None:
         new_inner = _with_globals(inner, replace)
-        closure = tuple(types.CellType(new_inner) if c.cell_contents is inner else c for c in closure)
+        if new_inner is None or not any(_cell(c) is inner for c in closure or ()):
+            return None  # the wrapper reaches what it wraps some other way: it would keep calling the original
+        closure = tuple(types.CellType(new_inner) if _cell(c) is inner else c for c in closure)
+    # a copy of the module's globals: torch.compile reads globals as a plain dict (an overlay that
+    # looked names up in the live module would break it), so a patch to the modeling module after
+    # fusing is not seen by the fused forward -- patch before fusing
     new = types.FunctionType(fn.__code__, {**fn.__globals__, **replace}, fn.__name__, fn.__defaults__, closure)
     new.__kwdefaults__, new.__dict__ = fn.__kwdefaults__, dict(fn.__dict__)
     for name in ("__module__", "__qualname__", "__doc__", "__annotations__"):
         setattr(new, name, getattr(fn, name))
     if inner is not None:
-        new.__wrapped__ = new_inner if closure else inner
+        new.__wrapped__ = new_inner
     return new
 
 
@@ -325,51 +386,70 @@ def _rotary_forward(attn: nn.Module, config, cache: dict, dtype: torch.dtype):
     cls = type(attn)
     if cls not in cache:
         cache[cls] = None
-        fn = cls.forward
-        inner = fn
-        while getattr(inner, "__wrapped__", None) is not None:
+        inner = cls.forward
+        while isinstance(getattr(inner, "__wrapped__", None), types.FunctionType):
             inner = inner.__wrapped__
-        original = inner.__globals__.get(_ROTARY)
+        original = getattr(inner, "__globals__", {}).get(_ROTARY)
         head_dim = getattr(attn, "head_dim", None)
-        if callable(original) and _ROTARY in inner.__code__.co_names and isinstance(head_dim, int):
-            rotary_dim = int(head_dim * getattr(config, "partial_rotary_factor", 1.0) or head_dim)
-            if rotary_dim % 2 == 0 and _rotary_matches(original, head_dim, rotary_dim, _where(attn, dtype)):
-                cache[cls] = _with_globals(fn, {_ROTARY: _fused_rotary(original)})
+        if (isinstance(inner, types.FunctionType) and callable(original) and _ROTARY in inner.__code__.co_names
+                and isinstance(head_dim, int)):
+            dims = _rotary_dims(config, head_dim)
+            if all(r % 2 == 0 and _rotary_matches(original, head_dim, r, _where(attn, dtype)) for r in dims):
+                cache[cls] = _with_globals(cls.forward, {_ROTARY: _fused_rotary(original)})
+                if cache[cls] is not None:
+                    cache[cls].awqlib_rotary = True  # seen through the bound method: fused already
     return cache[cls]
 
 
 def fuse_block_ops(model: nn.Module, spec) -> dict[str, int]:
-    """Give the model's RMSNorms, dense gated MLPs and attention rotaries one op each (see the module
-    docstring); works on quantized and unquantized models alike.  Returns what it replaced, by kind."""
+    """Give the model's RMSNorms, dense gated MLPs, unfused experts and attention rotaries one op each
+    (see the module docstring); works on quantized and unquantized models alike, and is meant to run
+    before accelerate dispatches the model (a module with hooks keeps its code).  Returns what it
+    replaced, by kind; calling it again replaces nothing more."""
     counts = {"rms_norm": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 0}
+    kept = dict.fromkeys(counts, 0)  # candidates whose probe disagreed (or that have hooks)
     # the dtype the model computes in (its embeddings' and norms'; quantized linears hold no parameters)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     for name, module in list(model.named_modules()):
-        fused = _rms_norm_replacement(module, spec, dtype) if name else None
+        if not name or isinstance(module, FusedRMSNorm) or not type(module).__name__.endswith("RMSNorm"):
+            continue
+        fused = _rms_norm_replacement(module, spec, dtype)
         if fused is not None:
             replace_module(model, name, fused)
-            counts["rms_norm"] += 1
+        _tally(counts, kept, "rms_norm", fused is not None)
     rotaries: dict[type, object] = {}
     config = getattr(model, "config", None)
     config = getattr(config, "get_text_config", lambda: config)()
     for block in get_blocks(model, spec):
-        if spec.mlp is not None:
+        mlp = find_submodule(block, spec.mlp.path) if spec.mlp is not None else None
+        if mlp is not None and not isinstance(mlp, FusedGatedMLP):
             fused = _mlp_replacement(block, spec.mlp, dtype)
             if fused is not None:
                 replace_module(block, spec.mlp.path, fused)
-                counts["gated_mlp"] += 1
+            _tally(counts, kept, "gated_mlp", fused is not None)
         experts = find_submodule(block, spec.experts.path) if spec.experts else None
-        if isinstance(experts, UnfusedExperts) and len(experts):
-            act = _activation_name(experts[0].act_fn, _where(experts, dtype))
+        if isinstance(experts, UnfusedExperts) and len(experts) and not any(e.act_op for e in experts):
+            act = _experts_act(experts, dtype)
             for expert in experts if act else ():
                 expert.act_op = act
                 counts["expert_act"] += 1
+            kept["expert_act"] += 0 if act else len(experts)
         attn = find_submodule(block, "self_attn")
-        forward = _rotary_forward(attn, config, rotaries, dtype) if attn is not None else None
-        if forward is not None:
-            attn.forward = types.MethodType(forward, attn)
-            counts["rotary"] += 1
-    skipped = [k for k, v in counts.items() if not v]
-    log.info("awqlib: one-op block ops: %s%s", ", ".join(f"{v} {k}" for k, v in counts.items()),
-             f" (transformers' own code kept for {', '.join(skipped)})" if skipped else "")
+        if attn is not None and not getattr(vars(attn).get("forward"), "awqlib_rotary", False):
+            forward = None if _hooked(attn) else _rotary_forward(attn, config, rotaries, dtype)
+            if forward is not None:
+                attn.forward = types.MethodType(forward, attn)
+            _tally(counts, kept, "rotary", forward is not None)
+    log.info("awqlib: one-op block ops: %s", ", ".join(f"{v} {k}" for k, v in counts.items()))
+    if any(kept.values()):
+        log.warning("awqlib: fuse_layers kept transformers' own code for %s: their computation differs from the "
+                    "one-op version on a probe input, or they have hooks (fuse before dispatching with accelerate)",
+                    ", ".join(f"{v} {k}" for k, v in kept.items() if v))
     return counts
+
+
+def _tally(counts: dict, kept: dict, kind: str, replaced: bool) -> None:
+    if replaced:
+        counts[kind] += 1
+    else:
+        kept[kind] += 1

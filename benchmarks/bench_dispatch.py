@@ -34,7 +34,6 @@ NO_KERNEL = frozenset({
     "view", "_unsafe_view", "_reshape_alias", "reshape", "expand", "t", "transpose", "permute", "unsqueeze",
     "squeeze", "slice", "select", "alias", "as_strided", "detach", "split", "split_with_sizes", "unbind",
     "chunk", "unflatten", "flatten", "lift_fresh", "empty", "empty_like", "new_empty", "empty_strided",
-    "_to_copy_noop",
 })
 DEFAULT_ARCHS = ("llama", "qwen3", "gemma3", "phi3", "mixtral")
 VARIANTS = ("fp16", "fp16+block-ops", "int4", "int4+fused-linears", "int4 fuse_layers")

@@ -257,3 +257,99 @@ def test_an_op_that_disagrees_with_transformers_on_the_probe_is_not_used(monkeyp
     assert sum(counts.values()) > 0  # the others still are
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, logits)
+
+
+def test_probes_check_whole_modules_in_the_models_dtype(monkeypatch, calib_ids):
+    """What the probes must catch: an MLP whose forward is not down(act(gate) * up) though its parts
+    are, a rotary that rounds once in fp32 (same function as ours in fp32, not in fp16), and an
+    RMSNorm with a parameter besides its weight."""
+    import transformers.models.llama.modeling_llama as ml
+    from awqlib.arch import get_spec
+    from awqlib.fuse import fuse_block_ops
+    original_rotary = ml.apply_rotary_pos_emb
+
+    def rotary_in_fp32(q, k, cos, sin, unsqueeze_dim=1):
+        out = original_rotary(q.float(), k.float(), cos.float(), sin.float(), unsqueeze_dim)
+        return out[0].to(q.dtype), out[1].to(k.dtype)
+
+    monkeypatch.setattr(ml.LlamaMLP, "forward",
+                        lambda self, x: self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x) * 2))
+    monkeypatch.setattr(ml, "apply_rotary_pos_emb", rotary_in_fp32)
+    model = tiny_model("llama").half().eval()
+    model.model.norm.register_parameter("bias", torch.nn.Parameter(torch.zeros(model.config.hidden_size,
+                                                                               dtype=torch.float16)))
+    ids = calib_ids[:2, :16]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    counts = fuse_block_ops(model, get_spec("llama"))
+    assert counts == {"rms_norm": 4, "gated_mlp": 0, "expert_act": 0, "rotary": 0}
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, logits)
+
+
+def test_modules_with_hooks_keep_their_code_and_fusing_twice_changes_nothing(caplog, calib_ids):
+    """Replacing a module or its forward would drop its hooks (a user's, accelerate's): such modules
+    keep their code, with a warning; a second fuse_block_ops replaces nothing it replaced before."""
+    import logging
+    from awqlib.arch import get_spec
+    from awqlib.fuse import fuse_block_ops
+    model = tiny_model("llama").eval()
+    fired = []
+    model.model.norm.register_forward_hook(lambda *a: fired.append("norm"))
+    model.model.layers[0].mlp.register_forward_pre_hook(lambda *a: fired.append("mlp"))
+    model.model.layers[1].self_attn._hf_hook = object()  # what accelerate's add_hook_to_module leaves
+    with caplog.at_level(logging.WARNING, logger="awqlib"):
+        counts = fuse_block_ops(model, get_spec("llama"))
+    assert counts == {"rms_norm": 4, "gated_mlp": 1, "expert_act": 0, "rotary": 1}
+    assert "kept transformers' own code for 1 rms_norm, 1 gated_mlp, 1 rotary" in caplog.text and not fired
+    del model.model.layers[1].self_attn._hf_hook
+    with torch.no_grad():
+        model(input_ids=calib_ids[:1, :8])
+    assert fired == ["mlp", "norm"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="awqlib"):
+        again = fuse_block_ops(model, get_spec("llama"))
+    assert again == {"rms_norm": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 1}  # the one whose hook left
+    assert "kept transformers' own code for 1 rms_norm, 1 gated_mlp:" in caplog.text  # still hooked
+
+
+def test_rotary_widths_come_from_where_transformers_keeps_them():
+    from types import SimpleNamespace
+
+    from awqlib.fuse import _rotary_dims
+    assert _rotary_dims(SimpleNamespace(), 128) == {128}
+    assert _rotary_dims(SimpleNamespace(partial_rotary_factor=0.75), 128) == {96}  # transformers 4.x
+    assert _rotary_dims(SimpleNamespace(rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.5}),
+                        128) == {64}                                                # transformers 5
+    per_layer = {"full_attention": {"partial_rotary_factor": 0.25}, "sliding_attention": {"rope_type": "default"}}
+    assert _rotary_dims(SimpleNamespace(rope_parameters=per_layer), 128) == {32}
+    assert _rotary_dims(SimpleNamespace(partial_rotary_factor=None), 64) == {64}
+
+
+def test_a_forward_wrapped_other_than_through_a_closure_keeps_transformers_rotary():
+    """A decorator that reaches the function it wraps other than through a closure cell would keep
+    calling the original: no rebuilt forward then (it would claim a swap that never happens)."""
+    import functools
+
+    from awqlib.fuse import _with_globals
+
+    def target(x):
+        return helper(x)  # noqa: F821 -- resolved in the rebuilt function's globals
+
+    def boxed(fn):
+        box = [fn]
+
+        @functools.wraps(fn)
+        def wrapper(*a):
+            return box[0](*a)
+        return wrapper
+
+    def direct(fn):
+        @functools.wraps(fn)
+        def wrapper(*a):
+            return fn(*a)
+        return wrapper
+
+    assert _with_globals(boxed(target), {"helper": abs}) is None
+    assert _with_globals(direct(target), {"helper": abs})(-3) == 3
+    assert _with_globals(functools.partial(target), {"helper": abs}) is None
