@@ -35,7 +35,7 @@ NO_KERNEL = frozenset({
     "squeeze", "slice", "select", "alias", "as_strided", "detach", "split", "split_with_sizes", "unbind",
     "chunk", "unflatten", "flatten", "lift_fresh", "empty", "empty_like", "new_empty", "empty_strided",
 })
-DEFAULT_ARCHS = ("llama", "qwen3", "gemma3", "phi3", "mixtral")
+DEFAULT_ARCHS = ("llama", "qwen3", "gemma3", "phi3", "mixtral", "qwen3_moe")
 VARIANTS = ("fp16", "fp16+block-ops", "int4", "int4+fused-linears", "int4 fuse_layers")
 
 
