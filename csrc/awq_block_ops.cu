@@ -23,6 +23,9 @@
 // same function in more kernels, never a different answer.  The kernels allocate nothing but
 // their outputs (at::empty), never synchronize and read nothing back to the host, so the ops can
 // be captured in CUDA graphs.
+#ifdef AWQ_HOST_EMULATION
+#include "cpu_twin.h"  // the kernels alone, on the CPU (tests/cpu_twin/block_ops_twin.cpp)
+#else
 // c10's stream header, not ATen/cuda/CUDAContext.h (the same getCurrentCUDAStream): that one pulls in
 // the cuBLAS/cuSPARSE headers, which nvcc, unlike the host compiler (toolchain.host_cflags), is not
 // given a path to.
@@ -30,10 +33,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/util/Exception.h>
+#include <torch/library.h>
+#endif
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <torch/library.h>
 
 #include <cstdint>
 #include <limits>
@@ -180,11 +183,14 @@ struct RotaryArgs {
   const void* cos;
   const void* sin;
   int64_t cos_stride_b, cos_stride_s, sin_stride_b, sin_stride_s;  // stride_b 0: one cos row for every batch
-  int seq_dim;                                                     // 1: [B, H, S, D]; 2: [B, S, H, D]
+  int seq_dim;                                                     // the dim of q/k holding the sequence: 1 or 2
   int head_dim, rot_dim;
   uint32_t units_per_row;  // rot_dim / 2 / elems pair units, then (head_dim - rot_dim) / elems pass-through units
   uint32_t units;          // (q.rows + k.rows) * units_per_row
 };
+
+// unsqueeze_dim 1: q is [B, H, S, D], the sequence in dim 2; unsqueeze_dim 2: [B, S, H, D], in dim 1.
+constexpr int rotary_seq_dim(int64_t unsqueeze_dim) { return unsqueeze_dim == 1 ? 2 : 1; }
 
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kRotaryThreads) rotary_kernel(const RotaryArgs a) {
@@ -268,6 +274,7 @@ gated_act_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* __rest
   g.store(out + static_cast<int64_t>(row) * features + i);
 }
 
+#ifndef AWQ_HOST_EMULATION
 // ---------------------------------------------------------------- host side
 // Integers in messages go through std::to_string, never an ostream (awq_ops.cpp: num).
 std::string shape_str(const at::Tensor& t) {
@@ -385,12 +392,13 @@ RotaryTensor rotary_view(const at::Tensor& x, const at::Tensor& out) {
 std::tuple<at::Tensor, at::Tensor> rotary_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& cos_in,
                                                const at::Tensor& sin_in, int64_t unsqueeze_dim) {
   check_rotary(q_in, k_in, cos_in, sin_in, unsqueeze_dim);
-  const int64_t seq = q_in.size(unsqueeze_dim == 1 ? 2 : 1), batch = q_in.size(0);
+  const int seq_dim = rotary_seq_dim(unsqueeze_dim);
+  const int64_t seq = q_in.size(seq_dim), batch = q_in.size(0);
   const at::ScalarType st = q_in.scalar_type();
   bool kernel_ok = q_in.is_cuda() && kernel_dtype(st) && k_in.scalar_type() == st && cos_in.scalar_type() == st &&
                    sin_in.scalar_type() == st;
   for (const at::Tensor* t : {&k_in, &cos_in, &sin_in}) kernel_ok = kernel_ok && t->is_cuda() && t->device() == q_in.device();
-  kernel_ok = kernel_ok && k_in.size(0) == batch && k_in.size(unsqueeze_dim == 1 ? 2 : 1) == seq &&
+  kernel_ok = kernel_ok && k_in.size(0) == batch && k_in.size(seq_dim) == seq &&
               cos_in.size(1) == seq && (cos_in.size(0) == 1 || cos_in.size(0) == batch);
   if (kernel_ok) {
     const int64_t units_per_row = q_in.size(3);  // at most: one element per unit
@@ -416,7 +424,7 @@ std::tuple<at::Tensor, at::Tensor> rotary_cuda(const at::Tensor& q_in, const at:
   a.cos_stride_s = cos.stride(1);
   a.sin_stride_b = sin.size(0) == 1 ? 0 : sin.stride(0);
   a.sin_stride_s = sin.stride(1);
-  a.seq_dim = static_cast<int>(unsqueeze_dim);
+  a.seq_dim = rotary_seq_dim(unsqueeze_dim);
   a.head_dim = static_cast<int>(q.size(3));
   a.rot_dim = static_cast<int>(cos.size(2));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -502,10 +510,13 @@ at::Tensor gated_act_cuda(const at::Tensor& gate, const at::Tensor& up, c10::str
   return out;
 }
 
+#endif  // AWQ_HOST_EMULATION
 }  // namespace
 
+#ifndef AWQ_HOST_EMULATION
 TORCH_LIBRARY_IMPL(awqlib, CUDA, m) {
   m.impl("rms_norm", &rms_norm_cuda);
   m.impl("rotary", &rotary_cuda);
   m.impl("gated_act", &gated_act_cuda);
 }
+#endif
