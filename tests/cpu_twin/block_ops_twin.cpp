@@ -89,8 +89,8 @@ void rms_norm_case(const std::string& dir, const Args& a, bool reverse, Placemen
   const auto* wp = reinterpret_cast<const T*>(w->data());
   auto* op = reinterpret_cast<T*>(out->data());
   awq_twin::run_grid(L, [&] {
-    if (fp32) rms_norm_kernel<T, kGroup, kBlock, kVec, true>(xp, wp, op, rows, hidden, eps, offset);
-    else rms_norm_kernel<T, kGroup, kBlock, kVec, false>(xp, wp, op, rows, hidden, eps, offset);
+    if (fp32) awq_rms_norm_kernel<T, kGroup, kBlock, kVec, true>(xp, wp, op, rows, hidden, eps, offset);
+    else awq_rms_norm_kernel<T, kGroup, kBlock, kVec, false>(xp, wp, op, rows, hidden, eps, offset);
   });
   write_file(dir + "/out.bin", *out);
 }
@@ -136,8 +136,8 @@ void rotary(const std::string& dir, const Args& a, bool reverse, Placement at) {
   r.units = (r.q.rows + r.k.rows) * r.units_per_row;
   const auto L = launch((r.units + kRotaryThreads - 1) / kRotaryThreads, kRotaryThreads, reverse);
   awq_twin::run_grid(L, [&] {
-    if (vec) rotary_kernel<T, true>(r);
-    else rotary_kernel<T, false>(r);
+    if (vec) awq_rotary_kernel<T, true>(r);
+    else awq_rotary_kernel<T, false>(r);
   });
   write_file(dir + "/q_out.bin", *q_out);
   write_file(dir + "/k_out.bin", *k_out);
@@ -160,10 +160,10 @@ void gated(const std::string& dir, const Args& a, bool reverse, Placement at) {
   const auto* up = reinterpret_cast<const T*>(u->data());
   auto* op = reinterpret_cast<T*>(out->data());
   awq_twin::run_grid(L, [&] {
-    if (vec && silu) gated_act_kernel<T, true, Act::kSilu>(gp, up, op, gs, us, features, units_per_row, units);
-    else if (vec) gated_act_kernel<T, true, Act::kGeluTanh>(gp, up, op, gs, us, features, units_per_row, units);
-    else if (silu) gated_act_kernel<T, false, Act::kSilu>(gp, up, op, gs, us, features, units_per_row, units);
-    else gated_act_kernel<T, false, Act::kGeluTanh>(gp, up, op, gs, us, features, units_per_row, units);
+    if (vec && silu) awq_gated_act_kernel<T, true, kActSilu>(gp, up, op, gs, us, features, units_per_row, units);
+    else if (vec) awq_gated_act_kernel<T, true, kActGeluTanh>(gp, up, op, gs, us, features, units_per_row, units);
+    else if (silu) awq_gated_act_kernel<T, false, kActSilu>(gp, up, op, gs, us, features, units_per_row, units);
+    else awq_gated_act_kernel<T, false, kActGeluTanh>(gp, up, op, gs, us, features, units_per_row, units);
   });
   write_file(dir + "/out.bin", *out);
 }
