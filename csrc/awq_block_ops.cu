@@ -118,7 +118,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 template <typename T, int kGroupThreads, int kBlockThreads, bool kVec, bool kScaleInFp32>
 __global__ void __launch_bounds__(kBlockThreads)
 awq_rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ weight, T* __restrict__ out, int64_t rows,
-                int hidden, float eps, float weight_offset) {
+                    int hidden, float eps, float weight_offset) {
   static_assert(kGroupThreads == kWarpLanes || kGroupThreads == kBlockThreads, "a row is a warp's or a CTA's");
   using P = Pack<T, kVec>;
   constexpr int kRowsPerBlock = kBlockThreads / kGroupThreads;
@@ -261,8 +261,9 @@ __device__ __forceinline__ float activation(float x) {
 
 template <typename T, bool kVec, int kAct>
 __global__ void __launch_bounds__(kGatedThreads)
-awq_gated_act_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ out, int64_t gate_row_stride,
-                 int64_t up_row_stride, int features, uint32_t units_per_row, uint32_t units) {
+awq_gated_act_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ out,
+                     int64_t gate_row_stride, int64_t up_row_stride, int features, uint32_t units_per_row,
+                     uint32_t units) {
   using P = Pack<T, kVec>;
   const uint32_t idx = blockIdx.x * kGatedThreads + threadIdx.x;
   if (idx >= units) return;
@@ -308,17 +309,31 @@ at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& weight, dou
   return (weight * y.to(x.scalar_type())).contiguous();
 }
 
+// One rms_norm call's kernel arguments.
+struct NormCall {
+  const void* x;
+  const void* weight;
+  void* out;
+  int64_t rows;
+  int hidden;
+  float eps, weight_offset;
+  bool scale_in_fp32;
+  cudaStream_t stream;
+};
+
 template <typename T, int kGroup, int kBlock, bool kVec>
-void launch_rms_norm(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, int64_t rows, int hidden, float eps,
-                     float offset, bool scale_in_fp32, cudaStream_t stream) {
-  const auto blocks = static_cast<unsigned>((rows + kBlock / kGroup - 1) / (kBlock / kGroup));
-  const T* xp = static_cast<const T*>(x.data_ptr());
-  const T* wp = static_cast<const T*>(w.data_ptr());
-  T* op = static_cast<T*>(out.data_ptr());
-  if (scale_in_fp32) {
-    awq_rms_norm_kernel<T, kGroup, kBlock, kVec, true><<<blocks, kBlock, 0, stream>>>(xp, wp, op, rows, hidden, eps, offset);
+void launch_rms_norm(const NormCall& c) {
+  constexpr int kRows = kBlock / kGroup;
+  const auto blocks = static_cast<unsigned>((c.rows + kRows - 1) / kRows);
+  const T* x = static_cast<const T*>(c.x);
+  const T* w = static_cast<const T*>(c.weight);
+  T* out = static_cast<T*>(c.out);
+  if (c.scale_in_fp32) {
+    awq_rms_norm_kernel<T, kGroup, kBlock, kVec, true><<<blocks, kBlock, 0, c.stream>>>(x, w, out, c.rows, c.hidden,
+                                                                                         c.eps, c.weight_offset);
   } else {
-    awq_rms_norm_kernel<T, kGroup, kBlock, kVec, false><<<blocks, kBlock, 0, stream>>>(xp, wp, op, rows, hidden, eps, offset);
+    awq_rms_norm_kernel<T, kGroup, kBlock, kVec, false><<<blocks, kBlock, 0, c.stream>>>(x, w, out, c.rows, c.hidden,
+                                                                                          c.eps, c.weight_offset);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -337,19 +352,20 @@ at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double e
   if (x.numel() == 0) return out;
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
   const int hidden = static_cast<int>(x.size(-1));
-  const int64_t rows = x.numel() / hidden;
-  const float eps_f = static_cast<float>(eps), offset_f = static_cast<float>(weight_offset);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const NormCall c{xc.data_ptr(), wc.data_ptr(), out.data_ptr(), x.numel() / hidden, hidden, static_cast<float>(eps),
+                   static_cast<float>(weight_offset), scale_in_fp32, c10::cuda::getCurrentCUDAStream()};
   with_element_type(x.scalar_type(), [&](auto zero) {
     using T = decltype(zero);
-    const bool vec = hidden % (kVecBytes / static_cast<int>(sizeof(T))) == 0 && aligned(xc.data_ptr()) &&
-                     aligned(wc.data_ptr()) && aligned(out.data_ptr());
-    const bool warp_rows = hidden <= kNormWarpMaxHidden;
+    const bool vec = hidden % (kVecBytes / static_cast<int>(sizeof(T))) == 0 && aligned(c.x) && aligned(c.weight) &&
+                     aligned(c.out);
     constexpr int kWarpBlock = kWarpLanes * kNormWarpRowsPerBlock;
-    if (warp_rows && vec) launch_rms_norm<T, kWarpLanes, kWarpBlock, true>(xc, wc, out, rows, hidden, eps_f, offset_f, scale_in_fp32, stream);
-    else if (warp_rows) launch_rms_norm<T, kWarpLanes, kWarpBlock, false>(xc, wc, out, rows, hidden, eps_f, offset_f, scale_in_fp32, stream);
-    else if (vec) launch_rms_norm<T, kNormBlockThreads, kNormBlockThreads, true>(xc, wc, out, rows, hidden, eps_f, offset_f, scale_in_fp32, stream);
-    else launch_rms_norm<T, kNormBlockThreads, kNormBlockThreads, false>(xc, wc, out, rows, hidden, eps_f, offset_f, scale_in_fp32, stream);
+    if (hidden <= kNormWarpMaxHidden) {
+      if (vec) launch_rms_norm<T, kWarpLanes, kWarpBlock, true>(c);
+      else launch_rms_norm<T, kWarpLanes, kWarpBlock, false>(c);
+    } else {
+      if (vec) launch_rms_norm<T, kNormBlockThreads, kNormBlockThreads, true>(c);
+      else launch_rms_norm<T, kNormBlockThreads, kNormBlockThreads, false>(c);
+    }
   });
   return out;
 }
@@ -399,14 +415,12 @@ std::tuple<at::Tensor, at::Tensor> rotary_cuda(const at::Tensor& q_in, const at:
   const at::ScalarType st = q_in.scalar_type();
   bool kernel_ok = q_in.is_cuda() && kernel_dtype(st) && k_in.scalar_type() == st && cos_in.scalar_type() == st &&
                    sin_in.scalar_type() == st;
-  for (const at::Tensor* t : {&k_in, &cos_in, &sin_in}) kernel_ok = kernel_ok && t->is_cuda() && t->device() == q_in.device();
-  kernel_ok = kernel_ok && k_in.size(0) == batch && k_in.size(seq_dim) == seq &&
-              cos_in.size(1) == seq && (cos_in.size(0) == 1 || cos_in.size(0) == batch);
-  if (kernel_ok) {
-    const int64_t units_per_row = q_in.size(3);  // at most: one element per unit
-    kernel_ok = (q_in.numel() / std::max<int64_t>(q_in.size(3), 1) + k_in.numel() / std::max<int64_t>(k_in.size(3), 1)) *
-                    units_per_row <= kMaxUnits;
-  }
+  for (const at::Tensor* t : {&k_in, &cos_in, &sin_in})
+    kernel_ok = kernel_ok && t->is_cuda() && t->device() == q_in.device();
+  kernel_ok = kernel_ok && k_in.size(0) == batch && k_in.size(seq_dim) == seq && cos_in.size(1) == seq &&
+              (cos_in.size(0) == 1 || cos_in.size(0) == batch);
+  // at most one unit per element: the 32-bit index math covers every element of q and k
+  kernel_ok = kernel_ok && q_in.numel() + k_in.numel() <= kMaxUnits;
   if (!kernel_ok) return rotary_reference(q_in, k_in, cos_in, sin_in, unsqueeze_dim);
 
   const c10::cuda::CUDAGuard guard(q_in.device());
