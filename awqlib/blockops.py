@@ -9,9 +9,10 @@ Each op here is one kernel on CUDA (``csrc/awq_block_ops.cu``) and one dispatche
 
 The reference implementations (``CompositeExplicitAutograd``: every device) are transformers'
 own expressions, with the same roundings, so on the CPU a block using these ops gives the bits the
-unmodified block gives; their outputs are contiguous on every device (as the CUDA kernels write
-them, and as the fake implementations say: torch.compile lays memory out by the fake's strides); the CUDA kernels compute the same function (each rounding where
+unmodified block gives; the CUDA kernels compute the same function (each rounding where
 transformers rounds), allowed to differ by the last bit of a reduction or a transcendental.
+Outputs are contiguous on every device, as the CUDA kernels write them and as the fake
+implementations say (torch.compile lays memory out by the fake's strides).
 ``awqlib.fuse`` decides where a model may use them.  This module only declares.
 """
 

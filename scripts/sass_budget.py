@@ -4,9 +4,9 @@
 The M <= 64 kernels are limited by instruction issue, not by DRAM (shared/design/kernels-v2.md
 §2.3): an SM issues at most 4 warp-instructions per cycle, so a kernel that spends I
 warp-instructions per KB of weights cannot stream faster than 4 * clock / I KB per SM.  This script
-compiles every kernel in csrc/ with nvcc (to a cubin: no GPU; torch's headers only for a file that includes them), disassembles it
-with cuobjdump (it ships in the triton wheel that CUDA torch installs), finds each kernel's hot
-loop and reports, per kernel instantiation:
+compiles every kernel in csrc/ with nvcc (to a cubin: no GPU; torch's headers only for a file that
+includes them), disassembles it with cuobjdump (it ships in the triton wheel that CUDA torch
+installs), finds each kernel's hot loop and reports, per kernel instantiation:
 
 * ``instr/KB``: static SASS instructions of the hot loop times the warps of a CTA, divided by the
   KB of int4 weights the CTA streams per loop iteration (warp-instructions per KB of weights);

@@ -28,6 +28,11 @@ ACT_REL = 2.0 ** -21
 EXACT_SHARE = 0.99
 
 
+def rotary_id(batch, seq, q_heads, k_heads, head_dim, rot_dim) -> str:
+    """A test id for a rotary shape: b<batch>s<seq>h<q heads>-<k heads>d<head dim>r<rotary dim>."""
+    return f"b{batch}s{seq}h{q_heads}-{k_heads}d{head_dim}r{rot_dim}"
+
+
 def _widen(lo64: torch.Tensor, hi64: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Values of `dtype` at or below lo64 and at or above hi64: rounded, then one step outward."""
     lo, hi = lo64.to(dtype), hi64.to(dtype)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from block_op_checks import check_gated_act, check_rms_norm, check_rotary
+from block_op_checks import check_gated_act, check_rms_norm, check_rotary, rotary_id
 from test_cpu_twin import _compile
 
 HARNESS = Path(__file__).parent / "cpu_twin" / "block_ops_twin.cpp"
@@ -94,7 +94,7 @@ ROTARY_CASES = [  # batch, seq, q heads, k heads, head_dim, rotary dim
 @pytest.mark.parametrize("cos_batch", ["one", "each"])
 @pytest.mark.parametrize("unsqueeze_dim", [1, 2])
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("shape", ROTARY_CASES, ids=[f"b{c[0]}s{c[1]}h{c[2]}-{c[3]}d{c[4]}r{c[5]}" for c in ROTARY_CASES])
+@pytest.mark.parametrize("shape", ROTARY_CASES, ids=[rotary_id(*c) for c in ROTARY_CASES])
 def test_rotary_kernel_on_cpu(twin, tmp_path, shape, dtype, unsqueeze_dim, cos_batch):
     b, s, hq, hk, d, r = shape
     dt = DTYPES[dtype]

@@ -720,7 +720,7 @@ def test_large_m_dequant_is_chunked(layout):
 # GPU window selects them with -k (scripts/gpu_window.sh).
 
 from awqlib import blockops  # noqa: E402
-from block_op_checks import check_gated_act, check_rms_norm, check_rotary  # noqa: E402
+from block_op_checks import check_gated_act, check_rms_norm, check_rotary, rotary_id  # noqa: E402
 
 BLOCK_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 NORM_WARP_MAX = kernels.source_constant("kNormWarpMaxHidden")  # up to here a row is one warp's, then one CTA's
@@ -803,7 +803,7 @@ ROTARY_SHAPES = [  # (batch, seq, q heads, k heads, head_dim, rotary dim)
 
 @pytest.mark.parametrize("dtype", BLOCK_DTYPES)
 @pytest.mark.parametrize("unsqueeze_dim", [1, 2])
-@pytest.mark.parametrize("shape", ROTARY_SHAPES, ids=[f"b{s[0]}s{s[1]}h{s[2]}-{s[3]}d{s[4]}r{s[5]}" for s in ROTARY_SHAPES])
+@pytest.mark.parametrize("shape", ROTARY_SHAPES, ids=[rotary_id(*s) for s in ROTARY_SHAPES])
 @pytest.mark.parametrize("cos_batch", ["one", "each"])
 def test_block_op_rotary(shape, unsqueeze_dim, dtype, cos_batch):
     b, s, hq, hk, d, r = shape
