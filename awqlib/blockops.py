@@ -11,6 +11,8 @@ The reference implementations (``CompositeExplicitAutograd``: every device) are 
 own expressions, with the same roundings, so on the CPU a block using these ops gives the bits the
 unmodified block gives; the CUDA kernels compute the same function (each rounding where
 transformers rounds), allowed to differ by the last bit of a reduction or a transcendental.
+Outputs are contiguous on every device, as the CUDA kernels write them and as the fake
+implementations say (torch.compile lays memory out by the fake's strides).
 ``awqlib.fuse`` decides where a model may use them.  This module only declares.
 """
 
@@ -40,10 +42,10 @@ def _reference_rms_norm(x, weight, eps, weight_offset, scale_in_fp32):
     xf = x.to(torch.float32)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if scale_in_fp32:
-        return (y * (weight_offset + weight.float())).to(x.dtype)
+        return (y * (weight_offset + weight.float())).to(x.dtype).contiguous()
     if weight_offset:
         raise ValueError("rms_norm: weight_offset needs scale_in_fp32=True (no model rounds first and offsets)")
-    return weight * y.to(x.dtype)
+    return (weight * y.to(x.dtype)).contiguous()
 
 
 def _rotate_half(x):
@@ -70,9 +72,9 @@ def _reference_rotary(q, k, cos, sin, unsqueeze_dim):
 
     def rotate(x):
         if r == x.shape[-1]:
-            return (x * cos) + (_rotate_half(x) * sin)
+            return ((x * cos) + (_rotate_half(x) * sin)).contiguous()
         x_rot, x_pass = x[..., :r], x[..., r:]
-        return torch.cat([(x_rot * cos) + (_rotate_half(x_rot) * sin), x_pass], dim=-1)
+        return torch.cat([(x_rot * cos) + (_rotate_half(x_rot) * sin), x_pass], dim=-1).contiguous()
 
     return rotate(q), rotate(k)
 
@@ -86,7 +88,7 @@ def _check_gated(gate, up, act):
 
 def _reference_gated_act(gate, up, act):
     _check_gated(gate, up, act)
-    return (F.silu(gate) if act == "silu" else F.gelu(gate, approximate="tanh")) * up
+    return ((F.silu(gate) if act == "silu" else F.gelu(gate, approximate="tanh")) * up).contiguous()
 
 
 _lib.impl("rms_norm", _reference_rms_norm, "CompositeExplicitAutograd")
@@ -103,13 +105,13 @@ def _fake_rms_norm(x, weight, eps, weight_offset, scale_in_fp32):
 @torch.library.register_fake("awqlib::rotary")
 def _fake_rotary(q, k, cos, sin, unsqueeze_dim):
     _check_rotary(q, k, cos, sin, unsqueeze_dim)
-    return torch.empty_like(q), torch.empty_like(k)
+    return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
 @torch.library.register_fake("awqlib::gated_act")
 def _fake_gated_act(gate, up, act):
     _check_gated(gate, up, act)
-    return torch.empty_like(gate)
+    return gate.new_empty(gate.shape)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0,

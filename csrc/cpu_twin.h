@@ -140,7 +140,7 @@ struct Copy {
 };
 
 enum class State { kRunnable, kAtBarrier, kAtWarp, kDone };
-enum class Collective : int { kNone, kLdmatrix, kMmaF16, kMmaBf16 };
+enum class Collective : int { kNone, kLdmatrix, kMmaF16, kMmaBf16, kShfl };
 
 struct Thread {
   ucontext_t ctx;
@@ -415,6 +415,20 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
   ++self().collectives;
 }
 
+// shfl.sync.bfly.b32 over the full warp: lane l receives lane (l ^ lane_mask)'s value.  A partial
+// member mask is not modelled (it fails): the kernels reduce across whole warps.
+inline uint32_t shfl_xor(unsigned mask, uint32_t v, int lane_mask) {
+  if (mask != 0xffffffffu) fail("shfl with a partial member mask (not modelled) at " + where());
+  if (lane_mask < 0 || lane_mask >= kWarpLanes) fail("shfl lane mask out of range at " + where());
+  Post mine{};
+  mine.kind = Collective::kShfl;
+  mine.a[0] = v;
+  const Post* slot = exchange(mine);
+  const uint32_t r = slot[lane() ^ lane_mask].a[0];
+  ++self().collectives;
+  return r;
+}
+
 // ---- faults: name the guard page and the thread
 inline void report_fault(int, siginfo_t* info, void*) {
   const auto addr = reinterpret_cast<uintptr_t>(info->si_addr);
@@ -593,6 +607,22 @@ inline uint32_t __byte_perm(uint32_t a, uint32_t b, uint32_t s) {
   for (int i = 0; i < 4; ++i) r |= static_cast<uint32_t>((x >> (8 * ((s >> (4 * i)) & 7))) & 0xff) << (8 * i);
   return r;
 }
+
+inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  bits = awq_twin::shfl_xor(mask, bits, lane_mask);
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+// fp32 arithmetic with its rounding spelled out: the host compiler's own operations (the twin is
+// built in ISO C++ mode, whose -ffp-contract=off fuses nothing, so each rounds once, like these).
+// rsqrtf is approximate on a GPU (2 ulp); here it is the correctly rounded 1/sqrt.
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
 // Device-only half intrinsics: one rounding of the exact result (as the hardware).
 inline __half2 __hfma2(__half2 a, __half2 b, __half2 c) {

@@ -6,7 +6,8 @@
 #           rooflines, variants x shapes x M against fp16 cuBLAS (JSON after every case),
 #           compute-sanitizer on a tiny shape;
 #   part 2: the stream kernels' GPU tests (tests/test_kernels_cuda.py, tests/test_gpu_e2e.py: both
-#           variants, narrow, concurrent graphs, chunked large-M, dequantize, in-process repack),
+#           variants, narrow, concurrent graphs, chunked large-M, dequantize, in-process repack) and
+#           the block ops' (rms_norm, rotary, gated_act: -k block_op),
 #           then decode of a random 8B Llama, fp16 vs int4 (unfused / fused, and fused with each
 #           of the stream kernel's opt-in options: PDL, narrow, both), batch 1 and 8, with the
 #           int4 weights in the stream runtime layout (benchmarks/bench_generate.py).
@@ -72,7 +73,7 @@ if [ "$PART" = 1 ] || [ "$PART" = all ]; then
 fi
 if [ "$PART" = 2 ] || [ "$PART" = all ]; then
   step stream-tests 60 170 "$OUT/pytest.log" "$PY" -m pytest -q -p no:cacheprovider \
-    -k "stream or group_sums or concurrently or chunked or dequantize or in_process" \
+    -k "stream or group_sums or concurrently or chunked or dequantize or in_process or block_op" \
     tests/test_kernels_cuda.py tests/test_gpu_e2e.py
   step decode 100 200 "$OUT/decode.log" env AWQLIB_LAYOUT=stream "$PY" -m benchmarks.bench_generate --size 8b \
     --batches 1,8 --new-tokens 64 --kernel-options pdl,narrow,pdl+narrow --out "$OUT/decode_stream.json"

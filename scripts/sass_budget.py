@@ -4,9 +4,9 @@
 The M <= 64 kernels are limited by instruction issue, not by DRAM (shared/design/kernels-v2.md
 §2.3): an SM issues at most 4 warp-instructions per cycle, so a kernel that spends I
 warp-instructions per KB of weights cannot stream faster than 4 * clock / I KB per SM.  This script
-compiles every kernel in csrc/ with nvcc (to a cubin: no torch headers, no GPU), disassembles it
-with cuobjdump (it ships in the triton wheel that CUDA torch installs), finds each kernel's hot
-loop and reports, per kernel instantiation:
+compiles every kernel in csrc/ with nvcc (to a cubin: no GPU; torch's headers only for a file that
+includes them), disassembles it with cuobjdump (it ships in the triton wheel that CUDA torch
+installs), finds each kernel's hot loop and reports, per kernel instantiation:
 
 * ``instr/KB``: static SASS instructions of the hot loop times the warps of a CTA, divided by the
   KB of int4 weights the CTA streams per loop iteration (warp-instructions per KB of weights);
@@ -92,10 +92,13 @@ def find_cuobjdump() -> str | None:
 
 def _parse_template_args(s: str, i: int) -> tuple[list, int]:
     """Itanium template-argument list starting after 'I' at s[i]; returns (args, index after 'E').
-    Handles what our kernels use: literals (Li1E, Lb0E) and plain type names (6__half)."""
+    Handles what our kernels use: literals (Li1E, Lb0E), plain type names (6__half) and float (f)."""
     args = []
     while s[i] != "E":
-        if s[i] == "L":
+        if s[i] == "f":
+            args.append("float")
+            i += 1
+        elif s[i] == "L":
             j = s.index("E", i)
             lit = s[i + 1:j]
             m = re.fullmatch(r"([a-z])(n?\d+)", lit)
@@ -332,9 +335,19 @@ PTXAS_USED = re.compile(r"Compiling entry function '(\S+)' for 'sm_\d+'.*?Used (
                         re.S)
 
 
+def torch_flags(src: Path) -> list[str]:
+    """The C++ standard and include paths a source needs: a file that registers its own ops
+    (awq_block_ops.cu: TORCH_LIBRARY_IMPL beside its kernels) includes torch's headers, which ask for
+    torch's standard (C++20 in recent releases) and which the other kernels do without."""
+    if "<torch/library.h>" not in src.read_text():
+        return ["-std=c++17"]
+    from torch.utils.cpp_extension import include_paths
+    return ["-std=c++20", *(flag for path in include_paths() for flag in ("-isystem", path))]
+
+
 def compile_cubin(src: Path, arch: str, out_dir: Path, nvcc: str) -> tuple[Path, str]:
     cubin = out_dir / f"{src.stem}.sm{arch}.cubin"
-    cmd = [nvcc, "-cubin", f"-arch=sm_{arch}", "-O3", "-std=c++17", "-Xptxas=-v,-warn-spills", "-I", str(CSRC),
+    cmd = [nvcc, "-cubin", f"-arch=sm_{arch}", "-O3", *torch_flags(src), "-Xptxas=-v,-warn-spills", "-I", str(CSRC),
            "-diag-suppress", "177", "-o", str(cubin), str(src)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:

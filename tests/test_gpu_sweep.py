@@ -56,8 +56,8 @@ def test_timed_kernels_have_sass_rows():
 
 def test_gpu_window_script_selects_what_it_claims():
     """scripts/gpu_window.sh (the one device call of a GPU window) is valid bash, names modules that
-    exist, and its pytest selection collects the stream kernels' GPU tests, both variants and the
-    serving tests: a renamed test would otherwise silently drop out of the next window."""
+    exist, and its pytest selection collects the stream kernels' GPU tests, both variants, the
+    serving tests and the block ops' tests: a renamed test would otherwise silently drop out of the next window."""
     import re
     import subprocess
     import sys
@@ -76,7 +76,9 @@ def test_gpu_window_script_selects_what_it_claims():
     for test in ("test_stream_kernel_fp16", "test_stream_kernel_bf16", "test_stream_group_sums", "test_stream_kernel_compact",
                  "test_stream_kernel_narrow",
                  "test_stream_kernel_deterministic", "test_two_graphs_replayed_concurrently_on_two_streams",
-                 "test_dequantize_stream_bit_exact"):
+                 "test_dequantize_stream_bit_exact",
+                 "test_block_op_rms_norm", "test_block_op_rotary", "test_block_op_gated_act",
+                 "test_block_op_cuda_graph_capture", "test_block_op_fallbacks_compute_the_reference"):
         assert test in names, (test, sorted(names))
 
 

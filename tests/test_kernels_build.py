@@ -34,12 +34,14 @@ def _skip_reason() -> str | None:
 def test_kernels_compile_for_sm80_sm90(tmp_path):
     lib = kernels.build(ARCHS, build_dir=tmp_path)
     assert Path(lib).is_file() and Path(lib).stat().st_size > 0
-    # The library registered CUDA kernels for both ops (loading works without a GPU).
-    for op in ("awqlib::awq_gemm", "awqlib::awq_dequantize"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+    # The library registered CUDA kernels for every op, the block ops' included (their own
+    # TORCH_LIBRARY_IMPL in awq_block_ops.cu); loading works without a GPU.
+    for op in ("awq_gemm", "awq_dequantize", "awq_gemm_variant", "rms_norm", "rotary", "gated_act"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"awqlib::{op}", "CUDA"), op
     # The compiled code really contains both architectures.
-    obj = (tmp_path / "awq_gemm.cuda.o").read_bytes()
-    assert b"sm_80" in obj and b"sm_90" in obj
+    for obj in ("awq_gemm.cuda.o", "awq_block_ops.cuda.o"):
+        code = (tmp_path / obj).read_bytes()
+        assert b"sm_80" in code and b"sm_90" in code, obj
     # Installed as prebuilt kernels, it serves both GPUs (and an sm_89 one by the sm_80 code), not older.
     pkg = tmp_path / "pkg"
     pkg.mkdir()

@@ -708,3 +708,239 @@ def test_large_m_dequant_is_chunked(layout):
     peak = torch.cuda.max_memory_allocated() - base
     assert peak <= (256 << 20) + 2 * M * N * 2, f"peak temporary {peak / 2**20:.0f} MB: not chunked"
     check(x, K, N, g, torch.float16, out=out)
+
+
+# ------------------------------------------------------------------ block ops (csrc/awq_block_ops.cu)
+# Each CUDA op against the reference (awqlib/blockops.py) run on CPU copies of its inputs
+# (tests/block_op_checks.py says how close): rotary bit for bit (every product and sum is one
+# correctly rounded fp32 operation, then rounded to the dtype, as torch's tensor ops round);
+# rms_norm and gated_act within the reference's roundings of an fp32 value that may differ in its
+# last bits (sum of squares and rsqrtf; expf and tanhf), at most one dtype ulp at the rounding
+# after it, and bit for bit for at least 99% of fp16/bf16 outputs.  Names contain "block_op": the
+# GPU window selects them with -k (scripts/gpu_window.sh).
+
+from awqlib import blockops  # noqa: E402
+from block_op_checks import check_gated_act, check_rms_norm, check_rotary, rotary_id  # noqa: E402
+
+BLOCK_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+NORM_WARP_MAX = kernels.source_constant("kNormWarpMaxHidden")  # up to here a row is one warp's, then one CTA's
+NORM_HIDDEN = sorted({64, 128, 256, NORM_WARP_MAX, NORM_WARP_MAX + 8, 2048, 2048 + 3, 4096, 5120})
+ROWS = [(1,), (4, 37)]  # decode, prefill
+EPS = 1e-6
+
+
+def cuda_randn(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, device="cuda") * scale).to(dtype)
+
+
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a view starting one element into a buffer: not 16-byte aligned (scalar path)."""
+    buf = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
+    view = buf[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("dtype", BLOCK_DTYPES)
+@pytest.mark.parametrize("rows", ROWS, ids=["decode", "prefill"])
+@pytest.mark.parametrize("hidden", NORM_HIDDEN)
+def test_block_op_rms_norm(hidden, rows, dtype):
+    x = cuda_randn(*rows, hidden, dtype=dtype, scale=3.0)
+    w = cuda_randn(hidden, dtype=dtype)
+    poison_allocator()
+    check_rms_norm(blockops.rms_norm(x, w, EPS), x, w, EPS, what=f"llama rms_norm {rows} x {hidden} {dtype}")
+    w_gemma = cuda_randn(hidden, dtype=dtype, scale=0.3)  # Gemma stores w - 1
+    poison_allocator()
+    out = blockops.rms_norm(x, w_gemma, EPS, weight_offset=1.0, scale_in_fp32=True)
+    check_rms_norm(out, x, w_gemma, EPS, 1.0, True, what=f"gemma rms_norm {rows} x {hidden} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", BLOCK_DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_block_op_rms_norm_per_head(head_dim, dtype):
+    """Qwen3's q_norm / k_norm: many short rows (a warp each) of a [batch, seq, heads, head_dim] view."""
+    q = cuda_randn(4, 37, 32 * head_dim, dtype=dtype).view(4, 37, 32, head_dim)
+    w = cuda_randn(head_dim, dtype=dtype)
+    poison_allocator()
+    check_rms_norm(blockops.rms_norm(q, w, EPS), q, w, EPS, what=f"q_norm {head_dim} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", BLOCK_DTYPES)
+def test_block_op_rms_norm_strided_and_misaligned(dtype):
+    wide = cuda_randn(37, 4096 + 64, dtype=dtype)
+    w = cuda_randn(4096, dtype=dtype)
+    for x in (wide[:, :4096], misaligned(wide[:, :4096].contiguous()), wide[:, :512].t()):
+        ww = w[: x.shape[-1]]
+        check_rms_norm(blockops.rms_norm(x, ww, EPS), x, ww, EPS, what=f"rms_norm strides {x.stride()}")
+    wm = misaligned(w)
+    check_rms_norm(blockops.rms_norm(wide[:, :4096], wm, EPS), wide[:, :4096], wm, EPS, what="misaligned weight")
+
+
+def rotary_inputs(batch, seq, hq, hk, head_dim, rot, dtype, unsqueeze_dim, cos_batch):
+    """q and k as transformers makes them: one fused projection viewed [b, s, h, d], transposed to
+    [b, h, s, d] for unsqueeze_dim 1; cos/sin [cos_batch, seq, rot] with equal halves."""
+    qkv = cuda_randn(batch, seq, (hq + 2 * hk) * head_dim, dtype=dtype)
+    q = qkv[..., : hq * head_dim].view(batch, seq, hq, head_dim)
+    k = qkv[..., hq * head_dim: (hq + hk) * head_dim].view(batch, seq, hk, head_dim)
+    if unsqueeze_dim == 1:
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    pos = torch.rand(cos_batch, seq, 1, device="cuda") * 8192
+    inv = 1.0 / (10000 ** (torch.arange(0, rot, 2, device="cuda").float() / rot))
+    emb = torch.cat((pos * inv, pos * inv), dim=-1)
+    return q, k, emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+ROTARY_SHAPES = [  # (batch, seq, q heads, k heads, head_dim, rotary dim)
+    (1, 1, 32, 8, 128, 128),    # decode, Llama-8B
+    (4, 37, 32, 8, 128, 128),   # prefill
+    (2, 5, 16, 16, 64, 64),
+    (2, 5, 8, 4, 256, 256),     # Gemma
+    (2, 9, 8, 8, 128, 64),      # partial rotary (Phi-3 style)
+    (2, 9, 8, 8, 128, 96),
+    (2, 3, 4, 2, 80, 80),       # R/2 = 40: not a whole number of fp16 vectors (scalar path)
+]
+
+
+@pytest.mark.parametrize("dtype", BLOCK_DTYPES)
+@pytest.mark.parametrize("unsqueeze_dim", [1, 2])
+@pytest.mark.parametrize("shape", ROTARY_SHAPES, ids=[rotary_id(*s) for s in ROTARY_SHAPES])
+@pytest.mark.parametrize("cos_batch", ["one", "each"])
+def test_block_op_rotary(shape, unsqueeze_dim, dtype, cos_batch):
+    b, s, hq, hk, d, r = shape
+    q, k, cos, sin = rotary_inputs(b, s, hq, hk, d, r, dtype, unsqueeze_dim, 1 if cos_batch == "one" else b)
+    poison_allocator()
+    outs = blockops.rotary(q, k, cos, sin, unsqueeze_dim)
+    check_rotary(outs, q, k, cos, sin, unsqueeze_dim, what=f"rotary {shape} dim{unsqueeze_dim} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_block_op_rotary_other_layouts(dtype):
+    """Contiguous q/k, a misaligned q (scalar path), a q whose last dim is strided (copied first),
+    cos/sin with a strided last dim (copied first)."""
+    q, k, cos, sin = rotary_inputs(2, 7, 8, 4, 128, 128, dtype, 1, 2)
+    cases = [(q.contiguous(), k.contiguous(), cos, sin), (misaligned(q.contiguous()), k, cos, sin),
+             (torch.stack([q, q], dim=-1)[..., 0], k, cos, sin),
+             (q, k, torch.stack([cos, cos], dim=-1)[..., 0], torch.stack([sin, sin], dim=-1)[..., 1])]
+    for qq, kk, cc, ss in cases:
+        check_rotary(blockops.rotary(qq, kk, cc, ss, 1), qq, kk, cc, ss, 1,
+                     what=f"rotary q strides {qq.stride()} cos strides {cc.stride()}")
+
+
+GATED_FEATURES = [14336, 11008, 2048 + 3, 8]
+
+
+@pytest.mark.parametrize("dtype", BLOCK_DTYPES)
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("rows", ROWS, ids=["decode", "prefill"])
+@pytest.mark.parametrize("features", GATED_FEATURES)
+def test_block_op_gated_act(features, rows, act, dtype):
+    gate_up = cuda_randn(*rows, 2 * features, dtype=dtype, scale=3.0)  # one fused gate/up GEMM output
+    gate, up = gate_up[..., :features], gate_up[..., features:]
+    poison_allocator()
+    check_gated_act(blockops.gated_act(gate, up, act), gate, up, act, what=f"{act} halves {rows} x {features} {dtype}")
+    g, u = gate.contiguous(), up.contiguous()
+    check_gated_act(blockops.gated_act(g, u, act), g, u, act, what=f"{act} contiguous {rows} x {features} {dtype}")
+    gm = misaligned(g)
+    check_gated_act(blockops.gated_act(gm, u, act), gm, u, act, what=f"{act} misaligned {rows} x {features} {dtype}")
+
+
+def test_block_op_empty_inputs():
+    x = torch.empty(0, 4096, device="cuda", dtype=torch.float16)
+    assert blockops.rms_norm(x, torch.ones(4096, device="cuda", dtype=torch.float16), EPS).shape == (0, 4096)
+    q = torch.empty(1, 32, 0, 128, device="cuda", dtype=torch.float16)
+    cs = torch.empty(1, 0, 128, device="cuda", dtype=torch.float16)
+    qo, ko = blockops.rotary(q, q[:, :8], cs, cs)
+    assert qo.shape == q.shape and ko.shape == (1, 8, 0, 128)
+    g = torch.empty(0, 11008, device="cuda", dtype=torch.bfloat16)
+    assert blockops.gated_act(g, g, "silu").shape == g.shape
+
+
+def test_block_op_fallbacks_compute_the_reference():
+    """What the kernels do not take runs the reference expression in ATen ops: the same tensors,
+    the same bits as the Python reference on this device (it is the same sequence of ops)."""
+    x = cuda_randn(5, 4096, dtype=torch.float16)
+    for w in (cuda_randn(4096, dtype=torch.float32),            # weight dtype != x dtype (promotes)
+              torch.tensor(1.5, dtype=torch.float16),            # a 0-dim CPU weight
+              cuda_randn(5, 4096, dtype=torch.float16)):          # a weight of another shape (broadcast)
+        got = blockops.rms_norm(x, w, EPS)
+        ref = blockops._reference_rms_norm(x, w, EPS, 0.0, False)
+        assert got.dtype == ref.dtype and torch.equal(got, ref), w.shape
+    q, k, cos, sin = rotary_inputs(2, 7, 8, 4, 128, 128, torch.float16, 1, 2)
+    for args in ((q, k, cos.float(), sin.float()),                  # cos dtype != q dtype
+                 (q, k.float(), cos, sin),                          # k dtype != q dtype
+                 (q, k, cos[:, :1], sin[:, :1])):                   # one position broadcast over the sequence
+        got, ref = blockops.rotary(*args, 1), blockops._reference_rotary(*args, 1)
+        for g_, r_ in zip(got, ref):
+            assert g_.dtype == r_.dtype and g_.shape == r_.shape and torch.equal(g_, r_)
+    g = cuda_randn(3, 512, dtype=torch.float16)
+    got = blockops.gated_act(g, g.float(), "silu")
+    assert torch.equal(got, blockops._reference_gated_act(g, g.float(), "silu"))
+    xd = cuda_randn(3, 64, dtype=torch.float64)                     # a dtype the kernels do not take
+    assert torch.equal(blockops.rms_norm(xd, xd[0], EPS), blockops._reference_rms_norm(xd, xd[0], EPS, 0.0, False))
+
+
+def test_block_op_errors_on_cuda_name_what_is_accepted():
+    x = cuda_randn(2, 8, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"act 'relu' is not one of silu, gelu_tanh"):
+        blockops.gated_act(x, x, "relu")
+    with pytest.raises(ValueError, match=r"gate \(2, 8\) and up \(2, 7\) differ in shape"):
+        blockops.gated_act(x, x[:, :7], "silu")
+    q = cuda_randn(1, 2, 3, 8, dtype=torch.float16)
+    cs = cuda_randn(1, 3, 5, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"rotary dim 5 must be even and <= the head dim 8"):
+        blockops.rotary(q, q, cs, cs)
+    with pytest.raises(ValueError, match=r"unsqueeze_dim must be 1 \(\[batch, heads, seq, dim\]\) or 2"):
+        blockops.rotary(q, q, cs[..., :4], cs[..., :4], 0)
+    with pytest.raises(ValueError, match="weight_offset needs scale_in_fp32=True"):
+        blockops.rms_norm(x, x[0], EPS, weight_offset=1.0)
+
+
+def test_block_op_kernels_are_registered_for_cuda():
+    for op in ("rms_norm", "rotary", "gated_act"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"awqlib::{op}", "CUDA"), op
+
+
+def capture(fn):
+    """fn() captured in a CUDA graph (after a warm-up on a side stream, as torch recommends): the
+    graph and the outputs of its capture."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = fn()
+    return graph, outs
+
+
+def test_block_op_cuda_graph_capture():
+    x, w = cuda_randn(4, 4096, dtype=torch.bfloat16), cuda_randn(4096, dtype=torch.bfloat16)
+    qh = cuda_randn(1, 4, 32, 128, dtype=torch.bfloat16)  # q_norm rows: the warp-per-row kernel
+    wh = cuda_randn(128, dtype=torch.bfloat16)
+    q, k, cos, sin = rotary_inputs(1, 4, 32, 8, 128, 128, torch.bfloat16, 1, 1)
+    gu = cuda_randn(4, 2 * 14336, dtype=torch.bfloat16)
+    gate, up = gu[:, :14336], gu[:, 14336:]
+    graph, (n, nh, (qo, ko), a) = capture(lambda: (blockops.rms_norm(x, w, EPS), blockops.rms_norm(qh, wh, EPS),
+                                                   blockops.rotary(q, k, cos, sin, 1),
+                                                   blockops.gated_act(gate, up, "silu")))
+    for _ in range(2):  # new data each replay: the graph must read its inputs afresh
+        for t in (x, qh, gu):
+            t.copy_(torch.randn_like(t))
+        q.copy_(torch.randn_like(q))  # a transposed view of its projection: copied in place
+        graph.replay()
+        torch.cuda.synchronize()
+        check_rms_norm(n, x, w, EPS, what="captured rms_norm")
+        check_rms_norm(nh, qh, wh, EPS, what="captured q_norm")
+        check_rotary((qo, ko), q, k, cos, sin, 1, what="captured rotary")
+        check_gated_act(a, gate, up, "silu", what="captured gated_act")
+
+
+def test_block_op_non_default_stream():
+    x, w = cuda_randn(37, 5120, dtype=torch.float16), cuda_randn(5120, dtype=torch.float16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        out = blockops.rms_norm(x, w, EPS)
+    torch.cuda.current_stream().wait_stream(s)
+    check_rms_norm(out, x, w, EPS, what="rms_norm on a side stream")

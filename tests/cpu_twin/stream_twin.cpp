@@ -14,28 +14,18 @@
 // the ring refills the plan makes), the weight bytes the kernel read and the warp mmas it ran;
 // exit status 0, or 1 and the reason on stderr (3 for a memory fault).
 #include <cstdio>
-#include <fstream>
-#include <iterator>
 
 #define AWQ_HOST_EMULATION 1
 #include "awq_stream.cu"
+#include "twin_files.h"
 
 namespace {
 
 using awq_twin::Guarded;
 using awq_twin::Placement;
 
-std::vector<uint8_t> read_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) awq_twin::fail("cannot read " + path);
-  return std::vector<uint8_t>(std::istreambuf_iterator<char>(f), {});
-}
-
-void write_file(const std::string& path, const uint8_t* data, size_t bytes) {
-  std::ofstream f(path, std::ios::binary);
-  f.write(reinterpret_cast<const char*>(data), static_cast<std::streamsize>(bytes));
-  if (!f) awq_twin::fail("cannot write " + path);
-}
+using twin_files::read_file;
+using twin_files::write_file;
 
 // An input file in guarded memory of exactly its size.
 std::unique_ptr<Guarded> load(const std::string& dir, const char* name, size_t bytes, Placement at) {

@@ -1,0 +1,538 @@
+// The decoder block's small ops on CUDA, one kernel each: awqlib::rms_norm, awqlib::rotary (q and k
+// in one launch) and awqlib::gated_act.  Schemas and reference implementations: awqlib/blockops.py.
+//
+// Why.  At decode a block's linears are a few kernels moving megabytes, while transformers' code
+// issues ~35 elementwise/reduction kernels around them moving kilobytes; each costs a launch and a
+// round trip through memory, so on an H200 a decode-sized 8B forward spends about as long in them
+// as in its int4 linears.  These kernels compute the same function as the reference with each
+// rounding where the reference rounds (to the tensor dtype after every torch op whose result is a
+// tensor of that dtype), so a block using them gives the reference's bits up to the last bit of a
+// reduction (rms_norm's sum of squares, rsqrtf) or a transcendental (expf, tanhf):
+//   rms_norm   y = x * rsqrt(mean(x^2) + eps) in fp32; then either round(w * round(y)) (Llama:
+//              the product of two dtype values, computed in fp32 and rounded, is torch's fp16/bf16
+//              mul) or round(y * (offset + w)) all in fp32 (Gemma).
+//   rotary     out = round(round(x * cos) + round(rotate_half(x) * sin)) over the first R features,
+//              the rest copied; rotate_half negates x2 before the multiply, and round-to-nearest is
+//              sign-symmetric, so round(-x2 * s) = -round(x2 * s).
+//   gated_act  round(round(act(gate)) * up), act in fp32 as ATen's CUDA kernels compute it.
+// Every fp32 product or sum the reference rounds separately is written __fmul_rn / __fadd_rn so
+// that ptxas cannot contract it into an FMA (which would round once where torch rounds twice).
+//
+// Cases the kernels do not take (mixed dtypes, weights of another shape or device, cos of another
+// sequence length, index spaces over 2^31) run the reference expression with ATen ops here: the
+// same function in more kernels, never a different answer.  The kernels allocate nothing but
+// their outputs (at::empty), never synchronize and read nothing back to the host, so the ops can
+// be captured in CUDA graphs.
+#ifdef AWQ_HOST_EMULATION
+#include "cpu_twin.h"  // the kernels alone, on the CPU (tests/cpu_twin/block_ops_twin.cpp)
+#else
+// c10's stream header, not ATen/cuda/CUDAContext.h (the same getCurrentCUDAStream): that one pulls in
+// the cuBLAS/cuSPARSE headers, which nvcc, unlike the host compiler (toolchain.host_cflags), is not
+// given a path to.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+#endif
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <type_traits>
+
+namespace {
+
+constexpr int kWarpLanes = 32;
+constexpr unsigned kFullWarpMask = 0xffffffffu;
+constexpr int kVecBytes = 16;  // one LDG.128 / STG.128
+
+// rms_norm: rows of at most kNormWarpMaxHidden features (q_norm / k_norm over head_dim, many rows)
+// are one warp's each, kNormWarpRowsPerBlock rows per CTA; longer rows (the hidden size) get a CTA
+// of kNormBlockThreads threads each, reduced through shared memory.
+constexpr int kNormWarpMaxHidden = 1024;
+constexpr int kNormWarpRowsPerBlock = 8;
+constexpr int kNormBlockThreads = 256;
+// rotary and gated_act: one thread per unit of work (a 16-byte vector, or one element), flat grid.
+constexpr int kRotaryThreads = 256;
+constexpr int kGatedThreads = 256;
+
+// ---------------------------------------------------------------- element conversions
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// v rounded to T and back: the value a torch op of dtype T leaves in its output tensor.
+template <typename T>
+__device__ __forceinline__ float round_to(float v) {
+  return to_f(from_f<T>(v));
+}
+
+// The elements one thread handles at a time: a 16-byte vector (kVec) or a single element.
+template <typename T, bool kVec>
+struct Pack {
+  static constexpr int kElems = kVec ? kVecBytes / static_cast<int>(sizeof(T)) : 1;
+  float v[kElems];
+
+  __device__ __forceinline__ void load(const T* p) {
+    if constexpr (kVec) {
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < kElems; ++i) v[i] = to_f(e[i]);
+    } else {
+      v[0] = to_f(__ldg(p));
+    }
+  }
+  __device__ __forceinline__ void store(T* p) const {
+    if constexpr (kVec) {
+      uint4 raw;
+      T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < kElems; ++i) e[i] = from_f<T>(v[i]);
+      *reinterpret_cast<uint4*>(p) = raw;
+    } else {
+      p[0] = from_f<T>(v[0]);
+    }
+  }
+};
+
+// ---------------------------------------------------------------- rms_norm
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = kWarpLanes / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullWarpMask, v, offset);
+  return v;
+}
+
+// One row per kGroupThreads threads (a warp, or the whole CTA of kNormBlockThreads), kBlockThreads
+// threads per CTA.  Pass 1 sums the squares in fp32; pass 2 reads the row again (an L1 hit) and
+// writes the normalized, scaled row.
+template <typename T, int kGroupThreads, int kBlockThreads, bool kVec, bool kScaleInFp32>
+__global__ void __launch_bounds__(kBlockThreads)
+awq_rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ weight, T* __restrict__ out, int64_t rows,
+                    int hidden, float eps, float weight_offset) {
+  static_assert(kGroupThreads == kWarpLanes || kGroupThreads == kBlockThreads, "a row is a warp's or a CTA's");
+  using P = Pack<T, kVec>;
+  constexpr int kRowsPerBlock = kBlockThreads / kGroupThreads;
+  const int tid = threadIdx.x % kGroupThreads;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kGroupThreads;
+  if (row >= rows) return;  // the whole group leaves: a warp (warp rows) or nothing (a CTA per row)
+  const T* xr = x + row * hidden;
+  T* outr = out + row * hidden;
+  const int packs = hidden / P::kElems;
+
+  float sum = 0.f;
+  for (int p = tid; p < packs; p += kGroupThreads) {
+    P v;
+    v.load(xr + p * P::kElems);
+#pragma unroll
+    for (int i = 0; i < P::kElems; ++i) sum = fmaf(v.v[i], v.v[i], sum);
+  }
+  sum = warp_sum(sum);
+  if constexpr (kGroupThreads > kWarpLanes) {
+    constexpr int kWarps = kGroupThreads / kWarpLanes;
+    __shared__ float warp_sums[kWarps];
+    __shared__ float total;
+    const int warp = tid / kWarpLanes, lane = tid % kWarpLanes;
+    if (lane == 0) warp_sums[warp] = sum;
+    __syncthreads();
+    if (warp == 0) {
+      float s = lane < kWarps ? warp_sums[lane] : 0.f;
+      s = warp_sum(s);
+      if (lane == 0) total = s;
+    }
+    __syncthreads();
+    sum = total;
+  }
+  // mean(x^2) + eps, then rsqrt: each an fp32 op of its own in the reference
+  const float r = rsqrtf(__fadd_rn(__fdiv_rn(sum, static_cast<float>(hidden)), eps));
+
+  for (int p = tid; p < packs; p += kGroupThreads) {
+    P v, w;
+    v.load(xr + p * P::kElems);
+    w.load(weight + p * P::kElems);
+#pragma unroll
+    for (int i = 0; i < P::kElems; ++i) {
+      const float y = __fmul_rn(v.v[i], r);
+      v.v[i] = kScaleInFp32 ? __fmul_rn(y, __fadd_rn(weight_offset, w.v[i])) : __fmul_rn(w.v[i], round_to<T>(y));
+    }
+    v.store(outr + p * P::kElems);
+  }
+}
+
+// ---------------------------------------------------------------- rotary
+// q or k seen as [d0, d1, d2, D] (rows in d0, d1, d2 order; the output row `row` is contiguous at
+// row * D); d0 is the batch, the sequence index is d1 or d2 (RotaryArgs::seq_dim).
+struct RotaryTensor {
+  const void* in;
+  void* out;
+  uint32_t rows, d1, d2;
+  int64_t stride0, stride1, stride2;
+};
+
+struct RotaryArgs {
+  RotaryTensor q, k;
+  const void* cos;
+  const void* sin;
+  int64_t cos_stride_b, cos_stride_s, sin_stride_b, sin_stride_s;  // stride_b 0: one cos row for every batch
+  int seq_dim;                                                     // the dim of q/k holding the sequence: 1 or 2
+  int head_dim, rot_dim;
+  uint32_t units_per_row;  // rot_dim / 2 / elems pair units, then (head_dim - rot_dim) / elems pass-through units
+  uint32_t units;          // (q.rows + k.rows) * units_per_row
+};
+
+// unsqueeze_dim 1: q is [B, H, S, D], the sequence in dim 2; unsqueeze_dim 2: [B, S, H, D], in dim 1.
+constexpr int rotary_seq_dim(int64_t unsqueeze_dim) { return unsqueeze_dim == 1 ? 2 : 1; }
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kRotaryThreads) awq_rotary_kernel(const RotaryArgs a) {
+  using P = Pack<T, kVec>;
+  const uint32_t idx = blockIdx.x * kRotaryThreads + threadIdx.x;
+  if (idx >= a.units) return;
+  uint32_t row = idx / a.units_per_row;
+  const uint32_t unit = idx % a.units_per_row;
+  // q's rows, then k's.  Field by field: a reference to either parameter struct would make the
+  // compiler copy the parameters to local memory.
+  const bool is_k = row >= a.q.rows;
+  if (is_k) row -= a.q.rows;
+  const uint32_t d1 = is_k ? a.k.d1 : a.q.d1, d2 = is_k ? a.k.d2 : a.q.d2;
+  const uint32_t i2 = row % d2, i1 = (row / d2) % d1, i0 = row / d2 / d1;
+  const T* in = static_cast<const T*>(is_k ? a.k.in : a.q.in) + i0 * (is_k ? a.k.stride0 : a.q.stride0) +
+                i1 * (is_k ? a.k.stride1 : a.q.stride1) + i2 * (is_k ? a.k.stride2 : a.q.stride2);
+  T* out = static_cast<T*>(is_k ? a.k.out : a.q.out) + static_cast<int64_t>(row) * a.head_dim;
+  const uint32_t half = a.rot_dim / 2;
+  const uint32_t pair_units = half / P::kElems;
+  if (unit >= pair_units) {  // a feature past the rotary dim: copied
+    const uint32_t j = a.rot_dim + (unit - pair_units) * P::kElems;
+    P v;
+    v.load(in + j);
+    v.store(out + j);
+    return;
+  }
+  const uint32_t s = a.seq_dim == 1 ? i1 : i2;
+  const T* cos = static_cast<const T*>(a.cos) + i0 * a.cos_stride_b + s * a.cos_stride_s;
+  const T* sin = static_cast<const T*>(a.sin) + i0 * a.sin_stride_b + s * a.sin_stride_s;
+  const uint32_t i = unit * P::kElems;
+  P x1, x2, c1, c2, s1, s2;
+  x1.load(in + i);
+  x2.load(in + i + half);
+  c1.load(cos + i);
+  c2.load(cos + i + half);
+  s1.load(sin + i);
+  s2.load(sin + i + half);
+  P o1, o2;
+#pragma unroll
+  for (int e = 0; e < P::kElems; ++e) {
+    o1.v[e] = __fadd_rn(round_to<T>(__fmul_rn(x1.v[e], c1.v[e])), -round_to<T>(__fmul_rn(x2.v[e], s1.v[e])));
+    o2.v[e] = __fadd_rn(round_to<T>(__fmul_rn(x2.v[e], c2.v[e])), round_to<T>(__fmul_rn(x1.v[e], s2.v[e])));
+  }
+  o1.store(out + i);
+  o2.store(out + i + half);
+}
+
+// ---------------------------------------------------------------- gated_act
+// An int, not a scoped enum, as the kernels' template argument: mangled as a plain literal, which
+// scripts/sass_budget.py reads.
+enum Act : int { kActSilu, kActGeluTanh };
+
+// gelu(x, approximate="tanh") as ATen's GeluCUDAKernel writes it (same expression, so nvcc
+// contracts it the same way): kBeta = sqrt(2) * 2/sqrt(pi) / 2 = sqrt(2/pi).
+constexpr float kGeluBeta = static_cast<float>(1.41421356237309504880 * 1.12837916709551257390 * 0.5);
+constexpr float kGeluKappa = 0.044715f;
+
+template <int kAct>
+__device__ __forceinline__ float activation(float x) {
+  if constexpr (kAct == kActSilu) {
+    return x / (1.0f + expf(-x));  // ATen's silu: precise expf, IEEE division
+  } else {
+    const float x_cube = x * x * x;
+    const float inner = kGeluBeta * (x + kGeluKappa * x_cube);
+    return 0.5f * x * (1.0f + tanhf(inner));
+  }
+}
+
+template <typename T, bool kVec, int kAct>
+__global__ void __launch_bounds__(kGatedThreads)
+awq_gated_act_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ out,
+                     int64_t gate_row_stride, int64_t up_row_stride, int features, uint32_t units_per_row,
+                     uint32_t units) {
+  using P = Pack<T, kVec>;
+  const uint32_t idx = blockIdx.x * kGatedThreads + threadIdx.x;
+  if (idx >= units) return;
+  const uint32_t row = idx / units_per_row;
+  const uint32_t i = (idx % units_per_row) * P::kElems;
+  P g, u;
+  g.load(gate + row * gate_row_stride + i);
+  u.load(up + row * up_row_stride + i);
+#pragma unroll
+  for (int e = 0; e < P::kElems; ++e) g.v[e] = __fmul_rn(round_to<T>(activation<kAct>(g.v[e])), u.v[e]);
+  g.store(out + static_cast<int64_t>(row) * features + i);
+}
+
+#ifndef AWQ_HOST_EMULATION
+// ---------------------------------------------------------------- host side
+// Integers in messages go through std::to_string, never an ostream (awq_ops.cpp: num).
+std::string shape_str(const at::Tensor& t) {
+  std::string r = "(";
+  for (int64_t i = 0; i < t.dim(); ++i) r += (i ? ", " : "") + std::to_string(t.size(i));
+  return r + (t.dim() == 1 ? ",)" : ")");
+}
+
+bool kernel_dtype(at::ScalarType st) { return st == at::kHalf || st == at::kBFloat16 || st == at::kFloat; }
+
+bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
+
+// Calls f(T{}) with T the CUDA element type of `st` (one of kernel_dtype's).
+template <typename F>
+void with_element_type(at::ScalarType st, F&& f) {
+  if (st == at::kHalf) f(__half{});
+  else if (st == at::kBFloat16) f(__nv_bfloat16{});
+  else f(float{});
+}
+
+constexpr uint32_t kMaxUnits = static_cast<uint32_t>(std::numeric_limits<int32_t>::max());  // 32-bit index math
+
+// ---- rms_norm
+at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& weight, double eps, double weight_offset,
+                              bool scale_in_fp32) {
+  const at::Tensor xf = x.to(at::kFloat);
+  const at::Tensor y = xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  if (scale_in_fp32) return (y * (weight.to(at::kFloat) + weight_offset)).to(x.scalar_type()).contiguous();
+  return (weight * y.to(x.scalar_type())).contiguous();
+}
+
+// One rms_norm call's kernel arguments.
+struct NormCall {
+  const void* x;
+  const void* weight;
+  void* out;
+  int64_t rows;
+  int hidden;
+  float eps, weight_offset;
+  bool scale_in_fp32;
+  cudaStream_t stream;
+};
+
+template <typename T, int kGroup, int kBlock, bool kVec>
+void launch_rms_norm(const NormCall& c) {
+  constexpr int kRows = kBlock / kGroup;
+  const auto blocks = static_cast<unsigned>((c.rows + kRows - 1) / kRows);
+  const T* x = static_cast<const T*>(c.x);
+  const T* w = static_cast<const T*>(c.weight);
+  T* out = static_cast<T*>(c.out);
+  if (c.scale_in_fp32) {
+    awq_rms_norm_kernel<T, kGroup, kBlock, kVec, true><<<blocks, kBlock, 0, c.stream>>>(x, w, out, c.rows, c.hidden,
+                                                                                         c.eps, c.weight_offset);
+  } else {
+    awq_rms_norm_kernel<T, kGroup, kBlock, kVec, false><<<blocks, kBlock, 0, c.stream>>>(x, w, out, c.rows, c.hidden,
+                                                                                          c.eps, c.weight_offset);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps, double weight_offset,
+                         bool scale_in_fp32) {
+  TORCH_CHECK_VALUE(scale_in_fp32 || weight_offset == 0.0,
+                    "rms_norm: weight_offset needs scale_in_fp32=True (no model rounds first and offsets)");
+  const bool kernel_ok = x.is_cuda() && weight.is_cuda() && weight.device() == x.device() && x.dim() >= 1 &&
+                         kernel_dtype(x.scalar_type()) && weight.scalar_type() == x.scalar_type() &&
+                         weight.dim() == 1 && weight.size(0) == x.size(-1) && x.size(-1) <= kMaxUnits &&
+                         x.numel() / std::max<int64_t>(x.size(-1), 1) <= kMaxUnits;
+  if (!kernel_ok) return rms_norm_reference(x, weight, eps, weight_offset, scale_in_fp32);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  if (x.numel() == 0) return out;
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const int hidden = static_cast<int>(x.size(-1));
+  const NormCall c{xc.data_ptr(), wc.data_ptr(), out.data_ptr(), x.numel() / hidden, hidden, static_cast<float>(eps),
+                   static_cast<float>(weight_offset), scale_in_fp32, c10::cuda::getCurrentCUDAStream()};
+  with_element_type(x.scalar_type(), [&](auto zero) {
+    using T = decltype(zero);
+    const bool vec = hidden % (kVecBytes / static_cast<int>(sizeof(T))) == 0 && aligned(c.x) && aligned(c.weight) &&
+                     aligned(c.out);
+    constexpr int kWarpBlock = kWarpLanes * kNormWarpRowsPerBlock;
+    if (hidden <= kNormWarpMaxHidden) {
+      if (vec) launch_rms_norm<T, kWarpLanes, kWarpBlock, true>(c);
+      else launch_rms_norm<T, kWarpLanes, kWarpBlock, false>(c);
+    } else {
+      if (vec) launch_rms_norm<T, kNormBlockThreads, kNormBlockThreads, true>(c);
+      else launch_rms_norm<T, kNormBlockThreads, kNormBlockThreads, false>(c);
+    }
+  });
+  return out;
+}
+
+// ---- rotary
+// The same checks, and messages, as awqlib/blockops.py's _check_rotary.
+void check_rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
+                  int64_t unsqueeze_dim) {
+  TORCH_CHECK_VALUE(unsqueeze_dim == 1 || unsqueeze_dim == 2,
+                    "rotary: unsqueeze_dim must be 1 ([batch, heads, seq, dim]) or 2 ([batch, seq, heads, dim]), got ",
+                    std::to_string(unsqueeze_dim));
+  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && cos.dim() == 3 && cos.sizes() == sin.sizes(), "rotary: q ",
+                    shape_str(q), " and k ", shape_str(k), " must be 4-D and cos ", shape_str(cos), " / sin ",
+                    shape_str(sin), " 3-D of one shape");
+  const int64_t r = cos.size(-1), d = q.size(-1);
+  TORCH_CHECK_VALUE(r % 2 == 0 && r <= d && k.size(-1) == d, "rotary: rotary dim ", std::to_string(r),
+                    " must be even and <= the head dim ", std::to_string(d), " of q and k");
+}
+
+at::Tensor rotate_half(const at::Tensor& x) {
+  const int64_t half = x.size(-1) / 2;
+  return at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+}
+
+std::tuple<at::Tensor, at::Tensor> rotary_reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                                    const at::Tensor& sin, int64_t unsqueeze_dim) {
+  const at::Tensor c = cos.unsqueeze(unsqueeze_dim), s = sin.unsqueeze(unsqueeze_dim);
+  const int64_t r = c.size(-1);
+  const auto rotate = [&](const at::Tensor& x) {
+    if (r == x.size(-1)) return (x * c + rotate_half(x) * s).contiguous();
+    const at::Tensor x_rot = x.narrow(-1, 0, r), x_pass = x.narrow(-1, r, x.size(-1) - r);
+    return at::cat({x_rot * c + rotate_half(x_rot) * s, x_pass}, -1).contiguous();
+  };
+  return {rotate(q), rotate(k)};
+}
+
+RotaryTensor rotary_view(const at::Tensor& x, const at::Tensor& out) {
+  return {x.data_ptr(), out.data_ptr(), static_cast<uint32_t>(x.numel() / x.size(3)), static_cast<uint32_t>(x.size(1)),
+          static_cast<uint32_t>(x.size(2)), x.stride(0), x.stride(1), x.stride(2)};
+}
+
+std::tuple<at::Tensor, at::Tensor> rotary_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& cos_in,
+                                               const at::Tensor& sin_in, int64_t unsqueeze_dim) {
+  check_rotary(q_in, k_in, cos_in, sin_in, unsqueeze_dim);
+  const int seq_dim = rotary_seq_dim(unsqueeze_dim);
+  const int64_t seq = q_in.size(seq_dim), batch = q_in.size(0);
+  const at::ScalarType st = q_in.scalar_type();
+  bool kernel_ok = q_in.is_cuda() && kernel_dtype(st) && k_in.scalar_type() == st && cos_in.scalar_type() == st &&
+                   sin_in.scalar_type() == st;
+  for (const at::Tensor* t : {&k_in, &cos_in, &sin_in})
+    kernel_ok = kernel_ok && t->is_cuda() && t->device() == q_in.device();
+  kernel_ok = kernel_ok && k_in.size(0) == batch && k_in.size(seq_dim) == seq && cos_in.size(1) == seq &&
+              (cos_in.size(0) == 1 || cos_in.size(0) == batch);
+  // at most one unit per element: the 32-bit index math covers every element of q and k
+  kernel_ok = kernel_ok && q_in.numel() + k_in.numel() <= kMaxUnits;
+  if (!kernel_ok) return rotary_reference(q_in, k_in, cos_in, sin_in, unsqueeze_dim);
+
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  at::Tensor q_out = at::empty(q_in.sizes(), q_in.options()), k_out = at::empty(k_in.sizes(), k_in.options());
+  if (q_out.numel() + k_out.numel() == 0) return {q_out, k_out};
+  // the last dim must be contiguous; the other strides are the kernel's to follow
+  const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
+  const at::Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
+  const at::Tensor cos = cos_in.stride(2) == 1 ? cos_in : cos_in.contiguous();
+  const at::Tensor sin = sin_in.stride(2) == 1 ? sin_in : sin_in.contiguous();
+  RotaryArgs a{};
+  a.q = rotary_view(q, q_out);
+  a.k = rotary_view(k, k_out);
+  a.cos = cos.data_ptr();
+  a.sin = sin.data_ptr();
+  a.cos_stride_b = cos.size(0) == 1 ? 0 : cos.stride(0);
+  a.cos_stride_s = cos.stride(1);
+  a.sin_stride_b = sin.size(0) == 1 ? 0 : sin.stride(0);
+  a.sin_stride_s = sin.stride(1);
+  a.seq_dim = rotary_seq_dim(unsqueeze_dim);
+  a.head_dim = static_cast<int>(q.size(3));
+  a.rot_dim = static_cast<int>(cos.size(2));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  with_element_type(st, [&](auto zero) {
+    using T = decltype(zero);
+    const int64_t elems = kVecBytes / static_cast<int64_t>(sizeof(T));
+    bool vec = (a.rot_dim / 2) % elems == 0 && a.head_dim % elems == 0;
+    for (const at::Tensor* t : {&q, &k})
+      vec = vec && aligned(t->data_ptr()) && t->stride(0) % elems == 0 && t->stride(1) % elems == 0 &&
+            t->stride(2) % elems == 0;
+    vec = vec && aligned(cos.data_ptr()) && aligned(sin.data_ptr()) && a.cos_stride_b % elems == 0 &&
+          a.cos_stride_s % elems == 0 && a.sin_stride_b % elems == 0 && a.sin_stride_s % elems == 0 &&
+          aligned(q_out.data_ptr()) && aligned(k_out.data_ptr());
+    const int e = vec ? static_cast<int>(elems) : 1;
+    a.units_per_row = static_cast<uint32_t>(a.rot_dim / 2 / e + (a.head_dim - a.rot_dim) / e);
+    a.units = (a.q.rows + a.k.rows) * a.units_per_row;
+    if (a.units == 0) return;  // rot_dim 0 and head_dim 0
+    const unsigned blocks = (a.units + kRotaryThreads - 1) / kRotaryThreads;
+    if (vec) awq_rotary_kernel<T, true><<<blocks, kRotaryThreads, 0, stream>>>(a);
+    else awq_rotary_kernel<T, false><<<blocks, kRotaryThreads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {q_out, k_out};
+}
+
+// ---- gated_act
+constexpr const char* kActivations = "silu, gelu_tanh";  // awqlib/blockops.py: ACTIVATIONS
+
+at::Tensor gated_act_reference(const at::Tensor& gate, const at::Tensor& up, const std::string& act) {
+  const at::Tensor a = act == "silu" ? at::silu(gate) : at::gelu(gate, "tanh");
+  return (a * up).contiguous();
+}
+
+// x as [rows, features] with one row stride and unit feature stride: a view where its strides
+// allow (e.g. one half of a [T, 2I] GEMM output), else a contiguous copy.
+at::Tensor as_rows(const at::Tensor& x, int64_t rows, int64_t features) {
+  at::Tensor r = x.reshape({rows, features});
+  return r.stride(1) == 1 || features == 1 ? r : r.contiguous();
+}
+
+at::Tensor gated_act_cuda(const at::Tensor& gate, const at::Tensor& up, c10::string_view act_view) {
+  const std::string act(act_view);
+  TORCH_CHECK_VALUE(act == "silu" || act == "gelu_tanh", "gated_act: act '", act, "' is not one of ", kActivations);
+  TORCH_CHECK_VALUE(gate.sizes() == up.sizes(), "gated_act: gate ", shape_str(gate), " and up ", shape_str(up),
+                    " differ in shape");
+  const at::ScalarType st = gate.scalar_type();
+  const int64_t features = gate.dim() == 0 ? 1 : gate.size(-1);
+  const int64_t rows = features == 0 ? 0 : gate.numel() / features;
+  const bool kernel_ok = gate.is_cuda() && up.is_cuda() && up.device() == gate.device() && kernel_dtype(st) &&
+                         up.scalar_type() == st && rows * features <= kMaxUnits;
+  if (!kernel_ok) return gated_act_reference(gate, up, act);
+  const c10::cuda::CUDAGuard guard(gate.device());
+  at::Tensor out = at::empty(gate.sizes(), gate.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor g = as_rows(gate, rows, features), u = as_rows(up, rows, features);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  with_element_type(st, [&](auto zero) {
+    using T = decltype(zero);
+    const int64_t elems = kVecBytes / static_cast<int64_t>(sizeof(T));
+    const bool vec = features % elems == 0 && g.stride(0) % elems == 0 && u.stride(0) % elems == 0 &&
+                     aligned(g.data_ptr()) && aligned(u.data_ptr()) && aligned(out.data_ptr());
+    const int64_t e = vec ? elems : 1;
+    const auto units_per_row = static_cast<uint32_t>(features / e);
+    const auto units = static_cast<uint32_t>(rows) * units_per_row;
+    const unsigned blocks = (units + kGatedThreads - 1) / kGatedThreads;
+    const T* gp = static_cast<const T*>(g.data_ptr());
+    const T* up_p = static_cast<const T*>(u.data_ptr());
+    T* op = static_cast<T*>(out.data_ptr());
+    const int f = static_cast<int>(features);
+    const bool silu = act == "silu";
+    const auto launch = [&](auto vec_tag, auto act_tag) {
+      awq_gated_act_kernel<T, decltype(vec_tag)::value, decltype(act_tag)::value><<<blocks, kGatedThreads, 0, stream>>>(
+          gp, up_p, op, g.stride(0), u.stride(0), f, units_per_row, units);
+    };
+    using Silu = std::integral_constant<int, kActSilu>;
+    using GeluTanh = std::integral_constant<int, kActGeluTanh>;
+    if (vec && silu) launch(std::true_type{}, Silu{});
+    else if (vec) launch(std::true_type{}, GeluTanh{});
+    else if (silu) launch(std::false_type{}, Silu{});
+    else launch(std::false_type{}, GeluTanh{});
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+#endif  // AWQ_HOST_EMULATION
+}  // namespace
+
+#ifndef AWQ_HOST_EMULATION
+TORCH_LIBRARY_IMPL(awqlib, CUDA, m) {
+  m.impl("rms_norm", &rms_norm_cuda);
+  m.impl("rotary", &rotary_cuda);
+  m.impl("gated_act", &gated_act_cuda);
+}
+#endif
