@@ -102,16 +102,47 @@ def _fake_rms_norm(x, weight, eps, weight_offset, scale_in_fp32):
     return x.new_empty(x.shape, dtype=dtype)
 
 
+# the outputs' dtypes follow the reference's type promotion (e.g. bf16 q with fp32 cos gives fp32)
 @torch.library.register_fake("awqlib::rotary")
 def _fake_rotary(q, k, cos, sin, unsqueeze_dim):
     _check_rotary(q, k, cos, sin, unsqueeze_dim)
-    return q.new_empty(q.shape), k.new_empty(k.shape)
+    table = torch.promote_types(cos.dtype, sin.dtype)
+    return (q.new_empty(q.shape, dtype=torch.promote_types(q.dtype, table)),
+            k.new_empty(k.shape, dtype=torch.promote_types(k.dtype, table)))
 
 
 @torch.library.register_fake("awqlib::gated_act")
 def _fake_gated_act(gate, up, act):
     _check_gated(gate, up, act)
-    return gate.new_empty(gate.shape)
+    return gate.new_empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype))
+
+
+# Gradients (adapters trained around frozen int4 linears, a fused fp16 model fine-tuned): the
+# backward recomputes the op's reference expression, which autograd differentiates.  The forward
+# stays one kernel; training pays the reference's kernels once more in the backward.
+def _register_recomputed_backward(name: str, reference, n_tensors: int) -> None:
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:n_tensors])
+        ctx.rest = inputs[n_tensors:]
+
+    def backward(ctx, *grads):
+        needs = ctx.needs_input_grad[:n_tensors]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
+            outs = reference(*leaves, *ctx.rest)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+            wanted = [leaf for leaf in leaves if leaf.requires_grad]
+            found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+                         if pairs and wanted else [None] * len(wanted))
+        return (*(next(found) if need else None for need in needs), *(None,) * len(ctx.rest))
+
+    torch.library.register_autograd(f"awqlib::{name}", backward, setup_context=setup_context)
+
+
+_register_recomputed_backward("rms_norm", _reference_rms_norm, 2)
+_register_recomputed_backward("rotary", _reference_rotary, 4)
+_register_recomputed_backward("gated_act", _reference_gated_act, 2)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0,

@@ -178,6 +178,37 @@ def test_block_op_opcheck_gated_act():
     _opcheck(torch.ops.awqlib.gated_act.default, (g, _randn(3, 20, dtype=torch.float16), "silu"))
 
 
+def test_block_op_opcheck_mixed_dtypes_promote_as_the_reference_does():
+    """bf16 q with fp32 cos/sin (autocast over an fp32 model) gives fp32, as transformers' q * cos
+    does; fp16 gate with fp32 up likewise: the fakes say so (torch.compile lays out by them)."""
+    q, k = _randn(1, 4, 5, 32, dtype=torch.bfloat16), _randn(1, 2, 5, 32, dtype=torch.bfloat16, seed=1)
+    cos, sin = _cos_sin(1, 5, 32, torch.float32)
+    _opcheck(torch.ops.awqlib.rotary.default, (q, k, cos, sin, 1))
+    assert blockops.rotary(q, k, cos, sin)[0].dtype == torch.float32
+    _opcheck(torch.ops.awqlib.gated_act.default, (_randn(3, 8, dtype=torch.float16), _randn(3, 8, dtype=torch.float32), "silu"))
+
+
+def test_block_op_gradients_are_the_references():
+    """Training through a fused model (adapters, fine-tuning): each op's backward is its reference's,
+    gradient for gradient (rms_norm computes in fp32 inside, so it is compared with its reference, not
+    gradchecked in fp64)."""
+    d = torch.float64
+    q = _randn(2, 3, 4, 8, dtype=d).requires_grad_()
+    k = _randn(2, 1, 4, 8, dtype=d, seed=1).requires_grad_()
+    cos, sin = _cos_sin(2, 4, 6, d)
+    assert torch.autograd.gradcheck(lambda a, b: blockops.rotary(a, b, cos, sin, 1), (q, k))
+    assert torch.autograd.gradcheck(lambda a: blockops.rotary(a, k.detach(), cos, sin, 1)[0], (q,))  # one output used
+    g, u = _randn(3, 8, dtype=d, seed=2).requires_grad_(), _randn(3, 8, dtype=d, seed=3).requires_grad_()
+    for act in blockops.ACTIVATIONS:
+        assert torch.autograd.gradcheck(lambda a, b: blockops.gated_act(a, b, act), (g, u))
+    x, w = _randn(3, 16, dtype=torch.float32).requires_grad_(), _randn(16, dtype=torch.float32, seed=4).requires_grad_()
+    grad = _randn(3, 16, dtype=torch.float32, seed=5)
+    for offset, fp32 in ((0.0, False), (1.0, True)):
+        got = torch.autograd.grad(blockops.rms_norm(x, w, EPS, offset, fp32), (x, w), grad)
+        want = torch.autograd.grad(blockops._reference_rms_norm(x, w, EPS, offset, fp32), (x, w), grad)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 # ------------------------------------------------------------------ strict arguments
 
 
