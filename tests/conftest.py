@@ -40,6 +40,8 @@ def tiny_config(arch: str):
         return T.Qwen2Config(**_COMMON)
     if arch == "qwen3":
         return T.Qwen3Config(**_COMMON, head_dim=32)
+    if arch == "gemma":
+        return T.GemmaConfig(**_COMMON, head_dim=32)
     if arch == "gemma2":
         return T.Gemma2Config(**_COMMON, head_dim=32, sliding_window=16)
     if arch == "gemma3":
@@ -57,7 +59,7 @@ def tiny_config(arch: str):
     raise KeyError(arch)
 
 
-ARCHS = ["llama", "llama_mha", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe", "opt"]
+ARCHS = ["llama", "llama_mha", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe", "opt"]
 
 
 def tiny_model(arch: str, seed: int = 0):

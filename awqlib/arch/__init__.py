@@ -49,6 +49,10 @@ _MLP_OUT = ScaleGroup("mlp.up_proj", ("mlp.down_proj",))
 
 LLAMA = ArchSpec("llama", (_ATTN, _VO, _MLP_IN, _MLP_OUT))
 
+# Gemma 1: llama's block with (1 + w) norms (the gelu between gate and down changes nothing: down
+# reads act(gate) * up, linear in up)
+GEMMA1 = ArchSpec("gemma1", LLAMA.groups, norm_offset=1.0)
+
 GEMMA = ArchSpec("gemma", (
     _ATTN, _VO,
     ScaleGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
@@ -83,7 +87,7 @@ QWEN3_MOE = _moe("qwen3_moe", ExpertSpec("mlp.experts", "gate_proj", "up_proj", 
 
 REGISTRY: dict[str, ArchSpec] = {
     "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA,
-    "gemma2": GEMMA, "gemma3_text": GEMMA, "gemma3": GEMMA,
+    "gemma": GEMMA1, "gemma2": GEMMA, "gemma3_text": GEMMA, "gemma3": GEMMA,
     "phi3": PHI3,
     "mixtral": MIXTRAL, "qwen3_moe": QWEN3_MOE,
     "opt": OPT,
