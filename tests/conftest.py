@@ -50,6 +50,9 @@ def tiny_config(arch: str):
         return T.Phi3Config(**{**_COMMON, "num_key_value_heads": 4}, pad_token_id=0)
     if arch == "mixtral":
         return T.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2)
+    if arch == "qwen2_moe":
+        return T.Qwen2MoeConfig(**_COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
+                                shared_expert_intermediate_size=192, decoder_sparse_step=1, mlp_only_layers=[])
     if arch == "qwen3_moe":
         return T.Qwen3MoeConfig(**_COMMON, head_dim=32, num_experts=4, num_experts_per_tok=2,
                                 moe_intermediate_size=128, decoder_sparse_step=1, mlp_only_layers=[])
@@ -59,7 +62,7 @@ def tiny_config(arch: str):
     raise KeyError(arch)
 
 
-ARCHS = ["llama", "llama_mha", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe", "opt"]
+ARCHS = ["llama", "llama_mha", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "opt"]
 
 
 def tiny_model(arch: str, seed: int = 0):

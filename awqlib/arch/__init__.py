@@ -41,6 +41,12 @@ class ArchSpec:
     # module-path prefix -> checkpoint-name prefix, for names transformers 5 renames at load
     checkpoint_renames: tuple[tuple[str, str], ...] = field(default=())
 
+    @property
+    def unquantized(self) -> frozenset[str]:
+        """Linears (paths in a block) kept in fp16 whatever the config says: the groups' scale-only
+        readers, which the serving engines build without a quantization config."""
+        return frozenset(n for g in self.groups for n in g.scale_only)
+
 
 _ATTN = ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn")
 _VO = ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",))  # skipped automatically under GQA (shapes differ)
@@ -85,11 +91,24 @@ def _moe(name: str, e: ExpertSpec, renames=()) -> ArchSpec:
 MIXTRAL = _moe("mixtral", ExpertSpec("mlp.experts", "w1", "w3", "w2"), renames=((".mlp.", ".block_sparse_moe."),))
 QWEN3_MOE = _moe("qwen3_moe", ExpertSpec("mlp.experts", "gate_proj", "up_proj", "down_proj"))
 
+# Qwen1.5-MoE / Qwen2-MoE: qwen3_moe's experts plus a shared expert (a llama MLP every token goes
+# through) scaled by sigmoid(shared_expert_gate(x)). The shared expert and both gates read the
+# experts' input, so they share its scale; the two gates ([E, hidden] and [1, hidden]) stay in fp16,
+# as vLLM builds them (ReplicatedLinear / nn.Linear without a quant config).
+QWEN2_MOE = ArchSpec("qwen2_moe", (
+    _ATTN, _VO,
+    ScaleGroup("post_attention_layernorm", ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj",
+                                            "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), "mlp",
+               scale_only=("mlp.gate", "mlp.shared_expert_gate")),
+    ScaleGroup("mlp.experts.{e}.up_proj", ("mlp.experts.{e}.down_proj",)),
+    ScaleGroup("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",)),
+), experts=QWEN3_MOE.experts)
+
 REGISTRY: dict[str, ArchSpec] = {
     "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA,
     "gemma": GEMMA1, "gemma2": GEMMA, "gemma3_text": GEMMA, "gemma3": GEMMA,
     "phi3": PHI3,
-    "mixtral": MIXTRAL, "qwen3_moe": QWEN3_MOE,
+    "mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE, "qwen3_moe": QWEN3_MOE,
     "opt": OPT,
 }
 

@@ -70,8 +70,8 @@ def expand_groups(spec: ArchSpec, block: nn.Module) -> list[ScaleGroup]:
         if "{e}" in g.prev:
             out += [ScaleGroup(g.prev.format(e=e), tuple(l.format(e=e) for l in g.linears), g.inspect,
                                g.prev_rows, g.scale_only) for e in range(n_exp)]
-        elif any("{e}" in l for l in g.linears):
-            lin = tuple(l.format(e=e) for e in range(n_exp) for l in g.linears)
+        elif any("{e}" in l for l in g.linears):  # (a shared expert's linears, without {e}, once)
+            lin = tuple(dict.fromkeys(l.format(e=e) for e in range(n_exp) for l in g.linears))
             out.append(ScaleGroup(g.prev, lin, g.inspect, g.prev_rows, g.scale_only))
         else:
             out.append(g)
@@ -125,10 +125,11 @@ def resolve_groups(spec: ArchSpec, block: nn.Module) -> list[BlockGroup]:
     return out
 
 
-def quantizable_linears(block: nn.Module, qcfg: QuantConfig, prefix: str = "") -> dict[str, nn.Linear]:
-    """The block's nn.Linear modules that ``qcfg`` converts (``prefix``: the block's path + '.')."""
+def quantizable_linears(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, prefix: str = "") -> dict[str, nn.Linear]:
+    """The block's nn.Linear modules that ``qcfg`` converts and ``spec`` does not keep in fp16
+    (``prefix``: the block's path + '.')."""
     return {n: m for n, m in block.named_modules()
-            if isinstance(m, nn.Linear) and not qcfg.skips(f"{prefix}{n}")}
+            if isinstance(m, nn.Linear) and n not in spec.unquantized and not qcfg.skips(f"{prefix}{n}")}
 
 
 def unconverted_linears(model: nn.Module) -> tuple[list[str], list[str]]:
@@ -186,7 +187,7 @@ def check_quantizable(model: nn.Module, spec: ArchSpec, qcfg: QuantConfig) -> No
             entries = [(k, dims[k], outs[k]) for k in dims]
         else:
             entries = [(n, l.in_features, l.out_features)
-                       for n, l in quantizable_linears(blk, qcfg, f"{spec.blocks}.{i}.").items()]
+                       for n, l in quantizable_linears(blk, spec, qcfg, f"{spec.blocks}.{i}.").items()]
         for n, k, o in entries:
             in_sizes.add(k)
             if k % effective_group_size(qcfg.group_size, k) or o % pf:
@@ -202,8 +203,8 @@ def check_quantizable(model: nn.Module, spec: ArchSpec, qcfg: QuantConfig) -> No
             f"(substrings of module names, e.g. {name.split('.')[-1]!r}).")
 
 
-def empty_quantized_linears(block: nn.Module, qcfg: QuantConfig, prefix: str, device) -> None:
+def empty_quantized_linears(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, prefix: str, device) -> None:
     """Swap the block's quantizable nn.Linear modules for empty WQLinear modules (to be loaded)."""
-    for name, lin in quantizable_linears(block, qcfg, prefix).items():
+    for name, lin in quantizable_linears(block, spec, qcfg, prefix).items():
         replace_module(block, name, WQLinear(lin.in_features, lin.out_features, qcfg.bits, qcfg.group_size,
                                              lin.bias is not None, device=device))
