@@ -46,6 +46,9 @@ def tiny_config(arch: str):
         return T.Gemma2Config(**_COMMON, head_dim=32, sliding_window=16)
     if arch == "gemma3":
         return T.Gemma3TextConfig(**_COMMON, head_dim=32, sliding_window=16)
+    if arch == "granite":  # Granite 3's multipliers (embeddings, residual branches, attention, logits)
+        return T.GraniteConfig(**_COMMON, embedding_multiplier=12.0, residual_multiplier=0.22,
+                               attention_multiplier=0.015625, logits_scaling=8.0)
     if arch == "phi3":
         return T.Phi3Config(**{**_COMMON, "num_key_value_heads": 4}, pad_token_id=0)
     if arch == "mixtral":
@@ -62,7 +65,8 @@ def tiny_config(arch: str):
     raise KeyError(arch)
 
 
-ARCHS = ["llama", "llama_mha", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "opt"]
+ARCHS = ["llama", "llama_mha", "mistral", "qwen2", "qwen3", "granite", "gemma", "gemma2", "gemma3", "phi3", "mixtral",
+         "qwen2_moe", "qwen3_moe", "opt"]
 
 
 def tiny_model(arch: str, seed: int = 0):

@@ -106,6 +106,7 @@ QWEN2_MOE = ArchSpec("qwen2_moe", (
 
 REGISTRY: dict[str, ArchSpec] = {
     "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA,
+    "granite": LLAMA,  # its multipliers (embeddings, attention scores, residual branches, logits) lie outside every fold
     "gemma": GEMMA1, "gemma2": GEMMA, "gemma3_text": GEMMA, "gemma3": GEMMA,
     "phi3": PHI3,
     "mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE, "qwen3_moe": QWEN3_MOE,
