@@ -62,11 +62,13 @@ def tiny_config(arch: str):
     if arch == "opt":
         return T.OPTConfig(hidden_size=128, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
                            vocab_size=256, max_position_embeddings=256, word_embed_proj_dim=128)
+    if arch == "starcoder2":  # MHA: v -> o folds too (with v's bias)
+        return T.Starcoder2Config(**{**_COMMON, "num_key_value_heads": 4}, sliding_window=32)
     raise KeyError(arch)
 
 
 ARCHS = ["llama", "llama_mha", "mistral", "qwen2", "qwen3", "granite", "gemma", "gemma2", "gemma3", "phi3", "mixtral",
-         "qwen2_moe", "qwen3_moe", "opt"]
+         "qwen2_moe", "qwen3_moe", "opt", "starcoder2"]
 
 
 def tiny_model(arch: str, seed: int = 0):

@@ -78,6 +78,13 @@ OPT = ArchSpec("opt", (
     ScaleGroup("fc1", ("fc2",)),  # ReLU is positively homogeneous: relu(x / s) = relu(x) / s
 ), blocks="model.decoder.layers")
 
+# StarCoder2: LayerNorms with a bias (folding divides it too, as for OPT); the MLP is c_fc -> gelu ->
+# c_proj, and gelu is not homogeneous (gelu(x / s) != gelu(x) / s), so c_proj gets no scale of its own
+STARCODER2 = ArchSpec("starcoder2", (
+    _ATTN, _VO,
+    ScaleGroup("post_attention_layernorm", ("mlp.c_fc",), "mlp"),
+))
+
 
 def _moe(name: str, e: ExpertSpec, renames=()) -> ArchSpec:
     x = f"{e.path}.{{e}}."
@@ -106,11 +113,11 @@ QWEN2_MOE = ArchSpec("qwen2_moe", (
 
 REGISTRY: dict[str, ArchSpec] = {
     "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA,
-    "granite": LLAMA,  # its multipliers (embeddings, attention scores, residual branches, logits) lie outside every fold
+    "granite": LLAMA,  # its multipliers (embeddings, attention, residual branches, logits) lie outside every fold
     "gemma": GEMMA1, "gemma2": GEMMA, "gemma3_text": GEMMA, "gemma3": GEMMA,
     "phi3": PHI3,
     "mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE, "qwen3_moe": QWEN3_MOE,
-    "opt": OPT,
+    "opt": OPT, "starcoder2": STARCODER2,
 }
 
 
