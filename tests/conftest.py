@@ -64,11 +64,16 @@ def tiny_config(arch: str):
                            vocab_size=256, max_position_embeddings=256, word_embed_proj_dim=128)
     if arch == "starcoder2":  # MHA: v -> o folds too (with v's bias)
         return T.Starcoder2Config(**{**_COMMON, "num_key_value_heads": 4}, sliding_window=32)
+    if arch == "cohere":  # Command R+'s per-head q/k LayerNorms (2-D weights)
+        return T.CohereConfig(**_COMMON, use_qk_norm=True, pad_token_id=0, bos_token_id=254, eos_token_id=255)
+    if arch == "cohere2":  # Command R7B: cohere's block, sliding-window and global layers
+        return T.Cohere2Config(**_COMMON, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                               pad_token_id=0, bos_token_id=254, eos_token_id=255)
     raise KeyError(arch)
 
 
 ARCHS = ["llama", "llama_mha", "mistral", "qwen2", "qwen3", "granite", "gemma", "gemma2", "gemma3", "phi3", "mixtral",
-         "qwen2_moe", "qwen3_moe", "opt", "starcoder2"]
+         "qwen2_moe", "qwen3_moe", "opt", "starcoder2", "cohere", "cohere2"]
 
 
 def tiny_model(arch: str, seed: int = 0):

@@ -85,6 +85,14 @@ STARCODER2 = ArchSpec("starcoder2", (
     ScaleGroup("post_attention_layernorm", ("mlp.c_fc",), "mlp"),
 ))
 
+# Cohere (Command R): parallel attention, one LayerNorm (no bias) feeds q/k/v and the MLP's gate/up
+# (block output = x + attn(norm(x)) + mlp(norm(x))), so all five share one scale. No module computes
+# just those two branches, so the search scores the five linears' own outputs (no inspect).
+COHERE = ArchSpec("cohere", (
+    ScaleGroup("input_layernorm", (*_ATTN.linears, *_MLP_IN.linears)),
+    _VO, _MLP_OUT,
+))
+
 
 def _moe(name: str, e: ExpertSpec, renames=()) -> ArchSpec:
     x = f"{e.path}.{{e}}."
@@ -117,7 +125,7 @@ REGISTRY: dict[str, ArchSpec] = {
     "gemma": GEMMA1, "gemma2": GEMMA, "gemma3_text": GEMMA, "gemma3": GEMMA,
     "phi3": PHI3,
     "mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE, "qwen3_moe": QWEN3_MOE,
-    "opt": OPT, "starcoder2": STARCODER2,
+    "opt": OPT, "starcoder2": STARCODER2, "cohere": COHERE, "cohere2": COHERE,
 }
 
 

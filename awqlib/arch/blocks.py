@@ -135,7 +135,7 @@ def quantizable_linears(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, pre
 def unconverted_linears(model: nn.Module) -> tuple[list[str], list[str]]:
     """(the unquantized linear-like modules, the quantized linears) of ``model``, as module paths.
 
-    Unquantized: every module holding its own 2-D weight (not an embedding) that is not a
+    Unquantized: every module holding its own 2-D weight (not an embedding, not a norm) that is not a
     ``WQLinear``: the output head, MoE routers (transformers 5 makes them their own class), linears
     kept in fp16 by ``modules_to_not_convert``, a vision tower.  A subtree without any quantized
     linear is named once, by its root (``model.vision_tower``), not module by module."""
@@ -143,8 +143,9 @@ def unconverted_linears(model: nn.Module) -> tuple[list[str], list[str]]:
     holds_quantized = {".".join(q.split(".")[:k]) for q in quantized for k in range(1, q.count(".") + 2)}
 
     def linear_like(m: nn.Module) -> bool:  # (only asked of subtrees without a WQLinear)
-        w = m._parameters.get("weight")
-        return w is not None and w.dim() == 2 and not isinstance(m, nn.Embedding)
+        w = m._parameters.get("weight")  # (a norm's weight can be 2-D too: Cohere's per-head q/k norms)
+        is_norm = "norm" in type(m).__name__.lower()
+        return w is not None and w.dim() == 2 and not isinstance(m, nn.Embedding) and not is_norm
 
     out: list[str] = []
 
