@@ -171,6 +171,11 @@ def test_qwen2_moe_shared_expert_shares_the_experts_scale_and_its_gate_stays_fp1
     ids = calib_ids[:2, :32]
     with torch.no_grad():
         ref = AutoAWQ.from_quantized(str(out))(input_ids=ids).logits
+        # layer fusion reads the expanded groups: the shared expert's gate/up fuse once, like each expert's
+        fused = AutoAWQ.from_quantized(str(out), fuse_layers=True)
+        from awqlib.fuse import FusedWQLinear
+        assert sum(isinstance(m, FusedWQLinear) for m in fused.modules()) == 2 * (1 + 4 + 1)  # qkv, experts, shared
+        torch.testing.assert_close(fused(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
     cfg["quantization_config"]["modules_to_not_convert"] = None
     (out / "config.json").write_text(json.dumps(cfg))
     with torch.no_grad():
