@@ -128,6 +128,21 @@ def test_expert_without_calibration_tokens_is_still_quantized(arch, calib_ids):
     assert starved_reports and all(r.ratio is None for r in starved_reports)
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_unfused_experts_compute_what_transformers_fused_ones_do(arch, calib_ids):
+    """transformers 5's 3-D expert parameters, unfused into per-expert linears: the same model."""
+    from awqlib.moe import UnfusedExperts, unfuse_experts
+    model = tiny_model(arch)
+    spec = get_spec(model.config.model_type)
+    ids = calib_ids[:2, :32]
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        for block in awq.get_blocks(model, spec):
+            unfuse_experts(block, spec.experts)
+            assert isinstance(block.get_submodule(spec.experts.path), UnfusedExperts)
+        torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_moe_statistics_are_per_expert(calib_ids):
     """Each expert's linears see only their routed tokens; the shared norm scale sees all tokens."""
     _, spec, block, inps, kws = first_block("mixtral", calib_ids)
