@@ -86,8 +86,8 @@ STARCODER2 = ArchSpec("starcoder2", (
 ))
 
 # Cohere (Command R): parallel attention, one LayerNorm (no bias) feeds q/k/v and the MLP's gate/up
-# (block output = x + attn(norm(x)) + mlp(norm(x))), so all five share one scale. No module computes
-# just those two branches, so the search scores the five linears' own outputs (no inspect).
+# (block output = x + attn(norm(x)) + mlp(norm(x))), so all five share one scale. No submodule
+# computes both branches, so the search scores the five linears' own outputs (no inspect).
 COHERE = ArchSpec("cohere", (
     ScaleGroup("input_layernorm", (*_ATTN.linears, *_MLP_IN.linears)),
     _VO, _MLP_OUT,

@@ -125,7 +125,8 @@ def resolve_groups(spec: ArchSpec, block: nn.Module) -> list[BlockGroup]:
     return out
 
 
-def quantizable_linears(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, prefix: str = "") -> dict[str, nn.Linear]:
+def quantizable_linears(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig,
+                        prefix: str = "") -> dict[str, nn.Linear]:
     """The block's nn.Linear modules that ``qcfg`` converts and ``spec`` does not keep in fp16
     (``prefix``: the block's path + '.')."""
     return {n: m for n, m in block.named_modules()
