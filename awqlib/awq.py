@@ -694,7 +694,7 @@ def quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, opts: AW
     if spec.experts is not None:
         unfuse_experts(block, spec.experts)
     block.to(device)
-    linears = quantizable_linears(block, qcfg, prefix)
+    linears = quantizable_linears(block, spec, qcfg, prefix)
     groups = resolve_groups(spec, block)
     site_of, inspected, fp_outs = capture_block(block, groups, linears, inps, kwargs_by_batch, device, opts, prefix)
 
@@ -789,6 +789,6 @@ def rtn_quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, pref
     """Plain round-to-nearest (the baseline AWQ must beat)."""
     if spec.experts is not None:
         unfuse_experts(block, spec.experts)
-    for name, lin in quantizable_linears(block, qcfg, prefix).items():
+    for name, lin in quantizable_linears(block, spec, qcfg, prefix).items():
         replace_module(block, name, WQLinear.from_linear(lin, qcfg.bits, qcfg.group_size, qcfg.zero_point))
     round_to_storage(block)

@@ -422,7 +422,7 @@ def fuse_block_ops(model: nn.Module, spec) -> dict[str, int]:
     config = getattr(config, "get_text_config", lambda: config)()
     for block in get_blocks(model, spec):
         mlp = find_submodule(block, spec.mlp.path) if spec.mlp is not None else None
-        if mlp is not None and not isinstance(mlp, FusedGatedMLP):
+        if mlp is not None and not isinstance(mlp, FusedGatedMLP) and hasattr(mlp, spec.mlp.down):
             fused = _mlp_replacement(block, spec.mlp, dtype)
             if fused is not None:
                 replace_module(block, spec.mlp.path, fused)
@@ -434,7 +434,7 @@ def fuse_block_ops(model: nn.Module, spec) -> dict[str, int]:
                 expert.act_op = act
                 counts["expert_act"] += 1
             kept["expert_act"] += 0 if act else len(experts)
-        attn = find_submodule(block, "self_attn")
+        attn = find_submodule(block, "self_attn") if spec.rotate_half else None
         if attn is not None and not getattr(vars(attn).get("forward"), "awqlib_rotary", False):
             forward = None if _hooked(attn) else _rotary_forward(attn, config, rotaries, dtype)
             if forward is not None:

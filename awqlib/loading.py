@@ -105,7 +105,7 @@ def load_quantized(quant_path: str, device: str | torch.device | None = None, to
     for i, blk in enumerate(blocks):
         if spec.experts is not None:
             unfuse_experts(blk, spec.experts)
-        empty_quantized_linears(blk, qcfg, f"{prefix}.{i}.", device="meta")
+        empty_quantized_linears(blk, spec, qcfg, f"{prefix}.{i}.", device="meta")
     place = None
     if device_map is not None:  # planned on the empty model; each tensor goes to its device as it is read
         device_map = plan_device_map(model, device_map, max_memory, dtype, offload_folder)

@@ -303,7 +303,7 @@ def _load_finished_block(blk: nn.Module, spec: ArchSpec, bprefix: str, tensors: 
                          qcfg: QuantConfig, dtype: torch.dtype) -> None:
     if spec.experts is not None:
         unfuse_experts(blk, spec.experts)
-    empty_quantized_linears(blk, qcfg, bprefix, device="cpu")
+    empty_quantized_linears(blk, spec, qcfg, bprefix, device="cpu")
     state = {}
     for k, v in tensors.items():
         name = from_checkpoint_name(k, spec)[len(bprefix):]

@@ -40,24 +40,40 @@ def tiny_config(arch: str):
         return T.Qwen2Config(**_COMMON)
     if arch == "qwen3":
         return T.Qwen3Config(**_COMMON, head_dim=32)
+    if arch == "gemma":
+        return T.GemmaConfig(**_COMMON, head_dim=32)
     if arch == "gemma2":
         return T.Gemma2Config(**_COMMON, head_dim=32, sliding_window=16)
     if arch == "gemma3":
         return T.Gemma3TextConfig(**_COMMON, head_dim=32, sliding_window=16)
+    if arch == "granite":  # Granite 3's multipliers (embeddings, residual branches, attention, logits)
+        return T.GraniteConfig(**_COMMON, embedding_multiplier=12.0, residual_multiplier=0.22,
+                               attention_multiplier=0.015625, logits_scaling=8.0)
     if arch == "phi3":
         return T.Phi3Config(**{**_COMMON, "num_key_value_heads": 4}, pad_token_id=0)
     if arch == "mixtral":
         return T.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2)
+    if arch == "qwen2_moe":
+        return T.Qwen2MoeConfig(**_COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
+                                shared_expert_intermediate_size=192, decoder_sparse_step=1, mlp_only_layers=[])
     if arch == "qwen3_moe":
         return T.Qwen3MoeConfig(**_COMMON, head_dim=32, num_experts=4, num_experts_per_tok=2,
                                 moe_intermediate_size=128, decoder_sparse_step=1, mlp_only_layers=[])
     if arch == "opt":
         return T.OPTConfig(hidden_size=128, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
                            vocab_size=256, max_position_embeddings=256, word_embed_proj_dim=128)
+    if arch == "starcoder2":  # MHA: v -> o folds too (with v's bias)
+        return T.Starcoder2Config(**{**_COMMON, "num_key_value_heads": 4}, sliding_window=32)
+    if arch == "cohere":  # Command R+'s per-head q/k LayerNorms (2-D weights)
+        return T.CohereConfig(**_COMMON, use_qk_norm=True, pad_token_id=0, bos_token_id=254, eos_token_id=255)
+    if arch == "cohere2":  # Command R7B: cohere's block, sliding-window and global layers
+        return T.Cohere2Config(**_COMMON, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                               pad_token_id=0, bos_token_id=254, eos_token_id=255)
     raise KeyError(arch)
 
 
-ARCHS = ["llama", "llama_mha", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe", "opt"]
+ARCHS = ["llama", "llama_mha", "mistral", "qwen2", "qwen3", "granite", "gemma", "gemma2", "gemma3", "phi3", "mixtral",
+         "qwen2_moe", "qwen3_moe", "opt", "starcoder2", "cohere", "cohere2"]
 
 
 def tiny_model(arch: str, seed: int = 0):

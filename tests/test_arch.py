@@ -1,6 +1,8 @@
 """One test per architecture on a tiny config: the spec folds scales exactly, and
 quantize -> save -> from_quantized gives the in-memory quantized model's logits."""
 
+import re
+
 import pytest
 import torch
 
@@ -37,8 +39,10 @@ def test_quantize_save_load_logits(arch, calib_ids, tmp_path):
     w = AutoAWQ.from_model(model)
     w.quantize(None, {"w_bit": 4, "q_group_size": 64}, calib_data=list(calib_ids), n_samples=16, seqlen=64)
     n_q = sum(isinstance(m, WQLinear) for m in model.modules())
-    n_lin = sum(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if ".layers." in n)
-    assert n_q > 0 and n_lin == 0, "every decoder linear is quantized"
+    kept = {re.sub(r"^.*\.layers\.\d+\.", "", n) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    assert n_q > 0 and kept <= get_spec(model.config.model_type).unquantized, \
+        f"every decoder linear is quantized but those the spec keeps in fp16: {kept}"
     with torch.no_grad():
         q = model(input_ids=ids).logits
     assert torch.isfinite(q).all()
@@ -124,10 +128,25 @@ def test_expert_without_calibration_tokens_is_still_quantized(arch, calib_ids):
     assert starved_reports and all(r.ratio is None for r in starved_reports)
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_unfused_experts_compute_what_transformers_fused_ones_do(arch, calib_ids):
+    """transformers 5's 3-D expert parameters, unfused into per-expert linears: the same model."""
+    from awqlib.moe import UnfusedExperts, unfuse_experts
+    model = tiny_model(arch)
+    spec = get_spec(model.config.model_type)
+    ids = calib_ids[:2, :32]
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        for block in awq.get_blocks(model, spec):
+            unfuse_experts(block, spec.experts)
+            assert isinstance(block.get_submodule(spec.experts.path), UnfusedExperts)
+        torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_moe_statistics_are_per_expert(calib_ids):
     """Each expert's linears see only their routed tokens; the shared norm scale sees all tokens."""
     _, spec, block, inps, kws = first_block("mixtral", calib_ids)
-    lin = awq.quantizable_linears(block, QuantConfig(group_size=64))
+    lin = awq.quantizable_linears(block, spec, QuantConfig(group_size=64))
     groups = resolve_groups(spec, block)
     sites, inspected, _ = awq.capture_block(block, groups, lin, inps, kws, torch.device("cpu"), awq.AWQOptions())
     total = calib_ids.numel()
@@ -164,3 +183,43 @@ def test_experts_run_only_where_tokens_are_routed():
             index = torch.stack([torch.randperm(16, generator=g)[:k] for _ in range(tokens)])
             weights = torch.rand(tokens, k, generator=g).to(dtype)
             assert torch.equal(experts(x, index, weights), every_expert(experts, x, index, weights)), (dtype, tokens, k)
+
+
+def test_qwen2_moe_shared_expert_shares_the_experts_scale_and_its_gate_stays_fp16(calib_ids, tmp_path):
+    """The shared expert reads the experts' normed input: its gate/up join the experts' scale group
+    (once each), the router and the [1, hidden] shared_expert_gate are scaled but never quantized (vLLM
+    builds both without a quant config), and the checkpoint stores that gate as an fp16 weight, named in
+    modules_to_not_convert; a checkpoint whose config leaves it out still loads (vLLM needs no entry)."""
+    import json
+    _, spec, block, _, _ = first_block("qwen2_moe", calib_ids[:2])
+    norm = next(g for g in resolve_groups(spec, block) if g.name == "post_attention_layernorm")
+    assert norm.group.linears.count("mlp.shared_expert.up_proj") == 1 and "mlp.experts.3.gate_proj" in norm.readers
+    assert norm.scale_only == (block.mlp.gate, block.mlp.shared_expert_gate)
+    assert "mlp.shared_expert_gate" not in awq.quantizable_linears(block, spec, QuantConfig(group_size=64))
+
+    model = tiny_model("qwen2_moe")
+    w = AutoAWQ.from_model(model)
+    w.quantize(None, {"w_bit": 4, "q_group_size": 64}, calib_data=list(calib_ids), n_samples=16, seqlen=64)
+    mlp = model.model.layers[0].mlp
+    assert type(mlp.shared_expert_gate) is torch.nn.Linear and isinstance(mlp.shared_expert.down_proj, WQLinear)
+    assert w.reports[0].scales["post_attention_layernorm"].ratio is not None
+    out = w.save_quantized(tmp_path / "q")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["modules_to_not_convert"] == ["mlp.gate", "mlp.shared_expert_gate", "lm_head"]
+    from conftest import checkpoint_tensors
+    t = checkpoint_tensors(out)
+    assert t["model.layers.0.mlp.shared_expert_gate.weight"].shape == (1, 128)
+    assert {"model.layers.1.mlp.shared_expert.gate_proj.qweight", "model.layers.1.mlp.experts.3.down_proj.qweight",
+            "model.layers.1.mlp.gate.weight"} <= t.keys()
+    ids = calib_ids[:2, :32]
+    with torch.no_grad():
+        ref = AutoAWQ.from_quantized(str(out))(input_ids=ids).logits
+        # layer fusion reads the expanded groups: the shared expert's gate/up fuse once, like each expert's
+        fused = AutoAWQ.from_quantized(str(out), fuse_layers=True)
+        from awqlib.fuse import FusedWQLinear
+        assert sum(isinstance(m, FusedWQLinear) for m in fused.modules()) == 2 * (1 + 4 + 1)  # qkv, experts, shared
+        torch.testing.assert_close(fused(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
+    cfg["quantization_config"]["modules_to_not_convert"] = None
+    (out / "config.json").write_text(json.dumps(cfg))
+    with torch.no_grad():
+        torch.testing.assert_close(AutoAWQ.from_quantized(str(out))(input_ids=ids).logits, ref, rtol=0, atol=0)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from awqlib import AutoAWQ
+from awqlib import AutoAWQ, WQLinear
 from awqlib.compat import RULES, RULES_LIST, format_report, read_safetensors_header, validate_checkpoint
-from conftest import FIXTURES, needs_shared, tiny_config, tiny_model
+from conftest import ARCHS, FIXTURES, needs_shared, tiny_config, tiny_model
 
 GEMM = FIXTURES / "autoawq-llama-gemm-g64"
 GEMV = FIXTURES / "autoawq-llama-gemv-g64"
@@ -260,3 +260,15 @@ def test_malformed_configs_are_findings_not_crashes(awqlib_ckpt, tmp_path, capsy
     assert not rep.ok and any(f.rule == rule and msg in f.message for f in rep.errors), format_report(rep)
     from awqlib.compat import main
     assert main([str(ck)]) == 1 and msg in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_family_writes_a_checkpoint_vllm_loads(arch, tmp_path):
+    """Each supported family's checkpoint passes every rule: its linears sit in the row/column tables
+    (no 'checked both ways' warning), the unquantized ones (routers, gates) are named, none is a
+    quantized router."""
+    w = AutoAWQ.from_model(tiny_model(arch)).quantize(None, {"q_group_size": 64}, method="rtn")
+    n_quantized = sum(isinstance(m, WQLinear) for m in w.model.modules())
+    rep = validate_checkpoint(w.save_quantized(tmp_path / "q"))
+    assert rep.ok and not rep.warnings, format_report(rep)
+    assert rep.n_quantized == n_quantized and 1 in rep.valid_tp

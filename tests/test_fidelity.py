@@ -132,8 +132,10 @@ def test_hub_id_source_is_read_from_the_cache_only(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("arch,expected", [
     ("llama", None),                                   # only the output head: readers skip it themselves
+    ("cohere", None),                                  # its q/k norms hold 2-D weights: not linears
     ("mixtral", ["block_sparse_moe.gate", "lm_head"]),  # the routers, by their path in the block
     ("qwen3_moe", ["mlp.gate", "lm_head"]),
+    ("qwen2_moe", ["mlp.gate", "mlp.shared_expert_gate", "lm_head"]),  # the router and the shared expert's gate
 ])
 def test_unquantized_linears_are_named_for_readers(arch, expected, tmp_path):
     """Readers that build the model from config.json (transformers 4.x, AutoAWQ, vLLM) put a quantized

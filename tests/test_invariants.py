@@ -16,7 +16,7 @@ def test_search_changes_no_weight(calib_ids):
     qcfg = QuantConfig(group_size=64)
     before = copy.deepcopy(block.state_dict())
     opts = awq.AWQOptions()
-    lin = awq.quantizable_linears(block, qcfg)
+    lin = awq.quantizable_linears(block, spec, qcfg)
     groups = resolve_groups(spec, block)
     sites, inspected, _ = awq.capture_block(block, groups, lin, inps, kws, torch.device("cpu"), opts)
     assert sites["self_attn.q_proj"] is sites["self_attn.v_proj"], "q/k/v read one tensor: one site"

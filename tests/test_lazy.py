@@ -21,7 +21,7 @@ def src(tmp_path):
     return make
 
 
-@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+@pytest.mark.parametrize("arch", ["llama", "mixtral", "qwen2_moe"])  # dense; experts; a shared expert and its fp16 gate
 def test_lazy_equals_in_memory(src, tmp_path, calib_ids, arch):
     path = src(arch)
     a = AutoAWQ.from_pretrained(str(path))

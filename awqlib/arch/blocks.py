@@ -70,8 +70,8 @@ def expand_groups(spec: ArchSpec, block: nn.Module) -> list[ScaleGroup]:
         if "{e}" in g.prev:
             out += [ScaleGroup(g.prev.format(e=e), tuple(l.format(e=e) for l in g.linears), g.inspect,
                                g.prev_rows, g.scale_only) for e in range(n_exp)]
-        elif any("{e}" in l for l in g.linears):
-            lin = tuple(l.format(e=e) for e in range(n_exp) for l in g.linears)
+        elif any("{e}" in l for l in g.linears):  # (a shared expert's linears, without {e}, once)
+            lin = tuple(dict.fromkeys(l.format(e=e) for e in range(n_exp) for l in g.linears))
             out.append(ScaleGroup(g.prev, lin, g.inspect, g.prev_rows, g.scale_only))
         else:
             out.append(g)
@@ -125,16 +125,18 @@ def resolve_groups(spec: ArchSpec, block: nn.Module) -> list[BlockGroup]:
     return out
 
 
-def quantizable_linears(block: nn.Module, qcfg: QuantConfig, prefix: str = "") -> dict[str, nn.Linear]:
-    """The block's nn.Linear modules that ``qcfg`` converts (``prefix``: the block's path + '.')."""
+def quantizable_linears(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig,
+                        prefix: str = "") -> dict[str, nn.Linear]:
+    """The block's nn.Linear modules that ``qcfg`` converts and ``spec`` does not keep in fp16
+    (``prefix``: the block's path + '.')."""
     return {n: m for n, m in block.named_modules()
-            if isinstance(m, nn.Linear) and not qcfg.skips(f"{prefix}{n}")}
+            if isinstance(m, nn.Linear) and n not in spec.unquantized and not qcfg.skips(f"{prefix}{n}")}
 
 
 def unconverted_linears(model: nn.Module) -> tuple[list[str], list[str]]:
     """(the unquantized linear-like modules, the quantized linears) of ``model``, as module paths.
 
-    Unquantized: every module holding its own 2-D weight (not an embedding) that is not a
+    Unquantized: every module holding its own 2-D weight (not an embedding, not a norm) that is not a
     ``WQLinear``: the output head, MoE routers (transformers 5 makes them their own class), linears
     kept in fp16 by ``modules_to_not_convert``, a vision tower.  A subtree without any quantized
     linear is named once, by its root (``model.vision_tower``), not module by module."""
@@ -142,8 +144,9 @@ def unconverted_linears(model: nn.Module) -> tuple[list[str], list[str]]:
     holds_quantized = {".".join(q.split(".")[:k]) for q in quantized for k in range(1, q.count(".") + 2)}
 
     def linear_like(m: nn.Module) -> bool:  # (only asked of subtrees without a WQLinear)
-        w = m._parameters.get("weight")
-        return w is not None and w.dim() == 2 and not isinstance(m, nn.Embedding)
+        w = m._parameters.get("weight")  # (a norm's weight can be 2-D too: Cohere's per-head q/k norms)
+        is_norm = "norm" in type(m).__name__.lower()
+        return w is not None and w.dim() == 2 and not isinstance(m, nn.Embedding) and not is_norm
 
     out: list[str] = []
 
@@ -186,7 +189,7 @@ def check_quantizable(model: nn.Module, spec: ArchSpec, qcfg: QuantConfig) -> No
             entries = [(k, dims[k], outs[k]) for k in dims]
         else:
             entries = [(n, l.in_features, l.out_features)
-                       for n, l in quantizable_linears(blk, qcfg, f"{spec.blocks}.{i}.").items()]
+                       for n, l in quantizable_linears(blk, spec, qcfg, f"{spec.blocks}.{i}.").items()]
         for n, k, o in entries:
             in_sizes.add(k)
             if k % effective_group_size(qcfg.group_size, k) or o % pf:
@@ -202,8 +205,8 @@ def check_quantizable(model: nn.Module, spec: ArchSpec, qcfg: QuantConfig) -> No
             f"(substrings of module names, e.g. {name.split('.')[-1]!r}).")
 
 
-def empty_quantized_linears(block: nn.Module, qcfg: QuantConfig, prefix: str, device) -> None:
+def empty_quantized_linears(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, prefix: str, device) -> None:
     """Swap the block's quantizable nn.Linear modules for empty WQLinear modules (to be loaded)."""
-    for name, lin in quantizable_linears(block, qcfg, prefix).items():
+    for name, lin in quantizable_linears(block, spec, qcfg, prefix).items():
         replace_module(block, name, WQLinear(lin.in_features, lin.out_features, qcfg.bits, qcfg.group_size,
                                              lin.bias is not None, device=device))
