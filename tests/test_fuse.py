@@ -85,7 +85,10 @@ BLOCK_OPS = {"opt": {"rms_norm": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 0
              "qwen3_moe": {"rms_norm": 9, "gated_mlp": 0, "expert_act": 0, "rotary": 2},
              "qwen3": {"rms_norm": 9, "gated_mlp": 2, "expert_act": 0, "rotary": 2},     # + q_norm, k_norm per block
              "gemma2": {"rms_norm": 9, "gated_mlp": 2, "expert_act": 0, "rotary": 2},    # 4 norms per block + the last
-             "gemma3": {"rms_norm": 13, "gated_mlp": 2, "expert_act": 0, "rotary": 2}}  # ... + q_norm, k_norm
+             "gemma3": {"rms_norm": 13, "gated_mlp": 2, "expert_act": 0, "rotary": 2},  # ... + q_norm, k_norm
+             "starcoder2": {"rms_norm": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 2},  # LayerNorms, c_fc/c_proj
+             "cohere": {"rms_norm": 0, "gated_mlp": 2, "expert_act": 0, "rotary": 0},   # LayerNorms, interleaved
+             "cohere2": {"rms_norm": 0, "gated_mlp": 2, "expert_act": 0, "rotary": 0}}  # rotary (spec: rotate_half)
 
 
 def _generate(model, ids):
