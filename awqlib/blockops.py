@@ -38,13 +38,17 @@ _lib.define("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, int unsqueeze_di
 _lib.define("gated_act(Tensor gate, Tensor up, str act) -> Tensor")
 
 
+def _check_rms_norm(weight_offset, scale_in_fp32):
+    if weight_offset and not scale_in_fp32:
+        raise ValueError("rms_norm: weight_offset needs scale_in_fp32=True (no model rounds first and offsets)")
+
+
 def _reference_rms_norm(x, weight, eps, weight_offset, scale_in_fp32):
     xf = x.to(torch.float32)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if scale_in_fp32:
         return (y * (weight_offset + weight.float())).to(x.dtype).contiguous()
-    if weight_offset:
-        raise ValueError("rms_norm: weight_offset needs scale_in_fp32=True (no model rounds first and offsets)")
+    _check_rms_norm(weight_offset, scale_in_fp32)
     return (weight * y.to(x.dtype)).contiguous()
 
 
@@ -98,6 +102,7 @@ _lib.impl("gated_act", _reference_gated_act, "CompositeExplicitAutograd")
 
 @torch.library.register_fake("awqlib::rms_norm")
 def _fake_rms_norm(x, weight, eps, weight_offset, scale_in_fp32):
+    _check_rms_norm(weight_offset, scale_in_fp32)
     dtype = x.dtype if scale_in_fp32 else torch.promote_types(weight.dtype, x.dtype)
     return x.new_empty(x.shape, dtype=dtype)
 
@@ -117,43 +122,29 @@ def _fake_gated_act(gate, up, act):
     return gate.new_empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype))
 
 
-# Gradients (adapters trained around frozen int4 linears, a fused fp16 model fine-tuned): the
-# backward recomputes the op's reference expression, which autograd differentiates.  The forward
-# stays one kernel; training pays the reference's kernels once more in the backward.
-def _register_recomputed_backward(name: str, reference, n_tensors: int) -> None:
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:n_tensors])
-        ctx.rest = inputs[n_tensors:]
-
-    def backward(ctx, *grads):
-        needs = ctx.needs_input_grad[:n_tensors]
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
-            outs = reference(*leaves, *ctx.rest)
-            outs = outs if isinstance(outs, tuple) else (outs,)
-            pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-            wanted = [leaf for leaf in leaves if leaf.requires_grad]
-            found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
-                         if pairs and wanted else [None] * len(wanted))
-        return (*(next(found) if need else None for need in needs), *(None,) * len(ctx.rest))
-
-    torch.library.register_autograd(f"awqlib::{name}", backward, setup_context=setup_context)
-
-
-_register_recomputed_backward("rms_norm", _reference_rms_norm, 2)
-_register_recomputed_backward("rotary", _reference_rotary, 4)
-_register_recomputed_backward("gated_act", _reference_gated_act, 2)
+# The ops have no autograd kernel: one registered from Python runs a Python step on every call,
+# no_grad included (~5 us each here), which decode, where these ops matter, cannot afford.  Where a
+# gradient is wanted the wrappers below run the reference expression itself, which autograd
+# differentiates (training pays its kernels; inference keeps one).
+def _wants_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0,
              scale_in_fp32: bool = False) -> torch.Tensor:
+    if _wants_grad(x, weight):
+        return _reference_rms_norm(x, weight, eps, weight_offset, scale_in_fp32)
     return torch.ops.awqlib.rms_norm(x, weight, eps, weight_offset, scale_in_fp32)
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
            unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    if _wants_grad(q, k, cos, sin):
+        return _reference_rotary(q, k, cos, sin, unsqueeze_dim)
     return torch.ops.awqlib.rotary(q, k, cos, sin, unsqueeze_dim)
 
 
 def gated_act(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+    if _wants_grad(gate, up):
+        return _reference_gated_act(gate, up, act)
     return torch.ops.awqlib.gated_act(gate, up, act)

@@ -260,6 +260,9 @@ class FusedGatedMLP(nn.Module):
         super().__init__()
         for name, child in mlp.named_children():
             self.add_module(name, child)
+        for name, value in vars(mlp).items():  # its plain attributes (config, sizes) stay readable
+            if not name.startswith("_") and name not in vars(self):
+                setattr(self, name, value)
         self.spec, self.act = spec, act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -333,11 +336,14 @@ def _fused_rotary(original):
 
 def _rotary_dims(config, head_dim: int) -> set[int]:
     """The rotary widths the model's cos/sin can have: head_dim times its partial_rotary_factor, which
-    transformers 5 keeps in rope_parameters (per layer type for some models), 4.x on the config."""
+    transformers 5 keeps in rope_parameters (per layer type for some models: a layer type without
+    one rotates the whole head), 4.x on the config."""
     rope = getattr(config, "rope_parameters", None)
-    params = [rope] if isinstance(rope, dict) else []
-    params += [v for p in params for v in p.values() if isinstance(v, dict)]
-    factors = {getattr(config, "partial_rotary_factor", None), *(p.get("partial_rotary_factor") for p in params)}
+    per_type = [v for v in rope.values() if isinstance(v, dict)] if isinstance(rope, dict) else []
+    factors = {getattr(config, "partial_rotary_factor", None)}
+    if isinstance(rope, dict):
+        factors.add(rope.get("partial_rotary_factor"))
+    factors |= {p.get("partial_rotary_factor", 1.0) for p in per_type}
     return {int(head_dim * f) for f in factors if isinstance(f, (int, float)) and 0 < f <= 1} or {head_dim}
 
 

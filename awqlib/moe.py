@@ -65,7 +65,9 @@ class UnfusedExperts(nn.ModuleList):
         order = torch.argsort(flat, stable=True)
         tokens, slots = order // k, order % k
         start = 0
-        for i, n in enumerate(torch.bincount(flat, minlength=len(self)).tolist()):
+        # an index == E is transformers' placeholder for an expert on another rank (expert parallel):
+        # it sorts last and runs nowhere
+        for i, n in enumerate(torch.bincount(flat, minlength=len(self))[:len(self)].tolist()):
             if n == 0:
                 continue
             token, slot = tokens[start:start + n], slots[start:start + n]

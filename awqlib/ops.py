@@ -104,29 +104,30 @@ def _fake_dequantize(qweight, qzeros, scales, group_size):
     return scales.new_empty((as_gemm_shape(qweight)[0], scales.shape[1]))
 
 
-# Gradients flow to the activations (LoRA adapters and other trainable modules around frozen int4
-# linears): d(x W)/dx = grad W^T, with W dequantized for the backward only.  The packed weights are
-# integer codes with no gradient.
-def _gemm_setup_context(ctx, inputs, output):
-    x, qweight, qzeros, scales, group_size = inputs
-    ctx.save_for_backward(qweight, qzeros, scales)
-    ctx.group_size = group_size
+class _GemmWithInputGrad(torch.autograd.Function):
+    """awq_gemm with a gradient for its input, for trainable modules around frozen int4 linears
+    (LoRA adapters): d(x W)/dx = grad W^T, W dequantized for the backward only, as the reference's
+    forward does.  The packed weights are integer codes with no gradient.  A Function rather than an
+    autograd kernel registered on the op: that would run a Python step on every call, no_grad
+    included (~5 us each here), which decode cannot afford."""
 
+    @staticmethod
+    def forward(ctx, x, qweight, qzeros, scales, group_size):
+        ctx.save_for_backward(qweight, qzeros, scales)
+        ctx.group_size = group_size
+        return torch.ops.awqlib.awq_gemm(x, qweight, qzeros, scales, group_size)
 
-def _gemm_backward(ctx, grad):
-    grad_x = None
-    if ctx.needs_input_grad[0]:
+    @staticmethod
+    def backward(ctx, grad):
         qweight, qzeros, scales = ctx.saved_tensors
-        w = dequantize_gemm(qweight, qzeros, scales, ctx.group_size, dtype=grad.dtype)  # as the reference's forward
-        grad_x = torch.matmul(grad, w.t())
-    return grad_x, None, None, None, None
-
-
-torch.library.register_autograd("awqlib::awq_gemm", _gemm_backward, setup_context=_gemm_setup_context)
+        w = dequantize_gemm(qweight, qzeros, scales, ctx.group_size, dtype=grad.dtype)
+        return torch.matmul(grad, w.t()), None, None, None, None
 
 
 def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
              group_size: int) -> torch.Tensor:
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _GemmWithInputGrad.apply(x, qweight, qzeros, scales, group_size)
     return torch.ops.awqlib.awq_gemm(x, qweight, qzeros, scales, group_size)
 
 

@@ -223,3 +223,31 @@ def test_qwen2_moe_shared_expert_shares_the_experts_scale_and_its_gate_stays_fp1
     (out / "config.json").write_text(json.dumps(cfg))
     with torch.no_grad():
         torch.testing.assert_close(AutoAWQ.from_quantized(str(out))(input_ids=ids).logits, ref, rtol=0, atol=0)
+
+
+def test_expert_parallel_placeholder_index_runs_no_expert():
+    """transformers 5 marks an expert held by another rank with index == num_experts: the routing skips
+    it, as transformers' own experts do."""
+    from awqlib.arch import ExpertSpec
+    from awqlib.moe import UnfusedExperts
+    g = torch.Generator().manual_seed(0)
+    experts = UnfusedExperts(ExpertSpec("mlp.experts", "gate_proj", "up_proj", "down_proj"), 4, 32, 48, torch.nn.SiLU())
+    x = torch.randn(3, 32, generator=g)
+    index = torch.tensor([[0, 4], [4, 2], [1, 3]])
+    weights = torch.rand(3, 2, generator=g)
+    local = torch.tensor([[0, 0], [2, 2], [1, 3]])                 # the same rows without the placeholders ...
+    w_local = weights * torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # ... contributing nothing
+    torch.testing.assert_close(experts(x, index, weights), experts(x, local, w_local))
+
+
+def test_a_shared_expert_that_no_group_size_fits_is_refused_up_front():
+    """check_quantizable covers every linear a MoE block quantizes, not only the fused experts: a
+    shared expert of 200 features with group 64 is refused before any work, naming the sizes that fit."""
+    import transformers as T
+    from awqlib.arch.blocks import check_quantizable
+    from conftest import _COMMON
+    cfg = T.Qwen2MoeConfig(**_COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
+                           shared_expert_intermediate_size=200, decoder_sparse_step=1, mlp_only_layers=[])
+    model = T.AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(ValueError, match=r"shared_expert.down_proj has in_features=200.*Group sizes that work"):
+        check_quantizable(model, get_spec("qwen2_moe"), QuantConfig(group_size=64))

@@ -189,9 +189,9 @@ def test_block_op_opcheck_mixed_dtypes_promote_as_the_reference_does():
 
 
 def test_block_op_gradients_are_the_references():
-    """Training through a fused model (adapters, fine-tuning): each op's backward is its reference's,
-    gradient for gradient (rms_norm computes in fp32 inside, so it is compared with its reference, not
-    gradchecked in fp64)."""
+    """Training through a fused model (adapters, fine-tuning): where a gradient is wanted the wrappers
+    run the reference, so gradients are the reference's (rms_norm computes in fp32 inside, so it is
+    compared with its reference, not gradchecked in fp64); without one they run the op."""
     d = torch.float64
     q = _randn(2, 3, 4, 8, dtype=d).requires_grad_()
     k = _randn(2, 1, 4, 8, dtype=d, seed=1).requires_grad_()
@@ -207,6 +207,21 @@ def test_block_op_gradients_are_the_references():
         got = torch.autograd.grad(blockops.rms_norm(x, w, EPS, offset, fp32), (x, w), grad)
         want = torch.autograd.grad(blockops._reference_rms_norm(x, w, EPS, offset, fp32), (x, w), grad)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_block_op_wrappers_run_the_op_where_no_gradient_is_wanted(monkeypatch):
+    """Inference (no_grad, or inputs without grad) goes to the op -- one kernel on CUDA -- and never
+    through a Python autograd step; only a wanted gradient takes the reference."""
+    calls = []
+    real = blockops._reference_gated_act
+    monkeypatch.setattr(blockops, "_reference_gated_act", lambda *a: calls.append(1) or real(*a))
+    g = _randn(2, 8, dtype=torch.float32).requires_grad_()
+    with torch.no_grad():
+        blockops.gated_act(g, g, "silu")
+    blockops.gated_act(g.detach(), g.detach(), "silu")
+    assert calls == []
+    blockops.gated_act(g, g, "silu")
+    assert calls == [1]
 
 
 # ------------------------------------------------------------------ strict arguments

@@ -325,7 +325,7 @@ def test_rotary_widths_come_from_where_transformers_keeps_them():
     assert _rotary_dims(SimpleNamespace(rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.5}),
                         128) == {64}                                                # transformers 5
     per_layer = {"full_attention": {"partial_rotary_factor": 0.25}, "sliding_attention": {"rope_type": "default"}}
-    assert _rotary_dims(SimpleNamespace(rope_parameters=per_layer), 128) == {32}
+    assert _rotary_dims(SimpleNamespace(rope_parameters=per_layer), 128) == {32, 128}
     assert _rotary_dims(SimpleNamespace(partial_rotary_factor=None), 64) == {64}
 
 
@@ -356,3 +356,15 @@ def test_a_forward_wrapped_other_than_through_a_closure_keeps_transformers_rotar
     assert _with_globals(boxed(target), {"helper": abs}) is None
     assert _with_globals(direct(target), {"helper": abs})(-3) == 3
     assert _with_globals(functools.partial(target), {"helper": abs}) is None
+
+
+def test_fused_mlp_keeps_the_mlps_plain_attributes():
+    from awqlib.arch import get_spec
+    from awqlib.fuse import FusedGatedMLP, fuse_block_ops
+    model = tiny_model("llama").eval()
+    before = model.model.layers[0].mlp
+    fuse_block_ops(model, get_spec("llama"))
+    after = model.model.layers[0].mlp
+    assert isinstance(after, FusedGatedMLP) and after.config is before.config
+    assert (after.hidden_size, after.intermediate_size) == (before.hidden_size, before.intermediate_size)
+    assert after.training == before.training

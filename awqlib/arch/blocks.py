@@ -182,14 +182,14 @@ def check_quantizable(model: nn.Module, spec: ArchSpec, qcfg: QuantConfig) -> No
                 f"that mix dense and mixture-of-experts blocks (e.g. mlp_only_layers, decoder_sparse_step > 1) are "
                 f"not supported yet")
     for i, blk in enumerate(blocks):
+        # every nn.Linear the block quantizes (attention, a shared expert, unfused experts) ...
+        entries = [(n, l.in_features, l.out_features)
+                   for n, l in quantizable_linears(blk, spec, qcfg, f"{spec.blocks}.{i}.").items()]
         if spec.experts is not None and hasattr(blk.get_submodule(spec.experts.path), "gate_up_proj"):
+            # ... and transformers 5's fused 3-D experts, which become linears only when unfused
             fused = blk.get_submodule(spec.experts.path)
-            dims = {"experts.gate/up": fused.gate_up_proj.shape[-1], "experts.down": fused.down_proj.shape[-1]}
-            outs = {"experts.gate/up": fused.gate_up_proj.shape[-2] // 2, "experts.down": fused.down_proj.shape[-2]}
-            entries = [(k, dims[k], outs[k]) for k in dims]
-        else:
-            entries = [(n, l.in_features, l.out_features)
-                       for n, l in quantizable_linears(blk, spec, qcfg, f"{spec.blocks}.{i}.").items()]
+            entries += [("experts.gate/up", fused.gate_up_proj.shape[-1], fused.gate_up_proj.shape[-2] // 2),
+                        ("experts.down", fused.down_proj.shape[-1], fused.down_proj.shape[-2])]
         for n, k, o in entries:
             in_sizes.add(k)
             if k % effective_group_size(qcfg.group_size, k) or o % pf:
