@@ -246,7 +246,7 @@ def _rms_norm_replacement(module: nn.Module, spec, dtype: torch.dtype) -> FusedR
             or weight.dim() != 1 or weight.is_meta or not isinstance(eps, float) or set(module._parameters) != {"weight"}
             or module._buffers or list(module.children()) or _hooked(module)):
         return None
-    fused = FusedRMSNorm(weight, eps, spec.norm_offset, spec.norm_scale_in_fp32)
+    fused = FusedRMSNorm(weight, eps, spec.norm_offset, spec.norm_scale_in_fp32).train(module.training)
     x = _probe((3, weight.shape[0]), torch.empty(0, dtype=dtype, device=weight.device), 0)
     reference = lambda: blockops._reference_rms_norm(x, weight, eps, spec.norm_offset, spec.norm_scale_in_fp32)  # noqa: E731
     return fused if _probe_agrees("rms_norm", lambda: fused(x), lambda: module.forward(x), reference) else None
@@ -264,6 +264,7 @@ class FusedGatedMLP(nn.Module):
             if not name.startswith("_") and name not in vars(self):
                 setattr(self, name, value)
         self.spec, self.act = spec, act
+        self.train(mlp.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.spec
