@@ -18,10 +18,11 @@ Around the linears a decoder block runs ~35 small kernels in transformers' code 
 the rotary embedding of q and k 10, the activation 2): at decode they take about as long as the
 int4 linears and dominate HF ``generate``'s host time.  :func:`fuse_block_ops` gives each of them
 one :mod:`awqlib.blockops` op -- RMSNorm modules become :class:`FusedRMSNorm`, the dense gated MLP
-:class:`FusedGatedMLP`, unfused experts run act * up as one op, and the attention's rotary function (looked up in its module's globals) ours,
-for that attention module only.  Every replacement is first checked against the code it replaces,
-bit for bit on a probe input, so a transformers release that changes a formula keeps its own code
-(logged); the state dict keeps its names.
+:class:`FusedGatedMLP`, unfused experts run act * up as one op, and the attention's rotary function
+(looked up in its module's globals) becomes ours, for that attention module only.  Every
+replacement is first run on a probe input against the code it replaces, in the model's dtype and
+on its device (bit for bit off CUDA, within two ulps on a CUDA kernel), so a transformers release
+that changes a formula keeps its own code (with a warning); the state dict keeps its names.
 """
 
 from __future__ import annotations
