@@ -368,3 +368,24 @@ def test_fused_mlp_keeps_the_mlps_plain_attributes():
     assert isinstance(after, FusedGatedMLP) and after.config is before.config
     assert (after.hidden_size, after.intermediate_size) == (before.hidden_size, before.intermediate_size)
     assert not after.training and not model.model.norm.training  # an eval model stays in eval mode
+
+
+def test_fuse_layers_model_generates_compiled_with_a_static_cache():
+    """The way to CUDA graphs in HF generate (a static KV cache and a compiled forward, mode
+    "reduce-overhead" on a GPU): a fuse_layers model traces whole for prefill and decode and
+    generates the eager tokens."""
+    from awqlib.fuse import fuse_layers
+    w = AutoAWQ.from_model(tiny_model("llama")).quantize(None, {"q_group_size": 64}, method="rtn")
+    fuse_layers(w.model, w.spec)
+    ids = torch.randint(0, w.model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        eager = w.model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, cache_implementation="static")
+        w.model.forward = torch.compile(w.model.forward, fullgraph=True, backend=backend)
+        compiled = w.model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, cache_implementation="static")
+    assert torch.equal(compiled, eager) and len(graphs) == 2  # prefill, then every decode step
