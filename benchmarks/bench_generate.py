@@ -56,9 +56,15 @@ SIZES = {  # Llama-architecture shapes
 
 
 @torch.no_grad()
-def decode_tps(model, batch: int, prompt: int, new: int, vocab: int) -> float:
+def decode_tps(model, batch: int, prompt: int, new: int, vocab: int, static: bool = False) -> float:
+    """Tokens/s of HF generate.  ``static``: with a static KV cache (what a compiled forward needs),
+    warmed up at the timed lengths so that compilation and CUDA-graph recording stay out of the time."""
     ids = torch.randint(0, vocab, (batch, prompt), device="cuda")
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    if static:
+        kw["cache_implementation"] = "static"
+        for _ in range(3):  # compile, then the graphs mode="reduce-overhead" records
+            model.generate(input_ids=ids, **kw)
     model.generate(input_ids=ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -87,6 +93,9 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", default="bench_generate.json")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also time generate of the fuse_layers model with a static cache and its forward compiled "
+                         "(mode='reduce-overhead': decode steps as CUDA graphs; compiling takes minutes)")
     ap.add_argument("--kernel-options", type=parse_kernel_options, default=[],
                     help="also time the fused int4 model with these stream-kernel options, e.g. pdl,narrow,pdl+narrow")
     a = ap.parse_args(argv)
@@ -111,10 +120,10 @@ def main(argv=None):
               "new_tokens": a.new_tokens, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "runtime_layout": runtime_layout(), "rows": rows}
 
-    def measure(label):
+    def measure(label, static=False):
         for b in batches:
-            tps = decode_tps(model, b, a.prompt, a.new_tokens, cfg.vocab_size)
-            step = graph_step_ms(model, b, cfg.vocab_size)
+            tps = decode_tps(model, b, a.prompt, a.new_tokens, cfg.vocab_size, static)
+            step = None if static else graph_step_ms(model, b, cfg.vocab_size)  # a compiled forward records its own
             rows.append({"model": label, "batch": b, "tokens_per_s": round(tps, 1),
                          "graph_step_ms": round(step, 3) if step else None})
             print(json.dumps(rows[-1]), flush=True)
@@ -133,6 +142,12 @@ def main(argv=None):
     for names in a.kernel_options:
         with kernel_options(names):
             measure("awq-int4-fuse-layers+" + "+".join(names))
+    if a.compiled:
+        eager_forward = model.forward
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        with plain():
+            measure("awq-int4-fuse-layers-compiled", static=True)
+        model.forward = eager_forward
     # the rows that say where the time went: int4 without any fusion, int4 with fused linears only
     # (fuse_layers=True before it fused the block ops), and fp16 with the block ops (same ops, fp16 GEMMs)
     del wrapped, model

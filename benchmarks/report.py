@@ -75,6 +75,7 @@ DECODE_MODELS = {  # bench_generate's row labels
     "awq-int4": "awqlib int4",
     "awq-int4-fused": "awqlib int4, q/k/v and gate/up fused",   # fuse_layers=True until it fused the block ops too
     "awq-int4-fuse-layers": "awqlib int4, `fuse_layers=True` (fused linears, one-op norms, rotary, activation)",
+    "awq-int4-fuse-layers-compiled": "awqlib int4, `fuse_layers=True`, forward compiled (reduce-overhead), static cache",
 }
 
 
