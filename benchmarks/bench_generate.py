@@ -1,11 +1,12 @@
 """Decode throughput (tokens/s) of a randomly initialised Llama-architecture model: fp16 vs
 awqlib int4 with ``fuse_layers`` (fused linears and one-op norms, rotary and activation), batch 1
 and 8. No download: the model is built from a config on the GPU and quantized with round-to-nearest
-(speed does not depend on the scales). ``--kernel-options pdl,narrow,pdl+narrow`` times the fused
-int4 model again under each of the stream kernel's opt-in launch options (csrc/awq_ops.cpp reads
-them on every call, so one model serves all). Then the rows that say where the time goes, each on a
-fresh model: int4 unfused, fp16 with the block ops (control: the same small ops, fp16 GEMMs), int4
-with fused linears only. Rows are written to the JSON as they are measured, most important first.
+(speed does not depend on the scales). The int4 model is timed unfused, with q/k/v and gate/up
+fused, then with fuse_layers' one-op norms, rotary and activation too; ``--kernel-options
+pdl,narrow,pdl+narrow`` times it again under each of the stream kernel's opt-in launch options
+(csrc/awq_ops.cpp reads them on every call, so one model serves all). Last, the control: a fresh
+fp16 model with the same one-op block ops (fp16 GEMMs). Rows are written to the JSON as they are
+measured.
 
     python -m benchmarks.bench_generate --size 8b --out bench_generate.json
 """
@@ -130,13 +131,20 @@ def main(argv=None):
             write_json(a.out, report)  # after every row: a run stopped at its time limit keeps what it measured
 
     measure("fp16")
+    # One model, changed step by step (one quantization: an 8B model's RTN is the slow part), each
+    # step timed: int4 without fusion, q/k/v and gate/up fused (what fuse_layers=True did before it
+    # fused the block ops), then the block ops too: fuse_layers=True.
     wrapped = AutoAWQ.from_model(model)
     # (quantize leaves the linears on the GPU in the kernels' runtime layout, as from_quantized does)
     wrapped.quantize(None, {"w_bit": 4, "q_group_size": 128}, method="rtn", device="cuda")
     # with --kernel-options the plain rows run with every option off (else as the environment says)
     plain = (lambda: kernel_options(())) if a.kernel_options else contextlib.nullcontext
+    with plain():
+        measure("awq-int4")
     fuse_linears(wrapped.model, wrapped.spec)
-    fuse_block_ops(wrapped.model, wrapped.spec)  # the two together: what fuse_layers=True gives
+    with plain():
+        measure("awq-int4-fused")
+    fuse_block_ops(wrapped.model, wrapped.spec)
     with plain():
         measure("awq-int4-fuse-layers")
     for names in a.kernel_options:
@@ -148,23 +156,13 @@ def main(argv=None):
         with plain():
             measure("awq-int4-fuse-layers-compiled", static=True)
         model.forward = eager_forward
-    # the rows that say where the time went: int4 without any fusion, int4 with fused linears only
-    # (fuse_layers=True before it fused the block ops), and fp16 with the block ops (same ops, fp16 GEMMs)
+    # the control: fp16 GEMMs with the same one-op norms, rotary and activation (a fresh fp16 model)
     del wrapped, model
-    for label, block_ops in (("awq-int4", False), ("fp16-block-ops", True), ("awq-int4-fused", False)):
-        torch.cuda.empty_cache()
-        with torch.device("cuda"):
-            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).eval()
-        spec = AutoAWQ.from_model(model).spec
-        if label.startswith("awq-"):
-            AutoAWQ.from_model(model).quantize(None, {"w_bit": 4, "q_group_size": 128}, method="rtn", device="cuda")
-            if label == "awq-int4-fused":
-                fuse_linears(model, spec)
-        if block_ops:
-            fuse_block_ops(model, spec)
-        with plain():
-            measure(label)
-        del model
+    torch.cuda.empty_cache()
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).eval()
+    fuse_block_ops(model, AutoAWQ.from_model(model).spec)
+    measure("fp16-block-ops")
     print(f"\n{a.size} Llama, {report['device']}, prompt {a.prompt}, {a.new_tokens} new tokens, "
           f"int4 weights in the {report['runtime_layout']} runtime layout")
     print(decode_table(report))
