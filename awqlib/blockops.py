@@ -44,11 +44,11 @@ def _check_rms_norm(weight_offset, scale_in_fp32):
 
 
 def _reference_rms_norm(x, weight, eps, weight_offset, scale_in_fp32):
+    _check_rms_norm(weight_offset, scale_in_fp32)
     xf = x.to(torch.float32)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if scale_in_fp32:
         return (y * (weight_offset + weight.float())).to(x.dtype).contiguous()
-    _check_rms_norm(weight_offset, scale_in_fp32)
     return (weight * y.to(x.dtype)).contiguous()
 
 

@@ -198,24 +198,27 @@ def _agree(got, want) -> bool:
     return bool(((got.float() - want.float()).abs() <= tol).all())
 
 
+def _outputs(out) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _all_agree(got: tuple, want: tuple) -> bool:
+    return len(got) == len(want) and all(_agree(g, w) for g, w in zip(got, want))
+
+
 def _probe_agrees(what: str, run_op, run_transformers, run_reference=None) -> bool:
     """Whether the op (``run_op()``) agrees with transformers' code (``run_transformers()``) on a probe.
     A CUDA kernel that disagrees where the op's reference (``run_reference()``) agrees is a kernel
     bug, said loudly; either way transformers' code stays."""
     with torch.no_grad():
         try:
-            want = run_transformers()
+            want = _outputs(run_transformers())
         except Exception:  # noqa: BLE001 -- another signature: not the code the op replaces
             return False
-        want = want if isinstance(want, tuple) else (want,)
-        got = run_op()
-        got = got if isinstance(got, tuple) else (got,)
-        if len(got) == len(want) and all(_agree(g, w) for g, w in zip(got, want)):
+        if _all_agree(_outputs(run_op()), want):
             return True
         if run_reference is not None and isinstance(want[0], torch.Tensor) and want[0].device.type == "cuda":
-            ref = run_reference()
-            ref = ref if isinstance(ref, tuple) else (ref,)
-            if len(ref) == len(want) and all(_agree(r, w) for r, w in zip(ref, want)):
+            if _all_agree(_outputs(run_reference()), want):
                 log.warning("awqlib: the CUDA kernel of %s disagrees with transformers' code on a probe input; "
                             "keeping transformers' code (please report this, with the GPU and the torch version)",
                             what)
@@ -239,12 +242,11 @@ class FusedRMSNorm(nn.Module):
 
 
 def _rms_norm_replacement(module: nn.Module, spec, dtype: torch.dtype) -> FusedRMSNorm | None:
-    """A FusedRMSNorm computing what ``module`` does on inputs of ``dtype``, or None (not an RMSNorm
-    we reproduce: other parameters, hooks, another formula)."""
+    """A FusedRMSNorm computing what ``module`` (a transformers *RMSNorm) does on inputs of ``dtype``,
+    or None (not one we reproduce: other parameters, hooks, another formula)."""
     weight = module._parameters.get("weight")
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if (isinstance(module, FusedRMSNorm) or not type(module).__name__.endswith("RMSNorm") or weight is None
-            or weight.dim() != 1 or weight.is_meta or not isinstance(eps, float) or set(module._parameters) != {"weight"}
+    if (weight is None or weight.dim() != 1 or weight.is_meta or not isinstance(eps, float) or set(module._parameters) != {"weight"}
             or module._buffers or list(module.children()) or _hooked(module)):
         return None
     fused = FusedRMSNorm(weight, eps, spec.norm_offset, spec.norm_scale_in_fp32).train(module.training)
@@ -287,11 +289,10 @@ def _activation_name(act: nn.Module, like: torch.Tensor) -> str | None:
         lambda: blockops._reference_gated_act(gate, up, a))), None)
 
 
-def _mlp_replacement(block: nn.Module, spec: GatedMLP, dtype: torch.dtype) -> FusedGatedMLP | None:
-    """A FusedGatedMLP computing what the block's MLP does (the whole forward, probed), or None."""
-    mlp = find_submodule(block, spec.path)
+def _mlp_replacement(mlp: nn.Module, spec: GatedMLP, dtype: torch.dtype) -> FusedGatedMLP | None:
+    """A FusedGatedMLP computing what the block's MLP ``mlp`` does (the whole forward, probed), or None."""
     names = (spec.gate_up, spec.down) if spec.gate_up else (spec.gate, spec.up, spec.down)
-    if (mlp is None or isinstance(mlp, FusedGatedMLP) or mlp._parameters or mlp._buffers or _hooked(mlp)
+    if (mlp._parameters or mlp._buffers or _hooked(mlp)
             or not all(isinstance(getattr(mlp, n, None), nn.Module) for n in names)):
         return None
     act, hidden = getattr(mlp, spec.act, None), getattr(getattr(mlp, names[0]), "in_features", None)
@@ -306,11 +307,11 @@ def _mlp_replacement(block: nn.Module, spec: GatedMLP, dtype: torch.dtype) -> Fu
 
 def _experts_act(experts: UnfusedExperts, dtype: torch.dtype) -> str | None:
     """The blockops activation every unfused expert may run act * up with (probed on the first)."""
-    first = experts[0]
-    act = _activation_name(first.act_fn, _where(experts, dtype))
+    first, like = experts[0], _where(experts, dtype)
+    act = _activation_name(first.act_fn, like)
     if act is None or any(_hooked(e) or e.act_fn is not first.act_fn for e in experts):
         return None
-    x = _probe((3, getattr(first, first._names[0]).in_features), _where(first, dtype), 8)
+    x = _probe((3, getattr(first, first._names[0]).in_features), like, 8)
 
     def with_op():
         first.act_op = act
@@ -431,7 +432,7 @@ def fuse_block_ops(model: nn.Module, spec) -> dict[str, int]:
     for block in get_blocks(model, spec):
         mlp = find_submodule(block, spec.mlp.path) if spec.mlp is not None else None
         if mlp is not None and not isinstance(mlp, FusedGatedMLP) and hasattr(mlp, spec.mlp.down):
-            fused = _mlp_replacement(block, spec.mlp, dtype)
+            fused = _mlp_replacement(mlp, spec.mlp, dtype)
             if fused is not None:
                 replace_module(block, spec.mlp.path, fused)
             _tally(counts, kept, "gated_mlp", fused is not None)
