@@ -114,30 +114,18 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
 #endif
 }
 
-// An L2 policy for data read exactly once (streamed weights): evict it first, so that it does not
-// push out what is reused (activations, scales, split-K partials).
-__device__ __forceinline__ uint64_t l2_evict_first_policy() {
-#ifdef AWQ_HOST_EMULATION
-  return 0;  // a cache hint: no effect on what is computed
-#else
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-#endif
-}
-
-// The same copy, always valid, from gmem + OFFSET bytes with an L2 cache policy: the offset stays
-// an immediate of the instruction instead of a 64-bit add per copy.
+// The same copy, always valid, from gmem + OFFSET bytes: the offset stays an immediate of the
+// instruction instead of a 64-bit add per copy.  No L2 cache hint (an evict-first policy would
+// suit weights read once): with an immediate offset, ptxas 13.0 encodes the hinted form with a
+// cache-policy descriptor in uniform registers it never writes, and an H200 faults on it
+// ("illegal instruction"); scripts/sass_budget.py refuses such a descriptor.
 template <int OFFSET>
-__device__ __forceinline__ void cp_async16_stream(void* smem, const void* gmem, uint64_t policy) {
+__device__ __forceinline__ void cp_async16_stream(void* smem, const void* gmem) {
 #ifdef AWQ_HOST_EMULATION
-  (void)policy;
   awq_twin::cp_async16(smem, static_cast<const uint8_t*>(gmem) + OFFSET, true);
 #else
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1+%2], 16, %3;\n" ::"r"(s), "l"(gmem), "n"(OFFSET),
-               "l"(policy)
-               : "memory");
+  asm volatile("cp.async.cg.shared.global [%0], [%1+%2], 16;\n" ::"r"(s), "l"(gmem), "n"(OFFSET) : "memory");
 #endif
 }
 

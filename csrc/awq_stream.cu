@@ -395,7 +395,6 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   constexpr int kSzRounds = (Cfg::kMaxGroups * 20 + kStThreads - 1) / kStThreads;
   static_assert(kAtomsPerStage % 8 == 0 && kStThreads % kChunksPerRow == 0 && Cfg::kRows % kAStep == 0, "tiling");
   const size_t nstride = (size_t)p.KT16 * 32;                // uint4s between n-atoms
-  const uint64_t evict_first = l2_evict_first_policy();       // weights are read exactly once
   const int a_ch = tid % kChunksPerRow, a_row = tid / kChunksPerRow;
   const T* x_row = x + (size_t)a_row * p.K + 8 * a_ch;
   const size_t a_src_step = (size_t)kAStep * p.K;
@@ -487,7 +486,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
       // chunk r: run r / kWR, 8 atoms (4 KB) further along K per r % kWR -- an immediate offset
       static_for<0, kNA * kWR>([&](auto rc) {
         constexpr int r = decltype(rc)::value;
-        cp_async16_stream<(r % kWR) * 256 * 16>(st + (tid + r * kStThreads) * 16, r / kWR ? w1 : l.w, evict_first);
+        cp_async16_stream<(r % kWR) * 256 * 16>(st + (tid + r * kStThreads) * 16, r / kWR ? w1 : l.w);
       });
     } else {
 #pragma unroll
