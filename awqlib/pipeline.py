@@ -57,6 +57,7 @@ class BlockSource:
         self.devices: list[torch.device] = []  # where block i is quantized
         self.homes: list[torch.device] = []    # where it goes once finished
         self.touched = False                   # the model has been changed in place (dtype, blocks)
+        self.cast_from: torch.dtype | None = None  # the dtype prepare() cast the weights from to float16
 
     def compute_dtype(self) -> torch.dtype:
         """fp32 on CPUs (no fp16/bf16 matmul units: fp32 is both faster and exact); else the model's
@@ -68,9 +69,14 @@ class BlockSource:
 
     def prepare(self, dtype: torch.dtype) -> None:
         """Make everything the calibration capture runs (embeddings, norms) present, in ``dtype``."""
-        if next(self.model.parameters()).dtype != dtype:
+        current = next(self.model.parameters()).dtype
+        if current != dtype:
+            if dtype == torch.float16:  # a value the cast overflows is then told apart from a damaged one
+                for i, blk in enumerate(self.blocks):
+                    _refuse_nonfinite(blk, f"{self.prefix}.{i}.")
+                self.cast_from = current
             log.info("awqlib: computing in %s on %s", dtype, self.devices[0].type)
-            self.model.to(dtype)
+            _cast_keeping_unsaved_buffers(self.model, dtype)
 
     def capture(self, tokens: torch.Tensor, opts: awq.AWQOptions):
         """Block 0's input chunks and every block's kwargs (the embeddings run on block 0's device)."""
@@ -259,7 +265,7 @@ def _quantize_blocks(source: BlockSource, qcfg: QuantConfig, opts: awq.AWQOption
             report = awq.BlockReport()
         else:
             source.load(i, cdtype)
-            _refuse_nonfinite(blk, bprefix)
+            _refuse_nonfinite(blk, bprefix, source.cast_from)
             if method == "rtn":
                 awq.rtn_quantize_block(blk, spec, qcfg, prefix=bprefix)
                 report = awq.BlockReport()
@@ -283,20 +289,33 @@ def _quantize_blocks(source: BlockSource, qcfg: QuantConfig, opts: awq.AWQOption
     return QuantizeResult(reports, time.perf_counter() - t0, store)
 
 
-def _refuse_nonfinite(blk: nn.Module, bprefix: str) -> None:
+def _cast_keeping_unsaved_buffers(model: nn.Module, dtype: torch.dtype) -> None:
+    """``model.to(dtype)``, except for the floating buffers a checkpoint does not hold (rotary
+    ``inv_freq``): a loaded checkpoint recomputes them in their own dtype, so rounding them here
+    would make the quantized model compute what its saved checkpoint does not."""
+    kept = [(mod, name, buf) for mod in model.modules() for name, buf in mod._buffers.items()
+            if buf is not None and buf.is_floating_point() and name in mod._non_persistent_buffers_set]
+    model.to(dtype)
+    for mod, name, buf in kept:
+        mod._buffers[name] = buf
+
+
+def _refuse_nonfinite(blk: nn.Module, bprefix: str, cast_from: torch.dtype | None = None) -> None:
     """A source weight holding NaN/inf is refused before its block is quantized: quantizing inf
     saturates the group's scale (a finite, meaningless checkpoint) and NaN fails only later, far
-    from its cause."""
+    from its cause.  ``cast_from``: the dtype the block was cast to float16 from, after a check in
+    that dtype (BlockSource.prepare), so a non-finite value now is one the cast overflowed."""
     for name, p in blk.named_parameters():
         n = 0 if p.device.type == "meta" else nonfinite_count(p.detach())  # meta: offloaded, not here to check
         if n:
+            overflowed = cast_from is not None and p.dtype == torch.float16
+            cause = (f"They were finite in {str(cast_from).split('.')[-1]} and overflowed float16 when cast to it "
+                     "for computing: load the model in bfloat16 (which GPUs then compute in), or quantize on the "
+                     "CPU, in float32" if overflowed else
+                     "The model's weights are damaged (a broken download or conversion)")
             raise FloatingPointError(
                 f"the source weight {bprefix}{name} has {n} NaN/inf value(s) of {p.numel()}: block "
-                f"{bprefix.rstrip('.')} was not quantized. The model's weights are damaged (a broken download or "
-                "conversion)" + (", or, for a model stored in a wider dtype, a value overflowed float16 when cast "
-                "to it for computing (load the model in bfloat16, which GPUs then compute in, or quantize on the "
-                "CPU, in float32)" if p.dtype == torch.float16 else "") + ": awqlib does not quantize non-finite "
-                "weights")
+                f"{bprefix.rstrip('.')} was not quantized. {cause}: awqlib does not quantize non-finite weights")
 
 
 def _load_finished_block(blk: nn.Module, spec: ArchSpec, bprefix: str, tensors: dict[str, torch.Tensor],

@@ -501,7 +501,7 @@ def main(argv=None) -> int:
                     " configuration; the report records it)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and check imports; no GPU needed")
     ap.add_argument("--skip-gate", action="store_true", help="time without the correctness gate (never for results)")
-    ap.add_argument("--ncu", action="store_true", help="also profile 70b-down M=1 (stream, tiled:auto) with ncu")
+    ap.add_argument("--ncu", action="store_true", help="also profile 70b-down M=1 (stream:sums:narrow, stream, tiled:auto) with ncu")
     ap.add_argument("--sanitizer", action="store_true", help="also run compute-sanitizer memcheck on a tiny shape")
     ap.add_argument("--tools-only", action="store_true",
                     help="no gate and no sweep: build, then only --ncu / --sanitizer (a window's leftover minutes)")
@@ -572,7 +572,7 @@ def main(argv=None) -> int:
         save()
     if args.ncu:
         report["ncu"] = [run_tool(ncu_command(v), out.parent / f"ncu_{v.replace(':', '_')}.log", 120)
-                         for v in ("stream", "tiled:auto")]
+                         for v in ("stream:sums:narrow", "stream", "tiled:auto")]
         save()
     if args.sanitizer:
         report["sanitizer"] = run_tool(sanitizer_command(), out.parent / "sanitizer.log", 150)

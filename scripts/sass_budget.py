@@ -228,6 +228,20 @@ def parse_sass(text: str) -> dict[str, list[Insn]]:
     return funcs
 
 
+DESC_RE = re.compile(r"desc\[(UR\d+)\]")
+UR_DEST_RE = re.compile(r"^(?:U\w*|S2UR|R2UR|LDCU)(?:\.\S+)*\s+(UR\d+)")
+
+
+def unwritten_descriptors(insns: list[Insn]) -> list[str]:
+    """Memory instructions whose cache-policy descriptor (``desc[URk]``) is read from a uniform
+    register no instruction of the function writes.  ptxas 13.0 emitted such copies for a hinted
+    ``cp.async ... L2::cache_hint`` with an immediate offset, and an H200 faults on them
+    ("illegal instruction"): a compiler bug this check keeps out of the kernels."""
+    written = {m.group(1) for i in insns if (m := UR_DEST_RE.match(i.text))}
+    return [f"{i.addr:04x}: {i.text}" for i in insns
+            if (m := DESC_RE.search(i.text)) and m.group(1) not in written]
+
+
 def loops(insns: list[Insn]) -> list[tuple[int, int]]:
     """(start, end) address ranges closed by backward branches."""
     out = []
@@ -312,6 +326,7 @@ class KernelReport:
     instr_per_kb: float | None
     issue_tbps_h200: float | None
     check: str = ""
+    unwritten_desc: list[str] = field(default_factory=list)  # unwritten_descriptors(): must stay empty
 
 
 def ctas_per_sm(arch: str, regs: int, threads: int, smem: int) -> tuple[int, str]:
@@ -388,7 +403,8 @@ def analyse(src: Path, arch: str, cubin: Path, ptxas_log: str, cuobjdump: str) -
         reports.append(KernelReport(arch, src.name, pretty(name, args), mangled, regs, st, ld, stack_b, shared, dyn,
                                     threads, cta, lim_by, asdict(lp) if lp else None,
                                     spec.bytes_per_iter if spec else None,
-                                    round(ipk, 1) if ipk else None, round(tbps, 2) if tbps else None, check))
+                                    round(ipk, 1) if ipk else None, round(tbps, 2) if tbps else None, check,
+                                    unwritten_descriptors(insns)))
     return reports
 
 

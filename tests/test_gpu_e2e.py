@@ -9,12 +9,14 @@ from awqlib import AutoAWQ
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def _tiny_llama():
+def _tiny_llama(dtype=torch.float32):
+    """Built in ``dtype`` (not ``.half()`` after: that rounds the rotary inv_freq buffer to fp16, which
+    a loaded checkpoint keeps in fp32, so the two would differ in every position but the first)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=512)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
 
 
 @pytest.mark.parametrize("layout", ["tiled", "stream"])  # the runtime layout from_quantized repacks to
@@ -50,11 +52,14 @@ def _awq(model, ids, device, out):
 
 
 def test_awq_quantize_on_gpu(tmp_path):
-    """AWQ on the GPU (fp16 compute) makes the same choices as on the CPU (fp32 compute) up to
-    near-ties: most groups pick the same ratio, and the two quantized models differ by much less
-    than either differs from the fp model."""
+    """AWQ on the GPU (fp16 compute) is as good as on the CPU (fp32 compute): most scale groups pick
+    the same ratio, and the GPU model's error is the CPU model's within 10 %.  The two models are
+    not close to each other: on random weights the clip search is an argmin over a flat landscape,
+    fp16 activations flip its near-ties, and each flip moves a whole group's scale by a grid step
+    (a CPU run with fp16 compute: the same 6 of 6 ratios, errors 0.1227 and 0.1250, the models
+    0.070 apart; 0.047 without clipping)."""
     import copy
-    model = _tiny_llama().half()
+    model = _tiny_llama(torch.float16)
     ids = torch.randint(0, 512, (16, 64), generator=torch.Generator().manual_seed(0))
     ratios_cpu, cpu_dir = _awq(copy.deepcopy(model), ids, "cpu", tmp_path / "cpu")
     ratios_gpu, gpu_dir = _awq(copy.deepcopy(model), ids, "cuda", tmp_path / "gpu")
@@ -71,14 +76,17 @@ def test_awq_quantize_on_gpu(tmp_path):
         fp = model.float()(input_ids=ids[:2]).logits
     on_cpu, on_gpu = logits(cpu_dir), logits(gpu_dir)
     assert torch.isfinite(on_gpu).all()
-    quant_err = ((on_cpu - fp).norm() / fp.norm()).item()
+    cpu_err = ((on_cpu - fp).norm() / fp.norm()).item()
+    gpu_err = ((on_gpu - fp).norm() / fp.norm()).item()
     between = ((on_gpu - on_cpu).norm() / on_cpu.norm()).item()
-    assert between < 0.5 * quant_err, (between, quant_err)
+    assert gpu_err <= 1.1 * cpu_err, (gpu_err, cpu_err, between)
+    assert between < cpu_err, (between, cpu_err)  # still far nearer each other than a broken search
     # and the GPU-quantized model runs on the kernels like the CPU one does on the reference
     q = AutoAWQ.from_quantized(str(gpu_dir), device="cuda")
     with torch.no_grad():
         g = q(input_ids=ids[:2].cuda()).logits.float().cpu()
-    assert ((g - on_gpu).norm() / on_gpu.norm()).item() < 1e-2
+    rel = ((g - on_gpu).norm() / on_gpu.norm()).item()
+    assert rel < 1e-2, rel
 
 
 @pytest.mark.parametrize("layout", ["tiled", "stream"])
@@ -87,7 +95,7 @@ def test_in_process_quantize_serves_the_runtime_layout(tmp_path, monkeypatch, la
     a loaded checkpoint (one layout for the kernels), and computes what its saved checkpoint does."""
     from awqlib.modules import WQLinear
     monkeypatch.setenv("AWQLIB_LAYOUT", layout)
-    w = AutoAWQ.from_model(_tiny_llama().half().cuda())
+    w = AutoAWQ.from_model(_tiny_llama(torch.float16).cuda())
     w.quantize(None, {"q_group_size": 64}, method="rtn")
     assert all(m.layout == layout for m in w.model.modules() if isinstance(m, WQLinear))
     w.save_quantized(tmp_path / "q")

@@ -76,3 +76,25 @@ def test_unconverted_reader_is_scaled_once(calib_ids):
         assert isinstance(layer.self_attn.k_proj, torch.nn.Linear)
         expected = (k0.float() * r.scales).to(torch.float16).to(k0.dtype)
         torch.testing.assert_close(layer.self_attn.k_proj.weight, expected, rtol=0, atol=0)
+
+
+def test_half_compute_keeps_what_a_checkpoint_recomputes(tmp_path, monkeypatch):
+    """A float32 model quantized in float16 (what a GPU computes in) keeps its rotary inv_freq in
+    float32, as its reloaded checkpoint recomputes it: the quantized model in memory computes what
+    the checkpoint does.  ``model.to(float16)`` would round it, and every position but the first
+    would differ (caught on an H200 by test_in_process_quantize_serves_the_runtime_layout)."""
+    from awqlib import pipeline
+    monkeypatch.setattr(pipeline.BlockSource, "compute_dtype", lambda self: torch.float16)
+    model = tiny_model("llama")
+    inv_freq = model.model.rotary_emb.inv_freq.clone()
+    assert inv_freq.dtype == torch.float32
+    w = AutoAWQ.from_model(model)
+    w.quantize(None, {"q_group_size": 64}, method="rtn")
+    assert next(w.model.parameters()).dtype == torch.float16
+    assert torch.equal(w.model.model.rotary_emb.inv_freq, inv_freq)
+    w.save_quantized(tmp_path / "q")
+    loaded = AutoAWQ.from_quantized(str(tmp_path / "q"), device="cpu", torch_dtype=torch.float16)
+    assert torch.equal(loaded.model.model.rotary_emb.inv_freq, inv_freq)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(w(input_ids=ids).logits, loaded(input_ids=ids).logits)

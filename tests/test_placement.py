@@ -43,7 +43,7 @@ def _placed(path, device_map, **kw):
 @pytest.mark.parametrize("src", ["llama", "mixtral"], indirect=True)  # dense, and experts unfused in place
 def test_quantize_on_placed_model_equals_unplaced(src, tmp_path, calib_ids):
     plain = AutoAWQ.from_pretrained(str(src))
-    plain.quantize(None, QC, calib_data=list(calib_ids), **KW)
+    plain.quantize(None, QC, calib_data=list(calib_ids), device="cpu", **KW)  # where the placed blocks compute
     plain.save_quantized(tmp_path / "plain")
 
     placed = _placed(src, _device_map(["cpu", "cpu"]))
@@ -91,8 +91,10 @@ def quantized(src, tmp_path, calib_ids):
 
 
 def test_from_quantized_device_map(quantized, tmp_path, calib_ids):
-    ref = AutoAWQ.from_quantized(str(quantized))
-    auto = AutoAWQ.from_quantized(str(quantized), device_map="auto")
+    ref = AutoAWQ.from_quantized(str(quantized), device="cpu")
+    # the CPU alone, also where a GPU is there (which "auto" would fill first)
+    cpu_only = {"max_memory": {"cpu": "4GiB"}} if torch.cuda.is_available() else {}
+    auto = AutoAWQ.from_quantized(str(quantized), device_map="auto", **cpu_only)
     assert set(auto.model.hf_device_map.values()) == {"cpu"}
     disk = AutoAWQ.from_quantized(str(quantized), device_map=_device_map(["cpu", "disk"]),
                                   offload_folder=str(tmp_path / "offload"))

@@ -98,6 +98,7 @@ def test_broken_markers_and_missing_runs_are_errors(tmp_path, capsys):
 def synthetic_sweep(gpu_sweep, path: Path, scale: float = 1.0) -> dict:
     """A sweep.json as gpu_sweep writes it, built with its own functions (no GPU)."""
     rep = gpu_sweep.new_report(["--out", str(path)], 200.0)
+    rep["date"] = "2001-01-02T03:04:05Z"  # a date no real run has: recorded under a fresh name
     props = SimpleNamespace(name="NVIDIA H200", multi_processor_count=132, shared_memory_per_block_optin=232448)
     rep["device"] = gpu_sweep.device_info(props, (9, 0))
     rep["gate"] = gpu_sweep.gate_summary([{"ok": True}] * 7)

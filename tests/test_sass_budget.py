@@ -105,6 +105,13 @@ def test_no_spills_and_one_resident_cta(reports):
         assert r.check == "ok", f"{r.kernel}: {r.check}"
 
 
+def test_every_cache_policy_descriptor_is_written(reports):
+    """No memory instruction reads its descriptor from a uniform register nothing writes: ptxas 13.0
+    made such copies of the hinted cp.async, and the H200 faulted on them (illegal instruction)."""
+    bad = {r.kernel: r.unwritten_desc[:2] for r in reports.values() if r.unwritten_desc}
+    assert not bad, bad
+
+
 def _config_for(reports, arch, mb):
     """The configuration that fits at MB m-tiles on a device with `arch`'s shared memory: the large
     one where a block may have its shared memory, else the compact one (MB <= 2), else none.  Only
