@@ -256,10 +256,12 @@ def stream_qzeros(qzeros: torch.Tensor, inverse: bool = False) -> torch.Tensor:
 # "tiled"  the warp-tiled runtime layout of csrc/awq_skinny.cu, [N/64, K/32, 256]
 # "stream" the stream runtime layout of csrc/awq_stream.cu, [N/64, K/16, 128] (+ permuted zeros/scales)
 LAYOUTS = ("gemm", "tiled", "stream")
-# What WQLinear.tile_for_kernels (and so from_quantized and quantize on CUDA) repacks to.  "tiled" until the
-# stream kernel has passed its GPU tests and won benchmarks/gpu_sweep.py; AWQLIB_LAYOUT=stream
-# selects the new path (e.g. for the GPU window's end-to-end checks).
-DEFAULT_RUNTIME_LAYOUT = "tiled"
+# What WQLinear.tile_for_kernels (and so from_quantized and quantize on CUDA) repacks to.  "stream":
+# on an H200 (benchmarks/RESULTS.md, 2026-11-30) its kernels passed the GPU tests and beat the
+# tiled layout's skinny kernel by 1.4-1.8x at M = 1 on the 8B gate/up and 70B shapes (2.71x fp16
+# against 1.57x on 70b-down), losing 9 % on 4096 x 4096; the 8B decode step with fuse_layers and
+# the narrow kernels takes 3.66 ms against fp16's 6.78.  AWQLIB_LAYOUT=tiled keeps the older path.
+DEFAULT_RUNTIME_LAYOUT = "stream"
 
 
 def runtime_layout() -> str:

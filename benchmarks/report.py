@@ -186,7 +186,7 @@ def targets_table(report: dict) -> str:
             cells.append(f"{_ratio(x)} ({'met' if x >= goal else 'not met'})")
         lines.append(f"| {what}{f', M={m}' if m else ''} | " + " | ".join(cells) + f" | >= {_ratio(goal)} |")
     by = {(r["shape"], r["M"], r["variant"]): r["us"] for r in rows}
-    for new, old, why in (("stream", "tiled:auto", "the runtime layout models use today"),
+    for new, old, why in (("stream", "tiled:auto", "the stream layout's kernel against the tiled layout's"),
                           ("stream:sums", "stream", "group sums against scaled fragments, M <= 32"),
                           ("stream:pdl", "stream", "programmatic dependent launch against plain launches"),
                           ("stream:narrow", "stream", "tokens on the mma's n8 side against 16-row tiles, M <= 8"),
@@ -340,7 +340,7 @@ def device_name(report: dict) -> str | None:
 
 
 # the AWQLIB_* settings (of run_info's "env") that change what a run measures: shown with its command
-RUN_SETTINGS = ("AWQLIB_LAYOUT", "AWQLIB_STREAM_PDL", "AWQLIB_STREAM_SMEM_LIMIT")
+RUN_SETTINGS = ("AWQLIB_LAYOUT", "AWQLIB_STREAM_PDL", "AWQLIB_STREAM_NARROW", "AWQLIB_STREAM_SMEM_LIMIT")
 
 
 def provenance(report: dict, extra: list[str] = ()) -> str:

@@ -2,13 +2,15 @@
 // this file only registers kernels for the CUDA dispatch key, checks arguments and picks a
 // kernel (thresholds measured on an H200 with benchmarks/tune_kernels.py):
 //
-//   warp-tiled qweight (from_quantized on CUDA repacks to it):
+//   warp-tiled qweight (AWQLIB_LAYOUT=tiled):
 //     M <= kSkinnyMaxMTiled  -> awq_skinny.cu (tensor cores, weights streamed to registers)
 //     larger                 -> awq_dequant.cu (tiled) + cuBLAS (at::mm)
-//   stream-layout qweight (opt-in, WQLinear.set_layout("stream"); not yet validated on a GPU):
-//     M <= kStreamMaxM       -> awq_stream.cu (cp.async ring, persistent striped partition), in
-//                               the large shared-memory configuration where it fits, else the
-//                               compact one (M <= kStreamCompactMaxM: A100 at M 17-32, ~100 KB GPUs)
+//   stream-layout qweight (the default runtime layout, packing.DEFAULT_RUNTIME_LAYOUT):
+//     M <= kStreamMaxM       -> awq_stream.cu (cp.async ring, persistent striped partition, group
+//                               sums where they pay, the narrow kernels at M <= 8), in the large
+//                               shared-memory configuration where it fits, else the compact one
+//                               (M <= kStreamCompactMaxM: A100 at M 17-32, ~100 KB GPUs); at M > 32
+//                               only for weights of kStreamFourTileMinWeights elements or more
 //     larger, or neither fits -> awq_stream.cu's dequantize + cuBLAS
 //   GEMM-layout qweight (the checkpoint layout, e.g. a model quantized in this process):
 //     M <= kGemvMaxMAuto     -> awq_gemv.cu   (CUDA cores, cp.async pipeline)
@@ -227,19 +229,21 @@ int32_t* counters_for(const at::Tensor& like, int64_t n, cudaStream_t stream, at
   return buf.data_ptr<int32_t>();
 }
 
-// An opt-in switch read from the environment on every call: unset, empty or "0" is off, "1" on,
-// anything else an error naming the variable.
-bool env_flag(const char* name) {
+// A switch read from the environment on every call: "0" is off, "1" on, unset or empty the
+// default, anything else an error naming the variable.
+bool env_flag(const char* name, bool unset = false) {
   const char* v = std::getenv(name);
-  if (v == nullptr || *v == '\0' || std::string(v) == "0") return false;  // unset, or empty like unset
+  if (v == nullptr || *v == '\0') return unset;  // empty like unset
+  if (std::string(v) == "0") return false;
   TORCH_CHECK(std::string(v) == "1", name, " must be 0 or 1, got '", v, "'");
   return true;
 }
 
 // Programmatic dependent launch of the stream kernel (awq_stream.cu: grid_dependency_wait): its
 // first stages' int4 weights stream in while the previous kernel in the stream finishes.  Opt-in
-// with AWQLIB_STREAM_PDL=1 until benchmarks/gpu_sweep.py ("stream:pdl") has measured it; read per
-// call, so that one process can time both.  sm_90+ only, and only when this call made no copy of
+// with AWQLIB_STREAM_PDL=1: measured on an H200 (benchmarks/RESULTS.md, gpu_sweep 2026-11-30) it
+// gains nothing (faster in 8 of 28 cells, geometric mean 0.99x) and slows the 8B decode step
+// (3.90 -> 4.01 ms); read per call, so that one process can time both.  sm_90+ only, and only when this call made no copy of
 // qweight (a copy kernel would be the previous kernel, still writing what is prefetched); the
 // repack that makes the stream layout synchronizes its stream (awqlib/packing.py: to_layout).
 // Code that writes a stream-layout qweight otherwise must synchronize before the next call.
@@ -248,10 +252,19 @@ bool stream_pdl(int device, const at::Tensor& qweight_used, const at::Tensor& qw
          qweight_used.data_ptr() == qweight_given.data_ptr();
 }
 
-// The narrow stream kernels (awq_stream.cu: NARROW) at M <= 8: opt-in with AWQLIB_STREAM_NARROW=1
-// until benchmarks/gpu_sweep.py ("stream:narrow") has measured them on a GPU; read per call, so
-// that one process can time both.
-bool stream_narrow() { return env_flag("AWQLIB_STREAM_NARROW"); }
+// The narrow stream kernels (awq_stream.cu: NARROW) at M <= 8: on unless AWQLIB_STREAM_NARROW=0.
+// Measured on an H200 (benchmarks/RESULTS.md, gpu_sweep 2026-11-30) they beat the 16-row tiling
+// in 7 of 8 cells at M <= 8 (geometric mean 1.07x; 2.71x fp16 against 2.40x on 70b-down at M = 1,
+// with group sums) and take the 8B decode step from 3.90 to 3.66 ms; read per call, so that one
+// process can time both.
+bool stream_narrow() { return env_flag("AWQLIB_STREAM_NARROW", /*unset=*/true); }
+
+// At M 33-64 the stream kernel runs its 4-m-tile configuration, which the math rather than the
+// weight bytes bounds.  Measured on an H200 (gpu_sweep 2026-11-30, M = 64) it beats dequantize +
+// cuBLAS by 1.2-2.1x on weights of 117M elements and more (8B gate/up, 70B down and gate/up) and
+// loses by 1.9x on 4096 x 4096 (16.8M); interpolated, they cross near 2^26 elements, below which
+// kAuto takes dequantize + cuBLAS at those M.
+constexpr int64_t kStreamFourTileMinWeights = 67108864;  // 2^26
 
 // Shared memory a stream-kernel block may have: the device's opt-in maximum, or less with
 // AWQLIB_STREAM_SMEM_LIMIT=<bytes> -- so that an H100/H200 can run (and test) the choice an A100
@@ -322,9 +335,12 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   const bool large_ok = is_stream && failing_pass(false) == 0, compact_ok = is_stream && failing_pass(true) == 0;
   Kernel k = static_cast<Kernel>(kernel);
   if (k == kAuto) {
-    if (is_stream) k = M > awq::kStreamMaxM ? kDequantCublas
-                       : large_ok ? kStream
-                       : M <= awq::kStreamCompactMaxM && compact_ok ? kStreamCompact  // one pass
+    // group sums wherever they pay (the kernel falls back to scaled fragments elsewhere): measured
+    // on an H200 (gpu_sweep 2026-11-30) faster than the scaled kernel in 16 of 16 cells at M <= 32
+    const bool four_tiles_pay = M <= awq::kStreamCompactMaxM || s.N * s.K >= kStreamFourTileMinWeights;
+    if (is_stream) k = M > awq::kStreamMaxM || !four_tiles_pay ? kDequantCublas
+                       : large_ok ? kStreamGroupSums
+                       : M <= awq::kStreamCompactMaxM && compact_ok ? kStreamCompactGroupSums  // one pass
                        : kDequantCublas;
     else if (s.layout == Layout::kTiled) k = M <= kSkinnyMaxMTiled ? kSkinnyShallow : kDequantCublas;
     else k = !fused_ok ? kDequantCublas

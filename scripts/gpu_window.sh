@@ -9,7 +9,7 @@
 #           variants, narrow, concurrent graphs, chunked large-M, dequantize, in-process repack) and
 #           the block ops' (rms_norm, rotary, gated_act: -k block_op),
 #           then decode of a random 8B Llama, fp16 vs int4 (unfused / fused, and fused with each
-#           of the stream kernel's opt-in options: PDL, narrow, both), batch 1 and 8, with the
+#           of the stream kernel's options: PDL, narrow, both; the plain rows run with both off), batch 1 and 8, with the
 #           int4 weights in the stream runtime layout (benchmarks/bench_generate.py).
 # Each part stops inside its deadline ($WINDOW_S, default 330 s: give the call timeout_s 360); a
 # step starts only when its minimum time is left.  Run from the repository root:

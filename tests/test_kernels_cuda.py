@@ -96,6 +96,16 @@ SKINNY_MAX_M = kernels.source_constant("kSkinnyMaxM")            # what the skin
 STREAM_MAX_M = kernels.source_constant("kStreamMaxM")            # what the stream kernel accepts
 STREAM_COMPACT_MAX_M = kernels.source_constant("kStreamCompactMaxM")  # ... in its compact configuration
 STREAM_NARROW_MAX_M = kernels.source_constant("kStreamNarrowMaxM")  # ... in its narrow kernels
+FOUR_TILE_MIN_WEIGHTS = kernels.source_constant("kStreamFourTileMinWeights")  # where kAuto runs M 33-64
+
+
+def auto_stream_kernel(M: int, N: int, K: int, compact: bool = False) -> Kernel:
+    """What the automatic choice runs on a stream-layout weight (csrc/awq_ops.cpp, kAuto) where the
+    configuration fits: group sums (which fall back to scaled fragments where they do not pay), at
+    M 33-64 only for weights of FOUR_TILE_MIN_WEIGHTS elements or more, past that dequantize + cuBLAS."""
+    if M > STREAM_MAX_M or (M > STREAM_COMPACT_MAX_M and N * K < FOUR_TILE_MIN_WEIGHTS):
+        return Kernel.DEQUANT_CUBLAS
+    return Kernel.STREAM_COMPACT_GROUP_SUMS if compact else Kernel.STREAM_GROUP_SUMS
 AUTO_MAX_M = [kernels.source_constant(n) for n in ("kGemvMaxMAuto", "kSkinnyMaxMAuto")]  # inclusive maxima
 DEQUANT_MIN_M = kernels.source_constant("kDequantCublasMinM")   # the first M the auto choice dequantizes
 SKINNY_MAX_M_TILED = kernels.source_constant("kSkinnyMaxMTiled")  # auto choice on warp-tiled weights
@@ -386,8 +396,9 @@ def test_stream_kernel_fp16(M, N, K, g):
     poison_allocator()
     out = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(Kernel.STREAM), 0)
     check(x, K, N, g, torch.float16, out=out)
-    # the automatic choice on a stream-layout weight is the same kernel (M <= 64), bit for bit
-    assert torch.equal(torch.ops.awqlib.awq_gemm(x, qs, zs, ss, g), out)
+    # the automatic choice on a stream-layout weight is the kernel auto_stream_kernel names, bit for bit
+    auto = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(auto_stream_kernel(M, N, K)), 0)
+    assert torch.equal(torch.ops.awqlib.awq_gemm(x, qs, zs, ss, g), auto)
 
 
 @pytest.mark.parametrize("N,K,g", [STREAM_COMBOS[1], STREAM_COMBOS[2], STREAM_COMBOS[4], STREAM_COMBOS[6]],
@@ -438,7 +449,7 @@ def test_stream_group_sums(M, N, K, g, dtype):
                          ids=["N192", "N4096", "K11008", "g256"])
 @pytest.mark.parametrize("M", [1, STREAM_NARROW_MAX_M, STREAM_NARROW_MAX_M + 1])
 def test_stream_kernel_narrow(M, N, K, g, dtype, kernel, monkeypatch):
-    """AWQLIB_STREAM_NARROW=1: at M <= 8 the kernels that put the tokens on the mma's n8 side (half
+    """AWQLIB_STREAM_NARROW=1 (and unset): at M <= 8 the kernels that put the tokens on the mma's n8 side (half
     the mma) run -- the profiler names the instantiation -- correct against the fp32 reference and
     deterministic; in a pass of more than 8 rows it changes nothing.  (A tensor core may round the
     two tilings' sums differently, so they are not compared bit for bit below 9 rows.)"""
@@ -460,6 +471,8 @@ def test_stream_kernel_narrow(M, N, K, g, dtype, kernel, monkeypatch):
     assert ran == ({"true"} if M <= STREAM_NARROW_MAX_M else {"false"}), ran
     if M > STREAM_NARROW_MAX_M:
         assert torch.equal(out, wide)
+    monkeypatch.delenv("AWQLIB_STREAM_NARROW")  # on by default: what the narrow setting runs
+    assert torch.equal(out, torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), 0))
 
 
 COMPACT_COMBOS = COMBOS[:3] + COMBOS[4:] + STREAM_COMBOS[-3:]  # (14336, 4096, 32): full tiles, group 32 (FINE)
@@ -479,8 +492,9 @@ def test_stream_kernel_compact(M, N, K, g, dtype):
     out = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(Kernel.STREAM_COMPACT), 0)
     check(x, K, N, g, dtype, out=out)
     assert torch.equal(out, torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(Kernel.STREAM_COMPACT), 0))
-    if stream_lacks_smem(M) is not None:  # the large one does not fit here: AUTO is the compact one
-        assert torch.equal(torch.ops.awqlib.awq_gemm(x, qs, zs, ss, g), out)
+    if stream_lacks_smem(M) is not None:  # the large one does not fit here: AUTO is the compact one, with sums
+        auto = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(auto_stream_kernel(M, N, K, compact=True)), 0)
+        assert torch.equal(torch.ops.awqlib.awq_gemm(x, qs, zs, ss, g), auto)
     sums = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(Kernel.STREAM_COMPACT_GROUP_SUMS), 0)
     check(x, K, N, g, dtype, out=sums)
     if M <= M_TILE and (K if g == -1 else g) >= 64:
@@ -538,23 +552,30 @@ def test_stream_pdl_reads_what_the_previous_kernel_wrote(kernel, M, monkeypatch)
 A100_SMEM, SM89_SMEM = kernels.source_constant("kA100SmemPerBlock"), kernels.source_constant("kSm89SmemPerBlock")
 
 
-@pytest.mark.parametrize("limit,M,expected", [
-    (A100_SMEM, 1, Kernel.STREAM), (A100_SMEM, 20, Kernel.STREAM_COMPACT), (A100_SMEM, 40, Kernel.STREAM),
-    (SM89_SMEM, 1, Kernel.STREAM_COMPACT), (SM89_SMEM, 20, Kernel.STREAM_COMPACT), (SM89_SMEM, 40, Kernel.DEQUANT_CUBLAS),
-], ids=["A100-M1", "A100-M20", "A100-M40", "sm89-M1", "sm89-M20", "sm89-M40"])
-def test_stream_auto_choice_per_gpu_class(limit, M, expected, monkeypatch):
+@pytest.mark.parametrize("limit,M,K,N,expected,large_fits", [
+    (A100_SMEM, 1, 4096, 1024, Kernel.STREAM_GROUP_SUMS, True),
+    (A100_SMEM, 20, 4096, 1024, Kernel.STREAM_COMPACT_GROUP_SUMS, False),
+    (A100_SMEM, 40, 8192, 8192, Kernel.STREAM_GROUP_SUMS, True),   # 2^26 weights: four m-tiles pay
+    (A100_SMEM, 40, 4096, 1024, Kernel.DEQUANT_CUBLAS, True),      # fewer: dequantize + cuBLAS
+    (SM89_SMEM, 1, 4096, 1024, Kernel.STREAM_COMPACT_GROUP_SUMS, False),
+    (SM89_SMEM, 20, 4096, 1024, Kernel.STREAM_COMPACT_GROUP_SUMS, False),
+    (SM89_SMEM, 40, 8192, 8192, Kernel.DEQUANT_CUBLAS, False),
+], ids=["A100-M1", "A100-M20", "A100-M40", "A100-M40-small", "sm89-M1", "sm89-M20", "sm89-M40"])
+def test_stream_auto_choice_per_gpu_class(limit, M, K, N, expected, large_fits, monkeypatch):
     """What an A100 and a 99 KB GPU run, checked on whatever GPU this is (AWQLIB_STREAM_SMEM_LIMIT
     caps the shared memory the kernels may use): the automatic choice is that kernel, bit for bit,
     and correct; the large configuration is refused where it does not fit, naming its bytes."""
     if torch.cuda.get_device_properties(0).shared_memory_per_block_optin < limit:
         pytest.skip("this GPU has less shared memory per block than the class checked")
     monkeypatch.setenv("AWQLIB_STREAM_SMEM_LIMIT", str(limit))
-    K, N, g = 4096, 1024, 128
+    g = 128
     qs, zs, ss = stream_weight(K, N, g)
     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
     auto = check(x, K, N, g, torch.float16, out=torch.ops.awqlib.awq_gemm(x, qs, zs, ss, g))
     assert torch.equal(auto, torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(expected), 0))
-    if expected != Kernel.STREAM:
+    if large_fits:
+        check(x, K, N, g, torch.float16, out=torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(Kernel.STREAM), 0))
+    else:
         with pytest.raises(RuntimeError, match=rf"bytes of shared memory per block \(the device has {limit}\)"):
             torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(Kernel.STREAM), 0)
 
@@ -562,6 +583,7 @@ def test_stream_auto_choice_per_gpu_class(limit, M, expected, monkeypatch):
 @pytest.mark.parametrize("name,value,message", [
     ("AWQLIB_STREAM_SMEM_LIMIT", "160KB", "AWQLIB_STREAM_SMEM_LIMIT must be a positive number of bytes"),
     ("AWQLIB_STREAM_PDL", "yes", "AWQLIB_STREAM_PDL must be 0 or 1"),
+    ("AWQLIB_STREAM_NARROW", "on", "AWQLIB_STREAM_NARROW must be 0 or 1"),
 ])
 def test_stream_settings_are_strict(name, value, message, monkeypatch):
     qs, zs, ss = stream_weight(512, 128, 128)

@@ -51,9 +51,10 @@ def _quantized(k: int, n: int, g: int):
     return lin, m, x, m(x), {key: v.clone() for key, v in m.state_dict().items()}
 
 
-def test_tiled_layout_same_function_and_module_round_trip():
+def test_tiled_layout_same_function_and_module_round_trip(monkeypatch):
     """The op computes the same function on a warp-tiled qweight; a tiled WQLinear still saves and
     loads the GEMM layout, and its outputs do not change."""
+    monkeypatch.setenv("AWQLIB_LAYOUT", "tiled")
     lin, m, x, before, sd_before = _quantized(128, 192, 32)
     assert m.tile_for_kernels() and m.tiled and m.qweight.shape == (3, 4, 256)
     assert torch.equal(m(x), before)
@@ -79,7 +80,7 @@ def test_tile_only_where_the_kernels_can():
 def test_stream_layout_same_function_and_module_round_trip(monkeypatch):
     """On the stream layout (qweight, zeros and scales all repacked) the op computes the same
     function; state_dict() exports the GEMM layout; loading GEMM tensors into a stream module
-    repacks them; AWQLIB_LAYOUT=stream makes tile_for_kernels choose it."""
+    repacks them; tile_for_kernels chooses it by default."""
     _, m, x, before, sd_before = _quantized(256, 192, 64)
     assert m.layout == "gemm" and not m.tiled
     assert m.set_layout("stream") and m.layout == "stream" and m.tiled and m.qweight.shape == (3, 16, 128)
@@ -87,7 +88,7 @@ def test_stream_layout_same_function_and_module_round_trip(monkeypatch):
     assert torch.equal(m(x), before)
     sd = m.state_dict()
     assert sd.keys() == sd_before.keys() and all(torch.equal(sd[k], sd_before[k]) for k in sd)
-    monkeypatch.setenv("AWQLIB_LAYOUT", "stream")
+    monkeypatch.delenv("AWQLIB_LAYOUT", raising=False)  # the default runtime layout
     fresh = WQLinear(256, 192, group_size=64, bias=True)
     assert fresh.tile_for_kernels() and fresh.layout == "stream"
     fresh.load_state_dict(sd_before)  # GEMM layout in, stream inside

@@ -137,7 +137,7 @@ def test_add_records_a_gpu_sweep(tmp_path, capsys):
     assert ("| 4096x4096, M=1 | 1.30x (not met) | 0.65x (not met) | 0.43x (not met) | 0.32x (not met) | "
             "0.26x (not met) | 0.22x (not met) | >= 2.00x |") in text
     assert "| 70b down 8192x28672, M=1 | - | - | - | - | - | - | >= 2.80x |" in text  # a shape the run did not time
-    assert "stream vs tiled:auto (the runtime layout models use today): faster in 0 of 2 cells" in text
+    assert "stream vs tiled:auto (the stream layout's kernel against the tiled layout's): faster in 0 of 2 cells" in text
     assert "stream:sums vs stream (group sums against scaled fragments, M <= 32): faster in 0 of 2 cells" in text
     assert "stream:pdl vs stream (programmatic dependent launch against plain launches): faster in 0 of 2" in text
     assert "stream:narrow vs stream (tokens on the mma's n8 side against 16-row tiles, M <= 8): faster in 0 of 2" in text
