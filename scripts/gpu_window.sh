@@ -73,7 +73,7 @@ if [ "$PART" = 1 ] || [ "$PART" = all ]; then
 fi
 if [ "$PART" = 2 ] || [ "$PART" = all ]; then
   step stream-tests 60 170 "$OUT/pytest.log" "$PY" -m pytest -q -p no:cacheprovider \
-    -k "stream or group_sums or concurrently or chunked or dequantize or in_process or block_op" \
+    -k "stream or group_sums or concurrently or chunked or dequantize or in_process or block_op or quantize_on_gpu" \
     tests/test_kernels_cuda.py tests/test_gpu_e2e.py
   step decode 100 200 "$OUT/decode.log" env AWQLIB_LAYOUT=stream "$PY" -m benchmarks.bench_generate --size 8b \
     --batches 1,8 --new-tokens 64 --kernel-options pdl,narrow,pdl+narrow --out "$OUT/decode_stream.json"

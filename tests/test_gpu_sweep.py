@@ -78,7 +78,8 @@ def test_gpu_window_script_selects_what_it_claims():
                  "test_stream_kernel_deterministic", "test_two_graphs_replayed_concurrently_on_two_streams",
                  "test_dequantize_stream_bit_exact",
                  "test_block_op_rms_norm", "test_block_op_rotary", "test_block_op_gated_act",
-                 "test_block_op_cuda_graph_capture", "test_block_op_fallbacks_compute_the_reference"):
+                 "test_block_op_cuda_graph_capture", "test_block_op_fallbacks_compute_the_reference",
+                 "test_stream_auto_choice_per_gpu_class", "test_stream_settings_are_strict", "test_awq_quantize_on_gpu"):
         assert test in names, (test, sorted(names))
 
 
