@@ -69,8 +69,10 @@ class ShardReader:
         return out
 
 
-def materialize(module: nn.Module, prefix: str, reader: ShardReader, spec: ArchSpec, dtype: torch.dtype) -> None:
-    """Load ``module``'s persistent tensors (checkpoint names ``prefix + name``) from ``reader``."""
+def materialize(module: nn.Module, prefix: str, reader: ShardReader, spec: ArchSpec, dtype: torch.dtype,
+                on_cast=None) -> None:
+    """Load ``module``'s persistent tensors (checkpoint names ``prefix + name``) from ``reader``.
+    ``on_cast(prefix + name, tensor)`` sees each floating tensor as stored, before its cast to ``dtype``."""
     wanted = {}
     for name, t in module.state_dict(keep_vars=True).items():
         ckpt = to_checkpoint_name(prefix + name, spec)
@@ -78,6 +80,8 @@ def materialize(module: nn.Module, prefix: str, reader: ShardReader, spec: ArchS
             wanted[ckpt] = name
     state = {}
     for ckpt, v in reader.get_many(list(wanted)).items():
+        if v.is_floating_point() and v.dtype != dtype and on_cast is not None:
+            on_cast(prefix + wanted[ckpt], v)
         state[wanted[ckpt]] = v.to(dtype) if v.is_floating_point() else v
     module.load_state_dict(state, strict=False, assign=True)
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import kernels, ops
 from .packing import (as_gemm_params, can_use_layout, dequantize_gemm, layout_of, pack_awq, runtime_layout,
-                      to_layout)
+                      stream_serves_decode, to_layout)
 from .quant import compute_qparams, effective_group_size, pack_factor, quantize, row_chunks
 
 log = logging.getLogger("awqlib")
@@ -72,11 +72,16 @@ class WQLinear(nn.Module):
 
     def tile_for_kernels(self) -> bool:
         """Repack into the runtime layout the CUDA kernels serve (:func:`awqlib.packing.runtime_layout`:
-        "tiled", or $AWQLIB_LAYOUT), once, after a load or an in-process quantize; False where the
-        shape does not allow it."""
+        "stream", or $AWQLIB_LAYOUT), once, after a load or an in-process quantize; False where the
+        shape allows none.  A group size the stream kernel cannot take at one token gets the tiled
+        layout (its skinny kernel takes it) instead of dequantize + cuBLAS at every decode step."""
         if self.tiled:
             return True
-        return self.set_layout(runtime_layout())
+        layout = runtime_layout()
+        if layout == "stream" and not stream_serves_decode(self.in_features, self.out_features, self.group_size,
+                                                           self.bits):
+            layout = "tiled"
+        return self.set_layout(layout)
 
     def gemm_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(qweight, qzeros, scales) in the GEMM (checkpoint) layout, whichever layout the module holds."""

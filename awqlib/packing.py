@@ -189,6 +189,24 @@ def can_stream(in_features: int, out_features: int, group_size: int, bits: int =
     return bits == 4 and out_features % STREAM_N == 0 and in_features % STREAM_K == 0 and g % STREAM_K == 0
 
 
+# The k-tiles of the stream kernel's decode configurations (csrc/awq_stream.cu, StreamCfg at M <= 16:
+# 512 rows in the large one, 256 in the compact one).  A group must divide a tile (a power of two
+# times 16), be a whole number of tiles, or span K (awq_stream.cu: stream_supports).
+STREAM_DECODE_K_TILES = (512, 256)
+
+
+def stream_serves_decode(in_features: int, out_features: int, group_size: int, bits: int = 4) -> bool:
+    """Whether the stream kernel takes one token on this shape, in either configuration.  Where it
+    does not (group 96, 192, 384, ...), a stream-layout weight would run dequantize + cuBLAS at
+    decode, slower than fp16: WQLinear.tile_for_kernels then keeps the tiled layout."""
+    g = effective_group_size(group_size, in_features)
+    if not can_stream(in_features, out_features, group_size, bits) or in_features % g:
+        return False
+    power_of_two = (g // 16) & (g // 16 - 1) == 0
+    return any(tile % g == 0 and power_of_two if g < tile else g % tile == 0 or g == in_features
+               for tile in STREAM_DECODE_K_TILES)
+
+
 def _check_stream_shape(k: int, n: int, what: str) -> None:
     if k % STREAM_K or n % STREAM_N:
         raise ValueError(f"{what}: the stream layout needs K % {STREAM_K} == 0 and N % {STREAM_N} == 0, "
@@ -259,8 +277,9 @@ LAYOUTS = ("gemm", "tiled", "stream")
 # What WQLinear.tile_for_kernels (and so from_quantized and quantize on CUDA) repacks to.  "stream":
 # on an H200 (benchmarks/RESULTS.md, 2026-11-30) its kernels passed the GPU tests and beat the
 # tiled layout's skinny kernel by 1.4-1.8x at M = 1 on the 8B gate/up and 70B shapes (2.71x fp16
-# against 1.57x on 70b-down), losing 9 % on 4096 x 4096; the 8B decode step with fuse_layers and
-# the narrow kernels takes 3.66 ms against fp16's 6.78.  AWQLIB_LAYOUT=tiled keeps the older path.
+# against 1.57x on 70b-down), losing 8-13 % on 4096 x 4096 at 1-32 tokens; the 8B decode step with
+# fuse_layers and the narrow kernels takes 3.66 ms against fp16's 6.78 (group sums, in the
+# automatic choice since, were not in that run).  Measured on an H200 only.  AWQLIB_LAYOUT=tiled keeps the older path.
 DEFAULT_RUNTIME_LAYOUT = "stream"
 
 

@@ -57,7 +57,13 @@ class BlockSource:
         self.devices: list[torch.device] = []  # where block i is quantized
         self.homes: list[torch.device] = []    # where it goes once finished
         self.touched = False                   # the model has been changed in place (dtype, blocks)
-        self.cast_from: torch.dtype | None = None  # the dtype prepare() cast the weights from to float16
+        # weights cast to float16 for computing: name -> (their stored dtype, non-finite already there)
+        self.cast_to_half: dict[str, tuple[torch.dtype, bool]] = {}
+
+    def note_cast(self, name: str, stored: torch.Tensor) -> None:
+        """A weight about to be cast to float16 from ``stored``: whether it was non-finite before the
+        cast tells a damaged source from a value the cast overflowed (_refuse_nonfinite)."""
+        self.cast_to_half[name] = (stored.dtype, nonfinite_count(stored.detach()) > 0)
 
     def compute_dtype(self) -> torch.dtype:
         """fp32 on CPUs (no fp16/bf16 matmul units: fp32 is both faster and exact); else the model's
@@ -69,12 +75,12 @@ class BlockSource:
 
     def prepare(self, dtype: torch.dtype) -> None:
         """Make everything the calibration capture runs (embeddings, norms) present, in ``dtype``."""
-        current = next(self.model.parameters()).dtype
-        if current != dtype:
-            if dtype == torch.float16:  # a value the cast overflows is then told apart from a damaged one
+        if next(self.model.parameters()).dtype != dtype:
+            if dtype == torch.float16:  # each block is still refused at its turn, with the right cause
                 for i, blk in enumerate(self.blocks):
-                    _refuse_nonfinite(blk, f"{self.prefix}.{i}.")
-                self.cast_from = current
+                    for name, p in blk.named_parameters():
+                        if p.device.type != "meta" and p.is_floating_point():
+                            self.note_cast(f"{self.prefix}.{i}.{name}", p)
             log.info("awqlib: computing in %s on %s", dtype, self.devices[0].type)
             _cast_keeping_unsaved_buffers(self.model, dtype)
 
@@ -132,7 +138,8 @@ class Lazy(BlockSource):
             lazy_mod.free(mod)
 
     def load(self, i: int, dtype: torch.dtype) -> None:
-        lazy_mod.materialize(self.blocks[i], f"{self.prefix}.{i}.", self.reader, self.spec, dtype)
+        lazy_mod.materialize(self.blocks[i], f"{self.prefix}.{i}.", self.reader, self.spec, dtype,
+                             on_cast=self.note_cast if dtype == torch.float16 else None)
 
     def release(self, i: int) -> None:
         super().release(i)
@@ -265,7 +272,7 @@ def _quantize_blocks(source: BlockSource, qcfg: QuantConfig, opts: awq.AWQOption
             report = awq.BlockReport()
         else:
             source.load(i, cdtype)
-            _refuse_nonfinite(blk, bprefix, source.cast_from)
+            _refuse_nonfinite(blk, bprefix, source.cast_to_half)
             if method == "rtn":
                 awq.rtn_quantize_block(blk, spec, qcfg, prefix=bprefix)
                 report = awq.BlockReport()
@@ -300,18 +307,18 @@ def _cast_keeping_unsaved_buffers(model: nn.Module, dtype: torch.dtype) -> None:
         mod._buffers[name] = buf
 
 
-def _refuse_nonfinite(blk: nn.Module, bprefix: str, cast_from: torch.dtype | None = None) -> None:
+def _refuse_nonfinite(blk: nn.Module, bprefix: str, cast_to_half: dict[str, tuple[torch.dtype, bool]]) -> None:
     """A source weight holding NaN/inf is refused before its block is quantized: quantizing inf
     saturates the group's scale (a finite, meaningless checkpoint) and NaN fails only later, far
-    from its cause.  ``cast_from``: the dtype the block was cast to float16 from, after a check in
-    that dtype (BlockSource.prepare), so a non-finite value now is one the cast overflowed."""
+    from its cause.  ``cast_to_half`` (BlockSource.note_cast) says which weights were cast to
+    float16 for computing and whether they were finite before: a value the cast overflowed."""
     for name, p in blk.named_parameters():
         n = 0 if p.device.type == "meta" else nonfinite_count(p.detach())  # meta: offloaded, not here to check
         if n:
-            overflowed = cast_from is not None and p.dtype == torch.float16
-            cause = (f"They were finite in {str(cast_from).split('.')[-1]} and overflowed float16 when cast to it "
+            stored, damaged = cast_to_half.get(bprefix + name, (p.dtype, True))
+            cause = (f"They were finite in {str(stored).split('.')[-1]} and overflowed float16 when cast to it "
                      "for computing: load the model in bfloat16 (which GPUs then compute in), or quantize on the "
-                     "CPU, in float32" if overflowed else
+                     "CPU, in float32" if not damaged else
                      "The model's weights are damaged (a broken download or conversion)")
             raise FloatingPointError(
                 f"the source weight {bprefix}{name} has {n} NaN/inf value(s) of {p.numel()}: block "

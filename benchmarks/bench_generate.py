@@ -2,9 +2,10 @@
 awqlib int4 with ``fuse_layers`` (fused linears and one-op norms, rotary and activation), batch 1
 and 8. No download: the model is built from a config on the GPU and quantized with round-to-nearest
 (speed does not depend on the scales). The int4 model is timed unfused, with q/k/v and gate/up
-fused, then with fuse_layers' one-op norms, rotary and activation too; ``--kernel-options
-pdl,narrow,pdl+narrow`` times it again under each of the stream kernel's opt-in launch options
-(csrc/awq_ops.cpp reads them on every call, so one model serves all). Last, the control: a fresh
+fused, then with fuse_layers' one-op norms, rotary and activation too (the library's default
+settings); ``--kernel-options none,pdl+narrow`` times it again with the stream kernel's launch
+options set so ("none": every option off; csrc/awq_ops.cpp reads them on every call, so one model
+serves all). Last, the control: a fresh
 fp16 model with the same one-op block ops (fp16 GEMMs). Rows are written to the JSON as they are
 measured.
 
@@ -21,20 +22,23 @@ import time
 
 import torch
 
-from benchmarks.common import STREAM_OPTIONS, run_info, scoped_env, skip, stream_options_env, time_graph, write_json
+from benchmarks.common import (STREAM_DEFAULTS_ENV, STREAM_OPTIONS, run_info, scoped_env, skip, stream_options_env,
+                               time_graph, write_json)
 from benchmarks.report import decode_table
 
 
 def parse_kernel_options(text: str) -> list[tuple[str, ...]]:
-    """'pdl,narrow,pdl+narrow' -> [('pdl',), ('narrow',), ('narrow', 'pdl')]; an unknown name is an
-    error naming the accepted ones."""
+    """'none,pdl,pdl+narrow' -> [('none',), ('pdl',), ('narrow', 'pdl')] ("none": every option off);
+    an unknown name is an error naming the accepted ones."""
     combos = []
     for item in filter(None, text.split(",")):
         names = tuple(sorted(item.split("+")))
-        bad = [n for n in names if n not in STREAM_OPTIONS]
+        if "none" in names and names != ("none",):
+            raise argparse.ArgumentTypeError(f"kernel option 'none' (every option off) stands alone, got {item!r}")
+        bad = [n for n in names if n not in STREAM_OPTIONS and n != "none"]
         if bad:
             raise argparse.ArgumentTypeError(f"unknown kernel option {bad[0]!r} in {item!r}; accepted: "
-                                             f"{', '.join(STREAM_OPTIONS)} (joined with + or ,)")
+                                             f"{', '.join(STREAM_OPTIONS)} (joined with + or ,), or none")
         if len(set(names)) != len(names) or names in combos:
             raise argparse.ArgumentTypeError(f"kernel option {item!r} repeats an option or a combination")
         combos.append(names)
@@ -43,7 +47,7 @@ def parse_kernel_options(text: str) -> list[tuple[str, ...]]:
 
 def kernel_options(names: tuple[str, ...]):
     """Every option in ``names`` on, the others off, for the duration."""
-    return scoped_env(stream_options_env(*names))
+    return scoped_env(stream_options_env(*(n for n in names if n != "none")))
 
 
 SIZES = {  # Llama-architecture shapes
@@ -137,8 +141,8 @@ def main(argv=None):
     wrapped = AutoAWQ.from_model(model)
     # (quantize leaves the linears on the GPU in the kernels' runtime layout, as from_quantized does)
     wrapped.quantize(None, {"w_bit": 4, "q_group_size": 128}, method="rtn", device="cuda")
-    # with --kernel-options the plain rows run with every option off (else as the environment says)
-    plain = (lambda: kernel_options(())) if a.kernel_options else contextlib.nullcontext
+    # with --kernel-options the plain rows run the library's defaults (else as the environment says)
+    plain = (lambda: scoped_env(STREAM_DEFAULTS_ENV)) if a.kernel_options else contextlib.nullcontext
     with plain():
         measure("awq-int4")
     fuse_linears(wrapped.model, wrapped.spec)

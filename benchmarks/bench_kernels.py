@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Benchmark torch.ops.awqlib.awq_gemm against fp16 torch (cuBLAS) on Llama-shaped linears, with
-the weights in the warp-tiled runtime layout that from_quantized uses on CUDA.
+the weights in the warp-tiled runtime layout (AWQLIB_LAYOUT=tiled; benchmarks/gpu_sweep.py times
+the default, the stream layout, against it).
 
 For every (N x K) weight and token count M it reports the AWQ kernel time (µs), its achieved
 memory bandwidth (int4 weights + zeros + scales + activations + output, in GB/s), that bandwidth
@@ -87,7 +88,7 @@ def _bench_shape(name, N, K, ms, g, l2, cap, copy_bw, args, t0, results, report)
     """Time every M of ``ms`` on one (N, K) weight; returns True once the time budget is spent."""
     wbytes = K * N // 2 + (K // g) * N * (2 + 0.5)
     nq = n_copies(int(wbytes), l2, cap)
-    # Weights in the warp-tiled runtime layout, as from_quantized serves them on CUDA (random words:
+    # Weights in the warp-tiled runtime layout, as from_quantized serves them with AWQLIB_LAYOUT=tiled (random words:
     # any permutation of random words is random).
     qws = [(torch.randint(-2**31, 2**31 - 1, (N // 64, K // 32, 256), dtype=torch.int32, device="cuda"),
             torch.randint(-2**31, 2**31 - 1, (K // g, N // 8), dtype=torch.int32, device="cuda"),

@@ -66,9 +66,11 @@ def run_info(benchmark: str, argv: list[str]) -> dict:
             "command": shlex.join(["python", "-m", f"benchmarks.{benchmark}", *argv]), "env": dict(_STARTED["env"])}
 
 
-# The stream kernel's opt-in launch options, and the variables csrc/awq_ops.cpp reads them from on
-# every call (stream_pdl, stream_narrow).
+# The stream kernel's launch options, and the variables csrc/awq_ops.cpp reads them from on every
+# call (stream_pdl: off unless set; stream_narrow: on unless set to 0).
 STREAM_OPTIONS = {"pdl": "AWQLIB_STREAM_PDL", "narrow": "AWQLIB_STREAM_NARROW"}
+# the library's defaults, whatever the environment a benchmark started in
+STREAM_DEFAULTS_ENV: dict[str, str | None] = {var: None for var in STREAM_OPTIONS.values()}
 
 
 def stream_options_env(*names: str) -> dict[str, str]:
@@ -77,10 +79,14 @@ def stream_options_env(*names: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def scoped_env(values: dict[str, str]):
-    """The environment variables ``values`` set for the duration, then restored (or removed)."""
+def scoped_env(values: dict[str, str | None]):
+    """The environment variables ``values`` set (None: unset) for the duration, then restored."""
     saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     try:
         yield
     finally:

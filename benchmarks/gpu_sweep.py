@@ -49,8 +49,8 @@ import torch.nn.functional as F
 
 from awqlib.kernels import source_constant
 from awqlib.ops import Kernel
-from benchmarks.common import (copy_bandwidth, n_copies, run_info, scoped_env, skip, stream_options_env, time_eager,
-                               time_graph, write_json)
+from benchmarks.common import (STREAM_DEFAULTS_ENV, copy_bandwidth, n_copies, run_info, scoped_env, skip,
+                               stream_options_env, time_eager, time_graph, write_json)
 from benchmarks.report import sweep_table, targets_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,18 +63,20 @@ SHAPES = [("4096x4096", 4096, 4096), ("70b-down 8192x28672", 8192, 28672), ("8b-
 MS = [1, 4, 16, 32, 64, 128, 256]  # 128, 256: the stream kernel in 2 and 4 passes against dequantize + cuBLAS
 GROUP = 128
 
-# (label, layout, kernel id): the variants timed.  "tiled:auto" is what models run today;
-# "stream:sums" differs from "stream" only at M <= 32 (group sums; timed there only), the narrow
-# ones only at M <= 8.
+# (label, layout, kernel id): the variants timed.  "stream:auto" is what models run by default
+# (the automatic choice under the library's default settings), "tiled:auto" what they ran before;
+# the forced ones isolate one choice each: "stream:sums" differs from "stream" only at M <= 32
+# (group sums; timed there only), the narrow ones only at M <= 8.
 VARIANTS = [("tiled:auto", "tiled", Kernel.AUTO), ("stream", "stream", Kernel.STREAM),
             ("stream:sums", "stream", Kernel.STREAM_GROUP_SUMS), ("stream:pdl", "stream", Kernel.STREAM),
-            ("stream:narrow", "stream", Kernel.STREAM), ("stream:sums:narrow", "stream", Kernel.STREAM_GROUP_SUMS)]
+            ("stream:narrow", "stream", Kernel.STREAM), ("stream:sums:narrow", "stream", Kernel.STREAM_GROUP_SUMS),
+            ("stream:auto", "stream", Kernel.AUTO)]
 # environment a variant runs under (read by csrc/awq_ops.cpp on every call): "stream:pdl" is the
 # stream kernel with programmatic dependent launch (its weights stream in while the previous
 # kernel -- in the sweep's graphs, the same GEMM -- finishes); the narrow ones put the tokens on
 # the mma's n8 side at M <= 8 (awq_stream.cu: NARROW).
 VARIANT_ENV = {"stream:pdl": stream_options_env("pdl"), "stream:narrow": stream_options_env("narrow"),
-               "stream:sums:narrow": stream_options_env("narrow")}
+               "stream:sums:narrow": stream_options_env("narrow"), "stream:auto": STREAM_DEFAULTS_ENV}
 # every other variant, whatever the environment the sweep started in
 BASE_ENV = stream_options_env()
 STREAM_KERNELS = (Kernel.STREAM, Kernel.STREAM_GROUP_SUMS, Kernel.STREAM_COMPACT, Kernel.STREAM_COMPACT_GROUP_SUMS)
@@ -101,7 +103,8 @@ GATE_VARIANTS = [
 GATE_ENV = [("stream:narrow", "stream", Kernel.STREAM, (1, 2, 7, 8, 9, 72)),  # 72: a last pass of 8 rows
             ("stream:sums:narrow", "stream", Kernel.STREAM_GROUP_SUMS, (1, 8)),
             ("stream:narrow", "stream", Kernel.STREAM_COMPACT, (1, 8)),
-            ("stream:sums:narrow", "stream", Kernel.STREAM_COMPACT_GROUP_SUMS, (1, 5))]
+            ("stream:sums:narrow", "stream", Kernel.STREAM_COMPACT_GROUP_SUMS, (1, 5)),
+            ("stream:auto", "stream", Kernel.AUTO, (1, 8, 17, 40, 100))]  # the default as a whole
 # gated again with programmatic dependent launch, back to back in one stream (the case it changes);
 # (layout, kernel, M, narrow): the narrow kernels too (bench_generate times them with PDL)
 GATE_PDL = [("stream", Kernel.STREAM, (1, 33, 100), False), ("stream", Kernel.STREAM_GROUP_SUMS, (1, 17), False),
@@ -129,6 +132,7 @@ class OutOfTime(Exception):
 
 
 NARROW_MAX_M = source_constant("kStreamNarrowMaxM")  # the narrow kernels' pass limit (csrc/awq_kernels.h)
+FOUR_TILE_MIN_WEIGHTS = source_constant("kStreamFourTileMinWeights")  # kAuto's M 33-64 rule (csrc/awq_ops.cpp)
 
 
 def is_timed(label: str, kernel: Kernel, M: int) -> bool:
@@ -142,7 +146,7 @@ def is_timed(label: str, kernel: Kernel, M: int) -> bool:
 def plan_text(args) -> str:
     cases = len(SHAPES) * sum(1 + sum(is_timed(label, k, m) for label, _, k in VARIANTS) for m in args.ms)
     gate = sum(len(ms) * (2 if k in STREAM_KERNELS else 1) for _, k, ms in GATE_VARIANTS) * len(GATE_SHAPES)
-    gate_env = sum(2 * len(ms) for _, _, _, ms in GATE_ENV) * len(GATE_SHAPES)
+    gate_env = sum((2 if k in STREAM_KERNELS else 1) * len(ms) for _, _, k, ms in GATE_ENV) * len(GATE_SHAPES)
     gate_pdl = sum(len(ms) for _, _, ms, _ in GATE_PDL) * len(GATE_SHAPES)
     lines = [
         f"gpu_sweep plan (budget {args.budget:.0f} s, output {args.out}):",
@@ -157,7 +161,7 @@ def plan_text(args) -> str:
     if args.tools_only:
         lines[2:] = ["  2-5. no gate, no sweep (--tools-only)"]
     if args.ncu:
-        lines.append(f"  +  ncu on 70b-down M=1, stream and tiled:auto: {' '.join(ncu_command('stream'))}")
+        lines.append(f"  +  ncu on 70b-down M=1, stream:sums:narrow, stream and tiled:auto: {' '.join(ncu_command('stream'))}")
     if args.sanitizer:
         lines.append(f"  +  compute-sanitizer memcheck on a tiny shape: {' '.join(sanitizer_command())}")
     return "\n".join(lines)
@@ -336,6 +340,10 @@ def failed_variants(gate_report: dict) -> set[str]:
             if layout == c["layout"] and (kernel.name == c["kernel"] or kernel == Kernel.AUTO
                                           or c["kernel"] == Kernel.AUTO.name):
                 labels.add(label)
+        # the default runs the large configuration's kernels, narrow ones included (PDL off): any
+        # failure of those rules it out, whatever environment the case ran under
+        if c["layout"] == "stream" and c["kernel"] in (Kernel.STREAM.name, Kernel.STREAM_GROUP_SUMS.name):
+            labels.add("stream:auto")
     return labels
 
 
@@ -361,12 +369,15 @@ def sass_table() -> dict:
 
 def kernel_label(variant: str, M: int, N: int, K: int) -> str:
     """The instantiation a variant runs (for the SASS column), fp16; M > 64: its first pass."""
+    if variant == "stream:auto" and (M > 64 or (M > 32 and N * K < FOUR_TILE_MIN_WEIGHTS)):
+        return "dequant+cuBLAS"  # the stream layout's (csrc/awq_ops.cpp: kAuto)
     if variant.startswith("stream"):  # the sweep's group size (128) is never FINE
         mb = 1 if M <= 16 else 2 if M <= 32 else 4
         stage = 256 if mb == 4 else 512
         exact = K % stage == 0 and N % 128 == 0
-        sums = variant.startswith("stream:sums") and mb <= 2
-        narrow = variant.endswith(":narrow") and M <= NARROW_MAX_M
+        auto = variant == "stream:auto"  # group sums, and the narrow kernels at M <= 8
+        sums = (variant.startswith("stream:sums") or auto) and mb <= 2
+        narrow = (variant.endswith(":narrow") or auto) and M <= NARROW_MAX_M
         flags = ", ".join(str(f).lower() for f in (exact, False, sums, False, narrow))
         return f"awq_stream_kernel<half, {mb}, {flags}>"
     if variant == "tiled:auto" and M <= 32:

@@ -94,7 +94,8 @@ def decode_table(report: dict) -> str:
         else:
             st = f"{step:.2f} ({_ratio(step0 / step)})"
         base_model, _, options = r["model"].partition("+")  # "+pdl+narrow": bench_generate --kernel-options
-        name = DECODE_MODELS.get(base_model, base_model) + (f", {options.replace('+', ' + ')}" if options else "")
+        options = "narrow and PDL off" if options == "none" else options.replace("+", " + ")
+        name = DECODE_MODELS.get(base_model, base_model) + (f", {options}" if options else "")
         if r["model"].startswith("awq-") and report.get("runtime_layout"):  # which kernels the int4 rows ran
             name += f", {report['runtime_layout']} layout"
         lines.append(f"| {name} | {r['batch']} | {r['tokens_per_s']:.1f} | {st} |")
@@ -186,7 +187,8 @@ def targets_table(report: dict) -> str:
             cells.append(f"{_ratio(x)} ({'met' if x >= goal else 'not met'})")
         lines.append(f"| {what}{f', M={m}' if m else ''} | " + " | ".join(cells) + f" | >= {_ratio(goal)} |")
     by = {(r["shape"], r["M"], r["variant"]): r["us"] for r in rows}
-    for new, old, why in (("stream", "tiled:auto", "the stream layout's kernel against the tiled layout's"),
+    for new, old, why in (("stream:auto", "tiled:auto", "the default against the default before 2026-11-30"),
+                          ("stream", "tiled:auto", "the stream layout's kernel against the tiled layout's"),
                           ("stream:sums", "stream", "group sums against scaled fragments, M <= 32"),
                           ("stream:pdl", "stream", "programmatic dependent launch against plain launches"),
                           ("stream:narrow", "stream", "tokens on the mma's n8 side against 16-row tiles, M <= 8"),

@@ -261,9 +261,10 @@ bool stream_narrow() { return env_flag("AWQLIB_STREAM_NARROW", /*unset=*/true); 
 
 // At M 33-64 the stream kernel runs its 4-m-tile configuration, which the math rather than the
 // weight bytes bounds.  Measured on an H200 (gpu_sweep 2026-11-30, M = 64) it beats dequantize +
-// cuBLAS by 1.2-2.1x on weights of 117M elements and more (8B gate/up, 70B down and gate/up) and
-// loses by 1.9x on 4096 x 4096 (16.8M); interpolated, they cross near 2^26 elements, below which
-// kAuto takes dequantize + cuBLAS at those M.
+// cuBLAS (the tiled layout's, timed as tiled:auto) by 1.2-2.1x on weights of 117M elements and more
+// (8B gate/up, 70B down and gate/up) and loses by 1.9x on 4096 x 4096 (16.8M); interpolated (no
+// shape between 16.8M and 117M was timed), they cross near 2^26 elements, below which kAuto takes
+// dequantize + cuBLAS at those M.
 constexpr int64_t kStreamFourTileMinWeights = 67108864;  // 2^26
 
 // Shared memory a stream-kernel block may have: the device's opt-in maximum, or less with
@@ -316,7 +317,8 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   // It takes M rows in passes of at most kStreamMaxM (compact: kStreamCompactMaxM) rows, one launch
   // each, in the configuration for the pass's rows.  Every pass streams the weights again, so more
   // than one pays only while their bytes, not the math, bound the time: kAuto runs one pass
-  // (M <= kStreamMaxM) until benchmarks/gpu_sweep.py has measured more.
+  // (M <= kStreamMaxM); measured on an H200 (gpu_sweep 2026-11-30), 2 and 4 passes at best tie
+  // dequantize + cuBLAS.
   const int optin = stream_smem_limit(device);
   const auto rows_fit = [&](int64_t rows, bool compact) {
     if (!awq::stream_supports(static_cast<int>(rows), static_cast<int>(s.N), static_cast<int>(s.K),

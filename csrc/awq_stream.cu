@@ -23,7 +23,7 @@
 //    compact configuration, StreamCfg: 256-row stages, 2-3 of them).  Every shared-memory access
 //    is [ring-slot base + compile-time offset] (the slot is a counter), and there is no integer
 //    division in the loop (group, slice and pointer positions advance by constants).
-//  * Few tokens (M <= 8, opt-in: NARROW below): the mma's operands swapped, so that the weights
+//  * Few tokens (M <= 8, on unless AWQLIB_STREAM_NARROW=0: NARROW below): the mma's operands swapped, so that the weights
 //    fill its 16-row side and the tokens its 8-column one -- half the mma of the 16-row tiling.
 //  * Work split: one CTA of 8 warps per SM = 2 (64-column n-atoms) x 4 (k-slices of 128 rows).
 //    The persistent grid takes the (column slice, k-tile) units in slice-major order, each CTA a
@@ -32,13 +32,11 @@
 //    fp32 partials to its own workspace slot, the last to arrive (arrive_last) adds the slots in
 //    part order and writes the output, and resets its counter (awq_ops.cpp: counters_for).
 //
-// Not the default yet: checked on the CPU only (layout arithmetic bit for bit, indexing by
-// tests/test_stream_emulation.py, this source itself by its CPU twin, tests/test_cpu_twin.py --
-// which is why the CUDA runtime side below sits in #ifndef AWQ_HOST_EMULATION -- and the SASS
-// budget by tests/test_sass_budget.py).  awq_ops.cpp runs it only for weights explicitly put in
-// the stream layout (AWQLIB_LAYOUT=stream, WQLinear.set_layout) or forced with Kernel.STREAM;
-// packing.DEFAULT_RUNTIME_LAYOUT becomes "stream" once tests/test_kernels_cuda.py passes on a GPU
-// and benchmarks/gpu_sweep.py shows it winning.
+// Checked on the CPU (layout arithmetic bit for bit, indexing by tests/test_stream_emulation.py,
+// this source itself by its CPU twin, tests/test_cpu_twin.py -- which is why the CUDA runtime
+// side below sits in #ifndef AWQ_HOST_EMULATION -- and the SASS budget by tests/test_sass_budget.py)
+// and on an H200 (tests/test_kernels_cuda.py, benchmarks/gpu_sweep.py: benchmarks/RESULTS.md), after
+// which the stream layout became packing.DEFAULT_RUNTIME_LAYOUT.
 #include "awq_common.cuh"
 #include "awq_kernels.h"
 

@@ -757,11 +757,16 @@ NONFINITE = r"the source weight model.layers.1.mlp.down_proj.weight has 1 NaN/in
             r"model.layers.1 was not quantized"
 
 
+@pytest.mark.parametrize("compute", [torch.float32, torch.float16], ids=["cpu-fp32", "gpu-fp16"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("method", ["rtn", "awq"])
-def test_nonfinite_source_weights_are_refused_before_quantizing(tmp_path, calib_ids, method, value):
+def test_nonfinite_source_weights_are_refused_before_quantizing(tmp_path, calib_ids, method, value, compute,
+                                                                monkeypatch):
     """inf in a weight would quantize to a finite, meaningless group (its scale saturates at the
-    fp16 maximum), NaN would fail far from its cause: both are refused before the block is quantized."""
+    fp16 maximum), NaN would fail far from its cause: both are refused before the block is quantized,
+    at its turn, also where a GPU computes the float32 model in float16 (BlockSource.compute_dtype)."""
+    from awqlib import pipeline
+    monkeypatch.setattr(pipeline.BlockSource, "compute_dtype", lambda self: compute)
     model = tiny_model("llama")
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[3, 5] = value  # in the last block
@@ -793,6 +798,22 @@ def test_nonfinite_half_precision_weights_name_the_overflow_too(monkeypatch):
         with pytest.raises(FloatingPointError, match=NONFINITE + ".*damaged") as e:
             AutoAWQ.from_model(m).quantize(None, QC, method="rtn")
         assert "overflowed" not in str(e.value)
+
+
+def test_nonfinite_lazy_float32_source_names_the_overflow(tmp_path, monkeypatch):
+    """The lazy path casts each weight as it reads it: a float32 checkpoint value that float16
+    overflows is named so, and one already inf in the file is damage."""
+    from awqlib import pipeline
+    monkeypatch.setattr(pipeline.BlockSource, "compute_dtype", lambda self: torch.float16)
+    for value, cause in ((1e6, ".*finite in float32 and overflowed float16.*load the model in bfloat16"),
+                         (float("inf"), ".*damaged")):
+        src = tmp_path / f"src-{value}"
+        model = tiny_model("llama")
+        with torch.no_grad():
+            model.model.layers[1].mlp.down_proj.weight[3, 5] = value
+        model.save_pretrained(src)  # float32
+        with pytest.raises(FloatingPointError, match=NONFINITE + cause):
+            _quantize(src, tmp_path / f"out-{value}")
 
 
 def test_nonfinite_lazy_source_is_refused_before_quantizing(src, tmp_path):

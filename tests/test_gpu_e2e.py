@@ -89,13 +89,15 @@ def test_awq_quantize_on_gpu(tmp_path):
     assert rel < 1e-2, rel
 
 
+@pytest.mark.parametrize("source", [torch.float16, torch.float32])  # float32: cast to float16 to compute
 @pytest.mark.parametrize("layout", ["tiled", "stream"])
-def test_in_process_quantize_serves_the_runtime_layout(tmp_path, monkeypatch, layout):
+def test_in_process_quantize_serves_the_runtime_layout(tmp_path, monkeypatch, layout, source):
     """A model quantized on the GPU in this process reaches the kernels in the same runtime layout as
-    a loaded checkpoint (one layout for the kernels), and computes what its saved checkpoint does."""
+    a loaded checkpoint (one layout for the kernels), and computes what its saved checkpoint does,
+    also when it was cast from float32 for computing (the rotary inv_freq stays float32)."""
     from awqlib.modules import WQLinear
     monkeypatch.setenv("AWQLIB_LAYOUT", layout)
-    w = AutoAWQ.from_model(_tiny_llama(torch.float16).cuda())
+    w = AutoAWQ.from_model(_tiny_llama(source).cuda())
     w.quantize(None, {"q_group_size": 64}, method="rtn")
     assert all(m.layout == layout for m in w.model.modules() if isinstance(m, WQLinear))
     w.save_quantized(tmp_path / "q")

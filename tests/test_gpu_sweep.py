@@ -98,21 +98,28 @@ def test_gate_failure_says_where_and_rules_out_only_its_variants():
     def failed(layout, kernel):
         return {"failed": [{"layout": layout, "kernel": kernel.name}]}
     every_stream = {label for label, layout, _ in gpu_sweep.VARIANTS if layout == "stream"}
-    assert gpu_sweep.failed_variants(failed("stream", Kernel.STREAM_GROUP_SUMS)) == {"stream:sums", "stream:sums:narrow"}
+    assert gpu_sweep.failed_variants(failed("stream", Kernel.STREAM_GROUP_SUMS)) == {"stream:sums", "stream:sums:narrow",
+                                                                                    "stream:auto"}
     assert gpu_sweep.failed_variants(failed("stream", Kernel.AUTO)) == every_stream
-    assert gpu_sweep.failed_variants(failed("stream", Kernel.STREAM)) == {"stream", "stream:pdl", "stream:narrow"}
+    assert gpu_sweep.failed_variants(failed("stream", Kernel.STREAM)) == {"stream", "stream:pdl", "stream:narrow",
+                                                                         "stream:auto"}
     assert gpu_sweep.failed_variants({"failed": [{"layout": "stream", "kernel": "STREAM", "pdl": True}]}) == {"stream:pdl"}
-    # a failure under the narrow variants' environment rules out those only
+    # a failure under the narrow variants' environment rules out those, and the default (narrow too)
     narrow = {"layout": "stream", "env": "stream:narrow"}
-    assert gpu_sweep.failed_variants({"failed": [{**narrow, "kernel": "STREAM"}]}) == {"stream:narrow"}
-    assert gpu_sweep.failed_variants({"failed": [{**narrow, "kernel": "STREAM_GROUP_SUMS"}]}) == {"stream:sums:narrow"}
+    assert gpu_sweep.failed_variants({"failed": [{**narrow, "kernel": "STREAM"}]}) == {"stream:narrow", "stream:auto"}
+    assert gpu_sweep.failed_variants({"failed": [{**narrow, "kernel": "STREAM_GROUP_SUMS"}]}) == {"stream:sums:narrow",
+                                                                                                "stream:auto"}
+    # the default gated as a whole rules out itself only
+    assert gpu_sweep.failed_variants({"failed": [{"layout": "stream", "env": "stream:auto", "kernel": "AUTO"}]}) == \
+        {"stream:auto"}
     assert gpu_sweep.failed_variants({"failed": [{**narrow, "kernel": "STREAM_COMPACT"}]}) == set()
     # with PDL and the narrow kernels at once: no timed variant runs both
     assert gpu_sweep.failed_variants({"failed": [{"layout": "stream", "kernel": "STREAM", "pdl": True,
                                                   "narrow": True}]}) == set()
     assert gpu_sweep.failed_variants(failed("tiled", Kernel.SKINNY_SHALLOW)) == {"tiled:auto"}
     assert gpu_sweep.failed_variants(failed("gemm", Kernel.GEMV)) == set()
-    assert gpu_sweep.failed_variants(failed("stream", Kernel.STREAM_COMPACT)) == set()  # gated, not timed
+    # gated, not timed; the automatic choice runs it where the large configuration does not fit
+    assert gpu_sweep.failed_variants(failed("stream", Kernel.STREAM_COMPACT)) == {"stream:auto"}
     assert gpu_sweep.failed_variants({"failed": []}) == set()
 
 
@@ -160,3 +167,16 @@ def test_narrow_variants_are_timed_where_they_run():
         assert gpu_sweep.kernel_label("stream:narrow", M, 4096, 4096).endswith(", true>")
     assert gpu_sweep.kernel_label("stream:sums:narrow", 1, 4096, 4096) == \
         "awq_stream_kernel<half, 1, true, false, true, false, true>"
+
+
+def test_kernel_label_of_the_default_follows_the_automatic_choice():
+    """stream:auto's rows name what kAuto runs (csrc/awq_ops.cpp): group sums and the narrow kernels
+    at one token, the four-m-tile kernel at M 33-64 only from FOUR_TILE_MIN_WEIGHTS, else dequantize."""
+    assert gpu_sweep.kernel_label("stream:auto", 1, 4096, 4096) == \
+        "awq_stream_kernel<half, 1, true, false, true, false, true>"
+    assert gpu_sweep.kernel_label("stream:auto", 16, 4096, 4096) == \
+        "awq_stream_kernel<half, 1, true, false, true, false, false>"
+    big = int(gpu_sweep.FOUR_TILE_MIN_WEIGHTS ** 0.5)
+    assert gpu_sweep.kernel_label("stream:auto", 40, big, big).startswith("awq_stream_kernel<half, 4,")
+    assert gpu_sweep.kernel_label("stream:auto", 40, 4096, 4096) == "dequant+cuBLAS"
+    assert gpu_sweep.kernel_label("stream:auto", 100, big, big) == "dequant+cuBLAS"

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 
 from awqlib import AutoAWQ, awq
@@ -78,23 +79,26 @@ def test_unconverted_reader_is_scaled_once(calib_ids):
         torch.testing.assert_close(layer.self_attn.k_proj.weight, expected, rtol=0, atol=0)
 
 
-def test_half_compute_keeps_what_a_checkpoint_recomputes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])  # gemma3: two rotaries, a scaled embedding
+def test_half_compute_keeps_what_a_checkpoint_recomputes(tmp_path, monkeypatch, arch):
     """A float32 model quantized in float16 (what a GPU computes in) keeps its rotary inv_freq in
     float32, as its reloaded checkpoint recomputes it: the quantized model in memory computes what
     the checkpoint does.  ``model.to(float16)`` would round it, and every position but the first
     would differ (caught on an H200 by test_in_process_quantize_serves_the_runtime_layout)."""
     from awqlib import pipeline
     monkeypatch.setattr(pipeline.BlockSource, "compute_dtype", lambda self: torch.float16)
-    model = tiny_model("llama")
-    inv_freq = model.model.rotary_emb.inv_freq.clone()
-    assert inv_freq.dtype == torch.float32
+    model = tiny_model(arch)
+    unsaved = {n: b.clone() for n, b in model.named_buffers() if n.endswith("inv_freq")}
+    assert unsaved and all(b.dtype == torch.float32 for b in unsaved.values())
     w = AutoAWQ.from_model(model)
     w.quantize(None, {"q_group_size": 64}, method="rtn")
     assert next(w.model.parameters()).dtype == torch.float16
-    assert torch.equal(w.model.model.rotary_emb.inv_freq, inv_freq)
+    assert unsaved.keys() <= dict(w.model.named_buffers()).keys()
+    assert all(torch.equal(b, unsaved[n]) for n, b in w.model.named_buffers() if n in unsaved)
     w.save_quantized(tmp_path / "q")
     loaded = AutoAWQ.from_quantized(str(tmp_path / "q"), device="cpu", torch_dtype=torch.float16)
-    assert torch.equal(loaded.model.model.rotary_emb.inv_freq, inv_freq)
+    assert unsaved.keys() <= dict(loaded.model.named_buffers()).keys()
+    assert all(torch.equal(b, unsaved[n]) for n, b in loaded.model.named_buffers() if n in unsaved)
     ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(w(input_ids=ids).logits, loaded(input_ids=ids).logits)

@@ -289,7 +289,7 @@ def test_variant_refuses_what_it_cannot_do():
         torch.ops.awqlib.awq_gemm_variant(x, qweight, qzeros, scales, 32, max(Kernel) + 1, 0)
 
 
-# The warp-tiled runtime layout (what from_quantized serves on CUDA).
+# The warp-tiled runtime layout (what from_quantized serves on CUDA with AWQLIB_LAYOUT=tiled).
 TILED_CASES = ([(int(k), m) for k in (Kernel.AUTO, Kernel.SKINNY, Kernel.SKINNY_SHALLOW)
                 for m in (1, 4, 8, M_TILE, M_TILE + 1, SKINNY_MAX_M_TILED)]
                + [(int(Kernel.AUTO), SKINNY_MAX_M_TILED + 1), (int(Kernel.AUTO), 100), (int(Kernel.DEQUANT_CUBLAS), 1),
@@ -339,7 +339,7 @@ def test_tiled_refuses_untiled_kernels():
         torch.ops.awqlib.awq_gemm_variant(x, tile_qweight(qweight), qzeros, scales, 64, int(Kernel.GEMV), 0)
 
 
-# --- the stream layout and its streaming kernel (Kernel.STREAM), opt-in until validated here ----
+# --- the stream layout (the default runtime layout) and its streaming kernel (Kernel.STREAM) -------
 
 STREAM_COMBOS = COMBOS + [  # (N, K, group): tails (K % 512, N % 128), every group regime, Llama-like shapes
     (1024, 3072, 256),
@@ -552,15 +552,38 @@ def test_stream_pdl_reads_what_the_previous_kernel_wrote(kernel, M, monkeypatch)
 A100_SMEM, SM89_SMEM = kernels.source_constant("kA100SmemPerBlock"), kernels.source_constant("kSm89SmemPerBlock")
 
 
+@pytest.mark.parametrize("K,g", [(4096, 64), (4096, 128), (4096, 256), (3072, 768), (1536, 512), (4096, 4096),
+                                 (3840, 192), (2304, 96), (1152, 384)])
+def test_stream_serves_decode_names_what_the_kernel_takes(K, g):
+    """packing.stream_serves_decode (which decides a module's runtime layout) says yes exactly where
+    the stream kernel takes one token in either configuration: a no keeps the tiled layout."""
+    from awqlib.packing import stream_serves_decode
+    N = 128
+    qs, zs, ss = stream_weight(K, N, g)
+    x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+
+    def runs(kernel):
+        try:
+            torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), 0)
+            return True
+        except RuntimeError as e:
+            if "does not take" not in str(e):
+                raise
+            return False
+
+    assert stream_serves_decode(K, N, g) == (runs(Kernel.STREAM) or runs(Kernel.STREAM_COMPACT))
+
+
 @pytest.mark.parametrize("limit,M,K,N,expected,large_fits", [
     (A100_SMEM, 1, 4096, 1024, Kernel.STREAM_GROUP_SUMS, True),
     (A100_SMEM, 20, 4096, 1024, Kernel.STREAM_COMPACT_GROUP_SUMS, False),
     (A100_SMEM, 40, 8192, 8192, Kernel.STREAM_GROUP_SUMS, True),   # 2^26 weights: four m-tiles pay
-    (A100_SMEM, 40, 4096, 1024, Kernel.DEQUANT_CUBLAS, True),      # fewer: dequantize + cuBLAS
+    (A100_SMEM, 40, 8192, 8128, Kernel.DEQUANT_CUBLAS, True),      # just fewer: dequantize + cuBLAS
+    (A100_SMEM, 40, 4096, 1024, Kernel.DEQUANT_CUBLAS, True),
     (SM89_SMEM, 1, 4096, 1024, Kernel.STREAM_COMPACT_GROUP_SUMS, False),
     (SM89_SMEM, 20, 4096, 1024, Kernel.STREAM_COMPACT_GROUP_SUMS, False),
     (SM89_SMEM, 40, 8192, 8192, Kernel.DEQUANT_CUBLAS, False),
-], ids=["A100-M1", "A100-M20", "A100-M40", "A100-M40-small", "sm89-M1", "sm89-M20", "sm89-M40"])
+], ids=["A100-M1", "A100-M20", "A100-M40", "A100-M40-below", "A100-M40-small", "sm89-M1", "sm89-M20", "sm89-M40"])
 def test_stream_auto_choice_per_gpu_class(limit, M, K, N, expected, large_fits, monkeypatch):
     """What an A100 and a 99 KB GPU run, checked on whatever GPU this is (AWQLIB_STREAM_SMEM_LIMIT
     caps the shared memory the kernels may use): the automatic choice is that kernel, bit for bit,
@@ -656,7 +679,7 @@ def test_stream_refuses_other_layouts_and_kernels():
 def test_stream_kernel_in_passes(kernel, M):
     """Past one pass (64 rows; compact 32) the stream kernel runs passes, one launch each, sharing
     the workspace and the counters: every pass equals that pass run alone, bit for bit, and the
-    automatic choice stays dequantize + cuBLAS there (one pass until measured)."""
+    automatic choice stays dequantize + cuBLAS there (2 and 4 passes at best tied it on an H200)."""
     pass_rows = STREAM_COMPACT_MAX_M if kernel in (Kernel.STREAM_COMPACT, Kernel.STREAM_COMPACT_GROUP_SUMS) else STREAM_MAX_M
     for rows in {pass_rows, M % pass_rows or pass_rows}:
         skip_if_stream_does_not_fit(rows, kernel)

@@ -67,6 +67,19 @@ def test_tiled_layout_same_function_and_module_round_trip(monkeypatch):
     assert torch.equal(m.dequantized_weight(), WQLinear.from_linear(lin, group_size=32).dequantized_weight())
 
 
+def test_default_layout_is_stream_where_its_kernel_takes_one_token(monkeypatch):
+    """The stream layout by default; a group size the stream kernel cannot take at one token (192)
+    gets the tiled layout, whose skinny kernel takes it, rather than dequantize + cuBLAS at decode."""
+    monkeypatch.delenv("AWQLIB_LAYOUT", raising=False)
+    m = WQLinear(3840, 4096, group_size=128)
+    assert m.tile_for_kernels() and m.layout == "stream"
+    m = WQLinear(3840, 4096, group_size=192)
+    assert m.tile_for_kernels() and m.layout == "tiled"
+    monkeypatch.setenv("AWQLIB_LAYOUT", "tiled")
+    m = WQLinear(3840, 4096, group_size=128)
+    assert m.tile_for_kernels() and m.layout == "tiled"
+
+
 def test_tile_only_where_the_kernels_can():
     from awqlib.modules import WQLinear
     m = WQLinear(128, 200, group_size=32)      # N % 64 != 0

@@ -125,7 +125,7 @@ def test_add_records_a_gpu_sweep(tmp_path, capsys):
     assert text.index("## CUDA kernels") < text.index(run) < text.index("## SASS instruction budget")
     assert "NVIDIA H200 (132 SMs)" in text and "correctness gate 7/7 passed; copy 4260 GB/s" in text
     # M=1: tiled:auto 10 µs, stream 20 µs, stream:sums 30 µs, stream:pdl 40 µs, stream:narrow 50 µs,
-    # stream:sums:narrow 60 µs, fp16 13 µs; the stream rows carry their kernels' SASS figures
+    # stream:sums:narrow 60 µs, stream:auto 70 µs, fp16 13 µs; the stream rows carry their kernels' SASS figures
     assert f"| {gpu_sweep.SHAPES[0][0]} | 1 | tiled:auto | 10.0 | 13.0 | 1.30x |" in text
     sass = gpu_sweep.sass_table()
     for kernel in ("awq_stream_kernel<half, 1, true, false, false, false, false>",
@@ -135,8 +135,12 @@ def test_add_records_a_gpu_sweep(tmp_path, capsys):
         assert f"| {sass[kernel]:.1f} | `{kernel}` |" in text
     # issue 10's targets per variant, and the comparisons that decide the default runtime layout
     assert ("| 4096x4096, M=1 | 1.30x (not met) | 0.65x (not met) | 0.43x (not met) | 0.32x (not met) | "
-            "0.26x (not met) | 0.22x (not met) | >= 2.00x |") in text
-    assert "| 70b down 8192x28672, M=1 | - | - | - | - | - | - | >= 2.80x |" in text  # a shape the run did not time
+            "0.26x (not met) | 0.22x (not met) | 0.19x (not met) | >= 2.00x |") in text
+    assert "| 70b down 8192x28672, M=1 | - | - | - | - | - | - | - | >= 2.80x |" in text  # a shape the run did not time
+    assert "stream:auto vs tiled:auto (the default against the default before 2026-11-30): faster in 0 of 2" in text
+    # the default's rows name what it runs: group sums and the narrow kernels at one token
+    assert (f"| {gpu_sweep.SHAPES[0][0]} | 1 | stream:auto | 70.0 | 13.0 | 0.19x |") in text
+    assert "`awq_stream_kernel<half, 1, true, false, true, false, true>` |" in text
     assert "stream vs tiled:auto (the stream layout's kernel against the tiled layout's): faster in 0 of 2 cells" in text
     assert "stream:sums vs stream (group sums against scaled fragments, M <= 32): faster in 0 of 2 cells" in text
     assert "stream:pdl vs stream (programmatic dependent launch against plain launches): faster in 0 of 2" in text
@@ -438,6 +442,9 @@ def test_decode_table_names_the_runtime_layout_of_the_int4_rows():
     assert ("| awqlib int4, `fuse_layers=True` (fused linears, one-op norms, rotary, activation), narrow + pdl, "
             "stream layout | 1 | 12.0 | 0.50 (4.00x) |") in text
     assert "| fp16 with awqlib's one-op norms, rotary and activation (control) | 1 | 11.0 | 1.60 (1.25x) |" in text
+    rows.append({"model": "awq-int4-fuse-layers+none", "batch": 1, "tokens_per_s": 12.0, "graph_step_ms": 0.5})
+    assert "activation), narrow and PDL off, stream layout | 1 |" in report.decode_table({"rows": rows,
+                                                                                        "runtime_layout": "stream"})
 
 
 def test_bench_generate_kernel_options_are_strict(monkeypatch):
@@ -451,6 +458,9 @@ def test_bench_generate_kernel_options_are_strict(monkeypatch):
     for repeated in ("pdl,pdl", "pdl+pdl", "pdl+narrow,narrow+pdl"):
         with pytest.raises(argparse.ArgumentTypeError, match="repeats"):
             bench_generate.parse_kernel_options(repeated)
+    assert bench_generate.parse_kernel_options("none,pdl+narrow") == [("none",), ("narrow", "pdl")]
+    with pytest.raises(argparse.ArgumentTypeError, match="'none' .* stands alone"):
+        bench_generate.parse_kernel_options("none+pdl")
     monkeypatch.setenv("AWQLIB_LAYOUT", "tiled")  # options that the runtime layout's kernels ignore
     with pytest.raises(SystemExit):
         bench_generate.main(["--kernel-options", "narrow"])
@@ -459,6 +469,8 @@ def test_bench_generate_kernel_options_are_strict(monkeypatch):
     monkeypatch.delenv("AWQLIB_STREAM_NARROW", raising=False)
     with bench_generate.kernel_options(("narrow",)):
         assert (os.environ["AWQLIB_STREAM_NARROW"], os.environ["AWQLIB_STREAM_PDL"]) == ("1", "0")
+    with bench_generate.kernel_options(("none",)):
+        assert (os.environ["AWQLIB_STREAM_NARROW"], os.environ["AWQLIB_STREAM_PDL"]) == ("0", "0")
     assert os.environ["AWQLIB_STREAM_PDL"] == "1" and "AWQLIB_STREAM_NARROW" not in os.environ
 
 

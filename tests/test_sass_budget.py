@@ -105,6 +105,20 @@ def test_no_spills_and_one_resident_cta(reports):
         assert r.check == "ok", f"{r.kernel}: {r.check}"
 
 
+def test_unwritten_descriptor_check_catches_the_faulting_copy():
+    """The copy the H200 faulted on (as cuobjdump showed it in the build of 961ee6e's parent), and the
+    same copy through the descriptor the kernel loads: only the first is flagged."""
+    bad = ("        Function : k\n"
+           "        /*1c30*/                   UMOV UR6, UR4 ;\n"
+           "        /*1c70*/                   LDGSTS.E.BYPASS.128 [R17+UR0], desc[UR1][R138.64] ;\n")
+    good = ("        Function : k\n"
+            "        /*16c0*/                   ULDC.64 UR12, c[0x0][0x208] ;\n"
+            "        /*24b0*/              @!P1 LDGSTS.E.BYPASS.128 [R25], desc[UR12][R18.64] ;\n")
+    assert sass_budget.unwritten_descriptors(sass_budget.parse_sass(bad)["k"]) == [
+        "1c70: LDGSTS.E.BYPASS.128 [R17+UR0], desc[UR1][R138.64]"]
+    assert sass_budget.unwritten_descriptors(sass_budget.parse_sass(good)["k"]) == []
+
+
 def test_every_cache_policy_descriptor_is_written(reports):
     """No memory instruction reads its descriptor from a uniform register nothing writes: ptxas 13.0
     made such copies of the hinted cp.async, and the H200 faulted on them (illegal instruction)."""
