@@ -72,7 +72,8 @@ class ShardReader:
 def materialize(module: nn.Module, prefix: str, reader: ShardReader, spec: ArchSpec, dtype: torch.dtype,
                 on_cast=None) -> None:
     """Load ``module``'s persistent tensors (checkpoint names ``prefix + name``) from ``reader``.
-    ``on_cast(prefix + name, tensor)`` sees each floating tensor as stored, before its cast to ``dtype``."""
+    ``on_cast(prefix + name, tensor)`` sees each floating tensor stored in a dtype other than ``dtype``,
+    as stored, before its cast."""
     wanted = {}
     for name, t in module.state_dict(keep_vars=True).items():
         ckpt = to_checkpoint_name(prefix + name, spec)

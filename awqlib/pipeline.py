@@ -315,11 +315,17 @@ def _refuse_nonfinite(blk: nn.Module, bprefix: str, cast_to_half: dict[str, tupl
     for name, p in blk.named_parameters():
         n = 0 if p.device.type == "meta" else nonfinite_count(p.detach())  # meta: offloaded, not here to check
         if n:
-            stored, damaged = cast_to_half.get(bprefix + name, (p.dtype, True))
-            cause = (f"They were finite in {str(stored).split('.')[-1]} and overflowed float16 when cast to it "
-                     "for computing: load the model in bfloat16 (which GPUs then compute in), or quantize on the "
-                     "CPU, in float32" if not damaged else
-                     "The model's weights are damaged (a broken download or conversion)")
+            stored, damaged = cast_to_half.get(bprefix + name, (None, True))
+            if not damaged:
+                cause = (f"They were finite in {str(stored).split('.')[-1]} and overflowed float16 when cast to it "
+                         "for computing: load the model in bfloat16 (which GPUs then compute in), or quantize on "
+                         "the CPU, in float32")
+            elif stored is None and p.dtype == torch.float16:  # handed over in float16: cast before awqlib saw it?
+                cause = ("The model's weights are damaged (a broken download or conversion), or, if it was loaded in "
+                         "float16 from a wider dtype, a value overflowed float16 in that cast (load it in bfloat16 or "
+                         "float32)")
+            else:
+                cause = "The model's weights are damaged (a broken download or conversion)"
             raise FloatingPointError(
                 f"the source weight {bprefix}{name} has {n} NaN/inf value(s) of {p.numel()}: block "
                 f"{bprefix.rstrip('.')} was not quantized. {cause}: awqlib does not quantize non-finite weights")

@@ -102,7 +102,8 @@ def main(argv=None):
                     help="also time generate of the fuse_layers model with a static cache and its forward compiled "
                          "(mode='reduce-overhead': decode steps as CUDA graphs; compiling takes minutes)")
     ap.add_argument("--kernel-options", type=parse_kernel_options, default=[],
-                    help="also time the fused int4 model with these stream-kernel options, e.g. pdl,narrow,pdl+narrow")
+                    help="also time the fused int4 model with these stream-kernel options set (the others off), e.g. "
+                         "none,pdl+narrow (none: every option off; the plain rows run the defaults: narrow on)")
     a = ap.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     from awqlib.packing import runtime_layout

@@ -23,8 +23,9 @@
 //    compact configuration, StreamCfg: 256-row stages, 2-3 of them).  Every shared-memory access
 //    is [ring-slot base + compile-time offset] (the slot is a counter), and there is no integer
 //    division in the loop (group, slice and pointer positions advance by constants).
-//  * Few tokens (M <= 8, on unless AWQLIB_STREAM_NARROW=0: NARROW below): the mma's operands swapped, so that the weights
-//    fill its 16-row side and the tokens its 8-column one -- half the mma of the 16-row tiling.
+//  * Few tokens (M <= 8, on unless AWQLIB_STREAM_NARROW=0: NARROW below): the mma's operands
+//    swapped, so that the weights fill its 16-row side and the tokens its 8-column one -- half the
+//    mma of the 16-row tiling.
 //  * Work split: one CTA of 8 warps per SM = 2 (64-column n-atoms) x 4 (k-slices of 128 rows).
 //    The persistent grid takes the (column slice, k-tile) units in slice-major order, each CTA a
 //    contiguous run ("striped" partition), so every SM streams the same number of bytes whatever

@@ -800,6 +800,19 @@ def test_nonfinite_half_precision_weights_name_the_overflow_too(monkeypatch):
         assert "overflowed" not in str(e.value)
 
 
+def test_nonfinite_float16_model_names_both_causes(monkeypatch):
+    """A model handed over in float16 may have been cast from a wider dtype before awqlib saw it:
+    its inf is damage or that cast's overflow, and the error says both."""
+    from awqlib import pipeline
+    monkeypatch.setattr(pipeline.BlockSource, "compute_dtype", lambda self: torch.float16)
+    model = tiny_model("llama").half()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = float("inf")
+    with pytest.raises(FloatingPointError, match=NONFINITE + ".*damaged.*or, if it was loaded in float16 from a "
+                       "wider dtype, a value overflowed float16 in that cast"):
+        AutoAWQ.from_model(model).quantize(None, QC, method="rtn")
+
+
 def test_nonfinite_lazy_float32_source_names_the_overflow(tmp_path, monkeypatch):
     """The lazy path casts each weight as it reads it: a float32 checkpoint value that float16
     overflows is named so, and one already inf in the file is damage."""

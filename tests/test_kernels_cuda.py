@@ -567,9 +567,11 @@ def test_stream_serves_decode_names_what_the_kernel_takes(K, g):
             torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), 0)
             return True
         except RuntimeError as e:
-            if "does not take" not in str(e):
-                raise
-            return False
+            if "does not take" in str(e):  # the shape refused
+                return False
+            if "bytes of shared memory per block" in str(e):  # the shape taken, no room for it on this GPU
+                return True
+            raise
 
     assert stream_serves_decode(K, N, g) == (runs(Kernel.STREAM) or runs(Kernel.STREAM_COMPACT))
 
