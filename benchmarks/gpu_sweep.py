@@ -58,8 +58,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SASS_JSON = ROOT / "benchmarks" / "sass_budget.json"
 
 # (name, N out, K in)
+# 8b-qkv and 8b-down: between 4096x4096 and 8b-gate_up, where kAuto's M 33-64 rule
+# (kStreamFourTileMinWeights) crosses over
 SHAPES = [("4096x4096", 4096, 4096), ("70b-down 8192x28672", 8192, 28672), ("8b-gate_up 28672x4096", 28672, 4096),
-          ("70b-gate_up 57344x8192", 57344, 8192)]
+          ("70b-gate_up 57344x8192", 57344, 8192), ("8b-qkv 6144x4096", 6144, 4096), ("8b-down 4096x14336", 4096, 14336)]
 MS = [1, 4, 16, 32, 64, 128, 256]  # 128, 256: the stream kernel in 2 and 4 passes against dequantize + cuBLAS
 GROUP = 128
 
