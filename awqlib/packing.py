@@ -279,7 +279,8 @@ LAYOUTS = ("gemm", "tiled", "stream")
 # tiled layout's skinny kernel by 1.4-1.8x at M = 1 on the 8B gate/up and 70B shapes (2.71x fp16
 # against 1.57x on 70b-down), losing 8-13 % on 4096 x 4096 at 1-32 tokens; the 8B decode step with
 # fuse_layers and the narrow kernels takes 3.66 ms against fp16's 6.78 (group sums, in the
-# automatic choice since, were not in that run).  Measured on an H200 only.  AWQLIB_LAYOUT=tiled keeps the older path.
+# automatic choice since, were not in that run).  Measured on an H200 only.  AWQLIB_LAYOUT=tiled
+# keeps the older path.
 DEFAULT_RUNTIME_LAYOUT = "stream"
 
 

@@ -163,7 +163,8 @@ def plan_text(args) -> str:
     if args.tools_only:
         lines[2:] = ["  2-5. no gate, no sweep (--tools-only)"]
     if args.ncu:
-        lines.append(f"  +  ncu on 70b-down M=1, stream:sums:narrow, stream and tiled:auto: {' '.join(ncu_command('stream'))}")
+        lines.append(f"  +  ncu on 70b-down M=1, stream:sums:narrow, stream and tiled:auto: "
+                     f"{' '.join(ncu_command('stream'))}")
     if args.sanitizer:
         lines.append(f"  +  compute-sanitizer memcheck on a tiny shape: {' '.join(sanitizer_command())}")
     return "\n".join(lines)
@@ -514,7 +515,8 @@ def main(argv=None) -> int:
                     " configuration; the report records it)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and check imports; no GPU needed")
     ap.add_argument("--skip-gate", action="store_true", help="time without the correctness gate (never for results)")
-    ap.add_argument("--ncu", action="store_true", help="also profile 70b-down M=1 (stream:sums:narrow, stream, tiled:auto) with ncu")
+    ap.add_argument("--ncu", action="store_true",
+                    help="also profile 70b-down M=1 (stream:sums:narrow, stream, tiled:auto) with ncu")
     ap.add_argument("--sanitizer", action="store_true", help="also run compute-sanitizer memcheck on a tiny shape")
     ap.add_argument("--tools-only", action="store_true",
                     help="no gate and no sweep: build, then only --ncu / --sanitizer (a window's leftover minutes)")

@@ -243,9 +243,10 @@ bool env_flag(const char* name, bool unset = false) {
 // first stages' int4 weights stream in while the previous kernel in the stream finishes.  Opt-in
 // with AWQLIB_STREAM_PDL=1: measured on an H200 (benchmarks/RESULTS.md, gpu_sweep 2026-11-30) it
 // gains nothing (faster in 8 of 28 cells, geometric mean 0.99x) and slows the 8B decode step
-// (3.90 -> 4.01 ms); read per call, so that one process can time both.  sm_90+ only, and only when this call made no copy of
-// qweight (a copy kernel would be the previous kernel, still writing what is prefetched); the
-// repack that makes the stream layout synchronizes its stream (awqlib/packing.py: to_layout).
+// (3.90 -> 4.01 ms); read per call, so that one process can time both.  sm_90+ only, and only
+// when this call made no copy of qweight (a copy kernel would be the previous kernel, still
+// writing what is prefetched); the repack that makes the stream layout synchronizes its stream
+// (awqlib/packing.py: to_layout).
 // Code that writes a stream-layout qweight otherwise must synchronize before the next call.
 bool stream_pdl(int device, const at::Tensor& qweight_used, const at::Tensor& qweight_given) {
   return env_flag("AWQLIB_STREAM_PDL") && at::cuda::getDeviceProperties(device)->major >= 9 &&
