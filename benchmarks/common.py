@@ -36,8 +36,11 @@ def _utc(t: float) -> str:
 
 
 def _code_state() -> dict:
-    """The commit (git's, "+dirty" with local edits; else $AWQLIB_COMMIT; else None) and the
+    """The commit ($AWQLIB_COMMIT where set: a GPU machine gets the working tree with the git
+    metadata of an older checkout; else git's, "+dirty" with local edits; else None) and the
     sources' hash, now."""
+    if os.environ.get("AWQLIB_COMMIT"):
+        return {"commit": os.environ["AWQLIB_COMMIT"], "code_sha256": code_sha256()}
     commit = None
     try:
         git = ["git", "-C", str(ROOT)]
@@ -117,6 +120,9 @@ def tiny_model(arch: str):
 
 
 def write_json(path: str | Path, obj) -> None:
+    """``obj`` as JSON, atomically; a run's report (with run_info's ``ended``) is stamped now."""
+    if isinstance(obj, dict) and "ended" in obj:
+        obj["ended"] = _utc(time.time())
     write_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 

@@ -65,6 +65,9 @@ SHAPES = [("4096x4096", 4096, 4096), ("70b-down 8192x28672", 8192, 28672), ("8b-
 MS = [1, 4, 16, 32, 64, 128, 256]  # 128, 256: the stream kernel in 2 and 4 passes against dequantize + cuBLAS
 GROUP = 128
 
+FOUR_TILE_MIN_WEIGHTS = source_constant("kStreamFourTileMinWeights")  # kAuto's M 33-64 rule (csrc/awq_ops.cpp)
+SM89_SMEM = source_constant("kSm89SmemPerBlock")  # shared memory per block of an sm_86/89 GPU
+
 # (label, layout, kernel id): the variants timed.  "stream:auto" is what models run by default
 # (the automatic choice under the library's default settings), "tiled:auto" what they ran before;
 # the forced ones isolate one choice each: "stream:sums" differs from "stream" only at M <= 32
@@ -72,13 +75,15 @@ GROUP = 128
 VARIANTS = [("tiled:auto", "tiled", Kernel.AUTO), ("stream", "stream", Kernel.STREAM),
             ("stream:sums", "stream", Kernel.STREAM_GROUP_SUMS), ("stream:pdl", "stream", Kernel.STREAM),
             ("stream:narrow", "stream", Kernel.STREAM), ("stream:sums:narrow", "stream", Kernel.STREAM_GROUP_SUMS),
-            ("stream:auto", "stream", Kernel.AUTO)]
+            ("stream:auto", "stream", Kernel.AUTO), ("stream:auto:sm89", "stream", Kernel.AUTO)]
 # environment a variant runs under (read by csrc/awq_ops.cpp on every call): "stream:pdl" is the
 # stream kernel with programmatic dependent launch (its weights stream in while the previous
 # kernel -- in the sweep's graphs, the same GEMM -- finishes); the narrow ones put the tokens on
 # the mma's n8 side at M <= 8 (awq_stream.cu: NARROW).
 VARIANT_ENV = {"stream:pdl": stream_options_env("pdl"), "stream:narrow": stream_options_env("narrow"),
-               "stream:sums:narrow": stream_options_env("narrow"), "stream:auto": STREAM_DEFAULTS_ENV}
+               "stream:sums:narrow": stream_options_env("narrow"), "stream:auto": STREAM_DEFAULTS_ENV,
+               # what a ~99 KB-per-block GPU (A10, L4, L40S, RTX) runs by default: the compact configuration
+               "stream:auto:sm89": {**STREAM_DEFAULTS_ENV, "AWQLIB_STREAM_SMEM_LIMIT": str(SM89_SMEM)}}
 # every other variant, whatever the environment the sweep started in
 BASE_ENV = stream_options_env()
 STREAM_KERNELS = (Kernel.STREAM, Kernel.STREAM_GROUP_SUMS, Kernel.STREAM_COMPACT, Kernel.STREAM_COMPACT_GROUP_SUMS)
@@ -106,7 +111,8 @@ GATE_ENV = [("stream:narrow", "stream", Kernel.STREAM, (1, 2, 7, 8, 9, 72)),  # 
             ("stream:sums:narrow", "stream", Kernel.STREAM_GROUP_SUMS, (1, 8)),
             ("stream:narrow", "stream", Kernel.STREAM_COMPACT, (1, 8)),
             ("stream:sums:narrow", "stream", Kernel.STREAM_COMPACT_GROUP_SUMS, (1, 5)),
-            ("stream:auto", "stream", Kernel.AUTO, (1, 8, 17, 40, 100))]  # the default as a whole
+            ("stream:auto", "stream", Kernel.AUTO, (1, 8, 17, 40, 100)),  # the default as a whole
+            ("stream:auto:sm89", "stream", Kernel.AUTO, (1, 8, 17, 40))]  # ... on a ~99 KB GPU
 # gated again with programmatic dependent launch, back to back in one stream (the case it changes);
 # (layout, kernel, M, narrow): the narrow kernels too (bench_generate times them with PDL)
 GATE_PDL = [("stream", Kernel.STREAM, (1, 33, 100), False), ("stream", Kernel.STREAM_GROUP_SUMS, (1, 17), False),
@@ -134,13 +140,14 @@ class OutOfTime(Exception):
 
 
 NARROW_MAX_M = source_constant("kStreamNarrowMaxM")  # the narrow kernels' pass limit (csrc/awq_kernels.h)
-FOUR_TILE_MIN_WEIGHTS = source_constant("kStreamFourTileMinWeights")  # kAuto's M 33-64 rule (csrc/awq_ops.cpp)
 
 
 def is_timed(label: str, kernel: Kernel, M: int) -> bool:
     """Whether the sweep times variant ``label`` at M: group sums change nothing past M 32
     (awq_stream.cu: group_sums_pay), the narrow kernels nothing past M 8."""
     if label.endswith(":narrow") and M > NARROW_MAX_M:
+        return False
+    if label == "stream:auto:sm89" and M > 32:  # dequantize + cuBLAS there
         return False
     return not (kernel == Kernel.STREAM_GROUP_SUMS and M > 32)
 
@@ -154,7 +161,7 @@ def plan_text(args) -> str:
         f"gpu_sweep plan (budget {args.budget:.0f} s, output {args.out}):",
         "  1. device info; load the prebuilt kernels, else build them (JIT, cached in $AWQLIB_CACHE)",
         f"  2. correctness gate: {gate} cases ({len(GATE_VARIANTS)} layout/kernel variants x {len(GATE_SHAPES)} shapes"
-        f" x their M), fp16, + bf16 for the stream kernels; + {gate_env} under the narrow variants' environment;"
+        f" x their M), fp16, + bf16 for the stream kernels; + {gate_env} under the variants' environments (narrow, the defaults);"
         f" + {gate_pdl} chains with programmatic dependent launch against plain ones; a failing variant is not timed",
         "  3. rooflines: device-to-device copy, read-only streaming sum",
         f"  4. sweep: {cases} timings = {len(SHAPES)} shapes x M {args.ms} x ({', '.join(v[0] for v in VARIANTS)}, fp16)",
@@ -337,8 +344,11 @@ def failed_variants(gate_report: dict) -> set[str]:
                        if VARIANT_ENV.get(label) == want and layout == c["layout"]}
             continue
         env = VARIANT_ENV.get(c.get("env"), {})  # a failure under a variant's environment: the variants run in it
+        compact = c["kernel"] in (Kernel.STREAM_COMPACT.name, Kernel.STREAM_COMPACT_GROUP_SUMS.name, Kernel.AUTO.name)
         for label, layout, kernel in VARIANTS:
             if env and VARIANT_ENV.get(label, {}) != env:
+                continue
+            if label == "stream:auto:sm89" and not compact:  # it runs the compact configuration only
                 continue
             if layout == c["layout"] and (kernel.name == c["kernel"] or kernel == Kernel.AUTO
                                           or c["kernel"] == Kernel.AUTO.name):
@@ -347,6 +357,8 @@ def failed_variants(gate_report: dict) -> set[str]:
         # failure of those rules it out, whatever environment the case ran under
         if c["layout"] == "stream" and c["kernel"] in (Kernel.STREAM.name, Kernel.STREAM_GROUP_SUMS.name):
             labels.add("stream:auto")
+        if c["layout"] == "stream" and c["kernel"] in (Kernel.STREAM_COMPACT.name, Kernel.STREAM_COMPACT_GROUP_SUMS.name):
+            labels.add("stream:auto:sm89")  # likewise, the compact configuration's default
     return labels
 
 
@@ -374,6 +386,11 @@ def kernel_label(variant: str, M: int, N: int, K: int) -> str:
     """The instantiation a variant runs (for the SASS column), fp16; M > 64: its first pass."""
     if variant == "stream:auto" and (M > 64 or (M > 32 and N * K < FOUR_TILE_MIN_WEIGHTS)):
         return "dequant+cuBLAS"  # the stream layout's (csrc/awq_ops.cpp: kAuto)
+    if variant == "stream:auto:sm89":  # the compact configuration (256-row k-tiles), M <= 32
+        mb = 1 if M <= 16 else 2
+        exact = K % 256 == 0 and N % 128 == 0
+        flags = ", ".join(str(f).lower() for f in (exact, False, mb == 1, True, M <= NARROW_MAX_M))
+        return f"awq_stream_kernel<half, {mb}, {flags}>" if M <= 32 else "dequant+cuBLAS"
     if variant.startswith("stream"):  # the sweep's group size (128) is never FINE
         mb = 1 if M <= 16 else 2 if M <= 32 else 4
         stage = 256 if mb == 4 else 512

@@ -189,6 +189,8 @@ def targets_table(report: dict) -> str:
     by = {(r["shape"], r["M"], r["variant"]): r["us"] for r in rows}
     for new, old, why in (("stream:auto", "tiled:auto", "the default against the default before 2026-11-30"),
                           ("stream", "tiled:auto", "the stream layout's kernel against the tiled layout's"),
+                          ("stream:auto:sm89", "tiled:auto",
+                           "a ~99 KB-per-block GPU's default, the compact configuration, on this GPU, M <= 32"),
                           ("stream:sums", "stream", "group sums against scaled fragments, M <= 32"),
                           ("stream:pdl", "stream", "programmatic dependent launch against plain launches"),
                           ("stream:narrow", "stream", "tokens on the mma's n8 side against 16-row tiles, M <= 8"),

@@ -112,14 +112,14 @@ def test_gate_failure_says_where_and_rules_out_only_its_variants():
     # the default gated as a whole rules out itself only
     assert gpu_sweep.failed_variants({"failed": [{"layout": "stream", "env": "stream:auto", "kernel": "AUTO"}]}) == \
         {"stream:auto"}
-    assert gpu_sweep.failed_variants({"failed": [{**narrow, "kernel": "STREAM_COMPACT"}]}) == set()
+    assert gpu_sweep.failed_variants({"failed": [{**narrow, "kernel": "STREAM_COMPACT"}]}) == {"stream:auto:sm89"}
     # with PDL and the narrow kernels at once: no timed variant runs both
     assert gpu_sweep.failed_variants({"failed": [{"layout": "stream", "kernel": "STREAM", "pdl": True,
                                                   "narrow": True}]}) == set()
     assert gpu_sweep.failed_variants(failed("tiled", Kernel.SKINNY_SHALLOW)) == {"tiled:auto"}
     assert gpu_sweep.failed_variants(failed("gemm", Kernel.GEMV)) == set()
     # gated, not timed; the automatic choice runs it where the large configuration does not fit
-    assert gpu_sweep.failed_variants(failed("stream", Kernel.STREAM_COMPACT)) == {"stream:auto"}
+    assert gpu_sweep.failed_variants(failed("stream", Kernel.STREAM_COMPACT)) == {"stream:auto", "stream:auto:sm89"}
     assert gpu_sweep.failed_variants({"failed": []}) == set()
 
 
@@ -159,7 +159,7 @@ def test_narrow_variants_are_timed_where_they_run():
         timed = [m for m in gpu_sweep.MS if gpu_sweep.is_timed(label, kernel, m)]
         if label.endswith(":narrow"):
             assert timed == [m for m in gpu_sweep.MS if m <= gpu_sweep.NARROW_MAX_M] and timed, label
-        elif kernel == Kernel.STREAM_GROUP_SUMS:
+        elif kernel == Kernel.STREAM_GROUP_SUMS or label == "stream:auto:sm89":  # sm89: the compact one, M <= 32
             assert timed == [m for m in gpu_sweep.MS if m <= 32], label
         else:
             assert timed == gpu_sweep.MS, label
@@ -180,3 +180,8 @@ def test_kernel_label_of_the_default_follows_the_automatic_choice():
     assert gpu_sweep.kernel_label("stream:auto", 40, big, big).startswith("awq_stream_kernel<half, 4,")
     assert gpu_sweep.kernel_label("stream:auto", 40, 4096, 4096) == "dequant+cuBLAS"
     assert gpu_sweep.kernel_label("stream:auto", 100, big, big) == "dequant+cuBLAS"
+    # a ~99 KB GPU's default: the compact configuration, group sums at M <= 16 only
+    assert gpu_sweep.kernel_label("stream:auto:sm89", 1, 4096, 4096) == \
+        "awq_stream_kernel<half, 1, true, false, true, true, true>"
+    assert gpu_sweep.kernel_label("stream:auto:sm89", 20, 4096, 4096) == \
+        "awq_stream_kernel<half, 2, true, false, false, true, false>"
