@@ -386,19 +386,17 @@ def kernel_label(variant: str, M: int, N: int, K: int) -> str:
     """The instantiation a variant runs (for the SASS column), fp16; M > 64: its first pass."""
     if variant == "stream:auto" and (M > 64 or (M > 32 and N * K < FOUR_TILE_MIN_WEIGHTS)):
         return "dequant+cuBLAS"  # the stream layout's (csrc/awq_ops.cpp: kAuto)
-    if variant == "stream:auto:sm89":  # the compact configuration (256-row k-tiles), M <= 32
-        mb = 1 if M <= 16 else 2
-        exact = K % 256 == 0 and N % 128 == 0
-        flags = ", ".join(str(f).lower() for f in (exact, False, mb == 1, True, M <= NARROW_MAX_M))
-        return f"awq_stream_kernel<half, {mb}, {flags}>" if M <= 32 else "dequant+cuBLAS"
+    compact = variant == "stream:auto:sm89"  # a ~99 KB GPU's default: the compact configuration, M <= 32
+    if compact and M > 32:
+        return "dequant+cuBLAS"
     if variant.startswith("stream"):  # the sweep's group size (128) is never FINE
         mb = 1 if M <= 16 else 2 if M <= 32 else 4
-        stage = 256 if mb == 4 else 512
+        stage = 256 if mb == 4 or compact else 512
         exact = K % stage == 0 and N % 128 == 0
-        auto = variant == "stream:auto"  # group sums, and the narrow kernels at M <= 8
-        sums = (variant.startswith("stream:sums") or auto) and mb <= 2
+        auto = variant.startswith("stream:auto")  # group sums where they pay, the narrow kernels at M <= 8
+        sums = (variant.startswith("stream:sums") or auto) and mb <= (1 if compact else 2)
         narrow = (variant.endswith(":narrow") or auto) and M <= NARROW_MAX_M
-        flags = ", ".join(str(f).lower() for f in (exact, False, sums, False, narrow))
+        flags = ", ".join(str(f).lower() for f in (exact, False, sums, compact, narrow))
         return f"awq_stream_kernel<half, {mb}, {flags}>"
     if variant == "tiled:auto" and M <= 32:
         return f"awq_skinny_kernel<half, {1 if M <= 16 else 2}, 2, true>"
