@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .ops import wants_grad
+
 ACTIVATIONS = ("silu", "gelu_tanh")  # gated_act's `act`: transformers' "silu" and "gelu_pytorch_tanh"
 
 _lib = torch.library.Library("awqlib", "FRAGMENT")
@@ -125,26 +127,24 @@ def _fake_gated_act(gate, up, act):
 # The ops have no autograd kernel: one registered from Python runs a Python step on every call,
 # no_grad included (~5 us each here), which decode, where these ops matter, cannot afford.  Where a
 # gradient is wanted the wrappers below run the reference expression itself, which autograd
-# differentiates (training pays its kernels; inference keeps one).
-def _wants_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+# differentiates (training pays its kernels; inference keeps one).  ops.wants_grad decides.
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0,
              scale_in_fp32: bool = False) -> torch.Tensor:
-    if _wants_grad(x, weight):
+    if wants_grad(x, weight):
         return _reference_rms_norm(x, weight, eps, weight_offset, scale_in_fp32)
     return torch.ops.awqlib.rms_norm(x, weight, eps, weight_offset, scale_in_fp32)
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
            unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    if _wants_grad(q, k, cos, sin):
+    if wants_grad(q, k, cos, sin):
         return _reference_rotary(q, k, cos, sin, unsqueeze_dim)
     return torch.ops.awqlib.rotary(q, k, cos, sin, unsqueeze_dim)
 
 
 def gated_act(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
-    if _wants_grad(gate, up):
+    if wants_grad(gate, up):
         return _reference_gated_act(gate, up, act)
     return torch.ops.awqlib.gated_act(gate, up, act)

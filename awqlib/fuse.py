@@ -250,7 +250,7 @@ def _rms_norm_replacement(module: nn.Module, spec, dtype: torch.dtype) -> FusedR
             or module._buffers or list(module.children()) or _hooked(module)):
         return None
     fused = FusedRMSNorm(weight, eps, spec.norm_offset, spec.norm_scale_in_fp32).train(module.training)
-    x = _probe((3, weight.shape[0]), torch.empty(0, dtype=dtype, device=weight.device), 0)
+    x = _probe((3, weight.shape[0]), _where(module, dtype), 0)
     reference = lambda: blockops._reference_rms_norm(x, weight, eps, spec.norm_offset, spec.norm_scale_in_fp32)  # noqa: E731
     return fused if _probe_agrees("rms_norm", lambda: fused(x), lambda: module.forward(x), reference) else None
 

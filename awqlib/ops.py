@@ -120,13 +120,22 @@ class _GemmWithInputGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         qweight, qzeros, scales = ctx.saved_tensors
-        w = dequantize_gemm(qweight, qzeros, scales, ctx.group_size, dtype=grad.dtype)
+        # the op's own dequantize (the CUDA kernel on a GPU, bit-exact with the reference) where the
+        # dtypes agree, as they do for fp16/bf16 activations (WQLinear.scales_for)
+        w = (awq_dequantize(qweight, qzeros, scales, ctx.group_size) if scales.dtype == grad.dtype
+             else dequantize_gemm(qweight, qzeros, scales, ctx.group_size, dtype=grad.dtype))
         return torch.matmul(grad, w.t()), None, None, None, None
+
+
+def wants_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will want a gradient of any of ``tensors`` (the ops' wrappers then take a
+    differentiable path; otherwise the op alone, with no Python step)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
              group_size: int) -> torch.Tensor:
-    if torch.is_grad_enabled() and x.requires_grad:
+    if wants_grad(x):
         return _GemmWithInputGrad.apply(x, qweight, qzeros, scales, group_size)
     return torch.ops.awqlib.awq_gemm(x, qweight, qzeros, scales, group_size)
 

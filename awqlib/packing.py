@@ -200,7 +200,7 @@ def stream_serves_decode(in_features: int, out_features: int, group_size: int, b
     does not (group 96, 192, 384, ...), a stream-layout weight would run dequantize + cuBLAS at
     decode, slower than fp16: WQLinear.tile_for_kernels then keeps the tiled layout."""
     g = effective_group_size(group_size, in_features)
-    if not can_stream(in_features, out_features, group_size, bits) or in_features % g:
+    if not can_use_layout("stream", in_features, out_features, group_size, bits) or in_features % g:
         return False
     power_of_two = (g // 16) & (g // 16 - 1) == 0
     return any(tile % g == 0 and power_of_two if g < tile else g % tile == 0 or g == in_features

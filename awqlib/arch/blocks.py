@@ -129,8 +129,9 @@ def quantizable_linears(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig,
                         prefix: str = "") -> dict[str, nn.Linear]:
     """The block's nn.Linear modules that ``qcfg`` converts and ``spec`` does not keep in fp16
     (``prefix``: the block's path + '.')."""
+    kept = spec.unquantized  # built from the groups: once, not per linear
     return {n: m for n, m in block.named_modules()
-            if isinstance(m, nn.Linear) and n not in spec.unquantized and not qcfg.skips(f"{prefix}{n}")}
+            if isinstance(m, nn.Linear) and n not in kept and not qcfg.skips(f"{prefix}{n}")}
 
 
 def unconverted_linears(model: nn.Module) -> tuple[list[str], list[str]]:
