@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from . import blockops, kernels
-from .arch import GatedMLP
+from .arch import ExpertSpec, GatedMLP
 from .arch.blocks import expand_groups, find_submodule, get_blocks, replace_module
 from .modules import WQLinear
 from .moe import UnfusedExperts
@@ -305,21 +305,14 @@ def _mlp_replacement(mlp: nn.Module, spec: GatedMLP, dtype: torch.dtype) -> Fuse
     return fused if _probe_agrees(f"{spec.path} with gated_act", lambda: fused(x), lambda: mlp.forward(x)) else None
 
 
-def _experts_act(experts: UnfusedExperts, dtype: torch.dtype) -> str | None:
-    """The blockops activation every unfused expert may run act * up with (probed on the first)."""
-    first, like = experts[0], _where(experts, dtype)
-    act = _activation_name(first.act_fn, like)
-    if act is None or any(_hooked(e) or e.act_fn is not first.act_fn for e in experts):
+def _experts_replacement(experts: UnfusedExperts, spec: ExpertSpec, dtype: torch.dtype) -> FusedGatedMLP | None:
+    """The first unfused expert as a FusedGatedMLP (probed as a dense MLP is), where every expert may
+    run as one (none hooked, all sharing its activation module), or None."""
+    first = experts[0]
+    if any(_hooked(e) or e.act_fn is not first.act_fn for e in experts):
         return None
-    x = _probe((3, getattr(first, first._names[0]).in_features), like, 8)
-
-    def with_op():
-        first.act_op = act
-        try:
-            return first(x)
-        finally:
-            first.act_op = None
-    return act if _probe_agrees("an expert with gated_act", with_op, lambda: first(x)) else None
+    mlp = GatedMLP(path=f"{spec.path}.0", gate=spec.gate, up=spec.up, down=spec.down)
+    return _mlp_replacement(first, mlp, dtype)
 
 
 def _fused_rotary(original):
@@ -437,12 +430,12 @@ def fuse_block_ops(model: nn.Module, spec) -> dict[str, int]:
                 replace_module(block, spec.mlp.path, fused)
             _tally(counts, kept, "gated_mlp", fused is not None)
         experts = find_submodule(block, spec.experts.path) if spec.experts else None
-        if isinstance(experts, UnfusedExperts) and len(experts) and not any(e.act_op for e in experts):
-            act = _experts_act(experts, dtype)
-            for expert in experts if act else ():
-                expert.act_op = act
-                counts["expert_act"] += 1
-            kept["expert_act"] += 0 if act else len(experts)
+        if isinstance(experts, UnfusedExperts) and len(experts) and not isinstance(experts[0], FusedGatedMLP):
+            first = _experts_replacement(experts, spec.experts, dtype)
+            for i, expert in enumerate(experts):
+                if first is not None:
+                    experts[i] = first if i == 0 else FusedGatedMLP(expert, first.spec, first.act)
+                _tally(counts, kept, "expert_act", first is not None)
         attn = find_submodule(block, "self_attn") if spec.rotate_half else None
         if attn is not None and not getattr(vars(attn).get("forward"), "awqlib_rotary", False):
             forward = None if _hooked(attn) else _rotary_forward(attn, config, rotaries, dtype)

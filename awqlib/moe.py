@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import blockops
 from .arch import ExpertSpec
 
 
@@ -23,12 +22,9 @@ class _Expert(nn.Module):
         setattr(self, spec.up, nn.Linear(hidden, inter, bias=False, device=device, dtype=dtype))
         setattr(self, spec.down, nn.Linear(inter, hidden, bias=False, device=device, dtype=dtype))
         self.act_fn = act
-        self.act_op: str | None = None  # set by awqlib.fuse where a blockops activation computes act_fn exactly
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (getattr(self, n) for n in self._names)
-        if self.act_op:
-            return down(blockops.gated_act(gate(x), up(x), self.act_op))
         return down(self.act_fn(gate(x)) * up(x))
 
 
