@@ -61,11 +61,15 @@ SASS_JSON = ROOT / "benchmarks" / "sass_budget.json"
 # 8b-qkv and 8b-down: between 4096x4096 and 8b-gate_up, where kAuto's M 33-64 rule
 # (kStreamFourTileMinWeights) crosses over
 SHAPES = [("4096x4096", 4096, 4096), ("70b-down 8192x28672", 8192, 28672), ("8b-gate_up 28672x4096", 28672, 4096),
-          ("70b-gate_up 57344x8192", 57344, 8192), ("8b-qkv 6144x4096", 6144, 4096), ("8b-down 4096x14336", 4096, 14336)]
+          ("70b-gate_up 57344x8192", 57344, 8192), ("8b-qkv 6144x4096", 6144, 4096),
+          ("8b-down 4096x14336", 4096, 14336)]
 MS = [1, 4, 16, 32, 64, 128, 256]  # 128, 256: the stream kernel in 2 and 4 passes against dequantize + cuBLAS
 GROUP = 128
 
 FOUR_TILE_MIN_WEIGHTS = source_constant("kStreamFourTileMinWeights")  # kAuto's M 33-64 rule (csrc/awq_ops.cpp)
+STREAM_MAX_M = source_constant("kStreamMaxM")  # one pass of the stream kernel (csrc/awq_kernels.h)
+STREAM_COMPACT_MAX_M = source_constant("kStreamCompactMaxM")  # ... in the compact configuration
+SKINNY_MAX_M_TILED = source_constant("kSkinnyMaxMTiled")  # tiled layout: the skinny kernel, then dequantize
 SM89_SMEM = source_constant("kSm89SmemPerBlock")  # shared memory per block of an sm_86/89 GPU
 
 # (label, layout, kernel id): the variants timed.  "stream:auto" is what models run by default
@@ -118,9 +122,17 @@ GATE_ENV = [("stream:narrow", "stream", Kernel.STREAM, (1, 2, 7, 8, 9, 72)),  # 
 GATE_PDL = [("stream", Kernel.STREAM, (1, 33, 100), False), ("stream", Kernel.STREAM_GROUP_SUMS, (1, 17), False),
             ("stream", Kernel.STREAM_COMPACT, (1, 17), False), ("stream", Kernel.STREAM, (1, 8), True),
             ("stream", Kernel.STREAM_GROUP_SUMS, (5,), True)]
-# --max-m: gate (and time) only M up to this, e.g. to measure the rest while one configuration fails
-GATE_MAX_M = 1 << 30
 REL_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def gate_plan(max_m: int | None = None) -> tuple[list, list, list]:
+    """GATE_VARIANTS, GATE_ENV and GATE_PDL with their M up to ``max_m`` (--max-m: gate and time only
+    those, e.g. to measure the rest while one configuration fails)."""
+    def upto(ms):
+        return tuple(m for m in ms if max_m is None or m <= max_m)
+    return ([(lay, k, upto(ms)) for lay, k, ms in GATE_VARIANTS],
+            [(label, lay, k, upto(ms)) for label, lay, k, ms in GATE_ENV],
+            [(lay, k, upto(ms), narrow) for lay, k, ms, narrow in GATE_PDL])
 
 
 def variant_env(label: str):
@@ -147,21 +159,23 @@ def is_timed(label: str, kernel: Kernel, M: int) -> bool:
     (awq_stream.cu: group_sums_pay), the narrow kernels nothing past M 8."""
     if label.endswith(":narrow") and M > NARROW_MAX_M:
         return False
-    if label == "stream:auto:sm89" and M > 32:  # dequantize + cuBLAS there
+    if label == "stream:auto:sm89" and M > STREAM_COMPACT_MAX_M:  # dequantize + cuBLAS there
         return False
     return not (kernel == Kernel.STREAM_GROUP_SUMS and M > 32)
 
 
 def plan_text(args) -> str:
     cases = len(SHAPES) * sum(1 + sum(is_timed(label, k, m) for label, _, k in VARIANTS) for m in args.ms)
-    gate = sum(len(ms) * (2 if k in STREAM_KERNELS else 1) for _, k, ms in GATE_VARIANTS) * len(GATE_SHAPES)
-    gate_env = sum((2 if k in STREAM_KERNELS else 1) * len(ms) for _, _, k, ms in GATE_ENV) * len(GATE_SHAPES)
-    gate_pdl = sum(len(ms) for _, _, ms, _ in GATE_PDL) * len(GATE_SHAPES)
+    variants, env, pdl = gate_plan(args.max_m)
+    gate = sum(len(ms) * (2 if k in STREAM_KERNELS else 1) for _, k, ms in variants) * len(GATE_SHAPES)
+    gate_env = sum((2 if k in STREAM_KERNELS else 1) * len(ms) for _, _, k, ms in env) * len(GATE_SHAPES)
+    gate_pdl = sum(len(ms) for _, _, ms, _ in pdl) * len(GATE_SHAPES)
     lines = [
         f"gpu_sweep plan (budget {args.budget:.0f} s, output {args.out}):",
         "  1. device info; load the prebuilt kernels, else build them (JIT, cached in $AWQLIB_CACHE)",
         f"  2. correctness gate: {gate} cases ({len(GATE_VARIANTS)} layout/kernel variants x {len(GATE_SHAPES)} shapes"
-        f" x their M), fp16, + bf16 for the stream kernels; + {gate_env} under the variants' environments (narrow, the defaults);"
+        f" x their M), fp16, + bf16 for the stream kernels; + {gate_env} under the variants' environments"
+        " (narrow, the defaults);"
         f" + {gate_pdl} chains with programmatic dependent launch against plain ones; a failing variant is not timed",
         "  3. rooflines: device-to-device copy, read-only streaming sum",
         f"  4. sweep: {cases} timings = {len(SHAPES)} shapes x M {args.ms} x ({', '.join(v[0] for v in VARIANTS)}, fp16)",
@@ -216,8 +230,6 @@ def gate_cases(N: int, K: int, g: int, layout: str, kernel: Kernel, ms, env: str
             dequantize_gemm(gemm[0], gemm[1], gemm[2].to(dtype), g, dtype=torch.float32)
         scd = sc.to(dtype)
         for M in ms:
-            if M > GATE_MAX_M:
-                continue
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             poison()
             try:
@@ -240,20 +252,19 @@ def gate_cases(N: int, K: int, g: int, layout: str, kernel: Kernel, ms, env: str
     return cases
 
 
-def gate(report: dict, save) -> bool:
+def gate(report: dict, save, max_m: int | None = None) -> bool:
     from awqlib.packing import dequantize_gemm
+    variants, env, pdl = gate_plan(max_m)
     cases = []
     for N, K, g in GATE_SHAPES:
-        for layout, kernel, ms in GATE_VARIANTS:
+        for layout, kernel, ms in variants:
             cases += gate_cases(N, K, g, layout, kernel, ms)
-        for label, layout, kernel, ms in GATE_ENV:
+        for label, layout, kernel, ms in env:
             cases += gate_cases(N, K, g, layout, kernel, ms, env=label)
-        for layout, kernel, ms, narrow in GATE_PDL:
+        for layout, kernel, ms, narrow in pdl:
             gemm, (qw, qz, sc) = make_weight(K, N, g, layout)
             w32 = dequantize_gemm(*gemm, g, dtype=torch.float32)
             for M in ms:
-                if M > GATE_MAX_M:
-                    continue
                 case = gate_pdl_case(qw, qz, sc, w32, g, kernel, M, narrow)
                 if case is None:
                     continue
@@ -333,6 +344,11 @@ def where_wrong(out: torch.Tensor, ref: torch.Tensor, tol: float) -> str:
             f"slices {sorted(set((cols // 128).tolist()))[:16]}")
 
 
+# the kernels each default variant runs (csrc/awq_ops.cpp: kAuto), by Kernel name
+DEFAULT_RUNS = {"stream:auto": (Kernel.STREAM.name, Kernel.STREAM_GROUP_SUMS.name),
+                "stream:auto:sm89": (Kernel.STREAM_COMPACT.name, Kernel.STREAM_COMPACT_GROUP_SUMS.name)}
+
+
 def failed_variants(gate_report: dict) -> set[str]:
     """Sweep variants (labels) a failed gate case rules out: same layout and kernel, or the
     automatic choice on that layout (which may have dispatched to the failing kernel)."""
@@ -344,21 +360,19 @@ def failed_variants(gate_report: dict) -> set[str]:
                        if VARIANT_ENV.get(label) == want and layout == c["layout"]}
             continue
         env = VARIANT_ENV.get(c.get("env"), {})  # a failure under a variant's environment: the variants run in it
-        compact = c["kernel"] in (Kernel.STREAM_COMPACT.name, Kernel.STREAM_COMPACT_GROUP_SUMS.name, Kernel.AUTO.name)
         for label, layout, kernel in VARIANTS:
             if env and VARIANT_ENV.get(label, {}) != env:
                 continue
-            if label == "stream:auto:sm89" and not compact:  # it runs the compact configuration only
+            sm89 = "stream:auto:sm89"  # runs the compact configuration only
+            if label == sm89 and c["kernel"] not in DEFAULT_RUNS[sm89] + (Kernel.AUTO.name,):
                 continue
             if layout == c["layout"] and (kernel.name == c["kernel"] or kernel == Kernel.AUTO
                                           or c["kernel"] == Kernel.AUTO.name):
                 labels.add(label)
-        # the default runs the large configuration's kernels, narrow ones included (PDL off): any
-        # failure of those rules it out, whatever environment the case ran under
-        if c["layout"] == "stream" and c["kernel"] in (Kernel.STREAM.name, Kernel.STREAM_GROUP_SUMS.name):
-            labels.add("stream:auto")
-        if c["layout"] == "stream" and c["kernel"] in (Kernel.STREAM_COMPACT.name, Kernel.STREAM_COMPACT_GROUP_SUMS.name):
-            labels.add("stream:auto:sm89")  # likewise, the compact configuration's default
+        # a default (narrow kernels included, PDL off) is ruled out by any failure of the kernels it
+        # runs, whatever environment the case ran under
+        labels |= {label for label, kernels in DEFAULT_RUNS.items()
+                   if c["layout"] == "stream" and c["kernel"] in kernels}
     return labels
 
 
@@ -384,10 +398,10 @@ def sass_table() -> dict:
 
 def kernel_label(variant: str, M: int, N: int, K: int) -> str:
     """The instantiation a variant runs (for the SASS column), fp16; M > 64: its first pass."""
-    if variant == "stream:auto" and (M > 64 or (M > 32 and N * K < FOUR_TILE_MIN_WEIGHTS)):
+    if variant == "stream:auto" and (M > STREAM_MAX_M or (M > STREAM_COMPACT_MAX_M and N * K < FOUR_TILE_MIN_WEIGHTS)):
         return "dequant+cuBLAS"  # the stream layout's (csrc/awq_ops.cpp: kAuto)
     compact = variant == "stream:auto:sm89"  # a ~99 KB GPU's default: the compact configuration, M <= 32
-    if compact and M > 32:
+    if compact and M > STREAM_COMPACT_MAX_M:
         return "dequant+cuBLAS"
     if variant.startswith("stream"):  # the sweep's group size (128) is never FINE
         mb = 1 if M <= 16 else 2 if M <= 32 else 4
@@ -398,7 +412,7 @@ def kernel_label(variant: str, M: int, N: int, K: int) -> str:
         narrow = (variant.endswith(":narrow") or auto) and M <= NARROW_MAX_M
         flags = ", ".join(str(f).lower() for f in (exact, False, sums, compact, narrow))
         return f"awq_stream_kernel<half, {mb}, {flags}>"
-    if variant == "tiled:auto" and M <= 32:
+    if variant == "tiled:auto" and M <= SKINNY_MAX_M_TILED:
         return f"awq_skinny_kernel<half, {1 if M <= 16 else 2}, 2, true>"
     return "dequant+cuBLAS"
 
@@ -540,8 +554,6 @@ def main(argv=None) -> int:
     if args.profile_case:
         return profile_case(args.profile_case)
     if args.max_m is not None:
-        global GATE_MAX_M
-        GATE_MAX_M = args.max_m
         args.ms = [m for m in args.ms if m <= args.max_m]
 
     print(plan_text(args), flush=True)
@@ -586,7 +598,7 @@ def main(argv=None) -> int:
         excluded: set[str] = set()
         if args.tools_only:
             excluded = {v[0] for v in VARIANTS}
-        elif not args.skip_gate and not gate(report, save):
+        elif not args.skip_gate and not gate(report, save, args.max_m):
             excluded = failed_variants(report["gate"])
             report["not_timed"] = sorted(excluded)
             status = 2
