@@ -20,7 +20,7 @@ Steps, in order (each writes its results into the JSON before the next starts):
 
     python -m benchmarks.gpu_sweep --out $OUT/sweep.json             # the development loop
     python -m benchmarks.gpu_sweep --dry-run                         # the plan; no GPU needed
-    python -m benchmarks.gpu_sweep --out $OUT/sweep.json --ncu       # + one ncu run, 70b-down M=1
+    python -m benchmarks.gpu_sweep --out $OUT/sweep.json --ncu       # + ncu on a few cases (NCU_CASES)
     python -m benchmarks.gpu_sweep --out $OUT/sweep.json --sanitizer # + compute-sanitizer, tiny shape
 
 Step 1 compiles nothing where the call carries the prebuilt kernels (scripts/prebuild_device.sh
@@ -69,17 +69,20 @@ GROUP = 128
 FOUR_TILE_MIN_WEIGHTS = source_constant("kStreamFourTileMinWeights")  # kAuto's M 33-64 rule (csrc/awq_ops.cpp)
 STREAM_MAX_M = source_constant("kStreamMaxM")  # one pass of the stream kernel (csrc/awq_kernels.h)
 STREAM_COMPACT_MAX_M = source_constant("kStreamCompactMaxM")  # ... in the compact configuration
+STREAM_DEEP_MAX_M = source_constant("kStreamDeepMaxM")  # ... in the deep one (a fourth ring stage)
 SKINNY_MAX_M_TILED = source_constant("kSkinnyMaxMTiled")  # tiled layout: the skinny kernel, then dequantize
 SM89_SMEM = source_constant("kSm89SmemPerBlock")  # shared memory per block of an sm_86/89 GPU
 
 # (label, layout, kernel id): the variants timed.  "stream:auto" is what models run by default
 # (the automatic choice under the library's default settings), "tiled:auto" what they ran before;
 # the forced ones isolate one choice each: "stream:sums" differs from "stream" only at M <= 32
-# (group sums; timed there only), the narrow ones only at M <= 8.
+# (group sums; timed there only), the narrow ones only at M <= 8, "stream:auto:deep" (the default
+# with AWQLIB_STREAM_DEEP=1: a fourth 32 KB ring stage) only at M <= 16.
 VARIANTS = [("tiled:auto", "tiled", Kernel.AUTO), ("stream", "stream", Kernel.STREAM),
             ("stream:sums", "stream", Kernel.STREAM_GROUP_SUMS), ("stream:pdl", "stream", Kernel.STREAM),
             ("stream:narrow", "stream", Kernel.STREAM), ("stream:sums:narrow", "stream", Kernel.STREAM_GROUP_SUMS),
-            ("stream:auto", "stream", Kernel.AUTO), ("stream:auto:sm89", "stream", Kernel.AUTO)]
+            ("stream:auto", "stream", Kernel.AUTO), ("stream:auto:sm89", "stream", Kernel.AUTO),
+            ("stream:auto:deep", "stream", Kernel.AUTO)]
 # environment a variant runs under (read by csrc/awq_ops.cpp on every call): "stream:pdl" is the
 # stream kernel with programmatic dependent launch (its weights stream in while the previous
 # kernel -- in the sweep's graphs, the same GEMM -- finishes); the narrow ones put the tokens on
@@ -87,7 +90,9 @@ VARIANTS = [("tiled:auto", "tiled", Kernel.AUTO), ("stream", "stream", Kernel.ST
 VARIANT_ENV = {"stream:pdl": stream_options_env("pdl"), "stream:narrow": stream_options_env("narrow"),
                "stream:sums:narrow": stream_options_env("narrow"), "stream:auto": STREAM_DEFAULTS_ENV,
                # what a ~99 KB-per-block GPU (A10, L4, L40S, RTX) runs by default: the compact configuration
-               "stream:auto:sm89": {**STREAM_DEFAULTS_ENV, "AWQLIB_STREAM_SMEM_LIMIT": str(SM89_SMEM)}}
+               "stream:auto:sm89": {**STREAM_DEFAULTS_ENV, "AWQLIB_STREAM_SMEM_LIMIT": str(SM89_SMEM)},
+               # the default with the deep configuration where it fits (an H100/H200), opt-in until timed
+               "stream:auto:deep": {**STREAM_DEFAULTS_ENV, "AWQLIB_STREAM_DEEP": "1"}}
 # every other variant, whatever the environment the sweep started in
 BASE_ENV = stream_options_env()
 STREAM_KERNELS = (Kernel.STREAM, Kernel.STREAM_GROUP_SUMS, Kernel.STREAM_COMPACT, Kernel.STREAM_COMPACT_GROUP_SUMS)
@@ -116,7 +121,11 @@ GATE_ENV = [("stream:narrow", "stream", Kernel.STREAM, (1, 2, 7, 8, 9, 72)),  # 
             ("stream:narrow", "stream", Kernel.STREAM_COMPACT, (1, 8)),
             ("stream:sums:narrow", "stream", Kernel.STREAM_COMPACT_GROUP_SUMS, (1, 5)),
             ("stream:auto", "stream", Kernel.AUTO, (1, 8, 17, 40, 100)),  # the default as a whole
-            ("stream:auto:sm89", "stream", Kernel.AUTO, (1, 8, 17, 40))]  # ... on a ~99 KB GPU
+            ("stream:auto:sm89", "stream", Kernel.AUTO, (1, 8, 17, 40)),  # ... on a ~99 KB GPU
+            # the deep configuration: the default's choice and each stream kernel; 17: none (large)
+            ("stream:auto:deep", "stream", Kernel.AUTO, (1, 8, 16, 17)),
+            ("stream:auto:deep", "stream", Kernel.STREAM, (1, 9, 16)),
+            ("stream:auto:deep", "stream", Kernel.STREAM_GROUP_SUMS, (1, 16))]
 # gated again with programmatic dependent launch, back to back in one stream (the case it changes);
 # (layout, kernel, M, narrow): the narrow kernels too (bench_generate times them with PDL)
 GATE_PDL = [("stream", Kernel.STREAM, (1, 33, 100), False), ("stream", Kernel.STREAM_GROUP_SUMS, (1, 17), False),
@@ -145,6 +154,10 @@ NCU_METRICS = ("smsp__issue_active.avg.pct_of_peak_sustained_active,smsp__inst_e
                "smsp__average_warp_latency_issue_stalled_long_scoreboard,"
                "smsp__average_warp_latency_issue_stalled_wait,smsp__average_warp_latency_issue_stalled_barrier,"
                "smsp__average_warp_latency_issue_stalled_math_pipe_throttle")
+# shared-memory stalls too (the four-m-tile kernel reads 4x the activation bytes of its weights), not
+# yet run on a GPU: a run that fails with them is rerun with NCU_METRICS alone
+NCU_METRICS_MORE = (NCU_METRICS + ",smsp__average_warp_latency_issue_stalled_short_scoreboard,"
+                    "smsp__average_warp_latency_issue_stalled_mio_throttle")
 
 
 class OutOfTime(Exception):
@@ -160,6 +173,8 @@ def is_timed(label: str, kernel: Kernel, M: int) -> bool:
     if label.endswith(":narrow") and M > NARROW_MAX_M:
         return False
     if label == "stream:auto:sm89" and M > STREAM_COMPACT_MAX_M:  # dequantize + cuBLAS there
+        return False
+    if label == "stream:auto:deep" and M > STREAM_DEEP_MAX_M:  # the large configuration there
         return False
     return not (kernel == Kernel.STREAM_GROUP_SUMS and M > 32)
 
@@ -184,16 +199,32 @@ def plan_text(args) -> str:
     if args.tools_only:
         lines[2:] = ["  2-5. no gate, no sweep (--tools-only)"]
     if args.ncu:
-        lines.append(f"  +  ncu on 70b-down M=1, stream:sums:narrow, stream and tiled:auto: "
-                     f"{' '.join(ncu_command('stream'))}")
+        lines.append(f"  +  ncu on {', '.join(f'{s} M={m} {v}' for s, m, v in NCU_CASES)}: "
+                     f"{' '.join(ncu_command(*NCU_CASES[0]))}")
     if args.sanitizer:
         lines.append(f"  +  compute-sanitizer memcheck on a tiny shape: {' '.join(sanitizer_command())}")
     return "\n".join(lines)
 
 
-def ncu_command(variant: str) -> list[str]:
+# (shape, M, variant) profiled with --ncu: the default at one token on the large shape, with the
+# deep ring (does a fourth stage take the warps off long-scoreboard waits?), the small shape where
+# launch and reduction rather than bytes bound the call, and the four-m-tile kernel at 64 tokens
+# (0.76x fp16 where its math alone would allow ~3x: which stall?)
+NCU_CASES = [("70b-down", 1, "stream:auto"), ("70b-down", 1, "stream:auto:deep"), ("4096x4096", 1, "stream:auto"),
+             ("4096x4096", 1, "tiled:auto"), ("70b-down", 64, "stream:auto")]
+
+
+def ncu_command(shape: str, M: int, variant: str, metrics: str = NCU_METRICS_MORE) -> list[str]:
     return ["ncu", "--clock-control", "none", "-k", "regex:awq", "--launch-skip", "3", "-c", "1", "--metrics",
-            NCU_METRICS, sys.executable, "-m", "benchmarks.gpu_sweep", "--profile-case", f"70b-down,1,{variant}"]
+            metrics, sys.executable, "-m", "benchmarks.gpu_sweep", "--profile-case", f"{shape},{M},{variant}"]
+
+
+def run_ncu(shape: str, M: int, variant: str, log: Path) -> dict:
+    """One ncu case; rerun with the metrics known to work where the added ones fail it."""
+    r = run_tool(ncu_command(shape, M, variant), log, 120)
+    if r.get("rc") not in (0, None, "timeout"):
+        r = {**run_tool(ncu_command(shape, M, variant, NCU_METRICS), log, 120), "first_try": r}
+    return r
 
 
 def sanitizer_command() -> list[str]:
@@ -345,7 +376,10 @@ def where_wrong(out: torch.Tensor, ref: torch.Tensor, tol: float) -> str:
 
 
 # the kernels each default variant runs (csrc/awq_ops.cpp: kAuto), by Kernel name
+# variants whose environment turns on a configuration the library's defaults do not run
+OPT_IN_ENVS = ("stream:auto:deep",)
 DEFAULT_RUNS = {"stream:auto": (Kernel.STREAM.name, Kernel.STREAM_GROUP_SUMS.name),
+                "stream:auto:deep": (Kernel.STREAM.name, Kernel.STREAM_GROUP_SUMS.name),
                 "stream:auto:sm89": (Kernel.STREAM_COMPACT.name, Kernel.STREAM_COMPACT_GROUP_SUMS.name)}
 
 
@@ -370,9 +404,11 @@ def failed_variants(gate_report: dict) -> set[str]:
                                           or c["kernel"] == Kernel.AUTO.name):
                 labels.add(label)
         # a default (narrow kernels included, PDL off) is ruled out by any failure of the kernels it
-        # runs, whatever environment the case ran under
+        # runs, whatever environment the case ran under -- but one under an opt-in configuration's
+        # environment (the deep ring) only rules out the variants that run it
         labels |= {label for label, kernels in DEFAULT_RUNS.items()
-                   if c["layout"] == "stream" and c["kernel"] in kernels}
+                   if c["layout"] == "stream" and c["kernel"] in kernels
+                   and (c.get("env") not in OPT_IN_ENVS or label == c.get("env"))}
     return labels
 
 
@@ -410,8 +446,10 @@ def kernel_label(variant: str, M: int, N: int, K: int) -> str:
         auto = variant.startswith("stream:auto")  # group sums where they pay, the narrow kernels at M <= 8
         sums = (variant.startswith("stream:sums") or auto) and mb <= (1 if compact else 2)
         narrow = (variant.endswith(":narrow") or auto) and M <= NARROW_MAX_M
-        flags = ", ".join(str(f).lower() for f in (exact, False, sums, compact, narrow))
-        return f"awq_stream_kernel<half, {mb}, {flags}>"
+        config = ("compact" if compact else "deep" if variant == "stream:auto:deep" and M <= STREAM_DEEP_MAX_M
+                  else "large")  # scripts/sass_budget.py names CONFIG so
+        flags = ", ".join(str(f).lower() for f in (exact, False, sums))
+        return f"awq_stream_kernel<half, {mb}, {flags}, {config}, {str(narrow).lower()}>"
     if variant == "tiled:auto" and M <= SKINNY_MAX_M_TILED:
         return f"awq_skinny_kernel<half, {1 if M <= 16 else 2}, 2, true>"
     return "dequant+cuBLAS"
@@ -501,7 +539,7 @@ def profile_case(spec: str) -> int:
     name, m, variant, *rest = spec.split(",")
     ms = [int(v) for v in m.split("+")]
     reps = int(rest[0]) if rest else 5
-    shapes = {"70b-down": (8192, 28672), "tiny": (192, 768)}  # tiny: tails (K % 512, N % 128)
+    shapes = {"70b-down": (8192, 28672), "4096x4096": (4096, 4096), "tiny": (192, 768)}  # tiny: tails (K % 512, N % 128)
     N, K = shapes[name]
     # tiny: group 64 (FINE: the group changes inside a warp's k-slice) and 128 (where group sums run)
     groups = (64, 128) if name == "tiny" else (GROUP,)
@@ -545,7 +583,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the plan and check imports; no GPU needed")
     ap.add_argument("--skip-gate", action="store_true", help="time without the correctness gate (never for results)")
     ap.add_argument("--ncu", action="store_true",
-                    help="also profile 70b-down M=1 (stream:sums:narrow, stream, tiled:auto) with ncu")
+                    help="also profile with ncu (NCU_CASES: at one token the default and the deep ring on "
+                         "70b-down, the default and the tiled layout on 4096x4096; the default at 64 tokens)")
     ap.add_argument("--sanitizer", action="store_true", help="also run compute-sanitizer memcheck on a tiny shape")
     ap.add_argument("--tools-only", action="store_true",
                     help="no gate and no sweep: build, then only --ncu / --sanitizer (a window's leftover minutes)")
@@ -613,9 +652,10 @@ def main(argv=None) -> int:
         signal.alarm(0)
         save()
     if args.ncu:
-        report["ncu"] = [run_tool(ncu_command(v), out.parent / f"ncu_{v.replace(':', '_')}.log", 120)
-                         for v in ("stream:sums:narrow", "stream", "tiled:auto")]
-        save()
+        report["ncu"] = []
+        for s, m, v in NCU_CASES:  # saved after each: a window's hard stop keeps the cases done
+            report["ncu"].append(run_ncu(s, m, v, out.parent / f"ncu_{s}_m{m}_{v.replace(':', '_')}.log"))
+            save()
     if args.sanitizer:
         report["sanitizer"] = run_tool(sanitizer_command(), out.parent / "sanitizer.log", 150)
         save()

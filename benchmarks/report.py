@@ -194,7 +194,9 @@ def targets_table(report: dict) -> str:
                           ("stream:sums", "stream", "group sums against scaled fragments, M <= 32"),
                           ("stream:pdl", "stream", "programmatic dependent launch against plain launches"),
                           ("stream:narrow", "stream", "tokens on the mma's n8 side against 16-row tiles, M <= 8"),
-                          ("stream:sums:narrow", "stream:sums", "the same with group sums")):
+                          ("stream:sums:narrow", "stream:sums", "the same with group sums"),
+                          ("stream:auto:deep", "stream:auto",
+                           "the default with a fourth ring stage (the deep configuration), M <= 16")):
         pairs = [(by[(s, m, old)], us) for (s, m, v), us in by.items() if v == new and (s, m, old) in by]
         if pairs:
             wins = sum(t > s for t, s in pairs)
@@ -344,7 +346,8 @@ def device_name(report: dict) -> str | None:
 
 
 # the AWQLIB_* settings (of run_info's "env") that change what a run measures: shown with its command
-RUN_SETTINGS = ("AWQLIB_LAYOUT", "AWQLIB_STREAM_PDL", "AWQLIB_STREAM_NARROW", "AWQLIB_STREAM_SMEM_LIMIT")
+RUN_SETTINGS = ("AWQLIB_LAYOUT", "AWQLIB_STREAM_PDL", "AWQLIB_STREAM_NARROW", "AWQLIB_STREAM_DEEP",
+                "AWQLIB_STREAM_SMEM_LIMIT")
 
 
 def provenance(report: dict, extra: list[str] = ()) -> str:

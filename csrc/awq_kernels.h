@@ -66,22 +66,29 @@ void launch_dequant_tiled(DType dt, const int32_t* qweight, const int32_t* qzero
 //      zero again on exit, like the other split-K kernels').
 constexpr int kStreamMaxM = 64;
 constexpr int kStreamCompactMaxM = 32;  // the compact configuration (awq_stream.cu: StreamCfg) takes M <= 32
+constexpr int kStreamDeepMaxM = 16;     // the deep configuration takes M <= 16 (one m16 tile)
 constexpr int kStreamNarrowMaxM = 8;    // the narrow kernels: the tokens are the mma's n8 operand
 constexpr int kStreamAtomK = 16, kStreamAtomWords = 128;  // an atom: 16 k-rows x 64 columns, 128 words
+// The stream kernel's shared-memory configurations (awq_stream.cu: StreamCfg): how many k-rows a
+// stage holds and how many stages the ring has, sized for a class of GPUs.
+enum StreamConfig : int {
+  kConfigLarge = 0,    // 512-row stages (256 at M > 32), 3 of them: H100/H200; an A100 at M <= 16 and 33-64
+  kConfigCompact = 1,  // 256-row stages, 2-3: ~100 KB GPUs (A10, L4, L40S, RTX); an A100 at M 17-32
+  kConfigDeep = 2,     // the large stages at M <= 16, 4 of them (96 KB of weights in flight): >= 210 KB GPUs
+};
 struct StreamPlan {
   int grid;                 // CTAs (persistent: at most SMs x CTAs per SM)
   int per;                  // (slice, k-tile) units per CTA
   int slices;               // 128-column slices
   size_t workspace_floats;  // fp32 partials of split slices
   int counters;             // arrival counters (one per slice)
-  bool compact;             // the compact shared-memory configuration
+  StreamConfig config;      // the shared-memory configuration
 };
-// compact: the configuration for GPUs with ~100-163 KB of shared memory per block (StreamCfg).
-bool stream_supports(int M, int N, int K, int group_size, bool compact);  // shape and group size (not the device)
-int stream_smem_bytes(int M, bool compact);  // shared memory per CTA (dynamic + static); -1: no such configuration
+bool stream_supports(int M, int N, int K, int group_size, StreamConfig config);  // shape and group size (not the device)
+int stream_smem_bytes(int M, StreamConfig config);  // shared memory per CTA (dynamic + static); -1: no such configuration
 void launch_dequant_stream(DType dt, const int32_t* qweight, const int32_t* qzeros, const void* scales, void* out,
                            int K, int N, int group_size, cudaStream_t stream);
-StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms, bool compact);
+StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms, StreamConfig config);
 // group_sums: scale per-group fp32 sums once per group (GroupSums in awq_stream.cu) where that
 // saves instructions (M <= 32, or M <= 16 compact; group_size >= 128, or >= 64 compact);
 // otherwise, and when false, every dequantized pair is scaled.  pdl: launch with programmatic

@@ -9,8 +9,9 @@
 //     M <= kStreamMaxM       -> awq_stream.cu (cp.async ring, persistent striped partition, group
 //                               sums where they pay, the narrow kernels at M <= 8), in the large
 //                               shared-memory configuration where it fits, else the compact one
-//                               (M <= kStreamCompactMaxM: A100 at M 17-32, ~100 KB GPUs); at M > 32
-//                               only for weights of kStreamFourTileMinWeights elements or more
+//                               (M <= kStreamCompactMaxM: A100 at M 17-32, ~100 KB GPUs), or the deep
+//                               one where asked for (AWQLIB_STREAM_DEEP=1, M <= 16, H100/H200); at
+//                               M > 32 only for weights of kStreamFourTileMinWeights elements or more
 //     larger, or neither fits -> awq_stream.cu's dequantize + cuBLAS
 //   GEMM-layout qweight (the checkpoint layout, e.g. a model quantized in this process):
 //     M <= kGemvMaxMAuto     -> awq_gemv.cu   (CUDA cores, cp.async pipeline)
@@ -260,6 +261,12 @@ bool stream_pdl(int device, const at::Tensor& qweight_used, const at::Tensor& qw
 // process can time both.
 bool stream_narrow() { return env_flag("AWQLIB_STREAM_NARROW", /*unset=*/true); }
 
+// The deep configuration of the stream kernel (awq_stream.cu: kConfigDeep, a fourth stage of
+// 32 KB at M <= 16) in place of the large one where the device has its 213 KB: opt-in with
+// AWQLIB_STREAM_DEEP=1 until a GPU has timed it (benchmarks/gpu_sweep.py: stream:auto:deep).  Its
+// arithmetic and partition are the large one's, so its outputs are the same bits.  Read per call.
+bool stream_deep() { return env_flag("AWQLIB_STREAM_DEEP"); }
+
 // At M 33-64 the stream kernel runs its 4-m-tile configuration, which the math rather than the
 // weight bytes bounds.  Measured on an H200 (gpu_sweep 2026-11-30, M = 64) it beats dequantize +
 // cuBLAS (the tiled layout's, timed as tiled:auto) by 1.2-2.1x on weights of 117M elements and more
@@ -321,13 +328,15 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   // (M <= kStreamMaxM); measured on an H200 (gpu_sweep 2026-11-30), 2 and 4 passes at best tie
   // dequantize + cuBLAS.
   const int optin = stream_smem_limit(device);
-  const auto rows_fit = [&](int64_t rows, bool compact) {
+  const auto config_of = [](bool compact) { return compact ? awq::kConfigCompact : awq::kConfigLarge; };
+  const auto rows_fit_config = [&](int64_t rows, awq::StreamConfig config) {
     if (!awq::stream_supports(static_cast<int>(rows), static_cast<int>(s.N), static_cast<int>(s.K),
-                              static_cast<int>(s.group), compact))
+                              static_cast<int>(s.group), config))
       return false;
-    const int bytes = awq::stream_smem_bytes(static_cast<int>(rows), compact);
+    const int bytes = awq::stream_smem_bytes(static_cast<int>(rows), config);
     return bytes > 0 && bytes <= optin;
   };
+  const auto rows_fit = [&](int64_t rows, bool compact) { return rows_fit_config(rows, config_of(compact)); };
   const auto pass_rows = [](bool compact) -> int64_t { return compact ? awq::kStreamCompactMaxM : awq::kStreamMaxM; };
   // the pass that cannot run: a full one, else the remainder; 0 when every pass can
   const auto failing_pass = [&](bool compact) -> int64_t {
@@ -364,12 +373,12 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
     const std::string what = "awq_gemm_variant: the stream kernel (" + std::string(compact ? "compact" : "large") +
                              " configuration) runs passes of at most " + num(pass_rows(compact)) + " rows";
     TORCH_CHECK(bad == 0 || awq::stream_supports(static_cast<int>(bad), static_cast<int>(s.N), static_cast<int>(s.K),
-                                                 static_cast<int>(s.group), compact),
+                                                 static_cast<int>(s.group), config_of(compact)),
                 what, " and needs N % 64 == 0, K % 16 == 0 and group_size 32/64/128/256 (or a multiple of its k-tile,",
                 " or K); its pass of ", num(bad), " rows does not take N = ", num(s.N), ", K = ", num(s.K),
                 ", group_size ", num(s.group));
     TORCH_CHECK(false, what, "; its pass of ", num(bad), " rows needs ",
-                num(awq::stream_smem_bytes(static_cast<int>(bad), compact)),
+                num(awq::stream_smem_bytes(static_cast<int>(bad), config_of(compact))),
                 " bytes of shared memory per block (the device has ", num(optin), ")");
   }
   TORCH_CHECK(k == kStream || fused_ok, "awq_gemm_variant: the fused kernels need N % ",
@@ -404,9 +413,14 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
     // fixed by the SM count (persistent grid); `splits` is ignored.
     const int pass = static_cast<int>(pass_rows(compact));
     const bool pdl = stream_pdl(device, qw, qweight);
-    const bool narrow = stream_narrow();
-    const awq::StreamPlan full = awq::plan_stream(std::min(m, pass), n, kk, a.group_size, num_sms, compact);
-    const awq::StreamPlan last = awq::plan_stream(m - (m - 1) / pass * pass, n, kk, a.group_size, num_sms, compact);
+    const bool narrow = stream_narrow(), deep = stream_deep();
+    // deep: one pass of <= 16 rows, in place of the large configuration where it fits
+    const awq::StreamConfig config = deep && !compact && M <= awq::kStreamDeepMaxM &&
+                                             rows_fit_config(M, awq::kConfigDeep)
+                                         ? awq::kConfigDeep
+                                         : config_of(compact);
+    const awq::StreamPlan full = awq::plan_stream(std::min(m, pass), n, kk, a.group_size, num_sms, config);
+    const awq::StreamPlan last = awq::plan_stream(m - (m - 1) / pass * pass, n, kk, a.group_size, num_sms, config);
     const size_t ws_floats = std::max({full.workspace_floats, last.workspace_floats, size_t(1)});
     ws = at::empty({static_cast<int64_t>(ws_floats)}, x.options().dtype(at::kFloat));
     a.workspace = ws.data_ptr<float>();

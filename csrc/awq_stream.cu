@@ -20,7 +20,8 @@
 //  * Pipeline: a 3-stage cp.async ring in shared memory; a stage is 512 k-rows x 128 columns
 //    (32 KB of weights; 256 rows at M > 32) plus the activations, scales and zeros it needs, so
 //    64 KB of weights are in flight per SM (GPUs with less shared memory per block run the
-//    compact configuration, StreamCfg: 256-row stages, 2-3 of them).  Every shared-memory access
+//    compact configuration, StreamCfg: 256-row stages, 2-3 of them; the deep one, AWQLIB_STREAM_DEEP,
+//    has 4 stages at M <= 16, 96 KB in flight).  Every shared-memory access
 //    is [ring-slot base + compile-time offset] (the slot is a counter), and there is no integer
 //    division in the loop (group, slice and pointer positions advance by constants).
 //  * Few tokens (M <= 8, on unless AWQLIB_STREAM_NARROW=0: NARROW below): the mma's operands
@@ -62,7 +63,7 @@ static_assert(kStWarps % kNA == 0, "warps split evenly over n-atoms");
 // k16 atoms per warp per stage: 8 (a warp streams 4 KB per stage, which amortises the loader
 // and the ring bookkeeping: sass_budget.py), 4 at M > 32 where the activations take the room, and
 // 4 in the compact configuration.
-constexpr int ka_for(int MB, bool compact) { return MB == 4 || compact ? 4 : 8; }
+constexpr int ka_for(int MB, int config) { return MB == 4 || config == kConfigCompact ? 4 : 8; }
 
 // Two shared-memory configurations per m-tile count.  The large one (3 stages of 16-32 KB of
 // weights, 152-208 KB per CTA) is for H100/H200 (227 KB per block), and for an A100 (163 KB) at
@@ -71,21 +72,33 @@ constexpr int ka_for(int MB, bool compact) { return MB == 4 || compact ? 4 : 8; 
 // L4, L40S, RTX); there M > 32 takes dequantize + cuBLAS (no MB = 4 stage fits: 2 x 50.5 KB).
 // Both must keep fitting those GPUs (static_asserts below), else a whole class of them silently
 // falls back.
+// The deep one is the large one at MB = 1 with a fourth stage (213 KB): 96 KB of weights in flight
+// per SM instead of 64.  Why: on an H200 the large kernel streams 70b-down at M = 1 at 65 % of the
+// copy bandwidth with its warps 60 % idle, mostly waiting on cp.async data (ncu, long scoreboard:
+// benchmarks/RESULTS.md), so the ring, not the instructions, is what bounds it now.  It fits
+// H100/H200 (227 KB) only.
 static_assert(kStreamCompactMaxM == 32, "the compact configurations are MB = 1 and 2");
-constexpr int stages_for(int MB, bool compact) { return compact && MB == 2 ? 2 : 3; }
-constexpr int kA100SmemPerBlock = 166912;     // sharedMemPerBlockOptin of an A100 (163 KB)
+static_assert(kStreamDeepMaxM == 16, "the deep configuration is MB = 1");
+constexpr int stages_for(int MB, int config) {
+  return config == kConfigCompact && MB == 2 ? 2 : config == kConfigDeep ? 4 : 3;
+}
+constexpr int kH100SmemPerBlock = 232448;     // sharedMemPerBlockOptin of an H100 / H200 (227 KB)
+constexpr int kA100SmemPerBlock = 166912;     // ... of an A100 (163 KB)
 constexpr int kSm89SmemPerBlock = 101376;     // ... of an sm_86/89 GPU (99 KB)
 constexpr int kStaticSmemAllowance = 2048;    // the kernel's static shared memory (1040 B on sm_90)
 
-template <int MB, bool COMPACT>
+template <int MB, int CONFIG>
 struct StreamCfg {
   // MB m16 tiles (M <= 16 MB).  One CTA of 8 warps per SM (as Marlin), kStages - 1 stages of
   // weights in flight per SM.
-  static_assert(!COMPACT || 16 * MB <= kStreamCompactMaxM, "no compact configuration for M > 32");
-  static constexpr int kKA = ka_for(MB, COMPACT);
+  static constexpr bool kCompact = CONFIG == kConfigCompact;
+  static_assert(CONFIG == kConfigLarge || kCompact || CONFIG == kConfigDeep, "a configuration of StreamConfig");
+  static_assert(!kCompact || 16 * MB <= kStreamCompactMaxM, "no compact configuration for M > 32");
+  static_assert(CONFIG != kConfigDeep || 16 * MB <= kStreamDeepMaxM, "no deep configuration for M > 16");
+  static constexpr int kKA = ka_for(MB, CONFIG);
   static constexpr int kStageK = 16 * kKA * kKW;                    // 512 (256 at MB = 4 or compact)
   static constexpr int kMaxGroups = kStageK / 32;                    // group_size >= 32
-  static constexpr int kStages = stages_for(MB, COMPACT);
+  static constexpr int kStages = stages_for(MB, CONFIG);
   static constexpr int kMinBlocks = 1;
   static constexpr int kRows = 16 * MB;
   static constexpr int kBBytes = kNA * kKA * kKW * kAtomWords * 4;  // 32 KB (16 KB)
@@ -106,9 +119,11 @@ struct StreamCfg {
                 "the reduction buffer only overlaps bytes every stage rewrites");
   static_assert(kStageBytes % 16 == 0 && kOffA % 16 == 0 && kOffS % 16 == 0 && kOffZ % 16 == 0,
                 "cp.async destinations stay 16-byte aligned");
-  static_assert(!COMPACT || kSmemBytes + kStaticSmemAllowance <= kSm89SmemPerBlock,
+  static_assert(!kCompact || kSmemBytes + kStaticSmemAllowance <= kSm89SmemPerBlock,
                 "the compact configurations must fit a 99 KB GPU");
-  static_assert(COMPACT || MB == 2 || kSmemBytes + kStaticSmemAllowance <= kA100SmemPerBlock,
+  static_assert(CONFIG != kConfigDeep || kSmemBytes + kStaticSmemAllowance <= kH100SmemPerBlock,
+                "the deep configuration must fit an H100");
+  static_assert(CONFIG != kConfigLarge || MB == 2 || kSmemBytes + kStaticSmemAllowance <= kA100SmemPerBlock,
                 "the large M <= 16 and M 33-64 configurations must fit an A100");
 };
 
@@ -346,8 +361,8 @@ __device__ AWQ_NOINLINE void write_slice(const float* red, T* __restrict__ out, 
 // the group can change inside a warp's k-slice (group_size 32, 64); otherwise a warp loads its
 // scales and zeros once per stage.  SUMS ("group sums"): the mma accumulates sum_k x (q - z) of
 // each group in fp32 registers of its own, multiplied by the group's scales once when the group
-// ends, instead of one HMUL2 per two weights (GroupSums below).  COMPACT: the shared-memory
-// configuration (StreamCfg).
+// ends, instead of one HMUL2 per two weights (GroupSums below).  CONFIG: the shared-memory
+// configuration (StreamConfig, StreamCfg).
 // NARROW (MB = 1, M <= kStreamNarrowMaxM): the mma computes (W^T x^T)^T -- "swap AB".  At M = 1
 // the 16-row m16n8k16 tiling spends 15 of its 16 rows on padding; with the dequantized weights as
 // the A operand (16 output columns x 16 k) and the tokens as the n8 B operand, each mma covers 16
@@ -355,12 +370,12 @@ __device__ AWQ_NOINLINE void write_slice(const float* red, T* __restrict__ out, 
 // two atoms.  It costs no rearranging: the four B fragments a word's dequantization makes (the
 // n8-tiles of columns 16 j + g and 16 j + 8 + g, rows 2q.. and 2q+8..) are, in the order
 // {0, 2, 1, 3}, exactly the A fragment of columns 16 j .. 16 j + 15.
-template <typename T, int MB, bool EXACT, bool FINE, bool SUMS, bool COMPACT, bool NARROW>
-__global__ void __launch_bounds__(kStThreads, StreamCfg<MB, COMPACT>::kMinBlocks)
+template <typename T, int MB, bool EXACT, bool FINE, bool SUMS, int CONFIG, bool NARROW>
+__global__ void __launch_bounds__(kStThreads, StreamCfg<MB, CONFIG>::kMinBlocks)
 awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, const uint32_t* __restrict__ qzeros,
                   const T* __restrict__ scales, T* __restrict__ out, float* __restrict__ ws,
                   int32_t* __restrict__ counters, const StreamParams p) {
-  using Cfg = StreamCfg<MB, COMPACT>;
+  using Cfg = StreamCfg<MB, CONFIG>;
   using DQ = StreamDequant<T>;
   static_assert(!(SUMS && FINE), "group sums fold once per stage: a warp's k-slice must lie in one group");
   static_assert(!NARROW || (MB == 1 && Cfg::kKA % 2 == 0), "narrow: <= 8 tokens, atoms in pairs");
@@ -760,30 +775,33 @@ constexpr bool group_sums_pay(int MB, int KA, bool fine) { return 32 * MB < 16 *
 
 // The instantiation for the shape; group sums (if asked for) only where group_sums_pay, narrow
 // (if asked for) only at MB = 1.
-template <typename T, int MB, bool COMPACT, bool NARROW>
+template <typename T, int MB, int CONFIG, bool NARROW>
 auto stream_kernel_variant(bool exact, bool fine, bool sums) {
-  constexpr int kKA = StreamCfg<MB, COMPACT>::kKA;
+  constexpr int kKA = StreamCfg<MB, CONFIG>::kKA;
   if constexpr (group_sums_pay(MB, kKA, false)) {
     if (sums && group_sums_pay(MB, kKA, fine))
-      return exact ? awq_stream_kernel<T, MB, true, false, true, COMPACT, NARROW>
-                   : awq_stream_kernel<T, MB, false, false, true, COMPACT, NARROW>;
+      return exact ? awq_stream_kernel<T, MB, true, false, true, CONFIG, NARROW>
+                   : awq_stream_kernel<T, MB, false, false, true, CONFIG, NARROW>;
   }
-  return exact ? (fine ? awq_stream_kernel<T, MB, true, true, false, COMPACT, NARROW>
-                       : awq_stream_kernel<T, MB, true, false, false, COMPACT, NARROW>)
-               : (fine ? awq_stream_kernel<T, MB, false, true, false, COMPACT, NARROW>
-                       : awq_stream_kernel<T, MB, false, false, false, COMPACT, NARROW>);
+  return exact ? (fine ? awq_stream_kernel<T, MB, true, true, false, CONFIG, NARROW>
+                       : awq_stream_kernel<T, MB, true, false, false, CONFIG, NARROW>)
+               : (fine ? awq_stream_kernel<T, MB, false, true, false, CONFIG, NARROW>
+                       : awq_stream_kernel<T, MB, false, false, false, CONFIG, NARROW>);
 }
 
-template <typename T, int MB, bool COMPACT>
+template <typename T, int MB, int CONFIG>
 auto stream_kernel_for(bool exact, bool fine, bool sums, bool narrow) {
   if constexpr (MB == 1) {
-    if (narrow) return stream_kernel_variant<T, MB, COMPACT, true>(exact, fine, sums);
+    if (narrow) return stream_kernel_variant<T, MB, CONFIG, true>(exact, fine, sums);
   }
-  return stream_kernel_variant<T, MB, COMPACT, false>(exact, fine, sums);
+  return stream_kernel_variant<T, MB, CONFIG, false>(exact, fine, sums);
 }
 
 int mb_for(int M) { return M <= 16 ? 1 : M <= 32 ? 2 : 4; }
-int stage_k_for(int M, bool compact) { return 16 * ka_for(mb_for(M), compact) * kKW; }
+int stage_k_for(int M, StreamConfig config) { return 16 * ka_for(mb_for(M), config) * kKW; }
+int max_m_of(StreamConfig config) {
+  return config == kConfigCompact ? kStreamCompactMaxM : config == kConfigDeep ? kStreamDeepMaxM : kStreamMaxM;
+}
 
 int log2_exact(int v) {
   int r = 0;
@@ -791,8 +809,8 @@ int log2_exact(int v) {
   return (1 << r) == v ? r : -1;
 }
 
-StreamParams params_for(int M, int N, int K, int group_size, int per, int grid, bool compact) {
-  const int kStageK = stage_k_for(M, compact);
+StreamParams params_for(int M, int N, int K, int group_size, int per, int grid, StreamConfig config) {
+  const int kStageK = stage_k_for(M, config);
   StreamParams p{};
   p.M = M;
   p.N = N;
@@ -824,19 +842,19 @@ StreamParams params_for(int M, int N, int K, int group_size, int per, int grid, 
 // drops it where the kernel that runs has no griddepcontrol.wait.
 template <typename T>
 struct StreamLaunch {
-  decltype(&awq_stream_kernel<T, 1, true, false, false, false, false>) kernel;
+  decltype(&awq_stream_kernel<T, 1, true, false, false, kConfigLarge, false>) kernel;
   int grid, block, smem_bytes;
   StreamParams p;
 };
 
 // The instantiation that runs shape `p`: EXACT where no load needs a bounds predicate, FINE where
 // group_size < 16 kKA, NARROW where asked for and M <= kStreamNarrowMaxM.
-template <typename T, int MB, bool COMPACT>
+template <typename T, int MB, int CONFIG>
 StreamLaunch<T> describe_mb(const StreamParams& p, int grid, bool group_sums, bool pdl, bool narrow) {
-  using Cfg = StreamCfg<MB, COMPACT>;
+  using Cfg = StreamCfg<MB, CONFIG>;
   const bool exact = p.K % Cfg::kStageK == 0 && p.N % kSliceN == 0;
   const bool fine = p.gshift < 31 && (16 << p.gshift) < 16 * Cfg::kKA;
-  StreamLaunch<T> d{stream_kernel_for<T, MB, COMPACT>(exact, fine, group_sums, narrow && p.M <= kStreamNarrowMaxM),
+  StreamLaunch<T> d{stream_kernel_for<T, MB, CONFIG>(exact, fine, group_sums, narrow && p.M <= kStreamNarrowMaxM),
                     grid, kStThreads, Cfg::kSmemBytes, p};
   d.p.pdl = pdl;
   return d;
@@ -845,13 +863,15 @@ StreamLaunch<T> describe_mb(const StreamParams& p, int grid, bool group_sums, bo
 template <typename T>
 StreamLaunch<T> describe_stream(int M, int N, int K, int group_size, const StreamPlan& plan, bool group_sums,
                                 bool pdl, bool narrow) {
-  const StreamParams p = params_for(M, N, K, group_size, plan.per, plan.grid, plan.compact);
+  const StreamParams p = params_for(M, N, K, group_size, plan.per, plan.grid, plan.config);
   const int mb = mb_for(M);
-  if (plan.compact) return mb == 1 ? describe_mb<T, 1, true>(p, plan.grid, group_sums, pdl, narrow)
-                                   : describe_mb<T, 2, true>(p, plan.grid, group_sums, pdl, narrow);
-  return mb == 1   ? describe_mb<T, 1, false>(p, plan.grid, group_sums, pdl, narrow)
-         : mb == 2 ? describe_mb<T, 2, false>(p, plan.grid, group_sums, pdl, narrow)
-                   : describe_mb<T, 4, false>(p, plan.grid, group_sums, pdl, narrow);
+  if (plan.config == kConfigDeep) return describe_mb<T, 1, kConfigDeep>(p, plan.grid, group_sums, pdl, narrow);
+  if (plan.config == kConfigCompact)
+    return mb == 1 ? describe_mb<T, 1, kConfigCompact>(p, plan.grid, group_sums, pdl, narrow)
+                   : describe_mb<T, 2, kConfigCompact>(p, plan.grid, group_sums, pdl, narrow);
+  return mb == 1   ? describe_mb<T, 1, kConfigLarge>(p, plan.grid, group_sums, pdl, narrow)
+         : mb == 2 ? describe_mb<T, 2, kConfigLarge>(p, plan.grid, group_sums, pdl, narrow)
+                   : describe_mb<T, 4, kConfigLarge>(p, plan.grid, group_sums, pdl, narrow);
 }
 
 // The dequantize kernel's grid: one thread per (atom, lane).
@@ -914,63 +934,61 @@ void launch_described(const GemmArgs& a, StreamLaunch<T> d, cudaStream_t stream)
 
 // Static shared memory of a configuration (the reduction's last-arriver flag): what the compiler
 // reserved, asked of the runtime rather than restated; the same for every T/EXACT/FINE/SUMS.
-template <int MB, bool COMPACT>
+template <int MB, int CONFIG>
 int stream_static_smem_bytes() {
   static const int bytes = [] {
     cudaFuncAttributes attr{};
-    return cudaFuncGetAttributes(&attr, awq_stream_kernel<__half, MB, true, false, false, COMPACT, false>) == cudaSuccess
+    return cudaFuncGetAttributes(&attr, awq_stream_kernel<__half, MB, true, false, false, CONFIG, false>) == cudaSuccess
                ? static_cast<int>(attr.sharedSizeBytes)
                : 0;
   }();
   return bytes;
 }
 
-template <bool COMPACT>
-int smem_bytes_of(int mb) {
-  if constexpr (COMPACT) {
-    return mb == 1 ? StreamCfg<1, true>::kSmemBytes + stream_static_smem_bytes<1, true>()
-                   : StreamCfg<2, true>::kSmemBytes + stream_static_smem_bytes<2, true>();
-  } else {
-    return mb == 1   ? StreamCfg<1, false>::kSmemBytes + stream_static_smem_bytes<1, false>()
-           : mb == 2 ? StreamCfg<2, false>::kSmemBytes + stream_static_smem_bytes<2, false>()
-                     : StreamCfg<4, false>::kSmemBytes + stream_static_smem_bytes<4, false>();
-  }
+template <int MB, int CONFIG>
+int smem_bytes_of() {
+  return StreamCfg<MB, CONFIG>::kSmemBytes + stream_static_smem_bytes<MB, CONFIG>();
 }
 #endif  // AWQ_HOST_EMULATION
 
 }  // namespace
 
 #ifndef AWQ_HOST_EMULATION
-int stream_smem_bytes(int M, bool compact) {
-  if (compact && M > kStreamCompactMaxM) return -1;
-  return compact ? smem_bytes_of<true>(mb_for(M)) : smem_bytes_of<false>(mb_for(M));
+int stream_smem_bytes(int M, StreamConfig config) {
+  if (M < 1 || M > max_m_of(config)) return -1;
+  const int mb = mb_for(M);
+  if (config == kConfigDeep) return smem_bytes_of<1, kConfigDeep>();
+  if (config == kConfigCompact) return mb == 1 ? smem_bytes_of<1, kConfigCompact>() : smem_bytes_of<2, kConfigCompact>();
+  return mb == 1   ? smem_bytes_of<1, kConfigLarge>()
+         : mb == 2 ? smem_bytes_of<2, kConfigLarge>()
+                   : smem_bytes_of<4, kConfigLarge>();
 }
 #endif
 
-bool stream_supports(int M, int N, int K, int group_size, bool compact) {
-  if (M < 1 || M > (compact ? kStreamCompactMaxM : kStreamMaxM) || N % 64 || K % 16 || group_size % 32 ||
+bool stream_supports(int M, int N, int K, int group_size, StreamConfig config) {
+  if (M < 1 || M > max_m_of(config) || N % 64 || K % 16 || group_size % 32 ||
       K % group_size)
     return false;
-  const int kStageK = stage_k_for(M, compact);
+  const int kStageK = stage_k_for(M, config);
   if (group_size < kStageK) return kStageK % group_size == 0 && log2_exact(group_size / 16) >= 0;
   return group_size % kStageK == 0 || group_size == K;
 }
 
-StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms, bool compact) {
+StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms, StreamConfig config) {
   const int per_sm = 1;  // StreamCfg::kMinBlocks of every configuration
-  static_assert(StreamCfg<1, false>::kMinBlocks == 1 && StreamCfg<2, false>::kMinBlocks == 1 &&
-                    StreamCfg<4, false>::kMinBlocks == 1 && StreamCfg<1, true>::kMinBlocks == 1 &&
-                    StreamCfg<2, true>::kMinBlocks == 1,
+  static_assert(StreamCfg<1, kConfigLarge>::kMinBlocks == 1 && StreamCfg<2, kConfigLarge>::kMinBlocks == 1 &&
+                    StreamCfg<4, kConfigLarge>::kMinBlocks == 1 && StreamCfg<1, kConfigCompact>::kMinBlocks == 1 &&
+                    StreamCfg<2, kConfigCompact>::kMinBlocks == 1 && StreamCfg<1, kConfigDeep>::kMinBlocks == 1,
                 "plan_stream's persistent grid assumes one CTA per SM");
   const int slices = ceil_div(N, kSliceN);
-  const int units = slices * ceil_div(K, stage_k_for(M, compact));
+  const int units = slices * ceil_div(K, stage_k_for(M, config));
   const int grid0 = std::max(1, std::min(units, num_sms * per_sm));
   const int per = ceil_div(units, grid0);
   StreamPlan plan;
   plan.grid = ceil_div(units, per);  // no empty CTAs
   plan.per = per;
-  plan.compact = compact;
-  const StreamParams p = params_for(M, N, K, group_size, per, plan.grid, compact);
+  plan.config = config;
+  const StreamParams p = params_for(M, N, K, group_size, per, plan.grid, config);
   plan.slices = slices;
   plan.workspace_floats = (size_t)slices * p.max_parts * std::min(M, 16 * mb_for(M)) * kSliceN;
   plan.counters = slices;

@@ -14,8 +14,9 @@
 # Each part stops inside its deadline ($WINDOW_S, default 330 s: give the call timeout_s 360); a
 # step starts only when its minimum time is left.  Run from the repository root:
 #   AWQLIB_COMMIT=<hash> bash scripts/gpu_window.sh 1      (then: ... 2; no argument: both)
-# Part 3, only where a window still has >= 4 minutes after parts 1 and 2: ncu on the 70b-down M=1
-# case (stream and tiled:auto: is the stream kernel still issue-bound?).
+# Part 3, only where a window still has >= 5 minutes after parts 1 and 2: ncu on gpu_sweep's
+# NCU_CASES (one token: the default with and without the deep ring on 70b-down, the default and the
+# tiled layout on 4096x4096; 64 tokens: the four-m-tile kernel), each saved as it ends.
 # Before the window, on the CPU machine: `bash scripts/prebuild_device.sh` (the kernels compiled
 # against the GPU machine's torch), and name "awqlib/_C.so" and "awqlib/_C.json" in the call's
 # carry: no part then compiles anything (the log's first lines say which kernels load; a stale or
@@ -76,10 +77,10 @@ if [ "$PART" = 2 ] || [ "$PART" = all ]; then
     -k "stream or group_sums or concurrently or chunked or dequantize or in_process or block_op or quantize_on_gpu" \
     tests/test_kernels_cuda.py tests/test_gpu_e2e.py
   step decode 100 200 "$OUT/decode.log" env AWQLIB_LAYOUT=stream "$PY" -m benchmarks.bench_generate --size 8b \
-    --batches 1,8 --new-tokens 64 --kernel-options none,pdl+narrow --out "$OUT/decode_stream.json"
+    --batches 1,8 --new-tokens 64 --kernel-options none,pdl+narrow,deep+narrow --out "$OUT/decode_stream.json"
 fi
 if [ "$PART" = 3 ]; then
-  step ncu 90 260 "$OUT/ncu-run.log" "$PY" -m benchmarks.gpu_sweep --out "$OUT/ncu.json" --tools-only --ncu
+  step ncu 150 300 "$OUT/ncu-run.log" "$PY" -m benchmarks.gpu_sweep --out "$OUT/ncu.json" --tools-only --ncu
 fi
 echo "window done in ${SECONDS}s, status $status" | tee -a "$LOG"
 exit "$status"

@@ -133,6 +133,9 @@ def kernel_name(mangled: str) -> tuple[str, list]:
 
 
 def pretty(name: str, args: list) -> str:
+    if name == "awq_stream_kernel" and len(args) == 7:  # CONFIG by its name (STREAM_CONFIGS)
+        args = [*args[:5], STREAM_CONFIG_NAMES.get(args[5], args[5]), args[6]]
+
     def fmt(a):
         return {"__half": "half", "__nv_bfloat16": "bf16"}.get(a, str(a).lower() if isinstance(a, bool) else str(a))
     return f"{name}<{', '.join(fmt(a) for a in args)}>" if args else name
@@ -172,14 +175,19 @@ def _gemv_spec(args) -> Spec:
     return Spec(256, 0, 32 * 256 // 2, None)
 
 
+STREAM_CONFIGS = {"large": 0, "compact": 1, "deep": 2}  # csrc/awq_kernels.h: StreamConfig
+STREAM_CONFIG_NAMES = {v: k for k, v in STREAM_CONFIGS.items()}
+
+
 def _stream_spec(args) -> Spec:
-    # awq_stream_kernel<T, MB, EXACT, FINE, SUMS, COMPACT, NARROW>: mirror of StreamCfg in
+    # awq_stream_kernel<T, MB, EXACT, FINE, SUMS, CONFIG, NARROW>: mirror of StreamCfg in
     # csrc/awq_stream.cu (8 warps = 2 n-atoms x 4 k-slices of KA atoms; a stage is 16 KA x 4 rows
-    # x 128 columns; compact: KA = 4, and 2 stages at MB = 2).  Per atom a warp runs 8 mma per
-    # m16 tile, or narrow 4 (16 columns each).
-    _, mb, _exact, _fine, _sums, compact, narrow = args
+    # x 128 columns; compact: KA = 4, and 2 stages at MB = 2; deep: 4 stages).  Per atom a warp runs
+    # 8 mma per m16 tile, or narrow 4 (16 columns each).
+    _, mb, _exact, _fine, _sums, config, narrow = args
+    compact = config == STREAM_CONFIGS["compact"]
     ka = 4 if mb == 4 or compact else 8
-    stages = 2 if compact and mb == 2 else 3
+    stages = 2 if compact and mb == 2 else 4 if config == STREAM_CONFIGS["deep"] else 3
     stage_k = 16 * ka * 4
     b_bytes = stage_k * 128 // 2
     groups = stage_k // 32

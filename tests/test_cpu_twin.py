@@ -105,14 +105,17 @@ def _run(twin: Path, d: Path, *args) -> str:
     return r.stdout
 
 
-def run_gemm(twin, d, x, stream, g, N, sms, sums=False, compact=False, pdl=False, narrow=False, timing="lazy",
+CONFIGS = {"large": 0, "compact": 1, "deep": 2}  # csrc/awq_kernels.h: StreamConfig
+
+
+def run_gemm(twin, d, x, stream, g, N, sms, sums=False, config="large", pdl=False, narrow=False, timing="lazy",
              order="forward", launch: dict | None = None):
     """The kernel's output [M, N]; ``launch`` receives what the harness printed of the launch (grid,
     per, units, slices, max_parts, smem, planned_refills, weight_bytes_read, warp_mmas)."""
     M, K = x.shape
     dt = "fp16" if x.dtype == torch.float16 else "bf16"
     _write(d, x=x, **stream)
-    printed = _run(twin, d, "gemm", d, dt, M, N, K, g, sms, int(sums), int(compact), int(pdl), int(narrow), timing,
+    printed = _run(twin, d, "gemm", d, dt, M, N, K, g, sms, int(sums), CONFIGS[config], int(pdl), int(narrow), timing,
                    order)
     if launch is not None:
         words = printed.split()
@@ -141,49 +144,53 @@ def check(out: torch.Tensor, x: torch.Tensor, q: torch.Tensor, sums: bool):
 SETTINGS = [("fp16", "lazy", "forward"), ("fp16", "eager", "reverse"), ("bf16", "eager", "forward"),
             ("bf16", "lazy", "reverse")]
 
-# (M, N, K, group, SMs, compact, refills): the last, the least number of ring refills the case's
+# (M, N, K, group, SMs, configuration, refills): the last, the least number of ring refills the case's
 # plan must make after the prologue (a guard on the case list: the steady state of the pipeline,
 # which decode shapes on a GPU run hundreds of times per launch, stays covered; 0: a case about
 # something else).
 CASES = [
-    (1, 256, 4096, 128, 2, False, 12),   # MB = 1, EXACT, coarse groups: 8 units per CTA
-    (5, 192, 4160, 64, 2, False, 12),    # MB = 1, not EXACT (N and K tails), FINE
-    (20, 256, 4096, 32, 2, False, 12),   # MB = 2, FINE
-    (40, 256, 2048, 64, 2, False, 12),   # MB = 4 (k-tile 256)
-    (64, 256, 2048, 128, 3, False, 6),   # MB = 4, full m-tiles, split slices
-    (1, 256, 2048, 32, 2, True, 12),     # compact, MB = 1, FINE
-    (24, 256, 2048, 64, 2, True, 12),    # compact, MB = 2 (2 stages)
-    (1, 384, 2560, 128, 5, False, 0),    # slices of 5 k-tiles on CTAs of 3: a slice in three parts
-    (1, 128, 2048, 1024, 3, False, 0),   # a group spans k-tiles
-    (3, 128, 1536, 256, 2, False, 0),    # two groups per k-tile
-    (1, 64, 768, 768, 2, False, 0),      # group == K, K not a multiple of the stage
-    (1, 192, 576, 32, 3, True, 0),       # compact, tails, FINE
+    (1, 256, 4096, 128, 2, "large", 12),   # MB = 1, EXACT, coarse groups: 8 units per CTA
+    (5, 192, 4160, 64, 2, "large", 12),    # MB = 1, not EXACT (N and K tails), FINE
+    (20, 256, 4096, 32, 2, "large", 12),   # MB = 2, FINE
+    (40, 256, 2048, 64, 2, "large", 12),   # MB = 4 (k-tile 256)
+    (64, 256, 2048, 128, 3, "large", 6),   # MB = 4, full m-tiles, split slices
+    (1, 256, 2048, 32, 2, "compact", 12),     # compact, MB = 1, FINE
+    (24, 256, 2048, 64, 2, "compact", 12),    # compact, MB = 2 (2 stages)
+    (1, 384, 2560, 128, 5, "large", 0),    # slices of 5 k-tiles on CTAs of 3: a slice in three parts
+    (1, 128, 2048, 1024, 3, "large", 0),   # a group spans k-tiles
+    (3, 128, 1536, 256, 2, "large", 0),    # two groups per k-tile
+    (1, 64, 768, 768, 2, "large", 0),      # group == K, K not a multiple of the stage
+    (1, 192, 576, 32, 3, "compact", 0),       # compact, tails, FINE
+    (1, 256, 4096, 128, 2, "deep", 10),      # deep (4 stages), EXACT
+    (5, 192, 4160, 64, 2, "deep", 12),       # deep, tails, FINE
+    (16, 256, 4096, 32, 2, "deep", 10),      # deep, a full m-tile, FINE
 ]
 
 
 def _ids(cases):
-    return [f"M{c[0]}-N{c[1]}-K{c[2]}-g{c[3]}-sm{c[4]}{'-compact' if c[5] else ''}" for c in cases]
+    return [f"M{c[0]}-N{c[1]}-K{c[2]}-g{c[3]}-sm{c[4]}{'' if c[5] == 'large' else '-' + c[5]}" for c in cases]
 
 
 @pytest.mark.parametrize("dtype,timing,order", SETTINGS, ids=["-".join(s) for s in SETTINGS])
-@pytest.mark.parametrize("M,N,K,g,sms,compact,refills", CASES, ids=_ids(CASES))
-def test_stream_kernel_source_on_cpu(twin, tmp_path, M, N, K, g, sms, compact, refills, dtype, timing, order):
+@pytest.mark.parametrize("M,N,K,g,sms,config,refills", CASES, ids=_ids(CASES))
+def test_stream_kernel_source_on_cpu(twin, tmp_path, M, N, K, g, sms, config, refills, dtype, timing, order):
     x, q, stream = stream_case(M, N, K, g, DTYPES[dtype], seed=M + N + K + g)
     launch = {}
-    out = run_gemm(twin, tmp_path, x, stream, g, N, sms, compact=compact, timing=timing, order=order, launch=launch)
+    out = run_gemm(twin, tmp_path, x, stream, g, N, sms, config=config, timing=timing, order=order, launch=launch)
     check(out, x, q, sums=False)
     assert launch["planned_refills"] >= refills, launch
     assert launch["weight_bytes_read"] == K * N // 2, launch  # every weight byte, once
 
 
 SUMS_CASES = [  # group sums: M <= 32 (compact: M <= 16), groups of >= 128 rows (compact >= 64)
-    (20, 256, 4096, 128, 2, False, 12),  # MB = 2: 8 units per CTA
-    (1, 256, 4096, 256, 2, False, 12),   # MB = 1, two groups per k-tile
-    (5, 256, 1024, 128, 3, False, 0),
-    (1, 256, 1536, 128, 4, False, 0),    # a CTA flushes a split slice mid-run, then goes on with cleared sums
-    (1, 128, 640, 128, 2, False, 0),     # K tail
-    (20, 192, 1024, 128, 3, False, 0),   # MB = 2, N tail
-    (1, 256, 2048, 64, 2, True, 12),     # compact
+    (20, 256, 4096, 128, 2, "large", 12),  # MB = 2: 8 units per CTA
+    (1, 256, 4096, 256, 2, "large", 12),   # MB = 1, two groups per k-tile
+    (5, 256, 1024, 128, 3, "large", 0),
+    (1, 256, 1536, 128, 4, "large", 0),    # a CTA flushes a split slice mid-run, then goes on with cleared sums
+    (1, 128, 640, 128, 2, "large", 0),     # K tail
+    (20, 192, 1024, 128, 3, "large", 0),   # MB = 2, N tail
+    (1, 256, 2048, 64, 2, "compact", 12),     # compact
+    (1, 256, 4096, 128, 2, "deep", 10),      # deep
 ]
 
 
@@ -191,52 +198,54 @@ SUMS_SETTINGS = [("fp16", "lazy", "reverse"), ("bf16", "eager", "forward")]  # b
 
 
 @pytest.mark.parametrize("dtype,timing,order", SUMS_SETTINGS, ids=["-".join(s) for s in SUMS_SETTINGS])
-@pytest.mark.parametrize("M,N,K,g,sms,compact,refills", SUMS_CASES, ids=_ids(SUMS_CASES))
-def test_group_sums_source_on_cpu(twin, tmp_path, M, N, K, g, sms, compact, refills, dtype, timing, order):
+@pytest.mark.parametrize("M,N,K,g,sms,config,refills", SUMS_CASES, ids=_ids(SUMS_CASES))
+def test_group_sums_source_on_cpu(twin, tmp_path, M, N, K, g, sms, config, refills, dtype, timing, order):
     x, q, stream = stream_case(M, N, K, g, DTYPES[dtype], seed=3 * M + N + K)
     launch = {}
-    out = run_gemm(twin, tmp_path, x, stream, g, N, sms, sums=True, compact=compact, timing=timing, order=order,
+    out = run_gemm(twin, tmp_path, x, stream, g, N, sms, sums=True, config=config, timing=timing, order=order,
                    launch=launch)
     check(out, x, q, sums=True)
     assert launch["planned_refills"] >= refills and launch["weight_bytes_read"] == K * N // 2, launch
-    scaled = run_gemm(twin, tmp_path, x, stream, g, N, sms, sums=False, compact=compact)
+    scaled = run_gemm(twin, tmp_path, x, stream, g, N, sms, sums=False, config=config)
     assert not torch.equal(out, scaled), "group sums ran the scaled instantiation"
 
 
 # The narrow kernels (M <= 8: tokens on the mma's n8 side).  The twin's mma sums each product of a
 # k16 step exactly and rounds once into the fp32 accumulator, as for the 16-row tiling, so the two
 # tilings' outputs are the same bits; a GPU's tensor core may round differently, so there the
-# check is against the reference only.  (M, N, K, group, SMs, compact, group sums, refills)
+# check is against the reference only.  (M, N, K, group, SMs, configuration, group sums, refills)
 NARROW_CASES = [
-    (1, 256, 4096, 128, 2, False, False, 12),  # EXACT, coarse groups
-    (8, 256, 4096, 128, 2, False, True, 12),   # every token a lane pair holds, group sums
-    (5, 192, 4160, 64, 2, False, False, 12),   # N and K tails, FINE
-    (2, 384, 2560, 128, 5, False, False, 0),   # slices in three parts
-    (3, 256, 2048, 32, 2, True, False, 12),    # compact, FINE
-    (1, 256, 2048, 64, 2, True, True, 12),     # compact, group sums
-    (4, 192, 4608, 256, 2, False, True, 0),    # group sums with tails (not EXACT)
-    (6, 256, 4096, 32, 3, False, False, 0),    # EXACT, FINE
-    (1, 192, 1280, 64, 2, True, False, 0),     # compact with tails
-    (7, 256, 2048, 128, 2, True, False, 0),    # compact, EXACT, scaled
+    (1, 256, 4096, 128, 2, "large", False, 12),  # EXACT, coarse groups
+    (8, 256, 4096, 128, 2, "large", True, 12),   # every token a lane pair holds, group sums
+    (5, 192, 4160, 64, 2, "large", False, 12),   # N and K tails, FINE
+    (2, 384, 2560, 128, 5, "large", False, 0),   # slices in three parts
+    (3, 256, 2048, 32, 2, "compact", False, 12),    # compact, FINE
+    (1, 256, 2048, 64, 2, "compact", True, 12),     # compact, group sums
+    (4, 192, 4608, 256, 2, "large", True, 0),    # group sums with tails (not EXACT)
+    (6, 256, 4096, 32, 3, "large", False, 0),    # EXACT, FINE
+    (1, 192, 1280, 64, 2, "compact", False, 0),     # compact with tails
+    (7, 256, 2048, 128, 2, "compact", False, 0),    # compact, EXACT, scaled
+    (8, 256, 4096, 128, 2, "deep", True, 10),       # deep, group sums
+    (3, 192, 4160, 64, 2, "deep", False, 12),       # deep, tails, FINE
 ]
 NARROW_SETTINGS = [("fp16", "lazy", "forward"), ("bf16", "eager", "reverse")]
 
 
 @pytest.mark.parametrize("dtype,timing,order", NARROW_SETTINGS, ids=["-".join(s) for s in NARROW_SETTINGS])
-@pytest.mark.parametrize("M,N,K,g,sms,compact,sums,refills", NARROW_CASES,
+@pytest.mark.parametrize("M,N,K,g,sms,config,sums,refills", NARROW_CASES,
                          ids=[i + ("-sums" if c[6] else "") for i, c in zip(_ids(NARROW_CASES), NARROW_CASES)])
-def test_narrow_kernels_source_on_cpu(twin, tmp_path, M, N, K, g, sms, compact, sums, refills, dtype, timing, order):
+def test_narrow_kernels_source_on_cpu(twin, tmp_path, M, N, K, g, sms, config, sums, refills, dtype, timing, order):
     x, q, stream = stream_case(M, N, K, g, DTYPES[dtype], seed=7 * M + N + K + g)
     narrow, wide = {}, {}
-    out = run_gemm(twin, tmp_path, x, stream, g, N, sms, sums=sums, compact=compact, narrow=True, timing=timing,
+    out = run_gemm(twin, tmp_path, x, stream, g, N, sms, sums=sums, config=config, narrow=True, timing=timing,
                    order=order, launch=narrow)
     check(out, x, q, sums=sums)
     assert narrow["planned_refills"] >= refills and narrow["weight_bytes_read"] == K * N // 2, narrow
-    ref = run_gemm(twin, tmp_path, x, stream, g, N, sms, sums=sums, compact=compact, launch=wide)
+    ref = run_gemm(twin, tmp_path, x, stream, g, N, sms, sums=sums, config=config, launch=wide)
     assert torch.equal(out, ref), "the narrow and the 16-row tiling differ"
     # per atom a warp computes: 8 n8-tiles (x 16 rows), or narrow 4 m16 column tiles (x 8 tokens)
     assert narrow["warp_mmas"] * 2 == wide["warp_mmas"], (narrow, wide)
-    if K % (256 if compact else 512) == 0 and N % 128 == 0:  # EXACT: no zero-filled tail atoms
+    if K % (256 if config == "compact" else 512) == 0 and N % 128 == 0:  # EXACT: no zero-filled tail atoms
         assert narrow["warp_mmas"] == (N // 64) * (K // 16) * 4, narrow
 
 
@@ -280,6 +289,32 @@ def test_copy_timing_launch_mode_and_cta_order_change_nothing(twin, tmp_path, pd
     for order in ("forward", "reverse"):
         out = run_gemm(twin, tmp_path, x, stream, g, N, sms, pdl=pdl, timing=timing, order=order)
         assert torch.equal(out, base), (pdl, timing, order)
+
+
+@pytest.mark.parametrize("sums,narrow", [(False, False), (True, False), (True, True)],
+                         ids=["scaled", "group-sums", "narrow-group-sums"])
+@pytest.mark.parametrize("M", [1, 16])
+def test_deep_ring_is_the_large_kernel_bit_for_bit(twin, tmp_path, M, sums, narrow):
+    """The deep configuration (AWQLIB_STREAM_DEEP: a fourth stage) keeps the large one's partition
+    and arithmetic, so its outputs are the same bits; its prologue has one stage more in flight, so
+    each CTA refills its ring once less; a 17th token has no deep configuration."""
+    N, K, g, sms = 256, 8192, 128, 2  # 32 units per CTA: the 4-slot ring wraps many times
+    x, q, stream = stream_case(M, N, K, g, torch.float16, seed=17 + M)
+    large, deep = {}, {}
+    a = run_gemm(twin, tmp_path, x, stream, g, N, sms, sums=sums, narrow=narrow, launch=large)
+    check(a, x, q, sums=sums)
+    for order, timing in (("forward", "lazy"), ("reverse", "eager")):
+        b = run_gemm(twin, tmp_path, x, stream, g, N, sms, sums=sums, narrow=narrow, config="deep", timing=timing,
+                     order=order, launch=deep)
+        assert torch.equal(a, b), (order, timing)
+    assert (deep["grid"], deep["per"], deep["warp_mmas"]) == (large["grid"], large["per"], large["warp_mmas"])
+    assert deep["planned_refills"] == large["planned_refills"] - large["grid"], (deep, large)
+    assert deep["smem"] == large["smem"] * 4 // 3  # a stage more of the same bytes
+    x17, _, stream17 = stream_case(17, N, K, g, torch.float16, seed=3)
+    _write(tmp_path, x=x17, **stream17)
+    r = subprocess.run([str(twin), *map(str, ("gemm", tmp_path, "fp16", 17, N, K, g, sms, 0, CONFIGS["deep"], 0, 0,
+                                              "lazy", "forward"))], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and "stream_supports refuses" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])

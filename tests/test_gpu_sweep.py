@@ -99,16 +99,22 @@ def test_gate_failure_says_where_and_rules_out_only_its_variants():
         return {"failed": [{"layout": layout, "kernel": kernel.name}]}
     every_stream = {label for label, layout, _ in gpu_sweep.VARIANTS if layout == "stream"}
     assert gpu_sweep.failed_variants(failed("stream", Kernel.STREAM_GROUP_SUMS)) == {"stream:sums", "stream:sums:narrow",
-                                                                                    "stream:auto"}
+                                                                                    "stream:auto", "stream:auto:deep"}
     assert gpu_sweep.failed_variants(failed("stream", Kernel.AUTO)) == every_stream
     assert gpu_sweep.failed_variants(failed("stream", Kernel.STREAM)) == {"stream", "stream:pdl", "stream:narrow",
-                                                                         "stream:auto"}
+                                                                         "stream:auto", "stream:auto:deep"}
+    # a failure under the deep ring's environment rules out that variant alone (the default does not run it)
+    for kernel in ("STREAM", "STREAM_GROUP_SUMS", "AUTO"):
+        assert gpu_sweep.failed_variants({"failed": [{"layout": "stream", "env": "stream:auto:deep",
+                                                      "kernel": kernel}]}) == {"stream:auto:deep"}
     assert gpu_sweep.failed_variants({"failed": [{"layout": "stream", "kernel": "STREAM", "pdl": True}]}) == {"stream:pdl"}
     # a failure under the narrow variants' environment rules out those, and the default (narrow too)
     narrow = {"layout": "stream", "env": "stream:narrow"}
-    assert gpu_sweep.failed_variants({"failed": [{**narrow, "kernel": "STREAM"}]}) == {"stream:narrow", "stream:auto"}
+    assert gpu_sweep.failed_variants({"failed": [{**narrow, "kernel": "STREAM"}]}) == {"stream:narrow", "stream:auto",
+                                                                                     "stream:auto:deep"}
     assert gpu_sweep.failed_variants({"failed": [{**narrow, "kernel": "STREAM_GROUP_SUMS"}]}) == {"stream:sums:narrow",
-                                                                                                "stream:auto"}
+                                                                                                "stream:auto",
+                                                                                                "stream:auto:deep"}
     # the default gated as a whole rules out itself only
     assert gpu_sweep.failed_variants({"failed": [{"layout": "stream", "env": "stream:auto", "kernel": "AUTO"}]}) == \
         {"stream:auto"}
@@ -119,7 +125,8 @@ def test_gate_failure_says_where_and_rules_out_only_its_variants():
     assert gpu_sweep.failed_variants(failed("tiled", Kernel.SKINNY_SHALLOW)) == {"tiled:auto"}
     assert gpu_sweep.failed_variants(failed("gemm", Kernel.GEMV)) == set()
     # gated, not timed; the automatic choice runs it where the large configuration does not fit
-    assert gpu_sweep.failed_variants(failed("stream", Kernel.STREAM_COMPACT)) == {"stream:auto", "stream:auto:sm89"}
+    assert gpu_sweep.failed_variants(failed("stream", Kernel.STREAM_COMPACT)) == {"stream:auto", "stream:auto:sm89",
+                                                                                  "stream:auto:deep"}
     assert gpu_sweep.failed_variants({"failed": []}) == set()
 
 
@@ -161,27 +168,53 @@ def test_narrow_variants_are_timed_where_they_run():
             assert timed == [m for m in gpu_sweep.MS if m <= gpu_sweep.NARROW_MAX_M] and timed, label
         elif kernel == Kernel.STREAM_GROUP_SUMS or label == "stream:auto:sm89":  # sm89: the compact one, M <= 32
             assert timed == [m for m in gpu_sweep.MS if m <= 32], label
+        elif label == "stream:auto:deep":  # the deep configuration: M <= 16
+            assert timed == [m for m in gpu_sweep.MS if m <= gpu_sweep.STREAM_DEEP_MAX_M] and timed, label
         else:
             assert timed == gpu_sweep.MS, label
     for M in (1, 4):  # and the SASS column names the narrow instantiation where it runs
         assert gpu_sweep.kernel_label("stream:narrow", M, 4096, 4096).endswith(", true>")
     assert gpu_sweep.kernel_label("stream:sums:narrow", 1, 4096, 4096) == \
-        "awq_stream_kernel<half, 1, true, false, true, false, true>"
+        "awq_stream_kernel<half, 1, true, false, true, large, true>"
 
 
 def test_kernel_label_of_the_default_follows_the_automatic_choice():
     """stream:auto's rows name what kAuto runs (csrc/awq_ops.cpp): group sums and the narrow kernels
     at one token, the four-m-tile kernel at M 33-64 only from FOUR_TILE_MIN_WEIGHTS, else dequantize."""
     assert gpu_sweep.kernel_label("stream:auto", 1, 4096, 4096) == \
-        "awq_stream_kernel<half, 1, true, false, true, false, true>"
+        "awq_stream_kernel<half, 1, true, false, true, large, true>"
     assert gpu_sweep.kernel_label("stream:auto", 16, 4096, 4096) == \
-        "awq_stream_kernel<half, 1, true, false, true, false, false>"
+        "awq_stream_kernel<half, 1, true, false, true, large, false>"
     big = int(gpu_sweep.FOUR_TILE_MIN_WEIGHTS ** 0.5)
     assert gpu_sweep.kernel_label("stream:auto", 40, big, big).startswith("awq_stream_kernel<half, 4,")
     assert gpu_sweep.kernel_label("stream:auto", 40, 4096, 4096) == "dequant+cuBLAS"
     assert gpu_sweep.kernel_label("stream:auto", 100, big, big) == "dequant+cuBLAS"
     # a ~99 KB GPU's default: the compact configuration, group sums at M <= 16 only
     assert gpu_sweep.kernel_label("stream:auto:sm89", 1, 4096, 4096) == \
-        "awq_stream_kernel<half, 1, true, false, true, true, true>"
+        "awq_stream_kernel<half, 1, true, false, true, compact, true>"
     assert gpu_sweep.kernel_label("stream:auto:sm89", 20, 4096, 4096) == \
-        "awq_stream_kernel<half, 2, true, false, false, true, false>"
+        "awq_stream_kernel<half, 2, true, false, false, compact, false>"
+    # the deep configuration where it exists (M <= 16), the large one past it
+    assert gpu_sweep.kernel_label("stream:auto:deep", 1, 4096, 4096) == \
+        "awq_stream_kernel<half, 1, true, false, true, deep, true>"
+    assert gpu_sweep.kernel_label("stream:auto:deep", 16, 4096, 4096) == \
+        "awq_stream_kernel<half, 1, true, false, true, deep, false>"
+    assert gpu_sweep.kernel_label("stream:auto:deep", 17, 4096, 4096) == \
+        "awq_stream_kernel<half, 2, true, false, true, large, false>"
+
+
+@pytest.mark.parametrize("first_rc", [0, 1])
+def test_ncu_reruns_with_the_known_metrics_only_when_the_added_ones_fail(monkeypatch, tmp_path, first_rc):
+    calls = []
+
+    def fake_run_tool(cmd, log, timeout):
+        calls.append(cmd[cmd.index("--metrics") + 1])
+        return {"cmd": " ".join(cmd), "rc": first_rc if len(calls) == 1 else 0}
+    monkeypatch.setattr(gpu_sweep, "run_tool", fake_run_tool)
+    r = gpu_sweep.run_ncu("70b-down", 64, "stream:auto", tmp_path / "ncu.log")
+    assert r["rc"] == 0 and "--profile-case 70b-down,64,stream:auto" in r["cmd"]
+    if first_rc == 0:
+        assert calls == [gpu_sweep.NCU_METRICS_MORE] and "first_try" not in r
+    else:
+        assert calls == [gpu_sweep.NCU_METRICS_MORE, gpu_sweep.NCU_METRICS] and r["first_try"]["rc"] == 1
+    assert {shape for shape, _, _ in gpu_sweep.NCU_CASES} <= {"70b-down", "4096x4096"}  # profile_case's shapes

@@ -475,6 +475,50 @@ def test_stream_kernel_narrow(M, N, K, g, dtype, kernel, monkeypatch):
     assert torch.equal(out, torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), 0))
 
 
+STREAM_DEEP_MAX_M = kernels.source_constant("kStreamDeepMaxM")  # the deep configuration's rows
+H100_SMEM = kernels.source_constant("kH100SmemPerBlock")  # what the deep configuration is sized to fit
+
+
+def stream_configs_run(fn) -> set[str]:
+    """The CONFIG template argument (csrc/awq_kernels.h: StreamConfig, 0 large, 1 compact, 2 deep) of
+    every stream kernel ``fn`` launches, as the profiler names them."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {m.group(1).split(",")[5].strip() for e in prof.events()
+            for m in [re.search(r"awq_stream_kernel<([^>]*)>", e.name)] if m}
+
+
+@pytest.mark.parametrize("kernel,dtype", [(Kernel.STREAM, torch.float16), (Kernel.STREAM_GROUP_SUMS, torch.float16),
+                                          (Kernel.STREAM, torch.bfloat16), (Kernel.AUTO, torch.float16)],
+                         ids=["fp16", "sums-fp16", "bf16", "auto-fp16"])
+@pytest.mark.parametrize("N,K,g", [STREAM_COMBOS[1], STREAM_COMBOS[2], STREAM_COMBOS[5], STREAM_COMBOS[6]],
+                         ids=["N192", "N4096", "g32", "g256"])
+@pytest.mark.parametrize("M", [1, STREAM_NARROW_MAX_M + 1, STREAM_DEEP_MAX_M, STREAM_DEEP_MAX_M + 1])
+def test_stream_kernel_deep(M, N, K, g, dtype, kernel, monkeypatch):
+    """AWQLIB_STREAM_DEEP=1: at M <= 16 on a GPU with an H100's shared memory per block the deep
+    configuration (a fourth ring stage) runs -- the profiler names it -- and gives the large one's
+    outputs bit for bit (the same partition and arithmetic); past 16 rows, or on a smaller GPU, the
+    choice is what it is without the setting."""
+    skip_if_stream_does_not_fit(M, Kernel.STREAM if kernel == Kernel.AUTO else kernel)
+    qs, zs, ss = stream_weight(K, N, g, dtype)
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    monkeypatch.setenv("AWQLIB_STREAM_DEEP", "0")
+    plain_configs = stream_configs_run(lambda: torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), 0))
+    plain = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), 0)
+    monkeypatch.setenv("AWQLIB_STREAM_DEEP", "1")
+    poison_allocator()
+    out = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), 0)
+    check(x, K, N, g, dtype, out=out)
+    assert torch.equal(out, plain)
+    deep_configs = stream_configs_run(lambda: torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), 0))
+    deep_fits = torch.cuda.get_device_properties(0).shared_memory_per_block_optin >= H100_SMEM
+    if M <= STREAM_DEEP_MAX_M and deep_fits and plain_configs == {"0"}:
+        assert deep_configs == {"2"}, deep_configs
+    else:
+        assert deep_configs == plain_configs, (deep_configs, plain_configs)
+
+
 COMPACT_COMBOS = COMBOS[:3] + COMBOS[4:] + STREAM_COMBOS[-3:]  # (14336, 4096, 32): full tiles, group 32 (FINE)
 
 
@@ -609,6 +653,7 @@ def test_stream_auto_choice_per_gpu_class(limit, M, K, N, expected, large_fits, 
     ("AWQLIB_STREAM_SMEM_LIMIT", "160KB", "AWQLIB_STREAM_SMEM_LIMIT must be a positive number of bytes"),
     ("AWQLIB_STREAM_PDL", "yes", "AWQLIB_STREAM_PDL must be 0 or 1"),
     ("AWQLIB_STREAM_NARROW", "on", "AWQLIB_STREAM_NARROW must be 0 or 1"),
+    ("AWQLIB_STREAM_DEEP", "true", "AWQLIB_STREAM_DEEP must be 0 or 1"),
 ])
 def test_stream_settings_are_strict(name, value, message, monkeypatch):
     qs, zs, ss = stream_weight(512, 128, 128)

@@ -70,7 +70,7 @@ def test_an_edited_json_changes_its_table(tmp_path, capsys, edit):
     else:  # the SASS table's figures come from scripts/sass_budget.py's JSON, its labels from results/
         path = d / "sass_budget.json"
         data = json.loads(path.read_text())
-        row = next(r for r in data if r["arch"] == "90" and r["kernel"] == "awq_stream_kernel<half, 1, true, false, false, false, false>")
+        row = next(r for r in data if r["arch"] == "90" and r["kernel"] == "awq_stream_kernel<half, 1, true, false, false, large, false>")
         row["instr_per_kb"] = 171.2
     path.write_text(json.dumps(data))
     assert report.main(["--check", "--dir", str(d)]) == 1
@@ -125,28 +125,32 @@ def test_add_records_a_gpu_sweep(tmp_path, capsys):
     assert text.index("## CUDA kernels") < text.index(run) < text.index("## SASS instruction budget")
     assert "NVIDIA H200 (132 SMs)" in text and "correctness gate 7/7 passed; copy 4260 GB/s" in text
     # M=1: tiled:auto 10 µs, stream 20 µs, stream:sums 30 µs, stream:pdl 40 µs, stream:narrow 50 µs,
-    # stream:sums:narrow 60 µs, stream:auto 70 µs, stream:auto:sm89 80 µs, fp16 13 µs; the stream rows carry
-    # their kernels' SASS figures
+    # stream:sums:narrow 60 µs, stream:auto 70 µs, stream:auto:sm89 80 µs, stream:auto:deep 90 µs, fp16 13 µs;
+    # the stream rows carry their kernels' SASS figures
     assert f"| {gpu_sweep.SHAPES[0][0]} | 1 | tiled:auto | 10.0 | 13.0 | 1.30x |" in text
     sass = gpu_sweep.sass_table()
-    for kernel in ("awq_stream_kernel<half, 1, true, false, false, false, false>",
-                   "awq_stream_kernel<half, 1, true, false, true, false, false>",
-                   "awq_stream_kernel<half, 1, true, false, false, false, true>",
-                   "awq_stream_kernel<half, 1, true, false, true, false, true>"):
+    for kernel in ("awq_stream_kernel<half, 1, true, false, false, large, false>",
+                   "awq_stream_kernel<half, 1, true, false, true, large, false>",
+                   "awq_stream_kernel<half, 1, true, false, false, large, true>",
+                   "awq_stream_kernel<half, 1, true, false, true, large, true>"):
         assert f"| {sass[kernel]:.1f} | `{kernel}` |" in text
     # issue 10's targets per variant, and the comparisons that decide the default runtime layout
     assert ("| 4096x4096, M=1 | 1.30x (not met) | 0.65x (not met) | 0.43x (not met) | 0.32x (not met) | "
-            "0.26x (not met) | 0.22x (not met) | 0.19x (not met) | 0.16x (not met) | >= 2.00x |") in text
-    assert "| 70b down 8192x28672, M=1 | - | - | - | - | - | - | - | - | >= 2.80x |" in text  # a shape not timed
+            "0.26x (not met) | 0.22x (not met) | 0.19x (not met) | 0.16x (not met) | 0.14x (not met) | >= 2.00x |") in text
+    assert "| 70b down 8192x28672, M=1 | - | - | - | - | - | - | - | - | - | >= 2.80x |" in text  # a shape not timed
     assert "stream:auto vs tiled:auto (the default against the default before 2026-11-30): faster in 0 of 2" in text
     # the default's rows name what it runs: group sums and the narrow kernels at one token
     assert (f"| {gpu_sweep.SHAPES[0][0]} | 1 | stream:auto | 70.0 | 13.0 | 0.19x |") in text
-    assert "`awq_stream_kernel<half, 1, true, false, true, false, true>` |" in text
+    assert "`awq_stream_kernel<half, 1, true, false, true, large, true>` |" in text
     assert "stream vs tiled:auto (the stream layout's kernel against the tiled layout's): faster in 0 of 2 cells" in text
     assert "stream:sums vs stream (group sums against scaled fragments, M <= 32): faster in 0 of 2 cells" in text
     assert "stream:pdl vs stream (programmatic dependent launch against plain launches): faster in 0 of 2" in text
     assert "stream:narrow vs stream (tokens on the mma's n8 side against 16-row tiles, M <= 8): faster in 0 of 2" in text
     assert "stream:sums:narrow vs stream:sums (the same with group sums): faster in 0 of 2" in text
+    assert ("stream:auto:deep vs stream:auto (the default with a fourth ring stage (the deep configuration), M <= 16): "
+            "faster in 0 of 2") in text
+    assert f"| {gpu_sweep.SHAPES[0][0]} | 1 | stream:auto:deep | 90.0 | 13.0 | 0.14x |" in text
+    assert "`awq_stream_kernel<half, 1, true, false, true, deep, true>` |" in text
     assert report.main(["--check", "--dir", str(d)]) == 0
     assert KERNELS_CELL in text  # the other tables untouched
 

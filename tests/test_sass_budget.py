@@ -42,10 +42,12 @@ NARROW_BUDGET = {"half": 160.0, "bf16": 175.0}
 NARROW_SUMS_BUDGET = {"half": 132.0, "bf16": 147.0}
 
 
-def stream_name(dtype="half", mb=1, exact=True, fine=False, sums=False, compact=False, narrow=False) -> str:
-    """The pretty name sass_budget.py gives awq_stream_kernel<T, MB, EXACT, FINE, SUMS, COMPACT, NARROW>."""
-    flags = ", ".join(str(f).lower() for f in (exact, fine, sums, compact, narrow))
-    return f"awq_stream_kernel<{dtype}, {mb}, {flags}>"
+def stream_name(dtype="half", mb=1, exact=True, fine=False, sums=False, config="large", narrow=False) -> str:
+    """The pretty name sass_budget.py gives awq_stream_kernel<T, MB, EXACT, FINE, SUMS, CONFIG, NARROW>
+    (CONFIG by its name: large, compact, deep)."""
+    assert config in sass_budget.STREAM_CONFIGS, config
+    flags = ", ".join(str(f).lower() for f in (exact, fine, sums))
+    return f"awq_stream_kernel<{dtype}, {mb}, {flags}, {config}, {str(narrow).lower()}>"
 
 pytestmark = pytest.mark.skipif(sass_budget.find_nvcc() is None or sass_budget.find_cuobjdump() is None,
                                 reason="needs nvcc and cuobjdump (CUDA toolkit; triton wheel)")
@@ -70,7 +72,7 @@ def test_decode_kernel_within_budget(reports, dtype, sums, narrow):
 
 @pytest.mark.parametrize("dtype", ["half", "bf16"])
 def test_compact_decode_kernel_within_budget(reports, dtype):
-    r = reports[stream_name(dtype, compact=True)]
+    r = reports[stream_name(dtype, config="compact")]
     assert r.check == "ok", r.check
     assert r.instr_per_kb is not None and r.instr_per_kb <= COMPACT_BUDGET[dtype], (
         f"{r.kernel}: {r.instr_per_kb} warp-instructions per KB > {COMPACT_BUDGET[dtype]} ({r.loop['by_op']})")
@@ -97,8 +99,9 @@ def test_no_spills_and_one_resident_cta(reports):
     stream = [r for r in reports.values() if r.kernel.startswith("awq_stream_kernel<")]
     # large: {half, bf16} x MB {1, 2, 4} x EXACT x FINE, + group sums: {half, bf16} x MB {1, 2} x EXACT;
     # compact: {half, bf16} x MB {1, 2} x EXACT x FINE, + group sums: {half, bf16} x MB 1 x EXACT;
-    # narrow: {half, bf16} x {large, compact} x (EXACT x FINE + group sums x EXACT)
-    assert len(stream) == 32 + 20 + 24
+    # narrow: {half, bf16} x {large, compact} x (EXACT x FINE + group sums x EXACT);
+    # deep (MB 1): {half, bf16} x {m16, narrow} x (EXACT x FINE + group sums x EXACT)
+    assert len(stream) == 32 + 20 + 24 + 24
     for r in stream:
         assert r.spill_stores == 0 and r.spill_loads == 0, f"{r.kernel} spills"
         assert r.ctas_per_sm is not None and r.ctas_per_sm >= 1, f"{r.kernel} does not fit on an SM"
@@ -126,17 +129,33 @@ def test_every_cache_policy_descriptor_is_written(reports):
     assert not bad, bad
 
 
+@pytest.mark.parametrize("narrow", [False, True], ids=["m16", "narrow"])
+@pytest.mark.parametrize("sums", [False, True], ids=["scaled", "group-sums"])
+@pytest.mark.parametrize("dtype", ["half", "bf16"])
+def test_deep_configuration_is_the_large_loop_with_a_fourth_stage(reports, dtype, sums, narrow):
+    """The deep configuration (a fourth 32 KB stage at M <= 16) changes the ring, not the loop: the
+    same instructions per KB as the large one (within a few: the ring counters wrap at 4), no spill,
+    and shared memory an H100/H200 has and an A100 does not (where the large one stays)."""
+    large = reports[stream_name(dtype, sums=sums, narrow=narrow)]
+    deep = reports[stream_name(dtype, sums=sums, config="deep", narrow=narrow)]
+    assert deep.check == "ok", deep.check
+    assert deep.loop["by_op"].get("HMMA") == large.loop["by_op"].get("HMMA")
+    assert abs(deep.instr_per_kb - large.instr_per_kb) <= 3.0, (deep.instr_per_kb, large.instr_per_kb)
+    assert deep.dyn_smem == large.dyn_smem * 4 // 3
+    smem = deep.static_smem + deep.dyn_smem
+    assert smem <= sass_budget.ARCH_LIMITS["90"]["smem_cta"] and smem > sass_budget.ARCH_LIMITS["80"]["smem_cta"]
+
+
 def _config_for(reports, arch, mb):
     """The configuration that fits at MB m-tiles on a device with `arch`'s shared memory: the large
     one where a block may have its shared memory, else the compact one (MB <= 2), else none.  Only
     the sizes are checked here; which kernel awq_ops.cpp then runs is checked on a GPU
     (test_kernels_cuda.py: test_stream_auto_choice_per_gpu_class).  Shared memory as the sm_90
     build reserves it (its static 1 KB is more than sm_80's 16 bytes: conservative elsewhere)."""
-    for compact in (False, True):
-        name = stream_name(mb=mb, compact=compact)
-        r = reports.get(name)
+    for config in ("large", "compact"):
+        r = reports.get(stream_name(mb=mb, config=config))
         if r is not None and r.static_smem + r.dyn_smem <= sass_budget.ARCH_LIMITS[arch]["smem_cta"]:
-            return "compact" if compact else "large"
+            return config
     return None
 
 
@@ -157,7 +176,7 @@ def test_hot_loop_finder_on_a_synthetic_listing():
     """The parser and loop finder on a hand-written listing: the loop with the HMMA wins over a
     larger loop without, and a skipped region holding a global store is not counted."""
     text = """
-        Function : _ZN3awq17awq_stream_kernelI6__halfLi1ELb1ELb0ELb1ELb0ELb1EEEvv
+        Function : _ZN3awq17awq_stream_kernelI6__halfLi1ELb1ELb0ELb1ELi2ELb1EEEvv
         /*0000*/  MOV R1, c[0x0][0x28] ;
         /*0010*/  FADD R2, R2, R3 ;
         /*0020*/  FADD R2, R2, R3 ;
@@ -172,7 +191,8 @@ def test_hot_loop_finder_on_a_synthetic_listing():
     """
     funcs = sass_budget.parse_sass(text)
     (name, insns), = funcs.items()
-    assert sass_budget.kernel_name(name) == ("awq_stream_kernel", ["__half", 1, True, False, True, False, True])
+    assert sass_budget.kernel_name(name) == ("awq_stream_kernel", ["__half", 1, True, False, True, 2, True])
+    assert sass_budget.pretty(*sass_budget.kernel_name(name)) == stream_name(sums=True, config="deep", narrow=True)
     lp = sass_budget.hot_loop(insns)
     assert (lp.start, lp.end) == (0x40, 0x90)
     assert lp.instructions == 4 and lp.cold_instructions == 2 and lp.by_op["HMMA"] == 1

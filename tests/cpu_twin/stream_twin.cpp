@@ -3,14 +3,15 @@
 // plan_stream's plan, params_for's parameters, the instantiation describe_mb picks, the
 // geometry).  Driven by tests/test_cpu_twin.py:
 //
-//   stream_twin gemm    DIR DTYPE M N K GROUP SMS SUMS COMPACT PDL NARROW TIMING ORDER
+//   stream_twin gemm    DIR DTYPE M N K GROUP SMS SUMS CONFIG PDL NARROW TIMING ORDER
 //   stream_twin dequant DIR DTYPE K N GROUP
 //
 // DIR holds the inputs as raw little-endian arrays (x.bin [M, K], qweight.bin, qzeros.bin,
 // scales.bin in the stream layout) and receives out.bin ([M, N], or the dense W^T [K, N]).  DTYPE:
 // fp16 | bf16; TIMING: lazy | eager (when cp.async data lands, cpu_twin.h); ORDER: forward |
 // reverse (the CTAs' order, the warps' order, and which end of every buffer touches its guard
-// page); NARROW: 1 asks for the narrow kernels (M <= 8).  Prints the launch (grid, units per CTA,
+// page); CONFIG: 0 large, 1 compact, 2 deep (awq::StreamConfig); NARROW: 1 asks for the narrow
+// kernels (M <= 8).  Prints the launch (grid, units per CTA,
 // the ring refills the plan makes), the weight bytes the kernel read and the warp mmas it ran;
 // exit status 0, or 1 and the reason on stderr (3 for a memory fault).
 #include <cstdio>
@@ -52,10 +53,10 @@ Weight load_weight(const std::string& dir, int K, int N, int g, Placement at) {
 }
 
 template <typename T>
-void run_gemm(const std::string& dir, int M, int N, int K, int g, int sms, bool sums, bool compact, bool pdl,
-              bool narrow, bool eager, bool reverse) {
-  if (!awq::stream_supports(M, N, K, g, compact)) awq_twin::fail("stream_supports refuses this shape");
-  const awq::StreamPlan plan = awq::plan_stream(M, N, K, g, sms, compact);
+void run_gemm(const std::string& dir, int M, int N, int K, int g, int sms, bool sums, awq::StreamConfig config,
+              bool pdl, bool narrow, bool eager, bool reverse) {
+  if (!awq::stream_supports(M, N, K, g, config)) awq_twin::fail("stream_supports refuses this shape");
+  const awq::StreamPlan plan = awq::plan_stream(M, N, K, g, sms, config);
   const awq::StreamLaunch<T> d = awq::describe_stream<T>(M, N, K, g, plan, sums, pdl, narrow);
   const Placement at = reverse ? Placement::kAtStart : Placement::kAtEnd;
   auto x = load(dir, "x.bin", (size_t)M * K * sizeof(T), at);
@@ -93,7 +94,7 @@ void run_gemm(const std::string& dir, int M, int N, int K, int g, int sms, bool 
   // What the plan makes the kernel do beyond its prologue (planned_refills: units its CTAs stream
   // after the stages the prologue loads -- the ring's steady state), and what the kernel did read:
   // every weight byte exactly once (weight_bytes_read against K N / 2).
-  const int stages = awq::stages_for(awq::mb_for(M), compact);
+  const int stages = awq::stages_for(awq::mb_for(M), config);
   int refills = 0;
   for (int b = 0; b < d.grid; ++b) refills += std::max(0, std::min(plan.per, d.p.units - b * plan.per) - (stages - 1));
   std::printf("grid %d per %d units %d slices %d max_parts %d smem %d planned_refills %d weight_bytes_read %zu "
@@ -129,12 +130,16 @@ int main(int argc, char** argv) {
       const std::string dt = argv[3], timing = argv[13], order = argv[14];
       const int M = to_int(argv[4]), N = to_int(argv[5]), K = to_int(argv[6]), g = to_int(argv[7]),
                 sms = to_int(argv[8]);
-      const bool sums = to_int(argv[9]), compact = to_int(argv[10]), pdl = to_int(argv[11]), narrow = to_int(argv[12]);
+      const bool sums = to_int(argv[9]), pdl = to_int(argv[11]), narrow = to_int(argv[12]);
+      const int config_arg = to_int(argv[10]);
       if ((timing != "lazy" && timing != "eager") || (order != "forward" && order != "reverse"))
         awq_twin::fail("TIMING is lazy|eager, ORDER forward|reverse");
+      if (config_arg != awq::kConfigLarge && config_arg != awq::kConfigCompact && config_arg != awq::kConfigDeep)
+        awq_twin::fail("CONFIG is 0 (large), 1 (compact) or 2 (deep)");
+      const auto config = static_cast<awq::StreamConfig>(config_arg);
       const bool eager = timing == "eager", reverse = order == "reverse";
-      if (dt == "fp16") run_gemm<__half>(dir, M, N, K, g, sms, sums, compact, pdl, narrow, eager, reverse);
-      else if (dt == "bf16") run_gemm<__nv_bfloat16>(dir, M, N, K, g, sms, sums, compact, pdl, narrow, eager, reverse);
+      if (dt == "fp16") run_gemm<__half>(dir, M, N, K, g, sms, sums, config, pdl, narrow, eager, reverse);
+      else if (dt == "bf16") run_gemm<__nv_bfloat16>(dir, M, N, K, g, sms, sums, config, pdl, narrow, eager, reverse);
       else awq_twin::fail("DTYPE is fp16|bf16");
     } else if (kind == "dequant" && argc == 7) {
       const std::string dt = argv[3];
