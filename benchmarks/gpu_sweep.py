@@ -70,6 +70,7 @@ FOUR_TILE_MIN_WEIGHTS = source_constant("kStreamFourTileMinWeights")  # kAuto's 
 STREAM_MAX_M = source_constant("kStreamMaxM")  # one pass of the stream kernel (csrc/awq_kernels.h)
 STREAM_COMPACT_MAX_M = source_constant("kStreamCompactMaxM")  # ... in the compact configuration
 STREAM_DEEP_MAX_M = source_constant("kStreamDeepMaxM")  # ... in the deep one (a fourth ring stage)
+DEEP_SMEM_MIN = source_constant("kH100SmemPerBlock")  # the deep configuration is sized for (and timed on) these
 SKINNY_MAX_M_TILED = source_constant("kSkinnyMaxMTiled")  # tiled layout: the skinny kernel, then dequantize
 SM89_SMEM = source_constant("kSm89SmemPerBlock")  # shared memory per block of an sm_86/89 GPU
 
@@ -126,11 +127,16 @@ GATE_ENV = [("stream:narrow", "stream", Kernel.STREAM, (1, 2, 7, 8, 9, 72)),  # 
             ("stream:auto:deep", "stream", Kernel.AUTO, (1, 8, 16, 17)),
             ("stream:auto:deep", "stream", Kernel.STREAM, (1, 9, 16)),
             ("stream:auto:deep", "stream", Kernel.STREAM_GROUP_SUMS, (1, 16))]
+# outputs that must equal another variant's bit for bit (the deep ring keeps the large configuration's
+# partition and arithmetic): checked by the gate case by case
+SAME_BITS_AS = {"stream:auto:deep": "stream:auto"}
 # gated again with programmatic dependent launch, back to back in one stream (the case it changes);
-# (layout, kernel, M, narrow): the narrow kernels too (bench_generate times them with PDL)
-GATE_PDL = [("stream", Kernel.STREAM, (1, 33, 100), False), ("stream", Kernel.STREAM_GROUP_SUMS, (1, 17), False),
-            ("stream", Kernel.STREAM_COMPACT, (1, 17), False), ("stream", Kernel.STREAM, (1, 8), True),
-            ("stream", Kernel.STREAM_GROUP_SUMS, (5,), True)]
+# (layout, kernel, M, the other stream options on in both chains): the narrow kernels too
+# (bench_generate times them with PDL), and the deep ring (whose prologue issues 3 stages before the wait)
+GATE_PDL = [("stream", Kernel.STREAM, (1, 33, 100), ()), ("stream", Kernel.STREAM_GROUP_SUMS, (1, 17), ()),
+            ("stream", Kernel.STREAM_COMPACT, (1, 17), ()), ("stream", Kernel.STREAM, (1, 8), ("narrow",)),
+            ("stream", Kernel.STREAM_GROUP_SUMS, (5,), ("narrow",)),
+            ("stream", Kernel.STREAM_GROUP_SUMS, (1, 16), ("deep", "narrow"))]
 REL_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
@@ -141,7 +147,7 @@ def gate_plan(max_m: int | None = None) -> tuple[list, list, list]:
         return tuple(m for m in ms if max_m is None or m <= max_m)
     return ([(lay, k, upto(ms)) for lay, k, ms in GATE_VARIANTS],
             [(label, lay, k, upto(ms)) for label, lay, k, ms in GATE_ENV],
-            [(lay, k, upto(ms), narrow) for lay, k, ms, narrow in GATE_PDL])
+            [(lay, k, upto(ms), options) for lay, k, ms, options in GATE_PDL])
 
 
 def variant_env(label: str):
@@ -223,7 +229,8 @@ def run_ncu(shape: str, M: int, variant: str, log: Path) -> dict:
     """One ncu case; rerun with the metrics known to work where the added ones fail it."""
     r = run_tool(ncu_command(shape, M, variant), log, 120)
     if r.get("rc") not in (0, None, "timeout"):
-        r = {**run_tool(ncu_command(shape, M, variant, NCU_METRICS), log, 120), "first_try": r}
+        r = {**run_tool(ncu_command(shape, M, variant, NCU_METRICS), log.with_suffix(".retry.log"), 120),
+             "first_try": r}
     return r
 
 
@@ -271,6 +278,13 @@ def gate_cases(N: int, K: int, g: int, layout: str, kernel: Kernel, ms, env: str
                 err = ((out.float() - ref).norm() / ref.norm()).item()
                 ok = bool(torch.isfinite(out).all()) and err < REL_TOL[dtype]
                 msg = f"rel err {err:.2e}" + ("" if ok else "; " + where_wrong(out, ref, REL_TOL[dtype]))
+                if ok and env in SAME_BITS_AS:
+                    with variant_env(SAME_BITS_AS[env]):
+                        base = torch.ops.awqlib.awq_gemm_variant(x, qw, qz, scd, g, int(kernel), 0)
+                    if not torch.equal(out, base):
+                        ok = False
+                        msg += f"; differs from {SAME_BITS_AS[env]}, whose bits it must have: " + \
+                            where_wrong(out, base.float(), 1e-6)
             except RuntimeError as e:  # a refused case is a failure here: the gate lists only valid ones
                 if lacks_smem(str(e)):
                     continue  # a configuration this GPU has no room for (the large M 17-32 one on an A100)
@@ -292,18 +306,18 @@ def gate(report: dict, save, max_m: int | None = None) -> bool:
             cases += gate_cases(N, K, g, layout, kernel, ms)
         for label, layout, kernel, ms in env:
             cases += gate_cases(N, K, g, layout, kernel, ms, env=label)
-        for layout, kernel, ms, narrow in pdl:
+        for layout, kernel, ms, options in pdl:
             gemm, (qw, qz, sc) = make_weight(K, N, g, layout)
             w32 = dequantize_gemm(*gemm, g, dtype=torch.float32)
             for M in ms:
-                case = gate_pdl_case(qw, qz, sc, w32, g, kernel, M, narrow)
+                case = gate_pdl_case(qw, qz, sc, w32, g, kernel, M, options)
                 if case is None:
                     continue
-                cases.append({"layout": layout, "kernel": kernel.name, "pdl": True, "narrow": narrow, "N": N, "K": K,
-                              "g": g, "M": M, "dtype": "float16", **case})
+                cases.append({"layout": layout, "kernel": kernel.name, "pdl": True, "options": list(options), "N": N,
+                              "K": K, "g": g, "M": M, "dtype": "float16", **case})
                 if not case["ok"]:
-                    print(f"GATE FAIL {layout}/{kernel.name}+PDL{'+narrow' if narrow else ''} N{N} K{K} g{g} M{M}: "
-                          f"{case['detail']}", flush=True)
+                    print(f"GATE FAIL {layout}/{kernel.name}+PDL{''.join('+' + o for o in options)} N{N} K{K} g{g} "
+                          f"M{M}: {case['detail']}", flush=True)
     report["gate"] = gate_summary(cases)
     save()
     print(f"correctness gate: {len(cases) - len(report['gate']['failed'])}/{len(cases)} passed", flush=True)
@@ -317,19 +331,19 @@ def lacks_smem(error: str) -> bool:
     return m is not None and int(m.group(1)) > int(m.group(2))
 
 
-def gate_pdl_case(qw, qz, sc, w32, g: int, kernel: Kernel, M: int, narrow: bool = False) -> dict | None:
+def gate_pdl_case(qw, qz, sc, w32, g: int, kernel: Kernel, M: int, options: tuple[str, ...] = ()) -> dict | None:
     """A chain of launches in one stream, with programmatic dependent launch and without: a, then
     x.neg_(), b on it, and c on b -- the stream kernel's own output, which it may start reading
     before b has finished (b lets dependents launch early; c must wait for b before reading its
     activations).  Each launch must equal its plain twin bit for bit (the partition and the
     reduction order do not depend on PDL), and a the reference.  None: refused for lack of shared
-    memory (by design).  ``narrow``: both chains with the narrow kernels."""
+    memory (by design).  ``options``: the stream options (common.STREAM_OPTIONS) on in both chains."""
     x0 = torch.randn(M, w32.shape[0], device="cuda", dtype=torch.float16) * 0.1
 
     def chain(pdl: bool):
         x = x0.clone()
         poison()
-        with scoped_env(stream_options_env(*(("pdl",) if pdl else ()), *(("narrow",) if narrow else ()))):
+        with scoped_env(stream_options_env(*(("pdl",) if pdl else ()), *options)):
             a = torch.ops.awqlib.awq_gemm_variant(x, qw, qz, sc, g, int(kernel), 0)
             x.neg_()
             b = torch.ops.awqlib.awq_gemm_variant(x, qw, qz, sc, g, int(kernel), 0)
@@ -375,9 +389,9 @@ def where_wrong(out: torch.Tensor, ref: torch.Tensor, tol: float) -> str:
             f"slices {sorted(set((cols // 128).tolist()))[:16]}")
 
 
-# the kernels each default variant runs (csrc/awq_ops.cpp: kAuto), by Kernel name
 # variants whose environment turns on a configuration the library's defaults do not run
 OPT_IN_ENVS = ("stream:auto:deep",)
+# the kernels each default variant runs (csrc/awq_ops.cpp: kAuto), by Kernel name
 DEFAULT_RUNS = {"stream:auto": (Kernel.STREAM.name, Kernel.STREAM_GROUP_SUMS.name),
                 "stream:auto:deep": (Kernel.STREAM.name, Kernel.STREAM_GROUP_SUMS.name),
                 "stream:auto:sm89": (Kernel.STREAM_COMPACT.name, Kernel.STREAM_COMPACT_GROUP_SUMS.name)}
@@ -388,8 +402,8 @@ def failed_variants(gate_report: dict) -> set[str]:
     automatic choice on that layout (which may have dispatched to the failing kernel)."""
     labels = set()
     for c in gate_report.get("failed", []):
-        if c.get("pdl"):  # a failure only with programmatic dependent launch (and, if so, the narrow kernels)
-            want = stream_options_env("pdl", *(("narrow",) if c.get("narrow") else ()))
+        if c.get("pdl"):  # a failure only with programmatic dependent launch (and its other options)
+            want = stream_options_env("pdl", *c.get("options", ()))
             labels |= {label for label, layout, _ in VARIANTS
                        if VARIANT_ENV.get(label) == want and layout == c["layout"]}
             continue
@@ -477,6 +491,8 @@ def sweep(args, report: dict, save, t0: float, excluded: set[str] = frozenset())
     sass = sass_table()
     rows = report.setdefault("sweep", [])
     broken: set[str] = set()  # variants whose timing raised: not tried again (the others go on)
+    if props.shared_memory_per_block_optin < DEEP_SMEM_MIN:  # the deep ring does not fit: stream:auto again
+        excluded = set(excluded) | {"stream:auto:deep"}
     order = sorted(((N * K, name, N, K) for name, N, K in SHAPES))
     for _, name, N, K in order:
         g = GROUP

@@ -74,7 +74,7 @@ constexpr int kStreamAtomK = 16, kStreamAtomWords = 128;  // an atom: 16 k-rows 
 enum StreamConfig : int {
   kConfigLarge = 0,    // 512-row stages (256 at M > 32), 3 of them: H100/H200; an A100 at M <= 16 and 33-64
   kConfigCompact = 1,  // 256-row stages, 2-3: ~100 KB GPUs (A10, L4, L40S, RTX); an A100 at M 17-32
-  kConfigDeep = 2,     // the large stages at M <= 16, 4 of them (96 KB of weights in flight): >= 210 KB GPUs
+  kConfigDeep = 2,     // the large stages at M <= 16, 4 of them (96 KB of weights in flight): 213 KB per block (H100/H200)
 };
 struct StreamPlan {
   int grid;                 // CTAs (persistent: at most SMs x CTAs per SM)
@@ -84,6 +84,7 @@ struct StreamPlan {
   int counters;             // arrival counters (one per slice)
   StreamConfig config;      // the shared-memory configuration
 };
+// plan_stream and launch_stream take only what stream_supports accepts for the configuration.
 bool stream_supports(int M, int N, int K, int group_size, StreamConfig config);  // shape and group size (not the device)
 int stream_smem_bytes(int M, StreamConfig config);  // shared memory per CTA (dynamic + static); -1: no such configuration
 void launch_dequant_stream(DType dt, const int32_t* qweight, const int32_t* qzeros, const void* scales, void* out,

@@ -321,7 +321,8 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   const int num_sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
   // The stream kernel's configurations (awq_stream.cu: StreamCfg): the large one where the device
   // has the shared memory for it (H100/H200; an A100 at M <= 16 and 33-64), else the compact one
-  // (which also takes the few group sizes only its 256-row k-tile divides).
+  // (which also takes the few group sizes only its 256-row k-tile divides), or the deep one in
+  // place of the large one at M <= 16 where asked for (stream_deep) and it fits.
   // It takes M rows in passes of at most kStreamMaxM (compact: kStreamCompactMaxM) rows, one launch
   // each, in the configuration for the pass's rows.  Every pass streams the weights again, so more
   // than one pays only while their bytes, not the math, bound the time: kAuto runs one pass

@@ -17,7 +17,7 @@
 //    Group sums (Kernel.STREAM_GROUP_SUMS, M <= 32, groups >= 128 rows) skip that multiply: the
 //    mma sums the exact products x (q - z) in fp32 and the scale is applied in fp32 once per
 //    warp k-slice (GroupSums: about 13 % fewer instructions per KB).
-//  * Pipeline: a 3-stage cp.async ring in shared memory; a stage is 512 k-rows x 128 columns
+//  * Pipeline: a 3-stage (deep: 4) cp.async ring in shared memory; a stage is 512 k-rows x 128 columns
 //    (32 KB of weights; 256 rows at M > 32) plus the activations, scales and zeros it needs, so
 //    64 KB of weights are in flight per SM (GPUs with less shared memory per block run the
 //    compact configuration, StreamCfg: 256-row stages, 2-3 of them; the deep one, AWQLIB_STREAM_DEEP,
@@ -65,18 +65,21 @@ static_assert(kStWarps % kNA == 0, "warps split evenly over n-atoms");
 // 4 in the compact configuration.
 constexpr int ka_for(int MB, int config) { return MB == 4 || config == kConfigCompact ? 4 : 8; }
 
-// Two shared-memory configurations per m-tile count.  The large one (3 stages of 16-32 KB of
+// Three shared-memory configurations (StreamConfig).  The large one (3 stages of 16-32 KB of
 // weights, 152-208 KB per CTA) is for H100/H200 (227 KB per block), and for an A100 (163 KB) at
 // MB = 1 and 4.  The compact one (k-tile 256; 3 stages at MB = 1, 2 at MB = 2: 81 and 70 KB with
 // the static part) is what fits the A100 at MB = 2 and the ~99 KB of an sm_86/89/120 GPU (A10,
 // L4, L40S, RTX); there M > 32 takes dequantize + cuBLAS (no MB = 4 stage fits: 2 x 50.5 KB).
-// Both must keep fitting those GPUs (static_asserts below), else a whole class of them silently
-// falls back.
-// The deep one is the large one at MB = 1 with a fourth stage (213 KB): 96 KB of weights in flight
-// per SM instead of 64.  Why: on an H200 the large kernel streams 70b-down at M = 1 at 65 % of the
-// copy bandwidth with its warps 60 % idle, mostly waiting on cp.async data (ncu, long scoreboard:
-// benchmarks/RESULTS.md), so the ring, not the instructions, is what bounds it now.  It fits
-// H100/H200 (227 KB) only.
+// These two must keep fitting those GPUs (static_asserts below), else a whole class of them
+// silently falls back.
+// The deep one (opt-in: awq_ops.cpp stream_deep) is the large one at MB = 1 with a fourth stage
+// (213 KB with the static part): 96 KB of weights in flight per SM instead of 64.  Why: on an H200
+// the large kernel streams 70b-down at M = 1 at 65 % of the copy bandwidth with its warps 60 %
+// idle, stalled on long-scoreboard (the cp.async data) and fixed-latency waits more than on
+// anything else (ncu: benchmarks/RESULTS.md); more bytes in flight is the lever that leaves.
+// It fits H100/H200 only, yet is compiled for every architecture in the build (24 kernels that
+// an A100 or sm_89 never launches, a few seconds of nvcc): compiling it out below sm_90 would
+// leave a PTX build JIT-compiled for an H100 without it.
 static_assert(kStreamCompactMaxM == 32, "the compact configurations are MB = 1 and 2");
 static_assert(kStreamDeepMaxM == 16, "the deep configuration is MB = 1");
 constexpr int stages_for(int MB, int config) {
@@ -326,6 +329,28 @@ struct StreamParams {
 // when one CTA covered the whole slice, else into this part's workspace slot; the last part to
 // arrive adds the slots in part order (deterministic) and writes the output.  Out of line: it
 // runs once per slice and CTA, and keeps its divisions and stores out of the streaming loop.
+// Four columns per access (16-byte loads and stores): at 16-64 rows the last arriver otherwise
+// walks 8-32 rounds of L2 round trips, a few microseconds that the CTA's stream then waits on; it
+// issues kPartsInFlight parts' loads before adding them (in part order: the same sums, bit for bit).
+constexpr int kRedVec = 4;          // floats per access
+constexpr int kPartsInFlight = 4;   // workspace loads the last arriver issues before adding
+static_assert(kSliceN % kRedVec == 0 && 64 % kRedVec == 0, "whole vectors per row, inside N (N % 64 == 0) or past it");
+
+template <typename T>
+__device__ __forceinline__ void store4(T* dst, float4 v) {  // dst: 4 consecutive outputs, 8-byte aligned
+  using T2 = typename Traits<T>::T2;
+  T2 lo, hi;
+  lo.x = Traits<T>::from_float(v.x);
+  lo.y = Traits<T>::from_float(v.y);
+  hi.x = Traits<T>::from_float(v.z);
+  hi.y = Traits<T>::from_float(v.w);
+  *reinterpret_cast<uint2*>(dst) = make_uint2(as_u32<T2>(lo), as_u32<T2>(hi));
+}
+
+__device__ __forceinline__ float4 add4(float4 a, float4 b) {
+  return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+}
+
 template <typename T>
 __device__ AWQ_NOINLINE void write_slice(const float* red, T* __restrict__ out, float* __restrict__ ws,
                                          int32_t* __restrict__ counters, int N, int KT, int per, int max_parts,
@@ -335,23 +360,35 @@ __device__ AWQ_NOINLINE void write_slice(const float* red, T* __restrict__ out, 
   const int last = ((slice + 1) * KT - 1) / per;
   const int parts = last - first + 1;
   const int n0 = slice * kSliceN;
+  const int vecs = rows * kSliceN / kRedVec;  // of a slot, and of `red`
+  const float4* red4 = reinterpret_cast<const float4*>(red);
+  // vector v: row v / (kSliceN / 4), columns n0 + 4 (v % (kSliceN / 4)) ..; N % 64 == 0, so a
+  // vector is wholly inside N or wholly past it
+  auto write_out = [&](int v, float4 f) {
+    const int r = v / (kSliceN / kRedVec), col = (v % (kSliceN / kRedVec)) * kRedVec;
+    if (n0 + col < N) store4(out + (size_t)r * N + n0 + col, f);
+  };
   if (parts == 1) {
-    for (int i = tid; i < rows * kSliceN; i += kStThreads) {
-      const int r = i / kSliceN, col = i % kSliceN;
-      if (n0 + col < N) out[(size_t)r * N + n0 + col] = Traits<T>::from_float(red[i]);
-    }
+    for (int v = tid; v < vecs; v += kStThreads) write_out(v, red4[v]);
     return;
   }
   const int part = blockIdx.x - first;
-  float* slot = ws + ((size_t)slice * max_parts + part) * rows * kSliceN;
-  for (int i = tid; i < rows * kSliceN; i += kStThreads) slot[i] = red[i];
+  float4* slot = reinterpret_cast<float4*>(ws + ((size_t)slice * max_parts + part) * rows * kSliceN);
+  for (int v = tid; v < vecs; v += kStThreads) slot[v] = red4[v];
   if (!arrive_last(&counters[slice], parts)) return;
-  const float* base = ws + (size_t)slice * max_parts * rows * kSliceN;
-  for (int i = tid; i < rows * kSliceN; i += kStThreads) {
-    const int r = i / kSliceN, col = i % kSliceN;
-    float v = 0.f;
-    for (int s = 0; s < parts; ++s) v += __ldcg(base + (size_t)s * rows * kSliceN + i);
-    if (n0 + col < N) out[(size_t)r * N + n0 + col] = Traits<T>::from_float(v);
+  const float4* base = reinterpret_cast<const float4*>(ws + (size_t)slice * max_parts * rows * kSliceN);
+  for (int v = tid; v < vecs; v += kStThreads) {
+    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+    int s = 0;
+    for (; s + kPartsInFlight <= parts; s += kPartsInFlight) {
+      float4 got[kPartsInFlight];
+#pragma unroll
+      for (int j = 0; j < kPartsInFlight; ++j) got[j] = __ldcg(base + (size_t)(s + j) * vecs + v);
+#pragma unroll
+      for (int j = 0; j < kPartsInFlight; ++j) sum = add4(sum, got[j]);
+    }
+    for (; s < parts; ++s) sum = add4(sum, __ldcg(base + (size_t)s * vecs + v));
+    write_out(v, sum);
   }
   if (tid == 0) counters[slice] = 0;  // ready for the next launch (awq_ops.cpp: counters_for)
 }
@@ -865,7 +902,8 @@ StreamLaunch<T> describe_stream(int M, int N, int K, int group_size, const Strea
                                 bool pdl, bool narrow) {
   const StreamParams p = params_for(M, N, K, group_size, plan.per, plan.grid, plan.config);
   const int mb = mb_for(M);
-  if (plan.config == kConfigDeep) return describe_mb<T, 1, kConfigDeep>(p, plan.grid, group_sums, pdl, narrow);
+  // deep exists at one m-tile; past it a deep plan (the same as the large one) runs the large kernels
+  if (plan.config == kConfigDeep && mb == 1) return describe_mb<T, 1, kConfigDeep>(p, plan.grid, group_sums, pdl, narrow);
   if (plan.config == kConfigCompact)
     return mb == 1 ? describe_mb<T, 1, kConfigCompact>(p, plan.grid, group_sums, pdl, narrow)
                    : describe_mb<T, 2, kConfigCompact>(p, plan.grid, group_sums, pdl, narrow);

@@ -9,7 +9,7 @@
 #           variants, narrow, concurrent graphs, chunked large-M, dequantize, in-process repack) and
 #           the block ops' (rms_norm, rotary, gated_act: -k block_op),
 #           then decode of a random 8B Llama, fp16 vs int4 (unfused / fused, the defaults; then fused
-#           with the narrow kernels off, and with PDL on too), batch 1 and 8, with the
+#           with the narrow kernels off, with PDL on too, and with the deep ring), batch 1 and 8, with the
 #           int4 weights in the stream runtime layout (benchmarks/bench_generate.py).
 # Each part stops inside its deadline ($WINDOW_S, default 330 s: give the call timeout_s 360); a
 # step starts only when its minimum time is left.  Run from the repository root:

@@ -64,7 +64,7 @@ def test_gpu_window_script_selects_what_it_claims():
     script = ROOT / "scripts" / "gpu_window.sh"
     text = script.read_text()
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    assert "--tools-only --ncu" in text  # part 3: the issue's ncu run on 70b-down M=1
+    assert "--tools-only --ncu" in text  # part 3: ncu on gpu_sweep's NCU_CASES
     for module in re.findall(r"-m (benchmarks\.\w+)", text):
         assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), module
     expr = re.search(r'-k "([^"]+)"', text).group(1)
@@ -121,7 +121,9 @@ def test_gate_failure_says_where_and_rules_out_only_its_variants():
     assert gpu_sweep.failed_variants({"failed": [{**narrow, "kernel": "STREAM_COMPACT"}]}) == {"stream:auto:sm89"}
     # with PDL and the narrow kernels at once: no timed variant runs both
     assert gpu_sweep.failed_variants({"failed": [{"layout": "stream", "kernel": "STREAM", "pdl": True,
-                                                  "narrow": True}]}) == set()
+                                                  "options": ["narrow"]}]}) == set()
+    assert gpu_sweep.failed_variants({"failed": [{"layout": "stream", "kernel": "STREAM_GROUP_SUMS", "pdl": True,
+                                                  "options": ["deep", "narrow"]}]}) == set()
     assert gpu_sweep.failed_variants(failed("tiled", Kernel.SKINNY_SHALLOW)) == {"tiled:auto"}
     assert gpu_sweep.failed_variants(failed("gemm", Kernel.GEMV)) == set()
     # gated, not timed; the automatic choice runs it where the large configuration does not fit

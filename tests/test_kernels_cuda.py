@@ -500,6 +500,7 @@ def test_stream_kernel_deep(M, N, K, g, dtype, kernel, monkeypatch):
     configuration (a fourth ring stage) runs -- the profiler names it -- and gives the large one's
     outputs bit for bit (the same partition and arithmetic); past 16 rows, or on a smaller GPU, the
     choice is what it is without the setting."""
+    monkeypatch.delenv("AWQLIB_STREAM_SMEM_LIMIT", raising=False)  # the device's own shared memory
     skip_if_stream_does_not_fit(M, Kernel.STREAM if kernel == Kernel.AUTO else kernel)
     qs, zs, ss = stream_weight(K, N, g, dtype)
     x = torch.randn(M, K, device="cuda", dtype=dtype)

@@ -30,7 +30,9 @@ def mb_for(m):
 
 
 def cfg(m, compact=False):
-    """StreamCfg<MB, COMPACT>: the large configuration, or the compact one (M <= 32)."""
+    """StreamCfg<MB, CONFIG>: the large configuration, or the compact one (M <= 32).  The deep one
+    is the large one with a fourth ring stage: the same partition and arithmetic, and the ring is
+    not emulated here (the CPU twin runs it: tests/test_cpu_twin.py)."""
     mb = mb_for(m)
     assert not compact or mb <= 2, "no compact configuration for M > 32"
     ka = 4 if mb == 4 or compact else 8
