@@ -70,6 +70,12 @@ FOUR_TILE_MIN_WEIGHTS = source_constant("kStreamFourTileMinWeights")  # kAuto's 
 STREAM_MAX_M = source_constant("kStreamMaxM")  # one pass of the stream kernel (csrc/awq_kernels.h)
 STREAM_COMPACT_MAX_M = source_constant("kStreamCompactMaxM")  # ... in the compact configuration
 STREAM_DEEP_MAX_M = source_constant("kStreamDeepMaxM")  # ... in the deep one (a fourth ring stage)
+
+
+def deep_takes(M: int) -> bool:
+    """Whether the deep configuration runs M rows: up to STREAM_DEEP_MAX_M, but not at two m-tiles
+    (17-32 rows: csrc/awq_stream.cu's stream_supports)."""
+    return M <= STREAM_DEEP_MAX_M and not 16 < M <= 32
 DEEP_SMEM_MIN = source_constant("kH100SmemPerBlock")  # the deep configuration is sized for (and timed on) these
 SKINNY_MAX_M_TILED = source_constant("kSkinnyMaxMTiled")  # tiled layout: the skinny kernel, then dequantize
 SM89_SMEM = source_constant("kSm89SmemPerBlock")  # shared memory per block of an sm_86/89 GPU
@@ -78,7 +84,7 @@ SM89_SMEM = source_constant("kSm89SmemPerBlock")  # shared memory per block of a
 # (the automatic choice under the library's default settings), "tiled:auto" what they ran before;
 # the forced ones isolate one choice each: "stream:sums" differs from "stream" only at M <= 32
 # (group sums; timed there only), the narrow ones only at M <= 8, "stream:auto:deep" (the default
-# with AWQLIB_STREAM_DEEP=1: a fourth 32 KB ring stage) only at M <= 16.
+# with AWQLIB_STREAM_DEEP=1: a fourth ring stage) only where deep_takes M.
 VARIANTS = [("tiled:auto", "tiled", Kernel.AUTO), ("stream", "stream", Kernel.STREAM),
             ("stream:sums", "stream", Kernel.STREAM_GROUP_SUMS), ("stream:pdl", "stream", Kernel.STREAM),
             ("stream:narrow", "stream", Kernel.STREAM), ("stream:sums:narrow", "stream", Kernel.STREAM_GROUP_SUMS),
@@ -124,8 +130,8 @@ GATE_ENV = [("stream:narrow", "stream", Kernel.STREAM, (1, 2, 7, 8, 9, 72)),  # 
             ("stream:auto", "stream", Kernel.AUTO, (1, 8, 17, 40, 100)),  # the default as a whole
             ("stream:auto:sm89", "stream", Kernel.AUTO, (1, 8, 17, 40)),  # ... on a ~99 KB GPU
             # the deep configuration: the default's choice and each stream kernel; 17: none (large)
-            ("stream:auto:deep", "stream", Kernel.AUTO, (1, 8, 16, 17)),
-            ("stream:auto:deep", "stream", Kernel.STREAM, (1, 9, 16)),
+            ("stream:auto:deep", "stream", Kernel.AUTO, (1, 8, 16, 17, 40)),
+            ("stream:auto:deep", "stream", Kernel.STREAM, (1, 9, 16, 33, 64)),
             ("stream:auto:deep", "stream", Kernel.STREAM_GROUP_SUMS, (1, 16))]
 # outputs that must equal another variant's bit for bit (the deep ring keeps the large configuration's
 # partition and arithmetic): checked by the gate case by case
@@ -180,7 +186,7 @@ def is_timed(label: str, kernel: Kernel, M: int) -> bool:
         return False
     if label == "stream:auto:sm89" and M > STREAM_COMPACT_MAX_M:  # dequantize + cuBLAS there
         return False
-    if label == "stream:auto:deep" and M > STREAM_DEEP_MAX_M:  # the large configuration there
+    if label == "stream:auto:deep" and not deep_takes(M):  # the large configuration there
         return False
     return not (kernel == Kernel.STREAM_GROUP_SUMS and M > 32)
 
@@ -448,7 +454,8 @@ def sass_table() -> dict:
 
 def kernel_label(variant: str, M: int, N: int, K: int) -> str:
     """The instantiation a variant runs (for the SASS column), fp16; M > 64: its first pass."""
-    if variant == "stream:auto" and (M > STREAM_MAX_M or (M > STREAM_COMPACT_MAX_M and N * K < FOUR_TILE_MIN_WEIGHTS)):
+    if variant in ("stream:auto", "stream:auto:deep") and (
+            M > STREAM_MAX_M or (M > STREAM_COMPACT_MAX_M and N * K < FOUR_TILE_MIN_WEIGHTS)):
         return "dequant+cuBLAS"  # the stream layout's (csrc/awq_ops.cpp: kAuto)
     compact = variant == "stream:auto:sm89"  # a ~99 KB GPU's default: the compact configuration, M <= 32
     if compact and M > STREAM_COMPACT_MAX_M:
@@ -460,7 +467,7 @@ def kernel_label(variant: str, M: int, N: int, K: int) -> str:
         auto = variant.startswith("stream:auto")  # group sums where they pay, the narrow kernels at M <= 8
         sums = (variant.startswith("stream:sums") or auto) and mb <= (1 if compact else 2)
         narrow = (variant.endswith(":narrow") or auto) and M <= NARROW_MAX_M
-        config = ("compact" if compact else "deep" if variant == "stream:auto:deep" and M <= STREAM_DEEP_MAX_M
+        config = ("compact" if compact else "deep" if variant == "stream:auto:deep" and deep_takes(M)
                   else "large")  # scripts/sass_budget.py names CONFIG so
         flags = ", ".join(str(f).lower() for f in (exact, False, sums))
         return f"awq_stream_kernel<half, {mb}, {flags}, {config}, {str(narrow).lower()}>"

@@ -66,7 +66,7 @@ void launch_dequant_tiled(DType dt, const int32_t* qweight, const int32_t* qzero
 //      zero again on exit, like the other split-K kernels').
 constexpr int kStreamMaxM = 64;
 constexpr int kStreamCompactMaxM = 32;  // the compact configuration (awq_stream.cu: StreamCfg) takes M <= 32
-constexpr int kStreamDeepMaxM = 16;     // the deep configuration takes M <= 16 (one m16 tile)
+constexpr int kStreamDeepMaxM = 64;     // the deep configuration takes M <= 64, except 17-32 (two m16 tiles)
 constexpr int kStreamNarrowMaxM = 8;    // the narrow kernels: the tokens are the mma's n8 operand
 constexpr int kStreamAtomK = 16, kStreamAtomWords = 128;  // an atom: 16 k-rows x 64 columns, 128 words
 // The stream kernel's shared-memory configurations (awq_stream.cu: StreamCfg): how many k-rows a
@@ -74,7 +74,7 @@ constexpr int kStreamAtomK = 16, kStreamAtomWords = 128;  // an atom: 16 k-rows 
 enum StreamConfig : int {
   kConfigLarge = 0,    // 512-row stages (256 at M > 32), 3 of them: H100/H200; an A100 at M <= 16 and 33-64
   kConfigCompact = 1,  // 256-row stages, 2-3: ~100 KB GPUs (A10, L4, L40S, RTX); an A100 at M 17-32
-  kConfigDeep = 2,     // the large stages at M <= 16, 4 of them (96 KB of weights in flight): 213 KB per block (H100/H200)
+  kConfigDeep = 2,     // the large stages, 4 of them, at M <= 16 (213 KB per block) and 33-64 (204 KB): H100/H200
 };
 struct StreamPlan {
   int grid;                 // CTAs (persistent: at most SMs x CTAs per SM)

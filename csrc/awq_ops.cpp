@@ -10,7 +10,8 @@
 //                               sums where they pay, the narrow kernels at M <= 8), in the large
 //                               shared-memory configuration where it fits, else the compact one
 //                               (M <= kStreamCompactMaxM: A100 at M 17-32, ~100 KB GPUs), or the deep
-//                               one where asked for (AWQLIB_STREAM_DEEP=1, M <= 16, H100/H200); at
+//                               one where asked for (AWQLIB_STREAM_DEEP=1, M <= 16 and 33-64,
+//                               H100/H200); at
 //                               M > 32 only for weights of kStreamFourTileMinWeights elements or more
 //     larger, or neither fits -> awq_stream.cu's dequantize + cuBLAS
 //   GEMM-layout qweight (the checkpoint layout, e.g. a model quantized in this process):
@@ -261,8 +262,8 @@ bool stream_pdl(int device, const at::Tensor& qweight_used, const at::Tensor& qw
 // process can time both.
 bool stream_narrow() { return env_flag("AWQLIB_STREAM_NARROW", /*unset=*/true); }
 
-// The deep configuration of the stream kernel (awq_stream.cu: kConfigDeep, a fourth stage of
-// 32 KB at M <= 16) in place of the large one where the device has its 213 KB: opt-in with
+// The deep configuration of the stream kernel (awq_stream.cu: kConfigDeep, a fourth stage at
+// M <= 16 and 33-64) in place of the large one where the device has its 204-213 KB: opt-in with
 // AWQLIB_STREAM_DEEP=1 until a GPU has timed it (benchmarks/gpu_sweep.py: stream:auto:deep).  Its
 // arithmetic and partition are the large one's, so its outputs are the same bits.  Read per call.
 bool stream_deep() { return env_flag("AWQLIB_STREAM_DEEP"); }
@@ -322,7 +323,7 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   // The stream kernel's configurations (awq_stream.cu: StreamCfg): the large one where the device
   // has the shared memory for it (H100/H200; an A100 at M <= 16 and 33-64), else the compact one
   // (which also takes the few group sizes only its 256-row k-tile divides), or the deep one in
-  // place of the large one at M <= 16 where asked for (stream_deep) and it fits.
+  // place of the large one at M <= 16 and 33-64 where asked for (stream_deep) and it fits.
   // It takes M rows in passes of at most kStreamMaxM (compact: kStreamCompactMaxM) rows, one launch
   // each, in the configuration for the pass's rows.  Every pass streams the weights again, so more
   // than one pays only while their bytes, not the math, bound the time: kAuto runs one pass
@@ -415,7 +416,8 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
     const int pass = static_cast<int>(pass_rows(compact));
     const bool pdl = stream_pdl(device, qw, qweight);
     const bool narrow = stream_narrow(), deep = stream_deep();
-    // deep: one pass of <= 16 rows, in place of the large configuration where it fits
+    // deep: one pass of <= 64 rows (not 17-32: stream_supports), in place of the large configuration
+    // where it fits
     const awq::StreamConfig config = deep && !compact && M <= awq::kStreamDeepMaxM &&
                                              rows_fit_config(M, awq::kConfigDeep)
                                          ? awq::kConfigDeep

@@ -21,7 +21,7 @@
 //    (32 KB of weights; 256 rows at M > 32) plus the activations, scales and zeros it needs, so
 //    64 KB of weights are in flight per SM (GPUs with less shared memory per block run the
 //    compact configuration, StreamCfg: 256-row stages, 2-3 of them; the deep one, AWQLIB_STREAM_DEEP,
-//    has 4 stages at M <= 16, 96 KB in flight).  Every shared-memory access
+//    has 4 stages at M <= 16 and 33-64: 96 and 48 KB in flight).  Every shared-memory access
 //    is [ring-slot base + compile-time offset] (the slot is a counter), and there is no integer
 //    division in the loop (group, slice and pointer positions advance by constants).
 //  * Few tokens (M <= 8, on unless AWQLIB_STREAM_NARROW=0: NARROW below): the mma's operands
@@ -72,16 +72,18 @@ constexpr int ka_for(int MB, int config) { return MB == 4 || config == kConfigCo
 // L4, L40S, RTX); there M > 32 takes dequantize + cuBLAS (no MB = 4 stage fits: 2 x 50.5 KB).
 // These two must keep fitting those GPUs (static_asserts below), else a whole class of them
 // silently falls back.
-// The deep one (opt-in: awq_ops.cpp stream_deep) is the large one at MB = 1 with a fourth stage
-// (213 KB with the static part): 96 KB of weights in flight per SM instead of 64.  Why: on an H200
-// the large kernel streams 70b-down at M = 1 at 65 % of the copy bandwidth with its warps 60 %
-// idle, stalled on long-scoreboard (the cp.async data) and fixed-latency waits more than on
-// anything else (ncu: benchmarks/RESULTS.md); more bytes in flight is the lever that leaves.
-// It fits H100/H200 only, yet is compiled for every architecture in the build (24 kernels that
-// an A100 or sm_89 never launches, a few seconds of nvcc): compiling it out below sm_90 would
-// leave a PTX build JIT-compiled for an H100 without it.
+// The deep one (opt-in: awq_ops.cpp stream_deep) is the large one with a fourth stage at MB = 1
+// (213 KB with the static part: 96 KB of weights in flight per SM instead of 64) and MB = 4 (204
+// KB: 48 KB instead of 32); four MB = 2 stages (69 KB each) do not fit.  Why: on an H200 the large
+// kernel streams 70b-down at M = 1 at 65 % of the copy bandwidth with its warps 60 % idle, stalled
+// on long-scoreboard (the cp.async data) and fixed-latency waits more than on anything else (ncu:
+// benchmarks/RESULTS.md); more bytes in flight is the lever that leaves.  At M = 64 its stages take
+// ~3 us each where their mma alone would take ~1 (estimated at ~6 cycles per mma.sync): whether a
+// deeper ring is what they lack is what timing the deep one there says.  It fits H100/H200 only, yet is compiled for every architecture
+// in the build (32 kernels an A100 or sm_89 never launches, a few seconds of nvcc): compiling it
+// out below sm_90 would leave a PTX build JIT-compiled for an H100 without it.
 static_assert(kStreamCompactMaxM == 32, "the compact configurations are MB = 1 and 2");
-static_assert(kStreamDeepMaxM == 16, "the deep configuration is MB = 1");
+static_assert(kStreamDeepMaxM == kStreamMaxM, "the deep configuration is MB = 1 and 4");
 constexpr int stages_for(int MB, int config) {
   return config == kConfigCompact && MB == 2 ? 2 : config == kConfigDeep ? 4 : 3;
 }
@@ -97,7 +99,7 @@ struct StreamCfg {
   static constexpr bool kCompact = CONFIG == kConfigCompact;
   static_assert(CONFIG == kConfigLarge || kCompact || CONFIG == kConfigDeep, "a configuration of StreamConfig");
   static_assert(!kCompact || 16 * MB <= kStreamCompactMaxM, "no compact configuration for M > 32");
-  static_assert(CONFIG != kConfigDeep || 16 * MB <= kStreamDeepMaxM, "no deep configuration for M > 16");
+  static_assert(CONFIG != kConfigDeep || MB != 2, "no deep configuration at two m-tiles (4 x 69 KB)");
   static constexpr int kKA = ka_for(MB, CONFIG);
   static constexpr int kStageK = 16 * kKA * kKW;                    // 512 (256 at MB = 4 or compact)
   static constexpr int kMaxGroups = kStageK / 32;                    // group_size >= 32
@@ -329,27 +331,12 @@ struct StreamParams {
 // when one CTA covered the whole slice, else into this part's workspace slot; the last part to
 // arrive adds the slots in part order (deterministic) and writes the output.  Out of line: it
 // runs once per slice and CTA, and keeps its divisions and stores out of the streaming loop.
-// Four columns per access (16-byte loads and stores): at 16-64 rows the last arriver otherwise
-// walks 8-32 rounds of L2 round trips, a few microseconds that the CTA's stream then waits on; it
-// issues kPartsInFlight parts' loads before adding them (in part order: the same sums, bit for bit).
-constexpr int kRedVec = 4;          // floats per access
-constexpr int kPartsInFlight = 4;   // workspace loads the last arriver issues before adding
-static_assert(kSliceN % kRedVec == 0 && 64 % kRedVec == 0, "whole vectors per row, inside N (N % 64 == 0) or past it");
-
-template <typename T>
-__device__ __forceinline__ void store4(T* dst, float4 v) {  // dst: 4 consecutive outputs, 8-byte aligned
-  using T2 = typename Traits<T>::T2;
-  T2 lo, hi;
-  lo.x = Traits<T>::from_float(v.x);
-  lo.y = Traits<T>::from_float(v.y);
-  hi.x = Traits<T>::from_float(v.z);
-  hi.y = Traits<T>::from_float(v.w);
-  *reinterpret_cast<uint2*>(dst) = make_uint2(as_u32<T2>(lo), as_u32<T2>(hi));
-}
-
-__device__ __forceinline__ float4 add4(float4 a, float4 b) {
-  return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
-}
+// The last arriver sums kOutputsInFlight outputs per thread at once, so that their loads of each
+// part are in flight together: at 16-64 rows one output at a time is 8-32 rounds of dependent L2
+// round trips per part, microseconds the CTA's stream waits on.  (16-byte accesses here cost the
+// streaming loop 3-4 % more instructions per KB in the SASS -- ptxas allocates the whole kernel
+// differently -- so the accesses stay 4 bytes wide.)
+constexpr int kOutputsInFlight = 4;
 
 template <typename T>
 __device__ AWQ_NOINLINE void write_slice(const float* red, T* __restrict__ out, float* __restrict__ ws,
@@ -360,35 +347,31 @@ __device__ AWQ_NOINLINE void write_slice(const float* red, T* __restrict__ out, 
   const int last = ((slice + 1) * KT - 1) / per;
   const int parts = last - first + 1;
   const int n0 = slice * kSliceN;
-  const int vecs = rows * kSliceN / kRedVec;  // of a slot, and of `red`
-  const float4* red4 = reinterpret_cast<const float4*>(red);
-  // vector v: row v / (kSliceN / 4), columns n0 + 4 (v % (kSliceN / 4)) ..; N % 64 == 0, so a
-  // vector is wholly inside N or wholly past it
-  auto write_out = [&](int v, float4 f) {
-    const int r = v / (kSliceN / kRedVec), col = (v % (kSliceN / kRedVec)) * kRedVec;
-    if (n0 + col < N) store4(out + (size_t)r * N + n0 + col, f);
-  };
+  const int n = rows * kSliceN;  // sums of a slot, and of `red`
   if (parts == 1) {
-    for (int v = tid; v < vecs; v += kStThreads) write_out(v, red4[v]);
+    for (int i = tid; i < n; i += kStThreads) {
+      const int r = i / kSliceN, col = i % kSliceN;
+      if (n0 + col < N) out[(size_t)r * N + n0 + col] = Traits<T>::from_float(red[i]);
+    }
     return;
   }
   const int part = blockIdx.x - first;
-  float4* slot = reinterpret_cast<float4*>(ws + ((size_t)slice * max_parts + part) * rows * kSliceN);
-  for (int v = tid; v < vecs; v += kStThreads) slot[v] = red4[v];
+  float* slot = ws + ((size_t)slice * max_parts + part) * n;
+  for (int i = tid; i < n; i += kStThreads) slot[i] = red[i];
   if (!arrive_last(&counters[slice], parts)) return;
-  const float4* base = reinterpret_cast<const float4*>(ws + (size_t)slice * max_parts * rows * kSliceN);
-  for (int v = tid; v < vecs; v += kStThreads) {
-    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-    int s = 0;
-    for (; s + kPartsInFlight <= parts; s += kPartsInFlight) {
-      float4 got[kPartsInFlight];
+  const float* base = ws + (size_t)slice * max_parts * n;
+  for (int i0 = tid; i0 < n; i0 += kOutputsInFlight * kStThreads) {
+    float v[kOutputsInFlight] = {};
+    for (int s = 0; s < parts; ++s) {
 #pragma unroll
-      for (int j = 0; j < kPartsInFlight; ++j) got[j] = __ldcg(base + (size_t)(s + j) * vecs + v);
-#pragma unroll
-      for (int j = 0; j < kPartsInFlight; ++j) sum = add4(sum, got[j]);
+      for (int u = 0; u < kOutputsInFlight; ++u)
+        if (i0 + u * kStThreads < n) v[u] += __ldcg(base + (size_t)s * n + i0 + u * kStThreads);
     }
-    for (; s < parts; ++s) sum = add4(sum, __ldcg(base + (size_t)s * vecs + v));
-    write_out(v, sum);
+#pragma unroll
+    for (int u = 0; u < kOutputsInFlight; ++u) {
+      const int i = i0 + u * kStThreads, r = i / kSliceN, col = i % kSliceN;
+      if (i < n && n0 + col < N) out[(size_t)r * N + n0 + col] = Traits<T>::from_float(v[u]);
+    }
   }
   if (tid == 0) counters[slice] = 0;  // ready for the next launch (awq_ops.cpp: counters_for)
 }
@@ -902,8 +885,11 @@ StreamLaunch<T> describe_stream(int M, int N, int K, int group_size, const Strea
                                 bool pdl, bool narrow) {
   const StreamParams p = params_for(M, N, K, group_size, plan.per, plan.grid, plan.config);
   const int mb = mb_for(M);
-  // deep exists at one m-tile; past it a deep plan (the same as the large one) runs the large kernels
-  if (plan.config == kConfigDeep && mb == 1) return describe_mb<T, 1, kConfigDeep>(p, plan.grid, group_sums, pdl, narrow);
+  // deep exists at one and four m-tiles; at two a deep plan (the same as the large one) runs the
+  // large kernels
+  if (plan.config == kConfigDeep && mb != 2)
+    return mb == 1 ? describe_mb<T, 1, kConfigDeep>(p, plan.grid, group_sums, pdl, narrow)
+                   : describe_mb<T, 4, kConfigDeep>(p, plan.grid, group_sums, pdl, narrow);
   if (plan.config == kConfigCompact)
     return mb == 1 ? describe_mb<T, 1, kConfigCompact>(p, plan.grid, group_sums, pdl, narrow)
                    : describe_mb<T, 2, kConfigCompact>(p, plan.grid, group_sums, pdl, narrow);
@@ -995,7 +981,8 @@ int smem_bytes_of() {
 int stream_smem_bytes(int M, StreamConfig config) {
   if (M < 1 || M > max_m_of(config)) return -1;
   const int mb = mb_for(M);
-  if (config == kConfigDeep) return smem_bytes_of<1, kConfigDeep>();
+  if (config == kConfigDeep)
+    return mb == 1 ? smem_bytes_of<1, kConfigDeep>() : mb == 4 ? smem_bytes_of<4, kConfigDeep>() : -1;
   if (config == kConfigCompact) return mb == 1 ? smem_bytes_of<1, kConfigCompact>() : smem_bytes_of<2, kConfigCompact>();
   return mb == 1   ? smem_bytes_of<1, kConfigLarge>()
          : mb == 2 ? smem_bytes_of<2, kConfigLarge>()
@@ -1004,7 +991,7 @@ int stream_smem_bytes(int M, StreamConfig config) {
 #endif
 
 bool stream_supports(int M, int N, int K, int group_size, StreamConfig config) {
-  if (M < 1 || M > max_m_of(config) || N % 64 || K % 16 || group_size % 32 ||
+  if (M < 1 || M > max_m_of(config) || (config == kConfigDeep && mb_for(M) == 2) || N % 64 || K % 16 || group_size % 32 ||
       K % group_size)
     return false;
   const int kStageK = stage_k_for(M, config);
@@ -1016,7 +1003,8 @@ StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms, StreamC
   const int per_sm = 1;  // StreamCfg::kMinBlocks of every configuration
   static_assert(StreamCfg<1, kConfigLarge>::kMinBlocks == 1 && StreamCfg<2, kConfigLarge>::kMinBlocks == 1 &&
                     StreamCfg<4, kConfigLarge>::kMinBlocks == 1 && StreamCfg<1, kConfigCompact>::kMinBlocks == 1 &&
-                    StreamCfg<2, kConfigCompact>::kMinBlocks == 1 && StreamCfg<1, kConfigDeep>::kMinBlocks == 1,
+                    StreamCfg<2, kConfigCompact>::kMinBlocks == 1 && StreamCfg<1, kConfigDeep>::kMinBlocks == 1 &&
+                    StreamCfg<4, kConfigDeep>::kMinBlocks == 1,
                 "plan_stream's persistent grid assumes one CTA per SM");
   const int slices = ceil_div(N, kSliceN);
   const int units = slices * ceil_div(K, stage_k_for(M, config));

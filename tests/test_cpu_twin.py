@@ -160,12 +160,14 @@ CASES = [
     (1, 128, 2048, 1024, 3, "large", 0),   # a group spans k-tiles
     (3, 128, 1536, 256, 2, "large", 0),    # two groups per k-tile
     (1, 64, 768, 768, 2, "large", 0),      # group == K, K not a multiple of the stage
-    (16, 128, 4096, 128, 8, "large", 0),    # a slice in 8 parts: the last arriver's loads in two batches
-    (64, 128, 2560, 64, 5, "large", 0),     # MB = 4 in 5 parts: a batch and one more
+    (16, 128, 4096, 128, 8, "large", 0),    # a slice in 8 parts: the last arriver's outputs in two batches
+    (64, 128, 2560, 64, 5, "large", 0),     # MB = 4, a slice in 5 parts: eight batches of outputs
     (1, 192, 576, 32, 3, "compact", 0),       # compact, tails, FINE
     (1, 256, 4096, 128, 2, "deep", 10),      # deep (4 stages), EXACT
     (5, 192, 4160, 64, 2, "deep", 12),       # deep, tails, FINE
     (16, 256, 4096, 32, 2, "deep", 10),      # deep, a full m-tile, FINE
+    (40, 256, 2048, 64, 2, "deep", 10),      # deep, MB = 4 (k-tile 256)
+    (64, 192, 2304, 128, 3, "deep", 0),      # deep, MB = 4, full m-tiles, tails, split slices
 ]
 
 
@@ -296,17 +298,17 @@ def test_copy_timing_launch_mode_and_cta_order_change_nothing(twin, tmp_path, pd
 @pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
 @pytest.mark.parametrize("sums,narrow", [(False, False), (True, False), (True, True)],
                          ids=["scaled", "group-sums", "narrow-group-sums"])
-@pytest.mark.parametrize("M", [1, 16])
+@pytest.mark.parametrize("M", [1, 16, 64])
 def test_deep_ring_is_the_large_kernel_bit_for_bit(twin, tmp_path, M, sums, narrow, pdl):
     """The deep configuration (AWQLIB_STREAM_DEEP: a fourth stage) keeps the large one's partition
     and arithmetic, so its outputs are the same bits, launched plainly or with PDL (whose prologue
     then issues three stages' weights before the wait); its prologue has one stage more in flight,
-    so each CTA refills its ring once less; a 17th token has no deep configuration."""
+    so each CTA refills its ring once less; two m-tiles (17-32 tokens) have no deep configuration."""
     N, K, g, sms = 256, 8192, 128, 2  # 32 units per CTA: the 4-slot ring wraps many times
     x, q, stream = stream_case(M, N, K, g, torch.float16, seed=17 + M)
     large, deep = {}, {}
     a = run_gemm(twin, tmp_path, x, stream, g, N, sms, sums=sums, narrow=narrow, launch=large)
-    check(a, x, q, sums=sums)
+    check(a, x, q, sums=sums and M <= 32)  # group sums pay at <= 2 m-tiles only (group_sums_pay)
     for order, timing in (("forward", "lazy"), ("reverse", "eager")):
         b = run_gemm(twin, tmp_path, x, stream, g, N, sms, sums=sums, narrow=narrow, config="deep", pdl=pdl,
                      timing=timing, order=order, launch=deep)
@@ -314,11 +316,12 @@ def test_deep_ring_is_the_large_kernel_bit_for_bit(twin, tmp_path, M, sums, narr
     assert (deep["grid"], deep["per"], deep["warp_mmas"]) == (large["grid"], large["per"], large["warp_mmas"])
     assert deep["planned_refills"] == large["planned_refills"] - large["grid"], (deep, large)
     assert deep["smem"] == large["smem"] * 4 // 3  # a stage more of the same bytes
-    x17, _, stream17 = stream_case(17, N, K, g, torch.float16, seed=3)
-    _write(tmp_path, x=x17, **stream17)
-    r = subprocess.run([str(twin), *map(str, ("gemm", tmp_path, "fp16", 17, N, K, g, sms, 0, CONFIGS["deep"], 0, 0,
-                                              "lazy", "forward"))], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 1 and "stream_supports refuses" in r.stderr, r.stderr
+    for rows in (17, 32, 65):
+        xr, _, stream_r = stream_case(rows, N, K, g, torch.float16, seed=3)
+        _write(tmp_path, x=xr, **stream_r)
+        r = subprocess.run([str(twin), *map(str, ("gemm", tmp_path, "fp16", rows, N, K, g, sms, 0, CONFIGS["deep"], 0,
+                                                  0, "lazy", "forward"))], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 1 and "stream_supports refuses" in r.stderr, (rows, r.stderr)
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])

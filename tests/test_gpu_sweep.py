@@ -170,8 +170,8 @@ def test_narrow_variants_are_timed_where_they_run():
             assert timed == [m for m in gpu_sweep.MS if m <= gpu_sweep.NARROW_MAX_M] and timed, label
         elif kernel == Kernel.STREAM_GROUP_SUMS or label == "stream:auto:sm89":  # sm89: the compact one, M <= 32
             assert timed == [m for m in gpu_sweep.MS if m <= 32], label
-        elif label == "stream:auto:deep":  # the deep configuration: M <= 16
-            assert timed == [m for m in gpu_sweep.MS if m <= gpu_sweep.STREAM_DEEP_MAX_M] and timed, label
+        elif label == "stream:auto:deep":  # the deep configuration: M <= 16 and 33-64
+            assert timed == [m for m in gpu_sweep.MS if m <= 16 or 32 < m <= 64] and timed, label
         else:
             assert timed == gpu_sweep.MS, label
     for M in (1, 4):  # and the SASS column names the narrow instantiation where it runs
@@ -203,6 +203,10 @@ def test_kernel_label_of_the_default_follows_the_automatic_choice():
         "awq_stream_kernel<half, 1, true, false, true, deep, false>"
     assert gpu_sweep.kernel_label("stream:auto:deep", 17, 4096, 4096) == \
         "awq_stream_kernel<half, 2, true, false, true, large, false>"
+    assert gpu_sweep.kernel_label("stream:auto:deep", 40, big, big) == \
+        "awq_stream_kernel<half, 4, true, false, false, deep, false>"
+    assert gpu_sweep.kernel_label("stream:auto:deep", 40, 4096, 4096) == "dequant+cuBLAS"
+    assert gpu_sweep.kernel_label("stream:auto:deep", 100, big, big) == "dequant+cuBLAS"
 
 
 @pytest.mark.parametrize("first_rc", [0, 1])

@@ -100,8 +100,9 @@ def test_no_spills_and_one_resident_cta(reports):
     # large: {half, bf16} x MB {1, 2, 4} x EXACT x FINE, + group sums: {half, bf16} x MB {1, 2} x EXACT;
     # compact: {half, bf16} x MB {1, 2} x EXACT x FINE, + group sums: {half, bf16} x MB 1 x EXACT;
     # narrow: {half, bf16} x {large, compact} x (EXACT x FINE + group sums x EXACT);
-    # deep (MB 1): {half, bf16} x {m16, narrow} x (EXACT x FINE + group sums x EXACT)
-    assert len(stream) == 32 + 20 + 24 + 24
+    # deep (MB 1): {half, bf16} x {m16, narrow} x (EXACT x FINE + group sums x EXACT); deep (MB 4):
+    # {half, bf16} x EXACT x FINE
+    assert len(stream) == 32 + 20 + 24 + 24 + 8
     for r in stream:
         assert r.spill_stores == 0 and r.spill_loads == 0, f"{r.kernel} spills"
         assert r.ctas_per_sm is not None and r.ctas_per_sm >= 1, f"{r.kernel} does not fit on an SM"
@@ -129,15 +130,16 @@ def test_every_cache_policy_descriptor_is_written(reports):
     assert not bad, bad
 
 
-@pytest.mark.parametrize("narrow", [False, True], ids=["m16", "narrow"])
-@pytest.mark.parametrize("sums", [False, True], ids=["scaled", "group-sums"])
+@pytest.mark.parametrize("mb,sums,narrow", [(1, False, False), (1, True, False), (1, False, True), (1, True, True),
+                                             (4, False, False)],
+                         ids=["m16", "m16-group-sums", "narrow", "narrow-group-sums", "four-m-tiles"])
 @pytest.mark.parametrize("dtype", ["half", "bf16"])
-def test_deep_configuration_is_the_large_loop_with_a_fourth_stage(reports, dtype, sums, narrow):
-    """The deep configuration (a fourth 32 KB stage at M <= 16) changes the ring, not the loop: the
-    same instructions per KB as the large one (within a few: the ring counters wrap at 4), no spill,
-    and shared memory an H100/H200 has and an A100 does not (where the large one stays)."""
-    large = reports[stream_name(dtype, sums=sums, narrow=narrow)]
-    deep = reports[stream_name(dtype, sums=sums, config="deep", narrow=narrow)]
+def test_deep_configuration_is_the_large_loop_with_a_fourth_stage(reports, dtype, mb, sums, narrow):
+    """The deep configuration (a fourth stage at M <= 16 and 33-64) changes the ring, not the loop:
+    the same instructions per KB as the large one (within a few: the ring counters wrap at 4), no
+    spill, and shared memory an H100/H200 has and an A100 does not (where the large one stays)."""
+    large = reports[stream_name(dtype, mb=mb, sums=sums, narrow=narrow)]
+    deep = reports[stream_name(dtype, mb=mb, sums=sums, config="deep", narrow=narrow)]
     assert deep.check == "ok", deep.check
     assert deep.loop["by_op"].get("HMMA") == large.loop["by_op"].get("HMMA")
     assert abs(deep.instr_per_kb - large.instr_per_kb) <= 3.0, (deep.instr_per_kb, large.instr_per_kb)

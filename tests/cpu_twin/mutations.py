@@ -3,7 +3,7 @@ csrc/awq_stream.cu (or awq_common.cuh) that a GPU would show -- a missing barrie
 slot refilled too early, a non-atomic reduction, a lost barrier in arrive_last, one workspace slot
 too few, inputs read before the PDL wait, a truncating output conversion, a ring that starts on the
 slot it reads, the narrow kernels' operand order, activation rows and fold, a split slice's part
-left out of the last arriver's sum.  For each, a copy of the repository gets the mutation and tests/test_cpu_twin.py runs
+left out of the last arriver's sum, or outputs it skips.  For each, a copy of the repository gets the mutation and tests/test_cpu_twin.py runs
 on it; every one must fail.  Not part of the suite (about 5 minutes):
 
     python tests/cpu_twin/mutations.py [NAME ...]
@@ -67,22 +67,17 @@ MUTS = {
     }
     grid_dependency_wait();"""), ("""      if (s < n_units) load_inputs(s, pro[s]);
       cp_async_commit();""", """      cp_async_commit();""")],
- 'rz_output': [("""  lo.x = Traits<T>::from_float(v.x);
-  lo.y = Traits<T>::from_float(v.y);
-  hi.x = Traits<T>::from_float(v.z);
-  hi.y = Traits<T>::from_float(v.w);""", """  lo.x = trunc_from_float<T>(v.x);
-  lo.y = trunc_from_float<T>(v.y);
-  hi.x = trunc_from_float<T>(v.z);
-  hi.y = trunc_from_float<T>(v.w);"""),
-               ("template <typename T>\n__device__ __forceinline__ void store4(", """template <typename T> __device__ __forceinline__ T trunc_from_float(float v) {
+ 'rz_output': [("if (n0 + col < N) out[(size_t)r * N + n0 + col] = Traits<T>::from_float(red[i]);", "if (n0 + col < N) out[(size_t)r * N + n0 + col] = trunc_from_float<T>(red[i]);"),
+               ("if (i < n && n0 + col < N) out[(size_t)r * N + n0 + col] = Traits<T>::from_float(v[u]);", "if (i < n && n0 + col < N) out[(size_t)r * N + n0 + col] = trunc_from_float<T>(v[u]);"),
+               ("template <typename T>\n__device__ AWQ_NOINLINE void write_slice(", """template <typename T> __device__ __forceinline__ T trunc_from_float(float v) {
   if constexpr (std::is_same_v<T, __half>) { return __float2half_rz(v); }
   else { uint32_t u; memcpy(&u, &v, 4); __nv_bfloat16_raw r; r.x = (unsigned short)(u >> 16); return __nv_bfloat16(r); }
 }
 template <typename T>
-__device__ __forceinline__ void store4(""")],
- # the last arriver's batched loads: a part left out after a whole batch
- 'batch_skips_a_part': [("for (; s + kPartsInFlight <= parts; s += kPartsInFlight) {",
-                         "for (; s + kPartsInFlight <= parts; s += kPartsInFlight + 1) {")],
+__device__ AWQ_NOINLINE void write_slice(""")],
+ # the last arriver: a part left out of the sum, or outputs of a batch left unwritten
+ 'part_left_out': [("for (int s = 0; s < parts; ++s) {", "for (int s = 1; s < parts; ++s) {")],
+ 'batch_too_far': [("i0 += kOutputsInFlight * kStThreads) {", "i0 += (kOutputsInFlight + 1) * kStThreads) {")],
 }
 
 
