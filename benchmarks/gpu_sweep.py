@@ -142,7 +142,7 @@ SAME_BITS_AS = {"stream:auto:deep": "stream:auto"}
 GATE_PDL = [("stream", Kernel.STREAM, (1, 33, 100), ()), ("stream", Kernel.STREAM_GROUP_SUMS, (1, 17), ()),
             ("stream", Kernel.STREAM_COMPACT, (1, 17), ()), ("stream", Kernel.STREAM, (1, 8), ("narrow",)),
             ("stream", Kernel.STREAM_GROUP_SUMS, (5,), ("narrow",)),
-            ("stream", Kernel.STREAM_GROUP_SUMS, (1, 16), ("deep", "narrow"))]
+            ("stream", Kernel.STREAM_GROUP_SUMS, (1, 16), ("deep", "narrow")), ("stream", Kernel.STREAM, (33, 64), ("deep",))]
 REL_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
@@ -191,8 +191,15 @@ def is_timed(label: str, kernel: Kernel, M: int) -> bool:
     return not (kernel == Kernel.STREAM_GROUP_SUMS and M > 32)
 
 
+def timed_on(label: str, kernel: Kernel, M: int, N: int, K: int) -> bool:
+    """is_timed on one shape: the deep variant only where it runs the deep configuration (at M
+    33-64 on weights below kStreamFourTileMinWeights the automatic choice is dequantize + cuBLAS,
+    stream:auto's own cell)."""
+    return is_timed(label, kernel, M) and (label != "stream:auto:deep" or ", deep," in kernel_label(label, M, N, K))
+
+
 def plan_text(args) -> str:
-    cases = len(SHAPES) * sum(1 + sum(is_timed(label, k, m) for label, _, k in VARIANTS) for m in args.ms)
+    cases = sum(1 + sum(timed_on(label, k, m, N, K) for label, _, k in VARIANTS) for _, N, K in SHAPES for m in args.ms)
     variants, env, pdl = gate_plan(args.max_m)
     gate = sum(len(ms) * (2 if k in STREAM_KERNELS else 1) for _, k, ms in variants) * len(GATE_SHAPES)
     gate_env = sum((2 if k in STREAM_KERNELS else 1) * len(ms) for _, _, k, ms in env) * len(GATE_SHAPES)
@@ -221,9 +228,9 @@ def plan_text(args) -> str:
 # (shape, M, variant) profiled with --ncu: the default at one token on the large shape, with the
 # deep ring (does a fourth stage take the warps off long-scoreboard waits?), the small shape where
 # launch and reduction rather than bytes bound the call, and the four-m-tile kernel at 64 tokens
-# (0.76x fp16 where its math alone would allow ~3x: which stall?)
+# with and without the deep ring (0.76x fp16 where its math alone would allow ~3x: which stall?)
 NCU_CASES = [("70b-down", 1, "stream:auto"), ("70b-down", 1, "stream:auto:deep"), ("4096x4096", 1, "stream:auto"),
-             ("4096x4096", 1, "tiled:auto"), ("70b-down", 64, "stream:auto")]
+             ("4096x4096", 1, "tiled:auto"), ("70b-down", 64, "stream:auto"), ("70b-down", 64, "stream:auto:deep")]
 
 
 def ncu_command(shape: str, M: int, variant: str, metrics: str = NCU_METRICS_MORE) -> list[str]:
@@ -514,7 +521,7 @@ def sweep(args, report: dict, save, t0: float, excluded: set[str] = frozenset())
             ref_calls = [lambda w=w: F.linear(x, w) for w in w16s]
             t_ref = time_graph(ref_calls, time_eager(ref_calls[0], reps=2))
             for label, layout, kernel in VARIANTS:
-                if label in excluded or label in broken or not is_timed(label, kernel, M):
+                if label in excluded or label in broken or not timed_on(label, kernel, M, N, K):
                     continue
                 calls = [lambda q=q: torch.ops.awqlib.awq_gemm_variant(x, q[0], q[1], q[2], g, int(kernel), 0)
                          for q in weights[layout]]

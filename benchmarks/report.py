@@ -196,7 +196,7 @@ def targets_table(report: dict) -> str:
                           ("stream:narrow", "stream", "tokens on the mma's n8 side against 16-row tiles, M <= 8"),
                           ("stream:sums:narrow", "stream:sums", "the same with group sums"),
                           ("stream:auto:deep", "stream:auto",
-                           "the default with a fourth ring stage (the deep configuration), M <= 16")):
+                           "the default with a fourth ring stage (the deep configuration), M <= 16 and 33-64")):
         pairs = [(by[(s, m, old)], us) for (s, m, v), us in by.items() if v == new and (s, m, old) in by]
         if pairs:
             wins = sum(t > s for t, s in pairs)

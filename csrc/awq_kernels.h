@@ -74,7 +74,7 @@ constexpr int kStreamAtomK = 16, kStreamAtomWords = 128;  // an atom: 16 k-rows 
 enum StreamConfig : int {
   kConfigLarge = 0,    // 512-row stages (256 at M > 32), 3 of them: H100/H200; an A100 at M <= 16 and 33-64
   kConfigCompact = 1,  // 256-row stages, 2-3: ~100 KB GPUs (A10, L4, L40S, RTX); an A100 at M 17-32
-  kConfigDeep = 2,     // the large stages, 4 of them, at M <= 16 (213 KB per block) and 33-64 (204 KB): H100/H200
+  kConfigDeep = 2,     // the large stages, 4 of them, at M <= 16 (213 KB per block) and 33-64 (203 KB): H100/H200
 };
 struct StreamPlan {
   int grid;                 // CTAs (persistent: at most SMs x CTAs per SM)

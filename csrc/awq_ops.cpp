@@ -263,7 +263,7 @@ bool stream_pdl(int device, const at::Tensor& qweight_used, const at::Tensor& qw
 bool stream_narrow() { return env_flag("AWQLIB_STREAM_NARROW", /*unset=*/true); }
 
 // The deep configuration of the stream kernel (awq_stream.cu: kConfigDeep, a fourth stage at
-// M <= 16 and 33-64) in place of the large one where the device has its 204-213 KB: opt-in with
+// M <= 16 and 33-64) in place of the large one where the device has its 203-213 KB: opt-in with
 // AWQLIB_STREAM_DEEP=1 until a GPU has timed it (benchmarks/gpu_sweep.py: stream:auto:deep).  Its
 // arithmetic and partition are the large one's, so its outputs are the same bits.  Read per call.
 bool stream_deep() { return env_flag("AWQLIB_STREAM_DEEP"); }

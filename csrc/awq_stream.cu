@@ -73,15 +73,16 @@ constexpr int ka_for(int MB, int config) { return MB == 4 || config == kConfigCo
 // These two must keep fitting those GPUs (static_asserts below), else a whole class of them
 // silently falls back.
 // The deep one (opt-in: awq_ops.cpp stream_deep) is the large one with a fourth stage at MB = 1
-// (213 KB with the static part: 96 KB of weights in flight per SM instead of 64) and MB = 4 (204
+// (213 KB with the static part: 96 KB of weights in flight per SM instead of 64) and MB = 4 (203
 // KB: 48 KB instead of 32); four MB = 2 stages (69 KB each) do not fit.  Why: on an H200 the large
 // kernel streams 70b-down at M = 1 at 65 % of the copy bandwidth with its warps 60 % idle, stalled
 // on long-scoreboard (the cp.async data) and fixed-latency waits more than on anything else (ncu:
 // benchmarks/RESULTS.md); more bytes in flight is the lever that leaves.  At M = 64 its stages take
 // ~3 us each where their mma alone would take ~1 (estimated at ~6 cycles per mma.sync): whether a
-// deeper ring is what they lack is what timing the deep one there says.  It fits H100/H200 only, yet is compiled for every architecture
-// in the build (32 kernels an A100 or sm_89 never launches, a few seconds of nvcc): compiling it
-// out below sm_90 would leave a PTX build JIT-compiled for an H100 without it.
+// deeper ring is what they lack is what timing the deep one there says.  It fits H100/H200 only,
+// yet is compiled for every architecture in the build (32 kernels an A100 or sm_89 never
+// launches): compiling it out below sm_90 would leave a PTX build JIT-compiled for an H100
+// without it.
 static_assert(kStreamCompactMaxM == 32, "the compact configurations are MB = 1 and 2");
 static_assert(kStreamDeepMaxM == kStreamMaxM, "the deep configuration is MB = 1 and 4");
 constexpr int stages_for(int MB, int config) {

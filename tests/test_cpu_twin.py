@@ -324,6 +324,20 @@ def test_deep_ring_is_the_large_kernel_bit_for_bit(twin, tmp_path, M, sums, narr
         assert r.returncode == 1 and "stream_supports refuses" in r.stderr, (rows, r.stderr)
 
 
+def test_deep_four_m_tiles_with_split_slices_and_pdl(twin, tmp_path):
+    """The deep configuration at four m-tiles (M 33-64) on slices split over CTAs, group 32 (FINE)
+    and N and K tails, under PDL in either CTA order: the large kernel's bits."""
+    M, N, K, g, sms = 64, 192, 2304, 32, 3  # 18 units on 3 CTAs: each slice in two parts
+    x, q, stream = stream_case(M, N, K, g, torch.bfloat16, seed=23)
+    large = {}
+    a = run_gemm(twin, tmp_path, x, stream, g, N, sms, launch=large)
+    check(a, x, q, sums=False)
+    assert large["max_parts"] > 1, large
+    for order, timing in (("forward", "eager"), ("reverse", "lazy")):
+        b = run_gemm(twin, tmp_path, x, stream, g, N, sms, config="deep", pdl=True, timing=timing, order=order)
+        assert torch.equal(a, b), (order, timing)
+
+
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_dequantize_source_on_cpu_is_bit_exact(twin, tmp_path, dtype):
     K, N, g = 256, 192, 64

@@ -170,7 +170,7 @@ def test_narrow_variants_are_timed_where_they_run():
             assert timed == [m for m in gpu_sweep.MS if m <= gpu_sweep.NARROW_MAX_M] and timed, label
         elif kernel == Kernel.STREAM_GROUP_SUMS or label == "stream:auto:sm89":  # sm89: the compact one, M <= 32
             assert timed == [m for m in gpu_sweep.MS if m <= 32], label
-        elif label == "stream:auto:deep":  # the deep configuration: M <= 16 and 33-64
+        elif label == "stream:auto:deep":  # the deep configuration: M <= 16 and 33-64 (gpu_sweep.deep_takes)
             assert timed == [m for m in gpu_sweep.MS if m <= 16 or 32 < m <= 64] and timed, label
         else:
             assert timed == gpu_sweep.MS, label
@@ -196,7 +196,7 @@ def test_kernel_label_of_the_default_follows_the_automatic_choice():
         "awq_stream_kernel<half, 1, true, false, true, compact, true>"
     assert gpu_sweep.kernel_label("stream:auto:sm89", 20, 4096, 4096) == \
         "awq_stream_kernel<half, 2, true, false, false, compact, false>"
-    # the deep configuration where it exists (M <= 16), the large one past it
+    # the deep configuration where it exists (M <= 16 and 33-64: gpu_sweep.deep_takes), the large one at 17-32
     assert gpu_sweep.kernel_label("stream:auto:deep", 1, 4096, 4096) == \
         "awq_stream_kernel<half, 1, true, false, true, deep, true>"
     assert gpu_sweep.kernel_label("stream:auto:deep", 16, 4096, 4096) == \

@@ -499,7 +499,8 @@ def test_stream_kernel_deep(M, N, K, g, dtype, kernel, monkeypatch):
     the deep configuration (a fourth ring stage) runs -- the profiler names it -- and gives the
     large one's outputs bit for bit (the same partition and arithmetic); at 17-32 rows or past 64,
     or on a smaller GPU, the choice is what it is without the setting (at M 33-64 the automatic
-    choice may be dequantize + cuBLAS: no stream kernel at all)."""
+    choice is dequantize + cuBLAS on these shapes, below FOUR_TILE_MIN_WEIGHTS: the next test has
+    one above)."""
     monkeypatch.delenv("AWQLIB_STREAM_SMEM_LIMIT", raising=False)  # the device's own shared memory
     skip_if_stream_does_not_fit(M, Kernel.STREAM if kernel == Kernel.AUTO else kernel)
     qs, zs, ss = stream_weight(K, N, g, dtype)
@@ -522,6 +523,29 @@ def test_stream_kernel_deep(M, N, K, g, dtype, kernel, monkeypatch):
         assert deep_configs == {"2"}, deep_configs
     else:
         assert deep_configs == plain_configs, (deep_configs, plain_configs)
+
+
+@pytest.mark.parametrize("M", [2 * M_TILE + 1, STREAM_DEEP_MAX_M])
+def test_stream_kernel_deep_in_the_automatic_choice_at_four_m_tiles(M, monkeypatch):
+    """At 33-64 tokens the automatic choice runs the four-m-tile stream kernel on weights of
+    FOUR_TILE_MIN_WEIGHTS elements or more; AWQLIB_STREAM_DEEP=1 makes it the deep configuration there
+    (where it fits), with the same bits."""
+    monkeypatch.delenv("AWQLIB_STREAM_SMEM_LIMIT", raising=False)
+    skip_if_stream_does_not_fit(M)
+    side = int(FOUR_TILE_MIN_WEIGHTS ** 0.5)  # 8192 x 8192: the smallest square weight the rule takes
+    N = K = side
+    qs, zs, ss = stream_weight(K, N, 128)
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    monkeypatch.setenv("AWQLIB_STREAM_DEEP", "0")
+    plain_configs = stream_configs_run(lambda: torch.ops.awqlib.awq_gemm(x, qs, zs, ss, 128))
+    plain = torch.ops.awqlib.awq_gemm(x, qs, zs, ss, 128)
+    assert plain_configs == {"0"}, plain_configs
+    monkeypatch.setenv("AWQLIB_STREAM_DEEP", "1")
+    out = check(x, K, N, 128, torch.float16, out=torch.ops.awqlib.awq_gemm(x, qs, zs, ss, 128))
+    assert torch.equal(out, plain)
+    deep_fits = torch.cuda.get_device_properties(0).shared_memory_per_block_optin >= H100_SMEM
+    configs = stream_configs_run(lambda: torch.ops.awqlib.awq_gemm(x, qs, zs, ss, 128))
+    assert configs == ({"2"} if deep_fits else {"0"}), configs
 
 
 COMPACT_COMBOS = COMBOS[:3] + COMBOS[4:] + STREAM_COMBOS[-3:]  # (14336, 4096, 32): full tiles, group 32 (FINE)

@@ -147,8 +147,8 @@ def test_add_records_a_gpu_sweep(tmp_path, capsys):
     assert "stream:pdl vs stream (programmatic dependent launch against plain launches): faster in 0 of 2" in text
     assert "stream:narrow vs stream (tokens on the mma's n8 side against 16-row tiles, M <= 8): faster in 0 of 2" in text
     assert "stream:sums:narrow vs stream:sums (the same with group sums): faster in 0 of 2" in text
-    assert ("stream:auto:deep vs stream:auto (the default with a fourth ring stage (the deep configuration), M <= 16): "
-            "faster in 0 of 2") in text
+    assert ("stream:auto:deep vs stream:auto (the default with a fourth ring stage (the deep configuration), M <= 16 "
+            "and 33-64): faster in 0 of 2") in text
     assert f"| {gpu_sweep.SHAPES[0][0]} | 1 | stream:auto:deep | 90.0 | 13.0 | 0.14x |" in text
     assert "`awq_stream_kernel<half, 1, true, false, true, deep, true>` |" in text
     assert report.main(["--check", "--dir", str(d)]) == 0

@@ -136,13 +136,14 @@ def test_every_cache_policy_descriptor_is_written(reports):
 @pytest.mark.parametrize("dtype", ["half", "bf16"])
 def test_deep_configuration_is_the_large_loop_with_a_fourth_stage(reports, dtype, mb, sums, narrow):
     """The deep configuration (a fourth stage at M <= 16 and 33-64) changes the ring, not the loop:
-    the same instructions per KB as the large one (within a few: the ring counters wrap at 4), no
-    spill, and shared memory an H100/H200 has and an A100 does not (where the large one stays)."""
+    the same instructions per KB as the large one (within 1.5 %: the ring counters wrap at 4 and
+    ptxas allocates the two a little differently), no spill, and shared memory an H100/H200 has and an A100 does not (where the large one stays)."""
     large = reports[stream_name(dtype, mb=mb, sums=sums, narrow=narrow)]
     deep = reports[stream_name(dtype, mb=mb, sums=sums, config="deep", narrow=narrow)]
     assert deep.check == "ok", deep.check
     assert deep.loop["by_op"].get("HMMA") == large.loop["by_op"].get("HMMA")
-    assert abs(deep.instr_per_kb - large.instr_per_kb) <= 3.0, (deep.instr_per_kb, large.instr_per_kb)
+    assert abs(deep.instr_per_kb - large.instr_per_kb) <= 0.015 * large.instr_per_kb, (deep.instr_per_kb,
+                                                                                      large.instr_per_kb)
     assert deep.dyn_smem == large.dyn_smem * 4 // 3
     smem = deep.static_smem + deep.dyn_smem
     assert smem <= sass_budget.ARCH_LIMITS["90"]["smem_cta"] and smem > sass_budget.ARCH_LIMITS["80"]["smem_cta"]

@@ -78,6 +78,7 @@ __device__ AWQ_NOINLINE void write_slice(""")],
  # the last arriver: a part left out of the sum, or outputs of a batch left unwritten
  'part_left_out': [("for (int s = 0; s < parts; ++s) {", "for (int s = 1; s < parts; ++s) {")],
  'batch_too_far': [("i0 += kOutputsInFlight * kStThreads) {", "i0 += (kOutputsInFlight + 1) * kStThreads) {")],
+ 'store_past_slot': [("if (i < n && n0 + col < N) out", "if (n0 + col < N) out")],
 }
 
 
