@@ -56,7 +56,7 @@ _lib.define("awq_gemm(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, in
 _lib.define("awq_dequantize(Tensor qweight, Tensor qzeros, Tensor scales, int group_size) -> Tensor")
 # Same function as awq_gemm with the CUDA kernel choice forced, for tuning and tests (other devices
 # ignore both knobs and run the reference).  kernel: a Kernel id (above).  splits: 0 auto, else the
-# split-K factor (ignored by Kernel.STREAM, whose persistent partition follows the SM count).
+# split-K factor -- for the stream kernels, the most CTAs of their persistent grid (0: one per SM).
 _lib.define("awq_gemm_variant(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group_size, "
             "int kernel, int splits) -> Tensor")
 

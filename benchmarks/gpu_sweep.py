@@ -13,7 +13,9 @@ Steps, in order (each writes its results into the JSON before the next starts):
    sum over 1 GB: what a GEMV's weight stream can hope for);
 4. the sweep: variants x shapes x M against fp16 cuBLAS ``F.linear`` in the same run (CUDA graphs,
    weights rotated over > 3x L2, events), cheapest cases first so a budget cut drops the big ones;
-5. a short table last: us, speedup vs fp16, weight TB/s, % of copy bandwidth, and the SASS
+5. the grid cases: the default on the small shapes with its persistent grid capped (GRID_CAPS),
+   in the JSON's "grid";
+6. a short table last: us, speedup vs fp16, weight TB/s, % of copy bandwidth, and the SASS
    warp-instructions per KB of the kernel that ran (benchmarks/sass_budget.json, written on the
    CPU machine by scripts/sass_budget.py).  ``python -m benchmarks.report --add sweep.json``
    records the run in benchmarks/results/ and RESULTS.md (the same table).
@@ -213,10 +215,12 @@ def plan_text(args) -> str:
         f" + {gate_pdl} chains with programmatic dependent launch against plain ones; a failing variant is not timed",
         "  3. rooflines: device-to-device copy, read-only streaming sum",
         f"  4. sweep: {cases} timings = {len(SHAPES)} shapes x M {args.ms} x ({', '.join(v[0] for v in VARIANTS)}, fp16)",
-        "  5. table (+ SASS instr/KB from benchmarks/sass_budget.json)",
+        f"  5. grid: stream:auto with its CTAs capped at {GRID_CAPS} (0: one per SM) on "
+        f"{', '.join(s for s, _, _ in GRID_SHAPES)} at M {GRID_MS}",
+        "  6. table (+ SASS instr/KB from benchmarks/sass_budget.json)",
     ]
     if args.tools_only:
-        lines[2:] = ["  2-5. no gate, no sweep (--tools-only)"]
+        lines[2:] = ["  2-6. no gate, no sweep (--tools-only)"]
     if args.ncu:
         lines.append(f"  +  ncu on {', '.join(f'{s} M={m} {v}' for s, m, v in NCU_CASES)}: "
                      f"{' '.join(ncu_command(*NCU_CASES[0]))}")
@@ -498,6 +502,50 @@ def sweep_row(name: str, N: int, K: int, M: int, variant: str, t: float, t_ref: 
             "sass_instr_per_kb": sass.get(kl)}
 
 
+# The default on the small shapes with its persistent grid capped (awq_gemm_variant's `splits` for a
+# stream kernel; 0: one CTA per SM): 4096x4096 at one token is launch- and reduction-bound (1.18x
+# fp16 on the H200), and fewer CTAs split fewer slices.  (shape, N, K), M, caps.
+GRID_SHAPES = [("4096x4096", 4096, 4096), ("8b-qkv 6144x4096", 6144, 4096)]
+GRID_MS = (1, 16)
+GRID_CAPS = (16, 32, 64, 96, 0)
+
+
+def grid_cases(args, report: dict, save, t0: float):
+    """stream:auto with its grid capped (GRID_CAPS) on GRID_SHAPES: report["grid"], one row per case
+    (us, and fp16's in the same run); a failure is recorded, not raised (the sweep is done)."""
+    rows = report.setdefault("grid", [])
+    try:
+        props = torch.cuda.get_device_properties(0)
+        l2, cap = getattr(props, "L2_cache_size", 50 << 20), int(props.total_memory * 0.2)
+        for name, N, K in GRID_SHAPES:
+            qs = [make_weight(K, N, GROUP, "stream")[1] for _ in range(n_copies(int(weight_bytes(N, K)), l2, cap))]
+            w16s = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02
+                    for _ in range(n_copies(2 * K * N, l2, cap))]
+            for M in GRID_MS:
+                if time.time() - t0 > args.budget:
+                    raise OutOfTime
+                x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+                ref_calls = [lambda w=w: F.linear(x, w) for w in w16s]
+                t_ref = time_graph(ref_calls, time_eager(ref_calls[0], reps=2))
+                for ctas in GRID_CAPS:
+                    calls = [lambda q=q, c=ctas: torch.ops.awqlib.awq_gemm_variant(x, q[0], q[1], q[2], GROUP,
+                                                                                   int(Kernel.AUTO), c)
+                             for q in qs]
+                    with variant_env("stream:auto"):
+                        t = time_graph(calls, time_eager(calls[0], reps=2))
+                    rows.append({"shape": name, "N": N, "K": K, "M": M, "ctas": ctas or props.multi_processor_count,
+                                 "us": t * 1e6, "fp16_us": t_ref * 1e6, "speedup": t_ref / t})
+                    save()
+                    print(f"grid {name:18s} M={M:2d} ctas {rows[-1]['ctas']:3d} {t * 1e6:7.1f} us  "
+                          f"{t_ref / t:5.2f}x fp16", flush=True)
+    except OutOfTime:
+        raise
+    except Exception as e:  # noqa: BLE001 -- a tool at the end of the window: record, go on to ncu
+        report["grid_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        save()
+        print(f"grid cases stopped: {report['grid_error']}", flush=True)
+
+
 def sweep(args, report: dict, save, t0: float, excluded: set[str] = frozenset()):
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 50 << 20)
@@ -675,6 +723,8 @@ def main(argv=None) -> int:
         if not excluded >= {v[0] for v in VARIANTS}:  # else nothing to time; the tools below still run
             rooflines(report, save)
             sweep(args, report, save, t0, excluded)
+            if "stream:auto" not in excluded:
+                grid_cases(args, report, save, t0)
     except OutOfTime:
         report["truncated"] = f"budget of {args.budget:.0f} s reached"
         print(f"\n{report['truncated']}: remaining cases skipped", flush=True)

@@ -412,7 +412,8 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   if (k == kStream) {
     // Passes of `pass` rows (see above), in order on this stream: they share the workspace and the
     // counters (each pass's last arrivers leave the counters zero for the next).  The partition is
-    // fixed by the SM count (persistent grid); `splits` is ignored.
+    // the persistent grid's: one CTA per SM, or at most `splits` CTAs (a tuning knob: on small
+    // shapes fewer CTAs split fewer slices, gpu_sweep's grid cases time it).
     const int pass = static_cast<int>(pass_rows(compact));
     const bool pdl = stream_pdl(device, qw, qweight);
     const bool narrow = stream_narrow(), deep = stream_deep();
@@ -422,8 +423,9 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
                                              rows_fit_config(M, awq::kConfigDeep)
                                          ? awq::kConfigDeep
                                          : config_of(compact);
-    const awq::StreamPlan full = awq::plan_stream(std::min(m, pass), n, kk, a.group_size, num_sms, config);
-    const awq::StreamPlan last = awq::plan_stream(m - (m - 1) / pass * pass, n, kk, a.group_size, num_sms, config);
+    const int ctas = so > 0 ? std::min(so, num_sms) : num_sms;
+    const awq::StreamPlan full = awq::plan_stream(std::min(m, pass), n, kk, a.group_size, ctas, config);
+    const awq::StreamPlan last = awq::plan_stream(m - (m - 1) / pass * pass, n, kk, a.group_size, ctas, config);
     const size_t ws_floats = std::max({full.workspace_floats, last.workspace_floats, size_t(1)});
     ws = at::empty({static_cast<int64_t>(ws_floats)}, x.options().dtype(at::kFloat));
     a.workspace = ws.data_ptr<float>();

@@ -3,8 +3,8 @@
 # device calls of ~5.5 minutes each, so that either can be rerun inside the window:
 #   part 1: benchmarks/gpu_sweep.py -- the prebuilt kernels (else one build, cached in .cache/
 #           for part 2), correctness gate of every kernel variant (a failing variant is not timed),
-#           rooflines, variants x shapes x M against fp16 cuBLAS (JSON after every case),
-#           compute-sanitizer on a tiny shape;
+#           rooflines, variants x shapes x M against fp16 cuBLAS (JSON after every case), the
+#           default with its grid capped on the small shapes, compute-sanitizer on a tiny shape;
 #   part 2: the stream kernels' GPU tests (tests/test_kernels_cuda.py, tests/test_gpu_e2e.py: both
 #           variants, narrow, concurrent graphs, chunked large-M, dequantize, in-process repack) and
 #           the block ops' (rms_norm, rotary, gated_act: -k block_op),

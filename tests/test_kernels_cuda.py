@@ -525,6 +525,25 @@ def test_stream_kernel_deep(M, N, K, g, dtype, kernel, monkeypatch):
         assert deep_configs == plain_configs, (deep_configs, plain_configs)
 
 
+@pytest.mark.parametrize("kernel", [Kernel.STREAM, Kernel.STREAM_GROUP_SUMS, Kernel.AUTO])
+@pytest.mark.parametrize("M", [1, M_TILE])
+def test_stream_grid_cap(M, kernel):
+    """awq_gemm_variant's `splits` caps a stream kernel's persistent grid (gpu_sweep's grid cases):
+    at 1, 7 or 48 CTAs, or one per SM (0, and more than the SMs), correct and deterministic; the
+    partition differs, so the sums may differ in their last bits between caps."""
+    skip_if_stream_does_not_fit(M)
+    K, N, g = 4096, 4096, 128
+    qs, zs, ss = stream_weight(K, N, g)
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    full = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), 0)
+    assert torch.equal(full, torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), sms + 5))
+    for ctas in (1, 7, 48):
+        poison_allocator()
+        out = check(x, K, N, g, torch.float16, out=torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), ctas))
+        assert torch.equal(out, torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), ctas)), ctas
+
+
 @pytest.mark.parametrize("M", [2 * M_TILE + 1, STREAM_DEEP_MAX_M])
 def test_stream_kernel_deep_in_the_automatic_choice_at_four_m_tiles(M, monkeypatch):
     """At 33-64 tokens the automatic choice runs the four-m-tile stream kernel on weights of
