@@ -503,17 +503,36 @@ def sweep_row(name: str, N: int, K: int, M: int, variant: str, t: float, t_ref: 
 
 
 # The default on the small shapes with its persistent grid capped (awq_gemm_variant's `splits` for a
-# stream kernel; 0: one CTA per SM): 4096x4096 at one token is launch- and reduction-bound (1.18x
-# fp16 on the H200), and fewer CTAs split fewer slices.  (shape, N, K), M, caps.
+# stream kernel; 0: one CTA per SM): 4096x4096 at one token reached only 1.18x fp16 on the H200,
+# where each CTA streams 2 stages and most slices are split over 4 CTAs; whether fewer CTAs, each
+# splitting fewer slices, do better is what these cases say.  (shape, N, K), M, caps.
 GRID_SHAPES = [("4096x4096", 4096, 4096), ("8b-qkv 6144x4096", 6144, 4096)]
 GRID_MS = (1, 16)
 GRID_CAPS = (16, 32, 64, 96, 0)
 
 
+def stream_grid(M: int, N: int, K: int, ctas: int) -> tuple[int, int]:
+    """(CTAs launched, units per CTA) of the large stream configuration's persistent grid capped
+    at ``ctas`` (csrc/awq_stream.cu plan_stream)."""
+    units = -(-N // 128) * -(-K // (256 if M > 32 else 512))
+    per = -(-units // max(1, min(units, ctas)))
+    return -(-units // per), per
+
+
+def grid_table(report: dict) -> str:
+    rows = report.get("grid", [])
+    lines = ["| shape | M | CTA cap | CTAs | units per CTA | µs | fp16 µs | speedup |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['shape']} | {r['M']} | {r['cap']} | {r['ctas']} | {r['per']} | {r['us']:.1f} | {r['fp16_us']:.1f} | "
+              f"{r['speedup']:.2f}x |" for r in rows]
+    return "\n".join(lines) + (f"\ngrid cases stopped: {report['grid_error']}" if report.get("grid_error") else "")
+
+
 def grid_cases(args, report: dict, save, t0: float):
-    """stream:auto with its grid capped (GRID_CAPS) on GRID_SHAPES: report["grid"], one row per case
-    (us, and fp16's in the same run); a failure is recorded, not raised (the sweep is done)."""
+    """stream:auto with its grid capped (GRID_CAPS) on GRID_SHAPES at the GRID_MS the run times
+    (--ms, --max-m): report["grid"], one row per case (the cap, the grid it launched, us, and fp16's
+    in the same run); a failure is recorded, not raised (the sweep is done)."""
     rows = report.setdefault("grid", [])
+    ms = [m for m in GRID_MS if m in args.ms and (args.max_m is None or m <= args.max_m)]
     try:
         props = torch.cuda.get_device_properties(0)
         l2, cap = getattr(props, "L2_cache_size", 50 << 20), int(props.total_memory * 0.2)
@@ -521,7 +540,7 @@ def grid_cases(args, report: dict, save, t0: float):
             qs = [make_weight(K, N, GROUP, "stream")[1] for _ in range(n_copies(int(weight_bytes(N, K)), l2, cap))]
             w16s = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02
                     for _ in range(n_copies(2 * K * N, l2, cap))]
-            for M in GRID_MS:
+            for M in ms:
                 if time.time() - t0 > args.budget:
                     raise OutOfTime
                 x = torch.randn(M, K, device="cuda", dtype=torch.float16)
@@ -533,11 +552,13 @@ def grid_cases(args, report: dict, save, t0: float):
                              for q in qs]
                     with variant_env("stream:auto"):
                         t = time_graph(calls, time_eager(calls[0], reps=2))
-                    rows.append({"shape": name, "N": N, "K": K, "M": M, "ctas": ctas or props.multi_processor_count,
-                                 "us": t * 1e6, "fp16_us": t_ref * 1e6, "speedup": t_ref / t})
+                    launched, per = stream_grid(M, N, K, ctas or props.multi_processor_count)
+                    rows.append({"shape": name, "N": N, "K": K, "M": M, "cap": ctas, "ctas": launched, "per": per,
+                                 "kernel": kernel_label("stream:auto", M, N, K), "us": t * 1e6, "fp16_us": t_ref * 1e6,
+                                 "speedup": t_ref / t})
                     save()
-                    print(f"grid {name:18s} M={M:2d} ctas {rows[-1]['ctas']:3d} {t * 1e6:7.1f} us  "
-                          f"{t_ref / t:5.2f}x fp16", flush=True)
+                    print(f"grid {name:18s} M={M:2d} cap {ctas:3d}: {launched:3d} CTAs x {per:2d} units "
+                          f"{t * 1e6:7.1f} us  {t_ref / t:5.2f}x fp16", flush=True)
     except OutOfTime:
         raise
     except Exception as e:  # noqa: BLE001 -- a tool at the end of the window: record, go on to ncu
@@ -743,6 +764,8 @@ def main(argv=None) -> int:
             status = max(status, 3)  # exit statuses: 2 gate, 3 sanitizer; the JSON has both
     if report.get("sweep"):
         print("\n" + sweep_table(report) + "\n\n" + targets_table(report))
+    if report.get("grid") or report.get("grid_error"):
+        print("\n" + grid_table(report))
     print(f"\nwrote {out} ({report['elapsed_s']:.0f} s); record it: python -m benchmarks.report --add {out}")
     return status
 

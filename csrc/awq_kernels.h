@@ -89,6 +89,7 @@ bool stream_supports(int M, int N, int K, int group_size, StreamConfig config); 
 int stream_smem_bytes(int M, StreamConfig config);  // shared memory per CTA (dynamic + static); -1: no such configuration
 void launch_dequant_stream(DType dt, const int32_t* qweight, const int32_t* qzeros, const void* scales, void* out,
                            int K, int N, int group_size, cudaStream_t stream);
+// num_sms: the CTAs the persistent grid may have (one per SM, or fewer: awq_gemm_variant's splits).
 StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms, StreamConfig config);
 // group_sums: scale per-group fp32 sums once per group (GroupSums in awq_stream.cu) where that
 // saves instructions (M <= 32, or M <= 16 compact; group_size >= 128, or >= 64 compact);

@@ -11,8 +11,8 @@
 //                               shared-memory configuration where it fits, else the compact one
 //                               (M <= kStreamCompactMaxM: A100 at M 17-32, ~100 KB GPUs), or the deep
 //                               one where asked for (AWQLIB_STREAM_DEEP=1, M <= 16 and 33-64,
-//                               H100/H200); at
-//                               M > 32 only for weights of kStreamFourTileMinWeights elements or more
+//                               H100/H200); at M > 32 only for weights of
+//                               kStreamFourTileMinWeights elements or more
 //     larger, or neither fits -> awq_stream.cu's dequantize + cuBLAS
 //   GEMM-layout qweight (the checkpoint layout, e.g. a model quantized in this process):
 //     M <= kGemvMaxMAuto     -> awq_gemv.cu   (CUDA cores, cp.async pipeline)

@@ -28,7 +28,8 @@
 //    swapped, so that the weights fill its 16-row side and the tokens its 8-column one -- half the
 //    mma of the 16-row tiling.
 //  * Work split: one CTA of 8 warps per SM = 2 (64-column n-atoms) x 4 (k-slices of 128 rows).
-//    The persistent grid takes the (column slice, k-tile) units in slice-major order, each CTA a
+//    The persistent grid (one CTA per SM; fewer where awq_gemm_variant's `splits` caps it, a
+//    tuning knob) takes the (column slice, k-tile) units in slice-major order, each CTA a
 //    contiguous run ("striped" partition), so every SM streams the same number of bytes whatever
 //    the shape.  A slice split over several CTAs is reduced deterministically: each part writes
 //    fp32 partials to its own workspace slot, the last to arrive (arrive_last) adds the slots in

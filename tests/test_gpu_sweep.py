@@ -5,7 +5,9 @@ kernel has a SASS budget row).  The GPU run itself happens in a GPU window."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -224,3 +226,20 @@ def test_ncu_reruns_with_the_known_metrics_only_when_the_added_ones_fail(monkeyp
     else:
         assert calls == [gpu_sweep.NCU_METRICS_MORE, gpu_sweep.NCU_METRICS] and r["first_try"]["rc"] == 1
     assert {shape for shape, _, _ in gpu_sweep.NCU_CASES} <= {"70b-down", "4096x4096"}  # profile_case's shapes
+
+
+def test_grid_cases_plan_and_record_what_they_cannot_run(monkeypatch):
+    """The grid mirror matches plan_stream (4096x4096: 256 units, so 48 CTAs launch 43 of 6 units),
+    and grid_cases records a failure instead of raising (a weight that cannot be made: no GPU here,
+    or a broken helper), and prints it."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("no weight")
+    monkeypatch.setattr(gpu_sweep, "make_weight", broken)
+    assert gpu_sweep.stream_grid(1, 4096, 4096, 132) == (128, 2)
+    assert gpu_sweep.stream_grid(16, 4096, 4096, 48) == (43, 6)
+    assert gpu_sweep.stream_grid(64, 4096, 4096, 16) == (16, 32)  # 256-row k-tiles at four m-tiles
+    report, saved = {}, []
+    args = SimpleNamespace(ms=[1, 4], max_m=None, budget=100.0)
+    gpu_sweep.grid_cases(args, report, lambda: saved.append(1), time.time())
+    assert report["grid"] == [] and report["grid_error"] and saved
+    assert "grid cases stopped" in gpu_sweep.grid_table(report)

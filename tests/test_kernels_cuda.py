@@ -16,6 +16,7 @@ wrong column, row, group or nibble) gives errors of order 1.
 from __future__ import annotations
 
 import functools
+import json
 import re
 
 import pytest
@@ -525,23 +526,50 @@ def test_stream_kernel_deep(M, N, K, g, dtype, kernel, monkeypatch):
         assert deep_configs == plain_configs, (deep_configs, plain_configs)
 
 
+def stream_grids_launched(fn, tmp_path) -> list[int]:
+    """The grid (CTAs) of every stream kernel ``fn`` launches, from the profiler's trace."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    trace = tmp_path / "trace.json"
+    prof.export_chrome_trace(str(trace))
+    events = json.loads(trace.read_text())["traceEvents"]
+    grids = [e["args"]["grid"][0] for e in events
+             if "awq_stream_kernel" in e.get("name", "") and "grid" in e.get("args", {})]
+    assert grids, "the profiler's trace names no stream kernel launch with its grid"
+    return grids
+
+
 @pytest.mark.parametrize("kernel", [Kernel.STREAM, Kernel.STREAM_GROUP_SUMS, Kernel.AUTO])
 @pytest.mark.parametrize("M", [1, M_TILE])
-def test_stream_grid_cap(M, kernel):
+def test_stream_grid_cap(M, kernel, tmp_path):
     """awq_gemm_variant's `splits` caps a stream kernel's persistent grid (gpu_sweep's grid cases):
-    at 1, 7 or 48 CTAs, or one per SM (0, and more than the SMs), correct and deterministic; the
-    partition differs, so the sums may differ in their last bits between caps."""
+    the grid launched is plan_stream's for that many CTAs (4096x4096: 256 units; 1, 7, 43 or 128
+    CTAs), correct and deterministic at each; 0 and caps past the SMs launch one CTA per SM's grid.
+    The partition differs, so the sums may differ in their last bits between caps."""
     skip_if_stream_does_not_fit(M)
     K, N, g = 4096, 4096, 128
     qs, zs, ss = stream_weight(K, N, g)
     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    full = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), 0)
-    assert torch.equal(full, torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), sms + 5))
-    for ctas in (1, 7, 48):
+    units = (N // 128) * (K // 512)
+
+    def grid_for(cap):  # plan_stream: no empty CTAs
+        per = -(-units // min(units, cap))
+        return -(-units // per)
+
+    def run(cap):
+        return torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), cap)
+
+    full = run(0)
+    assert stream_grids_launched(lambda: run(0), tmp_path) == [grid_for(sms)]
+    assert torch.equal(full, run(65535))
+    assert stream_grids_launched(lambda: run(65535), tmp_path) == [grid_for(sms)]
+    for cap in (1, 7, 48):
         poison_allocator()
-        out = check(x, K, N, g, torch.float16, out=torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), ctas))
-        assert torch.equal(out, torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), ctas)), ctas
+        out = check(x, K, N, g, torch.float16, out=run(cap))
+        assert torch.equal(out, run(cap)), cap
+        assert stream_grids_launched(lambda: run(cap), tmp_path) == [grid_for(cap)], cap
 
 
 @pytest.mark.parametrize("M", [2 * M_TILE + 1, STREAM_DEEP_MAX_M])
