@@ -821,8 +821,29 @@ auto stream_kernel_for(bool exact, bool fine, bool sums, bool narrow) {
 
 int mb_for(int M) { return M <= 16 ? 1 : M <= 32 ? 2 : 4; }
 int stage_k_for(int M, StreamConfig config) { return 16 * ka_for(mb_for(M), config) * kKW; }
-int max_m_of(StreamConfig config) {
-  return config == kConfigCompact ? kStreamCompactMaxM : config == kConfigDeep ? kStreamDeepMaxM : kStreamMaxM;
+// Whether `config` has an instantiation for M rows (one pass): up to its row limit, and for the
+// deep one not at two m-tiles.
+bool config_takes(int M, StreamConfig config) {
+  const int max_m = config == kConfigCompact ? kStreamCompactMaxM : config == kConfigDeep ? kStreamDeepMaxM : kStreamMaxM;
+  return M >= 1 && M <= max_m && !(config == kConfigDeep && mb_for(M) == 2);
+}
+
+// f(MB, CONFIG) -- as std::integral_constants -- for the instantiation that serves `mb` m-tiles
+// in `config`, the one place that maps the two to template arguments.  A deep plan at two m-tiles
+// (the same plan as the large one: config_takes refuses it, describe_stream may still meet one)
+// runs the large kernels.
+template <typename F>
+auto with_instantiation(StreamConfig config, int mb, F&& f) {
+  using std::integral_constant;
+  if (config == kConfigDeep && mb != 2)
+    return mb == 1 ? f(integral_constant<int, 1>{}, integral_constant<int, kConfigDeep>{})
+                   : f(integral_constant<int, 4>{}, integral_constant<int, kConfigDeep>{});
+  if (config == kConfigCompact)
+    return mb == 1 ? f(integral_constant<int, 1>{}, integral_constant<int, kConfigCompact>{})
+                   : f(integral_constant<int, 2>{}, integral_constant<int, kConfigCompact>{});
+  return mb == 1   ? f(integral_constant<int, 1>{}, integral_constant<int, kConfigLarge>{})
+         : mb == 2 ? f(integral_constant<int, 2>{}, integral_constant<int, kConfigLarge>{})
+                   : f(integral_constant<int, 4>{}, integral_constant<int, kConfigLarge>{});
 }
 
 int log2_exact(int v) {
@@ -886,18 +907,9 @@ template <typename T>
 StreamLaunch<T> describe_stream(int M, int N, int K, int group_size, const StreamPlan& plan, bool group_sums,
                                 bool pdl, bool narrow) {
   const StreamParams p = params_for(M, N, K, group_size, plan.per, plan.grid, plan.config);
-  const int mb = mb_for(M);
-  // deep exists at one and four m-tiles; at two a deep plan (the same as the large one) runs the
-  // large kernels
-  if (plan.config == kConfigDeep && mb != 2)
-    return mb == 1 ? describe_mb<T, 1, kConfigDeep>(p, plan.grid, group_sums, pdl, narrow)
-                   : describe_mb<T, 4, kConfigDeep>(p, plan.grid, group_sums, pdl, narrow);
-  if (plan.config == kConfigCompact)
-    return mb == 1 ? describe_mb<T, 1, kConfigCompact>(p, plan.grid, group_sums, pdl, narrow)
-                   : describe_mb<T, 2, kConfigCompact>(p, plan.grid, group_sums, pdl, narrow);
-  return mb == 1   ? describe_mb<T, 1, kConfigLarge>(p, plan.grid, group_sums, pdl, narrow)
-         : mb == 2 ? describe_mb<T, 2, kConfigLarge>(p, plan.grid, group_sums, pdl, narrow)
-                   : describe_mb<T, 4, kConfigLarge>(p, plan.grid, group_sums, pdl, narrow);
+  return with_instantiation(plan.config, mb_for(M), [&](auto mb, auto config) {
+    return describe_mb<T, decltype(mb)::value, decltype(config)::value>(p, plan.grid, group_sums, pdl, narrow);
+  });
 }
 
 // The dequantize kernel's grid: one thread per (atom, lane).
@@ -971,30 +983,22 @@ int stream_static_smem_bytes() {
   return bytes;
 }
 
-template <int MB, int CONFIG>
-int smem_bytes_of() {
-  return StreamCfg<MB, CONFIG>::kSmemBytes + stream_static_smem_bytes<MB, CONFIG>();
-}
 #endif  // AWQ_HOST_EMULATION
 
 }  // namespace
 
 #ifndef AWQ_HOST_EMULATION
 int stream_smem_bytes(int M, StreamConfig config) {
-  if (M < 1 || M > max_m_of(config)) return -1;
-  const int mb = mb_for(M);
-  if (config == kConfigDeep)
-    return mb == 1 ? smem_bytes_of<1, kConfigDeep>() : mb == 4 ? smem_bytes_of<4, kConfigDeep>() : -1;
-  if (config == kConfigCompact) return mb == 1 ? smem_bytes_of<1, kConfigCompact>() : smem_bytes_of<2, kConfigCompact>();
-  return mb == 1   ? smem_bytes_of<1, kConfigLarge>()
-         : mb == 2 ? smem_bytes_of<2, kConfigLarge>()
-                   : smem_bytes_of<4, kConfigLarge>();
+  if (!config_takes(M, config)) return -1;
+  return with_instantiation(config, mb_for(M), [](auto mb, auto cfg) {
+    constexpr int MB = decltype(mb)::value, CONFIG = decltype(cfg)::value;
+    return StreamCfg<MB, CONFIG>::kSmemBytes + stream_static_smem_bytes<MB, CONFIG>();
+  });
 }
 #endif
 
 bool stream_supports(int M, int N, int K, int group_size, StreamConfig config) {
-  if (M < 1 || M > max_m_of(config) || (config == kConfigDeep && mb_for(M) == 2) || N % 64 || K % 16 || group_size % 32 ||
-      K % group_size)
+  if (!config_takes(M, config) || N % 64 || K % 16 || group_size % 32 || K % group_size)
     return false;
   const int kStageK = stage_k_for(M, config);
   if (group_size < kStageK) return kStageK % group_size == 0 && log2_exact(group_size / 16) >= 0;
