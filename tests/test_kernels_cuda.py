@@ -441,6 +441,16 @@ def test_stream_group_sums(M, N, K, g, dtype):
         assert torch.equal(out, scaled)
 
 
+def stream_kernels_run(fn):
+    """(fn's result, the template arguments <T, MB, EXACT, FINE, SUMS, CONFIG, NARROW> of every stream
+    kernel it launched, as the profiler names them)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        result = fn()
+        torch.cuda.synchronize()
+    return result, {tuple(a.strip() for a in m.group(1).split(",")) for e in prof.events()
+                    for m in [re.search(r"awq_stream_kernel<([^>]*)>", e.name)] if m}
+
+
 @pytest.mark.parametrize("kernel,dtype", [(Kernel.STREAM, torch.float16), (Kernel.STREAM, torch.bfloat16),
                                           (Kernel.STREAM_GROUP_SUMS, torch.float16),
                                           (Kernel.STREAM_COMPACT, torch.float16),
@@ -461,14 +471,11 @@ def test_stream_kernel_narrow(M, N, K, g, dtype, kernel, monkeypatch):
     wide = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), 0)
     monkeypatch.setenv("AWQLIB_STREAM_NARROW", "1")
     poison_allocator()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        out = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), 0)
-        torch.cuda.synchronize()
+    out, launched = stream_kernels_run(lambda: torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), 0))
     check(x, K, N, g, dtype, out=out)
     assert torch.equal(out, torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), 0))
     # which instantiation ran: NARROW is awq_stream_kernel's last template argument
-    ran = {m.group(1).split(",")[-1].strip() for e in prof.events()
-           for m in [re.search(r"awq_stream_kernel<([^>]*)>", e.name)] if m}
+    ran = {args[-1] for args in launched}
     assert ran == ({"true"} if M <= STREAM_NARROW_MAX_M else {"false"}), ran
     if M > STREAM_NARROW_MAX_M:
         assert torch.equal(out, wide)
@@ -482,12 +489,8 @@ H100_SMEM = kernels.source_constant("kH100SmemPerBlock")  # what the deep config
 
 def stream_configs_run(fn) -> set[str]:
     """The CONFIG template argument (csrc/awq_kernels.h: StreamConfig, 0 large, 1 compact, 2 deep) of
-    every stream kernel ``fn`` launches, as the profiler names them."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return {m.group(1).split(",")[5].strip() for e in prof.events()
-            for m in [re.search(r"awq_stream_kernel<([^>]*)>", e.name)] if m}
+    every stream kernel ``fn`` launches."""
+    return {args[5] for args in stream_kernels_run(fn)[1]}
 
 
 @pytest.mark.parametrize("kernel,dtype", [(Kernel.STREAM, torch.float16), (Kernel.STREAM_GROUP_SUMS, torch.float16),
