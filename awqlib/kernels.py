@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from .toolchain import ARCH_ENTRY, BUILD_RECORD, NVCC_FLAGS, RECORD_KEYS, SOURCE_SUFFIXES, arch_entries, arch_list_for
+from .toolchain import (ARCH_ENTRY, BUILD_RECORD, RECORD_KEYS, SOURCE_SUFFIXES, arch_entries, arch_list_for, has_wgmma,
+                        nvcc_flags)
 from .toolchain import cuda_sources, file_digest, find_cuda_home, host_cflags, sources_digest, torch_release
 
 log = logging.getLogger("awqlib")
@@ -46,6 +47,7 @@ MIN_CAPABILITY = (8, 0)  # cp.async, ldmatrix, bf16 mma: Ampere and newer
 
 _state: bool | None = None
 _backend: str = "reference"
+_archs: str | None = None  # the architectures of the kernels this process loaded (None: not known)
 _lock = threading.Lock()
 
 
@@ -119,6 +121,7 @@ def build(arch_list: str | None = None, verbose: bool = False, build_dir: str | 
     required when no GPU is visible; default: ``$TORCH_CUDA_ARCH_LIST`` or the current GPU.
     Raises on failure (unlike :func:`load`).
     """
+    global _archs
     from . import blockops, ops  # noqa: F401  -- the schemas must exist before the library registers impls
 
     if torch.version.cuda is None:
@@ -126,9 +129,10 @@ def build(arch_list: str | None = None, verbose: bool = False, build_dir: str | 
     cuda_home = find_cuda_home()
     if cuda_home is None:
         raise RuntimeError(_nvcc_hint())
-    arch_list = arch_list or os.environ.get("TORCH_CUDA_ARCH_LIST") or None
-    if arch_list is None and not torch.cuda.is_available():
+    if not (arch_list or os.environ.get("TORCH_CUDA_ARCH_LIST")) and not torch.cuda.is_available():
         raise RuntimeError("no GPU visible: pass an architecture list, e.g. build('8.0;9.0')")
+    # numbered, so that the flags (nvcc_flags: the wgmma kernels for 9.0a) and the cache follow it
+    arch_list = resolved_arch_list(arch_list)
 
     import torch.utils.cpp_extension as cpp
 
@@ -139,10 +143,9 @@ def build(arch_list: str | None = None, verbose: bool = False, build_dir: str | 
 
     saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
     try:
-        if arch_list is not None:
-            os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
         cpp.load(name=EXTENSION_NAME, sources=sources(), extra_cflags=host_cflags(),
-                 extra_cuda_cflags=NVCC_FLAGS, build_directory=str(out), verbose=verbose,
+                 extra_cuda_cflags=nvcc_flags(arch_list), build_directory=str(out), verbose=verbose,
                  is_python_module=False)
     finally:
         if saved is None:
@@ -150,7 +153,8 @@ def build(arch_list: str | None = None, verbose: bool = False, build_dir: str | 
         else:
             os.environ["TORCH_CUDA_ARCH_LIST"] = saved
     lib = out / f"{EXTENSION_NAME}.so"
-    log.info("awqlib: built CUDA kernels for %s in %s", arch_list or _arch_tag(None), lib)
+    _archs = arch_list
+    log.info("awqlib: built CUDA kernels for %s in %s", arch_list, lib)
     return str(lib)
 
 
@@ -235,6 +239,13 @@ def backend() -> str:
     return _backend
 
 
+def wgmma_available() -> bool:
+    """Whether the stream kernel's warpgroup-mma configuration (csrc/awq_stream.cu: kConfigWgmma,
+    AWQLIB_STREAM_WGMMA=1) can run here: kernels loaded that were built for 9.0a, on an sm_90 GPU."""
+    return (load() and _archs is not None and has_wgmma(_archs)
+            and torch.cuda.get_device_capability() == (9, 0))
+
+
 def load() -> bool:
     """Make the CUDA kernels serve the ops; True on success.  Never raises; warns about what it could
     not use (a prebuilt library refused, a failed build), once per process."""
@@ -247,7 +258,7 @@ def load() -> bool:
 
 
 def _load() -> bool:
-    global _backend
+    global _backend, _archs
     if os.environ.get("AWQLIB_NO_KERNELS", "") not in ("", "0"):
         log.info("awqlib: AWQLIB_NO_KERNELS set, using the PyTorch reference implementation")
         return False
@@ -278,6 +289,7 @@ def _load() -> bool:
         try:
             torch.ops.load_library(str(lib))
             _backend = "prebuilt"
+            _archs = _read_record(lib.parent)["archs"]
             log.info("awqlib: using the prebuilt CUDA kernels %s", lib)
             return True
         except Exception as e:  # noqa: BLE001 -- e.g. a system library missing: fall through to JIT

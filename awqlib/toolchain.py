@@ -57,7 +57,8 @@ def torch_release(version: str) -> str:
 def arch_list_for(requested: str | None, capabilities: list[tuple[int, int]]) -> str:
     """The architectures a build targets, as numbered entries a build record can be checked against:
     ``requested`` (TORCH_CUDA_ARCH_LIST syntax) if given, else those of the visible GPUs
-    (``capabilities``).  Named entries (``Hopper``, ``native``) are refused: name the numbers."""
+    (``capabilities``; an H100/H200, 9.0, as 9.0a: the code for it alone, with warpgroup mma).
+    Named entries (``Hopper``, ``native``) are refused: name the numbers."""
     if requested:
         entries = arch_entries(requested)
         bad = [e for e in entries if not ARCH_ENTRY.fullmatch(e)]
@@ -67,7 +68,25 @@ def arch_list_for(requested: str | None, capabilities: list[tuple[int, int]]) ->
         return ";".join(entries)
     if not capabilities:
         raise RuntimeError("no GPU visible: name the architectures, e.g. TORCH_CUDA_ARCH_LIST='8.0;9.0'")
-    return ";".join(sorted({f"{major}.{minor}" for major, minor in capabilities}))
+    return ";".join(sorted({f"{major}.{minor}" + ("a" if (major, minor) in ARCH_SPECIFIC else "")
+                            for major, minor in capabilities}))
+
+
+# GPUs a build for the visible ones targets with their arch-specific code: 9.0a has wgmma, which
+# csrc/awq_stream.cu's kConfigWgmma needs (its kernels compile to nothing for other targets).
+ARCH_SPECIFIC = {(9, 0)}
+WGMMA_DEFINE = "-DAWQ_WGMMA_BUILT"  # tells the host code that the build has the wgmma kernels
+
+
+def has_wgmma(arch_list: str) -> bool:
+    """Whether a build for ``arch_list`` holds sm_90a machine code (where the wgmma kernels live)."""
+    return any((m := ARCH_ENTRY.fullmatch(e)) and (m.group(1), m.group(2), m.group(3)) == ("9", "0", "a")
+               for e in arch_entries(arch_list))
+
+
+def nvcc_flags(arch_list: str | None) -> list[str]:
+    """NVCC_FLAGS for a build targeting ``arch_list`` (None: torch's default for the visible GPU)."""
+    return NVCC_FLAGS + ([WGMMA_DEFINE] if arch_list and has_wgmma(arch_list) else [])
 
 
 def file_digest(path: Path) -> str:

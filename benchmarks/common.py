@@ -70,8 +70,10 @@ def run_info(benchmark: str, argv: list[str]) -> dict:
 
 
 # The stream kernel's launch options, and the variables csrc/awq_ops.cpp reads them from on every
-# call (stream_pdl: off unless set; stream_narrow: on unless set to 0; stream_deep: off unless set).
-STREAM_OPTIONS = {"pdl": "AWQLIB_STREAM_PDL", "narrow": "AWQLIB_STREAM_NARROW", "deep": "AWQLIB_STREAM_DEEP"}
+# call (stream_pdl: off unless set; stream_narrow: on unless set to 0; stream_deep, stream_wgmma: off
+# unless set).
+STREAM_OPTIONS = {"pdl": "AWQLIB_STREAM_PDL", "narrow": "AWQLIB_STREAM_NARROW", "deep": "AWQLIB_STREAM_DEEP",
+                  "wgmma": "AWQLIB_STREAM_WGMMA"}
 # the library's defaults, whatever the environment a benchmark started in
 STREAM_DEFAULTS_ENV: dict[str, str | None] = {var: None for var in STREAM_OPTIONS.values()}
 

@@ -28,7 +28,7 @@ Steps, in order (each writes its results into the JSON before the next starts):
 Step 1 compiles nothing where the call carries the prebuilt kernels (scripts/prebuild_device.sh
 builds them on the CPU machine against the GPU machine's torch 2.11: the extension is tied to
 torch's C++ ABI); else, or where they do not match (awqlib.kernels.find_prebuilt says why), it is
-one ninja call for the GPU at hand only (sm_90), awq_stream.cu its longest part.  ``build_s`` and
+one ninja call for the GPU at hand only (sm_90a on an H100/H200), awq_stream.cu its longest part.  ``build_s`` and
 ``backend`` in the JSON say which happened.
 """
 
@@ -86,12 +86,18 @@ SM89_SMEM = source_constant("kSm89SmemPerBlock")  # shared memory per block of a
 # (the automatic choice under the library's default settings), "tiled:auto" what they ran before;
 # the forced ones isolate one choice each: "stream:sums" differs from "stream" only at M <= 32
 # (group sums; timed there only), the narrow ones only at M <= 8, "stream:auto:deep" (the default
-# with AWQLIB_STREAM_DEEP=1: a fourth ring stage) only where deep_takes M.
+# with AWQLIB_STREAM_DEEP=1: a fourth ring stage) only where deep_takes M, "stream:wgmma" (the
+# stream kernel with AWQLIB_STREAM_WGMMA=1: warpgroup mma, sm_90a) at every M, in passes past 64.
 VARIANTS = [("tiled:auto", "tiled", Kernel.AUTO), ("stream", "stream", Kernel.STREAM),
             ("stream:sums", "stream", Kernel.STREAM_GROUP_SUMS), ("stream:pdl", "stream", Kernel.STREAM),
             ("stream:narrow", "stream", Kernel.STREAM), ("stream:sums:narrow", "stream", Kernel.STREAM_GROUP_SUMS),
             ("stream:auto", "stream", Kernel.AUTO), ("stream:auto:sm89", "stream", Kernel.AUTO),
-            ("stream:auto:deep", "stream", Kernel.AUTO)]
+            ("stream:auto:deep", "stream", Kernel.AUTO), ("stream:wgmma", "stream", Kernel.STREAM)]
+# What a window times unless --variants says otherwise: the open questions (the deep ring, warpgroup
+# mma) against the default and the scaled stream kernel.  The others were timed in the 2026-11-30
+# window (benchmarks/RESULTS.md) and are still gated; the sweep's 160 s in gpu_window.sh do not
+# hold all of them and the new ones.
+TIMED_DEFAULT = ("stream", "stream:auto", "stream:auto:deep", "stream:wgmma")
 # environment a variant runs under (read by csrc/awq_ops.cpp on every call): "stream:pdl" is the
 # stream kernel with programmatic dependent launch (its weights stream in while the previous
 # kernel -- in the sweep's graphs, the same GEMM -- finishes); the narrow ones put the tokens on
@@ -101,7 +107,9 @@ VARIANT_ENV = {"stream:pdl": stream_options_env("pdl"), "stream:narrow": stream_
                # what a ~99 KB-per-block GPU (A10, L4, L40S, RTX) runs by default: the compact configuration
                "stream:auto:sm89": {**STREAM_DEFAULTS_ENV, "AWQLIB_STREAM_SMEM_LIMIT": str(SM89_SMEM)},
                # the default with the deep configuration where it fits (an H100/H200), opt-in until timed
-               "stream:auto:deep": {**STREAM_DEFAULTS_ENV, "AWQLIB_STREAM_DEEP": "1"}}
+               "stream:auto:deep": {**STREAM_DEFAULTS_ENV, "AWQLIB_STREAM_DEEP": "1"},
+               # the stream kernel (scaled fragments) on warpgroup mma where the build and GPU have it
+               "stream:wgmma": stream_options_env("wgmma")}
 # every other variant, whatever the environment the sweep started in
 BASE_ENV = stream_options_env()
 STREAM_KERNELS = (Kernel.STREAM, Kernel.STREAM_GROUP_SUMS, Kernel.STREAM_COMPACT, Kernel.STREAM_COMPACT_GROUP_SUMS)
@@ -134,7 +142,11 @@ GATE_ENV = [("stream:narrow", "stream", Kernel.STREAM, (1, 2, 7, 8, 9, 72)),  # 
             # the deep configuration: the default's choice and each stream kernel; 17: none (large)
             ("stream:auto:deep", "stream", Kernel.AUTO, (1, 8, 16, 17, 40)),
             ("stream:auto:deep", "stream", Kernel.STREAM, (1, 9, 16, 33, 64)),
-            ("stream:auto:deep", "stream", Kernel.STREAM_GROUP_SUMS, (1, 16))]
+            ("stream:auto:deep", "stream", Kernel.STREAM_GROUP_SUMS, (1, 16)),
+            # warpgroup mma at each m-tile count (wgmma N 16, 32, 64) and in passes; under the automatic
+            # choice too (which asks for group sums: the wgmma kernels scale fragments instead)
+            ("stream:wgmma", "stream", Kernel.STREAM, (1, 7, 16, 17, 32, 33, 64, 100)),
+            ("stream:wgmma", "stream", Kernel.AUTO, (1, 40))]
 # outputs that must equal another variant's bit for bit (the deep ring keeps the large configuration's
 # partition and arithmetic): checked by the gate case by case
 SAME_BITS_AS = {"stream:auto:deep": "stream:auto"}
@@ -144,18 +156,20 @@ SAME_BITS_AS = {"stream:auto:deep": "stream:auto"}
 GATE_PDL = [("stream", Kernel.STREAM, (1, 33, 100), ()), ("stream", Kernel.STREAM_GROUP_SUMS, (1, 17), ()),
             ("stream", Kernel.STREAM_COMPACT, (1, 17), ()), ("stream", Kernel.STREAM, (1, 8), ("narrow",)),
             ("stream", Kernel.STREAM_GROUP_SUMS, (5,), ("narrow",)),
-            ("stream", Kernel.STREAM_GROUP_SUMS, (1, 16), ("deep", "narrow")), ("stream", Kernel.STREAM, (33, 64), ("deep",))]
+            ("stream", Kernel.STREAM_GROUP_SUMS, (1, 16), ("deep", "narrow")), ("stream", Kernel.STREAM, (33, 64), ("deep",)),
+            ("stream", Kernel.STREAM, (1, 33, 100), ("wgmma",))]
 REL_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
-def gate_plan(max_m: int | None = None) -> tuple[list, list, list]:
+def gate_plan(max_m: int | None = None, wgmma: bool = True) -> tuple[list, list, list]:
     """GATE_VARIANTS, GATE_ENV and GATE_PDL with their M up to ``max_m`` (--max-m: gate and time only
-    those, e.g. to measure the rest while one configuration fails)."""
+    those, e.g. to measure the rest while one configuration fails); without the wgmma cases where
+    ``wgmma`` is false (kernels.wgmma_available: there the setting would run the large configuration)."""
     def upto(ms):
         return tuple(m for m in ms if max_m is None or m <= max_m)
     return ([(lay, k, upto(ms)) for lay, k, ms in GATE_VARIANTS],
-            [(label, lay, k, upto(ms)) for label, lay, k, ms in GATE_ENV],
-            [(lay, k, upto(ms), options) for lay, k, ms, options in GATE_PDL])
+            [(label, lay, k, upto(ms)) for label, lay, k, ms in GATE_ENV if wgmma or label != "stream:wgmma"],
+            [(lay, k, upto(ms), options) for lay, k, ms, options in GATE_PDL if wgmma or "wgmma" not in options])
 
 
 def variant_env(label: str):
@@ -200,8 +214,21 @@ def timed_on(label: str, kernel: Kernel, M: int, N: int, K: int) -> bool:
     return is_timed(label, kernel, M) and (label != "stream:auto:deep" or ", deep," in kernel_label(label, M, N, K))
 
 
+def timed_variants(arg: str) -> list[str]:
+    """--variants: a comma-separated list of VARIANTS labels, "default" (TIMED_DEFAULT) or "all"."""
+    labels = [v[0] for v in VARIANTS]
+    chosen = (list(TIMED_DEFAULT) if arg == "default" else labels if arg == "all"
+              else [a.strip() for a in arg.split(",") if a.strip()])
+    unknown = [a for a in chosen if a not in labels]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; the variants are {labels}, or 'default' or 'all'")
+    return chosen
+
+
 def plan_text(args) -> str:
-    cases = sum(1 + sum(timed_on(label, k, m, N, K) for label, _, k in VARIANTS) for _, N, K in SHAPES for m in args.ms)
+    timed = timed_variants(args.variants)
+    cases = sum(1 + sum(timed_on(label, k, m, N, K) for label, _, k in VARIANTS if label in timed)
+                for _, N, K in SHAPES for m in args.ms)
     variants, env, pdl = gate_plan(args.max_m)
     gate = sum(len(ms) * (2 if k in STREAM_KERNELS else 1) for _, k, ms in variants) * len(GATE_SHAPES)
     gate_env = sum((2 if k in STREAM_KERNELS else 1) * len(ms) for _, _, k, ms in env) * len(GATE_SHAPES)
@@ -211,10 +238,10 @@ def plan_text(args) -> str:
         "  1. device info; load the prebuilt kernels, else build them (JIT, cached in $AWQLIB_CACHE)",
         f"  2. correctness gate: {gate} cases ({len(GATE_VARIANTS)} layout/kernel variants x {len(GATE_SHAPES)} shapes"
         f" x their M), fp16, + bf16 for the stream kernels; + {gate_env} under the variants' environments"
-        " (narrow, the defaults);"
+        " (narrow, the defaults, the deep ring, warpgroup mma);"
         f" + {gate_pdl} chains with programmatic dependent launch against plain ones; a failing variant is not timed",
         "  3. rooflines: device-to-device copy, read-only streaming sum",
-        f"  4. sweep: {cases} timings = {len(SHAPES)} shapes x M {args.ms} x ({', '.join(v[0] for v in VARIANTS)}, fp16)",
+        f"  4. sweep: {cases} timings = {len(SHAPES)} shapes x M {args.ms} x ({', '.join(timed)}, fp16)",
         f"  5. grid: stream:auto with its CTAs capped at {GRID_CAPS} (0: one per SM) on "
         f"{', '.join(s for s, _, _ in GRID_SHAPES)} at M {GRID_MS}",
         "  6. table (+ SASS instr/KB from benchmarks/sass_budget.json)",
@@ -229,12 +256,15 @@ def plan_text(args) -> str:
     return "\n".join(lines)
 
 
-# (shape, M, variant) profiled with --ncu: the default at one token on the large shape, with the
-# deep ring (does a fourth stage take the warps off long-scoreboard waits?), the small shape where
-# launch and reduction rather than bytes bound the call, and the four-m-tile kernel at 64 tokens
-# with and without the deep ring (0.76x fp16 where its math alone would allow ~3x: which stall?)
-NCU_CASES = [("70b-down", 1, "stream:auto"), ("70b-down", 1, "stream:auto:deep"), ("4096x4096", 1, "stream:auto"),
-             ("4096x4096", 1, "tiled:auto"), ("70b-down", 64, "stream:auto"), ("70b-down", 64, "stream:auto:deep")]
+# (shape, M, variant) profiled with --ncu, most wanted first (a window's minutes may end the list):
+# warpgroup mma at 64 tokens (are its tensor cores busy, or the dequantizing warps?); the default
+# at one token on the large shape, with the deep ring (does a fourth stage take the warps off
+# long-scoreboard waits?); the four-m-tile mma.sync kernel at 64 tokens (0.76x fp16 where its math
+# alone would allow ~3x: which stall?); warpgroup mma at one token; the small shape where launch
+# and reduction rather than bytes bound the call
+NCU_CASES = [("70b-down", 64, "stream:wgmma"), ("70b-down", 1, "stream:auto"), ("70b-down", 1, "stream:auto:deep"),
+             ("70b-down", 64, "stream:auto"), ("70b-down", 1, "stream:wgmma"), ("4096x4096", 1, "stream:auto"),
+             ("70b-down", 64, "stream:auto:deep"), ("4096x4096", 1, "tiled:auto")]
 
 
 def ncu_command(shape: str, M: int, variant: str, metrics: str = NCU_METRICS_MORE) -> list[str]:
@@ -314,9 +344,9 @@ def gate_cases(N: int, K: int, g: int, layout: str, kernel: Kernel, ms, env: str
     return cases
 
 
-def gate(report: dict, save, max_m: int | None = None) -> bool:
+def gate(report: dict, save, max_m: int | None = None, wgmma: bool = True) -> bool:
     from awqlib.packing import dequantize_gemm
-    variants, env, pdl = gate_plan(max_m)
+    variants, env, pdl = gate_plan(max_m, wgmma)
     cases = []
     for N, K, g in GATE_SHAPES:
         for layout, kernel, ms in variants:
@@ -407,7 +437,7 @@ def where_wrong(out: torch.Tensor, ref: torch.Tensor, tol: float) -> str:
 
 
 # variants whose environment turns on a configuration the library's defaults do not run
-OPT_IN_ENVS = ("stream:auto:deep",)
+OPT_IN_ENVS = ("stream:auto:deep", "stream:wgmma")
 # the kernels each default variant runs (csrc/awq_ops.cpp: kAuto), by Kernel name
 DEFAULT_RUNS = {"stream:auto": (Kernel.STREAM.name, Kernel.STREAM_GROUP_SUMS.name),
                 "stream:auto:deep": (Kernel.STREAM.name, Kernel.STREAM_GROUP_SUMS.name),
@@ -478,9 +508,13 @@ def kernel_label(variant: str, M: int, N: int, K: int) -> str:
         auto = variant.startswith("stream:auto")  # group sums where they pay, the narrow kernels at M <= 8
         sums = (variant.startswith("stream:sums") or auto) and mb <= (1 if compact else 2)
         narrow = (variant.endswith(":narrow") or auto) and M <= NARROW_MAX_M
+        wgmma = variant == "stream:wgmma"
         config = ("compact" if compact else "deep" if variant == "stream:auto:deep" and deep_takes(M)
-                  else "large")  # scripts/sass_budget.py names CONFIG so
-        flags = ", ".join(str(f).lower() for f in (exact, False, sums))
+                  else "wgmma" if wgmma else "large")  # scripts/sass_budget.py names CONFIG so
+        # FINE: the group ends inside what a warp walks of a stage (wgmma: the whole stage)
+        fine = wgmma and GROUP < stage
+        narrow = narrow and not wgmma
+        flags = ", ".join(str(f).lower() for f in (exact, fine, sums))
         return f"awq_stream_kernel<half, {mb}, {flags}, {config}, {str(narrow).lower()}>"
     if variant == "tiled:auto" and M <= SKINNY_MAX_M_TILED:
         return f"awq_skinny_kernel<half, {1 if M <= 16 else 2}, 2, true>"
@@ -679,6 +713,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", type=int, nargs="+", default=MS)
     ap.add_argument("--max-m", type=int, help="gate and time only M <= this (a window working around one failing"
                     " configuration; the report records it)")
+    ap.add_argument("--variants", default="default",
+                    help=f"the variants timed, comma-separated, or 'all' (default: {','.join(TIMED_DEFAULT)}); every"
+                         " variant is gated whatever this says")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and check imports; no GPU needed")
     ap.add_argument("--skip-gate", action="store_true", help="time without the correctness gate (never for results)")
     ap.add_argument("--ncu", action="store_true",
@@ -733,12 +770,16 @@ def main(argv=None) -> int:
         print(f"device {props.name}, {props.multi_processor_count} SMs; kernels {report['backend']} in "
               f"{report['build_s']:.0f} s", flush=True)
         save()
-        excluded: set[str] = set()
+        wgmma = kernels.wgmma_available()
+        if not wgmma:  # AWQLIB_STREAM_WGMMA=1 would run the large configuration: not the variant's kernel
+            report["wgmma"] = "unavailable: the kernels were not built for 9.0a, or this GPU is not sm_90"
+        timed = set(timed_variants(args.variants)) - (set() if wgmma else {"stream:wgmma"})
+        excluded: set[str] = {v[0] for v in VARIANTS} - timed
         if args.tools_only:
             excluded = {v[0] for v in VARIANTS}
-        elif not args.skip_gate and not gate(report, save, args.max_m):
-            excluded = failed_variants(report["gate"])
-            report["not_timed"] = sorted(excluded)
+        elif not args.skip_gate and not gate(report, save, args.max_m, wgmma):
+            excluded |= failed_variants(report["gate"])
+            report["not_timed"] = sorted(failed_variants(report["gate"]))
             status = 2
             print(f"correctness gate FAILED (see the JSON's gate.failed): not timing {sorted(excluded)}", flush=True)
         if not excluded >= {v[0] for v in VARIANTS}:  # else nothing to time; the tools below still run
@@ -755,6 +796,8 @@ def main(argv=None) -> int:
     if args.ncu:
         report["ncu"] = []
         for s, m, v in NCU_CASES:  # saved after each: a window's hard stop keeps the cases done
+            if v == "stream:wgmma" and not kernels.wgmma_available():
+                continue  # it would profile the large configuration under the variant's name
             report["ncu"].append(run_ncu(s, m, v, out.parent / f"ncu_{s}_m{m}_{v.replace(':', '_')}.log"))
             save()
     if args.sanitizer:

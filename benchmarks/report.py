@@ -196,7 +196,9 @@ def targets_table(report: dict) -> str:
                           ("stream:narrow", "stream", "tokens on the mma's n8 side against 16-row tiles, M <= 8"),
                           ("stream:sums:narrow", "stream:sums", "the same with group sums"),
                           ("stream:auto:deep", "stream:auto",
-                           "the default with a fourth ring stage (the deep configuration), M <= 16 and 33-64")):
+                           "the default with a fourth ring stage (the deep configuration), M <= 16 and 33-64"),
+                          ("stream:wgmma", "stream", "warpgroup mma against mma.sync, both with scaled fragments"),
+                          ("stream:wgmma", "stream:auto", "warpgroup mma against the default")):
         pairs = [(by[(s, m, old)], us) for (s, m, v), us in by.items() if v == new and (s, m, old) in by]
         if pairs:
             wins = sum(t > s for t, s in pairs)
@@ -347,7 +349,7 @@ def device_name(report: dict) -> str | None:
 
 # the AWQLIB_* settings (of run_info's "env") that change what a run measures: shown with its command
 RUN_SETTINGS = ("AWQLIB_LAYOUT", "AWQLIB_STREAM_PDL", "AWQLIB_STREAM_NARROW", "AWQLIB_STREAM_DEEP",
-                "AWQLIB_STREAM_SMEM_LIMIT")
+                "AWQLIB_STREAM_WGMMA", "AWQLIB_STREAM_SMEM_LIMIT")
 
 
 def provenance(report: dict, extra: list[str] = ()) -> str:

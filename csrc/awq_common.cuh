@@ -20,6 +20,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
+#include <type_traits>
 
 // A device function kept out of line.  Spelled as a macro because the CPU twin cannot define
 // __noinline__ itself: libstdc++ uses that identifier inside __attribute__(()).
@@ -218,6 +219,136 @@ template <> struct Mma<__nv_bfloat16> {
 #endif
   }
 };
+
+// ---------------------------------------------------------------- warpgroup mma (sm_90a)
+// wgmma.mma_async: the four warps of a warpgroup (warps 4w..4w+3) multiply a 64 x 16 A -- 16 rows
+// per warp, in registers, in mma.m16n8k16's A fragment layout -- by a 16 x N B that the tensor
+// cores read from shared memory through a descriptor, into fp32 accumulators that stay in the
+// warps' registers: warp w's lane 4 g + q holds d[4 t + e] = (row 16 w + g + 8 (e >> 1), column
+// 8 t + 2 q + (e & 1)).  It is asynchronous: the warps go on (dequantizing the next A) while it
+// runs, and only wgmma_wait makes its results (and the end of its shared-memory reads) certain.
+// Needs the arch-specific target sm_90a; AWQ_WGMMA_ARCH marks the device pass that has it.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define AWQ_WGMMA_ARCH 1
+#endif
+
+// The shared-window address of a shared-memory pointer (what descriptors and cp.async take).
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+#ifdef AWQ_HOST_EMULATION
+  return awq_twin::shared_address(p);
+#else
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+#endif
+}
+
+// The 128-byte swizzle: in each 1024-byte block of 8 rows x 128 bytes, 16-byte chunk c of row r
+// sits at chunk c ^ r, so that the 8 rows of a chunk column lie in 8 different bank groups.  The
+// hardware applies it to address bits (chunk bits 4-6 ^= row bits 7-9), so such a block must start
+// on a 1024-byte boundary of the shared window.
+constexpr int kSwizzleRowBytes = 128;
+constexpr int kSwizzleRows = 8;
+constexpr int kSwizzleBlockBytes = kSwizzleRowBytes * kSwizzleRows;  // 1024
+
+// The descriptor of a K-major operand (each of its N rows holds 64 k of one token, 128 bytes) in
+// 128-byte-swizzled blocks, starting at shared address `saddr`: N rows of 128 bytes, 8-row groups
+// kSwizzleBlockBytes apart.  The k16 step s of a 64-k block starts 32 s bytes into the row.
+__device__ __forceinline__ uint64_t wgmma_desc_k_major_sw128(uint32_t saddr) {
+  constexpr uint64_t kAddressMask = 0x3FFFF;                 // bits 0-13: address / 16
+  constexpr uint64_t kLeadingByteOffset = 1;                 // bits 16-29: unused by swizzled K-major layouts
+  constexpr uint64_t kStrideByteOffset = kSwizzleBlockBytes >> 4;  // bits 32-45: 8-row groups apart / 16
+  constexpr uint64_t kLayoutSwizzle128 = 1;                  // bits 62-63: 128-byte swizzle
+  return ((saddr & kAddressMask) >> 4) | (kLeadingByteOffset << 16) | (kStrideByteOffset << 32) |
+         (kLayoutSwizzle128 << 62);
+}
+
+// wgmma.mma_async m64nNk16 with A from registers (RS), fp32 accumulators, scale-d true (D += A B),
+// no negation, B not transposed (K-major).  One asm per N (the operand numbers differ), its element
+// type a string literal: AWQ_WGMMA_RS_N<N>("f16" or "bf16").
+#define AWQ_F8(d, o)                                                                                             \
+  "+f"(d[o]), "+f"(d[o + 1]), "+f"(d[o + 2]), "+f"(d[o + 3]), "+f"(d[o + 4]), "+f"(d[o + 5]), "+f"(d[o + 6]), \
+      "+f"(d[o + 7])
+#define AWQ_WGMMA_IN "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
+#define AWQ_WGMMA_HEAD(PRED) "{\n.reg .pred p;\nsetp.ne.b32 p, " PRED ", 0;\nwgmma.mma_async.sync.aligned."
+#define AWQ_WGMMA_RS_N16(TYPE)                                                                   \
+  asm volatile(AWQ_WGMMA_HEAD("%13") "m64n16k16.f32." TYPE "." TYPE                             \
+               " {%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n" \
+               : AWQ_F8(d, 0)                                                                    \
+               : AWQ_WGMMA_IN)
+#define AWQ_WGMMA_RS_N32(TYPE)                                                                   \
+  asm volatile(AWQ_WGMMA_HEAD("%21") "m64n32k16.f32." TYPE "." TYPE                             \
+               " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "      \
+               "{%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"                                   \
+               : AWQ_F8(d, 0), AWQ_F8(d, 8)                                                      \
+               : AWQ_WGMMA_IN)
+#define AWQ_WGMMA_RS_N64(TYPE)                                                                   \
+  asm volatile(AWQ_WGMMA_HEAD("%37") "m64n64k16.f32." TYPE "." TYPE                             \
+               " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "       \
+               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, " \
+               "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                                   \
+               : AWQ_F8(d, 0), AWQ_F8(d, 8), AWQ_F8(d, 16), AWQ_F8(d, 24)                        \
+               : AWQ_WGMMA_IN)
+
+// D[64 x N] += A[64 x 16] (registers) * B[16 x N] (shared memory, `desc`): this warp's 16 rows.
+template <typename T, int N>
+struct Wgmma {
+  static_assert(N == 16 || N == 32 || N == 64, "the wgmma shapes the kernels use");
+  __device__ __forceinline__ static void run(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc) {
+#if defined(AWQ_HOST_EMULATION)
+    awq_twin::wgmma_rs<T>(d, N, a, desc);
+#elif defined(AWQ_WGMMA_ARCH)
+    constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+    if constexpr (N == 16 && kBf16) AWQ_WGMMA_RS_N16("bf16");
+    else if constexpr (N == 16) AWQ_WGMMA_RS_N16("f16");
+    else if constexpr (N == 32 && kBf16) AWQ_WGMMA_RS_N32("bf16");
+    else if constexpr (N == 32) AWQ_WGMMA_RS_N32("f16");
+    else if constexpr (kBf16) AWQ_WGMMA_RS_N64("bf16");
+    else AWQ_WGMMA_RS_N64("f16");
+#elif defined(__CUDA_ARCH__)
+    __trap();  // no wgmma below sm_90a: launch_stream never runs this configuration there
+#endif
+  }
+};
+
+// wgmma.fence: orders this warp's register writes (the A fragments just dequantized, accumulators
+// just cleared) before the wgmma that reads them.  commit: closes a group of issued wgmma.  wait<N>:
+// until at most N groups are in flight.
+__device__ __forceinline__ void wgmma_fence() {
+#if defined(AWQ_HOST_EMULATION)
+#elif defined(AWQ_WGMMA_ARCH)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if defined(AWQ_HOST_EMULATION)
+  awq_twin::wgmma_commit();
+#elif defined(AWQ_WGMMA_ARCH)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#if defined(AWQ_HOST_EMULATION)
+  awq_twin::wgmma_wait(N);
+#elif defined(AWQ_WGMMA_ARCH)
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Pins registers in place across the asynchronous window: the compiler may not move a read or
+// write of v over this point (used on the accumulators around the wgmma of a stage).
+__device__ __forceinline__ void fence_operand(float& v) {
+#ifndef AWQ_HOST_EMULATION
+  asm volatile("" : "+f"(v)::"memory");
+#endif
+}
+// cp.async writes shared memory through the generic proxy, wgmma reads it through the async one:
+// each thread fences its own landed copies before the barrier that publishes them.
+__device__ __forceinline__ void fence_proxy_async_smem() {
+#if defined(AWQ_HOST_EMULATION)
+#elif defined(AWQ_WGMMA_ARCH)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
 
 // ---------------------------------------------------------------- split-K arrival
 // Called by every thread of a block after it has written its split's fp32 partials: true (in

@@ -75,7 +75,12 @@ enum StreamConfig : int {
   kConfigLarge = 0,    // 512-row stages (256 at M > 32), 3 of them: H100/H200; an A100 at M <= 16 and 33-64
   kConfigCompact = 1,  // 256-row stages, 2-3: ~100 KB GPUs (A10, L4, L40S, RTX); an A100 at M 17-32
   kConfigDeep = 2,     // the large stages, 4 of them, at M <= 16 (213 KB per block) and 33-64 (203 KB): H100/H200
+  kConfigWgmma = 3,    // the large stages for warpgroup mma (sm_90a: wgmma), 3-4 of them: H100/H200 only
 };
+// Whether this build holds the wgmma kernels' code: compiled for sm_90a (toolchain.nvcc_flags
+// defines AWQ_WGMMA_BUILT for such an architecture list).  A CUDA build for other GPUs compiles
+// their bodies out, so kConfigWgmma may run only where this is true and the device is sm_90.
+bool stream_wgmma_built();
 struct StreamPlan {
   int grid;                 // CTAs (persistent: at most SMs x CTAs per SM)
   int per;                  // (slice, k-tile) units per CTA

@@ -11,7 +11,8 @@
 //                               shared-memory configuration where it fits, else the compact one
 //                               (M <= kStreamCompactMaxM: A100 at M 17-32, ~100 KB GPUs), or the deep
 //                               one where asked for (AWQLIB_STREAM_DEEP=1, M <= 16 and 33-64,
-//                               H100/H200); at M > 32 only for weights of
+//                               H100/H200), or the warpgroup-mma one where asked for
+//                               (AWQLIB_STREAM_WGMMA=1, an sm_90a build on H100/H200); at M > 32 only for weights of
 //                               kStreamFourTileMinWeights elements or more
 //     larger, or neither fits -> awq_stream.cu's dequantize + cuBLAS
 //   GEMM-layout qweight (the checkpoint layout, e.g. a model quantized in this process):
@@ -268,6 +269,19 @@ bool stream_narrow() { return env_flag("AWQLIB_STREAM_NARROW", /*unset=*/true); 
 // arithmetic and partition are the large one's, so its outputs are the same bits.  Read per call.
 bool stream_deep() { return env_flag("AWQLIB_STREAM_DEEP"); }
 
+// The warpgroup-mma configuration of the stream kernel (awq_stream.cu: kConfigWgmma; sm_90a) in
+// place of the large and deep ones: opt-in with AWQLIB_STREAM_WGMMA=1 until a GPU has timed it
+// (benchmarks/gpu_sweep.py: stream:wgmma).  Its tensor cores run asynchronously to the warps'
+// dequantization (mma.sync waits for each), and it accumulates each output over the whole stage in
+// one warpgroup instead of adding four k-warps' partial sums, so its outputs differ from the large
+// kernel's in fp32 rounding.  Only where the build has sm_90a code and the device is sm_90 (an
+// sm_90a kernel runs on nothing else).  Read per call.
+bool stream_wgmma(int device) {
+  if (!env_flag("AWQLIB_STREAM_WGMMA") || !awq::stream_wgmma_built()) return false;
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
+  return prop->major == 9 && prop->minor == 0;
+}
+
 // At M 33-64 the stream kernel runs its 4-m-tile configuration, which the math rather than the
 // weight bytes bounds.  Measured on an H200 (gpu_sweep 2026-11-30, M = 64) it beats dequantize +
 // cuBLAS (the tiled layout's, timed as tiled:auto) by 1.2-2.1x on weights of 117M elements and more
@@ -417,15 +431,19 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
     const int pass = static_cast<int>(pass_rows(compact));
     const bool pdl = stream_pdl(device, qw, qweight);
     const bool narrow = stream_narrow(), deep = stream_deep();
-    // deep: one pass of <= 64 rows (not 17-32: stream_supports), in place of the large configuration
-    // where it fits
-    const awq::StreamConfig config = deep && !compact && M <= awq::kStreamDeepMaxM &&
-                                             rows_fit_config(M, awq::kConfigDeep)
-                                         ? awq::kConfigDeep
-                                         : config_of(compact);
+    // wgmma: every pass (<= 64 rows), where asked for and the device runs it, in place of the large
+    // configuration; else deep: one pass of <= 64 rows (not 17-32: stream_supports), where asked for,
+    // in place of the large one where it fits
+    const int64_t rest = M - (M - 1) / pass * pass;
+    const awq::StreamConfig config =
+        !compact && stream_wgmma(device) && rows_fit_config(std::min<int64_t>(M, pass), awq::kConfigWgmma) &&
+                rows_fit_config(rest, awq::kConfigWgmma)
+            ? awq::kConfigWgmma
+        : deep && !compact && M <= awq::kStreamDeepMaxM && rows_fit_config(M, awq::kConfigDeep) ? awq::kConfigDeep
+                                                                                                 : config_of(compact);
     const int ctas = so > 0 ? std::min(so, num_sms) : num_sms;
     const awq::StreamPlan full = awq::plan_stream(std::min(m, pass), n, kk, a.group_size, ctas, config);
-    const awq::StreamPlan last = awq::plan_stream(m - (m - 1) / pass * pass, n, kk, a.group_size, ctas, config);
+    const awq::StreamPlan last = awq::plan_stream(static_cast<int>(rest), n, kk, a.group_size, ctas, config);
     const size_t ws_floats = std::max({full.workspace_floats, last.workspace_floats, size_t(1)});
     ws = at::empty({static_cast<int64_t>(ws_floats)}, x.options().dtype(at::kFloat));
     a.workspace = ws.data_ptr<float>();

@@ -27,6 +27,13 @@
 //  * Few tokens (M <= 8, on unless AWQLIB_STREAM_NARROW=0: NARROW below): the mma's operands
 //    swapped, so that the weights fill its 16-row side and the tokens its 8-column one -- half the
 //    mma of the 16-row tiling.
+//  * Warpgroup mma (sm_90a, kConfigWgmma: AWQLIB_STREAM_WGMMA=1, WGMMA below): the same ring,
+//    partition and dequantization, but each warpgroup of 4 warps takes one n-atom through the whole
+//    stage and issues wgmma.mma_async -- the dequantized weights as its A from registers (each warp
+//    the 16 columns of one word of its lanes' fragments), the tokens as its N (16 MB of them) from
+//    shared memory in the 128-byte-swizzled K-major layout.  The tensor cores then run while the
+//    warps dequantize the next 64 k, where mma.sync makes each warp wait for its own; and no k-warp
+//    partial sums are added at the end of a slice.
 //  * Work split: one CTA of 8 warps per SM = 2 (64-column n-atoms) x 4 (k-slices of 128 rows).
 //    The persistent grid (one CTA per SM; fewer where awq_gemm_variant's `splits` caps it, a
 //    tuning knob) takes the (column slice, k-tile) units in slice-major order, each CTA a
@@ -66,7 +73,7 @@ static_assert(kStWarps % kNA == 0, "warps split evenly over n-atoms");
 // 4 in the compact configuration.
 constexpr int ka_for(int MB, int config) { return MB == 4 || config == kConfigCompact ? 4 : 8; }
 
-// Three shared-memory configurations (StreamConfig).  The large one (3 stages of 16-32 KB of
+// Four shared-memory configurations (StreamConfig).  The large one (3 stages of 16-32 KB of
 // weights, 152-208 KB per CTA) is for H100/H200 (227 KB per block), and for an A100 (163 KB) at
 // MB = 1 and 4.  The compact one (k-tile 256; 3 stages at MB = 1, 2 at MB = 2: 81 and 70 KB with
 // the static part) is what fits the A100 at MB = 2 and the ~99 KB of an sm_86/89/120 GPU (A10,
@@ -84,10 +91,18 @@ constexpr int ka_for(int MB, int config) { return MB == 4 || config == kConfigCo
 // yet is compiled for every architecture in the build (32 kernels an A100 or sm_89 never
 // launches): compiling it out below sm_90 would leave a PTX build JIT-compiled for an H100
 // without it.
+// The wgmma one (opt-in: awq_ops.cpp stream_wgmma) has the large one's stages for warpgroup mma: 4
+// of them at MB = 1 and 4 (3 at MB = 2: 69 KB each), each on a 1024-byte boundary (the 128-byte
+// swizzle of its activation blocks), rows past M zero-filled by every stage's copies.  Its kernels
+// exist only in an sm_90a build (their bodies trap elsewhere), which stream_wgmma_built tells the
+// host; an sm_90a kernel runs on an H100/H200 only.
 static_assert(kStreamCompactMaxM == 32, "the compact configurations are MB = 1 and 2");
 static_assert(kStreamDeepMaxM == kStreamMaxM, "the deep configuration is MB = 1 and 4");
 constexpr int stages_for(int MB, int config) {
-  return config == kConfigCompact && MB == 2 ? 2 : config == kConfigDeep ? 4 : 3;
+  return config == kConfigCompact && MB == 2 ? 2
+         : config == kConfigDeep              ? 4
+         : config == kConfigWgmma             ? (MB == 2 ? 3 : 4)
+                                              : 3;
 }
 constexpr int kH100SmemPerBlock = 232448;     // sharedMemPerBlockOptin of an H100 / H200 (227 KB)
 constexpr int kA100SmemPerBlock = 166912;     // ... of an A100 (163 KB)
@@ -99,7 +114,8 @@ struct StreamCfg {
   // MB m16 tiles (M <= 16 MB).  One CTA of 8 warps per SM (as Marlin), kStages - 1 stages of
   // weights in flight per SM.
   static constexpr bool kCompact = CONFIG == kConfigCompact;
-  static_assert(CONFIG == kConfigLarge || kCompact || CONFIG == kConfigDeep, "a configuration of StreamConfig");
+  static constexpr bool kWgmma = CONFIG == kConfigWgmma;
+  static_assert(CONFIG == kConfigLarge || kCompact || CONFIG == kConfigDeep || kWgmma, "a configuration of StreamConfig");
   static_assert(!kCompact || 16 * MB <= kStreamCompactMaxM, "no compact configuration for M > 32");
   static_assert(CONFIG != kConfigDeep || MB != 2, "no deep configuration at two m-tiles (4 x 69 KB)");
   static constexpr int kKA = ka_for(MB, CONFIG);
@@ -113,23 +129,37 @@ struct StreamCfg {
   static constexpr int kABytes = kRows * kARowBytes;
   static constexpr int kSBytes = kMaxGroups * kSliceN * 2;
   static constexpr int kZBytes = kMaxGroups * (kSliceN / 8) * 4;
+  // Activation row m's 16-byte chunk ch (8 k) sits at kOffA + m kARowBytes + (ch ^ (m % 8)) 16 (rows
+  // XOR-swizzled for ldmatrix), or for wgmma in the operand's 128-byte-swizzled K-major blocks
+  // (awq_common.cuh), one per 64 k of kRows rows of 128 bytes: kOffA + (ch / 8) kABlockBytes + m 128
+  // + ((ch % 8) ^ (m % 8)) 16.
+  static constexpr int kABlockBytes = kRows * kSwizzleRowBytes;
   static constexpr int kOffA = kBBytes;
   static constexpr int kOffS = kOffA + kABytes;
   static constexpr int kOffZ = kOffS + kSBytes;
-  static constexpr int kStageBytes = kOffZ + kZBytes;
+  // wgmma: every stage on a 1024-byte boundary (so are its activation blocks), found at run time
+  // (the dynamic shared memory follows the static part: kAlignSlack)
+  static constexpr int kStageBytes = kWgmma ? (kOffZ + kZBytes + kSwizzleBlockBytes - 1) / kSwizzleBlockBytes *
+                                                  kSwizzleBlockBytes
+                                            : kOffZ + kZBytes;
+  static constexpr int kAlignSlack = kWgmma ? kSwizzleBlockBytes : 0;
   // The k-warp reduction buffer [kRows][kSliceN] fp32 reuses the ring slot just consumed, from its
   // start: the weights (and, at MB = 4, activation rows < 32 <= M), which the loader rewrites in
   // full before that slot is read again.  So 3 stages fit an A100's 163 KB at MB = 1 and 4.
   static constexpr int kRedBytes = kRows * kSliceN * 4;
-  static constexpr int kSmemBytes = kStages * kStageBytes;
-  static_assert(kRedBytes <= kBBytes || (MB == 4 && kRedBytes <= kBBytes + 32 * kARowBytes),
+  static constexpr int kSmemBytes = kStages * kStageBytes + kAlignSlack;
+  // (wgmma: every stage rewrites its activation rows in full, zeros past M included)
+  static_assert(kRedBytes <= kBBytes || (MB == 4 && kRedBytes <= kBBytes + 32 * kARowBytes) ||
+                    (kWgmma && kRedBytes <= kStageBytes),
                 "the reduction buffer only overlaps bytes every stage rewrites");
+  static_assert(!kWgmma || (kOffA % kSwizzleBlockBytes == 0 && kABlockBytes % kSwizzleBlockBytes == 0),
+                "wgmma: activation blocks on 1024-byte boundaries");
   static_assert(kStageBytes % 16 == 0 && kOffA % 16 == 0 && kOffS % 16 == 0 && kOffZ % 16 == 0,
                 "cp.async destinations stay 16-byte aligned");
   static_assert(!kCompact || kSmemBytes + kStaticSmemAllowance <= kSm89SmemPerBlock,
                 "the compact configurations must fit a 99 KB GPU");
-  static_assert(CONFIG != kConfigDeep || kSmemBytes + kStaticSmemAllowance <= kH100SmemPerBlock,
-                "the deep configuration must fit an H100");
+  static_assert((CONFIG != kConfigDeep && !kWgmma) || kSmemBytes + kStaticSmemAllowance <= kH100SmemPerBlock,
+                "the deep and wgmma configurations must fit an H100");
   static_assert(CONFIG != kConfigLarge || MB == 2 || kSmemBytes + kStaticSmemAllowance <= kA100SmemPerBlock,
                 "the large M <= 16 and M 33-64 configurations must fit an A100");
 };
@@ -184,6 +214,13 @@ template <> struct StreamDequant<__half> {
     gp.sc[2] = as_t2<__half2>(s8.z);
     gp.sc[3] = as_t2<__half2>(s8.w);
   }
+  // Entry 0 only, of one word's columns: zw >> 4 j (its zeros in nibbles 0 and 4) and its scale pair
+  // (the wgmma kernels, whose warps dequantize one word of each lane fragment).
+  __device__ __forceinline__ static void load_group_word(Group& gp, uint32_t zw, uint32_t s2) {
+    gp.zlo[0] = as_t2<__half2>(lop3_and_or(zw, kLoNibbles, Traits<__half>::kMagic));
+    gp.zhi[0] = as_t2<__half2>(lop3_and_or(zw << 4, kHiNibbles, kHalf64));
+    gp.sc[0] = as_t2<__half2>(s2);
+  }
   // b[0], b[1]: tile 2j; b[2], b[3]: tile 2j+1.  SCALED: (q - z) s, else q - z (exact small
   // integers: the group-sums kernels apply the scale to fp32 sums, GroupSums).
   template <bool SCALED = true>
@@ -215,6 +252,10 @@ template <> struct StreamDequant<__nv_bfloat16> {
     gp.sc[1] = as_t2<__nv_bfloat162>(s8.y);
     gp.sc[2] = as_t2<__nv_bfloat162>(s8.z);
     gp.sc[3] = as_t2<__nv_bfloat162>(s8.w);
+  }
+  __device__ __forceinline__ static void load_group_word(Group& gp, uint32_t zw, uint32_t s2) {
+    gp.zlo[0] = as_t2<__nv_bfloat162>(lop3_and_or(zw, kLoNibbles, Traits<__nv_bfloat16>::kMagic));
+    gp.sc[0] = as_t2<__nv_bfloat162>(s2);
   }
   template <bool SCALED = true>
   __device__ __forceinline__ static void word(uint32_t (&b)[4], uint32_t w, const Group& gp, int j) {
@@ -392,6 +433,14 @@ __device__ AWQ_NOINLINE void write_slice(const float* red, T* __restrict__ out, 
 // two atoms.  It costs no rearranging: the four B fragments a word's dequantization makes (the
 // n8-tiles of columns 16 j + g and 16 j + 8 + g, rows 2q.. and 2q+8..) are, in the order
 // {0, 2, 1, 3}, exactly the A fragment of columns 16 j .. 16 j + 15.
+// WGMMA (CONFIG kConfigWgmma, sm_90a): the same swap on warpgroup mma.  wgmma's A is 64 rows, 16
+// per warp in that same fragment layout, so warp wq of a warpgroup dequantizes word wq of each
+// lane's fragment (columns 16 wq ..) and the 4 warps together hold an atom's 64 columns; its B is
+// the 16 MB tokens x 16 k read by the tensor cores from the stage's activation blocks; its fp32
+// D stays in registers across the stage (one owner per output, so the flush adds no k-warps).  The
+// 4 wgmma of a 64-k block are committed as a group and run while the next block is dequantized; the
+// stage waits for all of them before the barrier after which the loader may refill its slot.
+// FINE there means a group ends inside the stage (group_size < kStageK).
 template <typename T, int MB, bool EXACT, bool FINE, bool SUMS, int CONFIG, bool NARROW>
 __global__ void __launch_bounds__(kStThreads, StreamCfg<MB, CONFIG>::kMinBlocks)
 awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, const uint32_t* __restrict__ qzeros,
@@ -399,15 +448,29 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
                   int32_t* __restrict__ counters, const StreamParams p) {
   using Cfg = StreamCfg<MB, CONFIG>;
   using DQ = StreamDequant<T>;
+#if defined(__CUDA_ARCH__) && !defined(AWQ_WGMMA_ARCH)
+  if constexpr (Cfg::kWgmma) {  // no wgmma below sm_90a: nothing to compile (launch_stream never runs it there)
+    __trap();
+    return;
+  }
+#endif
   static_assert(!(SUMS && FINE), "group sums fold once per stage: a warp's k-slice must lie in one group");
   static_assert(!NARROW || (MB == 1 && Cfg::kKA % 2 == 0), "narrow: <= 8 tokens, atoms in pairs");
-  // accumulator tiles per warp over its 64 columns: 4 m16 column tiles (narrow) or 8 n8 ones
-  constexpr int kAccTiles = NARROW ? 4 : 8;
+  constexpr bool kWg = Cfg::kWgmma;  // warpgroup mma (WGMMA below)
+  static_assert(!kWg || (!SUMS && !NARROW), "wgmma: scaled fragments, the tokens on its N side");
+  // accumulator tiles per warp over its 64 columns: 4 m16 column tiles (narrow) or 8 n8 ones; wgmma:
+  // the warp's 16 columns x 16 MB tokens, 2 MB n8 tiles (MB x 2 here)
+  constexpr int kAccTiles = kWg ? 2 : NARROW ? 4 : 8;
   constexpr int kStages = Cfg::kStages;
   constexpr int kKA = Cfg::kKA;
   constexpr int kStageK = Cfg::kStageK;
   constexpr int kChunksPerRow = kStageK / 8;               // 16-byte activation chunks per row
-  uint8_t* const smem = dynamic_smem();
+  uint8_t* const smem = [] {
+    uint8_t* base = dynamic_smem();
+    if constexpr (Cfg::kAlignSlack > 0)  // to the next 1024-byte boundary of the shared window
+      base += (kSwizzleBlockBytes - smem_address(base) % kSwizzleBlockBytes) % kSwizzleBlockBytes;
+    return base;
+  }();
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wn = warp % kNA, wk = warp / kNA;
@@ -434,7 +497,15 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   const int a_ch = tid % kChunksPerRow, a_row = tid / kChunksPerRow;
   const T* x_row = x + (size_t)a_row * p.K + 8 * a_ch;
   const size_t a_src_step = (size_t)kAStep * p.K;
-  const int a_rows_end = min(p.M, Cfg::kRows);
+  // wgmma: every row, zeros past M (zero-filled copies), so that `red` may overlap any of them
+  const int a_rows_end = kWg ? Cfg::kRows : min(p.M, Cfg::kRows);
+  // where activation chunk ch of row m goes in a stage (StreamCfg: kARowStride, kABlockBytes)
+  auto a_chunk_offset = [](int m, int ch) {
+    if constexpr (kWg)
+      return Cfg::kOffA + (ch >> 3) * Cfg::kABlockBytes + m * kSwizzleRowBytes + (((ch & 7) ^ (m & 7)) * 16);
+    else
+      return Cfg::kOffA + m * Cfg::kARowBytes + ((ch ^ (m & 7)) * 16);
+  };
   int sz_dst[kSzRounds], sz_gi[kSzRounds], sz_slice_bytes[kSzRounds], sz_col[kSzRounds];
   bool sz_on[kSzRounds], sz_scale[kSzRounds];
   size_t sz_row[kSzRounds];
@@ -504,12 +575,14 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   const int slice0 = u_begin / p.KT, kt0 = u_begin - slice0 * p.KT;  // once, before the loop
   Loader ld = loader_at(slice0, kt0, kt0 % p.spg, (kt0 / p.spg) * p.grp_step);
 
-  // The rows of A past M are zero in every stage, written once.
-  for (int i = tid; i < kStages * (Cfg::kRows - min(p.M, Cfg::kRows)) * kChunksPerRow; i += kStThreads) {
-    const int per_stage = (Cfg::kRows - p.M) * kChunksPerRow;
-    const int s = i / per_stage, r = i % per_stage;
-    *reinterpret_cast<uint4*>(smem + s * Cfg::kStageBytes + Cfg::kOffA + (p.M + r / kChunksPerRow) * Cfg::kARowBytes +
-                              (r % kChunksPerRow) * 16) = make_uint4(0, 0, 0, 0);
+  // The rows of A past M are zero in every stage, written once (wgmma: by every stage's copies).
+  if constexpr (!kWg) {
+    for (int i = tid; i < kStages * (Cfg::kRows - min(p.M, Cfg::kRows)) * kChunksPerRow; i += kStThreads) {
+      const int per_stage = (Cfg::kRows - p.M) * kChunksPerRow;
+      const int s = i / per_stage, r = i % per_stage;
+      *reinterpret_cast<uint4*>(smem + s * Cfg::kStageBytes + Cfg::kOffA + (p.M + r / kChunksPerRow) * Cfg::kARowBytes +
+                                (r % kChunksPerRow) * 16) = make_uint4(0, 0, 0, 0);
+    }
   }
 
   // A stage's int4 weights (written only when the model is loaded: awq_ops.cpp stream_pdl) ...
@@ -551,17 +624,17 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
       }
     }
     // Activations: rows < M (a warp-uniform loop: at M = 1 one pass for two warps, none for the
-    // rest), XOR-swizzled by row for ldmatrix.
+    // rest), XOR-swizzled by row for ldmatrix; wgmma: all rows, zero-filled past M.
     const T* xs = x_row + l.k;
 #pragma unroll 1
     for (int m = a_row; m < a_rows_end; m += kAStep, xs += a_src_step) {
       {
         const T* src = xs;
-        uint8_t* dst = st + Cfg::kOffA + m * Cfg::kARowBytes + ((a_ch ^ (m & 7)) * 16);
-        if constexpr (EXACT) {
+        uint8_t* dst = st + a_chunk_offset(m, a_ch);
+        if constexpr (EXACT && !kWg) {
           cp_async16(dst, src, true);
         } else {
-          const bool ok = l.k + 8 * a_ch < p.K;
+          const bool ok = (EXACT || l.k + 8 * a_ch < p.K) && (!kWg || m < p.M);
           cp_async16(dst, ok ? (const void*)src : (const void*)x, ok);
         }
       }
@@ -594,6 +667,16 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   for (int i = 0; i < kKA; ++i) slot_of[i] = p.gshift == 31 ? 0 : (wk * kKA + i) >> p.gshift;
   const int s_off = Cfg::kOffS + (wn * 64 + 8 * g) * 2;
   const int z_off = Cfg::kOffZ + (wn * 8 + g) * 4;
+  // wgmma: warpgroup wg = warp / 4 takes n-atom wg of the slice through the whole stage, and its
+  // warp wq = warp % 4 the word wq of each lane's fragment -- the A fragment of the atom's columns
+  // 16 wq .. 16 wq + 15 (as NARROW's word j), the warp's 16 rows of the wgmma's 64; its scales are
+  // the 4 bytes at 4 wq of the lane's 16, its zeros the nibbles wq and wq + 4 of the lane's word.
+  static_assert(!kWg || kStWarps == 4 * kNA, "wgmma: one warpgroup per n-atom");
+  [[maybe_unused]] const int wq = warp & 3, wg = warp >> 2;
+  [[maybe_unused]] const int wb_off = (wg * kAtomsPerStage * 32 + lane) * 16 + 4 * wq;  // + 512 per atom
+  [[maybe_unused]] const int ws_off = Cfg::kOffS + (wg * 64 + 8 * g) * 2 + 4 * wq;
+  [[maybe_unused]] const int wz_off = Cfg::kOffZ + (wg * 8 + g) * 4;
+  [[maybe_unused]] const bool group_starts[4] = {p.gshift <= 1, p.gshift <= 2, p.gshift <= 3, p.gshift <= 4};
 
   float acc[MB][kAccTiles][4];
   zero_accumulators(acc);
@@ -651,18 +734,23 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   auto flush = [&](const uint8_t* consumed) {
     float* red = reinterpret_cast<float*>(const_cast<uint8_t*>(consumed));  // see StreamCfg::kRedBytes
     __syncthreads();  // every warp is done reading the slot `red` overwrites
+    // wgmma: one round, every warp writing its own outputs (one owner per output, nothing to add)
 #pragma unroll 1
-    for (int w = 0; w < kKW; ++w) {
-      if (wk == w) {
+    for (int w = 0; w < (kWg ? 1 : kKW); ++w) {
+      if (kWg || wk == w) {
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
           for (int t = 0; t < kAccTiles; ++t)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              // mma C/D: (row g + 8 (e >> 1), column 2 q + (e & 1)) of the tile; narrow, rows are columns
-              const int row = NARROW ? 2 * q + (e & 1) : 16 * mb + g + 8 * (e >> 1);
-              const int col = NARROW ? wn * 64 + 16 * t + g + 8 * (e >> 1) : wn * 64 + 8 * t + 2 * q + (e & 1);
+              // mma C/D: (row g + 8 (e >> 1), column 2 q + (e & 1)) of the tile; narrow, rows are columns;
+              // wgmma D: row g + 8 (e >> 1) of the warp's 16 columns, column (token) 2 q + (e & 1) of n8 tile
+              // 2 mb + t
+              const int row = kWg ? 8 * (kAccTiles * mb + t) + 2 * q + (e & 1)
+                              : NARROW ? 2 * q + (e & 1) : 16 * mb + g + 8 * (e >> 1);
+              const int col = kWg ? wg * 64 + 16 * wq + g + 8 * (e >> 1)
+                              : NARROW ? wn * 64 + 16 * t + g + 8 * (e >> 1) : wn * 64 + 8 * t + 2 * q + (e & 1);
               if (row < rows_out) {
                 float& r = red[row * kSliceN + col];
                 r = (w == 0 ? 0.f : r) + acc[mb][t][e];
@@ -685,6 +773,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
 #pragma unroll
     for (int i = 0; i < kAOffsets; ++i) keep_in_register(a_off[i]);
     cp_async_wait<kStages - 2>();
+    if constexpr (kWg) fence_proxy_async_smem();  // the landed copies, to wgmma's reads
     __syncthreads();  // stage t landed for everyone; slot `wr` was consumed at t-1 by everyone
     if (t + kStages - 1 < n_units) {
       load_weights(wr, ld);
@@ -697,9 +786,48 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
     const uint8_t* st = smem + rd * Cfg::kStageBytes;
     rd = rd + 1 == kStages ? 0 : rd + 1;
     typename DQ::Group gp;
+    if constexpr (kWg) {
+      // Per 64-k block: the warp's 4 A fragments, then 4 wgmma on them, which run while the next
+      // block is dequantized; all waited for before the barrier that lets the loader refill this slot.
+      const uint64_t desc0 = wgmma_desc_k_major_sw128(smem_address(st + Cfg::kOffA));
+      float(&d)[8 * MB] = reinterpret_cast<float(&)[8 * MB]>(acc);
+      static_for<0, kAtomsPerStage / 4>([&](auto bc) {
+        constexpr int blk = decltype(bc)::value;
+        uint32_t af[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int i = 4 * blk + j;
+          // FINE: groups of 2^gshift >= 2 atoms start where i is a multiple of it, so an atom whose
+          // lowest set bit is `low` starts one iff 2^gshift <= low (group_starts[log2 low])
+          const int low = i & -i;
+          if (i == 0 || (FINE && low >= 2 && group_starts[low >= 16 ? 3 : low >= 8 ? 2 : low >= 4 ? 1 : 0])) {
+            const int slot = FINE ? i >> p.gshift : 0;
+            const uint32_t s2 = *reinterpret_cast<const uint32_t*>(st + ws_off + slot * kSliceN * 2);
+            const uint32_t zw = *reinterpret_cast<const uint32_t*>(st + wz_off + slot * (kSliceN / 8) * 4);
+            DQ::load_group_word(gp, zw >> (4 * wq), s2);
+          }
+          uint32_t b[4];
+          DQ::word(b, *reinterpret_cast<const uint32_t*>(st + wb_off + i * 512), gp, 0);
+          af[j][0] = b[0];  // {0, 2, 1, 3}: the A fragment (NARROW)
+          af[j][1] = b[2];
+          af[j][2] = b[1];
+          af[j][3] = b[3];
+        }
+#pragma unroll
+        for (int e = 0; e < 8 * MB; ++e) fence_operand(d[e]);
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          Wgmma<T, 16 * MB>::run(d, af[j], desc0 + ((blk * Cfg::kABlockBytes + 32 * j) >> 4));
+        wgmma_commit();
+      });
+      wgmma_wait<0>();
+#pragma unroll
+      for (int e = 0; e < 8 * MB; ++e) fence_operand(d[e]);
+    }
     [[maybe_unused]] uint32_t xb[4];  // narrow: the B fragments (tokens) of atoms i, i + 1 (i even)
 #pragma unroll
-    for (int i = 0; i < kKA; ++i) {
+    for (int i = 0; i < (kWg ? 0 : kKA); ++i) {
       // group_size >= 32: a group change can only come at an even atom
       if (i == 0 || (FINE && i % 2 == 0 && slot_of[i] != slot_of[i - 1])) {
         const uint4 s8 = *reinterpret_cast<const uint4*>(st + s_off + slot_of[i] * kSliceN * 2);
@@ -800,7 +928,7 @@ constexpr bool group_sums_pay(int MB, int KA, bool fine) { return 32 * MB < 16 *
 template <typename T, int MB, int CONFIG, bool NARROW>
 auto stream_kernel_variant(bool exact, bool fine, bool sums) {
   constexpr int kKA = StreamCfg<MB, CONFIG>::kKA;
-  if constexpr (group_sums_pay(MB, kKA, false)) {
+  if constexpr (CONFIG != kConfigWgmma && group_sums_pay(MB, kKA, false)) {
     if (sums && group_sums_pay(MB, kKA, fine))
       return exact ? awq_stream_kernel<T, MB, true, false, true, CONFIG, NARROW>
                    : awq_stream_kernel<T, MB, false, false, true, CONFIG, NARROW>;
@@ -813,7 +941,7 @@ auto stream_kernel_variant(bool exact, bool fine, bool sums) {
 
 template <typename T, int MB, int CONFIG>
 auto stream_kernel_for(bool exact, bool fine, bool sums, bool narrow) {
-  if constexpr (MB == 1) {
+  if constexpr (MB == 1 && CONFIG != kConfigWgmma) {
     if (narrow) return stream_kernel_variant<T, MB, CONFIG, true>(exact, fine, sums);
   }
   return stream_kernel_variant<T, MB, CONFIG, false>(exact, fine, sums);
@@ -823,9 +951,11 @@ int mb_for(int M) { return M <= 16 ? 1 : M <= 32 ? 2 : 4; }
 int stage_k_for(int M, StreamConfig config) { return 16 * ka_for(mb_for(M), config) * kKW; }
 // Whether `config` has an instantiation for M rows (one pass): up to its row limit, and for the
 // deep one not at two m-tiles.
+// The wgmma one only in a build with sm_90a code (stream_wgmma_built).
 bool config_takes(int M, StreamConfig config) {
   const int max_m = config == kConfigCompact ? kStreamCompactMaxM : config == kConfigDeep ? kStreamDeepMaxM : kStreamMaxM;
-  return M >= 1 && M <= max_m && !(config == kConfigDeep && mb_for(M) == 2);
+  return M >= 1 && M <= max_m && !(config == kConfigDeep && mb_for(M) == 2) &&
+         (config != kConfigWgmma || stream_wgmma_built());
 }
 
 // f(MB, CONFIG) -- as std::integral_constants -- for the instantiation that serves `mb` m-tiles
@@ -838,6 +968,10 @@ auto with_instantiation(StreamConfig config, int mb, F&& f) {
   if (config == kConfigDeep && mb != 2)
     return mb == 1 ? f(integral_constant<int, 1>{}, integral_constant<int, kConfigDeep>{})
                    : f(integral_constant<int, 4>{}, integral_constant<int, kConfigDeep>{});
+  if (config == kConfigWgmma)
+    return mb == 1   ? f(integral_constant<int, 1>{}, integral_constant<int, kConfigWgmma>{})
+           : mb == 2 ? f(integral_constant<int, 2>{}, integral_constant<int, kConfigWgmma>{})
+                     : f(integral_constant<int, 4>{}, integral_constant<int, kConfigWgmma>{});
   if (config == kConfigCompact)
     return mb == 1 ? f(integral_constant<int, 1>{}, integral_constant<int, kConfigCompact>{})
                    : f(integral_constant<int, 2>{}, integral_constant<int, kConfigCompact>{});
@@ -896,7 +1030,9 @@ template <typename T, int MB, int CONFIG>
 StreamLaunch<T> describe_mb(const StreamParams& p, int grid, bool group_sums, bool pdl, bool narrow) {
   using Cfg = StreamCfg<MB, CONFIG>;
   const bool exact = p.K % Cfg::kStageK == 0 && p.N % kSliceN == 0;
-  const bool fine = p.gshift < 31 && (16 << p.gshift) < 16 * Cfg::kKA;
+  // FINE: a group ends inside what a warp walks of a stage -- its kKA atoms, or (wgmma) all of them
+  const int warp_atoms = Cfg::kWgmma ? Cfg::kKA * kKW : Cfg::kKA;
+  const bool fine = p.gshift < 31 && (16 << p.gshift) < 16 * warp_atoms;
   StreamLaunch<T> d{stream_kernel_for<T, MB, CONFIG>(exact, fine, group_sums, narrow && p.M <= kStreamNarrowMaxM),
                     grid, kStThreads, Cfg::kSmemBytes, p};
   d.p.pdl = pdl;
@@ -997,6 +1133,14 @@ int stream_smem_bytes(int M, StreamConfig config) {
 }
 #endif
 
+bool stream_wgmma_built() {
+#if defined(AWQ_HOST_EMULATION) || defined(AWQ_WGMMA_BUILT)
+  return true;
+#else
+  return false;
+#endif
+}
+
 bool stream_supports(int M, int N, int K, int group_size, StreamConfig config) {
   if (!config_takes(M, config) || N % 64 || K % 16 || group_size % 32 || K % group_size)
     return false;
@@ -1010,7 +1154,8 @@ StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms, StreamC
   static_assert(StreamCfg<1, kConfigLarge>::kMinBlocks == 1 && StreamCfg<2, kConfigLarge>::kMinBlocks == 1 &&
                     StreamCfg<4, kConfigLarge>::kMinBlocks == 1 && StreamCfg<1, kConfigCompact>::kMinBlocks == 1 &&
                     StreamCfg<2, kConfigCompact>::kMinBlocks == 1 && StreamCfg<1, kConfigDeep>::kMinBlocks == 1 &&
-                    StreamCfg<4, kConfigDeep>::kMinBlocks == 1,
+                    StreamCfg<4, kConfigDeep>::kMinBlocks == 1 && StreamCfg<1, kConfigWgmma>::kMinBlocks == 1 &&
+                    StreamCfg<2, kConfigWgmma>::kMinBlocks == 1 && StreamCfg<4, kConfigWgmma>::kMinBlocks == 1,
                 "plan_stream's persistent grid assumes one CTA per SM");
   const int slices = ceil_div(N, kSliceN);
   const int units = slices * ceil_div(K, stage_k_for(M, config));

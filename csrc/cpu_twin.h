@@ -140,7 +140,17 @@ struct Copy {
 };
 
 enum class State { kRunnable, kAtBarrier, kAtWarp, kDone };
-enum class Collective : int { kNone, kLdmatrix, kMmaF16, kMmaBf16, kShfl };
+enum class Collective : int { kNone, kLdmatrix, kMmaF16, kMmaBf16, kShfl, kWgmmaF16, kWgmmaBf16 };
+
+// An issued wgmma of one thread, not yet applied to its accumulators: the warp's 16 x 16 A (read
+// at issue, as the registers are), the descriptor of B (read when applied).
+struct Wgmma {
+  float* d;
+  int n;
+  bool bf16;
+  float a[16][16];
+  uint64_t desc;
+};
 
 struct Thread {
   ucontext_t ctx;
@@ -150,6 +160,8 @@ struct Thread {
   unsigned collectives = 0;                 // warp collectives executed: selects the exchange slot
   std::vector<Copy> pending;                // cp.async not yet committed
   std::vector<std::vector<Copy>> groups;    // committed groups, oldest first
+  std::vector<Wgmma> wgmma_pending;         // wgmma issued since the last commit
+  std::vector<std::vector<Wgmma>> wgmma_groups;  // committed wgmma groups, oldest first
 };
 
 // What lanes post for a warp collective: which instruction, a row address (ldmatrix) or
@@ -158,6 +170,7 @@ struct Post {
   Collective kind;
   const uint8_t* row;
   uint32_t a[4], b[2];
+  uint64_t desc;
 };
 
 // Programmatic dependent launch: what the previous kernel in the stream may still be writing
@@ -196,6 +209,7 @@ struct Cta {
   bool epoch_ended = false;  // a CTA barrier completed: the running warp yields
   std::vector<int> warp_arrived;
   std::vector<Post> posts;  // [warp][2 slots][lane]
+  std::vector<uint64_t> wgmma_trace;  // per warp: a running hash of its wgmma (shape, descriptor)
 
   uint3 cur_thread_idx() const {
     const unsigned t = static_cast<unsigned>(cur->tid);
@@ -415,6 +429,96 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
   ++self().collectives;
 }
 
+// ---- warpgroup mma (wgmma.mma_async, sm_90a)
+// The dynamic shared memory's place in the CTA's shared window: after a GPU's static shared
+// memory (1040 bytes for the stream kernel on sm_90), so not on a 1024-byte boundary -- as on a GPU,
+// a kernel that needs such a boundary (128-byte swizzle) must find it itself.
+constexpr uint32_t kDynamicSmemWindowOffset = 1040;
+
+inline uint32_t shared_address(const void* p) {
+  const auto* b = static_cast<const uint8_t*>(p);
+  if (b < cta().smem || b > cta().smem + cta().smem_bytes)
+    fail("a shared address of a pointer outside the dynamic shared memory at " + where());
+  return kDynamicSmemWindowOffset + static_cast<uint32_t>(b - cta().smem);
+}
+
+// Element (k, n) of the 16 x N B a descriptor describes: K-major, 128-byte swizzle (the only form
+// the kernels use; anything else fails): row n (a token, 64 k in 128 bytes) at start + (n / 8) SBO +
+// (n % 8) 128, k at 2 k bytes into it, then address bits 4-6 ^= bits 7-9 -- of the shared-window
+// address, so a block must start on a 1024-byte boundary (base offset 0).
+template <typename T>
+float wgmma_b(uint64_t desc, int k, int n) {
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
+  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
+  const unsigned base_offset = static_cast<unsigned>((desc >> 49) & 7), layout = static_cast<unsigned>(desc >> 62);
+  if (layout != 1 || base_offset != 0) fail("wgmma descriptor: only the 128-byte swizzle with base offset 0 is modelled, at " + where());
+  if (start % 1024 >= 128) fail("wgmma descriptor: start not in the first row of a 1024-byte swizzle block at " + where());
+  const uint32_t addr = start + (n / 8) * sbo + (n % 8) * 128 + 2 * k;
+  const uint32_t phys = addr ^ (((addr >> 7) & 7) << 4);
+  if (phys < kDynamicSmemWindowOffset || phys + 2 > kDynamicSmemWindowOffset + cta().smem_bytes)
+    fail("wgmma reads B outside the dynamic shared memory at " + where());
+  uint16_t bits;
+  std::memcpy(&bits, cta().smem + (phys - kDynamicSmemWindowOffset), 2);
+  return to_float<T>(bits);
+}
+
+// D += A B for this thread's accumulators: each of the 16 products of an output summed exactly,
+// rounded once into fp32 (as mma_m16n8k16 here).  B is read now: when the op is applied.
+inline void apply(const Wgmma& op) {
+  const int g = lane() / 4, q = lane() % 4;
+  for (int t = 0; t < op.n / 8; ++t)
+    for (int e = 0; e < 4; ++e) {
+      const int row = g + 8 * (e / 2), col = 8 * t + 2 * q + e % 2;
+      double s = 0;
+      for (int k = 0; k < 16; ++k)
+        s += (double)op.a[row][k] * (op.bf16 ? wgmma_b<__nv_bfloat16>(op.desc, k, col) : wgmma_b<__half>(op.desc, k, col));
+      op.d[4 * t + e] = static_cast<float>(op.d[4 * t + e] + s);
+    }
+}
+
+// wgmma.mma_async m64nNk16 with A in registers: per warp a collective (its 16 rows of A), applied
+// at once (EAGER, as cp.async) or when a wgmma_wait covers its group (LAZY: results read before
+// the wait are stale, and B is read as late as the hardware may).
+template <typename T>
+void wgmma_rs(float* d, int n, const uint32_t (&a)[4], uint64_t desc) {
+  Post mine{};
+  mine.kind = std::is_same_v<T, __half> ? Collective::kWgmmaF16 : Collective::kWgmmaBf16;
+  std::memcpy(mine.a, a, sizeof(mine.a));
+  mine.desc = desc;
+  const Post* slot = exchange(mine);
+  for (int l = 0; l < kWarpLanes; ++l)
+    if (slot[l].desc != desc) fail("lanes of a warp gave wgmma different descriptors at " + where());
+  Wgmma op{d, n, !std::is_same_v<T, __half>, {}, desc};
+  for (int row = 0; row < 16; ++row)
+    for (int k = 0; k < 16; ++k) {  // mma.m16n8k16's A fragment layout
+      const uint32_t v = slot[4 * (row % 8) + (k % 8) / 2].a[(row / 8) + 2 * (k / 8)];
+      op.a[row][k] = k % 2 ? hi<T>(v) : lo<T>(v);
+    }
+  if (lane() == 0) {
+    g_warp_mmas += n / 8;  // in m16n8k16 units: this warp's 16 rows x n columns x 16 k
+    uint64_t& h = cta().wgmma_trace[warp()];
+    h = (h ^ (desc + 0x9E3779B97F4A7C15ull * (uint64_t)n)) * 0x100000001B3ull;
+  }
+  ++self().collectives;
+  if (cta().launch->eager_copies) apply(op);
+  else self().wgmma_pending.push_back(op);
+}
+
+inline void wgmma_commit() {
+  Thread& t = self();
+  t.wgmma_groups.push_back(std::move(t.wgmma_pending));
+  t.wgmma_pending.clear();
+}
+
+inline void wgmma_wait(int newest_in_flight) {
+  Thread& t = self();
+  if (!t.wgmma_pending.empty()) fail("wgmma_wait with wgmma not committed at " + where());
+  while ((int)t.wgmma_groups.size() > newest_in_flight) {
+    for (const Wgmma& op : t.wgmma_groups.front()) apply(op);
+    t.wgmma_groups.erase(t.wgmma_groups.begin());
+  }
+}
+
 // shfl.sync.bfly.b32 over the full warp: lane l receives lane (l ^ lane_mask)'s value.  A partial
 // member mask is not modelled (it fails): the kernels reduce across whole warps.
 inline uint32_t shfl_xor(unsigned mask, uint32_t v, int lane_mask) {
@@ -524,6 +628,7 @@ inline void run_grid(const Launch& L, const std::function<void()>& kernel) {
     c.threads.resize(n);
     c.warp_arrived.assign(warps, 0);
     c.posts.assign((size_t)warps * 2 * kWarpLanes, Post{});
+    c.wgmma_trace.assign(warps, 0);
     g_cta = &c;
     for (int i = 0; i < n; ++i) {
       Thread& t = c.threads[i];
@@ -564,7 +669,17 @@ inline void run_grid(const Launch& L, const std::function<void()>& kernel) {
         at_barrier += t.state == State::kAtBarrier;
         at_warp += t.state == State::kAtWarp;
       }
-      if (done == n) break;
+      if (done == n) {
+        // .aligned, warpgroup-wide: the four warps of a warpgroup issue the same wgmma sequence
+        for (int w = 0; w < warps; ++w)
+          if (c.wgmma_trace[w] != c.wgmma_trace[w & ~3])
+            stop("warps " + std::to_string(w & ~3) + " and " + std::to_string(w) +
+                 " of a warpgroup issued different wgmma (shape or descriptor)");
+        for (const auto& t : c.threads)
+          if (!t.wgmma_pending.empty() || !t.wgmma_groups.empty())
+            stop("thread " + std::to_string(t.tid) + " exited with wgmma it never waited for");
+        break;
+      }
       if (!ran)
         stop("deadlocked: " + std::to_string(at_barrier) + " threads wait at __syncthreads, " +
              std::to_string(at_warp) + " at a warp collective, " + std::to_string(done) + " exited");

@@ -9,7 +9,7 @@
 #           variants, narrow, concurrent graphs, chunked large-M, dequantize, in-process repack) and
 #           the block ops' (rms_norm, rotary, gated_act: -k block_op),
 #           then decode of a random 8B Llama, fp16 vs int4 (unfused / fused, the defaults; then fused
-#           with the narrow kernels off, with PDL on too, and with the deep ring), batch 1 and 8, with the
+#           with the narrow kernels off, with the deep ring, and with warpgroup mma), batch 1 and 8, with the
 #           int4 weights in the stream runtime layout (benchmarks/bench_generate.py).
 # Each part stops inside its deadline ($WINDOW_S, default 330 s: give the call timeout_s 360); a
 # step starts only when its minimum time is left.  Run from the repository root:
@@ -77,7 +77,7 @@ if [ "$PART" = 2 ] || [ "$PART" = all ]; then
     -k "stream or group_sums or concurrently or chunked or dequantize or in_process or block_op or quantize_on_gpu" \
     tests/test_kernels_cuda.py tests/test_gpu_e2e.py
   step decode 100 200 "$OUT/decode.log" env AWQLIB_LAYOUT=stream "$PY" -m benchmarks.bench_generate --size 8b \
-    --batches 1,8 --new-tokens 64 --kernel-options none,pdl+narrow,deep+narrow --out "$OUT/decode_stream.json"
+    --batches 1,8 --new-tokens 64 --kernel-options none,deep+narrow,wgmma --out "$OUT/decode_stream.json"
 fi
 if [ "$PART" = 3 ]; then
   step ncu 150 300 "$OUT/ncu-run.log" "$PY" -m benchmarks.gpu_sweep --out "$OUT/ncu.json" --tools-only --ncu

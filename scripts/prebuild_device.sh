@@ -12,12 +12,12 @@
 # compiles as before (awqlib.kernels.find_prebuilt).  Carry both with the device call:
 #   carry: ["awqlib/_C.so", "awqlib/_C.json"]
 # Run from the repository root (after the last change to csrc/, which the record checks):
-#   bash scripts/prebuild_device.sh            # DEVICE_TORCH=2.11.0 DEVICE_ARCHS=9.0 by default
+#   bash scripts/prebuild_device.sh            # DEVICE_TORCH=2.11.0 DEVICE_ARCHS=9.0a by default
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE_TORCH="${DEVICE_TORCH:-2.11.0}"
 DEVICE_CUDA="${DEVICE_CUDA:-13.0}"    # torch.version.cuda there (PyPI's torch 2.11.0 is a CUDA 13.0 build)
-DEVICE_ARCHS="${DEVICE_ARCHS:-9.0}"   # H100 and H200
+DEVICE_ARCHS="${DEVICE_ARCHS:-9.0a}"  # H100 and H200, with the wgmma kernels (sm_90a code runs on them only)
 VENV="${DEVICE_VENV:-$HOME/.cache/awqlib/venv-torch$DEVICE_TORCH}"   # made on first use (~1 min)
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 have() {

@@ -59,7 +59,8 @@ ARCH_LIMITS = {
 }
 H200_ISSUE = 132 * 4 * 1.98e9  # warp-instructions per second, all SMs, at 100 % issue
 
-MATH_OPS = ("HMMA", "HFMA2", "HMUL2", "HADD2", "FFMA", "FMUL", "FADD", "IMMA")
+MATH_OPS = ("HMMA", "HGMMA", "HFMA2", "HMUL2", "HADD2", "FFMA", "FMUL", "FADD", "IMMA")
+TENSOR_OPS = ("HMMA", "HGMMA")  # mma.sync, and wgmma (sm_90a)
 NOT_COUNTED = ("NOP",)
 
 
@@ -148,8 +149,9 @@ class Spec:
     threads: int            # threads per CTA
     dyn_smem: int           # dynamic shared memory per CTA (bytes)
     bytes_per_iter: int     # int4 weight bytes the whole CTA streams per hot-loop iteration
-    hmma_per_iter: int | None = None  # expected HMMA per warp per iteration (cross-check), if any
+    hmma_per_iter: int | None = None  # expected tensor instructions per warp per iteration (cross-check), if any
     note: str = ""
+    tensor_op: str = "HMMA"  # which: mma.sync's HMMA, or wgmma's HGMMA
 
 
 def _gemm_spec(args) -> Spec:
@@ -175,7 +177,7 @@ def _gemv_spec(args) -> Spec:
     return Spec(256, 0, 32 * 256 // 2, None)
 
 
-STREAM_CONFIGS = {"large": 0, "compact": 1, "deep": 2}  # csrc/awq_kernels.h: StreamConfig
+STREAM_CONFIGS = {"large": 0, "compact": 1, "deep": 2, "wgmma": 3}  # csrc/awq_kernels.h: StreamConfig
 STREAM_CONFIG_NAMES = {v: k for k, v in STREAM_CONFIGS.items()}
 
 
@@ -183,15 +185,21 @@ def _stream_spec(args) -> Spec:
     # awq_stream_kernel<T, MB, EXACT, FINE, SUMS, CONFIG, NARROW>: mirror of StreamCfg in
     # csrc/awq_stream.cu (8 warps = 2 n-atoms x 4 k-slices of KA atoms; a stage is 16 KA x 4 rows
     # x 128 columns; compact: KA = 4, and 2 stages at MB = 2; deep: 4 stages).  Per atom a warp runs
-    # 8 mma per m16 tile, or narrow 4 (16 columns each).
+    # 8 mma per m16 tile, or narrow 4 (16 columns each).  wgmma: 2 warpgroups x all 4 KA atoms of the
+    # stage, one wgmma per atom; 4 stages (3 at MB = 2) on 1024-byte boundaries, plus 1 KB to find one.
     _, mb, _exact, _fine, _sums, config, narrow = args
     compact = config == STREAM_CONFIGS["compact"]
+    wgmma = config == STREAM_CONFIGS["wgmma"]
     ka = 4 if mb == 4 or compact else 8
-    stages = 2 if compact and mb == 2 else 4 if config == STREAM_CONFIGS["deep"] else 3
+    stages = (2 if compact and mb == 2 else 4 if config == STREAM_CONFIGS["deep"] else (3 if mb == 2 else 4) if wgmma
+              else 3)
     stage_k = 16 * ka * 4
     b_bytes = stage_k * 128 // 2
     groups = stage_k // 32
     stage = b_bytes + 16 * mb * stage_k * 2 + groups * 128 * 2 + groups * 16 * 4
+    if wgmma:
+        stage = -(-stage // 1024) * 1024
+        return Spec(256, stages * stage + 1024, b_bytes, ka * 4, tensor_op="HGMMA")
     return Spec(256, stages * stage, b_bytes, ka * 4 if narrow else ka * 8 * mb)
 
 
@@ -236,7 +244,9 @@ def parse_sass(text: str) -> dict[str, list[Insn]]:
     return funcs
 
 
-DESC_RE = re.compile(r"desc\[(UR\d+)\]")
+# (not wgmma's gdesc[URk]: the A and B matrix descriptors in URk..URk+3, of which an A from
+# registers leaves the first pair unwritten)
+DESC_RE = re.compile(r"(?<!g)desc\[(UR\d+)\]")
 UR_DEST_RE = re.compile(r"^(?:U\w*|S2UR|R2UR|LDCU)(?:\.\S+)*\s+(UR\d+)")
 
 
@@ -306,8 +316,10 @@ def hot_loop(insns: list[Insn]) -> LoopStats | None:
         nested = sum(1 for (s2, e2) in all_loops if (s2, e2) != (s, e) and s <= s2 and e2 <= e)
         n_cold = sum(1 for i in insns if any(a <= i.addr <= b for a, b in cold) and opclass(i.op) not in NOT_COUNTED)
         st = LoopStats(s, e, len(body), math, dict(sorted(by_op.items(), key=lambda kv: -kv[1])), nested, n_cold)
-        key = (st.by_op.get("HMMA", 0), st.math, -st.instructions)
-        if best is None or key > (best.by_op.get("HMMA", 0), best.math, -best.instructions):
+        def tensor(x):
+            return sum(x.by_op.get(o, 0) for o in TENSOR_OPS)
+        key = (tensor(st), st.math, -st.instructions)
+        if best is None or key > (tensor(best), best.math, -best.instructions):
             best = st
     return best if best is not None and best.math > 0 else None
 
@@ -335,6 +347,7 @@ class KernelReport:
     issue_tbps_h200: float | None
     check: str = ""
     unwritten_desc: list[str] = field(default_factory=list)  # unwritten_descriptors(): must stay empty
+    wgmma_serialized: bool = False  # ptxas serialized its wgmma (each waits for the last): must stay False
 
 
 def ctas_per_sm(arch: str, regs: int, threads: int, smem: int) -> tuple[int, str]:
@@ -354,7 +367,7 @@ def ctas_per_sm(arch: str, regs: int, threads: int, smem: int) -> tuple[int, str
 
 PTXAS_FUNC = re.compile(r"Function properties for (\S+)\s*\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, "
                         r"(\d+) bytes spill loads", re.M)
-PTXAS_USED = re.compile(r"Compiling entry function '(\S+)' for 'sm_\d+'.*?Used (\d+) registers[^\n]*?(?:, (\d+) bytes smem)?",
+PTXAS_USED = re.compile(r"Compiling entry function '(\S+)' for 'sm_\d+a?'.*?Used (\d+) registers[^\n]*?(?:, (\d+) bytes smem)?",
                         re.S)
 
 
@@ -370,7 +383,10 @@ def torch_flags(src: Path) -> list[str]:
 
 def compile_cubin(src: Path, arch: str, out_dir: Path, nvcc: str) -> tuple[Path, str]:
     cubin = out_dir / f"{src.stem}.sm{arch}.cubin"
-    cmd = [nvcc, "-cubin", f"-arch=sm_{arch}", "-O3", *torch_flags(src), "-Xptxas=-v,-warn-spills", "-I", str(CSRC),
+    # Hopper builds target sm_90a (toolchain.arch_list_for): the wgmma kernels exist only there, and
+    # the others compile to the same code as for sm_90.
+    target = "sm_90a" if arch == "90" else f"sm_{arch}"
+    cmd = [nvcc, "-cubin", f"-arch={target}", "-O3", *torch_flags(src), "-Xptxas=-v,-warn-spills", "-I", str(CSRC),
            "-diag-suppress", "177", "-o", str(cubin), str(src)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -378,8 +394,14 @@ def compile_cubin(src: Path, arch: str, out_dir: Path, nvcc: str) -> tuple[Path,
     return cubin, r.stderr
 
 
+# ptxas's note where it could not keep a function's wgmma asynchronous ("Potential Performance Loss:
+# wgmma.mma_async instructions are serialized due to ... in the function '<name>'")
+WGMMA_SERIALIZED = re.compile(r"wgmma\.mma_async instructions are serialized[^\n]*?function '(\S+?)'")
+
+
 def analyse(src: Path, arch: str, cubin: Path, ptxas_log: str, cuobjdump: str) -> list[KernelReport]:
     spills = {m.group(1): tuple(int(m.group(i)) for i in (2, 3, 4)) for m in PTXAS_FUNC.finditer(ptxas_log)}
+    serialized = {m.group(1) for m in WGMMA_SERIALIZED.finditer(ptxas_log)}
     res = subprocess.run([cuobjdump, "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
     usage = {}
     for m in re.finditer(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res):
@@ -406,13 +428,13 @@ def analyse(src: Path, arch: str, cubin: Path, ptxas_log: str, cuobjdump: str) -
             ipk = lp.instructions * warps / (spec.bytes_per_iter / 1024)
             tbps = H200_ISSUE / ipk * 1024 / 1e12
             if spec.hmma_per_iter is not None:
-                got = lp.by_op.get("HMMA", 0)
-                check = "ok" if got == spec.hmma_per_iter else f"HMMA {got} != expected {spec.hmma_per_iter}"
+                got = lp.by_op.get(spec.tensor_op, 0)
+                check = "ok" if got == spec.hmma_per_iter else f"{spec.tensor_op} {got} != expected {spec.hmma_per_iter}"
         reports.append(KernelReport(arch, src.name, pretty(name, args), mangled, regs, st, ld, stack_b, shared, dyn,
                                     threads, cta, lim_by, asdict(lp) if lp else None,
                                     spec.bytes_per_iter if spec else None,
                                     round(ipk, 1) if ipk else None, round(tbps, 2) if tbps else None, check,
-                                    unwritten_descriptors(insns)))
+                                    unwritten_descriptors(insns), mangled in serialized))
     return reports
 
 

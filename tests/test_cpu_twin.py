@@ -105,7 +105,7 @@ def _run(twin: Path, d: Path, *args) -> str:
     return r.stdout
 
 
-CONFIGS = {"large": 0, "compact": 1, "deep": 2}  # csrc/awq_kernels.h: StreamConfig
+CONFIGS = {"large": 0, "compact": 1, "deep": 2, "wgmma": 3}  # csrc/awq_kernels.h: StreamConfig
 
 
 def run_gemm(twin, d, x, stream, g, N, sms, sums=False, config="large", pdl=False, narrow=False, timing="lazy",
@@ -336,6 +336,55 @@ def test_deep_four_m_tiles_with_split_slices_and_pdl(twin, tmp_path):
     for order, timing in (("forward", "eager"), ("reverse", "lazy")):
         b = run_gemm(twin, tmp_path, x, stream, g, N, sms, config="deep", pdl=True, timing=timing, order=order)
         assert torch.equal(a, b), (order, timing)
+
+
+# The warpgroup-mma configuration (kConfigWgmma, sm_90a): the twin runs its wgmma as the PTX ISA
+# defines them -- A from each warp's registers, B read through the descriptor from 128-byte-swizzled
+# shared memory (the dynamic shared memory starting 1040 bytes into the window, as on a GPU, so the
+# kernel's search for a 1024-byte boundary runs), results applied at the wgmma_wait that covers them
+# (LAZY: read early, they are stale; B read then too) or at once (EAGER).  Each output is summed over
+# the whole stage by one warpgroup, so the bits differ from the large kernel's (k-warp partial sums).
+# (M, N, K, group, SMs, refills): every m-tile count (wgmma N 16, 32, 64), tails, group changes
+# inside a stage (FINE: 32 to 256 rows) and not, split slices.
+WGMMA_CASES = [
+    (1, 256, 4096, 128, 2, 10),    # MB = 1, EXACT, FINE (4 groups per 512-row stage)
+    (5, 192, 4160, 64, 2, 12),     # MB = 1, N and K tails, FINE
+    (16, 256, 4096, 512, 2, 10),   # MB = 1, one group per stage
+    (20, 256, 4096, 32, 2, 10),    # MB = 2, groups of 2 atoms
+    (32, 192, 2560, 128, 3, 0),    # MB = 2, tails, split slices
+    (40, 256, 2048, 64, 2, 10),    # MB = 4 (256-row stages), FINE
+    (64, 256, 2048, 256, 3, 0),    # MB = 4, one group per stage, split slices
+    (64, 128, 2560, 64, 5, 0),     # MB = 4, a slice in 5 parts
+    (33, 192, 2304, 128, 3, 0),    # MB = 4, tails
+    (1, 64, 768, 768, 2, 0),       # group == K, K not a multiple of the stage
+]
+WGMMA_SETTINGS = [("fp16", "lazy", "forward"), ("bf16", "eager", "reverse")]
+
+
+@pytest.mark.parametrize("dtype,timing,order", WGMMA_SETTINGS, ids=["-".join(s) for s in WGMMA_SETTINGS])
+@pytest.mark.parametrize("M,N,K,g,sms,refills", WGMMA_CASES, ids=_ids([(*c[:5], "large") for c in WGMMA_CASES]))
+def test_wgmma_kernels_source_on_cpu(twin, tmp_path, M, N, K, g, sms, refills, dtype, timing, order):
+    x, q, stream = stream_case(M, N, K, g, DTYPES[dtype], seed=5 * M + N + K + g)
+    wg, large = {}, {}
+    out = run_gemm(twin, tmp_path, x, stream, g, N, sms, config="wgmma", timing=timing, order=order, launch=wg)
+    check(out, x, q, sums=False)
+    assert wg["planned_refills"] >= refills and wg["weight_bytes_read"] == K * N // 2, wg
+    run_gemm(twin, tmp_path, x, stream, g, N, sms, launch=large)
+    # the same tensor-core work as the 16-row mma.sync tiling (a warp's wgmma: 16 columns x 16 MB tokens)
+    assert wg["warp_mmas"] == large["warp_mmas"], (wg, large)
+
+
+@pytest.mark.parametrize("M", [7, 40])
+def test_wgmma_kernels_with_pdl(twin, tmp_path, M):
+    """The wgmma kernels' PDL prologue (weights before the wait; activations, which every stage
+    rewrites in full, after it): the plain launch's bits, in either CTA order and copy timing."""
+    N, K, g, sms = 256, 4096, 128, 3
+    x, q, stream = stream_case(M, N, K, g, torch.float16, seed=29 + M)
+    base = run_gemm(twin, tmp_path, x, stream, g, N, sms, config="wgmma")
+    check(base, x, q, sums=False)
+    for order, timing in (("forward", "eager"), ("reverse", "lazy")):
+        out = run_gemm(twin, tmp_path, x, stream, g, N, sms, config="wgmma", pdl=True, timing=timing, order=order)
+        assert torch.equal(out, base), (order, timing)
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])

@@ -104,11 +104,13 @@ def test_gate_failure_says_where_and_rules_out_only_its_variants():
                                                                                     "stream:auto", "stream:auto:deep"}
     assert gpu_sweep.failed_variants(failed("stream", Kernel.AUTO)) == every_stream
     assert gpu_sweep.failed_variants(failed("stream", Kernel.STREAM)) == {"stream", "stream:pdl", "stream:narrow",
-                                                                         "stream:auto", "stream:auto:deep"}
-    # a failure under the deep ring's environment rules out that variant alone (the default does not run it)
-    for kernel in ("STREAM", "STREAM_GROUP_SUMS", "AUTO"):
-        assert gpu_sweep.failed_variants({"failed": [{"layout": "stream", "env": "stream:auto:deep",
-                                                      "kernel": kernel}]}) == {"stream:auto:deep"}
+                                                                         "stream:auto", "stream:auto:deep",
+                                                                         "stream:wgmma"}
+    # a failure under the deep ring's or warpgroup mma's environment rules out that variant alone (the
+    # default does not run it)
+    for env, kernels in (("stream:auto:deep", ("STREAM", "STREAM_GROUP_SUMS", "AUTO")), ("stream:wgmma", ("STREAM", "AUTO"))):
+        for kernel in kernels:  # (what the gate runs under each)
+            assert gpu_sweep.failed_variants({"failed": [{"layout": "stream", "env": env, "kernel": kernel}]}) == {env}
     assert gpu_sweep.failed_variants({"failed": [{"layout": "stream", "kernel": "STREAM", "pdl": True}]}) == {"stream:pdl"}
     # a failure under the narrow variants' environment rules out those, and the default (narrow too)
     narrow = {"layout": "stream", "env": "stream:narrow"}

@@ -294,7 +294,9 @@ def test_failed_install_leaves_no_record_of_the_old_library(pkg, monkeypatch, tm
 
 def test_arch_lists_are_numbered():
     assert toolchain.arch_list_for("8.0 9.0a", []) == "8.0;9.0a"
-    assert toolchain.arch_list_for(None, [(9, 0), (8, 0), (9, 0)]) == "8.0;9.0"
+    # a visible H100/H200 gets its arch-specific code: the wgmma kernels exist only there
+    assert toolchain.arch_list_for(None, [(9, 0), (8, 0), (9, 0)]) == "8.0;9.0a"
+    assert toolchain.arch_list_for(None, [(8, 9), (12, 0)]) == "12.0;8.9"
     for bad in ("Hopper", "native", "9", "sm_90", ";", "8.0,9.0"):
         with pytest.raises(ValueError, match="MAJOR.MINOR"):
             toolchain.arch_list_for(bad, [])
@@ -362,3 +364,16 @@ def test_load_never_raises_on_a_broken_installation(pkg, monkeypatch):
         assert kernels._load() is False
     said = [str(w.message) for w in caught]
     assert len(said) == 2 and "checking it failed (FileNotFoundError" in said[0] and "nvcc" in said[1], said
+
+
+def test_wgmma_flag_follows_the_arch_list():
+    """The host code learns that the build holds the wgmma kernels (csrc/awq_stream.cu:
+    stream_wgmma_built) from AWQ_WGMMA_BUILT, which the flags carry exactly for an sm_90a build."""
+    for archs, has in (("9.0a", True), ("8.0;9.0a", True), ("9.0a+PTX", True), ("9.0", False), ("8.0;9.0", False),
+                       ("10.0a", False), ("8.0", False)):
+        assert toolchain.has_wgmma(archs) is has, archs
+        flags = toolchain.nvcc_flags(archs)
+        assert flags[:len(toolchain.NVCC_FLAGS)] == toolchain.NVCC_FLAGS
+        assert (toolchain.WGMMA_DEFINE in flags) is has, archs
+    assert toolchain.nvcc_flags(None) == toolchain.NVCC_FLAGS
+    assert kernels.cache_dir("9.0a").name.endswith("-sm90a")

@@ -598,6 +598,44 @@ def test_stream_kernel_deep_in_the_automatic_choice_at_four_m_tiles(M, monkeypat
     assert configs == ({"2"} if deep_fits else {"0"}), configs
 
 
+def needs_wgmma():
+    if not kernels.wgmma_available():
+        pytest.skip("the wgmma configuration needs kernels built for 9.0a (a Hopper build's default) on an sm_90 GPU")
+
+
+# (N, K, group): tails (N % 128, K % 256) with groups of 64 rows (FINE: four per 256-row stage), a
+# full shape, groups of 32 on long K, 256-row groups, one group (-1: K)
+WGMMA_COMBOS = [STREAM_COMBOS[1], STREAM_COMBOS[2], STREAM_COMBOS[3], STREAM_COMBOS[5], STREAM_COMBOS[-3],
+                STREAM_COMBOS[-1]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N,K,g", WGMMA_COMBOS, ids=[f"N{n}-K{k}-g{g}" for n, k, g in WGMMA_COMBOS])
+@pytest.mark.parametrize("M", [1, 7, M_TILE, M_TILE + 1, 2 * M_TILE, 2 * M_TILE + 1, STREAM_MAX_M, STREAM_MAX_M + 36])
+def test_stream_kernel_wgmma(M, N, K, g, dtype, monkeypatch):
+    """AWQLIB_STREAM_WGMMA=1: the warpgroup-mma configuration (dequantized weights as wgmma's A in
+    registers, the tokens as its N from 128-byte-swizzled shared memory) runs every pass -- the
+    profiler names CONFIG 3 -- and is correct against the fp32 reference at each m-tile count (wgmma
+    N 16, 32, 64), with tails, every group regime and both dtypes, and deterministic; without the
+    setting the large configuration runs."""
+    needs_wgmma()
+    monkeypatch.delenv("AWQLIB_STREAM_SMEM_LIMIT", raising=False)
+    qs, zs, ss = stream_weight(K, N, g, dtype)
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+
+    def run():
+        return torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(Kernel.STREAM), 0)
+
+    monkeypatch.setenv("AWQLIB_STREAM_WGMMA", "1")
+    poison_allocator()
+    out, launched = stream_kernels_run(run)
+    check(x, K, N, g, dtype, out=out)
+    assert {args[5] for args in launched} == {"3"}, launched
+    assert torch.equal(out, run())
+    monkeypatch.setenv("AWQLIB_STREAM_WGMMA", "0")
+    assert stream_configs_run(run) == {"0"}
+
+
 COMPACT_COMBOS = COMBOS[:3] + COMBOS[4:] + STREAM_COMBOS[-3:]  # (14336, 4096, 32): full tiles, group 32 (FINE)
 
 
@@ -626,23 +664,33 @@ def test_stream_kernel_compact(M, N, K, g, dtype):
         assert torch.equal(sums, out)
 
 
-@pytest.mark.parametrize("kernel,M", [(Kernel.STREAM, 1), (Kernel.STREAM, 48), (Kernel.STREAM, 100),
-                                      (Kernel.STREAM_GROUP_SUMS, 7), (Kernel.STREAM_COMPACT, 20)])
-def test_stream_pdl_reads_what_the_previous_kernel_wrote(kernel, M, monkeypatch):
+@pytest.mark.parametrize("kernel,M,wgmma", [(Kernel.STREAM, 1, False), (Kernel.STREAM, 48, False),
+                                            (Kernel.STREAM, 100, False), (Kernel.STREAM_GROUP_SUMS, 7, False),
+                                            (Kernel.STREAM_COMPACT, 20, False), (Kernel.STREAM, 1, True),
+                                            (Kernel.STREAM, 48, True), (Kernel.STREAM, 100, True)],
+                         ids=["M1", "M48", "M100", "sums-M7", "compact-M20", "wgmma-M1", "wgmma-M48", "wgmma-M100"])
+def test_stream_pdl_reads_what_the_previous_kernel_wrote(kernel, M, wgmma, monkeypatch):
     """With AWQLIB_STREAM_PDL=1 (programmatic dependent launch) the stream kernel streams its first
     weights in before the previous kernel in the stream has finished.  It must still read the
     activations that kernel writes (an elementwise kernel, or the stream kernel before it: the
     chain x -> y -> z), share counters and workspace with the launch before it, and give the
-    plain launches' outputs bit for bit, eagerly and replayed from a CUDA graph."""
+    plain launches' outputs bit for bit, eagerly and replayed from a CUDA graph.  The wgmma
+    configuration (AWQLIB_STREAM_WGMMA=1) likewise, on a long K (28672: every slice split over
+    several CTAs, so the last arrivers' reduction runs in each launch)."""
+    if wgmma:
+        needs_wgmma()
+        monkeypatch.delenv("AWQLIB_STREAM_SMEM_LIMIT", raising=False)
+    monkeypatch.setenv("AWQLIB_STREAM_WGMMA", "1" if wgmma else "0")
     skip_if_stream_does_not_fit(min(M, STREAM_MAX_M), kernel)
-    K = N = 2048
+    K, N = (28672, 1024) if wgmma else (2048, 2048)
     qs, zs, ss = stream_weight(K, N, 128)
+    square = stream_weight(N, N, 128)  # z = y W2: activations the previous stream kernel wrote
 
     def chain(x):
         a = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, 128, int(kernel), 0)
         x.neg_()
         b = torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, 128, int(kernel), 0)
-        c = torch.ops.awqlib.awq_gemm_variant(b, qs, zs, ss, 128, int(kernel), 0)
+        c = torch.ops.awqlib.awq_gemm_variant(b, *square, 128, int(kernel), 0)
         return a, b, c
 
     x0 = torch.randn(M, K, device="cuda", dtype=torch.float16) * 0.1
@@ -650,7 +698,7 @@ def test_stream_pdl_reads_what_the_previous_kernel_wrote(kernel, M, monkeypatch)
     plain = chain(x0.clone())
     check(x0, K, N, 128, torch.float16, out=plain[0])
     check(-x0, K, N, 128, torch.float16, out=plain[1])
-    check(plain[1], K, N, 128, torch.float16, out=plain[2])
+    check(plain[1], N, N, 128, torch.float16, out=plain[2])
     monkeypatch.setenv("AWQLIB_STREAM_PDL", "1")
     poison_allocator()
     for got, want in zip(chain(x0.clone()), plain):
@@ -733,6 +781,7 @@ def test_stream_auto_choice_per_gpu_class(limit, M, K, N, expected, large_fits, 
     ("AWQLIB_STREAM_PDL", "yes", "AWQLIB_STREAM_PDL must be 0 or 1"),
     ("AWQLIB_STREAM_NARROW", "on", "AWQLIB_STREAM_NARROW must be 0 or 1"),
     ("AWQLIB_STREAM_DEEP", "true", "AWQLIB_STREAM_DEEP must be 0 or 1"),
+    ("AWQLIB_STREAM_WGMMA", "yes", "AWQLIB_STREAM_WGMMA must be 0 or 1"),
 ])
 def test_stream_settings_are_strict(name, value, message, monkeypatch):
     qs, zs, ss = stream_weight(512, 128, 128)

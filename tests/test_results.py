@@ -125,8 +125,8 @@ def test_add_records_a_gpu_sweep(tmp_path, capsys):
     assert text.index("## CUDA kernels") < text.index(run) < text.index("## SASS instruction budget")
     assert "NVIDIA H200 (132 SMs)" in text and "correctness gate 7/7 passed; copy 4260 GB/s" in text
     # M=1: tiled:auto 10 µs, stream 20 µs, stream:sums 30 µs, stream:pdl 40 µs, stream:narrow 50 µs,
-    # stream:sums:narrow 60 µs, stream:auto 70 µs, stream:auto:sm89 80 µs, stream:auto:deep 90 µs, fp16 13 µs;
-    # the stream rows carry their kernels' SASS figures
+    # stream:sums:narrow 60 µs, stream:auto 70 µs, stream:auto:sm89 80 µs, stream:auto:deep 90 µs, stream:wgmma
+    # 100 µs, fp16 13 µs; the stream rows carry their kernels' SASS figures
     assert f"| {gpu_sweep.SHAPES[0][0]} | 1 | tiled:auto | 10.0 | 13.0 | 1.30x |" in text
     sass = gpu_sweep.sass_table()
     for kernel in ("awq_stream_kernel<half, 1, true, false, false, large, false>",
@@ -136,8 +136,9 @@ def test_add_records_a_gpu_sweep(tmp_path, capsys):
         assert f"| {sass[kernel]:.1f} | `{kernel}` |" in text
     # issue 10's targets per variant, and the comparisons that decide the default runtime layout
     assert ("| 4096x4096, M=1 | 1.30x (not met) | 0.65x (not met) | 0.43x (not met) | 0.32x (not met) | "
-            "0.26x (not met) | 0.22x (not met) | 0.19x (not met) | 0.16x (not met) | 0.14x (not met) | >= 2.00x |") in text
-    assert "| 70b down 8192x28672, M=1 | - | - | - | - | - | - | - | - | - | >= 2.80x |" in text  # a shape not timed
+            "0.26x (not met) | 0.22x (not met) | 0.19x (not met) | 0.16x (not met) | 0.14x (not met) | "
+            "0.13x (not met) | >= 2.00x |") in text
+    assert "| 70b down 8192x28672, M=1 | - | - | - | - | - | - | - | - | - | - | >= 2.80x |" in text  # a shape not timed
     assert "stream:auto vs tiled:auto (the default against the default before 2026-11-30): faster in 0 of 2" in text
     # the default's rows name what it runs: group sums and the narrow kernels at one token
     assert (f"| {gpu_sweep.SHAPES[0][0]} | 1 | stream:auto | 70.0 | 13.0 | 0.19x |") in text
@@ -151,6 +152,11 @@ def test_add_records_a_gpu_sweep(tmp_path, capsys):
             "and 33-64): faster in 0 of 2") in text
     assert f"| {gpu_sweep.SHAPES[0][0]} | 1 | stream:auto:deep | 90.0 | 13.0 | 0.14x |" in text
     assert "`awq_stream_kernel<half, 1, true, false, true, deep, true>` |" in text
+    # warpgroup mma: its own instantiation (a 128-row group ends inside its 512-row stage: FINE)
+    assert "stream:wgmma vs stream (warpgroup mma against mma.sync, both with scaled fragments): faster in 0 of 2" in text
+    assert f"| {gpu_sweep.SHAPES[0][0]} | 1 | stream:wgmma | 100.0 | 13.0 | 0.13x |" in text
+    assert f"| {sass['awq_stream_kernel<half, 1, true, true, false, wgmma, false>']:.1f} | " \
+        "`awq_stream_kernel<half, 1, true, true, false, wgmma, false>` |" in text
     assert report.main(["--check", "--dir", str(d)]) == 0
     assert KERNELS_CELL in text  # the other tables untouched
 

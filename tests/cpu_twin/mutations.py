@@ -3,10 +3,11 @@ csrc/awq_stream.cu (or awq_common.cuh) that a GPU would show -- a missing barrie
 slot refilled too early, a non-atomic reduction, a lost barrier in arrive_last, one workspace slot
 too few, inputs read before the PDL wait, a truncating output conversion, a ring that starts on the
 slot it reads, the narrow kernels' operand order, activation rows and fold, a split slice's part
-left out of the last arriver's sum, or outputs it skips.  For each, a copy of the repository gets the mutation and tests/test_cpu_twin.py runs
+left out of the last arriver's sum, or outputs it skips, and the wgmma kernels' waits, swizzle,
+words, alignment, group starts and zero rows.  For each, a copy of the repository gets the mutation and tests/test_cpu_twin.py runs
 on it; every one must fail.  Not part of the suite (about 5 minutes):
 
-    python tests/cpu_twin/mutations.py [NAME ...]
+    python tests/cpu_twin/mutations.py [-k PYTEST_K] [NAME ...]
 
 Exit status 1 when a mutation survives (or no longer applies: the kernel changed; update it here).
 """
@@ -26,13 +27,14 @@ ROOT = Path(__file__).resolve().parents[2]
 MUTS = {
  'no_loop_barrier': [("    __syncthreads();  // stage t landed for everyone", "    // removed")],
  'wait_one_too_few': [("cp_async_wait<kStages - 2>();", "cp_async_wait<kStages - 1>();")],
- 'racy_reduction': [("""    for (int w = 0; w < kKW; ++w) {
-      if (wk == w) {""", """    for (int i = tid; i < rows_out * kSliceN; i += kStThreads) red[i] = 0.f;
+ 'racy_reduction': [("""    for (int w = 0; w < (kWg ? 1 : kKW); ++w) {
+      if (kWg || wk == w) {""", """    for (int i = tid; i < rows_out * kSliceN; i += kStThreads) red[i] = 0.f;
     __syncthreads();
     for (int w = 0; w < 1; ++w) {
       if (true) {"""), ("r = (w == 0 ? 0.f : r) + acc[mb][t][e];", "r += acc[mb][t][e];")],
  'no_flush_barrier': [("    __syncthreads();  // every warp is done reading the slot `red` overwrites", "")],
  'refill_too_early': [("""    cp_async_wait<kStages - 2>();
+    if constexpr (kWg) fence_proxy_async_smem();  // the landed copies, to wgmma's reads
     __syncthreads();  // stage t landed for everyone; slot `wr` was consumed at t-1 by everyone
     if (t + kStages - 1 < n_units) {
       load_weights(wr, ld);
@@ -79,11 +81,25 @@ __device__ AWQ_NOINLINE void write_slice(""")],
  'part_left_out': [("for (int s = 0; s < parts; ++s) {", "for (int s = 1; s < parts; ++s) {")],
  'batch_too_far': [("i0 += kOutputsInFlight * kStThreads) {", "i0 += (kOutputsInFlight + 1) * kStThreads) {")],
  'store_past_slot': [("if (i < n && n0 + col < N) out", "if (n0 + col < N) out")],
+ # the wgmma kernels: a stage's last wgmma group left in flight past the barrier that lets the loader
+ # refill its slot; none waited for; activations stored unswizzled; every warp dequantizing word 0's
+ # zeros; the 1024-byte boundary not sought; a 32-row group's start missed; rows past M not zeroed
+ 'wgmma_wait_late': [("      wgmma_wait<0>();\n#pragma unroll\n      for (int e = 0; e < 8 * MB; ++e) fence_operand(d[e]);",
+                      "      wgmma_wait<1>();\n#pragma unroll\n      for (int e = 0; e < 8 * MB; ++e) fence_operand(d[e]);")],
+ 'wgmma_no_wait': [("      wgmma_wait<0>();\n#pragma unroll\n      for (int e = 0; e < 8 * MB; ++e) fence_operand(d[e]);",
+                    "#pragma unroll\n      for (int e = 0; e < 8 * MB; ++e) fence_operand(d[e]);")],
+ 'wgmma_unswizzled': [("m * kSwizzleRowBytes + (((ch & 7) ^ (m & 7)) * 16);", "m * kSwizzleRowBytes + ((ch & 7) * 16);")],
+ 'wgmma_zero_word': [("DQ::load_group_word(gp, zw >> (4 * wq), s2);", "DQ::load_group_word(gp, zw, s2);")],
+ 'wgmma_unaligned': [("base += (kSwizzleBlockBytes - smem_address(base) % kSwizzleBlockBytes) % kSwizzleBlockBytes;",
+                      "base += 0;")],
+ 'wgmma_group_32': [("{p.gshift <= 1, p.gshift <= 2,", "{p.gshift <= 0, p.gshift <= 2,")],
+ 'wgmma_rows_past_m': [("(EXACT || l.k + 8 * a_ch < p.K) && (!kWg || m < p.M);", "(EXACT || l.k + 8 * a_ch < p.K);")],
 }
 
 
-def run(name: str, work: Path) -> str:
-    """Apply mutation `name` to a copy of the repository under `work`; the suite's last line."""
+def run(name: str, work: Path, select: str | None = None) -> str:
+    """Apply mutation `name` to a copy of the repository under `work`; the suite's last line (of the
+    tests `select` picks, pytest's -k, else all of tests/test_cpu_twin.py)."""
     d = work / name
     for sub in ("awqlib", "csrc", "tests"):
         shutil.copytree(ROOT / sub, d / sub, ignore=shutil.ignore_patterns("__pycache__"))
@@ -94,18 +110,21 @@ def run(name: str, work: Path) -> str:
             return f"does not apply ({p.name} changed)"
         p.write_text(text.replace(old, new))
     env = dict(os.environ, PYTHONPATH=str(d))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cpu_twin.py"],
-                       cwd=d, env=env, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cpu_twin.py",
+                        *(["-k", select] if select else [])], cwd=d, env=env, capture_output=True, text=True)
     lines = r.stdout.strip().splitlines()
     return ("caught: " if r.returncode != 0 else "SURVIVED: ") + (lines[-1] if lines else r.stderr[-200:])
 
 
 def main(argv: list[str]) -> int:
+    select = None
+    if len(argv) >= 2 and argv[0] == "-k":  # only the tests pytest -k picks (a quicker look at a few)
+        select, argv = argv[1], argv[2:]
     names = argv or list(MUTS)
     survived = 0
     with tempfile.TemporaryDirectory(prefix="awqlib-mutations-") as work:
         for name in names:
-            result = run(name, Path(work))
+            result = run(name, Path(work), select)
             survived += not result.startswith("caught")
             print(f"{name:17s} {result}", flush=True)
     return 1 if survived else 0

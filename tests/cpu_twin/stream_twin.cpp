@@ -10,7 +10,7 @@
 // scales.bin in the stream layout) and receives out.bin ([M, N], or the dense W^T [K, N]).  DTYPE:
 // fp16 | bf16; TIMING: lazy | eager (when cp.async data lands, cpu_twin.h); ORDER: forward |
 // reverse (the CTAs' order, the warps' order, and which end of every buffer touches its guard
-// page); CONFIG: 0 large, 1 compact, 2 deep (awq::StreamConfig); NARROW: 1 asks for the narrow
+// page); CONFIG: 0 large, 1 compact, 2 deep, 3 wgmma (awq::StreamConfig); NARROW: 1 asks for the narrow
 // kernels (M <= 8).  Prints the launch (grid, units per CTA,
 // the ring refills the plan makes), the weight bytes the kernel read and the warp mmas it ran;
 // exit status 0, or 1 and the reason on stderr (3 for a memory fault).
@@ -134,8 +134,9 @@ int main(int argc, char** argv) {
       const int config_arg = to_int(argv[10]);
       if ((timing != "lazy" && timing != "eager") || (order != "forward" && order != "reverse"))
         awq_twin::fail("TIMING is lazy|eager, ORDER forward|reverse");
-      if (config_arg != awq::kConfigLarge && config_arg != awq::kConfigCompact && config_arg != awq::kConfigDeep)
-        awq_twin::fail("CONFIG is 0 (large), 1 (compact) or 2 (deep)");
+      if (config_arg != awq::kConfigLarge && config_arg != awq::kConfigCompact && config_arg != awq::kConfigDeep &&
+          config_arg != awq::kConfigWgmma)
+        awq_twin::fail("CONFIG is 0 (large), 1 (compact), 2 (deep) or 3 (wgmma)");
       const auto config = static_cast<awq::StreamConfig>(config_arg);
       const bool eager = timing == "eager", reverse = order == "reverse";
       if (dt == "fp16") run_gemm<__half>(dir, M, N, K, g, sms, sums, config, pdl, narrow, eager, reverse);
