@@ -93,11 +93,6 @@ VARIANTS = [("tiled:auto", "tiled", Kernel.AUTO), ("stream", "stream", Kernel.ST
             ("stream:narrow", "stream", Kernel.STREAM), ("stream:sums:narrow", "stream", Kernel.STREAM_GROUP_SUMS),
             ("stream:auto", "stream", Kernel.AUTO), ("stream:auto:sm89", "stream", Kernel.AUTO),
             ("stream:auto:deep", "stream", Kernel.AUTO), ("stream:wgmma", "stream", Kernel.STREAM)]
-# What a window times unless --variants says otherwise: the open questions (the deep ring, warpgroup
-# mma) against the default and the scaled stream kernel.  The others were timed in the 2026-11-30
-# window (benchmarks/RESULTS.md) and are still gated; the sweep's 160 s in gpu_window.sh do not
-# hold all of them and the new ones.
-TIMED_DEFAULT = ("stream", "stream:auto", "stream:auto:deep", "stream:wgmma")
 # environment a variant runs under (read by csrc/awq_ops.cpp on every call): "stream:pdl" is the
 # stream kernel with programmatic dependent launch (its weights stream in while the previous
 # kernel -- in the sweep's graphs, the same GEMM -- finishes); the narrow ones put the tokens on
@@ -215,13 +210,12 @@ def timed_on(label: str, kernel: Kernel, M: int, N: int, K: int) -> bool:
 
 
 def timed_variants(arg: str) -> list[str]:
-    """--variants: a comma-separated list of VARIANTS labels, "default" (TIMED_DEFAULT) or "all"."""
+    """--variants: a comma-separated list of VARIANTS labels, or "all"."""
     labels = [v[0] for v in VARIANTS]
-    chosen = (list(TIMED_DEFAULT) if arg == "default" else labels if arg == "all"
-              else [a.strip() for a in arg.split(",") if a.strip()])
+    chosen = labels if arg == "all" else [a.strip() for a in arg.split(",") if a.strip()]
     unknown = [a for a in chosen if a not in labels]
     if unknown:
-        raise SystemExit(f"--variants: unknown {unknown}; the variants are {labels}, or 'default' or 'all'")
+        raise SystemExit(f"--variants: unknown {unknown}; the variants are {labels}, or 'all'")
     return chosen
 
 
@@ -713,9 +707,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", type=int, nargs="+", default=MS)
     ap.add_argument("--max-m", type=int, help="gate and time only M <= this (a window working around one failing"
                     " configuration; the report records it)")
-    ap.add_argument("--variants", default="default",
-                    help=f"the variants timed, comma-separated, or 'all' (default: {','.join(TIMED_DEFAULT)}); every"
-                         " variant is gated whatever this says")
+    ap.add_argument("--variants", default="all",
+                    help="the variants timed, comma-separated (default: all); every variant is gated whatever this"
+                         " says")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and check imports; no GPU needed")
     ap.add_argument("--skip-gate", action="store_true", help="time without the correctness gate (never for results)")
     ap.add_argument("--ncu", action="store_true",

@@ -245,3 +245,11 @@ def test_grid_cases_plan_and_record_what_they_cannot_run(monkeypatch):
     gpu_sweep.grid_cases(args, report, lambda: saved.append(1), time.time())
     assert report["grid"] == [] and report["grid_error"] and saved
     assert "grid cases stopped" in gpu_sweep.grid_table(report)
+
+
+def test_variants_option_names_what_it_times():
+    labels = [v[0] for v in gpu_sweep.VARIANTS]
+    assert gpu_sweep.timed_variants("all") == labels
+    assert gpu_sweep.timed_variants("stream:wgmma, stream:auto") == ["stream:wgmma", "stream:auto"]
+    with pytest.raises(SystemExit, match=r"--variants: unknown \['stream:nope'\]"):
+        gpu_sweep.timed_variants("stream,stream:nope")
