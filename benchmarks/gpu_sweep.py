@@ -689,6 +689,23 @@ def profile_case(spec: str) -> int:
     return 0
 
 
+# The first run of the wgmma kernels, in a child process: a tiny shape with tails, groups of 64 and
+# 128 rows (FINE), every m-tile count and a second pass.  A fault (illegal instruction or address)
+# would leave this process's CUDA context unusable, a hang would eat the window: in a child, either
+# only takes the variant out.
+WGMMA_CANARY = "tiny,5+20+40+100,stream:wgmma,2"
+WGMMA_CANARY_TIMEOUT_S = 90
+
+
+def wgmma_canary() -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.gpu_sweep", "--profile-case", WGMMA_CANARY]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=WGMMA_CANARY_TIMEOUT_S)
+        return {"ok": r.returncode == 0, "rc": r.returncode, "tail": (r.stdout + r.stderr)[-2000:]}
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "rc": "timeout", "tail": f"no exit within {WGMMA_CANARY_TIMEOUT_S} s (a hang?)"}
+
+
 def run_tool(cmd: list[str], log: Path, timeout: int) -> dict:
     if shutil.which(cmd[0]) is None:
         return {"cmd": " ".join(cmd), "skipped": f"{cmd[0]} not on PATH"}
@@ -767,6 +784,12 @@ def main(argv=None) -> int:
         wgmma = kernels.wgmma_available()
         if not wgmma:  # AWQLIB_STREAM_WGMMA=1 would run the large configuration: not the variant's kernel
             report["wgmma"] = "unavailable: the kernels were not built for 9.0a, or this GPU is not sm_90"
+        else:  # never run on a GPU before: a fault or hang there must not take the rest of the window down
+            report["wgmma"] = wgmma_canary()
+            wgmma = report["wgmma"]["ok"]
+            save()
+            print(f"wgmma canary: {'ok' if wgmma else 'FAILED, not gated or timed: ' + report['wgmma']['tail'][-500:]}",
+                  flush=True)
         timed = set(timed_variants(args.variants)) - (set() if wgmma else {"stream:wgmma"})
         excluded: set[str] = {v[0] for v in VARIANTS} - timed
         if args.tools_only:

@@ -7,7 +7,7 @@
 #           default with its grid capped on the small shapes, compute-sanitizer on a tiny shape;
 #   part 2: the stream kernels' GPU tests (tests/test_kernels_cuda.py, tests/test_gpu_e2e.py: both
 #           variants, narrow, concurrent graphs, chunked large-M, dequantize, in-process repack) and
-#           the block ops' (rms_norm, rotary, gated_act: -k block_op),
+#           the block ops' (rms_norm, rotary, gated_act: -k block_op), then the wgmma ones apart,
 #           then decode of a random 8B Llama, fp16 vs int4 (unfused / fused, the defaults; then fused
 #           with the narrow kernels off, with the deep ring, and with warpgroup mma), batch 1 and 8, with the
 #           int4 weights in the stream runtime layout (benchmarks/bench_generate.py).
@@ -73,9 +73,11 @@ if [ "$PART" = 1 ] || [ "$PART" = all ]; then
   step sweep 120 320 "$OUT/sweep.log" "$PY" -m benchmarks.gpu_sweep --out "$OUT/sweep.json" --budget 160 --sanitizer
 fi
 if [ "$PART" = 2 ] || [ "$PART" = all ]; then
-  step stream-tests 60 170 "$OUT/pytest.log" "$PY" -m pytest -q -p no:cacheprovider \
-    -k "stream or group_sums or concurrently or chunked or dequantize or in_process or block_op or quantize_on_gpu" \
+  step stream-tests 60 150 "$OUT/pytest.log" "$PY" -m pytest -q -p no:cacheprovider \
+    -k "(stream or group_sums or concurrently or chunked or dequantize or in_process or block_op or quantize_on_gpu) and not wgmma" \
     tests/test_kernels_cuda.py tests/test_gpu_e2e.py
+  # the wgmma kernels' first GPU tests in a process of their own: a fault there leaves the others' results whole
+  step wgmma-tests 40 60 "$OUT/pytest-wgmma.log" "$PY" -m pytest -q -p no:cacheprovider -k wgmma tests/test_kernels_cuda.py
   step decode 100 200 "$OUT/decode.log" env AWQLIB_LAYOUT=stream "$PY" -m benchmarks.bench_generate --size 8b \
     --batches 1,8 --new-tokens 64 --kernel-options none,deep+narrow,wgmma --out "$OUT/decode_stream.json"
 fi
