@@ -67,7 +67,7 @@ def _cuda_extension():
 
             # numbered architectures (the record is checked against them), asked for before compiling
             caps = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
-            archs = tool["arch_list_for"](os.environ.get("TORCH_CUDA_ARCH_LIST"), caps)
+            archs = tool["arch_list_for"](os.environ.get("TORCH_CUDA_ARCH_LIST"), caps, torch.version.cuda)
             # compiled for exactly those (9.0a for a visible H100, not torch's 9.0), with their flags
             os.environ["TORCH_CUDA_ARCH_LIST"] = archs
             ext.extra_compile_args["nvcc"] = tool["nvcc_flags"](archs)

@@ -111,7 +111,8 @@ def visible_capabilities() -> list[tuple[int, int]]:
 def resolved_arch_list(arch_list: str | None = None) -> str:
     """The architectures :func:`build` compiles for, numbered: ``arch_list``, else
     ``$TORCH_CUDA_ARCH_LIST``, else the visible GPUs'."""
-    return arch_list_for(arch_list or os.environ.get("TORCH_CUDA_ARCH_LIST") or None, visible_capabilities())
+    return arch_list_for(arch_list or os.environ.get("TORCH_CUDA_ARCH_LIST") or None, visible_capabilities(),
+                         torch.version.cuda)
 
 
 def build(arch_list: str | None = None, verbose: bool = False, build_dir: str | os.PathLike | None = None) -> str:
@@ -129,10 +130,13 @@ def build(arch_list: str | None = None, verbose: bool = False, build_dir: str | 
     cuda_home = find_cuda_home()
     if cuda_home is None:
         raise RuntimeError(_nvcc_hint())
-    if not (arch_list or os.environ.get("TORCH_CUDA_ARCH_LIST")) and not torch.cuda.is_available():
+    requested = arch_list or os.environ.get("TORCH_CUDA_ARCH_LIST") or None
+    if requested is None and not torch.cuda.is_available():
         raise RuntimeError("no GPU visible: pass an architecture list, e.g. build('8.0;9.0')")
-    # numbered, so that the flags (nvcc_flags: the wgmma kernels for 9.0a) and the cache follow it
-    arch_list = resolved_arch_list(arch_list)
+    # numbered, so that the flags (nvcc_flags: the wgmma kernels for 9.0a) and the cache follow it;
+    # a named list (Hopper, native) goes to torch as given, without the wgmma kernels
+    named = requested is not None and not all(ARCH_ENTRY.fullmatch(e) for e in arch_entries(requested))
+    arch_list = requested if named else resolved_arch_list(requested)
 
     import torch.utils.cpp_extension as cpp
 

@@ -54,11 +54,12 @@ def torch_release(version: str) -> str:
     return version.split("+")[0]
 
 
-def arch_list_for(requested: str | None, capabilities: list[tuple[int, int]]) -> str:
+def arch_list_for(requested: str | None, capabilities: list[tuple[int, int]], cuda: str | None = None) -> str:
     """The architectures a build targets, as numbered entries a build record can be checked against:
     ``requested`` (TORCH_CUDA_ARCH_LIST syntax) if given, else those of the visible GPUs
-    (``capabilities``; an H100/H200, 9.0, as 9.0a: the code for it alone, with warpgroup mma).
-    Named entries (``Hopper``, ``native``) are refused: name the numbers."""
+    (``capabilities``; an H100/H200, 9.0, as 9.0a -- the code for it alone, with warpgroup mma --
+    where the toolkit, CUDA ``cuda`` (torch.version.cuda, which nvcc must match), compiles it: 12.0
+    and later).  Named entries (``Hopper``, ``native``) are refused: name the numbers."""
     if requested:
         entries = arch_entries(requested)
         bad = [e for e in entries if not ARCH_ENTRY.fullmatch(e)]
@@ -68,20 +69,25 @@ def arch_list_for(requested: str | None, capabilities: list[tuple[int, int]]) ->
         return ";".join(entries)
     if not capabilities:
         raise RuntimeError("no GPU visible: name the architectures, e.g. TORCH_CUDA_ARCH_LIST='8.0;9.0'")
-    return ";".join(sorted({f"{major}.{minor}" + ("a" if (major, minor) in ARCH_SPECIFIC else "")
+    specific = cuda is not None and int(cuda.split(".")[0]) >= ARCH_SPECIFIC_MIN_CUDA
+    return ";".join(sorted({f"{major}.{minor}" + ("a" if specific and (major, minor) in ARCH_SPECIFIC else "")
                             for major, minor in capabilities}))
 
 
 # GPUs a build for the visible ones targets with their arch-specific code: 9.0a has wgmma, which
 # csrc/awq_stream.cu's kConfigWgmma needs (its kernels compile to nothing for other targets).
 ARCH_SPECIFIC = {(9, 0)}
+ARCH_SPECIFIC_MIN_CUDA = 12  # the first toolkit that compiles sm_90a
 WGMMA_DEFINE = "-DAWQ_WGMMA_BUILT"  # tells the host code that the build has the wgmma kernels
 
 
 def has_wgmma(arch_list: str) -> bool:
-    """Whether a build for ``arch_list`` holds sm_90a machine code (where the wgmma kernels live)."""
-    return any((m := ARCH_ENTRY.fullmatch(e)) and (m.group(1), m.group(2), m.group(3)) == ("9", "0", "a")
-               for e in arch_entries(arch_list))
+    """Whether a build for ``arch_list`` runs the wgmma kernels on an H100/H200: it holds sm_90a code
+    and no plain 9.0 code (machine code or PTX) the driver might pick instead, whose wgmma kernels
+    are compiled out.  Named lists (``Hopper``) never: only numbers say what is built."""
+    entries = [ARCH_ENTRY.fullmatch(e) for e in arch_entries(arch_list)]
+    at_90 = {m.group(3) for m in entries if m and (m.group(1), m.group(2)) == ("9", "0")}
+    return all(entries) and at_90 == {"a"}
 
 
 def nvcc_flags(arch_list: str | None) -> list[str]:

@@ -148,9 +148,11 @@ struct StreamCfg {
   // full before that slot is read again.  So 3 stages fit an A100's 163 KB at MB = 1 and 4.
   static constexpr int kRedBytes = kRows * kSliceN * 4;
   static constexpr int kSmemBytes = kStages * kStageBytes + kAlignSlack;
-  // (wgmma: every stage rewrites its activation rows in full, zeros past M included)
-  static_assert(kRedBytes <= kBBytes || (MB == 4 && kRedBytes <= kBBytes + 32 * kARowBytes) ||
-                    (kWgmma && kRedBytes <= kStageBytes),
+  // wgmma at MB = 4: `red` (32 KB) reaches past the weights into the activation blocks, whose rows
+  // past M every stage then rewrites too (zero-filled copies); elsewhere those rows are zeroed once.
+  static constexpr bool kZeroEveryStage = kWgmma && kRedBytes > kBBytes;
+  static_assert(kRedBytes <= kBBytes || (MB == 4 && !kWgmma && kRedBytes <= kBBytes + 32 * kARowBytes) ||
+                    (kZeroEveryStage && kRedBytes <= kOffS),
                 "the reduction buffer only overlaps bytes every stage rewrites");
   static_assert(!kWgmma || (kOffA % kSwizzleBlockBytes == 0 && kABlockBytes % kSwizzleBlockBytes == 0),
                 "wgmma: activation blocks on 1024-byte boundaries");
@@ -497,8 +499,8 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   const int a_ch = tid % kChunksPerRow, a_row = tid / kChunksPerRow;
   const T* x_row = x + (size_t)a_row * p.K + 8 * a_ch;
   const size_t a_src_step = (size_t)kAStep * p.K;
-  // wgmma: every row, zeros past M (zero-filled copies), so that `red` may overlap any of them
-  const int a_rows_end = kWg ? Cfg::kRows : min(p.M, Cfg::kRows);
+  // kZeroEveryStage: every row, zeros past M (zero-filled copies), so that `red` may overlap them
+  const int a_rows_end = Cfg::kZeroEveryStage ? Cfg::kRows : min(p.M, Cfg::kRows);
   // where activation chunk ch of row m goes in a stage (StreamCfg: kARowStride, kABlockBytes)
   auto a_chunk_offset = [](int m, int ch) {
     if constexpr (kWg)
@@ -575,13 +577,15 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   const int slice0 = u_begin / p.KT, kt0 = u_begin - slice0 * p.KT;  // once, before the loop
   Loader ld = loader_at(slice0, kt0, kt0 % p.spg, (kt0 / p.spg) * p.grp_step);
 
-  // The rows of A past M are zero in every stage, written once (wgmma: by every stage's copies).
-  if constexpr (!kWg) {
+  // The rows of A past M are zero in every stage, written once (kZeroEveryStage: by every stage's copies).
+  if constexpr (!Cfg::kZeroEveryStage) {
     for (int i = tid; i < kStages * (Cfg::kRows - min(p.M, Cfg::kRows)) * kChunksPerRow; i += kStThreads) {
       const int per_stage = (Cfg::kRows - p.M) * kChunksPerRow;
       const int s = i / per_stage, r = i % per_stage;
-      *reinterpret_cast<uint4*>(smem + s * Cfg::kStageBytes + Cfg::kOffA + (p.M + r / kChunksPerRow) * Cfg::kARowBytes +
-                                (r % kChunksPerRow) * 16) = make_uint4(0, 0, 0, 0);
+      const int row = p.M + r / kChunksPerRow, ch = r % kChunksPerRow;  // (every chunk of the row, in any order)
+      *reinterpret_cast<uint4*>(smem + s * Cfg::kStageBytes +
+                                (kWg ? a_chunk_offset(row, ch) : Cfg::kOffA + row * Cfg::kARowBytes + ch * 16)) =
+          make_uint4(0, 0, 0, 0);
     }
   }
 
@@ -624,17 +628,18 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
       }
     }
     // Activations: rows < M (a warp-uniform loop: at M = 1 one pass for two warps, none for the
-    // rest), XOR-swizzled by row for ldmatrix; wgmma: all rows, zero-filled past M.
+    // rest), XOR-swizzled by row for ldmatrix (wgmma: for its descriptor); kZeroEveryStage: all
+    // rows, zero-filled past M.
     const T* xs = x_row + l.k;
 #pragma unroll 1
     for (int m = a_row; m < a_rows_end; m += kAStep, xs += a_src_step) {
       {
         const T* src = xs;
         uint8_t* dst = st + a_chunk_offset(m, a_ch);
-        if constexpr (EXACT && !kWg) {
+        if constexpr (EXACT && !Cfg::kZeroEveryStage) {
           cp_async16(dst, src, true);
         } else {
-          const bool ok = (EXACT || l.k + 8 * a_ch < p.K) && (!kWg || m < p.M);
+          const bool ok = (EXACT || l.k + 8 * a_ch < p.K) && (!Cfg::kZeroEveryStage || m < p.M);
           cp_async16(dst, ok ? (const void*)src : (const void*)x, ok);
         }
       }
@@ -770,8 +775,10 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   int rd = 0, wr = kStages - 1;  // ring slots being consumed / refilled
 #pragma unroll 1
   for (int t = 0; t < n_units; ++t) {
+    if constexpr (!kWg) {  // (the wgmma loop reads no ldmatrix offsets)
 #pragma unroll
-    for (int i = 0; i < kAOffsets; ++i) keep_in_register(a_off[i]);
+      for (int i = 0; i < kAOffsets; ++i) keep_in_register(a_off[i]);
+    }
     cp_async_wait<kStages - 2>();
     if constexpr (kWg) fence_proxy_async_smem();  // the landed copies, to wgmma's reads
     __syncthreads();  // stage t landed for everyone; slot `wr` was consumed at t-1 by everyone

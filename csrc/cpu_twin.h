@@ -18,6 +18,11 @@
 //    lands at the cp.async.wait_group that covers it (LAZY: a stage read before its wait is stale)
 //    or at once (EAGER: a slot refilled before every warp is done reading it is overwritten);
 //  * ldmatrix rows: 16-byte aligned, inside shared memory;
+//  * wgmma (sm_90a): a descriptor of the one form the kernels use (K-major, 128-byte swizzle, base
+//    offset 0) starting in the first row of a 1024-byte swizzle block of the shared window (the
+//    dynamic shared memory starts 1040 bytes into it, as after a GPU's static part), B inside the
+//    dynamic shared memory, the four warps of a warpgroup issuing the same wgmma, none left
+//    unwaited at exit; B is read at issue or at the covering wait (wgmma_rs below);
 //  * shared-memory races between barriers: warps run one at a time, each until it blocks at a CTA
 //    barrier (index order, or reversed), so a missing barrier between one warp's write and another
 //    warp's read shows in one of the two orders; and a shared byte that two warps change between
@@ -31,7 +36,8 @@
 //
 // What it does not model: races between CTAs (they run one after another, in an order the harness
 // chooses), a read racing a write inside one barrier interval (warps never interleave there), the
-// memory model, timing, and the rounding of the tensor cores' fp32 sums (this twin sums the 16
+// memory model (so neither wgmma.fence nor fence.proxy.async: removing them passes here; they are
+// checked by reading the PTX ISA and the SASS), timing, and the rounding of the tensor cores' fp32 sums (this twin sums the 16
 // exact products in double, then adds them to the accumulator: its results are closer to exact
 // than a GPU's, so its bit-identities say nothing about a GPU's).
 #pragma once
@@ -476,9 +482,12 @@ inline void apply(const Wgmma& op) {
     }
 }
 
-// wgmma.mma_async m64nNk16 with A in registers: per warp a collective (its 16 rows of A), applied
-// at once (EAGER, as cp.async) or when a wgmma_wait covers its group (LAZY: results read before
-// the wait are stale, and B is read as late as the hardware may).
+// wgmma.mma_async m64nNk16 with A in registers: per warp a collective (its 16 rows of A).  A GPU
+// reads B at any time between the issue and the wait that covers it, so the twin takes the
+// opposite end from its cp.async copies: with copies landing late (LAZY) it applies the wgmma at
+// once, reading B at issue -- a stage not yet landed or published is stale then; with copies
+// landing at once (EAGER) it applies it at the covering wgmma_wait, reading B then -- a slot
+// refilled before the wait is overwritten, and results read before it are stale.
 template <typename T>
 void wgmma_rs(float* d, int n, const uint32_t (&a)[4], uint64_t desc) {
   Post mine{};
@@ -500,7 +509,7 @@ void wgmma_rs(float* d, int n, const uint32_t (&a)[4], uint64_t desc) {
     h = (h ^ (desc + 0x9E3779B97F4A7C15ull * (uint64_t)n)) * 0x100000001B3ull;
   }
   ++self().collectives;
-  if (cta().launch->eager_copies) apply(op);
+  if (!cta().launch->eager_copies) apply(op);
   else self().wgmma_pending.push_back(op);
 }
 

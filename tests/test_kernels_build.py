@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import shutil
 import types
 import warnings
@@ -19,7 +20,7 @@ import torch
 
 from awqlib import cli, kernels, safetensors_io, toolchain
 
-ARCHS = "8.0;9.0"  # Ampere (A100) and Hopper (H100/H200); sm_89 runs the sm_80 cubin
+ARCHS = "8.0;9.0a"  # Ampere (A100) and Hopper (H100/H200, with wgmma); sm_89 runs the sm_80 cubin
 
 
 def _skip_reason() -> str | None:
@@ -41,7 +42,7 @@ def test_kernels_compile_for_sm80_sm90(tmp_path):
     # The compiled code really contains both architectures.
     for obj in ("awq_gemm.cuda.o", "awq_block_ops.cuda.o"):
         code = (tmp_path / obj).read_bytes()
-        assert b"sm_80" in code and b"sm_90" in code, obj
+        assert b"sm_80" in code and b"sm_90a" in code, obj
     # Installed as prebuilt kernels, it serves both GPUs (and an sm_89 one by the sm_80 code), not older.
     pkg = tmp_path / "pkg"
     pkg.mkdir()
@@ -294,9 +295,13 @@ def test_failed_install_leaves_no_record_of_the_old_library(pkg, monkeypatch, tm
 
 def test_arch_lists_are_numbered():
     assert toolchain.arch_list_for("8.0 9.0a", []) == "8.0;9.0a"
-    # a visible H100/H200 gets its arch-specific code: the wgmma kernels exist only there
-    assert toolchain.arch_list_for(None, [(9, 0), (8, 0), (9, 0)]) == "8.0;9.0a"
-    assert toolchain.arch_list_for(None, [(8, 9), (12, 0)]) == "12.0;8.9"
+    # a visible H100/H200 gets its arch-specific code (the wgmma kernels exist only there) where the
+    # toolkit compiles it (CUDA 12 and later); where the toolkit is not known, plain 9.0
+    assert toolchain.arch_list_for(None, [(9, 0), (8, 0), (9, 0)], "13.0") == "8.0;9.0a"
+    assert toolchain.arch_list_for(None, [(9, 0)], "12.1") == "9.0a"
+    assert toolchain.arch_list_for(None, [(9, 0)], "11.8") == "9.0"
+    assert toolchain.arch_list_for(None, [(9, 0), (8, 0)]) == "8.0;9.0"
+    assert toolchain.arch_list_for(None, [(8, 9), (12, 0)], "13.0") == "12.0;8.9"
     for bad in ("Hopper", "native", "9", "sm_90", ";", "8.0,9.0"):
         with pytest.raises(ValueError, match="MAJOR.MINOR"):
             toolchain.arch_list_for(bad, [])
@@ -369,11 +374,37 @@ def test_load_never_raises_on_a_broken_installation(pkg, monkeypatch):
 def test_wgmma_flag_follows_the_arch_list():
     """The host code learns that the build holds the wgmma kernels (csrc/awq_stream.cu:
     stream_wgmma_built) from AWQ_WGMMA_BUILT, which the flags carry exactly for an sm_90a build."""
+    # a plain 9.0 beside 9.0a (machine code or PTX) might be what the driver picks: no wgmma then
     for archs, has in (("9.0a", True), ("8.0;9.0a", True), ("9.0a+PTX", True), ("9.0", False), ("8.0;9.0", False),
-                       ("10.0a", False), ("8.0", False)):
+                       ("10.0a", False), ("8.0", False), ("9.0;9.0a", False), ("9.0a;9.0+PTX", False),
+                       ("Hopper", False), ("native", False)):
         assert toolchain.has_wgmma(archs) is has, archs
         flags = toolchain.nvcc_flags(archs)
         assert flags[:len(toolchain.NVCC_FLAGS)] == toolchain.NVCC_FLAGS
         assert (toolchain.WGMMA_DEFINE in flags) is has, archs
     assert toolchain.nvcc_flags(None) == toolchain.NVCC_FLAGS
     assert kernels.cache_dir("9.0a").name.endswith("-sm90a")
+
+
+def test_jit_build_compiles_for_the_list_it_records(monkeypatch, tmp_path):
+    """kernels.build: a numbered list (or the visible GPU's) is what torch compiles, with the wgmma
+    define exactly for a 9.0a build; a named one (Hopper, native) goes to torch as given, without it."""
+    import torch.utils.cpp_extension as cpp
+    seen = []
+    monkeypatch.setattr(cpp, "load", lambda **kw: seen.append((os.environ.get("TORCH_CUDA_ARCH_LIST"),
+                                                                kw["extra_cuda_cflags"])))
+    monkeypatch.setattr(kernels, "find_cuda_home", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(kernels, "_archs", None)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.5")  # restored after each build
+    for requested, archs, define in (("9.0a", "9.0a", True), ("8.0 9.0a", "8.0;9.0a", True), ("8.0;9.0", "8.0;9.0", False),
+                                     ("Hopper", "Hopper", False), ("native", "native", False)):
+        kernels.build(requested, build_dir=tmp_path)
+        env, flags = seen[-1]
+        assert env == archs and (toolchain.WGMMA_DEFINE in flags) is define, (requested, seen[-1])
+        assert kernels._archs == archs and os.environ["TORCH_CUDA_ARCH_LIST"] == "7.5"
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setattr(kernels, "visible_capabilities", lambda: [(9, 0)])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    kernels.build(build_dir=tmp_path)  # the visible H100
+    assert seen[-1] == ("9.0a", toolchain.nvcc_flags("9.0a")) and "TORCH_CUDA_ARCH_LIST" not in os.environ

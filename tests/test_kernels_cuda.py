@@ -599,8 +599,15 @@ def test_stream_kernel_deep_in_the_automatic_choice_at_four_m_tiles(M, monkeypat
 
 
 def needs_wgmma():
-    if not kernels.wgmma_available():
-        pytest.skip("the wgmma configuration needs kernels built for 9.0a (a Hopper build's default) on an sm_90 GPU")
+    """Skip where the wgmma configuration cannot run: off an sm_90 GPU, or with a toolkit before CUDA 12.
+    On an H100/H200 with CUDA 12+ the kernels this process loaded must have it (9.0a is what a build
+    for that GPU targets): a test that skips there would hide the configuration's coverage."""
+    if kernels.wgmma_available():
+        return
+    if torch.cuda.get_device_capability() == (9, 0) and int((torch.version.cuda or "0").split(".")[0]) >= 12:
+        pytest.fail(f"the CUDA kernels in this process were built for {kernels._archs!r}, without 9.0a: "
+                    "rebuild them for this GPU (its default) to test the wgmma configuration")
+    pytest.skip("the wgmma configuration needs kernels built for 9.0a on an sm_90 GPU (CUDA 12+)")
 
 
 # (N, K, group): tails (N % 128, K % 256) with groups of 64 rows (FINE: four per 256-row stage), a
@@ -620,6 +627,7 @@ def test_stream_kernel_wgmma(M, N, K, g, dtype, monkeypatch):
     setting the large configuration runs."""
     needs_wgmma()
     monkeypatch.delenv("AWQLIB_STREAM_SMEM_LIMIT", raising=False)
+    monkeypatch.delenv("AWQLIB_STREAM_DEEP", raising=False)
     qs, zs, ss = stream_weight(K, N, g, dtype)
     x = torch.randn(M, K, device="cuda", dtype=dtype)
 
@@ -681,6 +689,7 @@ def test_stream_pdl_reads_what_the_previous_kernel_wrote(kernel, M, wgmma, monke
         needs_wgmma()
         monkeypatch.delenv("AWQLIB_STREAM_SMEM_LIMIT", raising=False)
     monkeypatch.setenv("AWQLIB_STREAM_WGMMA", "1" if wgmma else "0")
+    monkeypatch.delenv("AWQLIB_STREAM_DEEP", raising=False)
     skip_if_stream_does_not_fit(min(M, STREAM_MAX_M), kernel)
     K, N = (28672, 1024) if wgmma else (2048, 2048)
     qs, zs, ss = stream_weight(K, N, 128)
@@ -703,6 +712,8 @@ def test_stream_pdl_reads_what_the_previous_kernel_wrote(kernel, M, wgmma, monke
     poison_allocator()
     for got, want in zip(chain(x0.clone()), plain):
         assert torch.equal(got, want)
+    if wgmma:  # what ran: the wgmma configuration, every launch of the chain (CONFIG 3)
+        assert stream_configs_run(lambda: chain(x0.clone())) == {"3"}
     xg = x0.clone()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())

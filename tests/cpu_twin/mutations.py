@@ -93,7 +93,10 @@ __device__ AWQ_NOINLINE void write_slice(""")],
  'wgmma_unaligned': [("base += (kSwizzleBlockBytes - smem_address(base) % kSwizzleBlockBytes) % kSwizzleBlockBytes;",
                       "base += 0;")],
  'wgmma_group_32': [("{p.gshift <= 1, p.gshift <= 2,", "{p.gshift <= 0, p.gshift <= 2,")],
- 'wgmma_rows_past_m': [("(EXACT || l.k + 8 * a_ch < p.K) && (!kWg || m < p.M);", "(EXACT || l.k + 8 * a_ch < p.K);")],
+ 'wgmma_rows_past_m': [("(EXACT || l.k + 8 * a_ch < p.K) && (!Cfg::kZeroEveryStage || m < p.M);",
+                        "(EXACT || l.k + 8 * a_ch < p.K);")],
+ 'wgmma_zero_once_at_four_tiles': [("static constexpr bool kZeroEveryStage = kWgmma && kRedBytes > kBBytes;",
+                                    "static constexpr bool kZeroEveryStage = false;")],
 }
 
 
