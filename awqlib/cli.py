@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(fn=_check)
 
     b = sub.add_parser("build-kernels", help="compile the CUDA kernels ahead of time")
-    b.add_argument("--arch", default=None, help="TORCH_CUDA_ARCH_LIST, e.g. '8.0;9.0' (default: the GPU at hand)")
+    b.add_argument("--arch", default=None, help="TORCH_CUDA_ARCH_LIST, e.g. '8.0;9.0a' (9.0a: H100/H200 with the wgmma kernels; default: the GPU at hand)")
     b.add_argument("--prebuilt", action="store_true",
                    help="install the library into the installed package as its prebuilt kernels (awqlib/_C.so), which "
                         "every later process with this torch loads without compiling (e.g. on a GPU machine with this "

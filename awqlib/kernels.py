@@ -4,7 +4,7 @@
 ops.  It tries, in order:
 
 a. a prebuilt library ``awqlib/_C*.so`` (``AWQLIB_BUILD_CUDA=1 pip install --no-build-isolation .``,
-   or ``awqlib build-kernels --arch 9.0 --prebuilt``), the one its build record (``_C.json`` beside
+   or ``awqlib build-kernels --arch 9.0a --prebuilt``), the one its build record (``_C.json`` beside
    it) names, when the record matches this process: the file's digest, torch and CUDA version, a
    build for every visible GPU, and the kernel sources of this installation (:func:`find_prebuilt`;
    else it warns why and goes on);

@@ -4,6 +4,8 @@
 Steps, in order (each writes its results into the JSON before the next starts):
 
 1. device info; load the prebuilt kernels, else build (JIT, once, cached under $AWQLIB_CACHE);
+   where they have the wgmma configuration, its first run as a canary in a child process
+   (WGMMA_CANARY: a fault or hang there takes only stream:wgmma out, and the exit status is 2);
 2. correctness gate: every kernel variant on small shapes and token counts, fresh random data,
    outputs from a NaN-poisoned allocator, relative error against an fp32 reference; a failure is
    recorded with where the output is wrong (unwritten NaNs, rows, columns mod the slice), the
@@ -139,9 +141,10 @@ GATE_ENV = [("stream:narrow", "stream", Kernel.STREAM, (1, 2, 7, 8, 9, 72)),  # 
             ("stream:auto:deep", "stream", Kernel.STREAM, (1, 9, 16, 33, 64)),
             ("stream:auto:deep", "stream", Kernel.STREAM_GROUP_SUMS, (1, 16)),
             # warpgroup mma at each m-tile count (wgmma N 16, 32, 64) and in passes; under the automatic
-            # choice too (which asks for group sums: the wgmma kernels scale fragments instead)
+            # choice too (which asks for group sums: the wgmma kernels scale fragments instead; past 32
+            # tokens it is dequantize + cuBLAS on the gate's shapes, below kStreamFourTileMinWeights)
             ("stream:wgmma", "stream", Kernel.STREAM, (1, 7, 16, 17, 32, 33, 64, 100)),
-            ("stream:wgmma", "stream", Kernel.AUTO, (1, 40))]
+            ("stream:wgmma", "stream", Kernel.AUTO, (1, 20))]
 # outputs that must equal another variant's bit for bit (the deep ring keeps the large configuration's
 # partition and arithmetic): checked by the gate case by case
 SAME_BITS_AS = {"stream:auto:deep": "stream:auto"}
@@ -229,7 +232,8 @@ def plan_text(args) -> str:
     gate_pdl = sum(len(ms) for _, _, ms, _ in pdl) * len(GATE_SHAPES)
     lines = [
         f"gpu_sweep plan (budget {args.budget:.0f} s, output {args.out}):",
-        "  1. device info; load the prebuilt kernels, else build them (JIT, cached in $AWQLIB_CACHE)",
+        "  1. device info; load the prebuilt kernels, else build them (JIT, cached in $AWQLIB_CACHE); the wgmma"
+        f" canary ({WGMMA_CANARY}) in a child process where the kernels have wgmma",
         f"  2. correctness gate: {gate} cases ({len(GATE_VARIANTS)} layout/kernel variants x {len(GATE_SHAPES)} shapes"
         f" x their M), fp16, + bf16 for the stream kernels; + {gate_env} under the variants' environments"
         " (narrow, the defaults, the deep ring, warpgroup mma);"
@@ -275,9 +279,10 @@ def run_ncu(shape: str, M: int, variant: str, log: Path) -> dict:
     return r
 
 
-def sanitizer_command() -> list[str]:
+def sanitizer_command(wgmma: bool = True) -> list[str]:
+    """memcheck on the tiny shape, every variant (stream:wgmma only where its canary passed)."""
     return ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-m",
-            "benchmarks.gpu_sweep", "--profile-case", "tiny,5+20+100,all,2"]
+            "benchmarks.gpu_sweep", "--profile-case", f"tiny,5+20+100,{'all' if wgmma else 'all-but-wgmma'},2"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -495,7 +500,7 @@ def kernel_label(variant: str, M: int, N: int, K: int) -> str:
     compact = variant == "stream:auto:sm89"  # a ~99 KB GPU's default: the compact configuration, M <= 32
     if compact and M > STREAM_COMPACT_MAX_M:
         return "dequant+cuBLAS"
-    if variant.startswith("stream"):  # the sweep's group size (128) is never FINE
+    if variant.startswith("stream"):  # the sweep's group size (128) is FINE only for wgmma (below)
         mb = 1 if M <= 16 else 2 if M <= 32 else 4
         stage = 256 if mb == 4 or compact else 512
         exact = K % stage == 0 and N % 128 == 0
@@ -661,8 +666,9 @@ def save_report(report: dict, out: Path, t0: float) -> None:
 def profile_case(spec: str) -> int:
     """Run one case eagerly a few times (the target of --ncu and --sanitizer): "shape,M,variant[,reps]",
     M a number or several joined by '+', variant a VARIANTS label or "all" (which adds the compact
-    configuration, gated but not timed), reps the calls per case (default 5: ncu skips the first 3;
-    the sanitizer needs 2, memcheck being slow)."""
+    configuration, gated but not timed; "all-but-wgmma": without stream:wgmma, where its canary
+    failed), reps the calls per case (default 5: ncu skips the first 3; the sanitizer needs 2,
+    memcheck being slow)."""
     name, m, variant, *rest = spec.split(",")
     ms = [int(v) for v in m.split("+")]
     reps = int(rest[0]) if rest else 5
@@ -672,8 +678,10 @@ def profile_case(spec: str) -> int:
     groups = (64, 128) if name == "tiny" else (GROUP,)
     from awqlib import kernels
     assert kernels.load(), "kernels failed to load"
-    chosen = [v for v in VARIANTS if variant in ("all", v[0])]
-    if variant == "all":
+    every = variant in ("all", "all-but-wgmma")
+    chosen = [v for v in VARIANTS if (every and not (variant == "all-but-wgmma" and v[0] == "stream:wgmma"))
+              or variant == v[0]]
+    if every:
         chosen += [("stream:compact", "stream", Kernel.STREAM_COMPACT),
                    ("stream:compact:sums", "stream", Kernel.STREAM_COMPACT_GROUP_SUMS)]
     for g in groups:
@@ -726,12 +734,12 @@ def main(argv=None) -> int:
                     " configuration; the report records it)")
     ap.add_argument("--variants", default="all",
                     help="the variants timed, comma-separated (default: all); every variant is gated whatever this"
-                         " says")
+                         " says (stream:wgmma where the kernels have it and its canary passed)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and check imports; no GPU needed")
     ap.add_argument("--skip-gate", action="store_true", help="time without the correctness gate (never for results)")
     ap.add_argument("--ncu", action="store_true",
-                    help="also profile with ncu (NCU_CASES: at one token the default and the deep ring on "
-                         "70b-down, the default and the tiled layout on 4096x4096; the default at 64 tokens)")
+                    help="also profile with ncu (NCU_CASES: warpgroup mma, the default and the deep ring on "
+                         "70b-down at 64 tokens and at one; the default and the tiled layout on 4096x4096 at one)")
     ap.add_argument("--sanitizer", action="store_true", help="also run compute-sanitizer memcheck on a tiny shape")
     ap.add_argument("--tools-only", action="store_true",
                     help="no gate and no sweep: build, then only --ncu / --sanitizer (a window's leftover minutes)")
@@ -766,6 +774,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(int(math.ceil(args.budget + 20)))  # hard stop even inside a hung case
     status = 0
+    wgmma = False  # may stream:wgmma run: built for and on an sm_90a GPU, and its canary passed
     try:
         props = torch.cuda.get_device_properties(0)
         report["device"] = device_info(props, torch.cuda.get_device_capability(0))
@@ -787,6 +796,8 @@ def main(argv=None) -> int:
         else:  # never run on a GPU before: a fault or hang there must not take the rest of the window down
             report["wgmma"] = wgmma_canary()
             wgmma = report["wgmma"]["ok"]
+            if not wgmma:
+                status = 2  # as a failed gate: the first run of new tensor-core code failed
             save()
             print(f"wgmma canary: {'ok' if wgmma else 'FAILED, not gated or timed: ' + report['wgmma']['tail'][-500:]}",
                   flush=True)
@@ -813,12 +824,12 @@ def main(argv=None) -> int:
     if args.ncu:
         report["ncu"] = []
         for s, m, v in NCU_CASES:  # saved after each: a window's hard stop keeps the cases done
-            if v == "stream:wgmma" and not kernels.wgmma_available():
-                continue  # it would profile the large configuration under the variant's name
+            if v == "stream:wgmma" and not wgmma:
+                continue  # unavailable (it would profile the large configuration), or its canary failed
             report["ncu"].append(run_ncu(s, m, v, out.parent / f"ncu_{s}_m{m}_{v.replace(':', '_')}.log"))
             save()
     if args.sanitizer:
-        report["sanitizer"] = run_tool(sanitizer_command(), out.parent / "sanitizer.log", 150)
+        report["sanitizer"] = run_tool(sanitizer_command(wgmma), out.parent / "sanitizer.log", 150)
         save()
         if report["sanitizer"].get("rc") not in (0, None):
             status = max(status, 3)  # exit statuses: 2 gate, 3 sanitizer; the JSON has both

@@ -382,6 +382,11 @@ def sweep_section(report: dict) -> str:
     if gate:
         passed = gate["cases"] - len(gate["failed"])
         extra.append(f"correctness gate {passed}/{gate['cases']} passed")
+    wg = report.get("wgmma")
+    if isinstance(wg, dict) and not wg.get("ok"):
+        extra.append(f"stream:wgmma not gated or timed: its canary failed (rc {wg.get('rc')})")
+    elif isinstance(wg, str):
+        extra.append(f"stream:wgmma {wg}")
     if "copy_GBps" in report:
         extra.append(f"copy {report['copy_GBps']:.0f} GB/s")
     if "read_GBps" in report:

@@ -430,13 +430,13 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
     // shapes fewer CTAs split fewer slices, gpu_sweep's grid cases time it).
     const int pass = static_cast<int>(pass_rows(compact));
     const bool pdl = stream_pdl(device, qw, qweight);
-    const bool narrow = stream_narrow(), deep = stream_deep();
+    const bool narrow = stream_narrow(), deep = stream_deep(), wgmma = stream_wgmma(device);
     // wgmma: every pass (<= 64 rows), where asked for and the device runs it, in place of the large
     // configuration; else deep: one pass of <= 64 rows (not 17-32: stream_supports), where asked for,
     // in place of the large one where it fits
     const int64_t rest = M - (M - 1) / pass * pass;
     const awq::StreamConfig config =
-        !compact && stream_wgmma(device) && rows_fit_config(std::min<int64_t>(M, pass), awq::kConfigWgmma) &&
+        !compact && wgmma && rows_fit_config(std::min<int64_t>(M, pass), awq::kConfigWgmma) &&
                 rows_fit_config(rest, awq::kConfigWgmma)
             ? awq::kConfigWgmma
         : deep && !compact && M <= awq::kStreamDeepMaxM && rows_fit_config(M, awq::kConfigDeep) ? awq::kConfigDeep

@@ -93,7 +93,8 @@ constexpr int ka_for(int MB, int config) { return MB == 4 || config == kConfigCo
 // without it.
 // The wgmma one (opt-in: awq_ops.cpp stream_wgmma) has the large one's stages for warpgroup mma: 4
 // of them at MB = 1 and 4 (3 at MB = 2: 69 KB each), each on a 1024-byte boundary (the 128-byte
-// swizzle of its activation blocks), rows past M zero-filled by every stage's copies.  Its kernels
+// swizzle of its activation blocks); rows past M are zeroed once, or at M 33-64 (where `red` reaches
+// into the activations) by every stage's copies -- hygiene: no output reads them.  Its kernels
 // exist only in an sm_90a build (their bodies trap elsewhere), which stream_wgmma_built tells the
 // host; an sm_90a kernel runs on an H100/H200 only.
 static_assert(kStreamCompactMaxM == 32, "the compact configurations are MB = 1 and 2");
@@ -150,6 +151,8 @@ struct StreamCfg {
   static constexpr int kSmemBytes = kStages * kStageBytes + kAlignSlack;
   // wgmma at MB = 4: `red` (32 KB) reaches past the weights into the activation blocks, whose rows
   // past M every stage then rewrites too (zero-filled copies); elsewhere those rows are zeroed once.
+  // (No output reads them -- a token is a column of wgmma's N -- but they stay zero, as in the
+  // mma.sync kernels, rather than hold stale fp32 sums.)
   static constexpr bool kZeroEveryStage = kWgmma && kRedBytes > kBBytes;
   static_assert(kRedBytes <= kBBytes || (MB == 4 && !kWgmma && kRedBytes <= kBBytes + 32 * kARowBytes) ||
                     (kZeroEveryStage && kRedBytes <= kOffS),

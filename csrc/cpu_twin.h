@@ -37,7 +37,8 @@
 // What it does not model: races between CTAs (they run one after another, in an order the harness
 // chooses), a read racing a write inside one barrier interval (warps never interleave there), the
 // memory model (so neither wgmma.fence nor fence.proxy.async: removing them passes here; they are
-// checked by reading the PTX ISA and the SASS), timing, and the rounding of the tensor cores' fp32 sums (this twin sums the 16
+// checked by reading the PTX ISA and the SASS), a wgmma's A registers rewritten before its wait
+// (read here at issue; undefined on a GPU), timing, and the rounding of the tensor cores' fp32 sums (this twin sums the 16
 // exact products in double, then adds them to the accumulator: its results are closer to exact
 // than a GPU's, so its bit-identities say nothing about a GPU's).
 #pragma once

@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -68,6 +69,17 @@ NOT_COUNTED = ("NOP",)
 
 def find_nvcc() -> str | None:
     return shutil.which("nvcc")
+
+
+def nvcc_major(nvcc: str) -> int:
+    """The CUDA release of `nvcc` (its major version; 0 where it does not say)."""
+    r = subprocess.run([nvcc, "--version"], capture_output=True, text=True)
+    m = re.search(r"release (\d+)\.", r.stdout)
+    return int(m.group(1)) if m else 0
+
+
+# the first nvcc that compiles sm_90a (the toolchain module is standard library only: no torch import)
+WGMMA_MIN_CUDA = runpy.run_path(str(ROOT / "awqlib" / "toolchain.py"))["ARCH_SPECIFIC_MIN_CUDA"]
 
 
 def find_cuobjdump() -> str | None:
@@ -383,9 +395,9 @@ def torch_flags(src: Path) -> list[str]:
 
 def compile_cubin(src: Path, arch: str, out_dir: Path, nvcc: str) -> tuple[Path, str]:
     cubin = out_dir / f"{src.stem}.sm{arch}.cubin"
-    # Hopper builds target sm_90a (toolchain.arch_list_for): the wgmma kernels exist only there, and
-    # the others compile to the same code as for sm_90.
-    target = "sm_90a" if arch == "90" else f"sm_{arch}"
+    # Hopper builds target sm_90a (toolchain.arch_list_for) where nvcc compiles it: the wgmma kernels
+    # exist only there, and the others compile to the same instructions as for sm_90.
+    target = "sm_90a" if arch == "90" and nvcc_major(nvcc) >= WGMMA_MIN_CUDA else f"sm_{arch}"
     cmd = [nvcc, "-cubin", f"-arch={target}", "-O3", *torch_flags(src), "-Xptxas=-v,-warn-spills", "-I", str(CSRC),
            "-diag-suppress", "177", "-o", str(cubin), str(src)]
     r = subprocess.run(cmd, capture_output=True, text=True)

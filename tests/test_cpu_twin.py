@@ -341,8 +341,10 @@ def test_deep_four_m_tiles_with_split_slices_and_pdl(twin, tmp_path):
 # The warpgroup-mma configuration (kConfigWgmma, sm_90a): the twin runs its wgmma as the PTX ISA
 # defines them -- A from each warp's registers, B read through the descriptor from 128-byte-swizzled
 # shared memory (the dynamic shared memory starting 1040 bytes into the window, as on a GPU, so the
-# kernel's search for a 1024-byte boundary runs), results applied at the wgmma_wait that covers them
-# (LAZY: read early, they are stale; B read then too) or at once (EAGER).  Each output is summed over
+# kernel's search for a 1024-byte boundary runs), applied -- B read, results written -- at issue
+# when the copies land late (LAZY: a stage not yet landed is stale) and at the covering wgmma_wait
+# when they land at once (EAGER: a slot refilled before the wait is overwritten, results read
+# before it stale).  Each output is summed over
 # the whole stage by one warpgroup, so the bits differ from the large kernel's (k-warp partial sums).
 # (M, N, K, group, SMs, refills): every m-tile count (wgmma N 16, 32, 64), tails, group changes
 # inside a stage (FINE: 32 to 256 rows) and not, split slices.
@@ -376,8 +378,8 @@ def test_wgmma_kernels_source_on_cpu(twin, tmp_path, M, N, K, g, sms, refills, d
 
 @pytest.mark.parametrize("M", [7, 40])
 def test_wgmma_kernels_with_pdl(twin, tmp_path, M):
-    """The wgmma kernels' PDL prologue (weights before the wait; activations, which every stage
-    rewrites in full, after it): the plain launch's bits, in either CTA order and copy timing."""
+    """The wgmma kernels' PDL prologue (weights before the wait; activations -- and at M 33-64 the
+    zeroed rows past M -- after it): the plain launch's bits, in either CTA order and copy timing."""
     N, K, g, sms = 256, 4096, 128, 3
     x, q, stream = stream_case(M, N, K, g, torch.float16, seed=29 + M)
     base = run_gemm(twin, tmp_path, x, stream, g, N, sms, config="wgmma")

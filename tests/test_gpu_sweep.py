@@ -83,6 +83,15 @@ def test_gpu_window_script_selects_what_it_claims():
                  "test_block_op_cuda_graph_capture", "test_block_op_fallbacks_compute_the_reference",
                  "test_stream_auto_choice_per_gpu_class", "test_stream_settings_are_strict", "test_awq_quantize_on_gpu"):
         assert test in names, (test, sorted(names))
+    assert not any("wgmma" in n for n in names), "the wgmma tests run in a process of their own"
+    # ... that one: the wgmma tests, the PDL test's wgmma cases among them
+    assert re.search(r"-m pytest -q -p no:cacheprovider -k wgmma \\\n\s+tests/test_kernels_cuda\.py", text)
+    res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-k", "wgmma",
+                          "tests/test_kernels_cuda.py"], cwd=ROOT, capture_output=True, text=True)
+    wg = [line.split("::")[-1] for line in res.stdout.splitlines() if "::" in line]
+    assert sum(t.startswith("test_stream_kernel_wgmma[") for t in wg) >= 90, wg[:5]
+    assert {"test_stream_pdl_reads_what_the_previous_kernel_wrote[wgmma-M1]",
+            "test_stream_pdl_reads_what_the_previous_kernel_wrote[wgmma-M100]"} <= set(wg), wg
 
 
 def test_gate_failure_says_where_and_rules_out_only_its_variants():

@@ -20,7 +20,17 @@ import torch
 
 from awqlib import cli, kernels, safetensors_io, toolchain
 
-ARCHS = "8.0;9.0a"  # Ampere (A100) and Hopper (H100/H200, with wgmma); sm_89 runs the sm_80 cubin
+# Ampere (A100) and Hopper (H100/H200: with wgmma where the toolkit compiles sm_90a); sm_89 runs the sm_80 cubin
+ARCHS = "8.0;" + toolchain.arch_list_for(None, [(9, 0)], torch.version.cuda)
+HOPPER_CODE = b"sm_90a" if toolchain.has_wgmma(ARCHS) else b"sm_90"
+
+
+def keep_load_state(monkeypatch):
+    """A test that simulates kernels._load() must not leave what it remembers (the backend, the
+    loaded library's architectures, which wgmma_available reads) to the tests after it, which run
+    on the process's real kernels."""
+    for name in ("_backend", "_archs"):
+        monkeypatch.setattr(kernels, name, getattr(kernels, name))
 
 
 def _skip_reason() -> str | None:
@@ -42,7 +52,7 @@ def test_kernels_compile_for_sm80_sm90(tmp_path):
     # The compiled code really contains both architectures.
     for obj in ("awq_gemm.cuda.o", "awq_block_ops.cuda.o"):
         code = (tmp_path / obj).read_bytes()
-        assert b"sm_80" in code and b"sm_90a" in code, obj
+        assert b"sm_80" in code and HOPPER_CODE in code, obj
     # Installed as prebuilt kernels, it serves both GPUs (and an sm_89 one by the sm_80 code), not older.
     pkg = tmp_path / "pkg"
     pkg.mkdir()
@@ -328,6 +338,7 @@ def test_load_uses_a_prebuilt_library_only_when_it_matches(pkg, monkeypatch, sta
     """kernels.load() on a (simulated) machine with an H100 and an A100: the matching prebuilt library
     is loaded and nothing is compiled; a stale one is not loaded (with a warning saying why), and
     the JIT build serves instead."""
+    keep_load_state(monkeypatch)
     monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
     cli.install_prebuilt(pkg / "_C.so", "8.0;9.0", package_dir=pkg)  # the record under that CUDA
     if stale:
@@ -353,6 +364,7 @@ def test_load_uses_a_prebuilt_library_only_when_it_matches(pkg, monkeypatch, sta
 
 
 def test_load_never_raises_on_a_broken_installation(pkg, monkeypatch):
+    keep_load_state(monkeypatch)
     monkeypatch.setattr(kernels, "PACKAGE_DIR", pkg)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -390,12 +402,14 @@ def test_jit_build_compiles_for_the_list_it_records(monkeypatch, tmp_path):
     """kernels.build: a numbered list (or the visible GPU's) is what torch compiles, with the wgmma
     define exactly for a 9.0a build; a named one (Hopper, native) goes to torch as given, without it."""
     import torch.utils.cpp_extension as cpp
+    monkeypatch.setenv("CUDA_HOME", os.environ.get("CUDA_HOME", str(tmp_path)))  # build() sets both: restored
+    monkeypatch.setattr(cpp, "CUDA_HOME", cpp.CUDA_HOME)
     seen = []
     monkeypatch.setattr(cpp, "load", lambda **kw: seen.append((os.environ.get("TORCH_CUDA_ARCH_LIST"),
                                                                 kw["extra_cuda_cflags"])))
     monkeypatch.setattr(kernels, "find_cuda_home", lambda: str(tmp_path))
     monkeypatch.setattr(torch.version, "cuda", "13.0")
-    monkeypatch.setattr(kernels, "_archs", None)
+    keep_load_state(monkeypatch)
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.5")  # restored after each build
     for requested, archs, define in (("9.0a", "9.0a", True), ("8.0 9.0a", "8.0;9.0a", True), ("8.0;9.0", "8.0;9.0", False),
                                      ("Hopper", "Hopper", False), ("native", "native", False)):

@@ -488,7 +488,7 @@ H100_SMEM = kernels.source_constant("kH100SmemPerBlock")  # what the deep config
 
 
 def stream_configs_run(fn) -> set[str]:
-    """The CONFIG template argument (csrc/awq_kernels.h: StreamConfig, 0 large, 1 compact, 2 deep) of
+    """The CONFIG template argument (csrc/awq_kernels.h: StreamConfig, 0 large, 1 compact, 2 deep, 3 wgmma) of
     every stream kernel ``fn`` launches."""
     return {args[5] for args in stream_kernels_run(fn)[1]}
 
@@ -602,16 +602,19 @@ def needs_wgmma():
     """Skip where the wgmma configuration cannot run: off an sm_90 GPU, or with a toolkit before CUDA 12.
     On an H100/H200 with CUDA 12+ the kernels this process loaded must have it (9.0a is what a build
     for that GPU targets): a test that skips there would hide the configuration's coverage."""
+    from awqlib import toolchain
     if kernels.wgmma_available():
         return
-    if torch.cuda.get_device_capability() == (9, 0) and int((torch.version.cuda or "0").split(".")[0]) >= 12:
-        pytest.fail(f"the CUDA kernels in this process were built for {kernels._archs!r}, without 9.0a: "
-                    "rebuild them for this GPU (its default) to test the wgmma configuration")
+    default = toolchain.arch_list_for(None, [torch.cuda.get_device_capability()], torch.version.cuda)
+    if toolchain.has_wgmma(default):  # what a build for this GPU with this toolkit targets
+        pytest.fail(f"the CUDA kernels in this process were built for {kernels._archs!r}, without 9.0a: rebuild "
+                    f"them for this GPU ({default}, its default; check TORCH_CUDA_ARCH_LIST) to test the wgmma "
+                    "configuration")
     pytest.skip("the wgmma configuration needs kernels built for 9.0a on an sm_90 GPU (CUDA 12+)")
 
 
 # (N, K, group): tails (N % 128, K % 256) with groups of 64 rows (FINE: four per 256-row stage), a
-# full shape, groups of 32 on long K, 256-row groups, one group (-1: K)
+# full shape, a K tail (2752) with groups of 64, groups of 32 on long K, 256-row groups, one group (-1: K)
 WGMMA_COMBOS = [STREAM_COMBOS[1], STREAM_COMBOS[2], STREAM_COMBOS[3], STREAM_COMBOS[5], STREAM_COMBOS[-3],
                 STREAM_COMBOS[-1]]
 
