@@ -40,11 +40,12 @@ status=0
 
 left() { echo $((DEADLINE - SECONDS)); }
 
-step() {  # step NAME MIN_S LIMIT_S LOGFILE CMD...: run if MIN_S seconds are left, for at most LIMIT_S
+step() {  # step NAME MIN_S LIMIT_S LOGFILE CMD...: run if MIN_S seconds are left, for at most LIMIT_S;
+  # returns the command's status (a skipped step 2: it did not pass)
   local name="$1" need="$2" limit="$3" log="$4"; shift 4
   if [ "$(left)" -lt "$need" ]; then
     echo "=== [$name] skipped: $(left) s left, needs $need" | tee -a "$LOG"
-    return 0
+    return 2
   fi
   local cap=$(( $(left) - 5 ))        # the kill after the limit's TERM stays inside the deadline too
   [ "$limit" -le "$cap" ] || limit="$cap"
