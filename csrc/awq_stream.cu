@@ -504,7 +504,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   const size_t a_src_step = (size_t)kAStep * p.K;
   // kZeroEveryStage: every row, zeros past M (zero-filled copies), so that `red` may overlap them
   const int a_rows_end = Cfg::kZeroEveryStage ? Cfg::kRows : min(p.M, Cfg::kRows);
-  // where activation chunk ch of row m goes in a stage (StreamCfg: kARowStride, kABlockBytes)
+  // where activation chunk ch of row m goes in a stage (StreamCfg: kARowBytes, kABlockBytes)
   auto a_chunk_offset = [](int m, int ch) {
     if constexpr (kWg)
       return Cfg::kOffA + (ch >> 3) * Cfg::kABlockBytes + m * kSwizzleRowBytes + (((ch & 7) ^ (m & 7)) * 16);
@@ -586,9 +586,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
       const int per_stage = (Cfg::kRows - p.M) * kChunksPerRow;
       const int s = i / per_stage, r = i % per_stage;
       const int row = p.M + r / kChunksPerRow, ch = r % kChunksPerRow;  // (every chunk of the row, in any order)
-      *reinterpret_cast<uint4*>(smem + s * Cfg::kStageBytes +
-                                (kWg ? a_chunk_offset(row, ch) : Cfg::kOffA + row * Cfg::kARowBytes + ch * 16)) =
-          make_uint4(0, 0, 0, 0);
+      *reinterpret_cast<uint4*>(smem + s * Cfg::kStageBytes + a_chunk_offset(row, ch)) = make_uint4(0, 0, 0, 0);
     }
   }
 
