@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .toolchain import (ARCH_ENTRY, BUILD_RECORD, RECORD_KEYS, SOURCE_SUFFIXES, arch_entries, arch_list_for, has_wgmma,
+from .toolchain import (ARCH_ENTRY, BUILD_RECORD, RECORD_KEYS, SOURCE_SUFFIXES, arch_entries, arch_list_for,
                         nvcc_flags)
 from .toolchain import cuda_sources, file_digest, find_cuda_home, host_cflags, sources_digest, torch_release
 
@@ -47,7 +47,6 @@ MIN_CAPABILITY = (8, 0)  # cp.async, ldmatrix, bf16 mma: Ampere and newer
 
 _state: bool | None = None
 _backend: str = "reference"
-_archs: str | None = None  # the architectures of the kernels this process loaded (None: not known)
 _lock = threading.Lock()
 
 
@@ -122,7 +121,6 @@ def build(arch_list: str | None = None, verbose: bool = False, build_dir: str | 
     required when no GPU is visible; default: ``$TORCH_CUDA_ARCH_LIST`` or the current GPU.
     Raises on failure (unlike :func:`load`).
     """
-    global _archs
     from . import blockops, ops  # noqa: F401  -- the schemas must exist before the library registers impls
 
     if torch.version.cuda is None:
@@ -157,7 +155,6 @@ def build(arch_list: str | None = None, verbose: bool = False, build_dir: str | 
         else:
             os.environ["TORCH_CUDA_ARCH_LIST"] = saved
     lib = out / f"{EXTENSION_NAME}.so"
-    _archs = arch_list
     log.info("awqlib: built CUDA kernels for %s in %s", arch_list, lib)
     return str(lib)
 
@@ -245,9 +242,9 @@ def backend() -> str:
 
 def wgmma_available() -> bool:
     """Whether the stream kernel's warpgroup-mma configuration (csrc/awq_stream.cu: kConfigWgmma,
-    AWQLIB_STREAM_WGMMA=1) can run here: kernels loaded that were built for 9.0a, on an sm_90 GPU."""
-    return (load() and _archs is not None and has_wgmma(_archs)
-            and torch.cuda.get_device_capability() == (9, 0))
+    AWQLIB_STREAM_WGMMA=1) runs on the current GPU: the loaded kernels answer (built for 9.0a, on an
+    sm_90 GPU: csrc/awq_ops.cpp, stream_wgmma_runs_on)."""
+    return load() and bool(torch.ops.awqlib.stream_wgmma_runs_on(*torch.cuda.get_device_capability()))
 
 
 def load() -> bool:
@@ -262,7 +259,7 @@ def load() -> bool:
 
 
 def _load() -> bool:
-    global _backend, _archs
+    global _backend
     if os.environ.get("AWQLIB_NO_KERNELS", "") not in ("", "0"):
         log.info("awqlib: AWQLIB_NO_KERNELS set, using the PyTorch reference implementation")
         return False
@@ -293,7 +290,6 @@ def _load() -> bool:
         try:
             torch.ops.load_library(str(lib))
             _backend = "prebuilt"
-            _archs = _read_record(lib.parent)["archs"]
             log.info("awqlib: using the prebuilt CUDA kernels %s", lib)
             return True
         except Exception as e:  # noqa: BLE001 -- e.g. a system library missing: fall through to JIT

@@ -275,11 +275,13 @@ bool stream_deep() { return env_flag("AWQLIB_STREAM_DEEP"); }
 // dequantization (mma.sync waits for each), and it accumulates each output over the whole stage in
 // one warpgroup instead of adding four k-warps' partial sums, so its outputs differ from the large
 // kernel's in fp32 rounding.  Only where the build has sm_90a code and the device is sm_90 (an
-// sm_90a kernel runs on nothing else).  Read per call.
+// sm_90a kernel runs on nothing else: stream_wgmma_runs_on).  Read per call.
+bool stream_wgmma_runs_on(int64_t major, int64_t minor) { return awq::stream_wgmma_built() && major == 9 && minor == 0; }
+
 bool stream_wgmma(int device) {
-  if (!env_flag("AWQLIB_STREAM_WGMMA") || !awq::stream_wgmma_built()) return false;
+  if (!env_flag("AWQLIB_STREAM_WGMMA")) return false;
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
-  return prop->major == 9 && prop->minor == 0;
+  return stream_wgmma_runs_on(prop->major, prop->minor);
 }
 
 // At M 33-64 the stream kernel runs its 4-m-tile configuration, which the math rather than the
@@ -482,6 +484,14 @@ at::Tensor awq_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const a
 }
 
 }  // namespace
+
+// A question about this library rather than a computation, so it is defined here, with the library
+// (the ops' schemas are awqlib/ops.py's): whether AWQLIB_STREAM_WGMMA=1 runs the wgmma kernels on
+// a GPU of this compute capability -- what awqlib.kernels.wgmma_available asks, so that Python does
+// not restate the rule.  No tensor arguments: one kernel for every dispatch key.
+TORCH_LIBRARY_FRAGMENT(awqlib, m) {
+  m.def("stream_wgmma_runs_on(int major, int minor) -> bool", &stream_wgmma_runs_on);
+}
 
 TORCH_LIBRARY_IMPL(awqlib, CUDA, m) {
   m.impl("awq_gemm", &awq_gemm_cuda);

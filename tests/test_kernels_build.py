@@ -26,11 +26,9 @@ HOPPER_CODE = b"sm_90a" if toolchain.has_wgmma(ARCHS) else b"sm_90"
 
 
 def keep_load_state(monkeypatch):
-    """A test that simulates kernels._load() must not leave what it remembers (the backend, the
-    loaded library's architectures, which wgmma_available reads) to the tests after it, which run
-    on the process's real kernels."""
-    for name in ("_backend", "_archs"):
-        monkeypatch.setattr(kernels, name, getattr(kernels, name))
+    """A test that simulates kernels._load() must not leave what it remembers (the backend) to the
+    tests after it, which run on the process's real kernels."""
+    monkeypatch.setattr(kernels, "_backend", kernels._backend)
 
 
 def _skip_reason() -> str | None:
@@ -49,6 +47,10 @@ def test_kernels_compile_for_sm80_sm90(tmp_path):
     # TORCH_LIBRARY_IMPL in awq_block_ops.cu); loading works without a GPU.
     for op in ("awq_gemm", "awq_dequantize", "awq_gemm_variant", "rms_norm", "rotary", "gated_act"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"awqlib::{op}", "CUDA"), op
+    # It answers whether its wgmma kernels run on a GPU (kernels.wgmma_available asks): on an
+    # H100/H200 exactly when it was built for 9.0a without plain 9.0 code, never on anything else.
+    runs_on = torch.ops.awqlib.stream_wgmma_runs_on
+    assert runs_on(9, 0) is toolchain.has_wgmma(ARCHS) and not runs_on(8, 0) and not runs_on(10, 0)
     # The compiled code really contains both architectures.
     for obj in ("awq_gemm.cuda.o", "awq_block_ops.cuda.o"):
         code = (tmp_path / obj).read_bytes()
@@ -416,7 +418,7 @@ def test_jit_build_compiles_for_the_list_it_records(monkeypatch, tmp_path):
         kernels.build(requested, build_dir=tmp_path)
         env, flags = seen[-1]
         assert env == archs and (toolchain.WGMMA_DEFINE in flags) is define, (requested, seen[-1])
-        assert kernels._archs == archs and os.environ["TORCH_CUDA_ARCH_LIST"] == "7.5"
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == "7.5"
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
     monkeypatch.setattr(kernels, "visible_capabilities", lambda: [(9, 0)])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

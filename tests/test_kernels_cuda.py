@@ -607,8 +607,8 @@ def needs_wgmma():
         return
     default = toolchain.arch_list_for(None, [torch.cuda.get_device_capability()], torch.version.cuda)
     if toolchain.has_wgmma(default):  # what a build for this GPU with this toolkit targets
-        pytest.fail(f"the CUDA kernels in this process were built for {kernels._archs!r}, without 9.0a: rebuild "
-                    f"them for this GPU ({default}, its default; check TORCH_CUDA_ARCH_LIST) to test the wgmma "
+        pytest.fail(f"the CUDA kernels in this process ({kernels.backend()}) have no wgmma kernels for this GPU: "
+                    f"rebuild them for it ({default}, its default; check TORCH_CUDA_ARCH_LIST) to test the wgmma "
                     "configuration")
     pytest.skip("the wgmma configuration needs kernels built for 9.0a on an sm_90 GPU (CUDA 12+)")
 
