@@ -45,7 +45,8 @@ class Kernel(enum.IntEnum):
     STREAM = 6           # streaming mma.sync kernel on the stream layout, passes of <= 64 rows (AUTO: one pass,
     #                      with group sums); the narrow kernels for passes of <= 8 rows unless AWQLIB_STREAM_NARROW=0;
     #                      with AWQLIB_STREAM_DEEP=1, a fourth ring stage at M <= 16 and 33-64 where it fits (H100/H200);
-    #                      with AWQLIB_STREAM_WGMMA=1, warpgroup mma (an sm_90a build on an H100/H200)
+    #                      with AWQLIB_STREAM_WGMMA=1, warpgroup mma (an sm_90a build on an H100/H200) in passes
+    #                      of <= 128 rows
     STREAM_GROUP_SUMS = 7  # the same, scaling per-group fp32 sums once per group where that pays (M <= 32, g >= 128)
     STREAM_COMPACT = 8   # STREAM in the compact shared-memory configuration (81/70 KB), passes of <= 32 rows: what
     #                      an A100 runs at M 17-32 and a ~100 KB-per-block GPU (A10, L4, L40S, RTX) at M <= 32

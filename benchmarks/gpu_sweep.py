@@ -74,6 +74,7 @@ FOUR_TILE_MIN_WEIGHTS = source_constant("kStreamFourTileMinWeights")  # kAuto's 
 STREAM_MAX_M = source_constant("kStreamMaxM")  # one pass of the stream kernel (csrc/awq_kernels.h)
 STREAM_COMPACT_MAX_M = source_constant("kStreamCompactMaxM")  # ... in the compact configuration
 STREAM_DEEP_MAX_M = source_constant("kStreamDeepMaxM")  # ... in the deep one (a fourth ring stage)
+STREAM_WGMMA_MAX_M = source_constant("kStreamWgmmaMaxM")  # ... in the wgmma one
 
 
 def deep_takes(M: int) -> bool:
@@ -89,7 +90,8 @@ SM89_SMEM = source_constant("kSm89SmemPerBlock")  # shared memory per block of a
 # the forced ones isolate one choice each: "stream:sums" differs from "stream" only at M <= 32
 # (group sums; timed there only), the narrow ones only at M <= 8, "stream:auto:deep" (the default
 # with AWQLIB_STREAM_DEEP=1: a fourth ring stage) only where deep_takes M, "stream:wgmma" (the
-# stream kernel with AWQLIB_STREAM_WGMMA=1: warpgroup mma, sm_90a) at every M, in passes past 64.
+# stream kernel with AWQLIB_STREAM_WGMMA=1: warpgroup mma, sm_90a) at every M, in passes past
+# STREAM_WGMMA_MAX_M.
 VARIANTS = [("tiled:auto", "tiled", Kernel.AUTO), ("stream", "stream", Kernel.STREAM),
             ("stream:sums", "stream", Kernel.STREAM_GROUP_SUMS), ("stream:pdl", "stream", Kernel.STREAM),
             ("stream:narrow", "stream", Kernel.STREAM), ("stream:sums:narrow", "stream", Kernel.STREAM_GROUP_SUMS),
@@ -140,10 +142,11 @@ GATE_ENV = [("stream:narrow", "stream", Kernel.STREAM, (1, 2, 7, 8, 9, 72)),  # 
             ("stream:auto:deep", "stream", Kernel.AUTO, (1, 8, 16, 17, 40)),
             ("stream:auto:deep", "stream", Kernel.STREAM, (1, 9, 16, 33, 64)),
             ("stream:auto:deep", "stream", Kernel.STREAM_GROUP_SUMS, (1, 16)),
-            # warpgroup mma at each m-tile count (wgmma N 16, 32, 64) and in passes; under the automatic
-            # choice too (which asks for group sums: the wgmma kernels scale fragments instead; past 32
-            # tokens it is dequantize + cuBLAS on the gate's shapes, below kStreamFourTileMinWeights)
-            ("stream:wgmma", "stream", Kernel.STREAM, (1, 7, 16, 17, 32, 33, 64, 100)),
+            # warpgroup mma at each m-tile count (wgmma N 16, 32, 64, 128) and in passes (129: a last
+            # pass of one row); under the automatic choice too (which asks for group sums: the wgmma
+            # kernels scale fragments instead; past 32 tokens it is dequantize + cuBLAS on the gate's
+            # shapes, below kStreamFourTileMinWeights)
+            ("stream:wgmma", "stream", Kernel.STREAM, (1, 7, 16, 17, 32, 33, 64, 65, 100, 128, 129)),
             ("stream:wgmma", "stream", Kernel.AUTO, (1, 20))]
 # outputs that must equal another variant's bit for bit (the deep ring keeps the large configuration's
 # partition and arithmetic): checked by the gate case by case
@@ -155,7 +158,7 @@ GATE_PDL = [("stream", Kernel.STREAM, (1, 33, 100), ()), ("stream", Kernel.STREA
             ("stream", Kernel.STREAM_COMPACT, (1, 17), ()), ("stream", Kernel.STREAM, (1, 8), ("narrow",)),
             ("stream", Kernel.STREAM_GROUP_SUMS, (5,), ("narrow",)),
             ("stream", Kernel.STREAM_GROUP_SUMS, (1, 16), ("deep", "narrow")), ("stream", Kernel.STREAM, (33, 64), ("deep",)),
-            ("stream", Kernel.STREAM, (1, 33, 100), ("wgmma",))]
+            ("stream", Kernel.STREAM, (1, 33, 100, 129), ("wgmma",))]
 REL_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
@@ -255,12 +258,13 @@ def plan_text(args) -> str:
 
 
 # (shape, M, variant) profiled with --ncu, most wanted first (a window's minutes may end the list):
-# warpgroup mma at 64 tokens (are its tensor cores busy, or the dequantizing warps?); the default
-# at one token on the large shape, with the deep ring (does a fourth stage take the warps off
+# warpgroup mma at 64 and 128 tokens (are its tensor cores busy, or the dequantizing warps, or
+# L2 with the activations every slice reads again?); the default at one token on the large shape, with the deep ring (does a fourth stage take the warps off
 # long-scoreboard waits?); the four-m-tile mma.sync kernel at 64 tokens (0.76x fp16 where its math
 # alone would allow ~3x: which stall?); warpgroup mma at one token; the small shape where launch
 # and reduction rather than bytes bound the call
-NCU_CASES = [("70b-down", 64, "stream:wgmma"), ("70b-down", 1, "stream:auto"), ("70b-down", 1, "stream:auto:deep"),
+NCU_CASES = [("70b-down", 64, "stream:wgmma"), ("70b-down", 128, "stream:wgmma"), ("70b-down", 1, "stream:auto"),
+             ("70b-down", 1, "stream:auto:deep"),
              ("70b-down", 64, "stream:auto"), ("70b-down", 1, "stream:wgmma"), ("4096x4096", 1, "stream:auto"),
              ("70b-down", 64, "stream:auto:deep"), ("4096x4096", 1, "tiled:auto")]
 
@@ -493,7 +497,8 @@ def sass_table() -> dict:
 
 
 def kernel_label(variant: str, M: int, N: int, K: int) -> str:
-    """The instantiation a variant runs (for the SASS column), fp16; M > 64: its first pass."""
+    """The instantiation a variant runs (for the SASS column), fp16; past one pass (64 rows, wgmma
+    STREAM_WGMMA_MAX_M): its first."""
     if variant in ("stream:auto", "stream:auto:deep") and (
             M > STREAM_MAX_M or (M > STREAM_COMPACT_MAX_M and N * K < FOUR_TILE_MIN_WEIGHTS)):
         return "dequant+cuBLAS"  # the stream layout's (csrc/awq_ops.cpp: kAuto)
@@ -501,13 +506,13 @@ def kernel_label(variant: str, M: int, N: int, K: int) -> str:
     if compact and M > STREAM_COMPACT_MAX_M:
         return "dequant+cuBLAS"
     if variant.startswith("stream"):  # the sweep's group size (128) is FINE only for wgmma (below)
-        mb = 1 if M <= 16 else 2 if M <= 32 else 4
-        stage = 256 if mb == 4 or compact else 512
+        wgmma = variant == "stream:wgmma"
+        mb = 1 if M <= 16 else 2 if M <= 32 else 4 if M <= STREAM_MAX_M or not wgmma else 8
+        stage = 128 if mb == 8 else 256 if mb == 4 or compact else 512
         exact = K % stage == 0 and N % 128 == 0
         auto = variant.startswith("stream:auto")  # group sums where they pay, the narrow kernels at M <= 8
         sums = (variant.startswith("stream:sums") or auto) and mb <= (1 if compact else 2)
         narrow = (variant.endswith(":narrow") or auto) and M <= NARROW_MAX_M
-        wgmma = variant == "stream:wgmma"
         config = ("compact" if compact else "deep" if variant == "stream:auto:deep" and deep_takes(M)
                   else "wgmma" if wgmma else "large")  # scripts/sass_budget.py names CONFIG so
         # FINE: the group ends inside what a warp walks of a stage (wgmma: the whole stage)
@@ -701,7 +706,7 @@ def profile_case(spec: str) -> int:
 # 128 rows (FINE), every m-tile count and a second pass.  A fault (illegal instruction or address)
 # would leave this process's CUDA context unusable, a hang would eat the window: in a child, either
 # only takes the variant out.
-WGMMA_CANARY = "tiny,5+20+40+100,stream:wgmma,2"
+WGMMA_CANARY = "tiny,5+20+40+100+129,stream:wgmma,2"
 WGMMA_CANARY_TIMEOUT_S = 90
 
 

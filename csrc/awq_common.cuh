@@ -287,11 +287,21 @@ __device__ __forceinline__ uint64_t wgmma_desc_k_major_sw128(uint32_t saddr) {
                "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                                   \
                : AWQ_F8(d, 0), AWQ_F8(d, 8), AWQ_F8(d, 16), AWQ_F8(d, 24)                        \
                : AWQ_WGMMA_IN)
+#define AWQ_WGMMA_RS_N128(TYPE)                                                                   \
+  asm volatile(AWQ_WGMMA_HEAD("%69") "m64n128k16.f32." TYPE "." TYPE                              \
+               " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "         \
+               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+               "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+               "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, " \
+               "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                                      \
+               : AWQ_F8(d, 0), AWQ_F8(d, 8), AWQ_F8(d, 16), AWQ_F8(d, 24), AWQ_F8(d, 32), AWQ_F8(d, 40), \
+                 AWQ_F8(d, 48), AWQ_F8(d, 56)                                                     \
+               : AWQ_WGMMA_IN)
 
 // D[64 x N] += A[64 x 16] (registers) * B[16 x N] (shared memory, `desc`): this warp's 16 rows.
 template <typename T, int N>
 struct Wgmma {
-  static_assert(N == 16 || N == 32 || N == 64, "the wgmma shapes the kernels use");
+  static_assert(N == 16 || N == 32 || N == 64 || N == 128, "the wgmma shapes the kernels use");
   __device__ __forceinline__ static void run(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc) {
 #if defined(AWQ_HOST_EMULATION)
     awq_twin::wgmma_rs<T>(d, N, a, desc);
@@ -301,8 +311,10 @@ struct Wgmma {
     else if constexpr (N == 16) AWQ_WGMMA_RS_N16("f16");
     else if constexpr (N == 32 && kBf16) AWQ_WGMMA_RS_N32("bf16");
     else if constexpr (N == 32) AWQ_WGMMA_RS_N32("f16");
-    else if constexpr (kBf16) AWQ_WGMMA_RS_N64("bf16");
-    else AWQ_WGMMA_RS_N64("f16");
+    else if constexpr (N == 64 && kBf16) AWQ_WGMMA_RS_N64("bf16");
+    else if constexpr (N == 64) AWQ_WGMMA_RS_N64("f16");
+    else if constexpr (kBf16) AWQ_WGMMA_RS_N128("bf16");
+    else AWQ_WGMMA_RS_N128("f16");
 #elif defined(__CUDA_ARCH__)
     __trap();  // no wgmma below sm_90a: launch_stream never runs this configuration there
 #endif

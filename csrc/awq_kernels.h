@@ -60,7 +60,8 @@ constexpr int kTileN = 64, kTileK = 32, kTileWords = 256;
 void launch_dequant_tiled(DType dt, const int32_t* qweight, const int32_t* qzeros, const void* scales, void* out,
                           int K, int N, int group_size, cudaStream_t stream);
 
-// ---- Streaming tensor-core kernel on the stream layout (awqlib/packing.py): M in [1, kStreamMaxM].
+// ---- Streaming tensor-core kernel on the stream layout (awqlib/packing.py): M in [1, kStreamMaxM]
+//      (kStreamWgmmaMaxM in the wgmma configuration).
 //      qweight int4 atoms [N/64, K/16, 128 words], scales/qzeros permuted per lane.  Needs a
 //      workspace of workspace_floats fp32 and `counters` int32 that are zero on entry (and are
 //      zero again on exit, like the other split-K kernels').
@@ -68,6 +69,7 @@ constexpr int kStreamMaxM = 64;
 constexpr int kStreamCompactMaxM = 32;  // the compact configuration (awq_stream.cu: StreamCfg) takes M <= 32
 constexpr int kStreamDeepMaxM = 64;     // the deep configuration takes M <= 64, except 17-32 (two m16 tiles)
 constexpr int kStreamNarrowMaxM = 8;    // the narrow kernels: the tokens are the mma's n8 operand
+constexpr int kStreamWgmmaMaxM = 128;   // the wgmma configuration: up to 128 tokens as wgmma's N
 constexpr int kStreamAtomK = 16, kStreamAtomWords = 128;  // an atom: 16 k-rows x 64 columns, 128 words
 // The stream kernel's shared-memory configurations (awq_stream.cu: StreamCfg): how many k-rows a
 // stage holds and how many stages the ring has, sized for a class of GPUs.
@@ -75,7 +77,7 @@ enum StreamConfig : int {
   kConfigLarge = 0,    // 512-row stages (256 at M > 32), 3 of them: H100/H200; an A100 at M <= 16 and 33-64
   kConfigCompact = 1,  // 256-row stages, 2-3: ~100 KB GPUs (A10, L4, L40S, RTX); an A100 at M 17-32
   kConfigDeep = 2,     // the large stages, 4 of them, at M <= 16 (213 KB per block) and 33-64 (203 KB): H100/H200
-  kConfigWgmma = 3,    // the large stages for warpgroup mma (sm_90a: wgmma), 3-4 of them: H100/H200 only
+  kConfigWgmma = 3,    // stages for warpgroup mma (sm_90a: wgmma), 3-5 of them, M <= 128: H100/H200 only
 };
 // Whether this build holds the wgmma kernels' code: compiled for sm_90a (toolchain.nvcc_flags
 // defines AWQ_WGMMA_BUILT for such an architecture list).  A CUDA build for other GPUs compiles

@@ -12,7 +12,8 @@
 //                               (M <= kStreamCompactMaxM: A100 at M 17-32, ~100 KB GPUs), or the deep
 //                               one where asked for (AWQLIB_STREAM_DEEP=1, M <= 16 and 33-64,
 //                               H100/H200), or the warpgroup-mma one where asked for
-//                               (AWQLIB_STREAM_WGMMA=1, an sm_90a build on H100/H200); at M > 32 only for weights of
+//                               (AWQLIB_STREAM_WGMMA=1, an sm_90a build on H100/H200; passes of up to
+//                               kStreamWgmmaMaxM rows); at M > 32 only for weights of
 //                               kStreamFourTileMinWeights elements or more
 //     larger, or neither fits -> awq_stream.cu's dequantize + cuBLAS
 //   GEMM-layout qweight (the checkpoint layout, e.g. a model quantized in this process):
@@ -340,8 +341,8 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   // has the shared memory for it (H100/H200; an A100 at M <= 16 and 33-64), else the compact one
   // (which also takes the few group sizes only its 256-row k-tile divides), or the deep one in
   // place of the large one at M <= 16 and 33-64 where asked for (stream_deep) and it fits.
-  // It takes M rows in passes of at most kStreamMaxM (compact: kStreamCompactMaxM) rows, one launch
-  // each, in the configuration for the pass's rows.  Every pass streams the weights again, so more
+  // It takes M rows in passes of at most kStreamMaxM (compact: kStreamCompactMaxM; wgmma:
+  // kStreamWgmmaMaxM) rows, one launch each, in the configuration for the pass's rows.  Every pass streams the weights again, so more
   // than one pays only while their bytes, not the math, bound the time: kAuto runs one pass
   // (M <= kStreamMaxM); measured on an H200 (gpu_sweep 2026-11-30), 2 and 4 passes at best tie
   // dequantize + cuBLAS.
@@ -430,17 +431,20 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
     // counters (each pass's last arrivers leave the counters zero for the next).  The partition is
     // the persistent grid's: one CTA per SM, or at most `splits` CTAs (a tuning knob: on small
     // shapes fewer CTAs split fewer slices, gpu_sweep's grid cases time it).
-    const int pass = static_cast<int>(pass_rows(compact));
     const bool pdl = stream_pdl(device, qw, qweight);
-    const bool narrow = stream_narrow(), deep = stream_deep(), wgmma = stream_wgmma(device);
-    // wgmma: every pass (<= 64 rows), where asked for and the device runs it, in place of the large
-    // configuration; else deep: one pass of <= 64 rows (not 17-32: stream_supports), where asked for,
-    // in place of the large one where it fits
-    const int64_t rest = M - (M - 1) / pass * pass;
+    const bool narrow = stream_narrow(), deep = stream_deep();
+    // wgmma: every pass (<= kStreamWgmmaMaxM rows), where asked for and the device runs it, in place
+    // of the large configuration; else deep: one pass of <= 64 rows (not 17-32: stream_supports),
+    // where asked for, in place of the large one where it fits
+    const auto rest_of = [&](int64_t pass) { return M - (M - 1) / pass * pass; };  // the last pass's rows
+    const int64_t wgmma_pass = awq::kStreamWgmmaMaxM;
+    const bool wgmma = !compact && stream_wgmma(device) &&
+                       rows_fit_config(std::min(M, wgmma_pass), awq::kConfigWgmma) &&
+                       rows_fit_config(rest_of(wgmma_pass), awq::kConfigWgmma);
+    const int pass = static_cast<int>(wgmma ? wgmma_pass : pass_rows(compact));
+    const int64_t rest = rest_of(pass);
     const awq::StreamConfig config =
-        !compact && wgmma && rows_fit_config(std::min<int64_t>(M, pass), awq::kConfigWgmma) &&
-                rows_fit_config(rest, awq::kConfigWgmma)
-            ? awq::kConfigWgmma
+        wgmma ? awq::kConfigWgmma
         : deep && !compact && M <= awq::kStreamDeepMaxM && rows_fit_config(M, awq::kConfigDeep) ? awq::kConfigDeep
                                                                                                  : config_of(compact);
     const int ctas = so > 0 ? std::min(so, num_sms) : num_sms;

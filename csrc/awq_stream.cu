@@ -33,7 +33,8 @@
 //    the 16 columns of one word of its lanes' fragments), the tokens as its N (16 MB of them) from
 //    shared memory in the 128-byte-swizzled K-major layout.  The tensor cores then run while the
 //    warps dequantize the next 64 k, where mma.sync makes each warp wait for its own; and no k-warp
-//    partial sums are added at the end of a slice.
+//    partial sums are added at the end of a slice (each output has one owner, whose registers go
+//    straight to the output or the workspace).  Up to 128 tokens in one pass (wgmma's N = 128).
 //  * Work split: one CTA of 8 warps per SM = 2 (64-column n-atoms) x 4 (k-slices of 128 rows).
 //    The persistent grid (one CTA per SM; fewer where awq_gemm_variant's `splits` caps it, a
 //    tuning knob) takes the (column slice, k-tile) units in slice-major order, each CTA a
@@ -70,8 +71,8 @@ static_assert(kStWarps % kNA == 0, "warps split evenly over n-atoms");
 
 // k16 atoms per warp per stage: 8 (a warp streams 4 KB per stage, which amortises the loader
 // and the ring bookkeeping: sass_budget.py), 4 at M > 32 where the activations take the room, and
-// 4 in the compact configuration.
-constexpr int ka_for(int MB, int config) { return MB == 4 || config == kConfigCompact ? 4 : 8; }
+// 4 in the compact configuration; 2 at M > 64 (wgmma: 128 tokens take 32 KB of a 128-row stage).
+constexpr int ka_for(int MB, int config) { return MB == 8 ? 2 : MB == 4 || config == kConfigCompact ? 4 : 8; }
 
 // Four shared-memory configurations (StreamConfig).  The large one (3 stages of 16-32 KB of
 // weights, 152-208 KB per CTA) is for H100/H200 (227 KB per block), and for an A100 (163 KB) at
@@ -92,17 +93,18 @@ constexpr int ka_for(int MB, int config) { return MB == 4 || config == kConfigCo
 // launches): compiling it out below sm_90 would leave a PTX build JIT-compiled for an H100
 // without it.
 // The wgmma one (opt-in: awq_ops.cpp stream_wgmma) has the large one's stages for warpgroup mma: 4
-// of them at MB = 1 and 4 (3 at MB = 2: 69 KB each), each on a 1024-byte boundary (the 128-byte
-// swizzle of its activation blocks); rows past M are zeroed once, or at M 33-64 (where `red` reaches
-// into the activations) by every stage's copies -- hygiene: no output reads them.  Its kernels
-// exist only in an sm_90a build (their bodies trap elsewhere), which stream_wgmma_built tells the
-// host; an sm_90a kernel runs on an H100/H200 only.
+// of them at MB = 1 and 4 (3 at MB = 2: 69 KB each), and at MB = 8 (65-128 tokens, one pass where
+// the others take two or dequantize + cuBLAS) 5 stages of 128 rows (8 KB of weights, 32 KB of
+// activations), each on a 1024-byte boundary (the 128-byte swizzle of its activation blocks).  Its
+// sums go from the registers to the output (no `red`), so rows past M are zeroed once -- hygiene:
+// no output reads them.  Its kernels exist only in an sm_90a build (their bodies trap elsewhere),
+// which stream_wgmma_built tells the host; an sm_90a kernel runs on an H100/H200 only.
 static_assert(kStreamCompactMaxM == 32, "the compact configurations are MB = 1 and 2");
 static_assert(kStreamDeepMaxM == kStreamMaxM, "the deep configuration is MB = 1 and 4");
 constexpr int stages_for(int MB, int config) {
   return config == kConfigCompact && MB == 2 ? 2
          : config == kConfigDeep              ? 4
-         : config == kConfigWgmma             ? (MB == 2 ? 3 : 4)
+         : config == kConfigWgmma             ? (MB == 2 ? 3 : MB == 8 ? 5 : 4)
                                               : 3;
 }
 constexpr int kH100SmemPerBlock = 232448;     // sharedMemPerBlockOptin of an H100 / H200 (227 KB)
@@ -112,15 +114,16 @@ constexpr int kStaticSmemAllowance = 2048;    // the kernel's static shared memo
 
 template <int MB, int CONFIG>
 struct StreamCfg {
-  // MB m16 tiles (M <= 16 MB).  One CTA of 8 warps per SM (as Marlin), kStages - 1 stages of
-  // weights in flight per SM.
+  // MB m16 tiles (M <= 16 MB; MB = 8 only for wgmma).  One CTA of 8 warps per SM (as Marlin),
+  // kStages - 1 stages of weights in flight per SM.
   static constexpr bool kCompact = CONFIG == kConfigCompact;
   static constexpr bool kWgmma = CONFIG == kConfigWgmma;
   static_assert(CONFIG == kConfigLarge || kCompact || CONFIG == kConfigDeep || kWgmma, "a configuration of StreamConfig");
   static_assert(!kCompact || 16 * MB <= kStreamCompactMaxM, "no compact configuration for M > 32");
   static_assert(CONFIG != kConfigDeep || MB != 2, "no deep configuration at two m-tiles (4 x 69 KB)");
+  static_assert(MB != 8 || kWgmma, "eight m-tiles (128 tokens): the wgmma configuration only");
   static constexpr int kKA = ka_for(MB, CONFIG);
-  static constexpr int kStageK = 16 * kKA * kKW;                    // 512 (256 at MB = 4 or compact)
+  static constexpr int kStageK = 16 * kKA * kKW;                    // 512 (256 at MB = 4 or compact, 128 at 8)
   static constexpr int kMaxGroups = kStageK / 32;                    // group_size >= 32
   static constexpr int kStages = stages_for(MB, CONFIG);
   static constexpr int kMinBlocks = 1;
@@ -146,16 +149,11 @@ struct StreamCfg {
   static constexpr int kAlignSlack = kWgmma ? kSwizzleBlockBytes : 0;
   // The k-warp reduction buffer [kRows][kSliceN] fp32 reuses the ring slot just consumed, from its
   // start: the weights (and, at MB = 4, activation rows < 32 <= M), which the loader rewrites in
-  // full before that slot is read again.  So 3 stages fit an A100's 163 KB at MB = 1 and 4.
-  static constexpr int kRedBytes = kRows * kSliceN * 4;
+  // full before that slot is read again.  So 3 stages fit an A100's 163 KB at MB = 1 and 4.  (wgmma
+  // has none: one owner per output.)
+  static constexpr int kRedBytes = kWgmma ? 0 : kRows * kSliceN * 4;
   static constexpr int kSmemBytes = kStages * kStageBytes + kAlignSlack;
-  // wgmma at MB = 4: `red` (32 KB) reaches past the weights into the activation blocks, whose rows
-  // past M every stage then rewrites too (zero-filled copies); elsewhere those rows are zeroed once.
-  // (No output reads them -- a token is a column of wgmma's N -- but they stay zero, as in the
-  // mma.sync kernels, rather than hold stale fp32 sums.)
-  static constexpr bool kZeroEveryStage = kWgmma && kRedBytes > kBBytes;
-  static_assert(kRedBytes <= kBBytes || (MB == 4 && !kWgmma && kRedBytes <= kBBytes + 32 * kARowBytes) ||
-                    (kZeroEveryStage && kRedBytes <= kOffS),
+  static_assert(kRedBytes <= kBBytes || (MB == 4 && kRedBytes <= kBBytes + 32 * kARowBytes),
                 "the reduction buffer only overlaps bytes every stage rewrites");
   static_assert(!kWgmma || (kOffA % kSwizzleBlockBytes == 0 && kABlockBytes % kSwizzleBlockBytes == 0),
                 "wgmma: activation blocks on 1024-byte boundaries");
@@ -375,10 +373,17 @@ struct StreamParams {
   int pdl;        // launched as a programmatic dependent launch: the prologue streams weights first
 };
 
-// Write slice `slice` from the CTA's fp32 sums `red` [rows][kSliceN]: straight to the output
-// when one CTA covered the whole slice, else into this part's workspace slot; the last part to
-// arrive adds the slots in part order (deterministic) and writes the output.  Out of line: it
-// runs once per slice and CTA, and keeps its divisions and stores out of the streaming loop.
+// The CTAs that hold slice `slice`'s units (the persistent grid's contiguous runs): the first, and
+// how many -- more than one when a run boundary falls inside the slice.  This CTA is part
+// blockIdx.x - first.
+struct SliceParts {
+  int first, parts;
+};
+__device__ __forceinline__ SliceParts slice_parts(int slice, int KT, int per) {
+  const int first = (slice * KT) / per, last = ((slice + 1) * KT - 1) / per;
+  return {first, last - first + 1};
+}
+
 // The last arriver sums kOutputsInFlight outputs per thread at once, so that their loads of each
 // part are in flight together: at 16-64 rows one output at a time is 8-32 rounds of dependent L2
 // round trips per part, microseconds the CTA's stream waits on.  (16-byte accesses here cost the
@@ -386,26 +391,17 @@ struct StreamParams {
 // differently -- so the accesses stay 4 bytes wide.)
 constexpr int kOutputsInFlight = 4;
 
+// After this CTA wrote its part of split slice `slice` ([rows][kSliceN] fp32 in its workspace
+// slot): the last part to arrive adds the slots in part order (deterministic) and writes the
+// output.  Out of line: it runs once per slice and CTA, and keeps its divisions and stores out of
+// the streaming loop.
 template <typename T>
-__device__ AWQ_NOINLINE void write_slice(const float* red, T* __restrict__ out, float* __restrict__ ws,
-                                         int32_t* __restrict__ counters, int N, int KT, int per, int max_parts,
-                                         int slice, int rows) {
+__device__ AWQ_NOINLINE void sum_parts(T* __restrict__ out, const float* __restrict__ ws,
+                                       int32_t* __restrict__ counters, int N, int max_parts, int slice, int rows,
+                                       int parts) {
   const int tid = threadIdx.x;
-  const int first = (slice * KT) / per;  // CTA holding the slice's first unit
-  const int last = ((slice + 1) * KT - 1) / per;
-  const int parts = last - first + 1;
   const int n0 = slice * kSliceN;
-  const int n = rows * kSliceN;  // sums of a slot, and of `red`
-  if (parts == 1) {
-    for (int i = tid; i < n; i += kStThreads) {
-      const int r = i / kSliceN, col = i % kSliceN;
-      if (n0 + col < N) out[(size_t)r * N + n0 + col] = Traits<T>::from_float(red[i]);
-    }
-    return;
-  }
-  const int part = blockIdx.x - first;
-  float* slot = ws + ((size_t)slice * max_parts + part) * n;
-  for (int i = tid; i < n; i += kStThreads) slot[i] = red[i];
+  const int n = rows * kSliceN;  // sums of a slot
   if (!arrive_last(&counters[slice], parts)) return;
   const float* base = ws + (size_t)slice * max_parts * n;
   for (int i0 = tid; i0 < n; i0 += kOutputsInFlight * kStThreads) {
@@ -422,6 +418,29 @@ __device__ AWQ_NOINLINE void write_slice(const float* red, T* __restrict__ out, 
     }
   }
   if (tid == 0) counters[slice] = 0;  // ready for the next launch (awq_ops.cpp: counters_for)
+}
+
+// Write slice `slice` from the CTA's fp32 sums `red` [rows][kSliceN]: straight to the output
+// when one CTA covered the whole slice, else into this part's workspace slot for sum_parts.  Out
+// of line, as sum_parts.
+template <typename T>
+__device__ AWQ_NOINLINE void write_slice(const float* red, T* __restrict__ out, float* __restrict__ ws,
+                                         int32_t* __restrict__ counters, int N, int KT, int per, int max_parts,
+                                         int slice, int rows) {
+  const int tid = threadIdx.x;
+  const SliceParts sp = slice_parts(slice, KT, per);
+  const int n0 = slice * kSliceN;
+  const int n = rows * kSliceN;  // sums of a slot, and of `red`
+  if (sp.parts == 1) {
+    for (int i = tid; i < n; i += kStThreads) {
+      const int r = i / kSliceN, col = i % kSliceN;
+      if (n0 + col < N) out[(size_t)r * N + n0 + col] = Traits<T>::from_float(red[i]);
+    }
+    return;
+  }
+  float* slot = ws + ((size_t)slice * max_parts + blockIdx.x - sp.first) * n;
+  for (int i = tid; i < n; i += kStThreads) slot[i] = red[i];
+  sum_parts<T>(out, ws, counters, N, max_parts, slice, rows, sp.parts);
 }
 
 // EXACT: K % kStageK == 0 and N % kSliceN == 0, so no load needs a bounds predicate (the
@@ -442,9 +461,10 @@ __device__ AWQ_NOINLINE void write_slice(const float* red, T* __restrict__ out, 
 // per warp in that same fragment layout, so warp wq of a warpgroup dequantizes word wq of each
 // lane's fragment (columns 16 wq ..) and the 4 warps together hold an atom's 64 columns; its B is
 // the 16 MB tokens x 16 k read by the tensor cores from the stage's activation blocks; its fp32
-// D stays in registers across the stage (one owner per output, so the flush adds no k-warps).  The
-// 4 wgmma of a 64-k block are committed as a group and run while the next block is dequantized; the
-// stage waits for all of them before the barrier after which the loader may refill its slot.
+// D stays in registers across the CTA's part of a slice (one owner per output: the flush writes
+// them out, no k-warps to add, no `red`).  The 4 wgmma of a 64-k block are committed as a group and
+// run while the next block is dequantized; the stage waits for all of them before the barrier
+// after which the loader may refill its slot.
 // FINE there means a group ends inside the stage (group_size < kStageK).
 template <typename T, int MB, bool EXACT, bool FINE, bool SUMS, int CONFIG, bool NARROW>
 __global__ void __launch_bounds__(kStThreads, StreamCfg<MB, CONFIG>::kMinBlocks)
@@ -502,8 +522,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   const int a_ch = tid % kChunksPerRow, a_row = tid / kChunksPerRow;
   const T* x_row = x + (size_t)a_row * p.K + 8 * a_ch;
   const size_t a_src_step = (size_t)kAStep * p.K;
-  // kZeroEveryStage: every row, zeros past M (zero-filled copies), so that `red` may overlap them
-  const int a_rows_end = Cfg::kZeroEveryStage ? Cfg::kRows : min(p.M, Cfg::kRows);
+  const int a_rows_end = min(p.M, Cfg::kRows);
   // where activation chunk ch of row m goes in a stage (StreamCfg: kARowBytes, kABlockBytes)
   auto a_chunk_offset = [](int m, int ch) {
     if constexpr (kWg)
@@ -580,14 +599,12 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   const int slice0 = u_begin / p.KT, kt0 = u_begin - slice0 * p.KT;  // once, before the loop
   Loader ld = loader_at(slice0, kt0, kt0 % p.spg, (kt0 / p.spg) * p.grp_step);
 
-  // The rows of A past M are zero in every stage, written once (kZeroEveryStage: by every stage's copies).
-  if constexpr (!Cfg::kZeroEveryStage) {
-    for (int i = tid; i < kStages * (Cfg::kRows - min(p.M, Cfg::kRows)) * kChunksPerRow; i += kStThreads) {
-      const int per_stage = (Cfg::kRows - p.M) * kChunksPerRow;
-      const int s = i / per_stage, r = i % per_stage;
-      const int row = p.M + r / kChunksPerRow, ch = r % kChunksPerRow;  // (every chunk of the row, in any order)
-      *reinterpret_cast<uint4*>(smem + s * Cfg::kStageBytes + a_chunk_offset(row, ch)) = make_uint4(0, 0, 0, 0);
-    }
+  // The rows of A past M are zero in every stage, written once.
+  for (int i = tid; i < kStages * (Cfg::kRows - min(p.M, Cfg::kRows)) * kChunksPerRow; i += kStThreads) {
+    const int per_stage = (Cfg::kRows - p.M) * kChunksPerRow;
+    const int s = i / per_stage, r = i % per_stage;
+    const int row = p.M + r / kChunksPerRow, ch = r % kChunksPerRow;  // (every chunk of the row, in any order)
+    *reinterpret_cast<uint4*>(smem + s * Cfg::kStageBytes + a_chunk_offset(row, ch)) = make_uint4(0, 0, 0, 0);
   }
 
   // A stage's int4 weights (written only when the model is loaded: awq_ops.cpp stream_pdl) ...
@@ -629,20 +646,16 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
       }
     }
     // Activations: rows < M (a warp-uniform loop: at M = 1 one pass for two warps, none for the
-    // rest), XOR-swizzled by row for ldmatrix (wgmma: for its descriptor); kZeroEveryStage: all
-    // rows, zero-filled past M.
+    // rest), XOR-swizzled by row for ldmatrix (wgmma: for its descriptor).
     const T* xs = x_row + l.k;
 #pragma unroll 1
     for (int m = a_row; m < a_rows_end; m += kAStep, xs += a_src_step) {
-      {
-        const T* src = xs;
-        uint8_t* dst = st + a_chunk_offset(m, a_ch);
-        if constexpr (EXACT && !Cfg::kZeroEveryStage) {
-          cp_async16(dst, src, true);
-        } else {
-          const bool ok = (EXACT || l.k + 8 * a_ch < p.K) && (!Cfg::kZeroEveryStage || m < p.M);
-          cp_async16(dst, ok ? (const void*)src : (const void*)x, ok);
-        }
+      uint8_t* dst = st + a_chunk_offset(m, a_ch);
+      if constexpr (EXACT) {
+        cp_async16(dst, xs, true);
+      } else {
+        const bool ok = l.k + 8 * a_ch < p.K;
+        cp_async16(dst, ok ? (const void*)xs : (const void*)x, ok);
       }
     }
   };
@@ -657,7 +670,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   constexpr int kChunkBytes = 16, kChunksPerAtom = 2, kSwizzleChunks = 8;  // ldmatrix rows; the XOR's period
   constexpr int kASwizzled = kSwizzleChunks / kChunksPerAtom;  // atoms per swizzle period
   constexpr int kASwizzleBytes = kSwizzleChunks * kChunkBytes;  // how far apart their repeats lie
-  static_assert(kKA % kASwizzled == 0, "atoms come in whole swizzle periods");
+  static_assert(kWg || kKA % kASwizzled == 0, "atoms come in whole swizzle periods");
   // Narrow: one ldmatrix.x4 per atom pair (2 i, 2 i + 1): rows 0..7 (the tokens), lane l giving
   // row l % 8 of chunk l / 8 of the pair -- so 2 offsets per period.
   constexpr int kAOffsets = NARROW ? kASwizzled / 2 : kASwizzled;
@@ -740,23 +753,18 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   auto flush = [&](const uint8_t* consumed) {
     float* red = reinterpret_cast<float*>(const_cast<uint8_t*>(consumed));  // see StreamCfg::kRedBytes
     __syncthreads();  // every warp is done reading the slot `red` overwrites
-    // wgmma: one round, every warp writing its own outputs (one owner per output, nothing to add)
 #pragma unroll 1
-    for (int w = 0; w < (kWg ? 1 : kKW); ++w) {
-      if (kWg || wk == w) {
+    for (int w = 0; w < kKW; ++w) {
+      if (wk == w) {
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
           for (int t = 0; t < kAccTiles; ++t)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              // mma C/D: (row g + 8 (e >> 1), column 2 q + (e & 1)) of the tile; narrow, rows are columns;
-              // wgmma D: row g + 8 (e >> 1) of the warp's 16 columns, column (token) 2 q + (e & 1) of n8 tile
-              // 2 mb + t
-              const int row = kWg ? 8 * (kAccTiles * mb + t) + 2 * q + (e & 1)
-                              : NARROW ? 2 * q + (e & 1) : 16 * mb + g + 8 * (e >> 1);
-              const int col = kWg ? wg * 64 + 16 * wq + g + 8 * (e >> 1)
-                              : NARROW ? wn * 64 + 16 * t + g + 8 * (e >> 1) : wn * 64 + 8 * t + 2 * q + (e & 1);
+              // mma C/D: (row g + 8 (e >> 1), column 2 q + (e & 1)) of the tile; narrow, rows are columns
+              const int row = NARROW ? 2 * q + (e & 1) : 16 * mb + g + 8 * (e >> 1);
+              const int col = NARROW ? wn * 64 + 16 * t + g + 8 * (e >> 1) : wn * 64 + 8 * t + 2 * q + (e & 1);
               if (row < rows_out) {
                 float& r = red[row * kSliceN + col];
                 r = (w == 0 ? 0.f : r) + acc[mb][t][e];
@@ -768,6 +776,31 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
     }
     write_slice<T>(red, out, ws, counters, p.N, p.KT, p.per, p.max_parts, c_slice, rows_out);
     __syncthreads();  // `red` (a ring slot) is refilled from the next iteration on
+  };
+  // wgmma: each output has one owner, a register of one thread, so the slice's sums go from the
+  // registers to the output, or into this CTA's workspace slot of a split slice for sum_parts: no
+  // `red` (at 128 tokens it would be 64 KB, more than a stage), and no barrier but the arrival's.
+  auto flush_owned = [&]() {
+    const SliceParts sp = slice_parts(c_slice, p.KT, p.per);
+    const int n0 = c_slice * kSliceN;
+    float* const slot = sp.parts == 1 ? nullptr
+                                      : ws + ((size_t)c_slice * p.max_parts + blockIdx.x - sp.first) * rows_out * kSliceN;
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+      for (int t = 0; t < kAccTiles; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          // wgmma D: row g + 8 (e >> 1) of the warp's 16 columns, column (token) 2 q + (e & 1) of n8 tile 2 mb + t
+          const int row = 8 * (kAccTiles * mb + t) + 2 * q + (e & 1);
+          const int col = wg * 64 + 16 * wq + g + 8 * (e >> 1);
+          if (row < rows_out) {
+            if (slot != nullptr) slot[row * kSliceN + col] = acc[mb][t][e];
+            else if (n0 + col < p.N) out[(size_t)row * p.N + n0 + col] = Traits<T>::from_float(acc[mb][t][e]);
+          }
+          acc[mb][t][e] = 0.f;
+        }
+    if (slot != nullptr) sum_parts<T>(out, ws, counters, p.N, p.max_parts, c_slice, rows_out, sp.parts);
   };
 
   // One stage per iteration.  The ring slot is a counter (no modulo) and every shared-memory
@@ -875,7 +908,10 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
       if constexpr (NARROW) sums.fold_narrow(acc, gp.sc);
       else sums.fold(acc, st + sq_off + slot_of[kKA - 1] * kSliceN * 2);
     }
-    if (c_kt == p.KT - 1 || t == n_units - 1) flush(st);
+    if (c_kt == p.KT - 1 || t == n_units - 1) {
+      if constexpr (kWg) flush_owned();
+      else flush(st);
+    }
     if (++c_kt == p.KT) {
       c_kt = 0;
       ++c_slice;
@@ -955,13 +991,16 @@ auto stream_kernel_for(bool exact, bool fine, bool sums, bool narrow) {
   return stream_kernel_variant<T, MB, CONFIG, false>(exact, fine, sums);
 }
 
-int mb_for(int M) { return M <= 16 ? 1 : M <= 32 ? 2 : 4; }
+int mb_for(int M) { return M <= 16 ? 1 : M <= 32 ? 2 : M <= 64 ? 4 : 8; }  // 8: wgmma only (config_takes)
 int stage_k_for(int M, StreamConfig config) { return 16 * ka_for(mb_for(M), config) * kKW; }
 // Whether `config` has an instantiation for M rows (one pass): up to its row limit, and for the
 // deep one not at two m-tiles.
 // The wgmma one only in a build with sm_90a code (stream_wgmma_built).
 bool config_takes(int M, StreamConfig config) {
-  const int max_m = config == kConfigCompact ? kStreamCompactMaxM : config == kConfigDeep ? kStreamDeepMaxM : kStreamMaxM;
+  const int max_m = config == kConfigCompact ? kStreamCompactMaxM
+                    : config == kConfigDeep  ? kStreamDeepMaxM
+                    : config == kConfigWgmma ? kStreamWgmmaMaxM
+                                             : kStreamMaxM;
   return M >= 1 && M <= max_m && !(config == kConfigDeep && mb_for(M) == 2) &&
          (config != kConfigWgmma || stream_wgmma_built());
 }
@@ -979,7 +1018,8 @@ auto with_instantiation(StreamConfig config, int mb, F&& f) {
   if (config == kConfigWgmma)
     return mb == 1   ? f(integral_constant<int, 1>{}, integral_constant<int, kConfigWgmma>{})
            : mb == 2 ? f(integral_constant<int, 2>{}, integral_constant<int, kConfigWgmma>{})
-                     : f(integral_constant<int, 4>{}, integral_constant<int, kConfigWgmma>{});
+           : mb == 4 ? f(integral_constant<int, 4>{}, integral_constant<int, kConfigWgmma>{})
+                     : f(integral_constant<int, 8>{}, integral_constant<int, kConfigWgmma>{});
   if (config == kConfigCompact)
     return mb == 1 ? f(integral_constant<int, 1>{}, integral_constant<int, kConfigCompact>{})
                    : f(integral_constant<int, 2>{}, integral_constant<int, kConfigCompact>{});
@@ -1163,7 +1203,8 @@ StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms, StreamC
                     StreamCfg<4, kConfigLarge>::kMinBlocks == 1 && StreamCfg<1, kConfigCompact>::kMinBlocks == 1 &&
                     StreamCfg<2, kConfigCompact>::kMinBlocks == 1 && StreamCfg<1, kConfigDeep>::kMinBlocks == 1 &&
                     StreamCfg<4, kConfigDeep>::kMinBlocks == 1 && StreamCfg<1, kConfigWgmma>::kMinBlocks == 1 &&
-                    StreamCfg<2, kConfigWgmma>::kMinBlocks == 1 && StreamCfg<4, kConfigWgmma>::kMinBlocks == 1,
+                    StreamCfg<2, kConfigWgmma>::kMinBlocks == 1 && StreamCfg<4, kConfigWgmma>::kMinBlocks == 1 &&
+                    StreamCfg<8, kConfigWgmma>::kMinBlocks == 1,
                 "plan_stream's persistent grid assumes one CTA per SM");
   const int slices = ceil_div(N, kSliceN);
   const int units = slices * ceil_div(K, stage_k_for(M, config));

@@ -198,13 +198,14 @@ def _stream_spec(args) -> Spec:
     # csrc/awq_stream.cu (8 warps = 2 n-atoms x 4 k-slices of KA atoms; a stage is 16 KA x 4 rows
     # x 128 columns; compact: KA = 4, and 2 stages at MB = 2; deep: 4 stages).  Per atom a warp runs
     # 8 mma per m16 tile, or narrow 4 (16 columns each).  wgmma: 2 warpgroups x all 4 KA atoms of the
-    # stage, one wgmma per atom; 4 stages (3 at MB = 2) on 1024-byte boundaries, plus 1 KB to find one.
+    # stage, one wgmma per atom; 4 stages (3 at MB = 2, 5 of KA = 2 at MB = 8) on 1024-byte
+    # boundaries, plus 1 KB to find one.
     _, mb, _exact, _fine, _sums, config, narrow = args
     compact = config == STREAM_CONFIGS["compact"]
     wgmma = config == STREAM_CONFIGS["wgmma"]
-    ka = 4 if mb == 4 or compact else 8
-    stages = (2 if compact and mb == 2 else 4 if config == STREAM_CONFIGS["deep"] else (3 if mb == 2 else 4) if wgmma
-              else 3)
+    ka = 2 if mb == 8 else 4 if mb == 4 or compact else 8
+    stages = (2 if compact and mb == 2 else 4 if config == STREAM_CONFIGS["deep"]
+              else (3 if mb == 2 else 5 if mb == 8 else 4) if wgmma else 3)
     stage_k = 16 * ka * 4
     b_bytes = stage_k * 128 // 2
     groups = stage_k // 32

@@ -111,7 +111,7 @@ CONFIGS = {"large": 0, "compact": 1, "deep": 2, "wgmma": 3}  # csrc/awq_kernels.
 def run_gemm(twin, d, x, stream, g, N, sms, sums=False, config="large", pdl=False, narrow=False, timing="lazy",
              order="forward", launch: dict | None = None):
     """The kernel's output [M, N]; ``launch`` receives what the harness printed of the launch (grid,
-    per, units, slices, max_parts, smem, planned_refills, weight_bytes_read, warp_mmas)."""
+    per, units, slices, max_parts, smem, planned_refills, weight_bytes_read, warp_mmas, stage_k, m_tiles)."""
     M, K = x.shape
     dt = "fp16" if x.dtype == torch.float16 else "bf16"
     _write(d, x=x, **stream)
@@ -346,7 +346,7 @@ def test_deep_four_m_tiles_with_split_slices_and_pdl(twin, tmp_path):
 # when they land at once (EAGER: a slot refilled before the wait is overwritten, results read
 # before it stale).  Each output is summed over
 # the whole stage by one warpgroup, so the bits differ from the large kernel's (k-warp partial sums).
-# (M, N, K, group, SMs, refills): every m-tile count (wgmma N 16, 32, 64), tails, group changes
+# (M, N, K, group, SMs, refills): every m-tile count (wgmma N 16, 32, 64, 128), tails, group changes
 # inside a stage (FINE: 32 to 256 rows) and not, split slices.
 WGMMA_CASES = [
     (1, 256, 4096, 128, 2, 10),    # MB = 1, EXACT, FINE (4 groups per 512-row stage)
@@ -359,6 +359,9 @@ WGMMA_CASES = [
     (64, 128, 2560, 64, 5, 0),     # MB = 4, a slice in 5 parts
     (33, 192, 2304, 128, 3, 0),    # MB = 4, tails
     (1, 64, 768, 768, 2, 0),       # group == K, K not a multiple of the stage
+    (128, 128, 3072, 128, 2, 10),  # MB = 8 (5 stages of 128 rows), EXACT, one group per stage
+    (100, 192, 1088, 64, 3, 0),    # MB = 8, N and K tails, FINE (two groups per stage), split slices
+    (65, 128, 1280, 32, 5, 0),     # MB = 8, one row past 4 m-tiles, groups of 2 atoms, a slice in 5 parts
 ]
 WGMMA_SETTINGS = [("fp16", "lazy", "forward"), ("bf16", "eager", "reverse")]
 
@@ -367,19 +370,19 @@ WGMMA_SETTINGS = [("fp16", "lazy", "forward"), ("bf16", "eager", "reverse")]
 @pytest.mark.parametrize("M,N,K,g,sms,refills", WGMMA_CASES, ids=_ids([(*c[:5], "large") for c in WGMMA_CASES]))
 def test_wgmma_kernels_source_on_cpu(twin, tmp_path, M, N, K, g, sms, refills, dtype, timing, order):
     x, q, stream = stream_case(M, N, K, g, DTYPES[dtype], seed=5 * M + N + K + g)
-    wg, large = {}, {}
+    wg = {}
     out = run_gemm(twin, tmp_path, x, stream, g, N, sms, config="wgmma", timing=timing, order=order, launch=wg)
     check(out, x, q, sums=False)
     assert wg["planned_refills"] >= refills and wg["weight_bytes_read"] == K * N // 2, wg
-    run_gemm(twin, tmp_path, x, stream, g, N, sms, launch=large)
-    # the same tensor-core work as the 16-row mma.sync tiling (a warp's wgmma: 16 columns x 16 MB tokens)
-    assert wg["warp_mmas"] == large["warp_mmas"], (wg, large)
+    # the tensor-core work of the 16-row mma.sync tiling (a warp's wgmma: 16 columns x 16 MB tokens,
+    # 2 MB m16n8k16): per unit of 128 columns x stage_k rows, 16 n8-tiles x stage_k / 16 k-steps per m-tile
+    assert wg["warp_mmas"] == wg["units"] * wg["stage_k"] * wg["m_tiles"], wg
 
 
-@pytest.mark.parametrize("M", [7, 40])
+@pytest.mark.parametrize("M", [7, 40, 100])
 def test_wgmma_kernels_with_pdl(twin, tmp_path, M):
-    """The wgmma kernels' PDL prologue (weights before the wait; activations -- and at M 33-64 the
-    zeroed rows past M -- after it): the plain launch's bits, in either CTA order and copy timing."""
+    """The wgmma kernels' PDL prologue (weights before the wait; activations after it): the plain
+    launch's bits, in either CTA order and copy timing."""
     N, K, g, sms = 256, 4096, 128, 3
     x, q, stream = stream_case(M, N, K, g, torch.float16, seed=29 + M)
     base = run_gemm(twin, tmp_path, x, stream, g, N, sms, config="wgmma")

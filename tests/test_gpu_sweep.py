@@ -42,6 +42,10 @@ def test_gate_cases_are_valid_for_their_layouts():
                 pass_rows = source_constant("kStreamCompactMaxM" if "COMPACT" in kernel.name else "kStreamMaxM")
                 assert min(ms) <= pass_rows and (kernel in (Kernel.STREAM_GROUP_SUMS, Kernel.STREAM_COMPACT_GROUP_SUMS)
                                                  or max(ms) > pass_rows)
+    # the wgmma configuration: every m-tile count (wgmma N 16 to 128), one pass and more than one
+    wgmma = [ms for label, _, kernel, ms in gpu_sweep.GATE_ENV if label == "stream:wgmma" and kernel == Kernel.STREAM]
+    pass_rows = source_constant("kStreamWgmmaMaxM")
+    assert len(wgmma) == 1 and {1, 17, 33, pass_rows // 2 + 1, pass_rows, pass_rows + 1} <= set(wgmma[0]), wgmma
 
 
 def test_timed_kernels_have_sass_rows():
@@ -220,6 +224,21 @@ def test_kernel_label_of_the_default_follows_the_automatic_choice():
         "awq_stream_kernel<half, 4, true, false, false, deep, false>"
     assert gpu_sweep.kernel_label("stream:auto:deep", 40, 4096, 4096) == "dequant+cuBLAS"
     assert gpu_sweep.kernel_label("stream:auto:deep", 100, big, big) == "dequant+cuBLAS"
+
+
+def test_kernel_label_of_wgmma_follows_its_passes():
+    """stream:wgmma's rows name its first pass's instantiation: up to 64 tokens in 256- or 512-row
+    stages (the sweep's groups of 128 rows change inside those: FINE), 65-128 (and the first pass of
+    more) in 128-row stages at eight m-tiles."""
+    assert gpu_sweep.kernel_label("stream:wgmma", 1, 4096, 4096) == \
+        "awq_stream_kernel<half, 1, true, true, false, wgmma, false>"
+    assert gpu_sweep.kernel_label("stream:wgmma", 64, 4096, 4096) == \
+        "awq_stream_kernel<half, 4, true, true, false, wgmma, false>"
+    for M in (65, 128, 256):
+        assert gpu_sweep.kernel_label("stream:wgmma", M, 4096, 4096) == \
+            "awq_stream_kernel<half, 8, true, false, false, wgmma, false>"
+    assert gpu_sweep.kernel_label("stream", 128, 4096, 4096) == \
+        "awq_stream_kernel<half, 4, true, false, false, large, false>"
 
 
 @pytest.mark.parametrize("first_rc", [0, 1])

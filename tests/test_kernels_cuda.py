@@ -97,6 +97,7 @@ SKINNY_MAX_M = kernels.source_constant("kSkinnyMaxM")            # what the skin
 STREAM_MAX_M = kernels.source_constant("kStreamMaxM")            # what the stream kernel accepts
 STREAM_COMPACT_MAX_M = kernels.source_constant("kStreamCompactMaxM")  # ... in its compact configuration
 STREAM_NARROW_MAX_M = kernels.source_constant("kStreamNarrowMaxM")  # ... in its narrow kernels
+STREAM_WGMMA_MAX_M = kernels.source_constant("kStreamWgmmaMaxM")  # ... in its wgmma configuration
 FOUR_TILE_MIN_WEIGHTS = kernels.source_constant("kStreamFourTileMinWeights")  # where kAuto runs M 33-64
 
 
@@ -621,13 +622,14 @@ WGMMA_COMBOS = [STREAM_COMBOS[1], STREAM_COMBOS[2], STREAM_COMBOS[3], STREAM_COM
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("N,K,g", WGMMA_COMBOS, ids=[f"N{n}-K{k}-g{g}" for n, k, g in WGMMA_COMBOS])
-@pytest.mark.parametrize("M", [1, 7, M_TILE, M_TILE + 1, 2 * M_TILE, 2 * M_TILE + 1, STREAM_MAX_M, STREAM_MAX_M + 36])
+@pytest.mark.parametrize("M", [1, 7, M_TILE, M_TILE + 1, 2 * M_TILE, 2 * M_TILE + 1, STREAM_MAX_M, STREAM_MAX_M + 1,
+                               STREAM_MAX_M + 36, STREAM_WGMMA_MAX_M, STREAM_WGMMA_MAX_M + 36])
 def test_stream_kernel_wgmma(M, N, K, g, dtype, monkeypatch):
     """AWQLIB_STREAM_WGMMA=1: the warpgroup-mma configuration (dequantized weights as wgmma's A in
     registers, the tokens as its N from 128-byte-swizzled shared memory) runs every pass -- the
     profiler names CONFIG 3 -- and is correct against the fp32 reference at each m-tile count (wgmma
-    N 16, 32, 64), with tails, every group regime and both dtypes, and deterministic; without the
-    setting the large configuration runs."""
+    N 16, 32, 64, 128; past 128 tokens in two passes), with tails, every group regime and both
+    dtypes, and deterministic; without the setting the large configuration runs."""
     needs_wgmma()
     monkeypatch.delenv("AWQLIB_STREAM_SMEM_LIMIT", raising=False)
     monkeypatch.delenv("AWQLIB_STREAM_DEEP", raising=False)
@@ -678,8 +680,10 @@ def test_stream_kernel_compact(M, N, K, g, dtype):
 @pytest.mark.parametrize("kernel,M,wgmma", [(Kernel.STREAM, 1, False), (Kernel.STREAM, 48, False),
                                             (Kernel.STREAM, 100, False), (Kernel.STREAM_GROUP_SUMS, 7, False),
                                             (Kernel.STREAM_COMPACT, 20, False), (Kernel.STREAM, 1, True),
-                                            (Kernel.STREAM, 48, True), (Kernel.STREAM, 100, True)],
-                         ids=["M1", "M48", "M100", "sums-M7", "compact-M20", "wgmma-M1", "wgmma-M48", "wgmma-M100"])
+                                            (Kernel.STREAM, 48, True), (Kernel.STREAM, 100, True),
+                                            (Kernel.STREAM, 164, True)],
+                         ids=["M1", "M48", "M100", "sums-M7", "compact-M20", "wgmma-M1", "wgmma-M48", "wgmma-M100",
+                              "wgmma-M164"])
 def test_stream_pdl_reads_what_the_previous_kernel_wrote(kernel, M, wgmma, monkeypatch):
     """With AWQLIB_STREAM_PDL=1 (programmatic dependent launch) the stream kernel streams its first
     weights in before the previous kernel in the stream has finished.  It must still read the

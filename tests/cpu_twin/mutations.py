@@ -4,7 +4,7 @@ slot refilled too early, a non-atomic reduction, a lost barrier in arrive_last, 
 too few, inputs read before the PDL wait, a truncating output conversion, a ring that starts on the
 slot it reads, the narrow kernels' operand order, activation rows and fold, a split slice's part
 left out of the last arriver's sum, or outputs it skips, and the wgmma kernels' waits, swizzle,
-words, alignment, group starts and zero rows.  For each, a copy of the repository gets the mutation and tests/test_cpu_twin.py runs
+words, alignment, group starts and flush from the registers.  For each, a copy of the repository gets the mutation and tests/test_cpu_twin.py runs
 on it; every one must fail.  Not part of the suite (about 5 minutes):
 
     python tests/cpu_twin/mutations.py [-k PYTEST_K] [NAME ...]
@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 MUTS = {
  'no_loop_barrier': [("    __syncthreads();  // stage t landed for everyone", "    // removed")],
  'wait_one_too_few': [("cp_async_wait<kStages - 2>();", "cp_async_wait<kStages - 1>();")],
- 'racy_reduction': [("""    for (int w = 0; w < (kWg ? 1 : kKW); ++w) {
-      if (kWg || wk == w) {""", """    for (int i = tid; i < rows_out * kSliceN; i += kStThreads) red[i] = 0.f;
+ 'racy_reduction': [("""    for (int w = 0; w < kKW; ++w) {
+      if (wk == w) {""", """    for (int i = tid; i < rows_out * kSliceN; i += kStThreads) red[i] = 0.f;
     __syncthreads();
     for (int w = 0; w < 1; ++w) {
       if (true) {"""), ("r = (w == 0 ? 0.f : r) + acc[mb][t][e];", "r += acc[mb][t][e];")],
@@ -83,7 +83,9 @@ __device__ AWQ_NOINLINE void write_slice(""")],
  'store_past_slot': [("if (i < n && n0 + col < N) out", "if (n0 + col < N) out")],
  # the wgmma kernels: a stage's last wgmma group left in flight past the barrier that lets the loader
  # refill its slot; none waited for; activations stored unswizzled; every warp dequantizing word 0's
- # zeros; the 1024-byte boundary not sought; a 32-row group's start missed; rows past M not zeroed
+ # zeros; the 1024-byte boundary not sought; a 32-row group's start missed; and their flush from
+ # the registers: an accumulator's column (output) taken for another's, every part of a split
+ # slice written into the first part's slot, the last arriver's sum left out
  'wgmma_wait_late': [("      wgmma_wait<0>();\n#pragma unroll\n      for (int e = 0; e < 8 * MB; ++e) fence_operand(d[e]);",
                       "      wgmma_wait<1>();\n#pragma unroll\n      for (int e = 0; e < 8 * MB; ++e) fence_operand(d[e]);")],
  'wgmma_no_wait': [("      wgmma_wait<0>();\n#pragma unroll\n      for (int e = 0; e < 8 * MB; ++e) fence_operand(d[e]);",
@@ -93,10 +95,12 @@ __device__ AWQ_NOINLINE void write_slice(""")],
  'wgmma_unaligned': [("base += (kSwizzleBlockBytes - smem_address(base) % kSwizzleBlockBytes) % kSwizzleBlockBytes;",
                       "base += 0;")],
  'wgmma_group_32': [("{p.gshift <= 1, p.gshift <= 2,", "{p.gshift <= 0, p.gshift <= 2,")],
- 'wgmma_rows_past_m': [("(EXACT || l.k + 8 * a_ch < p.K) && (!Cfg::kZeroEveryStage || m < p.M);",
-                        "(EXACT || l.k + 8 * a_ch < p.K);")],
- 'wgmma_zero_once_at_four_tiles': [("static constexpr bool kZeroEveryStage = kWgmma && kRedBytes > kBBytes;",
-                                    "static constexpr bool kZeroEveryStage = false;")],
+ 'wgmma_owner_column': [("const int col = wg * 64 + 16 * wq + g + 8 * (e >> 1);",
+                         "const int col = wg * 64 + 16 * wq + g + 8 * (e & 1);")],
+ 'wgmma_one_slot': [("ws + ((size_t)c_slice * p.max_parts + blockIdx.x - sp.first) * rows_out * kSliceN;",
+                     "ws + ((size_t)c_slice * p.max_parts) * rows_out * kSliceN;")],
+ 'wgmma_no_sum': [("    if (slot != nullptr) sum_parts<T>(out, ws, counters, p.N, p.max_parts, c_slice, rows_out, sp.parts);",
+                   "")],
 }
 
 

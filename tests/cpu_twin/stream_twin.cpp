@@ -98,9 +98,9 @@ void run_gemm(const std::string& dir, int M, int N, int K, int g, int sms, bool 
   int refills = 0;
   for (int b = 0; b < d.grid; ++b) refills += std::max(0, std::min(plan.per, d.p.units - b * plan.per) - (stages - 1));
   std::printf("grid %d per %d units %d slices %d max_parts %d smem %d planned_refills %d weight_bytes_read %zu "
-              "warp_mmas %zu\n",
+              "warp_mmas %zu stage_k %d m_tiles %d\n",
               d.grid, plan.per, d.p.units, plan.slices, d.p.max_parts, d.smem_bytes, refills,
-              awq_twin::g_bytes_copied_from[1], awq_twin::g_warp_mmas);
+              awq_twin::g_bytes_copied_from[1], awq_twin::g_warp_mmas, awq::stage_k_for(M, config), awq::mb_for(M));
 }
 
 template <typename T>
