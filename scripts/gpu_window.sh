@@ -15,8 +15,9 @@
 # step starts only when its minimum time is left.  Run from the repository root:
 #   AWQLIB_COMMIT=<hash> bash scripts/gpu_window.sh 1      (then: ... 2; no argument: both)
 # Part 3, only where a window still has >= 5 minutes after parts 1 and 2: ncu on gpu_sweep's
-# NCU_CASES (one token: the default with and without the deep ring on 70b-down, the default and the
-# tiled layout on 4096x4096; 64 tokens: the four-m-tile kernel), each saved as it ends.
+# NCU_CASES (warpgroup mma at 64 and 128 tokens first; one token: the default with and without the
+# deep ring on 70b-down, the default and the tiled layout on 4096x4096; 64 tokens: the four-m-tile
+# kernel), each saved as it ends.
 # Before the window, on the CPU machine: `bash scripts/prebuild_device.sh` (the kernels compiled
 # against the GPU machine's torch), and name "awqlib/_C.so" and "awqlib/_C.json" in the call's
 # carry: no part then compiles anything (the log's first lines say which kernels load; a stale or
@@ -81,7 +82,7 @@ if [ "$PART" = 2 ] || [ "$PART" = all ]; then
   # the wgmma kernels' first GPU tests in a process of their own: a fault there leaves the others'
   # results whole; decode runs with wgmma only where they passed
   options=none,deep+narrow
-  if step wgmma-tests 40 60 "$OUT/pytest-wgmma.log" "$PY" -m pytest -q -p no:cacheprovider -k wgmma \
+  if step wgmma-tests 40 75 "$OUT/pytest-wgmma.log" "$PY" -m pytest -q -p no:cacheprovider -k wgmma \
       tests/test_kernels_cuda.py; then
     options=$options,wgmma
   fi

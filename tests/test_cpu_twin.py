@@ -66,6 +66,7 @@ def selftest(tmp_path_factory) -> Path:
 
 SELFTESTS = {  # check -> (exit status, what the twin must report)
     "mma": (0, "ok"),
+    "wgmma": (0, "ok"),
     "lazy": (0, "ok"),
     "pdl_ok": (0, "ok"),
     "deadlock": (1, "deadlocked: 32 threads wait at __syncthreads, 16 at a warp collective, 16 exited"),
@@ -82,7 +83,8 @@ SELFTESTS = {  # check -> (exit status, what the twin must report)
 @pytest.mark.parametrize("check_name", SELFTESTS)
 def test_the_twin_itself(selftest, check_name):
     """The twin's PTX semantics agree with each other (ldmatrix's and mma's fragment layouts give
-    A @ B), a cp.async lands only when waited for, and what must fail fails with its reason."""
+    A @ B) and with the PTX ISA's wgmma layouts (A and D fragments, the 128-byte swizzle), a
+    cp.async lands only when waited for, and what must fail fails with its reason."""
     r = subprocess.run([str(selftest), check_name], capture_output=True, text=True, timeout=120)
     status, text = SELFTESTS[check_name]
     assert r.returncode == status and text in r.stdout + r.stderr, (r.returncode, r.stdout, r.stderr)

@@ -2,6 +2,10 @@
 //
 //   twin_selftest mma          ldmatrix.x4 + mma.m16n8k16 give A @ B for a known A, B (fp16 and
 //                              bf16): the two fragment layouts agree with each other and the matmul
+//   twin_selftest wgmma        wgmma m64nNk16 (N 16 and 128, fp16 and bf16) gives A @ B with A placed
+//                              in registers and B in 128-byte-swizzled shared memory as the PTX ISA
+//                              describes them (written here from the ISA, not from the kernel), read
+//                              back at the ISA's accumulator positions
 //   twin_selftest lazy         a cp.async lands only at the wait_group that covers it
 //   twin_selftest deadlock     a barrier and a warp collective that can never complete: reported
 //   twin_selftest smem_bounds  a cp.async past the dynamic shared memory: reported
@@ -88,6 +92,62 @@ awq_twin::Launch one_cta(int threads, size_t smem, const Guarded& in) {
   L.smem_bytes = smem;
   L.globals = {awq_twin::range(in)};
   return L;
+}
+
+// One warpgroup: D[64 x N] = A[64 x 16] B[16 x N].  The PTX ISA's layouts (wgmma .m64nNk16, 16-bit
+// A in registers): warp w of the warpgroup holds rows 16 w.., lane 4 g + q registers a0..a3 =
+// (row g, k 2q, 2q+1), (row g + 8, same k), (row g, k 2q + 8, 2q + 9), (row g + 8, same); the fp32 D:
+// d[4 t + e] = (row 16 w + g + 8 (e / 2), column 8 t + 2 q + e % 2).  B K-major with the 128-byte
+// swizzle: column n's 16 k (32 bytes) at row n % 8 of the 1024-byte block n / 8, 16-byte chunk c of
+// a row stored at chunk c ^ (row % 8), blocks on 1024-byte boundaries of the shared window.
+template <typename T, int N>
+void wgmma_case() {
+  float A[64][16], B[16][N];
+  for (int r = 0; r < 64; ++r)
+    for (int k = 0; k < 16; ++k) A[r][k] = static_cast<float>((r * 5 + k * 3) % 9 - 4);
+  for (int k = 0; k < 16; ++k)
+    for (int n = 0; n < N; ++n) B[k][n] = static_cast<float>((k * 7 + n * 3) % 11 - 5) * 0.25f;
+  constexpr int kBlocks = N / 8, kSmem = kBlocks * 1024 + 1024;  // + room to find a 1024-byte boundary
+  Guarded in("B", kBlocks * 1024);
+  auto* b16 = reinterpret_cast<uint16_t*>(in.data());
+  std::memset(in.data(), 0xff, kBlocks * 1024);  // NaN in every byte the layout does not fill
+  for (int n = 0; n < N; ++n)
+    for (int k = 0; k < 16; ++k) {
+      const int row = n % 8, chunk = k / 8, byte = (n / 8) * 1024 + row * 128 + ((chunk ^ row) * 16) + (k % 8) * 2;
+      b16[byte / 2] = bits_of<T>(B[k][n]);
+    }
+  float D[64][N];
+  awq_twin::run_grid(one_cta(128, kSmem, in), [&] {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+    uint8_t* smem = awq::dynamic_smem();
+    smem += (1024 - awq::smem_address(smem) % 1024) % 1024;
+    for (int i = threadIdx.x; i < kBlocks * 64; i += 128) awq::cp_async16(smem + 16 * i, in.data() + 16 * i, true);
+    awq::cp_async_commit();
+    awq::cp_async_wait<0>();
+    awq::fence_proxy_async_smem();
+    __syncthreads();
+    auto pack = [](float lo, float hi) {
+      return static_cast<uint32_t>(bits_of<T>(lo)) | (static_cast<uint32_t>(bits_of<T>(hi)) << 16);
+    };
+    const int r = 16 * warp + g;
+    const uint32_t a[4] = {pack(A[r][2 * q], A[r][2 * q + 1]), pack(A[r + 8][2 * q], A[r + 8][2 * q + 1]),
+                           pack(A[r][2 * q + 8], A[r][2 * q + 9]), pack(A[r + 8][2 * q + 8], A[r + 8][2 * q + 9])};
+    float d[N / 2] = {};
+    awq::wgmma_fence();
+    awq::Wgmma<T, N>::run(d, a, awq::wgmma_desc_k_major_sw128(awq::smem_address(smem)));
+    awq::wgmma_commit();
+    awq::wgmma_wait<0>();
+    for (int t = 0; t < N / 8; ++t)
+      for (int e = 0; e < 4; ++e) D[16 * warp + g + 8 * (e / 2)][8 * t + 2 * q + e % 2] = d[4 * t + e];
+  });
+  for (int r = 0; r < 64; ++r)
+    for (int n = 0; n < N; ++n) {
+      float ref = 0;
+      for (int k = 0; k < 16; ++k) ref += A[r][k] * B[k][n];
+      if (std::fabs(D[r][n] - ref) > 1e-6f)
+        awq_twin::fail("wgmma N " + std::to_string(N) + ": D[" + std::to_string(r) + "][" + std::to_string(n) +
+                       "] = " + std::to_string(D[r][n]) + ", expected " + std::to_string(ref));
+    }
 }
 
 void lazy_case() {
@@ -197,6 +257,12 @@ void underrun_case() {
 int main(int argc, char** argv) {
   const std::map<std::string, void (*)()> checks = {
       {"mma", [] { mma_case<__half>(); mma_case<__nv_bfloat16>(); }},
+      {"wgmma", [] {
+         wgmma_case<__half, 16>();
+         wgmma_case<__half, 128>();
+         wgmma_case<__nv_bfloat16, 16>();
+         wgmma_case<__nv_bfloat16, 128>();
+       }},
       {"lazy", lazy_case},
       {"deadlock", deadlock_case},
       {"smem_bounds", smem_bounds_case},
