@@ -203,7 +203,8 @@ enum Kernel : int64_t {
   kTiled = 3,          // tiled mma.sync GEMM, GEMM layout
   kDequantCublas = 4,  // dequantize + cuBLAS, any layout and M
   kSkinnyShallow = 5,  // skinny tensor-core kernel, register ring 2 chunks deep
-  kStream = 6,         // streaming mma.sync kernel, stream layout, passes of <= 64 rows (AUTO: one pass)
+  kStream = 6,         // streaming mma.sync kernel, stream layout, passes of <= 64 rows (AUTO: one pass;
+                       // wgmma: <= 128)
   kStreamGroupSums = 7,  // the same, scaling per-group fp32 sums where that saves instructions
   kStreamCompact = 8,    // kStream in the compact shared-memory configuration, passes of <= 32 rows
   kStreamCompactGroupSums = 9,  // kStreamGroupSums in the compact configuration
@@ -387,7 +388,14 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   TORCH_CHECK(s.layout != Layout::kStream || k == kStream,
               "awq_gemm_variant: a stream-layout weight is served by the stream kernel or dequantize + cuBLAS only");
   TORCH_CHECK(k != kStream || s.layout == Layout::kStream, "awq_gemm_variant: the stream kernel needs the stream layout");
-  if (k == kStream && !(compact ? compact_ok : large_ok)) {
+  // wgmma: every pass (<= kStreamWgmmaMaxM rows), where asked for and the device runs it, in place
+  // of the large configuration -- also for a shape only it takes (its 128-row stages at 65-128 rows)
+  const auto rest_of = [&](int64_t pass) { return M - (M - 1) / pass * pass; };  // the last pass's rows
+  const int64_t wgmma_pass = awq::kStreamWgmmaMaxM;
+  const bool wgmma = k == kStream && is_stream && !compact && stream_wgmma(device) &&
+                     rows_fit_config(std::min(M, wgmma_pass), awq::kConfigWgmma) &&
+                     rows_fit_config(rest_of(wgmma_pass), awq::kConfigWgmma);
+  if (k == kStream && !wgmma && !(compact ? compact_ok : large_ok)) {
     const int64_t bad = failing_pass(compact);
     const std::string what = "awq_gemm_variant: the stream kernel (" + std::string(compact ? "compact" : "large") +
                              " configuration) runs passes of at most " + num(pass_rows(compact)) + " rows";
@@ -433,14 +441,8 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
     // shapes fewer CTAs split fewer slices, gpu_sweep's grid cases time it).
     const bool pdl = stream_pdl(device, qw, qweight);
     const bool narrow = stream_narrow(), deep = stream_deep();
-    // wgmma: every pass (<= kStreamWgmmaMaxM rows), where asked for and the device runs it, in place
-    // of the large configuration; else deep: one pass of <= 64 rows (not 17-32: stream_supports),
-    // where asked for, in place of the large one where it fits
-    const auto rest_of = [&](int64_t pass) { return M - (M - 1) / pass * pass; };  // the last pass's rows
-    const int64_t wgmma_pass = awq::kStreamWgmmaMaxM;
-    const bool wgmma = !compact && stream_wgmma(device) &&
-                       rows_fit_config(std::min(M, wgmma_pass), awq::kConfigWgmma) &&
-                       rows_fit_config(rest_of(wgmma_pass), awq::kConfigWgmma);
+    // wgmma (above); else deep: one pass of <= 64 rows (not 17-32: stream_supports), where asked
+    // for, in place of the large one where it fits
     const int pass = static_cast<int>(wgmma ? wgmma_pass : pass_rows(compact));
     const int64_t rest = rest_of(pass);
     const awq::StreamConfig config =

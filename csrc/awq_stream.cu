@@ -1,5 +1,5 @@
-// Streaming tensor-core kernel for few tokens (M = 1..64 per launch; awq_ops.cpp runs more rows in
-// passes) on the stream runtime layout.
+// Streaming tensor-core kernel for few tokens (M = 1..64 per launch, 1..128 on warpgroup mma;
+// awq_ops.cpp runs more rows in passes) on the stream runtime layout.
 //
 // Why.  At M <= 64 the job is to stream the int4 weights from DRAM once, and the older kernels
 // (awq_skinny.cu, awq_gemv.cu) are limited by *instruction issue*, not by bytes: 370-600
@@ -21,7 +21,7 @@
 //    (32 KB of weights; 256 rows at M > 32) plus the activations, scales and zeros it needs, so
 //    64 KB of weights are in flight per SM (GPUs with less shared memory per block run the
 //    compact configuration, StreamCfg: 256-row stages, 2-3 of them; the deep one, AWQLIB_STREAM_DEEP,
-//    has 4 stages at M <= 16 and 33-64: 96 and 48 KB in flight).  Every shared-memory access
+//    has 4 stages at M <= 16 and 33-64: 96 and 48 KB in flight; the wgmma one 3-5, below).  Every shared-memory access
 //    is [ring-slot base + compile-time offset] (the slot is a counter), and there is no integer
 //    division in the loop (group, slice and pointer positions advance by constants).
 //  * Few tokens (M <= 8, on unless AWQLIB_STREAM_NARROW=0: NARROW below): the mma's operands
@@ -107,6 +107,12 @@ constexpr int stages_for(int MB, int config) {
          : config == kConfigWgmma             ? (MB == 2 ? 3 : MB == 8 ? 5 : 4)
                                               : 3;
 }
+// Stages the loader keeps ahead of the one consumed: all but that one -- except for wgmma at MB = 8,
+// where one wgmma group stays in flight at all times, the last of a stage into the next (waiting
+// for it at the stage's end would expose half a stage's tensor-core work every stage: 4 of each
+// warpgroup's 8 m64n128k16), so a slot is refilled only two stages after it was consumed.
+constexpr int wgmma_groups_in_flight(int MB, int config) { return config == kConfigWgmma && MB == 8 ? 1 : 0; }
+constexpr int load_ahead_for(int MB, int config) { return stages_for(MB, config) - 1 - wgmma_groups_in_flight(MB, config); }
 constexpr int kH100SmemPerBlock = 232448;     // sharedMemPerBlockOptin of an H100 / H200 (227 KB)
 constexpr int kA100SmemPerBlock = 166912;     // ... of an A100 (163 KB)
 constexpr int kSm89SmemPerBlock = 101376;     // ... of an sm_86/89 GPU (99 KB)
@@ -115,7 +121,7 @@ constexpr int kStaticSmemAllowance = 2048;    // the kernel's static shared memo
 template <int MB, int CONFIG>
 struct StreamCfg {
   // MB m16 tiles (M <= 16 MB; MB = 8 only for wgmma).  One CTA of 8 warps per SM (as Marlin),
-  // kStages - 1 stages of weights in flight per SM.
+  // kLoadAhead stages of weights in flight per SM (kStages - 1, or kStages - 2: load_ahead_for).
   static constexpr bool kCompact = CONFIG == kConfigCompact;
   static constexpr bool kWgmma = CONFIG == kConfigWgmma;
   static_assert(CONFIG == kConfigLarge || kCompact || CONFIG == kConfigDeep || kWgmma, "a configuration of StreamConfig");
@@ -126,6 +132,9 @@ struct StreamCfg {
   static constexpr int kStageK = 16 * kKA * kKW;                    // 512 (256 at MB = 4 or compact, 128 at 8)
   static constexpr int kMaxGroups = kStageK / 32;                    // group_size >= 32
   static constexpr int kStages = stages_for(MB, CONFIG);
+  static constexpr int kLoadAhead = load_ahead_for(MB, CONFIG);
+  static constexpr int kWgmmaInFlight = wgmma_groups_in_flight(MB, CONFIG);  // wgmma groups a stage leaves
+  static_assert(kLoadAhead >= 1, "a stage in flight while one is consumed");
   static constexpr int kMinBlocks = 1;
   static constexpr int kRows = 16 * MB;
   static constexpr int kBBytes = kNA * kKA * kKW * kAtomWords * 4;  // 32 KB (16 KB)
@@ -464,7 +473,8 @@ __device__ AWQ_NOINLINE void write_slice(const float* red, T* __restrict__ out, 
 // D stays in registers across the CTA's part of a slice (one owner per output: the flush writes
 // them out, no k-warps to add, no `red`).  The 4 wgmma of a 64-k block are committed as a group and
 // run while the next block is dequantized; the stage waits for all of them before the barrier
-// after which the loader may refill its slot.
+// after which the loader may refill its slot (at MB = 8 for all but its last group, which the next
+// stage's wait covers: a slot is refilled two stages after it was read, load_ahead_for).
 // FINE there means a group ends inside the stage (group_size < kStageK).
 template <typename T, int MB, bool EXACT, bool FINE, bool SUMS, int CONFIG, bool NARROW>
 __global__ void __launch_bounds__(kStThreads, StreamCfg<MB, CONFIG>::kMinBlocks)
@@ -704,7 +714,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   if constexpr (SUMS) sums.clear();
   [[maybe_unused]] const int sq_off = Cfg::kOffS + (wn * 64 + 16 * q) * 2;
 
-  // Prologue: kStages - 1 stages in flight, one commit group each (possibly empty).  Their int4
+  // Prologue: kAhead stages in flight, one commit group each (possibly empty).  Their int4
   // weights first: the previous kernel in the stream does not write them, so under programmatic
   // dependent launch they stream in while it finishes; scales, zeros and activations (and every
   // write: counters, workspace, output) only after grid_dependency_wait.  Group 0 holds every
@@ -712,10 +722,11 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   // <= s are, as in the loop.
   // Without PDL the stages go in one by one (stage 0 complete as early as possible: group 0 is
   // stage 0 alone).  A uniform branch, outside the loop.
+  constexpr int kAhead = Cfg::kLoadAhead;
   if (p.pdl) {
-    Loader pro[kStages - 1];
+    Loader pro[kAhead];
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
+    for (int s = 0; s < kAhead; ++s) {
       pro[s] = ld;
       if (s < n_units) {
         load_weights(s, ld);
@@ -725,13 +736,13 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
     grid_dependency_wait();
     allow_dependent_launch();  // our CTAs are resident: the next kernel may start its own prologue
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
+    for (int s = 0; s < kAhead; ++s) {
       if (s < n_units) load_inputs(s, pro[s]);
       cp_async_commit();
     }
   } else {
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
+    for (int s = 0; s < kAhead; ++s) {
       if (s < n_units) {
         load_weights(s, ld);
         load_inputs(s, ld);
@@ -806,17 +817,19 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   // One stage per iteration.  The ring slot is a counter (no modulo) and every shared-memory
   // access is [slot base + compile-time offset]; the slice-end flush is a branch taken once per
   // slice per CTA.
-  int rd = 0, wr = kStages - 1;  // ring slots being consumed / refilled
+  int rd = 0, wr = kAhead;  // ring slots being consumed / refilled
 #pragma unroll 1
   for (int t = 0; t < n_units; ++t) {
     if constexpr (!kWg) {  // (the wgmma loop reads no ldmatrix offsets)
 #pragma unroll
       for (int i = 0; i < kAOffsets; ++i) keep_in_register(a_off[i]);
     }
-    cp_async_wait<kStages - 2>();
+    cp_async_wait<kAhead - 1>();
     if constexpr (kWg) fence_proxy_async_smem();  // the landed copies, to wgmma's reads
-    __syncthreads();  // stage t landed for everyone; slot `wr` was consumed at t-1 by everyone
-    if (t + kStages - 1 < n_units) {
+    // stage t landed for everyone; slot `wr` was consumed at t-1 (kWgmmaInFlight: t-2, whose last
+    // wgmma group the wait at the end of t-1 covered) by everyone
+    __syncthreads();
+    if (t + kAhead < n_units) {
       load_weights(wr, ld);
       load_inputs(wr, ld);
       loader_next(ld);
@@ -861,10 +874,19 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
         for (int j = 0; j < 4; ++j)
           Wgmma<T, 16 * MB>::run(d, af[j], desc0 + ((blk * Cfg::kABlockBytes + 32 * j) >> 4));
         wgmma_commit();
-      });
-      wgmma_wait<0>();
+        if constexpr (Cfg::kWgmmaInFlight > 0) {
+          // only this block's group in flight: the previous one -- the last stage's last, whose A
+          // registers the next block's dequantization rewrites (the loop reuses them) -- is done
+          wgmma_wait<Cfg::kWgmmaInFlight>();
 #pragma unroll
-      for (int e = 0; e < 8 * MB; ++e) fence_operand(d[e]);
+          for (int e = 0; e < 8 * MB; ++e) fence_operand(d[e]);
+        }
+      });
+      if constexpr (Cfg::kWgmmaInFlight == 0) {
+        wgmma_wait<0>();
+#pragma unroll
+        for (int e = 0; e < 8 * MB; ++e) fence_operand(d[e]);
+      }
     }
     [[maybe_unused]] uint32_t xb[4];  // narrow: the B fragments (tokens) of atoms i, i + 1 (i even)
 #pragma unroll
@@ -909,6 +931,12 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
       else sums.fold(acc, st + sq_off + slot_of[kKA - 1] * kSliceN * 2);
     }
     if (c_kt == p.KT - 1 || t == n_units - 1) {
+      if constexpr (Cfg::kWgmmaInFlight > 0) {  // the stage's last group too
+        float(&d)[8 * MB] = reinterpret_cast<float(&)[8 * MB]>(acc);
+        wgmma_wait<0>();
+#pragma unroll
+        for (int e = 0; e < 8 * MB; ++e) fence_operand(d[e]);
+      }
       if constexpr (kWg) flush_owned();
       else flush(st);
     }
@@ -917,6 +945,9 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
       ++c_slice;
     }
   }
+  // (the last stage flushed, so nothing is in flight; said for ptxas, which otherwise makes every
+  // iteration wait for all wgmma before the loop's back edge, in case one reached the exit)
+  if constexpr (Cfg::kWgmmaInFlight > 0) wgmma_wait<0>();
   cp_async_wait<0>();
 }
 

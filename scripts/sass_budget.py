@@ -361,6 +361,7 @@ class KernelReport:
     check: str = ""
     unwritten_desc: list[str] = field(default_factory=list)  # unwritten_descriptors(): must stay empty
     wgmma_serialized: bool = False  # ptxas serialized its wgmma (each waits for the last): must stay False
+    wgmma_wait_injected: bool = False  # ptxas added a wgmma wait the source did not ask for: must stay False
 
 
 def ctas_per_sm(arch: str, regs: int, threads: int, smem: int) -> tuple[int, str]:
@@ -410,11 +411,16 @@ def compile_cubin(src: Path, arch: str, out_dir: Path, nvcc: str) -> tuple[Path,
 # ptxas's note where it could not keep a function's wgmma asynchronous ("Potential Performance Loss:
 # wgmma.mma_async instructions are serialized due to ... in the function '<name>'")
 WGMMA_SERIALIZED = re.compile(r"wgmma\.mma_async instructions are serialized[^\n]*?function '(\S+?)'")
+# ... and where it made one wait for in-flight wgmma that the source leaves in flight ("(C7517)
+# warpgroup.wait is injected in around line N by compiler to allow use of registers defined by GMMA
+# in function '<name>'"): e.g. at a loop's back edge, for wgmma that might reach the exit unwaited
+WGMMA_WAIT_INJECTED = re.compile(r"warpgroup\.wait is injected[^\n]*?function '(\S+?)'")
 
 
 def analyse(src: Path, arch: str, cubin: Path, ptxas_log: str, cuobjdump: str) -> list[KernelReport]:
     spills = {m.group(1): tuple(int(m.group(i)) for i in (2, 3, 4)) for m in PTXAS_FUNC.finditer(ptxas_log)}
     serialized = {m.group(1) for m in WGMMA_SERIALIZED.finditer(ptxas_log)}
+    injected = {m.group(1) for m in WGMMA_WAIT_INJECTED.finditer(ptxas_log)}
     res = subprocess.run([cuobjdump, "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
     usage = {}
     for m in re.finditer(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res):
@@ -447,7 +453,7 @@ def analyse(src: Path, arch: str, cubin: Path, ptxas_log: str, cuobjdump: str) -
                                     threads, cta, lim_by, asdict(lp) if lp else None,
                                     spec.bytes_per_iter if spec else None,
                                     round(ipk, 1) if ipk else None, round(tbps, 2) if tbps else None, check,
-                                    unwritten_descriptors(insns), mangled in serialized))
+                                    unwritten_descriptors(insns), mangled in serialized, mangled in injected))
     return reports
 
 

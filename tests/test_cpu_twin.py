@@ -364,6 +364,7 @@ WGMMA_CASES = [
     (128, 128, 3072, 128, 2, 10),  # MB = 8 (5 stages of 128 rows), EXACT, one group per stage
     (100, 192, 1088, 64, 3, 0),    # MB = 8, N and K tails, FINE (two groups per stage), split slices
     (65, 128, 1280, 32, 5, 0),     # MB = 8, one row past 4 m-tiles, groups of 2 atoms, a slice in 5 parts
+    (128, 192, 1024, 128, 2, 0),   # MB = 8, an N tail, no split slice (the flush straight to the output)
 ]
 WGMMA_SETTINGS = [("fp16", "lazy", "forward"), ("bf16", "eager", "reverse")]
 

@@ -649,6 +649,28 @@ def test_stream_kernel_wgmma(M, N, K, g, dtype, monkeypatch):
     assert stream_configs_run(run) == {"0"}
 
 
+def test_stream_kernel_wgmma_takes_what_only_it_can(monkeypatch):
+    """Groups of 384 rows at 100 tokens: the large configuration (passes of 64 in 256-row stages)
+    does not take them, the wgmma one (one pass in 128-row stages) does -- and runs, rather than the
+    call being refused for the large one's sake."""
+    needs_wgmma()
+    monkeypatch.delenv("AWQLIB_STREAM_SMEM_LIMIT", raising=False)
+    M, N, K, g = 100, 256, 3072, 384
+    qs, zs, ss = stream_weight(K, N, g)
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+
+    def run():
+        return torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(Kernel.STREAM), 0)
+
+    monkeypatch.setenv("AWQLIB_STREAM_WGMMA", "1")
+    out, launched = stream_kernels_run(run)
+    check(x, K, N, g, torch.float16, out=out)
+    assert {args[5] for args in launched} == {"3"}, launched
+    monkeypatch.setenv("AWQLIB_STREAM_WGMMA", "0")
+    with pytest.raises(RuntimeError, match="does not take"):
+        run()
+
+
 COMPACT_COMBOS = COMBOS[:3] + COMBOS[4:] + STREAM_COMBOS[-3:]  # (14336, 4096, 32): full tiles, group 32 (FINE)
 
 

@@ -4,8 +4,9 @@ slot refilled too early, a non-atomic reduction, a lost barrier in arrive_last, 
 too few, inputs read before the PDL wait, a truncating output conversion, a ring that starts on the
 slot it reads, the narrow kernels' operand order, activation rows and fold, a split slice's part
 left out of the last arriver's sum, or outputs it skips, and the wgmma kernels' waits, swizzle,
-words, alignment, group starts and flush from the registers.  For each, a copy of the repository gets the mutation and tests/test_cpu_twin.py runs
-on it; every one must fail.  Not part of the suite (about 5 minutes):
+words, alignment, group starts and flush from the registers.  For each, a copy of the repository
+gets the mutation and tests/test_cpu_twin.py (or the file CAUGHT_BY names) runs on it; every one
+must fail.  Not part of the suite (about 10 minutes):
 
     python tests/cpu_twin/mutations.py [-k PYTEST_K] [NAME ...]
 
@@ -25,23 +26,25 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # name -> [(old text, new text[, file in csrc/ (default awq_stream.cu)])]
 MUTS = {
- 'no_loop_barrier': [("    __syncthreads();  // stage t landed for everyone", "    // removed")],
- 'wait_one_too_few': [("cp_async_wait<kStages - 2>();", "cp_async_wait<kStages - 1>();")],
+ 'no_loop_barrier': [("    // wgmma group the wait at the end of t-1 covered) by everyone\n    __syncthreads();", "    // removed")],
+ 'wait_one_too_few': [("cp_async_wait<kAhead - 1>();", "cp_async_wait<kAhead>();")],
  'racy_reduction': [("""    for (int w = 0; w < kKW; ++w) {
       if (wk == w) {""", """    for (int i = tid; i < rows_out * kSliceN; i += kStThreads) red[i] = 0.f;
     __syncthreads();
     for (int w = 0; w < 1; ++w) {
       if (true) {"""), ("r = (w == 0 ? 0.f : r) + acc[mb][t][e];", "r += acc[mb][t][e];")],
  'no_flush_barrier': [("    __syncthreads();  // every warp is done reading the slot `red` overwrites", "")],
- 'refill_too_early': [("""    cp_async_wait<kStages - 2>();
+ 'refill_too_early': [("""    cp_async_wait<kAhead - 1>();
     if constexpr (kWg) fence_proxy_async_smem();  // the landed copies, to wgmma's reads
-    __syncthreads();  // stage t landed for everyone; slot `wr` was consumed at t-1 by everyone
-    if (t + kStages - 1 < n_units) {
+    // stage t landed for everyone; slot `wr` was consumed at t-1 (kWgmmaInFlight: t-2, whose last
+    // wgmma group the wait at the end of t-1 covered) by everyone
+    __syncthreads();
+    if (t + kAhead < n_units) {
       load_weights(wr, ld);
       load_inputs(wr, ld);
       loader_next(ld);
-    }""", """    cp_async_wait<kStages - 2>();
-    if (t + kStages - 1 < n_units) {
+    }""", """    cp_async_wait<kAhead - 1>();
+    if (t + kAhead < n_units) {
       load_weights(wr, ld);
       load_inputs(wr, ld);
       loader_next(ld);
@@ -50,7 +53,7 @@ MUTS = {
  'arrive_last_race': [("""  if (threadIdx.x == 0) is_last = (atomicAdd(counter, 1) == splits - 1);
   __syncthreads();""", """  if (threadIdx.x == 0) is_last = (atomicAdd(counter, 1) == splits - 1);""", 'awq_common.cuh')],
  'slot_too_few': [("p.max_parts = std::min(grid, ceil_div(p.KT, p.per) + 1);", "p.max_parts = std::min(grid, ceil_div(p.KT, p.per));")],
- 'ring_on_read': [("int rd = 0, wr = kStages - 1;", "int rd = 0, wr = 0;")],
+ 'ring_on_read': [("int rd = 0, wr = kAhead;", "int rd = 0, wr = 0;")],
  # narrow kernels: the B fragments passed as the A fragment unreordered; the pair's ldmatrix rows
  # from the first atom only; a fold by the other column's scale
  'narrow_a_order': [("const uint32_t w16[4] = {b[0], b[2], b[1], b[3]};", "const uint32_t w16[4] = {b[0], b[1], b[2], b[3]};")],
@@ -86,10 +89,10 @@ __device__ AWQ_NOINLINE void write_slice(""")],
  # zeros; the 1024-byte boundary not sought; a 32-row group's start missed; and their flush from
  # the registers: an accumulator's column (output) taken for another's, every part of a split
  # slice written into the first part's slot, the last arriver's sum left out
- 'wgmma_wait_late': [("      wgmma_wait<0>();\n#pragma unroll\n      for (int e = 0; e < 8 * MB; ++e) fence_operand(d[e]);",
-                      "      wgmma_wait<1>();\n#pragma unroll\n      for (int e = 0; e < 8 * MB; ++e) fence_operand(d[e]);")],
- 'wgmma_no_wait': [("      wgmma_wait<0>();\n#pragma unroll\n      for (int e = 0; e < 8 * MB; ++e) fence_operand(d[e]);",
-                    "#pragma unroll\n      for (int e = 0; e < 8 * MB; ++e) fence_operand(d[e]);")],
+ 'wgmma_wait_late': [("if constexpr (Cfg::kWgmmaInFlight == 0) {\n        wgmma_wait<0>();",
+                      "if constexpr (Cfg::kWgmmaInFlight == 0) {\n        wgmma_wait<1>();")],
+ 'wgmma_no_wait': [("if constexpr (Cfg::kWgmmaInFlight == 0) {\n        wgmma_wait<0>();",
+                    "if constexpr (Cfg::kWgmmaInFlight == 0) {")],
  'wgmma_unswizzled': [("m * kSwizzleRowBytes + (((ch & 7) ^ (m & 7)) * 16);", "m * kSwizzleRowBytes + ((ch & 7) * 16);")],
  'wgmma_zero_word': [("DQ::load_group_word(gp, zw >> (4 * wq), s2);", "DQ::load_group_word(gp, zw, s2);")],
  'wgmma_unaligned': [("base += (kSwizzleBlockBytes - smem_address(base) % kSwizzleBlockBytes) % kSwizzleBlockBytes;",
@@ -99,16 +102,27 @@ __device__ AWQ_NOINLINE void write_slice(""")],
                          "const int col = wg * 64 + 16 * wq + g + 8 * (e & 1);")],
  'wgmma_one_slot': [("ws + ((size_t)c_slice * p.max_parts + blockIdx.x - sp.first) * rows_out * kSliceN;",
                      "ws + ((size_t)c_slice * p.max_parts) * rows_out * kSliceN;")],
+ # ... and at eight m-tiles, a stage's last group left in flight while the loader refills the slot
+ # consumed one stage back, not two; two groups left in flight after each block (the next block's
+ # dequantization then rewrites the A registers of a wgmma in flight: the twin takes A at issue, so
+ # ptxas's serialization note, which tests/test_sass_budget.py reads, is what catches it)
+ 'wgmma_block_wait_late': [("          wgmma_wait<Cfg::kWgmmaInFlight>();", "          wgmma_wait<Cfg::kWgmmaInFlight + 1>();")],
+ 'wgmma_refill_one_back': [("return stages_for(MB, config) - 1 - wgmma_groups_in_flight(MB, config); }",
+                            "return stages_for(MB, config) - 1; }")],
  'wgmma_no_sum': [("    if (slot != nullptr) sum_parts<T>(out, ws, counters, p.N, p.max_parts, c_slice, rows_out, sp.parts);",
                    "")],
 }
 
 
+# mutations another test file catches (instead of tests/test_cpu_twin.py)
+CAUGHT_BY = {'wgmma_block_wait_late': "tests/test_sass_budget.py"}
+
+
 def run(name: str, work: Path, select: str | None = None) -> str:
     """Apply mutation `name` to a copy of the repository under `work`; the suite's last line (of the
-    tests `select` picks, pytest's -k, else all of tests/test_cpu_twin.py)."""
+    tests `select` picks, pytest's -k, else all of tests/test_cpu_twin.py or CAUGHT_BY's file)."""
     d = work / name
-    for sub in ("awqlib", "csrc", "tests"):
+    for sub in ("awqlib", "csrc", "tests", "scripts"):
         shutil.copytree(ROOT / sub, d / sub, ignore=shutil.ignore_patterns("__pycache__"))
     for old, new, *where in MUTS[name]:
         p = d / "csrc" / (where[0] if where else "awq_stream.cu")
@@ -117,7 +131,7 @@ def run(name: str, work: Path, select: str | None = None) -> str:
             return f"does not apply ({p.name} changed)"
         p.write_text(text.replace(old, new))
     env = dict(os.environ, PYTHONPATH=str(d))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cpu_twin.py",
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", CAUGHT_BY.get(name, "tests/test_cpu_twin.py"),
                         *(["-k", select] if select else [])], cwd=d, env=env, capture_output=True, text=True)
     lines = r.stdout.strip().splitlines()
     return ("caught: " if r.returncode != 0 else "SURVIVED: ") + (lines[-1] if lines else r.stderr[-200:])

@@ -94,9 +94,9 @@ void run_gemm(const std::string& dir, int M, int N, int K, int g, int sms, bool 
   // What the plan makes the kernel do beyond its prologue (planned_refills: units its CTAs stream
   // after the stages the prologue loads -- the ring's steady state), and what the kernel did read:
   // every weight byte exactly once (weight_bytes_read against K N / 2).
-  const int stages = awq::stages_for(awq::mb_for(M), config);
+  const int ahead = awq::load_ahead_for(awq::mb_for(M), config);
   int refills = 0;
-  for (int b = 0; b < d.grid; ++b) refills += std::max(0, std::min(plan.per, d.p.units - b * plan.per) - (stages - 1));
+  for (int b = 0; b < d.grid; ++b) refills += std::max(0, std::min(plan.per, d.p.units - b * plan.per) - ahead);
   std::printf("grid %d per %d units %d slices %d max_parts %d smem %d planned_refills %d weight_bytes_read %zu "
               "warp_mmas %zu stage_k %d m_tiles %d\n",
               d.grid, plan.per, d.p.units, plan.slices, d.p.max_parts, d.smem_bytes, refills,
