@@ -61,6 +61,12 @@ _lib.define("awq_dequantize(Tensor qweight, Tensor qzeros, Tensor scales, int gr
 # split-K factor -- for the stream kernels, the most CTAs of their persistent grid (0: one per SM).
 _lib.define("awq_gemm_variant(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group_size, "
             "int kernel, int splits) -> Tensor")
+# A question about the loaded CUDA kernels, not a computation: whether AWQLIB_STREAM_WGMMA=1 runs
+# their wgmma kernels on a GPU of this compute capability (awqlib.kernels.wgmma_available).  Only the
+# library answers it (csrc/awq_ops.cpp registers it for every dispatch key); without it there is
+# no implementation.  Defined here, with the other schemas, so that loading the library twice in a
+# process only re-registers implementations (a second definition would abort the load).
+_lib.define("stream_wgmma_runs_on(int major, int minor) -> bool")
 
 
 def _check(x, qweight, qzeros, scales, group_size):

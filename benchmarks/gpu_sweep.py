@@ -703,9 +703,9 @@ def profile_case(spec: str) -> int:
 
 
 # The first run of the wgmma kernels, in a child process: a tiny shape with tails, groups of 64 and
-# 128 rows (FINE), every m-tile count and a second pass.  A fault (illegal instruction or address)
-# would leave this process's CUDA context unusable, a hang would eat the window: in a child, either
-# only takes the variant out.
+# 128 rows (FINE up to 64 tokens; at 65-128 a 128-row group fills a stage), every m-tile count and a
+# second pass.  A fault (illegal instruction or address) would leave this process's CUDA context
+# unusable, a hang would eat the window: in a child, either only takes the variant out.
 WGMMA_CANARY = "tiny,5+20+40+100+129,stream:wgmma,2"
 WGMMA_CANARY_TIMEOUT_S = 90
 

@@ -491,12 +491,12 @@ at::Tensor awq_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const a
 
 }  // namespace
 
-// A question about this library rather than a computation, so it is defined here, with the library
-// (the ops' schemas are awqlib/ops.py's): whether AWQLIB_STREAM_WGMMA=1 runs the wgmma kernels on
-// a GPU of this compute capability -- what awqlib.kernels.wgmma_available asks, so that Python does
-// not restate the rule.  No tensor arguments: one kernel for every dispatch key.
-TORCH_LIBRARY_FRAGMENT(awqlib, m) {
-  m.def("stream_wgmma_runs_on(int major, int minor) -> bool", &stream_wgmma_runs_on);
+// A question about this library rather than a computation (its schema: awqlib/ops.py): whether
+// AWQLIB_STREAM_WGMMA=1 runs the wgmma kernels on a GPU of this compute capability -- what
+// awqlib.kernels.wgmma_available asks, so that Python does not restate the rule.  No tensor
+// arguments, so no device to dispatch on: the composite key serves every call.
+TORCH_LIBRARY_IMPL(awqlib, CompositeExplicitAutograd, m) {
+  m.impl("stream_wgmma_runs_on", &stream_wgmma_runs_on);
 }
 
 TORCH_LIBRARY_IMPL(awqlib, CUDA, m) {

@@ -95,7 +95,8 @@ constexpr int ka_for(int MB, int config) { return MB == 8 ? 2 : MB == 4 || confi
 // The wgmma one (opt-in: awq_ops.cpp stream_wgmma) has the large one's stages for warpgroup mma: 4
 // of them at MB = 1 and 4 (3 at MB = 2: 69 KB each), and at MB = 8 (65-128 tokens, one pass where
 // the others take two or dequantize + cuBLAS) 5 stages of 128 rows (8 KB of weights, 32 KB of
-// activations), each on a 1024-byte boundary (the 128-byte swizzle of its activation blocks).  Its
+// activations; 3 loaded ahead of the one read: load_ahead_for), each on a 1024-byte boundary (the
+// 128-byte swizzle of its activation blocks).  Its
 // sums go from the registers to the output (no `red`), so rows past M are zeroed once -- hygiene:
 // no output reads them.  Its kernels exist only in an sm_90a build (their bodies trap elsewhere),
 // which stream_wgmma_built tells the host; an sm_90a kernel runs on an H100/H200 only.
@@ -826,8 +827,8 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
     }
     cp_async_wait<kAhead - 1>();
     if constexpr (kWg) fence_proxy_async_smem();  // the landed copies, to wgmma's reads
-    // stage t landed for everyone; slot `wr` was consumed at t-1 (kWgmmaInFlight: t-2, whose last
-    // wgmma group the wait at the end of t-1 covered) by everyone
+    // stage t landed for everyone; slot `wr` was consumed at t-1 (kWgmmaInFlight: at t-2, whose
+    // last wgmma group the first block of t-1 waited for) by everyone
     __syncthreads();
     if (t + kAhead < n_units) {
       load_weights(wr, ld);
@@ -875,8 +876,9 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
           Wgmma<T, 16 * MB>::run(d, af[j], desc0 + ((blk * Cfg::kABlockBytes + 32 * j) >> 4));
         wgmma_commit();
         if constexpr (Cfg::kWgmmaInFlight > 0) {
-          // only this block's group in flight: the previous one -- the last stage's last, whose A
-          // registers the next block's dequantization rewrites (the loop reuses them) -- is done
+          // only this block's group left in flight: the one before (block 0: the last stage's last)
+          // is done before the next block's dequantization rewrites its A registers (two blocks a
+          // stage: the loop reuses them every other block)
           wgmma_wait<Cfg::kWgmmaInFlight>();
 #pragma unroll
           for (int e = 0; e < 8 * MB; ++e) fence_operand(d[e]);

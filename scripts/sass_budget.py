@@ -297,6 +297,10 @@ class LoopStats:
     by_op: dict = field(default_factory=dict)
     nested_loops: int = 0
     cold_instructions: int = 0
+    # in order, the in-flight wgmma groups each WARPGROUP.DEPBAR.LE of the loop leaves (its immediate):
+    # what the source asked for, unless ptxas changed it -- checked directly, as ptxas does not always
+    # say when it lets registers be rewritten under a wgmma in flight
+    wgmma_waits: list = field(default_factory=list)
 
 
 def cold_ranges(insns: list[Insn], s: int, e: int) -> list[tuple[int, int]]:
@@ -328,7 +332,10 @@ def hot_loop(insns: list[Insn]) -> LoopStats | None:
         math = sum(by_op.get(o, 0) for o in MATH_OPS)
         nested = sum(1 for (s2, e2) in all_loops if (s2, e2) != (s, e) and s <= s2 and e2 <= e)
         n_cold = sum(1 for i in insns if any(a <= i.addr <= b for a, b in cold) and opclass(i.op) not in NOT_COUNTED)
-        st = LoopStats(s, e, len(body), math, dict(sorted(by_op.items(), key=lambda kv: -kv[1])), nested, n_cold)
+        waits = [int(m.group(1), 16) for i in body if i.op.startswith("WARPGROUP.DEPBAR")
+                 for m in [re.search(r"gsb0,\s*0x([0-9a-f]+)", i.text)] if m]
+        st = LoopStats(s, e, len(body), math, dict(sorted(by_op.items(), key=lambda kv: -kv[1])), nested, n_cold,
+                       waits)
         def tensor(x):
             return sum(x.by_op.get(o, 0) for o in TENSOR_OPS)
         key = (tensor(st), st.math, -st.instructions)

@@ -51,6 +51,15 @@ def test_kernels_compile_for_sm80_sm90(tmp_path):
     # H100/H200 exactly when it was built for 9.0a without plain 9.0 code, never on anything else.
     runs_on = torch.ops.awqlib.stream_wgmma_runs_on
     assert runs_on(9, 0) is toolchain.has_wgmma(ARCHS) and not runs_on(8, 0) and not runs_on(10, 0)
+    # A second copy loaded into the same process (another build, a prebuilt library beside a JIT one)
+    # only registers the implementations again: it defines no schema, which would abort the load.
+    again = tmp_path / "again" / Path(lib).name
+    again.parent.mkdir()
+    shutil.copyfile(lib, again)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.ops.load_library(str(again))
+    assert runs_on(9, 0) is toolchain.has_wgmma(ARCHS)
     # The compiled code really contains both architectures.
     for obj in ("awq_gemm.cuda.o", "awq_block_ops.cuda.o"):
         code = (tmp_path / obj).read_bytes()

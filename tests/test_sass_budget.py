@@ -173,6 +173,9 @@ def test_wgmma_kernels(reports, dtype, mb):
         assert r.check == "ok", r.check
         assert not r.wgmma_serialized, f"{r.kernel}: ptxas serialized its wgmma"
         assert not r.wgmma_wait_injected, f"{r.kernel}: ptxas made it wait for wgmma the source leaves in flight"
+        # the waits themselves: one per stage for all (MB <= 4); at MB 8 one per 64-row block leaving
+        # that block's group in flight (a second group would be rewriting A registers under a wgmma)
+        assert r.loop["wgmma_waits"] == ([1] * (r.loop["by_op"]["HGMMA"] // 4) if mb == 8 else [0]), r.loop["wgmma_waits"]
         assert "HMMA" not in r.loop["by_op"], r.loop["by_op"]
         smem = r.static_smem + r.dyn_smem
         assert smem <= sass_budget.ARCH_LIMITS["90"]["smem_cta"] and smem > sass_budget.ARCH_LIMITS["80"]["smem_cta"]

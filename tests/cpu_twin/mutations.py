@@ -6,7 +6,7 @@ slot it reads, the narrow kernels' operand order, activation rows and fold, a sp
 left out of the last arriver's sum, or outputs it skips, and the wgmma kernels' waits, swizzle,
 words, alignment, group starts and flush from the registers.  For each, a copy of the repository
 gets the mutation and tests/test_cpu_twin.py (or the file CAUGHT_BY names) runs on it; every one
-must fail.  Not part of the suite (about 10 minutes):
+must fail.  Not part of the suite (about 2 minutes a mutation on 2 cores; -k narrows the tests):
 
     python tests/cpu_twin/mutations.py [-k PYTEST_K] [NAME ...]
 
