@@ -67,6 +67,11 @@ _lib.define("awq_gemm_variant(Tensor x, Tensor qweight, Tensor qzeros, Tensor sc
 # no implementation.  Defined here, with the other schemas, so that loading the library twice in a
 # process only re-registers implementations (a second definition would abort the load).
 _lib.define("stream_wgmma_runs_on(int major, int minor) -> bool")
+# What awq_gemm_variant would run for these arguments under the current settings, without running
+# it: the CUDA kernels name the first launch's kernel as scripts/sass_budget.py names kernels (or
+# "dequant+cuBLAS"), refusing what awq_gemm_variant refuses; other devices run the reference.
+_lib.define("awq_gemm_kernel_name(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group_size, "
+            "int kernel, int splits) -> str")
 
 
 def _check(x, qweight, qzeros, scales, group_size):
@@ -96,6 +101,14 @@ def _reference_gemm_variant(x, qweight, qzeros, scales, group_size, kernel, spli
 _lib.impl("awq_gemm", _reference_gemm, "CompositeExplicitAutograd")
 _lib.impl("awq_gemm_variant", _reference_gemm_variant, "CompositeExplicitAutograd")
 _lib.impl("awq_dequantize", _reference_dequantize, "CompositeExplicitAutograd")
+
+
+def _reference_gemm_kernel_name(x, qweight, qzeros, scales, group_size, kernel, splits):
+    _check(x, qweight, qzeros, scales, group_size)
+    return "reference"
+
+
+_lib.impl("awq_gemm_kernel_name", _reference_gemm_kernel_name, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("awqlib::awq_gemm")
@@ -151,3 +164,13 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
 
 def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.ops.awqlib.awq_dequantize(qweight, qzeros, scales, group_size)
+
+
+def gemm_kernel_name(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                     group_size: int, kernel: Kernel = Kernel.AUTO, splits: int = 0) -> str:
+    """The kernel ``awq_gemm_variant(x, ..., kernel, splits)`` would run (``Kernel.AUTO``: what
+    :func:`awq_gemm` runs) under the current settings, without running it: on CUDA the first
+    launch's instantiation as ``scripts/sass_budget.py`` names it (``"awq_stream_kernel<half, 1,
+    true, false, true, large, true>"``) or ``"dequant+cuBLAS"``; ``"reference"`` where the PyTorch
+    reference runs.  Raises what the call would raise for a kernel that cannot serve it."""
+    return torch.ops.awqlib.awq_gemm_kernel_name(x, qweight, qzeros, scales, group_size, int(kernel), splits)

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from awqlib.kernels import source_constant
-from awqlib.ops import Kernel
+from awqlib.ops import Kernel, gemm_kernel_name
 from benchmarks.common import (STREAM_DEFAULTS_ENV, copy_bandwidth, n_copies, run_info, scoped_env, skip,
                                stream_options_env, time_eager, time_graph, write_json)
 from benchmarks.report import sweep_table, targets_table
@@ -375,10 +375,12 @@ def gate(report: dict, save, max_m: int | None = None, wgmma: bool = True) -> bo
 
 
 def lacks_smem(error: str) -> bool:
-    """A stream kernel's refusal because its configuration needs more shared memory than this GPU
-    gives a block (the message names both): by design, not a failure."""
-    m = re.search(r"needs (\d+) bytes of shared memory per block \(the device has (\d+)\)", error)
-    return m is not None and int(m.group(1)) > int(m.group(2))
+    """A stream kernel's refusal because every configuration it considered needs more shared memory
+    than this GPU gives a block (awq_stream.cu's choose_stream names each one, its bytes and the
+    device's): by design, not a failure."""
+    considered = error.count(" configuration runs passes of at most ")
+    needs = re.findall(r"needs (\d+) bytes of shared memory per block \(the device has (\d+)\)", error)
+    return considered > 0 and len(needs) == considered and all(int(a) > int(b) for a, b in needs)
 
 
 def gate_pdl_case(qw, qz, sc, w32, g: int, kernel: Kernel, M: int, options: tuple[str, ...] = ()) -> dict | None:
@@ -531,13 +533,27 @@ def weight_bytes(N: int, K: int) -> float:
 
 
 def sweep_row(name: str, N: int, K: int, M: int, variant: str, t: float, t_ref: float, copy_gbps: float,
-              sass: dict) -> dict:
-    """One timed case (seconds per call of the variant and of fp16 F.linear) as the JSON records it."""
+              sass: dict, ran: str | None = None) -> dict:
+    """One timed case (seconds per call of the variant and of fp16 F.linear) as the JSON records it.
+    ``ran``: the kernel the library says it ran (ops.gemm_kernel_name); where it differs from
+    kernel_label's prediction, the row keeps that as "kernel_predicted"."""
     tbps = (weight_bytes(N, K) + 2 * M * (K + N)) / t / 1e12
     kl = kernel_label(variant, M, N, K)
-    return {"shape": name, "N": N, "K": K, "M": M, "variant": variant, "us": t * 1e6, "fp16_us": t_ref * 1e6,
-            "speedup": t_ref / t, "TBps": tbps, "pct_copy": 100 * tbps * 1e3 / copy_gbps, "kernel": kl,
-            "sass_instr_per_kb": sass.get(kl)}
+    row = {"shape": name, "N": N, "K": K, "M": M, "variant": variant, "us": t * 1e6, "fp16_us": t_ref * 1e6,
+           "speedup": t_ref / t, "TBps": tbps, "pct_copy": 100 * tbps * 1e3 / copy_gbps, "kernel": ran or kl,
+           "sass_instr_per_kb": sass.get(ran or kl)}
+    if ran and ran != kl:
+        row["kernel_predicted"] = kl
+    return row
+
+
+def kernel_ran(x, q, g: int, kernel: Kernel) -> str | None:
+    """The kernel awq_gemm_variant runs for this call under the current settings, as the library
+    names it (ops.gemm_kernel_name), or None where the loaded library cannot say."""
+    try:
+        return gemm_kernel_name(x, q[0], q[1], q[2], g, kernel)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return None
 
 
 # The default on the small shapes with its persistent grid capped (awq_gemm_variant's `splits` for a
@@ -635,6 +651,7 @@ def sweep(args, report: dict, save, t0: float, excluded: set[str] = frozenset())
                 try:
                     with variant_env(label):
                         t = time_graph(calls, time_eager(calls[0], reps=2))
+                        ran = kernel_ran(x, weights[layout][0], g, kernel)
                 except RuntimeError as e:  # e.g. a launch attribute the driver refuses under capture
                     broken.add(label)
                     report.setdefault("errors", []).append({"shape": name, "M": M, "variant": label,
@@ -642,9 +659,12 @@ def sweep(args, report: dict, save, t0: float, excluded: set[str] = frozenset())
                     save()
                     print(f"TIMING ERROR {name} M={M} {label}: {e}; {label} is not timed further", flush=True)
                     continue
-                rows.append(sweep_row(name, N, K, M, label, t, t_ref, report["copy_GBps"], sass))
+                rows.append(sweep_row(name, N, K, M, label, t, t_ref, report["copy_GBps"], sass, ran))
                 save()
                 r = rows[-1]
+                if "kernel_predicted" in r:
+                    print(f"NOTE {name} M={M} {label}: ran {r['kernel']}, kernel_label predicted "
+                          f"{r['kernel_predicted']}", flush=True)
                 print(f"{name:24s} M={M:3d} {label:11s} {r['us']:8.1f} us  fp16 {r['fp16_us']:8.1f} us  "
                       f"{r['speedup']:5.2f}x  {r['TBps']:5.2f} TB/s ({r['pct_copy']:4.1f}% copy)", flush=True)
             del x, ref_calls

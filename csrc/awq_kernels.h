@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 namespace awq {
 
@@ -43,6 +44,8 @@ void launch_gemv(DType dt, const GemmArgs& a, cudaStream_t stream);
 constexpr int kSkinnyMaxM = 32;
 Plan plan_skinny(DType dt, int M, int N, int K, int depth, bool tiled, int num_sms, int splits_override);
 void launch_skinny(DType dt, const GemmArgs& a, int depth, bool tiled, cudaStream_t stream);
+// The instantiation launch_skinny runs, named as scripts/sass_budget.py names kernels.
+std::string skinny_kernel_name(DType dt, int M, int depth, bool tiled);
 
 // ---- Tensor-core GEMM: M > kGemvMaxM.
 Plan plan_gemm(int M, int N, int K, int num_sms, int splits_override);
@@ -94,6 +97,41 @@ struct StreamPlan {
 // plan_stream and launch_stream take only what stream_supports accepts for the configuration.
 bool stream_supports(int M, int N, int K, int group_size, StreamConfig config);  // shape and group size (not the device)
 int stream_smem_bytes(int M, StreamConfig config);  // shared memory per CTA (dynamic + static); -1: no such configuration
+
+// At M 33-64 the stream kernel runs its 4-m-tile configuration, which the math rather than the
+// weight bytes bounds.  Measured on an H200 (gpu_sweep 2026-11-30, M = 64) it beats dequantize +
+// cuBLAS (the tiled layout's, timed as tiled:auto) by 1.2-2.1x on weights of 117M elements and more
+// (8B gate/up, 70B down and gate/up) and loses by 1.9x on 4096 x 4096 (16.8M); interpolated (no
+// shape between 16.8M and 117M was timed), they cross near 2^26 elements, below which the automatic
+// choice takes dequantize + cuBLAS at those M.
+constexpr int64_t kStreamFourTileMinWeights = 67108864;  // 2^26
+
+// Which stream kernel serves a call on a stream-layout weight: what the call asks for (awq_ops.cpp
+// fills this from its kernel id and the AWQLIB_STREAM_* settings, the CPU twin from its arguments)
+// and what the device offers.
+struct StreamRequest {
+  bool automatic = false;   // kAuto: dequantize + cuBLAS wherever the stream kernel is not chosen
+  bool compact = false;     // the compact configuration (else the large one, or those in its place)
+  bool group_sums = false;  // group sums where they pay (the automatic choice asks for them)
+  bool deep = false;        // AWQLIB_STREAM_DEEP=1: the deep configuration in place of the large one where it fits
+  bool wgmma = false;       // AWQLIB_STREAM_WGMMA=1 on a device that runs the wgmma kernels
+  int smem_limit = 0;       // shared memory a block may have (bytes)
+};
+struct StreamChoice {
+  enum Kind { kStream, kDequantCublas, kRefused } kind = kRefused;
+  StreamConfig config = kConfigLarge;
+  int pass = 0;             // rows per launch; the last launch takes the rest
+  bool group_sums = false;  // as asked (the instantiation has them only where they pay)
+  std::string refusal;      // kRefused: why no configuration runs the call, naming each one considered
+};
+// The automatic choice (request.automatic) never refuses: it falls back to dequantize + cuBLAS.
+// A forced one (the stream kernel in the large or compact configuration, with wgmma or deep in place
+// of the large one where asked for) runs or is refused.
+StreamChoice choose_stream(int64_t M, int N, int K, int group_size, const StreamRequest& request);
+// The instantiation launch_stream runs for a launch of M rows in `config`, named as
+// scripts/sass_budget.py names kernels ("awq_stream_kernel<half, 1, true, false, true, large, true>").
+std::string stream_kernel_name(DType dt, int M, int N, int K, int group_size, StreamConfig config, bool group_sums,
+                               bool narrow);
 void launch_dequant_stream(DType dt, const int32_t* qweight, const int32_t* qzeros, const void* scales, void* out,
                            int K, int N, int group_size, cudaStream_t stream);
 // num_sms: the CTAs the persistent grid may have (one per SM, or fewer: awq_gemm_variant's splits).

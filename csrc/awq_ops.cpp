@@ -16,6 +16,7 @@
 //                               kStreamWgmmaMaxM rows); at M > 32 only for weights of
 //                               kStreamFourTileMinWeights elements or more
 //     larger, or neither fits -> awq_stream.cu's dequantize + cuBLAS
+//     (the stream rows are awq_stream.cu's choose_stream, which the CPU twin runs too)
 //   GEMM-layout qweight (the checkpoint layout, e.g. a model quantized in this process):
 //     M <= kGemvMaxMAuto     -> awq_gemv.cu   (CUDA cores, cp.async pipeline)
 //     M <= kSkinnyMaxMAuto   -> awq_skinny.cu
@@ -286,14 +287,6 @@ bool stream_wgmma(int device) {
   return stream_wgmma_runs_on(prop->major, prop->minor);
 }
 
-// At M 33-64 the stream kernel runs its 4-m-tile configuration, which the math rather than the
-// weight bytes bounds.  Measured on an H200 (gpu_sweep 2026-11-30, M = 64) it beats dequantize +
-// cuBLAS (the tiled layout's, timed as tiled:auto) by 1.2-2.1x on weights of 117M elements and more
-// (8B gate/up, 70B down and gate/up) and loses by 1.9x on 4096 x 4096 (16.8M); interpolated (no
-// shape between 16.8M and 117M was timed), they cross near 2^26 elements, below which kAuto takes
-// dequantize + cuBLAS at those M.
-constexpr int64_t kStreamFourTileMinWeights = 67108864;  // 2^26
-
 // Shared memory a stream-kernel block may have: the device's opt-in maximum, or less with
 // AWQLIB_STREAM_SMEM_LIMIT=<bytes> -- so that an H100/H200 can run (and test) the choice an A100
 // (166912) or a 99 KB GPU (101376) makes.
@@ -309,9 +302,67 @@ int stream_smem_limit(int device) {
   return static_cast<int>(std::min<long>(limit, optin));
 }
 
-at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros,
-                                 const at::Tensor& scales, int64_t group_size, int64_t kernel, int64_t splits) {
-  const Shape s = check_weight(qweight, qzeros, scales, group_size, "awq_gemm");
+bool is_stream_kernel(Kernel k) { return k >= kStream && k <= kStreamCompactGroupSums; }
+
+// The kernel that serves a call: kAuto resolved (the table at the top of this file), the stream
+// kernels as kStream with their configuration, pass rows and group sums (awq_stream.cu:
+// choose_stream), and a forced kernel that cannot serve the call refused, saying why.
+struct KernelChoice {
+  Kernel kernel;
+  awq::StreamChoice stream;  // kernel == kStream
+};
+
+KernelChoice choose_kernel(const Shape& s, int64_t M, Kernel k, int device) {
+  if (s.layout == Layout::kStream) {
+    TORCH_CHECK(k == kAuto || k == kDequantCublas || is_stream_kernel(k),
+                "awq_gemm_variant: a stream-layout weight is served by the stream kernel or dequantize + cuBLAS only");
+    if (k == kDequantCublas) return {kDequantCublas, {}};
+    if (M >= (int64_t(1) << 31)) {
+      TORCH_CHECK(k == kAuto, "awq_gemm_variant: the stream kernel takes fewer than 2^31 rows, got ", num(M));
+      return {kDequantCublas, {}};
+    }
+    // The stream kernel's configurations (awq_stream.cu: StreamCfg): the large one where the
+    // device has the shared memory for it (H100/H200; an A100 at M <= 16 and 33-64), else the
+    // compact one (which also takes the few group sizes only its 256-row k-tile divides); the deep
+    // one or the warpgroup-mma one in place of the large one where asked for and they fit.  M rows
+    // run in passes of at most the configuration's rows, one launch each.
+    awq::StreamRequest r;
+    r.automatic = k == kAuto;
+    r.compact = k == kStreamCompact || k == kStreamCompactGroupSums;
+    r.group_sums = k == kStreamGroupSums || k == kStreamCompactGroupSums;
+    r.deep = stream_deep();
+    r.wgmma = stream_wgmma(device);
+    r.smem_limit = stream_smem_limit(device);
+    const awq::StreamChoice c =
+        awq::choose_stream(M, static_cast<int>(s.N), static_cast<int>(s.K), static_cast<int>(s.group), r);
+    TORCH_CHECK(c.kind != awq::StreamChoice::kRefused, "awq_gemm_variant: ", c.refusal);
+    return {c.kind == awq::StreamChoice::kStream ? kStream : kDequantCublas, c};
+  }
+  TORCH_CHECK(!is_stream_kernel(k), "awq_gemm_variant: the stream kernel needs the stream layout");
+  const bool fused_ok = s.N % awq::kFusedNMultiple == 0 && s.K % awq::kFusedKMultiple == 0 &&
+                        s.group % awq::kFusedGroupMultiple == 0 && M < (int64_t(1) << 31) &&
+                        M * s.N < (int64_t(1) << 31);
+  if (k == kAuto) {
+    if (s.layout == Layout::kTiled) k = M <= kSkinnyMaxMTiled ? kSkinnyShallow : kDequantCublas;
+    else k = !fused_ok ? kDequantCublas
+             : M <= kGemvMaxMAuto ? kGemv
+             : M <= kSkinnyMaxMAuto ? kSkinnyShallow
+             : M < kDequantCublasMinM ? kTiled
+             : kDequantCublas;
+  }
+  if (k == kDequantCublas) return {kDequantCublas, {}};
+  TORCH_CHECK(fused_ok, "awq_gemm_variant: the fused kernels need N % ", num(awq::kFusedNMultiple), " == 0, K % ",
+              num(awq::kFusedKMultiple), " == 0 and group_size % ", num(awq::kFusedGroupMultiple), " == 0");
+  TORCH_CHECK(s.layout != Layout::kTiled || k == kSkinny || k == kSkinnyShallow,
+              "awq_gemm_variant: a warp-tiled weight is served by the skinny kernels or dequantize + cuBLAS only");
+  TORCH_CHECK(k != kGemv || M <= awq::kGemvMaxM, "awq_gemm_variant: the GEMV kernel takes M <= ", num(awq::kGemvMaxM));
+  TORCH_CHECK((k != kSkinny && k != kSkinnyShallow) || M <= awq::kSkinnyMaxM,
+              "awq_gemm_variant: the skinny kernel takes M <= ", num(awq::kSkinnyMaxM));
+  return {k, {}};
+}
+
+// The checks every awq_gemm_variant call gets, and the rows of its 2-D view.
+int64_t check_call(const at::Tensor& x, const at::Tensor& qweight, const Shape& s, int64_t kernel, int64_t splits) {
   TORCH_CHECK(x.is_cuda() && x.device() == qweight.device(), "awq_gemm: x must be a CUDA tensor on the weight's device");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "awq_gemm: x must be float16 or bfloat16, got ", x.scalar_type());
@@ -320,11 +371,17 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   TORCH_CHECK(kernel >= kAuto && kernel <= kLastKernel, "awq_gemm_variant: unknown kernel ", num(kernel));
   TORCH_CHECK(splits >= 0 && splits < (int64_t(1) << 16), "awq_gemm_variant: splits must be in [0, 65535], got ",
               num(splits));
+  return x.numel() / s.K;
+}
+
+at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros,
+                                 const at::Tensor& scales, int64_t group_size, int64_t kernel, int64_t splits) {
+  const Shape s = check_weight(qweight, qzeros, scales, group_size, "awq_gemm");
+  const int64_t M = check_call(x, qweight, s, kernel, splits);
   const c10::cuda::CUDAGuard guard(x.device());
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = s.N;
-  const int64_t M = x.numel() / s.K;
   if (M == 0 || s.N == 0) return at::empty(out_shape, x.options());
 
   // The kernels compute in x's dtype; scales stored as fp16 are rounded to bf16 for bf16
@@ -333,89 +390,11 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   const at::Tensor x2 = contiguous_aligned(x.reshape({M, s.K}));
   const at::Tensor qw = contiguous_aligned(qweight), qz = contiguous_aligned(qzeros);
 
-  const bool fused_ok = s.N % awq::kFusedNMultiple == 0 && s.K % awq::kFusedKMultiple == 0 &&
-                        s.group % awq::kFusedGroupMultiple == 0 && M < (int64_t(1) << 31) &&
-                        M * s.N < (int64_t(1) << 31);
   const int device = x.get_device();
   const int num_sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
-  // The stream kernel's configurations (awq_stream.cu: StreamCfg): the large one where the device
-  // has the shared memory for it (H100/H200; an A100 at M <= 16 and 33-64), else the compact one
-  // (which also takes the few group sizes only its 256-row k-tile divides), or the deep one in
-  // place of the large one at M <= 16 and 33-64 where asked for (stream_deep) and it fits.
-  // It takes M rows in passes of at most kStreamMaxM (compact: kStreamCompactMaxM; wgmma:
-  // kStreamWgmmaMaxM) rows, one launch each, in the configuration for the pass's rows.  Every pass streams the weights again, so more
-  // than one pays only while their bytes, not the math, bound the time: kAuto runs one pass
-  // (M <= kStreamMaxM); measured on an H200 (gpu_sweep 2026-11-30), 2 and 4 passes at best tie
-  // dequantize + cuBLAS.
-  const int optin = stream_smem_limit(device);
-  const auto config_of = [](bool compact) { return compact ? awq::kConfigCompact : awq::kConfigLarge; };
-  const auto rows_fit_config = [&](int64_t rows, awq::StreamConfig config) {
-    if (!awq::stream_supports(static_cast<int>(rows), static_cast<int>(s.N), static_cast<int>(s.K),
-                              static_cast<int>(s.group), config))
-      return false;
-    const int bytes = awq::stream_smem_bytes(static_cast<int>(rows), config);
-    return bytes > 0 && bytes <= optin;
-  };
-  const auto rows_fit = [&](int64_t rows, bool compact) { return rows_fit_config(rows, config_of(compact)); };
-  const auto pass_rows = [](bool compact) -> int64_t { return compact ? awq::kStreamCompactMaxM : awq::kStreamMaxM; };
-  // the pass that cannot run: a full one, else the remainder; 0 when every pass can
-  const auto failing_pass = [&](bool compact) -> int64_t {
-    const int64_t full = std::min(M, pass_rows(compact)), rest = M % pass_rows(compact);
-    return !rows_fit(full, compact) ? full : M > full && rest && !rows_fit(rest, compact) ? rest : 0;
-  };
-  const bool is_stream = s.layout == Layout::kStream && M < (int64_t(1) << 31);
-  const bool large_ok = is_stream && failing_pass(false) == 0, compact_ok = is_stream && failing_pass(true) == 0;
-  Kernel k = static_cast<Kernel>(kernel);
-  if (k == kAuto) {
-    // group sums wherever they pay (the kernel falls back to scaled fragments elsewhere): measured
-    // on an H200 (gpu_sweep 2026-11-30) faster than the scaled kernel in 16 of 16 cells at M <= 32
-    const bool four_tiles_pay = M <= awq::kStreamCompactMaxM || s.N * s.K >= kStreamFourTileMinWeights;
-    if (is_stream) k = M > awq::kStreamMaxM || !four_tiles_pay ? kDequantCublas
-                       : large_ok ? kStreamGroupSums
-                       : M <= awq::kStreamCompactMaxM && compact_ok ? kStreamCompactGroupSums  // one pass
-                       : kDequantCublas;
-    else if (s.layout == Layout::kTiled) k = M <= kSkinnyMaxMTiled ? kSkinnyShallow : kDequantCublas;
-    else k = !fused_ok ? kDequantCublas
-             : M <= kGemvMaxMAuto ? kGemv
-             : M <= kSkinnyMaxMAuto ? kSkinnyShallow
-             : M < kDequantCublasMinM ? kTiled
-             : kDequantCublas;
-  }
+  const KernelChoice choice = choose_kernel(s, M, static_cast<Kernel>(kernel), device);
+  const Kernel k = choice.kernel;
   if (k == kDequantCublas) return dequant_matmul(x2, qw, qz, sc, s).view(out_shape);
-  const bool group_sums = k == kStreamGroupSums || k == kStreamCompactGroupSums;
-  const bool compact = k == kStreamCompact || k == kStreamCompactGroupSums;
-  if (group_sums || compact) k = kStream;
-  TORCH_CHECK(s.layout != Layout::kStream || k == kStream,
-              "awq_gemm_variant: a stream-layout weight is served by the stream kernel or dequantize + cuBLAS only");
-  TORCH_CHECK(k != kStream || s.layout == Layout::kStream, "awq_gemm_variant: the stream kernel needs the stream layout");
-  // wgmma: every pass (<= kStreamWgmmaMaxM rows), where asked for and the device runs it, in place
-  // of the large configuration -- also for a shape only it takes (its 128-row stages at 65-128 rows)
-  const auto rest_of = [&](int64_t pass) { return M - (M - 1) / pass * pass; };  // the last pass's rows
-  const int64_t wgmma_pass = awq::kStreamWgmmaMaxM;
-  const bool wgmma = k == kStream && is_stream && !compact && stream_wgmma(device) &&
-                     rows_fit_config(std::min(M, wgmma_pass), awq::kConfigWgmma) &&
-                     rows_fit_config(rest_of(wgmma_pass), awq::kConfigWgmma);
-  if (k == kStream && !wgmma && !(compact ? compact_ok : large_ok)) {
-    const int64_t bad = failing_pass(compact);
-    const std::string what = "awq_gemm_variant: the stream kernel (" + std::string(compact ? "compact" : "large") +
-                             " configuration) runs passes of at most " + num(pass_rows(compact)) + " rows";
-    TORCH_CHECK(bad == 0 || awq::stream_supports(static_cast<int>(bad), static_cast<int>(s.N), static_cast<int>(s.K),
-                                                 static_cast<int>(s.group), config_of(compact)),
-                what, " and needs N % 64 == 0, K % 16 == 0 and group_size 32/64/128/256 (or a multiple of its k-tile,",
-                " or K); its pass of ", num(bad), " rows does not take N = ", num(s.N), ", K = ", num(s.K),
-                ", group_size ", num(s.group));
-    TORCH_CHECK(false, what, "; its pass of ", num(bad), " rows needs ",
-                num(awq::stream_smem_bytes(static_cast<int>(bad), config_of(compact))),
-                " bytes of shared memory per block (the device has ", num(optin), ")");
-  }
-  TORCH_CHECK(k == kStream || fused_ok, "awq_gemm_variant: the fused kernels need N % ",
-              num(awq::kFusedNMultiple), " == 0, K % ", num(awq::kFusedKMultiple), " == 0 and group_size % ",
-              num(awq::kFusedGroupMultiple), " == 0");
-  TORCH_CHECK(s.layout != Layout::kTiled || k == kSkinny || k == kSkinnyShallow,
-              "awq_gemm_variant: a warp-tiled weight is served by the skinny kernels or dequantize + cuBLAS only");
-  TORCH_CHECK(k != kGemv || M <= awq::kGemvMaxM, "awq_gemm_variant: the GEMV kernel takes M <= ", num(awq::kGemvMaxM));
-  TORCH_CHECK((k != kSkinny && k != kSkinnyShallow) || M <= awq::kSkinnyMaxM,
-              "awq_gemm_variant: the skinny kernel takes M <= ", num(awq::kSkinnyMaxM));
 
   at::Tensor out = at::empty({M, s.N}, x.options());
   const int m = static_cast<int>(M), n = static_cast<int>(s.N), kk = static_cast<int>(s.K);
@@ -435,20 +414,16 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   a.K = kk;
   a.group_size = static_cast<int>(s.group);
   if (k == kStream) {
-    // Passes of `pass` rows (see above), in order on this stream: they share the workspace and the
-    // counters (each pass's last arrivers leave the counters zero for the next).  The partition is
-    // the persistent grid's: one CTA per SM, or at most `splits` CTAs (a tuning knob: on small
+    // Passes of `pass` rows (choose_stream), in order on this stream: they share the workspace and
+    // the counters (each pass's last arrivers leave the counters zero for the next).  The partition
+    // is the persistent grid's: one CTA per SM, or at most `splits` CTAs (a tuning knob: on small
     // shapes fewer CTAs split fewer slices, gpu_sweep's grid cases time it).
     const bool pdl = stream_pdl(device, qw, qweight);
-    const bool narrow = stream_narrow(), deep = stream_deep();
-    // wgmma (above); else deep: one pass of <= 64 rows (not 17-32: stream_supports), where asked
-    // for, in place of the large one where it fits
-    const int pass = static_cast<int>(wgmma ? wgmma_pass : pass_rows(compact));
-    const int64_t rest = rest_of(pass);
-    const awq::StreamConfig config =
-        wgmma ? awq::kConfigWgmma
-        : deep && !compact && M <= awq::kStreamDeepMaxM && rows_fit_config(M, awq::kConfigDeep) ? awq::kConfigDeep
-                                                                                                 : config_of(compact);
+    const bool narrow = stream_narrow();
+    const awq::StreamConfig config = choice.stream.config;
+    const bool group_sums = choice.stream.group_sums;
+    const int pass = choice.stream.pass;
+    const int64_t rest = M - (M - 1) / pass * pass;  // the last pass's rows
     const int ctas = so > 0 ? std::min(so, num_sms) : num_sms;
     const awq::StreamPlan full = awq::plan_stream(std::min(m, pass), n, kk, a.group_size, ctas, config);
     const awq::StreamPlan last = awq::plan_stream(static_cast<int>(rest), n, kk, a.group_size, ctas, config);
@@ -489,6 +464,35 @@ at::Tensor awq_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const a
   return awq_gemm_variant_cuda(x, qweight, qzeros, scales, group_size, kAuto, 0);
 }
 
+// What awq_gemm_variant would launch for these arguments under the current settings, without
+// launching it: the first launch's kernel, named as scripts/sass_budget.py names it (template
+// arguments for the stream and skinny kernels; the GEMV and tiled GEMM by name), or
+// "dequant+cuBLAS".  The same choice (choose_kernel) and the same refusals.
+std::string awq_gemm_kernel_name_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros,
+                                      const at::Tensor& scales, int64_t group_size, int64_t kernel, int64_t splits) {
+  const Shape s = check_weight(qweight, qzeros, scales, group_size, "awq_gemm");
+  const int64_t M = check_call(x, qweight, s, kernel, splits);
+  if (M == 0 || s.N == 0) return "none (empty)";
+  const KernelChoice choice = choose_kernel(s, M, static_cast<Kernel>(kernel), x.get_device());
+  const awq::DType dt = to_dtype(x.scalar_type());
+  switch (choice.kernel) {
+    case kStream:
+      return awq::stream_kernel_name(dt, static_cast<int>(std::min<int64_t>(M, choice.stream.pass)),
+                                     static_cast<int>(s.N), static_cast<int>(s.K), static_cast<int>(s.group),
+                                     choice.stream.config, choice.stream.group_sums, stream_narrow());
+    case kSkinny:
+    case kSkinnyShallow:
+      return awq::skinny_kernel_name(dt, static_cast<int>(M), choice.kernel == kSkinnyShallow ? 2 : 4,
+                                     s.layout == Layout::kTiled);
+    case kGemv:
+      return "awq_gemv_kernel";
+    case kTiled:
+      return "awq_gemm_kernel";
+    default:
+      return "dequant+cuBLAS";
+  }
+}
+
 }  // namespace
 
 // A question about this library rather than a computation (its schema: awqlib/ops.py): whether
@@ -503,4 +507,5 @@ TORCH_LIBRARY_IMPL(awqlib, CUDA, m) {
   m.impl("awq_gemm", &awq_gemm_cuda);
   m.impl("awq_dequantize", &awq_dequantize_cuda);
   m.impl("awq_gemm_variant", &awq_gemm_variant_cuda);
+  m.impl("awq_gemm_kernel_name", &awq_gemm_kernel_name_cuda);
 }

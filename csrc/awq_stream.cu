@@ -55,6 +55,8 @@
 #include <cstddef>
 #include <map>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -1000,52 +1002,71 @@ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 // it saves (large: MB <= 2; compact: MB = 1), and never with FINE groups.
 constexpr bool group_sums_pay(int MB, int KA, bool fine) { return 32 * MB < 16 * KA && !fine; }
 
-// The instantiation for the shape; group sums (if asked for) only where group_sums_pay, narrow
-// (if asked for) only at MB = 1.
+// The template flags of the instantiation that runs a launch (awq_stream_kernel's EXACT, FINE,
+// SUMS and NARROW; describe_mb finds them).
+struct StreamFlags {
+  bool exact, fine, sums, narrow;
+};
+
+// The instantiation with flags `f` (group sums only where group_sums_pay, narrow only at MB = 1 and
+// never on wgmma: flags_for sets them so).
 template <typename T, int MB, int CONFIG, bool NARROW>
-auto stream_kernel_variant(bool exact, bool fine, bool sums) {
+auto stream_kernel_variant(const StreamFlags& f) {
   constexpr int kKA = StreamCfg<MB, CONFIG>::kKA;
   if constexpr (CONFIG != kConfigWgmma && group_sums_pay(MB, kKA, false)) {
-    if (sums && group_sums_pay(MB, kKA, fine))
-      return exact ? awq_stream_kernel<T, MB, true, false, true, CONFIG, NARROW>
-                   : awq_stream_kernel<T, MB, false, false, true, CONFIG, NARROW>;
+    if (f.sums)
+      return f.exact ? awq_stream_kernel<T, MB, true, false, true, CONFIG, NARROW>
+                     : awq_stream_kernel<T, MB, false, false, true, CONFIG, NARROW>;
   }
-  return exact ? (fine ? awq_stream_kernel<T, MB, true, true, false, CONFIG, NARROW>
-                       : awq_stream_kernel<T, MB, true, false, false, CONFIG, NARROW>)
-               : (fine ? awq_stream_kernel<T, MB, false, true, false, CONFIG, NARROW>
-                       : awq_stream_kernel<T, MB, false, false, false, CONFIG, NARROW>);
+  return f.exact ? (f.fine ? awq_stream_kernel<T, MB, true, true, false, CONFIG, NARROW>
+                           : awq_stream_kernel<T, MB, true, false, false, CONFIG, NARROW>)
+                 : (f.fine ? awq_stream_kernel<T, MB, false, true, false, CONFIG, NARROW>
+                           : awq_stream_kernel<T, MB, false, false, false, CONFIG, NARROW>);
 }
 
 template <typename T, int MB, int CONFIG>
-auto stream_kernel_for(bool exact, bool fine, bool sums, bool narrow) {
+auto stream_kernel_for(const StreamFlags& f) {
   if constexpr (MB == 1 && CONFIG != kConfigWgmma) {
-    if (narrow) return stream_kernel_variant<T, MB, CONFIG, true>(exact, fine, sums);
+    if (f.narrow) return stream_kernel_variant<T, MB, CONFIG, true>(f);
   }
-  return stream_kernel_variant<T, MB, CONFIG, false>(exact, fine, sums);
+  return stream_kernel_variant<T, MB, CONFIG, false>(f);
 }
 
-int mb_for(int M) { return M <= 16 ? 1 : M <= 32 ? 2 : M <= 64 ? 4 : 8; }  // 8: wgmma only (config_takes)
-int stage_k_for(int M, StreamConfig config) { return 16 * ka_for(mb_for(M), config) * kKW; }
-// Whether `config` has an instantiation for M rows (one pass): up to its row limit, and for the
+// m16 tiles for M rows in one launch: 1, 2, 4, or 8 (65-128 rows: the wgmma configuration only).
+int m_tiles(int M) { return M <= 16 ? 1 : M <= 32 ? 2 : M <= 64 ? 4 : 8; }
+
+// The most rows `config` takes in one launch.
+int config_max_m(StreamConfig config) {
+  return config == kConfigCompact ? kStreamCompactMaxM
+         : config == kConfigDeep  ? kStreamDeepMaxM
+         : config == kConfigWgmma ? kStreamWgmmaMaxM
+                                  : kStreamMaxM;
+}
+
+// Whether `config` has an instantiation for M rows (one launch): up to its row limit, and for the
 // deep one not at two m-tiles.
 // The wgmma one only in a build with sm_90a code (stream_wgmma_built).
 bool config_takes(int M, StreamConfig config) {
-  const int max_m = config == kConfigCompact ? kStreamCompactMaxM
-                    : config == kConfigDeep  ? kStreamDeepMaxM
-                    : config == kConfigWgmma ? kStreamWgmmaMaxM
-                                             : kStreamMaxM;
-  return M >= 1 && M <= max_m && !(config == kConfigDeep && mb_for(M) == 2) &&
+  return M >= 1 && M <= config_max_m(config) && !(config == kConfigDeep && m_tiles(M) == 2) &&
          (config != kConfigWgmma || stream_wgmma_built());
 }
 
+// The m-tiles of `config`'s instantiation for M rows; a host error (std::invalid_argument) where it
+// has none, rather than another configuration's kernel run past its rows.
+int mb_for(int M, StreamConfig config) {
+  if (!config_takes(M, config))
+    throw std::invalid_argument("awq stream kernel: configuration " + std::to_string(int(config)) +
+                                " has no instantiation for " + std::to_string(M) + " rows");
+  return m_tiles(M);
+}
+int stage_k_for(int M, StreamConfig config) { return 16 * ka_for(mb_for(M, config), config) * kKW; }
+
 // f(MB, CONFIG) -- as std::integral_constants -- for the instantiation that serves `mb` m-tiles
-// in `config`, the one place that maps the two to template arguments.  A deep plan at two m-tiles
-// (the same plan as the large one: config_takes refuses it, describe_stream may still meet one)
-// runs the large kernels.
+// in `config` (mb_for's), the one place that maps the two to template arguments.
 template <typename F>
 auto with_instantiation(StreamConfig config, int mb, F&& f) {
   using std::integral_constant;
-  if (config == kConfigDeep && mb != 2)
+  if (config == kConfigDeep)
     return mb == 1 ? f(integral_constant<int, 1>{}, integral_constant<int, kConfigDeep>{})
                    : f(integral_constant<int, 4>{}, integral_constant<int, kConfigDeep>{});
   if (config == kConfigWgmma)
@@ -1105,17 +1126,26 @@ struct StreamLaunch {
   StreamParams p;
 };
 
-// The instantiation that runs shape `p`: EXACT where no load needs a bounds predicate, FINE where
-// group_size < 16 kKA, NARROW where asked for and M <= kStreamNarrowMaxM.
+// The flags of the instantiation that runs shape `p`: EXACT where no load needs a bounds predicate,
+// FINE where a group ends inside what a warp walks of a stage (its kKA atoms, or with wgmma all of
+// them), group sums where asked for and they pay (group_sums_pay; never with wgmma, whose kernels
+// scale fragments), NARROW where asked for at MB = 1 and M <= kStreamNarrowMaxM (not with wgmma).
+template <int MB, int CONFIG>
+StreamFlags flags_for(const StreamParams& p, bool group_sums, bool narrow) {
+  using Cfg = StreamCfg<MB, CONFIG>;
+  const int warp_atoms = Cfg::kWgmma ? Cfg::kKA * kKW : Cfg::kKA;
+  StreamFlags f{};
+  f.exact = p.K % Cfg::kStageK == 0 && p.N % kSliceN == 0;
+  f.fine = p.gshift < 31 && (16 << p.gshift) < 16 * warp_atoms;
+  f.sums = group_sums && !Cfg::kWgmma && group_sums_pay(MB, Cfg::kKA, f.fine);
+  f.narrow = narrow && MB == 1 && !Cfg::kWgmma && p.M <= kStreamNarrowMaxM;
+  return f;
+}
+
 template <typename T, int MB, int CONFIG>
 StreamLaunch<T> describe_mb(const StreamParams& p, int grid, bool group_sums, bool pdl, bool narrow) {
-  using Cfg = StreamCfg<MB, CONFIG>;
-  const bool exact = p.K % Cfg::kStageK == 0 && p.N % kSliceN == 0;
-  // FINE: a group ends inside what a warp walks of a stage -- its kKA atoms, or (wgmma) all of them
-  const int warp_atoms = Cfg::kWgmma ? Cfg::kKA * kKW : Cfg::kKA;
-  const bool fine = p.gshift < 31 && (16 << p.gshift) < 16 * warp_atoms;
-  StreamLaunch<T> d{stream_kernel_for<T, MB, CONFIG>(exact, fine, group_sums, narrow && p.M <= kStreamNarrowMaxM),
-                    grid, kStThreads, Cfg::kSmemBytes, p};
+  StreamLaunch<T> d{stream_kernel_for<T, MB, CONFIG>(flags_for<MB, CONFIG>(p, group_sums, narrow)), grid, kStThreads,
+                    StreamCfg<MB, CONFIG>::kSmemBytes, p};
   d.p.pdl = pdl;
   return d;
 }
@@ -1124,9 +1154,14 @@ template <typename T>
 StreamLaunch<T> describe_stream(int M, int N, int K, int group_size, const StreamPlan& plan, bool group_sums,
                                 bool pdl, bool narrow) {
   const StreamParams p = params_for(M, N, K, group_size, plan.per, plan.grid, plan.config);
-  return with_instantiation(plan.config, mb_for(M), [&](auto mb, auto config) {
+  return with_instantiation(plan.config, mb_for(M, plan.config), [&](auto mb, auto config) {
     return describe_mb<T, decltype(mb)::value, decltype(config)::value>(p, plan.grid, group_sums, pdl, narrow);
   });
+}
+
+// Names of StreamConfig as scripts/sass_budget.py prints them (its STREAM_CONFIGS).
+const char* config_name(StreamConfig config) {
+  return config == kConfigCompact ? "compact" : config == kConfigDeep ? "deep" : config == kConfigWgmma ? "wgmma" : "large";
 }
 
 // The dequantize kernel's grid: one thread per (atom, lane).
@@ -1204,15 +1239,17 @@ int stream_static_smem_bytes() {
 
 }  // namespace
 
-#ifndef AWQ_HOST_EMULATION
 int stream_smem_bytes(int M, StreamConfig config) {
   if (!config_takes(M, config)) return -1;
-  return with_instantiation(config, mb_for(M), [](auto mb, auto cfg) {
+  return with_instantiation(config, mb_for(M, config), [](auto mb, auto cfg) {
     constexpr int MB = decltype(mb)::value, CONFIG = decltype(cfg)::value;
+#ifdef AWQ_HOST_EMULATION  // no compiled kernel to ask: the static part's bound (the static_asserts')
+    return StreamCfg<MB, CONFIG>::kSmemBytes + kStaticSmemAllowance;
+#else
     return StreamCfg<MB, CONFIG>::kSmemBytes + stream_static_smem_bytes<MB, CONFIG>();
+#endif
   });
 }
-#endif
 
 bool stream_wgmma_built() {
 #if defined(AWQ_HOST_EMULATION) || defined(AWQ_WGMMA_BUILT)
@@ -1228,6 +1265,99 @@ bool stream_supports(int M, int N, int K, int group_size, StreamConfig config) {
   const int kStageK = stage_k_for(M, config);
   if (group_size < kStageK) return kStageK % group_size == 0 && log2_exact(group_size / 16) >= 0;
   return group_size % kStageK == 0 || group_size == K;
+}
+
+namespace {
+
+// The rows of the first launch of M rows in passes of `pass` that `config` cannot run on this
+// device (the full pass, else the last one), or 0 when it runs them all.
+int64_t failing_pass(int64_t M, int N, int K, int group_size, StreamConfig config, int pass, int smem_limit) {
+  const auto runs = [&](int64_t rows) {
+    if (!stream_supports(static_cast<int>(rows), N, K, group_size, config)) return false;
+    const int bytes = stream_smem_bytes(static_cast<int>(rows), config);
+    return bytes > 0 && bytes <= smem_limit;
+  };
+  const int64_t full = std::min<int64_t>(M, pass), rest = M % pass;
+  return !runs(full) ? full : M > full && rest && !runs(rest) ? rest : 0;
+}
+
+// Why `config` cannot run M rows in passes of `pass`, one clause of a refusal.
+std::string why_not(int64_t M, int N, int K, int group_size, StreamConfig config, int pass, int smem_limit) {
+  const int64_t bad = failing_pass(M, N, K, group_size, config, pass, smem_limit);
+  const std::string what = std::string("the ") + config_name(config) + " configuration runs passes of at most " +
+                           std::to_string(pass) + " rows; its pass of " + std::to_string(bad) + " rows ";
+  const int rows = static_cast<int>(bad);
+  if (!stream_supports(rows, N, K, group_size, config)) {
+    const std::string k_tile = config_takes(rows, config) ? std::to_string(stage_k_for(rows, config)) : "?";
+    return what + "does not take N = " + std::to_string(N) + ", K = " + std::to_string(K) + ", group_size " +
+           std::to_string(group_size) + " (it needs N % 64 == 0, K % 16 == 0, and group_size 32, 64, 128 or 256 " +
+           "dividing its k-tile of " + k_tile + " rows, a multiple of that k-tile, or K)";
+  }
+  return what + "needs " + std::to_string(stream_smem_bytes(rows, config)) +
+         " bytes of shared memory per block (the device has " + std::to_string(smem_limit) + ")";
+}
+
+}  // namespace
+
+StreamChoice choose_stream(int64_t M, int N, int K, int group_size, const StreamRequest& r) {
+  const auto fails = [&](StreamConfig config, int pass) {
+    return failing_pass(M, N, K, group_size, config, pass, r.smem_limit) != 0;
+  };
+  StreamChoice c;
+  StreamConfig base = r.compact ? kConfigCompact : kConfigLarge;
+  c.group_sums = r.group_sums;
+  if (r.automatic) {
+    // One launch, with group sums: at M <= 32, and at 33-64 on weights of kStreamFourTileMinWeights
+    // elements and more; the large configuration where it fits, else at M <= 32 the compact one.
+    // Every further pass streams the weights again: measured on an H200 (gpu_sweep 2026-11-30),
+    // 2 and 4 passes at best tie dequantize + cuBLAS.
+    const bool four_tiles_pay = M <= kStreamCompactMaxM || int64_t(N) * K >= kStreamFourTileMinWeights;
+    base = kConfigLarge;
+    if (M > kStreamMaxM || !four_tiles_pay || (fails(kConfigLarge, kStreamMaxM) &&
+                                               (M > kStreamCompactMaxM || fails(kConfigCompact, kStreamCompactMaxM)))) {
+      c.kind = StreamChoice::kDequantCublas;
+      return c;
+    }
+    if (fails(kConfigLarge, kStreamMaxM)) base = kConfigCompact;
+    c.group_sums = true;
+  }
+  const int pass = base == kConfigCompact ? kStreamCompactMaxM : kStreamMaxM;
+  // wgmma in place of the large configuration for every pass, where asked for and it runs them all
+  // -- also a shape only it takes (its 128-row stages at 65-128 rows)
+  if (r.wgmma && base == kConfigLarge && !fails(kConfigWgmma, kStreamWgmmaMaxM)) {
+    c.kind = StreamChoice::kStream;
+    c.config = kConfigWgmma;
+    c.pass = kStreamWgmmaMaxM;
+    return c;
+  }
+  if (fails(base, pass)) {
+    c.refusal = "the stream kernel cannot run " + std::to_string(M) + " rows of this weight: " +
+                why_not(M, N, K, group_size, base, pass, r.smem_limit);
+    if (r.wgmma && base == kConfigLarge)
+      c.refusal += "; and " + why_not(M, N, K, group_size, kConfigWgmma, kStreamWgmmaMaxM, r.smem_limit) +
+                   " (AWQLIB_STREAM_WGMMA=1)";
+    return c;
+  }
+  c.kind = StreamChoice::kStream;
+  c.pass = pass;
+  // the deep ring in place of the large one, where asked for: one launch of <= 64 rows, not 17-32
+  c.config = r.deep && base == kConfigLarge && M <= kStreamDeepMaxM && !fails(kConfigDeep, kStreamDeepMaxM)
+                 ? kConfigDeep
+                 : base;
+  return c;
+}
+
+std::string stream_kernel_name(DType dt, int M, int N, int K, int group_size, StreamConfig config, bool group_sums,
+                               bool narrow) {
+  const StreamParams p = params_for(M, N, K, group_size, 1, 1, config);
+  return with_instantiation(config, mb_for(M, config), [&](auto mb, auto cfg) {
+    constexpr int MB = decltype(mb)::value, CONFIG = decltype(cfg)::value;
+    const StreamFlags f = flags_for<MB, CONFIG>(p, group_sums, narrow);
+    const auto b = [](bool v) { return v ? "true" : "false"; };
+    return std::string("awq_stream_kernel<") + (dt == DType::kHalf ? "half" : "bf16") + ", " + std::to_string(MB) +
+           ", " + b(f.exact) + ", " + b(f.fine) + ", " + b(f.sums) + ", " + config_name(config) + ", " + b(f.narrow) +
+           ">";
+  });
 }
 
 StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms, StreamConfig config) {
@@ -1249,7 +1379,7 @@ StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms, StreamC
   plan.config = config;
   const StreamParams p = params_for(M, N, K, group_size, per, plan.grid, config);
   plan.slices = slices;
-  plan.workspace_floats = (size_t)slices * p.max_parts * std::min(M, 16 * mb_for(M)) * kSliceN;
+  plan.workspace_floats = (size_t)slices * p.max_parts * std::min(M, 16 * mb_for(M, config)) * kSliceN;
   plan.counters = slices;
   return plan;
 }

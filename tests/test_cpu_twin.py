@@ -15,6 +15,7 @@ Needs a host C++20 compiler and the CUDA headers (cuda_fp16.h); skipped without 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -24,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from awqlib.kernels import source_dir
+from awqlib.kernels import source_constant, source_dir
 from awqlib.toolchain import find_cuda_home
 from conftest import stream_case
 
@@ -402,3 +403,160 @@ def test_dequantize_source_on_cpu_is_bit_exact(twin, tmp_path, dtype):
     _write(tmp_path, **stream)
     _run(twin, tmp_path, "dequant", tmp_path, dtype, K, N, g)
     assert torch.equal(_read(tmp_path / "out.bin", DTYPES[dtype], (K, N)), q.to(DTYPES[dtype]))
+
+
+# ---- which stream kernel serves a call: csrc/awq_stream.cu's choose_stream (what awq_ops.cpp asks
+# for every stream-layout call) and the instantiation its first launch runs (stream_kernel_name),
+# from the source itself, on the CPU.
+
+H100_SMEM, A100_SMEM, SM89_SMEM = (source_constant(n) for n in ("kH100SmemPerBlock", "kA100SmemPerBlock",
+                                                               "kSm89SmemPerBlock"))
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def choose(twin, queries: list[dict]) -> list[str]:
+    """choose_stream's answer to each query: "stream CONFIG PASS SUMS NAME", "dequant" or "refused
+    MESSAGE".  A query: M, N, K, and optionally g (128), dtype ("fp16"), limit (the device's shared memory
+    per block: H100_SMEM), auto / compact / sums / deep / wgmma (the request: False) and narrow (the
+    setting: True)."""
+    fields = ("dtype", "M", "N", "K", "g", "limit", "auto", "compact", "sums", "deep", "wgmma", "narrow")
+    defaults = dict(dtype="fp16", g=128, limit=H100_SMEM, auto=False, compact=False, sums=False, deep=False, wgmma=False,
+                    narrow=True)
+    text = "\n".join(" ".join(str(int(v) if isinstance(v, bool) else v) for v in
+                              (({**defaults, **q})[f] for f in fields)) for q in queries)
+    r = subprocess.run([str(twin), "choose", "-"], input=text, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    answers = r.stdout.splitlines()
+    assert len(answers) == len(queries), r.stdout[-2000:]
+    return answers
+
+
+def _kernel(answer: str) -> str:
+    return answer.split(" ", 4)[4] if answer.startswith("stream ") else answer
+
+
+BIG = dict(N=8192, K=8192)     # 2^26 weights: four m-tiles pay (kStreamFourTileMinWeights)
+SQUARE = dict(N=4096, K=4096)
+# (query, answer): the rules awq_ops.cpp's header table states, per GPU class and setting
+CHOICES = [
+    (dict(M=1, auto=True, **SQUARE), "stream 0 64 1 awq_stream_kernel<half, 1, true, false, true, large, true>"),
+    (dict(M=1, auto=True, narrow=False, **SQUARE), "stream 0 64 1 awq_stream_kernel<half, 1, true, false, true, large, false>"),
+    (dict(M=9, auto=True, **SQUARE), "stream 0 64 1 awq_stream_kernel<half, 1, true, false, true, large, false>"),
+    (dict(M=20, auto=True, dtype="bf16", **SQUARE), "stream 0 64 1 awq_stream_kernel<bf16, 2, true, false, true, large, false>"),
+    (dict(M=40, auto=True, **SQUARE), "dequant"),   # four m-tiles lose below 2^26 weights
+    (dict(M=40, auto=True, **BIG), "stream 0 64 1 awq_stream_kernel<half, 4, true, false, false, large, false>"),
+    (dict(M=40, auto=True, N=8128, K=8192), "dequant"),  # just under 2^26
+    (dict(M=65, auto=True, **BIG), "dequant"),      # one launch at most
+    (dict(M=1, auto=True, limit=A100_SMEM, **SQUARE), "stream 0 64 1 awq_stream_kernel<half, 1, true, false, true, large, true>"),
+    (dict(M=20, auto=True, limit=A100_SMEM, **SQUARE), "stream 1 32 1 awq_stream_kernel<half, 2, true, false, false, compact, false>"),
+    (dict(M=40, auto=True, limit=A100_SMEM, **BIG), "stream 0 64 1 awq_stream_kernel<half, 4, true, false, false, large, false>"),
+    (dict(M=1, auto=True, limit=SM89_SMEM, **SQUARE), "stream 1 32 1 awq_stream_kernel<half, 1, true, false, true, compact, true>"),
+    (dict(M=40, auto=True, limit=SM89_SMEM, **BIG), "dequant"),
+    # the deep ring where asked for: M <= 16 and 33-64, where it fits
+    (dict(M=1, auto=True, deep=True, **SQUARE), "stream 2 64 1 awq_stream_kernel<half, 1, true, false, true, deep, true>"),
+    (dict(M=20, auto=True, deep=True, **SQUARE), "stream 0 64 1 awq_stream_kernel<half, 2, true, false, true, large, false>"),
+    (dict(M=64, auto=True, deep=True, **BIG), "stream 2 64 1 awq_stream_kernel<half, 4, true, false, false, deep, false>"),
+    (dict(M=1, auto=True, deep=True, limit=A100_SMEM, **SQUARE), "stream 0 64 1 awq_stream_kernel<half, 1, true, false, true, large, true>"),
+    # warpgroup mma where asked for (and the device runs it): every pass, up to 128 rows; the
+    # automatic choice keeps its own limits (dequantize + cuBLAS past 64 rows)
+    (dict(M=1, auto=True, wgmma=True, **SQUARE), "stream 3 128 1 awq_stream_kernel<half, 1, true, true, false, wgmma, false>"),
+    (dict(M=100, wgmma=True, **SQUARE), "stream 3 128 0 awq_stream_kernel<half, 8, true, false, false, wgmma, false>"),
+    (dict(M=129, wgmma=True, **SQUARE), "stream 3 128 0 awq_stream_kernel<half, 8, true, false, false, wgmma, false>"),
+    (dict(M=100, auto=True, wgmma=True, **BIG), "dequant"),
+    (dict(M=100, wgmma=True, limit=A100_SMEM, **SQUARE), "stream 0 64 0 awq_stream_kernel<half, 4, true, false, false, large, false>"),
+    (dict(M=100, wgmma=True, compact=True, **SQUARE), "stream 1 32 0 awq_stream_kernel<half, 2, true, false, false, compact, false>"),
+    (dict(M=100, wgmma=True, N=4096, K=4608, g=384), "stream 3 128 0 awq_stream_kernel<half, 8, true, false, false, wgmma, false>"),
+    # forced kernels in passes; tails (not EXACT) and groups a warp's stage walk ends inside (FINE)
+    (dict(M=100, sums=True, **SQUARE), "stream 0 64 1 awq_stream_kernel<half, 4, true, false, false, large, false>"),
+    (dict(M=5, N=192, K=4160, g=64), "stream 0 64 0 awq_stream_kernel<half, 1, false, true, false, large, true>"),
+    (dict(M=1, N=4096, K=4096, g=32, compact=True, sums=True), "stream 1 32 1 awq_stream_kernel<half, 1, true, true, false, compact, true>"),
+]
+
+
+@pytest.mark.parametrize("query,answer", CHOICES, ids=[f"{i}" for i in range(len(CHOICES))])
+def test_stream_choice_follows_the_stated_rules(twin, query, answer):
+    assert choose(twin, [query]) == [answer]
+
+
+def test_stream_refusals_name_every_configuration_considered(twin):
+    """A forced stream kernel that cannot run is refused with the reason of each configuration it
+    considered; gpu_sweep's gate skips only the refusals where none had the room (lacks_smem)."""
+    from benchmarks import gpu_sweep
+    A100 = dict(limit=A100_SMEM, **SQUARE)
+    smem, shape, both, both_smem, auto = choose(twin, [
+        dict(M=20, **A100),                                      # the large M 17-32 stage: 214 KB
+        dict(M=4, N=192, K=576, g=96),                           # no k-tile that group divides
+        dict(M=100, wgmma=True, N=4096, K=4608, g=384, limit=A100_SMEM),  # wgmma's stage is too big, large refuses g
+        dict(M=20, wgmma=True, **A100),                          # neither has the room
+        dict(M=4, N=192, K=576, g=96, auto=True)])               # the automatic choice falls back
+    assert auto == "dequant"
+    assert smem.startswith("refused the stream kernel cannot run 20 rows of this weight: the large configuration "
+                           "runs passes of at most 64 rows; its pass of 20 rows needs "), smem
+    assert smem.endswith(f" bytes of shared memory per block (the device has {A100_SMEM})")
+    assert "does not take N = 192, K = 576, group_size 96" in shape and "k-tile of 512 rows" in shape
+    assert "the large configuration" in both and "does not take" in both
+    assert "; and the wgmma configuration runs passes of at most 128 rows; its pass of 100 rows needs " in both
+    assert both.endswith("(AWQLIB_STREAM_WGMMA=1)")
+    assert [gpu_sweep.lacks_smem(m) for m in (smem, shape, both, both_smem)] == [True, False, False, True]
+
+
+def _sweep_request(label: str, kernel) -> dict:
+    """The request a gpu_sweep variant makes: its kernel id and its environment (the GPU an H100/H200
+    unless the environment caps its shared memory)."""
+    from awqlib.ops import Kernel
+    from benchmarks import gpu_sweep
+    env = {**gpu_sweep.BASE_ENV, **gpu_sweep.VARIANT_ENV.get(label, {})}
+    limit = env.get("AWQLIB_STREAM_SMEM_LIMIT")
+    return dict(auto=kernel == Kernel.AUTO, compact=kernel in (Kernel.STREAM_COMPACT, Kernel.STREAM_COMPACT_GROUP_SUMS),
+                sums=kernel in (Kernel.STREAM_GROUP_SUMS, Kernel.STREAM_COMPACT_GROUP_SUMS),
+                deep=env.get("AWQLIB_STREAM_DEEP") == "1", wgmma=env.get("AWQLIB_STREAM_WGMMA") == "1",
+                narrow=env.get("AWQLIB_STREAM_NARROW") != "0", limit=int(limit) if limit else H100_SMEM)
+
+
+def test_gpu_sweep_labels_what_the_library_runs(twin):
+    """gpu_sweep.kernel_label (which names each timed cell's kernel for its SASS column, and decides
+    which cells the deep variant times) predicts the library's choice for every stream variant, shape
+    and token count: a change to the dispatch that the sweep does not follow fails here, on the CPU."""
+    from benchmarks import gpu_sweep
+    cases = [(label, kernel, M, N, K) for label, layout, kernel in gpu_sweep.VARIANTS if layout == "stream"
+             for _, N, K in gpu_sweep.SHAPES for M in sorted({*gpu_sweep.MS, 2, 8, 9, 17, 33, 63, 65, 100, 129})]
+    answers = choose(twin, [dict(M=M, N=N, K=K, g=gpu_sweep.GROUP, **_sweep_request(label, kernel))
+                            for label, kernel, M, N, K in cases])
+    wrong = [(label, M, N, K, gpu_sweep.kernel_label(label, M, N, K), _kernel(a))
+             for (label, kernel, M, N, K), a in zip(cases, answers)
+             if gpu_sweep.kernel_label(label, M, N, K) != _kernel(a).replace("dequant", "dequant+cuBLAS")]
+    assert not wrong, wrong[:10]
+
+
+def test_every_launchable_stream_kernel_has_a_sass_budget_row(twin):
+    """Every instantiation the host can launch -- any request, GPU class, dtype, token count, group
+    regime and tail -- is one scripts/sass_budget.py measured (benchmarks/sass_budget.json, sm_90),
+    so the sweep's SASS column and the budget test cover what runs."""
+    import itertools
+    rows = json.loads((ROOT / "benchmarks" / "sass_budget.json").read_text())
+    measured = {r["kernel"] for r in rows if r["arch"] == "90"}
+    shapes = [(4096, 4096, 128), (192, 576, 64), (1024, 2752, 32), (512, 2048, 256), (4096, 4608, 384),
+              (128, 2048, 1024), (64, 768, 768)]
+    kinds = [dict(auto=True), dict(), dict(sums=True), dict(compact=True), dict(compact=True, sums=True)]
+    queries = [dict(dtype=dt, M=M, N=N, K=K, g=g, limit=limit, deep=deep, wgmma=wgmma, narrow=narrow, **kind)
+               for dt in ("fp16", "bf16") for M in (1, 2, 8, 9, 16, 17, 32, 33, 64, 65, 100, 128, 129)
+               for N, K, g in shapes for limit in (H100_SMEM, A100_SMEM, SM89_SMEM) for kind in kinds
+               for deep, wgmma, narrow in itertools.product((False, True), repeat=3)]
+    names = {_kernel(a) for a in choose(twin, queries) if a.startswith("stream ")}
+    assert len(names) > 100, len(names)  # the queries reach most of the instantiations
+    assert names <= measured, sorted(names - measured)[:10]
+
+
+def test_every_mutation_still_applies():
+    """Each of tests/cpu_twin/mutations.py's kernel bugs edits exactly one place of today's sources:
+    a change to the kernel (or to a comment a mutation anchors on) that leaves one stale fails here,
+    in CI, rather than at the next mutation run."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("twin_mutations", HARNESS.parent / "mutations.py")
+    mutations = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mutations)
+    stale = [(name, where[0] if where else "awq_stream.cu", old[:60])
+             for name, edits in mutations.MUTS.items() for old, _new, *where in edits
+             if (source_dir() / (where[0] if where else "awq_stream.cu")).read_text().count(old) != 1]
+    assert not stale, stale
+    assert set(mutations.CAUGHT_BY) <= set(mutations.MUTS)

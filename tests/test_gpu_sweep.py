@@ -151,15 +151,22 @@ def test_gate_failure_says_where_and_rules_out_only_its_variants():
 
 def test_gate_skips_only_configurations_the_gpu_has_no_room_for():
     """The gate passes over a stream configuration this GPU cannot give its shared memory (the large
-    M 17-32 one on an A100) and counts every other refusal as a failure.  The message it reads is
-    awq_ops.cpp's."""
-    src = (ROOT / "csrc" / "awq_ops.cpp").read_text()
-    assert '" configuration) runs passes of at most "' in src and '" rows needs ",' in src
+    M 17-32 one on an A100) and counts every other refusal as a failure -- with two configurations
+    considered (wgmma asked for), only when neither has the room.  The messages it reads are
+    awq_stream.cu's choose_stream (tests/test_cpu_twin.py reads them from the code itself)."""
+    src = (ROOT / "csrc" / "awq_stream.cu").read_text()
+    assert '" configuration runs passes of at most "' in src and '" rows; its pass of "' in src
     assert '" bytes of shared memory per block (the device has "' in src
-    msg = ("awq_gemm_variant: the stream kernel (large configuration) runs passes of at most 64 rows; its pass of "
-           "20 rows needs {} bytes of shared memory per block (the device has {})")
-    assert gpu_sweep.lacks_smem(msg.format(213008, 166912))
-    assert not gpu_sweep.lacks_smem(msg.format(163856, 166912))  # refused for the shape: a failure
+    clause = ("the {} configuration runs passes of at most {} rows; its pass of 20 rows needs {} bytes of shared "
+              "memory per block (the device has 166912)")
+    shape = ("the wgmma configuration runs passes of at most 128 rows; its pass of 20 rows does not take N = 4096, "
+             "K = 4096, group_size 96 (it needs ...)")
+    refusal = "awq_gemm_variant: the stream kernel cannot run 20 rows of this weight: "
+    assert gpu_sweep.lacks_smem(refusal + clause.format("large", 64, 213008))
+    assert not gpu_sweep.lacks_smem(refusal + clause.format("large", 64, 163856))  # refused for the shape: a failure
+    assert gpu_sweep.lacks_smem(refusal + clause.format("large", 64, 213008) + "; and " +
+                                clause.format("wgmma", 128, 208896) + " (AWQLIB_STREAM_WGMMA=1)")
+    assert not gpu_sweep.lacks_smem(refusal + clause.format("large", 64, 213008) + "; and " + shape)
     assert not gpu_sweep.lacks_smem("CUDA error: an illegal memory access was encountered")
 
 

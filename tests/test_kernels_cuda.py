@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from awqlib import kernels
-from awqlib.ops import Kernel
+from awqlib.ops import Kernel, gemm_kernel_name
 from awqlib.packing import dequantize_gemm, pack_awq
 
 pytestmark = [pytest.mark.gpu,
@@ -886,6 +886,33 @@ def test_stream_refuses_other_layouts_and_kernels():
     with pytest.raises(RuntimeError, match="runs passes of at most 64 rows"):
         torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, 96, int(Kernel.STREAM), 0)
     check(x, 576, 192, 96, torch.float16, out=torch.ops.awqlib.awq_gemm(x, qs, zs, ss, 96))
+    # the same refusals from the op that names the kernel instead of running it
+    with pytest.raises(RuntimeError, match="runs passes of at most 64 rows"):
+        gemm_kernel_name(x, qs, zs, ss, 96, Kernel.STREAM)
+    with pytest.raises(RuntimeError, match="needs the stream layout"):
+        gemm_kernel_name(x, qweight, qzeros, scales, 64, Kernel.STREAM)
+    assert gemm_kernel_name(x, qs, zs, ss, 96) == "dequant+cuBLAS"
+
+
+def test_kernel_names_are_what_the_sweep_predicts():
+    """ops.gemm_kernel_name on this GPU, under each gpu_sweep variant's settings, names the kernel
+    gpu_sweep.kernel_label predicts (on an H100/H200, the GPU class the prediction assumes) and one
+    with a SASS budget row; the tiled layout's skinny kernel too."""
+    from benchmarks import gpu_sweep
+    if torch.cuda.get_device_properties(0).shared_memory_per_block_optin < gpu_sweep.DEEP_SMEM_MIN:
+        pytest.skip("the sweep's predictions are for an H100/H200's shared memory")
+    sass = gpu_sweep.sass_table()
+    N, K, g = 4096, 4096, 128
+    weights = {layout: gpu_sweep.make_weight(K, N, g, layout)[1] for layout in ("stream", "tiled")}
+    for M in (1, 8, 9, 17, 40, 64, 100, 129):
+        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        for label, layout, kernel in gpu_sweep.VARIANTS:
+            if label == "stream:wgmma" and not kernels.wgmma_available():
+                continue
+            with gpu_sweep.variant_env(label):
+                ran = gpu_sweep.kernel_ran(x, weights[layout], g, kernel)
+            assert ran == gpu_sweep.kernel_label(label, M, N, K), (label, M)
+            assert ran == "dequant+cuBLAS" or ran in sass, (label, M, ran)
 
 
 @pytest.mark.parametrize("kernel,M", [(Kernel.STREAM, 65), (Kernel.STREAM, 100), (Kernel.STREAM, 128),

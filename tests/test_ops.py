@@ -42,6 +42,17 @@ def test_fake_tensor_shape():
     assert out.shape == (7, 64)
 
 
+def test_kernel_name_off_cuda_is_the_reference():
+    """ops.gemm_kernel_name where the PyTorch reference runs: "reference", with the reference's own
+    shape checks (on CUDA the kernels answer: tests/test_kernels_cuda.py, tests/test_cpu_twin.py)."""
+    from awqlib.ops import Kernel, gemm_kernel_name
+    q = WQLinear.from_linear(torch.nn.Linear(128, 64), 4, 64)
+    assert gemm_kernel_name(torch.empty(3, 128), q.qweight, q.qzeros, q.scales, 64) == "reference"
+    assert gemm_kernel_name(torch.empty(3, 128), q.qweight, q.qzeros, q.scales, 64, Kernel.STREAM) == "reference"
+    with pytest.raises(ValueError, match="input has 96 features, the weight expects 128"):
+        gemm_kernel_name(torch.empty(3, 96), q.qweight, q.qzeros, q.scales, 64)
+
+
 def _quantized(k: int, n: int, g: int):
     """(linear, its WQLinear, an input, the output, a copy of the state dict) with a fixed seed."""
     torch.manual_seed(0)

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # name -> [(old text, new text[, file in csrc/ (default awq_stream.cu)])]
 MUTS = {
- 'no_loop_barrier': [("    // wgmma group the wait at the end of t-1 covered) by everyone\n    __syncthreads();", "    // removed")],
+ 'no_loop_barrier': [("    __syncthreads();\n    if (t + kAhead < n_units) {", "    if (t + kAhead < n_units) {")],
  'wait_one_too_few': [("cp_async_wait<kAhead - 1>();", "cp_async_wait<kAhead>();")],
  'racy_reduction': [("""    for (int w = 0; w < kKW; ++w) {
       if (wk == w) {""", """    for (int i = tid; i < rows_out * kSliceN; i += kStThreads) red[i] = 0.f;
@@ -34,17 +34,12 @@ MUTS = {
     for (int w = 0; w < 1; ++w) {
       if (true) {"""), ("r = (w == 0 ? 0.f : r) + acc[mb][t][e];", "r += acc[mb][t][e];")],
  'no_flush_barrier': [("    __syncthreads();  // every warp is done reading the slot `red` overwrites", "")],
- 'refill_too_early': [("""    cp_async_wait<kAhead - 1>();
-    if constexpr (kWg) fence_proxy_async_smem();  // the landed copies, to wgmma's reads
-    // stage t landed for everyone; slot `wr` was consumed at t-1 (kWgmmaInFlight: t-2, whose last
-    // wgmma group the wait at the end of t-1 covered) by everyone
-    __syncthreads();
+ 'refill_too_early': [("""    __syncthreads();
     if (t + kAhead < n_units) {
       load_weights(wr, ld);
       load_inputs(wr, ld);
       loader_next(ld);
-    }""", """    cp_async_wait<kAhead - 1>();
-    if (t + kAhead < n_units) {
+    }""", """    if (t + kAhead < n_units) {
       load_weights(wr, ld);
       load_inputs(wr, ld);
       loader_next(ld);

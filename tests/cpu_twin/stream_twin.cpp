@@ -5,6 +5,7 @@
 //
 //   stream_twin gemm    DIR DTYPE M N K GROUP SMS SUMS CONFIG PDL NARROW TIMING ORDER
 //   stream_twin dequant DIR DTYPE K N GROUP
+//   stream_twin choose  -   (queries on stdin, one per line, answers on stdout)
 //
 // DIR holds the inputs as raw little-endian arrays (x.bin [M, K], qweight.bin, qzeros.bin,
 // scales.bin in the stream layout) and receives out.bin ([M, N], or the dense W^T [K, N]).  DTYPE:
@@ -14,7 +15,13 @@
 // kernels (M <= 8).  Prints the launch (grid, units per CTA,
 // the ring refills the plan makes), the weight bytes the kernel read and the warp mmas it ran;
 // exit status 0, or 1 and the reason on stderr (3 for a memory fault).
+// choose: awq_ops.cpp's choice for a stream-layout weight (choose_stream: which configuration, rows
+// per launch, group sums, or dequantize + cuBLAS, or the refusal) and the instantiation its first
+// launch runs (stream_kernel_name).  A query: DTYPE M N K GROUP SMEM_LIMIT AUTOMATIC COMPACT SUMS
+// DEEP WGMMA NARROW (the StreamRequest and the narrow setting); an answer: "stream CONFIG PASS SUMS
+// NAME", "dequant", or "refused MESSAGE".
 #include <cstdio>
+#include <iostream>
 
 #define AWQ_HOST_EMULATION 1
 #include "awq_stream.cu"
@@ -94,13 +101,13 @@ void run_gemm(const std::string& dir, int M, int N, int K, int g, int sms, bool 
   // What the plan makes the kernel do beyond its prologue (planned_refills: units its CTAs stream
   // after the stages the prologue loads -- the ring's steady state), and what the kernel did read:
   // every weight byte exactly once (weight_bytes_read against K N / 2).
-  const int ahead = awq::load_ahead_for(awq::mb_for(M), config);
+  const int ahead = awq::load_ahead_for(awq::mb_for(M, config), config);
   int refills = 0;
   for (int b = 0; b < d.grid; ++b) refills += std::max(0, std::min(plan.per, d.p.units - b * plan.per) - ahead);
   std::printf("grid %d per %d units %d slices %d max_parts %d smem %d planned_refills %d weight_bytes_read %zu "
               "warp_mmas %zu stage_k %d m_tiles %d\n",
               d.grid, plan.per, d.p.units, plan.slices, d.p.max_parts, d.smem_bytes, refills,
-              awq_twin::g_bytes_copied_from[1], awq_twin::g_warp_mmas, awq::stage_k_for(M, config), awq::mb_for(M));
+              awq_twin::g_bytes_copied_from[1], awq_twin::g_warp_mmas, awq::stage_k_for(M, config), awq::mb_for(M, config));
 }
 
 template <typename T>
@@ -118,6 +125,30 @@ void run_dequant(const std::string& dir, int K, int N, int g) {
                                       K, N, g);
   });
   write_file(dir + "/out.bin", out.data(), out.bytes());
+}
+
+void run_choose() {
+  std::string dt;
+  long long M;
+  int N, K, g, limit, automatic, compact, sums, deep, wgmma, narrow;
+  while (std::cin >> dt >> M >> N >> K >> g >> limit >> automatic >> compact >> sums >> deep >> wgmma >> narrow) {
+    if (dt != "fp16" && dt != "bf16") awq_twin::fail("DTYPE is fp16|bf16");
+    awq::StreamRequest r;
+    r.automatic = automatic, r.compact = compact, r.group_sums = sums, r.deep = deep, r.wgmma = wgmma;
+    r.smem_limit = limit;
+    const awq::StreamChoice c = awq::choose_stream(M, N, K, g, r);
+    if (c.kind == awq::StreamChoice::kDequantCublas) {
+      std::printf("dequant\n");
+    } else if (c.kind == awq::StreamChoice::kRefused) {
+      std::printf("refused %s\n", c.refusal.c_str());
+    } else {
+      const int rows = static_cast<int>(std::min<long long>(M, c.pass));
+      const std::string name = awq::stream_kernel_name(dt == "fp16" ? awq::DType::kHalf : awq::DType::kBFloat16, rows,
+                                                       N, K, g, c.config, c.group_sums, narrow);
+      std::printf("stream %d %d %d %s\n", int(c.config), c.pass, int(c.group_sums), name.c_str());
+    }
+  }
+  if (!std::cin.eof()) awq_twin::fail("choose: a query is DTYPE M N K GROUP SMEM_LIMIT AUTOMATIC COMPACT SUMS DEEP WGMMA NARROW");
 }
 
 }  // namespace
@@ -142,6 +173,8 @@ int main(int argc, char** argv) {
       if (dt == "fp16") run_gemm<__half>(dir, M, N, K, g, sms, sums, config, pdl, narrow, eager, reverse);
       else if (dt == "bf16") run_gemm<__nv_bfloat16>(dir, M, N, K, g, sms, sums, config, pdl, narrow, eager, reverse);
       else awq_twin::fail("DTYPE is fp16|bf16");
+    } else if (kind == "choose" && argc == 3) {
+      run_choose();
     } else if (kind == "dequant" && argc == 7) {
       const std::string dt = argv[3];
       const int K = to_int(argv[4]), N = to_int(argv[5]), g = to_int(argv[6]);
