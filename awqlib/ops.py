@@ -170,7 +170,8 @@ def gemm_kernel_name(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tenso
                      group_size: int, kernel: Kernel = Kernel.AUTO, splits: int = 0) -> str:
     """The kernel ``awq_gemm_variant(x, ..., kernel, splits)`` would run (``Kernel.AUTO``: what
     :func:`awq_gemm` runs) under the current settings, without running it: on CUDA the first
-    launch's instantiation as ``scripts/sass_budget.py`` names it (``"awq_stream_kernel<half, 1,
-    true, false, true, large, true>"``) or ``"dequant+cuBLAS"``; ``"reference"`` where the PyTorch
+    launch's kernel -- for the stream and skinny kernels its instantiation as ``scripts/sass_budget.py``
+    names it (``"awq_stream_kernel<half, 1, true, false, true, large, true>"``), for the GEMV and the
+    tiled GEMM the kernel's name alone -- or ``"dequant+cuBLAS"``; ``"reference"`` where the PyTorch
     reference runs.  Raises what the call would raise for a kernel that cannot serve it."""
     return torch.ops.awqlib.awq_gemm_kernel_name(x, qweight, qzeros, scales, group_size, int(kernel), splits)

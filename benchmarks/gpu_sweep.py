@@ -70,7 +70,7 @@ SHAPES = [("4096x4096", 4096, 4096), ("70b-down 8192x28672", 8192, 28672), ("8b-
 MS = [1, 4, 16, 32, 64, 128, 256]  # 128, 256: the stream kernel in 2 and 4 passes against dequantize + cuBLAS
 GROUP = 128
 
-FOUR_TILE_MIN_WEIGHTS = source_constant("kStreamFourTileMinWeights")  # kAuto's M 33-64 rule (csrc/awq_ops.cpp)
+FOUR_TILE_MIN_WEIGHTS = source_constant("kStreamFourTileMinWeights")  # the automatic M 33-64 rule (awq_stream.cu: choose_stream)
 STREAM_MAX_M = source_constant("kStreamMaxM")  # one pass of the stream kernel (csrc/awq_kernels.h)
 STREAM_COMPACT_MAX_M = source_constant("kStreamCompactMaxM")  # ... in the compact configuration
 STREAM_DEEP_MAX_M = source_constant("kStreamDeepMaxM")  # ... in the deep one (a fourth ring stage)
@@ -443,7 +443,7 @@ def where_wrong(out: torch.Tensor, ref: torch.Tensor, tol: float) -> str:
 
 # variants whose environment turns on a configuration the library's defaults do not run
 OPT_IN_ENVS = ("stream:auto:deep", "stream:wgmma")
-# the kernels each default variant runs (csrc/awq_ops.cpp: kAuto), by Kernel name
+# the kernels each default variant runs (csrc/awq_stream.cu: choose_stream), by Kernel name
 DEFAULT_RUNS = {"stream:auto": (Kernel.STREAM.name, Kernel.STREAM_GROUP_SUMS.name),
                 "stream:auto:deep": (Kernel.STREAM.name, Kernel.STREAM_GROUP_SUMS.name),
                 "stream:auto:sm89": (Kernel.STREAM_COMPACT.name, Kernel.STREAM_COMPACT_GROUP_SUMS.name)}
@@ -503,7 +503,7 @@ def kernel_label(variant: str, M: int, N: int, K: int) -> str:
     STREAM_WGMMA_MAX_M): its first."""
     if variant in ("stream:auto", "stream:auto:deep") and (
             M > STREAM_MAX_M or (M > STREAM_COMPACT_MAX_M and N * K < FOUR_TILE_MIN_WEIGHTS)):
-        return "dequant+cuBLAS"  # the stream layout's (csrc/awq_ops.cpp: kAuto)
+        return "dequant+cuBLAS"  # the stream layout's (csrc/awq_stream.cu: choose_stream)
     compact = variant == "stream:auto:sm89"  # a ~99 KB GPU's default: the compact configuration, M <= 32
     if compact and M > STREAM_COMPACT_MAX_M:
         return "dequant+cuBLAS"
@@ -548,12 +548,14 @@ def sweep_row(name: str, N: int, K: int, M: int, variant: str, t: float, t_ref: 
 
 
 def kernel_ran(x, q, g: int, kernel: Kernel) -> str | None:
-    """The kernel awq_gemm_variant runs for this call under the current settings, as the library
-    names it (ops.gemm_kernel_name), or None where the loaded library cannot say."""
+    """The kernel awq_gemm_variant runs for this call under the current settings, as the CUDA kernels
+    name it (ops.gemm_kernel_name), or None where they cannot say (not loaded: the reference answers;
+    a library from before the op)."""
     try:
-        return gemm_kernel_name(x, q[0], q[1], q[2], g, kernel)
+        name = gemm_kernel_name(x, q[0], q[1], q[2], g, kernel)
     except (AttributeError, RuntimeError, NotImplementedError):
         return None
+    return None if name == "reference" else name
 
 
 # The default on the small shapes with its persistent grid capped (awq_gemm_variant's `splits` for a

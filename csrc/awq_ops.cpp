@@ -465,14 +465,16 @@ at::Tensor awq_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const a
 }
 
 // What awq_gemm_variant would launch for these arguments under the current settings, without
-// launching it: the first launch's kernel, named as scripts/sass_budget.py names it (template
-// arguments for the stream and skinny kernels; the GEMV and tiled GEMM by name), or
-// "dequant+cuBLAS".  The same choice (choose_kernel) and the same refusals.
+// launching it: the first launch's kernel, named as scripts/sass_budget.py names it for the stream
+// and skinny kernels (its sass_budget.json key), by its name alone for the GEMV and the tiled GEMM
+// (whose template arguments come from their plans), or "dequant+cuBLAS".  The same choice
+// (choose_kernel) and the same refusals.
 std::string awq_gemm_kernel_name_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros,
                                       const at::Tensor& scales, int64_t group_size, int64_t kernel, int64_t splits) {
   const Shape s = check_weight(qweight, qzeros, scales, group_size, "awq_gemm");
   const int64_t M = check_call(x, qweight, s, kernel, splits);
   if (M == 0 || s.N == 0) return "none (empty)";
+  const c10::cuda::CUDAGuard guard(x.device());
   const KernelChoice choice = choose_kernel(s, M, static_cast<Kernel>(kernel), x.get_device());
   const awq::DType dt = to_dtype(x.scalar_type());
   switch (choice.kernel) {

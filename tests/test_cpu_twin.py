@@ -415,13 +415,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def choose(twin, queries: list[dict]) -> list[str]:
-    """choose_stream's answer to each query: "stream CONFIG PASS SUMS NAME", "dequant" or "refused
-    MESSAGE".  A query: M, N, K, and optionally g (128), dtype ("fp16"), limit (the device's shared memory
-    per block: H100_SMEM), auto / compact / sums / deep / wgmma (the request: False) and narrow (the
-    setting: True)."""
-    fields = ("dtype", "M", "N", "K", "g", "limit", "auto", "compact", "sums", "deep", "wgmma", "narrow")
-    defaults = dict(dtype="fp16", g=128, limit=H100_SMEM, auto=False, compact=False, sums=False, deep=False, wgmma=False,
-                    narrow=True)
+    """choose_stream's answer to each query: "stream CONFIG PASS SUMS FIRST | LAST | GRID PER" (the
+    first and last launches' instantiations, the first one's grid and units per CTA), "dequant" or
+    "refused MESSAGE".  A query: M, N, K, and optionally g (128), dtype ("fp16"), limit (the device's
+    shared memory per block: H100_SMEM), auto / compact / sums / deep / wgmma (the request: False),
+    narrow (the setting: True) and sms (the CTAs the grid may have: 132)."""
+    fields = ("dtype", "M", "N", "K", "g", "limit", "auto", "compact", "sums", "deep", "wgmma", "narrow", "sms")
+    defaults = dict(dtype="fp16", g=128, limit=H100_SMEM, auto=False, compact=False, sums=False, deep=False,
+                    wgmma=False, narrow=True, sms=132)
     text = "\n".join(" ".join(str(int(v) if isinstance(v, bool) else v) for v in
                               (({**defaults, **q})[f] for f in fields)) for q in queries)
     r = subprocess.run([str(twin), "choose", "-"], input=text, capture_output=True, text=True, timeout=120)
@@ -431,8 +432,14 @@ def choose(twin, queries: list[dict]) -> list[str]:
     return answers
 
 
+def _head(answer: str) -> str:
+    """An answer without its last launch and grid: "stream CONFIG PASS SUMS FIRST"."""
+    return answer.split(" | ")[0]
+
+
 def _kernel(answer: str) -> str:
-    return answer.split(" ", 4)[4] if answer.startswith("stream ") else answer
+    """The first launch's instantiation, or "dequant" / the refusal."""
+    return _head(answer).split(" ", 4)[4] if answer.startswith("stream ") else answer
 
 
 BIG = dict(N=8192, K=8192)     # 2^26 weights: four m-tiles pay (kStreamFourTileMinWeights)
@@ -475,7 +482,7 @@ CHOICES = [
 
 @pytest.mark.parametrize("query,answer", CHOICES, ids=[f"{i}" for i in range(len(CHOICES))])
 def test_stream_choice_follows_the_stated_rules(twin, query, answer):
-    assert choose(twin, [query]) == [answer]
+    assert [_head(a) for a in choose(twin, [query])] == [answer]
 
 
 def test_stream_refusals_name_every_configuration_considered(twin):
@@ -542,9 +549,23 @@ def test_every_launchable_stream_kernel_has_a_sass_budget_row(twin):
                for dt in ("fp16", "bf16") for M in (1, 2, 8, 9, 16, 17, 32, 33, 64, 65, 100, 128, 129)
                for N, K, g in shapes for limit in (H100_SMEM, A100_SMEM, SM89_SMEM) for kind in kinds
                for deep, wgmma, narrow in itertools.product((False, True), repeat=3)]
-    names = {_kernel(a) for a in choose(twin, queries) if a.startswith("stream ")}
+    names = {name for a in choose(twin, queries) if a.startswith("stream ")
+             for name in (_kernel(a), a.split(" | ")[1])}  # each call's first and last launch
     assert len(names) > 100, len(names)  # the queries reach most of the instantiations
     assert names <= measured, sorted(names - measured)[:10]
+
+
+def test_gpu_sweep_grid_is_the_plan(twin):
+    """gpu_sweep.stream_grid (the grid cases' CTAs and units per CTA) is plan_stream's grid for the
+    large configuration's first launch, the CTA cap applied as awq_ops.cpp does (at most one per SM)."""
+    from benchmarks import gpu_sweep
+    cases = [(M, N, K, cap) for _, N, K in [*gpu_sweep.GRID_SHAPES, ("70b-down", 8192, 28672)] for M in (1, 16, 32, 33, 64)
+             for cap in (*gpu_sweep.GRID_CAPS, 1, 7, 500)]
+    answers = choose(twin, [dict(M=M, N=N, K=K, sms=min(cap, 132) if cap else 132) for M, N, K, cap in cases])
+    for (M, N, K, cap), a in zip(cases, answers):
+        assert a.startswith("stream "), (M, N, K, a)
+        grid, per = map(int, a.split(" | ")[2].split())
+        assert gpu_sweep.stream_grid(M, N, K, min(cap, 132) if cap else 132) == (grid, per), (M, N, K, cap)
 
 
 def test_every_mutation_still_applies():

@@ -894,11 +894,12 @@ def test_stream_refuses_other_layouts_and_kernels():
     assert gemm_kernel_name(x, qs, zs, ss, 96) == "dequant+cuBLAS"
 
 
-def test_kernel_names_are_what_the_sweep_predicts():
+def test_kernel_names_are_what_the_sweep_predicts(monkeypatch):
     """ops.gemm_kernel_name on this GPU, under each gpu_sweep variant's settings, names the kernel
     gpu_sweep.kernel_label predicts (on an H100/H200, the GPU class the prediction assumes) and one
     with a SASS budget row; the tiled layout's skinny kernel too."""
     from benchmarks import gpu_sweep
+    monkeypatch.delenv("AWQLIB_STREAM_SMEM_LIMIT", raising=False)  # the device's own shared memory
     if torch.cuda.get_device_properties(0).shared_memory_per_block_optin < gpu_sweep.DEEP_SMEM_MIN:
         pytest.skip("the sweep's predictions are for an H100/H200's shared memory")
     sass = gpu_sweep.sass_table()

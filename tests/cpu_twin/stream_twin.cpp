@@ -16,10 +16,13 @@
 // the ring refills the plan makes), the weight bytes the kernel read and the warp mmas it ran;
 // exit status 0, or 1 and the reason on stderr (3 for a memory fault).
 // choose: awq_ops.cpp's choice for a stream-layout weight (choose_stream: which configuration, rows
-// per launch, group sums, or dequantize + cuBLAS, or the refusal) and the instantiation its first
-// launch runs (stream_kernel_name).  A query: DTYPE M N K GROUP SMEM_LIMIT AUTOMATIC COMPACT SUMS
-// DEEP WGMMA NARROW (the StreamRequest and the narrow setting); an answer: "stream CONFIG PASS SUMS
-// NAME", "dequant", or "refused MESSAGE".
+// per launch, group sums, or dequantize + cuBLAS, or the refusal), the instantiations its first and
+// last launches run (stream_kernel_name) and the first launch's persistent grid (plan_stream).  A
+// query: DTYPE M N K GROUP SMEM_LIMIT AUTOMATIC COMPACT SUMS DEEP WGMMA NARROW SMS (the
+// StreamRequest, the narrow setting, the CTAs the grid may have); an answer: "stream CONFIG PASS
+// SUMS FIRST | LAST | GRID PER", "dequant", or "refused MESSAGE".  The static shared memory is
+// counted at its bound (kStaticSmemAllowance, 2 KB; the GPU's is 1040 B on sm_90), so a limit set
+// within ~1 KB of a configuration's need can be refused here and run on a GPU, never the reverse.
 #include <cstdio>
 #include <iostream>
 
@@ -130,9 +133,11 @@ void run_dequant(const std::string& dir, int K, int N, int g) {
 void run_choose() {
   std::string dt;
   long long M;
-  int N, K, g, limit, automatic, compact, sums, deep, wgmma, narrow;
-  while (std::cin >> dt >> M >> N >> K >> g >> limit >> automatic >> compact >> sums >> deep >> wgmma >> narrow) {
+  int N, K, g, limit, automatic, compact, sums, deep, wgmma, narrow, sms;
+  while (std::cin >> dt >> M >> N >> K >> g >> limit >> automatic >> compact >> sums >> deep >> wgmma >> narrow >>
+         sms) {
     if (dt != "fp16" && dt != "bf16") awq_twin::fail("DTYPE is fp16|bf16");
+    if (M < 1 || N < 1 || K < 1 || g < 1 || sms < 1) awq_twin::fail("choose: M, N, K, GROUP and SMS are positive");
     awq::StreamRequest r;
     r.automatic = automatic, r.compact = compact, r.group_sums = sums, r.deep = deep, r.wgmma = wgmma;
     r.smem_limit = limit;
@@ -142,13 +147,18 @@ void run_choose() {
     } else if (c.kind == awq::StreamChoice::kRefused) {
       std::printf("refused %s\n", c.refusal.c_str());
     } else {
+      const awq::DType type = dt == "fp16" ? awq::DType::kHalf : awq::DType::kBFloat16;
       const int rows = static_cast<int>(std::min<long long>(M, c.pass));
-      const std::string name = awq::stream_kernel_name(dt == "fp16" ? awq::DType::kHalf : awq::DType::kBFloat16, rows,
-                                                       N, K, g, c.config, c.group_sums, narrow);
-      std::printf("stream %d %d %d %s\n", int(c.config), c.pass, int(c.group_sums), name.c_str());
+      const int last = static_cast<int>(M - (M - 1) / c.pass * c.pass);
+      const std::string first_name = awq::stream_kernel_name(type, rows, N, K, g, c.config, c.group_sums, narrow);
+      const std::string last_name = awq::stream_kernel_name(type, last, N, K, g, c.config, c.group_sums, narrow);
+      const awq::StreamPlan plan = awq::plan_stream(rows, N, K, g, sms, c.config);
+      std::printf("stream %d %d %d %s | %s | %d %d\n", int(c.config), c.pass, int(c.group_sums), first_name.c_str(),
+                  last_name.c_str(), plan.grid, plan.per);
     }
   }
-  if (!std::cin.eof()) awq_twin::fail("choose: a query is DTYPE M N K GROUP SMEM_LIMIT AUTOMATIC COMPACT SUMS DEEP WGMMA NARROW");
+  if (!std::cin.eof())
+    awq_twin::fail("choose: a query is DTYPE M N K GROUP SMEM_LIMIT AUTOMATIC COMPACT SUMS DEEP WGMMA NARROW SMS");
 }
 
 }  // namespace
