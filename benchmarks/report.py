@@ -199,15 +199,24 @@ def targets_table(report: dict) -> str:
                            "the default with a fourth ring stage (the deep configuration), M <= 16 and 33-64"),
                           ("stream:wgmma", "stream", "warpgroup mma against mma.sync, both with scaled fragments"),
                           ("stream:wgmma", "stream:auto", "warpgroup mma against the default")):
-        pairs = [(by[(s, m, old)], us) for (s, m, v), us in by.items() if v == new and (s, m, old) in by]
-        if pairs:
-            wins = sum(t > s for t, s in pairs)
-            geo = 1.0
-            for t, s in pairs:
-                geo *= (t / s) ** (1 / len(pairs))
+        cells = [(m, by[(s, m, old)], us) for (s, m, v), us in by.items() if v == new and (s, m, old) in by]
+        if cells:
+            wins, geo = _wins_and_mean([(t, us) for _, t, us in cells])
             lines.append("")
-            lines.append(f"{new} vs {old} ({why}): faster in {wins} of {len(pairs)} cells, geometric mean {_ratio(geo)}.")
+            by_m = sorted({m for m, _, _ in cells})
+            per_m = ", ".join(f"{m}: {_ratio(_wins_and_mean([(t, us) for mm, t, us in cells if mm == m])[1])}"
+                              for m in by_m)
+            lines.append(f"{new} vs {old} ({why}): faster in {wins} of {len(cells)} cells, geometric mean {_ratio(geo)}"
+                         + (f" (by M: {per_m})." if len(by_m) > 1 else "."))
     return "\n".join(lines)
+
+
+def _wins_and_mean(pairs: list[tuple[float, float]]) -> tuple[int, float]:
+    """(cells where the second time is the shorter, geometric mean of first / second) of time pairs."""
+    geo = 1.0
+    for t, s in pairs:
+        geo *= (t / s) ** (1 / len(pairs))
+    return sum(t > s for t, s in pairs), geo
 
 
 def _gb(nbytes: float) -> str:

@@ -429,6 +429,20 @@ def test_a_sweep_variant_that_failed_to_time_is_named():
     assert "stream:pdl not timed from 4096x4096 M=1 on: RuntimeError: capture" in report.sweep_section(rep)
 
 
+def test_sweep_comparisons_break_down_by_token_count():
+    """A comparison of two variants gives its geometric mean over all cells and, where the cells span
+    several token counts, per token count (the defaults are decided per range of M)."""
+    def row(shape, M, variant, us):
+        return {"shape": shape, "M": M, "variant": variant, "us": us, "speedup": 1.0}
+    rows = [row("a", 1, "stream", 10.0), row("a", 1, "stream:wgmma", 5.0), row("b", 1, "stream", 10.0),
+            row("b", 1, "stream:wgmma", 20.0), row("a", 64, "stream", 30.0), row("a", 64, "stream:wgmma", 10.0)]
+    text = report.targets_table({"sweep": rows})
+    assert ("stream:wgmma vs stream (warpgroup mma against mma.sync, both with scaled fragments): faster in 2 of 3 "
+            "cells, geometric mean 1.44x (by M: 1: 1.00x, 64: 3.00x).") in text
+    one_m = report.targets_table({"sweep": rows[:4]})
+    assert "faster in 1 of 2 cells, geometric mean 1.00x." in one_m and "by M" not in one_m
+
+
 def test_provenance_names_the_settings_a_run_ran_with():
     rep = {"benchmark": "gpu_sweep", "date": "2026-11-30", "command": "python -m benchmarks.gpu_sweep",
            "env": {"AWQLIB_STREAM_PDL": "1", "AWQLIB_CACHE": "/somewhere", "AWQLIB_LAYOUT": "stream"}}
