@@ -581,3 +581,19 @@ def test_every_mutation_still_applies():
              if (source_dir() / (where[0] if where else "awq_stream.cu")).read_text().count(old) != 1]
     assert not stale, stale
     assert set(mutations.CAUGHT_BY) <= set(mutations.MUTS)
+
+
+def test_stream_serves_decode_is_the_kernels_rule(twin):
+    """packing.stream_serves_decode (which keeps a layer in the tiled layout where the stream kernel
+    would not take one token) says what choose_stream says of one token in either configuration."""
+    from awqlib.packing import stream_serves_decode
+    cases = [(K, N, g) for K in (256, 512, 768, 1024, 1536, 2048, 2752, 4096, 4608, 5120, 11008, 14336)
+             for N in (64, 192, 4096) for g in (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048, -1)
+             if K % (K if g == -1 else g) == 0]
+    answers = choose(twin, [dict(M=1, N=N, K=K, g=K if g == -1 else g, compact=compact)
+                            for K, N, g in cases for compact in (False, True)])
+    takes = [a.startswith("stream ") for a in answers]
+    wrong = [(K, N, g) for i, (K, N, g) in enumerate(cases)
+             if stream_serves_decode(K, N, g) != (takes[2 * i] or takes[2 * i + 1])]
+    assert not wrong, wrong[:10]
+    assert any(takes) and not all(takes)
