@@ -34,7 +34,7 @@ def as_gemm_shape(qweight: torch.Tensor) -> tuple[int, int]:
 
 
 class Kernel(enum.IntEnum):
-    """Kernel ids of ``awq_gemm_variant`` (mirror of ``enum Kernel`` in csrc/awq_ops.cpp; a test
+    """Kernel ids of ``awq_gemm_variant`` (mirror of ``enum Kernel`` in csrc/awq_dispatch.h; a test
     checks that the two agree)."""
     AUTO = 0             # pick by layout and M (the dispatch awq_gemm uses)
     GEMV = 1             # CUDA-core GEMV, GEMM layout, M <= 8

@@ -49,7 +49,7 @@ MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
 QUICK_SHAPES = SHAPES[:4]
 QUICK_MS = [1, 4, 8, 16, 64, 256, 1024]
 
-# The dispatch for warp-tiled weights in csrc/awq_ops.cpp (for the table), read from the source.
+# The dispatch for warp-tiled weights in csrc/awq_dispatch.h (for the table), read from the source.
 SKINNY_MAX_M_TILED = kernels.source_constant("kSkinnyMaxMTiled")
 
 

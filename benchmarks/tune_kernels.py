@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Time every CUDA kernel variant of awq_gemm on Llama shapes, to set the dispatch thresholds in
-csrc/awq_ops.cpp (kSkinnyMaxMAuto, kDequantCublasMinM) and the split-K heuristics from data.
+csrc/awq_dispatch.h (kSkinnyMaxMAuto, kDequantCublasMinM) and the split-K heuristics from data.
 
 Each (shape, M) runs every applicable variant through ``torch.ops.awqlib.awq_gemm_variant`` on
 the warp-tiled runtime layout (skinny tensor-core kernel with a deep / shallow register prefetch,

@@ -44,8 +44,15 @@ void launch_gemv(DType dt, const GemmArgs& a, cudaStream_t stream);
 constexpr int kSkinnyMaxM = 32;
 Plan plan_skinny(DType dt, int M, int N, int K, int depth, bool tiled, int num_sms, int splits_override);
 void launch_skinny(DType dt, const GemmArgs& a, int depth, bool tiled, cudaStream_t stream);
-// The instantiation launch_skinny runs, named as scripts/sass_budget.py names kernels.
-std::string skinny_kernel_name(DType dt, int M, int depth, bool tiled);
+// The instantiation launch_skinny runs: m16 tiles (2 above 16 rows) and ring depth (2 or 4 chunks),
+// and its name as scripts/sass_budget.py names kernels.
+inline int skinny_m_tiles(int M) { return M > 16 ? 2 : 1; }
+inline int skinny_depth(int depth) { return depth > 2 ? 4 : 2; }
+inline std::string skinny_kernel_name(DType dt, int M, int depth, bool tiled) {
+  return std::string("awq_skinny_kernel<") + (dt == DType::kHalf ? "half" : "bf16") + ", " +
+         std::to_string(skinny_m_tiles(M)) + ", " + std::to_string(skinny_depth(depth)) + ", " +
+         (tiled ? "true" : "false") + ">";
+}
 
 // ---- Tensor-core GEMM: M > kGemvMaxM.
 Plan plan_gemm(int M, int N, int K, int num_sms, int splits_override);

@@ -1,28 +1,6 @@
 // CUDA implementations of the awqlib ops.  The schemas are defined in Python (awqlib/ops.py);
-// this file only registers kernels for the CUDA dispatch key, checks arguments and picks a
-// kernel (thresholds measured on an H200 with benchmarks/tune_kernels.py):
-//
-//   warp-tiled qweight (AWQLIB_LAYOUT=tiled):
-//     M <= kSkinnyMaxMTiled  -> awq_skinny.cu (tensor cores, weights streamed to registers)
-//     larger                 -> awq_dequant.cu (tiled) + cuBLAS (at::mm)
-//   stream-layout qweight (the default runtime layout, packing.DEFAULT_RUNTIME_LAYOUT):
-//     M <= kStreamMaxM       -> awq_stream.cu (cp.async ring, persistent striped partition, group
-//                               sums where they pay, the narrow kernels at M <= 8), in the large
-//                               shared-memory configuration where it fits, else the compact one
-//                               (M <= kStreamCompactMaxM: A100 at M 17-32, ~100 KB GPUs), or the deep
-//                               one where asked for (AWQLIB_STREAM_DEEP=1, M <= 16 and 33-64,
-//                               H100/H200), or the warpgroup-mma one where asked for
-//                               (AWQLIB_STREAM_WGMMA=1, an sm_90a build on H100/H200; passes of up to
-//                               kStreamWgmmaMaxM rows); at M > 32 only for weights of
-//                               kStreamFourTileMinWeights elements or more
-//     larger, or neither fits -> awq_stream.cu's dequantize + cuBLAS
-//     (the stream rows are awq_stream.cu's choose_stream, which the CPU twin runs too)
-//   GEMM-layout qweight (the checkpoint layout, e.g. a model quantized in this process):
-//     M <= kGemvMaxMAuto     -> awq_gemv.cu   (CUDA cores, cp.async pipeline)
-//     M <= kSkinnyMaxMAuto   -> awq_skinny.cu
-//     M <  kDequantCublasMinM -> awq_gemm.cu  (tiled mma.sync GEMM, cp.async pipeline)
-//     larger                 -> awq_dequant.cu + cuBLAS
-//   shapes the fused kernels do not cover (N % 64, K % 32, group % 32) -> dequantize + cuBLAS
+// this file only registers kernels for the CUDA dispatch key, checks arguments, reads the settings
+// and the device, and runs the kernel awq_dispatch.h chooses (its header states the rules).
 //
 // All kernels with split-K reduce in-kernel (the last block of a tile adds the partials in a
 // fixed order).  Everything runs on the current stream with no host synchronisation; the
@@ -46,21 +24,15 @@
 #include <utility>
 #include <vector>
 
+#include "awq_dispatch.h"
 #include "awq_kernels.h"
 
 namespace {
 
-// GEMM-layout weights from this many rows on: dequantize once (K*N*2.5 bytes of traffic) and
-// call cuBLAS.  Measured on an H200 (tune_kernels.py): at M = 64 it beat the tiled mma.sync GEMM
-// on all five Llama shapes, at M = 24..32 the GEMM was as fast or faster.
-constexpr int64_t kDequantCublasMinM = 48;
-// GEMM-layout weights: up to kGemvMaxMAuto rows the CUDA-core GEMV, then up to kSkinnyMaxMAuto
-// the skinny tensor-core kernel.  Warp-tiled weights (what from_quantized gives on CUDA): the
-// skinny kernel up to kSkinnyMaxMTiled rows, then dequantize + cuBLAS.  Measured on an H200
-// (benchmarks/tune_kernels.py; numbers in benchmarks/RESULTS.md).
-constexpr int64_t kGemvMaxMAuto = 1;
-constexpr int64_t kSkinnyMaxMAuto = 16;
-constexpr int64_t kSkinnyMaxMTiled = 32;
+using awq::Kernel;
+using awq::KernelChoice;
+using awq::Layout;
+using awq::kAuto, awq::kDequantCublas, awq::kGemv, awq::kSkinnyShallow, awq::kStream, awq::kTiled;
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
@@ -86,16 +58,6 @@ std::string shape_of(const at::Tensor& t) {
   for (int64_t i = 0; i < t.dim(); ++i) r += (i ? ", " : "") + std::to_string(t.size(i));
   return r + "]";
 }
-
-// The weight comes in one of three layouts (awqlib/packing.py), told apart by qweight's shape:
-//   GEMM layout (the checkpoint's)  qweight int32 [K, N/8]
-//   warp-tiled (repacked at load)   qweight int32 [N/64, K/32, 256]: each warp-sized tile of
-//                                   32 k-rows x 64 columns stored in the order the skinny kernel's
-//                                   lanes read it, so a warp streams 1 KB contiguous per tile.
-//   stream (repacked at load)       qweight int32 [N/64, K/16, 128]: 16x64 mma atoms, 16 bytes per
-//                                   lane, k-pairs pre-interleaved; qzeros and scales permuted per
-//                                   lane too (same shapes as the GEMM layout's).
-enum class Layout { kGemm, kTiled, kStream };
 
 struct Shape {
   int64_t K, N, group;
@@ -194,24 +156,6 @@ at::Tensor awq_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& qzer
   return dequantize_impl(qweight, qzeros, scales, s);
 }
 
-// Which kernel serves a call.  kAuto picks by shape (below); the others force one, for tuning
-// (torch.ops.awqlib.awq_gemm_variant, benchmarks/tune_kernels.py) and tests.  Mirrored by
-// awqlib.ops.Kernel (an IntEnum; tests/test_ops.py checks that the two agree).
-enum Kernel : int64_t {
-  kAuto = 0,
-  kGemv = 1,           // CUDA-core GEMV, GEMM layout, M <= 8
-  kSkinny = 2,         // skinny tensor-core kernel, register ring 4 chunks deep, M <= 32
-  kTiled = 3,          // tiled mma.sync GEMM, GEMM layout
-  kDequantCublas = 4,  // dequantize + cuBLAS, any layout and M
-  kSkinnyShallow = 5,  // skinny tensor-core kernel, register ring 2 chunks deep
-  kStream = 6,         // streaming mma.sync kernel, stream layout, passes of <= 64 rows (AUTO: one pass;
-                       // wgmma: <= 128)
-  kStreamGroupSums = 7,  // the same, scaling per-group fp32 sums where that saves instructions
-  kStreamCompact = 8,    // kStream in the compact shared-memory configuration, passes of <= 32 rows
-  kStreamCompactGroupSums = 9,  // kStreamGroupSums in the compact configuration
-  kLastKernel = kStreamCompactGroupSums
-};
-
 // Split-K arrival counters.  Every kernel's last block resets its counter to zero, so outside
 // graph capture one zero-initialised buffer per (device, stream) serves every launch on that
 // stream with no memset: launches on one stream run in order and never share a counter
@@ -302,63 +246,18 @@ int stream_smem_limit(int device) {
   return static_cast<int>(std::min<long>(limit, optin));
 }
 
-bool is_stream_kernel(Kernel k) { return k >= kStream && k <= kStreamCompactGroupSums; }
-
-// The kernel that serves a call: kAuto resolved (the table at the top of this file), the stream
-// kernels as kStream with their configuration, pass rows and group sums (awq_stream.cu:
-// choose_stream), and a forced kernel that cannot serve the call refused, saying why.
-struct KernelChoice {
-  Kernel kernel;
-  awq::StreamChoice stream;  // kernel == kStream
-};
-
-KernelChoice choose_kernel(const Shape& s, int64_t M, Kernel k, int device) {
-  if (s.layout == Layout::kStream) {
-    TORCH_CHECK(k == kAuto || k == kDequantCublas || is_stream_kernel(k),
-                "awq_gemm_variant: a stream-layout weight is served by the stream kernel or dequantize + cuBLAS only");
-    if (k == kDequantCublas) return {kDequantCublas, {}};
-    if (M >= (int64_t(1) << 31)) {
-      TORCH_CHECK(k == kAuto, "awq_gemm_variant: the stream kernel takes fewer than 2^31 rows, got ", num(M));
-      return {kDequantCublas, {}};
-    }
-    // The stream kernel's configurations (awq_stream.cu: StreamCfg): the large one where the
-    // device has the shared memory for it (H100/H200; an A100 at M <= 16 and 33-64), else the
-    // compact one (which also takes the few group sizes only its 256-row k-tile divides); the deep
-    // one or the warpgroup-mma one in place of the large one where asked for and they fit.  M rows
-    // run in passes of at most the configuration's rows, one launch each.
-    awq::StreamRequest r;
-    r.automatic = k == kAuto;
-    r.compact = k == kStreamCompact || k == kStreamCompactGroupSums;
-    r.group_sums = k == kStreamGroupSums || k == kStreamCompactGroupSums;
-    r.deep = stream_deep();
-    r.wgmma = stream_wgmma(device);
-    r.smem_limit = stream_smem_limit(device);
-    const awq::StreamChoice c =
-        awq::choose_stream(M, static_cast<int>(s.N), static_cast<int>(s.K), static_cast<int>(s.group), r);
-    TORCH_CHECK(c.kind != awq::StreamChoice::kRefused, "awq_gemm_variant: ", c.refusal);
-    return {c.kind == awq::StreamChoice::kStream ? kStream : kDequantCublas, c};
-  }
-  TORCH_CHECK(!is_stream_kernel(k), "awq_gemm_variant: the stream kernel needs the stream layout");
-  const bool fused_ok = s.N % awq::kFusedNMultiple == 0 && s.K % awq::kFusedKMultiple == 0 &&
-                        s.group % awq::kFusedGroupMultiple == 0 && M < (int64_t(1) << 31) &&
-                        M * s.N < (int64_t(1) << 31);
-  if (k == kAuto) {
-    if (s.layout == Layout::kTiled) k = M <= kSkinnyMaxMTiled ? kSkinnyShallow : kDequantCublas;
-    else k = !fused_ok ? kDequantCublas
-             : M <= kGemvMaxMAuto ? kGemv
-             : M <= kSkinnyMaxMAuto ? kSkinnyShallow
-             : M < kDequantCublasMinM ? kTiled
-             : kDequantCublas;
-  }
-  if (k == kDequantCublas) return {kDequantCublas, {}};
-  TORCH_CHECK(fused_ok, "awq_gemm_variant: the fused kernels need N % ", num(awq::kFusedNMultiple), " == 0, K % ",
-              num(awq::kFusedKMultiple), " == 0 and group_size % ", num(awq::kFusedGroupMultiple), " == 0");
-  TORCH_CHECK(s.layout != Layout::kTiled || k == kSkinny || k == kSkinnyShallow,
-              "awq_gemm_variant: a warp-tiled weight is served by the skinny kernels or dequantize + cuBLAS only");
-  TORCH_CHECK(k != kGemv || M <= awq::kGemvMaxM, "awq_gemm_variant: the GEMV kernel takes M <= ", num(awq::kGemvMaxM));
-  TORCH_CHECK((k != kSkinny && k != kSkinnyShallow) || M <= awq::kSkinnyMaxM,
-              "awq_gemm_variant: the skinny kernel takes M <= ", num(awq::kSkinnyMaxM));
-  return {k, {}};
+// awq_dispatch.h's choice for a call, the stream settings read (and checked) only for the stream
+// layout; a forced kernel that cannot serve the call is refused here.
+KernelChoice choose(const Shape& s, int64_t M, Kernel k, int device) {
+  KernelChoice c = awq::choose_kernel(s.layout, M, s.N, s.K, s.group, k, [&] {
+    awq::StreamSettings st;
+    st.deep = stream_deep();
+    st.wgmma = stream_wgmma(device);
+    st.smem_limit = stream_smem_limit(device);
+    return st;
+  });
+  TORCH_CHECK(c.refusal.empty(), c.refusal);
+  return c;
 }
 
 // The checks every awq_gemm_variant call gets, and the rows of its 2-D view.
@@ -368,7 +267,7 @@ int64_t check_call(const at::Tensor& x, const at::Tensor& qweight, const Shape& 
               "awq_gemm: x must be float16 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == s.K, "awq_gemm: x has ", num(x.size(-1)), " features, the weight expects ",
               num(s.K));
-  TORCH_CHECK(kernel >= kAuto && kernel <= kLastKernel, "awq_gemm_variant: unknown kernel ", num(kernel));
+  TORCH_CHECK(kernel >= awq::kAuto && kernel <= awq::kLastKernel, "awq_gemm_variant: unknown kernel ", num(kernel));
   TORCH_CHECK(splits >= 0 && splits < (int64_t(1) << 16), "awq_gemm_variant: splits must be in [0, 65535], got ",
               num(splits));
   return x.numel() / s.K;
@@ -392,7 +291,7 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
 
   const int device = x.get_device();
   const int num_sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
-  const KernelChoice choice = choose_kernel(s, M, static_cast<Kernel>(kernel), device);
+  const KernelChoice choice = choose(s, M, static_cast<Kernel>(kernel), device);
   const Kernel k = choice.kernel;
   if (k == kDequantCublas) return dequant_matmul(x2, qw, qz, sc, s).view(out_shape);
 
@@ -465,34 +364,15 @@ at::Tensor awq_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const a
 }
 
 // What awq_gemm_variant would launch for these arguments under the current settings, without
-// launching it: the first launch's kernel, named as scripts/sass_budget.py names it for the stream
-// and skinny kernels (its sass_budget.json key), by its name alone for the GEMV and the tiled GEMM
-// (whose template arguments come from their plans), or "dequant+cuBLAS".  The same choice
-// (choose_kernel) and the same refusals.
+// launching it (awq_dispatch.h: kernel_name): the same choice and the same refusals.
 std::string awq_gemm_kernel_name_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros,
                                       const at::Tensor& scales, int64_t group_size, int64_t kernel, int64_t splits) {
   const Shape s = check_weight(qweight, qzeros, scales, group_size, "awq_gemm");
   const int64_t M = check_call(x, qweight, s, kernel, splits);
   if (M == 0 || s.N == 0) return "none (empty)";
   const c10::cuda::CUDAGuard guard(x.device());
-  const KernelChoice choice = choose_kernel(s, M, static_cast<Kernel>(kernel), x.get_device());
-  const awq::DType dt = to_dtype(x.scalar_type());
-  switch (choice.kernel) {
-    case kStream:
-      return awq::stream_kernel_name(dt, static_cast<int>(std::min<int64_t>(M, choice.stream.pass)),
-                                     static_cast<int>(s.N), static_cast<int>(s.K), static_cast<int>(s.group),
-                                     choice.stream.config, choice.stream.group_sums, stream_narrow());
-    case kSkinny:
-    case kSkinnyShallow:
-      return awq::skinny_kernel_name(dt, static_cast<int>(M), choice.kernel == kSkinnyShallow ? 2 : 4,
-                                     s.layout == Layout::kTiled);
-    case kGemv:
-      return "awq_gemv_kernel";
-    case kTiled:
-      return "awq_gemm_kernel";
-    default:
-      return "dequant+cuBLAS";
-  }
+  const KernelChoice choice = choose(s, M, static_cast<Kernel>(kernel), x.get_device());
+  return awq::kernel_name(to_dtype(x.scalar_type()), s.layout, M, s.N, s.K, s.group, choice, stream_narrow());
 }
 
 }  // namespace

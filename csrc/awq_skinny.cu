@@ -213,9 +213,6 @@ using SkinnyKernel = void (*)(const T*, const uint32_t*, const uint32_t*, const 
 
 // The instantiation serving (M, depth, layout): MT = 2 m16 tiles above 16 rows, a register ring of
 // `depth` chunks (2 or 4).
-int skinny_m_tiles(int M) { return M > 16 ? 2 : 1; }
-int skinny_depth(int depth) { return depth > 2 ? 4 : 2; }
-
 template <typename T>
 SkinnyKernel<T> pick(int M, int depth, bool tiled) {
   const bool two = skinny_m_tiles(M) == 2, deep = skinny_depth(depth) == 4;
@@ -269,12 +266,6 @@ Plan plan_skinny(DType dt, int M, int N, int K, int depth, bool tiled, int num_s
   const int cps = ceil_div(chunks, splits);
   splits = ceil_div(chunks, cps);  // no empty splits
   return Plan{0, splits, tiles};
-}
-
-std::string skinny_kernel_name(DType dt, int M, int depth, bool tiled) {
-  return std::string("awq_skinny_kernel<") + (dt == DType::kHalf ? "half" : "bf16") + ", " +
-         std::to_string(skinny_m_tiles(M)) + ", " + std::to_string(skinny_depth(depth)) + ", " +
-         (tiled ? "true" : "false") + ">";
 }
 
 void launch_skinny(DType dt, const GemmArgs& a, int depth, bool tiled, cudaStream_t stream) {

@@ -420,12 +420,18 @@ def choose(twin, queries: list[dict]) -> list[str]:
     "refused MESSAGE".  A query: M, N, K, and optionally g (128), dtype ("fp16"), limit (the device's
     shared memory per block: H100_SMEM), auto / compact / sums / deep / wgmma (the request: False),
     narrow (the setting: True) and sms (the CTAs the grid may have: 132)."""
-    fields = ("dtype", "M", "N", "K", "g", "limit", "auto", "compact", "sums", "deep", "wgmma", "narrow", "sms")
-    defaults = dict(dtype="fp16", g=128, limit=H100_SMEM, auto=False, compact=False, sums=False, deep=False,
-                    wgmma=False, narrow=True, sms=132)
+    return _ask(twin, "choose", queries,
+                ("dtype", "M", "N", "K", "g", "limit", "auto", "compact", "sums", "deep", "wgmma", "narrow", "sms"),
+                dict(dtype="fp16", g=128, limit=H100_SMEM, auto=False, compact=False, sums=False, deep=False,
+                     wgmma=False, narrow=True, sms=132))
+
+
+def _ask(twin, command: str, queries: list[dict], fields: tuple, defaults: dict) -> list[str]:
+    """The twin's answers to `command`'s queries, one line each (`fields` in order, `defaults` for
+    what a query leaves out)."""
     text = "\n".join(" ".join(str(int(v) if isinstance(v, bool) else v) for v in
                               (({**defaults, **q})[f] for f in fields)) for q in queries)
-    r = subprocess.run([str(twin), "choose", "-"], input=text, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([str(twin), command, "-"], input=text, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     answers = r.stdout.splitlines()
     assert len(answers) == len(queries), r.stdout[-2000:]
@@ -507,32 +513,80 @@ def test_stream_refusals_name_every_configuration_considered(twin):
     assert [gpu_sweep.lacks_smem(m) for m in (smem, shape, both, both_smem)] == [True, False, False, True]
 
 
-def _sweep_request(label: str, kernel) -> dict:
-    """The request a gpu_sweep variant makes: its kernel id and its environment (the GPU an H100/H200
-    unless the environment caps its shared memory)."""
-    from awqlib.ops import Kernel
+def dispatch(twin, queries: list[dict]) -> list[str]:
+    """awq_dispatch.h's answer to each query (awq_ops.cpp's whole choice): the first launch's kernel
+    as the awq_gemm_kernel_name op names it, or "refused MESSAGE".  A query: layout, M, N, K, kernel
+    (an awqlib.ops.Kernel), and optionally g (128), dtype, limit, deep, wgmma, narrow (as in choose)."""
+    return _ask(twin, "dispatch", queries,
+                ("dtype", "layout", "M", "N", "K", "g", "kernel", "limit", "deep", "wgmma", "narrow"),
+                dict(dtype="fp16", g=128, limit=H100_SMEM, deep=False, wgmma=False, narrow=True))
+
+
+def _sweep_settings(label: str) -> dict:
+    """What a gpu_sweep variant's environment sets (awq_ops.cpp reads AWQLIB_STREAM_*: unset is the
+    default, "0" off, "1" on); the GPU an H100/H200 unless the environment caps its shared memory."""
     from benchmarks import gpu_sweep
     env = {**gpu_sweep.BASE_ENV, **gpu_sweep.VARIANT_ENV.get(label, {})}
     limit = env.get("AWQLIB_STREAM_SMEM_LIMIT")
-    return dict(auto=kernel == Kernel.AUTO, compact=kernel in (Kernel.STREAM_COMPACT, Kernel.STREAM_COMPACT_GROUP_SUMS),
-                sums=kernel in (Kernel.STREAM_GROUP_SUMS, Kernel.STREAM_COMPACT_GROUP_SUMS),
-                deep=env.get("AWQLIB_STREAM_DEEP") == "1", wgmma=env.get("AWQLIB_STREAM_WGMMA") == "1",
+    return dict(deep=env.get("AWQLIB_STREAM_DEEP") == "1", wgmma=env.get("AWQLIB_STREAM_WGMMA") == "1",
                 narrow=env.get("AWQLIB_STREAM_NARROW") != "0", limit=int(limit) if limit else H100_SMEM)
 
 
 def test_gpu_sweep_labels_what_the_library_runs(twin):
     """gpu_sweep.kernel_label (which names each timed cell's kernel for its SASS column, and decides
-    which cells the deep variant times) predicts the library's choice for every stream variant, shape
-    and token count: a change to the dispatch that the sweep does not follow fails here, on the CPU."""
+    which cells the deep variant times) predicts the library's choice -- awq_dispatch.h from the
+    variant's kernel id, layout and settings -- for every variant, shape and token count: a change to
+    the dispatch that the sweep does not follow fails here, on the CPU."""
     from benchmarks import gpu_sweep
-    cases = [(label, kernel, M, N, K) for label, layout, kernel in gpu_sweep.VARIANTS if layout == "stream"
+    cases = [(label, layout, kernel, M, N, K) for label, layout, kernel in gpu_sweep.VARIANTS
              for _, N, K in gpu_sweep.SHAPES for M in sorted({*gpu_sweep.MS, 2, 8, 9, 17, 33, 63, 65, 100, 129})]
-    answers = choose(twin, [dict(M=M, N=N, K=K, g=gpu_sweep.GROUP, **_sweep_request(label, kernel))
-                            for label, kernel, M, N, K in cases])
-    wrong = [(label, M, N, K, gpu_sweep.kernel_label(label, M, N, K), _kernel(a))
-             for (label, kernel, M, N, K), a in zip(cases, answers)
-             if gpu_sweep.kernel_label(label, M, N, K) != _kernel(a).replace("dequant", "dequant+cuBLAS")]
+    answers = dispatch(twin, [dict(layout=layout, M=M, N=N, K=K, g=gpu_sweep.GROUP, kernel=int(kernel),
+                                   **_sweep_settings(label)) for label, layout, kernel, M, N, K in cases])
+    wrong = [(label, M, N, K, gpu_sweep.kernel_label(label, M, N, K), a)
+             for (label, layout, kernel, M, N, K), a in zip(cases, answers) if gpu_sweep.kernel_label(label, M, N, K) != a]
     assert not wrong, wrong[:10]
+
+
+GEMM, TILED, STREAM = "gemm", "tiled", "stream"
+# (query, answer): awq_dispatch.h's table for the GEMM and warp-tiled layouts, the kernel ids on the
+# stream layout, and the refusals of a forced kernel
+DISPATCH = [
+    (dict(layout=GEMM, M=1, kernel=0), "awq_gemv_kernel"),
+    (dict(layout=GEMM, M=2, kernel=0), "awq_skinny_kernel<half, 1, 2, false>"),
+    (dict(layout=GEMM, M=16, kernel=0, dtype="bf16"), "awq_skinny_kernel<bf16, 1, 2, false>"),
+    (dict(layout=GEMM, M=17, kernel=0), "awq_gemm_kernel"),
+    (dict(layout=GEMM, M=47, kernel=0), "awq_gemm_kernel"),
+    (dict(layout=GEMM, M=48, kernel=0), "dequant+cuBLAS"),
+    (dict(layout=GEMM, M=1, kernel=0, N=4104), "dequant+cuBLAS"),        # N % 64: no fused kernel
+    (dict(layout=GEMM, M=1, kernel=0, g=48, K=4128), "dequant+cuBLAS"),  # group % 32
+    (dict(layout=GEMM, M=20, kernel=2), "awq_skinny_kernel<half, 2, 4, false>"),
+    (dict(layout=GEMM, M=9, kernel=1), "refused awq_gemm_variant: the GEMV kernel takes M <= 8"),
+    (dict(layout=GEMM, M=33, kernel=5), "refused awq_gemm_variant: the skinny kernel takes M <= 32"),
+    (dict(layout=GEMM, M=1, kernel=3, N=4104), "refused awq_gemm_variant: the fused kernels need N % 64 == 0, "
+                                               "K % 32 == 0 and group_size % 32 == 0"),
+    (dict(layout=GEMM, M=1, kernel=6), "refused awq_gemm_variant: the stream kernel needs the stream layout"),
+    (dict(layout=TILED, M=32, kernel=0), "awq_skinny_kernel<half, 2, 2, true>"),
+    (dict(layout=TILED, M=33, kernel=0), "dequant+cuBLAS"),
+    (dict(layout=TILED, M=1, kernel=1), "refused awq_gemm_variant: a warp-tiled weight is served by the skinny "
+                                        "kernels or dequantize + cuBLAS only"),
+    (dict(layout=TILED, M=4, kernel=4), "dequant+cuBLAS"),
+    (dict(layout=STREAM, M=1, kernel=0), "awq_stream_kernel<half, 1, true, false, true, large, true>"),
+    (dict(layout=STREAM, M=1, kernel=6), "awq_stream_kernel<half, 1, true, false, false, large, true>"),
+    (dict(layout=STREAM, M=1, kernel=7, narrow=False), "awq_stream_kernel<half, 1, true, false, true, large, false>"),
+    (dict(layout=STREAM, M=1, kernel=8), "awq_stream_kernel<half, 1, true, false, false, compact, true>"),
+    (dict(layout=STREAM, M=20, kernel=9), "awq_stream_kernel<half, 2, true, false, false, compact, false>"),
+    (dict(layout=STREAM, M=1, kernel=4), "dequant+cuBLAS"),
+    (dict(layout=STREAM, M=1, kernel=1), "refused awq_gemm_variant: a stream-layout weight is served by the stream "
+                                         "kernel or dequantize + cuBLAS only"),
+    (dict(layout=STREAM, M=2**31, kernel=0), "dequant+cuBLAS"),
+    (dict(layout=STREAM, M=2**31, kernel=6), "refused awq_gemm_variant: the stream kernel takes fewer than 2^31 "
+                                             "rows, got 2147483648"),
+]
+
+
+@pytest.mark.parametrize("query,answer", DISPATCH, ids=[f"{i}" for i in range(len(DISPATCH))])
+def test_dispatch_follows_the_stated_rules(twin, query, answer):
+    assert dispatch(twin, [{"N": 4096, "K": 4096, **query}]) == [answer]
 
 
 def test_every_launchable_stream_kernel_has_a_sass_budget_row(twin):

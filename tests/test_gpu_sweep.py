@@ -205,7 +205,7 @@ def test_narrow_variants_are_timed_where_they_run():
 
 
 def test_kernel_label_of_the_default_follows_the_automatic_choice():
-    """stream:auto's rows name what kAuto runs (csrc/awq_ops.cpp): group sums and the narrow kernels
+    """stream:auto's rows name what kAuto runs (csrc/awq_dispatch.h): group sums and the narrow kernels
     at one token, the four-m-tile kernel at M 33-64 only from FOUR_TILE_MIN_WEIGHTS, else dequantize."""
     assert gpu_sweep.kernel_label("stream:auto", 1, 4096, 4096) == \
         "awq_stream_kernel<half, 1, true, false, true, large, true>"

@@ -102,7 +102,7 @@ FOUR_TILE_MIN_WEIGHTS = kernels.source_constant("kStreamFourTileMinWeights")  # 
 
 
 def auto_stream_kernel(M: int, N: int, K: int, compact: bool = False) -> Kernel:
-    """What the automatic choice runs on a stream-layout weight (csrc/awq_ops.cpp, kAuto) where the
+    """What the automatic choice runs on a stream-layout weight (csrc/awq_dispatch.h, kAuto) where the
     configuration fits: group sums (which fall back to scaled fragments where they do not pay), at
     M 33-64 only for weights of FOUR_TILE_MIN_WEIGHTS elements or more, past that dequantize + cuBLAS."""
     if M > STREAM_MAX_M or (M > STREAM_COMPACT_MAX_M and N * K < FOUR_TILE_MIN_WEIGHTS):

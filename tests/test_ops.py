@@ -151,11 +151,11 @@ def test_bf16_scales_converted_once():
 
 
 def test_kernel_enum_mirrors_cpp():
-    """awqlib.ops.Kernel and `enum Kernel` in csrc/awq_ops.cpp name the same ids."""
+    """awqlib.ops.Kernel and `enum Kernel` in csrc/awq_dispatch.h name the same ids."""
     import re
     from pathlib import Path
     from awqlib.ops import Kernel
-    src = (Path(__file__).resolve().parent.parent / "csrc" / "awq_ops.cpp").read_text()
+    src = (Path(__file__).resolve().parent.parent / "csrc" / "awq_dispatch.h").read_text()
     body = re.search(r"enum Kernel : int64_t \{(.*?)\};", src, re.S).group(1)
     cpp = {m.group(1): int(m.group(2)) for m in re.finditer(r"\bk(\w+) = (\d+)", body) if m.group(1) != "LastKernel"}
     snake = {re.sub(r"(?<!^)(?=[A-Z])", "_", k).upper(): v for k, v in cpp.items()}

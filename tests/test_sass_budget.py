@@ -189,8 +189,9 @@ def test_wgmma_kernels(reports, dtype, mb):
 def _config_for(reports, arch, mb):
     """The configuration that fits at MB m-tiles on a device with `arch`'s shared memory: the large
     one where a block may have its shared memory, else the compact one (MB <= 2), else none.  Only
-    the sizes are checked here; which kernel awq_ops.cpp then runs is checked on a GPU
-    (test_kernels_cuda.py: test_stream_auto_choice_per_gpu_class).  Shared memory as the sm_90
+    the sizes are checked here; which kernel then runs is checked by the CPU twin (test_cpu_twin.py:
+    test_stream_choice_follows_the_stated_rules) and on a GPU (test_kernels_cuda.py:
+    test_stream_auto_choice_per_gpu_class).  Shared memory as the sm_90
     build reserves it (its static 1 KB is more than sm_80's 16 bytes: conservative elsewhere)."""
     for config in ("large", "compact"):
         r = reports.get(stream_name(mb=mb, config=config))

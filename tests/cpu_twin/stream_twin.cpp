@@ -6,6 +6,7 @@
 //   stream_twin gemm    DIR DTYPE M N K GROUP SMS SUMS CONFIG PDL NARROW TIMING ORDER
 //   stream_twin dequant DIR DTYPE K N GROUP
 //   stream_twin choose  -   (queries on stdin, one per line, answers on stdout)
+//   stream_twin dispatch -  (the same)
 //
 // DIR holds the inputs as raw little-endian arrays (x.bin [M, K], qweight.bin, qzeros.bin,
 // scales.bin in the stream layout) and receives out.bin ([M, N], or the dense W^T [K, N]).  DTYPE:
@@ -23,11 +24,16 @@
 // SUMS FIRST | LAST | GRID PER", "dequant", or "refused MESSAGE".  The static shared memory is
 // counted at its bound (kStaticSmemAllowance, 2 KB; the GPU's is 1040 B on sm_90), so a limit set
 // within ~1 KB of a configuration's need can be refused here and run on a GPU, never the reverse.
+// dispatch: the whole choice of awq_ops.cpp (awq_dispatch.h: choose_kernel) for any layout and
+// kernel id, and the name of the first launch's kernel (kernel_name, what the awq_gemm_kernel_name
+// op answers).  A query: DTYPE LAYOUT M N K GROUP KERNEL SMEM_LIMIT DEEP WGMMA NARROW, LAYOUT gemm |
+// tiled | stream, KERNEL an awqlib.ops.Kernel id; an answer: the name, or "refused MESSAGE".
 #include <cstdio>
 #include <iostream>
 
 #define AWQ_HOST_EMULATION 1
 #include "awq_stream.cu"
+#include "awq_dispatch.h"
 #include "twin_files.h"
 
 namespace {
@@ -161,6 +167,33 @@ void run_choose() {
     awq_twin::fail("choose: a query is DTYPE M N K GROUP SMEM_LIMIT AUTOMATIC COMPACT SUMS DEEP WGMMA NARROW SMS");
 }
 
+void run_dispatch() {
+  std::string dt, layout_name;
+  long long M, N, K, g;
+  int kernel, limit, deep, wgmma, narrow;
+  while (std::cin >> dt >> layout_name >> M >> N >> K >> g >> kernel >> limit >> deep >> wgmma >> narrow) {
+    if (dt != "fp16" && dt != "bf16") awq_twin::fail("DTYPE is fp16|bf16");
+    if (M < 1 || N < 1 || K < 1 || g < 1 || K % g) awq_twin::fail("dispatch: M, N, K, GROUP positive, K % GROUP == 0");
+    if (kernel < awq::kAuto || kernel > awq::kLastKernel) awq_twin::fail("dispatch: KERNEL is an awqlib.ops.Kernel id");
+    const awq::Layout layout = layout_name == "gemm"    ? awq::Layout::kGemm
+                               : layout_name == "tiled" ? awq::Layout::kTiled
+                               : layout_name == "stream"
+                                   ? awq::Layout::kStream
+                                   : (awq_twin::fail("LAYOUT is gemm|tiled|stream"), awq::Layout::kGemm);
+    const awq::KernelChoice c =
+        awq::choose_kernel(layout, M, N, K, g, static_cast<awq::Kernel>(kernel), [&] {
+          awq::StreamSettings st;
+          st.deep = deep, st.wgmma = wgmma, st.smem_limit = limit;
+          return st;
+        });
+    if (!c.refusal.empty()) std::printf("refused %s\n", c.refusal.c_str());
+    else std::printf("%s\n", awq::kernel_name(dt == "fp16" ? awq::DType::kHalf : awq::DType::kBFloat16, layout, M, N,
+                                                K, g, c, narrow).c_str());
+  }
+  if (!std::cin.eof())
+    awq_twin::fail("dispatch: a query is DTYPE LAYOUT M N K GROUP KERNEL SMEM_LIMIT DEEP WGMMA NARROW");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -185,6 +218,8 @@ int main(int argc, char** argv) {
       else awq_twin::fail("DTYPE is fp16|bf16");
     } else if (kind == "choose" && argc == 3) {
       run_choose();
+    } else if (kind == "dispatch" && argc == 3) {
+      run_dispatch();
     } else if (kind == "dequant" && argc == 7) {
       const std::string dt = argv[3];
       const int K = to_int(argv[4]), N = to_int(argv[5]), g = to_int(argv[6]);

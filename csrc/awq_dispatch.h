@@ -1,0 +1,171 @@
+// Which kernel serves an awq_gemm call: the whole choice as plain functions of the call's layout,
+// shape and kernel id (and, for the stream layout only, the stream settings and the device's shared
+// memory) -- no ATen, no CUDA runtime -- so that awq_ops.cpp (which reads the settings, asks the
+// device and raises what this refuses) and the CPU twin (tests/cpu_twin/stream_twin.cpp: dispatch)
+// run the same code and CI tests the rules (tests/test_cpu_twin.py).  Thresholds measured on an
+// H200 (benchmarks/tune_kernels.py, benchmarks/gpu_sweep.py; numbers in benchmarks/RESULTS.md):
+//
+//   warp-tiled qweight (AWQLIB_LAYOUT=tiled):
+//     M <= kSkinnyMaxMTiled  -> awq_skinny.cu (tensor cores, weights streamed to registers)
+//     larger                 -> awq_dequant.cu (tiled) + cuBLAS (at::mm)
+//   stream-layout qweight (the default runtime layout, packing.DEFAULT_RUNTIME_LAYOUT):
+//     awq_stream.cu's choose_stream: M <= kStreamMaxM in one launch (group sums where they pay,
+//     the narrow kernels at M <= 8), in the large shared-memory configuration where it fits, else
+//     the compact one (M <= kStreamCompactMaxM: A100 at M 17-32, ~100 KB GPUs), or the deep one
+//     where asked for (AWQLIB_STREAM_DEEP=1, M <= 16 and 33-64, H100/H200), or the warpgroup-mma
+//     one where asked for (AWQLIB_STREAM_WGMMA=1, an sm_90a build on H100/H200); at M > 32 only
+//     for weights of kStreamFourTileMinWeights elements or more; else dequantize + cuBLAS
+//   GEMM-layout qweight (the checkpoint layout, e.g. a model quantized in this process):
+//     M <= kGemvMaxMAuto     -> awq_gemv.cu   (CUDA cores, cp.async pipeline)
+//     M <= kSkinnyMaxMAuto   -> awq_skinny.cu
+//     M <  kDequantCublasMinM -> awq_gemm.cu  (tiled mma.sync GEMM, cp.async pipeline)
+//     larger                 -> awq_dequant.cu + cuBLAS
+//   shapes the fused kernels do not cover (N % 64, K % 32, group % 32) -> dequantize + cuBLAS
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "awq_kernels.h"
+
+namespace awq {
+
+// GEMM-layout weights from this many rows on: dequantize once (K*N*2.5 bytes of traffic) and
+// call cuBLAS.  Measured on an H200 (tune_kernels.py): at M = 64 it beat the tiled mma.sync GEMM
+// on all five Llama shapes, at M = 24..32 the GEMM was as fast or faster.
+constexpr int64_t kDequantCublasMinM = 48;
+// GEMM-layout weights: up to kGemvMaxMAuto rows the CUDA-core GEMV, then up to kSkinnyMaxMAuto
+// the skinny tensor-core kernel.  Warp-tiled weights (what from_quantized gives on CUDA with
+// AWQLIB_LAYOUT=tiled): the skinny kernel up to kSkinnyMaxMTiled rows, then dequantize + cuBLAS.
+constexpr int64_t kGemvMaxMAuto = 1;
+constexpr int64_t kSkinnyMaxMAuto = 16;
+constexpr int64_t kSkinnyMaxMTiled = 32;
+
+// Which kernel serves a call.  kAuto picks by shape (above); the others force one, for tuning
+// (torch.ops.awqlib.awq_gemm_variant, benchmarks/tune_kernels.py) and tests.  Mirrored by
+// awqlib.ops.Kernel (an IntEnum; tests/test_ops.py checks that the two agree).
+enum Kernel : int64_t {
+  kAuto = 0,
+  kGemv = 1,           // CUDA-core GEMV, GEMM layout, M <= 8
+  kSkinny = 2,         // skinny tensor-core kernel, register ring 4 chunks deep, M <= 32
+  kTiled = 3,          // tiled mma.sync GEMM, GEMM layout
+  kDequantCublas = 4,  // dequantize + cuBLAS, any layout and M
+  kSkinnyShallow = 5,  // skinny tensor-core kernel, register ring 2 chunks deep
+  kStream = 6,         // streaming mma.sync kernel, stream layout, passes of <= 64 rows (AUTO: one pass;
+                       // wgmma: <= 128)
+  kStreamGroupSums = 7,  // the same, scaling per-group fp32 sums where that saves instructions
+  kStreamCompact = 8,    // kStream in the compact shared-memory configuration, passes of <= 32 rows
+  kStreamCompactGroupSums = 9,  // kStreamGroupSums in the compact configuration
+  kLastKernel = kStreamCompactGroupSums
+};
+
+// The weight comes in one of three layouts (awqlib/packing.py), told apart by qweight's shape:
+//   GEMM layout (the checkpoint's)  qweight int32 [K, N/8]
+//   warp-tiled (repacked at load)   qweight int32 [N/64, K/32, 256]: each warp-sized tile of
+//                                   32 k-rows x 64 columns stored in the order the skinny kernel's
+//                                   lanes read it, so a warp streams 1 KB contiguous per tile.
+//   stream (repacked at load)       qweight int32 [N/64, K/16, 128]: 16x64 mma atoms, 16 bytes per
+//                                   lane, k-pairs pre-interleaved; qzeros and scales permuted per
+//                                   lane too (same shapes as the GEMM layout's).
+enum class Layout { kGemm, kTiled, kStream };
+
+inline bool is_stream_kernel(Kernel k) { return k >= kStream && k <= kStreamCompactGroupSums; }
+
+// What a stream-layout call's choice depends on beyond the call: AWQLIB_STREAM_DEEP, AWQLIB_STREAM_WGMMA
+// (on a device that runs the wgmma kernels) and the shared memory a block may have.
+struct StreamSettings {
+  bool deep = false;
+  bool wgmma = false;
+  int smem_limit = 0;
+};
+
+// The kernel that serves a call: kAuto resolved, the stream kernels as kStream with their
+// configuration, pass rows and group sums (choose_stream); or, for a forced kernel that cannot
+// serve the call, the refusal awq_gemm_variant raises.
+struct KernelChoice {
+  Kernel kernel = kDequantCublas;  // never kAuto
+  StreamChoice stream;             // kernel == kStream
+  std::string refusal;             // non-empty: refused, and why
+};
+
+// `settings()` -> StreamSettings, called only for a stream-layout weight (so that a call on another
+// layout neither reads the stream settings nor is refused for one of them).  M, N, K and group are
+// checked by the caller (awq_ops.cpp: check_weight; M >= 1, N >= 1).
+template <typename Settings>
+KernelChoice choose_kernel(Layout layout, int64_t M, int64_t N, int64_t K, int64_t group, Kernel k,
+                           Settings&& settings) {
+  KernelChoice c;
+  const auto refuse = [&](const std::string& why) {
+    c.refusal = "awq_gemm_variant: " + why;
+    return c;
+  };
+  if (layout == Layout::kStream) {
+    if (k != kAuto && k != kDequantCublas && !is_stream_kernel(k))
+      return refuse("a stream-layout weight is served by the stream kernel or dequantize + cuBLAS only");
+    if (k == kDequantCublas) return c;
+    if (M >= (int64_t(1) << 31)) {
+      if (k != kAuto) return refuse("the stream kernel takes fewer than 2^31 rows, got " + std::to_string(M));
+      return c;
+    }
+    const StreamSettings st = settings();
+    StreamRequest r;
+    r.automatic = k == kAuto;
+    r.compact = k == kStreamCompact || k == kStreamCompactGroupSums;
+    r.group_sums = k == kStreamGroupSums || k == kStreamCompactGroupSums;
+    r.deep = st.deep;
+    r.wgmma = st.wgmma;
+    r.smem_limit = st.smem_limit;
+    c.stream = choose_stream(M, static_cast<int>(N), static_cast<int>(K), static_cast<int>(group), r);
+    if (c.stream.kind == StreamChoice::kRefused) return refuse(c.stream.refusal);
+    c.kernel = c.stream.kind == StreamChoice::kStream ? kStream : kDequantCublas;
+    return c;
+  }
+  if (is_stream_kernel(k)) return refuse("the stream kernel needs the stream layout");
+  const bool fused_ok = N % kFusedNMultiple == 0 && K % kFusedKMultiple == 0 && group % kFusedGroupMultiple == 0 &&
+                        M < (int64_t(1) << 31) && M * N < (int64_t(1) << 31);
+  if (k == kAuto) {
+    if (layout == Layout::kTiled) k = M <= kSkinnyMaxMTiled ? kSkinnyShallow : kDequantCublas;
+    else k = !fused_ok ? kDequantCublas
+             : M <= kGemvMaxMAuto ? kGemv
+             : M <= kSkinnyMaxMAuto ? kSkinnyShallow
+             : M < kDequantCublasMinM ? kTiled
+             : kDequantCublas;
+  }
+  c.kernel = k;
+  if (k == kDequantCublas) return c;
+  if (!fused_ok)
+    return refuse("the fused kernels need N % " + std::to_string(kFusedNMultiple) + " == 0, K % " +
+                  std::to_string(kFusedKMultiple) + " == 0 and group_size % " + std::to_string(kFusedGroupMultiple) +
+                  " == 0");
+  if (layout == Layout::kTiled && k != kSkinny && k != kSkinnyShallow)
+    return refuse("a warp-tiled weight is served by the skinny kernels or dequantize + cuBLAS only");
+  if (k == kGemv && M > kGemvMaxM) return refuse("the GEMV kernel takes M <= " + std::to_string(kGemvMaxM));
+  if ((k == kSkinny || k == kSkinnyShallow) && M > kSkinnyMaxM)
+    return refuse("the skinny kernel takes M <= " + std::to_string(kSkinnyMaxM));
+  return c;
+}
+
+// The first launch's kernel of a choice, named as scripts/sass_budget.py names it for the stream and
+// skinny kernels (its sass_budget.json key), by its name alone for the GEMV and the tiled GEMM
+// (whose template arguments come from their plans), or "dequant+cuBLAS".  narrow: the
+// AWQLIB_STREAM_NARROW setting.
+inline std::string kernel_name(DType dt, Layout layout, int64_t M, int64_t N, int64_t K, int64_t group,
+                               const KernelChoice& c, bool narrow) {
+  switch (c.kernel) {
+    case kStream:
+      return stream_kernel_name(dt, static_cast<int>(M < c.stream.pass ? M : c.stream.pass), static_cast<int>(N),
+                                static_cast<int>(K), static_cast<int>(group), c.stream.config, c.stream.group_sums,
+                                narrow);
+    case kSkinny:
+    case kSkinnyShallow:
+      return skinny_kernel_name(dt, static_cast<int>(M), c.kernel == kSkinnyShallow ? 2 : 4, layout == Layout::kTiled);
+    case kGemv:
+      return "awq_gemv_kernel";
+    case kTiled:
+      return "awq_gemm_kernel";
+    default:
+      return "dequant+cuBLAS";
+  }
+}
+
+}  // namespace awq
