@@ -831,6 +831,24 @@ def test_stream_settings_are_strict(name, value, message, monkeypatch):
         torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, 128, int(Kernel.STREAM), 0)
 
 
+@pytest.mark.parametrize("name,value,message", [
+    ("AWQLIB_STREAM_SMEM_LIMIT", "0", "AWQLIB_STREAM_SMEM_LIMIT must be a positive number of bytes"),
+    ("AWQLIB_STREAM_DEEP", "true", "AWQLIB_STREAM_DEEP must be 0 or 1"),
+    ("AWQLIB_STREAM_WGMMA", "yes", "AWQLIB_STREAM_WGMMA must be 0 or 1"),
+])
+def test_stream_choice_settings_are_strict_on_every_stream_call(name, value, message, monkeypatch):
+    """The settings the choice of configuration reads are checked on every stream-layout call, also
+    one the automatic choice sends to dequantize + cuBLAS (awq_dispatch.h reads them for the stream
+    layout only: a GEMM-layout call neither reads nor refuses them)."""
+    qs, zs, ss = stream_weight(512, 128, 128)
+    qweight, qzeros, scales, _ = weight(512, 128, 128)
+    x = torch.randn(100, 512, device="cuda", dtype=torch.float16)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.awqlib.awq_gemm(x, qs, zs, ss, 128)
+    check(x, 512, 128, 128, torch.float16, out=torch.ops.awqlib.awq_gemm(x, qweight, qzeros, scales, 128))
+
+
 @pytest.mark.parametrize("M", [1, M_TILE, 2 * M_TILE + 1, STREAM_MAX_M])
 def test_stream_kernel_deterministic(M):
     skip_if_stream_does_not_fit(M)
