@@ -1,6 +1,6 @@
 // Which kernel serves an awq_gemm call: the whole choice as plain functions of the call's layout,
 // shape and kernel id (and, for the stream layout only, the stream settings and the device's shared
-// memory) -- no ATen, no CUDA runtime -- so that awq_ops.cpp (which reads the settings, asks the
+// memory) -- no ATen, no CUDA runtime calls -- so that awq_ops.cpp (which reads the settings, asks the
 // device and raises what this refuses) and the CPU twin (tests/cpu_twin/stream_twin.cpp: dispatch)
 // run the same code and CI tests the rules (tests/test_cpu_twin.py).  Thresholds measured on an
 // H200 (benchmarks/tune_kernels.py, benchmarks/gpu_sweep.py; numbers in benchmarks/RESULTS.md):
@@ -13,8 +13,9 @@
 //     the narrow kernels at M <= 8), in the large shared-memory configuration where it fits, else
 //     the compact one (M <= kStreamCompactMaxM: A100 at M 17-32, ~100 KB GPUs), or the deep one
 //     where asked for (AWQLIB_STREAM_DEEP=1, M <= 16 and 33-64, H100/H200), or the warpgroup-mma
-//     one where asked for (AWQLIB_STREAM_WGMMA=1, an sm_90a build on H100/H200); at M > 32 only
-//     for weights of kStreamFourTileMinWeights elements or more; else dequantize + cuBLAS
+//     one where asked for (AWQLIB_STREAM_WGMMA=1, an sm_90a build on H100/H200; passes of up to
+//     kStreamWgmmaMaxM rows); at M > 32 only for weights of kStreamFourTileMinWeights elements or
+//     more; else dequantize + cuBLAS.  Forced, the stream kernel runs larger M in passes.
 //   GEMM-layout qweight (the checkpoint layout, e.g. a model quantized in this process):
 //     M <= kGemvMaxMAuto     -> awq_gemv.cu   (CUDA cores, cp.async pipeline)
 //     M <= kSkinnyMaxMAuto   -> awq_skinny.cu
@@ -89,8 +90,8 @@ struct KernelChoice {
 };
 
 // `settings()` -> StreamSettings, called only for a stream-layout weight (so that a call on another
-// layout neither reads the stream settings nor is refused for one of them).  M, N, K and group are
-// checked by the caller (awq_ops.cpp: check_weight; M >= 1, N >= 1).
+// layout neither reads the stream settings nor is refused for one of them).  K and group are
+// checked by the caller (awq_ops.cpp: check_weight), which also handles M = 0 and N = 0 itself.
 template <typename Settings>
 KernelChoice choose_kernel(Layout layout, int64_t M, int64_t N, int64_t K, int64_t group, Kernel k,
                            Settings&& settings) {
@@ -121,10 +122,12 @@ KernelChoice choose_kernel(Layout layout, int64_t M, int64_t N, int64_t K, int64
     return c;
   }
   if (is_stream_kernel(k)) return refuse("the stream kernel needs the stream layout");
-  const bool fused_ok = N % kFusedNMultiple == 0 && K % kFusedKMultiple == 0 && group % kFusedGroupMultiple == 0 &&
-                        M < (int64_t(1) << 31) && M * N < (int64_t(1) << 31);
+  // the fused kernels' shapes, and their 32-bit row and output indexing
+  const bool fused_shape = N % kFusedNMultiple == 0 && K % kFusedKMultiple == 0 && group % kFusedGroupMultiple == 0;
+  const bool fused_size = M < (int64_t(1) << 31) && M * N < (int64_t(1) << 31);
+  const bool fused_ok = fused_shape && fused_size;
   if (k == kAuto) {
-    if (layout == Layout::kTiled) k = M <= kSkinnyMaxMTiled ? kSkinnyShallow : kDequantCublas;
+    if (layout == Layout::kTiled) k = M <= kSkinnyMaxMTiled && fused_ok ? kSkinnyShallow : kDequantCublas;
     else k = !fused_ok ? kDequantCublas
              : M <= kGemvMaxMAuto ? kGemv
              : M <= kSkinnyMaxMAuto ? kSkinnyShallow
@@ -133,10 +136,13 @@ KernelChoice choose_kernel(Layout layout, int64_t M, int64_t N, int64_t K, int64
   }
   c.kernel = k;
   if (k == kDequantCublas) return c;
-  if (!fused_ok)
+  if (!fused_shape)
     return refuse("the fused kernels need N % " + std::to_string(kFusedNMultiple) + " == 0, K % " +
                   std::to_string(kFusedKMultiple) + " == 0 and group_size % " + std::to_string(kFusedGroupMultiple) +
                   " == 0");
+  if (!fused_size)
+    return refuse("the fused kernels take fewer than 2^31 rows and outputs (M x N), got M = " + std::to_string(M) +
+                  ", N = " + std::to_string(N));
   if (layout == Layout::kTiled && k != kSkinny && k != kSkinnyShallow)
     return refuse("a warp-tiled weight is served by the skinny kernels or dequantize + cuBLAS only");
   if (k == kGemv && M > kGemvMaxM) return refuse("the GEMV kernel takes M <= " + std::to_string(kGemvMaxM));

@@ -1,6 +1,7 @@
 // Host-side launchers of the AWQ CUDA kernels.  The .cu files only see raw pointers so that they
-// compile without the (slow to parse) ATen headers; awq_ops.cpp does the tensor checks,
-// allocations (through the caching allocator, so CUDA-graph safe) and dispatch.
+// compile without the (slow to parse) ATen headers; awq_ops.cpp does the tensor checks and
+// allocations (through the caching allocator, so CUDA-graph safe) and runs the kernel
+// awq_dispatch.h chooses.  (awq_block_ops.cu, the block ops, does its own with ATen.)
 #pragma once
 
 #include <cuda_runtime.h>
@@ -113,9 +114,9 @@ int stream_smem_bytes(int M, StreamConfig config);  // shared memory per CTA (dy
 // choice takes dequantize + cuBLAS at those M.
 constexpr int64_t kStreamFourTileMinWeights = 67108864;  // 2^26
 
-// Which stream kernel serves a call on a stream-layout weight: what the call asks for (awq_ops.cpp
-// fills this from its kernel id and the AWQLIB_STREAM_* settings, the CPU twin from its arguments)
-// and what the device offers.
+// Which stream kernel serves a call on a stream-layout weight: what the call asks for and what the
+// device offers (awq_dispatch.h's choose_kernel fills this from the kernel id and the settings
+// awq_ops.cpp reads, or the CPU twin gives).
 struct StreamRequest {
   bool automatic = false;   // kAuto: dequantize + cuBLAS wherever the stream kernel is not chosen
   bool compact = false;     // the compact configuration (else the large one, or those in its place)

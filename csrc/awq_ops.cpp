@@ -372,7 +372,9 @@ std::string awq_gemm_kernel_name_cuda(const at::Tensor& x, const at::Tensor& qwe
   if (M == 0 || s.N == 0) return "none (empty)";
   const c10::cuda::CUDAGuard guard(x.device());
   const KernelChoice choice = choose(s, M, static_cast<Kernel>(kernel), x.get_device());
-  return awq::kernel_name(to_dtype(x.scalar_type()), s.layout, M, s.N, s.K, s.group, choice, stream_narrow());
+  // the narrow setting only where a stream kernel is named (awq_gemm_variant reads it only there)
+  const bool narrow = choice.kernel == awq::kStream && stream_narrow();
+  return awq::kernel_name(to_dtype(x.scalar_type()), s.layout, M, s.N, s.K, s.group, choice, narrow);
 }
 
 }  // namespace

@@ -405,8 +405,8 @@ def test_dequantize_source_on_cpu_is_bit_exact(twin, tmp_path, dtype):
     assert torch.equal(_read(tmp_path / "out.bin", DTYPES[dtype], (K, N)), q.to(DTYPES[dtype]))
 
 
-# ---- which stream kernel serves a call: csrc/awq_stream.cu's choose_stream (what awq_ops.cpp asks
-# for every stream-layout call) and the instantiation its first launch runs (stream_kernel_name),
+# ---- which stream kernel serves a call: csrc/awq_stream.cu's choose_stream (what awq_dispatch.h's
+# choose_kernel asks for every stream-layout call) and the instantiation its first launch runs (stream_kernel_name),
 # from the source itself, on the CPU.
 
 H100_SMEM, A100_SMEM, SM89_SMEM = (source_constant(n) for n in ("kH100SmemPerBlock", "kA100SmemPerBlock",
@@ -450,7 +450,7 @@ def _kernel(answer: str) -> str:
 
 BIG = dict(N=8192, K=8192)     # 2^26 weights: four m-tiles pay (kStreamFourTileMinWeights)
 SQUARE = dict(N=4096, K=4096)
-# (query, answer): the rules awq_ops.cpp's header table states, per GPU class and setting
+# (query, answer): the stream rows of awq_dispatch.h's header table, per GPU class and setting
 CHOICES = [
     (dict(M=1, auto=True, **SQUARE), "stream 0 64 1 awq_stream_kernel<half, 1, true, false, true, large, true>"),
     (dict(M=1, auto=True, narrow=False, **SQUARE), "stream 0 64 1 awq_stream_kernel<half, 1, true, false, true, large, false>"),
@@ -513,13 +513,17 @@ def test_stream_refusals_name_every_configuration_considered(twin):
     assert [gpu_sweep.lacks_smem(m) for m in (smem, shape, both, both_smem)] == [True, False, False, True]
 
 
-def dispatch(twin, queries: list[dict]) -> list[str]:
+def dispatch(twin, queries: list[dict], reads: list | None = None) -> list[str]:
     """awq_dispatch.h's answer to each query (awq_ops.cpp's whole choice): the first launch's kernel
-    as the awq_gemm_kernel_name op names it, or "refused MESSAGE".  A query: layout, M, N, K, kernel
-    (an awqlib.ops.Kernel), and optionally g (128), dtype, limit, deep, wgmma, narrow (as in choose)."""
-    return _ask(twin, "dispatch", queries,
-                ("dtype", "layout", "M", "N", "K", "g", "kernel", "limit", "deep", "wgmma", "narrow"),
-                dict(dtype="fp16", g=128, limit=H100_SMEM, deep=False, wgmma=False, narrow=True))
+    as the awq_gemm_kernel_name op names it, or "refused MESSAGE"; `reads` receives how many times
+    each choice asked for the stream settings.  A query: layout, M, N, K, kernel (an
+    awqlib.ops.Kernel), and optionally g (128), dtype, limit, deep, wgmma, narrow (as in choose)."""
+    lines = _ask(twin, "dispatch", queries,
+                 ("dtype", "layout", "M", "N", "K", "g", "kernel", "limit", "deep", "wgmma", "narrow"),
+                 dict(dtype="fp16", g=128, limit=H100_SMEM, deep=False, wgmma=False, narrow=True))
+    if reads is not None:
+        reads.extend(int(line.split(" ", 1)[0]) for line in lines)
+    return [line.split(" ", 1)[1] for line in lines]
 
 
 def _sweep_settings(label: str) -> dict:
@@ -579,14 +583,33 @@ DISPATCH = [
     (dict(layout=STREAM, M=1, kernel=1), "refused awq_gemm_variant: a stream-layout weight is served by the stream "
                                          "kernel or dequantize + cuBLAS only"),
     (dict(layout=STREAM, M=2**31, kernel=0), "dequant+cuBLAS"),
+    (dict(layout=STREAM, M=2**31, kernel=4), "dequant+cuBLAS"),
     (dict(layout=STREAM, M=2**31, kernel=6), "refused awq_gemm_variant: the stream kernel takes fewer than 2^31 "
                                              "rows, got 2147483648"),
+    # the fused kernels' 32-bit indexing: rows, and rows x outputs
+    (dict(layout=GEMM, M=2**31, kernel=0), "dequant+cuBLAS"),
+    (dict(layout=GEMM, M=16, N=2**27, K=32, g=32, kernel=0), "dequant+cuBLAS"),
+    (dict(layout=TILED, M=32, N=2**26, K=32, g=32, kernel=0), "dequant+cuBLAS"),
+    (dict(layout=GEMM, M=2**31, kernel=3), "refused awq_gemm_variant: the fused kernels take fewer than 2^31 rows "
+                                           "and outputs (M x N), got M = 2147483648, N = 4096"),
 ]
 
 
 @pytest.mark.parametrize("query,answer", DISPATCH, ids=[f"{i}" for i in range(len(DISPATCH))])
 def test_dispatch_follows_the_stated_rules(twin, query, answer):
     assert dispatch(twin, [{"N": 4096, "K": 4096, **query}]) == [answer]
+
+
+def test_only_a_stream_layout_call_reads_the_stream_settings(twin):
+    """awq_ops.cpp reads AWQLIB_STREAM_DEEP / WGMMA / SMEM_LIMIT (and refuses an invalid one) when the
+    choice asks for them: once for a stream-layout call the stream kernel may serve, never for the
+    other layouts, a forced dequantize + cuBLAS or 2^31 rows."""
+    reads: list[int] = []
+    dispatch(twin, [{"N": 4096, "K": 4096, **q} for q, _ in DISPATCH], reads)
+    expected = [int(q["layout"] == STREAM and q["kernel"] != 4 and q["M"] < 2**31 and
+                    answer != "refused awq_gemm_variant: a stream-layout weight is served by the stream kernel or "
+                              "dequantize + cuBLAS only") for q, answer in DISPATCH]
+    assert reads == expected
 
 
 def test_every_launchable_stream_kernel_has_a_sass_budget_row(twin):

@@ -849,6 +849,19 @@ def test_stream_choice_settings_are_strict_on_every_stream_call(name, value, mes
     check(x, 512, 128, 128, torch.float16, out=torch.ops.awqlib.awq_gemm(x, qweight, qzeros, scales, 128))
 
 
+def test_kernel_name_reads_the_settings_its_call_reads(monkeypatch):
+    """ops.gemm_kernel_name refuses an invalid setting exactly where the call it names would: the
+    narrow setting only when a stream kernel is named."""
+    qweight, qzeros, scales, _ = weight(512, 128, 128)
+    qs, zs, ss = stream_weight(512, 128, 128)
+    x = torch.randn(4, 512, device="cuda", dtype=torch.float16)
+    monkeypatch.setenv("AWQLIB_STREAM_NARROW", "on")
+    assert gemm_kernel_name(x, qweight, qzeros, scales, 128).startswith("awq_")  # GEMM layout: not read
+    for run in (lambda: gemm_kernel_name(x, qs, zs, ss, 128), lambda: torch.ops.awqlib.awq_gemm(x, qs, zs, ss, 128)):
+        with pytest.raises(RuntimeError, match="AWQLIB_STREAM_NARROW must be 0 or 1"):
+            run()
+
+
 @pytest.mark.parametrize("M", [1, M_TILE, 2 * M_TILE + 1, STREAM_MAX_M])
 def test_stream_kernel_deterministic(M):
     skip_if_stream_does_not_fit(M)

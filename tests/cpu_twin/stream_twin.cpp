@@ -27,7 +27,9 @@
 // dispatch: the whole choice of awq_ops.cpp (awq_dispatch.h: choose_kernel) for any layout and
 // kernel id, and the name of the first launch's kernel (kernel_name, what the awq_gemm_kernel_name
 // op answers).  A query: DTYPE LAYOUT M N K GROUP KERNEL SMEM_LIMIT DEEP WGMMA NARROW, LAYOUT gemm |
-// tiled | stream, KERNEL an awqlib.ops.Kernel id; an answer: the name, or "refused MESSAGE".
+// tiled | stream, KERNEL an awqlib.ops.Kernel id; an answer: READ and the name, or READ "refused
+// MESSAGE", READ the number of times the choice asked for the stream settings (awq_ops.cpp reads
+// AWQLIB_STREAM_* then, and refuses an invalid one).
 #include <cstdio>
 #include <iostream>
 
@@ -175,20 +177,23 @@ void run_dispatch() {
     if (dt != "fp16" && dt != "bf16") awq_twin::fail("DTYPE is fp16|bf16");
     if (M < 1 || N < 1 || K < 1 || g < 1 || K % g) awq_twin::fail("dispatch: M, N, K, GROUP positive, K % GROUP == 0");
     if (kernel < awq::kAuto || kernel > awq::kLastKernel) awq_twin::fail("dispatch: KERNEL is an awqlib.ops.Kernel id");
+    if ((deep | wgmma | narrow) & ~1) awq_twin::fail("dispatch: DEEP, WGMMA and NARROW are 0 or 1");
     const awq::Layout layout = layout_name == "gemm"    ? awq::Layout::kGemm
                                : layout_name == "tiled" ? awq::Layout::kTiled
                                : layout_name == "stream"
                                    ? awq::Layout::kStream
                                    : (awq_twin::fail("LAYOUT is gemm|tiled|stream"), awq::Layout::kGemm);
+    int reads = 0;
     const awq::KernelChoice c =
         awq::choose_kernel(layout, M, N, K, g, static_cast<awq::Kernel>(kernel), [&] {
+          ++reads;
           awq::StreamSettings st;
           st.deep = deep, st.wgmma = wgmma, st.smem_limit = limit;
           return st;
         });
-    if (!c.refusal.empty()) std::printf("refused %s\n", c.refusal.c_str());
-    else std::printf("%s\n", awq::kernel_name(dt == "fp16" ? awq::DType::kHalf : awq::DType::kBFloat16, layout, M, N,
-                                                K, g, c, narrow).c_str());
+    if (!c.refusal.empty()) std::printf("%d refused %s\n", reads, c.refusal.c_str());
+    else std::printf("%d %s\n", reads, awq::kernel_name(dt == "fp16" ? awq::DType::kHalf : awq::DType::kBFloat16, layout,
+                                                         M, N, K, g, c, narrow).c_str());
   }
   if (!std::cin.eof())
     awq_twin::fail("dispatch: a query is DTYPE LAYOUT M N K GROUP KERNEL SMEM_LIMIT DEEP WGMMA NARROW");
