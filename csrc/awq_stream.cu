@@ -1269,9 +1269,10 @@ bool stream_supports(int M, int N, int K, int group_size, StreamConfig config) {
 
 namespace {
 
-// The rows of the first launch of M rows in passes of `pass` that `config` cannot run on this
-// device (the full pass, else the last one), or 0 when it runs them all.
-int64_t failing_pass(int64_t M, int N, int K, int group_size, StreamConfig config, int pass, int smem_limit) {
+// The rows of the first launch of M rows, in passes of the most rows `config` takes, that it cannot
+// run on this device (the full pass, else the last one), or 0 when it runs them all.
+int64_t failing_pass(int64_t M, int N, int K, int group_size, StreamConfig config, int smem_limit) {
+  const int pass = config_max_m(config);
   const auto runs = [&](int64_t rows) {
     if (!stream_supports(static_cast<int>(rows), N, K, group_size, config)) return false;
     const int bytes = stream_smem_bytes(static_cast<int>(rows), config);
@@ -1281,11 +1282,12 @@ int64_t failing_pass(int64_t M, int N, int K, int group_size, StreamConfig confi
   return !runs(full) ? full : M > full && rest && !runs(rest) ? rest : 0;
 }
 
-// Why `config` cannot run M rows in passes of `pass`, one clause of a refusal.
-std::string why_not(int64_t M, int N, int K, int group_size, StreamConfig config, int pass, int smem_limit) {
-  const int64_t bad = failing_pass(M, N, K, group_size, config, pass, smem_limit);
+// Why `config` cannot run M rows in its passes, one clause of a refusal.
+std::string why_not(int64_t M, int N, int K, int group_size, StreamConfig config, int smem_limit) {
+  const int64_t bad = failing_pass(M, N, K, group_size, config, smem_limit);
   const std::string what = std::string("the ") + config_name(config) + " configuration runs passes of at most " +
-                           std::to_string(pass) + " rows; its pass of " + std::to_string(bad) + " rows ";
+                           std::to_string(config_max_m(config)) + " rows; its pass of " + std::to_string(bad) +
+                           " rows ";
   const int rows = static_cast<int>(bad);
   if (!stream_supports(rows, N, K, group_size, config)) {
     const std::string k_tile = config_takes(rows, config) ? std::to_string(stage_k_for(rows, config)) : "?";
@@ -1300,9 +1302,7 @@ std::string why_not(int64_t M, int N, int K, int group_size, StreamConfig config
 }  // namespace
 
 StreamChoice choose_stream(int64_t M, int N, int K, int group_size, const StreamRequest& r) {
-  const auto fails = [&](StreamConfig config, int pass) {
-    return failing_pass(M, N, K, group_size, config, pass, r.smem_limit) != 0;
-  };
+  const auto fails = [&](StreamConfig config) { return failing_pass(M, N, K, group_size, config, r.smem_limit) != 0; };
   StreamChoice c;
   StreamConfig base = r.compact ? kConfigCompact : kConfigLarge;
   c.group_sums = r.group_sums;
@@ -1312,38 +1312,33 @@ StreamChoice choose_stream(int64_t M, int N, int K, int group_size, const Stream
     // Every further pass streams the weights again: measured on an H200 (gpu_sweep 2026-11-30),
     // 2 and 4 passes at best tie dequantize + cuBLAS.
     const bool four_tiles_pay = M <= kStreamCompactMaxM || int64_t(N) * K >= kStreamFourTileMinWeights;
-    base = kConfigLarge;
-    if (M > kStreamMaxM || !four_tiles_pay || (fails(kConfigLarge, kStreamMaxM) &&
-                                               (M > kStreamCompactMaxM || fails(kConfigCompact, kStreamCompactMaxM)))) {
+    const bool large_fails = M > kStreamMaxM || !four_tiles_pay || fails(kConfigLarge);
+    if (large_fails && (M > kStreamCompactMaxM || fails(kConfigCompact))) {
       c.kind = StreamChoice::kDequantCublas;
       return c;
     }
-    if (fails(kConfigLarge, kStreamMaxM)) base = kConfigCompact;
+    base = large_fails ? kConfigCompact : kConfigLarge;
     c.group_sums = true;
   }
-  const int pass = base == kConfigCompact ? kStreamCompactMaxM : kStreamMaxM;
   // wgmma in place of the large configuration for every pass, where asked for and it runs them all
   // -- also a shape only it takes (its 128-row stages at 65-128 rows)
-  if (r.wgmma && base == kConfigLarge && !fails(kConfigWgmma, kStreamWgmmaMaxM)) {
+  if (r.wgmma && base == kConfigLarge && !fails(kConfigWgmma)) {
     c.kind = StreamChoice::kStream;
     c.config = kConfigWgmma;
-    c.pass = kStreamWgmmaMaxM;
+    c.pass = config_max_m(kConfigWgmma);
     return c;
   }
-  if (fails(base, pass)) {
+  if (fails(base)) {
     c.refusal = "the stream kernel cannot run " + std::to_string(M) + " rows of this weight: " +
-                why_not(M, N, K, group_size, base, pass, r.smem_limit);
+                why_not(M, N, K, group_size, base, r.smem_limit);
     if (r.wgmma && base == kConfigLarge)
-      c.refusal += "; and " + why_not(M, N, K, group_size, kConfigWgmma, kStreamWgmmaMaxM, r.smem_limit) +
-                   " (AWQLIB_STREAM_WGMMA=1)";
+      c.refusal += "; and " + why_not(M, N, K, group_size, kConfigWgmma, r.smem_limit) + " (AWQLIB_STREAM_WGMMA=1)";
     return c;
   }
   c.kind = StreamChoice::kStream;
-  c.pass = pass;
+  c.pass = config_max_m(base);
   // the deep ring in place of the large one, where asked for: one launch of <= 64 rows, not 17-32
-  c.config = r.deep && base == kConfigLarge && M <= kStreamDeepMaxM && !fails(kConfigDeep, kStreamDeepMaxM)
-                 ? kConfigDeep
-                 : base;
+  c.config = r.deep && base == kConfigLarge && M <= kStreamDeepMaxM && !fails(kConfigDeep) ? kConfigDeep : base;
   return c;
 }
 
