@@ -5,9 +5,10 @@
 // All kernels with split-K reduce in-kernel (the last block of a tile adds the partials in a
 // fixed order).  Everything runs on the current stream with no host synchronisation; the
 // temporaries (split-K workspace and counters, dense weights) come from the caching allocator, so
-// the ops can be captured in CUDA graphs, and graphs replayed concurrently on different streams
-// never share a counter (counters_for).  The dense temporary of the large-M path is at most
-// kDenseChunkBytes: wider weights are dequantized and multiplied in column chunks.
+// the ops can be captured in CUDA graphs (with no memset per call), and graphs replayed
+// concurrently on different streams never share a counter (counters_for).  The dense temporary
+// of the large-M path is at most kDenseChunkBytes: wider weights are dequantized and multiplied
+// in column chunks.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -19,11 +20,13 @@
 #include <cerrno>
 #include <cstdlib>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "awq_counters.h"
 #include "awq_dispatch.h"
 #include "awq_kernels.h"
 
@@ -156,27 +159,52 @@ at::Tensor awq_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& qzer
   return dequantize_impl(qweight, qzeros, scales, s);
 }
 
-// Split-K arrival counters.  Every kernel's last block resets its counter to zero, so outside
-// graph capture one zero-initialised buffer per (device, stream) serves every launch on that
-// stream with no memset: launches on one stream run in order and never share a counter
-// concurrently.  Under CUDA-graph capture each call gets its own counters from the caching
-// allocator (the graph's pool) and a captured memset zeroes them on every replay, so two graphs
-// replayed concurrently on different streams never share a counter, and no persistent buffer is
-// ever allocated (or grown) inside a capture.  The map is leaked on purpose: tensors destroyed
-// after the CUDA context at process exit would crash.
+// Split-K arrival counters.  Every kernel's last block resets its counter to zero, so launches
+// that run one after another share counters with no memset, as long as the memory starts zeroed
+// and nothing else writes it.  Outside graph capture: one zeroed buffer per (device, stream).
+// Under CUDA-graph capture: the launches of one capture on one stream share a slice of the
+// device's arena (awq_counters.h: zeroed once, here, outside any capture, and never freed), so a
+// captured graph holds no memset for them, and two graphs replayed concurrently on different
+// streams never share a counter.  A capture on a device that has had no launch outside capture
+// yet (no arena: it cannot be made and zeroed inside a capture), or after the arena is spent,
+// gets counters of its own per call from the caching allocator (the graph's pool), which a
+// captured memset zeroes on every replay.  The map is leaked on purpose: tensors destroyed after
+// the CUDA context at process exit would crash.
+struct DeviceCounters {
+  at::Tensor arena;                                    // kCaptureArenaCounters zeros
+  std::unique_ptr<awq::CaptureCounterSlices> slices;   // which capture uses which part of it
+  std::map<cudaStream_t, at::Tensor> per_stream;       // outside capture
+};
+
 int32_t* counters_for(const at::Tensor& like, int64_t n, cudaStream_t stream, at::Tensor& per_call) {
+  n = std::max<int64_t>(n, 1);
+  const at::TensorOptions options = like.options().dtype(at::kInt);
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  if (capture != cudaStreamCaptureStatusNone) {
-    per_call = at::zeros({std::max<int64_t>(n, 1)}, like.options().dtype(at::kInt));
-    return per_call.data_ptr<int32_t>();
+  unsigned long long capture_id = 0;
+  C10_CUDA_CHECK(cudaStreamGetCaptureInfo(stream, &capture, &capture_id));
+  {
+    static std::mutex mu;
+    static auto* devices = new std::map<int, DeviceCounters>();
+    const std::lock_guard<std::mutex> lock(mu);
+    DeviceCounters& d = (*devices)[like.get_device()];
+    if (capture == cudaStreamCaptureStatusNone) {
+      if (!d.arena.defined()) {
+        d.arena = at::zeros({awq::kCaptureArenaCounters}, options);
+        // zero before any graph that uses it replays, on whatever stream (once per device)
+        C10_CUDA_CHECK(cudaStreamSynchronize(stream));
+        d.slices = std::make_unique<awq::CaptureCounterSlices>(awq::kCaptureArenaCounters);
+      }
+      at::Tensor& buf = d.per_stream[stream];
+      if (!buf.defined() || buf.numel() < n) buf = at::zeros({std::max<int64_t>(n, 4096)}, options);
+      return buf.data_ptr<int32_t>();
+    }
+    if (capture == cudaStreamCaptureStatusActive && d.arena.defined()) {
+      const int64_t at = d.slices->slice(reinterpret_cast<uintptr_t>(stream), capture_id, n);
+      if (at >= 0) return d.arena.data_ptr<int32_t>() + at;
+    }
   }
-  static std::mutex mu;
-  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();
-  const std::lock_guard<std::mutex> lock(mu);
-  at::Tensor& buf = (*buffers)[{like.get_device(), stream}];
-  if (!buf.defined() || buf.numel() < n) buf = at::zeros({std::max<int64_t>(n, 4096)}, like.options().dtype(at::kInt));
-  return buf.data_ptr<int32_t>();
+  per_call = at::zeros({n}, options);
+  return per_call.data_ptr<int32_t>();
 }
 
 // A switch read from the environment on every call: "0" is off, "1" on, unset or empty the

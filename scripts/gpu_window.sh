@@ -6,7 +6,8 @@
 #           rooflines, variants x shapes x M against fp16 cuBLAS (JSON after every case), the
 #           default with its grid capped on the small shapes, compute-sanitizer on a tiny shape;
 #   part 2: the stream kernels' GPU tests (tests/test_kernels_cuda.py, tests/test_gpu_e2e.py: both
-#           variants, narrow, concurrent graphs, chunked large-M, dequantize, in-process repack) and
+#           variants, narrow, concurrent graphs, captured counters with no memset, chunked large-M,
+#           dequantize, in-process repack) and
 #           the block ops' (rms_norm, rotary, gated_act: -k block_op), then the wgmma ones apart,
 #           then decode of a random 8B Llama, fp16 vs int4 (unfused / fused, the defaults; then fused
 #           with the narrow kernels off, with the deep ring, and with warpgroup mma), batch 1 and 8, with the
@@ -77,7 +78,7 @@ if [ "$PART" = 1 ] || [ "$PART" = all ]; then
 fi
 if [ "$PART" = 2 ] || [ "$PART" = all ]; then
   step stream-tests 60 150 "$OUT/pytest.log" "$PY" -m pytest -q -p no:cacheprovider \
-    -k "(stream or group_sums or concurrently or chunked or dequantize or in_process or block_op or quantize_on_gpu) and not wgmma" \
+    -k "(stream or group_sums or concurrently or counters or memset or zeroes_per_call or chunked or dequantize or in_process or block_op or quantize_on_gpu) and not wgmma" \
     tests/test_kernels_cuda.py tests/test_gpu_e2e.py
   # the wgmma kernels' first GPU tests in a process of their own: a fault there leaves the others'
   # results whole; decode runs with wgmma only where they passed

@@ -674,3 +674,51 @@ def test_stream_serves_decode_is_the_kernels_rule(twin):
              if stream_serves_decode(K, N, g) != (takes[2 * i] or takes[2 * i + 1])]
     assert not wrong, wrong[:10]
     assert any(takes) and not all(takes)
+
+
+def _slices(twin, capacity: int, queries: list[tuple[int, int, int]]) -> list[int]:
+    """The twin's answers to awq_counters.h's question for (stream, capture, counters) queries."""
+    r = subprocess.run([str(twin), "slices", str(capacity)], input="\n".join(" ".join(map(str, q)) for q in queries),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return [int(a) for a in r.stdout.split()]
+
+
+SLICE_MIN = 1024  # awq_counters.h kCaptureSliceCounters
+
+
+def test_captured_counters_share_a_slice_per_capture_and_stream(twin):
+    """A captured launch's counters (awq_counters.h): the launches of one capture on one stream share
+    a slice; another stream or capture gets its own; a launch that needs more gets a fresh, larger
+    slice, which the next launches of its pair share; a spent arena answers -1 (a memset per call)."""
+    queries = [(1, 7, 10), (1, 7, 300), (2, 7, 10), (1, 8, 10), (1, 7, 5000), (1, 7, 10), (2, 7, 1024),
+               (3, 9, 10), (3, 9, 120)]
+    assert _slices(twin, 8192, queries) == [0, 0, 1024, 2048, 3072, 3072, 1024, -1, -1]
+    assert _slices(twin, 8192 + 1024, [*queries, (3, 9, 1)]) == [0, 0, 1024, 2048, 3072, 3072, 1024, 8072, 8072, 8072]
+
+
+def test_captured_counters_never_overlap(twin):
+    """Random launches of many captures on several streams: no two (stream, capture) pairs ever hold
+    overlapping counters, no slice leaves the arena, a pair keeps its slice while it suffices, and -1
+    comes only when what is left of the arena is less than the slice needed."""
+    import random
+    rng = random.Random(5)
+    capacity = 64 * SLICE_MIN
+    queries = [(rng.randrange(4), rng.randrange(40), rng.choice([1, 17, 448, 1024, 1025, 3000])) for _ in range(400)]
+    answers = _slices(twin, capacity, queries)
+    held: dict[tuple[int, int], tuple[int, int]] = {}   # each pair's current slice
+    owner: list[tuple[int, int, tuple[int, int]]] = []  # every slice handed out: [start, end) and its pair
+    for (stream, capture, n), at in zip(queries, answers):
+        pair, size = (stream, capture), max(n, SLICE_MIN)
+        if pair in held and held[pair][1] >= n:
+            assert at == held[pair][0], (pair, n, at)
+            continue
+        used = max((end for _, end, _ in owner), default=0)
+        if at == -1:
+            assert capacity - used < size, (pair, n, used)
+            continue
+        assert 0 <= at and at + size <= capacity, (at, size)
+        assert all(at >= end or at + size <= start for start, end, _ in owner), (pair, at, size)
+        owner.append((at, at + size, pair))
+        held[pair] = (at, size)
+    assert len(owner) > 20 and answers.count(-1) > 20  # the run filled the arena and went on past it

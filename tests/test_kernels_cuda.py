@@ -217,7 +217,7 @@ def test_non_default_stream(M):
     check(x, K, N, g, torch.float16, out=out2)
 
 
-@pytest.mark.parametrize("M", [1, 8, 33, 600])  # GEMV, GEMV split-K (memset), GEMM, dequant + cuBLAS
+@pytest.mark.parametrize("M", [1, 8, 33, 600])  # GEMV, GEMV split-K (counters), GEMM, dequant + cuBLAS
 def test_cuda_graph_capture(M):
     N, K, g = 4096, 4096, 128
     qweight, qzeros, scales, _ = weight(K, N, g)
@@ -1005,6 +1005,119 @@ def test_two_graphs_replayed_concurrently_on_two_streams(layout):
                 graph.replay()
         torch.cuda.synchronize()
         for x, out in zip(xs, outs):
+            for o in out:
+                check(x, K, N, g, torch.float16, out=o)
+
+
+# A captured graph's nodes as cudaGraphDebugDotPrint writes them (torch's debug_dump): a memset
+# node's label says MEMSET, an at::zeros fill kernel's name holds FillFunctor.
+_ZEROING = re.compile(r"MEMSET|FillFunctor", re.IGNORECASE)
+
+
+def _captured_dot(fn, tmp_path, name: str) -> tuple[torch.cuda.CUDAGraph, object, str]:
+    """fn() captured (debug mode, so the graph can be printed): the graph, fn's result, the DOT text."""
+    graph = torch.cuda.CUDAGraph()
+    graph.enable_debug_mode()
+    with torch.cuda.graph(graph):
+        result = fn()
+    path = tmp_path / f"{name}.dot"
+    graph.debug_dump(str(path))
+    return graph, result, path.read_text()
+
+
+def _stream_weight(K: int, N: int, g: int):
+    from awqlib.packing import to_layout
+    return to_layout("stream", *weight(K, N, g)[:3])
+
+
+@pytest.mark.parametrize("layout", ["tiled", "stream"])
+def test_captured_split_k_launches_hold_no_memset(layout, tmp_path):
+    """Split-K launches captured after one launch outside capture take their counters from the
+    device's arena (csrc/awq_counters.h): the graph holds their kernels and no memset or fill for
+    their counters, and replayed again and again (the counters left zero by each launch's last
+    arrivers) it stays right."""
+    from awqlib.packing import to_layout
+    N, K, g = 4096, 4096, 128
+    qw, qz, sc = to_layout(layout, *weight(K, N, g)[:3])
+    x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+    torch.ops.awqlib.awq_gemm(x, qw, qz, sc, g)  # a launch outside capture: the arena exists
+    torch.cuda.synchronize()
+    name = gemm_kernel_name(x, qw, qz, sc, g)
+    assert "stream" in name if layout == "stream" else "skinny" in name, name
+    graph, outs, dot = _captured_dot(lambda: [torch.ops.awqlib.awq_gemm(x, qw, qz, sc, g) for _ in range(4)],
+                                     tmp_path, layout)
+    kernel = re.escape(name.split("<")[0])
+    assert len(re.findall(kernel, dot)) >= 4, dot[:3000]  # the DOT names the kernels it holds
+    assert not _ZEROING.search(dot), _ZEROING.search(dot).group(0)
+    for _ in range(5):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        for o in outs:
+            check(x, K, N, g, torch.float16, out=o)
+
+
+def test_capture_before_any_eager_launch_zeroes_per_call():
+    """In a process whose first launch on the device is inside a capture (no arena can be made
+    there), each captured split-K launch gets its own counters and a captured zeroing: the DOT
+    shows them (so the check above can see one), and the replays are right."""
+    import subprocess
+    import sys
+    import textwrap
+    code = textwrap.dedent("""
+        import re, sys, tempfile, torch
+        from awqlib import kernels
+        from awqlib.packing import to_layout
+        sys.path.insert(0, sys.argv[1])
+        import test_kernels_cuda as t
+        assert kernels.load()
+        N, K, g = 4096, 4096, 128
+        qw, qz, sc = to_layout("stream", *t.weight(K, N, g)[:3])
+        x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+        torch.cuda.synchronize()
+        with tempfile.TemporaryDirectory() as d:
+            import pathlib
+            graph, outs, dot = t._captured_dot(lambda: [torch.ops.awqlib.awq_gemm(x, qw, qz, sc, g) for _ in range(3)],
+                                               pathlib.Path(d), "first")
+        assert len(t._ZEROING.findall(dot)) >= 3, dot[:3000]
+        for _ in range(3):
+            x.copy_(torch.randn_like(x))
+            graph.replay()
+            torch.cuda.synchronize()
+            for o in outs:
+                t.check(x, K, N, g, torch.float16, out=o)
+        print("ok")
+    """)
+    from pathlib import Path
+    here = Path(__file__).resolve().parent
+    r = subprocess.run([sys.executable, "-c", code, str(here)], cwd=here.parent, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_graphs_sharing_a_pool_keep_their_counters():
+    """Graphs captured into one memory pool (as serving engines capture one graph per batch size)
+    and replayed in turns: each capture's counters are its own arena slice, which no allocation of
+    another capture reuses, so every replay is right."""
+    N, K, g = 4096, 4096, 128
+    qw, qz, sc = _stream_weight(K, N, g)
+    pool = torch.cuda.graph_pool_handle()
+    xs = [torch.randn(M, K, device="cuda", dtype=torch.float16) for M in (1, 4, 16)]
+    for x in xs:
+        torch.ops.awqlib.awq_gemm(x, qw, qz, sc, g)
+    torch.cuda.synchronize()
+    graphs, outs = [], []
+    for x in xs:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            h = torch.ops.awqlib.awq_gemm(x, qw, qz, sc, g)
+            outs.append([h, torch.ops.awqlib.awq_gemm(x, qw, qz, sc, g)])
+        graphs.append(graph)
+    for _ in range(4):
+        for graph, x, out in zip(graphs, xs, outs):
+            x.copy_(torch.randn_like(x))
+            graph.replay()
+            torch.cuda.synchronize()
             for o in out:
                 check(x, K, N, g, torch.float16, out=o)
 

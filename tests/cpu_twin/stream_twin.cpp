@@ -7,6 +7,7 @@
 //   stream_twin dequant DIR DTYPE K N GROUP
 //   stream_twin choose  -   (queries on stdin, one per line, answers on stdout)
 //   stream_twin dispatch -  (the same)
+//   stream_twin slices CAPACITY  (the same)
 //
 // DIR holds the inputs as raw little-endian arrays (x.bin [M, K], qweight.bin, qzeros.bin,
 // scales.bin in the stream layout) and receives out.bin ([M, N], or the dense W^T [K, N]).  DTYPE:
@@ -30,11 +31,15 @@
 // tiled | stream, KERNEL an awqlib.ops.Kernel id; an answer: READ and the name, or READ "refused
 // MESSAGE", READ the number of times the choice asked for the stream settings (awq_ops.cpp reads
 // AWQLIB_STREAM_* then, and refuses an invalid one).
+// slices: which part of a device's arena of CAPACITY counters a captured launch uses
+// (awq_counters.h, what awq_ops.cpp counters_for asks).  A query: STREAM CAPTURE N; an answer: the
+// offset, or -1 where the arena has no room for it.
 #include <cstdio>
 #include <iostream>
 
 #define AWQ_HOST_EMULATION 1
 #include "awq_stream.cu"
+#include "awq_counters.h"
 #include "awq_dispatch.h"
 #include "twin_files.h"
 
@@ -199,6 +204,15 @@ void run_dispatch() {
     awq_twin::fail("dispatch: a query is DTYPE LAYOUT M N K GROUP KERNEL SMEM_LIMIT DEEP WGMMA NARROW");
 }
 
+void run_slices(long long capacity) {
+  if (capacity < 0) awq_twin::fail("slices: CAPACITY is a count of counters");
+  awq::CaptureCounterSlices slices(capacity);
+  unsigned long long stream, capture;
+  long long n;
+  while (std::cin >> stream >> capture >> n) std::printf("%lld\n", static_cast<long long>(slices.slice(stream, capture, n)));
+  if (!std::cin.eof()) awq_twin::fail("slices: a query is STREAM CAPTURE N");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -225,6 +239,8 @@ int main(int argc, char** argv) {
       run_choose();
     } else if (kind == "dispatch" && argc == 3) {
       run_dispatch();
+    } else if (kind == "slices" && argc == 3) {
+      run_slices(std::stoll(dir));
     } else if (kind == "dequant" && argc == 7) {
       const std::string dt = argv[3];
       const int K = to_int(argv[4]), N = to_int(argv[5]), g = to_int(argv[6]);
