@@ -23,6 +23,13 @@
 // same function in more kernels, never a different answer.  The kernels allocate nothing but
 // their outputs (at::empty), never synchronize and read nothing back to the host, so the ops can
 // be captured in CUDA graphs.
+//
+// Each kernel lets the next one launch as soon as all of its CTAs are resident
+// (allow_dependent_launch, first thing): a stream GEMM launched with programmatic dependent launch
+// (AWQLIB_STREAM_PDL=1, awq_ops.cpp) -- the qkv and gate/up GEMMs after rms_norm, down after
+// gated_act -- then streams its first weight stages in while the block op runs, and waits for the
+// block op's output (griddepcontrol.wait) before reading it.  A kernel launched without the
+// attribute is not affected.
 #ifdef AWQ_HOST_EMULATION
 #include "cpu_twin.h"  // the kernels alone, on the CPU (tests/cpu_twin/block_ops_twin.cpp)
 #else
@@ -35,6 +42,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 #endif
+#include "awq_common.cuh"  // allow_dependent_launch
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -120,6 +128,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 awq_rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ weight, T* __restrict__ out, int64_t rows,
                     int hidden, float eps, float weight_offset) {
   static_assert(kGroupThreads == kWarpLanes || kGroupThreads == kBlockThreads, "a row is a warp's or a CTA's");
+  awq::allow_dependent_launch();
   using P = Pack<T, kVec>;
   constexpr int kRowsPerBlock = kBlockThreads / kGroupThreads;
   const int tid = threadIdx.x % kGroupThreads;
@@ -194,6 +203,7 @@ constexpr int rotary_seq_dim(int64_t unsqueeze_dim) { return unsqueeze_dim == 1 
 
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kRotaryThreads) awq_rotary_kernel(const RotaryArgs a) {
+  awq::allow_dependent_launch();
   using P = Pack<T, kVec>;
   const uint32_t idx = blockIdx.x * kRotaryThreads + threadIdx.x;
   if (idx >= a.units) return;
@@ -264,6 +274,7 @@ __global__ void __launch_bounds__(kGatedThreads)
 awq_gated_act_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ out,
                      int64_t gate_row_stride, int64_t up_row_stride, int features, uint32_t units_per_row,
                      uint32_t units) {
+  awq::allow_dependent_launch();
   using P = Pack<T, kVec>;
   const uint32_t idx = blockIdx.x * kGatedThreads + threadIdx.x;
   if (idx >= units) return;

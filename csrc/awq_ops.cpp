@@ -218,10 +218,12 @@ bool env_flag(const char* name, bool unset = false) {
 }
 
 // Programmatic dependent launch of the stream kernel (awq_stream.cu: grid_dependency_wait): its
-// first stages' int4 weights stream in while the previous kernel in the stream finishes.  Opt-in
-// with AWQLIB_STREAM_PDL=1: measured on an H200 (benchmarks/RESULTS.md, gpu_sweep 2026-11-30) it
-// gains nothing (faster in 8 of 28 cells, geometric mean 0.99x) and slows the 8B decode step
-// (3.90 -> 4.01 ms); read per call, so that one process can time both.  sm_90+ only, and only
+// first stages' int4 weights stream in while the previous kernel in the stream finishes -- which
+// only happens where that kernel lets it launch early (the block ops and the stream kernel do:
+// allow_dependent_launch).  Opt-in with AWQLIB_STREAM_PDL=1: measured on an H200 it gained nothing
+// (benchmarks/RESULTS.md, gpu_sweep and bench_generate of 2026-11-30: faster in 8 of 28 cells, the
+// 8B decode step 3.90 -> 4.01 ms), in graphs where a counters memset sat before every stream launch
+// and no block op let the next kernel start early; read per call, so that one process can time both.  sm_90+ only, and only
 // when this call made no copy of qweight (a copy kernel would be the previous kernel, still
 // writing what is prefetched); the repack that makes the stream layout synchronizes its stream
 // (awqlib/packing.py: to_layout).

@@ -10,7 +10,8 @@
 #           dequantize, in-process repack) and
 #           the block ops' (rms_norm, rotary, gated_act: -k block_op), then the wgmma ones apart,
 #           then decode of a random 8B Llama, fp16 vs int4 (unfused / fused, the defaults; then fused
-#           with the narrow kernels off, with the deep ring, and with warpgroup mma), batch 1 and 8, with the
+#           with the narrow kernels off, with programmatic dependent launch, with the deep ring, and
+#           with warpgroup mma), batch 1 and 8, with the
 #           int4 weights in the stream runtime layout (benchmarks/bench_generate.py).
 # Each part stops inside its deadline ($WINDOW_S, default 330 s: give the call timeout_s 360); a
 # step starts only when its minimum time is left.  Run from the repository root:
@@ -82,7 +83,9 @@ if [ "$PART" = 2 ] || [ "$PART" = all ]; then
     tests/test_kernels_cuda.py tests/test_gpu_e2e.py
   # the wgmma kernels' first GPU tests in a process of their own: a fault there leaves the others'
   # results whole; decode runs with wgmma only where they passed
-  options=none,deep+narrow
+  # pdl: the stream GEMMs launched early behind the block ops (which now let them), with no
+  # counters memset in between -- neither was so when pdl last measured no gain
+  options=none,pdl,deep+narrow
   if step wgmma-tests 40 75 "$OUT/pytest-wgmma.log" "$PY" -m pytest -q -p no:cacheprovider -k wgmma \
       tests/test_kernels_cuda.py; then
     options=$options,wgmma

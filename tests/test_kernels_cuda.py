@@ -759,6 +759,43 @@ def test_stream_pdl_reads_what_the_previous_kernel_wrote(kernel, M, wgmma, monke
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("M", [1, 8, 16])
+def test_stream_pdl_after_the_block_ops(M, monkeypatch):
+    """The block ops let the next kernel launch as soon as their CTAs are resident
+    (allow_dependent_launch), so under AWQLIB_STREAM_PDL=1 the gate/up GEMM streams weights in while
+    rms_norm still runs, and the down GEMM while gated_act does.  Each must still read what the
+    block op wrote: the MLP's outputs equal the plain launches' bit for bit, eagerly and replayed
+    from a CUDA graph (where nothing else sits between the block op and the GEMM)."""
+    from awqlib import blockops
+    for name in ("AWQLIB_STREAM_WGMMA", "AWQLIB_STREAM_DEEP", "AWQLIB_STREAM_SMEM_LIMIT"):
+        monkeypatch.delenv(name, raising=False)
+    K, inter = 2048, 2048
+    gate_up, down = stream_weight(K, 2 * inter, 128), stream_weight(inter, K, 128)
+    w = torch.randn(K, device="cuda", dtype=torch.float16) * 0.5 + 1
+
+    def mlp(x):
+        h = blockops.rms_norm(x, w, 1e-6)
+        gate, up = torch.ops.awqlib.awq_gemm(h, *gate_up, 128).chunk(2, dim=-1)
+        return torch.ops.awqlib.awq_gemm(blockops.gated_act(gate, up, "silu"), *down, 128)
+
+    x0 = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    assert "stream" in gemm_kernel_name(x0, *gate_up, 128)
+    monkeypatch.delenv("AWQLIB_STREAM_PDL", raising=False)
+    plain = mlp(x0)
+    monkeypatch.setenv("AWQLIB_STREAM_PDL", "1")
+    poison_allocator()
+    assert torch.equal(mlp(x0), plain)
+    xg = x0.clone()
+    graph, out = capture(lambda: mlp(xg))
+    for _ in range(3):
+        xg.copy_(torch.randn_like(xg))
+        graph.replay()
+        torch.cuda.synchronize()
+        monkeypatch.delenv("AWQLIB_STREAM_PDL")
+        assert torch.equal(out, mlp(xg))
+        monkeypatch.setenv("AWQLIB_STREAM_PDL", "1")
+
+
 # sharedMemPerBlockOptin of an A100 and of an sm_86/89 GPU, as awq_stream.cu sizes its configurations for
 A100_SMEM, SM89_SMEM = kernels.source_constant("kA100SmemPerBlock"), kernels.source_constant("kSm89SmemPerBlock")
 
