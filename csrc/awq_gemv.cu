@@ -23,8 +23,8 @@
 // Filling the GPU.  N/256 column blocks are too few for e.g. N = 4096, so K is split across
 // blockIdx.y.  Each split writes fp32 partials to a workspace; the last block to arrive at a
 // column tile (atomic counter) sums the partials in a fixed order (deterministic) and writes the
-// output.  No second kernel, no host sync; the counters are zeroed by the caller with a
-// (graph-capturable) memset and reset by the last block.
+// output.  No second kernel, no host sync; the counters come zeroed (awq_ops.cpp: counters_for)
+// and the last block resets its own, for the next launch.
 #include "awq_common.cuh"
 #include "awq_kernels.h"
 

@@ -3,10 +3,11 @@
 // and the device, and runs the kernel awq_dispatch.h chooses (its header states the rules).
 //
 // All kernels with split-K reduce in-kernel (the last block of a tile adds the partials in a
-// fixed order).  Everything runs on the current stream with no host synchronisation; the
-// temporaries (split-K workspace and counters, dense weights) come from the caching allocator, so
-// the ops can be captured in CUDA graphs (with no memset per call), and graphs replayed
-// concurrently on different streams never share a counter (counters_for).  The dense temporary
+// fixed order).  Everything runs on the current stream with no host synchronisation (but one, when
+// a device's counter arena is made); the temporaries (split-K workspace, dense weights) come from
+// the caching allocator and the counters from a zeroed arena (counters_for), so the ops can be
+// captured in CUDA graphs with no memset per call, and graphs replayed concurrently on different
+// streams never share a counter.  The dense temporary
 // of the large-M path is at most kDenseChunkBytes: wider weights are dequantized and multiplied
 // in column chunks.
 #include <ATen/ATen.h>
@@ -161,49 +162,83 @@ at::Tensor awq_dequantize_cuda(const at::Tensor& qweight, const at::Tensor& qzer
 
 // Split-K arrival counters.  Every kernel's last block resets its counter to zero, so launches
 // that run one after another share counters with no memset, as long as the memory starts zeroed
-// and nothing else writes it.  Outside graph capture: one zeroed buffer per (device, stream).
-// Under CUDA-graph capture: the launches of one capture on one stream share a slice of the
-// device's arena (awq_counters.h: zeroed once, here, outside any capture, and never freed), so a
-// captured graph holds no memset for them, and two graphs replayed concurrently on different
-// streams never share a counter.  A capture on a device that has had no launch outside capture
-// yet (no arena: it cannot be made and zeroed inside a capture), or after the arena is spent,
-// gets counters of its own per call from the caching allocator (the graph's pool), which a
-// captured memset zeroes on every replay.  The map is leaked on purpose: tensors destroyed after
-// the CUDA context at process exit would crash.
-struct DeviceCounters {
-  at::Tensor arena;                                    // kCaptureArenaCounters zeros
-  std::unique_ptr<awq::CaptureCounterSlices> slices;   // which capture uses which part of it
-  std::map<cudaStream_t, at::Tensor> per_stream;       // outside capture
+// and nothing else writes it.  Each device has one arena of them (awq_counters.h): raw device
+// memory, so that no allocator pool (a graph's, torch.compile's) ever owns it, zeroed once,
+// outside any capture, and never freed.  Eager launches take a slice per stream; launches
+// captured in a CUDA graph a slice per (capture, stream) -- so a captured graph holds no memset
+// for them, and two graphs replayed concurrently on different streams never share a counter.  A
+// capture on a device that has had no call outside capture yet (the arena cannot be made and
+// zeroed inside one), or past the spent arena, gets counters of its own per call from the caching
+// allocator (the graph's pool), which a captured memset zeroes on every replay (warned once).
+// The map is leaked on purpose, like the arena: nothing may be freed after the CUDA context.
+struct CaptureState {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  unsigned long long id = 0;  // cudaStreamGetCaptureInfo's: unique per capture in the process
 };
 
-int32_t* counters_for(const at::Tensor& like, int64_t n, cudaStream_t stream, at::Tensor& per_call) {
-  n = std::max<int64_t>(n, 1);
-  const at::TensorOptions options = like.options().dtype(at::kInt);
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  unsigned long long capture_id = 0;
-  C10_CUDA_CHECK(cudaStreamGetCaptureInfo(stream, &capture, &capture_id));
-  {
-    static std::mutex mu;
-    static auto* devices = new std::map<int, DeviceCounters>();
-    const std::lock_guard<std::mutex> lock(mu);
-    DeviceCounters& d = (*devices)[like.get_device()];
-    if (capture == cudaStreamCaptureStatusNone) {
-      if (!d.arena.defined()) {
-        d.arena = at::zeros({awq::kCaptureArenaCounters}, options);
-        // zero before any graph that uses it replays, on whatever stream (once per device)
-        C10_CUDA_CHECK(cudaStreamSynchronize(stream));
-        d.slices = std::make_unique<awq::CaptureCounterSlices>(awq::kCaptureArenaCounters);
-      }
-      at::Tensor& buf = d.per_stream[stream];
-      if (!buf.defined() || buf.numel() < n) buf = at::zeros({std::max<int64_t>(n, 4096)}, options);
-      return buf.data_ptr<int32_t>();
-    }
-    if (capture == cudaStreamCaptureStatusActive && d.arena.defined()) {
-      const int64_t at = d.slices->slice(reinterpret_cast<uintptr_t>(stream), capture_id, n);
-      if (at >= 0) return d.arena.data_ptr<int32_t>() + at;
-    }
+CaptureState capture_state(cudaStream_t stream) {
+  CaptureState c;
+  C10_CUDA_CHECK(cudaStreamGetCaptureInfo(stream, &c.status, &c.id));
+  return c;
+}
+
+struct DeviceCounters {
+  int32_t* arena = nullptr;                            // kCaptureArenaCounters zeros
+  std::unique_ptr<awq::CounterSlices> slices;   // which stream and capture use which part
+};
+
+std::mutex counters_mutex;
+std::map<int, DeviceCounters>& device_counters() {
+  static auto* devices = new std::map<int, DeviceCounters>();
+  return *devices;
+}
+
+// The device's arena, made on the first call outside capture (under counters_mutex; `stream` is
+// the current stream of the current device, which is `device`).  Every awq_gemm call outside
+// capture asks, so that a graph captured after any eager call finds it -- also when those calls
+// took no counters (dequantize + cuBLAS, one split).
+DeviceCounters& counter_arena(int device, cudaStream_t stream, const CaptureState& capture) {
+  DeviceCounters& d = device_counters()[device];
+  if (d.arena != nullptr || capture.status != cudaStreamCaptureStatusNone) return d;
+  const size_t bytes = static_cast<size_t>(awq::kCaptureArenaCounters) * sizeof(int32_t);
+  void* p = nullptr;
+  C10_CUDA_CHECK(cudaMalloc(&p, bytes));
+  // zeroed before any graph that uses it replays, on whatever stream: once per device
+  cudaError_t err = cudaMemsetAsync(p, 0, bytes, stream);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
+  if (err != cudaSuccess) {
+    (void)cudaFree(p);
+    C10_CUDA_CHECK(err);
   }
-  per_call = at::zeros({n}, options);
+  d.slices = std::make_unique<awq::CounterSlices>(awq::kCaptureArenaCounters);
+  d.arena = static_cast<int32_t*>(p);
+  return d;
+}
+
+void prepare_counters(int device, cudaStream_t stream, const CaptureState& capture) {
+  if (capture.status != cudaStreamCaptureStatusNone) return;
+  const std::lock_guard<std::mutex> lock(counters_mutex);
+  counter_arena(device, stream, capture);
+}
+
+int32_t* counters_for(const at::Tensor& like, int64_t n, cudaStream_t stream, const CaptureState& capture,
+                      at::Tensor& per_call) {
+  n = std::max<int64_t>(n, 1);
+  bool had_arena = false;
+  if (capture.status == cudaStreamCaptureStatusNone || capture.status == cudaStreamCaptureStatusActive) {
+    const std::lock_guard<std::mutex> lock(counters_mutex);
+    DeviceCounters& d = counter_arena(like.get_device(), stream, capture);
+    had_arena = d.arena != nullptr;
+    const int64_t at = had_arena ? d.slices->slice(reinterpret_cast<uintptr_t>(stream), capture.id, n) : -1;
+    if (at >= 0) return d.arena + at;
+  }
+  if (capture.status == cudaStreamCaptureStatusActive) {
+    TORCH_WARN_ONCE("awqlib: split-K launches captured in a CUDA graph zero their arrival counters per call (a memset "
+                    "node each), because ",
+                    had_arena ? "the device's counter arena is spent (one slice per captured stream)"
+                              : "no awq_gemm call ran on this device outside capture before it (warm up eagerly first)");
+  }
+  per_call = at::zeros({n}, like.options().dtype(at::kInt));
   return per_call.data_ptr<int32_t>();
 }
 
@@ -323,6 +358,9 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   const int num_sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
   const KernelChoice choice = choose(s, M, static_cast<Kernel>(kernel), device);
   const Kernel k = choice.kernel;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const CaptureState capture = capture_state(stream);
+  prepare_counters(device, stream, capture);
   if (k == kDequantCublas) return dequant_matmul(x2, qw, qz, sc, s).view(out_shape);
 
   at::Tensor out = at::empty({M, s.N}, x.options());
@@ -330,7 +368,6 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   const int so = static_cast<int>(splits);
   const int depth = k == kSkinnyShallow ? 2 : 4;  // register-ring depth of the skinny kernel
   const awq::DType dt = to_dtype(x.scalar_type());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor ws, per_call_counters;
   awq::GemmArgs a{};
   a.x = x2.data_ptr();
@@ -359,7 +396,7 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
     const size_t ws_floats = std::max({full.workspace_floats, last.workspace_floats, size_t(1)});
     ws = at::empty({static_cast<int64_t>(ws_floats)}, x.options().dtype(at::kFloat));
     a.workspace = ws.data_ptr<float>();
-    a.counters = counters_for(x, std::max(full.counters, last.counters), stream, per_call_counters);
+    a.counters = counters_for(x, std::max(full.counters, last.counters), stream, capture, per_call_counters);
     const size_t x_pass_bytes = static_cast<size_t>(pass) * kk * x2.element_size();
     const size_t out_pass_bytes = static_cast<size_t>(pass) * n * out.element_size();
     for (int64_t r0 = 0; r0 < M; r0 += pass) {
@@ -378,7 +415,7 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   if (plan.splits > 1) {
     ws = at::empty({plan.splits, M, s.N}, x.options().dtype(at::kFloat));
     a.workspace = ws.data_ptr<float>();
-    a.counters = counters_for(x, plan.tiles, stream, per_call_counters);
+    a.counters = counters_for(x, plan.tiles, stream, capture, per_call_counters);
   }
   a.splits = plan.splits;
   if (k == kGemv) awq::launch_gemv(dt, a, stream);

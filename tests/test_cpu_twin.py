@@ -688,13 +688,18 @@ SLICE_MIN = 1024  # awq_counters.h kCaptureSliceCounters
 
 
 def test_captured_counters_share_a_slice_per_capture_and_stream(twin):
-    """A captured launch's counters (awq_counters.h): the launches of one capture on one stream share
-    a slice; another stream or capture gets its own; a launch that needs more gets a fresh, larger
-    slice, which the next launches of its pair share; a spent arena answers -1 (a memset per call)."""
+    """A launch's counters (awq_counters.h): the launches of one capture (or, capture id 0, the eager
+    ones) on one stream share a slice; another stream or capture gets its own; a launch that needs
+    more gets a fresh, larger slice, which the next launches of its pair share; a spent arena
+    answers -1 (a memset per call)."""
     queries = [(1, 7, 10), (1, 7, 300), (2, 7, 10), (1, 8, 10), (1, 7, 5000), (1, 7, 10), (2, 7, 1024),
                (3, 9, 10), (3, 9, 120)]
     assert _slices(twin, 8192, queries) == [0, 0, 1024, 2048, 3072, 3072, 1024, -1, -1]
     assert _slices(twin, 8192 + 1024, [*queries, (3, 9, 1)]) == [0, 0, 1024, 2048, 3072, 3072, 1024, 8072, 8072, 8072]
+    # the last slice that fits exactly is given; the next is not
+    assert _slices(twin, 3 * SLICE_MIN, [(1, 1, 5), (2, 1, 5), (3, 1, SLICE_MIN), (4, 1, 1)]) == [0, 1024, 2048, -1]
+    # eager launches (capture id 0) take a slice per stream like any capture
+    assert _slices(twin, 4 * SLICE_MIN, [(1, 0, 5), (1, 0, 9), (2, 0, 5), (1, 3, 5)]) == [0, 0, 1024, 2048]
 
 
 def test_captured_counters_never_overlap(twin):

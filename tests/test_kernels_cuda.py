@@ -1095,9 +1095,9 @@ def test_captured_split_k_launches_hold_no_memset(layout, tmp_path):
 
 
 def test_capture_before_any_eager_launch_zeroes_per_call():
-    """In a process whose first launch on the device is inside a capture (no arena can be made
-    there), each captured split-K launch gets its own counters and a captured zeroing: the DOT
-    shows them (so the check above can see one), and the replays are right."""
+    """In a process whose first awq_gemm call on the device is inside a capture (no arena can be
+    made there), each captured split-K launch gets its own counters and a captured zeroing: the DOT
+    shows them (so the check above can see one), the replays are right, and a warning says why."""
     import subprocess
     import sys
     import textwrap
@@ -1130,6 +1130,7 @@ def test_capture_before_any_eager_launch_zeroes_per_call():
     r = subprocess.run([sys.executable, "-c", code, str(here)], cwd=here.parent, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
+    assert "warm up eagerly first" in r.stderr, r.stderr[-2000:]  # said once, with the reason
 
 
 def test_graphs_sharing_a_pool_keep_their_counters():

@@ -206,7 +206,7 @@ void run_dispatch() {
 
 void run_slices(long long capacity) {
   if (capacity < 0) awq_twin::fail("slices: CAPACITY is a count of counters");
-  awq::CaptureCounterSlices slices(capacity);
+  awq::CounterSlices slices(capacity);
   unsigned long long stream, capture;
   long long n;
   while (std::cin >> stream >> capture >> n) std::printf("%lld\n", static_cast<long long>(slices.slice(stream, capture, n)));
