@@ -1,5 +1,5 @@
-"""The decoder block's small ops, one ``torch.library`` op each: RMSNorm, rotary embedding, gated
-activation.
+"""The decoder block's small ops, one ``torch.library`` op each: RMSNorm (alone, or with the residual
+add before it), rotary embedding, gated activation.
 
 At decode a block's linears move a few megabytes each, while everything around them (two norms,
 the rotary embedding of q and k, the activation) is a few kilobytes spread over ~35 separate
@@ -31,6 +31,10 @@ _lib = torch.library.Library("awqlib", "FRAGMENT")
 # scale_in_fp32=True (Gemma: weight_offset 1, the weights store w - 1):
 #   ((x * rsqrt(mean(x^2) + eps)) * (weight_offset + weight)).to(x.dtype)   -- all in fp32, one rounding
 _lib.define("rms_norm(Tensor x, Tensor weight, float eps, float weight_offset, bool scale_in_fp32) -> Tensor")
+# The residual add before a block's second norm and that norm, in one op: (residual + x, rms_norm(residual + x)),
+# the sum rounded to its dtype as torch's add rounds it (the norm reads the rounded sum).
+_lib.define("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps, float weight_offset, "
+            "bool scale_in_fp32) -> (Tensor, Tensor)")
 # Rotary embedding of q and k in one call, transformers' apply_rotary_pos_emb: x * cos + rotate_half(x) * sin
 # over the first R = cos.shape[-1] features of each head (R <= head_dim, even; the rest pass through),
 # cos/sin of shape [batch or 1, seq, R] unsqueezed at `unsqueeze_dim` (1: q is [batch, heads, seq, dim];
@@ -52,6 +56,12 @@ def _reference_rms_norm(x, weight, eps, weight_offset, scale_in_fp32):
     if scale_in_fp32:
         return (y * (weight_offset + weight.float())).to(x.dtype).contiguous()
     return (weight * y.to(x.dtype)).contiguous()
+
+
+def _reference_add_rms_norm(x, residual, weight, eps, weight_offset, scale_in_fp32):
+    _check_rms_norm(weight_offset, scale_in_fp32)
+    s = (residual + x).contiguous()
+    return s, _reference_rms_norm(s, weight, eps, weight_offset, scale_in_fp32)
 
 
 def _rotate_half(x):
@@ -98,6 +108,7 @@ def _reference_gated_act(gate, up, act):
 
 
 _lib.impl("rms_norm", _reference_rms_norm, "CompositeExplicitAutograd")
+_lib.impl("add_rms_norm", _reference_add_rms_norm, "CompositeExplicitAutograd")
 _lib.impl("rotary", _reference_rotary, "CompositeExplicitAutograd")
 _lib.impl("gated_act", _reference_gated_act, "CompositeExplicitAutograd")
 
@@ -107,6 +118,13 @@ def _fake_rms_norm(x, weight, eps, weight_offset, scale_in_fp32):
     _check_rms_norm(weight_offset, scale_in_fp32)
     dtype = x.dtype if scale_in_fp32 else torch.promote_types(weight.dtype, x.dtype)
     return x.new_empty(x.shape, dtype=dtype)
+
+
+@torch.library.register_fake("awqlib::add_rms_norm")
+def _fake_add_rms_norm(x, residual, weight, eps, weight_offset, scale_in_fp32):
+    s = torch.empty(torch.broadcast_shapes(x.shape, residual.shape), dtype=torch.promote_types(x.dtype, residual.dtype),
+                    device=x.device)
+    return s, _fake_rms_norm(s, weight, eps, weight_offset, scale_in_fp32)
 
 
 # the outputs' dtypes follow the reference's type promotion (e.g. bf16 q with fp32 cos gives fp32)
@@ -135,6 +153,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: f
     if wants_grad(x, weight):
         return _reference_rms_norm(x, weight, eps, weight_offset, scale_in_fp32)
     return torch.ops.awqlib.rms_norm(x, weight, eps, weight_offset, scale_in_fp32)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0,
+                 scale_in_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual + x, rms_norm(residual + x)) in one op."""
+    if wants_grad(x, residual, weight):
+        return _reference_add_rms_norm(x, residual, weight, eps, weight_offset, scale_in_fp32)
+    return torch.ops.awqlib.add_rms_norm(x, residual, weight, eps, weight_offset, scale_in_fp32)
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -18,8 +18,10 @@ Around the linears a decoder block runs ~35 small kernels in transformers' code 
 the rotary embedding of q and k 10, the activation 2): at decode they take about as long as the
 int4 linears and dominate HF ``generate``'s host time.  :func:`fuse_block_ops` gives each of them
 one :mod:`awqlib.blockops` op -- RMSNorm modules become :class:`FusedRMSNorm`, the dense gated MLP
-:class:`FusedGatedMLP`, unfused experts run act * up as one op, and the attention's rotary function
-(looked up in its module's globals) becomes ours, for that attention module only.  Every
+:class:`FusedGatedMLP`, unfused experts run act * up as one op, the attention's rotary function
+(looked up in its module's globals) becomes ours, for that attention module only, and the residual
+add before a layer's second norm joins that norm (the layer's forward recompiled from its own
+source, see :func:`_add_norm_code`).  Every
 replacement is first run on a probe input against the code it replaces, in the model's dtype and
 on its device (bit for bit off CUDA, within two ulps on a CUDA kernel), so a transformers release
 that changes a formula keeps its own code (with a warning); the state dict keeps its names.
@@ -27,7 +29,10 @@ that changes a formula keeps its own code (with a warning); the state dict keeps
 
 from __future__ import annotations
 
+import ast
+import inspect
 import logging
+import textwrap
 import types
 
 import torch
@@ -236,6 +241,10 @@ class FusedRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return blockops.rms_norm(x, self.weight, self.eps, self.weight_offset, self.scale_in_fp32)
 
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual + x, self(residual + x)) as one op."""
+        return blockops.add_rms_norm(x, residual, self.weight, self.eps, self.weight_offset, self.scale_in_fp32)
+
     def extra_repr(self) -> str:
         return (f"{tuple(self.weight.shape)}, eps={self.eps}, weight_offset={self.weight_offset}, "
                 f"scale_in_fp32={self.scale_in_fp32}")
@@ -357,21 +366,25 @@ def _cell(cell):
         return None
 
 
-def _with_globals(fn, replace: dict):
+def _with_globals(fn, replace: dict, code: types.CodeType | None = None):
     """``fn`` run with ``replace`` over its globals, and so every function it wraps (functools.wraps,
-    each holding the next in a closure cell); None where ``fn`` is not such a chain of functions."""
+    each holding the next in a closure cell); None where ``fn`` is not such a chain of functions.
+    ``code``: the innermost function's new code (same free variables), kept under its wrappers."""
     if not isinstance(fn, types.FunctionType):
         return None
     inner, closure = getattr(fn, "__wrapped__", None), fn.__closure__
     if inner is not None:
-        new_inner = _with_globals(inner, replace)
+        new_inner = _with_globals(inner, replace, code)
         if new_inner is None or not any(_cell(c) is inner for c in closure or ()):
             return None  # the wrapper reaches what it wraps some other way: it would keep calling the original
         closure = tuple(types.CellType(new_inner) if _cell(c) is inner else c for c in closure)
     # a copy of the module's globals: torch.compile reads globals as a plain dict (an overlay that
     # looked names up in the live module would break it), so a patch to the modeling module after
     # fusing is not seen by the fused forward -- patch before fusing
-    new = types.FunctionType(fn.__code__, {**fn.__globals__, **replace}, fn.__name__, fn.__defaults__, closure)
+    own = code if code is not None and inner is None else fn.__code__
+    if own.co_freevars != fn.__code__.co_freevars:
+        return None
+    new = types.FunctionType(own, {**fn.__globals__, **replace}, fn.__name__, fn.__defaults__, closure)
     new.__kwdefaults__, new.__dict__ = fn.__kwdefaults__, dict(fn.__dict__)
     for name in ("__module__", "__qualname__", "__doc__", "__annotations__"):
         setattr(new, name, getattr(fn, name))
@@ -403,12 +416,143 @@ def _rotary_forward(attn: nn.Module, config, cache: dict, dtype: torch.dtype):
     return cache[cls]
 
 
+# -- the residual add before a block's second norm ------------------------------------------------------
+#
+# transformers' pre-norm decoder layers end their attention half with three statements,
+#     hidden_states = residual + hidden_states
+#     residual = hidden_states
+#     hidden_states = self.post_attention_layernorm(hidden_states)
+# (Llama, Mistral, Qwen2/3, Mixtral; Gemma 2/3 with pre_feedforward_layernorm): an add kernel, then
+# the norm's.  The layer's forward, with those statements made one call of _add_rms_norm (which runs
+# add_rms_norm, one kernel, where the norm is a FusedRMSNorm), is compiled from its own source: the
+# match is statement for statement on the syntax tree, so the new forward computes what the old one
+# does, and a forward with anything else there (Phi-3's dropout around the add) keeps its code.  The
+# add that ends the layer feeds the next layer's first norm, across the model's loop: it stays.
+
+_ADD_NORM = "_awqlib_add_rms_norm"
+
+
+def _add_rms_norm(norm, hidden_states, residual):
+    """``s = residual + hidden_states`` and ``norm(s)``, as (s, norm(s)): one op where ``norm`` is a
+    FusedRMSNorm without hooks and the two are tensors of one shape and dtype."""
+    if (isinstance(norm, FusedRMSNorm) and not _hooked(norm) and isinstance(hidden_states, torch.Tensor)
+            and isinstance(residual, torch.Tensor) and hidden_states.shape == residual.shape
+            and hidden_states.dtype == residual.dtype):
+        return norm.add_forward(hidden_states, residual)
+    s = residual + hidden_states
+    return s, norm(s)
+
+
+def _names(node, *ids) -> bool:
+    return isinstance(node, ast.Name) and (not ids or node.id in ids)
+
+
+def _add_norm_match(a: ast.stmt, b: ast.stmt, c: ast.stmt, self_name: str) -> tuple[str, str, str] | None:
+    """(hidden, residual, norm attribute) where a, b, c read ``h = r + h`` (or ``h + r``), ``r = h``,
+    ``h = self.norm(h)``; else None."""
+    if not all(isinstance(t, ast.Assign) and len(t.targets) == 1 and _names(t.targets[0]) for t in (a, b, c)):
+        return None
+    h, r = a.targets[0].id, b.targets[0].id
+    add = a.value
+    if not (isinstance(add, ast.BinOp) and isinstance(add.op, ast.Add) and _names(add.left) and _names(add.right)
+            and {add.left.id, add.right.id} == {h, r} and h != r):
+        return None
+    call = c.value
+    if not (_names(b.value, h) and c.targets[0].id == h and isinstance(call, ast.Call) and not call.keywords
+            and len(call.args) == 1 and _names(call.args[0], h) and isinstance(call.func, ast.Attribute)
+            and _names(call.func.value, self_name)):
+        return None
+    return h, r, call.func.attr
+
+
+def _fuse_add_norms(stmts: list, self_name: str, norms: list) -> list:
+    """``stmts`` with every add-and-norm triple one call of _add_rms_norm (appending its norm to
+    ``norms``), looking into if / for / while / with / try bodies, not into nested definitions."""
+    out, i = [], 0
+    while i < len(stmts):
+        m = _add_norm_match(*stmts[i:i + 3], self_name) if i + 3 <= len(stmts) else None
+        if m is None:
+            st = stmts[i]
+            if not isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                for field in ("body", "orelse", "finalbody"):
+                    v = getattr(st, field, None)
+                    if isinstance(v, list) and v and isinstance(v[0], ast.stmt):
+                        setattr(st, field, _fuse_add_norms(v, self_name, norms))
+                for handler in getattr(st, "handlers", ()):
+                    handler.body = _fuse_add_norms(handler.body, self_name, norms)
+            out.append(st)
+            i += 1
+            continue
+        h, r, attr = m
+        call = ast.Call(func=ast.Name(_ADD_NORM, ast.Load()),
+                        args=[ast.Attribute(ast.Name(self_name, ast.Load()), attr, ast.Load()),
+                              ast.Name(h, ast.Load()), ast.Name(r, ast.Load())], keywords=[])
+        fused = ast.Assign(targets=[ast.Tuple([ast.Name(r, ast.Store()), ast.Name(h, ast.Store())], ast.Store())],
+                           value=call)
+        out.append(ast.copy_location(fused, stmts[i]))
+        norms.append(attr)
+        i += 3
+    return out
+
+
+def _add_norm_code(forward) -> tuple[types.CodeType, list[str]] | None:
+    """The code of ``forward``'s innermost function (under its functools.wraps wrappers) with its
+    add-and-norm triples fused, and the norms they name; None where it has none (or no source, or
+    free variables such as super()'s cell, which a recompiled function cannot keep)."""
+    inner = forward
+    while isinstance(getattr(inner, "__wrapped__", None), types.FunctionType):
+        inner = inner.__wrapped__
+    if not isinstance(inner, types.FunctionType) or inner.__code__.co_freevars:
+        return None
+    try:
+        lines, first = inspect.getsourcelines(inner)
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    fdef = tree.body[0] if len(tree.body) == 1 else None
+    if not isinstance(fdef, ast.FunctionDef) or fdef.name != inner.__name__ or not fdef.args.args:
+        return None
+    norms: list[str] = []
+    fdef.body = _fuse_add_norms(fdef.body, fdef.args.args[0].arg, norms)
+    if not norms:
+        return None
+    ast.increment_lineno(tree, first - 1)  # tracebacks point into the modeling file, as before
+    ast.fix_missing_locations(tree)
+    module = compile(tree, inner.__code__.co_filename, "exec", dont_inherit=True)
+    # the function's code, never its def statement: decorators, defaults and annotations are not
+    # evaluated again (the new function takes the original's)
+    code = next(k for k in module.co_consts if isinstance(k, types.CodeType) and k.co_name == fdef.name)
+    return code, norms
+
+
+def _add_norm_forward(block: nn.Module, cache: dict):
+    """The block's forward with its add-and-norm triples fused (``awqlib_add_norm``: the norms they
+    name), or None; one per class."""
+    cls = type(block)
+    if cls not in cache:
+        cache[cls] = None
+        made = _add_norm_code(cls.forward)
+        forward = _with_globals(cls.forward, {_ADD_NORM: _add_rms_norm}, made[0]) if made else None
+        if forward is not None:
+            forward.awqlib_add_norm = tuple(made[1])
+            cache[cls] = forward
+    return cache[cls]
+
+
+def _add_norm_agrees(norm: FusedRMSNorm, dtype: torch.dtype) -> bool:
+    like = _where(norm, dtype)
+    x, r = _probe((3, norm.weight.shape[0]), like, 8), _probe((3, norm.weight.shape[0]), like, 9)
+    return _probe_agrees("add_rms_norm", lambda: norm.add_forward(x, r), lambda: (r + x, norm(r + x)),
+                         lambda: blockops._reference_add_rms_norm(x, r, norm.weight, norm.eps, norm.weight_offset,
+                                                                  norm.scale_in_fp32))
+
+
 def fuse_block_ops(model: nn.Module, spec) -> dict[str, int]:
     """Give the model's RMSNorms, dense gated MLPs, unfused experts and attention rotaries one op each
     (see the module docstring); works on quantized and unquantized models alike, and is meant to run
     before accelerate dispatches the model (a module with hooks keeps its code).  Returns what it
     replaced, by kind; calling it again replaces nothing more."""
-    counts = {"rms_norm": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 0}
+    counts = {"rms_norm": 0, "add_rms_norm": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 0}
     kept = dict.fromkeys(counts, 0)  # candidates whose probe disagreed (or that have hooks)
     # the dtype the model computes in (its embeddings' and norms'; quantized linears hold no parameters)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -420,6 +564,7 @@ def fuse_block_ops(model: nn.Module, spec) -> dict[str, int]:
             replace_module(model, name, fused)
         _tally(counts, kept, "rms_norm", fused is not None)
     rotaries: dict[type, object] = {}
+    add_norms: dict[type, object] = {}
     config = getattr(model, "config", None)
     config = getattr(config, "get_text_config", lambda: config)()
     for block in get_blocks(model, spec):
@@ -436,6 +581,14 @@ def fuse_block_ops(model: nn.Module, spec) -> dict[str, int]:
                 if first is not None:
                     experts[i] = first if i == 0 else FusedGatedMLP(expert, first.spec, first.act)
                 _tally(counts, kept, "expert_act", first is not None)
+        if not getattr(vars(block).get("forward"), "awqlib_add_norm", None):
+            forward = _add_norm_forward(block, add_norms)
+            norms = [getattr(block, n, None) for n in (forward.awqlib_add_norm if forward else ())]
+            if norms and all(isinstance(n, FusedRMSNorm) for n in norms):  # a candidate: its norms are ours
+                fused = not _hooked(block) and all(_add_norm_agrees(n, dtype) for n in norms)
+                if fused:
+                    block.forward = types.MethodType(forward, block)
+                _tally(counts, kept, "add_rms_norm", fused)
         attn = find_submodule(block, "self_attn") if spec.rotate_half else None
         if attn is not None and not getattr(vars(attn).get("forward"), "awqlib_rotary", False):
             forward = None if _hooked(attn) else _rotary_forward(attn, config, rotaries, dtype)

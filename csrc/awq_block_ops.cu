@@ -1,5 +1,6 @@
-// The decoder block's small ops on CUDA, one kernel each: awqlib::rms_norm, awqlib::rotary (q and k
-// in one launch) and awqlib::gated_act.  Schemas and reference implementations: awqlib/blockops.py.
+// The decoder block's small ops on CUDA, one kernel each: awqlib::rms_norm (and add_rms_norm: the
+// residual add before a norm in the same kernel), awqlib::rotary (q and k in one launch) and
+// awqlib::gated_act.  Schemas and reference implementations: awqlib/blockops.py.
 //
 // Why.  At decode a block's linears are a few kernels moving megabytes, while transformers' code
 // issues ~35 elementwise/reduction kernels around them moving kilobytes; each costs a launch and a
@@ -120,13 +121,31 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// The row a norm reads: x's, or with kAdd round(residual + x) -- torch's add in T, an fp32 sum
+// rounded once (exact for fp32).
+template <typename T, bool kVec, bool kAdd>
+__device__ __forceinline__ Pack<T, kVec> norm_input(const T* xr, const T* rr, int at) {
+  Pack<T, kVec> v;
+  v.load(xr + at);
+  if constexpr (kAdd) {
+    Pack<T, kVec> r;
+    r.load(rr + at);
+#pragma unroll
+    for (int i = 0; i < Pack<T, kVec>::kElems; ++i) v.v[i] = round_to<T>(__fadd_rn(r.v[i], v.v[i]));
+  }
+  return v;
+}
+
 // One row per kGroupThreads threads (a warp, or the whole CTA of kNormBlockThreads), kBlockThreads
-// threads per CTA.  Pass 1 sums the squares in fp32; pass 2 reads the row again (an L1 hit) and
-// writes the normalized, scaled row.
-template <typename T, int kGroupThreads, int kBlockThreads, bool kVec, bool kScaleInFp32>
+// threads per CTA.  Pass 1 sums the squares in fp32 (kAdd: of residual + x, which it also writes
+// to sum_out); pass 2 reads the row again (L1 hits: it recomputes the sum rather than read back
+// what pass 1 wrote) and writes the normalized, scaled row.  residual and sum_out are read and
+// written only with kAdd (add_rms_norm: a block's second residual add and its norm in one kernel).
+template <typename T, int kGroupThreads, int kBlockThreads, bool kVec, bool kScaleInFp32, bool kAdd>
 __global__ void __launch_bounds__(kBlockThreads)
-awq_rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ weight, T* __restrict__ out, int64_t rows,
-                    int hidden, float eps, float weight_offset) {
+awq_rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ residual, const T* __restrict__ weight,
+                    T* __restrict__ out, T* __restrict__ sum_out, int64_t rows, int hidden, float eps,
+                    float weight_offset) {
   static_assert(kGroupThreads == kWarpLanes || kGroupThreads == kBlockThreads, "a row is a warp's or a CTA's");
   awq::allow_dependent_launch();
   using P = Pack<T, kVec>;
@@ -135,13 +154,14 @@ awq_rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ weight, T* __
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kGroupThreads;
   if (row >= rows) return;  // the whole group leaves: a warp (warp rows) or nothing (a CTA per row)
   const T* xr = x + row * hidden;
+  const T* rr = kAdd ? residual + row * hidden : nullptr;
   T* outr = out + row * hidden;
   const int packs = hidden / P::kElems;
 
   float sum = 0.f;
   for (int p = tid; p < packs; p += kGroupThreads) {
-    P v;
-    v.load(xr + p * P::kElems);
+    const P v = norm_input<T, kVec, kAdd>(xr, rr, p * P::kElems);
+    if constexpr (kAdd) v.store(sum_out + row * hidden + p * P::kElems);
 #pragma unroll
     for (int i = 0; i < P::kElems; ++i) sum = fmaf(v.v[i], v.v[i], sum);
   }
@@ -165,8 +185,7 @@ awq_rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ weight, T* __
   const float r = rsqrtf(__fadd_rn(__fdiv_rn(sum, static_cast<float>(hidden)), eps));
 
   for (int p = tid; p < packs; p += kGroupThreads) {
-    P v, w;
-    v.load(xr + p * P::kElems);
+    P v = norm_input<T, kVec, kAdd>(xr, rr, p * P::kElems), w;
     w.load(weight + p * P::kElems);
 #pragma unroll
     for (int i = 0; i < P::kElems; ++i) {
@@ -320,11 +339,13 @@ at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& weight, dou
   return (weight * y.to(x.scalar_type())).contiguous();
 }
 
-// One rms_norm call's kernel arguments.
+// One rms_norm / add_rms_norm call's kernel arguments (residual and sum_out null for rms_norm).
 struct NormCall {
   const void* x;
+  const void* residual;
   const void* weight;
   void* out;
+  void* sum_out;
   int64_t rows;
   int hidden;
   float eps, weight_offset;
@@ -332,53 +353,93 @@ struct NormCall {
   cudaStream_t stream;
 };
 
-template <typename T, int kGroup, int kBlock, bool kVec>
+template <typename T, int kGroup, int kBlock, bool kVec, bool kAdd>
 void launch_rms_norm(const NormCall& c) {
   constexpr int kRows = kBlock / kGroup;
   const auto blocks = static_cast<unsigned>((c.rows + kRows - 1) / kRows);
   const T* x = static_cast<const T*>(c.x);
+  const T* r = static_cast<const T*>(c.residual);
   const T* w = static_cast<const T*>(c.weight);
   T* out = static_cast<T*>(c.out);
+  T* sum = static_cast<T*>(c.sum_out);
   if (c.scale_in_fp32) {
-    awq_rms_norm_kernel<T, kGroup, kBlock, kVec, true><<<blocks, kBlock, 0, c.stream>>>(x, w, out, c.rows, c.hidden,
-                                                                                         c.eps, c.weight_offset);
+    awq_rms_norm_kernel<T, kGroup, kBlock, kVec, true, kAdd>
+        <<<blocks, kBlock, 0, c.stream>>>(x, r, w, out, sum, c.rows, c.hidden, c.eps, c.weight_offset);
   } else {
-    awq_rms_norm_kernel<T, kGroup, kBlock, kVec, false><<<blocks, kBlock, 0, c.stream>>>(x, w, out, c.rows, c.hidden,
-                                                                                          c.eps, c.weight_offset);
+    awq_rms_norm_kernel<T, kGroup, kBlock, kVec, false, kAdd>
+        <<<blocks, kBlock, 0, c.stream>>>(x, r, w, out, sum, c.rows, c.hidden, c.eps, c.weight_offset);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Whether the norm kernel takes x (and residual) with this weight: one dtype the kernels have, one
+// device, a 1-D weight of x's last size, row counts and widths within 32-bit index math.
+bool norm_kernel_takes(const at::Tensor& x, const at::Tensor* residual, const at::Tensor& weight) {
+  bool ok = x.is_cuda() && weight.is_cuda() && weight.device() == x.device() && x.dim() >= 1 &&
+            kernel_dtype(x.scalar_type()) && weight.scalar_type() == x.scalar_type() && weight.dim() == 1 &&
+            weight.size(0) == x.size(-1) && x.size(-1) <= kMaxUnits &&
+            x.numel() / std::max<int64_t>(x.size(-1), 1) <= kMaxUnits;
+  if (residual != nullptr)
+    ok = ok && residual->is_cuda() && residual->device() == x.device() &&
+         residual->scalar_type() == x.scalar_type() && residual->sizes() == x.sizes();
+  return ok;
+}
+
+// Launches the norm kernel on contiguous x (and residual) into out (and sum_out): a warp per row up
+// to kNormWarpMaxHidden features, else a CTA per row; 16-byte vectors where every row allows them.
+void run_norm(const at::Tensor& x, const at::Tensor* residual, const at::Tensor& weight, const at::Tensor& out,
+              const at::Tensor* sum_out, double eps, double weight_offset, bool scale_in_fp32) {
+  const int hidden = static_cast<int>(x.size(-1));
+  const NormCall c{x.data_ptr(), residual ? residual->data_ptr() : nullptr, weight.data_ptr(), out.data_ptr(),
+                   sum_out ? sum_out->data_ptr() : nullptr, x.numel() / hidden, hidden, static_cast<float>(eps),
+                   static_cast<float>(weight_offset), scale_in_fp32, c10::cuda::getCurrentCUDAStream()};
+  with_element_type(x.scalar_type(), [&](auto zero) {
+    using T = decltype(zero);
+    const bool vec = hidden % (kVecBytes / static_cast<int>(sizeof(T))) == 0 && aligned(c.x) && aligned(c.weight) &&
+                     aligned(c.out) && (!residual || (aligned(c.residual) && aligned(c.sum_out)));
+    const auto launch = [&](auto add) {
+      constexpr bool kAdd = decltype(add)::value;
+      constexpr int kWarpBlock = kWarpLanes * kNormWarpRowsPerBlock;
+      if (hidden <= kNormWarpMaxHidden) {
+        if (vec) launch_rms_norm<T, kWarpLanes, kWarpBlock, true, kAdd>(c);
+        else launch_rms_norm<T, kWarpLanes, kWarpBlock, false, kAdd>(c);
+      } else {
+        if (vec) launch_rms_norm<T, kNormBlockThreads, kNormBlockThreads, true, kAdd>(c);
+        else launch_rms_norm<T, kNormBlockThreads, kNormBlockThreads, false, kAdd>(c);
+      }
+    };
+    if (residual) launch(std::true_type{});
+    else launch(std::false_type{});
+  });
 }
 
 at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps, double weight_offset,
                          bool scale_in_fp32) {
   TORCH_CHECK_VALUE(scale_in_fp32 || weight_offset == 0.0,
                     "rms_norm: weight_offset needs scale_in_fp32=True (no model rounds first and offsets)");
-  const bool kernel_ok = x.is_cuda() && weight.is_cuda() && weight.device() == x.device() && x.dim() >= 1 &&
-                         kernel_dtype(x.scalar_type()) && weight.scalar_type() == x.scalar_type() &&
-                         weight.dim() == 1 && weight.size(0) == x.size(-1) && x.size(-1) <= kMaxUnits &&
-                         x.numel() / std::max<int64_t>(x.size(-1), 1) <= kMaxUnits;
-  if (!kernel_ok) return rms_norm_reference(x, weight, eps, weight_offset, scale_in_fp32);
+  if (!norm_kernel_takes(x, nullptr, weight)) return rms_norm_reference(x, weight, eps, weight_offset, scale_in_fp32);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return out;
-  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
-  const int hidden = static_cast<int>(x.size(-1));
-  const NormCall c{xc.data_ptr(), wc.data_ptr(), out.data_ptr(), x.numel() / hidden, hidden, static_cast<float>(eps),
-                   static_cast<float>(weight_offset), scale_in_fp32, c10::cuda::getCurrentCUDAStream()};
-  with_element_type(x.scalar_type(), [&](auto zero) {
-    using T = decltype(zero);
-    const bool vec = hidden % (kVecBytes / static_cast<int>(sizeof(T))) == 0 && aligned(c.x) && aligned(c.weight) &&
-                     aligned(c.out);
-    constexpr int kWarpBlock = kWarpLanes * kNormWarpRowsPerBlock;
-    if (hidden <= kNormWarpMaxHidden) {
-      if (vec) launch_rms_norm<T, kWarpLanes, kWarpBlock, true>(c);
-      else launch_rms_norm<T, kWarpLanes, kWarpBlock, false>(c);
-    } else {
-      if (vec) launch_rms_norm<T, kNormBlockThreads, kNormBlockThreads, true>(c);
-      else launch_rms_norm<T, kNormBlockThreads, kNormBlockThreads, false>(c);
-    }
-  });
+  run_norm(x.contiguous(), nullptr, weight.contiguous(), out, nullptr, eps, weight_offset, scale_in_fp32);
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_cuda(const at::Tensor& x, const at::Tensor& residual,
+                                                     const at::Tensor& weight, double eps, double weight_offset,
+                                                     bool scale_in_fp32) {
+  TORCH_CHECK_VALUE(scale_in_fp32 || weight_offset == 0.0,
+                    "rms_norm: weight_offset needs scale_in_fp32=True (no model rounds first and offsets)");
+  if (!norm_kernel_takes(x, &residual, weight)) {
+    const at::Tensor sum = (residual + x).contiguous();
+    return {sum, rms_norm_reference(sum, weight, eps, weight_offset, scale_in_fp32)};
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty(x.sizes(), x.options()), sum = at::empty(x.sizes(), x.options());
+  if (x.numel() == 0) return {sum, out};
+  const at::Tensor rc = residual.contiguous();
+  run_norm(x.contiguous(), &rc, weight.contiguous(), out, &sum, eps, weight_offset, scale_in_fp32);
+  return {sum, out};
 }
 
 // ---- rotary
@@ -543,6 +604,7 @@ at::Tensor gated_act_cuda(const at::Tensor& gate, const at::Tensor& up, c10::str
 #ifndef AWQ_HOST_EMULATION
 TORCH_LIBRARY_IMPL(awqlib, CUDA, m) {
   m.impl("rms_norm", &rms_norm_cuda);
+  m.impl("add_rms_norm", &add_rms_norm_cuda);
   m.impl("rotary", &rotary_cuda);
   m.impl("gated_act", &gated_act_cuda);
 }

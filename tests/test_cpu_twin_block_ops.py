@@ -70,9 +70,30 @@ def test_rms_norm_kernel_on_cpu(twin, tmp_path, rows, hidden, group, vec, dtype,
     w = (torch.randn(hidden) * (0.3 if scale_fp32 else 1)).to(dt)
     offset = 1.0 if scale_fp32 else 0.0
     run(twin, "rms_norm", tmp_path, dtype, order, {"x": x, "w": w}, rows=rows, hidden=hidden, group=group,
-        vec=int(vec), scale_fp32=int(scale_fp32), eps=EPS, offset=offset)
+        vec=int(vec), scale_fp32=int(scale_fp32), eps=EPS, offset=offset, add=0)
     out = read(tmp_path / "out.bin", dt, (rows, hidden))
     check_rms_norm(out, x, w, EPS, offset, scale_fp32, what=f"twin rms_norm {rows}x{hidden} {group} vec={vec}")
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("scale_fp32", [False, True])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("rows,hidden,group,vec", RMS_CASES)
+def test_add_rms_norm_kernel_on_cpu(twin, tmp_path, rows, hidden, group, vec, dtype, scale_fp32, order):
+    """add_rms_norm's kernel (the rms_norm kernel with kAdd): the sum is torch's residual + x bit for
+    bit, and the norm is rms_norm's of that rounded sum."""
+    dt = DTYPES[dtype]
+    x = (torch.randn(rows, hidden) * 3).to(dt)
+    residual = (torch.randn(rows, hidden) * 3).to(dt)
+    w = (torch.randn(hidden) * (0.3 if scale_fp32 else 1)).to(dt)
+    offset = 1.0 if scale_fp32 else 0.0
+    run(twin, "rms_norm", tmp_path, dtype, order, {"x": x, "residual": residual, "w": w}, rows=rows, hidden=hidden,
+        group=group, vec=int(vec), scale_fp32=int(scale_fp32), eps=EPS, offset=offset, add=1)
+    total = read(tmp_path / "sum.bin", dt, (rows, hidden))
+    assert torch.equal(total, residual + x), f"twin add_rms_norm {rows}x{hidden}: the sum is not residual + x"
+    out = read(tmp_path / "out.bin", dt, (rows, hidden))
+    check_rms_norm(out, residual + x, w, EPS, offset, scale_fp32,
+                   what=f"twin add_rms_norm {rows}x{hidden} {group} vec={vec}")
 
 
 def rotary_case(b, s, hq, hk, d, r, dt, unsqueeze_dim, cos_batch):
@@ -132,5 +153,6 @@ def test_the_twin_catches_a_kernel_reading_past_its_input(twin, tmp_path):
     (tmp_path / "x.bin").write_bytes(span(x))
     (tmp_path / "w.bin").write_bytes(span(w))
     r = subprocess.run([str(twin), "rms_norm", str(tmp_path), "fp16", "forward", "rows=3", "hidden=64", "group=warp",
-                        "vec=1", "scale_fp32=0", f"eps={EPS}", "offset=0"], capture_output=True, text=True, timeout=120)
+                        "vec=1", "scale_fp32=0", f"eps={EPS}", "offset=0", "add=0"], capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 3 and "past the end of x.bin" in r.stderr, r.stderr

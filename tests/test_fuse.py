@@ -80,15 +80,20 @@ def test_a_runtime_layout_model_computes_and_saves_what_the_gemm_layout_does(tmp
 
 # what fuse_block_ops replaces in the tiny models (2 blocks): families without a dense gated MLP
 # (MoE, OPT) keep theirs; OPT's LayerNorm and learned positions have nothing to replace
-BLOCK_OPS = {"opt": {"rms_norm": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 0},
-             "mixtral": {"rms_norm": 5, "gated_mlp": 0, "expert_act": 0, "rotary": 2},  # experts still fused (3-D)
-             "qwen3_moe": {"rms_norm": 9, "gated_mlp": 0, "expert_act": 0, "rotary": 2},
-             "qwen3": {"rms_norm": 9, "gated_mlp": 2, "expert_act": 0, "rotary": 2},     # + q_norm, k_norm per block
-             "gemma2": {"rms_norm": 9, "gated_mlp": 2, "expert_act": 0, "rotary": 2},    # 4 norms per block + the last
-             "gemma3": {"rms_norm": 13, "gated_mlp": 2, "expert_act": 0, "rotary": 2},  # ... + q_norm, k_norm
-             "starcoder2": {"rms_norm": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 2},  # LayerNorms, c_fc/c_proj
-             "cohere": {"rms_norm": 0, "gated_mlp": 2, "expert_act": 0, "rotary": 0},   # LayerNorms, interleaved
-             "cohere2": {"rms_norm": 0, "gated_mlp": 2, "expert_act": 0, "rotary": 0}}  # rotary (spec: rotate_half)
+# and, per block, the residual add before the second norm (add_rms_norm) where the layer's forward
+# has the three statements and the norm is one of ours: not Granite (a residual multiplier), Phi-3
+# (dropout around the add) or LayerNorm families
+BLOCK_OPS = {"opt": {"rms_norm": 0, "add_rms_norm": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 0},
+             "mixtral": {"rms_norm": 5, "add_rms_norm": 2, "gated_mlp": 0, "expert_act": 0, "rotary": 2},  # experts fused (3-D)
+             "qwen3_moe": {"rms_norm": 9, "add_rms_norm": 2, "gated_mlp": 0, "expert_act": 0, "rotary": 2},
+             "qwen3": {"rms_norm": 9, "add_rms_norm": 2, "gated_mlp": 2, "expert_act": 0, "rotary": 2},  # + q/k_norm
+             "gemma2": {"rms_norm": 9, "add_rms_norm": 2, "gated_mlp": 2, "expert_act": 0, "rotary": 2},  # 4 per block
+             "gemma3": {"rms_norm": 13, "add_rms_norm": 2, "gated_mlp": 2, "expert_act": 0, "rotary": 2},  # + q/k_norm
+             "granite": {"rms_norm": 5, "add_rms_norm": 0, "gated_mlp": 2, "expert_act": 0, "rotary": 2},
+             "phi3": {"rms_norm": 5, "add_rms_norm": 0, "gated_mlp": 2, "expert_act": 0, "rotary": 2},
+             "starcoder2": {"rms_norm": 0, "add_rms_norm": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 2},  # LayerNorms
+             "cohere": {"rms_norm": 0, "add_rms_norm": 0, "gated_mlp": 2, "expert_act": 0, "rotary": 0},  # interleaved
+             "cohere2": {"rms_norm": 0, "add_rms_norm": 0, "gated_mlp": 2, "expert_act": 0, "rotary": 0}}  # rotary
 
 
 def _generate(model, ids):
@@ -109,7 +114,7 @@ def test_block_ops_give_transformers_bits(arch, dtype, calib_ids):
     with torch.no_grad():
         logits, gen = model(input_ids=ids).logits, _generate(model, ids[:1, :5])
     counts = fuse_block_ops(model, get_spec(model.config.model_type))
-    assert counts == BLOCK_OPS.get(arch, {"rms_norm": 5, "gated_mlp": 2, "expert_act": 0, "rotary": 2})
+    assert counts == BLOCK_OPS.get(arch, {"rms_norm": 5, "add_rms_norm": 2, "gated_mlp": 2, "expert_act": 0, "rotary": 2})
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, logits)
         assert torch.equal(_generate(model, ids[:1, :5]), gen)
@@ -117,17 +122,18 @@ def test_block_ops_give_transformers_bits(arch, dtype, calib_ids):
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
 
 
-def test_fuse_layers_dispatches_13_ops_per_llama_layer():
+def test_fuse_layers_dispatches_12_ops_per_llama_layer():
     """The point of the block ops: a decode step of a Llama layer dispatches 40 ops in transformers'
-    code (fp16 or int4) and 13 with fuse_layers (4 GEMMs, 2 norms, rotary, 2 KV-cache appends,
-    attention, 2 residual adds, act * up): each is at least one kernel on a GPU."""
+    code (fp16 or int4) and 12 with fuse_layers (4 GEMMs, the first norm, rotary, 2 KV-cache appends,
+    attention, the residual add and second norm as one op, act * up, the last residual add): each is
+    at least one kernel on a GPU."""
     from benchmarks.bench_dispatch import measure
     rows = measure("llama")
     assert rows["fp16"]["per_layer"] == rows["int4"]["per_layer"] == 40, rows["fp16"]["layer_ops"]
     ops = rows["int4 fuse_layers"]["layer_ops"]
-    assert rows["int4 fuse_layers"]["per_layer"] == 13, ops
-    assert ops["awqlib.awq_gemm"] == 4 and ops["awqlib.rms_norm"] == 2 and ops["awqlib.rotary"] == 1
-    assert ops["awqlib.gated_act"] == 1
+    assert rows["int4 fuse_layers"]["per_layer"] == 12, ops
+    assert ops["awqlib.awq_gemm"] == 4 and ops["awqlib.rms_norm"] == 1 and ops["awqlib.add_rms_norm"] == 1
+    assert ops["awqlib.rotary"] == 1 and ops["awqlib.gated_act"] == 1 and ops["aten.add"] == 1
 
 
 def test_a_formula_awqlib_does_not_match_keeps_transformers_code(monkeypatch, calib_ids):
@@ -156,7 +162,8 @@ def test_a_formula_awqlib_does_not_match_keeps_transformers_code(monkeypatch, ca
     ids = calib_ids[:2, :16]
     with torch.no_grad():
         logits = model(input_ids=ids).logits
-    assert fuse_block_ops(model, get_spec("llama")) == {"rms_norm": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 0}
+    assert fuse_block_ops(model, get_spec("llama")) == {"rms_norm": 0, "add_rms_norm": 0, "gated_mlp": 0, "expert_act": 0,
+                                                        "rotary": 0}
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, logits)
 
@@ -237,7 +244,7 @@ def test_fuse_layers_model_compiles_whole_with_one_gemm_per_fused_group(calib_id
     assert sum("rotary" in t for t in targets) == 2 and sum("gated_act" in t for t in targets) == 2
 
 
-@pytest.mark.parametrize("op", ["rms_norm", "gated_act", "rotary"])
+@pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm", "gated_act", "rotary"])
 def test_an_op_that_disagrees_with_transformers_on_the_probe_is_not_used(monkeypatch, op, calib_ids):
     """The probes run the op itself (the CUDA kernel on a GPU), not only its reference: an op that
     computes something else is never swapped in."""
@@ -256,7 +263,7 @@ def test_an_op_that_disagrees_with_transformers_on_the_probe_is_not_used(monkeyp
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     counts = fuse_block_ops(model, get_spec("llama"))
-    assert counts[{"rms_norm": "rms_norm", "gated_act": "gated_mlp", "rotary": "rotary"}[op]] == 0, counts
+    assert counts[{"gated_act": "gated_mlp"}.get(op, op)] == 0, counts
     assert sum(counts.values()) > 0  # the others still are
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, logits)
@@ -285,7 +292,7 @@ def test_probes_check_whole_modules_in_the_models_dtype(monkeypatch, calib_ids):
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     counts = fuse_block_ops(model, get_spec("llama"))
-    assert counts == {"rms_norm": 4, "gated_mlp": 0, "expert_act": 0, "rotary": 0}
+    assert counts == {"rms_norm": 4, "add_rms_norm": 2, "gated_mlp": 0, "expert_act": 0, "rotary": 0}
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, logits)
 
@@ -303,7 +310,7 @@ def test_modules_with_hooks_keep_their_code_and_fusing_twice_changes_nothing(cap
     model.model.layers[1].self_attn._hf_hook = object()  # what accelerate's add_hook_to_module leaves
     with caplog.at_level(logging.WARNING, logger="awqlib"):
         counts = fuse_block_ops(model, get_spec("llama"))
-    assert counts == {"rms_norm": 4, "gated_mlp": 1, "expert_act": 0, "rotary": 1}
+    assert counts == {"rms_norm": 4, "add_rms_norm": 2, "gated_mlp": 1, "expert_act": 0, "rotary": 1}
     assert "kept transformers' own code for 1 rms_norm, 1 gated_mlp, 1 rotary" in caplog.text and not fired
     del model.model.layers[1].self_attn._hf_hook
     with torch.no_grad():
@@ -312,7 +319,7 @@ def test_modules_with_hooks_keep_their_code_and_fusing_twice_changes_nothing(cap
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="awqlib"):
         again = fuse_block_ops(model, get_spec("llama"))
-    assert again == {"rms_norm": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 1}  # the one whose hook left
+    assert again == {"rms_norm": 0, "add_rms_norm": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 1}  # its hook left
     assert "kept transformers' own code for 1 rms_norm, 1 gated_mlp:" in caplog.text  # still hooked
 
 
@@ -389,3 +396,119 @@ def test_fuse_layers_model_generates_compiled_with_a_static_cache():
         w.model.forward = torch.compile(w.model.forward, fullgraph=True, backend=backend)
         compiled = w.model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, cache_implementation="static")
     assert torch.equal(compiled, eager) and len(graphs) == 2  # prefill, then every decode step
+
+
+# -- the residual add before a block's second norm: the forward recompiled from its source ---------------
+
+def _wrapped(f):
+    """A decorator as transformers writes them (functools.wraps, the inner function in a closure)."""
+    import functools
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **kwargs)
+    return wrapper
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        from awqlib.fuse import FusedRMSNorm
+        self.lin = torch.nn.Linear(8, 8)
+        self.n = FusedRMSNorm(torch.nn.Parameter(torch.randn(8)), 1e-6, 0.0, False)
+
+    @_wrapped
+    def forward(self, x, flag=True):
+        residual = x
+        x = self.lin(x)
+        if flag:  # the three statements, inside an if: found
+            x = x + residual
+            residual = x
+            x = self.n(x)
+        return self.lin(x) + residual
+
+
+class _Scaled(_Block):
+    def forward(self, x):
+        residual = x
+        x = residual + x * 2  # not a plain sum of the two names
+        residual = x
+        x = self.n(x)
+        return x + residual
+
+
+class _Between(_Block):
+    def forward(self, x):
+        residual = x
+        x = residual + x
+        x.mul_(1)  # a statement between the add and what follows
+        residual = x
+        x = self.n(x)
+        return x + residual
+
+
+class _OtherInput(_Block):
+    def forward(self, x):
+        residual = x
+        x = residual + self.lin(x)
+        residual = x
+        x = self.n(residual)  # the norm of another name
+        return x + residual
+
+
+class _Super(_Block):
+    def forward(self, x):
+        residual = x
+        x = residual + super().forward(x)  # super()'s cell: a recompiled function could not keep it
+        residual = x
+        x = self.n(x)
+        return x + residual
+
+
+def test_add_norm_rewrite_takes_exactly_the_three_statements(monkeypatch):
+    """fuse._add_norm_code fuses `h = r + h` (or `h + r`), `r = h`, `h = self.norm(h)` -- inside control
+    flow, under functools.wraps wrappers, defaults kept -- into one _add_rms_norm call that runs
+    add_rms_norm once and gives the original's bits; a scaled sum, a statement between, the norm of
+    another name, or a forward with super()'s cell are left alone."""
+    import types
+
+    from awqlib import blockops, fuse
+    made = fuse._add_norm_code(_Block.forward)
+    assert made is not None and made[1] == ["n"]
+    for cls in (_Scaled, _Between, _OtherInput, _Super):
+        assert fuse._add_norm_code(cls.forward) is None, cls.__name__
+    forward = fuse._add_norm_forward(_Block(), {})
+    assert forward.awqlib_add_norm == ("n",) and isinstance(forward.__wrapped__, types.FunctionType)
+    calls = []
+    real = blockops.add_rms_norm
+    monkeypatch.setattr(blockops, "add_rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    block, x = _Block().eval(), torch.randn(3, 8)
+    with torch.no_grad():
+        want, want_plain = block(x), block(x, flag=False)
+        block.forward = types.MethodType(forward, block)
+        assert torch.equal(block(x), want) and calls == [1]
+        assert torch.equal(block(x, flag=False), want_plain) and calls == [1]
+    # a norm that is not ours (or has hooks) runs the two statements it stands for
+    block.n = torch.nn.Identity()
+    with torch.no_grad():
+        residual = x
+        h = block.lin(x) + residual
+        assert torch.equal(block(x), block.lin(h) + h) and calls == [1]
+
+
+def test_fused_add_norm_layer_keeps_its_decorators_and_compiles(calib_ids):
+    """The rewritten decoder layer's forward keeps transformers' wrappers (deprecated keyword names
+    still translated) and compiles whole with the rest of a fused model."""
+    from awqlib.arch import get_spec
+    from awqlib.fuse import fuse_block_ops
+    model = tiny_model("llama").eval()
+    ids = calib_ids[:1, :8]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert fuse_block_ops(model, get_spec("llama"))["add_rms_norm"] == 2
+    layer = model.model.layers[0]
+    assert layer.forward.__func__.awqlib_add_norm == ("post_attention_layernorm",)
+    assert hasattr(layer.forward.__func__, "__wrapped__") == hasattr(type(layer).forward, "__wrapped__")
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(input_ids=ids).logits, logits)

@@ -111,7 +111,8 @@ def test_in_process_quantize_serves_the_runtime_layout(tmp_path, monkeypatch, la
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_block_op_kernels_pass_the_fuse_probes(arch, dtype):
     """On a GPU the fuse probes run the CUDA kernels of the block ops against transformers' code:
-    every norm, MLP activation and rotary is replaced (each kernel agreed), and the model computes
+    every norm, MLP activation and rotary is replaced (each kernel agreed), the residual add before
+    each layer's second norm joins it (but in Phi-3), and the model computes
     what transformers' code computes, up to the kernels' own rounding order."""
     from conftest import tiny_model
 
@@ -122,6 +123,7 @@ def test_block_op_kernels_pass_the_fuse_probes(arch, dtype):
     plain, fused = (tiny_model(arch).to("cuda", dtype).eval() for _ in range(2))
     counts = fuse_block_ops(fused, get_spec(fused.config.model_type))
     assert counts["rms_norm"] > 0 and counts["gated_mlp"] == 2 and counts["rotary"] == 2, counts
+    assert counts["add_rms_norm"] == (0 if arch == "phi3" else 2), counts  # Phi-3: dropout around the add
     ids = torch.randint(0, fused.config.vocab_size, (3, 33), device="cuda")
     with torch.no_grad():
         a, b = plain(input_ids=ids).logits.float(), fused(input_ids=ids).logits.float()

@@ -1226,6 +1226,28 @@ def test_block_op_rms_norm(hidden, rows, dtype):
 
 
 @pytest.mark.parametrize("dtype", BLOCK_DTYPES)
+@pytest.mark.parametrize("rows", ROWS, ids=["decode", "prefill"])
+@pytest.mark.parametrize("hidden", NORM_HIDDEN)
+def test_block_op_add_rms_norm(hidden, rows, dtype):
+    """add_rms_norm (the residual add before a block's second norm, in the norm's kernel): the sum is
+    torch's residual + x bit for bit, the norm rms_norm's of that sum; strided and misaligned
+    inputs take the same kernel or the reference, with the same answer."""
+    x = cuda_randn(*rows, hidden, dtype=dtype, scale=3.0)
+    residual = cuda_randn(*rows, hidden, dtype=dtype, scale=3.0)
+    w = cuda_randn(hidden, dtype=dtype)
+    for xx, rr in ((x, residual), (misaligned(x), residual), (x, residual.transpose(0, -1).contiguous().transpose(0, -1))):
+        poison_allocator()
+        total, out = blockops.add_rms_norm(xx, rr, w, EPS)
+        assert torch.equal(total, rr + xx), f"add_rms_norm {rows} x {hidden} {dtype}: the sum is not residual + x"
+        check_rms_norm(out, rr + xx, w, EPS, what=f"llama add_rms_norm {rows} x {hidden} {dtype}")
+    w_gemma = cuda_randn(hidden, dtype=dtype, scale=0.3)
+    poison_allocator()
+    total, out = blockops.add_rms_norm(x, residual, w_gemma, EPS, weight_offset=1.0, scale_in_fp32=True)
+    assert torch.equal(total, residual + x)
+    check_rms_norm(out, residual + x, w_gemma, EPS, 1.0, True, what=f"gemma add_rms_norm {rows} x {hidden} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", BLOCK_DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_block_op_rms_norm_per_head(head_dim, dtype):
     """Qwen3's q_norm / k_norm: many short rows (a warp each) of a [batch, seq, heads, head_dim] view."""
@@ -1347,6 +1369,9 @@ def test_block_op_fallbacks_compute_the_reference():
     assert torch.equal(got, blockops._reference_gated_act(g, g.float(), "silu"))
     xd = cuda_randn(3, 64, dtype=torch.float64)                     # a dtype the kernels do not take
     assert torch.equal(blockops.rms_norm(xd, xd[0], EPS), blockops._reference_rms_norm(xd, xd[0], EPS, 0.0, False))
+    for r in (x.float(), x[:1]):  # a residual of another dtype (promotes), of another shape (broadcast)
+        got, ref = blockops.add_rms_norm(x, r, x[0], EPS), blockops._reference_add_rms_norm(x, r, x[0], EPS, 0.0, False)
+        assert all(g_.dtype == r_.dtype and torch.equal(g_, r_) for g_, r_ in zip(got, ref)), r.shape
 
 
 def test_block_op_errors_on_cuda_name_what_is_accepted():
@@ -1366,7 +1391,7 @@ def test_block_op_errors_on_cuda_name_what_is_accepted():
 
 
 def test_block_op_kernels_are_registered_for_cuda():
-    for op in ("rms_norm", "rotary", "gated_act"):
+    for op in ("rms_norm", "add_rms_norm", "rotary", "gated_act"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"awqlib::{op}", "CUDA"), op
 
 
@@ -1391,11 +1416,12 @@ def test_block_op_cuda_graph_capture():
     q, k, cos, sin = rotary_inputs(1, 4, 32, 8, 128, 128, torch.bfloat16, 1, 1)
     gu = cuda_randn(4, 2 * 14336, dtype=torch.bfloat16)
     gate, up = gu[:, :14336], gu[:, 14336:]
-    graph, (n, nh, (qo, ko), a) = capture(lambda: (blockops.rms_norm(x, w, EPS), blockops.rms_norm(qh, wh, EPS),
-                                                   blockops.rotary(q, k, cos, sin, 1),
-                                                   blockops.gated_act(gate, up, "silu")))
+    r = cuda_randn(4, 4096, dtype=torch.bfloat16)
+    graph, (n, nh, (qo, ko), a, (total, nr)) = capture(
+        lambda: (blockops.rms_norm(x, w, EPS), blockops.rms_norm(qh, wh, EPS), blockops.rotary(q, k, cos, sin, 1),
+                 blockops.gated_act(gate, up, "silu"), blockops.add_rms_norm(x, r, w, EPS)))
     for _ in range(2):  # new data each replay: the graph must read its inputs afresh
-        for t in (x, qh, gu):
+        for t in (x, qh, gu, r):
             t.copy_(torch.randn_like(t))
         q.copy_(torch.randn_like(q))  # a transposed view of its projection: copied in place
         graph.replay()
@@ -1404,6 +1430,8 @@ def test_block_op_cuda_graph_capture():
         check_rms_norm(nh, qh, wh, EPS, what="captured q_norm")
         check_rotary((qo, ko), q, k, cos, sin, 1, what="captured rotary")
         check_gated_act(a, gate, up, "silu", what="captured gated_act")
+        assert torch.equal(total, r + x)
+        check_rms_norm(nr, r + x, w, EPS, what="captured add_rms_norm")
 
 
 def test_block_op_non_default_stream():

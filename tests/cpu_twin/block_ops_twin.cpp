@@ -1,14 +1,14 @@
 // csrc/awq_block_ops.cu's kernels, compiled for the CPU (csrc/cpu_twin.h) and launched with the
 // geometry its host code gives them.  Driven by tests/test_cpu_twin_block_ops.py:
 //
-//   block_ops_twin rms_norm DIR DTYPE ORDER rows= hidden= group=warp|cta vec= scale_fp32= eps= offset=
+//   block_ops_twin rms_norm DIR DTYPE ORDER rows= hidden= group=warp|cta vec= scale_fp32= eps= offset= add=0|1
 //   block_ops_twin rotary   DIR DTYPE ORDER vec= unsqueeze_dim= head_dim= rot_dim= {q,k}_{rows,d1,d2,s0,s1,s2}=
 //                           cos_sb= cos_ss= sin_sb= sin_ss=
 //   block_ops_twin gated    DIR DTYPE ORDER rows= features= gate_stride= up_stride= vec= act=silu|gelu_tanh
 //
 // DIR holds the inputs as raw little-endian arrays, each exactly the span of memory the kernel may
-// read (a strided view's first to last element): x.bin, w.bin | q.bin, k.bin, cos.bin, sin.bin |
-// gate.bin, up.bin; it receives out.bin | q_out.bin, k_out.bin.  Strides are in elements.  DTYPE:
+// read (a strided view's first to last element): x.bin, w.bin (and with add=1 residual.bin: add_rms_norm) | q.bin, k.bin, cos.bin, sin.bin |
+// gate.bin, up.bin; it receives out.bin (and with add=1 sum.bin) | q_out.bin, k_out.bin.  Strides are in elements.  DTYPE:
 // fp16 | bf16 | fp32; ORDER: forward | reverse (the CTAs' and warps' order, and which end of every
 // buffer touches its guard page).  Outputs start as NaN, so an element never written shows.
 // Exit status 0, or 1 and the reason on stderr (3 for a memory fault).
@@ -73,36 +73,50 @@ awq_twin::Launch launch(unsigned blocks, int threads, bool reverse) {
   return L;
 }
 
-// As rms_norm_cuda launches it: a warp per row (kNormWarpRowsPerBlock rows per CTA) or a CTA per row.
-template <typename T, int kGroup, int kBlock, bool kVec>
+// As rms_norm_cuda (add=0) or add_rms_norm_cuda (add=1) launches it: a warp per row
+// (kNormWarpRowsPerBlock rows per CTA) or a CTA per row.
+template <typename T, int kGroup, int kBlock, bool kVec, bool kAdd>
 void rms_norm_case(const std::string& dir, const Args& a, bool reverse, Placement at) {
   const long long rows = a.num("rows");
   const int hidden = static_cast<int>(a.num("hidden"));
+  const size_t bytes = static_cast<size_t>(rows) * hidden * sizeof(T);
   auto x = load(dir, "x.bin", at), w = load(dir, "w.bin", at);
-  auto out = output("out", static_cast<size_t>(rows) * hidden * sizeof(T), at);
+  auto r = kAdd ? load(dir, "residual.bin", at) : nullptr;
+  auto out = output("out", bytes, at);
+  auto sum = kAdd ? output("sum", bytes, at) : nullptr;
   check_vec_aligned(kVec, {x.get(), w.get(), out.get()});
+  if (kAdd) check_vec_aligned(kVec, {r.get(), sum.get()});
   const bool fp32 = a.num("scale_fp32") != 0;
   const float eps = std::stof(a.str("eps")), offset = std::stof(a.str("offset"));
   constexpr int kRows = kBlock / kGroup;
   const auto L = launch(static_cast<unsigned>((rows + kRows - 1) / kRows), kBlock, reverse);
   const auto* xp = reinterpret_cast<const T*>(x->data());
+  const auto* rp = kAdd ? reinterpret_cast<const T*>(r->data()) : nullptr;
   const auto* wp = reinterpret_cast<const T*>(w->data());
   auto* op = reinterpret_cast<T*>(out->data());
+  auto* sp = kAdd ? reinterpret_cast<T*>(sum->data()) : nullptr;
   awq_twin::run_grid(L, [&] {
-    if (fp32) awq_rms_norm_kernel<T, kGroup, kBlock, kVec, true>(xp, wp, op, rows, hidden, eps, offset);
-    else awq_rms_norm_kernel<T, kGroup, kBlock, kVec, false>(xp, wp, op, rows, hidden, eps, offset);
+    if (fp32) awq_rms_norm_kernel<T, kGroup, kBlock, kVec, true, kAdd>(xp, rp, wp, op, sp, rows, hidden, eps, offset);
+    else awq_rms_norm_kernel<T, kGroup, kBlock, kVec, false, kAdd>(xp, rp, wp, op, sp, rows, hidden, eps, offset);
   });
   write_file(dir + "/out.bin", *out);
+  if (kAdd) write_file(dir + "/sum.bin", *sum);
+}
+
+template <typename T, bool kAdd>
+void rms_norm_as(const std::string& dir, const Args& a, bool reverse, Placement at) {
+  const bool vec = a.num("vec") != 0, warp = a.str("group") == "warp";
+  constexpr int kWarpBlock = kWarpLanes * kNormWarpRowsPerBlock;
+  if (warp && vec) rms_norm_case<T, kWarpLanes, kWarpBlock, true, kAdd>(dir, a, reverse, at);
+  else if (warp) rms_norm_case<T, kWarpLanes, kWarpBlock, false, kAdd>(dir, a, reverse, at);
+  else if (vec) rms_norm_case<T, kNormBlockThreads, kNormBlockThreads, true, kAdd>(dir, a, reverse, at);
+  else rms_norm_case<T, kNormBlockThreads, kNormBlockThreads, false, kAdd>(dir, a, reverse, at);
 }
 
 template <typename T>
 void rms_norm(const std::string& dir, const Args& a, bool reverse, Placement at) {
-  const bool vec = a.num("vec") != 0, warp = a.str("group") == "warp";
-  constexpr int kWarpBlock = kWarpLanes * kNormWarpRowsPerBlock;
-  if (warp && vec) rms_norm_case<T, kWarpLanes, kWarpBlock, true>(dir, a, reverse, at);
-  else if (warp) rms_norm_case<T, kWarpLanes, kWarpBlock, false>(dir, a, reverse, at);
-  else if (vec) rms_norm_case<T, kNormBlockThreads, kNormBlockThreads, true>(dir, a, reverse, at);
-  else rms_norm_case<T, kNormBlockThreads, kNormBlockThreads, false>(dir, a, reverse, at);
+  if (a.num("add") != 0) rms_norm_as<T, true>(dir, a, reverse, at);
+  else rms_norm_as<T, false>(dir, a, reverse, at);
 }
 
 RotaryTensor rotary_tensor(const Args& a, const std::string& p, const Guarded& in, const Guarded& out) {
