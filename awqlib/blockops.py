@@ -122,7 +122,7 @@ def _fake_rms_norm(x, weight, eps, weight_offset, scale_in_fp32):
 
 @torch.library.register_fake("awqlib::add_rms_norm")
 def _fake_add_rms_norm(x, residual, weight, eps, weight_offset, scale_in_fp32):
-    s = torch.empty(torch.broadcast_shapes(x.shape, residual.shape), dtype=torch.promote_types(x.dtype, residual.dtype),
+    s = torch.empty(torch.broadcast_shapes(x.shape, residual.shape), dtype=torch.result_type(residual, x),
                     device=x.device)
     return s, _fake_rms_norm(s, weight, eps, weight_offset, scale_in_fp32)
 

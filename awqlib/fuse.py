@@ -20,8 +20,8 @@ int4 linears and dominate HF ``generate``'s host time.  :func:`fuse_block_ops` g
 one :mod:`awqlib.blockops` op -- RMSNorm modules become :class:`FusedRMSNorm`, the dense gated MLP
 :class:`FusedGatedMLP`, unfused experts run act * up as one op, the attention's rotary function
 (looked up in its module's globals) becomes ours, for that attention module only, and the residual
-add before a layer's second norm joins that norm (the layer's forward recompiled from its own
-source, see :func:`_add_norm_code`).  Every
+adds of a layer join the second norm's kernel and the MLP's down GEMM (the layer's forward
+recompiled from its own source, see :func:`_residual_code`).  Every
 replacement is first run on a probe input against the code it replaces, in the model's dtype and
 on its device (bit for bit off CUDA, within two ulps on a CUDA kernel), so a transformers release
 that changes a formula keeps its own code (with a warning); the state dict keeps its names.
@@ -29,6 +29,7 @@ that changes a formula keeps its own code (with a warning); the state dict keeps
 
 from __future__ import annotations
 
+import __future__
 import ast
 import inspect
 import logging
@@ -278,13 +279,24 @@ class FusedGatedMLP(nn.Module):
         self.spec, self.act = spec, act
         self.train(mlp.training)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _gated(self, x: torch.Tensor) -> torch.Tensor:
         s = self.spec
         if s.gate_up:
             gate, up = getattr(self, s.gate_up)(x).chunk(2, dim=-1)
         else:
             gate, up = getattr(self, s.gate)(x), getattr(self, s.up)(x)
-        return getattr(self, s.down)(blockops.gated_act(gate, up, self.act))
+        return blockops.gated_act(gate, up, self.act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.spec.down)(self._gated(x))
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)``, the add in the down GEMM where down is a quantized linear without
+        bias or hooks (WQLinear.forward_add)."""
+        down = getattr(self, self.spec.down)
+        if _adds_in_gemm(self):
+            return down.forward_add(self._gated(x), residual)
+        return residual + down(self._gated(x))
 
     def extra_repr(self) -> str:
         return f"act={self.act}"
@@ -416,26 +428,40 @@ def _rotary_forward(attn: nn.Module, config, cache: dict, dtype: torch.dtype):
     return cache[cls]
 
 
-# -- the residual add before a block's second norm ------------------------------------------------------
+# -- the residual adds of a pre-norm decoder layer --------------------------------------------------------
 #
-# transformers' pre-norm decoder layers end their attention half with three statements,
-#     hidden_states = residual + hidden_states
+# transformers' pre-norm decoder layers add their residual twice, each add a kernel of its own:
+#     hidden_states = residual + hidden_states                          # after attention,
 #     residual = hidden_states
-#     hidden_states = self.post_attention_layernorm(hidden_states)
-# (Llama, Mistral, Qwen2/3, Mixtral; Gemma 2/3 with pre_feedforward_layernorm): an add kernel, then
-# the norm's.  The layer's forward, with those statements made one call of _add_rms_norm (which runs
-# add_rms_norm, one kernel, where the norm is a FusedRMSNorm), is compiled from its own source: the
-# match is statement for statement on the syntax tree, so the new forward computes what the old one
-# does, and a forward with anything else there (Phi-3's dropout around the add) keeps its code.  The
-# add that ends the layer feeds the next layer's first norm, across the model's loop: it stays.
+#     hidden_states = self.post_attention_layernorm(hidden_states)     # ... before the second norm
+#     hidden_states = self.mlp(hidden_states)
+#     hidden_states = residual + hidden_states                          # after the MLP
+# (Llama, Mistral, Qwen2/3, Mixtral; Gemma 2/3 with pre_feedforward_layernorm).  The layer's forward
+# is compiled again from its own source with the first three statements one call of _add_rms_norm
+# (add_rms_norm: the add in the norm's kernel) and the last two one call of _add_mlp (the add in
+# the epilogue of the MLP's down GEMM: awq_gemm_add).  The match is statement for statement on the
+# syntax tree and each helper falls back to the statements it stands for, so the new forward
+# computes what the old one does; a forward with anything else there (Phi-3's dropout around the
+# add, Granite's residual multiplier) keeps its code.
 
 _ADD_NORM = "_awqlib_add_rms_norm"
+_ADD_MLP = "_awqlib_add_mlp"
+
+
+def _global_hooks() -> bool:
+    """Whether module hooks are registered for every module (torch.nn.modules.module's
+    register_module_forward_hook & co.: module trackers, FlopCounterMode): a call the helpers below
+    make without going through a module's __call__ would escape them."""
+    from torch.nn.modules import module as m
+    return any(getattr(m, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                     "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
 def _add_rms_norm(norm, hidden_states, residual):
     """``s = residual + hidden_states`` and ``norm(s)``, as (s, norm(s)): one op where ``norm`` is a
     FusedRMSNorm without hooks and the two are tensors of one shape and dtype."""
-    if (isinstance(norm, FusedRMSNorm) and not _hooked(norm) and isinstance(hidden_states, torch.Tensor)
+    if (isinstance(norm, FusedRMSNorm) and not _hooked(norm) and not _global_hooks()
+            and isinstance(hidden_states, torch.Tensor)
             and isinstance(residual, torch.Tensor) and hidden_states.shape == residual.shape
             and hidden_states.dtype == residual.dtype):
         return norm.add_forward(hidden_states, residual)
@@ -443,100 +469,219 @@ def _add_rms_norm(norm, hidden_states, residual):
     return s, norm(s)
 
 
+def _add_mlp(mlp, hidden_states, residual):
+    """``residual + mlp(hidden_states)``: the add in the down GEMM where ``mlp`` is a FusedGatedMLP
+    without hooks (FusedGatedMLP.forward_add)."""
+    if isinstance(mlp, FusedGatedMLP) and not _hooked(mlp) and not _global_hooks() and isinstance(residual, torch.Tensor):
+        return mlp.forward_add(hidden_states, residual)
+    return residual + mlp(hidden_states)
+
+
 def _names(node, *ids) -> bool:
     return isinstance(node, ast.Name) and (not ids or node.id in ids)
+
+
+def _assigns_one_name(*stmts: ast.stmt) -> bool:
+    return all(isinstance(t, ast.Assign) and len(t.targets) == 1 and _names(t.targets[0]) for t in stmts)
+
+
+def _self_call(value: ast.expr, self_name: str, arg: str) -> str | None:
+    """The attribute ``a`` where ``value`` reads ``self.a(arg)``; else None."""
+    if (isinstance(value, ast.Call) and not value.keywords and len(value.args) == 1 and _names(value.args[0], arg)
+            and isinstance(value.func, ast.Attribute) and _names(value.func.value, self_name)):
+        return value.func.attr
+    return None
+
+
+def _residual_sum(value: ast.expr, h: str) -> str | None:
+    """``r`` where ``value`` reads ``r + h`` or ``h + r`` (r another name); else None."""
+    if (isinstance(value, ast.BinOp) and isinstance(value.op, ast.Add) and _names(value.left)
+            and _names(value.right) and h in (value.left.id, value.right.id) and value.left.id != value.right.id):
+        return value.right.id if value.left.id == h else value.left.id
+    return None
 
 
 def _add_norm_match(a: ast.stmt, b: ast.stmt, c: ast.stmt, self_name: str) -> tuple[str, str, str] | None:
     """(hidden, residual, norm attribute) where a, b, c read ``h = r + h`` (or ``h + r``), ``r = h``,
     ``h = self.norm(h)``; else None."""
-    if not all(isinstance(t, ast.Assign) and len(t.targets) == 1 and _names(t.targets[0]) for t in (a, b, c)):
+    if not _assigns_one_name(a, b, c):
         return None
-    h, r = a.targets[0].id, b.targets[0].id
-    add = a.value
-    if not (isinstance(add, ast.BinOp) and isinstance(add.op, ast.Add) and _names(add.left) and _names(add.right)
-            and {add.left.id, add.right.id} == {h, r} and h != r):
+    h = a.targets[0].id
+    r = _residual_sum(a.value, h)
+    norm = _self_call(c.value, self_name, h)
+    if r is None or norm is None or b.targets[0].id != r or not _names(b.value, h) or c.targets[0].id != h:
         return None
-    call = c.value
-    if not (_names(b.value, h) and c.targets[0].id == h and isinstance(call, ast.Call) and not call.keywords
-            and len(call.args) == 1 and _names(call.args[0], h) and isinstance(call.func, ast.Attribute)
-            and _names(call.func.value, self_name)):
-        return None
-    return h, r, call.func.attr
+    return h, r, norm
 
 
-def _fuse_add_norms(stmts: list, self_name: str, norms: list) -> list:
-    """``stmts`` with every add-and-norm triple one call of _add_rms_norm (appending its norm to
-    ``norms``), looking into if / for / while / with / try bodies, not into nested definitions."""
+def _mlp_add_match(a: ast.stmt, b: ast.stmt, self_name: str, mlp: str) -> tuple[str, str] | None:
+    """(hidden, residual) where a, b read ``h = self.<mlp>(h)``, ``h = r + h`` (or ``h + r``); else None."""
+    if not _assigns_one_name(a, b):
+        return None
+    h = a.targets[0].id
+    r = _residual_sum(b.value, h)
+    if _self_call(a.value, self_name, h) != mlp or r is None or b.targets[0].id != h:
+        return None
+    return h, r
+
+
+def _load(name: str) -> ast.Name:
+    return ast.Name(name, ast.Load())
+
+
+def _helper_call(helper: str, self_name: str, attr: str, h: str, r: str) -> ast.Call:
+    return ast.Call(func=_load(helper), args=[ast.Attribute(_load(self_name), attr, ast.Load()), _load(h), _load(r)],
+                    keywords=[])
+
+
+def _fuse_residual_adds(stmts: list, self_name: str, mlp: str | None, sites: list) -> list:
+    """``stmts`` with every add-and-norm triple one call of _add_rms_norm and every MLP-and-add pair
+    one call of _add_mlp (appending ("norm" | "mlp", attribute) to ``sites``), looking into if / for /
+    while / with / try bodies, not into nested definitions."""
     out, i = [], 0
     while i < len(stmts):
-        m = _add_norm_match(*stmts[i:i + 3], self_name) if i + 3 <= len(stmts) else None
-        if m is None:
+        norm = _add_norm_match(*stmts[i:i + 3], self_name) if i + 3 <= len(stmts) else None
+        pair = _mlp_add_match(*stmts[i:i + 2], self_name, mlp) if mlp and i + 2 <= len(stmts) else None
+        if norm is not None:
+            h, r, attr = norm
+            fused = ast.Assign(targets=[ast.Tuple([ast.Name(r, ast.Store()), ast.Name(h, ast.Store())], ast.Store())],
+                               value=_helper_call(_ADD_NORM, self_name, attr, h, r))
+            out.append(ast.copy_location(fused, stmts[i]))
+            sites.append(("norm", attr))
+            i += 3
+        elif pair is not None and (i + 4 > len(stmts) or _add_norm_match(*stmts[i + 1:i + 4], self_name) is None):
+            h, r = pair
+            fused = ast.Assign(targets=[ast.Name(h, ast.Store())], value=_helper_call(_ADD_MLP, self_name, mlp, h, r))
+            out.append(ast.copy_location(fused, stmts[i]))
+            sites.append(("mlp", mlp))
+            i += 2
+        else:
             st = stmts[i]
             if not isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 for field in ("body", "orelse", "finalbody"):
                     v = getattr(st, field, None)
                     if isinstance(v, list) and v and isinstance(v[0], ast.stmt):
-                        setattr(st, field, _fuse_add_norms(v, self_name, norms))
+                        setattr(st, field, _fuse_residual_adds(v, self_name, mlp, sites))
                 for handler in getattr(st, "handlers", ()):
-                    handler.body = _fuse_add_norms(handler.body, self_name, norms)
+                    handler.body = _fuse_residual_adds(handler.body, self_name, mlp, sites)
             out.append(st)
             i += 1
-            continue
-        h, r, attr = m
-        call = ast.Call(func=ast.Name(_ADD_NORM, ast.Load()),
-                        args=[ast.Attribute(ast.Name(self_name, ast.Load()), attr, ast.Load()),
-                              ast.Name(h, ast.Load()), ast.Name(r, ast.Load())], keywords=[])
-        fused = ast.Assign(targets=[ast.Tuple([ast.Name(r, ast.Store()), ast.Name(h, ast.Store())], ast.Store())],
-                           value=call)
-        out.append(ast.copy_location(fused, stmts[i]))
-        norms.append(attr)
-        i += 3
     return out
 
 
-def _add_norm_code(forward) -> tuple[types.CodeType, list[str]] | None:
+# every __future__ feature's compiler flag: a function recompiled from its source keeps its module's
+_FUTURE_FLAGS = 0
+for _feature in __future__.all_feature_names:
+    _FUTURE_FLAGS |= getattr(__future__, _feature).compiler_flag
+
+
+def _owner(inner: types.FunctionType) -> str | None:
+    """The class a method was defined in (the last class of its qualified name), or None."""
+    parts = inner.__qualname__.split(".")
+    return parts[-2] if len(parts) > 1 and parts[-2].isidentifier() else None
+
+
+def _mangled(attr: str, owner: str | None) -> str:
+    """``attr`` as Python stores a private name (``self.__x`` in class ``C``: ``_C__x``)."""
+    if owner and attr.startswith("__") and not attr.endswith("__") and owner.lstrip("_"):
+        return f"_{owner.lstrip('_')}{attr}"
+    return attr
+
+
+def _compiled_like(inner: types.FunctionType, transform) -> tuple[types.CodeType, list] | None:
+    """``inner``'s source, passed through ``transform(function_def) -> result``, compiled as the
+    original was: a method inside ``class <owner>:`` (so private names mangle alike) and not dedented
+    (multi-line strings keep their text), with its module's __future__ flags, at its own lines."""
+    try:
+        lines, first = inspect.getsourcelines(inner)
+    except (OSError, TypeError):
+        return None
+    owner = _owner(inner)
+    if owner is not None and lines[0][:1] in " \t":
+        source, shift = f"class {owner}:\n" + "".join(lines), first - 2
+    else:
+        source, shift = textwrap.dedent("".join(lines)), first - 1
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    body = tree.body[0].body if isinstance(tree.body[0], ast.ClassDef) else tree.body
+    fdef = body[0] if len(body) == 1 else None
+    if not isinstance(fdef, ast.FunctionDef) or fdef.name != inner.__name__ or not fdef.args.args:
+        return None
+    result = transform(fdef)
+    ast.fix_missing_locations(tree)  # the new nodes take their statement's line, then all shift
+    ast.increment_lineno(tree, shift)
+    module = compile(tree, inner.__code__.co_filename, "exec", flags=inner.__code__.co_flags & _FUTURE_FLAGS,
+                     dont_inherit=True)
+    # the function's code, never its def statement: decorators, defaults and annotations are not
+    # evaluated again (the new function takes the original's)
+    todo = list(module.co_consts)
+    while todo:
+        k = todo.pop(0)
+        if isinstance(k, types.CodeType):
+            if k.co_name == inner.__name__ and k.co_firstlineno == inner.__code__.co_firstlineno:
+                return k, result
+            todo.extend(k.co_consts)
+    return None
+
+
+def _alike(a: types.CodeType, b: types.CodeType) -> bool:
+    """Whether code compiled from the source on disk (a) is the code that runs (b): the same names,
+    locals, arguments, flags, first line and constants, nested code alike -- the instructions aside,
+    which the compiler picks differently for one function than for its whole module (a module
+    imported elsewhere is called through LOAD_METHOD or LOAD_GLOBAL + LOAD_ATTR)."""
+    same = (set(a.co_names) == set(b.co_names) and a.co_varnames == b.co_varnames and a.co_flags == b.co_flags
+            and a.co_freevars == b.co_freevars and a.co_cellvars == b.co_cellvars and a.co_argcount == b.co_argcount
+            and a.co_posonlyargcount == b.co_posonlyargcount and a.co_kwonlyargcount == b.co_kwonlyargcount
+            and a.co_firstlineno == b.co_firstlineno)
+    code_a = [k for k in a.co_consts if isinstance(k, types.CodeType)]
+    code_b = [k for k in b.co_consts if isinstance(k, types.CodeType)]
+    return (same and sorted(map(repr, (k for k in a.co_consts if not isinstance(k, types.CodeType))))
+            == sorted(map(repr, (k for k in b.co_consts if not isinstance(k, types.CodeType))))
+            and len(code_a) == len(code_b) and all(_alike(x, y) for x, y in zip(code_a, code_b)))
+
+
+def _residual_code(forward, mlp: str | None) -> tuple[types.CodeType, list[tuple[str, str]]] | None:
     """The code of ``forward``'s innermost function (under its functools.wraps wrappers) with its
-    add-and-norm triples fused, and the norms they name; None where it has none (or no source, or
-    free variables such as super()'s cell, which a recompiled function cannot keep)."""
+    residual adds fused (``mlp``: the MLP's attribute, None for no MLP site), and the sites, as
+    ("norm" | "mlp", attribute as stored); None where it has none, or where the source on disk is not
+    the code that runs (edited since it was imported), or the function has free variables (such as
+    super()'s cell, which a recompiled function cannot keep)."""
     inner = forward
     while isinstance(getattr(inner, "__wrapped__", None), types.FunctionType):
         inner = inner.__wrapped__
     if not isinstance(inner, types.FunctionType) or inner.__code__.co_freevars:
         return None
-    try:
-        lines, first = inspect.getsourcelines(inner)
-        tree = ast.parse(textwrap.dedent("".join(lines)))
-    except (OSError, TypeError, SyntaxError):
+    as_is = _compiled_like(inner, lambda fdef: None)
+    if as_is is None or not _alike(as_is[0], inner.__code__):
         return None
-    fdef = tree.body[0] if len(tree.body) == 1 else None
-    if not isinstance(fdef, ast.FunctionDef) or fdef.name != inner.__name__ or not fdef.args.args:
+
+    def fuse(fdef: ast.FunctionDef) -> list[tuple[str, str]]:
+        sites: list[tuple[str, str]] = []
+        fdef.body = _fuse_residual_adds(fdef.body, fdef.args.args[0].arg, mlp, sites)
+        return sites
+
+    made = _compiled_like(inner, fuse)
+    if made is None or not made[1]:
         return None
-    norms: list[str] = []
-    fdef.body = _fuse_add_norms(fdef.body, fdef.args.args[0].arg, norms)
-    if not norms:
-        return None
-    ast.increment_lineno(tree, first - 1)  # tracebacks point into the modeling file, as before
-    ast.fix_missing_locations(tree)
-    module = compile(tree, inner.__code__.co_filename, "exec", dont_inherit=True)
-    # the function's code, never its def statement: decorators, defaults and annotations are not
-    # evaluated again (the new function takes the original's)
-    code = next(k for k in module.co_consts if isinstance(k, types.CodeType) and k.co_name == fdef.name)
-    return code, norms
+    owner = _owner(inner)
+    return made[0], [(kind, _mangled(attr, owner)) for kind, attr in made[1]]
 
 
-def _add_norm_forward(block: nn.Module, cache: dict):
-    """The block's forward with its add-and-norm triples fused (``awqlib_add_norm``: the norms they
-    name), or None; one per class."""
-    cls = type(block)
-    if cls not in cache:
-        cache[cls] = None
-        made = _add_norm_code(cls.forward)
-        forward = _with_globals(cls.forward, {_ADD_NORM: _add_rms_norm}, made[0]) if made else None
+def _residual_forward(block: nn.Module, mlp: str | None, cache: dict):
+    """The block's forward with its residual adds fused (``awqlib_residual``: the sites), or None;
+    one per class."""
+    key = (type(block), mlp)
+    if key not in cache:
+        cache[key] = None
+        made = _residual_code(type(block).forward, mlp)
+        helpers = {_ADD_NORM: _add_rms_norm, _ADD_MLP: _add_mlp}
+        forward = _with_globals(type(block).forward, helpers, made[0]) if made else None
         if forward is not None:
-            forward.awqlib_add_norm = tuple(made[1])
-            cache[cls] = forward
-    return cache[cls]
+            forward.awqlib_residual = tuple(made[1])
+            cache[key] = forward
+    return cache[key]
 
 
 def _add_norm_agrees(norm: FusedRMSNorm, dtype: torch.dtype) -> bool:
@@ -547,12 +692,26 @@ def _add_norm_agrees(norm: FusedRMSNorm, dtype: torch.dtype) -> bool:
                                                                   norm.scale_in_fp32))
 
 
+def _adds_in_gemm(mlp) -> bool:
+    """Whether a FusedGatedMLP's forward_add runs its add in the down GEMM (awq_gemm_add)."""
+    down = getattr(mlp, mlp.spec.down, None) if isinstance(mlp, FusedGatedMLP) else None
+    return isinstance(down, WQLinear) and down.bias is None and not _hooked(down)
+
+
+def _add_mlp_agrees(mlp: FusedGatedMLP, dtype: torch.dtype) -> bool:
+    s = mlp.spec
+    first, down = getattr(mlp, s.gate_up or s.gate), getattr(mlp, s.down)
+    like = _where(mlp, dtype)
+    x, r = _probe((3, first.in_features), like, 10), _probe((3, down.out_features), like, 11)
+    return _probe_agrees("awq_gemm_add", lambda: mlp.forward_add(x, r), lambda: r + mlp(x))
+
+
 def fuse_block_ops(model: nn.Module, spec) -> dict[str, int]:
     """Give the model's RMSNorms, dense gated MLPs, unfused experts and attention rotaries one op each
     (see the module docstring); works on quantized and unquantized models alike, and is meant to run
     before accelerate dispatches the model (a module with hooks keeps its code).  Returns what it
     replaced, by kind; calling it again replaces nothing more."""
-    counts = {"rms_norm": 0, "add_rms_norm": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 0}
+    counts = {"rms_norm": 0, "add_rms_norm": 0, "mlp_add": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 0}
     kept = dict.fromkeys(counts, 0)  # candidates whose probe disagreed (or that have hooks)
     # the dtype the model computes in (its embeddings' and norms'; quantized linears hold no parameters)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -564,7 +723,7 @@ def fuse_block_ops(model: nn.Module, spec) -> dict[str, int]:
             replace_module(model, name, fused)
         _tally(counts, kept, "rms_norm", fused is not None)
     rotaries: dict[type, object] = {}
-    add_norms: dict[type, object] = {}
+    residual_forwards: dict[tuple, object] = {}
     config = getattr(model, "config", None)
     config = getattr(config, "get_text_config", lambda: config)()
     for block in get_blocks(model, spec):
@@ -581,14 +740,22 @@ def fuse_block_ops(model: nn.Module, spec) -> dict[str, int]:
                 if first is not None:
                     experts[i] = first if i == 0 else FusedGatedMLP(expert, first.spec, first.act)
                 _tally(counts, kept, "expert_act", first is not None)
-        if not getattr(vars(block).get("forward"), "awqlib_add_norm", None):
-            forward = _add_norm_forward(block, add_norms)
-            norms = [getattr(block, n, None) for n in (forward.awqlib_add_norm if forward else ())]
-            if norms and all(isinstance(n, FusedRMSNorm) for n in norms):  # a candidate: its norms are ours
-                fused = not _hooked(block) and all(_add_norm_agrees(n, dtype) for n in norms)
+        if not getattr(vars(block).get("forward"), "awqlib_residual", None):
+            mlp_attr = spec.mlp.path if spec.mlp is not None and spec.mlp.path.isidentifier() else None
+            forward = _residual_forward(block, mlp_attr, residual_forwards)
+            sites = forward.awqlib_residual if forward is not None else ()
+            norms = [getattr(block, a, None) for kind, a in sites if kind == "norm"]
+            norms = norms if norms and all(isinstance(n, FusedRMSNorm) for n in norms) else []
+            mlps = [m for kind, a in sites if kind == "mlp" for m in [getattr(block, a, None)] if _adds_in_gemm(m)]
+            if norms or mlps:  # a candidate: modules of ours at its sites (the others run their two statements)
+                fused = (not _hooked(block) and all(_add_norm_agrees(n, dtype) for n in norms)
+                         and all(_add_mlp_agrees(m, dtype) for m in mlps))
                 if fused:
                     block.forward = types.MethodType(forward, block)
-                _tally(counts, kept, "add_rms_norm", fused)
+                if norms:
+                    _tally(counts, kept, "add_rms_norm", fused)
+                if mlps:
+                    _tally(counts, kept, "mlp_add", fused)
         attn = find_submodule(block, "self_attn") if spec.rotate_half else None
         if attn is not None and not getattr(vars(attn).get("forward"), "awqlib_rotary", False):
             forward = None if _hooked(attn) else _rotary_forward(attn, config, rotaries, dtype)

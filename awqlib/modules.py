@@ -140,6 +140,14 @@ class WQLinear(nn.Module):
             out = out + self.bias.to(out.dtype)
         return out
 
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)`` (a layer's residual add after its last linear): one op, which the
+        CUDA stream kernel runs in its epilogue."""
+        if self.bias is not None:
+            return residual + self.forward(x)
+        kernels.announce(x.device)
+        return ops.awq_gemm_add(x, self.qweight, self.qzeros, self.scales_for(x.dtype), self.group_size, residual)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}")

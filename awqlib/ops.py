@@ -56,6 +56,10 @@ class Kernel(enum.IntEnum):
 _lib = torch.library.Library("awqlib", "DEF")
 _lib.define("awq_gemm(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group_size) -> Tensor")
 _lib.define("awq_dequantize(Tensor qweight, Tensor qzeros, Tensor scales, int group_size) -> Tensor")
+# residual + awq_gemm(x, ...): a decoder layer's residual add after its last linear, which the CUDA stream
+# kernel does in its epilogue (one kernel instead of two; the same bits: the product rounded, then the sum).
+_lib.define("awq_gemm_add(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group_size, Tensor residual) "
+            "-> Tensor")
 # Same function as awq_gemm with the CUDA kernel choice forced, for tuning and tests (other devices
 # ignore both knobs and run the reference).  kernel: a Kernel id (above).  splits: 0 auto, else the
 # split-K factor -- for the stream kernels, the most CTAs of their persistent grid (0: one per SM).
@@ -90,6 +94,10 @@ def _reference_gemm(x, qweight, qzeros, scales, group_size):
     return torch.matmul(x, w)
 
 
+def _reference_gemm_add(x, qweight, qzeros, scales, group_size, residual):
+    return residual + _reference_gemm(x, qweight, qzeros, scales, group_size)
+
+
 def _reference_dequantize(qweight, qzeros, scales, group_size):
     return dequantize_gemm(qweight, qzeros, scales, group_size)
 
@@ -100,6 +108,7 @@ def _reference_gemm_variant(x, qweight, qzeros, scales, group_size, kernel, spli
 
 _lib.impl("awq_gemm", _reference_gemm, "CompositeExplicitAutograd")
 _lib.impl("awq_gemm_variant", _reference_gemm_variant, "CompositeExplicitAutograd")
+_lib.impl("awq_gemm_add", _reference_gemm_add, "CompositeExplicitAutograd")
 _lib.impl("awq_dequantize", _reference_dequantize, "CompositeExplicitAutograd")
 
 
@@ -119,6 +128,12 @@ def _fake_gemm(x, qweight, qzeros, scales, group_size):
 @torch.library.register_fake("awqlib::awq_gemm_variant")
 def _fake_gemm_variant(x, qweight, qzeros, scales, group_size, kernel, splits):
     return x.new_empty((*x.shape[:-1], scales.shape[1]))
+
+
+@torch.library.register_fake("awqlib::awq_gemm_add")
+def _fake_gemm_add(x, qweight, qzeros, scales, group_size, residual):
+    out = x.new_empty((*x.shape[:-1], scales.shape[1]))
+    return x.new_empty(torch.broadcast_shapes(out.shape, residual.shape), dtype=torch.result_type(residual, out))
 
 
 @torch.library.register_fake("awqlib::awq_dequantize")
@@ -160,6 +175,14 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
     if wants_grad(x):
         return _GemmWithInputGrad.apply(x, qweight, qzeros, scales, group_size)
     return torch.ops.awqlib.awq_gemm(x, qweight, qzeros, scales, group_size)
+
+
+def awq_gemm_add(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                 group_size: int, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + awq_gemm(x, ...)``, as one kernel where the CUDA stream kernel runs."""
+    if wants_grad(x, residual):
+        return residual + awq_gemm(x, qweight, qzeros, scales, group_size)
+    return torch.ops.awqlib.awq_gemm_add(x, qweight, qzeros, scales, group_size, residual)
 
 
 def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ struct GemmArgs {
   const int32_t* qzeros;    // [K/g, N/8]
   const void* scales;       // [K/g, N] (T)
   void* out;                // [M, N] (T)
+  const void* residual;     // [M, N] (T) added to the output (awq_gemm_add), or null; the stream kernel only
   float* workspace;         // [splits, M, N] fp32 split-K partials (unused when splits == 1)
   int32_t* counters;        // one arrival counter per output tile, zero on entry and on exit (splits > 1)
   int M, N, K, group_size;

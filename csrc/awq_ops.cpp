@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cerrno>
 #include <cstdlib>
@@ -216,9 +217,12 @@ DeviceCounters& counter_arena(int device, cudaStream_t stream, const CaptureStat
 }
 
 void prepare_counters(int device, cudaStream_t stream, const CaptureState& capture) {
-  if (capture.status != cudaStreamCaptureStatusNone) return;
+  constexpr int kKnownDevices = 256;  // a flag per device index: no lock once its arena exists
+  static std::atomic<bool> made[kKnownDevices];
+  const bool known = device >= 0 && device < kKnownDevices;
+  if (capture.status != cudaStreamCaptureStatusNone || (known && made[device].load(std::memory_order_acquire))) return;
   const std::lock_guard<std::mutex> lock(counters_mutex);
-  counter_arena(device, stream, capture);
+  if (counter_arena(device, stream, capture).arena != nullptr && known) made[device].store(true, std::memory_order_release);
 }
 
 int32_t* counters_for(const at::Tensor& like, int64_t n, cudaStream_t stream, const CaptureState& capture,
@@ -229,7 +233,9 @@ int32_t* counters_for(const at::Tensor& like, int64_t n, cudaStream_t stream, co
     const std::lock_guard<std::mutex> lock(counters_mutex);
     DeviceCounters& d = counter_arena(like.get_device(), stream, capture);
     had_arena = d.arena != nullptr;
-    const int64_t at = had_arena ? d.slices->slice(reinterpret_cast<uintptr_t>(stream), capture.id, n) : -1;
+    // eager launches: capture id 0 (cudaStreamGetCaptureInfo's id means something only during a capture)
+    const unsigned long long id = capture.status == cudaStreamCaptureStatusActive ? capture.id : 0;
+    const int64_t at = had_arena ? d.slices->slice(reinterpret_cast<uintptr_t>(stream), id, n) : -1;
     if (at >= 0) return d.arena + at;
   }
   if (capture.status == cudaStreamCaptureStatusActive) {
@@ -338,15 +344,21 @@ int64_t check_call(const at::Tensor& x, const at::Tensor& qweight, const Shape& 
   return x.numel() / s.K;
 }
 
-at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros,
-                                 const at::Tensor& scales, int64_t group_size, int64_t kernel, int64_t splits) {
+// x W^T for awq_gemm_variant, plus `residual` (awq_gemm_add) where given: a tensor of the output's
+// shape and dtype on its device, which the stream kernel adds in its epilogue and every other path
+// adds after the GEMM (the same bits: the output rounded, then the sum rounded).
+at::Tensor gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,
+                int64_t group_size, int64_t kernel, int64_t splits, const at::Tensor* residual) {
   const Shape s = check_weight(qweight, qzeros, scales, group_size, "awq_gemm");
   const int64_t M = check_call(x, qweight, s, kernel, splits);
   const c10::cuda::CUDAGuard guard(x.device());
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = s.N;
-  if (M == 0 || s.N == 0) return at::empty(out_shape, x.options());
+  if (M == 0 || s.N == 0) return residual ? residual->clone() : at::empty(out_shape, x.options());
+  // the residual as [M, N] rows of the output, 16-byte aligned (the kernel reads it per element)
+  const at::Tensor res = residual ? contiguous_aligned(residual->reshape({M, s.N})) : at::Tensor();
+  const auto add_residual = [&](at::Tensor out) { return residual ? out.add_(res.view(out.sizes())) : out; };
 
   // The kernels compute in x's dtype; scales stored as fp16 are rounded to bf16 for bf16
   // activations, exactly like the reference implementation.
@@ -361,7 +373,7 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const CaptureState capture = capture_state(stream);
   prepare_counters(device, stream, capture);
-  if (k == kDequantCublas) return dequant_matmul(x2, qw, qz, sc, s).view(out_shape);
+  if (k == kDequantCublas) return add_residual(dequant_matmul(x2, qw, qz, sc, s).view(out_shape));
 
   at::Tensor out = at::empty({M, s.N}, x.options());
   const int m = static_cast<int>(M), n = static_cast<int>(s.N), kk = static_cast<int>(s.K);
@@ -375,6 +387,7 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   a.qzeros = qz.data_ptr<int32_t>();
   a.scales = sc.data_ptr();
   a.out = out.data_ptr();
+  a.residual = nullptr;
   a.M = m;
   a.N = n;
   a.K = kk;
@@ -404,6 +417,7 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
       p.M = static_cast<int>(std::min<int64_t>(pass, M - r0));
       p.x = static_cast<const char*>(a.x) + (r0 / pass) * x_pass_bytes;
       p.out = static_cast<char*>(a.out) + (r0 / pass) * out_pass_bytes;
+      if (residual) p.residual = static_cast<const char*>(res.data_ptr()) + (r0 / pass) * out_pass_bytes;
       awq::launch_stream(dt, p, p.M == pass ? full : last, group_sums, pdl, narrow, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -422,7 +436,25 @@ at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight,
   else if (k == kTiled) awq::launch_gemm(dt, a, plan, stream);
   else awq::launch_skinny(dt, a, depth, s.layout == Layout::kTiled, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out.view(out_shape);
+  return add_residual(out.view(out_shape));
+}
+
+at::Tensor awq_gemm_variant_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros,
+                                 const at::Tensor& scales, int64_t group_size, int64_t kernel, int64_t splits) {
+  return gemm(x, qweight, qzeros, scales, group_size, kernel, splits, nullptr);
+}
+
+// residual + x W^T: in the stream kernel's epilogue where the residual is a tensor of the output's
+// shape and dtype on its device (a layer's residual add after its last linear), else the two ops.
+at::Tensor awq_gemm_add_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros,
+                             const at::Tensor& scales, int64_t group_size, const at::Tensor& residual) {
+  const Shape s = check_weight(qweight, qzeros, scales, group_size, "awq_gemm");
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  if (!out_shape.empty()) out_shape.back() = s.N;
+  const bool fused = residual.is_cuda() && residual.device() == x.device() &&
+                     residual.scalar_type() == x.scalar_type() && residual.sizes().vec() == out_shape;
+  if (!fused) return residual + gemm(x, qweight, qzeros, scales, group_size, kAuto, 0, nullptr);
+  return gemm(x, qweight, qzeros, scales, group_size, kAuto, 0, &residual);
 }
 
 at::Tensor awq_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros,
@@ -458,5 +490,6 @@ TORCH_LIBRARY_IMPL(awqlib, CUDA, m) {
   m.impl("awq_gemm", &awq_gemm_cuda);
   m.impl("awq_dequantize", &awq_dequantize_cuda);
   m.impl("awq_gemm_variant", &awq_gemm_variant_cuda);
+  m.impl("awq_gemm_add", &awq_gemm_add_cuda);
   m.impl("awq_gemm_kernel_name", &awq_gemm_kernel_name_cuda);
 }

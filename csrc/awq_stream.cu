@@ -403,14 +403,25 @@ __device__ __forceinline__ SliceParts slice_parts(int slice, int KT, int per) {
 // differently -- so the accesses stay 4 bytes wide.)
 constexpr int kOutputsInFlight = 4;
 
+// Output element `at`: the fp32 sum rounded to T -- plus, where the launch has a residual
+// (awq_gemm_add: a layer's residual add after its last linear), residual[at], the two added in
+// fp32 and rounded again, as torch's add of the two tensors rounds.  Read after
+// grid_dependency_wait, like every input a previous kernel may write.
+template <typename T>
+__device__ __forceinline__ void store_out(T* __restrict__ out, const T* __restrict__ residual, size_t at, float v) {
+  T o = Traits<T>::from_float(v);
+  if (residual != nullptr) o = Traits<T>::from_float(__fadd_rn(Traits<T>::to_float(o), Traits<T>::to_float(residual[at])));
+  out[at] = o;
+}
+
 // After this CTA wrote its part of split slice `slice` ([rows][kSliceN] fp32 in its workspace
 // slot): the last part to arrive adds the slots in part order (deterministic) and writes the
 // output.  Out of line: it runs once per slice and CTA, and keeps its divisions and stores out of
 // the streaming loop.
 template <typename T>
-__device__ AWQ_NOINLINE void sum_parts(T* __restrict__ out, const float* __restrict__ ws,
-                                       int32_t* __restrict__ counters, int N, int max_parts, int slice, int rows,
-                                       int parts) {
+__device__ AWQ_NOINLINE void sum_parts(T* __restrict__ out, const T* __restrict__ residual,
+                                       const float* __restrict__ ws, int32_t* __restrict__ counters, int N,
+                                       int max_parts, int slice, int rows, int parts) {
   const int tid = threadIdx.x;
   const int n0 = slice * kSliceN;
   const int n = rows * kSliceN;  // sums of a slot
@@ -426,7 +437,7 @@ __device__ AWQ_NOINLINE void sum_parts(T* __restrict__ out, const float* __restr
 #pragma unroll
     for (int u = 0; u < kOutputsInFlight; ++u) {
       const int i = i0 + u * kStThreads, r = i / kSliceN, col = i % kSliceN;
-      if (i < n && n0 + col < N) out[(size_t)r * N + n0 + col] = Traits<T>::from_float(v[u]);
+      if (i < n && n0 + col < N) store_out(out, residual, (size_t)r * N + n0 + col, v[u]);
     }
   }
   if (tid == 0) counters[slice] = 0;  // ready for the next launch (awq_ops.cpp: counters_for)
@@ -436,9 +447,9 @@ __device__ AWQ_NOINLINE void sum_parts(T* __restrict__ out, const float* __restr
 // when one CTA covered the whole slice, else into this part's workspace slot for sum_parts.  Out
 // of line, as sum_parts.
 template <typename T>
-__device__ AWQ_NOINLINE void write_slice(const float* red, T* __restrict__ out, float* __restrict__ ws,
-                                         int32_t* __restrict__ counters, int N, int KT, int per, int max_parts,
-                                         int slice, int rows) {
+__device__ AWQ_NOINLINE void write_slice(const float* red, T* __restrict__ out, const T* __restrict__ residual,
+                                         float* __restrict__ ws, int32_t* __restrict__ counters, int N, int KT,
+                                         int per, int max_parts, int slice, int rows) {
   const int tid = threadIdx.x;
   const SliceParts sp = slice_parts(slice, KT, per);
   const int n0 = slice * kSliceN;
@@ -446,13 +457,13 @@ __device__ AWQ_NOINLINE void write_slice(const float* red, T* __restrict__ out, 
   if (sp.parts == 1) {
     for (int i = tid; i < n; i += kStThreads) {
       const int r = i / kSliceN, col = i % kSliceN;
-      if (n0 + col < N) out[(size_t)r * N + n0 + col] = Traits<T>::from_float(red[i]);
+      if (n0 + col < N) store_out(out, residual, (size_t)r * N + n0 + col, red[i]);
     }
     return;
   }
   float* slot = ws + ((size_t)slice * max_parts + blockIdx.x - sp.first) * n;
   for (int i = tid; i < n; i += kStThreads) slot[i] = red[i];
-  sum_parts<T>(out, ws, counters, N, max_parts, slice, rows, sp.parts);
+  sum_parts<T>(out, residual, ws, counters, N, max_parts, slice, rows, sp.parts);
 }
 
 // EXACT: K % kStageK == 0 and N % kSliceN == 0, so no load needs a bounds predicate (the
@@ -482,8 +493,8 @@ __device__ AWQ_NOINLINE void write_slice(const float* red, T* __restrict__ out, 
 template <typename T, int MB, bool EXACT, bool FINE, bool SUMS, int CONFIG, bool NARROW>
 __global__ void __launch_bounds__(kStThreads, StreamCfg<MB, CONFIG>::kMinBlocks)
 awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, const uint32_t* __restrict__ qzeros,
-                  const T* __restrict__ scales, T* __restrict__ out, float* __restrict__ ws,
-                  int32_t* __restrict__ counters, const StreamParams p) {
+                  const T* __restrict__ scales, T* __restrict__ out, const T* __restrict__ residual,
+                  float* __restrict__ ws, int32_t* __restrict__ counters, const StreamParams p) {
   using Cfg = StreamCfg<MB, CONFIG>;
   using DQ = StreamDequant<T>;
 #if defined(__CUDA_ARCH__) && !defined(AWQ_WGMMA_ARCH)
@@ -788,7 +799,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
       }
       __syncthreads();
     }
-    write_slice<T>(red, out, ws, counters, p.N, p.KT, p.per, p.max_parts, c_slice, rows_out);
+    write_slice<T>(red, out, residual, ws, counters, p.N, p.KT, p.per, p.max_parts, c_slice, rows_out);
     __syncthreads();  // `red` (a ring slot) is refilled from the next iteration on
   };
   // wgmma: each output has one owner, a register of one thread, so the slice's sums go from the
@@ -810,11 +821,11 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
           const int col = wg * 64 + 16 * wq + g + 8 * (e >> 1);
           if (row < rows_out) {
             if (slot != nullptr) slot[row * kSliceN + col] = acc[mb][t][e];
-            else if (n0 + col < p.N) out[(size_t)row * p.N + n0 + col] = Traits<T>::from_float(acc[mb][t][e]);
+            else if (n0 + col < p.N) store_out(out, residual, (size_t)row * p.N + n0 + col, acc[mb][t][e]);
           }
           acc[mb][t][e] = 0.f;
         }
-    if (slot != nullptr) sum_parts<T>(out, ws, counters, p.N, p.max_parts, c_slice, rows_out, sp.parts);
+    if (slot != nullptr) sum_parts<T>(out, residual, ws, counters, p.N, p.max_parts, c_slice, rows_out, sp.parts);
   };
 
   // One stage per iteration.  The ring slot is a counter (no modulo) and every shared-memory
@@ -1219,7 +1230,8 @@ void launch_described(const GemmArgs& a, StreamLaunch<T> d, cudaStream_t stream)
   // A failure stays the runtime's last error, which the caller's launch check reports.
   (void)cudaLaunchKernelEx(&cfg, d.kernel, static_cast<const T*>(a.x), reinterpret_cast<const uint4*>(a.qweight),
                            reinterpret_cast<const uint32_t*>(a.qzeros), static_cast<const T*>(a.scales),
-                           static_cast<T*>(a.out), a.workspace, a.counters, d.p);
+                           static_cast<T*>(a.out), static_cast<const T*>(a.residual), a.workspace, a.counters,
+                           d.p);
 }
 
 // Static shared memory of a configuration (the reduction's last-arriver flag): what the compiler

@@ -112,12 +112,16 @@ CONFIGS = {"large": 0, "compact": 1, "deep": 2, "wgmma": 3}  # csrc/awq_kernels.
 
 
 def run_gemm(twin, d, x, stream, g, N, sms, sums=False, config="large", pdl=False, narrow=False, timing="lazy",
-             order="forward", launch: dict | None = None):
-    """The kernel's output [M, N]; ``launch`` receives what the harness printed of the launch (grid,
-    per, units, slices, max_parts, smem, planned_refills, weight_bytes_read, warp_mmas, stage_k, m_tiles)."""
+             order="forward", launch: dict | None = None, residual: torch.Tensor | None = None):
+    """The kernel's output [M, N] (plus ``residual`` [M, N], added in its epilogue); ``launch``
+    receives what the harness printed of the launch (grid, per, units, slices, max_parts, smem,
+    planned_refills, weight_bytes_read, warp_mmas, stage_k, m_tiles)."""
     M, K = x.shape
     dt = "fp16" if x.dtype == torch.float16 else "bf16"
     _write(d, x=x, **stream)
+    (d / "residual.bin").unlink(missing_ok=True)
+    if residual is not None:
+        _write(d, residual=residual)
     printed = _run(twin, d, "gemm", d, dt, M, N, K, g, sms, int(sums), CONFIGS[config], int(pdl), int(narrow), timing,
                    order)
     if launch is not None:
@@ -394,6 +398,36 @@ def test_wgmma_kernels_with_pdl(twin, tmp_path, M):
     for order, timing in (("forward", "eager"), ("reverse", "lazy")):
         out = run_gemm(twin, tmp_path, x, stream, g, N, sms, config="wgmma", pdl=True, timing=timing, order=order)
         assert torch.equal(out, base), (order, timing)
+
+
+# (M, N, K, group, SMs, configuration, narrow, sums): each way an output element is written -- one
+# CTA's whole slice, the last arriver of a split one, a wgmma owner's registers -- with tails
+RESIDUAL_CASES = [
+    (1, 256, 4096, 128, 2, "large", True, True),    # narrow, group sums, whole slices
+    (5, 192, 4160, 64, 2, "large", False, False),   # tails
+    (1, 384, 2560, 128, 5, "large", False, False),  # a slice in three parts: the last arriver writes
+    (40, 256, 2048, 64, 3, "large", False, False),  # MB = 4, split slices
+    (24, 256, 2048, 64, 2, "compact", False, False),
+    (7, 256, 4096, 128, 3, "wgmma", False, False),  # the owners' registers, split slices
+    (100, 192, 2048, 128, 2, "wgmma", False, False),  # MB = 8, N tail
+]
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("M,N,K,g,sms,config,narrow,sums", RESIDUAL_CASES,
+                         ids=[f"M{c[0]}-N{c[1]}-K{c[2]}-{c[5]}" for c in RESIDUAL_CASES])
+def test_residual_epilogue_on_cpu(twin, tmp_path, M, N, K, g, sms, config, narrow, sums, dtype):
+    """awq_gemm_add's epilogue: with a residual the kernel writes out + residual, the two added as
+    torch adds the tensors (rounded once more) -- bit for bit the plain launch's output plus the
+    residual, wherever the element is written; PDL reads the residual after its wait."""
+    x, q, stream = stream_case(M, N, K, g, DTYPES[dtype], seed=11 + M + N)
+    residual = (torch.randn(M, N) * 4).to(DTYPES[dtype])
+    base = run_gemm(twin, tmp_path, x, stream, g, N, sms, sums=sums, config=config, narrow=narrow)
+    check(base, x, q, sums=sums)
+    for pdl, order in ((False, "forward"), (True, "reverse")):
+        out = run_gemm(twin, tmp_path, x, stream, g, N, sms, sums=sums, config=config, narrow=narrow, pdl=pdl,
+                       order=order, residual=residual)
+        assert torch.equal(out, base + residual), (pdl, order)
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])

@@ -83,17 +83,17 @@ def test_a_runtime_layout_model_computes_and_saves_what_the_gemm_layout_does(tmp
 # and, per block, the residual add before the second norm (add_rms_norm) where the layer's forward
 # has the three statements and the norm is one of ours: not Granite (a residual multiplier), Phi-3
 # (dropout around the add) or LayerNorm families
-BLOCK_OPS = {"opt": {"rms_norm": 0, "add_rms_norm": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 0},
-             "mixtral": {"rms_norm": 5, "add_rms_norm": 2, "gated_mlp": 0, "expert_act": 0, "rotary": 2},  # experts fused (3-D)
-             "qwen3_moe": {"rms_norm": 9, "add_rms_norm": 2, "gated_mlp": 0, "expert_act": 0, "rotary": 2},
-             "qwen3": {"rms_norm": 9, "add_rms_norm": 2, "gated_mlp": 2, "expert_act": 0, "rotary": 2},  # + q/k_norm
-             "gemma2": {"rms_norm": 9, "add_rms_norm": 2, "gated_mlp": 2, "expert_act": 0, "rotary": 2},  # 4 per block
-             "gemma3": {"rms_norm": 13, "add_rms_norm": 2, "gated_mlp": 2, "expert_act": 0, "rotary": 2},  # + q/k_norm
-             "granite": {"rms_norm": 5, "add_rms_norm": 0, "gated_mlp": 2, "expert_act": 0, "rotary": 2},
-             "phi3": {"rms_norm": 5, "add_rms_norm": 0, "gated_mlp": 2, "expert_act": 0, "rotary": 2},
-             "starcoder2": {"rms_norm": 0, "add_rms_norm": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 2},  # LayerNorms
-             "cohere": {"rms_norm": 0, "add_rms_norm": 0, "gated_mlp": 2, "expert_act": 0, "rotary": 0},  # interleaved
-             "cohere2": {"rms_norm": 0, "add_rms_norm": 0, "gated_mlp": 2, "expert_act": 0, "rotary": 0}}  # rotary
+BLOCK_OPS = {"opt": {"rms_norm": 0, "add_rms_norm": 0, "mlp_add": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 0},
+             "mixtral": {"rms_norm": 5, "add_rms_norm": 2, "mlp_add": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 2},  # experts fused (3-D)
+             "qwen3_moe": {"rms_norm": 9, "add_rms_norm": 2, "mlp_add": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 2},
+             "qwen3": {"rms_norm": 9, "add_rms_norm": 2, "mlp_add": 0, "gated_mlp": 2, "expert_act": 0, "rotary": 2},  # + q/k_norm
+             "gemma2": {"rms_norm": 9, "add_rms_norm": 2, "mlp_add": 0, "gated_mlp": 2, "expert_act": 0, "rotary": 2},  # 4 per block
+             "gemma3": {"rms_norm": 13, "add_rms_norm": 2, "mlp_add": 0, "gated_mlp": 2, "expert_act": 0, "rotary": 2},  # + q/k_norm
+             "granite": {"rms_norm": 5, "add_rms_norm": 0, "mlp_add": 0, "gated_mlp": 2, "expert_act": 0, "rotary": 2},
+             "phi3": {"rms_norm": 5, "add_rms_norm": 0, "mlp_add": 0, "gated_mlp": 2, "expert_act": 0, "rotary": 2},
+             "starcoder2": {"rms_norm": 0, "add_rms_norm": 0, "mlp_add": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 2},  # LayerNorms
+             "cohere": {"rms_norm": 0, "add_rms_norm": 0, "mlp_add": 0, "gated_mlp": 2, "expert_act": 0, "rotary": 0},  # interleaved
+             "cohere2": {"rms_norm": 0, "add_rms_norm": 0, "mlp_add": 0, "gated_mlp": 2, "expert_act": 0, "rotary": 0}}  # rotary
 
 
 def _generate(model, ids):
@@ -114,7 +114,7 @@ def test_block_ops_give_transformers_bits(arch, dtype, calib_ids):
     with torch.no_grad():
         logits, gen = model(input_ids=ids).logits, _generate(model, ids[:1, :5])
     counts = fuse_block_ops(model, get_spec(model.config.model_type))
-    assert counts == BLOCK_OPS.get(arch, {"rms_norm": 5, "add_rms_norm": 2, "gated_mlp": 2, "expert_act": 0, "rotary": 2})
+    assert counts == BLOCK_OPS.get(arch, {"rms_norm": 5, "add_rms_norm": 2, "mlp_add": 0, "gated_mlp": 2, "expert_act": 0, "rotary": 2})
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, logits)
         assert torch.equal(_generate(model, ids[:1, :5]), gen)
@@ -122,18 +122,19 @@ def test_block_ops_give_transformers_bits(arch, dtype, calib_ids):
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
 
 
-def test_fuse_layers_dispatches_12_ops_per_llama_layer():
+def test_fuse_layers_dispatches_11_ops_per_llama_layer():
     """The point of the block ops: a decode step of a Llama layer dispatches 40 ops in transformers'
-    code (fp16 or int4) and 12 with fuse_layers (4 GEMMs, the first norm, rotary, 2 KV-cache appends,
-    attention, the residual add and second norm as one op, act * up, the last residual add): each is
-    at least one kernel on a GPU."""
+    code (fp16 or int4) and 11 with fuse_layers (q/k/v, o and gate/up GEMMs, the first norm, rotary,
+    2 KV-cache appends, attention, the residual add and second norm as one op, act * up, and the
+    down GEMM with the last residual add): each is at least one kernel on a GPU."""
     from benchmarks.bench_dispatch import measure
     rows = measure("llama")
     assert rows["fp16"]["per_layer"] == rows["int4"]["per_layer"] == 40, rows["fp16"]["layer_ops"]
     ops = rows["int4 fuse_layers"]["layer_ops"]
-    assert rows["int4 fuse_layers"]["per_layer"] == 12, ops
-    assert ops["awqlib.awq_gemm"] == 4 and ops["awqlib.rms_norm"] == 1 and ops["awqlib.add_rms_norm"] == 1
-    assert ops["awqlib.rotary"] == 1 and ops["awqlib.gated_act"] == 1 and ops["aten.add"] == 1
+    assert rows["int4 fuse_layers"]["per_layer"] == 11, ops
+    assert ops["awqlib.awq_gemm"] == 3 and ops["awqlib.awq_gemm_add"] == 1 and ops["awqlib.rms_norm"] == 1
+    assert ops["awqlib.add_rms_norm"] == 1 and ops["awqlib.rotary"] == 1 and ops["awqlib.gated_act"] == 1
+    assert "aten.add" not in ops, ops
 
 
 def test_a_formula_awqlib_does_not_match_keeps_transformers_code(monkeypatch, calib_ids):
@@ -162,7 +163,7 @@ def test_a_formula_awqlib_does_not_match_keeps_transformers_code(monkeypatch, ca
     ids = calib_ids[:2, :16]
     with torch.no_grad():
         logits = model(input_ids=ids).logits
-    assert fuse_block_ops(model, get_spec("llama")) == {"rms_norm": 0, "add_rms_norm": 0, "gated_mlp": 0, "expert_act": 0,
+    assert fuse_block_ops(model, get_spec("llama")) == {"rms_norm": 0, "add_rms_norm": 0, "mlp_add": 0, "gated_mlp": 0, "expert_act": 0,
                                                         "rotary": 0}
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, logits)
@@ -292,7 +293,7 @@ def test_probes_check_whole_modules_in_the_models_dtype(monkeypatch, calib_ids):
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     counts = fuse_block_ops(model, get_spec("llama"))
-    assert counts == {"rms_norm": 4, "add_rms_norm": 2, "gated_mlp": 0, "expert_act": 0, "rotary": 0}
+    assert counts == {"rms_norm": 4, "add_rms_norm": 2, "mlp_add": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 0}
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, logits)
 
@@ -310,7 +311,7 @@ def test_modules_with_hooks_keep_their_code_and_fusing_twice_changes_nothing(cap
     model.model.layers[1].self_attn._hf_hook = object()  # what accelerate's add_hook_to_module leaves
     with caplog.at_level(logging.WARNING, logger="awqlib"):
         counts = fuse_block_ops(model, get_spec("llama"))
-    assert counts == {"rms_norm": 4, "add_rms_norm": 2, "gated_mlp": 1, "expert_act": 0, "rotary": 1}
+    assert counts == {"rms_norm": 4, "add_rms_norm": 2, "mlp_add": 0, "gated_mlp": 1, "expert_act": 0, "rotary": 1}
     assert "kept transformers' own code for 1 rms_norm, 1 gated_mlp, 1 rotary" in caplog.text and not fired
     del model.model.layers[1].self_attn._hf_hook
     with torch.no_grad():
@@ -319,7 +320,7 @@ def test_modules_with_hooks_keep_their_code_and_fusing_twice_changes_nothing(cap
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="awqlib"):
         again = fuse_block_ops(model, get_spec("llama"))
-    assert again == {"rms_norm": 0, "add_rms_norm": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 1}  # its hook left
+    assert again == {"rms_norm": 0, "add_rms_norm": 0, "mlp_add": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 1}  # its hook left
     assert "kept transformers' own code for 1 rms_norm, 1 gated_mlp:" in caplog.text  # still hooked
 
 
@@ -415,6 +416,7 @@ class _Block(torch.nn.Module):
         super().__init__()
         from awqlib.fuse import FusedRMSNorm
         self.lin = torch.nn.Linear(8, 8)
+        self.mlp = torch.nn.Linear(8, 8)
         self.n = FusedRMSNorm(torch.nn.Parameter(torch.randn(8)), 1e-6, 0.0, False)
 
     @_wrapped
@@ -425,7 +427,27 @@ class _Block(torch.nn.Module):
             x = x + residual
             residual = x
             x = self.n(x)
-        return self.lin(x) + residual
+        x = self.mlp(x)  # the MLP and the add after it: found
+        x = residual + x
+        return x
+
+
+class _MlpScaled(_Block):
+    def forward(self, x):
+        residual = x
+        x = self.mlp(x) * 2  # not a call alone
+        x = residual + x
+        return x
+
+
+class _MlpOther(_Block):
+    def forward(self, x):
+        residual = x
+        x = self.lin(x)  # not the MLP's attribute
+        x = residual + x
+        y = self.mlp(x)
+        z = residual + y  # another name
+        return z
 
 
 class _Scaled(_Block):
@@ -465,20 +487,23 @@ class _Super(_Block):
         return x + residual
 
 
-def test_add_norm_rewrite_takes_exactly_the_three_statements(monkeypatch):
-    """fuse._add_norm_code fuses `h = r + h` (or `h + r`), `r = h`, `h = self.norm(h)` -- inside control
-    flow, under functools.wraps wrappers, defaults kept -- into one _add_rms_norm call that runs
-    add_rms_norm once and gives the original's bits; a scaled sum, a statement between, the norm of
-    another name, or a forward with super()'s cell are left alone."""
+def test_residual_rewrite_takes_exactly_its_statements(monkeypatch):
+    """fuse._residual_code fuses `h = r + h` (or `h + r`), `r = h`, `h = self.norm(h)` into one
+    _add_rms_norm call and `h = self.mlp(h)`, `h = r + h` into one _add_mlp call -- inside control
+    flow, under functools.wraps wrappers, defaults kept -- giving the original's bits, with
+    add_rms_norm run once; a scaled sum, a statement between, the norm of another name, another
+    attribute than the MLP's, another target, or a forward with super()'s cell are left alone."""
     import types
 
     from awqlib import blockops, fuse
-    made = fuse._add_norm_code(_Block.forward)
-    assert made is not None and made[1] == ["n"]
-    for cls in (_Scaled, _Between, _OtherInput, _Super):
-        assert fuse._add_norm_code(cls.forward) is None, cls.__name__
-    forward = fuse._add_norm_forward(_Block(), {})
-    assert forward.awqlib_add_norm == ("n",) and isinstance(forward.__wrapped__, types.FunctionType)
+    made = fuse._residual_code(_Block.forward, "mlp")
+    assert made is not None and made[1] == [("norm", "n"), ("mlp", "mlp")]
+    assert fuse._residual_code(_Block.forward, None)[1] == [("norm", "n")]  # no MLP site asked for
+    for cls in (_Scaled, _Between, _OtherInput, _Super, _MlpScaled, _MlpOther):
+        assert fuse._residual_code(cls.forward, "mlp") is None, cls.__name__
+    forward = fuse._residual_forward(_Block(), "mlp", {})
+    assert forward.awqlib_residual == (("norm", "n"), ("mlp", "mlp"))
+    assert isinstance(forward.__wrapped__, types.FunctionType)
     calls = []
     real = blockops.add_rms_norm
     monkeypatch.setattr(blockops, "add_rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -488,27 +513,130 @@ def test_add_norm_rewrite_takes_exactly_the_three_statements(monkeypatch):
         block.forward = types.MethodType(forward, block)
         assert torch.equal(block(x), want) and calls == [1]
         assert torch.equal(block(x, flag=False), want_plain) and calls == [1]
-    # a norm that is not ours (or has hooks) runs the two statements it stands for
+    # a norm that is not ours (or has hooks) runs the statements it stands for
     block.n = torch.nn.Identity()
     with torch.no_grad():
-        residual = x
-        h = block.lin(x) + residual
-        assert torch.equal(block(x), block.lin(h) + h) and calls == [1]
+        h = block.lin(x) + x
+        assert torch.equal(block(x), h + block.mlp(h)) and calls == [1]
 
 
-def test_fused_add_norm_layer_keeps_its_decorators_and_compiles(calib_ids):
-    """The rewritten decoder layer's forward keeps transformers' wrappers (deprecated keyword names
-    still translated) and compiles whole with the rest of a fused model."""
+def test_fused_residual_layer_keeps_its_decorators_and_compiles(calib_ids):
+    """The rewritten decoder layer's forward keeps transformers' wrappers (the same chain of
+    functions around it) and compiles whole with the rest of a fused quantized model, the down GEMM
+    with its residual add (awq_gemm_add) included."""
     from awqlib.arch import get_spec
-    from awqlib.fuse import fuse_block_ops
+    from awqlib.fuse import fuse_block_ops, fuse_linears
     model = tiny_model("llama").eval()
+    wrapped = AutoAWQ.from_model(model)
+    wrapped.quantize(None, {"q_group_size": 64}, method="rtn")
+    fuse_linears(model, wrapped.spec)
     ids = calib_ids[:1, :8]
     with torch.no_grad():
         logits = model(input_ids=ids).logits
-    assert fuse_block_ops(model, get_spec("llama"))["add_rms_norm"] == 2
+    counts = fuse_block_ops(model, get_spec("llama"))
+    assert counts["add_rms_norm"] == counts["mlp_add"] == 2, counts
     layer = model.model.layers[0]
-    assert layer.forward.__func__.awqlib_add_norm == ("post_attention_layernorm",)
+    assert layer.forward.__func__.awqlib_residual == (("norm", "post_attention_layernorm"), ("mlp", "mlp"))
     assert hasattr(layer.forward.__func__, "__wrapped__") == hasattr(type(layer).forward, "__wrapped__")
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     with torch.no_grad():
         assert torch.equal(compiled(input_ids=ids).logits, logits)
+
+
+_LAYER_SOURCE = '''from __future__ import annotations
+
+import typing
+
+import torch
+
+if typing.TYPE_CHECKING:
+    from nowhere import Missing
+
+
+class Layer(torch.nn.Module):
+    """A decoder layer as a modeling file might write one."""
+
+    def __init__(self, norm, mlp):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.__n = norm  # a private name: stored as _Layer__n
+        self.mlp = mlp
+
+    def forward(self, x):
+        def scale(t: Missing) -> Missing:  # annotations of a name that exists only for type checkers
+            return t * 2.0
+
+        message = """a multi-line string
+            whose indentation is part of it"""
+        residual = x
+        x = scale(self.lin(x)) + len(message)
+        x = residual + x
+        residual = x
+        x = self.__n(x)
+        x = self.mlp(x)
+        x = residual + x
+        return x
+'''
+
+
+def test_residual_rewrite_compiles_as_the_module_did(tmp_path, monkeypatch):
+    """The recompiled forward is compiled as its module was: private names mangled in its class, the
+    module's __future__ flags (a nested def's annotations stay unevaluated), strings and line
+    numbers as in the file; and a modeling file edited on disk since it was imported is not
+    recompiled at all (its text is no longer the code that runs)."""
+    import importlib.util
+    import inspect
+    import os
+    import types
+
+    from awqlib import blockops, fuse
+    from awqlib.fuse import FusedRMSNorm
+    path = tmp_path / "modeling_toy.py"
+    path.write_text(_LAYER_SOURCE)
+    spec = importlib.util.spec_from_file_location("modeling_toy", path)
+    toy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy)
+    norm = FusedRMSNorm(torch.nn.Parameter(torch.randn(8)), 1e-6, 0.0, False)
+    layer, x = toy.Layer(norm, torch.nn.Linear(8, 8)).eval(), torch.randn(3, 8)
+    code, sites = fuse._residual_code(toy.Layer.forward, "mlp")
+    assert sites == [("norm", "_Layer__n"), ("mlp", "mlp")]
+    lines, first = inspect.getsourcelines(toy.Layer.forward)
+    assert {line for *_, line in code.co_lines() if line} <= set(range(first, first + len(lines)))
+    calls = []
+    real = blockops.add_rms_norm
+    monkeypatch.setattr(blockops, "add_rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        want = layer(x)
+        layer.forward = types.MethodType(fuse._residual_forward(layer, "mlp", {}), layer)
+        assert torch.equal(layer(x), want) and calls == [1]
+    path.write_text(_LAYER_SOURCE.replace("t * 2.0", "t * 3.25"))  # edited after the import
+    os.utime(path, (path.stat().st_atime, path.stat().st_mtime + 10))
+    assert fuse._residual_code(toy.Layer.forward, "mlp") is None
+
+
+def test_module_hooks_for_every_module_still_see_the_fused_layers_modules(calib_ids):
+    """Hooks registered for every module (module trackers, FlopCounterMode) see the second norm and
+    the MLP called as before: while there are any, the fused helpers take the unfused path."""
+    from awqlib.arch import get_spec
+    from awqlib.fuse import fuse_block_ops
+    model = tiny_model("llama").eval()
+    ids = calib_ids[:1, :8]
+    seen = []
+
+    def record(module, args, out):
+        seen.append(type(module).__name__)
+
+    with torch.no_grad():
+        handle = torch.nn.modules.module.register_module_forward_hook(record)
+        model(input_ids=ids)
+        before = list(seen)
+        handle.remove()
+        assert fuse_block_ops(model, get_spec("llama"))["add_rms_norm"] == 2
+        seen.clear()
+        handle = torch.nn.modules.module.register_module_forward_hook(record)
+        try:
+            model(input_ids=ids)
+        finally:
+            handle.remove()
+    norms = lambda names: sum(n.endswith("RMSNorm") for n in names)  # noqa: E731
+    assert norms(seen) == norms(before) == 5 and seen.count("FusedGatedMLP") == 2

@@ -87,7 +87,8 @@ def test_gpu_window_script_selects_what_it_claims():
                  "test_block_op_cuda_graph_capture", "test_block_op_fallbacks_compute_the_reference",
                  "test_stream_auto_choice_per_gpu_class", "test_stream_settings_are_strict", "test_awq_quantize_on_gpu",
                  "test_captured_split_k_launches_hold_no_memset", "test_capture_before_any_eager_launch_zeroes_per_call",
-                 "test_graphs_sharing_a_pool_keep_their_counters", "test_stream_pdl_after_the_block_ops"):
+                 "test_graphs_sharing_a_pool_keep_their_counters", "test_stream_pdl_after_the_block_ops",
+                 "test_stream_gemm_add_is_the_gemm_plus_the_residual", "test_block_op_add_rms_norm"):
         assert test in names, (test, sorted(names))
     assert not any("wgmma" in n for n in names), "the wgmma tests run in a process of their own"
     # ... that one: the wgmma tests, the PDL test's wgmma cases among them

@@ -45,8 +45,8 @@ def test_kernels_compile_for_sm80_sm90(tmp_path):
     assert Path(lib).is_file() and Path(lib).stat().st_size > 0
     # The library registered CUDA kernels for every op, the block ops' included (their own
     # TORCH_LIBRARY_IMPL in awq_block_ops.cu); loading works without a GPU.
-    for op in ("awq_gemm", "awq_dequantize", "awq_gemm_variant", "awq_gemm_kernel_name", "rms_norm", "add_rms_norm",
-               "rotary", "gated_act"):
+    for op in ("awq_gemm", "awq_gemm_add", "awq_dequantize", "awq_gemm_variant", "awq_gemm_kernel_name", "rms_norm",
+               "add_rms_norm", "rotary", "gated_act"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"awqlib::{op}", "CUDA"), op
     # It answers whether its wgmma kernels run on a GPU (kernels.wgmma_available asks): on an
     # H100/H200 exactly when it was built for 9.0a without plain 9.0 code, never on anything else.

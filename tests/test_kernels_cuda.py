@@ -1046,6 +1046,36 @@ def test_two_graphs_replayed_concurrently_on_two_streams(layout):
                 check(x, K, N, g, torch.float16, out=o)
 
 
+@pytest.mark.parametrize("layout", ["gemm", "tiled", "stream"])
+@pytest.mark.parametrize("M", [1, 5, 16, 48, 100, 300])
+def test_stream_gemm_add_is_the_gemm_plus_the_residual(layout, M, monkeypatch):
+    """awq_gemm_add (a layer's residual add after its last linear; the stream kernel adds it in its
+    epilogue, every other path after the GEMM): bit for bit residual + awq_gemm, eagerly, with
+    programmatic dependent launch, and replayed from a CUDA graph; a residual of another dtype or
+    shape gets torch's promotion and broadcasting."""
+    from awqlib.packing import to_layout
+    N, K, g = 4096, 4096, 128
+    qw, qz, sc = to_layout(layout, *weight(K, N, g)[:3])
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    r = torch.randn(M, N, device="cuda", dtype=torch.float16) * 4
+    want = r + torch.ops.awqlib.awq_gemm(x, qw, qz, sc, g)
+    poison_allocator()
+    assert torch.equal(torch.ops.awqlib.awq_gemm_add(x, qw, qz, sc, g, r), want)
+    monkeypatch.setenv("AWQLIB_STREAM_PDL", "1")
+    assert torch.equal(torch.ops.awqlib.awq_gemm_add(x, qw, qz, sc, g, r), want)
+    monkeypatch.delenv("AWQLIB_STREAM_PDL")
+    graph, out = capture(lambda: torch.ops.awqlib.awq_gemm_add(x, qw, qz, sc, g, r))
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        r.copy_(torch.randn_like(r))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, r + torch.ops.awqlib.awq_gemm(x, qw, qz, sc, g))
+    for other in (r.float(), r[:1]):
+        got = torch.ops.awqlib.awq_gemm_add(x, qw, qz, sc, g, other)
+        assert got.dtype == other.dtype and torch.equal(got, other + torch.ops.awqlib.awq_gemm(x, qw, qz, sc, g))
+
+
 # A captured graph's nodes as cudaGraphDebugDotPrint writes them (torch's debug_dump): a memset
 # node's label says MEMSET, an at::zeros fill kernel's name holds FillFunctor.
 _ZEROING = re.compile(r"MEMSET|FillFunctor", re.IGNORECASE)
@@ -1235,7 +1265,8 @@ def test_block_op_add_rms_norm(hidden, rows, dtype):
     x = cuda_randn(*rows, hidden, dtype=dtype, scale=3.0)
     residual = cuda_randn(*rows, hidden, dtype=dtype, scale=3.0)
     w = cuda_randn(hidden, dtype=dtype)
-    for xx, rr in ((x, residual), (misaligned(x), residual), (x, residual.transpose(0, -1).contiguous().transpose(0, -1))):
+    for xx, rr in ((x, residual), (misaligned(x), residual), (x, misaligned(residual)),
+                   (x, residual.transpose(0, -1).contiguous().transpose(0, -1))):
         poison_allocator()
         total, out = blockops.add_rms_norm(xx, rr, w, EPS)
         assert torch.equal(total, rr + xx), f"add_rms_norm {rows} x {hidden} {dtype}: the sum is not residual + x"

@@ -67,18 +67,17 @@ MUTS = {
     }
     grid_dependency_wait();"""), ("""      if (s < n_units) load_inputs(s, pro[s]);
       cp_async_commit();""", """      cp_async_commit();""")],
- 'rz_output': [("if (n0 + col < N) out[(size_t)r * N + n0 + col] = Traits<T>::from_float(red[i]);", "if (n0 + col < N) out[(size_t)r * N + n0 + col] = trunc_from_float<T>(red[i]);"),
-               ("if (i < n && n0 + col < N) out[(size_t)r * N + n0 + col] = Traits<T>::from_float(v[u]);", "if (i < n && n0 + col < N) out[(size_t)r * N + n0 + col] = trunc_from_float<T>(v[u]);"),
-               ("template <typename T>\n__device__ AWQ_NOINLINE void write_slice(", """template <typename T> __device__ __forceinline__ T trunc_from_float(float v) {
+ 'rz_output': [("  T o = Traits<T>::from_float(v);\n  if (residual != nullptr)", "  T o = trunc_from_float<T>(v);\n  if (residual != nullptr)"),
+               ("template <typename T>\n__device__ __forceinline__ void store_out(", """template <typename T> __device__ __forceinline__ T trunc_from_float(float v) {
   if constexpr (std::is_same_v<T, __half>) { return __float2half_rz(v); }
   else { uint32_t u; memcpy(&u, &v, 4); __nv_bfloat16_raw r; r.x = (unsigned short)(u >> 16); return __nv_bfloat16(r); }
 }
 template <typename T>
-__device__ AWQ_NOINLINE void write_slice(""")],
+__device__ __forceinline__ void store_out(""")],
  # the last arriver: a part left out of the sum, or outputs of a batch left unwritten
  'part_left_out': [("for (int s = 0; s < parts; ++s) {", "for (int s = 1; s < parts; ++s) {")],
  'batch_too_far': [("i0 += kOutputsInFlight * kStThreads) {", "i0 += (kOutputsInFlight + 1) * kStThreads) {")],
- 'store_past_slot': [("if (i < n && n0 + col < N) out", "if (n0 + col < N) out")],
+ 'store_past_slot': [("if (i < n && n0 + col < N) store_out(", "if (n0 + col < N) store_out(")],
  # the wgmma kernels: a stage's last wgmma group left in flight past the barrier that lets the loader
  # refill its slot; none waited for; activations stored unswizzled; every warp dequantizing word 0's
  # zeros; the 1024-byte boundary not sought; a 32-row group's start missed; and their flush from
@@ -104,7 +103,7 @@ __device__ AWQ_NOINLINE void write_slice(""")],
  'wgmma_block_wait_late': [("          wgmma_wait<Cfg::kWgmmaInFlight>();", "          wgmma_wait<Cfg::kWgmmaInFlight + 1>();")],
  'wgmma_refill_one_back': [("return stages_for(MB, config) - 1 - wgmma_groups_in_flight(MB, config); }",
                             "return stages_for(MB, config) - 1; }")],
- 'wgmma_no_sum': [("    if (slot != nullptr) sum_parts<T>(out, ws, counters, p.N, p.max_parts, c_slice, rows_out, sp.parts);",
+ 'wgmma_no_sum': [("    if (slot != nullptr) sum_parts<T>(out, residual, ws, counters, p.N, p.max_parts, c_slice, rows_out, sp.parts);",
                    "")],
 }
 

@@ -10,7 +10,7 @@
 //   stream_twin slices CAPACITY  (the same)
 //
 // DIR holds the inputs as raw little-endian arrays (x.bin [M, K], qweight.bin, qzeros.bin,
-// scales.bin in the stream layout) and receives out.bin ([M, N], or the dense W^T [K, N]).  DTYPE:
+// scales.bin in the stream layout; residual.bin [M, N] where the epilogue adds one) and receives out.bin ([M, N], or the dense W^T [K, N]).  DTYPE:
 // fp16 | bf16; TIMING: lazy | eager (when cp.async data lands, cpu_twin.h); ORDER: forward |
 // reverse (the CTAs' order, the warps' order, and which end of every buffer touches its guard
 // page); CONFIG: 0 large, 1 compact, 2 deep, 3 wgmma (awq::StreamConfig); NARROW: 1 asks for the narrow
@@ -87,6 +87,9 @@ void run_gemm(const std::string& dir, int M, int N, int K, int g, int sms, bool 
   const Guarded &qw = *w.qweight, &qz = *w.qzeros, &sc = *w.scales;
   Guarded out("out", (size_t)M * N * sizeof(T), at);
   std::memset(out.data(), 0xFF, out.bytes());  // NaN everywhere: every element must be written
+  // residual.bin, where given: added to the output in the epilogue (awq_gemm_add)
+  const bool has_residual = std::ifstream(dir + "/residual.bin").good();
+  auto residual = has_residual ? load(dir, "residual.bin", (size_t)M * N * sizeof(T), at) : nullptr;
   Guarded ws("the workspace", std::max<size_t>(plan.workspace_floats, 1) * sizeof(float), at);
   std::memset(ws.data(), 0xFF, ws.bytes());
   Guarded counters("the counters", std::max(plan.counters, 1) * sizeof(int32_t), at);
@@ -100,6 +103,7 @@ void run_gemm(const std::string& dir, int M, int N, int K, int g, int sms, bool 
   L.globals = {awq_twin::range(*x), awq_twin::range(qw), awq_twin::range(qz), awq_twin::range(sc)};
   L.pdl.on = d.p.pdl != 0;
   L.pdl.inputs = {awq_twin::range(*x), awq_twin::range(qz), awq_twin::range(sc)};  // not the weights
+  if (has_residual) L.pdl.inputs.push_back(awq_twin::range(*residual));
   L.pdl.outputs = {awq_twin::range(out), awq_twin::range(ws), awq_twin::range(counters)};
   L.reversed = reverse;
   if (reverse)
@@ -107,8 +111,8 @@ void run_gemm(const std::string& dir, int M, int N, int K, int g, int sms, bool 
   awq_twin::run_grid(L, [&] {
     d.kernel(reinterpret_cast<const T*>(x->data()), reinterpret_cast<const uint4*>(qw.data()),
              reinterpret_cast<const uint32_t*>(qz.data()), reinterpret_cast<const T*>(sc.data()),
-             reinterpret_cast<T*>(out.data()), reinterpret_cast<float*>(ws.data()),
-             reinterpret_cast<int32_t*>(counters.data()), d.p);
+             reinterpret_cast<T*>(out.data()), has_residual ? reinterpret_cast<const T*>(residual->data()) : nullptr,
+             reinterpret_cast<float*>(ws.data()), reinterpret_cast<int32_t*>(counters.data()), d.p);
   });
   const auto* c = reinterpret_cast<const int32_t*>(counters.data());
   for (int i = 0; i < plan.counters; ++i)
