@@ -436,13 +436,15 @@ def _rotary_forward(attn: nn.Module, config, cache: dict, dtype: torch.dtype):
 #     hidden_states = self.post_attention_layernorm(hidden_states)     # ... before the second norm
 #     hidden_states = self.mlp(hidden_states)
 #     hidden_states = residual + hidden_states                          # after the MLP
-# (Llama, Mistral, Qwen2/3, Mixtral; Gemma 2/3 with pre_feedforward_layernorm).  The layer's forward
-# is compiled again from its own source with the first three statements one call of _add_rms_norm
-# (add_rms_norm: the add in the norm's kernel) and the last two one call of _add_mlp (the add in
-# the epilogue of the MLP's down GEMM: awq_gemm_add).  The match is statement for statement on the
-# syntax tree and each helper falls back to the statements it stands for, so the new forward
-# computes what the old one does; a forward with anything else there (Phi-3's dropout around the
-# add, Granite's residual multiplier) keeps its code.
+# The layer's forward is compiled again from its own source with the first three statements one call
+# of _add_rms_norm (add_rms_norm: the add in the norm's kernel) and the last two one call of
+# _add_mlp (the add in the epilogue of the MLP's down GEMM: awq_gemm_add, where the MLP is a fused
+# one with a quantized down).  Both read so in Llama, Mistral, Qwen2/3 and Gemma; the first alone
+# in Gemma 2/3 (pre_feedforward_layernorm; a norm between the MLP and its add) and the MoE
+# families (no dense MLP at the add).  The match is statement for statement on the syntax tree and
+# each helper falls back to the statements it stands for, so the new forward computes what the
+# old one does; a forward with anything else there (Phi-3's dropout around the adds, Granite's
+# residual multiplier) keeps its code.
 
 _ADD_NORM = "_awqlib_add_rms_norm"
 _ADD_MLP = "_awqlib_add_mlp"
@@ -534,13 +536,14 @@ def _helper_call(helper: str, self_name: str, attr: str, h: str, r: str) -> ast.
                     keywords=[])
 
 
-def _fuse_residual_adds(stmts: list, self_name: str, mlp: str | None, sites: list) -> list:
-    """``stmts`` with every add-and-norm triple one call of _add_rms_norm and every MLP-and-add pair
-    one call of _add_mlp (appending ("norm" | "mlp", attribute) to ``sites``), looking into if / for /
-    while / with / try bodies, not into nested definitions."""
+def _fuse_residual_adds(stmts: list, self_name: str, mlp: str | None, norms: bool, sites: list) -> list:
+    """``stmts`` with every add-and-norm triple (where ``norms``) one call of _add_rms_norm and every
+    MLP-and-add pair (where ``mlp`` names the MLP) one call of _add_mlp, appending ("norm" | "mlp",
+    attribute) to ``sites``; looking into if / for / while / with / try bodies, not into nested
+    definitions."""
     out, i = [], 0
     while i < len(stmts):
-        norm = _add_norm_match(*stmts[i:i + 3], self_name) if i + 3 <= len(stmts) else None
+        norm = _add_norm_match(*stmts[i:i + 3], self_name) if norms and i + 3 <= len(stmts) else None
         pair = _mlp_add_match(*stmts[i:i + 2], self_name, mlp) if mlp and i + 2 <= len(stmts) else None
         if norm is not None:
             h, r, attr = norm
@@ -549,7 +552,7 @@ def _fuse_residual_adds(stmts: list, self_name: str, mlp: str | None, sites: lis
             out.append(ast.copy_location(fused, stmts[i]))
             sites.append(("norm", attr))
             i += 3
-        elif pair is not None and (i + 4 > len(stmts) or _add_norm_match(*stmts[i + 1:i + 4], self_name) is None):
+        elif pair is not None and (not norms or i + 4 > len(stmts) or _add_norm_match(*stmts[i + 1:i + 4], self_name) is None):
             h, r = pair
             fused = ast.Assign(targets=[ast.Name(h, ast.Store())], value=_helper_call(_ADD_MLP, self_name, mlp, h, r))
             out.append(ast.copy_location(fused, stmts[i]))
@@ -561,9 +564,9 @@ def _fuse_residual_adds(stmts: list, self_name: str, mlp: str | None, sites: lis
                 for field in ("body", "orelse", "finalbody"):
                     v = getattr(st, field, None)
                     if isinstance(v, list) and v and isinstance(v[0], ast.stmt):
-                        setattr(st, field, _fuse_residual_adds(v, self_name, mlp, sites))
+                        setattr(st, field, _fuse_residual_adds(v, self_name, mlp, norms, sites))
                 for handler in getattr(st, "handlers", ()):
-                    handler.body = _fuse_residual_adds(handler.body, self_name, mlp, sites)
+                    handler.body = _fuse_residual_adds(handler.body, self_name, mlp, norms, sites)
             out.append(st)
             i += 1
     return out
@@ -626,40 +629,54 @@ def _compiled_like(inner: types.FunctionType, transform) -> tuple[types.CodeType
     return None
 
 
-def _alike(a: types.CodeType, b: types.CodeType) -> bool:
-    """Whether code compiled from the source on disk (a) is the code that runs (b): the same names,
-    locals, arguments, flags, first line and constants, nested code alike -- the instructions aside,
-    which the compiler picks differently for one function than for its whole module (a module
-    imported elsewhere is called through LOAD_METHOD or LOAD_GLOBAL + LOAD_ATTR)."""
-    same = (set(a.co_names) == set(b.co_names) and a.co_varnames == b.co_varnames and a.co_flags == b.co_flags
-            and a.co_freevars == b.co_freevars and a.co_cellvars == b.co_cellvars and a.co_argcount == b.co_argcount
-            and a.co_posonlyargcount == b.co_posonlyargcount and a.co_kwonlyargcount == b.co_kwonlyargcount
-            and a.co_firstlineno == b.co_firstlineno)
-    code_a = [k for k in a.co_consts if isinstance(k, types.CodeType)]
-    code_b = [k for k in b.co_consts if isinstance(k, types.CodeType)]
-    return (same and sorted(map(repr, (k for k in a.co_consts if not isinstance(k, types.CodeType))))
-            == sorted(map(repr, (k for k in b.co_consts if not isinstance(k, types.CodeType))))
-            and len(code_a) == len(code_b) and all(_alike(x, y) for x, y in zip(code_a, code_b)))
+def _same_code(a: types.CodeType, b: types.CodeType) -> bool:
+    """Whether two code objects hold the same instructions, names, locals, arguments, flags, lines
+    and constants, nested code alike."""
+    fields = ("co_code", "co_names", "co_varnames", "co_freevars", "co_cellvars", "co_flags", "co_argcount",
+              "co_posonlyargcount", "co_kwonlyargcount", "co_firstlineno", "co_name")
+    if any(getattr(a, f) != getattr(b, f) for f in fields) or len(a.co_consts) != len(b.co_consts):
+        return False
+    return all(_same_code(x, y) if isinstance(x, types.CodeType) and isinstance(y, types.CodeType)
+               else type(x) is type(y) and x == y for x, y in zip(a.co_consts, b.co_consts))
 
 
-def _residual_code(forward, mlp: str | None) -> tuple[types.CodeType, list[tuple[str, str]]] | None:
+def _source_is_the_code(inner: types.FunctionType) -> bool:
+    """Whether the file ``inner`` was loaded from still compiles to ``inner``'s code: the whole file
+    (as its module was compiled: the same instructions), the function found by name and first line.
+    A file edited since the import is not recompiled from."""
+    import linecache
+    filename = inner.__code__.co_filename
+    linecache.checkcache(filename)
+    text = "".join(linecache.getlines(filename, inner.__globals__))
+    try:
+        module = compile(text, filename, "exec", dont_inherit=True)
+    except (SyntaxError, ValueError):
+        return False
+    todo = list(module.co_consts)
+    while todo:
+        k = todo.pop(0)
+        if isinstance(k, types.CodeType):
+            if k.co_name == inner.__name__ and k.co_firstlineno == inner.__code__.co_firstlineno:
+                return _same_code(k, inner.__code__)
+            todo.extend(k.co_consts)
+    return False
+
+
+def _residual_code(forward, mlp: str | None, norms: bool = True) -> tuple[types.CodeType, list[tuple[str, str]]] | None:
     """The code of ``forward``'s innermost function (under its functools.wraps wrappers) with its
-    residual adds fused (``mlp``: the MLP's attribute, None for no MLP site), and the sites, as
-    ("norm" | "mlp", attribute as stored); None where it has none, or where the source on disk is not
-    the code that runs (edited since it was imported), or the function has free variables (such as
-    super()'s cell, which a recompiled function cannot keep)."""
+    residual adds fused -- the norms' where ``norms``, the MLP's where ``mlp`` names its attribute --
+    and the sites, as ("norm" | "mlp", attribute as stored); None where it has none, or where the
+    source on disk is not the code that runs (edited since it was imported), or the function has
+    free variables (such as super()'s cell, which a recompiled function cannot keep)."""
     inner = forward
     while isinstance(getattr(inner, "__wrapped__", None), types.FunctionType):
         inner = inner.__wrapped__
-    if not isinstance(inner, types.FunctionType) or inner.__code__.co_freevars:
-        return None
-    as_is = _compiled_like(inner, lambda fdef: None)
-    if as_is is None or not _alike(as_is[0], inner.__code__):
+    if not isinstance(inner, types.FunctionType) or inner.__code__.co_freevars or not _source_is_the_code(inner):
         return None
 
     def fuse(fdef: ast.FunctionDef) -> list[tuple[str, str]]:
         sites: list[tuple[str, str]] = []
-        fdef.body = _fuse_residual_adds(fdef.body, fdef.args.args[0].arg, mlp, sites)
+        fdef.body = _fuse_residual_adds(fdef.body, fdef.args.args[0].arg, mlp, norms, sites)
         return sites
 
     made = _compiled_like(inner, fuse)
@@ -669,13 +686,13 @@ def _residual_code(forward, mlp: str | None) -> tuple[types.CodeType, list[tuple
     return made[0], [(kind, _mangled(attr, owner)) for kind, attr in made[1]]
 
 
-def _residual_forward(block: nn.Module, mlp: str | None, cache: dict):
-    """The block's forward with its residual adds fused (``awqlib_residual``: the sites), or None;
-    one per class."""
-    key = (type(block), mlp)
+def _residual_forward(block: nn.Module, mlp: str | None, norms: bool, cache: dict):
+    """The block's forward with its residual adds fused (as _residual_code; ``awqlib_residual``: the
+    sites), or None; one per class and choice of sites."""
+    key = (type(block), mlp, norms)
     if key not in cache:
         cache[key] = None
-        made = _residual_code(type(block).forward, mlp)
+        made = _residual_code(type(block).forward, mlp, norms)
         helpers = {_ADD_NORM: _add_rms_norm, _ADD_MLP: _add_mlp}
         forward = _with_globals(type(block).forward, helpers, made[0]) if made else None
         if forward is not None:
@@ -693,17 +710,27 @@ def _add_norm_agrees(norm: FusedRMSNorm, dtype: torch.dtype) -> bool:
 
 
 def _adds_in_gemm(mlp) -> bool:
-    """Whether a FusedGatedMLP's forward_add runs its add in the down GEMM (awq_gemm_add)."""
+    """Whether a FusedGatedMLP's forward_add runs its add in the down GEMM (WQLinear.forward_add: a
+    WQLinear's own forward, no bias, no hooks)."""
     down = getattr(mlp, mlp.spec.down, None) if isinstance(mlp, FusedGatedMLP) else None
-    return isinstance(down, WQLinear) and down.bias is None and not _hooked(down)
+    return (isinstance(down, WQLinear) and type(down).forward is WQLinear.forward
+            and type(down).forward_add is WQLinear.forward_add and down.bias is None and not _hooked(down))
 
 
 def _add_mlp_agrees(mlp: FusedGatedMLP, dtype: torch.dtype) -> bool:
+    """Whether the MLP with its residual add in the down GEMM gives the two ops' bits on a probe (on
+    every device: the GEMM's product is the same, rounded, then the sum rounded as torch's add)."""
     s = mlp.spec
     first, down = getattr(mlp, s.gate_up or s.gate), getattr(mlp, s.down)
     like = _where(mlp, dtype)
     x, r = _probe((3, first.in_features), like, 10), _probe((3, down.out_features), like, 11)
-    return _probe_agrees("awq_gemm_add", lambda: mlp.forward_add(x, r), lambda: r + mlp(x))
+    with torch.no_grad():
+        if torch.equal(mlp.forward_add(x, r), r + mlp(x)):
+            return True
+    log.warning("awqlib: awq_gemm_add (the residual add in the down GEMM's epilogue) differs from the GEMM and "
+                "the add on a probe input on %s; keeping the add apart (please report this, with the GPU and the "
+                "torch version)", x.device)
+    return False
 
 
 def fuse_block_ops(model: nn.Module, spec) -> dict[str, int]:
@@ -741,21 +768,27 @@ def fuse_block_ops(model: nn.Module, spec) -> dict[str, int]:
                     experts[i] = first if i == 0 else FusedGatedMLP(expert, first.spec, first.act)
                 _tally(counts, kept, "expert_act", first is not None)
         if not getattr(vars(block).get("forward"), "awqlib_residual", None):
+            # which sites are candidates (their modules ours), then which of them pass their probes:
+            # the forward is compiled with those only, so a site never runs a fusion it was not probed for
             mlp_attr = spec.mlp.path if spec.mlp is not None and spec.mlp.path.isidentifier() else None
-            forward = _residual_forward(block, mlp_attr, residual_forwards)
-            sites = forward.awqlib_residual if forward is not None else ()
+            found = _residual_forward(block, mlp_attr, True, residual_forwards)
+            sites = found.awqlib_residual if found is not None else ()
             norms = [getattr(block, a, None) for kind, a in sites if kind == "norm"]
-            norms = norms if norms and all(isinstance(n, FusedRMSNorm) for n in norms) else []
-            mlps = [m for kind, a in sites if kind == "mlp" for m in [getattr(block, a, None)] if _adds_in_gemm(m)]
-            if norms or mlps:  # a candidate: modules of ours at its sites (the others run their two statements)
-                fused = (not _hooked(block) and all(_add_norm_agrees(n, dtype) for n in norms)
-                         and all(_add_mlp_agrees(m, dtype) for m in mlps))
-                if fused:
+            mlps = [getattr(block, a, None) for kind, a in sites if kind == "mlp"]
+            norms_ours = bool(norms) and all(isinstance(n, FusedRMSNorm) for n in norms)
+            mlps_ours = bool(mlps) and all(_adds_in_gemm(m) for m in mlps)
+            if (norms_ours or mlps_ours) and not _hooked(block):
+                norms_ok = norms_ours and all(_add_norm_agrees(n, dtype) for n in norms)
+                mlps_ok = mlps_ours and all(_add_mlp_agrees(m, dtype) for m in mlps)
+                forward = _residual_forward(block, mlp_attr if mlps_ok else None, norms_ok, residual_forwards)
+                if forward is not None:
                     block.forward = types.MethodType(forward, block)
-                if norms:
-                    _tally(counts, kept, "add_rms_norm", fused)
-                if mlps:
-                    _tally(counts, kept, "mlp_add", fused)
+            else:
+                norms_ok = mlps_ok = False
+            if norms_ours:
+                _tally(counts, kept, "add_rms_norm", norms_ok)
+            if mlps_ours:
+                _tally(counts, kept, "mlp_add", mlps_ok)
         attn = find_submodule(block, "self_attn") if spec.rotate_half else None
         if attn is not None and not getattr(vars(attn).get("forward"), "awqlib_rotary", False):
             forward = None if _hooked(attn) else _rotary_forward(attn, config, rotaries, dtype)

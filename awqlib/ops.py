@@ -95,7 +95,7 @@ def _reference_gemm(x, qweight, qzeros, scales, group_size):
 
 
 def _reference_gemm_add(x, qweight, qzeros, scales, group_size, residual):
-    return residual + _reference_gemm(x, qweight, qzeros, scales, group_size)
+    return (residual + _reference_gemm(x, qweight, qzeros, scales, group_size)).contiguous()
 
 
 def _reference_dequantize(qweight, qzeros, scales, group_size):

@@ -149,7 +149,8 @@ StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms, StreamC
 // saves instructions (M <= 32, or M <= 16 compact; group_size >= 128, or >= 64 compact);
 // otherwise, and when false, every dequantized pair is scaled.  pdl: launch with programmatic
 // stream serialization (sm_90): the kernel streams its first stages' weights while the previous
-// kernel in the stream finishes, and waits for it before reading activations -- so that previous
+// kernel in the stream finishes, and waits for it before reading activations (and the residual,
+// a.residual: awq_gemm_add's, added in the epilogue) -- so that previous
 // kernel must not be one that writes these weights (awq_ops.cpp: stream_pdl).  narrow: at M <=
 // kStreamNarrowMaxM, the kernels that put the tokens on the mma's n8 side (awq_stream.cu: NARROW;
 // half the mma per weight), for each launch (a pass) of at most that many rows.

@@ -355,10 +355,9 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = s.N;
-  if (M == 0 || s.N == 0) return residual ? residual->clone() : at::empty(out_shape, x.options());
-  // the residual as [M, N] rows of the output, 16-byte aligned (the kernel reads it per element)
-  const at::Tensor res = residual ? contiguous_aligned(residual->reshape({M, s.N})) : at::Tensor();
-  const auto add_residual = [&](at::Tensor out) { return residual ? out.add_(res.view(out.sizes())) : out; };
+  if (M == 0 || s.N == 0) return residual ? residual->clone(at::MemoryFormat::Contiguous) : at::empty(out_shape, x.options());
+  // off the stream kernel the residual is added after the GEMM, into its fresh contiguous output
+  const auto add_residual = [&](at::Tensor out) { return residual ? out.add_(*residual) : out; };
 
   // The kernels compute in x's dtype; scales stored as fp16 are rounded to bf16 for bf16
   // activations, exactly like the reference implementation.
@@ -410,6 +409,8 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor
     ws = at::empty({static_cast<int64_t>(ws_floats)}, x.options().dtype(at::kFloat));
     a.workspace = ws.data_ptr<float>();
     a.counters = counters_for(x, std::max(full.counters, last.counters), stream, capture, per_call_counters);
+    // the residual as contiguous [M, N] rows, each pass's at the offset of its output rows
+    const at::Tensor res = residual ? residual->reshape({M, s.N}).contiguous() : at::Tensor();
     const size_t x_pass_bytes = static_cast<size_t>(pass) * kk * x2.element_size();
     const size_t out_pass_bytes = static_cast<size_t>(pass) * n * out.element_size();
     for (int64_t r0 = 0; r0 < M; r0 += pass) {
@@ -453,7 +454,7 @@ at::Tensor awq_gemm_add_cuda(const at::Tensor& x, const at::Tensor& qweight, con
   if (!out_shape.empty()) out_shape.back() = s.N;
   const bool fused = residual.is_cuda() && residual.device() == x.device() &&
                      residual.scalar_type() == x.scalar_type() && residual.sizes().vec() == out_shape;
-  if (!fused) return residual + gemm(x, qweight, qzeros, scales, group_size, kAuto, 0, nullptr);
+  if (!fused) return (residual + gemm(x, qweight, qzeros, scales, group_size, kAuto, 0, nullptr)).contiguous();
   return gemm(x, qweight, qzeros, scales, group_size, kAuto, 0, &residual);
 }
 

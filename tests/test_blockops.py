@@ -160,6 +160,21 @@ def test_block_op_opcheck_rms_norm(transposed):
     _opcheck(torch.ops.awqlib.rms_norm.default, (x, w, EPS, 1.0, True))
 
 
+@pytest.mark.parametrize("residual_kind", ["same", "transposed", "0-dim fp32", "broadcast"])
+def test_block_op_opcheck_add_rms_norm(residual_kind):
+    """add_rms_norm's fake says what the op returns (shapes, dtypes, contiguous outputs), also for a
+    residual that promotes or broadcasts as torch's add does."""
+    x = _randn(6, 16, dtype=torch.bfloat16)
+    r = {"same": _randn(6, 16, dtype=torch.bfloat16, seed=3),
+         "transposed": _randn(16, 6, dtype=torch.bfloat16, seed=3).t(),
+         "0-dim fp32": torch.tensor(0.5),
+         "broadcast": _randn(1, 16, dtype=torch.bfloat16, seed=3)}[residual_kind]
+    w = _randn(16, dtype=torch.bfloat16, seed=2)
+    _opcheck(torch.ops.awqlib.add_rms_norm.default, (x, r, w, EPS, 0.0, False))
+    s, n = blockops.add_rms_norm(x, r, w, EPS)
+    assert torch.equal(s, r + x) and torch.equal(n, blockops.rms_norm(r + x, w, EPS))
+
+
 @pytest.mark.parametrize("rot", [64, 32])
 def test_block_op_opcheck_rotary_on_transposed_views(rot):
     """The fake's strides must be the real op's: with q a transposed view (as transformers makes it)

@@ -82,7 +82,8 @@ def test_a_runtime_layout_model_computes_and_saves_what_the_gemm_layout_does(tmp
 # (MoE, OPT) keep theirs; OPT's LayerNorm and learned positions have nothing to replace
 # and, per block, the residual add before the second norm (add_rms_norm) where the layer's forward
 # has the three statements and the norm is one of ours: not Granite (a residual multiplier), Phi-3
-# (dropout around the add) or LayerNorm families
+# (dropout around the add) or LayerNorm families; never the add after the MLP (mlp_add), which joins
+# a quantized down GEMM only, and these models are not quantized
 BLOCK_OPS = {"opt": {"rms_norm": 0, "add_rms_norm": 0, "mlp_add": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 0},
              "mixtral": {"rms_norm": 5, "add_rms_norm": 2, "mlp_add": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 2},  # experts fused (3-D)
              "qwen3_moe": {"rms_norm": 9, "add_rms_norm": 2, "mlp_add": 0, "gated_mlp": 0, "expert_act": 0, "rotary": 2},
@@ -501,7 +502,7 @@ def test_residual_rewrite_takes_exactly_its_statements(monkeypatch):
     assert fuse._residual_code(_Block.forward, None)[1] == [("norm", "n")]  # no MLP site asked for
     for cls in (_Scaled, _Between, _OtherInput, _Super, _MlpScaled, _MlpOther):
         assert fuse._residual_code(cls.forward, "mlp") is None, cls.__name__
-    forward = fuse._residual_forward(_Block(), "mlp", {})
+    forward = fuse._residual_forward(_Block(), "mlp", True, {})
     assert forward.awqlib_residual == (("norm", "n"), ("mlp", "mlp"))
     assert isinstance(forward.__wrapped__, types.FunctionType)
     calls = []
@@ -607,7 +608,7 @@ def test_residual_rewrite_compiles_as_the_module_did(tmp_path, monkeypatch):
     monkeypatch.setattr(blockops, "add_rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
         want = layer(x)
-        layer.forward = types.MethodType(fuse._residual_forward(layer, "mlp", {}), layer)
+        layer.forward = types.MethodType(fuse._residual_forward(layer, "mlp", True, {}), layer)
         assert torch.equal(layer(x), want) and calls == [1]
     path.write_text(_LAYER_SOURCE.replace("t * 2.0", "t * 3.25"))  # edited after the import
     os.utime(path, (path.stat().st_atime, path.stat().st_mtime + 10))
@@ -640,3 +641,35 @@ def test_module_hooks_for_every_module_still_see_the_fused_layers_modules(calib_
             handle.remove()
     norms = lambda names: sum(n.endswith("RMSNorm") for n in names)  # noqa: E731
     assert norms(seen) == norms(before) == 5 and seen.count("FusedGatedMLP") == 2
+
+
+# per family, what a quantized model's fuse_block_ops joins: both adds where the layer reads as Llama's,
+# the first alone where a norm sits between the MLP and its add (Gemma 2/3) or the MLP is a MoE block
+QUANTIZED_RESIDUAL = {"llama": (2, 2), "mistral": (2, 2), "qwen2": (2, 2), "qwen3": (2, 2), "gemma": (2, 2),
+                      "gemma2": (2, 0), "gemma3": (2, 0), "qwen3_moe": (2, 0), "phi3": (0, 0), "granite": (0, 0)}
+
+
+@pytest.mark.parametrize("arch", list(QUANTIZED_RESIDUAL))
+def test_quantized_layers_join_their_residual_adds_bit_for_bit(arch, calib_ids):
+    """In a quantized, fused model the residual adds join the second norm and the down GEMM where the
+    family's layer reads so, and the logits stay the unfused model's bit for bit (CPU); a hook on a
+    down projection afterwards is honoured (that MLP's add runs apart again)."""
+    from awqlib.arch import get_spec
+    from awqlib.fuse import fuse_block_ops, fuse_linears
+    model = tiny_model(arch).eval()
+    wrapped = AutoAWQ.from_model(model)
+    wrapped.quantize(None, {"q_group_size": 32}, method="rtn")
+    ids = calib_ids[:2, :12]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    fuse_linears(model, wrapped.spec)
+    counts = fuse_block_ops(model, get_spec(model.config.model_type))
+    assert (counts["add_rms_norm"], counts["mlp_add"]) == QUANTIZED_RESIDUAL[arch], counts
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, logits)
+    if counts["mlp_add"]:
+        seen = []
+        model.model.layers[0].mlp.down_proj.register_forward_hook(lambda *a: seen.append(1))
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, logits)
+        assert seen == [1]

@@ -1046,13 +1046,18 @@ def test_two_graphs_replayed_concurrently_on_two_streams(layout):
                 check(x, K, N, g, torch.float16, out=o)
 
 
+# an elementwise add kernel as cudaGraphDebugDotPrint names it (ATen's add functor)
+_ADD_KERNEL = re.compile(r"CUDAFunctor_add|AddFunctor", re.IGNORECASE)
+
+
 @pytest.mark.parametrize("layout", ["gemm", "tiled", "stream"])
-@pytest.mark.parametrize("M", [1, 5, 16, 48, 100, 300])
-def test_stream_gemm_add_is_the_gemm_plus_the_residual(layout, M, monkeypatch):
-    """awq_gemm_add (a layer's residual add after its last linear; the stream kernel adds it in its
-    epilogue, every other path after the GEMM): bit for bit residual + awq_gemm, eagerly, with
-    programmatic dependent launch, and replayed from a CUDA graph; a residual of another dtype or
-    shape gets torch's promotion and broadcasting."""
+@pytest.mark.parametrize("M", [1, 16, 100])  # decode (narrow), one m-tile, dequantize + cuBLAS
+def test_stream_gemm_add_is_the_gemm_plus_the_residual(layout, M, monkeypatch, tmp_path):
+    """awq_gemm_add (a layer's residual add after its last linear): bit for bit residual + awq_gemm,
+    eagerly, with programmatic dependent launch, and replayed from a CUDA graph -- in which the stream
+    kernel's launches hold no add kernel (its epilogue adds), where the other paths' do; bf16 and
+    non-contiguous residuals alike; a residual of another dtype or shape gets torch's promotion and
+    broadcasting."""
     from awqlib.packing import to_layout
     N, K, g = 4096, 4096, 128
     qw, qz, sc = to_layout(layout, *weight(K, N, g)[:3])
@@ -1064,14 +1069,19 @@ def test_stream_gemm_add_is_the_gemm_plus_the_residual(layout, M, monkeypatch):
     monkeypatch.setenv("AWQLIB_STREAM_PDL", "1")
     assert torch.equal(torch.ops.awqlib.awq_gemm_add(x, qw, qz, sc, g, r), want)
     monkeypatch.delenv("AWQLIB_STREAM_PDL")
-    graph, out = capture(lambda: torch.ops.awqlib.awq_gemm_add(x, qw, qz, sc, g, r))
+    graph, out, dot = _captured_dot(lambda: torch.ops.awqlib.awq_gemm_add(x, qw, qz, sc, g, r), tmp_path, "add")
+    epilogue = "stream" in gemm_kernel_name(x, qw, qz, sc, g)
+    assert epilogue == (layout == "stream" and M <= 16)
+    assert bool(_ADD_KERNEL.search(dot)) != epilogue, dot[:3000]
     for _ in range(2):
         x.copy_(torch.randn_like(x))
         r.copy_(torch.randn_like(r))
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, r + torch.ops.awqlib.awq_gemm(x, qw, qz, sc, g))
-    for other in (r.float(), r[:1]):
+    xb, rb = x.bfloat16(), torch.randn(N, M, device="cuda", dtype=torch.bfloat16).t()  # a transposed residual
+    assert torch.equal(torch.ops.awqlib.awq_gemm_add(xb, qw, qz, sc, g, rb), rb + torch.ops.awqlib.awq_gemm(xb, qw, qz, sc, g))
+    for other in (r.float(), r[:1], r[:, :1]):
         got = torch.ops.awqlib.awq_gemm_add(x, qw, qz, sc, g, other)
         assert got.dtype == other.dtype and torch.equal(got, other + torch.ops.awqlib.awq_gemm(x, qw, qz, sc, g))
 

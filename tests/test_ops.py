@@ -42,6 +42,24 @@ def test_fake_tensor_shape():
     assert out.shape == (7, 64)
 
 
+@pytest.mark.parametrize("residual_kind", ["same", "transposed", "0-dim fp32", "broadcast", "bias"])
+def test_gemm_add_is_residual_plus_the_gemm(residual_kind):
+    """awq_gemm_add (a layer's residual add after its last linear) is residual + awq_gemm bit for bit,
+    with torch's promotion and broadcasting, a contiguous result, and a fake that says so (opcheck);
+    WQLinear.forward_add is residual + the layer, its bias included."""
+    q = WQLinear.from_linear(torch.nn.Linear(128, 64, bias=residual_kind == "bias"), 4, 64)
+    x = torch.randn(5, 128)
+    r = {"transposed": torch.randn(64, 5).t(), "0-dim fp32": torch.tensor(0.5),
+         "broadcast": torch.randn(1, 64)}.get(residual_kind, torch.randn(5, 64))
+    want = r + q(x)
+    assert torch.equal(q.forward_add(x, r), want) and q.forward_add(x, r).is_contiguous()
+    if residual_kind != "bias":
+        args = (x, q.qweight, q.qzeros, q.scales, 64, r)
+        assert torch.equal(torch.ops.awqlib.awq_gemm_add(*args), want)
+        res = torch.library.opcheck(torch.ops.awqlib.awq_gemm_add.default, args)
+        assert all(v == "SUCCESS" for v in res.values()), res
+
+
 def test_kernel_name_off_cuda_is_the_reference():
     """ops.gemm_kernel_name where the PyTorch reference runs: "reference", with the reference's own
     shape checks (on CUDA the kernels answer: tests/test_kernels_cuda.py, tests/test_cpu_twin.py)."""

@@ -2,9 +2,10 @@
 csrc/awq_stream.cu (or awq_common.cuh) that a GPU would show -- a missing barrier or wait, a ring
 slot refilled too early, a non-atomic reduction, a lost barrier in arrive_last, one workspace slot
 too few, inputs read before the PDL wait, a truncating output conversion, a ring that starts on the
-slot it reads, the narrow kernels' operand order, activation rows and fold, a split slice's part
-left out of the last arriver's sum, or outputs it skips, and the wgmma kernels' waits, swizzle,
-words, alignment, group starts and flush from the registers.  For each, a copy of the repository
+slot it reads, the narrow kernels' operand order, activation rows and fold, the residual's rounding
+and its place in each write path, a split slice's part left out of the last arriver's sum, or
+outputs it skips, and the wgmma kernels' waits, swizzle, words, alignment, group starts and flush
+from the registers.  For each, a copy of the repository
 gets the mutation and tests/test_cpu_twin.py (or the file CAUGHT_BY names) runs on it; every one
 must fail.  Not part of the suite (about 2 minutes a mutation on 2 cores; -k narrows the tests):
 
@@ -103,6 +104,14 @@ __device__ __forceinline__ void store_out(""")],
  'wgmma_block_wait_late': [("          wgmma_wait<Cfg::kWgmmaInFlight>();", "          wgmma_wait<Cfg::kWgmmaInFlight + 1>();")],
  'wgmma_refill_one_back': [("return stages_for(MB, config) - 1 - wgmma_groups_in_flight(MB, config); }",
                             "return stages_for(MB, config) - 1; }")],
+ # the residual of awq_gemm_add: added to the unrounded sum (one rounding where torch rounds twice), or left
+ # out where the last arriver of a split slice, or a wgmma owner, writes the output
+ 'residual_rounded_once': [("o = Traits<T>::from_float(__fadd_rn(Traits<T>::to_float(o), Traits<T>::to_float(residual[at])));",
+                            "o = Traits<T>::from_float(__fadd_rn(v, Traits<T>::to_float(residual[at])));")],
+ 'residual_left_out_of_parts': [("store_out(out, residual, (size_t)r * N + n0 + col, v[u]);",
+                                 "store_out(out, static_cast<const T*>(nullptr), (size_t)r * N + n0 + col, v[u]);")],
+ 'residual_left_out_of_wgmma_flush': [("store_out(out, residual, (size_t)row * p.N + n0 + col, acc[mb][t][e]);",
+                                       "store_out(out, static_cast<const T*>(nullptr), (size_t)row * p.N + n0 + col, acc[mb][t][e]);")],
  'wgmma_no_sum': [("    if (slot != nullptr) sum_parts<T>(out, residual, ws, counters, p.N, p.max_parts, c_slice, rows_out, sp.parts);",
                    "")],
 }
