@@ -474,7 +474,8 @@ def _add_rms_norm(norm, hidden_states, residual):
 def _add_mlp(mlp, hidden_states, residual):
     """``residual + mlp(hidden_states)``: the add in the down GEMM where ``mlp`` is a FusedGatedMLP
     without hooks (FusedGatedMLP.forward_add)."""
-    if isinstance(mlp, FusedGatedMLP) and not _hooked(mlp) and not _global_hooks() and isinstance(residual, torch.Tensor):
+    if (isinstance(mlp, FusedGatedMLP) and not _hooked(mlp) and not _global_hooks()
+            and isinstance(residual, torch.Tensor)):
         return mlp.forward_add(hidden_states, residual)
     return residual + mlp(hidden_states)
 
@@ -552,7 +553,8 @@ def _fuse_residual_adds(stmts: list, self_name: str, mlp: str | None, norms: boo
             out.append(ast.copy_location(fused, stmts[i]))
             sites.append(("norm", attr))
             i += 3
-        elif pair is not None and (not norms or i + 4 > len(stmts) or _add_norm_match(*stmts[i + 1:i + 4], self_name) is None):
+        elif pair is not None and (not norms or i + 4 > len(stmts)
+                                   or _add_norm_match(*stmts[i + 1:i + 4], self_name) is None):
             h, r = pair
             fused = ast.Assign(targets=[ast.Name(h, ast.Store())], value=_helper_call(_ADD_MLP, self_name, mlp, h, r))
             out.append(ast.copy_location(fused, stmts[i]))

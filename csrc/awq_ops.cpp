@@ -7,9 +7,8 @@
 // a device's counter arena is made); the temporaries (split-K workspace, dense weights) come from
 // the caching allocator and the counters from a zeroed arena (counters_for), so the ops can be
 // captured in CUDA graphs with no memset per call, and graphs replayed concurrently on different
-// streams never share a counter.  The dense temporary
-// of the large-M path is at most kDenseChunkBytes: wider weights are dequantized and multiplied
-// in column chunks.
+// streams never share a counter.  The dense temporary of the large-M path is at most
+// kDenseChunkBytes: wider weights are dequantized and multiplied in column chunks.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -184,8 +183,8 @@ CaptureState capture_state(cudaStream_t stream) {
 }
 
 struct DeviceCounters {
-  int32_t* arena = nullptr;                            // kCaptureArenaCounters zeros
-  std::unique_ptr<awq::CounterSlices> slices;   // which stream and capture use which part
+  int32_t* arena = nullptr;                    // kCaptureArenaCounters zeros
+  std::unique_ptr<awq::CounterSlices> slices;  // which stream and capture use which part
 };
 
 std::mutex counters_mutex;
@@ -222,7 +221,8 @@ void prepare_counters(int device, cudaStream_t stream, const CaptureState& captu
   const bool known = device >= 0 && device < kKnownDevices;
   if (capture.status != cudaStreamCaptureStatusNone || (known && made[device].load(std::memory_order_acquire))) return;
   const std::lock_guard<std::mutex> lock(counters_mutex);
-  if (counter_arena(device, stream, capture).arena != nullptr && known) made[device].store(true, std::memory_order_release);
+  if (counter_arena(device, stream, capture).arena != nullptr && known)
+    made[device].store(true, std::memory_order_release);
 }
 
 int32_t* counters_for(const at::Tensor& like, int64_t n, cudaStream_t stream, const CaptureState& capture,
@@ -242,7 +242,8 @@ int32_t* counters_for(const at::Tensor& like, int64_t n, cudaStream_t stream, co
     TORCH_WARN_ONCE("awqlib: split-K launches captured in a CUDA graph zero their arrival counters per call (a memset "
                     "node each), because ",
                     had_arena ? "the device's counter arena is spent (one slice per captured stream)"
-                              : "no awq_gemm call ran on this device outside capture before it (warm up eagerly first)");
+                              : "no awq_gemm call ran on this device outside capture before it "
+                                "(warm up eagerly first)");
   }
   per_call = at::zeros({n}, like.options().dtype(at::kInt));
   return per_call.data_ptr<int32_t>();
@@ -264,8 +265,8 @@ bool env_flag(const char* name, bool unset = false) {
 // allow_dependent_launch).  Opt-in with AWQLIB_STREAM_PDL=1: measured on an H200 it gained nothing
 // (benchmarks/RESULTS.md, gpu_sweep and bench_generate of 2026-11-30: faster in 8 of 28 cells, the
 // 8B decode step 3.90 -> 4.01 ms), in graphs where a counters memset sat before every stream launch
-// and no block op let the next kernel start early; read per call, so that one process can time both.  sm_90+ only, and only
-// when this call made no copy of qweight (a copy kernel would be the previous kernel, still
+// and no block op let the next kernel start early; read per call, so that one process can time
+// both.  sm_90+ only, and only when this call made no copy of qweight (a copy kernel would be the previous kernel, still
 // writing what is prefetched); the repack that makes the stream layout synchronizes its stream
 // (awqlib/packing.py: to_layout).
 // Code that writes a stream-layout qweight otherwise must synchronize before the next call.
@@ -355,7 +356,8 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = s.N;
-  if (M == 0 || s.N == 0) return residual ? residual->clone(at::MemoryFormat::Contiguous) : at::empty(out_shape, x.options());
+  if (M == 0 || s.N == 0)
+    return residual ? residual->clone(at::MemoryFormat::Contiguous) : at::empty(out_shape, x.options());
   // off the stream kernel the residual is added after the GEMM, into its fresh contiguous output
   const auto add_residual = [&](at::Tensor out) { return residual ? out.add_(*residual) : out; };
 
