@@ -369,6 +369,7 @@ class KernelReport:
     unwritten_desc: list[str] = field(default_factory=list)  # unwritten_descriptors(): must stay empty
     wgmma_serialized: bool = False  # ptxas serialized its wgmma (each waits for the last): must stay False
     wgmma_wait_injected: bool = False  # ptxas added a wgmma wait the source did not ask for: must stay False
+    early_launch: bool = False  # holds PREEXIT (griddepcontrol.launch_dependents): the next kernel may launch early
 
 
 def ctas_per_sm(arch: str, regs: int, threads: int, smem: int) -> tuple[int, str]:
@@ -460,7 +461,8 @@ def analyse(src: Path, arch: str, cubin: Path, ptxas_log: str, cuobjdump: str) -
                                     threads, cta, lim_by, asdict(lp) if lp else None,
                                     spec.bytes_per_iter if spec else None,
                                     round(ipk, 1) if ipk else None, round(tbps, 2) if tbps else None, check,
-                                    unwritten_descriptors(insns), mangled in serialized, mangled in injected))
+                                    unwritten_descriptors(insns), mangled in serialized, mangled in injected,
+                                    any(i.op == "PREEXIT" for i in insns)))
     return reports
 
 

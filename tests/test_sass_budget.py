@@ -130,6 +130,18 @@ def test_every_cache_policy_descriptor_is_written(reports):
     assert not bad, bad
 
 
+def test_the_block_ops_and_stream_kernels_let_the_next_kernel_launch_early(reports):
+    """Every block-op kernel (first thing) and every stream kernel (after its wait) holds PREEXIT on
+    sm_90: a stream GEMM launched with programmatic dependent launch after one of them streams its
+    first weights in while it runs (awq_block_ops.cu, awq_common.cuh allow_dependent_launch); a
+    GPU-only behaviour that nothing else on a CPU would notice gone."""
+    block_ops = sass_budget.run(["awq_block_ops.cu"], ["90"])
+    assert len(block_ops) > 40 and all(r.early_launch for r in block_ops), [r.kernel for r in block_ops
+                                                                             if not r.early_launch][:5]
+    stream = [r for r in reports.values() if r.kernel.startswith("awq_stream_kernel<")]
+    assert stream and all(r.early_launch for r in stream), [r.kernel for r in stream if not r.early_launch][:5]
+
+
 @pytest.mark.parametrize("mb,sums,narrow", [(1, False, False), (1, True, False), (1, False, True), (1, True, True),
                                              (4, False, False)],
                          ids=["m16", "m16-group-sums", "narrow", "narrow-group-sums", "four-m-tiles"])
