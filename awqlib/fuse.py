@@ -405,6 +405,13 @@ def _with_globals(fn, replace: dict, code: types.CodeType | None = None):
     return new
 
 
+def _innermost(fn):
+    """The function under ``fn``'s functools.wraps wrappers (each names the next in ``__wrapped__``)."""
+    while isinstance(getattr(fn, "__wrapped__", None), types.FunctionType):
+        fn = fn.__wrapped__
+    return fn
+
+
 _ROTARY = "apply_rotary_pos_emb"
 
 
@@ -413,9 +420,7 @@ def _rotary_forward(attn: nn.Module, config, cache: dict, dtype: torch.dtype):
     cls = type(attn)
     if cls not in cache:
         cache[cls] = None
-        inner = cls.forward
-        while isinstance(getattr(inner, "__wrapped__", None), types.FunctionType):
-            inner = inner.__wrapped__
+        inner = _innermost(cls.forward)
         original = getattr(inner, "__globals__", {}).get(_ROTARY)
         head_dim = getattr(attn, "head_dim", None)
         if (isinstance(inner, types.FunctionType) and callable(original) and _ROTARY in inner.__code__.co_names
@@ -593,6 +598,19 @@ def _mangled(attr: str, owner: str | None) -> str:
     return attr
 
 
+def _code_of(module: types.CodeType, inner: types.FunctionType) -> types.CodeType | None:
+    """The code object in a compiled module (at any depth) of the function defined where ``inner`` was:
+    its name and first line."""
+    todo = list(module.co_consts)
+    while todo:
+        k = todo.pop(0)
+        if isinstance(k, types.CodeType):
+            if k.co_name == inner.__name__ and k.co_firstlineno == inner.__code__.co_firstlineno:
+                return k
+            todo.extend(k.co_consts)
+    return None
+
+
 def _compiled_like(inner: types.FunctionType, transform) -> tuple[types.CodeType, list] | None:
     """``inner``'s source, passed through ``transform(function_def) -> result``, compiled as the
     original was: a method inside ``class <owner>:`` (so private names mangle alike) and not dedented
@@ -621,14 +639,8 @@ def _compiled_like(inner: types.FunctionType, transform) -> tuple[types.CodeType
                      dont_inherit=True)
     # the function's code, never its def statement: decorators, defaults and annotations are not
     # evaluated again (the new function takes the original's)
-    todo = list(module.co_consts)
-    while todo:
-        k = todo.pop(0)
-        if isinstance(k, types.CodeType):
-            if k.co_name == inner.__name__ and k.co_firstlineno == inner.__code__.co_firstlineno:
-                return k, result
-            todo.extend(k.co_consts)
-    return None
+    code = _code_of(module, inner)
+    return (code, result) if code is not None else None
 
 
 def _same_code(a: types.CodeType, b: types.CodeType) -> bool:
@@ -654,14 +666,8 @@ def _source_is_the_code(inner: types.FunctionType) -> bool:
         module = compile(text, filename, "exec", dont_inherit=True)
     except (SyntaxError, ValueError):
         return False
-    todo = list(module.co_consts)
-    while todo:
-        k = todo.pop(0)
-        if isinstance(k, types.CodeType):
-            if k.co_name == inner.__name__ and k.co_firstlineno == inner.__code__.co_firstlineno:
-                return _same_code(k, inner.__code__)
-            todo.extend(k.co_consts)
-    return False
+    code = _code_of(module, inner)
+    return code is not None and _same_code(code, inner.__code__)
 
 
 def _residual_code(forward, mlp: str | None, norms: bool = True) -> tuple[types.CodeType, list[tuple[str, str]]] | None:
@@ -670,9 +676,7 @@ def _residual_code(forward, mlp: str | None, norms: bool = True) -> tuple[types.
     and the sites, as ("norm" | "mlp", attribute as stored); None where it has none, or where the
     source on disk is not the code that runs (edited since it was imported), or the function has
     free variables (such as super()'s cell, which a recompiled function cannot keep)."""
-    inner = forward
-    while isinstance(getattr(inner, "__wrapped__", None), types.FunctionType):
-        inner = inner.__wrapped__
+    inner = _innermost(forward)
     if not isinstance(inner, types.FunctionType) or inner.__code__.co_freevars or not _source_is_the_code(inner):
         return None
 

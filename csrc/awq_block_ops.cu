@@ -413,10 +413,15 @@ void run_norm(const at::Tensor& x, const at::Tensor* residual, const at::Tensor&
   });
 }
 
-at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps, double weight_offset,
-                         bool scale_in_fp32) {
+// The same check, and message, as awqlib/blockops.py's _check_rms_norm (rms_norm and add_rms_norm).
+void check_rms_norm(double weight_offset, bool scale_in_fp32) {
   TORCH_CHECK_VALUE(scale_in_fp32 || weight_offset == 0.0,
                     "rms_norm: weight_offset needs scale_in_fp32=True (no model rounds first and offsets)");
+}
+
+at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps, double weight_offset,
+                         bool scale_in_fp32) {
+  check_rms_norm(weight_offset, scale_in_fp32);
   if (!norm_kernel_takes(x, nullptr, weight)) return rms_norm_reference(x, weight, eps, weight_offset, scale_in_fp32);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty(x.sizes(), x.options());
@@ -428,8 +433,7 @@ at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double e
 std::tuple<at::Tensor, at::Tensor> add_rms_norm_cuda(const at::Tensor& x, const at::Tensor& residual,
                                                      const at::Tensor& weight, double eps, double weight_offset,
                                                      bool scale_in_fp32) {
-  TORCH_CHECK_VALUE(scale_in_fp32 || weight_offset == 0.0,
-                    "rms_norm: weight_offset needs scale_in_fp32=True (no model rounds first and offsets)");
+  check_rms_norm(weight_offset, scale_in_fp32);
   if (!norm_kernel_takes(x, &residual, weight)) {
     const at::Tensor sum = (residual + x).contiguous();
     return {sum, rms_norm_reference(sum, weight, eps, weight_offset, scale_in_fp32)};
