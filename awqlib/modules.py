@@ -104,8 +104,18 @@ class WQLinear(nn.Module):
         return cast
 
     def _apply(self, fn, *args, **kwargs):
+        """``.to()``, ``.cuda()``, ``.half()`` ...: and where that brings GEMM-layout weights onto a
+        device the kernels serve, repack them for the kernels (as a load onto that device would), so
+        that a model loaded on the CPU and moved runs the same kernels as one loaded in place.
+        (Weights accelerate moves in for an offloaded module's forward are set, not ``_apply``-ed:
+        they stay in the GEMM layout, which the kernels read too.)"""
         self._scales_cast = None
-        return super()._apply(fn, *args, **kwargs)
+        out = super()._apply(fn, *args, **kwargs)
+        q = self.qweight
+        if (type(q) is torch.Tensor and q.device.type in KERNEL_DEVICE_TYPES and self.layout == "gemm"
+                and kernels.load()):
+            self.tile_for_kernels()
+        return out
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128, zero_point: bool = True,
@@ -173,9 +183,9 @@ def _load_into_layout(module: WQLinear, state_dict: dict, prefix: str, *args) ->
 def repack_for_kernels(model: nn.Module) -> int:
     """Repack every quantized linear whose weights are on CUDA into the runtime layout the kernels
     serve (:meth:`WQLinear.tile_for_kernels`), so only that layout reaches them after a load and
-    after an in-process quantize alike.  A linear on (or offloaded to) the CPU or disk stays in the
-    GEMM layout, which every path reads.  Returns how many were repacked now (not those already in
-    a runtime layout); 0 without the kernels."""
+    after an in-process quantize alike (and :meth:`WQLinear._apply` after a move onto CUDA).  A linear
+    on (or offloaded to) the CPU or disk stays in the GEMM layout, which every path reads.  Returns
+    how many were repacked now (not those already in a runtime layout); 0 without the kernels."""
     linears = [m for m in model.modules() if isinstance(m, WQLinear) and m.qweight.device.type in KERNEL_DEVICE_TYPES]
     if not linears or not kernels.load():
         return 0

@@ -35,11 +35,10 @@ def as_gemm_shape(qweight: torch.Tensor) -> tuple[int, int]:
 
 class Kernel(enum.IntEnum):
     """Kernel ids of ``awq_gemm_variant`` (mirror of ``enum Kernel`` in csrc/awq_dispatch.h; a test
-    checks that the two agree)."""
+    checks that the two agree).  Ids 1 and 3 (a CUDA-core GEMV and a tiled mma.sync GEMM) are
+    retired: the CUDA kernels refuse them as unknown."""
     AUTO = 0             # pick by layout and M (the dispatch awq_gemm uses)
-    GEMV = 1             # CUDA-core GEMV, GEMM layout, M <= 8
-    SKINNY = 2           # skinny tensor-core kernel, register ring 4 chunks deep, M <= 32
-    TILED_GEMM = 3       # tiled mma.sync GEMM, GEMM layout
+    SKINNY = 2           # skinny tensor-core kernel, register ring 4 chunks deep, M <= 32, GEMM or warp-tiled layout
     DEQUANT_CUBLAS = 4   # dequantize (in bounded column chunks) + cuBLAS, any layout and M
     SKINNY_SHALLOW = 5   # skinny tensor-core kernel, register ring 2 chunks deep
     STREAM = 6           # streaming mma.sync kernel on the stream layout, passes of <= 64 rows (AUTO: one pass,
@@ -193,8 +192,7 @@ def gemm_kernel_name(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tenso
                      group_size: int, kernel: Kernel = Kernel.AUTO, splits: int = 0) -> str:
     """The kernel ``awq_gemm_variant(x, ..., kernel, splits)`` would run (``Kernel.AUTO``: what
     :func:`awq_gemm` runs) under the current settings, without running it: on CUDA the first
-    launch's kernel -- for the stream and skinny kernels its instantiation as ``scripts/sass_budget.py``
-    names it (``"awq_stream_kernel<half, 1, true, false, true, large, true>"``), for the GEMV and the
-    tiled GEMM the kernel's name alone -- or ``"dequant+cuBLAS"``; ``"reference"`` where the PyTorch
-    reference runs.  Raises what the call would raise for a kernel that cannot serve it."""
+    launch's kernel, its instantiation as ``scripts/sass_budget.py`` names it
+    (``"awq_stream_kernel<half, 1, true, false, true, large, true>"``), or ``"dequant+cuBLAS"``;
+    ``"reference"`` where the PyTorch reference runs.  Raises what the call would raise for a kernel that cannot serve it."""
     return torch.ops.awqlib.awq_gemm_kernel_name(x, qweight, qzeros, scales, group_size, int(kernel), splits)

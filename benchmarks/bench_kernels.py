@@ -50,11 +50,11 @@ QUICK_SHAPES = SHAPES[:4]
 QUICK_MS = [1, 4, 8, 16, 64, 256, 1024]
 
 # The dispatch for warp-tiled weights in csrc/awq_dispatch.h (for the table), read from the source.
-SKINNY_MAX_M_TILED = kernels.source_constant("kSkinnyMaxMTiled")
+SKINNY_MAX_M_AUTO = kernels.source_constant("kSkinnyMaxMAuto")
 
 
 def path_for(m: int, n: int, k: int, g: int) -> str:
-    return "skinny" if m <= SKINNY_MAX_M_TILED else "dequant+cublas"
+    return "skinny" if m <= SKINNY_MAX_M_AUTO else "dequant+cublas"
 
 
 def _print_row(row: dict) -> None:

@@ -74,13 +74,18 @@ def run_info(benchmark: str, argv: list[str]) -> dict:
 # unless set).
 STREAM_OPTIONS = {"pdl": "AWQLIB_STREAM_PDL", "narrow": "AWQLIB_STREAM_NARROW", "deep": "AWQLIB_STREAM_DEEP",
                   "wgmma": "AWQLIB_STREAM_WGMMA"}
+# a cap on the shared memory the stream kernel assumes a block may have (csrc/awq_ops.cpp), which
+# makes an H100/H200 choose what an A100 or a ~99 KB GPU would: never inherited by a measurement of
+# this GPU (a variant that wants it sets it)
+STREAM_SMEM_LIMIT = "AWQLIB_STREAM_SMEM_LIMIT"
 # the library's defaults, whatever the environment a benchmark started in
-STREAM_DEFAULTS_ENV: dict[str, str | None] = {var: None for var in STREAM_OPTIONS.values()}
+STREAM_DEFAULTS_ENV: dict[str, str | None] = {var: None for var in (*STREAM_OPTIONS.values(), STREAM_SMEM_LIMIT)}
 
 
-def stream_options_env(*names: str) -> dict[str, str]:
-    """The environment that turns the stream kernel's options ``names`` on and the others off."""
-    return {var: "1" if name in names else "0" for name, var in STREAM_OPTIONS.items()}
+def stream_options_env(*names: str) -> dict[str, str | None]:
+    """The environment that turns the stream kernel's options ``names`` on and the others off (on
+    this GPU's shared memory: STREAM_SMEM_LIMIT unset)."""
+    return {**{var: "1" if name in names else "0" for name, var in STREAM_OPTIONS.items()}, STREAM_SMEM_LIMIT: None}
 
 
 @contextlib.contextmanager

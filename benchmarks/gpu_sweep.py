@@ -53,8 +53,8 @@ import torch.nn.functional as F
 
 from awqlib.kernels import source_constant
 from awqlib.ops import Kernel, gemm_kernel_name
-from benchmarks.common import (STREAM_DEFAULTS_ENV, copy_bandwidth, n_copies, run_info, scoped_env, skip,
-                               stream_options_env, time_eager, time_graph, write_json)
+from benchmarks.common import (STREAM_DEFAULTS_ENV, STREAM_SMEM_LIMIT, copy_bandwidth, n_copies, run_info, scoped_env,
+                               skip, stream_options_env, time_eager, time_graph, write_json)
 from benchmarks.report import sweep_table, targets_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,7 +82,7 @@ def deep_takes(M: int) -> bool:
     (17-32 rows: csrc/awq_stream.cu's stream_supports)."""
     return M <= STREAM_DEEP_MAX_M and not 16 < M <= 32
 DEEP_SMEM_MIN = source_constant("kH100SmemPerBlock")  # the deep configuration is sized for (and timed on) these
-SKINNY_MAX_M_TILED = source_constant("kSkinnyMaxMTiled")  # tiled layout: the skinny kernel, then dequantize
+SKINNY_MAX_M_AUTO = source_constant("kSkinnyMaxMAuto")  # tiled layout: the skinny kernel, then dequantize
 SM89_SMEM = source_constant("kSm89SmemPerBlock")  # shared memory per block of an sm_86/89 GPU
 
 # (label, layout, kernel id): the variants timed.  "stream:auto" is what models run by default
@@ -104,7 +104,7 @@ VARIANTS = [("tiled:auto", "tiled", Kernel.AUTO), ("stream", "stream", Kernel.ST
 VARIANT_ENV = {"stream:pdl": stream_options_env("pdl"), "stream:narrow": stream_options_env("narrow"),
                "stream:sums:narrow": stream_options_env("narrow"), "stream:auto": STREAM_DEFAULTS_ENV,
                # what a ~99 KB-per-block GPU (A10, L4, L40S, RTX) runs by default: the compact configuration
-               "stream:auto:sm89": {**STREAM_DEFAULTS_ENV, "AWQLIB_STREAM_SMEM_LIMIT": str(SM89_SMEM)},
+               "stream:auto:sm89": {**STREAM_DEFAULTS_ENV, STREAM_SMEM_LIMIT: str(SM89_SMEM)},
                # the default with the deep configuration where it fits (an H100/H200), opt-in until timed
                "stream:auto:deep": {**STREAM_DEFAULTS_ENV, "AWQLIB_STREAM_DEEP": "1"},
                # the stream kernel (scaled fragments) on warpgroup mma where the build and GPU have it
@@ -117,10 +117,8 @@ STREAM_KERNELS = (Kernel.STREAM, Kernel.STREAM_GROUP_SUMS, Kernel.STREAM_COMPACT
 # including tails (N % 128, K % 512) and every group regime.
 GATE_SHAPES = [(192, 576, 64), (4096, 4096, 128), (1024, 2752, 32), (512, 2048, 256)]
 GATE_VARIANTS = [
-    ("gemm", Kernel.AUTO, (1, 5, 16, 33, 100)),
-    ("gemm", Kernel.GEMV, (1, 8)),
+    ("gemm", Kernel.AUTO, (1, 5, 16, 32, 33, 100)),
     ("gemm", Kernel.SKINNY, (1, 17, 32)),
-    ("gemm", Kernel.TILED_GEMM, (9, 40)),
     ("gemm", Kernel.DEQUANT_CUBLAS, (1, 100)),
     ("tiled", Kernel.AUTO, (1, 16, 32, 33)),
     ("tiled", Kernel.SKINNY_SHALLOW, (1, 24)),
@@ -522,7 +520,7 @@ def kernel_label(variant: str, M: int, N: int, K: int) -> str:
         narrow = narrow and not wgmma
         flags = ", ".join(str(f).lower() for f in (exact, fine, sums))
         return f"awq_stream_kernel<half, {mb}, {flags}, {config}, {str(narrow).lower()}>"
-    if variant == "tiled:auto" and M <= SKINNY_MAX_M_TILED:
+    if variant == "tiled:auto" and M <= SKINNY_MAX_M_AUTO:
         return f"awq_skinny_kernel<half, {1 if M <= 16 else 2}, 2, true>"
     return "dequant+cuBLAS"
 

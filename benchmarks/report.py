@@ -136,16 +136,20 @@ def quality_table(reports: list[dict]) -> str:
 
 
 def sass_table(spec: dict, kernels: list[dict]) -> str:
-    """scripts/sass_budget.py's JSON (``kernels``), the rows ``spec`` picks, labelled as it says."""
+    """scripts/sass_budget.py's JSON (``kernels``), the rows ``spec`` picks, labelled as it says; a
+    retired kernel's row (its source deleted) with the figures the spec kept of its last SASS."""
     by_name = {(k["arch"], k["kernel"]): k for k in kernels}
     lines = ["| kernel (what it serves) | regs | spills | smem/CTA | CTAs/SM (limit) | instr/KB | issue ceiling, H200 |",
              "|---|---|---|---|---|---|---|"]
     for row in spec["rows"]:
-        k = by_name.get((spec["arch"], row["kernel"]))
+        k = row["figures"] if "retired" in row else by_name.get((spec["arch"], row["kernel"]))
         if k is None:
             raise ReportError(f"{spec['data']} has no sm_{spec['arch']} kernel {row['kernel']!r}")
+        if "retired" in row and (spec["arch"], row["kernel"]) in by_name:
+            raise ReportError(f"{row['kernel']!r} is marked retired, but {spec['data']} still has it")
+        label = row["label"] + (f" (retired {row['retired']})" if "retired" in row else "")
         smem = (k["static_smem"] + (k["dyn_smem"] or 0)) / 1024
-        lines.append(f"| {row['label']} | {k['registers']} | {k['spill_stores'] + k['spill_loads']} | {smem:.0f} KB | "
+        lines.append(f"| {label} | {k['registers']} | {k['spill_stores'] + k['spill_loads']} | {smem:.0f} KB | "
                      f"{k['ctas_per_sm']} ({k['ctas_limited_by']}) | {k['instr_per_kb']:.1f} | "
                      f"{k['issue_tbps_h200']:.2f} TB/s |")
     return "\n".join(lines)

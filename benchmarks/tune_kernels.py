@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Time every CUDA kernel variant of awq_gemm on Llama shapes, to set the dispatch thresholds in
-csrc/awq_dispatch.h (kSkinnyMaxMAuto, kDequantCublasMinM) and the split-K heuristics from data.
+csrc/awq_dispatch.h (kSkinnyMaxMAuto) and the skinny kernel's split-K heuristic from data.
 
 Each (shape, M) runs every applicable variant through ``torch.ops.awqlib.awq_gemm_variant`` on
 the warp-tiled runtime layout (skinny tensor-core kernel with a deep / shallow register prefetch,
-also with forced split-K factors; dequantize + cuBLAS) and on the GEMM (checkpoint) layout (CUDA-core GEMV,
-skinny, tiled tensor-core GEMM), plus the automatic choice and fp16 ``F.linear``, all timed the way bench_kernels.py times (rotated weights, CUDA
-graphs, events).  Prints the table and the winner per case; writes JSON (without a GPU: a JSON that
+also with forced split-K factors; dequantize + cuBLAS) and on the GEMM (checkpoint) layout (the
+skinny kernel), plus the automatic choice and fp16 ``F.linear``, all timed the way bench_kernels.py
+times (rotated weights, CUDA graphs, events).  (The stream layout's variants: gpu_sweep.py.)  Prints the table and the winner per case; writes JSON (without a GPU: a JSON that
 says "skipped", exit status 1).
 
     python -m benchmarks.tune_kernels --out tune.json --time-budget 120
@@ -36,15 +36,13 @@ def variants(m: int):
     """(label, layout, kernel, splits); layout 'gemm' is the checkpoint layout, 'tiled' the runtime one."""
     K = Kernel
     out = [("auto", "tiled", K.AUTO, 0), ("gemm:auto", "gemm", K.AUTO, 0)]
-    if m <= 8:
-        out.append(("gemm:gemv", "gemm", K.GEMV, 0))
     if m <= 32:
         out += [("gemm:skinny-d2", "gemm", K.SKINNY_SHALLOW, 0), ("skinny", "tiled", K.SKINNY, 0),
                 ("skinny-d2", "tiled", K.SKINNY_SHALLOW, 0)]
         if m in SPLIT_SWEEP_MS:
             out += ([(f"skinny/s{s}", "tiled", K.SKINNY, s) for s in SPLITS]
                     + [(f"skinny-d2/s{s}", "tiled", K.SKINNY_SHALLOW, s) for s in SPLITS])
-    out += [("gemm:tiled-gemm", "gemm", K.TILED_GEMM, 0), ("dequant+cublas", "tiled", K.DEQUANT_CUBLAS, 0)]
+    out.append(("dequant+cublas", "tiled", K.DEQUANT_CUBLAS, 0))
     return [(label, layout, int(k), s) for label, layout, k, s in out]
 
 

@@ -383,10 +383,10 @@ __device__ __forceinline__ bool arrive_last(int32_t* counter, int splits) {
 __device__ __forceinline__ uint32_t pair_lo(uint32_t a, uint32_t b) { return __byte_perm(a, b, 0x5410); }
 __device__ __forceinline__ uint32_t pair_hi(uint32_t a, uint32_t b) { return __byte_perm(a, b, 0x7632); }
 
-// One m16n8k16 k-step over a warp's 64 output columns (awq_gemm.cu explains the column
+// One m16n8k16 k-step over a warp's 64 output columns (awq_skinny.cu explains the column
 // permutation): lane (g, q) holds word g of k-rows 2q, 2q+1, 2q+8, 2q+9 (w0, w1, w8, w9), which
 // become the B fragments of n8-tiles 2p (column 2p of the word) and 2p+1; a[mt] is the A fragment
-// of m16 tile mt.  Shared by the tiled GEMM and the skinny kernel.
+// of m16 tile mt.  The skinny kernel's inner step.
 template <typename T, int MT>
 __device__ __forceinline__ void mma_k16(float (&acc)[MT][8][4], const GroupParams<T>& gp, uint32_t w0, uint32_t w1,
                                         uint32_t w8, uint32_t w9, const uint32_t (&a)[MT][4]) {

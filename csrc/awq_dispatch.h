@@ -5,9 +5,11 @@
 // run the same code and CI tests the rules (tests/test_cpu_twin.py).  Thresholds measured on an
 // H200 (benchmarks/tune_kernels.py, benchmarks/gpu_sweep.py; numbers in benchmarks/RESULTS.md):
 //
-//   warp-tiled qweight (AWQLIB_LAYOUT=tiled):
-//     M <= kSkinnyMaxMTiled  -> awq_skinny.cu (tensor cores, weights streamed to registers)
-//     larger                 -> awq_dequant.cu (tiled) + cuBLAS (at::mm)
+//   warp-tiled qweight (AWQLIB_LAYOUT=tiled, or a group size the stream kernel cannot take at one
+//   token) and GEMM-layout qweight (the checkpoint layout: on CUDA only what the library does not
+//   repack -- a linear offloaded to the CPU, moved in for its forward -- and direct op calls):
+//     M <= kSkinnyMaxMAuto   -> awq_skinny.cu (tensor cores, weights streamed to registers)
+//     larger                 -> awq_dequant.cu + cuBLAS (at::mm)
 //   stream-layout qweight (the default runtime layout, packing.DEFAULT_RUNTIME_LAYOUT):
 //     awq_stream.cu's choose_stream: M <= kStreamMaxM in one launch (group sums where they pay,
 //     the narrow kernels at M <= 8), in the large shared-memory configuration where it fits, else
@@ -16,11 +18,6 @@
 //     one where asked for (AWQLIB_STREAM_WGMMA=1, an sm_90a build on H100/H200; passes of up to
 //     kStreamWgmmaMaxM rows); at M > 32 only for weights of kStreamFourTileMinWeights elements or
 //     more; else dequantize + cuBLAS.  Forced, the stream kernel runs larger M in passes.
-//   GEMM-layout qweight (the checkpoint layout, e.g. a model quantized in this process):
-//     M <= kGemvMaxMAuto     -> awq_gemv.cu   (CUDA cores, cp.async pipeline)
-//     M <= kSkinnyMaxMAuto   -> awq_skinny.cu
-//     M <  kDequantCublasMinM -> awq_gemm.cu  (tiled mma.sync GEMM, cp.async pipeline)
-//     larger                 -> awq_dequant.cu + cuBLAS
 //   shapes the fused kernels do not cover (N % 64, K % 32, group % 32) -> dequantize + cuBLAS
 #pragma once
 
@@ -31,25 +28,22 @@
 
 namespace awq {
 
-// GEMM-layout weights from this many rows on: dequantize once (K*N*2.5 bytes of traffic) and
-// call cuBLAS.  Measured on an H200 (tune_kernels.py): at M = 64 it beat the tiled mma.sync GEMM
-// on all five Llama shapes, at M = 24..32 the GEMM was as fast or faster.
-constexpr int64_t kDequantCublasMinM = 48;
-// GEMM-layout weights: up to kGemvMaxMAuto rows the CUDA-core GEMV, then up to kSkinnyMaxMAuto
-// the skinny tensor-core kernel.  Warp-tiled weights (what from_quantized gives on CUDA with
-// AWQLIB_LAYOUT=tiled): the skinny kernel up to kSkinnyMaxMTiled rows, then dequantize + cuBLAS.
-constexpr int64_t kGemvMaxMAuto = 1;
-constexpr int64_t kSkinnyMaxMAuto = 16;
-constexpr int64_t kSkinnyMaxMTiled = 32;
+// Warp-tiled and GEMM-layout weights: the skinny kernel up to kSkinnyMaxMAuto rows, then dequantize
+// (K*N*2.5 bytes of traffic) + cuBLAS.  On an H200 (benchmarks/RESULTS.md, 2026-11-27) the skinny
+// kernel ran 0.67-1.01x fp16 at M = 32 and dequantize + cuBLAS 0.40-0.61x at M = 64.  (A CUDA-core
+// GEMV (M = 1) and a tiled mma.sync GEMM (M = 17-47) for the GEMM layout were retired once the
+// stream layout became the runtime layout: only weights the library does not repack reached them,
+// and the GEMV's best case was 23 % ahead of the skinny kernel on tiled weights, 7b gate_up M = 1.)
+constexpr int64_t kSkinnyMaxMAuto = 32;
 
 // Which kernel serves a call.  kAuto picks by shape (above); the others force one, for tuning
 // (torch.ops.awqlib.awq_gemm_variant, benchmarks/tune_kernels.py) and tests.  Mirrored by
 // awqlib.ops.Kernel (an IntEnum; tests/test_ops.py checks that the two agree).
+// Ids 1 and 3 (a CUDA-core GEMV and a tiled mma.sync GEMM) are retired, not reused: a script that
+// still passes one is refused as an unknown kernel (is_kernel), not run on another.
 enum Kernel : int64_t {
   kAuto = 0,
-  kGemv = 1,           // CUDA-core GEMV, GEMM layout, M <= 8
   kSkinny = 2,         // skinny tensor-core kernel, register ring 4 chunks deep, M <= 32
-  kTiled = 3,          // tiled mma.sync GEMM, GEMM layout
   kDequantCublas = 4,  // dequantize + cuBLAS, any layout and M
   kSkinnyShallow = 5,  // skinny tensor-core kernel, register ring 2 chunks deep
   kStream = 6,         // streaming mma.sync kernel, stream layout, passes of <= 64 rows (AUTO: one pass;
@@ -71,6 +65,11 @@ enum Kernel : int64_t {
 enum class Layout { kGemm, kTiled, kStream };
 
 inline bool is_stream_kernel(Kernel k) { return k >= kStream && k <= kStreamCompactGroupSums; }
+// A kernel id awq_gemm_variant takes (the ids of enum Kernel, retired ones excluded).
+inline bool is_kernel(int64_t k) {
+  return k == kAuto || k == kSkinny || k == kDequantCublas || k == kSkinnyShallow ||
+         (k >= kStream && k <= kLastKernel);
+}
 
 // What a stream-layout call's choice depends on beyond the call: AWQLIB_STREAM_DEEP, AWQLIB_STREAM_WGMMA
 // (on a device that runs the wgmma kernels) and the shared memory a block may have.
@@ -100,6 +99,7 @@ KernelChoice choose_kernel(Layout layout, int64_t M, int64_t N, int64_t K, int64
     c.refusal = "awq_gemm_variant: " + why;
     return c;
   };
+  if (!is_kernel(k)) return refuse("unknown kernel " + std::to_string(static_cast<int64_t>(k)));
   if (layout == Layout::kStream) {
     if (k != kAuto && k != kDequantCublas && !is_stream_kernel(k))
       return refuse("a stream-layout weight is served by the stream kernel or dequantize + cuBLAS only");
@@ -126,14 +126,7 @@ KernelChoice choose_kernel(Layout layout, int64_t M, int64_t N, int64_t K, int64
   const bool fused_shape = N % kFusedNMultiple == 0 && K % kFusedKMultiple == 0 && group % kFusedGroupMultiple == 0;
   const bool fused_size = M < (int64_t(1) << 31) && M * N < (int64_t(1) << 31);
   const bool fused_ok = fused_shape && fused_size;
-  if (k == kAuto) {
-    if (layout == Layout::kTiled) k = M <= kSkinnyMaxMTiled && fused_ok ? kSkinnyShallow : kDequantCublas;
-    else k = !fused_ok ? kDequantCublas
-             : M <= kGemvMaxMAuto ? kGemv
-             : M <= kSkinnyMaxMAuto ? kSkinnyShallow
-             : M < kDequantCublasMinM ? kTiled
-             : kDequantCublas;
-  }
+  if (k == kAuto) k = M <= kSkinnyMaxMAuto && fused_ok ? kSkinnyShallow : kDequantCublas;
   c.kernel = k;
   if (k == kDequantCublas) return c;
   if (!fused_shape)
@@ -143,17 +136,13 @@ KernelChoice choose_kernel(Layout layout, int64_t M, int64_t N, int64_t K, int64
   if (!fused_size)
     return refuse("the fused kernels take fewer than 2^31 rows and outputs (M x N), got M = " + std::to_string(M) +
                   ", N = " + std::to_string(N));
-  if (layout == Layout::kTiled && k != kSkinny && k != kSkinnyShallow)
-    return refuse("a warp-tiled weight is served by the skinny kernels or dequantize + cuBLAS only");
-  if (k == kGemv && M > kGemvMaxM) return refuse("the GEMV kernel takes M <= " + std::to_string(kGemvMaxM));
   if ((k == kSkinny || k == kSkinnyShallow) && M > kSkinnyMaxM)
     return refuse("the skinny kernel takes M <= " + std::to_string(kSkinnyMaxM));
   return c;
 }
 
-// The first launch's kernel of a choice, named as scripts/sass_budget.py names it for the stream and
-// skinny kernels (its sass_budget.json key), by its name alone for the GEMV and the tiled GEMM
-// (whose template arguments come from their plans), or "dequant+cuBLAS".  narrow: the
+// The first launch's kernel of a choice, named as scripts/sass_budget.py names it (its
+// sass_budget.json key), or "dequant+cuBLAS".  narrow: the
 // AWQLIB_STREAM_NARROW setting.
 inline std::string kernel_name(DType dt, Layout layout, int64_t M, int64_t N, int64_t K, int64_t group,
                                const KernelChoice& c, bool narrow) {
@@ -165,10 +154,6 @@ inline std::string kernel_name(DType dt, Layout layout, int64_t M, int64_t N, in
     case kSkinny:
     case kSkinnyShallow:
       return skinny_kernel_name(dt, static_cast<int>(M), c.kernel == kSkinnyShallow ? 2 : 4, layout == Layout::kTiled);
-    case kGemv:
-      return "awq_gemv_kernel";
-    case kTiled:
-      return "awq_gemm_kernel";
     default:
       return "dequant+cuBLAS";
   }

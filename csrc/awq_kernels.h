@@ -29,15 +29,9 @@ struct GemmArgs {
 
 // A launch plan: how many split-K slices and how many output tiles (= counters needed).
 struct Plan {
-  int config;   // kernel variant (GEMM only)
   int splits;   // split-K factor (>= 1)
   int tiles;    // number of output tiles, i.e. counters needed when splits > 1
 };
-
-// ---- GEMV / small batch: M in [1, kGemvMaxM], CUDA cores.
-constexpr int kGemvMaxM = 8;
-Plan plan_gemv(int M, int N, int K, int num_sms, int splits_override);
-void launch_gemv(DType dt, const GemmArgs& a, cudaStream_t stream);
 
 // ---- Skinny tensor-core kernel: M in [1, kSkinnyMaxM], weights streamed to registers.
 //      splits_override > 0 forces the split-K factor (tuning); depth is the per-warp prefetch
@@ -55,10 +49,6 @@ inline std::string skinny_kernel_name(DType dt, int M, int depth, bool tiled) {
          std::to_string(skinny_m_tiles(M)) + ", " + std::to_string(skinny_depth(depth)) + ", " +
          (tiled ? "true" : "false") + ">";
 }
-
-// ---- Tensor-core GEMM: M > kGemvMaxM.
-Plan plan_gemm(int M, int N, int K, int num_sms, int splits_override);
-void launch_gemm(DType dt, const GemmArgs& a, const Plan& plan, cudaStream_t stream);
 
 // ---- Dequantize to a dense W^T [K, N] (T = scales' dtype).  Any N multiple of 8, any group
 // size dividing K.
@@ -157,9 +147,10 @@ StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms, StreamC
 void launch_stream(DType dt, const GemmArgs& a, const StreamPlan& plan, bool group_sums, bool pdl, bool narrow,
                    cudaStream_t stream);
 
-// Requirements of the fused kernels (GEMV and GEMM); other shapes take dequantize + cuBLAS.
-constexpr int kFusedNMultiple = 64;   // one warp of the GEMM covers 64 columns
-constexpr int kFusedKMultiple = 32;   // one pipeline stage covers 32 rows of K
+// Requirements of the fused kernels on the GEMM and warp-tiled layouts (the skinny kernel); other
+// shapes take dequantize + cuBLAS.
+constexpr int kFusedNMultiple = 64;   // one warp covers 64 columns
+constexpr int kFusedKMultiple = 32;   // one chunk covers 32 rows of K
 constexpr int kFusedGroupMultiple = 32;  // so a 32-row stage never straddles two groups
 
 }  // namespace awq

@@ -36,7 +36,7 @@ namespace {
 using awq::Kernel;
 using awq::KernelChoice;
 using awq::Layout;
-using awq::kAuto, awq::kDequantCublas, awq::kGemv, awq::kSkinnyShallow, awq::kStream, awq::kTiled;
+using awq::kAuto, awq::kDequantCublas, awq::kSkinnyShallow, awq::kStream;
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
@@ -339,7 +339,7 @@ int64_t check_call(const at::Tensor& x, const at::Tensor& qweight, const Shape& 
               "awq_gemm: x must be float16 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == s.K, "awq_gemm: x has ", num(x.size(-1)), " features, the weight expects ",
               num(s.K));
-  TORCH_CHECK(kernel >= awq::kAuto && kernel <= awq::kLastKernel, "awq_gemm_variant: unknown kernel ", num(kernel));
+  TORCH_CHECK(awq::is_kernel(kernel), "awq_gemm_variant: unknown kernel ", num(kernel));
   TORCH_CHECK(splits >= 0 && splits < (int64_t(1) << 16), "awq_gemm_variant: splits must be in [0, 65535], got ",
               num(splits));
   return x.numel() / s.K;
@@ -426,18 +426,15 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor
     }
     return out.view(out_shape);
   }
-  const awq::Plan plan = k == kGemv ? awq::plan_gemv(m, n, kk, num_sms, so)
-                         : k == kTiled ? awq::plan_gemm(m, n, kk, num_sms, so)
-                         : awq::plan_skinny(dt, m, n, kk, depth, s.layout == Layout::kTiled, num_sms, so);
+  const bool tiled = s.layout == Layout::kTiled;
+  const awq::Plan plan = awq::plan_skinny(dt, m, n, kk, depth, tiled, num_sms, so);
   if (plan.splits > 1) {
     ws = at::empty({plan.splits, M, s.N}, x.options().dtype(at::kFloat));
     a.workspace = ws.data_ptr<float>();
     a.counters = counters_for(x, plan.tiles, stream, capture, per_call_counters);
   }
   a.splits = plan.splits;
-  if (k == kGemv) awq::launch_gemv(dt, a, stream);
-  else if (k == kTiled) awq::launch_gemm(dt, a, plan, stream);
-  else awq::launch_skinny(dt, a, depth, s.layout == Layout::kTiled, stream);
+  awq::launch_skinny(dt, a, depth, tiled, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return add_residual(out.view(out_shape));
 }

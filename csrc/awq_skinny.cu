@@ -8,8 +8,22 @@
 // (MT = 1) or 32 rows (MT = 2) at once, whatever M is.  The padded rows are free: the tensor
 // cores are idle in a memory-bound kernel anyway.
 //
-// Work split.  A warp owns 64 output columns (8 packed words: lane l reads word l/4, like the
-// tiled GEMM in awq_gemm.cu, whose comment explains the column permutation and k-pairs) and a
+// From nibbles to mma fragments (awq_common.cuh: mma_k16).  mma.sync.m16n8k16 wants its B operand
+// (16 k x 8 n) as pairs of *consecutive k* per register: lane l holds B[2q, 2q+1][g] and
+// B[2q+8, 2q+9][g] with g = l/4, q = l%4.  The AWQ GEMM layout gives pairs of *adjacent columns*
+// of one k-row for free (lop3 on nibbles p, p+4).  k-pairs without a shared-memory round trip:
+//  * Column permutation.  A warp covers 64 output columns = 8 packed words per k-row.  Lane l
+//    reads only word g = l/4 and uses its 8 columns as the warp's 8 n8-tiles: in n8-tile t,
+//    B-column slot g is real column 8g + t.  So every nibble a lane dequantizes feeds exactly one
+//    mma, and no lane dequantizes a value twice.
+//  * k-pairs.  Lane l dequantizes word g of rows 2q, 2q+1, 2q+8, 2q+9 (the rows its fragment
+//    needs) into (col 2p, col 2p+1) pairs, and one byte-permute per register forms (row k, row
+//    k+1) pairs of a single column: exactly b0/b1 of n8-tiles 2p and 2p+1.  (The stream layout,
+//    awq_stream.cu, stores k-pairs already interleaved and needs no such permute.)
+//  * Output.  Accumulators c0/c1 of tile t sit in slots 2q, 2q+1, i.e. real columns 16q + t and
+//    16q + 8 + t: lane l owns 16 *contiguous* output columns [16q, 16q+16) of rows g and g+8.
+//
+// Work split.  A warp owns 64 output columns (8 packed words: lane l reads word l/4, above) and a
 // set of 32-row chunks of K.  A block is kSkWarps warps on the *same* 64 columns, each taking
 // every kSkWarps-th chunk of the block's K range; their partial sums are added once through
 // shared memory, so splitting K inside a block costs no global traffic.  blockIdx.y splits K
@@ -30,11 +44,11 @@
 // Measured on an H200 (benchmarks/RESULTS.md): ~1.5-1.65 TB/s at M = 1..8 on large weights,
 // 35-40% of the copy bandwidth, 1.3-1.55x fp16 cuBLAS.  Not yet understood.  The register ring
 // holds ~40-50 KB per SM in flight (D = 2: 96 registers, 5 blocks; D = 4: 163 registers, 3
-// blocks), likely too little; but the CUDA-core GEMV (awq_gemv.cu), with a deeper cp.async ring
-// on the GEMM layout, stopped at ~1.45 TB/s too, and the tiled layout gained only ~10%.  Next
-// experiment: a shared-memory (cp.async or TMA) ring on the tiled layout, which holds bytes in
-// flight without registers; a first version failed its GPU test (illegal address) in the last
-// session with a GPU and was taken out, untuned.
+// blocks), likely too little; a CUDA-core GEMV with a deeper cp.async ring on the GEMM layout
+// stopped at ~1.45 TB/s too, and the tiled layout gained only ~10%.  The stream kernel
+// (awq_stream.cu: a shared-memory cp.async ring on its own layout) is the answer that followed;
+// this kernel serves the warp-tiled layout (shapes whose group size the stream kernel cannot
+// take at one token) and GEMM-layout weights on CUDA (offloaded linears, direct op calls).
 #include "awq_common.cuh"
 #include "awq_kernels.h"
 
@@ -265,7 +279,7 @@ Plan plan_skinny(DType dt, int M, int N, int K, int depth, bool tiled, int num_s
   splits = std::max(1, std::min(splits, chunks));
   const int cps = ceil_div(chunks, splits);
   splits = ceil_div(chunks, cps);  // no empty splits
-  return Plan{0, splits, tiles};
+  return Plan{splits, tiles};
 }
 
 void launch_skinny(DType dt, const GemmArgs& a, int depth, bool tiled, cudaStream_t stream) {

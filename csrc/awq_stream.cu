@@ -2,9 +2,9 @@
 // awq_ops.cpp runs more rows in passes) on the stream runtime layout.
 //
 // Why.  At M <= 64 the job is to stream the int4 weights from DRAM once, and the older kernels
-// (awq_skinny.cu, awq_gemv.cu) are limited by *instruction issue*, not by bytes: 370-600
-// warp-instructions per KB of weights (scripts/sass_budget.py), which caps them near 1.8-2.9
-// TB/s on an H200 even at 100 % issue (shared/design/kernels-v2.md).  This kernel is built to
+// (awq_skinny.cu; a CUDA-core GEMV, since retired) are limited by *instruction issue*, not by
+// bytes: 370-600 warp-instructions per KB of weights (scripts/sass_budget.py), which caps them
+// near 1.8-2.9 TB/s on an H200 even at 100 % issue (shared/design/kernels-v2.md).  This kernel is built to
 // spend <= 175 per KB (scripts/sass_budget.py; the figures: benchmarks/RESULTS.md):
 //
 //  * Layout (awqlib/packing.py, "stream layout", repacked once at load): 16x64 atoms, one 16-byte

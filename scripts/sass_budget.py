@@ -166,27 +166,10 @@ class Spec:
     tensor_op: str = "HMMA"  # which: mma.sync's HMMA, or wgmma's HGMMA
 
 
-def _gemm_spec(args) -> Spec:
-    _, bm, wm, wn = args
-    warps = wm * wn
-    mt = bm // (16 * wm)
-    words = 8 * wn
-    bstride = words + ((4 - words % 16) + 16) % 16
-    stage = bm * 40 * 2 + 32 * bstride * 4 + words * 4 + 64 * wn * 2
-    # One 32-row stage of BN = 64 wn columns per iteration; each warp does 2 k16 steps x 8 n8 x MT.
-    return Spec(32 * warps, 4 * stage, 32 * 64 * wn // 2, 16 * mt,
-                "warps of one column strip (WARPS_M > 1) dequantize the same words")
-
-
 def _skinny_spec(args) -> Spec:
     _, mt, depth, _tiled = args
     # 4 warps, each a 32-row x 64-column chunk (1 KB) per ring slot, depth slots per iteration.
     return Spec(128, 0, 4 * depth * 1024, 16 * depth * mt)
-
-
-def _gemv_spec(args) -> Spec:
-    # 256 threads, a 32-row x 256-column stage (4 KB) per iteration.
-    return Spec(256, 0, 32 * 256 // 2, None)
 
 
 STREAM_CONFIGS = {"large": 0, "compact": 1, "deep": 2, "wgmma": 3}  # csrc/awq_kernels.h: StreamConfig
@@ -218,9 +201,7 @@ def _stream_spec(args) -> Spec:
 
 SPECS = {
     "awq_stream_kernel": _stream_spec,
-    "awq_gemm_kernel": _gemm_spec,
     "awq_skinny_kernel": _skinny_spec,
-    "awq_gemv_kernel": _gemv_spec,
 }
 
 

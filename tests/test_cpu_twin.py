@@ -589,24 +589,28 @@ GEMM, TILED, STREAM = "gemm", "tiled", "stream"
 # (query, answer): awq_dispatch.h's table for the GEMM and warp-tiled layouts, the kernel ids on the
 # stream layout, and the refusals of a forced kernel
 DISPATCH = [
-    (dict(layout=GEMM, M=1, kernel=0), "awq_gemv_kernel"),
-    (dict(layout=GEMM, M=2, kernel=0), "awq_skinny_kernel<half, 1, 2, false>"),
+    (dict(layout=GEMM, M=1, kernel=0), "awq_skinny_kernel<half, 1, 2, false>"),
     (dict(layout=GEMM, M=16, kernel=0, dtype="bf16"), "awq_skinny_kernel<bf16, 1, 2, false>"),
-    (dict(layout=GEMM, M=17, kernel=0), "awq_gemm_kernel"),
-    (dict(layout=GEMM, M=47, kernel=0), "awq_gemm_kernel"),
-    (dict(layout=GEMM, M=48, kernel=0), "dequant+cuBLAS"),
+    (dict(layout=GEMM, M=17, kernel=0), "awq_skinny_kernel<half, 2, 2, false>"),
+    (dict(layout=GEMM, M=32, kernel=0), "awq_skinny_kernel<half, 2, 2, false>"),
+    (dict(layout=GEMM, M=33, kernel=0), "dequant+cuBLAS"),
     (dict(layout=GEMM, M=1, kernel=0, N=4104), "dequant+cuBLAS"),        # N % 64: no fused kernel
     (dict(layout=GEMM, M=1, kernel=0, g=48, K=4128), "dequant+cuBLAS"),  # group % 32
     (dict(layout=GEMM, M=20, kernel=2), "awq_skinny_kernel<half, 2, 4, false>"),
-    (dict(layout=GEMM, M=9, kernel=1), "refused awq_gemm_variant: the GEMV kernel takes M <= 8"),
     (dict(layout=GEMM, M=33, kernel=5), "refused awq_gemm_variant: the skinny kernel takes M <= 32"),
-    (dict(layout=GEMM, M=1, kernel=3, N=4104), "refused awq_gemm_variant: the fused kernels need N % 64 == 0, "
+    (dict(layout=GEMM, M=1, kernel=2, N=4104), "refused awq_gemm_variant: the fused kernels need N % 64 == 0, "
                                                "K % 32 == 0 and group_size % 32 == 0"),
     (dict(layout=GEMM, M=1, kernel=6), "refused awq_gemm_variant: the stream kernel needs the stream layout"),
+    # the retired ids (a CUDA-core GEMV, a tiled mma.sync GEMM) and ids past the last: unknown on every layout
+    (dict(layout=GEMM, M=1, kernel=1), "refused awq_gemm_variant: unknown kernel 1"),
+    (dict(layout=GEMM, M=40, kernel=3), "refused awq_gemm_variant: unknown kernel 3"),
+    (dict(layout=TILED, M=1, kernel=1), "refused awq_gemm_variant: unknown kernel 1"),
+    (dict(layout=STREAM, M=1, kernel=3), "refused awq_gemm_variant: unknown kernel 3"),
+    (dict(layout=STREAM, M=1, kernel=10), "refused awq_gemm_variant: unknown kernel 10"),
     (dict(layout=TILED, M=32, kernel=0), "awq_skinny_kernel<half, 2, 2, true>"),
     (dict(layout=TILED, M=33, kernel=0), "dequant+cuBLAS"),
-    (dict(layout=TILED, M=1, kernel=1), "refused awq_gemm_variant: a warp-tiled weight is served by the skinny "
-                                        "kernels or dequantize + cuBLAS only"),
+    (dict(layout=TILED, M=8, kernel=2), "awq_skinny_kernel<half, 1, 4, true>"),
+    (dict(layout=TILED, M=1, kernel=7), "refused awq_gemm_variant: the stream kernel needs the stream layout"),
     (dict(layout=TILED, M=4, kernel=4), "dequant+cuBLAS"),
     (dict(layout=STREAM, M=1, kernel=0), "awq_stream_kernel<half, 1, true, false, true, large, true>"),
     (dict(layout=STREAM, M=1, kernel=6), "awq_stream_kernel<half, 1, true, false, false, large, true>"),
@@ -614,7 +618,7 @@ DISPATCH = [
     (dict(layout=STREAM, M=1, kernel=8), "awq_stream_kernel<half, 1, true, false, false, compact, true>"),
     (dict(layout=STREAM, M=20, kernel=9), "awq_stream_kernel<half, 2, true, false, false, compact, false>"),
     (dict(layout=STREAM, M=1, kernel=4), "dequant+cuBLAS"),
-    (dict(layout=STREAM, M=1, kernel=1), "refused awq_gemm_variant: a stream-layout weight is served by the stream "
+    (dict(layout=STREAM, M=1, kernel=2), "refused awq_gemm_variant: a stream-layout weight is served by the stream "
                                          "kernel or dequantize + cuBLAS only"),
     (dict(layout=STREAM, M=2**31, kernel=0), "dequant+cuBLAS"),
     (dict(layout=STREAM, M=2**31, kernel=4), "dequant+cuBLAS"),
@@ -624,7 +628,7 @@ DISPATCH = [
     (dict(layout=GEMM, M=2**31, kernel=0), "dequant+cuBLAS"),
     (dict(layout=GEMM, M=16, N=2**27, K=32, g=32, kernel=0), "dequant+cuBLAS"),
     (dict(layout=TILED, M=32, N=2**26, K=32, g=32, kernel=0), "dequant+cuBLAS"),
-    (dict(layout=GEMM, M=2**31, kernel=3), "refused awq_gemm_variant: the fused kernels take fewer than 2^31 rows "
+    (dict(layout=GEMM, M=2**31, kernel=2), "refused awq_gemm_variant: the fused kernels take fewer than 2^31 rows "
                                            "and outputs (M x N), got M = 2147483648, N = 4096"),
 ]
 

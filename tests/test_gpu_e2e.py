@@ -37,10 +37,36 @@ def test_cuda_logits_match_reference(tmp_path, monkeypatch, dtype, fuse, layout)
         "from_quantized must repack on CUDA"
     with torch.no_grad():
         r = ref(input_ids=ids).logits
-        for n in (40, 1):  # prefill (GEMM) and decode-sized (GEMV) calls
+        for n in (40, 1):  # prefill-sized (dequantize + cuBLAS) and decode-sized (stream / skinny) calls
             g = gpu(input_ids=ids[:, :n].cuda()).logits.float().cpu()
             rel = ((g - r[:, :n]).norm() / r[:, :n].norm()).item()
             assert rel < (1e-2 if dtype == torch.float16 else 3e-2), (n, rel)
+
+
+def test_a_model_loaded_on_the_cpu_and_moved_runs_like_one_loaded_on_cuda(tmp_path, monkeypatch):
+    """``.cuda()`` on a model loaded on the CPU repacks its quantized linears (WQLinear._apply) as a
+    load onto CUDA does: the same layout, the same kernels, the same logits bit for bit; moved back,
+    it saves the checkpoint's tensors."""
+    from awqlib.modules import WQLinear
+    from awqlib.ops import gemm_kernel_name
+    monkeypatch.delenv("AWQLIB_LAYOUT", raising=False)
+    w = AutoAWQ.from_model(_tiny_llama())
+    w.quantize(None, {"q_group_size": 64}, method="rtn", device="cpu")
+    w.save_quantized(tmp_path / "q")
+    direct = AutoAWQ.from_quantized(str(tmp_path / "q"), device="cuda", torch_dtype=torch.float16)
+    moved = AutoAWQ.from_quantized(str(tmp_path / "q"), device="cpu", torch_dtype=torch.float16)
+    on_disk = {k: v.clone() for k, v in moved.model.state_dict().items()}
+    moved.model.cuda()
+    lin = [m for m in moved.model.modules() if isinstance(m, WQLinear)]
+    assert lin and all(m.layout == "stream" for m in lin)
+    x = torch.randn(1, lin[0].in_features, device="cuda", dtype=torch.float16)
+    assert "stream" in gemm_kernel_name(x, lin[0].qweight, lin[0].qzeros, lin[0].scales, lin[0].group_size)
+    ids = torch.randint(0, 512, (2, 24), device="cuda")
+    with torch.no_grad():
+        assert torch.equal(moved(input_ids=ids).logits, direct(input_ids=ids).logits)
+    moved.model.cpu()
+    sd = moved.model.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in on_disk.items())
 
 
 def _awq(model, ids, device, out):

@@ -145,7 +145,7 @@ def test_gate_failure_says_where_and_rules_out_only_its_variants():
     assert gpu_sweep.failed_variants({"failed": [{"layout": "stream", "kernel": "STREAM_GROUP_SUMS", "pdl": True,
                                                   "options": ["deep", "narrow"]}]}) == set()
     assert gpu_sweep.failed_variants(failed("tiled", Kernel.SKINNY_SHALLOW)) == {"tiled:auto"}
-    assert gpu_sweep.failed_variants(failed("gemm", Kernel.GEMV)) == set()
+    assert gpu_sweep.failed_variants(failed("gemm", Kernel.SKINNY)) == set()
     # gated, not timed; the automatic choice runs it where the large configuration does not fit
     assert gpu_sweep.failed_variants(failed("stream", Kernel.STREAM_COMPACT)) == {"stream:auto", "stream:auto:sm89",
                                                                                   "stream:auto:deep"}
@@ -185,6 +185,14 @@ def test_variant_env_is_set_for_the_variant_only(monkeypatch):
     with gpu_sweep.variant_env("stream:pdl"):
         assert os.environ["AWQLIB_STREAM_PDL"] == "1"
     assert os.environ["AWQLIB_STREAM_PDL"] == "1"
+    # nor does an ambient shared-memory cap (it would time an A100's choice on this GPU), which the
+    # sm89 variant sets for itself
+    monkeypatch.setenv("AWQLIB_STREAM_SMEM_LIMIT", "166912")
+    for label in [v[0] for v in gpu_sweep.VARIANTS]:
+        with gpu_sweep.variant_env(label):
+            want = str(gpu_sweep.SM89_SMEM) if label == "stream:auto:sm89" else None
+            assert os.environ.get("AWQLIB_STREAM_SMEM_LIMIT") == want, label
+    assert os.environ["AWQLIB_STREAM_SMEM_LIMIT"] == "166912"
 
 
 def test_narrow_variants_are_timed_where_they_run():

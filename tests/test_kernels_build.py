@@ -62,7 +62,7 @@ def test_kernels_compile_for_sm80_sm90(tmp_path):
         torch.ops.load_library(str(again))
     assert runs_on(9, 0) is toolchain.has_wgmma(ARCHS)
     # The compiled code really contains both architectures.
-    for obj in ("awq_gemm.cuda.o", "awq_block_ops.cuda.o"):
+    for obj in ("awq_stream.cuda.o", "awq_block_ops.cuda.o"):
         code = (tmp_path / obj).read_bytes()
         assert b"sm_80" in code and HOPPER_CODE in code, obj
     # Installed as prebuilt kernels, it serves both GPUs (and an sm_89 one by the sm_80 code), not older.
@@ -80,7 +80,7 @@ def test_sources_found():
     names = [Path(s).name for s in kernels.sources()]
     on_disk = {p.name for p in kernels.source_dir().iterdir() if p.suffix in (".cu", ".cpp")}
     assert set(names) == on_disk and len(names) == len(on_disk)
-    assert {"awq_ops.cpp", "awq_gemv.cu", "awq_gemm.cu", "awq_dequant.cu", "awq_skinny.cu"} <= on_disk
+    assert {"awq_ops.cpp", "awq_stream.cu", "awq_dequant.cu", "awq_skinny.cu", "awq_block_ops.cu"} <= on_disk
     assert names[0] == "awq_ops.cpp"
 
 
@@ -111,11 +111,12 @@ def test_build_without_gpu_needs_arch_list(monkeypatch):
         kernels.build()
 
 
-def test_gemm_fragment_mapping_emulation():
-    """CPU emulation of one warp of csrc/awq_gemm.cu (one k16 step, one m16 tile): which activation
-    elements ldmatrix hands each lane, which packed word / rows / nibbles each lane dequantizes for
-    its B fragments, and where its accumulators are stored -- interpreted with the PTX-defined
-    m16n8k16 fragment layouts -- must reproduce x @ W^T exactly."""
+def test_skinny_fragment_mapping_emulation():
+    """CPU emulation of one warp's k16 step on the GEMM layout (csrc/awq_common.cuh: mma_k16, the
+    skinny kernel's step; awq_skinny.cu explains the column permutation), one m16 tile: which packed
+    word / rows / nibbles each lane dequantizes for its B fragments, and where the epilogue stores
+    its accumulators -- interpreted with the PTX-defined m16n8k16 fragment layouts -- must
+    reproduce x @ W^T exactly."""
     from awqlib.packing import pack_columns
 
     K, N, BM = 16, 64, 16
@@ -132,15 +133,10 @@ def test_gemm_fragment_mapping_emulation():
     B = torch.full((8, 16, 8), float("nan"), dtype=torch.float64)  # [n8-tile t][k][slot]
     for lane in range(32):
         g, q = lane >> 2, lane & 3
-        # ldmatrix.x4: lane l addresses row l % 16, k offset 8 * (l // 16); register i of every lane
-        # gets row g, elements 2q, 2q+1 of the matrix whose row addresses came from lanes 8i..8i+7.
-        for i in range(4):
-            src = 8 * i + g
-            row, k0 = src % 16, (src // 16) * 8
-            # PTX A fragment: R0 (row g, k 2q..), R1 (row g+8), R2 (row g, k 2q+8..), R3 (row g+8, k+8)
-            prow, pk = [(g, 2 * q), (g + 8, 2 * q), (g, 2 * q + 8), (g + 8, 2 * q + 8)][i]
+        # PTX A fragment: R0 (row g, k 2q..), R1 (row g+8), R2 (row g, k 2q+8..), R3 (row g+8, k+8)
+        for prow, pk in ((g, 2 * q), (g + 8, 2 * q), (g, 2 * q + 8), (g + 8, 2 * q + 8)):
             for e in range(2):
-                A[prow, pk + e] = x[row, k0 + 2 * q + e]
+                A[prow, pk + e] = x[prow, pk + e]
         # B: word g of rows 2q, 2q+1, 2q+8, 2q+9; pair_lo -> tile 2p, pair_hi -> tile 2p+1.
         rows = (2 * q, 2 * q + 1, 2 * q + 8, 2 * q + 9)
         for p in range(4):
@@ -158,7 +154,7 @@ def test_gemm_fragment_mapping_emulation():
         for lane in range(32):
             g, q = lane >> 2, lane & 3
             c = (D[g, 2 * q], D[g, 2 * q + 1], D[g + 8, 2 * q], D[g + 8, 2 * q + 1])
-            for h in range(2):  # epilogue: c[2h] -> column 16q + t, c[2h+1] -> column 16q + 8 + t
+            for h in range(2):  # epilogue (awq_skinny.cu): c[2h] -> column 16q + t, c[2h+1] -> 16q + 8 + t
                 out[g + 8 * h, 16 * q + t] = c[2 * h]
                 out[g + 8 * h, 16 * q + 8 + t] = c[2 * h + 1]
     ref = x @ (codes - zero).to(torch.float64)
@@ -168,7 +164,7 @@ def test_gemm_fragment_mapping_emulation():
 def test_source_constant_reads_the_kernels_limits(tmp_path, monkeypatch):
     """Tests and tables take the kernels' M limits from csrc/; a missing or twice-defined name is
     an error, never a guess."""
-    assert kernels.source_constant("kGemvMaxM") >= 1
+    assert kernels.source_constant("kSkinnyMaxM") >= 1
     assert kernels.source_constant("kSkinnyMaxMAuto") <= kernels.source_constant("kSkinnyMaxM")
     (tmp_path / "awq_ops.cpp").write_text("constexpr int64_t kA = 16;\nconstexpr int kB = 3;\n")
     (tmp_path / "awq_x.cuh").write_text("constexpr int kB = 4;\n")
@@ -273,9 +269,9 @@ def test_prebuilt_refused_after_a_source_change(pkg, monkeypatch, tmp_path):
     assert kernels.sources_digest(csrc) != digest
     monkeypatch.undo()
     monkeypatch.setattr(kernels, "source_dir", lambda: csrc)
-    (csrc / "awq_gemv.cu").rename(csrc / "awq_gemv2.cu")
+    (csrc / "awq_dequant.cu").rename(csrc / "awq_dequant2.cu")
     assert kernels.sources_digest(csrc) != digest
-    (csrc / "awq_gemv2.cu").rename(csrc / "awq_gemv.cu")
+    (csrc / "awq_dequant2.cu").rename(csrc / "awq_dequant.cu")
     common = csrc / "awq_common.cuh"
     common.write_text(common.read_text() + "\n")
     assert "other kernel sources" in kernels.find_prebuilt([(9, 0)], pkg)[1]

@@ -92,7 +92,6 @@ COMBOS = [
 ]
 
 # The kernels' M limits, read from csrc/ (so that a changed threshold moves the tested boundaries)
-GEMV_MAX_M = kernels.source_constant("kGemvMaxM")                # what the GEMV kernel accepts
 SKINNY_MAX_M = kernels.source_constant("kSkinnyMaxM")            # what the skinny kernels accept
 STREAM_MAX_M = kernels.source_constant("kStreamMaxM")            # what the stream kernel accepts
 STREAM_COMPACT_MAX_M = kernels.source_constant("kStreamCompactMaxM")  # ... in its compact configuration
@@ -108,9 +107,7 @@ def auto_stream_kernel(M: int, N: int, K: int, compact: bool = False) -> Kernel:
     if M > STREAM_MAX_M or (M > STREAM_COMPACT_MAX_M and N * K < FOUR_TILE_MIN_WEIGHTS):
         return Kernel.DEQUANT_CUBLAS
     return Kernel.STREAM_COMPACT_GROUP_SUMS if compact else Kernel.STREAM_GROUP_SUMS
-AUTO_MAX_M = [kernels.source_constant(n) for n in ("kGemvMaxMAuto", "kSkinnyMaxMAuto")]  # inclusive maxima
-DEQUANT_MIN_M = kernels.source_constant("kDequantCublasMinM")   # the first M the auto choice dequantizes
-SKINNY_MAX_M_TILED = kernels.source_constant("kSkinnyMaxMTiled")  # auto choice on warp-tiled weights
+SKINNY_MAX_M_AUTO = kernels.source_constant("kSkinnyMaxMAuto")  # auto choice on GEMM and warp-tiled weights
 M_TILE = 16  # rows of one mma.sync m16n8k16 tile: the tensor-core kernels change configuration at multiples
 
 
@@ -119,7 +116,7 @@ def edges(*limits: int) -> list[int]:
     return [m for limit in limits for m in (limit, limit + 1)]
 
 
-MS = sorted({1, 3, 4, 5, 6, 7, 8, 13, 33, 64, 127, 257, 1024, 4097, *edges(*AUTO_MAX_M, DEQUANT_MIN_M - 1)})
+MS = sorted({1, 3, 4, 5, 6, 7, 8, 13, 33, 64, 127, 257, 1024, 4097, *edges(M_TILE, SKINNY_MAX_M_AUTO)})
 
 
 @pytest.mark.parametrize("N,K,g", COMBOS, ids=[f"N{n}-K{k}-g{g}" for n, k, g in COMBOS])
@@ -217,7 +214,7 @@ def test_non_default_stream(M):
     check(x, K, N, g, torch.float16, out=out2)
 
 
-@pytest.mark.parametrize("M", [1, 8, 33, 600])  # GEMV, GEMV split-K (counters), GEMM, dequant + cuBLAS
+@pytest.mark.parametrize("M", [1, 8, 33, 600])  # skinny (split-K: counters), dequant + cuBLAS
 def test_cuda_graph_capture(M):
     N, K, g = 4096, 4096, 128
     qweight, qzeros, scales, _ = weight(K, N, g)
@@ -252,8 +249,7 @@ def test_torch_compile_fullgraph(M):
 
 # Every kernel variant (forced through awq_gemm_variant), including forced split-K factors that
 # leave uneven remainders: the automatic dispatch must never be the only thing tested.
-VARIANT_M = {Kernel.GEMV: [1, 2, 5, GEMV_MAX_M], Kernel.SKINNY: [1, 3, 8, 9, M_TILE, M_TILE + 1, SKINNY_MAX_M],
-             Kernel.TILED_GEMM: [1, 9, 16, 40, 100], Kernel.DEQUANT_CUBLAS: [1, 16, 100],
+VARIANT_M = {Kernel.SKINNY: [1, 3, 8, 9, M_TILE, M_TILE + 1, SKINNY_MAX_M], Kernel.DEQUANT_CUBLAS: [1, 16, 100],
              Kernel.SKINNY_SHALLOW: [1, 8, M_TILE, SKINNY_MAX_M - 8]}
 VARIANT_CASES = [(int(k), m) for k, ms in VARIANT_M.items() for m in ms]
 
@@ -281,20 +277,20 @@ def test_skinny_bf16(kernel, M):
 
 def test_variant_refuses_what_it_cannot_do():
     qweight, qzeros, scales, _ = weight(128, 64, 32)
-    x = torch.randn(GEMV_MAX_M + 1, 128, device="cuda", dtype=torch.float16)
-    with pytest.raises(RuntimeError, match=f"GEMV kernel takes M <= {GEMV_MAX_M}"):
-        torch.ops.awqlib.awq_gemm_variant(x, qweight, qzeros, scales, 32, int(Kernel.GEMV), 0)
     x = torch.randn(SKINNY_MAX_M + 1, 128, device="cuda", dtype=torch.float16)
     with pytest.raises(RuntimeError, match=f"skinny kernel takes M <= {SKINNY_MAX_M}"):
         torch.ops.awqlib.awq_gemm_variant(x, qweight, qzeros, scales, 32, int(Kernel.SKINNY), 0)
-    with pytest.raises(RuntimeError, match="unknown kernel"):
-        torch.ops.awqlib.awq_gemm_variant(x, qweight, qzeros, scales, 32, max(Kernel) + 1, 0)
+    for retired_or_past_the_last in (1, 3, max(Kernel) + 1):  # ids 1 and 3: the retired GEMV and tiled GEMM
+        with pytest.raises(RuntimeError, match=f"unknown kernel {retired_or_past_the_last}"):
+            torch.ops.awqlib.awq_gemm_variant(x, qweight, qzeros, scales, 32, retired_or_past_the_last, 0)
+        with pytest.raises(RuntimeError, match=f"unknown kernel {retired_or_past_the_last}"):  # also with no rows
+            torch.ops.awqlib.awq_gemm_variant(x[:0], qweight, qzeros, scales, 32, retired_or_past_the_last, 0)
 
 
 # The warp-tiled runtime layout (what from_quantized serves on CUDA with AWQLIB_LAYOUT=tiled).
 TILED_CASES = ([(int(k), m) for k in (Kernel.AUTO, Kernel.SKINNY, Kernel.SKINNY_SHALLOW)
-                for m in (1, 4, 8, M_TILE, M_TILE + 1, SKINNY_MAX_M_TILED)]
-               + [(int(Kernel.AUTO), SKINNY_MAX_M_TILED + 1), (int(Kernel.AUTO), 100), (int(Kernel.DEQUANT_CUBLAS), 1),
+                for m in (1, 4, 8, M_TILE, M_TILE + 1, SKINNY_MAX_M_AUTO)]
+               + [(int(Kernel.AUTO), SKINNY_MAX_M_AUTO + 1), (int(Kernel.AUTO), 100), (int(Kernel.DEQUANT_CUBLAS), 1),
                   (int(Kernel.DEQUANT_CUBLAS), 40)])
 
 
@@ -311,7 +307,7 @@ def test_tiled_layout(kernel, M, N, K, g, splits):
     check(x, K, N, g, torch.float16, out=out)
 
 
-@pytest.mark.parametrize("M", [1, *edges(M_TILE, SKINNY_MAX_M_TILED), 64])
+@pytest.mark.parametrize("M", [1, *edges(M_TILE, SKINNY_MAX_M_AUTO), 64])
 def test_tiled_layout_bf16(M):
     from awqlib.packing import tile_qweight
     N, K, g = 4096, 4096, 128
@@ -333,12 +329,12 @@ def test_dequantize_tiled_bit_exact(dtype):
     assert torch.equal(out, dequantize_gemm(qweight, qzeros, scales, g))
 
 
-def test_tiled_refuses_untiled_kernels():
+def test_tiled_refuses_the_stream_kernel():
     from awqlib.packing import tile_qweight
     qweight, qzeros, scales, _ = weight(576, 192, 64)
     x = torch.randn(4, 576, device="cuda", dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="warp-tiled"):
-        torch.ops.awqlib.awq_gemm_variant(x, tile_qweight(qweight), qzeros, scales, 64, int(Kernel.GEMV), 0)
+    with pytest.raises(RuntimeError, match="the stream kernel needs the stream layout"):
+        torch.ops.awqlib.awq_gemm_variant(x, tile_qweight(qweight), qzeros, scales, 64, int(Kernel.STREAM), 0)
 
 
 # --- the stream layout (the default runtime layout) and its streaming kernel (Kernel.STREAM) -------

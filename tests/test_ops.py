@@ -117,6 +117,37 @@ def test_tile_only_where_the_kernels_can():
     assert not m.tile_for_kernels()
 
 
+def test_a_move_onto_the_kernels_device_repacks(monkeypatch):
+    """A quantized linear moved onto the kernels' device (``.to()``, ``.cuda()``: WQLinear._apply) is
+    repacked as a load there would be -- so a model loaded on the CPU and moved runs the stream
+    kernel, not the GEMM layout's -- and computes and saves what it did before.  Not without the
+    kernels, not in a layout the kernels already read, not for a dtype cast off that device.  The
+    CPU stands in for CUDA here (KERNEL_DEVICE_TYPES); test_gpu_e2e moves a real one."""
+    from awqlib import modules
+    monkeypatch.delenv("AWQLIB_LAYOUT", raising=False)
+    _, m, x, before, sd_before = _quantized(256, 192, 64)
+    m.half().float()  # off the kernels' device: nothing moves
+    assert m.layout == "gemm"
+    monkeypatch.setattr(modules, "KERNEL_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(modules.kernels, "load", lambda: False)
+    m.to("cpu")
+    assert m.layout == "gemm"  # no kernels: the reference reads the GEMM layout as fast as any
+    monkeypatch.setattr(modules.kernels, "load", lambda: True)
+    m.to("cpu")
+    assert m.layout == "stream" and torch.equal(m(x), before)
+    sd = m.state_dict()
+    assert all(torch.equal(sd[k], sd_before[k]) for k in sd_before)
+    m.set_layout("tiled")
+    m.to("cpu")
+    assert m.layout == "tiled"  # a runtime layout stays as it is
+    odd = WQLinear(96, 128, group_size=48)  # no runtime layout takes it: stays, without complaint
+    odd.to("cpu")
+    assert odd.layout == "gemm"
+    model = torch.nn.Sequential(WQLinear(256, 192, group_size=64), torch.nn.ReLU())
+    model.to("cpu")  # through a parent module's move too
+    assert model[0].layout == "stream"
+
+
 # --- the stream runtime layout and the named layouts ----------------------------------------------
 
 def test_stream_layout_same_function_and_module_round_trip(monkeypatch):
@@ -177,7 +208,6 @@ def test_kernel_enum_mirrors_cpp():
     body = re.search(r"enum Kernel : int64_t \{(.*?)\};", src, re.S).group(1)
     cpp = {m.group(1): int(m.group(2)) for m in re.finditer(r"\bk(\w+) = (\d+)", body) if m.group(1) != "LastKernel"}
     snake = {re.sub(r"(?<!^)(?=[A-Z])", "_", k).upper(): v for k, v in cpp.items()}
-    snake["TILED_GEMM"] = snake.pop("TILED")  # the C++ name predates the warp-tiled layout
     assert snake == {k.name: int(k) for k in Kernel}
 
 

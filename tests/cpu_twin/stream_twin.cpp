@@ -185,7 +185,7 @@ void run_dispatch() {
   while (std::cin >> dt >> layout_name >> M >> N >> K >> g >> kernel >> limit >> deep >> wgmma >> narrow) {
     if (dt != "fp16" && dt != "bf16") awq_twin::fail("DTYPE is fp16|bf16");
     if (M < 1 || N < 1 || K < 1 || g < 1 || K % g) awq_twin::fail("dispatch: M, N, K, GROUP positive, K % GROUP == 0");
-    if (kernel < awq::kAuto || kernel > awq::kLastKernel) awq_twin::fail("dispatch: KERNEL is an awqlib.ops.Kernel id");
+    if (kernel < 0) awq_twin::fail("dispatch: KERNEL is a non-negative id (choose_kernel refuses unknown ones)");
     if ((deep | wgmma | narrow) & ~1) awq_twin::fail("dispatch: DEEP, WGMMA and NARROW are 0 or 1");
     const awq::Layout layout = layout_name == "gemm"    ? awq::Layout::kGemm
                                : layout_name == "tiled" ? awq::Layout::kTiled
