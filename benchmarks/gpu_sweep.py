@@ -185,6 +185,12 @@ NCU_METRICS = ("smsp__issue_active.avg.pct_of_peak_sustained_active,smsp__inst_e
 # yet run on a GPU: a run that fails with them is rerun with NCU_METRICS alone
 NCU_METRICS_MORE = (NCU_METRICS + ",smsp__average_warp_latency_issue_stalled_short_scoreboard,"
                     "smsp__average_warp_latency_issue_stalled_mio_throttle")
+# ncu's own sections, with the added metrics: what is busy against its peak -- L2 and DRAM throughput
+# (SpeedOfLight, MemoryWorkloadAnalysis: the L2 -> SM bytes, the activations every 128-column slice
+# reads again, which at 64 tokens are twice the weights') and the pipes (ComputeWorkloadAnalysis:
+# the tensor pipe's utilisation, mma.sync against its ceiling).  Stable section names, unlike
+# metric names across ncu versions; dropped with the added metrics on a retry.
+NCU_SECTIONS = ("SpeedOfLight", "ComputeWorkloadAnalysis", "MemoryWorkloadAnalysis")
 
 
 class OutOfTime(Exception):
@@ -255,28 +261,31 @@ def plan_text(args) -> str:
     return "\n".join(lines)
 
 
-# (shape, M, variant) profiled with --ncu, most wanted first (a window's minutes may end the list):
-# warpgroup mma at 64 and 128 tokens (are its tensor cores busy, or the dequantizing warps, or
-# L2 with the activations every slice reads again?); the default at one token on the large shape, with the deep ring (does a fourth stage take the warps off
-# long-scoreboard waits?); the four-m-tile mma.sync kernel at 64 tokens (0.76x fp16 where its math
-# alone would allow ~3x: which stall?); warpgroup mma at one token; the small shape where launch
-# and reduction rather than bytes bound the call
-NCU_CASES = [("70b-down", 64, "stream:wgmma"), ("70b-down", 128, "stream:wgmma"), ("70b-down", 1, "stream:auto"),
-             ("70b-down", 1, "stream:auto:deep"),
-             ("70b-down", 64, "stream:auto"), ("70b-down", 1, "stream:wgmma"), ("4096x4096", 1, "stream:auto"),
-             ("70b-down", 64, "stream:auto:deep"), ("4096x4096", 1, "tiled:auto")]
+# (shape, M, variant) profiled with --ncu, most wanted first (a window's minutes may end the list).
+# 64 tokens first, where the targets are furthest: warpgroup mma (are its tensor cores busy, or the
+# dequantizing warps, or L2?) and the four-m-tile mma.sync kernel (0.76x fp16 where its math alone
+# would allow ~3x: the tensor pipe, L2 -- its activations are twice its weights' bytes -- or
+# latency?).  Their answer decides the next kernel: L2-bound calls for 256- or 512-column slices
+# (half or a quarter of the activation traffic, at the price of more split-K partials), pipe-bound
+# for wgmma.  Then warpgroup mma at 128; the default at one token (after the counters' memset left
+# the graphs) on the large and the small shape; the deep ring; the rest.
+NCU_CASES = [("70b-down", 64, "stream:wgmma"), ("70b-down", 64, "stream:auto"), ("70b-down", 128, "stream:wgmma"),
+             ("70b-down", 1, "stream:auto"), ("4096x4096", 1, "stream:auto"), ("70b-down", 1, "stream:auto:deep"),
+             ("70b-down", 1, "stream:wgmma"), ("70b-down", 64, "stream:auto:deep"), ("4096x4096", 1, "tiled:auto")]
 
 
-def ncu_command(shape: str, M: int, variant: str, metrics: str = NCU_METRICS_MORE) -> list[str]:
-    return ["ncu", "--clock-control", "none", "-k", "regex:awq", "--launch-skip", "3", "-c", "1", "--metrics",
-            metrics, sys.executable, "-m", "benchmarks.gpu_sweep", "--profile-case", f"{shape},{M},{variant}"]
+def ncu_command(shape: str, M: int, variant: str, metrics: str = NCU_METRICS_MORE,
+                sections: tuple[str, ...] = NCU_SECTIONS) -> list[str]:
+    return ["ncu", "--clock-control", "none", "-k", "regex:awq", "--launch-skip", "3", "-c", "1",
+            *(a for name in sections for a in ("--section", name)), "--metrics", metrics,
+            sys.executable, "-m", "benchmarks.gpu_sweep", "--profile-case", f"{shape},{M},{variant}"]
 
 
 def run_ncu(shape: str, M: int, variant: str, log: Path) -> dict:
-    """One ncu case; rerun with the metrics known to work where the added ones fail it."""
+    """One ncu case; rerun with the metrics known to work (no sections) where the added ones fail it."""
     r = run_tool(ncu_command(shape, M, variant), log, 120)
     if r.get("rc") not in (0, None, "timeout"):
-        r = {**run_tool(ncu_command(shape, M, variant, NCU_METRICS), log.with_suffix(".retry.log"), 120),
+        r = {**run_tool(ncu_command(shape, M, variant, NCU_METRICS, ()), log.with_suffix(".retry.log"), 120),
              "first_try": r}
     return r
 
@@ -763,8 +772,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the plan and check imports; no GPU needed")
     ap.add_argument("--skip-gate", action="store_true", help="time without the correctness gate (never for results)")
     ap.add_argument("--ncu", action="store_true",
-                    help="also profile with ncu (NCU_CASES: warpgroup mma, the default and the deep ring on "
-                         "70b-down at 64 tokens and at one; the default and the tiled layout on 4096x4096 at one)")
+                    help="also profile with ncu (NCU_CASES: warpgroup mma and the default on 70b-down at 64 "
+                         "tokens, then 128 and one; the deep ring; the default and the tiled layout on 4096x4096 "
+                         "at one)")
     ap.add_argument("--sanitizer", action="store_true", help="also run compute-sanitizer memcheck on a tiny shape")
     ap.add_argument("--tools-only", action="store_true",
                     help="no gate and no sweep: build, then only --ncu / --sanitizer (a window's leftover minutes)")

@@ -263,8 +263,11 @@ def test_kernel_label_of_wgmma_follows_its_passes():
 def test_ncu_reruns_with_the_known_metrics_only_when_the_added_ones_fail(monkeypatch, tmp_path, first_rc):
     calls = []
 
+    sections = []
+
     def fake_run_tool(cmd, log, timeout):
         calls.append(cmd[cmd.index("--metrics") + 1])
+        sections.append([cmd[i + 1] for i, a in enumerate(cmd) if a == "--section"])
         return {"cmd": " ".join(cmd), "rc": first_rc if len(calls) == 1 else 0}
     monkeypatch.setattr(gpu_sweep, "run_tool", fake_run_tool)
     r = gpu_sweep.run_ncu("70b-down", 64, "stream:auto", tmp_path / "ncu.log")
@@ -273,6 +276,8 @@ def test_ncu_reruns_with_the_known_metrics_only_when_the_added_ones_fail(monkeyp
         assert calls == [gpu_sweep.NCU_METRICS_MORE] and "first_try" not in r
     else:
         assert calls == [gpu_sweep.NCU_METRICS_MORE, gpu_sweep.NCU_METRICS] and r["first_try"]["rc"] == 1
+    # the sections with the added metrics only (a retry runs what ran before)
+    assert sections == [list(gpu_sweep.NCU_SECTIONS), []][:len(calls)] and "SpeedOfLight" in gpu_sweep.NCU_SECTIONS
     assert {shape for shape, _, _ in gpu_sweep.NCU_CASES} <= {"70b-down", "4096x4096"}  # profile_case's shapes
 
 
