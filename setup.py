@@ -37,8 +37,14 @@ class BuildPyWithCudaSources(build_py):
             return
         dst = Path(self.build_lib) / "awqlib" / "csrc"
         dst.mkdir(parents=True, exist_ok=True)
+        suffixes = TOOLCHAIN["SOURCE_SUFFIXES"]
+        # a kernel source an earlier build copied and csrc/ no longer has would be compiled (and
+        # counted in the sources digest) by the installed package: this build's copies are csrc/'s
+        for old in dst.iterdir():
+            if old.suffix in suffixes and not (CSRC / old.name).is_file():
+                old.unlink()
         for f in sorted(CSRC.iterdir()):
-            if f.suffix in TOOLCHAIN["SOURCE_SUFFIXES"]:
+            if f.suffix in suffixes:
                 shutil.copy2(f, dst / f.name)
 
 

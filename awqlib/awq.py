@@ -43,7 +43,7 @@ from .arch import ArchSpec
 from .arch.blocks import (BlockGroup, get_blocks, quantizable_linears, replace_module, resolve_groups, run_block,
                           to_device)
 from .config import QuantConfig
-from .modules import WQLinear
+from .modules import WQLinear, repack_for_kernels
 from .moe import unfuse_experts
 from . import gptq
 from .quant import ROW_CHUNK_BYTES, clamp_groups, effective_group_size, fake_quantize, row_chunks
@@ -766,7 +766,10 @@ def quantize_block(block: nn.Module, spec: ArchSpec, qcfg: QuantConfig, opts: AW
                                                          qparams=qparams.get(name)))
 
     round_to_storage(block)
-    # next block's inputs
+    # The next block's inputs, computed as the served model computes them: in the kernels' runtime
+    # layout, as a resumed block is once moved onto the GPU (WQLinear._apply), so that a resumed run
+    # calibrates the next blocks on the same bits as an uninterrupted one.
+    repack_for_kernels(block)
     if opts.propagate_quantized:
         nxt = [run_block(block, x.to(device), to_device(kwargs_by_batch[x.shape[0]], device)).to(offload) for x in inps]
     else:

@@ -104,18 +104,30 @@ class WQLinear(nn.Module):
         return cast
 
     def _apply(self, fn, *args, **kwargs):
-        """``.to()``, ``.cuda()``, ``.half()`` ...: and where that brings GEMM-layout weights onto a
-        device the kernels serve, repack them for the kernels (as a load onto that device would), so
-        that a model loaded on the CPU and moved runs the same kernels as one loaded in place.
-        (Weights accelerate moves in for an offloaded module's forward are set, not ``_apply``-ed:
-        they stay in the GEMM layout, which the kernels read too.)"""
+        """``.to()``, ``.cuda()``, ``.cpu()``, ``.half()`` ...; where that moves the weights to another
+        device, the layout follows: onto a device the kernels serve, GEMM-layout weights are repacked
+        for the kernels (as a load onto that device would), so a model loaded on the CPU and moved
+        runs the same kernels as one loaded in place; onto the CPU, a runtime layout goes back to the
+        GEMM layout (the one the reference reads fastest).  A cast or a move to the same device
+        leaves the buffers as they are (a captured graph may hold them).  (Weights accelerate moves
+        in for an offloaded module's forward are set, not ``_apply``-ed: they stay in the GEMM layout,
+        which the kernels read too; ``AWQModel.tile_for_kernels()`` repacks after any other mover.)"""
         self._scales_cast = None
+        before = self.qweight.device
         out = super()._apply(fn, *args, **kwargs)
-        q = self.qweight
-        if (type(q) is torch.Tensor and q.device.type in KERNEL_DEVICE_TYPES and self.layout == "gemm"
-                and kernels.load()):
-            self.tile_for_kernels()
+        self._follow_device(before)
         return out
+
+    def _follow_device(self, before: torch.device) -> None:
+        """The layout for where the weights are now, having been on ``before`` (see :meth:`_apply`)."""
+        q = self.qweight
+        if type(q) is not torch.Tensor or q.device == before:
+            return
+        if q.device.type in KERNEL_DEVICE_TYPES:
+            if self.layout == "gemm" and kernels.load():
+                self.tile_for_kernels()
+        elif q.device.type == "cpu" and self.tiled:
+            self.set_layout("gemm")
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128, zero_point: bool = True,

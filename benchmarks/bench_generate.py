@@ -15,15 +15,14 @@ measured.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
 
 import torch
 
-from benchmarks.common import (STREAM_DEFAULTS_ENV, STREAM_OPTIONS, run_info, scoped_env, skip, stream_options_env,
-                               time_graph, write_json)
+from benchmarks.common import (STREAM_DEFAULTS_ENV, STREAM_OPTIONS, STREAM_SMEM_LIMIT, run_info, scoped_env, skip,
+                               stream_options_env, time_graph, write_json)
 from benchmarks.report import decode_table
 
 
@@ -142,8 +141,9 @@ def main(argv=None):
     wrapped = AutoAWQ.from_model(model)
     # (quantize leaves the linears on the GPU in the kernels' runtime layout, as from_quantized does)
     wrapped.quantize(None, {"w_bit": 4, "q_group_size": 128}, method="rtn", device="cuda")
-    # with --kernel-options the plain rows run the library's defaults (else as the environment says)
-    plain = (lambda: scoped_env(STREAM_DEFAULTS_ENV)) if a.kernel_options else contextlib.nullcontext
+    # with --kernel-options the plain rows run the library's defaults (else as the environment says,
+    # but on this GPU's shared memory: never an inherited STREAM_SMEM_LIMIT cap)
+    plain = (lambda: scoped_env(STREAM_DEFAULTS_ENV if a.kernel_options else {STREAM_SMEM_LIMIT: None}))
     with plain():
         measure("awq-int4")
     fuse_linears(wrapped.model, wrapped.spec)

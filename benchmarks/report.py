@@ -142,11 +142,14 @@ def sass_table(spec: dict, kernels: list[dict]) -> str:
     lines = ["| kernel (what it serves) | regs | spills | smem/CTA | CTAs/SM (limit) | instr/KB | issue ceiling, H200 |",
              "|---|---|---|---|---|---|---|"]
     for row in spec["rows"]:
+        if "retired" in row:
+            if (spec["arch"], row["kernel"]) in by_name:
+                raise ReportError(f"{row['kernel']!r} is marked retired, but {spec['data']} still has it")
+            if "figures" not in row:
+                raise ReportError(f"the retired kernel {row['kernel']!r} has no 'figures' (its last SASS)")
         k = row["figures"] if "retired" in row else by_name.get((spec["arch"], row["kernel"]))
         if k is None:
             raise ReportError(f"{spec['data']} has no sm_{spec['arch']} kernel {row['kernel']!r}")
-        if "retired" in row and (spec["arch"], row["kernel"]) in by_name:
-            raise ReportError(f"{row['kernel']!r} is marked retired, but {spec['data']} still has it")
         label = row["label"] + (f" (retired {row['retired']})" if "retired" in row else "")
         smem = (k["static_smem"] + (k["dyn_smem"] or 0)) / 1024
         lines.append(f"| {label} | {k['registers']} | {k['spill_stores'] + k['spill_loads']} | {smem:.0f} KB | "

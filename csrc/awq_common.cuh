@@ -413,19 +413,4 @@ __device__ __forceinline__ constexpr int tile_row(int j, int q) {
   return 16 * (j / 4) + 8 * ((j % 4) / 2) + 2 * q + (j % 2);
 }
 
-// Eight floats -> eight T packed in a uint4 (one 16-byte store).
-template <typename T>
-__device__ __forceinline__ uint4 pack8(const float (&v)[8]) {
-  uint4 r;
-  uint32_t* w = reinterpret_cast<uint32_t*>(&r);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    T lo = Traits<T>::from_float(v[2 * i]);
-    T hi = Traits<T>::from_float(v[2 * i + 1]);
-    w[i] = static_cast<uint32_t>(*reinterpret_cast<uint16_t*>(&lo)) |
-           (static_cast<uint32_t>(*reinterpret_cast<uint16_t*>(&hi)) << 16);
-  }
-  return r;
-}
-
 }  // namespace awq

@@ -148,7 +148,7 @@ __device__ __forceinline__ void finish_block(const float (&acc)[MT][8][4], float
   const int n0 = blockIdx.x * kSkBN, split = blockIdx.y, splits = gridDim.y;
   auto at = [&](int w, int r, int c) -> float& { return red[(w * MT * 16 + r) * kSkRedStride + c]; };
   // Accumulator (mt, t, i) of lane (g, q) is row 16 mt + g + 8 (i / 2), column 16 q + 8 (i % 2) + t
-  // of the block's 64 (see awq_gemm.cu).
+  // of the block's 64 (the file's header: Output).
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll

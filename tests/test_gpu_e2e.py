@@ -45,8 +45,8 @@ def test_cuda_logits_match_reference(tmp_path, monkeypatch, dtype, fuse, layout)
 
 def test_a_model_loaded_on_the_cpu_and_moved_runs_like_one_loaded_on_cuda(tmp_path, monkeypatch):
     """``.cuda()`` on a model loaded on the CPU repacks its quantized linears (WQLinear._apply) as a
-    load onto CUDA does: the same layout, the same kernels, the same logits bit for bit; moved back,
-    it saves the checkpoint's tensors."""
+    load onto CUDA does: the same layout, the same kernels, the same logits bit for bit; a cast on
+    the GPU keeps the buffers; moved back, it holds (and saves) the checkpoint's tensors."""
     from awqlib.modules import WQLinear
     from awqlib.ops import gemm_kernel_name
     monkeypatch.delenv("AWQLIB_LAYOUT", raising=False)
@@ -64,7 +64,11 @@ def test_a_model_loaded_on_the_cpu_and_moved_runs_like_one_loaded_on_cuda(tmp_pa
     ids = torch.randint(0, 512, (2, 24), device="cuda")
     with torch.no_grad():
         assert torch.equal(moved(input_ids=ids).logits, direct(input_ids=ids).logits)
+    kept = [m.qweight for m in lin]
+    moved.model.half().to("cuda")
+    assert all(m.qweight is q for m, q in zip(lin, kept))
     moved.model.cpu()
+    assert all(m.layout == "gemm" for m in lin)
     sd = moved.model.state_dict()
     assert all(torch.equal(sd[k], v) for k, v in on_disk.items())
 

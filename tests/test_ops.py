@@ -117,35 +117,42 @@ def test_tile_only_where_the_kernels_can():
     assert not m.tile_for_kernels()
 
 
-def test_a_move_onto_the_kernels_device_repacks(monkeypatch):
+def test_the_layout_follows_a_move(monkeypatch):
     """A quantized linear moved onto the kernels' device (``.to()``, ``.cuda()``: WQLinear._apply) is
     repacked as a load there would be -- so a model loaded on the CPU and moved runs the stream
-    kernel, not the GEMM layout's -- and computes and saves what it did before.  Not without the
-    kernels, not in a layout the kernels already read, not for a dtype cast off that device.  The
-    CPU stands in for CUDA here (KERNEL_DEVICE_TYPES); test_gpu_e2e moves a real one."""
+    kernel, not the GEMM layout's -- and computes and saves what it did before; moved back to the
+    CPU it returns to the GEMM layout.  Not without the kernels, not in a layout the kernels already
+    read, and never for a cast or a move to the same device (a captured graph may hold the buffers).
+    The CPU stands in for CUDA (KERNEL_DEVICE_TYPES), and the move is _follow_device's view of it;
+    test_gpu_e2e moves a real one."""
     from awqlib import modules
     monkeypatch.delenv("AWQLIB_LAYOUT", raising=False)
     _, m, x, before, sd_before = _quantized(256, 192, 64)
-    m.half().float()  # off the kernels' device: nothing moves
-    assert m.layout == "gemm"
     monkeypatch.setattr(modules, "KERNEL_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(modules.kernels, "load", lambda: True)
+    codes = [m.qweight, m.qzeros]
+    m.half().to("cpu")  # a cast and a move to the same device: the buffers are kept
+    assert m.layout == "gemm" and m.qweight is codes[0] and m.qzeros is codes[1]
+    meta = torch.device("meta")  # "it was elsewhere"
     monkeypatch.setattr(modules.kernels, "load", lambda: False)
-    m.to("cpu")
+    m._follow_device(meta)
     assert m.layout == "gemm"  # no kernels: the reference reads the GEMM layout as fast as any
     monkeypatch.setattr(modules.kernels, "load", lambda: True)
-    m.to("cpu")
+    m._follow_device(meta)
     assert m.layout == "stream" and torch.equal(m(x), before)
     sd = m.state_dict()
     assert all(torch.equal(sd[k], sd_before[k]) for k in sd_before)
     m.set_layout("tiled")
-    m.to("cpu")
+    m._follow_device(meta)
     assert m.layout == "tiled"  # a runtime layout stays as it is
     odd = WQLinear(96, 128, group_size=48)  # no runtime layout takes it: stays, without complaint
-    odd.to("cpu")
+    odd._follow_device(meta)
     assert odd.layout == "gemm"
-    model = torch.nn.Sequential(WQLinear(256, 192, group_size=64), torch.nn.ReLU())
-    model.to("cpu")  # through a parent module's move too
-    assert model[0].layout == "stream"
+    monkeypatch.setattr(modules, "KERNEL_DEVICE_TYPES", ("cuda",))  # now the CPU is the CPU again
+    m.set_layout("stream")
+    m._follow_device(meta)  # arrived on the CPU in a runtime layout: back to the checkpoint's
+    assert m.layout == "gemm" and all(torch.equal(getattr(m, k), sd_before[k]) for k in ("qweight", "qzeros", "scales"))
+    assert torch.equal(m(x), before)
 
 
 # --- the stream runtime layout and the named layouts ----------------------------------------------

@@ -82,6 +82,25 @@ def test_an_edited_json_changes_its_table(tmp_path, capsys, edit):
         assert len(added) == 1 and " | 171.2 | " in added[0], out
 
 
+def test_retired_kernel_rows_keep_their_figures(tmp_path, capsys):
+    """A retired kernel's row (its source deleted) shows the figures the spec kept, labelled retired;
+    a row marked retired whose kernel the SASS JSON still has, or without figures, is an error."""
+    d = copy_bench(tmp_path)
+    spec_path = d / "results" / "sass-budget-sm90.json"
+    spec = json.loads(spec_path.read_text())
+    retired = [r for r in spec["rows"] if "retired" in r]
+    assert retired and all(r["figures"]["instr_per_kb"] > 0 for r in retired)
+    text = (d / "RESULTS.md").read_text()
+    for r in retired:
+        assert f"| {r['label']} (retired {r['retired']}) | {r['figures']['registers']} |" in text
+    live = next(r for r in spec["rows"] if "retired" not in r)
+    for broken in ({**live, "retired": "2026-12-01", "figures": retired[0]["figures"]},  # still in the JSON
+                   {k: v for k, v in retired[0].items() if k != "figures"}):                # no figures
+        spec_path.write_text(json.dumps({**spec, "rows": [broken]}))
+        assert report.main(["--check", "--dir", str(d)]) == 2
+        assert "retired" in capsys.readouterr().err
+
+
 def test_broken_markers_and_missing_runs_are_errors(tmp_path, capsys):
     d = copy_bench(tmp_path)
     md = d / "RESULTS.md"
