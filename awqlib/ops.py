@@ -44,6 +44,7 @@ class Kernel(enum.IntEnum):
     STREAM = 6           # streaming mma.sync kernel on the stream layout, passes of <= 64 rows (AUTO: one pass,
     #                      with group sums); the narrow kernels for passes of <= 8 rows unless AWQLIB_STREAM_NARROW=0;
     #                      with AWQLIB_STREAM_DEEP=1, a fourth ring stage at M <= 16 and 33-64 where it fits (H100/H200);
+    #                      with AWQLIB_STREAM_WIDE=1, 256-column slices where every pass has 17-64 rows;
     #                      with AWQLIB_STREAM_WGMMA=1, warpgroup mma (an sm_90a build on an H100/H200) in passes
     #                      of <= 128 rows
     STREAM_GROUP_SUMS = 7  # the same, scaling per-group fp32 sums once per group where that pays (M <= 32, g >= 128)

@@ -73,7 +73,7 @@ def run_info(benchmark: str, argv: list[str]) -> dict:
 # call (stream_pdl: off unless set; stream_narrow: on unless set to 0; stream_deep, stream_wgmma: off
 # unless set).
 STREAM_OPTIONS = {"pdl": "AWQLIB_STREAM_PDL", "narrow": "AWQLIB_STREAM_NARROW", "deep": "AWQLIB_STREAM_DEEP",
-                  "wgmma": "AWQLIB_STREAM_WGMMA"}
+                  "wgmma": "AWQLIB_STREAM_WGMMA", "wide": "AWQLIB_STREAM_WIDE"}
 # a cap on the shared memory the stream kernel assumes a block may have (csrc/awq_ops.cpp), which
 # makes an H100/H200 choose what an A100 or a ~99 KB GPU would: never inherited by a measurement of
 # this GPU (a variant that wants it sets it)

@@ -81,6 +81,16 @@ def deep_takes(M: int) -> bool:
     """Whether the deep configuration runs M rows: up to STREAM_DEEP_MAX_M, but not at two m-tiles
     (17-32 rows: csrc/awq_stream.cu's stream_supports)."""
     return M <= STREAM_DEEP_MAX_M and not 16 < M <= 32
+
+
+STREAM_WIDE_MIN_M = source_constant("kStreamWideMinM")  # the wide configuration: M 17-64 per pass
+
+
+def wide_takes(M: int) -> bool:
+    """Whether the wide configuration runs every pass of M rows (passes of STREAM_MAX_M, the last
+    with the rest: each of STREAM_WIDE_MIN_M rows or more; csrc/awq_stream.cu's choose_stream)."""
+    rest = M % STREAM_MAX_M
+    return M >= STREAM_WIDE_MIN_M and (rest == 0 or rest >= STREAM_WIDE_MIN_M)
 DEEP_SMEM_MIN = source_constant("kH100SmemPerBlock")  # the deep configuration is sized for (and timed on) these
 SKINNY_MAX_M_AUTO = source_constant("kSkinnyMaxMAuto")  # tiled layout: the skinny kernel, then dequantize
 SM89_SMEM = source_constant("kSm89SmemPerBlock")  # shared memory per block of an sm_86/89 GPU
@@ -96,7 +106,8 @@ VARIANTS = [("tiled:auto", "tiled", Kernel.AUTO), ("stream", "stream", Kernel.ST
             ("stream:sums", "stream", Kernel.STREAM_GROUP_SUMS), ("stream:pdl", "stream", Kernel.STREAM),
             ("stream:narrow", "stream", Kernel.STREAM), ("stream:sums:narrow", "stream", Kernel.STREAM_GROUP_SUMS),
             ("stream:auto", "stream", Kernel.AUTO), ("stream:auto:sm89", "stream", Kernel.AUTO),
-            ("stream:auto:deep", "stream", Kernel.AUTO), ("stream:wgmma", "stream", Kernel.STREAM)]
+            ("stream:auto:deep", "stream", Kernel.AUTO), ("stream:wgmma", "stream", Kernel.STREAM),
+            ("stream:wide", "stream", Kernel.STREAM)]
 # environment a variant runs under (read by csrc/awq_ops.cpp on every call): "stream:pdl" is the
 # stream kernel with programmatic dependent launch (its weights stream in while the previous
 # kernel -- in the sweep's graphs, the same GEMM -- finishes); the narrow ones put the tokens on
@@ -108,7 +119,10 @@ VARIANT_ENV = {"stream:pdl": stream_options_env("pdl"), "stream:narrow": stream_
                # the default with the deep configuration where it fits (an H100/H200), opt-in until timed
                "stream:auto:deep": {**STREAM_DEFAULTS_ENV, "AWQLIB_STREAM_DEEP": "1"},
                # the stream kernel (scaled fragments) on warpgroup mma where the build and GPU have it
-               "stream:wgmma": stream_options_env("wgmma")}
+               "stream:wgmma": stream_options_env("wgmma"),
+               # the stream kernel (scaled fragments) on 256-column slices at M 17-64 (half the
+               # activation bytes per weight byte): against "stream" at the same M
+               "stream:wide": stream_options_env("wide")}
 # every other variant, whatever the environment the sweep started in
 BASE_ENV = stream_options_env()
 STREAM_KERNELS = (Kernel.STREAM, Kernel.STREAM_GROUP_SUMS, Kernel.STREAM_COMPACT, Kernel.STREAM_COMPACT_GROUP_SUMS)
@@ -145,7 +159,13 @@ GATE_ENV = [("stream:narrow", "stream", Kernel.STREAM, (1, 2, 7, 8, 9, 72)),  # 
             # kernels scale fragments instead; past 32 tokens it is dequantize + cuBLAS on the gate's
             # shapes, below kStreamFourTileMinWeights)
             ("stream:wgmma", "stream", Kernel.STREAM, (1, 7, 16, 17, 32, 33, 64, 65, 100, 128, 129)),
-            ("stream:wgmma", "stream", Kernel.AUTO, (1, 20))]
+            ("stream:wgmma", "stream", Kernel.AUTO, (1, 20)),
+            # the wide slices at each of their m-tile counts, a row in the last reduction round (49),
+            # in passes (100: 64 + 36; 80: a last pass of 16 takes the large configuration instead);
+            # one row: the large configuration under the setting
+            ("stream:wide", "stream", Kernel.STREAM, (1, 17, 32, 33, 49, 64, 80, 100)),
+            ("stream:wide", "stream", Kernel.STREAM_GROUP_SUMS, (1, 17, 32)),
+            ("stream:wide", "stream", Kernel.AUTO, (1, 20, 40))]
 # outputs that must equal another variant's bit for bit (the deep ring keeps the large configuration's
 # partition and arithmetic): checked by the gate case by case
 SAME_BITS_AS = {"stream:auto:deep": "stream:auto"}
@@ -156,7 +176,8 @@ GATE_PDL = [("stream", Kernel.STREAM, (1, 33, 100), ()), ("stream", Kernel.STREA
             ("stream", Kernel.STREAM_COMPACT, (1, 17), ()), ("stream", Kernel.STREAM, (1, 8), ("narrow",)),
             ("stream", Kernel.STREAM_GROUP_SUMS, (5,), ("narrow",)),
             ("stream", Kernel.STREAM_GROUP_SUMS, (1, 16), ("deep", "narrow")), ("stream", Kernel.STREAM, (33, 64), ("deep",)),
-            ("stream", Kernel.STREAM, (1, 33, 100, 129), ("wgmma",))]
+            ("stream", Kernel.STREAM, (1, 33, 100, 129), ("wgmma",)),
+            ("stream", Kernel.STREAM, (17, 64), ("wide",))]
 REL_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
@@ -208,6 +229,8 @@ def is_timed(label: str, kernel: Kernel, M: int) -> bool:
     if label == "stream:auto:sm89" and M > STREAM_COMPACT_MAX_M:  # dequantize + cuBLAS there
         return False
     if label == "stream:auto:deep" and not deep_takes(M):  # the large configuration there
+        return False
+    if label == "stream:wide" and not STREAM_WIDE_MIN_M <= M <= STREAM_MAX_M:  # one launch of its own
         return False
     return not (kernel == Kernel.STREAM_GROUP_SUMS and M > 32)
 
@@ -265,11 +288,12 @@ def plan_text(args) -> str:
 # 64 tokens first, where the targets are furthest: warpgroup mma (are its tensor cores busy, or the
 # dequantizing warps, or L2?) and the four-m-tile mma.sync kernel (0.76x fp16 where its math alone
 # would allow ~3x: the tensor pipe, L2 -- its activations are twice its weights' bytes -- or
-# latency?).  Their answer decides the next kernel: L2-bound calls for 256- or 512-column slices
-# (half or a quarter of the activation traffic, at the price of more split-K partials), pipe-bound
-# for wgmma.  Then warpgroup mma at 128; the default at one token (after the counters' memset left
+# latency?) and the wide slices (half those activation bytes: does L2 throughput fall and the time
+# with it?).  Their answer decides the next kernel: L2-bound calls for wider slices, pipe-bound for
+# wgmma.  Then warpgroup mma at 128; the default at one token (after the counters' memset left
 # the graphs) on the large and the small shape; the deep ring; the rest.
-NCU_CASES = [("70b-down", 64, "stream:wgmma"), ("70b-down", 64, "stream:auto"), ("70b-down", 128, "stream:wgmma"),
+NCU_CASES = [("70b-down", 64, "stream:wgmma"), ("70b-down", 64, "stream:auto"), ("70b-down", 64, "stream:wide"),
+             ("70b-down", 128, "stream:wgmma"),
              ("70b-down", 1, "stream:auto"), ("4096x4096", 1, "stream:auto"), ("70b-down", 1, "stream:auto:deep"),
              ("70b-down", 1, "stream:wgmma"), ("70b-down", 64, "stream:auto:deep"), ("4096x4096", 1, "tiled:auto")]
 
@@ -449,7 +473,7 @@ def where_wrong(out: torch.Tensor, ref: torch.Tensor, tol: float) -> str:
 
 
 # variants whose environment turns on a configuration the library's defaults do not run
-OPT_IN_ENVS = ("stream:auto:deep", "stream:wgmma")
+OPT_IN_ENVS = ("stream:auto:deep", "stream:wgmma", "stream:wide")
 # the kernels each default variant runs (csrc/awq_stream.cu: choose_stream), by Kernel name
 DEFAULT_RUNS = {"stream:auto": (Kernel.STREAM.name, Kernel.STREAM_GROUP_SUMS.name),
                 "stream:auto:deep": (Kernel.STREAM.name, Kernel.STREAM_GROUP_SUMS.name),
@@ -516,14 +540,15 @@ def kernel_label(variant: str, M: int, N: int, K: int) -> str:
         return "dequant+cuBLAS"
     if variant.startswith("stream"):  # the sweep's group size (128) is FINE only for wgmma (below)
         wgmma = variant == "stream:wgmma"
+        wide = variant == "stream:wide" and wide_takes(M)
         mb = 1 if M <= 16 else 2 if M <= 32 else 4 if M <= STREAM_MAX_M or not wgmma else 8
-        stage = 128 if mb == 8 else 256 if mb == 4 or compact else 512
-        exact = K % stage == 0 and N % 128 == 0
+        stage = 128 if mb == 8 or (wide and mb == 4) else 256 if mb == 4 or compact or wide else 512
+        exact = K % stage == 0 and N % (256 if wide else 128) == 0
         auto = variant.startswith("stream:auto")  # group sums where they pay, the narrow kernels at M <= 8
         sums = (variant.startswith("stream:sums") or auto) and mb <= (1 if compact else 2)
         narrow = (variant.endswith(":narrow") or auto) and M <= NARROW_MAX_M
         config = ("compact" if compact else "deep" if variant == "stream:auto:deep" and deep_takes(M)
-                  else "wgmma" if wgmma else "large")  # scripts/sass_budget.py names CONFIG so
+                  else "wgmma" if wgmma else "wide" if wide else "large")  # scripts/sass_budget.py names CONFIG so
         # FINE: the group ends inside what a warp walks of a stage (wgmma: the whole stage)
         fine = wgmma and GROUP < stage
         narrow = narrow and not wgmma

@@ -205,7 +205,9 @@ def targets_table(report: dict) -> str:
                           ("stream:auto:deep", "stream:auto",
                            "the default with a fourth ring stage (the deep configuration), M <= 16 and 33-64"),
                           ("stream:wgmma", "stream", "warpgroup mma against mma.sync, both with scaled fragments"),
-                          ("stream:wgmma", "stream:auto", "warpgroup mma against the default")):
+                          ("stream:wgmma", "stream:auto", "warpgroup mma against the default"),
+                          ("stream:wide", "stream",
+                           "256-column slices against 128 (half the activation bytes), scaled fragments, M 17-64")):
         cells = [(m, by[(s, m, old)], us) for (s, m, v), us in by.items() if v == new and (s, m, old) in by]
         if cells:
             wins, geo = _wins_and_mean([(t, us) for _, t, us in cells])

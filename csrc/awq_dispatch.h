@@ -16,7 +16,8 @@
 //     the compact one (M <= kStreamCompactMaxM: A100 at M 17-32, ~100 KB GPUs), or the deep one
 //     where asked for (AWQLIB_STREAM_DEEP=1, M <= 16 and 33-64, H100/H200), or the warpgroup-mma
 //     one where asked for (AWQLIB_STREAM_WGMMA=1, an sm_90a build on H100/H200; passes of up to
-//     kStreamWgmmaMaxM rows); at M > 32 only for weights of kStreamFourTileMinWeights elements or
+//     kStreamWgmmaMaxM rows), or the wide one where asked for (AWQLIB_STREAM_WIDE=1, 256-column
+//     slices, passes of 17-64 rows); at M > 32 only for weights of kStreamFourTileMinWeights elements or
 //     more; else dequantize + cuBLAS.  Forced, the stream kernel runs larger M in passes.
 //   shapes the fused kernels do not cover (N % 64, K % 32, group % 32) -> dequantize + cuBLAS
 #pragma once
@@ -71,10 +72,11 @@ inline bool is_kernel(int64_t k) {
          (k >= kStream && k <= kLastKernel);
 }
 
-// What a stream-layout call's choice depends on beyond the call: AWQLIB_STREAM_DEEP, AWQLIB_STREAM_WGMMA
-// (on a device that runs the wgmma kernels) and the shared memory a block may have.
+// What a stream-layout call's choice depends on beyond the call: AWQLIB_STREAM_DEEP, AWQLIB_STREAM_WIDE,
+// AWQLIB_STREAM_WGMMA (on a device that runs the wgmma kernels) and the shared memory a block may have.
 struct StreamSettings {
   bool deep = false;
+  bool wide = false;
   bool wgmma = false;
   int smem_limit = 0;
 };
@@ -114,6 +116,7 @@ KernelChoice choose_kernel(Layout layout, int64_t M, int64_t N, int64_t K, int64
     r.compact = k == kStreamCompact || k == kStreamCompactGroupSums;
     r.group_sums = k == kStreamGroupSums || k == kStreamCompactGroupSums;
     r.deep = st.deep;
+    r.wide = st.wide;
     r.wgmma = st.wgmma;
     r.smem_limit = st.smem_limit;
     c.stream = choose_stream(M, static_cast<int>(N), static_cast<int>(K), static_cast<int>(group), r);

@@ -72,6 +72,7 @@ constexpr int kStreamCompactMaxM = 32;  // the compact configuration (awq_stream
 constexpr int kStreamDeepMaxM = 64;     // the deep configuration takes M <= 64, except 17-32 (two m16 tiles)
 constexpr int kStreamNarrowMaxM = 8;    // the narrow kernels: the tokens are the mma's n8 operand
 constexpr int kStreamWgmmaMaxM = 128;   // the wgmma configuration: up to 128 tokens as wgmma's N
+constexpr int kStreamWideMinM = 17;     // the wide configuration takes M 17-64 (two and four m16 tiles)
 constexpr int kStreamAtomK = 16, kStreamAtomWords = 128;  // an atom: 16 k-rows x 64 columns, 128 words
 // The stream kernel's shared-memory configurations (awq_stream.cu: StreamCfg): how many k-rows a
 // stage holds and how many stages the ring has, sized for a class of GPUs.
@@ -80,6 +81,7 @@ enum StreamConfig : int {
   kConfigCompact = 1,  // 256-row stages, 2-3: ~100 KB GPUs (A10, L4, L40S, RTX); an A100 at M 17-32
   kConfigDeep = 2,     // the large stages, 4 of them, at M <= 16 (213 KB per block) and 33-64 (203 KB): H100/H200
   kConfigWgmma = 3,    // stages for warpgroup mma (sm_90a: wgmma), 3-5 of them, M <= 128: H100/H200 only
+  kConfigWide = 4,     // 256-column slices (half the activation bytes per weight byte), M 17-64: A100 and up
 };
 // Whether this build holds the wgmma kernels' code: compiled for sm_90a (toolchain.nvcc_flags
 // defines AWQ_WGMMA_BUILT for such an architecture list).  A CUDA build for other GPUs compiles
@@ -88,7 +90,7 @@ bool stream_wgmma_built();
 struct StreamPlan {
   int grid;                 // CTAs (persistent: at most SMs x CTAs per SM)
   int per;                  // (slice, k-tile) units per CTA
-  int slices;               // 128-column slices
+  int slices;               // column slices (128 columns; 256 in the wide configuration)
   size_t workspace_floats;  // fp32 partials of split slices
   int counters;             // arrival counters (one per slice)
   StreamConfig config;      // the shared-memory configuration
@@ -114,6 +116,7 @@ struct StreamRequest {
   bool group_sums = false;  // group sums where they pay (the automatic choice asks for them)
   bool deep = false;        // AWQLIB_STREAM_DEEP=1: the deep configuration in place of the large one where it fits
   bool wgmma = false;       // AWQLIB_STREAM_WGMMA=1 on a device that runs the wgmma kernels
+  bool wide = false;        // AWQLIB_STREAM_WIDE=1: the wide configuration in place of the large one at M 17-64
   int smem_limit = 0;       // shared memory a block may have (bytes)
 };
 struct StreamChoice {
@@ -124,8 +127,8 @@ struct StreamChoice {
   std::string refusal;      // kRefused: why no configuration runs the call, naming each one considered
 };
 // The automatic choice (request.automatic) never refuses: it falls back to dequantize + cuBLAS.
-// A forced one (the stream kernel in the large or compact configuration, with wgmma or deep in place
-// of the large one where asked for) runs or is refused.
+// A forced one (the stream kernel in the large or compact configuration, with wgmma, wide or deep in
+// place of the large one where asked for) runs or is refused.
 StreamChoice choose_stream(int64_t M, int N, int K, int group_size, const StreamRequest& request);
 // The instantiation launch_stream runs for a launch of M rows in `config`, named as
 // scripts/sass_budget.py names kernels ("awq_stream_kernel<half, 1, true, false, true, large, true>").

@@ -288,6 +288,13 @@ bool stream_narrow() { return env_flag("AWQLIB_STREAM_NARROW", /*unset=*/true); 
 // arithmetic and partition are the large one's, so its outputs are the same bits.  Read per call.
 bool stream_deep() { return env_flag("AWQLIB_STREAM_DEEP"); }
 
+// The wide configuration of the stream kernel (awq_stream.cu: kConfigWide, 256-column slices: half
+// the activation bytes per weight byte) in place of the large one at M 17-64: opt-in with
+// AWQLIB_STREAM_WIDE=1 until a GPU has timed it (benchmarks/gpu_sweep.py: stream:auto:wide).  Two
+// k-warps add their partial sums instead of four, so its outputs differ from the large kernel's in
+// fp32 rounding.  Read per call.
+bool stream_wide() { return env_flag("AWQLIB_STREAM_WIDE"); }
+
 // The warpgroup-mma configuration of the stream kernel (awq_stream.cu: kConfigWgmma; sm_90a) in
 // place of the large and deep ones: opt-in with AWQLIB_STREAM_WGMMA=1 until a GPU has timed it
 // (benchmarks/gpu_sweep.py: stream:wgmma).  Its tensor cores run asynchronously to the warps'
@@ -324,6 +331,7 @@ KernelChoice choose(const Shape& s, int64_t M, Kernel k, int device) {
   KernelChoice c = awq::choose_kernel(s.layout, M, s.N, s.K, s.group, k, [&] {
     awq::StreamSettings st;
     st.deep = stream_deep();
+    st.wide = stream_wide();
     st.wgmma = stream_wgmma(device);
     st.smem_limit = stream_smem_limit(device);
     return st;

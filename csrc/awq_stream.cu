@@ -35,6 +35,8 @@
 //    warps dequantize the next 64 k, where mma.sync makes each warp wait for its own; and no k-warp
 //    partial sums are added at the end of a slice (each output has one owner, whose registers go
 //    straight to the output or the workspace).  Up to 128 tokens in one pass (wgmma's N = 128).
+//  * Wide slices (kConfigWide: AWQLIB_STREAM_WIDE=1, M 17-64): 4 n-atoms x 2 k-slices per CTA, so
+//    a slice's activations are read once per 256 columns instead of 128 (why: before StreamCfg).
 //  * Work split: one CTA of 8 warps per SM = 2 (64-column n-atoms) x 4 (k-slices of 128 rows).
 //    The persistent grid (one CTA per SM; fewer where awq_gemm_variant's `splits` caps it, a
 //    tuning knob) takes the (column slice, k-tile) units in slice-major order, each CTA a
@@ -65,18 +67,22 @@ namespace {
 
 constexpr int kStThreads = 256;
 constexpr int kStWarps = kStThreads / 32;
-constexpr int kNA = 2;                          // 64-column n-atoms per CTA (one per n-warp)
-constexpr int kKW = kStWarps / kNA;             // warps along K
-constexpr int kSliceN = 64 * kNA;               // output columns of a slice (128)
 constexpr int kAtomWords = 128;                 // one 16x64 atom: 32 lanes x 4 words
-static_assert(kStWarps % kNA == 0, "warps split evenly over n-atoms");
+// 64-column n-atoms of a CTA's column slice (one per n-warp; the other warps split the stage's
+// k-rows): 2, so a slice is 128 columns and 4 warps share each atom's k-rows -- or 4 in the wide
+// configuration (before StreamCfg), 256 columns and 2 warps along K.
+constexpr int na_for(int config) { return config == kConfigWide ? 4 : 2; }
+constexpr int kw_for(int config) { return kStWarps / na_for(config); }       // warps along K
+constexpr int slice_n_for(int config) { return 64 * na_for(config); }        // output columns of a slice
+static_assert(kStWarps % na_for(kConfigLarge) == 0 && kStWarps % na_for(kConfigWide) == 0,
+              "warps split evenly over n-atoms");
 
 // k16 atoms per warp per stage: 8 (a warp streams 4 KB per stage, which amortises the loader
 // and the ring bookkeeping: sass_budget.py), 4 at M > 32 where the activations take the room, and
 // 4 in the compact configuration; 2 at M > 64 (wgmma: 128 tokens take 32 KB of a 128-row stage).
 constexpr int ka_for(int MB, int config) { return MB == 8 ? 2 : MB == 4 || config == kConfigCompact ? 4 : 8; }
 
-// Four shared-memory configurations (StreamConfig).  The large one (3 stages of 16-32 KB of
+// Five shared-memory configurations (StreamConfig).  The large one (3 stages of 16-32 KB of
 // weights, 152-208 KB per CTA) is for H100/H200 (227 KB per block), and for an A100 (163 KB) at
 // MB = 1 and 4.  The compact one (k-tile 256; 3 stages at MB = 1, 2 at MB = 2: 81 and 70 KB with
 // the static part) is what fits the A100 at MB = 2 and the ~99 KB of an sm_86/89/120 GPU (A10,
@@ -102,12 +108,26 @@ constexpr int ka_for(int MB, int config) { return MB == 8 ? 2 : MB == 4 || confi
 // sums go from the registers to the output (no `red`), so rows past M are zeroed once -- hygiene:
 // no output reads them.  Its kernels exist only in an sm_90a build (their bodies trap elsewhere),
 // which stream_wgmma_built tells the host; an sm_90a kernel runs on an H100/H200 only.
+// The wide one (opt-in: awq_ops.cpp stream_wide) is about the activations' bytes, at MB = 2 and 4.
+// Every CTA working on a column slice reads the stage's activations for its columns alone: 16 M
+// bytes per k-row for the slice's 64 kNA columns' 32 kNA bytes of weights, M / 32 of the weight bytes
+// with 128-column slices -- twice the weights' at 64 tokens, all of it L2 -> SM traffic on top of
+// the weights (shared/design/kernels-v2.md asks for 256-column CTAs at M 17-64).  The wide CTA
+// spans 4 n-atoms (256 columns) with 2 warps along K: half the activation bytes per weight byte, the
+// same 64 columns per warp (so the same accumulators, dequantization and mma per weight), twice the
+// fp32 partials per split part.  Its stages: MB = 2 three of 256 rows (32 KB of weights, 16 KB of
+// activations: 161 KB with the static part), MB = 4 four of 128 rows (16 + 16 KB: 140 KB) -- so it
+// fits an A100 too.  Its k-warp sums go through the consumed slot in rounds of kRedRows rows (a
+// whole slice's 64 x 256 fp32 would be 64 KB, more than a stage).  Whether the traffic is what
+// bounds M 17-64 (0.5-0.8x fp16 on an H200 where the mma alone would allow ~3x) is what timing it
+// says: opt-in until then.
 static_assert(kStreamCompactMaxM == 32, "the compact configurations are MB = 1 and 2");
 static_assert(kStreamDeepMaxM == kStreamMaxM, "the deep configuration is MB = 1 and 4");
 constexpr int stages_for(int MB, int config) {
   return config == kConfigCompact && MB == 2 ? 2
          : config == kConfigDeep              ? 4
          : config == kConfigWgmma             ? (MB == 2 ? 3 : MB == 8 ? 5 : 4)
+         : config == kConfigWide              ? (MB == 4 ? 4 : 3)
                                               : 3;
 }
 // Stages the loader keeps ahead of the one consumed: all but that one -- except for wgmma at MB = 8,
@@ -121,18 +141,30 @@ constexpr int kA100SmemPerBlock = 166912;     // ... of an A100 (163 KB)
 constexpr int kSm89SmemPerBlock = 101376;     // ... of an sm_86/89 GPU (99 KB)
 constexpr int kStaticSmemAllowance = 2048;    // the kernel's static shared memory (1040 B on sm_90)
 
+// The most rows (of `rows`, halving) whose fp32 sums over `slice_n` columns fit `bytes`.
+constexpr int red_rows_for(int rows, int slice_n, int bytes) {
+  return rows * slice_n * 4 <= bytes || rows <= 1 ? rows : red_rows_for(rows / 2, slice_n, bytes);
+}
+
 template <int MB, int CONFIG>
 struct StreamCfg {
   // MB m16 tiles (M <= 16 MB; MB = 8 only for wgmma).  One CTA of 8 warps per SM (as Marlin),
   // kLoadAhead stages of weights in flight per SM (kStages - 1, or kStages - 2: load_ahead_for).
   static constexpr bool kCompact = CONFIG == kConfigCompact;
   static constexpr bool kWgmma = CONFIG == kConfigWgmma;
-  static_assert(CONFIG == kConfigLarge || kCompact || CONFIG == kConfigDeep || kWgmma, "a configuration of StreamConfig");
+  static constexpr bool kWide = CONFIG == kConfigWide;
+  static_assert(CONFIG == kConfigLarge || kCompact || CONFIG == kConfigDeep || kWgmma || kWide,
+                "a configuration of StreamConfig");
   static_assert(!kCompact || 16 * MB <= kStreamCompactMaxM, "no compact configuration for M > 32");
   static_assert(CONFIG != kConfigDeep || MB != 2, "no deep configuration at two m-tiles (4 x 69 KB)");
   static_assert(MB != 8 || kWgmma, "eight m-tiles (128 tokens): the wgmma configuration only");
+  static_assert(!kWide || MB == 2 || MB == 4, "the wide configuration: two and four m-tiles (M 17-64)");
+  static constexpr int kNA = na_for(CONFIG);                         // n-atoms of a slice
+  static constexpr int kKW = kw_for(CONFIG);                         // warps along K
+  static constexpr int kSliceN = slice_n_for(CONFIG);                // 128 (256 wide)
   static constexpr int kKA = ka_for(MB, CONFIG);
-  static constexpr int kStageK = 16 * kKA * kKW;                    // 512 (256 at MB = 4 or compact, 128 at 8)
+  // k-rows of a stage: 512 (256 at MB = 4 or compact, 128 at 8; wide: 256, and 128 at MB = 4)
+  static constexpr int kStageK = 16 * kKA * kKW;
   static constexpr int kMaxGroups = kStageK / 32;                    // group_size >= 32
   static constexpr int kStages = stages_for(MB, CONFIG);
   static constexpr int kLoadAhead = load_ahead_for(MB, CONFIG);
@@ -159,14 +191,17 @@ struct StreamCfg {
                                                   kSwizzleBlockBytes
                                             : kOffZ + kZBytes;
   static constexpr int kAlignSlack = kWgmma ? kSwizzleBlockBytes : 0;
-  // The k-warp reduction buffer [kRows][kSliceN] fp32 reuses the ring slot just consumed, from its
-  // start: the weights (and, at MB = 4, activation rows < 32 <= M), which the loader rewrites in
-  // full before that slot is read again.  So 3 stages fit an A100's 163 KB at MB = 1 and 4.  (wgmma
-  // has none: one owner per output.)
-  static constexpr int kRedBytes = kWgmma ? 0 : kRows * kSliceN * 4;
+  // The k-warp reduction buffer [kRedRows][kSliceN] fp32 reuses the ring slot just consumed, from
+  // its start: the weights (and, at MB = 4, activation rows < 32 <= M), which the loader rewrites in
+  // full before that slot is read again.  So 3 stages fit an A100's 163 KB at MB = 1 and 4.  It holds
+  // kRedRows of the slice's rows at a time: all kRows of them, except in the wide configuration
+  // (MB = 4: 16 rows a round, flush_pair).  (wgmma has none: one owner per output.)
+  static constexpr int kRewrittenBytes = kBBytes + (MB == 4 ? 32 * kARowBytes : 0);
+  static constexpr int kRedRows = kWgmma ? 0 : red_rows_for(kRows, kSliceN, kRewrittenBytes);
+  static constexpr int kRedBytes = kRedRows * kSliceN * 4;
   static constexpr int kSmemBytes = kStages * kStageBytes + kAlignSlack;
-  static_assert(kRedBytes <= kBBytes || (MB == 4 && kRedBytes <= kBBytes + 32 * kARowBytes),
-                "the reduction buffer only overlaps bytes every stage rewrites");
+  static_assert(kWgmma || (kRedRows >= 16 && kRows % kRedRows == 0 && (kWide || kRedRows == kRows)),
+                "the reduction buffer holds whole m16 tiles (all of them, but in the wide configuration)");
   static_assert(!kWgmma || (kOffA % kSwizzleBlockBytes == 0 && kABlockBytes % kSwizzleBlockBytes == 0),
                 "wgmma: activation blocks on 1024-byte boundaries");
   static_assert(kStageBytes % 16 == 0 && kOffA % 16 == 0 && kOffS % 16 == 0 && kOffZ % 16 == 0,
@@ -177,6 +212,8 @@ struct StreamCfg {
                 "the deep and wgmma configurations must fit an H100");
   static_assert(CONFIG != kConfigLarge || MB == 2 || kSmemBytes + kStaticSmemAllowance <= kA100SmemPerBlock,
                 "the large M <= 16 and M 33-64 configurations must fit an A100");
+  static_assert(!kWide || kSmemBytes + kStaticSmemAllowance <= kA100SmemPerBlock,
+                "the wide configurations fit an A100");
 };
 
 // Dequantization of one stream-layout word into the B fragments of n8-tiles 2j (column c0) and
@@ -414,17 +451,17 @@ __device__ __forceinline__ void store_out(T* __restrict__ out, const T* __restri
   out[at] = o;
 }
 
-// After this CTA wrote its part of split slice `slice` ([rows][kSliceN] fp32 in its workspace
+// After this CTA wrote its part of split slice `slice` ([rows][SLICE_N] fp32 in its workspace
 // slot): the last part to arrive adds the slots in part order (deterministic) and writes the
 // output.  Out of line: it runs once per slice and CTA, and keeps its divisions and stores out of
 // the streaming loop.
-template <typename T>
+template <typename T, int SLICE_N>
 __device__ AWQ_NOINLINE void sum_parts(T* __restrict__ out, const T* __restrict__ residual,
                                        const float* __restrict__ ws, int32_t* __restrict__ counters, int N,
                                        int max_parts, int slice, int rows, int parts) {
   const int tid = threadIdx.x;
-  const int n0 = slice * kSliceN;
-  const int n = rows * kSliceN;  // sums of a slot
+  const int n0 = slice * SLICE_N;
+  const int n = rows * SLICE_N;  // sums of a slot
   if (!arrive_last(&counters[slice], parts)) return;
   const float* base = ws + (size_t)slice * max_parts * n;
   for (int i0 = tid; i0 < n; i0 += kOutputsInFlight * kStThreads) {
@@ -436,34 +473,34 @@ __device__ AWQ_NOINLINE void sum_parts(T* __restrict__ out, const T* __restrict_
     }
 #pragma unroll
     for (int u = 0; u < kOutputsInFlight; ++u) {
-      const int i = i0 + u * kStThreads, r = i / kSliceN, col = i % kSliceN;
+      const int i = i0 + u * kStThreads, r = i / SLICE_N, col = i % SLICE_N;
       if (i < n && n0 + col < N) store_out(out, residual, (size_t)r * N + n0 + col, v[u]);
     }
   }
   if (tid == 0) counters[slice] = 0;  // ready for the next launch (awq_ops.cpp: counters_for)
 }
 
-// Write slice `slice` from the CTA's fp32 sums `red` [rows][kSliceN]: straight to the output
+// Write slice `slice` from the CTA's fp32 sums `red` [rows][SLICE_N]: straight to the output
 // when one CTA covered the whole slice, else into this part's workspace slot for sum_parts.  Out
 // of line, as sum_parts.
-template <typename T>
+template <typename T, int SLICE_N>
 __device__ AWQ_NOINLINE void write_slice(const float* red, T* __restrict__ out, const T* __restrict__ residual,
                                          float* __restrict__ ws, int32_t* __restrict__ counters, int N, int KT,
                                          int per, int max_parts, int slice, int rows) {
   const int tid = threadIdx.x;
   const SliceParts sp = slice_parts(slice, KT, per);
-  const int n0 = slice * kSliceN;
-  const int n = rows * kSliceN;  // sums of a slot, and of `red`
+  const int n0 = slice * SLICE_N;
+  const int n = rows * SLICE_N;  // sums of a slot, and of `red`
   if (sp.parts == 1) {
     for (int i = tid; i < n; i += kStThreads) {
-      const int r = i / kSliceN, col = i % kSliceN;
+      const int r = i / SLICE_N, col = i % SLICE_N;
       if (n0 + col < N) store_out(out, residual, (size_t)r * N + n0 + col, red[i]);
     }
     return;
   }
   float* slot = ws + ((size_t)slice * max_parts + blockIdx.x - sp.first) * n;
   for (int i = tid; i < n; i += kStThreads) slot[i] = red[i];
-  sum_parts<T>(out, residual, ws, counters, N, max_parts, slice, rows, sp.parts);
+  sum_parts<T, SLICE_N>(out, residual, ws, counters, N, max_parts, slice, rows, sp.parts);
 }
 
 // EXACT: K % kStageK == 0 and N % kSliceN == 0, so no load needs a bounds predicate (the
@@ -513,6 +550,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   constexpr int kStages = Cfg::kStages;
   constexpr int kKA = Cfg::kKA;
   constexpr int kStageK = Cfg::kStageK;
+  constexpr int kNA = Cfg::kNA, kKW = Cfg::kKW, kSliceN = Cfg::kSliceN;  // the slice's n-atoms, k-warps, columns
   constexpr int kChunksPerRow = kStageK / 8;               // 16-byte activation chunks per row
   uint8_t* const smem = [] {
     uint8_t* base = dynamic_smem();
@@ -535,12 +573,14 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   // offsets from the ring slot.  Weight chunk r of thread tid: n-atom r / kWR, atom
   // warp + 8 (r % kWR) of the k-tile, lane chunk `lane` (kNA runs of kAtomsPerStage atoms, each
   // contiguous along K).  Activations: chunk tid % kChunksPerRow of rows tid / kChunksPerRow + kAStep r.
-  // Scales / zeros: index tid + 256 r < 20 gps loads chunk % 20 (16 of scales, 4 of zeros) of
-  // group index / 20 of the k-tile.
+  // Scales / zeros: index tid + 256 r < kSzChunks gps loads chunk % kSzChunks (kSChunks of scales,
+  // then the zeros': 16 and 4 for a 128-column slice) of group index / kSzChunks of the k-tile.
   constexpr int kAtomsPerStage = kKA * kKW;                 // atoms per n-atom and stage
   constexpr int kWR = kAtomsPerStage / 8;                    // weight chunks per thread and n-atom
   constexpr int kAStep = kStThreads / kChunksPerRow;         // activation rows per pass
-  constexpr int kSzRounds = (Cfg::kMaxGroups * 20 + kStThreads - 1) / kStThreads;
+  constexpr int kSChunks = kSliceN * 2 / 16, kZChunks = kSliceN / 2 / 16;  // a group's 16-byte chunks
+  constexpr int kSzChunks = kSChunks + kZChunks;
+  constexpr int kSzRounds = (Cfg::kMaxGroups * kSzChunks + kStThreads - 1) / kStThreads;
   static_assert(kAtomsPerStage % 8 == 0 && kStThreads % kChunksPerRow == 0 && Cfg::kRows % kAStep == 0, "tiling");
   const size_t nstride = (size_t)p.KT16 * 32;                // uint4s between n-atoms
   const int a_ch = tid % kChunksPerRow, a_row = tid / kChunksPerRow;
@@ -560,17 +600,17 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   const uint8_t* sz_base[kSzRounds];
 #pragma unroll
   for (int r = 0; r < kSzRounds; ++r) {
-    const int idx = tid + r * kStThreads, ch = idx % 20;
-    sz_gi[r] = idx / 20;
+    const int idx = tid + r * kStThreads, ch = idx % kSzChunks;
+    sz_gi[r] = idx / kSzChunks;
     sz_on[r] = sz_gi[r] < p.gps;
-    sz_scale[r] = ch < 16;
+    sz_scale[r] = ch < kSChunks;
     sz_dst[r] = sz_scale[r] ? Cfg::kOffS + sz_gi[r] * kSliceN * 2 + ch * 16
-                            : Cfg::kOffZ + sz_gi[r] * (kSliceN / 8) * 4 + (ch - 16) * 16;
+                            : Cfg::kOffZ + sz_gi[r] * (kSliceN / 8) * 4 + (ch - kSChunks) * 16;
     sz_row[r] = sz_scale[r] ? (size_t)p.N * sizeof(T) : (size_t)p.N / 2;  // bytes per group
     sz_base[r] = sz_scale[r] ? reinterpret_cast<const uint8_t*>(scales) + ch * 16
-                             : reinterpret_cast<const uint8_t*>(qzeros) + (ch - 16) * 16;
+                             : reinterpret_cast<const uint8_t*>(qzeros) + (ch - kSChunks) * 16;
     sz_slice_bytes[r] = sz_scale[r] ? kSliceN * sizeof(T) : kSliceN / 2;
-    sz_col[r] = sz_scale[r] ? 8 * ch : 32 * (ch - 16);        // first column of the chunk in the slice
+    sz_col[r] = sz_scale[r] ? 8 * ch : 32 * (ch - kSChunks);  // first column of the chunk in the slice
   }
 
   struct Loader {
@@ -635,19 +675,19 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   auto load_weights = [&](int slot, const Loader& l) {
     uint8_t* st = smem + slot * Cfg::kStageBytes;
     const int atom0 = l.c.kt * kAtomsPerStage + warp;
-    static_assert(kNA == 2, "two weight runs per stage");
-    const uint4* w1 = l.w + nstride;  // the second n-atom's run
+    // n-atom na's run of the k-tile: nstride apart
+    const auto run = [&](int na) { return na == 0 ? l.w : l.w + na * nstride; };
     if constexpr (EXACT) {
       // chunk r: run r / kWR, 8 atoms (4 KB) further along K per r % kWR -- an immediate offset
       static_for<0, kNA * kWR>([&](auto rc) {
         constexpr int r = decltype(rc)::value;
-        cp_async16_stream<(r % kWR) * 256 * 16>(st + (tid + r * kStThreads) * 16, r / kWR ? w1 : l.w);
+        cp_async16_stream<(r % kWR) * 256 * 16>(st + (tid + r * kStThreads) * 16, run(r / kWR));
       });
     } else {
 #pragma unroll
       for (int r = 0; r < kNA * kWR; ++r) {
         const int na = r / kWR, sub = r % kWR;  // compile-time
-        const uint4* src = (na ? w1 : l.w) + sub * 256;
+        const uint4* src = run(na) + sub * 256;
         const bool ok = atom0 + 8 * sub < p.KT16 && l.c.slice * kNA + na < p.NT;
         cp_async16(st + (tid + r * kStThreads) * 16, ok ? (const void*)src : (const void*)qweight, ok);
       }
@@ -799,13 +839,16 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
       }
       __syncthreads();
     }
-    write_slice<T>(red, out, residual, ws, counters, p.N, p.KT, p.per, p.max_parts, c_slice, rows_out);
+    write_slice<T, kSliceN>(red, out, residual, ws, counters, p.N, p.KT, p.per, p.max_parts, c_slice, rows_out);
     __syncthreads();  // `red` (a ring slot) is refilled from the next iteration on
   };
   // wgmma: each output has one owner, a register of one thread, so the slice's sums go from the
   // registers to the output, or into this CTA's workspace slot of a split slice for sum_parts: no
   // `red` (at 128 tokens it would be 64 KB, more than a stage), and no barrier but the arrival's.
-  auto flush_owned = [&]() {
+  // Wide: the same once flush_pair has added k-warp 1's sums into k-warp 0's registers (`owner`:
+  // the warps whose registers hold the sums).  Every accumulator is zero before sum_parts, an
+  // out-of-line call no register must live across.
+  auto flush_owned = [&](bool owner) {
     const SliceParts sp = slice_parts(c_slice, p.KT, p.per);
     const int n0 = c_slice * kSliceN;
     float* const slot = sp.parts == 1 ? nullptr
@@ -816,16 +859,48 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
       for (int t = 0; t < kAccTiles; ++t)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          // wgmma D: row g + 8 (e >> 1) of the warp's 16 columns, column (token) 2 q + (e & 1) of n8 tile 2 mb + t
-          const int row = 8 * (kAccTiles * mb + t) + 2 * q + (e & 1);
-          const int col = wg * 64 + 16 * wq + g + 8 * (e >> 1);
-          if (row < rows_out) {
+          // wgmma D: row g + 8 (e >> 1) of the warp's 16 columns, column (token) 2 q + (e & 1) of n8
+          // tile 2 mb + t; mma C/D: (row g + 8 (e >> 1), column 2 q + (e & 1)) of the tile
+          const int row = kWg ? 8 * (kAccTiles * mb + t) + 2 * q + (e & 1) : 16 * mb + g + 8 * (e >> 1);
+          const int col = kWg ? wg * 64 + 16 * wq + g + 8 * (e >> 1) : wn * 64 + 8 * t + 2 * q + (e & 1);
+          if (owner && row < rows_out) {
             if (slot != nullptr) slot[row * kSliceN + col] = acc[mb][t][e];
             else if (n0 + col < p.N) store_out(out, residual, (size_t)row * p.N + n0 + col, acc[mb][t][e]);
           }
           acc[mb][t][e] = 0.f;
         }
-    if (slot != nullptr) sum_parts<T>(out, residual, ws, counters, p.N, p.max_parts, c_slice, rows_out, sp.parts);
+    if (slot != nullptr) sum_parts<T, kSliceN>(out, residual, ws, counters, p.N, p.max_parts, c_slice, rows_out, sp.parts);
+  };
+  // Wide (two k-warps per n-atom): k-warp 1's sums go through `red` -- kRedRows rows a round, what
+  // the consumed slot holds -- into k-warp 0's registers (the two added in the large kernel's order),
+  // whose warps then own the slice's outputs.  No out-of-line call while sums are live in registers
+  // (write_slice's would keep every later round's accumulators across it: spills at four m-tiles).
+  auto flush_pair = [&](const uint8_t* consumed) {
+    float* red = reinterpret_cast<float*>(const_cast<uint8_t*>(consumed));  // see StreamCfg::kRedBytes
+    constexpr int kRound = kWg ? Cfg::kRows : Cfg::kRedRows;  // (never 0: the wgmma kernels take flush_owned)
+    static_for<0, Cfg::kRows / kRound>([&](auto rc) {
+      constexpr int r0 = decltype(rc)::value * kRound;
+      if constexpr (r0 > 0) {
+        if (r0 >= rows_out) return;  // (uniform; the first round always has rows)
+      }
+      // f(accumulator, its place in `red`) for each of the round's outputs this lane holds
+      const auto each_output = [&](auto&& f) {
+#pragma unroll
+        for (int mb = r0 / 16; mb < (r0 + kRound) / 16; ++mb)
+#pragma unroll
+          for (int t = 0; t < kAccTiles; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int row = 16 * mb + g + 8 * (e >> 1), col = wn * 64 + 8 * t + 2 * q + (e & 1);
+              if (row < rows_out) f(acc[mb][t][e], red[(row - r0) * kSliceN + col]);
+            }
+      };
+      __syncthreads();  // the slot's last readers (the stage, or the round before) are done
+      if (wk == 1) each_output([](float& a, float& r) { r = a; });
+      __syncthreads();
+      if (wk == 0) each_output([](float& a, const float& r) { a += r; });
+    });
+    flush_owned(wk == 0);
   };
 
   // One stage per iteration.  The ring slot is a counter (no modulo) and every shared-memory
@@ -952,7 +1027,8 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
 #pragma unroll
         for (int e = 0; e < 8 * MB; ++e) fence_operand(d[e]);
       }
-      if constexpr (kWg) flush_owned();
+      if constexpr (kWg) flush_owned(true);
+      else if constexpr (Cfg::kWide) flush_pair(st);
       else flush(st);
     }
     if (++c_kt == p.KT) {
@@ -1054,12 +1130,12 @@ int config_max_m(StreamConfig config) {
                                   : kStreamMaxM;
 }
 
-// Whether `config` has an instantiation for M rows (one launch): up to its row limit, and for the
-// deep one not at two m-tiles.
+// Whether `config` has an instantiation for M rows (one launch): up to its row limit, for the
+// deep one not at two m-tiles, for the wide one only at two and four (kStreamWideMinM and up).
 // The wgmma one only in a build with sm_90a code (stream_wgmma_built).
 bool config_takes(int M, StreamConfig config) {
   return M >= 1 && M <= config_max_m(config) && !(config == kConfigDeep && m_tiles(M) == 2) &&
-         (config != kConfigWgmma || stream_wgmma_built());
+         !(config == kConfigWide && M < kStreamWideMinM) && (config != kConfigWgmma || stream_wgmma_built());
 }
 
 // The m-tiles of `config`'s instantiation for M rows; a host error (std::invalid_argument) where it
@@ -1070,7 +1146,7 @@ int mb_for(int M, StreamConfig config) {
                                 " has no instantiation for " + std::to_string(M) + " rows");
   return m_tiles(M);
 }
-int stage_k_for(int M, StreamConfig config) { return 16 * ka_for(mb_for(M, config), config) * kKW; }
+int stage_k_for(int M, StreamConfig config) { return 16 * ka_for(mb_for(M, config), config) * kw_for(config); }
 
 // f(MB, CONFIG) -- as std::integral_constants -- for the instantiation that serves `mb` m-tiles
 // in `config` (mb_for's), the one place that maps the two to template arguments.
@@ -1088,6 +1164,9 @@ auto with_instantiation(StreamConfig config, int mb, F&& f) {
   if (config == kConfigCompact)
     return mb == 1 ? f(integral_constant<int, 1>{}, integral_constant<int, kConfigCompact>{})
                    : f(integral_constant<int, 2>{}, integral_constant<int, kConfigCompact>{});
+  if (config == kConfigWide)
+    return mb == 2 ? f(integral_constant<int, 2>{}, integral_constant<int, kConfigWide>{})
+                   : f(integral_constant<int, 4>{}, integral_constant<int, kConfigWide>{});
   return mb == 1   ? f(integral_constant<int, 1>{}, integral_constant<int, kConfigLarge>{})
          : mb == 2 ? f(integral_constant<int, 2>{}, integral_constant<int, kConfigLarge>{})
                    : f(integral_constant<int, 4>{}, integral_constant<int, kConfigLarge>{});
@@ -1120,7 +1199,7 @@ StreamParams params_for(int M, int N, int K, int group_size, int per, int grid, 
     p.gps = 1;
     p.gshift = 31;
   }
-  const int slices = ceil_div(N, kSliceN);
+  const int slices = ceil_div(N, slice_n_for(config));
   p.units = slices * p.KT;
   p.per = per;
   p.max_parts = std::min(grid, ceil_div(p.KT, p.per) + 1);
@@ -1144,9 +1223,9 @@ struct StreamLaunch {
 template <int MB, int CONFIG>
 StreamFlags flags_for(const StreamParams& p, bool group_sums, bool narrow) {
   using Cfg = StreamCfg<MB, CONFIG>;
-  const int warp_atoms = Cfg::kWgmma ? Cfg::kKA * kKW : Cfg::kKA;
+  const int warp_atoms = Cfg::kWgmma ? Cfg::kKA * Cfg::kKW : Cfg::kKA;
   StreamFlags f{};
-  f.exact = p.K % Cfg::kStageK == 0 && p.N % kSliceN == 0;
+  f.exact = p.K % Cfg::kStageK == 0 && p.N % Cfg::kSliceN == 0;
   f.fine = p.gshift < 31 && (16 << p.gshift) < 16 * warp_atoms;
   f.sums = group_sums && !Cfg::kWgmma && group_sums_pay(MB, Cfg::kKA, f.fine);
   f.narrow = narrow && MB == 1 && !Cfg::kWgmma && p.M <= kStreamNarrowMaxM;
@@ -1172,7 +1251,11 @@ StreamLaunch<T> describe_stream(int M, int N, int K, int group_size, const Strea
 
 // Names of StreamConfig as scripts/sass_budget.py prints them (its STREAM_CONFIGS).
 const char* config_name(StreamConfig config) {
-  return config == kConfigCompact ? "compact" : config == kConfigDeep ? "deep" : config == kConfigWgmma ? "wgmma" : "large";
+  return config == kConfigCompact ? "compact"
+         : config == kConfigDeep  ? "deep"
+         : config == kConfigWgmma ? "wgmma"
+         : config == kConfigWide  ? "wide"
+                                  : "large";
 }
 
 // The dequantize kernel's grid: one thread per (atom, lane).
@@ -1349,8 +1432,11 @@ StreamChoice choose_stream(int64_t M, int N, int K, int group_size, const Stream
   }
   c.kind = StreamChoice::kStream;
   c.pass = config_max_m(base);
-  // the deep ring in place of the large one, where asked for: one launch of <= 64 rows, not 17-32
-  c.config = r.deep && base == kConfigLarge && M <= kStreamDeepMaxM && !fails(kConfigDeep) ? kConfigDeep : base;
+  // the wide slices in place of the large ones, where asked for and every pass has 17-64 rows; else
+  // the deep ring, where asked for: one launch of <= 64 rows, not 17-32
+  c.config = r.wide && base == kConfigLarge && !fails(kConfigWide)                           ? kConfigWide
+             : r.deep && base == kConfigLarge && M <= kStreamDeepMaxM && !fails(kConfigDeep) ? kConfigDeep
+                                                                                             : base;
   return c;
 }
 
@@ -1374,9 +1460,10 @@ StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms, StreamC
                     StreamCfg<2, kConfigCompact>::kMinBlocks == 1 && StreamCfg<1, kConfigDeep>::kMinBlocks == 1 &&
                     StreamCfg<4, kConfigDeep>::kMinBlocks == 1 && StreamCfg<1, kConfigWgmma>::kMinBlocks == 1 &&
                     StreamCfg<2, kConfigWgmma>::kMinBlocks == 1 && StreamCfg<4, kConfigWgmma>::kMinBlocks == 1 &&
-                    StreamCfg<8, kConfigWgmma>::kMinBlocks == 1,
+                    StreamCfg<8, kConfigWgmma>::kMinBlocks == 1 && StreamCfg<2, kConfigWide>::kMinBlocks == 1 &&
+                    StreamCfg<4, kConfigWide>::kMinBlocks == 1,
                 "plan_stream's persistent grid assumes one CTA per SM");
-  const int slices = ceil_div(N, kSliceN);
+  const int slices = ceil_div(N, slice_n_for(config));
   const int units = slices * ceil_div(K, stage_k_for(M, config));
   const int grid0 = std::max(1, std::min(units, num_sms * per_sm));
   const int per = ceil_div(units, grid0);
@@ -1386,7 +1473,7 @@ StreamPlan plan_stream(int M, int N, int K, int group_size, int num_sms, StreamC
   plan.config = config;
   const StreamParams p = params_for(M, N, K, group_size, per, plan.grid, config);
   plan.slices = slices;
-  plan.workspace_floats = (size_t)slices * p.max_parts * std::min(M, 16 * mb_for(M, config)) * kSliceN;
+  plan.workspace_floats = (size_t)slices * p.max_parts * std::min(M, 16 * mb_for(M, config)) * slice_n_for(config);
   plan.counters = slices;
   return plan;
 }

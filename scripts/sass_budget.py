@@ -172,27 +172,30 @@ def _skinny_spec(args) -> Spec:
     return Spec(128, 0, 4 * depth * 1024, 16 * depth * mt)
 
 
-STREAM_CONFIGS = {"large": 0, "compact": 1, "deep": 2, "wgmma": 3}  # csrc/awq_kernels.h: StreamConfig
+STREAM_CONFIGS = {"large": 0, "compact": 1, "deep": 2, "wgmma": 3, "wide": 4}  # csrc/awq_kernels.h: StreamConfig
 STREAM_CONFIG_NAMES = {v: k for k, v in STREAM_CONFIGS.items()}
 
 
 def _stream_spec(args) -> Spec:
     # awq_stream_kernel<T, MB, EXACT, FINE, SUMS, CONFIG, NARROW>: mirror of StreamCfg in
-    # csrc/awq_stream.cu (8 warps = 2 n-atoms x 4 k-slices of KA atoms; a stage is 16 KA x 4 rows
-    # x 128 columns; compact: KA = 4, and 2 stages at MB = 2; deep: 4 stages).  Per atom a warp runs
-    # 8 mma per m16 tile, or narrow 4 (16 columns each).  wgmma: 2 warpgroups x all 4 KA atoms of the
-    # stage, one wgmma per atom; 4 stages (3 at MB = 2, 5 of KA = 2 at MB = 8) on 1024-byte
-    # boundaries, plus 1 KB to find one.
+    # csrc/awq_stream.cu (8 warps = NA n-atoms x 8 / NA k-slices of KA atoms: NA = 2, or 4 wide; a
+    # stage is 16 KA x 8 / NA rows x 64 NA columns; compact: KA = 4, and 2 stages at MB = 2; deep: 4
+    # stages; wide: 3 stages at MB = 2, 4 at MB = 4).  Per atom a warp runs 8 mma per m16 tile, or
+    # narrow 4 (16 columns each).  wgmma: 2 warpgroups x all 4 KA atoms of the stage, one wgmma per
+    # atom; 4 stages (3 at MB = 2, 5 of KA = 2 at MB = 8) on 1024-byte boundaries, plus 1 KB to find one.
     _, mb, _exact, _fine, _sums, config, narrow = args
     compact = config == STREAM_CONFIGS["compact"]
     wgmma = config == STREAM_CONFIGS["wgmma"]
+    wide = config == STREAM_CONFIGS["wide"]
+    na = 4 if wide else 2
+    slice_n = 64 * na
     ka = 2 if mb == 8 else 4 if mb == 4 or compact else 8
     stages = (2 if compact and mb == 2 else 4 if config == STREAM_CONFIGS["deep"]
-              else (3 if mb == 2 else 5 if mb == 8 else 4) if wgmma else 3)
-    stage_k = 16 * ka * 4
-    b_bytes = stage_k * 128 // 2
+              else (3 if mb == 2 else 5 if mb == 8 else 4) if wgmma else (4 if mb == 4 else 3) if wide else 3)
+    stage_k = 16 * ka * (8 // na)
+    b_bytes = stage_k * slice_n // 2
     groups = stage_k // 32
-    stage = b_bytes + 16 * mb * stage_k * 2 + groups * 128 * 2 + groups * 16 * 4
+    stage = b_bytes + 16 * mb * stage_k * 2 + groups * slice_n * 2 + groups * slice_n // 8 * 4
     if wgmma:
         stage = -(-stage // 1024) * 1024
         return Spec(256, stages * stage + 1024, b_bytes, ka * 4, tensor_op="HGMMA")

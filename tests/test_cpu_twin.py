@@ -108,7 +108,7 @@ def _run(twin: Path, d: Path, *args) -> str:
     return r.stdout
 
 
-CONFIGS = {"large": 0, "compact": 1, "deep": 2, "wgmma": 3}  # csrc/awq_kernels.h: StreamConfig
+CONFIGS = {"large": 0, "compact": 1, "deep": 2, "wgmma": 3, "wide": 4}  # csrc/awq_kernels.h: StreamConfig
 
 
 def run_gemm(twin, d, x, stream, g, N, sms, sums=False, config="large", pdl=False, narrow=False, timing="lazy",
@@ -175,6 +175,11 @@ CASES = [
     (16, 256, 4096, 32, 2, "deep", 10),      # deep, a full m-tile, FINE
     (40, 256, 2048, 64, 2, "deep", 10),      # deep, MB = 4 (k-tile 256)
     (64, 192, 2304, 128, 3, "deep", 0),      # deep, MB = 4, full m-tiles, tails, split slices
+    (20, 512, 4096, 128, 2, "wide", 12),     # wide (256-column slices), MB = 2, EXACT
+    (40, 512, 2048, 64, 2, "wide", 12),      # wide, MB = 4 (k-tile 128, 4 stages), two groups per k-tile
+    (64, 320, 2176, 32, 3, "wide", 0),       # wide, MB = 4, full m-tiles, N tail, FINE, split slices
+    (33, 256, 1536, 128, 5, "wide", 0),      # wide, a slice in four parts, one row in its third reduction round
+    (17, 256, 1280, 1280, 2, "wide", 0),     # wide, MB = 2, group == K
 ]
 
 
@@ -202,6 +207,7 @@ SUMS_CASES = [  # group sums: M <= 32 (compact: M <= 16), groups of >= 128 rows 
     (20, 192, 1024, 128, 3, "large", 0),   # MB = 2, N tail
     (1, 256, 2048, 64, 2, "compact", 12),     # compact
     (1, 256, 4096, 128, 2, "deep", 10),      # deep
+    (24, 512, 4096, 128, 2, "wide", 12),     # wide, MB = 2
 ]
 
 
@@ -410,6 +416,7 @@ RESIDUAL_CASES = [
     (24, 256, 2048, 64, 2, "compact", False, False),
     (7, 256, 4096, 128, 3, "wgmma", False, False),  # the owners' registers, split slices
     (100, 192, 2048, 128, 2, "wgmma", False, False),  # MB = 8, N tail
+    (40, 320, 2048, 64, 3, "wide", False, False),  # wide, MB = 4: rounds of the reduction, split slices, N tail
 ]
 
 
@@ -452,12 +459,13 @@ def choose(twin, queries: list[dict]) -> list[str]:
     """choose_stream's answer to each query: "stream CONFIG PASS SUMS FIRST | LAST | GRID PER" (the
     first and last launches' instantiations, the first one's grid and units per CTA), "dequant" or
     "refused MESSAGE".  A query: M, N, K, and optionally g (128), dtype ("fp16"), limit (the device's
-    shared memory per block: H100_SMEM), auto / compact / sums / deep / wgmma (the request: False),
+    shared memory per block: H100_SMEM), auto / compact / sums / deep / wide / wgmma (the request: False),
     narrow (the setting: True) and sms (the CTAs the grid may have: 132)."""
     return _ask(twin, "choose", queries,
-                ("dtype", "M", "N", "K", "g", "limit", "auto", "compact", "sums", "deep", "wgmma", "narrow", "sms"),
+                ("dtype", "M", "N", "K", "g", "limit", "auto", "compact", "sums", "deep", "wide", "wgmma", "narrow",
+                 "sms"),
                 dict(dtype="fp16", g=128, limit=H100_SMEM, auto=False, compact=False, sums=False, deep=False,
-                     wgmma=False, narrow=True, sms=132))
+                     wide=False, wgmma=False, narrow=True, sms=132))
 
 
 def _ask(twin, command: str, queries: list[dict], fields: tuple, defaults: dict) -> list[str]:
@@ -504,6 +512,17 @@ CHOICES = [
     (dict(M=20, auto=True, deep=True, **SQUARE), "stream 0 64 1 awq_stream_kernel<half, 2, true, false, true, large, false>"),
     (dict(M=64, auto=True, deep=True, **BIG), "stream 2 64 1 awq_stream_kernel<half, 4, true, false, false, deep, false>"),
     (dict(M=1, auto=True, deep=True, limit=A100_SMEM, **SQUARE), "stream 0 64 1 awq_stream_kernel<half, 1, true, false, true, large, true>"),
+    # the wide slices where asked for: every pass 17-64 rows (so not at M <= 16, nor with a last
+    # pass of 16 or fewer), ahead of the deep ring; on an A100 too
+    (dict(M=20, auto=True, wide=True, **SQUARE), "stream 4 64 1 awq_stream_kernel<half, 2, true, false, true, wide, false>"),
+    (dict(M=64, auto=True, wide=True, deep=True, **BIG), "stream 4 64 1 awq_stream_kernel<half, 4, true, false, false, wide, false>"),
+    (dict(M=40, auto=True, wide=True, limit=A100_SMEM, **BIG), "stream 4 64 1 awq_stream_kernel<half, 4, true, false, false, wide, false>"),
+    (dict(M=40, auto=True, wide=True, **SQUARE), "dequant"),  # the automatic choice's 2^26 rule stands
+    (dict(M=1, auto=True, wide=True, **SQUARE), "stream 0 64 1 awq_stream_kernel<half, 1, true, false, true, large, true>"),
+    (dict(M=100, wide=True, **SQUARE), "stream 4 64 0 awq_stream_kernel<half, 4, true, false, false, wide, false>"),
+    (dict(M=80, wide=True, **SQUARE), "stream 0 64 0 awq_stream_kernel<half, 4, true, false, false, large, false>"),
+    (dict(M=40, wide=True, N=4160, K=4096), "stream 4 64 0 awq_stream_kernel<half, 4, false, false, false, wide, false>"),
+    (dict(M=40, wide=True, wgmma=True, **SQUARE), "stream 3 128 0 awq_stream_kernel<half, 4, true, true, false, wgmma, false>"),
     # warpgroup mma where asked for (and the device runs it): every pass, up to 128 rows; the
     # automatic choice keeps its own limits (dequantize + cuBLAS past 64 rows)
     (dict(M=1, auto=True, wgmma=True, **SQUARE), "stream 3 128 1 awq_stream_kernel<half, 1, true, true, false, wgmma, false>"),
@@ -551,10 +570,10 @@ def dispatch(twin, queries: list[dict], reads: list | None = None) -> list[str]:
     """awq_dispatch.h's answer to each query (awq_ops.cpp's whole choice): the first launch's kernel
     as the awq_gemm_kernel_name op names it, or "refused MESSAGE"; `reads` receives how many times
     each choice asked for the stream settings.  A query: layout, M, N, K, kernel (an
-    awqlib.ops.Kernel), and optionally g (128), dtype, limit, deep, wgmma, narrow (as in choose)."""
+    awqlib.ops.Kernel), and optionally g (128), dtype, limit, deep, wide, wgmma, narrow (as in choose)."""
     lines = _ask(twin, "dispatch", queries,
-                 ("dtype", "layout", "M", "N", "K", "g", "kernel", "limit", "deep", "wgmma", "narrow"),
-                 dict(dtype="fp16", g=128, limit=H100_SMEM, deep=False, wgmma=False, narrow=True))
+                 ("dtype", "layout", "M", "N", "K", "g", "kernel", "limit", "deep", "wide", "wgmma", "narrow"),
+                 dict(dtype="fp16", g=128, limit=H100_SMEM, deep=False, wide=False, wgmma=False, narrow=True))
     if reads is not None:
         reads.extend(int(line.split(" ", 1)[0]) for line in lines)
     return [line.split(" ", 1)[1] for line in lines]
@@ -566,7 +585,8 @@ def _sweep_settings(label: str) -> dict:
     from benchmarks import gpu_sweep
     env = {**gpu_sweep.BASE_ENV, **gpu_sweep.VARIANT_ENV.get(label, {})}
     limit = env.get("AWQLIB_STREAM_SMEM_LIMIT")
-    return dict(deep=env.get("AWQLIB_STREAM_DEEP") == "1", wgmma=env.get("AWQLIB_STREAM_WGMMA") == "1",
+    return dict(deep=env.get("AWQLIB_STREAM_DEEP") == "1", wide=env.get("AWQLIB_STREAM_WIDE") == "1",
+                wgmma=env.get("AWQLIB_STREAM_WGMMA") == "1",
                 narrow=env.get("AWQLIB_STREAM_NARROW") != "0", limit=int(limit) if limit else H100_SMEM)
 
 
@@ -660,10 +680,11 @@ def test_every_launchable_stream_kernel_has_a_sass_budget_row(twin):
     shapes = [(4096, 4096, 128), (192, 576, 64), (1024, 2752, 32), (512, 2048, 256), (4096, 4608, 384),
               (128, 2048, 1024), (64, 768, 768)]
     kinds = [dict(auto=True), dict(), dict(sums=True), dict(compact=True), dict(compact=True, sums=True)]
-    queries = [dict(dtype=dt, M=M, N=N, K=K, g=g, limit=limit, deep=deep, wgmma=wgmma, narrow=narrow, **kind)
+    queries = [dict(dtype=dt, M=M, N=N, K=K, g=g, limit=limit, deep=deep, wide=wide, wgmma=wgmma, narrow=narrow,
+                    **kind)
                for dt in ("fp16", "bf16") for M in (1, 2, 8, 9, 16, 17, 32, 33, 64, 65, 100, 128, 129)
                for N, K, g in shapes for limit in (H100_SMEM, A100_SMEM, SM89_SMEM) for kind in kinds
-               for deep, wgmma, narrow in itertools.product((False, True), repeat=3)]
+               for deep, wide, wgmma, narrow in itertools.product((False, True), repeat=4)]
     names = {name for a in choose(twin, queries) if a.startswith("stream ")
              for name in (_kernel(a), a.split(" | ")[1])}  # each call's first and last launch
     assert len(names) > 100, len(names)  # the queries reach most of the instantiations

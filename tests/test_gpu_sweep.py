@@ -46,6 +46,13 @@ def test_gate_cases_are_valid_for_their_layouts():
     wgmma = [ms for label, _, kernel, ms in gpu_sweep.GATE_ENV if label == "stream:wgmma" and kernel == Kernel.STREAM]
     pass_rows = source_constant("kStreamWgmmaMaxM")
     assert len(wgmma) == 1 and {1, 17, 33, pass_rows // 2 + 1, pass_rows, pass_rows + 1} <= set(wgmma[0]), wgmma
+    # the wide one: both m-tile counts at their ends, a pass of its own after a full one, and one it
+    # leaves to the large configuration
+    wide = [ms for label, _, kernel, ms in gpu_sweep.GATE_ENV if label == "stream:wide" and kernel == Kernel.STREAM]
+    low, high = source_constant("kStreamWideMinM"), source_constant("kStreamMaxM")
+    assert len(wide) == 1 and {low, 32, 33, high} <= set(wide[0]), wide
+    assert any(m > high and gpu_sweep.wide_takes(m) for m in wide[0])
+    assert any(m > high and not gpu_sweep.wide_takes(m) for m in wide[0])
 
 
 def test_timed_kernels_have_sass_rows():
@@ -121,12 +128,16 @@ def test_gate_failure_says_where_and_rules_out_only_its_variants():
     assert gpu_sweep.failed_variants(failed("stream", Kernel.AUTO)) == every_stream
     assert gpu_sweep.failed_variants(failed("stream", Kernel.STREAM)) == {"stream", "stream:pdl", "stream:narrow",
                                                                          "stream:auto", "stream:auto:deep",
-                                                                         "stream:wgmma"}
-    # a failure under the deep ring's or warpgroup mma's environment rules out that variant alone (the
-    # default does not run it)
-    for env, kernels in (("stream:auto:deep", ("STREAM", "STREAM_GROUP_SUMS", "AUTO")), ("stream:wgmma", ("STREAM", "AUTO"))):
+                                                                         "stream:wgmma", "stream:wide"}
+    # a failure under the deep ring's, warpgroup mma's or the wide slices' environment rules out that
+    # variant alone (the default does not run it)
+    for env, kernels in (("stream:auto:deep", ("STREAM", "STREAM_GROUP_SUMS", "AUTO")), ("stream:wgmma", ("STREAM", "AUTO")),
+                         ("stream:wide", ("STREAM", "AUTO"))):
         for kernel in kernels:  # (what the gate runs under each)
             assert gpu_sweep.failed_variants({"failed": [{"layout": "stream", "env": env, "kernel": kernel}]}) == {env}
+    # (the wide variant times scaled fragments: its group sums are gated, not timed)
+    assert gpu_sweep.failed_variants({"failed": [{"layout": "stream", "env": "stream:wide",
+                                                  "kernel": "STREAM_GROUP_SUMS"}]}) == set()
     assert gpu_sweep.failed_variants({"failed": [{"layout": "stream", "kernel": "STREAM", "pdl": True}]}) == {"stream:pdl"}
     # a failure under the narrow variants' environment rules out those, and the default (narrow too)
     narrow = {"layout": "stream", "env": "stream:narrow"}
@@ -207,6 +218,8 @@ def test_narrow_variants_are_timed_where_they_run():
             assert timed == [m for m in gpu_sweep.MS if m <= 32], label
         elif label == "stream:auto:deep":  # the deep configuration: M <= 16 and 33-64 (gpu_sweep.deep_takes)
             assert timed == [m for m in gpu_sweep.MS if m <= 16 or 32 < m <= 64] and timed, label
+        elif label == "stream:wide":  # the wide configuration: M 17-64 in one launch
+            assert timed == [m for m in gpu_sweep.MS if 16 < m <= 64] and timed, label
         else:
             assert timed == gpu_sweep.MS, label
     for M in (1, 4):  # and the SASS column names the narrow instantiation where it runs

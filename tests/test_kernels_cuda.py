@@ -485,7 +485,7 @@ H100_SMEM = kernels.source_constant("kH100SmemPerBlock")  # what the deep config
 
 
 def stream_configs_run(fn) -> set[str]:
-    """The CONFIG template argument (csrc/awq_kernels.h: StreamConfig, 0 large, 1 compact, 2 deep, 3 wgmma) of
+    """The CONFIG template argument (csrc/awq_kernels.h: StreamConfig, 0 large, 1 compact, 2 deep, 3 wgmma, 4 wide) of
     every stream kernel ``fn`` launches."""
     return {args[5] for args in stream_kernels_run(fn)[1]}
 
@@ -524,6 +524,48 @@ def test_stream_kernel_deep(M, N, K, g, dtype, kernel, monkeypatch):
         assert deep_configs == {"2"}, deep_configs
     else:
         assert deep_configs == plain_configs, (deep_configs, plain_configs)
+
+
+STREAM_WIDE_MIN_M = kernels.source_constant("kStreamWideMinM")  # the wide configuration: M 17-64 per pass
+
+
+@pytest.mark.parametrize("kernel,dtype", [(Kernel.STREAM, torch.float16), (Kernel.STREAM_GROUP_SUMS, torch.float16),
+                                          (Kernel.STREAM, torch.bfloat16), (Kernel.AUTO, torch.float16)],
+                         ids=["fp16", "sums-fp16", "bf16", "auto-fp16"])
+@pytest.mark.parametrize("N,K,g", [STREAM_COMBOS[2], (320, 2176, 32)], ids=["N4096", "N320-tail-g32"])
+@pytest.mark.parametrize("M", [M_TILE, STREAM_WIDE_MIN_M, 3 * M_TILE + 1, STREAM_MAX_M, STREAM_MAX_M + M_TILE, 100])
+def test_stream_kernel_wide(M, N, K, g, dtype, kernel, monkeypatch):
+    """AWQLIB_STREAM_WIDE=1: where every pass has 17-64 rows the wide configuration (256-column
+    slices) runs -- the profiler names it (CONFIG 4) -- with the reference's outputs, deterministic,
+    on an A100 as on an H100; elsewhere (16 rows, a last pass of 16) the choice is what it is without
+    the setting, bit for bit.  Its partition is its own (two k-warps, other split parts), so its
+    outputs may differ from the large configuration's in their last bits."""
+    monkeypatch.delenv("AWQLIB_STREAM_SMEM_LIMIT", raising=False)
+    skip_if_stream_does_not_fit(min(M, STREAM_MAX_M), Kernel.STREAM if kernel == Kernel.AUTO else kernel)
+    qs, zs, ss = stream_weight(K, N, g, dtype)
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+
+    def run():
+        return torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), 0)
+
+    monkeypatch.setenv("AWQLIB_STREAM_WIDE", "0")
+    plain_configs = stream_configs_run(run) if kernel == Kernel.AUTO or M <= STREAM_MAX_M else None
+    plain = run()
+    monkeypatch.setenv("AWQLIB_STREAM_WIDE", "1")
+    poison_allocator()
+    out = check(x, K, N, g, dtype, out=run())
+    assert torch.equal(out, run())
+    rest = M % STREAM_MAX_M
+    wide_takes = M >= STREAM_WIDE_MIN_M and (rest == 0 or rest >= STREAM_WIDE_MIN_M)
+    if plain_configs is not None and plain_configs != {"0"}:  # the automatic choice dequantizes here
+        wide_takes = False
+    if wide_takes:
+        assert stream_configs_run(run) == {"4"}
+    else:
+        assert torch.equal(out, plain)
+    monkeypatch.setenv("AWQLIB_STREAM_SMEM_LIMIT", str(kernels.source_constant("kA100SmemPerBlock")))
+    if wide_takes:  # it fits an A100's 163 KB too
+        assert torch.equal(run(), out) and stream_configs_run(run) == {"4"}
 
 
 def stream_grids_launched(fn, tmp_path) -> list[int]:
@@ -855,6 +897,7 @@ def test_stream_auto_choice_per_gpu_class(limit, M, K, N, expected, large_fits, 
     ("AWQLIB_STREAM_NARROW", "on", "AWQLIB_STREAM_NARROW must be 0 or 1"),
     ("AWQLIB_STREAM_DEEP", "true", "AWQLIB_STREAM_DEEP must be 0 or 1"),
     ("AWQLIB_STREAM_WGMMA", "yes", "AWQLIB_STREAM_WGMMA must be 0 or 1"),
+    ("AWQLIB_STREAM_WIDE", "2", "AWQLIB_STREAM_WIDE must be 0 or 1"),
 ])
 def test_stream_settings_are_strict(name, value, message, monkeypatch):
     qs, zs, ss = stream_weight(512, 128, 128)
@@ -868,6 +911,7 @@ def test_stream_settings_are_strict(name, value, message, monkeypatch):
     ("AWQLIB_STREAM_SMEM_LIMIT", "0", "AWQLIB_STREAM_SMEM_LIMIT must be a positive number of bytes"),
     ("AWQLIB_STREAM_DEEP", "true", "AWQLIB_STREAM_DEEP must be 0 or 1"),
     ("AWQLIB_STREAM_WGMMA", "yes", "AWQLIB_STREAM_WGMMA must be 0 or 1"),
+    ("AWQLIB_STREAM_WIDE", "yes", "AWQLIB_STREAM_WIDE must be 0 or 1"),
 ])
 def test_stream_choice_settings_are_strict_on_every_stream_call(name, value, message, monkeypatch):
     """The settings the choice of configuration reads are checked on every stream-layout call, also

@@ -101,12 +101,26 @@ def test_no_spills_and_one_resident_cta(reports):
     # compact: {half, bf16} x MB {1, 2} x EXACT x FINE, + group sums: {half, bf16} x MB 1 x EXACT;
     # narrow: {half, bf16} x {large, compact} x (EXACT x FINE + group sums x EXACT);
     # deep (MB 1): {half, bf16} x {m16, narrow} x (EXACT x FINE + group sums x EXACT); deep (MB 4):
-    # {half, bf16} x EXACT x FINE; wgmma: {half, bf16} x MB {1, 2, 4, 8} x EXACT x FINE
-    assert len(stream) == 32 + 20 + 24 + 24 + 8 + 32
+    # {half, bf16} x EXACT x FINE; wgmma: {half, bf16} x MB {1, 2, 4, 8} x EXACT x FINE; wide:
+    # {half, bf16} x (MB 2: EXACT x FINE + group sums x EXACT; MB 4: EXACT x FINE)
+    assert len(stream) == 32 + 20 + 24 + 24 + 8 + 32 + 20
     for r in stream:
         assert r.spill_stores == 0 and r.spill_loads == 0, f"{r.kernel} spills"
         assert r.ctas_per_sm is not None and r.ctas_per_sm >= 1, f"{r.kernel} does not fit on an SM"
         assert r.check == "ok", f"{r.kernel}: {r.check}"
+
+
+@pytest.mark.parametrize("mb", [2, 4])
+@pytest.mark.parametrize("dtype", ["half", "bf16"])
+def test_wide_configuration_streams_like_the_large_one(reports, dtype, mb):
+    """The wide configuration (256-column slices, two k-warps) keeps each warp's work -- 64 columns,
+    its k16 atoms per stage, the same dequantization and mma -- so its loop costs what the large one's
+    does per KB of weights, within 2 %; what it changes is the activation bytes per weight byte."""
+    large, wide = reports[stream_name(dtype, mb=mb)], reports[stream_name(dtype, mb=mb, config="wide")]
+    assert wide.check == "ok" and large.check == "ok", (wide.check, large.check)
+    assert abs(wide.instr_per_kb - large.instr_per_kb) <= 0.02 * large.instr_per_kb, (wide.instr_per_kb,
+                                                                                       large.instr_per_kb)
+    assert wide.loop["by_op"]["HMMA"] == large.loop["by_op"]["HMMA"]  # (a stage: the same atoms per warp)
 
 
 def test_unwritten_descriptor_check_catches_the_faulting_copy():

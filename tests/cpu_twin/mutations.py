@@ -4,8 +4,8 @@ slot refilled too early, a non-atomic reduction, a lost barrier in arrive_last, 
 too few, inputs read before the PDL wait, a truncating output conversion, a ring that starts on the
 slot it reads, the narrow kernels' operand order, activation rows and fold, the residual's rounding
 and its place in each write path, a split slice's part left out of the last arriver's sum, or
-outputs it skips, and the wgmma kernels' waits, swizzle, words, alignment, group starts and flush
-from the registers.  For each, a copy of the repository
+outputs it skips, the wgmma kernels' waits, swizzle, words, alignment, group starts and flush
+from the registers, and the wide configuration's pair reduction, loader runs and zeros.  For each, a copy of the repository
 gets the mutation and tests/test_cpu_twin.py (or the file CAUGHT_BY names) runs on it; every one
 must fail.  Not part of the suite (about 2 minutes a mutation on 2 cores; -k narrows the tests):
 
@@ -93,8 +93,8 @@ __device__ __forceinline__ void store_out(""")],
  'wgmma_unaligned': [("base += (kSwizzleBlockBytes - smem_address(base) % kSwizzleBlockBytes) % kSwizzleBlockBytes;",
                       "base += 0;")],
  'wgmma_group_32': [("{p.gshift <= 1, p.gshift <= 2,", "{p.gshift <= 0, p.gshift <= 2,")],
- 'wgmma_owner_column': [("const int col = wg * 64 + 16 * wq + g + 8 * (e >> 1);",
-                         "const int col = wg * 64 + 16 * wq + g + 8 * (e & 1);")],
+ 'wgmma_owner_column': [("const int col = kWg ? wg * 64 + 16 * wq + g + 8 * (e >> 1) :",
+                         "const int col = kWg ? wg * 64 + 16 * wq + g + 8 * (e & 1) :")],
  'wgmma_one_slot': [("ws + ((size_t)c_slice * p.max_parts + blockIdx.x - sp.first) * rows_out * kSliceN;",
                      "ws + ((size_t)c_slice * p.max_parts) * rows_out * kSliceN;")],
  # ... and at eight m-tiles, a stage's last group left in flight while the loader refills the slot
@@ -112,8 +112,18 @@ __device__ __forceinline__ void store_out(""")],
                                  "store_out(out, static_cast<const T*>(nullptr), (size_t)r * N + n0 + col, v[u]);")],
  'residual_left_out_of_wgmma_flush': [("store_out(out, residual, (size_t)row * p.N + n0 + col, acc[mb][t][e]);",
                                        "store_out(out, static_cast<const T*>(nullptr), (size_t)row * p.N + n0 + col, acc[mb][t][e]);")],
- 'wgmma_no_sum': [("    if (slot != nullptr) sum_parts<T>(out, residual, ws, counters, p.N, p.max_parts, c_slice, rows_out, sp.parts);",
+ 'wgmma_no_sum': [("    if (slot != nullptr) sum_parts<T, kSliceN>(out, residual, ws, counters, p.N, p.max_parts, c_slice, rows_out, sp.parts);",
                    "")],
+ # the wide configuration: k-warp 1's sums never added; its rounds all written at the first round's
+ # rows; the loader's third and fourth n-atom runs read the second's; the zeros' chunks placed as a
+ # 128-column slice's; the pair's first barrier gone (k-warp 1 overwrites the slot the stage reads)
+ 'wide_pair_not_added': [("      if (wk == 0) each_output([](float& a, const float& r) { a += r; });", "")],
+ 'wide_round_at_row_zero': [("if (row < rows_out) f(acc[mb][t][e], red[(row - r0) * kSliceN + col]);",
+                             "if (row < rows_out) f(acc[mb][t][e], red[(row % 16) * kSliceN + col]);")],
+ 'wide_runs_collapse': [("return na == 0 ? l.w : l.w + na * nstride;", "return na == 0 ? l.w : l.w + nstride;")],
+ 'wide_zero_chunks': [(": Cfg::kOffZ + sz_gi[r] * (kSliceN / 8) * 4 + (ch - kSChunks) * 16;",
+                       ": Cfg::kOffZ + sz_gi[r] * (kSliceN / 8) * 4 + (ch - kSChunks) % 4 * 16;")],
+ 'wide_pair_no_barrier': [("      __syncthreads();  // the slot's last readers (the stage, or the round before) are done\n", "")],
 }
 
 

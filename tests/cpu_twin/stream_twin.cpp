@@ -13,21 +13,21 @@
 // scales.bin in the stream layout; residual.bin [M, N] where the epilogue adds one) and receives out.bin ([M, N], or the dense W^T [K, N]).  DTYPE:
 // fp16 | bf16; TIMING: lazy | eager (when cp.async data lands, cpu_twin.h); ORDER: forward |
 // reverse (the CTAs' order, the warps' order, and which end of every buffer touches its guard
-// page); CONFIG: 0 large, 1 compact, 2 deep, 3 wgmma (awq::StreamConfig); NARROW: 1 asks for the narrow
+// page); CONFIG: 0 large, 1 compact, 2 deep, 3 wgmma, 4 wide (awq::StreamConfig); NARROW: 1 asks for the narrow
 // kernels (M <= 8).  Prints the launch (grid, units per CTA,
 // the ring refills the plan makes), the weight bytes the kernel read and the warp mmas it ran;
 // exit status 0, or 1 and the reason on stderr (3 for a memory fault).
 // choose: awq_ops.cpp's choice for a stream-layout weight (choose_stream: which configuration, rows
 // per launch, group sums, or dequantize + cuBLAS, or the refusal), the instantiations its first and
 // last launches run (stream_kernel_name) and the first launch's persistent grid (plan_stream).  A
-// query: DTYPE M N K GROUP SMEM_LIMIT AUTOMATIC COMPACT SUMS DEEP WGMMA NARROW SMS (the
+// query: DTYPE M N K GROUP SMEM_LIMIT AUTOMATIC COMPACT SUMS DEEP WIDE WGMMA NARROW SMS (the
 // StreamRequest, the narrow setting, the CTAs the grid may have); an answer: "stream CONFIG PASS
 // SUMS FIRST | LAST | GRID PER", "dequant", or "refused MESSAGE".  The static shared memory is
 // counted at its bound (kStaticSmemAllowance, 2 KB; the GPU's is 1040 B on sm_90), so a limit set
 // within ~1 KB of a configuration's need can be refused here and run on a GPU, never the reverse.
 // dispatch: the whole choice of awq_ops.cpp (awq_dispatch.h: choose_kernel) for any layout and
 // kernel id, and the name of the first launch's kernel (kernel_name, what the awq_gemm_kernel_name
-// op answers).  A query: DTYPE LAYOUT M N K GROUP KERNEL SMEM_LIMIT DEEP WGMMA NARROW, LAYOUT gemm |
+// op answers).  A query: DTYPE LAYOUT M N K GROUP KERNEL SMEM_LIMIT DEEP WIDE WGMMA NARROW, LAYOUT gemm |
 // tiled | stream, KERNEL an awqlib.ops.Kernel id; an answer: READ and the name, or READ "refused
 // MESSAGE", READ the number of times the choice asked for the stream settings (awq_ops.cpp reads
 // AWQLIB_STREAM_* then, and refuses an invalid one).
@@ -150,13 +150,13 @@ void run_dequant(const std::string& dir, int K, int N, int g) {
 void run_choose() {
   std::string dt;
   long long M;
-  int N, K, g, limit, automatic, compact, sums, deep, wgmma, narrow, sms;
-  while (std::cin >> dt >> M >> N >> K >> g >> limit >> automatic >> compact >> sums >> deep >> wgmma >> narrow >>
-         sms) {
+  int N, K, g, limit, automatic, compact, sums, deep, wide, wgmma, narrow, sms;
+  while (std::cin >> dt >> M >> N >> K >> g >> limit >> automatic >> compact >> sums >> deep >> wide >> wgmma >>
+         narrow >> sms) {
     if (dt != "fp16" && dt != "bf16") awq_twin::fail("DTYPE is fp16|bf16");
     if (M < 1 || N < 1 || K < 1 || g < 1 || sms < 1) awq_twin::fail("choose: M, N, K, GROUP and SMS are positive");
     awq::StreamRequest r;
-    r.automatic = automatic, r.compact = compact, r.group_sums = sums, r.deep = deep, r.wgmma = wgmma;
+    r.automatic = automatic, r.compact = compact, r.group_sums = sums, r.deep = deep, r.wide = wide, r.wgmma = wgmma;
     r.smem_limit = limit;
     const awq::StreamChoice c = awq::choose_stream(M, N, K, g, r);
     if (c.kind == awq::StreamChoice::kDequantCublas) {
@@ -175,18 +175,18 @@ void run_choose() {
     }
   }
   if (!std::cin.eof())
-    awq_twin::fail("choose: a query is DTYPE M N K GROUP SMEM_LIMIT AUTOMATIC COMPACT SUMS DEEP WGMMA NARROW SMS");
+    awq_twin::fail("choose: a query is DTYPE M N K GROUP SMEM_LIMIT AUTOMATIC COMPACT SUMS DEEP WIDE WGMMA NARROW SMS");
 }
 
 void run_dispatch() {
   std::string dt, layout_name;
   long long M, N, K, g;
-  int kernel, limit, deep, wgmma, narrow;
-  while (std::cin >> dt >> layout_name >> M >> N >> K >> g >> kernel >> limit >> deep >> wgmma >> narrow) {
+  int kernel, limit, deep, wide, wgmma, narrow;
+  while (std::cin >> dt >> layout_name >> M >> N >> K >> g >> kernel >> limit >> deep >> wide >> wgmma >> narrow) {
     if (dt != "fp16" && dt != "bf16") awq_twin::fail("DTYPE is fp16|bf16");
     if (M < 1 || N < 1 || K < 1 || g < 1 || K % g) awq_twin::fail("dispatch: M, N, K, GROUP positive, K % GROUP == 0");
     if (kernel < 0) awq_twin::fail("dispatch: KERNEL is a non-negative id (choose_kernel refuses unknown ones)");
-    if ((deep | wgmma | narrow) & ~1) awq_twin::fail("dispatch: DEEP, WGMMA and NARROW are 0 or 1");
+    if ((deep | wide | wgmma | narrow) & ~1) awq_twin::fail("dispatch: DEEP, WIDE, WGMMA and NARROW are 0 or 1");
     const awq::Layout layout = layout_name == "gemm"    ? awq::Layout::kGemm
                                : layout_name == "tiled" ? awq::Layout::kTiled
                                : layout_name == "stream"
@@ -197,7 +197,7 @@ void run_dispatch() {
         awq::choose_kernel(layout, M, N, K, g, static_cast<awq::Kernel>(kernel), [&] {
           ++reads;
           awq::StreamSettings st;
-          st.deep = deep, st.wgmma = wgmma, st.smem_limit = limit;
+          st.deep = deep, st.wide = wide, st.wgmma = wgmma, st.smem_limit = limit;
           return st;
         });
     if (!c.refusal.empty()) std::printf("%d refused %s\n", reads, c.refusal.c_str());
@@ -205,7 +205,7 @@ void run_dispatch() {
                                                          M, N, K, g, c, narrow).c_str());
   }
   if (!std::cin.eof())
-    awq_twin::fail("dispatch: a query is DTYPE LAYOUT M N K GROUP KERNEL SMEM_LIMIT DEEP WGMMA NARROW");
+    awq_twin::fail("dispatch: a query is DTYPE LAYOUT M N K GROUP KERNEL SMEM_LIMIT DEEP WIDE WGMMA NARROW");
 }
 
 void run_slices(long long capacity) {
@@ -232,8 +232,8 @@ int main(int argc, char** argv) {
       if ((timing != "lazy" && timing != "eager") || (order != "forward" && order != "reverse"))
         awq_twin::fail("TIMING is lazy|eager, ORDER forward|reverse");
       if (config_arg != awq::kConfigLarge && config_arg != awq::kConfigCompact && config_arg != awq::kConfigDeep &&
-          config_arg != awq::kConfigWgmma)
-        awq_twin::fail("CONFIG is 0 (large), 1 (compact), 2 (deep) or 3 (wgmma)");
+          config_arg != awq::kConfigWgmma && config_arg != awq::kConfigWide)
+        awq_twin::fail("CONFIG is 0 (large), 1 (compact), 2 (deep), 3 (wgmma) or 4 (wide)");
       const auto config = static_cast<awq::StreamConfig>(config_arg);
       const bool eager = timing == "eager", reverse = order == "reverse";
       if (dt == "fp16") run_gemm<__half>(dir, M, N, K, g, sms, sums, config, pdl, narrow, eager, reverse);
