@@ -289,8 +289,9 @@ bool stream_narrow() { return env_flag("AWQLIB_STREAM_NARROW", /*unset=*/true); 
 bool stream_deep() { return env_flag("AWQLIB_STREAM_DEEP"); }
 
 // The wide configuration of the stream kernel (awq_stream.cu: kConfigWide, 256-column slices: half
-// the activation bytes per weight byte) in place of the large one at M 17-64: opt-in with
-// AWQLIB_STREAM_WIDE=1 until a GPU has timed it (benchmarks/gpu_sweep.py: stream:auto:wide).  Two
+// the activation bytes per weight byte) in place of the large one where every pass has 17-64 rows
+// (also where the large one does not fit: an A100 at 17-32): opt-in with
+// AWQLIB_STREAM_WIDE=1 until a GPU has timed it (benchmarks/gpu_sweep.py: stream:wide).  Two
 // k-warps add their partial sums instead of four, so its outputs differ from the large kernel's in
 // fp32 rounding.  Read per call.
 bool stream_wide() { return env_flag("AWQLIB_STREAM_WIDE"); }

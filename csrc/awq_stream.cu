@@ -109,15 +109,15 @@ constexpr int ka_for(int MB, int config) { return MB == 8 ? 2 : MB == 4 || confi
 // no output reads them.  Its kernels exist only in an sm_90a build (their bodies trap elsewhere),
 // which stream_wgmma_built tells the host; an sm_90a kernel runs on an H100/H200 only.
 // The wide one (opt-in: awq_ops.cpp stream_wide) is about the activations' bytes, at MB = 2 and 4.
-// Every CTA working on a column slice reads the stage's activations for its columns alone: 16 M
-// bytes per k-row for the slice's 64 kNA columns' 32 kNA bytes of weights, M / 32 of the weight bytes
-// with 128-column slices -- twice the weights' at 64 tokens, all of it L2 -> SM traffic on top of
+// Every CTA working on a column slice reads the stage's activations for its columns alone: 2 M
+// bytes per k-row against the 32 kNA bytes of weights of the slice's 64 kNA columns, M / 32 of the
+// weight bytes with 128-column slices -- twice them at 64 tokens, all of it L2 -> SM traffic on top of
 // the weights (shared/design/kernels-v2.md asks for 256-column CTAs at M 17-64).  The wide CTA
 // spans 4 n-atoms (256 columns) with 2 warps along K: half the activation bytes per weight byte, the
 // same 64 columns per warp (so the same accumulators, dequantization and mma per weight), twice the
 // fp32 partials per split part.  Its stages: MB = 2 three of 256 rows (32 KB of weights, 16 KB of
-// activations: 161 KB with the static part), MB = 4 four of 128 rows (16 + 16 KB: 140 KB) -- so it
-// fits an A100 too.  Its k-warp sums go through the consumed slot in rounds of kRedRows rows (a
+// activations: 160 KB with the static part), MB = 4 four of 128 rows (16 + 16 KB: 139 KB) -- so it
+// fits an A100 too, where it also takes the 17-32 rows the large configuration has no room for.  Its k-warp sums go through the consumed slot in rounds of kRedRows rows (a
 // whole slice's 64 x 256 fp32 would be 64 KB, more than a stage).  Whether the traffic is what
 // bounds M 17-64 (0.5-0.8x fp16 on an H200 where the mma alone would allow ~3x) is what timing it
 // says: opt-in until then.
@@ -1384,6 +1384,8 @@ std::string why_not(int64_t M, int N, int K, int group_size, StreamConfig config
                            std::to_string(config_max_m(config)) + " rows; its pass of " + std::to_string(bad) +
                            " rows ";
   const int rows = static_cast<int>(bad);
+  if (config == kConfigWide && rows < kStreamWideMinM)
+    return what + "is too few for it (it runs passes of " + std::to_string(kStreamWideMinM) + " rows and more)";
   if (!stream_supports(rows, N, K, group_size, config)) {
     const std::string k_tile = config_takes(rows, config) ? std::to_string(stage_k_for(rows, config)) : "?";
     return what + "does not take N = " + std::to_string(N) + ", K = " + std::to_string(K) + ", group_size " +
@@ -1401,13 +1403,17 @@ StreamChoice choose_stream(int64_t M, int N, int K, int group_size, const Stream
   StreamChoice c;
   StreamConfig base = r.compact ? kConfigCompact : kConfigLarge;
   c.group_sums = r.group_sums;
+  // the wide slices in place of the large ones, where asked for and they run every pass -- also where
+  // the large ones do not (an A100 at M 17-32; a group only their k-tile divides)
+  const bool wide_runs = r.wide && !r.compact && !fails(kConfigWide);
   if (r.automatic) {
     // One launch, with group sums: at M <= 32, and at 33-64 on weights of kStreamFourTileMinWeights
-    // elements and more; the large configuration where it fits, else at M <= 32 the compact one.
-    // Every further pass streams the weights again: measured on an H200 (gpu_sweep 2026-11-30),
-    // 2 and 4 passes at best tie dequantize + cuBLAS.
+    // elements and more; the large configuration where it fits (or the wide one in its place),
+    // else at M <= 32 the compact one.  Every further pass streams the weights again: measured on
+    // an H200 (gpu_sweep 2026-11-30), 2 and 4 passes at best tie dequantize + cuBLAS.
     const bool four_tiles_pay = M <= kStreamCompactMaxM || int64_t(N) * K >= kStreamFourTileMinWeights;
-    const bool large_fails = M > kStreamMaxM || !four_tiles_pay || fails(kConfigLarge);
+    const bool one_launch = M <= kStreamMaxM && four_tiles_pay;
+    const bool large_fails = !one_launch || (fails(kConfigLarge) && !wide_runs);
     if (large_fails && (M > kStreamCompactMaxM || fails(kConfigCompact))) {
       c.kind = StreamChoice::kDequantCublas;
       return c;
@@ -1423,20 +1429,25 @@ StreamChoice choose_stream(int64_t M, int N, int K, int group_size, const Stream
     c.pass = config_max_m(kConfigWgmma);
     return c;
   }
+  if (wide_runs && base == kConfigLarge) {
+    c.kind = StreamChoice::kStream;
+    c.config = kConfigWide;
+    c.pass = config_max_m(kConfigWide);
+    return c;
+  }
   if (fails(base)) {
     c.refusal = "the stream kernel cannot run " + std::to_string(M) + " rows of this weight: " +
                 why_not(M, N, K, group_size, base, r.smem_limit);
     if (r.wgmma && base == kConfigLarge)
       c.refusal += "; and " + why_not(M, N, K, group_size, kConfigWgmma, r.smem_limit) + " (AWQLIB_STREAM_WGMMA=1)";
+    if (r.wide && base == kConfigLarge)
+      c.refusal += "; and " + why_not(M, N, K, group_size, kConfigWide, r.smem_limit) + " (AWQLIB_STREAM_WIDE=1)";
     return c;
   }
   c.kind = StreamChoice::kStream;
   c.pass = config_max_m(base);
-  // the wide slices in place of the large ones, where asked for and every pass has 17-64 rows; else
-  // the deep ring, where asked for: one launch of <= 64 rows, not 17-32
-  c.config = r.wide && base == kConfigLarge && !fails(kConfigWide)                           ? kConfigWide
-             : r.deep && base == kConfigLarge && M <= kStreamDeepMaxM && !fails(kConfigDeep) ? kConfigDeep
-                                                                                             : base;
+  // the deep ring in place of the large one, where asked for: one launch of <= 64 rows, not 17-32
+  c.config = r.deep && base == kConfigLarge && M <= kStreamDeepMaxM && !fails(kConfigDeep) ? kConfigDeep : base;
   return c;
 }
 

@@ -180,6 +180,9 @@ CASES = [
     (64, 320, 2176, 32, 3, "wide", 0),       # wide, MB = 4, full m-tiles, N tail, FINE, split slices
     (33, 256, 1536, 128, 5, "wide", 0),      # wide, a slice in four parts, one row in its third reduction round
     (17, 256, 1280, 1280, 2, "wide", 0),     # wide, MB = 2, group == K
+    (32, 512, 2048, 128, 3, "wide", 0),      # wide, MB = 2 full, split slices
+    (48, 448, 2304, 384, 2, "wide", 0),      # wide, MB = 4, rows 33-47 in the third round, N tail, a group
+                                             # only its k-tile divides
 ]
 
 
@@ -523,6 +526,15 @@ CHOICES = [
     (dict(M=80, wide=True, **SQUARE), "stream 0 64 0 awq_stream_kernel<half, 4, true, false, false, large, false>"),
     (dict(M=40, wide=True, N=4160, K=4096), "stream 4 64 0 awq_stream_kernel<half, 4, false, false, false, wide, false>"),
     (dict(M=40, wide=True, wgmma=True, **SQUARE), "stream 3 128 0 awq_stream_kernel<half, 4, true, true, false, wgmma, false>"),
+    # ... also where the large configuration does not run: an A100 at 17-32 rows (forced, in passes,
+    # and the automatic choice, which would otherwise take the compact one), a group only its k-tile divides
+    (dict(M=20, wide=True, limit=A100_SMEM, **SQUARE), "stream 4 64 0 awq_stream_kernel<half, 2, true, false, false, wide, false>"),
+    (dict(M=90, wide=True, limit=A100_SMEM, **SQUARE), "stream 4 64 0 awq_stream_kernel<half, 4, true, false, false, wide, false>"),
+    (dict(M=20, auto=True, wide=True, limit=A100_SMEM, **SQUARE), "stream 4 64 1 awq_stream_kernel<half, 2, true, false, true, wide, false>"),
+    (dict(M=40, wide=True, N=4096, K=4608, g=384), "stream 4 64 0 awq_stream_kernel<half, 4, true, false, false, wide, false>"),
+    (dict(M=40, auto=True, wide=True, N=8192, K=8448, g=384), "stream 4 64 1 awq_stream_kernel<half, 4, true, false, false, wide, false>"),
+    (dict(M=40, auto=True, N=8192, K=8448, g=384), "dequant"),  # (without it)
+    (dict(M=20, auto=True, wide=True, limit=SM89_SMEM, **SQUARE), "stream 1 32 1 awq_stream_kernel<half, 2, true, false, false, compact, false>"),
     # warpgroup mma where asked for (and the device runs it): every pass, up to 128 rows; the
     # automatic choice keeps its own limits (dequantize + cuBLAS past 64 rows)
     (dict(M=1, auto=True, wgmma=True, **SQUARE), "stream 3 128 1 awq_stream_kernel<half, 1, true, true, false, wgmma, false>"),
@@ -564,6 +576,15 @@ def test_stream_refusals_name_every_configuration_considered(twin):
     assert "; and the wgmma configuration runs passes of at most 128 rows; its pass of 100 rows needs " in both
     assert both.endswith("(AWQLIB_STREAM_WGMMA=1)")
     assert [gpu_sweep.lacks_smem(m) for m in (smem, shape, both, both_smem)] == [True, False, False, True]
+    # the wide configuration, where asked for and it runs none of the passes: named in turn
+    wide_smem, wide_rows = choose(twin, [dict(M=20, wide=True, limit=SM89_SMEM, **SQUARE),
+                                         dict(M=4, N=192, K=576, g=96, wide=True)])
+    assert wide_smem.startswith("refused the stream kernel cannot run 20 rows of this weight: the large configuration")
+    assert "; and the wide configuration runs passes of at most 64 rows; its pass of 20 rows needs " in wide_smem
+    assert wide_smem.endswith(f" bytes of shared memory per block (the device has {SM89_SMEM}) (AWQLIB_STREAM_WIDE=1)")
+    assert wide_rows.endswith("; and the wide configuration runs passes of at most 64 rows; its pass of 4 rows is too "
+                              "few for it (it runs passes of 17 rows and more) (AWQLIB_STREAM_WIDE=1)"), wide_rows
+    assert gpu_sweep.lacks_smem(wide_smem) and not gpu_sweep.lacks_smem(wide_rows)
 
 
 def dispatch(twin, queries: list[dict], reads: list | None = None) -> list[str]:

@@ -537,11 +537,15 @@ STREAM_WIDE_MIN_M = kernels.source_constant("kStreamWideMinM")  # the wide confi
 def test_stream_kernel_wide(M, N, K, g, dtype, kernel, monkeypatch):
     """AWQLIB_STREAM_WIDE=1: where every pass has 17-64 rows the wide configuration (256-column
     slices) runs -- the profiler names it (CONFIG 4) -- with the reference's outputs, deterministic,
-    on an A100 as on an H100; elsewhere (16 rows, a last pass of 16) the choice is what it is without
-    the setting, bit for bit.  Its partition is its own (two k-warps, other split parts), so its
-    outputs may differ from the large configuration's in their last bits."""
+    under an A100's shared memory as under an H100's (where the large configuration at 17-32 rows
+    does not fit one); elsewhere (16 rows, a last pass of 16, the automatic choice's dequantize +
+    cuBLAS) the choice is what it is without the setting, bit for bit.  Its partition is its own (two
+    k-warps, other split parts), so its outputs may differ from the large configuration's in their
+    last bits."""
     monkeypatch.delenv("AWQLIB_STREAM_SMEM_LIMIT", raising=False)
-    skip_if_stream_does_not_fit(min(M, STREAM_MAX_M), Kernel.STREAM if kernel == Kernel.AUTO else kernel)
+    forced = Kernel.STREAM if kernel == Kernel.AUTO else kernel
+    monkeypatch.setenv("AWQLIB_STREAM_WIDE", "1")
+    skip_if_stream_does_not_fit(min(M, STREAM_MAX_M), forced)  # what the setting runs (a ~99 KB GPU: none)
     qs, zs, ss = stream_weight(K, N, g, dtype)
     x = torch.randn(M, K, device="cuda", dtype=dtype)
 
@@ -549,20 +553,19 @@ def test_stream_kernel_wide(M, N, K, g, dtype, kernel, monkeypatch):
         return torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), 0)
 
     monkeypatch.setenv("AWQLIB_STREAM_WIDE", "0")
-    plain_configs = stream_configs_run(run) if kernel == Kernel.AUTO or M <= STREAM_MAX_M else None
-    plain = run()
+    large_fits = stream_lacks_smem(min(M, STREAM_MAX_M), forced) is None  # (an A100 at 17-32 rows: not)
+    plain = run() if large_fits else None
+    dequantized = kernel == Kernel.AUTO and large_fits and stream_configs_run(run) == set()
     monkeypatch.setenv("AWQLIB_STREAM_WIDE", "1")
     poison_allocator()
     out = check(x, K, N, g, dtype, out=run())
     assert torch.equal(out, run())
     rest = M % STREAM_MAX_M
-    wide_takes = M >= STREAM_WIDE_MIN_M and (rest == 0 or rest >= STREAM_WIDE_MIN_M)
-    if plain_configs is not None and plain_configs != {"0"}:  # the automatic choice dequantizes here
-        wide_takes = False
+    wide_takes = M >= STREAM_WIDE_MIN_M and (rest == 0 or rest >= STREAM_WIDE_MIN_M) and not dequantized
     if wide_takes:
         assert stream_configs_run(run) == {"4"}
     else:
-        assert torch.equal(out, plain)
+        assert plain is not None and torch.equal(out, plain)
     monkeypatch.setenv("AWQLIB_STREAM_SMEM_LIMIT", str(kernels.source_constant("kA100SmemPerBlock")))
     if wide_takes:  # it fits an A100's 163 KB too
         assert torch.equal(run(), out) and stream_configs_run(run) == {"4"}
