@@ -38,7 +38,7 @@ class Kernel(enum.IntEnum):
     checks that the two agree).  Ids 1 and 3 (a CUDA-core GEMV and a tiled mma.sync GEMM) are
     retired: the CUDA kernels refuse them as unknown."""
     AUTO = 0             # pick by layout and M (the dispatch awq_gemm uses)
-    SKINNY = 2           # skinny tensor-core kernel, register ring 4 chunks deep, M <= 32, GEMM or warp-tiled layout
+    SKINNY = 2           # skinny tensor-core kernel, register ring 4 chunks deep, M <= 32 (GEMM or warp-tiled layout)
     DEQUANT_CUBLAS = 4   # dequantize (in bounded column chunks) + cuBLAS, any layout and M
     SKINNY_SHALLOW = 5   # skinny tensor-core kernel, register ring 2 chunks deep
     STREAM = 6           # streaming mma.sync kernel on the stream layout, passes of <= 64 rows (AUTO: one pass,
@@ -195,5 +195,6 @@ def gemm_kernel_name(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tenso
     :func:`awq_gemm` runs) under the current settings, without running it: on CUDA the first
     launch's kernel, its instantiation as ``scripts/sass_budget.py`` names it
     (``"awq_stream_kernel<half, 1, true, false, true, large, true>"``), or ``"dequant+cuBLAS"``;
-    ``"reference"`` where the PyTorch reference runs.  Raises what the call would raise for a kernel that cannot serve it."""
+    ``"reference"`` where the PyTorch reference runs.  Raises what the call would raise for a kernel
+    that cannot serve it."""
     return torch.ops.awqlib.awq_gemm_kernel_name(x, qweight, qzeros, scales, group_size, int(kernel), splits)

@@ -117,10 +117,11 @@ constexpr int ka_for(int MB, int config) { return MB == 8 ? 2 : MB == 4 || confi
 // same 64 columns per warp (so the same accumulators, dequantization and mma per weight), twice the
 // fp32 partials per split part.  Its stages: MB = 2 three of 256 rows (32 KB of weights, 16 KB of
 // activations: 160 KB with the static part), MB = 4 four of 128 rows (16 + 16 KB: 139 KB) -- so it
-// fits an A100 too, where it also takes the 17-32 rows the large configuration has no room for.  Its k-warp sums go through the consumed slot in rounds of kRedRows rows (a
-// whole slice's 64 x 256 fp32 would be 64 KB, more than a stage).  Whether the traffic is what
-// bounds M 17-64 (0.5-0.8x fp16 on an H200 where the mma alone would allow ~3x) is what timing it
-// says: opt-in until then.
+// fits an A100 too, where it also takes the 17-32 rows the large configuration has no room for.
+// At four m-tiles its k-warp sums go through the consumed slot in rounds of kRedRows rows
+// (flush_pair: a whole slice's 64 x 256 fp32 would be 64 KB, more than a stage).  Whether the
+// traffic is what bounds M 17-64 (0.5-0.8x fp16 on an H200 where the mma alone would allow ~3x) is
+// what timing it says: opt-in until then.
 static_assert(kStreamCompactMaxM == 32, "the compact configurations are MB = 1 and 2");
 static_assert(kStreamDeepMaxM == kStreamMaxM, "the deep configuration is MB = 1 and 4");
 constexpr int stages_for(int MB, int config) {
@@ -871,10 +872,11 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
         }
     if (slot != nullptr) sum_parts<T, kSliceN>(out, residual, ws, counters, p.N, p.max_parts, c_slice, rows_out, sp.parts);
   };
-  // Wide (two k-warps per n-atom): k-warp 1's sums go through `red` -- kRedRows rows a round, what
-  // the consumed slot holds -- into k-warp 0's registers (the two added in the large kernel's order),
-  // whose warps then own the slice's outputs.  No out-of-line call while sums are live in registers
-  // (write_slice's would keep every later round's accumulators across it: spills at four m-tiles).
+  // Wide at four m-tiles (two k-warps per n-atom; a slice's sums, 64 KB, more than `red` holds): k-warp
+  // 1's sums go through `red` -- kRedRows rows a round, what the consumed slot holds -- into k-warp
+  // 0's registers (the two added as flush adds them), whose warps then own the slice's outputs.  No
+  // out-of-line call while sums are live in registers (write_slice's would keep every later round's
+  // accumulators across it: spills).  At two m-tiles the slice's sums fit `red`: flush, as the others.
   auto flush_pair = [&](const uint8_t* consumed) {
     float* red = reinterpret_cast<float*>(const_cast<uint8_t*>(consumed));  // see StreamCfg::kRedBytes
     constexpr int kRound = kWg ? Cfg::kRows : Cfg::kRedRows;  // (never 0: the wgmma kernels take flush_owned)
@@ -1028,7 +1030,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
         for (int e = 0; e < 8 * MB; ++e) fence_operand(d[e]);
       }
       if constexpr (kWg) flush_owned(true);
-      else if constexpr (Cfg::kWide) flush_pair(st);
+      else if constexpr (Cfg::kRedRows < Cfg::kRows) flush_pair(st);  // (wide, four m-tiles)
       else flush(st);
     }
     if (++c_kt == p.KT) {

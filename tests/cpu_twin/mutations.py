@@ -114,12 +114,13 @@ __device__ __forceinline__ void store_out(""")],
                                        "store_out(out, static_cast<const T*>(nullptr), (size_t)row * p.N + n0 + col, acc[mb][t][e]);")],
  'wgmma_no_sum': [("    if (slot != nullptr) sum_parts<T, kSliceN>(out, residual, ws, counters, p.N, p.max_parts, c_slice, rows_out, sp.parts);",
                    "")],
- # the wide configuration: k-warp 1's sums never added; its rounds all written at the first round's
- # rows; the loader's third and fourth n-atom runs read the second's; the zeros' chunks placed as a
- # 128-column slice's; the pair's first barrier gone (k-warp 1 overwrites the slot the stage reads)
+ # the wide configuration: k-warp 1's sums never added; each round's rows placed as if it were the
+ # first (past the round's room in the slot); the loader's third and fourth n-atom runs read the
+ # second's; the zeros' chunks placed as a 128-column slice's; the pair's first barrier gone (k-warp 1
+ # overwrites the slot the stage reads)
  'wide_pair_not_added': [("      if (wk == 0) each_output([](float& a, const float& r) { a += r; });", "")],
- 'wide_round_at_row_zero': [("if (row < rows_out) f(acc[mb][t][e], red[(row - r0) * kSliceN + col]);",
-                             "if (row < rows_out) f(acc[mb][t][e], red[(row % 16) * kSliceN + col]);")],
+ 'wide_round_unshifted': [("if (row < rows_out) f(acc[mb][t][e], red[(row - r0) * kSliceN + col]);",
+                           "if (row < rows_out) f(acc[mb][t][e], red[row * kSliceN + col]);")],
  'wide_runs_collapse': [("return na == 0 ? l.w : l.w + na * nstride;", "return na == 0 ? l.w : l.w + nstride;")],
  'wide_zero_chunks': [(": Cfg::kOffZ + sz_gi[r] * (kSliceN / 8) * 4 + (ch - kSChunks) * 16;",
                        ": Cfg::kOffZ + sz_gi[r] * (kSliceN / 8) * 4 + (ch - kSChunks) % 4 * 16;")],
