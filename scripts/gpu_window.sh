@@ -17,8 +17,8 @@
 # step starts only when its minimum time is left.  Run from the repository root:
 #   AWQLIB_COMMIT=<hash> bash scripts/gpu_window.sh 1      (then: ... 2; no argument: both)
 # Part 3, only where a window still has >= 5 minutes after parts 1 and 2: ncu on gpu_sweep's
-# NCU_CASES (64 tokens first: warpgroup mma and the four-m-tile kernel, with ncu's throughput and
-# pipe sections -- L2-bound or tensor-pipe-bound decides the next kernel; then wgmma at 128, the
+# NCU_CASES (64 tokens first: warpgroup mma, the four-m-tile kernel and its wide slices, with ncu's
+# throughput and pipe sections -- L2-bound or tensor-pipe-bound decides the next kernel; then wgmma at 128, the
 # default at one token on 70b-down and 4096x4096, the deep ring, the tiled layout), each saved as
 # it ends.
 # Before the window, on the CPU machine: `bash scripts/prebuild_device.sh` (the kernels compiled
