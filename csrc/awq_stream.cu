@@ -816,6 +816,18 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
   // g = 0..7 of one column are kSliceN floats apart: 8-way bank conflicts) -- per slice, a cost
   // on the scale of a whole stage for the small shapes where each CTA streams only a few stages.
   const int rows_out = min(p.M, Cfg::kRows);
+  // Where this lane's accumulator (mb, t, e) sits in the slice: {row (token), column}.  mma C/D:
+  // (row g + 8 (e >> 1), column 2 q + (e & 1)) of tile t of m16 tile mb; narrow, rows are columns;
+  // wgmma D: row g + 8 (e >> 1) of the warp's 16 columns, column (token) 2 q + (e & 1) of n8 tile
+  // 2 mb + t.
+  struct Place {
+    int row, col;
+  };
+  const auto place = [&](int mb, int t, int e) -> Place {
+    if constexpr (kWg) return {8 * (kAccTiles * mb + t) + 2 * q + (e & 1), wg * 64 + 16 * wq + g + 8 * (e >> 1)};
+    else if constexpr (NARROW) return {2 * q + (e & 1), wn * 64 + 16 * t + g + 8 * (e >> 1)};
+    else return {16 * mb + g + 8 * (e >> 1), wn * 64 + 8 * t + 2 * q + (e & 1)};
+  };
   auto flush = [&](const uint8_t* consumed) {
     float* red = reinterpret_cast<float*>(const_cast<uint8_t*>(consumed));  // see StreamCfg::kRedBytes
     __syncthreads();  // every warp is done reading the slot `red` overwrites
@@ -828,9 +840,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
           for (int t = 0; t < kAccTiles; ++t)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              // mma C/D: (row g + 8 (e >> 1), column 2 q + (e & 1)) of the tile; narrow, rows are columns
-              const int row = NARROW ? 2 * q + (e & 1) : 16 * mb + g + 8 * (e >> 1);
-              const int col = NARROW ? wn * 64 + 16 * t + g + 8 * (e >> 1) : wn * 64 + 8 * t + 2 * q + (e & 1);
+              const auto [row, col] = place(mb, t, e);
               if (row < rows_out) {
                 float& r = red[row * kSliceN + col];
                 r = (w == 0 ? 0.f : r) + acc[mb][t][e];
@@ -860,10 +870,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
       for (int t = 0; t < kAccTiles; ++t)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          // wgmma D: row g + 8 (e >> 1) of the warp's 16 columns, column (token) 2 q + (e & 1) of n8
-          // tile 2 mb + t; mma C/D: (row g + 8 (e >> 1), column 2 q + (e & 1)) of the tile
-          const int row = kWg ? 8 * (kAccTiles * mb + t) + 2 * q + (e & 1) : 16 * mb + g + 8 * (e >> 1);
-          const int col = kWg ? wg * 64 + 16 * wq + g + 8 * (e >> 1) : wn * 64 + 8 * t + 2 * q + (e & 1);
+          const auto [row, col] = place(mb, t, e);
           if (owner && row < rows_out) {
             if (slot != nullptr) slot[row * kSliceN + col] = acc[mb][t][e];
             else if (n0 + col < p.N) store_out(out, residual, (size_t)row * p.N + n0 + col, acc[mb][t][e]);
@@ -893,7 +900,7 @@ awq_stream_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, co
           for (int t = 0; t < kAccTiles; ++t)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              const int row = 16 * mb + g + 8 * (e >> 1), col = wn * 64 + 8 * t + 2 * q + (e & 1);
+              const auto [row, col] = place(mb, t, e);
               if (row < rows_out) f(acc[mb][t][e], red[(row - r0) * kSliceN + col]);
             }
       };

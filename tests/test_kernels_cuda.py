@@ -519,8 +519,8 @@ def test_stream_kernel_deep(M, N, K, g, dtype, kernel, monkeypatch):
     assert torch.equal(out, plain)
     deep_configs = stream_configs_run(lambda: torch.ops.awqlib.awq_gemm_variant(x, qs, zs, ss, g, int(kernel), 0))
     deep_fits = torch.cuda.get_device_properties(0).shared_memory_per_block_optin >= H100_SMEM
-    deep_takes = M <= STREAM_DEEP_MAX_M and not M_TILE < M <= 2 * M_TILE  # no deep configuration at 2 m-tiles
-    if deep_takes and deep_fits and plain_configs == {"0"}:
+    from benchmarks import gpu_sweep
+    if gpu_sweep.deep_takes(M) and deep_fits and plain_configs == {"0"}:  # (none at 2 m-tiles)
         assert deep_configs == {"2"}, deep_configs
     else:
         assert deep_configs == plain_configs, (deep_configs, plain_configs)
@@ -560,8 +560,8 @@ def test_stream_kernel_wide(M, N, K, g, dtype, kernel, monkeypatch):
     poison_allocator()
     out = check(x, K, N, g, dtype, out=run())
     assert torch.equal(out, run())
-    rest = M % STREAM_MAX_M
-    wide_takes = M >= STREAM_WIDE_MIN_M and (rest == 0 or rest >= STREAM_WIDE_MIN_M) and not dequantized
+    from benchmarks import gpu_sweep
+    wide_takes = gpu_sweep.wide_takes(M) and not dequantized  # every pass 17-64 rows
     if wide_takes:
         assert stream_configs_run(run) == {"4"}
     else:
