@@ -24,6 +24,7 @@ from .arch.blocks import empty_quantized_linears, find_blocks
 from .checkpoint import load_quantized_state, resolve_folder
 from .config import QuantConfig, checkpoint_quant_config
 from .modules import repack_for_kernels
+from .packing import runtime_layout
 from .moe import unfuse_experts
 from .placement import available_device, dispatch_with_accelerate, plan_device_map, placer
 from .safetensors_io import read_json_object, weight_files
@@ -76,6 +77,7 @@ def load_quantized(quant_path: str, device: str | torch.device | None = None, to
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    runtime_layout()  # a bad $AWQLIB_LAYOUT fails before anything is read or placed, not mid-placement
     folder = resolve_folder(quant_path, **download_arguments(download_kwargs, revision, token))
     try:
         qcfg = checkpoint_config_file_quant(folder)

@@ -114,6 +114,8 @@ class WQLinear(nn.Module):
         which the kernels read too; ``AWQModel.tile_for_kernels()`` repacks after any other mover.)"""
         self._scales_cast = None
         before = self.qweight.device
+        if self.layout == "gemm" and before.type not in KERNEL_DEVICE_TYPES and torch.cuda.is_available():
+            runtime_layout()  # a bad $AWQLIB_LAYOUT fails before this module moves, not half-way through it
         out = super()._apply(fn, *args, **kwargs)
         self._follow_device(before)
         return out

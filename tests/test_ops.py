@@ -155,6 +155,25 @@ def test_the_layout_follows_a_move(monkeypatch):
     assert torch.equal(m(x), before)
 
 
+def test_a_bad_layout_setting_is_refused_before_anything_moves(monkeypatch, tmp_path):
+    """A mistyped $AWQLIB_LAYOUT is refused where a GPU could receive the weights, before the module
+    moves -- not after, from _follow_device, with the module on the GPU in the GEMM layout and the
+    model half moved -- and by from_quantized before it reads the folder."""
+    from awqlib import AutoAWQ, modules
+    _, m, x, before, sd_before = _quantized(256, 192, 64)
+    monkeypatch.setenv("AWQLIB_LAYOUT", "stram")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    codes, scales = m.qweight, m.scales
+    with pytest.raises(ValueError, match="AWQLIB_LAYOUT='stram'"):
+        m.half()
+    assert m.qweight is codes and m.scales is scales and m.scales.dtype == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    m.float()  # without a GPU the setting means nothing: a cast on the CPU is not refused
+    assert m.scales.dtype == torch.float32
+    with pytest.raises(ValueError, match="AWQLIB_LAYOUT='stram'"):
+        AutoAWQ.from_quantized(str(tmp_path / "not-read"))
+
+
 # --- the stream runtime layout and the named layouts ----------------------------------------------
 
 def test_stream_layout_same_function_and_module_round_trip(monkeypatch):
