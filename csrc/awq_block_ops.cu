@@ -20,10 +20,11 @@
 // that ptxas cannot contract it into an FMA (which would round once where torch rounds twice).
 //
 // Cases the kernels do not take (mixed dtypes, weights of another shape or device, cos of another
-// sequence length, index spaces over 2^31) run the reference expression with ATen ops here: the
-// same function in more kernels, never a different answer.  The kernels allocate nothing but
-// their outputs (at::empty), never synchronize and read nothing back to the host, so the ops can
-// be captured in CUDA graphs.
+// sequence length, index spaces over 2^31) run the reference expression with ATen ops
+// (awq_block_ops.cpp, the host side, which also allocates the outputs): the same function in more
+// kernels, never a different answer.  Nothing here allocates, synchronizes or reads back to the
+// host, so the ops can be captured in CUDA graphs.  This file sees raw pointers only
+// (awq_block_ops.h): no ATen headers for nvcc to parse.
 //
 // Each kernel lets the next one launch as soon as all of its CTAs are resident
 // (allow_dependent_launch, first thing): a stream GEMM launched with programmatic dependent launch
@@ -33,16 +34,8 @@
 // attribute is not affected.
 #ifdef AWQ_HOST_EMULATION
 #include "cpu_twin.h"  // the kernels alone, on the CPU (tests/cpu_twin/block_ops_twin.cpp)
-#else
-// c10's stream header, not ATen/cuda/CUDAContext.h (the same getCurrentCUDAStream): that one pulls in
-// the cuBLAS/cuSPARSE headers, which nvcc, unlike the host compiler (toolchain.host_cflags), is not
-// given a path to.
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 #endif
+#include "awq_block_ops.h"
 #include "awq_common.cuh"  // allow_dependent_launch
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -57,7 +50,10 @@ namespace {
 
 constexpr int kWarpLanes = 32;
 constexpr unsigned kFullWarpMask = 0xffffffffu;
-constexpr int kVecBytes = 16;  // one LDG.128 / STG.128
+constexpr int kVecBytes = awq::kBlockVecBytes;
+using awq::RotaryArgs;
+using awq::RotaryTensor;
+using awq::rotary_seq_dim;
 
 // rms_norm: rows of at most kNormWarpMaxHidden features (q_norm / k_norm over head_dim, many rows)
 // are one warp's each, kNormWarpRowsPerBlock rows per CTA; longer rows (the hidden size) get a CTA
@@ -197,29 +193,6 @@ awq_rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ residual, con
 }
 
 // ---------------------------------------------------------------- rotary
-// q or k seen as [d0, d1, d2, D] (rows in d0, d1, d2 order; the output row `row` is contiguous at
-// row * D); d0 is the batch, the sequence index is d1 or d2 (RotaryArgs::seq_dim).
-struct RotaryTensor {
-  const void* in;
-  void* out;
-  uint32_t rows, d1, d2;
-  int64_t stride0, stride1, stride2;
-};
-
-struct RotaryArgs {
-  RotaryTensor q, k;
-  const void* cos;
-  const void* sin;
-  int64_t cos_stride_b, cos_stride_s, sin_stride_b, sin_stride_s;  // stride_b 0: one cos row for every batch
-  int seq_dim;                                                     // the dim of q/k holding the sequence: 1 or 2
-  int head_dim, rot_dim;
-  uint32_t units_per_row;  // rot_dim / 2 / elems pair units, then (head_dim - rot_dim) / elems pass-through units
-  uint32_t units;          // (q.rows + k.rows) * units_per_row
-};
-
-// unsqueeze_dim 1: q is [B, H, S, D], the sequence in dim 2; unsqueeze_dim 2: [B, S, H, D], in dim 1.
-constexpr int rotary_seq_dim(int64_t unsqueeze_dim) { return unsqueeze_dim == 1 ? 2 : 1; }
-
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kRotaryThreads) awq_rotary_kernel(const RotaryArgs a) {
   awq::allow_dependent_launch();
@@ -307,54 +280,21 @@ awq_gated_act_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* __
   g.store(out + static_cast<int64_t>(row) * features + i);
 }
 
+
 #ifndef AWQ_HOST_EMULATION
-// ---------------------------------------------------------------- host side
-// Integers in messages go through std::to_string, never an ostream (awq_ops.cpp: num).
-std::string shape_str(const at::Tensor& t) {
-  std::string r = "(";
-  for (int64_t i = 0; i < t.dim(); ++i) r += (i ? ", " : "") + std::to_string(t.size(i));
-  return r + (t.dim() == 1 ? ",)" : ")");
-}
-
-bool kernel_dtype(at::ScalarType st) { return st == at::kHalf || st == at::kBFloat16 || st == at::kFloat; }
-
+// ---------------------------------------------------------------- launchers (awq_block_ops.h)
 bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
 
-// Calls f(T{}) with T the CUDA element type of `st` (one of kernel_dtype's).
+// Calls f(T{}) with T the CUDA element type of `e`.
 template <typename F>
-void with_element_type(at::ScalarType st, F&& f) {
-  if (st == at::kHalf) f(__half{});
-  else if (st == at::kBFloat16) f(__nv_bfloat16{});
+void with_element_type(awq::BlockElem e, F&& f) {
+  if (e == awq::BlockElem::kHalf) f(__half{});
+  else if (e == awq::BlockElem::kBFloat16) f(__nv_bfloat16{});
   else f(float{});
 }
 
-constexpr uint32_t kMaxUnits = static_cast<uint32_t>(std::numeric_limits<int32_t>::max());  // 32-bit index math
-
-// ---- rms_norm
-at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& weight, double eps, double weight_offset,
-                              bool scale_in_fp32) {
-  const at::Tensor xf = x.to(at::kFloat);
-  const at::Tensor y = xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
-  if (scale_in_fp32) return (y * (weight.to(at::kFloat) + weight_offset)).to(x.scalar_type()).contiguous();
-  return (weight * y.to(x.scalar_type())).contiguous();
-}
-
-// One rms_norm / add_rms_norm call's kernel arguments (residual and sum_out null for rms_norm).
-struct NormCall {
-  const void* x;
-  const void* residual;
-  const void* weight;
-  void* out;
-  void* sum_out;
-  int64_t rows;
-  int hidden;
-  float eps, weight_offset;
-  bool scale_in_fp32;
-  cudaStream_t stream;
-};
-
 template <typename T, int kGroup, int kBlock, bool kVec, bool kAdd>
-void launch_rms_norm(const NormCall& c) {
+void launch_norm_kernel(const awq::NormCall& c) {
   constexpr int kRows = kBlock / kGroup;
   const auto blocks = static_cast<unsigned>((c.rows + kRows - 1) / kRows);
   const T* x = static_cast<const T*>(c.x);
@@ -369,167 +309,47 @@ void launch_rms_norm(const NormCall& c) {
     awq_rms_norm_kernel<T, kGroup, kBlock, kVec, false, kAdd>
         <<<blocks, kBlock, 0, c.stream>>>(x, r, w, out, sum, c.rows, c.hidden, c.eps, c.weight_offset);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+#endif  // AWQ_HOST_EMULATION
+}  // namespace
 
-// Whether the norm kernel takes x (and residual) with this weight: one dtype the kernels have, one
-// device, a 1-D weight of x's last size, row counts and widths within 32-bit index math.
-bool norm_kernel_takes(const at::Tensor& x, const at::Tensor* residual, const at::Tensor& weight) {
-  bool ok = x.is_cuda() && weight.is_cuda() && weight.device() == x.device() && x.dim() >= 1 &&
-            kernel_dtype(x.scalar_type()) && weight.scalar_type() == x.scalar_type() && weight.dim() == 1 &&
-            weight.size(0) == x.size(-1) && x.size(-1) <= kMaxUnits &&
-            x.numel() / std::max<int64_t>(x.size(-1), 1) <= kMaxUnits;
-  if (residual != nullptr)
-    ok = ok && residual->is_cuda() && residual->device() == x.device() &&
-         residual->scalar_type() == x.scalar_type() && residual->sizes() == x.sizes();
-  return ok;
-}
+#ifndef AWQ_HOST_EMULATION
+namespace awq {
 
-// Launches the norm kernel on contiguous x (and residual) into out (and sum_out): a warp per row up
-// to kNormWarpMaxHidden features, else a CTA per row; 16-byte vectors where every row allows them.
-void run_norm(const at::Tensor& x, const at::Tensor* residual, const at::Tensor& weight, const at::Tensor& out,
-              const at::Tensor* sum_out, double eps, double weight_offset, bool scale_in_fp32) {
-  const int hidden = static_cast<int>(x.size(-1));
-  const NormCall c{x.data_ptr(), residual ? residual->data_ptr() : nullptr, weight.data_ptr(), out.data_ptr(),
-                   sum_out ? sum_out->data_ptr() : nullptr, x.numel() / hidden, hidden, static_cast<float>(eps),
-                   static_cast<float>(weight_offset), scale_in_fp32, c10::cuda::getCurrentCUDAStream()};
-  with_element_type(x.scalar_type(), [&](auto zero) {
+// A warp per row up to kNormWarpMaxHidden features, else a CTA per row; 16-byte vectors where
+// every row allows them.
+void launch_rms_norm(const NormCall& c) {
+  const bool add = c.residual != nullptr;
+  with_element_type(c.elem, [&](auto zero) {
     using T = decltype(zero);
-    const bool vec = hidden % (kVecBytes / static_cast<int>(sizeof(T))) == 0 && aligned(c.x) && aligned(c.weight) &&
-                     aligned(c.out) && (!residual || (aligned(c.residual) && aligned(c.sum_out)));
-    const auto launch = [&](auto add) {
-      constexpr bool kAdd = decltype(add)::value;
+    const bool vec = c.hidden % (kVecBytes / static_cast<int>(sizeof(T))) == 0 && aligned(c.x) && aligned(c.weight) &&
+                     aligned(c.out) && (!add || (aligned(c.residual) && aligned(c.sum_out)));
+    const auto launch = [&](auto add_tag) {
+      constexpr bool kAdd = decltype(add_tag)::value;
       constexpr int kWarpBlock = kWarpLanes * kNormWarpRowsPerBlock;
-      if (hidden <= kNormWarpMaxHidden) {
-        if (vec) launch_rms_norm<T, kWarpLanes, kWarpBlock, true, kAdd>(c);
-        else launch_rms_norm<T, kWarpLanes, kWarpBlock, false, kAdd>(c);
+      if (c.hidden <= kNormWarpMaxHidden) {
+        if (vec) launch_norm_kernel<T, kWarpLanes, kWarpBlock, true, kAdd>(c);
+        else launch_norm_kernel<T, kWarpLanes, kWarpBlock, false, kAdd>(c);
       } else {
-        if (vec) launch_rms_norm<T, kNormBlockThreads, kNormBlockThreads, true, kAdd>(c);
-        else launch_rms_norm<T, kNormBlockThreads, kNormBlockThreads, false, kAdd>(c);
+        if (vec) launch_norm_kernel<T, kNormBlockThreads, kNormBlockThreads, true, kAdd>(c);
+        else launch_norm_kernel<T, kNormBlockThreads, kNormBlockThreads, false, kAdd>(c);
       }
     };
-    if (residual) launch(std::true_type{});
+    if (add) launch(std::true_type{});
     else launch(std::false_type{});
   });
 }
 
-// The same check, and message, as awqlib/blockops.py's _check_rms_norm (rms_norm and add_rms_norm).
-void check_rms_norm(double weight_offset, bool scale_in_fp32) {
-  TORCH_CHECK_VALUE(scale_in_fp32 || weight_offset == 0.0,
-                    "rms_norm: weight_offset needs scale_in_fp32=True (no model rounds first and offsets)");
-}
-
-at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps, double weight_offset,
-                         bool scale_in_fp32) {
-  check_rms_norm(weight_offset, scale_in_fp32);
-  if (!norm_kernel_takes(x, nullptr, weight)) return rms_norm_reference(x, weight, eps, weight_offset, scale_in_fp32);
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  if (x.numel() == 0) return out;
-  run_norm(x.contiguous(), nullptr, weight.contiguous(), out, nullptr, eps, weight_offset, scale_in_fp32);
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor> add_rms_norm_cuda(const at::Tensor& x, const at::Tensor& residual,
-                                                     const at::Tensor& weight, double eps, double weight_offset,
-                                                     bool scale_in_fp32) {
-  check_rms_norm(weight_offset, scale_in_fp32);
-  if (!norm_kernel_takes(x, &residual, weight)) {
-    const at::Tensor sum = (residual + x).contiguous();
-    return {sum, rms_norm_reference(sum, weight, eps, weight_offset, scale_in_fp32)};
-  }
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty(x.sizes(), x.options()), sum = at::empty(x.sizes(), x.options());
-  if (x.numel() == 0) return {sum, out};
-  const at::Tensor rc = residual.contiguous();
-  run_norm(x.contiguous(), &rc, weight.contiguous(), out, &sum, eps, weight_offset, scale_in_fp32);
-  return {sum, out};
-}
-
-// ---- rotary
-// The same checks, and messages, as awqlib/blockops.py's _check_rotary.
-void check_rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
-                  int64_t unsqueeze_dim) {
-  TORCH_CHECK_VALUE(unsqueeze_dim == 1 || unsqueeze_dim == 2,
-                    "rotary: unsqueeze_dim must be 1 ([batch, heads, seq, dim]) or 2 ([batch, seq, heads, dim]), got ",
-                    std::to_string(unsqueeze_dim));
-  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && cos.dim() == 3 && cos.sizes() == sin.sizes(), "rotary: q ",
-                    shape_str(q), " and k ", shape_str(k), " must be 4-D and cos ", shape_str(cos), " / sin ",
-                    shape_str(sin), " 3-D of one shape");
-  const int64_t r = cos.size(-1), d = q.size(-1);
-  TORCH_CHECK_VALUE(r % 2 == 0 && r <= d && k.size(-1) == d, "rotary: rotary dim ", std::to_string(r),
-                    " must be even and <= the head dim ", std::to_string(d), " of q and k");
-}
-
-at::Tensor rotate_half(const at::Tensor& x) {
-  const int64_t half = x.size(-1) / 2;
-  return at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
-}
-
-std::tuple<at::Tensor, at::Tensor> rotary_reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
-                                                    const at::Tensor& sin, int64_t unsqueeze_dim) {
-  const at::Tensor c = cos.unsqueeze(unsqueeze_dim), s = sin.unsqueeze(unsqueeze_dim);
-  const int64_t r = c.size(-1);
-  const auto rotate = [&](const at::Tensor& x) {
-    if (r == x.size(-1)) return (x * c + rotate_half(x) * s).contiguous();
-    const at::Tensor x_rot = x.narrow(-1, 0, r), x_pass = x.narrow(-1, r, x.size(-1) - r);
-    return at::cat({x_rot * c + rotate_half(x_rot) * s, x_pass}, -1).contiguous();
-  };
-  return {rotate(q), rotate(k)};
-}
-
-RotaryTensor rotary_view(const at::Tensor& x, const at::Tensor& out) {
-  return {x.data_ptr(), out.data_ptr(), static_cast<uint32_t>(x.numel() / x.size(3)), static_cast<uint32_t>(x.size(1)),
-          static_cast<uint32_t>(x.size(2)), x.stride(0), x.stride(1), x.stride(2)};
-}
-
-std::tuple<at::Tensor, at::Tensor> rotary_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& cos_in,
-                                               const at::Tensor& sin_in, int64_t unsqueeze_dim) {
-  check_rotary(q_in, k_in, cos_in, sin_in, unsqueeze_dim);
-  const int seq_dim = rotary_seq_dim(unsqueeze_dim);
-  const int64_t seq = q_in.size(seq_dim), batch = q_in.size(0);
-  const at::ScalarType st = q_in.scalar_type();
-  bool kernel_ok = q_in.is_cuda() && kernel_dtype(st) && k_in.scalar_type() == st && cos_in.scalar_type() == st &&
-                   sin_in.scalar_type() == st;
-  for (const at::Tensor* t : {&k_in, &cos_in, &sin_in})
-    kernel_ok = kernel_ok && t->is_cuda() && t->device() == q_in.device();
-  kernel_ok = kernel_ok && k_in.size(0) == batch && k_in.size(seq_dim) == seq && cos_in.size(1) == seq &&
-              (cos_in.size(0) == 1 || cos_in.size(0) == batch);
-  // at most one unit per element: the 32-bit index math covers every element of q and k
-  kernel_ok = kernel_ok && q_in.numel() + k_in.numel() <= kMaxUnits;
-  if (!kernel_ok) return rotary_reference(q_in, k_in, cos_in, sin_in, unsqueeze_dim);
-
-  const c10::cuda::CUDAGuard guard(q_in.device());
-  at::Tensor q_out = at::empty(q_in.sizes(), q_in.options()), k_out = at::empty(k_in.sizes(), k_in.options());
-  if (q_out.numel() + k_out.numel() == 0) return {q_out, k_out};
-  // the last dim must be contiguous; the other strides are the kernel's to follow
-  const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
-  const at::Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
-  const at::Tensor cos = cos_in.stride(2) == 1 ? cos_in : cos_in.contiguous();
-  const at::Tensor sin = sin_in.stride(2) == 1 ? sin_in : sin_in.contiguous();
-  RotaryArgs a{};
-  a.q = rotary_view(q, q_out);
-  a.k = rotary_view(k, k_out);
-  a.cos = cos.data_ptr();
-  a.sin = sin.data_ptr();
-  a.cos_stride_b = cos.size(0) == 1 ? 0 : cos.stride(0);
-  a.cos_stride_s = cos.stride(1);
-  a.sin_stride_b = sin.size(0) == 1 ? 0 : sin.stride(0);
-  a.sin_stride_s = sin.stride(1);
-  a.seq_dim = rotary_seq_dim(unsqueeze_dim);
-  a.head_dim = static_cast<int>(q.size(3));
-  a.rot_dim = static_cast<int>(cos.size(2));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  with_element_type(st, [&](auto zero) {
+void launch_rotary(RotaryArgs a, BlockElem elem, cudaStream_t stream) {
+  with_element_type(elem, [&](auto zero) {
     using T = decltype(zero);
     const int64_t elems = kVecBytes / static_cast<int64_t>(sizeof(T));
     bool vec = (a.rot_dim / 2) % elems == 0 && a.head_dim % elems == 0;
-    for (const at::Tensor* t : {&q, &k})
-      vec = vec && aligned(t->data_ptr()) && t->stride(0) % elems == 0 && t->stride(1) % elems == 0 &&
-            t->stride(2) % elems == 0;
-    vec = vec && aligned(cos.data_ptr()) && aligned(sin.data_ptr()) && a.cos_stride_b % elems == 0 &&
-          a.cos_stride_s % elems == 0 && a.sin_stride_b % elems == 0 && a.sin_stride_s % elems == 0 &&
-          aligned(q_out.data_ptr()) && aligned(k_out.data_ptr());
+    for (const RotaryTensor* t : {&a.q, &a.k})
+      vec = vec && aligned(t->in) && aligned(t->out) && t->stride0 % elems == 0 && t->stride1 % elems == 0 &&
+            t->stride2 % elems == 0;
+    vec = vec && aligned(a.cos) && aligned(a.sin) && a.cos_stride_b % elems == 0 && a.cos_stride_s % elems == 0 &&
+          a.sin_stride_b % elems == 0 && a.sin_stride_s % elems == 0;
     const int e = vec ? static_cast<int>(elems) : 1;
     a.units_per_row = static_cast<uint32_t>(a.rot_dim / 2 / e + (a.head_dim - a.rot_dim) / e);
     a.units = (a.q.rows + a.k.rows) * a.units_per_row;
@@ -537,79 +357,34 @@ std::tuple<at::Tensor, at::Tensor> rotary_cuda(const at::Tensor& q_in, const at:
     const unsigned blocks = (a.units + kRotaryThreads - 1) / kRotaryThreads;
     if (vec) awq_rotary_kernel<T, true><<<blocks, kRotaryThreads, 0, stream>>>(a);
     else awq_rotary_kernel<T, false><<<blocks, kRotaryThreads, 0, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {q_out, k_out};
 }
 
-// ---- gated_act
-constexpr const char* kActivations = "silu, gelu_tanh";  // awqlib/blockops.py: ACTIVATIONS
-
-at::Tensor gated_act_reference(const at::Tensor& gate, const at::Tensor& up, const std::string& act) {
-  const at::Tensor a = act == "silu" ? at::silu(gate) : at::gelu(gate, "tanh");
-  return (a * up).contiguous();
-}
-
-// x as [rows, features] with one row stride and unit feature stride: a view where its strides
-// allow (e.g. one half of a [T, 2I] GEMM output), else a contiguous copy.
-at::Tensor as_rows(const at::Tensor& x, int64_t rows, int64_t features) {
-  at::Tensor r = x.reshape({rows, features});
-  return r.stride(1) == 1 || features == 1 ? r : r.contiguous();
-}
-
-at::Tensor gated_act_cuda(const at::Tensor& gate, const at::Tensor& up, c10::string_view act_view) {
-  const std::string act(act_view);
-  TORCH_CHECK_VALUE(act == "silu" || act == "gelu_tanh", "gated_act: act '", act, "' is not one of ", kActivations);
-  TORCH_CHECK_VALUE(gate.sizes() == up.sizes(), "gated_act: gate ", shape_str(gate), " and up ", shape_str(up),
-                    " differ in shape");
-  const at::ScalarType st = gate.scalar_type();
-  const int64_t features = gate.dim() == 0 ? 1 : gate.size(-1);
-  const int64_t rows = features == 0 ? 0 : gate.numel() / features;
-  const bool kernel_ok = gate.is_cuda() && up.is_cuda() && up.device() == gate.device() && kernel_dtype(st) &&
-                         up.scalar_type() == st && rows * features <= kMaxUnits;
-  if (!kernel_ok) return gated_act_reference(gate, up, act);
-  const c10::cuda::CUDAGuard guard(gate.device());
-  at::Tensor out = at::empty(gate.sizes(), gate.options());
-  if (out.numel() == 0) return out;
-  const at::Tensor g = as_rows(gate, rows, features), u = as_rows(up, rows, features);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  with_element_type(st, [&](auto zero) {
+void launch_gated_act(const GatedCall& c) {
+  with_element_type(c.elem, [&](auto zero) {
     using T = decltype(zero);
     const int64_t elems = kVecBytes / static_cast<int64_t>(sizeof(T));
-    const bool vec = features % elems == 0 && g.stride(0) % elems == 0 && u.stride(0) % elems == 0 &&
-                     aligned(g.data_ptr()) && aligned(u.data_ptr()) && aligned(out.data_ptr());
+    const bool vec = c.features % elems == 0 && c.gate_row_stride % elems == 0 && c.up_row_stride % elems == 0 &&
+                     aligned(c.gate) && aligned(c.up) && aligned(c.out);
     const int64_t e = vec ? elems : 1;
-    const auto units_per_row = static_cast<uint32_t>(features / e);
-    const auto units = static_cast<uint32_t>(rows) * units_per_row;
+    const auto units_per_row = static_cast<uint32_t>(c.features / e);
+    const auto units = static_cast<uint32_t>(c.rows) * units_per_row;
     const unsigned blocks = (units + kGatedThreads - 1) / kGatedThreads;
-    const T* gp = static_cast<const T*>(g.data_ptr());
-    const T* up_p = static_cast<const T*>(u.data_ptr());
-    T* op = static_cast<T*>(out.data_ptr());
-    const int f = static_cast<int>(features);
-    const bool silu = act == "silu";
+    const T* gp = static_cast<const T*>(c.gate);
+    const T* up = static_cast<const T*>(c.up);
+    T* op = static_cast<T*>(c.out);
     const auto launch = [&](auto vec_tag, auto act_tag) {
-      awq_gated_act_kernel<T, decltype(vec_tag)::value, decltype(act_tag)::value><<<blocks, kGatedThreads, 0, stream>>>(
-          gp, up_p, op, g.stride(0), u.stride(0), f, units_per_row, units);
+      awq_gated_act_kernel<T, decltype(vec_tag)::value, decltype(act_tag)::value><<<blocks, kGatedThreads, 0, c.stream>>>(
+          gp, up, op, c.gate_row_stride, c.up_row_stride, c.features, units_per_row, units);
     };
     using Silu = std::integral_constant<int, kActSilu>;
     using GeluTanh = std::integral_constant<int, kActGeluTanh>;
-    if (vec && silu) launch(std::true_type{}, Silu{});
+    if (vec && c.silu) launch(std::true_type{}, Silu{});
     else if (vec) launch(std::true_type{}, GeluTanh{});
-    else if (silu) launch(std::false_type{}, Silu{});
+    else if (c.silu) launch(std::false_type{}, Silu{});
     else launch(std::false_type{}, GeluTanh{});
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
 }
 
+}  // namespace awq
 #endif  // AWQ_HOST_EMULATION
-}  // namespace
-
-#ifndef AWQ_HOST_EMULATION
-TORCH_LIBRARY_IMPL(awqlib, CUDA, m) {
-  m.impl("rms_norm", &rms_norm_cuda);
-  m.impl("add_rms_norm", &add_rms_norm_cuda);
-  m.impl("rotary", &rotary_cuda);
-  m.impl("gated_act", &gated_act_cuda);
-}
-#endif

@@ -1,7 +1,7 @@
 // Host-side launchers of the AWQ CUDA kernels.  The .cu files only see raw pointers so that they
 // compile without the (slow to parse) ATen headers; awq_ops.cpp does the tensor checks and
 // allocations (through the caching allocator, so CUDA-graph safe) and runs the kernel
-// awq_dispatch.h chooses.  (awq_block_ops.cu, the block ops, does its own with ATen.)
+// awq_dispatch.h chooses.  (The block ops do the same: awq_block_ops.h, .cu and .cpp.)
 #pragma once
 
 #include <cuda_runtime.h>

@@ -377,22 +377,12 @@ PTXAS_USED = re.compile(r"Compiling entry function '(\S+)' for 'sm_\d+a?'.*?Used
                         re.S)
 
 
-def torch_flags(src: Path) -> list[str]:
-    """The C++ standard and include paths a source needs: a file that registers its own ops
-    (awq_block_ops.cu: TORCH_LIBRARY_IMPL beside its kernels) includes torch's headers, which ask for
-    torch's standard (C++20 in recent releases) and which the other kernels do without."""
-    if "<torch/library.h>" not in src.read_text():
-        return ["-std=c++17"]
-    from torch.utils.cpp_extension import include_paths
-    return ["-std=c++20", *(flag for path in include_paths() for flag in ("-isystem", path))]
-
-
 def compile_cubin(src: Path, arch: str, out_dir: Path, nvcc: str) -> tuple[Path, str]:
     cubin = out_dir / f"{src.stem}.sm{arch}.cubin"
     # Hopper builds target sm_90a (toolchain.arch_list_for) where nvcc compiles it: the wgmma kernels
     # exist only there, and the others compile to the same instructions as for sm_90.
     target = "sm_90a" if arch == "90" and nvcc_major(nvcc) >= WGMMA_MIN_CUDA else f"sm_{arch}"
-    cmd = [nvcc, "-cubin", f"-arch={target}", "-O3", *torch_flags(src), "-Xptxas=-v,-warn-spills", "-I", str(CSRC),
+    cmd = [nvcc, "-cubin", f"-arch={target}", "-O3", "-std=c++17", "-Xptxas=-v,-warn-spills", "-I", str(CSRC),
            "-diag-suppress", "177", "-o", str(cubin), str(src)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:

@@ -75,13 +75,19 @@ def test_kernels_compile_for_sm80_sm90(tmp_path):
 
 
 def test_sources_found():
-    """The build compiles every translation unit in csrc/ (a new .cu file cannot be left out),
-    the op registration first."""
+    """The build compiles every translation unit in csrc/ (a new .cu file cannot be left out), the
+    host side (the ops' registration, ATen) first, then the kernels, which include no ATen."""
     names = [Path(s).name for s in kernels.sources()]
     on_disk = {p.name for p in kernels.source_dir().iterdir() if p.suffix in (".cu", ".cpp")}
     assert set(names) == on_disk and len(names) == len(on_disk)
-    assert {"awq_ops.cpp", "awq_stream.cu", "awq_dequant.cu", "awq_skinny.cu", "awq_block_ops.cu"} <= on_disk
-    assert names[0] == "awq_ops.cpp"
+    assert {"awq_ops.cpp", "awq_block_ops.cpp", "awq_stream.cu", "awq_dequant.cu", "awq_skinny.cu",
+            "awq_block_ops.cu"} <= on_disk
+    suffixes = [Path(n).suffix for n in names]
+    assert suffixes == sorted(suffixes, key=lambda s: s != ".cpp")
+    for n in names:
+        if n.endswith(".cu"):
+            text = (kernels.source_dir() / n).read_text()
+            assert "<ATen/" not in text and "<torch/" not in text, n
 
 
 def test_cache_dir_respects_env(monkeypatch, tmp_path):
