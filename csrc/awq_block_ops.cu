@@ -41,9 +41,6 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <limits>
-#include <string>
-#include <tuple>
 #include <type_traits>
 
 namespace {
@@ -279,7 +276,6 @@ awq_gated_act_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* __
   for (int e = 0; e < P::kElems; ++e) g.v[e] = __fmul_rn(round_to<T>(activation<kAct>(g.v[e])), u.v[e]);
   g.store(out + static_cast<int64_t>(row) * features + i);
 }
-
 
 #ifndef AWQ_HOST_EMULATION
 // ---------------------------------------------------------------- launchers (awq_block_ops.h)
